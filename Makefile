@@ -1,0 +1,41 @@
+# The README's two commands: `make run` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test bench schema lint clean help
+
+help:
+	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
+	@echo "make test   - install with dev extras and run the whole test suite against real servers"
+	@echo "make bench  - run the benchmarks (pytest -m bench), results in docs/performance.md"
+	@echo "make schema - regenerate docs/schemas and docs/asyncapi.json from schemas/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp files: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/cowork up
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m bench -o addopts="" -s $(PYTEST_ARGS)
+
+schema: $(VENV)/.installed
+	$(BIN)/cowork schema export
+
+clean:
+	rm -rf $(VENV) .cowork build *.egg-info

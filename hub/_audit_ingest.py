@@ -1,0 +1,113 @@
+"""Appends the audit records edges publish (`cw.<tenant>.audit.<kind>.<id>`) to the audit log.
+
+A record is acknowledged only after its row is committed. A record that fails
+validation, or whose envelope claims a principal other than the one its subject
+names, is dead-lettered with the reason and then acknowledged: it is kept, not
+retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from schemas import AuditRecord, ContractError, decode, subjects
+
+from ._audit import AuditLog
+from ._deadletter import DeadLetters
+from ._logging import kv
+from ._metrics import HubMetrics
+from ._streams import HUB_CONSUMERS
+
+log = logging.getLogger("cowork.hub.audit_ingest")
+FAMILY = subjects.AUDIT
+SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-audit")
+
+
+class AuditIngest:
+    def __init__(self, js: JetStreamContext, audit: AuditLog, pool: asyncpg.Pool,
+                 dead_letters: DeadLetters, metrics: HubMetrics) -> None:
+        self._js, self._audit, self._pool = js, audit, pool
+        self._dead, self._metrics = dead_letters, metrics
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-ingest")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        sub = None
+        while True:
+            try:
+                if sub is None:
+                    sub = await self._js.pull_subscribe_bind(SPEC.durable, stream=SPEC.stream)
+                msgs = await sub.fetch(batch=100, timeout=1.0)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away or consumer missing: retry, never die
+                log.warning("audit_ingest.fetch_failed", **kv(error=str(exc)))
+                sub = None
+                await asyncio.sleep(1.0)
+                continue
+            await self._handle(msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        valid = []
+        for msg in msgs:
+            problem = self._check(msg)
+            if problem is None:
+                valid.append(msg)
+                continue
+            tenant, code, reason = problem
+            await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
+                                 payload=msg.data, code=code, reason=reason)
+            self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
+            await msg.ack()
+        if not valid:
+            return
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for msg in valid:
+                    env = msg._cowork_envelope  # type: ignore[attr-defined]
+                    await self._audit.record(env.data, tenant=env.tenant, conn=conn)
+        except Exception as exc:  # the database is away: redeliver later, lose nothing
+            log.warning("audit_ingest.write_failed", **kv(error=str(exc), count=len(valid)))
+            for msg in valid:
+                await msg.nak(delay=2.0)
+            return
+        for msg in valid:
+            await msg.ack()
+        self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(valid))
+
+    @staticmethod
+    def _check(msg: Msg) -> tuple[str | None, str, str] | None:
+        try:
+            where = FAMILY.parse(msg.subject)
+        except subjects.SubjectError as exc:
+            return None, "subject.invalid", str(exc)
+        tenant = where["tenant"]
+        try:
+            env = decode(msg.data, AuditRecord)
+        except ContractError as exc:
+            return tenant, exc.code, exc.reason
+        if env.tenant != tenant:
+            return tenant, "contract.tenant_mismatch", (
+                f"envelope tenant {env.tenant!r} differs from subject tenant {tenant!r}")
+        claimed = (str(env.source.principal_kind), env.source.principal_id)
+        if claimed != (where["principal_kind"], where["principal_id"]) or \
+                (str(env.data.actor_kind), env.data.actor_id) != claimed:
+            return tenant, "contract.principal_mismatch", (
+                "audit records must be sent by, and about, the principal their subject names")
+        msg._cowork_envelope = env  # type: ignore[attr-defined]
+        return None

@@ -1,0 +1,158 @@
+"""The hub's HTTP face (aiohttp): health, readiness, metrics and the admin API.
+
+Every error is a JSON body `{"error": {"code", "message"}}`; `/api/` routes need
+the admin bearer token, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from schemas import InvalidTokenError, check_tenant
+
+from ._logging import kv
+
+if TYPE_CHECKING:
+    from ._service import Hub
+
+log = logging.getLogger("cowork.hub.http")
+HUB_KEY: web.AppKey["Hub"] = web.AppKey("hub")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}},
+                             status=status, headers=headers or None)
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    hub = request.app[HUB_KEY]
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            response = exc
+        else:
+            code = exc.reason.lower().replace(" ", "_")
+            response = json_error(exc.status, code, exc.text or exc.reason,
+                                  **{k: v for k, v in exc.headers.items()
+                                     if k in ("Allow", "Retry-After", "WWW-Authenticate")})
+    except Exception:
+        log.exception("http.unhandled_error", **kv(path=request.path, method=request.method))
+        response = json_error(500, "internal_error",
+                              "the hub failed to handle this request; see its logs")
+    route = _route_name(request)
+    hub.metrics.http_requests.labels(request.method, route, str(response.status)).inc()
+    hub.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def admin_auth(token_digest: bytes | None) -> Callable:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
+        if token_digest is None:
+            return json_error(503, "admin_api_disabled",
+                              "no admin token is configured (COWORK_ADMIN_TOKEN)")
+        if scheme.lower() != "bearer" or not presented:
+            return json_error(401, "unauthenticated",
+                              "send the admin token as 'Authorization: Bearer <token>'", **challenge)
+        # Compare digests so the comparison time depends on neither length nor content.
+        digest = hashlib.sha256(presented.strip().encode()).digest()
+        if not hmac.compare_digest(digest, token_digest):
+            return json_error(401, "invalid_token", "the admin token is not valid", **challenge)
+        return await handler(request)
+
+    return middleware
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    ready, checks = await hub.readiness()
+    body: dict = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if not ready:
+        body["reason"] = "; ".join(f"{name}: {c['detail']}" for name, c in checks.items()
+                                   if not c["ok"])
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    hub.refresh_gauges()
+    return web.Response(body=generate_latest(hub.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def tenant_param(request: web.Request) -> str:
+    try:
+        return check_tenant(request.match_info["tenant"])
+    except InvalidTokenError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be between {lo} and {hi}")
+    return value
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant = tenant_param(request)
+    limit = int_query(request, "limit", 100, 1, 1000)
+    rows = await hub.audit.recent(tenant, limit)
+    return web.json_response({"items": [_audit_json(r) for r in rows]})
+
+
+def _audit_json(row: dict) -> dict:
+    out = {_camel(k): v for k, v in row.items() if v is not None}
+    out["occurredAt"] = row["occurred_at"].isoformat()
+    return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
+    digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+    app = web.Application(
+        middlewares=[errors_and_metrics, admin_auth(digest)],
+        client_max_size=1024 * 1024,
+    )
+    app[HUB_KEY] = hub
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
+    return app

@@ -1,0 +1,71 @@
+"""Structured logs: one JSON object (or key=value line) per record, on stderr.
+
+Call `log.info("event.name", extra={"fields": {...}})`, or use `kv()` for brevity.
+Values under secret-looking keys are replaced before a record is written, so a
+careless caller cannot put a token into the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from schemas import SECRET_REDACTED, is_secret_key, scrub_text
+
+_BASE = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "fields"}
+
+
+def kv(**fields: Any) -> dict[str, Any]:
+    """`log.info("x", **kv(a=1))` attaches structured fields to a record."""
+    return {"extra": {"fields": fields}}
+
+
+def _clean(fields: dict[str, Any]) -> dict[str, Any]:
+    # Same rules as audit rows and Desktop redaction: secret keys and token shapes.
+    return {k: (SECRET_REDACTED if is_secret_key(k) or k == "dsn" else
+                scrub_text(v) if isinstance(v, str) else v) for k, v in fields.items()}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = dict(getattr(record, "fields", {}) or {})
+    fields.update({k: v for k, v in record.__dict__.items() if k not in _BASE})
+    return _clean(fields)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": scrub_text(record.getMessage()),
+            **_fields(record),
+        }
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        pairs = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()} {pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party chatter stays at warning unless debugging.
+    for noisy in ("aiohttp.access", "asyncio", "nats", "faststream"):
+        logging.getLogger(noisy).setLevel("DEBUG" if level == "debug" else "WARNING")

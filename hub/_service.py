@@ -1,0 +1,201 @@
+"""The composition root: connects NATS and Postgres, migrates, declares streams,
+starts the bus workers and serves HTTP. `cowork hub serve` and `cowork up` both
+run exactly this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncpg
+import nats
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from . import _db, _streams
+from ._audit import AuditLog
+from ._audit_ingest import AuditIngest
+from ._deadletter import DeadLetters
+from ._http import build_app
+from ._logging import kv
+from ._metrics import HubMetrics
+from ._settings import HubSettings
+
+log = logging.getLogger("cowork.hub")
+
+
+class StartupError(RuntimeError):
+    """The hub could not start; the message says what to fix, in one line."""
+
+
+class Hub:
+    def __init__(self, settings: HubSettings, *, stream_replicas: int = 1) -> None:
+        if settings.database_url is None:
+            raise StartupError("no database configured: set COWORK_DATABASE_URL")
+        self.settings = settings
+        self.metrics = HubMetrics()
+        self.stream_replicas = stream_replicas
+        self.nc: NATS | None = None
+        self.pool: asyncpg.Pool | None = None
+        self._runner: web.AppRunner | None = None
+        self._workers: list[Any] = []
+        self.http_port: int | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+    async def start(self, startup_timeout: float = 30.0) -> None:
+        s = self.settings
+        self.pool = await self._connect_db(startup_timeout)
+        async with self.pool.acquire() as conn:
+            applied = await _db.migrate(conn)
+        log.info("hub.db_ready", **kv(migrations_applied=applied, head=_db.head_version()))
+        self.nc = await self._connect_nats(startup_timeout)
+        self.js = self.nc.jetstream(timeout=5.0)
+        await _streams.declare(self.js, self.stream_replicas)
+        self.audit = AuditLog(self.pool)
+        self.dead_letters = DeadLetters(self.js, self.metrics, s.hub_id)
+        ingest = AuditIngest(self.js, self.audit, self.pool, self.dead_letters, self.metrics)
+        ingest.start()
+        self._workers.append(ingest)
+        await self._start_http()
+        log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
+        for worker in reversed(self._workers):
+            await worker.stop()
+        self._workers.clear()
+        if self.nc and not self.nc.is_closed:
+            # Workers are stopped, so nothing is in flight: flush what was
+            # published and close (drain would re-wait on cancelled consumers).
+            try:
+                await asyncio.wait_for(self.nc.flush(), 2.0)
+            except Exception:
+                pass
+            await self.nc.close()
+        if self.pool:
+            await asyncio.wait_for(self.pool.close(), 5.0)
+            self.pool = None
+        log.info("hub.stopped")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.http_port}"
+
+    # --- connections --------------------------------------------------------------
+    async def _connect_db(self, timeout: float) -> asyncpg.Pool:
+        dsn = self.settings.database_url.get_secret_value()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await _db.create_pool(dsn, min_size=self.settings.db_pool_min,
+                                             max_size=self.settings.db_pool_max)
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise StartupError(f"cannot reach PostgreSQL: {_one_line(exc)}") from None
+                log.info("hub.waiting_for_db", **kv(error=_one_line(exc)))
+                await asyncio.sleep(0.5)
+
+    async def _connect_nats(self, timeout: float) -> NATS:
+        s = self.settings
+        options: dict[str, Any] = dict(
+            servers=s.nats_servers, name=f"cowork-hub-{s.hub_id}",
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            connect_timeout=2, error_cb=self._on_nats_error,
+            disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
+        )
+        if s.nats_creds:
+            options["user_credentials"] = str(s.nats_creds)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                nc = await nats.connect(**options)
+                self.metrics.nats_connected.set(1)
+                return nc
+            except Exception as exc:  # nats-py raises several unrelated types here
+                if "Authorization" in str(exc) or time.monotonic() > deadline:
+                    raise StartupError(f"cannot connect to NATS at {s.nats_url}: "
+                                       f"{_one_line(exc)}") from None
+                log.info("hub.waiting_for_nats", **kv(error=_one_line(exc)))
+                await asyncio.sleep(0.5)
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        log.warning("nats.error", **kv(error=_one_line(exc)))
+
+    async def _on_disconnect(self) -> None:
+        self.metrics.nats_connected.set(0)
+        log.warning("nats.disconnected")
+
+    async def _on_reconnect(self) -> None:
+        self.metrics.nats_connected.set(1)
+        self.metrics.nats_reconnects.inc()
+        log.info("nats.reconnected")
+
+    async def _start_http(self) -> None:
+        token = self.settings.admin_token
+        app = build_app(self, token.get_secret_value() if token else None)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port,
+                           reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self.settings.http_host}:"
+                               f"{self.settings.http_port}: {exc.strerror}") from None
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+
+    # --- readiness ---------------------------------------------------------------------
+    async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        timeout = self.settings.ready_timeout_seconds
+        nats_ok = bool(self.nc and self.nc.is_connected)
+        checks = {"nats": _check(nats_ok, "connected" if nats_ok else "disconnected")}
+        db_check, stream_check = await asyncio.gather(
+            self._check_db(timeout), self._check_streams(timeout, nats_ok))
+        checks.update(db_check)
+        checks["streams"] = stream_check
+        ready = all(c["ok"] for c in checks.values())
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, checks
+
+    async def _check_db(self, timeout: float) -> dict[str, dict[str, Any]]:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.pool.acquire() as conn:  # type: ignore[union-attr]
+                    version = await _db.current_version(conn)
+        except Exception as exc:
+            detail = f"unreachable: {_one_line(exc)}"
+            return {"postgres": _check(False, detail),
+                    "migrations": _check(False, "unknown (database unreachable)")}
+        head = _db.head_version()
+        return {"postgres": _check(True, "reachable"),
+                "migrations": _check(version == head, f"at {version}, head is {head}")}
+
+    async def _check_streams(self, timeout: float, nats_ok: bool) -> dict[str, Any]:
+        if not nats_ok:
+            return _check(False, "unknown (NATS disconnected)")
+        try:
+            async with asyncio.timeout(timeout):
+                missing = await _streams.missing_streams(self.js)
+        except Exception as exc:
+            return _check(False, f"cannot query JetStream: {_one_line(exc)}")
+        return _check(not missing, f"missing {', '.join(missing)}" if missing else "present")
+
+    def refresh_gauges(self) -> None:
+        if self.pool is not None:
+            self.metrics.db_pool_size.labels("total").set(self.pool.get_size())
+            self.metrics.db_pool_size.labels("idle").set(self.pool.get_idle_size())
+
+
+def _check(ok: bool, detail: str) -> dict[str, Any]:
+    return {"ok": ok, "detail": detail}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,45 @@
+"""Hub configuration: environment variables with the COWORK_ prefix, overridable by flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class HubSettings(BaseSettings):
+    """Everything `cowork hub serve` needs; `cowork up` fills these for its embedded servers."""
+
+    model_config = SettingsConfigDict(env_prefix="COWORK_", extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    nats_creds: Path | None = Field(None, description="A NATS .creds file for the hub's own user")
+    database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    hub_id: str = Field("hub", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    db_pool_min: int = Field(1, ge=0)
+    db_pool_max: int = Field(10, ge=1)
+    ready_timeout_seconds: float = Field(2.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, value: str) -> str:
+        for url in value.split(","):
+            if not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"{url.strip()!r} is not a nats://, tls://, ws:// or wss:// URL")
+        return value
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]

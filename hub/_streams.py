@@ -1,0 +1,135 @@
+"""Every JetStream stream and hub-owned durable consumer, declared from one place.
+
+Stream subjects come from the taxonomy (`schemas.subjects.streams()`); only the
+retention policy of each stream is decided here. Declaring is idempotent and
+safe when several hubs start at once: an existing stream is updated to this
+configuration, a concurrent creation is treated as success.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from schemas import subjects
+
+from ._logging import kv
+
+log = logging.getLogger("cowork.hub.streams")
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    retention: RetentionPolicy
+    max_age_seconds: float
+    duplicate_window_seconds: float = 120.0
+    max_msg_size: int = 1024 * 1024
+
+
+# Why each: commands and outbound deliveries are work queues (a message leaves
+# the stream once its one consumer acks it); events, inbound, receipts, audit
+# and dead letters are kept for replay and inspection.
+POLICIES: dict[str, StreamPolicy] = {
+    "CW_COMMANDS": StreamPolicy(RetentionPolicy.WORK_QUEUE, 7 * DAY),
+    "CW_DEVICE_EVENTS": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY),
+    "CW_CHANNEL_INBOUND": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY, 600.0),
+    "CW_CHANNEL_OUTBOUND": StreamPolicy(RetentionPolicy.WORK_QUEUE, 2 * DAY),
+    "CW_CHANNEL_RECEIPTS": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY),
+    "CW_AUDIT": StreamPolicy(RetentionPolicy.LIMITS, 30 * DAY),
+    "CW_DEADLETTER": StreamPolicy(RetentionPolicy.LIMITS, 30 * DAY),
+}
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_seconds: float = 30.0
+    max_deliver: int = 10
+    max_ack_pending: int = 1000
+
+
+HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ConsumerSpec("CW_AUDIT", "hub-audit", subjects.AUDIT.filter()),
+)
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    declared = subjects.streams()
+    missing = set(declared) ^ set(POLICIES)
+    if missing:  # a family names a stream without a policy, or the reverse
+        raise RuntimeError(f"stream policy table out of step with the taxonomy: {sorted(missing)}")
+    return [
+        StreamConfig(
+            name=name,
+            subjects=list(subject_filters),
+            retention=POLICIES[name].retention,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=POLICIES[name].max_age_seconds,
+            duplicate_window=POLICIES[name].duplicate_window_seconds,
+            max_msg_size=POLICIES[name].max_msg_size,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+        )
+        for name, subject_filters in sorted(declared.items())
+    ]
+
+
+def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_seconds,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+    )
+
+
+async def declare(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update every stream and hub consumer to the configuration above."""
+    for config in stream_configs(replicas):
+        await _declare_stream(js, config)
+    for spec in HUB_CONSUMERS:
+        await js.add_consumer(spec.stream, consumer_config(spec))
+
+
+async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("stream.created", **kv(stream=config.name, subjects=config.subjects))
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # 10058: name in use: another hub won the race
+                raise
+    await js.update_stream(config)
+
+
+async def missing_streams(js: JetStreamContext) -> list[str]:
+    missing = []
+    for name in sorted(POLICIES):
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    return missing

@@ -1,0 +1,201 @@
+"""`cowork up`: NATS (JetStream) + PostgreSQL + the hub, supervised, in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from ._embedded import (
+    EmbeddedError,
+    EmbeddedPostgres,
+    NatsServer,
+    ensure_port_free,
+    ensure_writable_dir,
+    nats_server_binary,
+)
+from ._service import Hub, StartupError
+from ._settings import HubSettings
+
+# A child that dies this many times within the window is not restarted again.
+MAX_RESTARTS = 3
+RESTART_WINDOW_SECONDS = 60.0
+
+
+@dataclass
+class UpOptions:
+    data_dir: Path
+    host: str
+    http_port: int
+    nats_port: int
+    postgres_port: int
+    log_level: str
+    log_format: str
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def admin_token(data_dir: Path) -> tuple[str, str]:
+    """The admin token and where it came from (env wins; else the 0600 file, made once)."""
+    from_env = os.environ.get("COWORK_ADMIN_TOKEN")
+    if from_env:
+        return from_env, "from COWORK_ADMIN_TOKEN"
+    path = data_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip(), f"stored in {path}"
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token, f"generated, stored in {path}"
+
+
+async def step(label: str, action: Callable[[], Awaitable[object]]) -> None:
+    print(f"  {label} ...", end="", flush=True)
+    started = time.monotonic()
+    try:
+        await action()
+    except BaseException:
+        print(" failed", flush=True)
+        raise
+    print(f" ready ({time.monotonic() - started:.1f}s)", flush=True)
+
+
+class Stack:
+    """The running pieces, stopped in reverse order of start."""
+
+    def __init__(self, opts: UpOptions) -> None:
+        self.opts = opts
+        self.nats = NatsServer(store_dir=opts.data_dir / "nats", host=opts.host,
+                               port=opts.nats_port)
+        external_db = os.environ.get("COWORK_DATABASE_URL")
+        self.postgres = None if external_db else EmbeddedPostgres(
+            data_dir=opts.data_dir / "postgres", port=opts.postgres_port)
+        self.database_url = external_db
+        self.hub: Hub | None = None
+        self.token = ""
+
+    async def start(self) -> None:
+        o = self.opts
+        self.token, token_origin = admin_token(o.data_dir)
+        say(f"Starting cowork in {o.data_dir}")
+        await step(f"NATS with JetStream on {self.nats.url}", self.nats.start)
+        if self.postgres is not None:
+            await step("PostgreSQL (embedded)", self.postgres.start)
+            self.database_url = self.postgres.dsn
+        settings = HubSettings(
+            nats_url=self.nats.url, database_url=self.database_url, admin_token=self.token,
+            http_host=o.host, http_port=o.http_port, log_level=o.log_level,
+            log_format=o.log_format)
+        self.hub = Hub(settings)
+        await step("hub (migrations, streams, HTTP)", self.hub.start)
+        self._banner(token_origin)
+
+    def _banner(self, token_origin: str) -> None:
+        assert self.hub is not None
+        url = self.hub.http_url
+        db = "embedded" if self.postgres else "external (COWORK_DATABASE_URL)"
+        say("")
+        say("cowork is up")
+        say(f"  Hub HTTP     {url}")
+        say(f"  Health       {url}/readyz")
+        say(f"  Metrics      {url}/metrics")
+        say(f"  NATS         {self.nats.url}")
+        say(f"  PostgreSQL   {db}")
+        say(f"  Admin token  {self.token}   ({token_origin})")
+        say(f"  Data dir     {self.opts.data_dir}")
+        say("Press Ctrl-C to stop.")
+
+    async def stop(self) -> None:
+        if self.hub is not None:
+            await _quietly(self.hub.stop())
+        await _quietly(self.nats.stop())
+        if self.postgres is not None:
+            await _quietly(self.postgres.stop())
+
+    async def supervise(self) -> str:
+        """Restart a crashed server; returns a reason when one keeps crashing."""
+        children = {"NATS": self.nats}
+        if self.postgres is not None:
+            children["PostgreSQL"] = self.postgres
+        crashes: dict[str, list[float]] = {name: [] for name in children}
+        waits = {asyncio.create_task(c.wait()): name for name, c in children.items()}
+        while True:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                name = waits.pop(task)
+                now = time.monotonic()
+                recent = [t for t in crashes[name] if now - t < RESTART_WINDOW_SECONDS] + [now]
+                crashes[name] = recent
+                if len(recent) > MAX_RESTARTS:
+                    return f"{name} exited {len(recent)} times within a minute; giving up"
+                say(f"cowork: {name} exited unexpectedly (code {task.result()}); restarting")
+                await children[name].start()
+                waits[asyncio.create_task(children[name].wait())] = name
+
+
+async def _quietly(awaitable: Awaitable[object]) -> None:
+    try:
+        await asyncio.wait_for(awaitable, 9.0)
+    except Exception as exc:  # shutting down: report, keep stopping the rest
+        print(f"cowork: while stopping: {exc}", file=sys.stderr)
+
+
+async def run_up(opts: UpOptions) -> int:
+    opts.data_dir = ensure_writable_dir(opts.data_dir)
+    nats_server_binary()
+    ensure_port_free(opts.host, opts.nats_port, "--nats-port")
+    ensure_port_free(opts.host, opts.http_port, "--http-port")
+    if opts.postgres_port:
+        ensure_port_free("127.0.0.1", opts.postgres_port, "--postgres-port")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stack = Stack(opts)
+    code = 0
+    try:
+        reason = await _run_until_stopped(stack, stop)
+        if reason:
+            print(f"cowork: error: {reason}", file=sys.stderr)
+            code = 1
+    finally:
+        say("\nStopping cowork ...")
+        await stack.stop()
+        say("Stopped.")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return code
+
+
+async def _run_until_stopped(stack: Stack, stop: asyncio.Event) -> str | None:
+    stopper = asyncio.create_task(stop.wait())
+    startup = asyncio.create_task(stack.start())
+    await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not startup.done():  # Ctrl-C while starting: abandon the start
+        startup.cancel()
+        await asyncio.gather(startup, return_exceptions=True)
+        return None
+    exc = startup.exception()
+    if exc is not None:
+        stopper.cancel()
+        if isinstance(exc, (EmbeddedError, StartupError)):
+            return str(exc)
+        raise exc
+    supervisor = asyncio.create_task(stack.supervise())
+    await asyncio.wait({supervisor, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if supervisor.done():
+        stopper.cancel()
+        return supervisor.result()
+    supervisor.cancel()
+    await asyncio.gather(supervisor, return_exceptions=True)
+    return None

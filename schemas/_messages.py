@@ -1,0 +1,357 @@
+"""Message bodies, one class per wire type. Field names follow the product contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from ._base import Message, WireModel
+from ._tokens import TenantId, TokenId
+from ._vocabulary import (
+    CapabilityStatus,
+    CommandKind,
+    CommandStatus,
+    CredentialScope,
+    DeliveryStatus,
+    DeliveryType,
+    DeviceEventType,
+    PrincipalKind,
+    SyncScope,
+    WorkerState,
+    WorkOutputKind,
+)
+
+Text = Annotated[str, Field(max_length=16_384)]
+Label = Annotated[str, Field(max_length=512)]
+NkeyPublic = Annotated[str, Field(pattern=r"^U[A-Z2-7]{55}$")]  # an nkey *user* public key
+Json = dict[str, Any]
+
+
+# --- generic replies -----------------------------------------------------------
+class AckReply(Message):
+    """The reply to a request that only needs an outcome."""
+
+    message_type = "ack.reply"
+    ok: bool
+    code: str | None = Field(default=None, max_length=128)
+    reason: Text | None = None
+    retry_after_seconds: float | None = Field(default=None, ge=0)
+
+
+# --- pairing and credentials ------------------------------------------------------
+class PairingRedeemRequest(Message):
+    message_type = "pairing.redeem.request"
+    code: str = Field(min_length=4, max_length=32)
+    public_key: NkeyPublic
+    device_name: Label
+    client_version: str = Field(max_length=64)
+
+
+class PairingRedeemReply(Message):
+    message_type = "pairing.redeem.reply"
+    pairing_id: TokenId
+    tenant: TenantId
+    allowed_workspace_ids: list[TokenId]
+    user_jwt: str = Field(max_length=8192)
+    expires_at: datetime
+
+
+class PairingRevokeNotice(Message):
+    message_type = "pairing.revoke.notice"
+    pairing_id: TokenId
+    reason: Label | None = None
+    revoked_at: datetime
+
+
+class CredentialRefreshRequest(Message):
+    message_type = "auth.refresh.request"
+    public_key: NkeyPublic
+
+
+class CredentialRefreshReply(Message):
+    message_type = "auth.refresh.reply"
+    user_jwt: str = Field(max_length=8192)
+    expires_at: datetime
+
+
+# --- device commands and events ------------------------------------------------------
+class Lease(WireModel):
+    leased_by: TokenId
+    lease_token: str = Field(min_length=16, max_length=128)
+    lease_expires_at: datetime
+
+
+class DeviceCommand(Message):
+    message_type = "device.command"
+    id: TokenId
+    kind: CommandKind
+    pairing_id: TokenId
+    workspace_id: TokenId
+    session_id: TokenId | None = None
+    actor_id: Label | None = None
+    actor_label: Label | None = None
+    payload: Json | None = None
+    sequence: int = Field(ge=1)
+    created_at: datetime
+    lease: Lease
+
+
+class CommandResult(WireModel):
+    ok: bool
+    status: CommandStatus
+    session: Json | None = None
+    sessions: list[Json] | None = None
+    message: Text | None = None
+    data: Json | None = None
+    # Paired Desktops never invent a projection fence (product contract).
+    projection_fence: None = None
+    reason: Literal["desktop_pairing_projection_fence_unsupported"] = (
+        "desktop_pairing_projection_fence_unsupported"
+    )
+
+
+class CommandAck(Message):
+    message_type = "device.command_ack"
+    command_id: TokenId
+    pairing_id: TokenId
+    sequence: int = Field(ge=1)
+    lease_token: str = Field(min_length=16, max_length=128)
+    outcome: Literal["accepted", "completed", "failed"]
+    result: CommandResult | None = None
+
+
+class DeviceEvent(Message):
+    message_type = "device.event"
+    id: TokenId
+    pairing_id: TokenId
+    type: DeviceEventType
+    workspace_id: TokenId | None = None
+    session_id: TokenId | None = None
+    command_id: TokenId | None = None
+    sequence: int | None = Field(default=None, ge=0)
+    occurred_at: datetime
+    payload: Json | None = None
+
+
+# --- presence ----------------------------------------------------------------------------
+class PresenceHeartbeat(Message):
+    message_type = "presence.heartbeat"
+    principal_kind: PrincipalKind
+    principal_id: TokenId
+    sequence: int = Field(ge=0)
+    interval_seconds: float = Field(gt=0, le=3600)
+    status: Literal["online", "offline"] = "online"
+    version: str | None = Field(default=None, max_length=64)
+
+
+# --- gateway registration -----------------------------------------------------------------
+class VersionSet(WireModel):
+    product: str = Field(max_length=64)
+    opencode: str = Field(max_length=64)
+    bus_protocol: str = Field(max_length=64)
+    event_contract: str = Field(max_length=64)
+    projection_contract: str = Field(max_length=64)
+    checkpoint_schema: str = Field(max_length=64)
+
+
+class GatewayRegisterRequest(Message):
+    message_type = "gateway.register.request"
+    credential: str = Field(min_length=16, max_length=256)
+    public_key: NkeyPublic
+    versions: VersionSet
+
+
+class GatewayRegisterReply(Message):
+    message_type = "gateway.register.reply"
+    registration_id: TokenId
+    tenant: TenantId
+    scopes: list[CredentialScope]
+    user_jwt: str = Field(max_length=8192)
+    expires_at: datetime
+
+
+class GatewayHeartbeat(Message):
+    message_type = "gateway.heartbeat"
+    liveness: Literal["alive", "stopping"]
+    mode: WorkerState
+    health: Literal["healthy", "degraded", "unhealthy"]
+    current_load: int = Field(ge=0)
+    active_work_ids: list[TokenId] = Field(max_length=1024)
+    heartbeat_sequence: int = Field(ge=0)
+    last_error: Text | None = None
+    versions: VersionSet | None = None
+
+
+class GatewayCapabilities(Message):
+    message_type = "gateway.capabilities"
+    capabilities: dict[TokenId, CapabilityStatus]
+    max_concurrent_work: int = Field(ge=0, le=10_000)
+    work_kinds: list[TokenId] = Field(default_factory=list)
+
+
+class GatewaySync(Message):
+    message_type = "gateway.sync"
+    scope: SyncScope
+    items: list[Json] = Field(max_length=1000)
+    cursor: str | None = Field(default=None, max_length=256)
+
+
+# --- Cloud-owned edge work -------------------------------------------------------------------
+class WorkOffer(Message):
+    message_type = "work.offer"
+    work_id: TokenId
+    kind: TokenId
+    requirements: Json = Field(default_factory=dict)
+
+
+class WorkClaimRequest(Message):
+    message_type = "work.claim.request"
+    work_kinds: list[TokenId] = Field(default_factory=lambda: ["prompt"])
+    capacity: int = Field(default=1, ge=1, le=1000)
+
+
+class WorkClaimReply(Message):
+    message_type = "work.claim.reply"
+    work_id: TokenId | None = None
+    kind: TokenId | None = None
+    lease_token: str | None = Field(default=None, max_length=128)
+    lease_expires_at: datetime | None = None
+    attempt: int | None = Field(default=None, ge=1)
+    session_ref: Json | None = None
+    payload: Json | None = None
+
+
+class WorkRenew(Message):
+    message_type = "work.renew"
+    work_id: TokenId
+    lease_token: str = Field(min_length=16, max_length=128)
+
+
+class WorkOutput(Message):
+    message_type = "work.output"
+    work_id: TokenId
+    lease_token: str = Field(min_length=16, max_length=128)
+    kind: WorkOutputKind
+    sequence: int = Field(ge=1)
+    body: Json
+
+
+# --- workspace live tail --------------------------------------------------------------------
+class WorkspaceEvent(Message):
+    message_type = "workspace.event"
+    workspace_id: TokenId
+    sequence: int = Field(ge=1)
+    type: str = Field(max_length=128)
+    session_id: TokenId | None = None
+    occurred_at: datetime
+    payload: Json | None = None
+
+
+# --- channels ----------------------------------------------------------------------------------
+class ChannelTarget(WireModel):
+    chat_id: str = Field(max_length=256)
+    is_direct: bool = False
+    thread_id: str | None = Field(default=None, max_length=256)
+    user_id: str | None = Field(default=None, max_length=256)
+    message_id: str | None = Field(default=None, max_length=256)
+
+
+class ChannelSender(WireModel):
+    provider_user_id: str = Field(max_length=256)
+    username: str | None = Field(default=None, max_length=256)
+    display_name: str | None = Field(default=None, max_length=512)
+    is_bot: bool = False
+
+
+class ChannelAttachment(WireModel):
+    provider_file_id: str = Field(max_length=512)
+    download_url: str | None = Field(default=None, max_length=2048)
+    filename: str | None = Field(default=None, max_length=512)
+    mime_type: str | None = Field(default=None, max_length=128)
+    size_bytes: int | None = Field(default=None, ge=0)
+
+
+class ChannelInteraction(WireModel):
+    id: str = Field(max_length=256)
+    token: str = Field(max_length=2048)
+    kind: Literal["button", "command"]
+
+
+class ChannelInbound(Message):
+    message_type = "channel.inbound"
+    id: TokenId
+    provider_event_id: str = Field(min_length=1, max_length=256)
+    provider_message_id: str | None = Field(default=None, max_length=256)
+    provider: TokenId
+    provider_kind: TokenId
+    target: ChannelTarget
+    sender: ChannelSender
+    text: Text = ""
+    raw_text: Text = ""
+    is_command: bool = False
+    command: str | None = Field(default=None, max_length=64)
+    command_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list)
+    attachments: list[ChannelAttachment] = Field(default_factory=list, max_length=50)
+    interaction: ChannelInteraction | None = None
+    received_at: datetime
+
+
+class ChannelButton(WireModel):
+    label: str = Field(max_length=256)
+    token: str = Field(max_length=2048)
+    style: Literal["default", "danger", "success"] = "default"
+
+
+class ChannelOutbound(Message):
+    message_type = "channel.outbound"
+    delivery_id: TokenId
+    idempotency_key: str = Field(max_length=256)
+    type: DeliveryType
+    target: ChannelTarget
+    text: Text | None = None
+    parse_mode: Literal["plain", "markdown", "html"] = "plain"
+    edit_message_id: str | None = Field(default=None, max_length=256)
+    buttons: list[list[ChannelButton]] | None = None
+    silent: bool = False
+
+
+class ChannelReceipt(Message):
+    message_type = "channel.receipt"
+    delivery_id: TokenId
+    status: DeliveryStatus
+    provider_message_id: str | None = Field(default=None, max_length=256)
+    attempts: int = Field(ge=1)
+    error: Text | None = None
+
+
+# --- audit and dead letters -----------------------------------------------------------------------
+class AuditRecord(Message):
+    message_type = "audit.record"
+    action: str = Field(pattern=r"^[a-z_]+(\.[a-z_]+)+$", max_length=128)
+    actor_kind: PrincipalKind
+    actor_id: str = Field(max_length=256)
+    actor_label: Label | None = None
+    target_kind: str | None = Field(default=None, max_length=64)
+    target_id: str | None = Field(default=None, max_length=256)
+    workspace_id: TokenId | None = None
+    session_id: TokenId | None = None
+    command_id: TokenId | None = None
+    reason: Text | None = None
+    metadata: Json = Field(default_factory=dict)
+
+
+class DeadLetter(Message):
+    message_type = "deadletter"
+    reason: Text
+    code: str = Field(max_length=128)
+    original_subject: str = Field(max_length=512)
+    original_payload: Text = Field(description="The original bytes, UTF-8 or base64, cut at 16 KiB")
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    attempts: int = Field(default=1, ge=1)
+
+__all__ = sorted(
+    name for name, value in list(globals().items())
+    if isinstance(value, type) and issubclass(value, WireModel) and value.__module__ == __name__
+)

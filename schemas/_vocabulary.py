@@ -1,0 +1,183 @@
+"""The product contract's closed vocabularies, as enums (values are the wire strings)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Str(str, Enum):
+    def __str__(self) -> str:  # f-strings and logs show the wire value
+        return self.value
+
+
+class PrincipalKind(_Str):
+    HUB = "hub"
+    ADMIN = "admin"
+    DESKTOP = "desktop"
+    GATEWAY = "gateway"
+    CHANNEL = "channel"
+    VIEWER = "viewer"
+
+
+class WorkspaceKind(_Str):
+    LOCAL = "local"
+    CLOUD = "cloud"
+    GATEWAY = "gateway"
+    PAIRED_DESKTOP = "paired_desktop"
+
+
+class WorkspaceStatus(_Str):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    AUTH_REQUIRED = "auth_required"
+    DISABLED = "disabled"
+    ERROR = "error"
+
+
+class ExecutionAuthority(_Str):
+    DESKTOP_LOCAL = "desktop_local"
+    GATEWAY_STANDALONE = "gateway_standalone"
+    DESKTOP_PAIRED = "desktop_paired"
+    CLOUD_WORKER = "cloud_worker"
+    CLOUD_CHANNEL_GATEWAY = "cloud_channel_gateway"
+
+
+class CapabilityStatus(_Str):
+    SUPPORTED = "supported"
+    READ_ONLY = "read_only"
+    BLOCKED_BY_POLICY = "blocked_by_policy"
+    NOT_SUPPORTED = "not_supported"
+    DEFERRED = "deferred"
+
+
+class ReasonCode(_Str):
+    AUTH_REQUIRED = "workspace.auth_required"
+    OFFLINE_READ_ONLY = "workspace.offline_read_only"
+    LOCAL_ONLY = "workspace.local_only"
+    CLOUD_ONLY = "workspace.cloud_only"
+    POLICY_DISABLED = "workspace.policy_disabled"
+    QUOTA_DENIED = "workspace.quota_denied"
+    CAPACITY_DENIED = "workspace.capacity_denied"
+    BILLING_DENIED = "workspace.billing_denied"
+    NOT_SUPPORTED = "workspace.not_supported"
+    DEFERRED = "workspace.deferred"
+    PAIRING_REQUIRED = "workspace.pairing_required"
+    PAIRING_OFFLINE = "workspace.pairing_offline"
+    AUTHORITY_MISMATCH = "workspace.authority_mismatch"
+    REMOTE_APPROVAL_REQUIRED = "workspace.remote_approval_required"
+
+
+class PairingStatus(_Str):
+    PAIRED_ONLINE = "paired_online"
+    PAIRED_OFFLINE = "paired_offline"
+    DISABLED = "disabled"
+    REVOKED = "revoked"
+    ERROR = "error"
+
+
+class PolicyDecision(_Str):
+    DISABLED = "disabled"
+    LOCAL_CONFIRMATION = "local_confirmation"
+    REMOTE_ALLOWED = "remote_allowed"
+
+
+class CommandKind(_Str):
+    CREATE_SESSION = "create_session"
+    PROMPT = "prompt"
+    ABORT = "abort"
+    PERMISSION_RESPOND = "permission.respond"
+    QUESTION_REPLY = "question.reply"
+    QUESTION_REJECT = "question.reject"
+    STATUS = "status"
+    REVOKE_PAIRING = "revoke_pairing"
+
+
+class CommandStatus(_Str):
+    COMPLETED = "completed"
+    QUEUED = "queued"
+    BLOCKED_BY_POLICY = "blocked_by_policy"
+    REQUIRES_LOCAL_CONFIRMATION = "requires_local_confirmation"
+    FAILED = "failed"
+
+
+class DeviceEventType(_Str):
+    HEARTBEAT = "heartbeat"
+    COMMAND_ACCEPTED = "command.accepted"
+    COMMAND_COMPLETED = "command.completed"
+    COMMAND_FAILED = "command.failed"
+    SESSION_EVENT = "session.event"
+    AUDIT = "audit"
+    STATUS = "status"
+
+
+class GatewayKind(_Str):
+    EXTERNAL_WORKSPACE = "external_workspace"
+    EDGE_WORKER = "edge_worker"
+    EXTERNAL_WORKSPACE_EDGE_WORKER = "external_workspace_edge_worker"
+
+
+class TrustModel(_Str):
+    SELF_HOSTED_SAME_OPERATOR = "self_hosted_same_operator"
+    SAAS_OPERATOR_MANAGED = "saas_operator_managed"
+    CUSTOMER_HOSTED_MANAGED_SAAS_DEFERRED = "customer_hosted_managed_saas_deferred"
+
+
+class CredentialScope(_Str):
+    HEARTBEAT = "gateway.registration.heartbeat"
+    CAPABILITIES = "gateway.registration.capabilities"
+    METADATA_SYNC = "gateway.registration.metadata_sync"
+    EDGE_CLAIM = "gateway.edge.claim"
+    EDGE_LEASE_RENEW = "gateway.edge.lease_renew"
+    EDGE_WRITE_FENCED_OUTPUT = "gateway.edge.write_fenced_output"
+
+
+class SyncScope(_Str):
+    HEALTH = "health"
+    CAPABILITIES = "capabilities"
+    REDACTED_SESSION_METADATA = "redacted_session_metadata"
+    REDACTED_PROJECTION_SNAPSHOT = "redacted_projection_snapshot"
+    WORKFLOW_STATUS = "workflow_status"
+    ARTIFACT_METADATA = "artifact_metadata"
+    AUDIT_SUMMARY = "audit_summary"
+    EVENT_CURSOR = "event_cursor"
+    CLOUD_WORK_EVENTS = "cloud_work_events"
+    CLOUD_WORK_PROJECTION = "cloud_work_projection"
+    CLOUD_WORK_ARTIFACT_METADATA = "cloud_work_artifact_metadata"
+    CLOUD_WORK_CHECKPOINT_METADATA = "cloud_work_checkpoint_metadata"
+
+
+class WorkerState(_Str):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    PAUSED = "paused"
+    UNHEALTHY = "unhealthy"
+    RETIRED = "retired"
+    REVOKED = "revoked"
+
+
+class WorkOutputKind(_Str):
+    EVENT = "event"
+    STATUS = "status"
+    RESULT = "result"
+    FAIL = "fail"
+
+
+class DeliveryType(_Str):
+    TEXT = "text"
+    EDIT = "edit"
+    FILE = "file"
+    BUTTONS = "buttons"
+    ANSWER_INTERACTION = "answer_interaction"
+    TYPING = "typing"
+
+
+class DeliveryStatus(_Str):
+    SENT = "sent"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+
+__all__ = sorted(
+    name for name, value in list(globals().items())
+    if isinstance(value, type) and issubclass(value, _Str) and value is not _Str
+)

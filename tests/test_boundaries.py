@@ -1,0 +1,61 @@
+"""Package boundaries, enforced by reading every import statement."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"schemas", "hub", "edges", "channels"}
+IO_LIBRARIES = {"nats", "asyncpg", "aiohttp", "httpx", "socket", "subprocess", "faststream",
+                "psycopg", "requests", "urllib", "http"}
+
+
+def imports_of(package: str) -> list[tuple[str, str]]:
+    """(module file, imported top-level name) for every import in a package."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [(rel, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: stays inside its own package
+                    found.append((rel, f"{package}.{node.module or ''}"))
+                else:
+                    found.append((rel, node.module or ""))
+    return found
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_schemas_imports_nothing_of_ours_and_does_no_io():
+    bad = [(f, m) for f, m in imports_of("schemas")
+           if (top(m) in OURS and top(m) != "schemas") or top(m) in IO_LIBRARIES]
+    assert bad == []
+
+
+@pytest.mark.parametrize("package", ["edges", "channels"])
+def test_edges_and_channels_never_import_hub_or_the_database(package):
+    bad = [(f, m) for f, m in imports_of(package) if top(m) in {"hub", "asyncpg", "psycopg"}]
+    assert bad == []
+
+
+def test_channels_never_import_edges():
+    """The OpenCode client lives in edges; channel code talks to the hub over the bus only."""
+    assert [(f, m) for f, m in imports_of("channels") if top(m) == "edges"] == []
+
+
+def test_hub_does_not_import_edges_or_channels_outside_the_cli():
+    bad = [(f, m) for f, m in imports_of("hub")
+           if top(m) in {"edges", "channels"} and not f.endswith("_cli.py")]
+    assert bad == []
+
+
+def test_the_boundary_scanner_sees_imports():
+    """Guard against a scanner that finds nothing and so always passes."""
+    found = {top(m) for _, m in imports_of("hub")}
+    assert {"schemas", "asyncpg", "nats", "aiohttp"} <= found
