@@ -29,6 +29,8 @@ environment (flags win over variables):
   COWORK_NATS_CREDS      NATS .creds file for the hub's user (hub serve)
   COWORK_DATABASE_URL    PostgreSQL DSN (hub serve; with `up`, replaces the embedded server)
   COWORK_ADMIN_TOKEN     bearer token for /api/ (with `up`, default: generated into the data dir)
+  COWORK_KEYS_DIR        bus key hierarchy; the hub then mints and revokes credentials (hub serve)
+  COWORK_SECRET_KEY      Fernet key that encrypts the signing keys at rest
   COWORK_HTTP_HOST, COWORK_HTTP_PORT, COWORK_LOG_LEVEL, COWORK_LOG_FORMAT
 """
 
@@ -102,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output directory (default: %(default)s)")
     export.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the files differ from the code")
+
+    keys = commands.add_parser("keys", help="the bus key hierarchy (NATS operator mode)")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND",
+                                        required=True)
+    server_config = keys_commands.add_parser(
+        "server-config", help="create the keys if needed and print the nats-server config block",
+        description="Print the operator/resolver block to include in every nats-server config "
+                    "of the cluster (the hub then issues and revokes all credentials at runtime). "
+                    "The signing keys are encrypted with COWORK_SECRET_KEY, or a key file "
+                    "created beside them.")
+    server_config.add_argument("--keys-dir", type=Path,
+                               default=Path(_env("KEYS_DIR", ".cowork/keys")),
+                               help="where the keys live (default: %(default)s)")
+    server_config.add_argument("--resolver-dir", type=Path, required=True,
+                               help="the nats-server's own JWT resolver directory")
     return parser
 
 
@@ -123,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "schema":
             return _cmd_schema_export(args)
+        if args.command == "keys":
+            return _cmd_keys_server_config(args)
     except KeyboardInterrupt:
         return 130
     return 2
@@ -162,9 +181,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return fail("invalid configuration: " + "; ".join(
             f"COWORK_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()))
     configure_logging(settings.log_level, settings.log_format)
+    from ._keys import BusKeys, KeyStoreError
+
     try:
-        return asyncio.run(_serve(Hub(settings, stream_replicas=args.stream_replicas)))
-    except StartupError as exc:
+        keys = None
+        if settings.keys_dir is not None:
+            secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
+            keys = BusKeys.load_or_create(settings.keys_dir, secret)
+        hub = Hub(settings, stream_replicas=args.stream_replicas, keys=keys)
+        return asyncio.run(_serve(hub))
+    except (StartupError, KeyStoreError) as exc:
         return fail(str(exc))
 
 
@@ -181,6 +207,18 @@ async def _serve(hub: "object") -> int:
         await stop.wait()
     finally:
         await hub.stop()
+    return 0
+
+
+def _cmd_keys_server_config(args: argparse.Namespace) -> int:
+    from ._keys import BusKeys, KeyStoreError
+    from ._up import secret_key_from_env
+
+    try:
+        keys = BusKeys.load_or_create(args.keys_dir, secret_key_from_env())
+    except KeyStoreError as exc:
+        return fail(str(exc))
+    print(keys.server_config(args.resolver_dir))
     return 0
 
 

@@ -44,8 +44,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            response = exc
+        if exc.content_type == "application/json":  # already a JSON error body
+            response = web.Response(status=exc.status, text=exc.text,
+                                    content_type="application/json")
         else:
             code = exc.reason.lower().replace(" ", "_")
             response = json_error(exc.status, code, exc.text or exc.reason,
@@ -155,4 +156,7 @@ def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
+    from ._http_credentials import add_routes
+
+    add_routes(app)
     return app

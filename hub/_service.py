@@ -15,13 +15,16 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from . import _db, _streams
+from . import _db, _jwt, _streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
+from ._credentials import CredentialService
 from ._deadletter import DeadLetters
 from ._http import build_app
+from ._keys import BusKeys
 from ._logging import kv
 from ._metrics import HubMetrics
+from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
 from ._settings import HubSettings
 
 log = logging.getLogger("cowork.hub")
@@ -32,10 +35,14 @@ class StartupError(RuntimeError):
 
 
 class Hub:
-    def __init__(self, settings: HubSettings, *, stream_replicas: int = 1) -> None:
+    def __init__(self, settings: HubSettings, *, stream_replicas: int = 1,
+                 keys: BusKeys | None = None) -> None:
         if settings.database_url is None:
             raise StartupError("no database configured: set COWORK_DATABASE_URL")
         self.settings = settings
+        self.keys = keys
+        self.credentials: CredentialService | None = None
+        self.system_nc: NATS | None = None
         self.metrics = HubMetrics()
         self.stream_replicas = stream_replicas
         self.nc: NATS | None = None
@@ -59,6 +66,8 @@ class Hub:
         ingest = AuditIngest(self.js, self.audit, self.pool, self.dead_letters, self.metrics)
         ingest.start()
         self._workers.append(ingest)
+        if self.keys is not None:
+            await self._start_credentials()
         await self._start_http()
         log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
 
@@ -69,6 +78,8 @@ class Hub:
         for worker in reversed(self._workers):
             await worker.stop()
         self._workers.clear()
+        if self.system_nc and not self.system_nc.is_closed:
+            await self.system_nc.close()
         if self.nc and not self.nc.is_closed:
             # Workers are stopped, so nothing is in flight: flush what was
             # published and close (drain would re-wait on cancelled consumers).
@@ -100,21 +111,61 @@ class Hub:
                 log.info("hub.waiting_for_db", **kv(error=_one_line(exc)))
                 await asyncio.sleep(0.5)
 
-    async def _connect_nats(self, timeout: float) -> NATS:
+    async def _start_credentials(self) -> None:
+        """Operator mode: a system-account connection for account updates, the
+        refresh responder, and the account JWT pushed with current revocations."""
+        assert self.keys is not None and self.pool is not None and self.nc is not None
+        seed = _jwt.new_seed("user")
+        system_jwt = self.keys.mint_system_user(_jwt.public_key(seed),
+                                                name=f"hub-system-{self.settings.hub_id}")
+        self.system_nc = await self._connect_nats(
+            10.0, name_suffix="-system", auth=(system_jwt, seed), inbox_prefix="_INBOX")
+        from datetime import timedelta
+
+        self.credentials = CredentialService(
+            self.keys, self.pool, self.audit, self.system_nc, self.settings.hub_id,
+            edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours))
+        await self.credentials.push_account()
+        from schemas import subjects
+
+        await self.nc.subscribe(subjects.CREDENTIAL_REFRESH.filter(), queue="hub-auth",
+                                cb=self.credentials.handle_refresh)
+
+    def _hub_auth(self) -> tuple[str, bytes] | None:
+        if self.keys is None:
+            return None
+        seed = _jwt.new_seed("user")
+        perms = HUB_PERMISSIONS
+        user_jwt, _ = self.keys.mint_user(
+            _jwt.public_key(seed), name=f"hub-{self.settings.hub_id}",
+            pub_allow=list(perms.pub_allow), sub_allow=list(perms.sub_allow),
+            allow_responses=True, ttl_seconds=None)
+        return user_jwt, seed
+
+    async def _connect_nats(self, timeout: float, *, name_suffix: str = "",
+                            auth: tuple[str, bytes] | None = None,
+                            inbox_prefix: str | None = None) -> NATS:
         s = self.settings
+        auth = auth or self._hub_auth()
         options: dict[str, Any] = dict(
-            servers=s.nats_servers, name=f"cowork-hub-{s.hub_id}",
+            servers=s.nats_servers, name=f"cowork-hub-{s.hub_id}{name_suffix}",
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, error_cb=self._on_nats_error,
-            disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
         )
-        if s.nats_creds:
+        if not name_suffix:  # the main connection drives readiness and its metrics
+            options.update(disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
+        if auth is not None:
+            options.update(_jwt.nats_auth_options(*auth))
+            options["inbox_prefix"] = inbox_prefix or HUB_INBOX_PREFIX
+        elif s.nats_creds:
             options["user_credentials"] = str(s.nats_creds)
+            options["inbox_prefix"] = HUB_INBOX_PREFIX
         deadline = time.monotonic() + timeout
         while True:
             try:
                 nc = await nats.connect(**options)
-                self.metrics.nats_connected.set(1)
+                if not name_suffix:
+                    self.metrics.nats_connected.set(1)
                 return nc
             except Exception as exc:  # nats-py raises several unrelated types here
                 if "Authorization" in str(exc) or time.monotonic() > deadline:

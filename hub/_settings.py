@@ -16,6 +16,11 @@ class HubSettings(BaseSettings):
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
     nats_creds: Path | None = Field(None, description="A NATS .creds file for the hub's own user")
+    keys_dir: Path | None = Field(
+        None, description="Bus key hierarchy (operator mode): the hub mints all credentials")
+    secret_key: SecretStr | None = Field(
+        None, description="Fernet key encrypting the signing keys at rest (else a key file)")
+    edge_credential_ttl_hours: float = Field(24.0, gt=0, le=720)
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"

@@ -20,6 +20,7 @@ from ._embedded import (
     ensure_writable_dir,
     nats_server_binary,
 )
+from ._keys import BusKeys
 from ._service import Hub, StartupError
 from ._settings import HubSettings
 
@@ -37,6 +38,11 @@ class UpOptions:
     postgres_port: int
     log_level: str
     log_format: str
+
+
+def secret_key_from_env() -> bytes | None:
+    value = os.environ.get("COWORK_SECRET_KEY")
+    return value.encode() if value else None
 
 
 def say(text: str) -> None:
@@ -74,8 +80,11 @@ class Stack:
 
     def __init__(self, opts: UpOptions) -> None:
         self.opts = opts
-        self.nats = NatsServer(store_dir=opts.data_dir / "nats", host=opts.host,
-                               port=opts.nats_port)
+        # Operator mode from the first start: every bus connection is authenticated.
+        self.keys = BusKeys.load_or_create(opts.data_dir / "keys", secret_key_from_env())
+        nats_dir = opts.data_dir / "nats"
+        self.nats = NatsServer(store_dir=nats_dir, host=opts.host, port=opts.nats_port,
+                               extra_config=self.keys.server_config(nats_dir / "resolver"))
         external_db = os.environ.get("COWORK_DATABASE_URL")
         self.postgres = None if external_db else EmbeddedPostgres(
             data_dir=opts.data_dir / "postgres", port=opts.postgres_port)
@@ -95,7 +104,7 @@ class Stack:
             nats_url=self.nats.url, database_url=self.database_url, admin_token=self.token,
             http_host=o.host, http_port=o.http_port, log_level=o.log_level,
             log_format=o.log_format)
-        self.hub = Hub(settings)
+        self.hub = Hub(settings, keys=self.keys)
         await step("hub (migrations, streams, HTTP)", self.hub.start)
         self._banner(token_origin)
 
@@ -108,7 +117,7 @@ class Stack:
         say(f"  Hub HTTP     {url}")
         say(f"  Health       {url}/readyz")
         say(f"  Metrics      {url}/metrics")
-        say(f"  NATS         {self.nats.url}")
+        say(f"  NATS         {self.nats.url}   (operator mode; keys in {self.opts.data_dir / 'keys'})")
         say(f"  PostgreSQL   {db}")
         say(f"  Admin token  {self.token}   ({token_origin})")
         say(f"  Data dir     {self.opts.data_dir}")

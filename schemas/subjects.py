@@ -304,3 +304,27 @@ def _tokens_may_meet(x: str, y: str) -> bool:
         param, literal = (x, y) if _is_param(x) else (y, x)
         return not (param == "{tenant}" and literal in RESERVED_TENANTS)
     return x == y
+
+
+# --- per-principal names the server's permissions are written against --------------
+# Edges and the hub both derive these from here, so a permission and the name a
+# client uses can never disagree.
+EDGE_CONSUMERS = {"desktop": "CW_COMMANDS", "channel": "CW_CHANNEL_OUTBOUND"}
+
+
+def inbox_prefix(tenant: str, principal_kind: str, principal_id: str) -> str:
+    """The private reply-inbox prefix of one principal (pass as nats-py `inbox_prefix`).
+
+    Replies to a principal's requests arrive under it, and only that principal may
+    subscribe there, so no one can read another principal's replies.
+    """
+    tenant = _validate("tenant", tenant, SubjectError)
+    return "_INBOX." + ".".join([tenant, _validate("principal_kind", principal_kind, SubjectError),
+                                 _validate("principal_id", principal_id, SubjectError)])
+
+
+def edge_consumer(principal_kind: str, principal_id: str) -> str:
+    """The durable JetStream consumer an edge pulls its stored work from."""
+    name = f"{_validate('principal_kind', principal_kind, SubjectError)}-" \
+           f"{_validate('principal_id', principal_id, SubjectError)}"
+    return name

@@ -126,24 +126,67 @@ def _dsn_with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-@pytest.fixture
-async def database_url(postgres_admin_dsn: str) -> AsyncIterator[str]:
-    """A fresh, empty database for this test only (dropped afterwards)."""
+async def _fresh_database(admin_dsn: str) -> AsyncIterator[str]:
     name = f"t_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(postgres_admin_dsn)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     try:
-        yield _dsn_with_database(postgres_admin_dsn, name)
+        yield _dsn_with_database(admin_dsn, name)
     finally:
-        admin = await asyncpg.connect(postgres_admin_dsn)
+        admin = await asyncpg.connect(admin_dsn)
         try:
             # FORCE: a test that leaked a connection must not block the drop.
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh, empty database for this test only (dropped afterwards)."""
+    async for dsn in _fresh_database(postgres_admin_dsn):
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+async def database_url_module(postgres_admin_dsn: str) -> AsyncIterator[str]:
+    """A fresh database shared by the tests of one module."""
+    async for dsn in _fresh_database(postgres_admin_dsn):
+        yield dsn
+
+
+# --------------------------------------------------------------------------
+# Operator mode: the bus key hierarchy and a NATS server that trusts it
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bus_keys(tmp_path_factory: pytest.TempPathFactory):
+    from hub._keys import BusKeys
+
+    return BusKeys.load_or_create(tmp_path_factory.mktemp("bus-keys"))
+
+
+@pytest.fixture(scope="session")
+async def operator_nats_server(tmp_path_factory: pytest.TempPathFactory,
+                               bus_keys) -> AsyncIterator[NatsServer]:
+    """A JetStream nats-server in operator (JWT) mode: every connection authenticated."""
+    store = tmp_path_factory.mktemp("nats-operator")
+    server = NatsServer(store_dir=store, port=0,
+                        extra_config=bus_keys.server_config(store / "resolver"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator_nats_url(operator_nats_server: NatsServer) -> str:
+    return operator_nats_server.url
 
 
 # --------------------------------------------------------------------------

@@ -73,14 +73,31 @@ class Up:
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
-async def _publish_audit(nats_port: int, tenant: str) -> None:
-    nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+async def _publish_audit(data_dir: Path, nats_port: int, tenant: str) -> None:
+    """Publish as a credentialed desktop: `cowork up` runs NATS in operator mode."""
+    from hub import _jwt
+    from hub._keys import BusKeys
+    from hub._permissions import Principal, permissions_for
+    from hubkit import connect_with
+    from schemas import PrincipalKind
+
+    url = f"nats://127.0.0.1:{nats_port}"
+    with pytest.raises(Exception, match="Authorization"):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
+                           connect_timeout=2)
+    keys = BusKeys.load_or_create(data_dir / "keys")
+    seed = _jwt.new_seed("user")
+    perms = permissions_for(Principal(PrincipalKind.DESKTOP, tenant, "d1"))
+    user_jwt, _ = keys.mint_user(_jwt.public_key(seed), name="test-desktop",
+                                 pub_allow=perms.pub_allow, sub_allow=perms.sub_allow,
+                                 ttl_seconds=300)
+    edge = await connect_with(url, user_jwt, seed, subjects.inbox_prefix(tenant, "desktop", "d1"))
     env = Envelope.wrap(AuditRecord(action="pairing.created", actor_kind="desktop", actor_id="d1"),
                         source=Source(principal_kind="desktop", principal_id="d1"), tenant=tenant)
-    await nc.jetstream().publish(
+    await edge.nc.jetstream().publish(
         subjects.AUDIT.build(tenant=tenant, principal_kind="desktop", principal_id="d1"),
         env.encode())
-    await nc.close()
+    await edge.close()
 
 
 def _audit_rows(up: Up, token: str) -> list:
@@ -107,7 +124,7 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert up.wait_ready() < 30
         token = (data / "admin-token").read_text().strip()
         assert oct((data / "admin-token").stat().st_mode & 0o777) == "0o600"
-        await _publish_audit(up.nats_port, "acme")
+        await _publish_audit(data, up.nats_port, "acme")
         for _ in range(50):
             if _audit_rows(up, token):
                 break

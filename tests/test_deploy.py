@@ -345,7 +345,9 @@ async def test_cluster_replicated_stream(deploy_cluster):
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                ack = await js2.publish(subject, b"hello from node 2")
+                # A message id makes a retried publish a no-op if the first one landed.
+                ack = await js2.publish(subject, b"hello from node 2",
+                                        headers={"Nats-Msg-Id": "deploy-1"})
                 break
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                     nats.js.errors.APIError):
@@ -353,8 +355,15 @@ async def test_cluster_replicated_stream(deploy_cluster):
                 await asyncio.sleep(0.1)
         assert ack.stream == stream and ack.seq == 1
         assert ack.domain == "hub"
-        psub = await js3.pull_subscribe(subject, durable="reader", stream=stream)
-        msgs = await psub.fetch(1, timeout=5)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # the consumer's own leader election can also lag under load
+            try:
+                psub = await js3.pull_subscribe(subject, durable="reader", stream=stream)
+                msgs = await psub.fetch(1, timeout=5)
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.APIError):
+                assert time.monotonic() < deadline, "reading through node 3 never succeeded"
+                await asyncio.sleep(0.2)
         assert [m.data for m in msgs] == [b"hello from node 2"]
         await msgs[0].ack()
 
