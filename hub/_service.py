@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import nats
+import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
@@ -60,7 +61,7 @@ class Hub:
         log.info("hub.db_ready", **kv(migrations_applied=applied, head=_db.head_version()))
         self.nc = await self._connect_nats(startup_timeout)
         self.js = self.nc.jetstream(timeout=5.0)
-        await _streams.declare(self.js, self.stream_replicas)
+        await self._declare_streams(startup_timeout)
         self.audit = AuditLog(self.pool)
         self.dead_letters = DeadLetters(self.js, self.metrics, s.hub_id)
         ingest = AuditIngest(self.js, self.audit, self.pool, self.dead_letters, self.metrics)
@@ -109,6 +110,19 @@ class Hub:
                 if time.monotonic() > deadline:
                     raise StartupError(f"cannot reach PostgreSQL: {_one_line(exc)}") from None
                 log.info("hub.waiting_for_db", **kv(error=_one_line(exc)))
+                await asyncio.sleep(0.5)
+
+    async def _declare_streams(self, timeout: float) -> None:
+        """Declare streams, waiting out a cluster that is still electing JetStream leaders."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await _streams.declare(self.js, self.stream_replicas)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise StartupError(f"JetStream is not ready: {_one_line(exc)}") from None
+                log.info("hub.waiting_for_jetstream", **kv(error=_one_line(exc)))
                 await asyncio.sleep(0.5)
 
     async def _start_credentials(self) -> None:

@@ -200,11 +200,23 @@ def test_hub_serve_without_database_is_a_clear_error():
 
 
 async def test_hub_serve_runs_against_external_servers(nats_url, database_url):
+    _serve_until_ready(nats_url, database_url, {})
+
+
+async def test_hub_serve_in_operator_mode_takes_keys_from_env(operator_nats_url, database_url,
+                                                              bus_keys):
+    _serve_until_ready(operator_nats_url, database_url,
+                       {"COWORK_KEYS_DIR": str(bus_keys.directory)})
+
+
+def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> None:
+    """The production shape: `cowork hub serve` against external servers, then SIGTERM."""
     port = free_port()
     proc = subprocess.Popen(COWORK + ["hub", "serve", "--http-port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(COWORK_NATS_URL=nats_url, COWORK_DATABASE_URL=database_url,
-                                     COWORK_ADMIN_TOKEN="t" * 32, COWORK_LOG_LEVEL="INFO"))
+                                     COWORK_ADMIN_TOKEN="t" * 32, COWORK_LOG_LEVEL="INFO",
+                                     **extra))
     try:
         for _ in range(100):
             try:
