@@ -174,14 +174,10 @@ def bus_keys(tmp_path_factory: pytest.TempPathFactory):
 async def operator_nats_server(tmp_path_factory: pytest.TempPathFactory,
                                bus_keys) -> AsyncIterator[NatsServer]:
     """A JetStream nats-server in operator (JWT) mode: every connection authenticated."""
-    store = tmp_path_factory.mktemp("nats-operator")
-    server = NatsServer(store_dir=store, port=0,
-                        extra_config=bus_keys.server_config(store / "resolver"))
-    await server.start()
-    try:
+    from hubkit import operator_nats
+
+    async with operator_nats(tmp_path_factory.mktemp("nats-operator"), bus_keys) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,20 @@ from hub import Hub, HubSettings
 
 
 @contextlib.asynccontextmanager
+async def operator_nats(store, keys, port: int = 0):
+    """A JetStream nats-server in operator (JWT) mode trusting `keys`; stopped on exit."""
+    from hub._embedded import NatsServer
+
+    server = NatsServer(store_dir=store, port=port,
+                        extra_config=keys.server_config(store / "resolver"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_hub(nats_url: str, database_url: str, *, keys=None,
                       **overrides) -> AsyncIterator[Hub]:
     token = overrides.pop("admin_token", None) or secrets.token_urlsafe(24)

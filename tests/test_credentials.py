@@ -12,11 +12,11 @@ import pytest
 
 from edges import CredentialRefreshError, EdgeCredentials, refresh_forever, refresh_once
 from hub import _jwt
-from hub._embedded import NatsServer, free_port
+from hub._embedded import free_port
 from hub._permissions import Principal
 from schemas import PrincipalKind, subjects
 
-from hubkit import client, connect_principal, connect_with, running_hub
+from hubkit import client, connect_principal, connect_with, operator_nats, running_hub
 
 TENANT = "acme"
 
@@ -24,14 +24,8 @@ TENANT = "acme"
 @pytest.fixture
 async def own_nats(tmp_path, bus_keys):
     """A private operator-mode server this test may stop, restart or wipe."""
-    store = tmp_path / "nats"
-    server = NatsServer(store_dir=store, port=free_port(),
-                        extra_config=bus_keys.server_config(store / "resolver"))
-    await server.start()
-    try:
+    async with operator_nats(tmp_path / "nats", bus_keys, port=free_port()) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def desktop(pid="desk-1"):
