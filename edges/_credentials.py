@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,16 +28,12 @@ from schemas import (
     Envelope,
     Source,
     decode,
+    parse_creds,
+    render_creds,
     subjects,
 )
 
 log = logging.getLogger("cowork.edge.credentials")
-
-_CREDS = re.compile(
-    r"-----BEGIN NATS USER JWT-----\s*(?P<jwt>\S+)\s*------END NATS USER JWT------.*?"
-    r"-----BEGIN USER NKEY SEED-----\s*(?P<seed>\S+)\s*------END USER NKEY SEED------",
-    re.S)
-
 
 class CredentialRefreshError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
@@ -60,10 +55,11 @@ class EdgeCredentials:
     # --- persistence: a standard .creds file any NATS client can use ------------
     @classmethod
     def from_creds_file(cls, path: Path) -> "EdgeCredentials":
-        match = _CREDS.search(Path(path).read_text())
-        if not match:
-            raise ValueError(f"{path} is not a NATS .creds file")
-        return cls(match["jwt"], match["seed"].encode())
+        try:
+            user_jwt, seed = parse_creds(Path(path).read_text())
+        except ValueError:
+            raise ValueError(f"{path} is not a NATS .creds file") from None
+        return cls(user_jwt, seed)
 
     def write_creds_file(self, path: Path) -> None:
         """Write atomically with mode 0600 (the seed is the edge's private key)."""
@@ -71,7 +67,7 @@ class EdgeCredentials:
         tmp = path.with_suffix(path.suffix + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(creds_text(self._jwt, self._seed))
+            handle.write(render_creds(self._jwt, self._seed))
         os.replace(tmp, path)
 
     # --- use -----------------------------------------------------------------------
@@ -99,17 +95,6 @@ class EdgeCredentials:
                 kp.wipe()
 
         return {"user_jwt_cb": lambda: self._jwt.encode(), "signature_cb": sign}
-
-
-def creds_text(user_jwt: str, seed: bytes) -> str:
-    return (
-        "-----BEGIN NATS USER JWT-----\n" + user_jwt + "\n------END NATS USER JWT------\n\n"
-        "************************* IMPORTANT *************************\n"
-        "NKEY Seed printed below can be used to sign and prove identity.\n"
-        "NKEYs are sensitive and should be treated as secrets.\n\n"
-        "-----BEGIN USER NKEY SEED-----\n" + seed.decode() + "\n------END USER NKEY SEED------\n\n"
-        "*************************************************************\n"
-    )
 
 
 def _public(seed: bytes) -> str:

@@ -12,8 +12,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field, ValidationError
 
-from schemas import PrincipalKind, TokenId, WireModel, check_token
-from schemas._messages import NkeyPublic
+from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
 
 from ._credentials import CredentialError
 from ._http import HUB_KEY, json_error, tenant_param

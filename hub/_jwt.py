@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import nkeys
+
+from schemas import render_creds
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -326,27 +328,9 @@ def user_jwt(user_public: str, *, name: str, account_public: str,
 # Credentials file
 # --------------------------------------------------------------------------
 
-_CREDS_TEMPLATE = """\
------BEGIN NATS USER JWT-----
-{jwt}
-------END NATS USER JWT------
-
-************************* IMPORTANT *************************
-NKEY Seed printed below can be used to sign and prove identity.
-NKEYs are sensitive and should be treated as secrets.
-
------BEGIN USER NKEY SEED-----
-{seed}
-------END USER NKEY SEED------
-
-*************************************************************
-"""
-
-
 def creds_file(jwt: str, seed: bytes) -> str:
     """The text of a standard `.creds` file (what nats-py `user_credentials=` reads)."""
-    # nats-py takes the line right after each BEGIN marker, so no wrapping.
-    return _CREDS_TEMPLATE.format(jwt=jwt.strip(), seed=bytes(seed).decode().strip())
+    return render_creds(jwt, seed)
 
 
 def nats_auth_options(user_jwt: str, seed: bytes) -> dict[str, Any]:

@@ -123,14 +123,15 @@ HUB_PERMISSIONS = Permissions(
 HUB_INBOX_PREFIX = "_INBOX.hub"
 
 
-def _consumer_grants(p: Principal) -> tuple[list[str], list[str]]:
+def _consumer_grants(p: Principal) -> list[str]:
+    """Publish rights to pull from, inspect and ack its own durable consumer only."""
     stream = subjects.EDGE_CONSUMERS.get(str(p.kind))
     if stream is None:
-        return [], []
+        return []
     durable = subjects.edge_consumer(str(p.kind), p.id)
     return [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
             f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-            f"$JS.ACK.{stream}.{durable}.>"], []
+            f"$JS.ACK.{stream}.{durable}.>"]
 
 
 def permissions_for(p: Principal) -> Permissions:
@@ -140,8 +141,7 @@ def permissions_for(p: Principal) -> Permissions:
     subscribe: list[str] = []
     for grant in TABLE[p.kind]:
         (publish if grant.action == "pub" else subscribe).extend(grant.subjects_for(p))
-    consumer_pub, _ = _consumer_grants(p)
-    publish.extend(consumer_pub)
+    publish.extend(_consumer_grants(p))
     if publish:  # anyone who sends requests or JetStream publishes needs its own inbox
         subscribe.append(subjects.inbox_prefix(p.tenant, str(p.kind), p.id) + ".>")
     return Permissions(pub_allow=_unique(publish), sub_allow=_unique(subscribe))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,8 @@ import nats
 import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
+
+from schemas import subjects
 
 from . import _db, _jwt, _streams
 from ._audit import AuditLog
@@ -134,14 +137,10 @@ class Hub:
                                                 name=f"hub-system-{self.settings.hub_id}")
         self.system_nc = await self._connect_nats(
             10.0, name_suffix="-system", auth=(system_jwt, seed), inbox_prefix="_INBOX")
-        from datetime import timedelta
-
         self.credentials = CredentialService(
             self.keys, self.pool, self.audit, self.system_nc, self.settings.hub_id,
             edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours))
         await self.credentials.push_account()
-        from schemas import subjects
-
         await self.nc.subscribe(subjects.CREDENTIAL_REFRESH.filter(), queue="hub-auth",
                                 cb=self.credentials.handle_refresh)
 

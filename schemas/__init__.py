@@ -20,3 +20,7 @@ __all__ = [
 from ._secrets import SECRET_REDACTED, is_secret_key, scrub_secrets, scrub_text
 
 __all__ += ["SECRET_REDACTED", "is_secret_key", "scrub_secrets", "scrub_text"]
+from ._creds import parse_creds, render_creds
+from ._messages import NkeyPublic
+
+__all__ += ["parse_creds", "render_creds", "NkeyPublic"]

@@ -213,3 +213,19 @@ async def test_no_seed_signing_key_or_jwt_reaches_logs_or_audit(operator_nats_ur
     for secret in secrets_:
         assert secret not in haystack
     assert "credential.revoked" in repr(rows) and "credential.issued" in repr(rows)
+
+
+async def test_edge_creds_file_is_private_and_usable_by_any_nats_client(
+        operator_nats_url, database_url, bus_keys, tmp_path):
+    async with running_hub(operator_nats_url, database_url, keys=bus_keys) as hub:
+        seed = _jwt.new_seed("user")
+        issued = await hub.credentials.issue(desktop("desk-file"), _jwt.public_key(seed))
+        path = tmp_path / "desktop.creds"
+        EdgeCredentials(issued.user_jwt, seed).write_creds_file(path)
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        loaded = EdgeCredentials.from_creds_file(path)
+        assert (loaded.user_jwt, loaded.public_key) == (issued.user_jwt, _jwt.public_key(seed))
+        nc = await nats.connect(operator_nats_url, user_credentials=str(path),
+                                inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", "desk-file"))
+        assert nc.is_connected
+        await nc.close()

@@ -90,3 +90,11 @@ def test_every_catalog_type_is_wrappable():
                                                    sequence=1, interval_seconds=5), source=SOURCE,
                         tenant="acme", time=when)
     assert decode(env.encode(), schemas.PresenceHeartbeat).time == when
+
+
+def test_creds_file_format_round_trips():
+    text = schemas.render_creds("eyJhbGciOi.eyJzdWIi.c2ln", b"SUAEXAMPLESEED")
+    assert text.startswith("-----BEGIN NATS USER JWT-----\neyJhbGciOi.eyJzdWIi.c2ln\n")
+    assert schemas.parse_creds(text) == ("eyJhbGciOi.eyJzdWIi.c2ln", b"SUAEXAMPLESEED")
+    with pytest.raises(ValueError):
+        schemas.parse_creds("not creds")

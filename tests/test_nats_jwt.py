@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
-import nkeys
 import pytest
 from cryptography.fernet import Fernet
 
