@@ -201,6 +201,15 @@ class CredentialService:
                 raise RuntimeError(f"NATS refused the account update: {outcome['error']}")
             log.info("credentials.account_pushed", **kv(revocations=len(revocations)))
 
+    async def push_bootstrap_account(self) -> None:
+        """Make sure every server knows the public BOOTSTRAP account (servers started
+        from an older config lack it). A server that already has it says so: fine."""
+        reply = await self._sys.request("$SYS.REQ.CLAIMS.UPDATE",
+                                        self._keys.bootstrap_account_jwt().encode(), timeout=5)
+        outcome = json.loads(reply.data or b"{}")
+        if "error" in outcome:
+            log.info("credentials.bootstrap_account_kept", **kv(detail=str(outcome["error"])))
+
     def _audit_record(self, action: str, principal: Principal, actor: str,
                       reason: str | None = None, metadata: dict | None = None) -> AuditRecord:
         return AuditRecord(action=action, actor_kind="hub" if actor == "hub" else "admin",

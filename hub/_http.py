@@ -156,7 +156,8 @@ def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
-    from ._http_credentials import add_routes
+    from . import _http_credentials, _http_events, _http_pairing
 
-    add_routes(app)
+    for module in (_http_credentials, _http_pairing, _http_events):
+        module.add_routes(app)
     return app

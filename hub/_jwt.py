@@ -256,14 +256,15 @@ def account_jwt(account_public: str, *, name: str, operator_signing_seed: bytes,
                 signing_keys: list[str], jetstream: bool,
                 revocations: dict[str, int] | None = None,
                 exports: list[dict] | None = None, imports: list[dict] | None = None,
-                iat: int | None = None) -> str:
+                limits: dict[str, Any] | None = None, iat: int | None = None) -> str:
     """An account JWT signed by an operator signing key.
 
     `signing_keys` are the account keys allowed to sign its users.
     `revocations` maps a user public key to a unix time: that user's JWTs with
     `iat` <= the time are refused and its live connections dropped.
     """
-    nats: dict[str, Any] = {"type": "account", "limits": _account_limits(jetstream),
+    nats: dict[str, Any] = {"type": "account",
+                            "limits": {**_account_limits(jetstream), **(limits or {})},
                             "signing_keys": list(signing_keys),
                             "default_permissions": {"pub": {}, "sub": {}}}
     if revocations:

@@ -21,6 +21,8 @@ JWT pushed later with revocations (always issued after that time, see
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from schemas._bootstrap import BOOTSTRAP_ACCOUNT_PUBLIC, BOOTSTRAP_SUBJECTS
+
 from . import _jwt
 from ._embedded import _conf_string
 
@@ -38,6 +42,10 @@ __all__ = ["BusKeys", "KeyStoreError", "SYSTEM_USER_PUB_ALLOW"]
 OPERATOR_NAME = "cowork"
 SYSTEM_ACCOUNT_NAME = "SYS"
 APP_ACCOUNT_NAME = "COWORK"
+BOOTSTRAP_ACCOUNT_NAME = "BOOTSTRAP"
+# Bootstrap clients connect, send one request and leave: small, bounded footprint.
+BOOTSTRAP_LIMITS = {"conn": 1024, "subs": 4096, "payload": 16_384, "leaf": 0,
+                    "exports": 0, "imports": len(BOOTSTRAP_SUBJECTS)}
 
 # What the hub's system user may publish: account pushes and lookups, nothing
 # else in $SYS (it must not, e.g., be able to shut down or profile servers).
@@ -220,11 +228,25 @@ class BusKeys:
         return self._app_jwt(revocations or {}, iat)
 
     def _app_jwt(self, revocations: dict[str, int], iat: int) -> str:
+        exports = [{"name": subject, "subject": subject, "type": "service",
+                    "response_type": "Singleton"} for subject in BOOTSTRAP_SUBJECTS]
         return _jwt.account_jwt(
             self._app.public, name=APP_ACCOUNT_NAME,
             operator_signing_seed=self._operator_signing.seed,
             signing_keys=self.app_signing_keys, jetstream=True,
-            revocations=revocations, iat=iat)
+            revocations=revocations, exports=exports, iat=iat)
+
+    def bootstrap_account_jwt(self) -> str:
+        """The public BOOTSTRAP account (see schemas._bootstrap): no JetStream, tight
+        limits, and only the two bootstrap services of COWORK, imported with the
+        client's info shared so the hub can rate-limit per source address."""
+        imports = [{"name": subject, "subject": subject, "account": self._app.public,
+                    "type": "service", "share": True} for subject in BOOTSTRAP_SUBJECTS]
+        return _jwt.account_jwt(
+            BOOTSTRAP_ACCOUNT_PUBLIC, name=BOOTSTRAP_ACCOUNT_NAME,
+            operator_signing_seed=self._operator_signing.seed,
+            signing_keys=[BOOTSTRAP_ACCOUNT_PUBLIC], jetstream=False, imports=imports,
+            limits=BOOTSTRAP_LIMITS, iat=self._issued_at["app"])
 
     def server_config(self, resolver_dir: Path) -> str:
         """The nats-server config block for operator mode (append to its config).
@@ -249,9 +271,16 @@ class BusKeys:
             "resolver_preload: {",
             f"  {self._system.public}: {q(self.system_account_jwt())}",
             f"  {self._app.public}: {q(self._app_jwt({}, self._issued_at['app']))}",
+            f"  {BOOTSTRAP_ACCOUNT_PUBLIC}: {q(self.bootstrap_account_jwt())}",
             "}",
             "",
         ])
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A stable 32-byte secret for one purpose (e.g. hashing pairing codes),
+        derived from the COWORK account seed, so it needs no storage of its own."""
+        return hmac.new(self._app.seed, b"cowork-derive:" + purpose.encode(),
+                        hashlib.sha256).digest()
 
     # --- users ---------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ C = CredentialScope
 # stored work, its own durable consumer (added in permissions_for).
 TABLE: dict[PrincipalKind, tuple[Grant, ...]] = {
     PrincipalKind.DESKTOP: (
+        sub(S.DEVICE_COMMAND, device_id=OWN),
         pub(S.DEVICE_EVENT, device_id=OWN),
         pub(S.DEVICE_COMMAND_ACK, device_id=OWN),
         pub(S.PAIRING_REVOKE, pairing_id=OWN),

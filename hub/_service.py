@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -22,13 +23,18 @@ from schemas import subjects
 from . import _db, _jwt, _streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
+from ._commands import CommandService
 from ._credentials import CredentialService
 from ._deadletter import DeadLetters
 from ._http import build_app
 from ._keys import BusKeys
 from ._logging import kv
 from ._metrics import HubMetrics
+from ._pairing import PairingService
+from ._pairing_bootstrap import PairingRedemption
 from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
+from ._presence import DesktopPresence
+from ._projection import EventProjector
 from ._settings import HubSettings
 
 log = logging.getLogger("cowork.hub")
@@ -72,6 +78,7 @@ class Hub:
         self._workers.append(ingest)
         if self.keys is not None:
             await self._start_credentials()
+        await self._start_pairing()
         await self._start_http()
         log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
 
@@ -141,8 +148,54 @@ class Hub:
             self.keys, self.pool, self.audit, self.system_nc, self.settings.hub_id,
             edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours))
         await self.credentials.push_account()
+        await self.credentials.push_bootstrap_account()
         await self.nc.subscribe(subjects.CREDENTIAL_REFRESH.filter(), queue="hub-auth",
                                 cb=self.credentials.handle_refresh)
+
+    async def _start_pairing(self) -> None:
+        """Pairings, their commands, Desktop presence and the event projection."""
+        assert self.pool is not None and self.nc is not None
+        s = self.settings
+        code_key = self.keys.derive_key("pairing-code") if self.keys else os.urandom(32)
+        self.pairings = PairingService(self.pool, self.audit, self.nc, code_key=code_key,
+                                       hub_id=s.hub_id)
+        self.commands = CommandService(self.pool, self.audit, self.nc, self.metrics,
+                                       hub_id=s.hub_id,
+                                       lease=timedelta(seconds=s.command_lease_seconds))
+        self.projector = EventProjector(self.js, self.nc, self.pool, self.dead_letters,
+                                        self.metrics, hub_id=s.hub_id)
+        self.presence = DesktopPresence(self.pool, self.audit, self.metrics,
+                                        on_online=self._desktop_online)
+        self.pairings.on_revoked.append(self._pairing_revoked)
+        self.commands.on_final.append(self._command_final)
+        for worker in (self.projector, self.presence, self.commands):
+            worker.start()
+            self._workers.append(worker)
+        nc = self.nc
+        await nc.subscribe(subjects.PRESENCE.filter(principal_kind="desktop"),
+                           queue="hub-presence", cb=self.presence.handle)
+        await nc.subscribe(subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands",
+                           cb=self.commands.handle_ack)
+        if self.credentials is not None:
+            redemption = PairingRedemption(self.pool, self.audit, self.pairings,
+                                           self.credentials, self.metrics, code_key=code_key,
+                                           hub_id=s.hub_id)
+            await nc.subscribe(subjects.PAIRING_REDEEM.filter(), queue="hub-pairing",
+                               cb=redemption.handle)
+
+    async def _desktop_online(self, tenant: str, row: dict) -> None:
+        await self.pairings.push_state(row)
+        await self.commands.dispatch(tenant, row["pairing_id"])
+
+    async def _pairing_revoked(self, tenant: str, pairing_id: str) -> None:
+        self.projector.forget_pairing(tenant, pairing_id)
+
+    async def _command_final(self, tenant: str, command: dict) -> None:
+        """A Desktop that ran `revoke_pairing` has revoked itself: finish it here."""
+        if command["kind"] == "revoke_pairing" and command["result_status"] == "completed":
+            await self.pairings.revoke(tenant, command["pairing_id"],
+                                       reason="revoked by a revoke_pairing command",
+                                       actor="hub", credentials=self.credentials)
 
     def _hub_auth(self) -> tuple[str, bytes] | None:
         if self.keys is None:

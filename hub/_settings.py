@@ -21,6 +21,8 @@ class HubSettings(BaseSettings):
     secret_key: SecretStr | None = Field(
         None, description="Fernet key encrypting the signing keys at rest (else a key file)")
     edge_credential_ttl_hours: float = Field(24.0, gt=0, le=720)
+    command_lease_seconds: float = Field(
+        30.0, gt=0, le=3600, description="How long a Desktop holds a command before it is re-sent")
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"

@@ -40,11 +40,10 @@ class StreamPolicy:
     max_msg_size: int = 1024 * 1024
 
 
-# Why each: commands and outbound deliveries are work queues (a message leaves
+# Why each: outbound deliveries are a work queue (a message leaves
 # the stream once its one consumer acks it); events, inbound, receipts, audit
 # and dead letters are kept for replay and inspection.
 POLICIES: dict[str, StreamPolicy] = {
-    "CW_COMMANDS": StreamPolicy(RetentionPolicy.WORK_QUEUE, 7 * DAY),
     "CW_DEVICE_EVENTS": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY),
     "CW_CHANNEL_INBOUND": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY, 600.0),
     "CW_CHANNEL_OUTBOUND": StreamPolicy(RetentionPolicy.WORK_QUEUE, 2 * DAY),
@@ -66,6 +65,9 @@ class ConsumerSpec:
 
 HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec("CW_AUDIT", "hub-audit", subjects.AUDIT.filter()),
+    # Never gives up on an event (-1): a database outage only delays the projection.
+    ConsumerSpec("CW_DEVICE_EVENTS", "hub-projector", subjects.DEVICE_EVENT.filter(),
+                 max_deliver=-1, max_ack_pending=20_000),
 )
 
 

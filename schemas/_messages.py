@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from ._base import Message, WireModel
 from ._tokens import TenantId, TokenId
@@ -17,6 +17,7 @@ from ._vocabulary import (
     DeliveryStatus,
     DeliveryType,
     DeviceEventType,
+    PolicyDecision,
     PrincipalKind,
     SyncScope,
     WorkerState,
@@ -27,6 +28,7 @@ Text = Annotated[str, Field(max_length=16_384)]
 Label = Annotated[str, Field(max_length=512)]
 NkeyPublic = Annotated[str, Field(pattern=r"^U[A-Z2-7]{55}$")]  # an nkey *user* public key
 Json = dict[str, Any]
+ReplyKeyText = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$")]  # X25519, base64url
 
 
 # --- generic replies -----------------------------------------------------------
@@ -42,20 +44,63 @@ class AckReply(Message):
 
 # --- pairing and credentials ------------------------------------------------------
 class PairingRedeemRequest(Message):
+    """Sent with the public bootstrap identity; the reply is sealed to `reply_key`."""
+
     message_type = "pairing.redeem.request"
     code: str = Field(min_length=4, max_length=32)
     public_key: NkeyPublic
+    reply_key: ReplyKeyText
     device_name: Label
     client_version: str = Field(max_length=64)
+
+
+class SealedReply(Message):
+    """A bootstrap reply encrypted to the requester's `reply_key` (see schemas._bootstrap);
+    inside is the JSON of an envelope (e.g. a `pairing.redeem.reply`)."""
+
+    message_type = "bootstrap.sealed_reply"
+    sealed: str = Field(max_length=65_536)
+
+
+class PairingPolicy(WireModel):
+    """The Desktop's remote-control policy (product contract defaults)."""
+
+    allow_remote_prompts: bool = True
+    allow_remote_abort: bool = True
+    remote_approvals: PolicyDecision = PolicyDecision.LOCAL_CONFIRMATION
+    remote_questions: PolicyDecision = PolicyDecision.LOCAL_CONFIRMATION
+    expose_artifact_bodies: bool = False
+    expose_local_paths: bool = False
+    expose_local_mcp_details: bool = False
+    allow_remote_attachments: bool = False
+
+
+AllowList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                      Field(max_length=128)]
+
+
+class PairingState(Message):
+    """What a Desktop needs to enforce its pairing: sent at redemption, whenever the
+    pairing changes, and when the Desktop comes online. `revision` only grows."""
+
+    message_type = "pairing.state"
+    pairing_id: TokenId
+    revision: int = Field(ge=1)
+    enabled: bool
+    revoked: bool = False
+    allowed_workspace_ids: AllowList
+    allowed_session_ids: AllowList | None = None
+    policy: PairingPolicy = Field(default_factory=PairingPolicy)
 
 
 class PairingRedeemReply(Message):
     message_type = "pairing.redeem.reply"
     pairing_id: TokenId
     tenant: TenantId
-    allowed_workspace_ids: list[TokenId]
+    label: Label
     user_jwt: str = Field(max_length=8192)
     expires_at: datetime
+    state: PairingState
 
 
 class PairingRevokeNotice(Message):
@@ -96,6 +141,66 @@ class DeviceCommand(Message):
     sequence: int = Field(ge=1)
     created_at: datetime
     lease: Lease
+
+
+# Command payloads, one model per kind (kinds absent here take no payload).
+class Attachment(WireModel):
+    mime: str = Field(min_length=1, max_length=128)
+    url: str = Field(min_length=1, max_length=8192)
+    filename: str | None = Field(default=None, max_length=512)
+
+
+class CreateSessionPayload(WireModel):
+    title: Label | None = None
+    agent: str | None = Field(default=None, max_length=128)
+
+
+class PromptPayload(WireModel):
+    text: Text = Field(min_length=1)
+    agent: str | None = Field(default=None, max_length=128)
+    variant: str | None = Field(default=None, max_length=128)
+    attachments: list[Attachment] = Field(default_factory=list, max_length=16)
+
+
+class PermissionRespondPayload(WireModel):
+    permission_id: str = Field(min_length=1, max_length=256)
+    # Only a literal JSON true allows (product contract): no "yes", no 1.
+    allowed: StrictBool
+
+
+class QuestionReplyPayload(WireModel):
+    request_id: str = Field(min_length=1, max_length=256)
+    answers: list[list[Annotated[str, Field(max_length=4096)]]] = Field(min_length=1,
+                                                                        max_length=64)
+
+
+class QuestionRejectPayload(WireModel):
+    request_id: str = Field(min_length=1, max_length=256)
+
+
+COMMAND_PAYLOADS: dict[str, type[WireModel]] = {
+    "create_session": CreateSessionPayload,
+    "prompt": PromptPayload,
+    "permission.respond": PermissionRespondPayload,
+    "question.reply": QuestionReplyPayload,
+    "question.reject": QuestionRejectPayload,
+}
+NEEDS_SESSION = frozenset({"prompt", "abort", "permission.respond", "question.reply",
+                           "question.reject"})
+
+
+def command_payload(kind: str, session_id: str | None, payload: Json | None) -> WireModel | None:
+    """The typed payload of a command, or ValueError saying what is wrong."""
+    if kind not in {k.value for k in CommandKind}:
+        raise ValueError(f"unknown command kind {kind!r}")
+    if kind in NEEDS_SESSION and not session_id:
+        raise ValueError(f"{kind} needs a sessionId")
+    model = COMMAND_PAYLOADS.get(kind)
+    if model is None:
+        if payload:
+            raise ValueError(f"{kind} takes no payload")
+        return None
+    return model.model_validate(payload or {})
 
 
 class CommandResult(WireModel):
@@ -160,6 +265,7 @@ class GatewayRegisterRequest(Message):
     message_type = "gateway.register.request"
     credential: str = Field(min_length=16, max_length=256)
     public_key: NkeyPublic
+    reply_key: ReplyKeyText
     versions: VersionSet
 
 
@@ -243,8 +349,10 @@ class WorkspaceEvent(Message):
     message_type = "workspace.event"
     workspace_id: TokenId
     sequence: int = Field(ge=1)
+    event_id: TokenId | None = None
     type: str = Field(max_length=128)
     session_id: TokenId | None = None
+    command_id: TokenId | None = None
     occurred_at: datetime
     payload: Json | None = None
 
@@ -354,4 +462,4 @@ class DeadLetter(Message):
 __all__ = sorted(
     name for name, value in list(globals().items())
     if isinstance(value, type) and issubclass(value, WireModel) and value.__module__ == __name__
-)
+) + ["AllowList", "COMMAND_PAYLOADS", "NEEDS_SESSION", "command_payload"]

@@ -131,7 +131,7 @@ PAIRING_REDEEM = _f(
     "pairing.redeem", "cw.bootstrap.pairing.redeem", "pairing.redeem.request",
     "desktop (bootstrap)", "hub", R,
     "A Desktop redeems a one-time pairing code with the public key of its own nkey.",
-    reply="pairing.redeem.reply")
+    reply="bootstrap.sealed_reply")
 PAIRING_REVOKE = _f(
     "pairing.revoke", "cw.{tenant}.pairing.{pairing_id}.revoke", "pairing.revoke.notice",
     "desktop", "hub", R,
@@ -146,9 +146,10 @@ CREDENTIAL_REFRESH = _f(
 # --- device commands and events --------------------------------------------
 DEVICE_COMMAND = _f(
     "device.command", "cw.{tenant}.device.{device_id}.cmd", "device.command",
-    "hub", "desktop", J,
-    "A command for one paired Desktop, stored until the Desktop takes it, in order.",
-    stream="CW_COMMANDS")
+    "hub", "desktop", C,
+    "A command with its lease, or the pairing's state, pushed to one paired Desktop. "
+    "PostgreSQL keeps each command until it is acknowledged and re-pushes it, in order, "
+    "when the Desktop comes back or a lease expires.")
 DEVICE_COMMAND_ACK = _f(
     "device.command_ack", "cw.{tenant}.device.{device_id}.ack", "device.command_ack",
     "desktop", "hub", R,
@@ -171,7 +172,7 @@ GATEWAY_REGISTER = _f(
     "gateway.register", "cw.bootstrap.gateway.register", "gateway.register.request",
     "gateway (bootstrap)", "hub", R,
     "A Gateway exchanges its registration credential for NATS credentials for its nkey.",
-    reply="gateway.register.reply")
+    reply="bootstrap.sealed_reply")
 GATEWAY_HEARTBEAT = _f(
     "gateway.heartbeat", "cw.{tenant}.gateway.{registration_id}.heartbeat",
     "gateway.heartbeat", "gateway", "hub", R,
@@ -309,7 +310,7 @@ def _tokens_may_meet(x: str, y: str) -> bool:
 # --- per-principal names the server's permissions are written against --------------
 # Edges and the hub both derive these from here, so a permission and the name a
 # client uses can never disagree.
-EDGE_CONSUMERS = {"desktop": "CW_COMMANDS", "channel": "CW_CHANNEL_OUTBOUND"}
+EDGE_CONSUMERS = {"channel": "CW_CHANNEL_OUTBOUND"}
 
 
 def inbox_prefix(tenant: str, principal_kind: str, principal_id: str) -> str:

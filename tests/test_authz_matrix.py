@@ -52,7 +52,7 @@ SUBSCRIBE = {
     "pairing.redeem":         ("-",     "-",      "-",      "-",      "-"),
     "pairing.revoke":         ("-",     "-",      "-",      "-",      "-"),
     "auth.refresh":           ("-",     "-",      "-",      "-",      "-"),
-    "device.command":         ("-",     "-",      "-",      "-",      "-"),
+    "device.command":         ("own",   "-",      "-",      "-",      "-"),
     "device.command_ack":     ("-",     "-",      "-",      "-",      "-"),
     "device.event":           ("-",     "-",      "-",      "-",      "-"),
     "presence":               ("-",     "-",      "-",      "-",      "tenant"),
@@ -186,32 +186,34 @@ async def test_edges_reach_only_their_own_durable_consumer(matrix_hub):
     from nats.js.api import AckPolicy, ConsumerConfig
 
     js = matrix_hub.js
-    # Fresh ids: the matrix tests above left probe messages on desktop-1's subjects.
-    mine = Principal(PrincipalKind.DESKTOP, TENANT, "desktop-8")
-    theirs = Principal(PrincipalKind.DESKTOP, TENANT, "desktop-9")
+    stream = subjects.EDGE_CONSUMERS["channel"]
+    # Fresh ids: the matrix tests above left probe messages on other principals' subjects.
+    mine = Principal(PrincipalKind.CHANNEL, TENANT, "chan-8", workspaces=("ws1",))
+    theirs = Principal(PrincipalKind.CHANNEL, TENANT, "chan-9", workspaces=("ws1",))
     for p in (mine, theirs):
-        await js.add_consumer("CW_COMMANDS", ConsumerConfig(
-            durable_name=subjects.edge_consumer("desktop", p.id), ack_policy=AckPolicy.EXPLICIT,
-            filter_subject=subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=p.id)))
-    await js.publish(subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=mine.id), b"cmd-1")
-    await js.publish(subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=theirs.id), b"cmd-2")
+        await js.add_consumer(stream, ConsumerConfig(
+            durable_name=subjects.edge_consumer("channel", p.id), ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=p.id)))
+    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=mine.id), b"out-1")
+    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=theirs.id),
+                     b"out-2")
     edge = await connect_principal(matrix_hub, mine)
     try:
         edge_js = edge.nc.jetstream(timeout=2)
-        own = await edge_js.pull_subscribe_bind(subjects.edge_consumer("desktop", mine.id),
-                                                stream="CW_COMMANDS")
+        own = await edge_js.pull_subscribe_bind(subjects.edge_consumer("channel", mine.id),
+                                                stream=stream)
         (msg,) = await own.fetch(1, timeout=5)
-        assert msg.data == b"cmd-1"
+        assert msg.data == b"out-1"
         await msg.ack()
-        other = await edge_js.pull_subscribe_bind(subjects.edge_consumer("desktop", theirs.id),
-                                                  stream="CW_COMMANDS")
+        other = await edge_js.pull_subscribe_bind(subjects.edge_consumer("channel", theirs.id),
+                                                  stream=stream)
         with pytest.raises(Exception):
             await other.fetch(1, timeout=1)
         with pytest.raises(Exception):  # no JetStream API beyond its own consumer
             await edge_js.streams_info()
         await edge.nc.flush()
         await asyncio.sleep(0.2)
-        assert edge.publish_denied("$JS.API.CONSUMER.MSG.NEXT.CW_COMMANDS.desktop-desktop-9")
+        assert edge.publish_denied(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.channel-chan-9")
         assert edge.publish_denied("$JS.API.STREAM.LIST")
     finally:
         await edge.close()

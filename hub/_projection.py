@@ -1,0 +1,239 @@
+"""Projects Desktop events (CW_DEVICE_EVENTS) into per-workspace, gapless sequences.
+
+A paired Desktop is one workspace of kind `paired_desktop` whose id is the
+pairing id; each of its events gets the next sequence of that workspace. The
+sequence is assigned under the workspace cursor's row lock, after dropping
+event ids already projected, so redeliveries, duplicate publishes and several
+projecting replicas never leave a gap or a duplicate. Messages are acked only
+after the commit. Then every new event goes out on `cw.<t>.ws.<ws>.evt` (core
+NATS) for live tails; a tail that misses one fills the gap from PostgreSQL.
+
+Events from revoked or disabled pairings, for workspaces or sessions outside the
+pairing's allowlists, or whose envelope disagrees with the subject are
+dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from schemas import ContractError, DeviceEvent, Envelope, Source, WorkspaceEvent, decode, subjects
+
+from ._deadletter import DeadLetters
+from ._logging import kv
+from ._metrics import HubMetrics
+from ._streams import HUB_CONSUMERS
+
+log = logging.getLogger("cowork.hub.projection")
+FAMILY = subjects.DEVICE_EVENT
+SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-projector")
+NOT_PROJECTED = {"heartbeat"}  # presence has its own subject and table
+_PAIRING_CACHE_SECONDS = 1.0
+
+
+class _Rejected(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class EventProjector:
+    def __init__(self, js: JetStreamContext, nc: NATS, pool: asyncpg.Pool,
+                 dead_letters: DeadLetters, metrics: HubMetrics, *, hub_id: str,
+                 batch: int = 256) -> None:
+        self._js, self._nc, self._pool = js, nc, pool
+        self._dead, self._metrics, self._batch = dead_letters, metrics, batch
+        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-projector")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        sub = None
+        while True:
+            try:
+                if sub is None:
+                    sub = await self._js.pull_subscribe_bind(SPEC.durable, stream=SPEC.stream)
+                msgs = await sub.fetch(batch=self._batch, timeout=1.0)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away or consumer missing: retry, never die
+                log.warning("projection.fetch_failed", **kv(error=str(exc)))
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
+            await self._handle(msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
+        for msg in msgs:
+            try:
+                tenant, env = await self._check(msg)
+            except _Rejected as exc:
+                await self._reject(msg, exc)
+                continue
+            if env.data.type in NOT_PROJECTED:
+                await msg.ack()
+                continue
+            groups[(tenant, env.data.pairing_id)].append((msg, env))
+        for (tenant, workspace), items in groups.items():
+            try:
+                events = await self._project(tenant, workspace, [env for _, env in items])
+            except Exception as exc:  # the database is away: redeliver later, lose nothing
+                log.warning("projection.write_failed", **kv(error=str(exc), count=len(items)))
+                for msg, _ in items:
+                    await msg.nak(delay=1.0)
+                continue
+            for msg, _ in items:
+                await msg.ack()
+            self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(items))
+            await self._publish_live(tenant, workspace, events)
+
+    async def _check(self, msg: Msg) -> tuple[str, Envelope]:
+        try:
+            where = FAMILY.parse(msg.subject)
+            env = decode(msg.data, DeviceEvent)
+        except subjects.SubjectError as exc:
+            raise _Rejected("subject.invalid", str(exc)) from None
+        except ContractError as exc:
+            raise _Rejected(exc.code, exc.reason) from None
+        tenant, device = where["tenant"], where["device_id"]
+        if env.tenant != tenant or env.data.pairing_id != device or \
+                (str(env.source.principal_kind), env.source.principal_id) != ("desktop", device):
+            raise _Rejected("contract.principal_mismatch",
+                            "the envelope's tenant, source or pairing id differs from the subject")
+        pairing = await self._pairing(tenant, device)
+        self._check_allowed(pairing, env.data)
+        return tenant, env
+
+    @staticmethod
+    def _check_allowed(pairing: dict | None, event: DeviceEvent) -> None:
+        if pairing is None or pairing["status"] in ("revoked", "pending"):
+            raise _Rejected("pairing.revoked", "events from a revoked or unknown pairing")
+        if not pairing["enabled"] and event.type == "session.event":
+            raise _Rejected("pairing.disabled", "runtime events from a disabled pairing")
+        if event.workspace_id and event.workspace_id not in pairing["allowed_workspace_ids"]:
+            raise _Rejected("pairing.workspace_not_allowed",
+                            f"workspace {event.workspace_id!r} is not allowlisted")
+        allowed = pairing["allowed_session_ids"]
+        if allowed is not None and event.session_id and event.session_id not in allowed:
+            raise _Rejected("pairing.session_not_allowed",
+                            f"session {event.session_id!r} is not allowlisted")
+
+    async def _pairing(self, tenant: str, pairing_id: str) -> dict | None:
+        key = (tenant, pairing_id)
+        cached = self._pairings.get(key)
+        if cached and time.monotonic() - cached[0] < _PAIRING_CACHE_SECONDS:
+            return cached[1]
+        row = await self._pool.fetchrow(
+            "SELECT status, enabled, allowed_workspace_ids, allowed_session_ids FROM pairings "
+            "WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id)
+        value = dict(row) if row else None
+        self._pairings[key] = (time.monotonic(), value)
+        return value
+
+    def forget_pairing(self, tenant: str, pairing_id: str) -> None:
+        self._pairings.pop((tenant, pairing_id), None)
+
+    async def _reject(self, msg: Msg, exc: _Rejected) -> None:
+        tenant = None
+        try:
+            tenant = FAMILY.parse(msg.subject)["tenant"]
+        except subjects.SubjectError:
+            pass
+        await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
+                             payload=msg.data, code=exc.code, reason=str(exc))
+        self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
+        await msg.ack()
+
+    async def _project(self, tenant: str, workspace: str,
+                       envs: list[Envelope]) -> list[WorkspaceEvent]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO workspace_cursors (tenant, workspace_id) VALUES "
+                               "($1, $2) ON CONFLICT DO NOTHING", tenant, workspace)
+            last = await conn.fetchval("SELECT last_sequence FROM workspace_cursors WHERE "
+                                       "tenant = $1 AND workspace_id = $2 FOR UPDATE",
+                                       tenant, workspace)
+            fresh = await self._unseen(conn, tenant, envs)
+            if not fresh:
+                return []
+            rows, events = [], []
+            for offset, env in enumerate(fresh, start=1):
+                event = env.data
+                seq = last + offset
+                rows.append((tenant, workspace, seq, event.id, "desktop", event.pairing_id,
+                             str(event.type), event.session_id, event.command_id,
+                             event.occurred_at, _payload_json(event)))
+                events.append(WorkspaceEvent(workspace_id=workspace, sequence=seq,
+                                             event_id=event.id, type=str(event.type),
+                                             session_id=event.session_id,
+                                             command_id=event.command_id,
+                                             occurred_at=event.occurred_at,
+                                             payload=_payload(event)))
+            await conn.copy_records_to_table(
+                "workspace_events", records=rows,
+                columns=["tenant", "workspace_id", "sequence", "event_id", "source_kind",
+                         "source_id", "type", "session_id", "command_id", "occurred_at",
+                         "payload"])
+            await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
+                               "tenant = $1 AND workspace_id = $2", tenant, workspace,
+                               last + len(fresh))
+        return events
+
+    @staticmethod
+    async def _unseen(conn: asyncpg.Connection, tenant: str,
+                      envs: list[Envelope]) -> list[Envelope]:
+        ids = [env.data.id for env in envs]
+        seen = {r["event_id"] for r in await conn.fetch(
+            "SELECT event_id FROM workspace_events WHERE tenant = $1 AND event_id = ANY($2)",
+            tenant, ids)}
+        fresh, batch_ids = [], set()
+        for env in envs:
+            if env.data.id not in seen and env.data.id not in batch_ids:
+                batch_ids.add(env.data.id)
+                fresh.append(env)
+        return fresh
+
+    async def _publish_live(self, tenant: str, workspace: str,
+                            events: list[WorkspaceEvent]) -> None:
+        subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
+        try:
+            for event in events:
+                env = Envelope.wrap(event, source=self._source, tenant=tenant,
+                                    workspace=workspace)
+                await self._nc.publish(subject, env.encode())
+        except Exception as exc:  # tails fill gaps from PostgreSQL
+            log.warning("projection.live_publish_failed", **kv(error=str(exc)))
+
+
+def _payload(event: DeviceEvent) -> dict:
+    """What a viewer gets: the event's payload plus its Desktop-local context."""
+    body = dict(event.payload or {})
+    if event.workspace_id:
+        body.setdefault("localWorkspaceId", event.workspace_id)
+    if event.command_id:
+        body.setdefault("commandId", event.command_id)
+    return body
+
+
+def _payload_json(event: DeviceEvent) -> str:
+    return json.dumps(_payload(event))
