@@ -21,6 +21,10 @@ Start everything on this machine (NATS with JetStream, PostgreSQL, the hub):
 
 Run only the hub against an external NATS cluster and PostgreSQL:
   COWORK_NATS_URL=nats://... COWORK_DATABASE_URL=postgresql://... cowork hub serve
+
+Pair this machine's OpenCode with a hub (outbound only), then serve it:
+  cowork desktop pair CODE --hub nats://HOST:4222
+  cowork desktop run --opencode http://127.0.0.1:4096
 """
 
 ENV_HELP = """\
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="where the keys live (default: %(default)s)")
     server_config.add_argument("--resolver-dir", type=Path, required=True,
                                help="the nats-server's own JWT resolver directory")
+    from edges._desktop_cli import add_desktop_commands
+
+    _add_logging(add_desktop_commands(commands)["run"], "text")
     return parser
 
 
@@ -142,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_schema_export(args)
         if args.command == "keys":
             return _cmd_keys_server_config(args)
+        if args.command == "desktop":
+            return _cmd_desktop(args)
     except KeyboardInterrupt:
         return 130
     return 2
@@ -208,6 +217,16 @@ async def _serve(hub: "object") -> int:
     finally:
         await hub.stop()
     return 0
+
+
+def _cmd_desktop(args: argparse.Namespace) -> int:
+    from edges._desktop_cli import run_desktop
+
+    if args.desktop_command == "run":
+        from ._logging import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
+    return run_desktop(args)
 
 
 def _cmd_keys_server_config(args: argparse.Namespace) -> int:

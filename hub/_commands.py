@@ -44,7 +44,7 @@ from schemas import (
 from ._audit import AuditLog
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._pairing import PairingError
+from ._pairing import PairingError, refusal
 
 log = logging.getLogger("cowork.hub.commands")
 DEFAULT_LEASE = timedelta(seconds=30)
@@ -101,7 +101,7 @@ class CommandService:
                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)""",
                 tenant, command_id, pairing_id, sequence, fields["kind"],
                 fields["workspace_id"], fields.get("session_id"), fields.get("actor_id"),
-                fields.get("actor_label"), _json(fields.get("payload")), digest)
+                fields.get("actor_label"), fields.get("payload"), digest)
         self._metrics.bus_messages.labels("device.command", "queued").inc()
         await self.dispatch(tenant, pairing_id)
         return {"command_id": command_id, "sequence": sequence, "created": True}
@@ -191,29 +191,37 @@ class CommandService:
     async def handle_ack(self, msg: Msg) -> None:
         """`cw.<t>.device.<id>.ack` (request/reply). The server lets a Desktop publish
         only on its own subject, so the subject names the caller."""
+        final = None
         try:
             where = subjects.DEVICE_COMMAND_ACK.parse(msg.subject)
             ack = decode(msg.data, CommandAck).data
-            await self.acknowledge(where["tenant"], where["device_id"], ack)
+            final = await self.record_ack(where["tenant"], where["device_id"], ack)
             reply = AckReply(ok=True)
-        except (ContractError, subjects.SubjectError) as exc:
-            reply = AckReply(ok=False, code=getattr(exc, "code", "subject.invalid"),
-                             reason=str(getattr(exc, "reason", exc)))
-        except AckRefused as exc:
-            reply = AckReply(ok=False, code=exc.code, reason=str(exc))
+        except (ContractError, subjects.SubjectError, AckRefused) as exc:
+            reply = refusal(exc)
         if msg.reply:
             await msg.respond(Envelope.wrap(reply, source=self._source).encode())
+        if final is not None:  # after the reply: a final step may disconnect the Desktop
+            await self.finish(where["tenant"], where["device_id"], final)
 
     async def acknowledge(self, tenant: str, device_id: str, ack: CommandAck) -> None:
+        final = await self.record_ack(tenant, device_id, ack)
+        if final is not None:
+            await self.finish(tenant, device_id, final)
+
+    async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
+        """Apply an ack durably; returns the command row if this ack finished it."""
         try:
             row = await self._apply_ack(tenant, device_id, ack)
         except AckRefused as exc:
             await self._audit_refusal(tenant, device_id, ack, exc)
             raise
-        if row is not None and row["state"] == "done":
-            for callback in self.on_final:
-                await callback(tenant, row)
-            await self.dispatch(tenant, device_id)
+        return row if row is not None and row["state"] == "done" else None
+
+    async def finish(self, tenant: str, device_id: str, row: dict) -> None:
+        for callback in self.on_final:
+            await callback(tenant, row)
+        await self.dispatch(tenant, device_id)
 
     async def _apply_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         if ack.pairing_id != device_id:
@@ -259,7 +267,7 @@ class CommandService:
             """UPDATE pairing_commands SET state = 'done', result_status = $3, result = $4,
                    lease_token = NULL, completed_at = now(), updated_at = now()
                WHERE tenant = $1 AND command_id = $2 RETURNING *""",
-            tenant, ack.command_id, status, json.dumps(result))
+            tenant, ack.command_id, status, result)
         await conn.execute("UPDATE pairings SET last_command_sequence = $3, updated_at = now() "
                            "WHERE tenant = $1 AND pairing_id = $2", tenant, device_id,
                            ack.sequence)
@@ -301,10 +309,6 @@ def _check_lease(row: dict, ack: CommandAck) -> None:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
 
 
 def _unjson(value: Any) -> Any:

@@ -104,8 +104,12 @@ async def current_version(conn: asyncpg.Connection) -> int:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     import json
 
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
-                              schema="pg_catalog")
+    # Binary format, so COPY (copy_records_to_table) can write jsonb columns too:
+    # version byte 1, then the JSON text.
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", format="binary",
+        encoder=lambda value: b"\x01" + json.dumps(value).encode(),
+        decoder=lambda data: json.loads(data[1:]))
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

@@ -22,6 +22,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from schemas import (
+    AckReply,
     AuditRecord,
     Envelope,
     PairingPolicy,
@@ -48,6 +49,13 @@ class PairingError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+
+
+def refusal(exc: Exception) -> AckReply:
+    """The reply to a bus request refused for `exc` (which carries a code, or is a
+    subject error); the reason is the exception's one-line message."""
+    code = getattr(exc, "code", None) or "subject.invalid"
+    return AckReply(ok=False, code=code, reason=str(getattr(exc, "reason", exc)))
 
 
 def new_code() -> str:
@@ -89,7 +97,7 @@ class PairingService:
                        allowed_workspace_ids, allowed_session_ids, policy, created_by)
                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) RETURNING *""",
                 tenant, pairing_id, label, code_hash(self._code_key, code), expires,
-                workspaces, allowed_session_ids, _policy_json(policy), actor)
+                workspaces, allowed_session_ids, _policy_doc(policy), actor)
             await self._record(conn, tenant, "pairing.created", pairing_id, actor,
                                metadata={"label": label, "codeExpiresAt": expires.isoformat()})
         return dict(row), code
@@ -129,14 +137,14 @@ class PairingService:
                        updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2 RETURNING *""",
                 tenant, pairing_id, new["label"], new["enabled"], new["allowed_workspace_ids"],
-                new["allowed_session_ids"], _policy_json(new["policy"]))
+                new["allowed_session_ids"], _policy_doc(new["policy"]))
             for action, meta in _change_actions(dict(old), new):
                 await self._record(conn, tenant, action, pairing_id, actor, metadata=meta)
         await self.push_state(dict(row))
         return dict(row)
 
     async def revoke(self, tenant: str, pairing_id: str, *, reason: str, actor: str,
-                     credentials: Any | None) -> dict:
+                     credentials: Any | None, actor_kind: str | None = None) -> dict:
         """Final and idempotent: the Desktop is told (best effort), open commands
         fail, and its bus credential is revoked (the server disconnects it)."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -155,10 +163,11 @@ class PairingService:
                 """UPDATE pairing_commands SET state = 'done', result_status = 'failed',
                        result = $3, lease_token = NULL, completed_at = now(), updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2 AND state <> 'done'""",
-                tenant, pairing_id, json.dumps({"ok": False, "status": "failed",
+                tenant, pairing_id, ({"ok": False, "status": "failed",
                                                 "message": "pairing revoked"}))
             await self._record(conn, tenant, "pairing.revoked", pairing_id, actor,
-                               reason=reason, metadata={"commandsFailed": _count(failed)})
+                               reason=reason, metadata={"commandsFailed": _count(failed)},
+                               actor_kind=actor_kind)
         row = dict(row)
         await self.push_state(row)
         if credentials is not None and row.get("public_key"):
@@ -190,8 +199,8 @@ class PairingService:
 
     async def _record(self, conn: asyncpg.Connection, tenant: str, action: str,
                       pairing_id: str, actor: str, *, reason: str | None = None,
-                      metadata: dict | None = None) -> None:
-        kind = "hub" if actor == "hub" else "admin"
+                      metadata: dict | None = None, actor_kind: str | None = None) -> None:
+        kind = actor_kind or ("hub" if actor == "hub" else "admin")
         await self._audit.record(AuditRecord(
             action=action, actor_kind=kind, actor_id=actor, target_kind="pairing",
             target_id=pairing_id, reason=reason, metadata=metadata or {}),
@@ -199,8 +208,8 @@ class PairingService:
 
 
 # --- helpers ------------------------------------------------------------------------------
-def _policy_json(policy: PairingPolicy) -> str:
-    return policy.model_dump_json(by_alias=True)
+def _policy_doc(policy: PairingPolicy) -> dict:
+    return policy.model_dump(mode="json", by_alias=True)
 
 
 def _policy_dict(value: Any) -> dict:

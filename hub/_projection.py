@@ -16,7 +16,6 @@ dead-lettered with the reason.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import defaultdict
@@ -182,7 +181,7 @@ class EventProjector:
                 seq = last + offset
                 rows.append((tenant, workspace, seq, event.id, "desktop", event.pairing_id,
                              str(event.type), event.session_id, event.command_id,
-                             event.occurred_at, _payload_json(event)))
+                             event.occurred_at, _payload(event)))
                 events.append(WorkspaceEvent(workspace_id=workspace, sequence=seq,
                                              event_id=event.id, type=str(event.type),
                                              session_id=event.session_id,
@@ -235,5 +234,3 @@ def _payload(event: DeviceEvent) -> dict:
     return body
 
 
-def _payload_json(event: DeviceEvent) -> str:
-    return json.dumps(_payload(event))

@@ -17,8 +17,9 @@ import nats
 import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from schemas import subjects
+from schemas import AckReply, ContractError, Envelope, PairingRevokeNotice, Source, decode, subjects
 
 from . import _db, _jwt, _streams
 from ._audit import AuditLog
@@ -30,7 +31,7 @@ from ._http import build_app
 from ._keys import BusKeys
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._pairing import PairingService
+from ._pairing import PairingError, PairingService, refusal
 from ._pairing_bootstrap import PairingRedemption
 from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
 from ._presence import DesktopPresence
@@ -176,6 +177,8 @@ class Hub:
                            queue="hub-presence", cb=self.presence.handle)
         await nc.subscribe(subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands",
                            cb=self.commands.handle_ack)
+        await nc.subscribe(subjects.PAIRING_REVOKE.filter(), queue="hub-pairing",
+                           cb=self._on_revoke_notice)
         if self.credentials is not None:
             redemption = PairingRedemption(self.pool, self.audit, self.pairings,
                                            self.credentials, self.metrics, code_key=code_key,
@@ -186,6 +189,30 @@ class Hub:
     async def _desktop_online(self, tenant: str, row: dict) -> None:
         await self.pairings.push_state(row)
         await self.commands.dispatch(tenant, row["pairing_id"])
+
+    async def _on_revoke_notice(self, msg: Msg) -> None:
+        """A Desktop revoked itself locally; the subject names it (own-subject permission).
+        The pairing is revoked durably, the Desktop answered, and only then its
+        credential revoked (which disconnects it, so no reply could reach it after)."""
+        row = None
+        try:
+            where = subjects.PAIRING_REVOKE.parse(msg.subject)
+            notice = decode(msg.data, PairingRevokeNotice).data
+            if notice.pairing_id != where["pairing_id"]:
+                raise ContractError("the notice names another pairing", "pairing.wrong_id")
+            row = await self.pairings.revoke(
+                where["tenant"], notice.pairing_id, actor=notice.pairing_id, actor_kind="desktop",
+                reason=notice.reason or "revoked on the Desktop", credentials=None)
+            reply = AckReply(ok=True)
+        except (ContractError, subjects.SubjectError, PairingError) as exc:
+            reply = refusal(exc)
+        if msg.reply:
+            source = Source(principal_kind="hub", principal_id=self.settings.hub_id)
+            await msg.respond(Envelope.wrap(reply, source=source).encode())
+            await self.nc.flush()
+        if row is not None and self.credentials is not None:
+            await self.credentials.revoke(row["tenant"], "desktop", row["pairing_id"],
+                                          reason=row["revoke_reason"], actor=row["pairing_id"])
 
     async def _pairing_revoked(self, tenant: str, pairing_id: str) -> None:
         self.projector.forget_pairing(tenant, pairing_id)

@@ -1,0 +1,180 @@
+"""OpenCode events -> redaction -> on-disk outbox -> JetStream, in order.
+
+Every event is redacted under the pairing's policy before it is written
+anywhere, then appended to the outbox (SQLite) and published from there with
+its event id as the JetStream message id. Rows leave the outbox only once
+JetStream acknowledged them; a failed batch is published again, and the
+stream's duplicate window plus the hub's event-id check drop the repeats. So
+a NATS or hub outage loses nothing and duplicates nothing downstream.
+
+Only enabled pairings relay, and only events of allowlisted sessions when the
+pairing has a session allowlist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from nats.aio.client import Client as NATS
+
+from schemas import CommandResult, DeviceCommand, DeviceEvent, Envelope, PairingState, Source
+from schemas import new_id, subjects
+
+from ._desktop_store import DesktopStore, PairingFile
+from ._opencode import RESYNC, OpenCodeClient, OpenCodeEvents
+from ._redaction import RedactionPolicy, redact, redact_event
+
+log = logging.getLogger("cowork.edge.relay")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+BATCH = 1000
+PUBLISH_TIMEOUT = 5.0
+
+
+def session_of(event: dict[str, Any]) -> str | None:
+    """The OpenCode session an event is about, wherever that event type keeps it."""
+    props = event.get("properties") or {}
+    if not isinstance(props, dict):
+        return None
+    for candidate in (props.get("sessionID"), _get(props, "info", "sessionID"),
+                      _get(props, "part", "sessionID")):
+        if isinstance(candidate, str) and _TOKEN.match(candidate):
+            return candidate
+    info_id = _get(props, "info", "id")
+    if isinstance(info_id, str) and info_id.startswith("ses") and _TOKEN.match(info_id):
+        return info_id
+    return None
+
+
+def _get(mapping: dict, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)  # type: ignore[assignment]
+    return mapping
+
+
+class EventRelay:
+    def __init__(self, store: DesktopStore, pairing: PairingFile, opencode: OpenCodeClient,
+                 state: Callable[[], PairingState], *, workspace_id: str = "local") -> None:
+        self.store, self.pairing, self._opencode = store, pairing, opencode
+        self._state = state
+        self.workspace_id = workspace_id
+        self._source = Source(principal_kind="desktop", principal_id=pairing.pairing_id,
+                              authority="desktop_local")
+        self._nc: NATS | None = None
+        self._wakeup = asyncio.Event()
+        self.published = 0
+        self.events: OpenCodeEvents | None = None
+
+    # --- in ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.events = OpenCodeEvents(self._opencode)
+        publisher = asyncio.create_task(self._publish_forever(), name="desktop-publisher")
+        try:
+            async for event in self.events:
+                self.relay(event)
+        finally:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await self.events.aclose()
+
+    def _policy(self) -> RedactionPolicy:
+        p = self._state().policy
+        return RedactionPolicy(expose_artifact_bodies=p.expose_artifact_bodies,
+                               expose_local_paths=p.expose_local_paths,
+                               expose_local_mcp_details=p.expose_local_mcp_details)
+
+    def relay(self, event: dict[str, Any]) -> bool:
+        """Queue one OpenCode event if the pairing lets it out; True if queued."""
+        state = self._state()
+        if state.revoked or not state.enabled:
+            return False
+        session = session_of(event)
+        if state.allowed_session_ids is not None and session not in state.allowed_session_ids:
+            return False
+        if event.get("type") == RESYNC:
+            self._append("status", None, None, self._resync_payload(event, state))
+            return True
+        self._append("session.event", session, None, redact_event(event, self._policy()))
+        return True
+
+    def _resync_payload(self, event: dict, state: PairingState) -> dict:
+        props = dict(event.get("properties") or {})
+        allowed = state.allowed_session_ids
+        if allowed is not None:
+            props["status"] = {k: v for k, v in (props.get("status") or {}).items()
+                               if k in allowed}
+            for key in ("permissions", "questions"):
+                props[key] = [p for p in props.get(key) or [] if p.get("sessionID") in allowed]
+        return {"opencode": "connected", **redact(props, self._policy())}
+
+    def command_event(self, command: DeviceCommand, kind: str,
+                      result: CommandResult | None) -> None:
+        body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
+        if result is not None:
+            body["result"] = result.model_dump(mode="json", by_alias=True)
+        self._append(kind, command.session_id, command.id, body)
+
+    def _append(self, kind: str, session: str | None, command_id: str | None,
+                payload: dict) -> None:
+        event = DeviceEvent(id=new_id(), pairing_id=self.pairing.pairing_id, type=kind,
+                            workspace_id=self.workspace_id, session_id=session,
+                            command_id=command_id, occurred_at=datetime.now(timezone.utc),
+                            payload=payload)
+        env = Envelope.wrap(event, source=self._source, tenant=self.pairing.tenant)
+        subject = subjects.DEVICE_EVENT.build(tenant=self.pairing.tenant,
+                                              device_id=self.pairing.pairing_id,
+                                              event_kind=kind.split(".")[0])
+        self.store.outbox_append([(subject, event.id, env.encode())])
+        self._wakeup.set()
+
+    # --- out -----------------------------------------------------------------------------
+    def attach(self, nc: NATS) -> None:
+        self._nc = nc
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def _publish_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                await self._drain(nc)
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS or the stream away: keep the rows, retry
+                log.info("relay.publish_retry: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wakeup.set()
+
+    async def _drain(self, nc: NATS) -> None:
+        js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        while rows := self.store.outbox_peek(BATCH):
+            futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+                       for _, subject, msg_id, data in rows]
+            try:
+                await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
+            finally:
+                for future in futures:
+                    if not future.done():
+                        future.cancel()
+            self.store.outbox_remove_through(rows[-1][0])
+            self.published += len(rows)
+
+    async def flush(self, nc: NATS, timeout: float) -> None:
+        await asyncio.wait_for(self._drain(nc), timeout)

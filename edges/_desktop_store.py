@@ -1,0 +1,194 @@
+"""Everything a paired Desktop keeps on disk, in its state directory (0700).
+
+    desktop.creds   its NATS credential, a standard .creds file (0600)
+    pairing.json    tenant, pairing id, hub URLs, the last pairing state, revoked flag (0600)
+    audit.jsonl     local append-only audit log: every command and pairing change
+    desktop.db      SQLite: the event outbox and the journal of handled commands
+
+The journal is what makes a command run at most once: a command is recorded
+as started before it runs and as done (with its result) after, so a Desktop
+that crashes and gets the command again never runs it twice. The outbox holds
+events until JetStream has acknowledged them, bounded by `max_events` (the
+oldest are dropped, and counted, past it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_OUTBOX = 200_000
+
+
+class StoreError(RuntimeError):
+    """The state directory is missing, unreadable or not paired (one-line message)."""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("COWORK_DESKTOP_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cowork" / "desktop"
+
+
+@dataclass
+class PairingFile:
+    tenant: str
+    pairing_id: str
+    label: str
+    hub_urls: list[str]
+    device_name: str
+    paired_at: str
+    state: dict[str, Any] = field(default_factory=dict)  # the last pairing.state, camelCase
+    revoked: bool = False
+    revoked_at: str | None = None
+    revoke_reason: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DesktopStore:
+    def __init__(self, directory: Path, *, max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
+        self.directory = Path(directory)
+        self.max_outbox = max_outbox
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    # --- files --------------------------------------------------------------------------
+    @property
+    def creds_path(self) -> Path:
+        return self.directory / "desktop.creds"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.directory / "audit.jsonl"
+
+    def ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def is_paired(self) -> bool:
+        return (self.directory / "pairing.json").exists()
+
+    def load_pairing(self) -> PairingFile:
+        path = self.directory / "pairing.json"
+        try:
+            return PairingFile(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise StoreError(f"this Desktop is not paired ({path} does not exist); "
+                             "run `cowork desktop pair CODE --hub nats://HOST:PORT`") from None
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{path} is damaged: {exc}") from None
+
+    def save_pairing(self, pairing: PairingFile) -> None:
+        self.ensure_dir()
+        _write_private(self.directory / "pairing.json", json.dumps(asdict(pairing), indent=2))
+
+    def audit(self, action: str, **fields: Any) -> None:
+        """Append one line to the local audit log (never rewritten)."""
+        self.ensure_dir()
+        line = json.dumps({"at": _now(), "action": action, **fields}, default=str)
+        fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(line + "\n")
+
+    def read_audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+    # --- database ---------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.ensure_dir()
+            db = sqlite3.connect(self.directory / "desktop.db", check_same_thread=False,
+                                 isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # survives a crash of this process
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS outbox (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,
+                    msg_id TEXT NOT NULL, data BLOB NOT NULL);
+                CREATE TABLE IF NOT EXISTS commands (
+                    id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, kind TEXT NOT NULL,
+                    phase TEXT NOT NULL, result TEXT, updated_at TEXT NOT NULL);
+            """)
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # --- outbox ---------------------------------------------------------------------------
+    def outbox_append(self, items: list[tuple[str, str, bytes]]) -> None:
+        """(subject, message id, data) in order; trims the oldest past the bound."""
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO outbox (subject, msg_id, data) VALUES (?, ?, ?)", items)
+            over = db.execute("SELECT count(*) - ? FROM outbox", (self.max_outbox,)).fetchone()[0]
+            if over > 0:
+                db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox "
+                           "ORDER BY seq LIMIT ?)", (over,))
+                self.dropped += over
+            db.execute("COMMIT")
+
+    def outbox_peek(self, limit: int) -> list[tuple[int, str, str, bytes]]:
+        with self._lock:
+            return self.db.execute("SELECT seq, subject, msg_id, data FROM outbox ORDER BY seq "
+                                   "LIMIT ?", (limit,)).fetchall()
+
+    def outbox_remove_through(self, seq: int) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    # --- command journal -----------------------------------------------------------------------
+    def command_record(self, command_id: str) -> tuple[str, dict | None] | None:
+        with self._lock:
+            row = self.db.execute("SELECT phase, result FROM commands WHERE id = ?",
+                                  (command_id,)).fetchone()
+        if row is None:
+            return None
+        return row[0], (json.loads(row[1]) if row[1] else None)
+
+    def command_started(self, command_id: str, sequence: int, kind: str) -> None:
+        with self._lock:
+            self.db.execute("INSERT INTO commands (id, sequence, kind, phase, updated_at) "
+                            "VALUES (?, ?, ?, 'started', ?)", (command_id, sequence, kind, _now()))
+
+    def command_done(self, command_id: str, result: dict) -> None:
+        with self._lock:
+            self.db.execute("UPDATE commands SET phase = 'done', result = ?, updated_at = ? "
+                            "WHERE id = ?", (json.dumps(result), _now(), command_id))
+
+    def last_command_sequence(self) -> int:
+        with self._lock:
+            value = self.db.execute("SELECT max(sequence) FROM commands").fetchone()[0]
+        return int(value or 0)
