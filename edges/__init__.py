@@ -1,7 +1,10 @@
 """Outbound edge agents: the paired Desktop and the Standalone Team Gateway.
 
 Edges dial out only; they never import `hub` internals or the database.
-Public face so far: the edge's own bus credential and its refresh.
+
+Desktop: `pair()` redeems a one-time code and stores the credential in a
+`DesktopStore`; `DesktopAgent` serves it (commands in, redacted OpenCode
+events out); `OpenCodeClient` is the one module that talks to OpenCode.
 """
 
 from ._credentials import (
@@ -11,6 +14,12 @@ from ._credentials import (
     refresh_forever,
     refresh_once,
 )
+from ._desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
+from ._desktop_store import DesktopStore, StoreError
+from ._opencode import OpenCodeClient, OpenCodeError
+from ._redaction import RedactionPolicy, redact, redact_event
 
-__all__ = ["CredentialRefreshError", "EdgeCredentials", "new_user_seed", "refresh_forever",
-           "refresh_once"]
+__all__ = ["CredentialRefreshError", "DesktopAgent", "DesktopStore", "EdgeCredentials",
+           "OpenCodeClient", "OpenCodeError", "PairingFailed", "RedactionPolicy", "StoreError",
+           "new_user_seed", "notify_hub_of_revocation", "pair", "redact", "redact_event",
+           "refresh_forever", "refresh_once", "revoke_locally"]

@@ -107,12 +107,32 @@ async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
     return pairing
 
 
+async def dial_once(urls: list[str], timeout: float, **options: Any) -> NATS:
+    """One connection attempt per server, bounded by `timeout`, for one-shot requests.
+
+    nats-py keeps cycling servers on the first connect when reconnects are off and
+    prints each failure; this tries each URL at most twice, quietly, and raises
+    ConnectionError with the server's last complaint."""
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        return await asyncio.wait_for(nats.connect(
+            urls, connect_timeout=min(timeout, 5.0), allow_reconnect=False,
+            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=remember, **options),
+            timeout)
+    except Exception as exc:  # nats-py raises several unrelated types here
+        last = errors[-1] if errors else exc
+        raise ConnectionError(str(last) or type(last).__name__) from None
+
+
 async def _bootstrap_request(hub_urls: list[str], subject: str, data: bytes,
                              timeout: float) -> bytes:
     try:
-        nc = await nats.connect(hub_urls, connect_timeout=min(timeout, 5.0),
-                                allow_reconnect=False, max_reconnect_attempts=0,
-                                name="cowork-desktop-bootstrap", **_bootstrap_options())
+        nc = await dial_once(hub_urls, timeout, name="cowork-desktop-bootstrap",
+                             **_bootstrap_options())
     except Exception as exc:  # nats-py raises several unrelated types here
         text = str(exc) or type(exc).__name__
         if "authorization" in text.lower():
@@ -168,10 +188,9 @@ async def notify_hub_of_revocation(store: DesktopStore, pairing: PairingFile, re
     """Best effort, before the local revocation deletes the credential."""
     try:
         creds = EdgeCredentials.from_creds_file(store.creds_path)
-        nc = await nats.connect(pairing.hub_urls, connect_timeout=timeout, allow_reconnect=False,
-                                max_reconnect_attempts=0, **creds.connect_options(),
-                                inbox_prefix=subjects.inbox_prefix(pairing.tenant, "desktop",
-                                                                   pairing.pairing_id))
+        nc = await dial_once(pairing.hub_urls, timeout, **creds.connect_options(),
+                             inbox_prefix=subjects.inbox_prefix(pairing.tenant, "desktop",
+                                                                pairing.pairing_id))
     except Exception:
         return False
     try:

@@ -148,6 +148,8 @@ class PairingService:
         """Final and idempotent: the Desktop is told (best effort), open commands
         fail, and its bus credential is revoked (the server disconnects it)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchval("SELECT status FROM pairings WHERE tenant = $1 AND "
+                                         "pairing_id = $2 FOR UPDATE", tenant, pairing_id)
             row = await conn.fetchrow(
                 """UPDATE pairings SET status = 'revoked', enabled = false, code_hash = NULL,
                        revoked_at = coalesce(revoked_at, now()),
@@ -165,9 +167,10 @@ class PairingService:
                    WHERE tenant = $1 AND pairing_id = $2 AND state <> 'done'""",
                 tenant, pairing_id, ({"ok": False, "status": "failed",
                                                 "message": "pairing revoked"}))
-            await self._record(conn, tenant, "pairing.revoked", pairing_id, actor,
-                               reason=reason, metadata={"commandsFailed": _count(failed)},
-                               actor_kind=actor_kind)
+            if before != "revoked":  # revoking again changes nothing, so records nothing
+                await self._record(conn, tenant, "pairing.revoked", pairing_id, actor,
+                                   reason=reason, metadata={"commandsFailed": _count(failed)},
+                                   actor_kind=actor_kind)
         row = dict(row)
         await self.push_state(row)
         if credentials is not None and row.get("public_key"):

@@ -91,6 +91,11 @@ class PairingRedemption:
         except SealError as exc:
             await self._refuse(msg, RedeemRefused("contract.invalid", str(exc)))
             return
+        except Exception as exc:  # e.g. the database is away: answer, do not leave it hanging
+            log.warning("pairing.redeem_failed", **kv(error=str(exc)))
+            await self._refuse(msg, RedeemRefused(
+                "hub.unavailable", "the hub could not complete the redemption; try again"))
+            return
         self._metrics.bus_messages.labels("pairing.redeem", "accepted").inc()
         await msg.respond(Envelope.wrap(SealedReply(sealed=sealed), source=self._source).encode())
 
@@ -151,7 +156,7 @@ class PairingRedemption:
             """INSERT INTO bootstrap_failures (source, window_started_at, failures)
                VALUES ($1, now(), 1)
                ON CONFLICT (source) DO UPDATE SET
-                 failures = CASE WHEN bootstrap_failures.window_started_at < now() - $2
+                 failures = CASE WHEN bootstrap_failures.window_started_at < now() - $2::interval
                                  THEN 1 ELSE bootstrap_failures.failures + 1 END,
                  window_started_at = CASE WHEN bootstrap_failures.window_started_at < now() - $2
                                  THEN now() ELSE bootstrap_failures.window_started_at END,

@@ -185,6 +185,31 @@ def operator_nats_url(operator_nats_server: NatsServer) -> str:
     return operator_nats_server.url
 
 
+@pytest.fixture(scope="module")
+def hub_options() -> dict:
+    """HubSettings overrides for the module's `hub` (override in a module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+async def hub(operator_nats_url, database_url_module, bus_keys, hub_options):
+    """A hub in operator mode on the session's NATS, one per test module."""
+    from hubkit import running_hub
+
+    async with running_hub(operator_nats_url, database_url_module, keys=bus_keys,
+                           **hub_options) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(hub):
+    """An httpx client for `hub` with the admin token."""
+    from hubkit import client
+
+    async with client(hub, admin=True) as http:
+        yield http
+
+
 # --------------------------------------------------------------------------
 # Leak check: every server a test started must be gone at the end
 # --------------------------------------------------------------------------

@@ -59,3 +59,25 @@ def test_the_boundary_scanner_sees_imports():
     """Guard against a scanner that finds nothing and so always passes."""
     found = {top(m) for _, m in imports_of("hub")}
     assert {"schemas", "asyncpg", "nats", "aiohttp"} <= found
+
+
+OPENCODE_ROUTES = ("/session", "/event", "/permission", "/question", "/global/health")
+
+
+def test_only_one_module_talks_to_opencode():
+    """edges/_opencode.py is the one OpenCode client: no other module of ours imports
+    an HTTP client or spells an OpenCode route."""
+    clients = ("httpx", "aiohttp", "requests", "urllib.request", "http.client")
+    http_users = {f for package in ("edges", "channels") for f, m in imports_of(package)
+                  if any(m == c or m.startswith(c + ".") for c in clients)}
+    assert http_users <= {"edges/_opencode.py"}
+    assert "edges/_opencode.py" in http_users, "the scanner must see the client's own import"
+    spelled = set()
+    for package in ("edges", "channels", "hub", "schemas"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                        and node.value.startswith(OPENCODE_ROUTES)):
+                    spelled.add(rel)
+    assert spelled == {"edges/_opencode.py"}

@@ -26,7 +26,6 @@ from desktopkit import (
     submit,
     wait_online,
 )
-from hubkit import client, running_hub
 from opencode_env import ASK_QUESTION, BASH_OUTPUT, RUN_BASH, SLOW, OpenCodeServer
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,16 +38,8 @@ async def opencode():
 
 
 @pytest.fixture(scope="module")
-async def hub(operator_nats_url, database_url_module, bus_keys):
-    async with running_hub(operator_nats_url, database_url_module, keys=bus_keys,
-                           command_lease_seconds=10) as hub:
-        yield hub
-
-
-@pytest.fixture
-async def http(hub):
-    async with client(hub, admin=True) as http:
-        yield http
+def hub_options():
+    return {"command_lease_seconds": 10}
 
 
 @pytest.fixture
@@ -250,3 +241,25 @@ async def test_local_revoke_tells_the_hub(hub, http, desktop):
     actions = await hub.pool.fetch("SELECT actor_kind FROM audit_log WHERE tenant = $1 AND "
                                    "target_id = $2 AND action = 'pairing.revoked'", TENANT, pid)
     assert [r["actor_kind"] for r in actions] == ["desktop"]
+
+
+async def test_a_crashed_desktop_shows_offline_within_two_heartbeats(
+        http, opencode, operator_nats_url, tmp_path):
+    created, store = await redeem(http, operator_nats_url, tmp_path / "d")
+    store.close()
+    running = await start_desktop(tmp_path / "d", opencode.url, heartbeat=0.5)
+    await wait_online(http, created["pairingId"])
+    await running.kill()  # no goodbye heartbeat
+    # two intervals, plus the hub's sweep tick (0.5 s) and some slack for a busy machine
+    view = await wait_online(http, created["pairingId"], online=False, timeout=2 * 0.5 + 1.5)
+    assert view["status"] == "paired_offline"
+
+
+async def test_a_stopped_desktop_says_goodbye_and_is_offline_at_once(
+        http, opencode, operator_nats_url, tmp_path):
+    created, store = await redeem(http, operator_nats_url, tmp_path / "d")
+    store.close()
+    running = await start_desktop(tmp_path / "d", opencode.url, heartbeat=30)
+    await wait_online(http, created["pairingId"])
+    await running.stop()
+    await wait_online(http, created["pairingId"], online=False, timeout=2)
