@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
 	@echo "make test   - install with dev extras and run the whole test suite against real servers"
-	@echo "make bench  - run the benchmarks (tests marked bench; none defined yet)"
+	@echo "make bench  - run the benchmarks (tests marked bench; results in docs/performance.md)"
 	@echo "make schema - regenerate docs/schemas and docs/asyncapi.json from schemas/"
 
 $(BIN)/python:
@@ -35,7 +35,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	@$(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
 	status=$$?; if [ $$status -eq 5 ]; then \
-	  echo "make bench: no benchmarks are defined yet (tests marked 'bench')"; exit 1; fi; exit $$status
+	  echo "make bench: no test marked 'bench' was selected"; exit 1; fi; exit $$status
 
 schema: $(VENV)/.installed
 	$(BIN)/cowork schema export

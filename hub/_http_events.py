@@ -24,6 +24,8 @@ from schemas import ContractError, WorkspaceEvent, check_token, decode, subjects
 from ._http import HUB_KEY, int_query, tenant_param
 
 KEEPALIVE_SECONDS = 15.0
+# Live tails never end by themselves: shutdown ends them, or it would wait them out.
+TAILS_KEY = web.AppKey("sse_tails", set)
 PAGE = 500
 
 
@@ -110,6 +112,8 @@ async def _tail(request: web.Request, tenant: str, workspace: str,
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     tail = _Tail(response, after)
+    task = asyncio.current_task()
+    request.app[TAILS_KEY].add(task)
     sub = await hub.nc.subscribe(
         subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace), cb=tail.on_live)
     try:
@@ -119,8 +123,14 @@ async def _tail(request: web.Request, tenant: str, workspace: str,
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        request.app[TAILS_KEY].discard(task)
         await sub.unsubscribe()
     return response
+
+
+async def _end_tails(app: web.Application) -> None:
+    for task in list(app[TAILS_KEY]):
+        task.cancel()
 
 
 async def _catch_up(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _Tail) -> None:
@@ -146,5 +156,7 @@ async def _stream_live(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _T
 
 
 def add_routes(app: web.Application) -> None:
+    app[TAILS_KEY] = set()
+    app.on_shutdown.append(_end_tails)
     app.router.add_get("/api/v1/tenants/{tenant}/workspaces/{workspace_id}/events",
                        workspace_events)

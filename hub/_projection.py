@@ -167,32 +167,27 @@ class EventProjector:
     async def _project(self, tenant: str, workspace: str,
                        envs: list[Envelope]) -> list[WorkspaceEvent]:
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("INSERT INTO workspace_cursors (tenant, workspace_id) VALUES "
-                               "($1, $2) ON CONFLICT DO NOTHING", tenant, workspace)
-            last = await conn.fetchval("SELECT last_sequence FROM workspace_cursors WHERE "
-                                       "tenant = $1 AND workspace_id = $2 FOR UPDATE",
-                                       tenant, workspace)
+            # One statement creates the cursor if needed and locks its row.
+            last = await conn.fetchval(
+                "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
+                "ON CONFLICT (tenant, workspace_id) DO UPDATE "
+                "SET last_sequence = workspace_cursors.last_sequence RETURNING last_sequence",
+                tenant, workspace)
             fresh = await self._unseen(conn, tenant, envs)
             if not fresh:
                 return []
-            rows, events = [], []
-            for offset, env in enumerate(fresh, start=1):
-                event = env.data
-                seq = last + offset
-                rows.append((tenant, workspace, seq, event.id, "desktop", event.pairing_id,
-                             str(event.type), event.session_id, event.command_id,
-                             event.occurred_at, _payload(event)))
-                events.append(WorkspaceEvent(workspace_id=workspace, sequence=seq,
-                                             event_id=event.id, type=str(event.type),
-                                             session_id=event.session_id,
-                                             command_id=event.command_id,
-                                             occurred_at=event.occurred_at,
-                                             payload=_payload(event)))
-            await conn.copy_records_to_table(
-                "workspace_events", records=rows,
-                columns=["tenant", "workspace_id", "sequence", "event_id", "source_kind",
-                         "source_id", "type", "session_id", "command_id", "occurred_at",
-                         "payload"])
+            events = [WorkspaceEvent(workspace_id=workspace, sequence=last + offset,
+                                     event_id=env.data.id, type=str(env.data.type),
+                                     session_id=env.data.session_id,
+                                     command_id=env.data.command_id,
+                                     occurred_at=env.data.occurred_at, payload=_payload(env.data))
+                      for offset, env in enumerate(fresh, start=1)]
+            await conn.execute(_INSERT_EVENTS, tenant, workspace, "desktop",
+                               [e.sequence for e in events], [e.event_id for e in events],
+                               [env.data.pairing_id for env in fresh],
+                               [e.type for e in events], [e.session_id for e in events],
+                               [e.command_id for e in events], [e.occurred_at for e in events],
+                               [e.payload for e in events])
             await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
                                "tenant = $1 AND workspace_id = $2", tenant, workspace,
                                last + len(fresh))
@@ -222,6 +217,19 @@ class EventProjector:
                 await self._nc.publish(subject, env.encode())
         except Exception as exc:  # tails fill gaps from PostgreSQL
             log.warning("projection.live_publish_failed", **kv(error=str(exc)))
+
+
+# One round trip and one cached plan for any batch size (COPY costs an extra
+# introspection query per call, which dominated single live events).
+_INSERT_EVENTS = """
+    INSERT INTO workspace_events (tenant, workspace_id, sequence, event_id, source_kind,
+                                  source_id, type, session_id, command_id, occurred_at, payload)
+    SELECT $1, $2, e.sequence, e.event_id, $3, e.source_id, e.type, e.session_id, e.command_id,
+           e.occurred_at, e.payload
+    FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                $10::timestamptz[], $11::jsonb[])
+         AS e(sequence, event_id, source_id, type, session_id, command_id, occurred_at, payload)
+"""
 
 
 def _payload(event: DeviceEvent) -> dict:

@@ -121,6 +121,8 @@ class Stack:
         say(f"  PostgreSQL   {db}")
         say(f"  Admin token  {self.token}   ({token_origin})")
         say(f"  Data dir     {self.opts.data_dir}")
+        say("Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {\"label\": ...} for a code,")
+        say(f"  then on the Desktop: cowork desktop pair CODE --hub {self.nats.url}")
         say("Press Ctrl-C to stop.")
 
     async def stop(self) -> None:

@@ -210,6 +210,15 @@ async def http(hub):
         yield http
 
 
+@pytest.fixture(scope="module")
+async def opencode():
+    """A real `opencode serve` with the tests' fake model, one per test module."""
+    from opencode_env import OpenCodeServer
+
+    async with OpenCodeServer() as server:
+        yield server
+
+
 # --------------------------------------------------------------------------
 # Leak check: every server a test started must be gone at the end
 # --------------------------------------------------------------------------

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
-
-from edges._desktop import notify_hub_of_revocation, revoke_locally
-from edges._desktop_store import DesktopStore
-
 from desktopkit import (
     TENANT,
-    eventually,
     events,
+    eventually,
     finished,
     get_pairing,
     opencode_events,
@@ -26,15 +23,13 @@ from desktopkit import (
     submit,
     wait_online,
 )
-from opencode_env import ASK_QUESTION, BASH_OUTPUT, RUN_BASH, SLOW, OpenCodeServer
+from hubkit import client, running_hub
+from opencode_env import ASK_QUESTION, BASH_OUTPUT, RUN_BASH, SLOW
+
+from edges._desktop import notify_hub_of_revocation, revoke_locally
+from edges._desktop_store import DesktopStore
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-async def opencode():
-    async with OpenCodeServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,7 @@ async def _relayed(http, pairing_id: str, kind: str, session_id: str, timeout: f
     return await eventually(found, timeout, 0.1, f"{kind} in the projection")
 
 
-async def test_pairing_prompt_and_live_stream(http, desktop):
+async def test_pairing_prompt_and_live_stream(http, desktop, opencode):
     pid = desktop.pairing_id
     view = await get_pairing(http, pid)
     assert view["online"] and view["redeemed"] and view["deviceName"] == "test-box"
@@ -95,6 +90,9 @@ async def test_pairing_prompt_and_live_stream(http, desktop):
     assert sequences == list(range(1, len(sequences) + 1)), "gapless, in order"
     idles = opencode_events(await events(http, pid), "session.idle", session)
     assert len(idles) == 1, "duplicate session.idle dropped"
+    everything = json.dumps(await events(http, pid))
+    assert opencode.directory not in everything, "local paths are redacted on the Desktop"
+    assert opencode.directory in json.dumps(await desktop.agent.opencode.get_session(session))
 
 
 async def test_sse_resumes_from_last_event_id(http, desktop):
@@ -263,3 +261,17 @@ async def test_a_stopped_desktop_says_goodbye_and_is_offline_at_once(
     await wait_online(http, created["pairingId"])
     await running.stop()
     await wait_online(http, created["pairingId"], online=False, timeout=2)
+
+
+async def test_stopping_the_hub_ends_live_tails_instead_of_waiting_them_out(
+        operator_nats_url, database_url, bus_keys):
+    from hub._http_events import KEEPALIVE_SECONDS
+
+    async with running_hub(operator_nats_url, database_url, keys=bus_keys) as other, \
+            client(other, admin=True) as other_http:
+        async with sse(other_http, "some-workspace") as tail:
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await other.stop()
+            await asyncio.wait_for(tail._task, 5)  # the stream ended at the client
+            assert time.monotonic() - started < KEEPALIVE_SECONDS / 3
