@@ -22,7 +22,6 @@ import json
 import logging
 import platform
 import random
-from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -439,6 +438,3 @@ class DesktopAgent:
             return reply.ok
         return False  # the hub re-leases it; the journal answers from the stored result
 
-    def status(self) -> dict[str, Any]:
-        return {"pairing": asdict(self.pairing), "outbox": self.store.outbox_size(),
-                "connected": bool(self.nc and self.nc.is_connected)}

@@ -25,7 +25,7 @@ from schemas import (
 )
 
 from ._opencode import OpenCodeClient, OpenCodeError
-from ._redaction import RedactionPolicy, redact
+from ._redaction import redact, redaction_policy
 
 MAX_TREE_DEPTH = 16
 
@@ -53,10 +53,7 @@ class CommandRunner:
         return self.state.policy
 
     def _redact(self, value: Any) -> Any:
-        return redact(value, RedactionPolicy(
-            expose_artifact_bodies=self.policy.expose_artifact_bodies,
-            expose_local_paths=self.policy.expose_local_paths,
-            expose_local_mcp_details=self.policy.expose_local_mcp_details))
+        return redact(value, redaction_policy(self.policy))
 
     async def run(self, command: DeviceCommand) -> CommandResult:
         try:

@@ -26,7 +26,7 @@ from schemas import new_id, subjects
 
 from ._desktop_store import DesktopStore, PairingFile
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeEvents
-from ._redaction import RedactionPolicy, redact, redact_event
+from ._redaction import RedactionPolicy, redact, redact_event, redaction_policy
 
 log = logging.getLogger("cowork.edge.relay")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -69,6 +69,8 @@ class EventRelay:
         self._wakeup = asyncio.Event()
         self.published = 0
         self.events: OpenCodeEvents | None = None
+        self._policy_of: PairingState | None = None
+        self._redaction = RedactionPolicy()
 
     # --- in ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -83,10 +85,13 @@ class EventRelay:
             await self.events.aclose()
 
     def _policy(self) -> RedactionPolicy:
-        p = self._state().policy
-        return RedactionPolicy(expose_artifact_bodies=p.expose_artifact_bodies,
-                               expose_local_paths=p.expose_local_paths,
-                               expose_local_mcp_details=p.expose_local_mcp_details)
+        """The redaction policy of the current pairing state, built once per state
+        (a state change replaces the PairingState object)."""
+        state = self._state()
+        if self._policy_of is not state:
+            self._policy_of = state
+            self._redaction = redaction_policy(state.policy)
+        return self._redaction
 
     def relay(self, event: dict[str, Any]) -> bool:
         """Queue one OpenCode event if the pairing lets it out; True if queued."""
@@ -129,7 +134,10 @@ class EventRelay:
         subject = subjects.DEVICE_EVENT.build(tenant=self.pairing.tenant,
                                               device_id=self.pairing.pairing_id,
                                               event_kind=kind.split(".")[0])
-        self.store.outbox_append([(subject, event.id, env.encode())])
+        dropped = self.store.outbox_append([(subject, event.id, env.encode())])
+        if dropped:  # the hub has been away for a long time: say what is lost
+            log.warning("relay.outbox_full: dropped the %d oldest events (bound %d)",
+                        dropped, self.store.max_outbox)
         self._wakeup.set()
 
     # --- out -----------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 The journal is what makes a command run at most once: a command is recorded
 as started before it runs and as done (with its result) after, so a Desktop
 that crashes and gets the command again never runs it twice. The outbox holds
-events until JetStream has acknowledged them, bounded by `max_events` (the
-oldest are dropped, and counted, past it).
+events until JetStream has acknowledged them, bounded by `max_outbox` (past
+it the oldest are dropped, and the relay logs how many).
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class DesktopStore:
         self.max_outbox = max_outbox
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self.dropped = 0
 
     # --- files --------------------------------------------------------------------------
     @property
@@ -143,8 +142,9 @@ class DesktopStore:
             self._db = None
 
     # --- outbox ---------------------------------------------------------------------------
-    def outbox_append(self, items: list[tuple[str, str, bytes]]) -> None:
-        """(subject, message id, data) in order; trims the oldest past the bound."""
+    def outbox_append(self, items: list[tuple[str, str, bytes]]) -> int:
+        """(subject, message id, data) in order; past the bound the oldest rows are
+        dropped. Returns how many were dropped."""
         with self._lock:
             db = self.db
             db.execute("BEGIN")
@@ -153,8 +153,8 @@ class DesktopStore:
             if over > 0:
                 db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox "
                            "ORDER BY seq LIMIT ?)", (over,))
-                self.dropped += over
             db.execute("COMMIT")
+        return max(over, 0)
 
     @staticmethod
     def _outbox_count(db: sqlite3.Connection) -> int:

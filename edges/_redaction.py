@@ -97,6 +97,13 @@ class RedactionPolicy:
 DEFAULT_POLICY = RedactionPolicy()
 
 
+def redaction_policy(policy: Any) -> RedactionPolicy:
+    """From a `schemas.PairingPolicy` (or anything with its three expose_* fields)."""
+    return RedactionPolicy(expose_artifact_bodies=policy.expose_artifact_bodies is True,
+                           expose_local_paths=policy.expose_local_paths is True,
+                           expose_local_mcp_details=policy.expose_local_mcp_details is True)
+
+
 def redact(value: Any, policy: RedactionPolicy = DEFAULT_POLICY) -> Any:
     """A redacted copy of a JSON-like value (the input is never modified)."""
     return _walk(value, 0, policy.expose_local_paths, policy.expose_local_mcp_details,

@@ -8,17 +8,16 @@ retried forever.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from schemas import AuditRecord, ContractError, decode, subjects
 
 from ._audit import AuditLog
+from ._background import BackgroundTask, pull_forever
 from ._deadletter import DeadLetters
 from ._logging import kv
 from ._metrics import HubMetrics
@@ -34,33 +33,14 @@ class AuditIngest:
                  dead_letters: DeadLetters, metrics: HubMetrics) -> None:
         self._js, self._audit, self._pool = js, audit, pool
         self._dead, self._metrics = dead_letters, metrics
-        self._task: asyncio.Task | None = None
+        self._worker = BackgroundTask("audit-ingest", lambda: pull_forever(
+            js, SPEC, 100, self._handle, log, "audit_ingest.fetch_failed", retry_delay=1.0))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-ingest")
+        self._worker.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        sub = None
-        while True:
-            try:
-                if sub is None:
-                    sub = await self._js.pull_subscribe_bind(SPEC.durable, stream=SPEC.stream)
-                msgs = await sub.fetch(batch=100, timeout=1.0)
-            except (NatsTimeout, asyncio.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS away or consumer missing: retry, never die
-                log.warning("audit_ingest.fetch_failed", **kv(error=str(exc)))
-                sub = None
-                await asyncio.sleep(1.0)
-                continue
-            await self._handle(msgs)
+        await self._worker.stop()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         valid = []

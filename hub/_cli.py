@@ -12,7 +12,6 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-
 DESCRIPTION = """\
 cowork: the NATS-centred hub for Cloud, Team Gateways and paired Desktops.
 

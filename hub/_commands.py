@@ -42,6 +42,7 @@ from schemas import (
 )
 
 from ._audit import AuditLog
+from ._background import BackgroundTask, every
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._pairing import PairingError, refusal
@@ -65,12 +66,14 @@ def body_hash(fields: dict[str, Any]) -> bytes:
 
 class CommandService:
     def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics, *,
-                 hub_id: str, lease: timedelta = DEFAULT_LEASE) -> None:
+                 hub_id: str, lease: timedelta = DEFAULT_LEASE,
+                 reap_interval: float = 0.5) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self.lease = lease
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._task: asyncio.Task | None = None
+        self._reaper = BackgroundTask("command-lease-reaper", lambda: every(
+            reap_interval, self.dispatch_expired, log, "commands.reap_failed"))
         self.on_final: list[Any] = []  # async callbacks (tenant, command row)
 
     # --- submit ---------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class CommandService:
         row = await conn.fetchrow("SELECT status, enabled FROM pairings WHERE tenant = $1 "
                                   "AND pairing_id = $2", tenant, pairing_id)
         if row is None:
-            return PairingError(404, "pairing.not_found", f"no pairing {pairing_id!r}")
+            return PairingError.not_found(pairing_id)
         if row["status"] == "revoked":
             return PairingError(409, "pairing.revoked", "the pairing is revoked")
         if row["status"] == "pending":
@@ -169,23 +172,11 @@ class CommandService:
             await self.dispatch(r["tenant"], r["pairing_id"])
         return len(rows)
 
-    def start(self, interval: float = 0.5) -> None:
-        self._task = asyncio.create_task(self._reap(interval), name="command-lease-reaper")
+    def start(self) -> None:
+        self._reaper.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _reap(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.dispatch_expired()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database is away: try again next tick
-                log.warning("commands.reap_failed", **kv(error=str(exc)))
+        await self._reaper.stop()
 
     # --- acks --------------------------------------------------------------------------------
     async def handle_ack(self, msg: Msg) -> None:

@@ -187,8 +187,7 @@ async def revoke_pairing(request: web.Request) -> web.Response:
     body = await _body(request, RevokePairing) if request.can_read_body else RevokePairing()
     try:
         row = await hub.pairings.revoke(tenant_param(request), _pairing_id(request),
-                                        reason=body.reason, actor="admin",
-                                        credentials=hub.credentials)
+                                        reason=body.reason, actor="admin")
     except PairingError as exc:
         return _error(exc)
     return web.json_response(pairing_json(row))

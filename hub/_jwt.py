@@ -28,10 +28,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import nkeys
-
-from schemas import render_creds
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from schemas import render_creds
 
 __all__ = [
     "JwtError",

@@ -20,15 +20,19 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
     AuditRecord,
+    ContractError,
     Envelope,
     PairingPolicy,
+    PairingRevokeNotice,
     PairingState,
     PolicyDecision,
     Source,
+    decode,
     new_id,
     subjects,
 )
@@ -49,6 +53,10 @@ class PairingError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+
+    @classmethod
+    def not_found(cls, pairing_id: str) -> "PairingError":
+        return cls(404, "pairing.not_found", f"no pairing {pairing_id!r}")
 
 
 def refusal(exc: Exception) -> AckReply:
@@ -78,8 +86,9 @@ def _now() -> datetime:
 
 class PairingService:
     def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, *, code_key: bytes,
-                 hub_id: str) -> None:
+                 hub_id: str, credentials: Any | None = None) -> None:
         self._pool, self._audit, self._nc = pool, audit, nc
+        self._credentials = credentials  # CredentialService (operator mode) or None
         self._code_key = code_key
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self.on_revoked: list[Any] = []  # async callbacks (tenant, pairing_id)
@@ -106,7 +115,7 @@ class PairingService:
         row = await self._pool.fetchrow(
             "SELECT * FROM pairings WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id)
         if row is None:
-            raise PairingError(404, "pairing.not_found", f"no pairing {pairing_id!r}")
+            raise PairingError.not_found(pairing_id)
         return dict(row)
 
     async def list(self, tenant: str, limit: int) -> list[dict]:
@@ -124,7 +133,7 @@ class PairingService:
             old = await conn.fetchrow("SELECT * FROM pairings WHERE tenant = $1 AND "
                                       "pairing_id = $2 FOR UPDATE", tenant, pairing_id)
             if old is None:
-                raise PairingError(404, "pairing.not_found", f"no pairing {pairing_id!r}")
+                raise PairingError.not_found(pairing_id)
             if old["status"] == "revoked":
                 raise PairingError(409, "pairing.revoked", "a revoked pairing cannot change")
             new = _merged(dict(old), changes)
@@ -144,7 +153,7 @@ class PairingService:
         return dict(row)
 
     async def revoke(self, tenant: str, pairing_id: str, *, reason: str, actor: str,
-                     credentials: Any | None, actor_kind: str | None = None) -> dict:
+                     actor_kind: str | None = None, revoke_credential: bool = True) -> dict:
         """Final and idempotent: the Desktop is told (best effort), open commands
         fail, and its bus credential is revoked (the server disconnects it)."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -160,24 +169,51 @@ class PairingService:
                    RETURNING *""",
                 tenant, pairing_id, reason)
             if row is None:
-                raise PairingError(404, "pairing.not_found", f"no pairing {pairing_id!r}")
+                raise PairingError.not_found(pairing_id)
             failed = await conn.execute(
                 """UPDATE pairing_commands SET state = 'done', result_status = 'failed',
                        result = $3, lease_token = NULL, completed_at = now(), updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2 AND state <> 'done'""",
-                tenant, pairing_id, ({"ok": False, "status": "failed",
-                                                "message": "pairing revoked"}))
+                tenant, pairing_id, {"ok": False, "status": "failed",
+                                     "message": "pairing revoked"})
             if before != "revoked":  # revoking again changes nothing, so records nothing
                 await self._record(conn, tenant, "pairing.revoked", pairing_id, actor,
                                    reason=reason, metadata={"commandsFailed": _count(failed)},
                                    actor_kind=actor_kind)
         row = dict(row)
         await self.push_state(row)
-        if credentials is not None and row.get("public_key"):
-            await credentials.revoke(tenant, "desktop", pairing_id, reason=reason, actor=actor)
+        if revoke_credential:
+            await self._revoke_credential(row, actor)
         for callback in self.on_revoked:
             await callback(tenant, pairing_id)
         return row
+
+    async def _revoke_credential(self, row: dict, actor: str) -> None:
+        if self._credentials is not None and row.get("public_key"):
+            await self._credentials.revoke(row["tenant"], "desktop", row["pairing_id"],
+                                           reason=row["revoke_reason"], actor=actor)
+
+    async def handle_revoke_notice(self, msg: Msg) -> None:
+        """A Desktop revoked itself locally; the subject names it (own-subject permission).
+        The pairing is revoked durably, the Desktop answered, and only then its
+        credential revoked (which disconnects it, so no reply could reach it after)."""
+        row = None
+        try:
+            where = subjects.PAIRING_REVOKE.parse(msg.subject)
+            notice = decode(msg.data, PairingRevokeNotice).data
+            if notice.pairing_id != where["pairing_id"]:
+                raise ContractError("the notice names another pairing", "pairing.wrong_id")
+            row = await self.revoke(
+                where["tenant"], notice.pairing_id, actor=notice.pairing_id, actor_kind="desktop",
+                reason=notice.reason or "revoked on the Desktop", revoke_credential=False)
+            reply = AckReply(ok=True)
+        except (ContractError, subjects.SubjectError, PairingError) as exc:
+            reply = refusal(exc)
+        if msg.reply:
+            await msg.respond(Envelope.wrap(reply, source=self._source).encode())
+            await self._nc.flush()
+        if row is not None:
+            await self._revoke_credential(row, row["pairing_id"])
 
     # --- state to the Desktop ---------------------------------------------------------
     def state_of(self, row: dict) -> PairingState:

@@ -11,7 +11,6 @@ who audits them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -21,6 +20,7 @@ from nats.aio.msg import Msg
 from schemas import AuditRecord, ContractError, PresenceHeartbeat, decode, subjects
 
 from ._audit import AuditLog
+from ._background import BackgroundTask, every
 from ._logging import kv
 from ._metrics import HubMetrics
 
@@ -32,16 +32,14 @@ class DesktopPresence:
                  on_online: Any, sweep_interval: float = 0.5) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._on_online = on_online  # async (tenant, pairing row) -> None
-        self._sweep_interval = sweep_interval
-        self._task: asyncio.Task | None = None
+        self._sweeper = BackgroundTask("presence-sweep", lambda: every(
+            sweep_interval, self.sweep_once, log, "presence.sweep_failed"))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._sweep(), name="presence-sweep")
+        self._sweeper.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._sweeper.stop()
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -97,16 +95,6 @@ class DesktopPresence:
             await self._record(r["tenant"], r["pairing_id"], "pairing.offline",
                                reason="no heartbeat for two intervals")
         return len(rows)
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval)
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("presence.sweep_failed", **kv(error=str(exc)))
 
     async def _record(self, tenant: str, pairing_id: str, action: str,
                       reason: str | None = None) -> None:

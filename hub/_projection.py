@@ -15,7 +15,6 @@ dead-lettered with the reason.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -23,11 +22,19 @@ from collections import defaultdict
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
-from schemas import ContractError, DeviceEvent, Envelope, Source, WorkspaceEvent, decode, subjects
+from schemas import (
+    ContractError,
+    DeviceEvent,
+    Envelope,
+    Source,
+    WorkspaceEvent,
+    decode,
+    subjects,
+)
 
+from ._background import BackgroundTask, pull_forever
 from ._deadletter import DeadLetters
 from ._logging import kv
 from ._metrics import HubMetrics
@@ -50,37 +57,18 @@ class EventProjector:
     def __init__(self, js: JetStreamContext, nc: NATS, pool: asyncpg.Pool,
                  dead_letters: DeadLetters, metrics: HubMetrics, *, hub_id: str,
                  batch: int = 256) -> None:
-        self._js, self._nc, self._pool = js, nc, pool
-        self._dead, self._metrics, self._batch = dead_letters, metrics, batch
+        self._nc, self._pool = nc, pool
+        self._dead, self._metrics = dead_letters, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
-        self._task: asyncio.Task | None = None
+        self._worker = BackgroundTask("event-projector", lambda: pull_forever(
+            js, SPEC, batch, self._handle, log, "projection.fetch_failed"))
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-projector")
+        self._worker.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        sub = None
-        while True:
-            try:
-                if sub is None:
-                    sub = await self._js.pull_subscribe_bind(SPEC.durable, stream=SPEC.stream)
-                msgs = await sub.fetch(batch=self._batch, timeout=1.0)
-            except (NatsTimeout, asyncio.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS away or consumer missing: retry, never die
-                log.warning("projection.fetch_failed", **kv(error=str(exc)))
-                sub = None
-                await asyncio.sleep(0.5)
-                continue
-            await self._handle(msgs)
+        await self._worker.stop()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)

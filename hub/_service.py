@@ -17,9 +17,10 @@ import nats
 import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from schemas import AckReply, ContractError, Envelope, PairingRevokeNotice, Source, decode, subjects
+from schemas import (
+    subjects,
+)
 
 from . import _db, _jwt, _streams
 from ._audit import AuditLog
@@ -31,7 +32,7 @@ from ._http import build_app
 from ._keys import BusKeys
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._pairing import PairingError, PairingService, refusal
+from ._pairing import PairingService
 from ._pairing_bootstrap import PairingRedemption
 from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
 from ._presence import DesktopPresence
@@ -159,7 +160,7 @@ class Hub:
         s = self.settings
         code_key = self.keys.derive_key("pairing-code") if self.keys else os.urandom(32)
         self.pairings = PairingService(self.pool, self.audit, self.nc, code_key=code_key,
-                                       hub_id=s.hub_id)
+                                       hub_id=s.hub_id, credentials=self.credentials)
         self.commands = CommandService(self.pool, self.audit, self.nc, self.metrics,
                                        hub_id=s.hub_id,
                                        lease=timedelta(seconds=s.command_lease_seconds))
@@ -178,7 +179,7 @@ class Hub:
         await nc.subscribe(subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands",
                            cb=self.commands.handle_ack)
         await nc.subscribe(subjects.PAIRING_REVOKE.filter(), queue="hub-pairing",
-                           cb=self._on_revoke_notice)
+                           cb=self.pairings.handle_revoke_notice)
         if self.credentials is not None:
             redemption = PairingRedemption(self.pool, self.audit, self.pairings,
                                            self.credentials, self.metrics, code_key=code_key,
@@ -190,30 +191,6 @@ class Hub:
         await self.pairings.push_state(row)
         await self.commands.dispatch(tenant, row["pairing_id"])
 
-    async def _on_revoke_notice(self, msg: Msg) -> None:
-        """A Desktop revoked itself locally; the subject names it (own-subject permission).
-        The pairing is revoked durably, the Desktop answered, and only then its
-        credential revoked (which disconnects it, so no reply could reach it after)."""
-        row = None
-        try:
-            where = subjects.PAIRING_REVOKE.parse(msg.subject)
-            notice = decode(msg.data, PairingRevokeNotice).data
-            if notice.pairing_id != where["pairing_id"]:
-                raise ContractError("the notice names another pairing", "pairing.wrong_id")
-            row = await self.pairings.revoke(
-                where["tenant"], notice.pairing_id, actor=notice.pairing_id, actor_kind="desktop",
-                reason=notice.reason or "revoked on the Desktop", credentials=None)
-            reply = AckReply(ok=True)
-        except (ContractError, subjects.SubjectError, PairingError) as exc:
-            reply = refusal(exc)
-        if msg.reply:
-            source = Source(principal_kind="hub", principal_id=self.settings.hub_id)
-            await msg.respond(Envelope.wrap(reply, source=source).encode())
-            await self.nc.flush()
-        if row is not None and self.credentials is not None:
-            await self.credentials.revoke(row["tenant"], "desktop", row["pairing_id"],
-                                          reason=row["revoke_reason"], actor=row["pairing_id"])
-
     async def _pairing_revoked(self, tenant: str, pairing_id: str) -> None:
         self.projector.forget_pairing(tenant, pairing_id)
 
@@ -222,7 +199,7 @@ class Hub:
         if command["kind"] == "revoke_pairing" and command["result_status"] == "completed":
             await self.pairings.revoke(tenant, command["pairing_id"],
                                        reason="revoked by a revoke_pairing command",
-                                       actor="hub", credentials=self.credentials)
+                                       actor="hub")
 
     def _hub_auth(self) -> tuple[str, bytes] | None:
         if self.keys is None:

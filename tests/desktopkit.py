@@ -150,15 +150,19 @@ async def sse(http: httpx.AsyncClient, workspace: str, last_event_id: int | None
 
 async def redeem(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
                  **pairing: Any) -> tuple[dict, DesktopStore]:
+    """Create a pairing and redeem its code into `state_dir` (the store comes back
+    closed: its paths are usable, and its database reopens on use)."""
     created = await create_pairing(http, **pairing)
     store = DesktopStore(state_dir)
     await pair(created["code"], [nats_url], store, device_name="test-box")
+    store.close()
     return created, store
 
 
 class RunningDesktop:
     def __init__(self, agent: DesktopAgent) -> None:
         self.agent = agent
+        self.pairing_id = agent.pairing_id
         self.task = asyncio.create_task(agent.run())
 
     async def stop(self) -> None:
@@ -184,6 +188,17 @@ async def start_desktop(store_dir: Path, opencode_url: str, *, heartbeat: float 
                      what="the desktop to connect")
     if running.task.done():
         running.task.result()
+    return running
+
+
+async def pair_and_start(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
+                         opencode_url: str, *, heartbeat: float = 0.5,
+                         **pairing: Any) -> RunningDesktop:
+    """Redeem a new pairing, run its Desktop, and wait until the hub shows it online."""
+    created, _ = await redeem(http, nats_url, state_dir, **pairing)
+    running = await start_desktop(state_dir, opencode_url, heartbeat=heartbeat)
+    running.pairing_id = created["pairingId"]
+    await wait_online(http, running.pairing_id)
     return running
 
 

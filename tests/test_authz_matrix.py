@@ -10,11 +10,10 @@ allowed subscription receives, a denied one receives nothing and is reported.
 import asyncio
 
 import pytest
+from hubkit import connect_principal, running_hub
 
 from hub._permissions import Principal
 from schemas import CredentialScope, PrincipalKind, subjects
-
-from hubkit import connect_principal, running_hub
 
 KINDS = ("desktop", "gateway", "channel", "viewer", "admin")
 

@@ -26,19 +26,16 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import StorageType, StreamConfig
-
 from desktopkit import (
     TENANT,
     command,
     eventually,
-    redeem,
+    pair_and_start,
     sse,
-    start_desktop,
     submit,
-    wait_online,
 )
 from hubkit import client
+from nats.js.api import StorageType, StreamConfig
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -114,11 +111,7 @@ async def http(hub):  # module-wide, for the module-wide Desktop
 @pytest.fixture(scope="module")
 async def desktop(hub, http, opencode, operator_nats_url, tmp_path_factory):
     state = tmp_path_factory.mktemp("bench-desktop")
-    created, store = await redeem(http, operator_nats_url, state)
-    store.close()
-    running = await start_desktop(state, opencode.url)
-    await wait_online(http, created["pairingId"])
-    running.pairing_id = created["pairingId"]
+    running = await pair_and_start(http, operator_nats_url, state, opencode.url)
     yield running
     if not running.task.done():
         await running.stop()

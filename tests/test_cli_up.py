@@ -2,11 +2,11 @@
 
 import os
 import shutil
-import tempfile
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,10 +75,11 @@ class Up:
 
 async def _publish_audit(data_dir: Path, nats_port: int, tenant: str) -> None:
     """Publish as a credentialed desktop: `cowork up` runs NATS in operator mode."""
+    from hubkit import connect_with
+
     from hub import _jwt
     from hub._keys import BusKeys
     from hub._permissions import Principal, permissions_for
-    from hubkit import connect_with
     from schemas import PrincipalKind
 
     url = f"nats://127.0.0.1:{nats_port}"

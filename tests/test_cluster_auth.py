@@ -9,11 +9,6 @@ import time
 import httpx
 import nats
 import pytest
-
-from hub._keys import BusKeys
-from hub._permissions import Principal
-from schemas import PrincipalKind, subjects
-
 from hubkit import running_hub
 from test_deploy import (
     CLUSTER_DIR,
@@ -24,6 +19,10 @@ from test_deploy import (
     _stop_all,
     _wait_until,
 )
+
+from hub._keys import BusKeys
+from hub._permissions import Principal
+from schemas import PrincipalKind, subjects
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +112,9 @@ def _auth(edge):
 
 
 async def _edge_on(hub, principal, url):
-    from hub import _jwt
     from hubkit import connect_with
+
+    from hub import _jwt
 
     seed = _jwt.new_seed("user")
     issued = await hub.credentials.issue(principal, _jwt.public_key(seed))

@@ -124,7 +124,6 @@ class FakeDesktop:
 async def paired(hub, http, operator_nats_url, tmp_path):
     """A redeemed pairing (offline) and a connected fake Desktop that has not heartbeat yet."""
     created, store = await redeem(http, operator_nats_url, tmp_path / "desktop")
-    store.close()
     desktop = FakeDesktop(operator_nats_url, created["pairingId"], store.creds_path)
     await desktop.connect()
     yield desktop
@@ -228,7 +227,6 @@ async def test_submit_is_idempotent_by_id(hub, http, paired):
 async def test_the_same_command_id_on_another_pairing_conflicts(http, paired, operator_nats_url,
                                                                 tmp_path):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
-    store.close()
     body = {"id": "cmd-shared", "kind": "status"}
     assert (await http.post(_commands_url(paired.pairing_id), json=body)).status_code == 201
     response = await http.post(_commands_url(other["pairingId"]), json=body)
@@ -323,7 +321,6 @@ def lease_token_absent(row: dict, token: str) -> bool:
 async def test_an_ack_naming_another_pairing_is_refused(hub, http, paired, operator_nats_url,
                                                         tmp_path):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
-    store.close()
     await _online(http, paired)
     submitted = await submit(http, paired.pairing_id, "status")
     cmd = await paired.next_command()
@@ -339,7 +336,6 @@ async def test_an_ack_naming_another_pairing_is_refused(hub, http, paired, opera
 async def test_a_desktop_cannot_ack_another_pairings_command(hub, http, paired,
                                                              operator_nats_url, tmp_path):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
-    store.close()
     intruder = FakeDesktop(operator_nats_url, other["pairingId"], store.creds_path)
     await intruder.connect()
     try:

@@ -9,14 +9,13 @@ from datetime import timedelta
 
 import nats
 import pytest
+from hubkit import client, connect_principal, connect_with, operator_nats, running_hub
 
 from edges import CredentialRefreshError, EdgeCredentials, refresh_forever, refresh_once
 from hub import _jwt
 from hub._embedded import free_port
 from hub._permissions import Principal
 from schemas import PrincipalKind, subjects
-
-from hubkit import client, connect_principal, connect_with, operator_nats, running_hub
 
 TENANT = "acme"
 

@@ -11,11 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from desktopkit import (
+    TENANT,
+    create_pairing,
+    eventually,
+    get_pairing,
+    run_command,
+    wait_online,
+)
+from opencode_env import OpenCodeServer
 
 from hub._embedded import free_port
-
-from desktopkit import TENANT, create_pairing, eventually, get_pairing, run_command, wait_online
-from opencode_env import OpenCodeServer
 
 COWORK = str(Path(sys.executable).parent / "cowork")
 pytestmark = pytest.mark.timeout(180)

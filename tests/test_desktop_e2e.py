@@ -16,10 +16,9 @@ from desktopkit import (
     finished,
     get_pairing,
     opencode_events,
-    redeem,
+    pair_and_start,
     run_command,
     sse,
-    start_desktop,
     submit,
     wait_online,
 )
@@ -40,13 +39,9 @@ def hub_options():
 @pytest.fixture
 async def desktop(hub, http, opencode, operator_nats_url, tmp_path):
     """A paired, running Desktop that may answer approvals and questions remotely."""
-    created, store = await redeem(
-        http, operator_nats_url, tmp_path / "desktop",
+    running = await pair_and_start(
+        http, operator_nats_url, tmp_path / "desktop", opencode.url,
         policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"})
-    store.close()
-    running = await start_desktop(tmp_path / "desktop", opencode.url)
-    await wait_online(http, created["pairingId"])
-    running.pairing_id = created["pairingId"]
     yield running
     if not running.task.done():
         await running.stop()
@@ -113,12 +108,9 @@ async def test_sse_resumes_from_last_event_id(http, desktop):
 
 async def test_permission_under_local_confirmation_then_remote_allowed(
         hub, http, opencode, operator_nats_url, tmp_path):
-    created, store = await redeem(http, operator_nats_url, tmp_path / "d")  # contract defaults
-    store.close()
-    pid = created["pairingId"]
-    running = await start_desktop(tmp_path / "d", opencode.url)
+    running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url)
+    pid = running.pairing_id  # contract-default policy
     try:
-        await wait_online(http, pid)
         session = await _session(http, pid, "tool")
         await run_command(http, pid, "prompt", session, {"text": f"please {RUN_BASH}"})
         asked = (await _relayed(http, pid, "permission.asked", session))[0]["properties"]
@@ -243,24 +235,20 @@ async def test_local_revoke_tells_the_hub(hub, http, desktop):
 
 async def test_a_crashed_desktop_shows_offline_within_two_heartbeats(
         http, opencode, operator_nats_url, tmp_path):
-    created, store = await redeem(http, operator_nats_url, tmp_path / "d")
-    store.close()
-    running = await start_desktop(tmp_path / "d", opencode.url, heartbeat=0.5)
-    await wait_online(http, created["pairingId"])
+    running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url,
+                                   heartbeat=0.5)
     await running.kill()  # no goodbye heartbeat
     # two intervals, plus the hub's sweep tick (0.5 s) and some slack for a busy machine
-    view = await wait_online(http, created["pairingId"], online=False, timeout=2 * 0.5 + 1.5)
+    view = await wait_online(http, running.pairing_id, online=False, timeout=2 * 0.5 + 1.5)
     assert view["status"] == "paired_offline"
 
 
 async def test_a_stopped_desktop_says_goodbye_and_is_offline_at_once(
         http, opencode, operator_nats_url, tmp_path):
-    created, store = await redeem(http, operator_nats_url, tmp_path / "d")
-    store.close()
-    running = await start_desktop(tmp_path / "d", opencode.url, heartbeat=30)
-    await wait_online(http, created["pairingId"])
+    running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url,
+                                   heartbeat=30)
     await running.stop()
-    await wait_online(http, created["pairingId"], online=False, timeout=2)
+    await wait_online(http, running.pairing_id, online=False, timeout=2)
 
 
 async def test_stopping_the_hub_ends_live_tails_instead_of_waiting_them_out(

@@ -8,16 +8,13 @@ import asyncio
 from collections import Counter
 
 import pytest
-
-from hub._embedded import free_port
-from schemas import CommandResult
-
 from desktopkit import (
-    eventually,
     events,
+    eventually,
     finished,
     get_pairing,
     opencode_events,
+    pair_and_start,
     redeem,
     start_desktop,
     submit,
@@ -25,6 +22,9 @@ from desktopkit import (
 )
 from hubkit import client, operator_nats, running_hub
 from opencode_env import SLOW, FakeModelServer, OpenCodeServer
+
+from hub._embedded import free_port
+from schemas import CommandResult
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -64,8 +64,7 @@ async def test_commands_queued_offline_run_in_order_on_reconnect(
         operator_nats_url, database_url, bus_keys, opencode, tmp_path):
     async with running_hub(operator_nats_url, database_url, keys=bus_keys) as hub, \
             client(hub, admin=True) as http:
-        created, store = await redeem(http, operator_nats_url, tmp_path / "d")
-        store.close()
+        created, _ = await redeem(http, operator_nats_url, tmp_path / "d")
         pid = created["pairingId"]
         queued = [await submit(http, pid, "create_session", payload={"title": f"s{i}"})
                   for i in range(3)]
@@ -90,16 +89,14 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
         own_nats, database_url, bus_keys, opencode, tmp_path):
     async with running_hub(own_nats.url, database_url, keys=bus_keys) as hub, \
             client(hub, admin=True) as http:
-        created, store = await redeem(http, own_nats.url, tmp_path / "d")
-        store.close()
-        pid = created["pairingId"]
-        running = await start_desktop(tmp_path / "d", opencode.url)
+        running = await pair_and_start(http, own_nats.url, tmp_path / "d", opencode.url)
+        pid = running.pairing_id
         appended: list[str] = []
         original = running.agent.store.outbox_append
 
         def recording(items):
             appended.extend(msg_id for _, msg_id, _ in items)
-            original(items)
+            return original(items)
 
         running.agent.store.outbox_append = recording  # type: ignore[method-assign]
         try:
@@ -139,13 +136,10 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
 
 async def _blocked_command(http, nats_url, opencode, tmp_path):
     """A paired Desktop whose runner is stuck inside a `status` command."""
-    created, store = await redeem(http, nats_url, tmp_path / "d")
-    store.close()
-    pid = created["pairingId"]
-    running = await start_desktop(tmp_path / "d", opencode.url)
+    running = await pair_and_start(http, nats_url, tmp_path / "d", opencode.url)
+    pid = running.pairing_id
     blocking = BlockingRunner()
     running.agent.runner = blocking  # type: ignore[assignment]
-    await wait_online(http, pid)
     submitted = await submit(http, pid, "status")
     await eventually(lambda: blocking.calls, 10, what="the command to start")
     return pid, running, blocking, submitted

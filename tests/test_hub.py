@@ -5,13 +5,12 @@ import json
 
 import nats
 import pytest
+from hubkit import client, running_hub
 
 from hub import Hub, HubSettings, StartupError
 from hub._embedded import NatsServer, free_port
 from hub._streams import POLICIES
 from schemas import AuditRecord, Envelope, Source, subjects
-
-from hubkit import client, running_hub
 
 
 async def test_health_ready_and_metrics(nats_url, database_url):

@@ -159,7 +159,6 @@ async def test_get_and_list_never_show_the_code_or_a_secret(hub, http, operator_
                                                            tmp_path):
     pending = await create_pairing(http, label="pending one")
     redeemed, store = await redeem(http, operator_nats_url, tmp_path / "d", label="paired one")
-    store.close()
     creds = store.creds_path.read_text()
     user_jwt = EdgeCredentials.from_creds_file(store.creds_path).user_jwt
     seed = re.search(r"(SU[A-Z2-7]{56})", creds)[1]
@@ -350,7 +349,6 @@ async def test_revoke_is_final_and_idempotent(hub, http, operator_nats_url, tmp_
 
 async def test_revoking_a_redeemed_pairing_twice(hub, http, operator_nats_url, tmp_path):
     created, store = await redeem(http, operator_nats_url, tmp_path / "d")
-    store.close()
     pid = created["pairingId"]
     creds = EdgeCredentials.from_creds_file(store.creds_path)
 

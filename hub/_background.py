@@ -1,0 +1,68 @@
+"""The hub's long-running loops, written once: a periodic step and a JetStream
+pull consumer. Both log a failure and carry on (the database or NATS being
+away is expected and temporary); only cancellation ends them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from ._logging import kv
+
+
+class BackgroundTask:
+    """One named task a service owns: `start()` runs it, `stop()` cancels and waits."""
+
+    def __init__(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        self._name, self._run = name, run
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+async def every(interval: float, step: Callable[[], Awaitable[Any]], log: logging.Logger,
+                failure: str) -> None:
+    """Run `step` every `interval` seconds; a failed step is logged and tried next tick."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(failure, **kv(error=str(exc)))
+
+
+async def pull_forever(js: JetStreamContext, spec: Any, batch: int,
+                       handle: Callable[[list[Msg]], Awaitable[None]], log: logging.Logger,
+                       failure: str, retry_delay: float = 0.5) -> None:
+    """Fetch batches from the durable consumer `spec` and hand them to `handle`,
+    rebinding after NATS or the consumer went away."""
+    sub = None
+    while True:
+        try:
+            if sub is None:
+                sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+            msgs = await sub.fetch(batch=batch, timeout=1.0)
+        except (NatsTimeout, asyncio.TimeoutError):
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # NATS away or consumer missing: retry, never die
+            log.warning(failure, **kv(error=str(exc)))
+            sub = None
+            await asyncio.sleep(retry_delay)
+            continue
+        await handle(msgs)
