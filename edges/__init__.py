@@ -5,6 +5,10 @@ Edges dial out only; they never import `hub` internals or the database.
 Desktop: `pair()` redeems a one-time code and stores the credential in a
 `DesktopStore`; `DesktopAgent` serves it (commands in, redacted OpenCode
 events out); `OpenCodeClient` is the one module that talks to OpenCode.
+
+Gateway: `register()` exchanges a registration credential for the Gateway's NATS
+identity, kept in a `GatewayStore`; `GatewayAgent` heartbeats, syncs metadata
+and runs Cloud-owned work on the Gateway's OpenCode under a lease.
 """
 
 from ._credentials import (
@@ -16,10 +20,13 @@ from ._credentials import (
 )
 from ._desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
 from ._desktop_store import DesktopStore, StoreError
+from ._gateway import GatewayAgent, RegistrationFailed, register
+from ._gateway_store import GatewayStore, GatewayStoreError
 from ._opencode import OpenCodeClient, OpenCodeError
 from ._redaction import RedactionPolicy, redact, redact_event
 
 __all__ = ["CredentialRefreshError", "DesktopAgent", "DesktopStore", "EdgeCredentials",
-           "OpenCodeClient", "OpenCodeError", "PairingFailed", "RedactionPolicy", "StoreError",
-           "new_user_seed", "notify_hub_of_revocation", "pair", "redact", "redact_event",
-           "refresh_forever", "refresh_once", "revoke_locally"]
+           "GatewayAgent", "GatewayStore", "GatewayStoreError", "OpenCodeClient",
+           "OpenCodeError", "PairingFailed", "RedactionPolicy", "RegistrationFailed",
+           "StoreError", "new_user_seed", "notify_hub_of_revocation", "pair", "redact",
+           "redact_event", "refresh_forever", "refresh_once", "register", "revoke_locally"]

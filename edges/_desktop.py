@@ -41,13 +41,19 @@ from schemas import (
     PairingRevokeNotice,
     PairingState,
     PresenceHeartbeat,
-    SealedReply,
     Source,
     decode,
     subjects,
 )
-from schemas._bootstrap import BOOTSTRAP_USER_JWT, BOOTSTRAP_USER_SEED, ReplyKey, SealError
+from schemas._bootstrap import ReplyKey
 
+from ._bootstrap import (
+    BootstrapFailed,
+    bootstrap_options,
+    bootstrap_request,
+    dial_once,
+    open_sealed_reply,
+)
 from ._credentials import EdgeCredentials, new_user_seed, refresh_forever
 from ._desktop_commands import CommandRunner
 from ._desktop_relay import EventRelay
@@ -59,22 +65,18 @@ CLIENT_VERSION = "cowork-desktop/0.1"
 ACK_TIMEOUT = 5.0
 
 
-class PairingFailed(RuntimeError):
+class PairingFailed(BootstrapFailed):
     """Redemption refused or impossible; the message says why, in one line."""
 
-    def __init__(self, message: str, code: str = "pairing.failed",
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code, self.retry_after = code, retry_after
+    default_code = "pairing.failed"
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _bootstrap_options() -> dict[str, Any]:
-    creds = EdgeCredentials(BOOTSTRAP_USER_JWT, BOOTSTRAP_USER_SEED)
-    return creds.connect_options()
+# Kept under their old names: tests and callers import them from here.
+_bootstrap_options = bootstrap_options
 
 
 async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
@@ -91,9 +93,10 @@ async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
                                    client_version=CLIENT_VERSION)
     env = Envelope.wrap(request, source=Source(principal_kind="desktop",
                                                principal_id="unpaired"))
-    raw = await _bootstrap_request(hub_urls, subjects.PAIRING_REDEEM.build(), env.encode(),
-                                   timeout)
-    reply = _open_redeem_reply(raw, reply_key)
+    raw = await bootstrap_request(hub_urls, subjects.PAIRING_REDEEM.build(), env.encode(),
+                                  timeout, what="pairing", error=PairingFailed,
+                                  client_name="cowork-desktop-bootstrap")
+    reply = open_sealed_reply(raw, reply_key, PairingRedeemReply, error=PairingFailed)
     store.ensure_dir()
     EdgeCredentials(reply.user_jwt, seed).write_creds_file(store.creds_path)
     pairing = PairingFile(
@@ -104,67 +107,6 @@ async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
     store.audit("pairing.paired", pairingId=reply.pairing_id, tenant=reply.tenant,
                 label=reply.label, hub=hub_urls)
     return pairing
-
-
-async def dial_once(urls: list[str], timeout: float, **options: Any) -> NATS:
-    """One connection attempt per server, bounded by `timeout`, for one-shot requests.
-
-    nats-py keeps cycling servers on the first connect when reconnects are off and
-    prints each failure; this tries each URL at most twice, quietly, and raises
-    ConnectionError with the server's last complaint."""
-    errors: list[Exception] = []
-
-    async def remember(exc: Exception) -> None:
-        errors.append(exc)
-
-    try:
-        return await asyncio.wait_for(nats.connect(
-            urls, connect_timeout=min(timeout, 5.0), allow_reconnect=False,
-            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=remember, **options),
-            timeout)
-    except Exception as exc:  # nats-py raises several unrelated types here
-        last = errors[-1] if errors else exc
-        raise ConnectionError(str(last) or type(last).__name__) from None
-
-
-async def _bootstrap_request(hub_urls: list[str], subject: str, data: bytes,
-                             timeout: float) -> bytes:
-    try:
-        nc = await dial_once(hub_urls, timeout, name="cowork-desktop-bootstrap",
-                             **_bootstrap_options())
-    except Exception as exc:  # nats-py raises several unrelated types here
-        text = str(exc) or type(exc).__name__
-        if "authorization" in text.lower():
-            raise PairingFailed(f"{', '.join(hub_urls)} refused the bootstrap identity: is it "
-                                "a cowork hub's NATS server in operator mode?",
-                                "bootstrap.refused") from None
-        raise PairingFailed(f"cannot reach {', '.join(hub_urls)}: {text}",
-                            "bootstrap.unreachable") from None
-    try:
-        msg = await nc.request(subject, data, timeout=timeout)
-        return msg.data
-    except nats.errors.NoRespondersError:
-        raise PairingFailed("no hub is answering pairing requests on that server",
-                            "bootstrap.no_hub") from None
-    except nats.errors.TimeoutError:
-        raise PairingFailed(f"the hub did not answer within {timeout:g} s",
-                            "bootstrap.timeout") from None
-    finally:
-        await nc.close()
-
-
-def _open_redeem_reply(raw: bytes, reply_key: ReplyKey) -> PairingRedeemReply:
-    try:
-        kind = json.loads(raw).get("type")
-        if kind == AckReply.message_type:
-            refusal = decode(raw, AckReply).data
-            raise PairingFailed(refusal.reason or "refused", refusal.code or "refused",
-                                refusal.retry_after_seconds)
-        sealed = decode(raw, SealedReply).data.sealed
-        return decode(reply_key.open(sealed), PairingRedeemReply).data
-    except (ValueError, AttributeError, ContractError, SealError) as exc:
-        raise PairingFailed(f"the hub's reply could not be read: {exc}", "contract.invalid") \
-            from None
 
 
 def revoke_locally(store: DesktopStore, reason: str) -> PairingFile:

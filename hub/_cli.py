@@ -24,6 +24,10 @@ Run only the hub against an external NATS cluster and PostgreSQL:
 Pair this machine's OpenCode with a hub (outbound only), then serve it:
   cowork desktop pair CODE --hub nats://HOST:4222
   cowork desktop run --opencode http://127.0.0.1:4096
+
+Register a Standalone Team Gateway with Cloud (outbound only), then run it:
+  COWORK_GATEWAY_CREDENTIAL=cwgr_... cowork gateway register --hub nats://HOST:4222
+  cowork gateway run --opencode http://127.0.0.1:4096
 """
 
 ENV_HELP = """\
@@ -80,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="NATS client port (default: %(default)s)")
     up.add_argument("--postgres-port", type=_port, default=_port(_env("POSTGRES_PORT", "0")),
                     help="embedded PostgreSQL port on 127.0.0.1 (default: a free port)")
+    up.add_argument("--leaf-port", type=_port, default=_port(_env("LEAF_PORT", "7422")),
+                    help="NATS leaf-node port that Team Gateway appliances dial "
+                         "(default: %(default)s; 0 turns it off)")
     _add_logging(up, "text")
 
     hub = commands.add_parser("hub", help="hub service commands")
@@ -125,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     from edges._desktop_cli import add_desktop_commands
 
     _add_logging(add_desktop_commands(commands)["run"], "text")
+    from edges._gateway_cli import add_gateway_commands
+
+    gateway = add_gateway_commands(commands)
+    _add_logging(gateway["run"], "text")
+    from ._gateway_up import add_gateway_up_arguments
+
+    up_parser = gateway["_commands"].add_parser(
+        "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent")
+    _add_logging(add_gateway_up_arguments(up_parser), "text")
     return parser
 
 
@@ -150,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_keys_server_config(args)
         if args.command == "desktop":
             return _cmd_desktop(args)
+        if args.command == "gateway":
+            return _cmd_gateway(args)
     except KeyboardInterrupt:
         return 130
     return 2
@@ -168,7 +186,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     opts = UpOptions(data_dir=args.data_dir, host=args.host, http_port=args.http_port,
                      nats_port=args.nats_port, postgres_port=args.postgres_port,
-                     log_level=args.log_level, log_format=args.log_format)
+                     leaf_port=args.leaf_port, log_level=args.log_level,
+                     log_format=args.log_format)
     try:
         return asyncio.run(run_up(opts))
     except EmbeddedError as exc:
@@ -226,6 +245,20 @@ def _cmd_desktop(args: argparse.Namespace) -> int:
 
         configure_logging(args.log_level, args.log_format)
     return run_desktop(args)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from edges._gateway_cli import run_gateway
+
+    if args.gateway_command in ("run", "up"):
+        from ._logging import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
+    if args.gateway_command == "up":
+        from ._gateway_up import run_gateway_up
+
+        return run_gateway_up(args)
+    return run_gateway(args)
 
 
 def _cmd_keys_server_config(args: argparse.Namespace) -> int:

@@ -183,6 +183,26 @@ class CredentialService:
         await self.push_account()
         return len(keys)
 
+    async def revoke_keys(self, tenant: str, kind: str, principal_id: str, *, reason: str,
+                          actor: str = "admin") -> int:
+        """Revoke every current key of a principal but leave the principal active, so
+        it may get a credential for a new key (a rotated Gateway registering again).
+        Returns the keys newly revoked; live connections of those keys are dropped."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            keys = await conn.fetch(
+                """UPDATE bus_credentials SET revoked_at = now()
+                    WHERE tenant = $1 AND kind = $2 AND principal_id = $3 AND revoked_at IS NULL
+                    RETURNING public_key""", tenant, kind, principal_id)
+            if keys:
+                principal = Principal(PrincipalKind(kind), tenant, principal_id)
+                await self._audit.record(self._audit_record(
+                    "credential.keys_revoked", principal, actor, reason=reason,
+                    metadata={"publicKeys": [k["public_key"] for k in keys]}),
+                    tenant=tenant, conn=conn)
+        if keys:
+            await self.push_account()
+        return len(keys)
+
     async def push_account(self) -> None:
         """Send the account JWT with the current revocations to every server."""
         async with self._push_lock:

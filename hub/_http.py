@@ -156,8 +156,8 @@ def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
-    from . import _http_credentials, _http_events, _http_pairing
+    from . import _http_credentials, _http_events, _http_gateways, _http_pairing, _http_work
 
-    for module in (_http_credentials, _http_pairing, _http_events):
+    for module in (_http_credentials, _http_pairing, _http_events, _http_work, _http_gateways):
         module.add_routes(app)
     return app

@@ -1,11 +1,10 @@
 """Pairing-code redemption on `cw.bootstrap.pairing.redeem`.
 
-Requests come from the public BOOTSTRAP account (see schemas._bootstrap). The
-server shares the client's info with the request (`Nats-Request-Info`), which
-gives the source address for a per-source limit against brute force: after
-`MAX_FAILURES` failed codes within `WINDOW`, that source is refused for
-`LOCKOUT`, counted in PostgreSQL so every hub replica shares it. With 50-bit
-codes that expire in 10 minutes, guessing is hopeless even across many sources.
+Requests come from the public BOOTSTRAP account (see schemas._bootstrap). Failed
+codes count against the source address (`_bootstrap_limits`, shared with Gateway
+registration): after `MAX_FAILURES` within `WINDOW`, the source is refused for
+`LOCKOUT`. With 50-bit codes that expire in 10 minutes, guessing is hopeless even
+across many sources.
 
 Refusals are plain `ack.reply` envelopes (they hold nothing secret); a success
 is a `bootstrap.sealed_reply` that only the requester can open.
@@ -13,9 +12,7 @@ is a `bootstrap.sealed_reply` that only the requester can open.
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import timedelta
 
 import asyncpg
 from nats.aio.msg import Msg
@@ -35,6 +32,13 @@ from schemas import (
 from schemas._bootstrap import SealError, seal
 
 from ._audit import AuditLog
+from ._bootstrap_limits import (
+    LOCKOUT,
+    MAX_FAILURES,
+    WINDOW,
+    BootstrapLockout,
+    request_source,
+)
 from ._credentials import CredentialError, CredentialService
 from ._logging import kv
 from ._metrics import HubMetrics
@@ -43,26 +47,14 @@ from ._permissions import Principal
 
 log = logging.getLogger("cowork.hub.pairing")
 
-MAX_FAILURES = 10
-WINDOW = timedelta(minutes=10)
-LOCKOUT = timedelta(minutes=15)
+__all__ = ["LOCKOUT", "MAX_FAILURES", "WINDOW", "PairingRedemption", "RedeemRefused",
+           "request_source"]
 
 
 class RedeemRefused(Exception):
     def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code, self.retry_after = code, retry_after
-
-
-def request_source(msg: Msg) -> str:
-    """The client's address from the shared client info, else 'unknown'."""
-    info = (msg.headers or {}).get("Nats-Request-Info")
-    if not info:
-        return "unknown"
-    try:
-        return str(json.loads(info).get("host") or "unknown")[:128]
-    except (ValueError, AttributeError):
-        return "unknown"
 
 
 class PairingRedemption:
@@ -73,6 +65,7 @@ class PairingRedemption:
         self._credentials, self._metrics = credentials, metrics
         self._code_key = code_key
         self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._lockout = BootstrapLockout(pool)
 
     async def handle(self, msg: Msg) -> None:
         source = request_source(msg)
@@ -143,25 +136,11 @@ class PairingRedemption:
             state=self._pairings.state_of(row))
 
     async def _check_lockout(self, source: str) -> None:
-        row = await self._pool.fetchrow(
-            "SELECT extract(epoch FROM locked_until - now()) AS left FROM bootstrap_failures "
-            "WHERE source = $1 AND locked_until > now()", source)
-        if row is not None:
+        left = await self._lockout.locked_for(source)
+        if left is not None:
             raise RedeemRefused("bootstrap.rate_limited",
                                 "too many failed pairing codes from this address; retry later",
-                                retry_after=round(float(row["left"]), 1))
+                                retry_after=left)
 
     async def _count_failure(self, source: str) -> None:
-        failures = await self._pool.fetchval(
-            """INSERT INTO bootstrap_failures (source, window_started_at, failures)
-               VALUES ($1, now(), 1)
-               ON CONFLICT (source) DO UPDATE SET
-                 failures = CASE WHEN bootstrap_failures.window_started_at < now() - $2::interval
-                                 THEN 1 ELSE bootstrap_failures.failures + 1 END,
-                 window_started_at = CASE WHEN bootstrap_failures.window_started_at < now() - $2
-                                 THEN now() ELSE bootstrap_failures.window_started_at END,
-                 locked_until = CASE WHEN bootstrap_failures.window_started_at >= now() - $2
-                                      AND bootstrap_failures.failures + 1 >= $3
-                                 THEN now() + $4 ELSE bootstrap_failures.locked_until END
-               RETURNING failures""", source, WINDOW, MAX_FAILURES, LOCKOUT)
-        log.warning("pairing.redeem_refused", **kv(source=source, failures=failures))
+        await self._lockout.count_failure(source, "pairing code")

@@ -155,12 +155,7 @@ class EventProjector:
     async def _project(self, tenant: str, workspace: str,
                        envs: list[Envelope]) -> list[WorkspaceEvent]:
         async with self._pool.acquire() as conn, conn.transaction():
-            # One statement creates the cursor if needed and locks its row.
-            last = await conn.fetchval(
-                "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
-                "ON CONFLICT (tenant, workspace_id) DO UPDATE "
-                "SET last_sequence = workspace_cursors.last_sequence RETURNING last_sequence",
-                tenant, workspace)
+            last = await lock_cursor(conn, tenant, workspace)
             fresh = await self._unseen(conn, tenant, envs)
             if not fresh:
                 return []
@@ -170,15 +165,8 @@ class EventProjector:
                                      command_id=env.data.command_id,
                                      occurred_at=env.data.occurred_at, payload=_payload(env.data))
                       for offset, env in enumerate(fresh, start=1)]
-            await conn.execute(_INSERT_EVENTS, tenant, workspace, "desktop",
-                               [e.sequence for e in events], [e.event_id for e in events],
-                               [env.data.pairing_id for env in fresh],
-                               [e.type for e in events], [e.session_id for e in events],
-                               [e.command_id for e in events], [e.occurred_at for e in events],
-                               [e.payload for e in events])
-            await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
-                               "tenant = $1 AND workspace_id = $2", tenant, workspace,
-                               last + len(fresh))
+            await append_events(conn, tenant, workspace, "desktop",
+                                [env.data.pairing_id for env in fresh], events)
         return events
 
     @staticmethod
@@ -197,14 +185,46 @@ class EventProjector:
 
     async def _publish_live(self, tenant: str, workspace: str,
                             events: list[WorkspaceEvent]) -> None:
-        subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
-        try:
-            for event in events:
-                env = Envelope.wrap(event, source=self._source, tenant=tenant,
-                                    workspace=workspace)
-                await self._nc.publish(subject, env.encode())
-        except Exception as exc:  # tails fill gaps from PostgreSQL
-            log.warning("projection.live_publish_failed", **kv(error=str(exc)))
+        await publish_live(self._nc, self._source, tenant, workspace, events)
+
+
+# --- shared with other writers of the workspace log (edge work outputs) ---------------
+async def lock_cursor(conn: asyncpg.Connection, tenant: str, workspace: str) -> int:
+    """The workspace's last sequence, its cursor row created if needed and locked
+    (one statement) until the caller's transaction ends: the next sequences are
+    the caller's alone, so they stay gapless and unique across writers and replicas."""
+    return await conn.fetchval(
+        "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
+        "ON CONFLICT (tenant, workspace_id) DO UPDATE "
+        "SET last_sequence = workspace_cursors.last_sequence RETURNING last_sequence",
+        tenant, workspace)
+
+
+async def append_events(conn: asyncpg.Connection, tenant: str, workspace: str,
+                        source_kind: str, source_ids: list[str],
+                        events: list[WorkspaceEvent]) -> None:
+    """Store `events` (numbered after `lock_cursor`'s value) and move the cursor."""
+    await conn.execute(_INSERT_EVENTS, tenant, workspace, source_kind,
+                       [e.sequence for e in events], [e.event_id for e in events], source_ids,
+                       [e.type for e in events], [e.session_id for e in events],
+                       [e.command_id for e in events], [e.occurred_at for e in events],
+                       [e.payload for e in events])
+    await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
+                       "tenant = $1 AND workspace_id = $2", tenant, workspace,
+                       max(e.sequence for e in events))
+
+
+async def publish_live(nc: NATS, source: Source, tenant: str, workspace: str,
+                       events: list[WorkspaceEvent]) -> None:
+    """Committed events out to live tails (core NATS); a tail that misses one
+    fills the gap from PostgreSQL, so a failure here is only logged."""
+    subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
+    try:
+        for event in events:
+            env = Envelope.wrap(event, source=source, tenant=tenant, workspace=workspace)
+            await nc.publish(subject, env.encode())
+    except Exception as exc:
+        log.warning("projection.live_publish_failed", **kv(error=str(exc)))
 
 
 # One round trip and one cached plan for any batch size (COPY costs an extra

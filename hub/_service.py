@@ -25,9 +25,13 @@ from schemas import (
 from . import _db, _jwt, _streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
+from ._bootstrap_limits import BootstrapLockout
 from ._commands import CommandService
 from ._credentials import CredentialService
 from ._deadletter import DeadLetters
+from ._edge_work import EdgeWorkService
+from ._gateway_bootstrap import GatewayBootstrap
+from ._gateways import GatewayRegistry
 from ._http import build_app
 from ._keys import BusKeys
 from ._logging import kv
@@ -81,6 +85,8 @@ class Hub:
         if self.keys is not None:
             await self._start_credentials()
         await self._start_pairing()
+        await self._start_gateways()
+        await self._start_edge_work()
         await self._start_http()
         log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
 
@@ -186,6 +192,38 @@ class Hub:
                                            hub_id=s.hub_id)
             await nc.subscribe(subjects.PAIRING_REDEEM.filter(), queue="hub-pairing",
                                cb=redemption.handle)
+
+    async def _start_gateways(self) -> None:
+        """Gateway registrations: heartbeat/capabilities/sync responders, the unhealthy
+        sweep and, in operator mode, registration on the bootstrap subject."""
+        assert self.pool is not None and self.nc is not None
+        s = self.settings
+        key = self.keys.derive_key("gateway-credential") if self.keys else os.urandom(32)
+        self.gateways = GatewayRegistry(
+            self.pool, self.audit, self.metrics, credential_key=key, hub_id=s.hub_id,
+            credentials=self.credentials, heartbeat_rate=s.gateway_heartbeat_rate,
+            credential_ttl_days=s.gateway_credential_ttl_days)
+        self.gateways.start()
+        self._workers.append(self.gateways)
+        await self.gateways.subscribe(self.nc)
+        if self.credentials is not None:
+            bootstrap = GatewayBootstrap(self.gateways, self.credentials,
+                                         BootstrapLockout(self.pool), self.metrics,
+                                         hub_id=s.hub_id)
+            await self.nc.subscribe(subjects.GATEWAY_REGISTER.filter(), queue="hub-gateways",
+                                    cb=bootstrap.handle)
+
+    async def _start_edge_work(self) -> None:
+        """Cloud-owned edge work: the queue's claim/renew/output responders and reaper."""
+        assert self.pool is not None and self.nc is not None
+        s = self.settings
+        self.edge_work = EdgeWorkService(
+            self.pool, self.audit, self.nc, self.metrics, self.dead_letters, hub_id=s.hub_id,
+            lease_seconds=s.work_lease_seconds, max_attempts=s.work_max_attempts,
+            write_rate=s.work_write_rate)
+        self.edge_work.start()
+        self._workers.append(self.edge_work)
+        await self.edge_work.subscribe(self.nc)
 
     async def _desktop_online(self, tenant: str, row: dict) -> None:
         await self.pairings.push_state(row)

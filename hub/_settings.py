@@ -23,6 +23,16 @@ class HubSettings(BaseSettings):
     edge_credential_ttl_hours: float = Field(24.0, gt=0, le=720)
     command_lease_seconds: float = Field(
         30.0, gt=0, le=3600, description="How long a Desktop holds a command before it is re-sent")
+    work_lease_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Lease TTL of Cloud-owned edge work; renewed while it runs")
+    work_max_attempts: int = Field(3, ge=1, le=100,
+                                   description="Leases a work item may expire before dead-letter")
+    gateway_credential_ttl_days: float = Field(
+        30.0, gt=0, le=365, description="How long a Gateway registration credential is valid")
+    gateway_heartbeat_rate: float = Field(
+        2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)")
+    work_write_rate: float = Field(
+        500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)")
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"

@@ -38,6 +38,7 @@ class UpOptions:
     postgres_port: int
     log_level: str
     log_format: str
+    leaf_port: int = 7422  # Team Gateways' leaf nodes dial in here (0 = no listener)
 
 
 def secret_key_from_env() -> bytes | None:
@@ -75,6 +76,15 @@ async def step(label: str, action: Callable[[], Awaitable[object]]) -> None:
     print(f" ready ({time.monotonic() - started:.1f}s)", flush=True)
 
 
+def _leafnode_listener(opts: UpOptions) -> str:
+    """Where Gateway appliances' leaf nodes connect; each authenticates with its own
+    Gateway credential, so it gets exactly that Gateway's subject permissions."""
+    if not opts.leaf_port:
+        return ""
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    return f'leafnodes {{\n  listen: "{host}:{opts.leaf_port}"\n}}\n'
+
+
 class Stack:
     """The running pieces, stopped in reverse order of start."""
 
@@ -84,7 +94,8 @@ class Stack:
         self.keys = BusKeys.load_or_create(opts.data_dir / "keys", secret_key_from_env())
         nats_dir = opts.data_dir / "nats"
         self.nats = NatsServer(store_dir=nats_dir, host=opts.host, port=opts.nats_port,
-                               extra_config=self.keys.server_config(nats_dir / "resolver"))
+                               extra_config=self.keys.server_config(nats_dir / "resolver")
+                               + _leafnode_listener(opts))
         external_db = os.environ.get("COWORK_DATABASE_URL")
         self.postgres = None if external_db else EmbeddedPostgres(
             data_dir=opts.data_dir / "postgres", port=opts.postgres_port)
@@ -123,6 +134,12 @@ class Stack:
         say(f"  Data dir     {self.opts.data_dir}")
         say("Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {\"label\": ...} for a code,")
         say(f"  then on the Desktop: cowork desktop pair CODE --hub {self.nats.url}")
+        if self.opts.leaf_port:
+            say("Register a Team Gateway: POST /api/v1/tenants/<tenant>/gateway-registrations,")
+            say(f"  then on the Gateway: cowork gateway register --hub {self.nats.url} "
+                "--credential-file FILE")
+            say(f"  and cowork gateway up (its leaf node dials {self.opts.host}:"
+                f"{self.opts.leaf_port})")
         say("Press Ctrl-C to stop.")
 
     async def stop(self) -> None:
@@ -165,6 +182,8 @@ async def run_up(opts: UpOptions) -> int:
     nats_server_binary()
     ensure_port_free(opts.host, opts.nats_port, "--nats-port")
     ensure_port_free(opts.host, opts.http_port, "--http-port")
+    if opts.leaf_port:
+        ensure_port_free(opts.host, opts.leaf_port, "--leaf-port")
     if opts.postgres_port:
         ensure_port_free("127.0.0.1", opts.postgres_port, "--postgres-port")
 

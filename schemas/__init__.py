@@ -24,3 +24,6 @@ from ._creds import parse_creds, render_creds
 from ._messages import NkeyPublic
 
 __all__ += ["parse_creds", "render_creds", "NkeyPublic"]
+from . import _versions as versions
+
+__all__ += ["versions"]

@@ -17,6 +17,7 @@ from ._vocabulary import (
     DeliveryStatus,
     DeliveryType,
     DeviceEventType,
+    GatewayKind,
     PolicyDecision,
     PrincipalKind,
     SyncScope,
@@ -273,9 +274,14 @@ class GatewayRegisterReply(Message):
     message_type = "gateway.register.reply"
     registration_id: TokenId
     tenant: TenantId
+    display_name: Label
+    kind: GatewayKind
     scopes: list[CredentialScope]
+    sync_scopes: list[TokenId]
     user_jwt: str = Field(max_length=8192)
     expires_at: datetime
+    state: WorkerState
+    heartbeat_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
 
 
 class GatewayHeartbeat(Message):
@@ -286,46 +292,83 @@ class GatewayHeartbeat(Message):
     current_load: int = Field(ge=0)
     active_work_ids: list[TokenId] = Field(max_length=1024)
     heartbeat_sequence: int = Field(ge=0)
+    interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     last_error: Text | None = None
     versions: VersionSet | None = None
+
+
+class GatewayHeartbeatReply(Message):
+    """The hub's view of the registration after a heartbeat: a Gateway that is not
+    `active` stops claiming (draining keeps renewing until `drain_deadline`)."""
+
+    message_type = "gateway.heartbeat.reply"
+    state: WorkerState
+    reason: Text | None = None
+    drain_deadline: datetime | None = None
 
 
 class GatewayCapabilities(Message):
     message_type = "gateway.capabilities"
     capabilities: dict[TokenId, CapabilityStatus]
     max_concurrent_work: int = Field(ge=0, le=10_000)
-    work_kinds: list[TokenId] = Field(default_factory=list)
+    work_kinds: list[TokenId] = Field(default_factory=list, max_length=64)
 
 
 class GatewaySync(Message):
+    """External-workspace metadata. `scope` is a plain token so that a forbidden or
+    unknown scope gets a refusal with its reason rather than a contract error."""
+
     message_type = "gateway.sync"
-    scope: SyncScope
+    scope: TokenId
     items: list[Json] = Field(max_length=1000)
     cursor: str | None = Field(default=None, max_length=256)
 
 
 # --- Cloud-owned edge work -------------------------------------------------------------------
+class SessionRef(WireModel):
+    """Which Cloud workspace (and session, when continuing one) the work belongs to."""
+
+    workspace_id: TokenId
+    session_id: TokenId | None = None
+    title: Label | None = None
+
+
+class WorkRequirements(WireModel):
+    """What the work needs from the edge that runs it; a claim only matches work
+    whose requirements the registration meets."""
+
+    capabilities: list[TokenId] = Field(default_factory=list, max_length=64)
+    credentials: list[TokenId] = Field(default_factory=list, max_length=64)
+    host_paths: bool = False
+    local_stdio_mcps: bool = False
+
+
 class WorkOffer(Message):
     message_type = "work.offer"
     work_id: TokenId
     kind: TokenId
-    requirements: Json = Field(default_factory=dict)
+    requirements: WorkRequirements = Field(default_factory=WorkRequirements)
 
 
 class WorkClaimRequest(Message):
     message_type = "work.claim.request"
-    work_kinds: list[TokenId] = Field(default_factory=lambda: ["prompt"])
-    capacity: int = Field(default=1, ge=1, le=1000)
+    work_kinds: list[TokenId] = Field(default_factory=lambda: ["prompt"], max_length=64)
+    work_id: TokenId | None = Field(default=None, description="Prefer this offered item")
 
 
 class WorkClaimReply(Message):
+    """A lease on one work item, or `work_id: null` when nothing is claimable.
+    `next_sequence` is where this lease's outputs continue (after earlier attempts')."""
+
     message_type = "work.claim.reply"
     work_id: TokenId | None = None
     kind: TokenId | None = None
     lease_token: str | None = Field(default=None, max_length=128)
     lease_expires_at: datetime | None = None
+    lease_seconds: float | None = Field(default=None, gt=0)
     attempt: int | None = Field(default=None, ge=1)
-    session_ref: Json | None = None
+    next_sequence: int | None = Field(default=None, ge=1)
+    session_ref: SessionRef | None = None
     payload: Json | None = None
 
 
@@ -335,7 +378,16 @@ class WorkRenew(Message):
     lease_token: str = Field(min_length=16, max_length=128)
 
 
+class WorkRenewReply(Message):
+    message_type = "work.renew.reply"
+    work_id: TokenId
+    lease_expires_at: datetime
+
+
 class WorkOutput(Message):
+    """A lease-fenced write. Sequences are per work item across all its attempts;
+    re-sending a stored sequence with identical content is a no-op."""
+
     message_type = "work.output"
     work_id: TokenId
     lease_token: str = Field(min_length=16, max_length=128)

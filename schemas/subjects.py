@@ -177,7 +177,7 @@ GATEWAY_HEARTBEAT = _f(
     "gateway.heartbeat", "cw.{tenant}.gateway.{registration_id}.heartbeat",
     "gateway.heartbeat", "gateway", "hub", R,
     "Gateway liveness, mode, health, load and versions; the reply may pause it.",
-    reply="ack.reply")
+    reply="gateway.heartbeat.reply")
 GATEWAY_CAPABILITIES = _f(
     "gateway.capabilities", "cw.{tenant}.gateway.{registration_id}.capabilities",
     "gateway.capabilities", "gateway", "hub", R,
@@ -199,7 +199,7 @@ WORK_CLAIM = _f(
 WORK_RENEW = _f(
     "work.renew", "cw.{tenant}.work.lease.{registration_id}.renew", "work.renew",
     "gateway", "hub", R, "A worker renews its lease while OpenCode runs.",
-    reply="ack.reply")
+    reply="work.renew.reply")
 WORK_OUTPUT = _f(
     "work.output", "cw.{tenant}.work.lease.{registration_id}.output", "work.output",
     "gateway", "hub", R,

@@ -32,7 +32,8 @@ class Up:
         self.http_port, self.nats_port = free_port(), free_port()
         self.proc = subprocess.Popen(
             COWORK + ["up", "--data-dir", str(data_dir), "--http-port", str(self.http_port),
-                      "--nats-port", str(self.nats_port), "--log-level", "warning"],
+                      "--nats-port", str(self.nats_port), "--leaf-port", str(free_port()),
+                      "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.descendants: set[int] = set()
@@ -173,11 +174,11 @@ def test_taken_port_is_a_one_line_error(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         result = _run(["up", "--data-dir", str(tmp_path / "d"), "--nats-port", str(port),
-                       "--http-port", str(free_port())])
+                       "--http-port", str(free_port()), "--leaf-port", str(free_port())])
         _one_line_error(result, f"port {port}")
         assert "--nats-port" in result.stderr
         result = _run(["up", "--data-dir", str(tmp_path / "d"), "--http-port", str(port),
-                       "--nats-port", str(free_port())])
+                       "--nats-port", str(free_port()), "--leaf-port", str(free_port())])
         _one_line_error(result, "--http-port")
 
 

@@ -1,0 +1,51 @@
+"""Per-principal token buckets for bus requests (heartbeats, fenced writes).
+
+Each hub replica keeps its own buckets: a Gateway spread over N replicas gets
+at most N times the rate, which bounds abuse without a shared round trip on
+the hot path. A refusal carries how long to wait (`retry_after`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """`rate` tokens per second, bursts up to `burst`; keys are forgotten when full."""
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = 100_000) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate, self.burst, self._max_keys = rate, burst, max_keys
+        self._buckets: dict[object, _Bucket] = {}
+
+    def take(self, key: object, now: float | None = None) -> float:
+        """0.0 when allowed (one token spent), else the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys:
+                self._evict_full(now)
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return round((1.0 - bucket.tokens) / self.rate, 3)
+
+    def _evict_full(self, now: float) -> None:
+        full = [k for k, b in self._buckets.items()
+                if b.tokens + (now - b.updated) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
+        if len(self._buckets) >= self._max_keys:  # still full: drop the stalest
+            oldest = min(self._buckets, key=lambda k: self._buckets[k].updated)
+            del self._buckets[oldest]
