@@ -20,7 +20,8 @@ from ._credentials import (
 )
 from ._desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
 from ._desktop_store import DesktopStore, StoreError
-from ._gateway import GatewayAgent, RegistrationFailed, register
+from ._gateway import GatewayAgent
+from ._gateway_registration import RegistrationFailed, register
 from ._gateway_store import GatewayStore, GatewayStoreError
 from ._opencode import OpenCodeClient, OpenCodeError
 from ._redaction import RedactionPolicy, redact, redact_event

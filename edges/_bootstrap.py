@@ -18,7 +18,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AckReply, ContractError, SealedReply, decode
+from schemas import AckReply, ContractError, Envelope, SealedReply, Source, decode
 from schemas._base import Message
 from schemas._bootstrap import (
     BOOTSTRAP_USER_JWT,
@@ -111,3 +111,17 @@ def open_sealed_reply(raw: bytes, reply_key: ReplyKey, model: type[M], *,
         return decode(reply_key.open(sealed), model).data
     except (ValueError, AttributeError, ContractError, SealError) as exc:
         raise error(f"the hub's reply could not be read: {exc}", "contract.invalid") from None
+
+
+async def bootstrap_exchange(hub_urls: list[str], subject: str, request: Message,
+                             sender: Source, reply_key: ReplyKey, reply_model: type[M], *,
+                             timeout: float, what: str,
+                             error: type[BootstrapFailed] = BootstrapFailed) -> M:
+    """The whole exchange of an edge that has no identity yet: `request`, from
+    `sender`, goes out as the bootstrap identity, and the hub's answer comes back
+    sealed to `reply_key` (nobody else on the bus can read the credential in it)."""
+    env = Envelope.wrap(request, source=sender)
+    raw = await bootstrap_request(hub_urls, subject, env.encode(), timeout, what=what,
+                                  error=error,
+                                  client_name=f"cowork-{sender.principal_kind}-bootstrap")
+    return open_sealed_reply(raw, reply_key, reply_model, error=error)

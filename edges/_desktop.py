@@ -47,13 +47,7 @@ from schemas import (
 )
 from schemas._bootstrap import ReplyKey
 
-from ._bootstrap import (
-    BootstrapFailed,
-    bootstrap_options,
-    bootstrap_request,
-    dial_once,
-    open_sealed_reply,
-)
+from ._bootstrap import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
 from ._credentials import EdgeCredentials, new_user_seed, refresh_forever
 from ._desktop_commands import CommandRunner
 from ._desktop_relay import EventRelay
@@ -91,12 +85,10 @@ async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
     request = PairingRedeemRequest(code=code.strip(), public_key=creds.public_key,
                                    reply_key=reply_key.public, device_name=name[:512],
                                    client_version=CLIENT_VERSION)
-    env = Envelope.wrap(request, source=Source(principal_kind="desktop",
-                                               principal_id="unpaired"))
-    raw = await bootstrap_request(hub_urls, subjects.PAIRING_REDEEM.build(), env.encode(),
-                                  timeout, what="pairing", error=PairingFailed,
-                                  client_name="cowork-desktop-bootstrap")
-    reply = open_sealed_reply(raw, reply_key, PairingRedeemReply, error=PairingFailed)
+    reply = await bootstrap_exchange(
+        hub_urls, subjects.PAIRING_REDEEM.build(), request,
+        Source(principal_kind="desktop", principal_id="unpaired"), reply_key,
+        PairingRedeemReply, timeout=timeout, what="pairing", error=PairingFailed)
     store.ensure_dir()
     EdgeCredentials(reply.user_jwt, seed).write_creds_file(store.creds_path)
     pairing = PairingFile(

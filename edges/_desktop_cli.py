@@ -11,12 +11,20 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from ._cli_common import (
+    add_opencode_server,
+    add_state_dir,
+    add_status_command,
+    documented_command,
+    fail,
+    hub_urls,
+    interval_seconds,
+    run_subcommand,
+    serve,
+)
 from ._desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
 from ._desktop_store import DesktopStore, StoreError, default_state_dir
 
@@ -35,21 +43,21 @@ EXIT_REVOKED = 3
 
 def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
     """Add `desktop` to the `cowork` parser; returns its sub-parsers by name."""
-    desktop = commands.add_parser(
-        "desktop", help="pair this machine's OpenCode with a hub and relay it (outbound only)",
+    desktop = documented_command(
+        commands, "desktop",
+        help="pair this machine's OpenCode with a hub and relay it (outbound only)",
         description="A paired Desktop dials out to the hub's NATS: no inbound port is opened. "
                     "It stays the execution authority: the hub's commands run only under its "
-                    "local policy.", epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "local policy.", epilog=ENV_HELP)
     sub = desktop.add_subparsers(dest="desktop_command", metavar="DESKTOP_COMMAND",
                                  required=True)
 
-    p = sub.add_parser("pair", help="redeem a one-time pairing code from the hub",
-                       description="Redeem CODE (from POST /api/v1/tenants/T/pairings) over "
-                                   "NATS and store the credential in the state directory.",
-                       epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = documented_command(sub, "pair", help="redeem a one-time pairing code from the hub",
+                           description="Redeem CODE (from POST /api/v1/tenants/T/pairings) "
+                                       "over NATS and store the credential in the state "
+                                       "directory.", epilog=ENV_HELP)
     p.add_argument("code", metavar="CODE", help="the pairing code, e.g. 7KQ2-M9XD-4F")
-    p.add_argument("--hub", type=_hub_urls, default=os.environ.get("COWORK_HUB_URL"),
+    p.add_argument("--hub", type=hub_urls, default=os.environ.get("COWORK_HUB_URL"),
                    help="the hub's NATS URL(s), e.g. nats://hub.example.com:4222 "
                         "(env COWORK_HUB_URL)")
     p.add_argument("--device-name", help="how the hub lists this Desktop (default: host name)")
@@ -57,23 +65,16 @@ def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    help="seconds to wait for the hub (default: %(default)s)")
     _state_dir(p)
 
-    r = sub.add_parser("run", help="serve the paired Desktop until stopped",
-                       description="Connect to the hub, take its commands and relay OpenCode's "
-                                   "events (redacted). Buffers on disk while the hub is away.",
-                       epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--opencode", default=os.environ.get("COWORK_OPENCODE_URL",
-                                                        "http://127.0.0.1:4096"),
-                   type=_http_url, help="OpenCode server URL (default: %(default)s)")
-    r.add_argument("--opencode-password",
-                   default=os.environ.get("COWORK_OPENCODE_PASSWORD")
-                   or os.environ.get("OPENCODE_SERVER_PASSWORD"),
-                   help="OpenCode server password (prefer the environment variable)")
-    r.add_argument("--heartbeat-interval", type=_positive, default=5.0,
+    r = documented_command(sub, "run", help="serve the paired Desktop until stopped",
+                           description="Connect to the hub, take its commands and relay "
+                                       "OpenCode's events (redacted). Buffers on disk while "
+                                       "the hub is away.", epilog=ENV_HELP)
+    add_opencode_server(r)
+    r.add_argument("--heartbeat-interval", type=interval_seconds, default=5.0,
                    help="seconds between presence heartbeats (default: %(default)s)")
     _state_dir(r)
 
-    s = sub.add_parser("status", help="show this Desktop's pairing (works offline)")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    s = add_status_command(sub, "show this Desktop's pairing (works offline)")
     _state_dir(s)
 
     v = sub.add_parser("revoke", help="revoke this pairing (local first; tells the hub if it can)")
@@ -83,71 +84,25 @@ def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def _state_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                   help="state directory (default: %(default)s; env COWORK_DESKTOP_STATE_DIR)")
-
-
-def _hub_urls(text: str) -> list[str]:
-    urls = [u.strip() for u in text.split(",") if u.strip()]
-    for url in urls:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
-            raise argparse.ArgumentTypeError(f"{url!r} is not a NATS URL like nats://HOST:4222")
-    if not urls:
-        raise argparse.ArgumentTypeError("no NATS URL given")
-    return urls
-
-
-def _http_url(text: str) -> str:
-    parsed = urlparse(text)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
-    return text
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.2 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0.2 and 3600 seconds")
-    return value
+    add_state_dir(p, default_state_dir(), "COWORK_DESKTOP_STATE_DIR")
 
 
 def run_desktop(args: argparse.Namespace) -> int:
-    store = DesktopStore(args.state_dir)
-    try:
-        if args.desktop_command == "pair":
-            return _pair(args, store)
-        if args.desktop_command == "run":
-            return _run(args, store)
-        if args.desktop_command == "status":
-            return _status(args, store)
-        if args.desktop_command == "revoke":
-            return _revoke(args, store)
-    except StoreError as exc:
-        return _fail(str(exc))
-    finally:
-        store.close()
-    return 2
-
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"cowork: error: {message}", file=sys.stderr)
-    return code
+    return run_subcommand(args, args.desktop_command, DesktopStore(args.state_dir),
+                          {"pair": _pair, "run": _run, "status": _status, "revoke": _revoke},
+                          StoreError)
 
 
 def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
     if not args.hub:
-        return _fail("no hub given: pass --hub nats://HOST:PORT or set COWORK_HUB_URL", 2)
+        return fail("no hub given: pass --hub nats://HOST:PORT or set COWORK_HUB_URL", 2)
     print(f"Redeeming the code at {', '.join(args.hub)} ...", file=sys.stderr)
     try:
         pairing = asyncio.run(pair(args.code, args.hub, store, device_name=args.device_name,
                                    timeout=args.timeout))
     except PairingFailed as exc:
         hint = f" (try again in {exc.retry_after:.0f} s)" if exc.retry_after else ""
-        return _fail(f"pairing failed [{exc.code}]: {exc}{hint}")
+        return fail(f"pairing failed [{exc.code}]: {exc}{hint}")
     print(f"Paired as {pairing.pairing_id} ({pairing.label!r}) with tenant {pairing.tenant}.")
     print(f"Credential: {store.creds_path}")
     print("Next: cowork desktop run --opencode http://127.0.0.1:4096")
@@ -159,18 +114,11 @@ def _run(args: argparse.Namespace, store: DesktopStore) -> int:
                          heartbeat_interval=args.heartbeat_interval)
     print(f"Serving pairing {agent.pairing_id} (tenant {agent.tenant}) for OpenCode at "
           f"{args.opencode}; Ctrl-C stops.", file=sys.stderr)
-    asyncio.run(_serve(agent))
+    asyncio.run(serve(agent))
     if agent.pairing.revoked:
-        return _fail(f"this pairing was revoked ({agent.pairing.revoke_reason}); "
+        return fail(f"this pairing was revoked ({agent.pairing.revoke_reason}); "
                      "pair again with a new code", EXIT_REVOKED)
     return 0
-
-
-async def _serve(agent: DesktopAgent) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
 
 
 def _status(args: argparse.Namespace, store: DesktopStore) -> int:

@@ -15,13 +15,12 @@ it the oldest are dropped, and the relay logs how many).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 DEFAULT_MAX_OUTBOX = 200_000
 
@@ -31,11 +30,7 @@ class StoreError(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("COWORK_DESKTOP_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cowork" / "desktop"
+    return state_dir_from_env("COWORK_DESKTOP_STATE_DIR", "desktop")
 
 
 @dataclass
@@ -52,39 +47,26 @@ class PairingFile:
     revoke_reason: str | None = None
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+class DesktopStore(StateDirectory):
+    db_name = "desktop.db"
+    db_synchronous = "NORMAL"  # survives a crash of this process
+    db_schema = """
+        CREATE TABLE IF NOT EXISTS outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,
+            msg_id TEXT NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE IF NOT EXISTS commands (
+            id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, kind TEXT NOT NULL,
+            phase TEXT NOT NULL, result TEXT, updated_at TEXT NOT NULL);
+    """
 
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class DesktopStore:
     def __init__(self, directory: Path, *, max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
-        self.directory = Path(directory)
+        super().__init__(directory)
         self.max_outbox = max_outbox
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
 
     # --- files --------------------------------------------------------------------------
     @property
     def creds_path(self) -> Path:
         return self.directory / "desktop.creds"
-
-    @property
-    def audit_path(self) -> Path:
-        return self.directory / "audit.jsonl"
-
-    def ensure_dir(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
 
     def is_paired(self) -> bool:
         return (self.directory / "pairing.json").exists()
@@ -101,45 +83,7 @@ class DesktopStore:
 
     def save_pairing(self, pairing: PairingFile) -> None:
         self.ensure_dir()
-        _write_private(self.directory / "pairing.json", json.dumps(asdict(pairing), indent=2))
-
-    def audit(self, action: str, **fields: Any) -> None:
-        """Append one line to the local audit log (never rewritten)."""
-        self.ensure_dir()
-        line = json.dumps({"at": _now(), "action": action, **fields}, default=str)
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(line + "\n")
-
-    def read_audit(self) -> list[dict]:
-        if not self.audit_path.exists():
-            return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
-
-    # --- database ---------------------------------------------------------------------------
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.ensure_dir()
-            db = sqlite3.connect(self.directory / "desktop.db", check_same_thread=False,
-                                 isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # survives a crash of this process
-            db.executescript("""
-                CREATE TABLE IF NOT EXISTS outbox (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,
-                    msg_id TEXT NOT NULL, data BLOB NOT NULL);
-                CREATE TABLE IF NOT EXISTS commands (
-                    id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, kind TEXT NOT NULL,
-                    phase TEXT NOT NULL, result TEXT, updated_at TEXT NOT NULL);
-            """)
-            self._db = db
-        return self._db
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        write_private(self.directory / "pairing.json", json.dumps(asdict(pairing), indent=2))
 
     # --- outbox ---------------------------------------------------------------------------
     def outbox_append(self, items: list[tuple[str, str, bytes]]) -> int:
@@ -190,12 +134,13 @@ class DesktopStore:
     def command_started(self, command_id: str, sequence: int, kind: str) -> None:
         with self._lock:
             self.db.execute("INSERT INTO commands (id, sequence, kind, phase, updated_at) "
-                            "VALUES (?, ?, ?, 'started', ?)", (command_id, sequence, kind, _now()))
+                            "VALUES (?, ?, ?, 'started', ?)",
+                            (command_id, sequence, kind, now_iso()))
 
     def command_done(self, command_id: str, result: dict) -> None:
         with self._lock:
             self.db.execute("UPDATE commands SET phase = 'done', result = ?, updated_at = ? "
-                            "WHERE id = ?", (json.dumps(result), _now(), command_id))
+                            "WHERE id = ?", (json.dumps(result), now_iso(), command_id))
 
     def last_command_sequence(self) -> int:
         with self._lock:

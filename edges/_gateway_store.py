@@ -15,14 +15,13 @@ lets an operator, or a test, see which lease token a dead Gateway was holding.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
-import threading
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 # Journal states: claimed -> running -> completed | failed | lost | stopped;
 # claimed/running found at start-up -> interrupted.
@@ -35,11 +34,7 @@ class GatewayStoreError(RuntimeError):
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("COWORK_GATEWAY_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cowork" / "gateway"
+    return state_dir_from_env("COWORK_GATEWAY_STATE_DIR", "gateway")
 
 
 @dataclass
@@ -94,20 +89,6 @@ class JournalEntry:
     detail: str | None
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS work (
     work_id TEXT NOT NULL, attempt INTEGER NOT NULL, lease_token TEXT NOT NULL UNIQUE,
@@ -118,11 +99,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
-class GatewayStore:
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+class GatewayStore(StateDirectory):
+    db_name = "gateway.db"
+    # FULL: a journalled lease must survive power loss, or it could run twice.
+    db_synchronous = "FULL"
+    db_schema = _SCHEMA
 
     # --- files --------------------------------------------------------------------------
     @property
@@ -132,14 +113,6 @@ class GatewayStore:
     @property
     def gateway_path(self) -> Path:
         return self.directory / "gateway.json"
-
-    @property
-    def audit_path(self) -> Path:
-        return self.directory / "audit.jsonl"
-
-    def ensure_dir(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
 
     def is_registered(self) -> bool:
         return self.gateway_path.exists()
@@ -158,44 +131,12 @@ class GatewayStore:
 
     def save(self, gateway: GatewayFile) -> None:
         self.ensure_dir()
-        _write_private(self.gateway_path, json.dumps(gateway.to_json(), indent=2))
-
-    def audit(self, action: str, **fields: Any) -> None:
-        """Append one line to the local audit log (never rewritten)."""
-        self.ensure_dir()
-        line = json.dumps({"at": _now(), "action": action, **fields}, default=str)
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(line + "\n")
-
-    def read_audit(self) -> list[dict]:
-        if not self.audit_path.exists():
-            return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
-
-    # --- database ---------------------------------------------------------------------------
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.ensure_dir()
-            db = sqlite3.connect(self.directory / "gateway.db", check_same_thread=False,
-                                 isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a journalled lease must survive power loss, or it could run twice.
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            self._db = db
-        return self._db
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        write_private(self.gateway_path, json.dumps(gateway.to_json(), indent=2))
 
     # --- work journal ---------------------------------------------------------------------
     def journal_claim(self, work_id: str, attempt: int, lease_token: str, kind: str) -> bool:
         """Record a lease before it runs; False if this lease was seen before."""
-        now = _now()
+        now = now_iso()
         with self._lock:
             try:
                 self.db.execute(
@@ -209,7 +150,7 @@ class GatewayStore:
     def journal_update(self, lease_token: str, *, state: str | None = None,
                        session_id: str | None = None, last_sequence: int | None = None,
                        detail: str | None = None) -> None:
-        sets, values = ["updated_at = ?"], [_now()]
+        sets, values = ["updated_at = ?"], [now_iso()]
         for column, value in (("state", state), ("session_id", session_id),
                               ("last_sequence", last_sequence), ("detail", detail)):
             if value is not None:

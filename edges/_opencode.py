@@ -368,7 +368,10 @@ class OpenCodeEvents:
 
     async def _run(self) -> None:
         failures, connections = 0, 0
-        while True:
+        # Checked as well as cancelled: on Python 3.11 `asyncio.wait_for` can swallow
+        # a cancellation that lands as the inner request finishes, and the loop
+        # would then retry forever while `aclose()` waits for it.
+        while not self._closed:
             try:
                 async with self._client._event_lines(self._open_timeout) as lines:
                     await self._resync()

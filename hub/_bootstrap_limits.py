@@ -1,4 +1,5 @@
-"""The per-source brute-force limit shared by every bootstrap request.
+"""What every bootstrap request shares: the per-source brute-force limit and the
+responder skeleton.
 
 Pairing-code redemption and Gateway registration both take a secret from a
 client that holds no credential yet. The server shares the client's info with
@@ -7,6 +8,10 @@ the request (`Nats-Request-Info`), which gives its source address. After
 `LOCKOUT`. The count lives in PostgreSQL so every hub replica shares it, and it
 is one count per source for all bootstrap secrets: guessing pairing codes and
 guessing registration credentials from one address spend the same budget.
+
+Both answer the same way (`BootstrapResponder`): a refusal is a plain `ack.reply`
+(it holds nothing secret); a success is a `bootstrap.sealed_reply` that only the
+requester can open.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from __future__ import annotations
 import json
 import logging
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 from nats.aio.msg import Msg
 
+from schemas import AckReply, ContractError, Envelope, SealedReply, Source, decode
+from schemas._bootstrap import SealError, seal
+
 from ._logging import kv
+from ._metrics import HubMetrics
 
 log = logging.getLogger("cowork.hub.bootstrap")
 
@@ -71,3 +81,60 @@ class BootstrapLockout:
         log.warning("bootstrap.secret_refused", **kv(what=what, source=source,
                                                      failures=failures))
         return int(failures)
+
+
+class BootstrapResponder:
+    """Decode the request, run `exchange`, seal its reply to the requester's
+    `reply_key`. The exchange's own refusals (`refusal` turns them into an ack) are
+    answered as they are; an unexpected failure (e.g. the database is away) is
+    answered as `hub.unavailable` rather than left hanging."""
+
+    family: str  # the bus-message metric label, e.g. "pairing.redeem"
+    request_model: type
+    unavailable: str  # the `hub.unavailable` reason people read
+
+    def __init__(self, metrics: HubMetrics, *, hub_id: str) -> None:
+        self._metrics = metrics
+        self._source = Source(principal_kind="hub", principal_id=hub_id)
+
+    async def exchange(self, request: Any, source: str) -> Any:
+        """The reply (it names its `tenant`), or an exception `refusal` recognises."""
+        raise NotImplementedError
+
+    def refusal(self, exc: Exception) -> AckReply | None:
+        """The answer to one of the exchange's refusals; None for anything else."""
+        raise NotImplementedError
+
+    async def handle(self, msg: Msg) -> None:
+        source = request_source(msg)
+        try:
+            request = decode(msg.data, self.request_model).data
+        except ContractError as exc:
+            await self._refuse(msg, _refused(exc.code, exc.reason))
+            return
+        try:
+            reply = await self.exchange(request, source)
+            sealed = seal(Envelope.wrap(reply, source=self._source, tenant=reply.tenant)
+                          .encode(), request.reply_key)
+        except SealError as exc:
+            await self._refuse(msg, _refused("contract.invalid", str(exc)))
+            return
+        except Exception as exc:
+            answer = self.refusal(exc)
+            await self._refuse(msg, self._unavailable(exc) if answer is None else answer)
+            return
+        self._metrics.bus_messages.labels(self.family, "accepted").inc()
+        await msg.respond(Envelope.wrap(SealedReply(sealed=sealed), source=self._source).encode())
+
+    def _unavailable(self, exc: Exception) -> AckReply:
+        log.warning(f"{self.family}_failed", **kv(error=str(exc)))
+        return _refused("hub.unavailable", self.unavailable)
+
+    async def _refuse(self, msg: Msg, answer: AckReply) -> None:
+        self._metrics.bus_messages.labels(self.family, "rejected").inc()
+        if msg.reply:
+            await msg.respond(Envelope.wrap(answer, source=self._source).encode())
+
+
+def _refused(code: str, reason: str) -> AckReply:
+    return AckReply(ok=False, code=code, reason=reason[:16_000])

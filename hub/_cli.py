@@ -46,7 +46,8 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"COWORK_{name}", default)
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 meaning any free one."""
     try:
         value = int(text)
     except ValueError:
@@ -78,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where NATS, PostgreSQL and keys keep their data (default: %(default)s)")
     up.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                     help="address to listen on (default: %(default)s)")
-    up.add_argument("--http-port", type=_port, default=_port(_env("HTTP_PORT", "8080")),
+    up.add_argument("--http-port", type=port_number, default=port_number(_env("HTTP_PORT", "8080")),
                     help="hub HTTP port (default: %(default)s)")
-    up.add_argument("--nats-port", type=_port, default=_port(_env("NATS_PORT", "4222")),
+    up.add_argument("--nats-port", type=port_number, default=port_number(_env("NATS_PORT", "4222")),
                     help="NATS client port (default: %(default)s)")
-    up.add_argument("--postgres-port", type=_port, default=_port(_env("POSTGRES_PORT", "0")),
+    up.add_argument("--postgres-port", type=port_number, default=port_number(_env("POSTGRES_PORT", "0")),
                     help="embedded PostgreSQL port on 127.0.0.1 (default: a free port)")
-    up.add_argument("--leaf-port", type=_port, default=_port(_env("LEAF_PORT", "7422")),
+    up.add_argument("--leaf-port", type=port_number, default=port_number(_env("LEAF_PORT", "7422")),
                     help="NATS leaf-node port that Team Gateway appliances dial "
                          "(default: %(default)s; 0 turns it off)")
     _add_logging(up, "text")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "COWORK_DATABASE_URL (the production shape).", epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--http-host", help="address for HTTP (env COWORK_HTTP_HOST)")
-    serve.add_argument("--http-port", type=_port, help="port for HTTP (env COWORK_HTTP_PORT)")
+    serve.add_argument("--http-port", type=port_number, help="port for HTTP (env COWORK_HTTP_PORT)")
     serve.add_argument("--nats-url", help="NATS URL(s) (env COWORK_NATS_URL)")
     serve.add_argument("--stream-replicas", type=int, default=int(_env("STREAM_REPLICAS", "1")),
                        choices=[1, 3, 5], help="JetStream replicas for the hub's streams "

@@ -170,18 +170,10 @@ class CredentialService:
                          revoked_at = coalesce(bus_principals.revoked_at, now()),
                          revoke_reason = coalesce(bus_principals.revoke_reason, $4)""",
                 tenant, kind, principal_id, reason)
-            keys = await conn.fetch(
-                """UPDATE bus_credentials SET revoked_at = now()
-                    WHERE tenant = $1 AND kind = $2 AND principal_id = $3 AND revoked_at IS NULL
-                    RETURNING public_key""", tenant, kind, principal_id)
-            if keys:
-                principal = Principal(PrincipalKind(kind), tenant, principal_id)
-                await self._audit.record(self._audit_record(
-                    "credential.revoked", principal, actor, reason=reason,
-                    metadata={"publicKeys": [k["public_key"] for k in keys]}),
-                    tenant=tenant, conn=conn)
+            revoked = await self._revoke_current_keys(conn, "credential.revoked", tenant, kind,
+                                                      principal_id, reason, actor)
         await self.push_account()
-        return len(keys)
+        return revoked
 
     async def revoke_keys(self, tenant: str, kind: str, principal_id: str, *, reason: str,
                           actor: str = "admin") -> int:
@@ -189,18 +181,27 @@ class CredentialService:
         it may get a credential for a new key (a rotated Gateway registering again).
         Returns the keys newly revoked; live connections of those keys are dropped."""
         async with self._pool.acquire() as conn, conn.transaction():
-            keys = await conn.fetch(
-                """UPDATE bus_credentials SET revoked_at = now()
-                    WHERE tenant = $1 AND kind = $2 AND principal_id = $3 AND revoked_at IS NULL
-                    RETURNING public_key""", tenant, kind, principal_id)
-            if keys:
-                principal = Principal(PrincipalKind(kind), tenant, principal_id)
-                await self._audit.record(self._audit_record(
-                    "credential.keys_revoked", principal, actor, reason=reason,
-                    metadata={"publicKeys": [k["public_key"] for k in keys]}),
-                    tenant=tenant, conn=conn)
-        if keys:
+            revoked = await self._revoke_current_keys(conn, "credential.keys_revoked", tenant,
+                                                      kind, principal_id, reason, actor)
+        if revoked:
             await self.push_account()
+        return revoked
+
+    async def _revoke_current_keys(self, conn: asyncpg.Connection, action: str, tenant: str,
+                                   kind: str, principal_id: str, reason: str,
+                                   actor: str) -> int:
+        """Revoke a principal's unrevoked keys and audit them as `action` (nothing is
+        audited when there were none); returns how many."""
+        keys = await conn.fetch(
+            """UPDATE bus_credentials SET revoked_at = now()
+                WHERE tenant = $1 AND kind = $2 AND principal_id = $3 AND revoked_at IS NULL
+                RETURNING public_key""", tenant, kind, principal_id)
+        if keys:
+            principal = Principal(PrincipalKind(kind), tenant, principal_id)
+            await self._audit.record(self._audit_record(
+                action, principal, actor, reason=reason,
+                metadata={"publicKeys": [k["public_key"] for k in keys]}),
+                tenant=tenant, conn=conn)
         return len(keys)
 
     async def push_account(self) -> None:

@@ -3,11 +3,12 @@
 The admin API enqueues work (idempotent by key); the hub nudges workers with a
 WorkOffer on core NATS, and a worker claims over request/reply on its own lease
 subject (the server only lets a Gateway publish on its own subjects, so the
-subject names the caller). A claim is one short transaction: lock the
-registration row (so its quota check and the lease insert serialise), re-check
-eligibility there, pick the oldest matching queued item with
-`FOR UPDATE SKIP LOCKED` (concurrent claimers never wait on each other or get
-the same item) and lease it with a fresh token. No transaction is ever held
+subject names the caller). A claim is one short transaction, on the happy path
+one statement (hub/_edge_work_leases.py): lock the registration row (so its
+quota check and the lease insert serialise), re-check eligibility there, pick
+the oldest matching queued item with `FOR UPDATE SKIP LOCKED` (concurrent
+claimers never wait on each other or get the same item), lease it with a fresh
+token, record and audit the lease. No transaction is ever held
 across a bus round trip or while OpenCode runs: the lease, not a lock, fences
 the worker. Renewals and fenced outputs (hub/_edge_work_writes.py) check the
 token in constant time against the DB clock; the reaper (hub/_edge_work_reaper.py)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -56,6 +57,8 @@ from ._edge_work_writes import FencedWriter
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
+
+T = TypeVar("T")
 
 log = logging.getLogger("cowork.hub.edge_work")
 MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
@@ -221,12 +224,8 @@ class EdgeWorkService:
     async def claim(self, tenant: str, registration_id: str,
                     request: WorkClaimRequest) -> WorkClaimReply:
         """Lease one claimable item to the registration, or `work_id: None`."""
-        try:
-            self._take(tenant, registration_id, "claim")
-            reply = await self.leases.claim(tenant, registration_id, request)
-        except EdgeWorkError as exc:
-            await self.refused("claim", tenant, registration_id, request.work_id, exc)
-            raise
+        reply = await self._limited("claim", tenant, registration_id, request.work_id,
+                                    lambda: self.leases.claim(tenant, registration_id, request))
         outcome = "leased" if reply.work_id else "empty"
         self._metrics.bus_messages.labels("work.claim", outcome).inc()
         return reply
@@ -234,25 +233,19 @@ class EdgeWorkService:
     # --- renew --------------------------------------------------------------------------
     async def renew(self, tenant: str, registration_id: str,
                     request: WorkRenew) -> WorkRenewReply:
-        try:
-            self._take(tenant, registration_id, "renew")
-            expires = await self.leases.renew(tenant, registration_id, request)
-        except EdgeWorkError as exc:
-            await self.refused("renew", tenant, registration_id, request.work_id, exc)
-            raise
+        expires = await self._limited("renew", tenant, registration_id, request.work_id,
+                                      lambda: self.leases.renew(tenant, registration_id,
+                                                                request))
         self._metrics.bus_messages.labels("work.renew", "renewed").inc()
         return WorkRenewReply(work_id=request.work_id, lease_expires_at=expires)
 
     # --- fenced output ------------------------------------------------------------------
     async def write(self, tenant: str, registration_id: str, output: WorkOutput) -> bool:
         """Store one fenced output; False when it was an identical replay (a no-op)."""
-        try:
-            self._take(tenant, registration_id, "output")
-            stored = await self.writer.write(tenant, registration_id, output)
-        except EdgeWorkError as exc:
-            await self.refused("output", tenant, registration_id, output.work_id, exc,
-                               sequence=output.sequence, output_kind=str(output.kind))
-            raise
+        stored = await self._limited(
+            "output", tenant, registration_id, output.work_id,
+            lambda: self.writer.write(tenant, registration_id, output),
+            sequence=output.sequence, output_kind=str(output.kind))
         self._metrics.bus_messages.labels("work.output", "stored" if stored else "replayed").inc()
         return stored
 
@@ -297,6 +290,17 @@ class EdgeWorkService:
                 log.warning("edge_work.reply_failed", **kv(subject=msg.subject, error=str(exc)))
 
     # --- refusals -----------------------------------------------------------------------
+    async def _limited(self, operation: str, tenant: str, reg_id: str, work_id: str | None,
+                       call: Callable[[], Awaitable[T]], **metadata: Any) -> T:
+        """`call`'s result once the rate limit allows `operation`; a refusal (the limit's
+        or the call's) is counted and audited, then raised."""
+        try:
+            self._take(tenant, reg_id, operation)
+            return await call()
+        except EdgeWorkError as exc:
+            await self.refused(operation, tenant, reg_id, work_id, exc, **metadata)
+            raise
+
     def _take(self, tenant: str, reg_id: str, operation: str) -> None:
         wait = self._limiter.take((tenant, reg_id, operation))
         if wait:

@@ -30,7 +30,10 @@ BATCH = 200
 REOFFER_PER_KIND = 8
 
 
-class Reaper:
+class Reaper(BackgroundTask):
+    """The background task that requeues expired leases and re-offers waiting work
+    (`start()` runs it, `stop()` cancels it)."""
+
     def __init__(self, pool: asyncpg.Pool, audit: AuditLog, metrics: HubMetrics,
                  dead_letters: Any, offer: Callable[[str, str, str, dict], Awaitable[None]], *,
                  reap_interval: float, reoffer_interval: float) -> None:
@@ -40,14 +43,8 @@ class Reaper:
         self._last_reoffer = time.monotonic()
         self.items = Gauge("cowork_edge_work_items", "Edge work items queued or leased",
                            ["state"], registry=metrics.registry)
-        self._task = BackgroundTask("edge-work-reaper", lambda: every(
+        super().__init__("edge-work-reaper", lambda: every(
             reap_interval, self.step, log, "edge_work.reap_failed"))
-
-    def start(self) -> None:
-        self._task.start()
-
-    async def stop(self) -> None:
-        await self._task.stop()
 
     async def step(self) -> None:
         while await self.reap() == BATCH:  # a backlog: keep going this tick

@@ -17,37 +17,25 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-from nats.aio.msg import Msg
-
 from schemas import (
-    ContractError,
-    Envelope,
+    AckReply,
     GatewayRegisterReply,
     GatewayRegisterRequest,
     PrincipalKind,
-    SealedReply,
-    Source,
-    decode,
 )
-from schemas._bootstrap import SealError, seal
 from schemas._vocabulary import CredentialScope
 
 from . import _gateway_versions
-from ._bootstrap_limits import BootstrapLockout, request_source
+from ._bootstrap_limits import BootstrapLockout, BootstrapResponder
 from ._credentials import CredentialError, CredentialService
-from ._gateways import (
-    DEFAULT_HEARTBEAT_INTERVAL,
-    TERMINAL,
-    GatewayError,
-    GatewayRegistry,
-    credential_registration,
-)
+from ._gateways import GatewayRegistry
+from ._gateways_common import DEFAULT_HEARTBEAT_INTERVAL, GatewayError, missing_or_ended
+from ._gateways_enrolment import credential_registration
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._permissions import Principal
 
 log = logging.getLogger("cowork.hub.gateways")
-FAMILY = "gateway.register"
 
 
 def _invalid_credential() -> GatewayError:
@@ -55,42 +43,22 @@ def _invalid_credential() -> GatewayError:
                         "the registration credential is unknown, rotated or revoked")
 
 
-class GatewayBootstrap:
+class GatewayBootstrap(BootstrapResponder):
+    family = "gateway.register"
+    request_model = GatewayRegisterRequest
+    unavailable = "the hub could not complete the registration; try again"
+
     def __init__(self, registry: GatewayRegistry, credentials: CredentialService,
                  lockout: BootstrapLockout, metrics: HubMetrics, *, hub_id: str) -> None:
-        self._registry, self._credentials = registry, credentials
-        self._lockout, self._metrics = lockout, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        super().__init__(metrics, hub_id=hub_id)
+        self._registry, self._credentials, self._lockout = registry, credentials, lockout
 
-    async def handle(self, msg: Msg) -> None:
-        source = request_source(msg)
-        try:
-            request = decode(msg.data, GatewayRegisterRequest).data
-        except ContractError as exc:
-            await self._refuse(msg, GatewayError(422, exc.code, exc.reason))
-            return
-        try:
-            reply = await self.register(request, source)
-            sealed = seal(Envelope.wrap(reply, source=self._source, tenant=reply.tenant)
-                          .encode(), request.reply_key)
-        except GatewayError as refusal:
-            await self._refuse(msg, refusal)
-            return
-        except SealError as exc:
-            await self._refuse(msg, GatewayError(422, "contract.invalid", str(exc)))
-            return
-        except Exception as exc:  # e.g. the database is away: answer, do not leave it hanging
-            log.warning("gateway.register_failed", **kv(error=str(exc)))
-            await self._refuse(msg, GatewayError(
-                503, "hub.unavailable", "the hub could not complete the registration; try again"))
-            return
-        self._metrics.bus_messages.labels(FAMILY, "accepted").inc()
-        await msg.respond(Envelope.wrap(SealedReply(sealed=sealed), source=self._source).encode())
+    async def exchange(self, request: GatewayRegisterRequest,
+                       source: str) -> GatewayRegisterReply:
+        return await self.register(request, source)
 
-    async def _refuse(self, msg: Msg, refusal: GatewayError) -> None:
-        self._metrics.bus_messages.labels(FAMILY, "rejected").inc()
-        if msg.reply:
-            await msg.respond(Envelope.wrap(refusal.ack(), source=self._source).encode())
+    def refusal(self, exc: Exception) -> AckReply | None:
+        return exc.ack() if isinstance(exc, GatewayError) else None
 
     async def register(self, request: GatewayRegisterRequest,
                        source: str) -> GatewayRegisterReply:
@@ -117,9 +85,9 @@ class GatewayBootstrap:
 
     def _judge(self, row: dict, request: GatewayRegisterRequest) -> tuple[str, str | None]:
         """The status to register in (active or paused), or GatewayError."""
-        if row["status"] in TERMINAL:
-            raise GatewayError(409, f"gateway.{row['status']}",
-                               f"the registration is {row['status']}")
+        ended = missing_or_ended(row, row["registration_id"], "the registration is {status}")
+        if ended is not None:
+            raise ended
         if row["credential_expires_at"] <= datetime.now(timezone.utc):
             raise GatewayError(401, "gateway.credential_expired",
                                "the registration credential has expired: rotate it and "

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ._cli import port_number
 from ._embedded import (
     EmbeddedError,
     EmbeddedPostgres,
@@ -44,7 +43,7 @@ from ._leaf import (
     cloud_leaf_urls,
     gateway_domain,
 )
-from ._up import MAX_RESTARTS, RESTART_WINDOW_SECONDS, say, step
+from ._up import run_until_stopped, say, step, stop_on_signals, supervise_children
 
 DATABASE_ENV = "COWORK_GATEWAY_DATABASE_URL"
 DEFAULT_NATS_PORT = 4223  # not 4222: `cowork up` may run on the same machine
@@ -98,14 +97,14 @@ def add_gateway_up_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--cloud-leaf-url", type=_leaf_urls, default=env("COWORK_CLOUD_LEAF_URL"),
                         help="Cloud's leaf-node URL(s), e.g. nats-leaf://hub.example.com:7422 "
                              "(default: the registered hub hosts on --cloud-leaf-port)")
-    parser.add_argument("--cloud-leaf-port", type=_port, default=DEFAULT_CLOUD_LEAF_PORT,
+    parser.add_argument("--cloud-leaf-port", type=port_number, default=DEFAULT_CLOUD_LEAF_PORT,
                         help="Cloud's leaf-node port when no URL is given (default: %(default)s)")
-    parser.add_argument("--nats-port", type=_port,
-                        default=_port(env("COWORK_GATEWAY_NATS_PORT", str(DEFAULT_NATS_PORT))),
+    parser.add_argument("--nats-port", type=port_number,
+                        default=port_number(env("COWORK_GATEWAY_NATS_PORT", str(DEFAULT_NATS_PORT))),
                         help="the leaf server's client port, on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--domain", type=_domain, default=env("COWORK_GATEWAY_DOMAIN"),
                         help="the leaf's JetStream domain (default: gw-<registrationId>)")
-    parser.add_argument("--postgres-port", type=_port, default=0,
+    parser.add_argument("--postgres-port", type=port_number, default=0,
                         help="embedded PostgreSQL port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--opencode", default=env("COWORK_OPENCODE_URL", "http://127.0.0.1:4096"),
                         type=_http_url, help="the private OpenCode server (default: %(default)s)")
@@ -132,16 +131,6 @@ def run_gateway_up(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
-    return value
 
 
 def _leaf_urls(text: str) -> list[str]:
@@ -276,34 +265,15 @@ class Appliance:
 
     async def supervise(self) -> tuple[int, str | None]:
         """Restart a crashed server; return (exit code, reason) when the appliance must end."""
-        children = {"leaf NATS": self.leaf, "PostgreSQL": self.postgres}
-        crashes: dict[str, list[float]] = {name: [] for name in children}
-        waits: dict[asyncio.Task, str] = {
-            asyncio.create_task(c.wait()): name for name, c in children.items()}
         assert self.agent_task is not None
-        try:
-            while True:
-                done, _ = await asyncio.wait({*waits, self.agent_task},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if self.agent_task in done:
-                    return self._agent_outcome()
-                for task in done:
-                    name = waits.pop(task)
-                    now = time.monotonic()
-                    recent = [t for t in crashes[name] if now - t < RESTART_WINDOW_SECONDS]
-                    crashes[name] = recent + [now]
-                    if len(crashes[name]) > MAX_RESTARTS:
-                        return 1, f"{name} exited {len(crashes[name])} times within a minute"
-                    say(f"cowork gateway: {name} exited unexpectedly (code {task.result()}); "
-                        "restarting")
-                    await children[name].start()
-                    if children[name] is self.postgres:
-                        self._write_env()  # a free port may have changed
-                    waits[asyncio.create_task(children[name].wait())] = name
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        reason = await supervise_children(
+            {"leaf NATS": self.leaf, "PostgreSQL": self.postgres}, "cowork gateway",
+            until=self.agent_task, restarted=self._restarted)
+        return self._agent_outcome() if reason is None else (1, reason)
+
+    def _restarted(self, child: Any) -> None:
+        if child is self.postgres:
+            self._write_env()  # a free port may have changed
 
     def _agent_outcome(self) -> tuple[int, str | None]:
         assert self.agent_task is not None
@@ -348,41 +318,22 @@ async def gateway_up(opts: GatewayUpOptions, stop: asyncio.Event | None = None) 
         ensure_port_free("127.0.0.1", opts.postgres_port, "--postgres-port")
     appliance = Appliance(opts)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals(stop):
+        try:
+            code, reason = await _run(appliance, stop)
+            if reason:
+                print(f"cowork gateway: {'error: ' if code == 1 else ''}{reason}",
+                      file=sys.stderr)
+            return code
+        finally:
+            say("\nStopping the cowork Gateway appliance ...")
+            await appliance.stop()
+            say("Stopped.")
+
+
+async def _run(appliance: Appliance, stop: asyncio.Event) -> tuple[int, str | None]:
     try:
-        code, reason = await _run_until_stopped(appliance, stop)
-        if reason:
-            print(f"cowork gateway: {'error: ' if code == 1 else ''}{reason}", file=sys.stderr)
-        return code
-    finally:
-        say("\nStopping the cowork Gateway appliance ...")
-        await appliance.stop()
-        say("Stopped.")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-async def _run_until_stopped(appliance: Appliance, stop: asyncio.Event) -> tuple[int, str | None]:
-    stopper = asyncio.create_task(stop.wait())
-    startup = asyncio.create_task(appliance.start())
-    await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if not startup.done():  # Ctrl-C while starting: abandon the start
-        startup.cancel()
-        await asyncio.gather(startup, return_exceptions=True)
-        return 0, None
-    exc = startup.exception()
-    if exc is not None:
-        stopper.cancel()
-        if isinstance(exc, (EmbeddedError, GatewayUpError)):
-            return 1, str(exc)
-        raise exc
-    supervisor = asyncio.create_task(appliance.supervise())
-    await asyncio.wait({supervisor, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if supervisor.done():
-        stopper.cancel()
-        return supervisor.result()
-    supervisor.cancel()
-    await asyncio.gather(supervisor, return_exceptions=True)
-    return 0, None
+        outcome = await run_until_stopped(appliance.start, appliance.supervise, stop)
+    except (EmbeddedError, GatewayUpError) as exc:
+        return 1, str(exc)
+    return outcome or (0, None)

@@ -10,12 +10,13 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from schemas import InvalidTokenError, check_tenant
+from schemas import InvalidTokenError, check_tenant, check_token
 
 from ._logging import kv
 
@@ -30,6 +31,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}},
                              status=status, headers=headers or None)
+
+
+def refusal_response(exc: Any) -> web.Response:
+    """A service's refusal (an exception with `status` and `code`) as the JSON error."""
+    return json_error(exc.status, exc.code, str(exc))
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def add_route_table(app: web.Application, base: str,
+                    routes: list[tuple[str, str, Handler]]) -> None:
+    """Add (method, path under `base`, handler) routes; through `add_get` and friends,
+    so a GET route answers HEAD too."""
+    for method, path, handler in routes:
+        getattr(app.router, f"add_{method.lower()}")(base + path, handler)
 
 
 def _route_name(request: web.Request) -> str:
@@ -110,6 +128,14 @@ def tenant_param(request: web.Request) -> str:
     try:
         return check_tenant(request.match_info["tenant"])
     except InvalidTokenError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def path_token(request: web.Request, name: str) -> str:
+    """A path parameter that must be a token id (400 otherwise)."""
+    try:
+        return check_token(request.match_info[name], name)
+    except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
 
 

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
-from typing import Annotated, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
 
 from aiohttp import web
 from pydantic import Field
@@ -22,8 +22,23 @@ from schemas import TokenId, WireModel, check_token
 from schemas._vocabulary import GatewayKind, TrustModel
 
 from ._gateways import GatewayError
-from ._http import HUB_KEY, int_query, json_error, tenant_param
+from ._http import (
+    HUB_KEY,
+    add_route_table,
+    int_query,
+    iso,
+    json_error,
+    path_token,
+    refusal_response,
+    tenant_param,
+)
 from ._http_credentials import _body
+
+if TYPE_CHECKING:
+    from ._gateways import GatewayRegistry
+
+# (registry, tenant, registration id) -> the registration, as read or changed
+RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
 
 Label = Annotated[str, Field(min_length=1, max_length=512)]
 ScopeName = Annotated[str, Field(min_length=1, max_length=128)]
@@ -55,10 +70,6 @@ class Empty(WireModel):
     pass
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
@@ -72,7 +83,7 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
         "scopes": list(row["scopes"]), "syncScopes": list(row["sync_scopes"]),
         "approvedCredentials": list(row["approved_credentials"]),
         "status": row["status"], "statusReason": row["status_reason"],
-        "credentialExpiresAt": _iso(row["credential_expires_at"]),
+        "credentialExpiresAt": iso(row["credential_expires_at"]),
         "credentialVersion": row["credential_version"], "publicKey": row["public_key"],
         "versions": _json(row["versions"]), "capabilities": _json(row["capabilities"]),
         "workKinds": list(row["work_kinds"]), "maxConcurrentWork": row["max_concurrent_work"],
@@ -82,25 +93,18 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
         else None,
         "heartbeatsAccepted": row["heartbeats_accepted"],
         "heartbeatIntervalSeconds": row["heartbeat_interval"],
-        "lastHeartbeatAt": _iso(row["last_heartbeat_at"]), "lastError": row["last_error"],
-        "drainDeadline": _iso(row["drain_deadline"]),
-        "registeredAt": _iso(row["registered_at"]), "visible": row["visible"],
+        "lastHeartbeatAt": iso(row["last_heartbeat_at"]), "lastError": row["last_error"],
+        "drainDeadline": iso(row["drain_deadline"]),
+        "registeredAt": iso(row["registered_at"]), "visible": row["visible"],
         "sync": sync if sync is not None else {},
-        "createdBy": row["created_by"], "createdAt": _iso(row["created_at"]),
-        "updatedAt": _iso(row["updated_at"]), "revokedAt": _iso(row["revoked_at"]),
+        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]), "revokedAt": iso(row["revoked_at"]),
         "revokeReason": row["revoke_reason"],
     }
 
 
 def _registration_id(request: web.Request) -> str:
-    try:
-        return check_token(request.match_info["registration_id"], "registration_id")
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=str(exc)) from None
-
-
-def _error(exc: GatewayError) -> web.Response:
-    return json_error(exc.status, exc.code, str(exc))
+    return path_token(request, "registration_id")
 
 
 async def _optional(request: web.Request, model: type[WireModel]) -> Any:
@@ -110,11 +114,21 @@ async def _optional(request: web.Request, model: type[WireModel]) -> Any:
     return await _body(request, model)
 
 
-async def _view(request: web.Request, row: dict, status: int = 200) -> web.Response:
+async def _view(request: web.Request, row: dict) -> web.Response:
     hub = request.app[HUB_KEY]
     sync = await hub.gateways.sync_summary(row["tenant"], [row["registration_id"]])
-    return web.json_response(registration_json(row, sync[row["registration_id"]]),
-                             status=status)
+    return web.json_response(registration_json(row, sync[row["registration_id"]]))
+
+
+async def _registration_response(request: web.Request, call: RegistrationCall) -> web.Response:
+    """Run `call` on the registration the path names; answer with the registration it
+    returns, or with its refusal."""
+    registry = request.app[HUB_KEY].gateways
+    try:
+        row = await call(registry, tenant_param(request), _registration_id(request))
+    except GatewayError as exc:
+        return refusal_response(exc)
+    return await _view(request, row)
 
 
 async def create_registration(request: web.Request) -> web.Response:
@@ -133,7 +147,7 @@ async def create_registration(request: web.Request) -> web.Response:
             sync_scopes=body.sync_scopes, approved_credentials=body.approved_credentials,
             credential_ttl=ttl, actor="admin")
     except GatewayError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response({
         "registrationId": row["registration_id"], "credential": credential,
         "credentialExpiresAt": row["credential_expires_at"].isoformat(),
@@ -152,12 +166,8 @@ async def list_registrations(request: web.Request) -> web.Response:
 
 
 async def get_registration(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
-    try:
-        row = await hub.gateways.get(tenant_param(request), _registration_id(request))
-    except GatewayError as exc:
-        return _error(exc)
-    return await _view(request, row)
+    return await _registration_response(request, lambda registry, tenant, reg_id:
+                                  registry.get(tenant, reg_id))
 
 
 async def get_sync(request: web.Request) -> web.Response:
@@ -170,11 +180,11 @@ async def get_sync(request: web.Request) -> web.Response:
         row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request),
                                             scope)
     except GatewayError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response({
         "registrationId": row["registration_id"], "scope": row["scope"],
         "items": _json(row["items"]), "itemCount": row["item_count"],
-        "cursor": row["cursor"], "updatedAt": _iso(row["updated_at"])})
+        "cursor": row["cursor"], "updatedAt": iso(row["updated_at"])})
 
 
 async def rotate_registration(request: web.Request) -> web.Response:
@@ -185,7 +195,7 @@ async def rotate_registration(request: web.Request) -> web.Response:
         row, credential = await hub.gateways.rotate(
             tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl)
     except GatewayError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response({"registrationId": row["registration_id"],
                               "credential": credential,
                               "credentialExpiresAt": row["credential_expires_at"].isoformat(),
@@ -193,46 +203,32 @@ async def rotate_registration(request: web.Request) -> web.Response:
 
 
 async def revoke_registration(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
     body = await _optional(request, RevokeRegistration)
-    try:
-        row = await hub.gateways.revoke(tenant_param(request), _registration_id(request),
-                                        reason=body.reason, actor="admin")
-    except GatewayError as exc:
-        return _error(exc)
-    return await _view(request, row)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.revoke(
+        tenant, reg_id, reason=body.reason, actor="admin"))
 
 
 async def drain_registration(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
     body = await _body(request, DrainRegistration)
-    try:
-        row = await hub.gateways.drain(tenant_param(request), _registration_id(request),
-                                       deadline_seconds=body.deadline_seconds, actor="admin")
-    except GatewayError as exc:
-        return _error(exc)
-    return await _view(request, row)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.drain(
+        tenant, reg_id, deadline_seconds=body.deadline_seconds, actor="admin"))
 
 
 async def resume_registration(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
     await _optional(request, Empty)
-    try:
-        row = await hub.gateways.resume(tenant_param(request), _registration_id(request),
-                                        actor="admin")
-    except GatewayError as exc:
-        return _error(exc)
-    return await _view(request, row)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.resume(
+        tenant, reg_id, actor="admin"))
 
 
 def add_routes(app: web.Application) -> None:
-    base = "/api/v1/tenants/{tenant}/gateway-registrations"
-    one = base + "/{registration_id}"
-    app.router.add_post(base, create_registration)
-    app.router.add_get(base, list_registrations)
-    app.router.add_get(one, get_registration)
-    app.router.add_get(one + "/sync/{scope}", get_sync)
-    app.router.add_post(one + "/rotate", rotate_registration)
-    app.router.add_post(one + "/revoke", revoke_registration)
-    app.router.add_post(one + "/drain", drain_registration)
-    app.router.add_post(one + "/resume", resume_registration)
+    one = "/{registration_id}"
+    add_route_table(app, "/api/v1/tenants/{tenant}/gateway-registrations", [
+        ("POST", "", create_registration),
+        ("GET", "", list_registrations),
+        ("GET", one, get_registration),
+        ("GET", one + "/sync/{scope}", get_sync),
+        ("POST", one + "/rotate", rotate_registration),
+        ("POST", one + "/revoke", revoke_registration),
+        ("POST", one + "/drain", drain_registration),
+        ("POST", one + "/resume", resume_registration),
+    ])

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -23,11 +23,19 @@ from schemas import (
     PairingPolicy,
     TokenId,
     WireModel,
-    check_token,
     command_payload,
 )
 
-from ._http import HUB_KEY, int_query, json_error, tenant_param
+from ._http import (
+    HUB_KEY,
+    add_route_table,
+    int_query,
+    iso,
+    json_error,
+    path_token,
+    refusal_response,
+    tenant_param,
+)
 from ._http_credentials import _body
 from ._pairing import PairingError
 
@@ -82,18 +90,7 @@ def _invalid(message: str) -> web.HTTPUnprocessableEntity:
 
 
 def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
-    try:
-        return check_token(request.match_info[name], name)
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=str(exc)) from None
-
-
-def _error(exc: PairingError) -> web.Response:
-    return json_error(exc.status, exc.code, str(exc))
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    return path_token(request, name)
 
 
 def pairing_json(row: dict) -> dict:
@@ -108,13 +105,13 @@ def pairing_json(row: dict) -> dict:
                               if row["allowed_session_ids"] is not None else None),
         "policy": json.loads(policy) if isinstance(policy, str) else policy,
         "revision": row["revision"], "redeemed": row["redeemed_at"] is not None,
-        "codeExpiresAt": _iso(row["code_expires_at"]) if row["redeemed_at"] is None else None,
+        "codeExpiresAt": iso(row["code_expires_at"]) if row["redeemed_at"] is None else None,
         "heartbeatIntervalSeconds": row["heartbeat_interval"],
-        "lastConnectedAt": _iso(row["last_connected_at"]),
-        "lastHeartbeatAt": _iso(row["last_heartbeat_at"]),
+        "lastConnectedAt": iso(row["last_connected_at"]),
+        "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
         "lastCommandSequence": row["last_command_sequence"], "error": row["error"],
-        "createdAt": _iso(row["created_at"]), "updatedAt": _iso(row["updated_at"]),
-        "revokedAt": _iso(row["revoked_at"]), "revokeReason": row["revoke_reason"],
+        "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
+        "revokedAt": iso(row["revoked_at"]), "revokeReason": row["revoke_reason"],
     }
 
 
@@ -126,8 +123,8 @@ def command_json(row: dict) -> dict:
         "sessionId": row["session_id"], "state": row["state"],
         "status": row["result_status"] or ("queued" if row["state"] == "queued" else "delivered"),
         "result": json.loads(result) if isinstance(result, str) else result,
-        "attempts": row["attempts"], "createdAt": _iso(row["created_at"]),
-        "completedAt": _iso(row["completed_at"]),
+        "attempts": row["attempts"], "createdAt": iso(row["created_at"]),
+        "completedAt": iso(row["completed_at"]),
     }
 
 
@@ -157,7 +154,7 @@ async def get_pairing(request: web.Request) -> web.Response:
     try:
         row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
     except PairingError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response(pairing_json(row))
 
 
@@ -178,7 +175,7 @@ async def update_pairing(request: web.Request) -> web.Response:
         row = await hub.pairings.update(tenant_param(request), _pairing_id(request), changes,
                                         actor="admin")
     except PairingError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response(pairing_json(row))
 
 
@@ -189,7 +186,7 @@ async def revoke_pairing(request: web.Request) -> web.Response:
         row = await hub.pairings.revoke(tenant_param(request), _pairing_id(request),
                                         reason=body.reason, actor="admin")
     except PairingError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response(pairing_json(row))
 
 
@@ -208,7 +205,7 @@ async def submit_command(request: web.Request) -> web.Response:
         fields["kind"] = body.kind.value
         outcome = await hub.commands.submit(tenant, pairing_id, fields)
     except PairingError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response({"commandId": outcome["command_id"],
                               "sequence": outcome["sequence"]},
                              status=201 if outcome["created"] else 200)
@@ -238,16 +235,17 @@ async def get_command(request: web.Request) -> web.Response:
         row = await hub.commands.get(tenant_param(request), _pairing_id(request),
                                      _pairing_id(request, "command_id"))
     except PairingError as exc:
-        return _error(exc)
+        return refusal_response(exc)
     return web.json_response(command_json(row))
 
 
 def add_routes(app: web.Application) -> None:
-    base = "/api/v1/tenants/{tenant}/pairings"
-    app.router.add_post(base, create_pairing)
-    app.router.add_get(base, list_pairings)
-    app.router.add_get(base + "/{pairing_id}", get_pairing)
-    app.router.add_patch(base + "/{pairing_id}", update_pairing)
-    app.router.add_post(base + "/{pairing_id}/revoke", revoke_pairing)
-    app.router.add_post(base + "/{pairing_id}/commands", submit_command)
-    app.router.add_get(base + "/{pairing_id}/commands/{command_id}", get_command)
+    add_route_table(app, "/api/v1/tenants/{tenant}/pairings", [
+        ("POST", "", create_pairing),
+        ("GET", "", list_pairings),
+        ("GET", "/{pairing_id}", get_pairing),
+        ("PATCH", "/{pairing_id}", update_pairing),
+        ("POST", "/{pairing_id}/revoke", revoke_pairing),
+        ("POST", "/{pairing_id}/commands", submit_command),
+        ("GET", "/{pairing_id}/commands/{command_id}", get_command),
+    ])

@@ -7,7 +7,8 @@ registration): after `MAX_FAILURES` within `WINDOW`, the source is refused for
 across many sources.
 
 Refusals are plain `ack.reply` envelopes (they hold nothing secret); a success
-is a `bootstrap.sealed_reply` that only the requester can open.
+is a `bootstrap.sealed_reply` that only the requester can open
+(`_bootstrap_limits.BootstrapResponder`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,14 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
     AuditRecord,
-    ContractError,
-    Envelope,
     PairingRedeemReply,
     PairingRedeemRequest,
     PrincipalKind,
-    SealedReply,
-    Source,
-    decode,
 )
-from schemas._bootstrap import SealError, seal
 
 from ._audit import AuditLog
 from ._bootstrap_limits import (
@@ -37,6 +31,7 @@ from ._bootstrap_limits import (
     MAX_FAILURES,
     WINDOW,
     BootstrapLockout,
+    BootstrapResponder,
     request_source,
 )
 from ._credentials import CredentialError, CredentialService
@@ -57,47 +52,27 @@ class RedeemRefused(Exception):
         self.code, self.retry_after = code, retry_after
 
 
-class PairingRedemption:
+class PairingRedemption(BootstrapResponder):
+    family = "pairing.redeem"
+    request_model = PairingRedeemRequest
+    unavailable = "the hub could not complete the redemption; try again"
+
     def __init__(self, pool: asyncpg.Pool, audit: AuditLog, pairings: PairingService,
                  credentials: CredentialService, metrics: HubMetrics, *, code_key: bytes,
                  hub_id: str) -> None:
+        super().__init__(metrics, hub_id=hub_id)
         self._pool, self._audit, self._pairings = pool, audit, pairings
-        self._credentials, self._metrics = credentials, metrics
-        self._code_key = code_key
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._credentials, self._code_key = credentials, code_key
         self._lockout = BootstrapLockout(pool)
 
-    async def handle(self, msg: Msg) -> None:
-        source = request_source(msg)
-        try:
-            request = decode(msg.data, PairingRedeemRequest).data
-        except ContractError as exc:
-            await self._refuse(msg, RedeemRefused(exc.code, exc.reason))
-            return
-        try:
-            reply = await self.redeem(request, source)
-            sealed = seal(Envelope.wrap(reply, source=self._source, tenant=reply.tenant)
-                          .encode(), request.reply_key)
-        except RedeemRefused as refusal:
-            await self._refuse(msg, refusal)
-            return
-        except SealError as exc:
-            await self._refuse(msg, RedeemRefused("contract.invalid", str(exc)))
-            return
-        except Exception as exc:  # e.g. the database is away: answer, do not leave it hanging
-            log.warning("pairing.redeem_failed", **kv(error=str(exc)))
-            await self._refuse(msg, RedeemRefused(
-                "hub.unavailable", "the hub could not complete the redemption; try again"))
-            return
-        self._metrics.bus_messages.labels("pairing.redeem", "accepted").inc()
-        await msg.respond(Envelope.wrap(SealedReply(sealed=sealed), source=self._source).encode())
+    async def exchange(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
+        return await self.redeem(request, source)
 
-    async def _refuse(self, msg: Msg, refusal: RedeemRefused) -> None:
-        self._metrics.bus_messages.labels("pairing.redeem", "rejected").inc()
-        body = AckReply(ok=False, code=refusal.code, reason=str(refusal),
-                        retry_after_seconds=refusal.retry_after)
-        if msg.reply:
-            await msg.respond(Envelope.wrap(body, source=self._source).encode())
+    def refusal(self, exc: Exception) -> AckReply | None:
+        if not isinstance(exc, RedeemRefused):
+            return None
+        return AckReply(ok=False, code=exc.code, reason=str(exc),
+                        retry_after_seconds=exc.retry_after)
 
     async def redeem(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
         await self._check_lockout(source)

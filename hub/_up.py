@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -10,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from ._embedded import (
     EmbeddedError,
@@ -27,6 +28,8 @@ from ._settings import HubSettings
 # A child that dies this many times within the window is not restarted again.
 MAX_RESTARTS = 3
 RESTART_WINDOW_SECONDS = 60.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
 
 
 @dataclass
@@ -151,23 +154,11 @@ class Stack:
 
     async def supervise(self) -> str:
         """Restart a crashed server; returns a reason when one keeps crashing."""
-        children = {"NATS": self.nats}
+        children: dict[str, Any] = {"NATS": self.nats}
         if self.postgres is not None:
             children["PostgreSQL"] = self.postgres
-        crashes: dict[str, list[float]] = {name: [] for name in children}
-        waits = {asyncio.create_task(c.wait()): name for name, c in children.items()}
-        while True:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                name = waits.pop(task)
-                now = time.monotonic()
-                recent = [t for t in crashes[name] if now - t < RESTART_WINDOW_SECONDS] + [now]
-                crashes[name] = recent
-                if len(recent) > MAX_RESTARTS:
-                    return f"{name} exited {len(recent)} times within a minute; giving up"
-                say(f"cowork: {name} exited unexpectedly (code {task.result()}); restarting")
-                await children[name].start()
-                waits[asyncio.create_task(children[name].wait())] = name
+        reason = await supervise_children(children, "cowork")
+        return f"{reason}; giving up"
 
 
 async def _quietly(awaitable: Awaitable[object]) -> None:
@@ -188,40 +179,61 @@ async def run_up(opts: UpOptions) -> int:
         ensure_port_free("127.0.0.1", opts.postgres_port, "--postgres-port")
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    stack = Stack(opts)
-    code = 0
+    with stop_on_signals(stop):
+        stack = Stack(opts)
+        try:
+            reason = await _run(stack, stop)
+            if reason:
+                print(f"cowork: error: {reason}", file=sys.stderr)
+        finally:
+            say("\nStopping cowork ...")
+            await stack.stop()
+            say("Stopped.")
+    return 1 if reason else 0
+
+
+async def _run(stack: Stack, stop: asyncio.Event) -> str | None:
     try:
-        reason = await _run_until_stopped(stack, stop)
-        if reason:
-            print(f"cowork: error: {reason}", file=sys.stderr)
-            code = 1
+        return await run_until_stopped(stack.start, stack.supervise, stop)
+    except (EmbeddedError, StartupError) as exc:
+        return str(exc)
+
+
+# --------------------------------------------------------------------------
+# Shared with `cowork gateway up` (hub/_gateway_up.py)
+# --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set `stop` while inside (instead of raising in the middle
+    of a start or a stop)."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
     finally:
-        say("\nStopping cowork ...")
-        await stack.stop()
-        say("Stopped.")
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-    return code
 
 
-async def _run_until_stopped(stack: Stack, stop: asyncio.Event) -> str | None:
+async def run_until_stopped(start: Callable[[], Awaitable[object]],
+                            supervise: Callable[[], Awaitable[T]],
+                            stop: asyncio.Event) -> T | None:
+    """`start`, then `supervise` until `stop` is set. Returns what `supervise` returned
+    when it ended first; None when stopped, also while starting (the start is
+    abandoned). A failed start raises its error."""
     stopper = asyncio.create_task(stop.wait())
-    startup = asyncio.create_task(stack.start())
+    startup = asyncio.create_task(start())
     await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if not startup.done():  # Ctrl-C while starting: abandon the start
+    if not startup.done():
         startup.cancel()
         await asyncio.gather(startup, return_exceptions=True)
         return None
-    exc = startup.exception()
-    if exc is not None:
+    if startup.exception() is not None:
         stopper.cancel()
-        if isinstance(exc, (EmbeddedError, StartupError)):
-            return str(exc)
-        raise exc
-    supervisor = asyncio.create_task(stack.supervise())
+        startup.result()  # raises the start's error
+    supervisor = asyncio.create_task(supervise())
     await asyncio.wait({supervisor, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if supervisor.done():
         stopper.cancel()
@@ -229,3 +241,47 @@ async def _run_until_stopped(stack: Stack, stop: asyncio.Event) -> str | None:
     supervisor.cancel()
     await asyncio.gather(supervisor, return_exceptions=True)
     return None
+
+
+class _CrashCounter:
+    """Each child's exits within the last RESTART_WINDOW_SECONDS."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, list[float]] = {}
+
+    def crashed(self, name: str) -> int:
+        """Count one exit of `name`; returns its exits within the window."""
+        now = time.monotonic()
+        recent = [t for t in self._times.get(name, []) if now - t < RESTART_WINDOW_SECONDS]
+        self._times[name] = recent + [now]
+        return len(self._times[name])
+
+
+async def supervise_children(children: dict[str, Any], program: str, *,
+                             until: asyncio.Task | None = None,
+                             restarted: Callable[[Any], None] | None = None) -> str | None:
+    """Restart a child server (`start()`/`wait()`) when it exits, calling `restarted`
+    with it. Returns why supervision ends: a child exited more than MAX_RESTARTS
+    times within the window (the reason), or `until` finished (None)."""
+    crashes = _CrashCounter()
+    waits = {asyncio.create_task(c.wait()): name for name, c in children.items()}
+    watched = {until} if until is not None else set()
+    try:
+        while True:
+            done, _ = await asyncio.wait({*waits, *watched}, return_when=asyncio.FIRST_COMPLETED)
+            if until is not None and until in done:
+                return None
+            for task in done:
+                name = waits.pop(task)
+                count = crashes.crashed(name)
+                if count > MAX_RESTARTS:
+                    return f"{name} exited {count} times within a minute"
+                say(f"{program}: {name} exited unexpectedly (code {task.result()}); restarting")
+                await children[name].start()
+                if restarted is not None:
+                    restarted(children[name])
+                waits[asyncio.create_task(children[name].wait())] = name
+    finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -21,6 +23,7 @@ from edges._desktop import DesktopAgent, pair
 from edges._desktop_store import DesktopStore
 
 TENANT = "acme"
+COWORK = str(Path(sys.executable).parent / "cowork")
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0,
@@ -38,17 +41,32 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0,
         await asyncio.sleep(interval)
 
 
+async def cowork(*args: str, env: dict | None = None, stdin: bytes | None = None
+                 ) -> tuple[int, str, str]:
+    """Run the `cowork` command as a user would: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        COWORK, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(process.communicate(stdin), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def api(http: httpx.AsyncClient, method: str, path: str, *,
+              expect: tuple[int, ...] = (200,), **request: Any) -> Any:
+    """One admin API call that must answer with a status in `expect`: its JSON."""
+    response = await http.request(method, path, **request)
+    assert response.status_code in expect, response.text
+    return response.json()
+
+
 async def create_pairing(http: httpx.AsyncClient, **body: Any) -> dict:
     body.setdefault("label", "test laptop")
-    response = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json=body)
-    assert response.status_code == 201, response.text
-    return response.json()
+    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/pairings", json=body,
+                     expect=(201,))
 
 
 async def get_pairing(http: httpx.AsyncClient, pairing_id: str) -> dict:
-    response = await http.get(f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
+    return await api(http, "GET", f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}")
 
 
 async def submit(http: httpx.AsyncClient, pairing_id: str, kind: str,
@@ -59,17 +77,13 @@ async def submit(http: httpx.AsyncClient, pairing_id: str, kind: str,
         body["sessionId"] = session_id
     if payload is not None:
         body["payload"] = payload
-    response = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands",
-                               json=body)
-    assert response.status_code in (200, 201), response.text
-    return response.json()
+    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands",
+                     json=body, expect=(200, 201))
 
 
 async def command(http: httpx.AsyncClient, pairing_id: str, command_id: str) -> dict:
-    response = await http.get(
-        f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands/{command_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
+    return await api(http, "GET",
+                     f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands/{command_id}")
 
 
 async def finished(http: httpx.AsyncClient, pairing_id: str, command_id: str,
@@ -91,10 +105,8 @@ async def run_command(http: httpx.AsyncClient, pairing_id: str, kind: str,
 async def events(http: httpx.AsyncClient, workspace: str, after: int = 0) -> list[dict]:
     items: list[dict] = []
     while True:
-        response = await http.get(f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
-                                  params={"after": after, "limit": 500})
-        assert response.status_code == 200, response.text
-        page = response.json()["items"]
+        page = (await api(http, "GET", f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
+                          params={"after": after, "limit": 500}))["items"]
         if not page:
             return items
         items += page
@@ -159,15 +171,44 @@ async def redeem(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
     return created, store
 
 
-class RunningDesktop:
-    def __init__(self, agent: DesktopAgent) -> None:
+class RunningAgent:
+    """An edge agent's `run()` as a task of the test's event loop; subclasses say
+    which agent on which store, and how long connecting and stopping may take."""
+
+    agent_type: type
+    store_type: type
+    connect_timeout = 10.0
+    stop_timeout = 15.0
+
+    def __init__(self, agent: Any) -> None:
         self.agent = agent
-        self.pairing_id = agent.pairing_id
         self.task = asyncio.create_task(agent.run())
+
+    @classmethod
+    async def start(cls, state_dir: Path, opencode_url: str, *, heartbeat: float = 0.5,
+                    **options: Any) -> Any:
+        """Run an agent on `state_dir` and wait until it is connected; if it stopped
+        instead, raise why."""
+        running = cls(cls.agent_type(cls.store_type(state_dir), opencode_url,
+                                     heartbeat_interval=heartbeat, **options))
+        what = f"the {cls.agent_type.__name__} to connect"
+        await eventually(lambda: running.agent.connected.is_set() or running.task.done(),
+                         cls.connect_timeout, what=what)
+        if running.task.done():
+            running.task.result()
+        return running
 
     async def stop(self) -> None:
         self.agent.stop()
-        await asyncio.wait_for(self.task, 15)
+        await asyncio.wait_for(self.task, self.stop_timeout)
+
+
+class RunningDesktop(RunningAgent):
+    agent_type, store_type = DesktopAgent, DesktopStore
+
+    def __init__(self, agent: DesktopAgent) -> None:
+        super().__init__(agent)
+        self.pairing_id = agent.pairing_id
 
     async def kill(self) -> None:
         """A crash: no goodbye, nothing flushed."""
@@ -179,16 +220,7 @@ class RunningDesktop:
         self.agent.store.close()
 
 
-async def start_desktop(store_dir: Path, opencode_url: str, *, heartbeat: float = 0.5,
-                        **options: Any) -> RunningDesktop:
-    agent = DesktopAgent(DesktopStore(store_dir), opencode_url, heartbeat_interval=heartbeat,
-                         **options)
-    running = RunningDesktop(agent)
-    await eventually(lambda: agent.connected.is_set() or running.task.done(), 10,
-                     what="the desktop to connect")
-    if running.task.done():
-        running.task.result()
-    return running
+start_desktop = RunningDesktop.start
 
 
 async def pair_and_start(http: httpx.AsyncClient, nats_url: str, state_dir: Path,

@@ -8,15 +8,15 @@ does); `start_gateway` runs a GatewayAgent in-process against an OpenCode URL;
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
-from desktopkit import TENANT, eventually
+from desktopkit import TENANT, RunningAgent, api, eventually
 from opencode_env import OPENCODE_VERSION
 
-from edges._gateway import GatewayAgent, register, version_set
+from edges._gateway import GatewayAgent
+from edges._gateway_registration import register, version_set
 from edges._gateway_store import GatewayStore
 
 BASE = f"/api/v1/tenants/{TENANT}"
@@ -25,24 +25,18 @@ BASE = f"/api/v1/tenants/{TENANT}"
 async def create_registration(http: httpx.AsyncClient, kind: str = "edge_worker", *,
                               trust: str = "self_hosted_same_operator",
                               name: str = "test gateway", **body: Any) -> dict:
-    response = await http.post(f"{BASE}/gateway-registrations", json={
-        "displayName": name, "kind": kind, "trustModel": trust, **body})
-    assert response.status_code == 201, response.text
-    return response.json()
+    return await api(http, "POST", f"{BASE}/gateway-registrations", json={
+        "displayName": name, "kind": kind, "trustModel": trust, **body}, expect=(201,))
 
 
 async def get_registration(http: httpx.AsyncClient, registration_id: str) -> dict:
-    response = await http.get(f"{BASE}/gateway-registrations/{registration_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
+    return await api(http, "GET", f"{BASE}/gateway-registrations/{registration_id}")
 
 
 async def admin(http: httpx.AsyncClient, registration_id: str, action: str,
                 **body: Any) -> dict:
-    response = await http.post(f"{BASE}/gateway-registrations/{registration_id}/{action}",
-                               json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
+    return await api(http, "POST", f"{BASE}/gateway-registrations/{registration_id}/{action}",
+                     json=body)
 
 
 async def registered(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
@@ -55,27 +49,16 @@ async def registered(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
     return created, store
 
 
-class RunningGateway:
+class RunningGateway(RunningAgent):
+    agent_type, store_type = GatewayAgent, GatewayStore
+    connect_timeout, stop_timeout = 15.0, 20.0
+
     def __init__(self, agent: GatewayAgent) -> None:
-        self.agent = agent
+        super().__init__(agent)
         self.registration_id = agent.registration_id
-        self.task = asyncio.create_task(agent.run())
-
-    async def stop(self) -> None:
-        self.agent.stop()
-        await asyncio.wait_for(self.task, 20)
 
 
-async def start_gateway(state_dir: Path, opencode_url: str, *, heartbeat: float = 0.5,
-                        **options: Any) -> RunningGateway:
-    agent = GatewayAgent(GatewayStore(state_dir), opencode_url, heartbeat_interval=heartbeat,
-                         **options)
-    running = RunningGateway(agent)
-    await eventually(lambda: agent.connected.is_set() or running.task.done(), 15,
-                     what="the gateway to connect")
-    if running.task.done():
-        running.task.result()
-    return running
+start_gateway = RunningGateway.start
 
 
 async def wait_status(http: httpx.AsyncClient, registration_id: str, status: str,
@@ -89,11 +72,10 @@ async def wait_status(http: httpx.AsyncClient, registration_id: str, status: str
 
 async def enqueue(http: httpx.AsyncClient, text: str, *, title: str = "edge work",
                   workspace: str = "cloud-ws", **body: Any) -> str:
-    response = await http.post(f"{BASE}/work", json={
+    created = await api(http, "POST", f"{BASE}/work", json={
         "kind": "prompt", "sessionRef": {"workspaceId": workspace, "title": title},
-        "payload": {"text": text}, **body})
-    assert response.status_code in (200, 201), response.text
-    return response.json()["workId"]
+        "payload": {"text": text}, **body}, expect=(200, 201))
+    return created["workId"]
 
 
 async def work_view(http: httpx.AsyncClient, work_id: str) -> dict:
@@ -102,9 +84,8 @@ async def work_view(http: httpx.AsyncClient, work_id: str) -> dict:
     outputs: list[dict] = []
     while True:
         after = outputs[-1]["sequence"] if outputs else 0
-        response = await http.get(f"{BASE}/work/{work_id}", params={"afterSequence": after})
-        assert response.status_code == 200, response.text
-        page = response.json()
+        page = await api(http, "GET", f"{BASE}/work/{work_id}",
+                         params={"afterSequence": after})
         view = view or page
         if not page["events"]:
             break
@@ -116,9 +97,8 @@ async def work_view(http: httpx.AsyncClient, work_id: str) -> dict:
 async def work_state(http: httpx.AsyncClient, work_id: str, states: tuple[str, ...],
                      timeout: float = 60.0) -> dict:
     async def check() -> dict | None:
-        response = await http.get(f"{BASE}/work/{work_id}")
-        assert response.status_code == 200, response.text
-        return response.json() if response.json()["state"] in states else None
+        view = await api(http, "GET", f"{BASE}/work/{work_id}")
+        return view if view["state"] in states else None
 
     await eventually(check, timeout, 0.1, f"work {work_id} in {states}")
     return await work_view(http, work_id)

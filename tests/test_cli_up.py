@@ -29,10 +29,10 @@ def _env(**extra):
 
 class Up:
     def __init__(self, data_dir: Path, **env):
-        self.http_port, self.nats_port = free_port(), free_port()
+        self.http_port, self.nats_port, self.leaf_port = free_port(), free_port(), free_port()
         self.proc = subprocess.Popen(
             COWORK + ["up", "--data-dir", str(data_dir), "--http-port", str(self.http_port),
-                      "--nats-port", str(self.nats_port), "--leaf-port", str(free_port()),
+                      "--nats-port", str(self.nats_port), "--leaf-port", str(self.leaf_port),
                       "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env))
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -102,6 +102,14 @@ async def _publish_audit(data_dir: Path, nats_port: int, tenant: str) -> None:
     await edge.close()
 
 
+def _leaf_listener_greets(port: int) -> bool:
+    """A NATS leaf-node listener greets with INFO, like the client port."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        return sock.recv(4096).startswith(b"INFO ")
+
+
 def _audit_rows(up: Up, token: str) -> list:
     r = httpx.get(f"{up.url}/api/v1/tenants/acme/audit",
                   headers={"Authorization": f"Bearer {token}"})
@@ -133,11 +141,12 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
             time.sleep(0.1)
         assert len(_audit_rows(up, token)) == 1
         assert len(up.descendants) >= 2  # nats-server and postgres at least
+        assert _leaf_listener_greets(up.leaf_port)  # Team Gateway appliances dial here
         assert up.interrupt() < 10
         out = up.output()
         assert up.proc.returncode == 0, out
         for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}", token,
-                         f"{up.url}/readyz", "Stopped."):
+                         f"{up.url}/readyz", "cowork gateway register", "Stopped."):
             assert expected in out
         assert "Traceback" not in out
         assert up.leftovers() == []

@@ -210,12 +210,13 @@ def deploy_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deploy_single_node(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("nats-single")
-    client, http = _free_ports(2)
+    client, http, leaf = _free_ports(3)
     env = {
         "NATS_HOST": "127.0.0.1",
         "NATS_CLIENT_PORT": str(client),
         "NATS_HTTP_PORT": str(http),
         "NATS_STORE_DIR": str(workdir / "data"),
+        "NATS_LEAFNODE_PORT": str(leaf),
     }
     servers: list[_Server] = []
     try:
@@ -403,6 +404,7 @@ async def test_single_node_jetstream(deploy_single_node):
         assert varz["server_name"] == "cowork-nats"
         assert varz["max_payload"] == 1024 * 1024
         assert varz["port"] == s.client_port
+        assert varz["leaf"]["port"] > 0, "leafnodes listener missing"
         jsz = (await http.get(f"{s.http}/jsz")).json()
         assert jsz["config"]["domain"] == "hub"
         assert jsz["config"]["max_memory"] > 0 and jsz["config"]["max_storage"] > 0

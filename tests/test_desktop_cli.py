@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 from desktopkit import (
+    COWORK,
     TENANT,
+    cowork,
     create_pairing,
     eventually,
     get_pairing,
@@ -23,18 +23,7 @@ from opencode_env import OpenCodeServer
 
 from hub._embedded import free_port
 
-COWORK = str(Path(sys.executable).parent / "cowork")
 pytestmark = pytest.mark.timeout(180)
-
-
-async def cowork(*args: str, env: dict | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        COWORK, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode, out.decode(), err.decode()
-
-
 
 
 async def test_pair_status_and_revoke_offline(http, operator_nats_url, tmp_path):

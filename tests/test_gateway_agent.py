@@ -9,11 +9,9 @@ import asyncio
 import json
 import os
 import stat
-import sys
-from pathlib import Path
 
 import pytest
-from desktopkit import TENANT, eventually
+from desktopkit import TENANT, cowork, eventually
 from gateway_agent_kit import (
     admin,
     create_registration,
@@ -27,13 +25,12 @@ from gateway_agent_kit import (
 )
 from opencode_env import OPENCODE_VERSION, SLOW
 
-from edges._gateway import RegistrationFailed, register, version_set
+from edges._gateway_registration import RegistrationFailed, register, version_set
 from edges._gateway_store import GatewayStore
 from edges._opencode import OpenCodeClient
 from hub._embedded import free_port
 from schemas import parse_creds
 
-COWORK = str(Path(sys.executable).parent / "cowork")
 pytestmark = pytest.mark.timeout(180)
 FINAL = ("completed", "failed", "dead_lettered")
 
@@ -41,15 +38,6 @@ FINAL = ("completed", "failed", "dead_lettered")
 @pytest.fixture(scope="module")
 def hub_options():
     return {"work_lease_seconds": 6}
-
-
-async def cowork(*args: str, env: dict | None = None, stdin: bytes | None = None
-                 ) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        COWORK, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(process.communicate(stdin), 60)
-    return process.returncode, out.decode(), err.decode()
 
 
 # --- registration ------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
-from desktopkit import TENANT, eventually
+from desktopkit import COWORK, TENANT, cowork, eventually
 from gateway_agent_kit import (
     create_registration,
     enqueue,
@@ -32,7 +31,6 @@ from edges._gateway_store import GatewayStore
 from edges._opencode import OpenCodeClient
 from schemas import AckReply, Envelope, Source, WorkOutput, decode, subjects
 
-COWORK = str(Path(sys.executable).parent / "cowork")
 LEASE_SECONDS = 3
 pytestmark = pytest.mark.timeout(300)
 
@@ -99,14 +97,6 @@ async def test_edge_worker_runs_cloud_prompt_on_its_opencode(hub, http, opencode
     assert [(j.attempt, j.state) for j in journal] == [(1, "completed")]
 
 
-async def _cowork(*args: str, env: dict | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        COWORK, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})})
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode, out.decode(), err.decode()
-
-
 async def _late_write(state_dir: Path, nats_url: str, output: WorkOutput) -> AckReply:
     """What a dead Gateway's process would still send: its stored credential, its lease."""
     gateway = json.loads((state_dir / "gateway.json").read_text())
@@ -129,7 +119,7 @@ async def test_killed_gateway_loses_its_lease_and_another_completes(
     # Gateway A: registered and run as real processes, as an operator would.
     created_a = await create_registration(http, "edge_worker", name="gateway A")
     dir_a = tmp_path / "a"
-    code, out, err = await _cowork("gateway", "register", "--hub", operator_nats_url,
+    code, out, err = await cowork("gateway", "register", "--hub", operator_nats_url,
                                    "--opencode", opencode.url, "--state-dir", str(dir_a),
                                    env={"COWORK_GATEWAY_CREDENTIAL": created_a["credential"]})
     assert code == 0, err
