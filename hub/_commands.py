@@ -19,7 +19,7 @@ import hmac
 import json
 import logging
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -152,7 +152,7 @@ class CommandService:
             id=row["command_id"], kind=row["kind"], pairing_id=row["pairing_id"],
             workspace_id=row["workspace_id"], session_id=row["session_id"],
             actor_id=row["actor_id"], actor_label=row["actor_label"],
-            payload=_unjson(row["payload"]), sequence=row["sequence"],
+            payload=row["payload"], sequence=row["sequence"],
             created_at=row["created_at"],
             lease=Lease(leased_by=self._source.principal_id, lease_token=row["lease_token"],
                         lease_expires_at=row["lease_expires_at"]))
@@ -239,10 +239,9 @@ class CommandService:
     def _replayed(self, row: dict, ack: CommandAck) -> None:
         """A repeated final ack with the same outcome is a no-op; anything else is stale."""
         same = (ack.outcome != "accepted" and ack.result is not None
-                and _unjson(row["result"]) == ack.result.model_dump(mode="json", by_alias=True))
+                and row["result"] == ack.result.model_dump(mode="json", by_alias=True))
         if not same:
             raise AckRefused("command.already_final", "the command is already final")
-        return None
 
     async def _finish(self, conn: asyncpg.Connection, tenant: str, device_id: str, row: dict,
                       ack: CommandAck) -> dict:
@@ -299,11 +298,7 @@ def _check_lease(row: dict, ack: CommandAck) -> None:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _unjson(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+    return datetime.now(UTC)
 
 
 COMMAND_KINDS = tuple(k.value for k in CommandKind)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from schemas import InvalidTokenError, check_tenant, check_token
+from schemas import InvalidTokenError, WireModel, check_tenant, check_token
 
 from ._logging import kv
 
@@ -24,8 +27,9 @@ if TYPE_CHECKING:
     from ._service import Hub
 
 log = logging.getLogger("cowork.hub.http")
-HUB_KEY: web.AppKey["Hub"] = web.AppKey("hub")
+HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=WireModel)
 
 
 def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -36,6 +40,27 @@ def json_error(status: int, code: str, message: str, **headers: str) -> web.Resp
 def refusal_response(exc: Any) -> web.Response:
     """A service's refusal (an exception with `status` and `code`) as the JSON error."""
     return json_error(exc.status, exc.code, str(exc))
+
+
+def invalid(message: str) -> web.HTTPUnprocessableEntity:
+    """A 422 whose body is the usual JSON error."""
+    return web.HTTPUnprocessableEntity(
+        text=json.dumps({"error": {"code": "invalid_request", "message": message}}),
+        content_type="application/json")
+
+
+async def json_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    """The request body validated as `model`; a 422 naming the first bad field.
+    With `optional`, no body (or an empty one) means the model's defaults."""
+    raw = await request.read() if request.can_read_body else b""
+    if optional and not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise invalid(f"{where}: {first['msg']}") from None
 
 
 def iso(value: datetime | None) -> str | None:
@@ -171,7 +196,7 @@ def _camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
+def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
     app = web.Application(
         middlewares=[errors_and_metrics, admin_auth(digest)],
@@ -182,7 +207,13 @@ def build_app(hub: "Hub", admin_token: str | None) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
-    from . import _http_credentials, _http_events, _http_gateways, _http_pairing, _http_work
+    from . import (
+        _http_credentials,
+        _http_events,
+        _http_gateways,
+        _http_pairing,
+        _http_work,
+    )
 
     for module in (_http_credentials, _http_pairing, _http_events, _http_work, _http_gateways):
         module.add_routes(app)

@@ -5,17 +5,16 @@ through pairing and registration, never here.
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
 
 from ._credentials import CredentialError
-from ._http import HUB_KEY, json_error, tenant_param
+from ._http import HUB_KEY, json_body, json_error, tenant_param
 from ._permissions import Principal
 
 ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN, PrincipalKind.CHANNEL}
@@ -35,18 +34,6 @@ class RevokeRequest(WireModel):
     reason: str = Field(min_length=1, max_length=512)
 
 
-async def _body(request: web.Request, model: type[WireModel]) -> WireModel:
-    try:
-        return model.model_validate_json(await request.read())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise web.HTTPUnprocessableEntity(
-            text=json.dumps({"error": {"code": "invalid_request",
-                                       "message": f"{where}: {first['msg']}"}}),
-            content_type="application/json") from None
-
-
 def _service(request: web.Request):
     service = request.app[HUB_KEY].credentials
     if service is None:
@@ -57,7 +44,7 @@ def _service(request: web.Request):
 
 async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    body = await _body(request, IssueRequest)
+    body = await json_body(request, IssueRequest)
     if body.kind not in ISSUABLE:
         return json_error(422, "kind_not_issuable",
                           f"{body.kind} credentials come from pairing or registration")
@@ -84,7 +71,7 @@ async def revoke(request: web.Request) -> web.Response:
         return json_error(400, "invalid_principal", str(exc))
     if kind not in REVOCABLE:
         return json_error(400, "invalid_principal", f"{kind} principals cannot be revoked here")
-    body = await _body(request, RevokeRequest)
+    body = await json_body(request, RevokeRequest)
     count = await _service(request).revoke(tenant, str(kind), principal_id, reason=body.reason,
                                            actor="admin")
     return web.json_response({"revokedKeys": count, "status": "revoked"})

@@ -30,11 +30,10 @@ PAGE = 500
 
 
 def event_json(row: dict) -> dict[str, Any]:
-    payload = row["payload"]
     return {"sequence": row["sequence"], "id": row["event_id"], "type": row["type"],
             "sessionId": row["session_id"], "commandId": row["command_id"],
             "occurredAt": row["occurred_at"].isoformat(),
-            "payload": json.loads(payload) if isinstance(payload, str) else payload}
+            "payload": row["payload"]}
 
 
 async def fetch_page(pool: asyncpg.Pool, tenant: str, workspace: str, after: int,
@@ -146,7 +145,7 @@ async def _stream_live(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _T
     while True:
         try:
             item = await asyncio.wait_for(tail.live.get(), KEEPALIVE_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await tail.response.write(b": keepalive\n\n")
             continue
         if tail.overflowed or item["sequence"] > tail.last + 1:

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated
 
 from aiohttp import web
 from pydantic import Field
@@ -27,12 +27,12 @@ from ._http import (
     add_route_table,
     int_query,
     iso,
+    json_body,
     json_error,
     path_token,
     refusal_response,
     tenant_param,
 )
-from ._http_credentials import _body
 
 if TYPE_CHECKING:
     from ._gateways import GatewayRegistry
@@ -70,10 +70,6 @@ class Empty(WireModel):
     pass
 
 
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def registration_json(row: dict, sync: dict | None = None) -> dict:
     """A registration as the admin sees it: no credential, no hash, no key material
     beyond the public key of its current bus credential."""
@@ -85,7 +81,7 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
         "status": row["status"], "statusReason": row["status_reason"],
         "credentialExpiresAt": iso(row["credential_expires_at"]),
         "credentialVersion": row["credential_version"], "publicKey": row["public_key"],
-        "versions": _json(row["versions"]), "capabilities": _json(row["capabilities"]),
+        "versions": row["versions"], "capabilities": row["capabilities"],
         "workKinds": list(row["work_kinds"]), "maxConcurrentWork": row["max_concurrent_work"],
         "health": row["health"], "liveness": row["liveness"], "mode": row["mode"],
         "currentLoad": row["current_load"], "activeWorkIds": list(row["active_work_ids"]),
@@ -105,13 +101,6 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
 
 def _registration_id(request: web.Request) -> str:
     return path_token(request, "registration_id")
-
-
-async def _optional(request: web.Request, model: type[WireModel]) -> Any:
-    """An optional JSON body: none or empty means the model's defaults."""
-    if not request.can_read_body or not (await request.read()).strip():
-        return model()
-    return await _body(request, model)
 
 
 async def _view(request: web.Request, row: dict) -> web.Response:
@@ -134,7 +123,7 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
 async def create_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
-    body = await _body(request, CreateRegistration)
+    body = await json_body(request, CreateRegistration)
     if hub.credentials is None:
         return json_error(503, "gateway_registration_unavailable",
                           "gateway registration needs bus credentials (run the hub with "
@@ -183,13 +172,13 @@ async def get_sync(request: web.Request) -> web.Response:
         return refusal_response(exc)
     return web.json_response({
         "registrationId": row["registration_id"], "scope": row["scope"],
-        "items": _json(row["items"]), "itemCount": row["item_count"],
+        "items": row["items"], "itemCount": row["item_count"],
         "cursor": row["cursor"], "updatedAt": iso(row["updated_at"])})
 
 
 async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    body = await _optional(request, RotateRegistration)
+    body = await json_body(request, RotateRegistration, optional=True)
     ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
     try:
         row, credential = await hub.gateways.rotate(
@@ -203,19 +192,19 @@ async def rotate_registration(request: web.Request) -> web.Response:
 
 
 async def revoke_registration(request: web.Request) -> web.Response:
-    body = await _optional(request, RevokeRegistration)
+    body = await json_body(request, RevokeRegistration, optional=True)
     return await _registration_response(request, lambda registry, tenant, reg_id: registry.revoke(
         tenant, reg_id, reason=body.reason, actor="admin"))
 
 
 async def drain_registration(request: web.Request) -> web.Response:
-    body = await _body(request, DrainRegistration)
+    body = await json_body(request, DrainRegistration)
     return await _registration_response(request, lambda registry, tenant, reg_id: registry.drain(
         tenant, reg_id, deadline_seconds=body.deadline_seconds, actor="admin"))
 
 
 async def resume_registration(request: web.Request) -> web.Response:
-    await _optional(request, Empty)
+    await json_body(request, Empty, optional=True)
     return await _registration_response(request, lambda registry, tenant, reg_id: registry.resume(
         tenant, reg_id, actor="admin"))
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -30,13 +29,14 @@ from ._http import (
     HUB_KEY,
     add_route_table,
     int_query,
+    invalid,
     iso,
+    json_body,
     json_error,
     path_token,
     refusal_response,
     tenant_param,
 )
-from ._http_credentials import _body
 from ._pairing import PairingError
 
 Label = Annotated[str, Field(min_length=1, max_length=512)]
@@ -83,19 +83,12 @@ class RevokePairing(WireModel):
     reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
 
 
-def _invalid(message: str) -> web.HTTPUnprocessableEntity:
-    return web.HTTPUnprocessableEntity(
-        text=json.dumps({"error": {"code": "invalid_request", "message": message}}),
-        content_type="application/json")
-
-
 def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
     return path_token(request, name)
 
 
 def pairing_json(row: dict) -> dict:
     """A pairing as the contract names it; no code, hash or credential."""
-    policy = row["policy"]
     return {
         "id": row["pairing_id"], "label": row["label"], "deviceName": row["device_name"],
         "status": row["status"], "enabled": row["enabled"],
@@ -103,7 +96,7 @@ def pairing_json(row: dict) -> dict:
         "allowedWorkspaceIds": list(row["allowed_workspace_ids"]),
         "allowedSessionIds": (list(row["allowed_session_ids"])
                               if row["allowed_session_ids"] is not None else None),
-        "policy": json.loads(policy) if isinstance(policy, str) else policy,
+        "policy": row["policy"],
         "revision": row["revision"], "redeemed": row["redeemed_at"] is not None,
         "codeExpiresAt": iso(row["code_expires_at"]) if row["redeemed_at"] is None else None,
         "heartbeatIntervalSeconds": row["heartbeat_interval"],
@@ -116,13 +109,12 @@ def pairing_json(row: dict) -> dict:
 
 
 def command_json(row: dict) -> dict:
-    result = row["result"]
     return {
         "commandId": row["command_id"], "pairingId": row["pairing_id"],
         "sequence": row["sequence"], "kind": row["kind"], "workspaceId": row["workspace_id"],
         "sessionId": row["session_id"], "state": row["state"],
         "status": row["result_status"] or ("queued" if row["state"] == "queued" else "delivered"),
-        "result": json.loads(result) if isinstance(result, str) else result,
+        "result": row["result"],
         "attempts": row["attempts"], "createdAt": iso(row["created_at"]),
         "completedAt": iso(row["completed_at"]),
     }
@@ -131,7 +123,7 @@ def command_json(row: dict) -> dict:
 async def create_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
-    body = await _body(request, CreatePairing)
+    body = await json_body(request, CreatePairing)
     if hub.credentials is None:
         return json_error(503, "pairing_unavailable",
                           "pairing needs bus credentials (run the hub with COWORK_KEYS_DIR)")
@@ -160,7 +152,7 @@ async def get_pairing(request: web.Request) -> web.Response:
 
 async def update_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    body = await _body(request, UpdatePairing)
+    body = await json_body(request, UpdatePairing)
     changes = body.model_dump(exclude_unset=True)
     if "policy" in changes:
         changes["policy"] = {k: v for k, v in changes["policy"].items() if v is not None}
@@ -168,9 +160,9 @@ async def update_pairing(request: web.Request) -> web.Response:
             PairingPolicy.model_validate(changes["policy"])
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise _invalid(f"policy.{first['loc'][0]}: {first['msg']}") from None
+            raise invalid(f"policy.{first['loc'][0]}: {first['msg']}") from None
     if not changes:
-        raise _invalid("nothing to change")
+        raise invalid("nothing to change")
     try:
         row = await hub.pairings.update(tenant_param(request), _pairing_id(request), changes,
                                         actor="admin")
@@ -181,7 +173,7 @@ async def update_pairing(request: web.Request) -> web.Response:
 
 async def revoke_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    body = await _body(request, RevokePairing) if request.can_read_body else RevokePairing()
+    body = await json_body(request, RevokePairing, optional=True)
     try:
         row = await hub.pairings.revoke(tenant_param(request), _pairing_id(request),
                                         reason=body.reason, actor="admin")
@@ -193,11 +185,11 @@ async def revoke_pairing(request: web.Request) -> web.Response:
 async def submit_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)
-    body = await _body(request, SubmitCommand)
+    body = await json_body(request, SubmitCommand)
     try:
         command_payload(body.kind.value, body.session_id, body.payload)
     except (ValueError, ValidationError) as exc:
-        raise _invalid(_first_error(exc)) from None
+        raise invalid(_first_error(exc)) from None
     try:
         pairing = await hub.pairings.get(tenant, pairing_id)
         _check_allowlists(pairing, body)

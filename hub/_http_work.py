@@ -11,7 +11,6 @@ The idempotency key comes from the body (`idempotencyKey`) or the
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -21,8 +20,7 @@ from schemas._vocabulary import WorkState
 
 from ._edge_work import EdgeWorkService, EnqueueWork
 from ._edge_work_common import EdgeWorkError
-from ._http import HUB_KEY, int_query, json_error, tenant_param
-from ._http_credentials import _body
+from ._http import HUB_KEY, int_query, iso, json_body, json_error, tenant_param
 
 STATES = frozenset(s.value for s in WorkState)
 
@@ -31,28 +29,24 @@ def _service(request: web.Request) -> EdgeWorkService:
     return request.app[HUB_KEY].edge_work
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def work_json(row: dict) -> dict[str, Any]:
     out = {
         "workId": row["work_id"], "kind": row["kind"], "state": row["state"],
         "attempts": row["attempts"], "maxAttempts": row["max_attempts"],
-        "owner": row["owner"], "leaseExpiresAt": _iso(row["lease_expires_at"]),
+        "owner": row["owner"], "leaseExpiresAt": iso(row["lease_expires_at"]),
         "sessionRef": row["session_ref"], "requirements": row["requirements"],
         "status": row["status"], "result": row["result"], "error": row["error"],
         "lastSequence": row["last_sequence"], "outputCount": row["output_count"],
-        "createdBy": row["created_by"], "createdAt": _iso(row["created_at"]),
-        "updatedAt": _iso(row["updated_at"]), "completedAt": _iso(row["completed_at"]),
+        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]), "completedAt": iso(row["completed_at"]),
     }
     if "leases" in row:
         out["leases"] = [{"attempt": r["attempt"], "registrationId": r["registration_id"],
-                          "claimedAt": _iso(r["claimed_at"]), "endedAt": _iso(r["ended_at"]),
+                          "claimedAt": iso(r["claimed_at"]), "endedAt": iso(r["ended_at"]),
                           "outcome": r["outcome"]} for r in row["leases"]]
         out["events"] = [{"sequence": r["sequence"], "kind": r["kind"], "body": r["body"],
                           "attempt": r["attempt"], "registrationId": r["registration_id"],
-                          "recordedAt": _iso(r["recorded_at"])} for r in row["events"]]
+                          "recordedAt": iso(r["recorded_at"])} for r in row["events"]]
     return out
 
 
@@ -62,7 +56,7 @@ def _error(exc: EdgeWorkError) -> web.Response:
 
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    body: EnqueueWork = await _body(request, EnqueueWork)  # type: ignore[assignment]
+    body: EnqueueWork = await json_body(request, EnqueueWork)  # type: ignore[assignment]
     header = request.headers.get("Idempotency-Key")
     if header is not None:
         try:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -55,7 +54,7 @@ class PairingError(Exception):
         self.status, self.code = status, code
 
     @classmethod
-    def not_found(cls, pairing_id: str) -> "PairingError":
+    def not_found(cls, pairing_id: str) -> PairingError:
         return cls(404, "pairing.not_found", f"no pairing {pairing_id!r}")
 
 
@@ -81,7 +80,7 @@ def code_hash(key: bytes, code: str) -> bytes:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class PairingService:
@@ -223,7 +222,7 @@ class PairingService:
             allowed_workspace_ids=list(row["allowed_workspace_ids"]),
             allowed_session_ids=(list(row["allowed_session_ids"])
                                  if row["allowed_session_ids"] is not None else None),
-            policy=PairingPolicy.model_validate(_policy_dict(row["policy"])))
+            policy=PairingPolicy.model_validate(row["policy"]))
 
     async def push_state(self, row: dict) -> None:
         if row.get("public_key") is None:  # not redeemed yet: nobody to tell
@@ -251,13 +250,9 @@ def _policy_doc(policy: PairingPolicy) -> dict:
     return policy.model_dump(mode="json", by_alias=True)
 
 
-def _policy_dict(value: Any) -> dict:
-    return json.loads(value) if isinstance(value, str) else dict(value)
-
-
 def _merged(old: dict, changes: dict[str, Any]) -> dict:
     new = dict(old)
-    new["policy"] = PairingPolicy.model_validate(_policy_dict(old["policy"]))
+    new["policy"] = PairingPolicy.model_validate(old["policy"])
     for key, value in changes.items():
         if key == "policy":
             merged = {**new["policy"].model_dump(), **value}
@@ -273,7 +268,7 @@ def _change_actions(old: dict, new: dict) -> list[tuple[str, dict]]:
     actions: list[tuple[str, dict]] = []
     if old["enabled"] != new["enabled"]:
         actions.append(("pairing.enabled" if new["enabled"] else "pairing.disabled", {}))
-    old_policy = PairingPolicy.model_validate(_policy_dict(old["policy"]))
+    old_policy = PairingPolicy.model_validate(old["policy"])
     for field in ("remote_approvals", "remote_questions"):
         before, after = getattr(old_policy, field), getattr(new["policy"], field)
         if after == PolicyDecision.REMOTE_ALLOWED and before != after:
