@@ -45,7 +45,8 @@ from ._audit import AuditLog
 from ._background import BackgroundTask, every
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._pairing import PairingError, refusal
+from ._pairing import PairingError
+from ._refusals import ack_refusal
 
 log = logging.getLogger("cowork.hub.commands")
 DEFAULT_LEASE = timedelta(seconds=30)
@@ -189,7 +190,7 @@ class CommandService:
             final = await self.record_ack(where["tenant"], where["device_id"], ack)
             reply = AckReply(ok=True)
         except (ContractError, subjects.SubjectError, AckRefused) as exc:
-            reply = refusal(exc)
+            reply = ack_refusal(exc)
         if msg.reply:
             await msg.respond(Envelope.wrap(reply, source=self._source).encode())
         if final is not None:  # after the reply: a final step may disconnect the Desktop

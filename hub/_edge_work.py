@@ -57,6 +57,7 @@ from ._edge_work_writes import FencedWriter
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
+from ._refusals import ack_refusal
 
 T = TypeVar("T")
 
@@ -278,7 +279,7 @@ class EdgeWorkService:
             reply = AckReply(ok=False, code="hub.error", reason="the hub failed this request")
         except (ContractError, subjects.SubjectError, EdgeWorkError) as exc:
             self._metrics.bus_messages.labels(family.name, "refused").inc()
-            reply = _ack(exc)
+            reply = ack_refusal(exc)
         except Exception as exc:  # database away: the worker retries
             log.warning("edge_work.request_failed", **kv(subject=msg.subject, error=str(exc)))
             reply = AckReply(ok=False, code="hub.unavailable", reason="try again shortly",
@@ -342,9 +343,3 @@ def _check_enqueue(request: EnqueueWork) -> None:
         raise EdgeWorkError("work.not_edge_runnable",
                             f"work that needs {' and '.join(needs)} can never run on an edge "
                             "worker (those stay on the machine that owns them)", status=422)
-
-
-def _ack(exc: Exception) -> AckReply:
-    code = getattr(exc, "code", None) or "subject.invalid"
-    return AckReply(ok=False, code=code, reason=str(getattr(exc, "reason", exc))[:16_000],
-                    retry_after_seconds=getattr(exc, "retry_after", None))

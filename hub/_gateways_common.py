@@ -14,6 +14,7 @@ from schemas._vocabulary import GatewayKind
 
 from ._audit import AuditLog
 from ._logging import kv
+from ._refusals import ack_refusal
 
 log = logging.getLogger("cowork.hub.gateways")
 
@@ -44,8 +45,7 @@ class GatewayError(Exception):
         return cls(409, "gateway.pending", f"the registration has not registered yet{detail}")
 
     def ack(self) -> AckReply:
-        return AckReply(ok=False, code=self.code, reason=str(self)[:16_000],
-                        retry_after_seconds=self.retry_after)
+        return ack_refusal(self)
 
 
 def missing_or_ended(row: Any, registration_id: str, ended: str) -> GatewayError | None:

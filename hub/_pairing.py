@@ -38,6 +38,7 @@ from schemas import (
 
 from ._audit import AuditLog
 from ._logging import kv
+from ._refusals import ack_refusal
 
 log = logging.getLogger("cowork.hub.pairing")
 
@@ -56,13 +57,6 @@ class PairingError(Exception):
     @classmethod
     def not_found(cls, pairing_id: str) -> PairingError:
         return cls(404, "pairing.not_found", f"no pairing {pairing_id!r}")
-
-
-def refusal(exc: Exception) -> AckReply:
-    """The reply to a bus request refused for `exc` (which carries a code, or is a
-    subject error); the reason is the exception's one-line message."""
-    code = getattr(exc, "code", None) or "subject.invalid"
-    return AckReply(ok=False, code=code, reason=str(getattr(exc, "reason", exc)))
 
 
 def new_code() -> str:
@@ -207,7 +201,7 @@ class PairingService:
                 reason=notice.reason or "revoked on the Desktop", revoke_credential=False)
             reply = AckReply(ok=True)
         except (ContractError, subjects.SubjectError, PairingError) as exc:
-            reply = refusal(exc)
+            reply = ack_refusal(exc)
         if msg.reply:
             await msg.respond(Envelope.wrap(reply, source=self._source).encode())
             await self._nc.flush()
