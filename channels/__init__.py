@@ -1,4 +1,33 @@
 """Channel provider platform: chat platforms as workspace surfaces.
 
-Channel code never imports the database, `hub` internals or the OpenCode client.
+Channel code never imports the database, `hub` internals or the OpenCode client:
+it talks to the hub over the bus with each instance's own credentials. The hub
+hosts the runtime (it owns instance configuration and secrets) through the names
+exported here, and nothing else.
 """
+
+from ._provider import (
+    BadRequest,
+    ButtonLimits,
+    Capabilities,
+    ChannelError,
+    DeliveryFailed,
+    InstanceConfig,
+    Provider,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+    message_id,
+)
+from ._registry import PROVIDERS, UnknownProvider, capability_matrix, capability_rows, provider_class
+from ._runtime import ChannelRuntime, RuntimeOptions
+
+__all__ = [
+    "BadRequest", "ButtonLimits", "Capabilities", "ChannelError", "DeliveryFailed",
+    "InstanceConfig", "Provider", "ProviderSettings", "SendResult", "VerificationFailed",
+    "WebhookRequest", "WebhookResult", "message_id",
+    "PROVIDERS", "UnknownProvider", "capability_matrix", "capability_rows", "provider_class",
+    "ChannelRuntime", "RuntimeOptions",
+]

@@ -208,6 +208,7 @@ def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
     from . import (
+        _http_channels,
         _http_credentials,
         _http_events,
         _http_gateways,
@@ -215,6 +216,7 @@ def build_app(hub: Hub, admin_token: str | None) -> web.Application:
         _http_work,
     )
 
-    for module in (_http_credentials, _http_pairing, _http_events, _http_work, _http_gateways):
+    for module in (_http_credentials, _http_pairing, _http_events, _http_work, _http_gateways,
+                   _http_channels):
         module.add_routes(app)
     return app

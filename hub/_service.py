@@ -26,6 +26,12 @@ from . import _db, _jwt, _streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._bootstrap_limits import BootstrapLockout
+from ._channel_actions import ActionTokens
+from ._channel_outbox import ChannelOutbox
+from ._channel_receipts import ReceiptIngest
+from ._channel_renderer import ChannelRenderer
+from ._channel_router import ChannelRouter
+from ._channels import ChannelService
 from ._commands import CommandService
 from ._credentials import CredentialService
 from ._deadletter import DeadLetters
@@ -87,6 +93,7 @@ class Hub:
         await self._start_pairing()
         await self._start_gateways()
         await self._start_edge_work()
+        await self._start_channels()
         await self._start_http()
         log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
 
@@ -224,6 +231,36 @@ class Hub:
         self.edge_work.start()
         self._workers.append(self.edge_work)
         await self.edge_work.subscribe(self.nc)
+
+    async def _start_channels(self) -> None:
+        """Channel instances (hosted runtime: webhooks in, deliveries out), the inbound
+        router, the renderer of session events into chat, and delivery receipts."""
+        assert self.pool is not None and self.nc is not None
+        s = self.settings
+        secret = self.keys.derive_key("channel-secrets") if self.keys else s.channel_secret_key()
+        self.channels = ChannelService(self.pool, self.audit, self.js, self.nc, self.metrics,
+                                       hub_id=s.hub_id, secret_key=secret,
+                                       credentials=self.credentials, settings=s)
+        self.channel_outbox = ChannelOutbox(self.js, self.pool, self.metrics, hub_id=s.hub_id)
+        actions = ActionTokens(self.pool)
+        self.channel_router = ChannelRouter(
+            self.js, self.pool, self.audit, self.metrics, self.dead_letters, hub_id=s.hub_id,
+            instances=self.channels, outbox=self.channel_outbox, commands=self.commands,
+            edge_work=self.edge_work, pairings=self.pairings, actions=actions)
+        self.channel_renderer = ChannelRenderer(
+            self.nc, self.pool, self.metrics, hub_id=s.hub_id, instances=self.channels,
+            outbox=self.channel_outbox, actions=actions)
+        receipts = ReceiptIngest(self.js, self.pool, self.metrics, self.dead_letters,
+                                 hub_id=s.hub_id, instances=self.channels,
+                                 outbox=self.channel_outbox)
+        self.commands.on_final.append(self.channel_router.on_command_final)
+        await self.channels.start()
+        self._workers.append(self.channels)
+        for worker in (self.channel_router, receipts):
+            worker.start()
+            self._workers.append(worker)
+        await self.channel_renderer.start()
+        self._workers.append(self.channel_renderer)
 
     async def _desktop_online(self, tenant: str, row: dict) -> None:
         await self.pairings.push_state(row)

@@ -33,6 +33,13 @@ class HubSettings(BaseSettings):
         2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)")
     work_write_rate: float = Field(
         500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)")
+    channel_secrets_key: SecretStr | None = Field(
+        None, description="Key for channel instance secrets at rest when there is no key "
+                          "hierarchy (COWORK_KEYS_DIR derives one otherwise)")
+    channel_body_limit_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                          description="Largest webhook body accepted")
+    channel_source_rate: float = Field(50.0, gt=0,
+                                       description="Webhook requests per second per source")
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"
@@ -56,6 +63,15 @@ class HubSettings(BaseSettings):
             if not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
                 raise ValueError(f"{url.strip()!r} is not a nats://, tls://, ws:// or wss:// URL")
         return value
+
+    def channel_secret_key(self) -> bytes:
+        """32 bytes for channel secrets when no key hierarchy is configured."""
+        import hashlib
+        import os
+
+        if self.channel_secrets_key is not None:
+            return hashlib.sha256(self.channel_secrets_key.get_secret_value().encode()).digest()
+        return os.urandom(32)  # secrets then last only as long as this process
 
     @property
     def nats_servers(self) -> list[str]:

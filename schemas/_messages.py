@@ -11,6 +11,8 @@ from ._base import Message, WireModel
 from ._tokens import TenantId, TokenId
 from ._vocabulary import (
     CapabilityStatus,
+    ChannelEventType,
+    ChannelKind,
     CommandKind,
     CommandStatus,
     CredentialScope,
@@ -434,25 +436,38 @@ class ChannelAttachment(WireModel):
 
 
 class ChannelInteraction(WireModel):
+    """A button press or a platform slash command. `token` is the button's opaque
+    token (hashed and single-use at the hub); `response_token` is what the
+    platform needs to answer the interaction (Discord interaction token, Telegram
+    callback query id, Slack response_url)."""
+
     id: str = Field(max_length=256)
     token: str = Field(max_length=2048)
     kind: Literal["button", "command"]
+    response_token: str | None = Field(default=None, max_length=2048)
 
 
 class ChannelInbound(Message):
+    """One normalised inbound event. `(tenant, provider, event_type, provider_event_id)`
+    is the durable dedupe key; `id` is derived from it, so a platform's retry of
+    the same event carries the same id (and the same JetStream `Nats-Msg-Id`)."""
+
     message_type = "channel.inbound"
     id: TokenId
+    event_type: ChannelEventType = ChannelEventType.MESSAGE
     provider_event_id: str = Field(min_length=1, max_length=256)
     provider_message_id: str | None = Field(default=None, max_length=256)
     provider: TokenId
-    provider_kind: TokenId
+    provider_kind: ChannelKind
+    workspace_id: TokenId
     target: ChannelTarget
     sender: ChannelSender
     text: Text = ""
     raw_text: Text = ""
     is_command: bool = False
     command: str | None = Field(default=None, max_length=64)
-    command_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list)
+    command_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list,
+                                                                         max_length=64)
     attachments: list[ChannelAttachment] = Field(default_factory=list, max_length=50)
     interaction: ChannelInteraction | None = None
     received_at: datetime
@@ -464,7 +479,18 @@ class ChannelButton(WireModel):
     style: Literal["default", "danger", "success"] = "default"
 
 
+class ChannelFile(WireModel):
+    filename: str = Field(min_length=1, max_length=512)
+    mime_type: str = Field(default="application/octet-stream", max_length=128)
+    content_base64: str = Field(max_length=1_400_000)  # ~1 MiB of content
+
+
 class ChannelOutbound(Message):
+    """A delivery for one instance. Deliveries of one lane (instance + chat +
+    thread) are sent in order; `delivery_id` makes a re-served delivery a no-op.
+    An edit names the message to change by provider id when the hub knows it, or
+    by the delivery that sent it (`edit_of_delivery_id`) when it does not yet."""
+
     message_type = "channel.outbound"
     delivery_id: TokenId
     idempotency_key: str = Field(max_length=256)
@@ -473,17 +499,27 @@ class ChannelOutbound(Message):
     text: Text | None = None
     parse_mode: Literal["plain", "markdown", "html"] = "plain"
     edit_message_id: str | None = Field(default=None, max_length=256)
-    buttons: list[list[ChannelButton]] | None = None
+    edit_of_delivery_id: TokenId | None = None
+    reply_to_message_id: str | None = Field(default=None, max_length=256)
+    buttons: list[list[ChannelButton]] | None = Field(default=None, max_length=10)
+    interaction: ChannelInteraction | None = None
+    file: ChannelFile | None = None
     silent: bool = False
+    notice: bool = False  # a hub notice (e.g. "could not deliver"): never noticed about again
 
 
 class ChannelReceipt(Message):
     message_type = "channel.receipt"
     delivery_id: TokenId
     status: DeliveryStatus
+    target: ChannelTarget | None = None
     provider_message_id: str | None = Field(default=None, max_length=256)
+    provider_message_ids: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=64)  # one per chunk
     attempts: int = Field(ge=1)
+    code: str | None = Field(default=None, max_length=128)
     error: Text | None = None
+    retry_after_seconds: float | None = Field(default=None, ge=0)
 
 
 # --- audit and dead letters -----------------------------------------------------------------------

@@ -184,6 +184,45 @@ class DeliveryStatus(_Str):
     SENT = "sent"
     RETRYING = "retrying"
     DEAD_LETTERED = "dead_lettered"
+    DUPLICATE = "duplicate"  # already sent before: acknowledged, not sent again
+
+
+class ChannelKind(_Str):
+    TELEGRAM = "telegram"
+    SLACK = "slack"
+    DISCORD = "discord"
+    WHATSAPP = "whatsapp"
+    EMAIL = "email"
+    WEBHOOK = "webhook"
+    CLI = "cli"
+
+
+class ChannelEventType(_Str):
+    MESSAGE = "message"
+    INTERACTION = "interaction"  # a button press
+    COMMAND = "command"  # a platform slash command (Slack, Discord)
+
+
+class ChannelInstanceState(_Str):
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class ChannelRole(_Str):
+    """A chat user's role in a tenant's channels. Only owner/admin/member prompt;
+    owner/admin/approver approve; viewer reads; pending is an unknown user."""
+
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+    APPROVER = "approver"
+    VIEWER = "viewer"
+    PENDING = "pending"
+
 
 # --- what each registration kind may do (product contract, "Gateway registration") ---
 # Credential scopes derived from the kind; an admin may narrow them, never widen.

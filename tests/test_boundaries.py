@@ -53,10 +53,18 @@ def test_channels_never_import_edges():
 COMMAND_MODULES = ("_cli.py", "_gateway_up.py")
 
 
-def test_hub_does_not_import_edges_or_channels_outside_the_cli():
+def test_hub_does_not_import_edges_outside_the_cli():
     bad = [(f, m) for f, m in imports_of("hub")
-           if top(m) in {"edges", "channels"} and not f.endswith(COMMAND_MODULES)]
+           if top(m) == "edges" and not f.endswith(COMMAND_MODULES)]
     assert bad == []
+
+
+def test_hub_hosts_channels_only_through_their_public_face():
+    """The hub hosts the channel runtime (it owns the database and the secrets);
+    it may use only the names `channels/__init__.py` exports, from its channel modules."""
+    uses = [(f, m) for f, m in imports_of("hub") if top(m) == "channels"]
+    assert all(m == "channels" for _, m in uses), uses
+    assert all(Path(f).name.startswith(("_channel", "_http_channel", "_cli")) for f, _ in uses)
 
 
 def test_the_boundary_scanner_sees_imports():
@@ -72,7 +80,9 @@ def test_only_one_module_talks_to_opencode():
     """edges/_opencode.py is the one OpenCode client: no other module of ours imports
     an HTTP client or spells an OpenCode route."""
     clients = ("httpx", "aiohttp", "requests", "urllib.request", "http.client")
-    http_users = {f for package in ("edges", "channels") for f, m in imports_of(package)
+    # Channel providers call chat platforms' APIs over HTTP, never OpenCode: they
+    # may not import edges (above) nor spell an OpenCode route (below).
+    http_users = {f for f, m in imports_of("edges")
                   if any(m == c or m.startswith(c + ".") for c in clients)}
     assert http_users <= {"edges/_opencode.py"}
     assert "edges/_opencode.py" in http_users, "the scanner must see the client's own import"

@@ -1,0 +1,61 @@
+"""Every provider, by kind: the one place a new provider is added."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import ChannelKind
+
+from ._cli import CliProvider
+from ._discord import DiscordProvider
+from ._email import EmailProvider
+from ._provider import Capabilities, Provider
+from ._slack import SlackProvider
+from ._telegram import TelegramProvider
+from ._webhook import WebhookProvider
+from ._whatsapp import WhatsAppProvider
+
+PROVIDERS: dict[str, type[Provider]] = {
+    ChannelKind.TELEGRAM.value: TelegramProvider,
+    ChannelKind.SLACK.value: SlackProvider,
+    ChannelKind.DISCORD.value: DiscordProvider,
+    ChannelKind.WHATSAPP.value: WhatsAppProvider,
+    ChannelKind.EMAIL.value: EmailProvider,
+    ChannelKind.WEBHOOK.value: WebhookProvider,
+    ChannelKind.CLI.value: CliProvider,
+}
+
+
+class UnknownProvider(KeyError):
+    pass
+
+
+def provider_class(kind: str) -> type[Provider]:
+    try:
+        return PROVIDERS[kind]
+    except KeyError:
+        raise UnknownProvider(f"unknown channel kind {kind!r}; known: "
+                              f"{', '.join(sorted(PROVIDERS))}") from None
+
+
+def capability_matrix() -> dict[str, Capabilities]:
+    return {kind: cls.capabilities for kind, cls in PROVIDERS.items()}
+
+
+def capability_rows() -> list[dict[str, Any]]:
+    """The matrix as rows (for docs and the admin API)."""
+    rows = []
+    for kind, caps in capability_matrix().items():
+        buttons = caps.buttons
+        rows.append({
+            "kind": kind, "threads": caps.threads, "edit": caps.edit,
+            "buttons": f"{buttons.max_count}/{buttons.max_rows}/{buttons.max_token_bytes}"
+            if buttons else "none",
+            "fileUpload": caps.file_upload, "fileDownload": caps.file_download,
+            "typing": caps.typing, "reactions": caps.reactions,
+            "maxTextLength": caps.max_text_length, "parseModes": sorted(caps.parse_modes),
+            "maxFileBytes": caps.max_file_bytes, "interactionAck": caps.interaction_ack,
+            "rateLimit": caps.rate_limit, "ephemeral": caps.ephemeral, "inbound": caps.inbound,
+            "verification": caps.verification,
+        })
+    return rows
