@@ -21,13 +21,23 @@ from ._provider import (
     WebhookResult,
     message_id,
 )
-from ._registry import PROVIDERS, UnknownProvider, capability_matrix, capability_rows, provider_class
+from ._cli_command import add_channel_commands
+from ._registry import (
+    PROVIDERS,
+    UnknownProvider,
+    capability_matrix,
+    capability_rows,
+    capability_table_markdown,
+    provider_class,
+)
 from ._runtime import ChannelRuntime, RuntimeOptions
 
 __all__ = [
     "BadRequest", "ButtonLimits", "Capabilities", "ChannelError", "DeliveryFailed",
     "InstanceConfig", "Provider", "ProviderSettings", "SendResult", "VerificationFailed",
     "WebhookRequest", "WebhookResult", "message_id",
-    "PROVIDERS", "UnknownProvider", "capability_matrix", "capability_rows", "provider_class",
+    "PROVIDERS", "UnknownProvider", "capability_matrix", "capability_rows",
+    "capability_table_markdown", "provider_class",
     "ChannelRuntime", "RuntimeOptions",
+    "add_channel_commands",
 ]

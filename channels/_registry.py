@@ -59,3 +59,34 @@ def capability_rows() -> list[dict[str, Any]]:
             "verification": caps.verification,
         })
     return rows
+
+
+_COLUMNS = (("kind", "kind"), ("inbound", "inbound"), ("verification", "verification"),
+            ("maxTextLength", "text limit"), ("threads", "threads"), ("edit", "edits"),
+            ("buttons", "buttons (n/rows/token bytes)"), ("typing", "typing"),
+            ("reactions", "reactions"), ("fileUpload", "file upload"),
+            ("fileDownload", "file download"), ("maxFileBytes", "max file bytes"),
+            ("parseModes", "parse modes"), ("interactionAck", "interaction ack"),
+            ("rateLimit", "rate limit"), ("ephemeral", "ephemeral"))
+
+
+def capability_table_markdown() -> str:
+    """The matrix as docs/channel-capabilities.md (`cowork schema export` writes it;
+    a drift test keeps it true)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list):
+            return ", ".join(value)
+        return str(value).replace("|", "/")
+
+    lines = ["# Channel provider capabilities", "",
+             "Generated from each provider's declared `capabilities` (`channels/_registry.py`) by",
+             "`cowork schema export`; do not edit. The conformance suite",
+             "(`tests/test_channel_conformance.py`) checks every declaration against the",
+             "provider's behaviour with its fake platform.", "",
+             "| " + " | ".join(title for _, title in _COLUMNS) + " |",
+             "|" + "---|" * len(_COLUMNS)]
+    for row in capability_rows():
+        lines.append("| " + " | ".join(cell(row[key]) for key, _ in _COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

@@ -3,10 +3,13 @@
 Order of things for a `prompt` lease:
 
 1. the lease is journalled (a lease seen before is never run again);
-2. a `status {"state": "running"}` output, then an OpenCode session titled
-   after the work's `sessionRef.title`, and the prompt (`prompt_async`);
+2. a `status {"state": "running"}` output, then the OpenCode session: the one
+   `sessionRef.sessionId` names when this OpenCode has it and no other run here
+   is using it (a chat continuing its conversation), else a new one titled
+   after `sessionRef.title`; then the prompt (`prompt_async`);
 3. every OpenCode event of that session, redacted, as an `event` output, until
-   the session goes idle; then a `result` (final assistant text, tokens, cost)
+   the session goes idle; then a `result` (final assistant text, tokens, cost,
+   and the `sessionId` the turn ran in, so the next prompt can continue it)
    or a `fail` with the reason;
 4. the lease is renewed every third of its TTL until the final output is
    acknowledged by the hub.
@@ -89,6 +92,14 @@ class SessionEvents:
 
     def register(self, session_id: str) -> asyncio.Queue[dict[str, Any]]:
         return self._queues.setdefault(session_id, asyncio.Queue())
+
+    def reserve(self, session_id: str) -> bool:
+        """Register `session_id` unless a run here already has it (two runs sharing one
+        session's queue would steal each other's events)."""
+        if session_id in self._queues:
+            return False
+        self._queues[session_id] = asyncio.Queue()
+        return True
 
     def unregister(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
@@ -212,8 +223,7 @@ class WorkRunner:
         if problem:
             return await self._fail(problem)
         try:
-            session = await self._opencode.create_session(title=self._title())
-            self.session_id = str(session["id"])
+            self.session_id = await self._open_session()
             self._store.journal_update(self.lease_token, state="running",
                                        session_id=self.session_id)
             queue = self._events.register(self.session_id)
@@ -230,6 +240,22 @@ class WorkRunner:
             return await self._fail(f"OpenCode did not finish within {self._max_run:g} s")
         except (OpenCodeError, KeyError, TypeError) as exc:
             return await self._fail(f"OpenCode failed: {exc}")
+
+    async def _open_session(self) -> str:
+        """The session named by the work's sessionRef if it can be continued here,
+        else a new one. A named session is reserved before the first await, so two
+        runs never share one."""
+        ref = self.claim.session_ref
+        wanted = ref.session_id if ref is not None else None
+        if wanted and self._events.reserve(wanted):
+            try:
+                return str((await self._opencode.get_session(wanted))["id"])
+            except OpenCodeError as exc:
+                self._events.unregister(wanted)
+                if not exc.is_not_found:
+                    raise
+        session = await self._opencode.create_session(title=self._title())
+        return str(session["id"])
 
     def _title(self) -> str | None:
         ref = self.claim.session_ref
@@ -294,7 +320,7 @@ class WorkRunner:
             return await self._fail(_error_text(info["error"]) or "OpenCode failed")
         text = "".join(p.get("text", "") for p in last.get("parts") or []
                        if isinstance(p, dict) and p.get("type") == "text")
-        body: dict[str, Any] = {"text": redact_text(text)}
+        body: dict[str, Any] = {"text": redact_text(text), "sessionId": self.session_id}
         # Usage is numbers only; it bypasses redaction, whose secret-key rule would
         # otherwise blank "tokens".
         tokens, cost = _numbers(info.get("tokens")), info.get("cost")

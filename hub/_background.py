@@ -52,6 +52,12 @@ async def pull_forever(js: JetStreamContext, spec: Any, batch: int,
     rebinding after NATS or the consumer went away."""
     sub = None
     while True:
+        # Python 3.11's wait_for (inside nats-py's fetch) drops a cancellation that
+        # arrives as a message does; the request stays on the task, so honour it here
+        # or a stop waits forever while a backlog keeps messages coming.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         try:
             if sub is None:
                 sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)

@@ -51,10 +51,10 @@ class ChannelOutbox:
     async def _record(self, tenant: str, instance_id: str, delivery: ChannelOutbound,
                       conn: asyncpg.Connection | None) -> None:
         sql = ("INSERT INTO channel_deliveries (tenant, delivery_id, instance_id, chat_id, "
-               "thread_key, type) VALUES ($1, $2, $3, $4, $5, $6) "
+               "thread_key, type, notice) VALUES ($1, $2, $3, $4, $5, $6, $7) "
                "ON CONFLICT (tenant, delivery_id) DO NOTHING")
         args = (tenant, delivery.delivery_id, instance_id, delivery.target.chat_id,
-                delivery.target.thread_id or "", str(delivery.type))
+                delivery.target.thread_id or "", str(delivery.type), delivery.notice)
         if conn is not None:
             await conn.execute(sql, *args)
             return

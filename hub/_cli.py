@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser = gateway["_commands"].add_parser(
         "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent")
     _add_logging(add_gateway_up_arguments(up_parser), "text")
+    from channels import add_channel_commands
+
+    add_channel_commands(commands)
     return parser
 
 
@@ -169,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_desktop(args)
         if args.command == "gateway":
             return _cmd_gateway(args)
+        if args.command == "channel":
+            return args.channel_handler(args)
     except KeyboardInterrupt:
         return 130
     return 2

@@ -208,6 +208,7 @@ def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
     from . import (
+        _http_channel_users,
         _http_channels,
         _http_credentials,
         _http_events,
@@ -217,6 +218,6 @@ def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     )
 
     for module in (_http_credentials, _http_pairing, _http_events, _http_work, _http_gateways,
-                   _http_channels):
+                   _http_channels, _http_channel_users):
         module.add_routes(app)
     return app

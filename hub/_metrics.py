@@ -29,3 +29,30 @@ class HubMetrics:
         self.ready = Gauge("cowork_ready", "1 while /readyz answers 200", registry=r)
         self.db_pool_size = Gauge(
             "cowork_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r)
+        self.channel_instances = Gauge(
+            "cowork_channel_instances", "Channel instances on this hub by runtime state "
+            "(disabled ones as 'disabled')", ["state"], registry=r)
+        # Per channel instance. Labels are instance ids the hub knows (anything else
+        # is counted as "unknown") and fixed outcome words: never chat or user ids.
+        self.channel_webhook_requests = Counter(
+            "cowork_channel_webhook_requests_total", "Webhook requests by channel instance "
+            "and outcome (accepted, rejected_4xx, failed_5xx)", ["instance", "outcome"],
+            registry=r)
+        self.channel_inbound = Counter(
+            "cowork_channel_inbound_total", "Inbound chat messages handled by the router "
+            "(accepted, refused, duplicate, dead_lettered)", ["instance", "outcome"],
+            registry=r)
+        self.channel_deliveries = Counter(
+            "cowork_channel_deliveries_total", "Delivery outcomes reported by channel "
+            "instances (sent, retrying, dead_lettered, duplicate)", ["instance", "status"],
+            registry=r)
+        self.channel_instance_state = Gauge(
+            "cowork_channel_instance_state", "1 for each channel instance's current runtime "
+            "state ('disabled' when disabled)", ["instance", "state"], registry=r)
+
+
+def webhook_outcome(status: int) -> str:
+    """A webhook answer's status as a bounded label value."""
+    if status < 400:
+        return "accepted"
+    return "rejected_4xx" if status < 500 else "failed_5xx"

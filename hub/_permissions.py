@@ -124,6 +124,26 @@ HUB_PERMISSIONS = Permissions(
 HUB_INBOX_PREFIX = "_INBOX.hub"
 
 
+# KV buckets (hub/_streams.py KV_BUCKETS) in which a principal kind may put and
+# read its own keys, `<tenant>.<own id>.*`, and nothing else: not list, watch,
+# delete, nor look at the bucket's stream.
+OWN_KV_KEYS: dict[PrincipalKind, tuple[str, ...]] = {
+    PrincipalKind.CHANNEL: ("CW_CHANNEL_SENT",),  # the sent-ledger (channels/_sent_store.py)
+}
+
+
+def _kv_grants(p: Principal) -> list[str]:
+    """A put is a publish to the key's subject (the ack comes to the own inbox); a
+    get is nats-py's direct get of the key's last message, whose subject names the
+    key (`$JS.API.DIRECT.GET.<stream>.<key subject>`, empty body). The handle is
+    built without stream info, so no STREAM.INFO grant is needed."""
+    grants = []
+    for bucket in OWN_KV_KEYS.get(p.kind, ()):
+        keys = f"$KV.{bucket}.{p.tenant}.{p.id}.>"
+        grants += [keys, f"$JS.API.DIRECT.GET.KV_{bucket}.{keys}"]
+    return grants
+
+
 def _consumer_grants(p: Principal) -> list[str]:
     """Publish rights to pull from, inspect and ack its own durable consumer only."""
     stream = subjects.EDGE_CONSUMERS.get(str(p.kind))
@@ -143,6 +163,7 @@ def permissions_for(p: Principal) -> Permissions:
     for grant in TABLE[p.kind]:
         (publish if grant.action == "pub" else subscribe).extend(grant.subjects_for(p))
     publish.extend(_consumer_grants(p))
+    publish.extend(_kv_grants(p))
     if publish:  # anyone who sends requests or JetStream publishes needs its own inbox
         subscribe.append(subjects.inbox_prefix(p.tenant, str(p.kind), p.id) + ".>")
     return Permissions(pub_allow=_unique(publish), sub_allow=_unique(subscribe))
@@ -181,9 +202,11 @@ def permission_table_markdown() -> str:
                 lines.append(f"| {kind.value} `{principal.id}` | {grant.action} "
                              f"({grant.family.name}) | `{subject}` | {scope} |")
         perms = permissions_for(principal)
-        extra = [s for s in perms.pub_allow if s.startswith("$JS")]
-        for subject in extra:
+        for subject in _consumer_grants(principal):
             lines.append(f"| {kind.value} `{principal.id}` | pub (own durable consumer) "
+                         f"| `{subject}` | - |")
+        for subject in _kv_grants(principal):
+            lines.append(f"| {kind.value} `{principal.id}` | pub (own KV keys) "
                          f"| `{subject}` | - |")
         for subject in perms.sub_allow:
             if subject.startswith("_INBOX"):

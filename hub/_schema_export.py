@@ -15,10 +15,13 @@ def render(value: object) -> str:
 
 def documents() -> dict[str, str]:
     """Relative path -> file text, for every generated document."""
+    from channels import capability_table_markdown
+
     from ._permissions import permission_table_markdown
 
     docs = {"asyncapi.json": render(asyncapi()), "subjects.md": subject_table(),
-            "permissions.md": permission_table_markdown()}
+            "permissions.md": permission_table_markdown(),
+            "channel-capabilities.md": capability_table_markdown()}
     for name, schema in json_schemas().items():
         docs[f"schemas/{name}.json"] = render(schema)
     return docs

@@ -1,4 +1,5 @@
-"""Every JetStream stream and hub-owned durable consumer, declared from one place.
+"""Every JetStream stream, KV bucket and hub-owned durable consumer, declared
+from one place.
 
 Stream subjects come from the taxonomy (`schemas.subjects.streams()`); only the
 retention policy of each stream is decided here. Declaring is idempotent and
@@ -54,6 +55,27 @@ POLICIES: dict[str, StreamPolicy] = {
 
 
 @dataclass(frozen=True)
+class BucketPolicy:
+    max_age_seconds: float
+    history: int = 1
+    max_value_size: int = 1024 * 1024
+
+
+# KV buckets, each kept by JetStream in a stream named KV_<bucket>; declared with
+# the streams (and checked by readiness) because runtime code may not create them.
+# CW_CHANNEL_SENT: each channel instance's sent-ledger (channels/_sent_store.py),
+# so a delivery re-served after a restart is not sent twice; a redelivery never
+# comes later than the outbound stream keeps a delivery (2 days).
+KV_BUCKETS: dict[str, BucketPolicy] = {
+    "CW_CHANNEL_SENT": BucketPolicy(2 * DAY),
+}
+
+
+def bucket_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+@dataclass(frozen=True)
 class ConsumerSpec:
     stream: str
     durable: str
@@ -98,6 +120,32 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
+def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
+    """The streams behind KV_BUCKETS, configured as nats-py's create_key_value does
+    (subjects $KV.<bucket>.>, one value per key, rollups, no deletes of the
+    stream's messages by API) plus direct gets, which the instances read with."""
+    return [
+        StreamConfig(
+            name=bucket_stream(bucket),
+            subjects=[f"$KV.{bucket}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=policy.max_age_seconds,
+            max_msgs_per_subject=policy.history,
+            max_msg_size=policy.max_value_size,
+            max_msgs=-1,
+            max_consumers=-1,
+            duplicate_window=min(120.0, policy.max_age_seconds),
+            discard=DiscardPolicy.NEW,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+        )
+        for bucket, policy in sorted(KV_BUCKETS.items())
+    ]
+
+
 def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=spec.durable,
@@ -112,7 +160,7 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
 
 async def declare(js: JetStreamContext, replicas: int = 1) -> None:
     """Create or update every stream and hub consumer to the configuration above."""
-    for config in stream_configs(replicas):
+    for config in stream_configs(replicas) + bucket_configs(replicas):
         await _declare_stream(js, config)
     for spec in HUB_CONSUMERS:
         await js.add_consumer(spec.stream, consumer_config(spec))
@@ -134,7 +182,7 @@ async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 async def missing_streams(js: JetStreamContext) -> list[str]:
     missing = []
-    for name in sorted(POLICIES):
+    for name in sorted(POLICIES) + [bucket_stream(b) for b in sorted(KV_BUCKETS)]:
         try:
             await js.stream_info(name)
         except NotFoundError:

@@ -143,6 +143,9 @@ class Stack:
                 "--credential-file FILE")
             say(f"  and cowork gateway up (its leaf node dials {self.opts.host}:"
                 f"{self.opts.leaf_port})")
+        say("Connect a chat: POST /api/v1/tenants/<tenant>/channel-instances "
+            "{\"instanceId\", \"kind\", \"workspaceId\", ...};")
+        say(f"  the platform's webhook is {url}/webhooks/<instanceId> (see docs/channels.md)")
         say("Press Ctrl-C to stop.")
 
     async def stop(self) -> None:

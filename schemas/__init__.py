@@ -27,3 +27,6 @@ __all__ += ["parse_creds", "render_creds", "NkeyPublic"]
 from . import _versions as versions
 
 __all__ += ["versions"]
+from ._envelope import EnvelopeTemplate
+
+__all__ += ["EnvelopeTemplate"]

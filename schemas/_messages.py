@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, model_validator
 
 from ._base import Message, WireModel
 from ._tokens import TenantId, TokenId
@@ -504,8 +504,20 @@ class ChannelOutbound(Message):
     buttons: list[list[ChannelButton]] | None = Field(default=None, max_length=10)
     interaction: ChannelInteraction | None = None
     file: ChannelFile | None = None
+    # type reaction: the emoji put on the message `target.message_id` names
+    reaction: str | None = Field(default=None, min_length=1, max_length=32)
     silent: bool = False
     notice: bool = False  # a hub notice (e.g. "could not deliver"): never noticed about again
+
+    @model_validator(mode="after")
+    def _reaction_is_complete(self) -> "ChannelOutbound":
+        if self.type == DeliveryType.REACTION:
+            if not self.reaction or not self.target.message_id:
+                raise ValueError("a reaction names its emoji (reaction) and the message it "
+                                 "reacts to (target.messageId)")
+        elif self.reaction is not None:
+            raise ValueError(f"reaction is only for deliveries of type reaction, not {self.type}")
+        return self
 
 
 class ChannelReceipt(Message):

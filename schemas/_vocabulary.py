@@ -178,6 +178,7 @@ class DeliveryType(_Str):
     BUTTONS = "buttons"
     ANSWER_INTERACTION = "answer_interaction"
     TYPING = "typing"
+    REACTION = "reaction"  # an emoji on the message `target.messageId` names
 
 
 class DeliveryStatus(_Str):

@@ -8,6 +8,7 @@ allowed subscription receives, a denied one receives nothing and is reported.
 """
 
 import asyncio
+import json
 
 import pytest
 from hubkit import connect_principal, running_hub
@@ -214,5 +215,57 @@ async def test_edges_reach_only_their_own_durable_consumer(matrix_hub):
         await asyncio.sleep(0.2)
         assert edge.publish_denied(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.channel-chan-9")
         assert edge.publish_denied("$JS.API.STREAM.LIST")
+    finally:
+        await edge.close()
+
+
+async def test_a_channel_instance_puts_and_gets_only_its_own_sent_ledger_keys(matrix_hub):
+    """The durable sent-ledger (KV bucket CW_CHANNEL_SENT): an instance's own keys
+    `<tenant>.<instance>.*` through the runtime's own store, nobody else's."""
+    from nats.js.kv import KeyValue
+
+    from channels._ledger import Sent
+    from channels._sent_store import SentStore
+
+    hub_kv = await matrix_hub.js.key_value("CW_CHANNEL_SENT")  # the hub reads, never writes
+    theirs = Principal(PrincipalKind.CHANNEL, TENANT, "chan-7", workspaces=("ws1",))
+    other = await connect_principal(matrix_hub, theirs)
+    try:
+        await SentStore(other.nc.jetstream(timeout=2), TENANT, theirs.id).put(
+            "d1", Sent(parts=[["t1", "theirs"]], text="theirs", complete=True))
+    finally:
+        await other.close()
+    theirs_before = (await hub_kv.get(f"{TENANT}.chan-7.d1")).value
+    assert json.loads(theirs_before)["text"] == "theirs"
+    mine = Principal(PrincipalKind.CHANNEL, TENANT, "chan-6", workspaces=("ws1",))
+    edge = await connect_principal(matrix_hub, mine)
+    try:
+        edge_js = edge.nc.jetstream(timeout=1)
+        store = SentStore(edge_js, TENANT, mine.id, timeout=1.0)
+        await store.put("d1", Sent(parts=[["m1", "hi"]], text="hi", complete=True))
+        record = await store.get("d1")
+        assert record is not None and record.provider_message_ids == ["m1"]
+        assert record.parts == [("m1", "hi")] and record.text == "hi" and record.complete
+        assert await store.get("never-sent") is None  # a miss is an answer, not an outage
+        assert json.loads((await hub_kv.get(f"{TENANT}.chan-6.d1")).value)["text"] == "hi"
+
+        raw = KeyValue(name="CW_CHANNEL_SENT", stream="KV_CW_CHANNEL_SENT",
+                       pre="$KV.CW_CHANNEL_SENT.", js=edge_js, direct=True)
+        for key in (f"{TENANT}.chan-7.d1", f"{OTHER_TENANT}.chan-6.d1"):
+            with pytest.raises(Exception):
+                await raw.put(key, b"forged")
+            with pytest.raises(Exception):
+                await raw.get(key)
+        with pytest.raises(Exception):  # no stream info, no listing, no watching
+            await edge_js.key_value("CW_CHANNEL_SENT")
+        await edge.nc.flush()
+        await asyncio.sleep(0.2)
+        for key in (f"{TENANT}.chan-7.d1", f"{OTHER_TENANT}.chan-6.d1"):
+            assert edge.publish_denied(f"$KV.CW_CHANNEL_SENT.{key}")
+            assert edge.publish_denied(
+                f"$JS.API.DIRECT.GET.KV_CW_CHANNEL_SENT.$KV.CW_CHANNEL_SENT.{key}")
+        assert edge.publish_denied("$JS.API.STREAM.INFO.KV_CW_CHANNEL_SENT")
+        assert (await hub_kv.get(f"{TENANT}.chan-7.d1")).value == theirs_before
+        assert edge.errors == [] or all("violation" in e.lower() for e in edge.errors)
     finally:
         await edge.close()

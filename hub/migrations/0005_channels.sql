@@ -120,9 +120,28 @@ CREATE TABLE channel_action_tokens (
     answer         jsonb,
     expires_at     timestamptz NOT NULL,
     used_at        timestamptz,
-    used_by        text
+    used_by        text,
+    -- the approval message (channel_approval_messages) the token's button is on
+    delivery_id    text
 );
 CREATE INDEX channel_action_tokens_request ON channel_action_tokens (tenant, request_id);
+CREATE INDEX channel_action_tokens_delivery ON channel_action_tokens (tenant, delivery_id);
+
+-- An approval/question message the renderer sent, so its outcome (allowed,
+-- denied, answered, rejected, expired) can be shown on it once, in place.
+CREATE TABLE channel_approval_messages (
+    tenant         text NOT NULL,
+    delivery_id    text NOT NULL,
+    instance_id    text NOT NULL,
+    binding_id     text NOT NULL,
+    prompt         text NOT NULL,
+    settled_at     timestamptz,          -- when its outcome was shown (once)
+    outcome        text,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, delivery_id)
+);
+CREATE INDEX channel_approval_messages_open ON channel_approval_messages (created_at)
+    WHERE settled_at IS NULL;
 
 -- Every delivery the hub asked an instance to make, and its outcome.
 CREATE TABLE channel_deliveries (
@@ -136,6 +155,8 @@ CREATE TABLE channel_deliveries (
                            CHECK (status IN ('queued', 'sent', 'retrying', 'dead_lettered',
                                              'duplicate')),
     provider_message_id  text,
+    -- a hub notice (e.g. "could not deliver"): never noticed about again
+    notice               boolean NOT NULL DEFAULT false,
     attempts             integer NOT NULL DEFAULT 0,
     error                text,
     created_at           timestamptz NOT NULL DEFAULT now(),
@@ -160,6 +181,10 @@ CREATE TABLE channel_render_messages (
     message_key      text NOT NULL,   -- OpenCode message/part id (+ slot number)
     delivery_id      text NOT NULL,
     text             text NOT NULL DEFAULT '',
+    -- what the chat shows (edit platforms) or was sent so far (others), and when:
+    -- the next edit is throttled against it and re-sends nothing already sent
+    sent_text        text NOT NULL DEFAULT '',
+    sent_at          timestamptz,
     finished         boolean NOT NULL DEFAULT false,
     updated_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, binding_id, message_key)

@@ -1,0 +1,121 @@
+"""The public webhook routes on a real hub: a platform's signed request for an
+enabled instance lands on that instance's inbound subject; disabled, deleted and
+unknown instances answer 404; the body cap is the channel limit (not the admin
+API's 1 MiB) and every refusal is a JSON error."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hubkit import client
+from test_channel_instances import BASE, TENANT, telegram_body
+
+from schemas import ChannelInbound, decode, subjects
+
+LIMIT = 2 * 1024 * 1024  # above the hub's 1 MiB client_max_size on purpose
+_update_ids = itertools.count(1000)
+
+
+@pytest.fixture(scope="module")
+def hub_options() -> dict:
+    return {"channel_body_limit_bytes": LIMIT}
+
+
+def telegram_update(text: str, chat_id: int = 42) -> dict:
+    update_id = next(_update_ids)
+    return {"update_id": update_id, "message": {
+        "message_id": update_id, "date": 1_700_000_000, "text": text,
+        "chat": {"id": chat_id, "type": "private"},
+        "from": {"id": 7, "is_bot": False, "first_name": "Ada"}}}
+
+
+async def post_update(hub, instance_id: str, secret: str, update: dict):
+    async with client(hub) as anonymous:  # platforms carry no admin bearer
+        return await anonymous.post(
+            f"/webhooks/{instance_id}", content=json.dumps(update).encode(),
+            headers={"Content-Type": "application/json",
+                     "X-Telegram-Bot-Api-Secret-Token": secret})
+
+
+async def last_inbound(hub, instance_id: str, workspace: str) -> ChannelInbound:
+    subject = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id=instance_id,
+                                             workspace_id=workspace)
+    msg = await hub.js.get_last_msg("CW_CHANNEL_INBOUND", subject)
+    return decode(msg.data, ChannelInbound).data
+
+
+async def test_signed_update_lands_on_the_instances_inbound_subject(hub, http):
+    body = telegram_body("tg-hook", "ws-hook")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    r = await post_update(hub, "tg-hook", body["secrets"]["webhookSecret"],
+                          telegram_update("hello from the chat"))
+    assert r.status_code == 200, r.text
+    inbound = await last_inbound(hub, "tg-hook", "ws-hook")
+    assert inbound.text == "hello from the chat"
+    assert inbound.provider == "tg-hook" and inbound.workspace_id == "ws-hook"
+    health = (await http.get(f"{BASE}/tg-hook")).json()["health"]
+    assert health["inboundAccepted"] >= 1
+
+
+async def test_wrong_secret_is_401_json(hub, http):
+    body = telegram_body("tg-hook-auth", "ws-auth")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    r = await post_update(hub, "tg-hook-auth", "whs_wrong", telegram_update("forged"))
+    assert r.status_code == 401
+    assert r.json()["error"]["code"]
+    assert body["secrets"]["webhookSecret"] not in r.text
+
+
+async def test_disabled_deleted_and_unknown_instances_answer_404(hub, http):
+    body = telegram_body("tg-hook-off", "ws-off")
+    secret = body["secrets"]["webhookSecret"]
+    assert (await http.post(BASE, json=body)).status_code == 201
+    assert (await post_update(hub, "tg-hook-off", secret, telegram_update("on"))).status_code \
+        == 200
+
+    assert (await http.patch(f"{BASE}/tg-hook-off", json={"enabled": False})).status_code == 200
+    r = await post_update(hub, "tg-hook-off", secret, telegram_update("while off"))
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "channel.unknown_instance"
+    assert (await last_inbound(hub, "tg-hook-off", "ws-off")).text == "on"
+
+    assert (await http.patch(f"{BASE}/tg-hook-off", json={"enabled": True})).status_code == 200
+    r = await post_update(hub, "tg-hook-off", secret, telegram_update("on again"))
+    assert r.status_code == 200
+    assert (await last_inbound(hub, "tg-hook-off", "ws-off")).text == "on again"
+
+    assert (await http.delete(f"{BASE}/tg-hook-off")).status_code == 204
+    r = await post_update(hub, "tg-hook-off", secret, telegram_update("after delete"))
+    assert r.status_code == 404
+
+    for path in ("/webhooks/never-created", "/webhooks/Not%20An%20Id"):
+        async with client(hub) as anonymous:
+            r = await anonymous.post(path, content=b"{}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "channel.unknown_instance"
+
+
+async def test_body_cap_is_the_channel_limit_with_a_json_413(hub, http):
+    body = telegram_body("tg-hook-big", "ws-big")
+    secret = body["secrets"]["webhookSecret"]
+    assert (await http.post(BASE, json=body)).status_code == 201
+
+    # Over the admin API's 1 MiB but under the channel limit: read and parsed.
+    update = telegram_update("x" * (1536 * 1024))
+    r = await post_update(hub, "tg-hook-big", secret, update)
+    assert r.status_code != 413, r.text
+
+    r = await post_update(hub, "tg-hook-big", secret, telegram_update("y" * (LIMIT + 10)))
+    assert r.status_code == 413
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "channel.body_too_large"
+
+
+async def test_metrics_count_instances_by_state(hub, http):
+    body = telegram_body("tg-hook-metrics", "ws-metrics", enabled=False)
+    assert (await http.post(BASE, json=body)).status_code == 201
+    r = await http.get("/metrics")
+    lines = [line for line in r.text.splitlines()
+             if line.startswith('cowork_channel_instances{state="disabled"}')]
+    assert lines and float(lines[0].split()[-1]) >= 1
