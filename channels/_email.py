@@ -28,7 +28,7 @@ from pydantic.alias_generators import to_camel
 from schemas import (ChannelAttachment, ChannelOutbound, ChannelSender, ChannelTarget,
                      DeliveryType)
 
-from ._payload import command_fields, contract_errors, inbound
+from ._payload import body_invalid, command_fields, contract_errors, inbound
 from ._provider import (BadRequest, Capabilities, DeliveryFailed, InstanceConfig,
                         ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
                         WebhookResult)
@@ -146,9 +146,7 @@ class EmailProvider:
         try:
             mail = _RelayMail.model_validate_json(request.body)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise BadRequest("email.body_invalid", f"{where}: {first['msg']}") from None
+            raise body_invalid("email.body_invalid", exc) from None
         own = _ids(mail.message_id)
         if not own:
             raise BadRequest("email.body_invalid", "messageId must look like <id@host>")

@@ -147,6 +147,13 @@ def inbound(config: InstanceConfig, request: WebhookRequest, *, event_type: str,
         raise BadRequest("payload.invalid", _contract_reason(exc)) from None
 
 
+def body_invalid(code: str, exc: ValidationError) -> BadRequest:
+    """A body that failed its pydantic model, as a 400 naming the first bad field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    return BadRequest(code, f"{where}: {first.get('msg', 'invalid')}")
+
+
 def _contract_reason(exc: ValidationError) -> str:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()))

@@ -26,9 +26,9 @@ from schemas import (ChannelEventType, ChannelInteraction, ChannelOutbound, Chan
                      ChannelTarget, DeliveryType)
 
 from . import _ssrf
-from ._payload import command_fields, contract_errors, inbound
+from ._payload import body_invalid, command_fields, contract_errors, inbound
 from ._platform_http import failure_for_status
-from ._provider import (BadRequest, ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
+from ._provider import (ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
                         ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
                         WebhookResult)
 
@@ -135,9 +135,7 @@ class WebhookProvider:
         try:
             body = _InboundBody.model_validate_json(request.body)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise BadRequest("webhook.body_invalid", f"{where}: {first['msg']}") from None
+            raise body_invalid("webhook.body_invalid", exc) from None
         event_type = ChannelEventType.INTERACTION if body.interaction else ChannelEventType.MESSAGE
         interaction = (ChannelInteraction(id=body.interaction.id, token=body.interaction.token,
                                           kind="button") if body.interaction else None)
