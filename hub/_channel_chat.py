@@ -71,7 +71,7 @@ class ChatCommands:
             # A platform slash command that is not ours: its free text is the prompt.
             name, args = "ask", args
         if not name:
-            await self._prompt(turn, msg.text)
+            await self._prompt(turn, msg.text, plain=True)
             return
         if name not in COMMANDS:
             turn.replies.append(f"Unknown command /{name}. Send /help.")
@@ -83,9 +83,13 @@ class ChatCommands:
             return
         await getattr(self, f"_cmd_{name}")(turn, args)
 
-    async def _refuse(self, turn: Turn, name: str) -> None:
+    async def _refuse(self, turn: Turn, name: str, *, plain: bool = False) -> None:
+        """Refuse and say why. A pending user's plain message gets the access help at
+        most once per ACCESS_HELP_INTERVAL (anyone can write to a bot: it must not
+        answer every message of a stranger); the refusal is audited every time."""
         if not may_read(turn.role):
-            turn.replies.append(ACCESS_HELP)
+            if not plain or await self._access_help_due(turn):
+                turn.replies.append(ACCESS_HELP)
         elif name == "ask":
             turn.replies.append(f"Your role ({turn.role}) may not send prompts here.")
         else:
@@ -99,9 +103,20 @@ class ChatCommands:
             metadata={"instance": turn.instance_id, "command": name, "role": turn.role}),
             tenant=turn.tenant)
 
-    async def _prompt(self, turn: Turn, text: str) -> None:
+    async def _access_help_due(self, turn: Turn) -> bool:
+        if turn.memo.get("access_help"):  # this message took the slot before a crash
+            return True
+        async with self._pool.acquire() as conn, conn.transaction():
+            due = await self._identity.take_access_help_slot(
+                conn, turn.tenant, turn.instance_id, turn.msg.sender.provider_user_id)
+            if due:
+                turn.memo["access_help"] = True
+                await self._save_memo(conn, turn)
+        return due
+
+    async def _prompt(self, turn: Turn, text: str, *, plain: bool = False) -> None:
         if not may_prompt(turn.role):
-            await self._refuse(turn, "ask")
+            await self._refuse(turn, "ask", plain=plain)
             return
         if not text.strip():
             turn.replies.append("There is nothing to send: the message has no text.")

@@ -26,6 +26,9 @@ from ._rate_limit import RateLimiter
 
 CLAIM_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1: nothing to misread
 CLAIM_TTL = timedelta(minutes=10)
+# A pending user's plain messages are answered with how to get access at most
+# once per this interval (explicit commands such as /help always answer).
+ACCESS_HELP_INTERVAL = timedelta(minutes=10)
 PROMPTERS = frozenset({ChannelRole.OWNER, ChannelRole.ADMIN, ChannelRole.MEMBER})
 APPROVERS = frozenset({ChannelRole.OWNER, ChannelRole.ADMIN, ChannelRole.APPROVER})
 GRANTABLE = frozenset(r for r in ChannelRole if r != ChannelRole.PENDING)
@@ -95,6 +98,17 @@ class ChannelIdentity:
                RETURNING *""",
             tenant, instance_id, sender.provider_user_id, sender.username, sender.display_name)
         return dict(row)
+
+    @staticmethod
+    async def take_access_help_slot(conn: asyncpg.Connection, tenant: str, instance_id: str,
+                                    provider_user_id: str) -> bool:
+        """True if this user is due the access help now (and marks it sent): one
+        conditional UPDATE, so concurrent messages or hub replicas answer once."""
+        return await conn.fetchval(
+            "UPDATE channel_users SET access_help_sent_at = now() WHERE tenant = $1 AND "
+            "instance_id = $2 AND provider_user_id = $3 AND (access_help_sent_at IS NULL OR "
+            "access_help_sent_at <= now() - $4::interval) RETURNING true",
+            tenant, instance_id, provider_user_id, ACCESS_HELP_INTERVAL) is not None
 
     async def list_users(self, tenant: str, instance_id: str) -> list[dict]:
         rows = await self._pool.fetch(

@@ -5,8 +5,9 @@ For each message (consumer "hub-channel-router", in batches):
    channel instance the subject names, the instance is known, enabled, the
    tenant's, and bound to the subject's workspace; otherwise dead letter with
    the reason, and ack.
-2. claim: INSERT the (tenant, instance, event type, provider event id) row;
-   the first insert wins. A duplicate is acked and counted, nothing else. A
+2. claim: INSERT the (tenant, instance, event type, provider event id) row
+   (hub/_channel_claims.py, one statement per fetched batch); the first insert
+   wins, and the same event twice in one batch is handled once. A duplicate is acked and counted, nothing else. A
    claim still 'claimed' is a message whose processing was cut short (a crash
    before the ack): it runs again, and since everything it becomes takes an id
    derived from the message id (commands, edge work, bindings, replies), nothing
@@ -44,6 +45,7 @@ from ._audit import AuditLog
 from ._background import BackgroundTask, every, pull_forever
 from ._channel_approval_outcome import ApprovalOutcomes
 from ._channel_chat import ChatCommands
+from ._channel_claims import ClaimKey, claim_all, claim_key
 from ._channel_identity import ChannelIdentity
 from ._channel_outbox import delivery_id
 from ._channel_sessions import ChannelSessions, SubmitRefused, Turn, received_reaction
@@ -95,9 +97,25 @@ class ChannelRouter:
 
     # --- consuming ------------------------------------------------------------------------
     async def _handle(self, msgs: list[Msg]) -> None:
-        for msg in msgs:  # in order: a chat's messages keep their order
+        checked = [self._checked(msg) for msg in msgs]
+        try:  # one claim statement for the whole batch
+            claims = await claim_all(self._pool, [(c[0], c[2]) for c in checked
+                                                  if not isinstance(c, _Rejected)])
+        except TRANSIENT as exc:
+            log.warning("channel_router.retry_later", **kv(error=str(exc)))
+            for msg in msgs:
+                await msg.nak(delay=1.0)
+            return
+        seen: set[ClaimKey] = set()
+        for msg, check in zip(msgs, checked):  # in order: a chat's messages keep their order
             try:
-                await self._process(msg)
+                if isinstance(check, _Rejected):
+                    await self._reject(msg, check)
+                    continue
+                key = claim_key(check[0], check[2])
+                first = key not in seen  # the same event twice in one batch: once only
+                seen.add(key)
+                await self._process(msg, *check, claims[key], first=first)
             except TRANSIENT as exc:
                 log.warning("channel_router.retry_later", **kv(error=str(exc)))
                 await msg.nak(delay=1.0)
@@ -106,14 +124,19 @@ class ChannelRouter:
                 await self._reject(msg, _Rejected("channel.processing_failed",
                                                   f"could not process: {exc}"[:2000]))
 
-    async def _process(self, msg: Msg) -> None:
+    def _checked(self, msg: Msg) -> tuple[str, dict, ChannelInbound] | _Rejected:
         try:
-            tenant, instance, inbound = self._check(msg)
+            return self._check(msg)
         except _Rejected as exc:
-            await self._reject(msg, exc)
-            return
-        claim = await self._claim(tenant, inbound)
-        if claim["status"] in ("done", "rejected") or claim["message_id"] != inbound.id:
+            return exc
+        except Exception as exc:  # a bug in checking: dead letter, never a hot loop
+            log.exception("channel_router.failed", **kv(subject=msg.subject))
+            return _Rejected("channel.processing_failed", f"could not process: {exc}"[:2000])
+
+    async def _process(self, msg: Msg, tenant: str, instance: dict, inbound: ChannelInbound,
+                       claim: dict, *, first: bool) -> None:
+        if not first or claim["status"] in ("done", "rejected") or \
+                claim["message_id"] != inbound.id:
             self._metrics.bus_messages.labels(FAMILY.name, "duplicate").inc()
             self._metrics.channel_inbound.labels(inbound.provider, "duplicate").inc()
             await msg.ack()
@@ -194,19 +217,6 @@ class ChannelRouter:
         await msg.ack()
 
     # --- the claim row ------------------------------------------------------------------
-    async def _claim(self, tenant: str, inbound: ChannelInbound) -> dict:
-        key = (tenant, inbound.provider, str(inbound.event_type), inbound.provider_event_id)
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "INSERT INTO channel_inbound_claims (tenant, instance_id, event_type, "
-                "provider_event_id, message_id) VALUES ($1, $2, $3, $4, $5) "
-                "ON CONFLICT DO NOTHING RETURNING *", *key, inbound.id)
-            if row is None:
-                row = await conn.fetchrow(
-                    "SELECT * FROM channel_inbound_claims WHERE tenant = $1 AND instance_id = $2 "
-                    "AND event_type = $3 AND provider_event_id = $4", *key)
-        return dict(row)
-
     @staticmethod
     async def _save_memo(conn: asyncpg.Connection, turn: Turn) -> None:
         """Remember an effect that must not run twice (a used claim code, a consumed

@@ -80,52 +80,58 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-@web.middleware
-async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    hub = request.app[HUB_KEY]
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":  # already a JSON error body
-            response = web.Response(status=exc.status, text=exc.text,
-                                    content_type="application/json")
-        else:
-            code = exc.reason.lower().replace(" ", "_")
-            response = json_error(exc.status, code, exc.text or exc.reason,
-                                  **{k: v for k, v in exc.headers.items()
-                                     if k in ("Allow", "Retry-After", "WWW-Authenticate")})
-    except Exception:
-        log.exception("http.unhandled_error", **kv(path=request.path, method=request.method))
-        response = json_error(500, "internal_error",
-                              "the hub failed to handle this request; see its logs")
-    route = _route_name(request)
-    hub.metrics.http_requests.labels(request.method, route, str(response.status)).inc()
-    hub.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
-    return response
+def hub_middleware(token_digest: bytes | None) -> Callable:
+    """The one middleware of the hub's app (one layer per request, not two: every
+    webhook request pays for each layer): `/api/` routes need the admin bearer;
+    every error becomes the JSON body; every answer is counted and timed."""
 
-
-def admin_auth(token_digest: bytes | None) -> Callable:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
-        if token_digest is None:
-            return json_error(503, "admin_api_disabled",
-                              "no admin token is configured (COWORK_ADMIN_TOKEN)")
-        if scheme.lower() != "bearer" or not presented:
-            return json_error(401, "unauthenticated",
-                              "send the admin token as 'Authorization: Bearer <token>'", **challenge)
-        # Compare digests so the comparison time depends on neither length nor content.
-        digest = hashlib.sha256(presented.strip().encode()).digest()
-        if not hmac.compare_digest(digest, token_digest):
-            return json_error(401, "invalid_token", "the admin token is not valid", **challenge)
-        return await handler(request)
+        started = time.perf_counter()
+        try:
+            refusal = admin_refusal(request, token_digest) \
+                if request.path.startswith("/api/") else None
+            response = refusal or await handler(request)
+        except web.HTTPException as exc:
+            response = _http_exception_json(exc)
+        except Exception:
+            log.exception("http.unhandled_error", **kv(path=request.path,
+                                                        method=request.method))
+            response = json_error(500, "internal_error",
+                                  "the hub failed to handle this request; see its logs")
+        request.app[HUB_KEY].metrics.http_served(
+            request.method, _route_name(request), response.status,
+            time.perf_counter() - started)
+        return response
 
     return middleware
+
+
+def _http_exception_json(exc: web.HTTPException) -> web.Response:
+    if exc.content_type == "application/json":  # already a JSON error body
+        return web.Response(status=exc.status, text=exc.text, content_type="application/json")
+    code = exc.reason.lower().replace(" ", "_")
+    return json_error(exc.status, code, exc.text or exc.reason,
+                      **{k: v for k, v in exc.headers.items()
+                         if k in ("Allow", "Retry-After", "WWW-Authenticate")})
+
+
+def admin_refusal(request: web.Request, token_digest: bytes | None) -> web.Response | None:
+    """None if the request carries the admin token; else the 401/503 answer."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
+    if token_digest is None:
+        return json_error(503, "admin_api_disabled",
+                          "no admin token is configured (COWORK_ADMIN_TOKEN)")
+    if scheme.lower() != "bearer" or not presented:
+        return json_error(401, "unauthenticated",
+                          "send the admin token as 'Authorization: Bearer <token>'", **challenge)
+    # Compare digests so the comparison time depends on neither length nor content.
+    digest = hashlib.sha256(presented.strip().encode()).digest()
+    if not hmac.compare_digest(digest, token_digest):
+        return json_error(401, "invalid_token", "the admin token is not valid", **challenge)
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -199,7 +205,7 @@ def _camel(name: str) -> str:
 def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
     app = web.Application(
-        middlewares=[errors_and_metrics, admin_auth(digest)],
+        middlewares=[hub_middleware(digest)],
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub

@@ -26,7 +26,6 @@ from channels import UnknownProvider, provider_class
 from schemas import NkeyPublic, TokenId, WireModel, subjects
 
 from ._channels_store import INSTANCE_ID, ChannelInstanceError
-from ._metrics import webhook_outcome
 from ._http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal_response, \
     tenant_param
 
@@ -180,10 +179,10 @@ async def webhook(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
     instance_id = request.match_info["instance_id"]
     entry = hub.channels.instance(instance_id) if INSTANCE_ID.match(instance_id) else None
-    counter = hub.metrics.channel_webhook_requests
+    metrics = hub.metrics
     if entry is None or not entry["enabled"]:
         # The path is the caller's: an unknown id never becomes a label of its own.
-        counter.labels("unknown", webhook_outcome(404)).inc()
+        metrics.webhook_answered("unknown", 404)
         return json_error(404, "channel.unknown_instance",
                           "no channel instance accepts webhooks at this address")
     # The runtime streams the body under its own cap (channel_body_limit_bytes, a 413
@@ -191,12 +190,12 @@ async def webhook(request: web.Request) -> web.StreamResponse:
     try:
         response = await hub.channels.runtime.handle_webhook(request)
     except web.HTTPException as exc:
-        counter.labels(instance_id, webhook_outcome(exc.status)).inc()
+        metrics.webhook_answered(instance_id, exc.status)
         raise
     except Exception:
-        counter.labels(instance_id, webhook_outcome(500)).inc()
+        metrics.webhook_answered(instance_id, 500)
         raise
-    counter.labels(instance_id, webhook_outcome(response.status)).inc()
+    metrics.webhook_answered(instance_id, response.status)
     return response
 
 

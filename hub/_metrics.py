@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Label children cached per metric: `labels()` validates and locks on every call,
+# which was a visible share of a webhook request's CPU. The cache only holds label
+# sets the metric holds anyway; past this many it stops growing (labels() still works).
+_CHILD_CACHE_LIMIT = 4096
 
 
 class HubMetrics:
@@ -49,6 +56,25 @@ class HubMetrics:
         self.channel_instance_state = Gauge(
             "cowork_channel_instance_state", "1 for each channel instance's current runtime "
             "state ('disabled' when disabled)", ["instance", "state"], registry=r)
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < _CHILD_CACHE_LIMIT:
+                self._children[key] = child
+        return child
+
+    def http_served(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One HTTP request answered: counted by method/route/status, timed by route."""
+        self._child(self.http_requests, method, route, str(status)).inc()
+        self._child(self.http_latency, route).observe(seconds)
+
+    def webhook_answered(self, instance: str, status: int) -> None:
+        """One webhook answer, counted by instance (a known id or "unknown") and outcome."""
+        self._child(self.channel_webhook_requests, instance, webhook_outcome(status)).inc()
 
 
 def webhook_outcome(status: int) -> str:

@@ -22,9 +22,10 @@ window):
 3. **through the full hub**: the same load on a running hub's HTTP server (its
    middlewares and metrics, the instance created through the admin API with its
    own operator-mode NATS credentials), with the router, renderer and receipt
-   workers live in the same process: each update is from an unknown chat user,
-   so the router also claims it in PostgreSQL and queues a reply that the
-   instance delivers to the fake Bot API while the load runs.
+   workers live in the same process: each update is from the same unknown chat
+   user, so the router also claims it in PostgreSQL and audits the refusal (the
+   user is told how to get access once per 10 minutes: one reply, delivered to
+   the fake Bot API).
 
 Assertions check completeness only (no non-200 answer, every 200 is a stored
 message in CW_CHANNEL_INBOUND and decodes as the update that was sent), never
@@ -210,8 +211,8 @@ async def measure_runtime(nats_url: str) -> tuple[dict, int, int, Any]:
 async def measure_hub(hub, http) -> tuple[dict, int, int]:
     """The same load on the hub's own HTTP server (middlewares, metrics), with its
     router, renderer and receipt workers live in the same process: every update
-    comes from an unknown chat user, so the router also claims it in PostgreSQL
-    and queues a reply that the instance delivers to the fake Bot API."""
+    comes from the same unknown chat user, so the router also claims it in
+    PostgreSQL and audits the refusal (one access-help reply per 10 minutes)."""
     fake = FakeTelegram()
     await fake.start()
     try:

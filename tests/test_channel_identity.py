@@ -136,3 +136,33 @@ async def test_admin_lists_and_changes_roles(kit, http):
     # The approver may approve but still not prompt.
     await kit.send(inst, "run something", user="bob")
     assert "may not send prompts" in await kit.reply(inst)
+
+
+async def test_pending_user_is_told_how_to_get_access_once_per_interval(kit, http):
+    """A stranger's plain messages get the access help once per 10 minutes (spam
+    protection), each refusal is still audited, and /help always answers."""
+    inst = await kit.instance(http)
+    first = await kit.send(inst, "hello?", user="stranger")
+    assert "/claim CODE" in await kit.reply(inst)
+    second = await kit.send(inst, "hello again?", user="stranger")
+    third = await kit.send(inst, "anyone?", user="stranger")
+    await kit.no_reply(inst)
+    for inbound in (first, second, third):
+        assert (await kit.claim(inst, inbound))["outcome"] == "refused"
+    refused = await kit.hub.pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE action = 'channel.command_refused' "
+        "AND target_id = $1", f"{inst['instance_id']}/stranger")
+    assert refused == 3
+    await kit.send(inst, "/help", user="stranger")  # asked explicitly: answered
+    assert "/claim CODE" in await kit.reply(inst)
+    await kit.send(inst, "hi", user="someone_else")  # the interval is per user
+    assert "/claim CODE" in await kit.reply(inst)
+
+    # Once the interval has passed, the next plain message is answered again.
+    await kit.hub.pool.execute(
+        "UPDATE channel_users SET access_help_sent_at = now() - interval '11 minutes' "
+        "WHERE instance_id = $1 AND provider_user_id = 'stranger'", inst["instance_id"])
+    await kit.send(inst, "still there?", user="stranger")
+    assert "/claim CODE" in await kit.reply(inst)
+    await kit.send(inst, "and now?", user="stranger")
+    await kit.no_reply(inst)
