@@ -112,10 +112,17 @@ async def call_json(http: httpx.AsyncClient, method: str, url: str, *,
     """One API call. Returns (status, decoded JSON body, or None when empty) for a
     2xx answer; raises DeliveryFailed for everything else. A 2xx whose body is
     not JSON is returned as text; callers that need JSON check the type."""
+    request = http.build_request(method, url, json=json, data=data, headers=headers,
+                                 files=files, timeout=timeout)
+    return await send_request(http, request, operation=operation)
+
+
+async def send_request(http: httpx.AsyncClient, request: httpx.Request, *, operation: str,
+                       redirect_code: str = "platform.redirect") -> tuple[int, Any]:
+    """Send a built request (redirects never followed) and map the answer as
+    `call_json` does; `redirect_code` names why a redirect is refused."""
     try:
-        response = await http.request(method, url, json=json, data=data, headers=headers,
-                                      files=files, timeout=timeout,
-                                      follow_redirects=False)
+        response = await http.send(request, follow_redirects=False)
     except httpx.TimeoutException:
         raise DeliveryFailed(f"{operation}: timed out", code="transport.timeout") from None
     except httpx.HTTPError as exc:
@@ -126,8 +133,8 @@ async def call_json(http: httpx.AsyncClient, method: str, url: str, *,
     if 200 <= response.status_code < 300:
         return response.status_code, body
     if 300 <= response.status_code < 400:
-        raise DeliveryFailed(f"{operation}: unexpected redirect (HTTP {response.status_code})",
-                             code="platform.redirect", permanent=True,
+        raise DeliveryFailed(f"{operation}: redirect not followed (HTTP "
+                             f"{response.status_code})", code=redirect_code, permanent=True,
                              status=response.status_code)
     raise failure_for_status(operation, response.status_code, response.headers, body)
 

@@ -27,7 +27,7 @@ from schemas import (ChannelEventType, ChannelInteraction, ChannelOutbound, Chan
 
 from . import _ssrf
 from ._payload import body_invalid, command_fields, contract_errors, inbound
-from ._platform_http import failure_for_status
+from ._platform_http import send_request
 from ._provider import (ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
                         ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
                         WebhookResult)
@@ -220,28 +220,8 @@ class WebhookProvider:
                                                timestamp, raw)}
         request = _ssrf.pinned_request(target, "POST", content=raw, headers=headers)
         request.extensions["timeout"] = httpx.Timeout(self.settings.timeout_seconds).as_dict()
-        try:
-            response = await self.http.send(request, follow_redirects=False)
-        except httpx.TimeoutException:
-            raise DeliveryFailed(f"{operation}: timed out", code="transport.timeout") from None
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"{operation}: transport error ({type(exc).__name__})",
-                                 code="transport.error") from None
-        decoded = _decode(response)
-        if 300 <= response.status_code < 400:
-            raise DeliveryFailed(f"{operation}: redirect not followed (HTTP "
-                                 f"{response.status_code})", code="ssrf.redirect",
-                                 permanent=True, status=response.status_code)
-        if not 200 <= response.status_code < 300:
-            raise failure_for_status(operation, response.status_code, response.headers, decoded)
+        _, decoded = await send_request(self.http, request, operation=operation,
+                                        redirect_code="ssrf.redirect")
         # A receiver may answer 2xx with no body or plain text: the delivery was taken.
         return decoded if isinstance(decoded, dict) else {}
 
-
-def _decode(response: httpx.Response) -> Any:
-    if not response.content:
-        return None
-    try:
-        return json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
-        return response.text

@@ -21,11 +21,11 @@ from ._background import BackgroundTask, pull_forever
 from ._deadletter import DeadLetters
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._streams import HUB_CONSUMERS
+from ._streams import hub_consumer
 
 log = logging.getLogger("cowork.hub.audit_ingest")
 FAMILY = subjects.AUDIT
-SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-audit")
+SPEC = hub_consumer("hub-audit")
 
 
 class AuditIngest:

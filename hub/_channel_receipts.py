@@ -22,31 +22,23 @@ from schemas import (
     ChannelOutbound,
     ChannelReceipt,
     ChannelTarget,
-    ContractError,
     Envelope,
-    decode,
     subjects,
 )
 
 from ._background import BackgroundTask, pull_forever
 from ._channel_outbox import ChannelOutbox, delivery_id
-from ._deadletter import DeadLetters
+from ._deadletter import DeadLetters, Rejected, parse_and_decode
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._streams import HUB_CONSUMERS
+from ._streams import hub_consumer
 
 log = logging.getLogger("cowork.hub.channels.receipts")
 FAMILY = subjects.CHANNEL_RECEIPT
-SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-channel-receipts")
+SPEC = hub_consumer("hub-channel-receipts")
 # A receipt can overtake the commit of its delivery row (the writer publishes
 # inside its transaction): wait for the row this many deliveries before giving up.
 UNKNOWN_DELIVERY_TRIES = 5
-
-
-class _Rejected(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class ReceiptIngest:
@@ -69,7 +61,7 @@ class ReceiptIngest:
         for msg in msgs:
             try:
                 tenant, instance, env = self._check(msg)
-            except _Rejected as exc:
+            except Rejected as exc:
                 await self._reject(msg, exc.code, str(exc))
                 continue
             try:
@@ -92,22 +84,16 @@ class ReceiptIngest:
                                f"{instance!r} is recorded")
 
     def _check(self, msg: Msg) -> tuple[str, str, Envelope]:
-        try:
-            where = FAMILY.parse(msg.subject)
-            env = decode(msg.data, ChannelReceipt)
-        except subjects.SubjectError as exc:
-            raise _Rejected("subject.invalid", str(exc)) from None
-        except ContractError as exc:
-            raise _Rejected(exc.code, exc.reason) from None
+        where, env = parse_and_decode(FAMILY, msg, ChannelReceipt)
         tenant, instance = where["tenant"], where["instance_id"]
         if env.tenant != tenant or (str(env.source.principal_kind),
                                     env.source.principal_id) != ("channel", instance):
-            raise _Rejected("contract.principal_mismatch",
+            raise Rejected("contract.principal_mismatch",
                             "a receipt must come from the channel instance its subject names, "
                             "in its tenant")
         known = self._instances.instance(instance) if self._instances is not None else None
         if known and known.get("tenant") != tenant:
-            raise _Rejected("contract.principal_mismatch",
+            raise Rejected("contract.principal_mismatch",
                             f"instance {instance!r} is not one of tenant {tenant!r}")
         return tenant, instance, env
 
@@ -147,15 +133,7 @@ class ReceiptIngest:
         return moved
 
     async def _reject(self, msg: Msg, code: str, reason: str) -> None:
-        tenant = None
-        try:
-            tenant = FAMILY.parse(msg.subject)["tenant"]
-        except subjects.SubjectError:
-            pass
-        await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
-                             payload=msg.data, code=code, reason=reason)
-        self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
-        await msg.ack()
+        await self._dead.reject(msg, FAMILY, Rejected(code, reason))
 
 
 def _deliveries(msg: Msg) -> int:

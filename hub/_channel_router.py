@@ -35,9 +35,7 @@ from schemas import (
     ChannelInbound,
     ChannelOutbound,
     ChannelTarget,
-    ContractError,
     DeliveryType,
-    decode,
     subjects,
 )
 
@@ -49,24 +47,18 @@ from ._channel_claims import ClaimKey, claim_all, claim_key
 from ._channel_identity import ChannelIdentity
 from ._channel_outbox import delivery_id
 from ._channel_sessions import ChannelSessions, SubmitRefused, Turn, received_reaction
-from ._deadletter import DeadLetters
+from ._deadletter import DeadLetters, Rejected, parse_and_decode
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._streams import HUB_CONSUMERS
+from ._streams import hub_consumer
 
 log = logging.getLogger("cowork.hub.channels.router")
 FAMILY = subjects.CHANNEL_INBOUND
-SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-channel-router")
+SPEC = hub_consumer("hub-channel-router")
 TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
              asyncpg.InterfaceError, asyncpg.exceptions.DeadlockDetectedError,
              asyncpg.exceptions.SerializationError, nats.errors.Error)
 FINAL_FAILURES = {"failed", "blocked_by_policy", "requires_local_confirmation"}
-
-
-class _Rejected(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class ChannelRouter:
@@ -100,7 +92,7 @@ class ChannelRouter:
         checked = [self._checked(msg) for msg in msgs]
         try:  # one claim statement for the whole batch
             claims = await claim_all(self._pool, [(c[0], c[2]) for c in checked
-                                                  if not isinstance(c, _Rejected)])
+                                                  if not isinstance(c, Rejected)])
         except TRANSIENT as exc:
             log.warning("channel_router.retry_later", **kv(error=str(exc)))
             for msg in msgs:
@@ -109,7 +101,7 @@ class ChannelRouter:
         seen: set[ClaimKey] = set()
         for msg, check in zip(msgs, checked):  # in order: a chat's messages keep their order
             try:
-                if isinstance(check, _Rejected):
+                if isinstance(check, Rejected):
                     await self._reject(msg, check)
                     continue
                 key = claim_key(check[0], check[2])
@@ -121,17 +113,17 @@ class ChannelRouter:
                 await msg.nak(delay=1.0)
             except Exception as exc:
                 log.exception("channel_router.failed", **kv(subject=msg.subject))
-                await self._reject(msg, _Rejected("channel.processing_failed",
+                await self._reject(msg, Rejected("channel.processing_failed",
                                                   f"could not process: {exc}"[:2000]))
 
-    def _checked(self, msg: Msg) -> tuple[str, dict, ChannelInbound] | _Rejected:
+    def _checked(self, msg: Msg) -> tuple[str, dict, ChannelInbound] | Rejected:
         try:
             return self._check(msg)
-        except _Rejected as exc:
+        except Rejected as exc:
             return exc
         except Exception as exc:  # a bug in checking: dead letter, never a hot loop
             log.exception("channel_router.failed", **kv(subject=msg.subject))
-            return _Rejected("channel.processing_failed", f"could not process: {exc}"[:2000])
+            return Rejected("channel.processing_failed", f"could not process: {exc}"[:2000])
 
     async def _process(self, msg: Msg, tenant: str, instance: dict, inbound: ChannelInbound,
                        claim: dict, *, first: bool) -> None:
@@ -165,28 +157,22 @@ class ChannelRouter:
         await msg.ack()
 
     def _check(self, msg: Msg) -> tuple[str, dict, ChannelInbound]:
-        try:
-            where = FAMILY.parse(msg.subject)
-            env = decode(msg.data, ChannelInbound)
-        except subjects.SubjectError as exc:
-            raise _Rejected("subject.invalid", str(exc)) from None
-        except ContractError as exc:
-            raise _Rejected(exc.code, exc.reason) from None
+        where, env = parse_and_decode(FAMILY, msg, ChannelInbound)
         tenant, instance_id = where["tenant"], where["instance_id"]
         data = env.data
         if env.tenant != tenant or (str(env.source.principal_kind), env.source.principal_id) \
                 != ("channel", instance_id) or data.provider != instance_id:
-            raise _Rejected("contract.principal_mismatch", "the envelope's tenant, source or "
+            raise Rejected("contract.principal_mismatch", "the envelope's tenant, source or "
                             "provider differs from the subject's channel instance")
         instance = self.instances.instance(instance_id)
         if instance is None or instance["tenant"] != tenant:
-            raise _Rejected("channel.unknown_instance", f"no channel instance {instance_id!r} "
+            raise Rejected("channel.unknown_instance", f"no channel instance {instance_id!r} "
                             f"in tenant {tenant!r}")
         if not instance["enabled"]:
-            raise _Rejected("channel.instance_disabled", f"instance {instance_id!r} is disabled")
+            raise Rejected("channel.instance_disabled", f"instance {instance_id!r} is disabled")
         if where["workspace_id"] != instance["workspace_id"] or \
                 data.workspace_id != instance["workspace_id"]:
-            raise _Rejected("channel.wrong_workspace",
+            raise Rejected("channel.wrong_workspace",
                             f"instance {instance_id!r} is bound to workspace "
                             f"{instance['workspace_id']!r}, not {where['workspace_id']!r}")
         return tenant, instance, data
@@ -203,18 +189,10 @@ class ChannelRouter:
         await self.sweep_waiting()
         await self.approvals.sweep_expired()
 
-    async def _reject(self, msg: Msg, exc: _Rejected) -> None:
-        tenant = None
-        try:
-            tenant = FAMILY.parse(msg.subject)["tenant"]
-        except subjects.SubjectError:
-            pass
-        await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
-                             payload=msg.data, code=exc.code, reason=str(exc))
-        self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
+    async def _reject(self, msg: Msg, exc: Rejected) -> None:
         self._metrics.channel_inbound.labels(self._instance_label(msg.subject),
                                              "dead_lettered").inc()
-        await msg.ack()
+        await self._dead.reject(msg, FAMILY, exc)
 
     # --- the claim row ------------------------------------------------------------------
     @staticmethod

@@ -100,32 +100,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _validated(model: type[BaseModel], raw: Any, what: str) -> BaseModel:
+    """`raw` as the provider's model, or a 422 naming the fields (never the values)."""
+    code = f"channel_instance.invalid_{what}s"
+    if not isinstance(raw, dict):
+        raise ChannelInstanceError(422, code, f"{what}s must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ChannelInstanceError(422, code, _summary(what, exc)) from None
+
+
 def validate_settings(kind: str, raw: Any) -> tuple[BaseModel, dict[str, Any]]:
     """The provider's settings model instance and what is stored (as given, camelCase)."""
-    model = provider_for(kind).settings_model
-    if not isinstance(raw, dict):
-        raise ChannelInstanceError(422, "channel_instance.invalid_settings",
-                                   "settings must be a JSON object")
-    try:
-        value = model.model_validate(raw)
-    except ValidationError as exc:
-        raise ChannelInstanceError(422, "channel_instance.invalid_settings",
-                                   _summary("setting", exc)) from None
-    stored = json.loads(value.model_dump_json(by_alias=True, exclude_unset=True))
-    return value, stored
+    value = _validated(provider_for(kind).settings_model, raw, "setting")
+    return value, json.loads(value.model_dump_json(by_alias=True, exclude_unset=True))
 
 
 def validate_secrets(kind: str, raw: Any) -> tuple[BaseModel, dict[str, Any]]:
     """The provider's secrets model instance and the plaintext object to seal."""
-    model = provider_for(kind).secrets_model
-    if not isinstance(raw, dict):
-        raise ChannelInstanceError(422, "channel_instance.invalid_secrets",
-                                   "secrets must be a JSON object")
-    try:
-        value = model.model_validate(raw)
-    except ValidationError as exc:
-        raise ChannelInstanceError(422, "channel_instance.invalid_secrets",
-                                   _summary("secret", exc)) from None
+    value = _validated(provider_for(kind).secrets_model, raw, "secret")
     plain = _plain(value.model_dump(by_alias=True, exclude_none=True))
     try:
         json.dumps(plain)

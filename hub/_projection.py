@@ -25,32 +25,24 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas import (
-    ContractError,
     DeviceEvent,
     Envelope,
     Source,
     WorkspaceEvent,
-    decode,
     subjects,
 )
 
 from ._background import BackgroundTask, pull_forever
-from ._deadletter import DeadLetters
+from ._deadletter import DeadLetters, Rejected, parse_and_decode
 from ._logging import kv
 from ._metrics import HubMetrics
-from ._streams import HUB_CONSUMERS
+from ._streams import hub_consumer
 
 log = logging.getLogger("cowork.hub.projection")
 FAMILY = subjects.DEVICE_EVENT
-SPEC = next(s for s in HUB_CONSUMERS if s.durable == "hub-projector")
+SPEC = hub_consumer("hub-projector")
 NOT_PROJECTED = {"heartbeat"}  # presence has its own subject and table
 _PAIRING_CACHE_SECONDS = 1.0
-
-
-class _Rejected(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class EventProjector:
@@ -75,7 +67,7 @@ class EventProjector:
         for msg in msgs:
             try:
                 tenant, env = await self._check(msg)
-            except _Rejected as exc:
+            except Rejected as exc:
                 await self._reject(msg, exc)
                 continue
             if env.data.type in NOT_PROJECTED:
@@ -96,17 +88,11 @@ class EventProjector:
             await self._publish_live(tenant, workspace, events)
 
     async def _check(self, msg: Msg) -> tuple[str, Envelope]:
-        try:
-            where = FAMILY.parse(msg.subject)
-            env = decode(msg.data, DeviceEvent)
-        except subjects.SubjectError as exc:
-            raise _Rejected("subject.invalid", str(exc)) from None
-        except ContractError as exc:
-            raise _Rejected(exc.code, exc.reason) from None
+        where, env = parse_and_decode(FAMILY, msg, DeviceEvent)
         tenant, device = where["tenant"], where["device_id"]
         if env.tenant != tenant or env.data.pairing_id != device or \
                 (str(env.source.principal_kind), env.source.principal_id) != ("desktop", device):
-            raise _Rejected("contract.principal_mismatch",
+            raise Rejected("contract.principal_mismatch",
                             "the envelope's tenant, source or pairing id differs from the subject")
         pairing = await self._pairing(tenant, device)
         self._check_allowed(pairing, env.data)
@@ -115,15 +101,15 @@ class EventProjector:
     @staticmethod
     def _check_allowed(pairing: dict | None, event: DeviceEvent) -> None:
         if pairing is None or pairing["status"] in ("revoked", "pending"):
-            raise _Rejected("pairing.revoked", "events from a revoked or unknown pairing")
+            raise Rejected("pairing.revoked", "events from a revoked or unknown pairing")
         if not pairing["enabled"] and event.type == "session.event":
-            raise _Rejected("pairing.disabled", "runtime events from a disabled pairing")
+            raise Rejected("pairing.disabled", "runtime events from a disabled pairing")
         if event.workspace_id and event.workspace_id not in pairing["allowed_workspace_ids"]:
-            raise _Rejected("pairing.workspace_not_allowed",
+            raise Rejected("pairing.workspace_not_allowed",
                             f"workspace {event.workspace_id!r} is not allowlisted")
         allowed = pairing["allowed_session_ids"]
         if allowed is not None and event.session_id and event.session_id not in allowed:
-            raise _Rejected("pairing.session_not_allowed",
+            raise Rejected("pairing.session_not_allowed",
                             f"session {event.session_id!r} is not allowlisted")
 
     async def _pairing(self, tenant: str, pairing_id: str) -> dict | None:
@@ -141,16 +127,8 @@ class EventProjector:
     def forget_pairing(self, tenant: str, pairing_id: str) -> None:
         self._pairings.pop((tenant, pairing_id), None)
 
-    async def _reject(self, msg: Msg, exc: _Rejected) -> None:
-        tenant = None
-        try:
-            tenant = FAMILY.parse(msg.subject)["tenant"]
-        except subjects.SubjectError:
-            pass
-        await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
-                             payload=msg.data, code=exc.code, reason=str(exc))
-        self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
-        await msg.ack()
+    async def _reject(self, msg: Msg, exc: Rejected) -> None:
+        await self._dead.reject(msg, FAMILY, exc)
 
     async def _project(self, tenant: str, workspace: str,
                        envs: list[Envelope]) -> list[WorkspaceEvent]:

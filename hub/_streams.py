@@ -98,6 +98,11 @@ HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
 )
 
 
+def hub_consumer(durable: str) -> ConsumerSpec:
+    """The spec of one hub consumer in the table above, by durable name."""
+    return next(spec for spec in HUB_CONSUMERS if spec.durable == durable)
+
+
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     declared = subjects.streams()
     missing = set(declared) ^ set(POLICIES)
