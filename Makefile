@@ -10,6 +10,7 @@ help:
 	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
 	@echo "make test   - install with dev extras and run the whole test suite against real servers"
 	@echo "make bench  - run the benchmarks (tests marked bench; results in docs/performance.md)"
+	@echo "make lint   - ruff (lint + format check), mypy, and the import-linter room contracts"
 	@echo "make schema - regenerate docs/schemas and docs/asyncapi.json from schemas/"
 
 $(BIN)/python:
@@ -18,7 +19,7 @@ $(BIN)/python:
 
 # Stamp files: reinstall only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[local]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -36,6 +37,12 @@ bench: $(VENV)/.installed-dev
 	@$(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
 	status=$$?; if [ $$status -eq 5 ]; then \
 	  echo "make bench: no test marked 'bench' was selected"; exit 1; fi; exit $$status
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 schema: $(VENV)/.installed
 	$(BIN)/cowork schema export

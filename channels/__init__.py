@@ -21,7 +21,7 @@ from ._provider import (
     WebhookResult,
     message_id,
 )
-from ._cli_command import add_channel_commands
+from .cli import add_channel_commands
 from ._registry import (
     PROVIDERS,
     UnknownProvider,
@@ -30,7 +30,7 @@ from ._registry import (
     capability_table_markdown,
     provider_class,
 )
-from ._runtime import ChannelRuntime, RuntimeOptions
+from .runtime import ChannelRuntime, RuntimeOptions
 
 __all__ = [
     "BadRequest", "ButtonLimits", "Capabilities", "ChannelError", "DeliveryFailed",

@@ -2,10 +2,10 @@
 
 A provider is pure platform knowledge: how a platform signs and shapes its
 inbound requests, and how to call its API to send, edit, answer and type. It
-does no bus or database I/O; the runtime (channels/_runtime.py) verifies,
+does no bus or database I/O; the runtime (channels/runtime/_runtime.py) verifies,
 publishes, queues and retries around it, so every provider gets the same
 limits, dedupe, ordering and dead-lettering, and one conformance suite
-(tests/test_channel_conformance.py) checks all of them.
+(tests/channels/test_channel_conformance.py) checks all of them.
 """
 
 from __future__ import annotations

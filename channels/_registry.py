@@ -6,14 +6,14 @@ from typing import Any
 
 from schemas import ChannelKind
 
-from ._cli import CliProvider
-from ._discord import DiscordProvider
-from ._email import EmailProvider
+from .providers import CliProvider
+from .providers import DiscordProvider
+from .providers import EmailProvider
 from ._provider import Capabilities, Provider
-from ._slack import SlackProvider
-from ._telegram import TelegramProvider
-from ._webhook import WebhookProvider
-from ._whatsapp import WhatsAppProvider
+from .providers import SlackProvider
+from .providers import TelegramProvider
+from .providers import WebhookProvider
+from .providers import WhatsAppProvider
 
 PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.TELEGRAM.value: TelegramProvider,
@@ -83,7 +83,7 @@ def capability_table_markdown() -> str:
     lines = ["# Channel provider capabilities", "",
              "Generated from each provider's declared `capabilities` (`channels/_registry.py`) by",
              "`cowork schema export`; do not edit. The conformance suite",
-             "(`tests/test_channel_conformance.py`) checks every declaration against the",
+             "(`tests/channels/test_channel_conformance.py`) checks every declaration against the",
              "provider's behaviour with its fake platform.", "",
              "| " + " | ".join(title for _, title in _COLUMNS) + " |",
              "|" + "---|" * len(_COLUMNS)]

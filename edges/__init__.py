@@ -11,20 +11,20 @@ identity, kept in a `GatewayStore`; `GatewayAgent` heartbeats, syncs metadata
 and runs Cloud-owned work on the Gateway's OpenCode under a lease.
 """
 
-from ._credentials import (
+from .common import (
     CredentialRefreshError,
     EdgeCredentials,
     new_user_seed,
     refresh_forever,
     refresh_once,
 )
-from ._desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
-from ._desktop_store import DesktopStore, StoreError
-from ._gateway import GatewayAgent
-from ._gateway_registration import RegistrationFailed, register
-from ._gateway_store import GatewayStore, GatewayStoreError
-from ._opencode import OpenCodeClient, OpenCodeError
-from ._redaction import RedactionPolicy, redact, redact_event
+from .desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
+from .desktop import DesktopStore, StoreError
+from .gateway import GatewayAgent
+from .gateway import RegistrationFailed, register
+from .gateway import GatewayStore, GatewayStoreError
+from .common import OpenCodeClient, OpenCodeError
+from .common import RedactionPolicy, redact, redact_event
 
 __all__ = ["CredentialRefreshError", "DesktopAgent", "DesktopStore", "EdgeCredentials",
            "GatewayAgent", "GatewayStore", "GatewayStoreError", "OpenCodeClient",

@@ -1,10 +1,10 @@
 """The Cloud-side hub: store, auth, bus services and HTTP.
 
 Public face: `Hub` (the composition root), `HubSettings` and `StartupError`.
-The `cowork` command lives in `hub._cli`.
+The `cowork` command lives in `hub.cli`.
 """
 
 from ._service import Hub, StartupError
-from ._settings import HubSettings
+from .core import HubSettings
 
 __all__ = ["Hub", "HubSettings", "StartupError"]

@@ -22,34 +22,28 @@ from schemas import (
     subjects,
 )
 
-from . import _db, _jwt, _streams
-from ._audit import AuditLog
-from ._audit_ingest import AuditIngest
-from ._bootstrap_limits import BootstrapLockout
-from ._channel_actions import ActionTokens
-from ._channel_outbox import ChannelOutbox
-from ._channel_receipts import ReceiptIngest
-from ._channel_renderer import ChannelRenderer
-from ._channel_router import ChannelRouter
-from ._channels import ChannelService
-from ._commands import CommandService
-from ._credentials import CredentialService
-from ._deadletter import DeadLetters
-from ._edge_work import EdgeWorkService
-from ._gateway_bootstrap import GatewayBootstrap
-from ._gateways import GatewayRegistry
-from ._http import build_app
-from ._keys import BusKeys
-from ._logging import kv
-from ._metrics import HubMetrics
-from ._pairing import PairingService
-from ._pairing_bootstrap import PairingRedemption
-from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
-from ._presence import DesktopPresence
-from ._projection import EventProjector
-from ._settings import HubSettings
+from . import auth, channels, desktop, gateways, work, workspaces
+from .auth import HUB_INBOX_PREFIX, HUB_PERMISSIONS, BusKeys, CredentialService, nats_jwt
+from .bus import BootstrapLockout
+from .channels import (
+    ActionTokens,
+    ChannelOutbox,
+    ChannelRenderer,
+    ChannelRouter,
+    ChannelService,
+    ReceiptIngest,
+)
+from .core import AuditIngest, AuditLog, DeadLetters, HubMetrics, HubSettings, db, kv, streams
+from .desktop import CommandService, DesktopPresence, PairingRedemption, PairingService
+from .gateways import GatewayBootstrap, GatewayRegistry
+from .http import build_app
+from .work import EdgeWorkService
+from .workspaces import EventProjector
 
 log = logging.getLogger("cowork.hub")
+# Each room adds its own HTTP routes through its public face.
+ROUTE_TABLES = (auth.add_routes, desktop.add_routes, workspaces.add_routes, work.add_routes,
+                gateways.add_routes, channels.add_routes)
 
 
 class StartupError(RuntimeError):
@@ -78,8 +72,8 @@ class Hub:
         s = self.settings
         self.pool = await self._connect_db(startup_timeout)
         async with self.pool.acquire() as conn:
-            applied = await _db.migrate(conn)
-        log.info("hub.db_ready", **kv(migrations_applied=applied, head=_db.head_version()))
+            applied = await db.migrate(conn)
+        log.info("hub.db_ready", **kv(migrations_applied=applied, head=db.head_version()))
         self.nc = await self._connect_nats(startup_timeout)
         self.js = self.nc.jetstream(timeout=5.0)
         await self._declare_streams(startup_timeout)
@@ -129,7 +123,7 @@ class Hub:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await _db.create_pool(dsn, min_size=self.settings.db_pool_min,
+                return await db.create_pool(dsn, min_size=self.settings.db_pool_min,
                                              max_size=self.settings.db_pool_max)
             except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
                 if time.monotonic() > deadline:
@@ -142,7 +136,7 @@ class Hub:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await _streams.declare(self.js, self.stream_replicas)
+                await streams.declare(self.js, self.stream_replicas)
                 return
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
                 if time.monotonic() > deadline:
@@ -154,8 +148,8 @@ class Hub:
         """Operator mode: a system-account connection for account updates, the
         refresh responder, and the account JWT pushed with current revocations."""
         assert self.keys is not None and self.pool is not None and self.nc is not None
-        seed = _jwt.new_seed("user")
-        system_jwt = self.keys.mint_system_user(_jwt.public_key(seed),
+        seed = nats_jwt.new_seed("user")
+        system_jwt = self.keys.mint_system_user(nats_jwt.public_key(seed),
                                                 name=f"hub-system-{self.settings.hub_id}")
         self.system_nc = await self._connect_nats(
             10.0, name_suffix="-system", auth=(system_jwt, seed), inbox_prefix="_INBOX")
@@ -279,10 +273,10 @@ class Hub:
     def _hub_auth(self) -> tuple[str, bytes] | None:
         if self.keys is None:
             return None
-        seed = _jwt.new_seed("user")
+        seed = nats_jwt.new_seed("user")
         perms = HUB_PERMISSIONS
         user_jwt, _ = self.keys.mint_user(
-            _jwt.public_key(seed), name=f"hub-{self.settings.hub_id}",
+            nats_jwt.public_key(seed), name=f"hub-{self.settings.hub_id}",
             pub_allow=list(perms.pub_allow), sub_allow=list(perms.sub_allow),
             allow_responses=True, ttl_seconds=None)
         return user_jwt, seed
@@ -300,7 +294,7 @@ class Hub:
         if not name_suffix:  # the main connection drives readiness and its metrics
             options.update(disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
         if auth is not None:
-            options.update(_jwt.nats_auth_options(*auth))
+            options.update(nats_jwt.nats_auth_options(*auth))
             options["inbox_prefix"] = inbox_prefix or HUB_INBOX_PREFIX
         elif s.nats_creds:
             options["user_credentials"] = str(s.nats_creds)
@@ -333,7 +327,7 @@ class Hub:
 
     async def _start_http(self) -> None:
         token = self.settings.admin_token
-        app = build_app(self, token.get_secret_value() if token else None)
+        app = build_app(self, token.get_secret_value() if token else None, ROUTE_TABLES)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port,
@@ -363,12 +357,12 @@ class Hub:
         try:
             async with asyncio.timeout(timeout):
                 async with self.pool.acquire() as conn:  # type: ignore[union-attr]
-                    version = await _db.current_version(conn)
+                    version = await db.current_version(conn)
         except Exception as exc:
             detail = f"unreachable: {_one_line(exc)}"
             return {"postgres": _check(False, detail),
                     "migrations": _check(False, "unknown (database unreachable)")}
-        head = _db.head_version()
+        head = db.head_version()
         return {"postgres": _check(True, "reachable"),
                 "migrations": _check(version == head, f"at {version}, head is {head}")}
 
@@ -377,7 +371,7 @@ class Hub:
             return _check(False, "unknown (NATS disconnected)")
         try:
             async with asyncio.timeout(timeout):
-                missing = await _streams.missing_streams(self.js)
+                missing = await streams.missing_streams(self.js)
         except Exception as exc:
             return _check(False, f"cannot query JetStream: {_one_line(exc)}")
         return _check(not missing, f"missing {', '.join(missing)}" if missing else "present")

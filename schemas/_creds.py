@@ -41,3 +41,9 @@ def parse_creds(text: str) -> tuple[str, bytes]:
     if not match:
         raise ValueError("not a NATS .creds file")
     return match["jwt"], match["seed"].encode()
+
+
+def nats_conf_string(value: object) -> str:
+    """A double-quoted NATS config string (the syntax accepts JSON-style escapes)."""
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,6 +1,6 @@
 """Session-wide servers for the test-suite: real NATS and PostgreSQL, no Docker needed.
 
-The servers come from hub._embedded, the same code `cowork up` runs. Where a
+The servers come from edges.local, the same code `cowork up` runs. Where a
 Docker engine answers, PostgreSQL comes from testcontainers instead, and
 COWORK_TEST_DATABASE_URL points the suite at an existing server.
 """
@@ -20,7 +20,7 @@ import asyncpg
 import psutil
 import pytest
 
-from hub._embedded import EmbeddedPostgres, NatsServer
+from edges.local import EmbeddedPostgres, NatsServer
 
 DATABASE_URL_ENV = "COWORK_TEST_DATABASE_URL"
 
@@ -165,7 +165,7 @@ async def database_url_module(postgres_admin_dsn: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 def bus_keys(tmp_path_factory: pytest.TempPathFactory):
-    from hub._keys import BusKeys
+    from hub.auth._keys import BusKeys
 
     return BusKeys.load_or_create(tmp_path_factory.mktemp("bus-keys"))
 

@@ -535,7 +535,8 @@ def test_dockerfile():
 
     # every package of the project is copied, and every COPY source exists
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["setuptools"]["packages"]
+    found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [pattern.rstrip("*") for pattern in found]
     copies = [
         i.split()[1:-1]
         for i in instrs

@@ -1,0 +1,293 @@
+"""`cowork channel cli`: a terminal as a channel instance of the hub.
+
+The process connects to NATS with the instance's own credential file (a
+`channel` principal: it may publish only its own inbound and receipt subjects
+and pull only its own durable consumer), publishes every stdin line as a
+ChannelInbound on `cw.<tenant>.chan.<instance>.in.<workspace>` (JetStream,
+deduplicated by message id), and prints the deliveries it pulls from its
+consumer `channel-<instance>`, acknowledging each and publishing a receipt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.errors import NotFoundError
+
+from schemas import (ChannelOutbound, ChannelReceipt, ContractError, DeliveryStatus, Envelope,
+                     Source, decode, parse_creds, subjects)
+from schemas import InvalidTokenError, check_tenant, check_token
+
+from ..providers import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
+from ._login import add_login_command
+from .._provider import ChannelError, DeliveryFailed, InstanceConfig, WebhookRequest
+
+EXIT_USAGE, EXIT_CREDS, EXIT_CONNECT, EXIT_QUEUE = 2, 3, 4, 5
+MAX_ATTEMPTS = 5
+CONNECT_SECONDS = 10.0
+DESCRIPTION = """\
+Use this terminal as a channel instance: every line you type becomes a message
+to the instance's workspace (plain text, a /command, or a JSON object
+{"text": ..., "interaction": {"id": ..., "token": ...}}), and the workspace's
+answers are printed as they arrive. Ctrl-D ends input (see --linger); Ctrl-C
+quits.
+
+The instance (kind "cli") and its credential file come from the hub's admin API.
+"""
+
+
+class CommandFailed(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _token(kind: str):
+    def check(text: str) -> str:
+        try:
+            return check_tenant(text) if kind == "tenant" else check_token(text, kind)
+        except InvalidTokenError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return check
+
+
+def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
+    """Add `channel cli` and `channel login` to the `cowork` parser (args.channel_handler runs it)."""
+    channel = commands.add_parser("channel", help="channel instances run from this machine")
+    sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND",
+                                 required=True)
+    cli = sub.add_parser("cli", help="chat with a workspace from this terminal",
+                         description=DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("instance", metavar="INSTANCE", type=_token("instance_id"),
+                     help="the channel instance id (kind cli), e.g. cli-ada")
+    cli.add_argument("--nats", required=True, metavar="URL",
+                     help="the hub's NATS URL(s), comma separated, e.g. nats://hub:4222")
+    cli.add_argument("--creds", required=True, type=Path, metavar="FILE",
+                     help="the instance's NATS .creds file")
+    cli.add_argument("--tenant", required=True, type=_token("tenant"), help="the tenant id")
+    cli.add_argument("--workspace", required=True, type=_token("workspace_id"),
+                     help="the workspace the instance is bound to")
+    cli.add_argument("--user", help="who you are in the chat (default: your login name)")
+    cli.add_argument("--format", choices=["text", "json"], default="text",
+                     help="how deliveries are printed (default: %(default)s)")
+    cli.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                     help="after stdin ends, keep printing answers this long (default: 0)")
+    cli.set_defaults(channel_handler=run_channel_command)
+    add_login_command(sub, _token)
+    return channel
+
+
+def run_channel_command(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(ChannelCli(args).run())
+    except CommandFailed as exc:
+        print(f"cowork: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+class ChannelCli:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.instance, self.tenant, self.workspace = args.instance, args.tenant, args.workspace
+        self.config = InstanceConfig(
+            tenant=self.tenant, instance_id=self.instance, kind="cli",
+            workspace_id=self.workspace,
+            settings=CliSettings(user=args.user or None, output_format=args.format),
+            secrets=CliSecrets())
+        self.provider = CliProvider(self.config, None, output=sys.stdout)
+        self.source = Source(principal_kind="channel", principal_id=self.instance)
+        self.sent: set[str] = set()  # delivery ids printed by this process
+        self.stop = asyncio.Event()
+        self.errors: list[str] = []  # what the server reported (auth, permissions)
+
+    async def run(self) -> int:
+        self._check_creds()
+        nc = await self._connect()
+        try:
+            js = nc.jetstream()
+            pull = await self._open_queue(js)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop.set)
+            print(f"cowork: {self.instance} -> workspace {self.workspace}; type a message "
+                  "(Ctrl-D ends input, Ctrl-C quits)", file=sys.stderr)
+            tasks = [asyncio.create_task(self._read(js)),
+                     asyncio.create_task(self._print(js, pull))]
+            await self.stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            await nc.close()
+            raise
+        # Drain sends the last acks and receipts (bounded: a server may stop answering).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5)
+        if not nc.is_closed:
+            await nc.close()
+        return 0
+
+    async def _open_queue(self, js: Any) -> Any:
+        """Bind to the instance's durable consumer (the hub creates it with the instance)."""
+        stream = subjects.EDGE_CONSUMERS["channel"]
+        durable = subjects.edge_consumer("channel", self.instance)
+        try:
+            await js.consumer_info(stream, durable, timeout=5)
+        except NotFoundError:
+            raise CommandFailed(f"the hub has no delivery queue for instance {self.instance!r} "
+                                f"(is it a cli instance of tenant {self.tenant!r}?)",
+                                EXIT_QUEUE) from None
+        except Exception as exc:  # noqa: BLE001 - a refused or unanswered request
+            # A credential of another instance may not use this instance's reply inbox
+            # or queue: the server refuses it and the request times out.
+            denied = any("permissions violation" in e.lower() for e in self.errors)
+            reason = (f"this credential is not for instance {self.instance!r} of tenant "
+                      f"{self.tenant!r}" if denied else
+                      f"no answer from JetStream ({type(exc).__name__})")
+            raise CommandFailed(f"cannot open the delivery queue: {reason}", EXIT_QUEUE) from None
+        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    def _check_creds(self) -> None:
+        try:
+            parse_creds(self.args.creds.read_text())
+        except OSError as exc:
+            raise CommandFailed(f"cannot read {self.args.creds}: {exc.strerror}",
+                                EXIT_CREDS) from None
+        except (ValueError, UnicodeDecodeError):
+            raise CommandFailed(f"{self.args.creds} is not a NATS .creds file",
+                                EXIT_CREDS) from None
+
+    async def _connect(self) -> Any:
+        servers = [s.strip() for s in self.args.nats.split(",") if s.strip()]
+        failed = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc) or type(exc).__name__)
+            # nats-py keeps retrying a first connect; give up once every server failed.
+            if len(self.errors) >= len(servers):
+                failed.set()
+
+        connect = asyncio.ensure_future(nats.connect(
+            servers, user_credentials=str(self.args.creds), error_cb=on_error,
+            inbox_prefix=subjects.inbox_prefix(self.tenant, "channel", self.instance),
+            connect_timeout=5, allow_reconnect=False, name=f"cowork-channel-{self.instance}"))
+        gave_up = asyncio.ensure_future(failed.wait())
+        await asyncio.wait({connect, gave_up}, timeout=CONNECT_SECONDS,
+                           return_when=asyncio.FIRST_COMPLETED)
+        gave_up.cancel()
+        if connect.done() and connect.exception() is None:
+            return connect.result()
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        detail = self.errors[-1] if self.errors else "no answer"
+        raise CommandFailed(f"cannot connect to NATS at {', '.join(servers)}: {detail}",
+                            EXIT_CONNECT)
+
+    # --- stdin -> inbound ----------------------------------------------------------------
+    async def _read(self, js: Any) -> None:
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def pump() -> None:  # a daemon thread: a blocked read never holds up exit
+            for raw in iter(sys.stdin.buffer.readline, b""):
+                loop.call_soon_threadsafe(lines.put_nowait, raw)
+            loop.call_soon_threadsafe(lines.put_nowait, None)
+
+        threading.Thread(target=pump, name="stdin", daemon=True).start()
+        while (raw := await lines.get()) is not None:
+            if raw.strip():
+                await self._publish_line(js, raw)
+        await asyncio.sleep(max(self.args.linger, 0.0))
+        self.stop.set()
+
+    async def _publish_line(self, js: Any, raw: bytes) -> None:
+        request = WebhookRequest(method=STDIN_METHOD, path="stdin", query={}, headers={},
+                                 body=raw, remote="local", received_at=datetime.now(UTC),
+                                 now=time.time())
+        try:
+            self.provider.verify(request)
+            messages = self.provider.parse(request).messages
+        except ChannelError as exc:
+            print(f"cowork: line not sent: {exc.message}", file=sys.stderr)
+            return
+        subject = subjects.CHANNEL_INBOUND.build(tenant=self.tenant, instance_id=self.instance,
+                                                 workspace_id=self.workspace)
+        for message in messages:
+            envelope = Envelope.wrap(message, source=self.source, tenant=self.tenant,
+                                     workspace=self.workspace)
+            try:
+                await js.publish(subject, envelope.encode(), headers={"Nats-Msg-Id": message.id},
+                                 timeout=5)
+            except Exception as exc:  # noqa: BLE001 - the user retypes; the process goes on
+                print(f"cowork: line not sent: {type(exc).__name__} {exc}".rstrip(),
+                      file=sys.stderr)
+
+    # --- outbound -> stdout --------------------------------------------------------------
+    async def _print(self, js: Any, pull: Any) -> None:
+        while True:
+            try:
+                batch = await pull.fetch(8, timeout=1)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                continue
+            for msg in batch:
+                await self._deliver(js, msg)
+
+    async def _deliver(self, js: Any, msg: Any) -> None:
+        try:
+            delivery = decode(msg.data, ChannelOutbound).data
+        except ContractError as exc:
+            print(f"cowork: dropped a malformed delivery: {exc.reason}", file=sys.stderr)
+            await msg.term()
+            return
+        attempts = max(1, msg.metadata.num_delivered or 1)
+        if delivery.delivery_id in self.sent:
+            await msg.ack()
+            await self._receipt(js, delivery, DeliveryStatus.DUPLICATE, attempts)
+            return
+        try:
+            result = await self.provider.send(delivery)
+        except DeliveryFailed as exc:
+            if exc.permanent or attempts >= MAX_ATTEMPTS:
+                await msg.term()
+                await self._receipt(js, delivery, DeliveryStatus.DEAD_LETTERED, attempts,
+                                    code=exc.code, error=str(exc))
+            else:
+                delay = exc.retry_after if exc.retry_after is not None else float(attempts)
+                await msg.nak(delay=delay)
+                await self._receipt(js, delivery, DeliveryStatus.RETRYING, attempts,
+                                    code=exc.code, error=str(exc), retry_after_seconds=delay)
+            return
+        self.sent.add(delivery.delivery_id)
+        await msg.ack()
+        ids = [result.provider_message_id] if result.provider_message_id else []
+        await self._receipt(js, delivery, DeliveryStatus.SENT, attempts,
+                            provider_message_id=result.provider_message_id,
+                            provider_message_ids=ids)
+
+    async def _receipt(self, js: Any, delivery: ChannelOutbound, status: DeliveryStatus,
+                       attempts: int, **fields: Any) -> None:
+        receipt = ChannelReceipt(delivery_id=delivery.delivery_id, status=status,
+                                 target=delivery.target, attempts=attempts, **fields)
+        envelope = Envelope.wrap(receipt, source=self.source, tenant=self.tenant,
+                                 workspace=self.workspace)
+        subject = subjects.CHANNEL_RECEIPT.build(tenant=self.tenant, instance_id=self.instance)
+        try:
+            await js.publish(subject, envelope.encode(),
+                             headers={"Nats-Msg-Id": f"rcpt-{delivery.delivery_id}-{status.value}"
+                                                     f"-{attempts}"}, timeout=5)
+        except Exception as exc:  # noqa: BLE001 - a lost receipt must not stop the terminal
+            print(f"cowork: receipt not sent: {type(exc).__name__}", file=sys.stderr)

@@ -1,0 +1,15 @@
+"""The chat platform providers, one module each, behind the one `Provider`
+protocol, with their shared HTTP, payload and SSRF helpers.
+"""
+
+from __future__ import annotations
+
+from ._cli import CliProvider, CliSecrets, CliSettings, STDIN_METHOD
+from ._discord import DiscordProvider
+from ._email import EmailProvider
+from ._slack import SlackProvider
+from ._telegram import TelegramProvider
+from ._webhook import WebhookProvider
+from ._whatsapp import WhatsAppProvider
+
+__all__ = ['CliProvider', 'CliSecrets', 'CliSettings', 'DiscordProvider', 'EmailProvider', 'STDIN_METHOD', 'SlackProvider', 'TelegramProvider', 'WebhookProvider', 'WhatsAppProvider']

@@ -1,0 +1,438 @@
+"""The one place that talks to a local OpenCode server (`opencode serve`).
+
+Why one module: OpenCode's HTTP API and event stream change between versions
+(pinned and measured: 1.18.33), so every route, body and quirk lives here and
+the rest of the edge sees plain dicts and one error type.
+
+Two things the relay would otherwise get wrong are handled here:
+
+- OpenCode's `GET /event` SSE stream has no event ids, so a reconnect cannot
+  resume. After every (re)connect `OpenCodeEvents` first yields a synthetic
+  `cowork.resync` event holding the busy sessions, pending permissions and
+  pending questions, so the consumer can rebuild its state.
+- An abort (and a non-retryable model error) makes OpenCode emit `session.idle`
+  twice; the second one is dropped. Heartbeats are dropped too. Every other
+  event, known or not, passes through untouched.
+
+Payloads carry local paths and command lines: redacting them is the caller's
+job. The password is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+log = logging.getLogger("cowork.edge.opencode")
+
+RESYNC = "cowork.resync"
+HEARTBEAT = "server.heartbeat"
+# OpenCode sends a heartbeat every 10 s; three missed ones mean a dead stream.
+STREAM_READ_TIMEOUT = 35.0
+# Headers of a healthy server come at once; see OpenCodeClient._event_lines.
+STREAM_OPEN_TIMEOUT = 5.0
+
+
+class OpenCodeError(Exception):
+    """A non-2xx answer from OpenCode, or no answer at all (status None, name "Unreachable")."""
+
+    def __init__(self, status: int | None, name: str | None, message: str) -> None:
+        super().__init__(f"{status} {name}: {message}" if status else f"{name}: {message}")
+        self.status = status
+        self.name = name
+        self.message = message
+
+    @property
+    def is_not_found(self) -> bool:
+        return self.status == 404
+
+
+def _error_from(response: httpx.Response) -> OpenCodeError:
+    """OpenCode errors look like {"name": "NotFoundError", "data": {"message": ...}}."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return OpenCodeError(response.status_code, None, response.text[:500] or response.reason_phrase)
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    message = data.get("message") or body.get("message") or response.reason_phrase
+    return OpenCodeError(response.status_code, body.get("name"), str(message))
+
+
+def _model_ref(model: str | dict[str, str]) -> dict[str, str]:
+    """"provider/model" or {"providerID", "modelID"} -> the prompt body's model object."""
+    if isinstance(model, dict):
+        return model
+    provider, _, model_id = model.partition("/")
+    return {"providerID": provider, "modelID": model_id}
+
+
+class OpenCodeClient:
+    """Async client for one OpenCode server (and optionally one project directory)."""
+
+    def __init__(self, base_url: str, *, password: str | None = None,
+                 username: str = "opencode", directory: str | None = None,
+                 timeout: float = 30.0) -> None:
+        headers = {"x-opencode-directory": quote(directory, safe="")} if directory else {}
+        auth = httpx.BasicAuth(username, password) if password else None
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, auth=auth, headers=headers,
+                                       timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "OpenCodeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, *, params: dict | None = None,
+                       body: Any = None) -> Any:
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = await self._http.request(method, path, params=params or None,
+                                                json=body)
+        except httpx.TransportError as exc:
+            raise OpenCodeError(None, "Unreachable", f"{method} {path}: {exc!r}") from exc
+        if not response.is_success:
+            raise _error_from(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise OpenCodeError(response.status_code, "InvalidResponse",
+                                f"{method} {path}: not JSON") from exc
+
+    # --- server and sessions -------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        return await self._request("GET", "/global/health")
+
+    async def create_session(self, *, title: str | None = None, agent: str | None = None,
+                             parent_id: str | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in {"title": title, "agent": agent, "parentID": parent_id}.items()
+                if v is not None}
+        return await self._request("POST", "/session", body=body)
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/session/{quote(session_id, safe='')}")
+
+    async def list_sessions(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        return await self._request("GET", "/session", params={"limit": limit})
+
+    async def session_status(self) -> dict[str, Any]:
+        """Busy and retrying sessions only: {"ses_…": {"type": "busy"}}; idle ones are omitted."""
+        return await self._request("GET", "/session/status")
+
+    # --- prompting -----------------------------------------------------------
+    async def prompt_async(self, session_id: str, parts: list[dict[str, Any]], *,
+                           agent: str | None = None, variant: str | None = None,
+                           model: str | dict[str, str] | None = None) -> None:
+        """Queue a prompt; OpenCode answers 204 at once and the turn runs in the background."""
+        body: dict[str, Any] = {"parts": parts}
+        body.update({k: v for k, v in {"agent": agent, "variant": variant}.items() if v})
+        if model:
+            body["model"] = _model_ref(model)
+        return await self._request("POST", f"/session/{quote(session_id, safe='')}/prompt_async",
+                                   body=body)
+
+    async def abort(self, session_id: str) -> bool:
+        """True, also for unknown ids (OpenCode does not check)."""
+        return await self._request("POST", f"/session/{quote(session_id, safe='')}/abort")
+
+    async def messages(self, session_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        return await self._request("GET", f"/session/{quote(session_id, safe='')}/message",
+                                   params={"limit": limit})
+
+    # --- permissions and questions -------------------------------------------
+    async def list_permissions(self) -> list[dict[str, Any]]:
+        return await self._request("GET", "/permission")
+
+    async def reply_permission(self, request_id: str,
+                               reply: Literal["once", "always", "reject"],
+                               message: str | None = None) -> bool:
+        body = {"reply": reply, **({"message": message} if message is not None else {})}
+        return await self._request("POST", f"/permission/{quote(request_id, safe='')}/reply",
+                                   body=body)
+
+    async def list_questions(self) -> list[dict[str, Any]]:
+        return await self._request("GET", "/question")
+
+    async def reply_question(self, request_id: str, answers: list[list[str]]) -> bool:
+        """One list of chosen option labels per question, in the questions' order."""
+        return await self._request("POST", f"/question/{quote(request_id, safe='')}/reply",
+                                   body={"answers": answers})
+
+    async def reject_question(self, request_id: str) -> bool:
+        return await self._request("POST", f"/question/{quote(request_id, safe='')}/reject")
+
+    # --- events --------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _event_lines(self, open_timeout: float = STREAM_OPEN_TIMEOUT
+                           ) -> AsyncIterator[AsyncIterator[str]]:
+        """The raw lines of `GET /event`, once the server has answered with its headers.
+
+        The headers get their own short deadline: a request that reaches OpenCode
+        while it is still starting up is accepted and then never answered.
+        """
+        timeout = httpx.Timeout(self._http.timeout.connect or 30.0, read=STREAM_READ_TIMEOUT)
+        request = self._http.build_request("GET", "/event", timeout=timeout,
+                                           headers={"Accept": "text/event-stream"})
+        try:
+            response = await asyncio.wait_for(self._http.send(request, stream=True),
+                                              open_timeout)
+        except (httpx.TransportError, asyncio.TimeoutError) as exc:
+            raise OpenCodeError(None, "Unreachable", f"GET /event: {exc!r}") from exc
+        try:
+            if not response.is_success:
+                await response.aread()
+                raise _error_from(response)
+            yield response.aiter_lines()
+        except httpx.TransportError as exc:
+            raise OpenCodeError(None, "Unreachable", f"GET /event: {exc!r}") from exc
+        finally:
+            await response.aclose()
+
+
+# --------------------------------------------------------------------------
+# Event stream: SSE decoding and filtering (pure, testable without a server)
+# --------------------------------------------------------------------------
+
+
+class SseDecoder:
+    """Turns SSE lines into event dicts: `feed(line)` returns one when a blank line ends it.
+
+    OpenCode sends one `data: {json}` line per event and nothing else; other
+    fields and comments are ignored. Undecodable payloads are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        line = line.rstrip("\r\n")
+        if line:
+            field, _, value = line.partition(":")
+            if field == "data":
+                self._data.append(value[1:] if value.startswith(" ") else value)
+            return None
+        data, self._data = "\n".join(self._data), []
+        return _decode(data) if data else None
+
+
+def _decode(data: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        log.debug("opencode event skipped: not JSON (%d chars)", len(data))
+        return None
+    if not isinstance(event, dict):
+        log.debug("opencode event skipped: not an object")
+        return None
+    return event
+
+
+class EventFilter:
+    """Drops heartbeats and the duplicate `session.idle` OpenCode sends after an abort.
+
+    An idle is a duplicate when the session is already idle: no busy or retry
+    `session.status` arrived since its last idle.
+    """
+
+    MAX_TRACKED = 4096
+
+    def __init__(self) -> None:
+        self._idle: OrderedDict[str, None] = OrderedDict()
+
+    def accept(self, event: dict[str, Any]) -> bool:
+        kind = event.get("type")
+        props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+        session = props.get("sessionID")
+        if kind == HEARTBEAT:
+            return False
+        if kind == "session.status" and _is_active(props.get("status")):
+            self._idle.pop(session, None)
+        elif kind == "session.deleted":
+            self._idle.pop(session, None)
+        elif kind == "session.idle" and isinstance(session, str):
+            return self._first_idle(session)
+        return True
+
+    def resync(self, status: dict[str, Any]) -> None:
+        """Sessions the snapshot shows busy are not idle any more."""
+        for session, state in status.items():
+            if _is_active(state):
+                self._idle.pop(session, None)
+
+    def _first_idle(self, session: str) -> bool:
+        if session in self._idle:
+            return False
+        self._idle[session] = None
+        if len(self._idle) > self.MAX_TRACKED:
+            self._idle.popitem(last=False)
+        return True
+
+
+def _is_active(status: Any) -> bool:
+    return isinstance(status, dict) and status.get("type") in ("busy", "retry")
+
+
+def parse_events(lines: Iterable[str], event_filter: EventFilter | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Decode and filter SSE lines: what `OpenCodeEvents` yields for one connection."""
+    decoder, event_filter = SseDecoder(), event_filter or EventFilter()
+    for line in lines:
+        event = decoder.feed(line)
+        if event is not None and event_filter.accept(event):
+            yield event
+
+
+# --------------------------------------------------------------------------
+# Event stream: the reconnecting iterator
+# --------------------------------------------------------------------------
+
+
+_CLOSED = object()
+
+
+class OpenCodeEvents:
+    """Async iterator over OpenCode's `GET /event`, reconnecting forever.
+
+    After every successful (re)connect the first event is `cowork.resync` with
+    `properties = {"status", "permissions", "questions"}`. Reading runs in a
+    background task feeding a queue, so cancelling a pending `__anext__` (for
+    example with `asyncio.wait_for`) loses nothing. `reconnects` counts the
+    successful connections after the first.
+    """
+
+    def __init__(self, client: OpenCodeClient, *, min_backoff: float = 0.2,
+                 max_backoff: float = 10.0, open_timeout: float = STREAM_OPEN_TIMEOUT,
+                 queue_size: int = 1000) -> None:
+        self._client = client
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._open_timeout = open_timeout
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(queue_size)
+        self._filter = EventFilter()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.connected = False
+        self.reconnects = 0
+
+    def __aiter__(self) -> "OpenCodeEvents":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._closed and self._queue.empty():
+            raise StopAsyncIteration
+        self.start()
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # keep later calls ending too
+            raise StopAsyncIteration
+        return item
+
+    def start(self) -> None:
+        """Start reading now (otherwise the first `__anext__` does)."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run(), name="opencode-events")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self.connected = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(_CLOSED)
+
+    async def __aenter__(self) -> "OpenCodeEvents":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> None:
+        failures, connections = 0, 0
+        # Checked as well as cancelled: on Python 3.11 `asyncio.wait_for` can swallow
+        # a cancellation that lands as the inner request finishes, and the loop
+        # would then retry forever while `aclose()` waits for it.
+        while not self._closed:
+            try:
+                async with self._client._event_lines(self._open_timeout) as lines:
+                    await self._resync()
+                    connections += 1
+                    self.reconnects = connections - 1
+                    failures = 0
+                    await self._pump(lines)
+                log.info("opencode event stream ended; reconnecting")
+            except OpenCodeError as exc:
+                log.info("opencode event stream failed: %s", exc)
+            except Exception:  # a bug must not end the stream for good: log, back off, retry
+                log.exception("opencode event stream broke")
+            finally:
+                self.connected = False
+            failures += 1
+            await asyncio.sleep(self._backoff(failures))
+
+    async def _resync(self) -> None:
+        status = await self._client.session_status()
+        permissions = await self._client.list_permissions()
+        questions = await self._client.list_questions()
+        self._filter.resync(status or {})
+        self.connected = True
+        await self._queue.put({"type": RESYNC, "properties": {
+            "status": status, "permissions": permissions, "questions": questions}})
+
+    async def _pump(self, lines: AsyncIterator[str]) -> None:
+        decoder = SseDecoder()
+        async for line in lines:
+            event = decoder.feed(line)
+            if event is not None and self._filter.accept(event):
+                await self._queue.put(event)
+
+    def _backoff(self, failures: int) -> float:
+        """Full-jitter exponential backoff; `failures` restarts at 1 after a good connection."""
+        ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures - 1, 30))
+        return random.uniform(self._min_backoff / 2, max(ceiling, self._min_backoff / 2))
+
+
+_SESSION_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def session_of(event: dict[str, Any]) -> str | None:
+    """The OpenCode session an event is about, wherever that event type keeps it."""
+    props = event.get("properties") or {}
+    if not isinstance(props, dict):
+        return None
+    for candidate in (props.get("sessionID"), _get(props, "info", "sessionID"),
+                      _get(props, "part", "sessionID")):
+        if isinstance(candidate, str) and _SESSION_TOKEN.match(candidate):
+            return candidate
+    info_id = _get(props, "info", "id")
+    if isinstance(info_id, str) and info_id.startswith("ses") and _SESSION_TOKEN.match(info_id):
+        return info_id
+    return None
+
+
+def _get(mapping: dict, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)  # type: ignore[assignment]
+    return mapping

@@ -1,0 +1,374 @@
+"""The paired Desktop agent: pairing redemption and the long-running relay.
+
+Dial-out only. `pair()` redeems a one-time code over NATS with the public
+bootstrap identity and stores the returned credential. `DesktopAgent.run()`
+connects with that credential and, side by side:
+
+- heartbeats its presence (and at once after every reconnect);
+- takes commands pushed by the hub, checks them (own pairing id, live lease,
+  sequence, the local journal), runs them with `CommandRunner`, and acks
+  with the lease token;
+- relays OpenCode's event stream, redacted, through the on-disk outbox to
+  JetStream (message id = event id, so nothing is duplicated downstream);
+- refreshes its credential before expiry.
+
+Revocation is local first: a revoked Desktop sends and runs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+import random
+from datetime import datetime, timezone
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from schemas import (
+    AckReply,
+    CommandAck,
+    CommandResult,
+    ContractError,
+    DeviceCommand,
+    Envelope,
+    PairingRedeemReply,
+    PairingRedeemRequest,
+    PairingRevokeNotice,
+    PairingState,
+    PresenceHeartbeat,
+    Source,
+    decode,
+    subjects,
+)
+from schemas import ReplyKey
+
+from ..common import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
+from ..common import EdgeCredentials, new_user_seed, refresh_forever
+from ._commands import CommandRunner
+from ._relay import EventRelay
+from ._store import DesktopStore, PairingFile, StoreError
+from ..common import OpenCodeClient
+
+log = logging.getLogger("cowork.edge.desktop")
+CLIENT_VERSION = "cowork-desktop/0.1"
+ACK_TIMEOUT = 5.0
+
+
+class PairingFailed(BootstrapFailed):
+    """Redemption refused or impossible; the message says why, in one line."""
+
+    default_code = "pairing.failed"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# Kept under their old names: tests and callers import them from here.
+_bootstrap_options = bootstrap_options
+
+
+async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
+               device_name: str | None = None, timeout: float = 10.0) -> PairingFile:
+    if store.is_paired() and not store.load_pairing().revoked:
+        current = store.load_pairing()
+        raise PairingFailed(f"{store.directory} already holds pairing {current.pairing_id}; "
+                            "revoke it first or use another --state-dir", "pairing.exists")
+    seed, reply_key = new_user_seed(), ReplyKey()
+    creds = EdgeCredentials("", seed)
+    name = device_name or platform.node() or "desktop"
+    request = PairingRedeemRequest(code=code.strip(), public_key=creds.public_key,
+                                   reply_key=reply_key.public, device_name=name[:512],
+                                   client_version=CLIENT_VERSION)
+    reply = await bootstrap_exchange(
+        hub_urls, subjects.PAIRING_REDEEM.build(), request,
+        Source(principal_kind="desktop", principal_id="unpaired"), reply_key,
+        PairingRedeemReply, timeout=timeout, what="pairing", error=PairingFailed)
+    store.ensure_dir()
+    EdgeCredentials(reply.user_jwt, seed).write_creds_file(store.creds_path)
+    pairing = PairingFile(
+        tenant=reply.tenant, pairing_id=reply.pairing_id, label=reply.label,
+        hub_urls=list(hub_urls), device_name=name, paired_at=_utcnow().isoformat(),
+        state=reply.state.model_dump(mode="json", by_alias=True))
+    store.save_pairing(pairing)
+    store.audit("pairing.paired", pairingId=reply.pairing_id, tenant=reply.tenant,
+                label=reply.label, hub=hub_urls)
+    return pairing
+
+
+def revoke_locally(store: DesktopStore, reason: str) -> PairingFile:
+    """Final and idempotent: mark revoked and delete the credential's secret."""
+    pairing = store.load_pairing()
+    if not pairing.revoked:
+        pairing.revoked, pairing.revoked_at = True, _utcnow().isoformat()
+        pairing.revoke_reason = reason
+        state = dict(pairing.state)
+        state.update(revoked=True, enabled=False)
+        pairing.state = state
+        store.save_pairing(pairing)
+        store.audit("pairing.revoked", pairingId=pairing.pairing_id, reason=reason)
+    store.creds_path.unlink(missing_ok=True)
+    return pairing
+
+
+async def notify_hub_of_revocation(store: DesktopStore, pairing: PairingFile, reason: str,
+                                   timeout: float = 3.0) -> bool:
+    """Best effort, before the local revocation deletes the credential."""
+    try:
+        creds = EdgeCredentials.from_creds_file(store.creds_path)
+        nc = await dial_once(pairing.hub_urls, timeout, **creds.connect_options(),
+                             inbox_prefix=subjects.inbox_prefix(pairing.tenant, "desktop",
+                                                                pairing.pairing_id))
+    except Exception:
+        return False
+    try:
+        notice = PairingRevokeNotice(pairing_id=pairing.pairing_id, reason=reason[:512],
+                                     revoked_at=_utcnow())
+        env = Envelope.wrap(notice, source=_source(pairing), tenant=pairing.tenant)
+        msg = await nc.request(subjects.PAIRING_REVOKE.build(tenant=pairing.tenant,
+                                                             pairing_id=pairing.pairing_id),
+                               env.encode(), timeout=timeout)
+        return decode(msg.data, AckReply).data.ok
+    except Exception:
+        return False
+    finally:
+        await nc.close()
+
+
+def _source(pairing: PairingFile) -> Source:
+    return Source(principal_kind="desktop", principal_id=pairing.pairing_id,
+                  authority="desktop_local")
+
+
+class DesktopAgent:
+    def __init__(self, store: DesktopStore, opencode_url: str, *,
+                 opencode_password: str | None = None, heartbeat_interval: float = 5.0) -> None:
+        self.store = store
+        self.pairing = store.load_pairing()
+        if self.pairing.revoked:
+            raise StoreError("this pairing is revoked; pair again with a new code")
+        self.creds = EdgeCredentials.from_creds_file(store.creds_path)
+        self.state = PairingState.model_validate(self.pairing.state)
+        self.opencode = OpenCodeClient(opencode_url, password=opencode_password)
+        self.runner = CommandRunner(self.opencode, self.state)
+        self.heartbeat_interval = heartbeat_interval
+        self.nc: NATS | None = None
+        self.relay = EventRelay(store, self.pairing, self.opencode, lambda: self.state)
+        self._commands: asyncio.Queue[bytes] = asyncio.Queue()
+        self._stopped = asyncio.Event()
+        self._beat = 0
+        self.connected = asyncio.Event()
+
+    @property
+    def tenant(self) -> str:
+        return self.pairing.tenant
+
+    @property
+    def pairing_id(self) -> str:
+        return self.pairing.pairing_id
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("desktop-bus", self._bus()), ("desktop-commands", self._command_worker()),
+            ("desktop-relay", self.relay.run()))]
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._shutdown(tasks)
+
+    async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+        if self.nc is not None and self.nc.is_connected and not self.pairing.revoked:
+            try:
+                await self._heartbeat("offline")
+                await self.relay.flush(self.nc, timeout=2.0)
+            except Exception:
+                pass
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+        await self.opencode.aclose()
+        self.store.close()
+
+    # --- bus ----------------------------------------------------------------------------
+    async def _bus(self) -> None:
+        self.nc = await self._connect()
+        await self.nc.subscribe(subjects.DEVICE_COMMAND.build(tenant=self.tenant,
+                                                              device_id=self.pairing_id),
+                                cb=self._on_command)
+        self.connected.set()
+        self.relay.attach(self.nc)
+        await asyncio.gather(self._heartbeats(), refresh_forever(
+            self.nc, self.creds, tenant=self.tenant, kind="desktop",
+            principal_id=self.pairing_id,
+            on_refresh=lambda c: c.write_creds_file(self.store.creds_path)))
+
+    async def _connect(self) -> NATS:
+        backoff = 0.2
+        while True:
+            try:
+                return await nats.connect(
+                    self.pairing.hub_urls, name=f"cowork-desktop-{self.pairing_id}",
+                    inbox_prefix=subjects.inbox_prefix(self.tenant, "desktop", self.pairing_id),
+                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    connect_timeout=2, error_cb=self._on_error,
+                    reconnected_cb=self._on_reconnect, **self.creds.connect_options())
+            except Exception as exc:  # hub away at start: the relay buffers meanwhile
+                if "authorization" in str(exc).lower():
+                    log.error("desktop.credential_refused: %s", exc)
+                log.info("desktop.connect_retry: %s", exc)
+                await asyncio.sleep(backoff + random.random() * backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.info("desktop.nats_error: %s", exc)
+
+    async def _on_reconnect(self) -> None:
+        try:
+            await self._heartbeat("online")
+        except Exception:
+            pass
+        self.relay.wake()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self._heartbeat("online")
+            except Exception as exc:
+                log.info("desktop.heartbeat_failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _heartbeat(self, status: str) -> None:
+        assert self.nc is not None
+        self._beat += 1
+        beat = PresenceHeartbeat(principal_kind="desktop", principal_id=self.pairing_id,
+                                 sequence=self._beat, interval_seconds=self.heartbeat_interval,
+                                 status=status, version=CLIENT_VERSION)
+        env = Envelope.wrap(beat, source=_source(self.pairing), tenant=self.tenant)
+        await self.nc.publish(subjects.PRESENCE.build(
+            tenant=self.tenant, principal_kind="desktop", principal_id=self.pairing_id),
+            env.encode())
+
+    # --- commands ----------------------------------------------------------------------------
+    async def _on_command(self, msg: Any) -> None:
+        self._commands.put_nowait(msg.data)
+
+    async def _command_worker(self) -> None:
+        while True:
+            raw = await self._commands.get()
+            try:
+                await self._dispatch(raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("desktop.command_handling_failed")
+
+    async def _dispatch(self, raw: bytes) -> None:
+        if self.pairing.revoked:
+            return
+        try:
+            kind = json.loads(raw).get("type")
+            if kind == PairingState.message_type:
+                self._apply_state(decode(raw, PairingState).data)
+                return
+            command = decode(raw, DeviceCommand).data
+        except (ValueError, AttributeError, ContractError) as exc:
+            self.store.audit("command.rejected", reason=f"unreadable: {exc}"[:500])
+            return
+        await self._handle_command(command)
+
+    def _apply_state(self, state: PairingState) -> None:
+        if state.pairing_id != self.pairing_id or state.revision <= self.state.revision:
+            return
+        self.state = state
+        self.runner.state = state
+        self.pairing.state = state.model_dump(mode="json", by_alias=True)
+        self.store.save_pairing(self.pairing)
+        self.store.audit("pairing.updated", revision=state.revision, enabled=state.enabled,
+                         policy=state.policy.model_dump(mode="json", by_alias=True),
+                         allowedSessionIds=state.allowed_session_ids)
+        if state.revoked:
+            self._revoke("revoked by the hub")
+
+    def _revoke(self, reason: str) -> None:
+        self.pairing = revoke_locally(self.store, reason)
+        self.stop()
+
+    async def _handle_command(self, command: DeviceCommand) -> None:
+        problem = self._refusal_reason(command)
+        if problem:
+            self.store.audit("command.rejected", commandId=command.id,
+                             sequence=command.sequence, reason=problem)
+            return
+        record = self.store.command_record(command.id)
+        if record is not None and record[0] == "done":
+            await self._ack(command, CommandResult.model_validate(record[1]))
+            return
+        if record is not None:  # started before a crash: never run twice
+            result = CommandResult(ok=False, status="failed",
+                                   message="interrupted by a Desktop restart; not run again")
+        else:
+            if command.sequence <= self.store.last_command_sequence():
+                self.store.audit("command.rejected", commandId=command.id,
+                                 sequence=command.sequence, reason="stale sequence")
+                return
+            result = await self._execute(command)
+        self.store.command_done(command.id, result.model_dump(mode="json", by_alias=True))
+        self.store.audit("command." + ("completed" if result.ok else "failed"),
+                         commandId=command.id, kind=command.kind.value, status=result.status.value)
+        await self._ack(command, result)
+        if command.kind.value == "revoke_pairing":
+            self._revoke("revoked by a revoke_pairing command")
+
+    def _refusal_reason(self, command: DeviceCommand) -> str | None:
+        if command.pairing_id != self.pairing_id:
+            return f"pairing id {command.pairing_id!r} is not this Desktop's"
+        if command.lease.lease_expires_at <= _utcnow():
+            return "lease already expired"
+        return None
+
+    async def _execute(self, command: DeviceCommand) -> CommandResult:
+        self.store.command_started(command.id, command.sequence, command.kind.value)
+        self.store.audit("command.accepted", commandId=command.id, kind=command.kind.value,
+                         sequence=command.sequence, actorId=command.actor_id)
+        await self._send_ack(command, "accepted", None)
+        self.relay.command_event(command, "command.accepted", None)
+        result = await self.runner.run(command)
+        self.relay.command_event(command, "command.completed" if result.ok
+                                 else "command.failed", result)
+        return result
+
+    async def _ack(self, command: DeviceCommand, result: CommandResult) -> None:
+        outcome = "failed" if result.status.value == "failed" else "completed"
+        await self._send_ack(command, outcome, result)
+
+    async def _send_ack(self, command: DeviceCommand, outcome: str,
+                        result: CommandResult | None) -> bool:
+        ack = CommandAck(command_id=command.id, pairing_id=self.pairing_id,
+                         sequence=command.sequence, lease_token=command.lease.lease_token,
+                         outcome=outcome, result=result)
+        data = Envelope.wrap(ack, source=_source(self.pairing), tenant=self.tenant).encode()
+        subject = subjects.DEVICE_COMMAND_ACK.build(tenant=self.tenant, device_id=self.pairing_id)
+        while _utcnow() < command.lease.lease_expires_at and self.nc is not None:
+            try:
+                reply = decode((await self.nc.request(subject, data, timeout=ACK_TIMEOUT)).data,
+                               AckReply).data
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.errors.ConnectionClosedError):
+                await asyncio.sleep(0.2)
+                continue
+            if not reply.ok:
+                self.store.audit("command.ack_refused", commandId=command.id,
+                                 outcome=outcome, code=reply.code, reason=reply.reason)
+            return reply.ok
+        return False  # the hub re-leases it; the journal answers from the stored result
+

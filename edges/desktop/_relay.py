@@ -1,0 +1,163 @@
+"""OpenCode events -> redaction -> on-disk outbox -> JetStream, in order.
+
+Every event is redacted under the pairing's policy before it is written
+anywhere, then appended to the outbox (SQLite) and published from there with
+its event id as the JetStream message id. Rows leave the outbox only once
+JetStream acknowledged them; a failed batch is published again, and the
+stream's duplicate window plus the hub's event-id check drop the repeats. So
+a NATS or hub outage loses nothing and duplicates nothing downstream.
+
+Only enabled pairings relay, and only events of allowlisted sessions when the
+pairing has a session allowlist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from nats.aio.client import Client as NATS
+
+from schemas import CommandResult, DeviceCommand, DeviceEvent, Envelope, PairingState, Source
+from schemas import new_id, subjects
+
+from ._store import DesktopStore, PairingFile
+from ..common import RESYNC, OpenCodeClient, OpenCodeEvents, session_of
+from ..common import RedactionPolicy, redact, redact_event, redaction_policy
+
+log = logging.getLogger("cowork.edge.relay")
+BATCH = 1000
+PUBLISH_TIMEOUT = 5.0
+
+
+class EventRelay:
+    def __init__(self, store: DesktopStore, pairing: PairingFile, opencode: OpenCodeClient,
+                 state: Callable[[], PairingState], *, workspace_id: str = "local") -> None:
+        self.store, self.pairing, self._opencode = store, pairing, opencode
+        self._state = state
+        self.workspace_id = workspace_id
+        self._source = Source(principal_kind="desktop", principal_id=pairing.pairing_id,
+                              authority="desktop_local")
+        self._nc: NATS | None = None
+        self._wakeup = asyncio.Event()
+        self.published = 0
+        self.events: OpenCodeEvents | None = None
+        self._policy_of: PairingState | None = None
+        self._redaction = RedactionPolicy()
+
+    # --- in ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.events = OpenCodeEvents(self._opencode)
+        publisher = asyncio.create_task(self._publish_forever(), name="desktop-publisher")
+        try:
+            async for event in self.events:
+                self.relay(event)
+        finally:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await self.events.aclose()
+
+    def _policy(self) -> RedactionPolicy:
+        """The redaction policy of the current pairing state, built once per state
+        (a state change replaces the PairingState object)."""
+        state = self._state()
+        if self._policy_of is not state:
+            self._policy_of = state
+            self._redaction = redaction_policy(state.policy)
+        return self._redaction
+
+    def relay(self, event: dict[str, Any]) -> bool:
+        """Queue one OpenCode event if the pairing lets it out; True if queued."""
+        state = self._state()
+        if state.revoked or not state.enabled:
+            return False
+        session = session_of(event)
+        if state.allowed_session_ids is not None and session not in state.allowed_session_ids:
+            return False
+        if event.get("type") == RESYNC:
+            self._append("status", None, None, self._resync_payload(event, state))
+            return True
+        self._append("session.event", session, None, redact_event(event, self._policy()))
+        return True
+
+    def _resync_payload(self, event: dict, state: PairingState) -> dict:
+        props = dict(event.get("properties") or {})
+        allowed = state.allowed_session_ids
+        if allowed is not None:
+            props["status"] = {k: v for k, v in (props.get("status") or {}).items()
+                               if k in allowed}
+            for key in ("permissions", "questions"):
+                props[key] = [p for p in props.get(key) or [] if p.get("sessionID") in allowed]
+        return {"opencode": "connected", **redact(props, self._policy())}
+
+    def command_event(self, command: DeviceCommand, kind: str,
+                      result: CommandResult | None) -> None:
+        body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
+        if result is not None:
+            body["result"] = result.model_dump(mode="json", by_alias=True)
+        self._append(kind, command.session_id, command.id, body)
+
+    def _append(self, kind: str, session: str | None, command_id: str | None,
+                payload: dict) -> None:
+        event = DeviceEvent(id=new_id(), pairing_id=self.pairing.pairing_id, type=kind,
+                            workspace_id=self.workspace_id, session_id=session,
+                            command_id=command_id, occurred_at=datetime.now(timezone.utc),
+                            payload=payload)
+        env = Envelope.wrap(event, source=self._source, tenant=self.pairing.tenant)
+        subject = subjects.DEVICE_EVENT.build(tenant=self.pairing.tenant,
+                                              device_id=self.pairing.pairing_id,
+                                              event_kind=kind.split(".")[0])
+        dropped = self.store.outbox_append([(subject, event.id, env.encode())])
+        if dropped:  # the hub has been away for a long time: say what is lost
+            log.warning("relay.outbox_full: dropped the %d oldest events (bound %d)",
+                        dropped, self.store.max_outbox)
+        self._wakeup.set()
+
+    # --- out -----------------------------------------------------------------------------
+    def attach(self, nc: NATS) -> None:
+        self._nc = nc
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def _publish_forever(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                await self._drain(nc)
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS or the stream away: keep the rows, retry
+                log.info("relay.publish_retry: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wakeup.set()
+
+    async def _drain(self, nc: NATS) -> None:
+        js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        while rows := self.store.outbox_peek(BATCH):
+            futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+                       for _, subject, msg_id, data in rows]
+            try:
+                await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
+            finally:
+                for future in futures:
+                    if not future.done():
+                        future.cancel()
+            self.store.outbox_remove_through(rows[-1][0])
+            self.published += len(rows)
+
+    async def flush(self, nc: NATS, timeout: float) -> None:
+        await asyncio.wait_for(self._drain(nc), timeout)

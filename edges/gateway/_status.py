@@ -1,0 +1,195 @@
+"""What a Gateway tells the hub about itself: heartbeats, capabilities, metadata sync.
+
+`GatewayStatus` is one part of `GatewayAgent` (edges/gateway/_agent.py):
+
+- heartbeats (liveness, mode, health, load, versions) are requests, and the
+  hub's reply carries the registration's state: the agent claims only while it
+  is `active`, and a revoked or retired registration stops the agent for good;
+- capabilities are advertised on every (re)connect;
+- external-workspace metadata (health, redacted session metadata) is synced
+  within the registration's sync scopes, never the sessions of Cloud-owned
+  work: the two lanes stay apart.
+
+It relies on the agent for `store`, `gateway`, `opencode`, `events`, `runners`,
+`state`, `drain_deadline`, the intervals and `max_concurrent_work`, and for
+`request()`, `can_claim`, `_want_claim()` and `_fail()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from schemas import (
+    AckReply,
+    GatewayCapabilities,
+    GatewayHeartbeat,
+    GatewayHeartbeatReply,
+    GatewaySync,
+    subjects,
+)
+from schemas import CredentialScope, SyncScope
+
+from ._bus import TERMINAL_CODES, Refused
+from ._claims import WORK_KINDS
+from ._registration import version_set
+from ._work import TransientBusError
+from ..common import OpenCodeError
+from ..common import redact_text
+
+log = logging.getLogger("cowork.edge.gateway")
+
+TERMINAL_STATES = ("revoked", "retired")
+# The modes a heartbeat may report; any other state is reported as "active".
+_WORKER_STATES = frozenset({"pending", "active", "draining", "paused", "unhealthy", "retired",
+                            "revoked"})
+MAX_SYNC_ITEMS = 1000
+
+
+class GatewayStatus:
+    # --- heartbeats and capabilities ---------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self._heartbeat()
+            except (Refused, TransientBusError) as exc:
+                log.info("gateway.heartbeat_failed: %s", exc)
+            except Exception:  # a bug must not silence the heartbeat for good
+                log.exception("gateway.heartbeat_broke")
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _heartbeat(self, liveness: str = "alive") -> None:
+        await self._check_opencode()
+        mode = "draining" if liveness == "stopping" else self.state
+        beat = GatewayHeartbeat(
+            liveness=liveness, mode=mode if mode in _WORKER_STATES else "active",
+            health=self._health, current_load=len(self.runners),
+            active_work_ids=sorted(self.runners)[:1024],
+            heartbeat_sequence=self.store.next_heartbeat_sequence(int(time.time() * 1000)),
+            interval_seconds=self.heartbeat_interval,
+            last_error=self._last_error[:16_000] if self._last_error else None,
+            versions=version_set(self._opencode_version) if self._opencode_version else None)
+        subject = subjects.GATEWAY_HEARTBEAT.build(tenant=self.tenant,
+                                                   registration_id=self.registration_id)
+        try:
+            reply = await self.request(subject, beat, GatewayHeartbeatReply)
+        except Refused as exc:
+            if exc.code in TERMINAL_CODES:
+                self._terminal(exc)
+            raise
+        self._apply_state(reply)
+
+    async def _check_opencode(self) -> None:
+        try:
+            health = await self.opencode.health()
+        except OpenCodeError as exc:
+            self._health, self._last_error = "unhealthy", redact_text(f"OpenCode: {exc}")
+            return
+        version = health.get("version") if isinstance(health, dict) else None
+        self._opencode_version = str(version) if version else self._opencode_version
+        healthy = isinstance(health, dict) and health.get("healthy") is True
+        self._health = "healthy" if healthy and self.events.connected else "degraded"
+        if self._health == "healthy":
+            self._last_error = None
+
+    def _apply_state(self, reply: GatewayHeartbeatReply) -> None:
+        state, before = reply.state.value, self.state
+        self.state, self.drain_deadline = state, reply.drain_deadline
+        if state == before:
+            return
+        self.gateway.state = state
+        self.store.save(self.gateway)
+        self.store.audit("gateway.state", state=state, previous=before, reason=reply.reason)
+        log.info("gateway.state %s -> %s (%s)", before, state, reply.reason or "")
+        if state in TERMINAL_STATES:
+            self._terminal(Refused(f"gateway.{state}", reply.reason or state))
+        elif state == "active":
+            self._want_claim()
+
+    def _terminal(self, exc: Refused) -> None:
+        self.gateway.revoked = True
+        self.gateway.revoked_at = datetime.now(timezone.utc).isoformat()
+        self.gateway.revoke_reason = exc.reason[:512]
+        self.gateway.state = exc.code.removeprefix("gateway.")
+        self.store.save(self.gateway)
+        self.store.audit("gateway.registration.revoked", code=exc.code, reason=exc.reason)
+        self._fail(f"the hub reports this registration as {self.gateway.state} "
+                   f"({exc.reason}); register again with a new credential")
+
+    async def _send_capabilities(self) -> None:
+        claims = self.can_claim
+        caps = GatewayCapabilities(
+            capabilities={"opencode": "supported", "prompt": "supported" if claims else
+                          "not_supported", "host_paths": "not_supported",
+                          "local_stdio_mcps": "not_supported"},
+            max_concurrent_work=self.max_concurrent_work if claims else 0,
+            work_kinds=list(WORK_KINDS) if claims else [])
+        await self.request(subjects.GATEWAY_CAPABILITIES.build(
+            tenant=self.tenant, registration_id=self.registration_id), caps, AckReply)
+
+    # --- metadata sync (external-workspace lane) ----------------------------------------------
+    def _sync_scopes(self) -> list[str]:
+        if CredentialScope.METADATA_SYNC.value not in self.gateway.scopes:
+            return []
+        wanted = (SyncScope.HEALTH.value, SyncScope.REDACTED_SESSION_METADATA.value)
+        return [s for s in wanted if s in self.gateway.sync_scopes]
+
+    async def _syncs(self) -> None:
+        scopes = self._sync_scopes()
+        if not scopes:
+            return
+        while True:
+            if self.state not in ("draining", *TERMINAL_STATES):  # drain stops syncs
+                for scope in scopes:
+                    try:
+                        await self.sync_once(scope)
+                    except (Refused, TransientBusError, OpenCodeError) as exc:
+                        log.info("gateway.sync_failed scope=%s: %s", scope, exc)
+                    except Exception:  # a bug must not end the sync loop
+                        log.exception("gateway.sync_broke scope=%s", scope)
+            await asyncio.sleep(self.sync_interval)
+
+    async def sync_once(self, scope: str) -> None:
+        items = await (self._health_items() if scope == SyncScope.HEALTH.value
+                       else self._session_items())
+        sync = GatewaySync(scope=scope, items=items[:MAX_SYNC_ITEMS])
+        try:
+            await self.request(subjects.GATEWAY_SYNC.build(
+                tenant=self.tenant, registration_id=self.registration_id, scope=scope),
+                sync, AckReply)
+        except Refused as exc:
+            self.store.audit("gateway.sync_refused", scope=scope, code=exc.code,
+                             reason=exc.reason)
+            raise
+
+    async def _health_items(self) -> list[dict[str, Any]]:
+        await self._check_opencode()
+        return [{"opencode": self._health, "opencodeVersion": self._opencode_version,
+                 "currentLoad": len(self.runners), "maxConcurrentWork": self.max_concurrent_work,
+                 "checkedAt": datetime.now(timezone.utc).isoformat()}]
+
+    async def _session_items(self) -> list[dict[str, Any]]:
+        """OpenCode sessions as {externalId, title, updatedAt}: nothing else leaves, and
+        never the sessions of Cloud-owned work (the two lanes stay apart)."""
+        sessions = await self.opencode.list_sessions(limit=MAX_SYNC_ITEMS)
+        work = self.store.work_session_ids()
+        items = []
+        for session in sessions or []:
+            if not isinstance(session, dict) or session.get("id") in work:
+                continue
+            if session.get("parentID"):  # sub-agent sessions are part of their parent
+                continue
+            updated = (session.get("time") or {}).get("updated")
+            items.append({"externalId": str(session.get("id"))[:128],
+                          "title": redact_text(str(session.get("title") or ""))[:512],
+                          "updatedAt": _iso_millis(updated)})
+        return items
+
+
+def _iso_millis(value: Any) -> str | None:
+    if not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return datetime.fromtimestamp(value / 1000, tz=timezone.utc).isoformat()

@@ -1,0 +1,227 @@
+"""Admin API for channel instances, and the webhook routes platforms call.
+
+    POST   /api/v1/tenants/{t}/channel-instances                 -> 201 instance
+    GET    /api/v1/tenants/{t}/channel-instances                 -> {items: [...]}
+    GET    /api/v1/tenants/{t}/channel-instances/{instanceId}    (with health)
+    PATCH  /api/v1/tenants/{t}/channel-instances/{instanceId}    -> instance (revision + 1)
+    DELETE /api/v1/tenants/{t}/channel-instances/{instanceId}    -> 204
+    POST   /api/v1/tenants/{t}/channel-instances/{instanceId}/credentials {publicKey}
+           -> 201 {userJwt, expiresAt, inboxPrefix, consumer}: for a process that holds
+           its own key (`cowork channel cli --creds`), bound to the instance's workspace
+    GET|POST /webhooks/{instanceId}      (no admin bearer: the provider verifies)
+
+Secrets are write-only: a view lists secret names, never values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import Field, field_validator
+
+from channels import UnknownProvider, provider_class
+from schemas import NkeyPublic, TokenId, WireModel, subjects
+
+from ._store import INSTANCE_ID, ChannelInstanceError
+from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal_response, \
+    tenant_param
+
+BASE = "/api/v1/tenants/{tenant}/channel-instances"
+ACTOR = "admin"
+
+Agent = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def _display_name(value: str | None) -> str | None:
+    if value is not None and len(value.encode()) > 512:
+        raise ValueError("at most 512 bytes")
+    return value
+
+
+class CreateInstance(WireModel):
+    instance_id: str = Field(pattern=INSTANCE_ID.pattern)
+    kind: str = Field(min_length=1, max_length=64)
+    workspace_id: TokenId
+    authority: Literal["desktop_paired", "cloud_worker"] = "desktop_paired"
+    display_name: str = ""
+    default_agent: Agent | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+    secrets: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+
+    _name = field_validator("display_name")(_display_name)
+
+
+class UpdateInstance(WireModel):
+    """Only the fields sent change; `settings` is replaced whole, `secrets` key by key
+    (a null value removes an optional secret)."""
+
+    display_name: str | None = None
+    workspace_id: TokenId | None = None
+    authority: Literal["desktop_paired", "cloud_worker"] | None = None
+    default_agent: Agent | None = None
+    settings: dict[str, Any] | None = None
+    secrets: dict[str, Any | None] | None = None
+    enabled: bool | None = None
+
+    _name = field_validator("display_name")(_display_name)
+
+
+class IssueCredential(WireModel):
+    public_key: NkeyPublic
+    ttl_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] | None = None
+
+
+NOT_NULL = ("workspace_id", "authority", "enabled")
+
+
+def capabilities_json(caps: Any) -> dict[str, Any] | None:
+    if caps is None:
+        return None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(caps):
+        value = getattr(caps, f.name)
+        if dataclasses.is_dataclass(value):
+            value = {_camel(k): v for k, v in dataclasses.asdict(value).items()}
+        elif isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        out[_camel(f.name)] = value
+    return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def instance_json(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
+    service = request.app[HUB_KEY].channels
+    try:
+        caps = provider_class(row["kind"]).capabilities
+    except UnknownProvider:  # a row from a newer hub version: show it anyway
+        caps = None
+    return {
+        "instanceId": row["instance_id"], "tenant": row["tenant"], "kind": row["kind"],
+        "displayName": row["display_name"], "workspaceId": row["workspace_id"],
+        "authority": row["authority"], "defaultAgent": row["default_agent"],
+        "settings": row["settings"], "secretNames": list(row["secret_names"]),
+        "enabled": row["enabled"], "revision": row["revision"],
+        "webhookPath": f"/webhooks/{row['instance_id']}",
+        "capabilities": capabilities_json(caps),
+        "health": service.health(row["instance_id"]),
+        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+    }
+
+
+def _instance_id(request: web.Request) -> str:
+    value = request.match_info["instance_id"]
+    if not INSTANCE_ID.match(value):
+        raise web.HTTPBadRequest(
+            text="instance id must match ^[a-z][a-z0-9_-]{0,63}$")
+    return value
+
+
+async def create_instance(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    body = await json_body(request, CreateInstance)
+    try:
+        row = await request.app[HUB_KEY].channels.create(tenant, body.model_dump(), actor=ACTOR)
+    except ChannelInstanceError as exc:
+        return refusal_response(exc)
+    return web.json_response(instance_json(request, row), status=201)
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    rows = await request.app[HUB_KEY].channels.list(tenant)
+    return web.json_response({"items": [instance_json(request, r) for r in rows]})
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    try:
+        row = await request.app[HUB_KEY].channels.get(tenant, instance_id)
+    except ChannelInstanceError as exc:
+        return refusal_response(exc)
+    return web.json_response(instance_json(request, row))
+
+
+async def update_instance(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    body = await json_body(request, UpdateInstance)
+    patch = {name: getattr(body, name) for name in body.model_fields_set}
+    for name in NOT_NULL:
+        if name in patch and patch[name] is None:
+            return json_error(422, "invalid_request", f"{_camel(name)} may not be null")
+    try:
+        row = await request.app[HUB_KEY].channels.update(tenant, instance_id, patch, actor=ACTOR)
+    except ChannelInstanceError as exc:
+        return refusal_response(exc)
+    return web.json_response(instance_json(request, row))
+
+
+async def delete_instance(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    try:
+        await request.app[HUB_KEY].channels.delete(tenant, instance_id, actor=ACTOR)
+    except ChannelInstanceError as exc:
+        return refusal_response(exc)
+    return web.Response(status=204)
+
+
+async def webhook(request: web.Request) -> web.StreamResponse:
+    """A platform's call: only to an instance that exists and is enabled; the
+    runtime verifies, caps the body, rate-limits and answers."""
+    hub = request.app[HUB_KEY]
+    instance_id = request.match_info["instance_id"]
+    entry = hub.channels.instance(instance_id) if INSTANCE_ID.match(instance_id) else None
+    metrics = hub.metrics
+    if entry is None or not entry["enabled"]:
+        # The path is the caller's: an unknown id never becomes a label of its own.
+        metrics.webhook_answered("unknown", 404)
+        return json_error(404, "channel.unknown_instance",
+                          "no channel instance accepts webhooks at this address")
+    # The runtime streams the body under its own cap (channel_body_limit_bytes, a 413
+    # JSON answer); the app's 1 MiB client_max_size only applies to request.read().
+    try:
+        response = await hub.channels.runtime.handle_webhook(request)
+    except web.HTTPException as exc:
+        metrics.webhook_answered(instance_id, exc.status)
+        raise
+    except Exception:
+        metrics.webhook_answered(instance_id, 500)
+        raise
+    metrics.webhook_answered(instance_id, response.status)
+    return response
+
+
+async def issue_credential(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    body = await json_body(request, IssueCredential)
+    ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
+    try:
+        issued = await request.app[HUB_KEY].channels.issue_credential(
+            tenant, instance_id, body.public_key, ttl=ttl, actor=ACTOR)
+    except ChannelInstanceError as exc:
+        return refusal_response(exc)
+    return web.json_response({
+        "userJwt": issued.user_jwt, "expiresAt": iso(issued.expires_at),
+        "inboxPrefix": subjects.inbox_prefix(tenant, "channel", instance_id),
+        "consumer": subjects.edge_consumer("channel", instance_id)}, status=201)
+
+
+def add_routes(app: web.Application) -> None:
+    add_route_table(app, BASE, [
+        ("POST", "", create_instance),
+        ("GET", "", list_instances),
+        ("GET", "/{instance_id}", get_instance),
+        ("PATCH", "/{instance_id}", update_instance),
+        ("DELETE", "/{instance_id}", delete_instance),
+        ("POST", "/{instance_id}/credentials", issue_credential),
+    ])
+    app.router.add_route("GET", "/webhooks/{instance_id}", webhook)
+    app.router.add_route("POST", "/webhooks/{instance_id}", webhook)

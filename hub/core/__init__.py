@@ -1,0 +1,21 @@
+"""Foundation every room stands on: the database and its migrations, streams and
+consumers, background loops, dead letters, the audit log, metrics, logging,
+settings, the refusal type and the rate limiter.
+"""
+
+from __future__ import annotations
+
+from ._audit import AuditLog
+from ._audit_ingest import AuditIngest
+from ._background import BackgroundTask, every, pull_forever
+from ._deadletter import DeadLetters, Rejected, parse_and_decode
+from ._logging import configure_logging, kv
+from ._metrics import HubMetrics
+from ._rate_limit import RateLimiter
+from ._refusals import ack_refusal
+from ._settings import HubSettings
+from ._streams import hub_consumer
+from . import _db as db
+from . import _streams as streams
+
+__all__ = ['AuditIngest', 'AuditLog', 'BackgroundTask', 'DeadLetters', 'HubMetrics', 'HubSettings', 'RateLimiter', 'Rejected', 'ack_refusal', 'configure_logging', 'db', 'every', 'hub_consumer', 'kv', 'parse_and_decode', 'pull_forever', 'streams']

@@ -1,0 +1,195 @@
+"""Every JetStream stream, KV bucket and hub-owned durable consumer, declared
+from one place.
+
+Stream subjects come from the taxonomy (`schemas.subjects.streams()`); only the
+retention policy of each stream is decided here. Declaring is idempotent and
+safe when several hubs start at once: an existing stream is updated to this
+configuration, a concurrent creation is treated as success.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from schemas import subjects
+
+from ._logging import kv
+
+log = logging.getLogger("cowork.hub.streams")
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    retention: RetentionPolicy
+    max_age_seconds: float
+    duplicate_window_seconds: float = 120.0
+    max_msg_size: int = 1024 * 1024
+
+
+# Why each: outbound deliveries are a work queue (a message leaves
+# the stream once its one consumer acks it); events, inbound, receipts, audit
+# and dead letters are kept for replay and inspection.
+POLICIES: dict[str, StreamPolicy] = {
+    "CW_DEVICE_EVENTS": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY),
+    "CW_CHANNEL_INBOUND": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY, 600.0),
+    "CW_CHANNEL_OUTBOUND": StreamPolicy(RetentionPolicy.WORK_QUEUE, 2 * DAY),
+    "CW_CHANNEL_RECEIPTS": StreamPolicy(RetentionPolicy.LIMITS, 7 * DAY),
+    "CW_AUDIT": StreamPolicy(RetentionPolicy.LIMITS, 30 * DAY),
+    "CW_DEADLETTER": StreamPolicy(RetentionPolicy.LIMITS, 30 * DAY),
+}
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    max_age_seconds: float
+    history: int = 1
+    max_value_size: int = 1024 * 1024
+
+
+# KV buckets, each kept by JetStream in a stream named KV_<bucket>; declared with
+# the streams (and checked by readiness) because runtime code may not create them.
+# CW_CHANNEL_SENT: each channel instance's sent-ledger (channels/runtime/_sent_store.py),
+# so a delivery re-served after a restart is not sent twice; a redelivery never
+# comes later than the outbound stream keeps a delivery (2 days).
+KV_BUCKETS: dict[str, BucketPolicy] = {
+    "CW_CHANNEL_SENT": BucketPolicy(2 * DAY),
+}
+
+
+def bucket_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_seconds: float = 30.0
+    max_deliver: int = 10
+    max_ack_pending: int = 1000
+
+
+HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ConsumerSpec("CW_AUDIT", "hub-audit", subjects.AUDIT.filter()),
+    # Never gives up on an event (-1): a database outage only delays the projection.
+    ConsumerSpec("CW_DEVICE_EVENTS", "hub-projector", subjects.DEVICE_EVENT.filter(),
+                 max_deliver=-1, max_ack_pending=20_000),
+    # Accepted chat messages are never dropped: a database outage only delays them.
+    ConsumerSpec("CW_CHANNEL_INBOUND", "hub-channel-router", subjects.CHANNEL_INBOUND.filter(),
+                 max_deliver=-1, max_ack_pending=20_000),
+    ConsumerSpec("CW_CHANNEL_RECEIPTS", "hub-channel-receipts",
+                 subjects.CHANNEL_RECEIPT.filter(), max_deliver=-1, max_ack_pending=20_000),
+)
+
+
+def hub_consumer(durable: str) -> ConsumerSpec:
+    """The spec of one hub consumer in the table above, by durable name."""
+    return next(spec for spec in HUB_CONSUMERS if spec.durable == durable)
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    declared = subjects.streams()
+    missing = set(declared) ^ set(POLICIES)
+    if missing:  # a family names a stream without a policy, or the reverse
+        raise RuntimeError(f"stream policy table out of step with the taxonomy: {sorted(missing)}")
+    return [
+        StreamConfig(
+            name=name,
+            subjects=list(subject_filters),
+            retention=POLICIES[name].retention,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=POLICIES[name].max_age_seconds,
+            duplicate_window=POLICIES[name].duplicate_window_seconds,
+            max_msg_size=POLICIES[name].max_msg_size,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+        )
+        for name, subject_filters in sorted(declared.items())
+    ]
+
+
+def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
+    """The streams behind KV_BUCKETS, configured as nats-py's create_key_value does
+    (subjects $KV.<bucket>.>, one value per key, rollups, no deletes of the
+    stream's messages by API) plus direct gets, which the instances read with."""
+    return [
+        StreamConfig(
+            name=bucket_stream(bucket),
+            subjects=[f"$KV.{bucket}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=policy.max_age_seconds,
+            max_msgs_per_subject=policy.history,
+            max_msg_size=policy.max_value_size,
+            max_msgs=-1,
+            max_consumers=-1,
+            duplicate_window=min(120.0, policy.max_age_seconds),
+            discard=DiscardPolicy.NEW,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+        )
+        for bucket, policy in sorted(KV_BUCKETS.items())
+    ]
+
+
+def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_seconds,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+    )
+
+
+async def declare(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update every stream and hub consumer to the configuration above."""
+    for config in stream_configs(replicas) + bucket_configs(replicas):
+        await _declare_stream(js, config)
+    for spec in HUB_CONSUMERS:
+        await js.add_consumer(spec.stream, consumer_config(spec))
+
+
+async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("stream.created", **kv(stream=config.name, subjects=config.subjects))
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # 10058: name in use: another hub won the race
+                raise
+    await js.update_stream(config)
+
+
+async def missing_streams(js: JetStreamContext) -> list[str]:
+    missing = []
+    for name in sorted(POLICIES) + [bucket_stream(b) for b in sorted(KV_BUCKETS)]:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    return missing

@@ -1,0 +1,13 @@
+"""Paired Desktops: pairings and redemption, durable commands with leases,
+presence, and their HTTP routes.
+"""
+
+from __future__ import annotations
+
+from ._bootstrap import PairingRedemption
+from ._commands import CommandService, body_hash
+from ._pairing import PairingError, PairingService
+from ._presence import DesktopPresence
+from ._routes import add_routes
+
+__all__ = ['CommandService', 'DesktopPresence', 'PairingError', 'PairingRedemption', 'PairingService', 'add_routes', 'body_hash']

@@ -1,0 +1,103 @@
+"""Desktop presence: heartbeats in, online/offline transitions out.
+
+A Desktop heartbeats on `cw.<t>.presence.desktop.<id>` (core NATS). The first
+heartbeat after an absence marks the pairing `paired_online`, audits
+`pairing.connected`, pushes it its pairing state and then its queued commands.
+A sweep marks pairings `paired_offline` once two heartbeat intervals pass
+without one (or at once on a heartbeat saying `offline`), audited
+`pairing.offline`. Transitions are conditional UPDATEs, so replicas agree on
+who audits them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from nats.aio.msg import Msg
+
+from schemas import AuditRecord, ContractError, PresenceHeartbeat, decode, subjects
+
+from ..core import AuditLog
+from ..core import BackgroundTask, every
+from ..core import kv
+from ..core import HubMetrics
+
+log = logging.getLogger("cowork.hub.presence")
+
+
+class DesktopPresence:
+    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, metrics: HubMetrics, *,
+                 on_online: Any, sweep_interval: float = 0.5) -> None:
+        self._pool, self._audit, self._metrics = pool, audit, metrics
+        self._on_online = on_online  # async (tenant, pairing row) -> None
+        self._sweeper = BackgroundTask("presence-sweep", lambda: every(
+            sweep_interval, self.sweep_once, log, "presence.sweep_failed"))
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    async def stop(self) -> None:
+        await self._sweeper.stop()
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            where = subjects.PRESENCE.parse(msg.subject)
+            env = decode(msg.data, PresenceHeartbeat)
+        except (ContractError, subjects.SubjectError) as exc:
+            log.warning("presence.invalid", **kv(subject=msg.subject, error=str(exc)))
+            return
+        beat = env.data
+        if (where["principal_kind"] != "desktop" or env.tenant != where["tenant"]
+                or beat.principal_id != where["principal_id"]):
+            return  # gateways and channels have their own presence handling
+        try:
+            await self.beat(where["tenant"], where["principal_id"], beat)
+        except Exception as exc:  # the database is away: the next heartbeat retries
+            log.warning("presence.update_failed", **kv(error=str(exc)))
+
+    async def beat(self, tenant: str, pairing_id: str, beat: PresenceHeartbeat) -> None:
+        if beat.status == "offline":
+            await self._mark_offline(tenant, pairing_id, reason="desktop said goodbye")
+            return
+        row = await self._pool.fetchrow(
+            """UPDATE pairings SET last_heartbeat_at = now(), heartbeat_interval = $3,
+                   status = 'paired_online',
+                   last_connected_at = CASE WHEN status = 'paired_online' THEN last_connected_at
+                                            ELSE now() END
+               WHERE tenant = $1 AND pairing_id = $2 AND enabled
+                 AND status IN ('paired_online', 'paired_offline', 'error')
+               RETURNING *, (last_connected_at = now()) AS came_online""",
+            tenant, pairing_id, beat.interval_seconds)
+        if row is None or not row["came_online"]:
+            return
+        await self._record(tenant, pairing_id, "pairing.connected")
+        log.info("pairing.online", **kv(tenant=tenant, pairing=pairing_id))
+        await self._on_online(tenant, dict(row))
+
+    async def _mark_offline(self, tenant: str, pairing_id: str, reason: str) -> None:
+        row = await self._pool.fetchrow(
+            "UPDATE pairings SET status = 'paired_offline' WHERE tenant = $1 AND "
+            "pairing_id = $2 AND status = 'paired_online' RETURNING pairing_id",
+            tenant, pairing_id)
+        if row is not None:
+            await self._record(tenant, pairing_id, "pairing.offline", reason=reason)
+
+    async def sweep_once(self) -> int:
+        rows = await self._pool.fetch(
+            """UPDATE pairings SET status = 'paired_offline'
+               WHERE status = 'paired_online'
+                 AND last_heartbeat_at < now() - make_interval(
+                       secs => 2 * coalesce(heartbeat_interval, 15))
+               RETURNING tenant, pairing_id""")
+        for r in rows:
+            await self._record(r["tenant"], r["pairing_id"], "pairing.offline",
+                               reason="no heartbeat for two intervals")
+        return len(rows)
+
+    async def _record(self, tenant: str, pairing_id: str, action: str,
+                      reason: str | None = None) -> None:
+        await self._audit.record(AuditRecord(
+            action=action, actor_kind="hub", actor_id="presence", target_kind="pairing",
+            target_id=pairing_id, reason=reason), tenant=tenant)

@@ -1,0 +1,243 @@
+"""Admin API for Desktop pairings and their commands.
+
+    POST   /api/v1/tenants/{t}/pairings                      -> {pairingId, code, expiresAt}
+    GET    /api/v1/tenants/{t}/pairings[/{id}]               (never a secret)
+    PATCH  /api/v1/tenants/{t}/pairings/{id}                 policy, allowlists, enabled, label
+    POST   /api/v1/tenants/{t}/pairings/{id}/revoke
+    POST   /api/v1/tenants/{t}/pairings/{id}/commands        -> {commandId, sequence}
+    GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import Field, ValidationError
+
+from schemas import (
+    AllowList,
+    CommandKind,
+    PairingPolicy,
+    TokenId,
+    WireModel,
+    command_payload,
+)
+
+from ..http import (
+    HUB_KEY,
+    add_route_table,
+    int_query,
+    invalid,
+    iso,
+    json_body,
+    json_error,
+    path_token,
+    refusal_response,
+    tenant_param,
+)
+from ._pairing import PairingError
+
+Label = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class CreatePairing(WireModel):
+    label: Label
+    allowed_workspace_ids: list[TokenId] = Field(default_factory=list, max_length=127)
+    allowed_session_ids: AllowList | None = None
+    policy: PairingPolicy = Field(default_factory=PairingPolicy)
+    code_ttl_seconds: int = Field(default=600, ge=60, le=3600)
+
+
+class PolicyPatch(WireModel):
+    allow_remote_prompts: bool | None = None
+    allow_remote_abort: bool | None = None
+    remote_approvals: str | None = None
+    remote_questions: str | None = None
+    expose_artifact_bodies: bool | None = None
+    expose_local_paths: bool | None = None
+    expose_local_mcp_details: bool | None = None
+    allow_remote_attachments: bool | None = None
+
+
+class UpdatePairing(WireModel):
+    label: Label | None = None
+    enabled: bool | None = None
+    allowed_workspace_ids: list[TokenId] | None = Field(default=None, max_length=127)
+    allowed_session_ids: AllowList | None = None
+    policy: PolicyPatch | None = None
+
+
+class SubmitCommand(WireModel):
+    id: TokenId | None = Field(default=None, description="Idempotency: resubmitting is a no-op")
+    kind: CommandKind
+    workspace_id: TokenId = "local"
+    session_id: TokenId | None = None
+    payload: dict[str, Any] | None = None
+    actor_id: Annotated[str, Field(max_length=512)] | None = None
+    actor_label: Annotated[str, Field(max_length=512)] | None = None
+
+
+class RevokePairing(WireModel):
+    reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
+
+
+def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
+    return path_token(request, name)
+
+
+def pairing_json(row: dict) -> dict:
+    """A pairing as the contract names it; no code, hash or credential."""
+    return {
+        "id": row["pairing_id"], "label": row["label"], "deviceName": row["device_name"],
+        "status": row["status"], "enabled": row["enabled"],
+        "online": row["status"] == "paired_online",
+        "allowedWorkspaceIds": list(row["allowed_workspace_ids"]),
+        "allowedSessionIds": (list(row["allowed_session_ids"])
+                              if row["allowed_session_ids"] is not None else None),
+        "policy": row["policy"],
+        "revision": row["revision"], "redeemed": row["redeemed_at"] is not None,
+        "codeExpiresAt": iso(row["code_expires_at"]) if row["redeemed_at"] is None else None,
+        "heartbeatIntervalSeconds": row["heartbeat_interval"],
+        "lastConnectedAt": iso(row["last_connected_at"]),
+        "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
+        "lastCommandSequence": row["last_command_sequence"], "error": row["error"],
+        "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
+        "revokedAt": iso(row["revoked_at"]), "revokeReason": row["revoke_reason"],
+    }
+
+
+def command_json(row: dict) -> dict:
+    return {
+        "commandId": row["command_id"], "pairingId": row["pairing_id"],
+        "sequence": row["sequence"], "kind": row["kind"], "workspaceId": row["workspace_id"],
+        "sessionId": row["session_id"], "state": row["state"],
+        "status": row["result_status"] or ("queued" if row["state"] == "queued" else "delivered"),
+        "result": row["result"],
+        "attempts": row["attempts"], "createdAt": iso(row["created_at"]),
+        "completedAt": iso(row["completed_at"]),
+    }
+
+
+async def create_pairing(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant = tenant_param(request)
+    body = await json_body(request, CreatePairing)
+    if hub.credentials is None:
+        return json_error(503, "pairing_unavailable",
+                          "pairing needs bus credentials (run the hub with COWORK_KEYS_DIR)")
+    row, code = await hub.pairings.create(
+        tenant, label=body.label, allowed_workspace_ids=body.allowed_workspace_ids,
+        allowed_session_ids=body.allowed_session_ids, policy=body.policy, actor="admin",
+        code_ttl=timedelta(seconds=body.code_ttl_seconds))
+    return web.json_response({"pairingId": row["pairing_id"], "code": code,
+                              "expiresAt": row["code_expires_at"].isoformat()}, status=201)
+
+
+async def list_pairings(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    rows = await hub.pairings.list(tenant_param(request), int_query(request, "limit", 100, 1, 1000))
+    return web.json_response({"items": [pairing_json(r) for r in rows]})
+
+
+async def get_pairing(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    try:
+        row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
+    except PairingError as exc:
+        return refusal_response(exc)
+    return web.json_response(pairing_json(row))
+
+
+async def update_pairing(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    body = await json_body(request, UpdatePairing)
+    changes = body.model_dump(exclude_unset=True)
+    if "policy" in changes:
+        changes["policy"] = {k: v for k, v in changes["policy"].items() if v is not None}
+        try:  # validate the decisions against the vocabulary now, with a clear message
+            PairingPolicy.model_validate(changes["policy"])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise invalid(f"policy.{first['loc'][0]}: {first['msg']}") from None
+    if not changes:
+        raise invalid("nothing to change")
+    try:
+        row = await hub.pairings.update(tenant_param(request), _pairing_id(request), changes,
+                                        actor="admin")
+    except PairingError as exc:
+        return refusal_response(exc)
+    return web.json_response(pairing_json(row))
+
+
+async def revoke_pairing(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    body = await json_body(request, RevokePairing, optional=True)
+    try:
+        row = await hub.pairings.revoke(tenant_param(request), _pairing_id(request),
+                                        reason=body.reason, actor="admin")
+    except PairingError as exc:
+        return refusal_response(exc)
+    return web.json_response(pairing_json(row))
+
+
+async def submit_command(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant, pairing_id = tenant_param(request), _pairing_id(request)
+    body = await json_body(request, SubmitCommand)
+    try:
+        command_payload(body.kind.value, body.session_id, body.payload)
+    except (ValueError, ValidationError) as exc:
+        raise invalid(_first_error(exc)) from None
+    try:
+        pairing = await hub.pairings.get(tenant, pairing_id)
+        _check_allowlists(pairing, body)
+        fields = body.model_dump(exclude_none=True)
+        fields["kind"] = body.kind.value
+        outcome = await hub.commands.submit(tenant, pairing_id, fields)
+    except PairingError as exc:
+        return refusal_response(exc)
+    return web.json_response({"commandId": outcome["command_id"],
+                              "sequence": outcome["sequence"]},
+                             status=201 if outcome["created"] else 200)
+
+
+def _check_allowlists(pairing: dict, body: SubmitCommand) -> None:
+    if body.workspace_id not in pairing["allowed_workspace_ids"]:
+        raise PairingError(403, "pairing.workspace_not_allowed",
+                           f"workspace {body.workspace_id!r} is not allowlisted")
+    sessions = pairing["allowed_session_ids"]
+    if sessions is not None and body.session_id and body.session_id not in sessions:
+        raise PairingError(403, "pairing.session_not_allowed",
+                           f"session {body.session_id!r} is not allowlisted")
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        return f"payload.{where}: {first['msg']}"
+    return str(exc)
+
+
+async def get_command(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    try:
+        row = await hub.commands.get(tenant_param(request), _pairing_id(request),
+                                     _pairing_id(request, "command_id"))
+    except PairingError as exc:
+        return refusal_response(exc)
+    return web.json_response(command_json(row))
+
+
+def add_routes(app: web.Application) -> None:
+    add_route_table(app, "/api/v1/tenants/{tenant}/pairings", [
+        ("POST", "", create_pairing),
+        ("GET", "", list_pairings),
+        ("GET", "/{pairing_id}", get_pairing),
+        ("PATCH", "/{pairing_id}", update_pairing),
+        ("POST", "/{pairing_id}/revoke", revoke_pairing),
+        ("POST", "/{pairing_id}/commands", submit_command),
+        ("GET", "/{pairing_id}/commands/{command_id}", get_command),
+    ])

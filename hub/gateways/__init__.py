@@ -1,0 +1,11 @@
+"""Standalone Team Gateways: registration and bootstrap, version policy,
+heartbeats, sync reports, sweeps, and their HTTP routes.
+"""
+
+from __future__ import annotations
+
+from ._bootstrap import GatewayBootstrap
+from ._service import GatewayRegistry
+from ._routes import add_routes
+
+__all__ = ['GatewayBootstrap', 'GatewayRegistry', 'add_routes']

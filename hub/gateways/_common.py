@@ -1,0 +1,109 @@
+"""What every part of the Gateway registry shares: the refusal type, the states
+that end a registration, and the audit writer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+from schemas import AckReply, AuditRecord
+from schemas import GatewayKind
+
+from ..core import AuditLog
+from ..core import kv
+from ..core import ack_refusal
+
+log = logging.getLogger("cowork.hub.gateways")
+
+DEFAULT_HEARTBEAT_INTERVAL = 5.0  # told to the Gateway at registration
+TERMINAL = ("revoked", "retired")
+EXTERNAL_KINDS = frozenset({GatewayKind.EXTERNAL_WORKSPACE,
+                            GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER})
+# A rate-limited Gateway is audited at most once per this many seconds: auditing
+# every refused beat would turn a flood into database writes, which the limit prevents.
+RATE_AUDIT_EVERY = 60.0
+
+
+class GatewayError(Exception):
+    """A request about a registration that must be refused; `status` is the HTTP
+    status for the admin API, `code` the machine-readable reason on both sides."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+    @classmethod
+    def not_found(cls, registration_id: str) -> "GatewayError":
+        return cls(404, "gateway.not_found", f"no gateway registration {registration_id!r}")
+
+    @classmethod
+    def pending(cls, detail: str = "") -> "GatewayError":
+        return cls(409, "gateway.pending", f"the registration has not registered yet{detail}")
+
+    def ack(self) -> AckReply:
+        return ack_refusal(self)
+
+
+def missing_or_ended(row: Any, registration_id: str, ended: str) -> GatewayError | None:
+    """Why nothing more may happen to this registration (None: it exists and has not
+    ended). `ended` is the message for a revoked or retired one; `{status}` names which."""
+    if row is None:
+        return GatewayError.not_found(registration_id)
+    if row["status"] in TERMINAL:
+        return GatewayError(409, f"gateway.{row['status']}", ended.format(status=row["status"]))
+    return None
+
+
+def refuse_unless_registered(row: Any, registration_id: str, ended: str) -> None:
+    """Raise unless the registration exists, has not ended and has registered."""
+    refusal = missing_or_ended(row, registration_id, ended)
+    if refusal is not None:
+        raise refusal
+    if row["status"] == "pending":
+        raise GatewayError.pending()
+
+
+class GatewayAudit:
+    """Audit records about registrations, and refused Gateway requests (rate-limit
+    refusals at most once per RATE_AUDIT_EVERY per registration)."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+        self._rate_audited: dict[tuple[str | None, str], float] = {}
+
+    async def record(self, conn: asyncpg.Connection | None, tenant: str | None, action: str,
+                     registration_id: str, actor: str, *, reason: str | None = None,
+                     metadata: dict | None = None, actor_kind: str | None = None,
+                     target_kind: str = "gateway_registration") -> None:
+        kind = actor_kind or ("hub" if actor == "hub" else "admin")
+        await self._audit.record(AuditRecord(
+            action=action, actor_kind=kind, actor_id=actor, target_kind=target_kind,
+            target_id=registration_id, reason=reason, metadata=metadata or {}),
+            tenant=tenant, conn=conn)
+
+    async def refusal(self, tenant: str | None, reg_id: str, operation: str,
+                      exc: GatewayError, **details: str) -> None:
+        """Audit a refused Gateway request; never raises (the refusal is still answered
+        when the database is away)."""
+        if exc.code == "rate_limited" and self._rate_audited_recently(tenant, reg_id):
+            return
+        action = "gateway.sync.refused" if operation == "sync" else "gateway.registration.refused"
+        metadata = {"operation": operation, "code": exc.code, **details}
+        try:
+            await self.record(None, tenant, action, reg_id, reg_id, actor_kind="gateway",
+                              reason=str(exc)[:2000], metadata=metadata)
+        except Exception as err:
+            log.warning("gateway.audit_failed", **kv(error=str(err)))
+
+    def _rate_audited_recently(self, tenant: str | None, reg_id: str) -> bool:
+        now, key = time.monotonic(), (tenant, reg_id)
+        if now - self._rate_audited.get(key, -RATE_AUDIT_EVERY) < RATE_AUDIT_EVERY:
+            return True
+        if len(self._rate_audited) > 10_000:  # bounded: forget all rather than grow
+            self._rate_audited.clear()
+        self._rate_audited[key] = now
+        return False

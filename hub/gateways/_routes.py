@@ -1,0 +1,223 @@
+"""Admin API for Gateway registrations.
+
+    POST /api/v1/tenants/{t}/gateway-registrations           -> {registrationId, credential, ...}
+    GET  /api/v1/tenants/{t}/gateway-registrations[/{id}]    (never a credential or its hash)
+    GET  /api/v1/tenants/{t}/gateway-registrations/{id}/sync/{scope}
+    POST /api/v1/tenants/{t}/gateway-registrations/{id}/rotate   -> {credential, ...}
+    POST /api/v1/tenants/{t}/gateway-registrations/{id}/revoke   {reason?}
+    POST /api/v1/tenants/{t}/gateway-registrations/{id}/drain    {deadlineSeconds}
+    POST /api/v1/tenants/{t}/gateway-registrations/{id}/resume
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated
+
+from aiohttp import web
+from pydantic import Field
+
+from schemas import TokenId, WireModel, check_token
+from schemas import GatewayKind, TrustModel
+
+from ._service import GatewayError
+from ..http import (
+    HUB_KEY,
+    add_route_table,
+    int_query,
+    iso,
+    json_body,
+    json_error,
+    path_token,
+    refusal_response,
+    tenant_param,
+)
+
+if TYPE_CHECKING:
+    from ._service import GatewayRegistry
+
+# (registry, tenant, registration id) -> the registration, as read or changed
+RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
+
+Label = Annotated[str, Field(min_length=1, max_length=512)]
+ScopeName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class CreateRegistration(WireModel):
+    display_name: Label
+    kind: GatewayKind
+    trust_model: TrustModel
+    scopes: list[ScopeName] | None = Field(default=None, max_length=16)
+    sync_scopes: list[ScopeName] | None = Field(default=None, max_length=32)
+    approved_credentials: list[TokenId] = Field(default_factory=list, max_length=64)
+    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
+
+
+class RotateRegistration(WireModel):
+    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
+
+
+class RevokeRegistration(WireModel):
+    reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
+
+
+class DrainRegistration(WireModel):
+    deadline_seconds: int = Field(ge=1, le=86_400)
+
+
+class Empty(WireModel):
+    pass
+
+
+def registration_json(row: dict, sync: dict | None = None) -> dict:
+    """A registration as the admin sees it: no credential, no hash, no key material
+    beyond the public key of its current bus credential."""
+    return {
+        "registrationId": row["registration_id"], "displayName": row["display_name"],
+        "kind": row["kind"], "trustModel": row["trust_model"],
+        "scopes": list(row["scopes"]), "syncScopes": list(row["sync_scopes"]),
+        "approvedCredentials": list(row["approved_credentials"]),
+        "status": row["status"], "statusReason": row["status_reason"],
+        "credentialExpiresAt": iso(row["credential_expires_at"]),
+        "credentialVersion": row["credential_version"], "publicKey": row["public_key"],
+        "versions": row["versions"], "capabilities": row["capabilities"],
+        "workKinds": list(row["work_kinds"]), "maxConcurrentWork": row["max_concurrent_work"],
+        "health": row["health"], "liveness": row["liveness"], "mode": row["mode"],
+        "currentLoad": row["current_load"], "activeWorkIds": list(row["active_work_ids"]),
+        "heartbeatSequence": row["heartbeat_sequence"] if row["heartbeat_sequence"] >= 0
+        else None,
+        "heartbeatsAccepted": row["heartbeats_accepted"],
+        "heartbeatIntervalSeconds": row["heartbeat_interval"],
+        "lastHeartbeatAt": iso(row["last_heartbeat_at"]), "lastError": row["last_error"],
+        "drainDeadline": iso(row["drain_deadline"]),
+        "registeredAt": iso(row["registered_at"]), "visible": row["visible"],
+        "sync": sync if sync is not None else {},
+        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]), "revokedAt": iso(row["revoked_at"]),
+        "revokeReason": row["revoke_reason"],
+    }
+
+
+def _registration_id(request: web.Request) -> str:
+    return path_token(request, "registration_id")
+
+
+async def _view(request: web.Request, row: dict) -> web.Response:
+    hub = request.app[HUB_KEY]
+    sync = await hub.gateways.sync_summary(row["tenant"], [row["registration_id"]])
+    return web.json_response(registration_json(row, sync[row["registration_id"]]))
+
+
+async def _registration_response(request: web.Request, call: RegistrationCall) -> web.Response:
+    """Run `call` on the registration the path names; answer with the registration it
+    returns, or with its refusal."""
+    registry = request.app[HUB_KEY].gateways
+    try:
+        row = await call(registry, tenant_param(request), _registration_id(request))
+    except GatewayError as exc:
+        return refusal_response(exc)
+    return await _view(request, row)
+
+
+async def create_registration(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant = tenant_param(request)
+    body = await json_body(request, CreateRegistration)
+    if hub.credentials is None:
+        return json_error(503, "gateway_registration_unavailable",
+                          "gateway registration needs bus credentials (run the hub with "
+                          "COWORK_KEYS_DIR)")
+    ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
+    try:
+        row, credential = await hub.gateways.create(
+            tenant, display_name=body.display_name, kind=body.kind.value,
+            trust_model=body.trust_model.value, scopes=body.scopes,
+            sync_scopes=body.sync_scopes, approved_credentials=body.approved_credentials,
+            credential_ttl=ttl, actor="admin")
+    except GatewayError as exc:
+        return refusal_response(exc)
+    return web.json_response({
+        "registrationId": row["registration_id"], "credential": credential,
+        "credentialExpiresAt": row["credential_expires_at"].isoformat(),
+        "kind": row["kind"], "trustModel": row["trust_model"],
+        "scopes": list(row["scopes"]), "syncScopes": list(row["sync_scopes"]),
+        "status": row["status"]}, status=201)
+
+
+async def list_registrations(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant = tenant_param(request)
+    rows = await hub.gateways.list(tenant, int_query(request, "limit", 100, 1, 1000))
+    sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])
+    return web.json_response({"items": [registration_json(r, sync[r["registration_id"]])
+                                        for r in rows]})
+
+
+async def get_registration(request: web.Request) -> web.Response:
+    return await _registration_response(request, lambda registry, tenant, reg_id:
+                                  registry.get(tenant, reg_id))
+
+
+async def get_sync(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    try:
+        scope = check_token(request.match_info["scope"], "scope")
+    except ValueError as exc:
+        return json_error(400, "invalid_request", str(exc))
+    try:
+        row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request),
+                                            scope)
+    except GatewayError as exc:
+        return refusal_response(exc)
+    return web.json_response({
+        "registrationId": row["registration_id"], "scope": row["scope"],
+        "items": row["items"], "itemCount": row["item_count"],
+        "cursor": row["cursor"], "updatedAt": iso(row["updated_at"])})
+
+
+async def rotate_registration(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    body = await json_body(request, RotateRegistration, optional=True)
+    ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
+    try:
+        row, credential = await hub.gateways.rotate(
+            tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl)
+    except GatewayError as exc:
+        return refusal_response(exc)
+    return web.json_response({"registrationId": row["registration_id"],
+                              "credential": credential,
+                              "credentialExpiresAt": row["credential_expires_at"].isoformat(),
+                              "credentialVersion": row["credential_version"]})
+
+
+async def revoke_registration(request: web.Request) -> web.Response:
+    body = await json_body(request, RevokeRegistration, optional=True)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.revoke(
+        tenant, reg_id, reason=body.reason, actor="admin"))
+
+
+async def drain_registration(request: web.Request) -> web.Response:
+    body = await json_body(request, DrainRegistration)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.drain(
+        tenant, reg_id, deadline_seconds=body.deadline_seconds, actor="admin"))
+
+
+async def resume_registration(request: web.Request) -> web.Response:
+    await json_body(request, Empty, optional=True)
+    return await _registration_response(request, lambda registry, tenant, reg_id: registry.resume(
+        tenant, reg_id, actor="admin"))
+
+
+def add_routes(app: web.Application) -> None:
+    one = "/{registration_id}"
+    add_route_table(app, "/api/v1/tenants/{tenant}/gateway-registrations", [
+        ("POST", "", create_registration),
+        ("GET", "", list_registrations),
+        ("GET", one, get_registration),
+        ("GET", one + "/sync/{scope}", get_sync),
+        ("POST", one + "/rotate", rotate_registration),
+        ("POST", one + "/revoke", revoke_registration),
+        ("POST", one + "/drain", drain_registration),
+        ("POST", one + "/resume", resume_registration),
+    ])

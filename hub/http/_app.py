@@ -1,0 +1,221 @@
+"""The hub's HTTP face (aiohttp): health, readiness, metrics and the admin API.
+
+Every error is a JSON body `{"error": {"code", "message"}}`; `/api/` routes need
+the admin bearer token, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from schemas import InvalidTokenError, WireModel, check_tenant, check_token
+
+from ..core import kv
+
+if TYPE_CHECKING:
+    from .._service import Hub
+
+log = logging.getLogger("cowork.hub.http")
+HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=WireModel)
+
+
+def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}},
+                             status=status, headers=headers or None)
+
+
+def refusal_response(exc: Any) -> web.Response:
+    """A service's refusal (an exception with `status` and `code`) as the JSON error."""
+    return json_error(exc.status, exc.code, str(exc))
+
+
+def invalid(message: str) -> web.HTTPUnprocessableEntity:
+    """A 422 whose body is the usual JSON error."""
+    return web.HTTPUnprocessableEntity(
+        text=json.dumps({"error": {"code": "invalid_request", "message": message}}),
+        content_type="application/json")
+
+
+async def json_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    """The request body validated as `model`; a 422 naming the first bad field.
+    With `optional`, no body (or an empty one) means the model's defaults."""
+    raw = await request.read() if request.can_read_body else b""
+    if optional and not raw.strip():
+        return model()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise invalid(f"{where}: {first['msg']}") from None
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def add_route_table(app: web.Application, base: str,
+                    routes: list[tuple[str, str, Handler]]) -> None:
+    """Add (method, path under `base`, handler) routes; through `add_get` and friends,
+    so a GET route answers HEAD too."""
+    for method, path, handler in routes:
+        getattr(app.router, f"add_{method.lower()}")(base + path, handler)
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+def hub_middleware(token_digest: bytes | None) -> Callable:
+    """The one middleware of the hub's app (one layer per request, not two: every
+    webhook request pays for each layer): `/api/` routes need the admin bearer;
+    every error becomes the JSON body; every answer is counted and timed."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            refusal = admin_refusal(request, token_digest) \
+                if request.path.startswith("/api/") else None
+            response = refusal or await handler(request)
+        except web.HTTPException as exc:
+            response = _http_exception_json(exc)
+        except Exception:
+            log.exception("http.unhandled_error", **kv(path=request.path,
+                                                        method=request.method))
+            response = json_error(500, "internal_error",
+                                  "the hub failed to handle this request; see its logs")
+        request.app[HUB_KEY].metrics.http_served(
+            request.method, _route_name(request), response.status,
+            time.perf_counter() - started)
+        return response
+
+    return middleware
+
+
+def _http_exception_json(exc: web.HTTPException) -> web.Response:
+    if exc.content_type == "application/json":  # already a JSON error body
+        return web.Response(status=exc.status, text=exc.text, content_type="application/json")
+    code = exc.reason.lower().replace(" ", "_")
+    return json_error(exc.status, code, exc.text or exc.reason,
+                      **{k: v for k, v in exc.headers.items()
+                         if k in ("Allow", "Retry-After", "WWW-Authenticate")})
+
+
+def admin_refusal(request: web.Request, token_digest: bytes | None) -> web.Response | None:
+    """None if the request carries the admin token; else the 401/503 answer."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
+    if token_digest is None:
+        return json_error(503, "admin_api_disabled",
+                          "no admin token is configured (COWORK_ADMIN_TOKEN)")
+    if scheme.lower() != "bearer" or not presented:
+        return json_error(401, "unauthenticated",
+                          "send the admin token as 'Authorization: Bearer <token>'", **challenge)
+    # Compare digests so the comparison time depends on neither length nor content.
+    digest = hashlib.sha256(presented.strip().encode()).digest()
+    if not hmac.compare_digest(digest, token_digest):
+        return json_error(401, "invalid_token", "the admin token is not valid", **challenge)
+    return None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    ready, checks = await hub.readiness()
+    body: dict = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if not ready:
+        body["reason"] = "; ".join(f"{name}: {c['detail']}" for name, c in checks.items()
+                                   if not c["ok"])
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    hub.refresh_gauges()
+    return web.Response(body=generate_latest(hub.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def tenant_param(request: web.Request) -> str:
+    try:
+        return check_tenant(request.match_info["tenant"])
+    except InvalidTokenError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def path_token(request: web.Request, name: str) -> str:
+    """A path parameter that must be a token id (400 otherwise)."""
+    try:
+        return check_token(request.match_info[name], name)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be between {lo} and {hi}")
+    return value
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    tenant = tenant_param(request)
+    limit = int_query(request, "limit", 100, 1, 1000)
+    rows = await hub.audit.recent(tenant, limit)
+    return web.json_response({"items": [_audit_json(r) for r in rows]})
+
+
+def _audit_json(row: dict) -> dict:
+    out = {_camel(k): v for k, v in row.items() if v is not None}
+    out["occurredAt"] = row["occurred_at"].isoformat()
+    return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def build_app(hub: Hub, admin_token: str | None,
+              route_tables: Iterable[Callable[[web.Application], None]] = ()) -> web.Application:
+    """The HTTP application: health, readiness, metrics and audit here; each room adds
+    its own routes through the `add_routes` of its public face."""
+    digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+    app = web.Application(
+        middlewares=[hub_middleware(digest)],
+        client_max_size=1024 * 1024,
+    )
+    app[HUB_KEY] = hub
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/tenants/{tenant}/audit", list_audit)
+    for add_routes in route_tables:
+        add_routes(app)
+    return app

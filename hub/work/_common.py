@@ -1,0 +1,54 @@
+"""What the edge-work modules share: the refusal type and the registration checks
+every Gateway request starts with (read under a row lock by the caller)."""
+
+from __future__ import annotations
+
+import hmac
+
+import asyncpg
+
+from schemas import EDGE_WORK_REFUSED_TRUST, CredentialScope, GatewayKind
+
+TERMINAL = ("revoked", "retired")
+EDGE_KINDS = (GatewayKind.EDGE_WORKER.value, GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER.value)
+
+
+class EdgeWorkError(Exception):
+    """A refused request: `code` for machines, the message for people. `status` is
+    the HTTP status (admin API); `retry_after` seconds when trying again may help."""
+
+    def __init__(self, code: str, message: str, *, status: int = 409,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.retry_after = code, status, retry_after
+
+
+def registration_refusal(reg: asyncpg.Record | None, scope: CredentialScope,
+                         operation: str) -> EdgeWorkError | None:
+    """Why this registration may not `operation` at all, whatever its state (None: it may)."""
+    if reg is None:
+        return EdgeWorkError("gateway.unknown", "no such gateway registration")
+    if reg["status"] in TERMINAL:
+        return EdgeWorkError(f"gateway.{reg['status']}",
+                             f"the registration is {reg['status']}: nothing is accepted from it")
+    if reg["kind"] not in EDGE_KINDS:
+        return EdgeWorkError("gateway.not_edge_worker",
+                             f"a {reg['kind']} registration does not run Cloud work")
+    if reg["trust_model"] in EDGE_WORK_REFUSED_TRUST:
+        return EdgeWorkError("gateway.trust_deferred",
+                             f"edge work is not allowed under trust model {reg['trust_model']}")
+    if scope.value not in reg["scopes"]:
+        code = {"claim": "gateway.no_claim_scope", "renew": "gateway.no_renew_scope"}.get(
+            operation, "gateway.no_write_scope")
+        return EdgeWorkError(code, f"the registration's credential lacks scope {scope.value}")
+    return None
+
+
+def check_holder(work: asyncpg.Record | None, reg_id: str, token: str, work_id: str) -> None:
+    """The caller must hold the current lease: same owner and, in constant time, token."""
+    if work is None:
+        raise EdgeWorkError("work.not_found", f"no work {work_id!r}")
+    current = (work["lease_token"] or "").encode()
+    same = hmac.compare_digest(current, token.encode())
+    if not same or work["owner"] != reg_id:
+        raise EdgeWorkError("work.stale_lease", "the lease token is not the current one")

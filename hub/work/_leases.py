@@ -1,0 +1,274 @@
+"""Claims and renewals of edge-work leases: each one statement on the happy path.
+
+A claim is one autocommitted statement (one round trip): it counts the
+registration's live leases, locks the registration row by a no-op UPDATE that
+only applies if the row is still the version its snapshot saw, picks the oldest
+matching queued item with `FOR UPDATE SKIP LOCKED` (concurrent claimers pass
+each other instead of queueing on a row), leases it, records the lease and
+audits it, all in that one transaction. Why the version check keeps the quota
+exact: every claim bumps the registration row in the transaction that leases,
+so a lease the snapshot cannot see (committed, or still in flight, after the
+snapshot was taken) implies a newer registration version, and the bump then
+matches nothing (PostgreSQL re-checks an UPDATE's condition against the newest
+version after waiting). The same holds for a revoke, drain or any other change.
+When the bump does not apply (contention, a refusal, an unknown registration),
+the claim falls back to the locking path: lock the registration row, decide
+eligibility in Python (each refusal keeps its code), then run the same
+statement in a new snapshot under that lock.
+
+A renewal is one UPDATE that holds the registration FOR SHARE (a revoke waits
+for it or is seen by it) and renews only a live lease of the caller whose token
+matches (compared as SHA-256 digests, so the comparison time says nothing about
+the token) and, while draining, never past the drain deadline. When it renews
+nothing, the locking path runs to say why (or renews, if a race was lost).
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+import asyncpg
+
+from schemas import SessionRef, WorkClaimReply, WorkClaimRequest, WorkRenew
+from schemas import EDGE_WORK_REFUSED_TRUST, CredentialScope
+
+from ..core import AuditLog
+from ._common import (
+    EDGE_KINDS,
+    EdgeWorkError,
+    check_holder,
+    registration_refusal,
+)
+
+# The claim's eligibility in SQL, from the same constants registration_refusal and
+# _claimable_kinds use (status 'active' implies not terminal). Only a claim that
+# passes it takes the one-statement path; any other goes the locking path, where
+# Python decides and names the refusal.
+_EDGE_KINDS = list(EDGE_KINDS)
+_REFUSED_TRUST = [str(getattr(t, "value", t)) for t in EDGE_WORK_REFUSED_TRUST]
+_CLAIM_SCOPE = CredentialScope.EDGE_CLAIM.value
+_RENEW_SCOPE = CredentialScope.EDGE_LEASE_RENEW.value
+# Renewable: neither terminal (revoked, retired) nor pending; draining only before its deadline.
+_RENEWABLE = ["active", "draining", "paused", "unhealthy"]
+
+
+class Leases:
+    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, seconds: float) -> None:
+        self._pool, self._audit, self.seconds = pool, audit, seconds
+
+    async def claim(self, tenant: str, reg_id: str,
+                    request: WorkClaimRequest) -> WorkClaimReply:
+        """A lease on one claimable item, `work_id: None` when there is none."""
+        args = (tenant, reg_id, list(request.work_kinds), request.work_id,
+                secrets.token_urlsafe(24), self.seconds, _EDGE_KINDS, _REFUSED_TRUST,
+                _CLAIM_SCOPE)
+        sql = _CLAIM_ONE_KIND if len(request.work_kinds) == 1 else _CLAIM_KINDS
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(sql, *args)
+            if row is None or not row["locked"]:
+                # Contended, refused or unknown: decide under the row lock.
+                async with conn.transaction():
+                    reg = await conn.fetchrow(_LOCK_REGISTRATION, tenant, reg_id)
+                    _claimable_kinds(reg, request)
+                    # A new statement, so a new snapshot: a lease committed by a claim
+                    # we waited for is counted, keeping the quota exact.
+                    row = await conn.fetchrow(sql, *args)
+                    if row is None or not row["locked"]:  # eligible by Python, not by SQL
+                        raise EdgeWorkError("hub.error", "the claim could not be decided")
+        if row["work_id"] is None:
+            if row["leased"] >= row["max_concurrent_work"]:
+                raise EdgeWorkError("gateway.over_quota",
+                                    f"{row['leased']} leases held, max_concurrent_work is "
+                                    f"{row['max_concurrent_work']}")
+            return WorkClaimReply()
+        return WorkClaimReply(
+            work_id=row["work_id"], kind=row["kind"], lease_token=row["lease_token"],
+            lease_expires_at=row["lease_expires_at"], lease_seconds=self.seconds,
+            attempt=row["attempts"], next_sequence=row["last_sequence"] + 1,
+            session_ref=SessionRef.model_validate(row["session_ref"]), payload=row["payload"])
+
+    async def renew(self, tenant: str, reg_id: str, request: WorkRenew) -> datetime:
+        async with self._pool.acquire() as conn:
+            expires = await conn.fetchval(
+                _RENEW, tenant, reg_id, request.work_id, request.lease_token, self.seconds,
+                _EDGE_KINDS, _REFUSED_TRUST, _RENEW_SCOPE, _RENEWABLE)
+            if expires is not None:
+                return expires
+            return await self._renew_locked(conn, tenant, reg_id, request)
+
+    async def _renew_locked(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
+                            request: WorkRenew) -> datetime:
+        """The renewal step by step under locks: names the refusal (or renews)."""
+        async with conn.transaction():
+            # FOR SHARE: a revoke (an UPDATE of this row) waits for this renewal or
+            # is seen by it, so no renewal commits after a revoke did.
+            reg = await conn.fetchrow(_SHARE_REGISTRATION, tenant, reg_id)
+            _check_renewable(reg)
+            work = await conn.fetchrow(_LOCK_WORK, tenant, request.work_id)
+            check_holder(work, reg_id, request.lease_token, request.work_id)
+            if work["state"] != "leased":
+                raise EdgeWorkError("work.not_leased",
+                                    f"work {request.work_id} is {work['state']}")
+            if not work["live"]:
+                raise EdgeWorkError("work.lease_expired", "the lease has expired")
+            draining = reg["status"] == "draining"
+            return await conn.fetchval(
+                "UPDATE edge_work SET lease_expires_at = CASE WHEN $3 "
+                "THEN least(now() + make_interval(secs => $4), $5) "
+                "ELSE now() + make_interval(secs => $4) END, updated_at = now() "
+                "WHERE tenant = $1 AND work_id = $2 RETURNING lease_expires_at",
+                tenant, request.work_id, draining, self.seconds, reg["drain_deadline"])
+
+
+def _claimable_kinds(reg: asyncpg.Record | None, request: WorkClaimRequest) -> list[str]:
+    refusal = registration_refusal(reg, CredentialScope.EDGE_CLAIM, "claim")
+    if refusal is None and reg["status"] != "active":
+        refusal = EdgeWorkError(f"gateway.{reg['status']}",
+                                f"the registration is {reg['status']}: no new claims"
+                                + (f" ({reg['status_reason']})" if reg["status_reason"] else ""))
+    if refusal is not None:
+        raise refusal
+    kinds = [k for k in request.work_kinds if k in reg["work_kinds"]]
+    if not kinds:
+        raise EdgeWorkError("gateway.kind_not_advertised",
+                            f"none of {request.work_kinds} is among the advertised work kinds "
+                            f"{list(reg['work_kinds'])}")
+    return kinds
+
+
+def _check_renewable(reg: asyncpg.Record | None) -> None:
+    refusal = registration_refusal(reg, CredentialScope.EDGE_LEASE_RENEW, "renew")
+    if refusal is None and reg["status"] == "pending":
+        refusal = EdgeWorkError("gateway.pending", "the registration has not registered yet")
+    if refusal is None and reg["status"] == "draining" and not reg["before_deadline"]:
+        refusal = EdgeWorkError("gateway.draining", "the drain deadline has passed")
+    if refusal is not None:
+        raise refusal
+
+
+_LOCK_REGISTRATION = """
+    SELECT registration_id, status, status_reason, kind, trust_model, scopes, work_kinds
+    FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2 FOR UPDATE"""
+_SHARE_REGISTRATION = """
+    SELECT status, status_reason, kind, trust_model, scopes, drain_deadline,
+           coalesce(drain_deadline > now(), false) AS before_deadline
+    FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2 FOR SHARE"""
+_LOCK_WORK = """
+    SELECT state, owner, lease_token, attempts, coalesce(lease_expires_at > now(), false) AS live
+    FROM edge_work WHERE tenant = $1 AND work_id = $2 FOR UPDATE"""
+
+# Whether queued item w may go to the registration that passed `gate`: one of the
+# requested and advertised kinds ({kind}, below), every needed capability advertised as
+# `supported`, every needed credential approved, nothing only a local machine has.
+_MATCHES = """
+          w.state = 'queued' AND {kind}
+          AND EXISTS (SELECT 1 FROM gate)
+          AND NOT coalesce((w.requirements->>'hostPaths')::boolean, false)
+          AND NOT coalesce((w.requirements->>'localStdioMcps')::boolean, false)
+          AND NOT EXISTS (
+              SELECT 1 FROM jsonb_array_elements_text(
+                  coalesce(w.requirements->'capabilities', '[]'::jsonb)) AS c(name)
+              WHERE coalesce((SELECT capabilities FROM gate) ->> c.name, '') <> 'supported')
+          AND ARRAY(SELECT jsonb_array_elements_text(
+                  coalesce(w.requirements->'credentials', '[]'::jsonb)))
+              <@ (SELECT approved_credentials FROM gate)"""
+
+# The whole claim in one statement. Parameters: $1 tenant, $2 registration, $3
+# requested kinds, $4 preferred work id (or NULL), $5 new token, $6 lease seconds,
+# $7 edge kinds, $8 refused trust models, $9 the claim scope.
+# - reg: the registration's version (xmin) and live lease count, in this snapshot.
+# - bumped: a no-op UPDATE of the registration, only if it is still that version
+#   and eligible; it takes the row lock. Every claim bumps in its own transaction,
+#   so "still that version" means no lease of this registration committed (or is
+#   in flight) unseen by the count: the quota check is exact.
+# - gate: bumped and under quota. Only then is an item picked (SKIP LOCKED): the
+#   offered one if still claimable, else the oldest claimable one.
+# - leased / recorded / audited: lease it, one edge_work_leases row, the audit row
+#   (gateway.edge.lease_claimed, as AuditLog.record writes it: the metadata is an
+#   attempt number and a registered work kind, nothing for the scrubber to find).
+# Always one row while the registration exists: `locked` false means contended,
+# refused or not eligible (the caller takes the locking path), else the lease or,
+# without one, the count and quota that explain it.
+_CLAIM = """
+    WITH reg AS (
+        SELECT r.xmin AS version, r.max_concurrent_work,
+               (SELECT count(*) FROM edge_work e WHERE e.tenant = $1 AND e.owner = $2
+                  AND e.state = 'leased' AND e.lease_expires_at > now()) AS leased
+        FROM gateway_registrations r WHERE r.tenant = $1 AND r.registration_id = $2),
+    bumped AS (
+        UPDATE gateway_registrations r SET max_concurrent_work = r.max_concurrent_work
+        FROM reg
+        WHERE r.tenant = $1 AND r.registration_id = $2 AND r.xmin = reg.version
+          AND r.status = 'active' AND r.kind = ANY($7::text[])
+          AND r.trust_model <> ALL($8::text[]) AND $9::text = ANY(r.scopes)
+          AND r.work_kinds && $3::text[]
+        RETURNING r.work_kinds, r.approved_credentials,
+            CASE WHEN jsonb_typeof(r.capabilities -> 'capabilities') = 'object'
+                 THEN r.capabilities -> 'capabilities'  -- a stored GatewayCapabilities
+                 ELSE coalesce(r.capabilities, '{{}}'::jsonb) END AS capabilities),
+    gate AS (
+        SELECT b.* FROM bumped b, reg WHERE reg.leased < reg.max_concurrent_work),
+    preferred AS (
+        SELECT w.work_id FROM edge_work w
+        WHERE w.tenant = $1 AND w.work_id = $4::text AND {matches}
+        FOR UPDATE OF w SKIP LOCKED),
+    oldest AS (
+        SELECT w.work_id FROM edge_work w
+        WHERE w.tenant = $1 AND NOT EXISTS (SELECT 1 FROM preferred) AND {matches}
+        ORDER BY w.created_at, w.work_id
+        LIMIT 1 FOR UPDATE OF w SKIP LOCKED),
+    picked AS (
+        SELECT work_id FROM preferred UNION ALL SELECT work_id FROM oldest),
+    leased AS (
+        UPDATE edge_work w SET state = 'leased', owner = $2, lease_token = $5,
+            lease_expires_at = now() + make_interval(secs => $6), attempts = w.attempts + 1,
+            updated_at = now()
+        FROM picked WHERE w.tenant = $1 AND w.work_id = picked.work_id
+        RETURNING w.work_id, w.kind, w.session_ref, w.payload, w.attempts, w.last_sequence,
+                  w.lease_token, w.lease_expires_at),
+    recorded AS (
+        INSERT INTO edge_work_leases (tenant, work_id, attempt, registration_id)
+        SELECT $1, work_id, attempts, $2 FROM leased),
+    audited AS (
+        INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
+                               workspace_id, session_id, metadata)
+        SELECT $1, 'gateway.edge.lease_claimed', 'gateway', $2, 'edge_work', work_id,
+               session_ref ->> 'workspaceId', session_ref ->> 'sessionId',
+               jsonb_build_object('attempt', attempts, 'kind', kind)
+        FROM leased)
+    SELECT EXISTS (SELECT 1 FROM bumped) AS locked, reg.leased, reg.max_concurrent_work,
+           l.work_id, l.kind, l.session_ref, l.payload, l.attempts, l.last_sequence,
+           l.lease_token, l.lease_expires_at
+    FROM reg LEFT JOIN leased l ON true"""
+# One requested kind (the usual case): an equality, so the pick walks the queued
+# index (tenant, kind, created_at) in order and stops at the first claimable row.
+# `kind = ANY(...)` cannot use that order: it filters and sorts every queued row.
+# The gate already proved that kind advertised (work_kinds && $3). With several,
+# each row's kind must be one the registration advertises, written so that the
+# planner cannot take it for an index condition (which costs it the ordered scan).
+_CLAIM_ONE_KIND = _CLAIM.format(matches=_MATCHES.format(kind="w.kind = ($3::text[])[1]"))
+_CLAIM_KINDS = _CLAIM.format(matches=_MATCHES.format(
+    kind="w.kind = ANY($3::text[]) AND (SELECT work_kinds FROM gate) @> ARRAY[w.kind]"))
+
+# A renewal in one statement: the registration FOR SHARE, if it may renew at all
+# ($9 renewable statuses, $6 edge kinds, $7 refused trust, $8 the renew scope);
+# the caller's live lease with this token ($4, compared as SHA-256 digests), capped
+# at the drain deadline while draining. NULL: renewed nothing, find out why.
+_RENEW = """
+    WITH reg AS (
+        SELECT status, drain_deadline FROM gateway_registrations
+        WHERE tenant = $1 AND registration_id = $2 AND status = ANY($9::text[])
+          AND kind = ANY($6::text[]) AND trust_model <> ALL($7::text[])
+          AND $8::text = ANY(scopes)
+        FOR SHARE)
+    UPDATE edge_work w SET lease_expires_at = CASE WHEN reg.status = 'draining'
+            THEN least(now() + make_interval(secs => $5), reg.drain_deadline)
+            ELSE now() + make_interval(secs => $5) END,
+        updated_at = now()
+    FROM reg
+    WHERE w.tenant = $1 AND w.work_id = $3 AND w.state = 'leased' AND w.owner = $2
+      AND w.lease_expires_at > now()
+      AND (reg.status <> 'draining' OR reg.drain_deadline > now())
+      AND sha256(convert_to(w.lease_token, 'UTF8')) = sha256(convert_to($4::text, 'UTF8'))
+    RETURNING w.lease_expires_at"""

@@ -1,0 +1,108 @@
+"""Admin API for Cloud-owned edge work.
+
+    POST /api/v1/tenants/{t}/work           -> 201 {workId, state} (200 on an idempotent repeat)
+    GET  /api/v1/tenants/{t}/work?state=&limit=
+    GET  /api/v1/tenants/{t}/work/{id}?afterSequence=&limit=
+         -> state, attempts, owner, lease, result, leases and outputs ("events")
+
+The idempotency key comes from the body (`idempotencyKey`) or the
+`Idempotency-Key` header; both at once must agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from schemas import check_token
+from schemas import WorkState
+
+from ._service import EdgeWorkService, EnqueueWork
+from ._common import EdgeWorkError
+from ..http import HUB_KEY, int_query, iso, json_body, json_error, tenant_param
+
+STATES = frozenset(s.value for s in WorkState)
+
+
+def _service(request: web.Request) -> EdgeWorkService:
+    return request.app[HUB_KEY].edge_work
+
+
+def work_json(row: dict) -> dict[str, Any]:
+    out = {
+        "workId": row["work_id"], "kind": row["kind"], "state": row["state"],
+        "attempts": row["attempts"], "maxAttempts": row["max_attempts"],
+        "owner": row["owner"], "leaseExpiresAt": iso(row["lease_expires_at"]),
+        "sessionRef": row["session_ref"], "requirements": row["requirements"],
+        "status": row["status"], "result": row["result"], "error": row["error"],
+        "lastSequence": row["last_sequence"], "outputCount": row["output_count"],
+        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]), "completedAt": iso(row["completed_at"]),
+    }
+    if "leases" in row:
+        out["leases"] = [{"attempt": r["attempt"], "registrationId": r["registration_id"],
+                          "claimedAt": iso(r["claimed_at"]), "endedAt": iso(r["ended_at"]),
+                          "outcome": r["outcome"]} for r in row["leases"]]
+        out["events"] = [{"sequence": r["sequence"], "kind": r["kind"], "body": r["body"],
+                          "attempt": r["attempt"], "registrationId": r["registration_id"],
+                          "recordedAt": iso(r["recorded_at"])} for r in row["events"]]
+    return out
+
+
+def _error(exc: EdgeWorkError) -> web.Response:
+    return json_error(exc.status if exc.status >= 400 else 409, exc.code, str(exc))
+
+
+async def enqueue(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    body: EnqueueWork = await json_body(request, EnqueueWork)  # type: ignore[assignment]
+    header = request.headers.get("Idempotency-Key")
+    if header is not None:
+        try:
+            header = check_token(header, "Idempotency-Key")
+        except ValueError as exc:
+            return json_error(400, "invalid_request", str(exc))
+        if body.idempotency_key not in (None, header):
+            return json_error(422, "invalid_request",
+                              "the Idempotency-Key header and idempotencyKey differ")
+        body.idempotency_key = header
+    try:
+        row, created = await _service(request).enqueue(tenant, body)
+    except EdgeWorkError as exc:
+        return _error(exc)
+    return web.json_response({"workId": row["work_id"], "state": row["state"],
+                              "created": created}, status=201 if created else 200)
+
+
+async def get_work(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    try:
+        work_id = check_token(request.match_info["work_id"], "work_id")
+    except ValueError as exc:
+        return json_error(400, "invalid_request", str(exc))
+    after = int_query(request, "afterSequence", 0, 0, 2**62)
+    limit = int_query(request, "limit", 500, 1, 5000)
+    try:
+        row = await _service(request).get(tenant, work_id, after_sequence=after, limit=limit)
+    except EdgeWorkError as exc:
+        return _error(exc)
+    return web.json_response(work_json(row))
+
+
+async def list_work(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        return json_error(400, "invalid_request",
+                          f"state must be one of {', '.join(sorted(STATES))}")
+    limit = int_query(request, "limit", 100, 1, 1000)
+    rows = await _service(request).list(tenant, state=state, limit=limit)
+    return web.json_response({"items": [work_json(r) for r in rows]})
+
+
+def add_routes(app: web.Application) -> None:
+    base = "/api/v1/tenants/{tenant}/work"
+    app.router.add_post(base, enqueue)
+    app.router.add_get(base, list_work)
+    app.router.add_get(base + "/{work_id}", get_work)

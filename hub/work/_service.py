@@ -1,0 +1,345 @@
+"""Cloud-owned edge work: PostgreSQL is the queue, edge workers hold leases.
+
+The admin API enqueues work (idempotent by key); the hub nudges workers with a
+WorkOffer on core NATS, and a worker claims over request/reply on its own lease
+subject (the server only lets a Gateway publish on its own subjects, so the
+subject names the caller). A claim is one short transaction, on the happy path
+one statement (hub/work/_leases.py): lock the registration row (so its
+quota check and the lease insert serialise), re-check eligibility there, pick
+the oldest matching queued item with `FOR UPDATE SKIP LOCKED` (concurrent
+claimers never wait on each other or get the same item), lease it with a fresh
+token, record and audit the lease. No transaction is ever held
+across a bus round trip or while OpenCode runs: the lease, not a lock, fences
+the worker. Renewals and fenced outputs (hub/work/_writes.py) check the
+token in constant time against the DB clock; the reaper (hub/work/_reaper.py)
+requeues expired leases or dead-letters work that used up its attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import Field, ValidationError
+
+from schemas import (
+    AckReply,
+    AuditRecord,
+    ContractError,
+    Envelope,
+    PromptPayload,
+    SessionRef,
+    Source,
+    TokenId,
+    WireModel,
+    WorkClaimReply,
+    WorkClaimRequest,
+    WorkOffer,
+    WorkOutput,
+    WorkRenew,
+    WorkRenewReply,
+    WorkRequirements,
+    decode,
+    new_id,
+    subjects,
+)
+
+from ..core import AuditLog
+from ..desktop import body_hash
+from ._common import EdgeWorkError
+from ._leases import Leases
+from ._reaper import Reaper
+from ._writes import FencedWriter
+from ..core import kv
+from ..core import HubMetrics
+from ..core import RateLimiter
+from ..core import ack_refusal
+
+T = TypeVar("T")
+
+log = logging.getLogger("cowork.hub.edge_work")
+MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
+# The payload model of each work kind; anything else is refused at enqueue.
+WORK_PAYLOADS: dict[str, type[WireModel]] = {"prompt": PromptPayload}
+WORK_COLUMNS = ("work_id, kind, state, attempts, max_attempts, owner, lease_expires_at, "
+                "session_ref, requirements, status, result, error, last_sequence, "
+                "output_count, created_by, created_at, updated_at, completed_at")
+
+
+class EnqueueWork(WireModel):
+    kind: TokenId
+    session_ref: SessionRef
+    payload: dict[str, Any]
+    requirements: WorkRequirements = Field(default_factory=WorkRequirements)
+    idempotency_key: TokenId | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+
+
+class EdgeWorkService:
+    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics,
+                 dead_letters: Any, *, hub_id: str, lease_seconds: float = 30.0,
+                 max_attempts: int = 3, write_rate: float = 500.0,
+                 reap_interval: float = 0.5, reoffer_interval: float = 3.0) -> None:
+        self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
+        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
+        # One bucket per registration and operation: bounds what a misbehaving
+        # Gateway can cost the database and the audit log (refusals are audited).
+        self._limiter = RateLimiter(write_rate, 1000)
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._in_flight: set[asyncio.Task] = set()
+        self.leases = Leases(pool, audit, lease_seconds)
+        self.writer = FencedWriter(pool, audit, nc, metrics, self._source)
+        self.reaper = Reaper(pool, audit, metrics, dead_letters, self.offer,
+                             reap_interval=reap_interval, reoffer_interval=reoffer_interval)
+
+    def start(self) -> None:
+        self.reaper.start()
+
+    async def stop(self) -> None:
+        await self.reaper.stop()
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def subscribe(self, nc: NATS) -> None:
+        """Queue-group subscriptions: any one hub replica serves each request.
+        nats-py runs one subscription's callbacks one after another, so each
+        request gets its own task (bounded): 8 Gateways claiming must not queue
+        behind each other's database round trips."""
+        for family, handler in ((subjects.WORK_CLAIM, self.handle_claim),
+                                (subjects.WORK_RENEW, self.handle_renew),
+                                (subjects.WORK_OUTPUT, self.handle_output)):
+            await nc.subscribe(family.filter(), queue="hub-edge-work",
+                               cb=self._concurrently(handler))
+
+    def _concurrently(self, handler: Any) -> Any:
+        async def dispatch(msg: Msg) -> None:
+            await self._slots.acquire()  # back-pressure: stop reading when saturated
+            task = asyncio.create_task(handler(msg))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+        return dispatch
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    # --- admin side ---------------------------------------------------------------------
+    async def enqueue(self, tenant: str, request: EnqueueWork, *,
+                      actor: str = "admin") -> tuple[dict, bool]:
+        """Accept work; returns (work row, created). The same idempotency key with
+        the same body returns the first item; with another body it is refused."""
+        _check_enqueue(request)
+        fields = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+        fields["sessionRef"] = request.session_ref.model_dump(mode="json", by_alias=True,
+                                                              exclude_none=True)
+        fields["maxAttempts"] = request.max_attempts or self.max_attempts
+        digest = body_hash(fields)
+        key = request.idempotency_key
+        async with self._pool.acquire() as conn, conn.transaction():
+            # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key to
+            # commit, so racing identical requests all end on the one stored row.
+            row = await conn.fetchrow(
+                f"""INSERT INTO edge_work (tenant, work_id, kind, session_ref, payload,
+                        requirements, idempotency_key, body_hash, max_attempts, created_by)
+                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
+                    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL
+                    DO NOTHING RETURNING {WORK_COLUMNS}""",
+                tenant, new_id(), request.kind, fields["sessionRef"], fields["payload"],
+                fields["requirements"], key, digest, fields["maxAttempts"], actor)
+            if row is None:
+                return await self._existing(conn, tenant, key, digest), False
+            await self._audit.record(AuditRecord(
+                action="edge_work.enqueued", actor_kind="admin", actor_id=actor,
+                target_kind="edge_work", target_id=row["work_id"],
+                workspace_id=request.session_ref.workspace_id,
+                session_id=request.session_ref.session_id,
+                metadata={"kind": request.kind, "maxAttempts": fields["maxAttempts"]}),
+                tenant=tenant, conn=conn)
+        self._metrics.bus_messages.labels("work.enqueue", "queued").inc()
+        await self.offer(tenant, row["work_id"], request.kind, fields["requirements"])
+        return dict(row), True
+
+    @staticmethod
+    async def _existing(conn: asyncpg.Connection, tenant: str, key: str | None,
+                        digest: bytes) -> dict:
+        row = await conn.fetchrow(
+            f"SELECT body_hash, {WORK_COLUMNS} FROM edge_work "
+            "WHERE tenant = $1 AND idempotency_key = $2", tenant, key)
+        if row["body_hash"] != digest:
+            raise EdgeWorkError("work.idempotency_conflict",
+                                f"idempotency key {key!r} was used with a different body",
+                                status=409)
+        out = dict(row)
+        del out["body_hash"]
+        return out
+
+    async def get(self, tenant: str, work_id: str, *, after_sequence: int = 0,
+                  limit: int = 500) -> dict:
+        """The work item with its leases and its outputs after `after_sequence`."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT {WORK_COLUMNS} FROM edge_work "
+                                      "WHERE tenant = $1 AND work_id = $2", tenant, work_id)
+            if row is None:
+                raise EdgeWorkError("work.not_found", f"no work {work_id!r}", status=404)
+            leases = await conn.fetch(
+                "SELECT attempt, registration_id, claimed_at, ended_at, outcome "
+                "FROM edge_work_leases WHERE tenant = $1 AND work_id = $2 ORDER BY attempt",
+                tenant, work_id)
+            outputs = await conn.fetch(
+                "SELECT sequence, kind, body, attempt, registration_id, recorded_at "
+                "FROM edge_work_outputs WHERE tenant = $1 AND work_id = $2 AND sequence > $3 "
+                "ORDER BY sequence LIMIT $4", tenant, work_id, after_sequence, limit)
+        out = dict(row)
+        out["leases"] = [dict(r) for r in leases]
+        out["events"] = [dict(r) for r in outputs]
+        return out
+
+    async def list(self, tenant: str, *, state: str | None = None,
+                   limit: int = 100) -> list[dict]:
+        rows = await self._pool.fetch(
+            f"SELECT {WORK_COLUMNS} FROM edge_work WHERE tenant = $1 "
+            "AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC, work_id DESC "
+            "LIMIT $3", tenant, state, limit)
+        return [dict(r) for r in rows]
+
+    async def offer(self, tenant: str, work_id: str, kind: str, requirements: dict) -> None:
+        """A core-NATS nudge; a lost one is covered by the reaper's periodic re-offer."""
+        offer = WorkOffer(work_id=work_id, kind=kind,
+                          requirements=WorkRequirements.model_validate(requirements))
+        env = Envelope.wrap(offer, source=self._source, tenant=tenant)
+        try:
+            await self._nc.publish(subjects.WORK_OFFER.build(tenant=tenant, work_kind=kind),
+                                   env.encode())
+            self._metrics.bus_messages.labels("work.offer", "published").inc()
+        except Exception as exc:
+            log.warning("edge_work.offer_failed", **kv(tenant=tenant, work=work_id,
+                                                       error=str(exc)))
+
+    # --- claim --------------------------------------------------------------------------
+    async def claim(self, tenant: str, registration_id: str,
+                    request: WorkClaimRequest) -> WorkClaimReply:
+        """Lease one claimable item to the registration, or `work_id: None`."""
+        reply = await self._limited("claim", tenant, registration_id, request.work_id,
+                                    lambda: self.leases.claim(tenant, registration_id, request))
+        outcome = "leased" if reply.work_id else "empty"
+        self._metrics.bus_messages.labels("work.claim", outcome).inc()
+        return reply
+
+    # --- renew --------------------------------------------------------------------------
+    async def renew(self, tenant: str, registration_id: str,
+                    request: WorkRenew) -> WorkRenewReply:
+        expires = await self._limited("renew", tenant, registration_id, request.work_id,
+                                      lambda: self.leases.renew(tenant, registration_id,
+                                                                request))
+        self._metrics.bus_messages.labels("work.renew", "renewed").inc()
+        return WorkRenewReply(work_id=request.work_id, lease_expires_at=expires)
+
+    # --- fenced output ------------------------------------------------------------------
+    async def write(self, tenant: str, registration_id: str, output: WorkOutput) -> bool:
+        """Store one fenced output; False when it was an identical replay (a no-op)."""
+        stored = await self._limited(
+            "output", tenant, registration_id, output.work_id,
+            lambda: self.writer.write(tenant, registration_id, output),
+            sequence=output.sequence, output_kind=str(output.kind))
+        self._metrics.bus_messages.labels("work.output", "stored" if stored else "replayed").inc()
+        return stored
+
+    # --- bus handlers -------------------------------------------------------------------
+    async def handle_claim(self, msg: Msg) -> None:
+        await self._serve(msg, subjects.WORK_CLAIM, WorkClaimRequest, self.claim)
+
+    async def handle_renew(self, msg: Msg) -> None:
+        await self._serve(msg, subjects.WORK_RENEW, WorkRenew, self.renew)
+
+    async def handle_output(self, msg: Msg) -> None:
+        async def write(tenant: str, reg: str, output: WorkOutput) -> AckReply:
+            await self.write(tenant, reg, output)
+            return AckReply(ok=True)
+        await self._serve(msg, subjects.WORK_OUTPUT, WorkOutput, write)
+
+    async def _serve(self, msg: Msg, family: subjects.SubjectFamily, model: type,
+                     operation: Any) -> None:
+        try:
+            where = family.parse(msg.subject)
+            tenant, reg_id = where["tenant"], where["registration_id"]
+            env = decode(msg.data, model)
+            if env.tenant not in (None, tenant) or (str(env.source.principal_kind),
+                                                    env.source.principal_id) != ("gateway", reg_id):
+                raise EdgeWorkError("contract.principal_mismatch",
+                                    "the envelope's tenant or source differs from the subject")
+            reply = await operation(tenant, reg_id, env.data)
+        except ValidationError as exc:  # a reply we could not build: our bug, say so
+            log.error("edge_work.reply_invalid", **kv(subject=msg.subject, error=str(exc)))
+            reply = AckReply(ok=False, code="hub.error", reason="the hub failed this request")
+        except (ContractError, subjects.SubjectError, EdgeWorkError) as exc:
+            self._metrics.bus_messages.labels(family.name, "refused").inc()
+            reply = ack_refusal(exc)
+        except Exception as exc:  # database away: the worker retries
+            log.warning("edge_work.request_failed", **kv(subject=msg.subject, error=str(exc)))
+            reply = AckReply(ok=False, code="hub.unavailable", reason="try again shortly",
+                             retry_after_seconds=1.0)
+        if msg.reply:
+            try:
+                await msg.respond(Envelope.wrap(reply, source=self._source).encode())
+            except Exception as exc:  # the worker asks again; its lease is in PostgreSQL
+                log.warning("edge_work.reply_failed", **kv(subject=msg.subject, error=str(exc)))
+
+    # --- refusals -----------------------------------------------------------------------
+    async def _limited(self, operation: str, tenant: str, reg_id: str, work_id: str | None,
+                       call: Callable[[], Awaitable[T]], **metadata: Any) -> T:
+        """`call`'s result once the rate limit allows `operation`; a refusal (the limit's
+        or the call's) is counted and audited, then raised."""
+        try:
+            self._take(tenant, reg_id, operation)
+            return await call()
+        except EdgeWorkError as exc:
+            await self.refused(operation, tenant, reg_id, work_id, exc, **metadata)
+            raise
+
+    def _take(self, tenant: str, reg_id: str, operation: str) -> None:
+        wait = self._limiter.take((tenant, reg_id, operation))
+        if wait:
+            raise EdgeWorkError("rate_limited", f"too many {operation} requests",
+                                retry_after=wait)
+
+    async def refused(self, operation: str, tenant: str, reg_id: str, work_id: str | None,
+                      exc: EdgeWorkError, **metadata: Any) -> None:
+        """Count, log and audit a refusal. Rate-limit refusals are only counted:
+        auditing them would let a flooding Gateway flood the audit log too."""
+        self._metrics.bus_messages.labels(f"work.{operation}", "refused").inc()
+        log.warning("edge_work.refused", **kv(tenant=tenant, registration=reg_id,
+                                              operation=operation, work=work_id, code=exc.code))
+        if exc.code == "rate_limited":
+            return
+        await self._audit.record(AuditRecord(
+            action=f"gateway.edge.{operation}_refused", actor_kind="gateway", actor_id=reg_id,
+            target_kind="edge_work", target_id=work_id, reason=f"{exc.code}: {exc}",
+            metadata={"code": exc.code, **metadata}), tenant=tenant)
+
+
+# --- checks -------------------------------------------------------------------------------
+def _check_enqueue(request: EnqueueWork) -> None:
+    model = WORK_PAYLOADS.get(request.kind)
+    if model is None:
+        raise EdgeWorkError("work.unknown_kind", f"unknown work kind {request.kind!r}; "
+                            f"known: {', '.join(sorted(WORK_PAYLOADS))}", status=422)
+    try:
+        model.model_validate(request.payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise EdgeWorkError("invalid_request", f"payload.{where}: {first['msg']}",
+                            status=422) from None
+    needs = [name for name, needed in (("hostPaths", request.requirements.host_paths),
+                                       ("localStdioMcps", request.requirements.local_stdio_mcps))
+             if needed]
+    if needs:
+        raise EdgeWorkError("work.not_edge_runnable",
+                            f"work that needs {' and '.join(needs)} can never run on an edge "
+                            "worker (those stay on the machine that owns them)", status=422)

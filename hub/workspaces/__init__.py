@@ -1,0 +1,10 @@
+"""The workspace event log: projection of Desktop events, append with a per-
+workspace cursor, live publish, the events page and SSE tails.
+"""
+
+from __future__ import annotations
+
+from ._projection import EventProjector, append_events, lock_cursor, publish_live
+from ._routes import add_routes
+
+__all__ = ['EventProjector', 'add_routes', 'append_events', 'lock_cursor', 'publish_live']

@@ -1,0 +1,230 @@
+"""Projects Desktop events (CW_DEVICE_EVENTS) into per-workspace, gapless sequences.
+
+A paired Desktop is one workspace of kind `paired_desktop` whose id is the
+pairing id; each of its events gets the next sequence of that workspace. The
+sequence is assigned under the workspace cursor's row lock, after dropping
+event ids already projected, so redeliveries, duplicate publishes and several
+projecting replicas never leave a gap or a duplicate. Messages are acked only
+after the commit. Then every new event goes out on `cw.<t>.ws.<ws>.evt` (core
+NATS) for live tails; a tail that misses one fills the gap from PostgreSQL.
+
+Events from revoked or disabled pairings, for workspaces or sessions outside the
+pairing's allowlists, or whose envelope disagrees with the subject are
+dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from schemas import (
+    DeviceEvent,
+    Envelope,
+    Source,
+    WorkspaceEvent,
+    subjects,
+)
+
+from ..core import BackgroundTask, pull_forever
+from ..core import DeadLetters, Rejected, parse_and_decode
+from ..core import kv
+from ..core import HubMetrics
+from ..core import hub_consumer
+
+log = logging.getLogger("cowork.hub.projection")
+FAMILY = subjects.DEVICE_EVENT
+SPEC = hub_consumer("hub-projector")
+NOT_PROJECTED = {"heartbeat"}  # presence has its own subject and table
+_PAIRING_CACHE_SECONDS = 1.0
+
+
+class EventProjector:
+    def __init__(self, js: JetStreamContext, nc: NATS, pool: asyncpg.Pool,
+                 dead_letters: DeadLetters, metrics: HubMetrics, *, hub_id: str,
+                 batch: int = 256) -> None:
+        self._nc, self._pool = nc, pool
+        self._dead, self._metrics = dead_letters, metrics
+        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
+        self._worker = BackgroundTask("event-projector", lambda: pull_forever(
+            js, SPEC, batch, self._handle, log, "projection.fetch_failed"))
+
+    def start(self) -> None:
+        self._worker.start()
+
+    async def stop(self) -> None:
+        await self._worker.stop()
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
+        for msg in msgs:
+            try:
+                tenant, env = await self._check(msg)
+            except Rejected as exc:
+                await self._reject(msg, exc)
+                continue
+            if env.data.type in NOT_PROJECTED:
+                await msg.ack()
+                continue
+            groups[(tenant, env.data.pairing_id)].append((msg, env))
+        for (tenant, workspace), items in groups.items():
+            try:
+                events = await self._project(tenant, workspace, [env for _, env in items])
+            except Exception as exc:  # the database is away: redeliver later, lose nothing
+                log.warning("projection.write_failed", **kv(error=str(exc), count=len(items)))
+                for msg, _ in items:
+                    await msg.nak(delay=1.0)
+                continue
+            for msg, _ in items:
+                await msg.ack()
+            self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(items))
+            await self._publish_live(tenant, workspace, events)
+
+    async def _check(self, msg: Msg) -> tuple[str, Envelope]:
+        where, env = parse_and_decode(FAMILY, msg, DeviceEvent)
+        tenant, device = where["tenant"], where["device_id"]
+        if env.tenant != tenant or env.data.pairing_id != device or \
+                (str(env.source.principal_kind), env.source.principal_id) != ("desktop", device):
+            raise Rejected("contract.principal_mismatch",
+                            "the envelope's tenant, source or pairing id differs from the subject")
+        pairing = await self._pairing(tenant, device)
+        self._check_allowed(pairing, env.data)
+        return tenant, env
+
+    @staticmethod
+    def _check_allowed(pairing: dict | None, event: DeviceEvent) -> None:
+        if pairing is None or pairing["status"] in ("revoked", "pending"):
+            raise Rejected("pairing.revoked", "events from a revoked or unknown pairing")
+        if not pairing["enabled"] and event.type == "session.event":
+            raise Rejected("pairing.disabled", "runtime events from a disabled pairing")
+        if event.workspace_id and event.workspace_id not in pairing["allowed_workspace_ids"]:
+            raise Rejected("pairing.workspace_not_allowed",
+                            f"workspace {event.workspace_id!r} is not allowlisted")
+        allowed = pairing["allowed_session_ids"]
+        if allowed is not None and event.session_id and event.session_id not in allowed:
+            raise Rejected("pairing.session_not_allowed",
+                            f"session {event.session_id!r} is not allowlisted")
+
+    async def _pairing(self, tenant: str, pairing_id: str) -> dict | None:
+        key = (tenant, pairing_id)
+        cached = self._pairings.get(key)
+        if cached and time.monotonic() - cached[0] < _PAIRING_CACHE_SECONDS:
+            return cached[1]
+        row = await self._pool.fetchrow(
+            "SELECT status, enabled, allowed_workspace_ids, allowed_session_ids FROM pairings "
+            "WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id)
+        value = dict(row) if row else None
+        self._pairings[key] = (time.monotonic(), value)
+        return value
+
+    def forget_pairing(self, tenant: str, pairing_id: str) -> None:
+        self._pairings.pop((tenant, pairing_id), None)
+
+    async def _reject(self, msg: Msg, exc: Rejected) -> None:
+        await self._dead.reject(msg, FAMILY, exc)
+
+    async def _project(self, tenant: str, workspace: str,
+                       envs: list[Envelope]) -> list[WorkspaceEvent]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            last = await lock_cursor(conn, tenant, workspace)
+            fresh = await self._unseen(conn, tenant, envs)
+            if not fresh:
+                return []
+            events = [WorkspaceEvent(workspace_id=workspace, sequence=last + offset,
+                                     event_id=env.data.id, type=str(env.data.type),
+                                     session_id=env.data.session_id,
+                                     command_id=env.data.command_id,
+                                     occurred_at=env.data.occurred_at, payload=_payload(env.data))
+                      for offset, env in enumerate(fresh, start=1)]
+            await append_events(conn, tenant, workspace, "desktop",
+                                [env.data.pairing_id for env in fresh], events)
+        return events
+
+    @staticmethod
+    async def _unseen(conn: asyncpg.Connection, tenant: str,
+                      envs: list[Envelope]) -> list[Envelope]:
+        ids = [env.data.id for env in envs]
+        seen = {r["event_id"] for r in await conn.fetch(
+            "SELECT event_id FROM workspace_events WHERE tenant = $1 AND event_id = ANY($2)",
+            tenant, ids)}
+        fresh, batch_ids = [], set()
+        for env in envs:
+            if env.data.id not in seen and env.data.id not in batch_ids:
+                batch_ids.add(env.data.id)
+                fresh.append(env)
+        return fresh
+
+    async def _publish_live(self, tenant: str, workspace: str,
+                            events: list[WorkspaceEvent]) -> None:
+        await publish_live(self._nc, self._source, tenant, workspace, events)
+
+
+# --- shared with other writers of the workspace log (edge work outputs) ---------------
+async def lock_cursor(conn: asyncpg.Connection, tenant: str, workspace: str) -> int:
+    """The workspace's last sequence, its cursor row created if needed and locked
+    (one statement) until the caller's transaction ends: the next sequences are
+    the caller's alone, so they stay gapless and unique across writers and replicas."""
+    return await conn.fetchval(
+        "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
+        "ON CONFLICT (tenant, workspace_id) DO UPDATE "
+        "SET last_sequence = workspace_cursors.last_sequence RETURNING last_sequence",
+        tenant, workspace)
+
+
+async def append_events(conn: asyncpg.Connection, tenant: str, workspace: str,
+                        source_kind: str, source_ids: list[str],
+                        events: list[WorkspaceEvent]) -> None:
+    """Store `events` (numbered after `lock_cursor`'s value) and move the cursor."""
+    await conn.execute(_INSERT_EVENTS, tenant, workspace, source_kind,
+                       [e.sequence for e in events], [e.event_id for e in events], source_ids,
+                       [e.type for e in events], [e.session_id for e in events],
+                       [e.command_id for e in events], [e.occurred_at for e in events],
+                       [e.payload for e in events])
+    await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
+                       "tenant = $1 AND workspace_id = $2", tenant, workspace,
+                       max(e.sequence for e in events))
+
+
+async def publish_live(nc: NATS, source: Source, tenant: str, workspace: str,
+                       events: list[WorkspaceEvent]) -> None:
+    """Committed events out to live tails (core NATS); a tail that misses one
+    fills the gap from PostgreSQL, so a failure here is only logged."""
+    subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
+    try:
+        for event in events:
+            env = Envelope.wrap(event, source=source, tenant=tenant, workspace=workspace)
+            await nc.publish(subject, env.encode())
+    except Exception as exc:
+        log.warning("projection.live_publish_failed", **kv(error=str(exc)))
+
+
+# One round trip and one cached plan for any batch size (COPY costs an extra
+# introspection query per call, which dominated single live events).
+_INSERT_EVENTS = """
+    INSERT INTO workspace_events (tenant, workspace_id, sequence, event_id, source_kind,
+                                  source_id, type, session_id, command_id, occurred_at, payload)
+    SELECT $1, $2, e.sequence, e.event_id, $3, e.source_id, e.type, e.session_id, e.command_id,
+           e.occurred_at, e.payload
+    FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                $10::timestamptz[], $11::jsonb[])
+         AS e(sequence, event_id, source_id, type, session_id, command_id, occurred_at, payload)
+"""
+
+
+def _payload(event: DeviceEvent) -> dict:
+    """What a viewer gets: the event's payload plus its Desktop-local context."""
+    body = dict(event.payload or {})
+    if event.workspace_id:
+        body.setdefault("localWorkspaceId", event.workspace_id)
+    if event.command_id:
+        body.setdefault("commandId", event.command_id)
+    return body
+
+

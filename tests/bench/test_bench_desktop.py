@@ -1,0 +1,591 @@
+"""Benchmarks of the paired-Desktop paths, each against a raw nats-py baseline.
+
+Run with `make bench` or `.venv/bin/pytest -m bench -s tests/bench/test_bench_desktop.py`
+(the default test run deselects the `bench` marker, see pyproject addopts).
+Results are printed as tables; see docs/performance.md for how to read them.
+
+Everything is real and in one process: operator-mode nats-server with JetStream,
+PostgreSQL, the hub, `opencode serve` (fake model) and the Desktop agent. Every
+baseline runs in the same pytest session against the same nats-server, so the
+ratios compare like with like. Assertions check completeness only (every command
+done, every event projected, every live event seen), never timing.
+
+Sizes can be changed through the environment:
+    BENCH_COMMANDS (200), BENCH_COMMANDS_POLLED (50), BENCH_RR (1000),
+    BENCH_RELAY_EVENTS (20000), BENCH_BACKLOG_EVENTS (5000), BENCH_LIVE_EVENTS (300)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import pytest
+from desktopkit import (
+    TENANT,
+    command,
+    eventually,
+    pair_and_start,
+    sse,
+    submit,
+)
+from hubkit import client
+from nats.js.api import StorageType, StreamConfig
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
+
+N_COMMANDS = int(os.environ.get("BENCH_COMMANDS", "200"))
+N_COMMANDS_POLLED = int(os.environ.get("BENCH_COMMANDS_POLLED", "50"))
+N_RR = int(os.environ.get("BENCH_RR", "1000"))
+N_RELAY = int(os.environ.get("BENCH_RELAY_EVENTS", "20000"))
+N_LIVE = int(os.environ.get("BENCH_LIVE_EVENTS", "300"))
+N_BACKLOG = int(os.environ.get("BENCH_BACKLOG_EVENTS", "5000"))
+RELAY_CHUNK = 100  # events queued per loop turn, as a busy OpenCode stream would
+DELTA = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 2  # ~110 chars
+RAW_STREAM = "BENCH_RAW"
+RAW_SUBJECT = "cw.bench.raw.{}"  # 4 tokens: overlaps none of the hub's stream subjects
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+
+def pct(samples: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of samples."""
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def ms(samples: list[float]) -> dict[str, float]:
+    return {"n": len(samples), "p50": pct(samples, 50) * 1e3, "p99": pct(samples, 99) * 1e3,
+            "mean": statistics.fmean(samples) * 1e3, "max": max(samples) * 1e3}
+
+
+def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
+    line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
+    print(f"\n{title}\n{line}")
+    for i, row in enumerate(cells):
+        print("| " + " | ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                                for j, (c, w) in enumerate(zip(row, widths))) + " |")
+        if i == 0:
+            print(line)
+    print(line)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def latency_row(name: str, samples: list[float]) -> list[Any]:
+    s = ms(samples)
+    return [name, s["n"], s["p50"], s["p99"], s["mean"], s["max"]]
+
+
+LATENCY_HEADER = ["path", "n", "p50 ms", "p99 ms", "mean ms", "max ms"]
+
+
+# --------------------------------------------------------------------------
+# Fixtures: one hub, one OpenCode, one paired Desktop for the whole module
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def http(hub):  # module-wide, for the module-wide Desktop
+    async with client(hub, admin=True) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+async def desktop(hub, http, opencode, operator_nats_url, tmp_path_factory):
+    state = tmp_path_factory.mktemp("bench-desktop")
+    running = await pair_and_start(http, operator_nats_url, state, opencode.url)
+    yield running
+    if not running.task.done():
+        await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def peer(hub):
+    """A second connection with the hub's own permissions (same account, same server):
+    the other end of every raw baseline."""
+    from hub.auth import _jwt
+    from hub.auth._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
+
+    seed = _jwt.new_seed("user")
+    user_jwt, _ = hub.keys.mint_user(
+        _jwt.public_key(seed), name="bench-peer", pub_allow=list(HUB_PERMISSIONS.pub_allow),
+        sub_allow=list(HUB_PERMISSIONS.sub_allow), allow_responses=True, ttl_seconds=None)
+    nc = await nats.connect(hub.settings.nats_servers[0], name="bench-peer",
+                            inbox_prefix=HUB_INBOX_PREFIX, allow_reconnect=False,
+                            **_jwt.nats_auth_options(user_jwt, seed))
+    yield nc
+    await nc.close()
+
+
+# --------------------------------------------------------------------------
+# 1. Command round trip
+# --------------------------------------------------------------------------
+
+
+def _timed(record: dict[str, dict[str, float]], key: str,
+           fn: Callable[..., Awaitable[Any]],
+           command_id: Callable[[tuple, Any], str]) -> Callable[..., Awaitable[Any]]:
+    """Wrap an instance's coroutine method; record[command id][key + ".start"/".end"]."""
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = await fn(*args, **kwargs)
+        marks = record.setdefault(command_id(args, result), {})
+        marks[key + ".start"], marks[key + ".end"] = start, time.perf_counter()
+        return result
+    return wrapper
+
+
+def _arg_id(args: tuple, result: Any) -> str:
+    return args[0].id  # a DeviceCommand
+
+
+async def _raw_request_reply(hub, peer, n: int) -> list[float]:
+    """Plain nats-py request/reply: `peer` asks, the hub's own connection answers."""
+    subject = "cw.bench.rr"
+
+    async def respond(msg):
+        await msg.respond(msg.data)
+
+    sub = await hub.nc.subscribe(subject, cb=respond)
+    await hub.nc.flush()
+    body = b"x" * 512  # about a command envelope
+    try:
+        for _ in range(50):  # warm-up
+            await peer.request(subject, body, timeout=5)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reply = await peer.request(subject, body, timeout=5)
+            samples.append(time.perf_counter() - t0)
+            assert reply.data == body
+        return samples
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_bench_command_round_trip(hub, http, desktop, peer):
+    pid = desktop.pairing_id
+    agent = desktop.agent
+    marks: dict[str, dict[str, float]] = {}
+    done_at: dict[str, float] = {}
+    changed = asyncio.Event()
+
+    async def observe(tenant: str, row: dict) -> None:  # hub-side: the command is final
+        done_at[row["command_id"]] = time.perf_counter()
+        changed.set()
+
+    # Probes on instances (the classes stay untouched), keyed by command id.
+    agent._handle_command = _timed(marks, "desktop", agent._handle_command, _arg_id)
+    agent.runner.run = _timed(marks, "execute", agent.runner.run, _arg_id)
+    hub.commands.submit = _timed(marks, "submit", hub.commands.submit,
+                                 lambda args, result: result["command_id"])
+    hub.commands.on_final.append(observe)
+    try:
+        for _ in range(10):  # warm-up: connections, prepared statements, OpenCode caches
+            await _run_observed(http, pid, done_at, changed)
+        posted: dict[str, float] = {}
+        returned: dict[str, float] = {}
+        finished: dict[str, float] = {}
+        t_all = time.perf_counter()
+        for _ in range(N_COMMANDS):
+            t0 = time.perf_counter()
+            cid, returned[cid], finished[cid] = await _run_observed(http, pid, done_at, changed)
+            posted[cid] = t0
+        wall = time.perf_counter() - t_all
+    finally:
+        hub.commands.on_final.remove(observe)
+        del agent._handle_command, agent.runner.run, hub.commands.submit
+
+    # Same flow, but "done" is what a client polling GET sees (no sleep between GETs).
+    polled = []
+    for _ in range(N_COMMANDS_POLLED):
+        t0 = time.perf_counter()
+        submitted = await submit(http, pid, "status")
+        while (await command(http, pid, submitted["commandId"]))["state"] != "done":
+            assert time.perf_counter() - t0 < 20, "command not done within 20 s"
+        polled.append(time.perf_counter() - t0)
+
+    rows = await hub.pool.fetch(
+        "SELECT state, result_status FROM pairing_commands WHERE tenant = $1 AND "
+        "pairing_id = $2", TENANT, pid)
+    assert len(rows) == 10 + N_COMMANDS + N_COMMANDS_POLLED
+    assert all(r["state"] == "done" and r["result_status"] == "completed" for r in rows)
+    assert all({"desktop.end", "execute.end", "submit.end"} <= marks[cid].keys()
+               for cid in posted), "every measured command went through every probe"
+
+    raw_rr = await _raw_request_reply(hub, peer, N_RR)
+    raw_pg = await _raw_pg_commit(hub, N_COMMANDS)
+    raw_http = []
+    for _ in range(N_COMMANDS):
+        t0 = time.perf_counter()
+        assert (await http.get("/healthz")).status_code == 200
+        raw_http.append(time.perf_counter() - t0)
+    from edges.common._opencode import OpenCodeClient
+    oc = OpenCodeClient(agent.opencode.base_url)  # a fresh client on the same server
+    raw_oc = []
+    try:
+        for _ in range(N_COMMANDS):
+            t0 = time.perf_counter()
+            await oc.health()
+            await oc.session_status()
+            await oc.list_sessions(limit=50)
+            raw_oc.append(time.perf_counter() - t0)
+    finally:
+        await oc.aclose()
+
+    ids = list(posted)
+    m = {cid: marks[cid] for cid in ids}
+
+    def seg(start: Callable[[str], float], end: Callable[[str], float]) -> list[float]:
+        return [end(cid) - start(cid) for cid in ids]
+
+    total = seg(posted.get, finished.get)
+    segments = {
+        "POST accepted (HTTP + PG insert + push)": seg(posted.get, returned.get),
+        "  of which CommandService.submit (PG txn, lease UPDATE, push)":
+            seg(lambda c: m[c]["submit.start"], lambda c: m[c]["submit.end"]),
+        "POST sent -> Desktop handles it": seg(posted.get, lambda c: m[c]["desktop.start"]),
+        "handle -> execute (journal + 'accepted' ack)":
+            seg(lambda c: m[c]["desktop.start"], lambda c: m[c]["execute.start"]),
+        "execute: status on OpenCode (3 HTTP calls)":
+            seg(lambda c: m[c]["execute.start"], lambda c: m[c]["execute.end"]),
+        "execute done -> hub has it final (ack)":
+            seg(lambda c: m[c]["execute.end"], finished.get),
+    }
+    table(f"1. Command round trip, kind=status, {N_COMMANDS} sequential commands",
+          LATENCY_HEADER,
+          [latency_row("POST -> done (hub-side observer)", total),
+           latency_row("POST -> done seen by polling GET", polled)]
+          + [latency_row("  " + k, v) for k, v in segments.items()]
+          + [latency_row("baseline: raw NATS request/reply", raw_rr),
+             latency_row("baseline: raw OpenCode 3 calls", raw_oc),
+             latency_row("baseline: raw PostgreSQL 1-row INSERT commit", raw_pg),
+             latency_row("baseline: raw HTTP GET /healthz on the hub", raw_http)])
+    p50 = pct(total, 50) / pct(raw_rr, 50)
+    p99 = pct(total, 99) / pct(raw_rr, 99)
+    table("1. Ratios", ["ratio", "p50", "p99"],
+          [["command round trip / raw request-reply", f"{p50:.1f}x", f"{p99:.1f}x"],
+           ["command round trip / raw OpenCode status",
+            f"{pct(total, 50) / pct(raw_oc, 50):.1f}x",
+            f"{pct(total, 99) / pct(raw_oc, 99):.1f}x"]])
+    print(f"throughput: {N_COMMANDS / wall:.0f} commands/s sequential (one Desktop)")
+
+
+async def _raw_pg_commit(hub, n: int) -> list[float]:
+    """One autocommitted single-row INSERT through the hub's pool: the price of a commit."""
+    await hub.pool.execute("CREATE TABLE IF NOT EXISTS bench_commit "
+                           "(id bigserial PRIMARY KEY, v text)")
+    samples = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await hub.pool.execute("INSERT INTO bench_commit (v) VALUES ($1)", "x" * 200)
+            samples.append(time.perf_counter() - t0)
+    finally:
+        await hub.pool.execute("DROP TABLE bench_commit")
+    return samples
+
+
+async def _run_observed(http, pid: str, done_at: dict[str, float],
+                        changed: asyncio.Event) -> tuple[str, float, float]:
+    submitted = await submit(http, pid, "status")
+    returned = time.perf_counter()
+    cid = submitted["commandId"]
+    deadline = time.monotonic() + 20
+    while cid not in done_at:
+        changed.clear()
+        if cid in done_at:
+            break
+        await asyncio.wait_for(changed.wait(), max(0.01, deadline - time.monotonic()))
+    return cid, returned, done_at.pop(cid)
+
+
+# --------------------------------------------------------------------------
+# 2. Relay throughput
+# --------------------------------------------------------------------------
+
+
+def _delta_event(session: str, i: int, text: str = DELTA) -> dict[str, Any]:
+    return {"type": "message.part.delta",
+            "properties": {"sessionID": session, "messageID": "msg_bench0000000000000001",
+                           "partID": f"prt_bench{i:016d}", "field": "text", "delta": text}}
+
+
+async def _cursor(hub, pid: str) -> int:
+    return await hub.pool.fetchval("SELECT last_sequence FROM workspace_cursors WHERE "
+                                   "tenant = $1 AND workspace_id = $2", TENANT, pid) or 0
+
+
+async def _raw_jetstream(peer, sizes: int, n: int, batch: int) -> float:
+    """Seconds to publish n messages of `sizes` bytes into a FILE stream, `batch` acks
+    awaited together with message ids, as the relay does."""
+    js = peer.jetstream(timeout=5.0)
+    await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=[RAW_SUBJECT.format("*")],
+                                     storage=StorageType.FILE, duplicate_window=120.0,
+                                     max_msg_size=1024 * 1024))
+    try:
+        data = b"x" * sizes
+        subject = RAW_SUBJECT.format("session")
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            futures = [await js.publish_async(subject, data,
+                                              headers={"Nats-Msg-Id": f"raw-{i}"})
+                       for i in range(start, min(n, start + batch))]
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+        elapsed = time.perf_counter() - t0
+        info = await js.stream_info(RAW_STREAM)
+        assert info.state.messages == n
+        return elapsed
+    finally:
+        await js.delete_stream(RAW_STREAM)
+
+
+class _ProjectorProbe:
+    """Counts the hub projector's batches and the time they spend in PostgreSQL, by
+    wrapping the projector instance's `_project` (the class stays untouched)."""
+
+    def __init__(self, projector) -> None:
+        self.projector = projector
+        self.calls, self.events, self.seconds = 0, 0, 0.0
+        self.ends: list[float] = []  # time.monotonic() at each commit
+        self.durations: list[float] = []
+        inner = projector._project
+
+        async def probe(tenant, workspace, envs):
+            t0 = time.perf_counter()
+            try:
+                return await inner(tenant, workspace, envs)
+            finally:
+                self.durations.append(time.perf_counter() - t0)
+                self.seconds += self.durations[-1]
+                self.calls += 1
+                self.events += len(envs)
+                self.ends.append(time.monotonic())
+
+        projector._project = probe
+
+    def close(self) -> None:
+        del self.projector._project
+
+
+async def _watch(hub, relay, store, pid: str, n: int, base_published: int, base_cursor: int,
+                 appended: Callable[[], bool]) -> tuple[float, float]:
+    """perf_counter() when n more rows left the outbox (JetStream acked) and when the
+    workspace cursor moved n further (committed in PostgreSQL)."""
+    published_at = projected_at = None
+    while projected_at is None:
+        now = time.perf_counter()
+        if published_at is None and appended() and relay.published - base_published >= n \
+                and store.outbox_size() == 0:
+            published_at = now
+        if await _cursor(hub, pid) - base_cursor >= n:
+            projected_at = time.perf_counter()
+        await asyncio.sleep(0.005)
+    return published_at or projected_at, projected_at
+
+
+async def test_bench_relay_throughput(hub, desktop, peer):
+    pid = desktop.pairing_id
+    relay = desktop.agent.relay
+    store = desktop.agent.store
+    session = "ses_benchrelay0000000001"
+    await eventually(lambda: store.outbox_size() == 0, 10, what="an empty outbox")
+
+    # (a) Live relay: events are queued while the publisher drains and the hub projects.
+    probe = _ProjectorProbe(hub.projector)
+    try:
+        base_published, base_cursor = relay.published, await _cursor(hub, pid)
+        appended_at: float | None = None
+        t0 = time.perf_counter()
+        watcher = asyncio.create_task(_watch(hub, relay, store, pid, N_RELAY, base_published,
+                                             base_cursor, lambda: appended_at is not None))
+        for start in range(0, N_RELAY, RELAY_CHUNK):
+            for i in range(start, min(N_RELAY, start + RELAY_CHUNK)):
+                assert relay.relay(_delta_event(session, i))
+            await asyncio.sleep(0)  # let the publisher and the hub run, as a live stream would
+        appended_at = time.perf_counter()
+        published_at, projected_at = await asyncio.wait_for(watcher, 120)
+        live_probe = (probe.calls, probe.events, probe.seconds)
+    finally:
+        probe.close()
+    count = await eventually(lambda: _count(hub, pid, session, N_RELAY), 30,
+                             what="every relayed event in PostgreSQL")
+    assert count == N_RELAY
+    stored = await hub.pool.fetchval(
+        "SELECT octet_length(payload::text) FROM workspace_events WHERE tenant = $1 AND "
+        "workspace_id = $2 AND session_id = $3 LIMIT 1", TENANT, pid, session)
+    msg = await peer.jetstream().get_last_msg("CW_DEVICE_EVENTS",
+                                              f"cw.{TENANT}.device.{pid}.evt.session")
+    size = len(msg.data)
+
+    # (b) Hub unreachable: the publisher is detached (as when NATS is away), so the
+    # outbox grows; then reattached, the backlog drains and is projected.
+    backlog = N_BACKLOG
+    backlog_session = "ses_benchbacklog00000001"
+    chunk_rates = []
+    relay_nc, relay._nc = relay._nc, None  # the publisher skips its drain while detached
+    try:
+        for start in range(0, backlog, 1000):
+            c0 = time.perf_counter()
+            for i in range(start, min(backlog, start + 1000)):
+                assert relay.relay(_delta_event(backlog_session, i))
+            chunk_rates.append(1000 / (time.perf_counter() - c0))
+            await asyncio.sleep(0)
+        assert store.outbox_size() == backlog
+        base_published, base_cursor = relay.published, await _cursor(hub, pid)
+    finally:
+        relay.attach(relay_nc)
+    d0 = time.perf_counter()
+    drained_at, caught_up_at = await asyncio.wait_for(
+        _watch(hub, relay, store, pid, backlog, base_published, base_cursor, lambda: True), 120)
+    assert await eventually(lambda: _count(hub, pid, backlog_session, backlog), 30) == backlog
+
+    raw_elapsed = await _raw_jetstream(peer, size, N_RELAY, 1000)
+    raw_rate = N_RELAY / raw_elapsed
+
+    def row(stage: str, n: int, seconds: float) -> list[Any]:
+        return [stage, n / seconds, seconds, f"{n / seconds / raw_rate:.2f}x"]
+
+    table(f"2. Relay throughput, {N_RELAY:,} events, {size} B envelopes ({stored} B payload "
+          f"as stored)", ["stage", "events/s", "seconds", "vs raw JetStream"],
+          [row("live: queued (redact + envelope + SQLite outbox)", N_RELAY, appended_at - t0),
+           row("live: relayed (outbox -> JetStream acked)", N_RELAY, published_at - t0),
+           row("live: end to end (projected into PostgreSQL)", N_RELAY, projected_at - t0),
+           row("outage: queued, outbox 0 -> 1,000", 1000, 1000 / chunk_rates[0]),
+           row(f"outage: queued, outbox {backlog - 1000:,} -> {backlog:,}", 1000,
+               1000 / chunk_rates[-1]),
+           row(f"catch-up: {backlog:,} backlog -> JetStream acked", backlog, drained_at - d0),
+           row(f"catch-up: {backlog:,} backlog -> projected", backlog, caught_up_at - d0),
+           row("baseline: raw js.publish_async, batches of 1000", N_RELAY, raw_elapsed)])
+    calls, events, seconds = live_probe
+    print(f"hub projector during the live run: {calls} PostgreSQL transactions, "
+          f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
+          f"({seconds / (projected_at - t0):.0%} of the end-to-end time)")
+
+
+async def _count(hub, pid: str, session: str, want: int) -> int | None:
+    n = await hub.pool.fetchval("SELECT count(*) FROM workspace_events WHERE tenant = $1 AND "
+                                "workspace_id = $2 AND session_id = $3", TENANT, pid, session)
+    return n if n >= want else None
+
+
+# --------------------------------------------------------------------------
+# 3. Live latency: relayed on the Desktop -> frame on the hub's SSE tail
+# --------------------------------------------------------------------------
+
+
+async def _raw_core_latency(hub, peer, n: int) -> list[float]:
+    """One-way core NATS latency hub.nc -> peer, as the projection's live publish."""
+    got: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_msg(msg):
+        got.put_nowait(time.perf_counter())
+
+    sub = await peer.subscribe("cw.bench.live", cb=on_msg)
+    await peer.flush()
+    samples = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await hub.nc.publish("cw.bench.live", b"x" * 600)
+            samples.append(await asyncio.wait_for(got.get(), 5) - t0)
+    finally:
+        await sub.unsubscribe()
+    return samples
+
+
+async def _raw_jetstream_latency(peer, n: int) -> list[float]:
+    """Publish one message to a FILE stream, wait for its ack, then pull it with a durable
+    consumer: the JetStream part of the live path without the hub's code."""
+    js = peer.jetstream(timeout=5.0)
+    await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=[RAW_SUBJECT.format("*")],
+                                     storage=StorageType.FILE, duplicate_window=120.0))
+    try:
+        sub = await js.pull_subscribe(RAW_SUBJECT.format("*"), durable="bench-raw")
+        samples = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await js.publish(RAW_SUBJECT.format("live"), b"x" * 900,
+                             headers={"Nats-Msg-Id": f"live-{i}"})
+            msgs = await sub.fetch(batch=1, timeout=5)
+            await msgs[0].ack()
+            samples.append(time.perf_counter() - t0)
+        return samples
+    finally:
+        await js.delete_stream(RAW_STREAM)
+
+
+async def test_bench_live_latency(hub, http, desktop, peer):
+    pid = desktop.pairing_id
+    relay = desktop.agent.relay
+    session = "ses_benchlive00000000001"
+    await eventually(lambda: desktop.agent.store.outbox_size() == 0, 30, what="an empty outbox")
+    start = await _cursor(hub, pid)
+    samples: list[float] = []
+    to_commit: list[float] = []
+    commit_to_sse: list[float] = []
+    probe = _ProjectorProbe(hub.projector)
+    try:
+        async with sse(http, pid, last_event_id=start) as tail:
+            for i in range(10 + N_LIVE):
+                marker = f"live-{i:06d}"
+                seen, commits = len(tail.frames), len(probe.ends)
+                t0 = time.monotonic()
+                assert relay.relay(_delta_event(session, i, marker))
+                index = await _wait_frame(tail, seen, marker)
+                if i < 10:  # warm-up
+                    continue
+                arrived = tail.arrival[index]
+                committed = next((t for t in probe.ends[commits:] if t >= t0), None)
+                samples.append(arrived - t0)
+                if committed is not None and committed <= arrived:
+                    to_commit.append(committed - t0)
+                    commit_to_sse.append(arrived - committed)
+        pg = probe.durations[-N_LIVE:]
+    finally:
+        probe.close()
+    raw_core = await _raw_core_latency(hub, peer, N_LIVE)
+    raw_js = await _raw_jetstream_latency(peer, min(N_LIVE, 200))
+    assert len(samples) == N_LIVE
+    table(f"3. Live latency: relay.relay() on the Desktop -> frame on the hub SSE tail, "
+          f"{N_LIVE} events one at a time", LATENCY_HEADER,
+          [latency_row("Desktop relay -> SSE frame", samples),
+           latency_row("  relay -> committed in PostgreSQL", to_commit),
+           latency_row("    of which the projection transaction", pg),
+           latency_row("  committed -> SSE frame parsed", commit_to_sse),
+           latency_row("baseline: raw JetStream publish+ack+pull fetch(1)", raw_js),
+           latency_row("baseline: raw core NATS publish -> subscriber", raw_core)])
+    table("3. Ratios", ["ratio", "p50", "p99"],
+          [["live latency / raw JetStream publish+pull",
+            f"{pct(samples, 50) / pct(raw_js, 50):.1f}x",
+            f"{pct(samples, 99) / pct(raw_js, 99):.1f}x"]])
+
+
+async def _wait_frame(tail, seen: int, marker: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        for index in range(seen, len(tail.frames)):
+            frame = tail.frames[index]
+            if (frame.get("payload") or {}).get("properties", {}).get("delta") == marker:
+                return index
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{marker} never reached the SSE tail")
+        await asyncio.sleep(0.0005)

@@ -1,0 +1,248 @@
+"""The Gateway agent against a real hub (operator-mode NATS, PostgreSQL) and a real
+OpenCode: registration and re-registration, heartbeats and capabilities, claiming
+no more than it may, metadata sync within its scopes, drain and revoke; and the
+`cowork gateway` commands as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+
+import pytest
+from desktopkit import TENANT, cowork, eventually
+from gateway_agent_kit import (
+    admin,
+    create_registration,
+    enqueue,
+    get_registration,
+    registered,
+    start_gateway,
+    wait_status,
+    work_state,
+    work_view,
+)
+from opencode_env import OPENCODE_VERSION, SLOW
+
+from edges.gateway._registration import RegistrationFailed, register, version_set
+from edges.gateway._store import GatewayStore
+from edges.common._opencode import OpenCodeClient
+from edges.local import free_port
+from schemas import parse_creds
+
+pytestmark = pytest.mark.timeout(180)
+FINAL = ("completed", "failed", "dead_lettered")
+
+
+@pytest.fixture(scope="module")
+def hub_options():
+    return {"work_lease_seconds": 6}
+
+
+# --- registration ------------------------------------------------------------------------------
+async def test_register_stores_a_private_identity_and_reregistering_replaces_it(
+        hub, http, operator_nats_url, tmp_path):
+    created, store = await registered(http, operator_nats_url, tmp_path / "gw",
+                                      "external_workspace_edge_worker", name="rack 7")
+    gateway = store.load()
+    assert (gateway.tenant, gateway.registration_id) == (TENANT, created["registrationId"])
+    assert gateway.kind == "external_workspace_edge_worker" and gateway.display_name == "rack 7"
+    assert "gateway.edge.claim" in gateway.scopes
+    assert "redacted_session_metadata" in gateway.sync_scopes
+    assert stat.S_IMODE(os.stat(tmp_path / "gw").st_mode) == 0o700
+    for name in ("gateway.creds", "gateway.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "gw" / name).st_mode) == 0o600
+    first_jwt, first_seed = parse_creds(store.creds_path.read_text())
+    on_disk = json.loads(store.gateway_path.read_text())
+    assert on_disk["registrationId"] == created["registrationId"]
+    assert created["credential"] not in store.gateway_path.read_text()
+    assert created["credential"] not in store.audit_path.read_text()
+
+    # A rotation: the old credential stops working, the new one registers again.
+    rotated = await admin(http, created["registrationId"], "rotate")
+    with pytest.raises(RegistrationFailed) as refused:
+        await register(created["credential"], [operator_nats_url], store,
+                       version_set(OPENCODE_VERSION))
+    assert refused.value.code.startswith("gateway.") or refused.value.code.startswith(
+        "credential"), refused.value.code
+    await register(rotated["credential"], [operator_nats_url], store,
+                   version_set(OPENCODE_VERSION))
+    second_jwt, second_seed = parse_creds(store.creds_path.read_text())
+    assert second_seed != first_seed and second_jwt != first_jwt
+    actions = [a["action"] for a in store.read_audit()]
+    assert actions == ["gateway.registration.registered", "gateway.registration.reregistered"]
+
+
+async def test_register_refusals_are_one_line_errors(hub, http, operator_nats_url, tmp_path):
+    store = GatewayStore(tmp_path / "gw")
+    with pytest.raises(RegistrationFailed) as malformed:
+        await register("not-a-credential", [operator_nats_url], store,
+                       version_set(OPENCODE_VERSION))
+    assert malformed.value.code == "credential.malformed"
+    created = await create_registration(http, "edge_worker")
+    forged = created["credential"][:-4] + ("AAAA" if not created["credential"].endswith(
+        "AAAA") else "BBBB")
+    with pytest.raises(RegistrationFailed) as wrong:
+        await register(forged, [operator_nats_url], store, version_set(OPENCODE_VERSION))
+    assert "\n" not in str(wrong.value) and wrong.value.code != "contract.invalid"
+    with pytest.raises(RegistrationFailed) as away:
+        await register(created["credential"], [f"nats://127.0.0.1:{free_port()}"], store,
+                       version_set(OPENCODE_VERSION), timeout=2)
+    assert away.value.code == "bootstrap.unreachable"
+    assert not store.is_registered() and not store.creds_path.exists()
+
+
+# --- running -----------------------------------------------------------------------------------
+async def test_heartbeats_report_versions_capabilities_and_load(hub, http, opencode,
+                                                                operator_nats_url, tmp_path):
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=2)
+    try:
+        view = await wait_status(http, created["registrationId"], "active")
+
+        async def reported() -> dict | None:
+            v = await get_registration(http, created["registrationId"])
+            return v if v.get("versions") and v.get("health") == "healthy" else None
+
+        view = await eventually(reported, 15, 0.1, "a healthy heartbeat with versions")
+        assert view["versions"]["opencode"] == OPENCODE_VERSION
+        assert view["maxConcurrentWork"] == 2
+        assert view["currentLoad"] == 0 and view["activeWorkIds"] == []
+        assert created["credential"] not in json.dumps(view)
+    finally:
+        await gateway.stop()
+    view = await get_registration(http, created["registrationId"])
+    assert view["liveness"] == "stopping"
+
+
+async def test_claims_one_at_a_time_when_told_and_never_polls(hub, http, opencode,
+                                                              operator_nats_url, tmp_path):
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
+    reg = created["registrationId"]
+    try:
+        await wait_status(http, reg, "active")
+        first = await enqueue(http, f"{SLOW} first")
+        second = await enqueue(http, "second")
+        most_running = 0
+
+        async def both_final() -> bool:
+            nonlocal most_running
+            most_running = max(most_running, len(gateway.agent.runners))
+            views = [await work_view(http, w) for w in (first, second)]
+            return all(v["state"] in FINAL for v in views)
+
+        await eventually(both_final, 60, 0.05, "both work items to finish")
+    finally:
+        await gateway.stop()
+    one, two = await work_view(http, first), await work_view(http, second)
+    assert one["state"] == two["state"] == "completed"
+    assert most_running == 1
+    # The second lease began only after the first ended (claimed on finishing).
+    assert two["leases"][0]["claimedAt"] >= one["leases"][0]["endedAt"]
+    assert gateway.agent.runners == {}
+
+
+async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
+        hub, http, opencode, operator_nats_url, tmp_path):
+    async with OpenCodeClient(opencode.url) as client:
+        local = await client.create_session(title="fix /home/alice/secret/app.py for sk-abc")
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw",
+                                  "external_workspace")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, sync_interval=0.5)
+    reg = created["registrationId"]
+    try:
+        await wait_status(http, reg, "active")
+        work_id = await enqueue(http, "nobody should run this")
+
+        async def synced() -> dict | None:
+            v = await get_registration(http, reg)
+            sync = v.get("sync") or {}
+            return v if "redacted_session_metadata" in sync and "health" in sync else None
+
+        view = await eventually(synced, 15, 0.1, "metadata synced")
+        response = await http.get(f"/api/v1/tenants/{TENANT}/gateway-registrations/{reg}"
+                                  "/sync/redacted_session_metadata")
+        assert response.status_code == 200, response.text
+        items = response.json()["items"]
+        mine = [i for i in items if i["externalId"] == local["id"]]
+        assert mine and set(mine[0]) == {"externalId", "title", "updatedAt"}
+        assert "/home/alice" not in json.dumps(items) and "[local-path]" in mine[0]["title"]
+        assert opencode.directory not in json.dumps(view)
+        await asyncio.sleep(1.0)
+        assert (await work_view(http, work_id))["state"] == "queued"
+    finally:
+        await gateway.stop()
+
+
+async def test_drain_stops_claims_and_revoke_stops_the_agent(hub, http, opencode,
+                                                             operator_nats_url, tmp_path):
+    created, store = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url)
+    reg = created["registrationId"]
+    try:
+        await wait_status(http, reg, "active")
+        await admin(http, reg, "drain", deadlineSeconds=30)
+        await eventually(lambda: gateway.agent.state == "draining", 10, 0.05, "draining")
+        work_id = await enqueue(http, "not while draining")
+        await asyncio.sleep(1.5)
+        assert (await work_view(http, work_id))["owner"] != reg
+
+        await admin(http, reg, "revoke")
+        await asyncio.wait_for(gateway.task, 30)
+    finally:
+        if not gateway.task.done():
+            await gateway.stop()
+    assert gateway.agent.fatal and "register" in gateway.agent.fatal
+    done = GatewayStore(tmp_path / "gw")
+    if done.load().revoked:  # told by a heartbeat reply before the disconnect
+        assert done.load().state == "revoked"
+    await work_state(http, work_id, FINAL + ("queued", "leased"))
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+async def test_cli_register_errors_and_status(hub, http, operator_nats_url, tmp_path):
+    state = tmp_path / "state"
+    code, _, err = await cowork("gateway", "register", "--hub", operator_nats_url,
+                                "--state-dir", str(state),
+                                env={"COWORK_GATEWAY_CREDENTIAL": ""})
+    assert code == 2 and "no credential given" in err
+
+    created = await create_registration(http, "edge_worker", name="cli box")
+    bad = created["credential"][:-3] + "zzz"
+    code, _, err = await cowork("gateway", "register", "--hub", operator_nats_url,
+                                "--credential", bad, "--state-dir", str(state),
+                                "--opencode", f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and "registration failed [" in err and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("warning: OpenCode at") and "unknown OpenCode version" in lines[0]
+    assert lines[-1].startswith("cowork: error: registration failed [gateway.")
+    assert sum("error" in line for line in lines) == 1
+    code, _, err = await cowork("gateway", "register", "--hub",
+                                f"nats://127.0.0.1:{free_port()}", "--credential",
+                                created["credential"], "--state-dir", str(state),
+                                "--timeout", "2")
+    assert code == 1 and "[bootstrap.unreachable]" in err and "Traceback" not in err
+    code, _, err = await cowork("gateway", "status", "--state-dir", str(state))
+    assert code == 1 and "not registered" in err
+
+    secret_file = tmp_path / "credential"
+    secret_file.write_text(created["credential"] + "\n")
+    code, out, err = await cowork("gateway", "register", "--hub", operator_nats_url,
+                                  "--credential-file", str(secret_file),
+                                  "--state-dir", str(state))
+    assert code == 0, err
+    assert created["registrationId"] in out and "cowork gateway run" in out
+
+    code, out, _ = await cowork("gateway", "status", "--json", "--state-dir", str(state))
+    report = json.loads(out)
+    assert report["registrationId"] == created["registrationId"]
+    assert report["kind"] == "edge_worker" and report["tenant"] == TENANT
+    assert report["credential"] == str(state / "gateway.creds")
+    _, seed = parse_creds((state / "gateway.creds").read_text())
+    code, text, _ = await cowork("gateway", "status", "--state-dir", str(state))
+    for shown in (out, text):
+        assert created["credential"] not in shown and seed.decode() not in shown
+        assert "eyJ" not in shown  # no JWT either
+    assert "registrationId" in text and created["registrationId"] in text

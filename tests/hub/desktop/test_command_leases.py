@@ -1,0 +1,474 @@
+"""Commands for a paired Desktop at the hub: validation, idempotency, ordered
+lease-fenced delivery, ack refusals and re-delivery after a lease runs out.
+
+The Desktop here is a fake on raw nats-py that uses the pairing's real
+credential (redeemed through the bootstrap bus), so every subject permission
+the server enforces applies. Leases are short (LEASE seconds) to keep it fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from desktopkit import TENANT, command, eventually, get_pairing, redeem, submit
+
+from edges.common._credentials import EdgeCredentials
+from schemas import (
+    AckReply,
+    CommandAck,
+    CommandResult,
+    DeviceCommand,
+    Envelope,
+    PairingState,
+    PresenceHeartbeat,
+    Source,
+    decode,
+    new_id,
+    subjects,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE = 2.0
+QUIET = 0.4  # how long "nothing else arrives" is watched for
+
+
+@pytest.fixture(scope="module")
+def hub_options():
+    return {"command_lease_seconds": LEASE}
+
+
+class FakeDesktop:
+    """Speaks the Desktop's side of the bus by hand: heartbeats, pushed commands, acks."""
+
+    def __init__(self, url: str, pairing_id: str, creds_path) -> None:
+        self.url, self.pairing_id = url, pairing_id
+        self.creds = EdgeCredentials.from_creds_file(creds_path)
+        self.nc: nats.aio.client.Client | None = None
+        self.commands: asyncio.Queue[DeviceCommand] = asyncio.Queue()
+        self.states: list[PairingState] = []
+        self.errors: list[str] = []
+        self._beat = 0
+
+    async def connect(self) -> None:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = await nats.connect(
+            self.url, allow_reconnect=False, error_cb=on_error,
+            inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", self.pairing_id),
+            **self.creds.connect_options())
+        await self.nc.subscribe(subjects.DEVICE_COMMAND.build(tenant=TENANT,
+                                                              device_id=self.pairing_id),
+                                cb=self._on_push)
+        await self.nc.flush()
+
+    async def _on_push(self, msg) -> None:
+        if json.loads(msg.data)["type"] == PairingState.message_type:
+            self.states.append(decode(msg.data, PairingState).data)
+        else:
+            self.commands.put_nowait(decode(msg.data, DeviceCommand).data)
+
+    @property
+    def source(self) -> Source:
+        return Source(principal_kind="desktop", principal_id=self.pairing_id,
+                      authority="desktop_local")
+
+    async def heartbeat(self, status: str = "online", interval: float = 60.0) -> None:
+        self._beat += 1
+        beat = PresenceHeartbeat(principal_kind="desktop", principal_id=self.pairing_id,
+                                 sequence=self._beat, interval_seconds=interval,
+                                 status=status, version="fake-desktop/1")
+        await self.nc.publish(subjects.PRESENCE.build(
+            tenant=TENANT, principal_kind="desktop", principal_id=self.pairing_id),
+            Envelope.wrap(beat, source=self.source, tenant=TENANT).encode())
+        await self.nc.flush()
+
+    async def next_command(self, timeout: float = 5.0) -> DeviceCommand:
+        return await asyncio.wait_for(self.commands.get(), timeout)
+
+    async def nothing_pushed(self, within: float = QUIET) -> None:
+        await asyncio.sleep(within)
+        assert self.commands.empty(), f"unexpected push: {self.commands._queue[0]}"
+
+    async def ack(self, cmd: DeviceCommand, outcome: str = "completed",
+                  result: CommandResult | None | str = "default", **override: Any) -> AckReply:
+        if result == "default":
+            result = (None if outcome == "accepted" else
+                      CommandResult(ok=outcome == "completed",
+                                    status="completed" if outcome == "completed" else "failed",
+                                    message=f"{outcome} {cmd.id}"))
+        fields = {"command_id": cmd.id, "pairing_id": self.pairing_id,
+                  "sequence": cmd.sequence, "lease_token": cmd.lease.lease_token,
+                  "outcome": outcome, "result": result}
+        fields.update(override)
+        data = Envelope.wrap(CommandAck(**fields), source=self.source, tenant=TENANT).encode()
+        reply = await self.nc.request(
+            subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=self.pairing_id),
+            data, timeout=5)
+        return decode(reply.data, AckReply).data
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+
+@pytest.fixture
+async def paired(hub, http, operator_nats_url, tmp_path):
+    """A redeemed pairing (offline) and a connected fake Desktop that has not heartbeat yet."""
+    created, store = await redeem(http, operator_nats_url, tmp_path / "desktop")
+    desktop = FakeDesktop(operator_nats_url, created["pairingId"], store.creds_path)
+    await desktop.connect()
+    yield desktop
+    await desktop.close()
+
+
+async def _online(http, desktop: FakeDesktop, online: bool = True) -> None:
+    await desktop.heartbeat("online" if online else "offline")
+
+    async def check() -> bool:
+        return (await get_pairing(http, desktop.pairing_id))["online"] is online
+
+    await eventually(check, 5, 0.05, f"pairing online={online}")
+
+
+async def _rejections(hub, command_id: str) -> list[dict]:
+    rows = await hub.pool.fetch(
+        "SELECT actor_kind, actor_id, reason, metadata FROM audit_log WHERE tenant = $1 AND "
+        "action = 'command.ack_rejected' AND command_id = $2 ORDER BY id", TENANT, command_id)
+    return [dict(r) for r in rows]
+
+
+def _commands_url(pairing_id: str) -> str:
+    return f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands"
+
+
+# --- validation at the API --------------------------------------------------------------
+@pytest.mark.parametrize("body, explained", [
+    ({"kind": "format_disk"}, "kind"),
+    ({}, "kind"),
+    ({"kind": "prompt", "payload": {"text": "hi"}}, "needs a sessionId"),
+    ({"kind": "prompt", "sessionId": "ses_1"}, "payload.text"),
+    ({"kind": "prompt", "sessionId": "ses_1", "payload": {"text": ""}}, "payload.text"),
+    ({"kind": "prompt", "sessionId": "ses_1", "payload": {"txt": "typo"}}, "payload."),
+    ({"kind": "permission.respond", "sessionId": "ses_1",
+      "payload": {"permissionId": "per_1", "allowed": "yes"}}, "payload.allowed"),
+    ({"kind": "permission.respond", "sessionId": "ses_1",
+      "payload": {"permissionId": "per_1", "allowed": 1}}, "payload.allowed"),
+    ({"kind": "permission.respond", "sessionId": "ses_1",
+      "payload": {"permissionId": "per_1"}}, "payload.allowed"),
+    ({"kind": "question.reply", "sessionId": "ses_1",
+      "payload": {"requestId": "q", "answers": "Blue"}}, "payload.answers"),
+    ({"kind": "status", "payload": {"x": 1}}, "takes no payload"),
+    ({"kind": "status", "sessionId": "has space"}, "sessionId"),
+    ({"kind": "status", "id": "bad.id"}, "id"),
+    ({"kind": "status", "unknownField": 1}, "unknownField"),
+])
+async def test_invalid_commands_are_explained(http, paired, body, explained):
+    response = await http.post(_commands_url(paired.pairing_id), json=body)
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request", error
+    assert explained in error["message"], error
+    assert "Traceback" not in response.text
+
+
+async def test_malformed_json_and_unknown_pairing(http, paired):
+    response = await http.post(_commands_url(paired.pairing_id), content=b"{kind: status",
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    missing = await http.post(_commands_url("no_such_pairing"), json={"kind": "status"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "pairing.not_found"
+    unknown = await http.get(f"{_commands_url(paired.pairing_id)}/no_such_command")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "command.not_found"
+
+
+async def test_an_unredeemed_pairing_takes_no_commands(http):
+    created = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json={"label": "later"})
+    pid = created.json()["pairingId"]
+    response = await http.post(_commands_url(pid), json={"kind": "status"})
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "pairing.not_redeemed"
+
+
+# --- idempotency --------------------------------------------------------------------------
+async def test_submit_is_idempotent_by_id(hub, http, paired):
+    url = _commands_url(paired.pairing_id)
+    body = {"id": "cmd-idem-1", "kind": "prompt", "sessionId": "ses_1",
+            "payload": {"text": "hello"}}
+    first = await http.post(url, json=body)
+    assert first.status_code == 201, first.text
+    again = await http.post(url, json=body)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json() == {"commandId": "cmd-idem-1", "sequence": 1}
+
+    changed = await http.post(url, json={**body, "payload": {"text": "something else"}})
+    assert changed.status_code == 409, changed.text
+    assert changed.json()["error"]["code"] == "command.conflict"
+    other_kind = await http.post(url, json={"id": "cmd-idem-1", "kind": "status"})
+    assert other_kind.status_code == 409, other_kind.text
+
+    # The retries took no sequence number and made no second row.
+    nxt = await submit(http, paired.pairing_id, "status")
+    assert nxt["sequence"] == 2
+    count = await hub.pool.fetchval("SELECT count(*) FROM pairing_commands WHERE tenant = $1 "
+                                    "AND command_id = 'cmd-idem-1'", TENANT)
+    assert count == 1
+
+
+async def test_the_same_command_id_on_another_pairing_conflicts(http, paired, operator_nats_url,
+                                                                tmp_path):
+    other, store = await redeem(http, operator_nats_url, tmp_path / "other")
+    body = {"id": "cmd-shared", "kind": "status"}
+    assert (await http.post(_commands_url(paired.pairing_id), json=body)).status_code == 201
+    response = await http.post(_commands_url(other["pairingId"]), json=body)
+    assert response.status_code == 409, response.text
+
+
+# --- delivery -----------------------------------------------------------------------------
+async def test_queued_while_offline_then_pushed_one_at_a_time_in_order(hub, http, paired):
+    pid = paired.pairing_id
+    submitted = [await submit(http, pid, "status") for _ in range(3)]
+    assert [s["sequence"] for s in submitted] == [1, 2, 3]
+    for s in submitted:
+        view = await command(http, pid, s["commandId"])
+        assert view["state"] == "queued" and view["status"] == "queued", view
+        assert view["attempts"] == 0
+    await paired.nothing_pushed()  # offline: nothing goes out
+
+    await _online(http, paired)
+    await eventually(lambda: paired.states, 5, what="the pairing state pushed on connect")
+    assert paired.states[-1].pairing_id == pid and paired.states[-1].enabled
+    seen = []
+    for expected in submitted:
+        cmd = await paired.next_command()
+        seen.append(cmd)
+        assert (cmd.id, cmd.sequence) == (expected["commandId"], expected["sequence"])
+        assert cmd.pairing_id == pid and cmd.kind.value == "status"
+        assert cmd.workspace_id == "local"
+        assert len(cmd.lease.lease_token) >= 16
+        remaining = (cmd.lease.lease_expires_at - datetime.now(UTC)).total_seconds()
+        assert 0 < remaining <= LEASE + 0.5, remaining
+        assert (await command(http, pid, cmd.id))["state"] == "leased"
+        await paired.nothing_pushed()  # the next waits for this one
+
+        accepted = await paired.ack(cmd, "accepted")
+        assert accepted.ok, accepted
+        assert (await command(http, pid, cmd.id))["state"] == "accepted"
+        await paired.nothing_pushed()  # accepted is not final
+
+        done = await paired.ack(cmd, "completed")
+        assert done.ok, done
+    await paired.nothing_pushed()
+    assert len({c.lease.lease_token for c in seen}) == 3, "a fresh token per lease"
+
+    for s in submitted:
+        view = await command(http, pid, s["commandId"])
+        assert view["state"] == "done" and view["status"] == "completed", view
+        assert view["result"]["message"] == f"completed {s['commandId']}"
+        assert view["attempts"] == 1 and view["completedAt"]
+    assert (await get_pairing(http, pid))["lastCommandSequence"] == 3
+    actions = await hub.pool.fetch("SELECT action FROM audit_log WHERE tenant = $1 AND "
+                                   "command_id = $2 ORDER BY id", TENANT,
+                                   submitted[0]["commandId"])
+    assert [r["action"] for r in actions] == ["command.accepted", "command.completed"]
+
+
+async def test_a_command_submitted_while_online_is_pushed_at_once(http, paired):
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    assert cmd.id == submitted["commandId"]
+    failed = await paired.ack(cmd, "failed")
+    assert failed.ok, failed
+    view = await command(http, paired.pairing_id, cmd.id)
+    assert view["state"] == "done" and view["status"] == "failed"
+    # A failed command is final too: the next one is pushed.
+    second = await submit(http, paired.pairing_id, "status")
+    assert (await paired.next_command()).id == second["commandId"]
+
+
+# --- ack refusals ---------------------------------------------------------------------------
+async def test_a_made_up_token_is_refused_and_audited(hub, http, paired):
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    reply = await paired.ack(cmd, lease_token=secrets.token_urlsafe(24))
+    assert not reply.ok and reply.code == "command.stale_lease", reply
+    assert reply.reason
+    rows = await _rejections(hub, submitted["commandId"])
+    assert len(rows) == 1
+    assert rows[0]["actor_kind"] == "desktop" and rows[0]["actor_id"] == paired.pairing_id
+    assert rows[0]["reason"].startswith("command.stale_lease")
+    assert lease_token_absent(rows[0], cmd.lease.lease_token)
+    view = await command(http, paired.pairing_id, cmd.id)
+    assert view["state"] == "leased", "a refused ack changes nothing"
+    assert (await paired.ack(cmd)).ok, "the real token still works"
+
+
+def lease_token_absent(row: dict, token: str) -> bool:
+    return token not in json.dumps(row, default=str)
+
+
+async def test_an_ack_naming_another_pairing_is_refused(hub, http, paired, operator_nats_url,
+                                                        tmp_path):
+    other, store = await redeem(http, operator_nats_url, tmp_path / "other")
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    reply = await paired.ack(cmd, pairing_id=other["pairingId"])
+    assert not reply.ok and reply.code == "command.wrong_pairing", reply
+    rows = await _rejections(hub, submitted["commandId"])
+    assert len(rows) == 1 and rows[0]["reason"].startswith("command.wrong_pairing")
+    assert rows[0]["actor_id"] == paired.pairing_id, "the subject names the caller"
+    assert rows[0]["metadata"]["claimedPairingId"] == other["pairingId"]
+    assert (await command(http, paired.pairing_id, cmd.id))["state"] == "leased"
+
+
+async def test_a_desktop_cannot_ack_another_pairings_command(hub, http, paired,
+                                                             operator_nats_url, tmp_path):
+    other, store = await redeem(http, operator_nats_url, tmp_path / "other")
+    intruder = FakeDesktop(operator_nats_url, other["pairingId"], store.creds_path)
+    await intruder.connect()
+    try:
+        await _online(http, paired)
+        submitted = await submit(http, paired.pairing_id, "status")
+        cmd = await paired.next_command()
+        # Its own pairing id, the victim's command and live token: unknown here.
+        reply = await intruder.ack(cmd)
+        assert not reply.ok and reply.code == "command.unknown", reply
+        rows = await _rejections(hub, submitted["commandId"])
+        assert [r["actor_id"] for r in rows] == [other["pairingId"]]
+        # And the server does not let it publish on the victim's ack subject at all.
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await intruder.nc.request(
+                subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=paired.pairing_id),
+                b"{}", timeout=1)
+        await eventually(lambda: any("permissions violation" in e.lower()
+                                     for e in intruder.errors), 5, what="a permission error")
+        assert (await command(http, paired.pairing_id, cmd.id))["state"] == "leased"
+    finally:
+        await intruder.close()
+
+
+async def test_sequence_not_above_the_last_acknowledged_is_refused(hub, http, paired):
+    pid = paired.pairing_id
+    await _online(http, paired)
+    first_id = (await submit(http, pid, "status"))["commandId"]
+    first = await paired.next_command()
+    assert (await paired.ack(first)).ok
+    second_id = (await submit(http, pid, "status"))["commandId"]
+    second = await paired.next_command()
+    assert second.sequence == first.sequence + 1
+
+    # The live lease, but the sequence of the command already acknowledged.
+    reply = await paired.ack(second, sequence=first.sequence)
+    assert not reply.ok and reply.code == "command.wrong_sequence", reply
+    # A different final ack for the acknowledged command: it is final already.
+    reply = await paired.ack(first, "failed")
+    assert not reply.ok and reply.code == "command.already_final", reply
+    assert (await command(http, pid, first_id))["status"] == "completed"
+
+    # The ledger guard itself (unreachable through ordered delivery alone): with the
+    # pairing's last acknowledged sequence at or above the command's, the ack is stale.
+    await hub.pool.execute("UPDATE pairings SET last_command_sequence = $2 WHERE tenant = $1 "
+                           "AND pairing_id = $3", TENANT, second.sequence, pid)
+    reply = await paired.ack(second)
+    assert not reply.ok and reply.code == "command.stale_sequence", reply
+
+    rows = await _rejections(hub, second_id)
+    assert [r["reason"].split(":")[0] for r in rows] == ["command.wrong_sequence",
+                                                        "command.stale_sequence"]
+    assert [r["reason"].split(":")[0] for r in await _rejections(hub, first_id)] == [
+        "command.already_final"]
+    assert (await command(http, pid, second_id))["state"] == "leased"
+
+
+async def test_a_replayed_identical_final_ack_is_a_no_op(hub, http, paired):
+    pid = paired.pairing_id
+    await _online(http, paired)
+    submitted = await submit(http, pid, "status")
+    cmd = await paired.next_command()
+    assert (await paired.ack(cmd)).ok
+    before = await command(http, pid, cmd.id)
+    replay = await paired.ack(cmd)
+    assert replay.ok and replay.code is None, replay
+    assert await command(http, pid, cmd.id) == before
+    completed = await hub.pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant = $1 AND command_id = $2 AND "
+        "action = 'command.completed'", TENANT, submitted["commandId"])
+    assert completed == 1, "the replay wrote nothing"
+    assert await _rejections(hub, submitted["commandId"]) == []
+    # A late "accepted" for a finished command is refused, not applied.
+    late = await paired.ack(cmd, "accepted")
+    assert not late.ok and late.code == "command.already_final", late
+
+
+async def test_unknown_command_and_missing_result(hub, http, paired):
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    unknown = await paired.ack(cmd, command_id=new_id())
+    assert not unknown.ok and unknown.code == "command.unknown", unknown
+    bare = await paired.ack(cmd, "completed", result=None)
+    assert not bare.ok and bare.code == "command.result_missing", bare
+    assert [r["reason"].split(":")[0] for r in await _rejections(hub, submitted["commandId"])
+            ] == ["command.result_missing"]
+
+
+# --- leases running out ----------------------------------------------------------------------
+async def test_an_expired_lease_is_redelivered_with_a_new_token(hub, http, paired):
+    pid = paired.pairing_id
+    await _online(http, paired)
+    submitted = await submit(http, pid, "status")
+    first = await paired.next_command()
+    assert (await paired.ack(first, "accepted")).ok  # then the Desktop goes silent
+
+    again = await paired.next_command(timeout=LEASE + 3)
+    assert (again.id, again.sequence) == (first.id, first.sequence)
+    assert again.lease.lease_token != first.lease.lease_token
+    assert again.lease.lease_expires_at > first.lease.lease_expires_at
+    assert again.created_at == first.created_at and again.kind == first.kind
+
+    stale = await paired.ack(first)  # the old token, after its lease expired
+    assert not stale.ok and stale.code == "command.stale_lease", stale
+    rows = await _rejections(hub, submitted["commandId"])
+    assert len(rows) == 1 and rows[0]["reason"].startswith("command.stale_lease")
+
+    assert (await paired.ack(again)).ok
+    view = await command(http, pid, first.id)
+    assert view["state"] == "done" and view["attempts"] == 2
+    await paired.nothing_pushed(LEASE / 2)
+
+
+async def test_the_current_token_after_expiry_is_refused(hub, http, paired):
+    """Offline, nobody re-leases: the current token simply runs out."""
+    pid = paired.pairing_id
+    await _online(http, paired)
+    submitted = await submit(http, pid, "status")
+    cmd = await paired.next_command()
+    await _online(http, paired, online=False)
+    wait = (cmd.lease.lease_expires_at - datetime.now(UTC)).total_seconds() + 0.3
+    await asyncio.sleep(max(wait, 0))
+    await paired.nothing_pushed(0.6)  # the reaper leaves offline Desktops alone
+
+    expired = await paired.ack(cmd)
+    assert not expired.ok and expired.code == "command.lease_expired", expired
+    rows = await _rejections(hub, submitted["commandId"])
+    assert [r["reason"].split(":")[0] for r in rows] == ["command.lease_expired"]
+    assert (await command(http, pid, cmd.id))["state"] == "leased"
+
+    await _online(http, paired)  # back online: the same command, a new lease
+    again = await paired.next_command()
+    assert (again.id, again.sequence) == (cmd.id, cmd.sequence)
+    assert again.lease.lease_token != cmd.lease.lease_token
+    assert (await paired.ack(again)).ok
+    assert (await command(http, pid, cmd.id))["status"] == "completed"

@@ -1,0 +1,28 @@
+"""Fake chat platforms for the channel tests, by kind.
+
+Every kind in channels.PROVIDERS must have a fake here: the conformance suite
+(tests/channels/test_channel_conformance.py) fails for a kind without one.
+"""
+
+from __future__ import annotations
+
+from ._base import FakePlatform, Posted, webhook_request
+from .discord import FakeDiscord
+from .slack import FakeSlack
+from .telegram import FakeTelegram
+from .cli import FakeCli
+from .email import FakeEmail
+from .webhook import FakeWebhook
+from .whatsapp import FakeWhatsApp
+
+FAKES: dict[str, type[FakePlatform]] = {
+    "telegram": FakeTelegram,
+    "slack": FakeSlack,
+    "discord": FakeDiscord,
+    "whatsapp": FakeWhatsApp,
+    "email": FakeEmail,
+    "webhook": FakeWebhook,
+    "cli": FakeCli,
+}
+
+__all__ = ["FAKES", "FakePlatform", "Posted", "webhook_request"]
