@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
 	@echo "make test   - install with dev extras and run the whole test suite against real servers"
-	@echo "make bench  - run the benchmarks (tests marked bench; results in docs/performance.md)"
+	@echo "make bench  - install the dev and bench extras, run the benchmarks (results in docs/performance.md)"
 	@echo "make lint   - ruff (lint + format check), mypy, and the import-linter room contracts"
 	@echo "make schema - regenerate docs/schemas and docs/asyncapi.json from schemas/"
 
@@ -26,6 +26,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+# The benchmarks also need the bench extra (FastStream, measured against nats-py).
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
 run: $(VENV)/.installed
 	$(BIN)/cowork up
 
@@ -33,7 +38,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Exit 5 is pytest's "no test selected": say so rather than fail obscurely.
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-bench
 	@$(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
 	status=$$?; if [ $$status -eq 5 ]; then \
 	  echo "make bench: no test marked 'bench' was selected"; exit 1; fi; exit $$status

@@ -67,5 +67,5 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter stays at warning unless debugging.
-    for noisy in ("aiohttp.access", "asyncio", "nats", "faststream"):
+    for noisy in ("aiohttp.access", "asyncio", "nats"):
         logging.getLogger(noisy).setLevel("DEBUG" if level == "debug" else "WARNING")
