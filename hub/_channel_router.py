@@ -22,11 +22,9 @@ is a bug in handling: dead letter with the reason, never a hot loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -47,7 +45,7 @@ from ._channel_claims import ClaimKey, claim_all, claim_key
 from ._channel_identity import ChannelIdentity
 from ._channel_outbox import delivery_id
 from ._channel_sessions import ChannelSessions, SubmitRefused, Turn, received_reaction
-from ._deadletter import DeadLetters, Rejected, parse_and_decode
+from ._deadletter import TRANSIENT, DeadLetters, Rejected, parse_and_decode
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._streams import hub_consumer
@@ -55,9 +53,6 @@ from ._streams import hub_consumer
 log = logging.getLogger("cowork.hub.channels.router")
 FAMILY = subjects.CHANNEL_INBOUND
 SPEC = hub_consumer("hub-channel-router")
-TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-             asyncpg.InterfaceError, asyncpg.exceptions.DeadlockDetectedError,
-             asyncpg.exceptions.SerializationError, nats.errors.Error)
 FINAL_FAILURES = {"failed", "blocked_by_policy", "requires_local_confirmation"}
 
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token
+from schemas._storable import unstorable_json
 
 from ._logging import kv
 
@@ -56,11 +57,15 @@ async def json_body(request: web.Request, model: type[M], *, optional: bool = Fa
     if optional and not raw.strip():
         return model()
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise invalid(f"{where}: {first['msg']}") from None
+    problem = unstorable_json(raw)  # valid, but PostgreSQL could not store it
+    if problem is not None:
+        raise invalid(problem)
+    return body
 
 
 def iso(value: datetime | None) -> str | None:
