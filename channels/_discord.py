@@ -25,7 +25,7 @@ from schemas import DeliveryType
 from . import _payload as p
 from ._platform_http import (call_json, check_buttons, file_bytes, invalid, require_object,
                              require_reaction, require_text, unsupported)
-from ._provider import (BadRequest, ButtonLimits, Capabilities, DeliveryFailed,
+from ._provider import (ApiBaseSettings, BadRequest, ButtonLimits, Capabilities, DeliveryFailed,
                         InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
                         WebhookRequest, WebhookResult)
 
@@ -39,8 +39,7 @@ _SUPPRESS_NOTIFICATIONS = 1 << 12
 _EPHEMERAL = 1 << 6
 
 
-class DiscordSettings(ProviderSettings):
-    api_base: str | None = None  # None: the real REST API (v10)
+class DiscordSettings(ApiBaseSettings):  # apiBase None: the real API
     application_id: str = Field(pattern=r"^[0-9]{1,20}$")
     public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")  # public: not a secret
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")

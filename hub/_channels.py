@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from channels import ChannelRuntime, InstanceConfig, RuntimeOptions
+from channels._provider import destination_changed
 from schemas import AuditRecord, PrincipalKind
 
 from ._audit import AuditLog
@@ -242,8 +243,10 @@ class ChannelService:
             if "authority" in patch:
                 changes["authority"] = _check_authority(patch["authority"])
             if "settings" in patch:
-                _, changes["settings"] = validate_settings(current["kind"],
-                                                           patch["settings"] or {})
+                after, changes["settings"] = validate_settings(current["kind"],
+                                                               patch["settings"] or {})
+                before, _ = validate_settings(current["kind"], current["settings"])
+                _check_secrets_reentered(current, before, after, patch.get("secrets") or {})
             if "secrets" in patch:
                 try:
                     stored = self._box.open(current["secrets_enc"])
@@ -317,3 +320,21 @@ def _check_authority(value: Any) -> str:
         raise ChannelInstanceError(422, "channel_instance.invalid_authority",
                                    f"authority must be one of {', '.join(AUTHORITIES)}")
     return value
+
+
+def _check_secrets_reentered(current: dict[str, Any], before: Any, after: Any,
+                             patched: dict[str, Any]) -> None:
+    """Secrets are write-only: changing where they are sent (apiBase and the address
+    rules) needs every secret of the instance in the same request, so a PATCH cannot
+    send the stored bot token to an address of the caller's choosing."""
+    if not destination_changed(before, after):
+        return
+    given = {key for key, value in patched.items() if value is not None}
+    fields = provider_for(current["kind"]).secrets_model.model_fields
+    given |= {field.alias or name for name, field in fields.items() if name in given}
+    missing = sorted(set(current["secret_names"] or ()) - given)
+    if missing:
+        raise ChannelInstanceError(
+            422, "channel_instance.secrets_required",
+            "changing apiBase, allowLoopbackHttp or allowPrivateNetworks sends the "
+            f"instance's secrets elsewhere: send them again ({', '.join(missing)})")
