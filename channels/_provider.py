@@ -61,6 +61,23 @@ class ProviderSettings(BaseModel):
                               extra="forbid")
 
 
+# A signed request older or newer than this is refused (replays of captured requests).
+MAX_SKEW_SECONDS = 300
+
+
+def check_timestamp(now: float, timestamp: str, platform: str,
+                    code: str = "signature.stale") -> int:
+    """The signed request timestamp (Unix seconds) as an int, or VerificationFailed
+    when it is missing, malformed or more than MAX_SKEW_SECONDS off `now`."""
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        raise VerificationFailed("signature.invalid",
+                                 f"the {platform} request timestamp is missing")
+    if abs(now - int(timestamp)) > MAX_SKEW_SECONDS:
+        raise VerificationFailed(code, f"the {platform} request timestamp is more than "
+                                       f"{MAX_SKEW_SECONDS // 60} minutes off")
+    return int(timestamp)
+
+
 class ApiBaseSettings(ProviderSettings):
     """Settings of a provider that calls its platform's API (with the bot's secret, in
     a header or the URL path) at `api_base`: the same SSRF rules as the generic
@@ -77,7 +94,7 @@ class ApiBaseSettings(ProviderSettings):
     def _safe_api_base(self) -> "ApiBaseSettings":
         from . import _ssrf
 
-        if self.api_base is not None:
+        if self.api_base:  # None or "": the real API
             try:
                 _ssrf.check_url(self.api_base, _ssrf.UrlPolicy(self.allow_loopback_http,
                                                                 self.allow_private_networks))
