@@ -99,6 +99,11 @@ def hub_middleware(token_digest: bytes | None) -> Callable:
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
+        except ConnectionResetError:  # the client went away mid-request: nobody to answer
+            log.info("http.client_disconnected", **kv(path=request.path,
+                                                      method=request.method))
+            response = json_error(400, "client_disconnected",
+                                  "the client closed the connection before the request ended")
         except Exception:
             log.exception("http.unhandled_error", **kv(path=request.path,
                                                         method=request.method))
