@@ -37,6 +37,7 @@ from ._channels_store import (
     validate_settings,
 )
 from ._credentials import CredentialError, CredentialService, IssuedCredential
+from ._http import client_address
 from ._logging import kv
 from ._metrics import HubMetrics
 from ._permissions import Principal
@@ -59,9 +60,11 @@ class ChannelService:
         self._box = SecretBox(secret_key)
         self._store = InstanceStore(pool)
         self.connections = InstanceConnections(settings, credentials)
+        trusted = settings.trusted_proxy_networks
         self.runtime = ChannelRuntime(connect=self.connections.connect, options=RuntimeOptions(
             body_limit_bytes=settings.channel_body_limit_bytes,
-            source_rate=settings.channel_source_rate))
+            source_rate=settings.channel_source_rate),
+            source_of=lambda request: client_address(request, trusted))
         self._cache: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, InstanceConfig] = {}  # what the runtime was last given
         self._errors: dict[str, str] = {}  # instance id -> why its config could not apply

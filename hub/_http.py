@@ -68,6 +68,32 @@ async def json_body(request: web.Request, model: type[M], *, optional: bool = Fa
     return body
 
 
+def client_address(request: web.Request, trusted: list) -> str:
+    """Who sent `request`: the socket address, or, when that is a trusted proxy, the
+    nearest X-Forwarded-For address (from the right) that is not a trusted proxy.
+    Forwarded headers from anyone else are ignored (they are the client's to forge)."""
+    remote = request.remote or "unknown"
+    if not trusted or not _in(remote, trusted):
+        return remote
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", [])
+            for h in v.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop if _in(hop, None) else remote
+    return remote
+
+
+def _in(address: str, networks: list | None) -> bool:
+    """Whether `address` is in one of `networks` (None: whether it is an address at all)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return networks is None or any(ip in net for net in networks)
+
+
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -85,9 +111,11 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def hub_middleware(token_digest: bytes | None) -> Callable:
+def hub_middleware(token_digest: bytes | None, *,
+                   metrics_need_token: bool = False) -> Callable:
     """The one middleware of the hub's app (one layer per request, not two: every
-    webhook request pays for each layer): `/api/` routes need the admin bearer;
+    webhook request pays for each layer): `/api/` routes need the admin bearer (and
+    `/metrics` with COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances);
     every error becomes the JSON body; every answer is counted and timed."""
 
     @web.middleware
@@ -95,7 +123,8 @@ def hub_middleware(token_digest: bytes | None) -> Callable:
         started = time.perf_counter()
         try:
             refusal = admin_refusal(request, token_digest) \
-                if request.path.startswith("/api/") else None
+                if request.path.startswith("/api/") or \
+                (metrics_need_token and request.path == "/metrics") else None
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
@@ -215,7 +244,8 @@ def _camel(name: str) -> str:
 def build_app(hub: Hub, admin_token: str | None) -> web.Application:
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
     app = web.Application(
-        middlewares=[hub_middleware(digest)],
+        middlewares=[hub_middleware(
+            digest, metrics_need_token=hub.settings.metrics_require_token)],
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub

@@ -214,3 +214,14 @@ async def test_a_client_leaving_mid_body_is_one_line_not_a_traceback(nats_url, d
     assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"], \
         [r.getMessage() for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
     assert any(r.getMessage().startswith("http.client_disconnected") for r in caplog.records)
+
+
+async def test_metrics_can_require_the_admin_token(nats_url, database_url):
+    async with running_hub(nats_url, database_url, metrics_require_token=True) as hub:
+        async with client(hub) as anonymous, client(hub, admin=True) as admin:
+            refused = await anonymous.get("/metrics")
+            assert refused.status_code == 401 and refused.json()["error"]["code"]
+            assert (await admin.get("/metrics")).status_code == 200
+            assert (await anonymous.get("/healthz")).status_code == 200
+    async with running_hub(nats_url, database_url) as hub, client(hub) as anonymous:
+        assert (await anonymous.get("/metrics")).status_code == 200  # the default: open
