@@ -9,6 +9,8 @@ served the admin call; the replica that served it applies at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from datetime import timedelta
 from typing import Any
@@ -63,7 +65,8 @@ class ChannelService:
         trusted = settings.trusted_proxy_networks
         self.runtime = ChannelRuntime(connect=self.connections.connect, options=RuntimeOptions(
             body_limit_bytes=settings.channel_body_limit_bytes,
-            source_rate=settings.channel_source_rate),
+            source_rate=settings.channel_source_rate,
+            msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest()),
             source_of=lambda request: client_address(request, trusted))
         self._cache: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, InstanceConfig] = {}  # what the runtime was last given

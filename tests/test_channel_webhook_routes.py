@@ -157,3 +157,43 @@ def test_forwarded_headers_count_only_from_trusted_proxies():
     assert source("10.0.0.5", "not-an-ip") == "10.0.0.5"
     assert source("10.0.0.5", None) == "10.0.0.5"
     assert source("10.0.0.5", "203.0.113.9", []) == "10.0.0.5"  # no setting: the socket
+
+
+async def test_another_tenants_edge_cannot_pre_empt_a_platform_message(hub, http):
+    """JetStream dedupes per stream: an edge of tenant `evil` publishes first, into its
+    own inbound subject, with the (public) message id of acme's next Telegram update.
+    The signed update still gets its 200 *and* is stored."""
+    from hubkit import connect_principal
+
+    from channels._provider import message_id
+    from hub._permissions import Principal
+    from schemas import ChannelTarget, Envelope, PrincipalKind, Source
+
+    body = telegram_body("tg-forge", "ws-forge")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    secret = body["secrets"]["webhookSecret"]
+    first = telegram_update("first")
+    assert (await post_update(hub, "tg-forge", secret, first)).status_code == 200
+    seen = await last_inbound(hub, "tg-forge", "ws-forge")
+    assert seen.provider_event_id == str(first["update_id"])  # public, guessable
+
+    target = telegram_update("the real one")
+    forged_id = message_id(TENANT, "tg-forge", seen.event_type, str(target["update_id"]))
+    evil = Principal(PrincipalKind.CHANNEL, "evil", "cli-evil", workspaces=("ws-evil",))
+    edge = await connect_principal(hub, evil)
+    try:
+        decoy = seen.model_copy(update={"id": forged_id, "provider": "cli-evil",
+                                        "workspace_id": "ws-evil", "text": "decoy",
+                                        "target": ChannelTarget(chat_id="1")})
+        env = Envelope.wrap(decoy, source=Source(principal_kind="channel",
+                                                 principal_id="cli-evil"), tenant="evil")
+        ack = await edge.nc.jetstream(timeout=5).publish(
+            subjects.CHANNEL_INBOUND.build(tenant="evil", instance_id="cli-evil",
+                                           workspace_id="ws-evil"),
+            env.encode(), headers={"Nats-Msg-Id": forged_id})
+        assert not ack.duplicate
+    finally:
+        await edge.close()
+    r = await post_update(hub, "tg-forge", secret, target)
+    assert r.status_code == 200
+    assert (await last_inbound(hub, "tg-forge", "ws-forge")).text == "the real one"
