@@ -6,6 +6,8 @@ run exactly this.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -27,7 +29,7 @@ from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._bootstrap_limits import BootstrapLockout
 from ._channel_actions import ActionTokens
-from ._channel_outbox import ChannelOutbox
+from ._channel_outbox import ChannelOutbox, set_delivery_id_key
 from ._channel_receipts import ReceiptIngest
 from ._channel_renderer import ChannelRenderer
 from ._channel_router import ChannelRouter
@@ -241,6 +243,7 @@ class Hub:
         self.channels = ChannelService(self.pool, self.audit, self.js, self.nc, self.metrics,
                                        hub_id=s.hub_id, secret_key=secret,
                                        credentials=self.credentials, settings=s)
+        set_delivery_id_key(hmac.new(secret, b"delivery-id", hashlib.sha256).digest())
         self.channel_outbox = ChannelOutbox(self.js, self.pool, self.metrics, hub_id=s.hub_id)
         actions = ActionTokens(self.pool)
         self.channel_router = ChannelRouter(
