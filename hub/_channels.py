@@ -19,8 +19,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from channels import ChannelRuntime, InstanceConfig, RuntimeOptions
-from channels._provider import destination_changed
+from channels import ChannelRuntime, InstanceConfig, RuntimeOptions, destination_changed
 from schemas import AuditRecord, PrincipalKind
 
 from ._audit import AuditLog
