@@ -19,6 +19,7 @@ from ._provider import (
     VerificationFailed,
     WebhookRequest,
     WebhookResult,
+    destination_changed,
     message_id,
 )
 from .cli import add_channel_commands
@@ -35,7 +36,7 @@ from .runtime import ChannelRuntime, RuntimeOptions
 __all__ = [
     "BadRequest", "ButtonLimits", "Capabilities", "ChannelError", "DeliveryFailed",
     "InstanceConfig", "Provider", "ProviderSettings", "SendResult", "VerificationFailed",
-    "WebhookRequest", "WebhookResult", "message_id",
+    "WebhookRequest", "WebhookResult", "destination_changed", "message_id",
     "PROVIDERS", "UnknownProvider", "capability_matrix", "capability_rows",
     "capability_table_markdown", "provider_class",
     "ChannelRuntime", "RuntimeOptions",

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, ClassVar, Literal, Mapping, Protocol
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from schemas import ChannelInbound, ChannelOutbound
@@ -59,6 +59,58 @@ class ProviderSettings(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True,
                               extra="forbid")
+
+
+# A signed request older or newer than this is refused (replays of captured requests).
+MAX_SKEW_SECONDS = 300
+
+
+def check_timestamp(now: float, timestamp: str, platform: str,
+                    code: str = "signature.stale") -> int:
+    """The signed request timestamp (Unix seconds) as an int, or VerificationFailed
+    when it is missing, malformed or more than MAX_SKEW_SECONDS off `now`."""
+    if not timestamp.isdigit() or len(timestamp) > 12:
+        raise VerificationFailed("signature.invalid",
+                                 f"the {platform} request timestamp is missing")
+    if abs(now - int(timestamp)) > MAX_SKEW_SECONDS:
+        raise VerificationFailed(code, f"the {platform} request timestamp is more than "
+                                       f"{MAX_SKEW_SECONDS // 60} minutes off")
+    return int(timestamp)
+
+
+class ApiBaseSettings(ProviderSettings):
+    """Settings of a provider that calls its platform's API (with the bot's secret, in
+    a header or the URL path) at `api_base`: the same SSRF rules as the generic
+    webhook's delivery URL (channels/_ssrf.py), https only unless `allow_loopback_http`
+    (local fakes and tests). Changing any of these fields requires re-entering the
+    instance's secrets (`destination_changed`)."""
+
+    DEFAULT_API_BASE: ClassVar[str | None] = None
+    api_base: str | None = Field(default=None, max_length=512)  # None: the real API
+    allow_loopback_http: bool = False
+    allow_private_networks: bool = False
+
+    @model_validator(mode="after")
+    def _safe_api_base(self) -> "ApiBaseSettings":
+        from . import _ssrf
+
+        if self.api_base:  # None or "": the real API
+            try:
+                _ssrf.check_url(self.api_base, _ssrf.UrlPolicy(self.allow_loopback_http,
+                                                                self.allow_private_networks))
+            except _ssrf.UnsafeUrl as exc:
+                raise ValueError(f"apiBase: {exc}") from None
+        return self
+
+
+# Where an instance's secrets go: changing one of these without re-entering the
+# secrets would send them to an address of the changer's choosing.
+DESTINATION_FIELDS = ("api_base", "allow_loopback_http", "allow_private_networks")
+
+
+def destination_changed(before: BaseModel, after: BaseModel) -> bool:
+    """True when `after` would send the instance's secrets somewhere `before` would not."""
+    return any(getattr(before, f, None) != getattr(after, f, None) for f in DESTINATION_FIELDS)
 
 
 @dataclass(frozen=True)

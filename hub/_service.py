@@ -6,6 +6,8 @@ run exactly this.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -32,6 +34,7 @@ from .channels import (
     ChannelRouter,
     ChannelService,
     ReceiptIngest,
+    set_delivery_id_key,
 )
 from .core import AuditIngest, AuditLog, DeadLetters, HubMetrics, HubSettings, db, kv, streams
 from .desktop import CommandService, DesktopPresence, PairingRedemption, PairingService
@@ -235,6 +238,7 @@ class Hub:
         self.channels = ChannelService(self.pool, self.audit, self.js, self.nc, self.metrics,
                                        hub_id=s.hub_id, secret_key=secret,
                                        credentials=self.credentials, settings=s)
+        set_delivery_id_key(hmac.new(secret, b"delivery-id", hashlib.sha256).digest())
         self.channel_outbox = ChannelOutbox(self.js, self.pool, self.metrics, hub_id=s.hub_id)
         actions = ActionTokens(self.pool)
         self.channel_router = ChannelRouter(

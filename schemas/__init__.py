@@ -11,6 +11,7 @@ from ._envelope import ContractError, Envelope, Source, decode, new_id, utc_now
 from ._messages import (
     AckReply,
     AllowList,
+    Label,
     Attachment,
     AuditRecord,
     COMMAND_PAYLOADS,
@@ -128,3 +129,6 @@ from ._bootstrap import (
 
 __all__ += ["BOOTSTRAP_ACCOUNT_PUBLIC", "BOOTSTRAP_SUBJECTS", "BOOTSTRAP_USER_JWT",
             "BOOTSTRAP_USER_SEED", "ReplyKey", "SealError", "bootstrap_creds", "seal"]
+from ._storable import UNSTORABLE_CODE, storable_text, unstorable, unstorable_json
+
+__all__ += ["UNSTORABLE_CODE", "storable_text", "unstorable", "unstorable_json"]

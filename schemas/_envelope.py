@@ -11,6 +11,7 @@ from typing import Annotated, Generic, TypeVar
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ._base import Message, WireModel
+from ._storable import UNSTORABLE_CODE, unstorable_json
 from ._tokens import TenantId, TokenId, check_tenant, check_token
 from ._vocabulary import ExecutionAuthority, PrincipalKind
 
@@ -150,6 +151,9 @@ def decode(raw: bytes | str, model: type[D]) -> Envelope[D]:
         envelope = Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
     except ValidationError as exc:
         raise ContractError(_summarise(exc)) from None
+    problem = unstorable_json(raw)
+    if problem is not None:
+        raise ContractError(problem, code=UNSTORABLE_CODE)
     if envelope.type != model.message_type:
         raise ContractError(
             f"type {envelope.type!r} where {model.message_type!r} was expected",

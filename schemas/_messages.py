@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, model_validator
+from pydantic import AfterValidator, Field, StrictBool, model_validator
 
 from ._base import Message, WireModel
 from ._tokens import TenantId, TokenId
@@ -28,7 +28,16 @@ from ._vocabulary import (
 )
 
 Text = Annotated[str, Field(max_length=16_384)]
-Label = Annotated[str, Field(max_length=512)]
+
+
+def _at_most_512_bytes(value: str) -> str:
+    if len(value.encode("utf-8", "surrogatepass")) > 512:
+        raise ValueError("at most 512 bytes of UTF-8")
+    return value
+
+
+# PostgreSQL's label columns check octet_length <= 512: so does the contract
+Label = Annotated[str, Field(max_length=512), AfterValidator(_at_most_512_bytes)]
 NkeyPublic = Annotated[str, Field(pattern=r"^U[A-Z2-7]{55}$")]  # an nkey *user* public key
 Json = dict[str, Any]
 ReplyKeyText = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$")]  # X25519, base64url
@@ -562,4 +571,4 @@ class DeadLetter(Message):
 __all__ = sorted(
     name for name, value in list(globals().items())
     if isinstance(value, type) and issubclass(value, WireModel) and value.__module__ == __name__
-) + ["AllowList", "COMMAND_PAYLOADS", "NEEDS_SESSION", "command_payload"]
+) + ["AllowList", "Label", "COMMAND_PAYLOADS", "NEEDS_SESSION", "command_payload"]

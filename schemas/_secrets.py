@@ -139,8 +139,16 @@ _HINT = re.compile(_trie_pattern(_HINTS))
 _LONG_RUN = re.compile(r"[A-Za-z0-9_-]{24}")
 
 
+# Keys that match SECRET_KEY but name no secret: OpenCode's usage counts
+# (`tokens: {input, output, reasoning, cache}`) and their relatives. Their values
+# are still scrubbed like any other value.
+NOT_SECRET_KEY = re.compile(
+    r"(?:(?:max|input|output|reasoning|total|cache[ds]?|prompt|completion)[_-]?)?tokens",
+    re.IGNORECASE)
+
+
 def is_secret_key(key: str) -> bool:
-    return bool(SECRET_KEY.search(key))
+    return bool(SECRET_KEY.search(key)) and not NOT_SECRET_KEY.fullmatch(key)
 
 
 def might_hold_secret(text: str) -> bool:

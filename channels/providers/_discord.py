@@ -25,9 +25,9 @@ from schemas import DeliveryType
 from . import _payload as p
 from ._platform_http import (call_json, check_buttons, file_bytes, invalid, require_object,
                              require_reaction, require_text, unsupported)
-from .._provider import (BadRequest, ButtonLimits, Capabilities, DeliveryFailed,
-                        InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
-                        WebhookRequest, WebhookResult)
+from .._provider import (ApiBaseSettings, BadRequest, ButtonLimits, Capabilities,
+                        DeliveryFailed, InstanceConfig, ProviderSettings, SendResult,
+                        VerificationFailed, WebhookRequest, WebhookResult, check_timestamp)
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 PING, APPLICATION_COMMAND, MESSAGE_COMPONENT = 1, 2, 3
@@ -39,8 +39,7 @@ _SUPPRESS_NOTIFICATIONS = 1 << 12
 _EPHEMERAL = 1 << 6
 
 
-class DiscordSettings(ProviderSettings):
-    api_base: str | None = None  # None: the real REST API (v10)
+class DiscordSettings(ApiBaseSettings):  # apiBase None: the real API
     application_id: str = Field(pattern=r"^[0-9]{1,20}$")
     public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")  # public: not a secret
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")
@@ -58,7 +57,7 @@ class DiscordProvider:
         parse_modes=frozenset({"plain", "markdown"}), max_file_bytes=10 * 1024 * 1024,
         interaction_ack="required", rate_limit="retry_after", ephemeral=True,
         verification="Ed25519 signature (X-Signature-Ed25519) over X-Signature-Timestamp "
-                     "+ body with the application public key")
+                     "+ body with the application public key, 5 min skew")
     settings_model = DiscordSettings
     secrets_model = DiscordSecrets
 
@@ -85,6 +84,7 @@ class DiscordProvider:
         if not timestamp or len(signature) != 64:
             raise VerificationFailed("signature.invalid",
                                      "the Discord signature or timestamp is missing")
+        check_timestamp(request.now, timestamp, "Discord")  # a captured request goes stale
         try:
             self._key.verify(signature, timestamp.encode() + request.body)
         except InvalidSignature:

@@ -22,8 +22,9 @@ from . import _payload as p
 from .._chunking import chunk_text
 from ._platform_http import (call_json, check_buttons, file_bytes, invalid, require_object,
                              require_reaction, require_text, unsupported)
-from .._provider import (ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
-                        ProviderSettings, SendResult, WebhookRequest, WebhookResult)
+from .._provider import (ApiBaseSettings, ButtonLimits, Capabilities, DeliveryFailed,
+                        InstanceConfig, ProviderSettings, SendResult, WebhookRequest,
+                        WebhookResult)
 from ._slack_inbound import SlackInbound, verify
 
 DEFAULT_API_BASE = "https://slack.com/api"
@@ -38,14 +39,13 @@ REACTION_NAMES = {"👀": "eyes", "👍": "+1", "👎": "-1", "✅": "white_chec
                   "🔥": "fire", "🙏": "pray", "🤔": "thinking_face", "⚠": "warning"}
 
 
-class SlackSettings(ProviderSettings):
-    api_base: str | None = None  # None: the real Web API
+class SlackSettings(ApiBaseSettings):  # apiBase None: the real API
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")
 
 
 class SlackSecrets(ProviderSettings):
     bot_token: str = Field(min_length=1, max_length=512, repr=False)
-    signing_secret: str = Field(min_length=1, max_length=256, repr=False)
+    signing_secret: str = Field(min_length=16, max_length=256, repr=False)  # Slack's: 32 hex
 
 
 class SlackProvider:

@@ -19,9 +19,9 @@ from . import _payload as p
 from ._platform_http import (call_json, check_buttons, failure_for_status, file_bytes,
                              invalid, require_object, require_reaction, require_text,
                              unsupported)
-from .._provider import (ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
-                        ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
-                        WebhookResult)
+from .._provider import (ApiBaseSettings, ButtonLimits, Capabilities, DeliveryFailed,
+                        InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
+                        WebhookRequest, WebhookResult)
 
 DEFAULT_API_BASE = "https://api.telegram.org"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
@@ -36,16 +36,16 @@ REACTION_EMOJI = frozenset(
     "🎄 ☃ 💅 🤪 🗿 🆒 💘 🙉 🦄 😘 💊 🙊 😎 👾 🤷\u200d♂ 🤷 🤷\u200d♀ 😡".split())
 
 
-class TelegramSettings(ProviderSettings):
-    api_base: str | None = None  # None: the real Bot API
+class TelegramSettings(ApiBaseSettings):  # apiBase None: the real API
     # The bot's @username: `/cmd@otherbot` in a group is for another bot.
     bot_username: str | None = Field(default=None, max_length=64)
 
 
 class TelegramSecrets(ProviderSettings):
     bot_token: str = Field(min_length=1, max_length=256, repr=False)
-    # setWebhook's secret_token: 1-256 characters of A-Z a-z 0-9 _ -
-    webhook_secret: str = Field(pattern=r"^[A-Za-z0-9_-]{1,256}$", repr=False)
+    # setWebhook's secret_token: 1-256 characters of A-Z a-z 0-9 _ -, chosen by the
+    # operator: at least 16 (MIN_CHOSEN_SECRET), so it cannot be guessed
+    webhook_secret: str = Field(pattern=r"^[A-Za-z0-9_-]{16,256}$", repr=False)
 
 
 class TelegramProvider:

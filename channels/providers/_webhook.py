@@ -6,7 +6,7 @@ inbound with the instance's inbound secret, outbound with its outbound secret.
 Requests more than five minutes off are refused, so a captured request cannot
 be replayed later; within the window a replay maps to the same message id and
 is deduplicated by the hub. Every outbound request goes through the SSRF policy
-(channels/providers/_ssrf.py): the configured URL is re-checked and its host resolved and
+(channels/_ssrf.py): the configured URL is re-checked and its host resolved and
 pinned per send, and redirects are never followed.
 """
 
@@ -25,7 +25,7 @@ from pydantic.alias_generators import to_camel
 from schemas import (ChannelEventType, ChannelInteraction, ChannelOutbound, ChannelSender,
                      ChannelTarget, DeliveryType)
 
-from . import _ssrf
+from .. import _ssrf
 from ._payload import body_invalid, command_fields, contract_errors, inbound
 from ._platform_http import send_request
 from .._provider import (ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,

@@ -26,9 +26,9 @@ from schemas import (ChannelEventType, ChannelInbound, ChannelInteraction, Chann
 
 from ._payload import command_fields, contract_errors, inbound
 from ._platform_http import call_json, require_object, require_reaction
-from .._provider import (BadRequest, ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
-                        ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
-                        WebhookResult)
+from .._provider import (ApiBaseSettings, BadRequest, ButtonLimits, Capabilities, DeliveryFailed,
+                        InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
+                        WebhookRequest, WebhookResult)
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 MAX_REPLY_BUTTONS = 3
@@ -39,15 +39,16 @@ TOKEN_BYTES = 200  # a list row id's limit (reply button ids allow 256)
 BODY_LIMIT = 1024  # interactive message body text
 
 
-class WhatsAppSettings(ProviderSettings):
+class WhatsAppSettings(ApiBaseSettings):
     phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
     api_base: str = Field(default="https://graph.facebook.com/v20.0", max_length=512)
 
 
 class WhatsAppSecrets(ProviderSettings):
     access_token: SecretStr = Field(min_length=1, max_length=1024)
-    app_secret: SecretStr = Field(min_length=1, max_length=256)
-    verify_token: SecretStr = Field(min_length=1, max_length=256)
+    app_secret: SecretStr = Field(min_length=16, max_length=256)  # Meta's: 32 hex
+    # chosen by the operator (the subscription handshake's hub.verify_token)
+    verify_token: SecretStr = Field(min_length=16, max_length=256)
 
 
 class WhatsAppProvider:

@@ -3,8 +3,11 @@
 Every message a request carries is in JetStream (acknowledged by the stream)
 before the platform gets its 2xx; when the publish fails the platform gets a
 503 and retries, so an accepted chat message is never lost. `Nats-Msg-Id` is
-the message id derived from the platform's event id, so JetStream drops the
-platform's retries within its duplicate window (the hub dedupes durably after).
+the message id derived from the platform's event id, keyed with a secret only the
+hub holds (`dedupe_id`), so JetStream drops the platform's retries within its
+duplicate window (the hub dedupes durably after), and a `duplicate` publish ack
+can only mean this instance already stored this event: JetStream's window is per
+stream, and no other tenant's edge can compute a keyed id to pre-empt it.
 
 This is the hot path: nothing here logs at info per request, and what can be
 computed once per instance is (subject, the envelope's fixed part, the publisher
@@ -15,6 +18,8 @@ with its reply subscription: `_Route`). Measured in docs/performance.md
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from datetime import datetime, timezone
@@ -104,6 +109,11 @@ async def read_capped(request: web.Request, limit: int) -> bytes:
             raise BodyTooLarge
         parts.append(chunk)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def dedupe_id(key: bytes, message_id: str) -> str:
+    """The Nats-Msg-Id of an inbound message: unforgeable without `key`."""
+    return "in-" + hmac.new(key, message_id.encode(), hashlib.sha256).hexdigest()[:40]
 
 
 class Ingress:
@@ -216,11 +226,13 @@ class Ingress:
                     or route.publisher.closed:
                 route = await self._route(instance)
             publisher, subject = route.publisher, instance.inbound_subject
+            key = self._options.msg_id_key
             if len(result.messages) == 1:
                 msg = result.messages[0]
-                await publisher.publish(subject, route.encode(msg), msg.id)
+                await publisher.publish(subject, route.encode(msg), dedupe_id(key, msg.id))
             else:
-                await asyncio.gather(*(publisher.publish(subject, route.encode(msg), msg.id)
+                await asyncio.gather(*(publisher.publish(subject, route.encode(msg),
+                                                         dedupe_id(key, msg.id))
                                        for msg in result.messages))
         except Exception as exc:  # no stream, no connection, timeout: the platform retries
             log.warning("channel.webhook.publish_failed", **kv(

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 
@@ -62,6 +63,12 @@ class RuntimeOptions:
     watch_interval_seconds: float = 0.5  # how often a closed connection is looked for
     ledger_timeout_seconds: float = 2.0  # one read or write of the durable sent-ledger
     ledger_retry_seconds: float = 30.0   # after it failed, memory only for this long
+    # Keys the Nats-Msg-Id of each accepted webhook message (HMAC of its message id):
+    # JetStream's duplicate window is per stream, and message ids are made of public
+    # values, so an unkeyed id could be published first by another tenant's edge to
+    # make this message a "duplicate". The hub passes a key derived from its secrets
+    # (stable across restarts and replicas); the default lasts as long as the process.
+    msg_id_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
 
 class Instance:

@@ -11,13 +11,22 @@ Desktop"), recursively, on a copy:
   `[local-mcp-detail-redacted]` unless `expose_local_mcp_details`;
 - keys `body, contentBase64, dataBase64` -> `[artifact-body-redacted]` unless
   `expose_artifact_bodies`;
-- a key named `directory` -> None, and in every string absolute paths under
+- a key named `directory` -> None; OpenCode's other path-bearing keys (`path`,
+  `worktree`, `root`, `cwd`, and a file part's `filename`) -> `[local-path]`
+  when a non-empty string (OpenCode's session `path` is relative to the
+  worktree, which is `/` outside git: `home/alice/...` has no leading slash),
+  walked when an object; and in every string absolute paths under
   /Users, /home, /private, /var, /tmp, /Volumes (and /root, /mnt, /media),
   Windows drive and UNC paths -> `[local-path]`, `file://` URLs ->
   `[local-file-url]`, unless `expose_local_paths`;
 - limits: strings cut at 16384 characters (`...[truncated]` appended), at most
   50 list items and 100 object keys (the last slot holds a "more" marker), and
   containers nested deeper than 6 below the root -> `[redacted-depth]`.
+
+Usage counts (`tokens`, `maxTokens`, ...) are not secrets by their key name
+(`schemas._secrets.is_secret_key`); their values are scrubbed like any other.
+Every string and key also loses what PostgreSQL cannot store (NUL, lone
+surrogates -> U+FFFD), so an honest Desktop never sends a poison event.
 
 Beyond the reference: token-shaped values are scrubbed wherever they sit (under
 harmless keys, inside prose, URLs and dict keys) by `schemas._secrets.scrub_text`,
@@ -37,7 +46,7 @@ from functools import lru_cache
 from itertools import islice
 from typing import Any
 
-from schemas import SECRET_KEY, SECRET_REDACTED, scrub_text
+from schemas import SECRET_REDACTED, is_secret_key, scrub_text, storable_text
 
 MAX_STRING_CHARS = 16 * 1024
 MAX_ARRAY_ITEMS = 50
@@ -56,6 +65,7 @@ MORE_KEYS = "__redacted"
 MCP_DETAIL_KEYS = frozenset({"command", "args", "env", "cwd", "stdio", "process", "pid",
                              "serverPath"})
 ARTIFACT_BODY_KEYS = frozenset({"body", "contentBase64", "dataBase64"})
+PATH_KEYS = frozenset({"path", "worktree", "root", "cwd"})
 _POLICY_KEYS = {"exposeArtifactBodies": "expose_artifact_bodies",
                 "exposeLocalPaths": "expose_local_paths",
                 "exposeLocalMcpDetails": "expose_local_mcp_details"}
@@ -75,7 +85,7 @@ _LOCAL = re.compile(
 )
 
 # keys: how their values are treated
-_PLAIN, _SECRET, _MCP, _ARTIFACT, _DIRECTORY = range(5)
+_PLAIN, _SECRET, _MCP, _ARTIFACT, _DIRECTORY, _PATH = range(6)
 
 
 @dataclass(frozen=True)
@@ -142,9 +152,10 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
         if size > MAX_OBJECT_KEYS:
             items = islice(items, MAX_OBJECT_KEYS - 1)
         out: dict[Any, Any] = {}
+        file_part = value.get("type") == "file"
         for key, item in items:
             if type(key) is str:
-                role = _key_role(key)
+                role = _PATH if file_part and key == "filename" else _key_role(key)
                 name = _key_text(key, paths)
                 if name in out:  # two keys redacted to the same text: keep both
                     name = f"{name}#{len(out)}"
@@ -160,6 +171,9 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
                 out[name] = ARTIFACT_REDACTED
             elif role is _DIRECTORY and not paths:
                 out[name] = None
+            elif (role is _PATH or (role is _MCP and key in PATH_KEYS)) and not paths \
+                    and type(item) is str:
+                out[name] = LOCAL_PATH if item else item
             else:
                 out[name] = _walk(item, depth + 1, paths, mcp, bodies)
         if size > MAX_OBJECT_KEYS:
@@ -185,10 +199,12 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
 
 @lru_cache(maxsize=4096)
 def _key_role(key: str) -> int:
-    if SECRET_KEY.search(key):
+    if is_secret_key(key):
         return _SECRET
     if key in MCP_DETAIL_KEYS:
         return _MCP
+    if key in PATH_KEYS:
+        return _PATH
     if key in ARTIFACT_BODY_KEYS:
         return _ARTIFACT
     if key == "directory":
@@ -229,7 +245,7 @@ def _long_text(text: str, keep_paths: bool) -> str:
 
 
 def _scrub(text: str, keep_paths: bool) -> str:
-    text = scrub_text(text)
+    text = scrub_text(storable_text(text))
     if not keep_paths and ("/" in text or "\\" in text or "%" in text):
         text = _LOCAL.sub(_local_marker, text)
     return text

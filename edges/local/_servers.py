@@ -216,7 +216,9 @@ class ChildProcess:
         """Start argv with its output appended to our log; return the process."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.chmod(self.log_path, 0o600)  # owner-only, also when an older run made it 0644
+        with os.fdopen(fd, "ab") as log:  # the child keeps its own copy of the fd
             return await asyncio.create_subprocess_exec(
                 *map(str, argv),
                 stdin=asyncio.subprocess.DEVNULL,

@@ -9,14 +9,14 @@ from aiohttp import web
 
 from ._actions import ActionTokens
 from ._hosting import ChannelService
-from ._outbox import ChannelOutbox
+from ._outbox import ChannelOutbox, set_delivery_id_key
 from ._receipts import ReceiptIngest
 from ._renderer import ChannelRenderer
 from ._router import ChannelRouter
 from ._routes import add_routes as _add_instance_routes
 from ._routes_users import add_routes as _add_user_routes
 
-__all__ = ['ActionTokens', 'ChannelOutbox', 'ChannelRenderer', 'ChannelRouter', 'ChannelService', 'ReceiptIngest', 'add_routes']
+__all__ = ['ActionTokens', 'ChannelOutbox', 'ChannelRenderer', 'ChannelRouter', 'ChannelService', 'ReceiptIngest', 'add_routes', 'set_delivery_id_key']
 
 
 def add_routes(app: web.Application) -> None:

@@ -9,6 +9,8 @@ served the admin call; the replica that served it applies at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from datetime import timedelta
 from typing import Any
@@ -17,7 +19,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from channels import ChannelRuntime, InstanceConfig, RuntimeOptions
+from channels import ChannelRuntime, InstanceConfig, RuntimeOptions, destination_changed
 from schemas import AuditRecord, PrincipalKind
 
 from ..core import AuditLog
@@ -35,11 +37,9 @@ from ._store import (
     validate_secrets,
     validate_settings,
 )
-from ..auth import CredentialError, CredentialService, IssuedCredential
-from ..core import kv
-from ..core import HubMetrics
-from ..auth import Principal
-from ..core import HubSettings
+from ..auth import CredentialError, CredentialService, IssuedCredential, Principal
+from ..core import HubMetrics, HubSettings, kv
+from ..http import client_address
 
 log = logging.getLogger("cowork.hub.channels")
 
@@ -58,9 +58,12 @@ class ChannelService:
         self._box = SecretBox(secret_key)
         self._store = InstanceStore(pool)
         self.connections = InstanceConnections(settings, credentials)
+        trusted = settings.trusted_proxy_networks
         self.runtime = ChannelRuntime(connect=self.connections.connect, options=RuntimeOptions(
             body_limit_bytes=settings.channel_body_limit_bytes,
-            source_rate=settings.channel_source_rate))
+            source_rate=settings.channel_source_rate,
+            msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest()),
+            source_of=lambda request: client_address(request, trusted))
         self._cache: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, InstanceConfig] = {}  # what the runtime was last given
         self._errors: dict[str, str] = {}  # instance id -> why its config could not apply
@@ -242,8 +245,10 @@ class ChannelService:
             if "authority" in patch:
                 changes["authority"] = _check_authority(patch["authority"])
             if "settings" in patch:
-                _, changes["settings"] = validate_settings(current["kind"],
-                                                           patch["settings"] or {})
+                after, changes["settings"] = validate_settings(current["kind"],
+                                                               patch["settings"] or {})
+                before, _ = validate_settings(current["kind"], current["settings"])
+                _check_secrets_reentered(current, before, after, patch.get("secrets") or {})
             if "secrets" in patch:
                 try:
                     stored = self._box.open(current["secrets_enc"])
@@ -317,3 +322,21 @@ def _check_authority(value: Any) -> str:
         raise ChannelInstanceError(422, "channel_instance.invalid_authority",
                                    f"authority must be one of {', '.join(AUTHORITIES)}")
     return value
+
+
+def _check_secrets_reentered(current: dict[str, Any], before: Any, after: Any,
+                             patched: dict[str, Any]) -> None:
+    """Secrets are write-only: changing where they are sent (apiBase and the address
+    rules) needs every secret of the instance in the same request, so a PATCH cannot
+    send the stored bot token to an address of the caller's choosing."""
+    if not destination_changed(before, after):
+        return
+    given = {key for key, value in patched.items() if value is not None}
+    fields = provider_for(current["kind"]).secrets_model.model_fields
+    given |= {field.alias or name for name, field in fields.items() if name in given}
+    missing = sorted(set(current["secret_names"] or ()) - given)
+    if missing:
+        raise ChannelInstanceError(
+            422, "channel_instance.secrets_required",
+            "changing apiBase, allowLoopbackHttp or allowPrivateNetworks sends the "
+            f"instance's secrets elsewhere: send them again ({', '.join(missing)})")

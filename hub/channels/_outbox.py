@@ -11,6 +11,7 @@ that re-renders after a crash re-sends the same ids and nothing is doubled
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 
 import asyncpg
@@ -24,11 +25,24 @@ from ..core import HubMetrics
 log = logging.getLogger("cowork.hub.channels.outbox")
 
 
+_delivery_id_key = b""  # the hub's (set_delivery_id_key), derived from its secrets
+
+
+def set_delivery_id_key(key: bytes) -> None:
+    """Key every delivery id with a secret only the hub holds (at hub start). Delivery
+    ids are derived from guessable values (message ids, binding ids), and instances
+    publish receipts with `Nats-Msg-Id: <deliveryId>.<status>` into one stream whose
+    duplicate window is shared by every tenant: an unkeyed id could be published
+    first by another tenant's edge, and the real receipt would be dropped."""
+    global _delivery_id_key
+    _delivery_id_key = key
+
+
 def delivery_id(*parts: object) -> str:
     """A deterministic delivery id from what the delivery renders (so a re-render
-    after a crash produces the same id)."""
+    after a crash produces the same id), unguessable without the hub's key."""
     raw = "\x1f".join(str(p) for p in parts).encode()
-    return "d-" + hashlib.sha256(raw).hexdigest()[:40]
+    return "d-" + hmac.new(_delivery_id_key, raw, hashlib.sha256).hexdigest()[:40]
 
 
 class ChannelOutbox:

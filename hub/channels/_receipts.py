@@ -26,12 +26,9 @@ from schemas import (
     subjects,
 )
 
-from ..core import BackgroundTask, pull_forever
+from ..core import (BackgroundTask, DeadLetters, HubMetrics, Rejected, deliveries, hub_consumer,
+                     kv, parse_and_decode, pull_forever)
 from ._outbox import ChannelOutbox, delivery_id
-from ..core import DeadLetters, Rejected, parse_and_decode
-from ..core import kv
-from ..core import HubMetrics
-from ..core import hub_consumer
 
 log = logging.getLogger("cowork.hub.channels.receipts")
 FAMILY = subjects.CHANNEL_RECEIPT
@@ -68,7 +65,7 @@ class ReceiptIngest:
                 applied = await self._apply(tenant, instance, env.data, msg)
             except Exception as exc:  # database or NATS away: redeliver later, lose nothing
                 log.warning("channel_receipts.apply_failed", **kv(error=str(exc)))
-                await msg.nak(delay=2.0)
+                await self._dead.retry_or_reject(msg, FAMILY, SPEC.max_deliver, exc, delay=2.0)
                 continue
             if applied is not None:
                 await msg.ack()
@@ -76,7 +73,7 @@ class ReceiptIngest:
                 if applied:  # a delivery's outcome moved (a repeated receipt moves nothing)
                     self._metrics.channel_deliveries.labels(instance, applied).inc()
                 continue
-            if _deliveries(msg) < UNKNOWN_DELIVERY_TRIES:
+            if deliveries(msg) < UNKNOWN_DELIVERY_TRIES:
                 await msg.nak(delay=1.0)
                 continue
             await self._reject(msg, "receipt.unknown_delivery",
@@ -134,13 +131,6 @@ class ReceiptIngest:
 
     async def _reject(self, msg: Msg, code: str, reason: str) -> None:
         await self._dead.reject(msg, FAMILY, Rejected(code, reason))
-
-
-def _deliveries(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered)
-    except Exception:  # not a JetStream message (tests): treat as the last try
-        return UNKNOWN_DELIVERY_TRIES
 
 
 # Outcomes only move forward: sent/duplicate are final; dead_lettered yields only

@@ -22,11 +22,9 @@ is a bug in handling: dead letter with the reason, never a hot loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -39,25 +37,18 @@ from schemas import (
     subjects,
 )
 
-from ..core import AuditLog
-from ..core import BackgroundTask, every, pull_forever
+from ..core import (TRANSIENT, AuditLog, BackgroundTask, DeadLetters, HubMetrics, Rejected,
+                     every, hub_consumer, kv, parse_and_decode, pull_forever)
 from ._approval_outcome import ApprovalOutcomes
 from ._chat import ChatCommands
 from ._claims import ClaimKey, claim_all, claim_key
 from ._identity import ChannelIdentity
 from ._outbox import delivery_id
 from ._sessions import ChannelSessions, SubmitRefused, Turn, received_reaction
-from ..core import DeadLetters, Rejected, parse_and_decode
-from ..core import kv
-from ..core import HubMetrics
-from ..core import hub_consumer
 
 log = logging.getLogger("cowork.hub.channels.router")
 FAMILY = subjects.CHANNEL_INBOUND
 SPEC = hub_consumer("hub-channel-router")
-TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-             asyncpg.InterfaceError, asyncpg.exceptions.DeadlockDetectedError,
-             asyncpg.exceptions.SerializationError, nats.errors.Error)
 FINAL_FAILURES = {"failed", "blocked_by_policy", "requires_local_confirmation"}
 
 

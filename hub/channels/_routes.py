@@ -20,10 +20,10 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from channels import UnknownProvider, provider_class
-from schemas import NkeyPublic, TokenId, WireModel, subjects
+from schemas import Label, NkeyPublic, TokenId, WireModel, subjects
 
 from ._store import INSTANCE_ID, ChannelInstanceError
 from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal_response, \
@@ -35,39 +35,29 @@ ACTOR = "admin"
 Agent = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-def _display_name(value: str | None) -> str | None:
-    if value is not None and len(value.encode()) > 512:
-        raise ValueError("at most 512 bytes")
-    return value
-
-
 class CreateInstance(WireModel):
     instance_id: str = Field(pattern=INSTANCE_ID.pattern)
     kind: str = Field(min_length=1, max_length=64)
     workspace_id: TokenId
     authority: Literal["desktop_paired", "cloud_worker"] = "desktop_paired"
-    display_name: str = ""
+    display_name: Label = ""
     default_agent: Agent | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     secrets: dict[str, Any] = Field(default_factory=dict)
     enabled: bool = True
-
-    _name = field_validator("display_name")(_display_name)
 
 
 class UpdateInstance(WireModel):
     """Only the fields sent change; `settings` is replaced whole, `secrets` key by key
     (a null value removes an optional secret)."""
 
-    display_name: str | None = None
+    display_name: Label | None = None
     workspace_id: TokenId | None = None
     authority: Literal["desktop_paired", "cloud_worker"] | None = None
     default_agent: Agent | None = None
     settings: dict[str, Any] | None = None
     secrets: dict[str, Any | None] | None = None
     enabled: bool | None = None
-
-    _name = field_validator("display_name")(_display_name)
 
 
 class IssueCredential(WireModel):

@@ -63,6 +63,18 @@ def admin_token(data_dir: Path) -> tuple[str, str]:
     return token, f"generated, stored in {path}"
 
 
+def owner_only(data_dir: Path) -> None:
+    """The data dir (keys, admin token, databases, logs) for its owner only: 0700, or
+    0711 as root, where the embedded PostgreSQL runs as its own OS user and must
+    traverse it (and its `postgres` dir) to its pgdata, without listing anything."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    as_root = os.name == "posix" and os.geteuid() == 0
+    os.chmod(data_dir, 0o711 if as_root else 0o700)
+    postgres = data_dir / "postgres"
+    if postgres.is_dir():
+        os.chmod(postgres, 0o711 if as_root else 0o700)
+
+
 def _leafnode_listener(opts: UpOptions) -> str:
     """Where Gateway appliances' leaf nodes connect; each authenticates with its own
     Gateway credential, so it gets exactly that Gateway's subject permissions."""
@@ -92,12 +104,14 @@ class Stack:
 
     async def start(self) -> None:
         o = self.opts
+        owner_only(o.data_dir)
         self.token, token_origin = admin_token(o.data_dir)
         say(f"Starting cowork in {o.data_dir}")
         await step(f"NATS with JetStream on {self.nats.url}", self.nats.start)
         if self.postgres is not None:
             await step("PostgreSQL (embedded)", self.postgres.start)
             self.database_url = self.postgres.dsn
+            owner_only(o.data_dir)  # the embedded server's setup opens its parents (as root)
         settings = HubSettings(
             nats_url=self.nats.url, database_url=self.database_url, admin_token=self.token,
             http_host=o.host, http_port=o.http_port, log_level=o.log_level,
@@ -117,7 +131,7 @@ class Stack:
         say(f"  Metrics      {url}/metrics")
         say(f"  NATS         {self.nats.url}   (operator mode; keys in {self.opts.data_dir / 'keys'})")
         say(f"  PostgreSQL   {db}")
-        say(f"  Admin token  {self.token}   ({token_origin})")
+        say(f"  Admin token  {token_origin}")  # where it is, never the token itself
         say(f"  Data dir     {self.opts.data_dir}")
         say("Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {\"label\": ...} for a code,")
         say(f"  then on the Desktop: cowork desktop pair CODE --hub {self.nats.url}")

@@ -2,8 +2,9 @@
 
 A record is acknowledged only after its row is committed. A record that fails
 validation, or whose envelope claims a principal other than the one its subject
-names, is dead-lettered with the reason and then acknowledged: it is kept, not
-retried forever.
+names, or that the database refuses, is dead-lettered with the reason and then
+acknowledged: it is kept, not retried forever, and never takes down the other
+records of its batch (`DeadLetters.write_batch`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from schemas import AuditRecord, ContractError, decode, subjects
 from ._audit import AuditLog
 from ._background import BackgroundTask, pull_forever
 from ._deadletter import DeadLetters
-from ._logging import kv
 from ._metrics import HubMetrics
 from ._streams import hub_consumer
 
@@ -56,19 +56,20 @@ class AuditIngest:
             await msg.ack()
         if not valid:
             return
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                for msg in valid:
-                    env = msg._cowork_envelope  # type: ignore[attr-defined]
-                    await self._audit.record(env.data, tenant=env.tenant, conn=conn)
-        except Exception as exc:  # the database is away: redeliver later, lose nothing
-            log.warning("audit_ingest.write_failed", **kv(error=str(exc), count=len(valid)))
-            for msg in valid:
-                await msg.nak(delay=2.0)
-            return
-        for msg in valid:
-            await msg.ack()
-        self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(valid))
+        # Records of every tenant share a batch: one the database refuses is
+        # dead-lettered alone (one at a time after a failed batch), never the others.
+        written = await self._dead.write_batch(
+            FAMILY, SPEC.max_deliver, [(msg, msg._cowork_envelope) for msg in valid],  # type: ignore[attr-defined]
+            self._write, log, delay=2.0)
+        for done, _ in written:
+            for msg in done:
+                await msg.ack()
+            self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
+
+    async def _write(self, envs: list) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            for env in envs:
+                await self._audit.record(env.data, tenant=env.tenant, conn=conn)
 
     @staticmethod
     def _check(msg: Msg) -> tuple[str | None, str, str] | None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
-
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
+import nats.errors
+from asyncpg.exceptions import _base as asyncpg_base
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -17,6 +21,33 @@ from ._metrics import HubMetrics
 
 log = logging.getLogger("cowork.hub.deadletter")
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What a row holds that PostgreSQL (or the driver) refuses: SQLSTATE classes 22 (data)
+# and 23 (constraints), a value the driver cannot encode. Retrying never helps.
+DATA_ERRORS = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError,
+               asyncpg_base.DataError, UnicodeError)
+# Trouble that passes (the database or NATS away, a lock conflict): retried for as long
+# as the consumer allows.
+TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+             asyncpg.InterfaceError, asyncpg.exceptions.DeadlockDetectedError,
+             asyncpg.exceptions.SerializationError, asyncpg.exceptions.CannotConnectNowError,
+             asyncpg.exceptions.TooManyConnectionsError, nats.errors.Error)
+# Any other failure is a bug or a surprise: retried this many deliveries, then set aside.
+GIVE_UP_AFTER = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, DATA_ERRORS)
+
+
+def deliveries(msg: Msg) -> int:
+    """How many times JetStream has delivered `msg` (1 for a first delivery)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # not a JetStream message
+        return 1
 
 
 class Rejected(Exception):
@@ -70,6 +101,51 @@ class DeadLetters:
         except subjects.SubjectError:
             pass
         await self.put(tenant=tenant, family=family, subject=msg.subject, payload=msg.data,
-                       code=exc.code, reason=str(exc))
+                       code=exc.code, reason=str(exc), attempts=deliveries(msg))
         self._metrics.bus_messages.labels(family.name, "rejected").inc()
         await msg.ack()
+
+    async def retry_or_reject(self, msg: Msg, family: subjects.SubjectFamily, max_deliver: int,
+                              exc: BaseException, *, delay: float) -> None:
+        """A consumed message whose write failed: redelivered after `delay`, or
+        dead-lettered with the error (then acked) when retrying cannot help: a data
+        error at once; another non-transient error after GIVE_UP_AFTER deliveries;
+        any error on the consumer's last delivery (`max_deliver`), so JetStream never
+        drops a message without a dead letter."""
+        attempts = deliveries(msg)
+        last = 0 < max_deliver <= attempts
+        if isinstance(exc, DATA_ERRORS):
+            code = "storage.refused"
+        elif last or (not is_transient(exc) and attempts >= GIVE_UP_AFTER):
+            code = "storage.failed"
+        else:
+            await msg.nak(delay=delay)
+            return
+        await self.reject(msg, family, Rejected(
+            code, f"not stored after {attempts} delivery(ies): {type(exc).__name__}: {exc}"[:2000]))
+
+    async def write_batch(self, family: subjects.SubjectFamily, max_deliver: int,
+                          items: list[tuple[Msg, T]],
+                          write: Callable[[list[T]], Awaitable[R]], log: logging.Logger, *,
+                          delay: float) -> list[tuple[list[Msg], R]]:
+        """`write` the items' values in one go; if that fails other than transiently,
+        one at a time, so a value PostgreSQL refuses costs only its own message.
+        Returns each successful write's messages and result, for the caller to ack;
+        the messages of failed writes are naked or dead-lettered (`retry_or_reject`)."""
+        try:
+            return [([msg for msg, _ in items], await write([value for _, value in items]))]
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            failure: BaseException = exc
+        log.warning("bus.write_failed", **kv(family=family.name, count=len(items),
+                                              error=f"{type(failure).__name__}: {failure}"))
+        if len(items) == 1 or is_transient(failure):
+            for msg, _ in items:
+                await self.retry_or_reject(msg, family, max_deliver, failure, delay=delay)
+            return []
+        done = []
+        for msg, value in items:
+            try:
+                done.append(([msg], await write([value])))
+            except Exception as exc:  # noqa: BLE001 - this item alone
+                await self.retry_or_reject(msg, family, max_deliver, exc, delay=delay)
+        return done

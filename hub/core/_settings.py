@@ -40,6 +40,12 @@ class HubSettings(BaseSettings):
                                           description="Largest webhook body accepted")
     channel_source_rate: float = Field(50.0, gt=0,
                                        description="Webhook requests per second per source")
+    trusted_proxies: str = Field(
+        "", description="Comma-separated addresses or networks of reverse proxies whose "
+                        "X-Forwarded-For names the client (webhook rate limits and lockout); "
+                        "empty: the socket address is the client")
+    metrics_require_token: bool = Field(
+        False, description="/metrics needs the admin bearer token (it names channel instances)")
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"
@@ -55,6 +61,26 @@ class HubSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for item in value.split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{item.strip()!r} is not an address or network") from None
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> list:
+        import ipaddress
+
+        return [ipaddress.ip_network(i.strip(), strict=False)
+                for i in self.trusted_proxies.split(",") if i.strip()]
 
     @field_validator("nats_url")
     @classmethod

@@ -127,8 +127,11 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
     """The streams behind KV_BUCKETS, configured as nats-py's create_key_value does
-    (subjects $KV.<bucket>.>, one value per key, rollups, no deletes of the
-    stream's messages by API) plus direct gets, which the instances read with."""
+    (subjects $KV.<bucket>.>, one value per key, no deletes of the stream's
+    messages by API) plus direct gets, which the instances read with, but without
+    rollups: the tenants' principals share a bucket, and one `Nats-Rollup: all`
+    on an instance's own key would erase every tenant's keys. A put replaces only
+    its own key (one value per subject); purging is the hub's (JetStream API)."""
     return [
         StreamConfig(
             name=bucket_stream(bucket),
@@ -143,7 +146,7 @@ def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
             max_consumers=-1,
             duplicate_window=min(120.0, policy.max_age_seconds),
             discard=DiscardPolicy.NEW,
-            allow_rollup_hdrs=True,
+            allow_rollup_hdrs=False,
             deny_delete=True,
             allow_direct=True,
         )

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from schemas import (
     AllowList,
+    Label,
     CommandKind,
     PairingPolicy,
     TokenId,
@@ -39,11 +40,11 @@ from ..http import (
 )
 from ._pairing import PairingError
 
-Label = Annotated[str, Field(min_length=1, max_length=512)]
+Name = Annotated[Label, Field(min_length=1)]
 
 
 class CreatePairing(WireModel):
-    label: Label
+    label: Name
     allowed_workspace_ids: list[TokenId] = Field(default_factory=list, max_length=127)
     allowed_session_ids: AllowList | None = None
     policy: PairingPolicy = Field(default_factory=PairingPolicy)
@@ -62,7 +63,7 @@ class PolicyPatch(WireModel):
 
 
 class UpdatePairing(WireModel):
-    label: Label | None = None
+    label: Name | None = None
     enabled: bool | None = None
     allowed_workspace_ids: list[TokenId] | None = Field(default=None, max_length=127)
     allowed_session_ids: AllowList | None = None
@@ -76,7 +77,7 @@ class SubmitCommand(WireModel):
     session_id: TokenId | None = None
     payload: dict[str, Any] | None = None
     actor_id: Annotated[str, Field(max_length=512)] | None = None
-    actor_label: Annotated[str, Field(max_length=512)] | None = None
+    actor_label: Label | None = None
 
 
 class RevokePairing(WireModel):

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 from aiohttp import web
 from pydantic import Field
 
-from schemas import TokenId, WireModel, check_token
-from schemas import GatewayKind, TrustModel
+from schemas import GatewayKind, Label, TokenId, TrustModel, WireModel, check_token
 
 from ._service import GatewayError
 from ..http import (
@@ -40,12 +39,12 @@ if TYPE_CHECKING:
 # (registry, tenant, registration id) -> the registration, as read or changed
 RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
 
-Label = Annotated[str, Field(min_length=1, max_length=512)]
+Name = Annotated[Label, Field(min_length=1)]
 ScopeName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class CreateRegistration(WireModel):
-    display_name: Label
+    display_name: Name
     kind: GatewayKind
     trust_model: TrustModel
     scopes: list[ScopeName] | None = Field(default=None, max_length=16)

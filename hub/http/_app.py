@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token
+from schemas import unstorable_json
 
 from ..core import kv
 
@@ -56,11 +57,41 @@ async def json_body(request: web.Request, model: type[M], *, optional: bool = Fa
     if optional and not raw.strip():
         return model()
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise invalid(f"{where}: {first['msg']}") from None
+    problem = unstorable_json(raw)  # valid, but PostgreSQL could not store it
+    if problem is not None:
+        raise invalid(problem)
+    return body
+
+
+def client_address(request: web.Request, trusted: list) -> str:
+    """Who sent `request`: the socket address, or, when that is a trusted proxy, the
+    nearest X-Forwarded-For address (from the right) that is not a trusted proxy.
+    Forwarded headers from anyone else are ignored (they are the client's to forge)."""
+    remote = request.remote or "unknown"
+    if not trusted or not _in(remote, trusted):
+        return remote
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", [])
+            for h in v.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop if _in(hop, None) else remote
+    return remote
+
+
+def _in(address: str, networks: list | None) -> bool:
+    """Whether `address` is in one of `networks` (None: whether it is an address at all)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return networks is None or any(ip in net for net in networks)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -80,9 +111,11 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def hub_middleware(token_digest: bytes | None) -> Callable:
+def hub_middleware(token_digest: bytes | None, *,
+                   metrics_need_token: bool = False) -> Callable:
     """The one middleware of the hub's app (one layer per request, not two: every
-    webhook request pays for each layer): `/api/` routes need the admin bearer;
+    webhook request pays for each layer): `/api/` routes need the admin bearer (and
+    `/metrics` with COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances);
     every error becomes the JSON body; every answer is counted and timed."""
 
     @web.middleware
@@ -90,10 +123,16 @@ def hub_middleware(token_digest: bytes | None) -> Callable:
         started = time.perf_counter()
         try:
             refusal = admin_refusal(request, token_digest) \
-                if request.path.startswith("/api/") else None
+                if request.path.startswith("/api/") or \
+                (metrics_need_token and request.path == "/metrics") else None
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
+        except ConnectionResetError:  # the client went away mid-request: nobody to answer
+            log.info("http.client_disconnected", **kv(path=request.path,
+                                                      method=request.method))
+            response = json_error(400, "client_disconnected",
+                                  "the client closed the connection before the request ended")
         except Exception:
             log.exception("http.unhandled_error", **kv(path=request.path,
                                                         method=request.method))
@@ -208,7 +247,8 @@ def build_app(hub: Hub, admin_token: str | None,
     its own routes through the `add_routes` of its public face."""
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
     app = web.Application(
-        middlewares=[hub_middleware(digest)],
+        middlewares=[hub_middleware(
+            digest, metrics_need_token=hub.settings.metrics_require_token)],
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub

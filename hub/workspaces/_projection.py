@@ -75,17 +75,16 @@ class EventProjector:
                 continue
             groups[(tenant, env.data.pairing_id)].append((msg, env))
         for (tenant, workspace), items in groups.items():
-            try:
-                events = await self._project(tenant, workspace, [env for _, env in items])
-            except Exception as exc:  # the database is away: redeliver later, lose nothing
-                log.warning("projection.write_failed", **kv(error=str(exc), count=len(items)))
-                for msg, _ in items:
-                    await msg.nak(delay=1.0)
-                continue
-            for msg, _ in items:
-                await msg.ack()
-            self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(items))
-            await self._publish_live(tenant, workspace, events)
+            # The database away: redeliver later, lose nothing. An event it refuses:
+            # dead-lettered alone, the rest projected (never a hot loop, never a wedge).
+            written = await self._dead.write_batch(
+                FAMILY, SPEC.max_deliver, items,
+                lambda envs, t=tenant, w=workspace: self._project(t, w, envs), log, delay=1.0)
+            for done, events in written:
+                for msg in done:
+                    await msg.ack()
+                self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
+                await self._publish_live(tenant, workspace, events)
 
     async def _check(self, msg: Msg) -> tuple[str, Envelope]:
         where, env = parse_and_decode(FAMILY, msg, DeviceEvent)

@@ -25,6 +25,7 @@ from test_channel_runtime import (  # the shared test-only provider and helpers
 
 from channels import ChannelRuntime, RuntimeOptions
 from channels._registry import PROVIDERS
+from channels.runtime._ingress import dedupe_id
 from schemas import ChannelInbound, decode, subjects
 
 
@@ -93,7 +94,9 @@ async def test_every_message_is_in_the_stream_when_the_2xx_arrives(setup):
     assert envelope.data.text == "two" and envelope.tenant == TENANT
     assert envelope.source.principal_kind.value == "channel"
     assert envelope.source.principal_id == iid
-    assert stored[0].headers["Nats-Msg-Id"] == envelope.data.id
+    # keyed: only this runtime can make it (another tenant's edge cannot pre-empt it)
+    assert stored[0].headers["Nats-Msg-Id"] == dedupe_id(runtime.options.msg_id_key,
+                                                         envelope.data.id) != envelope.data.id
     # a platform retry of the same event is answered 2xx and deduplicated by JetStream
     again = await client.post(f"/webhooks/{iid}", headers=GOOD, data=body({"id": "e2",
                                                                           "text": "two"}))

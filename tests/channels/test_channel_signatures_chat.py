@@ -162,9 +162,14 @@ def test_discord_signature_vectors() -> None:
     for bad in ("zz" * 64, "abc", "", "00" * 64, "00" * 65):
         refused(provider, with_headers(valid, X_Signature_Ed25519=bad))
     refused(provider, with_headers(valid, X_Signature_Timestamp=None))
-    # Discord sets no skew rule: an old but correctly signed request verifies
-    # (a replay), and dedupe downstream drops it by its interaction id.
-    provider.verify(fake.signed_message("hi", event_id="10", timestamp=time.time() - 3600))
+    # Correctly signed but old (a captured request replayed): refused like Slack's and
+    # the webhook kind's, more than 5 minutes either way.
+    now = time.time()
+    for skew in (-2 * 86400, -3600, -301, 301):
+        refused(provider, fake.signed_message("hi", event_id="10", timestamp=now + skew))
+    for skew in (-299, 299):
+        provider.verify(fake.signed_message("hi", event_id="10", timestamp=now + skew))
+    refused(provider, with_headers(fake.signed_message("hi"), X_Signature_Timestamp="12abc"))
     assert_replay_is_the_same_message(provider, valid)
 
 

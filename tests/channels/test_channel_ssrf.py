@@ -1,4 +1,4 @@
-"""SSRF protection of the generic webhook's outbound requests (channels/providers/_ssrf.py):
+"""SSRF protection of the generic webhook's outbound requests (channels/_ssrf.py):
 every rule, DNS answers pointing inside (resolver replaced), redirects, and a
 real loopback delivery when loopback is allowed."""
 
@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from channels import DeliveryFailed, InstanceConfig
-from channels.providers._ssrf import UnsafeUrl, UrlPolicy, check_url, pin, pinned_request
+from channels._ssrf import UnsafeUrl, UrlPolicy, check_url, pin, pinned_request
 from channels.providers._webhook import WebhookProvider, WebhookSecrets, WebhookSettings
 from fakeplatforms.webhook import FakeWebhook
 from schemas import ChannelOutbound, ChannelTarget

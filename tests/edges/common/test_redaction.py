@@ -300,7 +300,7 @@ def test_property_any_text_is_redacted_idempotently(text, policy):
 
 SECRET_KEYS = ["token", "accessToken", "refresh_token", "X-Api-Key", "api_key", "apikey",
                "clientSecret", "PASSWORD", "db_password", "credentials", "authorization",
-               "Set-Cookie", "cookie", "refresh", "refreshAt", "tokens"]
+               "Set-Cookie", "cookie", "refresh", "refreshAt", "tokenUsage", "tokensSecret"]
 
 
 @pytest.mark.parametrize("policy", [NONE, ALL])
@@ -322,6 +322,42 @@ def test_local_mcp_details(key):
     # only these exact keys: similar ones pass
     assert redact({"commandId": "c1", "Command": "x", "pids": 1}, NONE) == {
         "commandId": "c1", "Command": "x", "pids": 1}
+
+
+def test_usage_counts_are_not_secrets_but_their_values_are_scrubbed():
+    usage = {"input": 10, "output": 3, "reasoning": 0, "cache": {"read": 1, "write": 0}}
+    event = {"info": {"id": "ses_1", "tokens": usage, "maxTokens": 4096,
+                      "outputTokens": "ghp_" + "a" * 36}}
+    out = redact(event, NONE)
+    assert out["info"]["tokens"] == usage and out["info"]["maxTokens"] == 4096
+    assert out["info"]["outputTokens"] == SECRET_REDACTED  # a token-shaped value still goes
+    assert redact({"token": 5, "accessTokens": "x"}, NONE) == {"token": SECRET_REDACTED,
+                                                               "accessTokens": SECRET_REDACTED}
+
+
+@pytest.mark.parametrize("policy", [NONE, RedactionPolicy(expose_local_mcp_details=True)])
+def test_path_bearing_fields_are_redacted_by_field(policy):
+    # OpenCode outside git: the worktree is "/", so `path` is the directory without its slash
+    info = {"id": "ses_1", "directory": "/home/alice/clients/acme", "worktree": "/",
+            "path": "home/alice/clients/acme", "root": "clients/acme", "title": "t"}
+    part = {"type": "file", "mime": "text/plain", "filename": "alice-notes/secret-plan.txt",
+            "url": "file:///home/alice/secret-plan.txt",
+            "source": {"path": "alice-notes/secret-plan.txt", "type": "file"}}
+    out = redact({"info": info, "parts": [part], "cwd": "alice/x", "path": ""}, policy)
+    assert "alice" not in json.dumps(out), out
+    assert out["info"]["path"] == out["info"]["root"] == LOCAL_PATH
+    assert out["info"]["directory"] is None and out["info"]["title"] == "t"
+    assert out["parts"][0]["filename"] == LOCAL_PATH and out["path"] == ""
+    assert out["parts"][0]["mime"] == "text/plain"
+    exposed = redact(info, RedactionPolicy(expose_local_paths=True))
+    assert exposed["path"] == "home/alice/clients/acme"
+    # a filename outside a file part is only a name
+    assert redact({"filename": "report.pdf"}, NONE) == {"filename": "report.pdf"}
+
+
+def test_what_postgresql_cannot_store_never_leaves_the_desktop():
+    out = redact({"output": "bin\x00ary \ud800 ok", "k\x00": ["\x00"]}, NONE)
+    assert out == {"output": "bin\ufffdary \ufffd ok", "k\ufffd": ["\ufffd"]}
 
 
 def test_exposed_mcp_details_still_hide_local_paths():

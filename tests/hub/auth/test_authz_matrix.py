@@ -10,6 +10,7 @@ allowed subscription receives, a denied one receives nothing and is reported.
 import asyncio
 import json
 
+import nats.js.errors
 import pytest
 from hubkit import connect_principal, running_hub
 
@@ -215,6 +216,37 @@ async def test_edges_reach_only_their_own_durable_consumer(matrix_hub):
         await asyncio.sleep(0.2)
         assert edge.publish_denied(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.channel-chan-9")
         assert edge.publish_denied("$JS.API.STREAM.LIST")
+    finally:
+        await edge.close()
+
+
+async def test_no_instance_can_roll_up_or_purge_the_shared_sent_ledger(matrix_hub):
+    """One `Nats-Rollup: all` (or a KV purge, which is a `sub` rollup) on an instance's
+    own key is refused: every tenant's entries stay."""
+    from channels.runtime._ledger import Sent
+    from channels.runtime._sent_store import SentStore
+
+    hub_kv = await matrix_hub.js.key_value("CW_CHANNEL_SENT")
+    victim = Principal(PrincipalKind.CHANNEL, OTHER_TENANT, "chan-v", workspaces=("ws1",))
+    other = await connect_principal(matrix_hub, victim)
+    try:
+        await SentStore(other.nc.jetstream(timeout=2), OTHER_TENANT, victim.id).put(
+            "d1", Sent(parts=[["v1", "victim"]], text="victim", complete=True))
+    finally:
+        await other.close()
+    attacker = Principal(PrincipalKind.CHANNEL, TENANT, "chan-a", workspaces=("ws1",))
+    edge = await connect_principal(matrix_hub, attacker)
+    try:
+        edge_js = edge.nc.jetstream(timeout=2)
+        own = f"$KV.CW_CHANNEL_SENT.{TENANT}.chan-a.d1"
+        await edge_js.publish(own, b"{}")  # a plain put of its own key is fine
+        for rollup in ("all", "sub"):
+            with pytest.raises(nats.js.errors.APIError):
+                await edge_js.publish(own, b"", headers={"Nats-Rollup": rollup,
+                                                          "KV-Operation": "PURGE"})
+        entry = await hub_kv.get(f"{OTHER_TENANT}.chan-v.d1")
+        assert json.loads(entry.value)["text"] == "victim"
+        assert (await hub_kv.get(f"{TENANT}.chan-a.d1")).value == b"{}"
     finally:
         await edge.close()
 

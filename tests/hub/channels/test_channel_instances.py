@@ -21,12 +21,13 @@ from schemas import subjects
 TENANT = "acme"
 BASE = f"/api/v1/tenants/{TENANT}/channel-instances"
 DEAD_API = "http://127.0.0.1:9"  # nothing listens: no provider call leaves the machine
+LOOPBACK = {"apiBase": DEAD_API, "allowLoopbackHttp": True}  # plain http: loopback, allowed
 
 
 def telegram_body(instance_id: str, workspace: str = "ws1", **extra) -> dict:
     body = {
         "instanceId": instance_id, "kind": "telegram", "workspaceId": workspace,
-        "displayName": "Support bot", "settings": {"apiBase": DEAD_API},
+        "displayName": "Support bot", "settings": LOOPBACK,
         "secrets": {"botToken": f"123456:tok-{_secrets.token_hex(12)}",
                     "webhookSecret": f"whs_{_secrets.token_hex(12)}"},
     }
@@ -67,7 +68,7 @@ async def test_create_view_and_list_never_show_secrets(hub, http):
     assert view["defaultAgent"] == "build" and view["displayName"] == "Support bot"
     assert view["webhookPath"] == "/webhooks/tg-crud"
     assert view["secretNames"] == ["botToken", "webhookSecret"]
-    assert view["settings"] == {"apiBase": DEAD_API}
+    assert view["settings"] == LOOPBACK
     assert view["capabilities"]["maxTextLength"] == 4096
     assert "state" in view["health"]
     assert "secrets" not in view
@@ -129,16 +130,31 @@ async def test_duplicate_id_is_409_even_for_another_tenant(hub, http):
 
 @pytest.mark.parametrize("change, code, words", [
     ({"kind": "carrier-pigeon"}, "channel_instance.unknown_kind", "unknown channel kind"),
-    ({"settings": {"apiBase": DEAD_API, "colour": "red"}}, "channel_instance.invalid_settings",
+    ({"settings": {**LOOPBACK, "colour": "red"}}, "channel_instance.invalid_settings",
      "unknown setting 'colour'"),
     ({"settings": {"botUsername": "x" * 65}}, "channel_instance.invalid_settings",
      "setting 'botUsername'"),
     ({"secrets": {"botToken": "only-the-token-s3cr3t"}}, "channel_instance.invalid_secrets",
      "missing secret 'webhookSecret'"),
-    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "ok_s3cr3t", "pin": "4242-s3cr3t"}},
+    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "ok_s3cr3t_0123456789",
+                  "pin": "4242-s3cr3t"}},
      "channel_instance.invalid_secrets", "unknown secret 'pin'"),
     ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "not valid! s3cr3t"}},
      "channel_instance.invalid_secrets", "secret 'webhookSecret'"),
+    # the operator chooses the webhook secret: at least 16 characters
+    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "s3cr3t"}},
+     "channel_instance.invalid_secrets", "secret 'webhookSecret'"),
+    # apiBase: the generic webhook's SSRF rules
+    ({"settings": {"apiBase": "http://127.0.0.1:9"}}, "channel_instance.invalid_settings",
+     "loopback"),
+    ({"settings": {"apiBase": "http://api.example.com"}}, "channel_instance.invalid_settings",
+     "plain http"),
+    ({"settings": {"apiBase": "https://169.254.169.254/latest"}},
+     "channel_instance.invalid_settings", "metadata"),
+    ({"settings": {"apiBase": "https://10.0.0.7", "allowLoopbackHttp": True}},
+     "channel_instance.invalid_settings", "private"),
+    ({"settings": {"apiBase": "https://user:pw@api.example.com"}},
+     "channel_instance.invalid_settings", "credentials"),
 ])
 async def test_invalid_create_is_422_with_a_clear_one_line_message(http, change, code, words):
     body = telegram_body("tg-invalid", **change)
@@ -185,6 +201,34 @@ async def test_admin_api_needs_the_bearer(hub):
 
 
 # --- change ----------------------------------------------------------------------------------
+async def test_where_the_token_goes_cannot_change_without_the_token(hub, http):
+    body = telegram_body("tg-dest")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    new_token = body["secrets"]["botToken"]
+    # Where the token goes cannot change without the token: nothing changes, nothing is sent.
+    for settings in ({"apiBase": "https://attacker.example.com"},
+                     {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
+                     {"apiBase": DEAD_API, "allowLoopbackHttp": True,
+                      "allowPrivateNetworks": True}):
+        r = await http.patch(f"{BASE}/tg-dest", json={"settings": settings})
+        assert r.status_code == 422, r.text
+        assert (await error_of(r))["code"] == "channel_instance.secrets_required"
+        r = await http.patch(f"{BASE}/tg-dest", json={"settings": settings,
+                                                       "secrets": {"botToken": new_token}})
+        assert r.status_code == 422 and "webhookSecret" in r.text
+    assert hub.channels.instance("tg-dest")["revision"] == 1
+    assert hub.channels.runtime_config("tg-dest").settings.api_base == DEAD_API
+    r = await http.patch(f"{BASE}/tg-dest", json={  # other settings: no secrets needed
+        "settings": {**LOOPBACK, "botUsername": "other_bot"}})
+    assert r.status_code == 200, r.text
+    r = await http.patch(f"{BASE}/tg-dest", json={
+        "settings": {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
+        "secrets": {"botToken": new_token, "webhookSecret": body["secrets"]["webhookSecret"]}})
+    assert r.status_code == 200, r.text
+
+    assert hub.channels.instance("tg-dest")["revision"] == 3
+
+
 async def test_patch_bumps_revision_reapplies_and_merges_secrets(hub, http):
     body = telegram_body("tg-patch")
     assert (await http.post(BASE, json=body)).status_code == 201
@@ -193,13 +237,13 @@ async def test_patch_bumps_revision_reapplies_and_merges_secrets(hub, http):
     new_token = f"999:rotated-{_secrets.token_hex(8)}"
     r = await http.patch(f"{BASE}/tg-patch", json={
         "displayName": "Renamed", "defaultAgent": "plan", "authority": "cloud_worker",
-        "settings": {"apiBase": DEAD_API, "botUsername": "acme_bot"},
+        "settings": {**LOOPBACK, "botUsername": "acme_bot"},
         "secrets": {"botToken": new_token}})
     assert r.status_code == 200, r.text
     view = r.json()
     assert view["revision"] == 2 and view["displayName"] == "Renamed"
     assert view["authority"] == "cloud_worker" and view["defaultAgent"] == "plan"
-    assert view["settings"] == {"apiBase": DEAD_API, "botUsername": "acme_bot"}
+    assert view["settings"] == {**LOOPBACK, "botUsername": "acme_bot"}
     assert view["secretNames"] == ["botToken", "webhookSecret"]
     assert new_token not in r.text
     assert hub.channels.instance("tg-patch")["revision"] == 2

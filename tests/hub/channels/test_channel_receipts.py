@@ -171,3 +171,46 @@ async def test_invalid_or_foreign_receipts_are_dead_lettered_with_a_reason(hub):
     assert all(x.reason for x in letters)
     row = await inst.row(did)
     assert (row["status"], row["provider_message_id"]) == ("queued", None)
+
+
+async def test_another_tenants_edge_cannot_pre_empt_a_receipt(hub):
+    """Receipts of every tenant share one stream (one duplicate window) and carry
+    `Nats-Msg-Id: <deliveryId>.<status>`. Delivery ids are keyed with the hub's
+    secret, so the id an outsider can derive from public values is not the real
+    one: its pre-emptive publish does not swallow the real receipt."""
+    import hashlib
+
+    from hubkit import connect_principal
+
+    from hub.auth._permissions import Principal
+    from schemas import PrincipalKind
+
+    inst = Instance(hub)
+    n = next(_counter)
+    guessed = "d-" + hashlib.sha256(f"acme\x1f{inst.id}\x1f{n}".encode()).hexdigest()[:40]
+    did = delivery_id("acme", inst.id, n)
+    assert did != guessed  # what the renderer would make is not computable outside the hub
+    evil = Principal(PrincipalKind.CHANNEL, "evil", "cli-evil", workspaces=("ws-evil",))
+    edge = await connect_principal(hub, evil)
+    try:
+        forged = ChannelReceipt(delivery_id=guessed, status="sent", attempts=1)
+        env = Envelope.wrap(forged, source=Source(principal_kind="channel",
+                                                  principal_id="cli-evil"), tenant="evil")
+        await edge.nc.jetstream(timeout=5).publish(
+            subjects.CHANNEL_RECEIPT.build(tenant="evil", instance_id="cli-evil"),
+            env.encode(), headers={"Nats-Msg-Id": f"{guessed}.sent"})
+    finally:
+        await edge.close()
+    await hub.channel_outbox.send("acme", inst.id, ChannelOutbound(
+        delivery_id=did, idempotency_key=did, type="text",
+        target=ChannelTarget(chat_id="chat-9"), text="hi"))
+    receipt = ChannelReceipt(delivery_id=did, status="sent", attempts=1,
+                             provider_message_id="m-9")
+    env = Envelope.wrap(receipt, source=Source(principal_kind="channel",
+                                               principal_id=inst.id), tenant="acme")
+    ack = await hub.js.publish(subjects.CHANNEL_RECEIPT.build(tenant="acme",
+                                                              instance_id=inst.id),
+                               env.encode(), headers={"Nats-Msg-Id": f"{did}.sent"})
+    assert not ack.duplicate
+    row = await inst.until_row(did, lambda r: r["status"] == "sent")
+    assert row["provider_message_id"] == "m-9"

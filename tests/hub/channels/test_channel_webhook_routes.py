@@ -20,7 +20,7 @@ _update_ids = itertools.count(1000)
 
 @pytest.fixture(scope="module")
 def hub_options() -> dict:
-    return {"channel_body_limit_bytes": LIMIT}
+    return {"channel_body_limit_bytes": LIMIT, "trusted_proxies": "127.0.0.1, 10.9.0.0/16"}
 
 
 def telegram_update(text: str, chat_id: int = 42) -> dict:
@@ -31,12 +31,12 @@ def telegram_update(text: str, chat_id: int = 42) -> dict:
         "from": {"id": 7, "is_bot": False, "first_name": "Ada"}}}
 
 
-async def post_update(hub, instance_id: str, secret: str, update: dict):
+async def post_update(hub, instance_id: str, secret: str, update: dict, **headers: str):
     async with client(hub) as anonymous:  # platforms carry no admin bearer
         return await anonymous.post(
             f"/webhooks/{instance_id}", content=json.dumps(update).encode(),
             headers={"Content-Type": "application/json",
-                     "X-Telegram-Bot-Api-Secret-Token": secret})
+                     "X-Telegram-Bot-Api-Secret-Token": secret, **headers})
 
 
 async def last_inbound(hub, instance_id: str, workspace: str) -> ChannelInbound:
@@ -119,3 +119,81 @@ async def test_metrics_count_instances_by_state(hub, http):
     lines = [line for line in r.text.splitlines()
              if line.startswith('cowork_channel_instances{state="disabled"}')]
     assert lines and float(lines[0].split()[-1]) >= 1
+
+
+async def test_behind_a_trusted_proxy_one_client_cannot_lock_the_platform_out(hub, http):
+    body = telegram_body("tg-proxy", "ws-proxy")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    secret = body["secrets"]["webhookSecret"]
+    attacker = {"X-Forwarded-For": "198.51.100.66, 10.9.1.1"}  # through two of our proxies
+    for _ in range(10):
+        r = await post_update(hub, "tg-proxy", "whs_wrong", telegram_update("x"), **attacker)
+        assert r.status_code == 401
+    r = await post_update(hub, "tg-proxy", secret, telegram_update("x"), **attacker)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "channel.locked_out"
+    # the platform, through the same proxy, is another source: still served
+    r = await post_update(hub, "tg-proxy", secret, telegram_update("from the platform"),
+                          **{"X-Forwarded-For": "203.0.113.10"})
+    assert r.status_code == 200, r.text
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies():
+    import ipaddress
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from hub.http._app import client_address
+
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+
+    def source(remote: str, forwarded: str | None, networks=trusted) -> str:
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        request = make_mocked_request("POST", "/webhooks/x", headers=headers)
+        return client_address(request.clone(remote=remote), networks)
+
+    assert source("198.51.100.1", "203.0.113.9") == "198.51.100.1"  # not our proxy: ignored
+    assert source("10.0.0.5", "203.0.113.9") == "203.0.113.9"
+    assert source("10.0.0.5", "1.2.3.4, 203.0.113.9, 10.0.0.7") == "203.0.113.9"  # forged left
+    assert source("10.0.0.5", "not-an-ip") == "10.0.0.5"
+    assert source("10.0.0.5", None) == "10.0.0.5"
+    assert source("10.0.0.5", "203.0.113.9", []) == "10.0.0.5"  # no setting: the socket
+
+
+async def test_another_tenants_edge_cannot_pre_empt_a_platform_message(hub, http):
+    """JetStream dedupes per stream: an edge of tenant `evil` publishes first, into its
+    own inbound subject, with the (public) message id of acme's next Telegram update.
+    The signed update still gets its 200 *and* is stored."""
+    from hubkit import connect_principal
+
+    from channels._provider import message_id
+    from hub.auth._permissions import Principal
+    from schemas import ChannelTarget, Envelope, PrincipalKind, Source
+
+    body = telegram_body("tg-forge", "ws-forge")
+    assert (await http.post(BASE, json=body)).status_code == 201
+    secret = body["secrets"]["webhookSecret"]
+    first = telegram_update("first")
+    assert (await post_update(hub, "tg-forge", secret, first)).status_code == 200
+    seen = await last_inbound(hub, "tg-forge", "ws-forge")
+    assert seen.provider_event_id == str(first["update_id"])  # public, guessable
+
+    target = telegram_update("the real one")
+    forged_id = message_id(TENANT, "tg-forge", seen.event_type, str(target["update_id"]))
+    evil = Principal(PrincipalKind.CHANNEL, "evil", "cli-evil", workspaces=("ws-evil",))
+    edge = await connect_principal(hub, evil)
+    try:
+        decoy = seen.model_copy(update={"id": forged_id, "provider": "cli-evil",
+                                        "workspace_id": "ws-evil", "text": "decoy",
+                                        "target": ChannelTarget(chat_id="1")})
+        env = Envelope.wrap(decoy, source=Source(principal_kind="channel",
+                                                 principal_id="cli-evil"), tenant="evil")
+        ack = await edge.nc.jetstream(timeout=5).publish(
+            subjects.CHANNEL_INBOUND.build(tenant="evil", instance_id="cli-evil",
+                                           workspace_id="ws-evil"),
+            env.encode(), headers={"Nats-Msg-Id": forged_id})
+        assert not ack.duplicate
+    finally:
+        await edge.close()
+    r = await post_update(hub, "tg-forge", secret, target)
+    assert r.status_code == 200
+    assert (await last_inbound(hub, "tg-forge", "ws-forge")).text == "the real one"

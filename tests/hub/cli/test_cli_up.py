@@ -145,9 +145,14 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert up.interrupt() < 10
         out = up.output()
         assert up.proc.returncode == 0, out
-        for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}", token,
-                         f"{up.url}/readyz", "cowork gateway register", "Stopped."):
+        for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}",
+                         str(data / "admin-token"), f"{up.url}/readyz",
+                         "cowork gateway register", "Stopped."):
             assert expected in out
+        assert token not in out  # where the token is, never the token
+        assert data.stat().st_mode & 0o077 in (0, 0o011)  # owner-only (traverse as root)
+        for log in (data / "nats" / "nats.log", data / "postgres" / "postgres.log"):
+            assert oct(log.stat().st_mode & 0o777) == "0o600", log
         assert "Traceback" not in out
         assert up.leftovers() == []
     finally:

@@ -192,3 +192,36 @@ async def test_bad_audit_records_are_dead_lettered_with_a_reason(nats_url, datab
         assert f'cowork_dead_letters_total{{code="{expected_code}",family="audit"}}' in \
             (await http.get("/metrics")).text
         await nc.close()
+
+
+async def test_a_client_leaving_mid_body_is_one_line_not_a_traceback(nats_url, database_url,
+                                                                    caplog):
+    caplog.set_level("INFO", logger="cowork.hub.http")
+    async with running_hub(nats_url, database_url) as hub:
+        host, port = hub.http_url.removeprefix("http://").split(":")
+        for path in ("/api/v1/tenants/acme/pairings", "/webhooks/no-such-instance"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                         f"Content-Type: application/json\r\n"
+                         f"Authorization: Bearer {hub.test_admin_token}\r\n\r\n{{\"la"
+                         .encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+        await asyncio.sleep(0.5)
+        async with client(hub) as http:  # still serving
+            assert (await http.get("/healthz")).status_code == 200
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"], \
+        [r.getMessage() for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert any(r.getMessage().startswith("http.client_disconnected") for r in caplog.records)
+
+
+async def test_metrics_can_require_the_admin_token(nats_url, database_url):
+    async with running_hub(nats_url, database_url, metrics_require_token=True) as hub:
+        async with client(hub) as anonymous, client(hub, admin=True) as admin:
+            refused = await anonymous.get("/metrics")
+            assert refused.status_code == 401 and refused.json()["error"]["code"]
+            assert (await admin.get("/metrics")).status_code == 200
+            assert (await anonymous.get("/healthz")).status_code == 200
+    async with running_hub(nats_url, database_url) as hub, client(hub) as anonymous:
+        assert (await anonymous.get("/metrics")).status_code == 200  # the default: open

@@ -93,7 +93,7 @@ class FakePlatform:
     # --- what tests configure an instance with --------------------------------------
     def instance_settings(self) -> dict[str, Any]:
         """Settings JSON (camelCase) for an instance talking to this fake."""
-        return {"apiBase": self.base_url}
+        return {"apiBase": self.base_url, "allowLoopbackHttp": True}
 
     def instance_secrets(self) -> dict[str, str]:
         raise NotImplementedError

@@ -44,7 +44,8 @@ class FakeDiscord(FakePlatform):
                 web.get("/users/@me", self._me)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url, "applicationId": self.application_id,
+        return {"apiBase": self.base_url, "allowLoopbackHttp": True,
+                "applicationId": self.application_id,
                 "publicKey": self.public_key}
 
     def instance_secrets(self) -> dict[str, str]:

@@ -35,7 +35,8 @@ class FakeSlack(FakePlatform):
         return [web.post("/api/{method}", self._api), web.post("/upload/{file_id}", self._upload)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url + "/api"}
+        return {"apiBase": self.base_url + "/api", "allowLoopbackHttp": True} \
+            if self.base_url else {}  # not started: no API to point at
 
     def instance_secrets(self) -> dict[str, str]:
         return {"botToken": self.bot_token, "signingSecret": self.signing_secret}

@@ -33,7 +33,8 @@ class FakeTelegram(FakePlatform):
         return [web.post("/bot{token}/{method}", self._api)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url, "botUsername": self.bot_username}
+        return {"apiBase": self.base_url, "allowLoopbackHttp": True,
+                "botUsername": self.bot_username}
 
     def instance_secrets(self) -> dict[str, str]:
         return {"botToken": self.bot_token, "webhookSecret": self.webhook_secret}

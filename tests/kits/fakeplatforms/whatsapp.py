@@ -31,7 +31,8 @@ class FakeWhatsApp(FakePlatform):
         return [web.post("/{phone}/messages", self._send), web.get("/{phone}", self._number)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url, "phoneNumberId": self.phone_number_id}
+        return {"apiBase": self.base_url, "allowLoopbackHttp": True,
+                "phoneNumberId": self.phone_number_id}
 
     def instance_secrets(self) -> dict[str, str]:
         return {"accessToken": self.access_token, "appSecret": self.app_secret,
