@@ -289,6 +289,13 @@ class ChannelService:
                 503, "credentials_unavailable",
                 "bus credentials are not managed by this hub (no COWORK_KEYS_DIR)")
         row = await self.get(tenant, instance_id)
+        if provider_for(row["kind"]).capabilities.inbound != "stdin":
+            # A hosted kind's bus identity belongs to the hub's runtime alone: a key
+            # held elsewhere could speak as its chat users and take its deliveries.
+            raise ChannelInstanceError(
+                409, "channel_instance.hosted_kind",
+                f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
+                f"{row['kind']} instance, served by the hub itself")
         principal = Principal(PrincipalKind.CHANNEL, tenant, instance_id,
                               workspaces=(row["workspace_id"],))
         try:

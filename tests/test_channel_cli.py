@@ -266,3 +266,37 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     finally:
         proc.stdin.close()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_login_is_refused_for_every_kind_but_cli(hub, http, tmp_path):
+    """A hosted instance's bus identity is the hub's alone: a credential for a key held
+    elsewhere would speak as its chat users and take its deliveries."""
+    from hub import _jwt
+
+    instance = f"tg-{secrets.token_hex(4)}"
+    created = await http.post("/api/v1/tenants/acme/channel-instances", json={
+        "instanceId": instance, "kind": "telegram", "workspaceId": "ws-tg",
+        "settings": {"apiBase": "http://127.0.0.1:9"},
+        "secrets": {"botToken": "123:abc", "webhookSecret": "whs_0123456789abcdef"}})
+    assert created.status_code == 201, created.text
+    creds = tmp_path / "tg.creds"
+    proc = await asyncio.create_subprocess_exec(
+        COWORK, "channel", "login", instance, "--creds-out", str(creds), "--hub-url",
+        hub.http_url, "--tenant", "acme",
+        env={"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 3 and len(lines) == 1, lines
+    assert "channel_instance.hosted_kind" in lines[0] and "only for kind 'cli'" in lines[0]
+    assert not creds.exists()
+    # The admin API's other credential route cannot mint it either.
+    key = _jwt.public_key(_jwt.new_seed("user"))
+    r = await http.post(f"/api/v1/tenants/acme/channel-instances/{instance}/credentials",
+                        json={"publicKey": key})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "channel_instance.hosted_kind"
+    r = await http.post("/api/v1/tenants/acme/credentials", json={
+        "kind": "channel", "principalId": instance, "publicKey": key, "workspaces": ["ws-tg"]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "kind_not_issuable"
+    principals = (await http.get("/api/v1/tenants/acme/principals")).json()["items"]
+    assert not any(p["principalId"] == instance and key in str(p) for p in principals)
