@@ -144,6 +144,33 @@ async def test_claims_one_at_a_time_when_told_and_never_polls(hub, http, opencod
     assert gateway.agent.runners == {}
 
 
+async def test_an_opencode_session_error_ends_the_run_with_its_reason(
+        hub, http, opencode, operator_nats_url, tmp_path):
+    """An unknown agent: OpenCode emits `session.error` (then a stack trace) and never
+    goes idle. The run fails at once with the first error's words, and the Gateway
+    (one item at a time) goes on to the next item instead of holding the lease."""
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
+    try:
+        await wait_status(http, created["registrationId"], "active")
+        broken = await enqueue(http, "hello", payload={"text": "hello", "agent": "no-such-agent"})
+        after = await enqueue(http, "after the broken one")
+        failed = await work_state(http, broken, FINAL, 30)
+        done = await work_state(http, after, FINAL, 30)
+    finally:
+        await gateway.stop()
+    assert failed["state"] == "failed" and failed["attempts"] == 1, failed
+    final = failed["events"][-1]
+    assert final["kind"] == "fail"
+    reason = final["body"]["reason"]
+    assert "no-such-agent" in reason and "\n" not in reason and "at <anonymous>" not in reason
+    assert not reason.startswith("UnknownError")
+    errors = [e for e in failed["events"] if e["kind"] == "event"
+              and e["body"].get("type") == "session.error"]
+    assert len(errors) == 1  # the stack-trace repeat is not relayed
+    assert done["state"] == "completed"
+
+
 async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
         hub, http, opencode, operator_nats_url, tmp_path):
     async with OpenCodeClient(opencode.url) as client:
