@@ -22,6 +22,7 @@ from schemas import AuditRecord, subjects
 
 from ._audit import AuditLog
 from ._background import BackgroundTask, every
+from ._edge_work_writes import project_outcome
 from ._logging import kv
 from ._metrics import HubMetrics
 
@@ -70,6 +71,10 @@ class Reaper(BackgroundTask):
                 ["expired" if r["state"] == "queued" else "dead_lettered" for r in rows])
             for row in rows:
                 await self._audit_reaped(conn, row)
+                if row["state"] == "dead_lettered":
+                    await project_outcome(conn, row["tenant"], row, "dead_lettered", (
+                        f"gave up after {row['attempts']} attempts: the Gateway running it "
+                        "stopped renewing its lease each time"))
         for row in rows:
             await self._after_commit(row)
         return len(rows)

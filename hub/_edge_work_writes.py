@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -122,6 +123,23 @@ class FencedWriter:
                      "attempt": work["attempts"], "body": out.body})
         await append_events(conn, tenant, workspace, "gateway", [reg_id], [event])
         return workspace, event
+
+
+async def project_outcome(conn: asyncpg.Connection, tenant: str, work: Any, kind: str,
+                          reason: str) -> None:
+    """The end of work that no Gateway reported (dead-lettered, cancelled), as a
+    `work.<kind>` event in its sessionRef's workspace: a chat bound there says it
+    once, in words. Call inside the transaction that ended the work."""
+    ref = work["session_ref"]
+    workspace = ref["workspaceId"]
+    last = await lock_cursor(conn, tenant, workspace)
+    event = WorkspaceEvent(
+        workspace_id=workspace, sequence=last + 1, event_id=f"{work['work_id']}-{kind}",
+        type=f"work.{kind}", session_id=ref.get("sessionId"),
+        occurred_at=datetime.now(timezone.utc),
+        payload={"workId": work["work_id"], "attempt": work["attempts"],
+                 "body": {"reason": reason}})
+    await append_events(conn, tenant, workspace, "hub", ["hub"], [event])
 
 
 def _is_replay(work: asyncpg.Record, stored: asyncpg.Record | None, kind: str,

@@ -298,6 +298,12 @@ async def test_reaper_requeues_then_dead_letters(hub, http, gateways, tenant):
     actions = [r["action"] for r in await audit_actions(hub, tenant)]
     assert actions.count("gateway.edge.lease_expired") == 2
     assert actions.count("gateway.edge.dead_lettered") == 1
+    # ... and said in its workspace once, for a chat bound there to tell its user.
+    [told] = await hub.pool.fetch(
+        "SELECT payload FROM workspace_events WHERE tenant = $1 AND type = 'work.dead_lettered'",
+        tenant)
+    body = json.loads(told["payload"]) if isinstance(told["payload"], str) else told["payload"]
+    assert body["workId"] == work_id and "gave up after 3 attempts" in body["body"]["reason"]
 
 
 async def _state(hub, tenant: str, work_id: str) -> str:
