@@ -288,6 +288,25 @@ class ChannelSessions:
         turn.outcome = "prompted"
 
 
+    async def cancel_work(self, turn: Turn, binding_id: str) -> int:
+        """Cancel the chat's Cloud work still queued or running; how many items."""
+        rows = await self._pool.fetch(
+            "SELECT w.work_id FROM channel_submissions s JOIN edge_work w "
+            "ON w.tenant = s.tenant AND w.work_id = s.command_id "
+            "WHERE s.tenant = $1 AND s.binding_id = $2 AND w.state IN ('queued', 'leased')",
+            turn.tenant, binding_id)
+        cancelled = 0
+        for row in rows:
+            try:
+                await self._edge_work.cancel(
+                    turn.tenant, row["work_id"], actor=turn.actor_id, actor_kind="channel",
+                    reason=f"stopped with /abort by {turn.actor_label or turn.actor_id}")
+                cancelled += 1
+            except EdgeWorkError:  # it ended meanwhile
+                pass
+        return cancelled
+
+
 def received_reaction(turn: Turn) -> ChannelOutbound | None:
     """👀 on the chat message a submitted prompt came from, so its sender sees it
     was taken; None unless the prompt was submitted, the instance's platform has

@@ -38,7 +38,7 @@ from ._metrics import HubMetrics
 from ._projection import append_events, lock_cursor, publish_live
 
 FINAL_STATE = {"result": "completed", "fail": "failed"}
-FINAL_STATES = frozenset(FINAL_STATE.values())
+FINAL_STATES = frozenset(FINAL_STATE.values()) | {"cancelled", "dead_lettered"}
 # Events are audited only through the work's status/result: a run can emit
 # hundreds of events a second, and each is already durable with its attempt and
 # registration in edge_work_outputs; auditing every one would double the write
