@@ -32,7 +32,11 @@ from ._http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
 
-Agent = Annotated[str, Field(min_length=1, max_length=128)]
+# An OpenCode agent name (`build`, `plan`, a custom agent's file name). Whether the
+# workspace's OpenCode has it is known only there: an unknown one fails the first
+# prompt with OpenCode's own words ("Agent not found ... Available agents: ...").
+Agent = Annotated[str, Field(min_length=1, max_length=64,
+                             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 def _display_name(value: str | None) -> str | None:

@@ -156,6 +156,8 @@ async def test_invalid_create_is_422_with_a_clear_one_line_message(http, change,
     ({"authority": "anyone"}, "authority"),
     ({"workspaceId": ""}, "workspaceId"),
     ({"secrets": "not-an-object"}, "secrets"),
+    ({"defaultAgent": "no such agent"}, "defaultAgent"),
+    ({"defaultAgent": "build\nplan"}, "defaultAgent"),
 ])
 async def test_malformed_create_body_is_422(http, change, field):
     r = await http.post(BASE, json=telegram_body("tg-malformed", **change))
