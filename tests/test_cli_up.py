@@ -210,6 +210,12 @@ def test_hub_serve_without_database_is_a_clear_error():
     _one_line_error(result, "COWORK_DATABASE_URL")
 
 
+def test_hub_serve_without_admin_token_refuses_to_start(database_url):
+    result = _run(["hub", "serve"], COWORK_NATS_URL=f"nats://127.0.0.1:{free_port()}",
+                  COWORK_DATABASE_URL=database_url)
+    _one_line_error(result, "COWORK_ADMIN_TOKEN")
+
+
 async def test_hub_serve_runs_against_external_servers(nats_url, database_url):
     _serve_until_ready(nats_url, database_url, {})
 
