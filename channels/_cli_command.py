@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -133,11 +134,13 @@ class ChannelCli:
         except BaseException:
             await nc.close()
             raise
-        # Drain sends the last acks and receipts (bounded: a server may stop answering).
+        # A flush sends the last acks and receipts (bounded: a server may stop answering);
+        # not drain(), whose cancelled internals print a CancelledError traceback.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+            await nc.flush(timeout=5)
         if not nc.is_closed:
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
         return 0
 
     async def _open_queue(self, js: Any) -> Any:
@@ -203,8 +206,17 @@ class ChannelCli:
         loop = asyncio.get_running_loop()
 
         def pump() -> None:  # a daemon thread: a blocked read never holds up exit
-            for raw in iter(sys.stdin.buffer.readline, b""):
-                loop.call_soon_threadsafe(lines.put_nowait, raw)
+            # Raw reads of fd 0, not sys.stdin's buffered reader: a daemon thread
+            # blocked inside that reader's lock aborts the interpreter at exit.
+            pending = b""
+            fd = sys.stdin.fileno()
+            while chunk := os.read(fd, 65536):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    loop.call_soon_threadsafe(lines.put_nowait, raw + b"\n")
+            if pending:
+                loop.call_soon_threadsafe(lines.put_nowait, pending)
             loop.call_soon_threadsafe(lines.put_nowait, None)
 
         threading.Thread(target=pump, name="stdin", daemon=True).start()

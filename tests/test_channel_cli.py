@@ -183,6 +183,23 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
         proc.stdin.close()
         code = await asyncio.wait_for(proc.wait(), 10)
     assert code == 0
+    err = (await proc.stderr.read()).decode()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+async def test_quitting_with_a_signal_is_clean(hub, cli_instance, sig):
+    """Ctrl-C (or SIGTERM) while waiting for input: exit 0, no traceback, no abort."""
+    import signal
+
+    instance, workspace, creds = cli_instance
+    proc = await start_cli(hub, instance, workspace, creds)
+    await read_until(proc.stderr, "Ctrl-C quits")
+    proc.send_signal(getattr(signal, sig))
+    code = await asyncio.wait_for(proc.wait(), 10)
+    err = (await proc.stderr.read()).decode()
+    assert code == 0, err
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
 
 
 async def test_the_command_fails_clearly(hub, cli_instance, tmp_path):
