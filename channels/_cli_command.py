@@ -77,8 +77,9 @@ def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
     cli.add_argument("--creds", required=True, type=Path, metavar="FILE",
                      help="the instance's NATS .creds file")
     cli.add_argument("--tenant", required=True, type=_token("tenant"), help="the tenant id")
-    cli.add_argument("--workspace", required=True, type=_token("workspace_id"),
-                     help="the workspace the instance is bound to")
+    cli.add_argument("--workspace", type=_token("workspace_id"),
+                     help="the workspace the instance is bound to (default: the one the "
+                          "credential is bound to)")
     cli.add_argument("--user", help="who you are in the chat (default: your login name)")
     cli.add_argument("--format", choices=["text", "json"], default="text",
                      help="how deliveries are printed (default: %(default)s)")
@@ -99,10 +100,28 @@ def run_channel_command(args: argparse.Namespace) -> int:
         return 130
 
 
+def bound_workspace(user_jwt: str, tenant: str, instance: str) -> str | None:
+    """The workspace a channel credential may send into: the last token of its one
+    `cw.<tenant>.chan.<instance>.in.<workspace>` publish permission."""
+    import base64
+    import json
+
+    try:
+        claims_b64 = user_jwt.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
+        allowed = claims["nats"]["pub"]["allow"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+    prefix = f"cw.{tenant}.chan.{instance}.in."
+    found = {s[len(prefix):] for s in allowed if isinstance(s, str) and s.startswith(prefix)}
+    return found.pop() if len(found) == 1 else None
+
+
 class ChannelCli:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.instance, self.tenant, self.workspace = args.instance, args.tenant, args.workspace
+        self.instance, self.tenant = args.instance, args.tenant
+        self.workspace = self._workspace(args)
         self.config = InstanceConfig(
             tenant=self.tenant, instance_id=self.instance, kind="cli",
             workspace_id=self.workspace,
@@ -162,6 +181,20 @@ class ChannelCli:
                       f"no answer from JetStream ({type(exc).__name__})")
             raise CommandFailed(f"cannot open the delivery queue: {reason}", EXIT_QUEUE) from None
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    def _workspace(self, args: argparse.Namespace) -> str:
+        """--workspace, checked against the credential's; or the credential's."""
+        self._check_creds()
+        user_jwt, _ = parse_creds(args.creds.read_text())
+        bound = bound_workspace(user_jwt, args.tenant, args.instance)
+        if args.workspace and bound and args.workspace != bound:
+            raise CommandFailed(f"this credential is bound to workspace {bound!r}, not "
+                                f"{args.workspace!r}; leave --workspace out", EXIT_CREDS)
+        if args.workspace or bound:
+            return args.workspace or bound
+        raise CommandFailed(f"cannot tell the workspace from {args.creds} (is it for instance "
+                            f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",
+                            EXIT_CREDS)
 
     def _check_creds(self) -> None:
         try:

@@ -260,6 +260,9 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     code, out, err = await login(instance, "--creds-out", str(creds))
     assert code == 0, err
     assert f"Wrote {creds}" in out and creds.stat().st_mode & 0o777 == 0o600
+    # The next step is printed complete: the hub knows its NATS URL and the workspace.
+    assert f"--nats {hub.settings.nats_servers[0]}" in out and "WORKSPACE" not in out
+    assert workspace in out and "claim code" in out
     user_jwt, seed = parse_creds(creds.read_text())
     assert seed.startswith(b"SU") and user_jwt.count(".") == 2
 
@@ -274,7 +277,16 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
         subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance,
                                        workspace_id=workspace),
         stream="CW_CHANNEL_INBOUND", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    proc = await start_cli(hub, instance, workspace, creds, "--user", "grace")
+    wrong = await start_cli(hub, instance, "ws-elsewhere", creds)
+    _, err = await asyncio.wait_for(wrong.communicate(b""), 15)
+    assert wrong.returncode == 3 and err.decode().strip() == (
+        f"cowork: error: this credential is bound to workspace {workspace!r}, not "
+        "'ws-elsewhere'; leave --workspace out")
+    proc = await asyncio.create_subprocess_exec(  # no --workspace: the credential's
+        COWORK, "channel", "cli", instance, "--nats", hub.settings.nats_servers[0],
+        "--creds", str(creds), "--tenant", "acme", "--user", "grace",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     try:
         proc.stdin.write(b"hello from a logged-in terminal\n")
         await proc.stdin.drain()
