@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,13 @@ def _register(args: argparse.Namespace, store: GatewayStore) -> int:
     print(f"Registered {gateway.registration_id} ({gateway.display_name!r}) as "
           f"{gateway.kind} with tenant {gateway.tenant}; state {gateway.state}.")
     print(f"Credential: {store.creds_path}")
-    print("Next: cowork gateway run --opencode http://127.0.0.1:4096")
+    state = "" if Path(store.directory).resolve() == Path(default_state_dir()).resolve() \
+        else f" --state-dir {shlex.quote(str(store.directory))}"
+    print(f"Next: cowork gateway run{state} --opencode {args.opencode}")
+    print(f"  or, the appliance (own leaf NATS and PostgreSQL): cowork gateway up{state} "
+          f"--opencode {args.opencode}")
+    print("  (`gateway up` dials Cloud's leaf-node port, 7422 unless `cowork up` was given "
+          "another --leaf-port: then pass the same as --cloud-leaf-port)")
     return 0
 
 

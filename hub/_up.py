@@ -141,7 +141,9 @@ class Stack:
             say("Register a Team Gateway: POST /api/v1/tenants/<tenant>/gateway-registrations,")
             say(f"  then on the Gateway: cowork gateway register --hub {self.nats.url} "
                 "--credential-file FILE")
-            say(f"  and cowork gateway up (its leaf node dials {self.opts.host}:"
+            extra = "" if self.opts.leaf_port == 7422 else \
+                f" --cloud-leaf-port {self.opts.leaf_port}"
+            say(f"  and cowork gateway up{extra} (its leaf node dials {self.opts.host}:"
                 f"{self.opts.leaf_port})")
         say("Connect a chat: POST /api/v1/tenants/<tenant>/channel-instances "
             "{\"instanceId\", \"kind\", \"workspaceId\", ...};")

@@ -260,7 +260,10 @@ async def test_cli_register_errors_and_status(hub, http, operator_nats_url, tmp_
                                   "--credential-file", str(secret_file),
                                   "--state-dir", str(state))
     assert code == 0, err
-    assert created["registrationId"] in out and "cowork gateway run" in out
+    assert created["registrationId"] in out
+    # The next step names the state dir it was registered into, for run and up alike.
+    assert f"cowork gateway run --state-dir {state}" in out
+    assert f"cowork gateway up --state-dir {state}" in out and "--cloud-leaf-port" in out
 
     code, out, _ = await cowork("gateway", "status", "--json", "--state-dir", str(state))
     report = json.loads(out)
