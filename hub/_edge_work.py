@@ -187,6 +187,7 @@ class EdgeWorkService:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""UPDATE edge_work SET state = 'cancelled', error = $3, completed_at = now(),
+                        status = '{{"state": "cancelled"}}'::jsonb,
                         lease_token = NULL, lease_expires_at = NULL, updated_at = now()
                     WHERE tenant = $1 AND work_id = $2 AND state IN ('queued', 'leased')
                     RETURNING {WORK_COLUMNS}""", tenant, work_id, reason)

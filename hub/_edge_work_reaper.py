@@ -136,6 +136,8 @@ _REAP = """
         error = CASE WHEN w.attempts < w.max_attempts THEN w.error
                 ELSE format('lease expired %s times (last holder %s)', w.attempts, w.owner) END,
         completed_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
+        status = jsonb_build_object('state', CASE WHEN w.attempts < w.max_attempts
+                                    THEN 'queued' ELSE 'dead_lettered' END),
         lease_token = NULL, lease_expires_at = NULL, updated_at = now()
     FROM expired e WHERE w.tenant = e.tenant AND w.work_id = e.work_id
     RETURNING w.tenant, w.work_id, w.kind, w.state, w.attempts, w.max_attempts, w.owner,

@@ -187,7 +187,10 @@ _LOCK_WORK = """
 _UPDATE_WORK = """
     UPDATE edge_work SET last_sequence = greatest(last_sequence, $3),
         output_count = output_count + 1,
-        status = CASE WHEN $4 = 'status' THEN $5::jsonb ELSE status END,
+        -- A final output ends the lease: the view shows the end, not "running".
+        status = CASE WHEN $7::text IS NOT NULL THEN jsonb_build_object('state', $7::text)
+                      WHEN $4 = 'status' THEN $5::jsonb ELSE status END,
+        lease_expires_at = CASE WHEN $7::text IS NULL THEN lease_expires_at END,
         result = CASE WHEN $4 = 'result' THEN $5::jsonb ELSE result END,
         error = coalesce($6, error),
         state = coalesce($7, state),

@@ -126,6 +126,7 @@ async def test_abort_from_a_cloud_worker_chat_cancels_its_running_work(kit, http
     view = (await http.get(f"/api/v1/tenants/{TENANT}/work/{work['work_id']}")).json()
     assert view["state"] == "cancelled" and "/abort" in view["error"], view
     assert view["leases"][-1]["outcome"] == "cancelled"
+    assert (view["status"], view["leaseExpiresAt"]) == ({"state": "cancelled"}, None)
     renewed = await gateway.renew(work["work_id"], lease.lease_token)
     assert isinstance(renewed, AckReply) and not renewed.ok, renewed
     written = await gateway.output(work["work_id"], lease.lease_token, 9, "event", {"n": 9})

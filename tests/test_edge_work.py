@@ -146,7 +146,9 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
 
     got = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
     assert got["state"] == "completed" and got["result"] == {"text": "hello"}
-    assert got["status"] == {"phase": "running"} and got["owner"] == gw.reg_id
+    # Ended: the view shows the end, not the last "running" status, and no lease.
+    assert got["status"] == {"state": "completed"} and got["leaseExpiresAt"] is None
+    assert got["owner"] == gw.reg_id
     assert [e["sequence"] for e in got["events"]] == [1, 2, 3, 4]
     assert got["events"][0] == {**got["events"][0], "kind": "event", "body": {"delta": "hel"},
                                 "attempt": 1, "registrationId": gw.reg_id}

@@ -169,6 +169,9 @@ async def test_an_opencode_session_error_ends_the_run_with_its_reason(
               and e["body"].get("type") == "session.error"]
     assert len(errors) == 1  # the stack-trace repeat is not relayed
     assert done["state"] == "completed"
+    # An ended item's view shows its end, not the last "running" status and a lease.
+    assert (done["status"], done["leaseExpiresAt"]) == ({"state": "completed"}, None)
+    assert (failed["status"], failed["leaseExpiresAt"]) == ({"state": "failed"}, None)
 
 
 async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
