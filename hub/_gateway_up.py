@@ -33,6 +33,7 @@ from ._embedded import (
     ensure_port_free,
     ensure_writable_dir,
     free_port,
+    lock_dir,
     nats_server_binary,
 )
 from ._leaf import (
@@ -383,6 +384,7 @@ async def _quietly(awaitable: Awaitable[object]) -> None:
 async def gateway_up(opts: GatewayUpOptions, stop: asyncio.Event | None = None) -> int:
     """Run the appliance until `stop` is set (Ctrl-C / SIGTERM) or it must end."""
     opts.state_dir = ensure_writable_dir(opts.state_dir, "--state-dir")
+    lock_dir(opts.state_dir, "--state-dir")  # before any server touches its stores
     nats_server_binary()
     if opts.nats_port:
         ensure_port_free("127.0.0.1", opts.nats_port, "--nats-port")

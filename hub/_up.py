@@ -19,6 +19,7 @@ from ._embedded import (
     NatsServer,
     ensure_port_free,
     ensure_writable_dir,
+    lock_dir,
     nats_server_binary,
 )
 from ._keys import BusKeys
@@ -175,6 +176,7 @@ async def _quietly(awaitable: Awaitable[object]) -> None:
 
 async def run_up(opts: UpOptions) -> int:
     opts.data_dir = ensure_writable_dir(opts.data_dir)
+    lock_dir(opts.data_dir)  # before any server touches its stores
     nats_server_binary()
     ensure_port_free(opts.host, opts.nats_port, "--nats-port")
     ensure_port_free(opts.host, opts.http_port, "--http-port")

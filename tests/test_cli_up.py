@@ -142,11 +142,17 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert len(_audit_rows(up, token)) == 1
         assert len(up.descendants) >= 2  # nats-server and postgres at least
         assert _leaf_listener_greets(up.leaf_port)  # Team Gateway appliances dial here
+        # A second `cowork up` on the same data dir (other ports) stops before any server.
+        second = _run(["up", "--data-dir", str(data), "--http-port", str(free_port()),
+                       "--nats-port", str(free_port()), "--leaf-port", str(free_port())])
+        _one_line_error(second, f"is in use by PID {up.proc.pid}")
+        assert "NATS with JetStream" not in second.stdout, second.stdout
         assert up.interrupt() < 10
         out = up.output()
         assert up.proc.returncode == 0, out
         for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}", token,
-                         f"{up.url}/readyz", "cowork gateway register", "Stopped."):
+                         f"{up.url}/readyz", "cowork gateway register", "Stopped.",
+                         f"cowork gateway up --cloud-leaf-port {up.leaf_port}"):
             assert expected in out
         assert "Traceback" not in out
         assert up.leftovers() == []
