@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, Source, WorkOutput, WorkspaceEvent
+from schemas import AuditRecord, Source, WorkOutput, WorkspaceEvent, check_token
 from schemas._vocabulary import CredentialScope
 
 from ._audit import AuditLog
@@ -118,11 +118,29 @@ class FencedWriter:
         event = WorkspaceEvent(
             workspace_id=workspace, sequence=last + 1,
             event_id=f"{out.work_id}-{out.sequence}", type=f"work.{out.kind}",
-            session_id=ref.get("sessionId"), occurred_at=datetime.now(timezone.utc),
+            session_id=ref.get("sessionId") or _session_of(out.body),
+            occurred_at=datetime.now(timezone.utc),
             payload={"workId": out.work_id, "sequence": out.sequence,
                      "attempt": work["attempts"], "body": out.body})
         await append_events(conn, tenant, workspace, "gateway", [reg_id], [event])
         return workspace, event
+
+
+def _session_of(body: Any) -> str | None:
+    """The OpenCode session an output names: a result's `sessionId`, or an event's
+    `properties.sessionID` (also under `info` or `part`); None when none is valid."""
+    if not isinstance(body, dict):
+        return None
+    props = body.get("properties") if isinstance(body.get("properties"), dict) else {}
+    nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
+    for candidate in (body.get("sessionId"), props.get("sessionID"),
+                      *(n.get("sessionID") for n in nested)):
+        if isinstance(candidate, str):
+            try:
+                return check_token(candidate, "sessionId")
+            except ValueError:
+                continue
+    return None
 
 
 async def project_outcome(conn: asyncpg.Connection, tenant: str, work: Any, kind: str,

@@ -172,6 +172,12 @@ async def test_an_opencode_session_error_ends_the_run_with_its_reason(
     # An ended item's view shows its end, not the last "running" status and a lease.
     assert (done["status"], done["leaseExpiresAt"]) == ({"state": "completed"}, None)
     assert (failed["status"], failed["leaseExpiresAt"]) == ({"state": "failed"}, None)
+    # Its workspace events name the session it ran in (its sessionRef named none).
+    rows = await hub.pool.fetch(
+        "SELECT type, session_id FROM workspace_events WHERE payload->>'workId' = $1 "
+        "AND type IN ('work.event', 'work.result')", after)
+    session = done["result"]["sessionId"]
+    assert rows and {r["session_id"] for r in rows} == {session}, rows
 
 
 async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
