@@ -192,7 +192,9 @@ def status_report(store: GatewayStore) -> dict[str, Any]:
         "state": "revoked" if gateway.revoked else gateway.state,
         "scopes": gateway.scopes, "syncScopes": gateway.sync_scopes, "hub": gateway.hub_urls,
         "registeredAt": gateway.registered_at,
-        "credentialExpiresAt": gateway.credential_expires_at,
+        # The bus credential (the .creds JWT, refreshed while running), not the
+        # registration credential whose expiry the API shows as credentialExpiresAt.
+        "busCredentialExpiresAt": gateway.credential_expires_at,
         "credential": str(store.creds_path) if store.creds_path.exists() else None,
         "revokedAt": gateway.revoked_at, "revokeReason": gateway.revoke_reason,
         "work": store.journal_counts(),

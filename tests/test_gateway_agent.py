@@ -278,6 +278,8 @@ async def test_cli_register_errors_and_status(hub, http, operator_nats_url, tmp_
     report = json.loads(out)
     assert report["registrationId"] == created["registrationId"]
     assert report["kind"] == "edge_worker" and report["tenant"] == TENANT
+    # Not the API's credentialExpiresAt (the registration credential's): the .creds JWT's.
+    assert report["busCredentialExpiresAt"] and "credentialExpiresAt" not in report
     assert report["credential"] == str(state / "gateway.creds")
     _, seed = parse_creds((state / "gateway.creds").read_text())
     code, text, _ = await cowork("gateway", "status", "--state-dir", str(state))
