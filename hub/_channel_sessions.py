@@ -141,7 +141,26 @@ class ChannelSessions:
             "SELECT * FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND "
             "workspace_id = $3 AND chat_id = $4 AND thread_key = $5 "
             "ORDER BY created_at, binding_id LIMIT $6", *self._key(turn), MAX_LISTED)
-        return [dict(r) for r in rows]
+        bindings = [dict(r) for r in rows]
+        for binding in bindings:
+            if binding["session_id"] is None and turn.instance["authority"] != "desktop_paired":
+                async with self._pool.acquire() as conn:  # a finished prompt may name it
+                    binding["session_id"] = await learn_session(conn, turn.tenant,
+                                                                binding["binding_id"])
+            if not binding["title"] and binding["session_id"]:
+                binding["title"] = await self._opencode_title(turn, binding["session_id"])
+        return bindings
+
+    async def _opencode_title(self, turn: Turn, session_id: str) -> str | None:
+        """The title OpenCode last gave the session (its `session.updated` events, from
+        a Desktop or from Cloud work), when the chat gave it none."""
+        return await self._pool.fetchval(
+            "SELECT t FROM (SELECT coalesce(payload->'body'->'properties'->'info'->>'title', "
+            "payload->'payload'->'properties'->'info'->>'title', "
+            "payload->'properties'->'info'->>'title') AS t, sequence FROM workspace_events "
+            "WHERE tenant = $1 AND workspace_id = $2 AND session_id = $3) e "
+            "WHERE t IS NOT NULL ORDER BY sequence DESC LIMIT 1",
+            turn.tenant, turn.workspace_id, session_id)
 
     async def switch(self, turn: Turn, ref: str) -> dict | None:
         """Make binding number `ref` (as /sessions lists them) or the one with session

@@ -133,8 +133,10 @@ def _session_of(body: Any) -> str | None:
         return None
     props = body.get("properties") if isinstance(body.get("properties"), dict) else {}
     nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
+    info_id = nested[0].get("id") if nested and "info" in props else None
+    session_info = info_id if isinstance(info_id, str) and info_id.startswith("ses") else None
     for candidate in (body.get("sessionId"), props.get("sessionID"),
-                      *(n.get("sessionID") for n in nested)):
+                      *(n.get("sessionID") for n in nested), session_info):
         if isinstance(candidate, str):
             try:
                 return check_token(candidate, "sessionId")

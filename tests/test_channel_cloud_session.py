@@ -151,6 +151,24 @@ async def test_abort_from_a_cloud_worker_chat_cancels_its_running_work(kit, http
     assert getattr(got, "work_id", None) != queued["work_id"], got
 
 
+async def test_sessions_shows_the_title_opencode_gave_the_session(kit, http, gateway):
+    inst = await kit.instance(http, authority="cloud_worker")
+    await kit.role(inst, "u1", "member")
+    work = await work_of(kit, await kit.send(inst, "plan a trip"))
+    lease = await gateway.claim(work["work_id"])
+    assert isinstance(lease, WorkClaimReply) and lease.work_id == work["work_id"], lease
+    seq = lease.next_sequence or 1
+    for n, title in enumerate(("New session - 2026-12-05", "Plan the trip")):
+        assert (await gateway.output(work["work_id"], lease.lease_token, seq + n, "event", {
+            "type": "session.updated",
+            "properties": {"info": {"id": "ses_titled1", "title": title}}})).ok
+    assert (await gateway.output(work["work_id"], lease.lease_token, seq + 2, "result",
+                                 {"text": "ok", "sessionId": "ses_titled1"})).ok
+    await kit.send(inst, "/sessions")
+    texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
+    assert any("Plan the trip [ses_titled1]" in t for t in texts), texts
+
+
 # --- the Gateway side -----------------------------------------------------------------------
 class FakeOpenCode:
     """Just enough of OpenCodeClient for one prompt turn."""
