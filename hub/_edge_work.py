@@ -228,9 +228,14 @@ class EdgeWorkService:
                 "SELECT sequence, kind, body, attempt, registration_id, recorded_at "
                 "FROM edge_work_outputs WHERE tenant = $1 AND work_id = $2 AND sequence > $3 "
                 "ORDER BY sequence LIMIT $4", tenant, work_id, after_sequence, limit)
+            waiting = None
+            if row["state"] == "queued" and not await self.leases.claimers(conn, tenant):
+                waiting = ("no Gateway of this tenant can claim it: none is registered and "
+                           "active with an edge kind (see GET …/gateway-registrations)")
         out = dict(row)
         out["leases"] = [dict(r) for r in leases]
         out["events"] = [dict(r) for r in outputs]
+        out["waiting"] = waiting
         return out
 
     async def list(self, tenant: str, *, state: str | None = None,

@@ -44,6 +44,8 @@ def work_json(row: dict) -> dict[str, Any]:
         "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]), "completedAt": iso(row["completed_at"]),
     }
+    if row.get("waiting"):  # queued with nobody to take it: say so
+        out["waiting"] = row["waiting"]
     if "leases" in row:
         out["leases"] = [{"attempt": r["attempt"], "registrationId": r["registration_id"],
                           "claimedAt": iso(r["claimed_at"]), "endedAt": iso(r["ended_at"]),

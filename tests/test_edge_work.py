@@ -116,6 +116,16 @@ async def test_enqueue_is_idempotent_and_validated(http, tenant):
 
 
 # --------------------------------------------------------------------------- happy path
+async def test_queued_work_says_when_no_gateway_can_take_it(http, gateways, tenant):
+    work_id = await enqueue(http, tenant)
+    view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
+    assert view["state"] == "queued" and "no Gateway of this tenant can claim it" in \
+        view["waiting"], view
+    await gateways(tenant)  # an active edge worker appears: the hint goes
+    view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
+    assert "waiting" not in view, view
+
+
 async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant):
     gw = await gateways(tenant)
     offers = await collect(gw.nc, subjects.WORK_OFFER.filter(tenant=tenant), WorkOffer)
