@@ -34,6 +34,7 @@ from ._gateway_outbox import MemoryOutbox, Outbox
 from ._gateway_status import GatewayStatus
 from ._gateway_store import GatewayStore, GatewayStoreError
 from ._gateway_work import SessionEvents, TransientBusError, WorkRunner
+from ._log_once import Repeats
 from ._opencode import OpenCodeClient, OpenCodeError
 
 log = logging.getLogger("cowork.edge.gateway")
@@ -81,6 +82,7 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         self._gone: set[str] = set()  # lease tokens the hub refused
         self._unsent = 0
         self._auth_failures = 0
+        self._repeats = Repeats(log)  # say a failure that repeats once (edges/_log_once.py)
         self._health = "healthy"
         self._opencode_version: str | None = None
         self._last_error: str | None = None

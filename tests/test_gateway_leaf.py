@@ -139,6 +139,34 @@ async def test_forward_retries_in_order_and_drops_refused():
     assert sent == [1, 2, 2, 2, 3, 4, 5]
 
 
+async def test_forward_says_an_outage_once_and_its_end_once(caplog):
+    """Cloud away for many attempts: one info line when sending starts failing, one
+    when it works again; the repeats only at debug."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="cowork.edges.gateway_outbox")
+    box = MemoryOutbox()
+    await box.append(output(1))
+    failures = {"left": 8}
+
+    async def send(out: WorkOutput) -> bool:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise nats.errors.NoRespondersError
+        return True
+
+    task = asyncio.create_task(forward(box, send, max_backoff=0.01))
+    try:
+        await wait_for(lambda: _true(len(box) == 0), 5, "outbox drained")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len([m for m in info if "outbox_send_retry" in m]) == 1, info
+    assert [m for m in info if "working again" in m] == [
+        "gateway.outbox_send: working again after 8 failed attempts"], info
+
+
 async def _true(value: bool) -> bool:
     return value
 
