@@ -215,6 +215,7 @@ class ChannelService:
             secret_names=secret_names(secrets), enabled=body.get("enabled", True),
             created_by=actor)
         async with self._pool.acquire() as conn, conn.transaction():
+            await _check_workspace(conn, tenant, new.authority, new.workspace_id)
             row = await self._store.insert(new, conn)
             if row is None:
                 raise ChannelInstanceError(
@@ -241,6 +242,10 @@ class ChannelService:
                 changes["display_name"] = ""
             if "authority" in patch:
                 changes["authority"] = _check_authority(patch["authority"])
+            if "authority" in changes or "workspace_id" in changes:
+                await _check_workspace(conn, tenant,
+                                       changes.get("authority", current["authority"]),
+                                       changes.get("workspace_id", current["workspace_id"]))
             if "settings" in patch:
                 _, changes["settings"] = validate_settings(current["kind"],
                                                            patch["settings"] or {})
@@ -317,6 +322,21 @@ class ChannelService:
 
 _WIRE = {"display_name": "displayName", "workspace_id": "workspaceId",
          "default_agent": "defaultAgent", "secrets_enc": "secrets", "secret_names": "secrets"}
+
+
+async def _check_workspace(conn: asyncpg.Connection, tenant: str, authority: str,
+                           workspace_id: str) -> None:
+    """A `desktop_paired` instance's workspace is a pairing of its tenant: refused now
+    rather than at the chat's first prompt."""
+    if authority != "desktop_paired":
+        return
+    if await conn.fetchval("SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2",
+                           tenant, workspace_id) is None:
+        raise ChannelInstanceError(
+            422, "channel_instance.workspace_not_paired",
+            f"authority desktop_paired needs the workspace to be a pairing of tenant "
+            f"{tenant!r}; {workspace_id!r} is none (create one with POST …/pairings, or use "
+            "authority cloud_worker)")
 
 
 def _check_authority(value: Any) -> str:

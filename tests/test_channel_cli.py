@@ -244,7 +244,8 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     file (0600) then serves `cowork channel cli` for that instance only."""
     instance, workspace = f"cli-{secrets.token_hex(4)}", f"ws-{secrets.token_hex(3)}"
     created = await http.post("/api/v1/tenants/acme/channel-instances", json={
-        "instanceId": instance, "kind": "cli", "workspaceId": workspace})
+        "instanceId": instance, "kind": "cli", "workspaceId": workspace,
+        "authority": "cloud_worker"})
     assert created.status_code == 201, created.text
     creds = tmp_path / "login.creds"
     env = {"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"}
@@ -305,6 +306,7 @@ async def test_login_is_refused_for_every_kind_but_cli(hub, http, tmp_path):
     instance = f"tg-{secrets.token_hex(4)}"
     created = await http.post("/api/v1/tenants/acme/channel-instances", json={
         "instanceId": instance, "kind": "telegram", "workspaceId": "ws-tg",
+        "authority": "cloud_worker",
         "settings": {"apiBase": "http://127.0.0.1:9"},
         "secrets": {"botToken": "123:abc", "webhookSecret": "whs_0123456789abcdef"}})
     assert created.status_code == 201, created.text

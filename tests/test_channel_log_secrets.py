@@ -36,7 +36,8 @@ async def test_a_telegram_delivery_never_logs_the_bot_token(hub, hub_log):
     await fake.start()
     try:
         async with client(hub, admin=True) as admin:
-            await create_instance(admin, fake, instance_id="tg-logscan", workspace_id="ws-log")
+            await create_instance(admin, fake, instance_id="tg-logscan", workspace_id="ws-log",
+                                  authority="cloud_worker")
             await wait_ready(admin, "tg-logscan")
             # A claim answered in the chat: inbound webhook, router, a delivery out.
             await claim_role(admin, hub.http_url, fake, "tg-logscan", chat_id="300",

@@ -384,7 +384,8 @@ async def test_with_the_real_channel_service_the_platform_shows_one_edited_messa
     await fake.start()
     try:
         async with client(hub, admin=True) as admin:
-            await create_instance(admin, fake, instance_id="tg-real", workspace_id="ws-real")
+            await create_instance(admin, fake, instance_id="tg-real", workspace_id="ws-real",
+                                  authority="cloud_worker")
             await wait_ready(admin, "tg-real")
         await hub.pool.execute(
             "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, "
