@@ -162,6 +162,7 @@ class WorkState(_Str):
     COMPLETED = "completed"
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
+    CANCELLED = "cancelled"
 
 
 class WorkOutputKind(_Str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -76,8 +77,9 @@ def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
     cli.add_argument("--creds", required=True, type=Path, metavar="FILE",
                      help="the instance's NATS .creds file")
     cli.add_argument("--tenant", required=True, type=_token("tenant"), help="the tenant id")
-    cli.add_argument("--workspace", required=True, type=_token("workspace_id"),
-                     help="the workspace the instance is bound to")
+    cli.add_argument("--workspace", type=_token("workspace_id"),
+                     help="the workspace the instance is bound to (default: the one the "
+                          "credential is bound to)")
     cli.add_argument("--user", help="who you are in the chat (default: your login name)")
     cli.add_argument("--format", choices=["text", "json"], default="text",
                      help="how deliveries are printed (default: %(default)s)")
@@ -98,10 +100,28 @@ def run_channel_command(args: argparse.Namespace) -> int:
         return 130
 
 
+def bound_workspace(user_jwt: str, tenant: str, instance: str) -> str | None:
+    """The workspace a channel credential may send into: the last token of its one
+    `cw.<tenant>.chan.<instance>.in.<workspace>` publish permission."""
+    import base64
+    import json
+
+    try:
+        claims_b64 = user_jwt.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
+        allowed = claims["nats"]["pub"]["allow"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+    prefix = f"cw.{tenant}.chan.{instance}.in."
+    found = {s[len(prefix):] for s in allowed if isinstance(s, str) and s.startswith(prefix)}
+    return found.pop() if len(found) == 1 else None
+
+
 class ChannelCli:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.instance, self.tenant, self.workspace = args.instance, args.tenant, args.workspace
+        self.instance, self.tenant = args.instance, args.tenant
+        self.workspace = self._workspace(args)
         self.config = InstanceConfig(
             tenant=self.tenant, instance_id=self.instance, kind="cli",
             workspace_id=self.workspace,
@@ -133,11 +153,13 @@ class ChannelCli:
         except BaseException:
             await nc.close()
             raise
-        # Drain sends the last acks and receipts (bounded: a server may stop answering).
+        # A flush sends the last acks and receipts (bounded: a server may stop answering);
+        # not drain(), whose cancelled internals print a CancelledError traceback.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5)
+            await nc.flush(timeout=5)
         if not nc.is_closed:
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
         return 0
 
     async def _open_queue(self, js: Any) -> Any:
@@ -159,6 +181,20 @@ class ChannelCli:
                       f"no answer from JetStream ({type(exc).__name__})")
             raise CommandFailed(f"cannot open the delivery queue: {reason}", EXIT_QUEUE) from None
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    def _workspace(self, args: argparse.Namespace) -> str:
+        """--workspace, checked against the credential's; or the credential's."""
+        self._check_creds()
+        user_jwt, _ = parse_creds(args.creds.read_text())
+        bound = bound_workspace(user_jwt, args.tenant, args.instance)
+        if args.workspace and bound and args.workspace != bound:
+            raise CommandFailed(f"this credential is bound to workspace {bound!r}, not "
+                                f"{args.workspace!r}; leave --workspace out", EXIT_CREDS)
+        if args.workspace or bound:
+            return args.workspace or bound
+        raise CommandFailed(f"cannot tell the workspace from {args.creds} (is it for instance "
+                            f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",
+                            EXIT_CREDS)
 
     def _check_creds(self) -> None:
         try:
@@ -203,8 +239,17 @@ class ChannelCli:
         loop = asyncio.get_running_loop()
 
         def pump() -> None:  # a daemon thread: a blocked read never holds up exit
-            for raw in iter(sys.stdin.buffer.readline, b""):
-                loop.call_soon_threadsafe(lines.put_nowait, raw)
+            # Raw reads of fd 0, not sys.stdin's buffered reader: a daemon thread
+            # blocked inside that reader's lock aborts the interpreter at exit.
+            pending = b""
+            fd = sys.stdin.fileno()
+            while chunk := os.read(fd, 65536):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    loop.call_soon_threadsafe(lines.put_nowait, raw + b"\n")
+            if pending:
+                loop.call_soon_threadsafe(lines.put_nowait, pending)
             loop.call_soon_threadsafe(lines.put_nowait, None)
 
         threading.Thread(target=pump, name="stdin", daemon=True).start()

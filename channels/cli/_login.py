@@ -63,8 +63,12 @@ def run_login(args: argparse.Namespace) -> int:
         print(f"cowork: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(f"Wrote {args.creds_out} (valid until {answer['expiresAt']}).")
+    nats_url = answer.get("natsUrl") if isinstance(answer.get("natsUrl"), str) else None
     print(f"Next: cowork channel cli {args.instance} --tenant {args.tenant} "
-          f"--creds {args.creds_out} --nats nats://HOST:4222 --workspace WORKSPACE")
+          f"--creds {args.creds_out} --nats {nats_url or 'nats://HOST:4222'}")
+    if answer.get("workspaceId"):
+        print(f"(the credential is bound to workspace {answer['workspaceId']}; a chat user "
+              "needs a claim code: POST …/channel-claim-codes, then /claim CODE)")
     return 0
 
 

@@ -27,14 +27,13 @@ from nats.aio.client import Client as NATS
 from schemas import subjects
 from schemas import CredentialScope
 
-from ..common import EdgeCredentials, refresh_forever
+from ..common import EdgeCredentials, OpenCodeClient, OpenCodeError, Repeats, refresh_forever
 from ._bus import GatewayConnection, Refused
 from ._claims import WORK_KINDS, GatewayClaims
 from ._outbox import MemoryOutbox, Outbox
 from ._status import GatewayStatus
 from ._store import GatewayStore, GatewayStoreError
 from ._work import SessionEvents, TransientBusError, WorkRunner
-from ..common import OpenCodeClient, OpenCodeError
 
 log = logging.getLogger("cowork.edge.gateway")
 
@@ -81,6 +80,7 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         self._gone: set[str] = set()  # lease tokens the hub refused
         self._unsent = 0
         self._auth_failures = 0
+        self._repeats = Repeats(log)  # say a failure that repeats once (edges/_log_once.py)
         self._health = "healthy"
         self._opencode_version: str | None = None
         self._last_error: str | None = None

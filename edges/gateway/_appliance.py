@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..common import port_number
+from ..common import EdgeCredentials, dial_once, port_number
 from ..local import (
     run_until_stopped,
     say,
@@ -38,6 +38,7 @@ from ..local import (
     ensure_port_free,
     ensure_writable_dir,
     free_port,
+    lock_dir,
     nats_server_binary,
 )
 from ._leaf import (
@@ -52,7 +53,11 @@ from ._leaf import (
 DATABASE_ENV = "COWORK_GATEWAY_DATABASE_URL"
 DEFAULT_NATS_PORT = 4223  # not 4222: `cowork up` may run on the same machine
 CLOUD_LINK_WAIT_SECONDS = 10.0
+LINK_CHECK_SECONDS = 1.0  # how often the Cloud link is looked at
+LINK_GRACE_SECONDS = 3.0  # a link down this long is reported (a blip is not)
+CREDENTIAL_PROBE_SECONDS = 5.0  # while down: does Cloud still accept our credential?
 EXIT_REVOKED = 3
+_REFUSED_WORDS = ("authorization", "authentication", "revoked")
 
 ENV_HELP = """\
 environment (flags win over variables):
@@ -196,6 +201,7 @@ class Appliance:
         self.outbox: Any = None
         self.agent: Any = None
         self.agent_task: asyncio.Task | None = None
+        self.credential_refused: str | None = None  # Cloud refuses our key: why
 
     async def start(self) -> None:
         g = self.gateway
@@ -270,10 +276,72 @@ class Appliance:
     async def supervise(self) -> tuple[int, str | None]:
         """Restart a crashed server; return (exit code, reason) when the appliance must end."""
         assert self.agent_task is not None
-        reason = await supervise_children(
-            {"leaf NATS": self.leaf, "PostgreSQL": self.postgres}, "cowork gateway",
-            until=self.agent_task, restarted=self._restarted)
+        watcher = asyncio.create_task(self._watch_cloud_link(), name="cloud-link")
+        try:
+            reason = await supervise_children(
+                {"leaf NATS": self.leaf, "PostgreSQL": self.postgres}, "cowork gateway",
+                until=self.agent_task, restarted=self._restarted)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         return self._agent_outcome() if reason is None else (1, reason)
+
+    async def _watch_cloud_link(self) -> None:
+        """Say once when the Cloud link goes down (and how much waits locally) and once
+        when it is back. While it is down, ask Cloud's NATS directly whether it still
+        accepts this Gateway's credential: the leaf would retry a revoked or replaced
+        key forever, so a refusal stops the appliance with the reason (exit 3)."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        reported = False
+        probed = 0.0
+        while True:
+            await asyncio.sleep(LINK_CHECK_SECONDS)
+            if await self.leaf.cloud_linked():
+                if reported:
+                    say(f"cowork gateway: Cloud reachable again; forwarding "
+                        f"{await self._buffered()} buffered outputs")
+                down_since, reported = None, False
+                continue
+            now = loop.time()
+            down_since = down_since if down_since is not None else now
+            if now - down_since < LINK_GRACE_SECONDS:
+                continue
+            if not reported:
+                reported = True
+                say(f"cowork gateway: Cloud unreachable, buffering {await self._buffered()} "
+                    f"outputs locally (retrying every second; see {self.leaf.log_path})")
+            if now - probed >= CREDENTIAL_PROBE_SECONDS:
+                probed = now
+                refusal = await self._credential_refusal()
+                if refusal is not None:
+                    self.credential_refused = (
+                        "Cloud refuses this Gateway's credential "
+                        f"({refusal}): it was revoked, rotated or replaced by registering "
+                        "again; run `cowork gateway register` with a current credential")
+                    self.agent.stop()
+                    return
+
+    async def _buffered(self) -> int | str:
+        try:
+            return await self.outbox.count()
+        except Exception:  # the local server is restarting: say so rather than guess
+            return "the"
+
+    async def _credential_refusal(self) -> str | None:
+        """Cloud's complaint about our credential, or None (accepted, or unreachable)."""
+        try:
+            creds = EdgeCredentials.from_creds_file(self.store.creds_path)
+            nc = await dial_once(list(self.gateway.hub_urls), 5.0, name="gateway-probe",
+                                 **creds.connect_options())
+        except ConnectionError as exc:
+            text = str(exc)
+            return text.removeprefix("nats: ") if any(
+                w in text.lower() for w in _REFUSED_WORDS) else None
+        except Exception:  # an unreadable creds file is the agent's to report
+            return None
+        await _quietly(nc.close())
+        return None
 
     def _restarted(self, child: Any) -> None:
         if child is self.postgres:
@@ -284,6 +352,8 @@ class Appliance:
         exc = self.agent_task.exception()
         if exc is not None:
             return 1, f"the gateway agent failed: {type(exc).__name__}: {exc}"
+        if self.credential_refused is not None:
+            return EXIT_REVOKED, self.credential_refused
         if self.agent.gateway.revoked:
             return EXIT_REVOKED, self.agent.fatal or "this Gateway's registration was revoked"
         if self.agent.fatal:
@@ -315,6 +385,7 @@ async def _quietly(awaitable: Awaitable[object]) -> None:
 async def gateway_up(opts: GatewayUpOptions, stop: asyncio.Event | None = None) -> int:
     """Run the appliance until `stop` is set (Ctrl-C / SIGTERM) or it must end."""
     opts.state_dir = ensure_writable_dir(opts.state_dir, "--state-dir")
+    lock_dir(opts.state_dir, "--state-dir")  # before any server touches its stores
     nats_server_binary()
     if opts.nats_port:
         ensure_port_free("127.0.0.1", opts.nats_port, "--nats-port")

@@ -86,7 +86,7 @@ class GatewayConnection:
         self._auth_failures += 1
         if at_once or self._auth_failures >= AUTH_FAILURES_FATAL:
             self._fail("the hub's NATS refuses this Gateway's credential (revoked, expired, or "
-                       f"replaced by a rotation: {str(exc).removeprefix('nats: ')}); run "
+                       f"replaced by a rotation or by registering again: {str(exc).removeprefix('nats: ')}); run "
                        "`cowork gateway register` with a current credential")
             return True
         return False

@@ -75,13 +75,14 @@ class GatewayClaims:
                 try:
                     if not await self._claim_one():
                         break
+                    self._repeats.ok("gateway.claim")
                 except Refused as exc:
-                    log.info("gateway.claim_refused: %s", exc)
+                    self._repeats.failed("gateway.claim", "gateway.claim_refused: %s", exc)
                     if exc.code in TERMINAL_CODES:
                         self._terminal(exc)
                     break
                 except TransientBusError as exc:
-                    log.info("gateway.claim_retry: %s", exc)
+                    self._repeats.failed("gateway.claim", "gateway.claim_retry: %s", exc)
                     await asyncio.sleep(exc.retry_after or 1.0)
                     self._claim_wanted.set()
                     break

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,13 @@ def _register(args: argparse.Namespace, store: GatewayStore) -> int:
     print(f"Registered {gateway.registration_id} ({gateway.display_name!r}) as "
           f"{gateway.kind} with tenant {gateway.tenant}; state {gateway.state}.")
     print(f"Credential: {store.creds_path}")
-    print("Next: cowork gateway run --opencode http://127.0.0.1:4096")
+    state = "" if Path(store.directory).resolve() == Path(default_state_dir()).resolve() \
+        else f" --state-dir {shlex.quote(str(store.directory))}"
+    print(f"Next: cowork gateway run{state} --opencode {args.opencode}")
+    print(f"  or, the appliance (own leaf NATS and PostgreSQL): cowork gateway up{state} "
+          f"--opencode {args.opencode}")
+    print("  (`gateway up` dials Cloud's leaf-node port, 7422 unless `cowork up` was given "
+          "another --leaf-port: then pass the same as --cloud-leaf-port)")
     return 0
 
 
@@ -185,7 +192,9 @@ def status_report(store: GatewayStore) -> dict[str, Any]:
         "state": "revoked" if gateway.revoked else gateway.state,
         "scopes": gateway.scopes, "syncScopes": gateway.sync_scopes, "hub": gateway.hub_urls,
         "registeredAt": gateway.registered_at,
-        "credentialExpiresAt": gateway.credential_expires_at,
+        # The bus credential (the .creds JWT, refreshed while running), not the
+        # registration credential whose expiry the API shows as credentialExpiresAt.
+        "busCredentialExpiresAt": gateway.credential_expires_at,
         "credential": str(store.creds_path) if store.creds_path.exists() else None,
         "revokedAt": gateway.revoked_at, "revokeReason": gateway.revoke_reason,
         "work": store.journal_counts(),

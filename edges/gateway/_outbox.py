@@ -42,6 +42,8 @@ from pydantic import ValidationError
 
 from schemas import WorkOutput
 
+from ..common import Repeats
+
 log = logging.getLogger("cowork.edges.gateway_outbox")
 
 DEFAULT_STREAM = "CW_GATEWAY_OUTBOX"
@@ -250,15 +252,18 @@ async def forward(outbox: Outbox, send: Send, *, max_backoff: float = 5.0) -> No
     retried with a capped backoff, and nothing behind it overtakes it.
     """
     backoff = 0.1
+    repeats = Repeats(log)
     async for item in outbox.pending():
         try:
             answered = await send(item.output)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Cloud or the leaf link away: keep it, retry
-            log.info("gateway.outbox_send_retry: %s", type(exc).__name__)
+            repeats.failed("gateway.outbox_send", "gateway.outbox_send_retry: %s",
+                           type(exc).__name__)
             answered = False
         if answered and await _removed(item):
+            repeats.ok("gateway.outbox_send")
             backoff = 0.1
         else:
             await asyncio.sleep(backoff)

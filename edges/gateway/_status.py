@@ -55,8 +55,9 @@ class GatewayStatus:
         while True:
             try:
                 await self._heartbeat()
+                self._repeats.ok("gateway.heartbeat")
             except (Refused, TransientBusError) as exc:
-                log.info("gateway.heartbeat_failed: %s", exc)
+                self._repeats.failed("gateway.heartbeat", "gateway.heartbeat_failed: %s", exc)
             except Exception:  # a bug must not silence the heartbeat for good
                 log.exception("gateway.heartbeat_broke")
             await asyncio.sleep(self.heartbeat_interval)
@@ -146,8 +147,10 @@ class GatewayStatus:
                 for scope in scopes:
                     try:
                         await self.sync_once(scope)
+                        self._repeats.ok(f"gateway.sync.{scope}")
                     except (Refused, TransientBusError, OpenCodeError) as exc:
-                        log.info("gateway.sync_failed scope=%s: %s", scope, exc)
+                        self._repeats.failed(f"gateway.sync.{scope}",
+                                             "gateway.sync_failed scope=%s: %s", scope, exc)
                     except Exception:  # a bug must not end the sync loop
                         log.exception("gateway.sync_broke scope=%s", scope)
             await asyncio.sleep(self.sync_interval)

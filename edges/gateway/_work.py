@@ -10,7 +10,10 @@ Order of things for a `prompt` lease:
 3. every OpenCode event of that session, redacted, as an `event` output, until
    the session goes idle; then a `result` (final assistant text, tokens, cost,
    and the `sessionId` the turn ran in, so the next prompt can continue it)
-   or a `fail` with the reason;
+   or a `fail` with the reason. A `session.error` ends the run too (OpenCode
+   does not always go idle after one, e.g. for an unknown agent): the session
+   is aborted and the run fails with that error's first line. So does a
+   session that goes quiet while OpenCode no longer reports it busy;
 4. the lease is renewed every third of its TTL until the final output is
    acknowledged by the hub.
 
@@ -42,6 +45,11 @@ from ..common import redact_event, redact_text
 log = logging.getLogger("cowork.edge.gateway.work")
 
 DEFAULT_MAX_RUN_SECONDS = 3600.0
+# No event of the session for this long: ask OpenCode whether it is still running.
+DEFAULT_QUIET_SECONDS = 60.0
+# After a session.error, the events still worth relaying (a following idle, the
+# aborted message) arrive within this long.
+ERROR_SETTLE_SECONDS = 2.0
 MAX_PROMPT_CHARS = 100_000
 REFUSE_APPROVALS = "approvals are not available for Cloud-owned work on this Gateway"
 
@@ -120,7 +128,8 @@ class SessionEvents:
 class WorkRunner:
     def __init__(self, claim: WorkClaimReply, *, opencode: OpenCodeClient,
                  events: SessionEvents, sink: OutputSink, bus: LeaseBus, store: GatewayStore,
-                 max_run_seconds: float = DEFAULT_MAX_RUN_SECONDS) -> None:
+                 max_run_seconds: float = DEFAULT_MAX_RUN_SECONDS,
+                 quiet_seconds: float = DEFAULT_QUIET_SECONDS) -> None:
         assert claim.work_id and claim.lease_token
         self.claim = claim
         self.work_id: str = claim.work_id
@@ -129,6 +138,7 @@ class WorkRunner:
         self._opencode, self._events, self._sink = opencode, events, sink
         self._bus, self._store = bus, store
         self._max_run = max_run_seconds
+        self._quiet = quiet_seconds
         self._next = claim.next_sequence or 1
         self._final: int | None = None
         self._acked = 0
@@ -261,26 +271,49 @@ class WorkRunner:
         return ref.title if ref and ref.title else None
 
     async def _relay(self, queue: asyncio.Queue[dict[str, Any]]) -> str | None:
-        """Forward the session's events until it is idle; the error it ended with, if any."""
+        """Forward the session's events until it is idle, errs, or goes quiet while
+        OpenCode no longer runs it; the error it ended with, if any."""
         error: str | None = None
         while True:
-            event = await queue.get()
+            try:
+                event = await asyncio.wait_for(
+                    queue.get(), ERROR_SETTLE_SECONDS if error else self._quiet)
+            except TimeoutError:
+                if error:  # erred and did not go idle: it is over all the same
+                    with contextlib.suppress(OpenCodeError):
+                        await self._opencode.abort(str(self.session_id))
+                    return error
+                if await self._still_running():
+                    continue
+                return ("OpenCode stopped sending events for this session and no longer "
+                        f"runs it (quiet for {self._quiet:g} s)")
             kind = event.get("type")
             if kind == RESYNC:
                 if await self._finished_meanwhile(event):
                     return error
                 continue
-            await self._emit("event", redact_event(event))
             props = event.get("properties") or {}
             if kind == "session.error":
-                error = _error_text(props.get("error"))
-            elif kind == "permission.asked":
+                if error is None:
+                    error = _error_text(props.get("error")) or "OpenCode reported an error"
+                    await self._emit("event", redact_event(event))
+                continue  # a second report (often a stack trace) adds nothing
+            await self._emit("event", redact_event(event))
+            if kind == "permission.asked":
                 await self._refuse_permission(props)
             elif kind == "question.asked":
                 await self._refuse_question(props)
             elif kind == "session.idle" or (kind == "session.status" and isinstance(
                     props.get("status"), dict) and props["status"].get("type") == "idle"):
                 return error
+
+    async def _still_running(self) -> bool:
+        """Whether OpenCode still reports the session busy (or retrying)."""
+        try:
+            status = await self._opencode.session_status()
+        except OpenCodeError:
+            return True  # cannot tell: keep waiting, the run limit still applies
+        return self.session_id in (status or {})
 
     async def _finished_meanwhile(self, resync: dict[str, Any]) -> bool:
         """After an event-stream reconnect: did the turn end while we were not listening?"""
@@ -378,11 +411,16 @@ def _prompt_options(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_text(error: Any) -> str | None:
-    """`{name, data: {message}}` -> "APIError: message" (redacted by the caller)."""
+    """`{name, data: {message}}` -> "APIError: message", first line only (a stack
+    trace is no reason); an unnamed error is its message (redacted by the caller)."""
     if not isinstance(error, dict):
         return None
     data = error.get("data") if isinstance(error.get("data"), dict) else {}
-    name, message = error.get("name") or "Error", data.get("message") or ""
+    name = str(error.get("name") or "")
+    message = next((line.strip() for line in str(data.get("message") or "").splitlines()
+                    if line.strip()), "")
+    if name in ("", "Error", "UnknownError") or message.startswith(name):
+        return message or name or None
     return f"{name}: {message}".strip(": ")
 
 

@@ -111,6 +111,32 @@ def ensure_writable_dir(path: Path, flag: str = "--data-dir") -> Path:
     return path.resolve()
 
 
+LOCK_FILE = "cowork.lock"
+_held_locks: dict[Path, int] = {}  # directory -> open fd holding its lock (process lifetime)
+
+
+def lock_dir(path: Path, flag: str = "--data-dir") -> None:
+    """Take `path`'s exclusive lock for this process (released when it exits), before
+    any server is started on its stores; EmbeddedError naming the holder's PID if
+    another process has it."""
+    import fcntl
+
+    path = Path(path).resolve()
+    if path in _held_locks:
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EmbeddedError(f"{path} is in use by PID {holder}; stop that process or choose "
+                            f"another {flag}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[path] = fd
+
+
 # --------------------------------------------------------------------------
 # Child process plumbing
 # --------------------------------------------------------------------------

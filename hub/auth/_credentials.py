@@ -176,14 +176,17 @@ class CredentialService:
         return revoked
 
     async def revoke_keys(self, tenant: str, kind: str, principal_id: str, *, reason: str,
-                          actor: str = "admin") -> int:
+                          actor: str = "admin", push: bool = True) -> int:
         """Revoke every current key of a principal but leave the principal active, so
         it may get a credential for a new key (a rotated Gateway registering again).
-        Returns the keys newly revoked; live connections of those keys are dropped."""
+        Returns the keys newly revoked; live connections of those keys are dropped
+        when the account is pushed: now, or (`push=False`) by the caller's own
+        `push_account()` later, e.g. once a bootstrap reply is on its way (a push
+        replaces the account and with it the routes of replies still in flight)."""
         async with self._pool.acquire() as conn, conn.transaction():
             revoked = await self._revoke_current_keys(conn, "credential.keys_revoked", tenant,
                                                       kind, principal_id, reason, actor)
-        if revoked:
+        if revoked and push:
             await self.push_account()
         return revoked
 

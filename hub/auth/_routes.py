@@ -1,6 +1,7 @@
-"""Admin API for bus credentials: issue (for viewers, admin tools and channel
-instances), list principals, and revoke. Desktops and Gateways receive theirs
-through pairing and registration, never here.
+"""Admin API for bus credentials: issue (for viewers and admin tools), list
+principals, and revoke. Desktops and Gateways receive theirs through pairing and
+registration, a `cli` channel instance through its own route
+(`POST …/channel-instances/{id}/credentials`), never here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from ._credentials import CredentialError
 from ..http import HUB_KEY, json_body, json_error, tenant_param
 from ._permissions import Principal
 
-ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN, PrincipalKind.CHANNEL}
+ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN}
+_ISSUED_ELSEWHERE = {
+    PrincipalKind.CHANNEL: "channel credentials come from POST …/channel-instances/{id}/credentials "
+                           "(kind cli only)"}
 REVOCABLE = {PrincipalKind.DESKTOP, PrincipalKind.GATEWAY, PrincipalKind.CHANNEL,
              PrincipalKind.VIEWER, PrincipalKind.ADMIN}
 
@@ -46,9 +50,9 @@ async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, IssueRequest)
     if body.kind not in ISSUABLE:
-        return json_error(422, "kind_not_issuable",
-                          f"{body.kind} credentials come from pairing or registration")
-    if body.kind in (PrincipalKind.VIEWER, PrincipalKind.CHANNEL) and not body.workspaces:
+        return json_error(422, "kind_not_issuable", _ISSUED_ELSEWHERE.get(
+            body.kind, f"{body.kind} credentials come from pairing or registration"))
+    if body.kind is PrincipalKind.VIEWER and not body.workspaces:
         return json_error(422, "workspaces_required", f"a {body.kind} needs workspaces")
     principal = Principal(body.kind, tenant, body.principal_id, tuple(body.workspaces))
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None

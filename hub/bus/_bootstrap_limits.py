@@ -105,7 +105,26 @@ class BootstrapResponder:
         """The answer to one of the exchange's refusals; None for anything else."""
         raise NotImplementedError
 
+    async def settle(self) -> None:
+        """Work that must wait until the answer has left (see `handle`)."""
+
     async def handle(self, msg: Msg) -> None:
+        try:
+            await self._answer(msg)
+        finally:
+            # The bootstrap services are imported into the BOOTSTRAP account: a reply
+            # travels back through the import's response mapping, which an account
+            # push (a key revocation) replaces. So the answer is flushed to the server
+            # first, and only then may the exchange's revocations be pushed.
+            nc = getattr(msg, "_client", None)  # the connection the answer went out on
+            if nc is not None and nc.is_connected:
+                try:
+                    await nc.flush(timeout=5)
+                except Exception as exc:  # nats-py raises several unrelated types here
+                    log.warning(f"{self.family}_flush_failed", **kv(error=str(exc)))
+            await self.settle()
+
+    async def _answer(self, msg: Msg) -> None:
         source = request_source(msg)
         try:
             request = decode(msg.data, self.request_model).data

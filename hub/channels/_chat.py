@@ -216,13 +216,17 @@ class ChatCommands:
         turn.replies.append(f"Switched to {_describe(binding)}.")
 
     async def _cmd_abort(self, turn: Turn, args: list[str]) -> None:
-        if turn.instance["authority"] != "desktop_paired":
-            turn.replies.append("/abort works only for a paired Desktop; this workspace runs "
-                                "on cloud workers.")
-            turn.outcome = "refused"
-            return
         async with self._pool.acquire() as conn:
             binding = await self._sessions.active(conn, turn, create=False)
+        if turn.instance["authority"] != "desktop_paired":
+            cancelled = 0 if binding is None else await self._sessions.cancel_work(
+                turn, binding["binding_id"])
+            if not cancelled:
+                turn.replies.append("Nothing is running here to abort.")
+                turn.outcome = "refused"
+                return
+            turn.replies.append("Stopped." if cancelled == 1 else f"Stopped {cancelled} runs.")
+            return
         if binding is None or binding["session_id"] is None:
             turn.replies.append("There is no active session to abort.")
             turn.outcome = "refused"

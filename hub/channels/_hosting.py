@@ -218,6 +218,7 @@ class ChannelService:
             secret_names=secret_names(secrets), enabled=body.get("enabled", True),
             created_by=actor)
         async with self._pool.acquire() as conn, conn.transaction():
+            await _check_workspace(conn, tenant, new.authority, new.workspace_id)
             row = await self._store.insert(new, conn)
             if row is None:
                 raise ChannelInstanceError(
@@ -244,6 +245,10 @@ class ChannelService:
                 changes["display_name"] = ""
             if "authority" in patch:
                 changes["authority"] = _check_authority(patch["authority"])
+            if "authority" in changes or "workspace_id" in changes:
+                await _check_workspace(conn, tenant,
+                                       changes.get("authority", current["authority"]),
+                                       changes.get("workspace_id", current["workspace_id"]))
             if "settings" in patch:
                 after, changes["settings"] = validate_settings(current["kind"],
                                                                patch["settings"] or {})
@@ -294,6 +299,13 @@ class ChannelService:
                 503, "credentials_unavailable",
                 "bus credentials are not managed by this hub (no COWORK_KEYS_DIR)")
         row = await self.get(tenant, instance_id)
+        if provider_for(row["kind"]).capabilities.inbound != "stdin":
+            # A hosted kind's bus identity belongs to the hub's runtime alone: a key
+            # held elsewhere could speak as its chat users and take its deliveries.
+            raise ChannelInstanceError(
+                409, "channel_instance.hosted_kind",
+                f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
+                f"{row['kind']} instance, served by the hub itself")
         principal = Principal(PrincipalKind.CHANNEL, tenant, instance_id,
                               workspaces=(row["workspace_id"],))
         try:
@@ -315,6 +327,21 @@ class ChannelService:
 
 _WIRE = {"display_name": "displayName", "workspace_id": "workspaceId",
          "default_agent": "defaultAgent", "secrets_enc": "secrets", "secret_names": "secrets"}
+
+
+async def _check_workspace(conn: asyncpg.Connection, tenant: str, authority: str,
+                           workspace_id: str) -> None:
+    """A `desktop_paired` instance's workspace is a pairing of its tenant: refused now
+    rather than at the chat's first prompt."""
+    if authority != "desktop_paired":
+        return
+    if await conn.fetchval("SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2",
+                           tenant, workspace_id) is None:
+        raise ChannelInstanceError(
+            422, "channel_instance.workspace_not_paired",
+            f"authority desktop_paired needs the workspace to be a pairing of tenant "
+            f"{tenant!r}; {workspace_id!r} is none (create one with POST …/pairings, or use "
+            "authority cloud_worker)")
 
 
 def _check_authority(value: Any) -> str:

@@ -141,7 +141,9 @@ class ChatRender:
             self.finish_all()
         elif kind == "session.error":
             self.finish_all()
-            self.notice(sequence, "error", f"⚠️ Session error: {error_text(props.get('error'))}")
+            if not scope:  # edge work: its `fail` output says it once, in words
+                self.notice(sequence, "error",
+                            f"⚠️ Session error: {error_text(props.get('error'))}")
         elif kind in ("permission.asked", "question.asked") and scope:
             return  # Cloud edge work refuses approvals itself: nobody could answer them
         elif kind == "permission.asked":

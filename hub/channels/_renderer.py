@@ -258,8 +258,9 @@ def _renderable(row: asyncpg.Record) -> dict | None:
         body = payload.get("body") if isinstance(payload.get("body"), dict) else {}
         if event is not None:
             return {**event, "workId": work}
-        if kind == "work.fail":
-            return {"type": "cw.failed", "workId": work, "reason": _reason(body)}
+        if kind in ("work.fail", "work.dead_lettered", "work.cancelled"):
+            return {"type": "cw.failed", "workId": work, "reason": _reason(body),
+                    "cancelled": kind == "work.cancelled"}
         if kind == "work.result":
             return {"type": "cw.result", "workId": work, "text": str(body.get("text") or "")}
         if kind == "work.status" and body.get("state") == "running":
@@ -283,7 +284,8 @@ def _apply(chat: ChatRender, sequence: int, event: dict) -> None:
         chat.typing(sequence)
     elif kind == "cw.failed":
         chat.finish_all()
-        chat.notice(sequence, "failed", f"could not run: {event['reason']}")
+        chat.notice(sequence, "failed", f"stopped: {event['reason']}" if event.get("cancelled")
+                    else f"could not run: {event['reason']}")
     elif kind == "cw.result":
         # Streamed already (its events were rendered)? Then the result adds nothing.
         if not any(k.startswith(scope) for k in chat.slots) and event["text"].strip():

@@ -32,7 +32,11 @@ from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
 
-Agent = Annotated[str, Field(min_length=1, max_length=128)]
+# An OpenCode agent name (`build`, `plan`, a custom agent's file name). Whether the
+# workspace's OpenCode has it is known only there: an unknown one fails the first
+# prompt with OpenCode's own words ("Agent not found ... Available agents: ...").
+Agent = Annotated[str, Field(min_length=1, max_length=64,
+                             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class CreateInstance(WireModel):
@@ -201,7 +205,16 @@ async def issue_credential(request: web.Request) -> web.Response:
     return web.json_response({
         "userJwt": issued.user_jwt, "expiresAt": iso(issued.expires_at),
         "inboxPrefix": subjects.inbox_prefix(tenant, "channel", instance_id),
-        "consumer": subjects.edge_consumer("channel", instance_id)}, status=201)
+        "consumer": subjects.edge_consumer("channel", instance_id),
+        "workspaceId": issued_workspace(request, instance_id),
+        # The NATS URL as this hub dials it: right for `cowork up`; behind a proxy or a
+        # cluster, the address clients use may differ.
+        "natsUrl": request.app[HUB_KEY].settings.nats_servers[0]}, status=201)
+
+
+def issued_workspace(request: web.Request, instance_id: str) -> str | None:
+    entry = request.app[HUB_KEY].channels.instance(instance_id)
+    return entry["workspace_id"] if entry else None
 
 
 def add_routes(app: web.Application) -> None:

@@ -141,7 +141,26 @@ class ChannelSessions:
             "SELECT * FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND "
             "workspace_id = $3 AND chat_id = $4 AND thread_key = $5 "
             "ORDER BY created_at, binding_id LIMIT $6", *self._key(turn), MAX_LISTED)
-        return [dict(r) for r in rows]
+        bindings = [dict(r) for r in rows]
+        for binding in bindings:
+            if binding["session_id"] is None and turn.instance["authority"] != "desktop_paired":
+                async with self._pool.acquire() as conn:  # a finished prompt may name it
+                    binding["session_id"] = await learn_session(conn, turn.tenant,
+                                                                binding["binding_id"])
+            if not binding["title"] and binding["session_id"]:
+                binding["title"] = await self._opencode_title(turn, binding["session_id"])
+        return bindings
+
+    async def _opencode_title(self, turn: Turn, session_id: str) -> str | None:
+        """The title OpenCode last gave the session (its `session.updated` events, from
+        a Desktop or from Cloud work), when the chat gave it none."""
+        return await self._pool.fetchval(
+            "SELECT t FROM (SELECT coalesce(payload->'body'->'properties'->'info'->>'title', "
+            "payload->'payload'->'properties'->'info'->>'title', "
+            "payload->'properties'->'info'->>'title') AS t, sequence FROM workspace_events "
+            "WHERE tenant = $1 AND workspace_id = $2 AND session_id = $3) e "
+            "WHERE t IS NOT NULL ORDER BY sequence DESC LIMIT 1",
+            turn.tenant, turn.workspace_id, session_id)
 
     async def switch(self, turn: Turn, ref: str) -> dict | None:
         """Make binding number `ref` (as /sessions lists them) or the one with session
@@ -286,6 +305,25 @@ class ChannelSessions:
         await record_submission(self._pool, turn.tenant, row["work_id"], binding["binding_id"],
                                 "edge_prompt", turn.msg.id)
         turn.outcome = "prompted"
+
+
+    async def cancel_work(self, turn: Turn, binding_id: str) -> int:
+        """Cancel the chat's Cloud work still queued or running; how many items."""
+        rows = await self._pool.fetch(
+            "SELECT w.work_id FROM channel_submissions s JOIN edge_work w "
+            "ON w.tenant = s.tenant AND w.work_id = s.command_id "
+            "WHERE s.tenant = $1 AND s.binding_id = $2 AND w.state IN ('queued', 'leased')",
+            turn.tenant, binding_id)
+        cancelled = 0
+        for row in rows:
+            try:
+                await self._edge_work.cancel(
+                    turn.tenant, row["work_id"], actor=turn.actor_id, actor_kind="channel",
+                    reason=f"stopped with /abort by {turn.actor_label or turn.actor_id}")
+                cancelled += 1
+            except EdgeWorkError:  # it ended meanwhile
+                pass
+        return cancelled
 
 
 def received_reaction(turn: Turn) -> ChannelOutbound | None:

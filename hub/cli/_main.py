@@ -212,6 +212,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
             keys = BusKeys.load_or_create(settings.keys_dir, secret)
         hub = Hub(settings, stream_replicas=args.stream_replicas, keys=keys)
+        if settings.admin_token is None:  # every /api/ call would be refused
+            return fail("no admin token configured: set COWORK_ADMIN_TOKEN (the bearer "
+                        "token for /api/; e.g. `openssl rand -hex 24`)")
         return asyncio.run(_serve(hub))
     except (StartupError, KeyStoreError) as exc:
         return fail(str(exc))

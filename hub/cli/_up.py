@@ -24,6 +24,7 @@ from edges.local import (
     NatsServer,
     ensure_port_free,
     ensure_writable_dir,
+    lock_dir,
     nats_server_binary,
 )
 from ..auth import BusKeys
@@ -139,7 +140,9 @@ class Stack:
             say("Register a Team Gateway: POST /api/v1/tenants/<tenant>/gateway-registrations,")
             say(f"  then on the Gateway: cowork gateway register --hub {self.nats.url} "
                 "--credential-file FILE")
-            say(f"  and cowork gateway up (its leaf node dials {self.opts.host}:"
+            extra = "" if self.opts.leaf_port == 7422 else \
+                f" --cloud-leaf-port {self.opts.leaf_port}"
+            say(f"  and cowork gateway up{extra} (its leaf node dials {self.opts.host}:"
                 f"{self.opts.leaf_port})")
         say("Connect a chat: POST /api/v1/tenants/<tenant>/channel-instances "
             "{\"instanceId\", \"kind\", \"workspaceId\", ...};")
@@ -171,6 +174,7 @@ async def _quietly(awaitable: Awaitable[object]) -> None:
 
 async def run_up(opts: UpOptions) -> int:
     opts.data_dir = ensure_writable_dir(opts.data_dir)
+    lock_dir(opts.data_dir)  # before any server touches its stores
     nats_server_binary()
     ensure_port_free(opts.host, opts.nats_port, "--nats-port")
     ensure_port_free(opts.host, opts.http_port, "--http-port")

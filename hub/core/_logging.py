@@ -15,6 +15,9 @@ from typing import Any
 
 from schemas import SECRET_REDACTED, is_secret_key, scrub_text
 
+# httpx logs every request URL at info, httpcore each connection step at debug.
+HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
+
 _BASE = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "fields"}
 
 
@@ -69,3 +72,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
     # Third-party chatter stays at warning unless debugging.
     for noisy in ("aiohttp.access", "asyncio", "nats"):
         logging.getLogger(noisy).setLevel("DEBUG" if level == "debug" else "WARNING")
+    # The HTTP client's request lines carry full URLs, and Telegram puts the bot
+    # token in the URL path: never logged, not even when debugging.
+    for client in HTTP_CLIENT_LOGGERS:
+        logging.getLogger(client).setLevel("WARNING")

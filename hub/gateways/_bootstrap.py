@@ -52,6 +52,7 @@ class GatewayBootstrap(BootstrapResponder):
                  lockout: BootstrapLockout, metrics: HubMetrics, *, hub_id: str) -> None:
         super().__init__(metrics, hub_id=hub_id)
         self._registry, self._credentials, self._lockout = registry, credentials, lockout
+        self._push_pending = False  # keys revoked, account not pushed yet (see settle)
 
     async def exchange(self, request: GatewayRegisterRequest,
                        source: str) -> GatewayRegisterReply:
@@ -59,6 +60,18 @@ class GatewayBootstrap(BootstrapResponder):
 
     def refusal(self, exc: Exception) -> AckReply | None:
         return exc.ack() if isinstance(exc, GatewayError) else None
+
+    async def settle(self) -> None:
+        """Push the revocations of this (and any concurrent) exchange now that the
+        answer is out: the old key's connections drop, the new key is in hand."""
+        if self._push_pending:
+            self._push_pending = False
+            await self._credentials.push_account()
+
+    async def _revoke_keys(self, tenant: str, reg_id: str, reason: str) -> None:
+        if await self._credentials.revoke_keys(tenant, "gateway", reg_id, actor="hub",
+                                               reason=reason, push=False):
+            self._push_pending = True
 
     async def register(self, request: GatewayRegisterRequest,
                        source: str) -> GatewayRegisterReply:
@@ -101,8 +114,7 @@ class GatewayBootstrap(BootstrapResponder):
                      reason: str | None, source: str) -> GatewayRegisterReply:
         tenant, reg_id = row["tenant"], row["registration_id"]
         if row["public_key"] and row["public_key"] != request.public_key:
-            await self._credentials.revoke_keys(tenant, "gateway", reg_id, actor="hub",
-                                                reason="the Gateway registered a new key")
+            await self._revoke_keys(tenant, reg_id, "the Gateway registered a new key")
         principal = Principal(PrincipalKind.GATEWAY, tenant, reg_id,
                               scopes=frozenset(CredentialScope(s) for s in row["scopes"]))
         try:
@@ -113,8 +125,7 @@ class GatewayBootstrap(BootstrapResponder):
         updated = await self._registry.mark_registered(row, request.public_key, versions,
                                                        status, reason, source)
         if updated is None:  # rotated or revoked while we issued: that key must not live
-            await self._credentials.revoke_keys(tenant, "gateway", reg_id, actor="hub",
-                                                reason="credential changed during registration")
+            await self._revoke_keys(tenant, reg_id, "credential changed during registration")
             raise _invalid_credential()
         log.info("gateway.registered", **kv(tenant=tenant, registration=reg_id,
                                             status=updated["status"]))

@@ -57,6 +57,13 @@ class Leases:
     def __init__(self, pool: asyncpg.Pool, audit: AuditLog, seconds: float) -> None:
         self._pool, self._audit, self.seconds = pool, audit, seconds
 
+    async def claimers(self, conn: asyncpg.Connection, tenant: str) -> int:
+        """How many of the tenant's Gateways may claim work now (same rules as a claim)."""
+        return await conn.fetchval(
+            "SELECT count(*) FROM gateway_registrations WHERE tenant = $1 AND status = "
+            "'active' AND kind = ANY($2::text[]) AND NOT (trust_model = ANY($3::text[])) "
+            "AND $4 = ANY(scopes)", tenant, _EDGE_KINDS, _REFUSED_TRUST, _CLAIM_SCOPE)
+
     async def claim(self, tenant: str, reg_id: str,
                     request: WorkClaimRequest) -> WorkClaimReply:
         """A lease on one claimable item, `work_id: None` when there is none."""

@@ -20,10 +20,8 @@ from prometheus_client import Gauge
 
 from schemas import AuditRecord, subjects
 
-from ..core import AuditLog
-from ..core import BackgroundTask, every
-from ..core import kv
-from ..core import HubMetrics
+from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
+from ._writes import project_outcome
 
 log = logging.getLogger("cowork.hub.edge_work.reaper")
 BATCH = 200
@@ -70,6 +68,10 @@ class Reaper(BackgroundTask):
                 ["expired" if r["state"] == "queued" else "dead_lettered" for r in rows])
             for row in rows:
                 await self._audit_reaped(conn, row)
+                if row["state"] == "dead_lettered":
+                    await project_outcome(conn, row["tenant"], row, "dead_lettered", (
+                        f"gave up after {row['attempts']} attempts: the Gateway running it "
+                        "stopped renewing its lease each time"))
         for row in rows:
             await self._after_commit(row)
         return len(rows)
@@ -131,6 +133,8 @@ _REAP = """
         error = CASE WHEN w.attempts < w.max_attempts THEN w.error
                 ELSE format('lease expired %s times (last holder %s)', w.attempts, w.owner) END,
         completed_at = CASE WHEN w.attempts < w.max_attempts THEN NULL ELSE now() END,
+        status = jsonb_build_object('state', CASE WHEN w.attempts < w.max_attempts
+                                    THEN 'queued' ELSE 'dead_lettered' END),
         lease_token = NULL, lease_expires_at = NULL, updated_at = now()
     FROM expired e WHERE w.tenant = e.tenant AND w.work_id = e.work_id
     RETURNING w.tenant, w.work_id, w.kind, w.state, w.attempts, w.max_attempts, w.owner,

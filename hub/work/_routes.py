@@ -4,6 +4,8 @@
     GET  /api/v1/tenants/{t}/work?state=&limit=
     GET  /api/v1/tenants/{t}/work/{id}?afterSequence=&limit=
          -> state, attempts, owner, lease, result, leases and outputs ("events")
+    POST /api/v1/tenants/{t}/work/{id}/cancel {reason?}
+         -> the work, now `cancelled`; 409 work.already_final when it had ended
 
 The idempotency key comes from the body (`idempotencyKey`) or the
 `Idempotency-Key` header; both at once must agree.
@@ -15,8 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from schemas import check_token
-from schemas import WorkState
+from pydantic import Field
+
+from schemas import WireModel, WorkState, check_token
 
 from ._service import EdgeWorkService, EnqueueWork
 from ._common import EdgeWorkError
@@ -40,6 +43,8 @@ def work_json(row: dict) -> dict[str, Any]:
         "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]), "completedAt": iso(row["completed_at"]),
     }
+    if row.get("waiting"):  # queued with nobody to take it: say so
+        out["waiting"] = row["waiting"]
     if "leases" in row:
         out["leases"] = [{"attempt": r["attempt"], "registrationId": r["registration_id"],
                           "claimedAt": iso(r["claimed_at"]), "endedAt": iso(r["ended_at"]),
@@ -90,6 +95,24 @@ async def get_work(request: web.Request) -> web.Response:
     return web.json_response(work_json(row))
 
 
+class CancelWork(WireModel):
+    reason: str = Field(default="cancelled by an administrator", min_length=1, max_length=500)
+
+
+async def cancel_work(request: web.Request) -> web.Response:
+    tenant = tenant_param(request)
+    try:
+        work_id = check_token(request.match_info["work_id"], "work_id")
+    except ValueError as exc:
+        return json_error(400, "invalid_request", str(exc))
+    body = await json_body(request, CancelWork) if request.can_read_body else CancelWork()
+    try:
+        row = await _service(request).cancel(tenant, work_id, reason=body.reason)
+    except EdgeWorkError as exc:
+        return _error(exc)
+    return web.json_response(work_json(row))
+
+
 async def list_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     state = request.query.get("state")
@@ -106,3 +129,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(base, enqueue)
     app.router.add_get(base, list_work)
     app.router.add_get(base + "/{work_id}", get_work)
+    app.router.add_post(base + "/{work_id}/cancel", cancel_work)

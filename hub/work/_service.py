@@ -48,16 +48,12 @@ from schemas import (
     subjects,
 )
 
-from ..core import AuditLog
+from ..core import AuditLog, HubMetrics, RateLimiter, ack_refusal, kv
 from ..desktop import body_hash
 from ._common import EdgeWorkError
 from ._leases import Leases
 from ._reaper import Reaper
-from ._writes import FencedWriter
-from ..core import kv
-from ..core import HubMetrics
-from ..core import RateLimiter
-from ..core import ack_refusal
+from ._writes import FencedWriter, project_outcome
 
 T = TypeVar("T")
 
@@ -179,6 +175,39 @@ class EdgeWorkService:
         del out["body_hash"]
         return out
 
+    async def cancel(self, tenant: str, work_id: str, *, reason: str,
+                     actor: str = "admin", actor_kind: str = "admin") -> dict:
+        """End queued or leased work as `cancelled`. The Gateway holding its lease is
+        refused at its next write or renewal and aborts its OpenCode session; the
+        work's workspace says it (a bound chat tells its user once)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""UPDATE edge_work SET state = 'cancelled', error = $3, completed_at = now(),
+                        status = '{{"state": "cancelled"}}'::jsonb,
+                        lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+                    WHERE tenant = $1 AND work_id = $2 AND state IN ('queued', 'leased')
+                    RETURNING {WORK_COLUMNS}""", tenant, work_id, reason)
+            if row is None:
+                state = await conn.fetchval("SELECT state FROM edge_work WHERE tenant = $1 "
+                                            "AND work_id = $2", tenant, work_id)
+                if state is None:
+                    raise EdgeWorkError("work.not_found", f"no work {work_id!r}", status=404)
+                raise EdgeWorkError("work.already_final", f"the work is already {state}",
+                                    status=409)
+            await conn.execute(
+                "UPDATE edge_work_leases SET ended_at = now(), outcome = 'cancelled' "
+                "WHERE tenant = $1 AND work_id = $2 AND ended_at IS NULL", tenant, work_id)
+            ref = row["session_ref"]
+            await self._audit.record(AuditRecord(
+                action="edge_work.cancelled", actor_kind=actor_kind, actor_id=actor,
+                target_kind="edge_work", target_id=work_id, workspace_id=ref["workspaceId"],
+                session_id=ref.get("sessionId"), reason=reason,
+                metadata={"attempt": row["attempts"], "lastHolder": row["owner"]}),
+                tenant=tenant, conn=conn)
+            await project_outcome(conn, tenant, row, "cancelled", reason)
+        self._metrics.bus_messages.labels("work.cancel", "cancelled").inc()
+        return dict(row)
+
     async def get(self, tenant: str, work_id: str, *, after_sequence: int = 0,
                   limit: int = 500) -> dict:
         """The work item with its leases and its outputs after `after_sequence`."""
@@ -195,9 +224,14 @@ class EdgeWorkService:
                 "SELECT sequence, kind, body, attempt, registration_id, recorded_at "
                 "FROM edge_work_outputs WHERE tenant = $1 AND work_id = $2 AND sequence > $3 "
                 "ORDER BY sequence LIMIT $4", tenant, work_id, after_sequence, limit)
+            waiting = None
+            if row["state"] == "queued" and not await self.leases.claimers(conn, tenant):
+                waiting = ("no Gateway of this tenant can claim it: none is registered and "
+                           "active with an edge kind (see GET …/gateway-registrations)")
         out = dict(row)
         out["leases"] = [dict(r) for r in leases]
         out["events"] = [dict(r) for r in outputs]
+        out["waiting"] = waiting
         return out
 
     async def list(self, tenant: str, *, state: str | None = None,

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, Source, WorkOutput, WorkspaceEvent
-from schemas import CredentialScope
+from schemas import AuditRecord, CredentialScope, Source, WorkOutput, WorkspaceEvent, check_token
 
 from ..core import AuditLog
 from ..desktop import body_hash
@@ -37,7 +37,7 @@ from ..core import HubMetrics
 from ..workspaces import append_events, lock_cursor, publish_live
 
 FINAL_STATE = {"result": "completed", "fail": "failed"}
-FINAL_STATES = frozenset(FINAL_STATE.values())
+FINAL_STATES = frozenset(FINAL_STATE.values()) | {"cancelled", "dead_lettered"}
 # Events are audited only through the work's status/result: a run can emit
 # hundreds of events a second, and each is already durable with its attempt and
 # registration in edge_work_outputs; auditing every one would double the write
@@ -117,11 +117,48 @@ class FencedWriter:
         event = WorkspaceEvent(
             workspace_id=workspace, sequence=last + 1,
             event_id=f"{out.work_id}-{out.sequence}", type=f"work.{out.kind}",
-            session_id=ref.get("sessionId"), occurred_at=datetime.now(timezone.utc),
+            session_id=ref.get("sessionId") or _session_of(out.body),
+            occurred_at=datetime.now(timezone.utc),
             payload={"workId": out.work_id, "sequence": out.sequence,
                      "attempt": work["attempts"], "body": out.body})
         await append_events(conn, tenant, workspace, "gateway", [reg_id], [event])
         return workspace, event
+
+
+def _session_of(body: Any) -> str | None:
+    """The OpenCode session an output names: a result's `sessionId`, or an event's
+    `properties.sessionID` (also under `info` or `part`); None when none is valid."""
+    if not isinstance(body, dict):
+        return None
+    props = body.get("properties") if isinstance(body.get("properties"), dict) else {}
+    nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
+    info_id = nested[0].get("id") if nested and "info" in props else None
+    session_info = info_id if isinstance(info_id, str) and info_id.startswith("ses") else None
+    for candidate in (body.get("sessionId"), props.get("sessionID"),
+                      *(n.get("sessionID") for n in nested), session_info):
+        if isinstance(candidate, str):
+            try:
+                return check_token(candidate, "sessionId")
+            except ValueError:
+                continue
+    return None
+
+
+async def project_outcome(conn: asyncpg.Connection, tenant: str, work: Any, kind: str,
+                          reason: str) -> None:
+    """The end of work that no Gateway reported (dead-lettered, cancelled), as a
+    `work.<kind>` event in its sessionRef's workspace: a chat bound there says it
+    once, in words. Call inside the transaction that ended the work."""
+    ref = work["session_ref"]
+    workspace = ref["workspaceId"]
+    last = await lock_cursor(conn, tenant, workspace)
+    event = WorkspaceEvent(
+        workspace_id=workspace, sequence=last + 1, event_id=f"{work['work_id']}-{kind}",
+        type=f"work.{kind}", session_id=ref.get("sessionId"),
+        occurred_at=datetime.now(timezone.utc),
+        payload={"workId": work["work_id"], "attempt": work["attempts"],
+                 "body": {"reason": reason}})
+    await append_events(conn, tenant, workspace, "hub", ["hub"], [event])
 
 
 def _is_replay(work: asyncpg.Record, stored: asyncpg.Record | None, kind: str,
@@ -169,7 +206,10 @@ _LOCK_WORK = """
 _UPDATE_WORK = """
     UPDATE edge_work SET last_sequence = greatest(last_sequence, $3),
         output_count = output_count + 1,
-        status = CASE WHEN $4 = 'status' THEN $5::jsonb ELSE status END,
+        -- A final output ends the lease: the view shows the end, not "running".
+        status = CASE WHEN $7::text IS NOT NULL THEN jsonb_build_object('state', $7::text)
+                      WHEN $4 = 'status' THEN $5::jsonb ELSE status END,
+        lease_expires_at = CASE WHEN $7::text IS NULL THEN lease_expires_at END,
         result = CASE WHEN $4 = 'result' THEN $5::jsonb ELSE result END,
         error = coalesce($6, error),
         state = coalesce($7, state),

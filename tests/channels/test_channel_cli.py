@@ -183,6 +183,23 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
         proc.stdin.close()
         code = await asyncio.wait_for(proc.wait(), 10)
     assert code == 0
+    err = (await proc.stderr.read()).decode()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+async def test_quitting_with_a_signal_is_clean(hub, cli_instance, sig):
+    """Ctrl-C (or SIGTERM) while waiting for input: exit 0, no traceback, no abort."""
+    import signal
+
+    instance, workspace, creds = cli_instance
+    proc = await start_cli(hub, instance, workspace, creds)
+    await read_until(proc.stderr, "Ctrl-C quits")
+    proc.send_signal(getattr(signal, sig))
+    code = await asyncio.wait_for(proc.wait(), 10)
+    err = (await proc.stderr.read()).decode()
+    assert code == 0, err
+    assert "Traceback" not in err and "Fatal Python error" not in err, err
 
 
 async def test_the_command_fails_clearly(hub, cli_instance, tmp_path):
@@ -227,7 +244,8 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     file (0600) then serves `cowork channel cli` for that instance only."""
     instance, workspace = f"cli-{secrets.token_hex(4)}", f"ws-{secrets.token_hex(3)}"
     created = await http.post("/api/v1/tenants/acme/channel-instances", json={
-        "instanceId": instance, "kind": "cli", "workspaceId": workspace})
+        "instanceId": instance, "kind": "cli", "workspaceId": workspace,
+        "authority": "cloud_worker"})
     assert created.status_code == 201, created.text
     creds = tmp_path / "login.creds"
     env = {"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"}
@@ -243,6 +261,9 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     code, out, err = await login(instance, "--creds-out", str(creds))
     assert code == 0, err
     assert f"Wrote {creds}" in out and creds.stat().st_mode & 0o777 == 0o600
+    # The next step is printed complete: the hub knows its NATS URL and the workspace.
+    assert f"--nats {hub.settings.nats_servers[0]}" in out and "WORKSPACE" not in out
+    assert workspace in out and "claim code" in out
     user_jwt, seed = parse_creds(creds.read_text())
     assert seed.startswith(b"SU") and user_jwt.count(".") == 2
 
@@ -257,7 +278,16 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
         subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance,
                                        workspace_id=workspace),
         stream="CW_CHANNEL_INBOUND", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    proc = await start_cli(hub, instance, workspace, creds, "--user", "grace")
+    wrong = await start_cli(hub, instance, "ws-elsewhere", creds)
+    _, err = await asyncio.wait_for(wrong.communicate(b""), 15)
+    assert wrong.returncode == 3 and err.decode().strip() == (
+        f"cowork: error: this credential is bound to workspace {workspace!r}, not "
+        "'ws-elsewhere'; leave --workspace out")
+    proc = await asyncio.create_subprocess_exec(  # no --workspace: the credential's
+        COWORK, "channel", "cli", instance, "--nats", hub.settings.nats_servers[0],
+        "--creds", str(creds), "--tenant", "acme", "--user", "grace",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     try:
         proc.stdin.write(b"hello from a logged-in terminal\n")
         await proc.stdin.drain()
@@ -266,3 +296,38 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     finally:
         proc.stdin.close()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_login_is_refused_for_every_kind_but_cli(hub, http, tmp_path):
+    """A hosted instance's bus identity is the hub's alone: a credential for a key held
+    elsewhere would speak as its chat users and take its deliveries."""
+    from hub.auth import nats_jwt as _jwt
+
+    instance = f"tg-{secrets.token_hex(4)}"
+    created = await http.post("/api/v1/tenants/acme/channel-instances", json={
+        "instanceId": instance, "kind": "telegram", "workspaceId": "ws-tg",
+        "authority": "cloud_worker",
+        "settings": {"apiBase": "http://127.0.0.1:9", "allowLoopbackHttp": True},
+        "secrets": {"botToken": "123:abc", "webhookSecret": "whs_0123456789abcdef"}})
+    assert created.status_code == 201, created.text
+    creds = tmp_path / "tg.creds"
+    proc = await asyncio.create_subprocess_exec(
+        COWORK, "channel", "login", instance, "--creds-out", str(creds), "--hub-url",
+        hub.http_url, "--tenant", "acme",
+        env={"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 3 and len(lines) == 1, lines
+    assert "channel_instance.hosted_kind" in lines[0] and "only for kind 'cli'" in lines[0]
+    assert not creds.exists()
+    # The admin API's other credential route cannot mint it either.
+    key = _jwt.public_key(_jwt.new_seed("user"))
+    r = await http.post(f"/api/v1/tenants/acme/channel-instances/{instance}/credentials",
+                        json={"publicKey": key})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "channel_instance.hosted_kind"
+    r = await http.post("/api/v1/tenants/acme/credentials", json={
+        "kind": "channel", "principalId": instance, "publicKey": key, "workspaces": ["ws-tg"]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "kind_not_issuable"
+    principals = (await http.get("/api/v1/tenants/acme/principals")).json()["items"]
+    assert not any(p["principalId"] == instance and key in str(p) for p in principals)

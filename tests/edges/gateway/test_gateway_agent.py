@@ -144,6 +144,42 @@ async def test_claims_one_at_a_time_when_told_and_never_polls(hub, http, opencod
     assert gateway.agent.runners == {}
 
 
+async def test_an_opencode_session_error_ends_the_run_with_its_reason(
+        hub, http, opencode, operator_nats_url, tmp_path):
+    """An unknown agent: OpenCode emits `session.error` (then a stack trace) and never
+    goes idle. The run fails at once with the first error's words, and the Gateway
+    (one item at a time) goes on to the next item instead of holding the lease."""
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
+    try:
+        await wait_status(http, created["registrationId"], "active")
+        broken = await enqueue(http, "hello", payload={"text": "hello", "agent": "no-such-agent"})
+        after = await enqueue(http, "after the broken one")
+        failed = await work_state(http, broken, FINAL, 30)
+        done = await work_state(http, after, FINAL, 30)
+    finally:
+        await gateway.stop()
+    assert failed["state"] == "failed" and failed["attempts"] == 1, failed
+    final = failed["events"][-1]
+    assert final["kind"] == "fail"
+    reason = final["body"]["reason"]
+    assert "no-such-agent" in reason and "\n" not in reason and "at <anonymous>" not in reason
+    assert not reason.startswith("UnknownError")
+    errors = [e for e in failed["events"] if e["kind"] == "event"
+              and e["body"].get("type") == "session.error"]
+    assert len(errors) == 1  # the stack-trace repeat is not relayed
+    assert done["state"] == "completed"
+    # An ended item's view shows its end, not the last "running" status and a lease.
+    assert (done["status"], done["leaseExpiresAt"]) == ({"state": "completed"}, None)
+    assert (failed["status"], failed["leaseExpiresAt"]) == ({"state": "failed"}, None)
+    # Its workspace events name the session it ran in (its sessionRef named none).
+    rows = await hub.pool.fetch(
+        "SELECT type, session_id FROM workspace_events WHERE payload->>'workId' = $1 "
+        "AND type IN ('work.event', 'work.result')", after)
+    session = done["result"]["sessionId"]
+    assert rows and {r["session_id"] for r in rows} == {session}, rows
+
+
 async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
         hub, http, opencode, operator_nats_url, tmp_path):
     async with OpenCodeClient(opencode.url) as client:
@@ -233,12 +269,17 @@ async def test_cli_register_errors_and_status(hub, http, operator_nats_url, tmp_
                                   "--credential-file", str(secret_file),
                                   "--state-dir", str(state))
     assert code == 0, err
-    assert created["registrationId"] in out and "cowork gateway run" in out
+    assert created["registrationId"] in out
+    # The next step names the state dir it was registered into, for run and up alike.
+    assert f"cowork gateway run --state-dir {state}" in out
+    assert f"cowork gateway up --state-dir {state}" in out and "--cloud-leaf-port" in out
 
     code, out, _ = await cowork("gateway", "status", "--json", "--state-dir", str(state))
     report = json.loads(out)
     assert report["registrationId"] == created["registrationId"]
     assert report["kind"] == "edge_worker" and report["tenant"] == TENANT
+    # Not the API's credentialExpiresAt (the registration credential's): the .creds JWT's.
+    assert report["busCredentialExpiresAt"] and "credentialExpiresAt" not in report
     assert report["credential"] == str(state / "gateway.creds")
     _, seed = parse_creds((state / "gateway.creds").read_text())
     code, text, _ = await cowork("gateway", "status", "--state-dir", str(state))

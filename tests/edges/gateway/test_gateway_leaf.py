@@ -139,6 +139,34 @@ async def test_forward_retries_in_order_and_drops_refused():
     assert sent == [1, 2, 2, 2, 3, 4, 5]
 
 
+async def test_forward_says_an_outage_once_and_its_end_once(caplog):
+    """Cloud away for many attempts: one info line when sending starts failing, one
+    when it works again; the repeats only at debug."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="cowork.edges.gateway_outbox")
+    box = MemoryOutbox()
+    await box.append(output(1))
+    failures = {"left": 8}
+
+    async def send(out: WorkOutput) -> bool:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise nats.errors.NoRespondersError
+        return True
+
+    task = asyncio.create_task(forward(box, send, max_backoff=0.01))
+    try:
+        await wait_for(lambda: _true(len(box) == 0), 5, "outbox drained")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len([m for m in info if "outbox_send_retry" in m]) == 1, info
+    assert [m for m in info if "working again" in m] == [
+        "gateway.outbox_send: working again after 8 failed attempts"], info
+
+
 async def _true(value: bool) -> bool:
     return value
 
@@ -877,3 +905,67 @@ async def test_leaf_restart_keeps_its_port(cloud, bus_keys, tmp_path):
         assert leaf.url == url
     finally:
         await leaf.stop()
+
+
+# --------------------------------------------------------------------------
+# Registering again while the appliance runs
+# --------------------------------------------------------------------------
+
+async def test_registering_again_hands_over_the_key_and_the_old_appliance_says_so(
+        tmp_path_factory, bus_keys, database_url_module, opencode):
+    """A second `cowork gateway register` (another state dir) gets its credential even
+    though the hub revokes the running appliance's key in the middle of the exchange;
+    the old appliance, whose leaf Cloud now refuses, says why and exits 3."""
+    from desktopkit import cowork
+    from gateway_agent_kit import create_registration, get_registration
+    from hubkit import client, running_hub
+
+    from schemas import parse_creds
+
+    root = tmp_path_factory.mktemp("reregister")
+    cloud = Cloud(root, bus_keys)
+    await cloud.server.start()
+    proc = None
+    try:
+        async with running_hub(cloud.url, database_url_module, keys=bus_keys) as hub, \
+                client(hub, admin=True) as http:
+            created = await create_registration(http, "edge_worker", name="rack 9")
+            reg, env = created["registrationId"], {"COWORK_GATEWAY_CREDENTIAL":
+                                                   created["credential"]}
+            first, second = root / "first", root / "second"
+            code, _, err = await cowork("gateway", "register", "--hub", cloud.url, "--opencode",
+                                        opencode.url, "--state-dir", str(first), env=env)
+            assert code == 0, err
+            proc = subprocess.Popen(
+                GATEWAY_UP + ["--state-dir", str(first), "--nats-port", str(free_port()),
+                              "--cloud-leaf-url", cloud.leaf_urls[0],
+                              "--opencode", opencode.url],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
+
+            async def heartbeating() -> bool:
+                assert proc.poll() is None, proc.stdout.read()
+                return (await get_registration(http, reg)).get("lastHeartbeatAt") is not None
+            await wait_for(heartbeating, 90, "the appliance to heartbeat through its leaf")
+
+            code, out, err = await cowork("gateway", "register", "--hub", cloud.url,
+                                          "--opencode", opencode.url, "--state-dir", str(second),
+                                          env=env)
+            assert code == 0, err  # before: "the hub did not answer within 10 s"
+            assert reg in out
+            new_jwt, _ = parse_creds((second / "gateway.creds").read_text())
+            new_key = _jwt.decode(new_jwt, verify=False)["sub"]
+            live = await hub.pool.fetch(
+                "SELECT public_key FROM bus_credentials WHERE kind = 'gateway' "
+                "AND principal_id = $1 AND revoked_at IS NULL", reg)
+            assert [r["public_key"] for r in live] == [new_key]  # the key the CLI holds
+
+            code = await asyncio.to_thread(proc.wait, 60)
+            output = proc.stdout.read()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await cloud.server.stop()
+    assert code == 3, output
+    assert "Cloud refuses this Gateway's credential" in output, output
+    assert "cowork gateway register" in output and "Traceback" not in output

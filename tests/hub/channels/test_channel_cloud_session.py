@@ -107,6 +107,71 @@ async def test_renderer_adopts_the_session_when_it_renders_the_result(hub, kit, 
         await renderer.stop()
 
 
+async def test_abort_from_a_cloud_worker_chat_cancels_its_running_work(kit, http, gateway):
+    """/abort in a cloud_worker chat: the chat's running work is cancelled, the Gateway
+    holding it is refused at its next write or renewal (and aborts its run), the chat
+    says so; and the admin API cancels the same way, once."""
+    from schemas import AckReply
+
+    inst = await kit.instance(http, authority="cloud_worker")
+    await kit.role(inst, "u1", "member")
+    work = await work_of(kit, await kit.send(inst, "a long job"))
+    lease = await gateway.claim(work["work_id"])
+    assert isinstance(lease, WorkClaimReply) and lease.work_id == work["work_id"], lease
+    assert (await gateway.output(work["work_id"], lease.lease_token, lease.next_sequence or 1,
+                                 "status", {"state": "running"})).ok
+    await kit.send(inst, "/abort")
+    texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
+    assert "Stopped." in texts, texts
+    view = (await http.get(f"/api/v1/tenants/{TENANT}/work/{work['work_id']}")).json()
+    assert view["state"] == "cancelled" and "/abort" in view["error"], view
+    assert view["leases"][-1]["outcome"] == "cancelled"
+    assert (view["status"], view["leaseExpiresAt"]) == ({"state": "cancelled"}, None)
+    renewed = await gateway.renew(work["work_id"], lease.lease_token)
+    assert isinstance(renewed, AckReply) and not renewed.ok, renewed
+    written = await gateway.output(work["work_id"], lease.lease_token, 9, "event", {"n": 9})
+    assert not written.ok
+    told = await kit.hub.pool.fetchval(
+        "SELECT count(*) FROM workspace_events WHERE tenant = $1 AND type = 'work.cancelled'",
+        TENANT)
+    assert told == 1
+    await kit.send(inst, "/abort")
+    texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
+    assert any("Nothing is running" in t for t in texts), texts
+
+    queued = await work_of(kit, await kit.send(inst, "another"))
+    url = f"/api/v1/tenants/{TENANT}/work/{queued['work_id']}/cancel"
+    # Registrations made straight in the table (add_registration) may claim: no hint.
+    view = (await http.get(f"/api/v1/tenants/{TENANT}/work/{queued['work_id']}")).json()
+    assert "waiting" not in view, view
+    r = await http.post(url, json={"reason": "wrong chat"})
+    assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    r = await http.post(url)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "work.already_final"
+    r = await http.post(f"/api/v1/tenants/{TENANT}/work/nope/cancel")
+    assert r.status_code == 404
+    got = await gateway.claim(queued["work_id"])  # cancelled work is never claimed
+    assert getattr(got, "work_id", None) != queued["work_id"], got
+
+
+async def test_sessions_shows_the_title_opencode_gave_the_session(kit, http, gateway):
+    inst = await kit.instance(http, authority="cloud_worker")
+    await kit.role(inst, "u1", "member")
+    work = await work_of(kit, await kit.send(inst, "plan a trip"))
+    lease = await gateway.claim(work["work_id"])
+    assert isinstance(lease, WorkClaimReply) and lease.work_id == work["work_id"], lease
+    seq = lease.next_sequence or 1
+    for n, title in enumerate(("New session - 2026-12-05", "Plan the trip")):
+        assert (await gateway.output(work["work_id"], lease.lease_token, seq + n, "event", {
+            "type": "session.updated",
+            "properties": {"info": {"id": "ses_titled1", "title": title}}})).ok
+    assert (await gateway.output(work["work_id"], lease.lease_token, seq + 2, "result",
+                                 {"text": "ok", "sessionId": "ses_titled1"})).ok
+    await kit.send(inst, "/sessions")
+    texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
+    assert any("Plan the trip [ses_titled1]" in t for t in texts), texts
+
+
 # --- the Gateway side -----------------------------------------------------------------------
 class FakeOpenCode:
     """Just enough of OpenCodeClient for one prompt turn."""

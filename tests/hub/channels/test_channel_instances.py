@@ -27,6 +27,8 @@ LOOPBACK = {"apiBase": DEAD_API, "allowLoopbackHttp": True}  # plain http: loopb
 def telegram_body(instance_id: str, workspace: str = "ws1", **extra) -> dict:
     body = {
         "instanceId": instance_id, "kind": "telegram", "workspaceId": workspace,
+        # Not desktop_paired: these workspaces are no pairings (refused, see below).
+        "authority": "cloud_worker",
         "displayName": "Support bot", "settings": LOOPBACK,
         "secrets": {"botToken": f"123456:tok-{_secrets.token_hex(12)}",
                     "webhookSecret": f"whs_{_secrets.token_hex(12)}"},
@@ -63,7 +65,7 @@ async def test_create_view_and_list_never_show_secrets(hub, http):
     assert r.status_code == 201, r.text
     view = r.json()
     assert view["instanceId"] == "tg-crud" and view["kind"] == "telegram"
-    assert view["workspaceId"] == "ws1" and view["authority"] == "desktop_paired"
+    assert view["workspaceId"] == "ws1" and view["authority"] == "cloud_worker"
     assert view["enabled"] is True and view["revision"] == 1
     assert view["defaultAgent"] == "build" and view["displayName"] == "Support bot"
     assert view["webhookPath"] == "/webhooks/tg-crud"
@@ -85,7 +87,7 @@ async def test_create_view_and_list_never_show_secrets(hub, http):
     assert_no_secret(r.text, body)
 
     cached = hub.channels.instance("tg-crud")
-    assert cached["tenant"] == TENANT and cached["authority"] == "desktop_paired"
+    assert cached["tenant"] == TENANT and cached["authority"] == "cloud_worker"
     assert cached["capabilities"] is provider_class("telegram").capabilities
     assert set(cached) >= {"tenant", "instance_id", "kind", "workspace_id", "authority",
                            "default_agent", "enabled", "display_name", "revision",
@@ -167,11 +169,33 @@ async def test_invalid_create_is_422_with_a_clear_one_line_message(http, change,
     assert (await http.get(f"{BASE}/tg-invalid")).status_code == 404
 
 
+async def test_desktop_paired_needs_a_pairing_as_its_workspace(hub, http):
+    """Refused at create (and at a change), not at the chat's first prompt."""
+    body = telegram_body("tg-unpaired", "ws-no-pairing", authority="desktop_paired")
+    r = await http.post(BASE, json=body)
+    assert r.status_code == 422, r.text
+    error = await error_of(r)
+    assert error["code"] == "channel_instance.workspace_not_paired"
+    assert "'ws-no-pairing' is none" in error["message"] and "\n" not in error["message"]
+    pairing = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json={"label": "desk"})
+    assert pairing.status_code == 201, pairing.text
+    paired = telegram_body("tg-paired", pairing.json()["pairingId"],
+                           authority="desktop_paired")
+    assert (await http.post(BASE, json=paired)).status_code == 201
+    cloud = telegram_body("tg-cloud-first", "ws-no-pairing")
+    assert (await http.post(BASE, json=cloud)).status_code == 201
+    r = await http.patch(f"{BASE}/tg-cloud-first", json={"authority": "desktop_paired"})
+    assert r.status_code == 422
+    assert (await error_of(r))["code"] == "channel_instance.workspace_not_paired"
+
+
 @pytest.mark.parametrize("change, field", [
     ({"instanceId": "Bad Id"}, "instanceId"),
     ({"authority": "anyone"}, "authority"),
     ({"workspaceId": ""}, "workspaceId"),
     ({"secrets": "not-an-object"}, "secrets"),
+    ({"defaultAgent": "no such agent"}, "defaultAgent"),
+    ({"defaultAgent": "build\nplan"}, "defaultAgent"),
 ])
 async def test_malformed_create_body_is_422(http, change, field):
     r = await http.post(BASE, json=telegram_body("tg-malformed", **change))
@@ -457,7 +481,8 @@ async def test_credential_for_a_process_holding_its_own_key(hub, http):
 
     from hub.auth import _jwt
 
-    body = {"instanceId": "cli-term", "kind": "cli", "workspaceId": "ws-cli"}
+    body = {"instanceId": "cli-term", "kind": "cli", "workspaceId": "ws-cli",
+            "authority": "cloud_worker"}
     assert (await http.post(BASE, json=body)).status_code == 201, "cli instance"
     seed = _jwt.new_seed("user")
     r = await http.post(f"{BASE}/cli-term/credentials",

@@ -346,6 +346,32 @@ async def test_edge_work_streams_by_submission_and_fails_visibly(world):
     await chat.until(lambda: ("text", "could not run: lease lost") in chat.shown())
 
 
+async def test_failed_edge_work_is_told_once_in_words(world):
+    """OpenCode's session.error inside Cloud work (twice, once as a stack trace) is not
+    shown: the work's end is, once, whether the Gateway failed it or the hub
+    dead-lettered it."""
+    chat = Chat(world, caps())
+    await chat.bind(session_id=None)
+    for work in ("work-2x", "work-3x"):
+        await chat.hub.pool.execute(
+            "INSERT INTO channel_submissions (tenant, command_id, binding_id, kind, message_id) "
+            "VALUES ('acme', $2, $1, 'work', $3)", chat.binding, work, f"in-{work}")
+    error = {"name": "UnknownError", "data": {"message": 'Agent not found: "nope"'}}
+    trace = {"name": "UnknownError", "data": {"message": "UnknownError\n    at <anonymous>"}}
+    rows = [("work.event", {"workId": "work-2x", "sequence": i, "attempt": 1, "body": {
+        "type": "session.error", "properties": {"sessionID": "ses_x", "error": e}}}, None)
+        for i, e in enumerate((error, trace), start=1)]
+    rows.append(("work.fail", {"workId": "work-2x", "sequence": 3, "attempt": 1,
+                               "body": {"reason": 'Agent not found: "nope"'}}, None))
+    rows.append(("work.dead_lettered", {"workId": "work-3x", "attempt": 3, "body": {
+        "reason": "gave up after 3 attempts"}}, None))
+    await chat.events(rows)
+    await chat.until(lambda: len(chat.shown()) >= 2)
+    await asyncio.sleep(0.5)
+    assert chat.shown() == [("text", 'could not run: Agent not found: "nope"'),
+                            ("text", "could not run: gave up after 3 attempts")]
+
+
 async def test_with_the_real_channel_service_the_platform_shows_one_edited_message(world):
     """The hub's own renderer, instances, runtime delivery and receipts together,
     against a fake Telegram."""
@@ -359,7 +385,8 @@ async def test_with_the_real_channel_service_the_platform_shows_one_edited_messa
     await fake.start()
     try:
         async with client(hub, admin=True) as admin:
-            await create_instance(admin, fake, instance_id="tg-real", workspace_id="ws-real")
+            await create_instance(admin, fake, instance_id="tg-real", workspace_id="ws-real",
+                                  authority="cloud_worker")
             await wait_ready(admin, "tg-real")
         await hub.pool.execute(
             "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, "

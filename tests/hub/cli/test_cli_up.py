@@ -142,12 +142,18 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert len(_audit_rows(up, token)) == 1
         assert len(up.descendants) >= 2  # nats-server and postgres at least
         assert _leaf_listener_greets(up.leaf_port)  # Team Gateway appliances dial here
+        # A second `cowork up` on the same data dir (other ports) stops before any server.
+        second = _run(["up", "--data-dir", str(data), "--http-port", str(free_port()),
+                       "--nats-port", str(free_port()), "--leaf-port", str(free_port())])
+        _one_line_error(second, f"is in use by PID {up.proc.pid}")
+        assert "NATS with JetStream" not in second.stdout, second.stdout
         assert up.interrupt() < 10
         out = up.output()
         assert up.proc.returncode == 0, out
         for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}",
                          str(data / "admin-token"), f"{up.url}/readyz",
-                         "cowork gateway register", "Stopped."):
+                         "cowork gateway register", "Stopped.",
+                         f"cowork gateway up --cloud-leaf-port {up.leaf_port}"):
             assert expected in out
         assert token not in out  # where the token is, never the token
         assert data.stat().st_mode & 0o077 in (0, 0o011)  # owner-only (traverse as root)
@@ -213,6 +219,12 @@ def test_hub_serve_reports_bad_configuration_clearly():
 def test_hub_serve_without_database_is_a_clear_error():
     result = _run(["hub", "serve"], COWORK_NATS_URL=f"nats://127.0.0.1:{free_port()}")
     _one_line_error(result, "COWORK_DATABASE_URL")
+
+
+def test_hub_serve_without_admin_token_refuses_to_start(database_url):
+    result = _run(["hub", "serve"], COWORK_NATS_URL=f"nats://127.0.0.1:{free_port()}",
+                  COWORK_DATABASE_URL=database_url)
+    _one_line_error(result, "COWORK_ADMIN_TOKEN")
 
 
 async def test_hub_serve_runs_against_external_servers(nats_url, database_url):

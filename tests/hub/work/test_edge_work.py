@@ -116,6 +116,16 @@ async def test_enqueue_is_idempotent_and_validated(http, tenant):
 
 
 # --------------------------------------------------------------------------- happy path
+async def test_queued_work_says_when_no_gateway_can_take_it(http, gateways, tenant):
+    work_id = await enqueue(http, tenant)
+    view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
+    assert view["state"] == "queued" and "no Gateway of this tenant can claim it" in \
+        view["waiting"], view
+    await gateways(tenant)  # an active edge worker appears: the hint goes
+    view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
+    assert "waiting" not in view, view
+
+
 async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant):
     gw = await gateways(tenant)
     offers = await collect(gw.nc, subjects.WORK_OFFER.filter(tenant=tenant), WorkOffer)
@@ -146,7 +156,9 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
 
     got = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
     assert got["state"] == "completed" and got["result"] == {"text": "hello"}
-    assert got["status"] == {"phase": "running"} and got["owner"] == gw.reg_id
+    # Ended: the view shows the end, not the last "running" status, and no lease.
+    assert got["status"] == {"state": "completed"} and got["leaseExpiresAt"] is None
+    assert got["owner"] == gw.reg_id
     assert [e["sequence"] for e in got["events"]] == [1, 2, 3, 4]
     assert got["events"][0] == {**got["events"][0], "kind": "event", "body": {"delta": "hel"},
                                 "attempt": 1, "registrationId": gw.reg_id}
@@ -298,6 +310,12 @@ async def test_reaper_requeues_then_dead_letters(hub, http, gateways, tenant):
     actions = [r["action"] for r in await audit_actions(hub, tenant)]
     assert actions.count("gateway.edge.lease_expired") == 2
     assert actions.count("gateway.edge.dead_lettered") == 1
+    # ... and said in its workspace once, for a chat bound there to tell its user.
+    [told] = await hub.pool.fetch(
+        "SELECT payload FROM workspace_events WHERE tenant = $1 AND type = 'work.dead_lettered'",
+        tenant)
+    body = json.loads(told["payload"]) if isinstance(told["payload"], str) else told["payload"]
+    assert body["workId"] == work_id and "gave up after 3 attempts" in body["body"]["reason"]
 
 
 async def _state(hub, tenant: str, work_id: str) -> str:
