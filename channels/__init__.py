@@ -22,7 +22,6 @@ from ._provider import (
     destination_changed,
     message_id,
 )
-from .cli import add_channel_commands
 from ._registry import (
     PROVIDERS,
     UnknownProvider,
@@ -31,14 +30,31 @@ from ._registry import (
     capability_table_markdown,
     provider_class,
 )
+from .cli import add_channel_commands
 from .runtime import ChannelRuntime, RuntimeOptions
 
 __all__ = [
-    "BadRequest", "ButtonLimits", "Capabilities", "ChannelError", "DeliveryFailed",
-    "InstanceConfig", "Provider", "ProviderSettings", "SendResult", "VerificationFailed",
-    "WebhookRequest", "WebhookResult", "destination_changed", "message_id",
-    "PROVIDERS", "UnknownProvider", "capability_matrix", "capability_rows",
-    "capability_table_markdown", "provider_class",
-    "ChannelRuntime", "RuntimeOptions",
+    "BadRequest",
+    "ButtonLimits",
+    "Capabilities",
+    "ChannelError",
+    "DeliveryFailed",
+    "InstanceConfig",
+    "Provider",
+    "ProviderSettings",
+    "SendResult",
+    "VerificationFailed",
+    "WebhookRequest",
+    "WebhookResult",
+    "destination_changed",
+    "message_id",
+    "PROVIDERS",
+    "UnknownProvider",
+    "capability_matrix",
+    "capability_rows",
+    "capability_table_markdown",
+    "provider_class",
+    "ChannelRuntime",
+    "RuntimeOptions",
     "add_channel_commands",
 ]

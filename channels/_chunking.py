@@ -84,8 +84,11 @@ def chunk_parts(text: str, limit: int) -> list[ChunkParts]:
     toggles = _fence_toggles(text)
     # A fence is re-opened only when its opening and closing lines leave at least
     # half the window for content; a longer info string is carried as plain text.
-    reopenable = {t.opener for t in toggles
-                  if t.opener is not None and len(t.opener) + 1 + _CLOSER_RESERVE <= limit // 2}
+    reopenable = {
+        t.opener
+        for t in toggles
+        if t.opener is not None and len(t.opener) + 1 + _CLOSER_RESERVE <= limit // 2
+    }
     parts: list[ChunkParts] = []
     position = 0
     while position < len(text):
@@ -95,10 +98,11 @@ def chunk_parts(text: str, limit: int) -> list[ChunkParts]:
         if len(text) - position <= room:
             parts.append(ChunkParts(prefix, text[position:], ""))
             break
-        opens_inside = any(t.opener in reopenable and position <= t.start < position + room
-                           for t in toggles)
+        opens_inside = any(
+            t.opener in reopenable and position <= t.start < position + room for t in toggles
+        )
         budget = room - (_CLOSER_RESERVE if prefix or opens_inside else 0)
-        window = text[position:position + budget]
+        window = text[position : position + budget]
         cut = _break_at(window, int(budget * _BREAK_RATIO)) or budget
         cut += position
         # Never split a fence line: the chunk would show a half marker.

@@ -11,9 +11,10 @@ limits, dedupe, ordering and dead-lettering, and one conformance suite
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Literal, Mapping, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,24 +58,27 @@ class Capabilities:
 class ProviderSettings(BaseModel):
     """Base of each provider's settings and secrets models: camelCase, strict."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True,
-                              extra="forbid")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
 # A signed request older or newer than this is refused (replays of captured requests).
 MAX_SKEW_SECONDS = 300
 
 
-def check_timestamp(now: float, timestamp: str, platform: str,
-                    code: str = "signature.stale") -> int:
+def check_timestamp(
+    now: float, timestamp: str, platform: str, code: str = "signature.stale"
+) -> int:
     """The signed request timestamp (Unix seconds) as an int, or VerificationFailed
     when it is missing, malformed or more than MAX_SKEW_SECONDS off `now`."""
     if not timestamp.isdigit() or len(timestamp) > 12:
-        raise VerificationFailed("signature.invalid",
-                                 f"the {platform} request timestamp is missing")
+        raise VerificationFailed(
+            "signature.invalid", f"the {platform} request timestamp is missing"
+        )
     if abs(now - int(timestamp)) > MAX_SKEW_SECONDS:
-        raise VerificationFailed(code, f"the {platform} request timestamp is more than "
-                                       f"{MAX_SKEW_SECONDS // 60} minutes off")
+        raise VerificationFailed(
+            code,
+            f"the {platform} request timestamp is more than {MAX_SKEW_SECONDS // 60} minutes off",
+        )
     return int(timestamp)
 
 
@@ -91,13 +95,15 @@ class ApiBaseSettings(ProviderSettings):
     allow_private_networks: bool = False
 
     @model_validator(mode="after")
-    def _safe_api_base(self) -> "ApiBaseSettings":
+    def _safe_api_base(self) -> ApiBaseSettings:
         from . import _ssrf
 
         if self.api_base:  # None or "": the real API
             try:
-                _ssrf.check_url(self.api_base, _ssrf.UrlPolicy(self.allow_loopback_http,
-                                                                self.allow_private_networks))
+                _ssrf.check_url(
+                    self.api_base,
+                    _ssrf.UrlPolicy(self.allow_loopback_http, self.allow_private_networks),
+                )
             except _ssrf.UnsafeUrl as exc:
                 raise ValueError(f"apiBase: {exc}") from None
         return self
@@ -179,12 +185,22 @@ class DeliveryFailed(Exception):
     """A send failed. `retry_after` when the platform said how long to wait;
     `permanent` when retrying cannot help (4xx other than 429, bad chat, ...)."""
 
-    def __init__(self, message: str, *, code: str = "delivery.failed",
-                 retry_after: float | None = None, permanent: bool = False,
-                 status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "delivery.failed",
+        retry_after: float | None = None,
+        permanent: bool = False,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code, self.retry_after, self.permanent, self.status = (
-            code, retry_after, permanent, status)
+            code,
+            retry_after,
+            permanent,
+            status,
+        )
 
 
 @dataclass

@@ -6,14 +6,16 @@ from typing import Any
 
 from schemas import ChannelKind
 
-from .providers import CliProvider
-from .providers import DiscordProvider
-from .providers import EmailProvider
 from ._provider import Capabilities, Provider
-from .providers import SlackProvider
-from .providers import TelegramProvider
-from .providers import WebhookProvider
-from .providers import WhatsAppProvider
+from .providers import (
+    CliProvider,
+    DiscordProvider,
+    EmailProvider,
+    SlackProvider,
+    TelegramProvider,
+    WebhookProvider,
+    WhatsAppProvider,
+)
 
 PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.TELEGRAM.value: TelegramProvider,
@@ -34,8 +36,9 @@ def provider_class(kind: str) -> type[Provider]:
     try:
         return PROVIDERS[kind]
     except KeyError:
-        raise UnknownProvider(f"unknown channel kind {kind!r}; known: "
-                              f"{', '.join(sorted(PROVIDERS))}") from None
+        raise UnknownProvider(
+            f"unknown channel kind {kind!r}; known: {', '.join(sorted(PROVIDERS))}"
+        ) from None
 
 
 def capability_matrix() -> dict[str, Capabilities]:
@@ -47,32 +50,55 @@ def capability_rows() -> list[dict[str, Any]]:
     rows = []
     for kind, caps in capability_matrix().items():
         buttons = caps.buttons
-        rows.append({
-            "kind": kind, "threads": caps.threads, "edit": caps.edit,
-            "buttons": f"{buttons.max_count}/{buttons.max_rows}/{buttons.max_token_bytes}"
-            if buttons else "none",
-            "fileUpload": caps.file_upload, "fileDownload": caps.file_download,
-            "typing": caps.typing, "reactions": caps.reactions,
-            "maxTextLength": caps.max_text_length, "parseModes": sorted(caps.parse_modes),
-            "maxFileBytes": caps.max_file_bytes, "interactionAck": caps.interaction_ack,
-            "rateLimit": caps.rate_limit, "ephemeral": caps.ephemeral, "inbound": caps.inbound,
-            "verification": caps.verification,
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "threads": caps.threads,
+                "edit": caps.edit,
+                "buttons": f"{buttons.max_count}/{buttons.max_rows}/{buttons.max_token_bytes}"
+                if buttons
+                else "none",
+                "fileUpload": caps.file_upload,
+                "fileDownload": caps.file_download,
+                "typing": caps.typing,
+                "reactions": caps.reactions,
+                "maxTextLength": caps.max_text_length,
+                "parseModes": sorted(caps.parse_modes),
+                "maxFileBytes": caps.max_file_bytes,
+                "interactionAck": caps.interaction_ack,
+                "rateLimit": caps.rate_limit,
+                "ephemeral": caps.ephemeral,
+                "inbound": caps.inbound,
+                "verification": caps.verification,
+            }
+        )
     return rows
 
 
-_COLUMNS = (("kind", "kind"), ("inbound", "inbound"), ("verification", "verification"),
-            ("maxTextLength", "text limit"), ("threads", "threads"), ("edit", "edits"),
-            ("buttons", "buttons (n/rows/token bytes)"), ("typing", "typing"),
-            ("reactions", "reactions"), ("fileUpload", "file upload"),
-            ("fileDownload", "file download"), ("maxFileBytes", "max file bytes"),
-            ("parseModes", "parse modes"), ("interactionAck", "interaction ack"),
-            ("rateLimit", "rate limit"), ("ephemeral", "ephemeral"))
+_COLUMNS = (
+    ("kind", "kind"),
+    ("inbound", "inbound"),
+    ("verification", "verification"),
+    ("maxTextLength", "text limit"),
+    ("threads", "threads"),
+    ("edit", "edits"),
+    ("buttons", "buttons (n/rows/token bytes)"),
+    ("typing", "typing"),
+    ("reactions", "reactions"),
+    ("fileUpload", "file upload"),
+    ("fileDownload", "file download"),
+    ("maxFileBytes", "max file bytes"),
+    ("parseModes", "parse modes"),
+    ("interactionAck", "interaction ack"),
+    ("rateLimit", "rate limit"),
+    ("ephemeral", "ephemeral"),
+)
 
 
 def capability_table_markdown() -> str:
     """The matrix as docs/channel-capabilities.md (`cowork schema export` writes it;
     a drift test keeps it true)."""
+
     def cell(value: Any) -> str:
         if isinstance(value, bool):
             return "yes" if value else "no"
@@ -80,13 +106,17 @@ def capability_table_markdown() -> str:
             return ", ".join(value)
         return str(value).replace("|", "/")
 
-    lines = ["# Channel provider capabilities", "",
-             "Generated from each provider's declared `capabilities` (`channels/_registry.py`) by",
-             "`cowork schema export`; do not edit. The conformance suite",
-             "(`tests/channels/test_channel_conformance.py`) checks every declaration against the",
-             "provider's behaviour with its fake platform.", "",
-             "| " + " | ".join(title for _, title in _COLUMNS) + " |",
-             "|" + "---|" * len(_COLUMNS)]
+    lines = [
+        "# Channel provider capabilities",
+        "",
+        "Generated from each provider's declared `capabilities` (`channels/_registry.py`) by",
+        "`cowork schema export`; do not edit. The conformance suite",
+        "(`tests/channels/test_channel_conformance.py`) checks every declaration against the",
+        "provider's behaviour with its fake platform.",
+        "",
+        "| " + " | ".join(title for _, title in _COLUMNS) + " |",
+        "|" + "---|" * len(_COLUMNS),
+    ]
     for row in capability_rows():
         lines.append("| " + " | ".join(cell(row[key]) for key, _ in _COLUMNS) + " |")
     return "\n".join(lines) + "\n"

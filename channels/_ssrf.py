@@ -22,20 +22,23 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
-    "fd00:ec2::254",  # AWS over IPv6
-    "100.100.100.200",  # Alibaba Cloud
-    "169.254.170.2",  # AWS ECS task credentials
-))
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
+        "fd00:ec2::254",  # AWS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "169.254.170.2",  # AWS ECS task credentials
+    )
+)
 
 
 class UnsafeUrl(ValueError):
@@ -85,14 +88,17 @@ def check_address(address: IPAddress, policy: UrlPolicy) -> None:
         raise UnsafeUrl("ssrf.metadata", f"{address} is a cloud metadata address")
     if address.is_loopback:
         if not policy.allow_loopback_http:
-            raise UnsafeUrl("ssrf.loopback", f"{address} is a loopback address "
-                            "(allowLoopbackHttp is off)")
+            raise UnsafeUrl(
+                "ssrf.loopback", f"{address} is a loopback address (allowLoopbackHttp is off)"
+            )
         return
     if address.is_multicast or address.is_unspecified:
         raise UnsafeUrl("ssrf.reserved", f"{address} is not a unicast host address")
     if not address.is_global and not policy.allow_private_networks:
-        raise UnsafeUrl("ssrf.private", f"{address} is a private, link-local or reserved "
-                        "address (allowPrivateNetworks is off)")
+        raise UnsafeUrl(
+            "ssrf.private",
+            f"{address} is a private, link-local or reserved address (allowPrivateNetworks is off)",
+        )
 
 
 def check_url(url: str | httpx.URL, policy: UrlPolicy) -> httpx.URL:
@@ -117,8 +123,9 @@ def check_url(url: str | httpx.URL, policy: UrlPolicy) -> httpx.URL:
         _check_scheme(parsed.scheme, literal, policy)
     elif parsed.scheme == "http" and not policy.allow_loopback_http:
         # A name's address is checked to be loopback when it is resolved, per send.
-        raise UnsafeUrl("ssrf.scheme", "plain http is allowed only to loopback "
-                        "(with allowLoopbackHttp)")
+        raise UnsafeUrl(
+            "ssrf.scheme", "plain http is allowed only to loopback (with allowLoopbackHttp)"
+        )
     return parsed
 
 
@@ -131,12 +138,14 @@ def _literal(host: str) -> IPAddress | None:
 
 def _check_scheme(scheme: str, address: IPAddress, policy: UrlPolicy) -> None:
     if scheme == "http" and not (_normalise(address).is_loopback and policy.allow_loopback_http):
-        raise UnsafeUrl("ssrf.scheme", "plain http is allowed only to loopback "
-                        "(with allowLoopbackHttp)")
+        raise UnsafeUrl(
+            "ssrf.scheme", "plain http is allowed only to loopback (with allowLoopbackHttp)"
+        )
 
 
-async def pin(url: str | httpx.URL, policy: UrlPolicy,
-              resolve: Resolver | None = None) -> PinnedTarget:
+async def pin(
+    url: str | httpx.URL, policy: UrlPolicy, resolve: Resolver | None = None
+) -> PinnedTarget:
     """Check `url`, resolve its host once, check every address, pin the first."""
     parsed = check_url(url, policy)
     host = parsed.host
@@ -163,16 +172,16 @@ async def pin(url: str | httpx.URL, policy: UrlPolicy,
     return PinnedTarget(parsed, host, addresses[0])
 
 
-def pinned_request(target: PinnedTarget, method: str, *, content: bytes,
-                   headers: dict[str, str]) -> httpx.Request:
+def pinned_request(
+    target: PinnedTarget, method: str, *, content: bytes, headers: dict[str, str]
+) -> httpx.Request:
     """A request that connects to the pinned address while naming the original
     host in the Host header and (for https) in SNI and the certificate check."""
     address = _normalise(target.address)
     ip_host = f"[{address}]" if address.version == 6 else str(address)
     url = target.url.copy_with(host=ip_host.strip("[]"))
     host_header = target.url.netloc.decode("ascii")
-    request = httpx.Request(method, url, content=content,
-                            headers={**headers, "Host": host_header})
+    request = httpx.Request(method, url, content=content, headers={**headers, "Host": host_header})
     if target.url.scheme == "https":
         request.extensions["sni_hostname"] = target.host
     return request

@@ -14,20 +14,47 @@ and runs Cloud-owned work on the Gateway's OpenCode under a lease.
 from .common import (
     CredentialRefreshError,
     EdgeCredentials,
+    OpenCodeClient,
+    OpenCodeError,
+    RedactionPolicy,
     new_user_seed,
+    redact,
+    redact_event,
     refresh_forever,
     refresh_once,
 )
-from .desktop import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
-from .desktop import DesktopStore, StoreError
-from .gateway import GatewayAgent
-from .gateway import RegistrationFailed, register
-from .gateway import GatewayStore, GatewayStoreError
-from .common import OpenCodeClient, OpenCodeError
-from .common import RedactionPolicy, redact, redact_event
+from .desktop import (
+    DesktopAgent,
+    DesktopStore,
+    PairingFailed,
+    StoreError,
+    notify_hub_of_revocation,
+    pair,
+    revoke_locally,
+)
+from .gateway import GatewayAgent, GatewayStore, GatewayStoreError, RegistrationFailed, register
 
-__all__ = ["CredentialRefreshError", "DesktopAgent", "DesktopStore", "EdgeCredentials",
-           "GatewayAgent", "GatewayStore", "GatewayStoreError", "OpenCodeClient",
-           "OpenCodeError", "PairingFailed", "RedactionPolicy", "RegistrationFailed",
-           "StoreError", "new_user_seed", "notify_hub_of_revocation", "pair", "redact",
-           "redact_event", "refresh_forever", "refresh_once", "register", "revoke_locally"]
+__all__ = [
+    "CredentialRefreshError",
+    "DesktopAgent",
+    "DesktopStore",
+    "EdgeCredentials",
+    "GatewayAgent",
+    "GatewayStore",
+    "GatewayStoreError",
+    "OpenCodeClient",
+    "OpenCodeError",
+    "PairingFailed",
+    "RedactionPolicy",
+    "RegistrationFailed",
+    "StoreError",
+    "new_user_seed",
+    "notify_hub_of_revocation",
+    "pair",
+    "redact",
+    "redact_event",
+    "refresh_forever",
+    "refresh_once",
+    "register",
+    "revoke_locally",
+]

@@ -45,8 +45,14 @@ from .workspaces import EventProjector
 
 log = logging.getLogger("cowork.hub")
 # Each room adds its own HTTP routes through its public face.
-ROUTE_TABLES = (auth.add_routes, desktop.add_routes, workspaces.add_routes, work.add_routes,
-                gateways.add_routes, channels.add_routes)
+ROUTE_TABLES = (
+    auth.add_routes,
+    desktop.add_routes,
+    workspaces.add_routes,
+    work.add_routes,
+    gateways.add_routes,
+    channels.add_routes,
+)
 
 
 class StartupError(RuntimeError):
@@ -54,8 +60,9 @@ class StartupError(RuntimeError):
 
 
 class Hub:
-    def __init__(self, settings: HubSettings, *, stream_replicas: int = 1,
-                 keys: BusKeys | None = None) -> None:
+    def __init__(
+        self, settings: HubSettings, *, stream_replicas: int = 1, keys: BusKeys | None = None
+    ) -> None:
         if settings.database_url is None:
             raise StartupError("no database configured: set COWORK_DATABASE_URL")
         self.settings = settings
@@ -126,9 +133,10 @@ class Hub:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await db.create_pool(dsn, min_size=self.settings.db_pool_min,
-                                             max_size=self.settings.db_pool_max)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                return await db.create_pool(
+                    dsn, min_size=self.settings.db_pool_min, max_size=self.settings.db_pool_max
+                )
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 if time.monotonic() > deadline:
                     raise StartupError(f"cannot reach PostgreSQL: {_one_line(exc)}") from None
                 log.info("hub.waiting_for_db", **kv(error=_one_line(exc)))
@@ -141,7 +149,7 @@ class Hub:
             try:
                 await streams.declare(self.js, self.stream_replicas)
                 return
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 if time.monotonic() > deadline:
                     raise StartupError(f"JetStream is not ready: {_one_line(exc)}") from None
                 log.info("hub.waiting_for_jetstream", **kv(error=_one_line(exc)))
@@ -152,50 +160,87 @@ class Hub:
         refresh responder, and the account JWT pushed with current revocations."""
         assert self.keys is not None and self.pool is not None and self.nc is not None
         seed = nats_jwt.new_seed("user")
-        system_jwt = self.keys.mint_system_user(nats_jwt.public_key(seed),
-                                                name=f"hub-system-{self.settings.hub_id}")
+        system_jwt = self.keys.mint_system_user(
+            nats_jwt.public_key(seed), name=f"hub-system-{self.settings.hub_id}"
+        )
         self.system_nc = await self._connect_nats(
-            10.0, name_suffix="-system", auth=(system_jwt, seed), inbox_prefix="_INBOX")
+            10.0, name_suffix="-system", auth=(system_jwt, seed), inbox_prefix="_INBOX"
+        )
         self.credentials = CredentialService(
-            self.keys, self.pool, self.audit, self.system_nc, self.settings.hub_id,
-            edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours))
+            self.keys,
+            self.pool,
+            self.audit,
+            self.system_nc,
+            self.settings.hub_id,
+            edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours),
+        )
         await self.credentials.push_account()
         await self.credentials.push_bootstrap_account()
-        await self.nc.subscribe(subjects.CREDENTIAL_REFRESH.filter(), queue="hub-auth",
-                                cb=self.credentials.handle_refresh)
+        await self.nc.subscribe(
+            subjects.CREDENTIAL_REFRESH.filter(),
+            queue="hub-auth",
+            cb=self.credentials.handle_refresh,
+        )
 
     async def _start_pairing(self) -> None:
         """Pairings, their commands, Desktop presence and the event projection."""
         assert self.pool is not None and self.nc is not None
         s = self.settings
         code_key = self.keys.derive_key("pairing-code") if self.keys else os.urandom(32)
-        self.pairings = PairingService(self.pool, self.audit, self.nc, code_key=code_key,
-                                       hub_id=s.hub_id, credentials=self.credentials)
-        self.commands = CommandService(self.pool, self.audit, self.nc, self.metrics,
-                                       hub_id=s.hub_id,
-                                       lease=timedelta(seconds=s.command_lease_seconds))
-        self.projector = EventProjector(self.js, self.nc, self.pool, self.dead_letters,
-                                        self.metrics, hub_id=s.hub_id)
-        self.presence = DesktopPresence(self.pool, self.audit, self.metrics,
-                                        on_online=self._desktop_online)
+        self.pairings = PairingService(
+            self.pool,
+            self.audit,
+            self.nc,
+            code_key=code_key,
+            hub_id=s.hub_id,
+            credentials=self.credentials,
+        )
+        self.commands = CommandService(
+            self.pool,
+            self.audit,
+            self.nc,
+            self.metrics,
+            hub_id=s.hub_id,
+            lease=timedelta(seconds=s.command_lease_seconds),
+        )
+        self.projector = EventProjector(
+            self.js, self.nc, self.pool, self.dead_letters, self.metrics, hub_id=s.hub_id
+        )
+        self.presence = DesktopPresence(
+            self.pool, self.audit, self.metrics, on_online=self._desktop_online
+        )
         self.pairings.on_revoked.append(self._pairing_revoked)
         self.commands.on_final.append(self._command_final)
         for worker in (self.projector, self.presence, self.commands):
             worker.start()
             self._workers.append(worker)
         nc = self.nc
-        await nc.subscribe(subjects.PRESENCE.filter(principal_kind="desktop"),
-                           queue="hub-presence", cb=self.presence.handle)
-        await nc.subscribe(subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands",
-                           cb=self.commands.handle_ack)
-        await nc.subscribe(subjects.PAIRING_REVOKE.filter(), queue="hub-pairing",
-                           cb=self.pairings.handle_revoke_notice)
+        await nc.subscribe(
+            subjects.PRESENCE.filter(principal_kind="desktop"),
+            queue="hub-presence",
+            cb=self.presence.handle,
+        )
+        await nc.subscribe(
+            subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands", cb=self.commands.handle_ack
+        )
+        await nc.subscribe(
+            subjects.PAIRING_REVOKE.filter(),
+            queue="hub-pairing",
+            cb=self.pairings.handle_revoke_notice,
+        )
         if self.credentials is not None:
-            redemption = PairingRedemption(self.pool, self.audit, self.pairings,
-                                           self.credentials, self.metrics, code_key=code_key,
-                                           hub_id=s.hub_id)
-            await nc.subscribe(subjects.PAIRING_REDEEM.filter(), queue="hub-pairing",
-                               cb=redemption.handle)
+            redemption = PairingRedemption(
+                self.pool,
+                self.audit,
+                self.pairings,
+                self.credentials,
+                self.metrics,
+                code_key=code_key,
+                hub_id=s.hub_id,
+            )
+            await nc.subscribe(
+                subjects.PAIRING_REDEEM.filter(), queue="hub-pairing", cb=redemption.handle
+            )
 
     async def _start_gateways(self) -> None:
         """Gateway registrations: heartbeat/capabilities/sync responders, the unhealthy
@@ -204,27 +249,45 @@ class Hub:
         s = self.settings
         key = self.keys.derive_key("gateway-credential") if self.keys else os.urandom(32)
         self.gateways = GatewayRegistry(
-            self.pool, self.audit, self.metrics, credential_key=key, hub_id=s.hub_id,
-            credentials=self.credentials, heartbeat_rate=s.gateway_heartbeat_rate,
-            credential_ttl_days=s.gateway_credential_ttl_days)
+            self.pool,
+            self.audit,
+            self.metrics,
+            credential_key=key,
+            hub_id=s.hub_id,
+            credentials=self.credentials,
+            heartbeat_rate=s.gateway_heartbeat_rate,
+            credential_ttl_days=s.gateway_credential_ttl_days,
+        )
         self.gateways.start()
         self._workers.append(self.gateways)
         await self.gateways.subscribe(self.nc)
         if self.credentials is not None:
-            bootstrap = GatewayBootstrap(self.gateways, self.credentials,
-                                         BootstrapLockout(self.pool), self.metrics,
-                                         hub_id=s.hub_id)
-            await self.nc.subscribe(subjects.GATEWAY_REGISTER.filter(), queue="hub-gateways",
-                                    cb=bootstrap.handle)
+            bootstrap = GatewayBootstrap(
+                self.gateways,
+                self.credentials,
+                BootstrapLockout(self.pool),
+                self.metrics,
+                hub_id=s.hub_id,
+            )
+            await self.nc.subscribe(
+                subjects.GATEWAY_REGISTER.filter(), queue="hub-gateways", cb=bootstrap.handle
+            )
 
     async def _start_edge_work(self) -> None:
         """Cloud-owned edge work: the queue's claim/renew/output responders and reaper."""
         assert self.pool is not None and self.nc is not None
         s = self.settings
         self.edge_work = EdgeWorkService(
-            self.pool, self.audit, self.nc, self.metrics, self.dead_letters, hub_id=s.hub_id,
-            lease_seconds=s.work_lease_seconds, max_attempts=s.work_max_attempts,
-            write_rate=s.work_write_rate)
+            self.pool,
+            self.audit,
+            self.nc,
+            self.metrics,
+            self.dead_letters,
+            hub_id=s.hub_id,
+            lease_seconds=s.work_lease_seconds,
+            max_attempts=s.work_max_attempts,
+            write_rate=s.work_write_rate,
+        )
         self.edge_work.start()
         self._workers.append(self.edge_work)
         await self.edge_work.subscribe(self.nc)
@@ -235,22 +298,52 @@ class Hub:
         assert self.pool is not None and self.nc is not None
         s = self.settings
         secret = self.keys.derive_key("channel-secrets") if self.keys else s.channel_secret_key()
-        self.channels = ChannelService(self.pool, self.audit, self.js, self.nc, self.metrics,
-                                       hub_id=s.hub_id, secret_key=secret,
-                                       credentials=self.credentials, settings=s)
+        self.channels = ChannelService(
+            self.pool,
+            self.audit,
+            self.js,
+            self.nc,
+            self.metrics,
+            hub_id=s.hub_id,
+            secret_key=secret,
+            credentials=self.credentials,
+            settings=s,
+        )
         set_delivery_id_key(hmac.new(secret, b"delivery-id", hashlib.sha256).digest())
         self.channel_outbox = ChannelOutbox(self.js, self.pool, self.metrics, hub_id=s.hub_id)
         actions = ActionTokens(self.pool)
         self.channel_router = ChannelRouter(
-            self.js, self.pool, self.audit, self.metrics, self.dead_letters, hub_id=s.hub_id,
-            instances=self.channels, outbox=self.channel_outbox, commands=self.commands,
-            edge_work=self.edge_work, pairings=self.pairings, actions=actions)
+            self.js,
+            self.pool,
+            self.audit,
+            self.metrics,
+            self.dead_letters,
+            hub_id=s.hub_id,
+            instances=self.channels,
+            outbox=self.channel_outbox,
+            commands=self.commands,
+            edge_work=self.edge_work,
+            pairings=self.pairings,
+            actions=actions,
+        )
         self.channel_renderer = ChannelRenderer(
-            self.nc, self.pool, self.metrics, hub_id=s.hub_id, instances=self.channels,
-            outbox=self.channel_outbox, actions=actions)
-        receipts = ReceiptIngest(self.js, self.pool, self.metrics, self.dead_letters,
-                                 hub_id=s.hub_id, instances=self.channels,
-                                 outbox=self.channel_outbox)
+            self.nc,
+            self.pool,
+            self.metrics,
+            hub_id=s.hub_id,
+            instances=self.channels,
+            outbox=self.channel_outbox,
+            actions=actions,
+        )
+        receipts = ReceiptIngest(
+            self.js,
+            self.pool,
+            self.metrics,
+            self.dead_letters,
+            hub_id=s.hub_id,
+            instances=self.channels,
+            outbox=self.channel_outbox,
+        )
         self.commands.on_final.append(self.channel_router.on_command_final)
         await self.channels.start()
         self._workers.append(self.channels)
@@ -270,9 +363,12 @@ class Hub:
     async def _command_final(self, tenant: str, command: dict) -> None:
         """A Desktop that ran `revoke_pairing` has revoked itself: finish it here."""
         if command["kind"] == "revoke_pairing" and command["result_status"] == "completed":
-            await self.pairings.revoke(tenant, command["pairing_id"],
-                                       reason="revoked by a revoke_pairing command",
-                                       actor="hub")
+            await self.pairings.revoke(
+                tenant,
+                command["pairing_id"],
+                reason="revoked by a revoke_pairing command",
+                actor="hub",
+            )
 
     def _hub_auth(self) -> tuple[str, bytes] | None:
         if self.keys is None:
@@ -280,20 +376,33 @@ class Hub:
         seed = nats_jwt.new_seed("user")
         perms = HUB_PERMISSIONS
         user_jwt, _ = self.keys.mint_user(
-            nats_jwt.public_key(seed), name=f"hub-{self.settings.hub_id}",
-            pub_allow=list(perms.pub_allow), sub_allow=list(perms.sub_allow),
-            allow_responses=True, ttl_seconds=None)
+            nats_jwt.public_key(seed),
+            name=f"hub-{self.settings.hub_id}",
+            pub_allow=list(perms.pub_allow),
+            sub_allow=list(perms.sub_allow),
+            allow_responses=True,
+            ttl_seconds=None,
+        )
         return user_jwt, seed
 
-    async def _connect_nats(self, timeout: float, *, name_suffix: str = "",
-                            auth: tuple[str, bytes] | None = None,
-                            inbox_prefix: str | None = None) -> NATS:
+    async def _connect_nats(
+        self,
+        timeout: float,
+        *,
+        name_suffix: str = "",
+        auth: tuple[str, bytes] | None = None,
+        inbox_prefix: str | None = None,
+    ) -> NATS:
         s = self.settings
         auth = auth or self._hub_auth()
         options: dict[str, Any] = dict(
-            servers=s.nats_servers, name=f"cowork-hub-{s.hub_id}{name_suffix}",
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=2, error_cb=self._on_nats_error,
+            servers=s.nats_servers,
+            name=f"cowork-hub-{s.hub_id}{name_suffix}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            error_cb=self._on_nats_error,
         )
         if not name_suffix:  # the main connection drives readiness and its metrics
             options.update(disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
@@ -312,8 +421,9 @@ class Hub:
                 return nc
             except Exception as exc:  # nats-py raises several unrelated types here
                 if "Authorization" in str(exc) or time.monotonic() > deadline:
-                    raise StartupError(f"cannot connect to NATS at {s.nats_url}: "
-                                       f"{_one_line(exc)}") from None
+                    raise StartupError(
+                        f"cannot connect to NATS at {s.nats_url}: {_one_line(exc)}"
+                    ) from None
                 log.info("hub.waiting_for_nats", **kv(error=_one_line(exc)))
                 await asyncio.sleep(0.5)
 
@@ -334,13 +444,16 @@ class Hub:
         app = build_app(self, token.get_secret_value() if token else None, ROUTE_TABLES)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port,
-                           reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.settings.http_host, self.settings.http_port, reuse_address=True
+        )
         try:
             await site.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {self.settings.http_host}:"
-                               f"{self.settings.http_port}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot listen on {self.settings.http_host}:"
+                f"{self.settings.http_port}: {exc.strerror}"
+            ) from None
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
 
@@ -350,7 +463,8 @@ class Hub:
         nats_ok = bool(self.nc and self.nc.is_connected)
         checks = {"nats": _check(nats_ok, "connected" if nats_ok else "disconnected")}
         db_check, stream_check = await asyncio.gather(
-            self._check_db(timeout), self._check_streams(timeout, nats_ok))
+            self._check_db(timeout), self._check_streams(timeout, nats_ok)
+        )
         checks.update(db_check)
         checks["streams"] = stream_check
         ready = all(c["ok"] for c in checks.values())
@@ -364,11 +478,15 @@ class Hub:
                     version = await db.current_version(conn)
         except Exception as exc:
             detail = f"unreachable: {_one_line(exc)}"
-            return {"postgres": _check(False, detail),
-                    "migrations": _check(False, "unknown (database unreachable)")}
+            return {
+                "postgres": _check(False, detail),
+                "migrations": _check(False, "unknown (database unreachable)"),
+            }
         head = db.head_version()
-        return {"postgres": _check(True, "reachable"),
-                "migrations": _check(version == head, f"at {version}, head is {head}")}
+        return {
+            "postgres": _check(True, "reachable"),
+            "migrations": _check(version == head, f"at {version}, head is {head}"),
+        }
 
     async def _check_streams(self, timeout: float, nats_ok: bool) -> dict[str, Any]:
         if not nats_ok:

@@ -32,8 +32,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ._creds import render_creds
 
 __all__ = [
-    "BOOTSTRAP_ACCOUNT_PUBLIC", "BOOTSTRAP_USER_JWT", "BOOTSTRAP_USER_SEED",
-    "BOOTSTRAP_SUBJECTS", "bootstrap_creds", "ReplyKey", "seal", "SealError",
+    "BOOTSTRAP_ACCOUNT_PUBLIC",
+    "BOOTSTRAP_USER_JWT",
+    "BOOTSTRAP_USER_SEED",
+    "BOOTSTRAP_SUBJECTS",
+    "bootstrap_creds",
+    "ReplyKey",
+    "seal",
+    "SealError",
 ]
 
 # Made once (v1). The user JWT is signed by the account key, which no longer exists.
@@ -118,8 +124,7 @@ class ReplyKey:
             raise SealError("malformed sealed reply") from exc
         if len(body) <= _NONCE_BYTES:
             raise SealError("malformed sealed reply")
-        key = _derive(self._private.exchange(ephemeral), eph_raw,
-                      _raw(self._private.public_key()))
+        key = _derive(self._private.exchange(ephemeral), eph_raw, _raw(self._private.public_key()))
         try:
             return ChaCha20Poly1305(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], None)
         except InvalidTag as exc:

@@ -27,7 +27,8 @@ NKEYs are sensitive and should be treated as secrets.
 _PARSE = re.compile(
     r"-----BEGIN NATS USER JWT-----\s*(?P<jwt>\S+)\s*------END NATS USER JWT------.*?"
     r"-----BEGIN USER NKEY SEED-----\s*(?P<seed>\S+)\s*------END USER NKEY SEED------",
-    re.S)
+    re.S,
+)
 
 
 def render_creds(user_jwt: str, seed: bytes) -> str:

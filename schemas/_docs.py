@@ -56,9 +56,7 @@ def _component_schemas() -> tuple[dict[str, str], dict[str, Any]]:
         by_alias=True,
         ref_template="#/components/schemas/{model}",
     )
-    refs = {
-        name: keys[(model, "validation")]["$ref"] for name, model in models.items()
-    }
+    refs = {name: keys[(model, "validation")]["$ref"] for name, model in models.items()}
     return refs, top.get("$defs", {})
 
 
@@ -133,8 +131,6 @@ def _operation(family: subjects.SubjectFamily, channel_id: str) -> dict[str, Any
     if family.reply:
         op["reply"] = {
             "channel": {"$ref": f"#/channels/{channel_id}"},
-            "messages": [
-                {"$ref": f"#/channels/{channel_id}/messages/{_message_id(family.reply)}"}
-            ],
+            "messages": [{"$ref": f"#/channels/{channel_id}/messages/{_message_id(family.reply)}"}],
         }
     return op

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -37,17 +37,27 @@ def new_id() -> str:
     ms = time.time_ns() // 1_000_000
     cached = _time_digits
     if cached[0] != ms:
-        cached = _time_digits = (ms, "".join(ID_ALPHABET[(ms >> shift) & 31]
-                                             for shift in range(45, -1, -5)))
+        cached = _time_digits = (
+            ms,
+            "".join(ID_ALPHABET[(ms >> shift) & 31] for shift in range(45, -1, -5)),
+        )
     r = secrets.randbits(80)
-    return cached[1] + "".join([
-        _PAIRS[r >> 70], _PAIRS[r >> 60 & 1023], _PAIRS[r >> 50 & 1023],
-        _PAIRS[r >> 40 & 1023], _PAIRS[r >> 30 & 1023], _PAIRS[r >> 20 & 1023],
-        _PAIRS[r >> 10 & 1023], _PAIRS[r & 1023]])
+    return cached[1] + "".join(
+        [
+            _PAIRS[r >> 70],
+            _PAIRS[r >> 60 & 1023],
+            _PAIRS[r >> 50 & 1023],
+            _PAIRS[r >> 40 & 1023],
+            _PAIRS[r >> 30 & 1023],
+            _PAIRS[r >> 20 & 1023],
+            _PAIRS[r >> 10 & 1023],
+            _PAIRS[r & 1023],
+        ]
+    )
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Source(WireModel):
@@ -78,12 +88,17 @@ class Envelope(WireModel, Generic[D]):
     data: D
 
     @classmethod
-    def wrap(cls, data: Message, *, source: Source, tenant: str | None = None,
-             **fields: object) -> "Envelope":
+    def wrap(
+        cls, data: Message, *, source: Source, tenant: str | None = None, **fields: object
+    ) -> Envelope:
         """Put a message in an envelope, taking type and version from its class."""
         return Envelope[type(data)](  # type: ignore[misc]
-            type=data.message_type, schema_version=data.schema_version,
-            tenant=tenant, source=source, data=data, **fields,
+            type=data.message_type,
+            schema_version=data.schema_version,
+            tenant=tenant,
+            source=source,
+            data=data,
+            **fields,
         )
 
     def encode(self) -> bytes:
@@ -104,8 +119,14 @@ class EnvelopeTemplate:
     message was validated when it was built, and the fixed fields are checked
     here, once, by the same rules as the envelope's."""
 
-    def __init__(self, message: type[Message], *, source: Source, tenant: str | None = None,
-                 workspace: str | None = None) -> None:
+    def __init__(
+        self,
+        message: type[Message],
+        *,
+        source: Source,
+        tenant: str | None = None,
+        workspace: str | None = None,
+    ) -> None:
         if tenant is not None:
             check_tenant(tenant)
         if workspace is not None:
@@ -114,21 +135,31 @@ class EnvelopeTemplate:
         self.message = message
         head = {"type": message.message_type, "schemaVersion": message.schema_version}
         fixed = {"tenant": tenant, "workspace": workspace}
-        members = [_fields({k: v for k, v in fixed.items() if v is not None}),
-                   b'"source":' + source.model_dump_json(by_alias=True, exclude_none=True
-                                                         ).encode()]
+        members = [
+            _fields({k: v for k, v in fixed.items() if v is not None}),
+            b'"source":' + source.model_dump_json(by_alias=True, exclude_none=True).encode(),
+        ]
         self._head = b'",' + _fields(head) + b',"time":'
         self._tail = b"," + b",".join(m for m in members if m) + b',"data":'
 
-    def encode(self, data: Message, *, id: str | None = None,
-               time: datetime | None = None) -> bytes:
+    def encode(
+        self, data: Message, *, id: str | None = None, time: datetime | None = None
+    ) -> bytes:
         if type(data) is not self.message:
-            raise TypeError(f"this template encodes {self.message.__name__} messages, "
-                            f"not {type(data).__name__}")
-        return b"".join((
-            b'{"id":"', check_token(id).encode() if id is not None else new_id().encode(),
-            self._head, _TIME.dump_json(time if time is not None else utc_now()), self._tail,
-            data.model_dump_json(by_alias=True, exclude_none=True).encode(), b"}"))
+            raise TypeError(
+                f"this template encodes {self.message.__name__} messages, not {type(data).__name__}"
+            )
+        return b"".join(
+            (
+                b'{"id":"',
+                check_token(id).encode() if id is not None else new_id().encode(),
+                self._head,
+                _TIME.dump_json(time if time is not None else utc_now()),
+                self._tail,
+                data.model_dump_json(by_alias=True, exclude_none=True).encode(),
+                b"}",
+            )
+        )
 
 
 def _fields(values: dict[str, object]) -> bytes:
@@ -157,11 +188,14 @@ def decode(raw: bytes | str, model: type[D]) -> Envelope[D]:
     if envelope.type != model.message_type:
         raise ContractError(
             f"type {envelope.type!r} where {model.message_type!r} was expected",
-            code="contract.wrong_type")
+            code="contract.wrong_type",
+        )
     if envelope.schema_version > model.schema_version:
         raise ContractError(
             f"{model.message_type} schema version {envelope.schema_version} is newer than "
-            f"the supported {model.schema_version}", code="contract.unsupported_version")
+            f"the supported {model.schema_version}",
+            code="contract.unsupported_version",
+        )
     return envelope
 
 

@@ -22,7 +22,6 @@ from ._vocabulary import (
     GatewayKind,
     PolicyDecision,
     PrincipalKind,
-    SyncScope,
     WorkerState,
     WorkOutputKind,
 )
@@ -87,8 +86,9 @@ class PairingPolicy(WireModel):
     allow_remote_attachments: bool = False
 
 
-AllowList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
-                      Field(max_length=128)]
+AllowList = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=128)
+]
 
 
 class PairingState(Message):
@@ -182,8 +182,7 @@ class PermissionRespondPayload(WireModel):
 
 class QuestionReplyPayload(WireModel):
     request_id: str = Field(min_length=1, max_length=256)
-    answers: list[list[Annotated[str, Field(max_length=4096)]]] = Field(min_length=1,
-                                                                        max_length=64)
+    answers: list[list[Annotated[str, Field(max_length=4096)]]] = Field(min_length=1, max_length=64)
 
 
 class QuestionRejectPayload(WireModel):
@@ -197,8 +196,9 @@ COMMAND_PAYLOADS: dict[str, type[WireModel]] = {
     "question.reply": QuestionReplyPayload,
     "question.reject": QuestionRejectPayload,
 }
-NEEDS_SESSION = frozenset({"prompt", "abort", "permission.respond", "question.reply",
-                           "question.reject"})
+NEEDS_SESSION = frozenset(
+    {"prompt", "abort", "permission.respond", "question.reply", "question.reject"}
+)
 
 
 def command_payload(kind: str, session_id: str | None, payload: Json | None) -> WireModel | None:
@@ -475,8 +475,9 @@ class ChannelInbound(Message):
     raw_text: Text = ""
     is_command: bool = False
     command: str | None = Field(default=None, max_length=64)
-    command_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list,
-                                                                         max_length=64)
+    command_args: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=64
+    )
     attachments: list[ChannelAttachment] = Field(default_factory=list, max_length=50)
     interaction: ChannelInteraction | None = None
     received_at: datetime
@@ -519,11 +520,13 @@ class ChannelOutbound(Message):
     notice: bool = False  # a hub notice (e.g. "could not deliver"): never noticed about again
 
     @model_validator(mode="after")
-    def _reaction_is_complete(self) -> "ChannelOutbound":
+    def _reaction_is_complete(self) -> ChannelOutbound:
         if self.type == DeliveryType.REACTION:
             if not self.reaction or not self.target.message_id:
-                raise ValueError("a reaction names its emoji (reaction) and the message it "
-                                 "reacts to (target.messageId)")
+                raise ValueError(
+                    "a reaction names its emoji (reaction) and the message it "
+                    "reacts to (target.messageId)"
+                )
         elif self.reaction is not None:
             raise ValueError(f"reaction is only for deliveries of type reaction, not {self.type}")
         return self
@@ -536,7 +539,8 @@ class ChannelReceipt(Message):
     target: ChannelTarget | None = None
     provider_message_id: str | None = Field(default=None, max_length=256)
     provider_message_ids: list[Annotated[str, Field(max_length=256)]] = Field(
-        default_factory=list, max_length=64)  # one per chunk
+        default_factory=list, max_length=64
+    )  # one per chunk
     attempts: int = Field(ge=1)
     code: str | None = Field(default=None, max_length=128)
     error: Text | None = None
@@ -568,7 +572,9 @@ class DeadLetter(Message):
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     attempts: int = Field(default=1, ge=1)
 
+
 __all__ = sorted(
-    name for name, value in list(globals().items())
+    name
+    for name, value in list(globals().items())
     if isinstance(value, type) and issubclass(value, WireModel) and value.__module__ == __name__
 ) + ["AllowList", "Label", "COMMAND_PAYLOADS", "NEEDS_SESSION", "command_payload"]

@@ -106,15 +106,64 @@ _REPLACE_COOKIE = r"\g<pre>" + SECRET_REDACTED
 # A cheap pre-check: every pattern above needs one of these literals (in the
 # lower-cased text) or a long run of token characters.
 _HINTS = (
-    "sk-", "aiza", "ya29.", "gocspx-", "1//0", "xox", "xapp-", "hooks.slack", "discord", ":aa",
-    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-    "glpat-", "gldt-", "glrt-", "glptt-", "glft-", "glsoat-", "glcbt-",
-    "akia", "asia", "abia", "acca", "eyj", "whsec_", "_live_", "_test_", "hf_", "npm_", "pypi-",
-    "-----begin", "bearer", "basic", "://",
-    "secret", "passw", "passp", "pwd", "token", "credential", "apikey", "api_key", "api-key",
-    "auth", "dsn", "cookie", "-u ", "-u\t", "--user",
-) + tuple(f"{w}{sep}key" for w in ("access", "account", "private", "signing", "session")
-          for sep in ("", "_", "-"))
+    "sk-",
+    "aiza",
+    "ya29.",
+    "gocspx-",
+    "1//0",
+    "xox",
+    "xapp-",
+    "hooks.slack",
+    "discord",
+    ":aa",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "gldt-",
+    "glrt-",
+    "glptt-",
+    "glft-",
+    "glsoat-",
+    "glcbt-",
+    "akia",
+    "asia",
+    "abia",
+    "acca",
+    "eyj",
+    "whsec_",
+    "_live_",
+    "_test_",
+    "hf_",
+    "npm_",
+    "pypi-",
+    "-----begin",
+    "bearer",
+    "basic",
+    "://",
+    "secret",
+    "passw",
+    "passp",
+    "pwd",
+    "token",
+    "credential",
+    "apikey",
+    "api_key",
+    "api-key",
+    "auth",
+    "dsn",
+    "cookie",
+    "-u ",
+    "-u\t",
+    "--user",
+) + tuple(
+    f"{w}{sep}key"
+    for w in ("access", "account", "private", "signing", "session")
+    for sep in ("", "_", "-")
+)
 
 
 def _trie_pattern(words: tuple[str, ...]) -> str:
@@ -144,7 +193,8 @@ _LONG_RUN = re.compile(r"[A-Za-z0-9_-]{24}")
 # are still scrubbed like any other value.
 NOT_SECRET_KEY = re.compile(
     r"(?:(?:max|input|output|reasoning|total|cache[ds]?|prompt|completion)[_-]?)?tokens",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def is_secret_key(key: str) -> bool:
@@ -174,7 +224,8 @@ def scrub_secrets(value: Any, _depth: int = 0) -> Any:
         return "[depth-limit]"
     if isinstance(value, dict):
         return {
-            k: SECRET_REDACTED if isinstance(k, str) and is_secret_key(k) and v not in (None, "")
+            k: SECRET_REDACTED
+            if isinstance(k, str) and is_secret_key(k) and v not in (None, "")
             else scrub_secrets(v, _depth + 1)
             for k, v in value.items()
         }

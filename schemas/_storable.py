@@ -47,8 +47,9 @@ def storable_text(text: str) -> str:
 
 
 def _reason(where: str) -> str:
-    return (f"{where or 'message'}: holds a NUL character or a lone surrogate, "
-            "which cannot be stored")
+    return (
+        f"{where or 'message'}: holds a NUL character or a lone surrogate, which cannot be stored"
+    )
 
 
 def _find(value: Any, path: str) -> str | None:

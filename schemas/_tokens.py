@@ -29,8 +29,7 @@ class InvalidTokenError(ValueError):
 def check_token(value: str, what: str = "id") -> str:
     if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise InvalidTokenError(
-            f"{what} {value!r} is not a valid subject token "
-            "(1-128 characters from A-Z a-z 0-9 _ -)"
+            f"{what} {value!r} is not a valid subject token (1-128 characters from A-Z a-z 0-9 _ -)"
         )
     return value
 

@@ -22,5 +22,10 @@ def product_version() -> str:
         return "0.0.0"
 
 
-__all__ = ["BUS_PROTOCOL", "EVENT_CONTRACT", "PROJECTION_CONTRACT", "CHECKPOINT_SCHEMA",
-           "product_version"]
+__all__ = [
+    "BUS_PROTOCOL",
+    "EVENT_CONTRACT",
+    "PROJECTION_CONTRACT",
+    "CHECKPOINT_SCHEMA",
+    "product_version",
+]

@@ -229,27 +229,61 @@ class ChannelRole(_Str):
 # --- what each registration kind may do (product contract, "Gateway registration") ---
 # Credential scopes derived from the kind; an admin may narrow them, never widen.
 SCOPES_BY_KIND: dict[str, frozenset[str]] = {
-    GatewayKind.EXTERNAL_WORKSPACE: frozenset({
-        CredentialScope.HEARTBEAT, CredentialScope.CAPABILITIES, CredentialScope.METADATA_SYNC}),
-    GatewayKind.EDGE_WORKER: frozenset({
-        CredentialScope.HEARTBEAT, CredentialScope.CAPABILITIES, CredentialScope.EDGE_CLAIM,
-        CredentialScope.EDGE_LEASE_RENEW, CredentialScope.EDGE_WRITE_FENCED_OUTPUT}),
+    GatewayKind.EXTERNAL_WORKSPACE: frozenset(
+        {CredentialScope.HEARTBEAT, CredentialScope.CAPABILITIES, CredentialScope.METADATA_SYNC}
+    ),
+    GatewayKind.EDGE_WORKER: frozenset(
+        {
+            CredentialScope.HEARTBEAT,
+            CredentialScope.CAPABILITIES,
+            CredentialScope.EDGE_CLAIM,
+            CredentialScope.EDGE_LEASE_RENEW,
+            CredentialScope.EDGE_WRITE_FENCED_OUTPUT,
+        }
+    ),
     GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER: frozenset(CredentialScope),
 }
-EDGE_SCOPES = frozenset({CredentialScope.EDGE_CLAIM, CredentialScope.EDGE_LEASE_RENEW,
-                         CredentialScope.EDGE_WRITE_FENCED_OUTPUT})
-EXTERNAL_SYNC_SCOPES = frozenset({
-    SyncScope.HEALTH, SyncScope.CAPABILITIES, SyncScope.REDACTED_SESSION_METADATA,
-    SyncScope.REDACTED_PROJECTION_SNAPSHOT, SyncScope.WORKFLOW_STATUS,
-    SyncScope.ARTIFACT_METADATA, SyncScope.AUDIT_SUMMARY, SyncScope.EVENT_CURSOR})
+EDGE_SCOPES = frozenset(
+    {
+        CredentialScope.EDGE_CLAIM,
+        CredentialScope.EDGE_LEASE_RENEW,
+        CredentialScope.EDGE_WRITE_FENCED_OUTPUT,
+    }
+)
+EXTERNAL_SYNC_SCOPES = frozenset(
+    {
+        SyncScope.HEALTH,
+        SyncScope.CAPABILITIES,
+        SyncScope.REDACTED_SESSION_METADATA,
+        SyncScope.REDACTED_PROJECTION_SNAPSHOT,
+        SyncScope.WORKFLOW_STATUS,
+        SyncScope.ARTIFACT_METADATA,
+        SyncScope.AUDIT_SUMMARY,
+        SyncScope.EVENT_CURSOR,
+    }
+)
 # Cloud-owned work output: only ever written under a lease (work.output), never synced.
-EDGE_SYNC_SCOPES = frozenset({
-    SyncScope.CLOUD_WORK_EVENTS, SyncScope.CLOUD_WORK_PROJECTION,
-    SyncScope.CLOUD_WORK_ARTIFACT_METADATA, SyncScope.CLOUD_WORK_CHECKPOINT_METADATA})
-FORBIDDEN_SYNC_SCOPES = frozenset({
-    "raw_gateway_database", "raw_opencode_runtime_home", "raw_local_paths",
-    "raw_provider_keys", "raw_mcp_secrets", "raw_channel_secrets", "gateway_private_files",
-    "cloud_byok_plaintext", "unfenced_event_writes"})
+EDGE_SYNC_SCOPES = frozenset(
+    {
+        SyncScope.CLOUD_WORK_EVENTS,
+        SyncScope.CLOUD_WORK_PROJECTION,
+        SyncScope.CLOUD_WORK_ARTIFACT_METADATA,
+        SyncScope.CLOUD_WORK_CHECKPOINT_METADATA,
+    }
+)
+FORBIDDEN_SYNC_SCOPES = frozenset(
+    {
+        "raw_gateway_database",
+        "raw_opencode_runtime_home",
+        "raw_local_paths",
+        "raw_provider_keys",
+        "raw_mcp_secrets",
+        "raw_channel_secrets",
+        "gateway_private_files",
+        "cloud_byok_plaintext",
+        "unfenced_event_writes",
+    }
+)
 SYNC_SCOPES_BY_KIND: dict[str, frozenset[str]] = {
     GatewayKind.EXTERNAL_WORKSPACE: EXTERNAL_SYNC_SCOPES,
     GatewayKind.EDGE_WORKER: EDGE_SYNC_SCOPES,
@@ -258,10 +292,18 @@ SYNC_SCOPES_BY_KIND: dict[str, frozenset[str]] = {
 # Edge work is refused under this trust model (metadata only).
 EDGE_WORK_REFUSED_TRUST = frozenset({TrustModel.CUSTOMER_HOSTED_MANAGED_SAAS_DEFERRED})
 
-_CONSTANTS = ["SCOPES_BY_KIND", "EDGE_SCOPES", "EXTERNAL_SYNC_SCOPES", "EDGE_SYNC_SCOPES",
-              "FORBIDDEN_SYNC_SCOPES", "SYNC_SCOPES_BY_KIND", "EDGE_WORK_REFUSED_TRUST"]
+_CONSTANTS = [
+    "SCOPES_BY_KIND",
+    "EDGE_SCOPES",
+    "EXTERNAL_SYNC_SCOPES",
+    "EDGE_SYNC_SCOPES",
+    "FORBIDDEN_SYNC_SCOPES",
+    "SYNC_SCOPES_BY_KIND",
+    "EDGE_WORK_REFUSED_TRUST",
+]
 
 __all__ = _CONSTANTS + sorted(
-    name for name, value in list(globals().items())
+    name
+    for name, value in list(globals().items())
     if isinstance(value, type) and issubclass(value, _Str) and value is not _Str
 )

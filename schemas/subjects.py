@@ -15,9 +15,9 @@ gateway registration) live under `cw.bootstrap`, which no tenant may be named.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterator
 
 from ._tokens import RESERVED_TENANTS, InvalidTokenError, check_tenant, check_token
 
@@ -116,131 +116,266 @@ def _validate(name: str, value: str, error: type[Exception]) -> str:
         raise error(str(exc)) from None
 
 
-def _f(name: str, template: str, message: str, publisher: str, consumer: str,
-       delivery: Delivery, summary: str, *, stream: str | None = None,
-       reply: str | None = None) -> SubjectFamily:
-    return SubjectFamily(name=name, template=template, message=message, publisher=publisher,
-                         consumer=consumer, delivery=delivery, summary=summary,
-                         stream=stream, reply=reply)
+def _f(
+    name: str,
+    template: str,
+    message: str,
+    publisher: str,
+    consumer: str,
+    delivery: Delivery,
+    summary: str,
+    *,
+    stream: str | None = None,
+    reply: str | None = None,
+) -> SubjectFamily:
+    return SubjectFamily(
+        name=name,
+        template=template,
+        message=message,
+        publisher=publisher,
+        consumer=consumer,
+        delivery=delivery,
+        summary=summary,
+        stream=stream,
+        reply=reply,
+    )
 
 
 J, C, R = Delivery.JETSTREAM, Delivery.CORE, Delivery.REQUEST
 
 # --- pairing and credentials ------------------------------------------------
 PAIRING_REDEEM = _f(
-    "pairing.redeem", "cw.bootstrap.pairing.redeem", "pairing.redeem.request",
-    "desktop (bootstrap)", "hub", R,
+    "pairing.redeem",
+    "cw.bootstrap.pairing.redeem",
+    "pairing.redeem.request",
+    "desktop (bootstrap)",
+    "hub",
+    R,
     "A Desktop redeems a one-time pairing code with the public key of its own nkey.",
-    reply="bootstrap.sealed_reply")
+    reply="bootstrap.sealed_reply",
+)
 PAIRING_REVOKE = _f(
-    "pairing.revoke", "cw.{tenant}.pairing.{pairing_id}.revoke", "pairing.revoke.notice",
-    "desktop", "hub", R,
+    "pairing.revoke",
+    "cw.{tenant}.pairing.{pairing_id}.revoke",
+    "pairing.revoke.notice",
+    "desktop",
+    "hub",
+    R,
     "A Desktop reports that it revoked its pairing locally (revocation is local-first).",
-    reply="ack.reply")
+    reply="ack.reply",
+)
 CREDENTIAL_REFRESH = _f(
-    "auth.refresh", "cw.{tenant}.auth.{principal_kind}.{principal_id}.refresh",
-    "auth.refresh.request", "desktop, gateway, channel", "hub", R,
+    "auth.refresh",
+    "cw.{tenant}.auth.{principal_kind}.{principal_id}.refresh",
+    "auth.refresh.request",
+    "desktop, gateway, channel",
+    "hub",
+    R,
     "An edge asks for a fresh user JWT for the same public key before its JWT expires.",
-    reply="auth.refresh.reply")
+    reply="auth.refresh.reply",
+)
 
 # --- device commands and events --------------------------------------------
 DEVICE_COMMAND = _f(
-    "device.command", "cw.{tenant}.device.{device_id}.cmd", "device.command",
-    "hub", "desktop", C,
+    "device.command",
+    "cw.{tenant}.device.{device_id}.cmd",
+    "device.command",
+    "hub",
+    "desktop",
+    C,
     "A command with its lease, or the pairing's state, pushed to one paired Desktop. "
     "PostgreSQL keeps each command until it is acknowledged and re-pushes it, in order, "
-    "when the Desktop comes back or a lease expires.")
+    "when the Desktop comes back or a lease expires.",
+)
 DEVICE_COMMAND_ACK = _f(
-    "device.command_ack", "cw.{tenant}.device.{device_id}.ack", "device.command_ack",
-    "desktop", "hub", R,
+    "device.command_ack",
+    "cw.{tenant}.device.{device_id}.ack",
+    "device.command_ack",
+    "desktop",
+    "hub",
+    R,
     "A Desktop acknowledges, completes or fails a command with its lease token.",
-    reply="ack.reply")
+    reply="ack.reply",
+)
 DEVICE_EVENT = _f(
-    "device.event", "cw.{tenant}.device.{device_id}.evt.{event_kind}", "device.event",
-    "desktop", "hub", J,
+    "device.event",
+    "cw.{tenant}.device.{device_id}.evt.{event_kind}",
+    "device.event",
+    "desktop",
+    "hub",
+    J,
     "Redacted runtime events leaving a Desktop (session, command and status events).",
-    stream="CW_DEVICE_EVENTS")
+    stream="CW_DEVICE_EVENTS",
+)
 
 # --- presence ----------------------------------------------------------------
 PRESENCE = _f(
-    "presence", "cw.{tenant}.presence.{principal_kind}.{principal_id}", "presence.heartbeat",
-    "desktop, gateway, channel", "hub", C,
-    "Liveness heartbeats; a principal is offline after two missed intervals.")
+    "presence",
+    "cw.{tenant}.presence.{principal_kind}.{principal_id}",
+    "presence.heartbeat",
+    "desktop, gateway, channel",
+    "hub",
+    C,
+    "Liveness heartbeats; a principal is offline after two missed intervals.",
+)
 
 # --- gateway registration ------------------------------------------------------
 GATEWAY_REGISTER = _f(
-    "gateway.register", "cw.bootstrap.gateway.register", "gateway.register.request",
-    "gateway (bootstrap)", "hub", R,
+    "gateway.register",
+    "cw.bootstrap.gateway.register",
+    "gateway.register.request",
+    "gateway (bootstrap)",
+    "hub",
+    R,
     "A Gateway exchanges its registration credential for NATS credentials for its nkey.",
-    reply="bootstrap.sealed_reply")
+    reply="bootstrap.sealed_reply",
+)
 GATEWAY_HEARTBEAT = _f(
-    "gateway.heartbeat", "cw.{tenant}.gateway.{registration_id}.heartbeat",
-    "gateway.heartbeat", "gateway", "hub", R,
+    "gateway.heartbeat",
+    "cw.{tenant}.gateway.{registration_id}.heartbeat",
+    "gateway.heartbeat",
+    "gateway",
+    "hub",
+    R,
     "Gateway liveness, mode, health, load and versions; the reply may pause it.",
-    reply="gateway.heartbeat.reply")
+    reply="gateway.heartbeat.reply",
+)
 GATEWAY_CAPABILITIES = _f(
-    "gateway.capabilities", "cw.{tenant}.gateway.{registration_id}.capabilities",
-    "gateway.capabilities", "gateway", "hub", R,
-    "A Gateway advertises what it can run.", reply="ack.reply")
+    "gateway.capabilities",
+    "cw.{tenant}.gateway.{registration_id}.capabilities",
+    "gateway.capabilities",
+    "gateway",
+    "hub",
+    R,
+    "A Gateway advertises what it can run.",
+    reply="ack.reply",
+)
 GATEWAY_SYNC = _f(
-    "gateway.sync", "cw.{tenant}.gateway.{registration_id}.sync.{scope}", "gateway.sync",
-    "gateway", "hub", R,
-    "External-workspace metadata within an allowed sync scope.", reply="ack.reply")
+    "gateway.sync",
+    "cw.{tenant}.gateway.{registration_id}.sync.{scope}",
+    "gateway.sync",
+    "gateway",
+    "hub",
+    R,
+    "External-workspace metadata within an allowed sync scope.",
+    reply="ack.reply",
+)
 
 # --- Cloud-owned edge work -----------------------------------------------------
 WORK_OFFER = _f(
-    "work.offer", "cw.{tenant}.work.offers.{work_kind}", "work.offer",
-    "hub", "gateway", C,
-    "A nudge that claimable work exists; workers then claim through the hub.")
+    "work.offer",
+    "cw.{tenant}.work.offers.{work_kind}",
+    "work.offer",
+    "hub",
+    "gateway",
+    C,
+    "A nudge that claimable work exists; workers then claim through the hub.",
+)
 WORK_CLAIM = _f(
-    "work.claim", "cw.{tenant}.work.lease.{registration_id}.claim", "work.claim.request",
-    "gateway", "hub", R, "A worker claims one work item and receives a lease.",
-    reply="work.claim.reply")
+    "work.claim",
+    "cw.{tenant}.work.lease.{registration_id}.claim",
+    "work.claim.request",
+    "gateway",
+    "hub",
+    R,
+    "A worker claims one work item and receives a lease.",
+    reply="work.claim.reply",
+)
 WORK_RENEW = _f(
-    "work.renew", "cw.{tenant}.work.lease.{registration_id}.renew", "work.renew",
-    "gateway", "hub", R, "A worker renews its lease while OpenCode runs.",
-    reply="work.renew.reply")
+    "work.renew",
+    "cw.{tenant}.work.lease.{registration_id}.renew",
+    "work.renew",
+    "gateway",
+    "hub",
+    R,
+    "A worker renews its lease while OpenCode runs.",
+    reply="work.renew.reply",
+)
 WORK_OUTPUT = _f(
-    "work.output", "cw.{tenant}.work.lease.{registration_id}.output", "work.output",
-    "gateway", "hub", R,
+    "work.output",
+    "cw.{tenant}.work.lease.{registration_id}.output",
+    "work.output",
+    "gateway",
+    "hub",
+    R,
     "A lease-fenced write: an event, a status or the result of Cloud-owned work.",
-    reply="ack.reply")
+    reply="ack.reply",
+)
 
 # --- workspace live tail ------------------------------------------------------
 WORKSPACE_EVENT = _f(
-    "workspace.event", "cw.{tenant}.ws.{workspace_id}.evt", "workspace.event",
-    "hub", "viewer", C,
-    "Projected workspace events with their gapless sequence, for live viewers.")
+    "workspace.event",
+    "cw.{tenant}.ws.{workspace_id}.evt",
+    "workspace.event",
+    "hub",
+    "viewer",
+    C,
+    "Projected workspace events with their gapless sequence, for live viewers.",
+)
 
 # --- channels --------------------------------------------------------------------
 CHANNEL_INBOUND = _f(
-    "channel.inbound", "cw.{tenant}.chan.{instance_id}.in.{workspace_id}", "channel.inbound",
-    "channel", "hub", J,
+    "channel.inbound",
+    "cw.{tenant}.chan.{instance_id}.in.{workspace_id}",
+    "channel.inbound",
+    "channel",
+    "hub",
+    J,
     "A normalised inbound chat message for the instance's bound workspace.",
-    stream="CW_CHANNEL_INBOUND")
+    stream="CW_CHANNEL_INBOUND",
+)
 CHANNEL_OUTBOUND = _f(
-    "channel.outbound", "cw.{tenant}.chan.{instance_id}.out", "channel.outbound",
-    "hub", "channel", J, "A delivery for a channel instance to send to its platform.",
-    stream="CW_CHANNEL_OUTBOUND")
+    "channel.outbound",
+    "cw.{tenant}.chan.{instance_id}.out",
+    "channel.outbound",
+    "hub",
+    "channel",
+    J,
+    "A delivery for a channel instance to send to its platform.",
+    stream="CW_CHANNEL_OUTBOUND",
+)
 CHANNEL_RECEIPT = _f(
-    "channel.receipt", "cw.{tenant}.chan.{instance_id}.receipt", "channel.receipt",
-    "channel", "hub", J, "The outcome of a delivery (sent, retried, dead-lettered).",
-    stream="CW_CHANNEL_RECEIPTS")
+    "channel.receipt",
+    "cw.{tenant}.chan.{instance_id}.receipt",
+    "channel.receipt",
+    "channel",
+    "hub",
+    J,
+    "The outcome of a delivery (sent, retried, dead-lettered).",
+    stream="CW_CHANNEL_RECEIPTS",
+)
 
 # --- audit and dead letters -------------------------------------------------------
 AUDIT = _f(
-    "audit", "cw.{tenant}.audit.{principal_kind}.{principal_id}", "audit.record",
-    "every principal", "hub", J,
+    "audit",
+    "cw.{tenant}.audit.{principal_kind}.{principal_id}",
+    "audit.record",
+    "every principal",
+    "hub",
+    J,
     "Audit records from edges; the hub appends them to the audit log.",
-    stream="CW_AUDIT")
+    stream="CW_AUDIT",
+)
 DEAD_LETTER = _f(
-    "deadletter", "cw.{tenant}.dlq.{origin}", "deadletter", "hub, channel", "operator", J,
+    "deadletter",
+    "cw.{tenant}.dlq.{origin}",
+    "deadletter",
+    "hub, channel",
+    "operator",
+    J,
     "A rejected or undeliverable message with the reason it was set aside.",
-    stream="CW_DEADLETTER")
+    stream="CW_DEADLETTER",
+)
 SYSTEM_DEAD_LETTER = _f(
-    "deadletter.system", "cw.system.dlq.{origin}", "deadletter", "hub", "operator", J,
+    "deadletter.system",
+    "cw.system.dlq.{origin}",
+    "deadletter",
+    "hub",
+    "operator",
+    J,
     "A rejected message whose tenant could not be determined.",
-    stream="CW_DEADLETTER")
+    stream="CW_DEADLETTER",
+)
 
 FAMILIES: tuple[SubjectFamily, ...] = tuple(
     value for value in globals().values() if isinstance(value, SubjectFamily)
@@ -291,7 +426,7 @@ def covers(pattern: str, subject: str) -> bool:
 def overlapping_pairs() -> Iterator[tuple[SubjectFamily, SubjectFamily]]:
     """Pairs of families that some concrete subject could match both of."""
     for i, a in enumerate(FAMILIES):
-        for b in FAMILIES[i + 1:]:
+        for b in FAMILIES[i + 1 :]:
             if len(a.tokens) == len(b.tokens) and all(
                 _tokens_may_meet(x, y) for x, y in zip(a.tokens, b.tokens)
             ):
@@ -320,12 +455,19 @@ def inbox_prefix(tenant: str, principal_kind: str, principal_id: str) -> str:
     subscribe there, so no one can read another principal's replies.
     """
     tenant = _validate("tenant", tenant, SubjectError)
-    return "_INBOX." + ".".join([tenant, _validate("principal_kind", principal_kind, SubjectError),
-                                 _validate("principal_id", principal_id, SubjectError)])
+    return "_INBOX." + ".".join(
+        [
+            tenant,
+            _validate("principal_kind", principal_kind, SubjectError),
+            _validate("principal_id", principal_id, SubjectError),
+        ]
+    )
 
 
 def edge_consumer(principal_kind: str, principal_id: str) -> str:
     """The durable JetStream consumer an edge pulls its stored work from."""
-    name = f"{_validate('principal_kind', principal_kind, SubjectError)}-" \
-           f"{_validate('principal_id', principal_id, SubjectError)}"
+    name = (
+        f"{_validate('principal_kind', principal_kind, SubjectError)}-"
+        f"{_validate('principal_id', principal_id, SubjectError)}"
+    )
     return name

@@ -171,8 +171,9 @@ def bus_keys(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-async def operator_nats_server(tmp_path_factory: pytest.TempPathFactory,
-                               bus_keys) -> AsyncIterator[NatsServer]:
+async def operator_nats_server(
+    tmp_path_factory: pytest.TempPathFactory, bus_keys
+) -> AsyncIterator[NatsServer]:
     """A JetStream nats-server in operator (JWT) mode: every connection authenticated."""
     from hubkit import operator_nats
 
@@ -196,8 +197,9 @@ async def hub(operator_nats_url, database_url_module, bus_keys, hub_options):
     """A hub in operator mode on the session's NATS, one per test module."""
     from hubkit import running_hub
 
-    async with running_hub(operator_nats_url, database_url_module, keys=bus_keys,
-                           **hub_options) as running:
+    async with running_hub(
+        operator_nats_url, database_url_module, keys=bus_keys, **hub_options
+    ) as running:
         yield running
 
 

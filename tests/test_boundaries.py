@@ -7,8 +7,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"schemas", "hub", "edges", "channels"}
-IO_LIBRARIES = {"nats", "asyncpg", "aiohttp", "httpx", "socket", "subprocess", "faststream",
-                "psycopg", "requests", "urllib", "http"}
+IO_LIBRARIES = {
+    "nats",
+    "asyncpg",
+    "aiohttp",
+    "httpx",
+    "socket",
+    "subprocess",
+    "faststream",
+    "psycopg",
+    "requests",
+    "urllib",
+    "http",
+}
 
 
 def imports_of(package: str) -> list[tuple[str, str]]:
@@ -33,8 +44,11 @@ def top(name: str) -> str:
 
 
 def test_schemas_imports_nothing_of_ours_and_does_no_io():
-    bad = [(f, m) for f, m in imports_of("schemas")
-           if (top(m) in OURS and top(m) != "schemas") or top(m) in IO_LIBRARIES]
+    bad = [
+        (f, m)
+        for f, m in imports_of("schemas")
+        if (top(m) in OURS and top(m) != "schemas") or top(m) in IO_LIBRARIES
+    ]
     assert bad == []
 
 
@@ -43,9 +57,12 @@ def test_edges_and_channels_never_import_hub_or_the_database(package):
     """edges/local supervises a local PostgreSQL *server* (for `cowork up` and the
     appliance) and connects only to see it ready; no agent or channel code
     touches a database."""
-    bad = [(f, m) for f, m in imports_of(package)
-           if top(m) == "hub" or (top(m) in {"asyncpg", "psycopg"}
-                                  and not f.startswith("edges/local/"))]
+    bad = [
+        (f, m)
+        for f, m in imports_of(package)
+        if top(m) == "hub"
+        or (top(m) in {"asyncpg", "psycopg"} and not f.startswith("edges/local/"))
+    ]
     assert bad == []
 
 
@@ -57,8 +74,9 @@ def test_channels_never_import_edges():
 def test_hub_imports_edges_only_in_the_cli():
     """The `cowork` command (hub/cli) composes the edge commands; the Cloud service never
     imports edge code."""
-    bad = [(f, m) for f, m in imports_of("hub")
-           if top(m) == "edges" and not f.startswith("hub/cli/")]
+    bad = [
+        (f, m) for f, m in imports_of("hub") if top(m) == "edges" and not f.startswith("hub/cli/")
+    ]
     assert bad == []
 
 
@@ -86,8 +104,9 @@ def test_only_one_module_talks_to_opencode():
     clients = ("httpx", "aiohttp", "requests", "urllib.request", "http.client")
     # Channel providers call chat platforms' APIs over HTTP, never OpenCode: they
     # may not import edges (above) nor spell an OpenCode route (below).
-    http_users = {f for f, m in imports_of("edges")
-                  if any(m == c or m.startswith(c + ".") for c in clients)}
+    http_users = {
+        f for f, m in imports_of("edges") if any(m == c or m.startswith(c + ".") for c in clients)
+    }
     # The leaf node module asks its own nats-server's monitoring port (/leafz).
     assert http_users <= {"edges/common/_opencode.py", "edges/gateway/_leaf.py"}
     assert "edges/common/_opencode.py" in http_users, "the scanner must see the client's own import"
@@ -96,7 +115,10 @@ def test_only_one_module_talks_to_opencode():
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = str(path.relative_to(ROOT))
             for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                        and node.value.startswith(OPENCODE_ROUTES)):
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and node.value.startswith(OPENCODE_ROUTES)
+                ):
                     spelled.add(rel)
     assert spelled == {"edges/common/_opencode.py"}

@@ -222,9 +222,7 @@ def deploy_single_node(tmp_path_factory):
     try:
         servers.append(_Server("single", SINGLE_NODE_CONF, env, workdir))
         with httpx.Client(timeout=2.0) as c:
-            _wait_until(
-                lambda: _healthy(c, servers[0]), START_TIMEOUT, "/healthz", servers
-            )
+            _wait_until(lambda: _healthy(c, servers[0]), START_TIMEOUT, "/healthz", servers)
         yield servers[0]
     finally:
         _stop_all(servers)
@@ -274,9 +272,7 @@ async def test_cluster_routes_to_both_peers(deploy_cluster):
 
 
 async def _jsz_stream(http: httpx.AsyncClient, s: _Server, name: str) -> dict | None:
-    jsz = (
-        await http.get(f"{s.http}/jsz", params={"accounts": "true", "streams": "true"})
-    ).json()
+    jsz = (await http.get(f"{s.http}/jsz", params={"accounts": "true", "streams": "true"})).json()
     for acc in jsz.get("account_details") or []:
         for st in acc.get("stream_detail") or []:
             if st["name"] == name:
@@ -292,9 +288,7 @@ async def test_cluster_replicated_stream(deploy_cluster):
     try:
         for s in deploy_cluster:
             conns.append(
-                await nats.connect(
-                    s.url, connect_timeout=2, max_reconnect_attempts=0, name=s.name
-                )
+                await nats.connect(s.url, connect_timeout=2, max_reconnect_attempts=0, name=s.name)
             )
         js1, js2, js3 = (nc.jetstream(timeout=5) for nc in conns)
 
@@ -302,9 +296,7 @@ async def test_cluster_replicated_stream(deploy_cluster):
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                info = await js1.add_stream(
-                    name=stream, subjects=[subject], num_replicas=3
-                )
+                info = await js1.add_stream(name=stream, subjects=[subject], num_replicas=3)
                 break
             except (
                 nats.errors.TimeoutError,
@@ -328,8 +320,11 @@ async def test_cluster_replicated_stream(deploy_cluster):
                     await asyncio.sleep(0.1)
                     continue
                 cl = si.cluster
-                if cl and cl.leader and len(cl.replicas or []) == 2 and all(
-                    r.current for r in cl.replicas
+                if (
+                    cl
+                    and cl.leader
+                    and len(cl.replicas or []) == 2
+                    and all(r.current for r in cl.replicas)
                 ):
                     break
                 assert time.monotonic() < deadline, f"{s.name}: {cl}"
@@ -347,11 +342,15 @@ async def test_cluster_replicated_stream(deploy_cluster):
         while True:
             try:
                 # A message id makes a retried publish a no-op if the first one landed.
-                ack = await js2.publish(subject, b"hello from node 2",
-                                        headers={"Nats-Msg-Id": "deploy-1"})
+                ack = await js2.publish(
+                    subject, b"hello from node 2", headers={"Nats-Msg-Id": "deploy-1"}
+                )
                 break
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.js.errors.APIError):
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.APIError,
+            ):
                 assert time.monotonic() < deadline, "publish through node 2 never succeeded"
                 await asyncio.sleep(0.1)
         assert ack.stream == stream and ack.seq == 1
@@ -428,14 +427,10 @@ def test_cluster_configs_require_only_documented_env_vars():
     files = [SINGLE_NODE_CONF, CLUSTER_DIR / "common.conf"]
     for f in files:
         text = f.read_text()
-        code = "\n".join(
-            line.split("#", 1)[0] for line in text.splitlines()
-        )
+        code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
         used = set(re.findall(r"\$([A-Z][A-Z0-9_]*)", code))
         assert used, f
-        header = "\n".join(
-            line for line in text.splitlines() if line.lstrip().startswith("#")
-        )
+        header = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
         for var in used:
             assert var in header, f"{f.name}: ${var} not documented"
     for i in (1, 2, 3):
@@ -538,9 +533,7 @@ def test_dockerfile():
     found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = [pattern.rstrip("*") for pattern in found]
     copies = [
-        i.split()[1:-1]
-        for i in instrs
-        if i.upper().startswith("COPY ") and "--from" not in i
+        i.split()[1:-1] for i in instrs if i.upper().startswith("COPY ") and "--from" not in i
     ]
     sources = [src for c in copies for src in c]
     for pkg in packages:

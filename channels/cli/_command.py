@@ -25,13 +25,24 @@ from typing import Any
 import nats
 from nats.js.errors import NotFoundError
 
-from schemas import (ChannelOutbound, ChannelReceipt, ContractError, DeliveryStatus, Envelope,
-                     Source, decode, parse_creds, subjects)
-from schemas import InvalidTokenError, check_tenant, check_token
+from schemas import (
+    ChannelOutbound,
+    ChannelReceipt,
+    ContractError,
+    DeliveryStatus,
+    Envelope,
+    InvalidTokenError,
+    Source,
+    check_tenant,
+    check_token,
+    decode,
+    parse_creds,
+    subjects,
+)
 
+from .._provider import ChannelError, DeliveryFailed, InstanceConfig, WebhookRequest
 from ..providers import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
 from ._login import add_login_command
-from .._provider import ChannelError, DeliveryFailed, InstanceConfig, WebhookRequest
 
 EXIT_USAGE, EXIT_CREDS, EXIT_CONNECT, EXIT_QUEUE = 2, 3, 4, 5
 MAX_ATTEMPTS = 5
@@ -59,32 +70,55 @@ def _token(kind: str):
             return check_tenant(text) if kind == "tenant" else check_token(text, kind)
         except InvalidTokenError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     return check
 
 
 def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
     """Add `channel cli` and `channel login` to the `cowork` parser (args.channel_handler runs it)."""
     channel = commands.add_parser("channel", help="channel instances run from this machine")
-    sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND",
-                                 required=True)
-    cli = sub.add_parser("cli", help="chat with a workspace from this terminal",
-                         description=DESCRIPTION,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("instance", metavar="INSTANCE", type=_token("instance_id"),
-                     help="the channel instance id (kind cli), e.g. cli-ada")
-    cli.add_argument("--nats", required=True, metavar="URL",
-                     help="the hub's NATS URL(s), comma separated, e.g. nats://hub:4222")
-    cli.add_argument("--creds", required=True, type=Path, metavar="FILE",
-                     help="the instance's NATS .creds file")
+    sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND", required=True)
+    cli = sub.add_parser(
+        "cli",
+        help="chat with a workspace from this terminal",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli.add_argument(
+        "instance",
+        metavar="INSTANCE",
+        type=_token("instance_id"),
+        help="the channel instance id (kind cli), e.g. cli-ada",
+    )
+    cli.add_argument(
+        "--nats",
+        required=True,
+        metavar="URL",
+        help="the hub's NATS URL(s), comma separated, e.g. nats://hub:4222",
+    )
+    cli.add_argument(
+        "--creds", required=True, type=Path, metavar="FILE", help="the instance's NATS .creds file"
+    )
     cli.add_argument("--tenant", required=True, type=_token("tenant"), help="the tenant id")
-    cli.add_argument("--workspace", type=_token("workspace_id"),
-                     help="the workspace the instance is bound to (default: the one the "
-                          "credential is bound to)")
+    cli.add_argument(
+        "--workspace",
+        type=_token("workspace_id"),
+        help="the workspace the instance is bound to (default: the one the credential is bound to)",
+    )
     cli.add_argument("--user", help="who you are in the chat (default: your login name)")
-    cli.add_argument("--format", choices=["text", "json"], default="text",
-                     help="how deliveries are printed (default: %(default)s)")
-    cli.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
-                     help="after stdin ends, keep printing answers this long (default: 0)")
+    cli.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="how deliveries are printed (default: %(default)s)",
+    )
+    cli.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after stdin ends, keep printing answers this long (default: 0)",
+    )
     cli.set_defaults(channel_handler=run_channel_command)
     add_login_command(sub, _token)
     return channel
@@ -113,7 +147,7 @@ def bound_workspace(user_jwt: str, tenant: str, instance: str) -> str | None:
     except (IndexError, ValueError, KeyError, TypeError):
         return None
     prefix = f"cw.{tenant}.chan.{instance}.in."
-    found = {s[len(prefix):] for s in allowed if isinstance(s, str) and s.startswith(prefix)}
+    found = {s[len(prefix) :] for s in allowed if isinstance(s, str) and s.startswith(prefix)}
     return found.pop() if len(found) == 1 else None
 
 
@@ -123,10 +157,13 @@ class ChannelCli:
         self.instance, self.tenant = args.instance, args.tenant
         self.workspace = self._workspace(args)
         self.config = InstanceConfig(
-            tenant=self.tenant, instance_id=self.instance, kind="cli",
+            tenant=self.tenant,
+            instance_id=self.instance,
+            kind="cli",
             workspace_id=self.workspace,
             settings=CliSettings(user=args.user or None, output_format=args.format),
-            secrets=CliSecrets())
+            secrets=CliSecrets(),
+        )
         self.provider = CliProvider(self.config, None, output=sys.stdout)
         self.source = Source(principal_kind="channel", principal_id=self.instance)
         self.sent: set[str] = set()  # delivery ids printed by this process
@@ -142,10 +179,15 @@ class ChannelCli:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop.set)
-            print(f"cowork: {self.instance} -> workspace {self.workspace}; type a message "
-                  "(Ctrl-D ends input, Ctrl-C quits)", file=sys.stderr)
-            tasks = [asyncio.create_task(self._read(js)),
-                     asyncio.create_task(self._print(js, pull))]
+            print(
+                f"cowork: {self.instance} -> workspace {self.workspace}; type a message "
+                "(Ctrl-D ends input, Ctrl-C quits)",
+                file=sys.stderr,
+            )
+            tasks = [
+                asyncio.create_task(self._read(js)),
+                asyncio.create_task(self._print(js, pull)),
+            ]
             await self.stop.wait()
             for task in tasks:
                 task.cancel()
@@ -169,16 +211,20 @@ class ChannelCli:
         try:
             await js.consumer_info(stream, durable, timeout=5)
         except NotFoundError:
-            raise CommandFailed(f"the hub has no delivery queue for instance {self.instance!r} "
-                                f"(is it a cli instance of tenant {self.tenant!r}?)",
-                                EXIT_QUEUE) from None
+            raise CommandFailed(
+                f"the hub has no delivery queue for instance {self.instance!r} "
+                f"(is it a cli instance of tenant {self.tenant!r}?)",
+                EXIT_QUEUE,
+            ) from None
         except Exception as exc:  # noqa: BLE001 - a refused or unanswered request
             # A credential of another instance may not use this instance's reply inbox
             # or queue: the server refuses it and the request times out.
             denied = any("permissions violation" in e.lower() for e in self.errors)
-            reason = (f"this credential is not for instance {self.instance!r} of tenant "
-                      f"{self.tenant!r}" if denied else
-                      f"no answer from JetStream ({type(exc).__name__})")
+            reason = (
+                f"this credential is not for instance {self.instance!r} of tenant {self.tenant!r}"
+                if denied
+                else f"no answer from JetStream ({type(exc).__name__})"
+            )
             raise CommandFailed(f"cannot open the delivery queue: {reason}", EXIT_QUEUE) from None
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
@@ -188,23 +234,30 @@ class ChannelCli:
         user_jwt, _ = parse_creds(args.creds.read_text())
         bound = bound_workspace(user_jwt, args.tenant, args.instance)
         if args.workspace and bound and args.workspace != bound:
-            raise CommandFailed(f"this credential is bound to workspace {bound!r}, not "
-                                f"{args.workspace!r}; leave --workspace out", EXIT_CREDS)
+            raise CommandFailed(
+                f"this credential is bound to workspace {bound!r}, not "
+                f"{args.workspace!r}; leave --workspace out",
+                EXIT_CREDS,
+            )
         if args.workspace or bound:
             return args.workspace or bound
-        raise CommandFailed(f"cannot tell the workspace from {args.creds} (is it for instance "
-                            f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",
-                            EXIT_CREDS)
+        raise CommandFailed(
+            f"cannot tell the workspace from {args.creds} (is it for instance "
+            f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",
+            EXIT_CREDS,
+        )
 
     def _check_creds(self) -> None:
         try:
             parse_creds(self.args.creds.read_text())
         except OSError as exc:
-            raise CommandFailed(f"cannot read {self.args.creds}: {exc.strerror}",
-                                EXIT_CREDS) from None
+            raise CommandFailed(
+                f"cannot read {self.args.creds}: {exc.strerror}", EXIT_CREDS
+            ) from None
         except (ValueError, UnicodeDecodeError):
-            raise CommandFailed(f"{self.args.creds} is not a NATS .creds file",
-                                EXIT_CREDS) from None
+            raise CommandFailed(
+                f"{self.args.creds} is not a NATS .creds file", EXIT_CREDS
+            ) from None
 
     async def _connect(self) -> Any:
         servers = [s.strip() for s in self.args.nats.split(",") if s.strip()]
@@ -216,13 +269,21 @@ class ChannelCli:
             if len(self.errors) >= len(servers):
                 failed.set()
 
-        connect = asyncio.ensure_future(nats.connect(
-            servers, user_credentials=str(self.args.creds), error_cb=on_error,
-            inbox_prefix=subjects.inbox_prefix(self.tenant, "channel", self.instance),
-            connect_timeout=5, allow_reconnect=False, name=f"cowork-channel-{self.instance}"))
+        connect = asyncio.ensure_future(
+            nats.connect(
+                servers,
+                user_credentials=str(self.args.creds),
+                error_cb=on_error,
+                inbox_prefix=subjects.inbox_prefix(self.tenant, "channel", self.instance),
+                connect_timeout=5,
+                allow_reconnect=False,
+                name=f"cowork-channel-{self.instance}",
+            )
+        )
         gave_up = asyncio.ensure_future(failed.wait())
-        await asyncio.wait({connect, gave_up}, timeout=CONNECT_SECONDS,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {connect, gave_up}, timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
         gave_up.cancel()
         if connect.done() and connect.exception() is None:
             return connect.result()
@@ -230,8 +291,9 @@ class ChannelCli:
         with contextlib.suppress(BaseException):
             await connect
         detail = self.errors[-1] if self.errors else "no answer"
-        raise CommandFailed(f"cannot connect to NATS at {', '.join(servers)}: {detail}",
-                            EXIT_CONNECT)
+        raise CommandFailed(
+            f"cannot connect to NATS at {', '.join(servers)}: {detail}", EXIT_CONNECT
+        )
 
     # --- stdin -> inbound ----------------------------------------------------------------
     async def _read(self, js: Any) -> None:
@@ -260,33 +322,44 @@ class ChannelCli:
         self.stop.set()
 
     async def _publish_line(self, js: Any, raw: bytes) -> None:
-        request = WebhookRequest(method=STDIN_METHOD, path="stdin", query={}, headers={},
-                                 body=raw, remote="local", received_at=datetime.now(UTC),
-                                 now=time.time())
+        request = WebhookRequest(
+            method=STDIN_METHOD,
+            path="stdin",
+            query={},
+            headers={},
+            body=raw,
+            remote="local",
+            received_at=datetime.now(UTC),
+            now=time.time(),
+        )
         try:
             self.provider.verify(request)
             messages = self.provider.parse(request).messages
         except ChannelError as exc:
             print(f"cowork: line not sent: {exc.message}", file=sys.stderr)
             return
-        subject = subjects.CHANNEL_INBOUND.build(tenant=self.tenant, instance_id=self.instance,
-                                                 workspace_id=self.workspace)
+        subject = subjects.CHANNEL_INBOUND.build(
+            tenant=self.tenant, instance_id=self.instance, workspace_id=self.workspace
+        )
         for message in messages:
-            envelope = Envelope.wrap(message, source=self.source, tenant=self.tenant,
-                                     workspace=self.workspace)
+            envelope = Envelope.wrap(
+                message, source=self.source, tenant=self.tenant, workspace=self.workspace
+            )
             try:
-                await js.publish(subject, envelope.encode(), headers={"Nats-Msg-Id": message.id},
-                                 timeout=5)
+                await js.publish(
+                    subject, envelope.encode(), headers={"Nats-Msg-Id": message.id}, timeout=5
+                )
             except Exception as exc:  # noqa: BLE001 - the user retypes; the process goes on
-                print(f"cowork: line not sent: {type(exc).__name__} {exc}".rstrip(),
-                      file=sys.stderr)
+                print(
+                    f"cowork: line not sent: {type(exc).__name__} {exc}".rstrip(), file=sys.stderr
+                )
 
     # --- outbound -> stdout --------------------------------------------------------------
     async def _print(self, js: Any, pull: Any) -> None:
         while True:
             try:
                 batch = await pull.fetch(8, timeout=1)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in batch:
                 await self._deliver(js, msg)
@@ -308,31 +381,64 @@ class ChannelCli:
         except DeliveryFailed as exc:
             if exc.permanent or attempts >= MAX_ATTEMPTS:
                 await msg.term()
-                await self._receipt(js, delivery, DeliveryStatus.DEAD_LETTERED, attempts,
-                                    code=exc.code, error=str(exc))
+                await self._receipt(
+                    js,
+                    delivery,
+                    DeliveryStatus.DEAD_LETTERED,
+                    attempts,
+                    code=exc.code,
+                    error=str(exc),
+                )
             else:
                 delay = exc.retry_after if exc.retry_after is not None else float(attempts)
                 await msg.nak(delay=delay)
-                await self._receipt(js, delivery, DeliveryStatus.RETRYING, attempts,
-                                    code=exc.code, error=str(exc), retry_after_seconds=delay)
+                await self._receipt(
+                    js,
+                    delivery,
+                    DeliveryStatus.RETRYING,
+                    attempts,
+                    code=exc.code,
+                    error=str(exc),
+                    retry_after_seconds=delay,
+                )
             return
         self.sent.add(delivery.delivery_id)
         await msg.ack()
         ids = [result.provider_message_id] if result.provider_message_id else []
-        await self._receipt(js, delivery, DeliveryStatus.SENT, attempts,
-                            provider_message_id=result.provider_message_id,
-                            provider_message_ids=ids)
+        await self._receipt(
+            js,
+            delivery,
+            DeliveryStatus.SENT,
+            attempts,
+            provider_message_id=result.provider_message_id,
+            provider_message_ids=ids,
+        )
 
-    async def _receipt(self, js: Any, delivery: ChannelOutbound, status: DeliveryStatus,
-                       attempts: int, **fields: Any) -> None:
-        receipt = ChannelReceipt(delivery_id=delivery.delivery_id, status=status,
-                                 target=delivery.target, attempts=attempts, **fields)
-        envelope = Envelope.wrap(receipt, source=self.source, tenant=self.tenant,
-                                 workspace=self.workspace)
+    async def _receipt(
+        self,
+        js: Any,
+        delivery: ChannelOutbound,
+        status: DeliveryStatus,
+        attempts: int,
+        **fields: Any,
+    ) -> None:
+        receipt = ChannelReceipt(
+            delivery_id=delivery.delivery_id,
+            status=status,
+            target=delivery.target,
+            attempts=attempts,
+            **fields,
+        )
+        envelope = Envelope.wrap(
+            receipt, source=self.source, tenant=self.tenant, workspace=self.workspace
+        )
         subject = subjects.CHANNEL_RECEIPT.build(tenant=self.tenant, instance_id=self.instance)
         try:
-            await js.publish(subject, envelope.encode(),
-                             headers={"Nats-Msg-Id": f"rcpt-{delivery.delivery_id}-{status.value}"
-                                                     f"-{attempts}"}, timeout=5)
+            await js.publish(
+                subject,
+                envelope.encode(),
+                headers={"Nats-Msg-Id": f"rcpt-{delivery.delivery_id}-{status.value}-{attempts}"},
+                timeout=5,
+            )
         except Exception as exc:  # noqa: BLE001 - a lost receipt must not stop the terminal
             print(f"cowork: receipt not sent: {type(exc).__name__}", file=sys.stderr)

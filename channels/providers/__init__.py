@@ -4,7 +4,7 @@ protocol, with their shared HTTP, payload and SSRF helpers.
 
 from __future__ import annotations
 
-from ._cli import CliProvider, CliSecrets, CliSettings, STDIN_METHOD
+from ._cli import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
 from ._discord import DiscordProvider
 from ._email import EmailProvider
 from ._slack import SlackProvider
@@ -12,4 +12,15 @@ from ._telegram import TelegramProvider
 from ._webhook import WebhookProvider
 from ._whatsapp import WhatsAppProvider
 
-__all__ = ['CliProvider', 'CliSecrets', 'CliSettings', 'DiscordProvider', 'EmailProvider', 'STDIN_METHOD', 'SlackProvider', 'TelegramProvider', 'WebhookProvider', 'WhatsAppProvider']
+__all__ = [
+    "CliProvider",
+    "CliSecrets",
+    "CliSettings",
+    "DiscordProvider",
+    "EmailProvider",
+    "STDIN_METHOD",
+    "SlackProvider",
+    "TelegramProvider",
+    "WebhookProvider",
+    "WhatsAppProvider",
+]

@@ -22,13 +22,28 @@ from typing import Any, ClassVar, Literal, TextIO
 import httpx
 from pydantic import Field
 
-from schemas import (ChannelEventType, ChannelInteraction, ChannelOutbound, ChannelSender,
-                     ChannelTarget, DeliveryType)
+from schemas import (
+    ChannelEventType,
+    ChannelInteraction,
+    ChannelOutbound,
+    ChannelSender,
+    ChannelTarget,
+    DeliveryType,
+)
 
+from .._provider import (
+    BadRequest,
+    ButtonLimits,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+)
 from ._payload import command_fields, contract_errors, inbound, json_object, obj, text
-from .._provider import (BadRequest, ButtonLimits, Capabilities, DeliveryFailed, InstanceConfig,
-                        ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
-                        WebhookResult)
 
 STDIN_METHOD = "STDIN"  # the method of a request built from a stdin line
 CHAT_ID = "local"
@@ -56,18 +71,32 @@ def local_user() -> str:
 class CliProvider:
     kind: ClassVar[str] = "cli"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        threads=False, edit=True,
+        threads=False,
+        edit=True,
         buttons=ButtonLimits(max_count=10, max_rows=5, max_token_bytes=256),  # shown as text
-        file_upload=False, file_download=False,
-        typing=False, reactions=False, max_text_length=8192,
-        parse_modes=frozenset({"plain", "markdown"}), max_file_bytes=0,
-        interaction_ack="none", rate_limit="none", ephemeral=False, inbound="stdin",
-        verification="local process only (stdin); every HTTP request is refused")
+        file_upload=False,
+        file_download=False,
+        typing=False,
+        reactions=False,
+        max_text_length=8192,
+        parse_modes=frozenset({"plain", "markdown"}),
+        max_file_bytes=0,
+        interaction_ack="none",
+        rate_limit="none",
+        ephemeral=False,
+        inbound="stdin",
+        verification="local process only (stdin); every HTTP request is refused",
+    )
     settings_model: ClassVar[type[ProviderSettings]] = CliSettings
     secrets_model: ClassVar[type[ProviderSettings]] = CliSecrets
 
-    def __init__(self, config: InstanceConfig, http: httpx.AsyncClient | None = None, *,
-                 output: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        config: InstanceConfig,
+        http: httpx.AsyncClient | None = None,
+        *,
+        output: TextIO | None = None,
+    ) -> None:
         self.config = config
         self.settings: CliSettings = config.settings
         self.output = output
@@ -83,8 +112,9 @@ class CliProvider:
 
     def verify(self, request: WebhookRequest) -> None:
         if request.method != STDIN_METHOD:
-            raise VerificationFailed("cli.no_webhook",
-                                     "a CLI channel instance takes no webhook requests")
+            raise VerificationFailed(
+                "cli.no_webhook", "a CLI channel instance takes no webhook requests"
+            )
 
     @contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
@@ -106,18 +136,28 @@ class CliProvider:
             interaction = ChannelInteraction(
                 id=text(pressed, "id", max_length=256) or event_id,
                 token=text(pressed, "token", required=True, max_length=2048) or "",
-                kind="button")
+                kind="button",
+            )
         elif not body.strip():
             raise BadRequest("cli.line_empty", "the line has no text")
-        event_type = (ChannelEventType.INTERACTION if interaction
-                      else ChannelEventType.MESSAGE).value
+        event_type = (
+            ChannelEventType.INTERACTION if interaction else ChannelEventType.MESSAGE
+        ).value
         message = inbound(
-            self.config, request, event_type=event_type, provider_event_id=event_id,
-            provider_message_id=event_id, **(command_fields(body) if not interaction else {}),
-            target=ChannelTarget(chat_id=CHAT_ID, is_direct=True, user_id=user,
-                                 message_id=event_id),
+            self.config,
+            request,
+            event_type=event_type,
+            provider_event_id=event_id,
+            provider_message_id=event_id,
+            **(command_fields(body) if not interaction else {}),
+            target=ChannelTarget(
+                chat_id=CHAT_ID, is_direct=True, user_id=user, message_id=event_id
+            ),
             sender=ChannelSender(provider_user_id=user, username=user),
-            text=body, raw_text=body, interaction=interaction)
+            text=body,
+            raw_text=body,
+            interaction=interaction,
+        )
         return WebhookResult(messages=[message])
 
     # --- outbound --------------------------------------------------------------------
@@ -125,10 +165,12 @@ class CliProvider:
         self._check(delivery)
         if delivery.type == DeliveryType.EDIT:
             local = delivery.edit_message_id or self._by_delivery.get(
-                delivery.edit_of_delivery_id or "")
+                delivery.edit_of_delivery_id or ""
+            )
             if not local:
-                raise DeliveryFailed("cli: the message to edit is unknown",
-                                     code="delivery.invalid", permanent=True)
+                raise DeliveryFailed(
+                    "cli: the message to edit is unknown", code="delivery.invalid", permanent=True
+                )
         else:
             self._sent += 1
             local = f"cli-{self._sent}"
@@ -142,11 +184,19 @@ class CliProvider:
             problem = f"a terminal cannot {delivery.type.value}"
         elif len(delivery.text or "") > caps.max_text_length:
             problem = f"the text is longer than {caps.max_text_length}"
-        elif delivery.buttons and caps.buttons and (
+        elif (
+            delivery.buttons
+            and caps.buttons
+            and (
                 sum(len(row) for row in delivery.buttons) > caps.buttons.max_count
                 or len(delivery.buttons) > caps.buttons.max_rows
-                or any(len(b.token.encode()) > caps.buttons.max_token_bytes
-                       for row in delivery.buttons for b in row)):
+                or any(
+                    len(b.token.encode()) > caps.buttons.max_token_bytes
+                    for row in delivery.buttons
+                    for b in row
+                )
+            )
+        ):
             problem = "the buttons exceed the declared limits"
         if problem:
             raise DeliveryFailed(f"cli: {problem}", code="delivery.invalid", permanent=True)
@@ -166,8 +216,9 @@ class CliProvider:
                 self.output.write(line + "\n")
                 self.output.flush()
         except (OSError, ValueError) as exc:  # closed pipe or stream, unwritable file
-            raise DeliveryFailed(f"cli: cannot write the output ({type(exc).__name__})",
-                                 code="transport.error") from None
+            raise DeliveryFailed(
+                f"cli: cannot write the output ({type(exc).__name__})", code="transport.error"
+            ) from None
 
     async def probe(self) -> str:
         if self.output is None:

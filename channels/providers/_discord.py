@@ -19,15 +19,33 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import Field
 
-from schemas import ChannelInteraction, ChannelOutbound, ChannelSender, ChannelTarget
-from schemas import DeliveryType
+from schemas import ChannelInteraction, ChannelOutbound, ChannelSender, ChannelTarget, DeliveryType
 
+from .._provider import (
+    ApiBaseSettings,
+    BadRequest,
+    ButtonLimits,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+    check_timestamp,
+)
 from . import _payload as p
-from ._platform_http import (call_json, check_buttons, file_bytes, invalid, require_object,
-                             require_reaction, require_text, unsupported)
-from .._provider import (ApiBaseSettings, BadRequest, ButtonLimits, Capabilities,
-                        DeliveryFailed, InstanceConfig, ProviderSettings, SendResult,
-                        VerificationFailed, WebhookRequest, WebhookResult, check_timestamp)
+from ._platform_http import (
+    call_json,
+    check_buttons,
+    file_bytes,
+    invalid,
+    require_object,
+    require_reaction,
+    require_text,
+    unsupported,
+)
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 PING, APPLICATION_COMMAND, MESSAGE_COMPONENT = 1, 2, 3
@@ -52,12 +70,22 @@ class DiscordSecrets(ProviderSettings):
 class DiscordProvider:
     kind = "discord"
     capabilities = Capabilities(
-        threads=True, edit=True, buttons=ButtonLimits(25, 5, 100), file_upload=True,
-        file_download=False, typing=True, reactions=True, max_text_length=2000,
-        parse_modes=frozenset({"plain", "markdown"}), max_file_bytes=10 * 1024 * 1024,
-        interaction_ack="required", rate_limit="retry_after", ephemeral=True,
+        threads=True,
+        edit=True,
+        buttons=ButtonLimits(25, 5, 100),
+        file_upload=True,
+        file_download=False,
+        typing=True,
+        reactions=True,
+        max_text_length=2000,
+        parse_modes=frozenset({"plain", "markdown"}),
+        max_file_bytes=10 * 1024 * 1024,
+        interaction_ack="required",
+        rate_limit="retry_after",
+        ephemeral=True,
         verification="Ed25519 signature (X-Signature-Ed25519) over X-Signature-Timestamp "
-                     "+ body with the application public key, 5 min skew")
+        "+ body with the application public key, 5 min skew",
+    )
     settings_model = DiscordSettings
     secrets_model = DiscordSecrets
 
@@ -79,17 +107,20 @@ class DiscordProvider:
         try:
             signature = bytes.fromhex(signature_hex)
         except ValueError:
-            raise VerificationFailed("signature.invalid",
-                                     "the Discord signature is not hex") from None
+            raise VerificationFailed(
+                "signature.invalid", "the Discord signature is not hex"
+            ) from None
         if not timestamp or len(signature) != 64:
-            raise VerificationFailed("signature.invalid",
-                                     "the Discord signature or timestamp is missing")
+            raise VerificationFailed(
+                "signature.invalid", "the Discord signature or timestamp is missing"
+            )
         check_timestamp(request.now, timestamp, "Discord")  # a captured request goes stale
         try:
             self._key.verify(signature, timestamp.encode() + request.body)
         except InvalidSignature:
-            raise VerificationFailed("signature.invalid",
-                                     "the Discord signature does not match") from None
+            raise VerificationFailed(
+                "signature.invalid", "the Discord signature does not match"
+            ) from None
 
     @p.contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
@@ -104,26 +135,37 @@ class DiscordProvider:
         body = p.obj(data, "data", required=True)
         user = p.obj(p.obj(data, "member") or {}, "user") or p.obj(data, "user", required=True)
         user_id = p.ident(user, "id", required=True)
-        sender = ChannelSender(provider_user_id=user_id,
-                               username=p.text(user, "username", max_length=256),
-                               display_name=p.text(user, "global_name", max_length=512),
-                               is_bot=p.flag(user, "bot"))
+        sender = ChannelSender(
+            provider_user_id=user_id,
+            username=p.text(user, "username", max_length=256),
+            display_name=p.text(user, "global_name", max_length=512),
+            is_bot=p.flag(user, "bot"),
+        )
         channel = p.obj(data, "channel") or {}
         channel_id = p.ident(data, "channel_id") or p.ident(channel, "id", required=True)
         is_thread = p.integer(channel, "type") in _THREAD_CHANNEL_TYPES
         message = p.obj(data, "message") or {}
         message_id = p.ident(message, "id")
-        target = ChannelTarget(chat_id=channel_id, is_direct=data.get("guild_id") is None,
-                               thread_id=channel_id if is_thread else None, user_id=user_id,
-                               message_id=message_id)
+        target = ChannelTarget(
+            chat_id=channel_id,
+            is_direct=data.get("guild_id") is None,
+            thread_id=channel_id if is_thread else None,
+            user_id=user_id,
+            message_id=message_id,
+        )
         common = {"provider_event_id": interaction_id, "target": target, "sender": sender}
         if kind == MESSAGE_COMPONENT:
             token = p.text(body, "custom_id", required=True, max_length=100)
-            press = p.inbound(self.config, request, event_type="interaction",
-                              provider_message_id=message_id, **common,
-                              interaction=ChannelInteraction(
-                                  id=interaction_id, token=token, kind="button",
-                                  response_token=response_token))
+            press = p.inbound(
+                self.config,
+                request,
+                event_type="interaction",
+                provider_message_id=message_id,
+                **common,
+                interaction=ChannelInteraction(
+                    id=interaction_id, token=token, kind="button", response_token=response_token
+                ),
+            )
             return _answer(DEFERRED_UPDATE, press)
         name = p.text(body, "name", required=True, max_length=32).lower()
         values = _string_options(body)
@@ -136,27 +178,55 @@ class DiscordProvider:
             parsed = p.split_command(raw)
             if parsed is None:
                 raise BadRequest("payload.invalid", "the command name is not valid")
-            fields = {"text": raw, "raw_text": raw, "is_command": True, "command": parsed[0],
-                      "command_args": parsed[2]}
-        command = p.inbound(self.config, request, event_type="command", **common,
-                            interaction=ChannelInteraction(id=interaction_id, token=name,
-                                                           kind="command",
-                                                           response_token=response_token),
-                            **fields)
+            fields = {
+                "text": raw,
+                "raw_text": raw,
+                "is_command": True,
+                "command": parsed[0],
+                "command_args": parsed[2],
+            }
+        command = p.inbound(
+            self.config,
+            request,
+            event_type="command",
+            **common,
+            interaction=ChannelInteraction(
+                id=interaction_id, token=name, kind="command", response_token=response_token
+            ),
+            **fields,
+        )
         return _answer(DEFERRED_MESSAGE, command)
 
     # --- outbound ----------------------------------------------------------------------
     async def _call(self, method: str, path: str, operation: str, **kw: Any) -> Any:
         headers = {"Authorization": f"Bot {self.secrets.bot_token}"}
-        _, body = await call_json(self.http, method, self._api + path,
-                                  operation=f"discord {operation}", headers=headers, **kw)
+        _, body = await call_json(
+            self.http,
+            method,
+            self._api + path,
+            operation=f"discord {operation}",
+            headers=headers,
+            **kw,
+        )
         return body
 
     def _components(self, delivery: ChannelOutbound) -> list[dict[str, Any]]:
         rows = check_buttons(delivery, self.capabilities.buttons)
-        return [{"type": 1, "components": [
-            {"type": 2, "style": _BUTTON_STYLES[b.style], "label": b.label[:80],
-             "custom_id": b.token} for b in row]} for row in rows]
+        return [
+            {
+                "type": 1,
+                "components": [
+                    {
+                        "type": 2,
+                        "style": _BUTTON_STYLES[b.style],
+                        "label": b.label[:80],
+                        "custom_id": b.token,
+                    }
+                    for b in row
+                ],
+            }
+            for row in rows
+        ]
 
     async def send(self, delivery: ChannelOutbound) -> SendResult:
         target = delivery.target
@@ -164,17 +234,28 @@ class DiscordProvider:
         limit = self.capabilities.max_text_length
         kind = delivery.type
         if kind in (DeliveryType.TEXT, DeliveryType.BUTTONS):
-            payload = {**self._message(delivery, require_text(delivery, limit)),
-                       "components": self._components(delivery)}
-            return _sent(await self._call("POST", f"/channels/{channel}/messages",
-                                          "create message", json=payload))
+            payload = {
+                **self._message(delivery, require_text(delivery, limit)),
+                "components": self._components(delivery),
+            }
+            return _sent(
+                await self._call(
+                    "POST", f"/channels/{channel}/messages", "create message", json=payload
+                )
+            )
         if kind == DeliveryType.EDIT:
             if not delivery.edit_message_id:
                 raise invalid("an edit needs the Discord message id")
-            payload = {"content": require_text(delivery, limit),
-                       "components": self._components(delivery)}
-            await self._call("PATCH", f"/channels/{channel}/messages/"
-                             f"{delivery.edit_message_id}", "edit message", json=payload)
+            payload = {
+                "content": require_text(delivery, limit),
+                "components": self._components(delivery),
+            }
+            await self._call(
+                "PATCH",
+                f"/channels/{channel}/messages/{delivery.edit_message_id}",
+                "edit message",
+                json=payload,
+            )
             return SendResult(delivery.edit_message_id)
         if kind == DeliveryType.TYPING:
             await self._call("POST", f"/channels/{channel}/typing", "typing")
@@ -183,8 +264,12 @@ class DiscordProvider:
             # Needs a message id: a button press carries one, a slash command does not
             # (the router reacts only to messages with a provider message id).
             emoji, message = require_reaction(delivery)
-            await self._call("PUT", f"/channels/{channel}/messages/{quote(message, safe='')}"
-                             f"/reactions/{quote(emoji, safe='')}/@me", "add reaction")
+            await self._call(
+                "PUT",
+                f"/channels/{channel}/messages/{quote(message, safe='')}"
+                f"/reactions/{quote(emoji, safe='')}/@me",
+                "add reaction",
+            )
             return SendResult()
         if kind == DeliveryType.ANSWER_INTERACTION:
             return await self._answer_interaction(delivery)
@@ -193,21 +278,32 @@ class DiscordProvider:
             file = delivery.file
             payload = self._message(delivery, (delivery.text or "")[:limit])
             payload["attachments"] = [{"id": 0, "filename": file.filename}]
-            return _sent(await self._call(
-                "POST", f"/channels/{channel}/messages", "upload file",
-                data={"payload_json": json.dumps(payload)},
-                files={"files[0]": (file.filename, content, file.mime_type)}))
+            return _sent(
+                await self._call(
+                    "POST",
+                    f"/channels/{channel}/messages",
+                    "upload file",
+                    data={"payload_json": json.dumps(payload)},
+                    files={"files[0]": (file.filename, content, file.mime_type)},
+                )
+            )
         raise unsupported("discord", f"{kind} deliveries")
 
     def _message(self, delivery: ChannelOutbound, text: str) -> dict[str, Any]:
         # The nonce lets Discord itself drop a re-sent delivery (enforce_nonce); no
         # @everyone or role pings from agent output.
         nonce = hashlib.sha256(delivery.delivery_id.encode()).hexdigest()[:25]
-        payload: dict[str, Any] = {"content": text, "nonce": nonce, "enforce_nonce": True,
-                                   "allowed_mentions": {"parse": []}}
+        payload: dict[str, Any] = {
+            "content": text,
+            "nonce": nonce,
+            "enforce_nonce": True,
+            "allowed_mentions": {"parse": []},
+        }
         if delivery.reply_to_message_id:
-            payload["message_reference"] = {"message_id": delivery.reply_to_message_id,
-                                            "fail_if_not_exists": False}
+            payload["message_reference"] = {
+                "message_id": delivery.reply_to_message_id,
+                "fail_if_not_exists": False,
+            }
         if delivery.silent:
             payload["flags"] = _SUPPRESS_NOTIFICATIONS
         return payload
@@ -216,26 +312,38 @@ class DiscordProvider:
         interaction = delivery.interaction
         if interaction is None or not interaction.response_token:
             raise invalid("answering needs the Discord interaction id and token")
-        text = (delivery.text or "Done.")[:self.capabilities.max_text_length]
+        text = (delivery.text or "Done.")[: self.capabilities.max_text_length]
         token = interaction.response_token
         try:
-            await self._call("POST", f"/interactions/{interaction.id}/{token}/callback",
-                             "interaction callback", json={
-                                 "type": CHANNEL_MESSAGE,
-                                 "data": {"content": text, "flags": _EPHEMERAL,
-                                          "allowed_mentions": {"parse": []}}})
+            await self._call(
+                "POST",
+                f"/interactions/{interaction.id}/{token}/callback",
+                "interaction callback",
+                json={
+                    "type": CHANNEL_MESSAGE,
+                    "data": {
+                        "content": text,
+                        "flags": _EPHEMERAL,
+                        "allowed_mentions": {"parse": []},
+                    },
+                },
+            )
         except DeliveryFailed as exc:
             if exc.status != 400 or "already been acknowledged" not in str(exc):
                 raise
             # Deferred by the webhook answer: fill in the original response instead.
-            await self._call("PATCH", f"/webhooks/{self.settings.application_id}/{token}"
-                             "/messages/@original", "edit interaction response",
-                             json={"content": text, "allowed_mentions": {"parse": []}})
+            await self._call(
+                "PATCH",
+                f"/webhooks/{self.settings.application_id}/{token}/messages/@original",
+                "edit interaction response",
+                json={"content": text, "allowed_mentions": {"parse": []}},
+            )
         return SendResult()
 
     async def probe(self) -> str:
-        me = require_object("discord get current user",
-                            await self._call("GET", "/users/@me", "get current user"))
+        me = require_object(
+            "discord get current user", await self._call("GET", "/users/@me", "get current user")
+        )
         return f"discord bot {me.get('username', '?')} (id {me.get('id', '?')})"
 
 
@@ -255,9 +363,12 @@ def _string_options(body: dict[str, Any]) -> list[str]:
 
 
 def _answer(kind: int, message=None) -> WebhookResult:
-    return WebhookResult(messages=[message] if message else [], status=200,
-                         body=json.dumps({"type": kind}).encode(),
-                         content_type="application/json")
+    return WebhookResult(
+        messages=[message] if message else [],
+        status=200,
+        body=json.dumps({"type": kind}).encode(),
+        content_type="application/json",
+    )
 
 
 def _sent(body: Any) -> SendResult:

@@ -25,13 +25,20 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.alias_generators import to_camel
 
-from schemas import (ChannelAttachment, ChannelOutbound, ChannelSender, ChannelTarget,
-                     DeliveryType)
+from schemas import ChannelAttachment, ChannelOutbound, ChannelSender, ChannelTarget, DeliveryType
 
+from .._provider import (
+    BadRequest,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+)
 from ._payload import body_invalid, command_fields, contract_errors, inbound
-from .._provider import (BadRequest, Capabilities, DeliveryFailed, InstanceConfig,
-                        ProviderSettings, SendResult, VerificationFailed, WebhookRequest,
-                        WebhookResult)
 
 ADDRESS = r"^[^@\s<>]{1,64}@[^@\s<>]{1,255}$"
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}>")
@@ -84,8 +91,10 @@ def strip_quoted(text: str) -> str:
     for index, line in enumerate(lines):
         # The attribution line may wrap onto the next line in some clients.
         if _QUOTE_HEADER.match(line) or (
-                line.strip().startswith("On ") and index + 1 < len(lines)
-                and _QUOTE_HEADER.match(line + " " + lines[index + 1])):
+            line.strip().startswith("On ")
+            and index + 1 < len(lines)
+            and _QUOTE_HEADER.match(line + " " + lines[index + 1])
+        ):
             break
         if line.lstrip().startswith(">"):
             continue
@@ -114,11 +123,21 @@ def _bracketed(value: str) -> str:
 class EmailProvider:
     kind: ClassVar[str] = "email"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        threads=True, edit=False, buttons=None, file_upload=False, file_download=False,
-        typing=False, reactions=False, max_text_length=MAX_TEXT,
-        parse_modes=frozenset({"plain"}), max_file_bytes=0, interaction_ack="none",
-        rate_limit="fixed_backoff", ephemeral=False,
-        verification="relay webhook: Authorization: Bearer <relay secret>")
+        threads=True,
+        edit=False,
+        buttons=None,
+        file_upload=False,
+        file_download=False,
+        typing=False,
+        reactions=False,
+        max_text_length=MAX_TEXT,
+        parse_modes=frozenset({"plain"}),
+        max_file_bytes=0,
+        interaction_ack="none",
+        rate_limit="fixed_backoff",
+        ephemeral=False,
+        verification="relay webhook: Authorization: Bearer <relay secret>",
+    )
     settings_model: ClassVar[type[ProviderSettings]] = EmailSettings
     secrets_model: ClassVar[type[ProviderSettings]] = EmailSecrets
 
@@ -156,18 +175,33 @@ class EmailProvider:
         self._remember_subject(thread, mail.subject)
         raw_text = mail.text[:16_384]
         text = strip_quoted(raw_text)
-        attachments = [ChannelAttachment(provider_file_id=f"{mid}/{i}", filename=a.filename,
-                                         mime_type=a.content_type, size_bytes=a.size)
-                       for i, a in enumerate(mail.attachments)]
+        attachments = [
+            ChannelAttachment(
+                provider_file_id=f"{mid}/{i}",
+                filename=a.filename,
+                mime_type=a.content_type,
+                size_bytes=a.size,
+            )
+            for i, a in enumerate(mail.attachments)
+        ]
         message = inbound(
-            self.config, request, event_type="message", provider_event_id=mid,
-            provider_message_id=mid, **command_fields(text),
-            target=ChannelTarget(chat_id=sender, is_direct=True, thread_id=thread,
-                                 user_id=sender, message_id=mid),
+            self.config,
+            request,
+            event_type="message",
+            provider_event_id=mid,
+            provider_message_id=mid,
+            **command_fields(text),
+            target=ChannelTarget(
+                chat_id=sender, is_direct=True, thread_id=thread, user_id=sender, message_id=mid
+            ),
             sender=ChannelSender(provider_user_id=sender, display_name=_display_name(mail.from_)),
-            text=text, raw_text=raw_text, attachments=attachments)
-        return WebhookResult(messages=[message], status=200, body=b'{"ok":true}',
-                             content_type="application/json")
+            text=text,
+            raw_text=raw_text,
+            attachments=attachments,
+        )
+        return WebhookResult(
+            messages=[message], status=200, body=b'{"ok":true}', content_type="application/json"
+        )
 
     def _remember_subject(self, thread: str, subject: str) -> None:
         if not subject:
@@ -204,14 +238,19 @@ class EmailProvider:
     async def send(self, delivery: ChannelOutbound) -> SendResult:
         # Buttons are the renderer's to turn into text fallbacks (/approve <t>, ...).
         if delivery.type != DeliveryType.TEXT:
-            raise DeliveryFailed(f"email cannot {delivery.type.value}",
-                                 code="delivery.unsupported", permanent=True)
+            raise DeliveryFailed(
+                f"email cannot {delivery.type.value}", code="delivery.unsupported", permanent=True
+            )
         if not (delivery.text or "").strip() or len(delivery.text or "") > MAX_TEXT:
-            raise DeliveryFailed(f"email: the text is empty or longer than {MAX_TEXT}",
-                                 code="delivery.invalid", permanent=True)
+            raise DeliveryFailed(
+                f"email: the text is empty or longer than {MAX_TEXT}",
+                code="delivery.invalid",
+                permanent=True,
+            )
         if not re.match(ADDRESS, delivery.target.chat_id):
-            raise DeliveryFailed("email: the chat is not an address", code="delivery.invalid",
-                                 permanent=True)
+            raise DeliveryFailed(
+                "email: the chat is not an address", code="delivery.invalid", permanent=True
+            )
         message = self.compose(delivery)
         async with self._smtp("email send") as smtp:
             await smtp.send_message(message)
@@ -222,13 +261,17 @@ class EmailProvider:
             await smtp.noop()
         return f"SMTP {self.settings.smtp_host}:{self.settings.smtp_port} answered"
 
-    def _smtp(self, operation: str) -> "_Session":
+    def _smtp(self, operation: str) -> _Session:
         s, secrets = self.settings, self.secrets
         client = aiosmtplib.SMTP(
-            hostname=s.smtp_host, port=s.smtp_port, timeout=s.timeout_seconds,
-            start_tls=s.smtp_starttls, use_tls=False,
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            timeout=s.timeout_seconds,
+            start_tls=s.smtp_starttls,
+            use_tls=False,
             username=secrets.smtp_username,
-            password=secrets.smtp_password.get_secret_value() if secrets.smtp_password else None)
+            password=secrets.smtp_password.get_secret_value() if secrets.smtp_password else None,
+        )
         return _Session(client, operation)
 
 
@@ -261,13 +304,19 @@ def _failure(operation: str, exc: BaseException) -> DeliveryFailed:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
         code = exc.recipients[0].code
     if isinstance(code, int) and 500 <= code < 600:
-        return DeliveryFailed(f"{operation}: refused by the SMTP server ({code})",
-                              code="smtp.rejected", permanent=True, status=code)
+        return DeliveryFailed(
+            f"{operation}: refused by the SMTP server ({code})",
+            code="smtp.rejected",
+            permanent=True,
+            status=code,
+        )
     if isinstance(code, int) and 400 <= code < 500:
-        return DeliveryFailed(f"{operation}: deferred by the SMTP server ({code})",
-                              code="smtp.deferred", status=code)
-    return DeliveryFailed(f"{operation}: cannot reach the SMTP server ({type(exc).__name__})",
-                          code="transport.error")
+        return DeliveryFailed(
+            f"{operation}: deferred by the SMTP server ({code})", code="smtp.deferred", status=code
+        )
+    return DeliveryFailed(
+        f"{operation}: cannot reach the SMTP server ({type(exc).__name__})", code="transport.error"
+    )
 
 
 def _display_name(value: str) -> str | None:

@@ -53,8 +53,9 @@ def items(data: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def text(data: dict[str, Any], key: str, *, required: bool = False,
-         max_length: int = 16_384) -> str | None:
+def text(
+    data: dict[str, Any], key: str, *, required: bool = False, max_length: int = 16_384
+) -> str | None:
     value = data.get(key)
     if value is None:
         if required:
@@ -115,7 +116,7 @@ def split_command(raw: str) -> tuple[str, str | None, list[str]] | None:
         return None
     args = rest.split()
     if len(args) > _MAX_ARGS:
-        args = args[:_MAX_ARGS - 1] + [" ".join(args[_MAX_ARGS - 1:])]
+        args = args[: _MAX_ARGS - 1] + [" ".join(args[_MAX_ARGS - 1 :])]
     return name, (mention or None), args
 
 
@@ -128,8 +129,14 @@ def command_fields(raw: str) -> dict[str, Any]:
     return {"is_command": True, "command": parts[0], "command_args": parts[2]}
 
 
-def inbound(config: InstanceConfig, request: WebhookRequest, *, event_type: str,
-            provider_event_id: str, **fields: Any) -> ChannelInbound:
+def inbound(
+    config: InstanceConfig,
+    request: WebhookRequest,
+    *,
+    event_type: str,
+    provider_event_id: str,
+    **fields: Any,
+) -> ChannelInbound:
     """The normalised message; a payload that does not fit the contract (an
     over-long name, too many attachments...) is a BadRequest, not a crash.
 
@@ -138,9 +145,13 @@ def inbound(config: InstanceConfig, request: WebhookRequest, *, event_type: str,
     much cheaper than building each part as a model first (webhook hot path)."""
     fields.update(
         id=message_id(config.tenant, config.instance_id, event_type, provider_event_id),
-        event_type=event_type, provider_event_id=provider_event_id,
-        provider=config.instance_id, provider_kind=config.kind,
-        workspace_id=config.workspace_id, received_at=request.received_at)
+        event_type=event_type,
+        provider_event_id=provider_event_id,
+        provider=config.instance_id,
+        provider_kind=config.kind,
+        workspace_id=config.workspace_id,
+        received_at=request.received_at,
+    )
     try:
         return ChannelInbound.model_validate(fields)
     except ValidationError as exc:
@@ -163,10 +174,12 @@ def _contract_reason(exc: ValidationError) -> str:
 def contract_errors(parse):
     """Decorator for parse(): a nested model (sender, target, attachment) that
     refuses a platform value becomes a BadRequest like any other bad field."""
+
     @functools.wraps(parse)
     def guarded(self, request):
         try:
             return parse(self, request)
         except ValidationError as exc:
             raise BadRequest("payload.invalid", _contract_reason(exc)) from None
+
     return guarded

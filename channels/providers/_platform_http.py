@@ -16,9 +16,10 @@ import base64
 import binascii
 import json as jsonlib
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
 
@@ -80,19 +81,30 @@ def error_detail(body: Any) -> str:
     return detail[:_DETAIL_LIMIT]
 
 
-def failure_for_status(operation: str, status: int, headers: Mapping[str, str],
-                       body: Any) -> DeliveryFailed:
+def failure_for_status(
+    operation: str, status: int, headers: Mapping[str, str], body: Any
+) -> DeliveryFailed:
     detail = error_detail(body)
     suffix = f": {detail}" if detail else ""
     if status == 429:
-        return DeliveryFailed(f"{operation}: rate limited (HTTP 429){suffix}",
-                              code="rate_limited", retry_after=retry_after_of(headers, body),
-                              status=status)
+        return DeliveryFailed(
+            f"{operation}: rate limited (HTTP 429){suffix}",
+            code="rate_limited",
+            retry_after=retry_after_of(headers, body),
+            status=status,
+        )
     if status >= 500:
-        return DeliveryFailed(f"{operation}: platform error (HTTP {status}){suffix}",
-                              code="platform.unavailable", status=status)
-    return DeliveryFailed(f"{operation}: rejected (HTTP {status}){suffix}",
-                          code="platform.rejected", permanent=True, status=status)
+        return DeliveryFailed(
+            f"{operation}: platform error (HTTP {status}){suffix}",
+            code="platform.unavailable",
+            status=status,
+        )
+    return DeliveryFailed(
+        f"{operation}: rejected (HTTP {status}){suffix}",
+        code="platform.rejected",
+        permanent=True,
+        status=status,
+    )
 
 
 def _decode(response: httpx.Response) -> Any:
@@ -104,21 +116,34 @@ def _decode(response: httpx.Response) -> Any:
         return response.text
 
 
-async def call_json(http: httpx.AsyncClient, method: str, url: str, *,
-                    operation: str = "platform call", json: Any = None,
-                    data: Mapping[str, Any] | None = None,
-                    headers: Mapping[str, str] | None = None,
-                    files: Any = None, timeout: float | None = 30.0) -> tuple[int, Any]:
+async def call_json(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    operation: str = "platform call",
+    json: Any = None,
+    data: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    files: Any = None,
+    timeout: float | None = 30.0,
+) -> tuple[int, Any]:
     """One API call. Returns (status, decoded JSON body, or None when empty) for a
     2xx answer; raises DeliveryFailed for everything else. A 2xx whose body is
     not JSON is returned as text; callers that need JSON check the type."""
-    request = http.build_request(method, url, json=json, data=data, headers=headers,
-                                 files=files, timeout=timeout)
+    request = http.build_request(
+        method, url, json=json, data=data, headers=headers, files=files, timeout=timeout
+    )
     return await send_request(http, request, operation=operation)
 
 
-async def send_request(http: httpx.AsyncClient, request: httpx.Request, *, operation: str,
-                       redirect_code: str = "platform.redirect") -> tuple[int, Any]:
+async def send_request(
+    http: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    operation: str,
+    redirect_code: str = "platform.redirect",
+) -> tuple[int, Any]:
     """Send a built request (redirects never followed) and map the answer as
     `call_json` does; `redirect_code` names why a redirect is refused."""
     try:
@@ -127,23 +152,29 @@ async def send_request(http: httpx.AsyncClient, request: httpx.Request, *, opera
         raise DeliveryFailed(f"{operation}: timed out", code="transport.timeout") from None
     except httpx.HTTPError as exc:
         # httpx messages may carry the URL (and with it a token): class name only.
-        raise DeliveryFailed(f"{operation}: transport error ({type(exc).__name__})",
-                             code="transport.error") from None
+        raise DeliveryFailed(
+            f"{operation}: transport error ({type(exc).__name__})", code="transport.error"
+        ) from None
     body = _decode(response)
     if 200 <= response.status_code < 300:
         return response.status_code, body
     if 300 <= response.status_code < 400:
-        raise DeliveryFailed(f"{operation}: redirect not followed (HTTP "
-                             f"{response.status_code})", code=redirect_code, permanent=True,
-                             status=response.status_code)
+        raise DeliveryFailed(
+            f"{operation}: redirect not followed (HTTP {response.status_code})",
+            code=redirect_code,
+            permanent=True,
+            status=response.status_code,
+        )
     raise failure_for_status(operation, response.status_code, response.headers, body)
 
 
 def require_object(operation: str, body: Any) -> dict[str, Any]:
     """The body as a JSON object, or a retryable failure (a proxy's HTML page...)."""
     if not isinstance(body, dict):
-        raise DeliveryFailed(f"{operation}: the platform answered something other than "
-                             "a JSON object", code="platform.bad_response")
+        raise DeliveryFailed(
+            f"{operation}: the platform answered something other than a JSON object",
+            code="platform.bad_response",
+        )
     return body
 
 
@@ -154,8 +185,9 @@ def invalid(message: str) -> DeliveryFailed:
 
 
 def unsupported(kind: str, what: str) -> DeliveryFailed:
-    return DeliveryFailed(f"{kind} does not support {what}", code="delivery.unsupported",
-                          permanent=True)
+    return DeliveryFailed(
+        f"{kind} does not support {what}", code="delivery.unsupported", permanent=True
+    )
 
 
 def require_text(delivery: Any, max_length: int) -> str:
@@ -182,18 +214,23 @@ def check_buttons(delivery: Any, limits: Any) -> list[list[Any]]:
     if not rows:
         return []
     if limits is None:
-        raise DeliveryFailed("this platform has no buttons", code="delivery.unsupported",
-                             permanent=True)
+        raise DeliveryFailed(
+            "this platform has no buttons", code="delivery.unsupported", permanent=True
+        )
     count = sum(len(row) for row in rows)
     if len(rows) > limits.max_rows or count > limits.max_count:
-        raise invalid(f"{count} buttons in {len(rows)} rows exceed the platform's "
-                      f"{limits.max_count} in {limits.max_rows} rows")
+        raise invalid(
+            f"{count} buttons in {len(rows)} rows exceed the platform's "
+            f"{limits.max_count} in {limits.max_rows} rows"
+        )
     for row in rows:
         for button in row:
             size = len(button.token.encode())
             if not 1 <= size <= limits.max_token_bytes:
-                raise invalid(f"a button token is {size} bytes; the platform allows 1-"
-                              f"{limits.max_token_bytes}")
+                raise invalid(
+                    f"a button token is {size} bytes; the platform allows 1-"
+                    f"{limits.max_token_bytes}"
+                )
             if not button.label.strip():
                 raise invalid("a button needs a label")
     return rows

@@ -18,25 +18,58 @@ from pydantic import Field
 
 from schemas import ChannelOutbound, DeliveryType
 
-from . import _payload as p
 from .._chunking import chunk_text
-from ._platform_http import (call_json, check_buttons, file_bytes, invalid, require_object,
-                             require_reaction, require_text, unsupported)
-from .._provider import (ApiBaseSettings, ButtonLimits, Capabilities, DeliveryFailed,
-                        InstanceConfig, ProviderSettings, SendResult, WebhookRequest,
-                        WebhookResult)
+from .._provider import (
+    ApiBaseSettings,
+    ButtonLimits,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    WebhookRequest,
+    WebhookResult,
+)
+from . import _payload as p
+from ._platform_http import (
+    call_json,
+    check_buttons,
+    file_bytes,
+    invalid,
+    require_object,
+    require_reaction,
+    require_text,
+    unsupported,
+)
 from ._slack_inbound import SlackInbound, verify
 
 DEFAULT_API_BASE = "https://slack.com/api"
 _BLOCK_TEXT_LIMIT = 3000
-_RETRYABLE = {"ratelimited", "internal_error", "fatal_error", "service_unavailable",
-              "request_timeout", "team_added_to_org"}
+_RETRYABLE = {
+    "ratelimited",
+    "internal_error",
+    "fatal_error",
+    "service_unavailable",
+    "request_timeout",
+    "team_added_to_org",
+}
 _STYLES = {"success": "primary", "danger": "danger"}
 # reactions.add takes an emoji *name*; the emoji the hub uses, by name (U+FE0F, the
 # emoji presentation selector, is dropped before the lookup).
-REACTION_NAMES = {"👀": "eyes", "👍": "+1", "👎": "-1", "✅": "white_check_mark",
-                  "❌": "x", "⏳": "hourglass_flowing_sand", "🎉": "tada", "❤": "heart",
-                  "🔥": "fire", "🙏": "pray", "🤔": "thinking_face", "⚠": "warning"}
+REACTION_NAMES = {
+    "👀": "eyes",
+    "👍": "+1",
+    "👎": "-1",
+    "✅": "white_check_mark",
+    "❌": "x",
+    "⏳": "hourglass_flowing_sand",
+    "🎉": "tada",
+    "❤": "heart",
+    "🔥": "fire",
+    "🙏": "pray",
+    "🤔": "thinking_face",
+    "⚠": "warning",
+}
 
 
 class SlackSettings(ApiBaseSettings):  # apiBase None: the real API
@@ -51,12 +84,22 @@ class SlackSecrets(ProviderSettings):
 class SlackProvider:
     kind = "slack"
     capabilities = Capabilities(
-        threads=True, edit=True, buttons=ButtonLimits(10, 5, 2000), file_upload=True,
-        file_download=False, typing=False, reactions=True, max_text_length=4000,
-        parse_modes=frozenset({"plain", "markdown"}), max_file_bytes=1024 * 1024 * 1024,
-        interaction_ack="none", rate_limit="retry_after", ephemeral=False,
+        threads=True,
+        edit=True,
+        buttons=ButtonLimits(10, 5, 2000),
+        file_upload=True,
+        file_download=False,
+        typing=False,
+        reactions=True,
+        max_text_length=4000,
+        parse_modes=frozenset({"plain", "markdown"}),
+        max_file_bytes=1024 * 1024 * 1024,
+        interaction_ack="none",
+        rate_limit="retry_after",
+        ephemeral=False,
         verification="X-Slack-Signature v0 HMAC-SHA256 of v0:{timestamp}:{body}, "
-                     "timestamps within 5 minutes")
+        "timestamps within 5 minutes",
+    )
     # Slack truncates at 40,000 characters but recommends staying under 4,000 (and
     # the contract's text is at most 16,384): 4,000 keeps streamed edits readable.
     settings_model = SlackSettings
@@ -85,16 +128,23 @@ class SlackProvider:
     async def _call(self, method: str, payload: dict[str, Any], *, form: bool = False) -> dict:
         operation = f"slack {method}"
         headers = {"Authorization": f"Bearer {self.secrets.bot_token}"}
-        _, body = await call_json(self.http, "POST", f"{self._api}/{method}",
-                                  operation=operation, headers=headers,
-                                  **({"data": payload} if form else {"json": payload}))
+        _, body = await call_json(
+            self.http,
+            "POST",
+            f"{self._api}/{method}",
+            operation=operation,
+            headers=headers,
+            **({"data": payload} if form else {"json": payload}),
+        )
         body = require_object(operation, body)
         if body.get("ok") is not True:
             error = body.get("error") if isinstance(body.get("error"), str) else "unknown"
             retryable = error in _RETRYABLE
-            raise DeliveryFailed(f"{operation}: {error[:100]}",
-                                 code="rate_limited" if error == "ratelimited"
-                                 else f"slack.{error[:60]}", permanent=not retryable)
+            raise DeliveryFailed(
+                f"{operation}: {error[:100]}",
+                code="rate_limited" if error == "ratelimited" else f"slack.{error[:60]}",
+                permanent=not retryable,
+            )
         return body
 
     def _blocks(self, delivery: ChannelOutbound, text: str) -> list[dict[str, Any]] | None:
@@ -104,12 +154,17 @@ class SlackProvider:
         kind = "plain_text" if delivery.parse_mode == "plain" else "mrkdwn"
         blocks: list[dict[str, Any]] = [
             {"type": "section", "text": {"type": kind, "text": part}}
-            for part in chunk_text(text, _BLOCK_TEXT_LIMIT)]
+            for part in chunk_text(text, _BLOCK_TEXT_LIMIT)
+        ]
         for r, row in enumerate(rows):
             elements = []
             for c, button in enumerate(row):
-                element = {"type": "button", "action_id": f"cw-{r}-{c}", "value": button.token,
-                           "text": {"type": "plain_text", "text": button.label[:75]}}
+                element = {
+                    "type": "button",
+                    "action_id": f"cw-{r}-{c}",
+                    "value": button.token,
+                    "text": {"type": "plain_text", "text": button.label[:75]},
+                }
                 if button.style in _STYLES:
                     element["style"] = _STYLES[button.style]
                 elements.append(element)
@@ -122,8 +177,11 @@ class SlackProvider:
         limit = self.capabilities.max_text_length
         if kind in (DeliveryType.TEXT, DeliveryType.BUTTONS):
             text = require_text(delivery, limit)
-            payload: dict[str, Any] = {"channel": target.chat_id, "text": text,
-                                       "mrkdwn": delivery.parse_mode != "plain"}
+            payload: dict[str, Any] = {
+                "channel": target.chat_id,
+                "text": text,
+                "mrkdwn": delivery.parse_mode != "plain",
+            }
             if target.thread_id:
                 payload["thread_ts"] = target.thread_id
             blocks = self._blocks(delivery, text)
@@ -136,8 +194,12 @@ class SlackProvider:
                 raise invalid("an edit needs the Slack message ts")
             text = require_text(delivery, limit)
             # An edit without buttons clears earlier ones (an answered approval).
-            payload = {"channel": target.chat_id, "ts": delivery.edit_message_id, "text": text,
-                       "blocks": self._blocks(delivery, text) or []}
+            payload = {
+                "channel": target.chat_id,
+                "ts": delivery.edit_message_id,
+                "text": text,
+                "blocks": self._blocks(delivery, text) or [],
+            }
             await self._call("chat.update", payload)
             return SendResult(delivery.edit_message_id)
         if kind == DeliveryType.FILE:
@@ -147,8 +209,11 @@ class SlackProvider:
         if kind == DeliveryType.TYPING:
             raise unsupported("slack", "typing indicators (no Web API method)")
         if kind == DeliveryType.ANSWER_INTERACTION:
-            raise unsupported("slack", "answering interactions (acknowledged by the webhook "
-                                       "answer; response_url is never called)")
+            raise unsupported(
+                "slack",
+                "answering interactions (acknowledged by the webhook "
+                "answer; response_url is never called)",
+            )
         raise unsupported("slack", f"{kind} deliveries")
 
     async def _react(self, delivery: ChannelOutbound) -> SendResult:
@@ -159,8 +224,9 @@ class SlackProvider:
         if name is None:
             raise invalid(f"slack: no emoji name known for {emoji!r}")
         try:
-            await self._call("reactions.add", {"channel": delivery.target.chat_id,
-                                               "timestamp": ts, "name": name})
+            await self._call(
+                "reactions.add", {"channel": delivery.target.chat_id, "timestamp": ts, "name": name}
+            )
         except DeliveryFailed as exc:
             if exc.code != "slack.already_reacted":
                 raise
@@ -170,22 +236,32 @@ class SlackProvider:
         """files.uploadV2's three steps: get an upload URL, upload, complete."""
         content = file_bytes(delivery, self.capabilities.max_file_bytes)
         file = delivery.file
-        ticket = await self._call("files.getUploadURLExternal",
-                                  {"filename": file.filename, "length": str(len(content))},
-                                  form=True)
+        ticket = await self._call(
+            "files.getUploadURLExternal",
+            {"filename": file.filename, "length": str(len(content))},
+            form=True,
+        )
         upload_url, file_id = ticket.get("upload_url"), ticket.get("file_id")
         if not isinstance(upload_url, str) or not isinstance(file_id, str):
-            raise DeliveryFailed("slack files.getUploadURLExternal: incomplete answer",
-                                 code="platform.bad_response")
+            raise DeliveryFailed(
+                "slack files.getUploadURLExternal: incomplete answer", code="platform.bad_response"
+            )
         self._check_upload_url(upload_url)
-        await call_json(self.http, "POST", upload_url, operation="slack file upload",
-                        files={"file": (file.filename, content, file.mime_type)})
-        complete: dict[str, Any] = {"files": [{"id": file_id, "title": file.filename}],
-                                    "channel_id": delivery.target.chat_id}
+        await call_json(
+            self.http,
+            "POST",
+            upload_url,
+            operation="slack file upload",
+            files={"file": (file.filename, content, file.mime_type)},
+        )
+        complete: dict[str, Any] = {
+            "files": [{"id": file_id, "title": file.filename}],
+            "channel_id": delivery.target.chat_id,
+        }
         if delivery.target.thread_id:
             complete["thread_ts"] = delivery.target.thread_id
         if delivery.text:
-            complete["initial_comment"] = delivery.text[:self.capabilities.max_text_length]
+            complete["initial_comment"] = delivery.text[: self.capabilities.max_text_length]
         await self._call("files.completeUploadExternal", complete)
         return SendResult(file_id)
 
@@ -197,8 +273,11 @@ class SlackProvider:
         slack = parts.scheme == "https" and (host == "slack.com" or host.endswith(".slack.com"))
         same_origin = (parts.scheme, parts.netloc) == (api.scheme, api.netloc)
         if not (slack or same_origin) or parts.username or parts.password:
-            raise DeliveryFailed("slack returned an upload URL outside Slack",
-                                 code="platform.bad_response", permanent=True)
+            raise DeliveryFailed(
+                "slack returned an upload URL outside Slack",
+                code="platform.bad_response",
+                permanent=True,
+            )
 
     async def probe(self) -> str:
         body = await self._call("auth.test", {})
@@ -208,6 +287,7 @@ class SlackProvider:
 def _ts(body: dict[str, Any]) -> str:
     ts = body.get("ts")
     if not isinstance(ts, str) or not ts:
-        raise DeliveryFailed("slack chat.postMessage: the answer has no ts",
-                             code="platform.bad_response")
+        raise DeliveryFailed(
+            "slack chat.postMessage: the answer has no ts", code="platform.bad_response"
+        )
     return ts

@@ -11,9 +11,15 @@ from urllib.parse import parse_qsl
 
 from schemas import ChannelAttachment, ChannelInteraction, ChannelSender, ChannelTarget
 
+from .._provider import (
+    BadRequest,
+    InstanceConfig,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+    check_timestamp,
+)
 from . import _payload as p
-from .._provider import (BadRequest, InstanceConfig, VerificationFailed, WebhookRequest,
-                        WebhookResult, check_timestamp)
 
 _MENTION_PREFIX = re.compile(r"^\s*<@[A-Z0-9]+>\s*")
 _HANDLED_EVENTS = {"message", "app_mention"}
@@ -56,8 +62,11 @@ class SlackInbound:
             return WebhookResult()  # app_rate_limited and other notices
         event_id = p.text(data, "event_id", required=True, max_length=256)
         event = p.obj(data, "event", required=True)
-        if (p.text(event, "type") not in _HANDLED_EVENTS or event.get("bot_id") is not None
-                or p.text(event, "subtype", max_length=64) not in _HANDLED_SUBTYPES):
+        if (
+            p.text(event, "type") not in _HANDLED_EVENTS
+            or event.get("bot_id") is not None
+            or p.text(event, "subtype", max_length=64) not in _HANDLED_SUBTYPES
+        ):
             return WebhookResult()  # not a person writing to us: nothing to do
         raw = p.text(event, "text") or ""
         text = _MENTION_PREFIX.sub("", raw) if event.get("type") == "app_mention" else raw
@@ -69,13 +78,22 @@ class SlackInbound:
             name, _, args = command
             fields.update(is_command=True, command=name, command_args=args)
         message = p.inbound(
-            self.config, request, event_type="message", provider_event_id=event_id,
+            self.config,
+            request,
+            event_type="message",
+            provider_event_id=event_id,
             provider_message_id=ts,
-            target=ChannelTarget(chat_id=p.ident(event, "channel", required=True),
-                                 is_direct=p.text(event, "channel_type") == "im",
-                                 thread_id=p.text(event, "thread_ts", max_length=64),
-                                 user_id=user, message_id=ts),
-            sender=ChannelSender(provider_user_id=user), attachments=_files(event), **fields)
+            target=ChannelTarget(
+                chat_id=p.ident(event, "channel", required=True),
+                is_direct=p.text(event, "channel_type") == "im",
+                thread_id=p.text(event, "thread_ts", max_length=64),
+                user_id=user,
+                message_id=ts,
+            ),
+            sender=ChannelSender(provider_user_id=user),
+            attachments=_files(event),
+            **fields,
+        )
         return WebhookResult(messages=[message])
 
     # --- interactivity (button presses) ----------------------------------------------------
@@ -94,25 +112,38 @@ class SlackInbound:
         message = p.obj(data, "message") or {}
         trigger = p.text(data, "trigger_id", max_length=256)
         event_id = trigger or "{}:{}".format(
-            p.text(action, "action_ts", required=True, max_length=64), user_id)
+            p.text(action, "action_ts", required=True, max_length=64), user_id
+        )
         chat_id = p.ident(channel, "id") or p.ident(container, "channel_id", required=True)
         message_ts = p.text(container, "message_ts", max_length=64) or p.text(
-            message, "ts", max_length=64)
+            message, "ts", max_length=64
+        )
         press = p.inbound(
-            self.config, request, event_type="interaction", provider_event_id=event_id,
+            self.config,
+            request,
+            event_type="interaction",
+            provider_event_id=event_id,
             provider_message_id=message_ts,
-            target=ChannelTarget(chat_id=chat_id,
-                                 is_direct=p.text(container, "channel_type") == "im"
-                                 or chat_id.startswith("D"),
-                                 thread_id=p.text(container, "thread_ts", max_length=64)
-                                 or p.text(message, "thread_ts", max_length=64),
-                                 user_id=user_id, message_id=message_ts),
-            sender=ChannelSender(provider_user_id=user_id,
-                                 username=p.text(user, "username", max_length=256),
-                                 display_name=p.text(user, "name", max_length=512)),
+            target=ChannelTarget(
+                chat_id=chat_id,
+                is_direct=p.text(container, "channel_type") == "im" or chat_id.startswith("D"),
+                thread_id=p.text(container, "thread_ts", max_length=64)
+                or p.text(message, "thread_ts", max_length=64),
+                user_id=user_id,
+                message_id=message_ts,
+            ),
+            sender=ChannelSender(
+                provider_user_id=user_id,
+                username=p.text(user, "username", max_length=256),
+                display_name=p.text(user, "name", max_length=512),
+            ),
             interaction=ChannelInteraction(
-                id=event_id, token=token, kind="button",
-                response_token=p.text(data, "response_url", max_length=2048)))
+                id=event_id,
+                token=token,
+                kind="button",
+                response_token=p.text(data, "response_url", max_length=2048),
+            ),
+        )
         return WebhookResult(messages=[press])
 
     # --- slash commands ----------------------------------------------------------------------
@@ -129,27 +160,43 @@ class SlackInbound:
             parsed = p.split_command(raw)
             if parsed is None:
                 raise BadRequest("payload.invalid", "the slash command name is not valid")
-            fields = {"text": raw, "raw_text": raw, "is_command": True, "command": parsed[0],
-                      "command_args": parsed[2]}
+            fields = {
+                "text": raw,
+                "raw_text": raw,
+                "is_command": True,
+                "command": parsed[0],
+                "command_args": parsed[2],
+            }
         chat_id = p.ident(form, "channel_id", required=True)
         message = p.inbound(
-            self.config, request, event_type="command", provider_event_id=trigger,
-            target=ChannelTarget(chat_id=chat_id,
-                                 is_direct=form.get("channel_name") == "directmessage",
-                                 user_id=user_id),
-            sender=ChannelSender(provider_user_id=user_id,
-                                 username=p.text(form, "user_name", max_length=256)),
+            self.config,
+            request,
+            event_type="command",
+            provider_event_id=trigger,
+            target=ChannelTarget(
+                chat_id=chat_id,
+                is_direct=form.get("channel_name") == "directmessage",
+                user_id=user_id,
+            ),
+            sender=ChannelSender(
+                provider_user_id=user_id, username=p.text(form, "user_name", max_length=256)
+            ),
             interaction=ChannelInteraction(
-                id=trigger, token=name, kind="command",
-                response_token=p.text(form, "response_url", max_length=2048)),
-            **fields)
+                id=trigger,
+                token=name,
+                kind="command",
+                response_token=p.text(form, "response_url", max_length=2048),
+            ),
+            **fields,
+        )
         return WebhookResult(messages=[message])
 
 
 def _form(body: bytes) -> dict[str, str]:
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
-                          max_num_fields=200)
+        pairs = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, strict_parsing=True, max_num_fields=200
+        )
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("payload.invalid", "the body is neither JSON nor a form") from None
     return dict(pairs)
@@ -161,9 +208,12 @@ def _files(event: dict[str, Any]) -> list[ChannelAttachment]:
         if not isinstance(item, dict):
             raise BadRequest("payload.invalid", "'files' must hold objects")
         size = p.integer(item, "size")
-        found.append(ChannelAttachment(
-            provider_file_id=p.ident(item, "id", required=True),
-            filename=p.text(item, "name", max_length=512),
-            mime_type=p.text(item, "mimetype", max_length=128),
-            size_bytes=size if size is not None and size >= 0 else None))
+        found.append(
+            ChannelAttachment(
+                provider_file_id=p.ident(item, "id", required=True),
+                filename=p.text(item, "name", max_length=512),
+                mime_type=p.text(item, "mimetype", max_length=128),
+                size_bytes=size if size is not None and size >= 0 else None,
+            )
+        )
     return found

@@ -15,13 +15,30 @@ from pydantic import Field
 
 from schemas import ChannelOutbound, DeliveryType
 
+from .._provider import (
+    ApiBaseSettings,
+    ButtonLimits,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+)
 from . import _payload as p
-from ._platform_http import (call_json, check_buttons, failure_for_status, file_bytes,
-                             invalid, require_object, require_reaction, require_text,
-                             unsupported)
-from .._provider import (ApiBaseSettings, ButtonLimits, Capabilities, DeliveryFailed,
-                        InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
-                        WebhookRequest, WebhookResult)
+from ._platform_http import (
+    call_json,
+    check_buttons,
+    failure_for_status,
+    file_bytes,
+    invalid,
+    require_object,
+    require_reaction,
+    require_text,
+    unsupported,
+)
 
 DEFAULT_API_BASE = "https://api.telegram.org"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
@@ -33,7 +50,8 @@ _ATTACHMENT_KEYS = frozenset({"photo", "document", "audio", "video", "voice"})
 REACTION_EMOJI = frozenset(
     "👍 👎 ❤ 🔥 🥰 👏 😁 🤔 🤯 😱 🤬 😢 🎉 🤩 🤮 💩 🙏 👌 🕊 🤡 🥱 🥴 😍 🐳 ❤\u200d🔥 🌚 🌭 💯 "
     "🤣 ⚡ 🍌 🏆 💔 🤨 😐 🍓 🍾 💋 🖕 😈 😴 😭 🤓 👻 👨\u200d💻 👀 🎃 🙈 😇 😨 🤝 ✍ 🤗 🫡 🎅 "
-    "🎄 ☃ 💅 🤪 🗿 🆒 💘 🙉 🦄 😘 💊 🙊 😎 👾 🤷\u200d♂ 🤷 🤷\u200d♀ 😡".split())
+    "🎄 ☃ 💅 🤪 🗿 🆒 💘 🙉 🦄 😘 💊 🙊 😎 👾 🤷\u200d♂ 🤷 🤷\u200d♀ 😡".split()
+)
 
 
 class TelegramSettings(ApiBaseSettings):  # apiBase None: the real API
@@ -51,11 +69,21 @@ class TelegramSecrets(ProviderSettings):
 class TelegramProvider:
     kind = "telegram"
     capabilities = Capabilities(
-        threads=True, edit=True, buttons=ButtonLimits(8, 4, 64), file_upload=True,
-        file_download=False, typing=True, reactions=True, max_text_length=4096,
-        parse_modes=frozenset({"plain", "markdown", "html"}), max_file_bytes=50 * 1024 * 1024,
-        interaction_ack="optional", rate_limit="retry_after", ephemeral=False,
-        verification=f"header {SECRET_HEADER} equals the webhook secret (constant time)")
+        threads=True,
+        edit=True,
+        buttons=ButtonLimits(8, 4, 64),
+        file_upload=True,
+        file_download=False,
+        typing=True,
+        reactions=True,
+        max_text_length=4096,
+        parse_modes=frozenset({"plain", "markdown", "html"}),
+        max_file_bytes=50 * 1024 * 1024,
+        interaction_ack="optional",
+        rate_limit="retry_after",
+        ephemeral=False,
+        verification=f"header {SECRET_HEADER} equals the webhook secret (constant time)",
+    )
     settings_model = TelegramSettings
     secrets_model = TelegramSecrets
 
@@ -73,8 +101,9 @@ class TelegramProvider:
     def verify(self, request: WebhookRequest) -> None:
         given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(given.encode(), self.secrets.webhook_secret.encode()):
-            raise VerificationFailed("signature.invalid",
-                                     "the Telegram secret token header is missing or wrong")
+            raise VerificationFailed(
+                "signature.invalid", "the Telegram secret token header is missing or wrong"
+            )
 
     @p.contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
@@ -97,21 +126,24 @@ class TelegramProvider:
     # The parts below are plain dicts of ChannelInbound field names: p.inbound
     # validates the whole message once (one pydantic pass per update, not four).
     def _sender(self, data: dict[str, Any]) -> dict[str, Any]:
-        user = p.obj(data, "from") or p.obj(data, "sender_chat") or p.obj(data, "chat",
-                                                                           required=True)
+        user = (
+            p.obj(data, "from") or p.obj(data, "sender_chat") or p.obj(data, "chat", required=True)
+        )
         first, last = p.text(user, "first_name"), p.text(user, "last_name")
         name = " ".join(part for part in (first, last) if part) or p.text(user, "title")
-        return {"provider_user_id": p.ident(user, "id", required=True),
-                "username": p.text(user, "username", max_length=256),
-                "display_name": (name or None) and name[:512],
-                "is_bot": p.flag(user, "is_bot")}
+        return {
+            "provider_user_id": p.ident(user, "id", required=True),
+            "username": p.text(user, "username", max_length=256),
+            "display_name": (name or None) and name[:512],
+            "is_bot": p.flag(user, "is_bot"),
+        }
 
-    def _message(self, request: WebhookRequest, event_id: str,
-                 message: dict[str, Any]):
+    def _message(self, request: WebhookRequest, event_id: str, message: dict[str, Any]):
         chat = p.obj(message, "chat", required=True)
         raw = p.text(message, "text") or p.text(message, "caption") or ""
-        thread_id = (p.ident(message, "message_thread_id")
-                     if p.flag(message, "is_topic_message") else None)
+        thread_id = (
+            p.ident(message, "message_thread_id") if p.flag(message, "is_topic_message") else None
+        )
         sender = self._sender(message)
         fields: dict[str, Any] = {"text": raw, "raw_text": raw}
         command = p.split_command(raw)
@@ -120,16 +152,30 @@ class TelegramProvider:
             bot = self.settings.bot_username
             if mention and bot and mention.lower() != bot.lstrip("@").lower():
                 return None  # `/cmd@otherbot`: addressed to another bot in the group
-            fields.update(is_command=True, command=name, command_args=args,
-                          text=" ".join([f"/{name}", *args]) if mention else raw)
+            fields.update(
+                is_command=True,
+                command=name,
+                command_args=args,
+                text=" ".join([f"/{name}", *args]) if mention else raw,
+            )
         message_id = p.ident(message, "message_id", required=True)
         return p.inbound(
-            self.config, request, event_type="message", provider_event_id=event_id,
+            self.config,
+            request,
+            event_type="message",
+            provider_event_id=event_id,
             provider_message_id=message_id,
-            target={"chat_id": p.ident(chat, "id", required=True),
-                    "is_direct": p.text(chat, "type") == "private", "thread_id": thread_id,
-                    "user_id": sender["provider_user_id"], "message_id": message_id},
-            sender=sender, attachments=self._attachments(message), **fields)
+            target={
+                "chat_id": p.ident(chat, "id", required=True),
+                "is_direct": p.text(chat, "type") == "private",
+                "thread_id": thread_id,
+                "user_id": sender["provider_user_id"],
+                "message_id": message_id,
+            },
+            sender=sender,
+            attachments=self._attachments(message),
+            **fields,
+        )
 
     def _attachments(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -138,19 +184,27 @@ class TelegramProvider:
         photos = [ph for ph in p.items(message, "photo") if isinstance(ph, dict)]
         if photos:  # sizes of one photo, smallest first: keep the largest
             largest = photos[-1]
-            found.append({"provider_file_id": p.ident(largest, "file_id", required=True),
-                          "mime_type": "image/jpeg", "size_bytes": _size(largest)})
+            found.append(
+                {
+                    "provider_file_id": p.ident(largest, "file_id", required=True),
+                    "mime_type": "image/jpeg",
+                    "size_bytes": _size(largest),
+                }
+            )
         for key in ("document", "audio", "video", "voice"):
             item = p.obj(message, key)
             if item is not None:
-                found.append({"provider_file_id": p.ident(item, "file_id", required=True),
-                              "filename": p.text(item, "file_name", max_length=512),
-                              "mime_type": p.text(item, "mime_type", max_length=128),
-                              "size_bytes": _size(item)})
+                found.append(
+                    {
+                        "provider_file_id": p.ident(item, "file_id", required=True),
+                        "filename": p.text(item, "file_name", max_length=512),
+                        "mime_type": p.text(item, "mime_type", max_length=128),
+                        "size_bytes": _size(item),
+                    }
+                )
         return found
 
-    def _callback(self, request: WebhookRequest, event_id: str,
-                  callback: dict[str, Any]):
+    def _callback(self, request: WebhookRequest, event_id: str, callback: dict[str, Any]):
         query_id = p.ident(callback, "id", required=True)
         data = p.text(callback, "data", required=True, max_length=64)
         sender = self._sender(callback)
@@ -158,24 +212,50 @@ class TelegramProvider:
         chat = p.obj(message, "chat") or {}
         chat_id = p.ident(chat, "id") or sender["provider_user_id"]
         message_id = p.ident(message, "message_id")
-        thread_id = (p.ident(message, "message_thread_id")
-                     if p.flag(message, "is_topic_message") else None)
+        thread_id = (
+            p.ident(message, "message_thread_id") if p.flag(message, "is_topic_message") else None
+        )
         return p.inbound(
-            self.config, request, event_type="interaction", provider_event_id=event_id,
+            self.config,
+            request,
+            event_type="interaction",
+            provider_event_id=event_id,
             provider_message_id=message_id,
-            target={"chat_id": chat_id, "is_direct": p.text(chat, "type") == "private",
-                    "thread_id": thread_id, "user_id": sender["provider_user_id"],
-                    "message_id": message_id},
-            sender=sender, interaction={"id": query_id, "token": data, "kind": "button",
-                                        "response_token": query_id})
+            target={
+                "chat_id": chat_id,
+                "is_direct": p.text(chat, "type") == "private",
+                "thread_id": thread_id,
+                "user_id": sender["provider_user_id"],
+                "message_id": message_id,
+            },
+            sender=sender,
+            interaction={
+                "id": query_id,
+                "token": data,
+                "kind": "button",
+                "response_token": query_id,
+            },
+        )
 
     # --- outbound ----------------------------------------------------------------------
-    async def _call(self, method: str, *, json: dict[str, Any] | None = None,
-                    data: dict[str, Any] | None = None, files: Any = None) -> Any:
+    async def _call(
+        self,
+        method: str,
+        *,
+        json: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        files: Any = None,
+    ) -> Any:
         operation = f"telegram {method}"
-        _, body = await call_json(self.http, "POST", f"{self._api}/bot{self.secrets.bot_token}/"
-                                  f"{method}", operation=operation, json=json, data=data,
-                                  files=files)
+        _, body = await call_json(
+            self.http,
+            "POST",
+            f"{self._api}/bot{self.secrets.bot_token}/{method}",
+            operation=operation,
+            json=json,
+            data=data,
+            files=files,
+        )
         body = require_object(operation, body)
         if body.get("ok") is not True:  # an error answered with a 2xx status
             code = body.get("error_code")
@@ -190,19 +270,29 @@ class TelegramProvider:
             base["message_thread_id"] = _chat(target.thread_id)
         kind = delivery.type
         if kind in (DeliveryType.TEXT, DeliveryType.BUTTONS):
-            payload = {**base, "text": require_text(delivery, 4096),
-                       "disable_notification": delivery.silent, **self._markup(delivery)}
+            payload = {
+                **base,
+                "text": require_text(delivery, 4096),
+                "disable_notification": delivery.silent,
+                **self._markup(delivery),
+            }
             if delivery.reply_to_message_id:
                 payload["reply_parameters"] = {
                     "message_id": _chat(delivery.reply_to_message_id),
-                    "allow_sending_without_reply": True}
+                    "allow_sending_without_reply": True,
+                }
             return _sent(await self._with_parse_mode("sendMessage", payload, delivery))
         if kind == DeliveryType.EDIT:
             if not delivery.edit_message_id:
-                raise DeliveryFailed("an edit needs the Telegram message id",
-                                     code="delivery.invalid", permanent=True)
-            payload = {"chat_id": base["chat_id"], "message_id": _chat(delivery.edit_message_id),
-                       "text": require_text(delivery, 4096), **self._markup(delivery)}
+                raise DeliveryFailed(
+                    "an edit needs the Telegram message id", code="delivery.invalid", permanent=True
+                )
+            payload = {
+                "chat_id": base["chat_id"],
+                "message_id": _chat(delivery.edit_message_id),
+                "text": require_text(delivery, 4096),
+                **self._markup(delivery),
+            }
             try:
                 result = await self._with_parse_mode("editMessageText", payload, delivery)
             except DeliveryFailed as exc:
@@ -216,17 +306,24 @@ class TelegramProvider:
         if kind == DeliveryType.REACTION:
             emoji, message = require_reaction(delivery)
             if emoji.replace("\ufe0f", "") not in REACTION_EMOJI:  # ❤️ is sent as ❤
-                raise invalid(f"telegram allows only its fixed set of reaction emoji, "
-                              f"not {emoji!r}")
-            await self._call("setMessageReaction", json={
-                "chat_id": base["chat_id"], "message_id": _chat(message),
-                "reaction": [{"type": "emoji", "emoji": emoji.replace("\ufe0f", "")}]})
+                raise invalid(
+                    f"telegram allows only its fixed set of reaction emoji, not {emoji!r}"
+                )
+            await self._call(
+                "setMessageReaction",
+                json={
+                    "chat_id": base["chat_id"],
+                    "message_id": _chat(message),
+                    "reaction": [{"type": "emoji", "emoji": emoji.replace("\ufe0f", "")}],
+                },
+            )
             return SendResult()
         if kind == DeliveryType.ANSWER_INTERACTION:
             interaction = delivery.interaction
             if interaction is None or not interaction.response_token:
-                raise DeliveryFailed("answering needs the callback query id",
-                                     code="delivery.invalid", permanent=True)
+                raise DeliveryFailed(
+                    "answering needs the callback query id", code="delivery.invalid", permanent=True
+                )
             payload = {"callback_query_id": interaction.response_token}
             if delivery.text:
                 payload["text"] = delivery.text[:200]
@@ -239,19 +336,30 @@ class TelegramProvider:
                 form["caption"] = delivery.text[:_CAPTION_LIMIT]
             form["disable_notification"] = "true" if delivery.silent else "false"
             file = delivery.file
-            return _sent(await self._call("sendDocument", data=form, files={
-                "document": (file.filename, content, file.mime_type)}))
+            return _sent(
+                await self._call(
+                    "sendDocument",
+                    data=form,
+                    files={"document": (file.filename, content, file.mime_type)},
+                )
+            )
         raise unsupported("telegram", f"{kind} deliveries")
 
     def _markup(self, delivery: ChannelOutbound) -> dict[str, Any]:
         rows = check_buttons(delivery, self.capabilities.buttons)
         if not rows:
             return {}
-        return {"reply_markup": {"inline_keyboard": [
-            [{"text": b.label, "callback_data": b.token} for b in row] for row in rows]}}
+        return {
+            "reply_markup": {
+                "inline_keyboard": [
+                    [{"text": b.label, "callback_data": b.token} for b in row] for row in rows
+                ]
+            }
+        }
 
-    async def _with_parse_mode(self, method: str, payload: dict[str, Any],
-                               delivery: ChannelOutbound) -> Any:
+    async def _with_parse_mode(
+        self, method: str, payload: dict[str, Any], delivery: ChannelOutbound
+    ) -> Any:
         mode = _PARSE_MODES.get(delivery.parse_mode)
         if mode is None:
             return await self._call(method, json=payload)
@@ -267,8 +375,7 @@ class TelegramProvider:
     async def probe(self) -> str:
         me = await self._call("getMe")
         if not isinstance(me, dict):
-            raise DeliveryFailed("telegram getMe: unexpected answer",
-                                 code="platform.bad_response")
+            raise DeliveryFailed("telegram getMe: unexpected answer", code="platform.bad_response")
         return f"telegram bot @{me.get('username', '?')} (id {me.get('id', '?')})"
 
 
@@ -288,5 +395,4 @@ def _size(item: dict[str, Any]) -> int | None:
 def _sent(result: Any) -> SendResult:
     if isinstance(result, dict) and "message_id" in result:
         return SendResult(str(result["message_id"]))
-    raise DeliveryFailed("telegram: the answer has no message id",
-                         code="platform.bad_response")
+    raise DeliveryFailed("telegram: the answer has no message id", code="platform.bad_response")

@@ -21,14 +21,31 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import Field, SecretStr
 
-from schemas import (ChannelEventType, ChannelInbound, ChannelInteraction, ChannelOutbound,
-                     ChannelSender, ChannelTarget, DeliveryType)
+from schemas import (
+    ChannelEventType,
+    ChannelInbound,
+    ChannelInteraction,
+    ChannelOutbound,
+    ChannelSender,
+    ChannelTarget,
+    DeliveryType,
+)
 
+from .._provider import (
+    ApiBaseSettings,
+    BadRequest,
+    ButtonLimits,
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    SendResult,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookResult,
+)
 from ._payload import command_fields, contract_errors, inbound
 from ._platform_http import call_json, require_object, require_reaction
-from .._provider import (ApiBaseSettings, BadRequest, ButtonLimits, Capabilities, DeliveryFailed,
-                        InstanceConfig, ProviderSettings, SendResult, VerificationFailed,
-                        WebhookRequest, WebhookResult)
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 MAX_REPLY_BUTTONS = 3
@@ -54,14 +71,24 @@ class WhatsAppSecrets(ProviderSettings):
 class WhatsAppProvider:
     kind: ClassVar[str] = "whatsapp"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        threads=False, edit=False,
-        buttons=ButtonLimits(max_count=MAX_LIST_ROWS, max_rows=MAX_LIST_ROWS,
-                             max_token_bytes=TOKEN_BYTES),
-        file_upload=False, file_download=False, typing=False, reactions=True,
-        max_text_length=4096, parse_modes=frozenset({"plain"}), max_file_bytes=0,
-        interaction_ack="none", rate_limit="retry_after", ephemeral=False,
+        threads=False,
+        edit=False,
+        buttons=ButtonLimits(
+            max_count=MAX_LIST_ROWS, max_rows=MAX_LIST_ROWS, max_token_bytes=TOKEN_BYTES
+        ),
+        file_upload=False,
+        file_download=False,
+        typing=False,
+        reactions=True,
+        max_text_length=4096,
+        parse_modes=frozenset({"plain"}),
+        max_file_bytes=0,
+        interaction_ack="none",
+        rate_limit="retry_after",
+        ephemeral=False,
         verification="X-Hub-Signature-256 sha256= HMAC-SHA256 of the body with the app secret; "
-                     "GET subscribe check with the verify token")
+        "GET subscribe check with the verify token",
+    )
     settings_model: ClassVar[type[ProviderSettings]] = WhatsAppSettings
     secrets_model: ClassVar[type[ProviderSettings]] = WhatsAppSecrets
 
@@ -80,8 +107,10 @@ class WhatsAppProvider:
         given = request.query.get("hub.verify_token", "")
         expected = self.secrets.verify_token.get_secret_value()
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise VerificationFailed("whatsapp.verify_token_invalid",
-                                     "hub.verify_token does not match", )
+            raise VerificationFailed(
+                "whatsapp.verify_token_invalid",
+                "hub.verify_token does not match",
+            )
         challenge = request.query.get("hub.challenge", "")
         if not challenge or len(challenge) > 256:
             raise BadRequest("whatsapp.handshake_invalid", "hub.challenge is missing")
@@ -90,10 +119,12 @@ class WhatsAppProvider:
     def verify(self, request: WebhookRequest) -> None:
         given = request.headers.get(SIGNATURE_HEADER, "")
         if not given.startswith("sha256="):
-            raise VerificationFailed("whatsapp.signature_missing",
-                                     f"{SIGNATURE_HEADER}: sha256=<hex> is required")
-        mac = hmac.new(self.secrets.app_secret.get_secret_value().encode(), request.body,
-                       hashlib.sha256)
+            raise VerificationFailed(
+                "whatsapp.signature_missing", f"{SIGNATURE_HEADER}: sha256=<hex> is required"
+            )
+        mac = hmac.new(
+            self.secrets.app_secret.get_secret_value().encode(), request.body, hashlib.sha256
+        )
         if not hmac.compare_digest(("sha256=" + mac.hexdigest()).encode(), given.encode()):
             raise VerificationFailed("whatsapp.signature_invalid", "the signature does not match")
 
@@ -107,8 +138,11 @@ class WhatsAppProvider:
             raise BadRequest("whatsapp.body_invalid", "not a whatsapp_business_account event")
         messages = []
         for value in _values(payload):
-            contacts = {c["wa_id"]: c for c in _list(value.get("contacts"))
-                        if isinstance(c, dict) and isinstance(c.get("wa_id"), str)}
+            contacts = {
+                c["wa_id"]: c
+                for c in _list(value.get("contacts"))
+                if isinstance(c, dict) and isinstance(c.get("wa_id"), str)
+            }
             for raw in _list(value.get("messages")):
                 message = self._message(raw, contacts, request)
                 if message is not None:
@@ -116,8 +150,9 @@ class WhatsAppProvider:
             # statuses[] (sent/delivered/read) need no action: acknowledged below.
         return WebhookResult(messages=messages, status=200, body=b"", content_type="text/plain")
 
-    def _message(self, raw: Any, contacts: dict[Any, Any],
-                 request: WebhookRequest) -> ChannelInbound | None:
+    def _message(
+        self, raw: Any, contacts: dict[Any, Any], request: WebhookRequest
+    ) -> ChannelInbound | None:
         if not isinstance(raw, dict):
             raise BadRequest("whatsapp.body_invalid", "a message is not an object")
         wamid, sender = raw.get("id"), raw.get("from")
@@ -129,8 +164,11 @@ class WhatsAppProvider:
             text = _dig(raw, "text", "body") or ""
         elif kind == "interactive":
             interactive = raw.get("interactive") or {}
-            reply = (interactive.get("button_reply") or interactive.get("list_reply")
-                     if isinstance(interactive, dict) else None)
+            reply = (
+                interactive.get("button_reply") or interactive.get("list_reply")
+                if isinstance(interactive, dict)
+                else None
+            )
             if not isinstance(reply, dict) or not _text_field(reply.get("id")):
                 raise BadRequest("whatsapp.body_invalid", "an interactive reply lacks its id")
             interaction = ChannelInteraction(id=wamid, token=reply["id"], kind="button")
@@ -148,53 +186,84 @@ class WhatsAppProvider:
         event_type = ChannelEventType.INTERACTION if interaction else ChannelEventType.MESSAGE
         name = _dig(contacts.get(sender) or {}, "profile", "name")
         return inbound(
-            self.config, request, event_type=event_type.value, provider_event_id=wamid,
-            provider_message_id=wamid, **(command_fields(text) if not interaction else {}),
+            self.config,
+            request,
+            event_type=event_type.value,
+            provider_event_id=wamid,
+            provider_message_id=wamid,
+            **(command_fields(text) if not interaction else {}),
             target=ChannelTarget(chat_id=sender, is_direct=True, user_id=sender, message_id=wamid),
             sender=ChannelSender(provider_user_id=sender, display_name=name),
-            text=text, raw_text=text, interaction=interaction)
+            text=text,
+            raw_text=text,
+            interaction=interaction,
+        )
 
     # --- outbound --------------------------------------------------------------------
     async def send(self, delivery: ChannelOutbound) -> SendResult:
-        if delivery.type in (DeliveryType.EDIT, DeliveryType.TYPING, DeliveryType.FILE,
-                             DeliveryType.ANSWER_INTERACTION):
-            raise DeliveryFailed(f"whatsapp cannot {delivery.type.value}",
-                                 code="delivery.unsupported", permanent=True)
+        if delivery.type in (
+            DeliveryType.EDIT,
+            DeliveryType.TYPING,
+            DeliveryType.FILE,
+            DeliveryType.ANSWER_INTERACTION,
+        ):
+            raise DeliveryFailed(
+                f"whatsapp cannot {delivery.type.value}",
+                code="delivery.unsupported",
+                permanent=True,
+            )
         if delivery.type == DeliveryType.REACTION:
             emoji, message = require_reaction(delivery)
-            await self._post({"type": "reaction", "reaction": {
-                "message_id": message, "emoji": emoji}}, delivery)
+            await self._post(
+                {"type": "reaction", "reaction": {"message_id": message, "emoji": emoji}}, delivery
+            )
             return SendResult()  # a reaction is not a message of the chat
         text = delivery.text or ""
         if not text.strip() or len(text) > self.capabilities.max_text_length:
-            raise DeliveryFailed("whatsapp: the text is empty or longer than "
-                                 f"{self.capabilities.max_text_length}",
-                                 code="delivery.invalid", permanent=True)
+            raise DeliveryFailed(
+                f"whatsapp: the text is empty or longer than {self.capabilities.max_text_length}",
+                code="delivery.invalid",
+                permanent=True,
+            )
         buttons = [b for row in delivery.buttons or [] for b in row]
         body: dict[str, Any] = (
-            {"type": "interactive", "interactive": _interactive(text, buttons)} if buttons
-            else {"type": "text", "text": {"body": text, "preview_url": False}})
+            {"type": "interactive", "interactive": _interactive(text, buttons)}
+            if buttons
+            else {"type": "text", "text": {"body": text, "preview_url": False}}
+        )
         if delivery.reply_to_message_id:
             body["context"] = {"message_id": delivery.reply_to_message_id}
         return await self._post(body, delivery)
 
     async def _post(self, message: dict[str, Any], delivery: ChannelOutbound) -> SendResult:
         """One message (text, interactive or reaction) to the chat's number."""
-        body: dict[str, Any] = {"messaging_product": "whatsapp",
-                                "recipient_type": "individual", "to": delivery.target.chat_id,
-                                **message}
-        _, answer = await call_json(self.http, "POST", self._url("messages"),
-                                    operation="whatsapp send", json=body,
-                                    headers=self._auth())
+        body: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": delivery.target.chat_id,
+            **message,
+        }
+        _, answer = await call_json(
+            self.http,
+            "POST",
+            self._url("messages"),
+            operation="whatsapp send",
+            json=body,
+            headers=self._auth(),
+        )
         answer = require_object("whatsapp send", answer)
         sent = answer.get("messages")
-        wamid = sent[0].get("id") if isinstance(sent, list) and sent and isinstance(
-            sent[0], dict) else None
+        wamid = (
+            sent[0].get("id")
+            if isinstance(sent, list) and sent and isinstance(sent[0], dict)
+            else None
+        )
         return SendResult(provider_message_id=str(wamid) if wamid else None)
 
     async def probe(self) -> str:
-        _, answer = await call_json(self.http, "GET", self._url(), operation="whatsapp probe",
-                                    headers=self._auth())
+        _, answer = await call_json(
+            self.http, "GET", self._url(), operation="whatsapp probe", headers=self._auth()
+        )
         answer = require_object("whatsapp probe", answer)
         number = answer.get("display_phone_number") or self.settings.phone_number_id
         return f"phone number {number}"
@@ -209,18 +278,44 @@ class WhatsAppProvider:
 def _interactive(text: str, buttons: list[Any]) -> dict[str, Any]:
     body = {"text": text[:BODY_LIMIT]}
     if len(buttons) > MAX_LIST_ROWS:
-        raise DeliveryFailed(f"whatsapp: at most {MAX_LIST_ROWS} choices",
-                             code="delivery.invalid", permanent=True)
+        raise DeliveryFailed(
+            f"whatsapp: at most {MAX_LIST_ROWS} choices", code="delivery.invalid", permanent=True
+        )
     if any(len(b.token.encode()) > TOKEN_BYTES for b in buttons):
-        raise DeliveryFailed(f"whatsapp: a button token is longer than {TOKEN_BYTES} bytes",
-                             code="delivery.invalid", permanent=True)
+        raise DeliveryFailed(
+            f"whatsapp: a button token is longer than {TOKEN_BYTES} bytes",
+            code="delivery.invalid",
+            permanent=True,
+        )
     if len(buttons) <= MAX_REPLY_BUTTONS:
-        return {"type": "button", "body": body, "action": {"buttons": [
-            {"type": "reply", "reply": {"id": b.token, "title": b.label[:BUTTON_TITLE_LIMIT]}}
-            for b in buttons]}}
-    return {"type": "list", "body": body, "action": {
-        "button": "Choose", "sections": [{"title": "Options", "rows": [
-            {"id": b.token, "title": b.label[:LIST_ROW_TITLE_LIMIT]} for b in buttons]}]}}
+        return {
+            "type": "button",
+            "body": body,
+            "action": {
+                "buttons": [
+                    {
+                        "type": "reply",
+                        "reply": {"id": b.token, "title": b.label[:BUTTON_TITLE_LIMIT]},
+                    }
+                    for b in buttons
+                ]
+            },
+        }
+    return {
+        "type": "list",
+        "body": body,
+        "action": {
+            "button": "Choose",
+            "sections": [
+                {
+                    "title": "Options",
+                    "rows": [
+                        {"id": b.token, "title": b.label[:LIST_ROW_TITLE_LIMIT]} for b in buttons
+                    ],
+                }
+            ],
+        },
+    }
 
 
 def _values(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -247,4 +342,3 @@ def _dig(value: Any, *keys: str) -> str | None:
 
 def _text_field(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 256
-

@@ -6,4 +6,4 @@ from __future__ import annotations
 
 from ._runtime import ChannelRuntime, RuntimeOptions
 
-__all__ = ['ChannelRuntime', 'RuntimeOptions']
+__all__ = ["ChannelRuntime", "RuntimeOptions"]

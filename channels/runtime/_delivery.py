@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import TimeoutError as NatsTimeout
@@ -35,11 +35,11 @@ from schemas import (
     decode,
 )
 
+from .._provider import DeliveryFailed
 from ._ingress import kv
 from ._ledger import Ledger, perform
 from ._limits import Breaker
 from ._outcomes import delivery_id_of, quietly, receipt_for, settle
-from .._provider import DeliveryFailed
 from ._sent_store import SentStore
 
 if TYPE_CHECKING:
@@ -53,11 +53,12 @@ _FETCH_SECONDS = 1.0  # how long one pull request stays open on the server
 
 
 class DeliveryWorker:
-    def __init__(self, instance: "Instance", options: "RuntimeOptions", ledger: Ledger) -> None:
+    def __init__(self, instance: Instance, options: RuntimeOptions, ledger: Ledger) -> None:
         self._instance, self._options, self._ledger = instance, options, ledger
         self._caps = instance.provider.capabilities
-        self._breaker = Breaker(instance, options.breaker_threshold,
-                                options.breaker_cooldown_seconds)
+        self._breaker = Breaker(
+            instance, options.breaker_threshold, options.breaker_cooldown_seconds
+        )
         self._slots = asyncio.Semaphore(options.lane_parallelism)
         self._lanes: dict[tuple[str, str | None], deque[tuple[Any, ChannelOutbound]]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -75,17 +76,19 @@ class DeliveryWorker:
     @property
     def crashed(self) -> bool:
         """The fetcher ended without being stopped (a bug): the worker must be rebuilt."""
-        return (self._fetcher is not None and self._fetcher.done()
-                and not self._stop.is_set())
+        return self._fetcher is not None and self._fetcher.done() and not self._stop.is_set()
 
     async def start(self) -> None:
         durable = self._instance.consumer
         self._psub = await self._js.pull_subscribe_bind(durable=durable, stream=OUTBOUND_STREAM)
         config = self._instance.config
         self._ledger.durable = self._store = SentStore(
-            self._js, config.tenant, config.instance_id,
+            self._js,
+            config.tenant,
+            config.instance_id,
             timeout=self._options.ledger_timeout_seconds,
-            retry_seconds=self._options.ledger_retry_seconds)
+            retry_seconds=self._options.ledger_retry_seconds,
+        )
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"channel-fetch-{durable}")
 
     async def stop(self, grace: float) -> None:
@@ -156,13 +159,15 @@ class DeliveryWorker:
                 continue
             try:
                 msgs = await self._psub.fetch(min(room, 64), timeout=_FETCH_SECONDS)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             except Exception as exc:  # connection trouble: the client reconnects; try again
                 if self._stop.is_set():
                     return
-                log.warning("channel.delivery.fetch_failed", **kv(
-                    instance=self._instance.instance_id, error=type(exc).__name__))
+                log.warning(
+                    "channel.delivery.fetch_failed",
+                    **kv(instance=self._instance.instance_id, error=type(exc).__name__),
+                )
                 await self._pause_fetching(1.0)
                 continue
             if self._stop.is_set():  # fetched while stopping: straight back to the queue
@@ -175,7 +180,7 @@ class DeliveryWorker:
     async def _pause_fetching(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _accept(self, msg: Any) -> None:
@@ -203,12 +208,21 @@ class DeliveryWorker:
 
     async def _reject(self, msg: Any, exc: ContractError) -> None:
         delivery_id = delivery_id_of(msg)
-        log.warning("channel.delivery.invalid", **kv(
-            instance=self._instance.instance_id, delivery=delivery_id, code=exc.code))
+        log.warning(
+            "channel.delivery.invalid",
+            **kv(instance=self._instance.instance_id, delivery=delivery_id, code=exc.code),
+        )
         self._instance.dead_lettered += 1
-        await self._settle(msg, ChannelReceipt(
-            delivery_id=delivery_id, status=DeliveryStatus.DEAD_LETTERED, attempts=1,
-            code=exc.code, error=f"invalid delivery: {exc.reason}"[:2000]))
+        await self._settle(
+            msg,
+            ChannelReceipt(
+                delivery_id=delivery_id,
+                status=DeliveryStatus.DEAD_LETTERED,
+                attempts=1,
+                code=exc.code,
+                error=f"invalid delivery: {exc.reason}"[:2000],
+            ),
+        )
         self._release()
 
     # --- lanes --------------------------------------------------------------------------
@@ -218,8 +232,11 @@ class DeliveryWorker:
             try:
                 settled = await self._deliver(msg, delivery)
             except Exception as exc:  # a bug here must not wedge the lane or kill the worker
-                log.error("channel.delivery.crashed", exc_info=True, **kv(
-                    instance=self._instance.instance_id, error=type(exc).__name__))
+                log.error(
+                    "channel.delivery.crashed",
+                    exc_info=True,
+                    **kv(instance=self._instance.instance_id, error=type(exc).__name__),
+                )
                 await quietly(msg.nak(delay=self._options.backoff_cap_seconds))
                 settled = True
             if not settled:  # stopping: stop() naks what is left
@@ -237,8 +254,7 @@ class DeliveryWorker:
             return True
         done = await self._ledger.recall(d.delivery_id)  # memory, else the durable store
         if done is not None and done.complete:
-            await self._settle(msg, self._receipt(d, DeliveryStatus.DUPLICATE, 1,
-                                                  done.message_ids))
+            await self._settle(msg, self._receipt(d, DeliveryStatus.DUPLICATE, 1, done.message_ids))
             return True
         if d.type is DeliveryType.REACTION:
             await self._reaction(msg, d)
@@ -256,12 +272,13 @@ class DeliveryWorker:
                 except DeliveryFailed as exc:
                     failure = exc
                 except Exception as exc:  # never echo it: an HTTP error may carry a token URL
-                    failure = DeliveryFailed(f"the provider failed ({type(exc).__name__})",
-                                             code="delivery.error")
+                    failure = DeliveryFailed(
+                        f"the provider failed ({type(exc).__name__})", code="delivery.error"
+                    )
             if failure is None:
                 self._breaker.success()
                 instance.delivered += 1
-                instance.last_delivery_at = datetime.now(timezone.utc)
+                instance.last_delivery_at = datetime.now(UTC)
                 await self._settle(msg, self._receipt(d, DeliveryStatus.SENT, attempts, ids))
                 return True
             self._breaker.failure()
@@ -269,19 +286,38 @@ class DeliveryWorker:
             if failure.permanent or attempts >= options.max_attempts:
                 instance.dead_lettered += 1
                 sent = self._ledger.get(d.delivery_id)
-                log.warning("channel.delivery.dead_lettered", **kv(
-                    instance=instance.instance_id, delivery=d.delivery_id,
-                    code=failure.code, attempts=attempts))
-                await self._settle(msg, self._receipt(
-                    d, DeliveryStatus.DEAD_LETTERED, attempts,
-                    sent.message_ids if sent else [], code=failure.code,
-                    error=str(failure)[:2000], retry_after=failure.retry_after))
+                log.warning(
+                    "channel.delivery.dead_lettered",
+                    **kv(
+                        instance=instance.instance_id,
+                        delivery=d.delivery_id,
+                        code=failure.code,
+                        attempts=attempts,
+                    ),
+                )
+                await self._settle(
+                    msg,
+                    self._receipt(
+                        d,
+                        DeliveryStatus.DEAD_LETTERED,
+                        attempts,
+                        sent.message_ids if sent else [],
+                        code=failure.code,
+                        error=str(failure)[:2000],
+                        retry_after=failure.retry_after,
+                    ),
+                )
                 return True
             if failure.retry_after is not None:
                 delay = failure.retry_after
             else:
-                delay = random.uniform(0, min(options.backoff_cap_seconds,
-                                              options.backoff_base_seconds * 2 ** (attempts - 1)))
+                delay = random.uniform(
+                    0,
+                    min(
+                        options.backoff_cap_seconds,
+                        options.backoff_base_seconds * 2 ** (attempts - 1),
+                    ),
+                )
             if not await self._pause(delay, msg):
                 return False
 
@@ -293,8 +329,10 @@ class DeliveryWorker:
             async with self._slots:
                 await self._instance.provider.send(d)
         except Exception as exc:
-            log.debug("channel.delivery.typing_failed", **kv(
-                instance=self._instance.instance_id, error=type(exc).__name__))
+            log.debug(
+                "channel.delivery.typing_failed",
+                **kv(instance=self._instance.instance_id, error=type(exc).__name__),
+            )
 
     async def _reaction(self, msg: Any, d: ChannelOutbound) -> None:
         """Best effort, once, like typing: a missing 👀 loses nothing, so a failed
@@ -309,9 +347,14 @@ class DeliveryWorker:
             async with self._slots:
                 ids = await perform(instance.provider, self._caps, self._ledger, d)
         except Exception as exc:
-            log.info("channel.delivery.reaction_failed", **kv(
-                instance=instance.instance_id, delivery=d.delivery_id,
-                code=getattr(exc, "code", type(exc).__name__)))
+            log.info(
+                "channel.delivery.reaction_failed",
+                **kv(
+                    instance=instance.instance_id,
+                    delivery=d.delivery_id,
+                    code=getattr(exc, "code", type(exc).__name__),
+                ),
+            )
             await quietly(msg.ack())
             return
         await self._settle(msg, self._receipt(d, DeliveryStatus.SENT, 1, ids))
@@ -327,8 +370,9 @@ class DeliveryWorker:
                 continue
             changed = asyncio.ensure_future(self._breaker.changed().wait())
             stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait({changed, stop}, timeout=_PROGRESS_SECONDS,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {changed, stop}, timeout=_PROGRESS_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
             changed.cancel()
             stop.cancel()
             if self._stop.is_set():
@@ -345,17 +389,28 @@ class DeliveryWorker:
             try:
                 await asyncio.wait_for(self._stop.wait(), min(left, _PROGRESS_SECONDS))
                 return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if deadline - time.monotonic() > 0:
                 await quietly(msg.in_progress())
 
     # --- outcomes -----------------------------------------------------------------------
-    def _receipt(self, d: ChannelOutbound, status: DeliveryStatus, attempts: int,
-                 ids: list[str], **outcome: Any) -> ChannelReceipt:
+    def _receipt(
+        self,
+        d: ChannelOutbound,
+        status: DeliveryStatus,
+        attempts: int,
+        ids: list[str],
+        **outcome: Any,
+    ) -> ChannelReceipt:
         return receipt_for(d, status, attempts, ids, **outcome)
 
     async def _settle(self, msg: Any, receipt: ChannelReceipt) -> None:
-        await settle(self._js, self._instance, msg, receipt,
-                     publish_timeout=self._options.publish_timeout_seconds,
-                     nak_delay=self._options.backoff_cap_seconds)
+        await settle(
+            self._js,
+            self._instance,
+            msg,
+            receipt,
+            publish_timeout=self._options.publish_timeout_seconds,
+            nak_delay=self._options.backoff_cap_seconds,
+        )

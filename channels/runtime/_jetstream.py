@@ -22,13 +22,15 @@ import asyncio
 import itertools
 import json
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 NO_RESPONDERS = "503"
 # How nats-server writes a successful PubAck (no error member can hide in it).
 _PLAIN_ACK = re.compile(
     rb'\{"stream":"([A-Za-z0-9_-]{1,256})",(?:"domain":"[A-Za-z0-9_-]*",)?"seq":([0-9]{1,20})'
-    rb'(,"duplicate":true)?\}')
+    rb'(,"duplicate":true)?\}'
+)
 
 
 class PublishFailed(Exception):
@@ -70,8 +72,13 @@ def check_ack(headers: dict[str, str] | None, data: bytes) -> PubAck:
             raise PublishFailed(f"the stream refused the message ({code}: {what})")
         raise PublishFailed("the stream refused the message")
     stream, seq = reply.get("stream"), reply.get("seq")
-    if not isinstance(stream, str) or not stream or isinstance(seq, bool) \
-            or not isinstance(seq, int) or seq < 1:
+    if (
+        not isinstance(stream, str)
+        or not stream
+        or isinstance(seq, bool)
+        or not isinstance(seq, int)
+        or seq < 1
+    ):
         raise PublishFailed("the publish reply is not a stream acknowledgement")
     return PubAck(stream, seq, reply.get("duplicate") is True)
 
@@ -81,8 +88,13 @@ class JetStreamPublisher:
     each message's PubAck for at most `timeout` seconds (plus one sweep interval).
     `on_closed` is called once when the connection is found closed."""
 
-    def __init__(self, nc: Any, *, timeout: float,
-                 on_closed: Callable[["JetStreamPublisher"], None] | None = None) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        *,
+        timeout: float,
+        on_closed: Callable[[JetStreamPublisher], None] | None = None,
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.nc = nc
@@ -110,8 +122,9 @@ class JetStreamPublisher:
         future = loop.create_future()
         self._pending[token] = (future, loop.time() + self._timeout)
         try:
-            await self.nc.publish(subject, payload, reply=self._prefix + token,
-                                  headers={"Nats-Msg-Id": msg_id})
+            await self.nc.publish(
+                subject, payload, reply=self._prefix + token, headers={"Nats-Msg-Id": msg_id}
+            )
             headers, data = await future
         finally:
             self._pending.pop(token, None)
@@ -137,8 +150,9 @@ class JetStreamPublisher:
             await asyncio.shield(self._starting)
         except Exception as exc:
             self._starting = None  # the next publish tries again
-            raise PublishFailed(f"cannot subscribe to the reply inbox "
-                                f"({type(exc).__name__})") from None
+            raise PublishFailed(
+                f"cannot subscribe to the reply inbox ({type(exc).__name__})"
+            ) from None
 
     async def _subscribe(self) -> None:
         prefix = self.nc.new_inbox() + "."
@@ -147,7 +161,7 @@ class JetStreamPublisher:
         self._prefix = prefix
 
     async def _on_reply(self, msg: Any) -> None:
-        entry = self._pending.get(msg.subject[len(self._prefix):])
+        entry = self._pending.get(msg.subject[len(self._prefix) :])
         if entry is not None and not entry[0].done():
             entry[0].set_result((msg.headers, msg.data))
 
@@ -166,8 +180,9 @@ class JetStreamPublisher:
                     break
                 overdue.append(token)
                 if not future.done():
-                    future.set_exception(PublishFailed(
-                        f"no acknowledgement within {self._timeout:g} s"))
+                    future.set_exception(
+                        PublishFailed(f"no acknowledgement within {self._timeout:g} s")
+                    )
             for token in overdue:
                 self._pending.pop(token, None)
 

@@ -67,8 +67,9 @@ class Ledger:
                         del self._by_message[mid]
         return entry
 
-    def record(self, delivery_id: str, entry: Sent, message_id: str | None,
-               text: str | None) -> None:
+    def record(
+        self, delivery_id: str, entry: Sent, message_id: str | None, text: str | None
+    ) -> None:
         """One more message of `delivery_id` is on the platform."""
         entry.parts.append([message_id, text])
         if message_id:
@@ -105,8 +106,9 @@ class Ledger:
                 await self.durable.put(delivery_id, entry)
 
 
-async def perform(provider: Any, caps: Capabilities, ledger: Ledger,
-                  d: ChannelOutbound) -> list[str]:
+async def perform(
+    provider: Any, caps: Capabilities, ledger: Ledger, d: ChannelOutbound
+) -> list[str]:
     """Send one delivery (resuming a partly sent one); the provider message ids it
     produced. Raises what provider.send raises; progress is kept in the ledger, and
     the outcome is durable (as far as the store is reachable) when this returns."""
@@ -115,8 +117,16 @@ async def perform(provider: Any, caps: Capabilities, ledger: Ledger,
     if d.type is DeliveryType.EDIT:
         edited = await _edit(provider, caps, ledger, d, entry)
     elif d.text and len(d.text) > caps.max_text_length:
-        await _send_chunks(provider, ledger, d, entry, d.delivery_id, entry,
-                           chunk_text(d.text, caps.max_text_length), len(entry.parts))
+        await _send_chunks(
+            provider,
+            ledger,
+            d,
+            entry,
+            d.delivery_id,
+            entry,
+            chunk_text(d.text, caps.max_text_length),
+            len(entry.parts),
+        )
     elif not entry.parts:
         result = await provider.send(d)
         ledger.record(d.delivery_id, entry, result.provider_message_id, d.text or "")
@@ -126,26 +136,42 @@ async def perform(provider: Any, caps: Capabilities, ledger: Ledger,
     return entry.message_ids
 
 
-async def _send_chunks(provider: Any, ledger: Ledger, d: ChannelOutbound, progress: Sent,
-                       owner_id: str, owner: Sent, chunks: list[str], start: int) -> None:
+async def _send_chunks(
+    provider: Any,
+    ledger: Ledger,
+    d: ChannelOutbound,
+    progress: Sent,
+    owner_id: str,
+    owner: Sent,
+    chunks: list[str],
+    start: int,
+) -> None:
     """Send `chunks[start:]` as new messages in order (a retry resumes past those
     already sent); each is recorded as a message of `owner`, and in `progress`."""
     last = len(chunks) - 1
     for n in range(start, len(chunks)):
-        part = d.model_copy(update={
-            "type": d.type if n == last and d.type is not DeliveryType.EDIT else DeliveryType.TEXT,
-            "text": chunks[n], "idempotency_key": f"{d.delivery_id}:chunk:{n}",
-            "edit_message_id": None, "edit_of_delivery_id": None,
-            "buttons": d.buttons if n == last else None,
-            "reply_to_message_id": d.reply_to_message_id if n == 0 else None})
+        part = d.model_copy(
+            update={
+                "type": d.type
+                if n == last and d.type is not DeliveryType.EDIT
+                else DeliveryType.TEXT,
+                "text": chunks[n],
+                "idempotency_key": f"{d.delivery_id}:chunk:{n}",
+                "edit_message_id": None,
+                "edit_of_delivery_id": None,
+                "buttons": d.buttons if n == last else None,
+                "reply_to_message_id": d.reply_to_message_id if n == 0 else None,
+            }
+        )
         result = await provider.send(part)
         ledger.record(owner_id, owner, result.provider_message_id, chunks[n])
         if progress is not owner:
             progress.parts.append([result.provider_message_id, chunks[n]])
 
 
-async def _edit(provider: Any, caps: Capabilities, ledger: Ledger, d: ChannelOutbound,
-                entry: Sent) -> str:
+async def _edit(
+    provider: Any, caps: Capabilities, ledger: Ledger, d: ChannelOutbound, entry: Sent
+) -> str:
     """Apply an edit; the delivery id whose record it changed (the original's)."""
     text = d.text or ""
     limit = caps.max_text_length
@@ -155,8 +181,11 @@ async def _edit(provider: Any, caps: Capabilities, ledger: Ledger, d: ChannelOut
         # keep its own record so later edits of it see what it shows
         original_id = ledger.delivery_of(d.edit_message_id) or f"msg:{d.edit_message_id}"
     if original_id is None:
-        raise DeliveryFailed("an edit names neither editMessageId nor editOfDeliveryId",
-                             code="delivery.invalid", permanent=True)
+        raise DeliveryFailed(
+            "an edit names neither editMessageId nor editOfDeliveryId",
+            code="delivery.invalid",
+            permanent=True,
+        )
     original = await ledger.load(original_id)
     if d.edit_message_id and not original.parts:
         ledger.record(original_id, original, d.edit_message_id, None)  # text unknown
@@ -165,28 +194,45 @@ async def _edit(provider: Any, caps: Capabilities, ledger: Ledger, d: ChannelOut
         chunks = [text] if len(text) <= limit else chunk_text(text, limit)
         start = next((i for i, (mid, _) in enumerate(original.parts) if mid == target), 0)
         existing = original.parts[start:]
-        for n, chunk in enumerate(chunks[:len(existing)]):
+        for n, chunk in enumerate(chunks[: len(existing)]):
             part = existing[n]
             if part[1] != chunk:
-                await provider.send(d.model_copy(update={
-                    "text": chunk, "edit_message_id": part[0], "edit_of_delivery_id": None,
-                    "idempotency_key": d.idempotency_key if n == 0
-                    else f"{d.delivery_id}:chunk:{n}"}))
+                await provider.send(
+                    d.model_copy(
+                        update={
+                            "text": chunk,
+                            "edit_message_id": part[0],
+                            "edit_of_delivery_id": None,
+                            "idempotency_key": d.idempotency_key
+                            if n == 0
+                            else f"{d.delivery_id}:chunk:{n}",
+                        }
+                    )
+                )
                 part[1] = chunk
             if not any(p[0] == part[0] for p in entry.parts):
                 entry.parts.append([part[0], chunk])
         if len(chunks) > len(existing):
             # overflow messages join the original, so a retry finds them in `existing`
-            await _send_chunks(provider, ledger, d, entry, original_id, original,
-                               chunks[len(existing):], 0)
+            await _send_chunks(
+                provider, ledger, d, entry, original_id, original, chunks[len(existing) :], 0
+            )
         original.text = text
         return original_id
     # No editing here (or nothing to edit): only text beyond what was shown goes out.
     shown = original.text
-    suffix = text[len(shown):] if len(text) > len(shown) else ""
+    suffix = text[len(shown) :] if len(text) > len(shown) else ""
     if suffix.strip():
         # `original.text` moves only when all are out, so a retry skips what `entry` has
-        await _send_chunks(provider, ledger, d, entry, original_id, original,
-                           chunk_text(suffix, limit), len(entry.parts))
+        await _send_chunks(
+            provider,
+            ledger,
+            d,
+            entry,
+            original_id,
+            original,
+            chunk_text(suffix, limit),
+            len(entry.parts),
+        )
     original.text = text if suffix.strip() else shown
     return original_id

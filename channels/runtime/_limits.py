@@ -13,7 +13,8 @@ import asyncio
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Hashable
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 from schemas import ChannelInstanceState
 
@@ -50,8 +51,11 @@ class TokenBuckets:
         return (1.0 - tokens) / self.rate
 
     def _evict(self, now: float) -> None:
-        full = [k for k, (tokens, updated) in self._buckets.items()
-                if tokens + (now - updated) * self.rate >= self.burst]
+        full = [
+            k
+            for k, (tokens, updated) in self._buckets.items()
+            if tokens + (now - updated) * self.rate >= self.burst
+        ]
         for key in full:
             del self._buckets[key]
         if len(self._buckets) >= self._max_keys:  # still full: drop the stalest
@@ -102,8 +106,7 @@ class Lockout:
         return False
 
     def _evict(self, now: float) -> None:
-        stale = [k for k, d in self._recent.items()
-                 if not d or now - d[-1] >= self.window]
+        stale = [k for k, d in self._recent.items() if not d or now - d[-1] >= self.window]
         for key in stale:
             del self._recent[key]
         if len(self._recent) >= self._max_keys:
@@ -118,7 +121,7 @@ def retry_after_header(seconds: float) -> str:
 class Breaker:
     """Closed -> open (after `threshold` consecutive failures) -> half-open (one attempt)."""
 
-    def __init__(self, instance: "Instance", threshold: int, cooldown: float) -> None:
+    def __init__(self, instance: Instance, threshold: int, cooldown: float) -> None:
         self._instance, self._threshold, self._cooldown = instance, threshold, cooldown
         self.state = "closed"
         self.until = 0.0
@@ -161,10 +164,15 @@ class Breaker:
         instance = self._instance
         instance.consecutive_failures += 1
         if self.state == "half_open" or (
-                self.state == "closed" and instance.consecutive_failures >= self._threshold):
+            self.state == "closed" and instance.consecutive_failures >= self._threshold
+        ):
             self.state, self.until = "open", time.monotonic() + self._cooldown
             self._signal()
             if instance.state in (ChannelInstanceState.READY, ChannelInstanceState.DEGRADED):
-                instance.mark(ChannelInstanceState.DEGRADED, (
-                    f"circuit open after {instance.consecutive_failures} consecutive "
-                    f"failed deliveries; trying again in {self._cooldown:g} s"))
+                instance.mark(
+                    ChannelInstanceState.DEGRADED,
+                    (
+                        f"circuit open after {instance.consecutive_failures} consecutive "
+                        f"failed deliveries; trying again in {self._cooldown:g} s"
+                    ),
+                )

@@ -21,31 +21,59 @@ if TYPE_CHECKING:
 log = logging.getLogger("cowork.channels")
 
 
-def receipt_for(d: ChannelOutbound, status: DeliveryStatus, attempts: int, ids: list[str], *,
-                code: str | None = None, error: str | None = None,
-                retry_after: float | None = None) -> ChannelReceipt:
+def receipt_for(
+    d: ChannelOutbound,
+    status: DeliveryStatus,
+    attempts: int,
+    ids: list[str],
+    *,
+    code: str | None = None,
+    error: str | None = None,
+    retry_after: float | None = None,
+) -> ChannelReceipt:
     return ChannelReceipt(
-        delivery_id=d.delivery_id, status=status, target=d.target,
-        provider_message_id=ids[0] if ids else None, provider_message_ids=ids[:64],
-        attempts=attempts, code=code, error=error, retry_after_seconds=retry_after)
+        delivery_id=d.delivery_id,
+        status=status,
+        target=d.target,
+        provider_message_id=ids[0] if ids else None,
+        provider_message_ids=ids[:64],
+        attempts=attempts,
+        code=code,
+        error=error,
+        retry_after_seconds=retry_after,
+    )
 
 
-async def settle(js: Any, instance: "Instance", msg: Any, receipt: ChannelReceipt, *,
-                 publish_timeout: float, nak_delay: float) -> None:
+async def settle(
+    js: Any,
+    instance: Instance,
+    msg: Any,
+    receipt: ChannelReceipt,
+    *,
+    publish_timeout: float,
+    nak_delay: float,
+) -> None:
     """Receipt in JetStream (three tries), then ack; else nak after `nak_delay`."""
-    data = envelope_bytes(receipt, instance.source, instance.config.tenant,
-                          instance.config.workspace_id)
+    data = envelope_bytes(
+        receipt, instance.source, instance.config.tenant, instance.config.workspace_id
+    )
     headers = {"Nats-Msg-Id": f"{receipt.delivery_id}.{receipt.status.value}"}
     for attempt in range(3):
         try:
-            await js.publish(instance.receipt_subject, data, headers=headers,
-                             timeout=publish_timeout)
+            await js.publish(
+                instance.receipt_subject, data, headers=headers, timeout=publish_timeout
+            )
             break
         except Exception as exc:
             if attempt == 2:
-                log.warning("channel.delivery.receipt_failed", **kv(
-                    instance=instance.instance_id, delivery=receipt.delivery_id,
-                    error=type(exc).__name__))
+                log.warning(
+                    "channel.delivery.receipt_failed",
+                    **kv(
+                        instance=instance.instance_id,
+                        delivery=receipt.delivery_id,
+                        error=type(exc).__name__,
+                    ),
+                )
                 await quietly(msg.nak(delay=nak_delay))
                 return
             await asyncio.sleep(0.2 * (attempt + 1))

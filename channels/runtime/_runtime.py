@@ -19,20 +19,21 @@ import asyncio
 import dataclasses
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 from aiohttp import web
 
 from schemas import ChannelInstanceState, Source, subjects
 
+from .._provider import DeliveryFailed, InstanceConfig
+from .._registry import provider_class
 from ._delivery import DeliveryWorker
 from ._ingress import Ingress, SourceResolver, kv
 from ._ledger import Ledger
-from .._provider import DeliveryFailed, InstanceConfig
-from .._registry import provider_class
 
 log = logging.getLogger("cowork.channels")
 
@@ -42,27 +43,27 @@ State = ChannelInstanceState
 @dataclass(frozen=True)
 class RuntimeOptions:
     body_limit_bytes: int = 1024 * 1024
-    source_rate: float = 50.0           # webhook requests per second per (instance, source)
+    source_rate: float = 50.0  # webhook requests per second per (instance, source)
     source_burst: float = 100.0
-    lockout_failures: int = 10          # auth failures per source ...
-    lockout_window_seconds: float = 600.0   # ... within this window lock the source out
+    lockout_failures: int = 10  # auth failures per source ...
+    lockout_window_seconds: float = 600.0  # ... within this window lock the source out
     lane_parallelism: int = 8
     max_attempts: int = 5
     backoff_base_seconds: float = 1.0
     backoff_cap_seconds: float = 30.0
-    breaker_threshold: int = 5          # consecutive failed deliveries -> degraded
+    breaker_threshold: int = 5  # consecutive failed deliveries -> degraded
     breaker_cooldown_seconds: float = 30.0
     api_bases: dict[str, str] | None = None  # kind -> API base override (tests, proxies)
-    max_in_flight: int = 256            # deliveries held per instance (fetched, not settled)
+    max_in_flight: int = 256  # deliveries held per instance (fetched, not settled)
     publish_timeout_seconds: float = 5.0
-    connect_timeout_seconds: float = 10.0   # apply() waits this long for the first connect
+    connect_timeout_seconds: float = 10.0  # apply() waits this long for the first connect
     probe_timeout_seconds: float = 10.0
-    stop_grace_seconds: float = 5.0     # in-flight sends may finish within this on stop
+    stop_grace_seconds: float = 5.0  # in-flight sends may finish within this on stop
     http_timeout_seconds: float = 15.0
-    ledger_size: int = 10_000           # sent deliveries remembered per instance
+    ledger_size: int = 10_000  # sent deliveries remembered per instance
     watch_interval_seconds: float = 0.5  # how often a closed connection is looked for
     ledger_timeout_seconds: float = 2.0  # one read or write of the durable sent-ledger
-    ledger_retry_seconds: float = 30.0   # after it failed, memory only for this long
+    ledger_retry_seconds: float = 30.0  # after it failed, memory only for this long
     # Keys the Nats-Msg-Id of each accepted webhook message (HMAC of its message id):
     # JetStream's duplicate window is per stream, and message ids are made of public
     # values, so an unkeyed id could be published first by another tenant's edge to
@@ -90,42 +91,55 @@ class Instance:
         self.delivered = self.dead_lettered = 0
         self.last_delivery_at: datetime | None = None
         self.inbound_subject = subjects.CHANNEL_INBOUND.build(
-            tenant=config.tenant, instance_id=config.instance_id,
-            workspace_id=config.workspace_id)
+            tenant=config.tenant, instance_id=config.instance_id, workspace_id=config.workspace_id
+        )
         self.receipt_subject = subjects.CHANNEL_RECEIPT.build(
-            tenant=config.tenant, instance_id=config.instance_id)
+            tenant=config.tenant, instance_id=config.instance_id
+        )
         self.consumer = subjects.edge_consumer("channel", config.instance_id)
         self.source = Source(principal_kind="channel", principal_id=config.instance_id)
 
     @property
     def webhooks(self) -> bool:
         """Whether this instance answers webhooks now (CLI instances never do)."""
-        return (self.state not in (State.STOPPING, State.STOPPED)
-                and self.provider.capabilities.inbound == "webhook")
+        return (
+            self.state not in (State.STOPPING, State.STOPPED)
+            and self.provider.capabilities.inbound == "webhook"
+        )
 
     def mark(self, state: State, detail: str) -> None:
         if state != self.state:
-            log.info("channel.instance.state", **kv(
-                instance=self.instance_id, state=state.value, detail=detail))
+            log.info(
+                "channel.instance.state",
+                **kv(instance=self.instance_id, state=state.value, detail=detail),
+            )
         self.state, self.detail = state, detail
 
     def health(self) -> dict[str, Any]:
         return {
-            "state": self.state.value, "detail": self.detail,
-            "consecutiveFailures": self.consecutive_failures, "lastError": self.last_error,
-            "inboundAccepted": self.inbound_accepted, "inboundRejected": self.inbound_rejected,
-            "delivered": self.delivered, "deadLettered": self.dead_lettered,
-            "lastDeliveryAt": self.last_delivery_at.isoformat()
-            if self.last_delivery_at else None,
-            "revision": self.config.revision, "kind": self.config.kind,
+            "state": self.state.value,
+            "detail": self.detail,
+            "consecutiveFailures": self.consecutive_failures,
+            "lastError": self.last_error,
+            "inboundAccepted": self.inbound_accepted,
+            "inboundRejected": self.inbound_rejected,
+            "delivered": self.delivered,
+            "deadLettered": self.dead_lettered,
+            "lastDeliveryAt": self.last_delivery_at.isoformat() if self.last_delivery_at else None,
+            "revision": self.config.revision,
+            "kind": self.config.kind,
         }
 
 
 class ChannelRuntime:
-    def __init__(self, *, connect: Callable[[InstanceConfig], Awaitable[Any]],
-                 options: RuntimeOptions = RuntimeOptions(),
-                 source_of: SourceResolver | None = None,
-                 http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        connect: Callable[[InstanceConfig], Awaitable[Any]],
+        options: RuntimeOptions = RuntimeOptions(),
+        source_of: SourceResolver | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         """`connect(config)` returns a connected NATS client for that instance;
         `source_of(request)` names a webhook's source (the client address behind a
         trusted proxy); `http` replaces the runtime's own HTTP client (tests)."""
@@ -144,11 +158,13 @@ class ChannelRuntime:
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-                follow_redirects=False)
+                follow_redirects=False,
+            )
 
     async def stop(self) -> None:
-        await asyncio.gather(*(self.remove(i) for i in list(self._instances)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self.remove(i) for i in list(self._instances)), return_exceptions=True
+        )
         if self._own_http and self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -159,8 +175,11 @@ class ChannelRuntime:
         one instance's trouble: see health())."""
         async with self._locks.setdefault(config.instance_id, asyncio.Lock()):
             current = self._instances.get(config.instance_id)
-            if current is not None and current.config.revision >= config.revision \
-                    and current.state not in (State.STOPPING, State.STOPPED):
+            if (
+                current is not None
+                and current.config.revision >= config.revision
+                and current.state not in (State.STOPPING, State.STOPPED)
+            ):
                 return
             if self._http is None:
                 await self.start()
@@ -184,11 +203,11 @@ class ChannelRuntime:
                 return
             first = asyncio.get_running_loop().create_future()
             instance.supervisor = asyncio.create_task(
-                self._supervise(instance, first), name=f"channel-{config.instance_id}")
+                self._supervise(instance, first), name=f"channel-{config.instance_id}"
+            )
             try:
-                await asyncio.wait_for(asyncio.shield(first),
-                                       self.options.connect_timeout_seconds)
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(asyncio.shield(first), self.options.connect_timeout_seconds)
+            except TimeoutError:
                 instance.mark(State.STARTING, "still connecting to the bus")
 
     async def remove(self, instance_id: str) -> None:
@@ -200,16 +219,25 @@ class ChannelRuntime:
     def health(self, instance_id: str) -> dict[str, Any]:
         instance = self._instances.get(instance_id)
         if instance is None:
-            return {"state": State.STOPPED.value, "detail": "not running",
-                    "consecutiveFailures": 0, "lastError": None, "inboundAccepted": 0,
-                    "inboundRejected": 0, "delivered": 0, "deadLettered": 0,
-                    "lastDeliveryAt": None}
+            return {
+                "state": State.STOPPED.value,
+                "detail": "not running",
+                "consecutiveFailures": 0,
+                "lastError": None,
+                "inboundAccepted": 0,
+                "inboundRejected": 0,
+                "delivered": 0,
+                "deadLettered": 0,
+                "lastDeliveryAt": None,
+            }
         return instance.health()
 
     def routes(self) -> list[web.RouteDef]:
         path = "/webhooks/{instance_id}"
-        return [web.get(path, self.handle_webhook, allow_head=False),
-                web.post(path, self.handle_webhook)]
+        return [
+            web.get(path, self.handle_webhook, allow_head=False),
+            web.post(path, self.handle_webhook),
+        ]
 
     async def handle_webhook(self, request: web.Request) -> web.Response:
         return await self._ingress.handle(request)
@@ -221,7 +249,8 @@ class ChannelRuntime:
         if not base or not hasattr(config.settings, "api_base"):
             return config
         return dataclasses.replace(
-            config, settings=config.settings.model_copy(update={"api_base": base}))
+            config, settings=config.settings.model_copy(update={"api_base": base})
+        )
 
     def _webhook_instance(self, instance_id: str) -> Instance | None:
         instance = self._instances.get(instance_id)
@@ -242,9 +271,11 @@ class ChannelRuntime:
             except Exception as exc:
                 instance.last_error = f"{type(exc).__name__}: {_safe(exc)}"[:500]
                 instance.mark(State.FAILED, f"cannot start; retrying in {delay:g} s")
-                log.warning("channel.instance.start_failed",
-                            exc_info=log.isEnabledFor(logging.DEBUG), **kv(
-                                instance=instance.instance_id, error=type(exc).__name__))
+                log.warning(
+                    "channel.instance.start_failed",
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                    **kv(instance=instance.instance_id, error=type(exc).__name__),
+                )
                 await self._take_down(instance)
                 if not first.done():
                     first.set_result(None)
@@ -257,8 +288,7 @@ class ChannelRuntime:
             lost = await self._watch(instance)
             instance.last_error = lost
             instance.mark(State.FAILED, f"{lost}; reconnecting in {delay:g} s")
-            log.warning("channel.instance.lost", **kv(instance=instance.instance_id,
-                                                      reason=lost))
+            log.warning("channel.instance.lost", **kv(instance=instance.instance_id, reason=lost))
             await self._take_down(instance)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.options.backoff_cap_seconds, 1.0))
@@ -280,14 +310,17 @@ class ChannelRuntime:
         instance.nc = await self._connect(instance.config)
         js = instance.nc.jetstream()
         instance.js = js  # the worker binds with it; ingress may publish from now on
-        worker = DeliveryWorker(instance, self.options,
-                                self._ledgers.setdefault(instance.instance_id,
-                                                         Ledger(self.options.ledger_size)))
+        worker = DeliveryWorker(
+            instance,
+            self.options,
+            self._ledgers.setdefault(instance.instance_id, Ledger(self.options.ledger_size)),
+        )
         await worker.start()  # binds the durable consumer: fails when it is missing
         instance.worker = worker
         try:
-            detail = await asyncio.wait_for(instance.provider.probe(),
-                                            self.options.probe_timeout_seconds)
+            detail = await asyncio.wait_for(
+                instance.provider.probe(), self.options.probe_timeout_seconds
+            )
         except Exception as exc:  # serving anyway: deliveries retry, webhooks still land
             instance.last_error = f"probe: {_safe(exc)}"[:500]
             instance.mark(State.DEGRADED, "the platform refused the health probe")
@@ -303,8 +336,10 @@ class ChannelRuntime:
             try:
                 await worker.stop(self.options.stop_grace_seconds)
             except Exception as exc:
-                log.warning("channel.instance.stop_failed", **kv(
-                    instance=instance.instance_id, error=type(exc).__name__))
+                log.warning(
+                    "channel.instance.stop_failed",
+                    **kv(instance=instance.instance_id, error=type(exc).__name__),
+                )
             instance.worker = None
         await self._close_connection(instance)
 

@@ -26,8 +26,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from schemas import check_token
-from schemas import WireModel
+from schemas import WireModel, check_token
 
 from ._ingress import kv
 
@@ -54,10 +53,16 @@ def key_prefix(tenant: str, instance_id: str) -> str:
 
 
 class SentStore:
-    def __init__(self, js: Any, tenant: str, instance_id: str, *, timeout: float = 2.0,
-                 retry_seconds: float = 30.0) -> None:
-        self._kv = KeyValue(name=BUCKET, stream=STREAM, pre=f"$KV.{BUCKET}.", js=js,
-                            direct=True)
+    def __init__(
+        self,
+        js: Any,
+        tenant: str,
+        instance_id: str,
+        *,
+        timeout: float = 2.0,
+        retry_seconds: float = 30.0,
+    ) -> None:
+        self._kv = KeyValue(name=BUCKET, stream=STREAM, pre=f"$KV.{BUCKET}.", js=js, direct=True)
         self._prefix = key_prefix(tenant, instance_id)
         self._instance_id = instance_id
         self._timeout, self._retry_seconds = timeout, retry_seconds
@@ -78,8 +83,7 @@ class SentStore:
         if not self.storable(delivery_id) or self._skipping():
             return None
         try:
-            entry = await asyncio.wait_for(self._kv.get(self._prefix + delivery_id),
-                                           self._timeout)
+            entry = await asyncio.wait_for(self._kv.get(self._prefix + delivery_id), self._timeout)
         except KeyNotFoundError:
             self._up()
             return None
@@ -90,21 +94,27 @@ class SentStore:
         try:
             return SentRecord.model_validate_json(entry.value or b"")
         except ValidationError:  # not ours to trust: a miss, so the delivery is sent
-            log.warning("channel.ledger.bad_record", **kv(
-                instance=self._instance_id, delivery=delivery_id))
+            log.warning(
+                "channel.ledger.bad_record", **kv(instance=self._instance_id, delivery=delivery_id)
+            )
             return None
 
-    async def put(self, delivery_id: str, sent: "Sent") -> None:
+    async def put(self, delivery_id: str, sent: Sent) -> None:
         if not self.storable(delivery_id) or self._skipping():
             return
-        record = SentRecord(provider_message_ids=sent.message_ids,
-                            parts=[(mid, text) for mid, text in sent.parts],
-                            text=sent.text, complete=sent.complete)
+        record = SentRecord(
+            provider_message_ids=sent.message_ids,
+            parts=[(mid, text) for mid, text in sent.parts],
+            text=sent.text,
+            complete=sent.complete,
+        )
         try:
             await asyncio.wait_for(
-                self._kv.put(self._prefix + delivery_id,
-                             record.model_dump_json(by_alias=True).encode()),
-                self._timeout)
+                self._kv.put(
+                    self._prefix + delivery_id, record.model_dump_json(by_alias=True).encode()
+                ),
+                self._timeout,
+            )
         except Exception as exc:
             self._failed(exc)
             return
@@ -118,12 +128,17 @@ class SentStore:
         self._skip_until = time.monotonic() + self._retry_seconds
         if not self._down:
             self._down = True
-            log.warning("channel.ledger.kv_unavailable", **kv(
-                instance=self._instance_id, bucket=BUCKET, error=type(exc).__name__,
-                retry_seconds=self._retry_seconds))
+            log.warning(
+                "channel.ledger.kv_unavailable",
+                **kv(
+                    instance=self._instance_id,
+                    bucket=BUCKET,
+                    error=type(exc).__name__,
+                    retry_seconds=self._retry_seconds,
+                ),
+            )
 
     def _up(self) -> None:
         if self._down:
             self._down = False
-            log.info("channel.ledger.kv_available", **kv(
-                instance=self._instance_id, bucket=BUCKET))
+            log.info("channel.ledger.kv_available", **kv(instance=self._instance_id, bucket=BUCKET))

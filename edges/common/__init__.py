@@ -5,13 +5,69 @@ and their refresh, the bootstrap exchange, state directories and CLI helpers.
 from __future__ import annotations
 
 from ._bootstrap import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
-from ._cli import DEFAULT_OPENCODE_URL, add_opencode_server, add_state_dir, add_status_command, documented_command, fail, http_url, hub_urls, interval_seconds, number_between, run_subcommand, serve
-from ._credentials import CredentialRefreshError, EdgeCredentials, new_user_seed, refresh_forever, refresh_once
-from ._opencode import OpenCodeClient, OpenCodeError, OpenCodeEvents, RESYNC
+from ._cli import (
+    DEFAULT_OPENCODE_URL,
+    add_opencode_server,
+    add_state_dir,
+    add_status_command,
+    documented_command,
+    fail,
+    http_url,
+    hub_urls,
+    interval_seconds,
+    number_between,
+    port_number,
+    run_subcommand,
+    serve,
+)
+from ._credentials import (
+    CredentialRefreshError,
+    EdgeCredentials,
+    new_user_seed,
+    refresh_forever,
+    refresh_once,
+)
+from ._log_once import Repeats
+from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
-from ._cli import port_number
-from ._opencode import session_of
 
-from ._log_once import Repeats
-__all__ = ['BootstrapFailed', 'CredentialRefreshError', 'DEFAULT_OPENCODE_URL', 'EdgeCredentials', 'OpenCodeClient', 'OpenCodeError', 'OpenCodeEvents', 'RESYNC', 'RedactionPolicy', 'Repeats', 'StateDirectory', 'add_opencode_server', 'add_state_dir', 'add_status_command', 'bootstrap_exchange', 'bootstrap_options', 'dial_once', 'documented_command', 'fail', 'http_url', 'hub_urls', 'interval_seconds', 'new_user_seed', 'now_iso', 'number_between', 'port_number', 'redact', 'redact_event', 'redact_text', 'redaction_policy', 'refresh_forever', 'refresh_once', 'run_subcommand', 'serve', 'session_of', 'state_dir_from_env', 'write_private']
+__all__ = [
+    "BootstrapFailed",
+    "CredentialRefreshError",
+    "DEFAULT_OPENCODE_URL",
+    "EdgeCredentials",
+    "OpenCodeClient",
+    "OpenCodeError",
+    "OpenCodeEvents",
+    "RESYNC",
+    "RedactionPolicy",
+    "Repeats",
+    "StateDirectory",
+    "add_opencode_server",
+    "add_state_dir",
+    "add_status_command",
+    "bootstrap_exchange",
+    "bootstrap_options",
+    "dial_once",
+    "documented_command",
+    "fail",
+    "http_url",
+    "hub_urls",
+    "interval_seconds",
+    "new_user_seed",
+    "now_iso",
+    "number_between",
+    "port_number",
+    "redact",
+    "redact_event",
+    "redact_text",
+    "redaction_policy",
+    "refresh_forever",
+    "refresh_once",
+    "run_subcommand",
+    "serve",
+    "session_of",
+    "state_dir_from_env",
+    "write_private",
+]

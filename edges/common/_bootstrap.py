@@ -18,13 +18,18 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AckReply, ContractError, Envelope, SealedReply, Source, decode
-from schemas import Message
 from schemas import (
     BOOTSTRAP_USER_JWT,
     BOOTSTRAP_USER_SEED,
+    AckReply,
+    ContractError,
+    Envelope,
+    Message,
     ReplyKey,
+    SealedReply,
     SealError,
+    Source,
+    decode,
 )
 
 from ._credentials import EdgeCredentials
@@ -37,8 +42,9 @@ class BootstrapFailed(RuntimeError):
 
     default_code = "bootstrap.failed"
 
-    def __init__(self, message: str, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, code: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code or self.default_code
         self.retry_after = retry_after
@@ -61,18 +67,33 @@ async def dial_once(urls: list[str], timeout: float, **options: Any) -> NATS:
         errors.append(exc)
 
     try:
-        return await asyncio.wait_for(nats.connect(
-            urls, connect_timeout=min(timeout, 5.0), allow_reconnect=False,
-            max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=remember, **options),
-            timeout)
+        return await asyncio.wait_for(
+            nats.connect(
+                urls,
+                connect_timeout=min(timeout, 5.0),
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                error_cb=remember,
+                **options,
+            ),
+            timeout,
+        )
     except Exception as exc:  # nats-py raises several unrelated types here
         last = errors[-1] if errors else exc
         raise ConnectionError(str(last) or type(last).__name__) from None
 
 
-async def bootstrap_request(hub_urls: list[str], subject: str, data: bytes, timeout: float, *,
-                            what: str, error: type[BootstrapFailed] = BootstrapFailed,
-                            client_name: str = "cowork-edge-bootstrap") -> bytes:
+async def bootstrap_request(
+    hub_urls: list[str],
+    subject: str,
+    data: bytes,
+    timeout: float,
+    *,
+    what: str,
+    error: type[BootstrapFailed] = BootstrapFailed,
+    client_name: str = "cowork-edge-bootstrap",
+) -> bytes:
     """Send one request as the bootstrap identity; `what` names it in errors
     ("pairing", "registration"), `error` is the exception type raised."""
     try:
@@ -80,48 +101,72 @@ async def bootstrap_request(hub_urls: list[str], subject: str, data: bytes, time
     except Exception as exc:  # nats-py raises several unrelated types here
         text = str(exc) or type(exc).__name__
         if "authorization" in text.lower():
-            raise error(f"{', '.join(hub_urls)} refused the bootstrap identity: is it "
-                        "a cowork hub's NATS server in operator mode?",
-                        "bootstrap.refused") from None
-        raise error(f"cannot reach {', '.join(hub_urls)}: {text}",
-                    "bootstrap.unreachable") from None
+            raise error(
+                f"{', '.join(hub_urls)} refused the bootstrap identity: is it "
+                "a cowork hub's NATS server in operator mode?",
+                "bootstrap.refused",
+            ) from None
+        raise error(
+            f"cannot reach {', '.join(hub_urls)}: {text}", "bootstrap.unreachable"
+        ) from None
     try:
         msg = await nc.request(subject, data, timeout=timeout)
         return msg.data
     except nats.errors.NoRespondersError:
-        raise error(f"no hub is answering {what} requests on that server",
-                    "bootstrap.no_hub") from None
+        raise error(
+            f"no hub is answering {what} requests on that server", "bootstrap.no_hub"
+        ) from None
     except nats.errors.TimeoutError:
         raise error(f"the hub did not answer within {timeout:g} s", "bootstrap.timeout") from None
     finally:
         await nc.close()
 
 
-def open_sealed_reply(raw: bytes, reply_key: ReplyKey, model: type[M], *,
-                      error: type[BootstrapFailed] = BootstrapFailed) -> M:
+def open_sealed_reply(
+    raw: bytes,
+    reply_key: ReplyKey,
+    model: type[M],
+    *,
+    error: type[BootstrapFailed] = BootstrapFailed,
+) -> M:
     """The hub's answer: a refusal raises `error` with its code, a sealed reply is
     opened with `reply_key` and decoded as `model`."""
     try:
         kind = json.loads(raw).get("type")
         if kind == AckReply.message_type:
             refusal = decode(raw, AckReply).data
-            raise error(refusal.reason or "refused", refusal.code or "refused",
-                        refusal.retry_after_seconds)
+            raise error(
+                refusal.reason or "refused", refusal.code or "refused", refusal.retry_after_seconds
+            )
         sealed = decode(raw, SealedReply).data.sealed
         return decode(reply_key.open(sealed), model).data
     except (ValueError, AttributeError, ContractError, SealError) as exc:
         raise error(f"the hub's reply could not be read: {exc}", "contract.invalid") from None
 
 
-async def bootstrap_exchange(hub_urls: list[str], subject: str, request: Message,
-                             sender: Source, reply_key: ReplyKey, reply_model: type[M], *,
-                             timeout: float, what: str,
-                             error: type[BootstrapFailed] = BootstrapFailed) -> M:
+async def bootstrap_exchange(
+    hub_urls: list[str],
+    subject: str,
+    request: Message,
+    sender: Source,
+    reply_key: ReplyKey,
+    reply_model: type[M],
+    *,
+    timeout: float,
+    what: str,
+    error: type[BootstrapFailed] = BootstrapFailed,
+) -> M:
     """The whole exchange of an edge that has no identity yet: `request`, from
     `sender`, goes out as the bootstrap identity, and the hub's answer comes back
     sealed to `reply_key` (nobody else on the bus can read the credential in it)."""
     env = Envelope.wrap(request, source=sender)
-    raw = await bootstrap_request(hub_urls, subject, env.encode(), timeout, what=what,
-                                  error=error,
-                                  client_name=f"cowork-{sender.principal_kind}-bootstrap")
+    raw = await bootstrap_request(
+        hub_urls,
+        subject,
+        env.encode(),
+        timeout,
+        what=what,
+        error=error,
+        client_name=f"cowork-{sender.principal_kind}-bootstrap",
+    )
     return open_sealed_reply(raw, reply_key, reply_model, error=error)

@@ -20,11 +20,17 @@ from urllib.parse import urlparse
 DEFAULT_OPENCODE_URL = "http://127.0.0.1:4096"
 
 
-def documented_command(sub: Any, name: str, *, help: str, description: str,
-                       epilog: str) -> argparse.ArgumentParser:
+def documented_command(
+    sub: Any, name: str, *, help: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
     """A sub-command whose epilog (the environment variables) keeps its line breaks."""
-    return sub.add_parser(name, help=help, description=description, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def hub_urls(text: str) -> list[str]:
@@ -46,8 +52,9 @@ def http_url(text: str) -> str:
     return text
 
 
-def number_between(parse: Callable[[str], float], low: float, high: float,
-                   unit: str = "") -> Callable[[str], Any]:
+def number_between(
+    parse: Callable[[str], float], low: float, high: float, unit: str = ""
+) -> Callable[[str], Any]:
     """An argument type: a number (`int` or `float`) from `low` to `high`."""
     kind = "whole number" if parse is int else "number"
 
@@ -68,19 +75,28 @@ interval_seconds = number_between(float, 0.2, 3600, " seconds")
 
 
 def add_state_dir(p: argparse.ArgumentParser, default: Path, env_var: str) -> None:
-    p.add_argument("--state-dir", type=Path, default=default,
-                   help=f"state directory (default: %(default)s; env {env_var})")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default,
+        help=f"state directory (default: %(default)s; env {env_var})",
+    )
 
 
 def add_opencode_server(p: argparse.ArgumentParser) -> None:
     """--opencode and --opencode-password, for the commands that run an agent."""
-    p.add_argument("--opencode", default=os.environ.get("COWORK_OPENCODE_URL",
-                                                        DEFAULT_OPENCODE_URL),
-                   type=http_url, help="OpenCode server URL (default: %(default)s)")
-    p.add_argument("--opencode-password",
-                   default=os.environ.get("COWORK_OPENCODE_PASSWORD")
-                   or os.environ.get("OPENCODE_SERVER_PASSWORD"),
-                   help="OpenCode server password (prefer the environment variable)")
+    p.add_argument(
+        "--opencode",
+        default=os.environ.get("COWORK_OPENCODE_URL", DEFAULT_OPENCODE_URL),
+        type=http_url,
+        help="OpenCode server URL (default: %(default)s)",
+    )
+    p.add_argument(
+        "--opencode-password",
+        default=os.environ.get("COWORK_OPENCODE_PASSWORD")
+        or os.environ.get("OPENCODE_SERVER_PASSWORD"),
+        help="OpenCode server password (prefer the environment variable)",
+    )
 
 
 def add_status_command(sub: Any, help: str) -> argparse.ArgumentParser:
@@ -103,9 +119,13 @@ class Store(Protocol):
 S = TypeVar("S", bound=Store)
 
 
-def run_subcommand(args: argparse.Namespace, command: str, store: S,
-                   handlers: dict[str, Callable[[argparse.Namespace, S], int]],
-                   store_error: type[Exception]) -> int:
+def run_subcommand(
+    args: argparse.Namespace,
+    command: str,
+    store: S,
+    handlers: dict[str, Callable[[argparse.Namespace, S], int]],
+    store_error: type[Exception],
+) -> int:
     """Run `handlers[command]` on the state directory; a problem with the directory
     (`store_error`) is one line and exit 1, and the store is closed either way."""
     try:

@@ -14,8 +14,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nkeys
 from nats.aio.client import Client as NATS
@@ -34,6 +35,7 @@ from schemas import (
 )
 
 log = logging.getLogger("cowork.edge.credentials")
+
 
 class CredentialRefreshError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
@@ -54,7 +56,7 @@ class EdgeCredentials:
 
     # --- persistence: a standard .creds file any NATS client can use ------------
     @classmethod
-    def from_creds_file(cls, path: Path) -> "EdgeCredentials":
+    def from_creds_file(cls, path: Path) -> EdgeCredentials:
         try:
             user_jwt, seed = parse_creds(Path(path).read_text())
         except ValueError:
@@ -87,6 +89,7 @@ class EdgeCredentials:
 
     def connect_options(self) -> dict[str, Callable[..., Any]]:
         """nats-py options: the JWT is read at every (re)connect, the nonce signed here."""
+
         def sign(nonce: str) -> bytes:
             kp = nkeys.from_seed(bytearray(self._seed))
             try:
@@ -105,14 +108,24 @@ def _public(seed: bytes) -> str:
         kp.wipe()
 
 
-async def refresh_once(nc: NATS, creds: EdgeCredentials, *, tenant: str, kind: str,
-                       principal_id: str, timeout: float = 5.0) -> CredentialRefreshReply:
+async def refresh_once(
+    nc: NATS,
+    creds: EdgeCredentials,
+    *,
+    tenant: str,
+    kind: str,
+    principal_id: str,
+    timeout: float = 5.0,
+) -> CredentialRefreshReply:
     """Ask the hub for a fresh JWT for this key and swap it in."""
-    request = Envelope.wrap(CredentialRefreshRequest(public_key=creds.public_key),
-                            source=Source(principal_kind=kind, principal_id=principal_id),
-                            tenant=tenant)
-    subject = subjects.CREDENTIAL_REFRESH.build(tenant=tenant, principal_kind=kind,
-                                                principal_id=principal_id)
+    request = Envelope.wrap(
+        CredentialRefreshRequest(public_key=creds.public_key),
+        source=Source(principal_kind=kind, principal_id=principal_id),
+        tenant=tenant,
+    )
+    subject = subjects.CREDENTIAL_REFRESH.build(
+        tenant=tenant, principal_kind=kind, principal_id=principal_id
+    )
     reply = await nc.request(subject, request.encode(), timeout=timeout)
     try:
         kind_of_reply = json.loads(reply.data).get("type")
@@ -129,9 +142,16 @@ async def refresh_once(nc: NATS, creds: EdgeCredentials, *, tenant: str, kind: s
     return body
 
 
-async def refresh_forever(nc: NATS, creds: EdgeCredentials, *, tenant: str, kind: str,
-                          principal_id: str, fraction: float = 0.75,
-                          on_refresh: Callable[[EdgeCredentials], None] | None = None) -> None:
+async def refresh_forever(
+    nc: NATS,
+    creds: EdgeCredentials,
+    *,
+    tenant: str,
+    kind: str,
+    principal_id: str,
+    fraction: float = 0.75,
+    on_refresh: Callable[[EdgeCredentials], None] | None = None,
+) -> None:
     """Refresh at `fraction` of each JWT's remaining life; retry with backoff on errors.
 
     A refused refresh (revoked) ends the loop: the server will disconnect this

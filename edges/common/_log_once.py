@@ -21,8 +21,12 @@ class Repeats:
         count = self._failing.get(key, 0) + 1
         self._failing[key] = count
         level = logging.INFO if count == 1 else logging.DEBUG
-        self._log.log(level, message + ("" if count == 1 else " (again, %d times)"),
-                      *args, *(() if count == 1 else (count,)))
+        self._log.log(
+            level,
+            message + ("" if count == 1 else " (again, %d times)"),
+            *args,
+            *(() if count == 1 else (count,)),
+        )
 
     def ok(self, key: str) -> None:
         count = self._failing.pop(key, 0)

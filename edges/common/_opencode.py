@@ -64,14 +64,16 @@ def _error_from(response: httpx.Response) -> OpenCodeError:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        return OpenCodeError(response.status_code, None, response.text[:500] or response.reason_phrase)
+        return OpenCodeError(
+            response.status_code, None, response.text[:500] or response.reason_phrase
+        )
     data = body.get("data") if isinstance(body.get("data"), dict) else {}
     message = data.get("message") or body.get("message") or response.reason_phrase
     return OpenCodeError(response.status_code, body.get("name"), str(message))
 
 
 def _model_ref(model: str | dict[str, str]) -> dict[str, str]:
-    """"provider/model" or {"providerID", "modelID"} -> the prompt body's model object."""
+    """ "provider/model" or {"providerID", "modelID"} -> the prompt body's model object."""
     if isinstance(model, dict):
         return model
     provider, _, model_id = model.partition("/")
@@ -81,30 +83,37 @@ def _model_ref(model: str | dict[str, str]) -> dict[str, str]:
 class OpenCodeClient:
     """Async client for one OpenCode server (and optionally one project directory)."""
 
-    def __init__(self, base_url: str, *, password: str | None = None,
-                 username: str = "opencode", directory: str | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        password: str | None = None,
+        username: str = "opencode",
+        directory: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         headers = {"x-opencode-directory": quote(directory, safe="")} if directory else {}
         auth = httpx.BasicAuth(username, password) if password else None
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, auth=auth, headers=headers,
-                                       timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, auth=auth, headers=headers, timeout=timeout
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "OpenCodeClient":
+    async def __aenter__(self) -> OpenCodeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, *, params: dict | None = None,
-                       body: Any = None) -> Any:
+    async def _request(
+        self, method: str, path: str, *, params: dict | None = None, body: Any = None
+    ) -> Any:
         params = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = await self._http.request(method, path, params=params or None,
-                                                json=body)
+            response = await self._http.request(method, path, params=params or None, json=body)
         except httpx.TransportError as exc:
             raise OpenCodeError(None, "Unreachable", f"{method} {path}: {exc!r}") from exc
         if not response.is_success:
@@ -114,17 +123,22 @@ class OpenCodeClient:
         try:
             return response.json()
         except ValueError as exc:
-            raise OpenCodeError(response.status_code, "InvalidResponse",
-                                f"{method} {path}: not JSON") from exc
+            raise OpenCodeError(
+                response.status_code, "InvalidResponse", f"{method} {path}: not JSON"
+            ) from exc
 
     # --- server and sessions -------------------------------------------------
     async def health(self) -> dict[str, Any]:
         return await self._request("GET", "/global/health")
 
-    async def create_session(self, *, title: str | None = None, agent: str | None = None,
-                             parent_id: str | None = None) -> dict[str, Any]:
-        body = {k: v for k, v in {"title": title, "agent": agent, "parentID": parent_id}.items()
-                if v is not None}
+    async def create_session(
+        self, *, title: str | None = None, agent: str | None = None, parent_id: str | None = None
+    ) -> dict[str, Any]:
+        body = {
+            k: v
+            for k, v in {"title": title, "agent": agent, "parentID": parent_id}.items()
+            if v is not None
+        }
         return await self._request("POST", "/session", body=body)
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
@@ -138,63 +152,77 @@ class OpenCodeClient:
         return await self._request("GET", "/session/status")
 
     # --- prompting -----------------------------------------------------------
-    async def prompt_async(self, session_id: str, parts: list[dict[str, Any]], *,
-                           agent: str | None = None, variant: str | None = None,
-                           model: str | dict[str, str] | None = None) -> None:
+    async def prompt_async(
+        self,
+        session_id: str,
+        parts: list[dict[str, Any]],
+        *,
+        agent: str | None = None,
+        variant: str | None = None,
+        model: str | dict[str, str] | None = None,
+    ) -> None:
         """Queue a prompt; OpenCode answers 204 at once and the turn runs in the background."""
         body: dict[str, Any] = {"parts": parts}
         body.update({k: v for k, v in {"agent": agent, "variant": variant}.items() if v})
         if model:
             body["model"] = _model_ref(model)
-        return await self._request("POST", f"/session/{quote(session_id, safe='')}/prompt_async",
-                                   body=body)
+        return await self._request(
+            "POST", f"/session/{quote(session_id, safe='')}/prompt_async", body=body
+        )
 
     async def abort(self, session_id: str) -> bool:
         """True, also for unknown ids (OpenCode does not check)."""
         return await self._request("POST", f"/session/{quote(session_id, safe='')}/abort")
 
     async def messages(self, session_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
-        return await self._request("GET", f"/session/{quote(session_id, safe='')}/message",
-                                   params={"limit": limit})
+        return await self._request(
+            "GET", f"/session/{quote(session_id, safe='')}/message", params={"limit": limit}
+        )
 
     # --- permissions and questions -------------------------------------------
     async def list_permissions(self) -> list[dict[str, Any]]:
         return await self._request("GET", "/permission")
 
-    async def reply_permission(self, request_id: str,
-                               reply: Literal["once", "always", "reject"],
-                               message: str | None = None) -> bool:
+    async def reply_permission(
+        self,
+        request_id: str,
+        reply: Literal["once", "always", "reject"],
+        message: str | None = None,
+    ) -> bool:
         body = {"reply": reply, **({"message": message} if message is not None else {})}
-        return await self._request("POST", f"/permission/{quote(request_id, safe='')}/reply",
-                                   body=body)
+        return await self._request(
+            "POST", f"/permission/{quote(request_id, safe='')}/reply", body=body
+        )
 
     async def list_questions(self) -> list[dict[str, Any]]:
         return await self._request("GET", "/question")
 
     async def reply_question(self, request_id: str, answers: list[list[str]]) -> bool:
         """One list of chosen option labels per question, in the questions' order."""
-        return await self._request("POST", f"/question/{quote(request_id, safe='')}/reply",
-                                   body={"answers": answers})
+        return await self._request(
+            "POST", f"/question/{quote(request_id, safe='')}/reply", body={"answers": answers}
+        )
 
     async def reject_question(self, request_id: str) -> bool:
         return await self._request("POST", f"/question/{quote(request_id, safe='')}/reject")
 
     # --- events --------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _event_lines(self, open_timeout: float = STREAM_OPEN_TIMEOUT
-                           ) -> AsyncIterator[AsyncIterator[str]]:
+    async def _event_lines(
+        self, open_timeout: float = STREAM_OPEN_TIMEOUT
+    ) -> AsyncIterator[AsyncIterator[str]]:
         """The raw lines of `GET /event`, once the server has answered with its headers.
 
         The headers get their own short deadline: a request that reaches OpenCode
         while it is still starting up is accepted and then never answered.
         """
         timeout = httpx.Timeout(self._http.timeout.connect or 30.0, read=STREAM_READ_TIMEOUT)
-        request = self._http.build_request("GET", "/event", timeout=timeout,
-                                           headers={"Accept": "text/event-stream"})
+        request = self._http.build_request(
+            "GET", "/event", timeout=timeout, headers={"Accept": "text/event-stream"}
+        )
         try:
-            response = await asyncio.wait_for(self._http.send(request, stream=True),
-                                              open_timeout)
-        except (httpx.TransportError, asyncio.TimeoutError) as exc:
+            response = await asyncio.wait_for(self._http.send(request, stream=True), open_timeout)
+        except (TimeoutError, httpx.TransportError) as exc:
             raise OpenCodeError(None, "Unreachable", f"GET /event: {exc!r}") from exc
         try:
             if not response.is_success:
@@ -290,8 +318,9 @@ def _is_active(status: Any) -> bool:
     return isinstance(status, dict) and status.get("type") in ("busy", "retry")
 
 
-def parse_events(lines: Iterable[str], event_filter: EventFilter | None = None
-                 ) -> Iterator[dict[str, Any]]:
+def parse_events(
+    lines: Iterable[str], event_filter: EventFilter | None = None
+) -> Iterator[dict[str, Any]]:
     """Decode and filter SSE lines: what `OpenCodeEvents` yields for one connection."""
     decoder, event_filter = SseDecoder(), event_filter or EventFilter()
     for line in lines:
@@ -318,9 +347,15 @@ class OpenCodeEvents:
     successful connections after the first.
     """
 
-    def __init__(self, client: OpenCodeClient, *, min_backoff: float = 0.2,
-                 max_backoff: float = 10.0, open_timeout: float = STREAM_OPEN_TIMEOUT,
-                 queue_size: int = 1000) -> None:
+    def __init__(
+        self,
+        client: OpenCodeClient,
+        *,
+        min_backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        open_timeout: float = STREAM_OPEN_TIMEOUT,
+        queue_size: int = 1000,
+    ) -> None:
         self._client = client
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -332,7 +367,7 @@ class OpenCodeEvents:
         self.connected = False
         self.reconnects = 0
 
-    def __aiter__(self) -> "OpenCodeEvents":
+    def __aiter__(self) -> OpenCodeEvents:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
@@ -360,7 +395,7 @@ class OpenCodeEvents:
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(_CLOSED)
 
-    async def __aenter__(self) -> "OpenCodeEvents":
+    async def __aenter__(self) -> OpenCodeEvents:
         self.start()
         return self
 
@@ -396,8 +431,16 @@ class OpenCodeEvents:
         questions = await self._client.list_questions()
         self._filter.resync(status or {})
         self.connected = True
-        await self._queue.put({"type": RESYNC, "properties": {
-            "status": status, "permissions": permissions, "questions": questions}})
+        await self._queue.put(
+            {
+                "type": RESYNC,
+                "properties": {
+                    "status": status,
+                    "permissions": permissions,
+                    "questions": questions,
+                },
+            }
+        )
 
     async def _pump(self, lines: AsyncIterator[str]) -> None:
         decoder = SseDecoder()
@@ -420,8 +463,11 @@ def session_of(event: dict[str, Any]) -> str | None:
     props = event.get("properties") or {}
     if not isinstance(props, dict):
         return None
-    for candidate in (props.get("sessionID"), _get(props, "info", "sessionID"),
-                      _get(props, "part", "sessionID")):
+    for candidate in (
+        props.get("sessionID"),
+        _get(props, "info", "sessionID"),
+        _get(props, "part", "sessionID"),
+    ):
         if isinstance(candidate, str) and _SESSION_TOKEN.match(candidate):
             return candidate
     info_id = _get(props, "info", "id")

@@ -62,13 +62,16 @@ LOCAL_FILE_URL = "[local-file-url]"
 UNSUPPORTED = "[unsupported]"
 MORE_KEYS = "__redacted"
 
-MCP_DETAIL_KEYS = frozenset({"command", "args", "env", "cwd", "stdio", "process", "pid",
-                             "serverPath"})
+MCP_DETAIL_KEYS = frozenset(
+    {"command", "args", "env", "cwd", "stdio", "process", "pid", "serverPath"}
+)
 ARTIFACT_BODY_KEYS = frozenset({"body", "contentBase64", "dataBase64"})
 PATH_KEYS = frozenset({"path", "worktree", "root", "cwd"})
-_POLICY_KEYS = {"exposeArtifactBodies": "expose_artifact_bodies",
-                "exposeLocalPaths": "expose_local_paths",
-                "exposeLocalMcpDetails": "expose_local_mcp_details"}
+_POLICY_KEYS = {
+    "exposeArtifactBodies": "expose_artifact_bodies",
+    "exposeLocalPaths": "expose_local_paths",
+    "exposeLocalMcpDetails": "expose_local_mcp_details",
+}
 
 _ROOTS = r"(?:Users|home|private|var|tmp|Volumes|root|mnt|media)"
 _PATH_END = r"(?:\\ |[^\s\"'`()\[\]{}<>,;|])"  # a path runs to whitespace or punctuation
@@ -109,15 +112,22 @@ DEFAULT_POLICY = RedactionPolicy()
 
 def redaction_policy(policy: Any) -> RedactionPolicy:
     """From a `schemas.PairingPolicy` (or anything with its three expose_* fields)."""
-    return RedactionPolicy(expose_artifact_bodies=policy.expose_artifact_bodies is True,
-                           expose_local_paths=policy.expose_local_paths is True,
-                           expose_local_mcp_details=policy.expose_local_mcp_details is True)
+    return RedactionPolicy(
+        expose_artifact_bodies=policy.expose_artifact_bodies is True,
+        expose_local_paths=policy.expose_local_paths is True,
+        expose_local_mcp_details=policy.expose_local_mcp_details is True,
+    )
 
 
 def redact(value: Any, policy: RedactionPolicy = DEFAULT_POLICY) -> Any:
     """A redacted copy of a JSON-like value (the input is never modified)."""
-    return _walk(value, 0, policy.expose_local_paths, policy.expose_local_mcp_details,
-                 policy.expose_artifact_bodies)
+    return _walk(
+        value,
+        0,
+        policy.expose_local_paths,
+        policy.expose_local_mcp_details,
+        policy.expose_artifact_bodies,
+    )
 
 
 def redact_event(event: dict[str, Any], policy: RedactionPolicy = DEFAULT_POLICY) -> dict[str, Any]:
@@ -171,8 +181,11 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
                 out[name] = ARTIFACT_REDACTED
             elif role is _DIRECTORY and not paths:
                 out[name] = None
-            elif (role is _PATH or (role is _MCP and key in PATH_KEYS)) and not paths \
-                    and type(item) is str:
+            elif (
+                (role is _PATH or (role is _MCP and key in PATH_KEYS))
+                and not paths
+                and type(item) is str
+            ):
                 out[name] = LOCAL_PATH if item else item
             else:
                 out[name] = _walk(item, depth + 1, paths, mcp, bodies)
@@ -184,8 +197,10 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
             return DEPTH_REDACTED
         size = len(value)
         if size > MAX_ARRAY_ITEMS:
-            items = [_walk(item, depth + 1, paths, mcp, bodies)
-                     for item in islice(value, MAX_ARRAY_ITEMS - 1)]
+            items = [
+                _walk(item, depth + 1, paths, mcp, bodies)
+                for item in islice(value, MAX_ARRAY_ITEMS - 1)
+            ]
             items.append(f"[{size - (MAX_ARRAY_ITEMS - 1)} more item(s) redacted]")
         else:
             items = [_walk(item, depth + 1, paths, mcp, bodies) for item in value]
@@ -235,7 +250,7 @@ def _long_text(text: str, keep_paths: bool) -> str:
     # Scrub a bounded head, then cut. A secret split by the head's cut sits at
     # its tail, which the final cut drops unless replacements shrank the head a
     # lot; then scrub the whole text instead (rare, and only costs time).
-    head = text[:MAX_STRING_CHARS + 8192]
+    head = text[: MAX_STRING_CHARS + 8192]
     out = _scrub(head, keep_paths)
     if len(out) < MAX_STRING_CHARS + 4096 and len(head) < len(text):
         out = _scrub(text, keep_paths)

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def state_dir_from_env(env_var: str, agent: str) -> Path:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def write_private(path: Path, text: str) -> None:
@@ -81,8 +81,9 @@ class StateDirectory:
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             self.ensure_dir()
-            db = sqlite3.connect(self.directory / self.db_name, check_same_thread=False,
-                                 isolation_level=None)
+            db = sqlite3.connect(
+                self.directory / self.db_name, check_same_thread=False, isolation_level=None
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.db_synchronous}")
             db.executescript(self.db_schema)

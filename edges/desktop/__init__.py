@@ -9,4 +9,15 @@ from ._cli import add_desktop_commands, run_desktop
 from ._relay import session_of
 from ._store import DesktopStore, StoreError
 
-__all__ = ['DesktopAgent', 'DesktopStore', 'PairingFailed', 'StoreError', 'add_desktop_commands', 'notify_hub_of_revocation', 'pair', 'revoke_locally', 'run_desktop', 'session_of']
+__all__ = [
+    "DesktopAgent",
+    "DesktopStore",
+    "PairingFailed",
+    "StoreError",
+    "add_desktop_commands",
+    "notify_hub_of_revocation",
+    "pair",
+    "revoke_locally",
+    "run_desktop",
+    "session_of",
+]

@@ -22,7 +22,7 @@ import json
 import logging
 import platform
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -41,18 +41,25 @@ from schemas import (
     PairingRevokeNotice,
     PairingState,
     PresenceHeartbeat,
+    ReplyKey,
     Source,
     decode,
     subjects,
 )
-from schemas import ReplyKey
 
-from ..common import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
-from ..common import EdgeCredentials, new_user_seed, refresh_forever
+from ..common import (
+    BootstrapFailed,
+    EdgeCredentials,
+    OpenCodeClient,
+    bootstrap_exchange,
+    bootstrap_options,
+    dial_once,
+    new_user_seed,
+    refresh_forever,
+)
 from ._commands import CommandRunner
 from ._relay import EventRelay
 from ._store import DesktopStore, PairingFile, StoreError
-from ..common import OpenCodeClient
 
 log = logging.getLogger("cowork.edge.desktop")
 CLIENT_VERSION = "cowork-desktop/0.1"
@@ -66,38 +73,68 @@ class PairingFailed(BootstrapFailed):
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # Kept under their old names: tests and callers import them from here.
 _bootstrap_options = bootstrap_options
 
 
-async def pair(code: str, hub_urls: list[str], store: DesktopStore, *,
-               device_name: str | None = None, timeout: float = 10.0) -> PairingFile:
+async def pair(
+    code: str,
+    hub_urls: list[str],
+    store: DesktopStore,
+    *,
+    device_name: str | None = None,
+    timeout: float = 10.0,
+) -> PairingFile:
     if store.is_paired() and not store.load_pairing().revoked:
         current = store.load_pairing()
-        raise PairingFailed(f"{store.directory} already holds pairing {current.pairing_id}; "
-                            "revoke it first or use another --state-dir", "pairing.exists")
+        raise PairingFailed(
+            f"{store.directory} already holds pairing {current.pairing_id}; "
+            "revoke it first or use another --state-dir",
+            "pairing.exists",
+        )
     seed, reply_key = new_user_seed(), ReplyKey()
     creds = EdgeCredentials("", seed)
     name = device_name or platform.node() or "desktop"
-    request = PairingRedeemRequest(code=code.strip(), public_key=creds.public_key,
-                                   reply_key=reply_key.public, device_name=name[:512],
-                                   client_version=CLIENT_VERSION)
+    request = PairingRedeemRequest(
+        code=code.strip(),
+        public_key=creds.public_key,
+        reply_key=reply_key.public,
+        device_name=name[:512],
+        client_version=CLIENT_VERSION,
+    )
     reply = await bootstrap_exchange(
-        hub_urls, subjects.PAIRING_REDEEM.build(), request,
-        Source(principal_kind="desktop", principal_id="unpaired"), reply_key,
-        PairingRedeemReply, timeout=timeout, what="pairing", error=PairingFailed)
+        hub_urls,
+        subjects.PAIRING_REDEEM.build(),
+        request,
+        Source(principal_kind="desktop", principal_id="unpaired"),
+        reply_key,
+        PairingRedeemReply,
+        timeout=timeout,
+        what="pairing",
+        error=PairingFailed,
+    )
     store.ensure_dir()
     EdgeCredentials(reply.user_jwt, seed).write_creds_file(store.creds_path)
     pairing = PairingFile(
-        tenant=reply.tenant, pairing_id=reply.pairing_id, label=reply.label,
-        hub_urls=list(hub_urls), device_name=name, paired_at=_utcnow().isoformat(),
-        state=reply.state.model_dump(mode="json", by_alias=True))
+        tenant=reply.tenant,
+        pairing_id=reply.pairing_id,
+        label=reply.label,
+        hub_urls=list(hub_urls),
+        device_name=name,
+        paired_at=_utcnow().isoformat(),
+        state=reply.state.model_dump(mode="json", by_alias=True),
+    )
     store.save_pairing(pairing)
-    store.audit("pairing.paired", pairingId=reply.pairing_id, tenant=reply.tenant,
-                label=reply.label, hub=hub_urls)
+    store.audit(
+        "pairing.paired",
+        pairingId=reply.pairing_id,
+        tenant=reply.tenant,
+        label=reply.label,
+        hub=hub_urls,
+    )
     return pairing
 
 
@@ -116,23 +153,30 @@ def revoke_locally(store: DesktopStore, reason: str) -> PairingFile:
     return pairing
 
 
-async def notify_hub_of_revocation(store: DesktopStore, pairing: PairingFile, reason: str,
-                                   timeout: float = 3.0) -> bool:
+async def notify_hub_of_revocation(
+    store: DesktopStore, pairing: PairingFile, reason: str, timeout: float = 3.0
+) -> bool:
     """Best effort, before the local revocation deletes the credential."""
     try:
         creds = EdgeCredentials.from_creds_file(store.creds_path)
-        nc = await dial_once(pairing.hub_urls, timeout, **creds.connect_options(),
-                             inbox_prefix=subjects.inbox_prefix(pairing.tenant, "desktop",
-                                                                pairing.pairing_id))
+        nc = await dial_once(
+            pairing.hub_urls,
+            timeout,
+            **creds.connect_options(),
+            inbox_prefix=subjects.inbox_prefix(pairing.tenant, "desktop", pairing.pairing_id),
+        )
     except Exception:
         return False
     try:
-        notice = PairingRevokeNotice(pairing_id=pairing.pairing_id, reason=reason[:512],
-                                     revoked_at=_utcnow())
+        notice = PairingRevokeNotice(
+            pairing_id=pairing.pairing_id, reason=reason[:512], revoked_at=_utcnow()
+        )
         env = Envelope.wrap(notice, source=_source(pairing), tenant=pairing.tenant)
-        msg = await nc.request(subjects.PAIRING_REVOKE.build(tenant=pairing.tenant,
-                                                             pairing_id=pairing.pairing_id),
-                               env.encode(), timeout=timeout)
+        msg = await nc.request(
+            subjects.PAIRING_REVOKE.build(tenant=pairing.tenant, pairing_id=pairing.pairing_id),
+            env.encode(),
+            timeout=timeout,
+        )
         return decode(msg.data, AckReply).data.ok
     except Exception:
         return False
@@ -141,13 +185,20 @@ async def notify_hub_of_revocation(store: DesktopStore, pairing: PairingFile, re
 
 
 def _source(pairing: PairingFile) -> Source:
-    return Source(principal_kind="desktop", principal_id=pairing.pairing_id,
-                  authority="desktop_local")
+    return Source(
+        principal_kind="desktop", principal_id=pairing.pairing_id, authority="desktop_local"
+    )
 
 
 class DesktopAgent:
-    def __init__(self, store: DesktopStore, opencode_url: str, *,
-                 opencode_password: str | None = None, heartbeat_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: DesktopStore,
+        opencode_url: str,
+        *,
+        opencode_password: str | None = None,
+        heartbeat_interval: float = 5.0,
+    ) -> None:
         self.store = store
         self.pairing = store.load_pairing()
         if self.pairing.revoked:
@@ -176,9 +227,14 @@ class DesktopAgent:
         self._stopped.set()
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
-            ("desktop-bus", self._bus()), ("desktop-commands", self._command_worker()),
-            ("desktop-relay", self.relay.run()))]
+        tasks = [
+            asyncio.create_task(coro, name=name)
+            for name, coro in (
+                ("desktop-bus", self._bus()),
+                ("desktop-commands", self._command_worker()),
+                ("desktop-relay", self.relay.run()),
+            )
+        ]
         try:
             await self._stopped.wait()
         finally:
@@ -202,26 +258,40 @@ class DesktopAgent:
     # --- bus ----------------------------------------------------------------------------
     async def _bus(self) -> None:
         self.nc = await self._connect()
-        await self.nc.subscribe(subjects.DEVICE_COMMAND.build(tenant=self.tenant,
-                                                              device_id=self.pairing_id),
-                                cb=self._on_command)
+        await self.nc.subscribe(
+            subjects.DEVICE_COMMAND.build(tenant=self.tenant, device_id=self.pairing_id),
+            cb=self._on_command,
+        )
         self.connected.set()
         self.relay.attach(self.nc)
-        await asyncio.gather(self._heartbeats(), refresh_forever(
-            self.nc, self.creds, tenant=self.tenant, kind="desktop",
-            principal_id=self.pairing_id,
-            on_refresh=lambda c: c.write_creds_file(self.store.creds_path)))
+        await asyncio.gather(
+            self._heartbeats(),
+            refresh_forever(
+                self.nc,
+                self.creds,
+                tenant=self.tenant,
+                kind="desktop",
+                principal_id=self.pairing_id,
+                on_refresh=lambda c: c.write_creds_file(self.store.creds_path),
+            ),
+        )
 
     async def _connect(self) -> NATS:
         backoff = 0.2
         while True:
             try:
                 return await nats.connect(
-                    self.pairing.hub_urls, name=f"cowork-desktop-{self.pairing_id}",
+                    self.pairing.hub_urls,
+                    name=f"cowork-desktop-{self.pairing_id}",
                     inbox_prefix=subjects.inbox_prefix(self.tenant, "desktop", self.pairing_id),
-                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                    connect_timeout=2, error_cb=self._on_error,
-                    reconnected_cb=self._on_reconnect, **self.creds.connect_options())
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    error_cb=self._on_error,
+                    reconnected_cb=self._on_reconnect,
+                    **self.creds.connect_options(),
+                )
             except Exception as exc:  # hub away at start: the relay buffers meanwhile
                 if "authorization" in str(exc).lower():
                     log.error("desktop.credential_refused: %s", exc)
@@ -250,13 +320,21 @@ class DesktopAgent:
     async def _heartbeat(self, status: str) -> None:
         assert self.nc is not None
         self._beat += 1
-        beat = PresenceHeartbeat(principal_kind="desktop", principal_id=self.pairing_id,
-                                 sequence=self._beat, interval_seconds=self.heartbeat_interval,
-                                 status=status, version=CLIENT_VERSION)
+        beat = PresenceHeartbeat(
+            principal_kind="desktop",
+            principal_id=self.pairing_id,
+            sequence=self._beat,
+            interval_seconds=self.heartbeat_interval,
+            status=status,
+            version=CLIENT_VERSION,
+        )
         env = Envelope.wrap(beat, source=_source(self.pairing), tenant=self.tenant)
-        await self.nc.publish(subjects.PRESENCE.build(
-            tenant=self.tenant, principal_kind="desktop", principal_id=self.pairing_id),
-            env.encode())
+        await self.nc.publish(
+            subjects.PRESENCE.build(
+                tenant=self.tenant, principal_kind="desktop", principal_id=self.pairing_id
+            ),
+            env.encode(),
+        )
 
     # --- commands ----------------------------------------------------------------------------
     async def _on_command(self, msg: Any) -> None:
@@ -293,9 +371,13 @@ class DesktopAgent:
         self.runner.state = state
         self.pairing.state = state.model_dump(mode="json", by_alias=True)
         self.store.save_pairing(self.pairing)
-        self.store.audit("pairing.updated", revision=state.revision, enabled=state.enabled,
-                         policy=state.policy.model_dump(mode="json", by_alias=True),
-                         allowedSessionIds=state.allowed_session_ids)
+        self.store.audit(
+            "pairing.updated",
+            revision=state.revision,
+            enabled=state.enabled,
+            policy=state.policy.model_dump(mode="json", by_alias=True),
+            allowedSessionIds=state.allowed_session_ids,
+        )
         if state.revoked:
             self._revoke("revoked by the hub")
 
@@ -306,25 +388,35 @@ class DesktopAgent:
     async def _handle_command(self, command: DeviceCommand) -> None:
         problem = self._refusal_reason(command)
         if problem:
-            self.store.audit("command.rejected", commandId=command.id,
-                             sequence=command.sequence, reason=problem)
+            self.store.audit(
+                "command.rejected", commandId=command.id, sequence=command.sequence, reason=problem
+            )
             return
         record = self.store.command_record(command.id)
         if record is not None and record[0] == "done":
             await self._ack(command, CommandResult.model_validate(record[1]))
             return
         if record is not None:  # started before a crash: never run twice
-            result = CommandResult(ok=False, status="failed",
-                                   message="interrupted by a Desktop restart; not run again")
+            result = CommandResult(
+                ok=False, status="failed", message="interrupted by a Desktop restart; not run again"
+            )
         else:
             if command.sequence <= self.store.last_command_sequence():
-                self.store.audit("command.rejected", commandId=command.id,
-                                 sequence=command.sequence, reason="stale sequence")
+                self.store.audit(
+                    "command.rejected",
+                    commandId=command.id,
+                    sequence=command.sequence,
+                    reason="stale sequence",
+                )
                 return
             result = await self._execute(command)
         self.store.command_done(command.id, result.model_dump(mode="json", by_alias=True))
-        self.store.audit("command." + ("completed" if result.ok else "failed"),
-                         commandId=command.id, kind=command.kind.value, status=result.status.value)
+        self.store.audit(
+            "command." + ("completed" if result.ok else "failed"),
+            commandId=command.id,
+            kind=command.kind.value,
+            status=result.status.value,
+        )
         await self._ack(command, result)
         if command.kind.value == "revoke_pairing":
             self._revoke("revoked by a revoke_pairing command")
@@ -338,37 +430,57 @@ class DesktopAgent:
 
     async def _execute(self, command: DeviceCommand) -> CommandResult:
         self.store.command_started(command.id, command.sequence, command.kind.value)
-        self.store.audit("command.accepted", commandId=command.id, kind=command.kind.value,
-                         sequence=command.sequence, actorId=command.actor_id)
+        self.store.audit(
+            "command.accepted",
+            commandId=command.id,
+            kind=command.kind.value,
+            sequence=command.sequence,
+            actorId=command.actor_id,
+        )
         await self._send_ack(command, "accepted", None)
         self.relay.command_event(command, "command.accepted", None)
         result = await self.runner.run(command)
-        self.relay.command_event(command, "command.completed" if result.ok
-                                 else "command.failed", result)
+        self.relay.command_event(
+            command, "command.completed" if result.ok else "command.failed", result
+        )
         return result
 
     async def _ack(self, command: DeviceCommand, result: CommandResult) -> None:
         outcome = "failed" if result.status.value == "failed" else "completed"
         await self._send_ack(command, outcome, result)
 
-    async def _send_ack(self, command: DeviceCommand, outcome: str,
-                        result: CommandResult | None) -> bool:
-        ack = CommandAck(command_id=command.id, pairing_id=self.pairing_id,
-                         sequence=command.sequence, lease_token=command.lease.lease_token,
-                         outcome=outcome, result=result)
+    async def _send_ack(
+        self, command: DeviceCommand, outcome: str, result: CommandResult | None
+    ) -> bool:
+        ack = CommandAck(
+            command_id=command.id,
+            pairing_id=self.pairing_id,
+            sequence=command.sequence,
+            lease_token=command.lease.lease_token,
+            outcome=outcome,
+            result=result,
+        )
         data = Envelope.wrap(ack, source=_source(self.pairing), tenant=self.tenant).encode()
         subject = subjects.DEVICE_COMMAND_ACK.build(tenant=self.tenant, device_id=self.pairing_id)
         while _utcnow() < command.lease.lease_expires_at and self.nc is not None:
             try:
-                reply = decode((await self.nc.request(subject, data, timeout=ACK_TIMEOUT)).data,
-                               AckReply).data
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.errors.ConnectionClosedError):
+                reply = decode(
+                    (await self.nc.request(subject, data, timeout=ACK_TIMEOUT)).data, AckReply
+                ).data
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError,
+            ):
                 await asyncio.sleep(0.2)
                 continue
             if not reply.ok:
-                self.store.audit("command.ack_refused", commandId=command.id,
-                                 outcome=outcome, code=reply.code, reason=reply.reason)
+                self.store.audit(
+                    "command.ack_refused",
+                    commandId=command.id,
+                    outcome=outcome,
+                    code=reply.code,
+                    reason=reply.reason,
+                )
             return reply.ok
         return False  # the hub re-leases it; the journal answers from the stored result
-

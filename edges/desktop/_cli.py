@@ -44,34 +44,57 @@ EXIT_REVOKED = 3
 def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
     """Add `desktop` to the `cowork` parser; returns its sub-parsers by name."""
     desktop = documented_command(
-        commands, "desktop",
+        commands,
+        "desktop",
         help="pair this machine's OpenCode with a hub and relay it (outbound only)",
         description="A paired Desktop dials out to the hub's NATS: no inbound port is opened. "
-                    "It stays the execution authority: the hub's commands run only under its "
-                    "local policy.", epilog=ENV_HELP)
-    sub = desktop.add_subparsers(dest="desktop_command", metavar="DESKTOP_COMMAND",
-                                 required=True)
+        "It stays the execution authority: the hub's commands run only under its "
+        "local policy.",
+        epilog=ENV_HELP,
+    )
+    sub = desktop.add_subparsers(dest="desktop_command", metavar="DESKTOP_COMMAND", required=True)
 
-    p = documented_command(sub, "pair", help="redeem a one-time pairing code from the hub",
-                           description="Redeem CODE (from POST /api/v1/tenants/T/pairings) "
-                                       "over NATS and store the credential in the state "
-                                       "directory.", epilog=ENV_HELP)
+    p = documented_command(
+        sub,
+        "pair",
+        help="redeem a one-time pairing code from the hub",
+        description="Redeem CODE (from POST /api/v1/tenants/T/pairings) "
+        "over NATS and store the credential in the state "
+        "directory.",
+        epilog=ENV_HELP,
+    )
     p.add_argument("code", metavar="CODE", help="the pairing code, e.g. 7KQ2-M9XD-4F")
-    p.add_argument("--hub", type=hub_urls, default=os.environ.get("COWORK_HUB_URL"),
-                   help="the hub's NATS URL(s), e.g. nats://hub.example.com:4222 "
-                        "(env COWORK_HUB_URL)")
+    p.add_argument(
+        "--hub",
+        type=hub_urls,
+        default=os.environ.get("COWORK_HUB_URL"),
+        help="the hub's NATS URL(s), e.g. nats://hub.example.com:4222 (env COWORK_HUB_URL)",
+    )
     p.add_argument("--device-name", help="how the hub lists this Desktop (default: host name)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for the hub (default: %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the hub (default: %(default)s)",
+    )
     _state_dir(p)
 
-    r = documented_command(sub, "run", help="serve the paired Desktop until stopped",
-                           description="Connect to the hub, take its commands and relay "
-                                       "OpenCode's events (redacted). Buffers on disk while "
-                                       "the hub is away.", epilog=ENV_HELP)
+    r = documented_command(
+        sub,
+        "run",
+        help="serve the paired Desktop until stopped",
+        description="Connect to the hub, take its commands and relay "
+        "OpenCode's events (redacted). Buffers on disk while "
+        "the hub is away.",
+        epilog=ENV_HELP,
+    )
     add_opencode_server(r)
-    r.add_argument("--heartbeat-interval", type=interval_seconds, default=5.0,
-                   help="seconds between presence heartbeats (default: %(default)s)")
+    r.add_argument(
+        "--heartbeat-interval",
+        type=interval_seconds,
+        default=5.0,
+        help="seconds between presence heartbeats (default: %(default)s)",
+    )
     _state_dir(r)
 
     s = add_status_command(sub, "show this Desktop's pairing (works offline)")
@@ -88,9 +111,13 @@ def _state_dir(p: argparse.ArgumentParser) -> None:
 
 
 def run_desktop(args: argparse.Namespace) -> int:
-    return run_subcommand(args, args.desktop_command, DesktopStore(args.state_dir),
-                          {"pair": _pair, "run": _run, "status": _status, "revoke": _revoke},
-                          StoreError)
+    return run_subcommand(
+        args,
+        args.desktop_command,
+        DesktopStore(args.state_dir),
+        {"pair": _pair, "run": _run, "status": _status, "revoke": _revoke},
+        StoreError,
+    )
 
 
 def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
@@ -98,8 +125,9 @@ def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
         return fail("no hub given: pass --hub nats://HOST:PORT or set COWORK_HUB_URL", 2)
     print(f"Redeeming the code at {', '.join(args.hub)} ...", file=sys.stderr)
     try:
-        pairing = asyncio.run(pair(args.code, args.hub, store, device_name=args.device_name,
-                                   timeout=args.timeout))
+        pairing = asyncio.run(
+            pair(args.code, args.hub, store, device_name=args.device_name, timeout=args.timeout)
+        )
     except PairingFailed as exc:
         hint = f" (try again in {exc.retry_after:.0f} s)" if exc.retry_after else ""
         return fail(f"pairing failed [{exc.code}]: {exc}{hint}")
@@ -110,14 +138,23 @@ def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
 
 
 def _run(args: argparse.Namespace, store: DesktopStore) -> int:
-    agent = DesktopAgent(store, args.opencode, opencode_password=args.opencode_password,
-                         heartbeat_interval=args.heartbeat_interval)
-    print(f"Serving pairing {agent.pairing_id} (tenant {agent.tenant}) for OpenCode at "
-          f"{args.opencode}; Ctrl-C stops.", file=sys.stderr)
+    agent = DesktopAgent(
+        store,
+        args.opencode,
+        opencode_password=args.opencode_password,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+    print(
+        f"Serving pairing {agent.pairing_id} (tenant {agent.tenant}) for OpenCode at "
+        f"{args.opencode}; Ctrl-C stops.",
+        file=sys.stderr,
+    )
     asyncio.run(serve(agent))
     if agent.pairing.revoked:
-        return fail(f"this pairing was revoked ({agent.pairing.revoke_reason}); "
-                     "pair again with a new code", EXIT_REVOKED)
+        return fail(
+            f"this pairing was revoked ({agent.pairing.revoke_reason}); pair again with a new code",
+            EXIT_REVOKED,
+        )
     return 0
 
 
@@ -125,22 +162,32 @@ def _status(args: argparse.Namespace, store: DesktopStore) -> int:
     pairing = store.load_pairing()
     state = pairing.state
     report = {
-        "pairingId": pairing.pairing_id, "tenant": pairing.tenant, "label": pairing.label,
-        "hub": pairing.hub_urls, "deviceName": pairing.device_name, "pairedAt": pairing.paired_at,
-        "status": "revoked" if pairing.revoked else
-                  ("enabled" if state.get("enabled", True) else "disabled"),
-        "revokedAt": pairing.revoked_at, "revokeReason": pairing.revoke_reason,
+        "pairingId": pairing.pairing_id,
+        "tenant": pairing.tenant,
+        "label": pairing.label,
+        "hub": pairing.hub_urls,
+        "deviceName": pairing.device_name,
+        "pairedAt": pairing.paired_at,
+        "status": "revoked"
+        if pairing.revoked
+        else ("enabled" if state.get("enabled", True) else "disabled"),
+        "revokedAt": pairing.revoked_at,
+        "revokeReason": pairing.revoke_reason,
         "credential": str(store.creds_path) if store.creds_path.exists() else None,
-        "policy": state.get("policy"), "allowedWorkspaceIds": state.get("allowedWorkspaceIds"),
+        "policy": state.get("policy"),
+        "allowedWorkspaceIds": state.get("allowedWorkspaceIds"),
         "allowedSessionIds": state.get("allowedSessionIds"),
-        "outboxEvents": store.outbox_size(), "lastCommandSequence": store.last_command_sequence(),
+        "outboxEvents": store.outbox_size(),
+        "lastCommandSequence": store.last_command_sequence(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     for key, value in report.items():
         if value is not None:
-            print(f"{key:>20}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+            print(
+                f"{key:>20}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}"
+            )
     return 0
 
 
@@ -151,7 +198,10 @@ def _revoke(args: argparse.Namespace, store: DesktopStore) -> int:
         told = asyncio.run(notify_hub_of_revocation(store, pairing, args.reason))
     revoke_locally(store, args.reason)
     print(f"Revoked pairing {pairing.pairing_id} locally; the credential is deleted.")
-    print("The hub acknowledged the revocation." if told else
-          "The hub could not be told now; it sees this Desktop as revoked-or-offline, and an "
-          "admin can revoke it there too.")
+    print(
+        "The hub acknowledged the revocation."
+        if told
+        else "The hub could not be told now; it sees this Desktop as revoked-or-offline, and an "
+        "admin can revoke it there too."
+    )
     return 0

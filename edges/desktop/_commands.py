@@ -10,7 +10,7 @@ the null projection fence with its reason (schemas.CommandResult).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,8 +24,7 @@ from schemas import (
     command_payload,
 )
 
-from ..common import OpenCodeClient, OpenCodeError
-from ..common import redact, redaction_policy
+from ..common import OpenCodeClient, OpenCodeError, redact, redaction_policy
 
 MAX_TREE_DEPTH = 16
 
@@ -58,8 +57,7 @@ class CommandRunner:
     async def run(self, command: DeviceCommand) -> CommandResult:
         try:
             self._check_scope(command)
-            payload = command_payload(str(command.kind.value), command.session_id,
-                                      command.payload)
+            payload = command_payload(str(command.kind.value), command.session_id, command.payload)
             handler = getattr(self, "_" + command.kind.value.replace(".", "_"))
             return await handler(command, payload)
         except Refusal as exc:
@@ -76,8 +74,9 @@ class CommandRunner:
         if not state.enabled:
             raise Refusal("blocked_by_policy", "this pairing is disabled on the Desktop")
         if command.workspace_id not in state.allowed_workspace_ids:
-            raise Refusal("blocked_by_policy",
-                          f"workspace {command.workspace_id!r} is not allowlisted")
+            raise Refusal(
+                "blocked_by_policy", f"workspace {command.workspace_id!r} is not allowlisted"
+            )
         allowed = state.allowed_session_ids
         if allowed is not None and command.session_id and command.session_id not in allowed:
             raise Refusal("blocked_by_policy", f"session {command.session_id!r} is not allowlisted")
@@ -86,9 +85,11 @@ class CommandRunner:
         if decision == PolicyDecision.DISABLED:
             raise Refusal("blocked_by_policy", f"remote {what} are disabled on this Desktop")
         if decision == PolicyDecision.LOCAL_CONFIRMATION:
-            raise Refusal("requires_local_confirmation",
-                          f"remote {what} need confirmation on the Desktop itself")
-        if command.lease.lease_expires_at <= datetime.now(timezone.utc):
+            raise Refusal(
+                "requires_local_confirmation",
+                f"remote {what} need confirmation on the Desktop itself",
+            )
+        if command.lease.lease_expires_at <= datetime.now(UTC):
             raise Refusal("blocked_by_policy", f"remote {what} need a live lease")
 
     # --- kinds ----------------------------------------------------------------------------
@@ -105,11 +106,18 @@ class CommandRunner:
         if payload.attachments:
             if not self.policy.allow_remote_attachments:
                 raise Refusal("blocked_by_policy", "remote attachments are disabled")
-            parts += [{"type": "file", "mime": a.mime, "url": a.url,
-                       **({"filename": a.filename} if a.filename else {})}
-                      for a in payload.attachments]
-        await self._opencode.prompt_async(command.session_id, parts, agent=payload.agent,
-                                          variant=payload.variant)
+            parts += [
+                {
+                    "type": "file",
+                    "mime": a.mime,
+                    "url": a.url,
+                    **({"filename": a.filename} if a.filename else {}),
+                }
+                for a in payload.attachments
+            ]
+        await self._opencode.prompt_async(
+            command.session_id, parts, agent=payload.agent, variant=payload.variant
+        )
         return _result("queued", message="the prompt is running; follow the session events")
 
     async def _abort(self, command: DeviceCommand, payload: Any) -> CommandResult:
@@ -148,21 +156,26 @@ class CommandRunner:
         if allowed is not None:
             sessions = [s for s in sessions if s.get("id") in allowed]
             busy = {k: v for k, v in busy.items() if k in allowed}
-        return _result("completed", sessions=self._redact(sessions),
-                       data={"opencode": self._redact(health), "busy": self._redact(busy)})
+        return _result(
+            "completed",
+            sessions=self._redact(sessions),
+            data={"opencode": self._redact(health), "busy": self._redact(busy)},
+        )
 
     async def _revoke_pairing(self, command: DeviceCommand, payload: Any) -> CommandResult:
         # The agent revokes locally once this result is acknowledged (see _desktop).
         return _result("completed", message="the Desktop revoked this pairing")
 
-    async def _pending_in_tree(self, pending: list[dict], request_id: str,
-                               command: DeviceCommand) -> dict:
+    async def _pending_in_tree(
+        self, pending: list[dict], request_id: str, command: DeviceCommand
+    ) -> dict:
         request = next((p for p in pending if p.get("id") == request_id), None)
         if request is None:
             raise Refusal("failed", f"no pending request {request_id!r}")
         if not await self._in_tree(request.get("sessionID"), command.session_id):
-            raise Refusal("blocked_by_policy",
-                          "the request does not belong to this command's session tree")
+            raise Refusal(
+                "blocked_by_policy", "the request does not belong to this command's session tree"
+            )
         return request
 
     async def _in_tree(self, session_id: str | None, root: str | None) -> bool:

@@ -15,17 +15,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from schemas import CommandResult, DeviceCommand, DeviceEvent, Envelope, PairingState, Source
-from schemas import new_id, subjects
+from schemas import (
+    CommandResult,
+    DeviceCommand,
+    DeviceEvent,
+    Envelope,
+    PairingState,
+    Source,
+    new_id,
+    subjects,
+)
 
+from ..common import (
+    RESYNC,
+    OpenCodeClient,
+    OpenCodeEvents,
+    RedactionPolicy,
+    redact,
+    redact_event,
+    redaction_policy,
+    session_of,
+)
 from ._store import DesktopStore, PairingFile
-from ..common import RESYNC, OpenCodeClient, OpenCodeEvents, session_of
-from ..common import RedactionPolicy, redact, redact_event, redaction_policy
 
 log = logging.getLogger("cowork.edge.relay")
 BATCH = 1000
@@ -33,13 +50,21 @@ PUBLISH_TIMEOUT = 5.0
 
 
 class EventRelay:
-    def __init__(self, store: DesktopStore, pairing: PairingFile, opencode: OpenCodeClient,
-                 state: Callable[[], PairingState], *, workspace_id: str = "local") -> None:
+    def __init__(
+        self,
+        store: DesktopStore,
+        pairing: PairingFile,
+        opencode: OpenCodeClient,
+        state: Callable[[], PairingState],
+        *,
+        workspace_id: str = "local",
+    ) -> None:
         self.store, self.pairing, self._opencode = store, pairing, opencode
         self._state = state
         self.workspace_id = workspace_id
-        self._source = Source(principal_kind="desktop", principal_id=pairing.pairing_id,
-                              authority="desktop_local")
+        self._source = Source(
+            principal_kind="desktop", principal_id=pairing.pairing_id, authority="desktop_local"
+        )
         self._nc: NATS | None = None
         self._wakeup = asyncio.Event()
         self.published = 0
@@ -86,33 +111,45 @@ class EventRelay:
         props = dict(event.get("properties") or {})
         allowed = state.allowed_session_ids
         if allowed is not None:
-            props["status"] = {k: v for k, v in (props.get("status") or {}).items()
-                               if k in allowed}
+            props["status"] = {k: v for k, v in (props.get("status") or {}).items() if k in allowed}
             for key in ("permissions", "questions"):
                 props[key] = [p for p in props.get(key) or [] if p.get("sessionID") in allowed]
         return {"opencode": "connected", **redact(props, self._policy())}
 
-    def command_event(self, command: DeviceCommand, kind: str,
-                      result: CommandResult | None) -> None:
+    def command_event(
+        self, command: DeviceCommand, kind: str, result: CommandResult | None
+    ) -> None:
         body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
         if result is not None:
             body["result"] = result.model_dump(mode="json", by_alias=True)
         self._append(kind, command.session_id, command.id, body)
 
-    def _append(self, kind: str, session: str | None, command_id: str | None,
-                payload: dict) -> None:
-        event = DeviceEvent(id=new_id(), pairing_id=self.pairing.pairing_id, type=kind,
-                            workspace_id=self.workspace_id, session_id=session,
-                            command_id=command_id, occurred_at=datetime.now(timezone.utc),
-                            payload=payload)
+    def _append(
+        self, kind: str, session: str | None, command_id: str | None, payload: dict
+    ) -> None:
+        event = DeviceEvent(
+            id=new_id(),
+            pairing_id=self.pairing.pairing_id,
+            type=kind,
+            workspace_id=self.workspace_id,
+            session_id=session,
+            command_id=command_id,
+            occurred_at=datetime.now(UTC),
+            payload=payload,
+        )
         env = Envelope.wrap(event, source=self._source, tenant=self.pairing.tenant)
-        subject = subjects.DEVICE_EVENT.build(tenant=self.pairing.tenant,
-                                              device_id=self.pairing.pairing_id,
-                                              event_kind=kind.split(".")[0])
+        subject = subjects.DEVICE_EVENT.build(
+            tenant=self.pairing.tenant,
+            device_id=self.pairing.pairing_id,
+            event_kind=kind.split(".")[0],
+        )
         dropped = self.store.outbox_append([(subject, event.id, env.encode())])
         if dropped:  # the hub has been away for a long time: say what is lost
-            log.warning("relay.outbox_full: dropped the %d oldest events (bound %d)",
-                        dropped, self.store.max_outbox)
+            log.warning(
+                "relay.outbox_full: dropped the %d oldest events (bound %d)",
+                dropped,
+                self.store.max_outbox,
+            )
         self._wakeup.set()
 
     # --- out -----------------------------------------------------------------------------
@@ -128,7 +165,7 @@ class EventRelay:
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wakeup.clear()
             nc = self._nc
@@ -148,8 +185,10 @@ class EventRelay:
     async def _drain(self, nc: NATS) -> None:
         js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
         while rows := self.store.outbox_peek(BATCH):
-            futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
-                       for _, subject, msg_id, data in rows]
+            futures = [
+                await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+                for _, subject, msg_id, data in rows
+            ]
             try:
                 await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
             finally:

@@ -76,8 +76,10 @@ class DesktopStore(StateDirectory):
         try:
             return PairingFile(**json.loads(path.read_text()))
         except FileNotFoundError:
-            raise StoreError(f"this Desktop is not paired ({path} does not exist); "
-                             "run `cowork desktop pair CODE --hub nats://HOST:PORT`") from None
+            raise StoreError(
+                f"this Desktop is not paired ({path} does not exist); "
+                "run `cowork desktop pair CODE --hub nats://HOST:PORT`"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise StoreError(f"{path} is damaged: {exc}") from None
 
@@ -95,8 +97,10 @@ class DesktopStore(StateDirectory):
             db.executemany("INSERT INTO outbox (subject, msg_id, data) VALUES (?, ?, ?)", items)
             over = self._outbox_count(db) - self.max_outbox
             if over > 0:
-                db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox "
-                           "ORDER BY seq LIMIT ?)", (over,))
+                db.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
+                    (over,),
+                )
             db.execute("COMMIT")
         return max(over, 0)
 
@@ -105,14 +109,16 @@ class DesktopStore(StateDirectory):
         """Exact without a scan: rows only leave from the head and AUTOINCREMENT never
         reuses a seq. (Two subqueries: SQLite answers each from the index; count(*)
         scanned the table on every append, quadratic while the hub is away.)"""
-        low, high = db.execute("SELECT (SELECT min(seq) FROM outbox), "
-                               "(SELECT max(seq) FROM outbox)").fetchone()
+        low, high = db.execute(
+            "SELECT (SELECT min(seq) FROM outbox), (SELECT max(seq) FROM outbox)"
+        ).fetchone()
         return 0 if low is None else high - low + 1
 
     def outbox_peek(self, limit: int) -> list[tuple[int, str, str, bytes]]:
         with self._lock:
-            return self.db.execute("SELECT seq, subject, msg_id, data FROM outbox ORDER BY seq "
-                                   "LIMIT ?", (limit,)).fetchall()
+            return self.db.execute(
+                "SELECT seq, subject, msg_id, data FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
 
     def outbox_remove_through(self, seq: int) -> None:
         with self._lock:
@@ -125,22 +131,27 @@ class DesktopStore(StateDirectory):
     # --- command journal -----------------------------------------------------------------------
     def command_record(self, command_id: str) -> tuple[str, dict | None] | None:
         with self._lock:
-            row = self.db.execute("SELECT phase, result FROM commands WHERE id = ?",
-                                  (command_id,)).fetchone()
+            row = self.db.execute(
+                "SELECT phase, result FROM commands WHERE id = ?", (command_id,)
+            ).fetchone()
         if row is None:
             return None
         return row[0], (json.loads(row[1]) if row[1] else None)
 
     def command_started(self, command_id: str, sequence: int, kind: str) -> None:
         with self._lock:
-            self.db.execute("INSERT INTO commands (id, sequence, kind, phase, updated_at) "
-                            "VALUES (?, ?, ?, 'started', ?)",
-                            (command_id, sequence, kind, now_iso()))
+            self.db.execute(
+                "INSERT INTO commands (id, sequence, kind, phase, updated_at) "
+                "VALUES (?, ?, ?, 'started', ?)",
+                (command_id, sequence, kind, now_iso()),
+            )
 
     def command_done(self, command_id: str, result: dict) -> None:
         with self._lock:
-            self.db.execute("UPDATE commands SET phase = 'done', result = ?, updated_at = ? "
-                            "WHERE id = ?", (json.dumps(result), now_iso(), command_id))
+            self.db.execute(
+                "UPDATE commands SET phase = 'done', result = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(result), now_iso(), command_id),
+            )
 
     def last_command_sequence(self) -> int:
         with self._lock:

@@ -11,4 +11,14 @@ from ._cli import add_gateway_commands, run_gateway
 from ._registration import RegistrationFailed, register
 from ._store import GatewayStore, GatewayStoreError
 
-__all__ = ['GatewayAgent', 'GatewayStore', 'GatewayStoreError', 'RegistrationFailed', 'add_gateway_commands', 'add_gateway_up_arguments', 'register', 'run_gateway', 'run_gateway_up']
+__all__ = [
+    "GatewayAgent",
+    "GatewayStore",
+    "GatewayStoreError",
+    "RegistrationFailed",
+    "add_gateway_commands",
+    "add_gateway_up_arguments",
+    "register",
+    "run_gateway",
+    "run_gateway_up",
+]

@@ -24,8 +24,7 @@ from datetime import datetime
 
 from nats.aio.client import Client as NATS
 
-from schemas import subjects
-from schemas import CredentialScope
+from schemas import CredentialScope, subjects
 
 from ..common import EdgeCredentials, OpenCodeClient, OpenCodeError, Repeats, refresh_forever
 from ._bus import GatewayConnection, Refused
@@ -42,21 +41,33 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
     """Serves one registered Gateway until `stop()` or until its registration ends
     (`fatal` then says why)."""
 
-    def __init__(self, store: GatewayStore, opencode_url: str, *,
-                 opencode_password: str | None = None, max_concurrent_work: int = 1,
-                 heartbeat_interval: float = 5.0, sync_interval: float = 30.0,
-                 nats_url: str | list[str] | None = None, outbox: Outbox | None = None,
-                 max_run_seconds: float = 3600.0) -> None:
+    def __init__(
+        self,
+        store: GatewayStore,
+        opencode_url: str,
+        *,
+        opencode_password: str | None = None,
+        max_concurrent_work: int = 1,
+        heartbeat_interval: float = 5.0,
+        sync_interval: float = 30.0,
+        nats_url: str | list[str] | None = None,
+        outbox: Outbox | None = None,
+        max_run_seconds: float = 3600.0,
+    ) -> None:
         self.store = store
         self.gateway = store.load()
         if self.gateway.revoked:
-            raise GatewayStoreError("this registration was revoked; register again with a new "
-                                    "credential (`cowork gateway register`)")
+            raise GatewayStoreError(
+                "this registration was revoked; register again with a new "
+                "credential (`cowork gateway register`)"
+            )
         try:
             self.creds = EdgeCredentials.from_creds_file(store.creds_path)
         except (OSError, ValueError):
-            raise GatewayStoreError(f"{store.creds_path} is missing or unreadable; register "
-                                    "again (`cowork gateway register`)") from None
+            raise GatewayStoreError(
+                f"{store.creds_path} is missing or unreadable; register "
+                "again (`cowork gateway register`)"
+            ) from None
         self.opencode = OpenCodeClient(opencode_url, password=opencode_password)
         self.events = SessionEvents(self.opencode)
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -87,8 +98,9 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
 
     @property
     def can_claim(self) -> bool:
-        return (CredentialScope.EDGE_CLAIM.value in self.gateway.scopes
-                and self.max_concurrent_work > 0)
+        return (
+            CredentialScope.EDGE_CLAIM.value in self.gateway.scopes and self.max_concurrent_work > 0
+        )
 
     def stop(self) -> None:
         self._stopped.set()
@@ -100,9 +112,12 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
             if entry.session_id:
                 with contextlib.suppress(OpenCodeError):
                     await self.opencode.abort(entry.session_id)
-        for name, coro in (("gateway-bus", self._bus()), ("gateway-events", self.events.run()),
-                           ("gateway-forwarder", self._forward()),
-                           ("gateway-claimer", self._claimer())):
+        for name, coro in (
+            ("gateway-bus", self._bus()),
+            ("gateway-events", self.events.run()),
+            ("gateway-forwarder", self._forward()),
+            ("gateway-claimer", self._claimer()),
+        ):
             self._tasks[name] = asyncio.create_task(coro, name=name)
         try:
             await self._stopped.wait()
@@ -145,15 +160,23 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
             return
         if self.can_claim:
             for kind in WORK_KINDS:
-                await self.nc.subscribe(subjects.WORK_OFFER.build(tenant=self.tenant,
-                                                                  work_kind=kind),
-                                        cb=self._on_offer)
+                await self.nc.subscribe(
+                    subjects.WORK_OFFER.build(tenant=self.tenant, work_kind=kind), cb=self._on_offer
+                )
         await self._announce()
         self.connected.set()
-        tasks = [self._heartbeats(), self._syncs(), refresh_forever(
-            self.nc, self.creds, tenant=self.tenant, kind="gateway",
-            principal_id=self.registration_id,
-            on_refresh=lambda c: c.write_creds_file(self.store.creds_path))]
+        tasks = [
+            self._heartbeats(),
+            self._syncs(),
+            refresh_forever(
+                self.nc,
+                self.creds,
+                tenant=self.tenant,
+                kind="gateway",
+                principal_id=self.registration_id,
+                on_refresh=lambda c: c.write_creds_file(self.store.creds_path),
+            ),
+        ]
         await asyncio.gather(*tasks)
 
     async def _announce(self) -> None:

@@ -28,11 +28,6 @@ from urllib.parse import urlparse
 
 from ..common import EdgeCredentials, dial_once, port_number
 from ..local import (
-    run_until_stopped,
-    say,
-    step,
-    stop_on_signals,
-    supervise_children,
     EmbeddedError,
     EmbeddedPostgres,
     ensure_port_free,
@@ -40,6 +35,11 @@ from ..local import (
     free_port,
     lock_dir,
     nats_server_binary,
+    run_until_stopped,
+    say,
+    step,
+    stop_on_signals,
+    supervise_children,
 )
 from ._leaf import (
     DEFAULT_CLOUD_LEAF_PORT,
@@ -91,44 +91,81 @@ class GatewayUpOptions:
 # CLI wiring (the lead adds `up` under `cowork gateway` with these two)
 # --------------------------------------------------------------------------
 
+
 def add_gateway_up_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `cowork gateway up` to its (sub-)parser."""
     from ._store import default_state_dir
 
     env = os.environ.get
-    parser.description = ("Run the Team Gateway appliance: its own nats-server as a leaf node "
-                          "of Cloud NATS (outbound only), an embedded PostgreSQL, and the "
-                          "gateway agent. Needs a prior `cowork gateway register`.")
+    parser.description = (
+        "Run the Team Gateway appliance: its own nats-server as a leaf node "
+        "of Cloud NATS (outbound only), an embedded PostgreSQL, and the "
+        "gateway agent. Needs a prior `cowork gateway register`."
+    )
     parser.epilog = ENV_HELP
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                        help="state directory (default: %(default)s)")
-    parser.add_argument("--cloud-leaf-url", type=_leaf_urls, default=env("COWORK_CLOUD_LEAF_URL"),
-                        help="Cloud's leaf-node URL(s), e.g. nats-leaf://hub.example.com:7422 "
-                             "(default: the registered hub hosts on --cloud-leaf-port)")
-    parser.add_argument("--cloud-leaf-port", type=port_number, default=DEFAULT_CLOUD_LEAF_PORT,
-                        help="Cloud's leaf-node port when no URL is given (default: %(default)s)")
-    parser.add_argument("--nats-port", type=port_number,
-                        default=port_number(env("COWORK_GATEWAY_NATS_PORT", str(DEFAULT_NATS_PORT))),
-                        help="the leaf server's client port, on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--domain", type=_domain, default=env("COWORK_GATEWAY_DOMAIN"),
-                        help="the leaf's JetStream domain (default: gw-<registrationId>)")
-    parser.add_argument("--postgres-port", type=port_number, default=0,
-                        help="embedded PostgreSQL port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--opencode", default=env("COWORK_OPENCODE_URL", "http://127.0.0.1:4096"),
-                        type=_http_url, help="the private OpenCode server (default: %(default)s)")
-    parser.add_argument("--opencode-password",
-                        default=env("COWORK_OPENCODE_PASSWORD") or env("OPENCODE_SERVER_PASSWORD"),
-                        help="OpenCode server password (prefer the environment variable)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="state directory (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cloud-leaf-url",
+        type=_leaf_urls,
+        default=env("COWORK_CLOUD_LEAF_URL"),
+        help="Cloud's leaf-node URL(s), e.g. nats-leaf://hub.example.com:7422 "
+        "(default: the registered hub hosts on --cloud-leaf-port)",
+    )
+    parser.add_argument(
+        "--cloud-leaf-port",
+        type=port_number,
+        default=DEFAULT_CLOUD_LEAF_PORT,
+        help="Cloud's leaf-node port when no URL is given (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nats-port",
+        type=port_number,
+        default=port_number(env("COWORK_GATEWAY_NATS_PORT", str(DEFAULT_NATS_PORT))),
+        help="the leaf server's client port, on 127.0.0.1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--domain",
+        type=_domain,
+        default=env("COWORK_GATEWAY_DOMAIN"),
+        help="the leaf's JetStream domain (default: gw-<registrationId>)",
+    )
+    parser.add_argument(
+        "--postgres-port",
+        type=port_number,
+        default=0,
+        help="embedded PostgreSQL port on 127.0.0.1 (default: a free one)",
+    )
+    parser.add_argument(
+        "--opencode",
+        default=env("COWORK_OPENCODE_URL", "http://127.0.0.1:4096"),
+        type=_http_url,
+        help="the private OpenCode server (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--opencode-password",
+        default=env("COWORK_OPENCODE_PASSWORD") or env("OPENCODE_SERVER_PASSWORD"),
+        help="OpenCode server password (prefer the environment variable)",
+    )
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> GatewayUpOptions:
     return GatewayUpOptions(
-        state_dir=args.state_dir, nats_port=args.nats_port,
-        cloud_leaf_urls=args.cloud_leaf_url, cloud_leaf_port=args.cloud_leaf_port,
-        domain=args.domain, postgres_port=args.postgres_port,
-        opencode_url=args.opencode, opencode_password=args.opencode_password)
+        state_dir=args.state_dir,
+        nats_port=args.nats_port,
+        cloud_leaf_urls=args.cloud_leaf_url,
+        cloud_leaf_port=args.cloud_leaf_port,
+        domain=args.domain,
+        postgres_port=args.postgres_port,
+        opencode_url=args.opencode,
+        opencode_password=args.opencode_password,
+    )
 
 
 def run_gateway_up(args: argparse.Namespace) -> int:
@@ -170,6 +207,7 @@ def _http_url(text: str) -> str:
 # The appliance
 # --------------------------------------------------------------------------
 
+
 class Appliance:
     """Leaf NATS, PostgreSQL, outbox connection and agent; stopped in reverse order."""
 
@@ -183,19 +221,27 @@ class Appliance:
         except GatewayStoreError as exc:
             raise GatewayUpError(str(exc)) from None
         if self.gateway.revoked:
-            raise GatewayUpError("this Gateway's registration was revoked; register it again "
-                                 "with a new credential (`cowork gateway register`)")
+            raise GatewayUpError(
+                "this Gateway's registration was revoked; register it again "
+                "with a new credential (`cowork gateway register`)"
+            )
         if not self.store.creds_path.is_file():
-            raise GatewayUpError(f"{self.store.creds_path} is missing; run "
-                                 "`cowork gateway register` again")
+            raise GatewayUpError(
+                f"{self.store.creds_path} is missing; run `cowork gateway register` again"
+            )
         self.domain = opts.domain or gateway_domain(self.gateway.registration_id)
         urls = opts.cloud_leaf_urls or cloud_leaf_urls(self.gateway.hub_urls, opts.cloud_leaf_port)
         self.leaf = GatewayLeafServer(
-            store_dir=opts.state_dir / "nats", cloud_urls=urls,
-            credentials=self.store.creds_path, domain=self.domain, port=opts.nats_port,
-            monitor_port=free_port())
-        self.postgres = EmbeddedPostgres(data_dir=opts.state_dir / "postgres",
-                                         port=opts.postgres_port)
+            store_dir=opts.state_dir / "nats",
+            cloud_urls=urls,
+            credentials=self.store.creds_path,
+            domain=self.domain,
+            port=opts.nats_port,
+            monitor_port=free_port(),
+        )
+        self.postgres = EmbeddedPostgres(
+            data_dir=opts.state_dir / "postgres", port=opts.postgres_port
+        )
         self.env_path = opts.state_dir / "appliance.env"
         self.outbox_nc: Any = None
         self.outbox: Any = None
@@ -206,11 +252,14 @@ class Appliance:
     async def start(self) -> None:
         g = self.gateway
         say(f"Starting the cowork Gateway appliance in {self.opts.state_dir}")
-        say(f"  Gateway {g.display_name!r} ({g.kind}), registration {g.registration_id}, "
-            f"tenant {g.tenant}")
+        say(
+            f"  Gateway {g.display_name!r} ({g.kind}), registration {g.registration_id}, "
+            f"tenant {g.tenant}"
+        )
         port = self.opts.nats_port or "a free port"
-        await step(f"leaf NATS on 127.0.0.1:{port} (JetStream domain {self.domain})",
-                   self.leaf.start)
+        await step(
+            f"leaf NATS on 127.0.0.1:{port} (JetStream domain {self.domain})", self.leaf.start
+        )
         await self._report_cloud_link()
         await step("PostgreSQL (embedded)", self.postgres.start)
         self._write_env()
@@ -224,13 +273,17 @@ class Appliance:
         if await self.leaf.wait_linked(CLOUD_LINK_WAIT_SECONDS):
             print(" connected", flush=True)
         else:
-            print(" not reachable yet (retrying every second; outputs are kept locally "
-                  f"until it is; see {self.leaf.log_path})", flush=True)
+            print(
+                " not reachable yet (retrying every second; outputs are kept locally "
+                f"until it is; see {self.leaf.log_path})",
+                flush=True,
+            )
 
     def _write_env(self) -> None:
         # 0600: the DSN carries the database password.
-        text = (f"# Written by `cowork gateway up` at each start.\n"
-                f"{DATABASE_ENV}={self.postgres.dsn}\n")
+        text = (
+            f"# Written by `cowork gateway up` at each start.\n{DATABASE_ENV}={self.postgres.dsn}\n"
+        )
         tmp = self.env_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -246,8 +299,12 @@ class Appliance:
         # Its own local connection: the outbox must keep working whatever the
         # agent's connection is doing (reconnecting, refreshing its JWT).
         self.outbox_nc = await nats.connect(
-            self.leaf.url, name="gateway-outbox", allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+            self.leaf.url,
+            name="gateway-outbox",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
         self.outbox = JetStreamOutbox.on(self.outbox_nc, self.domain)
         await self.outbox.ensure()
 
@@ -256,9 +313,13 @@ class Appliance:
         from ._store import GatewayStoreError
 
         try:
-            self.agent = GatewayAgent(self.store, self.opts.opencode_url,
-                                      opencode_password=self.opts.opencode_password,
-                                      nats_url=self.leaf.url, outbox=self.outbox)
+            self.agent = GatewayAgent(
+                self.store,
+                self.opts.opencode_url,
+                opencode_password=self.opts.opencode_password,
+                nats_url=self.leaf.url,
+                outbox=self.outbox,
+            )
         except GatewayStoreError as exc:
             raise GatewayUpError(str(exc)) from None
         self.agent_task = asyncio.create_task(self.agent.run(), name="gateway-agent")
@@ -279,8 +340,11 @@ class Appliance:
         watcher = asyncio.create_task(self._watch_cloud_link(), name="cloud-link")
         try:
             reason = await supervise_children(
-                {"leaf NATS": self.leaf, "PostgreSQL": self.postgres}, "cowork gateway",
-                until=self.agent_task, restarted=self._restarted)
+                {"leaf NATS": self.leaf, "PostgreSQL": self.postgres},
+                "cowork gateway",
+                until=self.agent_task,
+                restarted=self._restarted,
+            )
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -299,8 +363,10 @@ class Appliance:
             await asyncio.sleep(LINK_CHECK_SECONDS)
             if await self.leaf.cloud_linked():
                 if reported:
-                    say(f"cowork gateway: Cloud reachable again; forwarding "
-                        f"{await self._buffered()} buffered outputs")
+                    say(
+                        f"cowork gateway: Cloud reachable again; forwarding "
+                        f"{await self._buffered()} buffered outputs"
+                    )
                 down_since, reported = None, False
                 continue
             now = loop.time()
@@ -309,8 +375,10 @@ class Appliance:
                 continue
             if not reported:
                 reported = True
-                say(f"cowork gateway: Cloud unreachable, buffering {await self._buffered()} "
-                    f"outputs locally (retrying every second; see {self.leaf.log_path})")
+                say(
+                    f"cowork gateway: Cloud unreachable, buffering {await self._buffered()} "
+                    f"outputs locally (retrying every second; see {self.leaf.log_path})"
+                )
             if now - probed >= CREDENTIAL_PROBE_SECONDS:
                 probed = now
                 refusal = await self._credential_refusal()
@@ -318,7 +386,8 @@ class Appliance:
                     self.credential_refused = (
                         "Cloud refuses this Gateway's credential "
                         f"({refusal}): it was revoked, rotated or replaced by registering "
-                        "again; run `cowork gateway register` with a current credential")
+                        "again; run `cowork gateway register` with a current credential"
+                    )
                     self.agent.stop()
                     return
 
@@ -332,12 +401,16 @@ class Appliance:
         """Cloud's complaint about our credential, or None (accepted, or unreachable)."""
         try:
             creds = EdgeCredentials.from_creds_file(self.store.creds_path)
-            nc = await dial_once(list(self.gateway.hub_urls), 5.0, name="gateway-probe",
-                                 **creds.connect_options())
+            nc = await dial_once(
+                list(self.gateway.hub_urls), 5.0, name="gateway-probe", **creds.connect_options()
+            )
         except ConnectionError as exc:
             text = str(exc)
-            return text.removeprefix("nats: ") if any(
-                w in text.lower() for w in _REFUSED_WORDS) else None
+            return (
+                text.removeprefix("nats: ")
+                if any(w in text.lower() for w in _REFUSED_WORDS)
+                else None
+            )
         except Exception:  # an unreadable creds file is the agent's to report
             return None
         await _quietly(nc.close())
@@ -397,8 +470,7 @@ async def gateway_up(opts: GatewayUpOptions, stop: asyncio.Event | None = None) 
         try:
             code, reason = await _run(appliance, stop)
             if reason:
-                print(f"cowork gateway: {'error: ' if code == 1 else ''}{reason}",
-                      file=sys.stderr)
+                print(f"cowork gateway: {'error: ' if code == 1 else ''}{reason}", file=sys.stderr)
             return code
         finally:
             say("\nStopping the cowork Gateway appliance ...")

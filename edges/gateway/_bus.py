@@ -23,8 +23,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AckReply, ContractError, Envelope, Source, decode, subjects
-from schemas import Message
+from schemas import AckReply, ContractError, Envelope, Message, Source, decode, subjects
 
 from ._work import TransientBusError
 
@@ -64,12 +63,20 @@ class GatewayConnection:
         while not self._stopped.is_set():
             try:
                 return await nats.connect(
-                    self.nats_urls, name=f"cowork-gateway-{self.registration_id}",
-                    inbox_prefix=subjects.inbox_prefix(self.tenant, "gateway",
-                                                       self.registration_id),
-                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                    connect_timeout=2, error_cb=self._on_error, closed_cb=self._on_closed,
-                    reconnected_cb=self._on_reconnect, **self.creds.connect_options())
+                    self.nats_urls,
+                    name=f"cowork-gateway-{self.registration_id}",
+                    inbox_prefix=subjects.inbox_prefix(
+                        self.tenant, "gateway", self.registration_id
+                    ),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    error_cb=self._on_error,
+                    closed_cb=self._on_closed,
+                    reconnected_cb=self._on_reconnect,
+                    **self.creds.connect_options(),
+                )
             except Exception as exc:  # hub away at start: outputs wait in the outbox
                 if self._credential_refused(exc):
                     return None
@@ -85,9 +92,11 @@ class GatewayConnection:
             return False
         self._auth_failures += 1
         if at_once or self._auth_failures >= AUTH_FAILURES_FATAL:
-            self._fail("the hub's NATS refuses this Gateway's credential (revoked, expired, or "
-                       f"replaced by a rotation or by registering again: {str(exc).removeprefix('nats: ')}); run "
-                       "`cowork gateway register` with a current credential")
+            self._fail(
+                "the hub's NATS refuses this Gateway's credential (revoked, expired, or "
+                f"replaced by a rotation or by registering again: {str(exc).removeprefix('nats: ')}); run "
+                "`cowork gateway register` with a current credential"
+            )
             return True
         return False
 
@@ -117,8 +126,9 @@ class GatewayConnection:
             old.cancel()
         self._tasks[name] = asyncio.create_task(coro, name=name)
 
-    async def request(self, subject: str, message: Message, reply_model: type[M],
-                      timeout: float = REQUEST_TIMEOUT) -> M:
+    async def request(
+        self, subject: str, message: Message, reply_model: type[M], timeout: float = REQUEST_TIMEOUT
+    ) -> M:
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
         there is no answer (or a refusal that is worth retrying)."""
         nc = self.nc
@@ -127,13 +137,16 @@ class GatewayConnection:
         env = Envelope.wrap(message, source=self._source(), tenant=self.tenant)
         try:
             msg = await nc.request(subject, env.encode(), timeout=timeout)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:  # timeout, no responders,
+        except (TimeoutError, nats.errors.Error) as exc:  # timeout, no responders,
             raise TransientBusError(type(exc).__name__) from None  # disconnected, draining
         return decode_reply(msg.data, reply_model)
 
     def _source(self) -> Source:
-        return Source(principal_kind="gateway", principal_id=self.registration_id,
-                      authority="gateway_standalone")
+        return Source(
+            principal_kind="gateway",
+            principal_id=self.registration_id,
+            authority="gateway_standalone",
+        )
 
 
 def decode_reply(raw: bytes, model: type[M]) -> M:

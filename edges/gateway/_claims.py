@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from schemas import (
@@ -63,9 +63,14 @@ class GatewayClaims:
             self._claim_wanted.set()
 
     def _may_claim(self) -> bool:
-        return (not self._stopping and self.state == "active" and self._health != "unhealthy"
-                and self.nc is not None and self.nc.is_connected
-                and len(self.runners) < self.max_concurrent_work)
+        return (
+            not self._stopping
+            and self.state == "active"
+            and self._health != "unhealthy"
+            and self.nc is not None
+            and self.nc.is_connected
+            and len(self.runners) < self.max_concurrent_work
+        )
 
     async def _claimer(self) -> None:
         while True:
@@ -90,17 +95,26 @@ class GatewayClaims:
     async def _claim_one(self) -> bool:
         preferred = self._offered.pop() if self._offered else None
         request = WorkClaimRequest(work_kinds=list(WORK_KINDS), work_id=preferred)
-        reply = await self.request(subjects.WORK_CLAIM.build(
-            tenant=self.tenant, registration_id=self.registration_id), request, WorkClaimReply)
+        reply = await self.request(
+            subjects.WORK_CLAIM.build(tenant=self.tenant, registration_id=self.registration_id),
+            request,
+            WorkClaimReply,
+        )
         if reply.work_id is None or not reply.lease_token:
             return False
         self._start(reply)
         return True
 
     def _start(self, claim: WorkClaimReply) -> None:
-        runner = WorkRunner(claim, opencode=self.opencode, events=self.events,
-                            sink=self, bus=self, store=self.store,
-                            max_run_seconds=self.max_run_seconds)
+        runner = WorkRunner(
+            claim,
+            opencode=self.opencode,
+            events=self.events,
+            sink=self,
+            bus=self,
+            store=self.store,
+            max_run_seconds=self.max_run_seconds,
+        )
         self.runners[runner.work_id] = runner
         name = f"work-{runner.work_id}-{runner.attempt}"
         task = asyncio.create_task(runner.run(), name=name)
@@ -112,22 +126,22 @@ class GatewayClaims:
         if self.runners.get(runner.work_id) is runner:
             del self.runners[runner.work_id]
         if not task.cancelled() and task.exception() is not None:
-            log.error("gateway.work_crashed work=%s", runner.work_id,
-                      exc_info=task.exception())
+            log.error("gateway.work_crashed work=%s", runner.work_id, exc_info=task.exception())
         self._want_claim()
 
     # --- the lease bus, for runners -----------------------------------------------------------
     async def renew(self, work_id: str, lease_token: str) -> float:
-        subject = subjects.WORK_RENEW.build(tenant=self.tenant,
-                                            registration_id=self.registration_id)
+        subject = subjects.WORK_RENEW.build(
+            tenant=self.tenant, registration_id=self.registration_id
+        )
         try:
-            reply = await self.request(subject, WorkRenew(work_id=work_id,
-                                                          lease_token=lease_token),
-                                       WorkRenewReply)
+            reply = await self.request(
+                subject, WorkRenew(work_id=work_id, lease_token=lease_token), WorkRenewReply
+            )
         except Refused as exc:
             self._lease_refused(work_id, lease_token, exc, "renew")
             raise LeaseLost(exc.code, exc.reason) from None
-        return max(0.0, (reply.lease_expires_at - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, (reply.lease_expires_at - datetime.now(UTC)).total_seconds())
 
     # --- outputs: outbox and ordered forwarder --------------------------------------------------
     async def append(self, output: WorkOutput) -> None:
@@ -159,8 +173,9 @@ class GatewayClaims:
             await asyncio.sleep(0.05)
 
     async def _deliver(self, output: WorkOutput) -> None:
-        subject = subjects.WORK_OUTPUT.build(tenant=self.tenant,
-                                             registration_id=self.registration_id)
+        subject = subjects.WORK_OUTPUT.build(
+            tenant=self.tenant, registration_id=self.registration_id
+        )
         backoff = 0.1
         while not self._lease_gone(output.lease_token):
             try:
@@ -170,8 +185,9 @@ class GatewayClaims:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except Refused as exc:
-                self._lease_refused(output.work_id, output.lease_token, exc, "write",
-                                    sequence=output.sequence)
+                self._lease_refused(
+                    output.work_id, output.lease_token, exc, "write", sequence=output.sequence
+                )
                 return
             runner = self.runners.get(output.work_id)
             if runner is not None and runner.lease_token == output.lease_token:
@@ -181,17 +197,25 @@ class GatewayClaims:
     def _lease_gone(self, lease_token: str) -> bool:
         return lease_token in self._gone
 
-    def _lease_refused(self, work_id: str, lease_token: str, exc: Refused, operation: str,
-                       **fields: Any) -> None:
+    def _lease_refused(
+        self, work_id: str, lease_token: str, exc: Refused, operation: str, **fields: Any
+    ) -> None:
         """The hub refused a renew or a write: this lease is over here, for good."""
         first = lease_token not in self._gone
         self._gone.add(lease_token)
         if first:
-            self.store.journal_update(lease_token, state="lost",
-                                      detail=f"{operation} refused: {exc.code}: "
-                                             f"{exc.reason}"[:1000])
-            self.store.audit(f"work.{operation}_refused", workId=work_id, code=exc.code,
-                             reason=exc.reason, **fields)
+            self.store.journal_update(
+                lease_token,
+                state="lost",
+                detail=f"{operation} refused: {exc.code}: {exc.reason}"[:1000],
+            )
+            self.store.audit(
+                f"work.{operation}_refused",
+                workId=work_id,
+                code=exc.code,
+                reason=exc.reason,
+                **fields,
+            )
         runner = self.runners.get(work_id)
         if runner is not None and runner.lease_token == lease_token:
             runner.lost(exc.code, exc.reason)

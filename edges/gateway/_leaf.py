@@ -41,7 +41,8 @@ def gateway_domain(registration_id: str) -> str:
 def check_domain(domain: str) -> str:
     if not _DOMAIN.fullmatch(domain):
         raise EmbeddedError(
-            f"JetStream domain {domain!r} is not valid (1-64 characters from A-Z a-z 0-9 _ -)")
+            f"JetStream domain {domain!r} is not valid (1-64 characters from A-Z a-z 0-9 _ -)"
+        )
     if domain == "hub":
         raise EmbeddedError("JetStream domain 'hub' belongs to Cloud; choose another (--domain)")
     return domain
@@ -62,8 +63,11 @@ def cloud_leaf_urls(hub_urls: list[str], leaf_port: int = DEFAULT_CLOUD_LEAF_POR
 
 def check_leaf_url(url: str) -> str:
     parsed = urlparse(url)
-    if parsed.scheme not in ("nats-leaf", "nats", "tls", "ws", "wss") or not parsed.hostname \
-            or parsed.port is None:
+    if (
+        parsed.scheme not in ("nats-leaf", "nats", "tls", "ws", "wss")
+        or not parsed.hostname
+        or parsed.port is None
+    ):
         raise EmbeddedError(f"{url!r} is not a leaf-node URL (nats-leaf://HOST:PORT)")
     if parsed.username or parsed.password:
         raise EmbeddedError("a leaf-node URL must not carry credentials; the .creds file is used")
@@ -73,10 +77,19 @@ def check_leaf_url(url: str) -> str:
 class GatewayLeafServer(NatsServer):
     """A loopback-only nats-server with JetStream in its own domain and one leaf remote."""
 
-    def __init__(self, *, store_dir: Path, cloud_urls: list[str], credentials: Path,
-                 domain: str, port: int = 4223, host: str = "127.0.0.1",
-                 server_name: str | None = None, port_flag: str = "--nats-port",
-                 monitor_port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        cloud_urls: list[str],
+        credentials: Path,
+        domain: str,
+        port: int = 4223,
+        host: str = "127.0.0.1",
+        server_name: str | None = None,
+        port_flag: str = "--nats-port",
+        monitor_port: int | None = None,
+    ) -> None:
         if host not in LOOPBACK_HOSTS:
             raise EmbeddedError(f"the Gateway's leaf server listens on loopback only, not {host!r}")
         if not cloud_urls:
@@ -84,14 +97,22 @@ class GatewayLeafServer(NatsServer):
         self.domain = check_domain(domain)
         self.cloud_urls = [check_leaf_url(u) for u in cloud_urls]
         self.credentials = Path(credentials).resolve()
-        super().__init__(store_dir=store_dir, host=host, port=port,
-                         server_name=server_name or self.domain, port_flag=port_flag,
-                         monitor_port=monitor_port, extra_config=self._leaf_block())
+        super().__init__(
+            store_dir=store_dir,
+            host=host,
+            port=port,
+            server_name=server_name or self.domain,
+            port_flag=port_flag,
+            monitor_port=monitor_port,
+            extra_config=self._leaf_block(),
+        )
 
     async def start(self, timeout: float = 10.0) -> None:
         if not self.credentials.is_file():
-            raise EmbeddedError(f"Gateway credentials {self.credentials} not found; "
-                                "run `cowork gateway register` first")
+            raise EmbeddedError(
+                f"Gateway credentials {self.credentials} not found; "
+                "run `cowork gateway register` first"
+            )
         await super().start(timeout)
         # A restart (supervisor) must come back where the agent and outbox reconnect.
         self._requested_port = self.port
@@ -120,15 +141,17 @@ class GatewayLeafServer(NatsServer):
         q = nats_conf_string
         urls = ", ".join(q(u) for u in self.cloud_urls)
         deny = ", ".join(q(s) for s in LOCAL_ONLY_SUBJECTS)
-        return "\n".join([
-            "leafnodes {",
-            "  # Retry Cloud every second while it is unreachable; local clients keep working.",
-            '  reconnect: "1s"',
-            "  remotes: [",
-            f"    {{ urls: [{urls}], credentials: {q(self.credentials)}, deny_exports: [{deny}] }}",
-            "  ]",
-            "}",
-        ])
+        return "\n".join(
+            [
+                "leafnodes {",
+                "  # Retry Cloud every second while it is unreachable; local clients keep working.",
+                '  reconnect: "1s"',
+                "  remotes: [",
+                f"    {{ urls: [{urls}], credentials: {q(self.credentials)}, deny_exports: [{deny}] }}",
+                "  ]",
+                "}",
+            ]
+        )
 
     def _config_text(self) -> str:
         # A second `jetstream {}` block would REPLACE the first (store_dir included;

@@ -135,11 +135,18 @@ class JetStreamOutbox:
     previous process comes back at once instead of after the ack wait.
     """
 
-    def __init__(self, js: JetStreamContext, domain: str | None,
-                 stream: str = DEFAULT_STREAM, *, durable: str = "gateway-forwarder",
-                 subject_prefix: str = LOCAL_PREFIX,
-                 max_messages: int = DEFAULT_MAX_MESSAGES, max_bytes: int = DEFAULT_MAX_BYTES,
-                 fetch_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        domain: str | None,
+        stream: str = DEFAULT_STREAM,
+        *,
+        durable: str = "gateway-forwarder",
+        subject_prefix: str = LOCAL_PREFIX,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        fetch_seconds: float = 1.0,
+    ) -> None:
         self.js = js
         self.domain = domain
         self.stream = stream
@@ -160,10 +167,17 @@ class JetStreamOutbox:
     async def ensure(self) -> None:
         """Create or update the stream, and (re)create the forwarder's consumer."""
         config = StreamConfig(
-            name=self.stream, subjects=[f"{self.subject_prefix}.>"],
-            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-            discard=DiscardPolicy.NEW, max_msgs=self.max_messages, max_bytes=self.max_bytes,
-            max_msg_size=MAX_OUTPUT_BYTES, duplicate_window=120.0, num_replicas=1)
+            name=self.stream,
+            subjects=[f"{self.subject_prefix}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            max_msgs=self.max_messages,
+            max_bytes=self.max_bytes,
+            max_msg_size=MAX_OUTPUT_BYTES,
+            duplicate_window=120.0,
+            num_replicas=1,
+        )
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
@@ -172,11 +186,18 @@ class JetStreamOutbox:
             await self.js.delete_consumer(self.stream, self.durable)
         except nats.js.errors.NotFoundError:
             pass
-        await self.js.add_consumer(self.stream, ConsumerConfig(
-            durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, max_ack_pending=1,
-            # Long: the forwarder may hold one output through a whole Cloud outage.
-            ack_wait=3600.0, max_deliver=-1))
+        await self.js.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                durable_name=self.durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                max_ack_pending=1,
+                # Long: the forwarder may hold one output through a whole Cloud outage.
+                ack_wait=3600.0,
+                max_deliver=-1,
+            ),
+        )
 
     async def append(self, output: WorkOutput) -> None:
         """Durable on return: the local server has stored it on disk."""
@@ -186,8 +207,12 @@ class JetStreamOutbox:
         # Same bytes, same id: a retried append after a lost ack is stored once.
         msg_id = hashlib.sha256(data).hexdigest()
         try:
-            await self.js.publish(f"{self.subject_prefix}.{output.work_id}", data,
-                                  stream=self.stream, headers={"Nats-Msg-Id": msg_id})
+            await self.js.publish(
+                f"{self.subject_prefix}.{output.work_id}",
+                data,
+                stream=self.stream,
+                headers={"Nats-Msg-Id": msg_id},
+            )
         except nats.js.errors.APIError as exc:
             raise OutboxError(f"local outbox refused the output: {exc.description}") from None
 
@@ -259,8 +284,9 @@ async def forward(outbox: Outbox, send: Send, *, max_backoff: float = 5.0) -> No
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Cloud or the leaf link away: keep it, retry
-            repeats.failed("gateway.outbox_send", "gateway.outbox_send_retry: %s",
-                           type(exc).__name__)
+            repeats.failed(
+                "gateway.outbox_send", "gateway.outbox_send_retry: %s", type(exc).__name__
+            )
             answered = False
         if answered and await _removed(item):
             repeats.ok("gateway.outbox_send")

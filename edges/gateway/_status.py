@@ -20,32 +20,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from schemas import (
     AckReply,
+    CredentialScope,
     GatewayCapabilities,
     GatewayHeartbeat,
     GatewayHeartbeatReply,
     GatewaySync,
+    SyncScope,
     subjects,
 )
-from schemas import CredentialScope, SyncScope
 
+from ..common import OpenCodeError, redact_text
 from ._bus import TERMINAL_CODES, Refused
 from ._claims import WORK_KINDS
 from ._registration import version_set
 from ._work import TransientBusError
-from ..common import OpenCodeError
-from ..common import redact_text
 
 log = logging.getLogger("cowork.edge.gateway")
 
 TERMINAL_STATES = ("revoked", "retired")
 # The modes a heartbeat may report; any other state is reported as "active".
-_WORKER_STATES = frozenset({"pending", "active", "draining", "paused", "unhealthy", "retired",
-                            "revoked"})
+_WORKER_STATES = frozenset(
+    {"pending", "active", "draining", "paused", "unhealthy", "retired", "revoked"}
+)
 MAX_SYNC_ITEMS = 1000
 
 
@@ -66,15 +67,19 @@ class GatewayStatus:
         await self._check_opencode()
         mode = "draining" if liveness == "stopping" else self.state
         beat = GatewayHeartbeat(
-            liveness=liveness, mode=mode if mode in _WORKER_STATES else "active",
-            health=self._health, current_load=len(self.runners),
+            liveness=liveness,
+            mode=mode if mode in _WORKER_STATES else "active",
+            health=self._health,
+            current_load=len(self.runners),
             active_work_ids=sorted(self.runners)[:1024],
             heartbeat_sequence=self.store.next_heartbeat_sequence(int(time.time() * 1000)),
             interval_seconds=self.heartbeat_interval,
             last_error=self._last_error[:16_000] if self._last_error else None,
-            versions=version_set(self._opencode_version) if self._opencode_version else None)
-        subject = subjects.GATEWAY_HEARTBEAT.build(tenant=self.tenant,
-                                                   registration_id=self.registration_id)
+            versions=version_set(self._opencode_version) if self._opencode_version else None,
+        )
+        subject = subjects.GATEWAY_HEARTBEAT.build(
+            tenant=self.tenant, registration_id=self.registration_id
+        )
         try:
             reply = await self.request(subject, beat, GatewayHeartbeatReply)
         except Refused as exc:
@@ -112,24 +117,35 @@ class GatewayStatus:
 
     def _terminal(self, exc: Refused) -> None:
         self.gateway.revoked = True
-        self.gateway.revoked_at = datetime.now(timezone.utc).isoformat()
+        self.gateway.revoked_at = datetime.now(UTC).isoformat()
         self.gateway.revoke_reason = exc.reason[:512]
         self.gateway.state = exc.code.removeprefix("gateway.")
         self.store.save(self.gateway)
         self.store.audit("gateway.registration.revoked", code=exc.code, reason=exc.reason)
-        self._fail(f"the hub reports this registration as {self.gateway.state} "
-                   f"({exc.reason}); register again with a new credential")
+        self._fail(
+            f"the hub reports this registration as {self.gateway.state} "
+            f"({exc.reason}); register again with a new credential"
+        )
 
     async def _send_capabilities(self) -> None:
         claims = self.can_claim
         caps = GatewayCapabilities(
-            capabilities={"opencode": "supported", "prompt": "supported" if claims else
-                          "not_supported", "host_paths": "not_supported",
-                          "local_stdio_mcps": "not_supported"},
+            capabilities={
+                "opencode": "supported",
+                "prompt": "supported" if claims else "not_supported",
+                "host_paths": "not_supported",
+                "local_stdio_mcps": "not_supported",
+            },
             max_concurrent_work=self.max_concurrent_work if claims else 0,
-            work_kinds=list(WORK_KINDS) if claims else [])
-        await self.request(subjects.GATEWAY_CAPABILITIES.build(
-            tenant=self.tenant, registration_id=self.registration_id), caps, AckReply)
+            work_kinds=list(WORK_KINDS) if claims else [],
+        )
+        await self.request(
+            subjects.GATEWAY_CAPABILITIES.build(
+                tenant=self.tenant, registration_id=self.registration_id
+            ),
+            caps,
+            AckReply,
+        )
 
     # --- metadata sync (external-workspace lane) ----------------------------------------------
     def _sync_scopes(self) -> list[str]:
@@ -149,30 +165,41 @@ class GatewayStatus:
                         await self.sync_once(scope)
                         self._repeats.ok(f"gateway.sync.{scope}")
                     except (Refused, TransientBusError, OpenCodeError) as exc:
-                        self._repeats.failed(f"gateway.sync.{scope}",
-                                             "gateway.sync_failed scope=%s: %s", scope, exc)
+                        self._repeats.failed(
+                            f"gateway.sync.{scope}", "gateway.sync_failed scope=%s: %s", scope, exc
+                        )
                     except Exception:  # a bug must not end the sync loop
                         log.exception("gateway.sync_broke scope=%s", scope)
             await asyncio.sleep(self.sync_interval)
 
     async def sync_once(self, scope: str) -> None:
-        items = await (self._health_items() if scope == SyncScope.HEALTH.value
-                       else self._session_items())
+        items = await (
+            self._health_items() if scope == SyncScope.HEALTH.value else self._session_items()
+        )
         sync = GatewaySync(scope=scope, items=items[:MAX_SYNC_ITEMS])
         try:
-            await self.request(subjects.GATEWAY_SYNC.build(
-                tenant=self.tenant, registration_id=self.registration_id, scope=scope),
-                sync, AckReply)
+            await self.request(
+                subjects.GATEWAY_SYNC.build(
+                    tenant=self.tenant, registration_id=self.registration_id, scope=scope
+                ),
+                sync,
+                AckReply,
+            )
         except Refused as exc:
-            self.store.audit("gateway.sync_refused", scope=scope, code=exc.code,
-                             reason=exc.reason)
+            self.store.audit("gateway.sync_refused", scope=scope, code=exc.code, reason=exc.reason)
             raise
 
     async def _health_items(self) -> list[dict[str, Any]]:
         await self._check_opencode()
-        return [{"opencode": self._health, "opencodeVersion": self._opencode_version,
-                 "currentLoad": len(self.runners), "maxConcurrentWork": self.max_concurrent_work,
-                 "checkedAt": datetime.now(timezone.utc).isoformat()}]
+        return [
+            {
+                "opencode": self._health,
+                "opencodeVersion": self._opencode_version,
+                "currentLoad": len(self.runners),
+                "maxConcurrentWork": self.max_concurrent_work,
+                "checkedAt": datetime.now(UTC).isoformat(),
+            }
+        ]
 
     async def _session_items(self) -> list[dict[str, Any]]:
         """OpenCode sessions as {externalId, title, updatedAt}: nothing else leaves, and
@@ -186,13 +213,17 @@ class GatewayStatus:
             if session.get("parentID"):  # sub-agent sessions are part of their parent
                 continue
             updated = (session.get("time") or {}).get("updated")
-            items.append({"externalId": str(session.get("id"))[:128],
-                          "title": redact_text(str(session.get("title") or ""))[:512],
-                          "updatedAt": _iso_millis(updated)})
+            items.append(
+                {
+                    "externalId": str(session.get("id"))[:128],
+                    "title": redact_text(str(session.get("title") or ""))[:512],
+                    "updatedAt": _iso_millis(updated),
+                }
+            )
         return items
 
 
 def _iso_millis(value: Any) -> str | None:
     if not isinstance(value, (int, float)) or value <= 0:
         return None
-    return datetime.fromtimestamp(value / 1000, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(value / 1000, tz=UTC).isoformat()

@@ -124,8 +124,8 @@ class GatewayStore(StateDirectory):
         except FileNotFoundError:
             raise GatewayStoreError(
                 f"this Gateway is not registered ({self.gateway_path} does not exist); run "
-                "`cowork gateway register --hub nats://HOST:PORT --credential-file FILE`") \
-                from None
+                "`cowork gateway register --hub nats://HOST:PORT --credential-file FILE`"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise GatewayStoreError(f"{self.gateway_path} is damaged: {exc}") from None
 
@@ -142,27 +142,41 @@ class GatewayStore(StateDirectory):
                 self.db.execute(
                     "INSERT INTO work (work_id, attempt, lease_token, kind, state, started_at, "
                     "updated_at) VALUES (?, ?, ?, ?, 'claimed', ?, ?)",
-                    (work_id, attempt, lease_token, kind, now, now))
+                    (work_id, attempt, lease_token, kind, now, now),
+                )
             except sqlite3.IntegrityError:
                 return False
         return True
 
-    def journal_update(self, lease_token: str, *, state: str | None = None,
-                       session_id: str | None = None, last_sequence: int | None = None,
-                       detail: str | None = None) -> None:
+    def journal_update(
+        self,
+        lease_token: str,
+        *,
+        state: str | None = None,
+        session_id: str | None = None,
+        last_sequence: int | None = None,
+        detail: str | None = None,
+    ) -> None:
         sets, values = ["updated_at = ?"], [now_iso()]
-        for column, value in (("state", state), ("session_id", session_id),
-                              ("last_sequence", last_sequence), ("detail", detail)):
+        for column, value in (
+            ("state", state),
+            ("session_id", session_id),
+            ("last_sequence", last_sequence),
+            ("detail", detail),
+        ):
             if value is not None:
                 sets.append(f"{column} = ?")
                 values.append(value)
         with self._lock:
-            self.db.execute(f"UPDATE work SET {', '.join(sets)} WHERE lease_token = ?",
-                            (*values, lease_token))
+            self.db.execute(
+                f"UPDATE work SET {', '.join(sets)} WHERE lease_token = ?", (*values, lease_token)
+            )
 
     def journal(self, work_id: str | None = None) -> list[JournalEntry]:
-        query = ("SELECT work_id, attempt, lease_token, kind, state, started_at, updated_at, "
-                 "session_id, last_sequence, detail FROM work")
+        query = (
+            "SELECT work_id, attempt, lease_token, kind, state, started_at, updated_at, "
+            "session_id, last_sequence, detail FROM work"
+        )
         params: tuple = ()
         if work_id is not None:
             query, params = query + " WHERE work_id = ?", (work_id,)
@@ -172,16 +186,20 @@ class GatewayStore(StateDirectory):
 
     def lease_state(self, lease_token: str) -> str | None:
         with self._lock:
-            row = self.db.execute("SELECT state FROM work WHERE lease_token = ?",
-                                  (lease_token,)).fetchone()
+            row = self.db.execute(
+                "SELECT state FROM work WHERE lease_token = ?", (lease_token,)
+            ).fetchone()
         return row[0] if row else None
 
     def interrupt_live(self) -> list[JournalEntry]:
         """At start-up: leases a previous process left running are never resumed."""
         live = [e for e in self.journal() if e.state in LIVE_STATES]
         for entry in live:
-            self.journal_update(entry.lease_token, state="interrupted",
-                                detail="the Gateway stopped while this lease ran")
+            self.journal_update(
+                entry.lease_token,
+                state="interrupted",
+                detail="the Gateway stopped while this lease ran",
+            )
         return live
 
     def work_session_ids(self) -> set[str]:
@@ -204,7 +222,10 @@ class GatewayStore(StateDirectory):
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT value FROM counters WHERE name = 'heartbeat'").fetchone()
             value = max((row[0] if row else 0) + 1, floor)
-            db.execute("INSERT INTO counters (name, value) VALUES ('heartbeat', ?) "
-                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (value,))
+            db.execute(
+                "INSERT INTO counters (name, value) VALUES ('heartbeat', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
             db.execute("COMMIT")
         return value

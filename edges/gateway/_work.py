@@ -38,9 +38,16 @@ from typing import Any, Protocol
 
 from schemas import WorkClaimReply, WorkOutput
 
+from ..common import (
+    RESYNC,
+    OpenCodeClient,
+    OpenCodeError,
+    OpenCodeEvents,
+    redact_event,
+    redact_text,
+    session_of,
+)
 from ._store import GatewayStore
-from ..common import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
-from ..common import redact_event, redact_text
 
 log = logging.getLogger("cowork.edge.gateway.work")
 
@@ -126,10 +133,18 @@ class SessionEvents:
 
 
 class WorkRunner:
-    def __init__(self, claim: WorkClaimReply, *, opencode: OpenCodeClient,
-                 events: SessionEvents, sink: OutputSink, bus: LeaseBus, store: GatewayStore,
-                 max_run_seconds: float = DEFAULT_MAX_RUN_SECONDS,
-                 quiet_seconds: float = DEFAULT_QUIET_SECONDS) -> None:
+    def __init__(
+        self,
+        claim: WorkClaimReply,
+        *,
+        opencode: OpenCodeClient,
+        events: SessionEvents,
+        sink: OutputSink,
+        bus: LeaseBus,
+        store: GatewayStore,
+        max_run_seconds: float = DEFAULT_MAX_RUN_SECONDS,
+        quiet_seconds: float = DEFAULT_QUIET_SECONDS,
+    ) -> None:
         assert claim.work_id and claim.lease_token
         self.claim = claim
         self.work_id: str = claim.work_id
@@ -167,13 +182,15 @@ class WorkRunner:
     # --- the run ----------------------------------------------------------------------------
     async def run(self) -> str:
         """Run the lease to its end; returns the journal's final state."""
-        if not self._store.journal_claim(self.work_id, self.attempt, self.lease_token,
-                                         self.claim.kind or "prompt"):
+        if not self._store.journal_claim(
+            self.work_id, self.attempt, self.lease_token, self.claim.kind or "prompt"
+        ):
             self._store.audit("work.lease_replayed", workId=self.work_id, attempt=self.attempt)
             self.outcome = "refused"
             return self.outcome
-        self._store.audit("work.claimed", workId=self.work_id, attempt=self.attempt,
-                          kind=self.claim.kind)
+        self._store.audit(
+            "work.claimed", workId=self.work_id, attempt=self.attempt, kind=self.claim.kind
+        )
         renewer = asyncio.create_task(self._renew_forever(), name=f"renew-{self.work_id}")
         try:
             self.outcome = await self._run_until_lost()
@@ -185,10 +202,15 @@ class WorkRunner:
         # A lost lease's detail (which request was refused, and why) is already journalled
         # by whoever saw the refusal.
         detail = str(self.lost_reason) if self.outcome == "lost" and self.lost_reason else None
-        self._store.journal_update(self.lease_token, state=self.outcome,
-                                   last_sequence=self._next - 1)
-        self._store.audit("work." + self.outcome, workId=self.work_id, attempt=self.attempt,
-                          **({"reason": detail} if detail else {}))
+        self._store.journal_update(
+            self.lease_token, state=self.outcome, last_sequence=self._next - 1
+        )
+        self._store.audit(
+            "work." + self.outcome,
+            workId=self.work_id,
+            attempt=self.attempt,
+            **({"reason": detail} if detail else {}),
+        )
         return self.outcome
 
     async def _run_until_lost(self) -> str:
@@ -233,11 +255,15 @@ class WorkRunner:
             return await self._fail(problem)
         try:
             self.session_id = await self._open_session()
-            self._store.journal_update(self.lease_token, state="running",
-                                       session_id=self.session_id)
+            self._store.journal_update(
+                self.lease_token, state="running", session_id=self.session_id
+            )
             queue = self._events.register(self.session_id)
-            await self._opencode.prompt_async(self.session_id, [{"type": "text", "text": text}],
-                                              **_prompt_options(self.claim.payload or {}))
+            await self._opencode.prompt_async(
+                self.session_id,
+                [{"type": "text", "text": text}],
+                **_prompt_options(self.claim.payload or {}),
+            )
             error = await asyncio.wait_for(self._relay(queue), self._max_run)
             if error:
                 return await self._fail(error)
@@ -277,7 +303,8 @@ class WorkRunner:
         while True:
             try:
                 event = await asyncio.wait_for(
-                    queue.get(), ERROR_SETTLE_SECONDS if error else self._quiet)
+                    queue.get(), ERROR_SETTLE_SECONDS if error else self._quiet
+                )
             except TimeoutError:
                 if error:  # erred and did not go idle: it is over all the same
                     with contextlib.suppress(OpenCodeError):
@@ -285,8 +312,10 @@ class WorkRunner:
                     return error
                 if await self._still_running():
                     continue
-                return ("OpenCode stopped sending events for this session and no longer "
-                        f"runs it (quiet for {self._quiet:g} s)")
+                return (
+                    "OpenCode stopped sending events for this session and no longer "
+                    f"runs it (quiet for {self._quiet:g} s)"
+                )
             kind = event.get("type")
             if kind == RESYNC:
                 if await self._finished_meanwhile(event):
@@ -303,8 +332,11 @@ class WorkRunner:
                 await self._refuse_permission(props)
             elif kind == "question.asked":
                 await self._refuse_question(props)
-            elif kind == "session.idle" or (kind == "session.status" and isinstance(
-                    props.get("status"), dict) and props["status"].get("type") == "idle"):
+            elif kind == "session.idle" or (
+                kind == "session.status"
+                and isinstance(props.get("status"), dict)
+                and props["status"].get("type") == "idle"
+            ):
                 return error
 
     async def _still_running(self) -> bool:
@@ -321,8 +353,9 @@ class WorkRunner:
         if self.session_id in status:
             return False
         last = await self._last_assistant()
-        return last is not None and bool((last.get("info") or {}).get("time", {})
-                                         .get("completed") or last["info"].get("error"))
+        return last is not None and bool(
+            (last.get("info") or {}).get("time", {}).get("completed") or last["info"].get("error")
+        )
 
     async def _refuse_permission(self, props: dict[str, Any]) -> None:
         if isinstance(props.get("id"), str):
@@ -338,8 +371,7 @@ class WorkRunner:
         assert self.session_id
         messages = await self._opencode.messages(self.session_id)
         for message in reversed(messages or []):
-            if isinstance(message, dict) and (message.get("info") or {}).get("role") == \
-                    "assistant":
+            if isinstance(message, dict) and (message.get("info") or {}).get("role") == "assistant":
                 return message
         return None
 
@@ -350,8 +382,11 @@ class WorkRunner:
         info = last.get("info") or {}
         if info.get("error"):
             return await self._fail(_error_text(info["error"]) or "OpenCode failed")
-        text = "".join(p.get("text", "") for p in last.get("parts") or []
-                       if isinstance(p, dict) and p.get("type") == "text")
+        text = "".join(
+            p.get("text", "")
+            for p in last.get("parts") or []
+            if isinstance(p, dict) and p.get("type") == "text"
+        )
         body: dict[str, Any] = {"text": redact_text(text), "sessionId": self.session_id}
         # Usage is numbers only; it bypasses redaction, whose secret-key rule would
         # otherwise blank "tokens".
@@ -370,8 +405,13 @@ class WorkRunner:
     async def _emit(self, kind: str, body: dict[str, Any], *, final: bool = False) -> None:
         if self.lost_reason is not None:
             raise self.lost_reason  # nothing more is written under a lost lease
-        output = WorkOutput(work_id=self.work_id, lease_token=self.lease_token, kind=kind,
-                            sequence=self._next, body=body)
+        output = WorkOutput(
+            work_id=self.work_id,
+            lease_token=self.lease_token,
+            kind=kind,
+            sequence=self._next,
+            body=body,
+        )
         self._next += 1
         if final:
             self._final = output.sequence
@@ -385,8 +425,7 @@ class WorkRunner:
             started = time.monotonic()
             try:
                 left = await self._bus.renew(self.work_id, self.lease_token)
-                delay = max(0.1, min(self.renew_every, left / 3) -
-                            (time.monotonic() - started))
+                delay = max(0.1, min(self.renew_every, left / 3) - (time.monotonic() - started))
             except LeaseLost as exc:
                 self.lost(exc.code, exc.reason)
                 return
@@ -406,8 +445,11 @@ def _prompt_text(claim: WorkClaimReply) -> tuple[str, str | None]:
 
 def _prompt_options(payload: dict[str, Any]) -> dict[str, Any]:
     """Only the documented optional prompt fields, and only when they are plain strings."""
-    return {key: payload[key] for key in ("agent", "variant", "model")
-            if isinstance(payload.get(key), str) and payload[key]}
+    return {
+        key: payload[key]
+        for key in ("agent", "variant", "model")
+        if isinstance(payload.get(key), str) and payload[key]
+    }
 
 
 def _error_text(error: Any) -> str | None:
@@ -417,8 +459,9 @@ def _error_text(error: Any) -> str | None:
         return None
     data = error.get("data") if isinstance(error.get("data"), dict) else {}
     name = str(error.get("name") or "")
-    message = next((line.strip() for line in str(data.get("message") or "").splitlines()
-                    if line.strip()), "")
+    message = next(
+        (line.strip() for line in str(data.get("message") or "").splitlines() if line.strip()), ""
+    )
     if name in ("", "Error", "UnknownError") or message.startswith(name):
         return message or name or None
     return f"{name}: {message}".strip(": ")

@@ -6,7 +6,35 @@ Used by `cowork up`, the Gateway appliance and the tests; needs the `local` extr
 from __future__ import annotations
 
 from ._postgres import EmbeddedPostgres
-from ._servers import ChildProcess, deadline_passed, EmbeddedError, ensure_port_free, ensure_writable_dir, free_port, lock_dir, nats_server_binary, NatsServer, url_host
+from ._servers import (
+    ChildProcess,
+    EmbeddedError,
+    NatsServer,
+    deadline_passed,
+    ensure_port_free,
+    ensure_writable_dir,
+    free_port,
+    lock_dir,
+    nats_server_binary,
+    url_host,
+)
 from ._supervise import run_until_stopped, say, step, stop_on_signals, supervise_children
 
-__all__ = ['ChildProcess', 'EmbeddedError', 'EmbeddedPostgres', 'NatsServer', 'deadline_passed', 'ensure_port_free', 'ensure_writable_dir', 'free_port', 'lock_dir', 'nats_server_binary', 'run_until_stopped', 'say', 'step', 'stop_on_signals', 'supervise_children', 'url_host']
+__all__ = [
+    "ChildProcess",
+    "EmbeddedError",
+    "EmbeddedPostgres",
+    "NatsServer",
+    "deadline_passed",
+    "ensure_port_free",
+    "ensure_writable_dir",
+    "free_port",
+    "lock_dir",
+    "nats_server_binary",
+    "run_until_stopped",
+    "say",
+    "step",
+    "stop_on_signals",
+    "supervise_children",
+    "url_host",
+]

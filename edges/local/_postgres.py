@@ -4,23 +4,14 @@ Needs the `local` extra (asyncpg only to see the server ready and create its dat
 
 from __future__ import annotations
 
-from __future__ import annotations
 import asyncio
-import ctypes
-import errno
 import os
 import secrets
-import shutil
 import signal
-import socket
-import sys
-import sysconfig
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
-from schemas import nats_conf_string
 
 from ._servers import (
     ChildProcess,
@@ -155,11 +146,15 @@ class EmbeddedPostgres(ChildProcess):
     def _postgres_argv(self) -> list[str | Path]:
         return [
             _pg_bin("postgres"),
-            "-D", self.pgdata,
-            "-p", str(self.port),
-            "-c", f"listen_addresses={self.host}",
+            "-D",
+            self.pgdata,
+            "-p",
+            str(self.port),
+            "-c",
+            f"listen_addresses={self.host}",
             # No Unix socket: TCP with a password is the only way in.
-            "-c", "unix_socket_directories=",
+            "-c",
+            "unix_socket_directories=",
         ]
 
     def _load_or_create_password(self) -> str:
@@ -186,9 +181,15 @@ class EmbeddedPostgres(ChildProcess):
         try:
             proc = await self._spawn(
                 [
-                    _pg_bin("initdb"), "-D", self.pgdata,
-                    "--auth=scram-sha-256", "-U", _PG_SUPERUSER, f"--pwfile={pwfile}",
-                    "--encoding=UTF8", "--locale=C",
+                    _pg_bin("initdb"),
+                    "-D",
+                    self.pgdata,
+                    "--auth=scram-sha-256",
+                    "-U",
+                    _PG_SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--locale=C",
                 ],
                 user=os_user,
                 cwd=self.data_dir,
@@ -217,7 +218,9 @@ class EmbeddedPostgres(ChildProcess):
     async def _wait_ready_and_create_database(self, deadline: float, timeout: float) -> None:
         conn = await self._connect_when_ready(deadline, timeout)
         try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database)
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+            )
             if not exists:
                 await conn.execute(f"CREATE DATABASE {_quote_ident(self.database)}")
         finally:
@@ -229,7 +232,9 @@ class EmbeddedPostgres(ChildProcess):
         last_error: BaseException | None = None
         while True:
             if not self.running:
-                raise self._failure(f"postgres exited (code {self._proc.returncode}) while starting")
+                raise self._failure(
+                    f"postgres exited (code {self._proc.returncode}) while starting"
+                )
             try:
                 return await asyncpg.connect(self.admin_dsn, timeout=2.0)
             except asyncpg.InvalidPasswordError:

@@ -19,17 +19,14 @@ import asyncio
 import ctypes
 import errno
 import os
-import secrets
 import shutil
 import signal
 import socket
 import sys
 import sysconfig
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import quote
 
 from schemas import nats_conf_string
 
@@ -130,8 +127,9 @@ def lock_dir(path: Path, flag: str = "--data-dir") -> None:
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise EmbeddedError(f"{path} is in use by PID {holder}; stop that process or choose "
-                            f"another {flag}") from None
+        raise EmbeddedError(
+            f"{path} is in use by PID {holder}; stop that process or choose another {flag}"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks[path] = fd
@@ -379,11 +377,15 @@ class NatsServer(ChildProcess):
     async def _wait_ready(self, deadline: float, timeout: float) -> None:
         while True:
             if not self.running:
-                raise self._failure(f"nats-server exited (code {self._proc.returncode}) while starting")
+                raise self._failure(
+                    f"nats-server exited (code {self._proc.returncode}) while starting"
+                )
             if await self._greets_clients():
                 return
             if await deadline_passed(deadline):
-                raise self._failure(f"nats-server did not accept clients on {self.url} within {timeout:g} s")
+                raise self._failure(
+                    f"nats-server did not accept clients on {self.url} within {timeout:g} s"
+                )
 
     async def _greets_clients(self) -> bool:
         """True when a TCP client gets the server's INFO line (the NATS hello)."""

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 # A child that dies this many times within the window is not restarted again.
 MAX_RESTARTS = 3
@@ -47,9 +48,11 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def run_until_stopped(start: Callable[[], Awaitable[object]],
-                            supervise: Callable[[], Awaitable[T]],
-                            stop: asyncio.Event) -> T | None:
+async def run_until_stopped(
+    start: Callable[[], Awaitable[object]],
+    supervise: Callable[[], Awaitable[T]],
+    stop: asyncio.Event,
+) -> T | None:
     """`start`, then `supervise` until `stop` is set. Returns what `supervise` returned
     when it ended first; None when stopped, also while starting (the start is
     abandoned). A failed start raises its error."""
@@ -87,9 +90,13 @@ class _CrashCounter:
         return len(self._times[name])
 
 
-async def supervise_children(children: dict[str, Any], program: str, *,
-                             until: asyncio.Task | None = None,
-                             restarted: Callable[[Any], None] | None = None) -> str | None:
+async def supervise_children(
+    children: dict[str, Any],
+    program: str,
+    *,
+    until: asyncio.Task | None = None,
+    restarted: Callable[[Any], None] | None = None,
+) -> str | None:
     """Restart a child server (`start()`/`wait()`) when it exits, calling `restarted`
     with it. Returns why supervision ends: a child exited more than MAX_RESTARTS
     times within the window (the reason), or `until` finished (None)."""

@@ -4,10 +4,22 @@ permission table derived from the subject taxonomy, and edge credentials.
 
 from __future__ import annotations
 
+from . import _jwt as nats_jwt
 from ._credentials import CredentialError, CredentialService, IssuedCredential
 from ._keys import BusKeys, KeyStoreError
 from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS, Principal, permission_table_markdown
-from . import _jwt as nats_jwt
 from ._routes import add_routes
 
-__all__ = ['BusKeys', 'CredentialError', 'CredentialService', 'HUB_INBOX_PREFIX', 'HUB_PERMISSIONS', 'IssuedCredential', 'KeyStoreError', 'Principal', 'add_routes', 'nats_jwt', 'permission_table_markdown']
+__all__ = [
+    "BusKeys",
+    "CredentialError",
+    "CredentialService",
+    "HUB_INBOX_PREFIX",
+    "HUB_PERMISSIONS",
+    "IssuedCredential",
+    "KeyStoreError",
+    "Principal",
+    "add_routes",
+    "nats_jwt",
+    "permission_table_markdown",
+]

@@ -156,8 +156,7 @@ def encode(claims: dict, signer_seed: bytes) -> str:
         kp.wipe()
 
 
-def decode(token: str, *, verify: bool = True,
-           trusted_issuers: set[str] | None = None) -> dict:
+def decode(token: str, *, verify: bool = True, trusted_issuers: set[str] | None = None) -> dict:
     """The claims of `token`; with `verify`, only if signed by `iss`, unexpired
     and (when `trusted_issuers` is given) issued by one of them."""
     header, claims, signing_input, signature = _split(token)
@@ -207,8 +206,9 @@ def _check_times(claims: Mapping[str, Any], now: float | None = None) -> None:
 # --------------------------------------------------------------------------
 
 
-def _claims(subject: str, name: str, nats: dict, *, iat: int | None = None,
-            exp: int | None = None) -> dict:
+def _claims(
+    subject: str, name: str, nats: dict, *, iat: int | None = None, exp: int | None = None
+) -> dict:
     claims: dict[str, Any] = {"name": name, "sub": subject, "nats": {**nats, "version": 2}}
     if iat is not None:
         claims["iat"] = iat
@@ -217,17 +217,26 @@ def _claims(subject: str, name: str, nats: dict, *, iat: int | None = None,
     return claims
 
 
-def operator_jwt(operator_seed: bytes, *, name: str, signing_keys: list[str],
-                 system_account: str, strict_signing_key_usage: bool = True,
-                 iat: int | None = None) -> str:
+def operator_jwt(
+    operator_seed: bytes,
+    *,
+    name: str,
+    signing_keys: list[str],
+    system_account: str,
+    strict_signing_key_usage: bool = True,
+    iat: int | None = None,
+) -> str:
     """The self-signed operator JWT the server trusts (`operator:` in its config).
 
     With strict signing-key usage the server accepts accounts only when signed
     by one of `signing_keys`, so the operator identity key signs nothing but
     this JWT. A fixed `iat` makes the result deterministic (Ed25519 is).
     """
-    nats = {"type": "operator", "signing_keys": list(signing_keys),
-            "system_account": system_account}
+    nats = {
+        "type": "operator",
+        "signing_keys": list(signing_keys),
+        "system_account": system_account,
+    }
     if strict_signing_key_usage:
         nats["strict_signing_key_usage"] = True
     return encode(_claims(public_key(operator_seed), name, nats, iat=iat), operator_seed)
@@ -235,38 +244,58 @@ def operator_jwt(operator_seed: bytes, *, name: str, signing_keys: list[str],
 
 def _account_limits(jetstream: bool) -> dict[str, Any]:
     limits: dict[str, Any] = {
-        "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
-        "imports": _UNLIMITED, "exports": _UNLIMITED, "wildcards": True,
-        "conn": _UNLIMITED, "leaf": _UNLIMITED,
+        "subs": _UNLIMITED,
+        "data": _UNLIMITED,
+        "payload": _UNLIMITED,
+        "imports": _UNLIMITED,
+        "exports": _UNLIMITED,
+        "wildcards": True,
+        "conn": _UNLIMITED,
+        "leaf": _UNLIMITED,
     }
     if jetstream:
         # The server enables JetStream for an account only when its JWT grants
         # storage; a JWT without these (or with 0) means "JetStream disabled".
-        limits.update({
-            "mem_storage": _UNLIMITED, "disk_storage": _UNLIMITED,
-            "streams": _UNLIMITED, "consumer": _UNLIMITED,
-            "max_ack_pending": _UNLIMITED,
-            "mem_max_stream_bytes": _UNLIMITED, "disk_max_stream_bytes": _UNLIMITED,
-            "max_bytes_required": False,
-        })
+        limits.update(
+            {
+                "mem_storage": _UNLIMITED,
+                "disk_storage": _UNLIMITED,
+                "streams": _UNLIMITED,
+                "consumer": _UNLIMITED,
+                "max_ack_pending": _UNLIMITED,
+                "mem_max_stream_bytes": _UNLIMITED,
+                "disk_max_stream_bytes": _UNLIMITED,
+                "max_bytes_required": False,
+            }
+        )
     return limits
 
 
-def account_jwt(account_public: str, *, name: str, operator_signing_seed: bytes,
-                signing_keys: list[str], jetstream: bool,
-                revocations: dict[str, int] | None = None,
-                exports: list[dict] | None = None, imports: list[dict] | None = None,
-                limits: dict[str, Any] | None = None, iat: int | None = None) -> str:
+def account_jwt(
+    account_public: str,
+    *,
+    name: str,
+    operator_signing_seed: bytes,
+    signing_keys: list[str],
+    jetstream: bool,
+    revocations: dict[str, int] | None = None,
+    exports: list[dict] | None = None,
+    imports: list[dict] | None = None,
+    limits: dict[str, Any] | None = None,
+    iat: int | None = None,
+) -> str:
     """An account JWT signed by an operator signing key.
 
     `signing_keys` are the account keys allowed to sign its users.
     `revocations` maps a user public key to a unix time: that user's JWTs with
     `iat` <= the time are refused and its live connections dropped.
     """
-    nats: dict[str, Any] = {"type": "account",
-                            "limits": {**_account_limits(jetstream), **(limits or {})},
-                            "signing_keys": list(signing_keys),
-                            "default_permissions": {"pub": {}, "sub": {}}}
+    nats: dict[str, Any] = {
+        "type": "account",
+        "limits": {**_account_limits(jetstream), **(limits or {})},
+        "signing_keys": list(signing_keys),
+        "default_permissions": {"pub": {}, "sub": {}},
+    }
     if revocations:
         nats["revocations"] = {user: int(at) for user, at in revocations.items()}
     if exports:
@@ -299,24 +328,39 @@ def _responses(allow_responses: bool | dict | None) -> dict[str, int] | None:
         return None
     if allow_responses is True:
         return {"max": 1, "ttl": 0}
-    return {"max": int(allow_responses.get("max", 1)),
-            "ttl": int(float(allow_responses.get("ttl", 0)) * 1_000_000_000)}
+    return {
+        "max": int(allow_responses.get("max", 1)),
+        "ttl": int(float(allow_responses.get("ttl", 0)) * 1_000_000_000),
+    }
 
 
-def user_jwt(user_public: str, *, name: str, account_public: str,
-             account_signing_seed: bytes, pub_allow: Iterable[str] = (),
-             pub_deny: Iterable[str] = (), sub_allow: Iterable[str] = (),
-             sub_deny: Iterable[str] = (), allow_responses: bool | dict | None = None,
-             expires_at: int | None = None, tags: Iterable[str] = ()) -> str:
+def user_jwt(
+    user_public: str,
+    *,
+    name: str,
+    account_public: str,
+    account_signing_seed: bytes,
+    pub_allow: Iterable[str] = (),
+    pub_deny: Iterable[str] = (),
+    sub_allow: Iterable[str] = (),
+    sub_deny: Iterable[str] = (),
+    allow_responses: bool | dict | None = None,
+    expires_at: int | None = None,
+    tags: Iterable[str] = (),
+) -> str:
     """A user JWT signed by an account signing key (`issuer_account` says whose).
 
     The allow lists are exhaustive: an empty one allows nothing (pass `[">"]`
     for everything); the deny lists carve exceptions out of them.
     """
     nats: dict[str, Any] = {
-        "type": "user", "issuer_account": account_public,
-        "pub": _permission(pub_allow, pub_deny), "sub": _permission(sub_allow, sub_deny),
-        "subs": _UNLIMITED, "data": _UNLIMITED, "payload": _UNLIMITED,
+        "type": "user",
+        "issuer_account": account_public,
+        "pub": _permission(pub_allow, pub_deny),
+        "sub": _permission(sub_allow, sub_deny),
+        "subs": _UNLIMITED,
+        "data": _UNLIMITED,
+        "payload": _UNLIMITED,
     }
     if resp := _responses(allow_responses):
         nats["resp"] = resp
@@ -328,6 +372,7 @@ def user_jwt(user_public: str, *, name: str, account_public: str,
 # --------------------------------------------------------------------------
 # Credentials file
 # --------------------------------------------------------------------------
+
 
 def creds_file(jwt: str, seed: bytes) -> str:
     """The text of a standard `.creds` file (what nats-py `user_credentials=` reads)."""

@@ -32,8 +32,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from schemas import nats_conf_string
-from schemas import BOOTSTRAP_ACCOUNT_PUBLIC, BOOTSTRAP_SUBJECTS
+from schemas import BOOTSTRAP_ACCOUNT_PUBLIC, BOOTSTRAP_SUBJECTS, nats_conf_string
 
 from . import _jwt
 
@@ -44,8 +43,14 @@ SYSTEM_ACCOUNT_NAME = "SYS"
 APP_ACCOUNT_NAME = "COWORK"
 BOOTSTRAP_ACCOUNT_NAME = "BOOTSTRAP"
 # Bootstrap clients connect, send one request and leave: small, bounded footprint.
-BOOTSTRAP_LIMITS = {"conn": 1024, "subs": 4096, "payload": 16_384, "leaf": 0,
-                    "exports": 0, "imports": len(BOOTSTRAP_SUBJECTS)}
+BOOTSTRAP_LIMITS = {
+    "conn": 1024,
+    "subs": 4096,
+    "payload": 16_384,
+    "leaf": 0,
+    "exports": 0,
+    "imports": len(BOOTSTRAP_SUBJECTS),
+}
 
 # What the hub's system user may publish: account pushes and lookups, nothing
 # else in $SYS (it must not, e.g., be able to shut down or profile servers).
@@ -79,10 +84,20 @@ class _Key:
 class BusKeys:
     """Operator, SYS and COWORK keys; mints the JWTs the hub and nats-server need."""
 
-    def __init__(self, directory: Path, fernet: Fernet, secret_origin: str, *,
-                 operator: _Key, operator_signing: _Key, system: _Key,
-                 system_signing: _Key, app: _Key, app_signing: list[_Key],
-                 issued_at: dict[str, int]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        fernet: Fernet,
+        secret_origin: str,
+        *,
+        operator: _Key,
+        operator_signing: _Key,
+        system: _Key,
+        system_signing: _Key,
+        app: _Key,
+        app_signing: list[_Key],
+        issued_at: dict[str, int],
+    ) -> None:
         self.directory = directory
         self._fernet = fernet
         self._secret_origin = secret_origin  # "env" or "file": which secret to ask for
@@ -115,8 +130,10 @@ class BusKeys:
             if secret_key is not None:
                 origin, fernet = "env", _fernet(secret_key)
             elif exists and _stored_origin(store) == "env":
-                raise KeyStoreError(f"the bus keys in {directory} are encrypted with "
-                                    "COWORK_SECRET_KEY, which is not set")
+                raise KeyStoreError(
+                    f"the bus keys in {directory} are encrypted with "
+                    "COWORK_SECRET_KEY, which is not set"
+                )
             else:
                 # Never generate a new secret for existing keys: they would be lost.
                 origin, fernet = "file", _fernet(_file_secret(directory, create=not exists))
@@ -127,29 +144,47 @@ class BusKeys:
                 # Another process created the store first: use theirs.
             return cls._from_json(directory, fernet, origin, store.read_text())
         except OSError as exc:
-            raise KeyStoreError(f"cannot use the bus key dir {directory}: "
-                                f"{exc.strerror or exc}") from None
+            raise KeyStoreError(
+                f"cannot use the bus key dir {directory}: {exc.strerror or exc}"
+            ) from None
 
     @classmethod
     def _create(cls, directory: Path, fernet: Fernet, origin: str) -> BusKeys:
         now = int(time.time())
-        return cls(directory, fernet, origin,
-                   operator=_Key.new("operator"), operator_signing=_Key.new("operator"),
-                   system=_Key.new("account"), system_signing=_Key.new("account"),
-                   app=_Key.new("account"), app_signing=[_Key.new("account")],
-                   issued_at={"operator": now, "system": now, "app": now})
+        return cls(
+            directory,
+            fernet,
+            origin,
+            operator=_Key.new("operator"),
+            operator_signing=_Key.new("operator"),
+            system=_Key.new("account"),
+            system_signing=_Key.new("account"),
+            app=_Key.new("account"),
+            app_signing=[_Key.new("account")],
+            issued_at={"operator": now, "system": now, "app": now},
+        )
 
     def _to_json(self) -> str:
         def key(k: _Key) -> dict[str, str]:
             return {"public": k.public, "seed": self._fernet.encrypt(k.seed).decode()}
 
-        return json.dumps({
-            "version": _FORMAT_VERSION, "secret": self._secret_origin,
-            "operator": key(self._operator), "operator_signing": key(self._operator_signing),
-            "system": key(self._system), "system_signing": key(self._system_signing),
-            "app": key(self._app), "app_signing": [key(k) for k in self._app_signing],
-            "issued_at": self._issued_at,
-        }, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "version": _FORMAT_VERSION,
+                    "secret": self._secret_origin,
+                    "operator": key(self._operator),
+                    "operator_signing": key(self._operator_signing),
+                    "system": key(self._system),
+                    "system_signing": key(self._system_signing),
+                    "app": key(self._app),
+                    "app_signing": [key(k) for k in self._app_signing],
+                    "issued_at": self._issued_at,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
     def _from_json(cls, directory: Path, fernet: Fernet, origin: str, text: str) -> BusKeys:
@@ -157,26 +192,36 @@ class BusKeys:
             try:
                 seed = fernet.decrypt(entry["seed"].encode())
             except InvalidToken:
-                raise KeyStoreError(f"cannot decrypt the bus keys in {directory}: "
-                                    "wrong COWORK_SECRET_KEY?") from None
+                raise KeyStoreError(
+                    f"cannot decrypt the bus keys in {directory}: wrong COWORK_SECRET_KEY?"
+                ) from None
             if _jwt.public_key(seed) != entry["public"]:
-                raise KeyStoreError(f"the bus key store in {directory} is corrupt "
-                                    f"(seed does not match {entry['public']})")
+                raise KeyStoreError(
+                    f"the bus key store in {directory} is corrupt "
+                    f"(seed does not match {entry['public']})"
+                )
             return _Key(entry["public"], seed)
 
         try:
             data = json.loads(text)
             if data.get("version") != _FORMAT_VERSION:
                 raise KeyStoreError(f"unsupported bus key store version in {directory}")
-            return cls(directory, fernet, origin,
-                       operator=key(data["operator"]),
-                       operator_signing=key(data["operator_signing"]),
-                       system=key(data["system"]), system_signing=key(data["system_signing"]),
-                       app=key(data["app"]), app_signing=[key(k) for k in data["app_signing"]],
-                       issued_at={k: int(v) for k, v in data["issued_at"].items()})
+            return cls(
+                directory,
+                fernet,
+                origin,
+                operator=key(data["operator"]),
+                operator_signing=key(data["operator_signing"]),
+                system=key(data["system"]),
+                system_signing=key(data["system_signing"]),
+                app=key(data["app"]),
+                app_signing=[key(k) for k in data["app_signing"]],
+                issued_at={k: int(v) for k, v in data["issued_at"].items()},
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise KeyStoreError(f"the bus key store in {directory} is corrupt "
-                                f"({type(exc).__name__}: {exc})") from None
+            raise KeyStoreError(
+                f"the bus key store in {directory} is corrupt ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _save(self) -> None:
         _write_replace(self.directory / _STORE_FILE, self._to_json())
@@ -204,16 +249,22 @@ class BusKeys:
 
     def operator_jwt(self) -> str:
         return _jwt.operator_jwt(
-            self._operator.seed, name=OPERATOR_NAME,
+            self._operator.seed,
+            name=OPERATOR_NAME,
             signing_keys=[self._operator_signing.public],
-            system_account=self._system.public, iat=self._issued_at["operator"])
+            system_account=self._system.public,
+            iat=self._issued_at["operator"],
+        )
 
     def system_account_jwt(self) -> str:
         return _jwt.account_jwt(
-            self._system.public, name=SYSTEM_ACCOUNT_NAME,
+            self._system.public,
+            name=SYSTEM_ACCOUNT_NAME,
             operator_signing_seed=self._operator_signing.seed,
-            signing_keys=[self._system_signing.public], jetstream=False,
-            iat=self._issued_at["system"])
+            signing_keys=[self._system_signing.public],
+            jetstream=False,
+            iat=self._issued_at["system"],
+        )
 
     def app_account_jwt(self, revocations: dict[str, int] | None = None) -> str:
         """The COWORK account JWT carrying `revocations` (user public key -> unix
@@ -228,25 +279,45 @@ class BusKeys:
         return self._app_jwt(revocations or {}, iat)
 
     def _app_jwt(self, revocations: dict[str, int], iat: int) -> str:
-        exports = [{"name": subject, "subject": subject, "type": "service",
-                    "response_type": "Singleton"} for subject in BOOTSTRAP_SUBJECTS]
+        exports = [
+            {"name": subject, "subject": subject, "type": "service", "response_type": "Singleton"}
+            for subject in BOOTSTRAP_SUBJECTS
+        ]
         return _jwt.account_jwt(
-            self._app.public, name=APP_ACCOUNT_NAME,
+            self._app.public,
+            name=APP_ACCOUNT_NAME,
             operator_signing_seed=self._operator_signing.seed,
-            signing_keys=self.app_signing_keys, jetstream=True,
-            revocations=revocations, exports=exports, iat=iat)
+            signing_keys=self.app_signing_keys,
+            jetstream=True,
+            revocations=revocations,
+            exports=exports,
+            iat=iat,
+        )
 
     def bootstrap_account_jwt(self) -> str:
         """The public BOOTSTRAP account (see schemas._bootstrap): no JetStream, tight
         limits, and only the two bootstrap services of COWORK, imported with the
         client's info shared so the hub can rate-limit per source address."""
-        imports = [{"name": subject, "subject": subject, "account": self._app.public,
-                    "type": "service", "share": True} for subject in BOOTSTRAP_SUBJECTS]
+        imports = [
+            {
+                "name": subject,
+                "subject": subject,
+                "account": self._app.public,
+                "type": "service",
+                "share": True,
+            }
+            for subject in BOOTSTRAP_SUBJECTS
+        ]
         return _jwt.account_jwt(
-            BOOTSTRAP_ACCOUNT_PUBLIC, name=BOOTSTRAP_ACCOUNT_NAME,
+            BOOTSTRAP_ACCOUNT_PUBLIC,
+            name=BOOTSTRAP_ACCOUNT_NAME,
             operator_signing_seed=self._operator_signing.seed,
-            signing_keys=[BOOTSTRAP_ACCOUNT_PUBLIC], jetstream=False, imports=imports,
-            limits=BOOTSTRAP_LIMITS, iat=self._issued_at["app"])
+            signing_keys=[BOOTSTRAP_ACCOUNT_PUBLIC],
+            jetstream=False,
+            imports=imports,
+            limits=BOOTSTRAP_LIMITS,
+            iat=self._issued_at["app"],
+        )
 
     def server_config(self, resolver_dir: Path) -> str:
         """The nats-server config block for operator mode (append to its config).
@@ -258,59 +329,89 @@ class BusKeys:
         """
         q = nats_conf_string
         resolver = Path(resolver_dir).resolve()  # the server's cwd is not ours
-        return "\n".join([
-            "# Operator mode (decentralized JWT auth), written by cowork.",
-            f"operator: {q(self.operator_jwt())}",
-            f"system_account: {self._system.public}",
-            "resolver: {",
-            "  type: full",
-            f"  dir: {q(resolver)}",
-            "  allow_delete: false",
-            '  interval: "2m"',
-            "}",
-            "resolver_preload: {",
-            f"  {self._system.public}: {q(self.system_account_jwt())}",
-            f"  {self._app.public}: {q(self._app_jwt({}, self._issued_at['app']))}",
-            f"  {BOOTSTRAP_ACCOUNT_PUBLIC}: {q(self.bootstrap_account_jwt())}",
-            "}",
-            "",
-        ])
+        return "\n".join(
+            [
+                "# Operator mode (decentralized JWT auth), written by cowork.",
+                f"operator: {q(self.operator_jwt())}",
+                f"system_account: {self._system.public}",
+                "resolver: {",
+                "  type: full",
+                f"  dir: {q(resolver)}",
+                "  allow_delete: false",
+                '  interval: "2m"',
+                "}",
+                "resolver_preload: {",
+                f"  {self._system.public}: {q(self.system_account_jwt())}",
+                f"  {self._app.public}: {q(self._app_jwt({}, self._issued_at['app']))}",
+                f"  {BOOTSTRAP_ACCOUNT_PUBLIC}: {q(self.bootstrap_account_jwt())}",
+                "}",
+                "",
+            ]
+        )
 
     def derive_key(self, purpose: str) -> bytes:
         """A stable 32-byte secret for one purpose (e.g. hashing pairing codes),
         derived from the COWORK account seed, so it needs no storage of its own."""
-        return hmac.new(self._app.seed, b"cowork-derive:" + purpose.encode(),
-                        hashlib.sha256).digest()
+        return hmac.new(
+            self._app.seed, b"cowork-derive:" + purpose.encode(), hashlib.sha256
+        ).digest()
 
     # --- users ---------------------------------------------------------------------
 
-    def mint_user(self, user_public: str, *, name: str, pub_allow: Iterable[str],
-                  sub_allow: Iterable[str], pub_deny: Iterable[str] = (),
-                  sub_deny: Iterable[str] = (), allow_responses: bool | dict | None = None,
-                  ttl_seconds: int | None, tags: Iterable[str] = ()) -> tuple[str, int | None]:
+    def mint_user(
+        self,
+        user_public: str,
+        *,
+        name: str,
+        pub_allow: Iterable[str],
+        sub_allow: Iterable[str],
+        pub_deny: Iterable[str] = (),
+        sub_deny: Iterable[str] = (),
+        allow_responses: bool | dict | None = None,
+        ttl_seconds: int | None,
+        tags: Iterable[str] = (),
+    ) -> tuple[str, int | None]:
         """A COWORK user JWT for `user_public` (the holder keeps the seed) and its
         expiry (unix seconds; None: no expiry, only revocation ends it)."""
         _require_user_key(user_public)
         expires_at = None if ttl_seconds is None else int(time.time()) + int(ttl_seconds)
         token = _jwt.user_jwt(
-            user_public, name=name, account_public=self._app.public,
+            user_public,
+            name=name,
+            account_public=self._app.public,
             account_signing_seed=self._app_signing[-1].seed,
-            pub_allow=pub_allow, pub_deny=pub_deny, sub_allow=sub_allow, sub_deny=sub_deny,
-            allow_responses=allow_responses, expires_at=expires_at, tags=tags)
+            pub_allow=pub_allow,
+            pub_deny=pub_deny,
+            sub_allow=sub_allow,
+            sub_deny=sub_deny,
+            allow_responses=allow_responses,
+            expires_at=expires_at,
+            tags=tags,
+        )
         return token, expires_at
 
-    def mint_system_user(self, user_public: str, *, name: str,
-                         pub_allow: Iterable[str] = SYSTEM_USER_PUB_ALLOW,
-                         sub_allow: Iterable[str] = ("_INBOX.>",),
-                         ttl_seconds: int | None = None) -> str:
+    def mint_system_user(
+        self,
+        user_public: str,
+        *,
+        name: str,
+        pub_allow: Iterable[str] = SYSTEM_USER_PUB_ALLOW,
+        sub_allow: Iterable[str] = ("_INBOX.>",),
+        ttl_seconds: int | None = None,
+    ) -> str:
         """A SYS-account user JWT for the hub's account pushes (request/reply on
         `$SYS.REQ.CLAIMS.UPDATE`; replies come back on `_INBOX.>`)."""
         _require_user_key(user_public)
         expires_at = None if ttl_seconds is None else int(time.time()) + int(ttl_seconds)
         return _jwt.user_jwt(
-            user_public, name=name, account_public=self._system.public,
+            user_public,
+            name=name,
+            account_public=self._system.public,
             account_signing_seed=self._system_signing.seed,
-            pub_allow=pub_allow, sub_allow=sub_allow, expires_at=expires_at)
+            pub_allow=pub_allow,
+            sub_allow=sub_allow,
+            expires_at=expires_at,
+        )
 
     # --- signing key rotation ------------------------------------------------------
 
@@ -367,8 +468,9 @@ def _fernet(secret: bytes) -> Fernet:
     try:
         return Fernet(secret.strip())
     except (ValueError, TypeError):
-        raise KeyStoreError("COWORK_SECRET_KEY is not a Fernet key "
-                            "(urlsafe base64 of 32 bytes)") from None
+        raise KeyStoreError(
+            "COWORK_SECRET_KEY is not a Fernet key (urlsafe base64 of 32 bytes)"
+        ) from None
 
 
 def _stored_origin(store: Path) -> str | None:
@@ -384,8 +486,10 @@ def _file_secret(directory: Path, *, create: bool) -> bytes:
     if create:
         _write_new(path, Fernet.generate_key().decode() + "\n")  # no-op if it exists
     elif not path.exists():
-        raise KeyStoreError(f"cannot decrypt the bus keys in {directory}: {path} is missing "
-                            "(restore it, or set COWORK_SECRET_KEY to its content)")
+        raise KeyStoreError(
+            f"cannot decrypt the bus keys in {directory}: {path} is missing "
+            "(restore it, or set COWORK_SECRET_KEY to its content)"
+        )
     return path.read_bytes()
 
 

@@ -9,8 +9,8 @@ only" do not depend on hub code paths.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from schemas import CredentialScope, PrincipalKind, subjects
 from schemas.subjects import SubjectFamily
@@ -100,9 +100,7 @@ TABLE: dict[PrincipalKind, tuple[Grant, ...]] = {
         pub(S.AUDIT, **_self("channel")),
         pub(S.CREDENTIAL_REFRESH, **_self("channel")),
     ),
-    PrincipalKind.VIEWER: (
-        sub(S.WORKSPACE_EVENT, workspace_id=EACH_WORKSPACE),
-    ),
+    PrincipalKind.VIEWER: (sub(S.WORKSPACE_EVENT, workspace_id=EACH_WORKSPACE),),
     PrincipalKind.ADMIN: (
         # A tenant's operator tool observes its tenant (dead letters, audit, presence)
         # but publishes nothing on the bus; changes go through the admin HTTP API.
@@ -128,7 +126,9 @@ HUB_INBOX_PREFIX = "_INBOX.hub"
 # read its own keys, `<tenant>.<own id>.*`, and nothing else: not list, watch,
 # delete, nor look at the bucket's stream.
 OWN_KV_KEYS: dict[PrincipalKind, tuple[str, ...]] = {
-    PrincipalKind.CHANNEL: ("CW_CHANNEL_SENT",),  # the sent-ledger (channels/runtime/_sent_store.py)
+    PrincipalKind.CHANNEL: (
+        "CW_CHANNEL_SENT",
+    ),  # the sent-ledger (channels/runtime/_sent_store.py)
 }
 
 
@@ -150,9 +150,11 @@ def _consumer_grants(p: Principal) -> list[str]:
     if stream is None:
         return []
     durable = subjects.edge_consumer(str(p.kind), p.id)
-    return [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-            f"$JS.ACK.{stream}.{durable}.>"]
+    return [
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]
 
 
 def permissions_for(p: Principal) -> Permissions:
@@ -177,12 +179,15 @@ def permission_table_markdown() -> str:
     """The table above, rendered for docs/permissions.md (kept in step by a test)."""
     example = {
         PrincipalKind.DESKTOP: Principal(PrincipalKind.DESKTOP, "acme", "pair1"),
-        PrincipalKind.GATEWAY: Principal(PrincipalKind.GATEWAY, "acme", "reg1",
-                                         scopes=frozenset(CredentialScope)),
-        PrincipalKind.CHANNEL: Principal(PrincipalKind.CHANNEL, "acme", "telegram",
-                                         workspaces=("ws1",)),
-        PrincipalKind.VIEWER: Principal(PrincipalKind.VIEWER, "acme", "web1",
-                                        workspaces=("ws1", "ws2")),
+        PrincipalKind.GATEWAY: Principal(
+            PrincipalKind.GATEWAY, "acme", "reg1", scopes=frozenset(CredentialScope)
+        ),
+        PrincipalKind.CHANNEL: Principal(
+            PrincipalKind.CHANNEL, "acme", "telegram", workspaces=("ws1",)
+        ),
+        PrincipalKind.VIEWER: Principal(
+            PrincipalKind.VIEWER, "acme", "web1", workspaces=("ws1", "ws2")
+        ),
         PrincipalKind.ADMIN: Principal(PrincipalKind.ADMIN, "acme", "ops"),
     }
     lines = [
@@ -199,19 +204,22 @@ def permission_table_markdown() -> str:
         for grant in TABLE[kind]:
             for subject in grant.subjects_for(principal):
                 scope = f"`{grant.scope.value}`" if grant.scope else "-"
-                lines.append(f"| {kind.value} `{principal.id}` | {grant.action} "
-                             f"({grant.family.name}) | `{subject}` | {scope} |")
+                lines.append(
+                    f"| {kind.value} `{principal.id}` | {grant.action} "
+                    f"({grant.family.name}) | `{subject}` | {scope} |"
+                )
         perms = permissions_for(principal)
         for subject in _consumer_grants(principal):
-            lines.append(f"| {kind.value} `{principal.id}` | pub (own durable consumer) "
-                         f"| `{subject}` | - |")
+            lines.append(
+                f"| {kind.value} `{principal.id}` | pub (own durable consumer) | `{subject}` | - |"
+            )
         for subject in _kv_grants(principal):
-            lines.append(f"| {kind.value} `{principal.id}` | pub (own KV keys) "
-                         f"| `{subject}` | - |")
+            lines.append(f"| {kind.value} `{principal.id}` | pub (own KV keys) | `{subject}` | - |")
         for subject in perms.sub_allow:
             if subject.startswith("_INBOX"):
-                lines.append(f"| {kind.value} `{principal.id}` | sub (own reply inbox) "
-                             f"| `{subject}` | - |")
+                lines.append(
+                    f"| {kind.value} `{principal.id}` | sub (own reply inbox) | `{subject}` | - |"
+                )
     for subject in HUB_PERMISSIONS.pub_allow:
         lines.append(f"| hub | pub | `{subject}` | - |")
     for subject in HUB_PERMISSIONS.sub_allow:

@@ -14,16 +14,22 @@ from pydantic import Field
 
 from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
 
-from ._credentials import CredentialError
 from ..http import HUB_KEY, json_body, json_error, tenant_param
+from ._credentials import CredentialError
 from ._permissions import Principal
 
 ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN}
 _ISSUED_ELSEWHERE = {
     PrincipalKind.CHANNEL: "channel credentials come from POST …/channel-instances/{id}/credentials "
-                           "(kind cli only)"}
-REVOCABLE = {PrincipalKind.DESKTOP, PrincipalKind.GATEWAY, PrincipalKind.CHANNEL,
-             PrincipalKind.VIEWER, PrincipalKind.ADMIN}
+    "(kind cli only)"
+}
+REVOCABLE = {
+    PrincipalKind.DESKTOP,
+    PrincipalKind.GATEWAY,
+    PrincipalKind.CHANNEL,
+    PrincipalKind.VIEWER,
+    PrincipalKind.ADMIN,
+}
 
 
 class IssueRequest(WireModel):
@@ -42,7 +48,8 @@ def _service(request: web.Request):
     service = request.app[HUB_KEY].credentials
     if service is None:
         raise web.HTTPServiceUnavailable(
-            text="bus credentials are not managed by this hub (no COWORK_KEYS_DIR)")
+            text="bus credentials are not managed by this hub (no COWORK_KEYS_DIR)"
+        )
     return service
 
 
@@ -50,20 +57,28 @@ async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, IssueRequest)
     if body.kind not in ISSUABLE:
-        return json_error(422, "kind_not_issuable", _ISSUED_ELSEWHERE.get(
-            body.kind, f"{body.kind} credentials come from pairing or registration"))
+        return json_error(
+            422,
+            "kind_not_issuable",
+            _ISSUED_ELSEWHERE.get(
+                body.kind, f"{body.kind} credentials come from pairing or registration"
+            ),
+        )
     if body.kind is PrincipalKind.VIEWER and not body.workspaces:
         return json_error(422, "workspaces_required", f"a {body.kind} needs workspaces")
     principal = Principal(body.kind, tenant, body.principal_id, tuple(body.workspaces))
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
     try:
-        issued = await _service(request).issue(principal, body.public_key, ttl=ttl,
-                                               actor="admin")
+        issued = await _service(request).issue(principal, body.public_key, ttl=ttl, actor="admin")
     except CredentialError as exc:
         return json_error(409, exc.code, str(exc))
-    return web.json_response({"userJwt": issued.user_jwt,
-                              "expiresAt": issued.expires_at.isoformat()
-                              if issued.expires_at else None}, status=201)
+    return web.json_response(
+        {
+            "userJwt": issued.user_jwt,
+            "expiresAt": issued.expires_at.isoformat() if issued.expires_at else None,
+        },
+        status=201,
+    )
 
 
 async def revoke(request: web.Request) -> web.Response:
@@ -76,8 +91,9 @@ async def revoke(request: web.Request) -> web.Response:
     if kind not in REVOCABLE:
         return json_error(400, "invalid_principal", f"{kind} principals cannot be revoked here")
     body = await json_body(request, RevokeRequest)
-    count = await _service(request).revoke(tenant, str(kind), principal_id, reason=body.reason,
-                                           actor="admin")
+    count = await _service(request).revoke(
+        tenant, str(kind), principal_id, reason=body.reason, actor="admin"
+    )
     return web.json_response({"revokedKeys": count, "status": "revoked"})
 
 
@@ -88,18 +104,30 @@ async def list_principals(request: web.Request) -> web.Response:
                   p.revoked_at, count(c.public_key) AS keys, max(c.expires_at) AS expires_at
              FROM bus_principals p LEFT JOIN bus_credentials c USING (tenant, kind, principal_id)
             WHERE p.tenant = $1 GROUP BY p.tenant, p.kind, p.principal_id
-            ORDER BY p.created_at""", tenant)
-    return web.json_response({"items": [{
-        "kind": r["kind"], "principalId": r["principal_id"], "status": r["status"],
-        "workspaces": r["workspaces"], "scopes": r["scopes"], "keys": r["keys"],
-        "createdAt": r["created_at"].isoformat(),
-        "revokedAt": r["revoked_at"].isoformat() if r["revoked_at"] else None,
-        "expiresAt": r["expires_at"].isoformat() if r["expires_at"] else None,
-    } for r in rows]})
+            ORDER BY p.created_at""",
+        tenant,
+    )
+    return web.json_response(
+        {
+            "items": [
+                {
+                    "kind": r["kind"],
+                    "principalId": r["principal_id"],
+                    "status": r["status"],
+                    "workspaces": r["workspaces"],
+                    "scopes": r["scopes"],
+                    "keys": r["keys"],
+                    "createdAt": r["created_at"].isoformat(),
+                    "revokedAt": r["revoked_at"].isoformat() if r["revoked_at"] else None,
+                    "expiresAt": r["expires_at"].isoformat() if r["expires_at"] else None,
+                }
+                for r in rows
+            ]
+        }
+    )
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/tenants/{tenant}/credentials", issue)
     app.router.add_get("/api/v1/tenants/{tenant}/principals", list_principals)
-    app.router.add_post("/api/v1/tenants/{tenant}/principals/{kind}/{principal_id}/revoke",
-                        revoke)
+    app.router.add_post("/api/v1/tenants/{tenant}/principals/{kind}/{principal_id}/revoke", revoke)

@@ -4,6 +4,20 @@ one responder every hub request handler runs through.
 
 from __future__ import annotations
 
-from ._bootstrap_limits import BootstrapLockout, BootstrapResponder, LOCKOUT, MAX_FAILURES, WINDOW, request_source
+from ._bootstrap_limits import (
+    LOCKOUT,
+    MAX_FAILURES,
+    WINDOW,
+    BootstrapLockout,
+    BootstrapResponder,
+    request_source,
+)
 
-__all__ = ['BootstrapLockout', 'BootstrapResponder', 'LOCKOUT', 'MAX_FAILURES', 'WINDOW', 'request_source']
+__all__ = [
+    "BootstrapLockout",
+    "BootstrapResponder",
+    "LOCKOUT",
+    "MAX_FAILURES",
+    "WINDOW",
+    "request_source",
+]

@@ -24,11 +24,9 @@ from typing import Any
 import asyncpg
 from nats.aio.msg import Msg
 
-from schemas import AckReply, ContractError, Envelope, SealedReply, Source, decode
-from schemas import SealError, seal
+from schemas import AckReply, ContractError, Envelope, SealedReply, SealError, Source, decode, seal
 
-from ..core import kv
-from ..core import HubMetrics
+from ..core import HubMetrics, kv
 
 log = logging.getLogger("cowork.hub.bootstrap")
 
@@ -52,15 +50,23 @@ class BootstrapLockout:
     """Failed bootstrap secrets counted per source; `locked_for` says how long a
     source must still wait (None when it may try)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, max_failures: int = MAX_FAILURES,
-                 window: timedelta = WINDOW, lockout: timedelta = LOCKOUT) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_failures: int = MAX_FAILURES,
+        window: timedelta = WINDOW,
+        lockout: timedelta = LOCKOUT,
+    ) -> None:
         self._pool = pool
         self.max_failures, self.window, self.lockout = max_failures, window, lockout
 
     async def locked_for(self, source: str) -> float | None:
         left = await self._pool.fetchval(
             "SELECT extract(epoch FROM locked_until - now()) FROM bootstrap_failures "
-            "WHERE source = $1 AND locked_until > now()", source)
+            "WHERE source = $1 AND locked_until > now()",
+            source,
+        )
         return None if left is None else round(float(left), 1)
 
     async def count_failure(self, source: str, what: str) -> int:
@@ -77,9 +83,13 @@ class BootstrapLockout:
                  locked_until = CASE WHEN bootstrap_failures.window_started_at >= now() - $2
                                       AND bootstrap_failures.failures + 1 >= $3
                                  THEN now() + $4 ELSE bootstrap_failures.locked_until END
-               RETURNING failures""", source, self.window, self.max_failures, self.lockout)
-        log.warning("bootstrap.secret_refused", **kv(what=what, source=source,
-                                                     failures=failures))
+               RETURNING failures""",
+            source,
+            self.window,
+            self.max_failures,
+            self.lockout,
+        )
+        log.warning("bootstrap.secret_refused", **kv(what=what, source=source, failures=failures))
         return int(failures)
 
 
@@ -133,8 +143,10 @@ class BootstrapResponder:
             return
         try:
             reply = await self.exchange(request, source)
-            sealed = seal(Envelope.wrap(reply, source=self._source, tenant=reply.tenant)
-                          .encode(), request.reply_key)
+            sealed = seal(
+                Envelope.wrap(reply, source=self._source, tenant=reply.tenant).encode(),
+                request.reply_key,
+            )
         except SealError as exc:
             await self._refuse(msg, _refused("contract.invalid", str(exc)))
             return

@@ -16,7 +16,16 @@ from ._router import ChannelRouter
 from ._routes import add_routes as _add_instance_routes
 from ._routes_users import add_routes as _add_user_routes
 
-__all__ = ['ActionTokens', 'ChannelOutbox', 'ChannelRenderer', 'ChannelRouter', 'ChannelService', 'ReceiptIngest', 'add_routes', 'set_delivery_id_key']
+__all__ = [
+    "ActionTokens",
+    "ChannelOutbox",
+    "ChannelRenderer",
+    "ChannelRouter",
+    "ChannelService",
+    "ReceiptIngest",
+    "add_routes",
+    "set_delivery_id_key",
+]
 
 
 def add_routes(app: web.Application) -> None:

@@ -22,8 +22,7 @@ import asyncpg
 
 TOKEN_PREFIX = "ca"  # "channel action": lets the router tell a token from other text
 _TOKEN_BYTES = 15  # 120 bits -> 20 base64url characters, 22 with the prefix
-ACTIONS = {"permission": frozenset({"allow", "deny"}),
-           "question": frozenset({"answer", "reject"})}
+ACTIONS = {"permission": frozenset({"allow", "deny"}), "question": frozenset({"answer", "reject"})}
 DEFAULT_TTL_SECONDS = 600
 
 
@@ -33,8 +32,11 @@ def token_hash(token: str) -> bytes:
 
 def looks_like_token(text: str) -> bool:
     """A cheap syntactic check (prefix and length); says nothing about validity."""
-    return (isinstance(text, str) and text.startswith(TOKEN_PREFIX)
-            and len(text) == len(TOKEN_PREFIX) + 20)
+    return (
+        isinstance(text, str)
+        and text.startswith(TOKEN_PREFIX)
+        and len(text) == len(TOKEN_PREFIX) + 20
+    )
 
 
 def new_token() -> str:
@@ -46,11 +48,22 @@ class ActionTokens:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def issue(self, conn: asyncpg.Connection, *, tenant: str, instance_id: str,
-                    binding_id: str, workspace_id: str, session_id: str, kind: str,
-                    request_id: str, action: str, answer: list | None = None,
-                    ttl_seconds: int = DEFAULT_TTL_SECONDS,
-                    delivery_id: str | None = None) -> str:
+    async def issue(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        tenant: str,
+        instance_id: str,
+        binding_id: str,
+        workspace_id: str,
+        session_id: str,
+        kind: str,
+        request_id: str,
+        action: str,
+        answer: list | None = None,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        delivery_id: str | None = None,
+    ) -> str:
         """A new token for one button (on the approval message `delivery_id`, whose
         outcome is shown once it is used or expired); the token itself is returned
         once, never stored."""
@@ -64,12 +77,31 @@ class ActionTokens:
             "workspace_id, session_id, kind, request_id, action, answer, expires_at, "
             "delivery_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, "
             "now() + make_interval(secs => $11), $12)",
-            token_hash(token), tenant, instance_id, binding_id, workspace_id, session_id, kind,
-            request_id, action, answer, float(ttl_seconds), delivery_id)
+            token_hash(token),
+            tenant,
+            instance_id,
+            binding_id,
+            workspace_id,
+            session_id,
+            kind,
+            request_id,
+            action,
+            answer,
+            float(ttl_seconds),
+            delivery_id,
+        )
         return token
 
-    async def consume(self, conn: asyncpg.Connection, tenant: str, token: str, *,
-                      instance_id: str, chat_id: str, user_id: str) -> dict[str, Any] | None:
+    async def consume(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        token: str,
+        *,
+        instance_id: str,
+        chat_id: str,
+        user_id: str,
+    ) -> dict[str, Any] | None:
         """The token's request and action if it is valid here and now, marking it (and
         its siblings) used; None when unknown, used, expired or from another chat."""
         if not looks_like_token(token):
@@ -78,7 +110,10 @@ class ActionTokens:
         async with conn.transaction():
             head = await conn.fetchrow(
                 "SELECT workspace_id, session_id, request_id FROM channel_action_tokens "
-                "WHERE token_hash = $1 AND tenant = $2", digest, tenant)
+                "WHERE token_hash = $1 AND tenant = $2",
+                digest,
+                tenant,
+            )
             if head is None:
                 return None
             # Lock every token of the request in one order first: two people pressing
@@ -86,7 +121,11 @@ class ActionTokens:
             await conn.execute(
                 "SELECT 1 FROM channel_action_tokens WHERE tenant = $1 AND workspace_id = $2 "
                 "AND session_id = $3 AND request_id = $4 ORDER BY token_hash FOR UPDATE",
-                tenant, head["workspace_id"], head["session_id"], head["request_id"])
+                tenant,
+                head["workspace_id"],
+                head["session_id"],
+                head["request_id"],
+            )
             row = await conn.fetchrow(_CONSUME, digest, tenant, instance_id, chat_id, user_id)
             if row is None:
                 return None
@@ -94,8 +133,12 @@ class ActionTokens:
                 "UPDATE channel_action_tokens SET used_at = now(), used_by = $5 "
                 "WHERE tenant = $1 AND workspace_id = $2 AND session_id = $3 "
                 "AND request_id = $4 AND used_at IS NULL",
-                tenant, head["workspace_id"], head["session_id"], head["request_id"],
-                f"superseded:{user_id}"[:256])
+                tenant,
+                head["workspace_id"],
+                head["session_id"],
+                head["request_id"],
+                f"superseded:{user_id}"[:256],
+            )
         result = dict(row)
         if isinstance(result.get("answer"), str):  # a pool without the jsonb codec
             result["answer"] = json.loads(result["answer"])

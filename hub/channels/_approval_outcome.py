@@ -14,14 +14,15 @@ the button press (or the router's reply) already confirmed the action.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 
 from schemas import ChannelOutbound, ChannelTarget
 
-from ._outbox import ChannelOutbox, delivery_id
 from ..core import kv
+from ._outbox import ChannelOutbox, delivery_id
 
 log = logging.getLogger("cowork.hub.channels.approvals")
 EXPIRED = "⌛ Expired: nothing was approved"
@@ -38,25 +39,43 @@ def outcome_text(kind: str, action: str, who: str, answer: str = "") -> str:
     return f"💬 Answered by {who}: {answer[:500]}"
 
 
-async def record_approval_message(conn: asyncpg.Connection, tenant: str, delivery: str,
-                                  instance_id: str, binding_id: str, prompt: str) -> None:
+async def record_approval_message(
+    conn: asyncpg.Connection,
+    tenant: str,
+    delivery: str,
+    instance_id: str,
+    binding_id: str,
+    prompt: str,
+) -> None:
     await conn.execute(
         "INSERT INTO channel_approval_messages (tenant, delivery_id, instance_id, binding_id, "
         "prompt) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, delivery_id) DO NOTHING",
-        tenant, delivery, instance_id, binding_id, prompt)
+        tenant,
+        delivery,
+        instance_id,
+        binding_id,
+        prompt,
+    )
 
 
 class ApprovalOutcomes:
-    def __init__(self, pool: asyncpg.Pool, outbox: ChannelOutbox,
-                 instance: Callable[[str], dict | None]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, outbox: ChannelOutbox, instance: Callable[[str], dict | None]
+    ) -> None:
         self._pool, self._outbox, self._instance = pool, outbox, instance
 
     async def settle(self, tenant: str, request: dict[str, Any], text: str) -> int:
         """Show `text` on every still-open message of the consumed token's request;
         how many edits were queued."""
         async with self._pool.acquire() as conn, conn.transaction():
-            messages = await conn.fetch(_SETTLE_REQUEST, tenant, request["workspace_id"],
-                                        request["session_id"], request["request_id"], text)
+            messages = await conn.fetch(
+                _SETTLE_REQUEST,
+                tenant,
+                request["workspace_id"],
+                request["session_id"],
+                request["request_id"],
+                text,
+            )
             return await self._edit(conn, tenant, messages, text)
 
     async def sweep_expired(self) -> int:
@@ -68,33 +87,60 @@ class ApprovalOutcomes:
                 queued += await self._edit(conn, m["tenant"], [m], EXPIRED)
         return queued
 
-    async def _edit(self, conn: asyncpg.Connection, tenant: str,
-                    messages: list[asyncpg.Record], outcome: str) -> int:
+    async def _edit(
+        self, conn: asyncpg.Connection, tenant: str, messages: list[asyncpg.Record], outcome: str
+    ) -> int:
         queued = 0
         for m in messages:
             inst = self._instance(m["instance_id"])
             caps = inst.get("capabilities") if inst else None
-            if inst is None or inst.get("tenant") != tenant or inst.get("enabled") is False \
-                    or caps is None or not caps.edit:
+            if (
+                inst is None
+                or inst.get("tenant") != tenant
+                or inst.get("enabled") is False
+                or caps is None
+                or not caps.edit
+            ):
                 continue  # nothing more to send: the interaction answer confirmed it
             binding = await conn.fetchrow(
                 "SELECT chat_id, thread_key, is_direct FROM channel_bindings WHERE tenant = $1 "
-                "AND binding_id = $2", tenant, m["binding_id"])
+                "AND binding_id = $2",
+                tenant,
+                m["binding_id"],
+            )
             if binding is None:
                 continue
             shown = await conn.fetchval(
                 "SELECT provider_message_id FROM channel_deliveries WHERE tenant = $1 "
-                "AND delivery_id = $2", tenant, m["delivery_id"])
+                "AND delivery_id = $2",
+                tenant,
+                m["delivery_id"],
+            )
             text = _with_prompt(m["prompt"], outcome, caps.max_text_length)
             edit_id = delivery_id(tenant, "approval-outcome", m["delivery_id"])
-            await self._outbox.send(tenant, m["instance_id"], ChannelOutbound(
-                delivery_id=edit_id, idempotency_key=edit_id, type="edit", text=text,
-                edit_of_delivery_id=m["delivery_id"], edit_message_id=shown,
-                target=ChannelTarget(chat_id=binding["chat_id"], is_direct=binding["is_direct"],
-                                     thread_id=binding["thread_key"] or None)), conn=conn)
+            await self._outbox.send(
+                tenant,
+                m["instance_id"],
+                ChannelOutbound(
+                    delivery_id=edit_id,
+                    idempotency_key=edit_id,
+                    type="edit",
+                    text=text,
+                    edit_of_delivery_id=m["delivery_id"],
+                    edit_message_id=shown,
+                    target=ChannelTarget(
+                        chat_id=binding["chat_id"],
+                        is_direct=binding["is_direct"],
+                        thread_id=binding["thread_key"] or None,
+                    ),
+                ),
+                conn=conn,
+            )
             queued += 1
-            log.info("channel.approval_settled", **kv(instance=m["instance_id"],
-                                                       delivery=m["delivery_id"]))
+            log.info(
+                "channel.approval_settled",
+                **kv(instance=m["instance_id"], delivery=m["delivery_id"]),
+            )
         return queued
 
 
@@ -102,7 +148,7 @@ def _with_prompt(prompt: str, outcome: str, limit: int) -> str:
     """The request as it was shown, then its outcome (the prompt shortened to fit)."""
     room = max(0, limit - len(outcome) - 2)
     if len(prompt) > room:
-        prompt = prompt[:max(0, room - 1)] + "…" if room > 1 else ""
+        prompt = prompt[: max(0, room - 1)] + "…" if room > 1 else ""
     return f"{prompt}\n\n{outcome}" if prompt else outcome
 
 

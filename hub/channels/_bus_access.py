@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -22,12 +22,8 @@ from nats.js import JetStreamContext
 from channels import InstanceConfig
 from schemas import PrincipalKind, subjects
 
-from ..auth import nats_jwt
-from ..core import streams
-from ..auth import CredentialError, CredentialService
-from ..core import kv
-from ..auth import Principal
-from ..core import HubSettings
+from ..auth import CredentialError, CredentialService, Principal, nats_jwt
+from ..core import HubSettings, kv, streams
 
 log = logging.getLogger("cowork.hub.channels.bus")
 
@@ -41,9 +37,12 @@ def consumer_name(instance_id: str) -> str:
 def consumer_spec(tenant: str, instance_id: str) -> streams.ConsumerSpec:
     # Never gives up on a delivery (-1): the runtime decides when one is dead.
     return streams.ConsumerSpec(
-        STREAM, consumer_name(instance_id),
+        STREAM,
+        consumer_name(instance_id),
         subjects.CHANNEL_OUTBOUND.build(tenant=tenant, instance_id=instance_id),
-        ack_wait_seconds=30.0, max_deliver=-1)
+        ack_wait_seconds=30.0,
+        max_deliver=-1,
+    )
 
 
 async def ensure_consumer(js: JetStreamContext, tenant: str, instance_id: str) -> None:
@@ -73,50 +72,73 @@ class InstanceConnections:
     async def connect(self, config: InstanceConfig) -> NATS:
         s = self._settings
         options: dict[str, Any] = dict(
-            servers=s.nats_servers, name=f"cowork-channel-{config.instance_id}",
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=2, error_cb=self._error_cb(config.instance_id))
+            servers=s.nats_servers,
+            name=f"cowork-channel-{config.instance_id}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            error_cb=self._error_cb(config.instance_id),
+        )
         if self._credentials is None:
             if s.nats_creds:
                 options["user_credentials"] = str(s.nats_creds)
             return await nats.connect(**options)
         seed = nats_jwt.new_seed("user")
         public = nats_jwt.public_key(seed)
-        principal = Principal(PrincipalKind.CHANNEL, config.tenant, config.instance_id,
-                              workspaces=(config.workspace_id,))
+        principal = Principal(
+            PrincipalKind.CHANNEL,
+            config.tenant,
+            config.instance_id,
+            workspaces=(config.workspace_id,),
+        )
         issued = await self._credentials.issue(principal, public)
         current = {"jwt": issued.user_jwt}
         auth = nats_jwt.nats_auth_options(issued.user_jwt, seed)
         auth["user_jwt_cb"] = lambda: current["jwt"].encode()
         nc = await nats.connect(
-            **options, **auth,
-            inbox_prefix=subjects.inbox_prefix(config.tenant, "channel", config.instance_id))
+            **options,
+            **auth,
+            inbox_prefix=subjects.inbox_prefix(config.tenant, "channel", config.instance_id),
+        )
         if issued.expires_at is not None:
-            task = asyncio.create_task(self._refresh(nc, config, public, current,
-                                                     issued.expires_at))
+            task = asyncio.create_task(
+                self._refresh(nc, config, public, current, issued.expires_at)
+            )
             self._refreshers.add(task)
             task.add_done_callback(self._refreshers.discard)
         return nc
 
-    async def _refresh(self, nc: NATS, config: InstanceConfig, public: str,
-                       current: dict[str, str], expires_at: datetime) -> None:
+    async def _refresh(
+        self,
+        nc: NATS,
+        config: InstanceConfig,
+        public: str,
+        current: dict[str, str],
+        expires_at: datetime,
+    ) -> None:
         assert self._credentials is not None
         while not nc.is_closed:
-            remaining = (expires_at - datetime.now(timezone.utc)).total_seconds()
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
             # Renew at two thirds of the lifetime left (at least 1 s before expiry).
             await asyncio.sleep(max(0.5, min(remaining * 2 / 3, remaining - 1.0)))
             if nc.is_closed:
                 return
             try:
                 issued = await self._credentials.refresh(
-                    config.tenant, "channel", config.instance_id, public)
+                    config.tenant, "channel", config.instance_id, public
+                )
             except CredentialError as exc:  # revoked or removed: let the connection end
-                log.info("channel.credential_not_refreshed",
-                         **kv(instance=config.instance_id, code=exc.code))
+                log.info(
+                    "channel.credential_not_refreshed",
+                    **kv(instance=config.instance_id, code=exc.code),
+                )
                 return
             except Exception as exc:  # database or bus hiccup: try again shortly
-                log.warning("channel.credential_refresh_failed",
-                            **kv(instance=config.instance_id, error=str(exc)[:200]))
+                log.warning(
+                    "channel.credential_refresh_failed",
+                    **kv(instance=config.instance_id, error=str(exc)[:200]),
+                )
                 await asyncio.sleep(1.0)
                 continue
             current["jwt"] = issued.user_jwt
@@ -129,6 +151,7 @@ class InstanceConnections:
         async def on_error(exc: Exception) -> None:
             self.last_errors[instance_id] = str(exc)[:500]
             log.warning("channel.nats_error", **kv(instance=instance_id, error=str(exc)[:200]))
+
         return on_error
 
     async def stop(self) -> None:

@@ -11,7 +11,8 @@ answer instead of reporting the token as used.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
@@ -22,8 +23,10 @@ from ._approval_outcome import outcome_text
 from ._identity import ChannelIdentity, may_approve, may_prompt, may_read
 from ._sessions import ChannelSessions, Turn, derived_id
 
-ACCESS_HELP = ("You don't have access here yet. Ask an admin of this workspace for a claim "
-               "code, then send /claim CODE.")
+ACCESS_HELP = (
+    "You don't have access here yet. Ask an admin of this workspace for a claim "
+    "code, then send /claim CODE."
+)
 UNKNOWN_TOKEN = "That approval is unknown or expired; nothing was approved."
 # command -> (who may use it, usage without the slash: a string starting "/session"
 # would read as an OpenCode route to tests/test_boundaries.py)
@@ -47,10 +50,17 @@ _COMMAND_OF = {action: name for name, action in TOKEN_ACTIONS.items()}
 
 
 class ChatCommands:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, identity: ChannelIdentity,
-                 sessions: ChannelSessions, actions: Any,
-                 save_memo: Callable[[asyncpg.Connection, Turn], Awaitable[None]], *,
-                 outcomes: Any = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        identity: ChannelIdentity,
+        sessions: ChannelSessions,
+        actions: Any,
+        save_memo: Callable[[asyncpg.Connection, Turn], Awaitable[None]],
+        *,
+        outcomes: Any = None,
+    ) -> None:
         self._pool, self._audit, self._identity = pool, audit, identity
         self._sessions, self._actions, self._save_memo = sessions, actions, save_memo
         self._outcomes = outcomes  # ApprovalOutcomes: approval messages show the outcome
@@ -64,8 +74,11 @@ class ChatCommands:
                 return
             await self._token(turn, None, msg.interaction.token, "")
             return
-        name = (msg.command or "").lstrip("/").lower() if (
-            msg.is_command or msg.event_type == ChannelEventType.COMMAND) else ""
+        name = (
+            (msg.command or "").lstrip("/").lower()
+            if (msg.is_command or msg.event_type == ChannelEventType.COMMAND)
+            else ""
+        )
         args = list(msg.command_args)
         if name and name not in COMMANDS and msg.event_type == ChannelEventType.COMMAND:
             # A platform slash command that is not ours: its free text is the prompt.
@@ -95,20 +108,27 @@ class ChatCommands:
         else:
             turn.replies.append(f"Your role ({turn.role}) may not use /{name}.")
         turn.outcome = "refused"
-        await self._audit.record(AuditRecord(
-            action="channel.command_refused", actor_kind="channel", actor_id=turn.instance_id,
-            target_kind="channel_user",
-            target_id=f"{turn.instance_id}/{turn.msg.sender.provider_user_id}",
-            workspace_id=turn.workspace_id, reason=f"role {turn.role} may not use /{name}",
-            metadata={"instance": turn.instance_id, "command": name, "role": turn.role}),
-            tenant=turn.tenant)
+        await self._audit.record(
+            AuditRecord(
+                action="channel.command_refused",
+                actor_kind="channel",
+                actor_id=turn.instance_id,
+                target_kind="channel_user",
+                target_id=f"{turn.instance_id}/{turn.msg.sender.provider_user_id}",
+                workspace_id=turn.workspace_id,
+                reason=f"role {turn.role} may not use /{name}",
+                metadata={"instance": turn.instance_id, "command": name, "role": turn.role},
+            ),
+            tenant=turn.tenant,
+        )
 
     async def _access_help_due(self, turn: Turn) -> bool:
         if turn.memo.get("access_help"):  # this message took the slot before a crash
             return True
         async with self._pool.acquire() as conn, conn.transaction():
             due = await self._identity.take_access_help_slot(
-                conn, turn.tenant, turn.instance_id, turn.msg.sender.provider_user_id)
+                conn, turn.tenant, turn.instance_id, turn.msg.sender.provider_user_id
+            )
             if due:
                 turn.memo["access_help"] = True
                 await self._save_memo(conn, turn)
@@ -144,34 +164,49 @@ class ChatCommands:
         if outcome is None:
             async with self._pool.acquire() as conn, conn.transaction():
                 result = await self._identity.redeem(
-                    conn, turn.tenant, turn.instance_id, turn.msg.sender.provider_user_id,
-                    "".join(args))
-                outcome = {"ok": result.ok, "role": result.role, "code": result.code,
-                           "retryAfter": result.retry_after}
+                    conn,
+                    turn.tenant,
+                    turn.instance_id,
+                    turn.msg.sender.provider_user_id,
+                    "".join(args),
+                )
+                outcome = {
+                    "ok": result.ok,
+                    "role": result.role,
+                    "code": result.code,
+                    "retryAfter": result.retry_after,
+                }
                 turn.memo["claim"] = outcome
                 await self._save_memo(conn, turn)
         if outcome["ok"]:
             turn.user["role"] = outcome["role"]
-            turn.replies.append(f"Welcome! Your role is now {outcome['role']}. Send /help "
-                                "to see what you can do.")
+            turn.replies.append(
+                f"Welcome! Your role is now {outcome['role']}. Send /help to see what you can do."
+            )
             turn.outcome = "claimed"
         elif outcome["code"] == "claim.rate_limited":
-            turn.replies.append("Too many claim attempts. Try again in "
-                                f"{max(1, round(outcome['retryAfter']))} seconds.")
+            turn.replies.append(
+                "Too many claim attempts. Try again in "
+                f"{max(1, round(outcome['retryAfter']))} seconds."
+            )
             turn.outcome = "refused"
         else:
-            turn.replies.append("That claim code is not valid: it may be mistyped, expired or "
-                                "already used. Ask an admin for a new one.")
+            turn.replies.append(
+                "That claim code is not valid: it may be mistyped, expired or "
+                "already used. Ask an admin for a new one."
+            )
             turn.outcome = "refused"
 
     async def _cmd_status(self, turn: Turn, args: list[str]) -> None:
         inst = turn.instance
         async with self._pool.acquire() as conn:
             binding = await self._sessions.active(conn, turn, create=False)
-        lines = [f"Instance: {inst.get('display_name') or turn.instance_id} "
-                 f"({turn.instance_id}, {inst['kind']})",
-                 f"Workspace: {turn.workspace_id} ({inst['authority']})",
-                 f"Session: {_describe(binding)}"]
+        lines = [
+            f"Instance: {inst.get('display_name') or turn.instance_id} "
+            f"({turn.instance_id}, {inst['kind']})",
+            f"Workspace: {turn.workspace_id} ({inst['authority']})",
+            f"Session: {_describe(binding)}",
+        ]
         if inst["authority"] == "desktop_paired":
             state = await self._sessions.desktop_online(turn.tenant, turn.workspace_id)
             lines.append(f"Desktop: {state}")
@@ -181,31 +216,43 @@ class ChatCommands:
         target = turn.msg.target
         async with self._pool.acquire() as conn:
             binding = await self._sessions.active(conn, turn, create=False)
-        turn.replies.append("\n".join([
-            f"Tenant: {turn.tenant}", f"Instance: {turn.instance_id}",
-            f"Workspace: {turn.workspace_id}", f"Chat: {target.chat_id}",
-            f"Thread: {target.thread_id or '-'}", f"Session: {_describe(binding)}",
-            f"Role: {turn.role}"]))
+        turn.replies.append(
+            "\n".join(
+                [
+                    f"Tenant: {turn.tenant}",
+                    f"Instance: {turn.instance_id}",
+                    f"Workspace: {turn.workspace_id}",
+                    f"Chat: {target.chat_id}",
+                    f"Thread: {target.thread_id or '-'}",
+                    f"Session: {_describe(binding)}",
+                    f"Role: {turn.role}",
+                ]
+            )
+        )
 
     async def _cmd_sessions(self, turn: Turn, args: list[str]) -> None:
         bindings = await self._sessions.list(turn)
         if not bindings:
             turn.replies.append("No sessions in this chat yet. Send a message to start one.")
             return
-        lines = [f"{'*' if b['active'] else ' '} {n}. {_describe(b)}"
-                 for n, b in enumerate(bindings, start=1)]
+        lines = [
+            f"{'*' if b['active'] else ' '} {n}. {_describe(b)}"
+            for n, b in enumerate(bindings, start=1)
+        ]
         turn.replies.append("Sessions (* = active):\n" + "\n".join(lines))
 
     async def _cmd_new(self, turn: Turn, args: list[str]) -> None:
         title = " ".join(args).strip()[:200] or None
         await self._sessions.new(turn, title)
-        turn.replies.append(f"Started a new session{f' {title!r}' if title else ''}. "
-                            "Your next message goes to it.")
+        turn.replies.append(
+            f"Started a new session{f' {title!r}' if title else ''}. Your next message goes to it."
+        )
 
     async def _cmd_switch(self, turn: Turn, args: list[str]) -> None:
         if len(args) != 1:
-            turn.replies.append("Usage: /switch N (as /sessions numbers them) or /switch "
-                                "SESSION_ID.")
+            turn.replies.append(
+                "Usage: /switch N (as /sessions numbers them) or /switch SESSION_ID."
+            )
             turn.outcome = "refused"
             return
         binding = await self._sessions.switch(turn, args[0])
@@ -219,8 +266,11 @@ class ChatCommands:
         async with self._pool.acquire() as conn:
             binding = await self._sessions.active(conn, turn, create=False)
         if turn.instance["authority"] != "desktop_paired":
-            cancelled = 0 if binding is None else await self._sessions.cancel_work(
-                turn, binding["binding_id"])
+            cancelled = (
+                0
+                if binding is None
+                else await self._sessions.cancel_work(turn, binding["binding_id"])
+            )
             if not cancelled:
                 turn.replies.append("Nothing is running here to abort.")
                 turn.outcome = "refused"
@@ -231,9 +281,14 @@ class ChatCommands:
             turn.replies.append("There is no active session to abort.")
             turn.outcome = "refused"
             return
-        await self._sessions.desktop_command(turn, "abort", binding["session_id"], None,
-                                             derived_id(turn.msg.id, "abort"),
-                                             binding_id=binding["binding_id"])
+        await self._sessions.desktop_command(
+            turn,
+            "abort",
+            binding["session_id"],
+            None,
+            derived_id(turn.msg.id, "abort"),
+            binding_id=binding["binding_id"],
+        )
         turn.replies.append("Abort sent to the Desktop.")
 
     async def _cmd_approve(self, turn: Turn, args: list[str]) -> None:
@@ -271,8 +326,13 @@ class ChatCommands:
         if row is None:
             async with self._pool.acquire() as conn, conn.transaction():
                 found = await self._actions.consume(
-                    conn, turn.tenant, token, instance_id=turn.instance_id,
-                    chat_id=turn.msg.target.chat_id, user_id=turn.msg.sender.provider_user_id)
+                    conn,
+                    turn.tenant,
+                    token,
+                    instance_id=turn.instance_id,
+                    chat_id=turn.msg.target.chat_id,
+                    user_id=turn.msg.sender.provider_user_id,
+                )
                 row = _json_row(found) if found else {}
                 turn.memo["action"] = row
                 await self._save_memo(conn, turn)
@@ -286,17 +346,24 @@ class ChatCommands:
         action = row["action"]
         # A text command may turn any permission token into a denial, never a denial
         # token into an approval; other mismatches send nothing.
-        if wanted is not None and wanted != action and not (
-                wanted == "deny" and row["kind"] == "permission"):
-            turn.replies.append(f"That token is for {action} on a {row['kind']}, not "
-                                f"/{_COMMAND_OF[wanted]}. Nothing was sent.")
+        if (
+            wanted is not None
+            and wanted != action
+            and not (wanted == "deny" and row["kind"] == "permission")
+        ):
+            turn.replies.append(
+                f"That token is for {action} on a {row['kind']}, not "
+                f"/{_COMMAND_OF[wanted]}. Nothing was sent."
+            )
             turn.outcome = "refused"
             return
         action = wanted or action
         answer = ""
         if row["kind"] == "permission":
-            kind, payload = "permission.respond", {"permissionId": row["request_id"],
-                                                   "allowed": action == "allow"}
+            kind, payload = (
+                "permission.respond",
+                {"permissionId": row["request_id"], "allowed": action == "allow"},
+            )
             done = "Allowed." if action == "allow" else "Denied."
         elif action == "reject":
             kind, payload = "question.reject", {"requestId": row["request_id"]}
@@ -307,18 +374,26 @@ class ChatCommands:
                 turn.replies.append("Send /answer TOKEN TEXT with your answer.")
                 turn.outcome = "refused"
                 return
-            kind, payload = "question.reply", {"requestId": row["request_id"],
-                                               "answers": [[answer]]}
+            kind, payload = (
+                "question.reply",
+                {"requestId": row["request_id"], "answers": [[answer]]},
+            )
             done = "Answer sent."
-        await self._sessions.desktop_command(turn, kind, row["session_id"], payload,
-                                             derived_id(turn.msg.id, "respond"),
-                                             binding_id=row.get("binding_id"))
+        await self._sessions.desktop_command(
+            turn,
+            kind,
+            row["session_id"],
+            payload,
+            derived_id(turn.msg.id, "respond"),
+            binding_id=row.get("binding_id"),
+        )
         turn.replies.append(done)
         turn.outcome = "responded"
         if self._outcomes is not None and row.get("workspace_id") and row.get("session_id"):
             who = turn.actor_label or turn.msg.sender.provider_user_id
-            await self._outcomes.settle(turn.tenant, row,
-                                        outcome_text(row["kind"], action, who, answer))
+            await self._outcomes.settle(
+                turn.tenant, row, outcome_text(row["kind"], action, who, answer)
+            )
 
 
 def _describe(binding: dict | None) -> str:
@@ -341,4 +416,3 @@ def _answer_text(answer: Any) -> str:
 def _json_row(row: dict) -> dict:
     keep = ("kind", "request_id", "action", "answer", "workspace_id", "session_id", "binding_id")
     return {k: row.get(k) for k in keep}
-

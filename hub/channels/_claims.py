@@ -17,11 +17,13 @@ ClaimKey = tuple[str, str, str, str]  # tenant, instance, event type, provider e
 _INSERT = (
     "INSERT INTO channel_inbound_claims (tenant, instance_id, event_type, provider_event_id, "
     "message_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
-    "$5::text[]) ON CONFLICT DO NOTHING RETURNING *")
+    "$5::text[]) ON CONFLICT DO NOTHING RETURNING *"
+)
 _EXISTING = (
     "SELECT c.* FROM channel_inbound_claims c JOIN unnest($1::text[], $2::text[], $3::text[], "
     "$4::text[]) AS k(tenant, instance_id, event_type, provider_event_id) USING (tenant, "
-    "instance_id, event_type, provider_event_id)")
+    "instance_id, event_type, provider_event_id)"
+)
 
 
 def claim_key(tenant: str, inbound: ChannelInbound) -> ClaimKey:
@@ -32,8 +34,9 @@ def _key_of(row: asyncpg.Record) -> ClaimKey:
     return (row["tenant"], row["instance_id"], row["event_type"], row["provider_event_id"])
 
 
-async def claim_all(pool: asyncpg.Pool,
-                    items: list[tuple[str, ChannelInbound]]) -> dict[ClaimKey, dict]:
+async def claim_all(
+    pool: asyncpg.Pool, items: list[tuple[str, ChannelInbound]]
+) -> dict[ClaimKey, dict]:
     """The claim row of each (tenant, inbound): new rows ('claimed', this message's
     id) where the key was free, the existing row otherwise."""
     wanted: dict[ClaimKey, str] = {}
@@ -44,10 +47,13 @@ async def claim_all(pool: asyncpg.Pool,
     keys = list(wanted)
     columns = [list(col) for col in zip(*keys)]
     async with pool.acquire() as conn:
-        rows = {_key_of(r): dict(r) for r in await conn.fetch(
-            _INSERT, *columns, list(wanted.values()))}
+        rows = {
+            _key_of(r): dict(r) for r in await conn.fetch(_INSERT, *columns, list(wanted.values()))
+        }
         missing = [k for k in keys if k not in rows]
         if missing:
-            rows.update((_key_of(r), dict(r)) for r in await conn.fetch(
-                _EXISTING, *[list(col) for col in zip(*missing)]))
+            rows.update(
+                (_key_of(r), dict(r))
+                for r in await conn.fetch(_EXISTING, *[list(col) for col in zip(*missing)])
+            )
     return rows

@@ -22,7 +22,9 @@ from nats.js import JetStreamContext
 from channels import ChannelRuntime, InstanceConfig, RuntimeOptions, destination_changed
 from schemas import AuditRecord, PrincipalKind
 
-from ..core import AuditLog
+from ..auth import CredentialError, CredentialService, IssuedCredential, Principal
+from ..core import AuditLog, HubMetrics, HubSettings, kv
+from ..http import client_address
 from ._bus_access import InstanceConnections, delete_consumer, ensure_consumer
 from ._store import (
     AUTHORITIES,
@@ -37,21 +39,37 @@ from ._store import (
     validate_secrets,
     validate_settings,
 )
-from ..auth import CredentialError, CredentialService, IssuedCredential, Principal
-from ..core import HubMetrics, HubSettings, kv
-from ..http import client_address
 
 log = logging.getLogger("cowork.hub.channels")
 
 RELOAD_SECONDS = 2.0
-PUBLIC_FIELDS = ("tenant", "instance_id", "kind", "workspace_id", "authority", "default_agent",
-                 "enabled", "display_name", "revision")
+PUBLIC_FIELDS = (
+    "tenant",
+    "instance_id",
+    "kind",
+    "workspace_id",
+    "authority",
+    "default_agent",
+    "enabled",
+    "display_name",
+    "revision",
+)
 
 
 class ChannelService:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, js: JetStreamContext, nc: NATS,
-                 metrics: HubMetrics, *, hub_id: str, secret_key: bytes,
-                 credentials: CredentialService | None, settings: HubSettings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        js: JetStreamContext,
+        nc: NATS,
+        metrics: HubMetrics,
+        *,
+        hub_id: str,
+        secret_key: bytes,
+        credentials: CredentialService | None,
+        settings: HubSettings,
+    ) -> None:
         self._pool, self._audit, self._js, self._nc = pool, audit, js, nc
         self._metrics, self._hub_id, self._settings = metrics, hub_id, settings
         self._credentials = credentials
@@ -59,11 +77,15 @@ class ChannelService:
         self._store = InstanceStore(pool)
         self.connections = InstanceConnections(settings, credentials)
         trusted = settings.trusted_proxy_networks
-        self.runtime = ChannelRuntime(connect=self.connections.connect, options=RuntimeOptions(
-            body_limit_bytes=settings.channel_body_limit_bytes,
-            source_rate=settings.channel_source_rate,
-            msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest()),
-            source_of=lambda request: client_address(request, trusted))
+        self.runtime = ChannelRuntime(
+            connect=self.connections.connect,
+            options=RuntimeOptions(
+                body_limit_bytes=settings.channel_body_limit_bytes,
+                source_rate=settings.channel_source_rate,
+                msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest(),
+            ),
+            source_of=lambda request: client_address(request, trusted),
+        )
         self._cache: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, InstanceConfig] = {}  # what the runtime was last given
         self._errors: dict[str, str] = {}  # instance id -> why its config could not apply
@@ -117,8 +139,11 @@ class ChannelService:
         """Bring the cache and the runtime in step with the table."""
         async with self._lock:
             revisions = await self._store.revisions()
-            changed = [i for i, rev in revisions.items()
-                       if i in self._retry or self._cache.get(i, {}).get("revision") != rev]
+            changed = [
+                i
+                for i, rev in revisions.items()
+                if i in self._retry or self._cache.get(i, {}).get("revision") != rev
+            ]
             for row in await self._store.get_any(changed) if changed else []:
                 await self._apply(row)
             for instance_id in [i for i in self._cache if i not in revisions]:
@@ -148,23 +173,32 @@ class ChannelService:
             secrets_value, _ = validate_secrets(row["kind"], self._box.open(row["secrets_enc"]))
         except ChannelInstanceError as exc:  # stays off until an admin fixes it
             self._errors[instance_id] = str(exc)
-            log.error("channels.instance_config_invalid",
-                      **kv(instance=instance_id, code=exc.code, error=str(exc)))
+            log.error(
+                "channels.instance_config_invalid",
+                **kv(instance=instance_id, code=exc.code, error=str(exc)),
+            )
             self._configs.pop(instance_id, None)
             await self.runtime.remove(instance_id)
             return
         config = InstanceConfig(
-            tenant=row["tenant"], instance_id=instance_id, kind=row["kind"],
-            workspace_id=row["workspace_id"], settings=settings_value, secrets=secrets_value,
-            default_agent=row["default_agent"], revision=row["revision"])
+            tenant=row["tenant"],
+            instance_id=instance_id,
+            kind=row["kind"],
+            workspace_id=row["workspace_id"],
+            settings=settings_value,
+            secrets=secrets_value,
+            default_agent=row["default_agent"],
+            revision=row["revision"],
+        )
         try:
             await ensure_consumer(self._js, row["tenant"], instance_id)
             await self.runtime.apply(config)
         except Exception as exc:  # bus trouble: the next reload tries again
             self._retry.add(instance_id)
             self._errors[instance_id] = f"not started yet: {str(exc)[:200]}"
-            log.warning("channels.instance_apply_failed",
-                        **kv(instance=instance_id, error=str(exc)[:200]))
+            log.warning(
+                "channels.instance_apply_failed", **kv(instance=instance_id, error=str(exc)[:200])
+            )
             return
         self._configs[instance_id] = config
         self._errors.pop(instance_id, None)
@@ -174,8 +208,9 @@ class ChannelService:
         per_instance = self._metrics.channel_instance_state
         per_instance.clear()  # deleted instances and left states disappear
         for instance_id, entry in self._cache.items():
-            state = self.health(instance_id).get("state", "unknown") if entry["enabled"] \
-                else "disabled"
+            state = (
+                self.health(instance_id).get("state", "unknown") if entry["enabled"] else "disabled"
+            )
             counts[state] = counts.get(state, 0) + 1
             per_instance.labels(instance_id, state).set(1)
         gauge = self._metrics.channel_instances
@@ -210,31 +245,41 @@ class ChannelService:
         _, secrets = validate_secrets(kind, body.get("secrets") or {})
         _check_authority(body.get("authority", "desktop_paired"))
         new = NewInstance(
-            instance_id=body["instance_id"], tenant=tenant, kind=kind,
+            instance_id=body["instance_id"],
+            tenant=tenant,
+            kind=kind,
             workspace_id=body["workspace_id"],
             authority=body.get("authority", "desktop_paired"),
-            display_name=body.get("display_name") or "", default_agent=body.get("default_agent"),
-            settings=settings, secrets_enc=self._box.seal(secrets),
-            secret_names=secret_names(secrets), enabled=body.get("enabled", True),
-            created_by=actor)
+            display_name=body.get("display_name") or "",
+            default_agent=body.get("default_agent"),
+            settings=settings,
+            secrets_enc=self._box.seal(secrets),
+            secret_names=secret_names(secrets),
+            enabled=body.get("enabled", True),
+            created_by=actor,
+        )
         async with self._pool.acquire() as conn, conn.transaction():
             await _check_workspace(conn, tenant, new.authority, new.workspace_id)
             row = await self._store.insert(new, conn)
             if row is None:
                 raise ChannelInstanceError(
-                    409, "channel_instance.exists",
-                    f"channel instance id {new.instance_id!r} is taken (ids are global)")
+                    409,
+                    "channel_instance.exists",
+                    f"channel instance id {new.instance_id!r} is taken (ids are global)",
+                )
             await self._store.reactivate_principal(conn, tenant, new.instance_id)
             await self._record("channel.instance_created", row, actor, conn)
         await self.reload()
         return row
 
-    async def update(self, tenant: str, instance_id: str, patch: dict[str, Any], *,
-                     actor: str) -> dict[str, Any]:
+    async def update(
+        self, tenant: str, instance_id: str, patch: dict[str, Any], *, actor: str
+    ) -> dict[str, Any]:
         """Apply an admin change; `patch` holds only the fields that were sent."""
         async with self._pool.acquire() as conn, conn.transaction():
-            current = await self._store.get(tenant, instance_id, conn=conn, for_update=True,
-                                            with_secrets=True)
+            current = await self._store.get(
+                tenant, instance_id, conn=conn, for_update=True, with_secrets=True
+            )
             if current is None:
                 raise not_found(instance_id)
             changes: dict[str, Any] = {}
@@ -246,12 +291,16 @@ class ChannelService:
             if "authority" in patch:
                 changes["authority"] = _check_authority(patch["authority"])
             if "authority" in changes or "workspace_id" in changes:
-                await _check_workspace(conn, tenant,
-                                       changes.get("authority", current["authority"]),
-                                       changes.get("workspace_id", current["workspace_id"]))
+                await _check_workspace(
+                    conn,
+                    tenant,
+                    changes.get("authority", current["authority"]),
+                    changes.get("workspace_id", current["workspace_id"]),
+                )
             if "settings" in patch:
-                after, changes["settings"] = validate_settings(current["kind"],
-                                                               patch["settings"] or {})
+                after, changes["settings"] = validate_settings(
+                    current["kind"], patch["settings"] or {}
+                )
                 before, _ = validate_settings(current["kind"], current["settings"])
                 _check_secrets_reentered(current, before, after, patch.get("secrets") or {})
             if "secrets" in patch:
@@ -269,8 +318,9 @@ class ChannelService:
             changed = sorted({_WIRE.get(k, k) for k in changes})
             await self._record("channel.instance_updated", row, actor, conn, changed=changed)
             if "enabled" in changes and changes["enabled"] != current["enabled"]:
-                action = "channel.instance_enabled" if row["enabled"] \
-                    else "channel.instance_disabled"
+                action = (
+                    "channel.instance_enabled" if row["enabled"] else "channel.instance_disabled"
+                )
                 await self._record(action, row, actor, conn)
         await self.reload()
         return row
@@ -286,73 +336,115 @@ class ChannelService:
         await self.runtime.remove(instance_id)
         await delete_consumer(self._js, instance_id)
         if self._credentials is not None:
-            await self._credentials.revoke(tenant, "channel", instance_id,
-                                           reason="channel instance deleted", actor=actor)
+            await self._credentials.revoke(
+                tenant, "channel", instance_id, reason="channel instance deleted", actor=actor
+            )
         await self.reload()
 
-    async def issue_credential(self, tenant: str, instance_id: str, public_key: str, *,
-                               ttl: timedelta | None, actor: str) -> IssuedCredential:
+    async def issue_credential(
+        self, tenant: str, instance_id: str, public_key: str, *, ttl: timedelta | None, actor: str
+    ) -> IssuedCredential:
         """A bus credential for a key the caller holds (a `cowork channel cli` process),
         bound to the instance's own subjects and workspace."""
         if self._credentials is None:
             raise ChannelInstanceError(
-                503, "credentials_unavailable",
-                "bus credentials are not managed by this hub (no COWORK_KEYS_DIR)")
+                503,
+                "credentials_unavailable",
+                "bus credentials are not managed by this hub (no COWORK_KEYS_DIR)",
+            )
         row = await self.get(tenant, instance_id)
         if provider_for(row["kind"]).capabilities.inbound != "stdin":
             # A hosted kind's bus identity belongs to the hub's runtime alone: a key
             # held elsewhere could speak as its chat users and take its deliveries.
             raise ChannelInstanceError(
-                409, "channel_instance.hosted_kind",
+                409,
+                "channel_instance.hosted_kind",
                 f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
-                f"{row['kind']} instance, served by the hub itself")
-        principal = Principal(PrincipalKind.CHANNEL, tenant, instance_id,
-                              workspaces=(row["workspace_id"],))
+                f"{row['kind']} instance, served by the hub itself",
+            )
+        principal = Principal(
+            PrincipalKind.CHANNEL, tenant, instance_id, workspaces=(row["workspace_id"],)
+        )
         try:
             return await self._credentials.issue(principal, public_key, ttl=ttl, actor=actor)
         except CredentialError as exc:
             raise ChannelInstanceError(409, exc.code, str(exc)) from None
 
-    async def _record(self, action: str, row: dict[str, Any], actor: str,
-                      conn: asyncpg.Connection, **metadata: Any) -> None:
+    async def _record(
+        self,
+        action: str,
+        row: dict[str, Any],
+        actor: str,
+        conn: asyncpg.Connection,
+        **metadata: Any,
+    ) -> None:
         # Secret names only, never values.
-        meta = {"kind": row["kind"], "revision": row["revision"], "enabled": row["enabled"],
-                "authority": row["authority"]}
+        meta = {
+            "kind": row["kind"],
+            "revision": row["revision"],
+            "enabled": row["enabled"],
+            "authority": row["authority"],
+        }
         meta.update({k: v for k, v in metadata.items() if v is not None})
-        await self._audit.record(AuditRecord(
-            action=action, actor_kind="admin", actor_id=actor, target_kind="channel_instance",
-            target_id=row["instance_id"], workspace_id=row["workspace_id"], metadata=meta),
-            tenant=row["tenant"], conn=conn)
+        await self._audit.record(
+            AuditRecord(
+                action=action,
+                actor_kind="admin",
+                actor_id=actor,
+                target_kind="channel_instance",
+                target_id=row["instance_id"],
+                workspace_id=row["workspace_id"],
+                metadata=meta,
+            ),
+            tenant=row["tenant"],
+            conn=conn,
+        )
 
 
-_WIRE = {"display_name": "displayName", "workspace_id": "workspaceId",
-         "default_agent": "defaultAgent", "secrets_enc": "secrets", "secret_names": "secrets"}
+_WIRE = {
+    "display_name": "displayName",
+    "workspace_id": "workspaceId",
+    "default_agent": "defaultAgent",
+    "secrets_enc": "secrets",
+    "secret_names": "secrets",
+}
 
 
-async def _check_workspace(conn: asyncpg.Connection, tenant: str, authority: str,
-                           workspace_id: str) -> None:
+async def _check_workspace(
+    conn: asyncpg.Connection, tenant: str, authority: str, workspace_id: str
+) -> None:
     """A `desktop_paired` instance's workspace is a pairing of its tenant: refused now
     rather than at the chat's first prompt."""
     if authority != "desktop_paired":
         return
-    if await conn.fetchval("SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2",
-                           tenant, workspace_id) is None:
+    if (
+        await conn.fetchval(
+            "SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2", tenant, workspace_id
+        )
+        is None
+    ):
         raise ChannelInstanceError(
-            422, "channel_instance.workspace_not_paired",
+            422,
+            "channel_instance.workspace_not_paired",
             f"authority desktop_paired needs the workspace to be a pairing of tenant "
             f"{tenant!r}; {workspace_id!r} is none (create one with POST …/pairings, or use "
-            "authority cloud_worker)")
+            "authority cloud_worker)",
+        )
 
 
 def _check_authority(value: Any) -> str:
     if value not in AUTHORITIES:
-        raise ChannelInstanceError(422, "channel_instance.invalid_authority",
-                                   f"authority must be one of {', '.join(AUTHORITIES)}")
+        raise ChannelInstanceError(
+            422,
+            "channel_instance.invalid_authority",
+            f"authority must be one of {', '.join(AUTHORITIES)}",
+        )
     return value
 
 
-def _check_secrets_reentered(current: dict[str, Any], before: Any, after: Any,
-                             patched: dict[str, Any]) -> None:
+def _check_secrets_reentered(
+    current: dict[str, Any], before: Any, after: Any, patched: dict[str, Any]
+) -> None:
     """Secrets are write-only: changing where they are sent (apiBase and the address
     rules) needs every secret of the instance in the same request, so a PATCH cannot
     send the stored bot token to an address of the caller's choosing."""
@@ -364,6 +456,8 @@ def _check_secrets_reentered(current: dict[str, Any], before: Any, after: Any,
     missing = sorted(set(current["secret_names"] or ()) - given)
     if missing:
         raise ChannelInstanceError(
-            422, "channel_instance.secrets_required",
+            422,
+            "channel_instance.secrets_required",
             "changing apiBase, allowLoopbackHttp or allowPrivateNetworks sends the "
-            f"instance's secrets elsewhere: send them again ({', '.join(missing)})")
+            f"instance's secrets elsewhere: send them again ({', '.join(missing)})",
+        )

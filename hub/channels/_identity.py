@@ -21,8 +21,7 @@ import asyncpg
 
 from schemas import AuditRecord, ChannelRole, ChannelSender
 
-from ..core import AuditLog
-from ..core import RateLimiter
+from ..core import AuditLog, RateLimiter
 
 CLAIM_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1: nothing to misread
 CLAIM_TTL = timedelta(minutes=10)
@@ -79,16 +78,18 @@ class IdentityError(Exception):
 
 
 class ChannelIdentity:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, *,
-                 claim_attempts: RateLimiter | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, audit: AuditLog, *, claim_attempts: RateLimiter | None = None
+    ) -> None:
         self._pool, self._audit = pool, audit
         # 5 attempts at once, then one a minute, per chat user.
         self._attempts = claim_attempts or RateLimiter(1 / 60, 5)
 
     # --- users -------------------------------------------------------------------------
     @staticmethod
-    async def upsert_user(conn: asyncpg.Connection, tenant: str, instance_id: str,
-                          sender: ChannelSender) -> dict:
+    async def upsert_user(
+        conn: asyncpg.Connection, tenant: str, instance_id: str, sender: ChannelSender
+    ) -> dict:
         """The sender's row (new users are pending); names follow the platform."""
         row = await conn.fetchrow(
             """INSERT INTO channel_users (tenant, instance_id, provider_user_id, username,
@@ -96,50 +97,87 @@ class ChannelIdentity:
                ON CONFLICT (tenant, instance_id, provider_user_id) DO UPDATE
                  SET username = EXCLUDED.username, display_name = EXCLUDED.display_name
                RETURNING *""",
-            tenant, instance_id, sender.provider_user_id, sender.username, sender.display_name)
+            tenant,
+            instance_id,
+            sender.provider_user_id,
+            sender.username,
+            sender.display_name,
+        )
         return dict(row)
 
     @staticmethod
-    async def take_access_help_slot(conn: asyncpg.Connection, tenant: str, instance_id: str,
-                                    provider_user_id: str) -> bool:
+    async def take_access_help_slot(
+        conn: asyncpg.Connection, tenant: str, instance_id: str, provider_user_id: str
+    ) -> bool:
         """True if this user is due the access help now (and marks it sent): one
         conditional UPDATE, so concurrent messages or hub replicas answer once."""
-        return await conn.fetchval(
-            "UPDATE channel_users SET access_help_sent_at = now() WHERE tenant = $1 AND "
-            "instance_id = $2 AND provider_user_id = $3 AND (access_help_sent_at IS NULL OR "
-            "access_help_sent_at <= now() - $4::interval) RETURNING true",
-            tenant, instance_id, provider_user_id, ACCESS_HELP_INTERVAL) is not None
+        return (
+            await conn.fetchval(
+                "UPDATE channel_users SET access_help_sent_at = now() WHERE tenant = $1 AND "
+                "instance_id = $2 AND provider_user_id = $3 AND (access_help_sent_at IS NULL OR "
+                "access_help_sent_at <= now() - $4::interval) RETURNING true",
+                tenant,
+                instance_id,
+                provider_user_id,
+                ACCESS_HELP_INTERVAL,
+            )
+            is not None
+        )
 
     async def list_users(self, tenant: str, instance_id: str) -> list[dict]:
         rows = await self._pool.fetch(
             "SELECT * FROM channel_users WHERE tenant = $1 AND instance_id = $2 "
-            "ORDER BY first_seen_at, provider_user_id", tenant, instance_id)
+            "ORDER BY first_seen_at, provider_user_id",
+            tenant,
+            instance_id,
+        )
         return [dict(r) for r in rows]
 
-    async def set_role(self, tenant: str, instance_id: str, provider_user_id: str, role: str,
-                       *, actor: str) -> dict:
+    async def set_role(
+        self, tenant: str, instance_id: str, provider_user_id: str, role: str, *, actor: str
+    ) -> dict:
         """Promote or demote a known user (an admin action, audited)."""
         async with self._pool.acquire() as conn, conn.transaction():
             before = await conn.fetchval(
                 "SELECT role FROM channel_users WHERE tenant = $1 AND instance_id = $2 "
-                "AND provider_user_id = $3 FOR UPDATE", tenant, instance_id, provider_user_id)
+                "AND provider_user_id = $3 FOR UPDATE",
+                tenant,
+                instance_id,
+                provider_user_id,
+            )
             if before is None:
-                raise IdentityError(404, "channel_user.not_found",
-                                    f"no chat user {provider_user_id!r} on {instance_id!r}")
+                raise IdentityError(
+                    404,
+                    "channel_user.not_found",
+                    f"no chat user {provider_user_id!r} on {instance_id!r}",
+                )
             row = await conn.fetchrow(
                 "UPDATE channel_users SET role = $4, promoted_by = $5, updated_at = now() "
                 "WHERE tenant = $1 AND instance_id = $2 AND provider_user_id = $3 RETURNING *",
-                tenant, instance_id, provider_user_id, role, f"admin:{actor}")
-            await self._audit.record(AuditRecord(
-                action="channel.user_promoted", actor_kind="admin", actor_id=actor,
-                target_kind="channel_user", target_id=f"{instance_id}/{provider_user_id}",
-                metadata={"instance": instance_id, "from": before, "to": role}),
-                tenant=tenant, conn=conn)
+                tenant,
+                instance_id,
+                provider_user_id,
+                role,
+                f"admin:{actor}",
+            )
+            await self._audit.record(
+                AuditRecord(
+                    action="channel.user_promoted",
+                    actor_kind="admin",
+                    actor_id=actor,
+                    target_kind="channel_user",
+                    target_id=f"{instance_id}/{provider_user_id}",
+                    metadata={"instance": instance_id, "from": before, "to": role},
+                ),
+                tenant=tenant,
+                conn=conn,
+            )
         return dict(row)
 
     # --- claim codes -------------------------------------------------------------------
-    async def create_claim_code(self, tenant: str, role: str, instance_id: str | None, *,
-                                actor: str) -> tuple[str, datetime]:
+    async def create_claim_code(
+        self, tenant: str, role: str, instance_id: str | None, *, actor: str
+    ) -> tuple[str, datetime]:
         """A fresh code (returned once, stored only hashed) and its expiry."""
         if role not in GRANTABLE:
             raise IdentityError(422, "invalid_request", f"role {role!r} cannot be granted")
@@ -149,17 +187,38 @@ class ChannelIdentity:
             await conn.execute(
                 "INSERT INTO channel_claim_codes (code_hash, tenant, instance_id, role, "
                 "created_by, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                code_hash(normalise_code(code) or ""), tenant, instance_id, role,
-                f"admin:{actor}", expires)
-            await self._audit.record(AuditRecord(
-                action="channel.claim_code_created", actor_kind="admin", actor_id=actor,
-                target_kind="channel_claim_code",
-                metadata={"role": role, "instance": instance_id,
-                          "expiresAt": expires.isoformat()}), tenant=tenant, conn=conn)
+                code_hash(normalise_code(code) or ""),
+                tenant,
+                instance_id,
+                role,
+                f"admin:{actor}",
+                expires,
+            )
+            await self._audit.record(
+                AuditRecord(
+                    action="channel.claim_code_created",
+                    actor_kind="admin",
+                    actor_id=actor,
+                    target_kind="channel_claim_code",
+                    metadata={
+                        "role": role,
+                        "instance": instance_id,
+                        "expiresAt": expires.isoformat(),
+                    },
+                ),
+                tenant=tenant,
+                conn=conn,
+            )
         return code, expires
 
-    async def redeem(self, conn: asyncpg.Connection, tenant: str, instance_id: str,
-                     provider_user_id: str, code: str) -> ClaimOutcome:
+    async def redeem(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        instance_id: str,
+        provider_user_id: str,
+        code: str,
+    ) -> ClaimOutcome:
         """Use `code` for this chat user inside the caller's transaction."""
         wait = self._attempts.take((tenant, instance_id, provider_user_id))
         if wait > 0:
@@ -172,15 +231,32 @@ class ChannelIdentity:
             """UPDATE channel_claim_codes SET used_at = now(), used_by = $3
                WHERE code_hash = $1 AND tenant = $2 AND used_at IS NULL
                  AND expires_at > now() AND (instance_id IS NULL OR instance_id = $4)
-               RETURNING role""", code_hash(normalised), tenant, who, instance_id)
+               RETURNING role""",
+            code_hash(normalised),
+            tenant,
+            who,
+            instance_id,
+        )
         if role is None:
             return ClaimOutcome(False, code="claim.invalid")
         await conn.execute(
             "UPDATE channel_users SET role = $4, promoted_by = 'claim_code', updated_at = now() "
             "WHERE tenant = $1 AND instance_id = $2 AND provider_user_id = $3",
-            tenant, instance_id, provider_user_id, role)
-        await self._audit.record(AuditRecord(
-            action="channel.claim_code_redeemed", actor_kind="channel", actor_id=instance_id,
-            target_kind="channel_user", target_id=who,
-            metadata={"instance": instance_id, "role": role}), tenant=tenant, conn=conn)
+            tenant,
+            instance_id,
+            provider_user_id,
+            role,
+        )
+        await self._audit.record(
+            AuditRecord(
+                action="channel.claim_code_redeemed",
+                actor_kind="channel",
+                actor_id=instance_id,
+                target_kind="channel_user",
+                target_id=who,
+                metadata={"instance": instance_id, "role": role},
+            ),
+            tenant=tenant,
+            conn=conn,
+        )
         return ClaimOutcome(True, role=role)

@@ -19,8 +19,7 @@ from nats.js import JetStreamContext
 
 from schemas import ChannelOutbound, Envelope, Source, subjects
 
-from ..core import kv
-from ..core import HubMetrics
+from ..core import HubMetrics, kv
 
 log = logging.getLogger("cowork.hub.channels.outbox")
 
@@ -46,33 +45,54 @@ def delivery_id(*parts: object) -> str:
 
 
 class ChannelOutbox:
-    def __init__(self, js: JetStreamContext, pool: asyncpg.Pool, metrics: HubMetrics, *,
-                 hub_id: str) -> None:
+    def __init__(
+        self, js: JetStreamContext, pool: asyncpg.Pool, metrics: HubMetrics, *, hub_id: str
+    ) -> None:
         self._js, self._pool, self._metrics = js, pool, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
 
-    async def send(self, tenant: str, instance_id: str, delivery: ChannelOutbound, *,
-                   conn: asyncpg.Connection | None = None) -> None:
+    async def send(
+        self,
+        tenant: str,
+        instance_id: str,
+        delivery: ChannelOutbound,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
         """Record and publish one delivery; raises when JetStream did not store it
         (the caller then retries, e.g. by not acking its own input)."""
         await self._record(tenant, instance_id, delivery, conn)
         subject = subjects.CHANNEL_OUTBOUND.build(tenant=tenant, instance_id=instance_id)
         env = Envelope.wrap(delivery, source=self._source, tenant=tenant)
-        await self._js.publish(subject, env.encode(),
-                               headers={"Nats-Msg-Id": delivery.delivery_id})
+        await self._js.publish(subject, env.encode(), headers={"Nats-Msg-Id": delivery.delivery_id})
         self._metrics.bus_messages.labels(subjects.CHANNEL_OUTBOUND.name, "queued").inc()
 
-    async def _record(self, tenant: str, instance_id: str, delivery: ChannelOutbound,
-                      conn: asyncpg.Connection | None) -> None:
-        sql = ("INSERT INTO channel_deliveries (tenant, delivery_id, instance_id, chat_id, "
-               "thread_key, type, notice) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-               "ON CONFLICT (tenant, delivery_id) DO NOTHING")
-        args = (tenant, delivery.delivery_id, instance_id, delivery.target.chat_id,
-                delivery.target.thread_id or "", str(delivery.type), delivery.notice)
+    async def _record(
+        self,
+        tenant: str,
+        instance_id: str,
+        delivery: ChannelOutbound,
+        conn: asyncpg.Connection | None,
+    ) -> None:
+        sql = (
+            "INSERT INTO channel_deliveries (tenant, delivery_id, instance_id, chat_id, "
+            "thread_key, type, notice) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT (tenant, delivery_id) DO NOTHING"
+        )
+        args = (
+            tenant,
+            delivery.delivery_id,
+            instance_id,
+            delivery.target.chat_id,
+            delivery.target.thread_id or "",
+            str(delivery.type),
+            delivery.notice,
+        )
         if conn is not None:
             await conn.execute(sql, *args)
             return
         async with self._pool.acquire() as own:
             await own.execute(sql, *args)
-        log.debug("channel.delivery_queued", **kv(instance=instance_id,
-                                                   delivery=delivery.delivery_id))
+        log.debug(
+            "channel.delivery_queued", **kv(instance=instance_id, delivery=delivery.delivery_id)
+        )

@@ -26,8 +26,17 @@ from schemas import (
     subjects,
 )
 
-from ..core import (BackgroundTask, DeadLetters, HubMetrics, Rejected, deliveries, hub_consumer,
-                     kv, parse_and_decode, pull_forever)
+from ..core import (
+    BackgroundTask,
+    DeadLetters,
+    HubMetrics,
+    Rejected,
+    deliveries,
+    hub_consumer,
+    kv,
+    parse_and_decode,
+    pull_forever,
+)
 from ._outbox import ChannelOutbox, delivery_id
 
 log = logging.getLogger("cowork.hub.channels.receipts")
@@ -39,14 +48,26 @@ UNKNOWN_DELIVERY_TRIES = 5
 
 
 class ReceiptIngest:
-    def __init__(self, js: JetStreamContext, pool: asyncpg.Pool, metrics: HubMetrics,
-                 dead_letters: DeadLetters, *, hub_id: str, instances: Any,
-                 outbox: ChannelOutbox, batch: int = 100) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        metrics: HubMetrics,
+        dead_letters: DeadLetters,
+        *,
+        hub_id: str,
+        instances: Any,
+        outbox: ChannelOutbox,
+        batch: int = 100,
+    ) -> None:
         self._pool, self._metrics, self._dead = pool, metrics, dead_letters
         self._instances, self._outbox, self._hub_id = instances, outbox, hub_id
-        self._worker = BackgroundTask("channel-receipts", lambda: pull_forever(
-            js, SPEC, batch, self._handle, log, "channel_receipts.fetch_failed",
-            retry_delay=1.0))
+        self._worker = BackgroundTask(
+            "channel-receipts",
+            lambda: pull_forever(
+                js, SPEC, batch, self._handle, log, "channel_receipts.fetch_failed", retry_delay=1.0
+            ),
+        )
 
     def start(self) -> None:
         self._worker.start()
@@ -76,56 +97,80 @@ class ReceiptIngest:
             if deliveries(msg) < UNKNOWN_DELIVERY_TRIES:
                 await msg.nak(delay=1.0)
                 continue
-            await self._reject(msg, "receipt.unknown_delivery",
-                               f"no delivery {env.data.delivery_id!r} of instance "
-                               f"{instance!r} is recorded")
+            await self._reject(
+                msg,
+                "receipt.unknown_delivery",
+                f"no delivery {env.data.delivery_id!r} of instance {instance!r} is recorded",
+            )
 
     def _check(self, msg: Msg) -> tuple[str, str, Envelope]:
         where, env = parse_and_decode(FAMILY, msg, ChannelReceipt)
         tenant, instance = where["tenant"], where["instance_id"]
-        if env.tenant != tenant or (str(env.source.principal_kind),
-                                    env.source.principal_id) != ("channel", instance):
-            raise Rejected("contract.principal_mismatch",
-                            "a receipt must come from the channel instance its subject names, "
-                            "in its tenant")
+        if env.tenant != tenant or (str(env.source.principal_kind), env.source.principal_id) != (
+            "channel",
+            instance,
+        ):
+            raise Rejected(
+                "contract.principal_mismatch",
+                "a receipt must come from the channel instance its subject names, in its tenant",
+            )
         known = self._instances.instance(instance) if self._instances is not None else None
         if known and known.get("tenant") != tenant:
-            raise Rejected("contract.principal_mismatch",
-                            f"instance {instance!r} is not one of tenant {tenant!r}")
+            raise Rejected(
+                "contract.principal_mismatch",
+                f"instance {instance!r} is not one of tenant {tenant!r}",
+            )
         return tenant, instance, env
 
-    async def _apply(self, tenant: str, instance: str, receipt: ChannelReceipt,
-                     msg: Msg) -> str | None:
+    async def _apply(
+        self, tenant: str, instance: str, receipt: ChannelReceipt, msg: Msg
+    ) -> str | None:
         """Update the delivery row (and dead-letter/notify): its new status when it
         changed, "" when it did not, None when the delivery is unknown."""
         status = str(receipt.status)
         provider_id = receipt.provider_message_id or (
-            receipt.provider_message_ids[0] if receipt.provider_message_ids else None)
+            receipt.provider_message_ids[0] if receipt.provider_message_ids else None
+        )
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(_UPDATE, tenant, receipt.delivery_id, instance, status,
-                                      provider_id, receipt.attempts,
-                                      (receipt.error or None) if status in (
-                                          "retrying", "dead_lettered") else None)
+            row = await conn.fetchrow(
+                _UPDATE,
+                tenant,
+                receipt.delivery_id,
+                instance,
+                status,
+                provider_id,
+                receipt.attempts,
+                (receipt.error or None) if status in ("retrying", "dead_lettered") else None,
+            )
             if row is None:
                 return None
             moved = row["status"] if row["status"] != row["previous"] else ""
             if row["status"] != "dead_lettered" or row["previous"] == "dead_lettered":
                 return moved
             await self._dead.put(
-                tenant=tenant, family=subjects.CHANNEL_OUTBOUND,
+                tenant=tenant,
+                family=subjects.CHANNEL_OUTBOUND,
                 subject=subjects.CHANNEL_OUTBOUND.build(tenant=tenant, instance_id=instance),
-                payload=msg.data, code=receipt.code or "delivery.dead_lettered",
+                payload=msg.data,
+                code=receipt.code or "delivery.dead_lettered",
                 reason=receipt.error or "the instance gave up on the delivery",
-                attempts=receipt.attempts)
+                attempts=receipt.attempts,
+            )
             if row["notice"] or row["type"] in ("typing", "reaction"):
                 return moved
             reason = " ".join((receipt.error or receipt.code or "unknown error").split())[:500]
             notice = ChannelOutbound(
                 delivery_id=delivery_id(tenant, "dead-notice", receipt.delivery_id),
-                idempotency_key=f"dead-notice:{receipt.delivery_id}", type="text",
-                target=ChannelTarget(chat_id=row["chat_id"], thread_id=row["thread_key"] or None,
-                                     is_direct=bool(receipt.target and receipt.target.is_direct)),
-                text=f"⚠️ A message could not be delivered: {reason}", notice=True)
+                idempotency_key=f"dead-notice:{receipt.delivery_id}",
+                type="text",
+                target=ChannelTarget(
+                    chat_id=row["chat_id"],
+                    thread_id=row["thread_key"] or None,
+                    is_direct=bool(receipt.target and receipt.target.is_direct),
+                ),
+                text=f"⚠️ A message could not be delivered: {reason}",
+                notice=True,
+            )
             await self._outbox.send(tenant, instance, notice, conn=conn)
         return moved
 

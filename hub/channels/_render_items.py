@@ -28,7 +28,6 @@ class Approval:
     fallback: list[Choice]  # as text commands when buttons do not fit
 
 
-
 def tool_line(part: dict) -> tuple[str, bool] | None:
     """("⏳ bash: <title>", False) while running; ✅/❌ when done."""
     state = part.get("state")
@@ -52,8 +51,9 @@ def permission_approval(props: dict) -> Approval | None:
     if not isinstance(request, str) or not isinstance(session, str):
         return None
     patterns = [str(p) for p in props.get("patterns") or [] if isinstance(p, (str, int))]
-    prompt = _short(f"Permission requested: {props.get('permission') or '?'} "
-                    f"{' '.join(patterns)}".strip(), 3000)
+    prompt = _short(
+        f"Permission requested: {props.get('permission') or '?'} {' '.join(patterns)}".strip(), 3000
+    )
     allow = Choice("Allow", "allow", style="success")
     deny = Choice("Deny", "deny", style="danger")
     return Approval("permission", request, session, prompt, [allow, deny], [allow, deny])
@@ -75,16 +75,29 @@ def question_approval(props: dict) -> Approval | None:
                 options.append(o["label"][:200])
     reject = Choice("Reject", "reject", style="danger")
     # An option button answers the whole request, so only a single question gets them.
-    buttons = [Choice(label, "answer", answer=[[label]]) for label in options] \
-        if len(questions) == 1 else []
-    return Approval("question", request, session, "\n".join(lines),
-                    buttons + [reject], [Choice("Answer", "answer"), reject])
+    buttons = (
+        [Choice(label, "answer", answer=[[label]]) for label in options]
+        if len(questions) == 1
+        else []
+    )
+    return Approval(
+        "question",
+        request,
+        session,
+        "\n".join(lines),
+        buttons + [reject],
+        [Choice("Answer", "answer"), reject],
+    )
 
 
 def button_rows(count: int, limits: ButtonLimits | None, token_bytes: int) -> list[int] | None:
     """How many buttons go in each row, or None when they do not fit the platform."""
-    if limits is None or count == 0 or count > limits.max_count or \
-            token_bytes > limits.max_token_bytes:
+    if (
+        limits is None
+        or count == 0
+        or count > limits.max_count
+        or token_bytes > limits.max_token_bytes
+    ):
         return None
     if count <= limits.max_rows:
         return [1] * count if count > 2 else [count]
@@ -92,8 +105,12 @@ def button_rows(count: int, limits: ButtonLimits | None, token_bytes: int) -> li
     return [min(per_row, count - i) for i in range(0, count, per_row)]
 
 
-_FALLBACK = {"allow": "/approve {t}", "deny": "/deny {t}", "answer": "/answer {t} <text>",
-             "reject": "/reject {t}"}
+_FALLBACK = {
+    "allow": "/approve {t}",
+    "deny": "/deny {t}",
+    "answer": "/answer {t} <text>",
+    "reject": "/reject {t}",
+}
 
 
 def fallback_text(prompt: str, choices: list[Choice], tokens: list[str]) -> str:
@@ -123,4 +140,4 @@ def _short(value: Any, limit: int = 200) -> str:
     if not isinstance(value, str):
         return ""
     value = " ".join(value.split())
-    return value if len(value) <= limit else value[:limit - 1] + "…"
+    return value if len(value) <= limit else value[: limit - 1] + "…"

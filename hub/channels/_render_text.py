@@ -15,8 +15,9 @@ events from the same persisted state again yields the same deliveries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from channels import Capabilities
 
@@ -102,8 +103,7 @@ def opencode_event(row_type: str, payload: Any) -> dict | None:
     inner = payload.get("payload")  # the global event stream wraps the event
     if isinstance(inner, dict) and isinstance(inner.get("type"), str):
         payload = inner
-    if not isinstance(payload.get("type"), str) or not isinstance(
-            payload.get("properties"), dict):
+    if not isinstance(payload.get("type"), str) or not isinstance(payload.get("properties"), dict):
         return None
     return payload
 
@@ -111,8 +111,16 @@ def opencode_event(row_type: str, payload: Any) -> dict | None:
 class ChatRender:
     """One binding's chat, advanced by events; `ops` collects what to deliver."""
 
-    def __init__(self, caps: Capabilities, slots: dict[str, Slot], memory: RenderMemory,
-                 ids: Callable[..., str], *, binding_id: str, now: float) -> None:
+    def __init__(
+        self,
+        caps: Capabilities,
+        slots: dict[str, Slot],
+        memory: RenderMemory,
+        ids: Callable[..., str],
+        *,
+        binding_id: str,
+        now: float,
+    ) -> None:
         self.caps, self.slots, self.memory, self.ids = caps, slots, memory, ids
         self.binding_id, self.now = binding_id, now
         self.limit = text_limit(caps)
@@ -142,8 +150,7 @@ class ChatRender:
         elif kind == "session.error":
             self.finish_all()
             if not scope:  # edge work: its `fail` output says it once, in words
-                self.notice(sequence, "error",
-                            f"⚠️ Session error: {error_text(props.get('error'))}")
+                self.notice(sequence, "error", f"⚠️ Session error: {error_text(props.get('error'))}")
         elif kind in ("permission.asked", "question.asked") and scope:
             return  # Cloud edge work refuses approvals itself: nobody could answer them
         elif kind == "permission.asked":
@@ -173,8 +180,11 @@ class ChatRender:
 
     def _delta(self, props: dict, scope: str) -> None:
         part_id, delta = props.get("partID"), props.get("delta")
-        if props.get("field") != "text" or not isinstance(part_id, str) or \
-                not isinstance(delta, str):
+        if (
+            props.get("field") != "text"
+            or not isinstance(part_id, str)
+            or not isinstance(delta, str)
+        ):
             return
         base = scope + part_id
         known = self.memory.part_types.get(part_id)
@@ -186,8 +196,11 @@ class ChatRender:
 
     # --- streamed text ------------------------------------------------------------------------
     def _text_slots(self, base: str) -> list[Slot]:
-        found = [s for k, s in self.slots.items()
-                 if k.startswith(base + "#") and k[len(base) + 1:].isdigit()]
+        found = [
+            s
+            for k, s in self.slots.items()
+            if k.startswith(base + "#") and k[len(base) + 1 :].isdigit()
+        ]
         return sorted(found, key=lambda s: int(s.key.rsplit("#", 1)[1]))
 
     def part_text(self, base: str) -> str:
@@ -248,8 +261,16 @@ class ChatRender:
             return
         due = slot.sent_at is None or self.now - slot.sent_at >= EDIT_INTERVAL
         if slot.finished or due:
-            self._sent(slot, Op("edit", self.ids("edit", slot.key, slot.text), text=slot.text,
-                                edit_of=slot.delivery_id), slot.text)
+            self._sent(
+                slot,
+                Op(
+                    "edit",
+                    self.ids("edit", slot.key, slot.text),
+                    text=slot.text,
+                    edit_of=slot.delivery_id,
+                ),
+                slot.text,
+            )
 
     def _emit_append(self, slot: Slot) -> None:
         """No edits: send what is new since the last send, whole paragraphs only
@@ -263,11 +284,12 @@ class ChatRender:
         else:
             paragraph = slot.text.rfind("\n\n")
             end = paragraph + 2 if paragraph >= 0 else 0
-        fresh = slot.text[len(slot.sent_text):end] if end > len(slot.sent_text) else ""
+        fresh = slot.text[len(slot.sent_text) : end] if end > len(slot.sent_text) else ""
         if not fresh.strip():
             return
-        op = Op("text", self.ids("append", slot.key, len(slot.sent_text), fresh),
-                text=fresh.strip())
+        op = Op(
+            "text", self.ids("append", slot.key, len(slot.sent_text), fresh), text=fresh.strip()
+        )
         slot.delivery_id = slot.delivery_id or op.delivery_id
         self._sent(slot, op, slot.text[:end])
 
@@ -305,10 +327,11 @@ class ChatRender:
 
     def notice(self, sequence: int, what: str, text: str) -> None:
         self.flush()
-        self.ops.append(Op("text", self.ids(what, sequence), text=text[:self.limit]))
+        self.ops.append(Op("text", self.ids(what, sequence), text=text[: self.limit]))
 
     def _approval(self, approval: Approval | None) -> None:
         if approval is not None:
             self.flush()
-            self.ops.append(Op("buttons", self.ids("approval", approval.request_id),
-                               approval=approval))
+            self.ops.append(
+                Op("buttons", self.ids("approval", approval.request_id), approval=approval)
+            )

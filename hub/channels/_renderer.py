@@ -26,16 +26,15 @@ from nats.aio.client import Client as NATS
 
 from schemas import ChannelButton, ChannelOutbound, ChannelTarget, subjects
 
+from ..core import HubMetrics, kv
 from . import _render_store as store
 from ._actions import ActionTokens
 from ._approval_outcome import record_approval_message
 from ._outbox import ChannelOutbox, delivery_id
 from ._render_items import Approval, button_rows, fallback_text
-from ._render_text import ChatRender, Op, RenderMemory, opencode_event
 from ._render_store import Binding
+from ._render_text import ChatRender, Op, RenderMemory, opencode_event
 from ._session_link import adopt_session, reported_session
-from ..core import kv
-from ..core import HubMetrics
 
 log = logging.getLogger("cowork.hub.channels.renderer")
 QUEUE_GROUP = "hub-channel-renderer"
@@ -43,9 +42,19 @@ FAMILY = "CHANNEL_RENDER"
 
 
 class ChannelRenderer:
-    def __init__(self, nc: NATS, pool: asyncpg.Pool, metrics: HubMetrics, *, hub_id: str,
-                 instances: Any, outbox: ChannelOutbox, actions: ActionTokens,
-                 sweep_interval: float = 1.0, batch: int = 500) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        pool: asyncpg.Pool,
+        metrics: HubMetrics,
+        *,
+        hub_id: str,
+        instances: Any,
+        outbox: ChannelOutbox,
+        actions: ActionTokens,
+        sweep_interval: float = 1.0,
+        batch: int = 500,
+    ) -> None:
         self._nc, self._pool, self._metrics = nc, pool, metrics
         self._instances, self._outbox, self._actions = instances, outbox, actions
         self._hub_id, self._sweep_interval, self._batch = hub_id, sweep_interval, batch
@@ -59,8 +68,9 @@ class ChannelRenderer:
 
     async def start(self) -> None:
         self._stopping = False
-        self._sub = await self._nc.subscribe(subjects.WORKSPACE_EVENT.filter(),
-                                             queue=QUEUE_GROUP, cb=self._on_event)
+        self._sub = await self._nc.subscribe(
+            subjects.WORKSPACE_EVENT.filter(), queue=QUEUE_GROUP, cb=self._on_event
+        )
         self._task = asyncio.create_task(self._run(), name="channel-renderer")
 
     async def stop(self) -> None:
@@ -76,7 +86,7 @@ class ChannelRenderer:
             try:
                 await asyncio.wait_for(self._batch_lock.acquire(), timeout=10)
                 self._batch_lock.release()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -95,7 +105,7 @@ class ChannelRenderer:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sweep_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             due, self._nudged = self._nudged, set()
@@ -122,27 +132,40 @@ class ChannelRenderer:
     async def render_workspace(self, tenant: str, workspace: str) -> bool:
         """Render one batch of the workspace; True when more events are waiting."""
         async with self._pool.acquire() as conn, conn.transaction():
-            bindings = [b for b in await store.active_bindings(conn, tenant, workspace)
-                        if self._instance(tenant, b) is not None]
+            bindings = [
+                b
+                for b in await store.active_bindings(conn, tenant, workspace)
+                if self._instance(tenant, b) is not None
+            ]
             if not bindings:
                 return False
             cursor = await store.lock_render_cursor(conn, tenant, workspace)
             if cursor is None:
                 return False  # another replica holds it
             sessions = sorted({b.session_id for b in bindings if b.session_id})
-            upto, rows = await store.next_events(conn, tenant, workspace, cursor, self._batch,
-                                                 sessions)
+            upto, rows = await store.next_events(
+                conn, tenant, workspace, cursor, self._batch, sessions
+            )
             routed = await self._route(conn, tenant, bindings, rows)
-            involved = {b.binding_id: b for b, _, _ in routed} | {b.binding_id: b
-                                                                   for b in bindings}
+            involved = {b.binding_id: b for b, _, _ in routed} | {b.binding_id: b for b in bindings}
             bases = sorted({base for _, _, event in routed for base in _part_bases(event)})
-            prefixes = sorted({f"w.{e['workId']}." for _, _, e in routed
-                               if e["type"] == "cw.result"})
+            prefixes = sorted(
+                {f"w.{e['workId']}." for _, _, e in routed if e["type"] == "cw.result"}
+            )
             slots = await store.load_slots(conn, tenant, list(involved), bases, prefixes)
             now = time.time()
-            chats = {bid: ChatRender(self._instance(tenant, b)["capabilities"], slots[bid],
-                                     self._memory, _ids(tenant, bid), binding_id=bid, now=now)
-                     for bid, b in involved.items() if self._instance(tenant, b) is not None}
+            chats = {
+                bid: ChatRender(
+                    self._instance(tenant, b)["capabilities"],
+                    slots[bid],
+                    self._memory,
+                    _ids(tenant, bid),
+                    binding_id=bid,
+                    now=now,
+                )
+                for bid, b in involved.items()
+                if self._instance(tenant, b) is not None
+            }
             for binding, sequence, event in routed:
                 chat = chats.get(binding.binding_id)
                 if chat is not None:
@@ -150,8 +173,11 @@ class ChannelRenderer:
             for chat in chats.values():
                 chat.flush()
             await self._deliver(conn, tenant, workspace, involved, chats)
-            await store.save_slots(conn, tenant, [(bid, s) for bid, chat in chats.items()
-                                                  for s in chat.slots.values() if s.changed])
+            await store.save_slots(
+                conn,
+                tenant,
+                [(bid, s) for bid, chat in chats.items() for s in chat.slots.values() if s.changed],
+            )
             await store.advance_cursor(conn, tenant, workspace, upto)
         self._memory.trim()
         return upto - cursor >= self._batch
@@ -159,18 +185,31 @@ class ChannelRenderer:
     def _instance(self, tenant: str, binding: Binding) -> dict | None:
         """The binding's instance if it is enabled and the tenant's (else skipped)."""
         inst = self._instances.instance(binding.instance_id)
-        if not inst or inst.get("tenant") != tenant or inst.get("enabled") is False or \
-                inst.get("capabilities") is None:
+        if (
+            not inst
+            or inst.get("tenant") != tenant
+            or inst.get("enabled") is False
+            or inst.get("capabilities") is None
+        ):
             return None
         return inst
 
-    async def _route(self, conn: asyncpg.Connection, tenant: str, bindings: list[Binding],
-                     rows: list[asyncpg.Record]) -> list[tuple[Binding, int, dict]]:
+    async def _route(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        bindings: list[Binding],
+        rows: list[asyncpg.Record],
+    ) -> list[tuple[Binding, int, dict]]:
         """(binding, sequence, renderable event) for each event a chat should see."""
-        work_ids = [r["payload"].get("workId") for r in rows if r["type"].startswith("work.")
-                    and isinstance(r["payload"], dict)]
-        ids = [r["command_id"] for r in rows if r["command_id"]] + \
-            [w for w in work_ids if isinstance(w, str)]
+        work_ids = [
+            r["payload"].get("workId")
+            for r in rows
+            if r["type"].startswith("work.") and isinstance(r["payload"], dict)
+        ]
+        ids = [r["command_id"] for r in rows if r["command_id"]] + [
+            w for w in work_ids if isinstance(w, str)
+        ]
         submitted = await store.submissions(conn, tenant, sorted(set(ids)))
         by_session: dict[str, list[Binding]] = {}
         for b in bindings:
@@ -190,35 +229,63 @@ class ChannelRenderer:
                     await adopt_session(conn, tenant, owner.binding_id, session)
         return routed
 
-    async def _deliver(self, conn: asyncpg.Connection, tenant: str, workspace: str,
-                       bindings: dict[str, Binding], chats: dict[str, ChatRender]) -> None:
+    async def _deliver(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        workspace: str,
+        bindings: dict[str, Binding],
+        chats: dict[str, ChatRender],
+    ) -> None:
         edits = [op.edit_of for chat in chats.values() for op in chat.ops if op.edit_of]
         known = await store.provider_message_ids(conn, tenant, edits)
         for bid, chat in chats.items():
             binding = bindings[bid]
-            target = ChannelTarget(chat_id=binding.chat_id, is_direct=binding.is_direct,
-                                   thread_id=binding.thread_key or None)
+            target = ChannelTarget(
+                chat_id=binding.chat_id,
+                is_direct=binding.is_direct,
+                thread_id=binding.thread_key or None,
+            )
             for op in chat.ops:
-                delivery = await self._outbound(tenant, workspace, binding, chat, op, target,
-                                                known)
+                delivery = await self._outbound(tenant, workspace, binding, chat, op, target, known)
                 await self._outbox.send(tenant, binding.instance_id, delivery, conn=conn)
                 self._metrics.bus_messages.labels(FAMILY, str(delivery.type)).inc()
 
-    async def _outbound(self, tenant: str, workspace: str, binding: Binding, chat: ChatRender,
-                        op: Op, target: ChannelTarget, known: dict[str, str]) -> ChannelOutbound:
-        fields: dict[str, Any] = {"delivery_id": op.delivery_id,
-                                  "idempotency_key": op.delivery_id, "target": target,
-                                  "type": op.type, "text": op.text}
+    async def _outbound(
+        self,
+        tenant: str,
+        workspace: str,
+        binding: Binding,
+        chat: ChatRender,
+        op: Op,
+        target: ChannelTarget,
+        known: dict[str, str],
+    ) -> ChannelOutbound:
+        fields: dict[str, Any] = {
+            "delivery_id": op.delivery_id,
+            "idempotency_key": op.delivery_id,
+            "target": target,
+            "type": op.type,
+            "text": op.text,
+        }
         if op.type == "edit":
             fields["edit_of_delivery_id"] = op.edit_of
             fields["edit_message_id"] = known.get(op.edit_of or "")
         elif op.approval is not None:
-            fields.update(await self._approval(tenant, workspace, binding, chat, op.approval,
-                                               op.delivery_id))
+            fields.update(
+                await self._approval(tenant, workspace, binding, chat, op.approval, op.delivery_id)
+            )
         return ChannelOutbound(**fields)
 
-    async def _approval(self, tenant: str, workspace: str, binding: Binding, chat: ChatRender,
-                        approval: Approval, delivery: str) -> dict[str, Any]:
+    async def _approval(
+        self,
+        tenant: str,
+        workspace: str,
+        binding: Binding,
+        chat: ChatRender,
+        approval: Approval,
+        delivery: str,
+    ) -> dict[str, Any]:
         """Buttons when they fit the platform, else the text commands. Tokens (and
         the message they are on, for its outcome later) are committed on their own
         connection first: if this batch is rendered again, the deduplicated
@@ -227,20 +294,35 @@ class ChannelRenderer:
         rows = button_rows(len(approval.choices), chat.caps.buttons, probe_len)
         choices = approval.choices if rows is not None else approval.fallback
         async with self._pool.acquire() as own, own.transaction():
-            await record_approval_message(own, tenant, delivery, binding.instance_id,
-                                          binding.binding_id, approval.prompt)
-            tokens = [await self._actions.issue(
-                own, tenant=tenant, instance_id=binding.instance_id,
-                binding_id=binding.binding_id, workspace_id=workspace,
-                session_id=approval.session_id, kind=approval.kind,
-                request_id=approval.request_id, action=c.action, answer=c.answer,
-                delivery_id=delivery) for c in choices]
+            await record_approval_message(
+                own, tenant, delivery, binding.instance_id, binding.binding_id, approval.prompt
+            )
+            tokens = [
+                await self._actions.issue(
+                    own,
+                    tenant=tenant,
+                    instance_id=binding.instance_id,
+                    binding_id=binding.binding_id,
+                    workspace_id=workspace,
+                    session_id=approval.session_id,
+                    kind=approval.kind,
+                    request_id=approval.request_id,
+                    action=c.action,
+                    answer=c.answer,
+                    delivery_id=delivery,
+                )
+                for c in choices
+            ]
         if rows is None:
             return {"type": "text", "text": fallback_text(approval.prompt, choices, tokens)}
         buttons, at = [], 0
         for width in rows:
-            buttons.append([ChannelButton(label=c.label, token=t, style=c.style)  # type: ignore[arg-type]
-                            for c, t in zip(choices[at:at + width], tokens[at:at + width])])
+            buttons.append(
+                [
+                    ChannelButton(label=c.label, token=t, style=c.style)  # type: ignore[arg-type]
+                    for c, t in zip(choices[at : at + width], tokens[at : at + width])
+                ]
+            )
             at += width
         return {"type": "buttons", "text": approval.prompt, "buttons": buttons}
 
@@ -259,8 +341,12 @@ def _renderable(row: asyncpg.Record) -> dict | None:
         if event is not None:
             return {**event, "workId": work}
         if kind in ("work.fail", "work.dead_lettered", "work.cancelled"):
-            return {"type": "cw.failed", "workId": work, "reason": _reason(body),
-                    "cancelled": kind == "work.cancelled"}
+            return {
+                "type": "cw.failed",
+                "workId": work,
+                "reason": _reason(body),
+                "cancelled": kind == "work.cancelled",
+            }
         if kind == "work.result":
             return {"type": "cw.result", "workId": work, "text": str(body.get("text") or "")}
         if kind == "work.status" and body.get("state") == "running":
@@ -284,8 +370,13 @@ def _apply(chat: ChatRender, sequence: int, event: dict) -> None:
         chat.typing(sequence)
     elif kind == "cw.failed":
         chat.finish_all()
-        chat.notice(sequence, "failed", f"stopped: {event['reason']}" if event.get("cancelled")
-                    else f"could not run: {event['reason']}")
+        chat.notice(
+            sequence,
+            "failed",
+            f"stopped: {event['reason']}"
+            if event.get("cancelled")
+            else f"could not run: {event['reason']}",
+        )
     elif kind == "cw.result":
         # Streamed already (its events were rendered)? Then the result adds nothing.
         if not any(k.startswith(scope) for k in chat.slots) and event["text"].strip():

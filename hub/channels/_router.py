@@ -37,8 +37,19 @@ from schemas import (
     subjects,
 )
 
-from ..core import (TRANSIENT, AuditLog, BackgroundTask, DeadLetters, HubMetrics, Rejected,
-                     every, hub_consumer, kv, parse_and_decode, pull_forever)
+from ..core import (
+    TRANSIENT,
+    AuditLog,
+    BackgroundTask,
+    DeadLetters,
+    HubMetrics,
+    Rejected,
+    every,
+    hub_consumer,
+    kv,
+    parse_and_decode,
+    pull_forever,
+)
 from ._approval_outcome import ApprovalOutcomes
 from ._chat import ChatCommands
 from ._claims import ClaimKey, claim_all, claim_key
@@ -53,22 +64,46 @@ FINAL_FAILURES = {"failed", "blocked_by_policy", "requires_local_confirmation"}
 
 
 class ChannelRouter:
-    def __init__(self, js: JetStreamContext, pool: asyncpg.Pool, audit: AuditLog,
-                 metrics: HubMetrics, dead_letters: DeadLetters, *, hub_id: str, instances,
-                 outbox, commands, edge_work, pairings, actions, batch: int = 64,
-                 sweep_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        metrics: HubMetrics,
+        dead_letters: DeadLetters,
+        *,
+        hub_id: str,
+        instances,
+        outbox,
+        commands,
+        edge_work,
+        pairings,
+        actions,
+        batch: int = 64,
+        sweep_interval: float = 5.0,
+    ) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._dead, self.instances, self._outbox = dead_letters, instances, outbox
         self.identity = ChannelIdentity(pool, audit)
         self.sessions = ChannelSessions(pool, commands, edge_work, pairings)
-        self.approvals = ApprovalOutcomes(pool, outbox,
-                                          lambda iid: self.instances.instance(iid))
-        self.chat = ChatCommands(pool, audit, self.identity, self.sessions, actions,
-                                 self._save_memo, outcomes=self.approvals)
-        self._worker = BackgroundTask("channel-router", lambda: pull_forever(
-            js, SPEC, batch, self._handle, log, "channel_router.fetch_failed"))
-        self._sweeper = BackgroundTask("channel-router-sweep", lambda: every(
-            sweep_interval, self._sweep, log, "channel_router.sweep_failed"))
+        self.approvals = ApprovalOutcomes(pool, outbox, lambda iid: self.instances.instance(iid))
+        self.chat = ChatCommands(
+            pool,
+            audit,
+            self.identity,
+            self.sessions,
+            actions,
+            self._save_memo,
+            outcomes=self.approvals,
+        )
+        self._worker = BackgroundTask(
+            "channel-router",
+            lambda: pull_forever(js, SPEC, batch, self._handle, log, "channel_router.fetch_failed"),
+        )
+        self._sweeper = BackgroundTask(
+            "channel-router-sweep",
+            lambda: every(sweep_interval, self._sweep, log, "channel_router.sweep_failed"),
+        )
 
     def start(self) -> None:
         self._worker.start()
@@ -82,8 +117,9 @@ class ChannelRouter:
     async def _handle(self, msgs: list[Msg]) -> None:
         checked = [self._checked(msg) for msg in msgs]
         try:  # one claim statement for the whole batch
-            claims = await claim_all(self._pool, [(c[0], c[2]) for c in checked
-                                                  if not isinstance(c, Rejected)])
+            claims = await claim_all(
+                self._pool, [(c[0], c[2]) for c in checked if not isinstance(c, Rejected)]
+            )
         except TRANSIENT as exc:
             log.warning("channel_router.retry_later", **kv(error=str(exc)))
             for msg in msgs:
@@ -104,8 +140,9 @@ class ChannelRouter:
                 await msg.nak(delay=1.0)
             except Exception as exc:
                 log.exception("channel_router.failed", **kv(subject=msg.subject))
-                await self._reject(msg, Rejected("channel.processing_failed",
-                                                  f"could not process: {exc}"[:2000]))
+                await self._reject(
+                    msg, Rejected("channel.processing_failed", f"could not process: {exc}"[:2000])
+                )
 
     def _checked(self, msg: Msg) -> tuple[str, dict, ChannelInbound] | Rejected:
         try:
@@ -116,17 +153,29 @@ class ChannelRouter:
             log.exception("channel_router.failed", **kv(subject=msg.subject))
             return Rejected("channel.processing_failed", f"could not process: {exc}"[:2000])
 
-    async def _process(self, msg: Msg, tenant: str, instance: dict, inbound: ChannelInbound,
-                       claim: dict, *, first: bool) -> None:
-        if not first or claim["status"] in ("done", "rejected") or \
-                claim["message_id"] != inbound.id:
+    async def _process(
+        self,
+        msg: Msg,
+        tenant: str,
+        instance: dict,
+        inbound: ChannelInbound,
+        claim: dict,
+        *,
+        first: bool,
+    ) -> None:
+        if (
+            not first
+            or claim["status"] in ("done", "rejected")
+            or claim["message_id"] != inbound.id
+        ):
             self._metrics.bus_messages.labels(FAMILY.name, "duplicate").inc()
             self._metrics.channel_inbound.labels(inbound.provider, "duplicate").inc()
             await msg.ack()
             return
         async with self._pool.acquire() as conn:
-            user = await self.identity.upsert_user(conn, tenant, instance["instance_id"],
-                                                   inbound.sender)
+            user = await self.identity.upsert_user(
+                conn, tenant, instance["instance_id"], inbound.sender
+            )
         pending = claim["pending"] or {}
         turn = Turn(tenant, instance, inbound, user, memo=dict(pending.get("memo") or {}))
         if claim["status"] == "waiting":  # redelivered while it waits: re-ask, idempotent
@@ -144,28 +193,41 @@ class ChannelRouter:
         await self._finish(turn)
         self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc()
         self._metrics.channel_inbound.labels(
-            inbound.provider, "refused" if turn.outcome == "refused" else "accepted").inc()
+            inbound.provider, "refused" if turn.outcome == "refused" else "accepted"
+        ).inc()
         await msg.ack()
 
     def _check(self, msg: Msg) -> tuple[str, dict, ChannelInbound]:
         where, env = parse_and_decode(FAMILY, msg, ChannelInbound)
         tenant, instance_id = where["tenant"], where["instance_id"]
         data = env.data
-        if env.tenant != tenant or (str(env.source.principal_kind), env.source.principal_id) \
-                != ("channel", instance_id) or data.provider != instance_id:
-            raise Rejected("contract.principal_mismatch", "the envelope's tenant, source or "
-                            "provider differs from the subject's channel instance")
+        if (
+            env.tenant != tenant
+            or (str(env.source.principal_kind), env.source.principal_id) != ("channel", instance_id)
+            or data.provider != instance_id
+        ):
+            raise Rejected(
+                "contract.principal_mismatch",
+                "the envelope's tenant, source or "
+                "provider differs from the subject's channel instance",
+            )
         instance = self.instances.instance(instance_id)
         if instance is None or instance["tenant"] != tenant:
-            raise Rejected("channel.unknown_instance", f"no channel instance {instance_id!r} "
-                            f"in tenant {tenant!r}")
+            raise Rejected(
+                "channel.unknown_instance",
+                f"no channel instance {instance_id!r} in tenant {tenant!r}",
+            )
         if not instance["enabled"]:
             raise Rejected("channel.instance_disabled", f"instance {instance_id!r} is disabled")
-        if where["workspace_id"] != instance["workspace_id"] or \
-                data.workspace_id != instance["workspace_id"]:
-            raise Rejected("channel.wrong_workspace",
-                            f"instance {instance_id!r} is bound to workspace "
-                            f"{instance['workspace_id']!r}, not {where['workspace_id']!r}")
+        if (
+            where["workspace_id"] != instance["workspace_id"]
+            or data.workspace_id != instance["workspace_id"]
+        ):
+            raise Rejected(
+                "channel.wrong_workspace",
+                f"instance {instance_id!r} is bound to workspace "
+                f"{instance['workspace_id']!r}, not {where['workspace_id']!r}",
+            )
         return tenant, instance, data
 
     def _instance_label(self, subject: str) -> str:
@@ -181,8 +243,9 @@ class ChannelRouter:
         await self.approvals.sweep_expired()
 
     async def _reject(self, msg: Msg, exc: Rejected) -> None:
-        self._metrics.channel_inbound.labels(self._instance_label(msg.subject),
-                                             "dead_lettered").inc()
+        self._metrics.channel_inbound.labels(
+            self._instance_label(msg.subject), "dead_lettered"
+        ).inc()
         await self._dead.reject(msg, FAMILY, exc)
 
     # --- the claim row ------------------------------------------------------------------
@@ -193,8 +256,12 @@ class ChannelRouter:
         await conn.execute(
             "UPDATE channel_inbound_claims SET pending = $5 WHERE tenant = $1 AND "
             "instance_id = $2 AND event_type = $3 AND provider_event_id = $4",
-            turn.tenant, turn.instance_id, str(turn.msg.event_type),
-            turn.msg.provider_event_id, {"memo": turn.memo})
+            turn.tenant,
+            turn.instance_id,
+            str(turn.msg.event_type),
+            turn.msg.provider_event_id,
+            {"memo": turn.memo},
+        )
 
     async def _finish(self, turn: Turn) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -202,30 +269,59 @@ class ChannelRouter:
                 await conn.execute(
                     "UPDATE channel_inbound_claims SET status = 'done', outcome = $5 "
                     "WHERE tenant = $1 AND instance_id = $2 AND event_type = $3 "
-                    "AND provider_event_id = $4 AND status = 'claimed'", turn.tenant,
-                    turn.instance_id, str(turn.msg.event_type), turn.msg.provider_event_id,
-                    turn.outcome)
-            await self._audit.record(AuditRecord(
-                action="channel.message_accepted", actor_kind="channel",
-                actor_id=turn.instance_id, target_kind="channel_message", target_id=turn.msg.id,
-                workspace_id=turn.workspace_id,
-                metadata={"instance": turn.instance_id, "eventType": str(turn.msg.event_type),
-                          "outcome": turn.outcome, "role": turn.role}),
-                tenant=turn.tenant, conn=conn)
+                    "AND provider_event_id = $4 AND status = 'claimed'",
+                    turn.tenant,
+                    turn.instance_id,
+                    str(turn.msg.event_type),
+                    turn.msg.provider_event_id,
+                    turn.outcome,
+                )
+            await self._audit.record(
+                AuditRecord(
+                    action="channel.message_accepted",
+                    actor_kind="channel",
+                    actor_id=turn.instance_id,
+                    target_kind="channel_message",
+                    target_id=turn.msg.id,
+                    workspace_id=turn.workspace_id,
+                    metadata={
+                        "instance": turn.instance_id,
+                        "eventType": str(turn.msg.event_type),
+                        "outcome": turn.outcome,
+                        "role": turn.role,
+                    },
+                ),
+                tenant=turn.tenant,
+                conn=conn,
+            )
 
     # --- replies ------------------------------------------------------------------------
-    async def _reply(self, tenant: str, instance_id: str, inbound: ChannelInbound,
-                     texts: list[str], purpose: str = "reply") -> None:
+    async def _reply(
+        self,
+        tenant: str,
+        instance_id: str,
+        inbound: ChannelInbound,
+        texts: list[str],
+        purpose: str = "reply",
+    ) -> None:
         """Answer in the message's chat/thread; the first answer to a button press or
         slash command answers the interaction itself."""
         for n, text in enumerate(texts):
             answer = n == 0 and inbound.interaction is not None
             did = delivery_id(inbound.id, purpose, n)
-            await self._outbox.send(tenant, instance_id, ChannelOutbound(
-                delivery_id=did, idempotency_key=did,
-                type=DeliveryType.ANSWER_INTERACTION if answer else DeliveryType.TEXT,
-                target=inbound.target, text=text, interaction=inbound.interaction if answer
-                else None, reply_to_message_id=None if answer else inbound.provider_message_id))
+            await self._outbox.send(
+                tenant,
+                instance_id,
+                ChannelOutbound(
+                    delivery_id=did,
+                    idempotency_key=did,
+                    type=DeliveryType.ANSWER_INTERACTION if answer else DeliveryType.TEXT,
+                    target=inbound.target,
+                    text=text,
+                    interaction=inbound.interaction if answer else None,
+                    reply_to_message_id=None if answer else inbound.provider_message_id,
+                ),
+            )
 
     async def _acknowledge(self, turn: Turn) -> None:
         """React to a submitted prompt's message where the platform can (best effort)."""
@@ -239,16 +335,30 @@ class ChannelRouter:
         if instance is None:
             return
         did = delivery_id(key, "notice")
-        await self._outbox.send(tenant, binding["instance_id"], ChannelOutbound(
-            delivery_id=did, idempotency_key=did, type=DeliveryType.TEXT, text=text,
-            target=ChannelTarget(chat_id=binding["chat_id"], is_direct=binding["is_direct"],
-                                 thread_id=binding["thread_key"] or None)))
+        await self._outbox.send(
+            tenant,
+            binding["instance_id"],
+            ChannelOutbound(
+                delivery_id=did,
+                idempotency_key=did,
+                type=DeliveryType.TEXT,
+                text=text,
+                target=ChannelTarget(
+                    chat_id=binding["chat_id"],
+                    is_direct=binding["is_direct"],
+                    thread_id=binding["thread_key"] or None,
+                ),
+            ),
+        )
 
     async def _submit_refused(self, turn: Turn, reason: str) -> None:
         turn.outcome = "submit_refused"
         if turn.waiting:  # its session could not even be asked for: fail all who wait
-            await self._session_failed(turn.tenant, turn.memo.pop("binding_id", None) or
-                                       await self._binding_of(turn), reason)
+            await self._session_failed(
+                turn.tenant,
+                turn.memo.pop("binding_id", None) or await self._binding_of(turn),
+                reason,
+            )
             turn.waiting = False
             return
         turn.replies.append(f"Could not send that: {reason}.")
@@ -256,15 +366,22 @@ class ChannelRouter:
     async def _binding_of(self, turn: Turn) -> str:
         return await self._pool.fetchval(
             "SELECT binding_id FROM channel_inbound_claims WHERE tenant = $1 AND instance_id = $2 "
-            "AND event_type = $3 AND provider_event_id = $4", turn.tenant, turn.instance_id,
-            str(turn.msg.event_type), turn.msg.provider_event_id)
+            "AND event_type = $3 AND provider_event_id = $4",
+            turn.tenant,
+            turn.instance_id,
+            str(turn.msg.event_type),
+            turn.msg.provider_event_id,
+        )
 
     # --- sessions that are being created --------------------------------------------------
     async def _rerequest_session(self, turn: Turn, binding_id: str | None) -> None:
         row = await self._pool.fetchrow(
             "SELECT b.*, s.command_id FROM channel_bindings b JOIN channel_submissions s "
             "ON s.tenant = b.tenant AND s.binding_id = b.binding_id AND s.kind = 'create_session' "
-            "WHERE b.tenant = $1 AND b.binding_id = $2", turn.tenant, binding_id)
+            "WHERE b.tenant = $1 AND b.binding_id = $2",
+            turn.tenant,
+            binding_id,
+        )
         if row is not None and row["session_id"] is None:
             try:
                 await self.sessions.request_session(turn, dict(row), row["command_id"])
@@ -277,7 +394,10 @@ class ChannelRouter:
         sub = await self._pool.fetchrow(
             "SELECT s.*, b.instance_id, b.chat_id, b.thread_key, b.is_direct "
             "FROM channel_submissions s JOIN channel_bindings b USING (tenant, binding_id) "
-            "WHERE s.tenant = $1 AND s.command_id = $2", tenant, command["command_id"])
+            "WHERE s.tenant = $1 AND s.command_id = $2",
+            tenant,
+            command["command_id"],
+        )
         if sub is None:
             return  # not a chat's command
         status = command.get("result_status") or "failed"
@@ -289,23 +409,31 @@ class ChannelRouter:
             else:
                 await self._session_failed(tenant, sub["binding_id"], _why(result, status))
         elif status in FINAL_FAILURES:
-            await self._notify(tenant, dict(sub), f"The Desktop did not run that "
-                               f"({sub['kind']}): {_why(result, status)}.", command["command_id"])
+            await self._notify(
+                tenant,
+                dict(sub),
+                f"The Desktop did not run that ({sub['kind']}): {_why(result, status)}.",
+                command["command_id"],
+            )
 
     async def _session_ready(self, tenant: str, binding_id: str, session_id: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             binding = await conn.fetchrow(
                 "UPDATE channel_bindings SET session_id = COALESCE(session_id, $3), "
                 "updated_at = now() WHERE tenant = $1 AND binding_id = $2 RETURNING *",
-                tenant, binding_id, session_id)
+                tenant,
+                binding_id,
+                session_id,
+            )
             waiting = await self._waiting(conn, tenant, binding_id)
         for claim in waiting:
             turn = self._waiting_turn(tenant, claim)
             if turn is None:
                 continue
             try:
-                await self.sessions.submit_prompt(turn, dict(binding), turn.msg.text or
-                                                  " ".join(turn.msg.command_args))
+                await self.sessions.submit_prompt(
+                    turn, dict(binding), turn.msg.text or " ".join(turn.msg.command_args)
+                )
             except SubmitRefused as exc:
                 turn.replies.append(f"Could not send that: {exc}.")
             await self._acknowledge(turn)
@@ -315,21 +443,36 @@ class ChannelRouter:
     async def _session_failed(self, tenant: str, binding_id: str | None, reason: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             # The next message asks for a session again.
-            await conn.execute("DELETE FROM channel_submissions WHERE tenant = $1 AND "
-                               "binding_id = $2 AND kind = 'create_session'", tenant, binding_id)
+            await conn.execute(
+                "DELETE FROM channel_submissions WHERE tenant = $1 AND "
+                "binding_id = $2 AND kind = 'create_session'",
+                tenant,
+                binding_id,
+            )
             waiting = await self._waiting(conn, tenant, binding_id)
         for claim in waiting:
             turn = self._waiting_turn(tenant, claim)
             if turn is not None:
-                await self._reply(tenant, turn.instance_id, turn.msg,
-                                  [f"Could not start a session: {reason}."], "session_failed")
+                await self._reply(
+                    tenant,
+                    turn.instance_id,
+                    turn.msg,
+                    [f"Could not start a session: {reason}."],
+                    "session_failed",
+                )
             await self._mark_done(tenant, claim, "session_failed")
 
     @staticmethod
     async def _waiting(conn: asyncpg.Connection, tenant: str, binding_id: str | None) -> list:
-        return [dict(r) for r in await conn.fetch(
-            "SELECT * FROM channel_inbound_claims WHERE tenant = $1 AND binding_id = $2 AND "
-            "status = 'waiting' ORDER BY claimed_at, message_id", tenant, binding_id)]
+        return [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT * FROM channel_inbound_claims WHERE tenant = $1 AND binding_id = $2 AND "
+                "status = 'waiting' ORDER BY claimed_at, message_id",
+                tenant,
+                binding_id,
+            )
+        ]
 
     def _waiting_turn(self, tenant: str, claim: dict) -> Turn | None:
         instance = self.instances.instance(claim["instance_id"])
@@ -346,8 +489,13 @@ class ChannelRouter:
         await self._pool.execute(
             "UPDATE channel_inbound_claims SET status = 'done', outcome = $5, pending = NULL "
             "WHERE tenant = $1 AND instance_id = $2 AND event_type = $3 "
-            "AND provider_event_id = $4", tenant, claim["instance_id"], claim["event_type"],
-            claim["provider_event_id"], outcome)
+            "AND provider_event_id = $4",
+            tenant,
+            claim["instance_id"],
+            claim["event_type"],
+            claim["provider_event_id"],
+            outcome,
+        )
 
     async def sweep_waiting(self) -> None:
         """Finish what a crash cut short: messages still waiting on a create_session
@@ -356,11 +504,11 @@ class ChannelRouter:
             "SELECT DISTINCT c.* FROM channel_inbound_claims w JOIN channel_submissions s "
             "ON s.tenant = w.tenant AND s.binding_id = w.binding_id AND s.kind = 'create_session' "
             "JOIN pairing_commands c ON c.tenant = s.tenant AND c.command_id = s.command_id "
-            "WHERE w.status = 'waiting' AND c.state = 'done' LIMIT 100")
+            "WHERE w.status = 'waiting' AND c.state = 'done' LIMIT 100"
+        )
         for row in rows:
             await self.on_command_final(row["tenant"], dict(row))
 
 
 def _why(result: dict, status: str) -> str:
     return str(result.get("message") or status.replace("_", " "))[:500]
-

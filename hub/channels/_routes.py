@@ -25,9 +25,16 @@ from pydantic import Field
 from channels import UnknownProvider, provider_class
 from schemas import Label, NkeyPublic, TokenId, WireModel, subjects
 
+from ..http import (
+    HUB_KEY,
+    add_route_table,
+    iso,
+    json_body,
+    json_error,
+    refusal_response,
+    tenant_param,
+)
 from ._store import INSTANCE_ID, ChannelInstanceError
-from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, refusal_response, \
-    tenant_param
 
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
@@ -35,8 +42,7 @@ ACTOR = "admin"
 # An OpenCode agent name (`build`, `plan`, a custom agent's file name). Whether the
 # workspace's OpenCode has it is known only there: an unknown one fails the first
 # prompt with OpenCode's own words ("Agent not found ... Available agents: ...").
-Agent = Annotated[str, Field(min_length=1, max_length=64,
-                             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Agent = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class CreateInstance(WireModel):
@@ -98,15 +104,22 @@ def instance_json(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
     except UnknownProvider:  # a row from a newer hub version: show it anyway
         caps = None
     return {
-        "instanceId": row["instance_id"], "tenant": row["tenant"], "kind": row["kind"],
-        "displayName": row["display_name"], "workspaceId": row["workspace_id"],
-        "authority": row["authority"], "defaultAgent": row["default_agent"],
-        "settings": row["settings"], "secretNames": list(row["secret_names"]),
-        "enabled": row["enabled"], "revision": row["revision"],
+        "instanceId": row["instance_id"],
+        "tenant": row["tenant"],
+        "kind": row["kind"],
+        "displayName": row["display_name"],
+        "workspaceId": row["workspace_id"],
+        "authority": row["authority"],
+        "defaultAgent": row["default_agent"],
+        "settings": row["settings"],
+        "secretNames": list(row["secret_names"]),
+        "enabled": row["enabled"],
+        "revision": row["revision"],
         "webhookPath": f"/webhooks/{row['instance_id']}",
         "capabilities": capabilities_json(caps),
         "health": service.health(row["instance_id"]),
-        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
+        "createdBy": row["created_by"],
+        "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]),
     }
 
@@ -114,8 +127,7 @@ def instance_json(request: web.Request, row: dict[str, Any]) -> dict[str, Any]:
 def _instance_id(request: web.Request) -> str:
     value = request.match_info["instance_id"]
     if not INSTANCE_ID.match(value):
-        raise web.HTTPBadRequest(
-            text="instance id must match ^[a-z][a-z0-9_-]{0,63}$")
+        raise web.HTTPBadRequest(text="instance id must match ^[a-z][a-z0-9_-]{0,63}$")
     return value
 
 
@@ -177,8 +189,9 @@ async def webhook(request: web.Request) -> web.StreamResponse:
     if entry is None or not entry["enabled"]:
         # The path is the caller's: an unknown id never becomes a label of its own.
         metrics.webhook_answered("unknown", 404)
-        return json_error(404, "channel.unknown_instance",
-                          "no channel instance accepts webhooks at this address")
+        return json_error(
+            404, "channel.unknown_instance", "no channel instance accepts webhooks at this address"
+        )
     # The runtime streams the body under its own cap (channel_body_limit_bytes, a 413
     # JSON answer); the app's 1 MiB client_max_size only applies to request.read().
     try:
@@ -199,17 +212,23 @@ async def issue_credential(request: web.Request) -> web.Response:
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
     try:
         issued = await request.app[HUB_KEY].channels.issue_credential(
-            tenant, instance_id, body.public_key, ttl=ttl, actor=ACTOR)
+            tenant, instance_id, body.public_key, ttl=ttl, actor=ACTOR
+        )
     except ChannelInstanceError as exc:
         return refusal_response(exc)
-    return web.json_response({
-        "userJwt": issued.user_jwt, "expiresAt": iso(issued.expires_at),
-        "inboxPrefix": subjects.inbox_prefix(tenant, "channel", instance_id),
-        "consumer": subjects.edge_consumer("channel", instance_id),
-        "workspaceId": issued_workspace(request, instance_id),
-        # The NATS URL as this hub dials it: right for `cowork up`; behind a proxy or a
-        # cluster, the address clients use may differ.
-        "natsUrl": request.app[HUB_KEY].settings.nats_servers[0]}, status=201)
+    return web.json_response(
+        {
+            "userJwt": issued.user_jwt,
+            "expiresAt": iso(issued.expires_at),
+            "inboxPrefix": subjects.inbox_prefix(tenant, "channel", instance_id),
+            "consumer": subjects.edge_consumer("channel", instance_id),
+            "workspaceId": issued_workspace(request, instance_id),
+            # The NATS URL as this hub dials it: right for `cowork up`; behind a proxy or a
+            # cluster, the address clients use may differ.
+            "natsUrl": request.app[HUB_KEY].settings.nats_servers[0],
+        },
+        status=201,
+    )
 
 
 def issued_workspace(request: web.Request, instance_id: str) -> str | None:
@@ -218,13 +237,17 @@ def issued_workspace(request: web.Request, instance_id: str) -> str | None:
 
 
 def add_routes(app: web.Application) -> None:
-    add_route_table(app, BASE, [
-        ("POST", "", create_instance),
-        ("GET", "", list_instances),
-        ("GET", "/{instance_id}", get_instance),
-        ("PATCH", "/{instance_id}", update_instance),
-        ("DELETE", "/{instance_id}", delete_instance),
-        ("POST", "/{instance_id}/credentials", issue_credential),
-    ])
+    add_route_table(
+        app,
+        BASE,
+        [
+            ("POST", "", create_instance),
+            ("GET", "", list_instances),
+            ("GET", "/{instance_id}", get_instance),
+            ("PATCH", "/{instance_id}", update_instance),
+            ("DELETE", "/{instance_id}", delete_instance),
+            ("POST", "/{instance_id}/credentials", issue_credential),
+        ],
+    )
     app.router.add_route("GET", "/webhooks/{instance_id}", webhook)
     app.router.add_route("POST", "/webhooks/{instance_id}", webhook)

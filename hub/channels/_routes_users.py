@@ -6,10 +6,11 @@ A claim code is shown once, in the 201 answer; the hub keeps only its hash.
 from __future__ import annotations
 
 from aiohttp import web
+
 from schemas import ChannelRole, TokenId, WireModel
 
-from ._identity import IdentityError
 from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, path_token, tenant_param
+from ._identity import IdentityError
 
 
 class CreateClaimCode(WireModel):
@@ -22,10 +23,16 @@ class SetRole(WireModel):
 
 
 def _user_json(row: dict) -> dict:
-    return {"instanceId": row["instance_id"], "providerUserId": row["provider_user_id"],
-            "username": row["username"], "displayName": row["display_name"],
-            "role": row["role"], "promotedBy": row["promoted_by"],
-            "firstSeenAt": iso(row["first_seen_at"]), "updatedAt": iso(row["updated_at"])}
+    return {
+        "instanceId": row["instance_id"],
+        "providerUserId": row["provider_user_id"],
+        "username": row["username"],
+        "displayName": row["display_name"],
+        "role": row["role"],
+        "promotedBy": row["promoted_by"],
+        "firstSeenAt": iso(row["first_seen_at"]),
+        "updatedAt": iso(row["updated_at"]),
+    }
 
 
 def _router(request: web.Request):
@@ -43,8 +50,7 @@ def _instance(request: web.Request, tenant: str, instance_id: str) -> web.Respon
     """404 unless the instance exists in this tenant."""
     instance = _router(request).instances.instance(instance_id)
     if instance is None or instance["tenant"] != tenant:
-        return json_error(404, "channel_instance.not_found",
-                          f"no channel instance {instance_id!r}")
+        return json_error(404, "channel_instance.not_found", f"no channel instance {instance_id!r}")
     return None
 
 
@@ -57,11 +63,19 @@ async def create_claim_code(request: web.Request) -> web.Response:
         return missing
     try:
         code, expires = await _identity(request).create_claim_code(
-            tenant, str(body.role), body.instance_id, actor="admin")
+            tenant, str(body.role), body.instance_id, actor="admin"
+        )
     except IdentityError as exc:
         return json_error(exc.status, exc.code, str(exc))
-    return web.json_response({"code": code, "expiresAt": iso(expires), "role": str(body.role),
-                              "instanceId": body.instance_id}, status=201)
+    return web.json_response(
+        {
+            "code": code,
+            "expiresAt": iso(expires),
+            "role": str(body.role),
+            "instanceId": body.instance_id,
+        },
+        status=201,
+    )
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -81,17 +95,21 @@ async def set_role(request: web.Request) -> web.Response:
         return missing
     body = await json_body(request, SetRole)
     try:
-        row = await _identity(request).set_role(tenant, instance_id, user_id, str(body.role),
-                                                actor="admin")
+        row = await _identity(request).set_role(
+            tenant, instance_id, user_id, str(body.role), actor="admin"
+        )
     except IdentityError as exc:
         return json_error(exc.status, exc.code, str(exc))
     return web.json_response(_user_json(row))
 
 
 def add_routes(app: web.Application) -> None:
-    add_route_table(app, "/api/v1/tenants/{tenant}", [
-        ("POST", "/channel-claim-codes", create_claim_code),
-        ("GET", "/channel-instances/{instance_id}/users", list_users),
-        ("PATCH", "/channel-instances/{instance_id}/users/{provider_user_id}", set_role),
-    ])
-
+    add_route_table(
+        app,
+        "/api/v1/tenants/{tenant}",
+        [
+            ("POST", "/channel-claim-codes", create_claim_code),
+            ("GET", "/channel-instances/{instance_id}/users", list_users),
+            ("PATCH", "/channel-instances/{instance_id}/users/{provider_user_id}", set_role),
+        ],
+    )

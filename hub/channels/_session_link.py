@@ -33,14 +33,18 @@ def reported_session(body: Any) -> str | None:
         return None
 
 
-async def adopt_session(conn: asyncpg.Connection, tenant: str, binding_id: str,
-                        session_id: str) -> str | None:
+async def adopt_session(
+    conn: asyncpg.Connection, tenant: str, binding_id: str, session_id: str
+) -> str | None:
     """Give the binding `session_id` unless it has one; the binding's session id after."""
     return await conn.fetchval(
         "UPDATE channel_bindings SET session_id = COALESCE(session_id, $3), "
         "updated_at = CASE WHEN session_id IS NULL THEN now() ELSE updated_at END "
         "WHERE tenant = $1 AND binding_id = $2 RETURNING session_id",
-        tenant, binding_id, session_id)
+        tenant,
+        binding_id,
+        session_id,
+    )
 
 
 async def learn_session(conn: asyncpg.Connection, tenant: str, binding_id: str) -> str | None:
@@ -51,7 +55,10 @@ async def learn_session(conn: asyncpg.Connection, tenant: str, binding_id: str) 
         "ON w.tenant = s.tenant AND w.work_id = s.command_id "
         "WHERE s.tenant = $1 AND s.binding_id = $2 AND s.kind = 'edge_prompt' "
         "AND w.state = 'completed' AND w.result ? 'sessionId' "
-        "ORDER BY w.completed_at, w.work_id LIMIT 5", tenant, binding_id)
+        "ORDER BY w.completed_at, w.work_id LIMIT 5",
+        tenant,
+        binding_id,
+    )
     for row in rows:
         session = reported_session(_json(row["result"]))
         if session is not None:

@@ -28,11 +28,10 @@ from pydantic import ValidationError
 
 from schemas import ChannelInbound, ChannelOutbound, DeliveryType, SessionRef, command_payload
 
+from ..desktop import PairingError
+from ..work import EdgeWorkError, EnqueueWork
 from ._outbox import delivery_id
 from ._session_link import learn_session
-from ..work import EnqueueWork
-from ..work import EdgeWorkError
-from ..desktop import PairingError
 
 DESKTOP_WORKSPACE = "local"  # the Desktop's own workspace; the hub's is the pairing id
 MAX_LISTED = 20
@@ -98,13 +97,16 @@ class ChannelSessions:
         t = turn.msg.target
         return turn.tenant, turn.instance_id, turn.workspace_id, t.chat_id, t.thread_id or ""
 
-    async def active(self, conn: asyncpg.Connection, turn: Turn, *, create: bool,
-                     lock: bool = False) -> dict | None:
+    async def active(
+        self, conn: asyncpg.Connection, turn: Turn, *, create: bool, lock: bool = False
+    ) -> dict | None:
         """The chat's active binding (made on first use when `create`)."""
         key = self._key(turn)
-        sql = ("SELECT * FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND "
-               "workspace_id = $3 AND chat_id = $4 AND thread_key = $5 AND active"
-               + (" FOR UPDATE" if lock else ""))
+        sql = (
+            "SELECT * FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND "
+            "workspace_id = $3 AND chat_id = $4 AND thread_key = $5 AND active"
+            + (" FOR UPDATE" if lock else "")
+        )
         row = await conn.fetchrow(sql, *key)
         if row is None and create:
             await conn.execute(
@@ -112,7 +114,11 @@ class ChannelSessions:
                        chat_id, thread_key, is_direct, created_by) VALUES ($1,$6,$2,$3,$4,$5,$7,$8)
                    ON CONFLICT (tenant, instance_id, workspace_id, chat_id, thread_key)
                    WHERE active DO NOTHING""",
-                *key, binding_id_for(turn.msg.id), turn.msg.target.is_direct, turn.actor_id)
+                *key,
+                binding_id_for(turn.msg.id),
+                turn.msg.target.is_direct,
+                turn.actor_id,
+            )
             row = await conn.fetchrow(sql, *key)
         return dict(row) if row else None
 
@@ -120,33 +126,47 @@ class ChannelSessions:
         """A fresh binding for this chat/thread; its session starts with the next prompt."""
         binding_id = binding_id_for(turn.msg.id)
         async with self._pool.acquire() as conn, conn.transaction():
-            existing = await conn.fetchrow("SELECT * FROM channel_bindings WHERE tenant = $1 "
-                                           "AND binding_id = $2", turn.tenant, binding_id)
+            existing = await conn.fetchrow(
+                "SELECT * FROM channel_bindings WHERE tenant = $1 AND binding_id = $2",
+                turn.tenant,
+                binding_id,
+            )
             if existing is not None:  # this very message made it already
                 return dict(existing)
             key = self._key(turn)
             await conn.execute(
                 "UPDATE channel_bindings SET active = false, updated_at = now() WHERE "
                 "tenant = $1 AND instance_id = $2 AND workspace_id = $3 AND chat_id = $4 "
-                "AND thread_key = $5 AND active", *key)
+                "AND thread_key = $5 AND active",
+                *key,
+            )
             row = await conn.fetchrow(
                 """INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id,
                        chat_id, thread_key, is_direct, title, created_by)
                    VALUES ($1,$6,$2,$3,$4,$5,$7,$8,$9) RETURNING *""",
-                *key, binding_id, turn.msg.target.is_direct, title, turn.actor_id)
+                *key,
+                binding_id,
+                turn.msg.target.is_direct,
+                title,
+                turn.actor_id,
+            )
         return dict(row)
 
     async def list(self, turn: Turn) -> list[dict]:
         rows = await self._pool.fetch(
             "SELECT * FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND "
             "workspace_id = $3 AND chat_id = $4 AND thread_key = $5 "
-            "ORDER BY created_at, binding_id LIMIT $6", *self._key(turn), MAX_LISTED)
+            "ORDER BY created_at, binding_id LIMIT $6",
+            *self._key(turn),
+            MAX_LISTED,
+        )
         bindings = [dict(r) for r in rows]
         for binding in bindings:
             if binding["session_id"] is None and turn.instance["authority"] != "desktop_paired":
                 async with self._pool.acquire() as conn:  # a finished prompt may name it
-                    binding["session_id"] = await learn_session(conn, turn.tenant,
-                                                                binding["binding_id"])
+                    binding["session_id"] = await learn_session(
+                        conn, turn.tenant, binding["binding_id"]
+                    )
             if not binding["title"] and binding["session_id"]:
                 binding["title"] = await self._opencode_title(turn, binding["session_id"])
         return bindings
@@ -160,7 +180,10 @@ class ChannelSessions:
             "payload->'properties'->'info'->>'title') AS t, sequence FROM workspace_events "
             "WHERE tenant = $1 AND workspace_id = $2 AND session_id = $3) e "
             "WHERE t IS NOT NULL ORDER BY sequence DESC LIMIT 1",
-            turn.tenant, turn.workspace_id, session_id)
+            turn.tenant,
+            turn.workspace_id,
+            session_id,
+        )
 
     async def switch(self, turn: Turn, ref: str) -> dict | None:
         """Make binding number `ref` (as /sessions lists them) or the one with session
@@ -170,8 +193,7 @@ class ChannelSessions:
         if ref.isdigit() and 1 <= int(ref) <= len(bindings):
             target = bindings[int(ref) - 1]
         else:
-            target = next((b for b in bindings if ref in (b["session_id"], b["binding_id"])),
-                          None)
+            target = next((b for b in bindings if ref in (b["session_id"], b["binding_id"])), None)
         if target is None:
             return None
         async with self._pool.acquire() as conn, conn.transaction():
@@ -179,18 +201,29 @@ class ChannelSessions:
                 "UPDATE channel_bindings SET active = false, updated_at = now() WHERE "
                 "tenant = $1 AND instance_id = $2 AND workspace_id = $3 AND chat_id = $4 "
                 "AND thread_key = $5 AND active AND binding_id <> $6",
-                *self._key(turn), target["binding_id"])
+                *self._key(turn),
+                target["binding_id"],
+            )
             row = await conn.fetchrow(
                 "UPDATE channel_bindings SET active = true, updated_at = now() "
                 "WHERE tenant = $1 AND binding_id = $2 RETURNING *",
-                turn.tenant, target["binding_id"])
+                turn.tenant,
+                target["binding_id"],
+            )
         return dict(row)
 
     # --- Desktop commands ---------------------------------------------------------------
-    async def desktop_command(self, turn: Turn, kind: str, session_id: str | None,
-                              payload: dict | None, command_id: str, *,
-                              binding_id: str | None = None,
-                              conn: asyncpg.Connection | None = None) -> None:
+    async def desktop_command(
+        self,
+        turn: Turn,
+        kind: str,
+        session_id: str | None,
+        payload: dict | None,
+        command_id: str,
+        *,
+        binding_id: str | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
         """Submit one command to the paired Desktop (idempotent by `command_id`) and
         remember which binding it serves; SubmitRefused when the hub refuses it."""
         try:
@@ -203,25 +236,36 @@ class ChannelSessions:
             allowed = pairing["allowed_session_ids"]
             if session_id and allowed is not None and session_id not in allowed:
                 raise SubmitRefused(f"the pairing does not allow session {session_id}")
-            fields = {"id": command_id, "kind": kind, "workspace_id": DESKTOP_WORKSPACE,
-                      "session_id": session_id, "payload": payload,
-                      "actor_id": turn.actor_id, "actor_label": turn.actor_label}
-            await self._commands.submit(turn.tenant, pairing_id,
-                                        {k: v for k, v in fields.items() if v is not None})
+            fields = {
+                "id": command_id,
+                "kind": kind,
+                "workspace_id": DESKTOP_WORKSPACE,
+                "session_id": session_id,
+                "payload": payload,
+                "actor_id": turn.actor_id,
+                "actor_label": turn.actor_label,
+            }
+            await self._commands.submit(
+                turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
+            )
         except PairingError as exc:
             raise SubmitRefused(refusal_text(exc.code, str(exc))) from None
         if binding_id is not None:
-            await record_submission(conn or self._pool, turn.tenant, command_id, binding_id,
-                                    kind, turn.msg.id)
+            await record_submission(
+                conn or self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
+            )
 
     async def desktop_online(self, tenant: str, pairing_id: str) -> str:
         try:
             row = await self._pairings.get(tenant, pairing_id)
         except PairingError:
             return "unknown pairing"
-        return {"paired_online": "online", "paired_offline": "offline",
-                "pending": "not paired yet", "revoked": "revoked"}.get(row["status"],
-                                                                         row["status"])
+        return {
+            "paired_online": "online",
+            "paired_offline": "offline",
+            "pending": "not paired yet",
+            "revoked": "revoked",
+        }.get(row["status"], row["status"])
 
     # --- prompts ----------------------------------------------------------------------------
     async def prompt(self, turn: Turn, text: str) -> None:
@@ -242,24 +286,32 @@ class ChannelSessions:
         if binding["session_id"] is not None:
             await self.submit_prompt(turn, binding, text)
 
-    async def _wait_for_session(self, conn: asyncpg.Connection, turn: Turn,
-                                binding: dict) -> None:
+    async def _wait_for_session(self, conn: asyncpg.Connection, turn: Turn, binding: dict) -> None:
         """Park the message until the binding's session exists; ask for the session
         unless a create_session for this binding is already on its way."""
         pending = await conn.fetchval(
             "SELECT command_id FROM channel_submissions WHERE tenant = $1 AND binding_id = $2 "
-            "AND kind = 'create_session'", turn.tenant, binding["binding_id"])
+            "AND kind = 'create_session'",
+            turn.tenant,
+            binding["binding_id"],
+        )
         if pending is None:
             pending = derived_id(turn.msg.id, "session")
-            await record_submission(conn, turn.tenant, pending, binding["binding_id"],
-                                    "create_session", turn.msg.id)
+            await record_submission(
+                conn, turn.tenant, pending, binding["binding_id"], "create_session", turn.msg.id
+            )
             turn.memo["create_session"] = pending
         await conn.execute(
             "UPDATE channel_inbound_claims SET status = 'waiting', binding_id = $5, pending = $6 "
             "WHERE tenant = $1 AND instance_id = $2 AND event_type = $3 "
-            "AND provider_event_id = $4", turn.tenant, turn.instance_id,
-            str(turn.msg.event_type), turn.msg.provider_event_id, binding["binding_id"],
-            {"inbound": turn.msg.model_dump(mode="json", by_alias=True)})
+            "AND provider_event_id = $4",
+            turn.tenant,
+            turn.instance_id,
+            str(turn.msg.event_type),
+            turn.msg.provider_event_id,
+            binding["binding_id"],
+            {"inbound": turn.msg.model_dump(mode="json", by_alias=True)},
+        )
         turn.memo["binding_id"] = binding["binding_id"]
         turn.waiting, turn.outcome = True, "waiting_for_session"
 
@@ -276,12 +328,18 @@ class ChannelSessions:
         payload = {"text": text}
         if turn.instance.get("default_agent"):
             payload["agent"] = turn.instance["default_agent"]
-        await self.desktop_command(turn, "prompt", binding["session_id"], payload,
-                                   derived_id(turn.msg.id, "prompt"),
-                                   binding_id=binding["binding_id"])
+        await self.desktop_command(
+            turn,
+            "prompt",
+            binding["session_id"],
+            payload,
+            derived_id(turn.msg.id, "prompt"),
+            binding_id=binding["binding_id"],
+        )
         if await self.desktop_online(turn.tenant, turn.workspace_id) == "offline":
-            turn.replies.append("Your Desktop is offline: the prompt is queued and runs "
-                                "when it reconnects.")
+            turn.replies.append(
+                "Your Desktop is offline: the prompt is queued and runs when it reconnects."
+            )
         turn.outcome = "prompted"
 
     async def _edge_prompt(self, turn: Turn, text: str) -> None:
@@ -289,23 +347,35 @@ class ChannelSessions:
             binding = await self.active(conn, turn, create=True)
             assert binding is not None
             if binding["session_id"] is None:  # continue the session an earlier prompt opened
-                binding["session_id"] = await learn_session(conn, turn.tenant,
-                                                            binding["binding_id"])
+                binding["session_id"] = await learn_session(
+                    conn, turn.tenant, binding["binding_id"]
+                )
         payload = {"text": text}
         if turn.instance.get("default_agent"):
             payload["agent"] = turn.instance["default_agent"]
         request = EnqueueWork(
-            kind="prompt", payload=payload, idempotency_key=turn.msg.id,
-            session_ref=SessionRef(workspace_id=turn.workspace_id,
-                                   session_id=binding["session_id"], title=binding["title"]))
+            kind="prompt",
+            payload=payload,
+            idempotency_key=turn.msg.id,
+            session_ref=SessionRef(
+                workspace_id=turn.workspace_id,
+                session_id=binding["session_id"],
+                title=binding["title"],
+            ),
+        )
         try:
             row, _ = await self._edge_work.enqueue(turn.tenant, request, actor=turn.actor_id)
         except EdgeWorkError as exc:
             raise SubmitRefused(f"the workspace refused the prompt: {exc}") from None
-        await record_submission(self._pool, turn.tenant, row["work_id"], binding["binding_id"],
-                                "edge_prompt", turn.msg.id)
+        await record_submission(
+            self._pool,
+            turn.tenant,
+            row["work_id"],
+            binding["binding_id"],
+            "edge_prompt",
+            turn.msg.id,
+        )
         turn.outcome = "prompted"
-
 
     async def cancel_work(self, turn: Turn, binding_id: str) -> int:
         """Cancel the chat's Cloud work still queued or running; how many items."""
@@ -313,13 +383,19 @@ class ChannelSessions:
             "SELECT w.work_id FROM channel_submissions s JOIN edge_work w "
             "ON w.tenant = s.tenant AND w.work_id = s.command_id "
             "WHERE s.tenant = $1 AND s.binding_id = $2 AND w.state IN ('queued', 'leased')",
-            turn.tenant, binding_id)
+            turn.tenant,
+            binding_id,
+        )
         cancelled = 0
         for row in rows:
             try:
                 await self._edge_work.cancel(
-                    turn.tenant, row["work_id"], actor=turn.actor_id, actor_kind="channel",
-                    reason=f"stopped with /abort by {turn.actor_label or turn.actor_id}")
+                    turn.tenant,
+                    row["work_id"],
+                    actor=turn.actor_id,
+                    actor_kind="channel",
+                    reason=f"stopped with /abort by {turn.actor_label or turn.actor_id}",
+                )
                 cancelled += 1
             except EdgeWorkError:  # it ended meanwhile
                 pass
@@ -332,22 +408,34 @@ def received_reaction(turn: Turn) -> ChannelOutbound | None:
     reactions and the message has a platform id (a Discord slash command has none).
     The delivery id derives from the message id: a re-run reacts once."""
     caps, msg = turn.instance.get("capabilities"), turn.msg
-    if turn.outcome != "prompted" or not getattr(caps, "reactions", False) \
-            or not msg.provider_message_id:
+    if (
+        turn.outcome != "prompted"
+        or not getattr(caps, "reactions", False)
+        or not msg.provider_message_id
+    ):
         return None
     did = delivery_id(msg.id, "received-reaction")
     return ChannelOutbound(
-        delivery_id=did, idempotency_key=did, type=DeliveryType.REACTION,
+        delivery_id=did,
+        idempotency_key=did,
+        type=DeliveryType.REACTION,
         target=msg.target.model_copy(update={"message_id": msg.provider_message_id}),
-        reaction=RECEIVED_REACTION)
+        reaction=RECEIVED_REACTION,
+    )
 
 
-async def record_submission(conn: Any, tenant: str, command_id: str, binding_id: str,
-                            kind: str, message_id: str) -> None:
+async def record_submission(
+    conn: Any, tenant: str, command_id: str, binding_id: str, kind: str, message_id: str
+) -> None:
     await conn.execute(
         "INSERT INTO channel_submissions (tenant, command_id, binding_id, kind, message_id) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, command_id) DO NOTHING",
-        tenant, command_id, binding_id, kind, message_id)
+        tenant,
+        command_id,
+        binding_id,
+        kind,
+        message_id,
+    )
 
 
 def _title(turn: Turn) -> str:

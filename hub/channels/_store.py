@@ -35,8 +35,9 @@ class ChannelInstanceError(Exception):
 
 
 def not_found(instance_id: str) -> ChannelInstanceError:
-    return ChannelInstanceError(404, "channel_instance.not_found",
-                                f"no channel instance {instance_id!r} in this tenant")
+    return ChannelInstanceError(
+        404, "channel_instance.not_found", f"no channel instance {instance_id!r} in this tenant"
+    )
 
 
 # --- secrets at rest -------------------------------------------------------------------------
@@ -55,12 +56,17 @@ class SecretBox:
             value = json.loads(self._fernet.decrypt(bytes(token)))
         except (InvalidToken, ValueError):
             raise ChannelInstanceError(
-                500, "channel_instance.secrets_unreadable",
+                500,
+                "channel_instance.secrets_unreadable",
                 "the instance's secrets cannot be decrypted with this hub's key "
-                "(was the channel secrets key changed?); set them again") from None
+                "(was the channel secrets key changed?); set them again",
+            ) from None
         if not isinstance(value, dict):
-            raise ChannelInstanceError(500, "channel_instance.secrets_unreadable",
-                                       "the instance's stored secrets are not an object")
+            raise ChannelInstanceError(
+                500,
+                "channel_instance.secrets_unreadable",
+                "the instance's stored secrets are not an object",
+            )
         return value
 
 
@@ -124,8 +130,9 @@ def validate_secrets(kind: str, raw: Any) -> tuple[BaseModel, dict[str, Any]]:
     try:
         json.dumps(plain)
     except (TypeError, ValueError):
-        raise ChannelInstanceError(422, "channel_instance.invalid_secrets",
-                                   "secrets must be JSON values") from None
+        raise ChannelInstanceError(
+            422, "channel_instance.invalid_secrets", "secrets must be JSON values"
+        ) from None
     return value, plain
 
 
@@ -139,8 +146,9 @@ def merge_secrets(kind: str, current: dict[str, Any], patch: dict[str, Any]) -> 
     merged = dict(current)
     for key, value in patch.items():
         if key not in wire:
-            raise ChannelInstanceError(422, "channel_instance.invalid_secrets",
-                                       f"unknown secret {key!r}")
+            raise ChannelInstanceError(
+                422, "channel_instance.invalid_secrets", f"unknown secret {key!r}"
+            )
         if value is None:
             merged.pop(wire[key], None)
         else:
@@ -169,10 +177,20 @@ class NewInstance:
     created_by: str
 
 
-COLUMNS = ("instance_id, tenant, kind, display_name, workspace_id, authority, default_agent, "
-           "settings, secret_names, enabled, revision, created_by, created_at, updated_at")
-UPDATABLE = ("display_name", "workspace_id", "authority", "default_agent", "settings",
-             "secrets_enc", "secret_names", "enabled")
+COLUMNS = (
+    "instance_id, tenant, kind, display_name, workspace_id, authority, default_agent, "
+    "settings, secret_names, enabled, revision, created_by, created_at, updated_at"
+)
+UPDATABLE = (
+    "display_name",
+    "workspace_id",
+    "authority",
+    "default_agent",
+    "settings",
+    "secrets_enc",
+    "secret_names",
+    "enabled",
+)
 
 
 def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
@@ -190,18 +208,31 @@ class InstanceStore:
 
     async def insert(self, new: NewInstance, conn: asyncpg.Connection) -> dict[str, Any] | None:
         """The new row, or None when the id is taken (by any tenant)."""
-        return _row(await conn.fetchrow(
-            f"""INSERT INTO channel_instances (instance_id, tenant, kind, display_name,
+        return _row(
+            await conn.fetchrow(
+                f"""INSERT INTO channel_instances (instance_id, tenant, kind, display_name,
                     workspace_id, authority, default_agent, settings, secrets_enc,
                     secret_names, enabled, created_by)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12)
                 ON CONFLICT (instance_id) DO NOTHING RETURNING {COLUMNS}""",
-            new.instance_id, new.tenant, new.kind, new.display_name, new.workspace_id,
-            new.authority, new.default_agent, json.dumps(new.settings), new.secrets_enc,
-            new.secret_names, new.enabled, new.created_by))
+                new.instance_id,
+                new.tenant,
+                new.kind,
+                new.display_name,
+                new.workspace_id,
+                new.authority,
+                new.default_agent,
+                json.dumps(new.settings),
+                new.secrets_enc,
+                new.secret_names,
+                new.enabled,
+                new.created_by,
+            )
+        )
 
-    async def reactivate_principal(self, conn: asyncpg.Connection, tenant: str,
-                                   instance_id: str) -> None:
+    async def reactivate_principal(
+        self, conn: asyncpg.Connection, tenant: str, instance_id: str
+    ) -> None:
         """Deleting an instance revokes its bus principal; an instance created again
         under the same id is a new principal. Its old keys stay revoked (bus_credentials),
         so reactivating the principal lets only newly issued keys in."""
@@ -209,20 +240,32 @@ class InstanceStore:
             """UPDATE bus_principals SET status = 'active', revoked_at = NULL,
                       revoke_reason = NULL
                 WHERE tenant = $1 AND kind = 'channel' AND principal_id = $2""",
-            tenant, instance_id)
+            tenant,
+            instance_id,
+        )
 
-    async def get(self, tenant: str, instance_id: str, *, conn: asyncpg.Connection | None = None,
-                  for_update: bool = False, with_secrets: bool = False) -> dict[str, Any] | None:
+    async def get(
+        self,
+        tenant: str,
+        instance_id: str,
+        *,
+        conn: asyncpg.Connection | None = None,
+        for_update: bool = False,
+        with_secrets: bool = False,
+    ) -> dict[str, Any] | None:
         extra = ", secrets_enc" if with_secrets else ""
         lock = " FOR UPDATE" if for_update else ""
-        sql = (f"SELECT {COLUMNS}{extra} FROM channel_instances "
-               f"WHERE tenant = $1 AND instance_id = $2{lock}")
+        sql = (
+            f"SELECT {COLUMNS}{extra} FROM channel_instances "
+            f"WHERE tenant = $1 AND instance_id = $2{lock}"
+        )
         return _row(await (conn or self._pool).fetchrow(sql, tenant, instance_id))
 
     async def list(self, tenant: str) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             f"SELECT {COLUMNS} FROM channel_instances WHERE tenant = $1 ORDER BY instance_id",
-            tenant)
+            tenant,
+        )
         return [_row(r) for r in rows]  # type: ignore[misc]
 
     async def revisions(self) -> dict[str, int]:
@@ -233,11 +276,14 @@ class InstanceStore:
     async def get_any(self, instance_ids: list[str]) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             f"SELECT {COLUMNS}, secrets_enc FROM channel_instances "
-            f"WHERE instance_id = ANY($1::text[])", instance_ids)
+            f"WHERE instance_id = ANY($1::text[])",
+            instance_ids,
+        )
         return [_row(r) for r in rows]  # type: ignore[misc]
 
-    async def update(self, conn: asyncpg.Connection, tenant: str, instance_id: str,
-                     changes: dict[str, Any]) -> dict[str, Any] | None:
+    async def update(
+        self, conn: asyncpg.Connection, tenant: str, instance_id: str, changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
         """Apply `changes` (columns in UPDATABLE) and bump the revision."""
         sets, args = [], [tenant, instance_id]
         for column, value in changes.items():
@@ -247,12 +293,22 @@ class InstanceStore:
             cast = "::jsonb" if column == "settings" else ""
             sets.append(f"{column} = ${len(args)}{cast}")
         sets += ["revision = revision + 1", "updated_at = now()"]
-        return _row(await conn.fetchrow(
-            f"UPDATE channel_instances SET {', '.join(sets)} "
-            f"WHERE tenant = $1 AND instance_id = $2 RETURNING {COLUMNS}", *args))
+        return _row(
+            await conn.fetchrow(
+                f"UPDATE channel_instances SET {', '.join(sets)} "
+                f"WHERE tenant = $1 AND instance_id = $2 RETURNING {COLUMNS}",
+                *args,
+            )
+        )
 
-    async def delete(self, conn: asyncpg.Connection, tenant: str,
-                     instance_id: str) -> dict[str, Any] | None:
-        return _row(await conn.fetchrow(
-            f"DELETE FROM channel_instances WHERE tenant = $1 AND instance_id = $2 "
-            f"RETURNING {COLUMNS}", tenant, instance_id))
+    async def delete(
+        self, conn: asyncpg.Connection, tenant: str, instance_id: str
+    ) -> dict[str, Any] | None:
+        return _row(
+            await conn.fetchrow(
+                f"DELETE FROM channel_instances WHERE tenant = $1 AND instance_id = $2 "
+                f"RETURNING {COLUMNS}",
+                tenant,
+                instance_id,
+            )
+        )

@@ -7,8 +7,8 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import ValidationError
 
@@ -49,78 +49,137 @@ def _env(name: str, default: str) -> str:
 
 
 def _add_logging(p: argparse.ArgumentParser, default_format: str) -> None:
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info").lower(),
-                   choices=["debug", "info", "warning", "error"], help="log level (default: %(default)s)")
-    p.add_argument("--log-format", default=_env("LOG_FORMAT", default_format),
-                   choices=["json", "text"], help="log line format (default: %(default)s)")
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info").lower(),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", default_format),
+        choices=["json", "text"],
+        help="log line format (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cowork", description=DESCRIPTION, epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="cowork",
+        description=DESCRIPTION,
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"cowork {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     up = commands.add_parser(
-        "up", help="run NATS + PostgreSQL + the hub on this machine",
+        "up",
+        help="run NATS + PostgreSQL + the hub on this machine",
         description="Start NATS (JetStream), PostgreSQL and the hub, supervise them, and stop "
-                    "them all on Ctrl-C. Data is kept in --data-dir across runs.")
-    up.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cowork")),
-                    help="where NATS, PostgreSQL and keys keep their data (default: %(default)s)")
-    up.add_argument("--host", default=_env("HOST", "127.0.0.1"),
-                    help="address to listen on (default: %(default)s)")
-    up.add_argument("--http-port", type=port_number, default=port_number(_env("HTTP_PORT", "8080")),
-                    help="hub HTTP port (default: %(default)s)")
-    up.add_argument("--nats-port", type=port_number, default=port_number(_env("NATS_PORT", "4222")),
-                    help="NATS client port (default: %(default)s)")
-    up.add_argument("--postgres-port", type=port_number, default=port_number(_env("POSTGRES_PORT", "0")),
-                    help="embedded PostgreSQL port on 127.0.0.1 (default: a free port)")
-    up.add_argument("--leaf-port", type=port_number, default=port_number(_env("LEAF_PORT", "7422")),
-                    help="NATS leaf-node port that Team Gateway appliances dial "
-                         "(default: %(default)s; 0 turns it off)")
+        "them all on Ctrl-C. Data is kept in --data-dir across runs.",
+    )
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("DATA_DIR", ".cowork")),
+        help="where NATS, PostgreSQL and keys keep their data (default: %(default)s)",
+    )
+    up.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="address to listen on (default: %(default)s)",
+    )
+    up.add_argument(
+        "--http-port",
+        type=port_number,
+        default=port_number(_env("HTTP_PORT", "8080")),
+        help="hub HTTP port (default: %(default)s)",
+    )
+    up.add_argument(
+        "--nats-port",
+        type=port_number,
+        default=port_number(_env("NATS_PORT", "4222")),
+        help="NATS client port (default: %(default)s)",
+    )
+    up.add_argument(
+        "--postgres-port",
+        type=port_number,
+        default=port_number(_env("POSTGRES_PORT", "0")),
+        help="embedded PostgreSQL port on 127.0.0.1 (default: a free port)",
+    )
+    up.add_argument(
+        "--leaf-port",
+        type=port_number,
+        default=port_number(_env("LEAF_PORT", "7422")),
+        help="NATS leaf-node port that Team Gateway appliances dial "
+        "(default: %(default)s; 0 turns it off)",
+    )
     _add_logging(up, "text")
 
     hub = commands.add_parser("hub", help="hub service commands")
     hub_commands = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND", required=True)
     serve = hub_commands.add_parser(
-        "serve", help="run only the hub against external NATS and PostgreSQL",
+        "serve",
+        help="run only the hub against external NATS and PostgreSQL",
         description="Run the hub service. NATS and PostgreSQL come from COWORK_NATS_URL and "
-                    "COWORK_DATABASE_URL (the production shape).", epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "COWORK_DATABASE_URL (the production shape).",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--http-host", help="address for HTTP (env COWORK_HTTP_HOST)")
     serve.add_argument("--http-port", type=port_number, help="port for HTTP (env COWORK_HTTP_PORT)")
     serve.add_argument("--nats-url", help="NATS URL(s) (env COWORK_NATS_URL)")
-    serve.add_argument("--stream-replicas", type=int, default=int(_env("STREAM_REPLICAS", "1")),
-                       choices=[1, 3, 5], help="JetStream replicas for the hub's streams "
-                       "(3 on a 3-node cluster; default: %(default)s)")
+    serve.add_argument(
+        "--stream-replicas",
+        type=int,
+        default=int(_env("STREAM_REPLICAS", "1")),
+        choices=[1, 3, 5],
+        help="JetStream replicas for the hub's streams "
+        "(3 on a 3-node cluster; default: %(default)s)",
+    )
     _add_logging(serve, "json")
 
     schema = commands.add_parser("schema", help="contract documents")
-    schema_commands = schema.add_subparsers(dest="schema_command", metavar="SCHEMA_COMMAND",
-                                            required=True)
+    schema_commands = schema.add_subparsers(
+        dest="schema_command", metavar="SCHEMA_COMMAND", required=True
+    )
     export = schema_commands.add_parser(
-        "export", help="write JSON Schema per message and the AsyncAPI 3 document",
-        description="Generate docs/schemas/<type>.json and docs/asyncapi.json from schemas/.")
-    export.add_argument("--out", type=Path, default=Path("docs"),
-                        help="output directory (default: %(default)s)")
-    export.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the files differ from the code")
+        "export",
+        help="write JSON Schema per message and the AsyncAPI 3 document",
+        description="Generate docs/schemas/<type>.json and docs/asyncapi.json from schemas/.",
+    )
+    export.add_argument(
+        "--out", type=Path, default=Path("docs"), help="output directory (default: %(default)s)"
+    )
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the files differ from the code",
+    )
 
     keys = commands.add_parser("keys", help="the bus key hierarchy (NATS operator mode)")
-    keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND",
-                                        required=True)
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     server_config = keys_commands.add_parser(
-        "server-config", help="create the keys if needed and print the nats-server config block",
+        "server-config",
+        help="create the keys if needed and print the nats-server config block",
         description="Print the operator/resolver block to include in every nats-server config "
-                    "of the cluster (the hub then issues and revokes all credentials at runtime). "
-                    "The signing keys are encrypted with COWORK_SECRET_KEY, or a key file "
-                    "created beside them.")
-    server_config.add_argument("--keys-dir", type=Path,
-                               default=Path(_env("KEYS_DIR", ".cowork/keys")),
-                               help="where the keys live (default: %(default)s)")
-    server_config.add_argument("--resolver-dir", type=Path, required=True,
-                               help="the nats-server's own JWT resolver directory")
+        "of the cluster (the hub then issues and revokes all credentials at runtime). "
+        "The signing keys are encrypted with COWORK_SECRET_KEY, or a key file "
+        "created beside them.",
+    )
+    server_config.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path(_env("KEYS_DIR", ".cowork/keys")),
+        help="where the keys live (default: %(default)s)",
+    )
+    server_config.add_argument(
+        "--resolver-dir",
+        type=Path,
+        required=True,
+        help="the nats-server's own JWT resolver directory",
+    )
     from edges.desktop import add_desktop_commands
 
     _add_logging(add_desktop_commands(commands)["run"], "text")
@@ -131,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edges.gateway import add_gateway_up_arguments
 
     up_parser = gateway["_commands"].add_parser(
-        "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent")
+        "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent"
+    )
     _add_logging(add_gateway_up_arguments(up_parser), "text")
     from channels import add_channel_commands
 
@@ -177,14 +237,21 @@ def fail(message: str, code: int = 1) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from edges.local import EmbeddedError
+
     from ..core import configure_logging
     from ._up import UpOptions, run_up
 
     configure_logging(args.log_level, args.log_format)
-    opts = UpOptions(data_dir=args.data_dir, host=args.host, http_port=args.http_port,
-                     nats_port=args.nats_port, postgres_port=args.postgres_port,
-                     leaf_port=args.leaf_port, log_level=args.log_level,
-                     log_format=args.log_format)
+    opts = UpOptions(
+        data_dir=args.data_dir,
+        host=args.host,
+        http_port=args.http_port,
+        nats_port=args.nats_port,
+        postgres_port=args.postgres_port,
+        leaf_port=args.leaf_port,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
     try:
         return asyncio.run(run_up(opts))
     except EmbeddedError as exc:
@@ -192,35 +259,51 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..core import configure_logging
     from .. import Hub, HubSettings, StartupError
+    from ..core import configure_logging
 
-    overrides = {k: v for k, v in {
-        "http_host": args.http_host, "http_port": args.http_port, "nats_url": args.nats_url,
-        "log_level": args.log_level, "log_format": args.log_format}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "http_host": args.http_host,
+            "http_port": args.http_port,
+            "nats_url": args.nats_url,
+            "log_level": args.log_level,
+            "log_format": args.log_format,
+        }.items()
+        if v is not None
+    }
     try:
         settings = HubSettings(**overrides)
     except ValidationError as exc:
-        return fail("invalid configuration: " + "; ".join(
-            f"COWORK_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()))
+        return fail(
+            "invalid configuration: "
+            + "; ".join(
+                f"COWORK_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            )
+        )
     configure_logging(settings.log_level, settings.log_format)
     from ..auth import BusKeys, KeyStoreError
 
     try:
         keys = None
         if settings.keys_dir is not None:
-            secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
+            secret = (
+                settings.secret_key.get_secret_value().encode() if settings.secret_key else None
+            )
             keys = BusKeys.load_or_create(settings.keys_dir, secret)
         hub = Hub(settings, stream_replicas=args.stream_replicas, keys=keys)
         if settings.admin_token is None:  # every /api/ call would be refused
-            return fail("no admin token configured: set COWORK_ADMIN_TOKEN (the bearer "
-                        "token for /api/; e.g. `openssl rand -hex 24`)")
+            return fail(
+                "no admin token configured: set COWORK_ADMIN_TOKEN (the bearer "
+                "token for /api/; e.g. `openssl rand -hex 24`)"
+            )
         return asyncio.run(_serve(hub))
     except (StartupError, KeyStoreError) as exc:
         return fail(str(exc))
 
 
-async def _serve(hub: "object") -> int:
+async def _serve(hub: object) -> int:
     from .. import Hub
 
     assert isinstance(hub, Hub)
@@ -277,8 +360,10 @@ def _cmd_schema_export(args: argparse.Namespace) -> int:
 
     differing = export(args.out, check=args.check)
     if args.check and differing:
-        return fail("contract documents are out of date; run `cowork schema export`:\n  "
-                    + "\n  ".join(str(p) for p in differing))
+        return fail(
+            "contract documents are out of date; run `cowork schema export`:\n  "
+            + "\n  ".join(str(p) for p in differing)
+        )
     if not args.check:
         print(f"wrote {args.out}/asyncapi.json and {args.out}/schemas/*.json")
     return 0

@@ -19,9 +19,12 @@ def documents() -> dict[str, str]:
 
     from ..auth import permission_table_markdown
 
-    docs = {"asyncapi.json": render(asyncapi()), "subjects.md": subject_table(),
-            "permissions.md": permission_table_markdown(),
-            "channel-capabilities.md": capability_table_markdown()}
+    docs = {
+        "asyncapi.json": render(asyncapi()),
+        "subjects.md": subject_table(),
+        "permissions.md": permission_table_markdown(),
+        "channel-capabilities.md": capability_table_markdown(),
+    }
     for name, schema in json_schemas().items():
         docs[f"schemas/{name}.json"] = render(schema)
     return docs
@@ -41,8 +44,10 @@ def subject_table() -> str:
     ]
     for f in subjects.FAMILIES:
         message = f"`{f.message}`" + (f" (`{f.reply}`)" if f.reply else "")
-        lines.append(f"| {f.name} | `{f.template}` | {message} | {f.publisher} -> {f.consumer} "
-                     f"| {f.delivery.value} | {f.stream or '-'} |")
+        lines.append(
+            f"| {f.name} | `{f.template}` | {message} | {f.publisher} -> {f.consumer} "
+            f"| {f.delivery.value} | {f.stream or '-'} |"
+        )
     lines += ["", "## What each family is for", ""]
     lines += [f"- **{f.name}**: {f.summary}" for f in subjects.FAMILIES]
     return "\n".join(lines) + "\n"
@@ -55,11 +60,17 @@ def export(out: Path, *, check: bool = False) -> list[Path]:
     (and are removed when writing).
     """
     wanted = documents()
-    differing = [out / rel for rel, text in sorted(wanted.items())
-                 if not (out / rel).exists() or (out / rel).read_text() != text]
+    differing = [
+        out / rel
+        for rel, text in sorted(wanted.items())
+        if not (out / rel).exists() or (out / rel).read_text() != text
+    ]
     schema_dir = out / "schemas"
-    stale = sorted(p for p in schema_dir.glob("*.json")
-                   if f"schemas/{p.name}" not in wanted) if schema_dir.exists() else []
+    stale = (
+        sorted(p for p in schema_dir.glob("*.json") if f"schemas/{p.name}" not in wanted)
+        if schema_dir.exists()
+        else []
+    )
     differing += stale
     if not check:
         schema_dir.mkdir(parents=True, exist_ok=True)

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
-import signal
 import sys
-import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any
 
 from edges.local import (
-    run_until_stopped,
-    say,
-    step,
-    stop_on_signals,
-    supervise_children,
     EmbeddedError,
     EmbeddedPostgres,
     NatsServer,
@@ -26,10 +19,15 @@ from edges.local import (
     ensure_writable_dir,
     lock_dir,
     nats_server_binary,
+    run_until_stopped,
+    say,
+    step,
+    stop_on_signals,
+    supervise_children,
 )
-from ..auth import BusKeys
-from .. import Hub, HubSettings, StartupError
 
+from .. import Hub, HubSettings, StartupError
+from ..auth import BusKeys
 
 
 @dataclass
@@ -93,12 +91,18 @@ class Stack:
         # Operator mode from the first start: every bus connection is authenticated.
         self.keys = BusKeys.load_or_create(opts.data_dir / "keys", secret_key_from_env())
         nats_dir = opts.data_dir / "nats"
-        self.nats = NatsServer(store_dir=nats_dir, host=opts.host, port=opts.nats_port,
-                               extra_config=self.keys.server_config(nats_dir / "resolver")
-                               + _leafnode_listener(opts))
+        self.nats = NatsServer(
+            store_dir=nats_dir,
+            host=opts.host,
+            port=opts.nats_port,
+            extra_config=self.keys.server_config(nats_dir / "resolver") + _leafnode_listener(opts),
+        )
         external_db = os.environ.get("COWORK_DATABASE_URL")
-        self.postgres = None if external_db else EmbeddedPostgres(
-            data_dir=opts.data_dir / "postgres", port=opts.postgres_port)
+        self.postgres = (
+            None
+            if external_db
+            else EmbeddedPostgres(data_dir=opts.data_dir / "postgres", port=opts.postgres_port)
+        )
         self.database_url = external_db
         self.hub: Hub | None = None
         self.token = ""
@@ -114,9 +118,14 @@ class Stack:
             self.database_url = self.postgres.dsn
             owner_only(o.data_dir)  # the embedded server's setup opens its parents (as root)
         settings = HubSettings(
-            nats_url=self.nats.url, database_url=self.database_url, admin_token=self.token,
-            http_host=o.host, http_port=o.http_port, log_level=o.log_level,
-            log_format=o.log_format)
+            nats_url=self.nats.url,
+            database_url=self.database_url,
+            admin_token=self.token,
+            http_host=o.host,
+            http_port=o.http_port,
+            log_level=o.log_level,
+            log_format=o.log_format,
+        )
         self.hub = Hub(settings, keys=self.keys)
         await step("hub (migrations, streams, HTTP)", self.hub.start)
         self._banner(token_origin)
@@ -130,22 +139,31 @@ class Stack:
         say(f"  Hub HTTP     {url}")
         say(f"  Health       {url}/readyz")
         say(f"  Metrics      {url}/metrics")
-        say(f"  NATS         {self.nats.url}   (operator mode; keys in {self.opts.data_dir / 'keys'})")
+        say(
+            f"  NATS         {self.nats.url}   (operator mode; keys in {self.opts.data_dir / 'keys'})"
+        )
         say(f"  PostgreSQL   {db}")
         say(f"  Admin token  {token_origin}")  # where it is, never the token itself
         say(f"  Data dir     {self.opts.data_dir}")
-        say("Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {\"label\": ...} for a code,")
+        say('Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {"label": ...} for a code,')
         say(f"  then on the Desktop: cowork desktop pair CODE --hub {self.nats.url}")
         if self.opts.leaf_port:
             say("Register a Team Gateway: POST /api/v1/tenants/<tenant>/gateway-registrations,")
-            say(f"  then on the Gateway: cowork gateway register --hub {self.nats.url} "
-                "--credential-file FILE")
-            extra = "" if self.opts.leaf_port == 7422 else \
-                f" --cloud-leaf-port {self.opts.leaf_port}"
-            say(f"  and cowork gateway up{extra} (its leaf node dials {self.opts.host}:"
-                f"{self.opts.leaf_port})")
-        say("Connect a chat: POST /api/v1/tenants/<tenant>/channel-instances "
-            "{\"instanceId\", \"kind\", \"workspaceId\", ...};")
+            say(
+                f"  then on the Gateway: cowork gateway register --hub {self.nats.url} "
+                "--credential-file FILE"
+            )
+            extra = (
+                "" if self.opts.leaf_port == 7422 else f" --cloud-leaf-port {self.opts.leaf_port}"
+            )
+            say(
+                f"  and cowork gateway up{extra} (its leaf node dials {self.opts.host}:"
+                f"{self.opts.leaf_port})"
+            )
+        say(
+            "Connect a chat: POST /api/v1/tenants/<tenant>/channel-instances "
+            '{"instanceId", "kind", "workspaceId", ...};'
+        )
         say(f"  the platform's webhook is {url}/webhooks/<instanceId> (see docs/channels.md)")
         say("Press Ctrl-C to stop.")
 

@@ -5,17 +5,37 @@ settings, the refusal type and the rate limiter.
 
 from __future__ import annotations
 
+from . import _db as db
+from . import _streams as streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
-from ._deadletter import DeadLetters, deliveries, parse_and_decode, Rejected, TRANSIENT
+from ._deadletter import TRANSIENT, DeadLetters, Rejected, deliveries, parse_and_decode
 from ._logging import configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
 from ._refusals import ack_refusal
 from ._settings import HubSettings
 from ._streams import hub_consumer
-from . import _db as db
-from . import _streams as streams
 
-__all__ = ['AuditIngest', 'AuditLog', 'BackgroundTask', 'DeadLetters', 'HubMetrics', 'HubSettings', 'RateLimiter', 'Rejected', 'TRANSIENT', 'ack_refusal', 'configure_logging', 'db', 'deliveries', 'every', 'hub_consumer', 'kv', 'parse_and_decode', 'pull_forever', 'streams']
+__all__ = [
+    "AuditIngest",
+    "AuditLog",
+    "BackgroundTask",
+    "DeadLetters",
+    "HubMetrics",
+    "HubSettings",
+    "RateLimiter",
+    "Rejected",
+    "TRANSIENT",
+    "ack_refusal",
+    "configure_logging",
+    "db",
+    "deliveries",
+    "every",
+    "hub_consumer",
+    "kv",
+    "parse_and_decode",
+    "pull_forever",
+    "streams",
+]

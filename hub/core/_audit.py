@@ -17,14 +17,23 @@ class AuditLog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def record(self, record: AuditRecord, *, tenant: str | None,
-                     conn: asyncpg.Connection | None = None) -> int:
+    async def record(
+        self, record: AuditRecord, *, tenant: str | None, conn: asyncpg.Connection | None = None
+    ) -> int:
         """Append one row (inside the caller's transaction when `conn` is given)."""
         args = (
-            tenant, record.action, str(record.actor_kind), record.actor_id,
-            _text(record.actor_label), record.target_kind, record.target_id,
-            record.workspace_id, record.session_id, record.command_id,
-            _text(record.reason), scrub_secrets(record.metadata),
+            tenant,
+            record.action,
+            str(record.actor_kind),
+            record.actor_id,
+            _text(record.actor_label),
+            record.target_kind,
+            record.target_id,
+            record.workspace_id,
+            record.session_id,
+            record.command_id,
+            _text(record.reason),
+            scrub_secrets(record.metadata),
         )
         sql = """INSERT INTO audit_log (tenant, action, actor_kind, actor_id, actor_label,
                      target_kind, target_id, workspace_id, session_id, command_id, reason, metadata)
@@ -36,7 +45,10 @@ class AuditLog:
     async def recent(self, tenant: str | None, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             "SELECT * FROM audit_log WHERE tenant IS NOT DISTINCT FROM $1 "
-            "ORDER BY id DESC LIMIT $2", tenant, limit)
+            "ORDER BY id DESC LIMIT $2",
+            tenant,
+            limit,
+        )
         return [dict(r) for r in rows]
 
 

@@ -29,12 +29,22 @@ SPEC = hub_consumer("hub-audit")
 
 
 class AuditIngest:
-    def __init__(self, js: JetStreamContext, audit: AuditLog, pool: asyncpg.Pool,
-                 dead_letters: DeadLetters, metrics: HubMetrics) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        audit: AuditLog,
+        pool: asyncpg.Pool,
+        dead_letters: DeadLetters,
+        metrics: HubMetrics,
+    ) -> None:
         self._js, self._audit, self._pool = js, audit, pool
         self._dead, self._metrics = dead_letters, metrics
-        self._worker = BackgroundTask("audit-ingest", lambda: pull_forever(
-            js, SPEC, 100, self._handle, log, "audit_ingest.fetch_failed", retry_delay=1.0))
+        self._worker = BackgroundTask(
+            "audit-ingest",
+            lambda: pull_forever(
+                js, SPEC, 100, self._handle, log, "audit_ingest.fetch_failed", retry_delay=1.0
+            ),
+        )
 
     def start(self) -> None:
         self._worker.start()
@@ -50,8 +60,14 @@ class AuditIngest:
                 valid.append(msg)
                 continue
             tenant, code, reason = problem
-            await self._dead.put(tenant=tenant, family=FAMILY, subject=msg.subject,
-                                 payload=msg.data, code=code, reason=reason)
+            await self._dead.put(
+                tenant=tenant,
+                family=FAMILY,
+                subject=msg.subject,
+                payload=msg.data,
+                code=code,
+                reason=reason,
+            )
             self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
             await msg.ack()
         if not valid:
@@ -59,8 +75,13 @@ class AuditIngest:
         # Records of every tenant share a batch: one the database refuses is
         # dead-lettered alone (one at a time after a failed batch), never the others.
         written = await self._dead.write_batch(
-            FAMILY, SPEC.max_deliver, [(msg, msg._cowork_envelope) for msg in valid],  # type: ignore[attr-defined]
-            self._write, log, delay=2.0)
+            FAMILY,
+            SPEC.max_deliver,
+            [(msg, msg._cowork_envelope) for msg in valid],  # type: ignore[attr-defined]
+            self._write,
+            log,
+            delay=2.0,
+        )
         for done, _ in written:
             for msg in done:
                 await msg.ack()
@@ -83,12 +104,20 @@ class AuditIngest:
         except ContractError as exc:
             return tenant, exc.code, exc.reason
         if env.tenant != tenant:
-            return tenant, "contract.tenant_mismatch", (
-                f"envelope tenant {env.tenant!r} differs from subject tenant {tenant!r}")
+            return (
+                tenant,
+                "contract.tenant_mismatch",
+                (f"envelope tenant {env.tenant!r} differs from subject tenant {tenant!r}"),
+            )
         claimed = (str(env.source.principal_kind), env.source.principal_id)
-        if claimed != (where["principal_kind"], where["principal_id"]) or \
-                (str(env.data.actor_kind), env.data.actor_id) != claimed:
-            return tenant, "contract.principal_mismatch", (
-                "audit records must be sent by, and about, the principal their subject names")
+        if (
+            claimed != (where["principal_kind"], where["principal_id"])
+            or (str(env.data.actor_kind), env.data.actor_id) != claimed
+        ):
+            return (
+                tenant,
+                "contract.principal_mismatch",
+                ("audit records must be sent by, and about, the principal their subject names"),
+            )
         msg._cowork_envelope = env  # type: ignore[attr-defined]
         return None

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -32,8 +33,9 @@ class BackgroundTask:
             self._task = None
 
 
-async def every(interval: float, step: Callable[[], Awaitable[Any]], log: logging.Logger,
-                failure: str) -> None:
+async def every(
+    interval: float, step: Callable[[], Awaitable[Any]], log: logging.Logger, failure: str
+) -> None:
     """Run `step` every `interval` seconds; a failed step is logged and tried next tick."""
     while True:
         await asyncio.sleep(interval)
@@ -45,9 +47,15 @@ async def every(interval: float, step: Callable[[], Awaitable[Any]], log: loggin
             log.warning(failure, **kv(error=str(exc)))
 
 
-async def pull_forever(js: JetStreamContext, spec: Any, batch: int,
-                       handle: Callable[[list[Msg]], Awaitable[None]], log: logging.Logger,
-                       failure: str, retry_delay: float = 0.5) -> None:
+async def pull_forever(
+    js: JetStreamContext,
+    spec: Any,
+    batch: int,
+    handle: Callable[[list[Msg]], Awaitable[None]],
+    log: logging.Logger,
+    failure: str,
+    retry_delay: float = 0.5,
+) -> None:
     """Fetch batches from the durable consumer `spec` and hand them to `handle`,
     rebinding after NATS or the consumer went away."""
     sub = None
@@ -62,7 +70,7 @@ async def pull_forever(js: JetStreamContext, spec: Any, batch: int,
             if sub is None:
                 sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
             msgs = await sub.fetch(batch=batch, timeout=1.0)
-        except (NatsTimeout, asyncio.TimeoutError):
+        except (TimeoutError, NatsTimeout):
             continue
         except asyncio.CancelledError:
             raise

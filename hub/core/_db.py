@@ -68,27 +68,34 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                    version integer PRIMARY KEY, name text NOT NULL,
                    checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        applied = {r["version"]: r["checksum"] for r in
-                   await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        applied = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
         for migration in migrations:
             if migration.version in applied:
                 if applied[migration.version] != migration.checksum:
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} was changed "
-                        "after it was applied; add a new migration instead")
+                        "after it was applied; add a new migration instead"
+                    )
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum)
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
             applied_now.append(migration.version)
             log.info("db.migration_applied", **kv(version=migration.version, name=migration.name))
         unknown = sorted(set(applied) - {m.version for m in migrations})
         if unknown:
             raise MigrationError(
                 f"database has migrations {unknown} this hub does not know: it is older than "
-                "the database; upgrade the hub")
+                "the database; upgrade the hub"
+            )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied_now
@@ -107,11 +114,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # Binary format, so COPY (copy_records_to_table) can write jsonb columns too:
     # version byte 1, then the JSON text.
     await conn.set_type_codec(
-        "jsonb", schema="pg_catalog", format="binary",
+        "jsonb",
+        schema="pg_catalog",
+        format="binary",
         encoder=lambda value: b"\x01" + json.dumps(value).encode(),
-        decoder=lambda data: json.loads(data[1:]))
+        decoder=lambda data: json.loads(data[1:]),
+    )
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=_init_connection, command_timeout=30)
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )

@@ -26,14 +26,25 @@ R = TypeVar("R")
 
 # What a row holds that PostgreSQL (or the driver) refuses: SQLSTATE classes 22 (data)
 # and 23 (constraints), a value the driver cannot encode. Retrying never helps.
-DATA_ERRORS = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError,
-               asyncpg_base.DataError, UnicodeError)
+DATA_ERRORS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg_base.DataError,
+    UnicodeError,
+)
 # Trouble that passes (the database or NATS away, a lock conflict): retried for as long
 # as the consumer allows.
-TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-             asyncpg.InterfaceError, asyncpg.exceptions.DeadlockDetectedError,
-             asyncpg.exceptions.SerializationError, asyncpg.exceptions.CannotConnectNowError,
-             asyncpg.exceptions.TooManyConnectionsError, nats.errors.Error)
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    nats.errors.Error,
+)
 # Any other failure is a bug or a surprise: retried this many deliveries, then set aside.
 GIVE_UP_AFTER = 5
 
@@ -58,8 +69,9 @@ class Rejected(Exception):
         self.code = code
 
 
-def parse_and_decode(family: subjects.SubjectFamily, msg: Msg,
-                     model: type[M]) -> tuple[dict[str, str], Envelope[M]]:
+def parse_and_decode(
+    family: subjects.SubjectFamily, msg: Msg, model: type[M]
+) -> tuple[dict[str, str], Envelope[M]]:
     """The subject's parameters and the decoded envelope, or Rejected with why."""
     try:
         return family.parse(msg.subject), decode(msg.data, model)
@@ -67,6 +79,8 @@ def parse_and_decode(family: subjects.SubjectFamily, msg: Msg,
         raise Rejected("subject.invalid", str(exc)) from None
     except ContractError as exc:
         raise Rejected(exc.code, exc.reason) from None
+
+
 _MAX = 16 * 1024
 
 
@@ -76,21 +90,39 @@ class DeadLetters:
         self._metrics = metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
 
-    async def put(self, *, tenant: str | None, family: subjects.SubjectFamily,
-                  subject: str, payload: bytes, code: str, reason: str,
-                  attempts: int = 1) -> None:
+    async def put(
+        self,
+        *,
+        tenant: str | None,
+        family: subjects.SubjectFamily,
+        subject: str,
+        payload: bytes,
+        code: str,
+        reason: str,
+        attempts: int = 1,
+    ) -> None:
         try:
             text, encoding = payload[:_MAX].decode(), "utf-8"
         except UnicodeDecodeError:
             text, encoding = base64.b64encode(payload[:_MAX]).decode(), "base64"
-        letter = DeadLetter(reason=reason[:16_000], code=code, original_subject=subject[:512],
-                            original_payload=text, payload_encoding=encoding, attempts=attempts)
+        letter = DeadLetter(
+            reason=reason[:16_000],
+            code=code,
+            original_subject=subject[:512],
+            original_payload=text,
+            payload_encoding=encoding,
+            attempts=attempts,
+        )
         envelope = Envelope.wrap(letter, source=self._source, tenant=tenant)
-        await self._js.publish(subjects.dead_letter_subject(tenant, family), envelope.encode(),
-                               headers={"Cowork-Reason": code})
+        await self._js.publish(
+            subjects.dead_letter_subject(tenant, family),
+            envelope.encode(),
+            headers={"Cowork-Reason": code},
+        )
         self._metrics.dead_letters.labels(family.name, code).inc()
-        log.warning("bus.dead_lettered",
-                    **kv(family=family.name, subject=subject, code=code, reason=reason))
+        log.warning(
+            "bus.dead_lettered", **kv(family=family.name, subject=subject, code=code, reason=reason)
+        )
 
     async def reject(self, msg: Msg, family: subjects.SubjectFamily, exc: Rejected) -> None:
         """Dead-letter a consumed message (its tenant from the subject when it parses),
@@ -100,13 +132,27 @@ class DeadLetters:
             tenant = family.parse(msg.subject)["tenant"]
         except subjects.SubjectError:
             pass
-        await self.put(tenant=tenant, family=family, subject=msg.subject, payload=msg.data,
-                       code=exc.code, reason=str(exc), attempts=deliveries(msg))
+        await self.put(
+            tenant=tenant,
+            family=family,
+            subject=msg.subject,
+            payload=msg.data,
+            code=exc.code,
+            reason=str(exc),
+            attempts=deliveries(msg),
+        )
         self._metrics.bus_messages.labels(family.name, "rejected").inc()
         await msg.ack()
 
-    async def retry_or_reject(self, msg: Msg, family: subjects.SubjectFamily, max_deliver: int,
-                              exc: BaseException, *, delay: float) -> None:
+    async def retry_or_reject(
+        self,
+        msg: Msg,
+        family: subjects.SubjectFamily,
+        max_deliver: int,
+        exc: BaseException,
+        *,
+        delay: float,
+    ) -> None:
         """A consumed message whose write failed: redelivered after `delay`, or
         dead-lettered with the error (then acked) when retrying cannot help: a data
         error at once; another non-transient error after GIVE_UP_AFTER deliveries;
@@ -121,13 +167,25 @@ class DeadLetters:
         else:
             await msg.nak(delay=delay)
             return
-        await self.reject(msg, family, Rejected(
-            code, f"not stored after {attempts} delivery(ies): {type(exc).__name__}: {exc}"[:2000]))
+        await self.reject(
+            msg,
+            family,
+            Rejected(
+                code,
+                f"not stored after {attempts} delivery(ies): {type(exc).__name__}: {exc}"[:2000],
+            ),
+        )
 
-    async def write_batch(self, family: subjects.SubjectFamily, max_deliver: int,
-                          items: list[tuple[Msg, T]],
-                          write: Callable[[list[T]], Awaitable[R]], log: logging.Logger, *,
-                          delay: float) -> list[tuple[list[Msg], R]]:
+    async def write_batch(
+        self,
+        family: subjects.SubjectFamily,
+        max_deliver: int,
+        items: list[tuple[Msg, T]],
+        write: Callable[[list[T]], Awaitable[R]],
+        log: logging.Logger,
+        *,
+        delay: float,
+    ) -> list[tuple[list[Msg], R]]:
         """`write` the items' values in one go; if that fails other than transiently,
         one at a time, so a value PostgreSQL refuses costs only its own message.
         Returns each successful write's messages and result, for the caller to ack;
@@ -136,8 +194,12 @@ class DeadLetters:
             return [([msg for msg, _ in items], await write([value for _, value in items]))]
         except Exception as exc:  # noqa: BLE001 - sorted out below
             failure: BaseException = exc
-        log.warning("bus.write_failed", **kv(family=family.name, count=len(items),
-                                              error=f"{type(failure).__name__}: {failure}"))
+        log.warning(
+            "bus.write_failed",
+            **kv(
+                family=family.name, count=len(items), error=f"{type(failure).__name__}: {failure}"
+            ),
+        )
         if len(items) == 1 or is_transient(failure):
             for msg, _ in items:
                 await self.retry_or_reject(msg, family, max_deliver, failure, delay=delay)

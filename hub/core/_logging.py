@@ -28,8 +28,16 @@ def kv(**fields: Any) -> dict[str, Any]:
 
 def _clean(fields: dict[str, Any]) -> dict[str, Any]:
     # Same rules as audit rows and Desktop redaction: secret keys and token shapes.
-    return {k: (SECRET_REDACTED if is_secret_key(k) or k == "dsn" else
-                scrub_text(v) if isinstance(v, str) else v) for k, v in fields.items()}
+    return {
+        k: (
+            SECRET_REDACTED
+            if is_secret_key(k) or k == "dsn"
+            else scrub_text(v)
+            if isinstance(v, str)
+            else v
+        )
+        for k, v in fields.items()
+    }
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

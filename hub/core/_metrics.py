@@ -17,45 +17,74 @@ class HubMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
-            "cowork_http_requests_total", "HTTP requests served",
-            ["method", "route", "status"], registry=r)
+            "cowork_http_requests_total",
+            "HTTP requests served",
+            ["method", "route", "status"],
+            registry=r,
+        )
         self.http_latency = Histogram(
-            "cowork_http_request_duration_seconds", "HTTP request latency",
-            ["route"], registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+            "cowork_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.bus_messages = Counter(
-            "cowork_bus_messages_total", "Bus messages handled by the hub",
-            ["family", "outcome"], registry=r)
+            "cowork_bus_messages_total",
+            "Bus messages handled by the hub",
+            ["family", "outcome"],
+            registry=r,
+        )
         self.dead_letters = Counter(
-            "cowork_dead_letters_total", "Messages set aside with a reason",
-            ["family", "code"], registry=r)
+            "cowork_dead_letters_total",
+            "Messages set aside with a reason",
+            ["family", "code"],
+            registry=r,
+        )
         self.nats_connected = Gauge(
-            "cowork_nats_connected", "1 while the hub is connected to NATS", registry=r)
+            "cowork_nats_connected", "1 while the hub is connected to NATS", registry=r
+        )
         self.nats_reconnects = Counter(
-            "cowork_nats_reconnects_total", "NATS reconnections", registry=r)
+            "cowork_nats_reconnects_total", "NATS reconnections", registry=r
+        )
         self.ready = Gauge("cowork_ready", "1 while /readyz answers 200", registry=r)
         self.db_pool_size = Gauge(
-            "cowork_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r)
+            "cowork_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r
+        )
         self.channel_instances = Gauge(
-            "cowork_channel_instances", "Channel instances on this hub by runtime state "
-            "(disabled ones as 'disabled')", ["state"], registry=r)
+            "cowork_channel_instances",
+            "Channel instances on this hub by runtime state (disabled ones as 'disabled')",
+            ["state"],
+            registry=r,
+        )
         # Per channel instance. Labels are instance ids the hub knows (anything else
         # is counted as "unknown") and fixed outcome words: never chat or user ids.
         self.channel_webhook_requests = Counter(
-            "cowork_channel_webhook_requests_total", "Webhook requests by channel instance "
-            "and outcome (accepted, rejected_4xx, failed_5xx)", ["instance", "outcome"],
-            registry=r)
+            "cowork_channel_webhook_requests_total",
+            "Webhook requests by channel instance and outcome (accepted, rejected_4xx, failed_5xx)",
+            ["instance", "outcome"],
+            registry=r,
+        )
         self.channel_inbound = Counter(
-            "cowork_channel_inbound_total", "Inbound chat messages handled by the router "
-            "(accepted, refused, duplicate, dead_lettered)", ["instance", "outcome"],
-            registry=r)
+            "cowork_channel_inbound_total",
+            "Inbound chat messages handled by the router "
+            "(accepted, refused, duplicate, dead_lettered)",
+            ["instance", "outcome"],
+            registry=r,
+        )
         self.channel_deliveries = Counter(
-            "cowork_channel_deliveries_total", "Delivery outcomes reported by channel "
-            "instances (sent, retrying, dead_lettered, duplicate)", ["instance", "status"],
-            registry=r)
+            "cowork_channel_deliveries_total",
+            "Delivery outcomes reported by channel "
+            "instances (sent, retrying, dead_lettered, duplicate)",
+            ["instance", "status"],
+            registry=r,
+        )
         self.channel_instance_state = Gauge(
-            "cowork_channel_instance_state", "1 for each channel instance's current runtime "
-            "state ('disabled' when disabled)", ["instance", "state"], registry=r)
+            "cowork_channel_instance_state",
+            "1 for each channel instance's current runtime state ('disabled' when disabled)",
+            ["instance", "state"],
+            registry=r,
+        )
         self._children: dict[tuple, Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:

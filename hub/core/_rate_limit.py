@@ -42,8 +42,11 @@ class RateLimiter:
         return round((1.0 - bucket.tokens) / self.rate, 3)
 
     def _evict_full(self, now: float) -> None:
-        full = [k for k, b in self._buckets.items()
-                if b.tokens + (now - b.updated) * self.rate >= self.burst]
+        full = [
+            k
+            for k, b in self._buckets.items()
+            if b.tokens + (now - b.updated) * self.rate >= self.burst
+        ]
         for key in full:
             del self._buckets[key]
         if len(self._buckets) >= self._max_keys:  # still full: drop the stalest

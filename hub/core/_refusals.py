@@ -14,5 +14,9 @@ _MAX_REASON = 16_000
 
 def ack_refusal(exc: Exception) -> AckReply:
     code = getattr(exc, "code", None) or "subject.invalid"
-    return AckReply(ok=False, code=code, reason=str(getattr(exc, "reason", exc))[:_MAX_REASON],
-                    retry_after_seconds=getattr(exc, "retry_after", None))
+    return AckReply(
+        ok=False,
+        code=code,
+        reason=str(getattr(exc, "reason", exc))[:_MAX_REASON],
+        retry_after_seconds=getattr(exc, "retry_after", None),
+    )

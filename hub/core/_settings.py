@@ -14,38 +14,55 @@ class HubSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="COWORK_", extra="ignore")
 
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated"
+    )
     nats_creds: Path | None = Field(None, description="A NATS .creds file for the hub's own user")
     keys_dir: Path | None = Field(
-        None, description="Bus key hierarchy (operator mode): the hub mints all credentials")
+        None, description="Bus key hierarchy (operator mode): the hub mints all credentials"
+    )
     secret_key: SecretStr | None = Field(
-        None, description="Fernet key encrypting the signing keys at rest (else a key file)")
+        None, description="Fernet key encrypting the signing keys at rest (else a key file)"
+    )
     edge_credential_ttl_hours: float = Field(24.0, gt=0, le=720)
     command_lease_seconds: float = Field(
-        30.0, gt=0, le=3600, description="How long a Desktop holds a command before it is re-sent")
+        30.0, gt=0, le=3600, description="How long a Desktop holds a command before it is re-sent"
+    )
     work_lease_seconds: float = Field(
-        30.0, gt=0, le=3600, description="Lease TTL of Cloud-owned edge work; renewed while it runs")
-    work_max_attempts: int = Field(3, ge=1, le=100,
-                                   description="Leases a work item may expire before dead-letter")
+        30.0, gt=0, le=3600, description="Lease TTL of Cloud-owned edge work; renewed while it runs"
+    )
+    work_max_attempts: int = Field(
+        3, ge=1, le=100, description="Leases a work item may expire before dead-letter"
+    )
     gateway_credential_ttl_days: float = Field(
-        30.0, gt=0, le=365, description="How long a Gateway registration credential is valid")
+        30.0, gt=0, le=365, description="How long a Gateway registration credential is valid"
+    )
     gateway_heartbeat_rate: float = Field(
-        2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)")
+        2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)"
+    )
     work_write_rate: float = Field(
-        500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)")
+        500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"
+    )
     channel_secrets_key: SecretStr | None = Field(
-        None, description="Key for channel instance secrets at rest when there is no key "
-                          "hierarchy (COWORK_KEYS_DIR derives one otherwise)")
-    channel_body_limit_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
-                                          description="Largest webhook body accepted")
-    channel_source_rate: float = Field(50.0, gt=0,
-                                       description="Webhook requests per second per source")
+        None,
+        description="Key for channel instance secrets at rest when there is no key "
+        "hierarchy (COWORK_KEYS_DIR derives one otherwise)",
+    )
+    channel_body_limit_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest webhook body accepted"
+    )
+    channel_source_rate: float = Field(
+        50.0, gt=0, description="Webhook requests per second per source"
+    )
     trusted_proxies: str = Field(
-        "", description="Comma-separated addresses or networks of reverse proxies whose "
-                        "X-Forwarded-For names the client (webhook rate limits and lockout); "
-                        "empty: the socket address is the client")
+        "",
+        description="Comma-separated addresses or networks of reverse proxies whose "
+        "X-Forwarded-For names the client (webhook rate limits and lockout); "
+        "empty: the socket address is the client",
+    )
     metrics_require_token: bool = Field(
-        False, description="/metrics needs the admin bearer token (it names channel instances)")
+        False, description="/metrics needs the admin bearer token (it names channel instances)"
+    )
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"
@@ -79,8 +96,11 @@ class HubSettings(BaseSettings):
     def trusted_proxy_networks(self) -> list:
         import ipaddress
 
-        return [ipaddress.ip_network(i.strip(), strict=False)
-                for i in self.trusted_proxies.split(",") if i.strip()]
+        return [
+            ipaddress.ip_network(i.strip(), strict=False)
+            for i in self.trusted_proxies.split(",")
+            if i.strip()
+        ]
 
     @field_validator("nats_url")
     @classmethod

@@ -88,13 +88,28 @@ class ConsumerSpec:
 HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec("CW_AUDIT", "hub-audit", subjects.AUDIT.filter()),
     # Never gives up on an event (-1): a database outage only delays the projection.
-    ConsumerSpec("CW_DEVICE_EVENTS", "hub-projector", subjects.DEVICE_EVENT.filter(),
-                 max_deliver=-1, max_ack_pending=20_000),
+    ConsumerSpec(
+        "CW_DEVICE_EVENTS",
+        "hub-projector",
+        subjects.DEVICE_EVENT.filter(),
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    ),
     # Accepted chat messages are never dropped: a database outage only delays them.
-    ConsumerSpec("CW_CHANNEL_INBOUND", "hub-channel-router", subjects.CHANNEL_INBOUND.filter(),
-                 max_deliver=-1, max_ack_pending=20_000),
-    ConsumerSpec("CW_CHANNEL_RECEIPTS", "hub-channel-receipts",
-                 subjects.CHANNEL_RECEIPT.filter(), max_deliver=-1, max_ack_pending=20_000),
+    ConsumerSpec(
+        "CW_CHANNEL_INBOUND",
+        "hub-channel-router",
+        subjects.CHANNEL_INBOUND.filter(),
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    ),
+    ConsumerSpec(
+        "CW_CHANNEL_RECEIPTS",
+        "hub-channel-receipts",
+        subjects.CHANNEL_RECEIPT.filter(),
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    ),
 )
 
 

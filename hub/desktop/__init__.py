@@ -10,4 +10,12 @@ from ._pairing import PairingError, PairingService
 from ._presence import DesktopPresence
 from ._routes import add_routes
 
-__all__ = ['CommandService', 'DesktopPresence', 'PairingError', 'PairingRedemption', 'PairingService', 'add_routes', 'body_hash']
+__all__ = [
+    "CommandService",
+    "DesktopPresence",
+    "PairingError",
+    "PairingRedemption",
+    "PairingService",
+    "add_routes",
+    "body_hash",
+]

@@ -25,7 +25,7 @@ from schemas import (
     PrincipalKind,
 )
 
-from ..core import AuditLog
+from ..auth import CredentialError, CredentialService, Principal
 from ..bus import (
     LOCKOUT,
     MAX_FAILURES,
@@ -34,16 +34,19 @@ from ..bus import (
     BootstrapResponder,
     request_source,
 )
-from ..auth import CredentialError, CredentialService
-from ..core import kv
-from ..core import HubMetrics
+from ..core import AuditLog, HubMetrics, kv
 from ._pairing import PairingService, code_hash
-from ..auth import Principal
 
 log = logging.getLogger("cowork.hub.pairing")
 
-__all__ = ["LOCKOUT", "MAX_FAILURES", "WINDOW", "PairingRedemption", "RedeemRefused",
-           "request_source"]
+__all__ = [
+    "LOCKOUT",
+    "MAX_FAILURES",
+    "WINDOW",
+    "PairingRedemption",
+    "RedeemRefused",
+    "request_source",
+]
 
 
 class RedeemRefused(Exception):
@@ -57,9 +60,17 @@ class PairingRedemption(BootstrapResponder):
     request_model = PairingRedeemRequest
     unavailable = "the hub could not complete the redemption; try again"
 
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, pairings: PairingService,
-                 credentials: CredentialService, metrics: HubMetrics, *, code_key: bytes,
-                 hub_id: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        pairings: PairingService,
+        credentials: CredentialService,
+        metrics: HubMetrics,
+        *,
+        code_key: bytes,
+        hub_id: str,
+    ) -> None:
         super().__init__(metrics, hub_id=hub_id)
         self._pool, self._audit, self._pairings = pool, audit, pairings
         self._credentials, self._code_key = credentials, code_key
@@ -71,8 +82,9 @@ class PairingRedemption(BootstrapResponder):
     def refusal(self, exc: Exception) -> AckReply | None:
         if not isinstance(exc, RedeemRefused):
             return None
-        return AckReply(ok=False, code=exc.code, reason=str(exc),
-                        retry_after_seconds=exc.retry_after)
+        return AckReply(
+            ok=False, code=exc.code, reason=str(exc), retry_after_seconds=exc.retry_after
+        )
 
     async def redeem(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
         await self._check_lockout(source)
@@ -82,40 +94,68 @@ class PairingRedemption(BootstrapResponder):
                    device_name = $3, status = 'paired_offline', revision = revision + 1,
                    updated_at = now()
                WHERE code_hash = $1 AND code_expires_at > now() AND status = 'pending'
-               RETURNING *""", digest, request.public_key, request.device_name)
+               RETURNING *""",
+            digest,
+            request.public_key,
+            request.device_name,
+        )
         if row is None:
             await self._count_failure(source)
-            raise RedeemRefused("pairing.invalid_code",
-                                "the pairing code is unknown, expired or already used")
+            raise RedeemRefused(
+                "pairing.invalid_code", "the pairing code is unknown, expired or already used"
+            )
         row = dict(row)
-        principal = Principal(PrincipalKind.DESKTOP, row["tenant"], row["pairing_id"],
-                              workspaces=tuple(row["allowed_workspace_ids"]))
+        principal = Principal(
+            PrincipalKind.DESKTOP,
+            row["tenant"],
+            row["pairing_id"],
+            workspaces=tuple(row["allowed_workspace_ids"]),
+        )
         try:
-            issued = await self._credentials.issue(principal, request.public_key,
-                                                   actor="hub")
+            issued = await self._credentials.issue(principal, request.public_key, actor="hub")
         except CredentialError as exc:
             await self._pool.execute(
                 "UPDATE pairings SET status = 'error', error = $3 WHERE tenant = $1 AND "
-                "pairing_id = $2", row["tenant"], row["pairing_id"], str(exc))
+                "pairing_id = $2",
+                row["tenant"],
+                row["pairing_id"],
+                str(exc),
+            )
             raise RedeemRefused(exc.code, str(exc)) from None
-        await self._audit.record(AuditRecord(
-            action="pairing.redeemed", actor_kind="desktop", actor_id=row["pairing_id"],
-            actor_label=request.device_name, target_kind="pairing",
-            target_id=row["pairing_id"],
-            metadata={"source": source, "publicKey": request.public_key,
-                      "clientVersion": request.client_version}), tenant=row["tenant"])
+        await self._audit.record(
+            AuditRecord(
+                action="pairing.redeemed",
+                actor_kind="desktop",
+                actor_id=row["pairing_id"],
+                actor_label=request.device_name,
+                target_kind="pairing",
+                target_id=row["pairing_id"],
+                metadata={
+                    "source": source,
+                    "publicKey": request.public_key,
+                    "clientVersion": request.client_version,
+                },
+            ),
+            tenant=row["tenant"],
+        )
         log.info("pairing.redeemed", **kv(tenant=row["tenant"], pairing=row["pairing_id"]))
         return PairingRedeemReply(
-            pairing_id=row["pairing_id"], tenant=row["tenant"], label=row["label"],
-            user_jwt=issued.user_jwt, expires_at=issued.expires_at,
-            state=self._pairings.state_of(row))
+            pairing_id=row["pairing_id"],
+            tenant=row["tenant"],
+            label=row["label"],
+            user_jwt=issued.user_jwt,
+            expires_at=issued.expires_at,
+            state=self._pairings.state_of(row),
+        )
 
     async def _check_lockout(self, source: str) -> None:
         left = await self._lockout.locked_for(source)
         if left is not None:
-            raise RedeemRefused("bootstrap.rate_limited",
-                                "too many failed pairing codes from this address; retry later",
-                                retry_after=left)
+            raise RedeemRefused(
+                "bootstrap.rate_limited",
+                "too many failed pairing codes from this address; retry later",
+                retry_after=left,
+            )
 
     async def _count_failure(self, source: str) -> None:
         await self._lockout.count_failure(source, "pairing code")

@@ -41,18 +41,17 @@ from schemas import (
     subjects,
 )
 
-from ..core import AuditLog
-from ..core import BackgroundTask, every
-from ..core import kv
-from ..core import HubMetrics
+from ..core import AuditLog, BackgroundTask, HubMetrics, ack_refusal, every, kv
 from ._pairing import PairingError
-from ..core import ack_refusal
 
 log = logging.getLogger("cowork.hub.commands")
 DEFAULT_LEASE = timedelta(seconds=30)
-FINAL_AUDIT = {"completed": "command.completed", "failed": "command.failed",
-               "blocked_by_policy": "command.blocked",
-               "requires_local_confirmation": "command.blocked"}
+FINAL_AUDIT = {
+    "completed": "command.completed",
+    "failed": "command.failed",
+    "blocked_by_policy": "command.blocked",
+    "requires_local_confirmation": "command.blocked",
+}
 
 
 class AckRefused(Exception):
@@ -66,15 +65,25 @@ def body_hash(fields: dict[str, Any]) -> bytes:
 
 
 class CommandService:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics, *,
-                 hub_id: str, lease: timedelta = DEFAULT_LEASE,
-                 reap_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        nc: NATS,
+        metrics: HubMetrics,
+        *,
+        hub_id: str,
+        lease: timedelta = DEFAULT_LEASE,
+        reap_interval: float = 0.5,
+    ) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self.lease = lease
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._reaper = BackgroundTask("command-lease-reaper", lambda: every(
-            reap_interval, self.dispatch_expired, log, "commands.reap_failed"))
+        self._reaper = BackgroundTask(
+            "command-lease-reaper",
+            lambda: every(reap_interval, self.dispatch_expired, log, "commands.reap_failed"),
+        )
         self.on_final: list[Any] = []  # async callbacks (tenant, command row)
 
     # --- submit ---------------------------------------------------------------------------
@@ -86,34 +95,59 @@ class CommandService:
         async with self._pool.acquire() as conn, conn.transaction():
             existing = await conn.fetchrow(
                 "SELECT pairing_id, sequence, body_hash FROM pairing_commands "
-                "WHERE tenant = $1 AND command_id = $2", tenant, command_id)
+                "WHERE tenant = $1 AND command_id = $2",
+                tenant,
+                command_id,
+            )
             if existing is not None:
                 if existing["pairing_id"] != pairing_id or existing["body_hash"] != digest:
-                    raise PairingError(409, "command.conflict",
-                                       f"command {command_id!r} exists with a different body")
-                return {"command_id": command_id, "sequence": existing["sequence"],
-                        "created": False}
+                    raise PairingError(
+                        409,
+                        "command.conflict",
+                        f"command {command_id!r} exists with a different body",
+                    )
+                return {
+                    "command_id": command_id,
+                    "sequence": existing["sequence"],
+                    "created": False,
+                }
             sequence = await conn.fetchval(
                 """UPDATE pairings SET next_command_sequence = next_command_sequence + 1
                    WHERE tenant = $1 AND pairing_id = $2 AND status NOT IN ('revoked', 'pending')
-                     AND enabled RETURNING next_command_sequence""", tenant, pairing_id)
+                     AND enabled RETURNING next_command_sequence""",
+                tenant,
+                pairing_id,
+            )
             if sequence is None:
                 raise await self._not_commandable(conn, tenant, pairing_id)
             await conn.execute(
                 """INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
                        workspace_id, session_id, actor_id, actor_label, payload, body_hash)
                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)""",
-                tenant, command_id, pairing_id, sequence, fields["kind"],
-                fields["workspace_id"], fields.get("session_id"), fields.get("actor_id"),
-                fields.get("actor_label"), fields.get("payload"), digest)
+                tenant,
+                command_id,
+                pairing_id,
+                sequence,
+                fields["kind"],
+                fields["workspace_id"],
+                fields.get("session_id"),
+                fields.get("actor_id"),
+                fields.get("actor_label"),
+                fields.get("payload"),
+                digest,
+            )
         self._metrics.bus_messages.labels("device.command", "queued").inc()
         await self.dispatch(tenant, pairing_id)
         return {"command_id": command_id, "sequence": sequence, "created": True}
 
-    async def _not_commandable(self, conn: asyncpg.Connection, tenant: str,
-                               pairing_id: str) -> PairingError:
-        row = await conn.fetchrow("SELECT status, enabled FROM pairings WHERE tenant = $1 "
-                                  "AND pairing_id = $2", tenant, pairing_id)
+    async def _not_commandable(
+        self, conn: asyncpg.Connection, tenant: str, pairing_id: str
+    ) -> PairingError:
+        row = await conn.fetchrow(
+            "SELECT status, enabled FROM pairings WHERE tenant = $1 AND pairing_id = $2",
+            tenant,
+            pairing_id,
+        )
         if row is None:
             return PairingError.not_found(pairing_id)
         if row["status"] == "revoked":
@@ -125,7 +159,11 @@ class CommandService:
     async def get(self, tenant: str, pairing_id: str, command_id: str) -> dict:
         row = await self._pool.fetchrow(
             "SELECT * FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
-            "AND command_id = $3", tenant, pairing_id, command_id)
+            "AND command_id = $3",
+            tenant,
+            pairing_id,
+            command_id,
+        )
         if row is None:
             raise PairingError(404, "command.not_found", f"no command {command_id!r}")
         return dict(row)
@@ -144,19 +182,33 @@ class CommandService:
                      AND c.sequence = (SELECT min(sequence) FROM pairing_commands
                                         WHERE tenant = $1 AND pairing_id = $2 AND state <> 'done')
                      AND (c.state = 'queued' OR c.lease_expires_at <= now())
-                   RETURNING c.*""", tenant, pairing_id, secrets.token_urlsafe(24), self.lease)
+                   RETURNING c.*""",
+                tenant,
+                pairing_id,
+                secrets.token_urlsafe(24),
+                self.lease,
+            )
             if row is not None:
                 await self._push(dict(row))
 
     async def _push(self, row: dict) -> None:
         command = DeviceCommand(
-            id=row["command_id"], kind=row["kind"], pairing_id=row["pairing_id"],
-            workspace_id=row["workspace_id"], session_id=row["session_id"],
-            actor_id=row["actor_id"], actor_label=row["actor_label"],
-            payload=row["payload"], sequence=row["sequence"],
+            id=row["command_id"],
+            kind=row["kind"],
+            pairing_id=row["pairing_id"],
+            workspace_id=row["workspace_id"],
+            session_id=row["session_id"],
+            actor_id=row["actor_id"],
+            actor_label=row["actor_label"],
+            payload=row["payload"],
+            sequence=row["sequence"],
             created_at=row["created_at"],
-            lease=Lease(leased_by=self._source.principal_id, lease_token=row["lease_token"],
-                        lease_expires_at=row["lease_expires_at"]))
+            lease=Lease(
+                leased_by=self._source.principal_id,
+                lease_token=row["lease_token"],
+                lease_expires_at=row["lease_expires_at"],
+            ),
+        )
         env = Envelope.wrap(command, source=self._source, tenant=row["tenant"])
         subject = subjects.DEVICE_COMMAND.build(tenant=row["tenant"], device_id=row["pairing_id"])
         await self._nc.publish(subject, env.encode())
@@ -168,7 +220,8 @@ class CommandService:
             """SELECT DISTINCT c.tenant, c.pairing_id FROM pairing_commands c
                JOIN pairings p USING (tenant, pairing_id)
                WHERE c.state IN ('leased', 'accepted') AND c.lease_expires_at <= now()
-                 AND p.status = 'paired_online'""")
+                 AND p.status = 'paired_online'"""
+        )
         for r in rows:
             await self.dispatch(r["tenant"], r["pairing_id"])
         return len(rows)
@@ -217,39 +270,53 @@ class CommandService:
 
     async def _apply_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         if ack.pairing_id != device_id:
-            raise AckRefused("command.wrong_pairing",
-                             f"pairing id {ack.pairing_id!r} is not this Desktop's")
+            raise AckRefused(
+                "command.wrong_pairing", f"pairing id {ack.pairing_id!r} is not this Desktop's"
+            )
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT c.*, p.last_command_sequence FROM pairing_commands c JOIN pairings p "
                 "USING (tenant, pairing_id) WHERE c.tenant = $1 AND c.command_id = $2 "
-                "AND c.pairing_id = $3 FOR UPDATE OF c, p", tenant, ack.command_id, device_id)
+                "AND c.pairing_id = $3 FOR UPDATE OF c, p",
+                tenant,
+                ack.command_id,
+                device_id,
+            )
             if row is None:
                 raise AckRefused("command.unknown", f"no command {ack.command_id!r} here")
             if row["state"] == "done":
                 return self._replayed(dict(row), ack)
             _check_lease(dict(row), ack)
             if ack.outcome == "accepted":
-                await conn.execute("UPDATE pairing_commands SET state = 'accepted', "
-                                   "updated_at = now() WHERE tenant = $1 AND command_id = $2",
-                                   tenant, ack.command_id)
+                await conn.execute(
+                    "UPDATE pairing_commands SET state = 'accepted', "
+                    "updated_at = now() WHERE tenant = $1 AND command_id = $2",
+                    tenant,
+                    ack.command_id,
+                )
                 await self._audit_ack(conn, tenant, device_id, ack, "command.accepted")
                 return None
             return await self._finish(conn, tenant, device_id, dict(row), ack)
 
     def _replayed(self, row: dict, ack: CommandAck) -> None:
         """A repeated final ack with the same outcome is a no-op; anything else is stale."""
-        same = (ack.outcome != "accepted" and ack.result is not None
-                and row["result"] == ack.result.model_dump(mode="json", by_alias=True))
+        same = (
+            ack.outcome != "accepted"
+            and ack.result is not None
+            and row["result"] == ack.result.model_dump(mode="json", by_alias=True)
+        )
         if not same:
             raise AckRefused("command.already_final", "the command is already final")
 
-    async def _finish(self, conn: asyncpg.Connection, tenant: str, device_id: str, row: dict,
-                      ack: CommandAck) -> dict:
+    async def _finish(
+        self, conn: asyncpg.Connection, tenant: str, device_id: str, row: dict, ack: CommandAck
+    ) -> dict:
         if ack.sequence <= row["last_command_sequence"]:
-            raise AckRefused("command.stale_sequence",
-                             f"sequence {ack.sequence} is not above the last acknowledged "
-                             f"({row['last_command_sequence']})")
+            raise AckRefused(
+                "command.stale_sequence",
+                f"sequence {ack.sequence} is not above the last acknowledged "
+                f"({row['last_command_sequence']})",
+            )
         if ack.result is None:
             raise AckRefused("command.result_missing", "a final ack must carry a result")
         result = ack.result.model_dump(mode="json", by_alias=True)
@@ -258,33 +325,66 @@ class CommandService:
             """UPDATE pairing_commands SET state = 'done', result_status = $3, result = $4,
                    lease_token = NULL, completed_at = now(), updated_at = now()
                WHERE tenant = $1 AND command_id = $2 RETURNING *""",
-            tenant, ack.command_id, status, result)
-        await conn.execute("UPDATE pairings SET last_command_sequence = $3, updated_at = now() "
-                           "WHERE tenant = $1 AND pairing_id = $2", tenant, device_id,
-                           ack.sequence)
-        await self._audit_ack(conn, tenant, device_id, ack, FINAL_AUDIT.get(status,
-                                                                             "command.completed"))
+            tenant,
+            ack.command_id,
+            status,
+            result,
+        )
+        await conn.execute(
+            "UPDATE pairings SET last_command_sequence = $3, updated_at = now() "
+            "WHERE tenant = $1 AND pairing_id = $2",
+            tenant,
+            device_id,
+            ack.sequence,
+        )
+        await self._audit_ack(
+            conn, tenant, device_id, ack, FINAL_AUDIT.get(status, "command.completed")
+        )
         self._metrics.bus_messages.labels("device.command", status).inc()
         return dict(done)
 
-    async def _audit_ack(self, conn: asyncpg.Connection, tenant: str, device_id: str,
-                         ack: CommandAck, action: str) -> None:
-        await self._audit.record(AuditRecord(
-            action=action, actor_kind="desktop", actor_id=device_id, target_kind="command",
-            target_id=ack.command_id, command_id=ack.command_id,
-            metadata={"sequence": ack.sequence, "outcome": ack.outcome}), tenant=tenant, conn=conn)
+    async def _audit_ack(
+        self, conn: asyncpg.Connection, tenant: str, device_id: str, ack: CommandAck, action: str
+    ) -> None:
+        await self._audit.record(
+            AuditRecord(
+                action=action,
+                actor_kind="desktop",
+                actor_id=device_id,
+                target_kind="command",
+                target_id=ack.command_id,
+                command_id=ack.command_id,
+                metadata={"sequence": ack.sequence, "outcome": ack.outcome},
+            ),
+            tenant=tenant,
+            conn=conn,
+        )
 
-    async def _audit_refusal(self, tenant: str, device_id: str, ack: CommandAck,
-                             exc: AckRefused) -> None:
+    async def _audit_refusal(
+        self, tenant: str, device_id: str, ack: CommandAck, exc: AckRefused
+    ) -> None:
         self._metrics.bus_messages.labels("device.command_ack", "rejected").inc()
-        log.warning("commands.ack_refused", **kv(tenant=tenant, pairing=device_id,
-                                                 command=ack.command_id, code=exc.code))
-        await self._audit.record(AuditRecord(
-            action="command.ack_rejected", actor_kind="desktop", actor_id=device_id,
-            target_kind="command", target_id=ack.command_id, command_id=ack.command_id,
-            reason=f"{exc.code}: {exc}",
-            metadata={"sequence": ack.sequence, "outcome": ack.outcome,
-                      "claimedPairingId": ack.pairing_id}), tenant=tenant)
+        log.warning(
+            "commands.ack_refused",
+            **kv(tenant=tenant, pairing=device_id, command=ack.command_id, code=exc.code),
+        )
+        await self._audit.record(
+            AuditRecord(
+                action="command.ack_rejected",
+                actor_kind="desktop",
+                actor_id=device_id,
+                target_kind="command",
+                target_id=ack.command_id,
+                command_id=ack.command_id,
+                reason=f"{exc.code}: {exc}",
+                metadata={
+                    "sequence": ack.sequence,
+                    "outcome": ack.outcome,
+                    "claimedPairingId": ack.pairing_id,
+                },
+            ),
+            tenant=tenant,
+        )
 
 
 def _check_lease(row: dict, ack: CommandAck) -> None:
@@ -294,8 +394,9 @@ def _check_lease(row: dict, ack: CommandAck) -> None:
     if row["lease_expires_at"] is None or row["lease_expires_at"] <= _now():
         raise AckRefused("command.lease_expired", "the lease has expired")
     if ack.sequence != row["sequence"]:
-        raise AckRefused("command.wrong_sequence",
-                         f"command {row['command_id']} has sequence {row['sequence']}")
+        raise AckRefused(
+            "command.wrong_sequence", f"command {row['command_id']} has sequence {row['sequence']}"
+        )
 
 
 def _now() -> datetime:

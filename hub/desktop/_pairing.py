@@ -36,9 +36,7 @@ from schemas import (
     subjects,
 )
 
-from ..core import AuditLog
-from ..core import kv
-from ..core import ack_refusal
+from ..core import AuditLog, ack_refusal, kv
 
 log = logging.getLogger("cowork.hub.pairing")
 
@@ -78,8 +76,16 @@ def _now() -> datetime:
 
 
 class PairingService:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, *, code_key: bytes,
-                 hub_id: str, credentials: Any | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        nc: NATS,
+        *,
+        code_key: bytes,
+        hub_id: str,
+        credentials: Any | None = None,
+    ) -> None:
         self._pool, self._audit, self._nc = pool, audit, nc
         self._credentials = credentials  # CredentialService (operator mode) or None
         self._code_key = code_key
@@ -87,9 +93,17 @@ class PairingService:
         self.on_revoked: list[Any] = []  # async callbacks (tenant, pairing_id)
 
     # --- create / read ----------------------------------------------------------------
-    async def create(self, tenant: str, *, label: str, allowed_workspace_ids: list[str],
-                     allowed_session_ids: list[str] | None, policy: PairingPolicy,
-                     actor: str, code_ttl: timedelta = DEFAULT_CODE_TTL) -> tuple[dict, str]:
+    async def create(
+        self,
+        tenant: str,
+        *,
+        label: str,
+        allowed_workspace_ids: list[str],
+        allowed_session_ids: list[str] | None,
+        policy: PairingPolicy,
+        actor: str,
+        code_ttl: timedelta = DEFAULT_CODE_TTL,
+    ) -> tuple[dict, str]:
         workspaces = list(dict.fromkeys(["local", *allowed_workspace_ids]))
         pairing_id, code = new_id(), new_code()
         expires = _now() + code_ttl
@@ -98,15 +112,30 @@ class PairingService:
                 """INSERT INTO pairings (tenant, pairing_id, label, code_hash, code_expires_at,
                        allowed_workspace_ids, allowed_session_ids, policy, created_by)
                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) RETURNING *""",
-                tenant, pairing_id, label, code_hash(self._code_key, code), expires,
-                workspaces, allowed_session_ids, _policy_doc(policy), actor)
-            await self._record(conn, tenant, "pairing.created", pairing_id, actor,
-                               metadata={"label": label, "codeExpiresAt": expires.isoformat()})
+                tenant,
+                pairing_id,
+                label,
+                code_hash(self._code_key, code),
+                expires,
+                workspaces,
+                allowed_session_ids,
+                _policy_doc(policy),
+                actor,
+            )
+            await self._record(
+                conn,
+                tenant,
+                "pairing.created",
+                pairing_id,
+                actor,
+                metadata={"label": label, "codeExpiresAt": expires.isoformat()},
+            )
         return dict(row), code
 
     async def get(self, tenant: str, pairing_id: str) -> dict:
         row = await self._pool.fetchrow(
-            "SELECT * FROM pairings WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id)
+            "SELECT * FROM pairings WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id
+        )
         if row is None:
             raise PairingError.not_found(pairing_id)
         return dict(row)
@@ -114,17 +143,23 @@ class PairingService:
     async def list(self, tenant: str, limit: int) -> list[dict]:
         rows = await self._pool.fetch(
             "SELECT * FROM pairings WHERE tenant = $1 ORDER BY created_at DESC LIMIT $2",
-            tenant, limit)
+            tenant,
+            limit,
+        )
         return [dict(r) for r in rows]
 
     # --- change -------------------------------------------------------------------------
-    async def update(self, tenant: str, pairing_id: str, changes: dict[str, Any],
-                     actor: str) -> dict:
+    async def update(
+        self, tenant: str, pairing_id: str, changes: dict[str, Any], actor: str
+    ) -> dict:
         """Apply a PATCH (keys: label, enabled, allowed_workspace_ids,
         allowed_session_ids, policy); audited action by action."""
         async with self._pool.acquire() as conn, conn.transaction():
-            old = await conn.fetchrow("SELECT * FROM pairings WHERE tenant = $1 AND "
-                                      "pairing_id = $2 FOR UPDATE", tenant, pairing_id)
+            old = await conn.fetchrow(
+                "SELECT * FROM pairings WHERE tenant = $1 AND pairing_id = $2 FOR UPDATE",
+                tenant,
+                pairing_id,
+            )
             if old is None:
                 raise PairingError.not_found(pairing_id)
             if old["status"] == "revoked":
@@ -138,20 +173,37 @@ class PairingService:
                                      ELSE status END,
                        updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2 RETURNING *""",
-                tenant, pairing_id, new["label"], new["enabled"], new["allowed_workspace_ids"],
-                new["allowed_session_ids"], _policy_doc(new["policy"]))
+                tenant,
+                pairing_id,
+                new["label"],
+                new["enabled"],
+                new["allowed_workspace_ids"],
+                new["allowed_session_ids"],
+                _policy_doc(new["policy"]),
+            )
             for action, meta in _change_actions(dict(old), new):
                 await self._record(conn, tenant, action, pairing_id, actor, metadata=meta)
         await self.push_state(dict(row))
         return dict(row)
 
-    async def revoke(self, tenant: str, pairing_id: str, *, reason: str, actor: str,
-                     actor_kind: str | None = None, revoke_credential: bool = True) -> dict:
+    async def revoke(
+        self,
+        tenant: str,
+        pairing_id: str,
+        *,
+        reason: str,
+        actor: str,
+        actor_kind: str | None = None,
+        revoke_credential: bool = True,
+    ) -> dict:
         """Final and idempotent: the Desktop is told (best effort), open commands
         fail, and its bus credential is revoked (the server disconnects it)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchval("SELECT status FROM pairings WHERE tenant = $1 AND "
-                                         "pairing_id = $2 FOR UPDATE", tenant, pairing_id)
+            before = await conn.fetchval(
+                "SELECT status FROM pairings WHERE tenant = $1 AND pairing_id = $2 FOR UPDATE",
+                tenant,
+                pairing_id,
+            )
             row = await conn.fetchrow(
                 """UPDATE pairings SET status = 'revoked', enabled = false, code_hash = NULL,
                        revoked_at = coalesce(revoked_at, now()),
@@ -160,19 +212,31 @@ class PairingService:
                        updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2
                    RETURNING *""",
-                tenant, pairing_id, reason)
+                tenant,
+                pairing_id,
+                reason,
+            )
             if row is None:
                 raise PairingError.not_found(pairing_id)
             failed = await conn.execute(
                 """UPDATE pairing_commands SET state = 'done', result_status = 'failed',
                        result = $3, lease_token = NULL, completed_at = now(), updated_at = now()
                    WHERE tenant = $1 AND pairing_id = $2 AND state <> 'done'""",
-                tenant, pairing_id, {"ok": False, "status": "failed",
-                                     "message": "pairing revoked"})
+                tenant,
+                pairing_id,
+                {"ok": False, "status": "failed", "message": "pairing revoked"},
+            )
             if before != "revoked":  # revoking again changes nothing, so records nothing
-                await self._record(conn, tenant, "pairing.revoked", pairing_id, actor,
-                                   reason=reason, metadata={"commandsFailed": _count(failed)},
-                                   actor_kind=actor_kind)
+                await self._record(
+                    conn,
+                    tenant,
+                    "pairing.revoked",
+                    pairing_id,
+                    actor,
+                    reason=reason,
+                    metadata={"commandsFailed": _count(failed)},
+                    actor_kind=actor_kind,
+                )
         row = dict(row)
         await self.push_state(row)
         if revoke_credential:
@@ -183,8 +247,13 @@ class PairingService:
 
     async def _revoke_credential(self, row: dict, actor: str) -> None:
         if self._credentials is not None and row.get("public_key"):
-            await self._credentials.revoke(row["tenant"], "desktop", row["pairing_id"],
-                                           reason=row["revoke_reason"], actor=actor)
+            await self._credentials.revoke(
+                row["tenant"],
+                "desktop",
+                row["pairing_id"],
+                reason=row["revoke_reason"],
+                actor=actor,
+            )
 
     async def handle_revoke_notice(self, msg: Msg) -> None:
         """A Desktop revoked itself locally; the subject names it (own-subject permission).
@@ -197,8 +266,13 @@ class PairingService:
             if notice.pairing_id != where["pairing_id"]:
                 raise ContractError("the notice names another pairing", "pairing.wrong_id")
             row = await self.revoke(
-                where["tenant"], notice.pairing_id, actor=notice.pairing_id, actor_kind="desktop",
-                reason=notice.reason or "revoked on the Desktop", revoke_credential=False)
+                where["tenant"],
+                notice.pairing_id,
+                actor=notice.pairing_id,
+                actor_kind="desktop",
+                reason=notice.reason or "revoked on the Desktop",
+                revoke_credential=False,
+            )
             reply = AckReply(ok=True)
         except (ContractError, subjects.SubjectError, PairingError) as exc:
             reply = ack_refusal(exc)
@@ -211,12 +285,16 @@ class PairingService:
     # --- state to the Desktop ---------------------------------------------------------
     def state_of(self, row: dict) -> PairingState:
         return PairingState(
-            pairing_id=row["pairing_id"], revision=row["revision"], enabled=row["enabled"],
+            pairing_id=row["pairing_id"],
+            revision=row["revision"],
+            enabled=row["enabled"],
             revoked=row["status"] == "revoked",
             allowed_workspace_ids=list(row["allowed_workspace_ids"]),
-            allowed_session_ids=(list(row["allowed_session_ids"])
-                                 if row["allowed_session_ids"] is not None else None),
-            policy=PairingPolicy.model_validate(row["policy"]))
+            allowed_session_ids=(
+                list(row["allowed_session_ids"]) if row["allowed_session_ids"] is not None else None
+            ),
+            policy=PairingPolicy.model_validate(row["policy"]),
+        )
 
     async def push_state(self, row: dict) -> None:
         if row.get("public_key") is None:  # not redeemed yet: nobody to tell
@@ -226,17 +304,36 @@ class PairingService:
         try:
             await self._nc.publish(subject, env.encode())
         except Exception as exc:  # the Desktop gets the state again when it comes online
-            log.warning("pairing.state_push_failed", **kv(pairing=row["pairing_id"],
-                                                          error=str(exc)))
+            log.warning(
+                "pairing.state_push_failed", **kv(pairing=row["pairing_id"], error=str(exc))
+            )
 
-    async def _record(self, conn: asyncpg.Connection, tenant: str, action: str,
-                      pairing_id: str, actor: str, *, reason: str | None = None,
-                      metadata: dict | None = None, actor_kind: str | None = None) -> None:
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        action: str,
+        pairing_id: str,
+        actor: str,
+        *,
+        reason: str | None = None,
+        metadata: dict | None = None,
+        actor_kind: str | None = None,
+    ) -> None:
         kind = actor_kind or ("hub" if actor == "hub" else "admin")
-        await self._audit.record(AuditRecord(
-            action=action, actor_kind=kind, actor_id=actor, target_kind="pairing",
-            target_id=pairing_id, reason=reason, metadata=metadata or {}),
-            tenant=tenant, conn=conn)
+        await self._audit.record(
+            AuditRecord(
+                action=action,
+                actor_kind=kind,
+                actor_id=actor,
+                target_kind="pairing",
+                target_id=pairing_id,
+                reason=reason,
+                metadata=metadata or {},
+            ),
+            tenant=tenant,
+            conn=conn,
+        )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -267,10 +364,12 @@ def _change_actions(old: dict, new: dict) -> list[tuple[str, dict]]:
         before, after = getattr(old_policy, field), getattr(new["policy"], field)
         if after == PolicyDecision.REMOTE_ALLOWED and before != after:
             # Root-equivalent: the hub may now approve tools on that machine.
-            actions.append(("pairing.remote_allowed_enabled",
-                            {"decision": field, "from": str(before.value)}))
-    changed = [k for k in ("label", "allowed_workspace_ids", "allowed_session_ids")
-               if old[k] != new[k]]
+            actions.append(
+                ("pairing.remote_allowed_enabled", {"decision": field, "from": str(before.value)})
+            )
+    changed = [
+        k for k in ("label", "allowed_workspace_ids", "allowed_session_ids") if old[k] != new[k]
+    ]
     if new["policy"] != old_policy:
         changed.append("policy")
     if changed:

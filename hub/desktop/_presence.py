@@ -19,21 +19,27 @@ from nats.aio.msg import Msg
 
 from schemas import AuditRecord, ContractError, PresenceHeartbeat, decode, subjects
 
-from ..core import AuditLog
-from ..core import BackgroundTask, every
-from ..core import kv
-from ..core import HubMetrics
+from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
 
 log = logging.getLogger("cowork.hub.presence")
 
 
 class DesktopPresence:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, metrics: HubMetrics, *,
-                 on_online: Any, sweep_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        metrics: HubMetrics,
+        *,
+        on_online: Any,
+        sweep_interval: float = 0.5,
+    ) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._on_online = on_online  # async (tenant, pairing row) -> None
-        self._sweeper = BackgroundTask("presence-sweep", lambda: every(
-            sweep_interval, self.sweep_once, log, "presence.sweep_failed"))
+        self._sweeper = BackgroundTask(
+            "presence-sweep",
+            lambda: every(sweep_interval, self.sweep_once, log, "presence.sweep_failed"),
+        )
 
     def start(self) -> None:
         self._sweeper.start()
@@ -49,8 +55,11 @@ class DesktopPresence:
             log.warning("presence.invalid", **kv(subject=msg.subject, error=str(exc)))
             return
         beat = env.data
-        if (where["principal_kind"] != "desktop" or env.tenant != where["tenant"]
-                or beat.principal_id != where["principal_id"]):
+        if (
+            where["principal_kind"] != "desktop"
+            or env.tenant != where["tenant"]
+            or beat.principal_id != where["principal_id"]
+        ):
             return  # gateways and channels have their own presence handling
         try:
             await self.beat(where["tenant"], where["principal_id"], beat)
@@ -69,7 +78,10 @@ class DesktopPresence:
                WHERE tenant = $1 AND pairing_id = $2 AND enabled
                  AND status IN ('paired_online', 'paired_offline', 'error')
                RETURNING *, (last_connected_at = now()) AS came_online""",
-            tenant, pairing_id, beat.interval_seconds)
+            tenant,
+            pairing_id,
+            beat.interval_seconds,
+        )
         if row is None or not row["came_online"]:
             return
         await self._record(tenant, pairing_id, "pairing.connected")
@@ -80,7 +92,9 @@ class DesktopPresence:
         row = await self._pool.fetchrow(
             "UPDATE pairings SET status = 'paired_offline' WHERE tenant = $1 AND "
             "pairing_id = $2 AND status = 'paired_online' RETURNING pairing_id",
-            tenant, pairing_id)
+            tenant,
+            pairing_id,
+        )
         if row is not None:
             await self._record(tenant, pairing_id, "pairing.offline", reason=reason)
 
@@ -90,14 +104,28 @@ class DesktopPresence:
                WHERE status = 'paired_online'
                  AND last_heartbeat_at < now() - make_interval(
                        secs => 2 * coalesce(heartbeat_interval, 15))
-               RETURNING tenant, pairing_id""")
+               RETURNING tenant, pairing_id"""
+        )
         for r in rows:
-            await self._record(r["tenant"], r["pairing_id"], "pairing.offline",
-                               reason="no heartbeat for two intervals")
+            await self._record(
+                r["tenant"],
+                r["pairing_id"],
+                "pairing.offline",
+                reason="no heartbeat for two intervals",
+            )
         return len(rows)
 
-    async def _record(self, tenant: str, pairing_id: str, action: str,
-                      reason: str | None = None) -> None:
-        await self._audit.record(AuditRecord(
-            action=action, actor_kind="hub", actor_id="presence", target_kind="pairing",
-            target_id=pairing_id, reason=reason), tenant=tenant)
+    async def _record(
+        self, tenant: str, pairing_id: str, action: str, reason: str | None = None
+    ) -> None:
+        await self._audit.record(
+            AuditRecord(
+                action=action,
+                actor_kind="hub",
+                actor_id="presence",
+                target_kind="pairing",
+                target_id=pairing_id,
+                reason=reason,
+            ),
+            tenant=tenant,
+        )

@@ -1,11 +1,11 @@
 """Admin API for Desktop pairings and their commands.
 
-    POST   /api/v1/tenants/{t}/pairings                      -> {pairingId, code, expiresAt}
-    GET    /api/v1/tenants/{t}/pairings[/{id}]               (never a secret)
-    PATCH  /api/v1/tenants/{t}/pairings/{id}                 policy, allowlists, enabled, label
-    POST   /api/v1/tenants/{t}/pairings/{id}/revoke
-    POST   /api/v1/tenants/{t}/pairings/{id}/commands        -> {commandId, sequence}
-    GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
+POST   /api/v1/tenants/{t}/pairings                      -> {pairingId, code, expiresAt}
+GET    /api/v1/tenants/{t}/pairings[/{id}]               (never a secret)
+PATCH  /api/v1/tenants/{t}/pairings/{id}                 policy, allowlists, enabled, label
+POST   /api/v1/tenants/{t}/pairings/{id}/revoke
+POST   /api/v1/tenants/{t}/pairings/{id}/commands        -> {commandId, sequence}
+GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pydantic import Field, ValidationError
 
 from schemas import (
     AllowList,
-    Label,
     CommandKind,
+    Label,
     PairingPolicy,
     TokenId,
     WireModel,
@@ -91,32 +91,45 @@ def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
 def pairing_json(row: dict) -> dict:
     """A pairing as the contract names it; no code, hash or credential."""
     return {
-        "id": row["pairing_id"], "label": row["label"], "deviceName": row["device_name"],
-        "status": row["status"], "enabled": row["enabled"],
+        "id": row["pairing_id"],
+        "label": row["label"],
+        "deviceName": row["device_name"],
+        "status": row["status"],
+        "enabled": row["enabled"],
         "online": row["status"] == "paired_online",
         "allowedWorkspaceIds": list(row["allowed_workspace_ids"]),
-        "allowedSessionIds": (list(row["allowed_session_ids"])
-                              if row["allowed_session_ids"] is not None else None),
+        "allowedSessionIds": (
+            list(row["allowed_session_ids"]) if row["allowed_session_ids"] is not None else None
+        ),
         "policy": row["policy"],
-        "revision": row["revision"], "redeemed": row["redeemed_at"] is not None,
+        "revision": row["revision"],
+        "redeemed": row["redeemed_at"] is not None,
         "codeExpiresAt": iso(row["code_expires_at"]) if row["redeemed_at"] is None else None,
         "heartbeatIntervalSeconds": row["heartbeat_interval"],
         "lastConnectedAt": iso(row["last_connected_at"]),
         "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
-        "lastCommandSequence": row["last_command_sequence"], "error": row["error"],
-        "createdAt": iso(row["created_at"]), "updatedAt": iso(row["updated_at"]),
-        "revokedAt": iso(row["revoked_at"]), "revokeReason": row["revoke_reason"],
+        "lastCommandSequence": row["last_command_sequence"],
+        "error": row["error"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "revokedAt": iso(row["revoked_at"]),
+        "revokeReason": row["revoke_reason"],
     }
 
 
 def command_json(row: dict) -> dict:
     return {
-        "commandId": row["command_id"], "pairingId": row["pairing_id"],
-        "sequence": row["sequence"], "kind": row["kind"], "workspaceId": row["workspace_id"],
-        "sessionId": row["session_id"], "state": row["state"],
+        "commandId": row["command_id"],
+        "pairingId": row["pairing_id"],
+        "sequence": row["sequence"],
+        "kind": row["kind"],
+        "workspaceId": row["workspace_id"],
+        "sessionId": row["session_id"],
+        "state": row["state"],
         "status": row["result_status"] or ("queued" if row["state"] == "queued" else "delivered"),
         "result": row["result"],
-        "attempts": row["attempts"], "createdAt": iso(row["created_at"]),
+        "attempts": row["attempts"],
+        "createdAt": iso(row["created_at"]),
         "completedAt": iso(row["completed_at"]),
     }
 
@@ -126,14 +139,28 @@ async def create_pairing(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreatePairing)
     if hub.credentials is None:
-        return json_error(503, "pairing_unavailable",
-                          "pairing needs bus credentials (run the hub with COWORK_KEYS_DIR)")
+        return json_error(
+            503,
+            "pairing_unavailable",
+            "pairing needs bus credentials (run the hub with COWORK_KEYS_DIR)",
+        )
     row, code = await hub.pairings.create(
-        tenant, label=body.label, allowed_workspace_ids=body.allowed_workspace_ids,
-        allowed_session_ids=body.allowed_session_ids, policy=body.policy, actor="admin",
-        code_ttl=timedelta(seconds=body.code_ttl_seconds))
-    return web.json_response({"pairingId": row["pairing_id"], "code": code,
-                              "expiresAt": row["code_expires_at"].isoformat()}, status=201)
+        tenant,
+        label=body.label,
+        allowed_workspace_ids=body.allowed_workspace_ids,
+        allowed_session_ids=body.allowed_session_ids,
+        policy=body.policy,
+        actor="admin",
+        code_ttl=timedelta(seconds=body.code_ttl_seconds),
+    )
+    return web.json_response(
+        {
+            "pairingId": row["pairing_id"],
+            "code": code,
+            "expiresAt": row["code_expires_at"].isoformat(),
+        },
+        status=201,
+    )
 
 
 async def list_pairings(request: web.Request) -> web.Response:
@@ -165,8 +192,9 @@ async def update_pairing(request: web.Request) -> web.Response:
     if not changes:
         raise invalid("nothing to change")
     try:
-        row = await hub.pairings.update(tenant_param(request), _pairing_id(request), changes,
-                                        actor="admin")
+        row = await hub.pairings.update(
+            tenant_param(request), _pairing_id(request), changes, actor="admin"
+        )
     except PairingError as exc:
         return refusal_response(exc)
     return web.json_response(pairing_json(row))
@@ -176,8 +204,9 @@ async def revoke_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RevokePairing, optional=True)
     try:
-        row = await hub.pairings.revoke(tenant_param(request), _pairing_id(request),
-                                        reason=body.reason, actor="admin")
+        row = await hub.pairings.revoke(
+            tenant_param(request), _pairing_id(request), reason=body.reason, actor="admin"
+        )
     except PairingError as exc:
         return refusal_response(exc)
     return web.json_response(pairing_json(row))
@@ -199,19 +228,24 @@ async def submit_command(request: web.Request) -> web.Response:
         outcome = await hub.commands.submit(tenant, pairing_id, fields)
     except PairingError as exc:
         return refusal_response(exc)
-    return web.json_response({"commandId": outcome["command_id"],
-                              "sequence": outcome["sequence"]},
-                             status=201 if outcome["created"] else 200)
+    return web.json_response(
+        {"commandId": outcome["command_id"], "sequence": outcome["sequence"]},
+        status=201 if outcome["created"] else 200,
+    )
 
 
 def _check_allowlists(pairing: dict, body: SubmitCommand) -> None:
     if body.workspace_id not in pairing["allowed_workspace_ids"]:
-        raise PairingError(403, "pairing.workspace_not_allowed",
-                           f"workspace {body.workspace_id!r} is not allowlisted")
+        raise PairingError(
+            403,
+            "pairing.workspace_not_allowed",
+            f"workspace {body.workspace_id!r} is not allowlisted",
+        )
     sessions = pairing["allowed_session_ids"]
     if sessions is not None and body.session_id and body.session_id not in sessions:
-        raise PairingError(403, "pairing.session_not_allowed",
-                           f"session {body.session_id!r} is not allowlisted")
+        raise PairingError(
+            403, "pairing.session_not_allowed", f"session {body.session_id!r} is not allowlisted"
+        )
 
 
 def _first_error(exc: Exception) -> str:
@@ -225,20 +259,25 @@ def _first_error(exc: Exception) -> str:
 async def get_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     try:
-        row = await hub.commands.get(tenant_param(request), _pairing_id(request),
-                                     _pairing_id(request, "command_id"))
+        row = await hub.commands.get(
+            tenant_param(request), _pairing_id(request), _pairing_id(request, "command_id")
+        )
     except PairingError as exc:
         return refusal_response(exc)
     return web.json_response(command_json(row))
 
 
 def add_routes(app: web.Application) -> None:
-    add_route_table(app, "/api/v1/tenants/{tenant}/pairings", [
-        ("POST", "", create_pairing),
-        ("GET", "", list_pairings),
-        ("GET", "/{pairing_id}", get_pairing),
-        ("PATCH", "/{pairing_id}", update_pairing),
-        ("POST", "/{pairing_id}/revoke", revoke_pairing),
-        ("POST", "/{pairing_id}/commands", submit_command),
-        ("GET", "/{pairing_id}/commands/{command_id}", get_command),
-    ])
+    add_route_table(
+        app,
+        "/api/v1/tenants/{tenant}/pairings",
+        [
+            ("POST", "", create_pairing),
+            ("GET", "", list_pairings),
+            ("GET", "/{pairing_id}", get_pairing),
+            ("PATCH", "/{pairing_id}", update_pairing),
+            ("POST", "/{pairing_id}/revoke", revoke_pairing),
+            ("POST", "/{pairing_id}/commands", submit_command),
+            ("GET", "/{pairing_id}/commands/{command_id}", get_command),
+        ],
+    )

@@ -15,32 +15,33 @@ identity per registration); after a rotation the new credential is the only way 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from schemas import (
     AckReply,
+    CredentialScope,
     GatewayRegisterReply,
     GatewayRegisterRequest,
     PrincipalKind,
 )
-from schemas import CredentialScope
 
-from . import _versions as _gateway_versions
+from ..auth import CredentialError, CredentialService, Principal
 from ..bus import BootstrapLockout, BootstrapResponder
-from ..auth import CredentialError, CredentialService
-from ._service import GatewayRegistry
+from ..core import HubMetrics, kv
+from . import _versions as _gateway_versions
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayError, missing_or_ended
 from ._enrolment import credential_registration
-from ..core import kv
-from ..core import HubMetrics
-from ..auth import Principal
+from ._service import GatewayRegistry
 
 log = logging.getLogger("cowork.hub.gateways")
 
 
 def _invalid_credential() -> GatewayError:
-    return GatewayError(401, "gateway.invalid_credential",
-                        "the registration credential is unknown, rotated or revoked")
+    return GatewayError(
+        401,
+        "gateway.invalid_credential",
+        "the registration credential is unknown, rotated or revoked",
+    )
 
 
 class GatewayBootstrap(BootstrapResponder):
@@ -48,14 +49,20 @@ class GatewayBootstrap(BootstrapResponder):
     request_model = GatewayRegisterRequest
     unavailable = "the hub could not complete the registration; try again"
 
-    def __init__(self, registry: GatewayRegistry, credentials: CredentialService,
-                 lockout: BootstrapLockout, metrics: HubMetrics, *, hub_id: str) -> None:
+    def __init__(
+        self,
+        registry: GatewayRegistry,
+        credentials: CredentialService,
+        lockout: BootstrapLockout,
+        metrics: HubMetrics,
+        *,
+        hub_id: str,
+    ) -> None:
         super().__init__(metrics, hub_id=hub_id)
         self._registry, self._credentials, self._lockout = registry, credentials, lockout
         self._push_pending = False  # keys revoked, account not pushed yet (see settle)
 
-    async def exchange(self, request: GatewayRegisterRequest,
-                       source: str) -> GatewayRegisterReply:
+    async def exchange(self, request: GatewayRegisterRequest, source: str) -> GatewayRegisterReply:
         return await self.register(request, source)
 
     def refusal(self, exc: Exception) -> AckReply | None:
@@ -69,19 +76,22 @@ class GatewayBootstrap(BootstrapResponder):
             await self._credentials.push_account()
 
     async def _revoke_keys(self, tenant: str, reg_id: str, reason: str) -> None:
-        if await self._credentials.revoke_keys(tenant, "gateway", reg_id, actor="hub",
-                                               reason=reason, push=False):
+        if await self._credentials.revoke_keys(
+            tenant, "gateway", reg_id, actor="hub", reason=reason, push=False
+        ):
             self._push_pending = True
 
-    async def register(self, request: GatewayRegisterRequest,
-                       source: str) -> GatewayRegisterReply:
+    async def register(self, request: GatewayRegisterRequest, source: str) -> GatewayRegisterReply:
         """Exchange the credential for a bus credential of `request.public_key`, or raise
         GatewayError (audited) saying why not."""
         left = await self._lockout.locked_for(source)
         if left is not None:  # counted, not audited: a locked-out flood writes nothing
-            raise GatewayError(429, "bootstrap.rate_limited",
-                               "too many failed bootstrap secrets from this address; retry later",
-                               retry_after=left)
+            raise GatewayError(
+                429,
+                "bootstrap.rate_limited",
+                "too many failed bootstrap secrets from this address; retry later",
+                retry_after=left,
+            )
         row, matches = await self._registry.by_credential(request.credential)
         if not matches:
             await self._lockout.count_failure(source, "gateway credential")
@@ -101,48 +111,67 @@ class GatewayBootstrap(BootstrapResponder):
         ended = missing_or_ended(row, row["registration_id"], "the registration is {status}")
         if ended is not None:
             raise ended
-        if row["credential_expires_at"] <= datetime.now(timezone.utc):
-            raise GatewayError(401, "gateway.credential_expired",
-                               "the registration credential has expired: rotate it and "
-                               "register with the new one")
+        if row["credential_expires_at"] <= datetime.now(UTC):
+            raise GatewayError(
+                401,
+                "gateway.credential_expired",
+                "the registration credential has expired: rotate it and register with the new one",
+            )
         verdict = _gateway_versions.check(request.versions)
         if verdict.incompatible:
             raise GatewayError(409, "gateway.incompatible_versions", verdict.reason() or "")
         return ("paused", verdict.reason()) if verdict.missing else ("active", None)
 
-    async def _issue(self, row: dict, request: GatewayRegisterRequest, status: str,
-                     reason: str | None, source: str) -> GatewayRegisterReply:
+    async def _issue(
+        self,
+        row: dict,
+        request: GatewayRegisterRequest,
+        status: str,
+        reason: str | None,
+        source: str,
+    ) -> GatewayRegisterReply:
         tenant, reg_id = row["tenant"], row["registration_id"]
         if row["public_key"] and row["public_key"] != request.public_key:
             await self._revoke_keys(tenant, reg_id, "the Gateway registered a new key")
-        principal = Principal(PrincipalKind.GATEWAY, tenant, reg_id,
-                              scopes=frozenset(CredentialScope(s) for s in row["scopes"]))
+        principal = Principal(
+            PrincipalKind.GATEWAY,
+            tenant,
+            reg_id,
+            scopes=frozenset(CredentialScope(s) for s in row["scopes"]),
+        )
         try:
             issued = await self._credentials.issue(principal, request.public_key, actor="hub")
         except CredentialError as exc:
             raise GatewayError(409, exc.code, str(exc)) from None
         versions = request.versions.model_dump(mode="json", by_alias=True)
-        updated = await self._registry.mark_registered(row, request.public_key, versions,
-                                                       status, reason, source)
+        updated = await self._registry.mark_registered(
+            row, request.public_key, versions, status, reason, source
+        )
         if updated is None:  # rotated or revoked while we issued: that key must not live
             await self._revoke_keys(tenant, reg_id, "credential changed during registration")
             raise _invalid_credential()
-        log.info("gateway.registered", **kv(tenant=tenant, registration=reg_id,
-                                            status=updated["status"]))
+        log.info(
+            "gateway.registered", **kv(tenant=tenant, registration=reg_id, status=updated["status"])
+        )
         assert issued.expires_at is not None
         return GatewayRegisterReply(
-            registration_id=reg_id, tenant=tenant, display_name=updated["display_name"],
-            kind=updated["kind"], scopes=list(updated["scopes"]),
-            sync_scopes=list(updated["sync_scopes"]), user_jwt=issued.user_jwt,
-            expires_at=issued.expires_at, state=updated["status"],
-            heartbeat_interval_seconds=DEFAULT_HEARTBEAT_INTERVAL)
+            registration_id=reg_id,
+            tenant=tenant,
+            display_name=updated["display_name"],
+            kind=updated["kind"],
+            scopes=list(updated["scopes"]),
+            sync_scopes=list(updated["sync_scopes"]),
+            user_jwt=issued.user_jwt,
+            expires_at=issued.expires_at,
+            state=updated["status"],
+            heartbeat_interval_seconds=DEFAULT_HEARTBEAT_INTERVAL,
+        )
 
     async def _audit(self, row: dict | None, refusal: GatewayError, source: str) -> None:
         """Audit under the registration's tenant when the credential named a real one."""
         tenant = row["tenant"] if row else None
         reg_id = row["registration_id"] if row else "unknown"
-        await self._registry.record_refusal(tenant, reg_id, "register", refusal,
-                                            source=source)
+        await self._registry.record_refusal(tenant, reg_id, "register", refusal, source=source)
 
 
 __all__ = ["GatewayBootstrap", "credential_registration"]

@@ -9,7 +9,8 @@ failure (e.g. the database away) as transient `hub.unavailable`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,12 +28,10 @@ from schemas import (
     subjects,
 )
 
+from ..core import HubMetrics, RateLimiter, kv
 from ._common import GatewayAudit, GatewayError
 from ._heartbeat import GatewayHeartbeats
 from ._reports import GatewayReports
-from ..core import kv
-from ..core import HubMetrics
-from ..core import RateLimiter
 
 log = logging.getLogger("cowork.hub.gateways")
 
@@ -41,18 +40,27 @@ Work = Callable[[str, str, dict], Awaitable[Any]]
 
 
 class GatewayResponders:
-    def __init__(self, heartbeats: GatewayHeartbeats, reports: GatewayReports,
-                 audit: GatewayAudit, metrics: HubMetrics, *, source: Source,
-                 heartbeat_rate: float) -> None:
+    def __init__(
+        self,
+        heartbeats: GatewayHeartbeats,
+        reports: GatewayReports,
+        audit: GatewayAudit,
+        metrics: HubMetrics,
+        *,
+        source: Source,
+        heartbeat_rate: float,
+    ) -> None:
         self._heartbeats, self._reports = heartbeats, reports
         self._audit, self._metrics, self._source = audit, metrics, source
         self._beats = RateLimiter(heartbeat_rate, 10)
 
     async def subscribe(self, nc: NATS) -> None:
         """The responders, shared by every hub replica (queue group)."""
-        for family, handler in ((subjects.GATEWAY_HEARTBEAT, self.handle_heartbeat),
-                                (subjects.GATEWAY_CAPABILITIES, self.handle_capabilities),
-                                (subjects.GATEWAY_SYNC, self.handle_sync)):
+        for family, handler in (
+            (subjects.GATEWAY_HEARTBEAT, self.handle_heartbeat),
+            (subjects.GATEWAY_CAPABILITIES, self.handle_capabilities),
+            (subjects.GATEWAY_SYNC, self.handle_sync),
+        ):
             await nc.subscribe(family.filter(), queue="hub-gateways", cb=handler)
 
     async def handle_heartbeat(self, msg: Msg) -> None:
@@ -84,8 +92,9 @@ class GatewayResponders:
         try:
             where = family.parse(msg.subject)
         except subjects.SubjectError as exc:
-            await self._respond(msg, name, AckReply(ok=False, code="subject.invalid",
-                                                    reason=str(exc)))
+            await self._respond(
+                msg, name, AckReply(ok=False, code="subject.invalid", reason=str(exc))
+            )
             return
         tenant, reg_id = where["tenant"], where["registration_id"]
         try:
@@ -96,16 +105,22 @@ class GatewayResponders:
             await self._audit.refusal(tenant, reg_id, operation, exc, **details)
         except Exception as exc:  # answer rather than leave the Gateway waiting
             log.warning("gateway.request_failed", **kv(operation=operation, error=str(exc)))
-            reply = AckReply(ok=False, code="hub.unavailable",
-                             reason="the hub could not handle the request; try again")
+            reply = AckReply(
+                ok=False,
+                code="hub.unavailable",
+                reason="the hub could not handle the request; try again",
+            )
         await self._respond(msg, name, reply, tenant)
 
     def _check_rate(self, tenant: str, reg_id: str) -> None:
         wait = self._beats.take((tenant, reg_id))
         if wait:
-            raise GatewayError(429, "rate_limited",
-                               f"more than {self._beats.rate:g} heartbeats per second",
-                               retry_after=wait)
+            raise GatewayError(
+                429,
+                "rate_limited",
+                f"more than {self._beats.rate:g} heartbeats per second",
+                retry_after=wait,
+            )
 
     async def _respond(self, msg: Msg, family: str, reply: Any, tenant: str | None = None) -> None:
         ok = not isinstance(reply, AckReply) or reply.ok

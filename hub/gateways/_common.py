@@ -9,19 +9,17 @@ from typing import Any
 
 import asyncpg
 
-from schemas import AckReply, AuditRecord
-from schemas import GatewayKind
+from schemas import AckReply, AuditRecord, GatewayKind
 
-from ..core import AuditLog
-from ..core import kv
-from ..core import ack_refusal
+from ..core import AuditLog, ack_refusal, kv
 
 log = logging.getLogger("cowork.hub.gateways")
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0  # told to the Gateway at registration
 TERMINAL = ("revoked", "retired")
-EXTERNAL_KINDS = frozenset({GatewayKind.EXTERNAL_WORKSPACE,
-                            GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER})
+EXTERNAL_KINDS = frozenset(
+    {GatewayKind.EXTERNAL_WORKSPACE, GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER}
+)
 # A rate-limited Gateway is audited at most once per this many seconds: auditing
 # every refused beat would turn a flood into database writes, which the limit prevents.
 RATE_AUDIT_EVERY = 60.0
@@ -31,17 +29,18 @@ class GatewayError(Exception):
     """A request about a registration that must be refused; `status` is the HTTP
     status for the admin API, `code` the machine-readable reason on both sides."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.retry_after = status, code, retry_after
 
     @classmethod
-    def not_found(cls, registration_id: str) -> "GatewayError":
+    def not_found(cls, registration_id: str) -> GatewayError:
         return cls(404, "gateway.not_found", f"no gateway registration {registration_id!r}")
 
     @classmethod
-    def pending(cls, detail: str = "") -> "GatewayError":
+    def pending(cls, detail: str = "") -> GatewayError:
         return cls(409, "gateway.pending", f"the registration has not registered yet{detail}")
 
     def ack(self) -> AckReply:
@@ -75,18 +74,37 @@ class GatewayAudit:
         self._audit = audit
         self._rate_audited: dict[tuple[str | None, str], float] = {}
 
-    async def record(self, conn: asyncpg.Connection | None, tenant: str | None, action: str,
-                     registration_id: str, actor: str, *, reason: str | None = None,
-                     metadata: dict | None = None, actor_kind: str | None = None,
-                     target_kind: str = "gateway_registration") -> None:
+    async def record(
+        self,
+        conn: asyncpg.Connection | None,
+        tenant: str | None,
+        action: str,
+        registration_id: str,
+        actor: str,
+        *,
+        reason: str | None = None,
+        metadata: dict | None = None,
+        actor_kind: str | None = None,
+        target_kind: str = "gateway_registration",
+    ) -> None:
         kind = actor_kind or ("hub" if actor == "hub" else "admin")
-        await self._audit.record(AuditRecord(
-            action=action, actor_kind=kind, actor_id=actor, target_kind=target_kind,
-            target_id=registration_id, reason=reason, metadata=metadata or {}),
-            tenant=tenant, conn=conn)
+        await self._audit.record(
+            AuditRecord(
+                action=action,
+                actor_kind=kind,
+                actor_id=actor,
+                target_kind=target_kind,
+                target_id=registration_id,
+                reason=reason,
+                metadata=metadata or {},
+            ),
+            tenant=tenant,
+            conn=conn,
+        )
 
-    async def refusal(self, tenant: str | None, reg_id: str, operation: str,
-                      exc: GatewayError, **details: str) -> None:
+    async def refusal(
+        self, tenant: str | None, reg_id: str, operation: str, exc: GatewayError, **details: str
+    ) -> None:
         """Audit a refused Gateway request; never raises (the refusal is still answered
         when the database is away)."""
         if exc.code == "rate_limited" and self._rate_audited_recently(tenant, reg_id):
@@ -94,8 +112,16 @@ class GatewayAudit:
         action = "gateway.sync.refused" if operation == "sync" else "gateway.registration.refused"
         metadata = {"operation": operation, "code": exc.code, **details}
         try:
-            await self.record(None, tenant, action, reg_id, reg_id, actor_kind="gateway",
-                              reason=str(exc)[:2000], metadata=metadata)
+            await self.record(
+                None,
+                tenant,
+                action,
+                reg_id,
+                reg_id,
+                actor_kind="gateway",
+                reason=str(exc)[:2000],
+                metadata=metadata,
+            )
         except Exception as err:
             log.warning("gateway.audit_failed", **kv(error=str(err)))
 

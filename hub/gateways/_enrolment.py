@@ -30,7 +30,7 @@ def credential_registration(credential: str) -> str | None:
     """The registration id a credential names, or None when it is malformed."""
     if not credential.startswith(CREDENTIAL_PREFIX):
         return None
-    registration_id, sep, secret = credential[len(CREDENTIAL_PREFIX):].partition("_")
+    registration_id, sep, secret = credential[len(CREDENTIAL_PREFIX) :].partition("_")
     if not sep or not secret or not registration_id.isalnum() or len(registration_id) > 64:
         return None
     return registration_id
@@ -48,32 +48,58 @@ class GatewayEnrolment:
         if registration_id is None:
             return None, False
         row = await self._pool.fetchrow(
-            "SELECT * FROM gateway_registrations WHERE registration_id = $1", registration_id)
+            "SELECT * FROM gateway_registrations WHERE registration_id = $1", registration_id
+        )
         if row is None:
             return None, False
         stored = row["credential_hash"]
         digest = credential_hash(self._key, credential)
         return dict(row), stored is not None and hmac.compare_digest(bytes(stored), digest)
 
-    async def mark_registered(self, row: dict, public_key: str, versions: dict,
-                              status: str, reason: str | None, source: str) -> dict | None:
+    async def mark_registered(
+        self,
+        row: dict,
+        public_key: str,
+        versions: dict,
+        status: str,
+        reason: str | None,
+        source: str,
+    ) -> dict | None:
         """Record a registration with the bus key just issued; None when the credential
         changed or the registration ended meanwhile (a rotate or revoke won)."""
         tenant, reg_id = row["tenant"], row["registration_id"]
         async with self._pool.acquire() as conn, conn.transaction():
-            updated = await conn.fetchrow(_MARK_REGISTERED, tenant, reg_id,
-                                          row["credential_hash"], public_key, versions,
-                                          status, reason)
+            updated = await conn.fetchrow(
+                _MARK_REGISTERED,
+                tenant,
+                reg_id,
+                row["credential_hash"],
+                public_key,
+                versions,
+                status,
+                reason,
+            )
             if updated is None:
                 return None
-            await self._audit.record(conn, tenant, "gateway.registration.registered", reg_id,
-                                     reg_id, actor_kind="gateway", reason=reason,
-                                     metadata={"publicKey": public_key, "source": source,
-                                               "status": updated["status"],
-                                               "versions": versions})
+            await self._audit.record(
+                conn,
+                tenant,
+                "gateway.registration.registered",
+                reg_id,
+                reg_id,
+                actor_kind="gateway",
+                reason=reason,
+                metadata={
+                    "publicKey": public_key,
+                    "source": source,
+                    "status": updated["status"],
+                    "versions": versions,
+                },
+            )
             if updated["status"] == "paused" and row["status"] != "paused":
-                await self._audit.record(conn, tenant, "gateway.registration.paused", reg_id,
-                                         "hub", reason=reason)
+                await self._audit.record(
+                    conn, tenant, "gateway.registration.paused", reg_id, "hub", reason=reason
+                )
         return dict(updated)
 
 

@@ -36,8 +36,9 @@ class GatewayHeartbeats:
     def __init__(self, pool: asyncpg.Pool, audit: GatewayAudit) -> None:
         self._pool, self._audit = pool, audit
 
-    async def heartbeat(self, tenant: str, reg_id: str,
-                        beat: GatewayHeartbeat) -> GatewayHeartbeatReply:
+    async def heartbeat(
+        self, tenant: str, reg_id: str, beat: GatewayHeartbeat
+    ) -> GatewayHeartbeatReply:
         """Apply one heartbeat (no rate limit here: the bus handler applies it) or raise
         GatewayError: revoked/retired/pending registrations and stale sequences."""
         status, reason = desired_status(beat)
@@ -45,48 +46,89 @@ class GatewayHeartbeats:
         last_error = scrub_text(beat.last_error)[:4096] if beat.last_error else None
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                _HEARTBEAT, tenant, reg_id, beat.liveness, str(beat.mode), beat.health,
-                beat.current_load, list(beat.active_work_ids), beat.heartbeat_sequence,
-                beat.interval_seconds, last_error, versions, status, reason)
+                _HEARTBEAT,
+                tenant,
+                reg_id,
+                beat.liveness,
+                str(beat.mode),
+                beat.health,
+                beat.current_load,
+                list(beat.active_work_ids),
+                beat.heartbeat_sequence,
+                beat.interval_seconds,
+                last_error,
+                versions,
+                status,
+                reason,
+            )
             if row is None:
                 raise await self._refusal(conn, tenant, reg_id, beat)
             await self._audit_changes(conn, tenant, reg_id, dict(row), versions)
-        return GatewayHeartbeatReply(state=row["status"], reason=row["status_reason"],
-                                     drain_deadline=row["drain_deadline"])
+        return GatewayHeartbeatReply(
+            state=row["status"], reason=row["status_reason"], drain_deadline=row["drain_deadline"]
+        )
 
-    async def _refusal(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
-                       beat: GatewayHeartbeat) -> GatewayError:
+    async def _refusal(
+        self, conn: asyncpg.Connection, tenant: str, reg_id: str, beat: GatewayHeartbeat
+    ) -> GatewayError:
         """Why the heartbeat UPDATE matched no row."""
         row = await conn.fetchrow(
             "SELECT status, heartbeat_sequence, public_key FROM gateway_registrations "
-            "WHERE tenant = $1 AND registration_id = $2", tenant, reg_id)
-        refusal = missing_or_ended(row, reg_id,
-                                   "the registration is {status}: heartbeats are refused")
+            "WHERE tenant = $1 AND registration_id = $2",
+            tenant,
+            reg_id,
+        )
+        refusal = missing_or_ended(
+            row, reg_id, "the registration is {status}: heartbeats are refused"
+        )
         if refusal is not None:
             return refusal
         if row["status"] == "pending":
             return GatewayError.pending()
         if row["public_key"] is None:
-            return GatewayError(409, "gateway.not_registered",
-                                "the credential was rotated or expired: register again")
-        return GatewayError(409, "gateway.stale_heartbeat",
-                            f"heartbeatSequence {beat.heartbeat_sequence} is not after the last "
-                            f"accepted one ({row['heartbeat_sequence']})")
+            return GatewayError(
+                409,
+                "gateway.not_registered",
+                "the credential was rotated or expired: register again",
+            )
+        return GatewayError(
+            409,
+            "gateway.stale_heartbeat",
+            f"heartbeatSequence {beat.heartbeat_sequence} is not after the last "
+            f"accepted one ({row['heartbeat_sequence']})",
+        )
 
-    async def _audit_changes(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
-                             row: dict, versions: dict | None) -> None:
+    async def _audit_changes(
+        self, conn: asyncpg.Connection, tenant: str, reg_id: str, row: dict, versions: dict | None
+    ) -> None:
         """Audit a heartbeat only when it changed the state, health or versions."""
-        changed = (row["old_status"] != row["status"] or row["old_health"] != row["health"]
-                   or row["old_versions"] != versions)
+        changed = (
+            row["old_status"] != row["status"]
+            or row["old_health"] != row["health"]
+            or row["old_versions"] != versions
+        )
         if not changed:
             return
-        action = ("gateway.registration.paused"
-                  if row["status"] == "paused" and row["old_status"] != "paused"
-                  else "gateway.registration.heartbeat")
-        await self._audit.record(conn, tenant, action, reg_id, reg_id, actor_kind="gateway",
-                                 reason=row["status_reason"],
-                                 metadata={"from": row["old_status"], "to": row["status"],
-                                           "health": row["health"], "versions": versions})
+        action = (
+            "gateway.registration.paused"
+            if row["status"] == "paused" and row["old_status"] != "paused"
+            else "gateway.registration.heartbeat"
+        )
+        await self._audit.record(
+            conn,
+            tenant,
+            action,
+            reg_id,
+            reg_id,
+            actor_kind="gateway",
+            reason=row["status_reason"],
+            metadata={
+                "from": row["old_status"],
+                "to": row["status"],
+                "health": row["health"],
+                "versions": versions,
+            },
+        )
 
 
 _HEARTBEAT = """

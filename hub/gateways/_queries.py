@@ -15,7 +15,9 @@ class GatewayQueries:
     async def get(self, tenant: str, registration_id: str) -> dict:
         row = await self._pool.fetchrow(
             "SELECT * FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2",
-            tenant, registration_id)
+            tenant,
+            registration_id,
+        )
         if row is None:
             raise GatewayError.not_found(registration_id)
         return dict(row)
@@ -23,7 +25,10 @@ class GatewayQueries:
     async def list(self, tenant: str, limit: int) -> list[dict]:
         rows = await self._pool.fetch(
             "SELECT * FROM gateway_registrations WHERE tenant = $1 "
-            "ORDER BY created_at DESC, registration_id LIMIT $2", tenant, limit)
+            "ORDER BY created_at DESC, registration_id LIMIT $2",
+            tenant,
+            limit,
+        )
         return [dict(r) for r in rows]
 
     async def sync_summary(self, tenant: str, registration_ids: list[str]) -> dict[str, dict]:
@@ -31,21 +36,30 @@ class GatewayQueries:
         rows = await self._pool.fetch(
             "SELECT registration_id, scope, item_count, cursor, updated_at FROM gateway_sync "
             "WHERE tenant = $1 AND registration_id = ANY($2::text[]) ORDER BY scope",
-            tenant, registration_ids)
+            tenant,
+            registration_ids,
+        )
         out: dict[str, dict] = {r: {} for r in registration_ids}
         for r in rows:
             out[r["registration_id"]][r["scope"]] = {
-                "itemCount": r["item_count"], "cursor": r["cursor"],
-                "updatedAt": r["updated_at"].isoformat()}
+                "itemCount": r["item_count"],
+                "cursor": r["cursor"],
+                "updatedAt": r["updated_at"].isoformat(),
+            }
         return out
 
     async def sync_items(self, tenant: str, registration_id: str, scope: str) -> dict:
         await self.get(tenant, registration_id)  # 404 for an unknown registration
         row = await self._pool.fetchrow(
-            "SELECT * FROM gateway_sync WHERE tenant = $1 AND registration_id = $2 AND "
-            "scope = $3", tenant, registration_id, scope)
+            "SELECT * FROM gateway_sync WHERE tenant = $1 AND registration_id = $2 AND scope = $3",
+            tenant,
+            registration_id,
+            scope,
+        )
         if row is None:
-            raise GatewayError(404, "gateway.sync_not_found",
-                               f"registration {registration_id!r} has synced nothing in "
-                               f"scope {scope!r}")
+            raise GatewayError(
+                404,
+                "gateway.sync_not_found",
+                f"registration {registration_id!r} has synced nothing in scope {scope!r}",
+            )
         return dict(row)

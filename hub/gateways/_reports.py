@@ -9,13 +9,15 @@ from typing import Any
 
 import asyncpg
 
-from schemas import GatewayCapabilities, GatewaySync, scrub_secrets
 from schemas import (
     EDGE_SCOPES,
     EDGE_SYNC_SCOPES,
     EXTERNAL_SYNC_SCOPES,
     FORBIDDEN_SYNC_SCOPES,
     CredentialScope,
+    GatewayCapabilities,
+    GatewaySync,
+    scrub_secrets,
 )
 
 from ._common import (
@@ -37,15 +39,23 @@ class GatewayReports:
             reg = await self._lock_for_gateway(conn, tenant, reg_id)
             edge = bool(set(reg["scopes"]) & {s.value for s in EDGE_SCOPES})
             if not edge and (caps.max_concurrent_work or caps.work_kinds):
-                raise GatewayError(422, "gateway.capabilities_invalid",
-                                   f"a {reg['kind']} registration without edge scopes runs no "
-                                   "Cloud-owned work: maxConcurrentWork must be 0 and "
-                                   "workKinds empty")
+                raise GatewayError(
+                    422,
+                    "gateway.capabilities_invalid",
+                    f"a {reg['kind']} registration without edge scopes runs no "
+                    "Cloud-owned work: maxConcurrentWork must be 0 and "
+                    "workKinds empty",
+                )
             await conn.execute(
                 """UPDATE gateway_registrations SET capabilities = $3,
                        max_concurrent_work = $4, work_kinds = $5, updated_at = now()
                    WHERE tenant = $1 AND registration_id = $2""",
-                tenant, reg_id, doc, caps.max_concurrent_work, sorted(set(caps.work_kinds)))
+                tenant,
+                reg_id,
+                doc,
+                caps.max_concurrent_work,
+                sorted(set(caps.work_kinds)),
+            )
 
     async def sync(self, tenant: str, reg_id: str, subject_scope: str, sync: GatewaySync) -> None:
         """Store the latest snapshot of one scope, or raise GatewayError saying why not."""
@@ -54,29 +64,49 @@ class GatewayReports:
             reg = await self._lock_for_gateway(conn, tenant, reg_id)
             check_sync_allowed(reg, sync.scope)
             check_sync_items(sync.items)
-            await conn.execute(_STORE_SNAPSHOT, tenant, reg_id, sync.scope, sync.items,
-                               len(sync.items), sync.cursor)
+            await conn.execute(
+                _STORE_SNAPSHOT,
+                tenant,
+                reg_id,
+                sync.scope,
+                sync.items,
+                len(sync.items),
+                sync.cursor,
+            )
             if reg["kind"] in EXTERNAL_KINDS and not reg["visible"]:
                 await self._make_visible(conn, tenant, reg_id, sync.scope)
 
-    async def _make_visible(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
-                            scope: str) -> None:
+    async def _make_visible(
+        self, conn: asyncpg.Connection, tenant: str, reg_id: str, scope: str
+    ) -> None:
         """An external workspace shows up for the admin once it has synced something."""
-        await conn.execute("UPDATE gateway_registrations SET visible = true, "
-                           "updated_at = now() WHERE tenant = $1 AND "
-                           "registration_id = $2", tenant, reg_id)
-        await self._audit.record(conn, tenant, "external_workspace.visible", reg_id, reg_id,
-                                 actor_kind="gateway", target_kind="external_workspace",
-                                 metadata={"scope": scope})
+        await conn.execute(
+            "UPDATE gateway_registrations SET visible = true, "
+            "updated_at = now() WHERE tenant = $1 AND "
+            "registration_id = $2",
+            tenant,
+            reg_id,
+        )
+        await self._audit.record(
+            conn,
+            tenant,
+            "external_workspace.visible",
+            reg_id,
+            reg_id,
+            actor_kind="gateway",
+            target_kind="external_workspace",
+            metadata={"scope": scope},
+        )
 
-    async def _lock_for_gateway(self, conn: asyncpg.Connection, tenant: str,
-                                reg_id: str) -> dict:
+    async def _lock_for_gateway(self, conn: asyncpg.Connection, tenant: str, reg_id: str) -> dict:
         """The registration, locked, for a request from its Gateway; refused unless it
         has registered and is not revoked or retired."""
         row = await conn.fetchrow(
             "SELECT status, status_reason, kind, scopes, sync_scopes, visible "
             "FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2 FOR UPDATE",
-            tenant, reg_id)
+            tenant,
+            reg_id,
+        )
         refuse_unless_registered(row, reg_id, "the registration is {status}")
         return dict(row)
 
@@ -84,17 +114,26 @@ class GatewayReports:
 def check_sync_scope(subject_scope: str, scope: str) -> None:
     """Refuse a scope that is never syncable, with the reason for that scope."""
     if subject_scope != scope:
-        raise GatewayError(422, "gateway.sync_scope_mismatch",
-                           f"the subject names scope {subject_scope!r}, the body {scope!r}")
+        raise GatewayError(
+            422,
+            "gateway.sync_scope_mismatch",
+            f"the subject names scope {subject_scope!r}, the body {scope!r}",
+        )
     if scope in FORBIDDEN_SYNC_SCOPES:
-        raise GatewayError(403, "gateway.sync_scope_forbidden",
-                           f"sync scope {scope!r} is forbidden: raw databases, runtime homes, "
-                           "local paths, keys, secrets, private files and unfenced event "
-                           "writes never leave a Gateway")
+        raise GatewayError(
+            403,
+            "gateway.sync_scope_forbidden",
+            f"sync scope {scope!r} is forbidden: raw databases, runtime homes, "
+            "local paths, keys, secrets, private files and unfenced event "
+            "writes never leave a Gateway",
+        )
     if scope in EDGE_SYNC_SCOPES:
-        raise GatewayError(403, "gateway.sync_requires_lease",
-                           f"{scope!r} is Cloud-owned work output: Cloud-owned work output is "
-                           "written under a lease on work.output, never synced")
+        raise GatewayError(
+            403,
+            "gateway.sync_requires_lease",
+            f"{scope!r} is Cloud-owned work output: Cloud-owned work output is "
+            "written under a lease on work.output, never synced",
+        )
     if scope not in EXTERNAL_SYNC_SCOPES:
         raise GatewayError(422, "gateway.sync_scope_unknown", f"unknown sync scope {scope!r}")
 
@@ -102,31 +141,46 @@ def check_sync_scope(subject_scope: str, scope: str) -> None:
 def check_sync_allowed(reg: dict, scope: str) -> None:
     """The registration's state and scopes let it sync `scope` now."""
     if reg["status"] == "draining":
-        raise GatewayError(409, "gateway.draining",
-                           "the registration is draining: availability syncs stop")
+        raise GatewayError(
+            409, "gateway.draining", "the registration is draining: availability syncs stop"
+        )
     if reg["status"] == "paused":
-        raise GatewayError(409, "gateway.paused", f"the registration is paused "
-                           f"({reg['status_reason']}); syncs resume when it is active")
-    if (scope not in reg["sync_scopes"]
-            or CredentialScope.METADATA_SYNC.value not in reg["scopes"]):
-        raise GatewayError(403, "gateway.sync_scope_not_allowed",
-                           f"this registration may not sync {scope!r}; it may sync "
-                           f"{sorted(s for s in reg['sync_scopes'] if s in EXTERNAL_SYNC_SCOPES)}")
+        raise GatewayError(
+            409,
+            "gateway.paused",
+            f"the registration is paused ({reg['status_reason']}); syncs resume when it is active",
+        )
+    if scope not in reg["sync_scopes"] or CredentialScope.METADATA_SYNC.value not in reg["scopes"]:
+        raise GatewayError(
+            403,
+            "gateway.sync_scope_not_allowed",
+            f"this registration may not sync {scope!r}; it may sync "
+            f"{sorted(s for s in reg['sync_scopes'] if s in EXTERNAL_SYNC_SCOPES)}",
+        )
 
 
 def check_sync_items(items: list[Any]) -> None:
     """External-lane ids never name Cloud work, and nothing secret-looking is stored."""
-    mixing = [i for i, item in enumerate(items)
-              if isinstance(item, dict) and ({"workId", "work_id"} & set(item))]
+    mixing = [
+        i
+        for i, item in enumerate(items)
+        if isinstance(item, dict) and ({"workId", "work_id"} & set(item))
+    ]
     if mixing:
-        raise GatewayError(422, "gateway.lane_mixing",
-                           f"items {mixing[:20]} carry a workId: external-workspace metadata "
-                           "never names Cloud-owned work (the two lanes' ids stay apart)")
+        raise GatewayError(
+            422,
+            "gateway.lane_mixing",
+            f"items {mixing[:20]} carry a workId: external-workspace metadata "
+            "never names Cloud-owned work (the two lanes' ids stay apart)",
+        )
     leaking = [i for i, item in enumerate(items) if scrub_secrets(item) != item]
     if leaking:
-        raise GatewayError(422, "gateway.sync_secret_detected",
-                           f"items {leaking[:20]} hold secret-looking values (keys such as "
-                           "token/password or token-shaped strings); redact them before syncing")
+        raise GatewayError(
+            422,
+            "gateway.sync_secret_detected",
+            f"items {leaking[:20]} hold secret-looking values (keys such as "
+            "token/password or token-shaped strings); redact them before syncing",
+        )
 
 
 _STORE_SNAPSHOT = """

@@ -1,12 +1,12 @@
 """Admin API for Gateway registrations.
 
-    POST /api/v1/tenants/{t}/gateway-registrations           -> {registrationId, credential, ...}
-    GET  /api/v1/tenants/{t}/gateway-registrations[/{id}]    (never a credential or its hash)
-    GET  /api/v1/tenants/{t}/gateway-registrations/{id}/sync/{scope}
-    POST /api/v1/tenants/{t}/gateway-registrations/{id}/rotate   -> {credential, ...}
-    POST /api/v1/tenants/{t}/gateway-registrations/{id}/revoke   {reason?}
-    POST /api/v1/tenants/{t}/gateway-registrations/{id}/drain    {deadlineSeconds}
-    POST /api/v1/tenants/{t}/gateway-registrations/{id}/resume
+POST /api/v1/tenants/{t}/gateway-registrations           -> {registrationId, credential, ...}
+GET  /api/v1/tenants/{t}/gateway-registrations[/{id}]    (never a credential or its hash)
+GET  /api/v1/tenants/{t}/gateway-registrations/{id}/sync/{scope}
+POST /api/v1/tenants/{t}/gateway-registrations/{id}/rotate   -> {credential, ...}
+POST /api/v1/tenants/{t}/gateway-registrations/{id}/revoke   {reason?}
+POST /api/v1/tenants/{t}/gateway-registrations/{id}/drain    {deadlineSeconds}
+POST /api/v1/tenants/{t}/gateway-registrations/{id}/resume
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pydantic import Field
 
 from schemas import GatewayKind, Label, TokenId, TrustModel, WireModel, check_token
 
-from ._service import GatewayError
 from ..http import (
     HUB_KEY,
     add_route_table,
@@ -32,6 +31,7 @@ from ..http import (
     refusal_response,
     tenant_param,
 )
+from ._service import GatewayError
 
 if TYPE_CHECKING:
     from ._service import GatewayRegistry
@@ -73,27 +73,40 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
     """A registration as the admin sees it: no credential, no hash, no key material
     beyond the public key of its current bus credential."""
     return {
-        "registrationId": row["registration_id"], "displayName": row["display_name"],
-        "kind": row["kind"], "trustModel": row["trust_model"],
-        "scopes": list(row["scopes"]), "syncScopes": list(row["sync_scopes"]),
+        "registrationId": row["registration_id"],
+        "displayName": row["display_name"],
+        "kind": row["kind"],
+        "trustModel": row["trust_model"],
+        "scopes": list(row["scopes"]),
+        "syncScopes": list(row["sync_scopes"]),
         "approvedCredentials": list(row["approved_credentials"]),
-        "status": row["status"], "statusReason": row["status_reason"],
+        "status": row["status"],
+        "statusReason": row["status_reason"],
         "credentialExpiresAt": iso(row["credential_expires_at"]),
-        "credentialVersion": row["credential_version"], "publicKey": row["public_key"],
-        "versions": row["versions"], "capabilities": row["capabilities"],
-        "workKinds": list(row["work_kinds"]), "maxConcurrentWork": row["max_concurrent_work"],
-        "health": row["health"], "liveness": row["liveness"], "mode": row["mode"],
-        "currentLoad": row["current_load"], "activeWorkIds": list(row["active_work_ids"]),
-        "heartbeatSequence": row["heartbeat_sequence"] if row["heartbeat_sequence"] >= 0
-        else None,
+        "credentialVersion": row["credential_version"],
+        "publicKey": row["public_key"],
+        "versions": row["versions"],
+        "capabilities": row["capabilities"],
+        "workKinds": list(row["work_kinds"]),
+        "maxConcurrentWork": row["max_concurrent_work"],
+        "health": row["health"],
+        "liveness": row["liveness"],
+        "mode": row["mode"],
+        "currentLoad": row["current_load"],
+        "activeWorkIds": list(row["active_work_ids"]),
+        "heartbeatSequence": row["heartbeat_sequence"] if row["heartbeat_sequence"] >= 0 else None,
         "heartbeatsAccepted": row["heartbeats_accepted"],
         "heartbeatIntervalSeconds": row["heartbeat_interval"],
-        "lastHeartbeatAt": iso(row["last_heartbeat_at"]), "lastError": row["last_error"],
+        "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
+        "lastError": row["last_error"],
         "drainDeadline": iso(row["drain_deadline"]),
-        "registeredAt": iso(row["registered_at"]), "visible": row["visible"],
+        "registeredAt": iso(row["registered_at"]),
+        "visible": row["visible"],
         "sync": sync if sync is not None else {},
-        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
-        "updatedAt": iso(row["updated_at"]), "revokedAt": iso(row["revoked_at"]),
+        "createdBy": row["created_by"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "revokedAt": iso(row["revoked_at"]),
         "revokeReason": row["revoke_reason"],
     }
 
@@ -124,24 +137,39 @@ async def create_registration(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateRegistration)
     if hub.credentials is None:
-        return json_error(503, "gateway_registration_unavailable",
-                          "gateway registration needs bus credentials (run the hub with "
-                          "COWORK_KEYS_DIR)")
+        return json_error(
+            503,
+            "gateway_registration_unavailable",
+            "gateway registration needs bus credentials (run the hub with COWORK_KEYS_DIR)",
+        )
     ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
     try:
         row, credential = await hub.gateways.create(
-            tenant, display_name=body.display_name, kind=body.kind.value,
-            trust_model=body.trust_model.value, scopes=body.scopes,
-            sync_scopes=body.sync_scopes, approved_credentials=body.approved_credentials,
-            credential_ttl=ttl, actor="admin")
+            tenant,
+            display_name=body.display_name,
+            kind=body.kind.value,
+            trust_model=body.trust_model.value,
+            scopes=body.scopes,
+            sync_scopes=body.sync_scopes,
+            approved_credentials=body.approved_credentials,
+            credential_ttl=ttl,
+            actor="admin",
+        )
     except GatewayError as exc:
         return refusal_response(exc)
-    return web.json_response({
-        "registrationId": row["registration_id"], "credential": credential,
-        "credentialExpiresAt": row["credential_expires_at"].isoformat(),
-        "kind": row["kind"], "trustModel": row["trust_model"],
-        "scopes": list(row["scopes"]), "syncScopes": list(row["sync_scopes"]),
-        "status": row["status"]}, status=201)
+    return web.json_response(
+        {
+            "registrationId": row["registration_id"],
+            "credential": credential,
+            "credentialExpiresAt": row["credential_expires_at"].isoformat(),
+            "kind": row["kind"],
+            "trustModel": row["trust_model"],
+            "scopes": list(row["scopes"]),
+            "syncScopes": list(row["sync_scopes"]),
+            "status": row["status"],
+        },
+        status=201,
+    )
 
 
 async def list_registrations(request: web.Request) -> web.Response:
@@ -149,13 +177,15 @@ async def list_registrations(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     rows = await hub.gateways.list(tenant, int_query(request, "limit", 100, 1, 1000))
     sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])
-    return web.json_response({"items": [registration_json(r, sync[r["registration_id"]])
-                                        for r in rows]})
+    return web.json_response(
+        {"items": [registration_json(r, sync[r["registration_id"]]) for r in rows]}
+    )
 
 
 async def get_registration(request: web.Request) -> web.Response:
-    return await _registration_response(request, lambda registry, tenant, reg_id:
-                                  registry.get(tenant, reg_id))
+    return await _registration_response(
+        request, lambda registry, tenant, reg_id: registry.get(tenant, reg_id)
+    )
 
 
 async def get_sync(request: web.Request) -> web.Response:
@@ -165,14 +195,19 @@ async def get_sync(request: web.Request) -> web.Response:
     except ValueError as exc:
         return json_error(400, "invalid_request", str(exc))
     try:
-        row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request),
-                                            scope)
+        row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request), scope)
     except GatewayError as exc:
         return refusal_response(exc)
-    return web.json_response({
-        "registrationId": row["registration_id"], "scope": row["scope"],
-        "items": row["items"], "itemCount": row["item_count"],
-        "cursor": row["cursor"], "updatedAt": iso(row["updated_at"])})
+    return web.json_response(
+        {
+            "registrationId": row["registration_id"],
+            "scope": row["scope"],
+            "items": row["items"],
+            "itemCount": row["item_count"],
+            "cursor": row["cursor"],
+            "updatedAt": iso(row["updated_at"]),
+        }
+    )
 
 
 async def rotate_registration(request: web.Request) -> web.Response:
@@ -181,42 +216,60 @@ async def rotate_registration(request: web.Request) -> web.Response:
     ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
     try:
         row, credential = await hub.gateways.rotate(
-            tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl)
+            tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl
+        )
     except GatewayError as exc:
         return refusal_response(exc)
-    return web.json_response({"registrationId": row["registration_id"],
-                              "credential": credential,
-                              "credentialExpiresAt": row["credential_expires_at"].isoformat(),
-                              "credentialVersion": row["credential_version"]})
+    return web.json_response(
+        {
+            "registrationId": row["registration_id"],
+            "credential": credential,
+            "credentialExpiresAt": row["credential_expires_at"].isoformat(),
+            "credentialVersion": row["credential_version"],
+        }
+    )
 
 
 async def revoke_registration(request: web.Request) -> web.Response:
     body = await json_body(request, RevokeRegistration, optional=True)
-    return await _registration_response(request, lambda registry, tenant, reg_id: registry.revoke(
-        tenant, reg_id, reason=body.reason, actor="admin"))
+    return await _registration_response(
+        request,
+        lambda registry, tenant, reg_id: registry.revoke(
+            tenant, reg_id, reason=body.reason, actor="admin"
+        ),
+    )
 
 
 async def drain_registration(request: web.Request) -> web.Response:
     body = await json_body(request, DrainRegistration)
-    return await _registration_response(request, lambda registry, tenant, reg_id: registry.drain(
-        tenant, reg_id, deadline_seconds=body.deadline_seconds, actor="admin"))
+    return await _registration_response(
+        request,
+        lambda registry, tenant, reg_id: registry.drain(
+            tenant, reg_id, deadline_seconds=body.deadline_seconds, actor="admin"
+        ),
+    )
 
 
 async def resume_registration(request: web.Request) -> web.Response:
     await json_body(request, Empty, optional=True)
-    return await _registration_response(request, lambda registry, tenant, reg_id: registry.resume(
-        tenant, reg_id, actor="admin"))
+    return await _registration_response(
+        request, lambda registry, tenant, reg_id: registry.resume(tenant, reg_id, actor="admin")
+    )
 
 
 def add_routes(app: web.Application) -> None:
     one = "/{registration_id}"
-    add_route_table(app, "/api/v1/tenants/{tenant}/gateway-registrations", [
-        ("POST", "", create_registration),
-        ("GET", "", list_registrations),
-        ("GET", one, get_registration),
-        ("GET", one + "/sync/{scope}", get_sync),
-        ("POST", one + "/rotate", rotate_registration),
-        ("POST", one + "/revoke", revoke_registration),
-        ("POST", one + "/drain", drain_registration),
-        ("POST", one + "/resume", resume_registration),
-    ])
+    add_route_table(
+        app,
+        "/api/v1/tenants/{tenant}/gateway-registrations",
+        [
+            ("POST", "", create_registration),
+            ("GET", "", list_registrations),
+            ("GET", one, get_registration),
+            ("GET", one + "/sync/{scope}", get_sync),
+            ("POST", one + "/rotate", rotate_registration),
+            ("POST", one + "/revoke", revoke_registration),
+            ("POST", one + "/drain", drain_registration),
+            ("POST", one + "/resume", resume_registration),
+        ],
+    )

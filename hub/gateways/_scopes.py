@@ -16,22 +16,31 @@ from schemas import (
 from ._common import GatewayError
 
 
-def derive_scopes(kind: str, trust_model: str, scopes: list[str] | None,
-                  sync_scopes: list[str] | None,
-                  approved_credentials: list[str]) -> tuple[list[str], list[str]]:
+def derive_scopes(
+    kind: str,
+    trust_model: str,
+    scopes: list[str] | None,
+    sync_scopes: list[str] | None,
+    approved_credentials: list[str],
+) -> tuple[list[str], list[str]]:
     """The credential and sync scopes of a new registration, or GatewayError(422)
     naming what is wrong with the combination."""
     edge_kind = bool(SCOPES_BY_KIND[kind] & EDGE_SCOPES)
     if edge_kind and trust_model in EDGE_WORK_REFUSED_TRUST:
-        raise GatewayError(422, "gateway.trust_refuses_edge_work",
-                           f"kind {kind} runs Cloud-owned edge work, which trust model "
-                           f"{trust_model} refuses (metadata only): use kind "
-                           "external_workspace or another trust model")
+        raise GatewayError(
+            422,
+            "gateway.trust_refuses_edge_work",
+            f"kind {kind} runs Cloud-owned edge work, which trust model "
+            f"{trust_model} refuses (metadata only): use kind "
+            "external_workspace or another trust model",
+        )
     granted = _narrow_scopes(kind, scopes)
     if approved_credentials and not edge_kind:
-        raise GatewayError(422, "gateway.credentials_need_edge_kind",
-                           f"approvedCredentials only apply to edge work; kind {kind} "
-                           "runs none")
+        raise GatewayError(
+            422,
+            "gateway.credentials_need_edge_kind",
+            f"approvedCredentials only apply to edge work; kind {kind} runs none",
+        )
     return granted, _narrow_sync_scopes(kind, sync_scopes)
 
 
@@ -42,17 +51,25 @@ def _narrow_scopes(kind: str, scopes: list[str] | None) -> list[str]:
     known = {s.value for s in CredentialScope}
     unknown = sorted(set(scopes) - known)
     if unknown:
-        raise GatewayError(422, "gateway.scope_unknown",
-                           f"unknown credential scopes {unknown}; known: {sorted(known)}")
+        raise GatewayError(
+            422,
+            "gateway.scope_unknown",
+            f"unknown credential scopes {unknown}; known: {sorted(known)}",
+        )
     outside = sorted(set(scopes) - allowed)
     if outside:
-        raise GatewayError(422, "gateway.scope_outside_kind",
-                           f"kind {kind} may not hold {outside}; it may hold "
-                           f"{sorted(str(s) for s in allowed)}")
+        raise GatewayError(
+            422,
+            "gateway.scope_outside_kind",
+            f"kind {kind} may not hold {outside}; it may hold {sorted(str(s) for s in allowed)}",
+        )
     if CredentialScope.HEARTBEAT not in scopes:
-        raise GatewayError(422, "gateway.scope_heartbeat_required",
-                           f"{CredentialScope.HEARTBEAT.value} cannot be narrowed away: a "
-                           "Gateway the hub does not hear from is marked unhealthy")
+        raise GatewayError(
+            422,
+            "gateway.scope_heartbeat_required",
+            f"{CredentialScope.HEARTBEAT.value} cannot be narrowed away: a "
+            "Gateway the hub does not hear from is marked unhealthy",
+        )
     return sorted(set(scopes))
 
 
@@ -62,16 +79,21 @@ def _narrow_sync_scopes(kind: str, sync_scopes: list[str] | None) -> list[str]:
         return sorted(str(s) for s in allowed)
     forbidden = sorted(set(sync_scopes) & FORBIDDEN_SYNC_SCOPES)
     if forbidden:
-        raise GatewayError(422, "gateway.sync_scope_forbidden",
-                           f"sync scopes {forbidden} are always forbidden: raw databases, "
-                           "runtime homes, local paths, keys, secrets and private files "
-                           "never leave a Gateway")
+        raise GatewayError(
+            422,
+            "gateway.sync_scope_forbidden",
+            f"sync scopes {forbidden} are always forbidden: raw databases, "
+            "runtime homes, local paths, keys, secrets and private files "
+            "never leave a Gateway",
+        )
     unknown = sorted(set(sync_scopes) - {s.value for s in SyncScope})
     if unknown:
         raise GatewayError(422, "gateway.sync_scope_unknown", f"unknown sync scopes {unknown}")
     outside = sorted(set(sync_scopes) - allowed)
     if outside:
-        raise GatewayError(422, "gateway.sync_scope_outside_kind",
-                           f"kind {kind} may not sync {outside}; it may sync "
-                           f"{sorted(str(s) for s in allowed)}")
+        raise GatewayError(
+            422,
+            "gateway.sync_scope_outside_kind",
+            f"kind {kind} may not sync {outside}; it may sync {sorted(str(s) for s in allowed)}",
+        )
     return sorted(set(sync_scopes))

@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 
 from schemas import Source
 
-from ..core import AuditLog
+from ..core import AuditLog, HubMetrics
 from ._admin import GatewayAdmin
 from ._bus import GatewayResponders
 from ._common import GatewayAudit, GatewayError
@@ -38,7 +38,6 @@ from ._heartbeat import GatewayHeartbeats
 from ._queries import GatewayQueries
 from ._reports import GatewayReports
 from ._sweeps import GatewaySweeps
-from ..core import HubMetrics
 
 __all__ = ["GatewayError", "GatewayRegistry"]
 
@@ -46,20 +45,38 @@ __all__ = ["GatewayError", "GatewayRegistry"]
 class GatewayRegistry:
     """Every operation on registrations, each answered by the part that owns it."""
 
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, metrics: HubMetrics, *,
-                 credential_key: bytes, hub_id: str, credentials: Any | None = None,
-                 heartbeat_rate: float = 2.0, credential_ttl_days: float = 30.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        metrics: HubMetrics,
+        *,
+        credential_key: bytes,
+        hub_id: str,
+        credentials: Any | None = None,
+        heartbeat_rate: float = 2.0,
+        credential_ttl_days: float = 30.0,
+    ) -> None:
         self._pool = pool
         records = GatewayAudit(audit)
-        admin = GatewayAdmin(pool, records, credential_key=credential_key,
-                             credentials=credentials,
-                             credential_ttl=timedelta(days=credential_ttl_days))
+        admin = GatewayAdmin(
+            pool,
+            records,
+            credential_key=credential_key,
+            credentials=credentials,
+            credential_ttl=timedelta(days=credential_ttl_days),
+        )
         queries, enrolment = GatewayQueries(pool), GatewayEnrolment(pool, records, credential_key)
         heartbeats, reports = GatewayHeartbeats(pool, records), GatewayReports(pool, records)
         self._sweeps = GatewaySweeps(pool, records, credentials)
         self._responders = GatewayResponders(
-            heartbeats, reports, records, metrics, heartbeat_rate=heartbeat_rate,
-            source=Source(principal_kind="hub", principal_id=hub_id))
+            heartbeats,
+            reports,
+            records,
+            metrics,
+            heartbeat_rate=heartbeat_rate,
+            source=Source(principal_kind="hub", principal_id=hub_id),
+        )
 
         # the admin API (_http_gateways)
         self.create, self.rotate, self.revoke = admin.create, admin.rotate, admin.revoke
@@ -67,8 +84,10 @@ class GatewayRegistry:
         self.get, self.list = queries.get, queries.list
         self.sync_summary, self.sync_items = queries.sync_summary, queries.sync_items
         # the registration exchange (_gateway_bootstrap)
-        self.by_credential, self.mark_registered = (enrolment.by_credential,
-                                                    enrolment.mark_registered)
+        self.by_credential, self.mark_registered = (
+            enrolment.by_credential,
+            enrolment.mark_registered,
+        )
         self.record_refusal = records.refusal
         # what a Gateway sends, applied without the bus (the responders call these too)
         self.heartbeat = heartbeats.heartbeat

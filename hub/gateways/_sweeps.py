@@ -8,9 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from ..core import BackgroundTask, every
+from ..core import BackgroundTask, every, kv
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayAudit
-from ..core import kv
 
 log = logging.getLogger("cowork.hub.gateways")
 
@@ -21,12 +20,13 @@ SWEEP_INTERVAL = 2.0
 class GatewaySweeps(BackgroundTask):
     """Both sweeps every SWEEP_INTERVAL once started (`start()`; `stop()` cancels)."""
 
-    def __init__(self, pool: asyncpg.Pool, audit: GatewayAudit,
-                 credentials: Any | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, audit: GatewayAudit, credentials: Any | None) -> None:
         self._pool, self._audit = pool, audit
         self._credentials = credentials  # CredentialService (operator mode) or None
-        super().__init__("gateway-sweeper", lambda: every(
-            SWEEP_INTERVAL, self.sweep, log, "gateway.sweep_failed"))
+        super().__init__(
+            "gateway-sweeper",
+            lambda: every(SWEEP_INTERVAL, self.sweep, log, "gateway.sweep_failed"),
+        )
 
     async def sweep(self) -> None:
         await self.sweep_unhealthy()
@@ -39,32 +39,46 @@ class GatewaySweeps(BackgroundTask):
         due = await self._pool.fetch(
             "SELECT tenant, registration_id FROM gateway_registrations WHERE public_key IS "
             "NOT NULL AND credential_expires_at <= now() AND status NOT IN "
-            "('revoked', 'retired')")
+            "('revoked', 'retired')"
+        )
         for row in due:
             await self._expire(row["tenant"], row["registration_id"])
         return len(due)
 
     async def _expire(self, tenant: str, reg_id: str) -> None:
         if self._credentials is not None:  # keys first: a failure here is retried
-            await self._credentials.revoke_keys(tenant, "gateway", reg_id, actor="hub",
-                                                reason="registration credential expired")
+            await self._credentials.revoke_keys(
+                tenant, "gateway", reg_id, actor="hub", reason="registration credential expired"
+            )
         async with self._pool.acquire() as conn, conn.transaction():
             changed = await conn.fetchval(_EXPIRE, tenant, reg_id)
             if changed:
-                await self._audit.record(conn, tenant, "gateway.registration.credential_expired",
-                                         reg_id, "hub", reason=_EXPIRED_REASON)
+                await self._audit.record(
+                    conn,
+                    tenant,
+                    "gateway.registration.credential_expired",
+                    reg_id,
+                    "hub",
+                    reason=_EXPIRED_REASON,
+                )
 
     async def sweep_unhealthy(self) -> int:
         """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy."""
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_SWEEP, MISSED_BEATS, DEFAULT_HEARTBEAT_INTERVAL)
             for row in rows:
-                await self._audit.record(conn, row["tenant"], "gateway.registration.unhealthy",
-                                         row["registration_id"], "hub",
-                                         reason=row["status_reason"])
+                await self._audit.record(
+                    conn,
+                    row["tenant"],
+                    "gateway.registration.unhealthy",
+                    row["registration_id"],
+                    "hub",
+                    reason=row["status_reason"],
+                )
         for row in rows:
-            log.warning("gateway.unhealthy", **kv(tenant=row["tenant"],
-                                                  registration=row["registration_id"]))
+            log.warning(
+                "gateway.unhealthy", **kv(tenant=row["tenant"], registration=row["registration_id"])
+            )
         return len(rows)
 
 

@@ -4,6 +4,32 @@ readiness, metrics and audit, and the helpers rooms use to add their routes.
 
 from __future__ import annotations
 
-from ._app import add_route_table, build_app, client_address, HUB_KEY, int_query, invalid, iso, json_body, json_error, path_token, refusal_response, tenant_param
+from ._app import (
+    HUB_KEY,
+    add_route_table,
+    build_app,
+    client_address,
+    int_query,
+    invalid,
+    iso,
+    json_body,
+    json_error,
+    path_token,
+    refusal_response,
+    tenant_param,
+)
 
-__all__ = ['HUB_KEY', 'add_route_table', 'build_app', 'client_address', 'int_query', 'invalid', 'iso', 'json_body', 'json_error', 'path_token', 'refusal_response', 'tenant_param']
+__all__ = [
+    "HUB_KEY",
+    "add_route_table",
+    "build_app",
+    "client_address",
+    "int_query",
+    "invalid",
+    "iso",
+    "json_body",
+    "json_error",
+    "path_token",
+    "refusal_response",
+    "tenant_param",
+]

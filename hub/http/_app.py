@@ -19,8 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from schemas import InvalidTokenError, WireModel, check_tenant, check_token
-from schemas import unstorable_json
+from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
 
 from ..core import kv
 
@@ -34,8 +33,9 @@ M = TypeVar("M", bound=WireModel)
 
 
 def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}},
-                             status=status, headers=headers or None)
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers or None
+    )
 
 
 def refusal_response(exc: Any) -> web.Response:
@@ -47,7 +47,8 @@ def invalid(message: str) -> web.HTTPUnprocessableEntity:
     """A 422 whose body is the usual JSON error."""
     return web.HTTPUnprocessableEntity(
         text=json.dumps({"error": {"code": "invalid_request", "message": message}}),
-        content_type="application/json")
+        content_type="application/json",
+    )
 
 
 async def json_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
@@ -75,8 +76,12 @@ def client_address(request: web.Request, trusted: list) -> str:
     remote = request.remote or "unknown"
     if not trusted or not _in(remote, trusted):
         return remote
-    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", [])
-            for h in v.split(",") if h.strip()]
+    hops = [
+        h.strip()
+        for v in request.headers.getall("X-Forwarded-For", [])
+        for h in v.split(",")
+        if h.strip()
+    ]
     for hop in reversed(hops):
         if not _in(hop, trusted):
             return hop if _in(hop, None) else remote
@@ -98,8 +103,9 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def add_route_table(app: web.Application, base: str,
-                    routes: list[tuple[str, str, Handler]]) -> None:
+def add_route_table(
+    app: web.Application, base: str, routes: list[tuple[str, str, Handler]]
+) -> None:
     """Add (method, path under `base`, handler) routes; through `add_get` and friends,
     so a GET route answers HEAD too."""
     for method, path, handler in routes:
@@ -111,8 +117,7 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def hub_middleware(token_digest: bytes | None, *,
-                   metrics_need_token: bool = False) -> Callable:
+def hub_middleware(token_digest: bytes | None, *, metrics_need_token: bool = False) -> Callable:
     """The one middleware of the hub's app (one layer per request, not two: every
     webhook request pays for each layer): `/api/` routes need the admin bearer (and
     `/metrics` with COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances);
@@ -122,25 +127,30 @@ def hub_middleware(token_digest: bytes | None, *,
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            refusal = admin_refusal(request, token_digest) \
-                if request.path.startswith("/api/") or \
-                (metrics_need_token and request.path == "/metrics") else None
+            refusal = (
+                admin_refusal(request, token_digest)
+                if request.path.startswith("/api/")
+                or (metrics_need_token and request.path == "/metrics")
+                else None
+            )
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
         except ConnectionResetError:  # the client went away mid-request: nobody to answer
-            log.info("http.client_disconnected", **kv(path=request.path,
-                                                      method=request.method))
-            response = json_error(400, "client_disconnected",
-                                  "the client closed the connection before the request ended")
+            log.info("http.client_disconnected", **kv(path=request.path, method=request.method))
+            response = json_error(
+                400,
+                "client_disconnected",
+                "the client closed the connection before the request ended",
+            )
         except Exception:
-            log.exception("http.unhandled_error", **kv(path=request.path,
-                                                        method=request.method))
-            response = json_error(500, "internal_error",
-                                  "the hub failed to handle this request; see its logs")
+            log.exception("http.unhandled_error", **kv(path=request.path, method=request.method))
+            response = json_error(
+                500, "internal_error", "the hub failed to handle this request; see its logs"
+            )
         request.app[HUB_KEY].metrics.http_served(
-            request.method, _route_name(request), response.status,
-            time.perf_counter() - started)
+            request.method, _route_name(request), response.status, time.perf_counter() - started
+        )
         return response
 
     return middleware
@@ -150,9 +160,16 @@ def _http_exception_json(exc: web.HTTPException) -> web.Response:
     if exc.content_type == "application/json":  # already a JSON error body
         return web.Response(status=exc.status, text=exc.text, content_type="application/json")
     code = exc.reason.lower().replace(" ", "_")
-    return json_error(exc.status, code, exc.text or exc.reason,
-                      **{k: v for k, v in exc.headers.items()
-                         if k in ("Allow", "Retry-After", "WWW-Authenticate")})
+    return json_error(
+        exc.status,
+        code,
+        exc.text or exc.reason,
+        **{
+            k: v
+            for k, v in exc.headers.items()
+            if k in ("Allow", "Retry-After", "WWW-Authenticate")
+        },
+    )
 
 
 def admin_refusal(request: web.Request, token_digest: bytes | None) -> web.Response | None:
@@ -161,11 +178,16 @@ def admin_refusal(request: web.Request, token_digest: bytes | None) -> web.Respo
     scheme, _, presented = header.partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
     if token_digest is None:
-        return json_error(503, "admin_api_disabled",
-                          "no admin token is configured (COWORK_ADMIN_TOKEN)")
+        return json_error(
+            503, "admin_api_disabled", "no admin token is configured (COWORK_ADMIN_TOKEN)"
+        )
     if scheme.lower() != "bearer" or not presented:
-        return json_error(401, "unauthenticated",
-                          "send the admin token as 'Authorization: Bearer <token>'", **challenge)
+        return json_error(
+            401,
+            "unauthenticated",
+            "send the admin token as 'Authorization: Bearer <token>'",
+            **challenge,
+        )
     # Compare digests so the comparison time depends on neither length nor content.
     digest = hashlib.sha256(presented.strip().encode()).digest()
     if not hmac.compare_digest(digest, token_digest):
@@ -182,16 +204,18 @@ async def readyz(request: web.Request) -> web.Response:
     ready, checks = await hub.readiness()
     body: dict = {"status": "ready" if ready else "not_ready", "checks": checks}
     if not ready:
-        body["reason"] = "; ".join(f"{name}: {c['detail']}" for name, c in checks.items()
-                                   if not c["ok"])
+        body["reason"] = "; ".join(
+            f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]
+        )
     return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     hub.refresh_gauges()
-    return web.Response(body=generate_latest(hub.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(hub.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def tenant_param(request: web.Request) -> str:
@@ -241,14 +265,16 @@ def _camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-def build_app(hub: Hub, admin_token: str | None,
-              route_tables: Iterable[Callable[[web.Application], None]] = ()) -> web.Application:
+def build_app(
+    hub: Hub,
+    admin_token: str | None,
+    route_tables: Iterable[Callable[[web.Application], None]] = (),
+) -> web.Application:
     """The HTTP application: health, readiness, metrics and audit here; each room adds
     its own routes through the `add_routes` of its public face."""
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
     app = web.Application(
-        middlewares=[hub_middleware(
-            digest, metrics_need_token=hub.settings.metrics_require_token)],
+        middlewares=[hub_middleware(digest, metrics_need_token=hub.settings.metrics_require_token)],
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub

@@ -5,7 +5,7 @@ the lease reaper, and their HTTP routes.
 from __future__ import annotations
 
 from ._common import EdgeWorkError
-from ._service import EdgeWorkService, EnqueueWork
 from ._routes import add_routes
+from ._service import EdgeWorkService, EnqueueWork
 
-__all__ = ['EdgeWorkError', 'EdgeWorkService', 'EnqueueWork', 'add_routes']
+__all__ = ["EdgeWorkError", "EdgeWorkService", "EnqueueWork", "add_routes"]

@@ -17,29 +17,37 @@ class EdgeWorkError(Exception):
     """A refused request: `code` for machines, the message for people. `status` is
     the HTTP status (admin API); `retry_after` seconds when trying again may help."""
 
-    def __init__(self, code: str, message: str, *, status: int = 409,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, status: int = 409, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.status, self.retry_after = code, status, retry_after
 
 
-def registration_refusal(reg: asyncpg.Record | None, scope: CredentialScope,
-                         operation: str) -> EdgeWorkError | None:
+def registration_refusal(
+    reg: asyncpg.Record | None, scope: CredentialScope, operation: str
+) -> EdgeWorkError | None:
     """Why this registration may not `operation` at all, whatever its state (None: it may)."""
     if reg is None:
         return EdgeWorkError("gateway.unknown", "no such gateway registration")
     if reg["status"] in TERMINAL:
-        return EdgeWorkError(f"gateway.{reg['status']}",
-                             f"the registration is {reg['status']}: nothing is accepted from it")
+        return EdgeWorkError(
+            f"gateway.{reg['status']}",
+            f"the registration is {reg['status']}: nothing is accepted from it",
+        )
     if reg["kind"] not in EDGE_KINDS:
-        return EdgeWorkError("gateway.not_edge_worker",
-                             f"a {reg['kind']} registration does not run Cloud work")
+        return EdgeWorkError(
+            "gateway.not_edge_worker", f"a {reg['kind']} registration does not run Cloud work"
+        )
     if reg["trust_model"] in EDGE_WORK_REFUSED_TRUST:
-        return EdgeWorkError("gateway.trust_deferred",
-                             f"edge work is not allowed under trust model {reg['trust_model']}")
+        return EdgeWorkError(
+            "gateway.trust_deferred",
+            f"edge work is not allowed under trust model {reg['trust_model']}",
+        )
     if scope.value not in reg["scopes"]:
         code = {"claim": "gateway.no_claim_scope", "renew": "gateway.no_renew_scope"}.get(
-            operation, "gateway.no_write_scope")
+            operation, "gateway.no_write_scope"
+        )
         return EdgeWorkError(code, f"the registration's credential lacks scope {scope.value}")
     return None
 

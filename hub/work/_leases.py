@@ -30,8 +30,14 @@ from datetime import datetime
 
 import asyncpg
 
-from schemas import SessionRef, WorkClaimReply, WorkClaimRequest, WorkRenew
-from schemas import EDGE_WORK_REFUSED_TRUST, CredentialScope
+from schemas import (
+    EDGE_WORK_REFUSED_TRUST,
+    CredentialScope,
+    SessionRef,
+    WorkClaimReply,
+    WorkClaimRequest,
+    WorkRenew,
+)
 
 from ..core import AuditLog
 from ._common import (
@@ -62,14 +68,26 @@ class Leases:
         return await conn.fetchval(
             "SELECT count(*) FROM gateway_registrations WHERE tenant = $1 AND status = "
             "'active' AND kind = ANY($2::text[]) AND NOT (trust_model = ANY($3::text[])) "
-            "AND $4 = ANY(scopes)", tenant, _EDGE_KINDS, _REFUSED_TRUST, _CLAIM_SCOPE)
+            "AND $4 = ANY(scopes)",
+            tenant,
+            _EDGE_KINDS,
+            _REFUSED_TRUST,
+            _CLAIM_SCOPE,
+        )
 
-    async def claim(self, tenant: str, reg_id: str,
-                    request: WorkClaimRequest) -> WorkClaimReply:
+    async def claim(self, tenant: str, reg_id: str, request: WorkClaimRequest) -> WorkClaimReply:
         """A lease on one claimable item, `work_id: None` when there is none."""
-        args = (tenant, reg_id, list(request.work_kinds), request.work_id,
-                secrets.token_urlsafe(24), self.seconds, _EDGE_KINDS, _REFUSED_TRUST,
-                _CLAIM_SCOPE)
+        args = (
+            tenant,
+            reg_id,
+            list(request.work_kinds),
+            request.work_id,
+            secrets.token_urlsafe(24),
+            self.seconds,
+            _EDGE_KINDS,
+            _REFUSED_TRUST,
+            _CLAIM_SCOPE,
+        )
         sql = _CLAIM_ONE_KIND if len(request.work_kinds) == 1 else _CLAIM_KINDS
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(sql, *args)
@@ -85,27 +103,45 @@ class Leases:
                         raise EdgeWorkError("hub.error", "the claim could not be decided")
         if row["work_id"] is None:
             if row["leased"] >= row["max_concurrent_work"]:
-                raise EdgeWorkError("gateway.over_quota",
-                                    f"{row['leased']} leases held, max_concurrent_work is "
-                                    f"{row['max_concurrent_work']}")
+                raise EdgeWorkError(
+                    "gateway.over_quota",
+                    f"{row['leased']} leases held, max_concurrent_work is "
+                    f"{row['max_concurrent_work']}",
+                )
             return WorkClaimReply()
         return WorkClaimReply(
-            work_id=row["work_id"], kind=row["kind"], lease_token=row["lease_token"],
-            lease_expires_at=row["lease_expires_at"], lease_seconds=self.seconds,
-            attempt=row["attempts"], next_sequence=row["last_sequence"] + 1,
-            session_ref=SessionRef.model_validate(row["session_ref"]), payload=row["payload"])
+            work_id=row["work_id"],
+            kind=row["kind"],
+            lease_token=row["lease_token"],
+            lease_expires_at=row["lease_expires_at"],
+            lease_seconds=self.seconds,
+            attempt=row["attempts"],
+            next_sequence=row["last_sequence"] + 1,
+            session_ref=SessionRef.model_validate(row["session_ref"]),
+            payload=row["payload"],
+        )
 
     async def renew(self, tenant: str, reg_id: str, request: WorkRenew) -> datetime:
         async with self._pool.acquire() as conn:
             expires = await conn.fetchval(
-                _RENEW, tenant, reg_id, request.work_id, request.lease_token, self.seconds,
-                _EDGE_KINDS, _REFUSED_TRUST, _RENEW_SCOPE, _RENEWABLE)
+                _RENEW,
+                tenant,
+                reg_id,
+                request.work_id,
+                request.lease_token,
+                self.seconds,
+                _EDGE_KINDS,
+                _REFUSED_TRUST,
+                _RENEW_SCOPE,
+                _RENEWABLE,
+            )
             if expires is not None:
                 return expires
             return await self._renew_locked(conn, tenant, reg_id, request)
 
-    async def _renew_locked(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
-                            request: WorkRenew) -> datetime:
+    async def _renew_locked(
+        self, conn: asyncpg.Connection, tenant: str, reg_id: str, request: WorkRenew
+    ) -> datetime:
         """The renewal step by step under locks: names the refusal (or renews)."""
         async with conn.transaction():
             # FOR SHARE: a revoke (an UPDATE of this row) waits for this renewal or
@@ -115,8 +151,7 @@ class Leases:
             work = await conn.fetchrow(_LOCK_WORK, tenant, request.work_id)
             check_holder(work, reg_id, request.lease_token, request.work_id)
             if work["state"] != "leased":
-                raise EdgeWorkError("work.not_leased",
-                                    f"work {request.work_id} is {work['state']}")
+                raise EdgeWorkError("work.not_leased", f"work {request.work_id} is {work['state']}")
             if not work["live"]:
                 raise EdgeWorkError("work.lease_expired", "the lease has expired")
             draining = reg["status"] == "draining"
@@ -125,22 +160,31 @@ class Leases:
                 "THEN least(now() + make_interval(secs => $4), $5) "
                 "ELSE now() + make_interval(secs => $4) END, updated_at = now() "
                 "WHERE tenant = $1 AND work_id = $2 RETURNING lease_expires_at",
-                tenant, request.work_id, draining, self.seconds, reg["drain_deadline"])
+                tenant,
+                request.work_id,
+                draining,
+                self.seconds,
+                reg["drain_deadline"],
+            )
 
 
 def _claimable_kinds(reg: asyncpg.Record | None, request: WorkClaimRequest) -> list[str]:
     refusal = registration_refusal(reg, CredentialScope.EDGE_CLAIM, "claim")
     if refusal is None and reg["status"] != "active":
-        refusal = EdgeWorkError(f"gateway.{reg['status']}",
-                                f"the registration is {reg['status']}: no new claims"
-                                + (f" ({reg['status_reason']})" if reg["status_reason"] else ""))
+        refusal = EdgeWorkError(
+            f"gateway.{reg['status']}",
+            f"the registration is {reg['status']}: no new claims"
+            + (f" ({reg['status_reason']})" if reg["status_reason"] else ""),
+        )
     if refusal is not None:
         raise refusal
     kinds = [k for k in request.work_kinds if k in reg["work_kinds"]]
     if not kinds:
-        raise EdgeWorkError("gateway.kind_not_advertised",
-                            f"none of {request.work_kinds} is among the advertised work kinds "
-                            f"{list(reg['work_kinds'])}")
+        raise EdgeWorkError(
+            "gateway.kind_not_advertised",
+            f"none of {request.work_kinds} is among the advertised work kinds "
+            f"{list(reg['work_kinds'])}",
+        )
     return kinds
 
 
@@ -255,8 +299,11 @@ _CLAIM = """
 # each row's kind must be one the registration advertises, written so that the
 # planner cannot take it for an index condition (which costs it the ordered scan).
 _CLAIM_ONE_KIND = _CLAIM.format(matches=_MATCHES.format(kind="w.kind = ($3::text[])[1]"))
-_CLAIM_KINDS = _CLAIM.format(matches=_MATCHES.format(
-    kind="w.kind = ANY($3::text[]) AND (SELECT work_kinds FROM gate) @> ARRAY[w.kind]"))
+_CLAIM_KINDS = _CLAIM.format(
+    matches=_MATCHES.format(
+        kind="w.kind = ANY($3::text[]) AND (SELECT work_kinds FROM gate) @> ARRAY[w.kind]"
+    )
+)
 
 # A renewal in one statement: the registration FOR SHARE, if it may renew at all
 # ($9 renewable statuses, $6 edge kinds, $7 refused trust, $8 the renew scope);

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 from prometheus_client import Gauge
@@ -32,17 +33,31 @@ class Reaper(BackgroundTask):
     """The background task that requeues expired leases and re-offers waiting work
     (`start()` runs it, `stop()` cancels it)."""
 
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, metrics: HubMetrics,
-                 dead_letters: Any, offer: Callable[[str, str, str, dict], Awaitable[None]], *,
-                 reap_interval: float, reoffer_interval: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        metrics: HubMetrics,
+        dead_letters: Any,
+        offer: Callable[[str, str, str, dict], Awaitable[None]],
+        *,
+        reap_interval: float,
+        reoffer_interval: float,
+    ) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._dead, self._offer = dead_letters, offer
         self._reoffer_interval = reoffer_interval
         self._last_reoffer = time.monotonic()
-        self.items = Gauge("cowork_edge_work_items", "Edge work items queued or leased",
-                           ["state"], registry=metrics.registry)
-        super().__init__("edge-work-reaper", lambda: every(
-            reap_interval, self.step, log, "edge_work.reap_failed"))
+        self.items = Gauge(
+            "cowork_edge_work_items",
+            "Edge work items queued or leased",
+            ["state"],
+            registry=metrics.registry,
+        )
+        super().__init__(
+            "edge-work-reaper",
+            lambda: every(reap_interval, self.step, log, "edge_work.reap_failed"),
+        )
 
     async def step(self) -> None:
         while await self.reap() == BATCH:  # a backlog: keep going this tick
@@ -63,15 +78,24 @@ class Reaper(BackgroundTask):
                         AS x(tenant, work_id, attempt, outcome)
                    WHERE l.tenant = x.tenant AND l.work_id = x.work_id
                      AND l.attempt = x.attempt AND l.ended_at IS NULL""",
-                [r["tenant"] for r in rows], [r["work_id"] for r in rows],
+                [r["tenant"] for r in rows],
+                [r["work_id"] for r in rows],
                 [r["attempts"] for r in rows],
-                ["expired" if r["state"] == "queued" else "dead_lettered" for r in rows])
+                ["expired" if r["state"] == "queued" else "dead_lettered" for r in rows],
+            )
             for row in rows:
                 await self._audit_reaped(conn, row)
                 if row["state"] == "dead_lettered":
-                    await project_outcome(conn, row["tenant"], row, "dead_lettered", (
-                        f"gave up after {row['attempts']} attempts: the Gateway running it "
-                        "stopped renewing its lease each time"))
+                    await project_outcome(
+                        conn,
+                        row["tenant"],
+                        row,
+                        "dead_lettered",
+                        (
+                            f"gave up after {row['attempts']} attempts: the Gateway running it "
+                            "stopped renewing its lease each time"
+                        ),
+                    )
         for row in rows:
             await self._after_commit(row)
         return len(rows)
@@ -79,14 +103,25 @@ class Reaper(BackgroundTask):
     async def _audit_reaped(self, conn: asyncpg.Connection, row: dict) -> None:
         requeued = row["state"] == "queued"
         ref = row["session_ref"]
-        await self._audit.record(AuditRecord(
-            action="gateway.edge.lease_expired" if requeued else "gateway.edge.dead_lettered",
-            actor_kind="hub", actor_id="edge-work-reaper", target_kind="edge_work",
-            target_id=row["work_id"], workspace_id=ref["workspaceId"],
-            session_id=ref.get("sessionId"),
-            reason=None if requeued else row["error"],
-            metadata={"attempt": row["attempts"], "maxAttempts": row["max_attempts"],
-                      "lastHolder": row["owner"]}), tenant=row["tenant"], conn=conn)
+        await self._audit.record(
+            AuditRecord(
+                action="gateway.edge.lease_expired" if requeued else "gateway.edge.dead_lettered",
+                actor_kind="hub",
+                actor_id="edge-work-reaper",
+                target_kind="edge_work",
+                target_id=row["work_id"],
+                workspace_id=ref["workspaceId"],
+                session_id=ref.get("sessionId"),
+                reason=None if requeued else row["error"],
+                metadata={
+                    "attempt": row["attempts"],
+                    "maxAttempts": row["max_attempts"],
+                    "lastHolder": row["owner"],
+                },
+            ),
+            tenant=row["tenant"],
+            conn=conn,
+        )
 
     async def _after_commit(self, row: dict) -> None:
         tenant, work_id = row["tenant"], row["work_id"]
@@ -95,27 +130,42 @@ class Reaper(BackgroundTask):
             await self._offer(tenant, work_id, row["kind"], row["requirements"])
             return
         self._metrics.bus_messages.labels("work.reaper", "dead_lettered").inc()
-        summary = {"workId": work_id, "kind": row["kind"], "sessionRef": row["session_ref"],
-                   "attempts": row["attempts"], "lastHolder": row["owner"]}
+        summary = {
+            "workId": work_id,
+            "kind": row["kind"],
+            "sessionRef": row["session_ref"],
+            "attempts": row["attempts"],
+            "lastHolder": row["owner"],
+        }
         try:  # the work is dead-lettered in PostgreSQL already; the DLQ copy is for operators
             await self._dead.put(
-                tenant=tenant, family=subjects.WORK_CLAIM,
-                subject=subjects.WORK_CLAIM.build(tenant=tenant,
-                                                  registration_id=row["owner"] or "none"),
-                payload=json.dumps(summary).encode(), code="work.lease_expired",
-                reason=row["error"], attempts=row["attempts"])
+                tenant=tenant,
+                family=subjects.WORK_CLAIM,
+                subject=subjects.WORK_CLAIM.build(
+                    tenant=tenant, registration_id=row["owner"] or "none"
+                ),
+                payload=json.dumps(summary).encode(),
+                code="work.lease_expired",
+                reason=row["error"],
+                attempts=row["attempts"],
+            )
         except Exception as exc:
-            log.warning("edge_work.dead_letter_publish_failed",
-                        **kv(tenant=tenant, work=work_id, error=str(exc)))
+            log.warning(
+                "edge_work.dead_letter_publish_failed",
+                **kv(tenant=tenant, work=work_id, error=str(exc)),
+            )
 
     async def reoffer(self) -> int:
         """Offer the oldest queued items of each tenant and kind again; refresh the gauge."""
         rows = await self._pool.fetch(_OLDEST_QUEUED, REOFFER_PER_KIND)
         for r in rows:
             await self._offer(r["tenant"], r["work_id"], r["kind"], r["requirements"])
-        counts = dict(await self._pool.fetch(
-            "SELECT state, count(*) FROM edge_work WHERE state IN ('queued', 'leased') "
-            "GROUP BY state"))
+        counts = dict(
+            await self._pool.fetch(
+                "SELECT state, count(*) FROM edge_work WHERE state IN ('queued', 'leased') "
+                "GROUP BY state"
+            )
+        )
         for state in ("queued", "leased"):
             self.items.labels(state).set(counts.get(state, 0))
         return len(rows)

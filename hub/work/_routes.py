@@ -16,14 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-
 from pydantic import Field
 
 from schemas import WireModel, WorkState, check_token
 
-from ._service import EdgeWorkService, EnqueueWork
-from ._common import EdgeWorkError
 from ..http import HUB_KEY, int_query, iso, json_body, json_error, tenant_param
+from ._common import EdgeWorkError
+from ._service import EdgeWorkService, EnqueueWork
 
 STATES = frozenset(s.value for s in WorkState)
 
@@ -34,24 +33,49 @@ def _service(request: web.Request) -> EdgeWorkService:
 
 def work_json(row: dict) -> dict[str, Any]:
     out = {
-        "workId": row["work_id"], "kind": row["kind"], "state": row["state"],
-        "attempts": row["attempts"], "maxAttempts": row["max_attempts"],
-        "owner": row["owner"], "leaseExpiresAt": iso(row["lease_expires_at"]),
-        "sessionRef": row["session_ref"], "requirements": row["requirements"],
-        "status": row["status"], "result": row["result"], "error": row["error"],
-        "lastSequence": row["last_sequence"], "outputCount": row["output_count"],
-        "createdBy": row["created_by"], "createdAt": iso(row["created_at"]),
-        "updatedAt": iso(row["updated_at"]), "completedAt": iso(row["completed_at"]),
+        "workId": row["work_id"],
+        "kind": row["kind"],
+        "state": row["state"],
+        "attempts": row["attempts"],
+        "maxAttempts": row["max_attempts"],
+        "owner": row["owner"],
+        "leaseExpiresAt": iso(row["lease_expires_at"]),
+        "sessionRef": row["session_ref"],
+        "requirements": row["requirements"],
+        "status": row["status"],
+        "result": row["result"],
+        "error": row["error"],
+        "lastSequence": row["last_sequence"],
+        "outputCount": row["output_count"],
+        "createdBy": row["created_by"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "completedAt": iso(row["completed_at"]),
     }
     if row.get("waiting"):  # queued with nobody to take it: say so
         out["waiting"] = row["waiting"]
     if "leases" in row:
-        out["leases"] = [{"attempt": r["attempt"], "registrationId": r["registration_id"],
-                          "claimedAt": iso(r["claimed_at"]), "endedAt": iso(r["ended_at"]),
-                          "outcome": r["outcome"]} for r in row["leases"]]
-        out["events"] = [{"sequence": r["sequence"], "kind": r["kind"], "body": r["body"],
-                          "attempt": r["attempt"], "registrationId": r["registration_id"],
-                          "recordedAt": iso(r["recorded_at"])} for r in row["events"]]
+        out["leases"] = [
+            {
+                "attempt": r["attempt"],
+                "registrationId": r["registration_id"],
+                "claimedAt": iso(r["claimed_at"]),
+                "endedAt": iso(r["ended_at"]),
+                "outcome": r["outcome"],
+            }
+            for r in row["leases"]
+        ]
+        out["events"] = [
+            {
+                "sequence": r["sequence"],
+                "kind": r["kind"],
+                "body": r["body"],
+                "attempt": r["attempt"],
+                "registrationId": r["registration_id"],
+                "recordedAt": iso(r["recorded_at"]),
+            }
+            for r in row["events"]
+        ]
     return out
 
 
@@ -69,15 +93,18 @@ async def enqueue(request: web.Request) -> web.Response:
         except ValueError as exc:
             return json_error(400, "invalid_request", str(exc))
         if body.idempotency_key not in (None, header):
-            return json_error(422, "invalid_request",
-                              "the Idempotency-Key header and idempotencyKey differ")
+            return json_error(
+                422, "invalid_request", "the Idempotency-Key header and idempotencyKey differ"
+            )
         body.idempotency_key = header
     try:
         row, created = await _service(request).enqueue(tenant, body)
     except EdgeWorkError as exc:
         return _error(exc)
-    return web.json_response({"workId": row["work_id"], "state": row["state"],
-                              "created": created}, status=201 if created else 200)
+    return web.json_response(
+        {"workId": row["work_id"], "state": row["state"], "created": created},
+        status=201 if created else 200,
+    )
 
 
 async def get_work(request: web.Request) -> web.Response:
@@ -117,8 +144,9 @@ async def list_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     state = request.query.get("state")
     if state is not None and state not in STATES:
-        return json_error(400, "invalid_request",
-                          f"state must be one of {', '.join(sorted(STATES))}")
+        return json_error(
+            400, "invalid_request", f"state must be one of {', '.join(sorted(STATES))}"
+        )
     limit = int_query(request, "limit", 100, 1, 1000)
     rows = await _service(request).list(tenant, state=state, limit=limit)
     return web.json_response({"items": [work_json(r) for r in rows]})

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -61,9 +62,11 @@ log = logging.getLogger("cowork.hub.edge_work")
 MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
 # The payload model of each work kind; anything else is refused at enqueue.
 WORK_PAYLOADS: dict[str, type[WireModel]] = {"prompt": PromptPayload}
-WORK_COLUMNS = ("work_id, kind, state, attempts, max_attempts, owner, lease_expires_at, "
-                "session_ref, requirements, status, result, error, last_sequence, "
-                "output_count, created_by, created_at, updated_at, completed_at")
+WORK_COLUMNS = (
+    "work_id, kind, state, attempts, max_attempts, owner, lease_expires_at, "
+    "session_ref, requirements, status, result, error, last_sequence, "
+    "output_count, created_by, created_at, updated_at, completed_at"
+)
 
 
 class EnqueueWork(WireModel):
@@ -76,10 +79,21 @@ class EnqueueWork(WireModel):
 
 
 class EdgeWorkService:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics,
-                 dead_letters: Any, *, hub_id: str, lease_seconds: float = 30.0,
-                 max_attempts: int = 3, write_rate: float = 500.0,
-                 reap_interval: float = 0.5, reoffer_interval: float = 3.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: AuditLog,
+        nc: NATS,
+        metrics: HubMetrics,
+        dead_letters: Any,
+        *,
+        hub_id: str,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        write_rate: float = 500.0,
+        reap_interval: float = 0.5,
+        reoffer_interval: float = 3.0,
+    ) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
@@ -90,8 +104,15 @@ class EdgeWorkService:
         self._in_flight: set[asyncio.Task] = set()
         self.leases = Leases(pool, audit, lease_seconds)
         self.writer = FencedWriter(pool, audit, nc, metrics, self._source)
-        self.reaper = Reaper(pool, audit, metrics, dead_letters, self.offer,
-                             reap_interval=reap_interval, reoffer_interval=reoffer_interval)
+        self.reaper = Reaper(
+            pool,
+            audit,
+            metrics,
+            dead_letters,
+            self.offer,
+            reap_interval=reap_interval,
+            reoffer_interval=reoffer_interval,
+        )
 
     def start(self) -> None:
         self.reaper.start()
@@ -107,11 +128,14 @@ class EdgeWorkService:
         nats-py runs one subscription's callbacks one after another, so each
         request gets its own task (bounded): 8 Gateways claiming must not queue
         behind each other's database round trips."""
-        for family, handler in ((subjects.WORK_CLAIM, self.handle_claim),
-                                (subjects.WORK_RENEW, self.handle_renew),
-                                (subjects.WORK_OUTPUT, self.handle_output)):
-            await nc.subscribe(family.filter(), queue="hub-edge-work",
-                               cb=self._concurrently(handler))
+        for family, handler in (
+            (subjects.WORK_CLAIM, self.handle_claim),
+            (subjects.WORK_RENEW, self.handle_renew),
+            (subjects.WORK_OUTPUT, self.handle_output),
+        ):
+            await nc.subscribe(
+                family.filter(), queue="hub-edge-work", cb=self._concurrently(handler)
+            )
 
     def _concurrently(self, handler: Any) -> Any:
         async def dispatch(msg: Msg) -> None:
@@ -119,6 +143,7 @@ class EdgeWorkService:
             task = asyncio.create_task(handler(msg))
             self._in_flight.add(task)
             task.add_done_callback(self._done)
+
         return dispatch
 
     def _done(self, task: asyncio.Task) -> None:
@@ -126,14 +151,16 @@ class EdgeWorkService:
         self._slots.release()
 
     # --- admin side ---------------------------------------------------------------------
-    async def enqueue(self, tenant: str, request: EnqueueWork, *,
-                      actor: str = "admin") -> tuple[dict, bool]:
+    async def enqueue(
+        self, tenant: str, request: EnqueueWork, *, actor: str = "admin"
+    ) -> tuple[dict, bool]:
         """Accept work; returns (work row, created). The same idempotency key with
         the same body returns the first item; with another body it is refused."""
         _check_enqueue(request)
         fields = request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
-        fields["sessionRef"] = request.session_ref.model_dump(mode="json", by_alias=True,
-                                                              exclude_none=True)
+        fields["sessionRef"] = request.session_ref.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
         fields["maxAttempts"] = request.max_attempts or self.max_attempts
         digest = body_hash(fields)
         key = request.idempotency_key
@@ -146,37 +173,66 @@ class EdgeWorkService:
                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
                     ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL
                     DO NOTHING RETURNING {WORK_COLUMNS}""",
-                tenant, new_id(), request.kind, fields["sessionRef"], fields["payload"],
-                fields["requirements"], key, digest, fields["maxAttempts"], actor)
+                tenant,
+                new_id(),
+                request.kind,
+                fields["sessionRef"],
+                fields["payload"],
+                fields["requirements"],
+                key,
+                digest,
+                fields["maxAttempts"],
+                actor,
+            )
             if row is None:
                 return await self._existing(conn, tenant, key, digest), False
-            await self._audit.record(AuditRecord(
-                action="edge_work.enqueued", actor_kind="admin", actor_id=actor,
-                target_kind="edge_work", target_id=row["work_id"],
-                workspace_id=request.session_ref.workspace_id,
-                session_id=request.session_ref.session_id,
-                metadata={"kind": request.kind, "maxAttempts": fields["maxAttempts"]}),
-                tenant=tenant, conn=conn)
+            await self._audit.record(
+                AuditRecord(
+                    action="edge_work.enqueued",
+                    actor_kind="admin",
+                    actor_id=actor,
+                    target_kind="edge_work",
+                    target_id=row["work_id"],
+                    workspace_id=request.session_ref.workspace_id,
+                    session_id=request.session_ref.session_id,
+                    metadata={"kind": request.kind, "maxAttempts": fields["maxAttempts"]},
+                ),
+                tenant=tenant,
+                conn=conn,
+            )
         self._metrics.bus_messages.labels("work.enqueue", "queued").inc()
         await self.offer(tenant, row["work_id"], request.kind, fields["requirements"])
         return dict(row), True
 
     @staticmethod
-    async def _existing(conn: asyncpg.Connection, tenant: str, key: str | None,
-                        digest: bytes) -> dict:
+    async def _existing(
+        conn: asyncpg.Connection, tenant: str, key: str | None, digest: bytes
+    ) -> dict:
         row = await conn.fetchrow(
             f"SELECT body_hash, {WORK_COLUMNS} FROM edge_work "
-            "WHERE tenant = $1 AND idempotency_key = $2", tenant, key)
+            "WHERE tenant = $1 AND idempotency_key = $2",
+            tenant,
+            key,
+        )
         if row["body_hash"] != digest:
-            raise EdgeWorkError("work.idempotency_conflict",
-                                f"idempotency key {key!r} was used with a different body",
-                                status=409)
+            raise EdgeWorkError(
+                "work.idempotency_conflict",
+                f"idempotency key {key!r} was used with a different body",
+                status=409,
+            )
         out = dict(row)
         del out["body_hash"]
         return out
 
-    async def cancel(self, tenant: str, work_id: str, *, reason: str,
-                     actor: str = "admin", actor_kind: str = "admin") -> dict:
+    async def cancel(
+        self,
+        tenant: str,
+        work_id: str,
+        *,
+        reason: str,
+        actor: str = "admin",
+        actor_kind: str = "admin",
+    ) -> dict:
         """End queued or leased work as `cancelled`. The Gateway holding its lease is
         refused at its next write or renewal and aborts its OpenCode session; the
         work's workspace says it (a bound chat tells its user once)."""
@@ -186,91 +242,137 @@ class EdgeWorkService:
                         status = '{{"state": "cancelled"}}'::jsonb,
                         lease_token = NULL, lease_expires_at = NULL, updated_at = now()
                     WHERE tenant = $1 AND work_id = $2 AND state IN ('queued', 'leased')
-                    RETURNING {WORK_COLUMNS}""", tenant, work_id, reason)
+                    RETURNING {WORK_COLUMNS}""",
+                tenant,
+                work_id,
+                reason,
+            )
             if row is None:
-                state = await conn.fetchval("SELECT state FROM edge_work WHERE tenant = $1 "
-                                            "AND work_id = $2", tenant, work_id)
+                state = await conn.fetchval(
+                    "SELECT state FROM edge_work WHERE tenant = $1 AND work_id = $2",
+                    tenant,
+                    work_id,
+                )
                 if state is None:
                     raise EdgeWorkError("work.not_found", f"no work {work_id!r}", status=404)
-                raise EdgeWorkError("work.already_final", f"the work is already {state}",
-                                    status=409)
+                raise EdgeWorkError(
+                    "work.already_final", f"the work is already {state}", status=409
+                )
             await conn.execute(
                 "UPDATE edge_work_leases SET ended_at = now(), outcome = 'cancelled' "
-                "WHERE tenant = $1 AND work_id = $2 AND ended_at IS NULL", tenant, work_id)
+                "WHERE tenant = $1 AND work_id = $2 AND ended_at IS NULL",
+                tenant,
+                work_id,
+            )
             ref = row["session_ref"]
-            await self._audit.record(AuditRecord(
-                action="edge_work.cancelled", actor_kind=actor_kind, actor_id=actor,
-                target_kind="edge_work", target_id=work_id, workspace_id=ref["workspaceId"],
-                session_id=ref.get("sessionId"), reason=reason,
-                metadata={"attempt": row["attempts"], "lastHolder": row["owner"]}),
-                tenant=tenant, conn=conn)
+            await self._audit.record(
+                AuditRecord(
+                    action="edge_work.cancelled",
+                    actor_kind=actor_kind,
+                    actor_id=actor,
+                    target_kind="edge_work",
+                    target_id=work_id,
+                    workspace_id=ref["workspaceId"],
+                    session_id=ref.get("sessionId"),
+                    reason=reason,
+                    metadata={"attempt": row["attempts"], "lastHolder": row["owner"]},
+                ),
+                tenant=tenant,
+                conn=conn,
+            )
             await project_outcome(conn, tenant, row, "cancelled", reason)
         self._metrics.bus_messages.labels("work.cancel", "cancelled").inc()
         return dict(row)
 
-    async def get(self, tenant: str, work_id: str, *, after_sequence: int = 0,
-                  limit: int = 500) -> dict:
+    async def get(
+        self, tenant: str, work_id: str, *, after_sequence: int = 0, limit: int = 500
+    ) -> dict:
         """The work item with its leases and its outputs after `after_sequence`."""
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {WORK_COLUMNS} FROM edge_work "
-                                      "WHERE tenant = $1 AND work_id = $2", tenant, work_id)
+            row = await conn.fetchrow(
+                f"SELECT {WORK_COLUMNS} FROM edge_work WHERE tenant = $1 AND work_id = $2",
+                tenant,
+                work_id,
+            )
             if row is None:
                 raise EdgeWorkError("work.not_found", f"no work {work_id!r}", status=404)
             leases = await conn.fetch(
                 "SELECT attempt, registration_id, claimed_at, ended_at, outcome "
                 "FROM edge_work_leases WHERE tenant = $1 AND work_id = $2 ORDER BY attempt",
-                tenant, work_id)
+                tenant,
+                work_id,
+            )
             outputs = await conn.fetch(
                 "SELECT sequence, kind, body, attempt, registration_id, recorded_at "
                 "FROM edge_work_outputs WHERE tenant = $1 AND work_id = $2 AND sequence > $3 "
-                "ORDER BY sequence LIMIT $4", tenant, work_id, after_sequence, limit)
+                "ORDER BY sequence LIMIT $4",
+                tenant,
+                work_id,
+                after_sequence,
+                limit,
+            )
             waiting = None
             if row["state"] == "queued" and not await self.leases.claimers(conn, tenant):
-                waiting = ("no Gateway of this tenant can claim it: none is registered and "
-                           "active with an edge kind (see GET …/gateway-registrations)")
+                waiting = (
+                    "no Gateway of this tenant can claim it: none is registered and "
+                    "active with an edge kind (see GET …/gateway-registrations)"
+                )
         out = dict(row)
         out["leases"] = [dict(r) for r in leases]
         out["events"] = [dict(r) for r in outputs]
         out["waiting"] = waiting
         return out
 
-    async def list(self, tenant: str, *, state: str | None = None,
-                   limit: int = 100) -> list[dict]:
+    async def list(self, tenant: str, *, state: str | None = None, limit: int = 100) -> list[dict]:
         rows = await self._pool.fetch(
             f"SELECT {WORK_COLUMNS} FROM edge_work WHERE tenant = $1 "
             "AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC, work_id DESC "
-            "LIMIT $3", tenant, state, limit)
+            "LIMIT $3",
+            tenant,
+            state,
+            limit,
+        )
         return [dict(r) for r in rows]
 
     async def offer(self, tenant: str, work_id: str, kind: str, requirements: dict) -> None:
         """A core-NATS nudge; a lost one is covered by the reaper's periodic re-offer."""
-        offer = WorkOffer(work_id=work_id, kind=kind,
-                          requirements=WorkRequirements.model_validate(requirements))
+        offer = WorkOffer(
+            work_id=work_id, kind=kind, requirements=WorkRequirements.model_validate(requirements)
+        )
         env = Envelope.wrap(offer, source=self._source, tenant=tenant)
         try:
-            await self._nc.publish(subjects.WORK_OFFER.build(tenant=tenant, work_kind=kind),
-                                   env.encode())
+            await self._nc.publish(
+                subjects.WORK_OFFER.build(tenant=tenant, work_kind=kind), env.encode()
+            )
             self._metrics.bus_messages.labels("work.offer", "published").inc()
         except Exception as exc:
-            log.warning("edge_work.offer_failed", **kv(tenant=tenant, work=work_id,
-                                                       error=str(exc)))
+            log.warning("edge_work.offer_failed", **kv(tenant=tenant, work=work_id, error=str(exc)))
 
     # --- claim --------------------------------------------------------------------------
-    async def claim(self, tenant: str, registration_id: str,
-                    request: WorkClaimRequest) -> WorkClaimReply:
+    async def claim(
+        self, tenant: str, registration_id: str, request: WorkClaimRequest
+    ) -> WorkClaimReply:
         """Lease one claimable item to the registration, or `work_id: None`."""
-        reply = await self._limited("claim", tenant, registration_id, request.work_id,
-                                    lambda: self.leases.claim(tenant, registration_id, request))
+        reply = await self._limited(
+            "claim",
+            tenant,
+            registration_id,
+            request.work_id,
+            lambda: self.leases.claim(tenant, registration_id, request),
+        )
         outcome = "leased" if reply.work_id else "empty"
         self._metrics.bus_messages.labels("work.claim", outcome).inc()
         return reply
 
     # --- renew --------------------------------------------------------------------------
-    async def renew(self, tenant: str, registration_id: str,
-                    request: WorkRenew) -> WorkRenewReply:
-        expires = await self._limited("renew", tenant, registration_id, request.work_id,
-                                      lambda: self.leases.renew(tenant, registration_id,
-                                                                request))
+    async def renew(self, tenant: str, registration_id: str, request: WorkRenew) -> WorkRenewReply:
+        expires = await self._limited(
+            "renew",
+            tenant,
+            registration_id,
+            request.work_id,
+            lambda: self.leases.renew(tenant, registration_id, request),
+        )
         self._metrics.bus_messages.labels("work.renew", "renewed").inc()
         return WorkRenewReply(work_id=request.work_id, lease_expires_at=expires)
 
@@ -278,9 +380,14 @@ class EdgeWorkService:
     async def write(self, tenant: str, registration_id: str, output: WorkOutput) -> bool:
         """Store one fenced output; False when it was an identical replay (a no-op)."""
         stored = await self._limited(
-            "output", tenant, registration_id, output.work_id,
+            "output",
+            tenant,
+            registration_id,
+            output.work_id,
             lambda: self.writer.write(tenant, registration_id, output),
-            sequence=output.sequence, output_kind=str(output.kind))
+            sequence=output.sequence,
+            output_kind=str(output.kind),
+        )
         self._metrics.bus_messages.labels("work.output", "stored" if stored else "replayed").inc()
         return stored
 
@@ -295,18 +402,24 @@ class EdgeWorkService:
         async def write(tenant: str, reg: str, output: WorkOutput) -> AckReply:
             await self.write(tenant, reg, output)
             return AckReply(ok=True)
+
         await self._serve(msg, subjects.WORK_OUTPUT, WorkOutput, write)
 
-    async def _serve(self, msg: Msg, family: subjects.SubjectFamily, model: type,
-                     operation: Any) -> None:
+    async def _serve(
+        self, msg: Msg, family: subjects.SubjectFamily, model: type, operation: Any
+    ) -> None:
         try:
             where = family.parse(msg.subject)
             tenant, reg_id = where["tenant"], where["registration_id"]
             env = decode(msg.data, model)
-            if env.tenant not in (None, tenant) or (str(env.source.principal_kind),
-                                                    env.source.principal_id) != ("gateway", reg_id):
-                raise EdgeWorkError("contract.principal_mismatch",
-                                    "the envelope's tenant or source differs from the subject")
+            if env.tenant not in (None, tenant) or (
+                str(env.source.principal_kind),
+                env.source.principal_id,
+            ) != ("gateway", reg_id):
+                raise EdgeWorkError(
+                    "contract.principal_mismatch",
+                    "the envelope's tenant or source differs from the subject",
+                )
             reply = await operation(tenant, reg_id, env.data)
         except ValidationError as exc:  # a reply we could not build: our bug, say so
             log.error("edge_work.reply_invalid", **kv(subject=msg.subject, error=str(exc)))
@@ -316,8 +429,12 @@ class EdgeWorkService:
             reply = ack_refusal(exc)
         except Exception as exc:  # database away: the worker retries
             log.warning("edge_work.request_failed", **kv(subject=msg.subject, error=str(exc)))
-            reply = AckReply(ok=False, code="hub.unavailable", reason="try again shortly",
-                             retry_after_seconds=1.0)
+            reply = AckReply(
+                ok=False,
+                code="hub.unavailable",
+                reason="try again shortly",
+                retry_after_seconds=1.0,
+            )
         if msg.reply:
             try:
                 await msg.respond(Envelope.wrap(reply, source=self._source).encode())
@@ -325,8 +442,15 @@ class EdgeWorkService:
                 log.warning("edge_work.reply_failed", **kv(subject=msg.subject, error=str(exc)))
 
     # --- refusals -----------------------------------------------------------------------
-    async def _limited(self, operation: str, tenant: str, reg_id: str, work_id: str | None,
-                       call: Callable[[], Awaitable[T]], **metadata: Any) -> T:
+    async def _limited(
+        self,
+        operation: str,
+        tenant: str,
+        reg_id: str,
+        work_id: str | None,
+        call: Callable[[], Awaitable[T]],
+        **metadata: Any,
+    ) -> T:
         """`call`'s result once the rate limit allows `operation`; a refusal (the limit's
         or the call's) is counted and audited, then raised."""
         try:
@@ -339,41 +463,71 @@ class EdgeWorkService:
     def _take(self, tenant: str, reg_id: str, operation: str) -> None:
         wait = self._limiter.take((tenant, reg_id, operation))
         if wait:
-            raise EdgeWorkError("rate_limited", f"too many {operation} requests",
-                                retry_after=wait)
+            raise EdgeWorkError("rate_limited", f"too many {operation} requests", retry_after=wait)
 
-    async def refused(self, operation: str, tenant: str, reg_id: str, work_id: str | None,
-                      exc: EdgeWorkError, **metadata: Any) -> None:
+    async def refused(
+        self,
+        operation: str,
+        tenant: str,
+        reg_id: str,
+        work_id: str | None,
+        exc: EdgeWorkError,
+        **metadata: Any,
+    ) -> None:
         """Count, log and audit a refusal. Rate-limit refusals are only counted:
         auditing them would let a flooding Gateway flood the audit log too."""
         self._metrics.bus_messages.labels(f"work.{operation}", "refused").inc()
-        log.warning("edge_work.refused", **kv(tenant=tenant, registration=reg_id,
-                                              operation=operation, work=work_id, code=exc.code))
+        log.warning(
+            "edge_work.refused",
+            **kv(
+                tenant=tenant, registration=reg_id, operation=operation, work=work_id, code=exc.code
+            ),
+        )
         if exc.code == "rate_limited":
             return
-        await self._audit.record(AuditRecord(
-            action=f"gateway.edge.{operation}_refused", actor_kind="gateway", actor_id=reg_id,
-            target_kind="edge_work", target_id=work_id, reason=f"{exc.code}: {exc}",
-            metadata={"code": exc.code, **metadata}), tenant=tenant)
+        await self._audit.record(
+            AuditRecord(
+                action=f"gateway.edge.{operation}_refused",
+                actor_kind="gateway",
+                actor_id=reg_id,
+                target_kind="edge_work",
+                target_id=work_id,
+                reason=f"{exc.code}: {exc}",
+                metadata={"code": exc.code, **metadata},
+            ),
+            tenant=tenant,
+        )
 
 
 # --- checks -------------------------------------------------------------------------------
 def _check_enqueue(request: EnqueueWork) -> None:
     model = WORK_PAYLOADS.get(request.kind)
     if model is None:
-        raise EdgeWorkError("work.unknown_kind", f"unknown work kind {request.kind!r}; "
-                            f"known: {', '.join(sorted(WORK_PAYLOADS))}", status=422)
+        raise EdgeWorkError(
+            "work.unknown_kind",
+            f"unknown work kind {request.kind!r}; known: {', '.join(sorted(WORK_PAYLOADS))}",
+            status=422,
+        )
     try:
         model.model_validate(request.payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise EdgeWorkError("invalid_request", f"payload.{where}: {first['msg']}",
-                            status=422) from None
-    needs = [name for name, needed in (("hostPaths", request.requirements.host_paths),
-                                       ("localStdioMcps", request.requirements.local_stdio_mcps))
-             if needed]
+        raise EdgeWorkError(
+            "invalid_request", f"payload.{where}: {first['msg']}", status=422
+        ) from None
+    needs = [
+        name
+        for name, needed in (
+            ("hostPaths", request.requirements.host_paths),
+            ("localStdioMcps", request.requirements.local_stdio_mcps),
+        )
+        if needed
+    ]
     if needs:
-        raise EdgeWorkError("work.not_edge_runnable",
-                            f"work that needs {' and '.join(needs)} can never run on an edge "
-                            "worker (those stay on the machine that owns them)", status=422)
+        raise EdgeWorkError(
+            "work.not_edge_runnable",
+            f"work that needs {' and '.join(needs)} can never run on an edge "
+            "worker (those stay on the machine that owns them)",
+            status=422,
+        )

@@ -22,7 +22,7 @@ live tails after the commit.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -30,11 +30,10 @@ from nats.aio.client import Client as NATS
 
 from schemas import AuditRecord, CredentialScope, Source, WorkOutput, WorkspaceEvent, check_token
 
-from ..core import AuditLog
+from ..core import AuditLog, HubMetrics
 from ..desktop import body_hash
-from ._common import EdgeWorkError, check_holder, registration_refusal
-from ..core import HubMetrics
 from ..workspaces import append_events, lock_cursor, publish_live
+from ._common import EdgeWorkError, check_holder, registration_refusal
 
 FINAL_STATE = {"result": "completed", "fail": "failed"}
 FINAL_STATES = frozenset(FINAL_STATE.values()) | {"cancelled", "dead_lettered"}
@@ -47,8 +46,9 @@ _GAP_RETRY_SECONDS = 0.2
 
 
 class FencedWriter:
-    def __init__(self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics,
-                 source: Source) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, audit: AuditLog, nc: NATS, metrics: HubMetrics, source: Source
+    ) -> None:
         self._pool, self._audit, self._nc = pool, audit, nc
         self._metrics, self._source = metrics, source
 
@@ -61,66 +61,115 @@ class FencedWriter:
         await publish_live(self._nc, self._source, tenant, workspace, [event])
         return True
 
-    async def _apply(self, tenant: str, reg_id: str,
-                     out: WorkOutput) -> tuple[str, WorkspaceEvent] | None:
+    async def _apply(
+        self, tenant: str, reg_id: str, out: WorkOutput
+    ) -> tuple[str, WorkspaceEvent] | None:
         kind = str(out.kind)
         digest = body_hash({"kind": kind, "body": out.body})
         async with self._pool.acquire() as conn, conn.transaction():
             reg = await conn.fetchrow(
                 "SELECT status, kind, trust_model, scopes FROM gateway_registrations "
-                "WHERE tenant = $1 AND registration_id = $2 FOR SHARE", tenant, reg_id)
-            refusal = registration_refusal(reg, CredentialScope.EDGE_WRITE_FENCED_OUTPUT,
-                                           "output")
+                "WHERE tenant = $1 AND registration_id = $2 FOR SHARE",
+                tenant,
+                reg_id,
+            )
+            refusal = registration_refusal(reg, CredentialScope.EDGE_WRITE_FENCED_OUTPUT, "output")
             if refusal is not None:
                 raise refusal
             work = await conn.fetchrow(_LOCK_WORK, tenant, out.work_id)
             check_holder(work, reg_id, out.lease_token, out.work_id)
             stored = await conn.fetchrow(
                 "SELECT kind, body_hash FROM edge_work_outputs WHERE tenant = $1 "
-                "AND work_id = $2 AND sequence = $3", tenant, out.work_id, out.sequence)
+                "AND work_id = $2 AND sequence = $3",
+                tenant,
+                out.work_id,
+                out.sequence,
+            )
             if _is_replay(work, stored, kind, digest):
                 return None
             _check_writable(work, out, stored)
             await self._store(conn, tenant, reg_id, out, work, digest)
             return await self._project(conn, tenant, reg_id, out, work)
 
-    async def _store(self, conn: asyncpg.Connection, tenant: str, reg_id: str,
-                     out: WorkOutput, work: asyncpg.Record, digest: bytes) -> None:
+    async def _store(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        reg_id: str,
+        out: WorkOutput,
+        work: asyncpg.Record,
+        digest: bytes,
+    ) -> None:
         kind = str(out.kind)
         await conn.execute(
             "INSERT INTO edge_work_outputs (tenant, work_id, sequence, kind, body, body_hash, "
             "attempt, registration_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-            tenant, out.work_id, out.sequence, kind, out.body, digest, work["attempts"], reg_id)
-        await conn.execute(_UPDATE_WORK, tenant, out.work_id, out.sequence, kind, out.body,
-                           _error_text(out.body) if kind == "fail" else None,
-                           FINAL_STATE.get(kind))
+            tenant,
+            out.work_id,
+            out.sequence,
+            kind,
+            out.body,
+            digest,
+            work["attempts"],
+            reg_id,
+        )
+        await conn.execute(
+            _UPDATE_WORK,
+            tenant,
+            out.work_id,
+            out.sequence,
+            kind,
+            out.body,
+            _error_text(out.body) if kind == "fail" else None,
+            FINAL_STATE.get(kind),
+        )
         if kind in FINAL_STATE:
             await conn.execute(
                 "UPDATE edge_work_leases SET ended_at = now(), outcome = $4 WHERE tenant = $1 "
                 "AND work_id = $2 AND attempt = $3 AND ended_at IS NULL",
-                tenant, out.work_id, work["attempts"], FINAL_STATE[kind])
+                tenant,
+                out.work_id,
+                work["attempts"],
+                FINAL_STATE[kind],
+            )
         if kind in AUDITED_KINDS:
             ref = work["session_ref"]
-            await self._audit.record(AuditRecord(
-                action="gateway.edge.write_fenced_output", actor_kind="gateway",
-                actor_id=reg_id, target_kind="edge_work", target_id=out.work_id,
-                workspace_id=ref["workspaceId"], session_id=ref.get("sessionId"),
-                metadata={"kind": kind, "sequence": out.sequence, "attempt": work["attempts"]}),
-                tenant=tenant, conn=conn)
+            await self._audit.record(
+                AuditRecord(
+                    action="gateway.edge.write_fenced_output",
+                    actor_kind="gateway",
+                    actor_id=reg_id,
+                    target_kind="edge_work",
+                    target_id=out.work_id,
+                    workspace_id=ref["workspaceId"],
+                    session_id=ref.get("sessionId"),
+                    metadata={"kind": kind, "sequence": out.sequence, "attempt": work["attempts"]},
+                ),
+                tenant=tenant,
+                conn=conn,
+            )
 
     @staticmethod
-    async def _project(conn: asyncpg.Connection, tenant: str, reg_id: str, out: WorkOutput,
-                       work: asyncpg.Record) -> tuple[str, WorkspaceEvent]:
+    async def _project(
+        conn: asyncpg.Connection, tenant: str, reg_id: str, out: WorkOutput, work: asyncpg.Record
+    ) -> tuple[str, WorkspaceEvent]:
         ref = work["session_ref"]
         workspace = ref["workspaceId"]
         last = await lock_cursor(conn, tenant, workspace)
         event = WorkspaceEvent(
-            workspace_id=workspace, sequence=last + 1,
-            event_id=f"{out.work_id}-{out.sequence}", type=f"work.{out.kind}",
+            workspace_id=workspace,
+            sequence=last + 1,
+            event_id=f"{out.work_id}-{out.sequence}",
+            type=f"work.{out.kind}",
             session_id=ref.get("sessionId") or _session_of(out.body),
-            occurred_at=datetime.now(timezone.utc),
-            payload={"workId": out.work_id, "sequence": out.sequence,
-                     "attempt": work["attempts"], "body": out.body})
+            occurred_at=datetime.now(UTC),
+            payload={
+                "workId": out.work_id,
+                "sequence": out.sequence,
+                "attempt": work["attempts"],
+                "body": out.body,
+            },
+        )
         await append_events(conn, tenant, workspace, "gateway", [reg_id], [event])
         return workspace, event
 
@@ -134,8 +183,12 @@ def _session_of(body: Any) -> str | None:
     nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
     info_id = nested[0].get("id") if nested and "info" in props else None
     session_info = info_id if isinstance(info_id, str) and info_id.startswith("ses") else None
-    for candidate in (body.get("sessionId"), props.get("sessionID"),
-                      *(n.get("sessionID") for n in nested), session_info):
+    for candidate in (
+        body.get("sessionId"),
+        props.get("sessionID"),
+        *(n.get("sessionID") for n in nested),
+        session_info,
+    ):
         if isinstance(candidate, str):
             try:
                 return check_token(candidate, "sessionId")
@@ -144,8 +197,9 @@ def _session_of(body: Any) -> str | None:
     return None
 
 
-async def project_outcome(conn: asyncpg.Connection, tenant: str, work: Any, kind: str,
-                          reason: str) -> None:
+async def project_outcome(
+    conn: asyncpg.Connection, tenant: str, work: Any, kind: str, reason: str
+) -> None:
     """The end of work that no Gateway reported (dead-lettered, cancelled), as a
     `work.<kind>` event in its sessionRef's workspace: a chat bound there says it
     once, in words. Call inside the transaction that ended the work."""
@@ -153,43 +207,55 @@ async def project_outcome(conn: asyncpg.Connection, tenant: str, work: Any, kind
     workspace = ref["workspaceId"]
     last = await lock_cursor(conn, tenant, workspace)
     event = WorkspaceEvent(
-        workspace_id=workspace, sequence=last + 1, event_id=f"{work['work_id']}-{kind}",
-        type=f"work.{kind}", session_id=ref.get("sessionId"),
-        occurred_at=datetime.now(timezone.utc),
-        payload={"workId": work["work_id"], "attempt": work["attempts"],
-                 "body": {"reason": reason}})
+        workspace_id=workspace,
+        sequence=last + 1,
+        event_id=f"{work['work_id']}-{kind}",
+        type=f"work.{kind}",
+        session_id=ref.get("sessionId"),
+        occurred_at=datetime.now(UTC),
+        payload={
+            "workId": work["work_id"],
+            "attempt": work["attempts"],
+            "body": {"reason": reason},
+        },
+    )
     await append_events(conn, tenant, workspace, "hub", ["hub"], [event])
 
 
-def _is_replay(work: asyncpg.Record, stored: asyncpg.Record | None, kind: str,
-               digest: bytes) -> bool:
+def _is_replay(
+    work: asyncpg.Record, stored: asyncpg.Record | None, kind: str, digest: bytes
+) -> bool:
     """The token holder re-sending what is stored, while its lease runs or after
     it finished the work (its final reply may have been lost)."""
     same = stored is not None and stored["kind"] == kind and stored["body_hash"] == digest
     return same and (work["live"] or work["state"] in FINAL_STATES)
 
 
-def _check_writable(work: asyncpg.Record, out: WorkOutput,
-                    stored: asyncpg.Record | None) -> None:
+def _check_writable(work: asyncpg.Record, out: WorkOutput, stored: asyncpg.Record | None) -> None:
     """Everything but an identical replay (already handled) after the token check."""
     if work["state"] in FINAL_STATES:
         raise EdgeWorkError("work.already_final", f"the work is already {work['state']}")
     if work["state"] != "leased" or not work["live"]:
         raise EdgeWorkError("work.stale_lease", "the lease has expired")
     if stored is not None:
-        raise EdgeWorkError("work.sequence_conflict",
-                            f"sequence {out.sequence} is stored with different content")
+        raise EdgeWorkError(
+            "work.sequence_conflict", f"sequence {out.sequence} is stored with different content"
+        )
     if str(out.kind) not in FINAL_STATE:
         return
     if work["last_sequence"] > out.sequence:
-        raise EdgeWorkError("work.final_not_last",
-                            f"outputs up to {work['last_sequence']} exist: the final output "
-                            "must have the highest sequence")
+        raise EdgeWorkError(
+            "work.final_not_last",
+            f"outputs up to {work['last_sequence']} exist: the final output "
+            "must have the highest sequence",
+        )
     missing = out.sequence - 1 - work["output_count"]
     if missing > 0:
-        raise EdgeWorkError("work.sequence_gap",
-                            f"{missing} of the sequences below {out.sequence} are missing; "
-                            "send them first", retry_after=_GAP_RETRY_SECONDS)
+        raise EdgeWorkError(
+            "work.sequence_gap",
+            f"{missing} of the sequences below {out.sequence} are missing; send them first",
+            retry_after=_GAP_RETRY_SECONDS,
+        )
 
 
 def _error_text(body: dict) -> str:

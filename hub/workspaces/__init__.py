@@ -7,4 +7,4 @@ from __future__ import annotations
 from ._projection import EventProjector, append_events, lock_cursor, publish_live
 from ._routes import add_routes
 
-__all__ = ['EventProjector', 'add_routes', 'append_events', 'lock_cursor', 'publish_live']
+__all__ = ["EventProjector", "add_routes", "append_events", "lock_cursor", "publish_live"]

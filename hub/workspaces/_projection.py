@@ -32,11 +32,16 @@ from schemas import (
     subjects,
 )
 
-from ..core import BackgroundTask, pull_forever
-from ..core import DeadLetters, Rejected, parse_and_decode
-from ..core import kv
-from ..core import HubMetrics
-from ..core import hub_consumer
+from ..core import (
+    BackgroundTask,
+    DeadLetters,
+    HubMetrics,
+    Rejected,
+    hub_consumer,
+    kv,
+    parse_and_decode,
+    pull_forever,
+)
 
 log = logging.getLogger("cowork.hub.projection")
 FAMILY = subjects.DEVICE_EVENT
@@ -46,15 +51,25 @@ _PAIRING_CACHE_SECONDS = 1.0
 
 
 class EventProjector:
-    def __init__(self, js: JetStreamContext, nc: NATS, pool: asyncpg.Pool,
-                 dead_letters: DeadLetters, metrics: HubMetrics, *, hub_id: str,
-                 batch: int = 256) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: NATS,
+        pool: asyncpg.Pool,
+        dead_letters: DeadLetters,
+        metrics: HubMetrics,
+        *,
+        hub_id: str,
+        batch: int = 256,
+    ) -> None:
         self._nc, self._pool = nc, pool
         self._dead, self._metrics = dead_letters, metrics
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
-        self._worker = BackgroundTask("event-projector", lambda: pull_forever(
-            js, SPEC, batch, self._handle, log, "projection.fetch_failed"))
+        self._worker = BackgroundTask(
+            "event-projector",
+            lambda: pull_forever(js, SPEC, batch, self._handle, log, "projection.fetch_failed"),
+        )
 
     def start(self) -> None:
         self._worker.start()
@@ -78,8 +93,13 @@ class EventProjector:
             # The database away: redeliver later, lose nothing. An event it refuses:
             # dead-lettered alone, the rest projected (never a hot loop, never a wedge).
             written = await self._dead.write_batch(
-                FAMILY, SPEC.max_deliver, items,
-                lambda envs, t=tenant, w=workspace: self._project(t, w, envs), log, delay=1.0)
+                FAMILY,
+                SPEC.max_deliver,
+                items,
+                lambda envs, t=tenant, w=workspace: self._project(t, w, envs),
+                log,
+                delay=1.0,
+            )
             for done, events in written:
                 for msg in done:
                     await msg.ack()
@@ -89,10 +109,15 @@ class EventProjector:
     async def _check(self, msg: Msg) -> tuple[str, Envelope]:
         where, env = parse_and_decode(FAMILY, msg, DeviceEvent)
         tenant, device = where["tenant"], where["device_id"]
-        if env.tenant != tenant or env.data.pairing_id != device or \
-                (str(env.source.principal_kind), env.source.principal_id) != ("desktop", device):
-            raise Rejected("contract.principal_mismatch",
-                            "the envelope's tenant, source or pairing id differs from the subject")
+        if (
+            env.tenant != tenant
+            or env.data.pairing_id != device
+            or (str(env.source.principal_kind), env.source.principal_id) != ("desktop", device)
+        ):
+            raise Rejected(
+                "contract.principal_mismatch",
+                "the envelope's tenant, source or pairing id differs from the subject",
+            )
         pairing = await self._pairing(tenant, device)
         self._check_allowed(pairing, env.data)
         return tenant, env
@@ -104,12 +129,15 @@ class EventProjector:
         if not pairing["enabled"] and event.type == "session.event":
             raise Rejected("pairing.disabled", "runtime events from a disabled pairing")
         if event.workspace_id and event.workspace_id not in pairing["allowed_workspace_ids"]:
-            raise Rejected("pairing.workspace_not_allowed",
-                            f"workspace {event.workspace_id!r} is not allowlisted")
+            raise Rejected(
+                "pairing.workspace_not_allowed",
+                f"workspace {event.workspace_id!r} is not allowlisted",
+            )
         allowed = pairing["allowed_session_ids"]
         if allowed is not None and event.session_id and event.session_id not in allowed:
-            raise Rejected("pairing.session_not_allowed",
-                            f"session {event.session_id!r} is not allowlisted")
+            raise Rejected(
+                "pairing.session_not_allowed", f"session {event.session_id!r} is not allowlisted"
+            )
 
     async def _pairing(self, tenant: str, pairing_id: str) -> dict | None:
         key = (tenant, pairing_id)
@@ -118,7 +146,10 @@ class EventProjector:
             return cached[1]
         row = await self._pool.fetchrow(
             "SELECT status, enabled, allowed_workspace_ids, allowed_session_ids FROM pairings "
-            "WHERE tenant = $1 AND pairing_id = $2", tenant, pairing_id)
+            "WHERE tenant = $1 AND pairing_id = $2",
+            tenant,
+            pairing_id,
+        )
         value = dict(row) if row else None
         self._pairings[key] = (time.monotonic(), value)
         return value
@@ -129,30 +160,45 @@ class EventProjector:
     async def _reject(self, msg: Msg, exc: Rejected) -> None:
         await self._dead.reject(msg, FAMILY, exc)
 
-    async def _project(self, tenant: str, workspace: str,
-                       envs: list[Envelope]) -> list[WorkspaceEvent]:
+    async def _project(
+        self, tenant: str, workspace: str, envs: list[Envelope]
+    ) -> list[WorkspaceEvent]:
         async with self._pool.acquire() as conn, conn.transaction():
             last = await lock_cursor(conn, tenant, workspace)
             fresh = await self._unseen(conn, tenant, envs)
             if not fresh:
                 return []
-            events = [WorkspaceEvent(workspace_id=workspace, sequence=last + offset,
-                                     event_id=env.data.id, type=str(env.data.type),
-                                     session_id=env.data.session_id,
-                                     command_id=env.data.command_id,
-                                     occurred_at=env.data.occurred_at, payload=_payload(env.data))
-                      for offset, env in enumerate(fresh, start=1)]
-            await append_events(conn, tenant, workspace, "desktop",
-                                [env.data.pairing_id for env in fresh], events)
+            events = [
+                WorkspaceEvent(
+                    workspace_id=workspace,
+                    sequence=last + offset,
+                    event_id=env.data.id,
+                    type=str(env.data.type),
+                    session_id=env.data.session_id,
+                    command_id=env.data.command_id,
+                    occurred_at=env.data.occurred_at,
+                    payload=_payload(env.data),
+                )
+                for offset, env in enumerate(fresh, start=1)
+            ]
+            await append_events(
+                conn, tenant, workspace, "desktop", [env.data.pairing_id for env in fresh], events
+            )
         return events
 
     @staticmethod
-    async def _unseen(conn: asyncpg.Connection, tenant: str,
-                      envs: list[Envelope]) -> list[Envelope]:
+    async def _unseen(
+        conn: asyncpg.Connection, tenant: str, envs: list[Envelope]
+    ) -> list[Envelope]:
         ids = [env.data.id for env in envs]
-        seen = {r["event_id"] for r in await conn.fetch(
-            "SELECT event_id FROM workspace_events WHERE tenant = $1 AND event_id = ANY($2)",
-            tenant, ids)}
+        seen = {
+            r["event_id"]
+            for r in await conn.fetch(
+                "SELECT event_id FROM workspace_events WHERE tenant = $1 AND event_id = ANY($2)",
+                tenant,
+                ids,
+            )
+        }
         fresh, batch_ids = [], set()
         for env in envs:
             if env.data.id not in seen and env.data.id not in batch_ids:
@@ -160,8 +206,9 @@ class EventProjector:
                 fresh.append(env)
         return fresh
 
-    async def _publish_live(self, tenant: str, workspace: str,
-                            events: list[WorkspaceEvent]) -> None:
+    async def _publish_live(
+        self, tenant: str, workspace: str, events: list[WorkspaceEvent]
+    ) -> None:
         await publish_live(self._nc, self._source, tenant, workspace, events)
 
 
@@ -174,25 +221,45 @@ async def lock_cursor(conn: asyncpg.Connection, tenant: str, workspace: str) -> 
         "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
         "ON CONFLICT (tenant, workspace_id) DO UPDATE "
         "SET last_sequence = workspace_cursors.last_sequence RETURNING last_sequence",
-        tenant, workspace)
+        tenant,
+        workspace,
+    )
 
 
-async def append_events(conn: asyncpg.Connection, tenant: str, workspace: str,
-                        source_kind: str, source_ids: list[str],
-                        events: list[WorkspaceEvent]) -> None:
+async def append_events(
+    conn: asyncpg.Connection,
+    tenant: str,
+    workspace: str,
+    source_kind: str,
+    source_ids: list[str],
+    events: list[WorkspaceEvent],
+) -> None:
     """Store `events` (numbered after `lock_cursor`'s value) and move the cursor."""
-    await conn.execute(_INSERT_EVENTS, tenant, workspace, source_kind,
-                       [e.sequence for e in events], [e.event_id for e in events], source_ids,
-                       [e.type for e in events], [e.session_id for e in events],
-                       [e.command_id for e in events], [e.occurred_at for e in events],
-                       [e.payload for e in events])
-    await conn.execute("UPDATE workspace_cursors SET last_sequence = $3 WHERE "
-                       "tenant = $1 AND workspace_id = $2", tenant, workspace,
-                       max(e.sequence for e in events))
+    await conn.execute(
+        _INSERT_EVENTS,
+        tenant,
+        workspace,
+        source_kind,
+        [e.sequence for e in events],
+        [e.event_id for e in events],
+        source_ids,
+        [e.type for e in events],
+        [e.session_id for e in events],
+        [e.command_id for e in events],
+        [e.occurred_at for e in events],
+        [e.payload for e in events],
+    )
+    await conn.execute(
+        "UPDATE workspace_cursors SET last_sequence = $3 WHERE tenant = $1 AND workspace_id = $2",
+        tenant,
+        workspace,
+        max(e.sequence for e in events),
+    )
 
 
-async def publish_live(nc: NATS, source: Source, tenant: str, workspace: str,
-                       events: list[WorkspaceEvent]) -> None:
+async def publish_live(
+    nc: NATS, source: Source, tenant: str, workspace: str, events: list[WorkspaceEvent]
+) -> None:
     """Committed events out to live tails (core NATS); a tail that misses one
     fills the gap from PostgreSQL, so a failure here is only logged."""
     subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
@@ -225,5 +292,3 @@ def _payload(event: DeviceEvent) -> dict:
     if event.command_id:
         body.setdefault("commandId", event.command_id)
     return body
-
-

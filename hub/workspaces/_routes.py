@@ -30,18 +30,29 @@ PAGE = 500
 
 
 def event_json(row: dict) -> dict[str, Any]:
-    return {"sequence": row["sequence"], "id": row["event_id"], "type": row["type"],
-            "sessionId": row["session_id"], "commandId": row["command_id"],
-            "occurredAt": row["occurred_at"].isoformat(),
-            "payload": row["payload"]}
+    return {
+        "sequence": row["sequence"],
+        "id": row["event_id"],
+        "type": row["type"],
+        "sessionId": row["session_id"],
+        "commandId": row["command_id"],
+        "occurredAt": row["occurred_at"].isoformat(),
+        "payload": row["payload"],
+    }
 
 
-async def fetch_page(pool: asyncpg.Pool, tenant: str, workspace: str, after: int,
-                     limit: int) -> list[dict]:
+async def fetch_page(
+    pool: asyncpg.Pool, tenant: str, workspace: str, after: int, limit: int
+) -> list[dict]:
     rows = await pool.fetch(
         "SELECT sequence, event_id, type, session_id, command_id, occurred_at, payload "
         "FROM workspace_events WHERE tenant = $1 AND workspace_id = $2 AND sequence > $3 "
-        "ORDER BY sequence LIMIT $4", tenant, workspace, after, limit)
+        "ORDER BY sequence LIMIT $4",
+        tenant,
+        workspace,
+        after,
+        limit,
+    )
     return [event_json(dict(r)) for r in rows]
 
 
@@ -68,10 +79,12 @@ async def workspace_events(request: web.Request) -> web.StreamResponse:
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await _tail(request, tenant, workspace, after)
     hub = request.app[HUB_KEY]
-    items = await fetch_page(hub.pool, tenant, workspace, after,
-                             int_query(request, "limit", 100, 1, 1000))
-    return web.json_response({"items": items,
-                              "lastSequence": items[-1]["sequence"] if items else after})
+    items = await fetch_page(
+        hub.pool, tenant, workspace, after, int_query(request, "limit", 100, 1, 1000)
+    )
+    return web.json_response(
+        {"items": items, "lastSequence": items[-1]["sequence"] if items else after}
+    )
 
 
 class _Tail:
@@ -87,9 +100,15 @@ class _Tail:
             event = decode(msg.data, WorkspaceEvent).data
         except ContractError:
             return
-        item = {"sequence": event.sequence, "id": event.event_id, "type": event.type,
-                "sessionId": event.session_id, "commandId": event.command_id,
-                "occurredAt": event.occurred_at.isoformat(), "payload": event.payload}
+        item = {
+            "sequence": event.sequence,
+            "id": event.event_id,
+            "type": event.type,
+            "sessionId": event.session_id,
+            "commandId": event.command_id,
+            "occurredAt": event.occurred_at.isoformat(),
+            "payload": event.payload,
+        }
         try:
             self.live.put_nowait(item)
         except asyncio.QueueFull:  # a slow client: catch up from PostgreSQL instead
@@ -103,18 +122,24 @@ class _Tail:
         self.last = item["sequence"]
 
 
-async def _tail(request: web.Request, tenant: str, workspace: str,
-                after: int) -> web.StreamResponse:
+async def _tail(
+    request: web.Request, tenant: str, workspace: str, after: int
+) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
     await response.prepare(request)
     tail = _Tail(response, after)
     task = asyncio.current_task()
     request.app[TAILS_KEY].add(task)
     sub = await hub.nc.subscribe(
-        subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace), cb=tail.on_live)
+        subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace), cb=tail.on_live
+    )
     try:
         await response.write(b": cowork workspace events\n\n")
         await _catch_up(hub.pool, tenant, workspace, tail)
@@ -157,5 +182,6 @@ async def _stream_live(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _T
 def add_routes(app: web.Application) -> None:
     app[TAILS_KEY] = set()
     app.on_shutdown.append(_end_tails)
-    app.router.add_get("/api/v1/tenants/{tenant}/workspaces/{workspace_id}/events",
-                       workspace_events)
+    app.router.add_get(
+        "/api/v1/tenants/{tenant}/workspaces/{workspace_id}/events", workspace_events
+    )

@@ -50,11 +50,10 @@ from typing import Any
 import nats
 import pytest
 from aiohttp import web
-from nats.js.api import AckPolicy, ConsumerConfig
-
 from channelkit import create_instance, wait_ready
 from desktopkit import create_pairing
 from fakeplatforms import FakeTelegram
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from channels import ChannelRuntime, InstanceConfig, RuntimeOptions, message_id, provider_class
 from schemas import ChannelInbound, decode, subjects
@@ -71,14 +70,23 @@ TENANT, INSTANCE, WORKSPACE = "bench", "telegram-bench", "ws-bench"
 SECRET = "bench-webhook-secret-0123456789"
 PLACEHOLDER = "__UID__"
 # A Telegram Update as the Bot API posts it (a private-chat text message).
-UPDATE_TEMPLATE = json.dumps({
-    "update_id": 0, "message": {
-        "message_id": 0, "date": 1764000000,
-        "chat": {"id": 100, "type": "private", "first_name": "Bench"},
-        "from": {"id": 7, "is_bot": False, "first_name": "Bench", "username": "bench"},
-        "text": "hello from the benchmark, nothing to see here"}},
-    separators=(",", ":")).replace('"update_id":0', f'"update_id":{PLACEHOLDER}').replace(
-    '"message_id":0', f'"message_id":{PLACEHOLDER}')
+UPDATE_TEMPLATE = (
+    json.dumps(
+        {
+            "update_id": 0,
+            "message": {
+                "message_id": 0,
+                "date": 1764000000,
+                "chat": {"id": 100, "type": "private", "first_name": "Bench"},
+                "from": {"id": 7, "is_bot": False, "first_name": "Bench", "username": "bench"},
+                "text": "hello from the benchmark, nothing to see here",
+            },
+        },
+        separators=(",", ":"),
+    )
+    .replace('"update_id":0', f'"update_id":{PLACEHOLDER}')
+    .replace('"message_id":0', f'"message_id":{PLACEHOLDER}')
+)
 HEADERS = {"Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": SECRET}
 
 
@@ -90,18 +98,33 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
-async def load(port: int, first_id: int, *, headers: dict[str, str] = HEADERS,
-               instance_id: str = INSTANCE) -> dict:
-    spec = {"host": "127.0.0.1", "port": port, "path": f"/webhooks/{instance_id}",
-            "headers": headers, "bodyTemplate": UPDATE_TEMPLATE, "placeholder": PLACEHOLDER,
-            "firstId": first_id, "concurrency": CONCURRENCY, "warmupSeconds": WARMUP,
-            "durationSeconds": SECONDS, "timeoutSeconds": 10}
+async def load(
+    port: int, first_id: int, *, headers: dict[str, str] = HEADERS, instance_id: str = INSTANCE
+) -> dict:
+    spec = {
+        "host": "127.0.0.1",
+        "port": port,
+        "path": f"/webhooks/{instance_id}",
+        "headers": headers,
+        "bodyTemplate": UPDATE_TEMPLATE,
+        "placeholder": PLACEHOLDER,
+        "firstId": first_id,
+        "concurrency": CONCURRENCY,
+        "warmupSeconds": WARMUP,
+        "durationSeconds": SECONDS,
+        "timeoutSeconds": 10,
+    }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(LOADGEN), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        str(LOADGEN),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     cpu = time.process_time()
-    out, err = await asyncio.wait_for(process.communicate(json.dumps(spec).encode()),
-                                      WARMUP + SECONDS + 60)
+    out, err = await asyncio.wait_for(
+        process.communicate(json.dumps(spec).encode()), WARMUP + SECONDS + 60
+    )
     cpu = time.process_time() - cpu
     assert process.returncode == 0, err.decode()[-2000:]
     result = json.loads(out)
@@ -119,10 +142,15 @@ async def bare_handler(request: web.Request) -> web.Response:
 def telegram_config(fake: FakeTelegram) -> InstanceConfig:
     cls = provider_class("telegram")
     return InstanceConfig(
-        tenant=TENANT, instance_id=INSTANCE, kind="telegram", workspace_id=WORKSPACE,
+        tenant=TENANT,
+        instance_id=INSTANCE,
+        kind="telegram",
+        workspace_id=WORKSPACE,
         settings=cls.settings_model.model_validate(fake.instance_settings()),
-        secrets=cls.secrets_model.model_validate({**fake.instance_secrets(),
-                                                  "webhookSecret": SECRET}))
+        secrets=cls.secrets_model.model_validate(
+            {**fake.instance_secrets(), "webhookSecret": SECRET}
+        ),
+    )
 
 
 async def prepare_streams(nc) -> None:
@@ -130,17 +158,25 @@ async def prepare_streams(nc) -> None:
 
     js = nc.jetstream()
     await declare(js)
-    await js.add_consumer("CW_CHANNEL_OUTBOUND", ConsumerConfig(
-        durable_name=subjects.edge_consumer("channel", INSTANCE),
-        filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=INSTANCE),
-        ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1))
-    await js.purge_stream("CW_CHANNEL_INBOUND",
-                          subject=inbound_subject(TENANT, INSTANCE, WORKSPACE))
+    await js.add_consumer(
+        "CW_CHANNEL_OUTBOUND",
+        ConsumerConfig(
+            durable_name=subjects.edge_consumer("channel", INSTANCE),
+            filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=INSTANCE),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_deliver=-1,
+        ),
+    )
+    await js.purge_stream(
+        "CW_CHANNEL_INBOUND", subject=inbound_subject(TENANT, INSTANCE, WORKSPACE)
+    )
 
 
 def inbound_subject(tenant: str, instance_id: str, workspace_id: str) -> str:
-    return subjects.CHANNEL_INBOUND.build(tenant=tenant, instance_id=instance_id,
-                                          workspace_id=workspace_id)
+    return subjects.CHANNEL_INBOUND.build(
+        tenant=tenant, instance_id=instance_id, workspace_id=workspace_id
+    )
 
 
 async def stored_count(js, subject: str) -> int:
@@ -149,9 +185,11 @@ async def stored_count(js, subject: str) -> int:
 
 
 def row(name: str, r: dict) -> str:
-    return (f"| {name:<45} | {r['rps']:>9,.0f} | {r['p50Ms']:>7.2f} | {r['p90Ms']:>7.2f} "
-            f"| {r['p99Ms']:>7.2f} | {r['maxMs']:>8.2f} | {r['ok']:>8,} | {r['errors']:>6} "
-            f"| {r['cpuUs']:>10.0f} |")
+    return (
+        f"| {name:<45} | {r['rps']:>9,.0f} | {r['p50Ms']:>7.2f} | {r['p90Ms']:>7.2f} "
+        f"| {r['p99Ms']:>7.2f} | {r['maxMs']:>8.2f} | {r['ok']:>8,} | {r['errors']:>6} "
+        f"| {r['cpuUs']:>10.0f} |"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +211,10 @@ async def measure_runtime(nats_url: str) -> tuple[dict, int, int, Any]:
     """(result, first id, messages stored, last stored message) for the runtime
     served directly, on a plain JetStream server."""
     control = await nats.connect(nats_url)
-    runtime = ChannelRuntime(connect=lambda cfg: nats.connect(nats_url),
-                             options=RuntimeOptions(source_rate=1e9, source_burst=1e9))
+    runtime = ChannelRuntime(
+        connect=lambda cfg: nats.connect(nats_url),
+        options=RuntimeOptions(source_rate=1e9, source_burst=1e9),
+    )
     fake = FakeTelegram()  # the instance's Bot API (the probe's getMe); ingress never calls it
     await fake.start()
     try:
@@ -218,13 +258,15 @@ async def measure_hub(hub, http) -> tuple[dict, int, int]:
     try:
         pairing = await create_pairing(http, label="bench")
         instance_id = "telegram-bench-hub"
-        await create_instance(http, fake, instance_id=instance_id,
-                              workspace_id=pairing["pairingId"])
+        await create_instance(
+            http, fake, instance_id=instance_id, workspace_id=pairing["pairingId"]
+        )
         await wait_ready(http, instance_id)
         headers = {**HEADERS, "X-Telegram-Bot-Api-Secret-Token": fake.webhook_secret}
         first_id = int(time.time() * 1000) * 1000 + 500_000
-        result = await load(hub.http_port, first_id=first_id, headers=headers,
-                            instance_id=instance_id)
+        result = await load(
+            hub.http_port, first_id=first_id, headers=headers, instance_id=instance_id
+        )
         subject = inbound_subject("acme", instance_id, pairing["pairingId"])
         stored = await stored_count(hub.js, subject)
     finally:
@@ -232,32 +274,42 @@ async def measure_hub(hub, http) -> tuple[dict, int, int]:
     return result, first_id, stored
 
 
-HEADER = ("| path                                          |     req/s |  p50 ms |  p90 ms "
-          "|  p99 ms |   max ms |      200 | errors | CPU µs/req |\n"
-          "|-----------------------------------------------|----------:|--------:|--------:"
-          "|--------:|---------:|---------:|-------:|-----------:|")
+HEADER = (
+    "| path                                          |     req/s |  p50 ms |  p90 ms "
+    "|  p99 ms |   max ms |      200 | errors | CPU µs/req |\n"
+    "|-----------------------------------------------|----------:|--------:|--------:"
+    "|--------:|---------:|---------:|-------:|-----------:|"
+)
 
 
 def table(title: str, rows: list[tuple[str, dict]]) -> None:
-    print(f"\n\n{title}: Telegram update -> 200, {CONCURRENCY} keep-alive connections, "
-          f"{SECONDS:.0f} s after {WARMUP:.0f} s warm-up")
+    print(
+        f"\n\n{title}: Telegram update -> 200, {CONCURRENCY} keep-alive connections, "
+        f"{SECONDS:.0f} s after {WARMUP:.0f} s warm-up"
+    )
     print(HEADER)
     for name, result in rows:
         print(row(name, result))
     bare = rows[0][1]
     for name, result in rows[1:]:
-        print(f"{name} / bare: throughput {result['rps'] / bare['rps']:.2f}x, "
-              f"p50 {result['p50Ms'] / bare['p50Ms']:.2f}x, "
-              f"p99 {result['p99Ms'] / bare['p99Ms']:.2f}x")
+        print(
+            f"{name} / bare: throughput {result['rps'] / bare['rps']:.2f}x, "
+            f"p50 {result['p50Ms'] / bare['p50Ms']:.2f}x, "
+            f"p99 {result['p99Ms'] / bare['p99Ms']:.2f}x"
+        )
 
 
 async def test_webhook_ingress_vs_bare_aiohttp(nats_url):
     """The runtime alone (no hub in the process), beside the bare handler."""
     bare = await measure_bare()
     verified, first_id, stored, last = await measure_runtime(nats_url)
-    table("Webhook ingress, runtime", [("bare aiohttp handler (read body, 200)", bare),
-                                      ("verified: runtime.handle_webhook -> JetStream",
-                                       verified)])
+    table(
+        "Webhook ingress, runtime",
+        [
+            ("bare aiohttp handler (read body, 200)", bare),
+            ("verified: runtime.handle_webhook -> JetStream", verified),
+        ],
+    )
     sent = verified["lastId"] - first_id + 1
     print(f"stored in CW_CHANNEL_INBOUND: {stored:,} of {sent:,} sent")
 
@@ -280,8 +332,13 @@ async def test_webhook_ingress_through_the_hub(hub, http):
     measured again in this process (which now also runs the idle hub)."""
     bare = await measure_bare()
     through_hub, first_id, stored = await measure_hub(hub, http)
-    table("Webhook ingress, full hub", [("bare aiohttp handler (read body, 200)", bare),
-                                        ("verified, through the full hub", through_hub)])
+    table(
+        "Webhook ingress, full hub",
+        [
+            ("bare aiohttp handler (read body, 200)", bare),
+            ("verified, through the full hub", through_hub),
+        ],
+    )
     sent = through_hub["lastId"] - first_id + 1
     print(f"stored in CW_CHANNEL_INBOUND: {stored:,} of {sent:,} sent")
     for result in (bare, through_hub):

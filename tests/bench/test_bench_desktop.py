@@ -64,8 +64,13 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def ms(samples: list[float]) -> dict[str, float]:
-    return {"n": len(samples), "p50": pct(samples, 50) * 1e3, "p99": pct(samples, 99) * 1e3,
-            "mean": statistics.fmean(samples) * 1e3, "max": max(samples) * 1e3}
+    return {
+        "n": len(samples),
+        "p50": pct(samples, 50) * 1e3,
+        "p99": pct(samples, 99) * 1e3,
+        "mean": statistics.fmean(samples) * 1e3,
+        "max": max(samples) * 1e3,
+    }
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -74,8 +79,14 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
     print(f"\n{title}\n{line}")
     for i, row in enumerate(cells):
-        print("| " + " | ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
-                                for j, (c, w) in enumerate(zip(row, widths))) + " |")
+        print(
+            "| "
+            + " | ".join(
+                str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                for j, (c, w) in enumerate(zip(row, widths))
+            )
+            + " |"
+        )
         if i == 0:
             print(line)
     print(line)
@@ -126,11 +137,20 @@ async def peer(hub):
 
     seed = _jwt.new_seed("user")
     user_jwt, _ = hub.keys.mint_user(
-        _jwt.public_key(seed), name="bench-peer", pub_allow=list(HUB_PERMISSIONS.pub_allow),
-        sub_allow=list(HUB_PERMISSIONS.sub_allow), allow_responses=True, ttl_seconds=None)
-    nc = await nats.connect(hub.settings.nats_servers[0], name="bench-peer",
-                            inbox_prefix=HUB_INBOX_PREFIX, allow_reconnect=False,
-                            **_jwt.nats_auth_options(user_jwt, seed))
+        _jwt.public_key(seed),
+        name="bench-peer",
+        pub_allow=list(HUB_PERMISSIONS.pub_allow),
+        sub_allow=list(HUB_PERMISSIONS.sub_allow),
+        allow_responses=True,
+        ttl_seconds=None,
+    )
+    nc = await nats.connect(
+        hub.settings.nats_servers[0],
+        name="bench-peer",
+        inbox_prefix=HUB_INBOX_PREFIX,
+        allow_reconnect=False,
+        **_jwt.nats_auth_options(user_jwt, seed),
+    )
     yield nc
     await nc.close()
 
@@ -140,16 +160,21 @@ async def peer(hub):
 # --------------------------------------------------------------------------
 
 
-def _timed(record: dict[str, dict[str, float]], key: str,
-           fn: Callable[..., Awaitable[Any]],
-           command_id: Callable[[tuple, Any], str]) -> Callable[..., Awaitable[Any]]:
+def _timed(
+    record: dict[str, dict[str, float]],
+    key: str,
+    fn: Callable[..., Awaitable[Any]],
+    command_id: Callable[[tuple, Any], str],
+) -> Callable[..., Awaitable[Any]]:
     """Wrap an instance's coroutine method; record[command id][key + ".start"/".end"]."""
+
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = await fn(*args, **kwargs)
         marks = record.setdefault(command_id(args, result), {})
         marks[key + ".start"], marks[key + ".end"] = start, time.perf_counter()
         return result
+
     return wrapper
 
 
@@ -195,8 +220,9 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
     # Probes on instances (the classes stay untouched), keyed by command id.
     agent._handle_command = _timed(marks, "desktop", agent._handle_command, _arg_id)
     agent.runner.run = _timed(marks, "execute", agent.runner.run, _arg_id)
-    hub.commands.submit = _timed(marks, "submit", hub.commands.submit,
-                                 lambda args, result: result["command_id"])
+    hub.commands.submit = _timed(
+        marks, "submit", hub.commands.submit, lambda args, result: result["command_id"]
+    )
     hub.commands.on_final.append(observe)
     try:
         for _ in range(10):  # warm-up: connections, prepared statements, OpenCode caches
@@ -224,12 +250,15 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
         polled.append(time.perf_counter() - t0)
 
     rows = await hub.pool.fetch(
-        "SELECT state, result_status FROM pairing_commands WHERE tenant = $1 AND "
-        "pairing_id = $2", TENANT, pid)
+        "SELECT state, result_status FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2",
+        TENANT,
+        pid,
+    )
     assert len(rows) == 10 + N_COMMANDS + N_COMMANDS_POLLED
     assert all(r["state"] == "done" and r["result_status"] == "completed" for r in rows)
-    assert all({"desktop.end", "execute.end", "submit.end"} <= marks[cid].keys()
-               for cid in posted), "every measured command went through every probe"
+    assert all(
+        {"desktop.end", "execute.end", "submit.end"} <= marks[cid].keys() for cid in posted
+    ), "every measured command went through every probe"
 
     raw_rr = await _raw_request_reply(hub, peer, N_RR)
     raw_pg = await _raw_pg_commit(hub, N_COMMANDS)
@@ -239,6 +268,7 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
         assert (await http.get("/healthz")).status_code == 200
         raw_http.append(time.perf_counter() - t0)
     from edges.common._opencode import OpenCodeClient
+
     oc = OpenCodeClient(agent.opencode.base_url)  # a fresh client on the same server
     raw_oc = []
     try:
@@ -260,39 +290,55 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
     total = seg(posted.get, finished.get)
     segments = {
         "POST accepted (HTTP + PG insert + push)": seg(posted.get, returned.get),
-        "  of which CommandService.submit (PG txn, lease UPDATE, push)":
-            seg(lambda c: m[c]["submit.start"], lambda c: m[c]["submit.end"]),
+        "  of which CommandService.submit (PG txn, lease UPDATE, push)": seg(
+            lambda c: m[c]["submit.start"], lambda c: m[c]["submit.end"]
+        ),
         "POST sent -> Desktop handles it": seg(posted.get, lambda c: m[c]["desktop.start"]),
-        "handle -> execute (journal + 'accepted' ack)":
-            seg(lambda c: m[c]["desktop.start"], lambda c: m[c]["execute.start"]),
-        "execute: status on OpenCode (3 HTTP calls)":
-            seg(lambda c: m[c]["execute.start"], lambda c: m[c]["execute.end"]),
-        "execute done -> hub has it final (ack)":
-            seg(lambda c: m[c]["execute.end"], finished.get),
+        "handle -> execute (journal + 'accepted' ack)": seg(
+            lambda c: m[c]["desktop.start"], lambda c: m[c]["execute.start"]
+        ),
+        "execute: status on OpenCode (3 HTTP calls)": seg(
+            lambda c: m[c]["execute.start"], lambda c: m[c]["execute.end"]
+        ),
+        "execute done -> hub has it final (ack)": seg(lambda c: m[c]["execute.end"], finished.get),
     }
-    table(f"1. Command round trip, kind=status, {N_COMMANDS} sequential commands",
-          LATENCY_HEADER,
-          [latency_row("POST -> done (hub-side observer)", total),
-           latency_row("POST -> done seen by polling GET", polled)]
-          + [latency_row("  " + k, v) for k, v in segments.items()]
-          + [latency_row("baseline: raw NATS request/reply", raw_rr),
-             latency_row("baseline: raw OpenCode 3 calls", raw_oc),
-             latency_row("baseline: raw PostgreSQL 1-row INSERT commit", raw_pg),
-             latency_row("baseline: raw HTTP GET /healthz on the hub", raw_http)])
+    table(
+        f"1. Command round trip, kind=status, {N_COMMANDS} sequential commands",
+        LATENCY_HEADER,
+        [
+            latency_row("POST -> done (hub-side observer)", total),
+            latency_row("POST -> done seen by polling GET", polled),
+        ]
+        + [latency_row("  " + k, v) for k, v in segments.items()]
+        + [
+            latency_row("baseline: raw NATS request/reply", raw_rr),
+            latency_row("baseline: raw OpenCode 3 calls", raw_oc),
+            latency_row("baseline: raw PostgreSQL 1-row INSERT commit", raw_pg),
+            latency_row("baseline: raw HTTP GET /healthz on the hub", raw_http),
+        ],
+    )
     p50 = pct(total, 50) / pct(raw_rr, 50)
     p99 = pct(total, 99) / pct(raw_rr, 99)
-    table("1. Ratios", ["ratio", "p50", "p99"],
-          [["command round trip / raw request-reply", f"{p50:.1f}x", f"{p99:.1f}x"],
-           ["command round trip / raw OpenCode status",
-            f"{pct(total, 50) / pct(raw_oc, 50):.1f}x",
-            f"{pct(total, 99) / pct(raw_oc, 99):.1f}x"]])
+    table(
+        "1. Ratios",
+        ["ratio", "p50", "p99"],
+        [
+            ["command round trip / raw request-reply", f"{p50:.1f}x", f"{p99:.1f}x"],
+            [
+                "command round trip / raw OpenCode status",
+                f"{pct(total, 50) / pct(raw_oc, 50):.1f}x",
+                f"{pct(total, 99) / pct(raw_oc, 99):.1f}x",
+            ],
+        ],
+    )
     print(f"throughput: {N_COMMANDS / wall:.0f} commands/s sequential (one Desktop)")
 
 
 async def _raw_pg_commit(hub, n: int) -> list[float]:
     """One autocommitted single-row INSERT through the hub's pool: the price of a commit."""
-    await hub.pool.execute("CREATE TABLE IF NOT EXISTS bench_commit "
-                           "(id bigserial PRIMARY KEY, v text)")
+    await hub.pool.execute(
+        "CREATE TABLE IF NOT EXISTS bench_commit (id bigserial PRIMARY KEY, v text)"
+    )
     samples = []
     try:
         for _ in range(n):
@@ -304,8 +350,9 @@ async def _raw_pg_commit(hub, n: int) -> list[float]:
     return samples
 
 
-async def _run_observed(http, pid: str, done_at: dict[str, float],
-                        changed: asyncio.Event) -> tuple[str, float, float]:
+async def _run_observed(
+    http, pid: str, done_at: dict[str, float], changed: asyncio.Event
+) -> tuple[str, float, float]:
     submitted = await submit(http, pid, "status")
     returned = time.perf_counter()
     cid = submitted["commandId"]
@@ -324,31 +371,51 @@ async def _run_observed(http, pid: str, done_at: dict[str, float],
 
 
 def _delta_event(session: str, i: int, text: str = DELTA) -> dict[str, Any]:
-    return {"type": "message.part.delta",
-            "properties": {"sessionID": session, "messageID": "msg_bench0000000000000001",
-                           "partID": f"prt_bench{i:016d}", "field": "text", "delta": text}}
+    return {
+        "type": "message.part.delta",
+        "properties": {
+            "sessionID": session,
+            "messageID": "msg_bench0000000000000001",
+            "partID": f"prt_bench{i:016d}",
+            "field": "text",
+            "delta": text,
+        },
+    }
 
 
 async def _cursor(hub, pid: str) -> int:
-    return await hub.pool.fetchval("SELECT last_sequence FROM workspace_cursors WHERE "
-                                   "tenant = $1 AND workspace_id = $2", TENANT, pid) or 0
+    return (
+        await hub.pool.fetchval(
+            "SELECT last_sequence FROM workspace_cursors WHERE tenant = $1 AND workspace_id = $2",
+            TENANT,
+            pid,
+        )
+        or 0
+    )
 
 
 async def _raw_jetstream(peer, sizes: int, n: int, batch: int) -> float:
     """Seconds to publish n messages of `sizes` bytes into a FILE stream, `batch` acks
     awaited together with message ids, as the relay does."""
     js = peer.jetstream(timeout=5.0)
-    await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=[RAW_SUBJECT.format("*")],
-                                     storage=StorageType.FILE, duplicate_window=120.0,
-                                     max_msg_size=1024 * 1024))
+    await js.add_stream(
+        StreamConfig(
+            name=RAW_STREAM,
+            subjects=[RAW_SUBJECT.format("*")],
+            storage=StorageType.FILE,
+            duplicate_window=120.0,
+            max_msg_size=1024 * 1024,
+        )
+    )
     try:
         data = b"x" * sizes
         subject = RAW_SUBJECT.format("session")
         t0 = time.perf_counter()
         for start in range(0, n, batch):
-            futures = [await js.publish_async(subject, data,
-                                              headers={"Nats-Msg-Id": f"raw-{i}"})
-                       for i in range(start, min(n, start + batch))]
+            futures = [
+                await js.publish_async(subject, data, headers={"Nats-Msg-Id": f"raw-{i}"})
+                for i in range(start, min(n, start + batch))
+            ]
             await asyncio.wait_for(asyncio.gather(*futures), 30)
         elapsed = time.perf_counter() - t0
         info = await js.stream_info(RAW_STREAM)
@@ -386,15 +453,27 @@ class _ProjectorProbe:
         del self.projector._project
 
 
-async def _watch(hub, relay, store, pid: str, n: int, base_published: int, base_cursor: int,
-                 appended: Callable[[], bool]) -> tuple[float, float]:
+async def _watch(
+    hub,
+    relay,
+    store,
+    pid: str,
+    n: int,
+    base_published: int,
+    base_cursor: int,
+    appended: Callable[[], bool],
+) -> tuple[float, float]:
     """perf_counter() when n more rows left the outbox (JetStream acked) and when the
     workspace cursor moved n further (committed in PostgreSQL)."""
     published_at = projected_at = None
     while projected_at is None:
         now = time.perf_counter()
-        if published_at is None and appended() and relay.published - base_published >= n \
-                and store.outbox_size() == 0:
+        if (
+            published_at is None
+            and appended()
+            and relay.published - base_published >= n
+            and store.outbox_size() == 0
+        ):
             published_at = now
         if await _cursor(hub, pid) - base_cursor >= n:
             projected_at = time.perf_counter()
@@ -415,8 +494,18 @@ async def test_bench_relay_throughput(hub, desktop, peer):
         base_published, base_cursor = relay.published, await _cursor(hub, pid)
         appended_at: float | None = None
         t0 = time.perf_counter()
-        watcher = asyncio.create_task(_watch(hub, relay, store, pid, N_RELAY, base_published,
-                                             base_cursor, lambda: appended_at is not None))
+        watcher = asyncio.create_task(
+            _watch(
+                hub,
+                relay,
+                store,
+                pid,
+                N_RELAY,
+                base_published,
+                base_cursor,
+                lambda: appended_at is not None,
+            )
+        )
         for start in range(0, N_RELAY, RELAY_CHUNK):
             for i in range(start, min(N_RELAY, start + RELAY_CHUNK)):
                 assert relay.relay(_delta_event(session, i))
@@ -426,14 +515,20 @@ async def test_bench_relay_throughput(hub, desktop, peer):
         live_probe = (probe.calls, probe.events, probe.seconds)
     finally:
         probe.close()
-    count = await eventually(lambda: _count(hub, pid, session, N_RELAY), 30,
-                             what="every relayed event in PostgreSQL")
+    count = await eventually(
+        lambda: _count(hub, pid, session, N_RELAY), 30, what="every relayed event in PostgreSQL"
+    )
     assert count == N_RELAY
     stored = await hub.pool.fetchval(
         "SELECT octet_length(payload::text) FROM workspace_events WHERE tenant = $1 AND "
-        "workspace_id = $2 AND session_id = $3 LIMIT 1", TENANT, pid, session)
-    msg = await peer.jetstream().get_last_msg("CW_DEVICE_EVENTS",
-                                              f"cw.{TENANT}.device.{pid}.evt.session")
+        "workspace_id = $2 AND session_id = $3 LIMIT 1",
+        TENANT,
+        pid,
+        session,
+    )
+    msg = await peer.jetstream().get_last_msg(
+        "CW_DEVICE_EVENTS", f"cw.{TENANT}.device.{pid}.evt.session"
+    )
     size = len(msg.data)
 
     # (b) Hub unreachable: the publisher is detached (as when NATS is away), so the
@@ -455,7 +550,8 @@ async def test_bench_relay_throughput(hub, desktop, peer):
         relay.attach(relay_nc)
     d0 = time.perf_counter()
     drained_at, caught_up_at = await asyncio.wait_for(
-        _watch(hub, relay, store, pid, backlog, base_published, base_cursor, lambda: True), 120)
+        _watch(hub, relay, store, pid, backlog, base_published, base_cursor, lambda: True), 120
+    )
     assert await eventually(lambda: _count(hub, pid, backlog_session, backlog), 30) == backlog
 
     raw_elapsed = await _raw_jetstream(peer, size, N_RELAY, 1000)
@@ -464,26 +560,41 @@ async def test_bench_relay_throughput(hub, desktop, peer):
     def row(stage: str, n: int, seconds: float) -> list[Any]:
         return [stage, n / seconds, seconds, f"{n / seconds / raw_rate:.2f}x"]
 
-    table(f"2. Relay throughput, {N_RELAY:,} events, {size} B envelopes ({stored} B payload "
-          f"as stored)", ["stage", "events/s", "seconds", "vs raw JetStream"],
-          [row("live: queued (redact + envelope + SQLite outbox)", N_RELAY, appended_at - t0),
-           row("live: relayed (outbox -> JetStream acked)", N_RELAY, published_at - t0),
-           row("live: end to end (projected into PostgreSQL)", N_RELAY, projected_at - t0),
-           row("outage: queued, outbox 0 -> 1,000", 1000, 1000 / chunk_rates[0]),
-           row(f"outage: queued, outbox {backlog - 1000:,} -> {backlog:,}", 1000,
-               1000 / chunk_rates[-1]),
-           row(f"catch-up: {backlog:,} backlog -> JetStream acked", backlog, drained_at - d0),
-           row(f"catch-up: {backlog:,} backlog -> projected", backlog, caught_up_at - d0),
-           row("baseline: raw js.publish_async, batches of 1000", N_RELAY, raw_elapsed)])
+    table(
+        f"2. Relay throughput, {N_RELAY:,} events, {size} B envelopes ({stored} B payload "
+        f"as stored)",
+        ["stage", "events/s", "seconds", "vs raw JetStream"],
+        [
+            row("live: queued (redact + envelope + SQLite outbox)", N_RELAY, appended_at - t0),
+            row("live: relayed (outbox -> JetStream acked)", N_RELAY, published_at - t0),
+            row("live: end to end (projected into PostgreSQL)", N_RELAY, projected_at - t0),
+            row("outage: queued, outbox 0 -> 1,000", 1000, 1000 / chunk_rates[0]),
+            row(
+                f"outage: queued, outbox {backlog - 1000:,} -> {backlog:,}",
+                1000,
+                1000 / chunk_rates[-1],
+            ),
+            row(f"catch-up: {backlog:,} backlog -> JetStream acked", backlog, drained_at - d0),
+            row(f"catch-up: {backlog:,} backlog -> projected", backlog, caught_up_at - d0),
+            row("baseline: raw js.publish_async, batches of 1000", N_RELAY, raw_elapsed),
+        ],
+    )
     calls, events, seconds = live_probe
-    print(f"hub projector during the live run: {calls} PostgreSQL transactions, "
-          f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
-          f"({seconds / (projected_at - t0):.0%} of the end-to-end time)")
+    print(
+        f"hub projector during the live run: {calls} PostgreSQL transactions, "
+        f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
+        f"({seconds / (projected_at - t0):.0%} of the end-to-end time)"
+    )
 
 
 async def _count(hub, pid: str, session: str, want: int) -> int | None:
-    n = await hub.pool.fetchval("SELECT count(*) FROM workspace_events WHERE tenant = $1 AND "
-                                "workspace_id = $2 AND session_id = $3", TENANT, pid, session)
+    n = await hub.pool.fetchval(
+        "SELECT count(*) FROM workspace_events WHERE tenant = $1 AND "
+        "workspace_id = $2 AND session_id = $3",
+        TENANT,
+        pid,
+        session,
+    )
     return n if n >= want else None
 
 
@@ -516,15 +627,22 @@ async def _raw_jetstream_latency(peer, n: int) -> list[float]:
     """Publish one message to a FILE stream, wait for its ack, then pull it with a durable
     consumer: the JetStream part of the live path without the hub's code."""
     js = peer.jetstream(timeout=5.0)
-    await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=[RAW_SUBJECT.format("*")],
-                                     storage=StorageType.FILE, duplicate_window=120.0))
+    await js.add_stream(
+        StreamConfig(
+            name=RAW_STREAM,
+            subjects=[RAW_SUBJECT.format("*")],
+            storage=StorageType.FILE,
+            duplicate_window=120.0,
+        )
+    )
     try:
         sub = await js.pull_subscribe(RAW_SUBJECT.format("*"), durable="bench-raw")
         samples = []
         for i in range(n):
             t0 = time.perf_counter()
-            await js.publish(RAW_SUBJECT.format("live"), b"x" * 900,
-                             headers={"Nats-Msg-Id": f"live-{i}"})
+            await js.publish(
+                RAW_SUBJECT.format("live"), b"x" * 900, headers={"Nats-Msg-Id": f"live-{i}"}
+            )
             msgs = await sub.fetch(batch=1, timeout=5)
             await msgs[0].ack()
             samples.append(time.perf_counter() - t0)
@@ -565,18 +683,30 @@ async def test_bench_live_latency(hub, http, desktop, peer):
     raw_core = await _raw_core_latency(hub, peer, N_LIVE)
     raw_js = await _raw_jetstream_latency(peer, min(N_LIVE, 200))
     assert len(samples) == N_LIVE
-    table(f"3. Live latency: relay.relay() on the Desktop -> frame on the hub SSE tail, "
-          f"{N_LIVE} events one at a time", LATENCY_HEADER,
-          [latency_row("Desktop relay -> SSE frame", samples),
-           latency_row("  relay -> committed in PostgreSQL", to_commit),
-           latency_row("    of which the projection transaction", pg),
-           latency_row("  committed -> SSE frame parsed", commit_to_sse),
-           latency_row("baseline: raw JetStream publish+ack+pull fetch(1)", raw_js),
-           latency_row("baseline: raw core NATS publish -> subscriber", raw_core)])
-    table("3. Ratios", ["ratio", "p50", "p99"],
-          [["live latency / raw JetStream publish+pull",
-            f"{pct(samples, 50) / pct(raw_js, 50):.1f}x",
-            f"{pct(samples, 99) / pct(raw_js, 99):.1f}x"]])
+    table(
+        f"3. Live latency: relay.relay() on the Desktop -> frame on the hub SSE tail, "
+        f"{N_LIVE} events one at a time",
+        LATENCY_HEADER,
+        [
+            latency_row("Desktop relay -> SSE frame", samples),
+            latency_row("  relay -> committed in PostgreSQL", to_commit),
+            latency_row("    of which the projection transaction", pg),
+            latency_row("  committed -> SSE frame parsed", commit_to_sse),
+            latency_row("baseline: raw JetStream publish+ack+pull fetch(1)", raw_js),
+            latency_row("baseline: raw core NATS publish -> subscriber", raw_core),
+        ],
+    )
+    table(
+        "3. Ratios",
+        ["ratio", "p50", "p99"],
+        [
+            [
+                "live latency / raw JetStream publish+pull",
+                f"{pct(samples, 50) / pct(raw_js, 50):.1f}x",
+                f"{pct(samples, 99) / pct(raw_js, 99):.1f}x",
+            ]
+        ],
+    )
 
 
 async def _wait_frame(tail, seen: int, marker: str, timeout: float = 10.0) -> int:

@@ -58,9 +58,16 @@ def pct(samples: list[float], q: float) -> float:
 async def _fill(hub, tenant: str) -> None:
     """N_ITEMS queued items, enqueued through the service (offers included)."""
     for i in range(N_ITEMS):
-        await hub.edge_work.enqueue(tenant, EnqueueWork.model_validate(
-            {"kind": "prompt", "sessionRef": {"workspaceId": "bench"},
-             "payload": {"text": f"item {i}"}}))
+        await hub.edge_work.enqueue(
+            tenant,
+            EnqueueWork.model_validate(
+                {
+                    "kind": "prompt",
+                    "sessionRef": {"workspaceId": "bench"},
+                    "payload": {"text": f"item {i}"},
+                }
+            ),
+        )
 
 
 class _Renewer:
@@ -102,16 +109,19 @@ async def _claim_loop(bus: GatewayBus, renewer: _Renewer, latencies: list[float]
 
 
 async def _bench_nats(hub, tenant: str, *, renew: bool = True) -> dict:
-    regs = [await add_registration(hub.pool, tenant, max_concurrent_work=N_ITEMS)
-            for _ in range(N_GATEWAYS)]
+    regs = [
+        await add_registration(hub.pool, tenant, max_concurrent_work=N_ITEMS)
+        for _ in range(N_GATEWAYS)
+    ]
     buses = [await GatewayBus.connect(hub, tenant, reg) for reg in regs]
     renewers = [_Renewer(bus) for bus in buses]
     tasks = [asyncio.create_task(r.run()) for r in renewers] if renew else []
     latencies: list[float] = []
     try:
         started = time.perf_counter()
-        counts = await asyncio.gather(*(_claim_loop(b, r, latencies)
-                                        for b, r in zip(buses, renewers)))
+        counts = await asyncio.gather(
+            *(_claim_loop(b, r, latencies) for b, r in zip(buses, renewers))
+        )
         elapsed = time.perf_counter() - started
         if renew:
             await asyncio.sleep(RENEW_EVERY * 1.5)  # a full renewal round of all leases
@@ -124,14 +134,21 @@ async def _bench_nats(hub, tenant: str, *, renew: bool = True) -> dict:
     renew_lat = [x for r in renewers for x in r.latencies]
     refused = [c for r in renewers for c in r.refused]
     assert sum(counts) == N_ITEMS and not refused, refused[:5]
-    return {"claims": sum(counts), "seconds": elapsed, "latencies": latencies,
-            "renewals": len(renew_lat), "renew_latencies": renew_lat,
-            "per_gateway": counts}
+    return {
+        "claims": sum(counts),
+        "seconds": elapsed,
+        "latencies": latencies,
+        "renewals": len(renew_lat),
+        "renew_latencies": renew_lat,
+        "per_gateway": counts,
+    }
 
 
 async def _bench_service(hub, tenant: str) -> dict:
-    regs = [await add_registration(hub.pool, tenant, max_concurrent_work=N_ITEMS)
-            for _ in range(N_GATEWAYS)]
+    regs = [
+        await add_registration(hub.pool, tenant, max_concurrent_work=N_ITEMS)
+        for _ in range(N_GATEWAYS)
+    ]
     latencies: list[float] = []
 
     async def loop(reg: str) -> int:
@@ -162,8 +179,9 @@ async def _bench_raw(dsn: str, tenant: str) -> dict:
             async with conn.transaction():
                 work_id = await conn.fetchval(_RAW_PICK, tenant)
                 if work_id is not None:
-                    await conn.execute(_RAW_LEASE, tenant, work_id, owner,
-                                       secrets.token_urlsafe(24))
+                    await conn.execute(
+                        _RAW_LEASE, tenant, work_id, owner, secrets.token_urlsafe(24)
+                    )
             latencies.append(time.perf_counter() - t0)
             if work_id is None:
                 return got
@@ -194,15 +212,19 @@ async def _leased_once(hub, tenant: str) -> None:
     """Every item leased, each exactly once (checked before any 3 s lease can lapse)."""
     counts = await hub.pool.fetchrow(
         "SELECT count(*) FILTER (WHERE state = 'leased' AND attempts = 1) AS once, "
-        "count(*) AS total FROM edge_work WHERE tenant = $1", tenant)
+        "count(*) AS total FROM edge_work WHERE tenant = $1",
+        tenant,
+    )
     assert tuple(counts) == (N_ITEMS, N_ITEMS), (tenant, tuple(counts))
 
 
 def _row(name: str, r: dict) -> str:
     lat = [x * 1e3 for x in r["latencies"]]
     rate = r["claims"] / r["seconds"]
-    return (f"| {name:<44} | {r['claims']:>5} | {r['seconds']:>6.2f} | {rate:>8,.0f} | "
-            f"{pct(lat, 50):>6.2f} | {pct(lat, 99):>6.2f} |")
+    return (
+        f"| {name:<44} | {r['claims']:>5} | {r['seconds']:>6.2f} | {rate:>8,.0f} | "
+        f"{pct(lat, 50):>6.2f} | {pct(lat, 99):>6.2f} |"
+    )
 
 
 async def test_bench_claims(hub, database_url_module):
@@ -219,21 +241,31 @@ async def test_bench_claims(hub, database_url_module):
     await _leased_once(hub, tenants["raw"])
 
     renew = [x * 1e3 for x in nats_run["renew_latencies"]]
-    rates = {k: r["claims"] / r["seconds"] for k, r in
-             (("nats", nats_run), ("bare", bare_run), ("svc", svc_run), ("raw", raw_run))}
+    rates = {
+        k: r["claims"] / r["seconds"]
+        for k, r in (("nats", nats_run), ("bare", bare_run), ("svc", svc_run), ("raw", raw_run))
+    }
     print(f"\n### Edge work claims ({N_ITEMS:,} items, {N_GATEWAYS} concurrent claimers)\n")
-    print("| path                                         | items | secs   | claims/s "
-          "| p50 ms | p99 ms |")
-    print("|----------------------------------------------|------:|-------:|---------:"
-          "|-------:|-------:|")
+    print(
+        "| path                                         | items | secs   | claims/s "
+        "| p50 ms | p99 ms |"
+    )
+    print(
+        "|----------------------------------------------|------:|-------:|---------:"
+        "|-------:|-------:|"
+    )
     print(_row("Gateways over NATS (+ renewals of all leases)", nats_run))
     print(_row("Gateways over NATS, no renewals", bare_run))
     print(_row("EdgeWorkService.claim, no bus, no renewals", svc_run))
     print(_row("baseline: raw SKIP LOCKED + UPDATE", raw_run))
-    print(f"\nrenewals during the NATS run: {nats_run['renewals']:,} "
-          f"(p50 {pct(renew, 50):.2f} ms, p99 {pct(renew, 99):.2f} ms, none refused); "
-          f"claims per Gateway: {nats_run['per_gateway']}")
-    print(f"ratio NATS path / raw: {rates['nats'] / rates['raw']:.2f}x; "
-          f"NATS without renewals / raw: {rates['bare'] / rates['raw']:.2f}x; "
-          f"service / raw: {rates['svc'] / rates['raw']:.2f}x; "
-          f"mean NATS claim {statistics.mean(nats_run['latencies']) * 1e3:.2f} ms")
+    print(
+        f"\nrenewals during the NATS run: {nats_run['renewals']:,} "
+        f"(p50 {pct(renew, 50):.2f} ms, p99 {pct(renew, 99):.2f} ms, none refused); "
+        f"claims per Gateway: {nats_run['per_gateway']}"
+    )
+    print(
+        f"ratio NATS path / raw: {rates['nats'] / rates['raw']:.2f}x; "
+        f"NATS without renewals / raw: {rates['bare'] / rates['raw']:.2f}x; "
+        f"service / raw: {rates['svc'] / rates['raw']:.2f}x; "
+        f"mean NATS claim {statistics.mean(nats_run['latencies']) * 1e3:.2f} ms"
+    )

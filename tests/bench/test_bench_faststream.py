@@ -133,8 +133,9 @@ def answer(tenant: str, request: Envelope) -> Envelope:
     beat = request.data
     state = WorkerState.ACTIVE if beat.liveness == "alive" else WorkerState.DRAINING
     Tally.handled += 1
-    return Envelope.wrap(GatewayHeartbeatReply(state=state), source=HUB, tenant=tenant,
-                         correlation_id=request.id)
+    return Envelope.wrap(
+        GatewayHeartbeatReply(state=state), source=HUB, tenant=tenant, correlation_id=request.id
+    )
 
 
 def check_envelope(envelope: Envelope, model: type) -> None:
@@ -173,6 +174,7 @@ async def raw_responder(url: str) -> Any:
     async def stop() -> None:
         await sub.unsubscribe()
         await nc.close()
+
     return stop
 
 
@@ -189,6 +191,7 @@ async def _started(broker: Any) -> Any:
 
     async def stop() -> None:
         await broker.stop()
+
     return stop
 
 
@@ -256,8 +259,11 @@ async def fs_pyd_responder(url: str) -> Any:
     router = NatsRouter()
 
     @router.subscriber(HEARTBEAT.template, queue=QUEUE)
-    async def handle(envelope: Envelope[GatewayHeartbeat], tenant: str = SubjectPart(),
-                     registration_id: str = SubjectPart()) -> Envelope:
+    async def handle(
+        envelope: Envelope[GatewayHeartbeat],
+        tenant: str = SubjectPart(),
+        registration_id: str = SubjectPart(),
+    ) -> Envelope:
         check_tenant(tenant)
         check_token(registration_id)
         check_envelope(envelope, GatewayHeartbeat)
@@ -284,10 +290,14 @@ async def fs_pyd_lean_responder(url: str) -> Any:
     return await _started(broker)
 
 
-RESPONDERS = {"raw": raw_responder, "fs-raw": fs_raw_responder,
-              "fs-raw-lean": fs_raw_lean_responder, "fs-bare": fs_bare_responder,
-              "fs-pyd": fs_pyd_responder,
-              "fs-pyd-lean": fs_pyd_lean_responder}
+RESPONDERS = {
+    "raw": raw_responder,
+    "fs-raw": fs_raw_responder,
+    "fs-raw-lean": fs_raw_lean_responder,
+    "fs-bare": fs_bare_responder,
+    "fs-pyd": fs_pyd_responder,
+    "fs-pyd-lean": fs_pyd_lean_responder,
+}
 
 
 # --------------------------------------------------------------------------
@@ -301,15 +311,18 @@ async def raw_drain(url: str, durable: str) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    sub = await js.pull_subscribe(DEVICE_EVENT.filter(), durable=durable, stream=STREAM,
-                                  config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
-                                                        deliver_policy=DeliverPolicy.ALL))
+    sub = await js.pull_subscribe(
+        DEVICE_EVENT.filter(),
+        durable=durable,
+        stream=STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL),
+    )
     deadline = time.monotonic() + 120
     try:
         while Tally.handled < JS_MESSAGES and time.monotonic() < deadline:
             try:
                 msgs = await sub.fetch(batch=JS_BATCH, timeout=1.0)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             for msg in msgs:
                 consume_event(DEVICE_EVENT.parse(msg.subject), decode(msg.data, DeviceEvent))
@@ -338,10 +351,12 @@ def _js_options(durable: str) -> dict:
     from faststream.nats import JStream, PullSub
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    return {"stream": JStream(STREAM, declare=False), "durable": durable,
-            "pull_sub": PullSub(batch_size=JS_BATCH, timeout=1.0),
-            "config": ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
-                                     deliver_policy=DeliverPolicy.ALL)}
+    return {
+        "stream": JStream(STREAM, declare=False),
+        "durable": durable,
+        "pull_sub": PullSub(batch_size=JS_BATCH, timeout=1.0),
+        "config": ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL),
+    }
 
 
 async def fs_raw_drain(url: str, durable: str) -> None:
@@ -350,8 +365,9 @@ async def fs_raw_drain(url: str, durable: str) -> None:
     def register(router: Any, broker: Any) -> None:
         @router.subscriber(DEVICE_EVENT.filter(), **_js_options(durable))
         async def handle(msg: NatsMessage) -> None:
-            consume_event(DEVICE_EVENT.parse(msg.raw_message.subject),
-                          decode(msg.body, DeviceEvent))
+            consume_event(
+                DEVICE_EVENT.parse(msg.raw_message.subject), decode(msg.body, DeviceEvent)
+            )
 
     await _fs_drain(url, register)
 
@@ -379,15 +395,19 @@ async def fs_pyd_drain(url: str, durable: str) -> None:
 
     def register(router: Any, broker: Any) -> None:
         @router.subscriber(DEVICE_EVENT.template, **_js_options(durable))
-        async def handle(event: Envelope[DeviceEvent], tenant: str = SubjectPart(),
-                         device_id: str = SubjectPart(), event_kind: str = SubjectPart()
-                         ) -> None:
+        async def handle(
+            event: Envelope[DeviceEvent],
+            tenant: str = SubjectPart(),
+            device_id: str = SubjectPart(),
+            event_kind: str = SubjectPart(),
+        ) -> None:
             check_tenant(tenant)
             check_token(device_id)
             check_token(event_kind)
             check_envelope(event, DeviceEvent)
-            consume_event({"tenant": tenant, "device_id": device_id,
-                           "event_kind": event_kind}, event)
+            consume_event(
+                {"tenant": tenant, "device_id": device_id, "event_kind": event_kind}, event
+            )
 
     await _fs_drain(url, register)
 
@@ -402,8 +422,14 @@ async def fs_pyd_lean_drain(url: str, durable: str) -> None:
     await _fs_drain(url, register)
 
 
-DRAINS = {"raw": raw_drain, "fs-raw": fs_raw_drain, "fs-raw-lean": fs_raw_lean_drain,
-          "fs-bare": fs_bare_drain, "fs-pyd": fs_pyd_drain, "fs-pyd-lean": fs_pyd_lean_drain}
+DRAINS = {
+    "raw": raw_drain,
+    "fs-raw": fs_raw_drain,
+    "fs-raw-lean": fs_raw_lean_drain,
+    "fs-bare": fs_bare_drain,
+    "fs-pyd": fs_pyd_drain,
+    "fs-pyd-lean": fs_pyd_lean_drain,
+}
 
 
 # --------------------------------------------------------------------------
@@ -416,9 +442,14 @@ def _requests(count: int) -> list[tuple[str, str, bytes]]:
     out = []
     for i in range(count):
         alive = i % 4 != 3
-        beat = GatewayHeartbeat(liveness="alive" if alive else "stopping", mode="active",
-                                health="healthy", current_load=i % 8,
-                                active_work_ids=[f"w{i}", f"w{i + 1}"], heartbeat_sequence=i)
+        beat = GatewayHeartbeat(
+            liveness="alive" if alive else "stopping",
+            mode="active",
+            health="healthy",
+            current_load=i % 8,
+            active_work_ids=[f"w{i}", f"w{i + 1}"],
+            heartbeat_sequence=i,
+        )
         envelope = Envelope.wrap(beat, source=GATEWAY, tenant=TENANT)
         out.append((envelope.id, "active" if alive else "draining", envelope.encode()))
     return out
@@ -471,28 +502,48 @@ async def _loadgen(spec: dict) -> dict:
     for index, data in replies:
         try:
             envelope = decode(data, GatewayHeartbeatReply)
-            ok = (envelope.correlation_id == requests[index][0] and envelope.tenant == TENANT
-                  and envelope.data.state == requests[index][1])
+            ok = (
+                envelope.correlation_id == requests[index][0]
+                and envelope.tenant == TENANT
+                and envelope.data.state == requests[index][1]
+            )
         except Exception:
             ok = False
         wrong += not ok
     ordered = sorted(latencies)
-    return {"ok": len(replies), "wrong": wrong, "errors": errors, "window": window,
-            "rps": len(replies) / window if window > 0 else 0.0,
-            "p50Ms": _pct(ordered, 50) * 1000 if ordered else None,
-            "p99Ms": _pct(ordered, 99) * 1000 if ordered else None,
-            "clientCpuSeconds": cpu}
+    return {
+        "ok": len(replies),
+        "wrong": wrong,
+        "errors": errors,
+        "window": window,
+        "rps": len(replies) / window if window > 0 else 0.0,
+        "p50Ms": _pct(ordered, 50) * 1000 if ordered else None,
+        "p99Ms": _pct(ordered, 99) * 1000 if ordered else None,
+        "clientCpuSeconds": cpu,
+    }
 
 
 async def run_load(url: str, concurrency: int, duration: float) -> dict:
-    spec = {"url": url, "concurrency": concurrency, "warmupSeconds": WARMUP,
-            "durationSeconds": duration, "maxRequests": MAX_REQUESTS, "timeout": 5.0}
+    spec = {
+        "url": url,
+        "concurrency": concurrency,
+        "warmupSeconds": WARMUP,
+        "durationSeconds": duration,
+        "maxRequests": MAX_REQUESTS,
+        "timeout": 5.0,
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(Path(__file__).resolve()), "--loadgen", cwd=str(ROOT),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()),
-                                      timeout=WARMUP + duration + 60)
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--loadgen",
+        cwd=str(ROOT),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(
+        proc.communicate(json.dumps(spec).encode()), timeout=WARMUP + duration + 60
+    )
     assert proc.returncode == 0, err.decode()[-2000:]
     return json.loads(out.decode().strip().splitlines()[-1])
 
@@ -508,8 +559,9 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(1200)]
 @pytest.fixture(scope="module")
 async def bench_nats(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("faststream.nats", reason="install the bench extra: .[dev,bench]")
-    server = NatsServer(store_dir=tmp_path_factory.mktemp("bench-faststream"),
-                        host="127.0.0.1", port=0)
+    server = NatsServer(
+        store_dir=tmp_path_factory.mktemp("bench-faststream"), host="127.0.0.1", port=0
+    )
     await server.start()
     try:
         yield server.url
@@ -523,9 +575,9 @@ async def _measure(url: str, name: str, concurrency: int, duration: float) -> di
         nc = await nats.connect(url)  # one request first: the responder answers
         try:
             probe = _requests(1)[0]
-            reply = await nc.request(HEARTBEAT.build(tenant=TENANT,
-                                                     registration_id=REGISTRATION),
-                                     probe[2], timeout=5)
+            reply = await nc.request(
+                HEARTBEAT.build(tenant=TENANT, registration_id=REGISTRATION), probe[2], timeout=5
+            )
             assert decode(reply.data, GatewayHeartbeatReply).correlation_id == probe[0]
         finally:
             await nc.close()
@@ -540,25 +592,32 @@ async def _measure(url: str, name: str, concurrency: int, duration: float) -> di
     return result
 
 
-def _report(title: str, rows: dict[str, list[dict]], columns: list[tuple[str, str, str]],
-            ratios: list[tuple[str, str]]) -> None:
+def _report(
+    title: str,
+    rows: dict[str, list[dict]],
+    columns: list[tuple[str, str, str]],
+    ratios: list[tuple[str, str]],
+) -> None:
     """Median of each column over the rounds, and each round's ratio to raw's in the
     same round: median (min-max)."""
     print(f"\n{title}")
-    print(f"{'variant':12}" + "".join(f"{label:>14}" for _, label, _ in columns)
-          + "".join(f"{label:>24}" for _, label in ratios))
+    print(
+        f"{'variant':12}"
+        + "".join(f"{label:>14}" for _, label, _ in columns)
+        + "".join(f"{label:>24}" for _, label in ratios)
+    )
     for name, results in rows.items():
         line = f"{name:12}" + "".join(
             f"{format(statistics.median(r[key] for r in results), fmt):>14}"
-            for key, _, fmt in columns)
+            for key, _, fmt in columns
+        )
         for key, _ in ratios:
             each = [r[key] / raw[key] for r, raw in zip(results, rows["raw"])]
             line += f"{statistics.median(each):.2f} ({min(each):.2f}-{max(each):.2f})".rjust(24)
         print(line)
     key, label, fmt = columns[0]
     for name, results in rows.items():
-        print(f"  {label} per round, {name}: "
-              + ", ".join(format(r[key], fmt) for r in results))
+        print(f"  {label} per round, {name}: " + ", ".join(format(r[key], fmt) for r in results))
 
 
 async def test_request_reply_raw_vs_faststream(bench_nats: str) -> None:
@@ -572,13 +631,20 @@ async def test_request_reply_raw_vs_faststream(bench_nats: str) -> None:
                 assert result["wrong"] == 0, (name, result)
                 assert result["ok"] > 0 and result["rps"] > 0, (name, result)
                 rows[name].append(result)
-        _report(f"Request/reply, gateway heartbeat, {concurrency} in flight, "
-                f"{duration:g} s measured after {WARMUP:g} s warm-up, {ROUNDS} rounds "
-                f"(median; ratio to raw: median (min-max over rounds))", rows,
-                [("rps", "req/s", ".0f"), ("p50Ms", "p50 ms", ".3f"),
-                 ("p99Ms", "p99 ms", ".3f"), ("cpuUs", "CPU us/req", ".1f"),
-                 ("clientCpuUs", "client us/req", ".1f")],
-                [("rps", "req/s vs raw"), ("cpuUs", "CPU/req vs raw")])
+        _report(
+            f"Request/reply, gateway heartbeat, {concurrency} in flight, "
+            f"{duration:g} s measured after {WARMUP:g} s warm-up, {ROUNDS} rounds "
+            f"(median; ratio to raw: median (min-max over rounds))",
+            rows,
+            [
+                ("rps", "req/s", ".0f"),
+                ("p50Ms", "p50 ms", ".3f"),
+                ("p99Ms", "p99 ms", ".3f"),
+                ("cpuUs", "CPU us/req", ".1f"),
+                ("clientCpuUs", "client us/req", ".1f"),
+            ],
+            [("rps", "req/s vs raw"), ("cpuUs", "CPU/req vs raw")],
+        )
 
 
 async def _fill_stream(url: str) -> None:
@@ -593,9 +659,15 @@ async def _fill_stream(url: str) -> None:
     await js.add_stream(StreamConfig(name=STREAM, subjects=[DEVICE_EVENT.filter(tenant=TENANT)]))
     subject = DEVICE_EVENT.build(tenant=TENANT, device_id=DEVICE, event_kind="status")
     for i in range(JS_MESSAGES):
-        event = DeviceEvent(id=f"e{i}", pairing_id=DEVICE, type="status",
-                            workspace_id="ws1", sequence=i, occurred_at=time.time(),
-                            payload={"status": "idle", "n": i})
+        event = DeviceEvent(
+            id=f"e{i}",
+            pairing_id=DEVICE,
+            type="status",
+            workspace_id="ws1",
+            sequence=i,
+            occurred_at=time.time(),
+            payload={"status": "idle", "n": i},
+        )
         await nc.publish(subject, Envelope.wrap(event, source=GATEWAY, tenant=TENANT).encode())
         if i % 1000 == 999:
             await nc.flush()
@@ -621,16 +693,18 @@ async def test_jetstream_pull_raw_vs_faststream(bench_nats: str) -> None:
             assert Tally.handled == JS_MESSAGES, (name, Tally.handled)
             span = Tally.last_at - Tally.first_at
             assert span > 0
-            rows[name].append({"mps": (JS_MESSAGES - 1) / span,
-                               "cpuUs": cpu / JS_MESSAGES * 1e6})
+            rows[name].append({"mps": (JS_MESSAGES - 1) / span, "cpuUs": cpu / JS_MESSAGES * 1e6})
     nc = await nats.connect(url)
     state = (await nc.jetstream().stream_info(STREAM)).state
     await nc.close()
     assert state.messages == JS_MESSAGES
-    _report(f"JetStream pull consumer, device.event, {JS_MESSAGES} messages, batch "
-            f"{JS_BATCH}, {ROUNDS} rounds (median; ratio to raw: median (min-max))", rows,
-            [("mps", "msg/s", ".0f"), ("cpuUs", "CPU us/msg", ".1f")],
-            [("mps", "msg/s vs raw"), ("cpuUs", "CPU/msg vs raw")])
+    _report(
+        f"JetStream pull consumer, device.event, {JS_MESSAGES} messages, batch "
+        f"{JS_BATCH}, {ROUNDS} rounds (median; ratio to raw: median (min-max))",
+        rows,
+        [("mps", "msg/s", ".0f"), ("cpuUs", "CPU us/msg", ".1f")],
+        [("mps", "msg/s vs raw"), ("cpuUs", "CPU/msg vs raw")],
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--loadgen"]:

@@ -24,7 +24,8 @@ def fence_state_closed(chunk: str) -> bool:
 words = st.text(alphabet="abcdefghij xyz.,", min_size=1, max_size=30)
 prose = st.lists(st.one_of(words, st.just("\n"), st.just("\n\n")), max_size=40).map("".join)
 code_block = st.tuples(st.sampled_from(["", "python", "js", "bash"]), prose).map(
-    lambda t: f"\n```{t[0]}\n{t[1]}\n```\n")
+    lambda t: f"\n```{t[0]}\n{t[1]}\n```\n"
+)
 documents = st.lists(st.one_of(prose, code_block), max_size=8).map("".join)
 
 

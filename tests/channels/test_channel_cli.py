@@ -13,22 +13,37 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakeplatforms import webhook_request
+from fakeplatforms.cli import FakeCli
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from channels import BadRequest, DeliveryFailed, InstanceConfig, VerificationFailed
 from channels.providers._cli import CliProvider, CliSecrets, CliSettings
-from fakeplatforms import webhook_request
-from fakeplatforms.cli import FakeCli
-from schemas import (ChannelInbound, ChannelOutbound, ChannelReceipt, ChannelTarget, Envelope,
-                     Source, decode, parse_creds, render_creds, subjects)
+from schemas import (
+    ChannelInbound,
+    ChannelOutbound,
+    ChannelReceipt,
+    ChannelTarget,
+    Envelope,
+    Source,
+    decode,
+    parse_creds,
+    render_creds,
+    subjects,
+)
 
 COWORK = str(Path(sys.executable).parent / "cowork")
 
 
 def cli_provider(output, **settings) -> CliProvider:
-    config = InstanceConfig(tenant="acme", instance_id="cli-unit", kind="cli",
-                            workspace_id="ws1", settings=CliSettings(**settings),
-                            secrets=CliSecrets())
+    config = InstanceConfig(
+        tenant="acme",
+        instance_id="cli-unit",
+        kind="cli",
+        workspace_id="ws1",
+        settings=CliSettings(**settings),
+        secrets=CliSecrets(),
+    )
     return CliProvider(config, None, output=output)
 
 
@@ -40,7 +55,10 @@ def test_lines_become_messages_from_the_local_user():
     provider.verify(plain)
     [msg] = provider.parse(plain).messages
     assert (msg.target.chat_id, msg.sender.provider_user_id, msg.text) == (
-        "local", "ada", "what changed today?")
+        "local",
+        "ada",
+        "what changed today?",
+    )
     assert msg.provider_kind == "cli" and msg.workspace_id == "ws1"
     [again] = provider.parse(fake.line("what changed today?")).messages
     assert again.id != msg.id  # typing the same line twice is two messages
@@ -66,24 +84,51 @@ async def test_deliveries_are_printed_readably_and_edits_find_their_message():
     out = io.StringIO()
     provider = cli_provider(out)
     target = ChannelTarget(chat_id="local")
-    sent = await provider.send(ChannelOutbound(
-        delivery_id="d1", idempotency_key="d1", type="text", target=target, text="Working"))
-    await provider.send(ChannelOutbound(
-        delivery_id="d2", idempotency_key="d2", type="edit", target=target,
-        edit_of_delivery_id="d1", text="Working... done"))
-    assert out.getvalue().splitlines() == [f"[{sent.provider_message_id}] Working",
-                                           f"[{sent.provider_message_id} edited] Working... done"]
+    sent = await provider.send(
+        ChannelOutbound(
+            delivery_id="d1", idempotency_key="d1", type="text", target=target, text="Working"
+        )
+    )
+    await provider.send(
+        ChannelOutbound(
+            delivery_id="d2",
+            idempotency_key="d2",
+            type="edit",
+            target=target,
+            edit_of_delivery_id="d1",
+            text="Working... done",
+        )
+    )
+    assert out.getvalue().splitlines() == [
+        f"[{sent.provider_message_id}] Working",
+        f"[{sent.provider_message_id} edited] Working... done",
+    ]
     with pytest.raises(DeliveryFailed) as caught:
-        await provider.send(ChannelOutbound(delivery_id="d3", idempotency_key="d3", type="edit",
-                                            target=target, edit_of_delivery_id="nope", text="x"))
+        await provider.send(
+            ChannelOutbound(
+                delivery_id="d3",
+                idempotency_key="d3",
+                type="edit",
+                target=target,
+                edit_of_delivery_id="nope",
+                text="x",
+            )
+        )
     assert caught.value.permanent
 
 
 async def test_json_output_is_one_delivery_per_line():
     fake = FakeCli()
     provider = cli_provider(fake.output, output_format="json")
-    await provider.send(ChannelOutbound(delivery_id="d1", idempotency_key="d1", type="text",
-                                        target=ChannelTarget(chat_id="local"), text="hi"))
+    await provider.send(
+        ChannelOutbound(
+            delivery_id="d1",
+            idempotency_key="d1",
+            type="text",
+            target=ChannelTarget(chat_id="local"),
+            text="hi",
+        )
+    )
     [record] = fake.delivered()
     assert record["deliveryId"] == "d1" and record["text"] == "hi" and record["messageId"]
 
@@ -100,22 +145,42 @@ async def cli_instance(hub, tmp_path):
     seed = _jwt.new_seed("user")
     issued = await hub.credentials.issue(
         Principal(PrincipalKind.CHANNEL, "acme", instance, workspaces=(workspace,)),
-        _jwt.public_key(seed))
+        _jwt.public_key(seed),
+    )
     creds = tmp_path / "cli.creds"
     creds.write_text(render_creds(issued.user_jwt, seed))
     outbound = subjects.CHANNEL_OUTBOUND.build(tenant="acme", instance_id=instance)
-    await hub.js.add_consumer("CW_CHANNEL_OUTBOUND", ConsumerConfig(
-        durable_name=subjects.edge_consumer("channel", instance), filter_subject=outbound,
-        ack_policy=AckPolicy.EXPLICIT, max_deliver=5))
+    await hub.js.add_consumer(
+        "CW_CHANNEL_OUTBOUND",
+        ConsumerConfig(
+            durable_name=subjects.edge_consumer("channel", instance),
+            filter_subject=outbound,
+            ack_policy=AckPolicy.EXPLICIT,
+            max_deliver=5,
+        ),
+    )
     return instance, workspace, creds
 
 
 async def start_cli(hub, instance, workspace, creds, *extra):
     return await asyncio.create_subprocess_exec(
-        COWORK, "channel", "cli", instance, "--nats", hub.settings.nats_servers[0],
-        "--creds", str(creds), "--tenant", "acme", "--workspace", workspace, *extra,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        COWORK,
+        "channel",
+        "cli",
+        instance,
+        "--nats",
+        hub.settings.nats_servers[0],
+        "--creds",
+        str(creds),
+        "--tenant",
+        "acme",
+        "--workspace",
+        workspace,
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def read_until(stream, needle: str, timeout: float = 10) -> list[str]:
@@ -130,19 +195,25 @@ async def read_until(stream, needle: str, timeout: float = 10) -> list[str]:
 
 
 def outbound(delivery_id: str, text: str, **fields) -> bytes:
-    delivery = ChannelOutbound(delivery_id=delivery_id, idempotency_key=delivery_id,
-                               target=ChannelTarget(chat_id="local"), text=text,
-                               **{"type": "text", **fields})
-    return Envelope.wrap(delivery, source=Source(principal_kind="hub", principal_id="hub"),
-                         tenant="acme").encode()
+    delivery = ChannelOutbound(
+        delivery_id=delivery_id,
+        idempotency_key=delivery_id,
+        target=ChannelTarget(chat_id="local"),
+        text=text,
+        **{"type": "text", **fields},
+    )
+    return Envelope.wrap(
+        delivery, source=Source(principal_kind="hub", principal_id="hub"), tenant="acme"
+    ).encode()
 
 
 async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instance):
     instance, workspace, creds = cli_instance
     inbound = await hub.js.pull_subscribe(
-        subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance,
-                                       workspace_id=workspace),
-        stream="CW_CHANNEL_INBOUND", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance, workspace_id=workspace),
+        stream="CW_CHANNEL_INBOUND",
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
     proc = await start_cli(hub, instance, workspace, creds, "--user", "ada")
     try:
         proc.stdin.write(b"please summarise the build\n")
@@ -151,33 +222,49 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
         envelope = decode(landed.data, ChannelInbound)
         msg = envelope.data
         assert (msg.text, msg.sender.provider_user_id, msg.provider) == (
-            "please summarise the build", "ada", instance)
+            "please summarise the build",
+            "ada",
+            instance,
+        )
         assert landed.headers["Nats-Msg-Id"] == msg.id
         assert (envelope.source.principal_kind, envelope.source.principal_id) == (
-            "channel", instance)
+            "channel",
+            instance,
+        )
 
         out = subjects.CHANNEL_OUTBOUND.build(tenant="acme", instance_id=instance)
         await hub.js.publish(out, outbound("dlv-1", "The build is green."))
         printed = await read_until(proc.stdout, "The build is green.")
         local = printed[-1].split("]")[0].lstrip("[")
-        await hub.js.publish(out, outbound("dlv-2", "The build is green. 12 tests ran.",
-                                           type="edit", edit_message_id=local))
-        assert "edited] The build is green. 12 tests ran." in (
-            await read_until(proc.stdout, "12 tests ran."))[-1]
+        await hub.js.publish(
+            out,
+            outbound(
+                "dlv-2", "The build is green. 12 tests ran.", type="edit", edit_message_id=local
+            ),
+        )
+        assert (
+            "edited] The build is green. 12 tests ran."
+            in (await read_until(proc.stdout, "12 tests ran."))[-1]
+        )
 
         # Created late: an idle ephemeral consumer is removed by the server after a while.
         receipts = await hub.js.pull_subscribe(
             subjects.CHANNEL_RECEIPT.build(tenant="acme", instance_id=instance),
-            stream="CW_CHANNEL_RECEIPTS", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            stream="CW_CHANNEL_RECEIPTS",
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
         seen = []
         async with asyncio.timeout(10):
             while len(seen) < 2:
                 for raw in await receipts.fetch(2, timeout=10):
                     seen.append(decode(raw.data, ChannelReceipt).data)
         assert [(r.delivery_id, r.status, r.provider_message_id) for r in seen] == [
-            ("dlv-1", "sent", local), ("dlv-2", "sent", local)]
-        info = await hub.js.consumer_info("CW_CHANNEL_OUTBOUND",
-                                          subjects.edge_consumer("channel", instance))
+            ("dlv-1", "sent", local),
+            ("dlv-2", "sent", local),
+        ]
+        info = await hub.js.consumer_info(
+            "CW_CHANNEL_OUTBOUND", subjects.edge_consumer("channel", instance)
+        )
         assert info.num_ack_pending == 0 and info.num_pending == 0
     finally:
         proc.stdin.close()
@@ -207,9 +294,11 @@ async def test_the_command_fails_clearly(hub, cli_instance, tmp_path):
     missing = await start_cli(hub, "cli-unknown", workspace, creds)
     _, err = await asyncio.wait_for(missing.communicate(b""), 20)
     assert missing.returncode == 5, err
-    assert err.decode().strip() == ("cowork: error: cannot open the delivery queue: this "
-                                    "credential is not for instance 'cli-unknown' of tenant "
-                                    "'acme'")
+    assert err.decode().strip() == (
+        "cowork: error: cannot open the delivery queue: this "
+        "credential is not for instance 'cli-unknown' of tenant "
+        "'acme'"
+    )
 
     from hub.auth import _jwt
     from hub.auth._permissions import Principal
@@ -218,17 +307,32 @@ async def test_the_command_fails_clearly(hub, cli_instance, tmp_path):
     seed = _jwt.new_seed("user")  # a valid credential, but the hub made no queue for it
     issued = await hub.credentials.issue(
         Principal(PrincipalKind.CHANNEL, "acme", "cli-noqueue", workspaces=(workspace,)),
-        _jwt.public_key(seed))
+        _jwt.public_key(seed),
+    )
     (tmp_path / "noqueue.creds").write_text(render_creds(issued.user_jwt, seed))
     proc = await start_cli(hub, "cli-noqueue", workspace, tmp_path / "noqueue.creds")
     _, err = await asyncio.wait_for(proc.communicate(b""), 20)
-    assert proc.returncode == 5 and "the hub has no delivery queue for instance 'cli-noqueue'" \
-        in err.decode()
+    assert (
+        proc.returncode == 5
+        and "the hub has no delivery queue for instance 'cli-noqueue'" in err.decode()
+    )
 
     proc = await asyncio.create_subprocess_exec(
-        COWORK, "channel", "cli", instance, "--nats", "nats://127.0.0.1:1", "--creds",
-        str(creds), "--tenant", "acme", "--workspace", workspace,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        COWORK,
+        "channel",
+        "cli",
+        instance,
+        "--nats",
+        "nats://127.0.0.1:1",
+        "--creds",
+        str(creds),
+        "--tenant",
+        "acme",
+        "--workspace",
+        workspace,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 4 and "cannot connect to NATS at nats://127.0.0.1:1" in err.decode()
 
@@ -243,18 +347,33 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     """`cowork channel login` makes the key here and gets the hub to sign it: the .creds
     file (0600) then serves `cowork channel cli` for that instance only."""
     instance, workspace = f"cli-{secrets.token_hex(4)}", f"ws-{secrets.token_hex(3)}"
-    created = await http.post("/api/v1/tenants/acme/channel-instances", json={
-        "instanceId": instance, "kind": "cli", "workspaceId": workspace,
-        "authority": "cloud_worker"})
+    created = await http.post(
+        "/api/v1/tenants/acme/channel-instances",
+        json={
+            "instanceId": instance,
+            "kind": "cli",
+            "workspaceId": workspace,
+            "authority": "cloud_worker",
+        },
+    )
     assert created.status_code == 201, created.text
     creds = tmp_path / "login.creds"
     env = {"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"}
 
     async def login(*args: str, token: bool = True) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            COWORK, "channel", "login", *args, "--hub-url", hub.http_url, "--tenant", "acme",
+            COWORK,
+            "channel",
+            "login",
+            *args,
+            "--hub-url",
+            hub.http_url,
+            "--tenant",
+            "acme",
             env=env if token else {"PATH": "/usr/bin:/bin"},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         return proc.returncode, out.decode(), err.decode()
 
@@ -275,19 +394,33 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     assert code == 2 and "COWORK_ADMIN_TOKEN" in err
 
     inbound = await hub.js.pull_subscribe(
-        subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance,
-                                       workspace_id=workspace),
-        stream="CW_CHANNEL_INBOUND", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance, workspace_id=workspace),
+        stream="CW_CHANNEL_INBOUND",
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
     wrong = await start_cli(hub, instance, "ws-elsewhere", creds)
     _, err = await asyncio.wait_for(wrong.communicate(b""), 15)
     assert wrong.returncode == 3 and err.decode().strip() == (
         f"cowork: error: this credential is bound to workspace {workspace!r}, not "
-        "'ws-elsewhere'; leave --workspace out")
+        "'ws-elsewhere'; leave --workspace out"
+    )
     proc = await asyncio.create_subprocess_exec(  # no --workspace: the credential's
-        COWORK, "channel", "cli", instance, "--nats", hub.settings.nats_servers[0],
-        "--creds", str(creds), "--tenant", "acme", "--user", "grace",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        COWORK,
+        "channel",
+        "cli",
+        instance,
+        "--nats",
+        hub.settings.nats_servers[0],
+        "--creds",
+        str(creds),
+        "--tenant",
+        "acme",
+        "--user",
+        "grace",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         proc.stdin.write(b"hello from a logged-in terminal\n")
         await proc.stdin.drain()
@@ -304,18 +437,34 @@ async def test_login_is_refused_for_every_kind_but_cli(hub, http, tmp_path):
     from hub.auth import nats_jwt as _jwt
 
     instance = f"tg-{secrets.token_hex(4)}"
-    created = await http.post("/api/v1/tenants/acme/channel-instances", json={
-        "instanceId": instance, "kind": "telegram", "workspaceId": "ws-tg",
-        "authority": "cloud_worker",
-        "settings": {"apiBase": "http://127.0.0.1:9", "allowLoopbackHttp": True},
-        "secrets": {"botToken": "123:abc", "webhookSecret": "whs_0123456789abcdef"}})
+    created = await http.post(
+        "/api/v1/tenants/acme/channel-instances",
+        json={
+            "instanceId": instance,
+            "kind": "telegram",
+            "workspaceId": "ws-tg",
+            "authority": "cloud_worker",
+            "settings": {"apiBase": "http://127.0.0.1:9", "allowLoopbackHttp": True},
+            "secrets": {"botToken": "123:abc", "webhookSecret": "whs_0123456789abcdef"},
+        },
+    )
     assert created.status_code == 201, created.text
     creds = tmp_path / "tg.creds"
     proc = await asyncio.create_subprocess_exec(
-        COWORK, "channel", "login", instance, "--creds-out", str(creds), "--hub-url",
-        hub.http_url, "--tenant", "acme",
+        COWORK,
+        "channel",
+        "login",
+        instance,
+        "--creds-out",
+        str(creds),
+        "--hub-url",
+        hub.http_url,
+        "--tenant",
+        "acme",
         env={"COWORK_ADMIN_TOKEN": hub.test_admin_token, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 3 and len(lines) == 1, lines
@@ -323,11 +472,19 @@ async def test_login_is_refused_for_every_kind_but_cli(hub, http, tmp_path):
     assert not creds.exists()
     # The admin API's other credential route cannot mint it either.
     key = _jwt.public_key(_jwt.new_seed("user"))
-    r = await http.post(f"/api/v1/tenants/acme/channel-instances/{instance}/credentials",
-                        json={"publicKey": key})
+    r = await http.post(
+        f"/api/v1/tenants/acme/channel-instances/{instance}/credentials", json={"publicKey": key}
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "channel_instance.hosted_kind"
-    r = await http.post("/api/v1/tenants/acme/credentials", json={
-        "kind": "channel", "principalId": instance, "publicKey": key, "workspaces": ["ws-tg"]})
+    r = await http.post(
+        "/api/v1/tenants/acme/credentials",
+        json={
+            "kind": "channel",
+            "principalId": instance,
+            "publicKey": key,
+            "workspaces": ["ws-tg"],
+        },
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "kind_not_issuable"
     principals = (await http.get("/api/v1/tenants/acme/principals")).json()["items"]
     assert not any(p["principalId"] == instance and key in str(p) for p in principals)

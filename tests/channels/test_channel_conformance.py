@@ -15,13 +15,19 @@ from typing import Any
 
 import httpx
 import pytest
+from fakeplatforms import FAKES, FakePlatform, webhook_request
 from pydantic import ValidationError
 
 import channels
-from channels import (Capabilities, DeliveryFailed, InstanceConfig, ProviderSettings,
-                      VerificationFailed, WebhookResult)
+from channels import (
+    Capabilities,
+    DeliveryFailed,
+    InstanceConfig,
+    ProviderSettings,
+    VerificationFailed,
+    WebhookResult,
+)
 from schemas import ChannelButton, ChannelFile, ChannelOutbound, ChannelTarget, DeliveryType
-from fakeplatforms import FAKES, FakePlatform, webhook_request
 
 KINDS = sorted(channels.PROVIDERS)
 TENANT = "acme"
@@ -51,15 +57,21 @@ class Rig:
 
 def make_config(kind: str, fake: FakePlatform, instance_id: str) -> InstanceConfig:
     cls = channels.PROVIDERS[kind]
-    return InstanceConfig(tenant=TENANT, instance_id=instance_id, kind=kind,
-                          workspace_id=WORKSPACE,
-                          settings=cls.settings_model.model_validate(fake.instance_settings()),
-                          secrets=cls.secrets_model.model_validate(fake.instance_secrets()))
+    return InstanceConfig(
+        tenant=TENANT,
+        instance_id=instance_id,
+        kind=kind,
+        workspace_id=WORKSPACE,
+        settings=cls.settings_model.model_validate(fake.instance_settings()),
+        secrets=cls.secrets_model.model_validate(fake.instance_secrets()),
+    )
 
 
 async def started_fake(kind: str) -> FakePlatform:
     if kind not in FAKES:
-        pytest.fail(f"provider kind {kind!r} has no fake platform in tests/kits/fakeplatforms FAKES")
+        pytest.fail(
+            f"provider kind {kind!r} has no fake platform in tests/kits/fakeplatforms FAKES"
+        )
     fake = FAKES[kind]()
     await fake.start()
     return fake
@@ -144,8 +156,9 @@ def test_settings_and_secrets_are_strict(rig: Rig) -> None:
     secrets = rig.fake.instance_secrets()
     with pytest.raises(ValidationError):
         cls.secrets_model.model_validate({**secrets, "surprise": "x"})
-    required = [name for name, field in cls.secrets_model.model_fields.items()
-                if field.is_required()]
+    required = [
+        name for name, field in cls.secrets_model.model_fields.items() if field.is_required()
+    ]
     for name in required:
         alias = cls.secrets_model.model_fields[name].alias or name
         without = {k: v for k, v in secrets.items() if k not in (name, alias)}
@@ -159,8 +172,11 @@ def test_settings_and_secrets_are_strict(rig: Rig) -> None:
 
 # --- inbound ---------------------------------------------------------------------------------
 def test_signed_message_parses(rig: Rig) -> None:
-    message = only_message(accepted(rig, rig.fake.signed_message(
-        "hello there", chat_id="100", user_id="7", event_id="41")))
+    message = only_message(
+        accepted(
+            rig, rig.fake.signed_message("hello there", chat_id="100", user_id="7", event_id="41")
+        )
+    )
     assert message.provider == rig.config.instance_id
     assert message.provider_kind == rig.kind
     assert message.workspace_id == WORKSPACE
@@ -172,8 +188,9 @@ def test_signed_message_parses(rig: Rig) -> None:
     assert message.text == "hello there"
     event_id = rig.fake.event_ref("41")
     assert message.provider_event_id == event_id
-    assert message.id == channels.message_id(TENANT, rig.config.instance_id,
-                                             message.event_type, event_id)
+    assert message.id == channels.message_id(
+        TENANT, rig.config.instance_id, message.event_type, event_id
+    )
     assert not message.is_command
     other = only_message(accepted(rig, rig.fake.signed_message("hello there", event_id="42")))
     assert other.id != message.id
@@ -182,8 +199,7 @@ def test_signed_message_parses(rig: Rig) -> None:
 def test_thread_is_parsed_when_declared(rig: Rig) -> None:
     if not rig.caps.threads:
         pytest.skip(f"{rig.kind} declares no threads")
-    message = only_message(accepted(rig, rig.fake.signed_message("in a thread",
-                                                                 thread_id="55")))
+    message = only_message(accepted(rig, rig.fake.signed_message("in a thread", thread_id="55")))
     assert message.target.thread_id == rig.fake.thread_ref("55")
 
 
@@ -210,8 +226,9 @@ async def test_instances_do_not_accept_each_others_requests(rig: Rig) -> None:
     needs_http_inbound(rig)
     other_fake = await started_fake(rig.kind)
     try:
-        other = channels.PROVIDERS[rig.kind](make_config(rig.kind, other_fake,
-                                                         f"{rig.kind}-other"), rig.http)
+        other = channels.PROVIDERS[rig.kind](
+            make_config(rig.kind, other_fake, f"{rig.kind}-other"), rig.http
+        )
         with pytest.raises(VerificationFailed):
             other.verify(rig.fake.signed_message("for the first instance"))
         with pytest.raises(VerificationFailed):
@@ -229,7 +246,7 @@ async def test_send_text_reaches_the_platform(rig: Rig) -> None:
 
 
 async def test_text_at_exactly_the_limit_is_accepted(rig: Rig) -> None:
-    text = ("word " * rig.caps.max_text_length)[:rig.caps.max_text_length - 1] + "!"
+    text = ("word " * rig.caps.max_text_length)[: rig.caps.max_text_length - 1] + "!"
     assert len(text) == rig.caps.max_text_length
     await rig.provider.send(outbound(rig, text=text))
     assert rig.fake.texts(rig.chat) == [text]
@@ -248,8 +265,12 @@ async def test_edit_changes_the_message_when_declared(rig: Rig) -> None:
 
 
 async def test_buttons_arrive_and_a_press_parses_back(rig: Rig) -> None:
-    rows = [[ChannelButton(label="Approve", token="tok-approve", style="success"),
-             ChannelButton(label="Deny", token="tok-deny", style="danger")]]
+    rows = [
+        [
+            ChannelButton(label="Approve", token="tok-approve", style="success"),
+            ChannelButton(label="Deny", token="tok-deny", style="danger"),
+        ]
+    ]
     delivery = outbound(rig, type="buttons", text="Run the tool?", buttons=rows)
     if rig.caps.buttons is None:
         await refused_permanently(rig, delivery)
@@ -262,18 +283,31 @@ async def test_buttons_arrive_and_a_press_parses_back(rig: Rig) -> None:
     assert press.event_type == "interaction"
     assert press.interaction is not None and press.interaction.token == "tok-deny"
     assert press.interaction.kind == "button"
-    assert press.sender.provider_user_id in (rig.user, rig.chat if press.target.is_direct
-                                             else rig.user)
+    assert press.sender.provider_user_id in (
+        rig.user,
+        rig.chat if press.target.is_direct else rig.user,
+    )
     too_long = "x" * (rig.caps.buttons.max_token_bytes + 1)
-    await refused_permanently(rig, outbound(rig, type="buttons", text="?", buttons=[
-        [ChannelButton(label="Too long", token=too_long)]]))
+    await refused_permanently(
+        rig,
+        outbound(
+            rig,
+            type="buttons",
+            text="?",
+            buttons=[[ChannelButton(label="Too long", token=too_long)]],
+        ),
+    )
 
 
 async def test_answering_an_interaction_when_declared(rig: Rig) -> None:
     press = rig.fake.signed_button_press("tok-1", event_id="45")
     interaction = only_message(accepted(rig, press)).interaction if press else None
-    delivery = outbound(rig, type="answer_interaction", text="Done",
-                        interaction=interaction or {"id": "i1", "token": "t", "kind": "button"})
+    delivery = outbound(
+        rig,
+        type="answer_interaction",
+        text="Done",
+        interaction=interaction or {"id": "i1", "token": "t", "kind": "button"},
+    )
     if rig.caps.interaction_ack == "none":
         await refused_permanently(rig, delivery)
         return
@@ -294,8 +328,7 @@ async def reaction_target(rig: Rig) -> ChannelTarget:
     """A user's message to react to, as the router names it (the inbound target with
     the platform's message id); Discord's slash commands carry no message id, so
     there a message the bot posted stands in."""
-    message = only_message(accepted(rig, rig.fake.signed_message("look at this",
-                                                                 event_id="46")))
+    message = only_message(accepted(rig, rig.fake.signed_message("look at this", event_id="46")))
     if message.provider_message_id:
         return message.target.model_copy(update={"message_id": message.provider_message_id})
     sent = await rig.provider.send(outbound(rig, text="posted"))
@@ -310,8 +343,11 @@ async def test_reaction_when_declared(rig: Rig) -> None:
         assert rig.fake.reactions == []
         return
     await rig.provider.send(delivery)
-    expected = (target.thread_id if rig.kind == "discord" and target.thread_id
-                else target.chat_id, target.message_id, rig.fake.reaction_ref("👀"))
+    expected = (
+        target.thread_id if rig.kind == "discord" and target.thread_id else target.chat_id,
+        target.message_id,
+        rig.fake.reaction_ref("👀"),
+    )
     assert rig.fake.reactions == [expected]
     # a re-served reaction is not a failure and shows once
     await rig.provider.send(delivery)
@@ -323,8 +359,12 @@ async def test_reaction_without_a_message_id_is_refused(rig: Rig) -> None:
     """The contract requires the message id; a delivery built without validation
     must still be refused cleanly, never sent half-formed."""
     delivery = ChannelOutbound.model_construct(
-        delivery_id="d-no-message", idempotency_key="d-no-message",
-        type=DeliveryType.REACTION, target=ChannelTarget(chat_id=rig.chat), reaction="👀")
+        delivery_id="d-no-message",
+        idempotency_key="d-no-message",
+        type=DeliveryType.REACTION,
+        target=ChannelTarget(chat_id=rig.chat),
+        reaction="👀",
+    )
     before = len(rig.fake.calls)
     await refused_permanently(rig, delivery)
     assert rig.fake.reactions == [] and len(rig.fake.calls) == before
@@ -332,9 +372,16 @@ async def test_reaction_without_a_message_id_is_refused(rig: Rig) -> None:
 
 async def test_file_upload_when_declared(rig: Rig) -> None:
     content = b"report contents\n" * 10
-    delivery = outbound(rig, type="file", text="the report", file=ChannelFile(
-        filename="report.txt", mime_type="text/plain",
-        content_base64=base64.b64encode(content).decode()))
+    delivery = outbound(
+        rig,
+        type="file",
+        text="the report",
+        file=ChannelFile(
+            filename="report.txt",
+            mime_type="text/plain",
+            content_base64=base64.b64encode(content).decode(),
+        ),
+    )
     if not rig.caps.file_upload:
         await refused_permanently(rig, delivery)
         return
@@ -385,10 +432,14 @@ async def test_probe(rig: Rig) -> None:
     if rig.fake.authenticates_api:
         other_fake = FAKES[rig.kind]()  # not started: only its (different) secrets are used
         cls = channels.PROVIDERS[rig.kind]
-        wrong = InstanceConfig(tenant=TENANT, instance_id=f"{rig.kind}-wrong", kind=rig.kind,
-                               workspace_id=WORKSPACE, settings=rig.config.settings,
-                               secrets=cls.secrets_model.model_validate(
-                                   other_fake.instance_secrets()))
+        wrong = InstanceConfig(
+            tenant=TENANT,
+            instance_id=f"{rig.kind}-wrong",
+            kind=rig.kind,
+            workspace_id=WORKSPACE,
+            settings=rig.config.settings,
+            secrets=cls.secrets_model.model_validate(other_fake.instance_secrets()),
+        )
         with pytest.raises(DeliveryFailed) as caught:
             await cls(wrong, rig.http).probe()
         assert caught.value.permanent
@@ -404,9 +455,15 @@ async def test_reaction_emoji_a_platform_cannot_show_is_refused_before_calling_i
             async with httpx.AsyncClient() as http:
                 config = make_config(kind, fake, f"{kind}-emoji")
                 rig = Rig(kind, fake, config, channels.PROVIDERS[kind](config, http), http)
-                failure = await refused_permanently(rig, outbound(
-                    rig, type="reaction", reaction=emoji,
-                    target=ChannelTarget(chat_id=rig.chat, message_id="1700000000.000001")))
+                failure = await refused_permanently(
+                    rig,
+                    outbound(
+                        rig,
+                        type="reaction",
+                        reaction=emoji,
+                        target=ChannelTarget(chat_id=rig.chat, message_id="1700000000.000001"),
+                    ),
+                )
                 assert failure.code == "delivery.invalid"
                 assert fake.calls == [] and fake.reactions == []
         finally:

@@ -25,8 +25,8 @@ from test_channel_runtime import (  # the shared test-only provider and helpers
 )
 
 from channels import DeliveryFailed
-from channels.runtime._delivery import DeliveryWorker
 from channels._registry import PROVIDERS
+from channels.runtime._delivery import DeliveryWorker
 from hub.core import _streams
 from schemas import DeliveryType, subjects
 
@@ -53,11 +53,14 @@ async def running(nats_url, bus):
         iid = new_id()
         await prepare(js, iid)
         receipts = await watch_receipts(nc, iid)
-        runtime = runtime_for(nats_url, **{"backoff_base_seconds": 0.05,
-                                           "backoff_cap_seconds": 0.2, **(options or {})})
+        runtime = runtime_for(
+            nats_url,
+            **{"backoff_base_seconds": 0.05, "backoff_cap_seconds": 0.2, **(options or {})},
+        )
         runtimes.append(runtime)
         await runtime.apply(config(iid, **settings))
         return FakeProvider.built[iid], receipts, iid, js, runtime
+
     yield start
     for runtime in runtimes:
         await runtime.stop()
@@ -102,8 +105,13 @@ async def test_long_text_is_chunked_in_order_and_a_retry_resumes(running):
     await deliver(js, iid, "long-1", text=text)
     await until(lambda: receipts, what="receipt")
     keys = [key for _, key in provider.attempt_times]
-    assert keys == ["long-1:chunk:0", "long-1:chunk:1", "long-1:chunk:1", "long-1:chunk:2",
-                    "long-1:chunk:3"]
+    assert keys == [
+        "long-1:chunk:0",
+        "long-1:chunk:1",
+        "long-1:chunk:1",
+        "long-1:chunk:2",
+        "long-1:chunk:3",
+    ]
     assert all(len(d.text) <= 100 for d in provider.sent)
     assert " ".join(d.text.strip() for d in provider.sent) == text
     assert receipts[0].status.value == "sent" and receipts[0].attempts == 2
@@ -113,43 +121,46 @@ async def test_long_text_is_chunked_in_order_and_a_retry_resumes(running):
 async def test_edits_change_the_message_and_overflow_goes_out_once(running):
     provider, receipts, iid, js, _ = await running()
     await deliver(js, iid, "s-1", text="Hello")
-    await deliver(js, iid, "s-2", type=DeliveryType.EDIT, text="Hello world",
-                  edit_of_delivery_id="s-1")
+    await deliver(
+        js, iid, "s-2", type=DeliveryType.EDIT, text="Hello world", edit_of_delivery_id="s-1"
+    )
     long = "Hello world " + "x" * 150
     await deliver(js, iid, "s-3", type=DeliveryType.EDIT, text=long, edit_of_delivery_id="s-1")
-    await deliver(js, iid, "s-4", type=DeliveryType.EDIT, text=long + " done",
-                  edit_of_delivery_id="s-1")
+    await deliver(
+        js, iid, "s-4", type=DeliveryType.EDIT, text=long + " done", edit_of_delivery_id="s-1"
+    )
     await until(lambda: len(receipts) == 4, what="4 receipts")
     sends = [(d.type.value, d.edit_message_id) for d in provider.sent]
     # s-2 edits m1; s-3 edits m1 and sends the overflow as m2; s-4 edits only m2
-    assert sends == [("text", None), ("edit", "m1"), ("edit", "m1"), ("text", None),
-                     ("edit", "m2")]
+    assert sends == [("text", None), ("edit", "m1"), ("edit", "m1"), ("text", None), ("edit", "m2")]
     assert provider.sent[1].text == "Hello world"
-    assert "".join(d.text for d in provider.sent[2:4]).replace("\n", "") \
-        .replace(" ", "") == long.replace(" ", "")
+    assert "".join(d.text for d in provider.sent[2:4]).replace("\n", "").replace(
+        " ", ""
+    ) == long.replace(" ", "")
 
 
 async def test_without_editing_only_new_suffixes_are_sent(running):
     caps = dataclasses.replace(FAKE_CAPS, edit=False)
     provider, receipts, iid, js, _ = await running(caps=caps)
     await deliver(js, iid, "n-1", text="Hello")
-    await deliver(js, iid, "n-2", type=DeliveryType.EDIT, text="Hello world",
-                  edit_of_delivery_id="n-1")
-    await deliver(js, iid, "n-3", type=DeliveryType.EDIT, text="Hello world",
-                  edit_of_delivery_id="n-1")  # nothing new: nothing sent
-    await deliver(js, iid, "n-4", type=DeliveryType.EDIT, text="Hello world again",
-                  edit_of_delivery_id="n-1")
+    await deliver(
+        js, iid, "n-2", type=DeliveryType.EDIT, text="Hello world", edit_of_delivery_id="n-1"
+    )
+    await deliver(
+        js, iid, "n-3", type=DeliveryType.EDIT, text="Hello world", edit_of_delivery_id="n-1"
+    )  # nothing new: nothing sent
+    await deliver(
+        js, iid, "n-4", type=DeliveryType.EDIT, text="Hello world again", edit_of_delivery_id="n-1"
+    )
     await until(lambda: len(receipts) == 4, what="4 receipts")
     assert [d.text for d in provider.sent] == ["Hello", " world", " again"]
-    assert all(d.type is DeliveryType.TEXT and d.edit_message_id is None
-               for d in provider.sent)
+    assert all(d.type is DeliveryType.TEXT and d.edit_message_id is None for d in provider.sent)
     assert {r.status.value for r in receipts} == {"sent"}
 
 
 async def test_retry_after_is_waited_exactly(running):
     provider, receipts, iid, js, _ = await running()
-    provider.failures.append(DeliveryFailed("slow down", code="fake.rate_limited",
-                                            retry_after=0.4))
+    provider.failures.append(DeliveryFailed("slow down", code="fake.rate_limited", retry_after=0.4))
     await deliver(js, iid, "ra-1")
     await until(lambda: receipts, what="receipt")
     (t1, _), (t2, _) = provider.attempt_times
@@ -158,8 +169,9 @@ async def test_retry_after_is_waited_exactly(running):
 
 
 async def test_backoff_then_dead_letter_after_max_attempts(running):
-    provider, receipts, iid, js, runtime = await running({"max_attempts": 3,
-                                                          "breaker_threshold": 100})
+    provider, receipts, iid, js, runtime = await running(
+        {"max_attempts": 3, "breaker_threshold": 100}
+    )
     provider.failures.extend([DeliveryFailed("platform down", code="fake.down")] * 3)
     await deliver(js, iid, "dl-1")
     await until(lambda: receipts, what="receipt")
@@ -171,18 +183,20 @@ async def test_backoff_then_dead_letter_after_max_attempts(running):
     health = runtime.health(iid)
     assert health["deadLettered"] == 1 and health["lastError"] == "fake.down: platform down"
     # a permanent failure is not retried; the next delivery in the lane still goes out
-    provider.failures.append(DeliveryFailed("chat not found", code="fake.bad_chat",
-                                            permanent=True))
+    provider.failures.append(DeliveryFailed("chat not found", code="fake.bad_chat", permanent=True))
     await deliver(js, iid, "dl-2")
     await deliver(js, iid, "ok-3", text="after")
     await until(lambda: len(receipts) == 3, what="3 receipts")
     assert [(r.delivery_id, r.status.value, r.attempts) for r in receipts[1:]] == [
-        ("dl-2", "dead_lettered", 1), ("ok-3", "sent", 1)]
+        ("dl-2", "dead_lettered", 1),
+        ("ok-3", "sent", 1),
+    ]
 
 
 async def test_breaker_degrades_pauses_and_recovers(running):
     provider, receipts, iid, js, runtime = await running(
-        {"breaker_threshold": 2, "breaker_cooldown_seconds": 0.5, "max_attempts": 10})
+        {"breaker_threshold": 2, "breaker_cooldown_seconds": 0.5, "max_attempts": 10}
+    )
     provider.failures.extend([DeliveryFailed("boom", code="fake.down")] * 2)
     await deliver(js, iid, "br-1")
     await until(lambda: runtime.health(iid)["state"] == "degraded", what="degraded")
@@ -190,8 +204,7 @@ async def test_breaker_degrades_pauses_and_recovers(running):
     await deliver(js, iid, "br-2", chat="other-chat")  # another lane pauses too
     await until(lambda: len(receipts) == 2, timeout=3, what="receipts")
     opened = provider.attempt_times[1][0]
-    assert [key for _, key in provider.attempt_times[2:]] in (["br-1", "br-2"],
-                                                              ["br-2", "br-1"])
+    assert [key for _, key in provider.attempt_times[2:]] in (["br-1", "br-2"], ["br-2", "br-1"])
     assert all(t - opened >= 0.5 for t, _ in provider.attempt_times[2:])
     assert runtime.health(iid)["state"] == "ready"
     assert runtime.health(iid)["consecutiveFailures"] == 0
@@ -205,8 +218,10 @@ async def test_typing_is_best_effort_and_an_invalid_delivery_is_dead_lettered(ru
     await until(lambda: receipts, what="receipt")
     assert [key for _, key in provider.attempt_times] == ["ty-1", "after-1"]  # no retry
     assert [r.delivery_id for r in receipts] == ["after-1"]
-    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=iid),
-                     b'{"type":"channel.outbound","data":{"deliveryId":"bad-1"}}')
+    await js.publish(
+        subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=iid),
+        b'{"type":"channel.outbound","data":{"deliveryId":"bad-1"}}',
+    )
     await until(lambda: len(receipts) == 2, what="dead-letter receipt")
     assert receipts[1].delivery_id == "bad-1"
     assert receipts[1].status.value == "dead_lettered"
@@ -214,8 +229,9 @@ async def test_typing_is_best_effort_and_an_invalid_delivery_is_dead_lettered(ru
 
 
 async def test_typing_is_skipped_where_the_platform_has_none(running):
-    provider, receipts, iid, js, _ = await running(caps=dataclasses.replace(FAKE_CAPS,
-                                                                             typing=False))
+    provider, receipts, iid, js, _ = await running(
+        caps=dataclasses.replace(FAKE_CAPS, typing=False)
+    )
     await deliver(js, iid, "ty-2", type=DeliveryType.TYPING, text=None)
     await deliver(js, iid, "after-2", text="next")
     await until(lambda: receipts, what="receipt")
@@ -241,21 +257,32 @@ async def test_a_telegram_instance_against_its_fake(nats_url, bus):
     runtime = runtime_for(nats_url)
     client = None
     try:
-        await runtime.apply(InstanceConfig(
-            tenant=TENANT, instance_id=iid, kind="telegram", workspace_id=f"ws-{iid}",
-            settings=TelegramSettings.model_validate(fake.instance_settings()),
-            secrets=TelegramSecrets.model_validate(fake.instance_secrets())))
+        await runtime.apply(
+            InstanceConfig(
+                tenant=TENANT,
+                instance_id=iid,
+                kind="telegram",
+                workspace_id=f"ws-{iid}",
+                settings=TelegramSettings.model_validate(fake.instance_settings()),
+                secrets=TelegramSecrets.model_validate(fake.instance_secrets()),
+            )
+        )
         assert runtime.health(iid)["state"] == "ready"
         app = web.Application()
         app.add_routes(runtime.routes())
         client = TestClient(TestServer(app))
         await client.start_server()
         signed = fake.signed_message("hello bot", chat_id="100", event_id="41")
-        response = await client.post(f"/webhooks/{iid}", data=signed.body,
-                                     headers=dict(signed.headers))
+        response = await client.post(
+            f"/webhooks/{iid}", data=signed.body, headers=dict(signed.headers)
+        )
         assert response.status == 200
-        stored = await js.get_last_msg("CW_CHANNEL_INBOUND", subjects.CHANNEL_INBOUND.build(
-            tenant=TENANT, instance_id=iid, workspace_id=f"ws-{iid}"))
+        stored = await js.get_last_msg(
+            "CW_CHANNEL_INBOUND",
+            subjects.CHANNEL_INBOUND.build(
+                tenant=TENANT, instance_id=iid, workspace_id=f"ws-{iid}"
+            ),
+        )
         assert decode(stored.data, ChannelInbound).data.text == "hello bot"
         forged = dict(signed.headers, **{"X-Telegram-Bot-Api-Secret-Token": "wrong"})
         response = await client.post(f"/webhooks/{iid}", data=signed.body, headers=forged)
@@ -283,7 +310,8 @@ async def sent_record(js, iid: str, delivery_id: str) -> dict:
 
 
 async def test_a_delivery_sent_before_a_crash_is_a_duplicate_for_the_next_process(
-        nats_url, bus, monkeypatch):
+    nats_url, bus, monkeypatch
+):
     """Sent and recorded, then the process dies before the receipt and the ack: the
     next process (an empty in-memory ledger) answers the redelivery "duplicate"."""
     nc, js = bus
@@ -298,6 +326,7 @@ async def test_a_delivery_sent_before_a_crash_is_a_duplicate_for_the_next_proces
             crashed.set()
             await asyncio.Future()  # hangs until the process "ends" (stop cancels it)
         await settle(self, msg, receipt)
+
     monkeypatch.setattr(DeliveryWorker, "_settle", crash_before_the_receipt)
     first = runtime_for(nats_url, stop_grace_seconds=0.1)
     await first.apply(config(iid))
@@ -305,8 +334,11 @@ async def test_a_delivery_sent_before_a_crash_is_a_duplicate_for_the_next_proces
     await asyncio.wait_for(crashed.wait(), 5)
     assert [d.text for d in FakeProvider.built[iid].sent] == ["exactly once"]
     assert await sent_record(js, iid, "cr-1") == {
-        "providerMessageIds": ["m1"], "parts": [["m1", "exactly once"]],
-        "text": "exactly once", "complete": True}
+        "providerMessageIds": ["m1"],
+        "parts": [["m1", "exactly once"]],
+        "text": "exactly once",
+        "complete": True,
+    }
     await first.stop()  # no receipt, no ack: the delivery goes back to the queue
     assert receipts == []
     second = runtime_for(nats_url)
@@ -329,20 +361,22 @@ async def test_an_edit_after_a_restart_finds_the_message_and_its_text(running, n
     try:
         await second.apply(config(iid, revision=2))
         later = FakeProvider.built[iid]
-        await deliver(js, iid, "rs-2", type=DeliveryType.EDIT, text="Hello world",
-                      edit_of_delivery_id="rs-1")
-        await deliver(js, iid, "rs-3", type=DeliveryType.EDIT, text="Hello world",
-                      edit_of_delivery_id="rs-1")  # shows that already: nothing to send
+        await deliver(
+            js, iid, "rs-2", type=DeliveryType.EDIT, text="Hello world", edit_of_delivery_id="rs-1"
+        )
+        await deliver(
+            js, iid, "rs-3", type=DeliveryType.EDIT, text="Hello world", edit_of_delivery_id="rs-1"
+        )  # shows that already: nothing to send
         await until(lambda: len(receipts) == 3, what="edit receipts")
         assert [(d.type.value, d.edit_message_id, d.text) for d in later.sent] == [
-            ("edit", "m1", "Hello world")]
+            ("edit", "m1", "Hello world")
+        ]
         assert (await sent_record(js, iid, "rs-1"))["text"] == "Hello world"
     finally:
         await second.stop()
 
 
-async def test_without_the_bucket_deliveries_go_on_from_memory_and_it_is_said_once(
-        running, caplog):
+async def test_without_the_bucket_deliveries_go_on_from_memory_and_it_is_said_once(running, caplog):
     provider, receipts, iid, js, runtime = await running()
     await js.delete_stream("KV_CW_CHANNEL_SENT")
     try:

@@ -10,24 +10,31 @@ from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
+from fakeplatforms import FAKES, webhook_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import channels
 from channels import ChannelError, InstanceConfig, WebhookResult
-from fakeplatforms import FAKES, webhook_request
 
 KINDS = sorted(channels.PROVIDERS)
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=12), children, max_size=5),
-    max_leaves=10)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=10,
+)
 
 
 class Subject:
@@ -36,9 +43,13 @@ class Subject:
     def __init__(self, kind: str, fake) -> None:
         cls = channels.PROVIDERS[kind]
         config = InstanceConfig(
-            tenant="acme", instance_id=f"{kind}-fuzz", kind=kind, workspace_id="ws1",
+            tenant="acme",
+            instance_id=f"{kind}-fuzz",
+            kind=kind,
+            workspace_id="ws1",
             settings=cls.settings_model.model_validate(fake.instance_settings()),
-            secrets=cls.secrets_model.model_validate(fake.instance_secrets()))
+            secrets=cls.secrets_model.model_validate(fake.instance_secrets()),
+        )
         self.provider = cls(config, httpx.AsyncClient())
         templates = [fake.signed_message("hello /status now", event_id="7")]
         press = fake.signed_button_press("tok", event_id="8")
@@ -131,8 +142,9 @@ def test_plausible_payloads_with_wrong_types(subject: Subject, data: st.DataObje
         body = json.dumps(_mutate_json(document, data)).encode()
     else:  # a form (Slack commands and interactivity) or another text format
         try:
-            form = dict(parse_qsl(template.body.decode(), keep_blank_values=True,
-                                  strict_parsing=True))
+            form = dict(
+                parse_qsl(template.body.decode(), keep_blank_values=True, strict_parsing=True)
+            )
         except ValueError:
             form = {}
         if form:
@@ -140,8 +152,7 @@ def test_plausible_payloads_with_wrong_types(subject: Subject, data: st.DataObje
             if key == "payload":
                 form[key] = json.dumps(_mutate_json(json.loads(form[key]), data))
             else:
-                form[key] = data.draw(st.one_of(st.text(max_size=40),
-                                                json_values.map(json.dumps)))
+                form[key] = data.draw(st.one_of(st.text(max_size=40), json_values.map(json.dumps)))
             body = urlencode(form).encode()
         else:  # free text: splice in arbitrary characters
             text = template.body.decode(errors="replace")

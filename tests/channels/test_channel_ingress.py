@@ -55,8 +55,14 @@ async def setup(nats_url, bus):
     nc, js = bus
     iid = new_id()
     await prepare(js, iid)
-    runtime = runtime_for(nats_url, source_rate=5.0, source_burst=20, lockout_failures=3,
-                          lockout_window_seconds=1.0, body_limit_bytes=2048)
+    runtime = runtime_for(
+        nats_url,
+        source_rate=5.0,
+        source_burst=20,
+        lockout_failures=3,
+        lockout_window_seconds=1.0,
+        body_limit_bytes=2048,
+    )
     await runtime.apply(config(iid))
     client = await serve(runtime)
     yield client, runtime, iid, js
@@ -79,13 +85,16 @@ async def error_of(response) -> dict:
 
 async def test_every_message_is_in_the_stream_when_the_2xx_arrives(setup):
     client, runtime, iid, js = setup
-    response = await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                 data=body({"id": "e1", "text": "one"},
-                                           {"id": "e2", "text": "two", "chat": "c9"}))
+    response = await client.post(
+        f"/webhooks/{iid}",
+        headers=GOOD,
+        data=body({"id": "e1", "text": "one"}, {"id": "e2", "text": "two", "chat": "c9"}),
+    )
     assert response.status == 200 and await response.read() == b'{"ok":true}'
     assert response.headers["Content-Type"].startswith("application/json")
-    subject = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id=iid,
-                                             workspace_id=f"ws-{iid}")
+    subject = subjects.CHANNEL_INBOUND.build(
+        tenant=TENANT, instance_id=iid, workspace_id=f"ws-{iid}"
+    )
     # no waiting: the stream already holds both messages
     stored = [await js.get_last_msg("CW_CHANNEL_INBOUND", subject)]
     info = await js.stream_info("CW_CHANNEL_INBOUND", subjects_filter=subject)
@@ -95,11 +104,15 @@ async def test_every_message_is_in_the_stream_when_the_2xx_arrives(setup):
     assert envelope.source.principal_kind.value == "channel"
     assert envelope.source.principal_id == iid
     # keyed: only this runtime can make it (another tenant's edge cannot pre-empt it)
-    assert stored[0].headers["Nats-Msg-Id"] == dedupe_id(runtime.options.msg_id_key,
-                                                         envelope.data.id) != envelope.data.id
+    assert (
+        stored[0].headers["Nats-Msg-Id"]
+        == dedupe_id(runtime.options.msg_id_key, envelope.data.id)
+        != envelope.data.id
+    )
     # a platform retry of the same event is answered 2xx and deduplicated by JetStream
-    again = await client.post(f"/webhooks/{iid}", headers=GOOD, data=body({"id": "e2",
-                                                                          "text": "two"}))
+    again = await client.post(
+        f"/webhooks/{iid}", headers=GOOD, data=body({"id": "e2", "text": "two"})
+    )
     assert again.status == 200
     info = await js.stream_info("CW_CHANNEL_INBOUND", subjects_filter=subject)
     assert info.state.subjects == {subject: 2}
@@ -118,8 +131,9 @@ async def test_unknown_and_removed_instances_are_404(setup):
 
 async def test_wrong_secret_is_401_and_bad_body_is_400(setup):
     client, runtime, iid, js = setup
-    response = await client.post(f"/webhooks/{iid}", headers={"X-Fake-Secret": "nope"},
-                                 data=body({"id": "e1"}))
+    response = await client.post(
+        f"/webhooks/{iid}", headers={"X-Fake-Secret": "nope"}, data=body({"id": "e1"})
+    )
     assert response.status == 401
     error = await error_of(response)
     assert error["code"] == "fake.bad_secret" and SECRET not in json.dumps(error)
@@ -132,8 +146,9 @@ async def test_wrong_secret_is_401_and_bad_body_is_400(setup):
 async def test_auth_failures_lock_the_source_out_until_the_window_passes(setup):
     client, runtime, iid, js = setup
     for _ in range(3):
-        response = await client.post(f"/webhooks/{iid}", headers={"X-Fake-Secret": "x"},
-                                     data=body({"id": "e1"}))
+        response = await client.post(
+            f"/webhooks/{iid}", headers={"X-Fake-Secret": "x"}, data=body({"id": "e1"})
+        )
         assert response.status == 401
     # locked out: even the right secret is refused, before verification
     response = await client.post(f"/webhooks/{iid}", headers=GOOD, data=body({"id": "e1"}))
@@ -149,8 +164,7 @@ async def test_source_rate_limit_answers_429_with_retry_after(setup):
     client, runtime, iid, js = setup
     statuses = []
     for n in range(25):
-        response = await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                     data=body({"id": f"r{n}"}))
+        response = await client.post(f"/webhooks/{iid}", headers=GOOD, data=body({"id": f"r{n}"}))
         statuses.append(response.status)
         if response.status == 429:
             assert (await error_of(response))["code"] == "channel.rate_limited"
@@ -167,6 +181,7 @@ async def test_body_cap_by_length_and_by_stream(setup):
     async def chunks():  # no Content-Length: chunked transfer past the cap
         for _ in range(8):
             yield b"y" * 512
+
     response = await client.post(f"/webhooks/{iid}", headers=GOOD, data=chunks())
     assert response.status == 413
 
@@ -189,15 +204,17 @@ async def test_publish_failure_is_503_so_the_platform_retries(nats_url, bus):
     async def connect(cfg):
         clients.append(await nats.connect(nats_url))
         return clients[-1]
+
     # the watchdog would notice the close and answer "unavailable" first: not here
-    runtime = ChannelRuntime(connect=connect, options=RuntimeOptions(
-        publish_timeout_seconds=0.5, watch_interval_seconds=60))
+    runtime = ChannelRuntime(
+        connect=connect,
+        options=RuntimeOptions(publish_timeout_seconds=0.5, watch_interval_seconds=60),
+    )
     await runtime.apply(config(iid))
     client = await serve(runtime)
     try:
         await clients[0].close()  # the instance's connection is gone
-        response = await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                     data=body({"id": "lost?"}))
+        response = await client.post(f"/webhooks/{iid}", headers=GOOD, data=body({"id": "lost?"}))
         assert response.status == 503
         assert (await error_of(response))["code"] == "channel.publish_failed"
         assert response.headers["Retry-After"] == "1"
@@ -206,8 +223,7 @@ async def test_publish_failure_is_503_so_the_platform_retries(nats_url, bus):
         await runtime.stop()
 
 
-async def test_a_connection_closed_for_good_fails_the_instance_until_it_reconnects(
-        nats_url, bus):
+async def test_a_connection_closed_for_good_fails_the_instance_until_it_reconnects(nats_url, bus):
     nc, js = bus
     iid = new_id()
     await prepare(js, iid)
@@ -220,8 +236,13 @@ async def test_a_connection_closed_for_good_fails_the_instance_until_it_reconnec
             await reconnect.wait()
         clients.append(await nats.connect(nats_url))
         return clients[-1]
-    runtime = ChannelRuntime(connect=connect, options=RuntimeOptions(
-        watch_interval_seconds=0.05, backoff_cap_seconds=0.2, stop_grace_seconds=0.2))
+
+    runtime = ChannelRuntime(
+        connect=connect,
+        options=RuntimeOptions(
+            watch_interval_seconds=0.05, backoff_cap_seconds=0.2, stop_grace_seconds=0.2
+        ),
+    )
     await runtime.apply(config(iid))
     client = await serve(runtime)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from unittest import mock
 
 import nats
@@ -18,11 +18,21 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from test_channel_runtime import FakeProvider, config, new_id, prepare, runtime_for
 
 import schemas._envelope as envelope_module
-from channels.runtime._jetstream import JetStreamPublisher, PubAck, PublishFailed, check_ack
 from channels._registry import PROVIDERS
+from channels.runtime._jetstream import JetStreamPublisher, PubAck, PublishFailed, check_ack
 from edges.local import NatsServer
-from schemas import (ChannelInbound, ChannelSender, ChannelTarget, ContractError, Envelope,
-                     EnvelopeTemplate, Source, decode, new_id as envelope_id, subjects)
+from schemas import (
+    ChannelInbound,
+    ChannelSender,
+    ChannelTarget,
+    ContractError,
+    Envelope,
+    EnvelopeTemplate,
+    Source,
+    decode,
+    subjects,
+)
+from schemas import new_id as envelope_id
 
 GOOD = {"X-Fake-Secret": "s3cret-value"}
 
@@ -46,34 +56,43 @@ async def stream(nc, subject: str, **limits) -> str:
 
 
 # --- the ack check ------------------------------------------------------------------------
-@pytest.mark.parametrize("headers, data, fragment", [
-    ({"Status": "503"}, b"", "no responders"),
-    ({"Status": "408", "Description": "Request Timeout"}, b"", "status 408"),
-    (None, b"not json", "not JSON"),
-    (None, b"[1]", "not a JSON object"),
-    (None, b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}',
-     "maximum messages exceeded"),
-    (None, b'{"error":"nope"}', "refused"),
-    (None, b'{"stream":"S"}', "not a stream acknowledgement"),
-    (None, b'{"stream":"S","seq":true}', "not a stream acknowledgement"),
-    (None, b'{"stream":"","seq":3}', "not a stream acknowledgement"),
-    (None, b'{"seq":3}', "not a stream acknowledgement"),
-    (None, b'{"stream":"S","seq":0}', "not a stream acknowledgement"),
-    (None, b'{"stream":"S","seq":1,"error":{"code":500}}', "refused"),
-])
+@pytest.mark.parametrize(
+    "headers, data, fragment",
+    [
+        ({"Status": "503"}, b"", "no responders"),
+        ({"Status": "408", "Description": "Request Timeout"}, b"", "status 408"),
+        (None, b"not json", "not JSON"),
+        (None, b"[1]", "not a JSON object"),
+        (
+            None,
+            b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}',
+            "maximum messages exceeded",
+        ),
+        (None, b'{"error":"nope"}', "refused"),
+        (None, b'{"stream":"S"}', "not a stream acknowledgement"),
+        (None, b'{"stream":"S","seq":true}', "not a stream acknowledgement"),
+        (None, b'{"stream":"","seq":3}', "not a stream acknowledgement"),
+        (None, b'{"seq":3}', "not a stream acknowledgement"),
+        (None, b'{"stream":"S","seq":0}', "not a stream acknowledgement"),
+        (None, b'{"stream":"S","seq":1,"error":{"code":500}}', "refused"),
+    ],
+)
 def test_anything_but_a_pub_ack_is_a_failed_publish(headers, data, fragment):
     with pytest.raises(PublishFailed) as info:
         check_ack(headers, data)
     assert fragment in info.value.reason
 
 
-@pytest.mark.parametrize("data, ack", [
-    (b'{"stream":"S","seq":7}', PubAck("S", 7, False)),
-    (b'{"stream":"S","seq":7,"duplicate":true}', PubAck("S", 7, True)),
-    (b'{"stream":"S","domain":"hub","seq":7}', PubAck("S", 7, False)),
-    (b'{ "seq": 7, "stream": "S", "duplicate": false }', PubAck("S", 7, False)),
-    (b'{"stream":"S.x","seq":7,"duplicate":true}', PubAck("S.x", 7, True)),
-])
+@pytest.mark.parametrize(
+    "data, ack",
+    [
+        (b'{"stream":"S","seq":7}', PubAck("S", 7, False)),
+        (b'{"stream":"S","seq":7,"duplicate":true}', PubAck("S", 7, True)),
+        (b'{"stream":"S","domain":"hub","seq":7}', PubAck("S", 7, False)),
+        (b'{ "seq": 7, "stream": "S", "duplicate": false }', PubAck("S", 7, False)),
+        (b'{"stream":"S.x","seq":7,"duplicate":true}', PubAck("S.x", 7, True)),
+    ],
+)
 def test_a_pub_ack_is_read_with_its_duplicate_flag(data, ack):
     assert check_ack(None, data) == ack
 
@@ -83,8 +102,9 @@ async def test_publishes_are_stored_acknowledged_and_deduplicated(nc):
     subject = f"jsp.{new_id()}"
     name = await stream(nc, subject)
     publisher = JetStreamPublisher(nc, timeout=2)
-    acks = await asyncio.gather(*(publisher.publish(subject, f"m{i}".encode(), f"id-{i}")
-                                  for i in range(200)))
+    acks = await asyncio.gather(
+        *(publisher.publish(subject, f"m{i}".encode(), f"id-{i}") for i in range(200))
+    )
     assert {a.stream for a in acks} == {name} and not any(a.duplicate for a in acks)
     assert sorted(a.seq for a in acks) == list(range(1, 201))
     again = await publisher.publish(subject, b"retry", "id-7")
@@ -118,6 +138,7 @@ async def test_no_ack_in_time_is_a_failed_publish_and_late_acks_are_ignored(nc):
 
     async def silent(msg):  # a responder that answers only after the timeout
         replies.append(msg.reply)
+
     await nc.subscribe(subject, cb=silent)
     publisher = JetStreamPublisher(nc, timeout=0.2)
     started = asyncio.get_running_loop().time()
@@ -136,6 +157,7 @@ async def test_a_closed_connection_fails_pending_and_later_publishes(nats_url):
 
     async def never_answers(msg):
         pass
+
     await client.subscribe(subject, cb=never_answers)
     closed = []
     publisher = JetStreamPublisher(client, timeout=5, on_closed=closed.append)
@@ -190,11 +212,17 @@ async def test_ingress_answers_503_when_no_stream_or_a_full_stream_refuses(tmp_p
         assert response.status == 503 and response.headers["Retry-After"] == "1"
         assert (await response.json())["error"]["code"] == "channel.publish_failed"
 
-        await js.add_stream(StreamConfig(name="CW_CHANNEL_INBOUND",
-                                         subjects=[subjects.CHANNEL_INBOUND.filter()],
-                                         max_msgs=1, discard=DiscardPolicy.NEW))
-        assert (await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                  data=update("e1"))).status == 200
+        await js.add_stream(
+            StreamConfig(
+                name="CW_CHANNEL_INBOUND",
+                subjects=[subjects.CHANNEL_INBOUND.filter()],
+                max_msgs=1,
+                discard=DiscardPolicy.NEW,
+            )
+        )
+        assert (
+            await client.post(f"/webhooks/{iid}", headers=GOOD, data=update("e1"))
+        ).status == 200
         refused = await client.post(f"/webhooks/{iid}", headers=GOOD, data=update("e2"))
         assert refused.status == 503
         assert runtime.health(iid)["inboundAccepted"] == 1
@@ -215,13 +243,16 @@ async def test_a_replaced_instance_publishes_on_its_new_connection(nats_url, nc)
     await runtime.apply(config(iid))
     client = await serve(runtime)
     try:
-        assert (await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                  data=update("r1"))).status == 200
+        assert (
+            await client.post(f"/webhooks/{iid}", headers=GOOD, data=update("r1"))
+        ).status == 200
         await runtime.apply(config(iid, revision=2))  # new Instance, new connection
-        assert (await client.post(f"/webhooks/{iid}", headers=GOOD,
-                                  data=update("r2"))).status == 200
-        subject = subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=iid,
-                                                 workspace_id=f"ws-{iid}")
+        assert (
+            await client.post(f"/webhooks/{iid}", headers=GOOD, data=update("r2"))
+        ).status == 200
+        subject = subjects.CHANNEL_INBOUND.build(
+            tenant="acme", instance_id=iid, workspace_id=f"ws-{iid}"
+        )
         last = await js.get_last_msg("CW_CHANNEL_INBOUND", subject)
         assert decode(last.data, ChannelInbound).data.provider_event_id == "r2"
     finally:
@@ -232,15 +263,26 @@ async def test_a_replaced_instance_publishes_on_its_new_connection(nats_url, nc)
 # --- the envelope ----------------------------------------------------------------------------
 def _alphabet_loop(value: int) -> str:
     """The original, obviously right new_id encoding: 26 base-32 digits, MSB first."""
-    return "".join("0123456789abcdefghjkmnpqrstvwxyz"[(value >> shift) & 31]
-                   for shift in range(125, -1, -5))
+    return "".join(
+        "0123456789abcdefghjkmnpqrstvwxyz"[(value >> shift) & 31] for shift in range(125, -1, -5)
+    )
 
 
-@pytest.mark.parametrize("ms, rand", [(0, 0), (2**48 - 1, 2**80 - 1), (1764000000123, 1),
-                                      (1764000000124, 2**79), (123456789, 987654321)])
+@pytest.mark.parametrize(
+    "ms, rand",
+    [
+        (0, 0),
+        (2**48 - 1, 2**80 - 1),
+        (1764000000123, 1),
+        (1764000000124, 2**79),
+        (123456789, 987654321),
+    ],
+)
 def test_new_id_digits_are_unchanged(ms, rand):
-    with mock.patch.object(envelope_module.time, "time_ns", return_value=ms * 1_000_000 + 7), \
-            mock.patch.object(envelope_module.secrets, "randbits", return_value=rand):
+    with (
+        mock.patch.object(envelope_module.time, "time_ns", return_value=ms * 1_000_000 + 7),
+        mock.patch.object(envelope_module.secrets, "randbits", return_value=rand),
+    ):
         assert envelope_id() == _alphabet_loop(ms << 80 | rand)
 
 
@@ -256,26 +298,39 @@ SOURCE = Source(principal_kind="channel", principal_id="tg-1")
 
 
 def inbound(**over) -> ChannelInbound:
-    fields = dict(id="in-abc", provider_event_id="42", provider="tg-1", provider_kind="telegram",
-                  workspace_id="ws-1", target=ChannelTarget(chat_id="100", thread_id="7"),
-                  sender=ChannelSender(provider_user_id="7", display_name="Zoë \"q\" \\ ✓"),
-                  text="héllo\n</script>\u2028", command_args=["a"],
-                  received_at=datetime(2026, 12, 2, 10, 0, 0, 123, timezone.utc))
+    fields = dict(
+        id="in-abc",
+        provider_event_id="42",
+        provider="tg-1",
+        provider_kind="telegram",
+        workspace_id="ws-1",
+        target=ChannelTarget(chat_id="100", thread_id="7"),
+        sender=ChannelSender(provider_user_id="7", display_name='Zoë "q" \\ ✓'),
+        text="héllo\n</script>\u2028",
+        command_args=["a"],
+        received_at=datetime(2026, 12, 2, 10, 0, 0, 123, UTC),
+    )
     return ChannelInbound(**{**fields, **over})
 
 
-@pytest.mark.parametrize("tenant, workspace, when", [
-    ("acme", "ws-1", datetime(2026, 12, 2, 10, 0, 0, tzinfo=timezone.utc)),
-    ("acme", None, datetime(2026, 12, 2, 10, 0, 0, 500, timezone.utc)),
-    (None, None, datetime(2026, 12, 2, 10, 0, 0, 123456, timezone.utc)),
-])
+@pytest.mark.parametrize(
+    "tenant, workspace, when",
+    [
+        ("acme", "ws-1", datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)),
+        ("acme", None, datetime(2026, 12, 2, 10, 0, 0, 500, UTC)),
+        (None, None, datetime(2026, 12, 2, 10, 0, 0, 123456, UTC)),
+    ],
+)
 def test_template_bytes_equal_the_envelope_encoding(tenant, workspace, when):
     msg = inbound()
-    template = EnvelopeTemplate(ChannelInbound, source=SOURCE, tenant=tenant,
-                                workspace=workspace)
+    template = EnvelopeTemplate(ChannelInbound, source=SOURCE, tenant=tenant, workspace=workspace)
     spliced = template.encode(msg, id="env-1", time=when)
-    assert spliced == Envelope.wrap(msg, source=SOURCE, tenant=tenant, workspace=workspace,
-                                    id="env-1", time=when).encode()
+    assert (
+        spliced
+        == Envelope.wrap(
+            msg, source=SOURCE, tenant=tenant, workspace=workspace, id="env-1", time=when
+        ).encode()
+    )
     back = decode(spliced, ChannelInbound)
     assert back.data == msg and back.tenant == tenant and back.source == SOURCE
 
@@ -297,4 +352,5 @@ def test_template_fills_id_and_time_and_checks_what_it_is_given():
 
 def schemas_ack():
     from schemas import AckReply
+
     return AckReply(ok=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from channels import DeliveryFailed, InstanceConfig, provider_class
 from fakeplatforms.email import FakeEmail
 from fakeplatforms.webhook import FakeWebhook
 from fakeplatforms.whatsapp import FakeWhatsApp
+
+from channels import DeliveryFailed, InstanceConfig, provider_class
 from schemas import ChannelButton, ChannelOutbound, ChannelTarget
 
 
@@ -23,17 +23,24 @@ async def rig(kind: str, fake, http):
     await fake.start()
     cls = provider_class(kind)
     config = InstanceConfig(
-        tenant="acme", instance_id=f"{kind}-x", kind=kind, workspace_id="ws1",
+        tenant="acme",
+        instance_id=f"{kind}-x",
+        kind=kind,
+        workspace_id="ws1",
         settings=cls.settings_model.model_validate(fake.instance_settings()),
-        secrets=cls.secrets_model.model_validate(fake.instance_secrets()))
+        secrets=cls.secrets_model.model_validate(fake.instance_secrets()),
+    )
     return cls(config, http)
 
 
 def delivery(n: int, chat: str, **fields) -> ChannelOutbound:
     fields.setdefault("type", "text")
-    return ChannelOutbound(delivery_id=f"dlv-{n}", idempotency_key=f"dlv-{n}",
-                           target=ChannelTarget(chat_id=chat, **fields.pop("target", {})),
-                           **fields)
+    return ChannelOutbound(
+        delivery_id=f"dlv-{n}",
+        idempotency_key=f"dlv-{n}",
+        target=ChannelTarget(chat_id=chat, **fields.pop("target", {})),
+        **fields,
+    )
 
 
 # --- WhatsApp ------------------------------------------------------------------------------------
@@ -41,22 +48,32 @@ async def test_whatsapp_reply_buttons_then_a_list_when_more_than_three(http):
     fake = FakeWhatsApp()
     provider = await rig("whatsapp", fake, http)
     try:
-        three = [[ChannelButton(label=f"Option number {i} with a long title", token=f"t{i}")
-                  for i in range(3)]]
+        three = [
+            [
+                ChannelButton(label=f"Option number {i} with a long title", token=f"t{i}")
+                for i in range(3)
+            ]
+        ]
         await provider.send(delivery(1, "49", type="buttons", text="Pick", buttons=three))
         _, body = fake.calls[-1]
         assert body["interactive"]["type"] == "button"
         assert all(len(b["reply"]["title"]) <= 20 for b in body["interactive"]["action"]["buttons"])
         five = [[ChannelButton(label=f"Row {i}", token=f"r{i}")] for i in range(5)]
-        await provider.send(delivery(2, "49", type="buttons", text="Pick", buttons=five,
-                                     reply_to_message_id="wamid.IN1"))
+        await provider.send(
+            delivery(
+                2, "49", type="buttons", text="Pick", buttons=five, reply_to_message_id="wamid.IN1"
+            )
+        )
         _, body = fake.calls[-1]
         assert body["interactive"]["type"] == "list" and body["context"] == {
-            "message_id": "wamid.IN1"}
+            "message_id": "wamid.IN1"
+        }
         assert [r["id"] for r in body["interactive"]["action"]["sections"][0]["rows"]] == [
-            f"r{i}" for i in range(5)]
-        eleven = [[ChannelButton(label=f"{i}", token=f"{i}") for i in range(j, j + 4)]
-                  for j in (0, 4, 8)]  # 12 choices in 3 rows
+            f"r{i}" for i in range(5)
+        ]
+        eleven = [
+            [ChannelButton(label=f"{i}", token=f"{i}") for i in range(j, j + 4)] for j in (0, 4, 8)
+        ]  # 12 choices in 3 rows
         with pytest.raises(DeliveryFailed) as caught:
             await provider.send(delivery(3, "49", type="buttons", text="?", buttons=eleven))
         assert caught.value.permanent
@@ -70,11 +87,18 @@ async def test_email_reply_threads_and_a_resend_keeps_its_message_id(http):
     fake = FakeEmail()
     provider = await rig("email", fake, http)
     try:
-        provider.verify(request := fake.signed_message("build?", chat_id="ada@example.com",
-                                                       event_id="5", thread_id="root"))
+        provider.verify(
+            request := fake.signed_message(
+                "build?", chat_id="ada@example.com", event_id="5", thread_id="root"
+            )
+        )
         [inbound] = provider.parse(request).messages
-        reply = delivery(1, inbound.target.chat_id, text="Green.", target={
-            "thread_id": inbound.target.thread_id, "message_id": inbound.target.message_id})
+        reply = delivery(
+            1,
+            inbound.target.chat_id,
+            text="Green.",
+            target={"thread_id": inbound.target.thread_id, "message_id": inbound.target.message_id},
+        )
         first = await provider.send(reply)
         again = await provider.send(reply)
         assert first.provider_message_id == again.provider_message_id
@@ -92,10 +116,15 @@ async def test_email_reply_threads_and_a_resend_keeps_its_message_id(http):
         await fake.stop()
 
 
-@pytest.mark.parametrize("reply,permanent", [("451 4.7.1 Greylisted, try later", False),
-                                             ("421 4.3.2 Service shutting down", False),
-                                             ("550 5.1.1 No such user", True),
-                                             ("554 5.7.1 Rejected as spam", True)])
+@pytest.mark.parametrize(
+    "reply,permanent",
+    [
+        ("451 4.7.1 Greylisted, try later", False),
+        ("421 4.3.2 Service shutting down", False),
+        ("550 5.1.1 No such user", True),
+        ("554 5.7.1 Rejected as spam", True),
+    ],
+)
 async def test_email_smtp_4xx_is_retryable_and_5xx_permanent(http, reply, permanent):
     fake = FakeEmail()
     provider = await rig("email", fake, http)
@@ -129,9 +158,15 @@ async def test_webhook_delivery_body_and_failures(http):
         await provider.send(delivery(1, "room", text="hello", target={"thread_id": "t1"}))
         kind, body = fake.calls[-1]
         assert kind == "text" and fake.rejected == []
-        assert {k: body[k] for k in ("deliveryId", "idempotencyKey", "provider", "type", "text")} \
-            == {"deliveryId": "dlv-1", "idempotencyKey": "dlv-1", "provider": "webhook-x",
-                "type": "text", "text": "hello"}
+        assert {
+            k: body[k] for k in ("deliveryId", "idempotencyKey", "provider", "type", "text")
+        } == {
+            "deliveryId": "dlv-1",
+            "idempotencyKey": "dlv-1",
+            "provider": "webhook-x",
+            "type": "text",
+            "text": "hello",
+        }
         assert body["target"]["threadId"] == "t1"
         fake.fail_next(503)
         with pytest.raises(DeliveryFailed) as caught:

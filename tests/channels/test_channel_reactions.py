@@ -56,19 +56,27 @@ async def running(nats_url, fake_kind):
         runtimes.append(runtime)
         await runtime.apply(config(iid, caps=caps))
         return FakeProvider.built[iid], receipts, iid, js, runtime
+
     yield start
     for runtime in runtimes:
         await runtime.stop()
     await nc.close()
 
 
-async def react(js, iid: str, delivery_id: str, *, chat: str = "c1",
-                message: str = "pm-1") -> None:
-    msg = ChannelOutbound(delivery_id=delivery_id, idempotency_key=delivery_id,
-                          type=DeliveryType.REACTION, reaction="👀",
-                          target=ChannelTarget(chat_id=chat, message_id=message))
-    data = Envelope.wrap(msg, source=Source(principal_kind="hub", principal_id="hub"),
-                         tenant=TENANT, workspace=f"ws-{iid}").encode()
+async def react(js, iid: str, delivery_id: str, *, chat: str = "c1", message: str = "pm-1") -> None:
+    msg = ChannelOutbound(
+        delivery_id=delivery_id,
+        idempotency_key=delivery_id,
+        type=DeliveryType.REACTION,
+        reaction="👀",
+        target=ChannelTarget(chat_id=chat, message_id=message),
+    )
+    data = Envelope.wrap(
+        msg,
+        source=Source(principal_kind="hub", principal_id="hub"),
+        tenant=TENANT,
+        workspace=f"ws-{iid}",
+    ).encode()
     await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=iid), data)
 
 
@@ -79,16 +87,20 @@ async def test_a_reaction_is_sent_once_and_a_reserved_one_is_a_duplicate(running
     await react(js, iid, "re-1")
     await until(lambda: len(receipts) == 2, what="duplicate receipt")
     assert [(d.type, d.reaction, d.target.message_id) for d in provider.sent] == [
-        (DeliveryType.REACTION, "👀", "pm-1")]
+        (DeliveryType.REACTION, "👀", "pm-1")
+    ]
     assert [r.status.value for r in receipts] == ["sent", "duplicate"]
     assert runtime.health(iid)["delivered"] == 0  # a reaction is not a delivered message
 
 
-@pytest.mark.parametrize("failure", [
-    DeliveryFailed("try later", code="fake.busy"),  # retryable for a message
-    DeliveryFailed("no such message", code="fake.gone", permanent=True),
-    DeliveryFailed("slow down", code="rate_limited", retry_after=0.1),
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        DeliveryFailed("try later", code="fake.busy"),  # retryable for a message
+        DeliveryFailed("no such message", code="fake.gone", permanent=True),
+        DeliveryFailed("slow down", code="rate_limited", retry_after=0.1),
+    ],
+)
 async def test_a_failed_reaction_is_neither_retried_nor_dead_lettered(running, failure):
     provider, receipts, iid, js, runtime = await running(REACTING)
     provider.failures.append(failure)
@@ -129,8 +141,12 @@ async def test_a_submitted_prompt_gets_eyes_where_the_platform_has_reactions(kit
     await kit.role(inst, "u1", "member")
     await kit.hub.pool.execute(
         "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, chat_id, "
-        "session_id) VALUES ($1, $2, $3, $4, 'c1', 'ses_r')", ROUTER_TENANT,
-        f"b-{inst['instance_id']}", inst["instance_id"], inst["workspace_id"])
+        "session_id) VALUES ($1, $2, $3, $4, 'c1', 'ses_r')",
+        ROUTER_TENANT,
+        f"b-{inst['instance_id']}",
+        inst["instance_id"],
+        inst["workspace_id"],
+    )
     inbound = await kit.send(inst, "look into it")
     got = await kit.replies(inst, 2)  # the reaction, then the "Desktop is offline" notice
     [reaction] = reactions_of(got)
@@ -140,13 +156,18 @@ async def test_a_submitted_prompt_gets_eyes_where_the_platform_has_reactions(kit
     assert got[0] is reaction  # acknowledged before any reply
     assert got[1].type == DeliveryType.TEXT and "offline" in (got[1].text or "")
     # the same message processed again (a crash before its ack) reacts once
-    await kit.hub.pool.execute("UPDATE channel_inbound_claims SET status = 'claimed' WHERE "
-                               "tenant = $1 AND provider_event_id = $2", ROUTER_TENANT,
-                               inbound.provider_event_id)
+    await kit.hub.pool.execute(
+        "UPDATE channel_inbound_claims SET status = 'claimed' WHERE "
+        "tenant = $1 AND provider_event_id = $2",
+        ROUTER_TENANT,
+        inbound.provider_event_id,
+    )
     await kit.publish(inst, inbound, msg_id="again-" + inbound.id[:30])
     await kit.processed(inst, inbound)
-    rows = await kit.hub.pool.fetch("SELECT type FROM channel_deliveries WHERE instance_id = $1 "
-                                    "AND type = 'reaction'", inst["instance_id"])
+    rows = await kit.hub.pool.fetch(
+        "SELECT type FROM channel_deliveries WHERE instance_id = $1 AND type = 'reaction'",
+        inst["instance_id"],
+    )
     assert len(rows) == 1
 
 
@@ -177,7 +198,8 @@ async def test_no_reaction_without_the_capability_a_message_id_or_a_prompt(kit, 
     reacting = await kit.instance(http, authority="cloud_worker", capabilities=TELEGRAM_CAPS)
     await kit.role(reacting, "u1", "member")
     no_id = kit.inbound(reacting, "from a slash command").model_copy(
-        update={"provider_message_id": None})
+        update={"provider_message_id": None}
+    )
     await kit.publish(reacting, no_id)
     await kit.processed(reacting, no_id)
     await kit.send(reacting, "/status")  # a chat command, not a prompt

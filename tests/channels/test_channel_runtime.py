@@ -45,10 +45,21 @@ from schemas import (
 )
 
 FAKE_CAPS = Capabilities(
-    threads=True, edit=True, buttons=None, file_upload=False, file_download=False,
-    typing=True, reactions=False, max_text_length=100, parse_modes=frozenset({"plain"}),
-    max_file_bytes=0, interaction_ack="none", rate_limit="retry_after", ephemeral=False,
-    verification="header X-Fake-Secret equals the secret")
+    threads=True,
+    edit=True,
+    buttons=None,
+    file_upload=False,
+    file_download=False,
+    typing=True,
+    reactions=False,
+    max_text_length=100,
+    parse_modes=frozenset({"plain"}),
+    max_file_bytes=0,
+    interaction_ack="none",
+    rate_limit="retry_after",
+    ephemeral=False,
+    verification="header X-Fake-Secret equals the secret",
+)
 SECRET = "s3cret-value"
 TENANT = "acme"
 
@@ -60,7 +71,7 @@ class FakeProvider:
     capabilities: Capabilities = FAKE_CAPS
     settings_model = ProviderSettings
     secrets_model = ProviderSettings
-    built: ClassVar[dict[str, "FakeProvider"]] = {}
+    built: ClassVar[dict[str, FakeProvider]] = {}
 
     def __init__(self, config: InstanceConfig, http: Any) -> None:
         self.config = config
@@ -91,13 +102,24 @@ class FakeProvider:
         except (ValueError, KeyError, TypeError):
             raise BadRequest("fake.bad_body", "body must be JSON with an events list") from None
         c = self.config
-        return WebhookResult(messages=[ChannelInbound(
-            id=message_id(c.tenant, c.instance_id, "message", e["id"]),
-            provider_event_id=e["id"], provider=c.instance_id, provider_kind="webhook",
-            workspace_id=c.workspace_id, target=ChannelTarget(chat_id=e.get("chat", "c1")),
-            sender=ChannelSender(provider_user_id="u1"), text=e.get("text", ""),
-            received_at=request.received_at) for e in events],
-            body=b'{"ok":true}', content_type="application/json")
+        return WebhookResult(
+            messages=[
+                ChannelInbound(
+                    id=message_id(c.tenant, c.instance_id, "message", e["id"]),
+                    provider_event_id=e["id"],
+                    provider=c.instance_id,
+                    provider_kind="webhook",
+                    workspace_id=c.workspace_id,
+                    target=ChannelTarget(chat_id=e.get("chat", "c1")),
+                    sender=ChannelSender(provider_user_id="u1"),
+                    text=e.get("text", ""),
+                    received_at=request.received_at,
+                )
+                for e in events
+            ],
+            body=b'{"ok":true}',
+            content_type="application/json",
+        )
 
     async def send(self, delivery: ChannelOutbound) -> SendResult:
         self.attempt_times.append((time.monotonic(), delivery.idempotency_key))
@@ -134,36 +156,65 @@ def new_id(prefix: str = "fk") -> str:
 
 
 def config(instance_id: str, *, revision: int = 1, **settings: Any) -> InstanceConfig:
-    return InstanceConfig(tenant=TENANT, instance_id=instance_id, kind="fake",
-                          workspace_id=f"ws-{instance_id}", settings=settings,
-                          secrets={"secret": SECRET}, revision=revision)
+    return InstanceConfig(
+        tenant=TENANT,
+        instance_id=instance_id,
+        kind="fake",
+        workspace_id=f"ws-{instance_id}",
+        settings=settings,
+        secrets={"secret": SECRET},
+        revision=revision,
+    )
 
 
 async def prepare(js, instance_id: str) -> None:
     """What the hub does before applying an instance: streams and its durable consumer."""
     await _streams.declare(js)
-    await js.add_consumer("CW_CHANNEL_OUTBOUND", ConsumerConfig(
-        durable_name=subjects.edge_consumer("channel", instance_id),
-        filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=instance_id),
-        ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1))
+    await js.add_consumer(
+        "CW_CHANNEL_OUTBOUND",
+        ConsumerConfig(
+            durable_name=subjects.edge_consumer("channel", instance_id),
+            filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=instance_id),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_deliver=-1,
+        ),
+    )
 
 
 def runtime_for(nats_url: str, **options: Any) -> ChannelRuntime:
     async def connect(cfg: InstanceConfig):
         return await nats.connect(nats_url)
+
     return ChannelRuntime(connect=connect, options=RuntimeOptions(**options))
 
 
-async def deliver(js, instance_id: str, delivery_id: str, *, text: str | None = "hi",
-                  chat: str = "c1", thread: str | None = None,
-                  type: DeliveryType = DeliveryType.TEXT, **fields: Any) -> None:
-    msg = ChannelOutbound(delivery_id=delivery_id, idempotency_key=delivery_id, type=type,
-                          target=ChannelTarget(chat_id=chat, thread_id=thread), text=text,
-                          **fields)
-    data = Envelope.wrap(msg, source=Source(principal_kind="hub", principal_id="hub"),
-                         tenant=TENANT, workspace=f"ws-{instance_id}").encode()
-    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=instance_id),
-                     data)
+async def deliver(
+    js,
+    instance_id: str,
+    delivery_id: str,
+    *,
+    text: str | None = "hi",
+    chat: str = "c1",
+    thread: str | None = None,
+    type: DeliveryType = DeliveryType.TEXT,
+    **fields: Any,
+) -> None:
+    msg = ChannelOutbound(
+        delivery_id=delivery_id,
+        idempotency_key=delivery_id,
+        type=type,
+        target=ChannelTarget(chat_id=chat, thread_id=thread),
+        text=text,
+        **fields,
+    )
+    data = Envelope.wrap(
+        msg,
+        source=Source(principal_kind="hub", principal_id="hub"),
+        tenant=TENANT,
+        workspace=f"ws-{instance_id}",
+    ).encode()
+    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=instance_id), data)
 
 
 async def watch_receipts(nc, instance_id: str) -> list[ChannelReceipt]:
@@ -171,8 +222,10 @@ async def watch_receipts(nc, instance_id: str) -> list[ChannelReceipt]:
 
     async def on(msg):
         got.append(decode(msg.data, ChannelReceipt).data)
-    await nc.subscribe(subjects.CHANNEL_RECEIPT.build(tenant=TENANT, instance_id=instance_id),
-                       cb=on)
+
+    await nc.subscribe(
+        subjects.CHANNEL_RECEIPT.build(tenant=TENANT, instance_id=instance_id), cb=on
+    )
     await nc.flush()
     return got
 
@@ -204,9 +257,17 @@ async def test_apply_makes_an_instance_ready_and_health_has_no_secret(nats_url, 
         health = runtime.health(iid)
         assert health["state"] == "ready", health
         assert health["detail"] == "fake platform ok"
-        assert set(health) >= {"state", "detail", "consecutiveFailures", "lastError",
-                               "inboundAccepted", "inboundRejected", "delivered",
-                               "deadLettered", "lastDeliveryAt"}
+        assert set(health) >= {
+            "state",
+            "detail",
+            "consecutiveFailures",
+            "lastError",
+            "inboundAccepted",
+            "inboundRejected",
+            "delivered",
+            "deadLettered",
+            "lastDeliveryAt",
+        }
         assert SECRET not in json.dumps(health)
         assert runtime.health("nope")["state"] == "stopped"
     finally:
@@ -242,6 +303,7 @@ async def test_one_instance_that_cannot_connect_leaves_another_serving(nats_url,
         if cfg.instance_id == bad:
             raise OSError("connection refused")
         return await nats.connect(nats_url)
+
     runtime = ChannelRuntime(connect=connect, options=RuntimeOptions(backoff_cap_seconds=0.2))
     try:
         await runtime.apply(config(bad))
@@ -267,6 +329,7 @@ async def test_a_failed_connect_is_retried_in_the_background(nats_url, bus):
         if len(calls) == 1:
             raise OSError("bus not reachable yet")
         return await nats.connect(nats_url)
+
     runtime = ChannelRuntime(connect=connect, options=RuntimeOptions(backoff_cap_seconds=0.2))
     try:
         await runtime.apply(config(iid))
@@ -287,6 +350,7 @@ async def test_a_new_revision_replaces_the_instance_and_an_old_one_is_ignored(na
         client = await nats.connect(nats_url)
         connects.append(client)
         return client
+
     runtime = ChannelRuntime(connect=connect)
     try:
         await runtime.apply(config(iid, revision=1))
@@ -334,8 +398,9 @@ async def test_stop_leaves_no_task_behind_and_naks_unsent_work(nats_url, bus):
         await deliver(js, iid, new_id("d"), chat=f"c{n}")
     await until(lambda: FakeProvider.built[iid].attempt_times, what="a send in flight")
     await runtime.stop()
-    left = [t for t in asyncio.all_tasks() - before if not t.done()
-            and t is not asyncio.current_task()]
+    left = [
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
+    ]
     assert [t.get_name() for t in left if t.get_name().startswith("channel")] == []
     # nothing was acknowledged: all three come back to the next runtime
     runtime2 = runtime_for(nats_url)

@@ -10,22 +10,26 @@ import time
 
 import httpx
 import pytest
-
-import channels
-from channels import InstanceConfig, VerificationFailed
-from schemas import ChannelOutbound, ChannelTarget
 from fakeplatforms import FAKES, webhook_request
 from fakeplatforms.discord import FakeDiscord
 from fakeplatforms.slack import FakeSlack
 from fakeplatforms.telegram import FakeTelegram
 
+import channels
+from channels import InstanceConfig, VerificationFailed
+from schemas import ChannelOutbound, ChannelTarget
+
 
 def provider_for(fake, instance_id: str | None = None, http: httpx.AsyncClient | None = None):
     cls = channels.PROVIDERS[fake.kind]
-    config = InstanceConfig(tenant="acme", instance_id=instance_id or f"{fake.kind}-test",
-                            kind=fake.kind, workspace_id="ws1",
-                            settings=cls.settings_model.model_validate(fake.instance_settings()),
-                            secrets=cls.secrets_model.model_validate(fake.instance_secrets()))
+    config = InstanceConfig(
+        tenant="acme",
+        instance_id=instance_id or f"{fake.kind}-test",
+        kind=fake.kind,
+        workspace_id="ws1",
+        settings=cls.settings_model.model_validate(fake.instance_settings()),
+        secrets=cls.secrets_model.model_validate(fake.instance_secrets()),
+    )
     return cls(config, http or httpx.AsyncClient())
 
 
@@ -64,8 +68,15 @@ def test_telegram_secret_token_vectors() -> None:
     secret = fake.webhook_secret
     refused(provider, with_headers(valid, X_Telegram_Bot_Api_Secret_Token=secret[:-1]))
     refused(provider, with_headers(valid, X_Telegram_Bot_Api_Secret_Token=secret + "x"))
-    refused(provider, with_headers(valid, X_Telegram_Bot_Api_Secret_Token=secret.upper()
-                                   if secret != secret.upper() else secret.lower()))
+    refused(
+        provider,
+        with_headers(
+            valid,
+            X_Telegram_Bot_Api_Secret_Token=secret.upper()
+            if secret != secret.upper()
+            else secret.lower(),
+        ),
+    )
     # Telegram's header does not cover the body: a changed body still verifies
     # (transport is TLS); that is the platform's design, declared by the fake.
     provider.verify(fake.tampered(valid))
@@ -75,8 +86,10 @@ def test_telegram_secret_token_vectors() -> None:
 def test_telegram_unsupported_updates_are_acknowledged_without_messages() -> None:
     fake = FakeTelegram()
     provider = provider_for(fake)
-    request = webhook_request(json.dumps({"update_id": 5, "poll": {"id": "1"}}).encode(),
-                              {"X-Telegram-Bot-Api-Secret-Token": fake.webhook_secret})
+    request = webhook_request(
+        json.dumps({"update_id": 5, "poll": {"id": "1"}}).encode(),
+        {"X-Telegram-Bot-Api-Secret-Token": fake.webhook_secret},
+    )
     provider.verify(request)
     result = provider.parse(request)
     assert result.status == 200 and result.messages == []
@@ -132,12 +145,22 @@ def test_slack_bot_messages_and_edits_are_not_prompts() -> None:
     base = {"type": "message", "channel": "C1", "user": "U1", "text": "x", "ts": "1.1"}
     for event in ({**base, "bot_id": "B1"}, {**base, "subtype": "message_changed"}):
         assert provider.parse(fake.signed_event(event, "Ev1")).messages == []
-    shared = provider.parse(fake.signed_event({**base, "subtype": "file_share", "files": [
-        {"id": "F1", "name": "a.txt", "mimetype": "text/plain", "size": 3}]}, "Ev2")).messages
+    shared = provider.parse(
+        fake.signed_event(
+            {
+                **base,
+                "subtype": "file_share",
+                "files": [{"id": "F1", "name": "a.txt", "mimetype": "text/plain", "size": 3}],
+            },
+            "Ev2",
+        )
+    ).messages
     assert [a.filename for a in shared[0].attachments] == ["a.txt"]
-    mention = provider.parse(fake.signed_event({**base, "type": "app_mention",
-                                                "text": "<@U0BOT> what now?",
-                                                "thread_ts": "1.0"}, "Ev3")).messages[0]
+    mention = provider.parse(
+        fake.signed_event(
+            {**base, "type": "app_mention", "text": "<@U0BOT> what now?", "thread_ts": "1.0"}, "Ev3"
+        )
+    ).messages[0]
     assert mention.text == "what now?" and mention.target.thread_id == "1.0"
 
 
@@ -197,14 +220,25 @@ async def test_discord_answer_falls_back_to_the_deferred_response() -> None:
             provider = provider_for(fake, http=http)
             press = provider.parse(fake.signed_button_press("tok", event_id="13")).messages[0]
             fake.deferred.add(press.interaction.id)  # the webhook answer already deferred it
-            await provider.send(ChannelOutbound(
-                delivery_id="d1", idempotency_key="d1", type="answer_interaction",
-                target=ChannelTarget(chat_id="100"), text="Approved",
-                interaction=press.interaction))
+            await provider.send(
+                ChannelOutbound(
+                    delivery_id="d1",
+                    idempotency_key="d1",
+                    type="answer_interaction",
+                    target=ChannelTarget(chat_id="100"),
+                    text="Approved",
+                    interaction=press.interaction,
+                )
+            )
             assert fake.original_edits == [(press.interaction.response_token, "Approved")]
             # A re-sent delivery carries the same nonce: Discord keeps one message.
-            text = ChannelOutbound(delivery_id="d2", idempotency_key="d2", type="text",
-                                   target=ChannelTarget(chat_id="100"), text="once")
+            text = ChannelOutbound(
+                delivery_id="d2",
+                idempotency_key="d2",
+                type="text",
+                target=ChannelTarget(chat_id="100"),
+                text="once",
+            )
             first = await provider.send(text)
             again = await provider.send(text)
             assert first.provider_message_id == again.provider_message_id
@@ -214,5 +248,8 @@ async def test_discord_answer_falls_back_to_the_deferred_response() -> None:
 
 
 def test_chat_fakes_are_registered() -> None:
-    assert {"telegram": FakeTelegram, "slack": FakeSlack,
-            "discord": FakeDiscord}.items() <= FAKES.items()
+    assert {
+        "telegram": FakeTelegram,
+        "slack": FakeSlack,
+        "discord": FakeDiscord,
+    }.items() <= FAKES.items()

@@ -8,20 +8,24 @@ import time
 
 import httpx
 import pytest
-
-from channels import BadRequest, InstanceConfig, VerificationFailed, provider_class
 from fakeplatforms import webhook_request
 from fakeplatforms.email import FakeEmail
 from fakeplatforms.webhook import FakeWebhook
 from fakeplatforms.whatsapp import FakeWhatsApp
 
+from channels import BadRequest, InstanceConfig, VerificationFailed, provider_class
+
 
 def build(kind: str, fake, **settings):
     cls = provider_class(kind)
     config = InstanceConfig(
-        tenant="acme", instance_id=f"{kind}-sig", kind=kind, workspace_id="ws1",
+        tenant="acme",
+        instance_id=f"{kind}-sig",
+        kind=kind,
+        workspace_id="ws1",
         settings=cls.settings_model.model_validate({**fake.instance_settings(), **settings}),
-        secrets=cls.secrets_model.model_validate(fake.instance_secrets()))
+        secrets=cls.secrets_model.model_validate(fake.instance_secrets()),
+    )
     return cls(config, httpx.AsyncClient())
 
 
@@ -39,7 +43,10 @@ def test_whatsapp_valid_signature_parses_a_direct_text_message(whatsapp):
     [msg] = provider.parse(request).messages
     assert msg.provider_event_id == "wamid.IN77"
     assert (msg.target.chat_id, msg.target.is_direct, msg.sender.provider_user_id) == (
-        "4915550001", True, "4915550001")
+        "4915550001",
+        True,
+        "4915550001",
+    )
     assert msg.sender.display_name == "Ada Lovelace"
     assert msg.text == "hello there" and msg.provider_kind == "whatsapp"
 
@@ -51,8 +58,9 @@ def test_whatsapp_bad_signatures_are_refused(whatsapp, mutate):
     if mutate == "tampered":
         request = fake.tampered(request)
     elif mutate == "wrong_secret":
-        request = webhook_request(request.body, {"X-Hub-Signature-256": fake.sign(
-            request.body, "not-the-app-secret")})
+        request = webhook_request(
+            request.body, {"X-Hub-Signature-256": fake.sign(request.body, "not-the-app-secret")}
+        )
     elif mutate == "missing":
         request = webhook_request(request.body, {})
     else:
@@ -79,21 +87,39 @@ def test_whatsapp_button_and_list_replies_become_interactions_statuses_nothing(w
     fake, provider = whatsapp
     [press] = provider.parse(fake.signed_button_press("tok-approve-1", chat_id="49")).messages
     assert press.event_type == "interaction" and press.interaction.token == "tok-approve-1"
-    listed = fake.event([{"from": "49", "id": "wamid.L1", "timestamp": "1", "type": "interactive",
-                          "interactive": {"type": "list_reply",
-                                          "list_reply": {"id": "tok-row-4", "title": "Four"}}}])
+    listed = fake.event(
+        [
+            {
+                "from": "49",
+                "id": "wamid.L1",
+                "timestamp": "1",
+                "type": "interactive",
+                "interactive": {
+                    "type": "list_reply",
+                    "list_reply": {"id": "tok-row-4", "title": "Four"},
+                },
+            }
+        ]
+    )
     [row] = provider.parse(fake.signed(listed)).messages
     assert row.interaction.token == "tok-row-4"
-    statuses = fake.event([], statuses=[{"id": "wamid.OUT1", "status": "delivered",
-                                         "timestamp": "1", "recipient_id": "49"}])
+    statuses = fake.event(
+        [],
+        statuses=[
+            {"id": "wamid.OUT1", "status": "delivered", "timestamp": "1", "recipient_id": "49"}
+        ],
+    )
     result = provider.parse(fake.signed(statuses))
     assert result.messages == [] and result.status == 200
 
 
 def test_whatsapp_malformed_events_are_bad_requests(whatsapp):
     fake, provider = whatsapp
-    for body in (b"not json", b'{"object": "page"}',
-                 fake.event([{"from": "49", "type": "text", "text": {"body": "no id"}}])):
+    for body in (
+        b"not json",
+        b'{"object": "page"}',
+        fake.event([{"from": "49", "type": "text", "text": {"body": "no id"}}]),
+    ):
         with pytest.raises(BadRequest):
             provider.parse(fake.signed(body))
 
@@ -112,8 +138,9 @@ def test_email_right_bearer_is_accepted(email, token, scheme):
     provider.verify(fake.relay_request({"messageId": "<a@b>"}, token=token, scheme=scheme))
 
 
-@pytest.mark.parametrize("token,scheme", [("wrong-secret-value-123", "Bearer"), ("", "Bearer"),
-                                          (None, "Basic")])
+@pytest.mark.parametrize(
+    "token,scheme", [("wrong-secret-value-123", "Bearer"), ("", "Bearer"), (None, "Basic")]
+)
 def test_email_wrong_or_missing_bearer_is_refused(email, token, scheme):
     fake, provider = email
     with pytest.raises(VerificationFailed):
@@ -122,13 +149,19 @@ def test_email_wrong_or_missing_bearer_is_refused(email, token, scheme):
 
 def test_email_reply_threads_on_references_and_strips_the_quote(email):
     fake, provider = email
-    request = fake.relay_request({
-        "messageId": "<reply-2@mail.example.com>", "from": "Ada <ADA@Example.COM>",
-        "to": "bot@cowork.test", "subject": "Re: Build status",
-        "text": "Ship it.\n\nOn Mon, 1 Dec 2026 at 10:00, Bot <bot@cowork.test> wrote:\n"
-                "> The build is green.\n",
-        "inReplyTo": "<root-1@cowork.test>", "references": "<root-1@cowork.test>",
-        "attachments": [{"filename": "log.txt", "contentType": "text/plain", "size": 12}]})
+    request = fake.relay_request(
+        {
+            "messageId": "<reply-2@mail.example.com>",
+            "from": "Ada <ADA@Example.COM>",
+            "to": "bot@cowork.test",
+            "subject": "Re: Build status",
+            "text": "Ship it.\n\nOn Mon, 1 Dec 2026 at 10:00, Bot <bot@cowork.test> wrote:\n"
+            "> The build is green.\n",
+            "inReplyTo": "<root-1@cowork.test>",
+            "references": "<root-1@cowork.test>",
+            "attachments": [{"filename": "log.txt", "contentType": "text/plain", "size": 12}],
+        }
+    )
     provider.verify(request)
     [msg] = provider.parse(request).messages
     assert msg.target.chat_id == "ada@example.com"
@@ -143,8 +176,11 @@ def test_email_reply_threads_on_references_and_strips_the_quote(email):
 
 def test_email_bodies_missing_fields_are_bad_requests(email):
     fake, provider = email
-    for mail in ({"from": "a@b.c"}, {"messageId": "<x@y>", "from": "not an address"},
-                 {"messageId": "no-brackets", "from": "a@b.c"}):
+    for mail in (
+        {"from": "a@b.c"},
+        {"messageId": "<x@y>", "from": "not an address"},
+        {"messageId": "no-brackets", "from": "a@b.c"},
+    ):
         with pytest.raises(BadRequest):
             provider.parse(fake.relay_request(mail))
 
@@ -159,20 +195,23 @@ def hook():
 
 def test_webhook_valid_signature_and_replay_gives_the_same_message_id(hook):
     fake, provider = hook
-    first = fake.signed_message("deploy please", chat_id="room-1", event_id="e-5",
-                                thread_id="t-9")
+    first = fake.signed_message("deploy please", chat_id="room-1", event_id="e-5", thread_id="t-9")
     provider.verify(first)
     [msg] = provider.parse(first).messages
     assert (msg.provider_event_id, msg.target.chat_id, msg.target.thread_id) == (
-        "evt-e-5", "room-1", "t-9")
+        "evt-e-5",
+        "room-1",
+        "t-9",
+    )
     replay = webhook_request(first.body, dict(first.headers))
     provider.verify(replay)
     [again] = provider.parse(replay).messages
     assert again.id == msg.id
 
 
-@pytest.mark.parametrize("mutate", ["tampered", "wrong_secret", "missing", "past", "future",
-                                    "bad_timestamp"])
+@pytest.mark.parametrize(
+    "mutate", ["tampered", "wrong_secret", "missing", "past", "future", "bad_timestamp"]
+)
 def test_webhook_bad_requests_are_refused(hook, mutate):
     fake, provider = hook
     payload = {"id": "e1", "chatId": "c", "userId": "u", "text": "hi"}
@@ -197,8 +236,11 @@ def test_webhook_bad_requests_are_refused(hook, mutate):
 def test_webhook_skew_within_the_window_is_accepted(hook):
     fake, provider = hook
     now = time.time()
-    provider.verify(fake.signed_body({"id": "e1", "chatId": "c", "userId": "u", "text": "x"},
-                                     timestamp=now - 299, now=now))
+    provider.verify(
+        fake.signed_body(
+            {"id": "e1", "chatId": "c", "userId": "u", "text": "x"}, timestamp=now - 299, now=now
+        )
+    )
 
 
 def test_webhook_interaction_and_command_and_bad_bodies(hook):

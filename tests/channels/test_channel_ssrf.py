@@ -8,12 +8,12 @@ import ipaddress
 
 import httpx
 import pytest
+from fakeplatforms.webhook import FakeWebhook
 from pydantic import ValidationError
 
 from channels import DeliveryFailed, InstanceConfig
 from channels._ssrf import UnsafeUrl, UrlPolicy, check_url, pin, pinned_request
 from channels.providers._webhook import WebhookProvider, WebhookSecrets, WebhookSettings
-from fakeplatforms.webhook import FakeWebhook
 from schemas import ChannelOutbound, ChannelTarget
 
 STRICT = UrlPolicy()
@@ -26,43 +26,54 @@ def resolver(*answers: str, calls: list[str] | None = None):
         if calls is not None:
             calls.append(host)
         return list(answers)
+
     return resolve
 
 
-@pytest.mark.parametrize("url,code", [
-    ("ftp://example.com/hook", "ssrf.scheme"),
-    ("file:///etc/passwd", "ssrf.scheme"),
-    ("http://example.com/hook", "ssrf.scheme"),
-    ("https://user:pw@example.com/hook", "ssrf.credentials"),
-    ("https://token@example.com/hook", "ssrf.credentials"),
-    ("https://169.254.169.254/latest/meta-data", "ssrf.metadata"),
-    ("https://metadata.google.internal/computeMetadata/v1", "ssrf.metadata"),
-    ("https://METADATA.google.internal./x", "ssrf.metadata"),
-    ("https://[fd00:ec2::254]/x", "ssrf.metadata"),
-    ("https://100.100.100.200/x", "ssrf.metadata"),
-    ("https://[::ffff:169.254.169.254]/x", "ssrf.metadata"),
-    ("https://10.1.2.3/hook", "ssrf.private"),
-    ("https://192.168.1.1/hook", "ssrf.private"),
-    ("https://172.16.0.1/hook", "ssrf.private"),
-    ("https://169.254.10.10/hook", "ssrf.private"),
-    ("https://100.64.0.1/hook", "ssrf.private"),
-    ("https://[fc00::1]/hook", "ssrf.private"),
-    ("https://[fe80::1]/hook", "ssrf.private"),
-    ("https://240.0.0.1/hook", "ssrf.private"),
-    ("https://0.0.0.0/hook", "ssrf.reserved"),
-    ("https://224.0.0.1/hook", "ssrf.reserved"),
-    ("https://127.0.0.1/hook", "ssrf.loopback"),
-    ("https://[::1]/hook", "ssrf.loopback"),
-    ("not a url at all", "ssrf.scheme"),
-])
+@pytest.mark.parametrize(
+    "url,code",
+    [
+        ("ftp://example.com/hook", "ssrf.scheme"),
+        ("file:///etc/passwd", "ssrf.scheme"),
+        ("http://example.com/hook", "ssrf.scheme"),
+        ("https://user:pw@example.com/hook", "ssrf.credentials"),
+        ("https://token@example.com/hook", "ssrf.credentials"),
+        ("https://169.254.169.254/latest/meta-data", "ssrf.metadata"),
+        ("https://metadata.google.internal/computeMetadata/v1", "ssrf.metadata"),
+        ("https://METADATA.google.internal./x", "ssrf.metadata"),
+        ("https://[fd00:ec2::254]/x", "ssrf.metadata"),
+        ("https://100.100.100.200/x", "ssrf.metadata"),
+        ("https://[::ffff:169.254.169.254]/x", "ssrf.metadata"),
+        ("https://10.1.2.3/hook", "ssrf.private"),
+        ("https://192.168.1.1/hook", "ssrf.private"),
+        ("https://172.16.0.1/hook", "ssrf.private"),
+        ("https://169.254.10.10/hook", "ssrf.private"),
+        ("https://100.64.0.1/hook", "ssrf.private"),
+        ("https://[fc00::1]/hook", "ssrf.private"),
+        ("https://[fe80::1]/hook", "ssrf.private"),
+        ("https://240.0.0.1/hook", "ssrf.private"),
+        ("https://0.0.0.0/hook", "ssrf.reserved"),
+        ("https://224.0.0.1/hook", "ssrf.reserved"),
+        ("https://127.0.0.1/hook", "ssrf.loopback"),
+        ("https://[::1]/hook", "ssrf.loopback"),
+        ("not a url at all", "ssrf.scheme"),
+    ],
+)
 def test_static_rules_refuse(url, code):
     with pytest.raises(UnsafeUrl) as caught:
         check_url(url, STRICT)
     assert caught.value.code == code
 
 
-@pytest.mark.parametrize("url", ["https://169.254.169.254/", "https://metadata.google.internal/",
-                                 "https://[fd00:ec2::254]/", "http://100.100.100.200/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://169.254.169.254/",
+        "https://metadata.google.internal/",
+        "https://[fd00:ec2::254]/",
+        "http://100.100.100.200/",
+    ],
+)
 def test_metadata_is_refused_whatever_is_allowed(url):
     with pytest.raises(UnsafeUrl) as caught:
         check_url(url, EVERYTHING)
@@ -82,11 +93,12 @@ def test_what_the_flags_allow():
 
 
 def test_settings_refuse_an_unsafe_delivery_url():
-    for url, flags in [("http://169.254.169.254/", {"allowLoopbackHttp": True,
-                                                     "allowPrivateNetworks": True}),
-                       ("http://127.0.0.1:9/hook", {}),
-                       ("https://a:b@example.com/", {}),
-                       ("https://10.0.0.1/", {})]:
+    for url, flags in [
+        ("http://169.254.169.254/", {"allowLoopbackHttp": True, "allowPrivateNetworks": True}),
+        ("http://127.0.0.1:9/hook", {}),
+        ("https://a:b@example.com/", {}),
+        ("https://10.0.0.1/", {}),
+    ]:
         with pytest.raises(ValidationError) as caught:
             WebhookSettings.model_validate({"deliveryUrl": url, **flags})
         assert "deliveryUrl" in str(caught.value)
@@ -94,14 +106,17 @@ def test_settings_refuse_an_unsafe_delivery_url():
     assert ok.policy == STRICT
 
 
-@pytest.mark.parametrize("answers,policy,code", [
-    (["10.0.0.5"], STRICT, "ssrf.private"),
-    (["169.254.169.254"], EVERYTHING, "ssrf.metadata"),
-    (["fd00:ec2::254"], EVERYTHING, "ssrf.metadata"),
-    (["127.0.0.1"], STRICT, "ssrf.loopback"),
-    (["93.184.216.34", "192.168.0.10"], STRICT, "ssrf.private"),  # any bad answer refuses
-    ([], STRICT, "ssrf.resolve"),
-])
+@pytest.mark.parametrize(
+    "answers,policy,code",
+    [
+        (["10.0.0.5"], STRICT, "ssrf.private"),
+        (["169.254.169.254"], EVERYTHING, "ssrf.metadata"),
+        (["fd00:ec2::254"], EVERYTHING, "ssrf.metadata"),
+        (["127.0.0.1"], STRICT, "ssrf.loopback"),
+        (["93.184.216.34", "192.168.0.10"], STRICT, "ssrf.private"),  # any bad answer refuses
+        ([], STRICT, "ssrf.resolve"),
+    ],
+)
 async def test_names_resolving_inside_are_refused(answers, policy, code):
     with pytest.raises(UnsafeUrl) as caught:
         await pin("https://innocent.example.com/hook", policy, resolver(*answers))
@@ -117,8 +132,9 @@ async def test_a_name_over_http_must_resolve_to_loopback():
 
 
 async def test_the_connection_is_pinned_to_the_checked_address():
-    target = await pin("https://hooks.example.com:8443/in?x=1", STRICT,
-                       resolver("93.184.216.34", "93.184.216.35"))
+    target = await pin(
+        "https://hooks.example.com:8443/in?x=1", STRICT, resolver("93.184.216.34", "93.184.216.35")
+    )
     request = pinned_request(target, "POST", content=b"{}", headers={"X-A": "b"})
     assert request.url.host == "93.184.216.34" and request.url.port == 8443
     assert request.url.path == "/in" and request.url.query == b"x=1"
@@ -131,15 +147,24 @@ async def test_the_connection_is_pinned_to_the_checked_address():
 # --- the provider: every send goes through the policy ------------------------------------------
 def provider_for(fake: FakeWebhook, http: httpx.AsyncClient, **settings) -> WebhookProvider:
     config = InstanceConfig(
-        tenant="acme", instance_id="webhook-ssrf", kind="webhook", workspace_id="ws1",
+        tenant="acme",
+        instance_id="webhook-ssrf",
+        kind="webhook",
+        workspace_id="ws1",
         settings=WebhookSettings.model_validate({**fake.instance_settings(), **settings}),
-        secrets=WebhookSecrets.model_validate(fake.instance_secrets()))
+        secrets=WebhookSecrets.model_validate(fake.instance_secrets()),
+    )
     return WebhookProvider(config, http)
 
 
 def text(n: int = 1) -> ChannelOutbound:
-    return ChannelOutbound(delivery_id=f"d{n}", idempotency_key=f"d{n}", type="text",
-                           target=ChannelTarget(chat_id="room-1"), text=f"hello {n}")
+    return ChannelOutbound(
+        delivery_id=f"d{n}",
+        idempotency_key=f"d{n}",
+        type="text",
+        target=ChannelTarget(chat_id="room-1"),
+        text=f"hello {n}",
+    )
 
 
 @pytest.fixture
@@ -188,8 +213,9 @@ async def test_loopback_needs_its_flag_even_when_resolved_from_a_name(receiver, 
     fake, http = receiver
     port = httpx.URL(fake.base_url).port
     monkeypatch.setattr(WebhookProvider, "resolve", resolver("127.0.0.1"))
-    provider = provider_for(fake, http, deliveryUrl=f"https://receiver.test:{port}/hook",
-                            allowLoopbackHttp=False)
+    provider = provider_for(
+        fake, http, deliveryUrl=f"https://receiver.test:{port}/hook", allowLoopbackHttp=False
+    )
     with pytest.raises(DeliveryFailed) as caught:
         await provider.send(text())
     assert caught.value.code == "ssrf.loopback" and fake.calls == []

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from desktopkit import TENANT, api, eventually
@@ -26,15 +27,28 @@ def next_event_id() -> str:
     return str(next(_event_ids))
 
 
-async def create_instance(http: httpx.AsyncClient, fake: Any, *, instance_id: str,
-                          workspace_id: str, authority: str = "desktop_paired",
-                          **extra: Any) -> dict:
+async def create_instance(
+    http: httpx.AsyncClient,
+    fake: Any,
+    *,
+    instance_id: str,
+    workspace_id: str,
+    authority: str = "desktop_paired",
+    **extra: Any,
+) -> dict:
     """A channel instance of `fake.kind` talking to `fake`, bound to `workspace_id`."""
-    body = {"instanceId": instance_id, "kind": fake.kind, "workspaceId": workspace_id,
-            "authority": authority, "settings": fake.instance_settings(),
-            "secrets": fake.instance_secrets(), **extra}
-    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/channel-instances", json=body,
-                     expect=(201,))
+    body = {
+        "instanceId": instance_id,
+        "kind": fake.kind,
+        "workspaceId": workspace_id,
+        "authority": authority,
+        "settings": fake.instance_settings(),
+        "secrets": fake.instance_secrets(),
+        **extra,
+    }
+    return await api(
+        http, "POST", f"/api/v1/tenants/{TENANT}/channel-instances", json=body, expect=(201,)
+    )
 
 
 async def instance_view(http: httpx.AsyncClient, instance_id: str) -> dict:
@@ -49,30 +63,46 @@ async def wait_ready(http: httpx.AsyncClient, instance_id: str, timeout: float =
     return await eventually(ready, timeout, 0.1, f"channel instance {instance_id} ready")
 
 
-async def post_webhook(hub_url: str, instance_id: str, request: WebhookRequest,
-                       ) -> httpx.Response:
+async def post_webhook(
+    hub_url: str,
+    instance_id: str,
+    request: WebhookRequest,
+) -> httpx.Response:
     """Send a fake platform's signed request to the hub's public webhook route, as
     the platform would (no admin bearer)."""
-    headers = {k: v for k, v in request.headers.items()
-               if k.lower() not in ("host", "content-length")}
+    headers = {
+        k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+    }
     async with httpx.AsyncClient(base_url=hub_url, timeout=10) as platform:
-        return await platform.request(request.method, f"/webhooks/{instance_id}",
-                                      content=request.body, headers=headers,
-                                      params=dict(request.query))
+        return await platform.request(
+            request.method,
+            f"/webhooks/{instance_id}",
+            content=request.body,
+            headers=headers,
+            params=dict(request.query),
+        )
 
 
-async def send_text(hub_url: str, fake: Any, instance_id: str, text: str, *, chat_id: str,
-                    user_id: str, event_id: str | None = None) -> httpx.Response:
-    request = fake.signed_message(text, chat_id=chat_id, user_id=user_id,
-                                  event_id=event_id or next_event_id())
+async def send_text(
+    hub_url: str,
+    fake: Any,
+    instance_id: str,
+    text: str,
+    *,
+    chat_id: str,
+    user_id: str,
+    event_id: str | None = None,
+) -> httpx.Response:
+    request = fake.signed_message(
+        text, chat_id=chat_id, user_id=user_id, event_id=event_id or next_event_id()
+    )
     response = await post_webhook(hub_url, instance_id, request)
     assert response.status_code == 200, response.text
     return response
 
 
 async def users(http: httpx.AsyncClient, instance_id: str) -> list[dict]:
-    page = await api(http, "GET",
-                     f"/api/v1/tenants/{TENANT}/channel-instances/{instance_id}/users")
+    page = await api(http, "GET", f"/api/v1/tenants/{TENANT}/channel-instances/{instance_id}/users")
     return page["users"]
 
 
@@ -80,26 +110,49 @@ def _user_id_of(view: dict) -> str:
     return str(view.get("providerUserId") or view.get("provider_user_id") or "")
 
 
-async def claim_role(http: httpx.AsyncClient, hub_url: str, fake: Any, instance_id: str, *,
-                     chat_id: str, user_id: str, role: str) -> None:
+async def claim_role(
+    http: httpx.AsyncClient,
+    hub_url: str,
+    fake: Any,
+    instance_id: str,
+    *,
+    chat_id: str,
+    user_id: str,
+    role: str,
+) -> None:
     """Promote a chat user the way a user is promoted: an admin creates a claim code,
     the user sends `/claim CODE` from the chat. Waits until the hub shows the role."""
-    created = await api(http, "POST", f"/api/v1/tenants/{TENANT}/channel-claim-codes",
-                        json={"role": role, "instanceId": instance_id}, expect=(201,))
-    await send_text(hub_url, fake, instance_id, f"/claim {created['code']}", chat_id=chat_id,
-                    user_id=user_id)
+    created = await api(
+        http,
+        "POST",
+        f"/api/v1/tenants/{TENANT}/channel-claim-codes",
+        json={"role": role, "instanceId": instance_id},
+        expect=(201,),
+    )
+    await send_text(
+        hub_url, fake, instance_id, f"/claim {created['code']}", chat_id=chat_id, user_id=user_id
+    )
 
     async def promoted() -> bool:
-        return any(_user_id_of(u) == user_id and u.get("role") == role
-                   for u in await users(http, instance_id))
+        return any(
+            _user_id_of(u) == user_id and u.get("role") == role
+            for u in await users(http, instance_id)
+        )
 
     await eventually(promoted, 15, 0.1, f"chat user {user_id} to become {role}")
 
 
-async def wait_posted(fake: Any, chat_id: str, check: Callable[[Any], bool], *,
-                      timeout: float = 30.0, what: str = "a chat message") -> Any:
+async def wait_posted(
+    fake: Any,
+    chat_id: str,
+    check: Callable[[Any], bool],
+    *,
+    timeout: float = 30.0,
+    what: str = "a chat message",
+) -> Any:
     """The first message of the fake's chat `chat_id` satisfying `check` (edits
     change a message in place, so this also waits for an edit)."""
+
     def found() -> Any:
         return next((p for p in fake.chats.get(chat_id, []) if check(p)), None)
 
@@ -111,8 +164,13 @@ async def wait_posted(fake: Any, chat_id: str, check: Callable[[Any], bool], *,
 
 def chat_dump(fake: Any, chat_id: str) -> str:
     """The chat as text, for assertion messages."""
-    return "\n".join(f"[{p.message_id} edits={p.edits} buttons={p.buttons}] {p.text!r}"
-                     for p in fake.chats.get(chat_id, [])) or "(nothing)"
+    return (
+        "\n".join(
+            f"[{p.message_id} edits={p.edits} buttons={p.buttons}] {p.text!r}"
+            for p in fake.chats.get(chat_id, [])
+        )
+        or "(nothing)"
+    )
 
 
 def telegram_button_data(fake: Any, chat_id: str, label_contains: str) -> str:

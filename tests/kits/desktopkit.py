@@ -14,8 +14,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import httpx
 
@@ -26,8 +27,9 @@ TENANT = "acme"
 COWORK = str(Path(sys.executable).parent / "cowork")
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0,
-                     interval: float = 0.05, what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll an (a)sync check until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,18 +43,30 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0,
         await asyncio.sleep(interval)
 
 
-async def cowork(*args: str, env: dict | None = None, stdin: bytes | None = None
-                 ) -> tuple[int, str, str]:
+async def cowork(
+    *args: str, env: dict | None = None, stdin: bytes | None = None
+) -> tuple[int, str, str]:
     """Run the `cowork` command as a user would: (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
-        COWORK, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+        COWORK,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
     out, err = await asyncio.wait_for(process.communicate(stdin), 60)
     return process.returncode, out.decode(), err.decode()
 
 
-async def api(http: httpx.AsyncClient, method: str, path: str, *,
-              expect: tuple[int, ...] = (200,), **request: Any) -> Any:
+async def api(
+    http: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    expect: tuple[int, ...] = (200,),
+    **request: Any,
+) -> Any:
     """One admin API call that must answer with a status in `expect`: its JSON."""
     response = await http.request(method, path, **request)
     assert response.status_code in expect, response.text
@@ -61,33 +75,44 @@ async def api(http: httpx.AsyncClient, method: str, path: str, *,
 
 async def create_pairing(http: httpx.AsyncClient, **body: Any) -> dict:
     body.setdefault("label", "test laptop")
-    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/pairings", json=body,
-                     expect=(201,))
+    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/pairings", json=body, expect=(201,))
 
 
 async def get_pairing(http: httpx.AsyncClient, pairing_id: str) -> dict:
     return await api(http, "GET", f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}")
 
 
-async def submit(http: httpx.AsyncClient, pairing_id: str, kind: str,
-                 session_id: str | None = None, payload: dict | None = None,
-                 **extra: Any) -> dict:
+async def submit(
+    http: httpx.AsyncClient,
+    pairing_id: str,
+    kind: str,
+    session_id: str | None = None,
+    payload: dict | None = None,
+    **extra: Any,
+) -> dict:
     body: dict[str, Any] = {"kind": kind, **extra}
     if session_id:
         body["sessionId"] = session_id
     if payload is not None:
         body["payload"] = payload
-    return await api(http, "POST", f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands",
-                     json=body, expect=(200, 201))
+    return await api(
+        http,
+        "POST",
+        f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands",
+        json=body,
+        expect=(200, 201),
+    )
 
 
 async def command(http: httpx.AsyncClient, pairing_id: str, command_id: str) -> dict:
-    return await api(http, "GET",
-                     f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands/{command_id}")
+    return await api(
+        http, "GET", f"/api/v1/tenants/{TENANT}/pairings/{pairing_id}/commands/{command_id}"
+    )
 
 
-async def finished(http: httpx.AsyncClient, pairing_id: str, command_id: str,
-                   timeout: float = 20.0) -> dict:
+async def finished(
+    http: httpx.AsyncClient, pairing_id: str, command_id: str, timeout: float = 20.0
+) -> dict:
     async def done() -> dict | None:
         view = await command(http, pairing_id, command_id)
         return view if view["state"] == "done" else None
@@ -95,9 +120,14 @@ async def finished(http: httpx.AsyncClient, pairing_id: str, command_id: str,
     return await eventually(done, timeout, 0.05, f"command {command_id} to finish")
 
 
-async def run_command(http: httpx.AsyncClient, pairing_id: str, kind: str,
-                      session_id: str | None = None, payload: dict | None = None,
-                      **extra: Any) -> dict:
+async def run_command(
+    http: httpx.AsyncClient,
+    pairing_id: str,
+    kind: str,
+    session_id: str | None = None,
+    payload: dict | None = None,
+    **extra: Any,
+) -> dict:
     submitted = await submit(http, pairing_id, kind, session_id, payload, **extra)
     return await finished(http, pairing_id, submitted["commandId"])
 
@@ -105,8 +135,14 @@ async def run_command(http: httpx.AsyncClient, pairing_id: str, kind: str,
 async def events(http: httpx.AsyncClient, workspace: str, after: int = 0) -> list[dict]:
     items: list[dict] = []
     while True:
-        page = (await api(http, "GET", f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
-                          params={"after": after, "limit": 500}))["items"]
+        page = (
+            await api(
+                http,
+                "GET",
+                f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
+                params={"after": after, "limit": 500},
+            )
+        )["items"]
         if not page:
             return items
         items += page
@@ -115,9 +151,13 @@ async def events(http: httpx.AsyncClient, workspace: str, after: int = 0) -> lis
 
 def opencode_events(items: list[dict], kind: str, session_id: str | None = None) -> list[dict]:
     """The relayed OpenCode events of one type (optionally of one session)."""
-    return [i["payload"] for i in items if i["type"] == "session.event"
-            and i["payload"].get("type") == kind
-            and (session_id is None or i["sessionId"] == session_id)]
+    return [
+        i["payload"]
+        for i in items
+        if i["type"] == "session.event"
+        and i["payload"].get("type") == kind
+        and (session_id is None or i["sessionId"] == session_id)
+    ]
 
 
 class SseReader:
@@ -145,13 +185,18 @@ class SseReader:
 
 
 @contextlib.asynccontextmanager
-async def sse(http: httpx.AsyncClient, workspace: str, last_event_id: int | None = None
-              ) -> AsyncIterator[SseReader]:
+async def sse(
+    http: httpx.AsyncClient, workspace: str, last_event_id: int | None = None
+) -> AsyncIterator[SseReader]:
     headers = {"Accept": "text/event-stream"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
-    async with http.stream("GET", f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
-                           headers=headers, timeout=None) as response:
+    async with http.stream(
+        "GET",
+        f"/api/v1/tenants/{TENANT}/workspaces/{workspace}/events",
+        headers=headers,
+        timeout=None,
+    ) as response:
         assert response.status_code == 200
         reader = SseReader(response)
         try:
@@ -160,8 +205,9 @@ async def sse(http: httpx.AsyncClient, workspace: str, last_event_id: int | None
             await reader.close()
 
 
-async def redeem(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
-                 **pairing: Any) -> tuple[dict, DesktopStore]:
+async def redeem(
+    http: httpx.AsyncClient, nats_url: str, state_dir: Path, **pairing: Any
+) -> tuple[dict, DesktopStore]:
     """Create a pairing and redeem its code into `state_dir` (the store comes back
     closed: its paths are usable, and its database reopens on use)."""
     created = await create_pairing(http, **pairing)
@@ -185,15 +231,22 @@ class RunningAgent:
         self.task = asyncio.create_task(agent.run())
 
     @classmethod
-    async def start(cls, state_dir: Path, opencode_url: str, *, heartbeat: float = 0.5,
-                    **options: Any) -> Any:
+    async def start(
+        cls, state_dir: Path, opencode_url: str, *, heartbeat: float = 0.5, **options: Any
+    ) -> Any:
         """Run an agent on `state_dir` and wait until it is connected; if it stopped
         instead, raise why."""
-        running = cls(cls.agent_type(cls.store_type(state_dir), opencode_url,
-                                     heartbeat_interval=heartbeat, **options))
+        running = cls(
+            cls.agent_type(
+                cls.store_type(state_dir), opencode_url, heartbeat_interval=heartbeat, **options
+            )
+        )
         what = f"the {cls.agent_type.__name__} to connect"
-        await eventually(lambda: running.agent.connected.is_set() or running.task.done(),
-                         cls.connect_timeout, what=what)
+        await eventually(
+            lambda: running.agent.connected.is_set() or running.task.done(),
+            cls.connect_timeout,
+            what=what,
+        )
         if running.task.done():
             running.task.result()
         return running
@@ -223,9 +276,15 @@ class RunningDesktop(RunningAgent):
 start_desktop = RunningDesktop.start
 
 
-async def pair_and_start(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
-                         opencode_url: str, *, heartbeat: float = 0.5,
-                         **pairing: Any) -> RunningDesktop:
+async def pair_and_start(
+    http: httpx.AsyncClient,
+    nats_url: str,
+    state_dir: Path,
+    opencode_url: str,
+    *,
+    heartbeat: float = 0.5,
+    **pairing: Any,
+) -> RunningDesktop:
     """Redeem a new pairing, run its Desktop, and wait until the hub shows it online."""
     created, _ = await redeem(http, nats_url, state_dir, **pairing)
     running = await start_desktop(state_dir, opencode_url, heartbeat=heartbeat)
@@ -234,8 +293,9 @@ async def pair_and_start(http: httpx.AsyncClient, nats_url: str, state_dir: Path
     return running
 
 
-async def wait_online(http: httpx.AsyncClient, pairing_id: str, online: bool = True,
-                      timeout: float = 10.0) -> dict:
+async def wait_online(
+    http: httpx.AsyncClient, pairing_id: str, online: bool = True, timeout: float = 10.0
+) -> dict:
     async def check() -> dict | None:
         view = await get_pairing(http, pairing_id)
         return view if view["online"] is online else None

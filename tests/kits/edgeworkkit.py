@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas import (
@@ -24,19 +24,33 @@ from schemas import (
 )
 from schemas._vocabulary import CredentialScope, PrincipalKind
 
-EDGE_SCOPES = sorted(s.value for s in (
-    CredentialScope.HEARTBEAT, CredentialScope.CAPABILITIES, CredentialScope.EDGE_CLAIM,
-    CredentialScope.EDGE_LEASE_RENEW, CredentialScope.EDGE_WRITE_FENCED_OUTPUT))
+EDGE_SCOPES = sorted(
+    s.value
+    for s in (
+        CredentialScope.HEARTBEAT,
+        CredentialScope.CAPABILITIES,
+        CredentialScope.EDGE_CLAIM,
+        CredentialScope.EDGE_LEASE_RENEW,
+        CredentialScope.EDGE_WRITE_FENCED_OUTPUT,
+    )
+)
 
 
-async def add_registration(db, tenant: str, reg_id: str | None = None, *,
-                           kind: str = "edge_worker", status: str = "active",
-                           trust: str = "self_hosted_same_operator",
-                           scopes: list[str] | None = None, max_concurrent_work: int = 4,
-                           work_kinds: tuple[str, ...] = ("prompt",),
-                           capabilities: dict[str, str] | None = None,
-                           approved_credentials: tuple[str, ...] = (),
-                           drain_deadline: datetime | None = None) -> str:
+async def add_registration(
+    db,
+    tenant: str,
+    reg_id: str | None = None,
+    *,
+    kind: str = "edge_worker",
+    status: str = "active",
+    trust: str = "self_hosted_same_operator",
+    scopes: list[str] | None = None,
+    max_concurrent_work: int = 4,
+    work_kinds: tuple[str, ...] = ("prompt",),
+    capabilities: dict[str, str] | None = None,
+    approved_credentials: tuple[str, ...] = (),
+    drain_deadline: datetime | None = None,
+) -> str:
     """Insert an edge registration row as the registration service would leave it
     (with a long heartbeat interval, so the unhealthy sweep leaves it alone)."""
     reg_id = reg_id or f"gw{secrets.token_hex(6)}"
@@ -47,17 +61,30 @@ async def add_registration(db, tenant: str, reg_id: str | None = None, *,
                created_by, registered_at, last_heartbeat_at, heartbeat_interval)
            VALUES ($1,$2,$3,$4,$5,$6,'{}',$7,$8,$9,$10,$11::text::jsonb,$12,$13,'test',now(),
                    now(), 3600)""",
-        tenant, reg_id, f"gateway {reg_id}", kind, trust, scopes or EDGE_SCOPES,
-        list(approved_credentials), datetime.now(timezone.utc) + timedelta(days=30), status,
-        drain_deadline, json.dumps(capabilities if capabilities is not None
-                                   else {"opencode": "supported"}),
-        list(work_kinds), max_concurrent_work)
+        tenant,
+        reg_id,
+        f"gateway {reg_id}",
+        kind,
+        trust,
+        scopes or EDGE_SCOPES,
+        list(approved_credentials),
+        datetime.now(UTC) + timedelta(days=30),
+        status,
+        drain_deadline,
+        json.dumps(capabilities if capabilities is not None else {"opencode": "supported"}),
+        list(work_kinds),
+        max_concurrent_work,
+    )
     return reg_id
 
 
 def enqueue_body(text: str = "say hello", *, workspace: str = "ws1", **extra: Any) -> dict:
-    return {"kind": "prompt", "sessionRef": {"workspaceId": workspace},
-            "payload": {"text": text}, **extra}
+    return {
+        "kind": "prompt",
+        "sessionRef": {"workspaceId": workspace},
+        "payload": {"text": text},
+        **extra,
+    }
 
 
 class GatewayBus:
@@ -69,15 +96,19 @@ class GatewayBus:
         self.source = Source(principal_kind="gateway", principal_id=reg_id)
 
     @classmethod
-    async def connect(cls, hub, tenant: str, reg_id: str,
-                      scopes: list[str] | None = None) -> "GatewayBus":
+    async def connect(
+        cls, hub, tenant: str, reg_id: str, scopes: list[str] | None = None
+    ) -> GatewayBus:
         from hubkit import connect_principal
 
         from hub.auth._permissions import Principal
 
-        principal = Principal(PrincipalKind.GATEWAY, tenant, reg_id,
-                              scopes=frozenset(CredentialScope(s)
-                                               for s in (scopes or EDGE_SCOPES)))
+        principal = Principal(
+            PrincipalKind.GATEWAY,
+            tenant,
+            reg_id,
+            scopes=frozenset(CredentialScope(s) for s in (scopes or EDGE_SCOPES)),
+        )
         return cls(await connect_principal(hub, principal), tenant, reg_id)
 
     async def close(self) -> None:
@@ -91,20 +122,30 @@ class GatewayBus:
             return decode(raw, AckReply).data
         return decode(raw, reply_model).data
 
-    async def claim(self, work_id: str | None = None,
-                    kinds: tuple[str, ...] = ("prompt",)) -> WorkClaimReply | AckReply:
-        return await self._request(subjects.WORK_CLAIM,
-                                   WorkClaimRequest(work_kinds=list(kinds), work_id=work_id),
-                                   WorkClaimReply)
+    async def claim(
+        self, work_id: str | None = None, kinds: tuple[str, ...] = ("prompt",)
+    ) -> WorkClaimReply | AckReply:
+        return await self._request(
+            subjects.WORK_CLAIM,
+            WorkClaimRequest(work_kinds=list(kinds), work_id=work_id),
+            WorkClaimReply,
+        )
 
     async def renew(self, work_id: str, token: str) -> WorkRenewReply | AckReply:
-        return await self._request(subjects.WORK_RENEW,
-                                   WorkRenew(work_id=work_id, lease_token=token), WorkRenewReply)
+        return await self._request(
+            subjects.WORK_RENEW, WorkRenew(work_id=work_id, lease_token=token), WorkRenewReply
+        )
 
-    async def output(self, work_id: str, token: str, sequence: int, kind: str = "event",
-                     body: dict | None = None) -> AckReply:
-        out = WorkOutput(work_id=work_id, lease_token=token, kind=kind, sequence=sequence,
-                         body=body if body is not None else {"n": sequence})
+    async def output(
+        self, work_id: str, token: str, sequence: int, kind: str = "event", body: dict | None = None
+    ) -> AckReply:
+        out = WorkOutput(
+            work_id=work_id,
+            lease_token=token,
+            kind=kind,
+            sequence=sequence,
+            body=body if body is not None else {"n": sequence},
+        )
         return await self._request(subjects.WORK_OUTPUT, out, AckReply)
 
 

@@ -22,25 +22,36 @@ from edges.gateway._store import GatewayStore
 BASE = f"/api/v1/tenants/{TENANT}"
 
 
-async def create_registration(http: httpx.AsyncClient, kind: str = "edge_worker", *,
-                              trust: str = "self_hosted_same_operator",
-                              name: str = "test gateway", **body: Any) -> dict:
-    return await api(http, "POST", f"{BASE}/gateway-registrations", json={
-        "displayName": name, "kind": kind, "trustModel": trust, **body}, expect=(201,))
+async def create_registration(
+    http: httpx.AsyncClient,
+    kind: str = "edge_worker",
+    *,
+    trust: str = "self_hosted_same_operator",
+    name: str = "test gateway",
+    **body: Any,
+) -> dict:
+    return await api(
+        http,
+        "POST",
+        f"{BASE}/gateway-registrations",
+        json={"displayName": name, "kind": kind, "trustModel": trust, **body},
+        expect=(201,),
+    )
 
 
 async def get_registration(http: httpx.AsyncClient, registration_id: str) -> dict:
     return await api(http, "GET", f"{BASE}/gateway-registrations/{registration_id}")
 
 
-async def admin(http: httpx.AsyncClient, registration_id: str, action: str,
-                **body: Any) -> dict:
-    return await api(http, "POST", f"{BASE}/gateway-registrations/{registration_id}/{action}",
-                     json=body)
+async def admin(http: httpx.AsyncClient, registration_id: str, action: str, **body: Any) -> dict:
+    return await api(
+        http, "POST", f"{BASE}/gateway-registrations/{registration_id}/{action}", json=body
+    )
 
 
-async def registered(http: httpx.AsyncClient, nats_url: str, state_dir: Path,
-                     kind: str = "edge_worker", **body: Any) -> tuple[dict, GatewayStore]:
+async def registered(
+    http: httpx.AsyncClient, nats_url: str, state_dir: Path, kind: str = "edge_worker", **body: Any
+) -> tuple[dict, GatewayStore]:
     """Create a registration and register a Gateway with it into `state_dir`."""
     created = await create_registration(http, kind, **body)
     store = GatewayStore(state_dir)
@@ -61,8 +72,9 @@ class RunningGateway(RunningAgent):
 start_gateway = RunningGateway.start
 
 
-async def wait_status(http: httpx.AsyncClient, registration_id: str, status: str,
-                      timeout: float = 15.0) -> dict:
+async def wait_status(
+    http: httpx.AsyncClient, registration_id: str, status: str, timeout: float = 15.0
+) -> dict:
     async def check() -> dict | None:
         view = await get_registration(http, registration_id)
         return view if view["status"] == status else None
@@ -70,11 +82,26 @@ async def wait_status(http: httpx.AsyncClient, registration_id: str, status: str
     return await eventually(check, timeout, 0.1, f"registration {status}")
 
 
-async def enqueue(http: httpx.AsyncClient, text: str, *, title: str = "edge work",
-                  workspace: str = "cloud-ws", **body: Any) -> str:
-    created = await api(http, "POST", f"{BASE}/work", json={
-        "kind": "prompt", "sessionRef": {"workspaceId": workspace, "title": title},
-        "payload": {"text": text}, **body}, expect=(200, 201))
+async def enqueue(
+    http: httpx.AsyncClient,
+    text: str,
+    *,
+    title: str = "edge work",
+    workspace: str = "cloud-ws",
+    **body: Any,
+) -> str:
+    created = await api(
+        http,
+        "POST",
+        f"{BASE}/work",
+        json={
+            "kind": "prompt",
+            "sessionRef": {"workspaceId": workspace, "title": title},
+            "payload": {"text": text},
+            **body,
+        },
+        expect=(200, 201),
+    )
     return created["workId"]
 
 
@@ -84,8 +111,7 @@ async def work_view(http: httpx.AsyncClient, work_id: str) -> dict:
     outputs: list[dict] = []
     while True:
         after = outputs[-1]["sequence"] if outputs else 0
-        page = await api(http, "GET", f"{BASE}/work/{work_id}",
-                         params={"afterSequence": after})
+        page = await api(http, "GET", f"{BASE}/work/{work_id}", params={"afterSequence": after})
         view = view or page
         if not page["events"]:
             break
@@ -94,8 +120,9 @@ async def work_view(http: httpx.AsyncClient, work_id: str) -> dict:
     return view
 
 
-async def work_state(http: httpx.AsyncClient, work_id: str, states: tuple[str, ...],
-                     timeout: float = 60.0) -> dict:
+async def work_state(
+    http: httpx.AsyncClient, work_id: str, states: tuple[str, ...], timeout: float = 60.0
+) -> dict:
     async def check() -> dict | None:
         view = await api(http, "GET", f"{BASE}/work/{work_id}")
         return view if view["state"] in states else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import httpx
 import nats
@@ -19,8 +19,9 @@ async def operator_nats(store, keys, port: int = 0):
     """A JetStream nats-server in operator (JWT) mode trusting `keys`; stopped on exit."""
     from edges.local import NatsServer
 
-    server = NatsServer(store_dir=store, port=port,
-                        extra_config=keys.server_config(store / "resolver"))
+    server = NatsServer(
+        store_dir=store, port=port, extra_config=keys.server_config(store / "resolver")
+    )
     await server.start()
     try:
         yield server
@@ -29,11 +30,19 @@ async def operator_nats(store, keys, port: int = 0):
 
 
 @contextlib.asynccontextmanager
-async def running_hub(nats_url: str, database_url: str, *, keys=None,
-                      **overrides) -> AsyncIterator[Hub]:
+async def running_hub(
+    nats_url: str, database_url: str, *, keys=None, **overrides
+) -> AsyncIterator[Hub]:
     token = overrides.pop("admin_token", None) or secrets.token_urlsafe(24)
-    settings = HubSettings(nats_url=nats_url, database_url=database_url, admin_token=token,
-                           http_host="127.0.0.1", http_port=0, log_format="text", **overrides)
+    settings = HubSettings(
+        nats_url=nats_url,
+        database_url=database_url,
+        admin_token=token,
+        http_host="127.0.0.1",
+        http_port=0,
+        log_format="text",
+        **overrides,
+    )
     hub = Hub(settings, keys=keys)
     await hub.start(startup_timeout=15)
     hub.test_admin_token = token  # type: ignore[attr-defined]
@@ -75,12 +84,17 @@ class EdgeConnection:
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.I)
 
 
-async def connect_with(url: str, user_jwt: str, seed: bytes, inbox: str,
-                       **options) -> EdgeConnection:
+async def connect_with(
+    url: str, user_jwt: str, seed: bytes, inbox: str, **options
+) -> EdgeConnection:
     from hub.auth import _jwt
 
-    edge = EdgeConnection(nc=None, public_key=_jwt.public_key(seed), seed=seed,  # type: ignore[arg-type]
-                          user_jwt=user_jwt)
+    edge = EdgeConnection(
+        nc=None,
+        public_key=_jwt.public_key(seed),
+        seed=seed,  # type: ignore[arg-type]
+        user_jwt=user_jwt,
+    )
 
     async def on_error(exc: Exception) -> None:
         text = str(exc)
@@ -91,8 +105,13 @@ async def connect_with(url: str, user_jwt: str, seed: bytes, inbox: str,
             target.add(match[2].lower())
 
     options.setdefault("allow_reconnect", False)
-    edge.nc = await nats.connect(url, inbox_prefix=inbox, error_cb=on_error,
-                                 **_jwt.nats_auth_options(user_jwt, seed), **options)
+    edge.nc = await nats.connect(
+        url,
+        inbox_prefix=inbox,
+        error_cb=on_error,
+        **_jwt.nats_auth_options(user_jwt, seed),
+        **options,
+    )
     return edge
 
 
@@ -104,5 +123,4 @@ async def connect_principal(hub: Hub, principal, ttl=None, **options) -> EdgeCon
     seed = _jwt.new_seed("user")
     issued = await hub.credentials.issue(principal, _jwt.public_key(seed), ttl=ttl)
     inbox = subjects.inbox_prefix(principal.tenant, str(principal.kind), principal.id)
-    return await connect_with(hub.settings.nats_servers[0], issued.user_jwt, seed, inbox,
-                              **options)
+    return await connect_with(hub.settings.nats_servers[0], issued.user_jwt, seed, inbox, **options)

@@ -44,8 +44,10 @@ class Requests:
         self.next_id = int(spec["firstId"])
         self.pieces = [p.encode() for p in spec["bodyTemplate"].split(spec["placeholder"])]
         headers = "".join(f"{k}: {v}\r\n" for k, v in spec["headers"].items())
-        self.head = (f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}:{spec['port']}\r\n"
-                     f"Connection: keep-alive\r\n{headers}Content-Length: ").encode()
+        self.head = (
+            f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}:{spec['port']}\r\n"
+            f"Connection: keep-alive\r\n{headers}Content-Length: "
+        ).encode()
 
     def build(self) -> bytes:
         uid = str(self.next_id).encode()
@@ -63,7 +65,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     at = lower.find(b"content-length:")
     if at >= 0:
         end = lower.index(b"\r\n", at)
-        length = int(lower[at + 15:end])
+        length = int(lower[at + 15 : end])
         if length:
             await reader.readexactly(length)
     elif b"transfer-encoding: chunked" in lower:
@@ -100,8 +102,13 @@ async def worker(spec: dict, requests: Requests, tally: Tally) -> None:
             if not keep:
                 writer.close()
                 reader = writer = None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError, ValueError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+        ) as exc:
             if tally.measuring:
                 tally.errors += 1
                 name = type(exc).__name__
@@ -123,8 +130,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 async def run(spec: dict) -> dict:
     tally, requests = Tally(), Requests(spec)
-    tasks = [asyncio.create_task(worker(spec, requests, tally))
-             for _ in range(int(spec["concurrency"]))]
+    tasks = [
+        asyncio.create_task(worker(spec, requests, tally)) for _ in range(int(spec["concurrency"]))
+    ]
     await asyncio.sleep(float(spec["warmupSeconds"]))
     tally.measuring = True
     started = time.perf_counter()
@@ -138,11 +146,17 @@ async def run(spec: dict) -> dict:
     lat = sorted(tally.latencies)
     ms = 1000.0
     return {
-        "ok": tally.ok, "errors": tally.errors, "seconds": seconds,
-        "rps": tally.ok / seconds, "statuses": {str(k): v for k, v in tally.statuses.items()},
-        "errorKinds": tally.error_kinds, "lastId": requests.next_id - 1,
-        "p50Ms": percentile(lat, 0.50) * ms, "p90Ms": percentile(lat, 0.90) * ms,
-        "p99Ms": percentile(lat, 0.99) * ms, "maxMs": (lat[-1] * ms) if lat else float("nan"),
+        "ok": tally.ok,
+        "errors": tally.errors,
+        "seconds": seconds,
+        "rps": tally.ok / seconds,
+        "statuses": {str(k): v for k, v in tally.statuses.items()},
+        "errorKinds": tally.error_kinds,
+        "lastId": requests.next_id - 1,
+        "p50Ms": percentile(lat, 0.50) * ms,
+        "p90Ms": percentile(lat, 0.90) * ms,
+        "p99Ms": percentile(lat, 0.99) * ms,
+        "maxMs": (lat[-1] * ms) if lat else float("nan"),
         "meanMs": (sum(lat) / len(lat) * ms) if lat else float("nan"),
     }
 

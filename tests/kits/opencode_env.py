@@ -52,9 +52,11 @@ ASK_QUESTION = "ASK_QUESTION"
 SLOW = "SLOW"
 BASH_COMMAND = "echo cowork-tool-ran"
 BASH_OUTPUT = "cowork-tool-ran"
-QUESTION = {"question": "Pick a colour?", "header": "Colour",
-            "options": [{"label": "Blue", "description": "cool"},
-                        {"label": "Red", "description": "warm"}]}
+QUESTION = {
+    "question": "Pick a colour?",
+    "header": "Colour",
+    "options": [{"label": "Blue", "description": "cool"}, {"label": "Red", "description": "warm"}],
+}
 TITLE = "Fake title"
 
 
@@ -65,9 +67,11 @@ TITLE = "Fake title"
 
 def _platform_packages() -> list[str]:
     system = {"Linux": "linux", "Darwin": "darwin", "Windows": "windows"}.get(
-        platform.system(), platform.system().lower())
+        platform.system(), platform.system().lower()
+    )
     arch = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        platform.machine().lower(), platform.machine().lower())
+        platform.machine().lower(), platform.machine().lower()
+    )
     base = f"opencode-{system}-{arch}"
     return [base, f"{base}-baseline", f"{base}-musl", f"{base}-baseline-musl"]
 
@@ -100,13 +104,25 @@ def opencode_binary(prefix: Path = OPENCODE_DIR) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _installed_binary(prefix)
         if found is None:
-            subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                            f"opencode-ai@{OPENCODE_VERSION}"], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    "npm",
+                    "install",
+                    "--prefix",
+                    str(prefix),
+                    "--no-audit",
+                    "--no-fund",
+                    f"opencode-ai@{OPENCODE_VERSION}",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             found = _installed_binary(prefix)
         if found is None:
-            raise RuntimeError(f"npm installed opencode-ai@{OPENCODE_VERSION} into {prefix} "
-                               f"but no binary for this platform ({_platform_packages()})")
+            raise RuntimeError(
+                f"npm installed opencode-ai@{OPENCODE_VERSION} into {prefix} "
+                f"but no binary for this platform ({_platform_packages()})"
+            )
         (prefix / ".installed").touch()
         return found
 
@@ -127,7 +143,7 @@ def _text_of(message: dict[str, Any]) -> str:
 
 def _split(text: str, pieces: int) -> list[str]:
     size = max(1, -(-len(text) // pieces))
-    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
 class FakeModelServer:
@@ -140,9 +156,14 @@ class FakeModelServer:
     `after_tool_text`. Every request body is kept in `.requests`.
     """
 
-    def __init__(self, *, reply_template: str = "reply to: {prompt}",
-                 after_tool_text: str = "tool finished", slow_chunks: int = 40,
-                 slow_delay: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        reply_template: str = "reply to: {prompt}",
+        after_tool_text: str = "tool finished",
+        slow_chunks: int = 40,
+        slow_delay: float = 0.05,
+    ) -> None:
         self.reply_template = reply_template
         self.after_tool_text = after_tool_text
         self.slow_chunks = slow_chunks
@@ -173,7 +194,7 @@ class FakeModelServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "FakeModelServer":
+    async def __aenter__(self) -> FakeModelServer:
         await self.start()
         return self
 
@@ -181,8 +202,12 @@ class FakeModelServer:
         await self.stop()
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}],
+            }
+        )
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -190,8 +215,9 @@ class FakeModelServer:
         chunks, tool_call, delay = self._script(body)
         if not body.get("stream"):
             return web.json_response(_completion("".join(chunks), tool_call))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         try:
             for piece in chunks:
@@ -213,49 +239,71 @@ class FakeModelServer:
         system = " ".join(_text_of(m) for m in messages if m.get("role") == "system")
         if system.lstrip().startswith("You are a title generator"):
             return [TITLE], None, 0.0
-        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
-                        default=-1)
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
         prompt = _text_of(messages[last_user]) if last_user >= 0 else ""
-        if any(m.get("role") == "tool" for m in messages[last_user + 1:]):
+        if any(m.get("role") == "tool" for m in messages[last_user + 1 :]):
             return _split(self.after_tool_text, 2), None, 0.0
         if RUN_BASH in prompt:
-            return [], _tool_call("bash", {"command": BASH_COMMAND,
-                                           "description": "Print a marker"}), 0.0
+            return (
+                [],
+                _tool_call("bash", {"command": BASH_COMMAND, "description": "Print a marker"}),
+                0.0,
+            )
         if ASK_QUESTION in prompt:
             return [], _tool_call("question", {"questions": [QUESTION]}), 0.0
         if SLOW in prompt:
-            return _split(self.reply_for(prompt).ljust(self.slow_chunks, "."),
-                          self.slow_chunks), None, self.slow_delay
+            return (
+                _split(self.reply_for(prompt).ljust(self.slow_chunks, "."), self.slow_chunks),
+                None,
+                self.slow_delay,
+            )
         return _split(self.reply_for(prompt), 5), None, 0.0
 
 
 def _tool_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    return {"index": 0, "id": "call_fake_1", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return {
+        "index": 0,
+        "id": "call_fake_1",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": "fake-model",
-            "choices": [{"index": 0, "delta": {"role": "assistant", **delta},
-                         "finish_reason": finish}]}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake-model",
+        "choices": [{"index": 0, "delta": {"role": "assistant", **delta}, "finish_reason": finish}],
+    }
 
 
 def _usage_chunk() -> dict[str, Any]:
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": "fake-model", "choices": [],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake-model",
+        "choices": [],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
 
 
 def _completion(text: str, tool_call: dict | None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if tool_call:
         message["tool_calls"] = [{k: v for k, v in tool_call.items() if k != "index"}]
-    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-            "model": "fake-model",
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": "tool_calls" if tool_call else "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake-model",
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if tool_call else "stop"}
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
@@ -276,13 +324,25 @@ def _free_port() -> int:
 def opencode_config(model_url: str) -> dict[str, Any]:
     return {
         "$schema": "https://opencode.ai/config.json",
-        "provider": {"fake": {
-            "npm": "@ai-sdk/openai-compatible", "name": "Fake",
-            "options": {"baseURL": model_url, "apiKey": "sk-fake"},
-            "models": {"fake-model": {"name": "Fake", "tool_call": True,
-                                      "limit": {"context": 32000, "output": 4096}}}}},
-        "enabled_providers": ["fake"], "model": "fake/fake-model",
-        "small_model": "fake/fake-model", "autoupdate": False, "share": "disabled",
+        "provider": {
+            "fake": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "Fake",
+                "options": {"baseURL": model_url, "apiKey": "sk-fake"},
+                "models": {
+                    "fake-model": {
+                        "name": "Fake",
+                        "tool_call": True,
+                        "limit": {"context": 32000, "output": 4096},
+                    }
+                },
+            }
+        },
+        "enabled_providers": ["fake"],
+        "model": "fake/fake-model",
+        "small_model": "fake/fake-model",
+        "autoupdate": False,
+        "share": "disabled",
         "permission": {"bash": "ask"},
     }
 
@@ -294,8 +354,13 @@ class OpenCodeServer:
     process and starts a new one on the same port, for reconnect tests.
     """
 
-    def __init__(self, model: FakeModelServer | None = None, *,
-                 password: str | None = None, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        model: FakeModelServer | None = None,
+        *,
+        password: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
         self.model = model or FakeModelServer()
         self._own_model = model is None
         self.password = password
@@ -319,7 +384,7 @@ class OpenCodeServer:
         assert self.root is not None, "server not started"
         return self.root / "opencode.log"
 
-    async def __aenter__(self) -> "OpenCodeServer":
+    async def __aenter__(self) -> OpenCodeServer:
         binary = await asyncio.to_thread(opencode_binary)
         if self._own_model:
             await self.model.start()
@@ -347,13 +412,17 @@ class OpenCodeServer:
 
     def _env(self) -> dict[str, str]:
         assert self.root is not None
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("OPENCODE_", "XDG_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCODE_", "XDG_"))}
         home = self.root / "home"
-        env.update(OFFLINE_ENV, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
-                   XDG_DATA_HOME=str(home / ".local/share"), XDG_CACHE_HOME=str(home / ".cache"),
-                   XDG_STATE_HOME=str(home / ".local/state"),
-                   OPENCODE_CONFIG_CONTENT=json.dumps(opencode_config(self.model.url)))
+        env.update(
+            OFFLINE_ENV,
+            HOME=str(home),
+            XDG_CONFIG_HOME=str(home / ".config"),
+            XDG_DATA_HOME=str(home / ".local/share"),
+            XDG_CACHE_HOME=str(home / ".cache"),
+            XDG_STATE_HOME=str(home / ".local/state"),
+            OPENCODE_CONFIG_CONTENT=json.dumps(opencode_config(self.model.url)),
+        )
         if self.password:
             env["OPENCODE_SERVER_PASSWORD"] = self.password
         return env
@@ -361,9 +430,19 @@ class OpenCodeServer:
     async def _start(self, binary: Path) -> None:
         self._log = open(self.log_path, "ab")
         self._process = await asyncio.create_subprocess_exec(
-            str(binary), "serve", "--port", str(self.port), "--hostname", "127.0.0.1",
-            cwd=self.directory, env=self._env(), stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            str(binary),
+            "serve",
+            "--port",
+            str(self.port),
+            "--hostname",
+            "127.0.0.1",
+            cwd=self.directory,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         await self._wait_healthy()
 
     async def _wait_healthy(self) -> None:
@@ -375,8 +454,10 @@ class OpenCodeServer:
             while True:
                 assert self._process is not None
                 if self._process.returncode is not None:
-                    raise RuntimeError(f"opencode exited with {self._process.returncode}; "
-                                       f"log: {self.log_path.read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"opencode exited with {self._process.returncode}; "
+                        f"log: {self.log_path.read_text()[-2000:]}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(f"{self.url}/global/health")).status_code == 200:
                         return
@@ -390,7 +471,7 @@ class OpenCodeServer:
             _signal_group(process.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _signal_group(process.pid, signal.SIGKILL)
                 await process.wait()
         if process is not None:

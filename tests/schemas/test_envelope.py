@@ -1,7 +1,7 @@
 """The envelope: versioned, validated, with clear one-line rejections."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -13,14 +13,32 @@ SOURCE = Source(principal_kind="desktop", principal_id="pair-1", authority="desk
 
 def test_wrap_encode_decode_round_trip():
     record = AuditRecord(action="pairing.connected", actor_kind="desktop", actor_id="pair-1")
-    env = Envelope.wrap(record, source=SOURCE, tenant="acme", workspace="local",
-                        correlation_id="c1", causation_id="m0", idempotency_key="k1")
+    env = Envelope.wrap(
+        record,
+        source=SOURCE,
+        tenant="acme",
+        workspace="local",
+        correlation_id="c1",
+        causation_id="m0",
+        idempotency_key="k1",
+    )
     wire = json.loads(env.encode())
     assert wire["type"] == "audit.record" and wire["schemaVersion"] == 1
-    assert wire["source"] == {"principalKind": "desktop", "principalId": "pair-1",
-                              "authority": "desktop_paired"}
-    assert {"id", "time", "tenant", "workspace", "correlationId", "causationId",
-            "idempotencyKey", "data"} <= set(wire)
+    assert wire["source"] == {
+        "principalKind": "desktop",
+        "principalId": "pair-1",
+        "authority": "desktop_paired",
+    }
+    assert {
+        "id",
+        "time",
+        "tenant",
+        "workspace",
+        "correlationId",
+        "causationId",
+        "idempotencyKey",
+        "data",
+    } <= set(wire)
     back = decode(env.encode(), AuditRecord)
     assert back.data == record and back.id == env.id and back.tenant == "acme"
     assert back.time.tzinfo is not None
@@ -40,15 +58,22 @@ def _raw(**over):
     return json.dumps(wire).encode()
 
 
-@pytest.mark.parametrize("over, code, fragment", [
-    ({"type": "audit.record"}, "contract.wrong_type", "expected"),
-    ({"schemaVersion": 7}, "contract.unsupported_version", "newer"),
-    ({"tenant": "a.b"}, "contract.invalid", "tenant"),
-    ({"tenant": "system"}, "contract.invalid", "reserved"),
-    ({"extra": 1}, "contract.invalid", "extra"),
-    ({"data": {"ok": "maybe"}}, "contract.invalid", "data.ok"),
-    ({"source": {"principalKind": "root", "principalId": "x"}}, "contract.invalid", "principalKind"),
-])
+@pytest.mark.parametrize(
+    "over, code, fragment",
+    [
+        ({"type": "audit.record"}, "contract.wrong_type", "expected"),
+        ({"schemaVersion": 7}, "contract.unsupported_version", "newer"),
+        ({"tenant": "a.b"}, "contract.invalid", "tenant"),
+        ({"tenant": "system"}, "contract.invalid", "reserved"),
+        ({"extra": 1}, "contract.invalid", "extra"),
+        ({"data": {"ok": "maybe"}}, "contract.invalid", "data.ok"),
+        (
+            {"source": {"principalKind": "root", "principalId": "x"}},
+            "contract.invalid",
+            "principalKind",
+        ),
+    ],
+)
 def test_bad_envelopes_are_refused_with_a_reason(over, code, fragment):
     with pytest.raises(ContractError) as info:
         decode(_raw(**over), AckReply)
@@ -85,10 +110,15 @@ def test_every_catalog_type_is_wrappable():
     for name, model in schemas.MESSAGES.items():
         assert model.message_type == name
         assert model.schema_version >= 1
-    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    env = Envelope.wrap(schemas.PresenceHeartbeat(principal_kind="desktop", principal_id="d",
-                                                   sequence=1, interval_seconds=5), source=SOURCE,
-                        tenant="acme", time=when)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    env = Envelope.wrap(
+        schemas.PresenceHeartbeat(
+            principal_kind="desktop", principal_id="d", sequence=1, interval_seconds=5
+        ),
+        source=SOURCE,
+        tenant="acme",
+        time=when,
+    )
     assert decode(env.encode(), schemas.PresenceHeartbeat).time == when
 
 

@@ -58,13 +58,26 @@ def test_stream_subjects_do_not_overlap_across_streams():
     declared = subjects.streams()
     flat = [(name, s) for name, subs in declared.items() for s in subs]
     for i, (name_a, a) in enumerate(flat):
-        for name_b, b in flat[i + 1:]:
+        for name_b, b in flat[i + 1 :]:
             assert not subjects.covers(a, b) and not subjects.covers(b, a), (name_a, a, name_b, b)
 
 
-@pytest.mark.parametrize("bad", [
-    "a.b", "a*", ">", "a b", "tab\there", "", "x" * 129, "new\nline", "ünïcode", "$SYS", "a/b",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a.b",
+        "a*",
+        ">",
+        "a b",
+        "tab\there",
+        "",
+        "x" * 129,
+        "new\nline",
+        "ünïcode",
+        "$SYS",
+        "a/b",
+    ],
+)
 def test_injected_tokens_are_refused(bad):
     with pytest.raises(SubjectError):
         subjects.DEVICE_COMMAND.build(tenant="acme", device_id=bad)
@@ -120,5 +133,6 @@ def test_the_public_face_lists_every_message_and_vocabulary_name():
     from schemas import _messages, _vocabulary
 
     for name in [*_messages.__all__, *_vocabulary.__all__]:
-        assert getattr(schemas, name) is getattr(_messages, name, None) or \
-            getattr(schemas, name) is getattr(_vocabulary, name, None), name
+        assert getattr(schemas, name) is getattr(_messages, name, None) or getattr(
+            schemas, name
+        ) is getattr(_vocabulary, name, None), name

@@ -70,7 +70,9 @@ def test_every_data_line_of_a_capture_decodes_to_one_event(path):
     lines = capture_lines(path)
     events = decode_all(lines)
     assert len(events) == sum(line.startswith("data:") for line in lines)
-    assert events == [json.loads(line[len("data: "):]) for line in lines if line.startswith("data:")]
+    assert events == [
+        json.loads(line[len("data: ") :]) for line in lines if line.startswith("data:")
+    ]
 
 
 @pytest.mark.parametrize("path", CAPTURE_FILES, ids=lambda p: p.stem)
@@ -79,19 +81,20 @@ def test_filtering_drops_only_heartbeats_and_repeated_idles(path):
     kept = list(parse_events(capture_lines(path)))
     dropped = [e for e in raw if e not in kept]
     assert all(e.get("type") in ("server.heartbeat", "session.idle") for e in dropped)
-    assert [e for e in raw if e.get("type") not in ("server.heartbeat", "session.idle")] == \
-        [e for e in kept if e.get("type") != "session.idle"]
+    assert [e for e in raw if e.get("type") not in ("server.heartbeat", "session.idle")] == [
+        e for e in kept if e.get("type") != "session.idle"
+    ]
     assert not any(e.get("type") == "server.heartbeat" for e in kept)
 
 
 # Turns that ended in each capture (per /event capture: one idle per turn).
 EXPECTED_IDLES = {
-    "abort-mid-stream": 1,                              # OpenCode sent 2
+    "abort-mid-stream": 1,  # OpenCode sent 2
     "idle-heartbeats": 1,
-    "permission-rejected-then-question-rejected": 3,    # 2 turns + abort of an unknown id
+    "permission-rejected-then-question-rejected": 3,  # 2 turns + abort of an unknown id
     "plain-prompt": 1,
     "question-answered": 1,
-    "retry-after-http500": 2,                           # OpenCode sent 3 (401 idles twice)
+    "retry-after-http500": 2,  # OpenCode sent 3 (401 idles twice)
     "second-plain-prompt": 1,
     "tool-permission-approved": 1,
 }
@@ -116,8 +119,13 @@ def test_the_abort_capture_loses_its_duplicate_idle_but_keeps_the_error_and_stat
 
 def test_heartbeats_are_dropped():
     kept = list(parse_events(capture_lines(CAPTURES / "idle-heartbeats.sse")))
-    assert [e["type"] for e in kept] == ["server.connected", "session.created",
-                                         "session.updated", "session.status", "session.idle"]
+    assert [e["type"] for e in kept] == [
+        "server.connected",
+        "session.created",
+        "session.updated",
+        "session.status",
+        "session.idle",
+    ]
 
 
 def test_global_stream_envelopes_pass_untouched():
@@ -128,13 +136,24 @@ def test_global_stream_envelopes_pass_untouched():
 
 def test_unknown_types_pass_and_malformed_data_is_skipped():
     lines = [
-        ": a comment", "event: ignored", "id: 7", 'data: {"type":"brand.new","properties":{"x":1}}', "",
-        "data: {not json", "",
-        "data: [1, 2]", "",
-        "", "",
-        'data: {"type":"server.heartbeat","properties":{}}\r', "\r",
-        'data: {"type":', 'data: "split.lines","properties":{}}', "",
-        'data:{"no":"type"}', "",
+        ": a comment",
+        "event: ignored",
+        "id: 7",
+        'data: {"type":"brand.new","properties":{"x":1}}',
+        "",
+        "data: {not json",
+        "",
+        "data: [1, 2]",
+        "",
+        "",
+        "",
+        'data: {"type":"server.heartbeat","properties":{}}\r',
+        "\r",
+        'data: {"type":',
+        'data: "split.lines","properties":{}}',
+        "",
+        'data:{"no":"type"}',
+        "",
     ]
     assert list(parse_events(lines)) == [
         {"type": "brand.new", "properties": {"x": 1}},
@@ -145,15 +164,31 @@ def test_unknown_types_pass_and_malformed_data_is_skipped():
 
 def test_a_busy_status_or_a_busy_snapshot_makes_the_next_idle_count():
     idle = {"type": "session.idle", "properties": {"sessionID": "ses_a"}}
-    busy = {"type": "session.status", "properties": {"sessionID": "ses_a",
-                                                     "status": {"type": "busy"}}}
-    retry = {"type": "session.status", "properties": {"sessionID": "ses_a", "status": {
-        "type": "retry", "attempt": 1, "message": "x", "next": 0}}}
-    still_idle = {"type": "session.status", "properties": {"sessionID": "ses_a",
-                                                           "status": {"type": "idle"}}}
+    busy = {
+        "type": "session.status",
+        "properties": {"sessionID": "ses_a", "status": {"type": "busy"}},
+    }
+    retry = {
+        "type": "session.status",
+        "properties": {
+            "sessionID": "ses_a",
+            "status": {"type": "retry", "attempt": 1, "message": "x", "next": 0},
+        },
+    }
+    still_idle = {
+        "type": "session.status",
+        "properties": {"sessionID": "ses_a", "status": {"type": "idle"}},
+    }
     f = EventFilter()
-    assert [f.accept(e) for e in (idle, still_idle, idle, busy, idle, retry, idle)] == \
-        [True, True, False, True, True, True, True]
+    assert [f.accept(e) for e in (idle, still_idle, idle, busy, idle, retry, idle)] == [
+        True,
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
     assert f.accept(idle) is False
     f.resync({"ses_b": {"type": "busy"}})
     assert f.accept(idle) is False
@@ -204,8 +239,9 @@ async def opencode() -> AsyncIterator[OpenCodeServer]:
 
 @pytest.fixture(scope="module")
 async def client(opencode: OpenCodeServer) -> AsyncIterator[OpenCodeClient]:
-    async with OpenCodeClient(opencode.url, password=opencode.password,
-                              directory=opencode.directory) as client:
+    async with OpenCodeClient(
+        opencode.url, password=opencode.password, directory=opencode.directory
+    ) as client:
         yield client
 
 
@@ -232,25 +268,37 @@ class Stream:
         return await asyncio.wait_for(read(), timeout)
 
     def of(self, session_id: str, kind: str | None = None) -> list[Event]:
-        return [e for e in self.seen if e.get("properties", {}).get("sessionID") == session_id
-                and (kind is None or e["type"] == kind)]
+        return [
+            e
+            for e in self.seen
+            if e.get("properties", {}).get("sessionID") == session_id
+            and (kind is None or e["type"] == kind)
+        ]
 
 
 def is_(kind: str, session_id: str | None = None, **props: Any) -> Callable[[Event], bool]:
     def match(event: Event) -> bool:
         p = event.get("properties", {})
-        return (event.get("type") == kind
-                and (session_id is None or p.get("sessionID") == session_id)
-                and all(p.get(k) == v for k, v in props.items()))
+        return (
+            event.get("type") == kind
+            and (session_id is None or p.get("sessionID") == session_id)
+            and all(p.get(k) == v for k, v in props.items())
+        )
+
     return match
 
 
 def tool_part(session_id: str, tool: str, status: str) -> Callable[[Event], bool]:
     def match(event: Event) -> bool:
         part = event.get("properties", {}).get("part", {})
-        return (event.get("type") == "message.part.updated" and part.get("sessionID") == session_id
-                and part.get("type") == "tool" and part.get("tool") == tool
-                and part.get("state", {}).get("status") == status)
+        return (
+            event.get("type") == "message.part.updated"
+            and part.get("sessionID") == session_id
+            and part.get("type") == "tool"
+            and part.get("tool") == tool
+            and part.get("state", {}).get("status") == status
+        )
+
     return match
 
 
@@ -334,14 +382,20 @@ async def test_a_bash_tool_waits_for_permission_then_runs(client, stream, openco
 
     assert await client.reply_permission(request["id"], "once") is True
     replied = await stream.wait_for(is_("permission.replied", session["id"]))
-    assert replied["properties"] == {"sessionID": session["id"], "requestID": request["id"],
-                                     "reply": "once"}
+    assert replied["properties"] == {
+        "sessionID": session["id"],
+        "requestID": request["id"],
+        "reply": "once",
+    }
     done = await stream.wait_for(tool_part(session["id"], "bash", "completed"))
     assert BASH_OUTPUT in done["properties"]["part"]["state"]["output"]
     await stream.wait_for(is_("session.idle", session["id"]))
     assert request["id"] not in {p["id"] for p in await client.list_permissions()}
-    assert any(m.get("role") == "tool" and BASH_OUTPUT in json.dumps(m.get("content"))
-               for body in opencode.model.requests for m in body["messages"])
+    assert any(
+        m.get("role") == "tool" and BASH_OUTPUT in json.dumps(m.get("content"))
+        for body in opencode.model.requests
+        for m in body["messages"]
+    )
 
 
 async def test_a_rejected_permission_fails_the_tool(client, stream):
@@ -405,10 +459,17 @@ async def test_an_abort_mid_stream_errors_then_idles_once(client, stream):
 
 async def test_the_prompt_body_carries_agent_and_model(client, stream, opencode):
     session = await client.create_session(title="options", agent="build")
-    await client.prompt_async(session["id"], [{"type": "text", "text": "with options"}],
-                              agent="build", model="fake/fake-model")
-    user = await stream.wait_for(lambda e: is_("message.updated", session["id"])(e)
-                                 and e["properties"]["info"]["role"] == "user")
+    await client.prompt_async(
+        session["id"],
+        [{"type": "text", "text": "with options"}],
+        agent="build",
+        model="fake/fake-model",
+    )
+    user = await stream.wait_for(
+        lambda e: (
+            is_("message.updated", session["id"])(e) and e["properties"]["info"]["role"] == "user"
+        )
+    )
     assert user["properties"]["info"]["agent"] == "build"
     assert user["properties"]["info"]["model"] == {"providerID": "fake", "modelID": "fake-model"}
     await stream.wait_for(is_("session.idle", session["id"]))
@@ -424,11 +485,15 @@ async def test_abort_of_an_unknown_session_is_harmless(client):
 
 
 async def test_a_restarted_server_is_followed_with_a_fresh_resync():
-    async with FakeModelServer() as model, OpenCodeServer(model) as server, \
-            OpenCodeClient(server.url, directory=server.directory) as client:
+    async with (
+        FakeModelServer() as model,
+        OpenCodeServer(model) as server,
+        OpenCodeClient(server.url, directory=server.directory) as client,
+    ):
         assert (await client.health())["healthy"] is True  # no password set: open
-        async with OpenCodeEvents(client, min_backoff=0.05, max_backoff=0.5,
-                                  open_timeout=1.0) as events:
+        async with OpenCodeEvents(
+            client, min_backoff=0.05, max_backoff=0.5, open_timeout=1.0
+        ) as events:
             stream = Stream(events)
             first = await stream.wait_for(is_(RESYNC))
             assert first["properties"] == {"status": {}, "permissions": [], "questions": []}

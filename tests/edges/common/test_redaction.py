@@ -38,8 +38,9 @@ from schemas._secrets import SECRET_REDACTED, scrub_text
 
 CAPTURES = sorted(str(p) for p in CAPTURES_DIR.glob("*.sse"))
 NONE = RedactionPolicy()
-ALL = RedactionPolicy(expose_artifact_bodies=True, expose_local_paths=True,
-                      expose_local_mcp_details=True)
+ALL = RedactionPolicy(
+    expose_artifact_bodies=True, expose_local_paths=True, expose_local_mcp_details=True
+)
 
 # ---------------------------------------------------------------------------
 # the corpus of fake secrets
@@ -86,13 +87,25 @@ def _corpus() -> list[Fake]:
     add("google-client-secret", "GOC" + "SPX-" + pick(28, B64URL))
     add("google-refresh", "1//0" + "g" + pick(100, B64URL))
     add("slack-bot", "xo" + "xb-" + digits(12) + "-" + digits(13) + "-" + pick(24))
-    add("slack-user", "xo" + "xp-" + digits(12) + "-" + digits(12) + "-" + digits(13) + "-"
-        + pick(32, HEX))
-    add("slack-app", "xa" + "pp-1-A" + pick(10, UPPER_DIGITS) + "-" + digits(13) + "-"
-        + pick(64, HEX))
+    add(
+        "slack-user",
+        "xo" + "xp-" + digits(12) + "-" + digits(12) + "-" + digits(13) + "-" + pick(32, HEX),
+    )
+    add(
+        "slack-app",
+        "xa" + "pp-1-A" + pick(10, UPPER_DIGITS) + "-" + digits(13) + "-" + pick(64, HEX),
+    )
     hook = pick(24)
-    add("slack-webhook", "https://hooks.slack.com/services/T" + pick(8, UPPER_DIGITS) + "/B"
-        + pick(10, UPPER_DIGITS) + "/" + hook, hook)
+    add(
+        "slack-webhook",
+        "https://hooks.slack.com/services/T"
+        + pick(8, UPPER_DIGITS)
+        + "/B"
+        + pick(10, UPPER_DIGITS)
+        + "/"
+        + hook,
+        hook,
+    )
     add("telegram-bot", digits(10) + ":AA" + pick(33, B64URL))
     add("github-classic", "gh" + "p_" + pick(36))
     add("github-oauth", "gh" + "o_" + pick(36))
@@ -116,11 +129,21 @@ def _corpus() -> list[Fake]:
     token = pick(40, HEX)
     add("token-scheme", "Authorization: Token " + token, token)
     pem_lines = [pick(64, ALNUM + "+/") for _ in range(6)]
-    add("pem-rsa", "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(pem_lines)
-        + "\n-----END RSA PRIVATE KEY-----", *pem_lines)
+    add(
+        "pem-rsa",
+        "-----BEGIN RSA PRIVATE KEY-----\n"
+        + "\n".join(pem_lines)
+        + "\n-----END RSA PRIVATE KEY-----",
+        *pem_lines,
+    )
     ssh_lines = [pick(70, ALNUM + "+/") for _ in range(4)]
-    add("pem-openssh", "-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(ssh_lines)
-        + "\n-----END OPENSSH PRIVATE KEY-----", *ssh_lines)
+    add(
+        "pem-openssh",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+        + "\n".join(ssh_lines)
+        + "\n-----END OPENSSH PRIVATE KEY-----",
+        *ssh_lines,
+    )
     for kind in ("SU", "SA", "SO"):
         add(f"nkey-seed-{kind}", kind + pick(56, BASE32))
     password = pick(14) + "!x"
@@ -129,8 +152,11 @@ def _corpus() -> list[Fake]:
     add("dsn-credentials", f"postgresql://app:{db_password}@db.internal:5432/app", db_password)
     add("discord-bot", "M" + pick(25) + "." + pick(6, B64URL) + "." + pick(38, B64URL))
     discord_hook = pick(68, B64URL)
-    add("discord-webhook", "https://discord.com/api/webhooks/" + digits(18) + "/" + discord_hook,
-        discord_hook)
+    add(
+        "discord-webhook",
+        "https://discord.com/api/webhooks/" + digits(18) + "/" + discord_hook,
+        discord_hook,
+    )
     add("twilio-api-key", "S" + "K" + pick(32, HEX))
     add("huggingface", "h" + "f_" + pick(34))
     add("npm", "np" + "m_" + pick(36))
@@ -143,8 +169,9 @@ def _corpus() -> list[Fake]:
     client_secret = pick(30)
     add("json-in-text", f'"client_secret": "{client_secret}"', client_secret)
     session_cookie, csrf = pick(32), pick(32)
-    add("cookie-header", f"Cookie: session={session_cookie}; csrftoken={csrf}",
-        session_cookie, csrf)
+    add(
+        "cookie-header", f"Cookie: session={session_cookie}; csrftoken={csrf}", session_cookie, csrf
+    )
     flag = pick(32, HEX)
     add("cli-flag", "--api-key " + flag, flag)
     return out
@@ -157,7 +184,7 @@ def _windows(secret: str, size: int = 12) -> list[str]:
     parts = [p for p in secret.split("\n") if p]
     if all(len(p) < size for p in parts):
         return parts
-    return [p[i:i + size] for p in parts if len(p) >= size for i in range(len(p) - size + 1)]
+    return [p[i : i + size] for p in parts if len(p) >= size for i in range(len(p) - size + 1)]
 
 
 def _strings(value) -> list[str]:
@@ -205,7 +232,11 @@ def test_secret_inside_prose(fake):
     assert_no_secret(out, [fake])
     assert out["delta"].startswith("Sure, I found this in your config:")
     assert out["delta"].endswith("(please rotate it soon).") or fake.name in (
-        "pem-rsa", "pem-openssh", "cookie-header", "quoted-password")
+        "pem-rsa",
+        "pem-openssh",
+        "cookie-header",
+        "quoted-password",
+    )
 
 
 @pytest.mark.parametrize("depth", range(1, 8))
@@ -250,10 +281,18 @@ def test_generic_assignments_keep_the_key():
     assert scrub_text("password: hunter2") == f"password: {SECRET_REDACTED}"
     assert scrub_text("?access_token=xyz&page=2") == f"?access_token={SECRET_REDACTED}&page=2"
     assert scrub_text("Authorization: Bearer abc") == f"Authorization: Bearer {SECRET_REDACTED}"
-    assert scrub_text("curl -u admin:s3cret https://x") == f"curl -u admin:{SECRET_REDACTED} https://x"
+    assert (
+        scrub_text("curl -u admin:s3cret https://x") == f"curl -u admin:{SECRET_REDACTED} https://x"
+    )
     # counts and words that merely contain a secret word are not assignments
-    for text in ("max_tokens=4096", "tokenizer: bpe", "author: Jane", "tokens: 12",
-                 "token: null", "The session key idea: simple."):
+    for text in (
+        "max_tokens=4096",
+        "tokenizer: bpe",
+        "author: Jane",
+        "tokens: 12",
+        "token: null",
+        "The session key idea: simple.",
+    ):
         assert scrub_text(text) == text
 
 
@@ -262,17 +301,41 @@ def test_generic_assignments_keep_the_key():
 
 SEPARATORS = [" ", "\n", "\t", "(", ")", ",", ";", "|", "<", ">", '"', "'"]
 filler = st.text(max_size=24)
-planted = st.tuples(filler, st.sampled_from(SEPARATORS), st.sampled_from(CORPUS).map(lambda f: f.raw),
-                    st.sampled_from(SEPARATORS), filler).map("".join)
+planted = st.tuples(
+    filler,
+    st.sampled_from(SEPARATORS),
+    st.sampled_from(CORPUS).map(lambda f: f.raw),
+    st.sampled_from(SEPARATORS),
+    filler,
+).map("".join)
 texts = st.one_of(filler, planted)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts)
-keys = st.one_of(st.sampled_from(["note", "text", "delta", "id", "output", "items", "url",
-                                  "body", "env", "directory", "apiKey", "path"]), filler)
+keys = st.one_of(
+    st.sampled_from(
+        [
+            "note",
+            "text",
+            "delta",
+            "id",
+            "output",
+            "items",
+            "url",
+            "body",
+            "env",
+            "directory",
+            "apiKey",
+            "path",
+        ]
+    ),
+    filler,
+)
 json_like = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=6),
-                               st.tuples(children, children),
-                               st.dictionaries(keys, children, max_size=6)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=6),
+        st.tuples(children, children),
+        st.dictionaries(keys, children, max_size=6),
+    ),
     max_leaves=40,
 )
 policies = st.builds(RedactionPolicy, st.booleans(), st.booleans(), st.booleans())
@@ -298,9 +361,25 @@ def test_property_any_text_is_redacted_idempotently(text, policy):
 # ---------------------------------------------------------------------------
 # the contract's rules, one by one
 
-SECRET_KEYS = ["token", "accessToken", "refresh_token", "X-Api-Key", "api_key", "apikey",
-               "clientSecret", "PASSWORD", "db_password", "credentials", "authorization",
-               "Set-Cookie", "cookie", "refresh", "refreshAt", "tokenUsage", "tokensSecret"]
+SECRET_KEYS = [
+    "token",
+    "accessToken",
+    "refresh_token",
+    "X-Api-Key",
+    "api_key",
+    "apikey",
+    "clientSecret",
+    "PASSWORD",
+    "db_password",
+    "credentials",
+    "authorization",
+    "Set-Cookie",
+    "cookie",
+    "refresh",
+    "refreshAt",
+    "tokenUsage",
+    "tokensSecret",
+]
 
 
 @pytest.mark.parametrize("policy", [NONE, ALL])
@@ -310,8 +389,9 @@ def test_secret_keys_are_always_redacted(key, policy):
         assert redact({key: value}, policy) == {key: SECRET_REDACTED}
 
 
-@pytest.mark.parametrize("key", ["command", "args", "env", "cwd", "stdio", "process", "pid",
-                                 "serverPath"])
+@pytest.mark.parametrize(
+    "key", ["command", "args", "env", "cwd", "stdio", "process", "pid", "serverPath"]
+)
 def test_local_mcp_details(key):
     value = {"sub": "npx server", "GITHUB_TOKEN": "x", "note": CORPUS[0].raw}
     assert redact({key: value}, NONE) == {key: MCP_REDACTED}
@@ -321,28 +401,49 @@ def test_local_mcp_details(key):
     assert exposed[key]["note"] == SECRET_REDACTED
     # only these exact keys: similar ones pass
     assert redact({"commandId": "c1", "Command": "x", "pids": 1}, NONE) == {
-        "commandId": "c1", "Command": "x", "pids": 1}
+        "commandId": "c1",
+        "Command": "x",
+        "pids": 1,
+    }
 
 
 def test_usage_counts_are_not_secrets_but_their_values_are_scrubbed():
     usage = {"input": 10, "output": 3, "reasoning": 0, "cache": {"read": 1, "write": 0}}
-    event = {"info": {"id": "ses_1", "tokens": usage, "maxTokens": 4096,
-                      "outputTokens": "ghp_" + "a" * 36}}
+    event = {
+        "info": {
+            "id": "ses_1",
+            "tokens": usage,
+            "maxTokens": 4096,
+            "outputTokens": "ghp_" + "a" * 36,
+        }
+    }
     out = redact(event, NONE)
     assert out["info"]["tokens"] == usage and out["info"]["maxTokens"] == 4096
     assert out["info"]["outputTokens"] == SECRET_REDACTED  # a token-shaped value still goes
-    assert redact({"token": 5, "accessTokens": "x"}, NONE) == {"token": SECRET_REDACTED,
-                                                               "accessTokens": SECRET_REDACTED}
+    assert redact({"token": 5, "accessTokens": "x"}, NONE) == {
+        "token": SECRET_REDACTED,
+        "accessTokens": SECRET_REDACTED,
+    }
 
 
 @pytest.mark.parametrize("policy", [NONE, RedactionPolicy(expose_local_mcp_details=True)])
 def test_path_bearing_fields_are_redacted_by_field(policy):
     # OpenCode outside git: the worktree is "/", so `path` is the directory without its slash
-    info = {"id": "ses_1", "directory": "/home/alice/clients/acme", "worktree": "/",
-            "path": "home/alice/clients/acme", "root": "clients/acme", "title": "t"}
-    part = {"type": "file", "mime": "text/plain", "filename": "alice-notes/secret-plan.txt",
-            "url": "file:///home/alice/secret-plan.txt",
-            "source": {"path": "alice-notes/secret-plan.txt", "type": "file"}}
+    info = {
+        "id": "ses_1",
+        "directory": "/home/alice/clients/acme",
+        "worktree": "/",
+        "path": "home/alice/clients/acme",
+        "root": "clients/acme",
+        "title": "t",
+    }
+    part = {
+        "type": "file",
+        "mime": "text/plain",
+        "filename": "alice-notes/secret-plan.txt",
+        "url": "file:///home/alice/secret-plan.txt",
+        "source": {"path": "alice-notes/secret-plan.txt", "type": "file"},
+    }
     out = redact({"info": info, "parts": [part], "cwd": "alice/x", "path": ""}, policy)
     assert "alice" not in json.dumps(out), out
     assert out["info"]["path"] == out["info"]["root"] == LOCAL_PATH
@@ -373,17 +474,29 @@ def test_artifact_bodies(key):
     assert redact({key: value}, NONE) == {key: ARTIFACT_REDACTED}
     exposed = redact({key: value}, RedactionPolicy(expose_artifact_bodies=True))
     assert exposed[key] == f"aGVsbG8gd29ybGQ= see {LOCAL_PATH} and {SECRET_REDACTED}"
-    both = redact({key: value}, RedactionPolicy(expose_artifact_bodies=True,
-                                                 expose_local_paths=True))
+    both = redact(
+        {key: value}, RedactionPolicy(expose_artifact_bodies=True, expose_local_paths=True)
+    )
     assert both[key] == f"aGVsbG8gd29ybGQ= see /home/dev/a.txt and {SECRET_REDACTED}"
 
 
-@pytest.mark.parametrize("path", ["/Users/alice/Documents/plan.md", "/home/dev/project-a",
-                                  "/private/var/folders/xy/T/tmp1", "/var/lib/app/data.db",
-                                  "/tmp/opencode-1234/log.txt", "/Volumes/Backup/x",
-                                  "/root/.ssh/config", r"C:\Users\alice\repo\main.py",
-                                  "D:/work/repo", r"\\fileserver\share\team\doc.txt",
-                                  r"\/home\/dev\/escaped.json", "%2Fhome%2Fdev%2Fproject-a"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/Users/alice/Documents/plan.md",
+        "/home/dev/project-a",
+        "/private/var/folders/xy/T/tmp1",
+        "/var/lib/app/data.db",
+        "/tmp/opencode-1234/log.txt",
+        "/Volumes/Backup/x",
+        "/root/.ssh/config",
+        r"C:\Users\alice\repo\main.py",
+        "D:/work/repo",
+        r"\\fileserver\share\team\doc.txt",
+        r"\/home\/dev\/escaped.json",
+        "%2Fhome%2Fdev%2Fproject-a",
+    ],
+)
 def test_local_paths(path):
     text = f"opened ({path}) and edited"
     assert redact(text, NONE) == f"opened ({LOCAL_PATH}) and edited"
@@ -398,17 +511,29 @@ def test_file_urls():
 
 
 def test_paths_that_are_not_local_survive():
-    for text in ("https://example.com/home/user/profile", "see src/home/index.ts",
-                 "/usr/bin/env python3", "/etc/hosts", "a ratio of 3/4", "and/or",
-                 "GET /session/{id}/message", "cd ~/project", "http://localhost:4096/tmp"):
+    for text in (
+        "https://example.com/home/user/profile",
+        "see src/home/index.ts",
+        "/usr/bin/env python3",
+        "/etc/hosts",
+        "a ratio of 3/4",
+        "and/or",
+        "GET /session/{id}/message",
+        "cd ~/project",
+        "http://localhost:4096/tmp",
+    ):
         assert redact(text, NONE) == text
 
 
 def test_directory_becomes_null():
-    event = {"info": {"id": "ses_1", "directory": "/home/dev/project-a", "title": "x"},
-             "directory": "global"}
-    assert redact(event, NONE) == {"info": {"id": "ses_1", "directory": None, "title": "x"},
-                                   "directory": None}
+    event = {
+        "info": {"id": "ses_1", "directory": "/home/dev/project-a", "title": "x"},
+        "directory": "global",
+    }
+    assert redact(event, NONE) == {
+        "info": {"id": "ses_1", "directory": None, "title": "x"},
+        "directory": None,
+    }
     assert redact(event, RedactionPolicy(expose_local_paths=True)) == event
 
 
@@ -470,9 +595,13 @@ def test_depth_limit():
 
 
 def test_input_is_never_mutated_and_output_is_a_copy():
-    event = {"properties": {"info": {"directory": "/home/dev/x", "env": {"A": "1"}},
-                            "parts": [{"text": "see /tmp/x", "body": "abc"}],
-                            "pair": ("a", "/Users/x/y")}}
+    event = {
+        "properties": {
+            "info": {"directory": "/home/dev/x", "env": {"A": "1"}},
+            "parts": [{"text": "see /tmp/x", "body": "abc"}],
+            "pair": ("a", "/Users/x/y"),
+        }
+    }
     before = copy.deepcopy(event)
     out = redact(event, ALL)
     assert event == before
@@ -484,8 +613,16 @@ def test_input_is_never_mutated_and_output_is_a_copy():
 
 
 def test_odd_values_never_raise():
-    value = {"b": b"\x00raw", "s": {1, 2}, "o": object(), 3: "int key", None: "none key",
-             "f": 1.5, "t": (1, [2, {"x": None}]), "big": 10**30}
+    value = {
+        "b": b"\x00raw",
+        "s": {1, 2},
+        "o": object(),
+        3: "int key",
+        None: "none key",
+        "f": 1.5,
+        "t": (1, [2, {"x": None}]),
+        "big": 10**30,
+    }
     out = redact(value, NONE)
     assert out["b"] == out["s"] == out["o"] == "[unsupported]"
     assert out[3] == "int key" and out[None] == "none key" and out["big"] == 10**30
@@ -500,12 +637,22 @@ def test_keys_redacted_to_the_same_text_are_both_kept():
 def test_policy_from_the_pairing_policy():
     assert RedactionPolicy.from_policy(None) == NONE
     assert RedactionPolicy.from_policy({}) == NONE
-    policy = RedactionPolicy.from_policy({
-        "allowRemotePrompts": True, "exposeArtifactBodies": True, "exposeLocalPaths": "true",
-        "exposeLocalMcpDetails": 1, "expose_local_paths": True})
+    policy = RedactionPolicy.from_policy(
+        {
+            "allowRemotePrompts": True,
+            "exposeArtifactBodies": True,
+            "exposeLocalPaths": "true",
+            "exposeLocalMcpDetails": 1,
+            "expose_local_paths": True,
+        }
+    )
     assert policy == RedactionPolicy(expose_artifact_bodies=True)
-    assert RedactionPolicy.from_policy({"exposeArtifactBodies": True, "exposeLocalPaths": True,
-                                        "exposeLocalMcpDetails": True}) == ALL
+    assert (
+        RedactionPolicy.from_policy(
+            {"exposeArtifactBodies": True, "exposeLocalPaths": True, "exposeLocalMcpDetails": True}
+        )
+        == ALL
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -528,12 +675,20 @@ PROSE = [
     "def f(x: int) -> int:\n    return x * 2  # see ./src/home/utils.py",
 ]
 IDS = [
-    "ses_df39c50efffetUqIde65vCZWgj", "ses_01JX4K9Z3Q7W8E5R6T2Y1U0I9O",
-    "msg_20c63afa1001lpoBTkYsthR59n", "prt_20c63afa7001oHdLwh1pxfJj7G",
-    "evt_20c63ab110010VgD21Pg0QJRTR", "per_20c6515a2001fgHxOCbB187J8t",
-    "que_20c65159b001aSN7s73H7ggL7k", "call_fake_1", "pairing-1",
-    "550e8400-e29b-41d4-a716-446655440000", "3f786850e387550fdab836ed7e6dc881de23001b",
-    "3f786850e38", "01JX4K9Z3Q7W8E5R6T2Y1U0I9O", "sha256:" + "ab" * 32,
+    "ses_df39c50efffetUqIde65vCZWgj",
+    "ses_01JX4K9Z3Q7W8E5R6T2Y1U0I9O",
+    "msg_20c63afa1001lpoBTkYsthR59n",
+    "prt_20c63afa7001oHdLwh1pxfJj7G",
+    "evt_20c63ab110010VgD21Pg0QJRTR",
+    "per_20c6515a2001fgHxOCbB187J8t",
+    "que_20c65159b001aSN7s73H7ggL7k",
+    "call_fake_1",
+    "pairing-1",
+    "550e8400-e29b-41d4-a716-446655440000",
+    "3f786850e387550fdab836ed7e6dc881de23001b",
+    "3f786850e38",
+    "01JX4K9Z3Q7W8E5R6T2Y1U0I9O",
+    "sha256:" + "ab" * 32,
     "UABCDEFGHIJKLMNOPQRSTUVWXYZ234567ABCDEFGHIJKLMNOPQRSTUVWX",  # a NATS user public key
 ]
 
@@ -547,16 +702,32 @@ def test_ordinary_text_and_ids_survive(text):
 # ---------------------------------------------------------------------------
 # real OpenCode events
 
+
 def _events():
     for path in CAPTURES:
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             if line.startswith("data: "):
-                yield f"{Path(path).stem}:{number}", json.loads(line[len("data: "):])
+                yield f"{Path(path).stem}:{number}", json.loads(line[len("data: ") :])
 
 
 EVENTS = list(_events())
-ID_KEYS = {"id", "sessionID", "messageID", "partID", "parentID", "requestID", "callID",
-           "aggregateID", "projectID", "providerID", "modelID", "type", "field", "slug", "title"}
+ID_KEYS = {
+    "id",
+    "sessionID",
+    "messageID",
+    "partID",
+    "parentID",
+    "requestID",
+    "callID",
+    "aggregateID",
+    "projectID",
+    "providerID",
+    "modelID",
+    "type",
+    "field",
+    "slug",
+    "title",
+}
 
 
 def _ids(value, path=()):
@@ -592,12 +763,18 @@ def test_capture_event(name, event):
             assert _at(out, path) == value, path
         except (KeyError, TypeError):  # under a redacted or depth-limited parent
             assert len(path) > 6 or any(
-                isinstance(_at(out, path[:i]), str) for i in range(1, len(path)))
+                isinstance(_at(out, path[:i]), str) for i in range(1, len(path))
+            )
     inner = event.get("payload", event)
     if inner.get("type") in ("message.part.delta",):
-        assert _at(out, ("payload",) if "payload" in event else ())["properties"] == \
-            inner["properties"]
-    if inner.get("type") == "message.part.updated" and inner["properties"]["part"]["type"] == "text":
+        assert (
+            _at(out, ("payload",) if "payload" in event else ())["properties"]
+            == inner["properties"]
+        )
+    if (
+        inner.get("type") == "message.part.updated"
+        and inner["properties"]["part"]["type"] == "text"
+    ):
         target = out.get("payload", out)
         assert target["properties"]["part"]["text"] == inner["properties"]["part"]["text"]
     # exposing local paths gives the directory back untouched
@@ -611,46 +788,79 @@ def test_capture_session_directory_and_message_paths():
     out = redact_event(created, NONE)
     assert out["properties"]["info"]["directory"] is None
     assert out["properties"]["info"]["id"] == created["properties"]["info"]["id"]
-    assistant = next(e for _, e in EVENTS if e.get("type") == "message.updated"
-                     and "path" in e["properties"]["info"])
+    assistant = next(
+        e
+        for _, e in EVENTS
+        if e.get("type") == "message.updated" and "path" in e["properties"]["info"]
+    )
     path = redact_event(assistant, NONE)["properties"]["info"]["path"]
     assert path == {"cwd": MCP_REDACTED, "root": LOCAL_PATH}
 
 
 def test_model_error_and_permission_events():
     key = CORPUS[0].raw
-    error = {"id": "evt_1", "type": "session.error", "properties": {
-        "sessionID": "ses_1", "error": {"name": "APIError", "data": {
-            "message": f"Incorrect API key provided: {key}", "statusCode": 401,
-            "isRetryable": False,
-            "responseHeaders": {"authorization": "Bearer abc", "set-cookie": "a=b",
-                                "x-request-id": "req_123", "openai-organization": "org-1"},
-            "responseBody": json.dumps({"error": {"message": "bad key " + key,
-                                                  "api_key": "plain-value-1234"}}),
-            "metadata": {"url": f"https://api.example.com/v1/chat?key={CORPUS[5].raw}"}}}}}
+    error = {
+        "id": "evt_1",
+        "type": "session.error",
+        "properties": {
+            "sessionID": "ses_1",
+            "error": {
+                "name": "APIError",
+                "data": {
+                    "message": f"Incorrect API key provided: {key}",
+                    "statusCode": 401,
+                    "isRetryable": False,
+                    "responseHeaders": {
+                        "authorization": "Bearer abc",
+                        "set-cookie": "a=b",
+                        "x-request-id": "req_123",
+                        "openai-organization": "org-1",
+                    },
+                    "responseBody": json.dumps(
+                        {"error": {"message": "bad key " + key, "api_key": "plain-value-1234"}}
+                    ),
+                    "metadata": {"url": f"https://api.example.com/v1/chat?key={CORPUS[5].raw}"},
+                },
+            },
+        },
+    }
     out = redact_event(error, NONE)
     data = out["properties"]["error"]["data"]
     assert_no_secret(out)
     assert "plain-value-1234" not in json.dumps(out)
-    assert data["responseHeaders"] == {"authorization": SECRET_REDACTED,
-                                       "set-cookie": SECRET_REDACTED,
-                                       "x-request-id": "req_123", "openai-organization": "org-1"}
+    assert data["responseHeaders"] == {
+        "authorization": SECRET_REDACTED,
+        "set-cookie": SECRET_REDACTED,
+        "x-request-id": "req_123",
+        "openai-organization": "org-1",
+    }
     assert data["statusCode"] == 401 and out["type"] == "session.error" and out["id"] == "evt_1"
 
-    asked = {"id": "evt_2", "type": "permission.asked", "properties": {
-        "id": "per_1", "sessionID": "ses_1", "permission": "bash",
-        "patterns": ["rm -rf /home/dev/project-a/build"],
-        "metadata": {"command": "rm -rf /home/dev/project-a/build"}, "always": ["rm *"],
-        "tool": {"messageID": "msg_1", "callID": "call_1"}}}
+    asked = {
+        "id": "evt_2",
+        "type": "permission.asked",
+        "properties": {
+            "id": "per_1",
+            "sessionID": "ses_1",
+            "permission": "bash",
+            "patterns": ["rm -rf /home/dev/project-a/build"],
+            "metadata": {"command": "rm -rf /home/dev/project-a/build"},
+            "always": ["rm *"],
+            "tool": {"messageID": "msg_1", "callID": "call_1"},
+        },
+    }
     out = redact_event(asked, NONE)
     assert out["properties"]["metadata"] == {"command": MCP_REDACTED}
     assert out["properties"]["patterns"] == [f"rm -rf {LOCAL_PATH}"]
-    assert out["properties"]["id"] == "per_1" and out["properties"]["tool"] == asked[
-        "properties"]["tool"]
+    assert (
+        out["properties"]["id"] == "per_1"
+        and out["properties"]["tool"] == asked["properties"]["tool"]
+    )
 
 
 # ---------------------------------------------------------------------------
 # speed (make bench): a streamed delta must cost microseconds
+
 
 @pytest.mark.bench
 def test_delta_redaction_is_fast():

@@ -29,9 +29,17 @@ pytestmark = pytest.mark.timeout(180)
 async def test_pair_status_and_revoke_offline(http, operator_nats_url, tmp_path):
     state = tmp_path / "state"
     created = await create_pairing(http, label="cli laptop")
-    code, out, err = await cowork("desktop", "pair", created["code"].lower().replace("-", " "),
-                                  "--hub", operator_nats_url, "--state-dir", str(state),
-                                  "--device-name", "cli-box")
+    code, out, err = await cowork(
+        "desktop",
+        "pair",
+        created["code"].lower().replace("-", " "),
+        "--hub",
+        operator_nats_url,
+        "--state-dir",
+        str(state),
+        "--device-name",
+        "cli-box",
+    )
     assert code == 0, err
     assert created["pairingId"] in out and "cowork desktop run" in out
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
@@ -40,8 +48,9 @@ async def test_pair_status_and_revoke_offline(http, operator_nats_url, tmp_path)
     assert "BEGIN NATS USER JWT" in creds.read_text()
     assert (await get_pairing(http, created["pairingId"]))["deviceName"] == "cli-box"
 
-    again, _, err = await cowork("desktop", "pair", created["code"], "--hub", operator_nats_url,
-                                 "--state-dir", str(state))
+    again, _, err = await cowork(
+        "desktop", "pair", created["code"], "--hub", operator_nats_url, "--state-dir", str(state)
+    )
     assert again == 1 and "already holds pairing" in err and "Traceback" not in err
 
     code, out, _ = await cowork("desktop", "status", "--json", "--state-dir", str(state))
@@ -54,8 +63,9 @@ async def test_pair_status_and_revoke_offline(http, operator_nats_url, tmp_path)
     pairing = json.loads(pairing_file.read_text())
     pairing["hub_urls"] = [f"nats://127.0.0.1:{free_port()}"]
     pairing_file.write_text(json.dumps(pairing))
-    code, out, err = await cowork("desktop", "revoke", "--reason", "selling it",
-                                  "--state-dir", str(state))
+    code, out, err = await cowork(
+        "desktop", "revoke", "--reason", "selling it", "--state-dir", str(state)
+    )
     assert code == 0, err
     assert "Revoked" in out and "could not be told" in out
     assert not creds.exists()
@@ -68,15 +78,31 @@ async def test_pair_status_and_revoke_offline(http, operator_nats_url, tmp_path)
 
 
 async def test_pair_refusals_are_one_line(http, operator_nats_url, tmp_path):
-    code, _, err = await cowork("desktop", "pair", "ZZZZ-ZZZZ-ZZ", "--hub", operator_nats_url,
-                                "--state-dir", str(tmp_path / "a"))
+    code, _, err = await cowork(
+        "desktop",
+        "pair",
+        "ZZZZ-ZZZZ-ZZ",
+        "--hub",
+        operator_nats_url,
+        "--state-dir",
+        str(tmp_path / "a"),
+    )
     assert code == 1 and "pairing failed [" in err and "Traceback" not in err
-    code, _, err = await cowork("desktop", "pair", "ZZZZ-ZZZZ-ZZ", "--hub",
-                                f"nats://127.0.0.1:{free_port()}", "--state-dir",
-                                str(tmp_path / "b"), "--timeout", "2")
+    code, _, err = await cowork(
+        "desktop",
+        "pair",
+        "ZZZZ-ZZZZ-ZZ",
+        "--hub",
+        f"nats://127.0.0.1:{free_port()}",
+        "--state-dir",
+        str(tmp_path / "b"),
+        "--timeout",
+        "2",
+    )
     assert code == 1 and "cannot reach" in err
-    code, _, err = await cowork("desktop", "pair", "X", "--state-dir", str(tmp_path / "c"),
-                                env={"COWORK_HUB_URL": ""})
+    code, _, err = await cowork(
+        "desktop", "pair", "X", "--state-dir", str(tmp_path / "c"), env={"COWORK_HUB_URL": ""}
+    )
     assert code == 2 and "--hub" in err
     code, _, err = await cowork("desktop", "status", "--state-dir", str(tmp_path / "none"))
     assert code == 1 and "not paired" in err
@@ -85,13 +111,33 @@ async def test_pair_refusals_are_one_line(http, operator_nats_url, tmp_path):
 async def test_run_serves_until_sigterm(http, operator_nats_url, tmp_path):
     state = tmp_path / "state"
     created = await create_pairing(http)
-    assert (await cowork("desktop", "pair", created["code"], "--hub", operator_nats_url,
-                         "--state-dir", str(state)))[0] == 0
+    assert (
+        await cowork(
+            "desktop",
+            "pair",
+            created["code"],
+            "--hub",
+            operator_nats_url,
+            "--state-dir",
+            str(state),
+        )
+    )[0] == 0
     async with OpenCodeServer() as opencode:
         process = await asyncio.create_subprocess_exec(
-            COWORK, "desktop", "run", "--opencode", opencode.url, "--state-dir", str(state),
-            "--heartbeat-interval", "1", "--log-format", "json",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            COWORK,
+            "desktop",
+            "run",
+            "--opencode",
+            opencode.url,
+            "--state-dir",
+            str(state),
+            "--heartbeat-interval",
+            "1",
+            "--log-format",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             await wait_online(http, created["pairingId"], timeout=20)
             done = await run_command(http, created["pairingId"], "status")

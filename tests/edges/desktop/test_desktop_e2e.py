@@ -40,8 +40,12 @@ def hub_options():
 async def desktop(hub, http, opencode, operator_nats_url, tmp_path):
     """A paired, running Desktop that may answer approvals and questions remotely."""
     running = await pair_and_start(
-        http, operator_nats_url, tmp_path / "desktop", opencode.url,
-        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"})
+        http,
+        operator_nats_url,
+        tmp_path / "desktop",
+        opencode.url,
+        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"},
+    )
     yield running
     if not running.task.done():
         await running.stop()
@@ -73,14 +77,25 @@ async def test_pairing_prompt_and_live_stream(http, desktop, opencode):
         assert done["result"]["reason"] == "desktop_pairing_projection_fence_unsupported"
 
         def streamed_text() -> str:
-            return "".join(f["payload"]["properties"].get("delta", "") for f in tail.frames
-                           if f["type"] == "session.event"
-                           and f["payload"]["type"] == "message.part.delta")
+            return "".join(
+                f["payload"]["properties"].get("delta", "")
+                for f in tail.frames
+                if f["type"] == "session.event" and f["payload"]["type"] == "message.part.delta"
+            )
 
-        await eventually(lambda: "reply to: hello there" in streamed_text(), 20,
-                         what="the streamed reply on the hub's SSE")
-        await eventually(lambda: any(f["payload"].get("type") == "session.idle"
-                                     for f in tail.frames if f["type"] == "session.event"), 20)
+        await eventually(
+            lambda: "reply to: hello there" in streamed_text(),
+            20,
+            what="the streamed reply on the hub's SSE",
+        )
+        await eventually(
+            lambda: any(
+                f["payload"].get("type") == "session.idle"
+                for f in tail.frames
+                if f["type"] == "session.event"
+            ),
+            20,
+        )
     sequences = [e["sequence"] for e in await events(http, pid)]
     assert sequences == list(range(1, len(sequences) + 1)), "gapless, in order"
     idles = opencode_events(await events(http, pid), "session.idle", session)
@@ -100,14 +115,17 @@ async def test_sse_resumes_from_last_event_id(http, desktop):
     async with sse(http, pid, last_event_id=middle) as tail:
         await eventually(lambda: len(tail.frames) >= len(seen) - middle, 10)
         await run_command(http, pid, "prompt", session, {"text": "second"})
-        await eventually(lambda: sum(1 for f in tail.frames
-                                     if f["payload"].get("type") == "session.idle") == 2, 20)
+        await eventually(
+            lambda: sum(1 for f in tail.frames if f["payload"].get("type") == "session.idle") == 2,
+            20,
+        )
     got = [f["sequence"] for f in tail.frames]
     assert got == list(range(middle + 1, got[-1] + 1)), "resumed after the id, no gap, no dup"
 
 
 async def test_permission_under_local_confirmation_then_remote_allowed(
-        hub, http, opencode, operator_nats_url, tmp_path):
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url)
     pid = running.pairing_id  # contract-default policy
     try:
@@ -120,13 +138,16 @@ async def test_permission_under_local_confirmation_then_remote_allowed(
         assert blocked["status"] == "requires_local_confirmation", blocked
         assert asked["id"] in {p["id"] for p in await running.agent.opencode.list_permissions()}
 
-        response = await http.patch(f"/api/v1/tenants/{TENANT}/pairings/{pid}",
-                                    json={"policy": {"remoteApprovals": "remote_allowed"}})
+        response = await http.patch(
+            f"/api/v1/tenants/{TENANT}/pairings/{pid}",
+            json={"policy": {"remoteApprovals": "remote_allowed"}},
+        )
         assert response.status_code == 200, response.text
         revision = response.json()["revision"]
         await eventually(lambda: running.agent.state.revision >= revision, 10)
-        audit = await hub.pool.fetch("SELECT action FROM audit_log WHERE tenant = $1 AND "
-                                     "target_id = $2", TENANT, pid)
+        audit = await hub.pool.fetch(
+            "SELECT action FROM audit_log WHERE tenant = $1 AND target_id = $2", TENANT, pid
+        )
         assert "pairing.remote_allowed_enabled" in {r["action"] for r in audit}
 
         approved = await run_command(http, pid, "permission.respond", session, payload)
@@ -135,8 +156,9 @@ async def test_permission_under_local_confirmation_then_remote_allowed(
 
         async def tool_ran():
             parts = opencode_events(await events(http, pid), "message.part.updated", session)
-            return any(BASH_OUTPUT in json.dumps(p) and '"completed"' in json.dumps(p)
-                       for p in parts)
+            return any(
+                BASH_OUTPUT in json.dumps(p) and '"completed"' in json.dumps(p) for p in parts
+            )
 
         await eventually(tool_ran, 20, 0.1, "the bash tool to complete")
         local = [line["action"] for line in DesktopStore(tmp_path / "d").read_audit()]
@@ -150,8 +172,9 @@ async def test_question_reply_and_reject(http, desktop):
     session = await _session(http, pid, "questions")
     await run_command(http, pid, "prompt", session, {"text": ASK_QUESTION})
     asked = (await _relayed(http, pid, "question.asked", session))[0]["properties"]
-    replied = await run_command(http, pid, "question.reply", session,
-                                {"requestId": asked["id"], "answers": [["Blue"]]})
+    replied = await run_command(
+        http, pid, "question.reply", session, {"requestId": asked["id"], "answers": [["Blue"]]}
+    )
     assert replied["status"] == "completed", replied
     await _relayed(http, pid, "question.replied", session)
 
@@ -163,13 +186,13 @@ async def test_question_reply_and_reject(http, desktop):
         return asks[1]["properties"] if len(asks) > 1 else None
 
     second = await eventually(second_question, 20, 0.1, "a second question")
-    rejected = await run_command(http, pid, "question.reject", session,
-                                 {"requestId": second["id"]})
+    rejected = await run_command(http, pid, "question.reject", session, {"requestId": second["id"]})
     assert rejected["status"] == "completed", rejected
     await _relayed(http, pid, "question.rejected", session)
 
-    unknown = await run_command(http, pid, "question.reply", session,
-                                {"requestId": "que_missing", "answers": [["Red"]]})
+    unknown = await run_command(
+        http, pid, "question.reply", session, {"requestId": "que_missing", "answers": [["Red"]]}
+    )
     assert unknown["status"] == "failed" and "no pending request" in unknown["result"]["message"]
 
 
@@ -189,21 +212,24 @@ async def test_abort_a_slow_prompt_and_status(http, desktop):
 async def test_outside_the_allowlist_is_refused_at_the_hub(http, desktop):
     response = await http.post(
         f"/api/v1/tenants/{TENANT}/pairings/{desktop.pairing_id}/commands",
-        json={"kind": "status", "workspaceId": "elsewhere"})
+        json={"kind": "status", "workspaceId": "elsewhere"},
+    )
     assert response.status_code in (400, 403, 422), response.text
     assert "allowlisted" in response.text
 
 
 async def test_admin_revoke_disconnects_the_desktop_and_refuses_commands(hub, http, desktop):
     pid = desktop.pairing_id
-    response = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{pid}/revoke",
-                               json={"reason": "lost laptop"})
+    response = await http.post(
+        f"/api/v1/tenants/{TENANT}/pairings/{pid}/revoke", json={"reason": "lost laptop"}
+    )
     assert response.status_code == 200, response.text
     await asyncio.wait_for(desktop.task, 10)  # the agent stops by itself
     assert desktop.agent.pairing.revoked
     assert not desktop.agent.store.creds_path.exists()
-    refused = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands",
-                              json={"kind": "status"})
+    refused = await http.post(
+        f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands", json={"kind": "status"}
+    )
     assert refused.status_code == 409, refused.text
     assert (await get_pairing(http, pid))["status"] == "revoked"
 
@@ -228,15 +254,21 @@ async def test_local_revoke_tells_the_hub(hub, http, desktop):
     revoke_locally(store, "user clicked revoke")
     view = await get_pairing(http, pid)
     assert view["status"] == "revoked" and view["revokeReason"] == "user clicked revoke"
-    actions = await hub.pool.fetch("SELECT actor_kind FROM audit_log WHERE tenant = $1 AND "
-                                   "target_id = $2 AND action = 'pairing.revoked'", TENANT, pid)
+    actions = await hub.pool.fetch(
+        "SELECT actor_kind FROM audit_log WHERE tenant = $1 AND "
+        "target_id = $2 AND action = 'pairing.revoked'",
+        TENANT,
+        pid,
+    )
     assert [r["actor_kind"] for r in actions] == ["desktop"]
 
 
 async def test_a_crashed_desktop_shows_offline_within_two_heartbeats(
-        http, opencode, operator_nats_url, tmp_path):
-    running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url,
-                                   heartbeat=0.5)
+    http, opencode, operator_nats_url, tmp_path
+):
+    running = await pair_and_start(
+        http, operator_nats_url, tmp_path / "d", opencode.url, heartbeat=0.5
+    )
     await running.kill()  # no goodbye heartbeat
     # two intervals, plus the hub's sweep tick (0.5 s) and some slack for a busy machine
     view = await wait_online(http, running.pairing_id, online=False, timeout=2 * 0.5 + 1.5)
@@ -244,19 +276,24 @@ async def test_a_crashed_desktop_shows_offline_within_two_heartbeats(
 
 
 async def test_a_stopped_desktop_says_goodbye_and_is_offline_at_once(
-        http, opencode, operator_nats_url, tmp_path):
-    running = await pair_and_start(http, operator_nats_url, tmp_path / "d", opencode.url,
-                                   heartbeat=30)
+    http, opencode, operator_nats_url, tmp_path
+):
+    running = await pair_and_start(
+        http, operator_nats_url, tmp_path / "d", opencode.url, heartbeat=30
+    )
     await running.stop()
     await wait_online(http, running.pairing_id, online=False, timeout=2)
 
 
 async def test_stopping_the_hub_ends_live_tails_instead_of_waiting_them_out(
-        operator_nats_url, database_url, bus_keys):
+    operator_nats_url, database_url, bus_keys
+):
     from hub.workspaces._routes import KEEPALIVE_SECONDS
 
-    async with running_hub(operator_nats_url, database_url, keys=bus_keys) as other, \
-            client(other, admin=True) as other_http:
+    async with (
+        running_hub(operator_nats_url, database_url, keys=bus_keys) as other,
+        client(other, admin=True) as other_http,
+    ):
         async with sse(other_http, "some-workspace") as tail:
             await asyncio.sleep(0.2)
             started = time.monotonic()

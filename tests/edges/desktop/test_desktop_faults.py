@@ -61,13 +61,17 @@ class BlockingRunner:
 
 
 async def test_commands_queued_offline_run_in_order_on_reconnect(
-        operator_nats_url, database_url, bus_keys, opencode, tmp_path):
-    async with running_hub(operator_nats_url, database_url, keys=bus_keys) as hub, \
-            client(hub, admin=True) as http:
+    operator_nats_url, database_url, bus_keys, opencode, tmp_path
+):
+    async with (
+        running_hub(operator_nats_url, database_url, keys=bus_keys) as hub,
+        client(hub, admin=True) as http,
+    ):
         created, _ = await redeem(http, operator_nats_url, tmp_path / "d")
         pid = created["pairingId"]
-        queued = [await submit(http, pid, "create_session", payload={"title": f"s{i}"})
-                  for i in range(3)]
+        queued = [
+            await submit(http, pid, "create_session", payload={"title": f"s{i}"}) for i in range(3)
+        ]
         queued.append(await submit(http, pid, "status"))
         assert [q["sequence"] for q in queued] == [1, 2, 3, 4]
         assert (await get_pairing(http, pid))["online"] is False
@@ -75,8 +79,11 @@ async def test_commands_queued_offline_run_in_order_on_reconnect(
         try:
             done = [await finished(http, pid, q["commandId"]) for q in queued]
             assert [d["status"] for d in done] == ["completed"] * 4
-            order = [line["commandId"] for line in running.agent.store.read_audit()
-                     if line["action"] == "command.accepted"]
+            order = [
+                line["commandId"]
+                for line in running.agent.store.read_audit()
+                if line["action"] == "command.accepted"
+            ]
             assert order == [q["commandId"] for q in queued], "delivered in sequence order"
             titles = [d["result"]["session"]["title"] for d in done[:3]]
             assert titles == ["s0", "s1", "s2"]
@@ -86,9 +93,12 @@ async def test_commands_queued_offline_run_in_order_on_reconnect(
 
 
 async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
-        own_nats, database_url, bus_keys, opencode, tmp_path):
-    async with running_hub(own_nats.url, database_url, keys=bus_keys) as hub, \
-            client(hub, admin=True) as http:
+    own_nats, database_url, bus_keys, opencode, tmp_path
+):
+    async with (
+        running_hub(own_nats.url, database_url, keys=bus_keys) as hub,
+        client(hub, admin=True) as http,
+    ):
         running = await pair_and_start(http, own_nats.url, tmp_path / "d", opencode.url)
         pid = running.pairing_id
         appended: list[str] = []
@@ -101,11 +111,22 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
         running.agent.store.outbox_append = recording  # type: ignore[method-assign]
         try:
             await wait_online(http, pid)
-            session = (await finished(http, pid, (await submit(
-                http, pid, "create_session", payload={"title": "long"}))["commandId"])
-                       )["result"]["session"]["id"]
-            await finished(http, pid, (await submit(
-                http, pid, "prompt", session, {"text": f"{SLOW} stream"}))["commandId"])
+            session = (
+                await finished(
+                    http,
+                    pid,
+                    (await submit(http, pid, "create_session", payload={"title": "long"}))[
+                        "commandId"
+                    ],
+                )
+            )["result"]["session"]["id"]
+            await finished(
+                http,
+                pid,
+                (await submit(http, pid, "prompt", session, {"text": f"{SLOW} stream"}))[
+                    "commandId"
+                ],
+            )
 
             async def streaming():
                 return opencode_events(await events(http, pid), "message.part.delta", session)
@@ -119,16 +140,23 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
             async def all_projected():
                 items = await events(http, pid)
                 ids = [i["id"] for i in items]
-                return items if set(appended) <= set(ids) and running.agent.store.outbox_size() \
-                    == 0 and opencode_events(items, "session.idle", session) else None
+                return (
+                    items
+                    if set(appended) <= set(ids)
+                    and running.agent.store.outbox_size() == 0
+                    and opencode_events(items, "session.idle", session)
+                    else None
+                )
 
             items = await eventually(all_projected, 60, 0.2, "every relayed event projected")
             ids = [i["id"] for i in items]
             assert buffered > 0, "events were buffered while NATS was down"
             assert not [k for k, n in Counter(ids).items() if n > 1], "no duplicates"
             assert [i["sequence"] for i in items] == list(range(1, len(items) + 1))
-            text = "".join(e["properties"].get("delta", "") for e in
-                           opencode_events(items, "message.part.delta", session))
+            text = "".join(
+                e["properties"].get("delta", "")
+                for e in opencode_events(items, "message.part.delta", session)
+            )
             assert text.startswith(opencode.model.reply_for(f"{SLOW} stream")[:10])
         finally:
             await running.stop()
@@ -146,17 +174,27 @@ async def _blocked_command(http, nats_url, opencode, tmp_path):
 
 
 async def test_hub_restarted_mid_lease_completes_the_command_once(
-        operator_nats_url, database_url, bus_keys, opencode, tmp_path):
-    async with running_hub(operator_nats_url, database_url, keys=bus_keys,
-                           command_lease_seconds=30) as hub, client(hub, admin=True) as http:
+    operator_nats_url, database_url, bus_keys, opencode, tmp_path
+):
+    async with (
+        running_hub(
+            operator_nats_url, database_url, keys=bus_keys, command_lease_seconds=30
+        ) as hub,
+        client(hub, admin=True) as http,
+    ):
         pid, running, blocking, submitted = await _blocked_command(
-            http, operator_nats_url, opencode, tmp_path)
+            http, operator_nats_url, opencode, tmp_path
+        )
     try:
         # The hub is down now; the Desktop finishes and keeps offering its ack.
         blocking.release.set()
         await asyncio.sleep(0.5)
-        async with running_hub(operator_nats_url, database_url, keys=bus_keys,
-                               command_lease_seconds=30) as hub, client(hub, admin=True) as http:
+        async with (
+            running_hub(
+                operator_nats_url, database_url, keys=bus_keys, command_lease_seconds=30
+            ) as hub,
+            client(hub, admin=True) as http,
+        ):
             done = await finished(http, pid, submitted["commandId"], timeout=20)
             assert done["status"] == "completed" and done["attempts"] == 1
             assert done["result"]["message"] == "ran once"
@@ -166,11 +204,15 @@ async def test_hub_restarted_mid_lease_completes_the_command_once(
 
 
 async def test_desktop_crash_mid_command_never_runs_it_twice(
-        operator_nats_url, database_url, bus_keys, opencode, tmp_path):
-    async with running_hub(operator_nats_url, database_url, keys=bus_keys,
-                           command_lease_seconds=2) as hub, client(hub, admin=True) as http:
+    operator_nats_url, database_url, bus_keys, opencode, tmp_path
+):
+    async with (
+        running_hub(operator_nats_url, database_url, keys=bus_keys, command_lease_seconds=2) as hub,
+        client(hub, admin=True) as http,
+    ):
         pid, first, _, submitted = await _blocked_command(
-            http, operator_nats_url, opencode, tmp_path)
+            http, operator_nats_url, opencode, tmp_path
+        )
         await first.kill()  # crash mid-command: no result, no ack
 
         second = await start_desktop(tmp_path / "d", opencode.url)

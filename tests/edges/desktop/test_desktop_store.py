@@ -7,8 +7,10 @@ from edges import DesktopStore
 
 
 def _items(start: int, count: int) -> list[tuple[str, str, bytes]]:
-    return [("cw.acme.device.d.evt.session", f"evt-{i}", f"data-{i}".encode())
-            for i in range(start, start + count)]
+    return [
+        ("cw.acme.device.d.evt.session", f"evt-{i}", f"data-{i}".encode())
+        for i in range(start, start + count)
+    ]
 
 
 def test_outbox_keeps_order_and_drops_the_oldest_past_its_bound(tmp_path):

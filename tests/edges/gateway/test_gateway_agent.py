@@ -25,9 +25,9 @@ from gateway_agent_kit import (
 )
 from opencode_env import OPENCODE_VERSION, SLOW
 
+from edges.common._opencode import OpenCodeClient
 from edges.gateway._registration import RegistrationFailed, register, version_set
 from edges.gateway._store import GatewayStore
-from edges.common._opencode import OpenCodeClient
 from edges.local import free_port
 from schemas import parse_creds
 
@@ -42,9 +42,11 @@ def hub_options():
 
 # --- registration ------------------------------------------------------------------------------
 async def test_register_stores_a_private_identity_and_reregistering_replaces_it(
-        hub, http, operator_nats_url, tmp_path):
-    created, store = await registered(http, operator_nats_url, tmp_path / "gw",
-                                      "external_workspace_edge_worker", name="rack 7")
+    hub, http, operator_nats_url, tmp_path
+):
+    created, store = await registered(
+        http, operator_nats_url, tmp_path / "gw", "external_workspace_edge_worker", name="rack 7"
+    )
     gateway = store.load()
     assert (gateway.tenant, gateway.registration_id) == (TENANT, created["registrationId"])
     assert gateway.kind == "external_workspace_edge_worker" and gateway.display_name == "rack 7"
@@ -62,12 +64,13 @@ async def test_register_stores_a_private_identity_and_reregistering_replaces_it(
     # A rotation: the old credential stops working, the new one registers again.
     rotated = await admin(http, created["registrationId"], "rotate")
     with pytest.raises(RegistrationFailed) as refused:
-        await register(created["credential"], [operator_nats_url], store,
-                       version_set(OPENCODE_VERSION))
+        await register(
+            created["credential"], [operator_nats_url], store, version_set(OPENCODE_VERSION)
+        )
     assert refused.value.code.startswith("gateway.") or refused.value.code.startswith(
-        "credential"), refused.value.code
-    await register(rotated["credential"], [operator_nats_url], store,
-                   version_set(OPENCODE_VERSION))
+        "credential"
+    ), refused.value.code
+    await register(rotated["credential"], [operator_nats_url], store, version_set(OPENCODE_VERSION))
     second_jwt, second_seed = parse_creds(store.creds_path.read_text())
     assert second_seed != first_seed and second_jwt != first_jwt
     actions = [a["action"] for a in store.read_audit()]
@@ -77,25 +80,33 @@ async def test_register_stores_a_private_identity_and_reregistering_replaces_it(
 async def test_register_refusals_are_one_line_errors(hub, http, operator_nats_url, tmp_path):
     store = GatewayStore(tmp_path / "gw")
     with pytest.raises(RegistrationFailed) as malformed:
-        await register("not-a-credential", [operator_nats_url], store,
-                       version_set(OPENCODE_VERSION))
+        await register(
+            "not-a-credential", [operator_nats_url], store, version_set(OPENCODE_VERSION)
+        )
     assert malformed.value.code == "credential.malformed"
     created = await create_registration(http, "edge_worker")
-    forged = created["credential"][:-4] + ("AAAA" if not created["credential"].endswith(
-        "AAAA") else "BBBB")
+    forged = created["credential"][:-4] + (
+        "AAAA" if not created["credential"].endswith("AAAA") else "BBBB"
+    )
     with pytest.raises(RegistrationFailed) as wrong:
         await register(forged, [operator_nats_url], store, version_set(OPENCODE_VERSION))
     assert "\n" not in str(wrong.value) and wrong.value.code != "contract.invalid"
     with pytest.raises(RegistrationFailed) as away:
-        await register(created["credential"], [f"nats://127.0.0.1:{free_port()}"], store,
-                       version_set(OPENCODE_VERSION), timeout=2)
+        await register(
+            created["credential"],
+            [f"nats://127.0.0.1:{free_port()}"],
+            store,
+            version_set(OPENCODE_VERSION),
+            timeout=2,
+        )
     assert away.value.code == "bootstrap.unreachable"
     assert not store.is_registered() and not store.creds_path.exists()
 
 
 # --- running -----------------------------------------------------------------------------------
-async def test_heartbeats_report_versions_capabilities_and_load(hub, http, opencode,
-                                                                operator_nats_url, tmp_path):
+async def test_heartbeats_report_versions_capabilities_and_load(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
     gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=2)
     try:
@@ -116,8 +127,9 @@ async def test_heartbeats_report_versions_capabilities_and_load(hub, http, openc
     assert view["liveness"] == "stopping"
 
 
-async def test_claims_one_at_a_time_when_told_and_never_polls(hub, http, opencode,
-                                                              operator_nats_url, tmp_path):
+async def test_claims_one_at_a_time_when_told_and_never_polls(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
     gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
     reg = created["registrationId"]
@@ -145,7 +157,8 @@ async def test_claims_one_at_a_time_when_told_and_never_polls(hub, http, opencod
 
 
 async def test_an_opencode_session_error_ends_the_run_with_its_reason(
-        hub, http, opencode, operator_nats_url, tmp_path):
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     """An unknown agent: OpenCode emits `session.error` (then a stack trace) and never
     goes idle. The run fails at once with the first error's words, and the Gateway
     (one item at a time) goes on to the next item instead of holding the lease."""
@@ -165,8 +178,11 @@ async def test_an_opencode_session_error_ends_the_run_with_its_reason(
     reason = final["body"]["reason"]
     assert "no-such-agent" in reason and "\n" not in reason and "at <anonymous>" not in reason
     assert not reason.startswith("UnknownError")
-    errors = [e for e in failed["events"] if e["kind"] == "event"
-              and e["body"].get("type") == "session.error"]
+    errors = [
+        e
+        for e in failed["events"]
+        if e["kind"] == "event" and e["body"].get("type") == "session.error"
+    ]
     assert len(errors) == 1  # the stack-trace repeat is not relayed
     assert done["state"] == "completed"
     # An ended item's view shows its end, not the last "running" status and a lease.
@@ -175,17 +191,19 @@ async def test_an_opencode_session_error_ends_the_run_with_its_reason(
     # Its workspace events name the session it ran in (its sessionRef named none).
     rows = await hub.pool.fetch(
         "SELECT type, session_id FROM workspace_events WHERE payload->>'workId' = $1 "
-        "AND type IN ('work.event', 'work.result')", after)
+        "AND type IN ('work.event', 'work.result')",
+        after,
+    )
     session = done["result"]["sessionId"]
     assert rows and {r["session_id"] for r in rows} == {session}, rows
 
 
 async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
-        hub, http, opencode, operator_nats_url, tmp_path):
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     async with OpenCodeClient(opencode.url) as client:
         local = await client.create_session(title="fix /home/alice/secret/app.py for sk-abc")
-    created, _ = await registered(http, operator_nats_url, tmp_path / "gw",
-                                  "external_workspace")
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "external_workspace")
     gateway = await start_gateway(tmp_path / "gw", opencode.url, sync_interval=0.5)
     reg = created["registrationId"]
     try:
@@ -198,8 +216,9 @@ async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
             return v if "redacted_session_metadata" in sync and "health" in sync else None
 
         view = await eventually(synced, 15, 0.1, "metadata synced")
-        response = await http.get(f"/api/v1/tenants/{TENANT}/gateway-registrations/{reg}"
-                                  "/sync/redacted_session_metadata")
+        response = await http.get(
+            f"/api/v1/tenants/{TENANT}/gateway-registrations/{reg}/sync/redacted_session_metadata"
+        )
         assert response.status_code == 200, response.text
         items = response.json()["items"]
         mine = [i for i in items if i["externalId"] == local["id"]]
@@ -212,8 +231,9 @@ async def test_external_workspace_syncs_redacted_metadata_and_never_claims(
         await gateway.stop()
 
 
-async def test_drain_stops_claims_and_revoke_stops_the_agent(hub, http, opencode,
-                                                             operator_nats_url, tmp_path):
+async def test_drain_stops_claims_and_revoke_stops_the_agent(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
     created, store = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
     gateway = await start_gateway(tmp_path / "gw", opencode.url)
     reg = created["registrationId"]
@@ -240,34 +260,64 @@ async def test_drain_stops_claims_and_revoke_stops_the_agent(hub, http, opencode
 # --- the CLI ------------------------------------------------------------------------------------
 async def test_cli_register_errors_and_status(hub, http, operator_nats_url, tmp_path):
     state = tmp_path / "state"
-    code, _, err = await cowork("gateway", "register", "--hub", operator_nats_url,
-                                "--state-dir", str(state),
-                                env={"COWORK_GATEWAY_CREDENTIAL": ""})
+    code, _, err = await cowork(
+        "gateway",
+        "register",
+        "--hub",
+        operator_nats_url,
+        "--state-dir",
+        str(state),
+        env={"COWORK_GATEWAY_CREDENTIAL": ""},
+    )
     assert code == 2 and "no credential given" in err
 
     created = await create_registration(http, "edge_worker", name="cli box")
     bad = created["credential"][:-3] + "zzz"
-    code, _, err = await cowork("gateway", "register", "--hub", operator_nats_url,
-                                "--credential", bad, "--state-dir", str(state),
-                                "--opencode", f"http://127.0.0.1:{free_port()}")
+    code, _, err = await cowork(
+        "gateway",
+        "register",
+        "--hub",
+        operator_nats_url,
+        "--credential",
+        bad,
+        "--state-dir",
+        str(state),
+        "--opencode",
+        f"http://127.0.0.1:{free_port()}",
+    )
     assert code == 1 and "registration failed [" in err and "Traceback" not in err
     lines = err.strip().splitlines()
     assert lines[0].startswith("warning: OpenCode at") and "unknown OpenCode version" in lines[0]
     assert lines[-1].startswith("cowork: error: registration failed [gateway.")
     assert sum("error" in line for line in lines) == 1
-    code, _, err = await cowork("gateway", "register", "--hub",
-                                f"nats://127.0.0.1:{free_port()}", "--credential",
-                                created["credential"], "--state-dir", str(state),
-                                "--timeout", "2")
+    code, _, err = await cowork(
+        "gateway",
+        "register",
+        "--hub",
+        f"nats://127.0.0.1:{free_port()}",
+        "--credential",
+        created["credential"],
+        "--state-dir",
+        str(state),
+        "--timeout",
+        "2",
+    )
     assert code == 1 and "[bootstrap.unreachable]" in err and "Traceback" not in err
     code, _, err = await cowork("gateway", "status", "--state-dir", str(state))
     assert code == 1 and "not registered" in err
 
     secret_file = tmp_path / "credential"
     secret_file.write_text(created["credential"] + "\n")
-    code, out, err = await cowork("gateway", "register", "--hub", operator_nats_url,
-                                  "--credential-file", str(secret_file),
-                                  "--state-dir", str(state))
+    code, out, err = await cowork(
+        "gateway",
+        "register",
+        "--hub",
+        operator_nats_url,
+        "--credential-file",
+        str(secret_file),
+        "--state-dir",
+        str(state),
+    )
     assert code == 0, err
     assert created["registrationId"] in out
     # The next step names the state dir it was registered into, for run and up alike.

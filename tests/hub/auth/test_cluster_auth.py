@@ -34,23 +34,38 @@ def operator_cluster(tmp_path_factory):
     for conf in CLUSTER_DIR.glob("*.conf"):
         shutil.copy(conf, workdir / conf.name)
     ports = _free_ports(12)
-    envs = [{
-        "NATS_HOST": "127.0.0.1", "NATS_CLIENT_PORT": str(ports[i * 4]),
-        "NATS_CLUSTER_PORT": str(ports[i * 4 + 1]), "NATS_LEAFNODE_PORT": str(ports[i * 4 + 2]),
-        "NATS_HTTP_PORT": str(ports[i * 4 + 3]), "NATS_STORE_DIR": str(workdir / f"store-{i + 1}"),
-    } for i in range(3)]
-    routes = {f"NATS_ROUTE_{i + 1}": f"nats://127.0.0.1:{e['NATS_CLUSTER_PORT']}"
-              for i, e in enumerate(envs)}
+    envs = [
+        {
+            "NATS_HOST": "127.0.0.1",
+            "NATS_CLIENT_PORT": str(ports[i * 4]),
+            "NATS_CLUSTER_PORT": str(ports[i * 4 + 1]),
+            "NATS_LEAFNODE_PORT": str(ports[i * 4 + 2]),
+            "NATS_HTTP_PORT": str(ports[i * 4 + 3]),
+            "NATS_STORE_DIR": str(workdir / f"store-{i + 1}"),
+        }
+        for i in range(3)
+    ]
+    routes = {
+        f"NATS_ROUTE_{i + 1}": f"nats://127.0.0.1:{e['NATS_CLUSTER_PORT']}"
+        for i, e in enumerate(envs)
+    }
     servers = []
     try:
         for i, env in enumerate(envs):
             wrapper = workdir / f"operator-node-{i + 1}.conf"
-            wrapper.write_text(f"include ./node-{i + 1}.conf\n"
-                               + keys.server_config(workdir / f"resolver-{i + 1}") + "\n")
+            wrapper.write_text(
+                f"include ./node-{i + 1}.conf\n"
+                + keys.server_config(workdir / f"resolver-{i + 1}")
+                + "\n"
+            )
             servers.append(_Server(f"hub-{i + 1}", wrapper, {**env, **routes}, workdir))
         with httpx.Client(timeout=2.0) as client:
-            _wait_until(lambda: all(_healthy(client, s) for s in servers), START_TIMEOUT,
-                        "all three operator-mode nodes healthy", servers)
+            _wait_until(
+                lambda: all(_healthy(client, s) for s in servers),
+                START_TIMEOUT,
+                "all three operator-mode nodes healthy",
+                servers,
+            )
         yield keys, servers
     finally:
         _stop_all(servers)
@@ -60,16 +75,18 @@ async def test_cluster_enforces_auth_isolation_and_revocation(operator_cluster, 
     keys, (n1, n2, n3) = operator_cluster
     for node in (n1, n2, n3):
         with pytest.raises(Exception, match="(?i)authorization"):
-            await nats.connect(node.url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(
+                node.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
+            )
     async with running_hub(n1.url, database_url, keys=keys) as hub:
         desk = Principal(PrincipalKind.DESKTOP, "acme", "desk-c")
         edge = await _edge_on(hub, desk, n3.url)
         bystander = await _edge_on(hub, Principal(PrincipalKind.DESKTOP, "acme", "desk-d"), n2.url)
         try:
             # Delivered across nodes: edge on node 3 -> hub on node 1.
-            own = subjects.PRESENCE.build(tenant="acme", principal_kind="desktop",
-                                          principal_id="desk-c")
+            own = subjects.PRESENCE.build(
+                tenant="acme", principal_kind="desktop", principal_id="desk-c"
+            )
             sub = await hub.nc.subscribe(own)
             await hub.nc.flush()
             # Interest reaches other nodes over routes asynchronously: publish until seen.
@@ -83,8 +100,9 @@ async def test_cluster_enforces_auth_isolation_and_revocation(operator_cluster, 
             else:
                 raise AssertionError("a message from node 3 never reached the hub on node 1")
             # Tenant isolation is enforced by node 3, not by the hub.
-            foreign = subjects.PRESENCE.build(tenant="globex", principal_kind="desktop",
-                                              principal_id="desk-c")
+            foreign = subjects.PRESENCE.build(
+                tenant="globex", principal_kind="desktop", principal_id="desk-c"
+            )
             await edge.nc.publish(foreign, b"x")
             await edge.nc.flush()
             await asyncio.sleep(0.3)
@@ -97,8 +115,13 @@ async def test_cluster_enforces_auth_isolation_and_revocation(operator_cluster, 
                 await asyncio.sleep(0.02)
             for node in (n1, n2, n3):
                 with pytest.raises(Exception, match="(?i)authorization|revoked"):
-                    await nats.connect(node.url, allow_reconnect=False, max_reconnect_attempts=0,
-                                       connect_timeout=2, **_auth(edge))
+                    await nats.connect(
+                        node.url,
+                        allow_reconnect=False,
+                        max_reconnect_attempts=0,
+                        connect_timeout=2,
+                        **_auth(edge),
+                    )
             assert bystander.nc.is_connected
         finally:
             await edge.close()

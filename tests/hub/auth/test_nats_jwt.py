@@ -20,8 +20,8 @@ import nats
 import pytest
 from cryptography.fernet import Fernet
 
-from hub.auth import _jwt
 from edges.local import NatsServer, free_port
+from hub.auth import _jwt
 from hub.auth._keys import BusKeys, KeyStoreError
 
 WAIT = 5.0  # upper bound for any single wait in this file
@@ -64,8 +64,14 @@ async def connect(url: str, *, watch: Watch | None = None, **auth) -> nats.NATS:
     """One attempt, no reconnects: a refusal surfaces as the connect error."""
     watch = watch or Watch()
     return await nats.connect(
-        url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
-        error_cb=watch.error_cb, closed_cb=watch.closed_cb, **auth)
+        url,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=2,
+        error_cb=watch.error_cb,
+        closed_cb=watch.closed_cb,
+        **auth,
+    )
 
 
 async def assert_refused(url: str, **auth) -> None:
@@ -75,11 +81,18 @@ async def assert_refused(url: str, **auth) -> None:
     assert "authorization violation" in str(info.value).lower(), repr(info.value)
 
 
-def new_user(keys: BusKeys, *, pub_allow=(">",), sub_allow=(">",), ttl_seconds=None,
-             **extra) -> tuple[bytes, str]:
+def new_user(
+    keys: BusKeys, *, pub_allow=(">",), sub_allow=(">",), ttl_seconds=None, **extra
+) -> tuple[bytes, str]:
     seed = _jwt.new_seed("user")
-    token, _ = keys.mint_user(_jwt.public_key(seed), name="test-user", pub_allow=pub_allow,
-                              sub_allow=sub_allow, ttl_seconds=ttl_seconds, **extra)
+    token, _ = keys.mint_user(
+        _jwt.public_key(seed),
+        name="test-user",
+        pub_allow=pub_allow,
+        sub_allow=sub_allow,
+        ttl_seconds=ttl_seconds,
+        **extra,
+    )
     return seed, token
 
 
@@ -96,8 +109,9 @@ async def push_account(keys: BusKeys, url: str, revocations: dict[str, int]) -> 
     system_jwt = keys.mint_system_user(_jwt.public_key(seed), name="test-hub-system")
     sys_nc = await connect(url, **in_memory_auth(system_jwt, seed))
     try:
-        reply = await sys_nc.request("$SYS.REQ.CLAIMS.UPDATE",
-                                     keys.app_account_jwt(revocations).encode(), timeout=WAIT)
+        reply = await sys_nc.request(
+            "$SYS.REQ.CLAIMS.UPDATE", keys.app_account_jwt(revocations).encode(), timeout=WAIT
+        )
     finally:
         await sys_nc.close()
     outcome = json.loads(reply.data)
@@ -118,8 +132,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> BusKeys:
 
 
 async def start_server(store: Path, keys: BusKeys, port: int | None = None) -> NatsServer:
-    server = NatsServer(store_dir=store, port=port or free_port(),
-                        extra_config=keys.server_config(store / "resolver"))
+    server = NatsServer(
+        store_dir=store,
+        port=port or free_port(),
+        extra_config=keys.server_config(store / "resolver"),
+    )
     await server.start()
     return server
 
@@ -144,7 +161,9 @@ def test_encode_follows_the_nats_format():
     header, payload, _ = token.split(".")
     assert "=" not in token
     assert json.loads(base64.urlsafe_b64decode(header + "==")) == {
-        "typ": "JWT", "alg": "ed25519-nkey"}
+        "typ": "JWT",
+        "alg": "ed25519-nkey",
+    }
     claims = _jwt.decode(token)
     assert claims["iss"] == _jwt.public_key(seed) and claims["iat"] == 1_700_000_000
     import hashlib
@@ -174,8 +193,11 @@ def test_decode_rejects_bad_tokens():
     token = _jwt.encode({"sub": "x", "name": "n"}, seed)
     header, payload, signature = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    forged = base64.urlsafe_b64encode(
-        json.dumps({**claims, "name": "admin"}).encode()).rstrip(b"=").decode()
+    forged = (
+        base64.urlsafe_b64encode(json.dumps({**claims, "name": "admin"}).encode())
+        .rstrip(b"=")
+        .decode()
+    )
     other = _jwt.encode({"sub": "x", "name": "n"}, _jwt.new_seed("account")).split(".")[2]
     expired = _jwt.encode({"sub": "x", "name": "n", "exp": int(time.time()) - 5}, seed)
     bad = {
@@ -197,9 +219,15 @@ def test_decode_rejects_bad_tokens():
 
 def test_minted_user_claims(keys: BusKeys):
     seed = _jwt.new_seed("user")
-    token, exp = keys.mint_user(_jwt.public_key(seed), name="u", pub_allow=["a.>"],
-                                sub_allow=["b.>"], sub_deny=["b.secret"],
-                                allow_responses={"max": 2, "ttl": 1.5}, ttl_seconds=60)
+    token, exp = keys.mint_user(
+        _jwt.public_key(seed),
+        name="u",
+        pub_allow=["a.>"],
+        sub_allow=["b.>"],
+        sub_deny=["b.secret"],
+        allow_responses={"max": 2, "ttl": 1.5},
+        ttl_seconds=60,
+    )
     claims = _jwt.decode(token, trusted_issuers=set(keys.app_signing_keys))
     assert claims["sub"] == _jwt.public_key(seed) and claims["exp"] == exp
     assert abs(exp - time.time() - 60) <= 2
@@ -209,13 +237,14 @@ def test_minted_user_claims(keys: BusKeys):
     assert nats_claims["sub"] == {"allow": ["b.>"], "deny": ["b.secret"]}
     assert nats_claims["resp"] == {"max": 2, "ttl": 1_500_000_000}
     # To NATS an empty allow list means "everything"; to us it means nothing.
-    token, _ = keys.mint_user(_jwt.public_key(seed), name="u", pub_allow=[], sub_allow=[],
-                              ttl_seconds=None)
-    assert _jwt.decode(token)["nats"]["pub"] == _jwt.decode(token)["nats"]["sub"] == {
-        "deny": [">"]}
+    token, _ = keys.mint_user(
+        _jwt.public_key(seed), name="u", pub_allow=[], sub_allow=[], ttl_seconds=None
+    )
+    assert _jwt.decode(token)["nats"]["pub"] == _jwt.decode(token)["nats"]["sub"] == {"deny": [">"]}
     with pytest.raises(ValueError):
-        keys.mint_user(keys.app_account_public, name="u", pub_allow=[], sub_allow=[],
-                       ttl_seconds=None)
+        keys.mint_user(
+            keys.app_account_public, name="u", pub_allow=[], sub_allow=[], ttl_seconds=None
+        )
 
 
 # --------------------------------------------------------------------------
@@ -237,11 +266,13 @@ async def test_user_connects_with_a_creds_file(url: str, keys: BusKeys, tmp_path
 
 async def test_user_connects_in_memory_and_replies(url: str, keys: BusKeys):
     seed, token = new_user(keys, pub_allow=["t.mem.>"], sub_allow=["t.mem.>", "_INBOX.>"])
-    server_seed, server_token = new_user(keys, pub_allow=[], sub_allow=["t.mem.svc"],
-                                         allow_responses=True)
+    server_seed, server_token = new_user(
+        keys, pub_allow=[], sub_allow=["t.mem.svc"], allow_responses=True
+    )
     client = await connect(url, **in_memory_auth(token, seed))
     service = await connect(url, **in_memory_auth(server_token, server_seed))
     try:
+
         async def echo(msg):
             await msg.respond(b"re:" + msg.data)
 
@@ -331,14 +362,24 @@ async def test_user_signed_by_a_foreign_key_is_refused(url: str, keys: BusKeys):
     seed = _jwt.new_seed("user")
     foreign = _jwt.new_seed("account")
     # Claims our account but is signed by a key the account does not list...
-    impostor = _jwt.user_jwt(_jwt.public_key(seed), name="impostor",
-                             account_public=keys.app_account_public,
-                             account_signing_seed=foreign, pub_allow=[">"], sub_allow=[">"])
+    impostor = _jwt.user_jwt(
+        _jwt.public_key(seed),
+        name="impostor",
+        account_public=keys.app_account_public,
+        account_signing_seed=foreign,
+        pub_allow=[">"],
+        sub_allow=[">"],
+    )
     await assert_refused(url, **in_memory_auth(impostor, seed))
     # ...or belongs to an account the operator never signed.
-    stranger = _jwt.user_jwt(_jwt.public_key(seed), name="stranger",
-                             account_public=_jwt.public_key(foreign),
-                             account_signing_seed=foreign, pub_allow=[">"], sub_allow=[">"])
+    stranger = _jwt.user_jwt(
+        _jwt.public_key(seed),
+        name="stranger",
+        account_public=_jwt.public_key(foreign),
+        account_signing_seed=foreign,
+        pub_allow=[">"],
+        sub_allow=[">"],
+    )
     await assert_refused(url, **in_memory_auth(stranger, seed))
 
 
@@ -347,8 +388,11 @@ async def test_tampered_jwt_is_refused(url: str, keys: BusKeys):
     header, payload, signature = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     claims["nats"]["pub"] = {"allow": [">"]}
-    forged_payload = base64.urlsafe_b64encode(
-        json.dumps(claims, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    forged_payload = (
+        base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode())
+        .rstrip(b"=")
+        .decode()
+    )
     forged = f"{header}.{forged_payload}.{signature}"
     with pytest.raises(_jwt.JwtError):
         _jwt.decode(forged)
@@ -382,7 +426,8 @@ async def test_jwt_is_disconnected_at_expiry(url: str, keys: BusKeys):
 
 
 async def test_runtime_revocation_drops_the_connection_and_survives_restart(
-        tmp_path: Path, keys: BusKeys):
+    tmp_path: Path, keys: BusKeys
+):
     store = tmp_path / "nats"
     server = await start_server(store, keys)
     try:
@@ -391,8 +436,9 @@ async def test_runtime_revocation_drops_the_connection_and_survives_restart(
         bystander_seed, bystander_token = new_user(keys)
         watch, bystander_watch = Watch(), Watch()
         nc = await connect(server.url, watch=watch, user_credentials=str(creds))
-        bystander = await connect(server.url, watch=bystander_watch,
-                                  **in_memory_auth(bystander_token, bystander_seed))
+        bystander = await connect(
+            server.url, watch=bystander_watch, **in_memory_auth(bystander_token, bystander_seed)
+        )
 
         pushed = time.monotonic()
         await push_account(keys, server.url, {_jwt.public_key(seed): int(time.time())})
@@ -460,8 +506,15 @@ def _mode(path: Path) -> int:
 def test_keys_reload_with_the_same_public_keys(tmp_path: Path):
     first = BusKeys.load_or_create(tmp_path / "keys")
     second = BusKeys.load_or_create(tmp_path / "keys")
-    publics = lambda k: (k.operator_public, k.system_account_public,  # noqa: E731
-                         k.app_account_public, k.app_signing_keys)
+
+    def publics(k):
+        return (
+            k.operator_public,
+            k.system_account_public,
+            k.app_account_public,
+            k.app_signing_keys,
+        )
+
     assert publics(first) == publics(second)
     assert first.server_config(tmp_path / "r") == second.server_config(tmp_path / "r")
     assert _mode(tmp_path / "keys") == 0o700
@@ -484,13 +537,16 @@ def test_secret_key_from_the_environment(tmp_path: Path):
     secret = Fernet.generate_key()
     created = BusKeys.load_or_create(tmp_path / "keys", secret)
     assert not (tmp_path / "keys" / "secret.key").exists()
-    assert BusKeys.load_or_create(tmp_path / "keys", secret).operator_public == \
-        created.operator_public
+    assert (
+        BusKeys.load_or_create(tmp_path / "keys", secret).operator_public == created.operator_public
+    )
     with pytest.raises(KeyStoreError) as wrong:
         BusKeys.load_or_create(tmp_path / "keys", Fernet.generate_key())
     message = str(wrong.value)
-    assert message == f"cannot decrypt the bus keys in {(tmp_path / 'keys').resolve()}: " \
-                      "wrong COWORK_SECRET_KEY?"
+    assert (
+        message == f"cannot decrypt the bus keys in {(tmp_path / 'keys').resolve()}: "
+        "wrong COWORK_SECRET_KEY?"
+    )
     assert "\n" not in message
     with pytest.raises(KeyStoreError, match="COWORK_SECRET_KEY"):
         BusKeys.load_or_create(tmp_path / "keys", None)

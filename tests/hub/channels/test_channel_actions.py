@@ -23,25 +23,54 @@ async def pool(database_url):
             await conn.execute(
                 "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, "
                 "chat_id, session_id) VALUES ('acme', $1, 'telegram', 'ws1', $2, 'ses_1')",
-                binding, chat)
+                binding,
+                chat,
+            )
     yield pool
     await pool.close()
 
 
-async def issue(tokens: ActionTokens, pool, *, action="allow", request="per_1", binding="b1",
-                kind="permission", ttl=600, answer=None) -> str:
+async def issue(
+    tokens: ActionTokens,
+    pool,
+    *,
+    action="allow",
+    request="per_1",
+    binding="b1",
+    kind="permission",
+    ttl=600,
+    answer=None,
+) -> str:
     async with pool.acquire() as conn:
-        return await tokens.issue(conn, tenant="acme", instance_id="telegram",
-                                  binding_id=binding, workspace_id="ws1", session_id="ses_1",
-                                  kind=kind, request_id=request, action=action, answer=answer,
-                                  ttl_seconds=ttl)
+        return await tokens.issue(
+            conn,
+            tenant="acme",
+            instance_id="telegram",
+            binding_id=binding,
+            workspace_id="ws1",
+            session_id="ses_1",
+            kind=kind,
+            request_id=request,
+            action=action,
+            answer=answer,
+            ttl_seconds=ttl,
+        )
 
 
-async def consume(tokens: ActionTokens, pool, token: str, *, tenant="acme",
-                  instance="telegram", chat="chat-1", user="u1"):
+async def consume(
+    tokens: ActionTokens,
+    pool,
+    token: str,
+    *,
+    tenant="acme",
+    instance="telegram",
+    chat="chat-1",
+    user="u1",
+):
     async with pool.acquire() as conn:
-        return await tokens.consume(conn, tenant, token, instance_id=instance, chat_id=chat,
-                                    user_id=user)
+        return await tokens.consume(
+            conn, tenant, token, instance_id=instance, chat_id=chat, user_id=user
+        )
 
 
 async def test_token_is_short_url_safe_and_stored_only_hashed(pool):
@@ -59,8 +88,7 @@ async def test_token_is_short_url_safe_and_stored_only_hashed(pool):
 async def test_single_use_under_concurrent_consumers(pool):
     tokens = ActionTokens(pool)
     token = await issue(tokens, pool)
-    results = await asyncio.gather(*(consume(tokens, pool, token, user=f"u{i}")
-                                     for i in range(N)))
+    results = await asyncio.gather(*(consume(tokens, pool, token, user=f"u{i}") for i in range(N)))
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     won = winners[0]
@@ -73,8 +101,9 @@ async def test_allow_and_deny_pressed_at_once_one_wins(pool):
     tokens = ActionTokens(pool)
     allow = await issue(tokens, pool, action="allow")
     deny = await issue(tokens, pool, action="deny")
-    results = await asyncio.gather(*(consume(tokens, pool, t, user=f"u{i}")
-                                     for i, t in enumerate([allow, deny] * (N // 2))))
+    results = await asyncio.gather(
+        *(consume(tokens, pool, t, user=f"u{i}") for i, t in enumerate([allow, deny] * (N // 2)))
+    )
     assert len([r for r in results if r is not None]) == 1
 
 
@@ -116,8 +145,9 @@ async def test_unknown_or_malformed_tokens_are_none(pool):
 
 async def test_question_answer_is_returned(pool):
     tokens = ActionTokens(pool)
-    token = await issue(tokens, pool, kind="question", action="answer", request="que_1",
-                        answer=[["Blue"]])
+    token = await issue(
+        tokens, pool, kind="question", action="answer", request="que_1", answer=[["Blue"]]
+    )
     got = await consume(tokens, pool, token)
     assert (got["kind"], got["action"], got["answer"]) == ("question", "answer", [["Blue"]])
 

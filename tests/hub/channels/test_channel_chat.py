@@ -5,9 +5,9 @@ tokens never approve; only approver roles may answer)."""
 from __future__ import annotations
 
 import pytest
+from routerkit import TENANT, Kit
 
 from hub.channels._chat import UNKNOWN_TOKEN
-from routerkit import TENANT, Kit
 
 
 @pytest.fixture
@@ -20,16 +20,26 @@ async def ask(kit: Kit, inst: dict, text: str, **kw) -> str:
     return await kit.reply(inst)
 
 
-async def bind_session(kit: Kit, inst: dict, session: str, chat: str = "c1",
-                       title: str | None = None) -> str:
+async def bind_session(
+    kit: Kit, inst: dict, session: str, chat: str = "c1", title: str | None = None
+) -> str:
     binding = f"b-{inst['instance_id']}-{session}"
     await kit.hub.pool.execute(
         "UPDATE channel_bindings SET active = false WHERE instance_id = $1 AND chat_id = $2",
-        inst["instance_id"], chat)
+        inst["instance_id"],
+        chat,
+    )
     await kit.hub.pool.execute(
         "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, chat_id, "
-        "session_id, title) VALUES ($1, $2, $3, $4, $5, $6, $7)", TENANT, binding,
-        inst["instance_id"], inst["workspace_id"], chat, session, title)
+        "session_id, title) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        TENANT,
+        binding,
+        inst["instance_id"],
+        inst["workspace_id"],
+        chat,
+        session,
+        title,
+    )
     return binding
 
 
@@ -60,9 +70,14 @@ async def test_status_whereami_and_unknown_command(kit, http):
     assert "Session: none yet" in status and "Desktop: offline" in status
     where = await ask(kit, inst, "/whereami", chat="c9", thread="t3")
     assert where.splitlines() == [
-        f"Tenant: {TENANT}", f"Instance: {inst['instance_id']}",
-        f"Workspace: {inst['workspace_id']}", "Chat: c9", "Thread: t3",
-        "Session: none yet (your next message starts one)", "Role: viewer"]
+        f"Tenant: {TENANT}",
+        f"Instance: {inst['instance_id']}",
+        f"Workspace: {inst['workspace_id']}",
+        "Chat: c9",
+        "Thread: t3",
+        "Session: none yet (your next message starts one)",
+        "Role: viewer",
+    ]
     assert await ask(kit, inst, "/frobnicate now") == "Unknown command /frobnicate. Send /help."
     # a viewer reads but does not prompt or change sessions
     assert await ask(kit, inst, "please do it") == "Your role (viewer) may not send prompts here."
@@ -73,21 +88,26 @@ async def test_status_whereami_and_unknown_command(kit, http):
 async def test_new_sessions_switch(kit, http):
     inst = await kit.instance(http)
     await kit.role(inst, "u1", "member")
-    assert await ask(kit, inst, "/sessions") == ("No sessions in this chat yet. Send a "
-                                                 "message to start one.")
+    assert await ask(kit, inst, "/sessions") == (
+        "No sessions in this chat yet. Send a message to start one."
+    )
     await bind_session(kit, inst, "ses_a", title="first")
     reply = await ask(kit, inst, "/new Release notes")
     assert reply.startswith("Started a new session 'Release notes'")
     listing = await ask(kit, inst, "/sessions")
-    assert listing.splitlines() == ["Sessions (* = active):", "  1. first [ses_a]",
-                                    "* 2. Release notes [starting with the next message]"]
+    assert listing.splitlines() == [
+        "Sessions (* = active):",
+        "  1. first [ses_a]",
+        "* 2. Release notes [starting with the next message]",
+    ]
     assert await ask(kit, inst, "/switch 1") == "Switched to first [ses_a]."
     await kit.send(inst, "continue there")
     await kit.reply(inst)  # "Desktop is offline" notice
     prompt = (await kit.commands(inst))[-1]
     assert prompt["kind"] == "prompt" and prompt["session_id"] == "ses_a"
-    assert await ask(kit, inst, "/switch ses_zzz") == ("No session 'ses_zzz' in this chat. "
-                                                       "Send /sessions.")
+    assert await ask(kit, inst, "/switch ses_zzz") == (
+        "No session 'ses_zzz' in this chat. Send /sessions."
+    )
     assert (await ask(kit, inst, "/switch")).startswith("Usage: /switch N")
     # another thread has its own bindings
     assert (await ask(kit, inst, "/sessions", thread="t1")).startswith("No sessions")
@@ -102,7 +122,10 @@ async def test_abort(kit, http):
     assert await kit.reply(inst) == "Abort sent to the Desktop."
     [abort] = await kit.commands(inst)
     assert (abort["kind"], abort["session_id"], abort["command_id"]) == (
-        "abort", "ses_run", f"{inbound.id}-abort")
+        "abort",
+        "ses_run",
+        f"{inbound.id}-abort",
+    )
     cloud = await kit.instance(http, authority="cloud_worker")
     await kit.role(cloud, "u1", "member")
     # Cloud workers: /abort cancels the chat's running work (none here).
@@ -115,9 +138,18 @@ async def test_unknown_token_never_approves(kit, http):
     await bind_session(kit, inst, "ses_p")
     assert await ask(kit, inst, "/approve tok-nope", user="boss") == UNKNOWN_TOKEN
     # a real token presented from another chat is unknown there, and stays unused
-    kit.actions.add("tok-1", kind="permission", request_id="per_1", action="allow",
-                    answer=None, workspace_id=inst["workspace_id"], session_id="ses_p",
-                    binding_id=None, chat_id="c1", instance_id=inst["instance_id"])
+    kit.actions.add(
+        "tok-1",
+        kind="permission",
+        request_id="per_1",
+        action="allow",
+        answer=None,
+        workspace_id=inst["workspace_id"],
+        session_id="ses_p",
+        binding_id=None,
+        chat_id="c1",
+        instance_id=inst["instance_id"],
+    )
     assert await ask(kit, inst, "/approve tok-1", user="boss", chat="c-other") == UNKNOWN_TOKEN
     assert await kit.commands(inst) == []
     assert "tok-1" in kit.actions.rows
@@ -130,13 +162,23 @@ async def test_role_gate_and_approvals(kit, http):
     await bind_session(kit, inst, "ses_q")
 
     def token(name: str, kind: str, action: str, request: str, answer=None) -> None:
-        kit.actions.add(name, kind=kind, request_id=request, action=action, answer=answer,
-                        workspace_id=inst["workspace_id"], session_id="ses_q", binding_id=None,
-                        chat_id="c1", instance_id=inst["instance_id"])
+        kit.actions.add(
+            name,
+            kind=kind,
+            request_id=request,
+            action=action,
+            answer=answer,
+            workspace_id=inst["workspace_id"],
+            session_id="ses_q",
+            binding_id=None,
+            chat_id="c1",
+            instance_id=inst["instance_id"],
+        )
 
     token("t-allow", "permission", "allow", "per_1")
     assert await ask(kit, inst, "/approve t-allow", user="mem") == (
-        "Your role (member) may not use /approve.")
+        "Your role (member) may not use /approve."
+    )
     assert "t-allow" in kit.actions.rows  # refused before the token was touched
     assert await ask(kit, inst, "/approve t-allow", user="appr") == "Allowed."
     token("t-deny", "permission", "deny", "per_2")
@@ -150,7 +192,8 @@ async def test_role_gate_and_approvals(kit, http):
         ("permission.respond", "ses_q", {"permissionId": "per_1", "allowed": True}),
         ("permission.respond", "ses_q", {"permissionId": "per_2", "allowed": False}),
         ("question.reply", "ses_q", {"requestId": "que_1", "answers": [["blue, please"]]}),
-        ("question.reject", "ses_q", {"requestId": "que_2"})]
+        ("question.reject", "ses_q", {"requestId": "que_2"}),
+    ]
     assert await ask(kit, inst, "/approve t-allow", user="appr") == UNKNOWN_TOKEN  # single use
     assert (await ask(kit, inst, "/answer t-x", user="appr")).startswith("Usage: /answer")
 
@@ -160,19 +203,37 @@ async def test_button_press_is_answered_on_the_interaction(kit, http):
     await kit.role(inst, "appr", "approver")
     await kit.role(inst, "view", "viewer")
     await bind_session(kit, inst, "ses_b")
-    kit.actions.add("btn-1", kind="permission", request_id="per_9", action="deny",
-                    answer=None, workspace_id=inst["workspace_id"], session_id="ses_b",
-                    binding_id=None, chat_id="c1", instance_id=inst["instance_id"])
+    kit.actions.add(
+        "btn-1",
+        kind="permission",
+        request_id="per_9",
+        action="deny",
+        answer=None,
+        workspace_id=inst["workspace_id"],
+        session_id="ses_b",
+        binding_id=None,
+        chat_id="c1",
+        instance_id=inst["instance_id"],
+    )
     press = {"id": "cb-1", "token": "btn-1", "kind": "button", "responseToken": "cbq-1"}
     await kit.send(inst, "", user="view", event_type="interaction", interaction=press)
     [refusal] = await kit.replies(inst)
     assert refusal.type == "answer_interaction" and refusal.interaction.response_token == "cbq-1"
     assert refusal.text == "Your role (viewer) may not use /approve."
-    await kit.send(inst, "", user="appr", event_type="interaction",
-                   interaction=dict(press, id="cb-2"), event_id="press-2")
+    await kit.send(
+        inst,
+        "",
+        user="appr",
+        event_type="interaction",
+        interaction=dict(press, id="cb-2"),
+        event_id="press-2",
+    )
     [answer] = await kit.replies(inst)
-    assert (answer.type, answer.text, answer.interaction.id) == ("answer_interaction",
-                                                                 "Denied.", "cb-2")
+    assert (answer.type, answer.text, answer.interaction.id) == (
+        "answer_interaction",
+        "Denied.",
+        "cb-2",
+    )
     [cmd] = await kit.commands(inst)
     assert cmd["payload"] == {"permissionId": "per_9", "allowed": False}
 
@@ -182,12 +243,25 @@ async def test_slash_commands_are_prompts_or_commands(kit, http):
     await kit.role(inst, "u1", "member")
     await bind_session(kit, inst, "ses_s")
     interaction = {"id": "i-1", "token": "x", "kind": "command", "responseToken": "rt"}
-    await kit.send(inst, "", event_type="command", command="ask", args=["fix", "the", "bug"],
-                   interaction=interaction)
-    await kit.send(inst, "", event_type="command", command="cowork", args=["deploy", "it"],
-                   interaction=dict(interaction, id="i-2"))
-    await kit.send(inst, "", event_type="command", command="status",
-                   interaction=dict(interaction, id="i-3"))
+    await kit.send(
+        inst,
+        "",
+        event_type="command",
+        command="ask",
+        args=["fix", "the", "bug"],
+        interaction=interaction,
+    )
+    await kit.send(
+        inst,
+        "",
+        event_type="command",
+        command="cowork",
+        args=["deploy", "it"],
+        interaction=dict(interaction, id="i-2"),
+    )
+    await kit.send(
+        inst, "", event_type="command", command="status", interaction=dict(interaction, id="i-3")
+    )
     prompts = [c["payload"]["text"] for c in await kit.commands(inst)]
     assert prompts == ["fix the bug", "deploy it"]
     replies = await kit.replies(inst, 3)
@@ -205,21 +279,39 @@ async def test_real_action_tokens_single_use_and_no_upgrade(kit, http):
     await kit.role(inst, "appr", "approver")
     binding = await bind_session(kit, inst, "ses_t")
     async with kit.hub.pool.acquire() as conn:
-        issued = {action: await kit.router.chat._actions.issue(
-            conn, tenant=TENANT, instance_id=inst["instance_id"], binding_id=binding,
-            workspace_id=inst["workspace_id"], session_id="ses_t", kind="permission",
-            request_id="per_t", action=action) for action in ("allow", "deny")}
+        issued = {
+            action: await kit.router.chat._actions.issue(
+                conn,
+                tenant=TENANT,
+                instance_id=inst["instance_id"],
+                binding_id=binding,
+                workspace_id=inst["workspace_id"],
+                session_id="ses_t",
+                kind="permission",
+                request_id="per_t",
+                action=action,
+            )
+            for action in ("allow", "deny")
+        }
     assert (await ask(kit, inst, f"/approve {issued['deny']}", user="appr")).startswith(
-        "That token is for deny on a permission, not /approve.")
+        "That token is for deny on a permission, not /approve."
+    )
     assert await kit.commands(inst) == []
     assert await ask(kit, inst, f"/approve {issued['allow']}", user="appr") == UNKNOWN_TOKEN
     assert await ask(kit, inst, "/approve caAAAAAAAAAAAAAAAAAAAA", user="appr") == UNKNOWN_TOKEN
     assert await kit.commands(inst) == []
     async with kit.hub.pool.acquire() as conn:
         allow = await kit.router.chat._actions.issue(
-            conn, tenant=TENANT, instance_id=inst["instance_id"], binding_id=binding,
-            workspace_id=inst["workspace_id"], session_id="ses_t", kind="permission",
-            request_id="per_u", action="allow")
+            conn,
+            tenant=TENANT,
+            instance_id=inst["instance_id"],
+            binding_id=binding,
+            workspace_id=inst["workspace_id"],
+            session_id="ses_t",
+            kind="permission",
+            request_id="per_u",
+            action="allow",
+        )
     assert await ask(kit, inst, f"/deny {allow}", user="appr") == "Denied."
     [cmd] = await kit.commands(inst)
     assert cmd["payload"] == {"permissionId": "per_u", "allowed": False}

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from edges.gateway._work import SessionEvents, WorkRunner
-from edges.common._opencode import OpenCodeError
 from edgeworkkit import GatewayBus, add_registration
+from routerkit import TENANT, Kit
+from test_channel_renderer import caps
+
+from edges.common._opencode import OpenCodeError
+from edges.gateway._work import SessionEvents, WorkRunner
 from hub.channels._actions import ActionTokens
 from hub.channels._renderer import ChannelRenderer
 from schemas import SessionRef, WorkClaimReply
-from test_channel_renderer import caps
-from routerkit import TENANT, Kit
 
 
 @pytest.fixture
@@ -33,8 +33,9 @@ async def gateway(hub):
 
 
 async def work_of(kit: Kit, inbound) -> dict:
-    row = await kit.hub.pool.fetchrow("SELECT * FROM edge_work WHERE tenant = $1 AND "
-                                      "idempotency_key = $2", TENANT, inbound.id)
+    row = await kit.hub.pool.fetchrow(
+        "SELECT * FROM edge_work WHERE tenant = $1 AND idempotency_key = $2", TENANT, inbound.id
+    )
     assert row is not None, "the prompt did not become edge work"
     return dict(row)
 
@@ -44,15 +45,18 @@ async def run(gateway: GatewayBus, work_id: str, result: dict) -> None:
     lease = await gateway.claim(work_id)
     assert isinstance(lease, WorkClaimReply) and lease.work_id == work_id, lease
     seq = lease.next_sequence or 1
-    assert (await gateway.output(work_id, lease.lease_token, seq, "status",
-                                 {"state": "running"})).ok
+    assert (
+        await gateway.output(work_id, lease.lease_token, seq, "status", {"state": "running"})
+    ).ok
     assert (await gateway.output(work_id, lease.lease_token, seq + 1, "result", result)).ok
 
 
 async def binding_session(kit: Kit, inst: dict) -> str | None:
     return await kit.hub.pool.fetchval(
-        "SELECT session_id FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 "
-        "AND active", TENANT, inst["instance_id"])
+        "SELECT session_id FROM channel_bindings WHERE tenant = $1 AND instance_id = $2 AND active",
+        TENANT,
+        inst["instance_id"],
+    )
 
 
 async def test_second_prompt_continues_the_first_prompts_session(kit, http, gateway):
@@ -84,13 +88,19 @@ async def test_a_result_without_a_valid_session_id_is_not_adopted(kit, http, gat
     assert await binding_session(kit, inst) is None
 
 
-async def test_renderer_adopts_the_session_when_it_renders_the_result(hub, kit, http,
-                                                                      gateway):
+async def test_renderer_adopts_the_session_when_it_renders_the_result(hub, kit, http, gateway):
     inst = await kit.instance(http, authority="cloud_worker", capabilities=caps())
     await kit.role(inst, "u1", "member")
-    renderer = ChannelRenderer(hub.nc, hub.pool, hub.metrics, hub_id="test-sessions",
-                               instances=kit.instances, outbox=hub.channel_outbox,
-                               actions=ActionTokens(hub.pool), sweep_interval=0.2)
+    renderer = ChannelRenderer(
+        hub.nc,
+        hub.pool,
+        hub.metrics,
+        hub_id="test-sessions",
+        instances=kit.instances,
+        outbox=hub.channel_outbox,
+        actions=ActionTokens(hub.pool),
+        sweep_interval=0.2,
+    )
     await renderer.start()
     try:
         first = await work_of(kit, await kit.send(inst, "hello"))
@@ -118,8 +128,15 @@ async def test_abort_from_a_cloud_worker_chat_cancels_its_running_work(kit, http
     work = await work_of(kit, await kit.send(inst, "a long job"))
     lease = await gateway.claim(work["work_id"])
     assert isinstance(lease, WorkClaimReply) and lease.work_id == work["work_id"], lease
-    assert (await gateway.output(work["work_id"], lease.lease_token, lease.next_sequence or 1,
-                                 "status", {"state": "running"})).ok
+    assert (
+        await gateway.output(
+            work["work_id"],
+            lease.lease_token,
+            lease.next_sequence or 1,
+            "status",
+            {"state": "running"},
+        )
+    ).ok
     await kit.send(inst, "/abort")
     texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
     assert "Stopped." in texts, texts
@@ -133,7 +150,8 @@ async def test_abort_from_a_cloud_worker_chat_cancels_its_running_work(kit, http
     assert not written.ok
     told = await kit.hub.pool.fetchval(
         "SELECT count(*) FROM workspace_events WHERE tenant = $1 AND type = 'work.cancelled'",
-        TENANT)
+        TENANT,
+    )
     assert told == 1
     await kit.send(inst, "/abort")
     texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
@@ -162,11 +180,27 @@ async def test_sessions_shows_the_title_opencode_gave_the_session(kit, http, gat
     assert isinstance(lease, WorkClaimReply) and lease.work_id == work["work_id"], lease
     seq = lease.next_sequence or 1
     for n, title in enumerate(("New session - 2026-12-05", "Plan the trip")):
-        assert (await gateway.output(work["work_id"], lease.lease_token, seq + n, "event", {
-            "type": "session.updated",
-            "properties": {"info": {"id": "ses_titled1", "title": title}}})).ok
-    assert (await gateway.output(work["work_id"], lease.lease_token, seq + 2, "result",
-                                 {"text": "ok", "sessionId": "ses_titled1"})).ok
+        assert (
+            await gateway.output(
+                work["work_id"],
+                lease.lease_token,
+                seq + n,
+                "event",
+                {
+                    "type": "session.updated",
+                    "properties": {"info": {"id": "ses_titled1", "title": title}},
+                },
+            )
+        ).ok
+    assert (
+        await gateway.output(
+            work["work_id"],
+            lease.lease_token,
+            seq + 2,
+            "result",
+            {"text": "ok", "sessionId": "ses_titled1"},
+        )
+    ).ok
     await kit.send(inst, "/sessions")
     texts = [d.text or "" for d in await kit.replies(inst, 5, timeout=3.0)]
     assert any("Plan the trip [ses_titled1]" in t for t in texts), texts
@@ -193,11 +227,16 @@ class FakeOpenCode:
     async def prompt_async(self, session_id: str, parts, **options) -> None:
         self.prompted.append(session_id)
         self.events.register(session_id).put_nowait(
-            {"type": "session.idle", "properties": {"sessionID": session_id}})
+            {"type": "session.idle", "properties": {"sessionID": session_id}}
+        )
 
     async def messages(self, session_id: str) -> list:
-        return [{"info": {"role": "assistant", "time": {"completed": 1}},
-                 "parts": [{"type": "text", "text": f"answer in {session_id}"}]}]
+        return [
+            {
+                "info": {"role": "assistant", "time": {"completed": 1}},
+                "parts": [{"type": "text", "text": f"answer in {session_id}"}],
+            }
+        ]
 
     async def abort(self, session_id: str) -> None:
         pass
@@ -230,16 +269,23 @@ class Store:
         pass
 
 
-async def run_runner(opencode: FakeOpenCode, events: SessionEvents,
-                     session_id: str | None) -> tuple[str, dict]:
-    claim = WorkClaimReply(work_id="w1", kind="prompt", lease_token="t" * 32,
-                           lease_seconds=30, attempt=1, next_sequence=1,
-                           session_ref=SessionRef(workspace_id="ws", session_id=session_id,
-                                                  title="Chat"),
-                           payload={"text": "go on"})
+async def run_runner(
+    opencode: FakeOpenCode, events: SessionEvents, session_id: str | None
+) -> tuple[str, dict]:
+    claim = WorkClaimReply(
+        work_id="w1",
+        kind="prompt",
+        lease_token="t" * 32,
+        lease_seconds=30,
+        attempt=1,
+        next_sequence=1,
+        session_ref=SessionRef(workspace_id="ws", session_id=session_id, title="Chat"),
+        payload={"text": "go on"},
+    )
     sink = Sink()
-    runner = WorkRunner(claim, opencode=opencode, events=events, sink=sink, bus=Bus(),
-                        store=Store())
+    runner = WorkRunner(
+        claim, opencode=opencode, events=events, sink=sink, bus=Bus(), store=Store()
+    )
     sink.runner = runner
     outcome = await runner.run()
     return outcome, sink.outputs[-1].body
@@ -250,8 +296,10 @@ async def test_gateway_continues_a_named_session_it_has():
     opencode = FakeOpenCode(events, {"ses_known"})
     outcome, result = await run_runner(opencode, events, "ses_known")
     assert outcome == "completed" and opencode.prompted == ["ses_known"]
-    assert opencode.created == [] and result == {"text": "answer in ses_known",
-                                                 "sessionId": "ses_known"}
+    assert opencode.created == [] and result == {
+        "text": "answer in ses_known",
+        "sessionId": "ses_known",
+    }
 
 
 async def test_gateway_opens_a_new_session_when_the_named_one_is_gone_or_busy():

@@ -51,8 +51,12 @@ async def admin(hub):
 async def desktop(hub, admin, opencode, operator_nats_url, tmp_path_factory):
     """A paired Desktop whose approvals may be answered remotely (from a chat)."""
     running = await pair_and_start(
-        admin, operator_nats_url, tmp_path_factory.mktemp("desktop"), opencode.url,
-        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"})
+        admin,
+        operator_nats_url,
+        tmp_path_factory.mktemp("desktop"),
+        opencode.url,
+        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"},
+    )
     yield running
     if not running.task.done():
         await running.stop()
@@ -61,11 +65,17 @@ async def desktop(hub, admin, opencode, operator_nats_url, tmp_path_factory):
 async def _platform(kind: str, instance_id: str, hub, admin, desktop, role: str):
     fake = FAKES[kind]()
     await fake.start()
-    await create_instance(admin, fake, instance_id=instance_id,
-                          workspace_id=desktop.pairing_id)
+    await create_instance(admin, fake, instance_id=instance_id, workspace_id=desktop.pairing_id)
     await wait_ready(admin, instance_id)
-    await claim_role(admin, hub.http_url, fake, instance_id, chat_id=_chat(kind, "claim"),
-                     user_id=USER, role=role)
+    await claim_role(
+        admin,
+        hub.http_url,
+        fake,
+        instance_id,
+        chat_id=_chat(kind, "claim"),
+        user_id=USER,
+        role=role,
+    )
     return fake
 
 
@@ -93,20 +103,26 @@ def _chat(kind: str, name: str) -> str:
 async def _prompt_commands(hub, pairing_id: str, text: str) -> list:
     return await hub.pool.fetch(
         "SELECT command_id FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
-        "AND kind = 'prompt' AND payload->>'text' = $3", TENANT, pairing_id, text)
+        "AND kind = 'prompt' AND payload->>'text' = $3",
+        TENANT,
+        pairing_id,
+        text,
+    )
 
 
 async def _streamed_reply(fake, chat: str, reply: str) -> None:
     """The reply arrived streamed: one message, edited until it held the full text."""
-    final = await wait_posted(fake, chat, lambda p: reply in p.text,
-                              what=f"the full reply {reply!r}")
+    final = await wait_posted(
+        fake, chat, lambda p: reply in p.text, what=f"the full reply {reply!r}"
+    )
     holding = [p for p in fake.chats[chat] if "reply to:" in p.text]
     assert holding == [final], chat_dump(fake, chat)
     assert final.edits > 0, f"the reply was never edited (not streamed):\n{chat_dump(fake, chat)}"
 
 
 async def test_telegram_prompt_streams_the_reply_into_one_edited_message(
-        hub, telegram, desktop, opencode):
+    hub, telegram, desktop, opencode
+):
     chat = _chat("telegram", "stream")
     text = f"{SLOW} hello from telegram"  # ~40 deltas over 2 s: several throttled edits
     await send_text(hub.http_url, telegram, TELEGRAM, text, chat_id=chat, user_id=USER)
@@ -117,8 +133,7 @@ async def test_telegram_prompt_streams_the_reply_into_one_edited_message(
     assert len(await _prompt_commands(hub, desktop.pairing_id, text)) == 1
 
 
-async def test_slack_prompt_streams_the_reply_with_post_and_update(
-        hub, slack, desktop, opencode):
+async def test_slack_prompt_streams_the_reply_with_post_and_update(hub, slack, desktop, opencode):
     chat = _chat("slack", "stream")
     text = f"{SLOW} hello from slack"
     await send_text(hub.http_url, slack, SLACK, text, chat_id=chat, user_id=USER)
@@ -129,45 +144,60 @@ async def test_slack_prompt_streams_the_reply_with_post_and_update(
 
 
 async def test_permission_is_approved_from_a_telegram_button_once(
-        hub, admin, telegram, desktop, opencode):
+    hub, admin, telegram, desktop, opencode
+):
     chat, pid = _chat("telegram", "approve"), desktop.pairing_id
-    await send_text(hub.http_url, telegram, TELEGRAM, f"please {RUN_BASH}", chat_id=chat,
-                    user_id=USER)
+    await send_text(
+        hub.http_url, telegram, TELEGRAM, f"please {RUN_BASH}", chat_id=chat, user_id=USER
+    )
     asked = await wait_posted(
-        telegram, chat, lambda p: any("allow" in label.lower() for row in p.buttons
-                                      for label in row),
-        what="the permission request with Allow/Deny buttons")
+        telegram,
+        chat,
+        lambda p: any("allow" in label.lower() for row in p.buttons for label in row),
+        what="the permission request with Allow/Deny buttons",
+    )
     labels = [label.lower() for row in asked.buttons for label in row]
     assert any("deny" in label for label in labels), chat_dump(telegram, chat)
     allow = telegram_button_data(telegram, chat, "allow")
 
-    press = telegram.signed_button_press(allow, chat_id=chat, user_id=USER,
-                                         event_id=next_event_id())
+    press = telegram.signed_button_press(
+        allow, chat_id=chat, user_id=USER, event_id=next_event_id()
+    )
     assert (await post_webhook(hub.http_url, TELEGRAM, press)).status_code == 200
 
     async def tool_ran() -> bool:
         parts = opencode_events(await events(admin, pid), "message.part.updated")
-        return any(BASH_OUTPUT in json.dumps(p) and '"completed"' in json.dumps(p)
-                   for p in parts)
+        return any(BASH_OUTPUT in json.dumps(p) and '"completed"' in json.dumps(p) for p in parts)
 
     await eventually(tool_ran, 30, 0.1, "the approved bash tool to complete")
-    await wait_posted(telegram, chat, lambda p: opencode.model.after_tool_text in p.text,
-                      what="the model's answer after the tool")
+    await wait_posted(
+        telegram,
+        chat,
+        lambda p: opencode.model.after_tool_text in p.text,
+        what="the model's answer after the tool",
+    )
     replied = opencode_events(await events(admin, pid), "permission.replied")
     assert len(replied) == 1
 
     # The same button again (a new callback query from the platform): single use.
     answered_before = len(telegram.answered)
-    again = telegram.signed_button_press(allow, chat_id=chat, user_id=USER,
-                                         event_id=next_event_id())
+    again = telegram.signed_button_press(
+        allow, chat_id=chat, user_id=USER, event_id=next_event_id()
+    )
     assert (await post_webhook(hub.http_url, TELEGRAM, again)).status_code == 200
-    await eventually(lambda: len(telegram.answered) > answered_before, 15,
-                     what="the hub to answer the second press")
+    await eventually(
+        lambda: len(telegram.answered) > answered_before,
+        15,
+        what="the hub to answer the second press",
+    )
     answers = [body for op, body in telegram.calls if op == "answerCallbackQuery"]
     assert "nothing was approved" in answers[-1].get("text", ""), answers
     responds = await hub.pool.fetch(
         "SELECT command_id FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
-        "AND kind = 'permission.respond'", TENANT, pid)
+        "AND kind = 'permission.respond'",
+        TENANT,
+        pid,
+    )
     assert len(responds) == 1, responds
     assert len(opencode_events(await events(admin, pid), "permission.replied")) == 1
 
@@ -175,8 +205,7 @@ async def test_permission_is_approved_from_a_telegram_button_once(
 async def test_duplicate_webhook_delivery_makes_one_prompt(hub, telegram, desktop, opencode):
     chat = _chat("telegram", "dup")
     text = "hello twice"
-    update = telegram.signed_message(text, chat_id=chat, user_id=USER,
-                                     event_id=next_event_id())
+    update = telegram.signed_message(text, chat_id=chat, user_id=USER, event_id=next_event_id())
     for _ in range(2):  # the platform retried: the same update, byte for byte
         assert (await post_webhook(hub.http_url, TELEGRAM, update)).status_code == 200
     reply = opencode.model.reply_for(text)
@@ -187,10 +216,13 @@ async def test_duplicate_webhook_delivery_makes_one_prompt(hub, telegram, deskto
     assert len(await _prompt_commands(hub, desktop.pairing_id, text)) == 1
     claims = await hub.pool.fetch(
         "SELECT message_id FROM channel_inbound_claims WHERE tenant = $1 AND instance_id = $2 "
-        "AND provider_event_id = $3", TENANT, TELEGRAM, str(_update_id(update)))
+        "AND provider_event_id = $3",
+        TENANT,
+        TELEGRAM,
+        str(_update_id(update)),
+    )
     assert len(claims) == 1
-    assert sum(1 for p in telegram.chats[chat] if reply in p.text) == 1, \
-        chat_dump(telegram, chat)
+    assert sum(1 for p in telegram.chats[chat] if reply in p.text) == 1, chat_dump(telegram, chat)
 
 
 def _update_id(request) -> int:

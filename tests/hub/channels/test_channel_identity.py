@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from routerkit import TENANT, Kit
 
 from hub.channels._identity import CLAIM_ALPHABET, normalise_code
-from routerkit import TENANT, Kit
 
 BASE = f"/api/v1/tenants/{TENANT}"
 
@@ -31,11 +31,13 @@ async def test_claim_code_shape_and_only_its_hash_is_stored(kit, http):
     assert all(ch in CLAIM_ALPHABET for ch in code.replace("-", ""))
     assert body["role"] == "approver" and body["expiresAt"]
     rows = await kit.hub.pool.fetch("SELECT * FROM channel_claim_codes")
-    assert any(r["code_hash"] == hashlib.sha256(code.replace("-", "").encode()).digest()
-               for r in rows)
+    assert any(
+        r["code_hash"] == hashlib.sha256(code.replace("-", "").encode()).digest() for r in rows
+    )
     assert code not in str([dict(r) for r in rows])
-    audit = await kit.hub.pool.fetch("SELECT * FROM audit_log WHERE action = "
-                                     "'channel.claim_code_created'")
+    audit = await kit.hub.pool.fetch(
+        "SELECT * FROM audit_log WHERE action = 'channel.claim_code_created'"
+    )
     assert audit and code not in str([dict(r) for r in audit])
     assert normalise_code(code.lower().replace("-", " ")) == code.replace("-", "")
 
@@ -45,8 +47,9 @@ async def test_claim_code_requests_are_validated(http):
         r = await http.post(f"{BASE}/channel-claim-codes", json=body)
         assert r.status_code == 422, (body, r.text)
         assert r.json()["error"]["code"] == "invalid_request"
-    r = await http.post(f"{BASE}/channel-claim-codes",
-                        json={"role": "member", "instanceId": "tg-missing"})
+    r = await http.post(
+        f"{BASE}/channel-claim-codes", json={"role": "member", "instanceId": "tg-missing"}
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "channel_instance.not_found"
 
 
@@ -59,7 +62,9 @@ async def test_pending_user_is_refused_then_claims_and_prompts(kit, http):
     assert await kit.commands(inst) == []
     refused = await kit.hub.pool.fetchval(
         "SELECT count(*) FROM audit_log WHERE action = 'channel.command_refused' "
-        "AND target_id = $1", f"{inst['instance_id']}/newbie")
+        "AND target_id = $1",
+        f"{inst['instance_id']}/newbie",
+    )
     assert refused == 1
 
     code = (await claim_code(http, "member", instanceId=inst["instance_id"]))["code"]
@@ -67,13 +72,15 @@ async def test_pending_user_is_refused_then_claims_and_prompts(kit, http):
     assert (await kit.reply(inst)).startswith("Welcome! Your role is now member.")
     role = await kit.hub.pool.fetchval(
         "SELECT role FROM channel_users WHERE instance_id = $1 AND provider_user_id = 'newbie'",
-        inst["instance_id"])
+        inst["instance_id"],
+    )
     assert role == "member"
     await kit.send(inst, "now it works", user="newbie")
     assert [c["kind"] for c in await kit.commands(inst)] == ["create_session"]
     redeemed = await kit.hub.pool.fetchrow(
         "SELECT * FROM audit_log WHERE action = 'channel.claim_code_redeemed' AND target_id = $1",
-        f"{inst['instance_id']}/newbie")
+        f"{inst['instance_id']}/newbie",
+    )
     assert redeemed["metadata"]["role"] == "member"
 
 
@@ -89,7 +96,9 @@ async def test_used_expired_and_foreign_codes_are_refused(kit, http):
     expired = (await claim_code(http, "admin"))["code"]
     await kit.hub.pool.execute(
         "UPDATE channel_claim_codes SET expires_at = now() - interval '1 second' "
-        "WHERE code_hash = $1", hashlib.sha256(expired.replace("-", "").encode()).digest())
+        "WHERE code_hash = $1",
+        hashlib.sha256(expired.replace("-", "").encode()).digest(),
+    )
     await kit.send(inst, f"/claim {expired}", user="mallory")
     assert "not valid" in await kit.reply(inst)
 
@@ -100,8 +109,9 @@ async def test_used_expired_and_foreign_codes_are_refused(kit, http):
         await kit.send(inst, f"/claim {guess}", user="mallory")
         assert "not valid" in await kit.reply(inst)
     role = await kit.hub.pool.fetchval(
-        "SELECT role FROM channel_users WHERE instance_id = $1 AND provider_user_id = "
-        "'mallory'", inst["instance_id"])
+        "SELECT role FROM channel_users WHERE instance_id = $1 AND provider_user_id = 'mallory'",
+        inst["instance_id"],
+    )
     assert role == "pending"
     # Five attempts spent: the next one is refused without even looking at the code.
     fresh = (await claim_code(http, "member"))["code"]
@@ -117,19 +127,24 @@ async def test_admin_lists_and_changes_roles(kit, http):
     assert r.status_code == 200
     users = r.json()["users"]
     assert [(u["providerUserId"], u["role"], u["displayName"]) for u in users] == [
-        ("bob", "pending", "BOB")]
-    r = await http.patch(f"{BASE}/channel-instances/{inst['instance_id']}/users/bob",
-                         json={"role": "approver"})
+        ("bob", "pending", "BOB")
+    ]
+    r = await http.patch(
+        f"{BASE}/channel-instances/{inst['instance_id']}/users/bob", json={"role": "approver"}
+    )
     assert r.status_code == 200 and r.json()["role"] == "approver"
     audit = await kit.hub.pool.fetchrow(
         "SELECT * FROM audit_log WHERE action = 'channel.user_promoted' AND target_id = $1",
-        f"{inst['instance_id']}/bob")
+        f"{inst['instance_id']}/bob",
+    )
     assert audit["metadata"]["from"] == "pending" and audit["metadata"]["to"] == "approver"
-    r = await http.patch(f"{BASE}/channel-instances/{inst['instance_id']}/users/nobody",
-                         json={"role": "member"})
+    r = await http.patch(
+        f"{BASE}/channel-instances/{inst['instance_id']}/users/nobody", json={"role": "member"}
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "channel_user.not_found"
-    r = await http.patch(f"{BASE}/channel-instances/{inst['instance_id']}/users/bob",
-                         json={"role": "god"})
+    r = await http.patch(
+        f"{BASE}/channel-instances/{inst['instance_id']}/users/bob", json={"role": "god"}
+    )
     assert r.status_code == 422
     r = await http.get(f"{BASE}/channel-instances/tg-unknown/users")
     assert r.status_code == 404
@@ -151,7 +166,9 @@ async def test_pending_user_is_told_how_to_get_access_once_per_interval(kit, htt
         assert (await kit.claim(inst, inbound))["outcome"] == "refused"
     refused = await kit.hub.pool.fetchval(
         "SELECT count(*) FROM audit_log WHERE action = 'channel.command_refused' "
-        "AND target_id = $1", f"{inst['instance_id']}/stranger")
+        "AND target_id = $1",
+        f"{inst['instance_id']}/stranger",
+    )
     assert refused == 3
     await kit.send(inst, "/help", user="stranger")  # asked explicitly: answered
     assert "/claim CODE" in await kit.reply(inst)
@@ -161,7 +178,9 @@ async def test_pending_user_is_told_how_to_get_access_once_per_interval(kit, htt
     # Once the interval has passed, the next plain message is answered again.
     await kit.hub.pool.execute(
         "UPDATE channel_users SET access_help_sent_at = now() - interval '11 minutes' "
-        "WHERE instance_id = $1 AND provider_user_id = 'stranger'", inst["instance_id"])
+        "WHERE instance_id = $1 AND provider_user_id = 'stranger'",
+        inst["instance_id"],
+    )
     await kit.send(inst, "still there?", user="stranger")
     assert "/claim CODE" in await kit.reply(inst)
     await kit.send(inst, "and now?", user="stranger")

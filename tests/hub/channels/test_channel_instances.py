@@ -26,12 +26,17 @@ LOOPBACK = {"apiBase": DEAD_API, "allowLoopbackHttp": True}  # plain http: loopb
 
 def telegram_body(instance_id: str, workspace: str = "ws1", **extra) -> dict:
     body = {
-        "instanceId": instance_id, "kind": "telegram", "workspaceId": workspace,
+        "instanceId": instance_id,
+        "kind": "telegram",
+        "workspaceId": workspace,
         # Not desktop_paired: these workspaces are no pairings (refused, see below).
         "authority": "cloud_worker",
-        "displayName": "Support bot", "settings": LOOPBACK,
-        "secrets": {"botToken": f"123456:tok-{_secrets.token_hex(12)}",
-                    "webhookSecret": f"whs_{_secrets.token_hex(12)}"},
+        "displayName": "Support bot",
+        "settings": LOOPBACK,
+        "secrets": {
+            "botToken": f"123456:tok-{_secrets.token_hex(12)}",
+            "webhookSecret": f"whs_{_secrets.token_hex(12)}",
+        },
     }
     body.update(extra)
     return body
@@ -54,8 +59,14 @@ async def error_of(response) -> dict:
 async def _principal(http, instance_id: str) -> dict | None:
     r = await http.get(f"/api/v1/tenants/{TENANT}/principals")
     assert r.status_code == 200
-    return next((p for p in r.json()["items"]
-                 if p["kind"] == "channel" and p["principalId"] == instance_id), None)
+    return next(
+        (
+            p
+            for p in r.json()["items"]
+            if p["kind"] == "channel" and p["principalId"] == instance_id
+        ),
+        None,
+    )
 
 
 # --- create, view, list ------------------------------------------------------------------------
@@ -89,14 +100,26 @@ async def test_create_view_and_list_never_show_secrets(hub, http):
     cached = hub.channels.instance("tg-crud")
     assert cached["tenant"] == TENANT and cached["authority"] == "cloud_worker"
     assert cached["capabilities"] is provider_class("telegram").capabilities
-    assert set(cached) >= {"tenant", "instance_id", "kind", "workspace_id", "authority",
-                           "default_agent", "enabled", "display_name", "revision",
-                           "capabilities"}
+    assert set(cached) >= {
+        "tenant",
+        "instance_id",
+        "kind",
+        "workspace_id",
+        "authority",
+        "default_agent",
+        "enabled",
+        "display_name",
+        "revision",
+        "capabilities",
+    }
 
     # Audit rows name the instance but carry no secret.
     audit = await http.get(f"/api/v1/tenants/{TENANT}/audit")
-    created = [a for a in audit.json()["items"] if a["action"] == "channel.instance_created"
-               and a["targetId"] == "tg-crud"]
+    created = [
+        a
+        for a in audit.json()["items"]
+        if a["action"] == "channel.instance_created" and a["targetId"] == "tg-crud"
+    ]
     assert len(created) == 1
     assert_no_secret(audit.text, body)
 
@@ -107,8 +130,9 @@ async def test_secrets_are_encrypted_at_rest(hub, http):
     dsn = hub.settings.database_url.get_secret_value()
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow("SELECT * FROM channel_instances WHERE instance_id = $1",
-                                  "tg-at-rest")
+        row = await conn.fetchrow(
+            "SELECT * FROM channel_instances WHERE instance_id = $1", "tg-at-rest"
+        )
         raw = " ".join(repr(v) for v in row.values())
         raw += bytes(row["secrets_enc"]).decode("latin-1")
         audit = await conn.fetch("SELECT metadata::text AS m, reason FROM audit_log")
@@ -130,34 +154,75 @@ async def test_duplicate_id_is_409_even_for_another_tenant(hub, http):
     assert r.status_code == 409
 
 
-@pytest.mark.parametrize("change, code, words", [
-    ({"kind": "carrier-pigeon"}, "channel_instance.unknown_kind", "unknown channel kind"),
-    ({"settings": {**LOOPBACK, "colour": "red"}}, "channel_instance.invalid_settings",
-     "unknown setting 'colour'"),
-    ({"settings": {"botUsername": "x" * 65}}, "channel_instance.invalid_settings",
-     "setting 'botUsername'"),
-    ({"secrets": {"botToken": "only-the-token-s3cr3t"}}, "channel_instance.invalid_secrets",
-     "missing secret 'webhookSecret'"),
-    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "ok_s3cr3t_0123456789",
-                  "pin": "4242-s3cr3t"}},
-     "channel_instance.invalid_secrets", "unknown secret 'pin'"),
-    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "not valid! s3cr3t"}},
-     "channel_instance.invalid_secrets", "secret 'webhookSecret'"),
-    # the operator chooses the webhook secret: at least 16 characters
-    ({"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "s3cr3t"}},
-     "channel_instance.invalid_secrets", "secret 'webhookSecret'"),
-    # apiBase: the generic webhook's SSRF rules
-    ({"settings": {"apiBase": "http://127.0.0.1:9"}}, "channel_instance.invalid_settings",
-     "loopback"),
-    ({"settings": {"apiBase": "http://api.example.com"}}, "channel_instance.invalid_settings",
-     "plain http"),
-    ({"settings": {"apiBase": "https://169.254.169.254/latest"}},
-     "channel_instance.invalid_settings", "metadata"),
-    ({"settings": {"apiBase": "https://10.0.0.7", "allowLoopbackHttp": True}},
-     "channel_instance.invalid_settings", "private"),
-    ({"settings": {"apiBase": "https://user:pw@api.example.com"}},
-     "channel_instance.invalid_settings", "credentials"),
-])
+@pytest.mark.parametrize(
+    "change, code, words",
+    [
+        ({"kind": "carrier-pigeon"}, "channel_instance.unknown_kind", "unknown channel kind"),
+        (
+            {"settings": {**LOOPBACK, "colour": "red"}},
+            "channel_instance.invalid_settings",
+            "unknown setting 'colour'",
+        ),
+        (
+            {"settings": {"botUsername": "x" * 65}},
+            "channel_instance.invalid_settings",
+            "setting 'botUsername'",
+        ),
+        (
+            {"secrets": {"botToken": "only-the-token-s3cr3t"}},
+            "channel_instance.invalid_secrets",
+            "missing secret 'webhookSecret'",
+        ),
+        (
+            {
+                "secrets": {
+                    "botToken": "tok-s3cr3t",
+                    "webhookSecret": "ok_s3cr3t_0123456789",
+                    "pin": "4242-s3cr3t",
+                }
+            },
+            "channel_instance.invalid_secrets",
+            "unknown secret 'pin'",
+        ),
+        (
+            {"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "not valid! s3cr3t"}},
+            "channel_instance.invalid_secrets",
+            "secret 'webhookSecret'",
+        ),
+        # the operator chooses the webhook secret: at least 16 characters
+        (
+            {"secrets": {"botToken": "tok-s3cr3t", "webhookSecret": "s3cr3t"}},
+            "channel_instance.invalid_secrets",
+            "secret 'webhookSecret'",
+        ),
+        # apiBase: the generic webhook's SSRF rules
+        (
+            {"settings": {"apiBase": "http://127.0.0.1:9"}},
+            "channel_instance.invalid_settings",
+            "loopback",
+        ),
+        (
+            {"settings": {"apiBase": "http://api.example.com"}},
+            "channel_instance.invalid_settings",
+            "plain http",
+        ),
+        (
+            {"settings": {"apiBase": "https://169.254.169.254/latest"}},
+            "channel_instance.invalid_settings",
+            "metadata",
+        ),
+        (
+            {"settings": {"apiBase": "https://10.0.0.7", "allowLoopbackHttp": True}},
+            "channel_instance.invalid_settings",
+            "private",
+        ),
+        (
+            {"settings": {"apiBase": "https://user:pw@api.example.com"}},
+            "channel_instance.invalid_settings",
+            "credentials",
+        ),
+    ],
+)
 async def test_invalid_create_is_422_with_a_clear_one_line_message(http, change, code, words):
     body = telegram_body("tg-invalid", **change)
     r = await http.post(BASE, json=body)
@@ -179,8 +244,7 @@ async def test_desktop_paired_needs_a_pairing_as_its_workspace(hub, http):
     assert "'ws-no-pairing' is none" in error["message"] and "\n" not in error["message"]
     pairing = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json={"label": "desk"})
     assert pairing.status_code == 201, pairing.text
-    paired = telegram_body("tg-paired", pairing.json()["pairingId"],
-                           authority="desktop_paired")
+    paired = telegram_body("tg-paired", pairing.json()["pairingId"], authority="desktop_paired")
     assert (await http.post(BASE, json=paired)).status_code == 201
     cloud = telegram_body("tg-cloud-first", "ws-no-pairing")
     assert (await http.post(BASE, json=cloud)).status_code == 201
@@ -189,14 +253,17 @@ async def test_desktop_paired_needs_a_pairing_as_its_workspace(hub, http):
     assert (await error_of(r))["code"] == "channel_instance.workspace_not_paired"
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"instanceId": "Bad Id"}, "instanceId"),
-    ({"authority": "anyone"}, "authority"),
-    ({"workspaceId": ""}, "workspaceId"),
-    ({"secrets": "not-an-object"}, "secrets"),
-    ({"defaultAgent": "no such agent"}, "defaultAgent"),
-    ({"defaultAgent": "build\nplan"}, "defaultAgent"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"instanceId": "Bad Id"}, "instanceId"),
+        ({"authority": "anyone"}, "authority"),
+        ({"workspaceId": ""}, "workspaceId"),
+        ({"secrets": "not-an-object"}, "secrets"),
+        ({"defaultAgent": "no such agent"}, "defaultAgent"),
+        ({"defaultAgent": "build\nplan"}, "defaultAgent"),
+    ],
+)
 async def test_malformed_create_body_is_422(http, change, field):
     r = await http.post(BASE, json=telegram_body("tg-malformed", **change))
     assert r.status_code == 422
@@ -230,24 +297,34 @@ async def test_where_the_token_goes_cannot_change_without_the_token(hub, http):
     assert (await http.post(BASE, json=body)).status_code == 201
     new_token = body["secrets"]["botToken"]
     # Where the token goes cannot change without the token: nothing changes, nothing is sent.
-    for settings in ({"apiBase": "https://attacker.example.com"},
-                     {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
-                     {"apiBase": DEAD_API, "allowLoopbackHttp": True,
-                      "allowPrivateNetworks": True}):
+    for settings in (
+        {"apiBase": "https://attacker.example.com"},
+        {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
+        {"apiBase": DEAD_API, "allowLoopbackHttp": True, "allowPrivateNetworks": True},
+    ):
         r = await http.patch(f"{BASE}/tg-dest", json={"settings": settings})
         assert r.status_code == 422, r.text
         assert (await error_of(r))["code"] == "channel_instance.secrets_required"
-        r = await http.patch(f"{BASE}/tg-dest", json={"settings": settings,
-                                                       "secrets": {"botToken": new_token}})
+        r = await http.patch(
+            f"{BASE}/tg-dest", json={"settings": settings, "secrets": {"botToken": new_token}}
+        )
         assert r.status_code == 422 and "webhookSecret" in r.text
     assert hub.channels.instance("tg-dest")["revision"] == 1
     assert hub.channels.runtime_config("tg-dest").settings.api_base == DEAD_API
-    r = await http.patch(f"{BASE}/tg-dest", json={  # other settings: no secrets needed
-        "settings": {**LOOPBACK, "botUsername": "other_bot"}})
+    r = await http.patch(
+        f"{BASE}/tg-dest",
+        json={  # other settings: no secrets needed
+            "settings": {**LOOPBACK, "botUsername": "other_bot"}
+        },
+    )
     assert r.status_code == 200, r.text
-    r = await http.patch(f"{BASE}/tg-dest", json={
-        "settings": {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
-        "secrets": {"botToken": new_token, "webhookSecret": body["secrets"]["webhookSecret"]}})
+    r = await http.patch(
+        f"{BASE}/tg-dest",
+        json={
+            "settings": {**LOOPBACK, "apiBase": "http://127.0.0.1:8"},
+            "secrets": {"botToken": new_token, "webhookSecret": body["secrets"]["webhookSecret"]},
+        },
+    )
     assert r.status_code == 200, r.text
 
     assert hub.channels.instance("tg-dest")["revision"] == 3
@@ -259,10 +336,16 @@ async def test_patch_bumps_revision_reapplies_and_merges_secrets(hub, http):
     await eventually(lambda: hub.channels.runtime.health("tg-patch").get("revision") == 1)
 
     new_token = f"999:rotated-{_secrets.token_hex(8)}"
-    r = await http.patch(f"{BASE}/tg-patch", json={
-        "displayName": "Renamed", "defaultAgent": "plan", "authority": "cloud_worker",
-        "settings": {**LOOPBACK, "botUsername": "acme_bot"},
-        "secrets": {"botToken": new_token}})
+    r = await http.patch(
+        f"{BASE}/tg-patch",
+        json={
+            "displayName": "Renamed",
+            "defaultAgent": "plan",
+            "authority": "cloud_worker",
+            "settings": {**LOOPBACK, "botUsername": "acme_bot"},
+            "secrets": {"botToken": new_token},
+        },
+    )
     assert r.status_code == 200, r.text
     view = r.json()
     assert view["revision"] == 2 and view["displayName"] == "Renamed"
@@ -291,8 +374,11 @@ async def test_patch_bumps_revision_reapplies_and_merges_secrets(hub, http):
     assert (await http.get(f"{BASE}/tg-patch")).json()["revision"] == 2  # refusals change nothing
 
     audit = (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
-    updated = [a for a in audit if a["action"] == "channel.instance_updated"
-               and a["targetId"] == "tg-patch"]
+    updated = [
+        a
+        for a in audit
+        if a["action"] == "channel.instance_updated" and a["targetId"] == "tg-patch"
+    ]
     assert len(updated) == 1
     assert "secrets" in updated[0]["metadata"]["changed"]
     assert new_token not in json.dumps(audit)
@@ -308,8 +394,11 @@ async def test_disable_and_enable(hub, http):
     r = await http.patch(f"{BASE}/tg-toggle", json={"enabled": True})
     assert r.status_code == 200 and r.json()["revision"] == 3
     assert hub.channels.runtime_config("tg-toggle").revision == 3
-    actions = [a["action"] for a in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()
-               ["items"] if a["targetId"] == "tg-toggle"]
+    actions = [
+        a["action"]
+        for a in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
+        if a["targetId"] == "tg-toggle"
+    ]
     assert "channel.instance_disabled" in actions and "channel.instance_enabled" in actions
 
 
@@ -344,8 +433,11 @@ async def test_delete_stops_removes_consumer_and_revokes(hub, http):
         await hub.js.consumer_info(STREAM, durable)
     principal = await _principal(http, "tg-gone")
     assert principal["status"] == "revoked" and principal["revokedAt"]
-    actions = [a["action"] for a in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()
-               ["items"] if a["targetId"] == "tg-gone"]
+    actions = [
+        a["action"]
+        for a in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
+        if a["targetId"] == "tg-gone"
+    ]
     assert "channel.instance_deleted" in actions
 
     # The id can be used again: a new principal whose old keys stay revoked.
@@ -357,6 +449,7 @@ def _principal_active(http, instance_id):
     async def check():
         principal = await _principal(http, instance_id)
         return principal is not None and principal["status"] == "active"
+
     return check
 
 
@@ -374,14 +467,17 @@ async def test_instance_connection_publishes_only_its_own_inbound_subject(hub, h
 
     sub = await hub.nc.subscribe("cw.*.chan.>", cb=collect)
     await hub.nc.flush()
-    own = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="tg-perm",
-                                         workspace_id="ws-perm")
+    own = subjects.CHANNEL_INBOUND.build(
+        tenant=TENANT, instance_id="tg-perm", workspace_id="ws-perm"
+    )
     denied = [
         subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="tg-perm", workspace_id="ws-x"),
-        subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="tg-other",
-                                       workspace_id="ws-perm"),
-        subjects.CHANNEL_INBOUND.build(tenant="globex", instance_id="tg-perm",
-                                       workspace_id="ws-perm"),
+        subjects.CHANNEL_INBOUND.build(
+            tenant=TENANT, instance_id="tg-other", workspace_id="ws-perm"
+        ),
+        subjects.CHANNEL_INBOUND.build(
+            tenant="globex", instance_id="tg-perm", workspace_id="ws-perm"
+        ),
         subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id="tg-perm"),
     ]
     try:
@@ -407,8 +503,7 @@ async def test_instance_connection_outlives_its_jwt(hub, http):
     config = hub.channels.runtime_config("tg-ttl")
     saved = hub.credentials.edge_ttl
     hub.credentials.edge_ttl = timedelta(seconds=3)
-    own = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="tg-ttl",
-                                         workspace_id="ws-ttl")
+    own = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="tg-ttl", workspace_id="ws-ttl")
     received: list[bytes] = []
 
     async def collect(msg):
@@ -444,14 +539,16 @@ async def test_changes_by_another_replica_converge_and_bad_rows_are_reported(hub
     try:
         await conn.execute(
             "UPDATE channel_instances SET display_name = 'from elsewhere', "
-            "revision = revision + 1 WHERE instance_id = 'tg-replica'")
+            "revision = revision + 1 WHERE instance_id = 'tg-replica'"
+        )
         await eventually(lambda: hub.channels.instance("tg-replica")["revision"] == 2)
         assert hub.channels.instance("tg-replica")["display_name"] == "from elsewhere"
         await eventually(lambda: _runtime_revision(hub, "tg-replica") == 2)
 
         await conn.execute(
             "UPDATE channel_instances SET secrets_enc = 'not a fernet token', "
-            "revision = revision + 1 WHERE instance_id = 'tg-replica'")
+            "revision = revision + 1 WHERE instance_id = 'tg-replica'"
+        )
         await eventually(lambda: hub.channels.instance("tg-replica")["revision"] == 3)
     finally:
         await conn.close()
@@ -481,24 +578,33 @@ async def test_credential_for_a_process_holding_its_own_key(hub, http):
 
     from hub.auth import _jwt
 
-    body = {"instanceId": "cli-term", "kind": "cli", "workspaceId": "ws-cli",
-            "authority": "cloud_worker"}
+    body = {
+        "instanceId": "cli-term",
+        "kind": "cli",
+        "workspaceId": "ws-cli",
+        "authority": "cloud_worker",
+    }
     assert (await http.post(BASE, json=body)).status_code == 201, "cli instance"
     seed = _jwt.new_seed("user")
-    r = await http.post(f"{BASE}/cli-term/credentials",
-                        json={"publicKey": _jwt.public_key(seed)})
+    r = await http.post(f"{BASE}/cli-term/credentials", json={"publicKey": _jwt.public_key(seed)})
     assert r.status_code == 201, r.text
     issued = r.json()
     assert issued["consumer"] == "channel-cli-term" and issued["expiresAt"]
-    assert (await http.post("/api/v1/tenants/globex/channel-instances/cli-term/credentials",
-                            json={"publicKey": _jwt.public_key(seed)})).status_code == 404
+    assert (
+        await http.post(
+            "/api/v1/tenants/globex/channel-instances/cli-term/credentials",
+            json={"publicKey": _jwt.public_key(seed)},
+        )
+    ).status_code == 404
     r = await http.post(f"{BASE}/cli-term/credentials", json={"publicKey": "not-a-key"})
     assert r.status_code == 422
 
-    edge = await connect_with(hub.settings.nats_servers[0], issued["userJwt"], seed,
-                              issued["inboxPrefix"])
-    other = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id="cli-term",
-                                           workspace_id="ws-other")
+    edge = await connect_with(
+        hub.settings.nats_servers[0], issued["userJwt"], seed, issued["inboxPrefix"]
+    )
+    other = subjects.CHANNEL_INBOUND.build(
+        tenant=TENANT, instance_id="cli-term", workspace_id="ws-other"
+    )
     try:
         info = await edge.nc.jetstream().consumer_info(STREAM, "channel-cli-term")
         assert info.config.filter_subject == f"cw.{TENANT}.chan.cli-term.out"

@@ -36,12 +36,18 @@ async def test_a_telegram_delivery_never_logs_the_bot_token(hub, hub_log):
     await fake.start()
     try:
         async with client(hub, admin=True) as admin:
-            await create_instance(admin, fake, instance_id="tg-logscan", workspace_id="ws-log",
-                                  authority="cloud_worker")
+            await create_instance(
+                admin,
+                fake,
+                instance_id="tg-logscan",
+                workspace_id="ws-log",
+                authority="cloud_worker",
+            )
             await wait_ready(admin, "tg-logscan")
             # A claim answered in the chat: inbound webhook, router, a delivery out.
-            await claim_role(admin, hub.http_url, fake, "tg-logscan", chat_id="300",
-                             user_id="31", role="member")
+            await claim_role(
+                admin, hub.http_url, fake, "tg-logscan", chat_id="300", user_id="31", role="member"
+            )
             await wait_posted(fake, "300", lambda p: bool(p.text), what="the claim's answer")
             await api(admin, "GET", f"/api/v1/tenants/{TENANT}/channel-instances/tg-logscan")
     finally:

@@ -25,7 +25,7 @@ def series(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if not line.startswith(name + "{"):
             continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.index("}") + 1]))
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.index("}") + 1]))
         if found == labels:
             return float(line.rsplit(" ", 1)[1])
     return None
@@ -48,13 +48,14 @@ async def test_webhooks_are_counted_per_instance_and_outcome(hub, http):
     before = await scrape(http)
     assert series(before, name, instance="tg-metrics", outcome="accepted") is None
     secret = body["secrets"]["webhookSecret"]
-    assert (await post_update(hub, "tg-metrics", secret, telegram_update("hi"))).status_code \
-        == 200
-    assert (await post_update(hub, "tg-metrics", "whs_forged", telegram_update("x"))) \
-        .status_code == 401
+    assert (await post_update(hub, "tg-metrics", secret, telegram_update("hi"))).status_code == 200
+    assert (
+        await post_update(hub, "tg-metrics", "whs_forged", telegram_update("x"))
+    ).status_code == 401
     unknown_before = series(before, name, instance="unknown", outcome="rejected_4xx") or 0
-    assert (await post_update(hub, "tg-no-such-bot", secret, telegram_update("y"))) \
-        .status_code == 404
+    assert (
+        await post_update(hub, "tg-no-such-bot", secret, telegram_update("y"))
+    ).status_code == 404
     text = await scrape(http)
     assert series(text, name, instance="tg-metrics", outcome="accepted") == 1
     assert series(text, name, instance="tg-metrics", outcome="rejected_4xx") == 1
@@ -62,15 +63,24 @@ async def test_webhooks_are_counted_per_instance_and_outcome(hub, http):
     assert "tg-no-such-bot" not in text  # a caller's path never becomes a label
     # The accepted update reaches the router: counted there per instance too (refused:
     # the sender has no role yet; never with the chat id).
-    text = await until(http, lambda t: series(
-        t, "cowork_channel_inbound_total", instance="tg-metrics", outcome="refused") == 1)
-    assert 'chat="' not in text and "42" not in re.findall(
-        r'cowork_channel_inbound_total\{[^}]*\}', text)[0]
+    text = await until(
+        http,
+        lambda t: (
+            series(t, "cowork_channel_inbound_total", instance="tg-metrics", outcome="refused") == 1
+        ),
+    )
+    assert (
+        'chat="' not in text
+        and "42" not in re.findall(r"cowork_channel_inbound_total\{[^}]*\}", text)[0]
+    )
     # And the instance's state is a series of its own.
-    await until(http, lambda t: any(series(t, "cowork_channel_instance_state",
-                                           instance="tg-metrics", state=s) == 1
-                                    for s in ("starting", "running", "degraded", "stopped",
-                                              "failed", "unknown")))
+    await until(
+        http,
+        lambda t: any(
+            series(t, "cowork_channel_instance_state", instance="tg-metrics", state=s) == 1
+            for s in ("starting", "running", "degraded", "stopped", "failed", "unknown")
+        ),
+    )
     assert (await http.delete(f"{BASE}/tg-metrics")).status_code == 204
     await until(http, lambda t: 'cowork_channel_instance_state{instance="tg-metrics"' not in t)
 
@@ -88,8 +98,11 @@ async def test_delivery_outcomes_are_counted_once_per_change(hub, http):
     await inst.until_row(dead, lambda r: r["status"] == "dead_lettered")
 
     def settled(text: str) -> bool:
-        return series(text, name, instance=inst.id, status="dead_lettered") == 1 and \
-            series(text, name, instance=inst.id, status="sent") == 1
+        return (
+            series(text, name, instance=inst.id, status="dead_lettered") == 1
+            and series(text, name, instance=inst.id, status="sent") == 1
+        )
+
     text = await until(http, settled)
     await asyncio.sleep(0.3)  # the repeated receipt has been applied by now
     text = await scrape(http)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+
+from opencode_env import CAPTURES_DIR
 
 from channels import ButtonLimits, Capabilities
 from hub.channels._outbox import delivery_id
@@ -16,17 +17,26 @@ from hub.channels._render_text import (
     break_point,
     opencode_event,
 )
-from opencode_env import CAPTURES_DIR
 
 CAPTURES = CAPTURES_DIR
 
 
 def caps(*, edit=True, buttons=ButtonLimits(8, 4, 64), typing=True, limit=4096) -> Capabilities:
-    return Capabilities(threads=True, edit=edit, buttons=buttons, file_upload=False,
-                        file_download=False, typing=typing, reactions=False,
-                        max_text_length=limit, parse_modes=frozenset({"plain"}),
-                        max_file_bytes=0, interaction_ack="none", rate_limit="none",
-                        ephemeral=False)
+    return Capabilities(
+        threads=True,
+        edit=edit,
+        buttons=buttons,
+        file_upload=False,
+        file_download=False,
+        typing=typing,
+        reactions=False,
+        max_text_length=limit,
+        parse_modes=frozenset({"plain"}),
+        max_file_bytes=0,
+        interaction_ack="none",
+        rate_limit="none",
+        ephemeral=False,
+    )
 
 
 TELEGRAM = caps()
@@ -52,9 +62,14 @@ class Chat:
         self.sequence = 0
 
     def batch(self, events: list[dict], *, step: float = 0.0) -> list:
-        chat = ChatRender(self.caps, self.slots, self.memory,
-                          lambda *p: delivery_id("acme", "b1", *p), binding_id="b1",
-                          now=self.now)
+        chat = ChatRender(
+            self.caps,
+            self.slots,
+            self.memory,
+            lambda *p: delivery_id("acme", "b1", *p),
+            binding_id="b1",
+            now=self.now,
+        )
         for event in events:
             self.sequence += 1
             chat.apply(event, self.sequence)
@@ -114,8 +129,8 @@ def test_sweep_sends_a_due_edit_without_new_events():
     events = capture("plain-prompt.sse")
     deltas = [i for i, e in enumerate(events) if e["type"] == "message.part.delta"]
     chat = Chat(TELEGRAM)
-    chat.batch(events[:deltas[0] + 1])
-    chat.batch(events[deltas[0] + 1:deltas[2] + 1])
+    chat.batch(events[: deltas[0] + 1])
+    chat.batch(events[deltas[0] + 1 : deltas[2] + 1])
     assert texts(chat.ops) == [("text", "Hello ")]
     assert chat.sweep() == []  # not yet a second later
     chat.now += 1.5
@@ -143,16 +158,47 @@ def test_platform_without_edits_gets_each_text_once():
 
 def _text_events(part: str, deltas: list[str], final: str) -> list[dict]:
     base = {"sessionID": "ses_1", "messageID": "msg_1"}
-    out = [{"type": "message.updated", "properties": {
-        "sessionID": "ses_1", "info": {"id": "msg_1", "role": "assistant"}}},
-        {"type": "message.part.updated", "properties": {**base, "part": {
-            "id": part, "messageID": "msg_1", "type": "text", "text": "",
-            "time": {"start": 1}}}}]
-    out += [{"type": "message.part.delta", "properties": {
-        **base, "partID": part, "field": "text", "delta": d}} for d in deltas]
-    out.append({"type": "message.part.updated", "properties": {**base, "part": {
-        "id": part, "messageID": "msg_1", "type": "text", "text": final,
-        "time": {"start": 1, "end": 2}}}})
+    out = [
+        {
+            "type": "message.updated",
+            "properties": {"sessionID": "ses_1", "info": {"id": "msg_1", "role": "assistant"}},
+        },
+        {
+            "type": "message.part.updated",
+            "properties": {
+                **base,
+                "part": {
+                    "id": part,
+                    "messageID": "msg_1",
+                    "type": "text",
+                    "text": "",
+                    "time": {"start": 1},
+                },
+            },
+        },
+    ]
+    out += [
+        {
+            "type": "message.part.delta",
+            "properties": {**base, "partID": part, "field": "text", "delta": d},
+        }
+        for d in deltas
+    ]
+    out.append(
+        {
+            "type": "message.part.updated",
+            "properties": {
+                **base,
+                "part": {
+                    "id": part,
+                    "messageID": "msg_1",
+                    "type": "text",
+                    "text": final,
+                    "time": {"start": 1, "end": 2},
+                },
+            },
+        }
+    )
     return out
 
 
@@ -161,8 +207,11 @@ def test_without_edits_only_completed_paragraphs_then_the_final_suffix():
     full = "".join(deltas)
     chat = Chat(EMAIL)
     ops = chat.each(_text_events("prt_p", deltas, full), step=2.0)
-    assert texts(ops) == [("text", "First paragraph."), ("text", "Second one."),
-                          ("text", "Third and last.")]
+    assert texts(ops) == [
+        ("text", "First paragraph."),
+        ("text", "Second one."),
+        ("text", "Third and last."),
+    ]
 
 
 def test_long_text_rolls_over_into_new_messages_under_the_limit():
@@ -192,8 +241,10 @@ def test_tool_progress_is_one_message_edited_in_place():
     ops = chat.each(capture("tool-permission-approved.sse"), step=0.01)
     tool = [op for op in ops if op.text and "bash" in op.text and op.type in ("text", "edit")]
     assert [(op.type, op.text) for op in tool] == [
-        ("text", "⏳ bash"), ("edit", "⏳ bash: Echo a greeting"),
-        ("edit", "✅ bash: echo hi-from-bash")]
+        ("text", "⏳ bash"),
+        ("edit", "⏳ bash: Echo a greeting"),
+        ("edit", "✅ bash: echo hi-from-bash"),
+    ]
     assert {op.edit_of for op in tool[1:]} == {tool[0].delivery_id}
     assert texts(ops)[-2:] == [("text", "Tool "), ("edit", "Tool finished.")]
 
@@ -207,8 +258,10 @@ def test_tool_progress_without_edits_is_only_the_final_state():
 def test_tool_error_is_shown():
     chat = Chat(TELEGRAM)
     ops = chat.each(capture("permission-rejected-then-question-rejected.sse"), step=0.01)
-    assert ("edit", "❌ bash: The user rejected permission to use this specific tool call.") \
-        in texts(ops)
+    assert (
+        "edit",
+        "❌ bash: The user rejected permission to use this specific tool call.",
+    ) in texts(ops)
 
 
 def test_permission_asked_becomes_allow_and_deny():
@@ -219,7 +272,9 @@ def test_permission_asked_becomes_allow_and_deny():
     assert approval.kind == "permission" and approval.request_id.startswith("per_")
     assert approval.prompt == "Permission requested: bash echo hi-from-bash"
     assert [(c.label, c.action, c.style) for c in approval.choices] == [
-        ("Allow", "allow", "success"), ("Deny", "deny", "danger")]
+        ("Allow", "allow", "success"),
+        ("Deny", "deny", "danger"),
+    ]
     # the tool's progress message comes before the approval
     kinds = [o.type for o in ops]
     assert kinds.index("text") < kinds.index("buttons")
@@ -232,8 +287,10 @@ def test_question_asked_becomes_one_button_per_option_plus_reject():
     approval = op.approval
     assert approval.kind == "question"
     assert [(c.label, c.action, c.answer) for c in approval.choices] == [
-        ("Red", "answer", [["Red"]]), ("Blue", "answer", [["Blue"]]),
-        ("Reject", "reject", None)]
+        ("Red", "answer", [["Red"]]),
+        ("Blue", "answer", [["Blue"]]),
+        ("Reject", "reject", None),
+    ]
     assert "Colour: Pick a colour?" in approval.prompt and "Blue — cool" in approval.prompt
     assert [c.action for c in approval.fallback] == ["answer", "reject"]
 
@@ -245,8 +302,9 @@ def test_buttons_fit_or_fall_back():
     assert button_rows(4, ButtonLimits(3, 3, 256), 22) is None  # too many
     assert button_rows(2, ButtonLimits(8, 4, 16), 22) is None  # token too long
     assert button_rows(2, None, 22) is None  # no buttons at all
-    approval = permission_approval({"id": "per_1", "sessionID": "s", "permission": "bash",
-                                    "patterns": ["ls"]})
+    approval = permission_approval(
+        {"id": "per_1", "sessionID": "s", "permission": "bash", "patterns": ["ls"]}
+    )
     text = fallback_text(approval.prompt, approval.fallback, ["caAAA", "caBBB"])
     assert text.endswith("/approve caAAA\n/deny caBBB")
 

@@ -8,17 +8,13 @@ Instances are a stand-in (the test owns their configuration); everything else
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
-from datetime import UTC, datetime
 
 import pytest
-
-from channels import message_id
 from desktopkit import eventually
-from routerkit import TENANT, Actions, Instances, Kit
-from schemas import ChannelInbound, ChannelOutbound, Envelope, Source, decode, subjects
+from routerkit import TENANT, Kit
+
+from schemas import subjects
 
 
 @pytest.fixture
@@ -33,8 +29,10 @@ async def dead(hub):
 
     async def on(msg):
         letters.append(json.loads(msg.data))
-    sub = await hub.nc.subscribe(subjects.dead_letter_subject(TENANT, subjects.CHANNEL_INBOUND),
-                                 cb=on)
+
+    sub = await hub.nc.subscribe(
+        subjects.dead_letter_subject(TENANT, subjects.CHANNEL_INBOUND), cb=on
+    )
     yield letters
     await sub.unsubscribe()
 
@@ -42,28 +40,43 @@ async def dead(hub):
 async def test_bad_contract_wrong_source_and_wrong_workspace_are_dead_lettered(kit, http, dead):
     inst = await kit.instance(http)
     good = kit.inbound(inst, "hello")
-    await kit.publish(inst, good, raw=b'{"type": "channel.inbound", "nonsense": true}',
-                      msg_id="bad-1")
+    await kit.publish(
+        inst, good, raw=b'{"type": "channel.inbound", "nonsense": true}', msg_id="bad-1"
+    )
     await kit.publish(inst, kit.inbound(inst, "x"), source="someone-else")
     other = kit.inbound(inst, "y", workspace="elsewhere")
     await kit.publish(inst, other, workspace="elsewhere")
     kit.instances.rows["tg-disabled"] = dict(inst, instance_id="tg-disabled", enabled=False)
-    await kit.publish(kit.instances.rows["tg-disabled"],
-                      kit.inbound(kit.instances.rows["tg-disabled"], "z"))
-    await kit.publish({**inst, "instance_id": "tg-nobody"}, kit.inbound(
-        {**inst, "instance_id": "tg-nobody"}, "w"))
+    await kit.publish(
+        kit.instances.rows["tg-disabled"], kit.inbound(kit.instances.rows["tg-disabled"], "z")
+    )
+    await kit.publish(
+        {**inst, "instance_id": "tg-nobody"}, kit.inbound({**inst, "instance_id": "tg-nobody"}, "w")
+    )
 
     async def all_in():
         return len(dead) >= 5 or None
+
     await eventually(all_in)
     codes = sorted(d["data"]["code"] for d in dead)
-    assert codes == sorted(["contract.invalid", "contract.principal_mismatch",
-                            "channel.wrong_workspace", "channel.instance_disabled",
-                            "channel.unknown_instance"]), codes
+    assert codes == sorted(
+        [
+            "contract.invalid",
+            "contract.principal_mismatch",
+            "channel.wrong_workspace",
+            "channel.instance_disabled",
+            "channel.unknown_instance",
+        ]
+    ), codes
     assert all(d["data"]["reason"] for d in dead)
     # Nothing was claimed or answered for any of them.
-    assert await kit.hub.pool.fetchval("SELECT count(*) FROM channel_inbound_claims WHERE "
-                                       "instance_id = $1", inst["instance_id"]) == 0
+    assert (
+        await kit.hub.pool.fetchval(
+            "SELECT count(*) FROM channel_inbound_claims WHERE instance_id = $1",
+            inst["instance_id"],
+        )
+        == 0
+    )
     await kit.no_reply(inst)
 
 
@@ -80,6 +93,7 @@ async def test_same_event_twice_is_processed_once(kit, http, hub):
     async def counted():
         now = hub.metrics.bus_messages.labels("channel.inbound", "duplicate")._value.get()
         return now > before or None
+
     await eventually(counted)
     assert len(await kit.replies(inst, 2, timeout=1.5)) == 1
     assert (await kit.claim(inst, inbound))["status"] == "done"
@@ -92,14 +106,20 @@ async def test_reprocessing_a_claimed_message_does_not_double_submit(kit, http):
     await kit.role(inst, "u1", "member")
     await kit.hub.pool.execute(
         "INSERT INTO channel_bindings (tenant, binding_id, instance_id, workspace_id, chat_id, "
-        "session_id) VALUES ($1, 'b-re', $2, $3, 'c1', 'ses_1')", TENANT, inst["instance_id"],
-        inst["workspace_id"])
+        "session_id) VALUES ($1, 'b-re', $2, $3, 'c1', 'ses_1')",
+        TENANT,
+        inst["instance_id"],
+        inst["workspace_id"],
+    )
     inbound = kit.inbound(inst, "do the thing")
     await kit.publish(inst, inbound)
     await kit.processed(inst, inbound)
     await kit.hub.pool.execute(
         "UPDATE channel_inbound_claims SET status = 'claimed' WHERE tenant = $1 AND "
-        "provider_event_id = $2", TENANT, inbound.provider_event_id)
+        "provider_event_id = $2",
+        TENANT,
+        inbound.provider_event_id,
+    )
     await kit.publish(inst, inbound, msg_id="again-" + inbound.id[:30])
     await kit.processed(inst, inbound)
     prompts = [c for c in await kit.commands(inst) if c["kind"] == "prompt"]
@@ -107,8 +127,9 @@ async def test_reprocessing_a_claimed_message_does_not_double_submit(kit, http):
     assert prompts[0]["payload"] == {"text": "do the thing", "agent": "build"}
     assert prompts[0]["session_id"] == "ses_1"
     # one offline notice, delivered once (same delivery id both times)
-    rows = await kit.hub.pool.fetch("SELECT delivery_id FROM channel_deliveries WHERE "
-                                    "instance_id = $1", inst["instance_id"])
+    rows = await kit.hub.pool.fetch(
+        "SELECT delivery_id FROM channel_deliveries WHERE instance_id = $1", inst["instance_id"]
+    )
     assert len(rows) == 1
 
 
@@ -124,19 +145,25 @@ async def test_first_prompts_wait_for_create_session_then_go_in_order(kit, http)
     assert (await kit.claim(inst, first))["status"] == "waiting"
     assert (await kit.claim(inst, second))["status"] == "waiting"
 
-    await kit.complete(commands[0], {"ok": True, "status": "completed",
-                                     "session": {"id": "ses_new"}})
+    await kit.complete(
+        commands[0], {"ok": True, "status": "completed", "session": {"id": "ses_new"}}
+    )
     commands = await kit.commands(inst)
     assert [(c["kind"], (c["payload"] or {}).get("text")) for c in commands] == [
-        ("create_session", None), ("prompt", "first question"), ("prompt", "second question")]
+        ("create_session", None),
+        ("prompt", "first question"),
+        ("prompt", "second question"),
+    ]
     assert all(c["session_id"] == "ses_new" for c in commands[1:])
     assert commands[1]["command_id"] == f"{first.id}-prompt"
     assert (await kit.claim(inst, first))["status"] == "done"
-    binding = await kit.hub.pool.fetchrow("SELECT * FROM channel_bindings WHERE instance_id = "
-                                          "$1 AND active", inst["instance_id"])
+    binding = await kit.hub.pool.fetchrow(
+        "SELECT * FROM channel_bindings WHERE instance_id = $1 AND active", inst["instance_id"]
+    )
     assert binding["session_id"] == "ses_new"
-    subs = await kit.hub.pool.fetch("SELECT kind FROM channel_submissions WHERE binding_id = $1",
-                                    binding["binding_id"])
+    subs = await kit.hub.pool.fetch(
+        "SELECT kind FROM channel_submissions WHERE binding_id = $1", binding["binding_id"]
+    )
     assert sorted(r["kind"] for r in subs) == ["create_session", "prompt", "prompt"]
 
     # With a session, the next prompt goes straight to the Desktop.
@@ -148,9 +175,11 @@ async def test_failed_create_session_and_failed_prompt_are_answered_in_chat(kit,
     inst = await kit.instance(http)
     await kit.role(inst, "u1", "member")
     waiting = await kit.send(inst, "hello")
-    await kit.complete((await kit.commands(inst))[0],
-                       {"ok": False, "status": "failed", "message": "opencode is down"},
-                       status="failed")
+    await kit.complete(
+        (await kit.commands(inst))[0],
+        {"ok": False, "status": "failed", "message": "opencode is down"},
+        status="failed",
+    )
     reply = await kit.replies(inst, 1)
     assert reply[0].text == "Could not start a session: opencode is down."
     assert reply[0].reply_to_message_id == waiting.provider_message_id
@@ -163,9 +192,11 @@ async def test_failed_create_session_and_failed_prompt_are_answered_in_chat(kit,
     await kit.complete(create[1], {"ok": True, "status": "completed", "session": {"id": "s2"}})
     await kit.replies(inst, 1)  # the "Desktop is offline" notice for the waited prompt
     prompt = (await kit.commands(inst))[-1]
-    await kit.complete(prompt, {"ok": False, "status": "blocked_by_policy",
-                                "message": "prompts need local confirmation"},
-                       status="blocked_by_policy")
+    await kit.complete(
+        prompt,
+        {"ok": False, "status": "blocked_by_policy", "message": "prompts need local confirmation"},
+        status="blocked_by_policy",
+    )
     text = await kit.reply(inst)
     assert "did not run that (prompt): prompts need local confirmation" in text
 
@@ -173,8 +204,7 @@ async def test_failed_create_session_and_failed_prompt_are_answered_in_chat(kit,
 async def test_revoked_pairing_is_a_clear_reply(kit, http):
     inst = await kit.instance(http)
     await kit.role(inst, "u1", "member")
-    r = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{inst['workspace_id']}/revoke",
-                        json={})
+    r = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{inst['workspace_id']}/revoke", json={})
     assert r.status_code in (200, 204), r.text
     inbound = await kit.send(inst, "anyone there?")
     assert await kit.reply(inst) == "Could not start a session: the Desktop's pairing is revoked."
@@ -191,18 +221,25 @@ async def test_cloud_worker_prompt_becomes_edge_work(kit, http):
     assert r.status_code == 200, r.text
     body = r.json()
     items = body if isinstance(body, list) else body.get("items") or body.get("work")
-    mine = [w for w in items if (w.get("sessionRef") or w.get("session_ref") or {}).get(
-        "workspaceId") == inst["workspace_id"]]
+    mine = [
+        w
+        for w in items
+        if (w.get("sessionRef") or w.get("session_ref") or {}).get("workspaceId")
+        == inst["workspace_id"]
+    ]
     assert len(mine) == 1
-    row = await kit.hub.pool.fetchrow("SELECT * FROM edge_work WHERE tenant = $1 AND "
-                                      "idempotency_key = $2", TENANT, inbound.id)
+    row = await kit.hub.pool.fetchrow(
+        "SELECT * FROM edge_work WHERE tenant = $1 AND idempotency_key = $2", TENANT, inbound.id
+    )
     assert row["kind"] == "prompt"
     assert row["payload"]["text"] == "summarise the repo" and row["payload"]["agent"] == "build"
     assert row["session_ref"]["workspaceId"] == inst["workspace_id"]
-    sub = await kit.hub.pool.fetchrow("SELECT * FROM channel_submissions WHERE command_id = $1",
-                                      row["work_id"])
+    sub = await kit.hub.pool.fetchrow(
+        "SELECT * FROM channel_submissions WHERE command_id = $1", row["work_id"]
+    )
     assert sub["kind"] == "edge_prompt" and sub["message_id"] == inbound.id
     accepted = await kit.hub.pool.fetchrow(
         "SELECT * FROM audit_log WHERE action = 'channel.message_accepted' AND target_id = $1",
-        inbound.id)
+        inbound.id,
+    )
     assert accepted is not None and "summarise" not in json.dumps(accepted["metadata"])

@@ -25,23 +25,35 @@ def hub_options() -> dict:
 
 def telegram_update(text: str, chat_id: int = 42) -> dict:
     update_id = next(_update_ids)
-    return {"update_id": update_id, "message": {
-        "message_id": update_id, "date": 1_700_000_000, "text": text,
-        "chat": {"id": chat_id, "type": "private"},
-        "from": {"id": 7, "is_bot": False, "first_name": "Ada"}}}
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": 1_700_000_000,
+            "text": text,
+            "chat": {"id": chat_id, "type": "private"},
+            "from": {"id": 7, "is_bot": False, "first_name": "Ada"},
+        },
+    }
 
 
 async def post_update(hub, instance_id: str, secret: str, update: dict, **headers: str):
     async with client(hub) as anonymous:  # platforms carry no admin bearer
         return await anonymous.post(
-            f"/webhooks/{instance_id}", content=json.dumps(update).encode(),
-            headers={"Content-Type": "application/json",
-                     "X-Telegram-Bot-Api-Secret-Token": secret, **headers})
+            f"/webhooks/{instance_id}",
+            content=json.dumps(update).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "X-Telegram-Bot-Api-Secret-Token": secret,
+                **headers,
+            },
+        )
 
 
 async def last_inbound(hub, instance_id: str, workspace: str) -> ChannelInbound:
-    subject = subjects.CHANNEL_INBOUND.build(tenant=TENANT, instance_id=instance_id,
-                                             workspace_id=workspace)
+    subject = subjects.CHANNEL_INBOUND.build(
+        tenant=TENANT, instance_id=instance_id, workspace_id=workspace
+    )
     msg = await hub.js.get_last_msg("CW_CHANNEL_INBOUND", subject)
     return decode(msg.data, ChannelInbound).data
 
@@ -49,8 +61,9 @@ async def last_inbound(hub, instance_id: str, workspace: str) -> ChannelInbound:
 async def test_signed_update_lands_on_the_instances_inbound_subject(hub, http):
     body = telegram_body("tg-hook", "ws-hook")
     assert (await http.post(BASE, json=body)).status_code == 201
-    r = await post_update(hub, "tg-hook", body["secrets"]["webhookSecret"],
-                          telegram_update("hello from the chat"))
+    r = await post_update(
+        hub, "tg-hook", body["secrets"]["webhookSecret"], telegram_update("hello from the chat")
+    )
     assert r.status_code == 200, r.text
     inbound = await last_inbound(hub, "tg-hook", "ws-hook")
     assert inbound.text == "hello from the chat"
@@ -72,8 +85,7 @@ async def test_disabled_deleted_and_unknown_instances_answer_404(hub, http):
     body = telegram_body("tg-hook-off", "ws-off")
     secret = body["secrets"]["webhookSecret"]
     assert (await http.post(BASE, json=body)).status_code == 201
-    assert (await post_update(hub, "tg-hook-off", secret, telegram_update("on"))).status_code \
-        == 200
+    assert (await post_update(hub, "tg-hook-off", secret, telegram_update("on"))).status_code == 200
 
     assert (await http.patch(f"{BASE}/tg-hook-off", json={"enabled": False})).status_code == 200
     r = await post_update(hub, "tg-hook-off", secret, telegram_update("while off"))
@@ -116,8 +128,11 @@ async def test_metrics_count_instances_by_state(hub, http):
     body = telegram_body("tg-hook-metrics", "ws-metrics", enabled=False)
     assert (await http.post(BASE, json=body)).status_code == 201
     r = await http.get("/metrics")
-    lines = [line for line in r.text.splitlines()
-             if line.startswith('cowork_channel_instances{state="disabled"}')]
+    lines = [
+        line
+        for line in r.text.splitlines()
+        if line.startswith('cowork_channel_instances{state="disabled"}')
+    ]
     assert lines and float(lines[0].split()[-1]) >= 1
 
 
@@ -132,8 +147,13 @@ async def test_behind_a_trusted_proxy_one_client_cannot_lock_the_platform_out(hu
     r = await post_update(hub, "tg-proxy", secret, telegram_update("x"), **attacker)
     assert r.status_code == 429 and r.json()["error"]["code"] == "channel.locked_out"
     # the platform, through the same proxy, is another source: still served
-    r = await post_update(hub, "tg-proxy", secret, telegram_update("from the platform"),
-                          **{"X-Forwarded-For": "203.0.113.10"})
+    r = await post_update(
+        hub,
+        "tg-proxy",
+        secret,
+        telegram_update("from the platform"),
+        **{"X-Forwarded-For": "203.0.113.10"},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -182,15 +202,25 @@ async def test_another_tenants_edge_cannot_pre_empt_a_platform_message(hub, http
     evil = Principal(PrincipalKind.CHANNEL, "evil", "cli-evil", workspaces=("ws-evil",))
     edge = await connect_principal(hub, evil)
     try:
-        decoy = seen.model_copy(update={"id": forged_id, "provider": "cli-evil",
-                                        "workspace_id": "ws-evil", "text": "decoy",
-                                        "target": ChannelTarget(chat_id="1")})
-        env = Envelope.wrap(decoy, source=Source(principal_kind="channel",
-                                                 principal_id="cli-evil"), tenant="evil")
+        decoy = seen.model_copy(
+            update={
+                "id": forged_id,
+                "provider": "cli-evil",
+                "workspace_id": "ws-evil",
+                "text": "decoy",
+                "target": ChannelTarget(chat_id="1"),
+            }
+        )
+        env = Envelope.wrap(
+            decoy, source=Source(principal_kind="channel", principal_id="cli-evil"), tenant="evil"
+        )
         ack = await edge.nc.jetstream(timeout=5).publish(
-            subjects.CHANNEL_INBOUND.build(tenant="evil", instance_id="cli-evil",
-                                           workspace_id="ws-evil"),
-            env.encode(), headers={"Nats-Msg-Id": forged_id})
+            subjects.CHANNEL_INBOUND.build(
+                tenant="evil", instance_id="cli-evil", workspace_id="ws-evil"
+            ),
+            env.encode(),
+            headers={"Nats-Msg-Id": forged_id},
+        )
         assert not ack.duplicate
     finally:
         await edge.close()

@@ -31,10 +31,25 @@ class Up:
     def __init__(self, data_dir: Path, **env):
         self.http_port, self.nats_port, self.leaf_port = free_port(), free_port(), free_port()
         self.proc = subprocess.Popen(
-            COWORK + ["up", "--data-dir", str(data_dir), "--http-port", str(self.http_port),
-                      "--nats-port", str(self.nats_port), "--leaf-port", str(self.leaf_port),
-                      "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env))
+            COWORK
+            + [
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--http-port",
+                str(self.http_port),
+                "--nats-port",
+                str(self.nats_port),
+                "--leaf-port",
+                str(self.leaf_port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(**env),
+        )
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.descendants: set[int] = set()
 
@@ -70,8 +85,11 @@ class Up:
         return self.proc.stdout.read()
 
     def leftovers(self) -> list[int]:
-        return [pid for pid in self.descendants if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        return [
+            pid
+            for pid in self.descendants
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
 
 
 async def _publish_audit(data_dir: Path, nats_port: int, tenant: str) -> None:
@@ -85,20 +103,27 @@ async def _publish_audit(data_dir: Path, nats_port: int, tenant: str) -> None:
 
     url = f"nats://127.0.0.1:{nats_port}"
     with pytest.raises(Exception, match="Authorization"):
-        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                           connect_timeout=2)
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
     keys = BusKeys.load_or_create(data_dir / "keys")
     seed = _jwt.new_seed("user")
     perms = permissions_for(Principal(PrincipalKind.DESKTOP, tenant, "d1"))
-    user_jwt, _ = keys.mint_user(_jwt.public_key(seed), name="test-desktop",
-                                 pub_allow=perms.pub_allow, sub_allow=perms.sub_allow,
-                                 ttl_seconds=300)
+    user_jwt, _ = keys.mint_user(
+        _jwt.public_key(seed),
+        name="test-desktop",
+        pub_allow=perms.pub_allow,
+        sub_allow=perms.sub_allow,
+        ttl_seconds=300,
+    )
     edge = await connect_with(url, user_jwt, seed, subjects.inbox_prefix(tenant, "desktop", "d1"))
-    env = Envelope.wrap(AuditRecord(action="pairing.created", actor_kind="desktop", actor_id="d1"),
-                        source=Source(principal_kind="desktop", principal_id="d1"), tenant=tenant)
+    env = Envelope.wrap(
+        AuditRecord(action="pairing.created", actor_kind="desktop", actor_id="d1"),
+        source=Source(principal_kind="desktop", principal_id="d1"),
+        tenant=tenant,
+    )
     await edge.nc.jetstream().publish(
         subjects.AUDIT.build(tenant=tenant, principal_kind="desktop", principal_id="d1"),
-        env.encode())
+        env.encode(),
+    )
     await edge.close()
 
 
@@ -111,8 +136,9 @@ def _leaf_listener_greets(port: int) -> bool:
 
 
 def _audit_rows(up: Up, token: str) -> list:
-    r = httpx.get(f"{up.url}/api/v1/tenants/acme/audit",
-                  headers={"Authorization": f"Bearer {token}"})
+    r = httpx.get(
+        f"{up.url}/api/v1/tenants/acme/audit", headers={"Authorization": f"Bearer {token}"}
+    )
     assert r.status_code == 200, r.text
     return r.json()["items"]
 
@@ -143,17 +169,34 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert len(up.descendants) >= 2  # nats-server and postgres at least
         assert _leaf_listener_greets(up.leaf_port)  # Team Gateway appliances dial here
         # A second `cowork up` on the same data dir (other ports) stops before any server.
-        second = _run(["up", "--data-dir", str(data), "--http-port", str(free_port()),
-                       "--nats-port", str(free_port()), "--leaf-port", str(free_port())])
+        second = _run(
+            [
+                "up",
+                "--data-dir",
+                str(data),
+                "--http-port",
+                str(free_port()),
+                "--nats-port",
+                str(free_port()),
+                "--leaf-port",
+                str(free_port()),
+            ]
+        )
         _one_line_error(second, f"is in use by PID {up.proc.pid}")
         assert "NATS with JetStream" not in second.stdout, second.stdout
         assert up.interrupt() < 10
         out = up.output()
         assert up.proc.returncode == 0, out
-        for expected in ("cowork is up", up.url, f"nats://127.0.0.1:{up.nats_port}",
-                         str(data / "admin-token"), f"{up.url}/readyz",
-                         "cowork gateway register", "Stopped.",
-                         f"cowork gateway up --cloud-leaf-port {up.leaf_port}"):
+        for expected in (
+            "cowork is up",
+            up.url,
+            f"nats://127.0.0.1:{up.nats_port}",
+            str(data / "admin-token"),
+            f"{up.url}/readyz",
+            "cowork gateway register",
+            "Stopped.",
+            f"cowork gateway up --cloud-leaf-port {up.leaf_port}",
+        ):
             assert expected in out
         assert token not in out  # where the token is, never the token
         assert data.stat().st_mode & 0o077 in (0, 0o011)  # owner-only (traverse as root)
@@ -176,8 +219,9 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
 
 
 def _run(args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(COWORK + args, capture_output=True, text=True, timeout=60,
-                          env=_env(**env))
+    return subprocess.run(
+        COWORK + args, capture_output=True, text=True, timeout=60, env=_env(**env)
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -193,12 +237,34 @@ def test_taken_port_is_a_one_line_error(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = _run(["up", "--data-dir", str(tmp_path / "d"), "--nats-port", str(port),
-                       "--http-port", str(free_port()), "--leaf-port", str(free_port())])
+        result = _run(
+            [
+                "up",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--nats-port",
+                str(port),
+                "--http-port",
+                str(free_port()),
+                "--leaf-port",
+                str(free_port()),
+            ]
+        )
         _one_line_error(result, f"port {port}")
         assert "--nats-port" in result.stderr
-        result = _run(["up", "--data-dir", str(tmp_path / "d"), "--http-port", str(port),
-                       "--nats-port", str(free_port()), "--leaf-port", str(free_port())])
+        result = _run(
+            [
+                "up",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--http-port",
+                str(port),
+                "--nats-port",
+                str(free_port()),
+                "--leaf-port",
+                str(free_port()),
+            ]
+        )
         _one_line_error(result, "--http-port")
 
 
@@ -222,8 +288,11 @@ def test_hub_serve_without_database_is_a_clear_error():
 
 
 def test_hub_serve_without_admin_token_refuses_to_start(database_url):
-    result = _run(["hub", "serve"], COWORK_NATS_URL=f"nats://127.0.0.1:{free_port()}",
-                  COWORK_DATABASE_URL=database_url)
+    result = _run(
+        ["hub", "serve"],
+        COWORK_NATS_URL=f"nats://127.0.0.1:{free_port()}",
+        COWORK_DATABASE_URL=database_url,
+    )
     _one_line_error(result, "COWORK_ADMIN_TOKEN")
 
 
@@ -231,20 +300,30 @@ async def test_hub_serve_runs_against_external_servers(nats_url, database_url):
     _serve_until_ready(nats_url, database_url, {})
 
 
-async def test_hub_serve_in_operator_mode_takes_keys_from_env(operator_nats_url, database_url,
-                                                              bus_keys):
-    _serve_until_ready(operator_nats_url, database_url,
-                       {"COWORK_KEYS_DIR": str(bus_keys.directory)})
+async def test_hub_serve_in_operator_mode_takes_keys_from_env(
+    operator_nats_url, database_url, bus_keys
+):
+    _serve_until_ready(
+        operator_nats_url, database_url, {"COWORK_KEYS_DIR": str(bus_keys.directory)}
+    )
 
 
 def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> None:
     """The production shape: `cowork hub serve` against external servers, then SIGTERM."""
     port = free_port()
-    proc = subprocess.Popen(COWORK + ["hub", "serve", "--http-port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(COWORK_NATS_URL=nats_url, COWORK_DATABASE_URL=database_url,
-                                     COWORK_ADMIN_TOKEN="t" * 32, COWORK_LOG_LEVEL="INFO",
-                                     **extra))
+    proc = subprocess.Popen(
+        COWORK + ["hub", "serve", "--http-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(
+            COWORK_NATS_URL=nats_url,
+            COWORK_DATABASE_URL=database_url,
+            COWORK_ADMIN_TOKEN="t" * 32,
+            COWORK_LOG_LEVEL="INFO",
+            **extra,
+        ),
+    )
     try:
         for _ in range(100):
             try:
@@ -258,6 +337,7 @@ def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> None:
         assert proc.wait(timeout=10) == 0
         logs = proc.stderr.read()
         import json
+
         events = [json.loads(line)["event"] for line in logs.splitlines() if line.startswith("{")]
         assert "hub.started" in events and "hub.stopped" in events
         assert "t" * 32 not in logs and database_url not in logs

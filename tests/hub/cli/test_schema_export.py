@@ -14,13 +14,16 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_committed_documents_match_the_code():
     differing = export(ROOT / "docs", check=True)
     assert differing == [], (
-        "docs/ is out of date with schemas/: run `cowork schema export` and commit the result")
+        "docs/ is out of date with schemas/: run `cowork schema export` and commit the result"
+    )
 
 
 def test_asyncapi_covers_every_family_and_message():
     doc = json.loads(documents()["asyncapi.json"])
     assert doc["asyncapi"].startswith("3.")
-    assert {c["address"] for c in doc["channels"].values()} == {f.template for f in subjects.FAMILIES}
+    assert {c["address"] for c in doc["channels"].values()} == {
+        f.template for f in subjects.FAMILIES
+    }
     assert set(doc["components"]["messages"]) == {m.replace(".", "_") for m in MESSAGES}
     for op in doc["operations"].values():
         assert op["action"] in {"send", "receive"}
@@ -46,9 +49,15 @@ def test_export_detects_drift_and_stale_files(tmp_path):
 
 def test_cli_check_exits_non_zero_on_drift(tmp_path):
     cowork = [sys.executable, "-m", "hub.cli"]
-    bad = subprocess.run(cowork + ["schema", "export", "--check", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        cowork + ["schema", "export", "--check", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "out of date" in bad.stderr and "Traceback" not in bad.stderr
-    ok = subprocess.run(cowork + ["schema", "export", "--check", "--out", str(ROOT / "docs")],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        cowork + ["schema", "export", "--check", "--out", str(ROOT / "docs")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr

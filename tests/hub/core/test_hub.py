@@ -7,8 +7,8 @@ import nats
 import pytest
 from hubkit import client, running_hub
 
-from hub import Hub, HubSettings, StartupError
 from edges.local import NatsServer, free_port
+from hub import Hub, HubSettings, StartupError
 from hub.core._streams import POLICIES
 from schemas import AuditRecord, Envelope, Source, subjects
 
@@ -23,8 +23,10 @@ async def test_health_ready_and_metrics(nats_url, database_url):
         assert set(body["checks"]) == {"nats", "postgres", "migrations", "streams"}
         metrics = await http.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
-        assert 'cowork_http_requests_total{method="GET",route="/readyz",status="200"} 1.0' \
+        assert (
+            'cowork_http_requests_total{method="GET",route="/readyz",status="200"} 1.0'
             in metrics.text
+        )
         assert "cowork_ready 1.0" in metrics.text
 
 
@@ -35,8 +37,9 @@ async def test_admin_api_needs_the_bearer_token(nats_url, database_url):
             assert missing.status_code == 401
             assert missing.json()["error"]["code"] == "unauthenticated"
             assert missing.headers["www-authenticate"].startswith("Bearer")
-            wrong = await anon.get("/api/v1/tenants/acme/audit",
-                                   headers={"Authorization": "Bearer nope"})
+            wrong = await anon.get(
+                "/api/v1/tenants/acme/audit", headers={"Authorization": "Bearer nope"}
+            )
             assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_token"
             # health endpoints stay open for probes
             assert (await anon.get("/healthz")).status_code == 200
@@ -101,12 +104,15 @@ async def test_readyz_reports_missing_streams(nats_url, database_url):
             assert "CW_DEADLETTER" in response.json()["checks"]["streams"]["detail"]
         finally:
             from hub.core import _streams
+
             await _streams.declare(js)
 
 
 async def test_two_hubs_starting_at_once_share_one_database_and_bus(nats_url, database_url):
-    hubs = [Hub(HubSettings(nats_url=nats_url, database_url=database_url, http_port=0,
-                            hub_id=f"h{i}")) for i in range(3)]
+    hubs = [
+        Hub(HubSettings(nats_url=nats_url, database_url=database_url, http_port=0, hub_id=f"h{i}"))
+        for i in range(3)
+    ]
     await asyncio.gather(*(h.start(startup_timeout=15) for h in hubs))
     try:
         for h in hubs:
@@ -119,17 +125,24 @@ async def test_two_hubs_starting_at_once_share_one_database_and_bus(nats_url, da
 
 
 async def test_unreachable_database_is_a_clear_startup_error(nats_url):
-    hub = Hub(HubSettings(nats_url=nats_url, http_port=0,
-                          database_url=f"postgresql://u:p@127.0.0.1:{free_port()}/x"))
+    hub = Hub(
+        HubSettings(
+            nats_url=nats_url,
+            http_port=0,
+            database_url=f"postgresql://u:p@127.0.0.1:{free_port()}/x",
+        )
+    )
     with pytest.raises(StartupError, match="cannot reach PostgreSQL"):
         await hub.start(startup_timeout=1)
 
 
 def _audit(tenant, kind, pid, **data):
-    record = AuditRecord(action=data.pop("action", "pairing.connected"), actor_kind=kind,
-                         actor_id=pid, **data)
-    return Envelope.wrap(record, source=Source(principal_kind=kind, principal_id=pid),
-                         tenant=tenant)
+    record = AuditRecord(
+        action=data.pop("action", "pairing.connected"), actor_kind=kind, actor_id=pid, **data
+    )
+    return Envelope.wrap(
+        record, source=Source(principal_kind=kind, principal_id=pid), tenant=tenant
+    )
 
 
 async def _wait_for(predicate, timeout=10.0):
@@ -146,10 +159,16 @@ async def test_edge_audit_records_are_appended_with_secrets_scrubbed(nats_url, d
     async with running_hub(nats_url, database_url) as hub, client(hub, admin=True) as http:
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
-        env = _audit(tenant, "desktop", "pair-1", reason="token sk-proj-ABCDEFGHIJKLMNOPQRST1234",
-                     metadata={"apiKey": "plain-value", "note": "ghp_" + "a" * 36, "n": 3})
-        subject = subjects.AUDIT.build(tenant=tenant, principal_kind="desktop",
-                                       principal_id="pair-1")
+        env = _audit(
+            tenant,
+            "desktop",
+            "pair-1",
+            reason="token sk-proj-ABCDEFGHIJKLMNOPQRST1234",
+            metadata={"apiKey": "plain-value", "note": "ghp_" + "a" * 36, "n": 3},
+        )
+        subject = subjects.AUDIT.build(
+            tenant=tenant, principal_kind="desktop", principal_id="pair-1"
+        )
         ack = await js.publish(subject, env.encode())
         assert ack.stream == "CW_AUDIT"
         await nc.close()
@@ -159,8 +178,11 @@ async def test_edge_audit_records_are_appended_with_secrets_scrubbed(nats_url, d
 
         (row,) = await _wait_for(rows)
         assert row["action"] == "pairing.connected" and row["actorId"] == "pair-1"
-        assert row["metadata"] == {"apiKey": "[secret-redacted]", "note": "[secret-redacted]",
-                                   "n": 3}
+        assert row["metadata"] == {
+            "apiKey": "[secret-redacted]",
+            "note": "[secret-redacted]",
+            "n": 3,
+        }
         assert "sk-proj" not in json.dumps(row) and row["reason"] == "token [secret-redacted]"
 
 
@@ -173,13 +195,17 @@ async def test_bad_audit_records_are_dead_lettered_with_a_reason(nats_url, datab
         "impersonation": _audit(tenant, "desktop", "pair-2").encode(),
         "wrong_tenant": _audit("other", "desktop", "pair-1").encode(),
     }[case]
-    expected_code = {"garbage": "contract.invalid", "impersonation": "contract.principal_mismatch",
-                     "wrong_tenant": "contract.tenant_mismatch"}[case]
+    expected_code = {
+        "garbage": "contract.invalid",
+        "impersonation": "contract.principal_mismatch",
+        "wrong_tenant": "contract.tenant_mismatch",
+    }[case]
     async with running_hub(nats_url, database_url) as hub, client(hub, admin=True) as http:
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
-        dead = await js.subscribe(subjects.dead_letter_subject(tenant, subjects.AUDIT),
-                                  ordered_consumer=True)
+        dead = await js.subscribe(
+            subjects.dead_letter_subject(tenant, subjects.AUDIT), ordered_consumer=True
+        )
         await js.publish(subject, payload)
         msg = await dead.next_msg(timeout=10)
         letter = json.loads(msg.data)
@@ -189,30 +215,35 @@ async def test_bad_audit_records_are_dead_lettered_with_a_reason(nats_url, datab
         assert letter["data"]["originalSubject"] == subject
         assert msg.headers["Cowork-Reason"] == expected_code
         assert (await http.get(f"/api/v1/tenants/{tenant}/audit")).json()["items"] == []
-        assert f'cowork_dead_letters_total{{code="{expected_code}",family="audit"}}' in \
-            (await http.get("/metrics")).text
+        assert (
+            f'cowork_dead_letters_total{{code="{expected_code}",family="audit"}}'
+            in (await http.get("/metrics")).text
+        )
         await nc.close()
 
 
-async def test_a_client_leaving_mid_body_is_one_line_not_a_traceback(nats_url, database_url,
-                                                                    caplog):
+async def test_a_client_leaving_mid_body_is_one_line_not_a_traceback(
+    nats_url, database_url, caplog
+):
     caplog.set_level("INFO", logger="cowork.hub.http")
     async with running_hub(nats_url, database_url) as hub:
         host, port = hub.http_url.removeprefix("http://").split(":")
         for path in ("/api/v1/tenants/acme/pairings", "/webhooks/no-such-instance"):
             reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
-                         f"Content-Type: application/json\r\n"
-                         f"Authorization: Bearer {hub.test_admin_token}\r\n\r\n{{\"la"
-                         .encode())
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                f"Content-Type: application/json\r\n"
+                f'Authorization: Bearer {hub.test_admin_token}\r\n\r\n{{"la'.encode()
+            )
             await writer.drain()
             await asyncio.sleep(0.2)
             writer.close()
         await asyncio.sleep(0.5)
         async with client(hub) as http:  # still serving
             assert (await http.get("/healthz")).status_code == 200
-    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"], \
-        [r.getMessage() for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelname == "ERROR"
+    ]
     assert any(r.getMessage().startswith("http.client_disconnected") for r in caplog.records)
 
 

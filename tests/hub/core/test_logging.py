@@ -16,9 +16,15 @@ def _capture(fmt: str):
 def test_json_lines_with_fields_and_no_secrets():
     stream = _capture("json")
     log = logging.getLogger("cowork.test")
-    log.info("pairing.redeemed", **kv(pairing_id="p1", admin_token="abc",
-                                      dsn="postgresql://u:pw@h/db",
-                                      note="jwt eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJVQUJDIn0.c2lnbmF0dXJlMTIz"))
+    log.info(
+        "pairing.redeemed",
+        **kv(
+            pairing_id="p1",
+            admin_token="abc",
+            dsn="postgresql://u:pw@h/db",
+            note="jwt eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJVQUJDIn0.c2lnbmF0dXJlMTIz",
+        ),
+    )
     log.warning("url postgresql://user:hunter2@db/x failed")
     first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert first["event"] == "pairing.redeemed" and first["level"] == "info"
@@ -32,4 +38,6 @@ def test_text_format_is_key_value():
     stream = _capture("text")
     logging.getLogger("cowork.test").info("hub.started", **kv(http="http://x", password="p"))
     line = stream.getvalue().strip()
-    assert "hub.started" in line and "http=http://x" in line and "password=[secret-redacted]" in line
+    assert (
+        "hub.started" in line and "http=http://x" in line and "password=[secret-redacted]" in line
+    )

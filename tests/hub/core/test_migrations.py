@@ -48,8 +48,9 @@ async def test_a_database_newer_than_the_hub_is_refused(database_url):
     conn = await asyncpg.connect(database_url)
     try:
         await _db.migrate(conn)
-        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) "
-                           "VALUES (999, 'future', 'x')")
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (999, 'future', 'x')"
+        )
         with pytest.raises(_db.MigrationError, match="upgrade the hub"):
             await _db.migrate(conn)
     finally:
@@ -60,10 +61,15 @@ async def test_audit_log_is_append_only(database_url):
     conn = await asyncpg.connect(database_url)
     try:
         await _db.migrate(conn)
-        await conn.execute("INSERT INTO audit_log (action, actor_kind, actor_id) "
-                           "VALUES ('pairing.created', 'admin', 'a1')")
-        for sql in ("UPDATE audit_log SET reason = 'rewritten'", "DELETE FROM audit_log",
-                    "TRUNCATE audit_log"):
+        await conn.execute(
+            "INSERT INTO audit_log (action, actor_kind, actor_id) "
+            "VALUES ('pairing.created', 'admin', 'a1')"
+        )
+        for sql in (
+            "UPDATE audit_log SET reason = 'rewritten'",
+            "DELETE FROM audit_log",
+            "TRUNCATE audit_log",
+        ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
                 await conn.execute(sql)
         assert await conn.fetchval("SELECT count(*) FROM audit_log") == 1

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import nats
 import pytest
-from desktopkit import TENANT, create_pairing, eventually, events, redeem
+from desktopkit import TENANT, create_pairing, events, eventually, redeem
 
 from hub.core._deadletter import GIVE_UP_AFTER, DeadLetters
 from hub.core._metrics import HubMetrics
@@ -31,14 +31,17 @@ GATEWAY = {"kind": "edge_worker", "trustModel": "self_hosted_same_operator"}
 
 
 # --- the contract ---------------------------------------------------------------------------
-@pytest.mark.parametrize("raw, bad", [
-    (rb'{"a": "x\u0000y"}', True),
-    (rb'{"a": {"b": [1, {"c": "\u0000"}]}}', True),
-    (rb'{"\u0000": 1}', True),
-    (rb'{"a": "\\u0000"}', False),  # an escaped backslash: the text "\u0000", storable
-    (rb'{"a": "\\\u0000"}', True),  # a backslash, then a NUL
-    (rb'{"a": "\u00e9\ud83d\ude00"}', False),
-])
+@pytest.mark.parametrize(
+    "raw, bad",
+    [
+        (rb'{"a": "x\u0000y"}', True),
+        (rb'{"a": {"b": [1, {"c": "\u0000"}]}}', True),
+        (rb'{"\u0000": 1}', True),
+        (rb'{"a": "\\u0000"}', False),  # an escaped backslash: the text "\u0000", storable
+        (rb'{"a": "\\\u0000"}', True),  # a backslash, then a NUL
+        (rb'{"a": "\u00e9\ud83d\ude00"}', False),
+    ],
+)
 def test_the_contract_finds_nul_at_any_depth(raw, bad):
     assert (unstorable_json(raw) is not None) is bad
 
@@ -50,14 +53,24 @@ def test_lone_surrogates_and_nul_in_python_values():
 
 
 # --- the admin API: 422 with the reason, never a 500 -----------------------------------------
-@pytest.mark.parametrize("path, body, where", [
-    ("pairings", {"label": "bad\u0000label"}, "label"),
-    ("pairings", {"label": EMOJI_LABEL}, "label"),
-    ("work", {"kind": "prompt", "sessionRef": {"workspaceId": "ws1"},
-              "payload": {"text": "hi", "deep": {"x": ["\u0000"]}}}, "payload.deep.x.0"),
-    ("gateway-registrations", {"displayName": EMOJI_LABEL, **GATEWAY}, "displayName"),
-    ("gateway-registrations", {"displayName": "g\u0000", **GATEWAY}, "displayName"),
-])
+@pytest.mark.parametrize(
+    "path, body, where",
+    [
+        ("pairings", {"label": "bad\u0000label"}, "label"),
+        ("pairings", {"label": EMOJI_LABEL}, "label"),
+        (
+            "work",
+            {
+                "kind": "prompt",
+                "sessionRef": {"workspaceId": "ws1"},
+                "payload": {"text": "hi", "deep": {"x": ["\u0000"]}},
+            },
+            "payload.deep.x.0",
+        ),
+        ("gateway-registrations", {"displayName": EMOJI_LABEL, **GATEWAY}, "displayName"),
+        ("gateway-registrations", {"displayName": "g\u0000", **GATEWAY}, "displayName"),
+    ],
+)
 async def test_unstorable_admin_input_is_a_422_with_where(http, path, body, where):
     response = await http.post(f"/api/v1/tenants/{TENANT}/{path}", json=body)
     assert response.status_code == 422, response.text
@@ -68,26 +81,34 @@ async def test_unstorable_admin_input_is_a_422_with_where(http, path, body, wher
 async def test_an_unstorable_label_patch_is_refused_and_changes_nothing(http):
     pid = (await create_pairing(http))["pairingId"]
     for label in ("x\u0000", EMOJI_LABEL):
-        response = await http.patch(f"/api/v1/tenants/{TENANT}/pairings/{pid}",
-                                    json={"label": label})
+        response = await http.patch(
+            f"/api/v1/tenants/{TENANT}/pairings/{pid}", json={"label": label}
+        )
         assert response.status_code == 422 and "label" in response.json()["error"]["message"]
-    assert (await http.get(f"/api/v1/tenants/{TENANT}/pairings/{pid}")).json()["label"] == \
-        "test laptop"
+    assert (await http.get(f"/api/v1/tenants/{TENANT}/pairings/{pid}")).json()[
+        "label"
+    ] == "test laptop"
     for title in ("t\u0000", EMOJI_LABEL):  # a command's payload (a session title)
-        response = await http.post(f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands",
-                                   json={"kind": "create_session", "payload": {"title": title}})
-        assert response.status_code == 422 and "title" in response.json()["error"]["message"], \
+        response = await http.post(
+            f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands",
+            json={"kind": "create_session", "payload": {"title": title}},
+        )
+        assert response.status_code == 422 and "title" in response.json()["error"]["message"], (
             response.text
+        )
 
 
 # --- the projector ---------------------------------------------------------------------------
 async def _desktop(http, operator_nats_url, tmp_path):
-    created, store = await redeem(http, operator_nats_url, tmp_path / "d",
-                                  allowedWorkspaceIds=["ws1"])
+    created, store = await redeem(
+        http, operator_nats_url, tmp_path / "d", allowedWorkspaceIds=["ws1"]
+    )
     pairing = store.load_pairing()
-    nc = await nats.connect(operator_nats_url, user_credentials=str(store.creds_path),
-                            inbox_prefix=subjects.inbox_prefix(TENANT, "desktop",
-                                                               pairing.pairing_id))
+    nc = await nats.connect(
+        operator_nats_url,
+        user_credentials=str(store.creds_path),
+        inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", pairing.pairing_id),
+    )
     return pairing.pairing_id, nc
 
 
@@ -100,22 +121,30 @@ async def _letter_about(dead, pid: str) -> dict:
 
 
 def _event(pid: str, payload: dict) -> bytes:
-    event = DeviceEvent(id=f"ev{uuid.uuid4().hex[:20]}", pairing_id=pid, type="session.event",
-                        workspace_id="ws1", session_id="ses1",
-                        occurred_at=datetime.now(UTC), payload=payload)
-    return Envelope.wrap(event, source=Source(principal_kind="desktop", principal_id=pid),
-                         tenant=TENANT).encode()
+    event = DeviceEvent(
+        id=f"ev{uuid.uuid4().hex[:20]}",
+        pairing_id=pid,
+        type="session.event",
+        workspace_id="ws1",
+        session_id="ses1",
+        occurred_at=datetime.now(UTC),
+        payload=payload,
+    )
+    return Envelope.wrap(
+        event, source=Source(principal_kind="desktop", principal_id=pid), tenant=TENANT
+    ).encode()
 
 
 async def test_a_nul_event_is_dead_lettered_and_the_desktop_keeps_projecting(
-        hub, http, operator_nats_url, tmp_path):
+    hub, http, operator_nats_url, tmp_path
+):
     pid, nc = await _desktop(http, operator_nats_url, tmp_path)
-    dead = await hub.js.subscribe(subjects.dead_letter_subject(TENANT, subjects.DEVICE_EVENT),
-                                  ordered_consumer=True)
+    dead = await hub.js.subscribe(
+        subjects.dead_letter_subject(TENANT, subjects.DEVICE_EVENT), ordered_consumer=True
+    )
     try:
         js = nc.jetstream()
-        subject = subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pid,
-                                              event_kind="session")
+        subject = subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pid, event_kind="session")
         for i in range(20):  # a flood of poison, then one honest event
             await js.publish(subject, _event(pid, {"type": "tool", "output": f"bin\u0000{i}"}))
         await js.publish(subject, _event(pid, {"type": "after", "text": "fine"}))
@@ -138,26 +167,31 @@ async def _types(http, pid: str) -> list[str]:
 
 # --- audit: a poison record costs only itself --------------------------------------------------
 def _audit(tenant: str, pid: str, **fields) -> bytes:
-    record = AuditRecord(action="pairing.connected", actor_kind="desktop", actor_id=pid,
-                         **fields)
-    return Envelope.wrap(record, source=Source(principal_kind="desktop", principal_id=pid),
-                         tenant=tenant).encode()
+    record = AuditRecord(action="pairing.connected", actor_kind="desktop", actor_id=pid, **fields)
+    return Envelope.wrap(
+        record, source=Source(principal_kind="desktop", principal_id=pid), tenant=tenant
+    ).encode()
 
 
 async def test_a_poison_audit_record_never_takes_other_tenants_records_with_it(hub, http):
     js = hub.js
     tenants = [f"aud{uuid.uuid4().hex[:8]}" for _ in range(3)]
-    dead = await js.subscribe(subjects.dead_letter_subject(tenants[0], subjects.AUDIT),
-                              ordered_consumer=True)
+    dead = await js.subscribe(
+        subjects.dead_letter_subject(tenants[0], subjects.AUDIT), ordered_consumer=True
+    )
     try:
         for tenant in tenants:  # in one fetch batch: the poison one first
             if tenant == tenants[0]:
-                await js.publish(subjects.AUDIT.build(tenant=tenant, principal_kind="desktop",
-                                                      principal_id="p1"),
-                                 _audit(tenant, "p1", reason="a\u0000b"))
-            await js.publish(subjects.AUDIT.build(tenant=tenant, principal_kind="desktop",
-                                                  principal_id="p1"),
-                             _audit(tenant, "p1", reason="honest"))
+                await js.publish(
+                    subjects.AUDIT.build(
+                        tenant=tenant, principal_kind="desktop", principal_id="p1"
+                    ),
+                    _audit(tenant, "p1", reason="a\u0000b"),
+                )
+            await js.publish(
+                subjects.AUDIT.build(tenant=tenant, principal_kind="desktop", principal_id="p1"),
+                _audit(tenant, "p1", reason="honest"),
+            )
 
         async def stored() -> bool:
             for tenant in tenants:
@@ -215,16 +249,20 @@ async def _letter(dead, name: str) -> dict:
 
 async def _consumer(scratch: Scratch, max_deliver: int = -1):
     return await scratch.js.pull_subscribe(
-        scratch.subjects, durable=f"c{scratch.name}", stream=scratch.name.upper(),
-        config=nats.js.api.ConsumerConfig(max_deliver=max_deliver, ack_wait=30))
+        scratch.subjects,
+        durable=f"c{scratch.name}",
+        stream=scratch.name.upper(),
+        config=nats.js.api.ConsumerConfig(max_deliver=max_deliver, ack_wait=30),
+    )
 
 
 async def test_a_batch_the_database_refuses_is_retried_one_by_one(scratch):
     name = scratch.name
     for value in ["one", "two\x00", "three"]:  # the driver sends the NUL; PostgreSQL refuses it
         await scratch.js.publish(f"scratch.{name}.p1", value.encode())
-    dead = await scratch.js.subscribe(subjects.dead_letter_subject(None, subjects.AUDIT),
-                                      ordered_consumer=True)
+    dead = await scratch.js.subscribe(
+        subjects.dead_letter_subject(None, subjects.AUDIT), ordered_consumer=True
+    )
     sub = await _consumer(scratch)
     msgs = await sub.fetch(3, timeout=5)
 
@@ -234,13 +272,16 @@ async def test_a_batch_the_database_refuses_is_retried_one_by_one(scratch):
         return len(batch)
 
     written = await scratch.dead.write_batch(
-        subjects.AUDIT, -1, [(m, m.data.decode()) for m in msgs], write, LOG, delay=0.1)
+        subjects.AUDIT, -1, [(m, m.data.decode()) for m in msgs], write, LOG, delay=0.1
+    )
     assert [len(done) for done, _ in written] == [1, 1]
     for done, _ in written:
         for msg in done:
             await msg.ack()
-    assert sorted(r["v"] for r in await scratch.pool.fetch(f"SELECT v FROM {name}")) == \
-        ["one", "three"]
+    assert sorted(r["v"] for r in await scratch.pool.fetch(f"SELECT v FROM {name}")) == [
+        "one",
+        "three",
+    ]
     letter = await _letter(dead, name)
     assert letter["code"] == "storage.refused" and letter["originalPayload"] == "two\x00"
     with pytest.raises(nats.errors.TimeoutError):  # the poison was acked with its letter
@@ -248,16 +289,21 @@ async def test_a_batch_the_database_refuses_is_retried_one_by_one(scratch):
     await dead.unsubscribe()
 
 
-@pytest.mark.parametrize("max_deliver, error, letters_after", [
-    (3, ConnectionResetError("database away"), 3),  # transient: on the last delivery
-    (-1, RuntimeError("a bug"), GIVE_UP_AFTER),  # neither data nor transient: gives up
-])
-async def test_a_failing_write_is_dead_lettered_never_dropped(scratch, max_deliver, error,
-                                                            letters_after):
+@pytest.mark.parametrize(
+    "max_deliver, error, letters_after",
+    [
+        (3, ConnectionResetError("database away"), 3),  # transient: on the last delivery
+        (-1, RuntimeError("a bug"), GIVE_UP_AFTER),  # neither data nor transient: gives up
+    ],
+)
+async def test_a_failing_write_is_dead_lettered_never_dropped(
+    scratch, max_deliver, error, letters_after
+):
     name = scratch.name
     await scratch.js.publish(f"scratch.{name}.p1", b"innocent")
-    dead = await scratch.js.subscribe(subjects.dead_letter_subject(None, subjects.AUDIT),
-                                      ordered_consumer=True)
+    dead = await scratch.js.subscribe(
+        subjects.dead_letter_subject(None, subjects.AUDIT), ordered_consumer=True
+    )
     sub = await _consumer(scratch, max_deliver)
 
     async def write(batch):
@@ -266,8 +312,12 @@ async def test_a_failing_write_is_dead_lettered_never_dropped(scratch, max_deliv
     for attempt in range(1, letters_after + 1):
         (msg,) = await sub.fetch(1, timeout=5)
         assert msg.metadata.num_delivered == attempt
-        assert await scratch.dead.write_batch(subjects.AUDIT, max_deliver, [(msg, None)],
-                                              write, LOG, delay=0.05) == []
+        assert (
+            await scratch.dead.write_batch(
+                subjects.AUDIT, max_deliver, [(msg, None)], write, LOG, delay=0.05
+            )
+            == []
+        )
     letter = await _letter(dead, name)
     assert letter["code"] == "storage.failed" and letter["attempts"] == letters_after
     assert letter["originalPayload"] == "innocent" and str(error) in letter["reason"]

@@ -62,12 +62,16 @@ class FakeDesktop:
             self.errors.append(str(exc))
 
         self.nc = await nats.connect(
-            self.url, allow_reconnect=False, error_cb=on_error,
+            self.url,
+            allow_reconnect=False,
+            error_cb=on_error,
             inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", self.pairing_id),
-            **self.creds.connect_options())
-        await self.nc.subscribe(subjects.DEVICE_COMMAND.build(tenant=TENANT,
-                                                              device_id=self.pairing_id),
-                                cb=self._on_push)
+            **self.creds.connect_options(),
+        )
+        await self.nc.subscribe(
+            subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=self.pairing_id),
+            cb=self._on_push,
+        )
         await self.nc.flush()
 
     async def _on_push(self, msg) -> None:
@@ -78,17 +82,26 @@ class FakeDesktop:
 
     @property
     def source(self) -> Source:
-        return Source(principal_kind="desktop", principal_id=self.pairing_id,
-                      authority="desktop_local")
+        return Source(
+            principal_kind="desktop", principal_id=self.pairing_id, authority="desktop_local"
+        )
 
     async def heartbeat(self, status: str = "online", interval: float = 60.0) -> None:
         self._beat += 1
-        beat = PresenceHeartbeat(principal_kind="desktop", principal_id=self.pairing_id,
-                                 sequence=self._beat, interval_seconds=interval,
-                                 status=status, version="fake-desktop/1")
-        await self.nc.publish(subjects.PRESENCE.build(
-            tenant=TENANT, principal_kind="desktop", principal_id=self.pairing_id),
-            Envelope.wrap(beat, source=self.source, tenant=TENANT).encode())
+        beat = PresenceHeartbeat(
+            principal_kind="desktop",
+            principal_id=self.pairing_id,
+            sequence=self._beat,
+            interval_seconds=interval,
+            status=status,
+            version="fake-desktop/1",
+        )
+        await self.nc.publish(
+            subjects.PRESENCE.build(
+                tenant=TENANT, principal_kind="desktop", principal_id=self.pairing_id
+            ),
+            Envelope.wrap(beat, source=self.source, tenant=TENANT).encode(),
+        )
         await self.nc.flush()
 
     async def next_command(self, timeout: float = 5.0) -> DeviceCommand:
@@ -98,21 +111,38 @@ class FakeDesktop:
         await asyncio.sleep(within)
         assert self.commands.empty(), f"unexpected push: {self.commands._queue[0]}"
 
-    async def ack(self, cmd: DeviceCommand, outcome: str = "completed",
-                  result: CommandResult | None | str = "default", **override: Any) -> AckReply:
+    async def ack(
+        self,
+        cmd: DeviceCommand,
+        outcome: str = "completed",
+        result: CommandResult | None | str = "default",
+        **override: Any,
+    ) -> AckReply:
         if result == "default":
-            result = (None if outcome == "accepted" else
-                      CommandResult(ok=outcome == "completed",
-                                    status="completed" if outcome == "completed" else "failed",
-                                    message=f"{outcome} {cmd.id}"))
-        fields = {"command_id": cmd.id, "pairing_id": self.pairing_id,
-                  "sequence": cmd.sequence, "lease_token": cmd.lease.lease_token,
-                  "outcome": outcome, "result": result}
+            result = (
+                None
+                if outcome == "accepted"
+                else CommandResult(
+                    ok=outcome == "completed",
+                    status="completed" if outcome == "completed" else "failed",
+                    message=f"{outcome} {cmd.id}",
+                )
+            )
+        fields = {
+            "command_id": cmd.id,
+            "pairing_id": self.pairing_id,
+            "sequence": cmd.sequence,
+            "lease_token": cmd.lease.lease_token,
+            "outcome": outcome,
+            "result": result,
+        }
         fields.update(override)
         data = Envelope.wrap(CommandAck(**fields), source=self.source, tenant=TENANT).encode()
         reply = await self.nc.request(
             subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=self.pairing_id),
-            data, timeout=5)
+            data,
+            timeout=5,
+        )
         return decode(reply.data, AckReply).data
 
     async def close(self) -> None:
@@ -142,7 +172,10 @@ async def _online(http, desktop: FakeDesktop, online: bool = True) -> None:
 async def _rejections(hub, command_id: str) -> list[dict]:
     rows = await hub.pool.fetch(
         "SELECT actor_kind, actor_id, reason, metadata FROM audit_log WHERE tenant = $1 AND "
-        "action = 'command.ack_rejected' AND command_id = $2 ORDER BY id", TENANT, command_id)
+        "action = 'command.ack_rejected' AND command_id = $2 ORDER BY id",
+        TENANT,
+        command_id,
+    )
     return [dict(r) for r in rows]
 
 
@@ -151,26 +184,53 @@ def _commands_url(pairing_id: str) -> str:
 
 
 # --- validation at the API --------------------------------------------------------------
-@pytest.mark.parametrize("body, explained", [
-    ({"kind": "format_disk"}, "kind"),
-    ({}, "kind"),
-    ({"kind": "prompt", "payload": {"text": "hi"}}, "needs a sessionId"),
-    ({"kind": "prompt", "sessionId": "ses_1"}, "payload.text"),
-    ({"kind": "prompt", "sessionId": "ses_1", "payload": {"text": ""}}, "payload.text"),
-    ({"kind": "prompt", "sessionId": "ses_1", "payload": {"txt": "typo"}}, "payload."),
-    ({"kind": "permission.respond", "sessionId": "ses_1",
-      "payload": {"permissionId": "per_1", "allowed": "yes"}}, "payload.allowed"),
-    ({"kind": "permission.respond", "sessionId": "ses_1",
-      "payload": {"permissionId": "per_1", "allowed": 1}}, "payload.allowed"),
-    ({"kind": "permission.respond", "sessionId": "ses_1",
-      "payload": {"permissionId": "per_1"}}, "payload.allowed"),
-    ({"kind": "question.reply", "sessionId": "ses_1",
-      "payload": {"requestId": "q", "answers": "Blue"}}, "payload.answers"),
-    ({"kind": "status", "payload": {"x": 1}}, "takes no payload"),
-    ({"kind": "status", "sessionId": "has space"}, "sessionId"),
-    ({"kind": "status", "id": "bad.id"}, "id"),
-    ({"kind": "status", "unknownField": 1}, "unknownField"),
-])
+@pytest.mark.parametrize(
+    "body, explained",
+    [
+        ({"kind": "format_disk"}, "kind"),
+        ({}, "kind"),
+        ({"kind": "prompt", "payload": {"text": "hi"}}, "needs a sessionId"),
+        ({"kind": "prompt", "sessionId": "ses_1"}, "payload.text"),
+        ({"kind": "prompt", "sessionId": "ses_1", "payload": {"text": ""}}, "payload.text"),
+        ({"kind": "prompt", "sessionId": "ses_1", "payload": {"txt": "typo"}}, "payload."),
+        (
+            {
+                "kind": "permission.respond",
+                "sessionId": "ses_1",
+                "payload": {"permissionId": "per_1", "allowed": "yes"},
+            },
+            "payload.allowed",
+        ),
+        (
+            {
+                "kind": "permission.respond",
+                "sessionId": "ses_1",
+                "payload": {"permissionId": "per_1", "allowed": 1},
+            },
+            "payload.allowed",
+        ),
+        (
+            {
+                "kind": "permission.respond",
+                "sessionId": "ses_1",
+                "payload": {"permissionId": "per_1"},
+            },
+            "payload.allowed",
+        ),
+        (
+            {
+                "kind": "question.reply",
+                "sessionId": "ses_1",
+                "payload": {"requestId": "q", "answers": "Blue"},
+            },
+            "payload.answers",
+        ),
+        ({"kind": "status", "payload": {"x": 1}}, "takes no payload"),
+        ({"kind": "status", "sessionId": "has space"}, "sessionId"),
+        ({"kind": "status", "id": "bad.id"}, "id"),
+        ({"kind": "status", "unknownField": 1}, "unknownField"),
+    ],
+)
 async def test_invalid_commands_are_explained(http, paired, body, explained):
     response = await http.post(_commands_url(paired.pairing_id), json=body)
     assert response.status_code in (400, 422), response.text
@@ -181,8 +241,11 @@ async def test_invalid_commands_are_explained(http, paired, body, explained):
 
 
 async def test_malformed_json_and_unknown_pairing(http, paired):
-    response = await http.post(_commands_url(paired.pairing_id), content=b"{kind: status",
-                               headers={"Content-Type": "application/json"})
+    response = await http.post(
+        _commands_url(paired.pairing_id),
+        content=b"{kind: status",
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code in (400, 422), response.text
     assert response.json()["error"]["code"] == "invalid_request"
     missing = await http.post(_commands_url("no_such_pairing"), json={"kind": "status"})
@@ -202,8 +265,12 @@ async def test_an_unredeemed_pairing_takes_no_commands(http):
 # --- idempotency --------------------------------------------------------------------------
 async def test_submit_is_idempotent_by_id(hub, http, paired):
     url = _commands_url(paired.pairing_id)
-    body = {"id": "cmd-idem-1", "kind": "prompt", "sessionId": "ses_1",
-            "payload": {"text": "hello"}}
+    body = {
+        "id": "cmd-idem-1",
+        "kind": "prompt",
+        "sessionId": "ses_1",
+        "payload": {"text": "hello"},
+    }
     first = await http.post(url, json=body)
     assert first.status_code == 201, first.text
     again = await http.post(url, json=body)
@@ -219,13 +286,16 @@ async def test_submit_is_idempotent_by_id(hub, http, paired):
     # The retries took no sequence number and made no second row.
     nxt = await submit(http, paired.pairing_id, "status")
     assert nxt["sequence"] == 2
-    count = await hub.pool.fetchval("SELECT count(*) FROM pairing_commands WHERE tenant = $1 "
-                                    "AND command_id = 'cmd-idem-1'", TENANT)
+    count = await hub.pool.fetchval(
+        "SELECT count(*) FROM pairing_commands WHERE tenant = $1 AND command_id = 'cmd-idem-1'",
+        TENANT,
+    )
     assert count == 1
 
 
-async def test_the_same_command_id_on_another_pairing_conflicts(http, paired, operator_nats_url,
-                                                                tmp_path):
+async def test_the_same_command_id_on_another_pairing_conflicts(
+    http, paired, operator_nats_url, tmp_path
+):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
     body = {"id": "cmd-shared", "kind": "status"}
     assert (await http.post(_commands_url(paired.pairing_id), json=body)).status_code == 201
@@ -276,9 +346,11 @@ async def test_queued_while_offline_then_pushed_one_at_a_time_in_order(hub, http
         assert view["result"]["message"] == f"completed {s['commandId']}"
         assert view["attempts"] == 1 and view["completedAt"]
     assert (await get_pairing(http, pid))["lastCommandSequence"] == 3
-    actions = await hub.pool.fetch("SELECT action FROM audit_log WHERE tenant = $1 AND "
-                                   "command_id = $2 ORDER BY id", TENANT,
-                                   submitted[0]["commandId"])
+    actions = await hub.pool.fetch(
+        "SELECT action FROM audit_log WHERE tenant = $1 AND command_id = $2 ORDER BY id",
+        TENANT,
+        submitted[0]["commandId"],
+    )
     assert [r["action"] for r in actions] == ["command.accepted", "command.completed"]
 
 
@@ -318,8 +390,9 @@ def lease_token_absent(row: dict, token: str) -> bool:
     return token not in json.dumps(row, default=str)
 
 
-async def test_an_ack_naming_another_pairing_is_refused(hub, http, paired, operator_nats_url,
-                                                        tmp_path):
+async def test_an_ack_naming_another_pairing_is_refused(
+    hub, http, paired, operator_nats_url, tmp_path
+):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
     await _online(http, paired)
     submitted = await submit(http, paired.pairing_id, "status")
@@ -333,8 +406,9 @@ async def test_an_ack_naming_another_pairing_is_refused(hub, http, paired, opera
     assert (await command(http, paired.pairing_id, cmd.id))["state"] == "leased"
 
 
-async def test_a_desktop_cannot_ack_another_pairings_command(hub, http, paired,
-                                                             operator_nats_url, tmp_path):
+async def test_a_desktop_cannot_ack_another_pairings_command(
+    hub, http, paired, operator_nats_url, tmp_path
+):
     other, store = await redeem(http, operator_nats_url, tmp_path / "other")
     intruder = FakeDesktop(operator_nats_url, other["pairingId"], store.creds_path)
     await intruder.connect()
@@ -351,9 +425,14 @@ async def test_a_desktop_cannot_ack_another_pairings_command(hub, http, paired,
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await intruder.nc.request(
                 subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=paired.pairing_id),
-                b"{}", timeout=1)
-        await eventually(lambda: any("permissions violation" in e.lower()
-                                     for e in intruder.errors), 5, what="a permission error")
+                b"{}",
+                timeout=1,
+            )
+        await eventually(
+            lambda: any("permissions violation" in e.lower() for e in intruder.errors),
+            5,
+            what="a permission error",
+        )
         assert (await command(http, paired.pairing_id, cmd.id))["state"] == "leased"
     finally:
         await intruder.close()
@@ -379,16 +458,23 @@ async def test_sequence_not_above_the_last_acknowledged_is_refused(hub, http, pa
 
     # The ledger guard itself (unreachable through ordered delivery alone): with the
     # pairing's last acknowledged sequence at or above the command's, the ack is stale.
-    await hub.pool.execute("UPDATE pairings SET last_command_sequence = $2 WHERE tenant = $1 "
-                           "AND pairing_id = $3", TENANT, second.sequence, pid)
+    await hub.pool.execute(
+        "UPDATE pairings SET last_command_sequence = $2 WHERE tenant = $1 AND pairing_id = $3",
+        TENANT,
+        second.sequence,
+        pid,
+    )
     reply = await paired.ack(second)
     assert not reply.ok and reply.code == "command.stale_sequence", reply
 
     rows = await _rejections(hub, second_id)
-    assert [r["reason"].split(":")[0] for r in rows] == ["command.wrong_sequence",
-                                                        "command.stale_sequence"]
+    assert [r["reason"].split(":")[0] for r in rows] == [
+        "command.wrong_sequence",
+        "command.stale_sequence",
+    ]
     assert [r["reason"].split(":")[0] for r in await _rejections(hub, first_id)] == [
-        "command.already_final"]
+        "command.already_final"
+    ]
     assert (await command(http, pid, second_id))["state"] == "leased"
 
 
@@ -404,7 +490,10 @@ async def test_a_replayed_identical_final_ack_is_a_no_op(hub, http, paired):
     assert await command(http, pid, cmd.id) == before
     completed = await hub.pool.fetchval(
         "SELECT count(*) FROM audit_log WHERE tenant = $1 AND command_id = $2 AND "
-        "action = 'command.completed'", TENANT, submitted["commandId"])
+        "action = 'command.completed'",
+        TENANT,
+        submitted["commandId"],
+    )
     assert completed == 1, "the replay wrote nothing"
     assert await _rejections(hub, submitted["commandId"]) == []
     # A late "accepted" for a finished command is refused, not applied.
@@ -420,8 +509,9 @@ async def test_unknown_command_and_missing_result(hub, http, paired):
     assert not unknown.ok and unknown.code == "command.unknown", unknown
     bare = await paired.ack(cmd, "completed", result=None)
     assert not bare.ok and bare.code == "command.result_missing", bare
-    assert [r["reason"].split(":")[0] for r in await _rejections(hub, submitted["commandId"])
-            ] == ["command.result_missing"]
+    assert [r["reason"].split(":")[0] for r in await _rejections(hub, submitted["commandId"])] == [
+        "command.result_missing"
+    ]
 
 
 # --- leases running out ----------------------------------------------------------------------

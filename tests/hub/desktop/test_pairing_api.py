@@ -23,7 +23,6 @@ from hubkit import client
 from edges.common._credentials import EdgeCredentials, new_user_seed
 from edges.desktop._agent import PairingFailed, pair
 from edges.desktop._store import DesktopStore
-from hub.desktop._pairing import new_code, normalize_code
 from hub.desktop._bootstrap import (
     LOCKOUT,
     MAX_FAILURES,
@@ -31,6 +30,7 @@ from hub.desktop._bootstrap import (
     RedeemRefused,
     request_source,
 )
+from hub.desktop._pairing import new_code, normalize_code
 from schemas import PairingRedeemRequest, subjects
 from schemas._bootstrap import (
     BOOTSTRAP_USER_JWT,
@@ -46,7 +46,6 @@ BASE = f"/api/v1/tenants/{TENANT}/pairings"
 SYMBOL = "[2-9A-HJ-NP-Z]"  # the code alphabet: no 0/O, no 1/I
 CODE_RE = re.compile(rf"^{SYMBOL}{{4}}-{SYMBOL}{{4}}-{SYMBOL}{{2}}$")
 SECRET_KEY_WORDS = ("hash", "secret", "jwt", "seed", "token", "password", "creds")
-
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +91,11 @@ def _assert_json_error(response, *statuses: int) -> dict:
 
 
 async def _audit_actions(hub, pairing_id: str) -> list[str]:
-    rows = await hub.pool.fetch("SELECT action FROM audit_log WHERE tenant = $1 AND "
-                                "target_id = $2 ORDER BY id", TENANT, pairing_id)
+    rows = await hub.pool.fetch(
+        "SELECT action FROM audit_log WHERE tenant = $1 AND target_id = $2 ORDER BY id",
+        TENANT,
+        pairing_id,
+    )
     return [r["action"] for r in rows]
 
 
@@ -128,16 +130,20 @@ async def test_create_returns_a_typeable_one_time_code(hub, http):
     assert view["enabled"] is True and view["online"] is False
     assert view["allowedWorkspaceIds"] == ["local"] and view["allowedSessionIds"] is None
     assert view["policy"] == {
-        "allowRemotePrompts": True, "allowRemoteAbort": True,
-        "remoteApprovals": "local_confirmation", "remoteQuestions": "local_confirmation",
-        "exposeArtifactBodies": False, "exposeLocalPaths": False,
-        "exposeLocalMcpDetails": False, "allowRemoteAttachments": False}
+        "allowRemotePrompts": True,
+        "allowRemoteAbort": True,
+        "remoteApprovals": "local_confirmation",
+        "remoteQuestions": "local_confirmation",
+        "exposeArtifactBodies": False,
+        "exposeLocalPaths": False,
+        "exposeLocalMcpDetails": False,
+        "allowRemoteAttachments": False,
+    }
     assert datetime.fromisoformat(view["codeExpiresAt"]) == expires
     assert "pairing.created" in await _audit_actions(hub, body["pairingId"])
 
     # The code is stored only as an HMAC: nothing in the row equals the code.
-    row = await hub.pool.fetchrow("SELECT * FROM pairings WHERE pairing_id = $1",
-                                  body["pairingId"])
+    row = await hub.pool.fetchrow("SELECT * FROM pairings WHERE pairing_id = $1", body["pairingId"])
     stored = json.dumps({k: v for k, v in dict(row).items()}, default=str)
     assert body["code"] not in stored and normalize_code(body["code"]) not in stored
     assert isinstance(row["code_hash"], bytes) and len(row["code_hash"]) == 32
@@ -150,32 +156,43 @@ async def test_codes_differ_and_ttl_is_bounded(http):
     short = datetime.fromisoformat(second["expiresAt"]) - datetime.now(UTC)
     assert timedelta(seconds=100) <= short <= timedelta(seconds=125), short
     for ttl in (59, 3601):
-        error = _assert_json_error(await http.post(BASE, json={"label": "x",
-                                                               "codeTtlSeconds": ttl}), 422)
+        error = _assert_json_error(
+            await http.post(BASE, json={"label": "x", "codeTtlSeconds": ttl}), 422
+        )
         assert "codeTtlSeconds" in error["message"], error
 
 
-async def test_get_and_list_never_show_the_code_or_a_secret(hub, http, operator_nats_url,
-                                                           tmp_path):
+async def test_get_and_list_never_show_the_code_or_a_secret(hub, http, operator_nats_url, tmp_path):
     pending = await create_pairing(http, label="pending one")
     redeemed, store = await redeem(http, operator_nats_url, tmp_path / "d", label="paired one")
     creds = store.creds_path.read_text()
     user_jwt = EdgeCredentials.from_creds_file(store.creds_path).user_jwt
     seed = re.search(r"(SU[A-Z2-7]{56})", creds)[1]
-    row = await hub.pool.fetchrow("SELECT code_hash FROM pairings WHERE pairing_id = $1",
-                                  pending["pairingId"])
+    row = await hub.pool.fetchrow(
+        "SELECT code_hash FROM pairings WHERE pairing_id = $1", pending["pairingId"]
+    )
     hex_hash = row["code_hash"].hex()
 
     listed = await http.get(BASE)
     assert listed.status_code == 200, listed.text
     items = listed.json()["items"]
     assert {pending["pairingId"], redeemed["pairingId"]} <= {i["id"] for i in items}
-    documents = [listed.json(), await get_pairing(http, pending["pairingId"]),
-                 await get_pairing(http, redeemed["pairingId"])]
+    documents = [
+        listed.json(),
+        await get_pairing(http, pending["pairingId"]),
+        await get_pairing(http, redeemed["pairingId"]),
+    ]
     for document in documents:
-        _assert_no_secret(document, pending["code"], normalize_code(pending["code"]),
-                          redeemed["code"], normalize_code(redeemed["code"]), user_jwt,
-                          seed, hex_hash)
+        _assert_no_secret(
+            document,
+            pending["code"],
+            normalize_code(pending["code"]),
+            redeemed["code"],
+            normalize_code(redeemed["code"]),
+            user_jwt,
+            seed,
+            hex_hash,
+        )
     assert (await http.get(BASE, params={"limit": 1})).json()["items"].__len__() == 1
 
 
@@ -183,24 +200,30 @@ async def test_unknown_pairing_is_a_json_404(http):
     error = _assert_json_error(await http.get(f"{BASE}/no_such_pairing"), 404)
     assert error["code"] == "pairing.not_found"
     for method, path in (("PATCH", ""), ("POST", "/revoke")):
-        response = await http.request(method, f"{BASE}/no_such_pairing{path}",
-                                      json={"label": "x"} if method == "PATCH" else None)
+        response = await http.request(
+            method,
+            f"{BASE}/no_such_pairing{path}",
+            json={"label": "x"} if method == "PATCH" else None,
+        )
         assert _assert_json_error(response, 404)["code"] == "pairing.not_found"
 
 
-@pytest.mark.parametrize("body, where", [
-    ({}, "label"),
-    ({"label": ""}, "label"),
-    ({"label": "x" * 513}, "label"),
-    ({"label": "ok", "policy": {"remoteApprovals": "sometimes"}}, "remoteApprovals"),
-    ({"label": "ok", "policy": {"remoteQuestions": True}}, "remoteQuestions"),
-    ({"label": "ok", "policy": {"noSuchSwitch": True}}, "noSuchSwitch"),
-    ({"label": "ok", "allowedWorkspaceIds": ["has space"]}, "allowedWorkspaceIds"),
-    ({"label": "ok", "allowedWorkspaceIds": ["a.b"]}, "allowedWorkspaceIds"),
-    ({"label": "ok", "allowedSessionIds": ["s"] * 129}, "allowedSessionIds"),
-    ({"label": "ok", "allowedSessionIds": ["x" * 257]}, "allowedSessionIds"),
-    ({"label": "ok", "unexpected": 1}, "unexpected"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({}, "label"),
+        ({"label": ""}, "label"),
+        ({"label": "x" * 513}, "label"),
+        ({"label": "ok", "policy": {"remoteApprovals": "sometimes"}}, "remoteApprovals"),
+        ({"label": "ok", "policy": {"remoteQuestions": True}}, "remoteQuestions"),
+        ({"label": "ok", "policy": {"noSuchSwitch": True}}, "noSuchSwitch"),
+        ({"label": "ok", "allowedWorkspaceIds": ["has space"]}, "allowedWorkspaceIds"),
+        ({"label": "ok", "allowedWorkspaceIds": ["a.b"]}, "allowedWorkspaceIds"),
+        ({"label": "ok", "allowedSessionIds": ["s"] * 129}, "allowedSessionIds"),
+        ({"label": "ok", "allowedSessionIds": ["x" * 257]}, "allowedSessionIds"),
+        ({"label": "ok", "unexpected": 1}, "unexpected"),
+    ],
+)
 async def test_invalid_create_bodies_are_explained(http, body, where):
     error = _assert_json_error(await http.post(BASE, json=body), 400, 422)
     assert error["code"] == "invalid_request"
@@ -226,11 +249,14 @@ async def test_bad_ids_in_the_path_are_refused(http):
 async def test_the_api_needs_the_admin_token(hub, http):
     created = await create_pairing(http)
     async with client(hub) as anonymous:
-        for method, path in (("GET", BASE), ("POST", BASE),
-                             ("GET", f"{BASE}/{created['pairingId']}"),
-                             ("PATCH", f"{BASE}/{created['pairingId']}"),
-                             ("POST", f"{BASE}/{created['pairingId']}/revoke"),
-                             ("POST", f"{BASE}/{created['pairingId']}/commands")):
+        for method, path in (
+            ("GET", BASE),
+            ("POST", BASE),
+            ("GET", f"{BASE}/{created['pairingId']}"),
+            ("PATCH", f"{BASE}/{created['pairingId']}"),
+            ("POST", f"{BASE}/{created['pairingId']}/revoke"),
+            ("POST", f"{BASE}/{created['pairingId']}/commands"),
+        ):
             response = await anonymous.request(method, path, json={"label": "x"})
             error = _assert_json_error(response, 401)
             assert error["code"] == "unauthenticated", (method, path, error)
@@ -248,10 +274,15 @@ async def test_patch_changes_policy_and_allowlists_and_bumps_revision(hub, http)
     created = await create_pairing(http)
     pid = created["pairingId"]
     before = await get_pairing(http, pid)
-    response = await http.patch(f"{BASE}/{pid}", json={
-        "label": "renamed", "allowedWorkspaceIds": ["ws-a"],
-        "allowedSessionIds": ["ses_1", "ses_2"],
-        "policy": {"allowRemoteAttachments": True, "remoteQuestions": "disabled"}})
+    response = await http.patch(
+        f"{BASE}/{pid}",
+        json={
+            "label": "renamed",
+            "allowedWorkspaceIds": ["ws-a"],
+            "allowedSessionIds": ["ses_1", "ses_2"],
+            "policy": {"allowRemoteAttachments": True, "remoteQuestions": "disabled"},
+        },
+    )
     assert response.status_code == 200, response.text
     after = response.json()
     assert after["revision"] == before["revision"] + 1
@@ -280,13 +311,17 @@ async def test_patch_changes_policy_and_allowlists_and_bumps_revision(hub, http)
 
 async def test_raising_a_decision_to_remote_allowed_is_audited(hub, http):
     pid = (await create_pairing(http))["pairingId"]
-    response = await http.patch(f"{BASE}/{pid}",
-                                json={"policy": {"remoteApprovals": "remote_allowed"}})
+    response = await http.patch(
+        f"{BASE}/{pid}", json={"policy": {"remoteApprovals": "remote_allowed"}}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["policy"]["remoteApprovals"] == "remote_allowed"
     rows = await hub.pool.fetch(
         "SELECT actor_kind, actor_id, metadata FROM audit_log WHERE tenant = $1 AND "
-        "target_id = $2 AND action = 'pairing.remote_allowed_enabled'", TENANT, pid)
+        "target_id = $2 AND action = 'pairing.remote_allowed_enabled'",
+        TENANT,
+        pid,
+    )
     assert len(rows) == 1
     assert rows[0]["actor_kind"] == "admin"
     assert rows[0]["metadata"]["decision"] == "remote_approvals"
@@ -297,19 +332,25 @@ async def test_raising_a_decision_to_remote_allowed_is_audited(hub, http):
     await http.patch(f"{BASE}/{pid}", json={"policy": {"remoteQuestions": "remote_allowed"}})
     rows = await hub.pool.fetch(
         "SELECT metadata FROM audit_log WHERE tenant = $1 AND target_id = $2 AND "
-        "action = 'pairing.remote_allowed_enabled' ORDER BY id", TENANT, pid)
+        "action = 'pairing.remote_allowed_enabled' ORDER BY id",
+        TENANT,
+        pid,
+    )
     assert [r["metadata"]["decision"] for r in rows] == ["remote_approvals", "remote_questions"]
 
 
-@pytest.mark.parametrize("body, where", [
-    ({"policy": {"remoteApprovals": "always"}}, "emote"),
-    ({"policy": {"allowRemotePrompts": "yes please"}}, "allowRemotePrompts"),
-    ({"allowedWorkspaceIds": ["no/slash"]}, "allowedWorkspaceIds"),
-    ({"label": ""}, "label"),
-    ({"enabled": "maybe"}, "enabled"),
-    ({"status": "revoked"}, "status"),
-    ({}, "nothing to change"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"policy": {"remoteApprovals": "always"}}, "emote"),
+        ({"policy": {"allowRemotePrompts": "yes please"}}, "allowRemotePrompts"),
+        ({"allowedWorkspaceIds": ["no/slash"]}, "allowedWorkspaceIds"),
+        ({"label": ""}, "label"),
+        ({"enabled": "maybe"}, "enabled"),
+        ({"status": "revoked"}, "status"),
+        ({}, "nothing to change"),
+    ],
+)
 async def test_invalid_patches_are_refused_and_change_nothing(http, body, where):
     pid = (await create_pairing(http))["pairingId"]
     before = await get_pairing(http, pid)
@@ -335,8 +376,9 @@ async def test_revoke_is_final_and_idempotent(hub, http, operator_nats_url, tmp_
     no_body = await http.post(f"{BASE}/{pid}/revoke")
     assert no_body.status_code == 200, no_body.text
     assert no_body.json()["revision"] == first["revision"]
-    audited = await hub.pool.fetch("SELECT reason FROM audit_log WHERE target_id = $1 AND "
-                                   "action = 'pairing.revoked'", pid)
+    audited = await hub.pool.fetch(
+        "SELECT reason FROM audit_log WHERE target_id = $1 AND action = 'pairing.revoked'", pid
+    )
     assert [r["reason"] for r in audited] == ["lost it"], "revoking again records nothing"
 
     # A revoked pairing cannot change, and its code is dead.
@@ -354,9 +396,13 @@ async def test_revoking_a_redeemed_pairing_twice(hub, http, operator_nats_url, t
 
     async def refused() -> bool:
         try:
-            nc = await nats.connect(operator_nats_url, allow_reconnect=False,
-                                    max_reconnect_attempts=0, connect_timeout=2,
-                                    **creds.connect_options())
+            nc = await nats.connect(
+                operator_nats_url,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                connect_timeout=2,
+                **creds.connect_options(),
+            )
         except (nats.errors.Error, OSError, TimeoutError):
             return True
         await nc.close()
@@ -396,15 +442,18 @@ async def test_redeem_once_then_the_code_is_spent(hub, http, operator_nats_url, 
     assert view["status"] == "paired_offline" and view["codeExpiresAt"] is None
     assert view["revision"] == 2
     assert "pairing.redeemed" in await _audit_actions(hub, created["pairingId"])
-    row = await hub.pool.fetchrow("SELECT code_hash, public_key FROM pairings WHERE "
-                                  "pairing_id = $1", created["pairingId"])
+    row = await hub.pool.fetchrow(
+        "SELECT code_hash, public_key FROM pairings WHERE pairing_id = $1", created["pairingId"]
+    )
     assert row["code_hash"] is None and row["public_key"] == creds.public_key
 
     # The credential works: the Desktop can connect with its own inbox prefix.
-    nc = await nats.connect(operator_nats_url, allow_reconnect=False,
-                            inbox_prefix=subjects.inbox_prefix(TENANT, "desktop",
-                                                               created["pairingId"]),
-                            **creds.connect_options())
+    nc = await nats.connect(
+        operator_nats_url,
+        allow_reconnect=False,
+        inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", created["pairingId"]),
+        **creds.connect_options(),
+    )
     await nc.close()
 
     failed = await _pair_fails(created["code"], operator_nats_url, tmp_path / "again")
@@ -415,8 +464,9 @@ async def test_redeem_once_then_the_code_is_spent(hub, http, operator_nats_url, 
     assert (await get_pairing(http, created["pairingId"]))["deviceName"] == "ada-mbp"
 
 
-async def test_a_state_dir_that_holds_a_pairing_is_not_overwritten(http, operator_nats_url,
-                                                                   tmp_path):
+async def test_a_state_dir_that_holds_a_pairing_is_not_overwritten(
+    http, operator_nats_url, tmp_path
+):
     await redeem(http, operator_nats_url, tmp_path / "d")
     other = await create_pairing(http)
     with pytest.raises(PairingFailed) as caught:
@@ -428,20 +478,25 @@ async def test_a_state_dir_that_holds_a_pairing_is_not_overwritten(http, operato
 
 async def test_expired_code_is_refused(hub, http, operator_nats_url, tmp_path):
     created = await create_pairing(http)
-    await hub.pool.execute("UPDATE pairings SET code_expires_at = now() - interval '1 s' "
-                           "WHERE pairing_id = $1", created["pairingId"])
+    await hub.pool.execute(
+        "UPDATE pairings SET code_expires_at = now() - interval '1 s' WHERE pairing_id = $1",
+        created["pairingId"],
+    )
     failed = await _pair_fails(created["code"], operator_nats_url, tmp_path / "d")
     assert failed.code == "pairing.invalid_code" and "expired" in str(failed)
     view = await get_pairing(http, created["pairingId"])
     assert view["redeemed"] is False and view["status"] == "pending"
 
 
-@pytest.mark.parametrize("typed", [
-    lambda c: c.lower(),
-    lambda c: c.replace("-", ""),
-    lambda c: " ".join(normalize_code(c).lower()),
-    lambda c: f"  {c[:4]} {c[5:9]}--{c[10:].lower()}  ",
-])
+@pytest.mark.parametrize(
+    "typed",
+    [
+        lambda c: c.lower(),
+        lambda c: c.replace("-", ""),
+        lambda c: " ".join(normalize_code(c).lower()),
+        lambda c: f"  {c[:4]} {c[5:9]}--{c[10:].lower()}  ",
+    ],
+)
 async def test_typing_is_forgiving(http, operator_nats_url, tmp_path, typed):
     created = await create_pairing(http)
     code = typed(created["code"])
@@ -453,8 +508,9 @@ async def test_typing_is_forgiving(http, operator_nats_url, tmp_path, typed):
 async def test_brute_force_locks_the_source_out(hub, http, operator_nats_url, tmp_path):
     created = await create_pairing(http)
     for attempt in range(1, MAX_FAILURES + 1):
-        failed = await _pair_fails(_wrong_code(created["code"]), operator_nats_url,
-                                   tmp_path / f"try{attempt}")
+        failed = await _pair_fails(
+            _wrong_code(created["code"]), operator_nats_url, tmp_path / f"try{attempt}"
+        )
         assert failed.code == "pairing.invalid_code", (attempt, failed.code)
         assert failed.retry_after is None
 
@@ -466,21 +522,22 @@ async def test_brute_force_locks_the_source_out(hub, http, operator_nats_url, tm
     assert (await get_pairing(http, created["pairingId"]))["redeemed"] is False
 
     # Keyed by the client's address as the server reports it (Nats-Request-Info).
-    rows = await hub.pool.fetch("SELECT source, failures, locked_until > now() AS locked "
-                                "FROM bootstrap_failures")
+    rows = await hub.pool.fetch(
+        "SELECT source, failures, locked_until > now() AS locked FROM bootstrap_failures"
+    )
     assert [(r["source"], r["failures"], r["locked"]) for r in rows] == [
-        ("127.0.0.1", MAX_FAILURES, True)]
+        ("127.0.0.1", MAX_FAILURES, True)
+    ]
 
     # The refused attempt did not spend the code: once the lockout is gone, it works.
-    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() - "
-                           "interval '1 s'")
+    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() - interval '1 s'")
     pairing = await pair(created["code"], [operator_nats_url], DesktopStore(tmp_path / "ok"))
     assert pairing.pairing_id == created["pairingId"]
 
 
 async def test_nine_failures_do_not_lock(http, operator_nats_url, tmp_path):
     created = await create_pairing(http)
-    for attempt in range(MAX_FAILURES - 1):
+    for _ in range(MAX_FAILURES - 1):
         await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "x")
     pairing = await pair(created["code"], [operator_nats_url], DesktopStore(tmp_path / "ok"))
     assert pairing.pairing_id == created["pairingId"]
@@ -490,8 +547,9 @@ async def test_old_failures_fall_out_of_the_window(hub, http, operator_nats_url,
     created = await create_pairing(http)
     for _ in range(MAX_FAILURES - 1):
         await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "x")
-    await hub.pool.execute("UPDATE bootstrap_failures SET window_started_at = now() - "
-                           "interval '11 minutes'")
+    await hub.pool.execute(
+        "UPDATE bootstrap_failures SET window_started_at = now() - interval '11 minutes'"
+    )
     failed = await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "y")
     assert failed.code == "pairing.invalid_code"
     row = await hub.pool.fetchrow("SELECT failures, locked_until FROM bootstrap_failures")
@@ -509,14 +567,23 @@ async def test_lockout_is_per_source(hub, http, operator_nats_url, tmp_path):
     locked = await _pair_fails(created["code"], operator_nats_url, tmp_path / "y")
     assert locked.code == "bootstrap.rate_limited"
 
-    redemption = PairingRedemption(hub.pool, hub.audit, hub.pairings, hub.credentials,
-                                   hub.metrics, code_key=hub.keys.derive_key("pairing-code"),
-                                   hub_id=hub.settings.hub_id)
+    redemption = PairingRedemption(
+        hub.pool,
+        hub.audit,
+        hub.pairings,
+        hub.credentials,
+        hub.metrics,
+        code_key=hub.keys.derive_key("pairing-code"),
+        hub_id=hub.settings.hub_id,
+    )
     seed = new_user_seed()
-    request = PairingRedeemRequest(code=created["code"],
-                                   public_key=EdgeCredentials("", seed).public_key,
-                                   reply_key=ReplyKey().public, device_name="elsewhere",
-                                   client_version="test")
+    request = PairingRedeemRequest(
+        code=created["code"],
+        public_key=EdgeCredentials("", seed).public_key,
+        reply_key=ReplyKey().public,
+        device_name="elsewhere",
+        client_version="test",
+    )
     with pytest.raises(RedeemRefused) as caught:  # the locked source, here too
         await redemption.redeem(request, "127.0.0.1")
     assert caught.value.code == "bootstrap.rate_limited" and caught.value.retry_after > 0
@@ -535,8 +602,7 @@ def test_request_source_reads_the_shared_client_info():
     assert request_source(msg({})) == "unknown"
     assert request_source(msg({"Nats-Request-Info": "not json"})) == "unknown"
     assert request_source(msg({"Nats-Request-Info": "[1]"})) == "unknown"
-    assert request_source(msg({"Nats-Request-Info": json.dumps({"host": "h" * 500})})) \
-        == "h" * 128
+    assert request_source(msg({"Nats-Request-Info": json.dumps({"host": "h" * 500})})) == "h" * 128
 
 
 async def test_the_redeem_reply_is_sealed_on_the_wire(http, operator_nats_url, tmp_path):
@@ -581,4 +647,3 @@ def test_a_sealed_reply_opens_only_with_its_own_key():
     with pytest.raises(SealError):
         seal(b"x", "not-a-key")
     assert BOOTSTRAP_USER_JWT and BOOTSTRAP_USER_SEED  # the public identity is importable
-

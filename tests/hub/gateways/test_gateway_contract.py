@@ -1,5 +1,6 @@
 """The Gateway registration rules of the product contract, as data in schemas/."""
 
+from hub.auth._permissions import Principal, permissions_for
 from schemas import (
     EDGE_SCOPES,
     EDGE_SYNC_SCOPES,
@@ -10,23 +11,29 @@ from schemas import (
     CredentialScope,
     GatewayKind,
     GatewaySync,
+    PrincipalKind,
     SyncScope,
+    subjects,
     versions,
 )
-from hub.auth._permissions import Principal, permissions_for
-from schemas import PrincipalKind, subjects
 
-REGISTRATION = {"gateway.registration.heartbeat", "gateway.registration.capabilities",
-                "gateway.registration.metadata_sync"}
+REGISTRATION = {
+    "gateway.registration.heartbeat",
+    "gateway.registration.capabilities",
+    "gateway.registration.metadata_sync",
+}
 
 
 def test_scopes_derived_from_each_kind_match_the_contract():
     assert {str(s) for s in SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE]} == REGISTRATION
     assert {str(s) for s in SCOPES_BY_KIND[GatewayKind.EDGE_WORKER]} == {
-        "gateway.registration.heartbeat", "gateway.registration.capabilities",
-        "gateway.edge.claim", "gateway.edge.lease_renew", "gateway.edge.write_fenced_output"}
-    assert SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER] == frozenset(
-        CredentialScope)
+        "gateway.registration.heartbeat",
+        "gateway.registration.capabilities",
+        "gateway.edge.claim",
+        "gateway.edge.lease_renew",
+        "gateway.edge.write_fenced_output",
+    }
+    assert SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER] == frozenset(CredentialScope)
     assert not EDGE_SCOPES & SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE]
 
 
@@ -43,8 +50,9 @@ def test_a_forbidden_scope_still_parses_so_the_hub_can_say_why_it_refuses():
 
 
 def test_an_external_only_gateway_can_neither_claim_nor_write_work():
-    principal = Principal(PrincipalKind.GATEWAY, "acme", "gw1",
-                          scopes=SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE])
+    principal = Principal(
+        PrincipalKind.GATEWAY, "acme", "gw1", scopes=SCOPES_BY_KIND[GatewayKind.EXTERNAL_WORKSPACE]
+    )
     allowed = permissions_for(principal)
     claim = subjects.WORK_CLAIM.build(tenant="acme", registration_id="gw1")
     output = subjects.WORK_OUTPUT.build(tenant="acme", registration_id="gw1")
@@ -53,7 +61,11 @@ def test_an_external_only_gateway_can_neither_claim_nor_write_work():
 
 
 def test_contract_versions_are_major_minor():
-    for value in (versions.BUS_PROTOCOL, versions.EVENT_CONTRACT, versions.PROJECTION_CONTRACT,
-                  versions.CHECKPOINT_SCHEMA):
+    for value in (
+        versions.BUS_PROTOCOL,
+        versions.EVENT_CONTRACT,
+        versions.PROJECTION_CONTRACT,
+        versions.CHECKPOINT_SCHEMA,
+    ):
         major, minor = value.split(".")
         assert major.isdigit() and minor.isdigit()

@@ -31,9 +31,9 @@ from gatewaykit import (
 )
 from hubkit import client, connect_with, running_hub
 
+from hub.bus._bootstrap_limits import LOCKOUT, MAX_FAILURES
 from hub.core import _db
 from hub.core._audit import AuditLog
-from hub.bus._bootstrap_limits import LOCKOUT, MAX_FAILURES
 from hub.gateways._service import GatewayError, GatewayRegistry
 from schemas import AckReply, GatewayHeartbeat, GatewayHeartbeatReply
 
@@ -82,7 +82,8 @@ def _assert_json_error(response, status: int, code: str | None = None) -> dict:
 
 async def _audit(hub, registration_id: str, action: str | None = None) -> list[dict]:
     rows = await hub.pool.fetch(
-        "SELECT * FROM audit_log WHERE target_id = $1 ORDER BY id", registration_id)
+        "SELECT * FROM audit_log WHERE target_id = $1 ORDER BY id", registration_id
+    )
     return [dict(r) for r in rows if action is None or r["action"] == action]
 
 
@@ -94,8 +95,12 @@ def _refusal(reply, code: str) -> AckReply:
 
 
 async def _dropped(gateway: GatewayClient, seconds: float = 5.0) -> None:
-    await eventually(lambda: not gateway.nc.is_connected, seconds, 0.02,
-                     "the server to drop the Gateway's connection")
+    await eventually(
+        lambda: not gateway.nc.is_connected,
+        seconds,
+        0.02,
+        "the server to drop the Gateway's connection",
+    )
 
 
 def _bus_count(hub, family: str, outcome: str) -> float:
@@ -108,12 +113,23 @@ async def test_create_returns_a_one_time_credential_and_reads_never_show_it(hub,
     reg_id, credential = created["registrationId"], created["credential"]
     assert created["status"] == "pending" and created["kind"] == "edge_worker"
     assert credential.startswith(f"cwgr_{reg_id}_") and len(credential) > 50
-    assert sorted(created["scopes"]) == sorted([
-        "gateway.registration.heartbeat", "gateway.registration.capabilities",
-        "gateway.edge.claim", "gateway.edge.lease_renew", "gateway.edge.write_fenced_output"])
-    assert sorted(created["syncScopes"]) == sorted([
-        "cloud_work_events", "cloud_work_projection", "cloud_work_artifact_metadata",
-        "cloud_work_checkpoint_metadata"])
+    assert sorted(created["scopes"]) == sorted(
+        [
+            "gateway.registration.heartbeat",
+            "gateway.registration.capabilities",
+            "gateway.edge.claim",
+            "gateway.edge.lease_renew",
+            "gateway.edge.write_fenced_output",
+        ]
+    )
+    assert sorted(created["syncScopes"]) == sorted(
+        [
+            "cloud_work_events",
+            "cloud_work_projection",
+            "cloud_work_artifact_metadata",
+            "cloud_work_checkpoint_metadata",
+        ]
+    )
     assert created["credentialExpiresAt"]
 
     one = await get_registration(http, reg_id)
@@ -126,11 +142,13 @@ async def test_create_returns_a_one_time_credential_and_reads_never_show_it(hub,
     assert one["heartbeatSequence"] is None and one["visible"] is False
 
     # Stored as an HMAC under the hub's derived key, never in the clear.
-    row = await hub.pool.fetchrow("SELECT * FROM gateway_registrations WHERE "
-                                  "registration_id = $1", reg_id)
+    row = await hub.pool.fetchrow(
+        "SELECT * FROM gateway_registrations WHERE registration_id = $1", reg_id
+    )
     key = hub.keys.derive_key("gateway-credential")
-    assert bytes(row["credential_hash"]) == hmac.new(key, credential.encode(),
-                                                     hashlib.sha256).digest()
+    assert (
+        bytes(row["credential_hash"]) == hmac.new(key, credential.encode(), hashlib.sha256).digest()
+    )
     assert credential not in json.dumps({k: str(v) for k, v in dict(row).items()})
     audit = await _audit(hub, reg_id, "gateway.registration.created")
     assert len(audit) == 1 and credential not in json.dumps(audit, default=str)
@@ -138,52 +156,96 @@ async def test_create_returns_a_one_time_credential_and_reads_never_show_it(hub,
 
 async def test_scopes_follow_the_kind_and_may_only_narrow(http):
     external = await create_registration(http, "external_workspace")
-    assert sorted(external["scopes"]) == sorted([
-        "gateway.registration.heartbeat", "gateway.registration.capabilities",
-        "gateway.registration.metadata_sync"])
+    assert sorted(external["scopes"]) == sorted(
+        [
+            "gateway.registration.heartbeat",
+            "gateway.registration.capabilities",
+            "gateway.registration.metadata_sync",
+        ]
+    )
     assert "cloud_work_events" not in external["syncScopes"]
     assert {"health", "redacted_session_metadata"} <= set(external["syncScopes"])
     both = await create_registration(http, "external_workspace_edge_worker")
     assert len(both["scopes"]) == 6 and len(both["syncScopes"]) == 12
     narrowed = await create_registration(
-        http, "external_workspace_edge_worker",
+        http,
+        "external_workspace_edge_worker",
         scopes=["gateway.registration.heartbeat", "gateway.registration.metadata_sync"],
-        syncScopes=["health"])
-    assert narrowed["scopes"] == ["gateway.registration.heartbeat",
-                                  "gateway.registration.metadata_sync"]
+        syncScopes=["health"],
+    )
+    assert narrowed["scopes"] == [
+        "gateway.registration.heartbeat",
+        "gateway.registration.metadata_sync",
+    ]
     assert narrowed["syncScopes"] == ["health"]
-    deferred = await create_registration(http, "external_workspace",
-                                         trust="customer_hosted_managed_saas_deferred")
+    deferred = await create_registration(
+        http, "external_workspace", trust="customer_hosted_managed_saas_deferred"
+    )
     assert deferred["status"] == "pending"
 
 
-@pytest.mark.parametrize("body, code, words", [
-    ({"kind": "edge_worker", "trustModel": "customer_hosted_managed_saas_deferred"},
-     "gateway.trust_refuses_edge_work", ["edge_worker", "customer_hosted_managed_saas_deferred"]),
-    ({"kind": "external_workspace_edge_worker",
-      "trustModel": "customer_hosted_managed_saas_deferred"},
-     "gateway.trust_refuses_edge_work", ["metadata only"]),
-    ({"scopes": ["gateway.registration.heartbeat", "gateway.admin"]},
-     "gateway.scope_unknown", ["gateway.admin"]),
-    ({"kind": "external_workspace", "scopes": ["gateway.registration.heartbeat",
-                                               "gateway.edge.claim"]},
-     "gateway.scope_outside_kind", ["gateway.edge.claim"]),
-    ({"scopes": ["gateway.edge.claim"]}, "gateway.scope_heartbeat_required", ["heartbeat"]),
-    ({"kind": "external_workspace", "syncScopes": ["health", "raw_provider_keys"]},
-     "gateway.sync_scope_forbidden", ["raw_provider_keys"]),
-    ({"kind": "external_workspace", "syncScopes": ["cloud_work_events"]},
-     "gateway.sync_scope_outside_kind", ["cloud_work_events"]),
-    ({"kind": "external_workspace", "syncScopes": ["weather"]},
-     "gateway.sync_scope_unknown", ["weather"]),
-    ({"kind": "external_workspace", "approvedCredentials": ["github"]},
-     "gateway.credentials_need_edge_kind", ["approvedCredentials"]),
-    ({"kind": "cloud_worker"}, "invalid_request", ["kind"]),
-    ({"trustModel": "trust_me"}, "invalid_request", ["trustModel"]),
-    ({"displayName": ""}, "invalid_request", ["displayName"]),
-])
+@pytest.mark.parametrize(
+    "body, code, words",
+    [
+        (
+            {"kind": "edge_worker", "trustModel": "customer_hosted_managed_saas_deferred"},
+            "gateway.trust_refuses_edge_work",
+            ["edge_worker", "customer_hosted_managed_saas_deferred"],
+        ),
+        (
+            {
+                "kind": "external_workspace_edge_worker",
+                "trustModel": "customer_hosted_managed_saas_deferred",
+            },
+            "gateway.trust_refuses_edge_work",
+            ["metadata only"],
+        ),
+        (
+            {"scopes": ["gateway.registration.heartbeat", "gateway.admin"]},
+            "gateway.scope_unknown",
+            ["gateway.admin"],
+        ),
+        (
+            {
+                "kind": "external_workspace",
+                "scopes": ["gateway.registration.heartbeat", "gateway.edge.claim"],
+            },
+            "gateway.scope_outside_kind",
+            ["gateway.edge.claim"],
+        ),
+        ({"scopes": ["gateway.edge.claim"]}, "gateway.scope_heartbeat_required", ["heartbeat"]),
+        (
+            {"kind": "external_workspace", "syncScopes": ["health", "raw_provider_keys"]},
+            "gateway.sync_scope_forbidden",
+            ["raw_provider_keys"],
+        ),
+        (
+            {"kind": "external_workspace", "syncScopes": ["cloud_work_events"]},
+            "gateway.sync_scope_outside_kind",
+            ["cloud_work_events"],
+        ),
+        (
+            {"kind": "external_workspace", "syncScopes": ["weather"]},
+            "gateway.sync_scope_unknown",
+            ["weather"],
+        ),
+        (
+            {"kind": "external_workspace", "approvedCredentials": ["github"]},
+            "gateway.credentials_need_edge_kind",
+            ["approvedCredentials"],
+        ),
+        ({"kind": "cloud_worker"}, "invalid_request", ["kind"]),
+        ({"trustModel": "trust_me"}, "invalid_request", ["trustModel"]),
+        ({"displayName": ""}, "invalid_request", ["displayName"]),
+    ],
+)
 async def test_invalid_combinations_are_refused_with_a_reason(http, body, code, words):
-    request = {"displayName": "gw", "kind": "edge_worker",
-               "trustModel": "self_hosted_same_operator", **body}
+    request = {
+        "displayName": "gw",
+        "kind": "edge_worker",
+        "trustModel": "self_hosted_same_operator",
+        **body,
+    }
     response = await http.post(base(), json=request)
     error = _assert_json_error(response, 422, code)
     for word in words:
@@ -195,28 +257,41 @@ async def test_unknown_registration_is_404_everywhere(http):
     missing = f"{base()}/nosuchregistration"
     _assert_json_error(await http.get(missing), 404, "gateway.not_found")
     _assert_json_error(await http.get(missing + "/sync/health"), 404, "gateway.not_found")
-    for action, body in (("rotate", {}), ("revoke", {}), ("drain", {"deadlineSeconds": 5}),
-                         ("resume", {})):
-        _assert_json_error(await http.post(f"{missing}/{action}", json=body), 404,
-                           "gateway.not_found")
+    for action, body in (
+        ("rotate", {}),
+        ("revoke", {}),
+        ("drain", {"deadlineSeconds": 5}),
+        ("resume", {}),
+    ):
+        _assert_json_error(
+            await http.post(f"{missing}/{action}", json=body), 404, "gateway.not_found"
+        )
 
 
 async def test_registration_needs_operator_mode(nats_url, database_url):
     async with running_hub(nats_url, database_url) as plain, client(plain, admin=True) as http:
-        response = await http.post(base(), json={"displayName": "gw", "kind": "edge_worker",
-                                                 "trustModel": "self_hosted_same_operator"})
+        response = await http.post(
+            base(),
+            json={
+                "displayName": "gw",
+                "kind": "edge_worker",
+                "trustModel": "self_hosted_same_operator",
+            },
+        )
         _assert_json_error(response, 503, "gateway_registration_unavailable")
 
 
 # --- registering over the bootstrap subject ---------------------------------------------------------
-async def test_register_then_heartbeat_and_capabilities_are_reflected(hub, http,
-                                                                      operator_nats_url):
+async def test_register_then_heartbeat_and_capabilities_are_reflected(hub, http, operator_nats_url):
     created = await create_registration(http, "edge_worker", name="Rack 5")
     registration = await register(operator_nats_url, created["credential"])
     reply = registration.reply
     assert reply is not None, registration.refusal
     assert (reply.registration_id, reply.tenant, reply.display_name) == (
-        created["registrationId"], TENANT, "Rack 5")
+        created["registrationId"],
+        TENANT,
+        "Rack 5",
+    )
     assert reply.kind == "edge_worker" and reply.state == "active"
     assert sorted(s.value for s in reply.scopes) == sorted(created["scopes"])
     assert reply.user_jwt and reply.expires_at
@@ -228,9 +303,14 @@ async def test_register_then_heartbeat_and_capabilities_are_reflected(hub, http,
         assert view["publicKey"] == gateway.edge.public_key
         assert view["versions"]["busProtocol"] == "1.0"
 
-        beat = await gateway.heartbeat(7, current_load=1, active_work_ids=["w1"],
-                                       health="degraded", last_error="OpenCode slow",
-                                       interval_seconds=2.0)
+        beat = await gateway.heartbeat(
+            7,
+            current_load=1,
+            active_work_ids=["w1"],
+            health="degraded",
+            last_error="OpenCode slow",
+            interval_seconds=2.0,
+        )
         assert isinstance(beat, GatewayHeartbeatReply), beat
         assert beat.state == "active" and beat.drain_deadline is None
         assert (await gateway.capabilities(max_concurrent_work=3)).ok
@@ -250,14 +330,16 @@ async def test_register_then_heartbeat_and_capabilities_are_reflected(hub, http,
     assert "credential.issued" in actions
 
 
-async def test_wrong_or_malformed_credential_is_refused_and_audited(hub, http,
-                                                                    operator_nats_url):
+async def test_wrong_or_malformed_credential_is_refused_and_audited(hub, http, operator_nats_url):
     created = await create_registration(http)
     reg_id = created["registrationId"]
     wrong = f"cwgr_{reg_id}_{'A' * 43}"
     before = _bus_count(hub, "gateway.register", "rejected")
-    for credential in (wrong, "cwgr_nosuchregistration_xxxxxxxxxxxxxxxx",
-                       "not-a-credential-at-all"):
+    for credential in (
+        wrong,
+        "cwgr_nosuchregistration_xxxxxxxxxxxxxxxx",
+        "not-a-credential-at-all",
+    ):
         outcome = await register(operator_nats_url, credential)
         assert outcome.code == "gateway.invalid_credential", outcome.refusal
         assert "unknown, rotated or revoked" in outcome.refusal.reason
@@ -271,8 +353,11 @@ async def test_wrong_or_malformed_credential_is_refused_and_audited(hub, http,
 
 async def test_expired_credential_is_refused(hub, http, operator_nats_url):
     created = await create_registration(http, credentialTtlDays=1)
-    await hub.pool.execute("UPDATE gateway_registrations SET credential_expires_at = now() - "
-                           "interval '1 s' WHERE registration_id = $1", created["registrationId"])
+    await hub.pool.execute(
+        "UPDATE gateway_registrations SET credential_expires_at = now() - "
+        "interval '1 s' WHERE registration_id = $1",
+        created["registrationId"],
+    )
     outcome = await register(operator_nats_url, created["credential"])
     assert outcome.code == "gateway.credential_expired", outcome.refusal
     assert "rotate" in outcome.refusal.reason
@@ -284,26 +369,28 @@ async def test_expired_credential_is_refused(hub, http, operator_nats_url):
 async def test_repeated_failures_lock_the_source_out(hub, http, operator_nats_url):
     created = await create_registration(http)
     wrong = f"cwgr_{created['registrationId']}_{'B' * 43}"
-    for attempt in range(MAX_FAILURES):
+    for _ in range(MAX_FAILURES):
         assert (await register(operator_nats_url, wrong)).code == "gateway.invalid_credential"
     locked = await register(operator_nats_url, created["credential"])
     assert locked.code == "bootstrap.rate_limited", locked.refusal
-    assert LOCKOUT.total_seconds() - 60 < locked.refusal.retry_after_seconds \
-        <= LOCKOUT.total_seconds()
+    assert (
+        LOCKOUT.total_seconds() - 60 < locked.refusal.retry_after_seconds <= LOCKOUT.total_seconds()
+    )
     assert (await get_registration(http, created["registrationId"]))["status"] == "pending"
     # The same budget guards pairing codes: one count per source for all bootstrap secrets.
-    row = await hub.pool.fetchrow("SELECT failures FROM bootstrap_failures WHERE source = $1",
-                                  "127.0.0.1")
+    row = await hub.pool.fetchrow(
+        "SELECT failures FROM bootstrap_failures WHERE source = $1", "127.0.0.1"
+    )
     assert row["failures"] == MAX_FAILURES
     await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() - interval '1 s'")
     assert (await register(operator_nats_url, created["credential"])).reply is not None
 
 
-async def test_incompatible_versions_are_refused_with_every_problem(hub, http,
-                                                                    operator_nats_url):
+async def test_incompatible_versions_are_refused_with_every_problem(hub, http, operator_nats_url):
     created = await create_registration(http)
-    bad = good_versions(product="9.0.0", opencode="0.9.1", bus_protocol="2.0",
-                        checkpoint_schema="banana")
+    bad = good_versions(
+        product="9.0.0", opencode="0.9.1", bus_protocol="2.0", checkpoint_schema="banana"
+    )
     outcome = await register(operator_nats_url, created["credential"], version_set=bad)
     assert outcome.code == "gateway.incompatible_versions", outcome.refusal
     reason = outcome.refusal.reason
@@ -317,19 +404,16 @@ async def test_incompatible_versions_are_refused_with_every_problem(hub, http,
     assert await hub.pool.fetchval("SELECT count(*) FROM bootstrap_failures") == 0
 
 
-async def test_missing_versions_pause_until_a_compatible_heartbeat(hub, http,
-                                                                   operator_nats_url):
+async def test_missing_versions_pause_until_a_compatible_heartbeat(hub, http, operator_nats_url):
     created = await create_registration(http, "external_workspace")
     missing = good_versions(opencode="unknown", projection_contract="")
-    registration = await register(operator_nats_url, created["credential"],
-                                  version_set=missing)
+    registration = await register(operator_nats_url, created["credential"], version_set=missing)
     assert registration.reply is not None and registration.reply.state == "paused"
     gateway = await GatewayClient.connect(operator_nats_url, registration)
     try:
         view = await get_registration(http, created["registrationId"])
         assert view["status"] == "paused"
-        assert "opencode" in view["statusReason"] and "projectionContract" in \
-            view["statusReason"]
+        assert "opencode" in view["statusReason"] and "projectionContract" in view["statusReason"]
         # A paused registration syncs nothing.
         _refusal(await gateway.sync("health", [{"ok": True}]), "gateway.paused")
 
@@ -349,7 +433,10 @@ async def test_missing_versions_pause_until_a_compatible_heartbeat(hub, http,
     # then back to active.
     changes = await _audit(hub, created["registrationId"], "gateway.registration.heartbeat")
     assert [(c["metadata"]["from"], c["metadata"]["to"]) for c in changes] == [
-        ("paused", "active"), ("paused", "paused"), ("paused", "active")]
+        ("paused", "active"),
+        ("paused", "paused"),
+        ("paused", "active"),
+    ]
 
 
 # --- heartbeats -------------------------------------------------------------------------------------
@@ -399,8 +486,7 @@ async def test_heartbeats_are_rate_limited_with_a_retry_after(hub, http, operato
     assert len(refused) == 1 and refused[0]["metadata"]["code"] == "rate_limited"
 
 
-async def test_unhealthy_from_the_gateway_or_from_silence_and_back(hub, http,
-                                                                   operator_nats_url):
+async def test_unhealthy_from_the_gateway_or_from_silence_and_back(hub, http, operator_nats_url):
     created, gateway = await registered_gateway(http, operator_nats_url)
     reg_id = created["registrationId"]
     try:
@@ -408,8 +494,11 @@ async def test_unhealthy_from_the_gateway_or_from_silence_and_back(hub, http,
         assert sick.state == "unhealthy" and "OpenCode down" in sick.reason
         assert (await gateway.heartbeat()).state == "active"
 
-        await hub.pool.execute("UPDATE gateway_registrations SET last_heartbeat_at = now() - "
-                               "interval '1 minute' WHERE registration_id = $1", reg_id)
+        await hub.pool.execute(
+            "UPDATE gateway_registrations SET last_heartbeat_at = now() - "
+            "interval '1 minute' WHERE registration_id = $1",
+            reg_id,
+        )
         await hub.gateways.sweep_unhealthy()  # (the hub's own sweep may come first)
         view = await get_registration(http, reg_id)
         assert view["status"] == "unhealthy" and "no heartbeat" in view["statusReason"]
@@ -419,12 +508,12 @@ async def test_unhealthy_from_the_gateway_or_from_silence_and_back(hub, http,
     assert len(await _audit(hub, reg_id, "gateway.registration.unhealthy")) == 1
 
 
-async def test_capacity_is_refused_for_a_metadata_only_registration(hub, http,
-                                                                    operator_nats_url):
+async def test_capacity_is_refused_for_a_metadata_only_registration(hub, http, operator_nats_url):
     _, gateway = await registered_gateway(http, operator_nats_url, "external_workspace")
     try:
-        refused = _refusal(await gateway.capabilities(max_concurrent_work=2),
-                           "gateway.capabilities_invalid")
+        refused = _refusal(
+            await gateway.capabilities(max_concurrent_work=2), "gateway.capabilities_invalid"
+        )
         assert "maxConcurrentWork" in refused.reason
         assert (await gateway.capabilities(max_concurrent_work=0, work_kinds=())).ok
     finally:
@@ -434,15 +523,27 @@ async def test_capacity_is_refused_for_a_metadata_only_registration(hub, http,
 # --- metadata sync ---------------------------------------------------------------------------------------
 SYNC_REFUSALS = [
     ("raw_local_paths", [{"path": "x"}], "gateway.sync_scope_forbidden", "forbidden"),
-    ("cloud_work_events", [{"n": 1}], "gateway.sync_requires_lease",
-     "Cloud-owned work output is written under a lease on work.output"),
+    (
+        "cloud_work_events",
+        [{"n": 1}],
+        "gateway.sync_requires_lease",
+        "Cloud-owned work output is written under a lease on work.output",
+    ),
     ("weather", [{"n": 1}], "gateway.sync_scope_unknown", "unknown sync scope"),
     ("workflow_status", [{"n": 1}], "gateway.sync_scope_not_allowed", "may not sync"),
-    ("health", [{"ok": True}, {"note": "key ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"}],
-     "gateway.sync_secret_detected", "items [1]"),
+    (
+        "health",
+        [{"ok": True}, {"note": "key ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"}],
+        "gateway.sync_secret_detected",
+        "items [1]",
+    ),
     ("health", [{"apiKey": "hunter2"}], "gateway.sync_secret_detected", "secret-looking"),
-    ("redacted_session_metadata", [{"externalId": "s1"}, {"workId": "w1"}],
-     "gateway.lane_mixing", "never names Cloud-owned work"),
+    (
+        "redacted_session_metadata",
+        [{"externalId": "s1"}, {"workId": "w1"}],
+        "gateway.lane_mixing",
+        "never names Cloud-owned work",
+    ),
     ("redacted_session_metadata", [{"work_id": "w1"}], "gateway.lane_mixing", "workId"),
 ]
 
@@ -451,8 +552,11 @@ SYNC_REFUSALS = [
 async def syncing_gateway(hub, operator_nats_url):
     async with client(hub, admin=True) as http:
         created, gateway = await registered_gateway(
-            http, operator_nats_url, "external_workspace_edge_worker",
-            syncScopes=["health", "redacted_session_metadata", "cloud_work_events"])
+            http,
+            operator_nats_url,
+            "external_workspace_edge_worker",
+            syncScopes=["health", "redacted_session_metadata", "cloud_work_events"],
+        )
     yield created, gateway
     await gateway.close()
 
@@ -474,13 +578,14 @@ async def test_sync_refusals_say_why(hub, http, syncing_gateway, scope, items, c
 
 async def test_sync_scope_in_the_subject_must_match_the_body(syncing_gateway):
     _, gateway = syncing_gateway
-    refused = _refusal(await gateway.sync("health", [], body_scope="redacted_session_metadata"),
-                       "gateway.sync_scope_mismatch")
+    refused = _refusal(
+        await gateway.sync("health", [], body_scope="redacted_session_metadata"),
+        "gateway.sync_scope_mismatch",
+    )
     assert "subject" in refused.reason
 
 
-async def test_allowed_sync_is_stored_and_makes_the_workspace_visible(hub, http,
-                                                                      operator_nats_url):
+async def test_allowed_sync_is_stored_and_makes_the_workspace_visible(hub, http, operator_nats_url):
     created, gateway = await registered_gateway(http, operator_nats_url, "external_workspace")
     reg_id = created["registrationId"]
     try:
@@ -527,8 +632,11 @@ async def test_drain_stops_syncs_and_resume_brings_it_back(hub, http, operator_n
     finally:
         await gateway.close()
     actions = [a["action"] for a in await _audit(hub, reg_id)]
-    for action in ("gateway.registration.drained", "external_workspace.hidden",
-                   "gateway.registration.resumed"):
+    for action in (
+        "gateway.registration.drained",
+        "external_workspace.hidden",
+        "gateway.registration.resumed",
+    ):
         assert actions.count(action) == 1, (action, actions)
     assert actions.count("external_workspace.visible") == 2
 
@@ -541,7 +649,8 @@ async def test_resume_of_a_pending_registration_is_a_conflict(http):
 
 # --- rotate / revoke ------------------------------------------------------------------------------------------
 async def test_rotate_drops_the_old_connection_and_only_the_new_credential_works(
-        hub, http, operator_nats_url):
+    hub, http, operator_nats_url
+):
     created, gateway = await registered_gateway(http, operator_nats_url)
     reg_id = created["registrationId"]
     try:
@@ -552,8 +661,14 @@ async def test_rotate_drops_the_old_connection_and_only_the_new_credential_works
         assert rotated["credentialExpiresAt"]
         await _dropped(gateway)
         with pytest.raises(Exception, match="(?i)authorization|revoked"):
-            await connect_with(operator_nats_url, gateway.edge.user_jwt, gateway.edge.seed,
-                               "_INBOX.x", connect_timeout=2, max_reconnect_attempts=0)
+            await connect_with(
+                operator_nats_url,
+                gateway.edge.user_jwt,
+                gateway.edge.seed,
+                "_INBOX.x",
+                connect_timeout=2,
+                max_reconnect_attempts=0,
+            )
     finally:
         await gateway.close()
     with pytest.raises(GatewayError) as caught:  # a beat still in flight from the old key
@@ -579,8 +694,11 @@ async def test_an_expired_credential_ends_the_gateways_access(hub, http, operato
     reg_id = created["registrationId"]
     try:
         assert isinstance(await gateway.heartbeat(), GatewayHeartbeatReply)
-        await hub.pool.execute("UPDATE gateway_registrations SET credential_expires_at = "
-                               "now() - interval '1 s' WHERE registration_id = $1", reg_id)
+        await hub.pool.execute(
+            "UPDATE gateway_registrations SET credential_expires_at = "
+            "now() - interval '1 s' WHERE registration_id = $1",
+            reg_id,
+        )
         await hub.gateways.sweep_expired()  # (the hub's own sweep may come first)
         await _dropped(gateway)
     finally:
@@ -589,15 +707,15 @@ async def test_an_expired_credential_ends_the_gateways_access(hub, http, operato
     assert view["status"] == "paused" and "expired" in view["statusReason"]
     assert view["publicKey"] is None
     assert len(await _audit(hub, reg_id, "gateway.registration.credential_expired")) == 1
-    assert (await register(operator_nats_url, created["credential"])).code == \
-        "gateway.credential_expired"
+    assert (
+        await register(operator_nats_url, created["credential"])
+    ).code == "gateway.credential_expired"
     rotated = await admin_action(http, reg_id, "rotate")
     again = await register(operator_nats_url, rotated["credential"])
     assert again.reply is not None and again.reply.state == "active"
 
 
-async def test_revoke_disconnects_refuses_everything_and_is_final(hub, http,
-                                                                  operator_nats_url):
+async def test_revoke_disconnects_refuses_everything_and_is_final(hub, http, operator_nats_url):
     created, gateway = await registered_gateway(http, operator_nats_url, "external_workspace")
     reg_id = created["registrationId"]
     try:
@@ -611,8 +729,9 @@ async def test_revoke_disconnects_refuses_everything_and_is_final(hub, http,
     with pytest.raises(GatewayError) as caught:
         await hub.gateways.heartbeat(TENANT, reg_id, gateway.beat(10**12))
     assert caught.value.code == "gateway.revoked"
-    assert (await register(operator_nats_url, created["credential"])).code == \
-        "gateway.invalid_credential"
+    assert (
+        await register(operator_nats_url, created["credential"])
+    ).code == "gateway.invalid_credential"
     again = await admin_action(http, reg_id, "revoke", reason="again")
     assert again["revokeReason"] == "appliance stolen"  # idempotent, first reason kept
     for action, body in (("rotate", {}), ("drain", {"deadlineSeconds": 5}), ("resume", {})):
@@ -620,10 +739,15 @@ async def test_revoke_disconnects_refuses_everything_and_is_final(hub, http,
         _assert_json_error(response, 409, "gateway.revoked")
     assert len(await _audit(hub, reg_id, "gateway.registration.revoked")) == 1
     assert len(await _audit(hub, reg_id, "external_workspace.hidden")) == 1
-    assert await hub.pool.fetchval("SELECT credential_hash FROM gateway_registrations WHERE "
-                                   "registration_id = $1", reg_id) is None
-    principal = await hub.pool.fetchval("SELECT status FROM bus_principals WHERE kind = "
-                                        "'gateway' AND principal_id = $1", reg_id)
+    assert (
+        await hub.pool.fetchval(
+            "SELECT credential_hash FROM gateway_registrations WHERE registration_id = $1", reg_id
+        )
+        is None
+    )
+    principal = await hub.pool.fetchval(
+        "SELECT status FROM bus_principals WHERE kind = 'gateway' AND principal_id = $1", reg_id
+    )
     assert principal == "revoked"
 
 
@@ -633,21 +757,32 @@ ROUNDS = 6
 
 
 def _beat(sequence: int) -> GatewayHeartbeat:
-    return GatewayHeartbeat(liveness="alive", mode="active", health="healthy", current_load=0,
-                            active_work_ids=[], heartbeat_sequence=sequence,
-                            versions=good_versions())
+    return GatewayHeartbeat(
+        liveness="alive",
+        mode="active",
+        health="healthy",
+        current_load=0,
+        active_work_ids=[],
+        heartbeat_sequence=sequence,
+        versions=good_versions(),
+    )
 
 
 async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
-        hub, http, operator_nats_url, database_url_module):
+    hub, http, operator_nats_url, database_url_module
+):
     """32 heartbeats and a revoke at once, several rounds, each on its own connection:
     every accepted beat is stamped before `revoked_at`, the counter matches the accepted
     replies, and every beat that starts after the revoke returned is refused."""
-    pool = await _db.create_pool(database_url_module, min_size=RACERS + 1,
-                                 max_size=RACERS + 8)
-    registry = GatewayRegistry(pool, AuditLog(pool), hub.metrics,
-                               credential_key=hub.keys.derive_key("gateway-credential"),
-                               hub_id="race", credentials=hub.credentials)
+    pool = await _db.create_pool(database_url_module, min_size=RACERS + 1, max_size=RACERS + 8)
+    registry = GatewayRegistry(
+        pool,
+        AuditLog(pool),
+        hub.metrics,
+        credential_key=hub.keys.derive_key("gateway-credential"),
+        hub_id="race",
+        credentials=hub.credentials,
+    )
     totals = {"ok": 0, "revoked": 0, "stale": 0}
     try:
         for round_ in range(ROUNDS):
@@ -684,12 +819,14 @@ async def _race(registry: GatewayRegistry, reg_id: str, round_: int) -> dict[str
         await registry.revoke(TENANT, reg_id, reason="race", actor="admin")
         return loop.time()
 
-    *beats, revoked_returned = await asyncio.gather(
-        *(beat() for _ in range(RACERS)), revoke())
+    *beats, revoked_returned = await asyncio.gather(*(beat() for _ in range(RACERS)), revoke())
     late = [await beat() for _ in range(4)]  # surely after the revoke
     row = await registry._pool.fetchrow(
         "SELECT heartbeats_accepted, last_heartbeat_at, revoked_at, status "
-        "FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2", TENANT, reg_id)
+        "FROM gateway_registrations WHERE tenant = $1 AND registration_id = $2",
+        TENANT,
+        reg_id,
+    )
 
     accepted = [b for b in beats if b[0] == "ok"]
     assert row["status"] == "revoked"
@@ -701,6 +838,8 @@ async def _race(registry: GatewayRegistry, reg_id: str, round_: int) -> dict[str
         if started > revoked_returned:
             assert code == "gateway.revoked", (code, started, revoked_returned)
     assert all(code == "gateway.revoked" for code, _ in late), late
-    return {"ok": len(accepted),
-            "revoked": sum(code == "gateway.revoked" for code, _ in beats),
-            "stale": sum(code == "gateway.stale_heartbeat" for code, _ in beats)}
+    return {
+        "ok": len(accepted),
+        "revoked": sum(code == "gateway.revoked" for code, _ in beats),
+        "stale": sum(code == "gateway.stale_heartbeat" for code, _ in beats),
+    }

@@ -68,8 +68,12 @@ async def claimed(bus: GatewayBus, work_id: str | None = None) -> WorkClaimReply
 
 
 async def expire(hub, tenant: str, work_id: str) -> None:
-    await hub.pool.execute("UPDATE edge_work SET lease_expires_at = now() - interval '1 s' "
-                           "WHERE tenant = $1 AND work_id = $2", tenant, work_id)
+    await hub.pool.execute(
+        "UPDATE edge_work SET lease_expires_at = now() - interval '1 s' "
+        "WHERE tenant = $1 AND work_id = $2",
+        tenant,
+        work_id,
+    )
 
 
 def refused(reply, code: str) -> None:
@@ -119,8 +123,9 @@ async def test_enqueue_is_idempotent_and_validated(http, tenant):
 async def test_queued_work_says_when_no_gateway_can_take_it(http, gateways, tenant):
     work_id = await enqueue(http, tenant)
     view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
-    assert view["state"] == "queued" and "no Gateway of this tenant can claim it" in \
-        view["waiting"], view
+    assert (
+        view["state"] == "queued" and "no Gateway of this tenant can claim it" in view["waiting"]
+    ), view
     await gateways(tenant)  # an active edge worker appears: the hint goes
     view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
     assert "waiting" not in view, view
@@ -129,11 +134,13 @@ async def test_queued_work_says_when_no_gateway_can_take_it(http, gateways, tena
 async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant):
     gw = await gateways(tenant)
     offers = await collect(gw.nc, subjects.WORK_OFFER.filter(tenant=tenant), WorkOffer)
-    live = await collect(hub.nc, subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id="wsA"),
-                         WorkspaceEvent)
+    live = await collect(
+        hub.nc, subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id="wsA"), WorkspaceEvent
+    )
 
-    work_id = await enqueue(http, tenant, workspace="wsA",
-                            sessionRef={"workspaceId": "wsA", "sessionId": "s1"})
+    work_id = await enqueue(
+        http, tenant, workspace="wsA", sessionRef={"workspaceId": "wsA", "sessionId": "s1"}
+    )
     offer = await asyncio.wait_for(offers.get(), 5)
     assert offer.work_id == work_id and offer.kind == "prompt"
 
@@ -148,9 +155,12 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
     renewed = await gw.renew(work_id, lease.lease_token)
     assert renewed.lease_expires_at > lease.lease_expires_at
 
-    for seq, kind, body in ((1, "event", {"delta": "hel"}), (2, "event", {"delta": "lo"}),
-                            (3, "status", {"phase": "running"}),
-                            (4, "result", {"text": "hello"})):
+    for seq, kind, body in (
+        (1, "event", {"delta": "hel"}),
+        (2, "event", {"delta": "lo"}),
+        (3, "status", {"phase": "running"}),
+        (4, "result", {"text": "hello"}),
+    ):
         reply = await gw.output(work_id, lease.lease_token, seq, kind, body)
         assert reply.ok, reply
 
@@ -160,25 +170,43 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
     assert got["status"] == {"state": "completed"} and got["leaseExpiresAt"] is None
     assert got["owner"] == gw.reg_id
     assert [e["sequence"] for e in got["events"]] == [1, 2, 3, 4]
-    assert got["events"][0] == {**got["events"][0], "kind": "event", "body": {"delta": "hel"},
-                                "attempt": 1, "registrationId": gw.reg_id}
-    assert [(x["attempt"], x["registrationId"], x["outcome"]) for x in got["leases"]] == \
-        [(1, gw.reg_id, "completed")]
-    page = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}",
-                           params={"afterSequence": 1, "limit": 2})).json()
+    assert got["events"][0] == {
+        **got["events"][0],
+        "kind": "event",
+        "body": {"delta": "hel"},
+        "attempt": 1,
+        "registrationId": gw.reg_id,
+    }
+    assert [(x["attempt"], x["registrationId"], x["outcome"]) for x in got["leases"]] == [
+        (1, gw.reg_id, "completed")
+    ]
+    page = (
+        await http.get(
+            f"/api/v1/tenants/{tenant}/work/{work_id}", params={"afterSequence": 1, "limit": 2}
+        )
+    ).json()
     assert [e["sequence"] for e in page["events"]] == [2, 3]
 
     projected = await hub.pool.fetch(
         "SELECT sequence, event_id, type, source_kind, source_id, session_id, payload "
         "FROM workspace_events WHERE tenant = $1 AND workspace_id = 'wsA' ORDER BY sequence",
-        tenant)
+        tenant,
+    )
     assert [(r["sequence"], r["type"]) for r in projected] == [
-        (1, "work.event"), (2, "work.event"), (3, "work.status"), (4, "work.result")]
+        (1, "work.event"),
+        (2, "work.event"),
+        (3, "work.status"),
+        (4, "work.result"),
+    ]
     assert projected[0]["event_id"] == f"{work_id}-1"
     assert projected[0]["source_kind"] == "gateway" and projected[0]["source_id"] == gw.reg_id
     assert projected[0]["session_id"] == "s1"
-    assert projected[0]["payload"] == {"workId": work_id, "sequence": 1, "attempt": 1,
-                                       "body": {"delta": "hel"}}
+    assert projected[0]["payload"] == {
+        "workId": work_id,
+        "sequence": 1,
+        "attempt": 1,
+        "body": {"delta": "hel"},
+    }
     seen = [await asyncio.wait_for(live.get(), 5) for _ in range(4)]
     assert [e.sequence for e in seen] == [1, 2, 3, 4] and seen[3].type == "work.result"
 
@@ -206,10 +234,12 @@ async def test_replay_is_a_noop_and_conflicts_are_refused(hub, http, gateways, t
     refused(await gw.output(work_id, token, 2, "result", {"done": False}), "work.already_final")
     refused(await gw.output(work_id, token, 3, "event", {"late": 1}), "work.already_final")
     refused(await gw.renew(work_id, token), "work.not_leased")
-    count = await hub.pool.fetchval("SELECT count(*) FROM edge_work_outputs WHERE tenant = $1",
-                                    tenant)
+    count = await hub.pool.fetchval(
+        "SELECT count(*) FROM edge_work_outputs WHERE tenant = $1", tenant
+    )
     projected = await hub.pool.fetchval(
-        "SELECT count(*) FROM workspace_events WHERE tenant = $1", tenant)
+        "SELECT count(*) FROM workspace_events WHERE tenant = $1", tenant
+    )
     assert count == 2 and projected == 2
 
 
@@ -251,23 +281,29 @@ async def test_stale_token_after_takeover_is_refused_and_audited(hub, http, gate
     assert second.attempt == 2 and second.next_sequence == 2
     assert second.lease_token != first.lease_token
 
-    refused(await old.output(work_id, first.lease_token, 2, "event", {"late": 1}),
-            "work.stale_lease")
+    refused(
+        await old.output(work_id, first.lease_token, 2, "event", {"late": 1}), "work.stale_lease"
+    )
     refused(await old.renew(work_id, first.lease_token), "work.stale_lease")
     refused(await new.output(work_id, first.lease_token, 2), "work.stale_lease")  # not its token
     assert (await new.output(work_id, second.lease_token, 2, "result", {"by": "new"})).ok
 
-    rows = [r for r in await audit_actions(hub, tenant)
-            if r["action"] == "gateway.edge.output_refused"]
+    rows = [
+        r for r in await audit_actions(hub, tenant) if r["action"] == "gateway.edge.output_refused"
+    ]
     mine = [r for r in rows if r["actor_id"] == old.reg_id]
     assert mine and mine[0]["target_id"] == work_id
     assert mine[0]["metadata"]["code"] == "work.stale_lease"
     assert mine[0]["metadata"]["sequence"] == 2
-    assert any(r["action"] == "gateway.edge.renew_refused" and r["actor_id"] == old.reg_id
-               for r in await audit_actions(hub, tenant))
+    assert any(
+        r["action"] == "gateway.edge.renew_refused" and r["actor_id"] == old.reg_id
+        for r in await audit_actions(hub, tenant)
+    )
     got = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
-    assert [(x["registrationId"], x["outcome"]) for x in got["leases"]] == \
-        [(old.reg_id, "expired"), (new.reg_id, "completed")]
+    assert [(x["registrationId"], x["outcome"]) for x in got["leases"]] == [
+        (old.reg_id, "expired"),
+        (new.reg_id, "completed"),
+    ]
     assert [(e["sequence"], e["attempt"]) for e in got["events"]] == [(1, 1), (2, 2)]
 
 
@@ -278,8 +314,7 @@ async def test_an_expired_lease_is_refused(hub, http, gateways, tenant):
     await asyncio.sleep(LEASE + 0.3)  # the real clock, no SQL help
     refused(await gw.output(work_id, lease.lease_token, 1), "work.stale_lease")
     reply = await gw.renew(work_id, lease.lease_token)
-    assert isinstance(reply, AckReply) and reply.code in ("work.lease_expired",
-                                                          "work.stale_lease")
+    assert isinstance(reply, AckReply) and reply.code in ("work.lease_expired", "work.stale_lease")
 
 
 async def test_reaper_requeues_then_dead_letters(hub, http, gateways, tenant):
@@ -313,14 +348,16 @@ async def test_reaper_requeues_then_dead_letters(hub, http, gateways, tenant):
     # ... and said in its workspace once, for a chat bound there to tell its user.
     [told] = await hub.pool.fetch(
         "SELECT payload FROM workspace_events WHERE tenant = $1 AND type = 'work.dead_lettered'",
-        tenant)
+        tenant,
+    )
     body = json.loads(told["payload"]) if isinstance(told["payload"], str) else told["payload"]
     assert body["workId"] == work_id and "gave up after 3 attempts" in body["body"]["reason"]
 
 
 async def _state(hub, tenant: str, work_id: str) -> str:
-    return await hub.pool.fetchval("SELECT state FROM edge_work WHERE tenant = $1 "
-                                   "AND work_id = $2", tenant, work_id)
+    return await hub.pool.fetchval(
+        "SELECT state FROM edge_work WHERE tenant = $1 AND work_id = $2", tenant, work_id
+    )
 
 
 async def _until(probe, expected, timeout: float = 5.0):
@@ -339,11 +376,16 @@ async def test_drain_refuses_claims_and_caps_renewals(hub, http, gateways, tenan
     await hub.pool.execute(
         "UPDATE gateway_registrations SET status = 'draining', "
         "drain_deadline = now() + interval '1 s' WHERE tenant = $1 AND registration_id = $2",
-        tenant, gw.reg_id)
+        tenant,
+        gw.reg_id,
+    )
     refused(await gw.claim(), "gateway.draining")
     deadline = await hub.pool.fetchval(
         "SELECT drain_deadline FROM gateway_registrations WHERE tenant = $1 "
-        "AND registration_id = $2", tenant, gw.reg_id)
+        "AND registration_id = $2",
+        tenant,
+        gw.reg_id,
+    )
     renewed = await gw.renew(work_id, lease.lease_token)
     assert renewed.lease_expires_at == deadline  # capped: LEASE (3 s) is past the deadline
     assert (await gw.output(work_id, lease.lease_token, 1)).ok  # writes go on while leased
@@ -356,13 +398,19 @@ async def test_revoked_registration_is_refused_everything(hub, http, gateways, t
     work_id = await enqueue(http, tenant)
     await enqueue(http, tenant, text="second")
     lease = await claimed(gw)
-    await hub.pool.execute("UPDATE gateway_registrations SET status = 'revoked' "
-                           "WHERE tenant = $1 AND registration_id = $2", tenant, gw.reg_id)
+    await hub.pool.execute(
+        "UPDATE gateway_registrations SET status = 'revoked' "
+        "WHERE tenant = $1 AND registration_id = $2",
+        tenant,
+        gw.reg_id,
+    )
     refused(await gw.claim(), "gateway.revoked")
     refused(await gw.renew(work_id, lease.lease_token), "gateway.revoked")
     refused(await gw.output(work_id, lease.lease_token, 1), "gateway.revoked")
-    assert await hub.pool.fetchval("SELECT count(*) FROM edge_work_outputs WHERE tenant = $1",
-                                   tenant) == 0
+    assert (
+        await hub.pool.fetchval("SELECT count(*) FROM edge_work_outputs WHERE tenant = $1", tenant)
+        == 0
+    )
     # The lease itself runs out normally and goes back to the queue.
     assert await _state(hub, tenant, work_id) == "leased"
 
@@ -377,40 +425,53 @@ async def test_quota_is_enforced(hub, http, gateways, tenant):
     refused(await idle.claim(), "gateway.over_quota")
 
 
-@pytest.mark.parametrize(("registration", "code"), [
-    ({"status": "pending"}, "gateway.pending"),
-    ({"status": "paused"}, "gateway.paused"),
-    ({"status": "unhealthy"}, "gateway.unhealthy"),
-    ({"status": "retired"}, "gateway.retired"),
-    ({"kind": "external_workspace"}, "gateway.not_edge_worker"),
-    ({"trust": "customer_hosted_managed_saas_deferred"}, "gateway.trust_deferred"),
-    ({"scopes": [s for s in EDGE_SCOPES if s != "gateway.edge.claim"]},
-     "gateway.no_claim_scope"),
-    ({"work_kinds": ()}, "gateway.kind_not_advertised"),
-])
-async def test_ineligible_registrations_cannot_claim(hub, http, gateways, tenant,
-                                                     registration, code):
+@pytest.mark.parametrize(
+    ("registration", "code"),
+    [
+        ({"status": "pending"}, "gateway.pending"),
+        ({"status": "paused"}, "gateway.paused"),
+        ({"status": "unhealthy"}, "gateway.unhealthy"),
+        ({"status": "retired"}, "gateway.retired"),
+        ({"kind": "external_workspace"}, "gateway.not_edge_worker"),
+        ({"trust": "customer_hosted_managed_saas_deferred"}, "gateway.trust_deferred"),
+        (
+            {"scopes": [s for s in EDGE_SCOPES if s != "gateway.edge.claim"]},
+            "gateway.no_claim_scope",
+        ),
+        ({"work_kinds": ()}, "gateway.kind_not_advertised"),
+    ],
+)
+async def test_ineligible_registrations_cannot_claim(
+    hub, http, gateways, tenant, registration, code
+):
     await enqueue(http, tenant)
     gw = await gateways(tenant, **registration)
     refused(await gw.claim(), code)
-    rows = [r for r in await audit_actions(hub, tenant)
-            if r["action"] == "gateway.edge.claim_refused"]
+    rows = [
+        r for r in await audit_actions(hub, tenant) if r["action"] == "gateway.edge.claim_refused"
+    ]
     assert rows and rows[-1]["actor_id"] == gw.reg_id and rows[-1]["metadata"]["code"] == code
-    assert await hub.pool.fetchval("SELECT state FROM edge_work WHERE tenant = $1",
-                                   tenant) == "queued"
+    assert (
+        await hub.pool.fetchval("SELECT state FROM edge_work WHERE tenant = $1", tenant) == "queued"
+    )
 
 
 async def test_requirements_decide_who_may_claim(hub, http, gateways, tenant):
     needs = {"capabilities": ["browser"], "credentials": ["github"]}
-    response = await http.post(f"/api/v1/tenants/{tenant}/work",
-                                json=enqueue_body(requirements=needs))
+    response = await http.post(
+        f"/api/v1/tenants/{tenant}/work", json=enqueue_body(requirements=needs)
+    )
     work_id = response.json()["workId"]
     no_browser = await gateways(tenant, approved_credentials=("github",))
-    read_only = await gateways(tenant, capabilities={"browser": "read_only"},
-                               approved_credentials=("github",))
+    read_only = await gateways(
+        tenant, capabilities={"browser": "read_only"}, approved_credentials=("github",)
+    )
     no_credential = await gateways(tenant, capabilities={"browser": "supported"})
-    fitting = await gateways(tenant, capabilities={"browser": "supported", "x": "deferred"},
-                             approved_credentials=("github", "slack"))
+    fitting = await gateways(
+        tenant,
+        capabilities={"browser": "supported", "x": "deferred"},
+        approved_credentials=("github", "slack"),
+    )
     for gw in (no_browser, read_only, no_credential):
         assert (await gw.claim(work_id)).work_id is None
     assert (await claimed(fitting, work_id)).work_id == work_id
@@ -430,8 +491,9 @@ async def test_writes_are_rate_limited(hub, http, gateways, tenant):
         assert limited.retry_after_seconds > 0
     finally:
         hub.edge_work._limiter = saved
-    assert not any(r["action"] == "gateway.edge.output_refused"
-                   for r in await audit_actions(hub, tenant))
+    assert not any(
+        r["action"] == "gateway.edge.output_refused" for r in await audit_actions(hub, tenant)
+    )
 
 
 async def test_envelope_must_match_the_subject(hub, gateways, tenant):

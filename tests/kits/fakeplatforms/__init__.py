@@ -7,11 +7,11 @@ Every kind in channels.PROVIDERS must have a fake here: the conformance suite
 from __future__ import annotations
 
 from ._base import FakePlatform, Posted, webhook_request
+from .cli import FakeCli
 from .discord import FakeDiscord
+from .email import FakeEmail
 from .slack import FakeSlack
 from .telegram import FakeTelegram
-from .cli import FakeCli
-from .email import FakeEmail
 from .webhook import FakeWebhook
 from .whatsapp import FakeWhatsApp
 

@@ -38,12 +38,24 @@ class Failure:
     remaining: int
 
 
-def webhook_request(body: bytes, headers: dict[str, str], *, method: str = "POST",
-                    query: dict[str, str] | None = None, now: float | None = None
-                    ) -> WebhookRequest:
-    return WebhookRequest(method=method, path="/webhooks/x", query=query or {},
-                          headers=CIMultiDict(headers), body=body, remote="127.0.0.1",
-                          received_at=datetime.now(UTC), now=now or time.time())
+def webhook_request(
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    method: str = "POST",
+    query: dict[str, str] | None = None,
+    now: float | None = None,
+) -> WebhookRequest:
+    return WebhookRequest(
+        method=method,
+        path="/webhooks/x",
+        query=query or {},
+        headers=CIMultiDict(headers),
+        body=body,
+        remote="127.0.0.1",
+        received_at=datetime.now(UTC),
+        now=now or time.time(),
+    )
 
 
 class FakePlatform:
@@ -119,12 +131,20 @@ class FakePlatform:
         return emoji
 
     # --- requests the platform would send us ----------------------------------------
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+    ) -> WebhookRequest:
         raise NotImplementedError
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest | None:
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest | None:
         """None when the platform has no buttons."""
         return None
 
@@ -132,8 +152,13 @@ class FakePlatform:
         """The same request with one byte of the body changed."""
         body = bytearray(request.body)
         body[len(body) // 2] ^= 0x01
-        return webhook_request(bytes(body), dict(request.headers), method=request.method,
-                               query=dict(request.query), now=request.now)
+        return webhook_request(
+            bytes(body),
+            dict(request.headers),
+            method=request.method,
+            query=dict(request.query),
+            now=request.now,
+        )
 
     # --- failure injection and records ----------------------------------------------
     def fail_next(self, status: int, retry_after: float | None = None, count: int = 1) -> None:
@@ -154,8 +179,14 @@ class FakePlatform:
         self._next_id += 1
         return str(self._next_id)
 
-    def post(self, chat_id: str, text: str, *, thread_id: str | None = None,
-             buttons: list[list[str]] | None = None) -> Posted:
+    def post(
+        self,
+        chat_id: str,
+        text: str,
+        *,
+        thread_id: str | None = None,
+        buttons: list[list[str]] | None = None,
+    ) -> Posted:
         posted = Posted(self.new_message_id(), chat_id, text, thread_id, buttons or [])
         self.chats.setdefault(chat_id, []).append(posted)
         return posted

@@ -60,14 +60,28 @@ class FakeCli(FakePlatform):
     def line(self, raw: str) -> WebhookRequest:
         return webhook_request(raw.encode(), {}, method="STDIN")
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+    ) -> WebhookRequest:
         return self.line(json.dumps({"id": self.event_ref(event_id), "text": text}))
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest:
-        return self.line(json.dumps({"id": self.event_ref(event_id),
-                                     "interaction": {"id": f"press-{event_id}", "token": token}}))
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest:
+        return self.line(
+            json.dumps(
+                {
+                    "id": self.event_ref(event_id),
+                    "interaction": {"id": f"press-{event_id}", "token": token},
+                }
+            )
+        )
 
     # --- what the terminal shows -----------------------------------------------------------
     def delivered(self) -> list[dict[str, Any]]:
@@ -88,8 +102,12 @@ class FakeCli(FakePlatform):
                 if posted is not None:
                     posted.text, posted.edits = record.get("text", ""), posted.edits + 1
                 continue
-            posted = Posted(record["messageId"], chat, record.get("text", ""), buttons=[
-                [b["label"] for b in row] for row in record.get("buttons") or []])
+            posted = Posted(
+                record["messageId"],
+                chat,
+                record.get("text", ""),
+                buttons=[[b["label"] for b in row] for row in record.get("buttons") or []],
+            )
             by_id[posted.message_id] = posted
             chats.setdefault(chat, []).append(posted)
         return chats

@@ -27,26 +27,29 @@ class FakeDiscord(FakePlatform):
         self.bot_token = secrets.token_urlsafe(40)
         self.application_id = str(10**17 + secrets.randbelow(10**17))
         self._key = Ed25519PrivateKey.generate()
-        self.public_key = self._key.public_key().public_bytes(Encoding.Raw,
-                                                              PublicFormat.Raw).hex()
+        self.public_key = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
         self.nonces: dict[str, str] = {}  # nonce -> message id (enforce_nonce dedupe)
         self.deferred: set[str] = set()  # interaction ids already answered by the webhook
         self.original_edits: list[tuple[str, str]] = []  # (interaction token, content)
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/channels/{channel}/messages", self._create),
-                web.patch("/channels/{channel}/messages/{message}", self._edit),
-                web.post("/channels/{channel}/typing", self._typing),
-                web.put("/channels/{channel}/messages/{message}/reactions/{emoji}/@me",
-                        self._react),
-                web.post("/interactions/{id}/{token}/callback", self._callback),
-                web.patch("/webhooks/{app}/{token}/messages/@original", self._original),
-                web.get("/users/@me", self._me)]
+        return [
+            web.post("/channels/{channel}/messages", self._create),
+            web.patch("/channels/{channel}/messages/{message}", self._edit),
+            web.post("/channels/{channel}/typing", self._typing),
+            web.put("/channels/{channel}/messages/{message}/reactions/{emoji}/@me", self._react),
+            web.post("/interactions/{id}/{token}/callback", self._callback),
+            web.patch("/webhooks/{app}/{token}/messages/@original", self._original),
+            web.get("/users/@me", self._me),
+        ]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url, "allowLoopbackHttp": True,
-                "applicationId": self.application_id,
-                "publicKey": self.public_key}
+        return {
+            "apiBase": self.base_url,
+            "allowLoopbackHttp": True,
+            "applicationId": self.application_id,
+            "publicKey": self.public_key,
+        }
 
     def instance_secrets(self) -> dict[str, str]:
         return {"botToken": self.bot_token}
@@ -56,15 +59,17 @@ class FakeDiscord(FakePlatform):
         """Auth, body decoding and failure injection shared by every handler."""
         auth = request.headers.get("Authorization", "")
         if not hmac.compare_digest(auth, f"Bot {self.bot_token}"):
-            return None, web.json_response({"message": "401: Unauthorized", "code": 0},
-                                           status=401)
+            return None, web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
         if request.content_type == "application/json":
             body = await request.json()
         elif request.content_type.startswith("multipart/"):
             form = await request.post()
             body = json.loads(form["payload_json"])
-            body["files"] = [{"filename": v.filename, "size": len(v.file.read())}
-                             for k, v in form.items() if k.startswith("files[")]
+            body["files"] = [
+                {"filename": v.filename, "size": len(v.file.read())}
+                for k, v in form.items()
+                if k.startswith("files[")
+            ]
         else:
             body = None
         self.calls.append((operation, body))
@@ -74,13 +79,17 @@ class FakeDiscord(FakePlatform):
         if failure.status == 429:
             retry = failure.retry_after or 1
             return body, web.json_response(
-                {"message": "You are being rate limited.", "retry_after": retry,
-                 "global": False}, status=429, headers={"Retry-After": str(int(retry))})
+                {"message": "You are being rate limited.", "retry_after": retry, "global": False},
+                status=429,
+                headers={"Retry-After": str(int(retry))},
+            )
         if failure.status >= 500:
-            return body, web.json_response({"message": "Internal Server Error", "code": 0},
-                                           status=failure.status)
-        return body, web.json_response({"message": "Invalid Form Body", "code": 50035},
-                                       status=failure.status)
+            return body, web.json_response(
+                {"message": "Internal Server Error", "code": 0}, status=failure.status
+            )
+        return body, web.json_response(
+            {"message": "Invalid Form Body", "code": 50035}, status=failure.status
+        )
 
     @staticmethod
     def _invalid(message: str) -> web.Response:
@@ -116,8 +125,14 @@ class FakeDiscord(FakePlatform):
         posted = self.post(channel, content, buttons=buttons)
         if nonce:
             self.nonces[nonce] = posted.message_id
-        return web.json_response({"id": posted.message_id, "channel_id": channel,
-                                  "content": content, "attachments": body.get("files", [])})
+        return web.json_response(
+            {
+                "id": posted.message_id,
+                "channel_id": channel,
+                "content": content,
+                "attachments": body.get("files", []),
+            }
+        )
 
     async def _edit(self, request: web.Request) -> web.Response:
         body, refused = await self._guard(request, "edit message")
@@ -155,8 +170,9 @@ class FakeDiscord(FakePlatform):
         self.calls.append(("interaction callback", body))
         interaction = request.match_info["id"]
         if interaction in self.deferred or interaction in self.answered:
-            return web.json_response({"message": "Interaction has already been acknowledged.",
-                                      "code": 40060}, status=400)
+            return web.json_response(
+                {"message": "Interaction has already been acknowledged.", "code": 40060}, status=400
+            )
         self.answered.append(interaction)
         return web.Response(status=204)
 
@@ -172,36 +188,74 @@ class FakeDiscord(FakePlatform):
         _, refused = await self._guard(request, "get current user")
         if refused:
             return refused
-        return web.json_response({"id": self.application_id, "username": "cowork",
-                                  "bot": True})
+        return web.json_response({"id": self.application_id, "username": "cowork", "bot": True})
 
     # --- interactions Discord would send us -------------------------------------------------
     def sign(self, body: bytes, *, timestamp: float | None = None) -> WebhookRequest:
         ts = str(int(timestamp if timestamp is not None else time.time()))
         signature = self._key.sign(ts.encode() + body).hex()
-        return webhook_request(body, {"Content-Type": "application/json",
-                                      "X-Signature-Timestamp": ts,
-                                      "X-Signature-Ed25519": signature})
+        return webhook_request(
+            body,
+            {
+                "Content-Type": "application/json",
+                "X-Signature-Timestamp": ts,
+                "X-Signature-Ed25519": signature,
+            },
+        )
 
-    def _interaction(self, kind: int, event_id: str, chat_id: str, user_id: str,
-                     data: dict[str, Any], thread_id: str | None = None,
-                     **extra: Any) -> dict[str, Any]:
+    def _interaction(
+        self,
+        kind: int,
+        event_id: str,
+        chat_id: str,
+        user_id: str,
+        data: dict[str, Any],
+        thread_id: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         channel_id = thread_id or chat_id
         user = {"id": user_id, "username": "ada", "global_name": "Ada", "bot": False}
-        return {"id": event_id, "application_id": self.application_id, "type": kind,
-                "token": f"itok-{event_id}-{secrets.token_hex(8)}", "version": 1,
-                "guild_id": "999", "channel_id": channel_id,
-                "channel": {"id": channel_id, "type": 11 if thread_id else 0,
-                            **({"parent_id": chat_id} if thread_id else {})},
-                "member": {"user": user, "roles": []}, "data": data, **extra}
+        return {
+            "id": event_id,
+            "application_id": self.application_id,
+            "type": kind,
+            "token": f"itok-{event_id}-{secrets.token_hex(8)}",
+            "version": 1,
+            "guild_id": "999",
+            "channel_id": channel_id,
+            "channel": {
+                "id": channel_id,
+                "type": 11 if thread_id else 0,
+                **({"parent_id": chat_id} if thread_id else {}),
+            },
+            "member": {"user": user, "roles": []},
+            "data": data,
+            **extra,
+        }
 
     def signed_ping(self) -> WebhookRequest:
-        return self.sign(json.dumps({"id": "1", "application_id": self.application_id,
-                                     "type": 1, "token": "t", "version": 1}).encode())
+        return self.sign(
+            json.dumps(
+                {
+                    "id": "1",
+                    "application_id": self.application_id,
+                    "type": 1,
+                    "token": "t",
+                    "version": 1,
+                }
+            ).encode()
+        )
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None,
-                       timestamp: float | None = None) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+        timestamp: float | None = None,
+    ) -> WebhookRequest:
         """A slash command: `/name rest` as /name with one string option, any other
         text as `/ask text:<text>`."""
         if text.startswith("/"):
@@ -210,13 +264,18 @@ class FakeDiscord(FakePlatform):
         else:
             name, options = "ask", [{"name": "text", "type": 3, "value": text}]
         data = {"id": "555", "name": name, "type": 1, "options": options}
-        return self.sign(json.dumps(self._interaction(2, event_id, chat_id, user_id, data,
-                                                      thread_id)).encode(),
-                         timestamp=timestamp)
+        return self.sign(
+            json.dumps(self._interaction(2, event_id, chat_id, user_id, data, thread_id)).encode(),
+            timestamp=timestamp,
+        )
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest:
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest:
         data = {"custom_id": token, "component_type": 2}
         message = {"id": "900", "channel_id": chat_id, "content": "Approve?"}
-        return self.sign(json.dumps(self._interaction(3, event_id, chat_id, user_id, data,
-                                                      message=message)).encode())
+        return self.sign(
+            json.dumps(
+                self._interaction(3, event_id, chat_id, user_id, data, message=message)
+            ).encode()
+        )

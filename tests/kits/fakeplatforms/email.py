@@ -24,11 +24,12 @@ def address_of(chat_id: str) -> str:
 
 
 class _Recorder:
-    def __init__(self, fake: "FakeEmail") -> None:
+    def __init__(self, fake: FakeEmail) -> None:
         self.fake = fake
 
-    async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
-                          arg: str) -> str:
+    async def handle_NOOP(
+        self, server: SMTP, session: Session, envelope: Envelope, arg: str
+    ) -> str:
         self.fake.calls.append(("noop", None))
         return "250 OK"
 
@@ -66,7 +67,8 @@ class FakeEmail(FakePlatform):
         loop = asyncio.get_running_loop()
         handler = _Recorder(self)
         self._server = await loop.create_server(
-            lambda: SMTP(handler, hostname="fake-mx.test", ident="fake ESMTP"), "127.0.0.1", 0)
+            lambda: SMTP(handler, hostname="fake-mx.test", ident="fake ESMTP"), "127.0.0.1", 0
+        )
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         self.base_url = f"smtp://127.0.0.1:{self.smtp_port}"
 
@@ -76,8 +78,12 @@ class FakeEmail(FakePlatform):
             await self._server.wait_closed()
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"smtpHost": "127.0.0.1", "smtpPort": self.smtp_port, "smtpStarttls": False,
-                "fromAddress": "bot@cowork.test"}
+        return {
+            "smtpHost": "127.0.0.1",
+            "smtpPort": self.smtp_port,
+            "smtpStarttls": False,
+            "fromAddress": "bot@cowork.test",
+        }
 
     def instance_secrets(self) -> dict[str, str]:
         return {"relaySecret": self.relay_secret}
@@ -111,19 +117,30 @@ class FakeEmail(FakePlatform):
         return "550 5.1.1 Injected permanent failure"
 
     # --- requests the relay would send us --------------------------------------------
-    def relay_request(self, mail: dict[str, Any], *, token: str | None = None,
-                      scheme: str = "Bearer") -> WebhookRequest:
+    def relay_request(
+        self, mail: dict[str, Any], *, token: str | None = None, scheme: str = "Bearer"
+    ) -> WebhookRequest:
         headers = {"Content-Type": "application/json"}
         if token != "":
             headers["Authorization"] = f"{scheme} {token or self.relay_secret}"
         return webhook_request(json.dumps(mail).encode(), headers)
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+    ) -> WebhookRequest:
         mail: dict[str, Any] = {
             "messageId": self.event_ref(event_id),
-            "from": f"Ada Lovelace <{address_of(chat_id)}>", "to": "bot@cowork.test",
-            "subject": "Build status", "text": text}
+            "from": f"Ada Lovelace <{address_of(chat_id)}>",
+            "to": "bot@cowork.test",
+            "subject": "Build status",
+            "text": text,
+        }
         if thread_id is not None:
             mail["inReplyTo"] = mail["references"] = self.thread_ref(thread_id)
         return self.relay_request(mail)

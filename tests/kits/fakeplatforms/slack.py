@@ -35,8 +35,9 @@ class FakeSlack(FakePlatform):
         return [web.post("/api/{method}", self._api), web.post("/upload/{file_id}", self._upload)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url + "/api", "allowLoopbackHttp": True} \
-            if self.base_url else {}  # not started: no API to point at
+        return (
+            {"apiBase": self.base_url + "/api", "allowLoopbackHttp": True} if self.base_url else {}
+        )  # not started: no API to point at
 
     def instance_secrets(self) -> dict[str, str]:
         return {"botToken": self.bot_token, "signingSecret": self.signing_secret}
@@ -55,15 +56,20 @@ class FakeSlack(FakePlatform):
         if not hmac.compare_digest(auth, f"Bearer {self.bot_token}"):
             return self._err("invalid_auth")
         method = request.match_info["method"]
-        params = (await request.json() if request.content_type == "application/json"
-                  else dict(await request.post()))
+        params = (
+            await request.json()
+            if request.content_type == "application/json"
+            else dict(await request.post())
+        )
         self.calls.append((method, params))
         failure = self.injected()
         if failure is not None:
             if failure.status == 429:
-                return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
-                                         headers={"Retry-After": str(int(failure.retry_after
-                                                                         or 1))})
+                return web.json_response(
+                    {"ok": False, "error": "ratelimited"},
+                    status=429,
+                    headers={"Retry-After": str(int(failure.retry_after or 1))},
+                )
             if failure.status >= 500:
                 return web.Response(status=failure.status, text="upstream error")
             return self._err(_ERRORS.get(failure.status, "invalid_arguments"))
@@ -78,8 +84,14 @@ class FakeSlack(FakePlatform):
         return [[e["text"]["text"] for e in row] for row in rows]
 
     def _m_auth_test(self, params) -> web.Response:
-        return self._ok(url="https://acme.slack.com/", team="Acme", user="cowork",
-                        team_id="T0001", user_id="U0BOT", bot_id="B0001")
+        return self._ok(
+            url="https://acme.slack.com/",
+            team="Acme",
+            user="cowork",
+            team_id="T0001",
+            user_id="U0BOT",
+            bot_id="B0001",
+        )
 
     def _m_chat_postMessage(self, params) -> web.Response:
         text = params.get("text") or ""
@@ -87,11 +99,18 @@ class FakeSlack(FakePlatform):
             return self._err("no_text")
         if len(text) > 40_000:
             return self._err("msg_too_long")
-        posted = self.post(params["channel"], text, thread_id=params.get("thread_ts"),
-                           buttons=self._buttons(params.get("blocks")))
+        posted = self.post(
+            params["channel"],
+            text,
+            thread_id=params.get("thread_ts"),
+            buttons=self._buttons(params.get("blocks")),
+        )
         posted.message_id = f"1700000000.{int(posted.message_id):06d}"
-        return self._ok(channel=params["channel"], ts=posted.message_id,
-                        message={"text": text, "ts": posted.message_id})
+        return self._ok(
+            channel=params["channel"],
+            ts=posted.message_id,
+            message={"text": text, "ts": posted.message_id},
+        )
 
     def _m_chat_update(self, params) -> web.Response:
         posted = self.edit(params["channel"], params["ts"], params.get("text") or "")
@@ -119,8 +138,11 @@ class FakeSlack(FakePlatform):
 
     def _m_files_getUploadURLExternal(self, params) -> web.Response:
         file_id = "F" + self.new_message_id()
-        self.uploads[file_id] = {"filename": params["filename"],
-                                 "length": int(params["length"]), "content": None}
+        self.uploads[file_id] = {
+            "filename": params["filename"],
+            "length": int(params["length"]),
+            "content": None,
+        }
         return self._ok(upload_url=f"{self.base_url}/upload/{file_id}", file_id=file_id)
 
     def _m_files_completeUploadExternal(self, params) -> web.Response:
@@ -128,8 +150,11 @@ class FakeSlack(FakePlatform):
             upload = self.uploads.get(item["id"])
             if upload is None or upload["content"] is None:
                 return self._err("file_not_found")
-            self.post(params["channel_id"], params.get("initial_comment", ""),
-                      thread_id=params.get("thread_ts"))
+            self.post(
+                params["channel_id"],
+                params.get("initial_comment", ""),
+                thread_id=params.get("thread_ts"),
+            )
         return self._ok(files=params["files"])
 
     async def _upload(self, request: web.Request) -> web.Response:
@@ -138,56 +163,115 @@ class FakeSlack(FakePlatform):
             return web.Response(status=404, text="not found")
         form = await request.post()
         upload["content"] = form["file"].file.read()
-        self.calls.append(("upload", {"filename": form["file"].filename,
-                                      "size": len(upload["content"])}))
+        self.calls.append(
+            ("upload", {"filename": form["file"].filename, "size": len(upload["content"])})
+        )
         return web.Response(text=f"OK - {len(upload['content'])}")
 
     # --- requests Slack would send us ---------------------------------------------------------
-    def sign(self, body: bytes, content_type: str, *, timestamp: float | None = None,
-             now: float | None = None) -> WebhookRequest:
+    def sign(
+        self,
+        body: bytes,
+        content_type: str,
+        *,
+        timestamp: float | None = None,
+        now: float | None = None,
+    ) -> WebhookRequest:
         ts = str(int(timestamp if timestamp is not None else time.time()))
-        digest = hmac.new(self.signing_secret.encode(), f"v0:{ts}:".encode() + body,
-                          hashlib.sha256).hexdigest()
-        return webhook_request(body, {"Content-Type": content_type,
-                                      "X-Slack-Request-Timestamp": ts,
-                                      "X-Slack-Signature": f"v0={digest}"}, now=now)
+        digest = hmac.new(
+            self.signing_secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256
+        ).hexdigest()
+        return webhook_request(
+            body,
+            {
+                "Content-Type": content_type,
+                "X-Slack-Request-Timestamp": ts,
+                "X-Slack-Signature": f"v0={digest}",
+            },
+            now=now,
+        )
 
     def signed_event(self, event: dict[str, Any], event_id: str, **kw: Any) -> WebhookRequest:
-        body = {"token": "legacy", "team_id": "T0001", "api_app_id": "A0001",
-                "type": "event_callback", "event_id": event_id, "event_time": 1_700_000_000,
-                "event": event}
+        body = {
+            "token": "legacy",
+            "team_id": "T0001",
+            "api_app_id": "A0001",
+            "type": "event_callback",
+            "event_id": event_id,
+            "event_time": 1_700_000_000,
+            "event": event,
+        }
         return self.sign(json.dumps(body).encode(), "application/json", **kw)
 
     def signed_url_verification(self, challenge: str) -> WebhookRequest:
-        return self.sign(json.dumps({"token": "legacy", "challenge": challenge,
-                                     "type": "url_verification"}).encode(), "application/json")
+        return self.sign(
+            json.dumps(
+                {"token": "legacy", "challenge": challenge, "type": "url_verification"}
+            ).encode(),
+            "application/json",
+        )
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None,
-                       **kw: Any) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+        **kw: Any,
+    ) -> WebhookRequest:
         if text.startswith("/"):  # Slack turns a typed /command into a slash command POST
             command, _, args = text.partition(" ")
-            form = {"command": command, "text": args, "trigger_id": event_id,
-                    "user_id": user_id, "user_name": "ada", "channel_id": chat_id,
-                    "channel_name": "general", "team_id": "T0001",
-                    "response_url": "https://hooks.slack.com/commands/T0001/1/x"}
+            form = {
+                "command": command,
+                "text": args,
+                "trigger_id": event_id,
+                "user_id": user_id,
+                "user_name": "ada",
+                "channel_id": chat_id,
+                "channel_name": "general",
+                "team_id": "T0001",
+                "response_url": "https://hooks.slack.com/commands/T0001/1/x",
+            }
             return self.sign(urlencode(form).encode(), "application/x-www-form-urlencoded", **kw)
-        event = {"type": "message", "channel": chat_id, "user": user_id, "text": text,
-                 "ts": f"1700000000.{int(event_id) if event_id.isdigit() else 1:06d}",
-                 "channel_type": "channel", "event_ts": "1700000000.000100"}
+        event = {
+            "type": "message",
+            "channel": chat_id,
+            "user": user_id,
+            "text": text,
+            "ts": f"1700000000.{int(event_id) if event_id.isdigit() else 1:06d}",
+            "channel_type": "channel",
+            "event_ts": "1700000000.000100",
+        }
         if thread_id is not None:
             event["thread_ts"] = thread_id
         return self.signed_event(event, event_id, **kw)
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest:
-        payload = {"type": "block_actions", "trigger_id": f"trig-{event_id}",
-                   "user": {"id": user_id, "username": "ada", "name": "Ada"},
-                   "channel": {"id": chat_id, "name": "general"},
-                   "container": {"type": "message", "message_ts": "1700000000.001001",
-                                 "channel_id": chat_id},
-                   "response_url": "https://hooks.slack.com/actions/T0001/1/x",
-                   "actions": [{"type": "button", "action_id": "cw-0-0", "value": token,
-                                "action_ts": "1700000001.000001"}]}
-        return self.sign(urlencode({"payload": json.dumps(payload)}).encode(),
-                         "application/x-www-form-urlencoded")
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest:
+        payload = {
+            "type": "block_actions",
+            "trigger_id": f"trig-{event_id}",
+            "user": {"id": user_id, "username": "ada", "name": "Ada"},
+            "channel": {"id": chat_id, "name": "general"},
+            "container": {
+                "type": "message",
+                "message_ts": "1700000000.001001",
+                "channel_id": chat_id,
+            },
+            "response_url": "https://hooks.slack.com/actions/T0001/1/x",
+            "actions": [
+                {
+                    "type": "button",
+                    "action_id": "cw-0-0",
+                    "value": token,
+                    "action_ts": "1700000001.000001",
+                }
+            ],
+        }
+        return self.sign(
+            urlencode({"payload": json.dumps(payload)}).encode(),
+            "application/x-www-form-urlencoded",
+        )

@@ -13,7 +13,6 @@ from channels import WebhookRequest
 
 from ._base import FakePlatform, webhook_request
 
-
 # Some of the emoji Telegram allows as reactions (its list is fixed; ✅ is not on it).
 REACTION_EMOJI = {"👀", "👍", "👎", "❤", "🔥", "🎉", "🙏", "👌", "🤔", "💯"}
 
@@ -33,8 +32,11 @@ class FakeTelegram(FakePlatform):
         return [web.post("/bot{token}/{method}", self._api)]
 
     def instance_settings(self) -> dict[str, Any]:
-        return {"apiBase": self.base_url, "allowLoopbackHttp": True,
-                "botUsername": self.bot_username}
+        return {
+            "apiBase": self.base_url,
+            "allowLoopbackHttp": True,
+            "botUsername": self.bot_username,
+        }
 
     def instance_secrets(self) -> dict[str, str]:
         return {"botToken": self.bot_token, "webhookSecret": self.webhook_secret}
@@ -57,17 +59,30 @@ class FakeTelegram(FakePlatform):
             params = {}
             form = await request.post()
             for key, value in form.items():
-                params[key] = ({"filename": value.filename, "size": len(value.file.read()),
-                                "content_type": value.content_type}
-                               if hasattr(value, "file") else value)
+                params[key] = (
+                    {
+                        "filename": value.filename,
+                        "size": len(value.file.read()),
+                        "content_type": value.content_type,
+                    }
+                    if hasattr(value, "file")
+                    else value
+                )
         self.calls.append((method, params))
         failure = self.injected()
         if failure is not None:
             if failure.status == 429:
-                return self._error(429, f"Too Many Requests: retry after {failure.retry_after}",
-                                   failure.retry_after)
-            return self._error(failure.status, "Bad Request: injected failure"
-                               if failure.status < 500 else "Internal Server Error")
+                return self._error(
+                    429,
+                    f"Too Many Requests: retry after {failure.retry_after}",
+                    failure.retry_after,
+                )
+            return self._error(
+                failure.status,
+                "Bad Request: injected failure"
+                if failure.status < 500
+                else "Internal Server Error",
+            )
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return self._error(404, "Not Found: method not found")
@@ -78,12 +93,22 @@ class FakeTelegram(FakePlatform):
         return web.json_response({"ok": True, "result": result})
 
     def _message(self, posted, params) -> dict[str, Any]:
-        return {"message_id": int(posted.message_id), "date": 0, "text": posted.text,
-                "chat": {"id": params["chat_id"], "type": "private"}}
+        return {
+            "message_id": int(posted.message_id),
+            "date": 0,
+            "text": posted.text,
+            "chat": {"id": params["chat_id"], "type": "private"},
+        }
 
     def _m_getMe(self, params) -> web.Response:
-        return self._ok({"id": int(self.bot_token.split(":")[0]), "is_bot": True,
-                         "first_name": "Cowork", "username": self.bot_username})
+        return self._ok(
+            {
+                "id": int(self.bot_token.split(":")[0]),
+                "is_bot": True,
+                "first_name": "Cowork",
+                "username": self.bot_username,
+            }
+        )
 
     def _m_sendMessage(self, params) -> web.Response:
         if not params.get("text"):
@@ -96,15 +121,19 @@ class FakeTelegram(FakePlatform):
                 if not 1 <= len(button["callback_data"].encode()) <= 64:
                     return self._error(400, "Bad Request: BUTTON_DATA_INVALID")
         thread = params.get("message_thread_id")
-        posted = self.post(str(params["chat_id"]), params["text"],
-                           thread_id=None if thread is None else str(thread),
-                           buttons=[[b["text"] for b in row] for row in keyboard])
+        posted = self.post(
+            str(params["chat_id"]),
+            params["text"],
+            thread_id=None if thread is None else str(thread),
+            buttons=[[b["text"] for b in row] for row in keyboard],
+        )
         return self._ok(self._message(posted, params))
 
     def _m_editMessageText(self, params) -> web.Response:
         chat = str(params["chat_id"])
-        current = next((m for m in self.chats.get(chat, [])
-                        if m.message_id == str(params["message_id"])), None)
+        current = next(
+            (m for m in self.chats.get(chat, []) if m.message_id == str(params["message_id"])), None
+        )
         if current is None:
             return self._error(400, "Bad Request: message to edit not found")
         if current.text == params["text"]:
@@ -122,8 +151,8 @@ class FakeTelegram(FakePlatform):
     def _m_setMessageReaction(self, params) -> web.Response:
         reaction = params.get("reaction")
         if not isinstance(reaction, list) or any(
-                r.get("type") != "emoji" or r.get("emoji") not in REACTION_EMOJI
-                for r in reaction):
+            r.get("type") != "emoji" or r.get("emoji") not in REACTION_EMOJI for r in reaction
+        ):
             return self._error(400, "Bad Request: REACTION_INVALID")
         chat, message = str(params["chat_id"]), str(params["message_id"])
         # setMessageReaction sets the bot's reactions on the message (replacing them)
@@ -140,37 +169,79 @@ class FakeTelegram(FakePlatform):
         if not isinstance(document, dict):
             return self._error(400, "Bad Request: there is no document in the request")
         posted = self.post(str(params["chat_id"]), params.get("caption", ""))
-        return self._ok({**self._message(posted, params),
-                         "document": {"file_id": "F" + posted.message_id,
-                                      "file_name": document["filename"],
-                                      "file_size": document["size"]}})
+        return self._ok(
+            {
+                **self._message(posted, params),
+                "document": {
+                    "file_id": "F" + posted.message_id,
+                    "file_name": document["filename"],
+                    "file_size": document["size"],
+                },
+            }
+        )
 
     # --- requests Telegram would send us ------------------------------------------------------
     def _signed(self, update: dict[str, Any]) -> WebhookRequest:
-        return webhook_request(json.dumps(update).encode(), {
-            "Content-Type": "application/json",
-            "X-Telegram-Bot-Api-Secret-Token": self.webhook_secret})
+        return webhook_request(
+            json.dumps(update).encode(),
+            {
+                "Content-Type": "application/json",
+                "X-Telegram-Bot-Api-Secret-Token": self.webhook_secret,
+            },
+        )
 
     @staticmethod
     def _update_id(event_id: str) -> int:
         return int(event_id) if event_id.isdigit() else int.from_bytes(event_id.encode()[:6])
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None) -> WebhookRequest:
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+    ) -> WebhookRequest:
         message: dict[str, Any] = {
-            "message_id": 500 + self._update_id(event_id), "date": 1_700_000_000,
+            "message_id": 500 + self._update_id(event_id),
+            "date": 1_700_000_000,
             "chat": {"id": int(chat_id), "type": "private" if chat_id == user_id else "supergroup"},
-            "from": {"id": int(user_id), "is_bot": False, "first_name": "Ada",
-                     "last_name": "Lovelace", "username": "ada"},
-            "text": text}
+            "from": {
+                "id": int(user_id),
+                "is_bot": False,
+                "first_name": "Ada",
+                "last_name": "Lovelace",
+                "username": "ada",
+            },
+            "text": text,
+        }
         if thread_id is not None:
             message.update(message_thread_id=int(thread_id), is_topic_message=True)
         return self._signed({"update_id": self._update_id(event_id), "message": message})
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest:
-        return self._signed({"update_id": self._update_id(event_id), "callback_query": {
-            "id": f"cbq{event_id}", "chat_instance": "1", "data": token,
-            "from": {"id": int(user_id), "is_bot": False, "first_name": "Ada", "username": "ada"},
-            "message": {"message_id": 900, "date": 1_700_000_000,
-                        "chat": {"id": int(chat_id), "type": "supergroup"}, "text": "Approve?"}}})
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest:
+        return self._signed(
+            {
+                "update_id": self._update_id(event_id),
+                "callback_query": {
+                    "id": f"cbq{event_id}",
+                    "chat_instance": "1",
+                    "data": token,
+                    "from": {
+                        "id": int(user_id),
+                        "is_bot": False,
+                        "first_name": "Ada",
+                        "username": "ada",
+                    },
+                    "message": {
+                        "message_id": 900,
+                        "date": 1_700_000_000,
+                        "chat": {"id": int(chat_id), "type": "supergroup"},
+                        "text": "Approve?",
+                    },
+                },
+            }
+        )

@@ -19,8 +19,10 @@ from ._base import FakePlatform, webhook_request
 
 
 def v1(secret: str, timestamp: str, body: bytes) -> str:
-    return "v1=" + hmac.new(secret.encode(), f"v1:{timestamp}:".encode() + body,
-                            hashlib.sha256).hexdigest()
+    return (
+        "v1="
+        + hmac.new(secret.encode(), f"v1:{timestamp}:".encode() + body, hashlib.sha256).hexdigest()
+    )
 
 
 class FakeWebhook(FakePlatform):
@@ -68,10 +70,14 @@ class FakeWebhook(FakePlatform):
             raise web.HTTPTemporaryRedirect(self.redirect_to)
         failure = self.injected()
         if failure is not None:
-            headers = ({"Retry-After": str(int(failure.retry_after))}
-                       if failure.retry_after is not None else None)
-            return web.json_response({"error": "injected failure"}, status=failure.status,
-                                     headers=headers)
+            headers = (
+                {"Retry-After": str(int(failure.retry_after))}
+                if failure.retry_after is not None
+                else None
+            )
+            return web.json_response(
+                {"error": "injected failure"}, status=failure.status, headers=headers
+            )
         return web.json_response(self._apply(body))
 
     def _apply(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -96,31 +102,65 @@ class FakeWebhook(FakePlatform):
                 posted.buttons = [[b["label"] for b in row] for row in body["buttons"]]
             return {"messageId": body.get("editMessageId")}
         text = body.get("text") or ((body.get("file") or {}).get("filename") or "")
-        posted = self.post(chat, text, thread_id=target.get("threadId"),
-                           buttons=[[b["label"] for b in row] for row in body.get("buttons") or []])
+        posted = self.post(
+            chat,
+            text,
+            thread_id=target.get("threadId"),
+            buttons=[[b["label"] for b in row] for row in body.get("buttons") or []],
+        )
         return {"messageId": posted.message_id}
 
     # --- requests a sender would send us --------------------------------------------------
-    def signed_body(self, payload: dict[str, Any], *, secret: str | None = None,
-                    timestamp: float | None = None, now: float | None = None) -> WebhookRequest:
+    def signed_body(
+        self,
+        payload: dict[str, Any],
+        *,
+        secret: str | None = None,
+        timestamp: float | None = None,
+        now: float | None = None,
+    ) -> WebhookRequest:
         raw = json.dumps(payload).encode()
         stamp = str(int(timestamp if timestamp is not None else time.time()))
-        return webhook_request(raw, {
-            "Content-Type": "application/json", "X-Cowork-Timestamp": stamp,
-            "X-Cowork-Signature": v1(secret or self.inbound_secret, stamp, raw)}, now=now)
+        return webhook_request(
+            raw,
+            {
+                "Content-Type": "application/json",
+                "X-Cowork-Timestamp": stamp,
+                "X-Cowork-Signature": v1(secret or self.inbound_secret, stamp, raw),
+            },
+            now=now,
+        )
 
-    def signed_message(self, text: str, *, chat_id: str = "100", user_id: str = "7",
-                       event_id: str = "1", thread_id: str | None = None) -> WebhookRequest:
-        payload: dict[str, Any] = {"id": self.event_ref(event_id), "chatId": chat_id,
-                                   "userId": user_id, "text": text, "username": "ada",
-                                   "isDirect": chat_id == user_id}
+    def signed_message(
+        self,
+        text: str,
+        *,
+        chat_id: str = "100",
+        user_id: str = "7",
+        event_id: str = "1",
+        thread_id: str | None = None,
+    ) -> WebhookRequest:
+        payload: dict[str, Any] = {
+            "id": self.event_ref(event_id),
+            "chatId": chat_id,
+            "userId": user_id,
+            "text": text,
+            "username": "ada",
+            "isDirect": chat_id == user_id,
+        }
         if thread_id is not None:
             payload["threadId"] = thread_id
         return self.signed_body(payload)
 
-    def signed_button_press(self, token: str, *, chat_id: str = "100", user_id: str = "7",
-                            event_id: str = "2") -> WebhookRequest:
-        return self.signed_body({"id": self.event_ref(event_id), "chatId": chat_id,
-                                 "userId": user_id,
-                                 "text": "", "interaction": {"id": f"int-{event_id}",
-                                                             "token": token}})
+    def signed_button_press(
+        self, token: str, *, chat_id: str = "100", user_id: str = "7", event_id: str = "2"
+    ) -> WebhookRequest:
+        return self.signed_body(
+            {
+                "id": self.event_ref(event_id),
+                "chatId": chat_id,
+                "userId": user_id,
+                "text": "",
+                "interaction": {"id": f"int-{event_id}", "token": token},
+            }
+        )
