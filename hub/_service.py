@@ -20,13 +20,11 @@ import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from schemas import (
-    subjects,
-)
+from schemas import AuditRecord, Source, subjects
 
 from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import HUB_INBOX_PREFIX, HUB_PERMISSIONS, BusKeys, CredentialService, nats_jwt
-from .bus import BootstrapLockout
+from .bus import BootstrapLockout, BusResponder, Caller
 from .channels import (
     ActionTokens,
     ChannelOutbox,
@@ -89,6 +87,13 @@ class Hub:
         await self._declare_streams(startup_timeout)
         self.audit = AuditLog(self.pool)
         self.dead_letters = DeadLetters(self.js, self.metrics, s.hub_id)
+        self.bus = BusResponder(
+            self.nc,
+            self.metrics,
+            Source(principal_kind="hub", principal_id=s.hub_id),
+            audit_drop=self._audit_misdirected_reply,
+        )
+        self._workers.append(self.bus)
         ingest = AuditIngest(self.js, self.audit, self.pool, self.dead_letters, self.metrics)
         ingest.start()
         self._workers.append(ingest)
@@ -176,11 +181,8 @@ class Hub:
         )
         await self.credentials.push_account()
         await self.credentials.push_bootstrap_account()
-        await self.nc.subscribe(
-            subjects.CREDENTIAL_REFRESH.filter(),
-            queue="hub-auth",
-            cb=self.credentials.handle_refresh,
-        )
+        await self.bus.serve(self.credentials.routes(), queue="hub-auth")
+        self.bootstrap_lockout = BootstrapLockout(self.pool)
 
     async def _start_pairing(self) -> None:
         """Pairings, their commands, Desktop presence and the event projection."""
@@ -220,27 +222,18 @@ class Hub:
             queue="hub-presence",
             cb=self.presence.handle,
         )
-        await nc.subscribe(
-            subjects.DEVICE_COMMAND_ACK.filter(), queue="hub-commands", cb=self.commands.handle_ack
-        )
-        await nc.subscribe(
-            subjects.PAIRING_REVOKE.filter(),
-            queue="hub-pairing",
-            cb=self.pairings.handle_revoke_notice,
-        )
+        await self.bus.serve(self.commands.routes(), queue="hub-commands")
+        await self.bus.serve(self.pairings.routes(), queue="hub-pairing")
         if self.credentials is not None:
             redemption = PairingRedemption(
                 self.pool,
                 self.audit,
                 self.pairings,
                 self.credentials,
-                self.metrics,
+                self.bootstrap_lockout,
                 code_key=code_key,
-                hub_id=s.hub_id,
             )
-            await nc.subscribe(
-                subjects.PAIRING_REDEEM.filter(), queue="hub-pairing", cb=redemption.handle
-            )
+            await self.bus.serve([redemption.route()], queue="hub-pairing")
 
     async def _start_gateways(self) -> None:
         """Gateway registrations: heartbeat/capabilities/sync responders, the unhealthy
@@ -251,27 +244,17 @@ class Hub:
         self.gateways = GatewayRegistry(
             self.pool,
             self.audit,
-            self.metrics,
             credential_key=key,
-            hub_id=s.hub_id,
             credentials=self.credentials,
             heartbeat_rate=s.gateway_heartbeat_rate,
             credential_ttl_days=s.gateway_credential_ttl_days,
         )
         self.gateways.start()
         self._workers.append(self.gateways)
-        await self.gateways.subscribe(self.nc)
+        await self.bus.serve(self.gateways.routes(), queue="hub-gateways")
         if self.credentials is not None:
-            bootstrap = GatewayBootstrap(
-                self.gateways,
-                self.credentials,
-                BootstrapLockout(self.pool),
-                self.metrics,
-                hub_id=s.hub_id,
-            )
-            await self.nc.subscribe(
-                subjects.GATEWAY_REGISTER.filter(), queue="hub-gateways", cb=bootstrap.handle
-            )
+            bootstrap = GatewayBootstrap(self.gateways, self.credentials, self.bootstrap_lockout)
+            await self.bus.serve([bootstrap.route()], queue="hub-gateways")
 
     async def _start_edge_work(self) -> None:
         """Cloud-owned edge work: the queue's claim/renew/output responders and reaper."""
@@ -290,7 +273,7 @@ class Hub:
         )
         self.edge_work.start()
         self._workers.append(self.edge_work)
-        await self.edge_work.subscribe(self.nc)
+        await self.bus.serve(self.edge_work.routes(), queue="hub-edge-work")
 
     async def _start_channels(self) -> None:
         """Channel instances (hosted runtime: webhooks in, deliveries out), the inbound
@@ -352,6 +335,22 @@ class Hub:
             self._workers.append(worker)
         await self.channel_renderer.start()
         self._workers.append(self.channel_renderer)
+
+    async def _audit_misdirected_reply(self, caller: Caller, family: str, reply: str) -> None:
+        """A request asked for its answer outside its sender's own inbox: not answered,
+        recorded (a compromised or confused edge probing another principal)."""
+        await self.audit.record(
+            AuditRecord(
+                action="bus.reply_refused",
+                actor_kind=caller.kind,
+                actor_id=caller.id,
+                target_kind="subject",
+                target_id=reply[:256],
+                reason="the reply subject is not the requester's own inbox; nothing was sent",
+                metadata={"family": family},
+            ),
+            tenant=caller.tenant,
+        )
 
     async def _desktop_online(self, tenant: str, row: dict) -> None:
         await self.pairings.push_state(row)

@@ -18,22 +18,18 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from schemas import (
-    AckReply,
     AuditRecord,
-    ContractError,
     CredentialRefreshReply,
     CredentialRefreshRequest,
-    Envelope,
     PrincipalKind,
     Source,
-    decode,
     subjects,
 )
 
-from ..core import AuditLog, kv
+from ..bus import Caller, Route
+from ..core import AuditLog, Refusal, kv
 from ._keys import BusKeys
 from ._permissions import Principal, permissions_for
 
@@ -45,12 +41,8 @@ DEFAULT_EDGE_TTL = timedelta(hours=24)
 MAX_TTL = timedelta(days=30)
 
 
-class CredentialError(RuntimeError):
-    """A credential request that must be refused; `code` is machine-readable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class CredentialError(Refusal):
+    """A credential request that must be refused."""
 
 
 @dataclass(frozen=True)
@@ -188,28 +180,17 @@ class CredentialService:
         )
         return issued
 
-    async def handle_refresh(self, msg: Msg) -> None:
-        """Replies to `cw.<t>.auth.<kind>.<id>.refresh`. The server only lets a principal
-        publish on its own refresh subject, so the subject identifies the caller."""
-        try:
-            where = subjects.CREDENTIAL_REFRESH.parse(msg.subject)
-            request = decode(msg.data, CredentialRefreshRequest)
-            issued = await self.refresh(
-                where["tenant"],
-                where["principal_kind"],
-                where["principal_id"],
-                request.data.public_key,
-            )
-        except (ContractError, subjects.SubjectError, CredentialError, ValueError) as exc:
-            refusal = AckReply(
-                ok=False, code=getattr(exc, "code", "contract.invalid"), reason=str(exc)
-            )
-            await msg.respond(Envelope.wrap(refusal, source=self._source).encode())
-            return
-        reply = CredentialRefreshReply(user_jwt=issued.user_jwt, expires_at=issued.expires_at)
-        await msg.respond(
-            Envelope.wrap(reply, source=self._source, tenant=where["tenant"]).encode()
-        )
+    def routes(self) -> list[Route]:
+        """Credential refresh (`cw.<t>.auth.<kind>.<id>.refresh`), for the hub's bus
+        responder. The server only lets a principal publish on its own refresh subject,
+        so the subject identifies the caller."""
+        return [Route(subjects.CREDENTIAL_REFRESH, CredentialRefreshRequest, self._refresh)]
+
+    async def _refresh(
+        self, caller: Caller, request: CredentialRefreshRequest
+    ) -> CredentialRefreshReply:
+        issued = await self.refresh(caller.tenant, caller.kind, caller.id, request.public_key)
+        return CredentialRefreshReply(user_jwt=issued.user_jwt, expires_at=issued.expires_at)
 
     # --- revoke ----------------------------------------------------------------------
     async def revoke(

@@ -15,7 +15,6 @@ from pydantic import Field
 from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
 
 from ..http import HUB_KEY, json_body, json_error, tenant_param
-from ._credentials import CredentialError
 from ._permissions import Principal
 
 ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN}
@@ -68,10 +67,7 @@ async def issue(request: web.Request) -> web.Response:
         return json_error(422, "workspaces_required", f"a {body.kind} needs workspaces")
     principal = Principal(body.kind, tenant, body.principal_id, tuple(body.workspaces))
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
-    try:
-        issued = await _service(request).issue(principal, body.public_key, ttl=ttl, actor="admin")
-    except CredentialError as exc:
-        return json_error(409, exc.code, str(exc))
+    issued = await _service(request).issue(principal, body.public_key, ttl=ttl, actor="admin")
     return web.json_response(
         {
             "userJwt": issued.user_jwt,

@@ -1,23 +1,20 @@
-"""The bus request/reply pipeline: gates for the public bootstrap identity and the
-one responder every hub request handler runs through.
+"""The bus request/reply pipeline: the one responder every hub request handler runs
+through (`BusResponder`, `Route`), and the bootstrap gates for the public identity.
 """
 
 from __future__ import annotations
 
-from ._bootstrap_limits import (
-    LOCKOUT,
-    MAX_FAILURES,
-    WINDOW,
-    BootstrapLockout,
-    BootstrapResponder,
-    request_source,
-)
+from ._bootstrap_limits import LOCKOUT, MAX_FAILURES, WINDOW, BootstrapLockout
+from ._responder import Answer, BusResponder, Caller, Route, request_source
 
 __all__ = [
-    "BootstrapLockout",
-    "BootstrapResponder",
     "LOCKOUT",
     "MAX_FAILURES",
     "WINDOW",
+    "Answer",
+    "BootstrapLockout",
+    "BusResponder",
+    "Caller",
+    "Route",
     "request_source",
 ]

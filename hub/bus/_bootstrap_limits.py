@@ -1,54 +1,46 @@
-"""What every bootstrap request shares: the per-source brute-force limit and the
-responder skeleton.
+"""The gates in front of every bootstrap request (pairing-code redemption and
+Gateway registration): the client holds no credential yet and shares one public
+identity with everyone, so the only name it has is its address (the server's
+`Nats-Request-Info`, see `request_source`).
 
-Pairing-code redemption and Gateway registration both take a secret from a
-client that holds no credential yet. The server shares the client's info with
-the request (`Nats-Request-Info`), which gives its source address. After
-`MAX_FAILURES` failed secrets within `WINDOW`, that source is refused for
-`LOCKOUT`. The count lives in PostgreSQL so every hub replica shares it, and it
-is one count per source for all bootstrap secrets: guessing pairing codes and
-guessing registration credentials from one address spend the same budget.
+Two gates, cheapest first:
 
-Both answer the same way (`BootstrapResponder`): a refusal is a plain `ack.reply`
-(it holds nothing secret); a success is a `bootstrap.sealed_reply` that only the
-requester can open.
+1. In memory, per source, before any database work: a token bucket of
+   `SOURCE_RATE` requests per second (burst `SOURCE_BURST`) and a bound of
+   `SOURCE_PENDING` requests in flight. A flood from one address is refused in
+   microseconds, so it cannot queue another address's real pairing behind
+   thousands of database round trips; what passes costs at most `SOURCE_RATE`
+   lookups a second per replica, even while the address is locked out.
+2. In PostgreSQL, shared by every hub replica: after `MAX_FAILURES` failed
+   secrets within `WINDOW`, the source is locked out for `LOCKOUT`. It is one
+   count per source for all bootstrap secrets: guessing pairing codes and
+   guessing registration credentials spend the same budget.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
-from nats.aio.msg import Msg
 
-from schemas import AckReply, ContractError, Envelope, SealedReply, SealError, Source, decode, seal
-
-from ..core import HubMetrics, kv
+from ..core import RateLimiter, Refusal, kv
 
 log = logging.getLogger("cowork.hub.bootstrap")
 
 MAX_FAILURES = 10
 WINDOW = timedelta(minutes=10)
 LOCKOUT = timedelta(minutes=15)
-
-
-def request_source(msg: Msg) -> str:
-    """The client's address from the shared client info, else 'unknown'."""
-    info = (msg.headers or {}).get("Nats-Request-Info")
-    if not info:
-        return "unknown"
-    try:
-        return str(json.loads(info).get("host") or "unknown")[:128]
-    except (ValueError, AttributeError):
-        return "unknown"
+SOURCE_RATE = 20.0  # bootstrap requests per second and source, after the burst
+SOURCE_BURST = 100  # a site's Desktops and Gateways behind one NAT pairing at once
+SOURCE_PENDING = 8  # requests of one source in flight at once
 
 
 class BootstrapLockout:
-    """Failed bootstrap secrets counted per source; `locked_for` says how long a
-    source must still wait (None when it may try)."""
+    """Gate a bootstrap request from `source` (`admit`), and count its failed secrets
+    (`count_failure`)."""
 
     def __init__(
         self,
@@ -57,11 +49,52 @@ class BootstrapLockout:
         max_failures: int = MAX_FAILURES,
         window: timedelta = WINDOW,
         lockout: timedelta = LOCKOUT,
+        source_rate: float = SOURCE_RATE,
+        source_burst: int = SOURCE_BURST,
+        source_pending: int = SOURCE_PENDING,
     ) -> None:
         self._pool = pool
         self.max_failures, self.window, self.lockout = max_failures, window, lockout
+        self._rate = RateLimiter(source_rate, source_burst)
+        self._pending: dict[str, int] = {}
+        self._source_pending = source_pending
+
+    @asynccontextmanager
+    async def admit(self, source: str, what: str) -> AsyncIterator[None]:
+        """Hold one of the source's slots while the request runs, or refuse it with
+        `bootstrap.rate_limited` (and `retry_after`): in memory when the source floods,
+        from PostgreSQL when it is locked out."""
+        self._gate_in_memory(source)
+        left = await self.locked_for(source)
+        if left is not None:
+            raise _locked(what, left)
+        self._pending[source] = self._pending.get(source, 0) + 1
+        try:
+            yield
+        finally:
+            self._pending[source] -= 1
+            if not self._pending[source]:
+                del self._pending[source]
+
+    def _gate_in_memory(self, source: str) -> None:
+        if self._pending.get(source, 0) >= self._source_pending:
+            raise Refusal(
+                "bootstrap.rate_limited",
+                "too many bootstrap requests in flight from this address; wait for the answers",
+                status=429,
+                retry_after=1.0,
+            )
+        wait = self._rate.take(source)
+        if wait:
+            raise Refusal(
+                "bootstrap.rate_limited",
+                "too many bootstrap requests from this address; slow down",
+                status=429,
+                retry_after=wait,
+            )
 
     async def locked_for(self, source: str) -> float | None:
+        """Seconds the source must still wait (None when it may try)."""
         left = await self._pool.fetchval(
             "SELECT extract(epoch FROM locked_until - now()) FROM bootstrap_failures "
             "WHERE source = $1 AND locked_until > now()",
@@ -93,79 +126,10 @@ class BootstrapLockout:
         return int(failures)
 
 
-class BootstrapResponder:
-    """Decode the request, run `exchange`, seal its reply to the requester's
-    `reply_key`. The exchange's own refusals (`refusal` turns them into an ack) are
-    answered as they are; an unexpected failure (e.g. the database is away) is
-    answered as `hub.unavailable` rather than left hanging."""
-
-    family: str  # the bus-message metric label, e.g. "pairing.redeem"
-    request_model: type
-    unavailable: str  # the `hub.unavailable` reason people read
-
-    def __init__(self, metrics: HubMetrics, *, hub_id: str) -> None:
-        self._metrics = metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
-
-    async def exchange(self, request: Any, source: str) -> Any:
-        """The reply (it names its `tenant`), or an exception `refusal` recognises."""
-        raise NotImplementedError
-
-    def refusal(self, exc: Exception) -> AckReply | None:
-        """The answer to one of the exchange's refusals; None for anything else."""
-        raise NotImplementedError
-
-    async def settle(self) -> None:
-        """Work that must wait until the answer has left (see `handle`)."""
-
-    async def handle(self, msg: Msg) -> None:
-        try:
-            await self._answer(msg)
-        finally:
-            # The bootstrap services are imported into the BOOTSTRAP account: a reply
-            # travels back through the import's response mapping, which an account
-            # push (a key revocation) replaces. So the answer is flushed to the server
-            # first, and only then may the exchange's revocations be pushed.
-            nc = getattr(msg, "_client", None)  # the connection the answer went out on
-            if nc is not None and nc.is_connected:
-                try:
-                    await nc.flush(timeout=5)
-                except Exception as exc:  # nats-py raises several unrelated types here
-                    log.warning(f"{self.family}_flush_failed", **kv(error=str(exc)))
-            await self.settle()
-
-    async def _answer(self, msg: Msg) -> None:
-        source = request_source(msg)
-        try:
-            request = decode(msg.data, self.request_model).data
-        except ContractError as exc:
-            await self._refuse(msg, _refused(exc.code, exc.reason))
-            return
-        try:
-            reply = await self.exchange(request, source)
-            sealed = seal(
-                Envelope.wrap(reply, source=self._source, tenant=reply.tenant).encode(),
-                request.reply_key,
-            )
-        except SealError as exc:
-            await self._refuse(msg, _refused("contract.invalid", str(exc)))
-            return
-        except Exception as exc:
-            answer = self.refusal(exc)
-            await self._refuse(msg, self._unavailable(exc) if answer is None else answer)
-            return
-        self._metrics.bus_messages.labels(self.family, "accepted").inc()
-        await msg.respond(Envelope.wrap(SealedReply(sealed=sealed), source=self._source).encode())
-
-    def _unavailable(self, exc: Exception) -> AckReply:
-        log.warning(f"{self.family}_failed", **kv(error=str(exc)))
-        return _refused("hub.unavailable", self.unavailable)
-
-    async def _refuse(self, msg: Msg, answer: AckReply) -> None:
-        self._metrics.bus_messages.labels(self.family, "rejected").inc()
-        if msg.reply:
-            await msg.respond(Envelope.wrap(answer, source=self._source).encode())
-
-
-def _refused(code: str, reason: str) -> AckReply:
-    return AckReply(ok=False, code=code, reason=reason[:16_000])
+def _locked(what: str, left: float) -> Refusal:
+    return Refusal(
+        "bootstrap.rate_limited",
+        f"too many failed {what}s from this address; retry later",
+        status=429,
+        retry_after=round(left, 1),
+    )

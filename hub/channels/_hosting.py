@@ -263,9 +263,9 @@ class ChannelService:
             row = await self._store.insert(new, conn)
             if row is None:
                 raise ChannelInstanceError(
-                    409,
                     "channel_instance.exists",
                     f"channel instance id {new.instance_id!r} is taken (ids are global)",
+                    status=409,
                 )
             await self._store.reactivate_principal(conn, tenant, new.instance_id)
             await self._record("channel.instance_created", row, actor, conn)
@@ -348,19 +348,19 @@ class ChannelService:
         bound to the instance's own subjects and workspace."""
         if self._credentials is None:
             raise ChannelInstanceError(
-                503,
                 "credentials_unavailable",
                 "bus credentials are not managed by this hub (no COWORK_KEYS_DIR)",
+                status=503,
             )
         row = await self.get(tenant, instance_id)
         if provider_for(row["kind"]).capabilities.inbound != "stdin":
             # A hosted kind's bus identity belongs to the hub's runtime alone: a key
             # held elsewhere could speak as its chat users and take its deliveries.
             raise ChannelInstanceError(
-                409,
                 "channel_instance.hosted_kind",
                 f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
                 f"{row['kind']} instance, served by the hub itself",
+                status=409,
             )
         principal = Principal(
             PrincipalKind.CHANNEL, tenant, instance_id, workspaces=(row["workspace_id"],)
@@ -368,7 +368,7 @@ class ChannelService:
         try:
             return await self._credentials.issue(principal, public_key, ttl=ttl, actor=actor)
         except CredentialError as exc:
-            raise ChannelInstanceError(409, exc.code, str(exc)) from None
+            raise ChannelInstanceError(exc.code, str(exc), status=409) from None
 
     async def _record(
         self,
@@ -424,20 +424,20 @@ async def _check_workspace(
         is None
     ):
         raise ChannelInstanceError(
-            422,
             "channel_instance.workspace_not_paired",
             f"authority desktop_paired needs the workspace to be a pairing of tenant "
             f"{tenant!r}; {workspace_id!r} is none (create one with POST …/pairings, or use "
             "authority cloud_worker)",
+            status=422,
         )
 
 
 def _check_authority(value: Any) -> str:
     if value not in AUTHORITIES:
         raise ChannelInstanceError(
-            422,
             "channel_instance.invalid_authority",
             f"authority must be one of {', '.join(AUTHORITIES)}",
+            status=422,
         )
     return value
 
@@ -456,8 +456,8 @@ def _check_secrets_reentered(
     missing = sorted(set(current["secret_names"] or ()) - given)
     if missing:
         raise ChannelInstanceError(
-            422,
             "channel_instance.secrets_required",
             "changing apiBase, allowLoopbackHttp or allowPrivateNetworks sends the "
             f"instance's secrets elsewhere: send them again ({', '.join(missing)})",
+            status=422,
         )

@@ -21,7 +21,7 @@ import asyncpg
 
 from schemas import AuditRecord, ChannelRole, ChannelSender
 
-from ..core import AuditLog, RateLimiter
+from ..core import AuditLog, RateLimiter, Refusal
 
 CLAIM_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1: nothing to misread
 CLAIM_TTL = timedelta(minutes=10)
@@ -71,10 +71,8 @@ class ClaimOutcome:
     retry_after: float = 0.0
 
 
-class IdentityError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+class IdentityError(Refusal):
+    """A refused chat-user identity operation (claim codes, links)."""
 
 
 class ChannelIdentity:
@@ -147,9 +145,9 @@ class ChannelIdentity:
             )
             if before is None:
                 raise IdentityError(
-                    404,
                     "channel_user.not_found",
                     f"no chat user {provider_user_id!r} on {instance_id!r}",
+                    status=404,
                 )
             row = await conn.fetchrow(
                 "UPDATE channel_users SET role = $4, promoted_by = $5, updated_at = now() "
@@ -180,7 +178,7 @@ class ChannelIdentity:
     ) -> tuple[str, datetime]:
         """A fresh code (returned once, stored only hashed) and its expiry."""
         if role not in GRANTABLE:
-            raise IdentityError(422, "invalid_request", f"role {role!r} cannot be granted")
+            raise IdentityError("invalid_request", f"role {role!r} cannot be granted", status=422)
         code = new_claim_code()
         expires = datetime.now(UTC) + CLAIM_TTL
         async with self._pool.acquire() as conn, conn.transaction():

@@ -31,10 +31,9 @@ from ..http import (
     iso,
     json_body,
     json_error,
-    refusal_response,
     tenant_param,
 )
-from ._store import INSTANCE_ID, ChannelInstanceError
+from ._store import INSTANCE_ID
 
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
@@ -134,10 +133,7 @@ def _instance_id(request: web.Request) -> str:
 async def create_instance(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateInstance)
-    try:
-        row = await request.app[HUB_KEY].channels.create(tenant, body.model_dump(), actor=ACTOR)
-    except ChannelInstanceError as exc:
-        return refusal_response(exc)
+    row = await request.app[HUB_KEY].channels.create(tenant, body.model_dump(), actor=ACTOR)
     return web.json_response(instance_json(request, row), status=201)
 
 
@@ -149,10 +145,7 @@ async def list_instances(request: web.Request) -> web.Response:
 
 async def get_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
-    try:
-        row = await request.app[HUB_KEY].channels.get(tenant, instance_id)
-    except ChannelInstanceError as exc:
-        return refusal_response(exc)
+    row = await request.app[HUB_KEY].channels.get(tenant, instance_id)
     return web.json_response(instance_json(request, row))
 
 
@@ -163,19 +156,13 @@ async def update_instance(request: web.Request) -> web.Response:
     for name in NOT_NULL:
         if name in patch and patch[name] is None:
             return json_error(422, "invalid_request", f"{_camel(name)} may not be null")
-    try:
-        row = await request.app[HUB_KEY].channels.update(tenant, instance_id, patch, actor=ACTOR)
-    except ChannelInstanceError as exc:
-        return refusal_response(exc)
+    row = await request.app[HUB_KEY].channels.update(tenant, instance_id, patch, actor=ACTOR)
     return web.json_response(instance_json(request, row))
 
 
 async def delete_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
-    try:
-        await request.app[HUB_KEY].channels.delete(tenant, instance_id, actor=ACTOR)
-    except ChannelInstanceError as exc:
-        return refusal_response(exc)
+    await request.app[HUB_KEY].channels.delete(tenant, instance_id, actor=ACTOR)
     return web.Response(status=204)
 
 
@@ -210,12 +197,9 @@ async def issue_credential(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     body = await json_body(request, IssueCredential)
     ttl = timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
-    try:
-        issued = await request.app[HUB_KEY].channels.issue_credential(
-            tenant, instance_id, body.public_key, ttl=ttl, actor=ACTOR
-        )
-    except ChannelInstanceError as exc:
-        return refusal_response(exc)
+    issued = await request.app[HUB_KEY].channels.issue_credential(
+        tenant, instance_id, body.public_key, ttl=ttl, actor=ACTOR
+    )
     return web.json_response(
         {
             "userJwt": issued.user_jwt,

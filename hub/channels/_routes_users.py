@@ -10,7 +10,6 @@ from aiohttp import web
 from schemas import ChannelRole, TokenId, WireModel
 
 from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, path_token, tenant_param
-from ._identity import IdentityError
 
 
 class CreateClaimCode(WireModel):
@@ -61,12 +60,9 @@ async def create_claim_code(request: web.Request) -> web.Response:
         return json_error(422, "invalid_request", "role: a claim code cannot grant 'pending'")
     if body.instance_id and (missing := _instance(request, tenant, body.instance_id)):
         return missing
-    try:
-        code, expires = await _identity(request).create_claim_code(
-            tenant, str(body.role), body.instance_id, actor="admin"
-        )
-    except IdentityError as exc:
-        return json_error(exc.status, exc.code, str(exc))
+    code, expires = await _identity(request).create_claim_code(
+        tenant, str(body.role), body.instance_id, actor="admin"
+    )
     return web.json_response(
         {
             "code": code,
@@ -94,12 +90,9 @@ async def set_role(request: web.Request) -> web.Response:
     if missing := _instance(request, tenant, instance_id):
         return missing
     body = await json_body(request, SetRole)
-    try:
-        row = await _identity(request).set_role(
-            tenant, instance_id, user_id, str(body.role), actor="admin"
-        )
-    except IdentityError as exc:
-        return json_error(exc.status, exc.code, str(exc))
+    row = await _identity(request).set_role(
+        tenant, instance_id, user_id, str(body.role), actor="admin"
+    )
     return web.json_response(_user_json(row))
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from schemas import ChannelInbound, ChannelOutbound, DeliveryType, SessionRef, command_payload
 
+from ..core import Refusal
 from ..desktop import PairingError
 from ..work import EdgeWorkError, EnqueueWork
 from ._outbox import delivery_id
@@ -82,7 +83,7 @@ class Turn:
         return sender.display_name or sender.username or None
 
 
-class SubmitRefused(Exception):
+class SubmitRefused(Refusal):
     """The execution authority refused the work; the message is for the chat."""
 
 
@@ -229,13 +230,18 @@ class ChannelSessions:
         try:
             command_payload(kind, session_id, payload)
         except (ValueError, ValidationError) as exc:
-            raise SubmitRefused(f"that is not a valid {kind}: {exc}") from None
+            raise SubmitRefused(
+                "channel.invalid_command", f"that is not a valid {kind}: {exc}"
+            ) from None
         pairing_id = turn.workspace_id
         try:
             pairing = await self._pairings.get(turn.tenant, pairing_id)
             allowed = pairing["allowed_session_ids"]
             if session_id and allowed is not None and session_id not in allowed:
-                raise SubmitRefused(f"the pairing does not allow session {session_id}")
+                raise SubmitRefused(
+                    "pairing.session_not_allowed",
+                    f"the pairing does not allow session {session_id}",
+                )
             fields = {
                 "id": command_id,
                 "kind": kind,
@@ -249,7 +255,7 @@ class ChannelSessions:
                 turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
             )
         except PairingError as exc:
-            raise SubmitRefused(refusal_text(exc.code, str(exc))) from None
+            raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
         if binding_id is not None:
             await record_submission(
                 conn or self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
@@ -366,7 +372,7 @@ class ChannelSessions:
         try:
             row, _ = await self._edge_work.enqueue(turn.tenant, request, actor=turn.actor_id)
         except EdgeWorkError as exc:
-            raise SubmitRefused(f"the workspace refused the prompt: {exc}") from None
+            raise SubmitRefused(exc.code, f"the workspace refused the prompt: {exc}") from None
         await record_submission(
             self._pool,
             turn.tenant,

@@ -22,21 +22,21 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from channels import UnknownProvider, provider_class
 
+from ..core import Refusal
+
 INSTANCE_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 AUTHORITIES = ("desktop_paired", "cloud_worker")
 
 
-class ChannelInstanceError(Exception):
-    """A refused instance operation; `status`/`code` become the HTTP JSON error."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+class ChannelInstanceError(Refusal):
+    """A refused channel-instance operation."""
 
 
 def not_found(instance_id: str) -> ChannelInstanceError:
     return ChannelInstanceError(
-        404, "channel_instance.not_found", f"no channel instance {instance_id!r} in this tenant"
+        "channel_instance.not_found",
+        f"no channel instance {instance_id!r} in this tenant",
+        status=404,
     )
 
 
@@ -56,16 +56,16 @@ class SecretBox:
             value = json.loads(self._fernet.decrypt(bytes(token)))
         except (InvalidToken, ValueError):
             raise ChannelInstanceError(
-                500,
                 "channel_instance.secrets_unreadable",
                 "the instance's secrets cannot be decrypted with this hub's key "
                 "(was the channel secrets key changed?); set them again",
+                status=500,
             ) from None
         if not isinstance(value, dict):
             raise ChannelInstanceError(
-                500,
                 "channel_instance.secrets_unreadable",
                 "the instance's stored secrets are not an object",
+                status=500,
             )
         return value
 
@@ -75,7 +75,9 @@ def provider_for(kind: str) -> Any:
     try:
         return provider_class(kind)
     except UnknownProvider as exc:
-        raise ChannelInstanceError(422, "channel_instance.unknown_kind", str(exc.args[0])) from None
+        raise ChannelInstanceError(
+            "channel_instance.unknown_kind", str(exc.args[0]), status=422
+        ) from None
 
 
 def _summary(what: str, exc: ValidationError) -> str:
@@ -110,11 +112,11 @@ def _validated(model: type[BaseModel], raw: Any, what: str) -> BaseModel:
     """`raw` as the provider's model, or a 422 naming the fields (never the values)."""
     code = f"channel_instance.invalid_{what}s"
     if not isinstance(raw, dict):
-        raise ChannelInstanceError(422, code, f"{what}s must be a JSON object")
+        raise ChannelInstanceError(code, f"{what}s must be a JSON object", status=422)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ChannelInstanceError(422, code, _summary(what, exc)) from None
+        raise ChannelInstanceError(code, _summary(what, exc), status=422) from None
 
 
 def validate_settings(kind: str, raw: Any) -> tuple[BaseModel, dict[str, Any]]:
@@ -131,7 +133,7 @@ def validate_secrets(kind: str, raw: Any) -> tuple[BaseModel, dict[str, Any]]:
         json.dumps(plain)
     except (TypeError, ValueError):
         raise ChannelInstanceError(
-            422, "channel_instance.invalid_secrets", "secrets must be JSON values"
+            "channel_instance.invalid_secrets", "secrets must be JSON values", status=422
         ) from None
     return value, plain
 
@@ -147,7 +149,7 @@ def merge_secrets(kind: str, current: dict[str, Any], patch: dict[str, Any]) -> 
     for key, value in patch.items():
         if key not in wire:
             raise ChannelInstanceError(
-                422, "channel_instance.invalid_secrets", f"unknown secret {key!r}"
+                "channel_instance.invalid_secrets", f"unknown secret {key!r}", status=422
             )
         if value is None:
             merged.pop(wire[key], None)

@@ -14,7 +14,7 @@ from ._deadletter import TRANSIENT, DeadLetters, Rejected, deliveries, parse_and
 from ._logging import configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
-from ._refusals import ack_refusal
+from ._refusals import Refusal, ack_refusal
 from ._settings import HubSettings
 from ._streams import hub_consumer
 
@@ -26,6 +26,7 @@ __all__ = [
     "HubMetrics",
     "HubSettings",
     "RateLimiter",
+    "Refusal",
     "Rejected",
     "TRANSIENT",
     "ack_refusal",

@@ -7,8 +7,8 @@ registration): after `MAX_FAILURES` within `WINDOW`, the source is refused for
 across many sources.
 
 Refusals are plain `ack.reply` envelopes (they hold nothing secret); a success
-is a `bootstrap.sealed_reply` that only the requester can open
-(`_bootstrap_limits.BootstrapResponder`).
+is a `bootstrap.sealed_reply` that only the requester can open (hub.bus's
+pipeline seals it).
 """
 
 from __future__ import annotations
@@ -18,76 +18,60 @@ import logging
 import asyncpg
 
 from schemas import (
-    AckReply,
     AuditRecord,
     PairingRedeemReply,
     PairingRedeemRequest,
     PrincipalKind,
+    subjects,
 )
 
 from ..auth import CredentialError, CredentialService, Principal
-from ..bus import (
-    LOCKOUT,
-    MAX_FAILURES,
-    WINDOW,
-    BootstrapLockout,
-    BootstrapResponder,
-    request_source,
-)
-from ..core import AuditLog, HubMetrics, kv
+from ..bus import BootstrapLockout, Caller, Route
+from ..core import AuditLog, Refusal, kv
 from ._pairing import PairingService, code_hash
 
 log = logging.getLogger("cowork.hub.pairing")
 
-__all__ = [
-    "LOCKOUT",
-    "MAX_FAILURES",
-    "WINDOW",
-    "PairingRedemption",
-    "RedeemRefused",
-    "request_source",
-]
+
+class RedeemRefused(Refusal):
+    """A pairing code the hub will not redeem (answered on the bootstrap subject)."""
 
 
-class RedeemRefused(Exception):
-    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code, self.retry_after = code, retry_after
-
-
-class PairingRedemption(BootstrapResponder):
-    family = "pairing.redeem"
-    request_model = PairingRedeemRequest
-    unavailable = "the hub could not complete the redemption; try again"
-
+class PairingRedemption:
     def __init__(
         self,
         pool: asyncpg.Pool,
         audit: AuditLog,
         pairings: PairingService,
         credentials: CredentialService,
-        metrics: HubMetrics,
+        lockout: BootstrapLockout,
         *,
         code_key: bytes,
-        hub_id: str,
     ) -> None:
-        super().__init__(metrics, hub_id=hub_id)
         self._pool, self._audit, self._pairings = pool, audit, pairings
         self._credentials, self._code_key = credentials, code_key
-        self._lockout = BootstrapLockout(pool)
+        self._lockout = lockout
 
-    async def exchange(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
-        return await self.redeem(request, source)
-
-    def refusal(self, exc: Exception) -> AckReply | None:
-        if not isinstance(exc, RedeemRefused):
-            return None
-        return AckReply(
-            ok=False, code=exc.code, reason=str(exc), retry_after_seconds=exc.retry_after
+    def route(self) -> Route:
+        """Redemption on the bootstrap subject, for the hub's bus responder."""
+        return Route(
+            subjects.PAIRING_REDEEM,
+            PairingRedeemRequest,
+            self._exchange,
+            bootstrap=True,
+            unavailable="the hub could not complete the redemption; try again",
         )
 
+    async def _exchange(self, caller: Caller, request: PairingRedeemRequest) -> PairingRedeemReply:
+        return await self.redeem(request, caller.id)
+
     async def redeem(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
-        await self._check_lockout(source)
+        """Exchange the code for a credential of `request.public_key`, once the source
+        passes the bootstrap gates; a refusal says why."""
+        async with self._lockout.admit(source, "pairing code"):
+            return await self._redeem(request, source)
+
+    async def _redeem(self, request: PairingRedeemRequest, source: str) -> PairingRedeemReply:
         digest = code_hash(self._code_key, request.code)
         row = await self._pool.fetchrow(
             """UPDATE pairings SET code_hash = NULL, redeemed_at = now(), public_key = $2,
@@ -147,15 +131,6 @@ class PairingRedemption(BootstrapResponder):
             expires_at=issued.expires_at,
             state=self._pairings.state_of(row),
         )
-
-    async def _check_lockout(self, source: str) -> None:
-        left = await self._lockout.locked_for(source)
-        if left is not None:
-            raise RedeemRefused(
-                "bootstrap.rate_limited",
-                "too many failed pairing codes from this address; retry later",
-                retry_after=left,
-            )
 
     async def _count_failure(self, source: str) -> None:
         await self._lockout.count_failure(source, "pairing code")

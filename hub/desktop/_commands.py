@@ -24,24 +24,22 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
     AuditRecord,
     CommandAck,
     CommandKind,
-    ContractError,
     DeviceCommand,
     Envelope,
     Lease,
     Source,
-    decode,
     new_id,
     subjects,
 )
 
-from ..core import AuditLog, BackgroundTask, HubMetrics, ack_refusal, every, kv
+from ..bus import Answer, Caller, Route
+from ..core import AuditLog, BackgroundTask, HubMetrics, Refusal, every, kv
 from ._pairing import PairingError
 
 log = logging.getLogger("cowork.hub.commands")
@@ -54,10 +52,8 @@ FINAL_AUDIT = {
 }
 
 
-class AckRefused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class AckRefused(Refusal):
+    """A Desktop's command ack the hub refuses (stale lease, wrong sequence, ...)."""
 
 
 def body_hash(fields: dict[str, Any]) -> bytes:
@@ -102,9 +98,9 @@ class CommandService:
             if existing is not None:
                 if existing["pairing_id"] != pairing_id or existing["body_hash"] != digest:
                     raise PairingError(
-                        409,
                         "command.conflict",
                         f"command {command_id!r} exists with a different body",
+                        status=409,
                     )
                 return {
                     "command_id": command_id,
@@ -151,10 +147,12 @@ class CommandService:
         if row is None:
             return PairingError.not_found(pairing_id)
         if row["status"] == "revoked":
-            return PairingError(409, "pairing.revoked", "the pairing is revoked")
+            return PairingError("pairing.revoked", "the pairing is revoked", status=409)
         if row["status"] == "pending":
-            return PairingError(409, "pairing.not_redeemed", "the pairing code is not redeemed")
-        return PairingError(409, "pairing.disabled", "the pairing is disabled")
+            return PairingError(
+                "pairing.not_redeemed", "the pairing code is not redeemed", status=409
+            )
+        return PairingError("pairing.disabled", "the pairing is disabled", status=409)
 
     async def get(self, tenant: str, pairing_id: str, command_id: str) -> dict:
         row = await self._pool.fetchrow(
@@ -165,7 +163,7 @@ class CommandService:
             command_id,
         )
         if row is None:
-            raise PairingError(404, "command.not_found", f"no command {command_id!r}")
+            raise PairingError("command.not_found", f"no command {command_id!r}", status=404)
         return dict(row)
 
     # --- delivery --------------------------------------------------------------------------
@@ -233,21 +231,27 @@ class CommandService:
         await self._reaper.stop()
 
     # --- acks --------------------------------------------------------------------------------
-    async def handle_ack(self, msg: Msg) -> None:
-        """`cw.<t>.device.<id>.ack` (request/reply). The server lets a Desktop publish
-        only on its own subject, so the subject names the caller."""
-        final = None
-        try:
-            where = subjects.DEVICE_COMMAND_ACK.parse(msg.subject)
-            ack = decode(msg.data, CommandAck).data
-            final = await self.record_ack(where["tenant"], where["device_id"], ack)
-            reply = AckReply(ok=True)
-        except (ContractError, subjects.SubjectError, AckRefused) as exc:
-            reply = ack_refusal(exc)
-        if msg.reply:
-            await msg.respond(Envelope.wrap(reply, source=self._source).encode())
-        if final is not None:  # after the reply: a final step may disconnect the Desktop
-            await self.finish(where["tenant"], where["device_id"], final)
+    def routes(self) -> list[Route]:
+        """Command acks (`cw.<t>.device.<id>.ack`), for the hub's bus responder. The
+        server lets a Desktop publish only on its own subject: the subject names it."""
+        return [
+            Route(
+                subjects.DEVICE_COMMAND_ACK,
+                CommandAck,
+                self._ack,
+                kind="desktop",
+                id_field="device_id",
+            )
+        ]
+
+    async def _ack(self, caller: Caller, ack: CommandAck) -> Answer:
+        final = await self.record_ack(caller.tenant, caller.id, ack)
+
+        async def finish() -> None:  # after the answer: a final step may disconnect it
+            if final is not None:
+                await self.finish(caller.tenant, caller.id, final)
+
+        return Answer(AckReply(ok=True), after=finish if final is not None else None)
 
     async def acknowledge(self, tenant: str, device_id: str, ack: CommandAck) -> None:
         final = await self.record_ack(tenant, device_id, ack)

@@ -19,24 +19,22 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
     AuditRecord,
-    ContractError,
     Envelope,
     PairingPolicy,
     PairingRevokeNotice,
     PairingState,
     PolicyDecision,
     Source,
-    decode,
     new_id,
     subjects,
 )
 
-from ..core import AuditLog, ack_refusal, kv
+from ..bus import Answer, Caller, Route
+from ..core import AuditLog, Refusal, kv
 
 log = logging.getLogger("cowork.hub.pairing")
 
@@ -45,16 +43,12 @@ CODE_GROUPS = (4, 4, 2)  # XXXX-XXXX-XX: 10 symbols, 50 bits
 DEFAULT_CODE_TTL = timedelta(minutes=10)
 
 
-class PairingError(Exception):
-    """A request about a pairing that must be refused; `status` is the HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+class PairingError(Refusal):
+    """A request about a pairing that must be refused."""
 
     @classmethod
     def not_found(cls, pairing_id: str) -> PairingError:
-        return cls(404, "pairing.not_found", f"no pairing {pairing_id!r}")
+        return cls("pairing.not_found", f"no pairing {pairing_id!r}", status=404)
 
 
 def new_code() -> str:
@@ -163,7 +157,7 @@ class PairingService:
             if old is None:
                 raise PairingError.not_found(pairing_id)
             if old["status"] == "revoked":
-                raise PairingError(409, "pairing.revoked", "a revoked pairing cannot change")
+                raise PairingError("pairing.revoked", "a revoked pairing cannot change", status=409)
             new = _merged(dict(old), changes)
             row = await conn.fetchrow(
                 """UPDATE pairings SET label = $3, enabled = $4, allowed_workspace_ids = $5,
@@ -255,32 +249,38 @@ class PairingService:
                 actor=actor,
             )
 
-    async def handle_revoke_notice(self, msg: Msg) -> None:
+    def routes(self) -> list[Route]:
+        """A Desktop's own revocation notice, for the hub's bus responder."""
+        return [
+            Route(
+                subjects.PAIRING_REVOKE,
+                PairingRevokeNotice,
+                self._revoke_notice,
+                kind="desktop",
+                id_field="pairing_id",
+            )
+        ]
+
+    async def _revoke_notice(self, caller: Caller, notice: PairingRevokeNotice) -> Answer:
         """A Desktop revoked itself locally; the subject names it (own-subject permission).
         The pairing is revoked durably, the Desktop answered, and only then its
         credential revoked (which disconnects it, so no reply could reach it after)."""
-        row = None
-        try:
-            where = subjects.PAIRING_REVOKE.parse(msg.subject)
-            notice = decode(msg.data, PairingRevokeNotice).data
-            if notice.pairing_id != where["pairing_id"]:
-                raise ContractError("the notice names another pairing", "pairing.wrong_id")
-            row = await self.revoke(
-                where["tenant"],
-                notice.pairing_id,
-                actor=notice.pairing_id,
-                actor_kind="desktop",
-                reason=notice.reason or "revoked on the Desktop",
-                revoke_credential=False,
-            )
-            reply = AckReply(ok=True)
-        except (ContractError, subjects.SubjectError, PairingError) as exc:
-            reply = ack_refusal(exc)
-        if msg.reply:
-            await msg.respond(Envelope.wrap(reply, source=self._source).encode())
-            await self._nc.flush()
-        if row is not None:
-            await self._revoke_credential(row, row["pairing_id"])
+        if notice.pairing_id != caller.id:
+            raise PairingError("pairing.wrong_id", "the notice names another pairing", status=422)
+        row = await self.revoke(
+            caller.tenant,
+            notice.pairing_id,
+            actor=notice.pairing_id,
+            actor_kind="desktop",
+            reason=notice.reason or "revoked on the Desktop",
+            revoke_credential=False,
+        )
+
+        async def revoke_credential() -> None:
+            if row is not None:
+                await self._revoke_credential(row, row["pairing_id"])
+
+        return Answer(AckReply(ok=True), after=revoke_credential)
 
     # --- state to the Desktop ---------------------------------------------------------
     def state_of(self, row: dict) -> PairingState:

@@ -35,7 +35,6 @@ from ..http import (
     json_body,
     json_error,
     path_token,
-    refusal_response,
     tenant_param,
 )
 from ._pairing import PairingError
@@ -171,10 +170,7 @@ async def list_pairings(request: web.Request) -> web.Response:
 
 async def get_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    try:
-        row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
-    except PairingError as exc:
-        return refusal_response(exc)
+    row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
     return web.json_response(pairing_json(row))
 
 
@@ -191,24 +187,18 @@ async def update_pairing(request: web.Request) -> web.Response:
             raise invalid(f"policy.{first['loc'][0]}: {first['msg']}") from None
     if not changes:
         raise invalid("nothing to change")
-    try:
-        row = await hub.pairings.update(
-            tenant_param(request), _pairing_id(request), changes, actor="admin"
-        )
-    except PairingError as exc:
-        return refusal_response(exc)
+    row = await hub.pairings.update(
+        tenant_param(request), _pairing_id(request), changes, actor="admin"
+    )
     return web.json_response(pairing_json(row))
 
 
 async def revoke_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RevokePairing, optional=True)
-    try:
-        row = await hub.pairings.revoke(
-            tenant_param(request), _pairing_id(request), reason=body.reason, actor="admin"
-        )
-    except PairingError as exc:
-        return refusal_response(exc)
+    row = await hub.pairings.revoke(
+        tenant_param(request), _pairing_id(request), reason=body.reason, actor="admin"
+    )
     return web.json_response(pairing_json(row))
 
 
@@ -220,14 +210,11 @@ async def submit_command(request: web.Request) -> web.Response:
         command_payload(body.kind.value, body.session_id, body.payload)
     except (ValueError, ValidationError) as exc:
         raise invalid(_first_error(exc)) from None
-    try:
-        pairing = await hub.pairings.get(tenant, pairing_id)
-        _check_allowlists(pairing, body)
-        fields = body.model_dump(exclude_none=True)
-        fields["kind"] = body.kind.value
-        outcome = await hub.commands.submit(tenant, pairing_id, fields)
-    except PairingError as exc:
-        return refusal_response(exc)
+    pairing = await hub.pairings.get(tenant, pairing_id)
+    _check_allowlists(pairing, body)
+    fields = body.model_dump(exclude_none=True)
+    fields["kind"] = body.kind.value
+    outcome = await hub.commands.submit(tenant, pairing_id, fields)
     return web.json_response(
         {"commandId": outcome["command_id"], "sequence": outcome["sequence"]},
         status=201 if outcome["created"] else 200,
@@ -237,14 +224,16 @@ async def submit_command(request: web.Request) -> web.Response:
 def _check_allowlists(pairing: dict, body: SubmitCommand) -> None:
     if body.workspace_id not in pairing["allowed_workspace_ids"]:
         raise PairingError(
-            403,
             "pairing.workspace_not_allowed",
             f"workspace {body.workspace_id!r} is not allowlisted",
+            status=403,
         )
     sessions = pairing["allowed_session_ids"]
     if sessions is not None and body.session_id and body.session_id not in sessions:
         raise PairingError(
-            403, "pairing.session_not_allowed", f"session {body.session_id!r} is not allowlisted"
+            "pairing.session_not_allowed",
+            f"session {body.session_id!r} is not allowlisted",
+            status=403,
         )
 
 
@@ -258,12 +247,9 @@ def _first_error(exc: Exception) -> str:
 
 async def get_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    try:
-        row = await hub.commands.get(
-            tenant_param(request), _pairing_id(request), _pairing_id(request, "command_id")
-        )
-    except PairingError as exc:
-        return refusal_response(exc)
+    row = await hub.commands.get(
+        tenant_param(request), _pairing_id(request), _pairing_id(request, "command_id")
+    )
     return web.json_response(command_json(row))
 
 

@@ -18,16 +18,16 @@ import logging
 from datetime import UTC, datetime
 
 from schemas import (
-    AckReply,
     CredentialScope,
     GatewayRegisterReply,
     GatewayRegisterRequest,
     PrincipalKind,
+    subjects,
 )
 
 from ..auth import CredentialError, CredentialService, Principal
-from ..bus import BootstrapLockout, BootstrapResponder
-from ..core import HubMetrics, kv
+from ..bus import BootstrapLockout, Caller, Route
+from ..core import kv
 from . import _versions as _gateway_versions
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayError, missing_or_ended
 from ._enrolment import credential_registration
@@ -38,35 +38,34 @@ log = logging.getLogger("cowork.hub.gateways")
 
 def _invalid_credential() -> GatewayError:
     return GatewayError(
-        401,
         "gateway.invalid_credential",
         "the registration credential is unknown, rotated or revoked",
+        status=401,
     )
 
 
-class GatewayBootstrap(BootstrapResponder):
-    family = "gateway.register"
-    request_model = GatewayRegisterRequest
-    unavailable = "the hub could not complete the registration; try again"
-
+class GatewayBootstrap:
     def __init__(
-        self,
-        registry: GatewayRegistry,
-        credentials: CredentialService,
-        lockout: BootstrapLockout,
-        metrics: HubMetrics,
-        *,
-        hub_id: str,
+        self, registry: GatewayRegistry, credentials: CredentialService, lockout: BootstrapLockout
     ) -> None:
-        super().__init__(metrics, hub_id=hub_id)
         self._registry, self._credentials, self._lockout = registry, credentials, lockout
         self._push_pending = False  # keys revoked, account not pushed yet (see settle)
 
-    async def exchange(self, request: GatewayRegisterRequest, source: str) -> GatewayRegisterReply:
-        return await self.register(request, source)
+    def route(self) -> Route:
+        """Registration on the bootstrap subject, for the hub's bus responder."""
+        return Route(
+            subjects.GATEWAY_REGISTER,
+            GatewayRegisterRequest,
+            self._exchange,
+            bootstrap=True,
+            unavailable="the hub could not complete the registration; try again",
+            after_answer=self.settle,
+        )
 
-    def refusal(self, exc: Exception) -> AckReply | None:
-        return exc.ack() if isinstance(exc, GatewayError) else None
+    async def _exchange(
+        self, caller: Caller, request: GatewayRegisterRequest
+    ) -> GatewayRegisterReply:
+        return await self.register(request, caller.id)
 
     async def settle(self) -> None:
         """Push the revocations of this (and any concurrent) exchange now that the
@@ -83,15 +82,12 @@ class GatewayBootstrap(BootstrapResponder):
 
     async def register(self, request: GatewayRegisterRequest, source: str) -> GatewayRegisterReply:
         """Exchange the credential for a bus credential of `request.public_key`, or raise
-        GatewayError (audited) saying why not."""
-        left = await self._lockout.locked_for(source)
-        if left is not None:  # counted, not audited: a locked-out flood writes nothing
-            raise GatewayError(
-                429,
-                "bootstrap.rate_limited",
-                "too many failed bootstrap secrets from this address; retry later",
-                retry_after=left,
-            )
+        GatewayError (audited) saying why not. The bootstrap gates come first: their
+        refusals are counted, not audited, so a flood writes nothing."""
+        async with self._lockout.admit(source, "gateway credential"):
+            return await self._register(request, source)
+
+    async def _register(self, request: GatewayRegisterRequest, source: str) -> GatewayRegisterReply:
         row, matches = await self._registry.by_credential(request.credential)
         if not matches:
             await self._lockout.count_failure(source, "gateway credential")
@@ -113,13 +109,13 @@ class GatewayBootstrap(BootstrapResponder):
             raise ended
         if row["credential_expires_at"] <= datetime.now(UTC):
             raise GatewayError(
-                401,
                 "gateway.credential_expired",
                 "the registration credential has expired: rotate it and register with the new one",
+                status=401,
             )
         verdict = _gateway_versions.check(request.versions)
         if verdict.incompatible:
-            raise GatewayError(409, "gateway.incompatible_versions", verdict.reason() or "")
+            raise GatewayError("gateway.incompatible_versions", verdict.reason() or "", status=409)
         return ("paused", verdict.reason()) if verdict.missing else ("active", None)
 
     async def _issue(
@@ -142,7 +138,7 @@ class GatewayBootstrap(BootstrapResponder):
         try:
             issued = await self._credentials.issue(principal, request.public_key, actor="hub")
         except CredentialError as exc:
-            raise GatewayError(409, exc.code, str(exc)) from None
+            raise GatewayError(exc.code, str(exc), status=409) from None
         versions = request.versions.model_dump(mode="json", by_alias=True)
         updated = await self._registry.mark_registered(
             row, request.public_key, versions, status, reason, source

@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from schemas import AckReply, AuditRecord, GatewayKind
+from schemas import AuditRecord, GatewayKind
 
-from ..core import AuditLog, ack_refusal, kv
+from ..core import AuditLog, Refusal, kv
 
 log = logging.getLogger("cowork.hub.gateways")
 
@@ -25,26 +25,18 @@ EXTERNAL_KINDS = frozenset(
 RATE_AUDIT_EVERY = 60.0
 
 
-class GatewayError(Exception):
-    """A request about a registration that must be refused; `status` is the HTTP
-    status for the admin API, `code` the machine-readable reason on both sides."""
-
-    def __init__(
-        self, status: int, code: str, message: str, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.retry_after = status, code, retry_after
+class GatewayError(Refusal):
+    """A request about a registration that must be refused (admin API and bus)."""
 
     @classmethod
     def not_found(cls, registration_id: str) -> GatewayError:
-        return cls(404, "gateway.not_found", f"no gateway registration {registration_id!r}")
+        return cls("gateway.not_found", f"no gateway registration {registration_id!r}", status=404)
 
     @classmethod
     def pending(cls, detail: str = "") -> GatewayError:
-        return cls(409, "gateway.pending", f"the registration has not registered yet{detail}")
-
-    def ack(self) -> AckReply:
-        return ack_refusal(self)
+        return cls(
+            "gateway.pending", f"the registration has not registered yet{detail}", status=409
+        )
 
 
 def missing_or_ended(row: Any, registration_id: str, ended: str) -> GatewayError | None:
@@ -53,7 +45,9 @@ def missing_or_ended(row: Any, registration_id: str, ended: str) -> GatewayError
     if row is None:
         return GatewayError.not_found(registration_id)
     if row["status"] in TERMINAL:
-        return GatewayError(409, f"gateway.{row['status']}", ended.format(status=row["status"]))
+        return GatewayError(
+            f"gateway.{row['status']}", ended.format(status=row["status"]), status=409
+        )
     return None
 
 

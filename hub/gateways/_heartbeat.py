@@ -87,15 +87,15 @@ class GatewayHeartbeats:
             return GatewayError.pending()
         if row["public_key"] is None:
             return GatewayError(
-                409,
                 "gateway.not_registered",
                 "the credential was rotated or expired: register again",
+                status=409,
             )
         return GatewayError(
-            409,
             "gateway.stale_heartbeat",
             f"heartbeatSequence {beat.heartbeat_sequence} is not after the last "
             f"accepted one ({row['heartbeat_sequence']})",
+            status=409,
         )
 
     async def _audit_changes(

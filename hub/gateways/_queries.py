@@ -58,8 +58,8 @@ class GatewayQueries:
         )
         if row is None:
             raise GatewayError(
-                404,
                 "gateway.sync_not_found",
                 f"registration {registration_id!r} has synced nothing in scope {scope!r}",
+                status=404,
             )
         return dict(row)

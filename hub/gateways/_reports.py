@@ -40,11 +40,11 @@ class GatewayReports:
             edge = bool(set(reg["scopes"]) & {s.value for s in EDGE_SCOPES})
             if not edge and (caps.max_concurrent_work or caps.work_kinds):
                 raise GatewayError(
-                    422,
                     "gateway.capabilities_invalid",
                     f"a {reg['kind']} registration without edge scopes runs no "
                     "Cloud-owned work: maxConcurrentWork must be 0 and "
                     "workKinds empty",
+                    status=422,
                 )
             await conn.execute(
                 """UPDATE gateway_registrations SET capabilities = $3,
@@ -115,47 +115,49 @@ def check_sync_scope(subject_scope: str, scope: str) -> None:
     """Refuse a scope that is never syncable, with the reason for that scope."""
     if subject_scope != scope:
         raise GatewayError(
-            422,
             "gateway.sync_scope_mismatch",
             f"the subject names scope {subject_scope!r}, the body {scope!r}",
+            status=422,
         )
     if scope in FORBIDDEN_SYNC_SCOPES:
         raise GatewayError(
-            403,
             "gateway.sync_scope_forbidden",
             f"sync scope {scope!r} is forbidden: raw databases, runtime homes, "
             "local paths, keys, secrets, private files and unfenced event "
             "writes never leave a Gateway",
+            status=403,
         )
     if scope in EDGE_SYNC_SCOPES:
         raise GatewayError(
-            403,
             "gateway.sync_requires_lease",
             f"{scope!r} is Cloud-owned work output: Cloud-owned work output is "
             "written under a lease on work.output, never synced",
+            status=403,
         )
     if scope not in EXTERNAL_SYNC_SCOPES:
-        raise GatewayError(422, "gateway.sync_scope_unknown", f"unknown sync scope {scope!r}")
+        raise GatewayError(
+            "gateway.sync_scope_unknown", f"unknown sync scope {scope!r}", status=422
+        )
 
 
 def check_sync_allowed(reg: dict, scope: str) -> None:
     """The registration's state and scopes let it sync `scope` now."""
     if reg["status"] == "draining":
         raise GatewayError(
-            409, "gateway.draining", "the registration is draining: availability syncs stop"
+            "gateway.draining", "the registration is draining: availability syncs stop", status=409
         )
     if reg["status"] == "paused":
         raise GatewayError(
-            409,
             "gateway.paused",
             f"the registration is paused ({reg['status_reason']}); syncs resume when it is active",
+            status=409,
         )
     if scope not in reg["sync_scopes"] or CredentialScope.METADATA_SYNC.value not in reg["scopes"]:
         raise GatewayError(
-            403,
             "gateway.sync_scope_not_allowed",
             f"this registration may not sync {scope!r}; it may sync "
             f"{sorted(s for s in reg['sync_scopes'] if s in EXTERNAL_SYNC_SCOPES)}",
+            status=403,
         )
 
 
@@ -168,18 +170,18 @@ def check_sync_items(items: list[Any]) -> None:
     ]
     if mixing:
         raise GatewayError(
-            422,
             "gateway.lane_mixing",
             f"items {mixing[:20]} carry a workId: external-workspace metadata "
             "never names Cloud-owned work (the two lanes' ids stay apart)",
+            status=422,
         )
     leaking = [i for i, item in enumerate(items) if scrub_secrets(item) != item]
     if leaking:
         raise GatewayError(
-            422,
             "gateway.sync_secret_detected",
             f"items {leaking[:20]} hold secret-looking values (keys such as "
             "token/password or token-shaped strings); redact them before syncing",
+            status=422,
         )
 
 

@@ -28,10 +28,8 @@ from ..http import (
     json_body,
     json_error,
     path_token,
-    refusal_response,
     tenant_param,
 )
-from ._service import GatewayError
 
 if TYPE_CHECKING:
     from ._service import GatewayRegistry
@@ -125,10 +123,7 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
     """Run `call` on the registration the path names; answer with the registration it
     returns, or with its refusal."""
     registry = request.app[HUB_KEY].gateways
-    try:
-        row = await call(registry, tenant_param(request), _registration_id(request))
-    except GatewayError as exc:
-        return refusal_response(exc)
+    row = await call(registry, tenant_param(request), _registration_id(request))
     return await _view(request, row)
 
 
@@ -143,20 +138,17 @@ async def create_registration(request: web.Request) -> web.Response:
             "gateway registration needs bus credentials (run the hub with COWORK_KEYS_DIR)",
         )
     ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
-    try:
-        row, credential = await hub.gateways.create(
-            tenant,
-            display_name=body.display_name,
-            kind=body.kind.value,
-            trust_model=body.trust_model.value,
-            scopes=body.scopes,
-            sync_scopes=body.sync_scopes,
-            approved_credentials=body.approved_credentials,
-            credential_ttl=ttl,
-            actor="admin",
-        )
-    except GatewayError as exc:
-        return refusal_response(exc)
+    row, credential = await hub.gateways.create(
+        tenant,
+        display_name=body.display_name,
+        kind=body.kind.value,
+        trust_model=body.trust_model.value,
+        scopes=body.scopes,
+        sync_scopes=body.sync_scopes,
+        approved_credentials=body.approved_credentials,
+        credential_ttl=ttl,
+        actor="admin",
+    )
     return web.json_response(
         {
             "registrationId": row["registration_id"],
@@ -194,10 +186,7 @@ async def get_sync(request: web.Request) -> web.Response:
         scope = check_token(request.match_info["scope"], "scope")
     except ValueError as exc:
         return json_error(400, "invalid_request", str(exc))
-    try:
-        row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request), scope)
-    except GatewayError as exc:
-        return refusal_response(exc)
+    row = await hub.gateways.sync_items(tenant_param(request), _registration_id(request), scope)
     return web.json_response(
         {
             "registrationId": row["registration_id"],
@@ -214,12 +203,9 @@ async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RotateRegistration, optional=True)
     ttl = timedelta(days=body.credential_ttl_days) if body.credential_ttl_days else None
-    try:
-        row, credential = await hub.gateways.rotate(
-            tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl
-        )
-    except GatewayError as exc:
-        return refusal_response(exc)
+    row, credential = await hub.gateways.rotate(
+        tenant_param(request), _registration_id(request), actor="admin", credential_ttl=ttl
+    )
     return web.json_response(
         {
             "registrationId": row["registration_id"],

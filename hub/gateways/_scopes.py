@@ -28,18 +28,18 @@ def derive_scopes(
     edge_kind = bool(SCOPES_BY_KIND[kind] & EDGE_SCOPES)
     if edge_kind and trust_model in EDGE_WORK_REFUSED_TRUST:
         raise GatewayError(
-            422,
             "gateway.trust_refuses_edge_work",
             f"kind {kind} runs Cloud-owned edge work, which trust model "
             f"{trust_model} refuses (metadata only): use kind "
             "external_workspace or another trust model",
+            status=422,
         )
     granted = _narrow_scopes(kind, scopes)
     if approved_credentials and not edge_kind:
         raise GatewayError(
-            422,
             "gateway.credentials_need_edge_kind",
             f"approvedCredentials only apply to edge work; kind {kind} runs none",
+            status=422,
         )
     return granted, _narrow_sync_scopes(kind, sync_scopes)
 
@@ -52,23 +52,23 @@ def _narrow_scopes(kind: str, scopes: list[str] | None) -> list[str]:
     unknown = sorted(set(scopes) - known)
     if unknown:
         raise GatewayError(
-            422,
             "gateway.scope_unknown",
             f"unknown credential scopes {unknown}; known: {sorted(known)}",
+            status=422,
         )
     outside = sorted(set(scopes) - allowed)
     if outside:
         raise GatewayError(
-            422,
             "gateway.scope_outside_kind",
             f"kind {kind} may not hold {outside}; it may hold {sorted(str(s) for s in allowed)}",
+            status=422,
         )
     if CredentialScope.HEARTBEAT not in scopes:
         raise GatewayError(
-            422,
             "gateway.scope_heartbeat_required",
             f"{CredentialScope.HEARTBEAT.value} cannot be narrowed away: a "
             "Gateway the hub does not hear from is marked unhealthy",
+            status=422,
         )
     return sorted(set(scopes))
 
@@ -80,20 +80,22 @@ def _narrow_sync_scopes(kind: str, sync_scopes: list[str] | None) -> list[str]:
     forbidden = sorted(set(sync_scopes) & FORBIDDEN_SYNC_SCOPES)
     if forbidden:
         raise GatewayError(
-            422,
             "gateway.sync_scope_forbidden",
             f"sync scopes {forbidden} are always forbidden: raw databases, "
             "runtime homes, local paths, keys, secrets and private files "
             "never leave a Gateway",
+            status=422,
         )
     unknown = sorted(set(sync_scopes) - {s.value for s in SyncScope})
     if unknown:
-        raise GatewayError(422, "gateway.sync_scope_unknown", f"unknown sync scopes {unknown}")
+        raise GatewayError(
+            "gateway.sync_scope_unknown", f"unknown sync scopes {unknown}", status=422
+        )
     outside = sorted(set(sync_scopes) - allowed)
     if outside:
         raise GatewayError(
-            422,
             "gateway.sync_scope_outside_kind",
             f"kind {kind} may not sync {outside}; it may sync {sorted(str(s) for s in allowed)}",
+            status=422,
         )
     return sorted(set(sync_scopes))

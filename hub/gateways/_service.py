@@ -25,13 +25,11 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from nats.aio.client import Client as NATS
 
-from schemas import Source
-
-from ..core import AuditLog, HubMetrics
+from ..bus import Route
+from ..core import AuditLog
 from ._admin import GatewayAdmin
-from ._bus import GatewayResponders
+from ._bus import GatewayRoutes
 from ._common import GatewayAudit, GatewayError
 from ._enrolment import GatewayEnrolment
 from ._heartbeat import GatewayHeartbeats
@@ -49,10 +47,8 @@ class GatewayRegistry:
         self,
         pool: asyncpg.Pool,
         audit: AuditLog,
-        metrics: HubMetrics,
         *,
         credential_key: bytes,
-        hub_id: str,
         credentials: Any | None = None,
         heartbeat_rate: float = 2.0,
         credential_ttl_days: float = 30.0,
@@ -69,14 +65,7 @@ class GatewayRegistry:
         queries, enrolment = GatewayQueries(pool), GatewayEnrolment(pool, records, credential_key)
         heartbeats, reports = GatewayHeartbeats(pool, records), GatewayReports(pool, records)
         self._sweeps = GatewaySweeps(pool, records, credentials)
-        self._responders = GatewayResponders(
-            heartbeats,
-            reports,
-            records,
-            metrics,
-            heartbeat_rate=heartbeat_rate,
-            source=Source(principal_kind="hub", principal_id=hub_id),
-        )
+        self._routes = GatewayRoutes(heartbeats, reports, records, heartbeat_rate=heartbeat_rate)
 
         # the admin API (_http_gateways)
         self.create, self.rotate, self.revoke = admin.create, admin.rotate, admin.revoke
@@ -101,5 +90,6 @@ class GatewayRegistry:
     async def stop(self) -> None:
         await self._sweeps.stop()
 
-    async def subscribe(self, nc: NATS) -> None:
-        await self._responders.subscribe(nc)
+    def routes(self) -> list[Route]:
+        """Heartbeat, capabilities and sync, for the hub's bus responder."""
+        return self._routes.routes()

@@ -10,10 +10,11 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
 
-from ..core import kv
+from ..core import Refusal, kv
 
 if TYPE_CHECKING:
     from .._service import Hub
@@ -38,9 +39,15 @@ def json_error(status: int, code: str, message: str, **headers: str) -> web.Resp
     )
 
 
-def refusal_response(exc: Any) -> web.Response:
-    """A service's refusal (an exception with `status` and `code`) as the JSON error."""
-    return json_error(exc.status, exc.code, str(exc))
+def refusal_response(exc: Refusal) -> web.Response:
+    """A refusal as the JSON error, with `Retry-After` when waiting may help. The
+    middleware answers every Refusal a route lets through this way."""
+    status = exc.status if exc.status >= 400 else 409
+    if exc.retry_after is None:
+        return json_error(status, exc.code, str(exc))
+    return json_error(
+        status, exc.code, str(exc), **{"Retry-After": str(math.ceil(exc.retry_after))}
+    )
 
 
 def invalid(message: str) -> web.HTTPUnprocessableEntity:
@@ -136,6 +143,8 @@ def hub_middleware(token_digest: bytes | None, *, metrics_need_token: bool = Fal
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
+        except Refusal as exc:
+            response = refusal_response(exc)
         except ConnectionResetError:  # the client went away mid-request: nobody to answer
             log.info("http.client_disconnected", **kv(path=request.path, method=request.method))
             response = json_error(

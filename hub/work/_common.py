@@ -9,19 +9,14 @@ import asyncpg
 
 from schemas import EDGE_WORK_REFUSED_TRUST, CredentialScope, GatewayKind
 
+from ..core import Refusal
+
 TERMINAL = ("revoked", "retired")
 EDGE_KINDS = (GatewayKind.EDGE_WORKER.value, GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER.value)
 
 
-class EdgeWorkError(Exception):
-    """A refused request: `code` for machines, the message for people. `status` is
-    the HTTP status (admin API); `retry_after` seconds when trying again may help."""
-
-    def __init__(
-        self, code: str, message: str, *, status: int = 409, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code, self.status, self.retry_after = code, status, retry_after
+class EdgeWorkError(Refusal):
+    """A refused edge-work request (admin API and the workers' bus requests)."""
 
 
 def registration_refusal(

@@ -21,7 +21,6 @@ from pydantic import Field
 from schemas import WireModel, WorkState, check_token
 
 from ..http import HUB_KEY, int_query, iso, json_body, json_error, tenant_param
-from ._common import EdgeWorkError
 from ._service import EdgeWorkService, EnqueueWork
 
 STATES = frozenset(s.value for s in WorkState)
@@ -79,10 +78,6 @@ def work_json(row: dict) -> dict[str, Any]:
     return out
 
 
-def _error(exc: EdgeWorkError) -> web.Response:
-    return json_error(exc.status if exc.status >= 400 else 409, exc.code, str(exc))
-
-
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body: EnqueueWork = await json_body(request, EnqueueWork)  # type: ignore[assignment]
@@ -97,10 +92,7 @@ async def enqueue(request: web.Request) -> web.Response:
                 422, "invalid_request", "the Idempotency-Key header and idempotencyKey differ"
             )
         body.idempotency_key = header
-    try:
-        row, created = await _service(request).enqueue(tenant, body)
-    except EdgeWorkError as exc:
-        return _error(exc)
+    row, created = await _service(request).enqueue(tenant, body)
     return web.json_response(
         {"workId": row["work_id"], "state": row["state"], "created": created},
         status=201 if created else 200,
@@ -115,10 +107,7 @@ async def get_work(request: web.Request) -> web.Response:
         return json_error(400, "invalid_request", str(exc))
     after = int_query(request, "afterSequence", 0, 0, 2**62)
     limit = int_query(request, "limit", 500, 1, 5000)
-    try:
-        row = await _service(request).get(tenant, work_id, after_sequence=after, limit=limit)
-    except EdgeWorkError as exc:
-        return _error(exc)
+    row = await _service(request).get(tenant, work_id, after_sequence=after, limit=limit)
     return web.json_response(work_json(row))
 
 
@@ -133,10 +122,7 @@ async def cancel_work(request: web.Request) -> web.Response:
     except ValueError as exc:
         return json_error(400, "invalid_request", str(exc))
     body = await json_body(request, CancelWork) if request.can_read_body else CancelWork()
-    try:
-        row = await _service(request).cancel(tenant, work_id, reason=body.reason)
-    except EdgeWorkError as exc:
-        return _error(exc)
+    row = await _service(request).cancel(tenant, work_id, reason=body.reason)
     return web.json_response(work_json(row))
 
 

@@ -17,20 +17,17 @@ requeues expired leases or dead-letters work that used up its attempts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from pydantic import Field, ValidationError
 
 from schemas import (
     AckReply,
     AuditRecord,
-    ContractError,
     Envelope,
     PromptPayload,
     SessionRef,
@@ -44,12 +41,12 @@ from schemas import (
     WorkRenew,
     WorkRenewReply,
     WorkRequirements,
-    decode,
     new_id,
     subjects,
 )
 
-from ..core import AuditLog, HubMetrics, RateLimiter, ack_refusal, kv
+from ..bus import Caller, Route
+from ..core import AuditLog, HubMetrics, RateLimiter, kv
 from ..desktop import body_hash
 from ._common import EdgeWorkError
 from ._leases import Leases
@@ -59,7 +56,6 @@ from ._writes import FencedWriter, project_outcome
 T = TypeVar("T")
 
 log = logging.getLogger("cowork.hub.edge_work")
-MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
 # The payload model of each work kind; anything else is refused at enqueue.
 WORK_PAYLOADS: dict[str, type[WireModel]] = {"prompt": PromptPayload}
 WORK_COLUMNS = (
@@ -100,8 +96,6 @@ class EdgeWorkService:
         # One bucket per registration and operation: bounds what a misbehaving
         # Gateway can cost the database and the audit log (refusals are audited).
         self._limiter = RateLimiter(write_rate, 1000)
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._in_flight: set[asyncio.Task] = set()
         self.leases = Leases(pool, audit, lease_seconds)
         self.writer = FencedWriter(pool, audit, nc, metrics, self._source)
         self.reaper = Reaper(
@@ -119,36 +113,30 @@ class EdgeWorkService:
 
     async def stop(self) -> None:
         await self.reaper.stop()
-        for task in list(self._in_flight):
-            task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    async def subscribe(self, nc: NATS) -> None:
-        """Queue-group subscriptions: any one hub replica serves each request.
-        nats-py runs one subscription's callbacks one after another, so each
-        request gets its own task (bounded): 8 Gateways claiming must not queue
-        behind each other's database round trips."""
-        for family, handler in (
-            (subjects.WORK_CLAIM, self.handle_claim),
-            (subjects.WORK_RENEW, self.handle_renew),
-            (subjects.WORK_OUTPUT, self.handle_output),
-        ):
-            await nc.subscribe(
-                family.filter(), queue="hub-edge-work", cb=self._concurrently(handler)
-            )
+    def routes(self) -> list[Route]:
+        """Claim, renew and fenced output, for the hub's bus responder: any one replica
+        serves each request; each operation has its own rate bucket per Gateway."""
+        common: dict[str, Any] = {
+            "kind": "gateway",
+            "id_field": "registration_id",
+            "rate": self._limiter,
+        }
+        return [
+            Route(subjects.WORK_CLAIM, WorkClaimRequest, self._claim, **common),
+            Route(subjects.WORK_RENEW, WorkRenew, self._renew, **common),
+            Route(subjects.WORK_OUTPUT, WorkOutput, self._output, **common),
+        ]
 
-    def _concurrently(self, handler: Any) -> Any:
-        async def dispatch(msg: Msg) -> None:
-            await self._slots.acquire()  # back-pressure: stop reading when saturated
-            task = asyncio.create_task(handler(msg))
-            self._in_flight.add(task)
-            task.add_done_callback(self._done)
+    async def _claim(self, caller: Caller, request: WorkClaimRequest) -> WorkClaimReply:
+        return await self.claim(caller.tenant, caller.id, request)
 
-        return dispatch
+    async def _renew(self, caller: Caller, request: WorkRenew) -> WorkRenewReply:
+        return await self.renew(caller.tenant, caller.id, request)
 
-    def _done(self, task: asyncio.Task) -> None:
-        self._in_flight.discard(task)
-        self._slots.release()
+    async def _output(self, caller: Caller, output: WorkOutput) -> AckReply:
+        await self.write(caller.tenant, caller.id, output)
+        return AckReply(ok=True)
 
     # --- admin side ---------------------------------------------------------------------
     async def enqueue(
@@ -353,33 +341,29 @@ class EdgeWorkService:
         self, tenant: str, registration_id: str, request: WorkClaimRequest
     ) -> WorkClaimReply:
         """Lease one claimable item to the registration, or `work_id: None`."""
-        reply = await self._limited(
+        return await self._audited(
             "claim",
             tenant,
             registration_id,
             request.work_id,
             lambda: self.leases.claim(tenant, registration_id, request),
         )
-        outcome = "leased" if reply.work_id else "empty"
-        self._metrics.bus_messages.labels("work.claim", outcome).inc()
-        return reply
 
     # --- renew --------------------------------------------------------------------------
     async def renew(self, tenant: str, registration_id: str, request: WorkRenew) -> WorkRenewReply:
-        expires = await self._limited(
+        expires = await self._audited(
             "renew",
             tenant,
             registration_id,
             request.work_id,
             lambda: self.leases.renew(tenant, registration_id, request),
         )
-        self._metrics.bus_messages.labels("work.renew", "renewed").inc()
         return WorkRenewReply(work_id=request.work_id, lease_expires_at=expires)
 
     # --- fenced output ------------------------------------------------------------------
     async def write(self, tenant: str, registration_id: str, output: WorkOutput) -> bool:
         """Store one fenced output; False when it was an identical replay (a no-op)."""
-        stored = await self._limited(
+        return await self._audited(
             "output",
             tenant,
             registration_id,
@@ -388,61 +372,9 @@ class EdgeWorkService:
             sequence=output.sequence,
             output_kind=str(output.kind),
         )
-        self._metrics.bus_messages.labels("work.output", "stored" if stored else "replayed").inc()
-        return stored
-
-    # --- bus handlers -------------------------------------------------------------------
-    async def handle_claim(self, msg: Msg) -> None:
-        await self._serve(msg, subjects.WORK_CLAIM, WorkClaimRequest, self.claim)
-
-    async def handle_renew(self, msg: Msg) -> None:
-        await self._serve(msg, subjects.WORK_RENEW, WorkRenew, self.renew)
-
-    async def handle_output(self, msg: Msg) -> None:
-        async def write(tenant: str, reg: str, output: WorkOutput) -> AckReply:
-            await self.write(tenant, reg, output)
-            return AckReply(ok=True)
-
-        await self._serve(msg, subjects.WORK_OUTPUT, WorkOutput, write)
-
-    async def _serve(
-        self, msg: Msg, family: subjects.SubjectFamily, model: type, operation: Any
-    ) -> None:
-        try:
-            where = family.parse(msg.subject)
-            tenant, reg_id = where["tenant"], where["registration_id"]
-            env = decode(msg.data, model)
-            if env.tenant not in (None, tenant) or (
-                str(env.source.principal_kind),
-                env.source.principal_id,
-            ) != ("gateway", reg_id):
-                raise EdgeWorkError(
-                    "contract.principal_mismatch",
-                    "the envelope's tenant or source differs from the subject",
-                )
-            reply = await operation(tenant, reg_id, env.data)
-        except ValidationError as exc:  # a reply we could not build: our bug, say so
-            log.error("edge_work.reply_invalid", **kv(subject=msg.subject, error=str(exc)))
-            reply = AckReply(ok=False, code="hub.error", reason="the hub failed this request")
-        except (ContractError, subjects.SubjectError, EdgeWorkError) as exc:
-            self._metrics.bus_messages.labels(family.name, "refused").inc()
-            reply = ack_refusal(exc)
-        except Exception as exc:  # database away: the worker retries
-            log.warning("edge_work.request_failed", **kv(subject=msg.subject, error=str(exc)))
-            reply = AckReply(
-                ok=False,
-                code="hub.unavailable",
-                reason="try again shortly",
-                retry_after_seconds=1.0,
-            )
-        if msg.reply:
-            try:
-                await msg.respond(Envelope.wrap(reply, source=self._source).encode())
-            except Exception as exc:  # the worker asks again; its lease is in PostgreSQL
-                log.warning("edge_work.reply_failed", **kv(subject=msg.subject, error=str(exc)))
 
     # --- refusals -----------------------------------------------------------------------
-    async def _limited(
+    async def _audited(
         self,
         operation: str,
         tenant: str,
@@ -451,19 +383,14 @@ class EdgeWorkService:
         call: Callable[[], Awaitable[T]],
         **metadata: Any,
     ) -> T:
-        """`call`'s result once the rate limit allows `operation`; a refusal (the limit's
-        or the call's) is counted and audited, then raised."""
+        """`call`'s result; its refusal is logged and audited, then raised. (The bus
+        pipeline rate-limits before this: those refusals are counted, not audited, so a
+        flooding Gateway cannot flood the audit log too.)"""
         try:
-            self._take(tenant, reg_id, operation)
             return await call()
         except EdgeWorkError as exc:
             await self.refused(operation, tenant, reg_id, work_id, exc, **metadata)
             raise
-
-    def _take(self, tenant: str, reg_id: str, operation: str) -> None:
-        wait = self._limiter.take((tenant, reg_id, operation))
-        if wait:
-            raise EdgeWorkError("rate_limited", f"too many {operation} requests", retry_after=wait)
 
     async def refused(
         self,
@@ -474,17 +401,13 @@ class EdgeWorkService:
         exc: EdgeWorkError,
         **metadata: Any,
     ) -> None:
-        """Count, log and audit a refusal. Rate-limit refusals are only counted:
-        auditing them would let a flooding Gateway flood the audit log too."""
-        self._metrics.bus_messages.labels(f"work.{operation}", "refused").inc()
+        """Log and audit a refusal."""
         log.warning(
             "edge_work.refused",
             **kv(
                 tenant=tenant, registration=reg_id, operation=operation, work=work_id, code=exc.code
             ),
         )
-        if exc.code == "rate_limited":
-            return
         await self._audit.record(
             AuditRecord(
                 action=f"gateway.edge.{operation}_refused",

@@ -23,13 +23,9 @@ from hubkit import client
 from edges.common._credentials import EdgeCredentials, new_user_seed
 from edges.desktop._agent import PairingFailed, pair
 from edges.desktop._store import DesktopStore
-from hub.desktop._bootstrap import (
-    LOCKOUT,
-    MAX_FAILURES,
-    PairingRedemption,
-    RedeemRefused,
-    request_source,
-)
+from hub.bus import LOCKOUT, MAX_FAILURES, BootstrapLockout, request_source
+from hub.core import Refusal
+from hub.desktop import PairingRedemption
 from hub.desktop._pairing import new_code, normalize_code
 from schemas import PairingRedeemRequest, subjects
 from schemas._bootstrap import (
@@ -572,9 +568,8 @@ async def test_lockout_is_per_source(hub, http, operator_nats_url, tmp_path):
         hub.audit,
         hub.pairings,
         hub.credentials,
-        hub.metrics,
+        BootstrapLockout(hub.pool),
         code_key=hub.keys.derive_key("pairing-code"),
-        hub_id=hub.settings.hub_id,
     )
     seed = new_user_seed()
     request = PairingRedeemRequest(
@@ -584,7 +579,7 @@ async def test_lockout_is_per_source(hub, http, operator_nats_url, tmp_path):
         device_name="elsewhere",
         client_version="test",
     )
-    with pytest.raises(RedeemRefused) as caught:  # the locked source, here too
+    with pytest.raises(Refusal) as caught:  # the locked source, here too
         await redemption.redeem(request, "127.0.0.1")
     assert caught.value.code == "bootstrap.rate_limited" and caught.value.retry_after > 0
     reply = await redemption.redeem(request, "192.0.2.7")  # another address is not locked

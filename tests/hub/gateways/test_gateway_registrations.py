@@ -334,7 +334,7 @@ async def test_wrong_or_malformed_credential_is_refused_and_audited(hub, http, o
     created = await create_registration(http)
     reg_id = created["registrationId"]
     wrong = f"cwgr_{reg_id}_{'A' * 43}"
-    before = _bus_count(hub, "gateway.register", "rejected")
+    before = _bus_count(hub, "gateway.register", "refused")
     for credential in (
         wrong,
         "cwgr_nosuchregistration_xxxxxxxxxxxxxxxx",
@@ -343,7 +343,7 @@ async def test_wrong_or_malformed_credential_is_refused_and_audited(hub, http, o
         outcome = await register(operator_nats_url, credential)
         assert outcome.code == "gateway.invalid_credential", outcome.refusal
         assert "unknown, rotated or revoked" in outcome.refusal.reason
-    assert _bus_count(hub, "gateway.register", "rejected") == before + 3
+    assert _bus_count(hub, "gateway.register", "refused") == before + 3
     refused = await _audit(hub, reg_id, "gateway.registration.refused")
     assert len(refused) == 1 and refused[0]["tenant"] == TENANT
     assert refused[0]["metadata"]["code"] == "gateway.invalid_credential"
@@ -565,10 +565,10 @@ async def syncing_gateway(hub, operator_nats_url):
 async def test_sync_refusals_say_why(hub, http, syncing_gateway, scope, items, code, words):
     created, gateway = syncing_gateway
     reg_id = created["registrationId"]
-    before = _bus_count(hub, "gateway.sync", "rejected")
+    before = _bus_count(hub, "gateway.sync", "refused")
     refused = _refusal(await gateway.sync(scope, items), code)
     assert words in refused.reason, refused.reason
-    assert _bus_count(hub, "gateway.sync", "rejected") == before + 1
+    assert _bus_count(hub, "gateway.sync", "refused") == before + 1
     audit = (await _audit(hub, reg_id, "gateway.sync.refused"))[-1]
     assert audit["metadata"]["code"] == code and audit["metadata"]["scope"] == scope
     assert "hunter2" not in json.dumps(audit, default=str)
@@ -778,9 +778,7 @@ async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
     registry = GatewayRegistry(
         pool,
         AuditLog(pool),
-        hub.metrics,
         credential_key=hub.keys.derive_key("gateway-credential"),
-        hub_id="race",
         credentials=hub.credentials,
     )
     totals = {"ok": 0, "revoked": 0, "stale": 0}

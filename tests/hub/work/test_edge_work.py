@@ -15,7 +15,6 @@ import secrets
 import pytest
 from edgeworkkit import EDGE_SCOPES, GatewayBus, add_registration, collect, enqueue_body
 
-from hub.core._rate_limit import RateLimiter
 from schemas import (
     AckReply,
     WorkClaimReply,
@@ -215,8 +214,8 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
     assert actions.count("gateway.edge.write_fenced_output") == 2  # status + result, no events
     assert "edge_work.enqueued" in actions
     metrics = (await http.get("/metrics")).text
-    assert 'cowork_bus_messages_total{family="work.claim",outcome="leased"}' in metrics
-    assert 'family="work.output",outcome="stored"' in metrics
+    assert 'cowork_bus_messages_total{family="work.claim",outcome="accepted"}' in metrics
+    assert 'family="work.output",outcome="accepted"' in metrics
 
 
 async def test_replay_is_a_noop_and_conflicts_are_refused(hub, http, gateways, tenant):
@@ -481,8 +480,9 @@ async def test_writes_are_rate_limited(hub, http, gateways, tenant):
     gw = await gateways(tenant)
     work_id = await enqueue(http, tenant)
     token = (await claimed(gw)).lease_token
-    saved = hub.edge_work._limiter
-    hub.edge_work._limiter = RateLimiter(0.5, 2)
+    limiter = hub.edge_work._limiter  # the bus route's bucket per Gateway and operation
+    saved = limiter.rate, limiter.burst
+    limiter.rate, limiter.burst = 0.5, 2
     try:
         assert (await gw.output(work_id, token, 1)).ok
         assert (await gw.output(work_id, token, 2)).ok
@@ -490,7 +490,7 @@ async def test_writes_are_rate_limited(hub, http, gateways, tenant):
         refused(limited, "rate_limited")
         assert limited.retry_after_seconds > 0
     finally:
-        hub.edge_work._limiter = saved
+        limiter.rate, limiter.burst = saved
     assert not any(
         r["action"] == "gateway.edge.output_refused" for r in await audit_actions(hub, tenant)
     )

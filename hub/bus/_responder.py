@@ -1,0 +1,302 @@
+"""The one bus request/reply pipeline every hub responder runs through.
+
+A request arrives on a subject the server only lets its caller publish on, so
+the subject names the caller (tenant, principal kind, principal id). For every
+route the pipeline does the same, in this order:
+
+1. parse the subject (`subject.invalid` otherwise);
+2. answer only on the caller's own reply inbox (`_INBOX.<tenant>.<kind>.<id>.`):
+   the hub may publish anywhere, so a reply subject naming another principal's
+   subject is dropped and audited, never answered (a confused-deputy guard);
+3. decode the envelope against the route's model and check that its tenant and
+   source are the subject's (`contract.principal_mismatch`);
+4. take one token from the route's rate limit for this caller (`rate_limited`);
+5. run the handler; a `Refusal` is answered with its code (and passed to the
+   route's `on_refusal`, e.g. to audit it), anything unexpected as the transient
+   `hub.unavailable` so the caller retries rather than waits;
+6. answer, then run what the handler asked to run after the answer (a step that
+   revokes the caller's credential must come after the reply that reaches it).
+
+Requests run concurrently, bounded (`max_in_flight`): nats-py runs one
+subscription's callbacks one after another, so a slow database round trip would
+otherwise queue every other caller behind it. Each message is counted once in
+`cowork_hub_bus_messages_total{family, outcome}`, outcome one of
+`accepted | refused | failed | dropped`.
+
+Bootstrap routes (`Route.bootstrap`) serve the public bootstrap identity: the
+caller holds no credential yet, so there is no principal to check; the reply of a
+success is sealed to the requester's `reply_key` and a refusal is a plain ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from schemas import (
+    AckReply,
+    ContractError,
+    Envelope,
+    SealedReply,
+    SealError,
+    Source,
+    WireModel,
+    decode,
+    seal,
+    subjects,
+)
+
+from ..core import HubMetrics, RateLimiter, Refusal, ack_refusal, kv
+
+log = logging.getLogger("cowork.hub.bus")
+
+MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
+UNAVAILABLE = "the hub could not handle the request; try again shortly"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request, as its subject names it (`where` is the parsed subject).
+    For a bootstrap route `kind` is "bootstrap" and `id` the client's address."""
+
+    tenant: str
+    kind: str
+    id: str
+    where: dict[str, str]
+    family: str  # the route's family name, e.g. "gateway.heartbeat"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reply plus work to do once it is sent (e.g. revoke the caller's credential)."""
+
+    reply: WireModel
+    after: Callable[[], Awaitable[None]] | None = None
+
+
+Handler = Callable[[Caller, Any], Awaitable["WireModel | Answer"]]
+OnRefusal = Callable[[Caller, Any, Refusal], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One hub-consumed request family: its subject, request model and handler."""
+
+    family: subjects.SubjectFamily
+    request: type[WireModel]
+    handle: Handler
+    kind: str | None = None  # the caller's principal kind, when the subject has none
+    id_field: str = "principal_id"  # the subject field that names the caller
+    rate: RateLimiter | None = None  # per caller
+    on_refusal: OnRefusal | None = None  # e.g. audit (it decides about rate limits)
+    bootstrap: bool = False
+    expects_reply: bool = True  # False: a notice (presence); nothing is answered
+    unavailable: str = UNAVAILABLE  # what people read when the hub fails the request
+    # Run once every answer of this route has left, refused or not (e.g. push the key
+    # revocations a registration made: the push would cut the reply's route).
+    after_answer: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+
+@dataclass
+class _Outcome:
+    reply: WireModel
+    tenant: str | None = None
+    after: Callable[[], Awaitable[None]] | None = None
+    label: str = "accepted"
+
+
+@dataclass
+class BusResponder:
+    """Serves routes on queue-group subscriptions (any one replica answers each)."""
+
+    nc: NATS
+    metrics: HubMetrics
+    source: Source
+    audit_drop: Callable[[Caller, str, str], Awaitable[None]] | None = None
+    max_in_flight: int = MAX_IN_FLIGHT
+    _slots: asyncio.Semaphore = field(init=False)
+    # At most one drop audit per second and caller (burst 5): a prober cannot flood it.
+    _drop_audits: RateLimiter = field(init=False, default_factory=lambda: RateLimiter(1.0, 5))
+    routes: dict[str, Route] = field(init=False, default_factory=dict)
+    _in_flight: set[asyncio.Task] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+
+    async def serve(self, routes: Iterable[Route], *, queue: str) -> None:
+        """Subscribe each route; a family is served by exactly one route."""
+        for route in routes:
+            if route.name in self.routes:
+                raise ValueError(f"{route.name} already has a route")
+            self.routes[route.name] = route
+            await self.nc.subscribe(route.family.filter(), queue=queue, cb=self._dispatcher(route))
+
+    async def stop(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _dispatcher(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
+        async def dispatch(msg: Msg) -> None:
+            await self._slots.acquire()  # back-pressure: stop reading when saturated
+            task = asyncio.create_task(self.handle(route, msg))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+
+        return dispatch
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    async def handle(self, route: Route, msg: Msg) -> None:
+        """Run one request through the pipeline and answer it."""
+        try:
+            caller = self._caller(route, msg)
+        except subjects.SubjectError as exc:
+            await self._answer(
+                route, msg, _Outcome(_refused("subject.invalid", str(exc)), label="refused")
+            )
+            return
+        if route.expects_reply and not route.bootstrap and not self._own_inbox(caller, msg):
+            await self._drop(route, caller, msg)
+            return
+        outcome = await self._run(route, caller, msg)
+        await self._answer(route, msg, outcome)
+        for after in (outcome.after, route.after_answer):
+            if after is None:
+                continue
+            try:
+                await after()
+            except Exception as exc:
+                log.warning("bus.after_answer_failed", **kv(family=route.name, error=str(exc)))
+
+    def _caller(self, route: Route, msg: Msg) -> Caller:
+        where = route.family.parse(msg.subject)
+        if route.bootstrap:
+            return Caller("", "bootstrap", request_source(msg), where, route.name)
+        kind = route.kind or where["principal_kind"]
+        return Caller(where["tenant"], kind, where[route.id_field], where, route.name)
+
+    @staticmethod
+    def _own_inbox(caller: Caller, msg: Msg) -> bool:
+        if not msg.reply:
+            return True  # nothing will be published: nothing to misdirect
+        prefix = subjects.inbox_prefix(caller.tenant, caller.kind, caller.id)
+        return msg.reply.startswith(prefix + ".")
+
+    async def _drop(self, route: Route, caller: Caller, msg: Msg) -> None:
+        self.metrics.bus_messages.labels(route.name, "dropped").inc()
+        log.warning(
+            "bus.reply_subject_refused",
+            **kv(
+                family=route.name, tenant=caller.tenant, principal=caller.id, reply=msg.reply[:200]
+            ),
+        )
+        wait = self._drop_audits.take((caller.tenant, caller.kind, caller.id))
+        if self.audit_drop is not None and not wait:
+            try:
+                await self.audit_drop(caller, route.name, msg.reply[:200])
+            except Exception as exc:
+                log.warning("bus.audit_failed", **kv(family=route.name, error=str(exc)))
+
+    async def _run(self, route: Route, caller: Caller, msg: Msg) -> _Outcome:
+        request: Any = None
+        try:
+            request = self._decode(route, caller, msg)
+            self._take(route, caller)
+            result = await route.handle(caller, request)
+        except Refusal as exc:
+            if route.on_refusal is not None:
+                await self._report(route, caller, request, exc)
+            return _Outcome(exc.ack(), label="refused")
+        except (ContractError, SealError) as exc:
+            return _Outcome(ack_refusal(exc), label="refused")
+        except Exception as exc:  # the database away, say: answer, the caller retries
+            log.warning(
+                "bus.request_failed", **kv(family=route.name, tenant=caller.tenant, error=str(exc))
+            )
+            return _Outcome(
+                _refused("hub.unavailable", route.unavailable, retry_after=1.0), label="failed"
+            )
+        answer = result if isinstance(result, Answer) else Answer(result)
+        if not route.bootstrap:
+            return _Outcome(answer.reply, caller.tenant, answer.after)
+        try:  # only the requester can open it: the bootstrap identity is shared
+            body = Envelope.wrap(
+                answer.reply, source=self.source, tenant=getattr(answer.reply, "tenant", None)
+            ).encode()
+            return _Outcome(SealedReply(sealed=seal(body, request.reply_key)), None, answer.after)
+        except SealError as exc:
+            return _Outcome(ack_refusal(exc), label="refused")
+
+    def _decode(self, route: Route, caller: Caller, msg: Msg) -> Any:
+        env = decode(msg.data, route.request)
+        if not route.bootstrap and (
+            env.tenant not in (None, caller.tenant)
+            or (str(env.source.principal_kind), env.source.principal_id) != (caller.kind, caller.id)
+        ):
+            raise Refusal(
+                "contract.principal_mismatch",
+                "the envelope's tenant or source differs from the subject",
+            )
+        return env.data
+
+    @staticmethod
+    def _take(route: Route, caller: Caller) -> None:
+        if route.rate is None:
+            return
+        wait = route.rate.take((caller.tenant, caller.kind, caller.id, route.name))
+        if wait:
+            raise Refusal(
+                "rate_limited",
+                f"more than {route.rate.rate:g} {route.name} requests per second",
+                status=429,
+                retry_after=wait,
+            )
+
+    async def _report(self, route: Route, caller: Caller, request: Any, exc: Refusal) -> None:
+        assert route.on_refusal is not None
+        try:
+            await route.on_refusal(caller, request, exc)
+        except Exception as err:
+            log.warning("bus.audit_failed", **kv(family=route.name, error=str(err)))
+
+    async def _answer(self, route: Route, msg: Msg, outcome: _Outcome) -> None:
+        self.metrics.bus_messages.labels(route.name, outcome.label).inc()
+        if not msg.reply or not route.expects_reply:
+            return
+        try:
+            await msg.respond(
+                Envelope.wrap(outcome.reply, source=self.source, tenant=outcome.tenant).encode()
+            )
+            if outcome.after is not None or route.after_answer is not None:
+                await self.nc.flush(timeout=5)  # the answer is out before what follows
+        except Exception as exc:  # the caller asks again; state is in PostgreSQL
+            log.warning("bus.reply_failed", **kv(family=route.name, error=str(exc)))
+
+
+def request_source(msg: Msg) -> str:
+    """The client's address from the server's shared client info, else 'unknown'."""
+    info = (msg.headers or {}).get("Nats-Request-Info")
+    if not info:
+        return "unknown"
+    try:
+        return str(json.loads(info).get("host") or "unknown")[:128]
+    except (ValueError, AttributeError):
+        return "unknown"
+
+
+def _refused(code: str, reason: str, *, retry_after: float | None = None) -> AckReply:
+    return AckReply(ok=False, code=code, reason=reason[:16_000], retry_after_seconds=retry_after)

@@ -1,0 +1,160 @@
+"""The one bus pipeline (hub.bus): a route per hub-consumed request family, answers
+only on the requester's own inbox, the envelope's source checked against the subject,
+and the bootstrap gates in memory before the database."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime
+
+import nats
+import pytest
+from desktopkit import TENANT, eventually, redeem
+
+from hub.bus import BootstrapLockout
+from hub.core import Refusal, db
+from schemas import AckReply, CommandAck, Envelope, Source, decode, subjects
+
+OTHER_TENANT = "globex"
+
+
+def _request_families() -> set[str]:
+    return {
+        f.name
+        for f in subjects.FAMILIES
+        if f.delivery is subjects.Delivery.REQUEST and "hub" in f.consumer
+    }
+
+
+async def test_every_request_family_the_hub_consumes_has_exactly_one_route(hub):
+    assert set(hub.bus.routes) == _request_families()
+    with pytest.raises(ValueError, match="already has a route"):
+        await hub.bus.serve([hub.bus.routes["work.claim"]], queue="hub-twice")
+
+
+async def _desktop(http, nats_url, tmp_path):
+    _, store = await redeem(http, nats_url, tmp_path / "d", allowedWorkspaceIds=["ws1"])
+    pairing = store.load_pairing()
+    nc = await nats.connect(
+        nats_url,
+        user_credentials=str(store.creds_path),
+        inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", pairing.pairing_id),
+    )
+    return pairing.pairing_id, nc
+
+
+def _ack(pid: str, *, source_id: str) -> bytes:
+    ack = CommandAck(
+        command_id="cmd" + secrets.token_hex(8),
+        pairing_id=pid,
+        sequence=1,
+        lease_token="t" * 32,
+        outcome="accepted",
+    )
+    source = Source(principal_kind="desktop", principal_id=source_id)
+    return Envelope.wrap(ack, source=source, tenant=TENANT).encode()
+
+
+async def _audit_actions(http, tenant: str) -> list[dict]:
+    return (await http.get(f"/api/v1/tenants/{tenant}/audit")).json()["items"]
+
+
+async def test_an_answer_goes_only_to_the_requesters_own_inbox(
+    hub, http, operator_nats_url, tmp_path
+):
+    """A Desktop names another tenant's command subject as its reply subject: the hub,
+    whose permissions cover every tenant, must not publish there."""
+    pid, nc = await _desktop(http, operator_nats_url, tmp_path)
+    victim = subjects.DEVICE_COMMAND.build(tenant=OTHER_TENANT, device_id="victim")
+    watch = await hub.nc.subscribe(victim)
+    dropped = hub.metrics.bus_messages.labels("device.command_ack", "dropped")
+    before = dropped._value.get()
+    try:
+        subject = subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=pid)
+        await nc.publish(subject, _ack(pid, source_id=pid), reply=victim)
+        await nc.flush()
+        # The same request on its own inbox is answered (here: the command is unknown).
+        answer = decode(
+            (await nc.request(subject, _ack(pid, source_id=pid), timeout=5)).data, AckReply
+        ).data
+        assert answer.ok is False and answer.code == "command.unknown"
+        with pytest.raises(nats.errors.TimeoutError):
+            await watch.next_msg(timeout=0.5)
+        assert dropped._value.get() == before + 1
+
+        async def audited() -> bool:
+            return any(
+                r["action"] == "bus.reply_refused"
+                and r["actorId"] == pid
+                and r["targetId"] == victim
+                for r in await _audit_actions(http, TENANT)
+            )
+
+        await eventually(audited, timeout=5, what="the audit of the misdirected reply")
+    finally:
+        await watch.unsubscribe()
+        await nc.close()
+
+
+async def test_an_envelope_speaking_for_another_principal_is_refused(
+    hub, http, operator_nats_url, tmp_path
+):
+    pid, nc = await _desktop(http, operator_nats_url, tmp_path)
+    try:
+        subject = subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=pid)
+        raw = await nc.request(subject, _ack(pid, source_id="someone-else"), timeout=5)
+        answer = decode(raw.data, AckReply).data
+        assert (answer.ok, answer.code) == (False, "contract.principal_mismatch")
+        garbage = decode((await nc.request(subject, b"{", timeout=5)).data, AckReply).data
+        assert (garbage.ok, garbage.code) == (False, "contract.invalid")
+    finally:
+        await nc.close()
+
+
+async def test_a_flooding_source_is_refused_in_memory_before_the_database(database_url):
+    """The gate refuses a flood without a database round trip: with the pool closed,
+    the flooding source still gets its refusal while a new source reaches the
+    (closed) database."""
+    pool = await db.create_pool(database_url, min_size=1, max_size=2)
+    async with pool.acquire() as conn:
+        await db.migrate(conn)
+    gate = BootstrapLockout(pool, source_rate=1.0, source_burst=3, source_pending=2)
+    for _ in range(3):
+        async with gate.admit("198.51.100.1", "pairing code"):
+            pass
+    await pool.close()
+    started = datetime.now(UTC)
+    for _ in range(1000):
+        with pytest.raises(Refusal) as refused:
+            async with gate.admit("198.51.100.1", "pairing code"):
+                pass
+        assert refused.value.code == "bootstrap.rate_limited" and refused.value.retry_after
+    print(f"\n1000 flood refusals in {(datetime.now(UTC) - started).total_seconds() * 1000:.1f} ms")
+    with pytest.raises(Exception) as other:  # another address goes on to the database
+        async with gate.admit("198.51.100.2", "pairing code"):
+            pass
+    assert not isinstance(other.value, Refusal)
+
+
+async def test_requests_in_flight_per_source_are_bounded(hub):
+    gate = BootstrapLockout(hub.pool, source_pending=2)
+    release = asyncio.Event()
+    entered: list[int] = []
+
+    async def hold(i: int) -> None:
+        async with gate.admit("198.51.100.9", "pairing code"):
+            entered.append(i)
+            await release.wait()
+
+    holders = [asyncio.create_task(hold(i)) for i in range(2)]
+    await eventually(lambda: len(entered) == 2, timeout=5, what="two requests in flight")
+    with pytest.raises(Refusal, match="in flight"):
+        async with gate.admit("198.51.100.9", "pairing code"):
+            pass
+    async with gate.admit("198.51.100.10", "pairing code"):  # another source is not held up
+        pass
+    release.set()
+    await asyncio.gather(*holders)
+    async with gate.admit("198.51.100.9", "pairing code"):  # its slots are back
+        pass
