@@ -17,13 +17,19 @@ from typing import Any
 import asyncpg
 import nats
 import nats.errors
-from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from schemas import AuditRecord, Source, subjects
 
 from . import auth, channels, desktop, gateways, work, workspaces
-from .auth import HUB_INBOX_PREFIX, HUB_PERMISSIONS, BusKeys, CredentialService, nats_jwt
+from .auth import (
+    HUB_INBOX_PREFIX,
+    HUB_PERMISSIONS,
+    BusKeys,
+    CredentialService,
+    edge_limits,
+    nats_jwt,
+)
 from .bus import BootstrapLockout, BusResponder, Caller
 from .channels import (
     ActionTokens,
@@ -37,7 +43,7 @@ from .channels import (
 from .core import AuditIngest, AuditLog, DeadLetters, HubMetrics, HubSettings, db, kv, streams
 from .desktop import CommandService, DesktopPresence, PairingRedemption, PairingService
 from .gateways import GatewayBootstrap, GatewayRegistry
-from .http import build_app
+from .http import HttpServer, build_app, serve_app
 from .work import EdgeWorkService
 from .workspaces import EventProjector
 
@@ -71,7 +77,7 @@ class Hub:
         self.stream_replicas = stream_replicas
         self.nc: NATS | None = None
         self.pool: asyncpg.Pool | None = None
-        self._runner: web.AppRunner | None = None
+        self._http: HttpServer | None = None
         self._workers: list[Any] = []
         self.http_port: int | None = None
 
@@ -107,9 +113,9 @@ class Hub:
         log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
 
     async def stop(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._http:
+            await self._http.stop()
+            self._http = None
         for worker in reversed(self._workers):
             await worker.stop()
         self._workers.clear()
@@ -152,7 +158,7 @@ class Hub:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await streams.declare(self.js, self.stream_replicas)
+                await streams.declare(self.js, self.stream_replicas, self.settings.stream_limits())
                 return
             except (TimeoutError, nats.errors.Error) as exc:
                 if time.monotonic() > deadline:
@@ -178,6 +184,12 @@ class Hub:
             self.system_nc,
             self.settings.hub_id,
             edge_ttl=timedelta(hours=self.settings.edge_credential_ttl_hours),
+            limits=edge_limits(
+                desktop_payload=self.settings.desktop_max_payload_bytes,
+                gateway_payload=self.settings.gateway_max_payload_bytes,
+                channel_payload=self.settings.channel_max_payload_bytes,
+                subscriptions=self.settings.edge_max_subscriptions,
+            ),
         )
         await self.credentials.push_account()
         await self.credentials.push_bootstrap_account()
@@ -441,20 +453,19 @@ class Hub:
     async def _start_http(self) -> None:
         token = self.settings.admin_token
         app = build_app(self, token.get_secret_value() if token else None, ROUTE_TABLES)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.settings.http_host, self.settings.http_port, reuse_address=True
-        )
         try:
-            await site.start()
+            self._http = await serve_app(
+                app,
+                self.settings.http_host,
+                self.settings.http_port,
+                header_timeout=self.settings.http_header_timeout_seconds,
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.http_host}:"
                 f"{self.settings.http_port}: {exc.strerror}"
             ) from None
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+        self.http_port = self._http.port
 
     # --- readiness ---------------------------------------------------------------------
     async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:

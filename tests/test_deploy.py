@@ -481,6 +481,14 @@ def test_compose_file():
     assert "deploy/Dockerfile" in blocks["hub"]
     assert "single-node.conf" in blocks["nats"]
     assert "postgres:16" in blocks["postgres"]
+    # Every client is a socket: the hub and NATS get far more than the usual 1024.
+    for svc in ("nats", "hub"):
+        nofile = re.search(
+            r"ulimits:\s*\n\s+nofile:\s*\n\s+soft:\s*(\d+)\s*\n\s+hard:\s*(\d+)", blocks[svc]
+        )
+        assert nofile, f"{svc}: no ulimits nofile soft/hard"
+        soft, hard = int(nofile[1]), int(nofile[2])
+        assert 16384 <= soft <= hard, (svc, soft, hard)
     # No secret hard-coded: every password/token value is a ${...} reference.
     for line in text.splitlines():
         m = re.match(r"\s*(-\s*)?([A-Z_]*(PASSWORD|TOKEN|SECRET)[A-Z_]*)\s*[:=]\s*(.+)", line)
@@ -502,6 +510,9 @@ def test_compose_file():
     for key in ("COWORK_NATS_URL", "COWORK_DATABASE_URL", "COWORK_ADMIN_TOKEN"):
         assert key in env
     assert svcs["postgres"]["image"].startswith("postgres:16")
+    for svc in ("nats", "hub"):
+        nofile = svcs[svc]["ulimits"]["nofile"]
+        assert 16384 <= int(nofile["soft"]) <= int(nofile["hard"]), svc
 
 
 def test_compose_paths_exist():
@@ -591,6 +602,8 @@ def test_systemd_unit():
     ):
         assert key in svc, key
     assert cp["Install"]["WantedBy"] == "multi-user.target"
+    # The default soft limit (1024) let ~1,100 idle sockets starve the hub.
+    assert int(svc.get("LimitNOFILE", "0").split(":")[0]) >= 16384
 
 
 def test_systemd_env_example():

@@ -7,19 +7,28 @@ from __future__ import annotations
 from . import _jwt as nats_jwt
 from ._credentials import CredentialError, CredentialService, IssuedCredential
 from ._keys import BusKeys, KeyStoreError
-from ._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS, Principal, permission_table_markdown
+from ._permissions import (
+    HUB_INBOX_PREFIX,
+    HUB_PERMISSIONS,
+    EdgeLimits,
+    Principal,
+    edge_limits,
+    permission_table_markdown,
+)
 from ._routes import add_routes
 
 __all__ = [
     "BusKeys",
     "CredentialError",
     "CredentialService",
+    "EdgeLimits",
     "HUB_INBOX_PREFIX",
     "HUB_PERMISSIONS",
     "IssuedCredential",
     "KeyStoreError",
     "Principal",
     "add_routes",
+    "edge_limits",
     "nats_jwt",
     "permission_table_markdown",
 ]

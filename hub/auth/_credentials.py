@@ -31,7 +31,7 @@ from schemas import (
 from ..bus import Caller, Route
 from ..core import AuditLog, Refusal, kv
 from ._keys import BusKeys
-from ._permissions import Principal, permissions_for
+from ._permissions import DEFAULT_EDGE_LIMITS, EdgeLimits, Principal, permissions_for
 
 log = logging.getLogger("cowork.hub.credentials")
 
@@ -60,8 +60,10 @@ class CredentialService:
         system_nc: NATS,
         hub_id: str,
         edge_ttl: timedelta = DEFAULT_EDGE_TTL,
+        limits: dict[PrincipalKind, EdgeLimits] | None = None,
     ) -> None:
         self._keys, self._pool, self._audit = keys, pool, audit
+        self._limits = DEFAULT_EDGE_LIMITS if limits is None else limits
         self._sys = system_nc
         self._source = Source(principal_kind="hub", principal_id=hub_id)
         self.edge_ttl = edge_ttl
@@ -135,6 +137,7 @@ class CredentialService:
 
     def _mint(self, principal: Principal, public_key: str, ttl: timedelta) -> IssuedCredential:
         perms = permissions_for(principal)
+        limits = self._limits.get(principal.kind)
         user_jwt, exp = self._keys.mint_user(
             public_key,
             name=f"{principal.kind}:{principal.tenant}:{principal.id}",
@@ -142,6 +145,7 @@ class CredentialService:
             sub_allow=list(perms.sub_allow),
             allow_responses=perms.allow_responses or None,
             ttl_seconds=int(ttl.total_seconds()),
+            limits=limits.claims() if limits else None,
         )
         expires = datetime.fromtimestamp(exp, UTC) if exp else None
         return IssuedCredential(user_jwt, expires)

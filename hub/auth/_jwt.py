@@ -347,11 +347,14 @@ def user_jwt(
     allow_responses: bool | dict | None = None,
     expires_at: int | None = None,
     tags: Iterable[str] = (),
+    limits: Mapping[str, int] | None = None,
 ) -> str:
     """A user JWT signed by an account signing key (`issuer_account` says whose).
 
     The allow lists are exhaustive: an empty one allows nothing (pass `[">"]`
-    for everything); the deny lists carve exceptions out of them.
+    for everything); the deny lists carve exceptions out of them. `limits` sets
+    any of `payload` (largest message it may publish, in bytes), `subs`
+    (subscriptions per connection) and `data`; absent ones are unlimited.
     """
     nats: dict[str, Any] = {
         "type": "user",
@@ -362,6 +365,10 @@ def user_jwt(
         "data": _UNLIMITED,
         "payload": _UNLIMITED,
     }
+    for key, value in (limits or {}).items():
+        if key not in ("subs", "data", "payload"):
+            raise ValueError(f"unknown user limit {key!r}")
+        nats[key] = int(value)
     if resp := _responses(allow_responses):
         nats["resp"] = resp
     if tags := list(tags):

@@ -26,7 +26,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,6 +370,7 @@ class BusKeys:
         allow_responses: bool | dict | None = None,
         ttl_seconds: int | None,
         tags: Iterable[str] = (),
+        limits: Mapping[str, int] | None = None,
     ) -> tuple[str, int | None]:
         """A COWORK user JWT for `user_public` (the holder keeps the seed) and its
         expiry (unix seconds; None: no expiry, only revocation ends it)."""
@@ -387,6 +388,7 @@ class BusKeys:
             allow_responses=allow_responses,
             expires_at=expires_at,
             tags=tags,
+            limits=limits,
         )
         return token, expires_at
 

@@ -171,6 +171,52 @@ def permissions_for(p: Principal) -> Permissions:
     return Permissions(pub_allow=_unique(publish), sub_allow=_unique(subscribe))
 
 
+@dataclass(frozen=True)
+class EdgeLimits:
+    """NATS limits written into an edge's user JWT, enforced by the server: `payload`
+    is the largest message it may publish (a larger one is refused and the
+    connection closed), `subs` how many subscriptions one connection may hold.
+    (nats-server does not enforce the JWT's `data` field, so it stays unlimited.)"""
+
+    payload: int
+    subs: int
+
+    def claims(self) -> dict[str, int]:
+        return {"payload": self.payload, "subs": self.subs}
+
+
+# Viewers and admin tools publish nothing; their payload cap only bounds what a
+# stolen credential could push at the server before the permission check.
+OBSERVER_MAX_PAYLOAD = 4096
+
+
+def edge_limits(
+    *,
+    desktop_payload: int,
+    gateway_payload: int,
+    channel_payload: int,
+    subscriptions: int,
+) -> dict[PrincipalKind, EdgeLimits]:
+    """Limits per edge kind (HubSettings `*_max_payload_bytes`, `edge_max_subscriptions`).
+    The hub's own user is not an edge and has none."""
+    payloads = {
+        PrincipalKind.DESKTOP: desktop_payload,
+        PrincipalKind.GATEWAY: gateway_payload,
+        PrincipalKind.CHANNEL: channel_payload,
+        PrincipalKind.VIEWER: OBSERVER_MAX_PAYLOAD,
+        PrincipalKind.ADMIN: OBSERVER_MAX_PAYLOAD,
+    }
+    return {kind: EdgeLimits(payload, subscriptions) for kind, payload in payloads.items()}
+
+
+DEFAULT_EDGE_LIMITS = edge_limits(
+    desktop_payload=1024 * 1024,
+    gateway_payload=1024 * 1024,
+    channel_payload=1024 * 1024,
+    subscriptions=1000,
+)
+
+
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ._streams import StreamLimits
+
 
 class HubSettings(BaseSettings):
     """Everything `cowork hub serve` needs; `cowork up` fills these for its embedded servers."""
@@ -59,6 +61,50 @@ class HubSettings(BaseSettings):
         description="Comma-separated addresses or networks of reverse proxies whose "
         "X-Forwarded-For names the client (webhook rate limits and lockout); "
         "empty: the socket address is the client",
+    )
+    stream_max_bytes: int = Field(
+        1024**3,
+        ge=1024 * 1024,
+        description="Bytes each hub stream and KV bucket may hold (a stream then drops "
+        "its oldest messages; the KV bucket refuses new keys)",
+    )
+    stream_max_msg_size: int = Field(
+        1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="Largest message a hub stream stores"
+    )
+    desktop_max_payload_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest message a Desktop may publish (its user JWT, enforced by NATS)",
+    )
+    gateway_max_payload_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest message a Gateway may publish (its user JWT, enforced by NATS)",
+    )
+    channel_max_payload_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest message a channel instance may publish (its user JWT)",
+    )
+    edge_max_subscriptions: int = Field(
+        1000, ge=10, description="Subscriptions one edge connection may hold (its user JWT)"
+    )
+    http_header_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="A connection must send a request's headers within this time of "
+        "connecting (or of its previous answer), else it is closed; also the idle keep-alive",
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A request's body must have arrived within this time of its headers, "
+        "else the connection is closed",
     )
     metrics_require_token: bool = Field(
         False, description="/metrics needs the admin bearer token (it names channel instances)"
@@ -118,6 +164,9 @@ class HubSettings(BaseSettings):
         if self.channel_secrets_key is not None:
             return hashlib.sha256(self.channel_secrets_key.get_secret_value().encode()).digest()
         return os.urandom(32)  # secrets then last only as long as this process
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_bytes=self.stream_max_bytes, max_msg_size=self.stream_max_msg_size)
 
     @property
     def nats_servers(self) -> list[str]:

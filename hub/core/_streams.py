@@ -31,6 +31,20 @@ from ._logging import kv
 log = logging.getLogger("cowork.hub.streams")
 
 DAY = 24 * 3600.0
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Quotas of every stream and KV bucket the hub declares (HubSettings
+    `stream_max_bytes`, `stream_max_msg_size`). Each stream holds at most
+    `max_bytes`: a LIMITS stream then drops its oldest messages (discard old), so a
+    flood ages out history instead of filling the shared JetStream store and
+    refusing every tenant; a message larger than `max_msg_size` is refused."""
+
+    max_bytes: int = GIB
+    max_msg_size: int = MIB
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,6 @@ class StreamPolicy:
     retention: RetentionPolicy
     max_age_seconds: float
     duplicate_window_seconds: float = 120.0
-    max_msg_size: int = 1024 * 1024
 
 
 # Why each: outbound deliveries are a work queue (a message leaves
@@ -58,7 +71,6 @@ POLICIES: dict[str, StreamPolicy] = {
 class BucketPolicy:
     max_age_seconds: float
     history: int = 1
-    max_value_size: int = 1024 * 1024
 
 
 # KV buckets, each kept by JetStream in a stream named KV_<bucket>; declared with
@@ -118,7 +130,7 @@ def hub_consumer(durable: str) -> ConsumerSpec:
     return next(spec for spec in HUB_CONSUMERS if spec.durable == durable)
 
 
-def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+def stream_configs(replicas: int = 1, limits: StreamLimits = StreamLimits()) -> list[StreamConfig]:
     declared = subjects.streams()
     missing = set(declared) ^ set(POLICIES)
     if missing:  # a family names a stream without a policy, or the reverse
@@ -132,7 +144,8 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             num_replicas=replicas,
             max_age=POLICIES[name].max_age_seconds,
             duplicate_window=POLICIES[name].duplicate_window_seconds,
-            max_msg_size=POLICIES[name].max_msg_size,
+            max_msg_size=limits.max_msg_size,
+            max_bytes=limits.max_bytes,
             discard=DiscardPolicy.OLD,
             allow_direct=True,
         )
@@ -140,7 +153,7 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
-def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
+def bucket_configs(replicas: int = 1, limits: StreamLimits = StreamLimits()) -> list[StreamConfig]:
     """The streams behind KV_BUCKETS, configured as nats-py's create_key_value does
     (subjects $KV.<bucket>.>, one value per key, no deletes of the stream's
     messages by API) plus direct gets, which the instances read with, but without
@@ -156,7 +169,8 @@ def bucket_configs(replicas: int = 1) -> list[StreamConfig]:
             num_replicas=replicas,
             max_age=policy.max_age_seconds,
             max_msgs_per_subject=policy.history,
-            max_msg_size=policy.max_value_size,
+            max_msg_size=limits.max_msg_size,
+            max_bytes=limits.max_bytes,
             max_msgs=-1,
             max_consumers=-1,
             duplicate_window=min(120.0, policy.max_age_seconds),
@@ -181,9 +195,11 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def declare(js: JetStreamContext, replicas: int = 1) -> None:
+async def declare(
+    js: JetStreamContext, replicas: int = 1, limits: StreamLimits = StreamLimits()
+) -> None:
     """Create or update every stream and hub consumer to the configuration above."""
-    for config in stream_configs(replicas) + bucket_configs(replicas):
+    for config in stream_configs(replicas, limits) + bucket_configs(replicas, limits):
         await _declare_stream(js, config)
     for spec in HUB_CONSUMERS:
         await js.add_consumer(spec.stream, consumer_config(spec))

@@ -16,11 +16,15 @@ from ._app import (
     json_error,
     path_token,
     refusal_response,
+    serve_app,
     tenant_param,
 )
+from ._server import HttpServer, LogBudget
 
 __all__ = [
     "HUB_KEY",
+    "HttpServer",
+    "LogBudget",
     "add_route_table",
     "build_app",
     "client_address",
@@ -31,5 +35,6 @@ __all__ = [
     "json_error",
     "path_token",
     "refusal_response",
+    "serve_app",
     "tenant_param",
 ]

@@ -6,6 +6,7 @@ the admin bearer token, compared in constant time.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -23,12 +24,14 @@ from pydantic import ValidationError
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
 
 from ..core import Refusal, kv
+from ._server import HttpServer, LogBudget
 
 if TYPE_CHECKING:
     from .._service import Hub
 
 log = logging.getLogger("cowork.hub.http")
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
+LOG_BUDGET_KEY: web.AppKey[LogBudget] = web.AppKey("log_budget", LogBudget)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=WireModel)
 
@@ -124,15 +127,44 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def hub_middleware(token_digest: bytes | None, *, metrics_need_token: bool = False) -> Callable:
+def _cut_slow_body(request: web.Request, budget: LogBudget, cut: list[bool]) -> None:
+    """The body timer: a body still not fully received closes the connection (the
+    handler's pending read then fails as for a client that left); `cut` records it."""
+    transport = request.transport
+    if request.content.is_eof() or transport is None or transport.is_closing():
+        return
+    cut.append(True)
+    suppressed = budget.allow("http.body_timeout")
+    if suppressed is not None:
+        log.info(
+            "http.body_timeout",
+            **kv(path=request.path, method=request.method, suppressed=suppressed),
+        )
+    transport.close()
+
+
+def hub_middleware(
+    token_digest: bytes | None,
+    *,
+    metrics_need_token: bool = False,
+    body_timeout: float | None = None,
+    budget: LogBudget | None = None,
+) -> Callable:
     """The one middleware of the hub's app (one layer per request, not two: every
     webhook request pays for each layer): `/api/` routes need the admin bearer (and
     `/metrics` with COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances);
-    every error becomes the JSON body; every answer is counted and timed."""
+    a body must arrive within `body_timeout` of the head, else the connection is
+    closed; every error becomes the JSON body; every answer is counted and timed."""
+    budget = budget or LogBudget()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
+        body_timer, cut = None, []
+        if body_timeout and request.body_exists and not request.content.is_eof():
+            body_timer = asyncio.get_running_loop().call_later(
+                body_timeout, _cut_slow_body, request, budget, cut
+            )
         try:
             refusal = (
                 admin_refusal(request, token_digest)
@@ -146,7 +178,12 @@ def hub_middleware(token_digest: bytes | None, *, metrics_need_token: bool = Fal
         except Refusal as exc:
             response = refusal_response(exc)
         except ConnectionResetError:  # the client went away mid-request: nobody to answer
-            log.info("http.client_disconnected", **kv(path=request.path, method=request.method))
+            suppressed = None if cut else budget.allow("http.client_disconnected")
+            if suppressed is not None:  # (a body timeout logged already)
+                log.info(
+                    "http.client_disconnected",
+                    **kv(path=request.path, method=request.method, suppressed=suppressed),
+                )
             response = json_error(
                 400,
                 "client_disconnected",
@@ -157,6 +194,9 @@ def hub_middleware(token_digest: bytes | None, *, metrics_need_token: bool = Fal
             response = json_error(
                 500, "internal_error", "the hub failed to handle this request; see its logs"
             )
+        finally:
+            if body_timer is not None:
+                body_timer.cancel()
         request.app[HUB_KEY].metrics.http_served(
             request.method, _route_name(request), response.status, time.perf_counter() - started
         )
@@ -282,11 +322,20 @@ def build_app(
     """The HTTP application: health, readiness, metrics and audit here; each room adds
     its own routes through the `add_routes` of its public face."""
     digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+    budget = LogBudget()  # shared with the server's accept-error log (serve_app)
     app = web.Application(
-        middlewares=[hub_middleware(digest, metrics_need_token=hub.settings.metrics_require_token)],
+        middlewares=[
+            hub_middleware(
+                digest,
+                metrics_need_token=hub.settings.metrics_require_token,
+                body_timeout=hub.settings.http_body_timeout_seconds,
+                budget=budget,
+            )
+        ],
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub
+    app[LOG_BUDGET_KEY] = budget
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -294,3 +343,14 @@ def build_app(
     for add_routes in route_tables:
         add_routes(app)
     return app
+
+
+async def serve_app(
+    app: web.Application, host: str, port: int, header_timeout: float
+) -> HttpServer:
+    """Listen with `app` (from build_app) under the header timeout; OSError when the
+    address is taken."""
+    budget = app.get(LOG_BUDGET_KEY) or LogBudget()
+    server = HttpServer(app, host, port, header_timeout=header_timeout, budget=budget)
+    await server.start()
+    return server
