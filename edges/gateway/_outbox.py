@@ -19,6 +19,7 @@ outputs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import deque
@@ -28,6 +29,7 @@ from typing import Protocol
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -76,7 +78,7 @@ class _Pending:
     """One output handed to the forwarder; `done()` removes it from the outbox once."""
 
     output: WorkOutput
-    _remove: Callable[[], Awaitable[None]]
+    _remove: Callable[[], Awaitable[object]]  # its result is not used
     removed: bool = field(default=False)
 
     async def done(self) -> None:
@@ -114,7 +116,7 @@ class MemoryOutbox:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self._items))
                 head = self._items[0]
-            item = _Pending(head, lambda head=head: self._remove(head))
+            item = _Pending(head, functools.partial(self._remove, head))
             while not item.removed:
                 yield item
 
@@ -238,7 +240,7 @@ class JetStreamOutbox:
         finally:
             await _quietly(sub.unsubscribe())
 
-    async def _next(self, sub: JetStreamContext.PullSubscription):  # type: ignore[no-untyped-def]
+    async def _next(self, sub: JetStreamContext.PullSubscription) -> Msg | None:
         try:
             return (await sub.fetch(1, timeout=self.fetch_seconds))[0]
         except nats.errors.TimeoutError:
