@@ -122,14 +122,14 @@ class Envelope(WireModel, Generic[D]):
         return self.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
-def envelope_class(message_type: type[Message]) -> type[Envelope[Message]]:
+def envelope_class(message_type: type[D]) -> type[Envelope[D]]:
     """`Envelope[message_type]`, for a message class known only at run time.
 
     Pydantic parametrizes a generic model at run time (`Envelope[X]` is
     `Envelope.__class_getitem__(X)`, cached); mypy cannot type a subscription by a
     runtime value, so the call is spelled out and its result cast to the class
     it is (pydantic types it as any model)."""
-    return cast("type[Envelope[Message]]", Envelope.__class_getitem__(message_type))
+    return cast("type[Envelope[D]]", Envelope.__class_getitem__(message_type))
 
 
 _TIME = TypeAdapter(datetime)
@@ -206,7 +206,7 @@ class ContractError(ValueError):
 def decode(raw: bytes | str, model: type[D]) -> Envelope[D]:
     """Validate raw bytes as an envelope carrying `model`, or raise ContractError."""
     try:
-        envelope = Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
+        envelope = envelope_class(model).model_validate_json(raw)
     except ValidationError as exc:
         raise ContractError(_summarise(exc)) from None
     problem = unstorable_json(raw)

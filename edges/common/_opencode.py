@@ -484,8 +484,9 @@ def session_of(event: dict[str, Any]) -> str | None:
 
 
 def _get(mapping: dict, *keys: str) -> Any:
+    value: Any = mapping  # a JSON value: any type, checked at each step
     for key in keys:
-        if not isinstance(mapping, dict):
+        if not isinstance(value, dict):
             return None
-        mapping = mapping.get(key)  # type: ignore[assignment]
-    return mapping
+        value = value.get(key)
+    return value

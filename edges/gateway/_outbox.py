@@ -25,10 +25,11 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -127,6 +128,17 @@ class MemoryOutbox:
                 self._changed.notify_all()
 
 
+class JetStreamOutboxOptions(TypedDict, total=False):
+    """`JetStreamOutbox`'s options besides its JetStream context and domain."""
+
+    stream: str
+    durable: str
+    subject_prefix: str
+    max_messages: int
+    max_bytes: int
+    fetch_seconds: float
+
+
 class JetStreamOutbox:
     """Outbox in a file-backed work-queue stream on the appliance's leaf JetStream.
 
@@ -161,10 +173,12 @@ class JetStreamOutbox:
         self.fetch_seconds = fetch_seconds
 
     @classmethod
-    def on(cls, nc: object, domain: str | None, **kwargs: object) -> JetStreamOutbox:
+    def on(
+        cls, nc: NATS, domain: str | None, **kwargs: Unpack[JetStreamOutboxOptions]
+    ) -> JetStreamOutbox:
         """An outbox on connection `nc` (a nats-py client of the local leaf server)."""
-        js = nc.jetstream(domain=domain, timeout=5.0)  # type: ignore[attr-defined]
-        return cls(js, domain, **kwargs)  # type: ignore[arg-type]
+        js = nc.jetstream(domain=domain, timeout=5.0)
+        return cls(js, domain, **kwargs)
 
     async def ensure(self) -> None:
         """Create or update the stream, and (re)create the forwarder's consumer."""
