@@ -11,8 +11,9 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from . import subjects
+from ._base import Message
 from ._catalog import MESSAGES
-from ._envelope import Envelope
+from ._envelope import Envelope, envelope_class
 
 ASYNCAPI_VERSION = "3.0.0"
 CONTRACT_VERSION = "1.0.0"
@@ -33,8 +34,8 @@ _PARAM_HELP = {
 }
 
 
-def _envelope_models() -> dict[str, type]:
-    return {name: Envelope[model] for name, model in sorted(MESSAGES.items())}
+def _envelope_models() -> dict[str, type[Envelope[Message]]]:
+    return {name: envelope_class(model) for name, model in sorted(MESSAGES.items())}
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

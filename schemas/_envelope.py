@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, TypedDict, TypeVar, Unpack, cast
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -68,6 +68,18 @@ class Source(WireModel):
     authority: ExecutionAuthority | None = None
 
 
+class EnvelopeFields(TypedDict, total=False):
+    """The envelope fields `Envelope.wrap` takes besides type, version, data, source
+    and tenant (validated by the envelope's own rules)."""
+
+    id: str
+    time: datetime
+    workspace: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    idempotency_key: str | None
+
+
 class Envelope(WireModel, Generic[D]):
     """Version 1 of the bus envelope.
 
@@ -89,10 +101,15 @@ class Envelope(WireModel, Generic[D]):
 
     @classmethod
     def wrap(
-        cls, data: Message, *, source: Source, tenant: str | None = None, **fields: object
+        cls,
+        data: Message,
+        *,
+        source: Source,
+        tenant: str | None = None,
+        **fields: Unpack[EnvelopeFields],
     ) -> Envelope:
         """Put a message in an envelope, taking type and version from its class."""
-        return Envelope[type(data)](  # type: ignore[misc]
+        return envelope_class(type(data))(
             type=data.message_type,
             schema_version=data.schema_version,
             tenant=tenant,
@@ -103,6 +120,16 @@ class Envelope(WireModel, Generic[D]):
 
     def encode(self) -> bytes:
         return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def envelope_class(message_type: type[D]) -> type[Envelope[D]]:
+    """`Envelope[message_type]`, for a message class known only at run time.
+
+    Pydantic parametrizes a generic model at run time (`Envelope[X]` is
+    `Envelope.__class_getitem__(X)`, cached); mypy cannot type a subscription by a
+    runtime value, so the call is spelled out and its result cast to the class
+    it is (pydantic types it as any model)."""
+    return cast("type[Envelope[D]]", Envelope.__class_getitem__(message_type))
 
 
 _TIME = TypeAdapter(datetime)
@@ -179,7 +206,7 @@ class ContractError(ValueError):
 def decode(raw: bytes | str, model: type[D]) -> Envelope[D]:
     """Validate raw bytes as an envelope carrying `model`, or raise ContractError."""
     try:
-        envelope = Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
+        envelope = envelope_class(model).model_validate_json(raw)
     except ValidationError as exc:
         raise ContractError(_summarise(exc)) from None
     problem = unstorable_json(raw)

@@ -32,6 +32,7 @@ from schemas import (
     DeliveryStatus,
     Envelope,
     InvalidTokenError,
+    PrincipalKind,
     Source,
     check_tenant,
     check_token,
@@ -165,7 +166,7 @@ class ChannelCli:
             secrets=CliSecrets(),
         )
         self.provider = CliProvider(self.config, None, output=sys.stdout)
-        self.source = Source(principal_kind="channel", principal_id=self.instance)
+        self.source = Source(principal_kind=PrincipalKind.CHANNEL, principal_id=self.instance)
         self.sent: set[str] = set()  # delivery ids printed by this process
         self.stop = asyncio.Event()
         self.errors: list[str] = []  # what the server reported (auth, permissions)
@@ -239,8 +240,9 @@ class ChannelCli:
                 f"{args.workspace!r}; leave --workspace out",
                 EXIT_CREDS,
             )
-        if args.workspace or bound:
-            return args.workspace or bound
+        workspace: str | None = args.workspace or bound
+        if workspace:
+            return workspace
         raise CommandFailed(
             f"cannot tell the workspace from {args.creds} (is it for instance "
             f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",

@@ -210,7 +210,7 @@ class CliProvider:
             line = readable(delivery, local)
         try:
             if self.output is None:
-                with open(self.settings.output_path, "a", encoding="utf-8") as out:
+                with open(self._output_path(), "a", encoding="utf-8") as out:
                     out.write(line + "\n")
             else:
                 self.output.write(line + "\n")
@@ -220,9 +220,16 @@ class CliProvider:
                 f"cli: cannot write the output ({type(exc).__name__})", code="transport.error"
             ) from None
 
+    def _output_path(self) -> str:
+        """The file deliveries are appended to when no stream was handed in."""
+        path = self.settings.output_path
+        if path is None:  # __init__ falls back to stdout when neither is given
+            raise RuntimeError("the CLI provider has neither an output stream nor a path")
+        return path
+
     async def probe(self) -> str:
         if self.output is None:
-            path = self.settings.output_path
+            path = self._output_path()
             if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
                 raise DeliveryFailed(f"cli: cannot write to {path}", code="transport.error")
             return f"writing to {path}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import httpx
@@ -68,8 +68,8 @@ class DiscordSecrets(ProviderSettings):
 
 
 class DiscordProvider:
-    kind = "discord"
-    capabilities = Capabilities(
+    kind: ClassVar[str] = "discord"
+    capabilities: ClassVar[Capabilities] = Capabilities(
         threads=True,
         edit=True,
         buttons=ButtonLimits(25, 5, 100),
@@ -86,8 +86,8 @@ class DiscordProvider:
         verification="Ed25519 signature (X-Signature-Ed25519) over X-Signature-Timestamp "
         "+ body with the application public key, 5 min skew",
     )
-    settings_model = DiscordSettings
-    secrets_model = DiscordSecrets
+    settings_model: ClassVar[type[ProviderSettings]] = DiscordSettings
+    secrets_model: ClassVar[type[ProviderSettings]] = DiscordSecrets
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -153,15 +153,16 @@ class DiscordProvider:
             user_id=user_id,
             message_id=message_id,
         )
-        common = {"provider_event_id": interaction_id, "target": target, "sender": sender}
         if kind == MESSAGE_COMPONENT:
             token = p.text(body, "custom_id", required=True, max_length=100)
             press = p.inbound(
                 self.config,
                 request,
                 event_type="interaction",
+                provider_event_id=interaction_id,
                 provider_message_id=message_id,
-                **common,
+                target=target,
+                sender=sender,
                 interaction=ChannelInteraction(
                     id=interaction_id, token=token, kind="button", response_token=response_token
                 ),
@@ -189,7 +190,9 @@ class DiscordProvider:
             self.config,
             request,
             event_type="command",
-            **common,
+            provider_event_id=interaction_id,
+            target=target,
+            sender=sender,
             interaction=ChannelInteraction(
                 id=interaction_id, token=name, kind="command", response_token=response_token
             ),
@@ -274,8 +277,7 @@ class DiscordProvider:
         if kind == DeliveryType.ANSWER_INTERACTION:
             return await self._answer_interaction(delivery)
         if kind == DeliveryType.FILE:
-            content = file_bytes(delivery, self.capabilities.max_file_bytes)
-            file = delivery.file
+            file, content = file_bytes(delivery, self.capabilities.max_file_bytes)
             payload = self._message(delivery, (delivery.text or "")[:limit])
             payload["attachments"] = [{"id": 0, "filename": file.filename}]
             return _sent(

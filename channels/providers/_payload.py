@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from pydantic import ValidationError
 
@@ -33,6 +33,10 @@ def json_object(raw: bytes | str, what: str = "body") -> dict[str, Any]:
     return value
 
 
+@overload
+def obj(data: dict[str, Any], key: str, *, required: Literal[True]) -> dict[str, Any]: ...
+@overload
+def obj(data: dict[str, Any], key: str, *, required: bool = False) -> dict[str, Any] | None: ...
 def obj(data: dict[str, Any], key: str, *, required: bool = False) -> dict[str, Any] | None:
     value = data.get(key)
     if value is None:
@@ -53,6 +57,14 @@ def items(data: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
+@overload
+def text(
+    data: dict[str, Any], key: str, *, required: Literal[True], max_length: int = ...
+) -> str: ...
+@overload
+def text(
+    data: dict[str, Any], key: str, *, required: bool = False, max_length: int = ...
+) -> str | None: ...
 def text(
     data: dict[str, Any], key: str, *, required: bool = False, max_length: int = 16_384
 ) -> str | None:
@@ -70,6 +82,10 @@ def text(
     return value
 
 
+@overload
+def ident(data: dict[str, Any], key: str, *, required: Literal[True]) -> str: ...
+@overload
+def ident(data: dict[str, Any], key: str, *, required: bool = False) -> str | None: ...
 def ident(data: dict[str, Any], key: str, *, required: bool = False) -> str | None:
     """A platform id (Telegram sends integers, Discord and Slack strings) as text."""
     value = data.get(key)
@@ -160,15 +176,22 @@ def inbound(
 
 def body_invalid(code: str, exc: ValidationError) -> BadRequest:
     """A body that failed its pydantic model, as a 400 naming the first bad field."""
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(part) for part in first.get("loc", ())) or "body"
-    return BadRequest(code, f"{where}: {first.get('msg', 'invalid')}")
+    where, message = _first_error(exc)
+    return BadRequest(code, f"{where or 'body'}: {message}")
 
 
 def _contract_reason(exc: ValidationError) -> str:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    return f"the event does not fit a channel message ({where}: {first.get('msg', 'invalid')})"
+    where, message = _first_error(exc)
+    return f"the event does not fit a channel message ({where}: {message})"
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    """(where, message) of the first error: ("", "invalid") when there is none."""
+    errors = exc.errors()
+    if not errors:
+        return "", "invalid"
+    first = errors[0]
+    return ".".join(str(part) for part in first["loc"]), first["msg"]
 
 
 def contract_errors(parse):

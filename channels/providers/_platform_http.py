@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from schemas import ChannelFile
+
 from .._provider import DeliveryFailed
 
 _DETAIL_LIMIT = 200  # characters of a platform's error description kept in a message
@@ -236,13 +238,15 @@ def check_buttons(delivery: Any, limits: Any) -> list[list[Any]]:
     return rows
 
 
-def file_bytes(delivery: Any, max_bytes: int) -> bytes:
-    if delivery.file is None:
+def file_bytes(delivery: Any, max_bytes: int) -> tuple[ChannelFile, bytes]:
+    """The file of a file delivery, and its decoded content (at most `max_bytes`)."""
+    file: ChannelFile | None = delivery.file
+    if file is None:
         raise invalid("a file delivery needs a file")
     try:
-        content = base64.b64decode(delivery.file.content_base64, validate=True)
+        content = base64.b64decode(file.content_base64, validate=True)
     except (binascii.Error, ValueError):
         raise invalid("the file content is not valid base64") from None
     if len(content) > max_bytes:
         raise invalid(f"the file is {len(content)} bytes; the limit is {max_bytes}")
-    return content
+    return file, content

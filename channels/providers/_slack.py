@@ -10,7 +10,7 @@ vector), so `interaction_ack` is "none".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -82,8 +82,8 @@ class SlackSecrets(ProviderSettings):
 
 
 class SlackProvider:
-    kind = "slack"
-    capabilities = Capabilities(
+    kind: ClassVar[str] = "slack"
+    capabilities: ClassVar[Capabilities] = Capabilities(
         threads=True,
         edit=True,
         buttons=ButtonLimits(10, 5, 2000),
@@ -102,8 +102,8 @@ class SlackProvider:
     )
     # Slack truncates at 40,000 characters but recommends staying under 4,000 (and
     # the contract's text is at most 16,384): 4,000 keeps streamed edits readable.
-    settings_model = SlackSettings
-    secrets_model = SlackSecrets
+    settings_model: ClassVar[type[ProviderSettings]] = SlackSettings
+    secrets_model: ClassVar[type[ProviderSettings]] = SlackSecrets
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -134,11 +134,13 @@ class SlackProvider:
             f"{self._api}/{method}",
             operation=operation,
             headers=headers,
-            **({"data": payload} if form else {"json": payload}),
+            data=payload if form else None,
+            json=None if form else payload,
         )
         body = require_object(operation, body)
         if body.get("ok") is not True:
-            error = body.get("error") if isinstance(body.get("error"), str) else "unknown"
+            raw_error = body.get("error")
+            error = raw_error if isinstance(raw_error, str) else "unknown"
             retryable = error in _RETRYABLE
             raise DeliveryFailed(
                 f"{operation}: {error[:100]}",
@@ -234,8 +236,7 @@ class SlackProvider:
 
     async def _upload(self, delivery: ChannelOutbound) -> SendResult:
         """files.uploadV2's three steps: get an upload URL, upload, complete."""
-        content = file_bytes(delivery, self.capabilities.max_file_bytes)
-        file = delivery.file
+        file, content = file_bytes(delivery, self.capabilities.max_file_bytes)
         ticket = await self._call(
             "files.getUploadURLExternal",
             {"filename": file.filename, "length": str(len(content))},

@@ -8,7 +8,7 @@ bot token in the URL path, so no URL ever reaches an error message.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from pydantic import Field
@@ -67,8 +67,8 @@ class TelegramSecrets(ProviderSettings):
 
 
 class TelegramProvider:
-    kind = "telegram"
-    capabilities = Capabilities(
+    kind: ClassVar[str] = "telegram"
+    capabilities: ClassVar[Capabilities] = Capabilities(
         threads=True,
         edit=True,
         buttons=ButtonLimits(8, 4, 64),
@@ -84,8 +84,8 @@ class TelegramProvider:
         ephemeral=False,
         verification=f"header {SECRET_HEADER} equals the webhook secret (constant time)",
     )
-    settings_model = TelegramSettings
-    secrets_model = TelegramSecrets
+    settings_model: ClassVar[type[ProviderSettings]] = TelegramSettings
+    secrets_model: ClassVar[type[ProviderSettings]] = TelegramSecrets
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -330,12 +330,11 @@ class TelegramProvider:
             await self._call("answerCallbackQuery", json=payload)
             return SendResult()
         if kind == DeliveryType.FILE:
-            content = file_bytes(delivery, self.capabilities.max_file_bytes)
+            file, content = file_bytes(delivery, self.capabilities.max_file_bytes)
             form = {key: str(value) for key, value in base.items()}
             if delivery.text:
                 form["caption"] = delivery.text[:_CAPTION_LIMIT]
             form["disable_notification"] = "true" if delivery.silent else "false"
-            file = delivery.file
             return _sent(
                 await self._call(
                     "sendDocument",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import httpx
 from pydantic import Field, SecretStr
@@ -340,5 +340,5 @@ def _dig(value: Any, *keys: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _text_field(value: Any) -> bool:
+def _text_field(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= 256

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
-from schemas import ChannelInstanceState, Source, subjects
+from schemas import ChannelInstanceState, PrincipalKind, Source, subjects
 
 from .._provider import DeliveryFailed, InstanceConfig
 from .._registry import provider_class
@@ -97,7 +97,7 @@ class Instance:
             tenant=config.tenant, instance_id=config.instance_id
         )
         self.consumer = subjects.edge_consumer("channel", config.instance_id)
-        self.source = Source(principal_kind="channel", principal_id=config.instance_id)
+        self.source = Source(principal_kind=PrincipalKind.CHANNEL, principal_id=config.instance_id)
 
     @property
     def webhooks(self) -> bool:
@@ -153,6 +153,10 @@ class ChannelRuntime:
         self._ingress = Ingress(self._webhook_instance, options, source_of)
 
     async def start(self) -> None:
+        self._client()
+
+    def _client(self) -> httpx.AsyncClient:
+        """The HTTP client the providers share, made on first use."""
         if self._http is None:
             timeout = self.options.http_timeout_seconds
             self._http = httpx.AsyncClient(
@@ -160,6 +164,7 @@ class ChannelRuntime:
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
                 follow_redirects=False,
             )
+        return self._http
 
     async def stop(self) -> None:
         await asyncio.gather(
@@ -181,11 +186,10 @@ class ChannelRuntime:
                 and current.state not in (State.STOPPING, State.STOPPED)
             ):
                 return
-            if self._http is None:
-                await self.start()
+            http = self._client()
             config = self._with_api_base(config)
             try:
-                provider = provider_class(config.kind)(config, self._http)
+                provider = provider_class(config.kind)(config, http)
             except Exception as exc:  # bad kind or settings: failed, not a crash
                 instance = Instance(config, _Unbuilt())
                 instance.last_error = f"{type(exc).__name__}: {_safe(exc)}"[:500]

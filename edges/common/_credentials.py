@@ -27,6 +27,7 @@ from schemas import (
     CredentialRefreshReply,
     CredentialRefreshRequest,
     Envelope,
+    PrincipalKind,
     Source,
     decode,
     parse_creds,
@@ -120,7 +121,7 @@ async def refresh_once(
     """Ask the hub for a fresh JWT for this key and swap it in."""
     request = Envelope.wrap(
         CredentialRefreshRequest(public_key=creds.public_key),
-        source=Source(principal_kind=kind, principal_id=principal_id),
+        source=Source(principal_kind=PrincipalKind(kind), principal_id=principal_id),
         tenant=tenant,
     )
     subject = subjects.CREDENTIAL_REFRESH.build(

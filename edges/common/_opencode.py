@@ -67,7 +67,8 @@ def _error_from(response: httpx.Response) -> OpenCodeError:
         return OpenCodeError(
             response.status_code, None, response.text[:500] or response.reason_phrase
         )
-    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    raw_data = body.get("data")
+    data = raw_data if isinstance(raw_data, dict) else {}
     message = data.get("message") or body.get("message") or response.reason_phrase
     return OpenCodeError(response.status_code, body.get("name"), str(message))
 
@@ -287,14 +288,15 @@ class EventFilter:
 
     def accept(self, event: dict[str, Any]) -> bool:
         kind = event.get("type")
-        props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+        raw_props = event.get("properties")
+        props = raw_props if isinstance(raw_props, dict) else {}
         session = props.get("sessionID")
         if kind == HEARTBEAT:
             return False
         if kind == "session.status" and _is_active(props.get("status")):
-            self._idle.pop(session, None)
+            self._forget(session)
         elif kind == "session.deleted":
-            self._idle.pop(session, None)
+            self._forget(session)
         elif kind == "session.idle" and isinstance(session, str):
             return self._first_idle(session)
         return True
@@ -304,6 +306,11 @@ class EventFilter:
         for session, state in status.items():
             if _is_active(state):
                 self._idle.pop(session, None)
+
+    def _forget(self, session: object) -> None:
+        """The session is not idle (any more); only string ids are ever tracked."""
+        if isinstance(session, str):
+            self._idle.pop(session, None)
 
     def _first_idle(self, session: str) -> bool:
         if session in self._idle:
@@ -477,8 +484,9 @@ def session_of(event: dict[str, Any]) -> str | None:
 
 
 def _get(mapping: dict, *keys: str) -> Any:
+    value: Any = mapping  # a JSON value: any type, checked at each step
     for key in keys:
-        if not isinstance(mapping, dict):
+        if not isinstance(value, dict):
             return None
-        mapping = mapping.get(key)  # type: ignore[assignment]
-    return mapping
+        value = value.get(key)
+    return value

@@ -40,7 +40,7 @@ that cannot hold a secret or a path skip the regular expressions.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
@@ -158,7 +158,7 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
         if depth > MAX_DEPTH:
             return DEPTH_REDACTED
         size = len(value)
-        items = value.items()
+        items: Iterable[tuple[Any, Any]] = value.items()
         if size > MAX_OBJECT_KEYS:
             items = islice(items, MAX_OBJECT_KEYS - 1)
         out: dict[Any, Any] = {}
@@ -197,14 +197,14 @@ def _walk(value: Any, depth: int, paths: bool, mcp: bool, bodies: bool) -> Any:
             return DEPTH_REDACTED
         size = len(value)
         if size > MAX_ARRAY_ITEMS:
-            items = [
+            walked = [
                 _walk(item, depth + 1, paths, mcp, bodies)
                 for item in islice(value, MAX_ARRAY_ITEMS - 1)
             ]
-            items.append(f"[{size - (MAX_ARRAY_ITEMS - 1)} more item(s) redacted]")
+            walked.append(f"[{size - (MAX_ARRAY_ITEMS - 1)} more item(s) redacted]")
         else:
-            items = [_walk(item, depth + 1, paths, mcp, bodies) for item in value]
-        return tuple(items) if isinstance(value, tuple) else items
+            walked = [_walk(item, depth + 1, paths, mcp, bodies) for item in value]
+        return tuple(walked) if isinstance(value, tuple) else walked
     if isinstance(value, str):  # str subclasses (enums)
         return _text(str(value), paths)
     if isinstance(value, (int, float)):  # int/float subclasses, bool included

@@ -23,7 +23,7 @@ import logging
 import platform
 import random
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import nats
 import nats.errors
@@ -33,14 +33,18 @@ from schemas import (
     AckReply,
     CommandAck,
     CommandResult,
+    CommandStatus,
     ContractError,
     DeviceCommand,
+    DeviceEventType,
     Envelope,
+    ExecutionAuthority,
     PairingRedeemReply,
     PairingRedeemRequest,
     PairingRevokeNotice,
     PairingState,
     PresenceHeartbeat,
+    PrincipalKind,
     ReplyKey,
     Source,
     decode,
@@ -62,6 +66,8 @@ from ._relay import EventRelay
 from ._store import DesktopStore, PairingFile, StoreError
 
 log = logging.getLogger("cowork.edge.desktop")
+# What a command ack reports (CommandAck.outcome).
+AckOutcome = Literal["accepted", "completed", "failed"]
 CLIENT_VERSION = "cowork-desktop/0.1"
 ACK_TIMEOUT = 5.0
 
@@ -109,7 +115,7 @@ async def pair(
         hub_urls,
         subjects.PAIRING_REDEEM.build(),
         request,
-        Source(principal_kind="desktop", principal_id="unpaired"),
+        Source(principal_kind=PrincipalKind.DESKTOP, principal_id="unpaired"),
         reply_key,
         PairingRedeemReply,
         timeout=timeout,
@@ -186,7 +192,9 @@ async def notify_hub_of_revocation(
 
 def _source(pairing: PairingFile) -> Source:
     return Source(
-        principal_kind="desktop", principal_id=pairing.pairing_id, authority="desktop_local"
+        principal_kind=PrincipalKind.DESKTOP,
+        principal_id=pairing.pairing_id,
+        authority=ExecutionAuthority.DESKTOP_LOCAL,
     )
 
 
@@ -317,11 +325,11 @@ class DesktopAgent:
                 log.info("desktop.heartbeat_failed: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
 
-    async def _heartbeat(self, status: str) -> None:
+    async def _heartbeat(self, status: Literal["online", "offline"]) -> None:
         assert self.nc is not None
         self._beat += 1
         beat = PresenceHeartbeat(
-            principal_kind="desktop",
+            principal_kind=PrincipalKind.DESKTOP,
             principal_id=self.pairing_id,
             sequence=self._beat,
             interval_seconds=self.heartbeat_interval,
@@ -398,7 +406,9 @@ class DesktopAgent:
             return
         if record is not None:  # started before a crash: never run twice
             result = CommandResult(
-                ok=False, status="failed", message="interrupted by a Desktop restart; not run again"
+                ok=False,
+                status=CommandStatus.FAILED,
+                message="interrupted by a Desktop restart; not run again",
             )
         else:
             if command.sequence <= self.store.last_command_sequence():
@@ -438,19 +448,21 @@ class DesktopAgent:
             actorId=command.actor_id,
         )
         await self._send_ack(command, "accepted", None)
-        self.relay.command_event(command, "command.accepted", None)
+        self.relay.command_event(command, DeviceEventType.COMMAND_ACCEPTED, None)
         result = await self.runner.run(command)
         self.relay.command_event(
-            command, "command.completed" if result.ok else "command.failed", result
+            command,
+            DeviceEventType.COMMAND_COMPLETED if result.ok else DeviceEventType.COMMAND_FAILED,
+            result,
         )
         return result
 
     async def _ack(self, command: DeviceCommand, result: CommandResult) -> None:
-        outcome = "failed" if result.status.value == "failed" else "completed"
+        outcome: AckOutcome = "failed" if result.status.value == "failed" else "completed"
         await self._send_ack(command, outcome, result)
 
     async def _send_ack(
-        self, command: DeviceCommand, outcome: str, result: CommandResult | None
+        self, command: DeviceCommand, outcome: AckOutcome, result: CommandResult | None
     ) -> bool:
         ack = CommandAck(
             command_id=command.id,

@@ -11,12 +11,13 @@ the null projection fence with its reason (schemas.CommandResult).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from schemas import (
     CommandResult,
+    CommandStatus,
     DeviceCommand,
     PairingPolicy,
     PairingState,
@@ -29,15 +30,22 @@ from ..common import OpenCodeClient, OpenCodeError, redact, redaction_policy
 MAX_TREE_DEPTH = 16
 
 
-def _result(status: str, *, ok: bool | None = None, **fields: Any) -> CommandResult:
-    ok = status in ("completed", "queued") if ok is None else ok
+def _result(status: CommandStatus, *, ok: bool | None = None, **fields: Any) -> CommandResult:
+    ok = status in (CommandStatus.COMPLETED, CommandStatus.QUEUED) if ok is None else ok
     return CommandResult(ok=ok, status=status, **fields)
+
+
+def _session_id(command: DeviceCommand) -> str:
+    """The session of a command kind that needs one (command_payload() checked it)."""
+    if not command.session_id:
+        raise ValueError(f"{command.kind.value} needs a sessionId")
+    return command.session_id
 
 
 class Refusal(Exception):
     """A command this Desktop will not run; becomes a non-ok result."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: CommandStatus, message: str) -> None:
         super().__init__(message)
         self.status = status
 
@@ -63,49 +71,61 @@ class CommandRunner:
         except Refusal as exc:
             return _result(exc.status, ok=False, message=str(exc))
         except (ValueError, ValidationError) as exc:
-            return _result("failed", ok=False, message=f"invalid command: {exc}"[:2000])
+            return _result(CommandStatus.FAILED, ok=False, message=f"invalid command: {exc}"[:2000])
         except OpenCodeError as exc:
-            return _result("failed", ok=False, message=f"OpenCode: {exc}"[:2000])
+            return _result(CommandStatus.FAILED, ok=False, message=f"OpenCode: {exc}"[:2000])
 
     def _check_scope(self, command: DeviceCommand) -> None:
         state = self.state
         if state.revoked:
-            raise Refusal("blocked_by_policy", "this pairing is revoked")
+            raise Refusal(CommandStatus.BLOCKED_BY_POLICY, "this pairing is revoked")
         if not state.enabled:
-            raise Refusal("blocked_by_policy", "this pairing is disabled on the Desktop")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY, "this pairing is disabled on the Desktop"
+            )
         if command.workspace_id not in state.allowed_workspace_ids:
             raise Refusal(
-                "blocked_by_policy", f"workspace {command.workspace_id!r} is not allowlisted"
+                CommandStatus.BLOCKED_BY_POLICY,
+                f"workspace {command.workspace_id!r} is not allowlisted",
             )
         allowed = state.allowed_session_ids
         if allowed is not None and command.session_id and command.session_id not in allowed:
-            raise Refusal("blocked_by_policy", f"session {command.session_id!r} is not allowlisted")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY,
+                f"session {command.session_id!r} is not allowlisted",
+            )
 
     def _decision(self, decision: PolicyDecision, command: DeviceCommand, what: str) -> None:
         if decision == PolicyDecision.DISABLED:
-            raise Refusal("blocked_by_policy", f"remote {what} are disabled on this Desktop")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY, f"remote {what} are disabled on this Desktop"
+            )
         if decision == PolicyDecision.LOCAL_CONFIRMATION:
             raise Refusal(
-                "requires_local_confirmation",
+                CommandStatus.REQUIRES_LOCAL_CONFIRMATION,
                 f"remote {what} need confirmation on the Desktop itself",
             )
         if command.lease.lease_expires_at <= datetime.now(UTC):
-            raise Refusal("blocked_by_policy", f"remote {what} need a live lease")
+            raise Refusal(CommandStatus.BLOCKED_BY_POLICY, f"remote {what} need a live lease")
 
     # --- kinds ----------------------------------------------------------------------------
     async def _create_session(self, command: DeviceCommand, payload: Any) -> CommandResult:
         if not self.policy.allow_remote_prompts:
-            raise Refusal("blocked_by_policy", "remote prompts are disabled on this Desktop")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY, "remote prompts are disabled on this Desktop"
+            )
         session = await self._opencode.create_session(title=payload.title, agent=payload.agent)
-        return _result("completed", session=self._redact(session))
+        return _result(CommandStatus.COMPLETED, session=self._redact(session))
 
     async def _prompt(self, command: DeviceCommand, payload: Any) -> CommandResult:
         if not self.policy.allow_remote_prompts:
-            raise Refusal("blocked_by_policy", "remote prompts are disabled on this Desktop")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY, "remote prompts are disabled on this Desktop"
+            )
         parts: list[dict[str, Any]] = [{"type": "text", "text": payload.text}]
         if payload.attachments:
             if not self.policy.allow_remote_attachments:
-                raise Refusal("blocked_by_policy", "remote attachments are disabled")
+                raise Refusal(CommandStatus.BLOCKED_BY_POLICY, "remote attachments are disabled")
             parts += [
                 {
                     "type": "file",
@@ -116,37 +136,43 @@ class CommandRunner:
                 for a in payload.attachments
             ]
         await self._opencode.prompt_async(
-            command.session_id, parts, agent=payload.agent, variant=payload.variant
+            _session_id(command), parts, agent=payload.agent, variant=payload.variant
         )
-        return _result("queued", message="the prompt is running; follow the session events")
+        return _result(
+            CommandStatus.QUEUED, message="the prompt is running; follow the session events"
+        )
 
     async def _abort(self, command: DeviceCommand, payload: Any) -> CommandResult:
         if not self.policy.allow_remote_abort:
-            raise Refusal("blocked_by_policy", "remote abort is disabled on this Desktop")
-        await self._opencode.abort(command.session_id)
-        return _result("completed")
+            raise Refusal(
+                CommandStatus.BLOCKED_BY_POLICY, "remote abort is disabled on this Desktop"
+            )
+        await self._opencode.abort(_session_id(command))
+        return _result(CommandStatus.COMPLETED)
 
     async def _permission_respond(self, command: DeviceCommand, payload: Any) -> CommandResult:
         self._decision(self.policy.remote_approvals, command, "approvals")
         pending = await self._opencode.list_permissions()
         request = await self._pending_in_tree(pending, payload.permission_id, command)
-        reply = "once" if payload.allowed is True else "reject"
+        reply: Literal["once", "reject"] = "once" if payload.allowed is True else "reject"
         await self._opencode.reply_permission(request["id"], reply)
-        return _result("completed", data={"permissionId": request["id"], "reply": reply})
+        return _result(
+            CommandStatus.COMPLETED, data={"permissionId": request["id"], "reply": reply}
+        )
 
     async def _question_reply(self, command: DeviceCommand, payload: Any) -> CommandResult:
         self._decision(self.policy.remote_questions, command, "answers to questions")
         pending = await self._opencode.list_questions()
         request = await self._pending_in_tree(pending, payload.request_id, command)
         await self._opencode.reply_question(request["id"], payload.answers)
-        return _result("completed", data={"requestId": request["id"]})
+        return _result(CommandStatus.COMPLETED, data={"requestId": request["id"]})
 
     async def _question_reject(self, command: DeviceCommand, payload: Any) -> CommandResult:
         self._decision(self.policy.remote_questions, command, "answers to questions")
         pending = await self._opencode.list_questions()
         request = await self._pending_in_tree(pending, payload.request_id, command)
         await self._opencode.reject_question(request["id"])
-        return _result("completed", data={"requestId": request["id"]})
+        return _result(CommandStatus.COMPLETED, data={"requestId": request["id"]})
 
     async def _status(self, command: DeviceCommand, payload: Any) -> CommandResult:
         health = await self._opencode.health()
@@ -157,24 +183,25 @@ class CommandRunner:
             sessions = [s for s in sessions if s.get("id") in allowed]
             busy = {k: v for k, v in busy.items() if k in allowed}
         return _result(
-            "completed",
+            CommandStatus.COMPLETED,
             sessions=self._redact(sessions),
             data={"opencode": self._redact(health), "busy": self._redact(busy)},
         )
 
     async def _revoke_pairing(self, command: DeviceCommand, payload: Any) -> CommandResult:
         # The agent revokes locally once this result is acknowledged (see _desktop).
-        return _result("completed", message="the Desktop revoked this pairing")
+        return _result(CommandStatus.COMPLETED, message="the Desktop revoked this pairing")
 
     async def _pending_in_tree(
         self, pending: list[dict], request_id: str, command: DeviceCommand
     ) -> dict:
         request = next((p for p in pending if p.get("id") == request_id), None)
         if request is None:
-            raise Refusal("failed", f"no pending request {request_id!r}")
+            raise Refusal(CommandStatus.FAILED, f"no pending request {request_id!r}")
         if not await self._in_tree(request.get("sessionID"), command.session_id):
             raise Refusal(
-                "blocked_by_policy", "the request does not belong to this command's session tree"
+                CommandStatus.BLOCKED_BY_POLICY,
+                "the request does not belong to this command's session tree",
             )
         return request
 

@@ -25,8 +25,11 @@ from schemas import (
     CommandResult,
     DeviceCommand,
     DeviceEvent,
+    DeviceEventType,
     Envelope,
+    ExecutionAuthority,
     PairingState,
+    PrincipalKind,
     Source,
     new_id,
     subjects,
@@ -63,7 +66,9 @@ class EventRelay:
         self._state = state
         self.workspace_id = workspace_id
         self._source = Source(
-            principal_kind="desktop", principal_id=pairing.pairing_id, authority="desktop_local"
+            principal_kind=PrincipalKind.DESKTOP,
+            principal_id=pairing.pairing_id,
+            authority=ExecutionAuthority.DESKTOP_LOCAL,
         )
         self._nc: NATS | None = None
         self._wakeup = asyncio.Event()
@@ -102,9 +107,11 @@ class EventRelay:
         if state.allowed_session_ids is not None and session not in state.allowed_session_ids:
             return False
         if event.get("type") == RESYNC:
-            self._append("status", None, None, self._resync_payload(event, state))
+            self._append(DeviceEventType.STATUS, None, None, self._resync_payload(event, state))
             return True
-        self._append("session.event", session, None, redact_event(event, self._policy()))
+        self._append(
+            DeviceEventType.SESSION_EVENT, session, None, redact_event(event, self._policy())
+        )
         return True
 
     def _resync_payload(self, event: dict, state: PairingState) -> dict:
@@ -117,7 +124,7 @@ class EventRelay:
         return {"opencode": "connected", **redact(props, self._policy())}
 
     def command_event(
-        self, command: DeviceCommand, kind: str, result: CommandResult | None
+        self, command: DeviceCommand, kind: DeviceEventType, result: CommandResult | None
     ) -> None:
         body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
         if result is not None:
@@ -125,7 +132,7 @@ class EventRelay:
         self._append(kind, command.session_id, command.id, body)
 
     def _append(
-        self, kind: str, session: str | None, command_id: str | None, payload: dict
+        self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
     ) -> None:
         event = DeviceEvent(
             id=new_id(),

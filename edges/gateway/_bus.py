@@ -8,7 +8,8 @@ replies come back as the expected model, a `Refused`, or a `TransientBusError`.
 
 It relies on the agent for `gateway`, `creds`, `nats_urls`, `nc`, `connected`,
 `_tasks`, `_stopped`, `_stopping`, `_auth_failures`, and for `_bus()` (the
-whole session on one connection), `_announce()` and `_fail()`.
+whole session on one connection), `_announce()` and `_fail()` (declared on
+`AgentParts`, edges/gateway/_parts.py).
 """
 
 from __future__ import annotations
@@ -17,18 +18,28 @@ import asyncio
 import json
 import logging
 import random
-from typing import Any, TypeVar
+from typing import Any, cast
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AckReply, ContractError, Envelope, Message, Source, decode, subjects
+from schemas import (
+    AckReply,
+    ContractError,
+    Envelope,
+    ExecutionAuthority,
+    Message,
+    PrincipalKind,
+    Source,
+    decode,
+    subjects,
+)
 
+from ._parts import AgentParts, M
 from ._work import TransientBusError
 
 log = logging.getLogger("cowork.edge.gateway")
-M = TypeVar("M", bound=Message)
 
 REQUEST_TIMEOUT = 5.0
 # Refusals worth retrying: the hub is busy or briefly broken, the lease still stands.
@@ -47,7 +58,7 @@ class Refused(Exception):
         self.code, self.reason, self.retry_after = code, reason, retry_after
 
 
-class GatewayConnection:
+class GatewayConnection(AgentParts):
     """Who this Gateway is on the bus, and its one connection there."""
 
     @property
@@ -143,9 +154,9 @@ class GatewayConnection:
 
     def _source(self) -> Source:
         return Source(
-            principal_kind="gateway",
+            principal_kind=PrincipalKind.GATEWAY,
             principal_id=self.registration_id,
-            authority="gateway_standalone",
+            authority=ExecutionAuthority.GATEWAY_STANDALONE,
         )
 
 
@@ -159,7 +170,7 @@ def decode_reply(raw: bytes, model: type[M]) -> M:
         if kind == AckReply.message_type:
             ack = decode(raw, AckReply).data
             if ack.ok and model is AckReply:
-                return ack  # type: ignore[return-value]
+                return cast(M, ack)  # `model is AckReply` does not narrow M for mypy
             if ack.ok:
                 raise TransientBusError(f"an ack where {model.message_type} was expected")
             code = ack.code or "refused"

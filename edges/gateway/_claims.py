@@ -13,7 +13,8 @@ until the hub answers; a refused renewal or write ends that lease here.
 It relies on the agent for `store`, `opencode`, `events`, `outbox`, `nc`,
 `state`, `runners`, `max_concurrent_work`, `max_run_seconds`, `_tasks`,
 `_stopping`, `_health`, `_claim_wanted`, `_offered`, `_gone`, `_unsent`, and for
-`request()`, `can_claim` and `_terminal()`.
+`request()`, `can_claim` and `_terminal()` (declared on `AgentParts`,
+edges/gateway/_parts.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from schemas import (
 )
 
 from ._bus import TERMINAL_CODES, Refused
+from ._parts import AgentParts
 from ._work import LeaseLost, TransientBusError, WorkRunner
 
 log = logging.getLogger("cowork.edge.gateway")
@@ -45,7 +47,7 @@ log = logging.getLogger("cowork.edge.gateway")
 WORK_KINDS = ("prompt",)  # what WorkRunner knows how to run
 
 
-class GatewayClaims:
+class GatewayClaims(AgentParts):
     # --- claiming -----------------------------------------------------------------------------
     async def _on_offer(self, msg: Any) -> None:
         try:

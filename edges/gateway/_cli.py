@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..common import (
     DEFAULT_OPENCODE_URL,
@@ -50,7 +50,16 @@ environment (flags win over variables):
 EXIT_REVOKED = 3
 
 
-def add_gateway_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
+class GatewayCommands(TypedDict):
+    """What `add_gateway_commands` returns: the sub-parsers, and the sub-command action."""
+
+    register: argparse.ArgumentParser
+    run: argparse.ArgumentParser
+    status: argparse.ArgumentParser
+    _commands: argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def add_gateway_commands(commands: Any) -> GatewayCommands:
     """Add `gateway` to the `cowork` parser; returns its sub-parsers by name, and the
     sub-command action under "_commands" so the hub can add `up` (edges never import
     hub code)."""

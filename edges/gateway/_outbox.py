@@ -19,15 +19,18 @@ outputs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -76,7 +79,7 @@ class _Pending:
     """One output handed to the forwarder; `done()` removes it from the outbox once."""
 
     output: WorkOutput
-    _remove: Callable[[], Awaitable[None]]
+    _remove: Callable[[], Awaitable[object]]  # its result is not used
     removed: bool = field(default=False)
 
     async def done(self) -> None:
@@ -114,7 +117,7 @@ class MemoryOutbox:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self._items))
                 head = self._items[0]
-            item = _Pending(head, lambda head=head: self._remove(head))
+            item = _Pending(head, functools.partial(self._remove, head))
             while not item.removed:
                 yield item
 
@@ -123,6 +126,17 @@ class MemoryOutbox:
             if self._items and self._items[0] is head:
                 self._items.popleft()
                 self._changed.notify_all()
+
+
+class JetStreamOutboxOptions(TypedDict, total=False):
+    """`JetStreamOutbox`'s options besides its JetStream context and domain."""
+
+    stream: str
+    durable: str
+    subject_prefix: str
+    max_messages: int
+    max_bytes: int
+    fetch_seconds: float
 
 
 class JetStreamOutbox:
@@ -159,10 +173,12 @@ class JetStreamOutbox:
         self.fetch_seconds = fetch_seconds
 
     @classmethod
-    def on(cls, nc: object, domain: str | None, **kwargs: object) -> JetStreamOutbox:
+    def on(
+        cls, nc: NATS, domain: str | None, **kwargs: Unpack[JetStreamOutboxOptions]
+    ) -> JetStreamOutbox:
         """An outbox on connection `nc` (a nats-py client of the local leaf server)."""
-        js = nc.jetstream(domain=domain, timeout=5.0)  # type: ignore[attr-defined]
-        return cls(js, domain, **kwargs)  # type: ignore[arg-type]
+        js = nc.jetstream(domain=domain, timeout=5.0)
+        return cls(js, domain, **kwargs)
 
     async def ensure(self) -> None:
         """Create or update the stream, and (re)create the forwarder's consumer."""
@@ -238,7 +254,7 @@ class JetStreamOutbox:
         finally:
             await _quietly(sub.unsubscribe())
 
-    async def _next(self, sub: JetStreamContext.PullSubscription):  # type: ignore[no-untyped-def]
+    async def _next(self, sub: JetStreamContext.PullSubscription) -> Msg | None:
         try:
             return (await sub.fetch(1, timeout=self.fetch_seconds))[0]
         except nats.errors.TimeoutError:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from schemas import (
     GatewayRegisterReply,
     GatewayRegisterRequest,
+    PrincipalKind,
     ReplyKey,
     Source,
     VersionSet,
@@ -99,7 +100,7 @@ async def register(
         hub_urls,
         subjects.GATEWAY_REGISTER.build(),
         request,
-        Source(principal_kind="gateway", principal_id="unregistered"),
+        Source(principal_kind=PrincipalKind.GATEWAY, principal_id="unregistered"),
         reply_key,
         GatewayRegisterReply,
         timeout=timeout,

@@ -12,7 +12,8 @@
 
 It relies on the agent for `store`, `gateway`, `opencode`, `events`, `runners`,
 `state`, `drain_deadline`, the intervals and `max_concurrent_work`, and for
-`request()`, `can_claim`, `_want_claim()` and `_fail()`.
+`request()`, `can_claim`, `_want_claim()` and `_fail()` (declared on
+`AgentParts`, edges/gateway/_parts.py).
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ from typing import Any
 
 from schemas import (
     AckReply,
+    CapabilityStatus,
     CredentialScope,
     GatewayCapabilities,
     GatewayHeartbeat,
     GatewayHeartbeatReply,
     GatewaySync,
     SyncScope,
+    WorkerState,
     subjects,
 )
 
 from ..common import OpenCodeError, redact_text
 from ._bus import TERMINAL_CODES, Refused
 from ._claims import WORK_KINDS
+from ._parts import AgentParts, Liveness
 from ._registration import version_set
 from ._work import TransientBusError
 
@@ -50,7 +54,7 @@ _WORKER_STATES = frozenset(
 MAX_SYNC_ITEMS = 1000
 
 
-class GatewayStatus:
+class GatewayStatus(AgentParts):
     # --- heartbeats and capabilities ---------------------------------------------------------
     async def _heartbeats(self) -> None:
         while True:
@@ -63,12 +67,12 @@ class GatewayStatus:
                 log.exception("gateway.heartbeat_broke")
             await asyncio.sleep(self.heartbeat_interval)
 
-    async def _heartbeat(self, liveness: str = "alive") -> None:
+    async def _heartbeat(self, liveness: Liveness = "alive") -> None:
         await self._check_opencode()
         mode = "draining" if liveness == "stopping" else self.state
         beat = GatewayHeartbeat(
             liveness=liveness,
-            mode=mode if mode in _WORKER_STATES else "active",
+            mode=WorkerState(mode) if mode in _WORKER_STATES else WorkerState.ACTIVE,
             health=self._health,
             current_load=len(self.runners),
             active_work_ids=sorted(self.runners)[:1024],
@@ -131,10 +135,10 @@ class GatewayStatus:
         claims = self.can_claim
         caps = GatewayCapabilities(
             capabilities={
-                "opencode": "supported",
-                "prompt": "supported" if claims else "not_supported",
-                "host_paths": "not_supported",
-                "local_stdio_mcps": "not_supported",
+                "opencode": CapabilityStatus.SUPPORTED,
+                "prompt": CapabilityStatus.SUPPORTED if claims else CapabilityStatus.NOT_SUPPORTED,
+                "host_paths": CapabilityStatus.NOT_SUPPORTED,
+                "local_stdio_mcps": CapabilityStatus.NOT_SUPPORTED,
             },
             max_concurrent_work=self.max_concurrent_work if claims else 0,
             work_kinds=list(WORK_KINDS) if claims else [],

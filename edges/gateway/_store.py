@@ -157,7 +157,8 @@ class GatewayStore(StateDirectory):
         last_sequence: int | None = None,
         detail: str | None = None,
     ) -> None:
-        sets, values = ["updated_at = ?"], [now_iso()]
+        sets: list[str] = ["updated_at = ?"]
+        values: list[str | int] = [now_iso()]
         for column, value in (
             ("state", state),
             ("session_id", session_id),

@@ -36,7 +36,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from schemas import WorkClaimReply, WorkOutput
+from schemas import WorkClaimReply, WorkOutput, WorkOutputKind
 
 from ..common import (
     RESYNC,
@@ -122,8 +122,8 @@ class SessionEvents:
         try:
             async for event in self.stream:
                 if event.get("type") == RESYNC:
-                    for queue in self._queues.values():
-                        queue.put_nowait(event)
+                    for waiting in self._queues.values():
+                        waiting.put_nowait(event)
                     continue
                 queue = self._queues.get(session_of(event) or "")
                 if queue is not None:
@@ -249,7 +249,7 @@ class WorkRunner:
             await self._acked_changed.wait()
 
     async def _execute(self) -> str:
-        await self._emit("status", {"state": "running", "attempt": self.attempt})
+        await self._emit(WorkOutputKind.STATUS, {"state": "running", "attempt": self.attempt})
         text, problem = _prompt_text(self.claim)
         if problem:
             return await self._fail(problem)
@@ -325,9 +325,9 @@ class WorkRunner:
             if kind == "session.error":
                 if error is None:
                     error = _error_text(props.get("error")) or "OpenCode reported an error"
-                    await self._emit("event", redact_event(event))
+                    await self._emit(WorkOutputKind.EVENT, redact_event(event))
                 continue  # a second report (often a stack trace) adds nothing
-            await self._emit("event", redact_event(event))
+            await self._emit(WorkOutputKind.EVENT, redact_event(event))
             if kind == "permission.asked":
                 await self._refuse_permission(props)
             elif kind == "question.asked":
@@ -395,14 +395,16 @@ class WorkRunner:
             body["tokens"] = tokens
         if isinstance(cost, (int, float)) and not isinstance(cost, bool):
             body["cost"] = cost
-        await self._emit("result", body, final=True)
+        await self._emit(WorkOutputKind.RESULT, body, final=True)
         return "completed"
 
     async def _fail(self, reason: str) -> str:
-        await self._emit("fail", {"reason": redact_text(reason)[:4000]}, final=True)
+        await self._emit(WorkOutputKind.FAIL, {"reason": redact_text(reason)[:4000]}, final=True)
         return "failed"
 
-    async def _emit(self, kind: str, body: dict[str, Any], *, final: bool = False) -> None:
+    async def _emit(
+        self, kind: WorkOutputKind, body: dict[str, Any], *, final: bool = False
+    ) -> None:
         if self.lost_reason is not None:
             raise self.lost_reason  # nothing more is written under a lost lease
         output = WorkOutput(
@@ -457,7 +459,8 @@ def _error_text(error: Any) -> str | None:
     trace is no reason); an unnamed error is its message (redacted by the caller)."""
     if not isinstance(error, dict):
         return None
-    data = error.get("data") if isinstance(error.get("data"), dict) else {}
+    raw_data = error.get("data")
+    data = raw_data if isinstance(raw_data, dict) else {}
     name = str(error.get("name") or "")
     message = next(
         (line.strip() for line in str(data.get("message") or "").splitlines() if line.strip()), ""

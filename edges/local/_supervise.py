@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 # A child that dies this many times within the window is not restarted again.
@@ -49,8 +49,8 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 
 
 async def run_until_stopped(
-    start: Callable[[], Awaitable[object]],
-    supervise: Callable[[], Awaitable[T]],
+    start: Callable[[], Coroutine[Any, Any, object]],
+    supervise: Callable[[], Coroutine[Any, Any, T]],
     stop: asyncio.Event,
 ) -> T | None:
     """`start`, then `supervise` until `stop` is set. Returns what `supervise` returned
