@@ -201,11 +201,6 @@ def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY.search(key)) and not NOT_SECRET_KEY.fullmatch(key)
 
 
-def might_hold_secret(text: str) -> bool:
-    """False only when `scrub_text` would certainly leave `text` unchanged."""
-    return bool(_HINT.search(text.lower()) or _LONG_RUN.search(text))
-
-
 def scrub_text(text: str) -> str:
     """Replace every token-shaped substring and secret assignment value in `text`."""
     lowered = text.lower()

@@ -185,13 +185,6 @@ class GatewayStore(StateDirectory):
             rows = self.db.execute(query + " ORDER BY started_at, attempt", params).fetchall()
         return [JournalEntry(*row) for row in rows]
 
-    def lease_state(self, lease_token: str) -> str | None:
-        with self._lock:
-            row = self.db.execute(
-                "SELECT state FROM work WHERE lease_token = ?", (lease_token,)
-            ).fetchone()
-        return row[0] if row else None
-
     def interrupt_live(self) -> list[JournalEntry]:
         """At start-up: leases a previous process left running are never resumed."""
         live = [e for e in self.journal() if e.state in LIVE_STATES]

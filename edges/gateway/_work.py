@@ -175,10 +175,6 @@ class WorkRunner:
             self.lost_reason = LeaseLost(code, reason)
             self._lost.set()
 
-    @property
-    def is_lost(self) -> bool:
-        return self._lost.is_set()
-
     # --- the run ----------------------------------------------------------------------------
     async def run(self) -> str:
         """Run the lease to its end; returns the journal's final state."""

@@ -128,9 +128,6 @@ class ChannelService:
     def instances(self, tenant: str | None = None) -> list[dict]:
         return [dict(e) for e in self._cache.values() if tenant is None or e["tenant"] == tenant]
 
-    def config_error(self, instance_id: str) -> str | None:
-        return self._errors.get(instance_id)
-
     def runtime_config(self, instance_id: str) -> InstanceConfig | None:
         """The configuration (with plaintext secrets) the runtime was last given."""
         return self._configs.get(instance_id)

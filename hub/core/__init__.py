@@ -11,6 +11,7 @@ from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
 from ._deadletter import TRANSIENT, DeadLetters, Rejected, deliveries, parse_and_decode
+from ._idempotency import body_hash
 from ._logging import configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
@@ -30,6 +31,7 @@ __all__ = [
     "Rejected",
     "TRANSIENT",
     "ack_refusal",
+    "body_hash",
     "configure_logging",
     "db",
     "deliveries",

@@ -5,7 +5,7 @@ presence, and their HTTP routes.
 from __future__ import annotations
 
 from ._bootstrap import PairingRedemption
-from ._commands import CommandService, body_hash
+from ._commands import CommandService
 from ._pairing import PairingError, PairingService
 from ._presence import DesktopPresence
 from ._routes import add_routes
@@ -17,5 +17,4 @@ __all__ = [
     "PairingRedemption",
     "PairingService",
     "add_routes",
-    "body_hash",
 ]

@@ -14,9 +14,7 @@ Which replica pushes is decided by a conditional UPDATE, so replicas agree.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
-import json
 import logging
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -39,7 +37,7 @@ from schemas import (
 )
 
 from ..bus import Answer, Caller, Route
-from ..core import AuditLog, BackgroundTask, HubMetrics, Refusal, every, kv
+from ..core import AuditLog, BackgroundTask, HubMetrics, Refusal, body_hash, every, kv
 from ._pairing import PairingError
 
 log = logging.getLogger("cowork.hub.commands")
@@ -54,10 +52,6 @@ FINAL_AUDIT = {
 
 class AckRefused(Refusal):
     """A Desktop's command ack the hub refuses (stale lease, wrong sequence, ...)."""
-
-
-def body_hash(fields: dict[str, Any]) -> bytes:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).digest()
 
 
 class CommandService:
@@ -252,11 +246,6 @@ class CommandService:
                 await self.finish(caller.tenant, caller.id, final)
 
         return Answer(AckReply(ok=True), after=finish if final is not None else None)
-
-    async def acknowledge(self, tenant: str, device_id: str, ack: CommandAck) -> None:
-        final = await self.record_ack(tenant, device_id, ack)
-        if final is not None:
-            await self.finish(tenant, device_id, final)
 
     async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         """Apply an ack durably; returns the command row if this ack finished it."""

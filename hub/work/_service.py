@@ -46,8 +46,7 @@ from schemas import (
 )
 
 from ..bus import Caller, Route
-from ..core import AuditLog, HubMetrics, RateLimiter, kv
-from ..desktop import body_hash
+from ..core import AuditLog, HubMetrics, RateLimiter, body_hash, kv
 from ._common import EdgeWorkError
 from ._leases import Leases
 from ._reaper import Reaper

@@ -30,8 +30,7 @@ from nats.aio.client import Client as NATS
 
 from schemas import AuditRecord, CredentialScope, Source, WorkOutput, WorkspaceEvent, check_token
 
-from ..core import AuditLog, HubMetrics
-from ..desktop import body_hash
+from ..core import AuditLog, HubMetrics, body_hash
 from ..workspaces import append_events, lock_cursor, publish_live
 from ._common import EdgeWorkError, check_holder, registration_refusal
 

@@ -4,7 +4,8 @@ workspace cursor, live publish, the events page and SSE tails.
 
 from __future__ import annotations
 
-from ._projection import EventProjector, append_events, lock_cursor, publish_live
+from ._log import append_events, lock_cursor, publish_live
+from ._projection import EventProjector
 from ._routes import add_routes
 
 __all__ = ["EventProjector", "add_routes", "append_events", "lock_cursor", "publish_live"]
