@@ -19,7 +19,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, Source, subjects
+from schemas import AuditRecord, Source
 
 from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import (
@@ -228,12 +228,7 @@ class Hub:
         for worker in (self.projector, self.presence, self.commands):
             worker.start()
             self._workers.append(worker)
-        nc = self.nc
-        await nc.subscribe(
-            subjects.PRESENCE.filter(principal_kind="desktop"),
-            queue="hub-presence",
-            cb=self.presence.handle,
-        )
+        await self.bus.serve(self.presence.routes(), queue="hub-presence")
         await self.bus.serve(self.commands.routes(), queue="hub-commands")
         await self.bus.serve(self.pairings.routes(), queue="hub-pairing")
         if self.credentials is not None:

@@ -15,10 +15,10 @@ import logging
 from typing import Any
 
 import asyncpg
-from nats.aio.msg import Msg
 
-from schemas import AuditRecord, ContractError, PresenceHeartbeat, decode, subjects
+from schemas import AckReply, AuditRecord, PresenceHeartbeat, subjects
 
+from ..bus import Caller, Route
 from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
 
 log = logging.getLogger("cowork.hub.presence")
@@ -47,24 +47,15 @@ class DesktopPresence:
     async def stop(self) -> None:
         await self._sweeper.stop()
 
-    async def handle(self, msg: Msg) -> None:
-        try:
-            where = subjects.PRESENCE.parse(msg.subject)
-            env = decode(msg.data, PresenceHeartbeat)
-        except (ContractError, subjects.SubjectError) as exc:
-            log.warning("presence.invalid", **kv(subject=msg.subject, error=str(exc)))
-            return
-        beat = env.data
-        if (
-            where["principal_kind"] != "desktop"
-            or env.tenant != where["tenant"]
-            or beat.principal_id != where["principal_id"]
-        ):
-            return  # gateways and channels have their own presence handling
-        try:
-            await self.beat(where["tenant"], where["principal_id"], beat)
-        except Exception as exc:  # the database is away: the next heartbeat retries
-            log.warning("presence.update_failed", **kv(error=str(exc)))
+    def routes(self) -> list[Route]:
+        """Presence heartbeats, for the hub's bus responder (a notice: no answer)."""
+        return [Route(subjects.PRESENCE, PresenceHeartbeat, self._heartbeat, expects_reply=False)]
+
+    async def _heartbeat(self, caller: Caller, beat: PresenceHeartbeat) -> AckReply:
+        # Gateways and channels have their own presence (their heartbeats and sessions).
+        if caller.kind == "desktop" and beat.principal_id == caller.id:
+            await self.beat(caller.tenant, caller.id, beat)
+        return AckReply(ok=True)
 
     async def beat(self, tenant: str, pairing_id: str, beat: PresenceHeartbeat) -> None:
         if beat.status == "offline":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from datetime import UTC, datetime
 
 import nats
@@ -13,24 +14,26 @@ import pytest
 from desktopkit import TENANT, eventually, redeem
 
 from hub.bus import BootstrapLockout
-from hub.core import Refusal, db
+from hub.core import Refusal, db, streams
 from schemas import AckReply, CommandAck, Envelope, Source, decode, subjects
 
 OTHER_TENANT = "globex"
 
 
-def _request_families() -> set[str]:
-    return {
-        f.name
-        for f in subjects.FAMILIES
-        if f.delivery is subjects.Delivery.REQUEST and "hub" in f.consumer
-    }
+def _hub_consumed(*deliveries: subjects.Delivery) -> set[str]:
+    return {f.name for f in subjects.FAMILIES if f.delivery in deliveries and "hub" in f.consumer}
 
 
-async def test_every_request_family_the_hub_consumes_has_exactly_one_route(hub):
-    assert set(hub.bus.routes) == _request_families()
+async def test_every_family_the_hub_consumes_has_exactly_one_handler(hub):
+    """Requests and notices: one route each in the one responder, none extra; stream
+    families: one durable hub consumer each, none extra."""
+    R, C, J = subjects.Delivery.REQUEST, subjects.Delivery.CORE, subjects.Delivery.JETSTREAM
+    assert set(hub.bus.routes) == _hub_consumed(R, C)
     with pytest.raises(ValueError, match="already has a route"):
         await hub.bus.serve([hub.bus.routes["work.claim"]], queue="hub-twice")
+    by_filter = {f.filter(): f.name for f in subjects.FAMILIES}
+    consumers = Counter(by_filter[spec.filter_subject] for spec in streams.HUB_CONSUMERS)
+    assert set(consumers) == _hub_consumed(J) and set(consumers.values()) == {1}, consumers
 
 
 async def _desktop(http, nats_url, tmp_path):
