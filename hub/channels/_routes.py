@@ -145,8 +145,14 @@ async def list_instances(request: web.Request) -> web.Response:
 
 async def get_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
-    row = await request.app[HUB_KEY].channels.get(tenant, instance_id)
-    return web.json_response(instance_json(request, row))
+    hub = request.app[HUB_KEY]
+    row = await hub.channels.get(tenant, instance_id)
+    view = instance_json(request, row)
+    if row["authority"] == "cloud_worker":  # its prompts are edge work: can anyone run it?
+        waiting = await hub.edge_work.unclaimable(tenant)
+        if waiting:
+            view["health"] = {**view["health"], "waiting": f"prompts will wait: {waiting}"}
+    return web.json_response(view)
 
 
 async def update_instance(request: web.Request) -> web.Response:

@@ -134,8 +134,14 @@ async def list_work(request: web.Request) -> web.Response:
             400, "invalid_request", f"state must be one of {', '.join(sorted(STATES))}"
         )
     limit = int_query(request, "limit", 100, 1, 1000)
-    rows = await _service(request).list(tenant, state=state, limit=limit)
-    return web.json_response({"items": [work_json(r) for r in rows]})
+    service = _service(request)
+    rows = await service.list(tenant, state=state, limit=limit)
+    body: dict = {"items": [work_json(r) for r in rows]}
+    if any(r["state"] == "queued" for r in rows):  # queued with nobody to take it: say so
+        waiting = await service.unclaimable(tenant)
+        if waiting:
+            body["waiting"] = waiting
+    return web.json_response(body)
 
 
 def add_routes(app: web.Application) -> None:

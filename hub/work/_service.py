@@ -57,6 +57,10 @@ T = TypeVar("T")
 log = logging.getLogger("cowork.hub.edge_work")
 # The payload model of each work kind; anything else is refused at enqueue.
 WORK_PAYLOADS: dict[str, type[WireModel]] = {"prompt": PromptPayload}
+NO_CLAIMER = (
+    "no Gateway of this tenant can claim it: none is registered and active with an edge "
+    "kind (see GET …/gateway-registrations)"
+)
 WORK_COLUMNS = (
     "work_id, kind, state, attempts, max_attempts, owner, lease_expires_at, "
     "session_ref, requirements, status, result, error, last_sequence, "
@@ -300,15 +304,17 @@ class EdgeWorkService:
             )
             waiting = None
             if row["state"] == "queued" and not await self.leases.claimers(conn, tenant):
-                waiting = (
-                    "no Gateway of this tenant can claim it: none is registered and "
-                    "active with an edge kind (see GET …/gateway-registrations)"
-                )
+                waiting = NO_CLAIMER
         out = dict(row)
         out["leases"] = [dict(r) for r in leases]
         out["events"] = [dict(r) for r in outputs]
         out["waiting"] = waiting
         return out
+
+    async def unclaimable(self, tenant: str) -> str | None:
+        """Why the tenant's work cannot run now (no Gateway may claim it), else None."""
+        async with self._pool.acquire() as conn:
+            return None if await self.leases.claimers(conn, tenant) else NO_CLAIMER
 
     async def list(self, tenant: str, *, state: str | None = None, limit: int = 100) -> list[dict]:
         rows = await self._pool.fetch(

@@ -125,9 +125,27 @@ async def test_queued_work_says_when_no_gateway_can_take_it(http, gateways, tena
     assert (
         view["state"] == "queued" and "no Gateway of this tenant can claim it" in view["waiting"]
     ), view
-    await gateways(tenant)  # an active edge worker appears: the hint goes
+    listed = (await http.get(f"/api/v1/tenants/{tenant}/work")).json()
+    assert "no Gateway of this tenant can claim it" in listed["waiting"], listed
+    instance = f"cw-{tenant}"[:60]
+    created = await http.post(
+        f"/api/v1/tenants/{tenant}/channel-instances",
+        json={
+            "instanceId": instance,
+            "kind": "cli",
+            "workspaceId": "ws1",
+            "authority": "cloud_worker",
+        },
+    )
+    assert created.status_code == 201, created.text
+    health = (await http.get(f"/api/v1/tenants/{tenant}/channel-instances/{instance}")).json()
+    assert "prompts will wait: no Gateway" in health["health"]["waiting"], health
+    await gateways(tenant)  # an active edge worker appears: the hints go
     view = (await http.get(f"/api/v1/tenants/{tenant}/work/{work_id}")).json()
     assert "waiting" not in view, view
+    assert "waiting" not in (await http.get(f"/api/v1/tenants/{tenant}/work")).json()
+    health = (await http.get(f"/api/v1/tenants/{tenant}/channel-instances/{instance}")).json()
+    assert "waiting" not in health["health"], health
 
 
 async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant):
