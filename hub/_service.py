@@ -25,6 +25,7 @@ from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import (
     HUB_INBOX_PREFIX,
     HUB_PERMISSIONS,
+    BootstrapConnectionGuard,
     BusKeys,
     CredentialService,
     edge_limits,
@@ -195,6 +196,13 @@ class Hub:
         await self.credentials.push_bootstrap_account()
         await self.bus.serve(self.credentials.routes(), queue="hub-auth")
         self.bootstrap_lockout = BootstrapLockout(self.pool)
+        guard = BootstrapConnectionGuard(
+            self.system_nc,
+            per_source=self.settings.bootstrap_connections_per_source,
+            max_age=timedelta(seconds=self.settings.bootstrap_connection_max_seconds),
+        )
+        guard.start()
+        self._workers.append(guard)
 
     async def _start_pairing(self) -> None:
         """Pairings, their commands, Desktop presence and the event projection."""

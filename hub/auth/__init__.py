@@ -5,6 +5,7 @@ permission table derived from the subject taxonomy, and edge credentials.
 from __future__ import annotations
 
 from . import _jwt as nats_jwt
+from ._bootstrap_guard import BootstrapConnectionGuard
 from ._credentials import CredentialError, CredentialService, IssuedCredential
 from ._keys import BusKeys, KeyStoreError
 from ._permissions import (
@@ -18,6 +19,7 @@ from ._permissions import (
 from ._routes import add_routes
 
 __all__ = [
+    "BootstrapConnectionGuard",
     "BusKeys",
     "CredentialError",
     "CredentialService",

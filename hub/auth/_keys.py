@@ -59,6 +59,10 @@ SYSTEM_USER_PUB_ALLOW = (
     "$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE",
     "$SYS.REQ.CLAIMS.LOOKUP",
     "$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP",
+    # The bootstrap connection guard: list the public account's connections, and
+    # close those of an address over its share (hub/auth/_bootstrap_guard.py).
+    "$SYS.REQ.ACCOUNT.*.CONNZ",
+    "$SYS.REQ.SERVER.*.KICK",
 )
 
 _STORE_FILE = "keys.json"

@@ -45,6 +45,19 @@ class HubSettings(BaseSettings):
     work_write_rate: float = Field(
         500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"
     )
+    bootstrap_connections_per_source: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Connections one address may hold in the public bootstrap account "
+        "(the newest beyond it are closed)",
+    )
+    bootstrap_connection_max_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest a bootstrap connection may stay open (pair, register, leave)",
+    )
     channel_secrets_key: SecretStr | None = Field(
         None,
         description="Key for channel instance secrets at rest when there is no key "
