@@ -19,7 +19,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, Source, subjects
+from schemas import AuditRecord, PrincipalKind, Source, subjects
 
 from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import (
@@ -96,7 +96,7 @@ class Hub:
         self.bus = BusResponder(
             self.nc,
             self.metrics,
-            Source(principal_kind="hub", principal_id=s.hub_id),
+            Source(principal_kind=PrincipalKind.HUB, principal_id=s.hub_id),
             audit_drop=self._audit_misdirected_reply,
         )
         self._workers.append(self.bus)
@@ -354,7 +354,7 @@ class Hub:
         await self.audit.record(
             AuditRecord(
                 action="bus.reply_refused",
-                actor_kind=caller.kind,
+                actor_kind=PrincipalKind(caller.kind),
                 actor_id=caller.id,
                 target_kind="subject",
                 target_id=reply[:256],

@@ -65,7 +65,7 @@ class CredentialService:
         self._keys, self._pool, self._audit = keys, pool, audit
         self._limits = DEFAULT_EDGE_LIMITS if limits is None else limits
         self._sys = system_nc
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.edge_ttl = edge_ttl
         self._push_lock = asyncio.Lock()
 
@@ -321,7 +321,7 @@ class CredentialService:
     ) -> AuditRecord:
         return AuditRecord(
             action=action,
-            actor_kind="hub" if actor == "hub" else "admin",
+            actor_kind=PrincipalKind.HUB if actor == "hub" else PrincipalKind.ADMIN,
             actor_id=actor,
             target_kind=str(principal.kind),
             target_id=principal.id,

@@ -33,6 +33,7 @@ from schemas import (
     DeviceCommand,
     Envelope,
     Lease,
+    PrincipalKind,
     Source,
     new_id,
     subjects,
@@ -73,7 +74,7 @@ class CommandService:
         reap_interval: float = 0.5,
     ) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.lease = lease
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper = BackgroundTask(
@@ -353,7 +354,7 @@ class CommandService:
         await self._audit.record(
             AuditRecord(
                 action=action,
-                actor_kind="desktop",
+                actor_kind=PrincipalKind.DESKTOP,
                 actor_id=device_id,
                 target_kind="command",
                 target_id=ack.command_id,
@@ -375,7 +376,7 @@ class CommandService:
         await self._audit.record(
             AuditRecord(
                 action="command.ack_rejected",
-                actor_kind="desktop",
+                actor_kind=PrincipalKind.DESKTOP,
                 actor_id=device_id,
                 target_kind="command",
                 target_id=ack.command_id,

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 from nats.aio.msg import Msg
 
-from schemas import AuditRecord, ContractError, PresenceHeartbeat, decode, subjects
+from schemas import AuditRecord, ContractError, PresenceHeartbeat, PrincipalKind, decode, subjects
 
 from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
 
@@ -121,7 +121,7 @@ class DesktopPresence:
         await self._audit.record(
             AuditRecord(
                 action=action,
-                actor_kind="hub",
+                actor_kind=PrincipalKind.HUB,
                 actor_id="presence",
                 target_kind="pairing",
                 target_id=pairing_id,

@@ -28,7 +28,15 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, CredentialScope, Source, WorkOutput, WorkspaceEvent, check_token
+from schemas import (
+    AuditRecord,
+    CredentialScope,
+    PrincipalKind,
+    Source,
+    WorkOutput,
+    WorkspaceEvent,
+    check_token,
+)
 
 from ..core import AuditLog, HubMetrics
 from ..desktop import body_hash
@@ -137,7 +145,7 @@ class FencedWriter:
             await self._audit.record(
                 AuditRecord(
                     action="gateway.edge.write_fenced_output",
-                    actor_kind="gateway",
+                    actor_kind=PrincipalKind.GATEWAY,
                     actor_id=reg_id,
                     target_kind="edge_work",
                     target_id=out.work_id,

@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 from schemas import (
     DeviceEvent,
     Envelope,
+    PrincipalKind,
     Source,
     WorkspaceEvent,
     subjects,
@@ -64,7 +65,7 @@ class EventProjector:
     ) -> None:
         self._nc, self._pool = nc, pool
         self._dead, self._metrics = dead_letters, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
         self._worker = BackgroundTask(
             "event-projector",
