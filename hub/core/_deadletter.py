@@ -6,7 +6,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import nats.errors
@@ -110,6 +110,7 @@ class DeadLetters:
         reason: str,
         attempts: int = 1,
     ) -> None:
+        encoding: Literal["utf-8", "base64"]
         try:
             text, encoding = payload[:_MAX].decode(), "utf-8"
         except UnicodeDecodeError:
