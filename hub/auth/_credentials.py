@@ -48,7 +48,7 @@ class CredentialError(Refusal):
 @dataclass(frozen=True)
 class IssuedCredential:
     user_jwt: str
-    expires_at: datetime | None
+    expires_at: datetime
 
 
 class CredentialService:
@@ -147,8 +147,9 @@ class CredentialService:
             ttl_seconds=int(ttl.total_seconds()),
             limits=limits.claims() if limits else None,
         )
-        expires = datetime.fromtimestamp(exp, UTC) if exp else None
-        return IssuedCredential(user_jwt, expires)
+        if exp is None:  # mint_user sets an expiry whenever it is given a ttl
+            raise RuntimeError(f"a credential for {principal.kind} {principal.id} has no expiry")
+        return IssuedCredential(user_jwt, datetime.fromtimestamp(exp, UTC))
 
     # --- refresh -------------------------------------------------------------------
     async def refresh(
