@@ -10,6 +10,7 @@ Desktop as a `pairing.state` message (the Desktop enforces the policy).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import logging
@@ -250,7 +251,7 @@ class PairingService:
                 actor=actor,
             )
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> builtins.list[Route]:
         """A Desktop's own revocation notice, for the hub's bus responder."""
         return [
             Route(

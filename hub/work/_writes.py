@@ -187,8 +187,9 @@ def _session_of(body: Any) -> str | None:
     `properties.sessionID` (also under `info` or `part`); None when none is valid."""
     if not isinstance(body, dict):
         return None
-    props = body.get("properties") if isinstance(body.get("properties"), dict) else {}
-    nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
+    raw_props = body.get("properties")
+    props = raw_props if isinstance(raw_props, dict) else {}
+    nested = [n for n in (props.get(k) for k in ("info", "part")) if isinstance(n, dict)]
     info_id = nested[0].get("id") if nested and "info" in props else None
     session_info = info_id if isinstance(info_id, str) and info_id.startswith("ses") else None
     for candidate in (
