@@ -290,7 +290,8 @@ class CommandService:
             if row is None:
                 raise AckRefused("command.unknown", f"no command {ack.command_id!r} here")
             if row["state"] == "done":
-                return self._replayed(dict(row), ack)
+                self._replayed(dict(row), ack)
+                return None
             _check_lease(dict(row), ack)
             if ack.outcome == "accepted":
                 await conn.execute(

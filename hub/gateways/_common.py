@@ -97,7 +97,7 @@ class GatewayAudit:
         )
 
     async def refusal(
-        self, tenant: str | None, reg_id: str, operation: str, exc: GatewayError, **details: str
+        self, tenant: str | None, reg_id: str, operation: str, exc: Refusal, **details: str
     ) -> None:
         """Audit a refused Gateway request; never raises (the refusal is still answered
         when the database is away)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from functools import partial
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -97,7 +98,7 @@ class EventProjector:
                 FAMILY,
                 SPEC.max_deliver,
                 items,
-                lambda envs, t=tenant, w=workspace: self._project(t, w, envs),
+                partial(self._project, tenant, workspace),
                 log,
                 delay=1.0,
             )
