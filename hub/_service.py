@@ -19,7 +19,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, Source
+from schemas import AuditRecord, PrincipalKind, Source
 
 from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import (
@@ -71,6 +71,7 @@ class Hub:
         if settings.database_url is None:
             raise StartupError("no database configured: set COWORK_DATABASE_URL")
         self.settings = settings
+        self._database_url = settings.database_url
         self.keys = keys
         self.credentials: CredentialService | None = None
         self.system_nc: NATS | None = None
@@ -97,7 +98,7 @@ class Hub:
         self.bus = BusResponder(
             self.nc,
             self.metrics,
-            Source(principal_kind="hub", principal_id=s.hub_id),
+            Source(principal_kind=PrincipalKind.HUB, principal_id=s.hub_id),
             audit_drop=self._audit_misdirected_reply,
         )
         self._workers.append(self.bus)
@@ -135,13 +136,25 @@ class Hub:
             self.pool = None
         log.info("hub.stopped")
 
+    def started_pool(self) -> asyncpg.Pool:
+        """The database pool; what uses it (HTTP routes, readiness) runs on a started hub."""
+        if self.pool is None:
+            raise RuntimeError("the hub is not started: no database pool")
+        return self.pool
+
+    def started_nc(self) -> NATS:
+        """The hub's NATS connection; what uses it (HTTP routes) runs on a started hub."""
+        if self.nc is None:
+            raise RuntimeError("the hub is not started: no NATS connection")
+        return self.nc
+
     @property
     def http_url(self) -> str:
         return f"http://{self.settings.http_host}:{self.http_port}"
 
     # --- connections --------------------------------------------------------------
     async def _connect_db(self, timeout: float) -> asyncpg.Pool:
-        dsn = self.settings.database_url.get_secret_value()  # type: ignore[union-attr]
+        dsn = self._database_url.get_secret_value()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -357,7 +370,7 @@ class Hub:
         await self.audit.record(
             AuditRecord(
                 action="bus.reply_refused",
-                actor_kind=caller.kind,
+                actor_kind=PrincipalKind(caller.kind),
                 actor_id=caller.id,
                 target_kind="subject",
                 target_id=reply[:256],
@@ -487,7 +500,7 @@ class Hub:
     async def _check_db(self, timeout: float) -> dict[str, dict[str, Any]]:
         try:
             async with asyncio.timeout(timeout):
-                async with self.pool.acquire() as conn:  # type: ignore[union-attr]
+                async with self.started_pool().acquire() as conn:
                     version = await db.current_version(conn)
         except Exception as exc:
             detail = f"unreachable: {_one_line(exc)}"

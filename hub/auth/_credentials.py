@@ -48,7 +48,7 @@ class CredentialError(Refusal):
 @dataclass(frozen=True)
 class IssuedCredential:
     user_jwt: str
-    expires_at: datetime | None
+    expires_at: datetime
 
 
 class CredentialService:
@@ -65,7 +65,7 @@ class CredentialService:
         self._keys, self._pool, self._audit = keys, pool, audit
         self._limits = DEFAULT_EDGE_LIMITS if limits is None else limits
         self._sys = system_nc
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.edge_ttl = edge_ttl
         self._push_lock = asyncio.Lock()
 
@@ -147,8 +147,9 @@ class CredentialService:
             ttl_seconds=int(ttl.total_seconds()),
             limits=limits.claims() if limits else None,
         )
-        expires = datetime.fromtimestamp(exp, UTC) if exp else None
-        return IssuedCredential(user_jwt, expires)
+        if exp is None:  # mint_user sets an expiry whenever it is given a ttl
+            raise RuntimeError(f"a credential for {principal.kind} {principal.id} has no expiry")
+        return IssuedCredential(user_jwt, datetime.fromtimestamp(exp, UTC))
 
     # --- refresh -------------------------------------------------------------------
     async def refresh(
@@ -321,7 +322,7 @@ class CredentialService:
     ) -> AuditRecord:
         return AuditRecord(
             action=action,
-            actor_kind="hub" if actor == "hub" else "admin",
+            actor_kind=PrincipalKind.HUB if actor == "hub" else PrincipalKind.ADMIN,
             actor_id=actor,
             target_kind=str(principal.kind),
             target_id=principal.id,

@@ -232,7 +232,7 @@ def operator_jwt(
     by one of `signing_keys`, so the operator identity key signs nothing but
     this JWT. A fixed `iat` makes the result deterministic (Ed25519 is).
     """
-    nats = {
+    nats: dict[str, object] = {
         "type": "operator",
         "signing_keys": list(signing_keys),
         "system_account": system_account,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from schemas import CredentialScope, PrincipalKind, subjects
 from schemas.subjects import SubjectFamily
@@ -62,7 +63,12 @@ def sub(family: SubjectFamily, scope: CredentialScope | None = None, **pins: str
     return Grant("sub", family, pins, scope)
 
 
-def _self(kind: str) -> dict[str, str]:
+class _SelfPins(TypedDict):
+    principal_kind: str
+    principal_id: str
+
+
+def _self(kind: str) -> _SelfPins:
     return {"principal_kind": kind, "principal_id": OWN}
 
 

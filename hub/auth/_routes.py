@@ -95,13 +95,17 @@ async def revoke(request: web.Request) -> web.Response:
 
 async def list_principals(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    rows = await request.app[HUB_KEY].pool.fetch(
-        """SELECT p.kind, p.principal_id, p.status, p.workspaces, p.scopes, p.created_at,
+    rows = (
+        await request.app[HUB_KEY]
+        .started_pool()
+        .fetch(
+            """SELECT p.kind, p.principal_id, p.status, p.workspaces, p.scopes, p.created_at,
                   p.revoked_at, count(c.public_key) AS keys, max(c.expires_at) AS expires_at
              FROM bus_principals p LEFT JOIN bus_credentials c USING (tenant, kind, principal_id)
             WHERE p.tenant = $1 GROUP BY p.tenant, p.kind, p.principal_id
             ORDER BY p.created_at""",
-        tenant,
+            tenant,
+        )
     )
     return web.json_response(
         {

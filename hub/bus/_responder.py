@@ -44,10 +44,10 @@ from schemas import (
     AckReply,
     ContractError,
     Envelope,
+    Message,
     SealedReply,
     SealError,
     Source,
-    WireModel,
     decode,
     seal,
     subjects,
@@ -77,11 +77,11 @@ class Caller:
 class Answer:
     """A reply plus work to do once it is sent (e.g. revoke the caller's credential)."""
 
-    reply: WireModel
+    reply: Message
     after: Callable[[], Awaitable[None]] | None = None
 
 
-Handler = Callable[[Caller, Any], Awaitable["WireModel | Answer"]]
+Handler = Callable[[Caller, Any], Awaitable["Message | Answer"]]
 OnRefusal = Callable[[Caller, Any, Refusal], Awaitable[None]]
 
 
@@ -90,7 +90,7 @@ class Route:
     """One hub-consumed request family: its subject, request model and handler."""
 
     family: subjects.SubjectFamily
-    request: type[WireModel]
+    request: type[Message]
     handle: Handler
     kind: str | None = None  # the caller's principal kind, when the subject has none
     id_field: str = "principal_id"  # the subject field that names the caller
@@ -110,7 +110,7 @@ class Route:
 
 @dataclass
 class _Outcome:
-    reply: WireModel
+    reply: Message
     tenant: str | None = None
     after: Callable[[], Awaitable[None]] | None = None
     label: str = "accepted"

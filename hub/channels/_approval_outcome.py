@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas import ChannelOutbound, ChannelTarget
+from schemas import ChannelOutbound, ChannelTarget, DeliveryType
 
 from ..core import kv
 from ._outbox import ChannelOutbox, delivery_id
@@ -124,7 +124,7 @@ class ApprovalOutcomes:
                 ChannelOutbound(
                     delivery_id=edit_id,
                     idempotency_key=edit_id,
-                    type="edit",
+                    type=DeliveryType.EDIT,
                     text=text,
                     edit_of_delivery_id=m["delivery_id"],
                     edit_message_id=shown,

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas import AuditRecord, ChannelEventType
+from schemas import AuditRecord, ChannelEventType, PrincipalKind
 
 from ..core import AuditLog
 from ._approval_outcome import outcome_text
@@ -111,7 +111,7 @@ class ChatCommands:
         await self._audit.record(
             AuditRecord(
                 action="channel.command_refused",
-                actor_kind="channel",
+                actor_kind=PrincipalKind.CHANNEL,
                 actor_id=turn.instance_id,
                 target_kind="channel_user",
                 target_id=f"{turn.instance_id}/{turn.msg.sender.provider_user_id}",

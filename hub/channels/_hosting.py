@@ -386,7 +386,7 @@ class ChannelService:
         await self._audit.record(
             AuditRecord(
                 action=action,
-                actor_kind="admin",
+                actor_kind=PrincipalKind.ADMIN,
                 actor_id=actor,
                 target_kind="channel_instance",
                 target_id=row["instance_id"],

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from schemas import AuditRecord, ChannelRole, ChannelSender
+from schemas import AuditRecord, ChannelRole, ChannelSender, PrincipalKind
 
 from ..core import AuditLog, RateLimiter, Refusal
 
@@ -161,7 +161,7 @@ class ChannelIdentity:
             await self._audit.record(
                 AuditRecord(
                     action="channel.user_promoted",
-                    actor_kind="admin",
+                    actor_kind=PrincipalKind.ADMIN,
                     actor_id=actor,
                     target_kind="channel_user",
                     target_id=f"{instance_id}/{provider_user_id}",
@@ -195,7 +195,7 @@ class ChannelIdentity:
             await self._audit.record(
                 AuditRecord(
                     action="channel.claim_code_created",
-                    actor_kind="admin",
+                    actor_kind=PrincipalKind.ADMIN,
                     actor_id=actor,
                     target_kind="channel_claim_code",
                     metadata={
@@ -248,7 +248,7 @@ class ChannelIdentity:
         await self._audit.record(
             AuditRecord(
                 action="channel.claim_code_redeemed",
-                actor_kind="channel",
+                actor_kind=PrincipalKind.CHANNEL,
                 actor_id=instance_id,
                 target_kind="channel_user",
                 target_id=who,

@@ -17,7 +17,7 @@ import logging
 import asyncpg
 from nats.js import JetStreamContext
 
-from schemas import ChannelOutbound, Envelope, Source, subjects
+from schemas import ChannelOutbound, Envelope, PrincipalKind, Source, subjects
 
 from ..core import HubMetrics, kv
 
@@ -49,7 +49,7 @@ class ChannelOutbox:
         self, js: JetStreamContext, pool: asyncpg.Pool, metrics: HubMetrics, *, hub_id: str
     ) -> None:
         self._js, self._pool, self._metrics = js, pool, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
 
     async def send(
         self,

@@ -22,6 +22,7 @@ from schemas import (
     ChannelOutbound,
     ChannelReceipt,
     ChannelTarget,
+    DeliveryType,
     Envelope,
     subjects,
 )
@@ -162,7 +163,7 @@ class ReceiptIngest:
             notice = ChannelOutbound(
                 delivery_id=delivery_id(tenant, "dead-notice", receipt.delivery_id),
                 idempotency_key=f"dead-notice:{receipt.delivery_id}",
-                type="text",
+                type=DeliveryType.TEXT,
                 target=ChannelTarget(
                     chat_id=row["chat_id"],
                     thread_id=row["thread_key"] or None,

@@ -5,9 +5,11 @@ text-command fallbacks. No I/O."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from channels import ButtonLimits
+
+ButtonStyle = Literal["default", "danger", "success"]  # ChannelButton's styles
 
 
 @dataclass
@@ -15,7 +17,7 @@ class Choice:
     label: str
     action: str  # allow | deny | answer | reject
     answer: list | None = None
-    style: str = "default"
+    style: ButtonStyle = "default"
 
 
 @dataclass

@@ -156,7 +156,7 @@ class ChannelRenderer:
             now = time.time()
             chats = {
                 bid: ChatRender(
-                    self._instance(tenant, b)["capabilities"],
+                    instance["capabilities"],
                     slots[bid],
                     self._memory,
                     _ids(tenant, bid),
@@ -164,7 +164,7 @@ class ChannelRenderer:
                     now=now,
                 )
                 for bid, b in involved.items()
-                if self._instance(tenant, b) is not None
+                if (instance := self._instance(tenant, b)) is not None
             }
             for binding, sequence, event in routed:
                 chat = chats.get(binding.binding_id)
@@ -319,7 +319,7 @@ class ChannelRenderer:
         for width in rows:
             buttons.append(
                 [
-                    ChannelButton(label=c.label, token=t, style=c.style)  # type: ignore[arg-type]
+                    ChannelButton(label=c.label, token=t, style=c.style)
                     for c, t in zip(choices[at : at + width], tokens[at : at + width])
                 ]
             )
@@ -337,7 +337,8 @@ def _renderable(row: asyncpg.Record) -> dict | None:
     event = opencode_event(kind, payload)
     if isinstance(payload, dict) and kind.startswith("work."):
         work = payload.get("workId")
-        body = payload.get("body") if isinstance(payload.get("body"), dict) else {}
+        raw_body = payload.get("body")
+        body = raw_body if isinstance(raw_body, dict) else {}
         if event is not None:
             return {**event, "workId": work}
         if kind in ("work.fail", "work.dead_lettered", "work.cancelled"):
@@ -357,7 +358,8 @@ def _renderable(row: asyncpg.Record) -> dict | None:
     if kind == "command.accepted":
         return {"type": "cw.started"}
     if kind == "command.failed" and isinstance(payload, dict):
-        result = payload.get("result") if isinstance(payload.get("result"), dict) else {}
+        raw_result = payload.get("result")
+        result = raw_result if isinstance(raw_result, dict) else {}
         return {"type": "cw.failed", "reason": _reason(result)}
     return None
 
@@ -390,8 +392,10 @@ def _part_bases(event: dict) -> list[str]:
     """Slot key bases an event touches (so their finished slots are loaded too)."""
     work = event.get("workId")
     scope = f"w.{work}." if isinstance(work, str) else ""
-    props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
-    part = props.get("part") if isinstance(props.get("part"), dict) else {}
+    raw_props = event.get("properties")
+    props = raw_props if isinstance(raw_props, dict) else {}
+    raw_part = props.get("part")
+    part = raw_part if isinstance(raw_part, dict) else {}
     found = [p for p in (part.get("id"), props.get("partID")) if isinstance(p, str)]
     if event.get("type") == "cw.result":
         found.append("result")

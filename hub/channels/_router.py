@@ -34,6 +34,7 @@ from schemas import (
     ChannelOutbound,
     ChannelTarget,
     DeliveryType,
+    PrincipalKind,
     subjects,
 )
 
@@ -279,7 +280,7 @@ class ChannelRouter:
             await self._audit.record(
                 AuditRecord(
                     action="channel.message_accepted",
-                    actor_kind="channel",
+                    actor_kind=PrincipalKind.CHANNEL,
                     actor_id=turn.instance_id,
                     target_kind="channel_message",
                     target_id=turn.msg.id,

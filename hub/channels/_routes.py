@@ -83,7 +83,7 @@ def capabilities_json(caps: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(caps):
         value = getattr(caps, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = {_camel(k): v for k, v in dataclasses.asdict(value).items()}
         elif isinstance(value, (set, frozenset)):
             value = sorted(value)

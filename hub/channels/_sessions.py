@@ -26,7 +26,14 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from schemas import ChannelInbound, ChannelOutbound, DeliveryType, SessionRef, command_payload
+from schemas import (
+    ChannelInbound,
+    ChannelOutbound,
+    DeliveryType,
+    PrincipalKind,
+    SessionRef,
+    command_payload,
+)
 
 from ..core import Refusal
 from ..desktop import PairingError
@@ -399,7 +406,7 @@ class ChannelSessions:
                     turn.tenant,
                     row["work_id"],
                     actor=turn.actor_id,
-                    actor_kind="channel",
+                    actor_kind=PrincipalKind.CHANNEL,
                     reason=f"stopped with /abort by {turn.actor_label or turn.actor_id}",
                 )
                 cancelled += 1

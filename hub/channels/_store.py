@@ -10,6 +10,7 @@ which does not carry the input).
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import json
 import re
@@ -196,8 +197,10 @@ UPDATABLE = (
 
 
 def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
-    if record is None:
-        return None
+    return None if record is None else _row_of(record)
+
+
+def _row_of(record: asyncpg.Record) -> dict[str, Any]:
     row = dict(record)
     if isinstance(row.get("settings"), str):
         row["settings"] = json.loads(row["settings"])
@@ -268,20 +271,20 @@ class InstanceStore:
             f"SELECT {COLUMNS} FROM channel_instances WHERE tenant = $1 ORDER BY instance_id",
             tenant,
         )
-        return [_row(r) for r in rows]  # type: ignore[misc]
+        return [_row_of(r) for r in rows]
 
     async def revisions(self) -> dict[str, int]:
         """Every instance's revision: the cheap poll that tells what changed."""
         rows = await self._pool.fetch("SELECT instance_id, revision FROM channel_instances")
         return {r["instance_id"]: r["revision"] for r in rows}
 
-    async def get_any(self, instance_ids: list[str]) -> list[dict[str, Any]]:
+    async def get_any(self, instance_ids: builtins.list[str]) -> builtins.list[dict[str, Any]]:
         rows = await self._pool.fetch(
             f"SELECT {COLUMNS}, secrets_enc FROM channel_instances "
             f"WHERE instance_id = ANY($1::text[])",
             instance_ids,
         )
-        return [_row(r) for r in rows]  # type: ignore[misc]
+        return [_row_of(r) for r in rows]
 
     async def update(
         self, conn: asyncpg.Connection, tenant: str, instance_id: str, changes: dict[str, Any]

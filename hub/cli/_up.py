@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from edges.local import (
     EmbeddedError,
     EmbeddedPostgres,
@@ -28,6 +30,7 @@ from edges.local import (
 
 from .. import Hub, HubSettings, StartupError
 from ..auth import BusKeys
+from ..core import LogFormat, LogLevel
 
 
 @dataclass
@@ -37,8 +40,8 @@ class UpOptions:
     http_port: int
     nats_port: int
     postgres_port: int
-    log_level: str
-    log_format: str
+    log_level: LogLevel
+    log_format: LogFormat
     leaf_port: int = 7422  # Team Gateways' leaf nodes dial in here (0 = no listener)
 
 
@@ -119,8 +122,8 @@ class Stack:
             owner_only(o.data_dir)  # the embedded server's setup opens its parents (as root)
         settings = HubSettings(
             nats_url=self.nats.url,
-            database_url=self.database_url,
-            admin_token=self.token,
+            database_url=None if self.database_url is None else SecretStr(self.database_url),
+            admin_token=SecretStr(self.token),
             http_host=o.host,
             http_port=o.http_port,
             log_level=o.log_level,

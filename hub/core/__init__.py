@@ -16,7 +16,7 @@ from ._logging import configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
 from ._refusals import Refusal, ack_refusal
-from ._settings import HubSettings
+from ._settings import HubSettings, LogFormat, LogLevel
 from ._streams import hub_consumer
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "DeadLetters",
     "HubMetrics",
     "HubSettings",
+    "LogFormat",
+    "LogLevel",
     "RateLimiter",
     "Refusal",
     "Rejected",

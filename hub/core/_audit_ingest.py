@@ -15,7 +15,7 @@ import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from schemas import AuditRecord, ContractError, decode, subjects
+from schemas import AuditRecord, ContractError, Envelope, decode, subjects
 
 from ._audit import AuditLog
 from ._background import BackgroundTask, pull_forever
@@ -53,13 +53,13 @@ class AuditIngest:
         await self._worker.stop()
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        valid = []
+        valid: list[tuple[Msg, Envelope[AuditRecord]]] = []
         for msg in msgs:
-            problem = self._check(msg)
-            if problem is None:
-                valid.append(msg)
+            checked = self._check(msg)
+            if not isinstance(checked, tuple):
+                valid.append((msg, checked))
                 continue
-            tenant, code, reason = problem
+            tenant, code, reason = checked
             await self._dead.put(
                 tenant=tenant,
                 family=FAMILY,
@@ -77,7 +77,7 @@ class AuditIngest:
         written = await self._dead.write_batch(
             FAMILY,
             SPEC.max_deliver,
-            [(msg, msg._cowork_envelope) for msg in valid],  # type: ignore[attr-defined]
+            valid,
             self._write,
             log,
             delay=2.0,
@@ -93,7 +93,8 @@ class AuditIngest:
                 await self._audit.record(env.data, tenant=env.tenant, conn=conn)
 
     @staticmethod
-    def _check(msg: Msg) -> tuple[str | None, str, str] | None:
+    def _check(msg: Msg) -> Envelope[AuditRecord] | tuple[str | None, str, str]:
+        """The message's envelope, or why it is refused: (tenant, code, reason)."""
         try:
             where = FAMILY.parse(msg.subject)
         except subjects.SubjectError as exc:
@@ -119,5 +120,4 @@ class AuditIngest:
                 "contract.principal_mismatch",
                 ("audit records must be sent by, and about, the principal their subject names"),
             )
-        msg._cowork_envelope = env  # type: ignore[attr-defined]
-        return None
+        return env

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -19,7 +19,7 @@ from ._logging import kv
 class BackgroundTask:
     """One named task a service owns: `start()` runs it, `stop()` cancels and waits."""
 
-    def __init__(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._name, self._run = name, run
         self._task: asyncio.Task | None = None
 

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import nats.errors
@@ -14,7 +14,16 @@ from asyncpg.exceptions import _base as asyncpg_base
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from schemas import ContractError, DeadLetter, Envelope, Message, Source, decode, subjects
+from schemas import (
+    ContractError,
+    DeadLetter,
+    Envelope,
+    Message,
+    PrincipalKind,
+    Source,
+    decode,
+    subjects,
+)
 
 from ._logging import kv
 from ._metrics import HubMetrics
@@ -88,7 +97,7 @@ class DeadLetters:
     def __init__(self, js: JetStreamContext, metrics: HubMetrics, hub_id: str) -> None:
         self._js = js
         self._metrics = metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
 
     async def put(
         self,
@@ -101,6 +110,7 @@ class DeadLetters:
         reason: str,
         attempts: int = 1,
     ) -> None:
+        encoding: Literal["utf-8", "base64"]
         try:
             text, encoding = payload[:_MAX].decode(), "utf-8"
         except UnicodeDecodeError:

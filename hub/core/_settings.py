@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._streams import StreamLimits
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+
 
 class HubSettings(BaseSettings):
     """Everything `cowork hub serve` needs; `cowork up` fills these for its embedded servers."""
@@ -17,121 +20,139 @@ class HubSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COWORK_", extra="ignore")
 
     nats_url: str = Field(
-        "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated"
+        default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated"
     )
-    nats_creds: Path | None = Field(None, description="A NATS .creds file for the hub's own user")
+    nats_creds: Path | None = Field(
+        default=None, description="A NATS .creds file for the hub's own user"
+    )
     keys_dir: Path | None = Field(
-        None, description="Bus key hierarchy (operator mode): the hub mints all credentials"
+        default=None, description="Bus key hierarchy (operator mode): the hub mints all credentials"
     )
     secret_key: SecretStr | None = Field(
-        None, description="Fernet key encrypting the signing keys at rest (else a key file)"
+        default=None, description="Fernet key encrypting the signing keys at rest (else a key file)"
     )
-    edge_credential_ttl_hours: float = Field(24.0, gt=0, le=720)
+    edge_credential_ttl_hours: float = Field(default=24.0, gt=0, le=720)
     command_lease_seconds: float = Field(
-        30.0, gt=0, le=3600, description="How long a Desktop holds a command before it is re-sent"
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a Desktop holds a command before it is re-sent",
     )
     work_lease_seconds: float = Field(
-        30.0, gt=0, le=3600, description="Lease TTL of Cloud-owned edge work; renewed while it runs"
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Lease TTL of Cloud-owned edge work; renewed while it runs",
     )
     work_max_attempts: int = Field(
-        3, ge=1, le=100, description="Leases a work item may expire before dead-letter"
+        default=3, ge=1, le=100, description="Leases a work item may expire before dead-letter"
     )
     gateway_credential_ttl_days: float = Field(
-        30.0, gt=0, le=365, description="How long a Gateway registration credential is valid"
+        default=30.0,
+        gt=0,
+        le=365,
+        description="How long a Gateway registration credential is valid",
     )
     gateway_heartbeat_rate: float = Field(
-        2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)"
+        default=2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)"
     )
     work_write_rate: float = Field(
-        500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"
+        default=500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"
     )
     bootstrap_connections_per_source: int = Field(
-        32,
+        default=32,
         ge=1,
         le=1024,
         description="Connections one address may hold in the public bootstrap account "
         "(the newest beyond it are closed)",
     )
     bootstrap_connection_max_seconds: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         le=3600,
         description="Longest a bootstrap connection may stay open (pair, register, leave)",
     )
     channel_secrets_key: SecretStr | None = Field(
-        None,
+        default=None,
         description="Key for channel instance secrets at rest when there is no key "
         "hierarchy (COWORK_KEYS_DIR derives one otherwise)",
     )
     channel_body_limit_bytes: int = Field(
-        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest webhook body accepted"
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest webhook body accepted",
     )
     channel_source_rate: float = Field(
-        50.0, gt=0, description="Webhook requests per second per source"
+        default=50.0, gt=0, description="Webhook requests per second per source"
     )
     trusted_proxies: str = Field(
-        "",
+        default="",
         description="Comma-separated addresses or networks of reverse proxies whose "
         "X-Forwarded-For names the client (webhook rate limits and lockout); "
         "empty: the socket address is the client",
     )
     stream_max_bytes: int = Field(
-        1024**3,
+        default=1024**3,
         ge=1024 * 1024,
         description="Bytes each hub stream and KV bucket may hold (a stream then drops "
         "its oldest messages; the KV bucket refuses new keys)",
     )
     stream_max_msg_size: int = Field(
-        1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="Largest message a hub stream stores"
+        default=1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Largest message a hub stream stores",
     )
     desktop_max_payload_bytes: int = Field(
-        1024 * 1024,
+        default=1024 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest message a Desktop may publish (its user JWT, enforced by NATS)",
     )
     gateway_max_payload_bytes: int = Field(
-        1024 * 1024,
+        default=1024 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest message a Gateway may publish (its user JWT, enforced by NATS)",
     )
     channel_max_payload_bytes: int = Field(
-        1024 * 1024,
+        default=1024 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest message a channel instance may publish (its user JWT)",
     )
     edge_max_subscriptions: int = Field(
-        1000, ge=10, description="Subscriptions one edge connection may hold (its user JWT)"
+        default=1000, ge=10, description="Subscriptions one edge connection may hold (its user JWT)"
     )
     http_header_timeout_seconds: float = Field(
-        15.0,
+        default=15.0,
         gt=0,
         le=3600,
         description="A connection must send a request's headers within this time of "
         "connecting (or of its previous answer), else it is closed; also the idle keep-alive",
     )
     http_body_timeout_seconds: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         le=3600,
         description="A request's body must have arrived within this time of its headers, "
         "else the connection is closed",
     )
     metrics_require_token: bool = Field(
-        False, description="/metrics needs the admin bearer token (it names channel instances)"
+        default=False,
+        description="/metrics needs the admin bearer token (it names channel instances)",
     )
-    database_url: SecretStr | None = Field(None, description="PostgreSQL DSN")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for /api/ routes")
+    database_url: SecretStr | None = Field(default=None, description="PostgreSQL DSN")
+    admin_token: SecretStr | None = Field(default=None, description="Bearer token for /api/ routes")
     http_host: str = "127.0.0.1"
-    http_port: int = Field(8080, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
-    hub_id: str = Field("hub", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    db_pool_min: int = Field(1, ge=0)
-    db_pool_max: int = Field(10, ge=1)
-    ready_timeout_seconds: float = Field(2.0, gt=0)
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+    hub_id: str = Field(default="hub", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+    ready_timeout_seconds: float = Field(default=2.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

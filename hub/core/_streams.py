@@ -206,6 +206,8 @@ async def declare(
 
 
 async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    if config.name is None:  # stream_configs and bucket_configs name every stream
+        raise ValueError(f"a stream to declare needs a name: {config}")
     try:
         await js.stream_info(config.name)
     except NotFoundError:

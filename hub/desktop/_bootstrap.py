@@ -109,7 +109,7 @@ class PairingRedemption:
         await self._audit.record(
             AuditRecord(
                 action="pairing.redeemed",
-                actor_kind="desktop",
+                actor_kind=PrincipalKind.DESKTOP,
                 actor_id=row["pairing_id"],
                 actor_label=request.device_name,
                 target_kind="pairing",

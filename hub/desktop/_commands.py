@@ -31,6 +31,7 @@ from schemas import (
     DeviceCommand,
     Envelope,
     Lease,
+    PrincipalKind,
     Source,
     new_id,
     subjects,
@@ -67,7 +68,7 @@ class CommandService:
         reap_interval: float = 0.5,
     ) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.lease = lease
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper = BackgroundTask(
@@ -278,7 +279,8 @@ class CommandService:
             if row is None:
                 raise AckRefused("command.unknown", f"no command {ack.command_id!r} here")
             if row["state"] == "done":
-                return self._replayed(dict(row), ack)
+                self._replayed(dict(row), ack)
+                return None
             _check_lease(dict(row), ack)
             if ack.outcome == "accepted":
                 await conn.execute(
@@ -342,7 +344,7 @@ class CommandService:
         await self._audit.record(
             AuditRecord(
                 action=action,
-                actor_kind="desktop",
+                actor_kind=PrincipalKind.DESKTOP,
                 actor_id=device_id,
                 target_kind="command",
                 target_id=ack.command_id,
@@ -364,7 +366,7 @@ class CommandService:
         await self._audit.record(
             AuditRecord(
                 action="command.ack_rejected",
-                actor_kind="desktop",
+                actor_kind=PrincipalKind.DESKTOP,
                 actor_id=device_id,
                 target_kind="command",
                 target_id=ack.command_id,

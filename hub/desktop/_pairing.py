@@ -10,6 +10,7 @@ Desktop as a `pairing.state` message (the Desktop enforces the policy).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import logging
@@ -28,6 +29,7 @@ from schemas import (
     PairingRevokeNotice,
     PairingState,
     PolicyDecision,
+    PrincipalKind,
     Source,
     new_id,
     subjects,
@@ -83,7 +85,7 @@ class PairingService:
         self._pool, self._audit, self._nc = pool, audit, nc
         self._credentials = credentials  # CredentialService (operator mode) or None
         self._code_key = code_key
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.on_revoked: list[Any] = []  # async callbacks (tenant, pairing_id)
 
     # --- create / read ----------------------------------------------------------------
@@ -187,7 +189,7 @@ class PairingService:
         *,
         reason: str,
         actor: str,
-        actor_kind: str | None = None,
+        actor_kind: PrincipalKind | None = None,
         revoke_credential: bool = True,
     ) -> dict:
         """Final and idempotent: the Desktop is told (best effort), open commands
@@ -249,7 +251,7 @@ class PairingService:
                 actor=actor,
             )
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> builtins.list[Route]:
         """A Desktop's own revocation notice, for the hub's bus responder."""
         return [
             Route(
@@ -271,7 +273,7 @@ class PairingService:
             caller.tenant,
             notice.pairing_id,
             actor=notice.pairing_id,
-            actor_kind="desktop",
+            actor_kind=PrincipalKind.DESKTOP,
             reason=notice.reason or "revoked on the Desktop",
             revoke_credential=False,
         )
@@ -318,9 +320,9 @@ class PairingService:
         *,
         reason: str | None = None,
         metadata: dict | None = None,
-        actor_kind: str | None = None,
+        actor_kind: PrincipalKind | None = None,
     ) -> None:
-        kind = actor_kind or ("hub" if actor == "hub" else "admin")
+        kind = actor_kind or (PrincipalKind.HUB if actor == "hub" else PrincipalKind.ADMIN)
         await self._audit.record(
             AuditRecord(
                 action=action,

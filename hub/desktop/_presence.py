@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas import AckReply, AuditRecord, PresenceHeartbeat, subjects
+from schemas import AckReply, AuditRecord, PresenceHeartbeat, PrincipalKind, subjects
 
 from ..bus import Caller, Route
 from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
@@ -112,7 +112,7 @@ class DesktopPresence:
         await self._audit.record(
             AuditRecord(
                 action=action,
-                actor_kind="hub",
+                actor_kind=PrincipalKind.HUB,
                 actor_id="presence",
                 target_kind="pairing",
                 target_id=pairing_id,

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas import AuditRecord, GatewayKind
+from schemas import AuditRecord, GatewayKind, PrincipalKind
 
 from ..core import AuditLog, Refusal, kv
 
@@ -78,10 +78,10 @@ class GatewayAudit:
         *,
         reason: str | None = None,
         metadata: dict | None = None,
-        actor_kind: str | None = None,
+        actor_kind: PrincipalKind | None = None,
         target_kind: str = "gateway_registration",
     ) -> None:
-        kind = actor_kind or ("hub" if actor == "hub" else "admin")
+        kind = actor_kind or (PrincipalKind.HUB if actor == "hub" else PrincipalKind.ADMIN)
         await self._audit.record(
             AuditRecord(
                 action=action,
@@ -97,7 +97,7 @@ class GatewayAudit:
         )
 
     async def refusal(
-        self, tenant: str | None, reg_id: str, operation: str, exc: GatewayError, **details: str
+        self, tenant: str | None, reg_id: str, operation: str, exc: Refusal, **details: str
     ) -> None:
         """Audit a refused Gateway request; never raises (the refusal is still answered
         when the database is away)."""
@@ -112,7 +112,7 @@ class GatewayAudit:
                 action,
                 reg_id,
                 reg_id,
-                actor_kind="gateway",
+                actor_kind=PrincipalKind.GATEWAY,
                 reason=str(exc)[:2000],
                 metadata=metadata,
             )

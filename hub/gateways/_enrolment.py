@@ -13,6 +13,8 @@ import secrets
 
 import asyncpg
 
+from schemas import PrincipalKind
+
 from ._common import GatewayAudit
 
 CREDENTIAL_PREFIX = "cwgr_"
@@ -87,7 +89,7 @@ class GatewayEnrolment:
                 "gateway.registration.registered",
                 reg_id,
                 reg_id,
-                actor_kind="gateway",
+                actor_kind=PrincipalKind.GATEWAY,
                 reason=reason,
                 metadata={
                     "publicKey": public_key,

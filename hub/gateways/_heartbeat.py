@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from schemas import GatewayHeartbeat, GatewayHeartbeatReply, scrub_text
+from schemas import GatewayHeartbeat, GatewayHeartbeatReply, PrincipalKind, scrub_text
 
 from . import _versions as _gateway_versions
 from ._common import GatewayAudit, GatewayError, missing_or_ended
@@ -120,7 +120,7 @@ class GatewayHeartbeats:
             action,
             reg_id,
             reg_id,
-            actor_kind="gateway",
+            actor_kind=PrincipalKind.GATEWAY,
             reason=row["status_reason"],
             metadata={
                 "from": row["old_status"],

@@ -3,6 +3,8 @@ through the API: `_http_gateways` picks the fields)."""
 
 from __future__ import annotations
 
+import builtins
+
 import asyncpg
 
 from ._common import GatewayError
@@ -31,7 +33,9 @@ class GatewayQueries:
         )
         return [dict(r) for r in rows]
 
-    async def sync_summary(self, tenant: str, registration_ids: list[str]) -> dict[str, dict]:
+    async def sync_summary(
+        self, tenant: str, registration_ids: builtins.list[str]
+    ) -> dict[str, dict]:
         """registration id -> scope -> {itemCount, cursor, updatedAt} (no items)."""
         rows = await self._pool.fetch(
             "SELECT registration_id, scope, item_count, cursor, updated_at FROM gateway_sync "

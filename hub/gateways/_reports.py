@@ -17,6 +17,7 @@ from schemas import (
     CredentialScope,
     GatewayCapabilities,
     GatewaySync,
+    PrincipalKind,
     scrub_secrets,
 )
 
@@ -93,7 +94,7 @@ class GatewayReports:
             "external_workspace.visible",
             reg_id,
             reg_id,
-            actor_kind="gateway",
+            actor_kind=PrincipalKind.GATEWAY,
             target_kind="external_workspace",
             metadata={"scope": scope},
         )

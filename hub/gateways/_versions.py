@@ -58,7 +58,8 @@ def parse(text: str) -> tuple[int, int, int] | None:
     match = _VERSION.fullmatch(text.strip())
     if match is None:
         return None
-    return tuple(int(part or 0) for part in match.groups())  # type: ignore[return-value]
+    major, minor, patch = (int(part or 0) for part in match.groups())
+    return major, minor, patch
 
 
 def check(reported: VersionSet | None, product: str | None = None) -> VersionVerdict:
@@ -93,7 +94,10 @@ def _judge(name: str, text: str, product: tuple[int, int, int]) -> str | None:
         return None
     for contract, hub_version, minimum in CONTRACTS:
         if contract == name:
-            major = parse(hub_version)[0]  # type: ignore[index]
+            ours = parse(hub_version)
+            if ours is None:  # CONTRACTS holds this hub's own versions
+                raise ValueError(f"contract {contract} version {hub_version!r} is not a version")
+            major = ours[0]
             if got[0] != major:
                 return f"{label} {text} has major {got[0]}, this hub speaks {hub_version}"
             if got[:2] < minimum:

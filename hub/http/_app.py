@@ -160,7 +160,8 @@ def hub_middleware(
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        body_timer, cut = None, []
+        body_timer: asyncio.TimerHandle | None = None
+        cut: list[bool] = []  # _cut_slow_body appends when it closes the connection
         if body_timeout and request.body_exists and not request.content.is_eof():
             body_timer = asyncio.get_running_loop().call_later(
                 body_timeout, _cut_slow_body, request, budget, cut

@@ -87,8 +87,8 @@ class HttpServer:
         self._loop = asyncio.get_running_loop()
         self._previous_handler = self._loop.get_exception_handler()
         self._loop.set_exception_handler(self._on_loop_error)
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        addresses = self._runner.addresses  # the bound (host, port, ...) of our one site
+        self.port = addresses[0][1] if addresses else self._port
         return self.port
 
     async def stop(self) -> None:

@@ -24,7 +24,7 @@ def registration_refusal(
 ) -> EdgeWorkError | None:
     """Why this registration may not `operation` at all, whatever its state (None: it may)."""
     if reg is None:
-        return EdgeWorkError("gateway.unknown", "no such gateway registration")
+        return _unknown_registration()
     if reg["status"] in TERMINAL:
         return EdgeWorkError(
             f"gateway.{reg['status']}",
@@ -45,6 +45,22 @@ def registration_refusal(
         )
         return EdgeWorkError(code, f"the registration's credential lacks scope {scope.value}")
     return None
+
+
+def _unknown_registration() -> EdgeWorkError:
+    return EdgeWorkError("gateway.unknown", "no such gateway registration")
+
+
+def usable_registration(
+    reg: asyncpg.Record | None, scope: CredentialScope, operation: str
+) -> asyncpg.Record:
+    """`reg` when it may `operation` at all (else its `registration_refusal` is raised)."""
+    if reg is None:
+        raise _unknown_registration()
+    refusal = registration_refusal(reg, scope, operation)
+    if refusal is not None:
+        raise refusal
+    return reg
 
 
 def check_holder(work: asyncpg.Record | None, reg_id: str, token: str, work_id: str) -> None:

@@ -44,7 +44,7 @@ from ._common import (
     EDGE_KINDS,
     EdgeWorkError,
     check_holder,
-    registration_refusal,
+    usable_registration,
 )
 
 # The claim's eligibility in SQL, from the same constants registration_refusal and
@@ -168,16 +168,14 @@ class Leases:
             )
 
 
-def _claimable_kinds(reg: asyncpg.Record | None, request: WorkClaimRequest) -> list[str]:
-    refusal = registration_refusal(reg, CredentialScope.EDGE_CLAIM, "claim")
-    if refusal is None and reg["status"] != "active":
-        refusal = EdgeWorkError(
+def _claimable_kinds(found: asyncpg.Record | None, request: WorkClaimRequest) -> list[str]:
+    reg = usable_registration(found, CredentialScope.EDGE_CLAIM, "claim")
+    if reg["status"] != "active":
+        raise EdgeWorkError(
             f"gateway.{reg['status']}",
             f"the registration is {reg['status']}: no new claims"
             + (f" ({reg['status_reason']})" if reg["status_reason"] else ""),
         )
-    if refusal is not None:
-        raise refusal
     kinds = [k for k in request.work_kinds if k in reg["work_kinds"]]
     if not kinds:
         raise EdgeWorkError(
@@ -188,14 +186,12 @@ def _claimable_kinds(reg: asyncpg.Record | None, request: WorkClaimRequest) -> l
     return kinds
 
 
-def _check_renewable(reg: asyncpg.Record | None) -> None:
-    refusal = registration_refusal(reg, CredentialScope.EDGE_LEASE_RENEW, "renew")
-    if refusal is None and reg["status"] == "pending":
-        refusal = EdgeWorkError("gateway.pending", "the registration has not registered yet")
-    if refusal is None and reg["status"] == "draining" and not reg["before_deadline"]:
-        refusal = EdgeWorkError("gateway.draining", "the drain deadline has passed")
-    if refusal is not None:
-        raise refusal
+def _check_renewable(found: asyncpg.Record | None) -> None:
+    reg = usable_registration(found, CredentialScope.EDGE_LEASE_RENEW, "renew")
+    if reg["status"] == "pending":
+        raise EdgeWorkError("gateway.pending", "the registration has not registered yet")
+    if reg["status"] == "draining" and not reg["before_deadline"]:
+        raise EdgeWorkError("gateway.draining", "the drain deadline has passed")
 
 
 _LOCK_REGISTRATION = """

@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Gauge
 
-from schemas import AuditRecord, subjects
+from schemas import AuditRecord, PrincipalKind, subjects
 
 from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
 from ._writes import project_outcome
@@ -106,7 +106,7 @@ class Reaper(BackgroundTask):
         await self._audit.record(
             AuditRecord(
                 action="gateway.edge.lease_expired" if requeued else "gateway.edge.dead_lettered",
-                actor_kind="hub",
+                actor_kind=PrincipalKind.HUB,
                 actor_id="edge-work-reaper",
                 target_kind="edge_work",
                 target_id=row["work_id"],

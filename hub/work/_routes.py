@@ -80,7 +80,7 @@ def work_json(row: dict) -> dict[str, Any]:
 
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    body: EnqueueWork = await json_body(request, EnqueueWork)  # type: ignore[assignment]
+    body = await json_body(request, EnqueueWork)
     header = request.headers.get("Idempotency-Key")
     if header is not None:
         try:

@@ -29,6 +29,7 @@ from schemas import (
     AckReply,
     AuditRecord,
     Envelope,
+    PrincipalKind,
     PromptPayload,
     SessionRef,
     Source,
@@ -94,7 +95,7 @@ class EdgeWorkService:
         reoffer_interval: float = 3.0,
     ) -> None:
         self._pool, self._audit, self._nc, self._metrics = pool, audit, nc, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
         # One bucket per registration and operation: bounds what a misbehaving
         # Gateway can cost the database and the audit log (refusals are audited).
@@ -180,7 +181,7 @@ class EdgeWorkService:
             await self._audit.record(
                 AuditRecord(
                     action="edge_work.enqueued",
-                    actor_kind="admin",
+                    actor_kind=PrincipalKind.ADMIN,
                     actor_id=actor,
                     target_kind="edge_work",
                     target_id=row["work_id"],
@@ -222,7 +223,7 @@ class EdgeWorkService:
         *,
         reason: str,
         actor: str = "admin",
-        actor_kind: str = "admin",
+        actor_kind: PrincipalKind = PrincipalKind.ADMIN,
     ) -> dict:
         """End queued or leased work as `cancelled`. The Gateway holding its lease is
         refused at its next write or renewal and aborts its OpenCode session; the
@@ -416,7 +417,7 @@ class EdgeWorkService:
         await self._audit.record(
             AuditRecord(
                 action=f"gateway.edge.{operation}_refused",
-                actor_kind="gateway",
+                actor_kind=PrincipalKind.GATEWAY,
                 actor_id=reg_id,
                 target_kind="edge_work",
                 target_id=work_id,

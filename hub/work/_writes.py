@@ -28,7 +28,15 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, CredentialScope, Source, WorkOutput, WorkspaceEvent, check_token
+from schemas import (
+    AuditRecord,
+    CredentialScope,
+    PrincipalKind,
+    Source,
+    WorkOutput,
+    WorkspaceEvent,
+    check_token,
+)
 
 from ..core import AuditLog, HubMetrics, body_hash
 from ..workspaces import append_events, lock_cursor, publish_live
@@ -136,7 +144,7 @@ class FencedWriter:
             await self._audit.record(
                 AuditRecord(
                     action="gateway.edge.write_fenced_output",
-                    actor_kind="gateway",
+                    actor_kind=PrincipalKind.GATEWAY,
                     actor_id=reg_id,
                     target_kind="edge_work",
                     target_id=out.work_id,
@@ -178,8 +186,9 @@ def _session_of(body: Any) -> str | None:
     `properties.sessionID` (also under `info` or `part`); None when none is valid."""
     if not isinstance(body, dict):
         return None
-    props = body.get("properties") if isinstance(body.get("properties"), dict) else {}
-    nested = [props.get(k) for k in ("info", "part") if isinstance(props.get(k), dict)]
+    raw_props = body.get("properties")
+    props = raw_props if isinstance(raw_props, dict) else {}
+    nested = [n for n in (props.get(k) for k in ("info", "part")) if isinstance(n, dict)]
     info_id = nested[0].get("id") if nested and "info" in props else None
     session_info = info_id if isinstance(info_id, str) and info_id.startswith("ses") else None
     for candidate in (

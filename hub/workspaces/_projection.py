@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from functools import partial
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -27,6 +28,7 @@ from nats.js import JetStreamContext
 from schemas import (
     DeviceEvent,
     Envelope,
+    PrincipalKind,
     Source,
     WorkspaceEvent,
     subjects,
@@ -64,7 +66,7 @@ class EventProjector:
     ) -> None:
         self._nc, self._pool = nc, pool
         self._dead, self._metrics = dead_letters, metrics
-        self._source = Source(principal_kind="hub", principal_id=hub_id)
+        self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
         self._worker = BackgroundTask(
             "event-projector",
@@ -96,7 +98,7 @@ class EventProjector:
                 FAMILY,
                 SPEC.max_deliver,
                 items,
-                lambda envs, t=tenant, w=workspace: self._project(t, w, envs),
+                partial(self._project, tenant, workspace),
                 log,
                 delay=1.0,
             )

@@ -25,7 +25,7 @@ from ..http import HUB_KEY, int_query, tenant_param
 
 KEEPALIVE_SECONDS = 15.0
 # Live tails never end by themselves: shutdown ends them, or it would wait them out.
-TAILS_KEY = web.AppKey("sse_tails", set)
+TAILS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("sse_tails", set)
 PAGE = 500
 
 
@@ -136,8 +136,10 @@ async def _tail(
     await response.prepare(request)
     tail = _Tail(response, after)
     task = asyncio.current_task()
+    if task is None:  # aiohttp runs every handler in a task
+        raise RuntimeError("an SSE tail must run in a task")
     request.app[TAILS_KEY].add(task)
-    sub = await hub.nc.subscribe(
+    sub = await hub.started_nc().subscribe(
         subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace), cb=tail.on_live
     )
     try:
@@ -153,7 +155,8 @@ async def _tail(
 
 
 async def _end_tails(app: web.Application) -> None:
-    for task in list(app[TAILS_KEY]):
+    tails = app[TAILS_KEY]  # (not inline: mypy then infers list()'s argument type for the key)
+    for task in list(tails):
         task.cancel()
 
 
