@@ -14,13 +14,16 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from schemas import ChannelInbound, ChannelOutbound
+
+if TYPE_CHECKING:
+    from ._ssrf import UrlPolicy
 
 InteractionAck = Literal["none", "optional", "required"]
 RateLimitStrategy = Literal["none", "retry_after", "fixed_backoff"]
@@ -87,8 +90,12 @@ class ApiBaseSettings(ProviderSettings):
     a header or the URL path) at `api_base`: the same SSRF rules as the generic
     webhook's delivery URL (channels/_ssrf.py), https only unless `allow_loopback_http`
     (local fakes and tests). Changing any of these fields requires re-entering the
-    instance's secrets (`destination_changed`)."""
+    instance's secrets (`destination_changed`). A host name is checked here for its
+    scheme and name only; its addresses are resolved, checked and pinned on every
+    call (`api_policy`, channels/providers/_platform_http.py)."""
 
+    # The platform's real API (a subclass sets it): an `api_base` equal to it is
+    # the platform, not an operator-chosen destination.
     DEFAULT_API_BASE: ClassVar[str | None] = None
     api_base: str | None = Field(default=None, max_length=512)  # None: the real API
     allow_loopback_http: bool = False
@@ -107,6 +114,18 @@ class ApiBaseSettings(ProviderSettings):
             except _ssrf.UnsafeUrl as exc:
                 raise ValueError(f"apiBase: {exc}") from None
         return self
+
+    @property
+    def api_policy(self) -> UrlPolicy | None:
+        """The SSRF policy every API call must pass when the operator chose where the
+        calls go (`api_base` set and not the platform's real API): resolved, checked
+        and pinned per call. None for the real API, which is called as it is."""
+        from . import _ssrf
+
+        base = (self.api_base or "").rstrip("/")
+        if not base or base == (self.DEFAULT_API_BASE or "").rstrip("/"):
+            return None
+        return _ssrf.UrlPolicy(self.allow_loopback_http, self.allow_private_networks)
 
 
 # Where an instance's secrets go: changing one of these without re-entering the

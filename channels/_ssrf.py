@@ -177,11 +177,16 @@ def pinned_request(
 ) -> httpx.Request:
     """A request that connects to the pinned address while naming the original
     host in the Host header and (for https) in SNI and the certificate check."""
+    return pin_request(httpx.Request(method, target.url, content=content, headers=headers), target)
+
+
+def pin_request(request: httpx.Request, target: PinnedTarget) -> httpx.Request:
+    """Point an already built request (JSON, form or multipart body) at the pinned
+    address of `target`, which must have been pinned from this request's URL: the
+    Host header and (for https) SNI and the certificate check keep the name."""
     address = _normalise(target.address)
-    ip_host = f"[{address}]" if address.version == 6 else str(address)
-    url = target.url.copy_with(host=ip_host.strip("[]"))
-    host_header = target.url.netloc.decode("ascii")
-    request = httpx.Request(method, url, content=content, headers={**headers, "Host": host_header})
+    request.url = target.url.copy_with(host=str(address))
+    request.headers["Host"] = target.url.netloc.decode("ascii")
     if target.url.scheme == "https":
         request.extensions["sni_hostname"] = target.host
     return request

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from schemas import ChannelInteraction, ChannelOutbound, ChannelSender, ChannelTarget, DeliveryType
 
+from .. import _ssrf
 from .._provider import (
     ApiBaseSettings,
     BadRequest,
@@ -58,6 +59,7 @@ _EPHEMERAL = 1 << 6
 
 
 class DiscordSettings(ApiBaseSettings):  # apiBase None: the real API
+    DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     application_id: str = Field(pattern=r"^[0-9]{1,20}$")
     public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")  # public: not a secret
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")
@@ -88,6 +90,9 @@ class DiscordProvider:
     )
     settings_model: ClassVar[type[ProviderSettings]] = DiscordSettings
     secrets_model: ClassVar[type[ProviderSettings]] = DiscordSecrets
+    # Replaced in tests to answer DNS for made-up names; None means the system resolver
+    # (used only for an operator-set apiBase, whose calls are resolved and pinned).
+    resolve: ClassVar[_ssrf.Resolver | None] = None
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -209,6 +214,8 @@ class DiscordProvider:
             self._api + path,
             operation=f"discord {operation}",
             headers=headers,
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
             **kw,
         )
         return body

@@ -8,6 +8,13 @@ HTTP answers into `DeliveryFailed` with the right retry semantics.
 
 Messages name the operation, never the URL: Telegram puts the bot token in the
 URL path, so a URL in an exception would leak it into logs and receipts.
+
+A call given a `pin` policy (a provider whose operator set `apiBase`) goes
+through the generic webhook's SSRF protection (channels/_ssrf.py) on every
+call: the host is resolved once, every address checked, and the connection
+pinned to the checked address, so a name that later resolves (rebinds) to a
+loopback, private or metadata address never receives the bot's secret. A
+refusal is a permanent failure whose code is the rule's (`ssrf.loopback`, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import httpx
 
 from schemas import ChannelFile
 
+from .. import _ssrf
 from .._provider import DeliveryFailed
 
 _DETAIL_LIMIT = 200  # characters of a platform's error description kept in a message
@@ -129,14 +137,36 @@ async def call_json(
     headers: Mapping[str, str] | None = None,
     files: Any = None,
     timeout: float | None = 30.0,
+    pin: _ssrf.UrlPolicy | None = None,
+    resolve: _ssrf.Resolver | None = None,
 ) -> tuple[int, Any]:
     """One API call. Returns (status, decoded JSON body, or None when empty) for a
     2xx answer; raises DeliveryFailed for everything else. A 2xx whose body is
-    not JSON is returned as text; callers that need JSON check the type."""
+    not JSON is returned as text; callers that need JSON check the type. With
+    `pin`, the call is resolved, checked and pinned first (see `send_request`)."""
     request = http.build_request(
         method, url, json=json, data=data, headers=headers, files=files, timeout=timeout
     )
-    return await send_request(http, request, operation=operation)
+    return await send_request(http, request, operation=operation, pin=pin, resolve=resolve)
+
+
+async def pin_to_checked_address(
+    request: httpx.Request,
+    policy: _ssrf.UrlPolicy,
+    *,
+    operation: str,
+    resolve: _ssrf.Resolver | None = None,
+) -> httpx.Request:
+    """The SSRF policy applied to a built request before anything is sent: its URL
+    re-checked, its host resolved once (`resolve`, or the system resolver), every
+    address checked, and the request pointed at the checked address. A refusal is
+    a permanent DeliveryFailed coded by the rule; the message names the host or
+    address, never the URL (which may carry a token in its path)."""
+    try:
+        target = await _ssrf.pin(request.url, policy, resolve)
+    except _ssrf.UnsafeUrl as exc:
+        raise DeliveryFailed(f"{operation}: {exc}", code=exc.code, permanent=True) from None
+    return _ssrf.pin_request(request, target)
 
 
 async def send_request(
@@ -145,9 +175,15 @@ async def send_request(
     *,
     operation: str,
     redirect_code: str = "platform.redirect",
+    pin: _ssrf.UrlPolicy | None = None,
+    resolve: _ssrf.Resolver | None = None,
 ) -> tuple[int, Any]:
     """Send a built request (redirects never followed) and map the answer as
-    `call_json` does; `redirect_code` names why a redirect is refused."""
+    `call_json` does; `redirect_code` names why a redirect is refused. With
+    `pin` (an operator-set address), the request first goes through
+    `pin_to_checked_address`: nothing is sent when the policy refuses."""
+    if pin is not None:
+        request = await pin_to_checked_address(request, pin, operation=operation, resolve=resolve)
     try:
         response = await http.send(request, follow_redirects=False)
     except httpx.TimeoutException:

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from schemas import ChannelOutbound, DeliveryType
 
+from .. import _ssrf
 from .._chunking import chunk_text
 from .._provider import (
     ApiBaseSettings,
@@ -73,6 +74,7 @@ REACTION_NAMES = {
 
 
 class SlackSettings(ApiBaseSettings):  # apiBase None: the real API
+    DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")
 
 
@@ -104,6 +106,9 @@ class SlackProvider:
     # the contract's text is at most 16,384): 4,000 keeps streamed edits readable.
     settings_model: ClassVar[type[ProviderSettings]] = SlackSettings
     secrets_model: ClassVar[type[ProviderSettings]] = SlackSecrets
+    # Replaced in tests to answer DNS for made-up names; None means the system resolver
+    # (used only for an operator-set apiBase, whose calls are resolved and pinned).
+    resolve: ClassVar[_ssrf.Resolver | None] = None
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -136,6 +141,8 @@ class SlackProvider:
             headers=headers,
             data=payload if form else None,
             json=None if form else payload,
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
         )
         body = require_object(operation, body)
         if body.get("ok") is not True:
@@ -254,6 +261,10 @@ class SlackProvider:
             upload_url,
             operation="slack file upload",
             files={"file": (file.filename, content, file.mime_type)},
+            # Under an operator-set apiBase the upload URL (Slack's answer) is
+            # resolved, checked and pinned like every other call.
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
         )
         complete: dict[str, Any] = {
             "files": [{"id": file_id, "title": file.filename}],

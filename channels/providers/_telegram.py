@@ -15,6 +15,7 @@ from pydantic import Field
 
 from schemas import ChannelOutbound, DeliveryType
 
+from .. import _ssrf
 from .._provider import (
     ApiBaseSettings,
     ButtonLimits,
@@ -55,6 +56,7 @@ REACTION_EMOJI = frozenset(
 
 
 class TelegramSettings(ApiBaseSettings):  # apiBase None: the real API
+    DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     # The bot's @username: `/cmd@otherbot` in a group is for another bot.
     bot_username: str | None = Field(default=None, max_length=64)
 
@@ -86,6 +88,9 @@ class TelegramProvider:
     )
     settings_model: ClassVar[type[ProviderSettings]] = TelegramSettings
     secrets_model: ClassVar[type[ProviderSettings]] = TelegramSecrets
+    # Replaced in tests to answer DNS for made-up names; None means the system resolver
+    # (used only for an operator-set apiBase, whose calls are resolved and pinned).
+    resolve: ClassVar[_ssrf.Resolver | None] = None
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -255,6 +260,8 @@ class TelegramProvider:
             json=json,
             data=data,
             files=files,
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
         )
         body = require_object(operation, body)
         if body.get("ok") is not True:  # an error answered with a 2xx status

@@ -31,6 +31,7 @@ from schemas import (
     DeliveryType,
 )
 
+from .. import _ssrf
 from .._provider import (
     ApiBaseSettings,
     BadRequest,
@@ -56,9 +57,13 @@ TOKEN_BYTES = 200  # a list row id's limit (reply button ids allow 256)
 BODY_LIMIT = 1024  # interactive message body text
 
 
+DEFAULT_API_BASE = "https://graph.facebook.com/v20.0"
+
+
 class WhatsAppSettings(ApiBaseSettings):
     phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
-    api_base: str = Field(default="https://graph.facebook.com/v20.0", max_length=512)
+    api_base: str = Field(default=DEFAULT_API_BASE, max_length=512)  # the real API
+    DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
 
 
 class WhatsAppSecrets(ProviderSettings):
@@ -91,6 +96,9 @@ class WhatsAppProvider:
     )
     settings_model: ClassVar[type[ProviderSettings]] = WhatsAppSettings
     secrets_model: ClassVar[type[ProviderSettings]] = WhatsAppSecrets
+    # Replaced in tests to answer DNS for made-up names; None means the system resolver
+    # (used only for an operator-set apiBase, whose calls are resolved and pinned).
+    resolve: ClassVar[_ssrf.Resolver | None] = None
 
     def __init__(self, config: InstanceConfig, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -250,6 +258,8 @@ class WhatsAppProvider:
             operation="whatsapp send",
             json=body,
             headers=self._auth(),
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
         )
         answer = require_object("whatsapp send", answer)
         sent = answer.get("messages")
@@ -262,7 +272,13 @@ class WhatsAppProvider:
 
     async def probe(self) -> str:
         _, answer = await call_json(
-            self.http, "GET", self._url(), operation="whatsapp probe", headers=self._auth()
+            self.http,
+            "GET",
+            self._url(),
+            operation="whatsapp probe",
+            headers=self._auth(),
+            pin=self.settings.api_policy,
+            resolve=type(self).resolve,
         )
         answer = require_object("whatsapp probe", answer)
         number = answer.get("display_phone_number") or self.settings.phone_number_id
