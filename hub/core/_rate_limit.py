@@ -39,7 +39,10 @@ class RateLimiter:
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
-        return round((1.0 - bucket.tokens) / self.rate, 3)
+        # Never 0.0 for a refusal (callers read 0.0 as "allowed"): a wait under
+        # 0.5 ms must not round to it, or a flood is let through at several times
+        # the rate, by the calls that land just before each token is due.
+        return max(round((1.0 - bucket.tokens) / self.rate, 3), 0.001)
 
     def _evict_full(self, now: float) -> None:
         full = [

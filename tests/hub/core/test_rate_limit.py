@@ -23,6 +23,16 @@ def test_tokens_come_back_with_time_and_never_beyond_the_burst():
     assert limiter.take("gw", now=1000.0) > 0
 
 
+def test_a_flood_gets_the_rate_and_no_more():
+    """A refusal is never 0.0 (which callers read as allowed), however close the next
+    token is: 7,200 calls a second for 10 s at 20/s (burst 100) get 300 (899 when
+    sub-millisecond waits rounded to 0.0)."""
+    limiter = RateLimiter(rate=20.0, burst=100)
+    waits = [limiter.take("src", now=n / 7200) for n in range(1, 72_001)]
+    assert 100 + 200 - 1 <= waits.count(0.0) <= 100 + 200  # float sums: the last may be late
+    assert min(w for w in waits if w) > 0
+
+
 def test_keys_do_not_share_a_bucket():
     limiter = RateLimiter(rate=1.0, burst=1)
     assert limiter.take(("acme", "gw1"), now=0.0) == 0.0
