@@ -65,11 +65,12 @@ class BootstrapLockout:
         `bootstrap.rate_limited` (and `retry_after`): in memory when the source floods,
         from PostgreSQL when it is locked out."""
         self._gate_in_memory(source)
-        left = await self.locked_for(source)
-        if left is not None:
-            raise _locked(what, left)
+        # Held from here: the lockout lookup counts against the in-flight bound too.
         self._pending[source] = self._pending.get(source, 0) + 1
         try:
+            left = await self.locked_for(source)
+            if left is not None:
+                raise _locked(what, left)
             yield
         finally:
             self._pending[source] -= 1

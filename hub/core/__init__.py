@@ -12,7 +12,7 @@ from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
 from ._deadletter import TRANSIENT, DeadLetters, Rejected, deliveries, parse_and_decode
 from ._idempotency import body_hash
-from ._logging import configure_logging, kv
+from ._logging import LogBudget, configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
 from ._refusals import Refusal, ack_refusal
@@ -26,6 +26,7 @@ __all__ = [
     "DeadLetters",
     "HubMetrics",
     "HubSettings",
+    "LogBudget",
     "LogFormat",
     "LogLevel",
     "RateLimiter",

@@ -68,7 +68,7 @@ class AuditIngest:
                 code=code,
                 reason=reason,
             )
-            self._metrics.bus_messages.labels(FAMILY.name, "rejected").inc()
+            self._metrics.bus_messages.labels(FAMILY.name, "refused").inc()
             await msg.ack()
         if not valid:
             return

@@ -25,7 +25,7 @@ from schemas import (
     subjects,
 )
 
-from ._logging import kv
+from ._logging import LogBudget, kv
 from ._metrics import HubMetrics
 
 log = logging.getLogger("cowork.hub.deadletter")
@@ -97,6 +97,7 @@ class DeadLetters:
     def __init__(self, js: JetStreamContext, metrics: HubMetrics, hub_id: str) -> None:
         self._js = js
         self._metrics = metrics
+        self._log_budget = LogBudget(rate=1.0, burst=20)
         self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
 
     async def put(
@@ -130,9 +131,20 @@ class DeadLetters:
             headers={"Cowork-Reason": code},
         )
         self._metrics.dead_letters.labels(family.name, code).inc()
-        log.warning(
-            "bus.dead_lettered", **kv(family=family.name, subject=subject, code=code, reason=reason)
-        )
+        # Every letter is durable and counted; the log shows the first few of a kind,
+        # then one a second with how many it left out (a poison flood is not a log flood).
+        suppressed = self._log_budget.allow(f"{family.name}:{code}")
+        if suppressed is not None:
+            log.warning(
+                "bus.dead_lettered",
+                **kv(
+                    family=family.name,
+                    subject=subject,
+                    code=code,
+                    reason=reason,
+                    suppressed=suppressed or None,
+                ),
+            )
 
     async def reject(self, msg: Msg, family: subjects.SubjectFamily, exc: Rejected) -> None:
         """Dead-letter a consumed message (its tenant from the subject when it parses),
@@ -151,7 +163,7 @@ class DeadLetters:
             reason=str(exc),
             attempts=deliveries(msg),
         )
-        self._metrics.bus_messages.labels(family.name, "rejected").inc()
+        self._metrics.bus_messages.labels(family.name, "refused").inc()
         await msg.ack()
 
     async def retry_or_reject(

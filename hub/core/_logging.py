@@ -15,6 +15,8 @@ from typing import Any
 
 from schemas import SECRET_REDACTED, is_secret_key, scrub_text
 
+from ._rate_limit import RateLimiter
+
 # httpx logs every request URL at info, httpcore each connection step at debug.
 HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
 
@@ -84,3 +86,20 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
     # token in the URL path: never logged, not even when debugging.
     for client in HTTP_CLIENT_LOGGERS:
         logging.getLogger(client).setLevel("WARNING")
+
+
+class LogBudget:
+    """Bounds how many lines of one kind a flood can write: `burst` at once, then
+    `rate` a second (the hub's one RateLimiter, keyed by the line's event name)."""
+
+    def __init__(self, rate: float = 1.0, burst: float = 5.0) -> None:
+        self._limiter = RateLimiter(rate, burst, max_keys=1000)
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, event: str) -> int | None:
+        """None: drop this line. Else how many lines of `event` were dropped since
+        the last one written (to log with it)."""
+        if self._limiter.take(event) > 0:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            return None
+        return self._suppressed.pop(event, 0)

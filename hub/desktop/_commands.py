@@ -358,7 +358,6 @@ class CommandService:
     async def _audit_refusal(
         self, tenant: str, device_id: str, ack: CommandAck, exc: AckRefused
     ) -> None:
-        self._metrics.bus_messages.labels("device.command_ack", "rejected").inc()
         log.warning(
             "commands.ack_refused",
             **kv(tenant=tenant, pairing=device_id, command=ack.command_id, code=exc.code),

@@ -19,12 +19,11 @@ from ._app import (
     serve_app,
     tenant_param,
 )
-from ._server import HttpServer, LogBudget
+from ._server import HttpServer
 
 __all__ = [
     "HUB_KEY",
     "HttpServer",
-    "LogBudget",
     "add_route_table",
     "build_app",
     "client_address",

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
 
-from ..core import Refusal, kv
-from ._server import HttpServer, LogBudget
+from ..core import LogBudget, Refusal, kv
+from ._server import HttpServer
 
 if TYPE_CHECKING:
     from .._service import Hub

@@ -23,29 +23,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..core import RateLimiter, kv
+from ..core import LogBudget, kv
 
 log = logging.getLogger("cowork.hub.http")
 
 # What asyncio's accept loop reports as "out of system resource".
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class LogBudget:
-    """Bounds how many lines of one kind a flood can write: `burst` at once, then
-    `rate` a second (the hub's one RateLimiter, keyed by the line's event name)."""
-
-    def __init__(self, rate: float = 1.0, burst: float = 5.0) -> None:
-        self._limiter = RateLimiter(rate, burst, max_keys=1000)
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, event: str) -> int | None:
-        """None: drop this line. Else how many lines of `event` were dropped since
-        the last one written (to log with it)."""
-        if self._limiter.take(event) > 0:
-            self._suppressed[event] = self._suppressed.get(event, 0) + 1
-            return None
-        return self._suppressed.pop(event, 0)
 
 
 class HttpServer:

@@ -15,6 +15,7 @@ dead-lettered with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -81,16 +82,20 @@ class EventProjector:
 
     async def _handle(self, msgs: list[Msg]) -> None:
         groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
+        rejected: list[tuple[Msg, Rejected]] = []
         for msg in msgs:
             try:
                 tenant, env = await self._check(msg)
             except Rejected as exc:
-                await self._reject(msg, exc)
+                rejected.append((msg, exc))
                 continue
             if env.data.type in NOT_PROJECTED:
                 await msg.ack()
                 continue
             groups[(tenant, env.data.pairing_id)].append((msg, env))
+        # A batch's dead letters go out together (one round trip, not one each): a
+        # flood of poison clears at publish speed instead of holding up the batch.
+        await asyncio.gather(*(self._reject(msg, exc) for msg, exc in rejected))
         for (tenant, workspace), items in groups.items():
             # The database away: redeliver later, lose nothing. An event it refuses:
             # dead-lettered alone, the rest projected (never a hot loop, never a wedge).

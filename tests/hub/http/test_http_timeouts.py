@@ -132,7 +132,8 @@ _FLOODED_SERVER = textwrap.dedent(
     import asyncio, logging, resource, sys
     from aiohttp import web
     from hub.core import configure_logging
-    from hub.http import HttpServer, LogBudget
+    from hub.core import LogBudget
+    from hub.http import HttpServer
 
     async def healthz(request):
         return web.json_response({"status": "ok"})
