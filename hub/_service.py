@@ -239,7 +239,13 @@ class Hub:
             lease=timedelta(seconds=s.command_lease_seconds),
         )
         self.projector = EventProjector(
-            self.js, self.nc, self.pool, self.dead_letters, self.metrics, hub_id=s.hub_id
+            self.js,
+            self.nc,
+            self.pool,
+            self.dead_letters,
+            self.metrics,
+            hub_id=s.hub_id,
+            partitions=s.event_partitions,
         )
         self.presence = DesktopPresence(
             self.pool, self.audit, self.metrics, on_online=self._desktop_online

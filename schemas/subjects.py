@@ -49,6 +49,10 @@ class SubjectFamily:
     summary: str
     stream: str | None = None
     reply: str | None = None
+    # The parameters its stream partitions on: the stream stores each message under
+    # the published subject plus one trailing token, the partition number, so that
+    # a consumer per partition sees all of one key's messages, in order.
+    partition_by: tuple[str, ...] = ()
     tokens: tuple[str, ...] = field(init=False)
     params: tuple[str, ...] = field(init=False)
 
@@ -71,8 +75,12 @@ class SubjectFamily:
         return ".".join(self._fill(t, values, wildcard=True) for t in self.tokens)
 
     def parse(self, subject: str) -> dict[str, str]:
-        """The parameters of a concrete subject of this family, or SubjectError."""
+        """The parameters of a concrete subject of this family, or SubjectError. A
+        stored subject of a partitioned family (one more token, the partition
+        number) parses as the published one."""
         parts = subject.split(".")
+        if self.partition_by and len(parts) == len(self.tokens) + 1 and parts[-1].isdigit():
+            parts = parts[:-1]
         if len(parts) != len(self.tokens):
             raise SubjectError(f"{subject!r} is not a {self.name} subject")
         values: dict[str, str] = {}
@@ -82,6 +90,23 @@ class SubjectFamily:
             elif token != part:
                 raise SubjectError(f"{subject!r} is not a {self.name} subject")
         return values
+
+    def partition_filter(self, partition: int) -> str:
+        """The stored subjects of one partition (a consumer's filter)."""
+        return f"{self.filter()}.{partition}"
+
+    def partition_transform(self, partitions: int) -> tuple[str, str]:
+        """The stream's subject transform (source, destination) that appends the
+        partition number: NATS hashes the `partition_by` tokens into `partitions`."""
+        if not self.partition_by:
+            raise SubjectError(f"{self.name} is not partitioned")
+        params = list(self.params)  # the n-th parameter is the n-th wildcard (1-based)
+        dest = [
+            f"{{{{wildcard({params.index(t[1:-1]) + 1})}}}}" if _is_param(t) else t
+            for t in self.tokens
+        ]
+        keys = ",".join(str(params.index(p) + 1) for p in self.partition_by)
+        return self.filter(), ".".join(dest) + f".{{{{partition({partitions},{keys})}}}}"
 
     def matches(self, subject: str) -> bool:
         try:
@@ -127,6 +152,7 @@ def _f(
     *,
     stream: str | None = None,
     reply: str | None = None,
+    partition_by: tuple[str, ...] = (),
 ) -> SubjectFamily:
     return SubjectFamily(
         name=name,
@@ -138,6 +164,7 @@ def _f(
         summary=summary,
         stream=stream,
         reply=reply,
+        partition_by=partition_by,
     )
 
 
@@ -206,6 +233,9 @@ DEVICE_EVENT = _f(
     J,
     "Redacted runtime events leaving a Desktop (session, command and status events).",
     stream="CW_DEVICE_EVENTS",
+    # One Desktop's events stay in one partition (its order); a flood from one
+    # Desktop holds up only its partition's consumer, not every tenant's.
+    partition_by=("tenant", "device_id"),
 )
 
 # --- presence ----------------------------------------------------------------

@@ -98,6 +98,14 @@ class HubSettings(BaseSettings):
         description="Bytes each hub stream and KV bucket may hold (a stream then drops "
         "its oldest messages; the KV bucket refuses new keys)",
     )
+    event_partitions: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Partitions of the Desktop event stream, each projected by its own "
+        "consumer: a flood from one Desktop holds up only its partition (changing it: "
+        "docs/operations.md)",
+    )
     stream_max_msg_size: int = Field(
         default=1024 * 1024,
         ge=4096,
@@ -200,7 +208,11 @@ class HubSettings(BaseSettings):
         return os.urandom(32)  # secrets then last only as long as this process
 
     def stream_limits(self) -> StreamLimits:
-        return StreamLimits(max_bytes=self.stream_max_bytes, max_msg_size=self.stream_max_msg_size)
+        return StreamLimits(
+            max_bytes=self.stream_max_bytes,
+            max_msg_size=self.stream_max_msg_size,
+            event_partitions=self.event_partitions,
+        )
 
     @property
     def nats_servers(self) -> list[str]:

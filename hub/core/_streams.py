@@ -10,7 +10,7 @@ configuration, a concurrent creation is treated as success.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -21,6 +21,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -45,6 +46,9 @@ class StreamLimits:
 
     max_bytes: int = GIB
     max_msg_size: int = MIB
+    # Not a quota but the same kind of operator setting (HubSettings
+    # `event_partitions`): how many partitions a partitioned stream stores.
+    event_partitions: int = 1
 
 
 @dataclass(frozen=True)
@@ -130,15 +134,49 @@ def hub_consumer(durable: str) -> ConsumerSpec:
     return next(spec for spec in HUB_CONSUMERS if spec.durable == durable)
 
 
+def partition_consumers(partitions: int) -> tuple[ConsumerSpec, ...]:
+    """One hub consumer per partition of each partitioned family (none when 1: the
+    family's one consumer in HUB_CONSUMERS then reads everything)."""
+    if partitions <= 1:
+        return ()
+    return tuple(
+        replace(spec, durable=f"{spec.durable}-p{p}", filter_subject=family.partition_filter(p))
+        for spec in HUB_CONSUMERS
+        for family in subjects.FAMILIES
+        if family.partition_by and spec.filter_subject == family.filter()
+        for p in range(partitions)
+    )
+
+
+def hub_consumers(partitions: int = 1) -> tuple[ConsumerSpec, ...]:
+    """Every durable consumer the hub declares. With partitions, a partitioned
+    family's unpartitioned consumer stays: it drains what was stored before the
+    stream was partitioned (its filter matches only subjects without the token)."""
+    return HUB_CONSUMERS + partition_consumers(partitions)
+
+
+def _transforms(partitions: int) -> dict[str, SubjectTransform]:
+    if partitions <= 1:
+        return {}
+    out = {}
+    for family in subjects.FAMILIES:
+        if family.partition_by and family.stream:
+            src, dest = family.partition_transform(partitions)
+            out[family.stream] = SubjectTransform(src=src, dest=dest)
+    return out
+
+
 def stream_configs(replicas: int = 1, limits: StreamLimits = StreamLimits()) -> list[StreamConfig]:
     declared = subjects.streams()
     missing = set(declared) ^ set(POLICIES)
     if missing:  # a family names a stream without a policy, or the reverse
         raise RuntimeError(f"stream policy table out of step with the taxonomy: {sorted(missing)}")
+    transforms = _transforms(limits.event_partitions)
     return [
         StreamConfig(
             name=name,
             subjects=list(subject_filters),
+            subject_transform=transforms.get(name),
             retention=POLICIES[name].retention,
             storage=StorageType.FILE,
             num_replicas=replicas,
@@ -201,7 +239,7 @@ async def declare(
     """Create or update every stream and hub consumer to the configuration above."""
     for config in stream_configs(replicas, limits) + bucket_configs(replicas, limits):
         await _declare_stream(js, config)
-    for spec in HUB_CONSUMERS:
+    for spec in hub_consumers(limits.event_partitions):
         await js.add_consumer(spec.stream, consumer_config(spec))
 
 

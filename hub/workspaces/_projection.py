@@ -43,6 +43,7 @@ from ..core import (
     hub_consumer,
     parse_and_decode,
     pull_forever,
+    streams,
 )
 from ._log import append_events, lock_cursor, publish_live
 
@@ -64,21 +65,33 @@ class EventProjector:
         *,
         hub_id: str,
         batch: int = 256,
+        partitions: int = 1,
     ) -> None:
         self._nc, self._pool = nc, pool
         self._dead, self._metrics = dead_letters, metrics
         self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
-        self._worker = BackgroundTask(
-            "event-projector",
-            lambda: pull_forever(js, SPEC, batch, self._handle, log, "projection.fetch_failed"),
-        )
+        # One pull loop per consumer: each partition is projected on its own, so a
+        # backlog in one (one Desktop's flood) does not hold up the others. A
+        # Desktop's events are all in one partition, projected in stream order.
+        self._workers = [
+            BackgroundTask(
+                f"event-projector:{spec.durable}",
+                partial(
+                    pull_forever, js, spec, batch, self._handle, log, "projection.fetch_failed"
+                ),
+            )
+            for spec in streams.hub_consumers(partitions)
+            if spec.stream == SPEC.stream
+        ]
 
     def start(self) -> None:
-        self._worker.start()
+        for worker in self._workers:
+            worker.start()
 
     async def stop(self) -> None:
-        await self._worker.stop()
+        for worker in self._workers:
+            await worker.stop()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)

@@ -34,6 +34,13 @@ async def test_every_family_the_hub_consumes_has_exactly_one_handler(hub):
     by_filter = {f.filter(): f.name for f in subjects.FAMILIES}
     consumers = Counter(by_filter[spec.filter_subject] for spec in streams.HUB_CONSUMERS)
     assert set(consumers) == _hub_consumed(J) and set(consumers.values()) == {1}, consumers
+    # A partitioned family adds exactly one consumer per partition, and nothing else.
+    partitions = hub.settings.event_partitions
+    extra = streams.hub_consumers(partitions)[len(streams.HUB_CONSUMERS) :]
+    partitioned = [f for f in subjects.FAMILIES if f.partition_by]
+    assert sorted(s.filter_subject for s in extra) == sorted(
+        f.partition_filter(p) for f in partitioned for p in range(partitions)
+    )
 
 
 async def _desktop(http, nats_url, tmp_path):

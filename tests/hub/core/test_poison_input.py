@@ -17,6 +17,7 @@ import nats
 import pytest
 from desktopkit import TENANT, create_pairing, events, eventually, redeem
 
+from hub.core import streams
 from hub.core._deadletter import GIVE_UP_AFTER, DeadLetters
 from hub.core._metrics import HubMetrics
 from hub.core._streams import declare
@@ -154,8 +155,10 @@ async def test_a_nul_event_is_dead_lettered_and_the_desktop_keeps_projecting(
         letter = await _letter_about(dead, pid)  # the tenant's stream is shared by tests
         assert letter["code"] == "contract.unstorable_text"
         assert "payload.output" in letter["reason"] and "NUL" in letter["reason"]
-        info = await hub.js.consumer_info("CW_DEVICE_EVENTS", "hub-projector")
-        assert info.num_ack_pending == 0 and info.num_pending == 0  # nothing left to retry
+        for spec in streams.hub_consumers(hub.settings.event_partitions):
+            if spec.stream == "CW_DEVICE_EVENTS":  # every projector consumer: nothing to retry
+                info = await hub.js.consumer_info(spec.stream, spec.durable)
+                assert info.num_ack_pending == 0 and info.num_pending == 0, spec.durable
     finally:
         await dead.unsubscribe()
         await nc.close()
