@@ -77,6 +77,9 @@ class Hub:
         self.system_nc: NATS | None = None
         self.metrics = HubMetrics()
         self.stream_replicas = stream_replicas
+        # This process among the hub's replicas (hub_id may be shared by all of them):
+        # the owner named on the partition leases it holds.
+        self.replica = f"{settings.hub_id}-{os.urandom(4).hex()}"
         self.nc: NATS | None = None
         self.pool: asyncpg.Pool | None = None
         self._http: HttpServer | None = None
@@ -246,6 +249,7 @@ class Hub:
             self.metrics,
             hub_id=s.hub_id,
             partitions=s.event_partitions,
+            replica=self.replica,
         )
         self.presence = DesktopPresence(
             self.pool, self.audit, self.metrics, on_online=self._desktop_online

@@ -117,11 +117,12 @@ TABLE: dict[PrincipalKind, tuple[Grant, ...]] = {
     ),
 }
 
-# The hub itself: every cw subject, the JetStream API, and replies to any request
-# it received (allow_responses), but nothing in $SYS (a separate system user does
-# account updates).
+# The hub itself: every cw subject, the JetStream API, its replicas' partition
+# leases (hub/core/_leases.py), and replies to any request it received
+# (allow_responses), but nothing in $SYS (a separate system user does account
+# updates).
 HUB_PERMISSIONS = Permissions(
-    pub_allow=("cw.>", "$JS.API.>", "$JS.ACK.>", "_INBOX.hub.>"),
+    pub_allow=("cw.>", "$JS.API.>", "$JS.ACK.>", "$KV.CW_HUB_LEASES.>", "_INBOX.hub.>"),
     sub_allow=("cw.>", "_INBOX.hub.>"),
     allow_responses=True,
 )

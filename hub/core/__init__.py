@@ -1,6 +1,7 @@
 """Foundation every room stands on: the database and its migrations, streams and
 consumers, background loops, dead letters, the audit log, metrics, logging,
-settings, the refusal type and the rate limiter.
+settings, the refusal type, the rate limiter and the partition leases that give
+each ordered partition one worker among the hub's replicas.
 """
 
 from __future__ import annotations
@@ -10,8 +11,16 @@ from . import _streams as streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
-from ._deadletter import TRANSIENT, DeadLetters, Rejected, deliveries, parse_and_decode
+from ._deadletter import (
+    TRANSIENT,
+    DeadLetters,
+    Rejected,
+    StorageAway,
+    deliveries,
+    parse_and_decode,
+)
 from ._idempotency import body_hash
+from ._leases import PartitionLeases
 from ._logging import LogBudget, configure_logging, kv
 from ._metrics import HubMetrics
 from ._rate_limit import RateLimiter
@@ -31,7 +40,9 @@ __all__ = [
     "LogLevel",
     "RateLimiter",
     "Refusal",
+    "PartitionLeases",
     "Rejected",
+    "StorageAway",
     "TRANSIENT",
     "ack_refusal",
     "body_hash",

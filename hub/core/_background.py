@@ -15,6 +15,8 @@ from nats.js import JetStreamContext
 
 from ._logging import kv
 
+log = logging.getLogger("cowork.hub.background")
+
 
 class BackgroundTask:
     """One named task a service owns: `start()` runs it, `stop()` cancels and waits."""
@@ -27,10 +29,15 @@ class BackgroundTask:
         self._task = asyncio.create_task(self._run(), name=self._name)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        # Python 3.11's wait_for (inside every nats-py request) drops a cancellation
+        # that arrives as its answer does, and the loop then carries on: cancel
+        # again until the task has ended.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.warning("task.failed", **kv(task=self._name, error=str(task.exception())))
 
 
 async def every(
@@ -55,6 +62,7 @@ async def pull_forever(
     log: logging.Logger,
     failure: str,
     retry_delay: float = 0.5,
+    fetch_seconds: float = 1.0,
 ) -> None:
     """Fetch batches from the durable consumer `spec` and hand them to `handle`,
     rebinding after NATS or the consumer went away."""
@@ -69,7 +77,7 @@ async def pull_forever(
         try:
             if sub is None:
                 sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
-            msgs = await sub.fetch(batch=batch, timeout=1.0)
+            msgs = await sub.fetch(batch=batch, timeout=fetch_seconds)
         except (TimeoutError, NatsTimeout):
             continue
         except asyncio.CancelledError:

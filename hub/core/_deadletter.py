@@ -70,6 +70,11 @@ def deliveries(msg: Msg) -> int:
         return 1
 
 
+class StorageAway(Exception):
+    """The database is away (a transient write failure) and the caller holds its
+    messages to write them again, in order (`DeadLetters.write_batch(hold=True)`)."""
+
+
 class Rejected(Exception):
     """A bus message the hub will not accept: set aside with this code and reason."""
 
@@ -207,11 +212,15 @@ class DeadLetters:
         log: logging.Logger,
         *,
         delay: float,
+        hold: bool = False,
     ) -> list[tuple[list[Msg], R]]:
         """`write` the items' values in one go; if that fails other than transiently,
         one at a time, so a value PostgreSQL refuses costs only its own message.
         Returns each successful write's messages and result, for the caller to ack;
-        the messages of failed writes are naked or dead-lettered (`retry_or_reject`)."""
+        the messages of failed writes are naked or dead-lettered (`retry_or_reject`).
+        With `hold`, a transient failure raises StorageAway and naks nothing: a
+        caller that keeps order retries the same items rather than have them come
+        back behind newer ones."""
         try:
             return [([msg for msg, _ in items], await write([value for _, value in items]))]
         except Exception as exc:  # noqa: BLE001 - sorted out below
@@ -222,6 +231,8 @@ class DeadLetters:
                 family=family.name, count=len(items), error=f"{type(failure).__name__}: {failure}"
             ),
         )
+        if hold and is_transient(failure):
+            raise StorageAway(str(failure)) from failure
         if len(items) == 1 or is_transient(failure):
             for msg, _ in items:
                 await self.retry_or_reject(msg, family, max_deliver, failure, delay=delay)

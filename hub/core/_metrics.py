@@ -48,6 +48,13 @@ class HubMetrics:
             "cowork_nats_reconnects_total", "NATS reconnections", registry=r
         )
         self.ready = Gauge("cowork_ready", "1 while /readyz answers 200", registry=r)
+        self.partition_leases = Gauge(
+            "cowork_partition_lease_held",
+            "1 while this replica holds the lease of a partition (its consumer's name) "
+            "and works it",
+            ["consumer"],
+            registry=r,
+        )
         self.db_pool_size = Gauge(
             "cowork_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r
         )

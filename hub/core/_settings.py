@@ -106,6 +106,13 @@ class HubSettings(BaseSettings):
         "consumer: a flood from one Desktop holds up only its partition (changing it: "
         "docs/operations.md)",
     )
+    partition_lease_seconds: float = Field(
+        default=6.0,
+        ge=2.0,
+        le=60.0,
+        description="How long a dead replica's partitions stay unworked before another "
+        "replica takes them over (each replica renews its leases every third of this)",
+    )
     stream_max_msg_size: int = Field(
         default=1024 * 1024,
         ge=4096,
@@ -212,6 +219,7 @@ class HubSettings(BaseSettings):
             max_bytes=self.stream_max_bytes,
             max_msg_size=self.stream_max_msg_size,
             event_partitions=self.event_partitions,
+            lease_seconds=self.partition_lease_seconds,
         )
 
     @property

@@ -49,6 +49,9 @@ class StreamLimits:
     # Not a quota but the same kind of operator setting (HubSettings
     # `event_partitions`): how many partitions a partitioned stream stores.
     event_partitions: int = 1
+    # How long a partition lease outlives its holder (HubSettings
+    # `partition_lease_seconds`): the CW_HUB_LEASES bucket's max_age.
+    lease_seconds: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,13 @@ POLICIES: dict[str, StreamPolicy] = {
 
 @dataclass(frozen=True)
 class BucketPolicy:
-    max_age_seconds: float
+    max_age_seconds: float | None  # None: the partition lease TTL (StreamLimits)
     history: int = 1
+    # Read and written by hub replicas only (no edge permission names it), so the
+    # hub may delete a message there (a replica leaving takes its keys out at once).
+    hub_only: bool = False
+    # Its own quota when far below the streams' (JetStream reserves max_bytes).
+    max_bytes: int | None = None
 
 
 # KV buckets, each kept by JetStream in a stream named KV_<bucket>; declared with
@@ -84,6 +92,9 @@ class BucketPolicy:
 # comes later than the outbound stream keeps a delivery (2 days).
 KV_BUCKETS: dict[str, BucketPolicy] = {
     "CW_CHANNEL_SENT": BucketPolicy(2 * DAY),
+    # CW_HUB_LEASES: which replica works which partition (hub/core/_leases.py); a
+    # key lives one lease TTL after its last renewal.
+    "CW_HUB_LEASES": BucketPolicy(None, hub_only=True, max_bytes=8 * MIB),
 }
 
 
@@ -197,28 +208,36 @@ def bucket_configs(replicas: int = 1, limits: StreamLimits = StreamLimits()) -> 
     messages by API) plus direct gets, which the instances read with, but without
     rollups: the tenants' principals share a bucket, and one `Nats-Rollup: all`
     on an instance's own key would erase every tenant's keys. A put replaces only
-    its own key (one value per subject); purging is the hub's (JetStream API)."""
+    its own key (one value per subject); purging is the hub's (JetStream API).
+    A hub-only bucket allows deleting a message by sequence."""
     return [
-        StreamConfig(
-            name=bucket_stream(bucket),
-            subjects=[f"$KV.{bucket}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            max_age=policy.max_age_seconds,
-            max_msgs_per_subject=policy.history,
-            max_msg_size=limits.max_msg_size,
-            max_bytes=limits.max_bytes,
-            max_msgs=-1,
-            max_consumers=-1,
-            duplicate_window=min(120.0, policy.max_age_seconds),
-            discard=DiscardPolicy.NEW,
-            allow_rollup_hdrs=False,
-            deny_delete=True,
-            allow_direct=True,
-        )
+        _bucket_config(bucket, policy, replicas, limits)
         for bucket, policy in sorted(KV_BUCKETS.items())
     ]
+
+
+def _bucket_config(
+    bucket: str, policy: BucketPolicy, replicas: int, limits: StreamLimits
+) -> StreamConfig:
+    max_age = policy.max_age_seconds or limits.lease_seconds
+    return StreamConfig(
+        name=bucket_stream(bucket),
+        subjects=[f"$KV.{bucket}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=max_age,
+        max_msgs_per_subject=policy.history,
+        max_msg_size=limits.max_msg_size,
+        max_bytes=min(policy.max_bytes or limits.max_bytes, limits.max_bytes),
+        max_msgs=-1,
+        max_consumers=-1,
+        duplicate_window=min(120.0, max_age),
+        discard=DiscardPolicy.NEW,
+        allow_rollup_hdrs=False,
+        deny_delete=not policy.hub_only,
+        allow_direct=True,
+    )
 
 
 def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
@@ -240,7 +259,43 @@ async def declare(
     for config in stream_configs(replicas, limits) + bucket_configs(replicas, limits):
         await _declare_stream(js, config)
     for spec in hub_consumers(limits.event_partitions):
-        await js.add_consumer(spec.stream, consumer_config(spec))
+        await js.add_consumer(spec.stream, await _kept_start(js, spec, consumer_config(spec)))
+
+
+async def _kept_start(js: JetStreamContext, spec: ConsumerSpec, config: ConsumerConfig):
+    """A consumer that was rewound (`rewind_unacked`) keeps its start: JetStream
+    cannot change where a consumer starts, and rewinding it is not a drift."""
+    try:
+        info = await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        return config
+    if info.config.deliver_policy != DeliverPolicy.BY_START_SEQUENCE:
+        return config
+    return replace(
+        config,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=info.config.opt_start_seq,
+    )
+
+
+async def rewind_unacked(js: JetStreamContext, spec: ConsumerSpec) -> int | None:
+    """Make the messages a previous worker of `spec` fetched and never acked come
+    next, in stream order, instead of after its ack wait (when newer messages
+    would already have gone past them): the consumer is recreated to start at its
+    ack floor. Messages acked above the floor come again; the worker must drop
+    what it has already done (the projector drops event ids it has projected).
+    Returns the new start sequence, or None when nothing was left in flight."""
+    info = await js.consumer_info(spec.stream, spec.durable)
+    if not info.num_ack_pending and not info.num_redelivered:
+        return None
+    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+    await js.delete_consumer(spec.stream, spec.durable)
+    config = replace(
+        consumer_config(spec), deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+    )
+    await js.add_consumer(spec.stream, config)
+    log.info("consumer.rewound", **kv(consumer=spec.durable, start=start))
+    return start
 
 
 async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -39,7 +39,9 @@ from ..core import (
     BackgroundTask,
     DeadLetters,
     HubMetrics,
+    PartitionLeases,
     Rejected,
+    StorageAway,
     hub_consumer,
     parse_and_decode,
     pull_forever,
@@ -52,6 +54,9 @@ FAMILY = subjects.DEVICE_EVENT
 SPEC = hub_consumer("hub-projector")
 NOT_PROJECTED = {"heartbeat"}  # presence has its own subject and table
 _PAIRING_CACHE_SECONDS = 1.0
+# A pull waits at most this long on the server: a lease is handed back only after
+# the released worker's last pull has expired (hub/core/_leases.py).
+FETCH_SECONDS = 1.0
 
 
 class EventProjector:
@@ -66,32 +71,72 @@ class EventProjector:
         hub_id: str,
         batch: int = 256,
         partitions: int = 1,
+        replica: str | None = None,
     ) -> None:
-        self._nc, self._pool = nc, pool
+        self._js, self._nc, self._pool = js, nc, pool
         self._dead, self._metrics = dead_letters, metrics
         self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
         self._pairings: dict[tuple[str, str], tuple[float, dict | None]] = {}
+        self._batch = batch
         # One pull loop per consumer: each partition is projected on its own, so a
         # backlog in one (one Desktop's flood) does not hold up the others. A
-        # Desktop's events are all in one partition, projected in stream order.
-        self._workers = [
-            BackgroundTask(
-                f"event-projector:{spec.durable}",
-                partial(
-                    pull_forever, js, spec, batch, self._handle, log, "projection.fetch_failed"
-                ),
-            )
+        # Desktop's events are all in one partition, projected in stream order by
+        # the one replica that holds the partition's lease.
+        self._specs = {
+            spec.durable: spec
             for spec in streams.hub_consumers(partitions)
             if spec.stream == SPEC.stream
-        ]
+        }
+        self._workers: dict[str, BackgroundTask] = {}
+        self.leases = PartitionLeases(
+            js,
+            "events",
+            list(self._specs),
+            replica=replica or hub_id,
+            on_gain=self._gain,
+            on_lose=self._lose,
+            log=log,
+            handover_delay=FETCH_SECONDS + 0.5,
+        )
+        self._leasing = BackgroundTask("event-projector:leases", self.leases.run)
 
     def start(self) -> None:
-        for worker in self._workers:
-            worker.start()
+        self._leasing.start()
 
     async def stop(self) -> None:
-        for worker in self._workers:
+        await self._leasing.stop()
+        await self.leases.release_all()
+
+    @property
+    def partitions_held(self) -> list[str]:
+        return sorted(self._workers)
+
+    async def _gain(self, durable: str) -> None:
+        spec = self._specs[durable]
+        # What the last holder fetched and never acked comes first, in order.
+        await streams.rewind_unacked(self._js, spec)
+        worker = BackgroundTask(
+            f"event-projector:{durable}",
+            partial(
+                pull_forever,
+                self._js,
+                spec,
+                self._batch,
+                self._handle,
+                log,
+                "projection.fetch_failed",
+                fetch_seconds=FETCH_SECONDS,
+            ),
+        )
+        self._workers[durable] = worker
+        worker.start()
+        self._metrics.partition_leases.labels(durable).set(1)
+
+    async def _lose(self, durable: str) -> None:
+        worker = self._workers.pop(durable, None)
+        if worker is not None:
             await worker.stop()
+        self._metrics.partition_leases.labels(durable).set(0)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
@@ -112,19 +157,35 @@ class EventProjector:
         for (tenant, workspace), items in groups.items():
             # The database away: redeliver later, lose nothing. An event it refuses:
             # dead-lettered alone, the rest projected (never a hot loop, never a wedge).
-            written = await self._dead.write_batch(
-                FAMILY,
-                SPEC.max_deliver,
-                items,
-                partial(self._project, tenant, workspace),
-                log,
-                delay=1.0,
-            )
+            written = await self._write_in_order(msgs, items, tenant, workspace)
             for done, events in written:
                 for msg in done:
                     await msg.ack()
                 self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
                 await self._publish_live(tenant, workspace, events)
+
+    async def _write_in_order(
+        self, batch: list[Msg], items: list[tuple[Msg, Envelope]], tenant: str, workspace: str
+    ) -> list[tuple[list[Msg], list[WorkspaceEvent]]]:
+        """Write one workspace's items; while the database is away, hold them (and
+        the whole batch, in progress) and try again: a redelivery would come back
+        behind newer events of the same workspace and be projected out of order."""
+        wait = 0.5
+        while True:
+            try:
+                return await self._dead.write_batch(
+                    FAMILY,
+                    SPEC.max_deliver,
+                    items,
+                    partial(self._project, tenant, workspace),
+                    log,
+                    delay=1.0,
+                    hold=True,
+                )
+            except StorageAway:
+                await asyncio.gather(*(m.in_progress() for m in batch), return_exceptions=True)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     async def _check(self, msg: Msg) -> tuple[str, Envelope]:
         where, env = parse_and_decode(FAMILY, msg, DeviceEvent)

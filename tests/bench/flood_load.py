@@ -5,13 +5,14 @@ benchmark starts this file with `python tests/bench/flood_load.py`, hands it a
 JSON spec on stdin, reads one `ready` line once it is connected and has built its
 messages, then one JSON result line when it is done.
 
-Two modes (`mode` in the spec, camelCase JSON):
+Three modes (`mode` in the spec, camelCase JSON):
 
 - `poison`: a paired Desktop's own credential (`url`, `creds`, `inbox`, `tenant`,
   `pairingId`, `workspace`) publishes `count` contract-valid session events whose
   payload holds a NUL character (which PostgreSQL cannot store), ids
   `<idPrefix><n>`, as fast as JetStream acks them (batches of 1000 async publishes,
   as the Desktop's outbox drain does). Result: published, seconds, rate.
+- `events`: the same with honest text events (tests/bench/test_bench_replicas.py).
 - `redeem`: the public bootstrap identity (`url`) sends pairing-code redemptions
   with wrong codes to `cw.bootstrap.pairing.redeem` for `seconds`, keeping
   `window` requests in flight on one connection. Every answer is classified by
@@ -71,16 +72,20 @@ def device_event(
 
 
 async def poison(spec: dict) -> dict:
+    return await publish_events(
+        spec, lambda n: {"type": "tool", "output": f"binary\u0000output {n}"}
+    )
+
+
+async def events(spec: dict) -> dict:
+    return await publish_events(spec, lambda n: {"type": "text", "text": f"event {n}"})
+
+
+async def publish_events(spec: dict, payload) -> dict:
     tenant, pid, count = spec["tenant"], spec["pairingId"], int(spec["count"])
     subject = subjects.DEVICE_EVENT.build(tenant=tenant, device_id=pid, event_kind="session")
     bodies = [
-        device_event(
-            tenant,
-            pid,
-            f"{spec['idPrefix']}{n}",
-            {"type": "tool", "output": f"binary\u0000output {n}"},
-            spec["workspace"],
-        )
+        device_event(tenant, pid, f"{spec['idPrefix']}{n}", payload(n), spec["workspace"])
         for n in range(count)
     ]
     nc = await nats.connect(spec["url"], user_credentials=spec["creds"], inbox_prefix=spec["inbox"])
@@ -184,7 +189,7 @@ async def redeem(spec: dict) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.stdin.readline())
-    mode = {"poison": poison, "redeem": redeem}[spec["mode"]]
+    mode = {"poison": poison, "events": events, "redeem": redeem}[spec["mode"]]
     print(json.dumps(asyncio.run(mode(spec))), flush=True)
 
 

@@ -1,0 +1,208 @@
+"""One owner per partition across hub replicas, from a NATS KV bucket (CW_HUB_LEASES).
+
+Work that must happen in order (a partition of the Desktop event stream) has one
+worker at a time among all replicas. In a group of partitions (`events`: the
+Desktop event projection), each replica announces itself (key
+`member.<group>.<replica>`) and owns at most its fair share,
+ceil(partitions / replicas), of the lease keys (`lease.<group>.<name>`):
+
+* it takes a free one with `create`, which succeeds only where no live key is;
+* it keeps one with `update` at the revision it last wrote, which fails as soon as
+  anybody else holds it;
+* it hands its extra ones back when a replica joins, and all of them when it stops
+  (so a rolling restart moves partitions at once, not after a TTL).
+
+Keys nobody renews age out of the bucket (its max_age is the lease TTL): a dead
+replica's partitions are free one TTL after its last renewal and taken at the
+next tick. No consensus of our own: JetStream's per-subject compare-and-set
+decides every race.
+
+A holder works a partition only while its lease is sure: it stops at the renew
+deadline (the last renewal sent + TTL - margin) even when it cannot reach NATS
+to learn that it lost, and the key outlives that deadline by the margin, so an
+old and a new owner never work a partition at once as long as a step of work
+(one fetched batch) ends within the margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ._logging import kv
+
+BUCKET = "CW_HUB_LEASES"
+DEFAULT_TTL = 6.0
+Hook = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class _Held:
+    revision: int
+    renewed_at: float  # monotonic time the last successful renewal was sent
+
+
+class PartitionLeases:
+    """Owns a fair share of `names` for this replica; `on_gain(name)` starts its
+    worker, `on_lose(name)` stops it (and must return only once it has stopped)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        group: str,
+        names: Sequence[str],
+        *,
+        replica: str,
+        on_gain: Hook,
+        on_lose: Hook,
+        log: logging.Logger,
+        handover_delay: float = 0.0,
+        bucket: str = BUCKET,
+    ) -> None:
+        self._js, self._names, self._replica = js, list(names), replica
+        self._member = f"member.{group}.{replica}"
+        self._lease = f"lease.{group}."
+        self._on_gain, self._on_lose, self._log = on_gain, on_lose, log
+        self._bucket_name = bucket
+        # The bucket's max_age, read from the bucket itself (a holder assuming a
+        # longer TTL than its keys live would work on after losing them).
+        self._ttl = DEFAULT_TTL
+        # How long a released worker's last pull may still deliver (its fetch
+        # expiry): the key is handed back only after, so the next owner sees
+        # everything that worker left unacked.
+        self._handover_delay = handover_delay
+        self._held: dict[str, _Held] = {}
+        self._member_revision = 0
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(self._held)
+
+    async def run(self) -> None:
+        """Take, keep and hand back leases every third of the TTL, until cancelled."""
+        while True:
+            try:
+                async with self._lock:
+                    await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: keep what is still sure, retry
+                self._log.warning("leases.step_failed", **kv(error=str(exc)))
+            await self._drop_unsure()
+            await asyncio.sleep(self._ttl / 3)
+
+    async def step(self) -> None:
+        bucket = await self._bucket()
+        self._member_revision = await bucket.put(self._member, b"")
+        fair = math.ceil(len(self._names) / max(1, await self._members()))
+        for name in list(self._held):
+            await self._renew(bucket, name)
+        await self._release(self.held[fair:])
+        for name in self._rotated():
+            if len(self._held) >= fair:
+                break
+            if name not in self._held:
+                await self._try_take(bucket, name)
+
+    async def release_all(self) -> None:
+        """Stop every worker and hand its lease back (a replica shutting down)."""
+        async with self._lock:
+            try:
+                await self._release(self.held)
+                if self._member_revision:
+                    await self._erase(self._member_revision)
+            except Exception as exc:  # NATS away: the keys age out instead
+                self._log.warning("leases.release_failed", **kv(error=str(exc)))
+            for name in self.held:
+                await self._lose(name, "stopping")
+
+    async def _renew(self, bucket: KeyValue, name: str) -> None:
+        sent = time.monotonic()
+        try:
+            revision = await bucket.update(
+                self._lease + name, self._replica.encode(), last=self._held[name].revision
+            )
+        except KeyWrongLastSequenceError:  # it aged out and another replica took it
+            await self._lose(name, "taken over")
+            return
+        self._held[name] = _Held(revision, sent)
+
+    async def _try_take(self, bucket: KeyValue, name: str) -> None:
+        sent = time.monotonic()
+        try:
+            revision = await bucket.create(self._lease + name, self._replica.encode())
+        except KeyWrongLastSequenceError:  # held by a live replica
+            return
+        self._held[name] = _Held(revision, sent)
+        self._log.info("leases.gained", **kv(lease=name, replica=self._replica))
+        try:
+            await self._on_gain(name)
+        except Exception as exc:
+            # A worker that cannot start must not sit on the lease: hand it back.
+            self._log.warning("leases.start_failed", **kv(lease=name, error=str(exc)))
+            await self._release([name])
+
+    async def _release(self, names: list[str]) -> None:
+        """Stop the workers of `names`, then hand their leases back, when their
+        last pulls can no longer deliver."""
+        released = {name: self._held[name] for name in names if name in self._held}
+        for name in released:
+            await self._lose(name, "handed back")
+        if not released:
+            return
+        await asyncio.sleep(self._handover_delay)
+        for held in released.values():
+            await self._erase(held.revision)
+
+    async def _erase(self, revision: int) -> None:
+        """Take our last write of a key out of the bucket: the key is then free at
+        once, and no delete marker is left to count as a member. Only that very
+        message: if the key was written since (another replica took an aged-out
+        lease), the newer value stays."""
+        try:
+            await self._js.delete_msg(f"KV_{self._bucket_name}", revision)
+        except NotFoundError:
+            pass
+
+    async def _lose(self, name: str, why: str) -> None:
+        if self._held.pop(name, None) is None:
+            return
+        self._log.info("leases.lost", **kv(lease=name, replica=self._replica, why=why))
+        await self._on_lose(name)
+
+    async def _drop_unsure(self) -> None:
+        """Stop the workers whose lease could have aged out without our knowing."""
+        deadline = time.monotonic() - self._ttl * 2 / 3  # a third of the TTL to spare
+        for name, held in list(self._held.items()):
+            if held.renewed_at < deadline:
+                await self._lose(name, "not renewed in time")
+
+    async def _members(self) -> int:
+        members = f"$KV.{self._bucket_name}.{self._member.rsplit('.', 1)[0]}.*"
+        info = await self._js.stream_info(f"KV_{self._bucket_name}", subjects_filter=members)
+        self._ttl = float(info.config.max_age or DEFAULT_TTL)  # an operator may change it
+        return len(info.state.subjects or {}) or 1
+
+    def _rotated(self) -> list[str]:
+        """The names starting at a place of this replica's own, so replicas starting
+        together try different leases first instead of racing for the same ones."""
+        start = zlib.crc32(self._replica.encode()) % max(1, len(self._names))
+        return self._names[start:] + self._names[:start]
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            info = await self._js.stream_info(f"KV_{self._bucket_name}")
+            self._ttl = float(info.config.max_age or DEFAULT_TTL)
+            self._kv = await self._js.key_value(self._bucket_name)
+        return self._kv

@@ -1,0 +1,147 @@
+"""Partition leases (hub/core/_leases.py) on the real NATS KV bucket: replicas
+split the partitions fairly, and a replica cut off from NATS stops working its
+partitions before any other replica starts them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import nats
+import pytest
+from desktopkit import eventually
+
+from hub.core import PartitionLeases, streams
+
+TTL = 2.0
+BUCKET = "CW_TEST_LEASES"
+NAMES = [f"test-p{i}" for i in range(6)]
+
+
+class _Cuttable:
+    """The replica's JetStream context, with a switch that makes every call fail
+    as if its NATS connection were gone (the KV handle it hands out too)."""
+
+    def __init__(self, inner) -> None:
+        self._inner, self.cut = inner, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self._inner, name)
+        if not callable(attribute):
+            return attribute
+
+        async def call(*args, **kwargs):
+            if self.cut:
+                raise ConnectionError("nats: connection closed")
+            result = await attribute(*args, **kwargs)
+            return _KvProxy(result, self) if name == "key_value" else result
+
+        return call
+
+
+class _KvProxy:
+    """The KV handle of a _Cuttable context: fails while the switch is on."""
+
+    def __init__(self, kv, switch) -> None:
+        self._kv, self._switch = kv, switch
+
+    def __getattr__(self, name):
+        attribute = getattr(self._kv, name)
+
+        async def call(*args, **kwargs):
+            if self._switch.cut:
+                raise ConnectionError("nats: connection closed")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+class _Replica:
+    def __init__(self, js, name: str) -> None:
+        self.js = _Cuttable(js)
+        self.working: set[str] = set()
+        self.timeline: list[tuple[float, str, str]] = []
+        self.leases = PartitionLeases(
+            self.js,
+            "test",
+            NAMES,
+            replica=name,
+            on_gain=self._gain,
+            on_lose=self._lose,
+            log=logging.getLogger("test.leases"),
+            handover_delay=0.2,
+            bucket=BUCKET,
+        )
+        self.task = asyncio.create_task(self.leases.run())
+
+    async def _gain(self, name: str) -> None:
+        self.working.add(name)
+        self.timeline.append((time.monotonic(), "gain", name))
+
+    async def _lose(self, name: str) -> None:
+        self.working.discard(name)
+        self.timeline.append((time.monotonic(), "lose", name))
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.js.cut = False
+        await self.leases.release_all()
+
+
+@pytest.fixture
+async def js(nats_url):
+    """A JetStream context with a lease bucket of its own, configured as the hub's
+    (hub/core/_streams.py) with a 2 s TTL."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    limits = streams.StreamLimits(lease_seconds=TTL, max_bytes=streams.MIB)
+    config = streams._bucket_config(
+        BUCKET, streams.KV_BUCKETS["CW_HUB_LEASES"], replicas=1, limits=limits
+    )
+    await js.add_stream(config)
+    try:
+        yield js
+    finally:
+        await js.delete_stream(config.name)
+        await nc.close()
+
+
+async def test_replicas_split_fairly_and_a_cut_off_one_stops_before_another_starts(js):
+    x = _Replica(js, "replica-x")
+    await eventually(lambda: x.working == set(NAMES), timeout=TTL * 3, what="x works all")
+    y = _Replica(js, "replica-y")
+    z = _Replica(js, "replica-z")
+    try:
+        fair = await eventually(
+            lambda: (
+                [r.working for r in (x, y, z)]
+                if all(len(r.working) == 2 for r in (x, y, z))
+                else None
+            ),
+            timeout=TTL * 6,
+            what="two partitions each",
+        )
+        assert set().union(*fair) == set(NAMES)
+        cut_at = time.monotonic()
+        x.js.cut = True  # x can no longer renew, nor learn that it lost
+        await eventually(
+            lambda: len(y.working) + len(z.working) == len(NAMES),
+            timeout=TTL * 4,
+            what="x's partitions taken over",
+        )
+        took_over = time.monotonic() - cut_at
+        assert not x.working, "x still works partitions it can no longer be sure of"
+        lost = {name: t for t, what, name in x.timeline if what == "lose"}
+        for replica in (y, z):
+            for t, what, name in replica.timeline:
+                if what == "gain" and name in lost and t > cut_at:
+                    assert lost[name] < t, f"{name} worked by two replicas at once"
+        print(
+            f"\na replica cut off from NATS: its partitions worked elsewhere {took_over:.2f} s later"
+        )
+        assert took_over < TTL * 5 / 3 + 1.0
+    finally:
+        for replica in (x, y, z):
+            await replica.close()
