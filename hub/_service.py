@@ -11,6 +11,7 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -84,6 +85,9 @@ class Hub:
         self.pool: asyncpg.Pool | None = None
         self._http: HttpServer | None = None
         self._workers: list[Any] = []
+        # What to do when the main NATS connection is back (each a plain call: the
+        # client awaits its reconnect callback before it carries on).
+        self._on_reconnected: list[Callable[[], None]] = []
         self.http_port: int | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -256,6 +260,7 @@ class Hub:
         )
         self.pairings.on_revoked.append(self._pairing_revoked)
         self.commands.on_final.append(self._command_final)
+        self._on_reconnected.append(self.commands.connection_restored)
         for worker in (self.projector, self.presence, self.commands):
             worker.start()
             self._workers.append(worker)
@@ -475,6 +480,8 @@ class Hub:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
         log.info("nats.reconnected")
+        for hook in self._on_reconnected:
+            hook()
 
     async def _start_http(self) -> None:
         token = self.settings.admin_token

@@ -212,7 +212,7 @@ DEVICE_COMMAND = _f(
     C,
     "A command with its lease, or the pairing's state, pushed to one paired Desktop. "
     "PostgreSQL keeps each command until it is acknowledged and re-pushes it, in order, "
-    "when the Desktop comes back or a lease expires.",
+    "when the Desktop comes back, a push was lost or a lease expires.",
 )
 DEVICE_COMMAND_ACK = _f(
     "device.command_ack",

@@ -7,7 +7,8 @@ connects with that credential and, side by side:
 - heartbeats its presence (and at once after every reconnect);
 - takes commands pushed by the hub, checks them (own pairing id, live lease,
   sequence, the local journal), runs them with `CommandRunner`, and acks
-  with the lease token;
+  with the lease token; a push of a lease it already holds (queued or
+  running) is ignored: the hub pushes again when it has not seen the accept;
 - relays OpenCode's event stream, redacted, through the on-disk outbox to
   JetStream (message id = event id, so nothing is duplicated downstream);
 - refreshes its credential before expiry.
@@ -70,6 +71,8 @@ log = logging.getLogger("cowork.edge.desktop")
 AckOutcome = Literal["accepted", "completed", "failed"]
 CLIENT_VERSION = "cowork-desktop/0.1"
 ACK_TIMEOUT = 5.0
+# What the hub pushes on the command subject.
+Pushed = PairingState | DeviceCommand
 
 
 class PairingFailed(BootstrapFailed):
@@ -190,6 +193,12 @@ async def notify_hub_of_revocation(
         await nc.close()
 
 
+def _lease_key(command: DeviceCommand) -> tuple[str, str]:
+    """One delivery of a command: a new lease (after the old one expired) is another
+    delivery, whose ack the hub needs even if the command is already in hand."""
+    return command.id, command.lease.lease_token
+
+
 def _source(pairing: PairingFile) -> Source:
     return Source(
         principal_kind=PrincipalKind.DESKTOP,
@@ -218,7 +227,8 @@ class DesktopAgent:
         self.heartbeat_interval = heartbeat_interval
         self.nc: NATS | None = None
         self.relay = EventRelay(store, self.pairing, self.opencode, lambda: self.state)
-        self._commands: asyncio.Queue[bytes] = asyncio.Queue()
+        self._commands: asyncio.Queue[Pushed] = asyncio.Queue()
+        self._in_hand: set[tuple[str, str]] = set()  # (command id, lease token) queued or running
         self._stopped = asyncio.Event()
         self._beat = 0
         self.connected = asyncio.Event()
@@ -346,31 +356,49 @@ class DesktopAgent:
 
     # --- commands ----------------------------------------------------------------------------
     async def _on_command(self, msg: Any) -> None:
-        self._commands.put_nowait(msg.data)
+        pushed = self._decode_push(msg.data)
+        if isinstance(pushed, DeviceCommand):
+            key = _lease_key(pushed)
+            if key in self._in_hand:
+                # The hub pushes a lease again when it has not seen it accepted (the
+                # accept may be on its way). The copy in hand acks for both; handled
+                # after it, this one would only send its final ack a second time.
+                log.info("desktop.duplicate_push_ignored: %s", pushed.id)
+                return
+            self._in_hand.add(key)
+        if pushed is not None:
+            self._commands.put_nowait(pushed)
+
+    def _decode_push(self, raw: bytes) -> Pushed | None:
+        try:
+            if json.loads(raw).get("type") == PairingState.message_type:
+                return decode(raw, PairingState).data
+            return decode(raw, DeviceCommand).data
+        except (ValueError, AttributeError, ContractError) as exc:
+            self.store.audit("command.rejected", reason=f"unreadable: {exc}"[:500])
+            return None
 
     async def _command_worker(self) -> None:
         while True:
-            raw = await self._commands.get()
+            pushed = await self._commands.get()
             try:
-                await self._dispatch(raw)
+                await self._dispatch(pushed)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("desktop.command_handling_failed")
+            finally:
+                # Handled: a push of it from now on is answered from the journal.
+                if isinstance(pushed, DeviceCommand):
+                    self._in_hand.discard(_lease_key(pushed))
 
-    async def _dispatch(self, raw: bytes) -> None:
+    async def _dispatch(self, pushed: Pushed) -> None:
         if self.pairing.revoked:
             return
-        try:
-            kind = json.loads(raw).get("type")
-            if kind == PairingState.message_type:
-                self._apply_state(decode(raw, PairingState).data)
-                return
-            command = decode(raw, DeviceCommand).data
-        except (ValueError, AttributeError, ContractError) as exc:
-            self.store.audit("command.rejected", reason=f"unreadable: {exc}"[:500])
-            return
-        await self._handle_command(command)
+        if isinstance(pushed, PairingState):
+            self._apply_state(pushed)
+        else:
+            await self._handle_command(pushed)
 
     def _apply_state(self, state: PairingState) -> None:
         if state.pairing_id != self.pairing_id or state.revision <= self.state.revision:
@@ -404,7 +432,10 @@ class DesktopAgent:
         if record is not None and record[0] == "done":
             await self._ack(command, CommandResult.model_validate(record[1]))
             return
-        if record is not None:  # started before a crash: never run twice
+        # Started and not done: a crash (or an error) broke its run off, since a push
+        # of a command this process still holds never gets here (_on_command).
+        # Never run twice.
+        if record is not None:
             result = CommandResult(
                 ok=False,
                 status=CommandStatus.FAILED,

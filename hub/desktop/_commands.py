@@ -8,7 +8,12 @@ carry the current lease token before the lease expires, the command's own
 sequence (above the last one acknowledged) and the Desktop's own pairing id;
 anything else is refused and audited. A lease that expires is handed out
 again (a new token) when the Desktop is online: the old token is then stale.
-Which replica pushes is decided by a conditional UPDATE, so replicas agree.
+A push is core NATS, so one made while the Desktop could not hear it (NATS, a
+node or the hub's connection away) is lost; a lease its Desktop has not
+accepted is pushed again, the same lease, once the Desktop shows it is back on
+the bus or the hub's own connection comes back (`repush_lost`), not only when
+the lease runs out. Which replica pushes is decided by a conditional UPDATE,
+so replicas agree.
 """
 
 from __future__ import annotations
@@ -43,6 +48,31 @@ from ._pairing import PairingError
 
 log = logging.getLogger("cowork.hub.commands")
 DEFAULT_LEASE = timedelta(seconds=30)
+# A live Desktop accepts a push within milliseconds; one unaccepted for longer
+# was most likely lost. Waiting this long keeps a push whose accept is still on
+# its way from going out twice (a duplicate would be harmless: the Desktop
+# ignores a push it already holds, but it costs a message and a row update).
+REPUSH_AFTER = timedelta(seconds=1)
+# How many lost pushes one reaper tick sends again. More wait for the next tick
+# (after a reconnect: for their Desktop's next heartbeat).
+REPUSH_BATCH = 500
+# The leases to push again: unaccepted, still live, pushed over $1 ago, to an
+# online Desktop that can hear it now. The evidence: it heartbeated after the
+# push (a Desktop subscribes before its first heartbeat on a connection, so a
+# push older than that heartbeat and still unaccepted was lost), or ($3) this
+# hub's own connection came back. The oldest pushes first; SKIP LOCKED and the
+# conditional UPDATE let replicas share the work without pushing one lease twice.
+REPUSH = """
+    WITH lost AS (
+        SELECT c.tenant, c.command_id FROM pairing_commands c
+        JOIN pairings p USING (tenant, pairing_id)
+        WHERE c.state = 'leased' AND c.pushed_at <= now() - $1::interval
+          AND c.lease_expires_at > now() AND p.status = 'paired_online'
+          AND ($3::boolean OR p.last_heartbeat_at > c.pushed_at)
+        ORDER BY c.pushed_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED)
+    UPDATE pairing_commands c SET pushed_at = now() FROM lost
+    WHERE c.tenant = lost.tenant AND c.command_id = lost.command_id
+    RETURNING c.*"""
 FINAL_AUDIT = {
     "completed": "command.completed",
     "failed": "command.failed",
@@ -73,8 +103,9 @@ class CommandService:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper = BackgroundTask(
             "command-lease-reaper",
-            lambda: every(reap_interval, self.dispatch_expired, log, "commands.reap_failed"),
+            lambda: every(reap_interval, self.reap, log, "commands.reap_failed"),
         )
+        self._reconnected = False  # set by connection_restored, cleared by the reaper
         self.on_final: list[Any] = []  # async callbacks (tenant, command row)
 
     # --- submit ---------------------------------------------------------------------------
@@ -168,7 +199,8 @@ class CommandService:
         async with lock:
             row = await self._pool.fetchrow(
                 """UPDATE pairing_commands c SET state = 'leased', lease_token = $3,
-                       lease_expires_at = now() + $4, attempts = attempts + 1, updated_at = now()
+                       lease_expires_at = now() + $4, attempts = attempts + 1, updated_at = now(),
+                       pushed_at = now()
                    FROM pairings p
                    WHERE c.tenant = $1 AND c.pairing_id = $2 AND p.tenant = c.tenant
                      AND p.pairing_id = c.pairing_id AND p.status = 'paired_online'
@@ -184,7 +216,7 @@ class CommandService:
             if row is not None:
                 await self._push(dict(row))
 
-    async def _push(self, row: dict) -> None:
+    async def _push(self, row: dict, outcome: str = "pushed") -> None:
         command = DeviceCommand(
             id=row["command_id"],
             kind=row["kind"],
@@ -205,7 +237,7 @@ class CommandService:
         env = Envelope.wrap(command, source=self._source, tenant=row["tenant"])
         subject = subjects.DEVICE_COMMAND.build(tenant=row["tenant"], device_id=row["pairing_id"])
         await self._nc.publish(subject, env.encode())
-        self._metrics.bus_messages.labels("device.command", "pushed").inc()
+        self._metrics.bus_messages.labels("device.command", outcome).inc()
 
     async def dispatch_expired(self) -> int:
         """Re-lease commands whose lease ran out, for Desktops that are online."""
@@ -218,6 +250,28 @@ class CommandService:
         for r in rows:
             await self.dispatch(r["tenant"], r["pairing_id"])
         return len(rows)
+
+    async def repush_lost(self, *, reconnected: bool = False) -> int:
+        """Push again, on the same lease, unaccepted pushes that were lost (REPUSH);
+        after this hub's own reconnect, every unaccepted one, however recent."""
+        age = timedelta(0) if reconnected else REPUSH_AFTER
+        rows = await self._pool.fetch(REPUSH, age, REPUSH_BATCH, reconnected)
+        for row in rows:
+            await self._push(dict(row), "repushed")
+        return len(rows)
+
+    def connection_restored(self) -> None:
+        """The hub's NATS connection is back: what it pushed just before or while it
+        was away may be lost. The next reaper tick pushes those again (not here: the
+        client awaits its reconnect callback, which should not wait on the database)."""
+        self._reconnected = True
+
+    async def reap(self) -> None:
+        await self.dispatch_expired()
+        reconnected = self._reconnected
+        await self.repush_lost(reconnected=reconnected)
+        if reconnected:  # only once it ran: a failed tick tries again at the next
+            self._reconnected = False
 
     def start(self) -> None:
         self._reaper.start()

@@ -3,6 +3,10 @@
 A Desktop heartbeats on `cw.<t>.presence.desktop.<id>` (core NATS). The first
 heartbeat after an absence marks the pairing `paired_online`, audits
 `pairing.connected`, pushes it its pairing state and then its queued commands.
+Every heartbeat stamps `last_heartbeat_at`: proof the Desktop hears its command
+subject again, on which the command reaper re-pushes a push it lost (a push
+older than that stamp and still unaccepted), so a heartbeat costs no more than
+this one UPDATE.
 A sweep marks pairings `paired_offline` once two heartbeat intervals pass
 without one (or at once on a heartbeat saying `offline`), audited
 `pairing.offline`. Transitions are conditional UPDATEs, so replicas agree on

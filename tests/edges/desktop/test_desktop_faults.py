@@ -1,14 +1,17 @@
 """A paired Desktop under faults: offline while commands queue, nats-server
-killed mid-stream, the hub restarted mid-lease, the Desktop crashing mid-command.
-Real operator-mode NATS, PostgreSQL, hub and OpenCode throughout."""
+killed mid-stream, a command submitted while nats-server is down, a push of the
+command running now, the hub restarted mid-lease, the Desktop crashing
+mid-command. Real operator-mode NATS, PostgreSQL, hub and OpenCode throughout."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
 from desktopkit import (
+    TENANT,
     events,
     eventually,
     finished,
@@ -171,6 +174,118 @@ async def _blocked_command(http, nats_url, opencode, tmp_path):
     submitted = await submit(http, pid, "status")
     await eventually(lambda: blocking.calls, 10, what="the command to start")
     return pid, running, blocking, submitted
+
+
+def _final_acks(running) -> list[str]:
+    """Record the final acks the Desktop sends from now on (outcomes, in order)."""
+    sent: list[str] = []
+    send = running.agent._send_ack
+
+    async def recording(command, outcome, result):
+        if outcome != "accepted":
+            sent.append(outcome)
+        return await send(command, outcome, result)
+
+    running.agent._send_ack = recording
+    return sent
+
+
+async def _reconnected_at(nc) -> float:
+    await eventually(lambda: nc.stats["reconnects"] and nc.is_connected, 40, 0.02, what="back")
+    return time.monotonic()
+
+
+async def _hub_audits(hub, command_id: str, action: str) -> int:
+    return await hub.pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant = $1 AND command_id = $2 AND action = $3",
+        TENANT,
+        command_id,
+        action,
+    )
+
+
+async def test_a_command_submitted_while_nats_is_down_arrives_when_it_is_back(
+    own_nats, database_url, bus_keys, opencode, tmp_path
+):
+    """Issue 16, item 3: kill -9 of nats-server with the Desktop connected, a command
+    submitted during the outage. It reaches the Desktop soon after the path is back,
+    not when its 30 s lease runs out; it runs once and is reported once."""
+    async with (
+        running_hub(own_nats.url, database_url, keys=bus_keys, command_lease_seconds=30) as hub,
+        client(hub, admin=True) as http,
+    ):
+        # The Desktop's default heartbeat: delivery must not wait for a periodic one.
+        running = await pair_and_start(
+            http, own_nats.url, tmp_path / "d", opencode.url, heartbeat=5.0
+        )
+        pid = running.pairing_id
+        runner = BlockingRunner()
+        runner.release.set()
+        running.agent.runner = runner  # type: ignore[assignment]
+        acks = _final_acks(running)
+        # Desktops come back after the hub (measured: every Desktop in 5.3 s, NATS in
+        # 0.4 s), so what the hub pushes when it reconnects finds nobody subscribed.
+        nc = running.agent.nc
+        assert nc is not None
+        nc.options["reconnect_time_wait"] = 2.0
+        try:
+            await own_nats.kill()
+            await asyncio.sleep(0.5)
+            submitted = await submit(http, pid, "status")
+            await own_nats.start()
+            back = time.monotonic()
+            desktop_back = asyncio.create_task(_reconnected_at(nc))
+            done = await finished(http, pid, submitted["commandId"], timeout=40)
+            recovery = time.monotonic() - back
+            print(
+                f"done {recovery:.2f} s after nats-server was back, "
+                f"{time.monotonic() - await desktop_back:.2f} s after the Desktop was"
+            )
+            assert recovery < 5.0, f"{recovery:.1f} s: it waited for the lease"
+            assert done["status"] == "completed" and done["attempts"] == 1, done
+            assert runner.calls == [submitted["commandId"]], "run exactly once"
+            assert acks == ["completed"], "one final ack"
+            assert await _hub_audits(hub, submitted["commandId"], "command.completed") == 1
+        finally:
+            await running.stop()
+
+
+async def test_a_push_of_the_command_running_now_is_ignored(
+    operator_nats_url, database_url, bus_keys, opencode, tmp_path, caplog
+):
+    caplog.set_level("INFO", logger="cowork.edge.desktop")
+    async with (  # the default 30 s lease outlasts the test: one lease, one delivery
+        running_hub(operator_nats_url, database_url, keys=bus_keys) as hub,
+        client(hub, admin=True) as http,
+    ):
+        pid, running, blocking, submitted = await _blocked_command(
+            http, operator_nats_url, opencode, tmp_path
+        )
+        acks = _final_acks(running)
+        try:
+            # As if its accept had been lost: to the hub the lease is unaccepted and
+            # was pushed long ago, so the Desktop's next heartbeat has it pushed again.
+            await hub.pool.execute(
+                "UPDATE pairing_commands SET state = 'leased', pushed_at = now() - "
+                "interval '5 seconds' WHERE tenant = $1 AND command_id = $2",
+                TENANT,
+                submitted["commandId"],
+            )
+            await eventually(
+                lambda: "desktop.duplicate_push_ignored" in caplog.text,
+                10,
+                what="the push to reach the Desktop",
+            )
+            blocking.release.set()
+            done = await finished(http, pid, submitted["commandId"])
+            assert done["status"] == "completed" and done["attempts"] == 1, done
+            assert blocking.calls == [submitted["commandId"]], "run exactly once"
+            assert acks == ["completed"], "one final ack, none for the push"
+            audit = [line["action"] for line in running.agent.store.read_audit()]
+            assert audit.count("command.completed") == 1 and "command.failed" not in audit
+            assert await _hub_audits(hub, submitted["commandId"], "command.completed") == 1
+        finally:
+            await running.stop()
 
 
 async def test_hub_restarted_mid_lease_completes_the_command_once(

@@ -3,7 +3,8 @@ lease-fenced delivery, ack refusals and re-delivery after a lease runs out.
 
 The Desktop here is a fake on raw nats-py that uses the pairing's real
 credential (redeemed through the bootstrap bus), so every subject permission
-the server enforces applies. Leases are short (LEASE seconds) to keep it fast.
+the server enforces applies. Leases are short (LEASE seconds) to keep it fast,
+but for pushes that were lost: those go again long before a lease runs out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +20,11 @@ import nats
 import nats.errors
 import pytest
 from desktopkit import TENANT, command, eventually, get_pairing, redeem, submit
+from hubkit import client, operator_nats, running_hub
 
 from edges.common._credentials import EdgeCredentials
+from hub.auth import _jwt
+from hub.desktop._commands import REPUSH_AFTER
 from schemas import (
     AckReply,
     CommandAck,
@@ -150,14 +155,36 @@ class FakeDesktop:
             await self.nc.close()
 
 
+async def _fake_desktop(http, nats_url: str, state_dir) -> FakeDesktop:
+    """A redeemed pairing (offline) and a connected fake Desktop that has not heartbeat yet."""
+    created, store = await redeem(http, nats_url, state_dir)
+    desktop = FakeDesktop(nats_url, created["pairingId"], store.creds_path)
+    await desktop.connect()
+    return desktop
+
+
 @pytest.fixture
 async def paired(hub, http, operator_nats_url, tmp_path):
-    """A redeemed pairing (offline) and a connected fake Desktop that has not heartbeat yet."""
-    created, store = await redeem(http, operator_nats_url, tmp_path / "desktop")
-    desktop = FakeDesktop(operator_nats_url, created["pairingId"], store.creds_path)
-    await desktop.connect()
+    desktop = await _fake_desktop(http, operator_nats_url, tmp_path / "desktop")
     yield desktop
     await desktop.close()
+
+
+@pytest.fixture
+async def lasting(database_url, bus_keys, tmp_path):
+    """A hub of its own with the default 30 s lease, and a fake Desktop paired to it: a
+    lost push must go again long before its lease could run out and be handed out anew.
+    On a server of their own: the module's hub would answer half of the redemptions."""
+    async with (
+        operator_nats(tmp_path / "nats", bus_keys) as server,
+        running_hub(server.url, database_url, keys=bus_keys, command_lease_seconds=30) as hub,
+        client(hub, admin=True) as http,
+    ):
+        desktop = await _fake_desktop(http, server.url, tmp_path / "desktop")
+        try:
+            yield hub, http, desktop
+        finally:
+            await desktop.close()
 
 
 async def _online(http, desktop: FakeDesktop, online: bool = True) -> None:
@@ -562,3 +589,101 @@ async def test_the_current_token_after_expiry_is_refused(hub, http, paired):
     assert again.lease.lease_token != cmd.lease.lease_token
     assert (await paired.ack(again)).ok
     assert (await command(http, pid, cmd.id))["status"] == "completed"
+
+
+# --- pushes that were lost -------------------------------------------------------------------
+# A push is core NATS: the fake taking one and never accepting it is, for the hub, a
+# push that did not arrive. It goes again on the same lease, not after the lease.
+def _same_lease(again: DeviceCommand, lost: DeviceCommand) -> bool:
+    return (again.id, again.sequence, again.lease) == (lost.id, lost.sequence, lost.lease)
+
+
+async def _finish_once(hub, http, desktop: FakeDesktop, cmd: DeviceCommand) -> None:
+    assert (await desktop.ack(cmd)).ok
+    view = await command(http, desktop.pairing_id, cmd.id)
+    assert view["state"] == "done" and view["attempts"] == 1, view
+    assert await _rejections(hub, cmd.id) == []
+
+
+async def test_a_lost_push_goes_again_once_the_desktop_is_heard_from(lasting):
+    hub, http, desktop = lasting
+    await _online(http, desktop)
+    await submit(http, desktop.pairing_id, "status")
+    lost = await desktop.next_command()
+    # Nothing says the Desktop could hear it now: no heartbeat since, no reconnect.
+    await desktop.nothing_pushed(REPUSH_AFTER.total_seconds() + 1.0)
+
+    heard = time.monotonic()
+    await desktop.heartbeat()
+    again = await desktop.next_command(timeout=3)
+    print(f"re-pushed {time.monotonic() - heard:.2f} s after the heartbeat")
+    assert time.monotonic() - heard < 2.0
+    assert _same_lease(again, lost)
+
+    assert (await desktop.ack(again, "accepted")).ok
+    await asyncio.sleep(REPUSH_AFTER.total_seconds() + 0.1)
+    await desktop.heartbeat()
+    await desktop.nothing_pushed(1.0)  # accepted: it arrived, never pushed again
+    await _finish_once(hub, http, desktop, again)
+
+
+async def test_a_push_lost_just_before_the_desktop_came_back_goes_again_unasked(lasting):
+    """The heartbeat that shows the Desktop back comes within REPUSH_AFTER of the push
+    (it may have subscribed just after it): the push goes again once it is that old,
+    without waiting for the next heartbeat."""
+    hub, http, desktop = lasting
+    await _online(http, desktop)
+    await submit(http, desktop.pairing_id, "status")
+    lost = await desktop.next_command()
+    pushed = time.monotonic()
+    await desktop.heartbeat()
+    again = await desktop.next_command(timeout=4)
+    waited = time.monotonic() - pushed
+    print(f"re-pushed {waited:.2f} s after the push")
+    assert REPUSH_AFTER.total_seconds() - 0.2 < waited < REPUSH_AFTER.total_seconds() + 2.0
+    assert _same_lease(again, lost)
+    await _finish_once(hub, http, desktop, again)
+
+
+async def _kick(nats_url: str, keys, victim: nats.aio.client.Client) -> None:
+    """Cut one client's connection at the server (a system-account KICK request)."""
+    seed = _jwt.new_seed("user")
+    user = keys.mint_system_user(
+        _jwt.public_key(seed), name="test-kick", pub_allow=["$SYS.REQ.SERVER.*.KICK"]
+    )
+    nc = await nats.connect(nats_url, **_jwt.nats_auth_options(user, seed))
+    try:
+        server_id = victim._server_info["server_id"]
+        reply = await nc.request(
+            f"$SYS.REQ.SERVER.{server_id}.KICK",
+            json.dumps({"cid": victim.client_id}).encode(),
+            timeout=5,
+        )
+        assert "error" not in json.loads(reply.data), reply.data
+    finally:
+        await nc.close()
+
+
+async def test_pushes_go_again_when_the_hubs_own_connection_is_back(lasting, bus_keys):
+    """The hub's connection is cut (its node failed over, say) while the Desktop stays
+    on the bus and says nothing: what the hub pushed around the cut goes again when
+    its connection is back."""
+    hub, http, desktop = lasting
+    await _online(http, desktop)
+    await submit(http, desktop.pairing_id, "status")
+    lost = await desktop.next_command()
+    await desktop.nothing_pushed(REPUSH_AFTER.total_seconds() + 1.0)
+
+    reconnects = hub.nc.stats["reconnects"]
+    await _kick(hub.settings.nats_url, bus_keys, hub.nc)
+    await eventually(
+        lambda: hub.nc.stats["reconnects"] > reconnects and hub.nc.is_connected,
+        10,
+        what="the hub to reconnect",
+    )
+    back = time.monotonic()
+    again = await desktop.next_command(timeout=3)
+    print(f"re-pushed {time.monotonic() - back:.2f} s after the hub reconnected")
+    assert _same_lease(again, lost)
+    assert desktop.nc.is_connected and desktop.errors == [], "the Desktop stayed connected"
+    await _finish_once(hub, http, desktop, again)
