@@ -262,7 +262,9 @@ async def declare(
         await js.add_consumer(spec.stream, await _kept_start(js, spec, consumer_config(spec)))
 
 
-async def _kept_start(js: JetStreamContext, spec: ConsumerSpec, config: ConsumerConfig):
+async def _kept_start(
+    js: JetStreamContext, spec: ConsumerSpec, config: ConsumerConfig
+) -> ConsumerConfig:
     """A consumer that was rewound (`rewind_unacked`) keeps its start: JetStream
     cannot change where a consumer starts, and rewinding it is not a drift."""
     try:

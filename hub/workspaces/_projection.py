@@ -88,7 +88,7 @@ class EventProjector:
             if spec.stream == SPEC.stream
         }
         self._workers: dict[str, BackgroundTask] = {}
-        self.leases = PartitionLeases(
+        self._leases = PartitionLeases(
             js,
             "events",
             list(self._specs),
@@ -98,18 +98,14 @@ class EventProjector:
             log=log,
             handover_delay=FETCH_SECONDS + 0.5,
         )
-        self._leasing = BackgroundTask("event-projector:leases", self.leases.run)
+        self._leasing = BackgroundTask("event-projector:leases", self._leases.run)
 
     def start(self) -> None:
         self._leasing.start()
 
     async def stop(self) -> None:
         await self._leasing.stop()
-        await self.leases.release_all()
-
-    @property
-    def partitions_held(self) -> list[str]:
-        return sorted(self._workers)
+        await self._leases.release_all()
 
     async def _gain(self, durable: str) -> None:
         spec = self._specs[durable]
