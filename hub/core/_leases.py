@@ -104,8 +104,10 @@ class PartitionLeases:
 
     async def step(self) -> None:
         bucket = await self._bucket()
+        before = set(self._held)
         self._member_revision = await bucket.put(self._member, b"")
-        fair = math.ceil(len(self._names) / max(1, await self._members()))
+        members = await self._members()
+        fair = math.ceil(len(self._names) / max(1, members))
         for name in list(self._held):
             await self._renew(bucket, name)
         await self._release(self.held[fair:])
@@ -114,6 +116,16 @@ class PartitionLeases:
                 break
             if name not in self._held:
                 await self._try_take(bucket, name)
+        if set(self._held) != before:  # one line per change, not one per lease
+            self._log.info(
+                "leases.held",
+                **kv(
+                    replica=self._replica,
+                    held=len(self._held),
+                    of=len(self._names),
+                    replicas=members,
+                ),
+            )
 
     async def release_all(self) -> None:
         """Stop every worker and hand its lease back (a replica shutting down)."""
@@ -145,7 +157,9 @@ class PartitionLeases:
         except KeyWrongLastSequenceError:  # held by a live replica
             return
         self._held[name] = _Held(revision, sent)
-        self._log.info("leases.gained", **kv(lease=name, replica=self._replica))
+        # Routine (every start, every rebalance): debug. Losing a lease one did not
+        # hand back is worth a warning: it means NATS was out of reach.
+        self._log.debug("leases.gained", **kv(lease=name, replica=self._replica))
         try:
             await self._on_gain(name)
         except Exception as exc:
@@ -178,7 +192,8 @@ class PartitionLeases:
     async def _lose(self, name: str, why: str) -> None:
         if self._held.pop(name, None) is None:
             return
-        self._log.info("leases.lost", **kv(lease=name, replica=self._replica, why=why))
+        level = logging.DEBUG if why in ("handed back", "stopping") else logging.WARNING
+        self._log.log(level, "leases.lost", **kv(lease=name, replica=self._replica, why=why))
         await self._on_lose(name)
 
     async def _drop_unsure(self) -> None:
