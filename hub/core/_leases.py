@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from ._logging import kv
@@ -43,6 +43,7 @@ from ._logging import kv
 BUCKET = "CW_HUB_LEASES"
 DEFAULT_TTL = 6.0
 Hook = Callable[[str], Awaitable[None]]
+NO_MESSAGE = 10057  # JetStream's "no message found" (deleting one already gone)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class PartitionLeases:
         # everything that worker left unacked.
         self._handover_delay = handover_delay
         self._held: dict[str, _Held] = {}
+        self._handing_back: set[asyncio.Task] = set()
         self._member_revision = 0
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
@@ -130,14 +132,13 @@ class PartitionLeases:
     async def release_all(self) -> None:
         """Stop every worker and hand its lease back (a replica shutting down)."""
         async with self._lock:
+            await self._release(self.held)
+            await asyncio.gather(*self._handing_back)
             try:
-                await self._release(self.held)
                 if self._member_revision:
                     await self._erase(self._member_revision)
-            except Exception as exc:  # NATS away: the keys age out instead
+            except Exception as exc:  # NATS away: the key ages out instead
                 self._log.warning("leases.release_failed", **kv(error=str(exc)))
-            for name in self.held:
-                await self._lose(name, "stopping")
 
     async def _renew(self, bucket: KeyValue, name: str) -> None:
         sent = time.monotonic()
@@ -168,16 +169,25 @@ class PartitionLeases:
             await self._release([name])
 
     async def _release(self, names: list[str]) -> None:
-        """Stop the workers of `names`, then hand their leases back, when their
-        last pulls can no longer deliver."""
-        released = {name: self._held[name] for name in names if name in self._held}
-        for name in released:
+        """Stop the workers of `names`, then hand their leases back once their last
+        pulls can no longer deliver: in the background, so the step goes on
+        renewing the rest (a step held up past two thirds of a TTL would drop
+        them all, and its member key would age out)."""
+        revisions = [self._held[name].revision for name in names if name in self._held]
+        for name in names:
             await self._lose(name, "handed back")
-        if not released:
-            return
+        if revisions:
+            task = asyncio.create_task(self._hand_back(revisions))
+            self._handing_back.add(task)
+            task.add_done_callback(self._handing_back.discard)
+
+    async def _hand_back(self, revisions: list[int]) -> None:
         await asyncio.sleep(self._handover_delay)
-        for held in released.values():
-            await self._erase(held.revision)
+        try:
+            for revision in revisions:
+                await self._erase(revision)
+        except Exception as exc:  # NATS away: the keys age out instead
+            self._log.warning("leases.release_failed", **kv(error=str(exc)))
 
     async def _erase(self, revision: int) -> None:
         """Take our last write of a key out of the bucket: the key is then free at
@@ -188,11 +198,14 @@ class PartitionLeases:
             await self._js.delete_msg(f"KV_{self._bucket_name}", revision)
         except NotFoundError:
             pass
+        except APIError as exc:
+            if exc.err_code != NO_MESSAGE:  # gone already: aged out or replaced
+                raise
 
     async def _lose(self, name: str, why: str) -> None:
         if self._held.pop(name, None) is None:
             return
-        level = logging.DEBUG if why in ("handed back", "stopping") else logging.WARNING
+        level = logging.DEBUG if why == "handed back" else logging.WARNING
         self._log.log(level, "leases.lost", **kv(lease=name, replica=self._replica, why=why))
         await self._on_lose(name)
 
