@@ -179,7 +179,8 @@ class DeliveryWorker:
 
     async def _pause_fetching(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            async with asyncio.timeout(seconds):  # wait_for may eat a cancel (3.11)
+                await self._stop.wait()
         except TimeoutError:
             pass
 
@@ -387,7 +388,8 @@ class DeliveryWorker:
             if left <= 0:
                 return True
             try:
-                await asyncio.wait_for(self._stop.wait(), min(left, _PROGRESS_SECONDS))
+                async with asyncio.timeout(min(left, _PROGRESS_SECONDS)):
+                    await self._stop.wait()
                 return False
             except TimeoutError:
                 pass

@@ -171,7 +171,8 @@ class EventRelay:
         backoff = 0.2
         while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: 3.11's swallows a cancel
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()

@@ -298,9 +298,8 @@ class WorkRunner:
         error: str | None = None
         while True:
             try:
-                event = await asyncio.wait_for(
-                    queue.get(), ERROR_SETTLE_SECONDS if error else self._quiet
-                )
+                async with asyncio.timeout(ERROR_SETTLE_SECONDS if error else self._quiet):
+                    event = await queue.get()  # not wait_for: 3.11's may eat a cancel
             except TimeoutError:
                 if error:  # erred and did not go idle: it is over all the same
                     with contextlib.suppress(OpenCodeError):

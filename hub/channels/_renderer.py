@@ -104,7 +104,8 @@ class ChannelRenderer:
         last_sweep = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._sweep_interval)
+                async with asyncio.timeout(self._sweep_interval):  # wait_for may eat a cancel
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

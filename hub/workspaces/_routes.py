@@ -172,7 +172,8 @@ async def _catch_up(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _Tail
 async def _stream_live(pool: asyncpg.Pool, tenant: str, workspace: str, tail: _Tail) -> None:
     while True:
         try:
-            item = await asyncio.wait_for(tail.live.get(), KEEPALIVE_SECONDS)
+            async with asyncio.timeout(KEEPALIVE_SECONDS):  # wait_for may eat a cancel
+                item = await tail.live.get()
         except TimeoutError:
             await tail.response.write(b": keepalive\n\n")
             continue
