@@ -3,8 +3,10 @@
 * The committed NATS configs (3-node cluster and single node) are started with
   the real nats-server binary on free loopback ports, passed through the
   environment variables the configs read (NATS_HOST, NATS_CLIENT_PORT, ...).
-* docker-compose.yml, the Dockerfile and the systemd unit are checked
-  structurally (no Docker engine or systemd runs here).
+* docker-compose.yml, docker-compose.replicas.yml (3-node NATS cluster, hub
+  replicas), the Dockerfile and the systemd units (cowork-hub.service and the
+  cowork-hub@.service template) are checked structurally (no Docker engine or
+  systemd runs here).
 
 Every server process is terminated in fixture teardown (SIGTERM, bounded
 wait, SIGKILL) and every wait is bounded by a timeout.
@@ -515,12 +517,140 @@ def test_compose_file():
         assert 16384 <= int(nofile["soft"]) <= int(nofile["hard"]), svc
 
 
-def test_compose_paths_exist():
-    text = (DEPLOY / "docker-compose.yml").read_text()
+@pytest.mark.parametrize("compose", ["docker-compose.yml", "docker-compose.replicas.yml"])
+def test_compose_paths_exist(compose):
+    text = (DEPLOY / compose).read_text()
     # bind mounts and the build context are relative to deploy/
-    for src in re.findall(r"-\s*(\./[^:\s]+):", text):
+    mounts = re.findall(r"-\s*(\./[^:\s]+):", text)
+    assert mounts
+    for src in mounts:
         assert (DEPLOY / src).exists(), src
+    for context, dockerfile in re.findall(r"context:\s*(\S+)\s*\n\s*dockerfile:\s*(\S+)", text):
+        assert (DEPLOY / context / dockerfile).is_file(), (context, dockerfile)
     assert (DEPLOY / ".." / "deploy" / "Dockerfile").exists()
+
+
+# --------------------------------------------------------------------------
+# docker-compose.replicas.yml: 3-node NATS cluster, PostgreSQL, hub replicas
+# --------------------------------------------------------------------------
+
+REPLICAS_COMPOSE = DEPLOY / "docker-compose.replicas.yml"
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
+
+
+def _env_value(block: str, key: str) -> str | None:
+    """The value of `KEY: value` in a service block (quotes stripped)."""
+    m = re.search(rf"^\s+{key}:\s*(.+?)\s*$", block, re.MULTILINE)
+    return m.group(1).strip("\"'") if m else None
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("30s", "1m30s", "90s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _nofile(block: str) -> tuple[int, int] | None:
+    m = re.search(r"ulimits:\s*\n\s+nofile:\s*\n\s+soft:\s*(\d+)\s*\n\s+hard:\s*(\d+)", block)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _replica_blocks() -> tuple[str, dict[str, str]]:
+    text = REPLICAS_COMPOSE.read_text()
+    assert "\t" not in text, "tabs are not valid YAML indentation"
+    return text, _compose_services_tiny(text)
+
+
+def test_replicas_compose_nats_cluster():
+    text, blocks = _replica_blocks()
+    assert set(NATS_NODES) <= set(blocks)
+    data_volumes = set()
+    for i, node in enumerate(NATS_NODES, start=1):
+        block = blocks[node]
+        # the committed node config, which names the server hub-N
+        conf = re.search(r"/etc/nats/cluster/(node-\d\.conf)", block)
+        assert conf and conf[1] == f"node-{i}.conf", node
+        assert f"server_name: hub-{i}" in (CLUSTER_DIR / conf[1]).read_text()
+        # the whole cluster directory is mounted, so `include ./common.conf` resolves
+        assert re.search(r"-\s*\./nats/cluster:/etc/nats/cluster:ro\s*$", block, re.MULTILINE)
+        # its own volume for its JetStream store
+        store = _env_value(block, "NATS_STORE_DIR")
+        volume = re.search(rf"-\s*([\w-]+):{re.escape(store)}\s*$", block, re.MULTILINE)
+        assert volume, f"{node}: no named volume on {store}"
+        data_volumes.add(volume[1])
+        assert re.search(rf"^  {volume[1]}:\s*$", text, re.MULTILINE), f"{volume[1]} not declared"
+        # every variable common.conf reads is set; routes to all three nodes
+        common = (CLUSTER_DIR / "common.conf").read_text()
+        code = "\n".join(line.split("#", 1)[0] for line in common.splitlines())
+        for var in set(re.findall(r"\$([A-Z][A-Z0-9_]*)", code)):
+            assert _env_value(block, var), f"{node}: {var} not set"
+        routes = {_env_value(block, f"NATS_ROUTE_{n}") for n in (1, 2, 3)}
+        cluster_port = _env_value(block, "NATS_CLUSTER_PORT")
+        assert routes == {f"nats://{n}:{cluster_port}" for n in NATS_NODES}, node
+        assert "healthz?js-enabled-only=true" in block, node
+        nofile = _nofile(block)
+        assert nofile and 65536 <= nofile[0] <= nofile[1], node
+        assert "restart: unless-stopped" in block, node
+        # published on loopback by default (the configs have no client authentication)
+        for port in re.findall(r'-\s*"(\$\{NATS_BIND:-[^}]+\}):', block):
+            assert port == "${NATS_BIND:-127.0.0.1}", node
+    assert len(data_volumes) == 3, "each node needs its own volume"
+    # the nodes' published host ports do not collide
+    published = re.findall(r":-(\d+)\}:(?:4222|7422)\"", text)
+    assert len(published) == 6 and len(set(published)) == 6, published
+
+
+def test_replicas_compose_hubs():
+    text, blocks = _replica_blocks()
+    hubs = sorted(name for name in blocks if name.startswith("hub"))
+    assert len(hubs) >= 2, hubs
+    assert "postgres:16" in blocks["postgres"]
+    assert "${POSTGRES_PASSWORD:?" in blocks["postgres"]
+    assert "healthcheck:" in blocks["postgres"]
+    host_ports = set()
+    images = set()
+    for name in hubs:
+        block = blocks[name]
+        # every replica lists all three NATS nodes
+        urls = _env_value(block, "COWORK_NATS_URL")
+        assert urls, name
+        nodes = {re.fullmatch(r"nats://([\w-]+):4222", u.strip())[1] for u in urls.split(",")}
+        assert nodes == set(NATS_NODES), (name, urls)
+        assert _env_value(block, "COWORK_STREAM_REPLICAS") == "3", name
+        # required secrets from the environment, never in the file
+        assert "${COWORK_ADMIN_TOKEN:?" in _env_value(block, "COWORK_ADMIN_TOKEN"), name
+        assert "${POSTGRES_PASSWORD:?" in _env_value(block, "COWORK_DATABASE_URL"), name
+        assert "@postgres:5432/" in _env_value(block, "COWORK_DATABASE_URL"), name
+        assert _env_value(block, "COWORK_HTTP_PORT") == "8080", name
+        # started once every NATS node and PostgreSQL are healthy
+        for dep in (*NATS_NODES, "postgres"):
+            assert re.search(
+                rf"^\s+{dep}:\s*\n\s+condition:\s*service_healthy", block, re.MULTILINE
+            ), (name, dep)
+        assert "/readyz" in block and "healthcheck:" in block, name
+        assert "deploy/Dockerfile" in block, name
+        images.add(re.search(r"^\s+image:\s*(\S+)", block, re.MULTILINE)[1])
+        nofile = _nofile(block)
+        assert nofile and 65536 <= nofile[0] <= nofile[1], name
+        assert "restart: unless-stopped" in block, name
+        # SIGTERM, and time to hand the partition leases back before a SIGKILL: the
+        # handover waits 1.5 s, then a NATS flush (<= 2 s) and the pool close (<= 5 s).
+        assert _env_value(block, "stop_signal") in (None, "SIGTERM"), name
+        grace = _env_value(block, "stop_grace_period")
+        assert grace and _seconds(grace) >= 20, (name, grace)
+        # each replica reachable on its own port, loopback by default
+        port = re.search(r'-\s*"\$\{HUB_BIND:-127\.0\.0\.1\}:\$\{\w+:-(\d+)\}:8080"', block)
+        assert port, name
+        host_ports.add(port[1])
+    assert len(host_ports) == len(hubs), "replicas publish the same host port"
+    assert len(images) == 1, images
+    # No secret hard-coded: every password/token value is a ${...} reference.
+    for line in text.splitlines():
+        m = re.match(r"\s*(-\s*)?([A-Z_]*(PASSWORD|TOKEN|SECRET)[A-Z_]*)\s*[:=]\s*(.+)", line)
+        if m:
+            assert m.group(4).strip().strip("\"'").startswith("${"), line
 
 
 def test_dockerfile():
@@ -571,10 +701,28 @@ HUB_ENV_VARS = [
 ]
 
 
-def test_systemd_unit():
+def _read_unit(path: Path) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str  # systemd keys are case-sensitive
-    cp.read_string((DEPLOY / "systemd" / "cowork-hub.service").read_text())
+    cp.read_string(path.read_text())
+    return cp
+
+
+def _unit_lines(path: Path) -> list[tuple[str, str]]:
+    """Every (section, "Key=value") line of a unit, repeated keys included."""
+    lines, section = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+        else:
+            lines.append((section, line))
+    return lines
+
+
+def _check_hardened_unit(cp: configparser.ConfigParser) -> None:
     assert {"Unit", "Service", "Install"} <= set(cp.sections())
     svc = cp["Service"]
     assert "cowork hub serve" in svc["ExecStart"]
@@ -604,6 +752,30 @@ def test_systemd_unit():
     assert cp["Install"]["WantedBy"] == "multi-user.target"
     # The default soft limit (1024) let ~1,100 idle sockets starve the hub.
     assert int(svc.get("LimitNOFILE", "0").split(":")[0]) >= 16384
+
+
+def test_systemd_unit():
+    _check_hardened_unit(_read_unit(DEPLOY / "systemd" / "cowork-hub.service"))
+
+
+def test_systemd_template_unit():
+    """cowork-hub@<port>.service: one replica per instance, hardened like the unit."""
+    template = DEPLOY / "systemd" / "cowork-hub@.service"
+    cp = _read_unit(template)
+    _check_hardened_unit(cp)
+    svc = cp["Service"]
+    # the instance name is the HTTP port (the flag wins over COWORK_HTTP_PORT in hub.env)
+    assert svc["ExecStart"].split()[1:] == ["hub", "serve", "--http-port", "%i"]
+    assert "%i" in svc["SyslogIdentifier"]
+    assert svc["KillSignal"] == "SIGTERM"  # hands the partition leases back
+    # Every line of the single unit's [Service] and [Install] is in the template
+    # (hardening, limits, restart policy), apart from what names the instance.
+    per_instance = {"ExecStart", "SyslogIdentifier"}
+    theirs = set(_unit_lines(template))
+    for section, line in _unit_lines(DEPLOY / "systemd" / "cowork-hub.service"):
+        if section == "Unit" or line.split("=", 1)[0] in per_instance:
+            continue
+        assert (section, line) in theirs, f"[{section}] {line} missing from the template"
 
 
 def test_systemd_env_example():
