@@ -30,6 +30,7 @@ from ._credentials import (
 from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
+from ._retry import attempt_timeouts
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "add_opencode_server",
     "add_state_dir",
     "add_status_command",
+    "attempt_timeouts",
     "bootstrap_exchange",
     "bootstrap_options",
     "dial_once",

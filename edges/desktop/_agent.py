@@ -56,6 +56,7 @@ from ..common import (
     BootstrapFailed,
     EdgeCredentials,
     OpenCodeClient,
+    attempt_timeouts,
     bootstrap_exchange,
     bootstrap_options,
     dial_once,
@@ -505,10 +506,11 @@ class DesktopAgent:
         )
         data = Envelope.wrap(ack, source=_source(self.pairing), tenant=self.tenant).encode()
         subject = subjects.DEVICE_COMMAND_ACK.build(tenant=self.tenant, device_id=self.pairing_id)
+        timeouts = attempt_timeouts(ACK_TIMEOUT)  # a replica dying with it in hand: ask again
         while _utcnow() < command.lease.lease_expires_at and self.nc is not None:
             try:
                 reply = decode(
-                    (await self.nc.request(subject, data, timeout=ACK_TIMEOUT)).data, AckReply
+                    (await self.nc.request(subject, data, timeout=next(timeouts))).data, AckReply
                 ).data
             except (
                 nats.errors.TimeoutError,

@@ -14,11 +14,14 @@ from ._background import BackgroundTask, every, pull_forever
 from ._deadletter import (
     TRANSIENT,
     DeadLetters,
+    Fenced,
     Rejected,
     StorageAway,
     deliveries,
+    is_transient,
     parse_and_decode,
 )
+from ._fences import check_fence, raise_fence
 from ._idempotency import body_hash
 from ._leases import PartitionLeases
 from ._logging import LogBudget, configure_logging, kv
@@ -33,6 +36,7 @@ __all__ = [
     "AuditLog",
     "BackgroundTask",
     "DeadLetters",
+    "Fenced",
     "HubMetrics",
     "HubSettings",
     "LogBudget",
@@ -43,9 +47,11 @@ __all__ = [
     "PartitionLeases",
     "Rejected",
     "StorageAway",
+    "is_transient",
     "TRANSIENT",
     "ack_refusal",
     "body_hash",
+    "check_fence",
     "configure_logging",
     "db",
     "deliveries",
@@ -54,5 +60,6 @@ __all__ = [
     "kv",
     "parse_and_decode",
     "pull_forever",
+    "raise_fence",
     "streams",
 ]

@@ -13,7 +13,8 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
-from ._logging import kv
+from ._deadletter import Fenced, is_transient
+from ._logging import LogBudget, kv
 
 log = logging.getLogger("cowork.hub.background")
 
@@ -43,7 +44,11 @@ class BackgroundTask:
 async def every(
     interval: float, step: Callable[[], Awaitable[Any]], log: logging.Logger, failure: str
 ) -> None:
-    """Run `step` every `interval` seconds; a failed step is logged and tried next tick."""
+    """Run `step` every `interval` seconds; a failed step is tried next tick. While
+    it keeps failing (the database away) one line every 10 s says so, with how many
+    failures it stands for, and one line says when it works again."""
+    budget = LogBudget(rate=0.1, burst=1)
+    failing = 0
     while True:
         await asyncio.sleep(interval)
         try:
@@ -51,7 +56,14 @@ async def every(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning(failure, **kv(error=str(exc)))
+            failing += 1
+            suppressed = budget.allow(failure)
+            if suppressed is not None:
+                log.warning(failure, **kv(error=str(exc), suppressed=suppressed))
+            continue
+        if failing:
+            log.info(failure.rsplit("_", 1)[0] + "_recovered", **kv(failures=failing))
+            failing = 0
 
 
 async def pull_forever(
@@ -87,4 +99,39 @@ async def pull_forever(
             sub = None
             await asyncio.sleep(retry_delay)
             continue
-        await handle(msgs)
+        try:
+            await _handle_holding(handle, msgs, log, spec.durable)
+        except Fenced:  # another replica works this partition now
+            log.info("consumer.fenced", **kv(consumer=spec.durable))
+            return
+
+
+async def _handle_holding(
+    handle: Callable[[list[Msg]], Awaitable[None]],
+    msgs: list[Msg],
+    log: logging.Logger,
+    consumer: str,
+) -> None:
+    """Hand a batch to `handle`. While the database or NATS is away (a transient
+    error escaping the handler), keep what it has not acked, in progress so that
+    JetStream does not redeliver it behind newer messages, and hand that again:
+    nothing lost, order kept, and the worker never dies of it (a dead worker would
+    sit on its partition lease with nobody working it). Any other failure is a bug:
+    the unacked messages are redelivered (nak) up to the consumer's max deliveries."""
+    wait = 0.5
+    while msgs:
+        try:
+            await handle(msgs)
+            return
+        except (asyncio.CancelledError, Fenced):
+            raise
+        except Exception as exc:
+            msgs = [m for m in msgs if not m._ackd]  # nats-py's own record of an ack
+            if not is_transient(exc):
+                log.error("consumer.handler_failed", **kv(consumer=consumer, error=repr(exc)))
+                await asyncio.gather(*(m.nak() for m in msgs), return_exceptions=True)
+                return
+            log.warning("consumer.held", **kv(consumer=consumer, held=len(msgs), error=repr(exc)))
+            await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)

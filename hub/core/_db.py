@@ -122,7 +122,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+# A transaction left open by a hub that stopped between statements (frozen, cut
+# off) would hold its locks until its connection died: the server ends it instead.
+# The hub's transactions never wait on anything but the database inside.
+IDLE_IN_TRANSACTION_MS = 5000
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
     )

@@ -75,6 +75,12 @@ class StorageAway(Exception):
     messages to write them again, in order (`DeadLetters.write_batch(hold=True)`)."""
 
 
+class Fenced(Exception):
+    """This worker's partition lease has gone to another replica (its fencing
+    token is not the partition's any more): stop, and neither ack nor nak what it
+    holds; the new holder serves it again from the consumer's ack floor."""
+
+
 class Rejected(Exception):
     """A bus message the hub will not accept: set aside with this code and reason."""
 
@@ -223,6 +229,8 @@ class DeadLetters:
         back behind newer ones."""
         try:
             return [([msg for msg, _ in items], await write([value for _, value in items]))]
+        except Fenced:
+            raise
         except Exception as exc:  # noqa: BLE001 - sorted out below
             failure: BaseException = exc
         log.warning(

@@ -50,6 +50,7 @@ NO_MESSAGE = 10057  # JetStream's "no message found" (deleting one already gone)
 class _Held:
     revision: int
     renewed_at: float  # monotonic time the last successful renewal was sent
+    token: int  # the revision it was taken at: its fencing token (larger for later holders)
 
 
 class PartitionLeases:
@@ -90,6 +91,12 @@ class PartitionLeases:
     @property
     def held(self) -> list[str]:
         return sorted(self._held)
+
+    def token(self, name: str) -> int:
+        """The fencing token of a lease this replica holds: the KV revision it took
+        the lease at. Every later holder's is larger, so a store that remembers the
+        largest token seen can refuse a write of an earlier holder."""
+        return self._held[name].token
 
     async def run(self) -> None:
         """Take, keep and hand back leases every third of the TTL, until cancelled."""
@@ -149,7 +156,7 @@ class PartitionLeases:
         except KeyWrongLastSequenceError:  # it aged out and another replica took it
             await self._lose(name, "taken over")
             return
-        self._held[name] = _Held(revision, sent)
+        self._held[name] = _Held(revision, sent, self._held[name].token)
 
     async def _try_take(self, bucket: KeyValue, name: str) -> None:
         sent = time.monotonic()
@@ -157,7 +164,7 @@ class PartitionLeases:
             revision = await bucket.create(self._lease + name, self._replica.encode())
         except KeyWrongLastSequenceError:  # held by a live replica
             return
-        self._held[name] = _Held(revision, sent)
+        self._held[name] = _Held(revision, sent, revision)
         # Routine (every start, every rebalance): debug. Losing a lease one did not
         # hand back is worth a warning: it means NATS was out of reach.
         self._log.debug("leases.gained", **kv(lease=name, replica=self._replica))

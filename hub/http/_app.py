@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
 
-from ..core import LogBudget, Refusal, kv
+from ..core import LogBudget, Refusal, is_transient, kv
 from ._server import HttpServer
 
 if TYPE_CHECKING:
@@ -122,6 +122,27 @@ def add_route_table(
         getattr(app.router, f"add_{method.lower()}")(base + path, handler)
 
 
+def _unexpected(request: web.Request, exc: Exception, budget: LogBudget) -> web.Response:
+    """A 503 the client may retry when the database or the bus is away (a restart,
+    a failover), logged at most once a second; anything else is a bug: 500."""
+    if is_transient(exc):
+        suppressed = budget.allow("http.backend_unavailable")
+        if suppressed is not None:
+            log.warning(
+                "http.backend_unavailable",
+                **kv(path=request.path, error=type(exc).__name__, suppressed=suppressed),
+            )
+        response = json_error(
+            503,
+            "backend_unavailable",
+            "the hub cannot reach its database or bus right now; retry shortly",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+    log.exception("http.unhandled_error", **kv(path=request.path, method=request.method))
+    return json_error(500, "internal_error", "the hub failed to handle this request; see its logs")
+
+
 def _route_name(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
@@ -190,11 +211,8 @@ def hub_middleware(
                 "client_disconnected",
                 "the client closed the connection before the request ended",
             )
-        except Exception:
-            log.exception("http.unhandled_error", **kv(path=request.path, method=request.method))
-            response = json_error(
-                500, "internal_error", "the hub failed to handle this request; see its logs"
-            )
+        except Exception as exc:
+            response = _unexpected(request, exc, budget)
         finally:
             if body_timer is not None:
                 body_timer.cancel()

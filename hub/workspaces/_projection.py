@@ -42,9 +42,11 @@ from ..core import (
     PartitionLeases,
     Rejected,
     StorageAway,
+    check_fence,
     hub_consumer,
     parse_and_decode,
     pull_forever,
+    raise_fence,
     streams,
 )
 from ._log import append_events, lock_cursor, publish_live
@@ -109,7 +111,10 @@ class EventProjector:
 
     async def _gain(self, durable: str) -> None:
         spec = self._specs[durable]
-        # What the last holder fetched and never acked comes first, in order.
+        fence = (durable, self._leases.token(durable))
+        # The last holder's write in flight lands first; any later one is refused.
+        await raise_fence(self._pool, *fence)
+        # What the last holder fetched and never acked comes next, in order.
         await streams.rewind_unacked(self._js, spec)
         worker = BackgroundTask(
             f"event-projector:{durable}",
@@ -118,7 +123,7 @@ class EventProjector:
                 self._js,
                 spec,
                 self._batch,
-                self._handle,
+                partial(self._handle, fence),
                 log,
                 "projection.fetch_failed",
                 fetch_seconds=FETCH_SECONDS,
@@ -134,7 +139,7 @@ class EventProjector:
             await worker.stop()
         self._metrics.partition_leases.labels(durable).set(0)
 
-    async def _handle(self, msgs: list[Msg]) -> None:
+    async def _handle(self, fence: tuple[str, int], msgs: list[Msg]) -> None:
         groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
         rejected: list[tuple[Msg, Rejected]] = []
         for msg in msgs:
@@ -153,7 +158,7 @@ class EventProjector:
         for (tenant, workspace), items in groups.items():
             # The database away: redeliver later, lose nothing. An event it refuses:
             # dead-lettered alone, the rest projected (never a hot loop, never a wedge).
-            written = await self._write_in_order(msgs, items, tenant, workspace)
+            written = await self._write_in_order(msgs, items, tenant, workspace, fence)
             for done, events in written:
                 for msg in done:
                     await msg.ack()
@@ -161,7 +166,12 @@ class EventProjector:
                 await self._publish_live(tenant, workspace, events)
 
     async def _write_in_order(
-        self, batch: list[Msg], items: list[tuple[Msg, Envelope]], tenant: str, workspace: str
+        self,
+        batch: list[Msg],
+        items: list[tuple[Msg, Envelope]],
+        tenant: str,
+        workspace: str,
+        fence: tuple[str, int],
     ) -> list[tuple[list[Msg], list[WorkspaceEvent]]]:
         """Write one workspace's items; while the database is away, hold them (and
         the whole batch, in progress) and try again: a redelivery would come back
@@ -173,7 +183,7 @@ class EventProjector:
                     FAMILY,
                     SPEC.max_deliver,
                     items,
-                    partial(self._project, tenant, workspace),
+                    partial(self._project, fence, tenant, workspace),
                     log,
                     delay=1.0,
                     hold=True,
@@ -238,9 +248,10 @@ class EventProjector:
         await self._dead.reject(msg, FAMILY, exc)
 
     async def _project(
-        self, tenant: str, workspace: str, envs: list[Envelope]
+        self, fence: tuple[str, int], tenant: str, workspace: str, envs: list[Envelope]
     ) -> list[WorkspaceEvent]:
         async with self._pool.acquire() as conn, conn.transaction():
+            await check_fence(conn, *fence)
             last = await lock_cursor(conn, tenant, workspace)
             fresh = await self._unseen(conn, tenant, envs)
             if not fresh:

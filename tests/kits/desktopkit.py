@@ -14,7 +14,9 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import httpx
 
 from edges.desktop._agent import DesktopAgent, pair
 from edges.desktop._store import DesktopStore
+from schemas import DeviceEvent, Envelope, Source
 
 TENANT = "acme"
 COWORK = str(Path(sys.executable).parent / "cowork")
@@ -301,3 +304,19 @@ async def wait_online(
         return view if view["online"] is online else None
 
     return await eventually(check, timeout, 0.05, f"pairing online={online}")
+
+
+def desktop_event(pid: str, payload: dict) -> tuple[str, bytes]:
+    """A contract-valid Desktop event of pairing `pid` (workspace ws1, session
+    ses1), sealed in its envelope as the Desktop would publish it: (id, bytes)."""
+    event = DeviceEvent(
+        id=f"ev{uuid.uuid4().hex[:20]}",
+        pairing_id=pid,
+        type="session.event",
+        workspace_id="ws1",
+        session_id="ses1",
+        occurred_at=datetime.now(UTC),
+        payload=payload,
+    )
+    source = Source(principal_kind="desktop", principal_id=pid)
+    return event.id, Envelope.wrap(event, source=source, tenant=TENANT).encode()

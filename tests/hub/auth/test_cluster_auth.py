@@ -3,22 +3,12 @@ server: every connection authenticated, tenant isolation, and a revocation pushe
 through one node drops the revoked edge on another node within 2 s."""
 
 import asyncio
-import shutil
 import time
 
-import httpx
 import nats
 import pytest
+from chaoskit import nats_cluster
 from hubkit import running_hub
-from test_deploy import (
-    CLUSTER_DIR,
-    START_TIMEOUT,
-    _free_ports,
-    _healthy,
-    _Server,
-    _stop_all,
-    _wait_until,
-)
 
 from hub.auth._keys import BusKeys
 from hub.auth._permissions import Principal
@@ -26,49 +16,13 @@ from schemas import PrincipalKind, subjects
 
 
 @pytest.fixture(scope="module")
-def operator_cluster(tmp_path_factory):
+async def operator_cluster(tmp_path_factory):
     """The committed node configs, unchanged, each included by a file that adds the
     operator block `cowork keys server-config` prints (as an operator would)."""
     workdir = tmp_path_factory.mktemp("nats-operator-cluster")
     keys = BusKeys.load_or_create(workdir / "keys")
-    for conf in CLUSTER_DIR.glob("*.conf"):
-        shutil.copy(conf, workdir / conf.name)
-    ports = _free_ports(12)
-    envs = [
-        {
-            "NATS_HOST": "127.0.0.1",
-            "NATS_CLIENT_PORT": str(ports[i * 4]),
-            "NATS_CLUSTER_PORT": str(ports[i * 4 + 1]),
-            "NATS_LEAFNODE_PORT": str(ports[i * 4 + 2]),
-            "NATS_HTTP_PORT": str(ports[i * 4 + 3]),
-            "NATS_STORE_DIR": str(workdir / f"store-{i + 1}"),
-        }
-        for i in range(3)
-    ]
-    routes = {
-        f"NATS_ROUTE_{i + 1}": f"nats://127.0.0.1:{e['NATS_CLUSTER_PORT']}"
-        for i, e in enumerate(envs)
-    }
-    servers = []
-    try:
-        for i, env in enumerate(envs):
-            wrapper = workdir / f"operator-node-{i + 1}.conf"
-            wrapper.write_text(
-                f"include ./node-{i + 1}.conf\n"
-                + keys.server_config(workdir / f"resolver-{i + 1}")
-                + "\n"
-            )
-            servers.append(_Server(f"hub-{i + 1}", wrapper, {**env, **routes}, workdir))
-        with httpx.Client(timeout=2.0) as client:
-            _wait_until(
-                lambda: all(_healthy(client, s) for s in servers),
-                START_TIMEOUT,
-                "all three operator-mode nodes healthy",
-                servers,
-            )
-        yield keys, servers
-    finally:
-        _stop_all(servers)
+    async with nats_cluster(workdir, keys) as cluster:
+        yield keys, cluster.nodes
 
 
 async def test_cluster_enforces_auth_isolation_and_revocation(operator_cluster, database_url):

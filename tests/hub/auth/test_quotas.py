@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
 
 import nats
 import pytest
-from desktopkit import TENANT, events, eventually, redeem
+from desktopkit import TENANT, desktop_event, events, eventually, redeem
 
 from edges.local import NatsServer
 from hub import HubSettings
 from hub.auth import Principal, nats_jwt
 from hub.core import streams
-from schemas import DeviceEvent, Envelope, PrincipalKind, Source, subjects
+from schemas import PrincipalKind, subjects
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,17 +42,7 @@ def hub_options() -> dict:
 
 
 def _event(pid: str, text: str) -> bytes:
-    event = DeviceEvent(
-        id=f"ev{uuid.uuid4().hex[:20]}",
-        pairing_id=pid,
-        type="session.event",
-        workspace_id="ws1",
-        session_id="ses1",
-        occurred_at=datetime.now(UTC),
-        payload={"type": "quota", "text": text},
-    )
-    source = Source(principal_kind="desktop", principal_id=pid)
-    return Envelope.wrap(event, source=source, tenant=TENANT).encode()
+    return desktop_event(pid, {"type": "quota", "text": text})[1]
 
 
 async def _connect(url: str, store, pid: str, errors: list[str]) -> nats.NATS:

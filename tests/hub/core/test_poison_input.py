@@ -11,17 +11,16 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import nats
 import pytest
-from desktopkit import TENANT, create_pairing, events, eventually, redeem
+from desktopkit import TENANT, create_pairing, desktop_event, events, eventually, redeem
 
 from hub.core import streams
 from hub.core._deadletter import GIVE_UP_AFTER, DeadLetters
 from hub.core._metrics import HubMetrics
 from hub.core._streams import declare
-from schemas import AuditRecord, DeviceEvent, Envelope, Source, subjects
+from schemas import AuditRecord, Envelope, Source, subjects
 from schemas._storable import storable_text, unstorable, unstorable_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,18 +121,7 @@ async def _letter_about(dead, pid: str) -> dict:
 
 
 def _event(pid: str, payload: dict) -> bytes:
-    event = DeviceEvent(
-        id=f"ev{uuid.uuid4().hex[:20]}",
-        pairing_id=pid,
-        type="session.event",
-        workspace_id="ws1",
-        session_id="ses1",
-        occurred_at=datetime.now(UTC),
-        payload=payload,
-    )
-    return Envelope.wrap(
-        event, source=Source(principal_kind="desktop", principal_id=pid), tenant=TENANT
-    ).encode()
+    return desktop_event(pid, payload)[1]
 
 
 async def test_a_nul_event_is_dead_lettered_and_the_desktop_keeps_projecting(

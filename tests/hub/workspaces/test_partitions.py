@@ -6,13 +6,11 @@ Desktop's events in another partition."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from datetime import UTC, datetime
 
 import nats
-from desktopkit import TENANT, events, eventually, redeem
+from desktopkit import TENANT, desktop_event, events, eventually, redeem
 
-from schemas import DeviceEvent, Envelope, Source, WorkspaceEvent, decode, subjects
+from schemas import WorkspaceEvent, decode, subjects
 
 FLOOD = 5000
 
@@ -29,17 +27,7 @@ async def _desktop(http, url, state_dir):
 
 
 def _event(pid: str, text: str) -> bytes:
-    event = DeviceEvent(
-        id=f"ev{uuid.uuid4().hex[:20]}",
-        pairing_id=pid,
-        type="session.event",
-        workspace_id="ws1",
-        session_id="ses1",
-        occurred_at=datetime.now(UTC),
-        payload={"type": "text", "text": text},
-    )
-    source = Source(principal_kind="desktop", principal_id=pid)
-    return Envelope.wrap(event, source=source, tenant=TENANT).encode()
+    return desktop_event(pid, {"type": "text", "text": text})[1]
 
 
 async def _partition(hub, nc, pid: str) -> int:

@@ -1,0 +1,46 @@
+"""Fencing tokens in PostgreSQL for work done under a partition lease.
+
+A lease (hub/core/_leases.py) says who should work a partition; it cannot stop a
+holder that lost it without knowing (a process frozen, cut off from NATS, or a
+write slower than the lease's margin) from writing late, behind the new holder's
+writes. The store refuses such a write instead: the new holder raises the
+partition's token (migration 0009) before it starts, and each write checks, in
+its own transaction, that the token is still its holder's."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ._deadletter import Fenced
+
+LOCK_TIMEOUT_MS = 500
+
+
+async def raise_fence(pool: asyncpg.Pool, consumer: str, token: int) -> None:
+    """Make `token` the partition's; waits for a write in flight under the old
+    token (it holds the row FOR SHARE). Fenced if a later holder's is there."""
+    async with pool.acquire() as conn, conn.transaction():
+        # Not long: the lease step waits on this. An old holder stuck mid-write is
+        # cut off by the server (idle_in_transaction_session_timeout) and the lease
+        # is tried again next tick (LockNotAvailableError: the take fails).
+        await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+        raised = await conn.fetchval(
+            "INSERT INTO partition_fences (consumer, token) VALUES ($1, $2) "
+            "ON CONFLICT (consumer) DO UPDATE SET token = EXCLUDED.token "
+            "WHERE partition_fences.token <= EXCLUDED.token RETURNING token",
+            consumer,
+            token,
+        )
+    if raised is None:
+        raise Fenced(f"{consumer}: a later holder's token is in place")
+
+
+async def check_fence(conn: asyncpg.Connection, consumer: str, token: int) -> None:
+    """In the caller's transaction: Fenced unless `token` is still the partition's;
+    the row stays locked FOR SHARE until the transaction ends, so a new holder's
+    raise_fence waits for this write rather than race it."""
+    current = await conn.fetchval(
+        "SELECT token FROM partition_fences WHERE consumer = $1 FOR SHARE", consumer
+    )
+    if current != token:
+        raise Fenced(f"{consumer}: token {token} is not the partition's ({current})")

@@ -1,0 +1,82 @@
+"""The hub's one JetStream pull loop (`pull_forever`) against a real nats-server:
+a handler that fails because the database is away keeps its batch and gets it
+again, in order, and the loop lives on; a handler that fails for another reason
+has its unacked messages redelivered by JetStream."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import nats
+from desktopkit import eventually
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from hub.core import BackgroundTask, pull_forever
+from hub.core._streams import ConsumerSpec
+
+
+async def _consumer(js, count: int) -> ConsumerSpec:
+    name = f"PULL_{uuid.uuid4().hex[:8].upper()}"
+    subject = f"pull.{name.lower()}"
+    await js.add_stream(name=name, subjects=[subject])
+    config = ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT, ack_wait=30)
+    await js.add_consumer(name, config)
+    for i in range(count):
+        await js.publish(subject, str(i).encode())
+    return ConsumerSpec(stream=name, durable="worker", filter_subject=subject)
+
+
+async def test_a_batch_is_held_while_the_database_is_away_and_order_kept(nats_url):
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    spec = await _consumer(js, 20)
+    seen: list[int] = []
+    outage = {"left": 3}
+
+    async def handle(msgs) -> None:
+        for msg in msgs:
+            if int(msg.data) == 7 and outage["left"]:
+                outage["left"] -= 1
+                raise ConnectionRefusedError(111, "the database is restarting")
+            seen.append(int(msg.data))
+            await msg.ack()
+
+    log = logging.getLogger("test.pull")
+    worker = BackgroundTask("pull", lambda: pull_forever(js, spec, 5, handle, log, "fetch_failed"))
+    worker.start()
+    try:
+        await eventually(lambda: len(seen) >= 20, 20, what="every message handled")
+        assert seen == list(range(20)), "lost, doubled or reordered while held"
+        assert outage["left"] == 0
+        info = await js.consumer_info(spec.stream, spec.durable)
+        assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    finally:
+        await worker.stop()
+        await nc.close()
+
+
+async def test_a_handler_bug_gets_the_batch_redelivered_and_the_loop_lives_on(nats_url):
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    spec = await _consumer(js, 6)
+    handled: list[int] = []
+    failed = {"once": True}
+
+    async def handle(msgs) -> None:
+        for msg in msgs:
+            if failed["once"] and int(msg.data) == 2:
+                failed["once"] = False
+                raise KeyError("a bug")
+            handled.append(int(msg.data))
+            await msg.ack()
+
+    log = logging.getLogger("test.pull")
+    worker = BackgroundTask("pull", lambda: pull_forever(js, spec, 3, handle, log, "fetch_failed"))
+    worker.start()
+    try:
+        await eventually(lambda: set(handled) == set(range(6)), 20, what="all handled")
+        assert sorted(handled) == list(range(6)), "each handled once"
+    finally:
+        await worker.stop()
+        await nc.close()
