@@ -202,8 +202,7 @@ class PartitionLeases:
         renewing the rest (a step held up past two thirds of a TTL would drop
         them all, and its member key would age out)."""
         revisions = [self._held[name].revision for name in names if name in self._held]
-        for name in names:
-            await self._lose(name, "handed back")
+        await self._lose_all(names, "handed back")
         if revisions:
             task = asyncio.create_task(self._hand_back(revisions))
             self._handing_back.add(task)
@@ -230,6 +229,16 @@ class PartitionLeases:
             if exc.err_code != NO_MESSAGE:  # gone already: aged out or replaced
                 raise
 
+    async def _lose_all(self, names: list[str], why: str) -> None:
+        """Stop their workers together: one slow stop (a delivery worker waits for its
+        last pull) must not hold up the others while their keys age out."""
+        results = await asyncio.gather(
+            *(self._lose(name, why) for name in names), return_exceptions=True
+        )
+        for result in results:  # every stop has ended; a failed one is reported
+            if isinstance(result, BaseException):
+                raise result
+
     async def _lose(self, name: str, why: str) -> None:
         if self._held.pop(name, None) is None:
             return
@@ -240,9 +249,8 @@ class PartitionLeases:
     async def _drop_unsure(self) -> None:
         """Stop the workers whose lease could have aged out without our knowing."""
         deadline = time.monotonic() - self._ttl * 2 / 3  # a third of the TTL to spare
-        for name, held in list(self._held.items()):
-            if held.renewed_at < deadline:
-                await self._lose(name, "not renewed in time")
+        unsure = [name for name, held in self._held.items() if held.renewed_at < deadline]
+        await self._lose_all(unsure, "not renewed in time")
 
     async def _members(self) -> int:
         members = f"$KV.{self._bucket_name}.{self._member.rsplit('.', 1)[0]}.*"
