@@ -1,12 +1,12 @@
 """A channel instance on two hub replicas (`cowork hub serve` processes on one
 NATS and one PostgreSQL): one replica at a time runs its delivery worker (the
-instance's partition lease), and when that replica is killed -9 mid-flow the
-other takes the instance over: every delivery reaches the platform once, each
-lane (chat, thread) in the order it was published.
+instance's partition lease), and when that replica is killed -9 (or stopped)
+mid-flow the other takes the instance over: every delivery reaches the platform
+once, each lane (chat, thread) in the order it was published.
 
-The platform holds the sends it gets while the test kills the replica, and
-drops those whose sender died: a send the platform took in the instant before
-the kill, with the sent-ledger not yet written, would go out again (the one
+The platform holds the sends it gets while the test strikes, and drops those
+whose sender died or gave up meanwhile: a send the platform took in the instant
+before a kill, with the sent-ledger not yet written, would go out again (the one
 duplicate no hub can rule out without the platform's help), and the test is
 about the hub's part, not about that instant."""
 
@@ -28,14 +28,16 @@ from hub.auth._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
 from schemas import ChannelOutbound, ChannelTarget, Envelope, Source, subjects
 
 LEASE = 2.0  # seconds (COWORK_PARTITION_LEASE_SECONDS); the fastest allowed
-INSTANCE = "tg-replicas"
-CONSUMER = subjects.edge_consumer("channel", INSTANCE)
 LANES = [("100", None), ("100", "55"), ("200", None), ("300", None)]  # (chat, thread)
 PER_LANE = 60
 # A dead holder's lease ages out one TTL after its last renewal (at most a third
 # of a TTL before the kill), the next tick (a third) takes it: TTL + 2/3 TTL, plus
 # a second of slack for a loaded machine (as tests/hub/workspaces/test_replicas.py).
 TAKEOVER_BOUND = LEASE * 5 / 3 + 1.0
+# A stopping replica hands the lease back once its worker has stopped and its last
+# pull expired, while the process shuts down: within a TTL and a few seconds of
+# the SIGTERM (as for the projection's partitions).
+BOUND = {"kill": TAKEOVER_BOUND, "stop": LEASE + 3.0}
 
 
 class HoldingTelegram(FakeTelegram):
@@ -76,7 +78,7 @@ async def bus(tmp_path_factory):
 
 
 @pytest.fixture
-async def platform():
+async def platform():  # one per test, and each test has a database of its own
     fake = HoldingTelegram()
     await fake.start()
     yield fake
@@ -117,9 +119,9 @@ def _text(lane: int, n: int) -> str:
     return f"lane {lane} #{n}"
 
 
-async def _publish(js, lanes: list[int], numbers, pause: float) -> None:
+async def _publish(js, instance: str, lanes: list[int], numbers, pause: float) -> None:
     """Each lane's deliveries `numbers`, lanes interleaved, each stored before the next."""
-    subject = subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=INSTANCE)
+    subject = subjects.CHANNEL_OUTBOUND.build(tenant=TENANT, instance_id=instance)
     for n in numbers:
         for lane in lanes:
             chat, thread = LANES[lane]
@@ -127,80 +129,110 @@ async def _publish(js, lanes: list[int], numbers, pause: float) -> None:
         await asyncio.sleep(pause)
 
 
-async def _holder(*hubs):
-    held = [hub for hub in hubs if CONSUMER in await hub.held()]
+async def _holder(consumer: str, *hubs):
+    held = [hub for hub in hubs if consumer in await hub.held()]
     return held[0] if len(held) == 1 else None
 
 
-async def test_a_killed_replica_hands_its_lanes_over_in_order_and_sends_nothing_twice(
-    bus, database_url_module, tmp_path, platform
+class _Flow:
+    """Deliveries published on every lane while the replica sending them fails."""
+
+    def __init__(self, js, platform: HoldingTelegram, instance: str) -> None:
+        self.js, self.platform, self.instance = js, platform, instance
+        self.lanes = list(range(len(LANES)))
+
+    def counts(self) -> list[int]:
+        return [len(self.platform.lane(*LANES[lane])) for lane in self.lanes]
+
+    async def strike(self, fault, survivor) -> dict[str, float]:
+        """Publish; once sends flow, hold the platform (a send waiting per lane, none
+        recorded), strike, let the platform go; then every lane must be complete,
+        once each, in order. Returns how long after the strike the survivor held
+        the lease, sent again, and had sent everything."""
+        publishing = asyncio.create_task(
+            _publish(self.js, self.instance, self.lanes, range(PER_LANE), 0.02)
+        )
+        await eventually(lambda: sum(self.counts()) >= 40, timeout=10, what="sends flowing")
+        self.platform.hold()
+        await eventually(
+            lambda: self.platform.waiting == len(LANES), timeout=5, what="a send held per lane"
+        )
+        before, struck = self.counts(), time.monotonic()
+        await fault()
+        await asyncio.sleep(0.3)  # the failed sender's connections close at the platform
+        self.platform.let_through()
+        consumer = subjects.edge_consumer("channel", self.instance)
+        await eventually(
+            lambda: _holder(consumer, survivor), timeout=TAKEOVER_BOUND * 2, what="takeover"
+        )
+        timings = {"lease": time.monotonic() - struck}
+        await eventually(
+            lambda: any(now > then for now, then in zip(self.counts(), before)),
+            timeout=TAKEOVER_BOUND * 2,
+            what="a send after",
+        )
+        timings["send"] = time.monotonic() - struck
+        await publishing
+        await eventually(
+            lambda: min(self.counts()) >= PER_LANE, timeout=30, interval=0.1, what="all sent"
+        )
+        for lane in self.lanes:
+            expected = [_text(lane, n) for n in range(PER_LANE)]
+            assert self.platform.lane(*LANES[lane]) == expected, f"lane {lane} broken"
+        timings["all"] = time.monotonic() - struck
+        return timings
+
+    async def served_again_is_not_sent(self) -> None:
+        """Deliveries the failed replica sent, served again: the survivor finds them
+        in the durable sent-ledger and sends none twice (a marker behind them in the
+        same lane shows they were handled)."""
+        await _publish(self.js, self.instance, [0], range(3), 0)
+        await _publish(self.js, self.instance, [0], [PER_LANE], 0)
+        await eventually(lambda: self.counts()[0] > PER_LANE, timeout=10, what="the marker")
+        assert self.platform.lane(*LANES[0])[PER_LANE:] == [_text(0, PER_LANE)]
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+async def test_a_failing_replica_hands_its_lanes_over_in_order_and_sends_nothing_twice(
+    fault, bus, database_url, tmp_path, platform
 ):
     url, keys_dir = bus
+    instance = f"tg-{fault}"
     async with replicas(
         2,
         tmp_path,
         nats_url=url,
-        database_url=database_url_module,
+        database_url=database_url,
         keys_dir=keys_dir,
         partition_lease_seconds=str(LEASE),
     ) as (a, b):
         async with a.client() as http:
             await create_instance(
-                http, platform, instance_id=INSTANCE, workspace_id="ws1", authority="cloud_worker"
+                http, platform, instance_id=instance, workspace_id="ws1", authority="cloud_worker"
             )
-        victim = await eventually(lambda: _holder(a, b), timeout=LEASE * 4, what="one holder")
+        consumer = subjects.edge_consumer("channel", instance)
+        victim = await eventually(
+            lambda: _holder(consumer, a, b), timeout=LEASE * 4, what="one holder"
+        )
         survivor = b if victim is a else a
+
+        async def strike() -> None:
+            if fault == "kill":
+                victim.kill()  # kill -9: the lease ages out
+            else:
+                await victim.stop()  # SIGTERM: the lease is handed back
+
         nc = await _hub_bus(url, keys_dir)
         try:
-            js = nc.jetstream()
-            everyone = list(range(len(LANES)))
-            publishing = asyncio.create_task(_publish(js, everyone, range(PER_LANE), 0.02))
-            await eventually(lambda: sum(map(len, platform.chats.values())) >= 40, timeout=10)
-            platform.hold()  # every lane's next send waits at the platform, unrecorded
-            await eventually(
-                lambda: platform.waiting == len(LANES), timeout=5, what="a send held per lane"
-            )
-            before = {lane: len(platform.lane(*LANES[lane])) for lane in everyone}
-            struck = time.monotonic()
-            victim.kill()
-            await asyncio.sleep(0.3)  # the dead sender's connections close at the platform
-            platform.let_through()
-            await eventually(lambda: _holder(survivor), timeout=TAKEOVER_BOUND * 2, what="takeover")
-            took_over = time.monotonic() - struck
-
-            def resumed() -> bool:
-                return any(len(platform.lane(*LANES[lane])) > before[lane] for lane in everyone)
-
-            await eventually(resumed, timeout=TAKEOVER_BOUND * 2, what="a send after the kill")
-            first_send = time.monotonic() - struck
-            await publishing
-
-            def complete() -> bool:
-                return all(len(platform.lane(*LANES[lane])) >= PER_LANE for lane in everyone)
-
-            await eventually(complete, timeout=30, interval=0.1, what="every delivery")
-            for lane in everyone:
-                expected = [_text(lane, n) for n in range(PER_LANE)]
-                assert platform.lane(*LANES[lane]) == expected, (
-                    f"lane {lane} lost, doubled or reordered"
-                )
-            caught_up = time.monotonic() - struck
-
-            # Deliveries the dead replica sent, served again: the survivor finds them in
-            # the durable sent-ledger and sends none of them twice (a marker behind them
-            # in the same lane shows they were handled).
-            await _publish(js, [0], range(3), 0)
-            await _publish(js, [0], [PER_LANE], 0)
-            await eventually(
-                lambda: len(platform.lane(*LANES[0])) > PER_LANE, timeout=10, what="the marker"
-            )
-            assert platform.lane(*LANES[0])[PER_LANE:] == [_text(0, PER_LANE)]
+            flow = _Flow(nc.jetstream(), platform, instance)
+            took = await flow.strike(strike, survivor)
+            await flow.served_again_is_not_sent()
         finally:
             await nc.close()
         print(
-            f"\nkill -9 of the replica delivering for {INSTANCE}: lease taken over in "
-            f"{took_over:.2f} s (bound {TAKEOVER_BOUND:.2f} s), first send after "
-            f"{first_send:.2f} s; all {len(LANES) * PER_LANE} deliveries once each, "
-            f"in lane order, {caught_up:.2f} s after the kill"
+            f"\n{fault} of the replica delivering for {instance}: lease held by the other "
+            f"{took['lease']:.2f} s later (bound {BOUND[fault]:.2f} s), first send after "
+            f"{took['send']:.2f} s; all {len(LANES) * PER_LANE} deliveries once each, in "
+            f"lane order, {took['all']:.2f} s after"
         )
-        assert took_over < TAKEOVER_BOUND
+        assert took["lease"] < BOUND[fault]
