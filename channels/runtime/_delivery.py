@@ -49,7 +49,7 @@ log = logging.getLogger("cowork.channels")
 
 OUTBOUND_STREAM = "CW_CHANNEL_OUTBOUND"
 _PROGRESS_SECONDS = 10.0  # tell JetStream we are still working well inside its 30 s ack wait
-FETCH_SECONDS = 1.0  # how long one pull request stays open on the server
+_FETCH_SECONDS = 1.0  # how long one pull request stays open on the server
 
 
 class DeliveryWorker:
@@ -119,7 +119,7 @@ class DeliveryWorker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._fetcher is not None and not self._fetcher.done():
-            await asyncio.wait({self._fetcher}, timeout=FETCH_SECONDS + 1.0)
+            await asyncio.wait({self._fetcher}, timeout=_FETCH_SECONDS + 1.0)
             self._fetcher.cancel()
             await asyncio.gather(self._fetcher, return_exceptions=True)
         await quietly(self._nc.flush(timeout=2))
@@ -158,7 +158,7 @@ class DeliveryWorker:
                 await self._room.wait()
                 continue
             try:
-                msgs = await self._psub.fetch(min(room, 64), timeout=FETCH_SECONDS)
+                msgs = await self._psub.fetch(min(room, 64), timeout=_FETCH_SECONDS)
             except (TimeoutError, NatsTimeout):
                 continue
             except Exception as exc:  # connection trouble: the client reconnects; try again

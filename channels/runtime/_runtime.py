@@ -37,7 +37,7 @@ from schemas import ChannelInstanceState, PrincipalKind, Source, subjects
 
 from .._provider import DeliveryFailed, InstanceConfig
 from .._registry import provider_class
-from ._delivery import FETCH_SECONDS, DeliveryWorker
+from ._delivery import DeliveryWorker
 from ._ingress import Ingress, SourceResolver, kv
 from ._ledger import Ledger
 
@@ -246,11 +246,6 @@ class ChannelRuntime:
         instance = self._instances.get(instance_id)
         if instance is not None:
             await self._stop_worker(instance, grace)
-
-    @property
-    def fetch_seconds(self) -> float:
-        """How long a delivery worker's pull request stays open on the server."""
-        return FETCH_SECONDS
 
     def delivering(self, instance_id: str) -> bool:
         return self._deliver_all or instance_id in self._delivering

@@ -49,9 +49,11 @@ class DeliveryLeases:
             on_gain=self._gain,
             on_lose=self._lose,
             log=log,
-            # A worker's stop waits for its last pull to expire; this covers one it
-            # had to cancel instead, so the next holder sees all it left unacked.
-            handover_delay=runtime.fetch_seconds + 0.5,
+            # None needed (the projector's waits out its last pull): a delivery
+            # worker's stop returns once its last pull has expired, or after it
+            # unsubscribed the pull's inbox, and JetStream gives nothing to a pull
+            # request nobody listens to. So the lease is free as soon as it stops.
+            handover_delay=0.0,
         )
         self._leasing = BackgroundTask("channel-delivery:leases", self._leases.run)
 

@@ -18,7 +18,7 @@ import time
 import nats
 import pytest
 from aiohttp import web
-from channelkit import create_instance
+from channelkit import create_instance, wait_ready
 from desktopkit import TENANT, eventually
 from fakeplatforms.telegram import FakeTelegram
 from replicakit import operator_bus, replicas
@@ -34,9 +34,9 @@ PER_LANE = 60
 # of a TTL before the kill), the next tick (a third) takes it: TTL + 2/3 TTL, plus
 # a second of slack for a loaded machine (as tests/hub/workspaces/test_replicas.py).
 TAKEOVER_BOUND = LEASE * 5 / 3 + 1.0
-# A stopping replica hands the lease back once its worker has stopped and its last
-# pull expired, while the process shuts down: within a TTL and a few seconds of
-# the SIGTERM (as for the projection's partitions).
+# A stopping replica hands the lease back as soon as its worker has stopped, while
+# the process shuts down: within a TTL and a few seconds of the SIGTERM (as for the
+# projection's partitions).
 BOUND = {"kill": TAKEOVER_BOUND, "stop": LEASE + 3.0}
 
 
@@ -215,6 +215,8 @@ async def test_a_failing_replica_hands_its_lanes_over_in_order_and_sends_nothing
             lambda: _holder(consumer, a, b), timeout=LEASE * 4, what="one holder"
         )
         survivor = b if victim is a else a
+        async with survivor.client() as http:  # it hosts the instance too (webhooks)
+            await wait_ready(http, instance)
 
         async def strike() -> None:
             if fault == "kill":
