@@ -334,6 +334,7 @@ class Hub:
             secret_key=secret,
             credentials=self.credentials,
             settings=s,
+            replica=self.replica,
         )
         set_delivery_id_key(hmac.new(secret, b"delivery-id", hashlib.sha256).digest())
         self.channel_outbox = ChannelOutbox(self.js, self.pool, self.metrics, hub_id=s.hub_id)

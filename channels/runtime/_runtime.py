@@ -9,6 +9,12 @@ instance's own credentials), its own provider, worker, ledger and counters:
 one instance failing (cannot connect, probe refused, worker crash) never
 touches another. A failed connection is retried in the background.
 
+Webhooks are answered wherever the instance runs. Its delivery worker runs
+everywhere too, unless the runtime is made with `deliver_all=False`: then only
+between `start_delivery(id)` and `stop_delivery(id)`, which the hub calls as
+this replica gains and loses the instance's lease (one worker among all
+replicas, so a lane's deliveries go out in order).
+
 Lifecycle (schemas.ChannelInstanceState): starting -> ready -> degraded/failed
 -> stopping -> stopped.
 """
@@ -82,6 +88,7 @@ class Instance:
         self.nc: Any = None
         self.js: Any = None  # set once connected: ingress answers 503 until then
         self.worker: DeliveryWorker | None = None
+        self.worker_lock = asyncio.Lock()  # the worker starts and stops one at a time
         self.supervisor: asyncio.Task | None = None
         self.state = State.STARTING
         self.detail = "starting"
@@ -139,12 +146,16 @@ class ChannelRuntime:
         options: RuntimeOptions = RuntimeOptions(),
         source_of: SourceResolver | None = None,
         http: httpx.AsyncClient | None = None,
+        deliver_all: bool = True,
     ) -> None:
         """`connect(config)` returns a connected NATS client for that instance;
         `source_of(request)` names a webhook's source (the client address behind a
-        trusted proxy); `http` replaces the runtime's own HTTP client (tests)."""
+        trusted proxy); `http` replaces the runtime's own HTTP client (tests);
+        `deliver_all=False` runs a delivery worker only where start_delivery asked."""
         self._connect = connect
         self.options = options
+        self._deliver_all = deliver_all
+        self._delivering: set[str] = set()  # instance ids start_delivery asked for
         self._instances: dict[str, Instance] = {}
         self._ledgers: dict[str, Ledger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -219,6 +230,25 @@ class ChannelRuntime:
             instance = self._instances.pop(instance_id, None)
             if instance is not None:
                 await self._shutdown(instance)
+
+    async def start_delivery(self, instance_id: str) -> None:
+        """Run the instance's delivery worker here from now on (at once when it is
+        connected, else as soon as it is). Raises when the worker cannot start."""
+        self._delivering.add(instance_id)
+        instance = self._instances.get(instance_id)
+        if instance is not None:
+            await self._start_worker(instance)
+
+    async def stop_delivery(self, instance_id: str, grace: float) -> None:
+        """Stop the instance's delivery worker (sends in flight get `grace` seconds);
+        returns once it has stopped. Webhooks are still answered."""
+        self._delivering.discard(instance_id)
+        instance = self._instances.get(instance_id)
+        if instance is not None:
+            await self._stop_worker(instance, grace)
+
+    def delivering(self, instance_id: str) -> bool:
+        return self._deliver_all or instance_id in self._delivering
 
     def health(self, instance_id: str) -> dict[str, Any]:
         instance = self._instances.get(instance_id)
@@ -301,26 +331,20 @@ class ChannelRuntime:
         """Return (why) once the instance's connection is closed for good (nats-py gave
         up reconnecting, or its owner closed it) or its worker died. Polling a flag
         is cheap, and works for a connection made by anyone (no callback of ours in it)."""
-        nc, worker = instance.nc, instance.worker
+        nc = instance.nc
         while True:
             _honour_cancel()
             if nc.is_closed:
                 return "the bus connection closed"
+            worker = instance.worker  # read each time: a lease may start or stop it
             if worker is not None and worker.crashed:
                 return "the delivery worker stopped unexpectedly"
             await asyncio.sleep(self.options.watch_interval_seconds)
 
     async def _bring_up(self, instance: Instance) -> None:
         instance.nc = await self._connect(instance.config)
-        js = instance.nc.jetstream()
-        instance.js = js  # the worker binds with it; ingress may publish from now on
-        worker = DeliveryWorker(
-            instance,
-            self.options,
-            self._ledgers.setdefault(instance.instance_id, Ledger(self.options.ledger_size)),
-        )
-        await worker.start()  # binds the durable consumer: fails when it is missing
-        instance.worker = worker
+        instance.js = instance.nc.jetstream()  # ingress may publish from now on
+        await self._start_worker(instance)
         try:
             detail = await asyncio.wait_for(
                 instance.provider.probe(), self.options.probe_timeout_seconds
@@ -331,20 +355,43 @@ class ChannelRuntime:
             return
         instance.mark(State.READY, str(detail)[:200] or "ready")
 
-    async def _take_down(self, instance: Instance) -> None:
-        """Stop the worker (in-flight sends may finish: the ledger then remembers
-        them) and close the connection; webhooks answer 503 from the first line."""
-        instance.js = None
-        worker = instance.worker
-        if worker is not None:
+    async def _start_worker(self, instance: Instance) -> None:
+        """Start the delivery worker if this runtime delivers for the instance, it is
+        connected and none runs yet."""
+        async with instance.worker_lock:
+            if (
+                instance.js is None
+                or instance.worker is not None
+                or not self.delivering(instance.instance_id)
+            ):
+                return
+            worker = DeliveryWorker(
+                instance,
+                self.options,
+                self._ledgers.setdefault(instance.instance_id, Ledger(self.options.ledger_size)),
+            )
+            await worker.start()  # binds the durable consumer: fails when it is missing
+            instance.worker = worker
+
+    async def _stop_worker(self, instance: Instance, grace: float) -> None:
+        """In-flight sends may finish within `grace`: the ledger then remembers them."""
+        async with instance.worker_lock:
+            worker, instance.worker = instance.worker, None
+            if worker is None:
+                return
             try:
-                await worker.stop(self.options.stop_grace_seconds)
+                await worker.stop(grace)
             except Exception as exc:
                 log.warning(
                     "channel.instance.stop_failed",
                     **kv(instance=instance.instance_id, error=type(exc).__name__),
                 )
-            instance.worker = None
+
+    async def _take_down(self, instance: Instance) -> None:
+        """Stop the worker and close the connection; webhooks answer 503 from the
+        first line."""
+        instance.js = None
+        await self._stop_worker(instance, self.options.stop_grace_seconds)
         await self._close_connection(instance)
 
     async def _shutdown(self, instance: Instance) -> None:

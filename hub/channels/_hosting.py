@@ -3,7 +3,9 @@ operations (create, change, delete; audited), and hosting the channel runtime.
 
 The database is the truth. Every replica polls instance revisions every 2 s and
 applies what changed to its own runtime, so replicas converge whichever of them
-served the admin call; the replica that served it applies at once.
+served the admin call; the replica that served it applies at once. Every replica
+answers every instance's webhooks; an instance's deliveries go out from the one
+replica holding its lease (_delivery_leases.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..auth import CredentialError, CredentialService, IssuedCredential, Princip
 from ..core import AuditLog, HubMetrics, HubSettings, kv
 from ..http import client_address
 from ._bus_access import InstanceConnections, delete_consumer, ensure_consumer
+from ._delivery_leases import DeliveryLeases
 from ._store import (
     AUTHORITIES,
     ChannelInstanceError,
@@ -69,6 +72,7 @@ class ChannelService:
         secret_key: bytes,
         credentials: CredentialService | None,
         settings: HubSettings,
+        replica: str | None = None,
     ) -> None:
         self._pool, self._audit, self._js, self._nc = pool, audit, js, nc
         self._metrics, self._hub_id, self._settings = metrics, hub_id, settings
@@ -85,7 +89,9 @@ class ChannelService:
                 msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest(),
             ),
             source_of=lambda request: client_address(request, trusted),
+            deliver_all=False,  # where the lease is: self._delivery
         )
+        self._delivery = DeliveryLeases(js, self.runtime, metrics, replica=replica or hub_id)
         self._cache: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, InstanceConfig] = {}  # what the runtime was last given
         self._errors: dict[str, str] = {}  # instance id -> why its config could not apply
@@ -97,6 +103,7 @@ class ChannelService:
     async def start(self) -> None:
         await self.runtime.start()
         await self.reload()
+        self._delivery.start()  # its first step takes the leases at once
         self._task = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
@@ -107,6 +114,7 @@ class ChannelService:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        await self._delivery.stop()  # hands the leases over before the runtime goes
         await self.runtime.stop()
         await self.connections.stop()
 
@@ -149,7 +157,17 @@ class ChannelService:
                 self._errors.pop(instance_id, None)
                 self._retry.discard(instance_id)
                 await self.runtime.remove(instance_id)
+            self._delivery.host(self._hosted())
             self._refresh_gauge()
+
+    def _hosted(self) -> dict[str, str]:
+        """Instances whose deliveries this hub sends (id -> tenant): a `cli` one's go
+        out from its own process."""
+        return {
+            instance_id: config.tenant
+            for instance_id, config in self._configs.items()
+            if provider_for(config.kind).capabilities.inbound != "stdin"
+        }
 
     async def _apply(self, row: dict[str, Any]) -> None:
         instance_id = row["instance_id"]

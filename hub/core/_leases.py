@@ -1,8 +1,9 @@
 """One owner per partition across hub replicas, from a NATS KV bucket (CW_HUB_LEASES).
 
-Work that must happen in order (a partition of the Desktop event stream) has one
-worker at a time among all replicas. In a group of partitions (`events`: the
-Desktop event projection), each replica announces itself (key
+Work that must happen in order (a partition of the Desktop event stream, a
+channel instance's deliveries) has one worker at a time among all replicas. In
+a group of partitions (`events`: the Desktop event projection; `channels`: the
+delivery workers of the channel instances), each replica announces itself (key
 `member.<group>.<replica>`) and owns at most its fair share,
 ceil(partitions / replicas), of the lease keys (`lease.<group>.<name>`):
 
@@ -11,6 +12,10 @@ ceil(partitions / replicas), of the lease keys (`lease.<group>.<name>`):
   anybody else holds it;
 * it hands its extra ones back when a replica joins, and all of them when it stops
   (so a rolling restart moves partitions at once, not after a TTL).
+
+The set of names may change while it runs (`set_names`: channel instances are
+created, disabled, deleted): a step runs at once, takes what is new within the
+fair share and hands back what is gone.
 
 Keys nobody renews age out of the bucket (its max_age is the lease TTL): a dead
 replica's partitions are free one TTL after its last renewal and taken at the
@@ -31,7 +36,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -87,6 +92,7 @@ class PartitionLeases:
         self._member_revision = 0
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()  # the names changed: step now, not at the tick
 
     @property
     def held(self) -> list[str]:
@@ -97,6 +103,18 @@ class PartitionLeases:
         the lease at. Every later holder's is larger, so a store that remembers the
         largest token seen can refuse a write of an earlier holder."""
         return self._held[name].token
+
+    @property
+    def ttl(self) -> float:
+        """How long a lease outlives its last renewal (the bucket's max_age)."""
+        return self._ttl
+
+    def set_names(self, names: Iterable[str]) -> None:
+        """The partitions from now on; the running loop steps at once when they changed."""
+        names = list(names)
+        if names != self._names:
+            self._names = names
+            self._changed.set()
 
     async def run(self) -> None:
         """Take, keep and hand back leases every third of the TTL, until cancelled."""
@@ -109,7 +127,15 @@ class PartitionLeases:
             except Exception as exc:  # NATS away: keep what is still sure, retry
                 self._log.warning("leases.step_failed", **kv(error=str(exc)))
             await self._drop_unsure()
-            await asyncio.sleep(self._ttl / 3)
+            await self._until_next_step(self._ttl / 3)
+
+    async def _until_next_step(self, seconds: float) -> None:
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for may swallow a cancel
+            async with asyncio.timeout(seconds):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
+        self._changed.clear()
 
     async def step(self) -> None:
         bucket = await self._bucket()
@@ -117,6 +143,8 @@ class PartitionLeases:
         self._member_revision = await bucket.put(self._member, b"")
         members = await self._members()
         fair = math.ceil(len(self._names) / max(1, members))
+        names = set(self._names)
+        await self._release([name for name in self.held if name not in names])
         for name in list(self._held):
             await self._renew(bucket, name)
         await self._release(self.held[fair:])
@@ -181,8 +209,7 @@ class PartitionLeases:
         renewing the rest (a step held up past two thirds of a TTL would drop
         them all, and its member key would age out)."""
         revisions = [self._held[name].revision for name in names if name in self._held]
-        for name in names:
-            await self._lose(name, "handed back")
+        await self._lose_all(names, "handed back")
         if revisions:
             task = asyncio.create_task(self._hand_back(revisions))
             self._handing_back.add(task)
@@ -209,6 +236,16 @@ class PartitionLeases:
             if exc.err_code != NO_MESSAGE:  # gone already: aged out or replaced
                 raise
 
+    async def _lose_all(self, names: list[str], why: str) -> None:
+        """Stop their workers together: one slow stop (a delivery worker waits for its
+        last pull) must not hold up the others while their keys age out."""
+        results = await asyncio.gather(
+            *(self._lose(name, why) for name in names), return_exceptions=True
+        )
+        for result in results:  # every stop has ended; a failed one is reported
+            if isinstance(result, BaseException):
+                raise result
+
     async def _lose(self, name: str, why: str) -> None:
         if self._held.pop(name, None) is None:
             return
@@ -219,9 +256,8 @@ class PartitionLeases:
     async def _drop_unsure(self) -> None:
         """Stop the workers whose lease could have aged out without our knowing."""
         deadline = time.monotonic() - self._ttl * 2 / 3  # a third of the TTL to spare
-        for name, held in list(self._held.items()):
-            if held.renewed_at < deadline:
-                await self._lose(name, "not renewed in time")
+        unsure = [name for name, held in self._held.items() if held.renewed_at < deadline]
+        await self._lose_all(unsure, "not renewed in time")
 
     async def _members(self) -> int:
         members = f"$KV.{self._bucket_name}.{self._member.rsplit('.', 1)[0]}.*"

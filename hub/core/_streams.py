@@ -286,15 +286,21 @@ async def rewind_unacked(js: JetStreamContext, spec: ConsumerSpec) -> int | None
     would already have gone past them): the consumer is recreated to start at its
     ack floor. Messages acked above the floor come again; the worker must drop
     what it has already done (the projector drops event ids it has projected).
+    On a work queue (channel deliveries) an acked message is gone from the
+    stream, and JetStream allows only deliver-all there: the consumer is
+    recreated as it was and starts at its first unacked message, which is the
+    same place with nothing done coming again.
     Returns the new start sequence, or None when nothing was left in flight."""
     info = await js.consumer_info(spec.stream, spec.durable)
     if not info.num_ack_pending and not info.num_redelivered:
         return None
     start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
     await js.delete_consumer(spec.stream, spec.durable)
-    config = replace(
-        consumer_config(spec), deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-    )
+    config = consumer_config(spec)
+    if POLICIES[spec.stream].retention is not RetentionPolicy.WORK_QUEUE:
+        config = replace(
+            config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+        )
     await js.add_consumer(spec.stream, config)
     log.info("consumer.rewound", **kv(consumer=spec.durable, start=start))
     return start

@@ -387,6 +387,34 @@ async def test_remove_stops_webhooks_and_delivery(nats_url, bus):
         await runtime.stop()
 
 
+async def test_a_leased_runtime_delivers_only_between_start_and_stop_delivery(nats_url, bus):
+    """deliver_all=False (the hub's replicas): the instance runs and is ready, but its
+    worker sends only while this runtime holds the instance's lease."""
+    nc, js = bus
+    iid = new_id()
+    await prepare(js, iid)
+    runtime = ChannelRuntime(
+        connect=lambda cfg: nats.connect(nats_url), options=RuntimeOptions(), deliver_all=False
+    )
+    try:
+        await runtime.apply(config(iid))
+        assert runtime.health(iid)["state"] == "ready"
+        await deliver(js, iid, "leased-1", text="one")
+        await asyncio.sleep(0.3)
+        provider = FakeProvider.built[iid]
+        assert provider.sent == []
+        await runtime.start_delivery(iid)
+        await until(lambda: [d.text for d in provider.sent] == ["one"], what="sent once leased")
+        await runtime.stop_delivery(iid, grace=0.5)  # returns once the worker has stopped
+        await deliver(js, iid, "leased-2", text="two")
+        await asyncio.sleep(0.3)
+        assert [d.text for d in provider.sent] == ["one"]
+        await runtime.start_delivery(iid)
+        await until(lambda: len(provider.sent) == 2, what="sent again once leased again")
+    finally:
+        await runtime.stop()
+
+
 async def test_stop_leaves_no_task_behind_and_naks_unsent_work(nats_url, bus):
     nc, js = bus
     iid = new_id()

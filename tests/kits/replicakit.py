@@ -18,6 +18,9 @@ import httpx
 from desktopkit import COWORK
 
 _HELD = re.compile(r'^cowork_partition_lease_held\{consumer="([^"]+)"\} 1\.0$', re.M)
+# The checkout these tests belong to: replicas import the code under test from it
+# (the venv's editable install may point at another worktree).
+_SOURCE = str(Path(__file__).resolve().parents[2])
 
 
 def free_port() -> int:
@@ -33,6 +36,9 @@ class HubReplica:
         self.name, self.workdir = name, workdir
         self.port = free_port()
         self.env = {**os.environ, **env, "COWORK_HTTP_PORT": str(self.port)}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_SOURCE, os.environ.get("PYTHONPATH")) if p
+        )
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / f"{name}.log"
 

@@ -145,3 +145,25 @@ async def test_replicas_split_fairly_and_a_cut_off_one_stops_before_another_star
     finally:
         for replica in (x, y, z):
             await replica.close()
+
+
+async def test_a_changing_set_of_names_is_taken_and_handed_back_at_once(js):
+    """Channel instances come and go: a new name is taken without waiting for the
+    next tick, and the lease of a name gone is handed back for another to take."""
+    x = _Replica(js, "replica-x")
+    try:
+        await eventually(lambda: x.working == set(NAMES), timeout=TTL * 3, what="x works all")
+        started = time.monotonic()
+        x.leases.set_names([*NAMES[1:], "test-new"])
+        await eventually(
+            lambda: x.working == {*NAMES[1:], "test-new"}, timeout=TTL, what="the new set"
+        )
+        assert time.monotonic() - started < TTL / 3, "waited for the tick"
+        y = _Replica(js, "replica-y")
+        try:
+            y.leases.set_names([NAMES[0]])  # x handed it back: free at once, not after a TTL
+            await eventually(lambda: y.working == {NAMES[0]}, timeout=TTL, what="y takes it")
+        finally:
+            await y.close()
+    finally:
+        await x.close()
