@@ -48,6 +48,12 @@ class HubMetrics:
             "cowork_nats_reconnects_total", "NATS reconnections", registry=r
         )
         self.ready = Gauge("cowork_ready", "1 while /readyz answers 200", registry=r)
+        self.presence_late = Counter(
+            "cowork_presence_heartbeats_late_total",
+            "Desktop heartbeats dropped because the hub wrote them more than two of their "
+            "intervals after they arrived (they prove nothing any more)",
+            registry=r,
+        )
         self.partition_leases = Gauge(
             "cowork_partition_lease_held",
             "1 while this replica holds the lease of a partition (its consumer's name) "
