@@ -20,7 +20,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from schemas import AuditRecord, PrincipalKind, Source
+from schemas import AuditRecord, PrincipalKind, Source, subjects
 
 from . import auth, channels, desktop, gateways, work, workspaces
 from .auth import (
@@ -42,7 +42,17 @@ from .channels import (
     ReceiptIngest,
     set_delivery_id_key,
 )
-from .core import AuditIngest, AuditLog, DeadLetters, HubMetrics, HubSettings, db, kv, streams
+from .core import (
+    AuditIngest,
+    AuditLog,
+    DeadLetters,
+    HubMetrics,
+    HubSettings,
+    LogBudget,
+    db,
+    kv,
+    streams,
+)
 from .desktop import CommandService, DesktopPresence, PairingRedemption, PairingService
 from .gateways import GatewayBootstrap, GatewayRegistry
 from .http import HttpServer, build_app, serve_app
@@ -77,6 +87,7 @@ class Hub:
         self.credentials: CredentialService | None = None
         self.system_nc: NATS | None = None
         self.metrics = HubMetrics()
+        self._nats_log_budget = LogBudget(rate=1.0, burst=1)
         self.stream_replicas = stream_replicas
         # This process among the hub's replicas (hub_id may be shared by all of them):
         # the owner named on the partition leases it holds.
@@ -471,6 +482,17 @@ class Hub:
                 await asyncio.sleep(0.5)
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # One call per dropped message (a flood of them under overload): counted
+            # by family, written at most once a second with how many it stands for.
+            family = _family_name(exc.subject)
+            self.metrics.slow_consumer_drops.labels(family).inc()
+            suppressed = self._nats_log_budget.allow(f"nats.slow_consumer.{family}")
+            if suppressed is not None:
+                log.warning(
+                    "nats.slow_consumer", **kv(family=family, dropped_since_last=suppressed + 1)
+                )
+            return
         log.warning("nats.error", **kv(error=_one_line(exc)))
 
     async def _on_disconnect(self) -> None:
@@ -550,6 +572,15 @@ class Hub:
 
 def _check(ok: bool, detail: str) -> dict[str, Any]:
     return {"ok": ok, "detail": detail}
+
+
+def _family_name(subject: str) -> str:
+    """A metric label for a subject: its family's name, never the subject itself
+    (that would name tenants and make a label per Desktop)."""
+    try:
+        return subjects.family_of(subject).name
+    except subjects.SubjectError:
+        return "other"
 
 
 def _one_line(exc: BaseException) -> str:

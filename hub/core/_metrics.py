@@ -48,6 +48,13 @@ class HubMetrics:
             "cowork_nats_reconnects_total", "NATS reconnections", registry=r
         )
         self.ready = Gauge("cowork_ready", "1 while /readyz answers 200", registry=r)
+        self.slow_consumer_drops = Counter(
+            "cowork_nats_slow_consumer_drops_total",
+            "Messages the hub's NATS client dropped because a subscription fell behind, "
+            "by subject family",
+            ["family"],
+            registry=r,
+        )
         self.presence_late = Counter(
             "cowork_presence_heartbeats_late_total",
             "Desktop heartbeats dropped because the hub wrote them more than two of their "

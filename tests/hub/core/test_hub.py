@@ -256,3 +256,25 @@ async def test_metrics_can_require_the_admin_token(nats_url, database_url):
             assert (await anonymous.get("/healthz")).status_code == 200
     async with running_hub(nats_url, database_url) as hub, client(hub) as anonymous:
         assert (await anonymous.get("/metrics")).status_code == 200  # the default: open
+
+
+async def test_slow_consumer_drops_are_counted_by_family_and_logged_briefly(
+    nats_url, database_url, caplog
+):
+    """nats-py reports every message a lagging subscription drops; a flood of them
+    must not become a flood of log lines (one a second, with the count) and the
+    operator sees them in /metrics by subject family, never by tenant."""
+    async with running_hub(nats_url, database_url) as hub:
+        subject = subjects.PRESENCE.build(
+            tenant="acme", principal_kind="desktop", principal_id="desk-1"
+        )
+        sub = await hub.nc.subscribe(subject)
+        caplog.clear()
+        for _ in range(5000):
+            await hub._on_nats_error(nats.errors.SlowConsumerError(subject, "", sub._id, sub))
+        lines = [r for r in caplog.records if "slow_consumer" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+        async with client(hub) as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'cowork_nats_slow_consumer_drops_total{family="presence"} 5000.0' in metrics
+        assert "acme" not in metrics.split("cowork_nats_slow_consumer_drops_total")[1][:200]
