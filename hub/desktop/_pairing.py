@@ -136,11 +136,33 @@ class PairingService:
             raise PairingError.not_found(pairing_id)
         return dict(row)
 
-    async def list(self, tenant: str, limit: int) -> list[dict]:
+    async def list(
+        self,
+        tenant: str,
+        limit: int,
+        *,
+        after: tuple[datetime, str] | None = None,
+        status: str | None = None,
+        online: bool | None = None,
+        label: str | None = None,
+    ) -> list[dict]:
+        """Newest first, keyset-paged: `after` is the (created_at, pairing_id) of the
+        last row of the previous page. `label` matches a part of the label, any case."""
         rows = await self._pool.fetch(
-            "SELECT * FROM pairings WHERE tenant = $1 ORDER BY created_at DESC LIMIT $2",
+            """SELECT * FROM pairings
+               WHERE tenant = $1
+                 AND ($2::timestamptz IS NULL OR (created_at, pairing_id) < ($2, $3))
+                 AND ($4::text IS NULL OR status = $4)
+                 AND ($5::text IS NULL OR label ILIKE '%' || $5 || '%' ESCAPE '\\')
+                 AND ($7::bool IS NULL OR (status = 'paired_online') = $7)
+               ORDER BY created_at DESC, pairing_id DESC LIMIT $6""",
             tenant,
+            after[0] if after else None,
+            after[1] if after else None,
+            status,
+            _like_escaped(label) if label is not None else None,
             limit,
+            online,
         )
         return [dict(r) for r in rows]
 
@@ -384,3 +406,8 @@ def _count(status: str) -> int:
         return int(status.split()[-1])
     except (ValueError, IndexError):
         return 0
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally inside an ILIKE pattern."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -10,7 +10,7 @@ GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -29,11 +29,14 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     add_route_table,
+    bool_query,
+    cursor_query,
     int_query,
     invalid,
     iso,
     json_body,
     json_error,
+    page_cursor,
     path_token,
     tenant_param,
 )
@@ -162,10 +165,48 @@ async def create_pairing(request: web.Request) -> web.Response:
     )
 
 
+STATUSES = ("pending", "paired_online", "paired_offline", "disabled", "revoked", "error")
+
+
 async def list_pairings(request: web.Request) -> web.Response:
+    """A page of a tenant's pairings, newest first; `nextCursor` fetches the next
+    (null on the last). Filters: `status`, `online`, `label` (a part of it)."""
     hub = request.app[HUB_KEY]
-    rows = await hub.pairings.list(tenant_param(request), int_query(request, "limit", 100, 1, 1000))
-    return web.json_response({"items": [pairing_json(r) for r in rows]})
+    limit = int_query(request, "limit", 100, 1, 1000)
+    rows = await hub.pairings.list(
+        tenant_param(request),
+        limit + 1,
+        after=_after(request),
+        status=_status_filter(request),
+        online=bool_query(request, "online"),
+        label=request.query.get("label"),
+    )
+    page = rows[:limit]
+    cursor = None
+    if len(rows) > limit:  # one more than asked: there is a next page
+        cursor = page_cursor(page[-1]["created_at"].isoformat(), page[-1]["pairing_id"])
+    return web.json_response({"items": [pairing_json(r) for r in page], "nextCursor": cursor})
+
+
+def _after(request: web.Request) -> tuple[datetime, str] | None:
+    values = cursor_query(request, 2)
+    if values is None:
+        return None
+    try:
+        return datetime.fromisoformat(values[0]), values[1]
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text="query parameter 'cursor' is not a cursor this API gave"
+        ) from None
+
+
+def _status_filter(request: web.Request) -> str | None:
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise web.HTTPBadRequest(
+            text=f"query parameter 'status' must be one of {', '.join(STATUSES)}"
+        )
+    return status
 
 
 async def get_pairing(request: web.Request) -> web.Response:

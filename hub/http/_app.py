@@ -7,6 +7,7 @@ the admin bearer token, compared in constant time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -312,6 +313,40 @@ def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -
     if not lo <= value <= hi:
         raise web.HTTPBadRequest(text=f"query parameter {name!r} must be between {lo} and {hi}")
     return value
+
+
+def page_cursor(*values: str) -> str:
+    """An opaque cursor for the next page of a list (keyset: the last row's sort key)."""
+    raw = json.dumps(list(values), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor_query(request: web.Request, parts: int) -> list[str] | None:
+    """The `cursor` query parameter as the values `page_cursor` packed (400 if it is
+    not one of ours)."""
+    raw = request.query.get("cursor")
+    if raw is None:
+        return None
+    try:
+        values = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, TypeError):
+        values = None
+    if not (isinstance(values, list) and len(values) == parts):
+        raise web.HTTPBadRequest(text="query parameter 'cursor' is not a cursor this API gave")
+    if not all(isinstance(v, str) for v in values):
+        raise web.HTTPBadRequest(text="query parameter 'cursor' is not a cursor this API gave")
+    return values
+
+
+def bool_query(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise web.HTTPBadRequest(text=f"query parameter {name!r} must be true or false")
 
 
 async def list_audit(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import stat
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 import nats
 import nats.errors
 import pytest
-from desktopkit import TENANT, create_pairing, eventually, get_pairing, redeem
+from desktopkit import TENANT, api, create_pairing, eventually, get_pairing, redeem
 from hubkit import client
 
 from edges.common._credentials import EdgeCredentials, new_user_seed
@@ -642,3 +643,62 @@ def test_a_sealed_reply_opens_only_with_its_own_key():
     with pytest.raises(SealError):
         seal(b"x", "not-a-key")
     assert BOOTSTRAP_USER_JWT and BOOTSTRAP_USER_SEED  # the public identity is importable
+
+
+async def test_a_tenants_fleet_is_listed_page_by_page_with_filters(hub, http):
+    """Every pairing exactly once across pages (a cursor, newest first), however
+    many there are; filters by status, online and a part of the label."""
+    tag = secrets.token_hex(4)
+    made = [
+        (await create_pairing(http, label=f"Fleet {tag} {'Mac' if i % 3 else 'PC'} {i}"))[
+            "pairingId"
+        ]
+        for i in range(25)
+    ]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 7, "label": f"fleet {tag}"}  # any case
+        if cursor:
+            params["cursor"] = cursor
+        body = await api(http, "GET", f"/api/v1/tenants/{TENANT}/pairings", params=params)
+        seen += [p["id"] for p in body["items"]]
+        pages += 1
+        cursor = body["nextCursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(made) and len(seen) == len(set(seen)), "each once"
+    assert pages == 4
+    pcs = await api(
+        http,
+        "GET",
+        f"/api/v1/tenants/{TENANT}/pairings",
+        params={"label": f"{tag} pc", "limit": 100},
+    )
+    assert len(pcs["items"]) == 9 and pcs["nextCursor"] is None
+    pending = await api(
+        http,
+        "GET",
+        f"/api/v1/tenants/{TENANT}/pairings",
+        params={"label": tag, "status": "pending", "online": "false", "limit": 100},
+    )
+    assert len(pending["items"]) == 25
+    online = await api(
+        http, "GET", f"/api/v1/tenants/{TENANT}/pairings", params={"label": tag, "online": "true"}
+    )
+    assert online["items"] == []
+    literal = await api(
+        http, "GET", f"/api/v1/tenants/{TENANT}/pairings", params={"label": f"{tag}%"}
+    )
+    assert literal["items"] == [], "% in a label filter is a character, not a wildcard"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"cursor": "not-a-cursor"}, {"cursor": "WyJ4Il0"}, {"status": "asleep"}, {"online": "maybe"}],
+)
+async def test_bad_list_queries_are_clear_4xx(http, query):
+    response = await http.get(f"/api/v1/tenants/{TENANT}/pairings", params=query)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
