@@ -17,6 +17,7 @@ from ._deadletter import (
     Rejected,
     StorageAway,
     deliveries,
+    is_transient,
     parse_and_decode,
 )
 from ._idempotency import body_hash
@@ -51,6 +52,7 @@ __all__ = [
     "deliveries",
     "every",
     "hub_consumer",
+    "is_transient",
     "kv",
     "parse_and_decode",
     "pull_forever",
