@@ -22,7 +22,7 @@ from datetime import datetime
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import Envelope, Source, WorkspaceEvent, subjects
+from schemas import EnvelopeTemplate, Source, WorkspaceEvent, subjects
 
 from ..core import kv
 
@@ -83,7 +83,9 @@ class NewEvent:
     payload: dict | None
 
     def numbered(self, sequence: int) -> WorkspaceEvent:
-        return WorkspaceEvent(
+        """The stored event (its fields were validated on the way in, as a
+        DeviceEvent, so they are not validated again)."""
+        return WorkspaceEvent.model_construct(
             workspace_id=self.workspace,
             sequence=sequence,
             event_id=self.event_id,
@@ -143,9 +145,12 @@ async def publish_live(
     fills the gap from PostgreSQL, so a failure here is only logged."""
     subject = subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace)
     try:
+        # The bytes of Envelope.wrap(event, ...).encode(), the fixed part built once.
+        template = EnvelopeTemplate(
+            WorkspaceEvent, source=source, tenant=tenant, workspace=workspace
+        )
         for event in events:
-            env = Envelope.wrap(event, source=source, tenant=tenant, workspace=workspace)
-            await nc.publish(subject, env.encode())
+            await nc.publish(subject, template.encode(event))
     except Exception as exc:
         log.warning("projection.live_publish_failed", **kv(error=str(exc)))
 
