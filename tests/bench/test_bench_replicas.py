@@ -54,7 +54,8 @@ EVENTS = 1000  # per Desktop
 LOADS = 4  # load processes, DESKTOPS / LOADS Desktops each
 REPLICAS = (1, 2, 3)
 # What is asserted (see the end of the test and docs/performance.md).
-GROWTH = 1.2
+GROWTH = 1.2  # N replicas vs one, where the machine has a CPU for each and one more
+EFFICIENCY = 0.85  # N replicas' events per free CPU-second vs one replica's
 
 
 async def _pair(http, nats_url, tmp_path, tag: str) -> list[dict]:
@@ -158,6 +159,7 @@ async def _scenario(count: int, bus, database_url: str, tmp_path) -> dict:
     cpu = {party: after[party] - before[party] for party in after}
     cpu["load"] = sum(p["cpuSeconds"] for p in published)
     cpu["other"] = max(busy - sum(cpu.values()), 0.0)
+    cpus = psutil.cpu_count()
     return {
         "replicas": count,
         "events": total,
@@ -165,8 +167,12 @@ async def _scenario(count: int, bus, database_url: str, tmp_path) -> dict:
         "rate": total / span,
         "publishRate": total / max(p["seconds"] for p in published),
         "cpuPerEvent": {party: seconds / total for party, seconds in cpu.items()},
-        "machineBusy": busy / (wall * psutil.cpu_count()),
+        "machineBusy": busy / (wall * cpus),
         "wall": wall,
+        # Events per CPU-second the machine left to this bench: its CPUs over the
+        # window, less what other work on the machine used (a shared machine's
+        # noise), whether the bench used it or left it idle.
+        "perFreeCpu": total / (wall * cpus - cpu["other"]),
         "xactsPer1000": 1000 * xacts / total,
     }
 
@@ -286,14 +292,31 @@ async def test_projection_throughput_grows_with_replicas(bus, database_url_modul
             f"({r['rate'] / raw:.2f}x raw SQL; {r['events']} in {r['seconds']:.2f} s; "
             f"load published at {r['publishRate']:,.0f}/s; "
             f"{r['xactsPer1000']:.1f} PostgreSQL transactions per 1000 events; "
-            f"machine {r['machineBusy']:.0%} busy over {r['wall']:.1f} s)\n"
+            f"machine {r['machineBusy']:.0%} busy over {r['wall']:.1f} s; "
+            f"{r['perFreeCpu']:,.0f} events per free CPU-second)\n"
             f"      CPU us/event: "
             + ", ".join(f"{party} {seconds * 1e6:.0f}" for party, seconds in per.items())
         )
-    # On a machine with cores to spare this should grow with the replicas; on the
-    # 2-core machine of docs/performance.md it stays flat (the hub is not the
-    # bound there), so what is asserted is that spreading the partitions over
-    # replicas costs nothing noticeable (leases, rewinds, handovers).
     one, *more = results
+    per = one["cpuPerEvent"]
+    ceiling = psutil.cpu_count() / sum(v for k, v in per.items() if k != "other")
+    print(
+        f"  CPU-bound ceiling of this machine at one replica's CPU per event, "
+        f"with nothing else running: {ceiling:,.0f} events/s; one replica's own: "
+        f"{1 / per['hub']:,.0f} events/s (one core)"
+    )
     for r in more:
-        assert r["rate"] > 0.85 * one["rate"], f"{r['replicas']} replicas: projection collapsed"
+        # Spreading the partitions over replicas costs little (leases, rewinds,
+        # handovers, each replica's own loops): measured against the CPU the machine
+        # left to the bench, so other work on a shared machine does not decide it.
+        assert r["perFreeCpu"] >= EFFICIENCY * one["perFreeCpu"], (
+            f"{r['replicas']} replicas: {r['perFreeCpu']:,.0f} events per free CPU-second, "
+            f"one replica {one['perFreeCpu']:,.0f}"
+        )
+        # Growth needs a CPU per replica and one more for PostgreSQL, NATS and the
+        # loads; on 2 vCPUs one replica already nearly reaches the machine's ceiling
+        # (printed above; docs/performance.md).
+        if psutil.cpu_count() >= r["replicas"] + 1:
+            assert r["rate"] >= GROWTH * one["rate"], (
+                f"{r['replicas']} replicas: {r['rate']:,.0f} events/s, one {one['rate']:,.0f}"
+            )
