@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -126,10 +127,19 @@ def envelope_class(message_type: type[D]) -> type[Envelope[D]]:
     """`Envelope[message_type]`, for a message class known only at run time.
 
     Pydantic parametrizes a generic model at run time (`Envelope[X]` is
-    `Envelope.__class_getitem__(X)`, cached); mypy cannot type a subscription by a
+    `Envelope.__class_getitem__(X)`); mypy cannot type a subscription by a
     runtime value, so the call is spelled out and its result cast to the class
     it is (pydantic types it as any model)."""
-    return cast("type[Envelope[D]]", Envelope.__class_getitem__(message_type))
+    return cast("type[Envelope[D]]", _parametrized(message_type))
+
+
+@functools.cache
+def _parametrized(message_type: type[Message]) -> object:
+    """Pydantic's own cache of parametrized classes holds them weakly: once the
+    garbage collector has run, the next `Envelope[X]` builds the class and its
+    validation schema again (milliseconds, where a wrap or decode takes tens of
+    microseconds). This one keeps them, one per message class."""
+    return Envelope.__class_getitem__(message_type)
 
 
 _TIME = TypeAdapter(datetime)

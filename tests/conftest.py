@@ -24,6 +24,12 @@ from edges.local import EmbeddedPostgres, NatsServer
 
 DATABASE_URL_ENV = "COWORK_TEST_DATABASE_URL"
 
+# Child processes (`cowork hub serve` replicas, the `cowork` CLI, bench load
+# generators) import the tree under test, not whichever checkout the virtualenv's
+# editable install points at (a git worktree shares the main checkout's .venv).
+_TREE = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TREE, os.environ.get("PYTHONPATH")) if p)
+
 
 # --------------------------------------------------------------------------
 # NATS

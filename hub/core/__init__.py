@@ -57,6 +57,7 @@ __all__ = [
     "deliveries",
     "every",
     "hub_consumer",
+    "is_transient",
     "kv",
     "parse_and_decode",
     "pull_forever",

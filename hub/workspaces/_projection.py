@@ -4,9 +4,12 @@ A paired Desktop is one workspace of kind `paired_desktop` whose id is the
 pairing id; each of its events gets the next sequence of that workspace. The
 sequence is assigned under the workspace cursor's row lock, after dropping
 event ids already projected, so redeliveries, duplicate publishes and several
-projecting replicas never leave a gap or a duplicate. Messages are acked only
-after the commit. Then every new event goes out on `cw.<t>.ws.<ws>.evt` (core
-NATS) for live tails; a tail that misses one fills the gap from PostgreSQL.
+projecting replicas never leave a gap or a duplicate. A fetched batch is written
+in one statement whatever its workspaces (`append_new`); if PostgreSQL refuses
+it, each workspace's events again on their own, then one by one, so only the
+event it refuses is dead-lettered. Messages are acked only after the commit.
+Then every new event goes out on `cw.<t>.ws.<ws>.evt` (core NATS) for live
+tails; a tail that misses one fills the gap from PostgreSQL.
 
 Events from revoked or disabled pairings, for workspaces or sessions outside the
 pairing's allowlists, or whose envelope disagrees with the subject are
@@ -19,7 +22,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import TypeVar
 
 import asyncpg
 from nats.aio.client import Client as NATS
@@ -38,27 +43,34 @@ from schemas import (
 from ..core import (
     BackgroundTask,
     DeadLetters,
+    Fenced,
     HubMetrics,
     PartitionLeases,
     Rejected,
     StorageAway,
     check_fence,
     hub_consumer,
+    is_transient,
+    kv,
     parse_and_decode,
     pull_forever,
     raise_fence,
     streams,
 )
-from ._log import append_events, lock_cursor, publish_live
+from ._log import RACE_RETRIES, NewEvent, append_new, is_event_id_race, publish_live
 
 log = logging.getLogger("cowork.hub.projection")
 FAMILY = subjects.DEVICE_EVENT
 SPEC = hub_consumer("hub-projector")
 NOT_PROJECTED = {"heartbeat"}  # presence has its own subject and table
 _PAIRING_CACHE_SECONDS = 1.0
+_PAIRING_FIELDS = ("status", "enabled", "allowed_workspace_ids", "allowed_session_ids")
 # A pull waits at most this long on the server: a lease is handed back only after
 # the released worker's last pull has expired (hub/core/_leases.py).
 FETCH_SECONDS = 1.0
+R = TypeVar("R")
+# What a write hands back: the messages it settled and the events it appended.
+Written = list[tuple[list[Msg], list[tuple[NewEvent, int]]]]
 
 
 class EventProjector:
@@ -140,60 +152,123 @@ class EventProjector:
         self._metrics.partition_leases.labels(durable).set(0)
 
     async def _handle(self, fence: tuple[str, int], msgs: list[Msg]) -> None:
-        groups: dict[tuple[str, str], list[tuple[Msg, Envelope]]] = defaultdict(list)
+        items: list[tuple[Msg, NewEvent]] = []
         rejected: list[tuple[Msg, Rejected]] = []
-        for msg in msgs:
-            try:
-                tenant, env = await self._check(msg)
-            except Rejected as exc:
-                rejected.append((msg, exc))
-                continue
-            if env.data.type in NOT_PROJECTED:
+        for msg, checked in await self._check_all(msgs):
+            if isinstance(checked, Rejected):
+                rejected.append((msg, checked))
+            elif checked[1].data.type in NOT_PROJECTED:
                 await msg.ack()
-                continue
-            groups[(tenant, env.data.pairing_id)].append((msg, env))
+            else:
+                items.append((msg, _new_event(*checked)))
         # A batch's dead letters go out together (one round trip, not one each): a
         # flood of poison clears at publish speed instead of holding up the batch.
         await asyncio.gather(*(self._reject(msg, exc) for msg, exc in rejected))
-        for (tenant, workspace), items in groups.items():
-            # The database away: redeliver later, lose nothing. An event it refuses:
-            # dead-lettered alone, the rest projected (never a hot loop, never a wedge).
-            written = await self._write_in_order(msgs, items, tenant, workspace, fence)
-            for done, events in written:
-                for msg in done:
-                    await msg.ack()
-                self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
-                await self._publish_live(tenant, workspace, events)
+        if not items:
+            return
+        # The database away: hold the batch and try again, lose nothing. The batch
+        # refused: each workspace's items on their own, and within one the event it
+        # refuses is dead-lettered alone (never a hot loop, never a wedge).
+        whole = await self._held(msgs, partial(self._write_whole, fence, items))
+        if whole is not None:
+            await self._settle(whole)
+            return
+        groups: dict[tuple[str, str], list[tuple[Msg, NewEvent]]] = defaultdict(list)
+        for msg, new in items:
+            groups[(new.tenant, new.workspace)].append((msg, new))
+        for group in groups.values():
+            write = partial(
+                self._dead.write_batch,
+                FAMILY,
+                SPEC.max_deliver,
+                group,
+                partial(self._project, fence),
+                log,
+                delay=1.0,
+                hold=True,
+            )
+            await self._settle(await self._held(msgs, write))
 
-    async def _write_in_order(
-        self,
-        batch: list[Msg],
-        items: list[tuple[Msg, Envelope]],
-        tenant: str,
-        workspace: str,
-        fence: tuple[str, int],
-    ) -> list[tuple[list[Msg], list[WorkspaceEvent]]]:
-        """Write one workspace's items; while the database is away, hold them (and
-        the whole batch, in progress) and try again: a redelivery would come back
-        behind newer events of the same workspace and be projected out of order."""
+    async def _write_whole(
+        self, fence: tuple[str, int], items: list[tuple[Msg, NewEvent]]
+    ) -> Written | None:
+        """The batch in one statement; None when PostgreSQL refuses it (for the caller
+        to split); StorageAway when it is away."""
+        try:
+            new = [new for _, new in items]
+            return [([msg for msg, _ in items], await self._project(fence, new))]
+        except Fenced:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted out here
+            if is_transient(exc):
+                raise StorageAway(str(exc)) from exc
+            log.warning(
+                "projection.batch_refused",
+                **kv(count=len(items), error=f"{type(exc).__name__}: {exc}"),
+            )
+            return None
+
+    async def _held(self, batch: list[Msg], write: Callable[[], Awaitable[R]]) -> R:
+        """`write`; while the database is away, hold the batch (in progress) and try
+        again: a redelivery would come back behind newer events of the same
+        workspace and be projected out of order."""
         wait = 0.5
         while True:
             try:
-                return await self._dead.write_batch(
-                    FAMILY,
-                    SPEC.max_deliver,
-                    items,
-                    partial(self._project, fence, tenant, workspace),
-                    log,
-                    delay=1.0,
-                    hold=True,
-                )
+                return await write()
             except StorageAway:
                 await asyncio.gather(*(m.in_progress() for m in batch), return_exceptions=True)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 5.0)
 
-    async def _check(self, msg: Msg) -> tuple[str, Envelope]:
+    async def _settle(self, written: Written) -> None:
+        """Ack what was written (or already stored), then publish the new events live,
+        per workspace in sequence order."""
+        live: dict[tuple[str, str], list[WorkspaceEvent]] = defaultdict(list)
+        for done, appended in written:
+            for msg in done:
+                await msg.ack()
+            self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
+            for new, sequence in appended:
+                live[(new.tenant, new.workspace)].append(new.numbered(sequence))
+        for (tenant, workspace), events in live.items():
+            await self._publish_live(tenant, workspace, events)
+
+    async def _check_all(
+        self, msgs: list[Msg]
+    ) -> list[tuple[Msg, tuple[str, Envelope] | Rejected]]:
+        """Each message's tenant and envelope, or why it is refused; the pairings not
+        cached are read in one query for the batch."""
+        parsed: list[tuple[Msg, tuple[str, Envelope] | Rejected]] = []
+        for msg in msgs:
+            try:
+                parsed.append((msg, self._parse(msg)))
+            except Rejected as exc:
+                parsed.append((msg, exc))
+        now = time.monotonic()
+        pairings: dict[tuple[str, str], dict | None] = {}
+        missing: set[tuple[str, str]] = set()
+        for _, p in parsed:
+            if not isinstance(p, Rejected):
+                key = (p[0], p[1].data.pairing_id)
+                cached = self._pairings.get(key)
+                if cached and now - cached[0] < _PAIRING_CACHE_SECONDS:
+                    pairings[key] = cached[1]
+                else:
+                    missing.add(key)
+        pairings.update(await self._load_pairings(list(missing)))
+        checked: list[tuple[Msg, tuple[str, Envelope] | Rejected]] = []
+        for msg, p in parsed:
+            if not isinstance(p, Rejected):
+                tenant, env = p
+                try:
+                    self._check_allowed(pairings[(tenant, env.data.pairing_id)], env.data)
+                except Rejected as exc:
+                    p = exc
+            checked.append((msg, p))
+        return checked
+
+    def _parse(self, msg: Msg) -> tuple[str, Envelope]:
         where, env = parse_and_decode(FAMILY, msg, DeviceEvent)
         tenant, device = where["tenant"], where["device_id"]
         if (
@@ -205,8 +280,6 @@ class EventProjector:
                 "contract.principal_mismatch",
                 "the envelope's tenant, source or pairing id differs from the subject",
             )
-        pairing = await self._pairing(tenant, device)
-        self._check_allowed(pairing, env.data)
         return tenant, env
 
     @staticmethod
@@ -226,20 +299,27 @@ class EventProjector:
                 "pairing.session_not_allowed", f"session {event.session_id!r} is not allowlisted"
             )
 
-    async def _pairing(self, tenant: str, pairing_id: str) -> dict | None:
-        key = (tenant, pairing_id)
-        cached = self._pairings.get(key)
-        if cached and time.monotonic() - cached[0] < _PAIRING_CACHE_SECONDS:
-            return cached[1]
-        row = await self._pool.fetchrow(
-            "SELECT status, enabled, allowed_workspace_ids, allowed_session_ids FROM pairings "
-            "WHERE tenant = $1 AND pairing_id = $2",
-            tenant,
-            pairing_id,
+    async def _load_pairings(
+        self, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict | None]:
+        """These pairings (one query), also into the cache; None: not found."""
+        if not keys:
+            return {}
+        rows = await self._pool.fetch(
+            "SELECT p.tenant, p.pairing_id, p.status, p.enabled, p.allowed_workspace_ids, "
+            "p.allowed_session_ids FROM pairings p "
+            "JOIN unnest($1::text[], $2::text[]) AS k(tenant, pairing_id) "
+            "ON p.tenant = k.tenant AND p.pairing_id = k.pairing_id",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
         )
-        value = dict(row) if row else None
-        self._pairings[key] = (time.monotonic(), value)
-        return value
+        now = time.monotonic()
+        found: dict[tuple[str, str], dict | None] = dict.fromkeys(keys)
+        for row in rows:
+            found[(row["tenant"], row["pairing_id"])] = {k: row[k] for k in _PAIRING_FIELDS}
+        for key, value in found.items():
+            self._pairings[key] = (now, value)
+        return found
 
     def forget_pairing(self, tenant: str, pairing_id: str) -> None:
         self._pairings.pop((tenant, pairing_id), None)
@@ -248,56 +328,41 @@ class EventProjector:
         await self._dead.reject(msg, FAMILY, exc)
 
     async def _project(
-        self, fence: tuple[str, int], tenant: str, workspace: str, envs: list[Envelope]
-    ) -> list[WorkspaceEvent]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await check_fence(conn, *fence)
-            last = await lock_cursor(conn, tenant, workspace)
-            fresh = await self._unseen(conn, tenant, envs)
-            if not fresh:
-                return []
-            events = [
-                WorkspaceEvent(
-                    workspace_id=workspace,
-                    sequence=last + offset,
-                    event_id=env.data.id,
-                    type=str(env.data.type),
-                    session_id=env.data.session_id,
-                    command_id=env.data.command_id,
-                    occurred_at=env.data.occurred_at,
-                    payload=_payload(env.data),
-                )
-                for offset, env in enumerate(fresh, start=1)
-            ]
-            await append_events(
-                conn, tenant, workspace, "desktop", [env.data.pairing_id for env in fresh], events
-            )
-        return events
-
-    @staticmethod
-    async def _unseen(
-        conn: asyncpg.Connection, tenant: str, envs: list[Envelope]
-    ) -> list[Envelope]:
-        ids = [env.data.id for env in envs]
-        seen = {
-            r["event_id"]
-            for r in await conn.fetch(
-                "SELECT event_id FROM workspace_events WHERE tenant = $1 AND event_id = ANY($2)",
-                tenant,
-                ids,
-            )
-        }
-        fresh, batch_ids = [], set()
-        for env in envs:
-            if env.data.id not in seen and env.data.id not in batch_ids:
-                batch_ids.add(env.data.id)
-                fresh.append(env)
-        return fresh
+        self, fence: tuple[str, int], new: list[NewEvent]
+    ) -> list[tuple[NewEvent, int]]:
+        """Append the events not stored yet, if this replica still holds the
+        partition (its fencing token, checked in the same transaction). A writer
+        that commits the same ids meanwhile fails the insert: the transaction runs
+        again and sees them (append_new)."""
+        for attempt in range(1, RACE_RETRIES + 1):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await check_fence(conn, *fence)
+                    return await append_new(conn, "desktop", new)
+            except asyncpg.UniqueViolationError as exc:
+                if not is_event_id_race(exc) or attempt == RACE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _publish_live(
         self, tenant: str, workspace: str, events: list[WorkspaceEvent]
     ) -> None:
         await publish_live(self._nc, self._source, tenant, workspace, events)
+
+
+def _new_event(tenant: str, env: Envelope) -> NewEvent:
+    event: DeviceEvent = env.data
+    return NewEvent(
+        tenant=tenant,
+        workspace=event.pairing_id,
+        source_id=event.pairing_id,
+        event_id=event.id,
+        type=str(event.type),
+        session_id=event.session_id,
+        command_id=event.command_id,
+        occurred_at=event.occurred_at,
+        payload=_payload(event),
+    )
 
 
 def _payload(event: DeviceEvent) -> dict:

@@ -12,7 +12,13 @@ Three modes (`mode` in the spec, camelCase JSON):
   payload holds a NUL character (which PostgreSQL cannot store), ids
   `<idPrefix><n>`, as fast as JetStream acks them (batches of 1000 async publishes,
   as the Desktop's outbox drain does). Result: published, seconds, rate.
-- `events`: the same with honest text events (tests/bench/test_bench_replicas.py).
+- `events`: the same with honest text events; with `desktops` (a list of
+  objects with the per-Desktop keys above), for each of them at once, one
+  connection each (tests/bench/test_bench_replicas.py): once every event is
+  built and every connection open it says `ready`, then waits for a `go` line
+  on stdin, so several load processes start publishing together. The result
+  then also says the CPU seconds this process used from `go` to the end
+  (`cpuSeconds`).
 - `redeem`: the public bootstrap identity (`url`) sends pairing-code redemptions
   with wrong codes to `cw.bootstrap.pairing.redeem` for `seconds`, keeping
   `window` requests in flight on one connection. Every answer is classified by
@@ -78,10 +84,43 @@ async def poison(spec: dict) -> dict:
 
 
 async def events(spec: dict) -> dict:
-    return await publish_events(spec, lambda n: {"type": "text", "text": f"event {n}"})
+    def text(n: int) -> dict:
+        return {"type": "text", "text": f"event {n}"}
+
+    if "desktops" not in spec:
+        return await publish_events(spec, text)
+    ready = asyncio.Event()
+    desktops = [{**spec, **desktop} for desktop in spec["desktops"]]
+    connected: list[asyncio.Event] = [asyncio.Event() for _ in desktops]
+
+    async def one(i: int, desktop: dict) -> dict:
+        return await publish_events(desktop, text, connected[i], ready)
+
+    runs = [asyncio.create_task(one(i, d)) for i, d in enumerate(desktops)]
+    await asyncio.gather(*(c.wait() for c in connected))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    cpu, started = time.process_time(), time.perf_counter()
+    ready.set()
+    results = await asyncio.gather(*runs)
+    seconds = time.perf_counter() - started
+    published = sum(r["published"] for r in results)
+    return {
+        "published": published,
+        "seconds": seconds,
+        "rate": published / seconds,
+        "cpuSeconds": time.process_time() - cpu,
+    }
 
 
-async def publish_events(spec: dict, payload) -> dict:
+async def publish_events(
+    spec: dict,
+    payload,
+    connected: asyncio.Event | None = None,
+    go: asyncio.Event | None = None,
+) -> dict:
+    """One Desktop's events; alone it says `ready` itself, with `connected` and `go`
+    it sets the one and waits for the other instead."""
     tenant, pid, count = spec["tenant"], spec["pairingId"], int(spec["count"])
     subject = subjects.DEVICE_EVENT.build(tenant=tenant, device_id=pid, event_kind="session")
     bodies = [
@@ -90,7 +129,11 @@ async def publish_events(spec: dict, payload) -> dict:
     ]
     nc = await nats.connect(spec["url"], user_credentials=spec["creds"], inbox_prefix=spec["inbox"])
     js = nc.jetstream(timeout=30)
-    print("ready", flush=True)
+    if connected is None or go is None:
+        print("ready", flush=True)
+    else:
+        connected.set()
+        await go.wait()
     started = time.perf_counter()
     for at in range(0, count, 1000):
         futures = [await js.publish_async(subject, body) for body in bodies[at : at + 1000]]

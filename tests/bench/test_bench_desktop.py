@@ -436,15 +436,15 @@ class _ProjectorProbe:
         self.durations: list[float] = []
         inner = projector._project
 
-        async def probe(tenant, workspace, envs):
+        async def probe(fence, new):
             t0 = time.perf_counter()
             try:
-                return await inner(tenant, workspace, envs)
+                return await inner(fence, new)
             finally:
                 self.durations.append(time.perf_counter() - t0)
                 self.seconds += self.durations[-1]
                 self.calls += 1
-                self.events += len(envs)
+                self.events += len(new)
                 self.ends.append(time.monotonic())
 
         projector._project = probe

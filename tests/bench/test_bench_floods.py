@@ -153,12 +153,20 @@ class Load:
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(json.dumps(spec).encode() + b"\n")
         await process.stdin.drain()
-        process.stdin.close()
+        if "desktops" not in spec:  # otherwise it waits for go()
+            process.stdin.close()
         line = await asyncio.wait_for(process.stdout.readline(), 60)
         if line.strip() != b"ready":
             await load.kill()
             raise AssertionError(f"the flood process did not start: {line!r}")
         return load
+
+    async def go(self) -> None:
+        """Start a load that waits for the word (mode `events` with `desktops`)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"go\n")
+        await self.process.stdin.drain()
+        self.process.stdin.close()
 
     async def result(self, timeout: float) -> dict:
         assert self.process.stdout is not None

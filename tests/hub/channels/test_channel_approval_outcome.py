@@ -18,7 +18,7 @@ from hub.channels._actions import ActionTokens
 from hub.channels._approval_outcome import EXPIRED, outcome_text, record_approval_message
 from hub.channels._chat import UNKNOWN_TOKEN
 from hub.channels._renderer import ChannelRenderer
-from hub.workspaces._projection import append_events, lock_cursor, publish_live
+from hub.workspaces import append_events, lock_cursor, publish_live
 from schemas import Source, WorkspaceEvent, new_id
 
 SESSION = "ses_df39c50efffetUqIde65vCZWgj"

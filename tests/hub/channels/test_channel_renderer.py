@@ -16,7 +16,7 @@ from channels import ButtonLimits, Capabilities
 from edges.common._opencode import session_of
 from hub.channels._actions import ActionTokens
 from hub.channels._renderer import ChannelRenderer
-from hub.workspaces._projection import append_events, lock_cursor, publish_live
+from hub.workspaces import append_events, lock_cursor, publish_live
 from schemas import ChannelOutbound, Source, WorkspaceEvent, decode, new_id
 
 CAPTURES = CAPTURES_DIR

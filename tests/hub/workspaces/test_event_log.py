@@ -1,0 +1,154 @@
+"""The workspace event log's batch append (`append_new`) against real PostgreSQL:
+one statement that locks the cursors, drops ids already stored, numbers each
+workspace's events gaplessly after its cursor, stores them and moves the cursors,
+also when another writer of the same workspace commits the same ids meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from hub.core._db import create_pool, migrate
+from hub.workspaces import append_events, lock_cursor
+from hub.workspaces._log import NewEvent, append_new
+from schemas import WorkspaceEvent
+
+T = "acme"
+
+
+@pytest.fixture
+async def pool(database_url):
+    pool = await create_pool(database_url, min_size=2, max_size=6)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    yield pool
+    await pool.close()
+
+
+def new(event_id: str, workspace: str = "ws1", tenant: str = T, text: str = "hi") -> NewEvent:
+    return NewEvent(
+        tenant=tenant,
+        workspace=workspace,
+        source_id="pair1",
+        event_id=event_id,
+        type="session.event",
+        session_id="ses1",
+        command_id=None,
+        occurred_at=datetime.now(UTC),
+        payload={"type": "text", "text": text},
+    )
+
+
+async def stored(pool, workspace: str, tenant: str = T) -> list[tuple[int, str]]:
+    rows = await pool.fetch(
+        "SELECT sequence, event_id FROM workspace_events WHERE tenant = $1 AND workspace_id = $2 "
+        "ORDER BY sequence",
+        tenant,
+        workspace,
+    )
+    return [(r["sequence"], r["event_id"]) for r in rows]
+
+
+async def cursor(pool, workspace: str, tenant: str = T) -> int | None:
+    return await pool.fetchval(
+        "SELECT last_sequence FROM workspace_cursors WHERE tenant = $1 AND workspace_id = $2",
+        tenant,
+        workspace,
+    )
+
+
+async def test_each_workspace_is_numbered_in_order_after_its_cursor(pool):
+    async with pool.acquire() as conn:
+        # ws1 already has two events from another writer (lock_cursor + append_events).
+        async with conn.transaction():
+            last = await lock_cursor(conn, T, "ws1")
+            events = [
+                WorkspaceEvent(
+                    workspace_id="ws1",
+                    sequence=last + i,
+                    event_id=f"w{i}",
+                    type="work.event",
+                    occurred_at=datetime.now(UTC),
+                )
+                for i in (1, 2)
+            ]
+            await append_events(conn, T, "ws1", "gateway", ["reg"] * 2, events)
+        batch = [
+            new("a1"),
+            new("b1", "ws2"),
+            new("a2"),
+            new("c1", "ws1", "other"),
+            new("b2", "ws2"),
+        ]
+        appended = await append_new(conn, "desktop", batch)
+    assert [(e.event_id, seq) for e, seq in appended] == [
+        ("a1", 3),
+        ("b1", 1),
+        ("a2", 4),
+        ("c1", 1),
+        ("b2", 2),
+    ]
+    assert await stored(pool, "ws1") == [(1, "w1"), (2, "w2"), (3, "a1"), (4, "a2")]
+    assert await stored(pool, "ws2") == [(1, "b1"), (2, "b2")]
+    assert await stored(pool, "ws1", "other") == [(1, "c1")]
+    assert (await cursor(pool, "ws1"), await cursor(pool, "ws2")) == (4, 2)
+    row = await pool.fetchrow(
+        "SELECT source_kind, source_id, payload FROM workspace_events WHERE event_id = 'a2'"
+    )
+    assert dict(row) == {
+        "source_kind": "desktop",
+        "source_id": "pair1",
+        "payload": {"type": "text", "text": "hi"},
+    }
+
+
+async def test_ids_already_stored_or_repeated_in_the_batch_are_dropped_without_a_gap(pool):
+    async with pool.acquire() as conn:
+        await append_new(conn, "desktop", [new("a1"), new("a2")])
+        appended = await append_new(
+            conn, "desktop", [new("a2"), new("a3"), new("a3", text="again"), new("a1"), new("a4")]
+        )
+        assert [(e.event_id, e.payload, seq) for e, seq in appended] == [
+            ("a3", {"type": "text", "text": "hi"}, 3),
+            ("a4", {"type": "text", "text": "hi"}, 4),
+        ]
+        assert await append_new(conn, "desktop", [new("a1"), new("a4")]) == []
+    assert await stored(pool, "ws1") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
+    assert await cursor(pool, "ws1") == 4
+
+
+async def test_a_writer_committing_the_same_ids_meanwhile_leaves_no_gap_or_duplicate(pool):
+    """The other writer holds the cursor lock and commits a1, a2 after this
+    statement's snapshot was taken: the statement fails on (tenant, event_id)
+    and runs again, then stores only a3 after them."""
+    holder = await pool.acquire()
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await append_new(holder, "desktop", [new("a1"), new("a2")])  # locked, not committed
+
+        async def contender() -> list[tuple[NewEvent, int]]:
+            async with pool.acquire() as conn:
+                return await append_new(conn, "desktop", [new("a1"), new("a2"), new("a3")])
+
+        waiting = asyncio.create_task(contender())
+        await asyncio.sleep(0.5)  # its statement waits for the cursor lock
+        assert not waiting.done()
+        await tx.commit()
+        appended = await asyncio.wait_for(waiting, 10)
+    finally:
+        await pool.release(holder)
+    assert [(e.event_id, seq) for e, seq in appended] == [("a3", 3)]
+    assert await stored(pool, "ws1") == [(1, "a1"), (2, "a2"), (3, "a3")]
+    assert await cursor(pool, "ws1") == 3
+
+
+async def test_an_event_the_database_refuses_fails_the_statement_and_keeps_nothing(pool):
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.DataError):
+            await append_new(conn, "desktop", [new("a1"), new("a2", text="bin\u0000ary")])
+    assert await stored(pool, "ws1") == []
+    assert await cursor(pool, "ws1") is None
