@@ -51,6 +51,9 @@ TRANSIENT = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.CannotConnectNowError,
+    # 57xxx: the server shutting down or restarting under the query (admin or crash
+    # shutdown), or a query cancelled by it.
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
     nats.errors.Error,
 )
@@ -104,12 +107,19 @@ def parse_and_decode(
 _MAX = 16 * 1024
 
 
+def _failed(msg: Msg, exc: BaseException, code: str = "storage.failed") -> Rejected:
+    attempts = deliveries(msg)
+    reason = f"not stored after {attempts} delivery(ies): {type(exc).__name__}: {exc}"
+    return Rejected(code, reason[:2000])
+
+
 class DeadLetters:
     def __init__(self, js: JetStreamContext, metrics: HubMetrics, hub_id: str) -> None:
         self._js = js
         self._metrics = metrics
         self._log_budget = LogBudget(rate=1.0, burst=20)
         self._source = Source(principal_kind=PrincipalKind.HUB, principal_id=hub_id)
+        self._holds: dict[int, int] = {}  # held batches that failed by surprise: how often
 
     async def put(
         self,
@@ -200,14 +210,7 @@ class DeadLetters:
         else:
             await msg.nak(delay=delay)
             return
-        await self.reject(
-            msg,
-            family,
-            Rejected(
-                code,
-                f"not stored after {attempts} delivery(ies): {type(exc).__name__}: {exc}"[:2000],
-            ),
-        )
+        await self.reject(msg, family, _failed(msg, exc, code))
 
     async def write_batch(
         self,
@@ -239,16 +242,50 @@ class DeadLetters:
                 family=family.name, count=len(items), error=f"{type(failure).__name__}: {failure}"
             ),
         )
-        if hold and is_transient(failure):
+        if hold and not isinstance(failure, DATA_ERRORS) and self._hold_again(items, failure):
             raise StorageAway(str(failure)) from failure
         if len(items) == 1 or is_transient(failure):
             for msg, _ in items:
-                await self.retry_or_reject(msg, family, max_deliver, failure, delay=delay)
+                await self._retry_or_give_up(msg, family, max_deliver, failure, delay, hold)
             return []
         done = []
         for msg, value in items:
             try:
                 done.append(([msg], await write([value])))
+            except Fenced:
+                raise
             except Exception as exc:  # noqa: BLE001 - this item alone
-                await self.retry_or_reject(msg, family, max_deliver, exc, delay=delay)
+                if hold and is_transient(exc):  # the database went away midway: hold
+                    raise StorageAway(str(exc)) from exc
+                await self._retry_or_give_up(msg, family, max_deliver, exc, delay, hold)
         return done
+
+    def _hold_again(self, items: list[tuple[Msg, T]], failure: BaseException) -> bool:
+        """With `hold`, every failure but a data error holds the items in order: a
+        transient one for as long as it lasts, any other (a surprise) GIVE_UP_AFTER
+        times, after which the items are tried one by one and what still fails is
+        dead-lettered, never naked (a nak would bring it back behind newer ones)."""
+        if is_transient(failure):
+            return True
+        key = id(items[0][0])
+        if len(self._holds) > 10_000:  # only batches that failed, then went through
+            self._holds.clear()
+        self._holds[key] = self._holds.get(key, 0) + 1
+        if self._holds[key] < GIVE_UP_AFTER:
+            return True
+        del self._holds[key]
+        return False
+
+    async def _retry_or_give_up(
+        self,
+        msg: Msg,
+        family: subjects.SubjectFamily,
+        max_deliver: int,
+        exc: BaseException,
+        delay: float,
+        hold: bool,
+    ) -> None:
+        if hold and not isinstance(exc, DATA_ERRORS):  # ordered: set aside, never behind
+            await self.reject(msg, family, _failed(msg, exc))
+            return
+        await self.retry_or_reject(msg, family, max_deliver, exc, delay=delay)

@@ -17,7 +17,7 @@ import pytest
 from desktopkit import TENANT, create_pairing, desktop_event, events, eventually, redeem
 
 from hub.core import streams
-from hub.core._deadletter import GIVE_UP_AFTER, DeadLetters
+from hub.core._deadletter import GIVE_UP_AFTER, DeadLetters, StorageAway
 from hub.core._metrics import HubMetrics
 from hub.core._streams import declare
 from schemas import AuditRecord, Envelope, Source, subjects
@@ -314,4 +314,42 @@ async def test_a_failing_write_is_dead_lettered_never_dropped(
     assert letter["originalPayload"] == "innocent" and str(error) in letter["reason"]
     with pytest.raises(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=0.5)
+    await dead.unsubscribe()
+
+
+async def test_an_ordered_write_that_fails_by_surprise_is_held_then_set_aside_never_naked(
+    scratch,
+):
+    """With `hold` (the projector: order matters), a failure that is neither a data
+    error nor transient holds the batch GIVE_UP_AFTER times, then the item that still
+    fails is dead-lettered, never naked: a nak would bring it back behind newer ones."""
+    name = scratch.name
+    for value in (b"first", b"second"):
+        await scratch.js.publish(f"scratch.{name}.p1", value)
+    dead = await scratch.js.subscribe(
+        subjects.dead_letter_subject(None, subjects.AUDIT), ordered_consumer=True
+    )
+    sub = await _consumer(scratch)
+    msgs = await sub.fetch(2, timeout=5)
+    items = [(m, m.data.decode()) for m in msgs]
+
+    async def write(batch: list[str]) -> int:
+        if "first" in batch:
+            raise RuntimeError("a surprise")
+        return len(batch)
+
+    for _ in range(GIVE_UP_AFTER - 1):
+        with pytest.raises(StorageAway):
+            await scratch.dead.write_batch(
+                subjects.AUDIT, -1, items, write, LOG, delay=0.05, hold=True
+            )
+    written = await scratch.dead.write_batch(
+        subjects.AUDIT, -1, items, write, LOG, delay=0.05, hold=True
+    )
+    assert [[m.data for m in done] for done, _ in written] == [[b"second"]]
+    letter = await _letter(dead, name)
+    assert letter["code"] == "storage.failed" and letter["originalPayload"] == "first"
+    await written[0][0][0].ack()
+    with pytest.raises(nats.errors.TimeoutError):  # nothing comes back: not naked
+        await sub.fetch(1, timeout=1.0)
     await dead.unsubscribe()
