@@ -11,10 +11,14 @@ Two gates, cheapest first:
    microseconds, so it cannot queue another address's real pairing behind
    thousands of database round trips; what passes costs at most `SOURCE_RATE`
    lookups a second per replica, even while the address is locked out.
-2. In PostgreSQL, shared by every hub replica: after `MAX_FAILURES` failed
-   secrets within `WINDOW`, the source is locked out for `LOCKOUT`. It is one
-   count per source for all bootstrap secrets: guessing pairing codes and
-   guessing registration credentials spend the same budget.
+2. In PostgreSQL, shared by every hub replica: from the `MAX_FAILURES`th failed
+   secret within `WINDOW`, each failure locks the source out for a delay that
+   doubles with every further failure: 1 s, 2 s, 4 s ... up to `LOCKOUT`. A
+   guesser gets about MAX_FAILURES + log2(WINDOW) tries a window, against codes
+   of 50 bits that live 10 minutes; an office behind one NAT where somebody
+   mistyped ten times waits a second, not a quarter of an hour. It is one count
+   per source for all bootstrap secrets: guessing pairing codes and guessing
+   registration credentials spend the same budget.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ log = logging.getLogger("cowork.hub.bootstrap")
 
 MAX_FAILURES = 10
 WINDOW = timedelta(minutes=10)
-LOCKOUT = timedelta(minutes=15)
+LOCKOUT = timedelta(minutes=15)  # the longest delay
+FIRST_DELAY = timedelta(seconds=1)  # at the MAX_FAILURES-th failure, doubling after
 SOURCE_RATE = 20.0  # bootstrap requests per second and source, after the burst
 SOURCE_BURST = 100  # a site's Desktops and Gateways behind one NAT pairing at once
 SOURCE_PENDING = 8  # requests of one source in flight at once
@@ -116,12 +121,15 @@ class BootstrapLockout:
                                  THEN now() ELSE bootstrap_failures.window_started_at END,
                  locked_until = CASE WHEN bootstrap_failures.window_started_at >= now() - $2
                                       AND bootstrap_failures.failures + 1 >= $3
-                                 THEN now() + $4 ELSE bootstrap_failures.locked_until END
+                                 THEN now() + least($4::interval, $5::interval
+                                      * power(2, least(bootstrap_failures.failures + 1 - $3, 30)))
+                                 ELSE bootstrap_failures.locked_until END
                RETURNING failures""",
             source,
             self.window,
             self.max_failures,
             self.lockout,
+            FIRST_DELAY,
         )
         log.warning("bootstrap.secret_refused", **kv(what=what, source=source, failures=failures))
         return int(failures)

@@ -454,7 +454,7 @@ async def test_bootstrap_flood_leaves_another_sources_pairing_within_1s(
         flood_calls = Counter(db_calls)
 
         # The flooding address afterwards: locked out by its wrong codes (PostgreSQL,
-        # 15 min by design) but answered at once; once the lockout is lifted (as an
+        # doubling delays up to 15 min) but answered at once; once the lockout is lifted (as an
         # operator would: its row deleted), its real pairing is as fast as before.
         try:
             probe_seconds = await over_the_bus(codes.pop())

@@ -502,7 +502,10 @@ async def test_typing_is_forgiving(http, operator_nats_url, tmp_path, typed):
     assert pairing.pairing_id == created["pairingId"]
 
 
-async def test_brute_force_locks_the_source_out(hub, http, operator_nats_url, tmp_path):
+async def test_brute_force_meets_delays_that_double(hub, http, operator_nats_url, tmp_path):
+    """From the tenth wrong code, each failure locks the address out for twice as
+    long as the last (1 s, 2 s, 4 s ... at most LOCKOUT): a guesser gets a handful
+    of tries, an office whose somebody mistyped ten times waits a second."""
     created = await create_pairing(http)
     for attempt in range(1, MAX_FAILURES + 1):
         failed = await _pair_fails(
@@ -510,26 +513,43 @@ async def test_brute_force_locks_the_source_out(hub, http, operator_nats_url, tm
         )
         assert failed.code == "pairing.invalid_code", (attempt, failed.code)
         assert failed.retry_after is None
-
-    # The 11th try, even with the right code, is refused with a retry time.
+    # Keyed by the client's address as the server reports it (Nats-Request-Info).
+    assert await _lock(hub) == pytest.approx(1.0, abs=0.5)
+    for doubled in (2.0, 4.0):
+        await _wait_out_lock(hub)
+        failed = await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "t")
+        assert failed.code == "pairing.invalid_code"
+        assert await _lock(hub) == pytest.approx(doubled, abs=0.5)
+    # Deep into the doubling, even the right code is refused, with a retry time...
+    await hub.pool.execute(
+        "UPDATE bootstrap_failures SET failures = 30, locked_until = now() + $1", LOCKOUT
+    )
     locked = await _pair_fails(created["code"], operator_nats_url, tmp_path / "right")
     assert locked.code == "bootstrap.rate_limited", locked.code
-    assert locked.retry_after is not None
     assert LOCKOUT.total_seconds() - 60 < locked.retry_after <= LOCKOUT.total_seconds()
     assert (await get_pairing(http, created["pairingId"]))["redeemed"] is False
-
-    # Keyed by the client's address as the server reports it (Nats-Request-Info).
-    rows = await hub.pool.fetch(
-        "SELECT source, failures, locked_until > now() AS locked FROM bootstrap_failures"
-    )
-    assert [(r["source"], r["failures"], r["locked"]) for r in rows] == [
-        ("127.0.0.1", MAX_FAILURES, True)
-    ]
-
-    # The refused attempt did not spend the code: once the lockout is gone, it works.
-    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() - interval '1 s'")
+    # ... and the next failure is capped at LOCKOUT, not 2^20 s.
+    await _wait_out_lock(hub)
+    await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "again")
+    assert await _lock(hub) == pytest.approx(LOCKOUT.total_seconds(), abs=5)
+    # The refused attempt did not spend the code: once the delay is over, it works.
+    await _wait_out_lock(hub)
     pairing = await pair(created["code"], [operator_nats_url], DesktopStore(tmp_path / "ok"))
     assert pairing.pairing_id == created["pairingId"]
+
+
+async def _lock(hub) -> float:
+    """Seconds 127.0.0.1 is locked out for, from now."""
+    rows = await hub.pool.fetch(
+        "SELECT source, extract(epoch FROM locked_until - now()) AS left FROM bootstrap_failures"
+    )
+    assert [r["source"] for r in rows] == ["127.0.0.1"]
+    return float(rows[0]["left"])
+
+
+async def _wait_out_lock(hub) -> None:
+    """Let the lock run out (moved into the past rather than slept through)."""
+    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() - interval '1 s'")
 
 
 async def test_nine_failures_do_not_lock(http, operator_nats_url, tmp_path):
@@ -561,6 +581,8 @@ async def test_lockout_is_per_source(hub, http, operator_nats_url, tmp_path):
     created = await create_pairing(http)
     for _ in range(MAX_FAILURES):
         await _pair_fails(_wrong_code(created["code"]), operator_nats_url, tmp_path / "x")
+    # (a second's lock; held longer here so that a slow machine cannot outrun it)
+    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() + interval '1 min'")
     locked = await _pair_fails(created["code"], operator_nats_url, tmp_path / "y")
     assert locked.code == "bootstrap.rate_limited"
 

@@ -31,7 +31,7 @@ from gatewaykit import (
 )
 from hubkit import client, connect_with, running_hub
 
-from hub.bus._bootstrap_limits import LOCKOUT, MAX_FAILURES
+from hub.bus._bootstrap_limits import FIRST_DELAY, LOCKOUT, MAX_FAILURES
 from hub.core import _db
 from hub.core._audit import AuditLog
 from hub.gateways._service import GatewayError, GatewayRegistry
@@ -371,6 +371,13 @@ async def test_repeated_failures_lock_the_source_out(hub, http, operator_nats_ur
     wrong = f"cwgr_{created['registrationId']}_{'B' * 43}"
     for _ in range(MAX_FAILURES):
         assert (await register(operator_nats_url, wrong)).code == "gateway.invalid_credential"
+    left = await hub.pool.fetchval(
+        "SELECT extract(epoch FROM locked_until - now()) FROM bootstrap_failures "
+        "WHERE source = '127.0.0.1'"
+    )
+    assert 0 < left <= FIRST_DELAY.total_seconds()  # then doubling with each failure
+    # (held longer here so that a slow machine cannot outrun the second's lock)
+    await hub.pool.execute("UPDATE bootstrap_failures SET locked_until = now() + $1", LOCKOUT)
     locked = await register(operator_nats_url, created["credential"])
     assert locked.code == "bootstrap.rate_limited", locked.refusal
     assert (
