@@ -10,7 +10,7 @@ GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -29,14 +29,14 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     add_route_table,
+    after_query,
     bool_query,
-    cursor_query,
     int_query,
     invalid,
     iso,
     json_body,
     json_error,
-    page_cursor,
+    next_page,
     path_token,
     tenant_param,
 )
@@ -176,28 +176,13 @@ async def list_pairings(request: web.Request) -> web.Response:
     rows = await hub.pairings.list(
         tenant_param(request),
         limit + 1,
-        after=_after(request),
+        after=after_query(request),
         status=_status_filter(request),
         online=bool_query(request, "online"),
         label=request.query.get("label"),
     )
-    page = rows[:limit]
-    cursor = None
-    if len(rows) > limit:  # one more than asked: there is a next page
-        cursor = page_cursor(page[-1]["created_at"].isoformat(), page[-1]["pairing_id"])
+    page, cursor = next_page(rows, limit, "pairing_id")
     return web.json_response({"items": [pairing_json(r) for r in page], "nextCursor": cursor})
-
-
-def _after(request: web.Request) -> tuple[datetime, str] | None:
-    values = cursor_query(request, 2)
-    if values is None:
-        return None
-    try:
-        return datetime.fromisoformat(values[0]), values[1]
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text="query parameter 'cursor' is not a cursor this API gave"
-        ) from None
 
 
 def _status_filter(request: web.Request) -> str | None:

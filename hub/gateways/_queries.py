@@ -4,6 +4,7 @@ through the API: `_http_gateways` picks the fields)."""
 from __future__ import annotations
 
 import builtins
+from datetime import datetime
 
 import asyncpg
 
@@ -24,11 +25,24 @@ class GatewayQueries:
             raise GatewayError.not_found(registration_id)
         return dict(row)
 
-    async def list(self, tenant: str, limit: int) -> list[dict]:
+    async def list(
+        self,
+        tenant: str,
+        limit: int,
+        *,
+        after: tuple[datetime, str] | None = None,
+        status: str | None = None,
+    ) -> builtins.list[dict]:
+        """Newest first, keyset-paged after (created_at, registration_id)."""
         rows = await self._pool.fetch(
-            "SELECT * FROM gateway_registrations WHERE tenant = $1 "
-            "ORDER BY created_at DESC, registration_id LIMIT $2",
+            """SELECT * FROM gateway_registrations WHERE tenant = $1
+                 AND ($2::timestamptz IS NULL OR (created_at, registration_id) < ($2, $3))
+                 AND ($4::text IS NULL OR status = $4)
+               ORDER BY created_at DESC, registration_id DESC LIMIT $5""",
             tenant,
+            after[0] if after else None,
+            after[1] if after else None,
+            status,
             limit,
         )
         return [dict(r) for r in rows]

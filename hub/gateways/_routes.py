@@ -23,16 +23,28 @@ from schemas import GatewayKind, Label, TokenId, TrustModel, WireModel, check_to
 from ..http import (
     HUB_KEY,
     add_route_table,
+    after_query,
     int_query,
     iso,
     json_body,
     json_error,
+    next_page,
     path_token,
     tenant_param,
 )
 
 if TYPE_CHECKING:
     from ._service import GatewayRegistry
+
+REGISTRATION_STATUSES = (
+    "pending",
+    "active",
+    "draining",
+    "paused",
+    "unhealthy",
+    "retired",
+    "revoked",
+)
 
 # (registry, tenant, registration id) -> the registration, as read or changed
 RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
@@ -167,11 +179,17 @@ async def create_registration(request: web.Request) -> web.Response:
 async def list_registrations(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
-    rows = await hub.gateways.list(tenant, int_query(request, "limit", 100, 1, 1000))
+    limit = int_query(request, "limit", 100, 1, 1000)
+    status = request.query.get("status")
+    if status is not None and status not in REGISTRATION_STATUSES:
+        raise web.HTTPBadRequest(
+            text=f"query parameter 'status' must be one of {', '.join(REGISTRATION_STATUSES)}"
+        )
+    rows = await hub.gateways.list(tenant, limit + 1, after=after_query(request), status=status)
+    rows, cursor = next_page(rows, limit, "registration_id")
     sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])
-    return web.json_response(
-        {"items": [registration_json(r, sync[r["registration_id"]]) for r in rows]}
-    )
+    items = [registration_json(r, sync[r["registration_id"]]) for r in rows]
+    return web.json_response({"items": items, "nextCursor": cursor})
 
 
 async def get_registration(request: web.Request) -> web.Response:

@@ -338,6 +338,29 @@ def cursor_query(request: web.Request, parts: int) -> list[str] | None:
     return values
 
 
+def after_query(request: web.Request) -> tuple[datetime, str] | None:
+    """Where the page asked for starts: the (created_at, id) of the last row of the
+    page before, from the `cursor` that `next_page` gave (400 if it is not one)."""
+    values = cursor_query(request, 2)
+    if values is None:
+        return None
+    try:
+        return datetime.fromisoformat(values[0]), values[1]
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text="query parameter 'cursor' is not a cursor this API gave"
+        ) from None
+
+
+def next_page(rows: list[dict], limit: int, id_key: str) -> tuple[list[dict], str | None]:
+    """The page out of `limit + 1` rows fetched newest first, and the cursor of the
+    next page (None when this one is the last)."""
+    page = rows[:limit]
+    if len(rows) <= limit:
+        return page, None
+    return page, page_cursor(page[-1]["created_at"].isoformat(), page[-1][id_key])
+
+
 def bool_query(request: web.Request, name: str) -> bool | None:
     raw = request.query.get(name)
     if raw is None:

@@ -20,7 +20,16 @@ from pydantic import Field
 
 from schemas import WireModel, WorkState, check_token
 
-from ..http import HUB_KEY, int_query, iso, json_body, json_error, tenant_param
+from ..http import (
+    HUB_KEY,
+    after_query,
+    int_query,
+    iso,
+    json_body,
+    json_error,
+    next_page,
+    tenant_param,
+)
 from ._service import EdgeWorkService, EnqueueWork
 
 STATES = frozenset(s.value for s in WorkState)
@@ -135,8 +144,9 @@ async def list_work(request: web.Request) -> web.Response:
         )
     limit = int_query(request, "limit", 100, 1, 1000)
     service = _service(request)
-    rows = await service.list(tenant, state=state, limit=limit)
-    body: dict = {"items": [work_json(r) for r in rows]}
+    rows = await service.list(tenant, state=state, limit=limit + 1, after=after_query(request))
+    rows, cursor = next_page(rows, limit, "work_id")
+    body: dict = {"items": [work_json(r) for r in rows], "nextCursor": cursor}
     if any(r["state"] == "queued" for r in rows):  # queued with nobody to take it: say so
         waiting = await service.unclaimable(tenant)
         if waiting:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -317,14 +318,25 @@ class EdgeWorkService:
         async with self._pool.acquire() as conn:
             return None if await self.leases.claimers(conn, tenant) else NO_CLAIMER
 
-    async def list(self, tenant: str, *, state: str | None = None, limit: int = 100) -> list[dict]:
+    async def list(
+        self,
+        tenant: str,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[dict]:
+        """Newest first, keyset-paged after (created_at, work_id)."""
         rows = await self._pool.fetch(
             f"SELECT {WORK_COLUMNS} FROM edge_work WHERE tenant = $1 "
-            "AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC, work_id DESC "
-            "LIMIT $3",
+            "AND ($2::text IS NULL OR state = $2) "
+            "AND ($4::timestamptz IS NULL OR (created_at, work_id) < ($4, $5)) "
+            "ORDER BY created_at DESC, work_id DESC LIMIT $3",
             tenant,
             state,
             limit,
+            after[0] if after else None,
+            after[1] if after else None,
         )
         return [dict(r) for r in rows]
 

@@ -320,3 +320,19 @@ def desktop_event(pid: str, payload: dict) -> tuple[str, bytes]:
     )
     source = Source(principal_kind="desktop", principal_id=pid)
     return event.id, Envelope.wrap(event, source=source, tenant=TENANT).encode()
+
+
+async def all_pages(
+    http: httpx.AsyncClient, path: str, limit: int, **params: Any
+) -> tuple[list[dict], int]:
+    """Every item of a cursor-paged list (`nextCursor`), and how many pages it took."""
+    items: list[dict] = []
+    cursor, pages = None, 0
+    while True:
+        query = {"limit": limit, **params, **({"cursor": cursor} if cursor else {})}
+        body = await api(http, "GET", path, params=query)
+        items += body["items"]
+        pages += 1
+        cursor = body["nextCursor"]
+        if cursor is None:
+            return items, pages

@@ -17,7 +17,7 @@ import json
 import random
 
 import pytest
-from desktopkit import eventually
+from desktopkit import all_pages, eventually
 from gatewaykit import (
     TENANT,
     GatewayClient,
@@ -848,3 +848,20 @@ async def _race(registry: GatewayRegistry, reg_id: str, round_: int) -> dict[str
         "revoked": sum(code == "gateway.revoked" for code, _ in beats),
         "stale": sum(code == "gateway.stale_heartbeat" for code, _ in beats),
     }
+
+
+async def test_registrations_are_listed_page_by_page(http):
+    made = {(await create_registration(http, name=f"rack {i}"))["registrationId"] for i in range(7)}
+    items, pages = await all_pages(http, f"/api/v1/tenants/{TENANT}/gateway-registrations", 3)
+    ids = [r["registrationId"] for r in items]
+    assert len(ids) == len(set(ids)), "a registration listed twice across pages"
+    assert made <= set(ids) and pages == -(-len(ids) // 3)
+    pending, _ = await all_pages(
+        http, f"/api/v1/tenants/{TENANT}/gateway-registrations", 100, status="pending"
+    )
+    assert made <= {r["registrationId"] for r in pending}
+    assert all(r["status"] == "pending" for r in pending)
+    bad = await http.get(
+        f"/api/v1/tenants/{TENANT}/gateway-registrations", params={"status": "asleep"}
+    )
+    assert bad.status_code == 400

@@ -13,6 +13,7 @@ import json
 import secrets
 
 import pytest
+from desktopkit import all_pages
 from edgeworkkit import EDGE_SCOPES, GatewayBus, add_registration, collect, enqueue_body
 
 from schemas import (
@@ -528,3 +529,11 @@ async def test_unknown_work_and_garbage(hub, gateways, tenant):
     raw = (await gw.nc.request(subject, b"not json", timeout=5)).data
     reply = decode(raw, AckReply).data
     assert not reply.ok and reply.code.startswith("contract.")
+
+
+async def test_work_is_listed_page_by_page(http, tenant):
+    made = {await enqueue(http, tenant) for _ in range(7)}
+    items, pages = await all_pages(http, f"/api/v1/tenants/{tenant}/work", 3)
+    assert sorted(w["workId"] for w in items) == sorted(made) and pages == 3
+    queued, _ = await all_pages(http, f"/api/v1/tenants/{tenant}/work", 2, state="queued")
+    assert {w["workId"] for w in queued} == made
