@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +54,16 @@ _FETCH_SECONDS = 1.0  # how long one pull request stays open on the server
 
 
 class DeliveryWorker:
-    def __init__(self, instance: Instance, options: RuntimeOptions, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        instance: Instance,
+        options: RuntimeOptions,
+        ledger: Ledger,
+        *,
+        sure: Callable[[], bool] | None = None,
+    ) -> None:
         self._instance, self._options, self._ledger = instance, options, ledger
+        self._sure = sure or (lambda: True)
         self._caps = instance.provider.capabilities
         self._breaker = Breaker(
             instance, options.breaker_threshold, options.breaker_cooldown_seconds
@@ -267,6 +276,8 @@ class DeliveryWorker:
                 return False
             attempts += 1
             async with self._slots:
+                if not await self._lease_sure():
+                    return False
                 try:
                     ids = await perform(instance.provider, self._caps, self._ledger, d)
                     failure = None
@@ -379,6 +390,22 @@ class DeliveryWorker:
             if self._stop.is_set():
                 return False
             await quietly(msg.in_progress())
+
+    async def _lease_sure(self) -> bool:
+        """Send only while this process's lease on the instance is sure. A replica
+        that was frozen (or cut off) past its lease wakes with sends in hand while
+        another replica already sends this instance's lanes: it must not send them
+        too (twice, and out of lane order) in the moment before its lease loop learns
+        that it lost. Waits while unsure; False once stopping."""
+        while not self._sure():
+            if self._stop.is_set():
+                return False
+            try:
+                async with asyncio.timeout(0.05):  # wait_for may eat a cancel (3.11)
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+        return True
 
     async def _pause(self, seconds: float, msg: Any) -> bool:
         """Sleep `seconds` (keeping the delivery's lease alive); False when stopping."""

@@ -156,6 +156,7 @@ class ChannelRuntime:
         self.options = options
         self._deliver_all = deliver_all
         self._delivering: set[str] = set()  # instance ids start_delivery asked for
+        self._sure: dict[str, Callable[[], bool]] = {}  # their lease checks, if any
         self._instances: dict[str, Instance] = {}
         self._ledgers: dict[str, Ledger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -231,10 +232,18 @@ class ChannelRuntime:
             if instance is not None:
                 await self._shutdown(instance)
 
-    async def start_delivery(self, instance_id: str) -> None:
+    async def start_delivery(
+        self, instance_id: str, *, sure: Callable[[], bool] | None = None
+    ) -> None:
         """Run the instance's delivery worker here from now on (at once when it is
-        connected, else as soon as it is). Raises when the worker cannot start."""
+        connected, else as soon as it is). Raises when the worker cannot start.
+
+        `sure()` says whether this process may still send for the instance (its
+        lease is sure): the worker asks it right before every send and waits, sending
+        nothing, while it says no."""
         self._delivering.add(instance_id)
+        if sure is not None:
+            self._sure[instance_id] = sure
         instance = self._instances.get(instance_id)
         if instance is not None:
             await self._start_worker(instance)
@@ -246,6 +255,7 @@ class ChannelRuntime:
         instance = self._instances.get(instance_id)
         if instance is not None:
             await self._stop_worker(instance, grace)
+        self._sure.pop(instance_id, None)
 
     def delivering(self, instance_id: str) -> bool:
         return self._deliver_all or instance_id in self._delivering
@@ -369,6 +379,7 @@ class ChannelRuntime:
                 instance,
                 self.options,
                 self._ledgers.setdefault(instance.instance_id, Ledger(self.options.ledger_size)),
+                sure=self._sure.get(instance.instance_id),
             )
             await worker.start()  # binds the durable consumer: fails when it is missing
             instance.worker = worker

@@ -74,7 +74,7 @@ class DeliveryLeases:
     async def _gain(self, instance_id: str) -> None:
         spec = consumer_spec(self._tenants[instance_id], instance_id)
         await streams.rewind_unacked(self._js, spec)
-        await self._runtime.start_delivery(instance_id)
+        await self._runtime.start_delivery(instance_id, sure=lambda: self._leases.sure(instance_id))
         self._metrics.partition_leases.labels(consumer_name(instance_id)).set(1)
 
     async def _lose(self, instance_id: str) -> None:

@@ -104,6 +104,16 @@ class PartitionLeases:
         largest token seen can refuse a write of an earlier holder."""
         return self._held[name].token
 
+    def sure(self, name: str) -> bool:
+        """Whether this replica's lease on `name` is sure now: renewed (or taken)
+        less than two thirds of a TTL ago, by this process's monotonic clock (which
+        runs on while the process is frozen). What works a partition by side effects
+        nobody can fence (a delivery worker's sends) asks before each one: a replica
+        waking from a freeze must not act in the moment before its loop has learnt
+        that it lost the lease (`_drop_unsure` stops its workers at the same bound)."""
+        held = self._held.get(name)
+        return held is not None and time.monotonic() - held.renewed_at < self._ttl * 2 / 3
+
     @property
     def ttl(self) -> float:
         """How long a lease outlives its last renewal (the bucket's max_age)."""

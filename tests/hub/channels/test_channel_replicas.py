@@ -13,6 +13,7 @@ about the hub's part, not about that instant."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import nats
@@ -48,12 +49,19 @@ class HoldingTelegram(FakeTelegram):
         super().__init__()
         self._open = asyncio.Event()
         self._open.set()
+        self._refuse = False
         self.waiting = 0
 
     def hold(self) -> None:
         self._open.clear()
 
     def let_through(self) -> None:
+        self._refuse = False
+        self._open.set()
+
+    def refuse_held(self) -> None:
+        """Answer every held call 429 (retry at once), recording nothing."""
+        self._refuse = True
         self._open.set()
 
     async def _api(self, request: web.Request) -> web.Response:
@@ -65,6 +73,8 @@ class HoldingTelegram(FakeTelegram):
                 self.waiting -= 1
             if request.transport is None or request.transport.is_closing():
                 return web.Response(status=499)  # the sender died: nobody to answer
+            if self._refuse:
+                return self._error(429, "Too Many Requests: retry after 0", 0)
         return await super()._api(request)
 
     def lane(self, chat: str, thread: str | None) -> list[str]:
@@ -238,3 +248,73 @@ async def test_a_failing_replica_hands_its_lanes_over_in_order_and_sends_nothing
             f"lane order, {took['all']:.2f} s after"
         )
         assert took["lease"] < BOUND[fault]
+
+
+async def test_a_replica_waking_from_a_freeze_sends_nothing_its_successor_sent(
+    bus, database_url, tmp_path, platform
+):
+    """The replica delivering for an instance is frozen (SIGSTOP) with a send in hand
+    on every lane, for three lease TTLs; the other takes the instance over and sends
+    everything. When the frozen one wakes (SIGCONT) its sends in hand fail and would
+    be retried at once, before its lease loop has learnt that it lost the instance:
+    it must send none of them (each would go out twice, behind later ones of its
+    lane). The platform refuses the sends it held across the freeze (429), so
+    what the frozen replica had handed to it in that instant is not the question."""
+    url, keys_dir = bus
+    instance = "tg-freeze"
+    async with replicas(
+        2,
+        tmp_path,
+        nats_url=url,
+        database_url=database_url,
+        keys_dir=keys_dir,
+        partition_lease_seconds=str(LEASE),
+    ) as (a, b):
+        async with a.client() as http:
+            await create_instance(
+                http, platform, instance_id=instance, workspace_id="ws1", authority="cloud_worker"
+            )
+        consumer = subjects.edge_consumer("channel", instance)
+        victim = await eventually(
+            lambda: _holder(consumer, a, b), timeout=LEASE * 4, what="one holder"
+        )
+        survivor = b if victim is a else a
+        async with survivor.client() as http:
+            await wait_ready(http, instance)
+        nc = await _hub_bus(url, keys_dir)
+        try:
+            flow = _Flow(nc.jetstream(), platform, instance)
+            publishing = asyncio.create_task(
+                _publish(flow.js, instance, flow.lanes, range(PER_LANE), 0.02)
+            )
+            await eventually(lambda: sum(flow.counts()) >= 40, timeout=10, what="sends flowing")
+            platform.hold()
+            await eventually(
+                lambda: platform.waiting == len(LANES), timeout=5, what="a send held per lane"
+            )
+            assert victim.proc
+            victim.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.3)
+                platform.refuse_held()  # the frozen replica reads these when it wakes
+                await eventually(
+                    lambda: _holder(consumer, survivor), timeout=TAKEOVER_BOUND * 2, what="takeover"
+                )
+                await asyncio.sleep(0.2)
+                platform.let_through()
+                await publishing
+                await eventually(
+                    lambda: min(flow.counts()) >= PER_LANE,
+                    timeout=30,
+                    interval=0.1,
+                    what="all sent",
+                )
+                await asyncio.sleep(max(0.0, LEASE * 3 - 0.5))
+            finally:
+                victim.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(LEASE * 2)  # awake: it retries its refused sends or not
+            for lane in flow.lanes:
+                expected = [_text(lane, n) for n in range(PER_LANE)]
+                assert platform.lane(*LANES[lane]) == expected, f"lane {lane} broken"
+        finally:
+            await nc.close()
