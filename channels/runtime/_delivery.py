@@ -166,6 +166,12 @@ class DeliveryWorker:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            if not self._sure():
+                # Not even a fetch: what a replica waking from a freeze fetched from
+                # its successor's consumer would sit unsent until the ack wait, then
+                # come back behind newer deliveries of its lane.
+                await self._pause_fetching(0.1)
+                continue
             try:
                 msgs = await self._psub.fetch(min(room, 64), timeout=_FETCH_SECONDS)
             except (TimeoutError, NatsTimeout):

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 
 from ._deadletter import Fenced, is_transient
 from ._logging import LogBudget, kv
+from ._streams import rewind_unacked
 
 log = logging.getLogger("cowork.hub.background")
 
@@ -75,11 +76,27 @@ async def pull_forever(
     failure: str,
     retry_delay: float = 0.5,
     fetch_seconds: float = 1.0,
+    may_fetch: Callable[[], bool] | None = None,
+    ordered: bool = False,
 ) -> None:
     """Fetch batches from the durable consumer `spec` and hand them to `handle`,
-    rebinding after NATS or the consumer went away."""
+    rebinding after NATS or the consumer went away. With `may_fetch` (a partition
+    lease still sure), nothing is fetched while it says no: a worker waking from a
+    freeze would otherwise pull from its successor's consumer, be fenced, and leave
+    what it pulled unacked until the ack wait, to come back behind newer messages.
+
+    `ordered`: deliveries lost on the way (a batch in flight when a NATS node or
+    the connection died) would come back only after the ack wait, behind newer
+    ones. The consumer numbers its deliveries, so a batch that does not start
+    where the last one ended shows the loss: the consumer is rewound to its ack
+    floor and everything from there comes again, in order (done events are
+    recognised and dropped by the handler)."""
     sub = None
+    expected: int | None = None  # the delivery number the next batch starts at
     while True:
+        if may_fetch is not None and not may_fetch():
+            await asyncio.sleep(0.1)
+            continue
         # Python 3.11's wait_for (inside nats-py's fetch) drops a cancellation that
         # arrives as a message does; the request stays on the task, so honour it here
         # or a stop waits forever while a backlog keeps messages coming.
@@ -99,11 +116,35 @@ async def pull_forever(
             sub = None
             await asyncio.sleep(retry_delay)
             continue
+        if not msgs:  # (a fetch that ended without messages)
+            continue
+        if ordered:
+            first = _delivery(msgs[0])
+            if expected is not None and first > expected:
+                log.warning(
+                    "consumer.gap", **kv(consumer=spec.durable, expected=expected, got=first)
+                )
+                expected = None
+                await _rewind(js, spec, log)
+                continue
+            expected = _delivery(msgs[-1]) + 1
         try:
             await _handle_holding(handle, msgs, log, spec.durable)
         except Fenced:  # another replica works this partition now
             log.info("consumer.fenced", **kv(consumer=spec.durable))
             return
+
+
+def _delivery(msg: Msg) -> int:
+    """The consumer's number for this delivery (redeliveries get new numbers)."""
+    return int(msg.metadata.sequence.consumer)
+
+
+async def _rewind(js: JetStreamContext, spec: Any, log: logging.Logger) -> None:
+    try:
+        await rewind_unacked(js, spec)
+    except Exception as exc:  # NATS away: the next batch shows the gap again
+        log.warning("consumer.rewind_failed", **kv(consumer=spec.durable, error=str(exc)))
 
 
 async def _handle_holding(

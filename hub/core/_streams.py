@@ -295,12 +295,13 @@ async def rewind_unacked(js: JetStreamContext, spec: ConsumerSpec) -> int | None
     if not info.num_ack_pending and not info.num_redelivered:
         return None
     start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-    await js.delete_consumer(spec.stream, spec.durable)
-    config = consumer_config(spec)
-    if POLICIES[spec.stream].retention is not RetentionPolicy.WORK_QUEUE:
+    config = consumer_config(spec)  # (all worked out before the consumer goes)
+    policy = POLICIES.get(spec.stream)
+    if policy is None or policy.retention is not RetentionPolicy.WORK_QUEUE:
         config = replace(
             config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
         )
+    await js.delete_consumer(spec.stream, spec.durable)
     await js.add_consumer(spec.stream, config)
     log.info("consumer.rewound", **kv(consumer=spec.durable, start=start))
     return start

@@ -30,7 +30,7 @@ import asyncpg
 from schemas import AckReply, AuditRecord, PresenceHeartbeat, PrincipalKind, subjects
 
 from ..bus import Caller, Route
-from ..core import AuditLog, BackgroundTask, HubMetrics, every, kv
+from ..core import AuditLog, BackgroundTask, HubMetrics, LogBudget, every, kv
 
 log = logging.getLogger("cowork.hub.presence")
 FLUSH_SECONDS = 0.1  # how stale a heartbeat's stamp may be: well under any interval
@@ -58,6 +58,7 @@ class DesktopPresence:
         self._noted: dict[tuple[str, str], tuple[float, float]] = {}
         self._wake = asyncio.Event()
         self._writer = BackgroundTask("presence-writer", self._write_forever)
+        self._log_budget = LogBudget(rate=0.1, burst=1)
 
     def start(self) -> None:
         self._sweeper.start()
@@ -99,7 +100,11 @@ class DesktopPresence:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database away: the beats wait for the next flush
-                log.warning("presence.write_failed", **kv(error=str(exc)))
+                suppressed = self._log_budget.allow("presence.write_failed")
+                if suppressed is not None:  # (a flush every 0.1 s: one line in 10 s)
+                    log.warning(
+                        "presence.write_failed", **kv(error=str(exc), suppressed=suppressed)
+                    )
 
     async def flush(self) -> int:
         """Stamp every heartbeat noted since the last flush; returns how many."""

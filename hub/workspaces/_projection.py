@@ -139,6 +139,8 @@ class EventProjector:
                 log,
                 "projection.fetch_failed",
                 fetch_seconds=FETCH_SECONDS,
+                may_fetch=partial(self._leases.sure, durable),
+                ordered=True,
             ),
         )
         self._workers[durable] = worker

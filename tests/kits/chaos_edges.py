@@ -43,6 +43,7 @@ INSTANCE = "tg-chaos"
 CHAT_WORKSPACE = "chat-ws"
 LANES = [("100", None), ("200", None), ("300", "55")]  # (chat, thread)
 INBOUND_CHAT, INBOUND_USER = "900", "9"
+WORK_EVERY = 5.0  # seconds between work items enqueued during a fault
 FINAL = ("completed", "failed", "dead_lettered", "cancelled")
 _update_ids = itertools.count(700_000)
 
@@ -400,7 +401,7 @@ class ChaosGateway:
     async def view(self, work_id: str) -> dict:
         return (await self.api("GET", f"/api/v1/tenants/{TENANT}/work/{work_id}")).json()
 
-    async def finished(self, work_id: str, timeout: float = 90.0) -> dict:
+    async def finished(self, work_id: str, timeout: float = 180.0) -> dict:
         async def final() -> dict | None:
             view = await self.view(work_id)
             return view if view["state"] in FINAL else None
@@ -450,7 +451,9 @@ class WorkTraffic:
         while not self._stop.is_set():
             title = f"{self.label}-w{len(self.items)}"
             self.items.append((await self.gateway.enqueue(title, self.workspace), title))
-            await asyncio.sleep(2.0)
+            # Within what three runs at once get through on a loaded 2-core machine
+            # (a run streams ~25 outputs one at a time): a backlog is not a fault.
+            await asyncio.sleep(WORK_EVERY)
 
     async def check(self, tally: Any, events: Callable[[str], Awaitable[list[dict]]]) -> str:
         """Every item final and completed, run once on the Gateway (one OpenCode session
