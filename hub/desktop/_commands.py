@@ -39,6 +39,7 @@ from schemas import (
     PrincipalKind,
     Source,
     new_id,
+    scrub_secrets,
     subjects,
 )
 
@@ -97,6 +98,43 @@ SUBMIT = """
         workspace_id, session_id, actor_id, actor_label, payload, body_hash)
     SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10 FROM seq
     RETURNING *"""
+# An ack in one statement (one round trip, atomic), for the common case: the ack
+# applies. It locks the command and its pairing (as the step-by-step path does),
+# checks the lease (token compared as SHA-256 digests, so the time taken says
+# nothing about the token; live; the command's own sequence; for a final ack a
+# sequence above the last acknowledged), moves the command, for a final ack the
+# pairing's last acknowledged sequence, and writes the audit row. A row the lock
+# waited for is read as it is after that wait (READ COMMITTED re-checks a locked
+# row), and the UPDATEs follow that same version. No row: the ack does not apply
+# as sent (refused, a replay, unknown): the step-by-step path decides and names it.
+# $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
+# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
+ACK = """
+    WITH cur AS (
+        SELECT c.command_id FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
+        WHERE c.tenant = $1 AND c.command_id = $2 AND c.pairing_id = $3 AND c.state <> 'done'
+          AND sha256(convert_to(coalesce(c.lease_token, ''), 'UTF8'))
+              = sha256(convert_to($4::text, 'UTF8'))
+          AND c.lease_expires_at > now() AND c.sequence = $5
+          AND ($6::text IS NULL OR $5 > p.last_command_sequence)
+        FOR UPDATE OF c, p),
+    cmd AS (
+        UPDATE pairing_commands c SET
+            state = CASE WHEN $6::text IS NULL THEN 'accepted' ELSE 'done' END,
+            result_status = $6, result = $7::jsonb,
+            lease_token = CASE WHEN $6::text IS NULL THEN c.lease_token END,
+            completed_at = CASE WHEN $6::text IS NULL THEN NULL ELSE now() END,
+            updated_at = now()
+        FROM cur WHERE c.tenant = $1 AND c.command_id = cur.command_id
+        RETURNING c.*),
+    seq AS (
+        UPDATE pairings p SET last_command_sequence = $5, updated_at = now()
+        FROM cmd WHERE $6::text IS NOT NULL AND p.tenant = $1 AND p.pairing_id = $3),
+    audited AS (
+        INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
+            command_id, metadata)
+        SELECT $1, $8, 'desktop', $3, 'command', $2, $2, $9::jsonb FROM cmd)
+    SELECT * FROM cmd"""
 FINAL_AUDIT = {
     "completed": "command.completed",
     "failed": "command.failed",
@@ -416,6 +454,9 @@ class CommandService:
             raise AckRefused(
                 "command.wrong_pairing", f"pairing id {ack.pairing_id!r} is not this Desktop's"
             )
+        applied = await self._apply_ack_at_once(tenant, device_id, ack)
+        if applied is not None:
+            return applied if applied["state"] == "done" else None
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT c.*, p.last_command_sequence FROM pairing_commands c JOIN pairings p "
@@ -441,6 +482,35 @@ class CommandService:
                 await self._audit_ack(conn, tenant, device_id, ack, "command.accepted")
                 return None
             return await self._finish(conn, tenant, device_id, dict(row), ack)
+
+    async def _apply_ack_at_once(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
+        """The ack applied by one statement (ACK), or None when it does not apply as
+        sent (the caller's step-by-step path then says why)."""
+        if ack.outcome == "accepted":
+            status, result, action = None, None, "command.accepted"
+        elif ack.result is None:
+            return None
+        else:
+            result = ack.result.model_dump(mode="json", by_alias=True)
+            status = result["status"] if ack.outcome == "completed" else "failed"
+            action = FINAL_AUDIT.get(status, "command.completed")
+        row = await self._pool.fetchrow(
+            ACK,
+            tenant,
+            ack.command_id,
+            device_id,
+            ack.lease_token,
+            ack.sequence,
+            status,
+            result,
+            action,
+            scrub_secrets({"sequence": ack.sequence, "outcome": ack.outcome}),
+        )
+        if row is None:
+            return None
+        if status is not None:
+            self._metrics.bus_messages.labels("device.command", status).inc()
+        return dict(row)
 
     def _replayed(self, row: dict, ack: CommandAck) -> None:
         """A repeated final ack with the same outcome is a no-op; anything else is stale."""
