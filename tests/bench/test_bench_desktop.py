@@ -7,8 +7,10 @@ Results are printed as tables; see docs/performance.md for how to read them.
 Everything is real and in one process: operator-mode nats-server with JetStream,
 PostgreSQL, the hub, `opencode serve` (fake model) and the Desktop agent. Every
 baseline runs in the same pytest session against the same nats-server, so the
-ratios compare like with like. Assertions check completeness only (every command
-done, every event projected, every live event seen), never timing.
+ratios compare like with like. Assertions check completeness (every command
+done, every event projected, every live event seen); the one on timing is the
+command path overhead (issue 17: p50 <= 5 ms, p99 <= 15 ms), asserted only when
+the run found the machine quiet, or with BENCH_STRICT=1.
 
 Sizes can be changed through the environment:
     BENCH_COMMANDS (200), BENCH_COMMANDS_POLLED (50), BENCH_RR (1000),
