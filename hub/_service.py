@@ -277,6 +277,7 @@ class Hub:
             self._workers.append(worker)
         await self.bus.serve(self.presence.routes(), queue="hub-presence")
         await self.bus.serve(self.commands.routes(), queue="hub-commands")
+        await self.commands.listen()
         await self.bus.serve(self.pairings.routes(), queue="hub-pairing")
         if self.credentials is not None:
             redemption = PairingRedemption(

@@ -436,6 +436,7 @@ class DesktopAgent:
         # Started and not done: a crash (or an error) broke its run off, since a push
         # of a command this process still holds never gets here (_on_command).
         # Never run twice.
+        accepted: asyncio.Task[bool] | None = None
         if record is not None:
             result = CommandResult(
                 ok=False,
@@ -451,7 +452,12 @@ class DesktopAgent:
                     reason="stale sequence",
                 )
                 return
-            result = await self._execute(command)
+            accepted = self._accept(command)
+            try:
+                result = await self._execute(command)
+            except BaseException:
+                accepted.cancel()
+                raise
         self.store.command_done(command.id, result.model_dump(mode="json", by_alias=True))
         self.store.audit(
             "command." + ("completed" if result.ok else "failed"),
@@ -459,6 +465,11 @@ class DesktopAgent:
             kind=command.kind.value,
             status=result.status.value,
         )
+        if accepted is not None:
+            # The final ack goes once the hub has answered the accept, so it applies
+            # (and audits) them in that order. By now it mostly has: the accept's
+            # round trip runs beside the command instead of before it.
+            await accepted
         await self._ack(command, result)
         if command.kind.value == "revoke_pairing":
             self._revoke("revoked by a revoke_pairing command")
@@ -470,7 +481,10 @@ class DesktopAgent:
             return "lease already expired"
         return None
 
-    async def _execute(self, command: DeviceCommand) -> CommandResult:
+    def _accept(self, command: DeviceCommand) -> asyncio.Task[bool]:
+        """Journal the command as started (what keeps it from ever running twice),
+        then tell the hub it is accepted: the ack is sent, and its answer awaited,
+        while the command runs (`_handle_command` awaits it before the final ack)."""
         self.store.command_started(command.id, command.sequence, command.kind.value)
         self.store.audit(
             "command.accepted",
@@ -479,7 +493,11 @@ class DesktopAgent:
             sequence=command.sequence,
             actorId=command.actor_id,
         )
-        await self._send_ack(command, "accepted", None)
+        return asyncio.create_task(
+            self._send_ack(command, "accepted", None), name=f"desktop-accept-{command.id}"
+        )
+
+    async def _execute(self, command: DeviceCommand) -> CommandResult:
         self.relay.command_event(command, DeviceEventType.COMMAND_ACCEPTED, None)
         result = await self.runner.run(command)
         self.relay.command_event(

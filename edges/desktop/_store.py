@@ -57,6 +57,8 @@ class DesktopStore(StateDirectory):
         CREATE TABLE IF NOT EXISTS commands (
             id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, kind TEXT NOT NULL,
             phase TEXT NOT NULL, result TEXT, updated_at TEXT NOT NULL);
+        -- last_command_sequence() reads max(sequence) before every command
+        CREATE INDEX IF NOT EXISTS commands_sequence ON commands (sequence);
     """
 
     def __init__(self, directory: Path, *, max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:

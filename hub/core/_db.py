@@ -128,12 +128,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 IDLE_IN_TRANSACTION_MS = 5000
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection goes back to the pool with: asyncpg's default reset sends
+    one more query per release (`SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`), a round trip on every pool call's critical path. The
+    hub leaves no session state behind: no SET but SET LOCAL, no LISTEN, no cursor
+    outside a transaction, and the one session advisory lock (`migrate`) is
+    released in a finally. asyncpg still rolls back a transaction left open before
+    it calls this."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         command_timeout=30,
         server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
     )

@@ -39,6 +39,7 @@ from schemas import (
     PrincipalKind,
     Source,
     new_id,
+    scrub_secrets,
     subjects,
 )
 
@@ -56,6 +57,13 @@ REPUSH_AFTER = timedelta(seconds=1)
 # How many lost pushes one reaper tick sends again. More wait for the next tick
 # (after a reconnect: for their Desktop's next heartbeat).
 REPUSH_BATCH = 500
+# Waiting for a command's result (`wait_final`): a final ack wakes the waiters of its
+# replica at once and those of the others through a notice on FINAL_NOTICE (the hub's
+# own inbox space: only hub connections may subscribe there). A waiter also reads the
+# row again this often, for a notice lost in a reconnect or a final nobody announces
+# (a revocation failing the open commands).
+FINAL_NOTICE = "_INBOX.hub.command-final"
+WAIT_RECHECK = 0.5
 # The leases to push again: unaccepted, still live, pushed over $1 ago, to an
 # online Desktop that can hear it now. The evidence: it heartbeated after the
 # push (a Desktop subscribes before its first heartbeat on a connection, so a
@@ -73,6 +81,60 @@ REPUSH = """
     UPDATE pairing_commands c SET pushed_at = now() FROM lost
     WHERE c.tenant = lost.tenant AND c.command_id = lost.command_id
     RETURNING c.*"""
+# Accept a command in one statement (one round trip, atomic): take the pairing's
+# next sequence, only if it is commandable and no command has this id yet, and
+# insert the command with it. NULL when nothing was inserted (a repeated id, or a
+# pairing that takes no commands: the caller looks at which). Two submits of one
+# new id at once: the second waits on the pairing row, then its INSERT fails on
+# the primary key and the whole statement (its sequence too) is undone.
+SUBMIT = """
+    WITH seq AS (
+        UPDATE pairings SET next_command_sequence = next_command_sequence + 1
+        WHERE tenant = $1 AND pairing_id = $2 AND status NOT IN ('revoked', 'pending')
+          AND enabled AND NOT EXISTS (
+              SELECT 1 FROM pairing_commands WHERE tenant = $1 AND command_id = $3)
+        RETURNING next_command_sequence)
+    INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
+        workspace_id, session_id, actor_id, actor_label, payload, body_hash)
+    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10 FROM seq
+    RETURNING *"""
+# An ack in one statement (one round trip, atomic), for the common case: the ack
+# applies. It locks the command and its pairing (as the step-by-step path does),
+# checks the lease (token compared as SHA-256 digests, so the time taken says
+# nothing about the token; live; the command's own sequence; for a final ack a
+# sequence above the last acknowledged), moves the command, for a final ack the
+# pairing's last acknowledged sequence, and writes the audit row. A row the lock
+# waited for is read as it is after that wait (READ COMMITTED re-checks a locked
+# row), and the UPDATEs follow that same version. No row: the ack does not apply
+# as sent (refused, a replay, unknown): the step-by-step path decides and names it.
+# $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
+# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
+ACK = """
+    WITH cur AS (
+        SELECT c.command_id FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
+        WHERE c.tenant = $1 AND c.command_id = $2 AND c.pairing_id = $3 AND c.state <> 'done'
+          AND sha256(convert_to(coalesce(c.lease_token, ''), 'UTF8'))
+              = sha256(convert_to($4::text, 'UTF8'))
+          AND c.lease_expires_at > now() AND c.sequence = $5
+          AND ($6::text IS NULL OR $5 > p.last_command_sequence)
+        FOR UPDATE OF c, p),
+    cmd AS (
+        UPDATE pairing_commands c SET
+            state = CASE WHEN $6::text IS NULL THEN 'accepted' ELSE 'done' END,
+            result_status = $6, result = $7::jsonb,
+            lease_token = CASE WHEN $6::text IS NULL THEN c.lease_token END,
+            completed_at = CASE WHEN $6::text IS NULL THEN NULL ELSE now() END,
+            updated_at = now()
+        FROM cur WHERE c.tenant = $1 AND c.command_id = cur.command_id
+        RETURNING c.*),
+    seq AS (
+        UPDATE pairings p SET last_command_sequence = $5, updated_at = now()
+        FROM cmd WHERE $6::text IS NOT NULL AND p.tenant = $1 AND p.pairing_id = $3),
+    audited AS (
+        INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
+            command_id, metadata)
+        SELECT $1, $8, 'desktop', $3, 'command', $2, $2, $9::jsonb FROM cmd)
+    SELECT * FROM cmd"""
 FINAL_AUDIT = {
     "completed": "command.completed",
     "failed": "command.failed",
@@ -107,6 +169,9 @@ class CommandService:
         )
         self._reconnected = False  # set by connection_restored, cleared by the reaper
         self.on_final: list[Any] = []  # async callbacks (tenant, command row)
+        # (tenant, command id) -> futures of the requests waiting for it to be final
+        self._waiters: dict[tuple[str, str], set[asyncio.Future[dict | None]]] = {}
+        self._notices: Any = None  # the FINAL_NOTICE subscription
 
     # --- submit ---------------------------------------------------------------------------
     async def submit(self, tenant: str, pairing_id: str, fields: dict[str, Any]) -> dict:
@@ -114,53 +179,54 @@ class CommandService:
         payload, actor_id, actor_label); idempotent by id."""
         command_id = fields.pop("id", None) or new_id()
         digest = body_hash(fields)
-        async with self._pool.acquire() as conn, conn.transaction():
-            existing = await conn.fetchrow(
-                "SELECT pairing_id, sequence, body_hash FROM pairing_commands "
-                "WHERE tenant = $1 AND command_id = $2",
-                tenant,
-                command_id,
-            )
-            if existing is not None:
-                if existing["pairing_id"] != pairing_id or existing["body_hash"] != digest:
-                    raise PairingError(
-                        "command.conflict",
-                        f"command {command_id!r} exists with a different body",
-                        status=409,
-                    )
-                return {
-                    "command_id": command_id,
-                    "sequence": existing["sequence"],
-                    "created": False,
-                }
-            sequence = await conn.fetchval(
-                """UPDATE pairings SET next_command_sequence = next_command_sequence + 1
-                   WHERE tenant = $1 AND pairing_id = $2 AND status NOT IN ('revoked', 'pending')
-                     AND enabled RETURNING next_command_sequence""",
-                tenant,
-                pairing_id,
-            )
-            if sequence is None:
-                raise await self._not_commandable(conn, tenant, pairing_id)
-            await conn.execute(
-                """INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
-                       workspace_id, session_id, actor_id, actor_label, payload, body_hash)
-                   VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)""",
-                tenant,
-                command_id,
-                pairing_id,
-                sequence,
-                fields["kind"],
-                fields["workspace_id"],
-                fields.get("session_id"),
-                fields.get("actor_id"),
-                fields.get("actor_label"),
-                fields.get("payload"),
-                digest,
-            )
+        args = (
+            tenant,
+            pairing_id,
+            command_id,
+            fields["kind"],
+            fields["workspace_id"],
+            fields.get("session_id"),
+            fields.get("actor_id"),
+            fields.get("actor_label"),
+            fields.get("payload"),
+            digest,
+        )
+        async with self._pool.acquire() as conn:
+            try:
+                row = await conn.fetchrow(SUBMIT, *args)
+            except asyncpg.UniqueViolationError:  # the same id, submitted meanwhile
+                row = None
+            if row is None:  # a repeat, or not commandable: say which
+                return await self._submitted_before(conn, tenant, pairing_id, command_id, digest)
         self._metrics.bus_messages.labels("device.command", "queued").inc()
         await self.dispatch(tenant, pairing_id)
-        return {"command_id": command_id, "sequence": sequence, "created": True}
+        return {
+            "command_id": command_id,
+            "sequence": row["sequence"],
+            "created": True,
+            "row": dict(row),  # as inserted (queued)
+        }
+
+    async def _submitted_before(
+        self, conn: asyncpg.Connection, tenant: str, pairing_id: str, command_id: str, digest: bytes
+    ) -> dict:
+        """The answer to a submit that inserted nothing: the command as it was accepted
+        before (the same id and body: idempotent), or why this one is refused."""
+        existing = await conn.fetchrow(
+            "SELECT pairing_id, sequence, body_hash FROM pairing_commands "
+            "WHERE tenant = $1 AND command_id = $2",
+            tenant,
+            command_id,
+        )
+        if existing is None:
+            raise await self._not_commandable(conn, tenant, pairing_id)
+        if existing["pairing_id"] != pairing_id or existing["body_hash"] != digest:
+            raise PairingError(
+                "command.conflict",
+                f"command {command_id!r} exists with a different body",
+                status=409,
+            )
+        return {"command_id": command_id, "sequence": existing["sequence"], "created": False}
 
     async def _not_commandable(
         self, conn: asyncpg.Connection, tenant: str, pairing_id: str
@@ -191,6 +257,65 @@ class CommandService:
         if row is None:
             raise PairingError("command.not_found", f"no command {command_id!r}", status=404)
         return dict(row)
+
+    # --- waiting for the result -------------------------------------------------------------
+    async def wait_final(
+        self,
+        tenant: str,
+        pairing_id: str,
+        command_id: str,
+        timeout: float,
+        *,
+        known: dict | None = None,
+    ) -> dict:
+        """The command's row once it is done, or as it is after `timeout` seconds.
+        `known`: the row as the caller has just seen it (saves the first read)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        key = (tenant, command_id)
+        row = known
+        while True:
+            future: asyncio.Future[dict | None] = loop.create_future()
+            waiters = self._waiters.setdefault(key, set())
+            waiters.add(future)
+            try:
+                if row is None:  # read after registering: a final in between wakes us
+                    row = await self.get(tenant, pairing_id, command_id)
+                left = deadline - loop.time()
+                if row["state"] == "done" or left <= 0:
+                    return row
+                try:
+                    final = await asyncio.wait_for(future, min(left, WAIT_RECHECK))
+                except TimeoutError:
+                    final = None
+                if final is not None and final["pairing_id"] == pairing_id:
+                    return final
+                row = None
+            finally:
+                waiters.discard(future)
+                if not waiters and self._waiters.get(key) is waiters:
+                    del self._waiters[key]
+
+    def _wake(self, tenant: str, command_id: str, row: dict | None) -> None:
+        for future in self._waiters.get((tenant, command_id), ()):
+            if not future.done():
+                future.set_result(row)
+
+    async def _announce_final(self, tenant: str, row: dict) -> None:
+        """Wake this replica's waiters with the row, the other replicas' by a notice."""
+        self._wake(tenant, row["command_id"], row)
+        try:
+            await self._nc.publish(FINAL_NOTICE, f"{tenant} {row['command_id']}".encode())
+        except Exception as exc:  # the waiters elsewhere read it again shortly
+            log.info("commands.final_notice_failed", **kv(error=str(exc)))
+
+    async def _on_final_notice(self, msg: Any) -> None:
+        tenant, _, command_id = msg.data.decode(errors="replace").partition(" ")
+        self._wake(tenant, command_id, None)  # None: read it (here it may be stale)
+
+    async def listen(self) -> None:
+        """Hear the other replicas' finals (every replica, not a queue group)."""
+        self._notices = await self._nc.subscribe(FINAL_NOTICE, cb=self._on_final_notice)
 
     # --- delivery --------------------------------------------------------------------------
     async def dispatch(self, tenant: str, pairing_id: str) -> None:
@@ -278,6 +403,12 @@ class CommandService:
 
     async def stop(self) -> None:
         await self._reaper.stop()
+        if self._notices is not None:
+            try:
+                await self._notices.unsubscribe()
+            except Exception:
+                pass
+            self._notices = None
 
     # --- acks --------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
@@ -295,6 +426,8 @@ class CommandService:
 
     async def _ack(self, caller: Caller, ack: CommandAck) -> Answer:
         final = await self.record_ack(caller.tenant, caller.id, ack)
+        if final is not None:  # committed: whoever waits for the result may have it now
+            await self._announce_final(caller.tenant, final)
 
         async def finish() -> None:  # after the answer: a final step may disconnect it
             if final is not None:
@@ -321,6 +454,9 @@ class CommandService:
             raise AckRefused(
                 "command.wrong_pairing", f"pairing id {ack.pairing_id!r} is not this Desktop's"
             )
+        applied = await self._apply_ack_at_once(tenant, device_id, ack)
+        if applied is not None:
+            return applied if applied["state"] == "done" else None
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT c.*, p.last_command_sequence FROM pairing_commands c JOIN pairings p "
@@ -346,6 +482,35 @@ class CommandService:
                 await self._audit_ack(conn, tenant, device_id, ack, "command.accepted")
                 return None
             return await self._finish(conn, tenant, device_id, dict(row), ack)
+
+    async def _apply_ack_at_once(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
+        """The ack applied by one statement (ACK), or None when it does not apply as
+        sent (the caller's step-by-step path then says why)."""
+        if ack.outcome == "accepted":
+            status, result, action = None, None, "command.accepted"
+        elif ack.result is None:
+            return None
+        else:
+            result = ack.result.model_dump(mode="json", by_alias=True)
+            status = result["status"] if ack.outcome == "completed" else "failed"
+            action = FINAL_AUDIT.get(status, "command.completed")
+        row = await self._pool.fetchrow(
+            ACK,
+            tenant,
+            ack.command_id,
+            device_id,
+            ack.lease_token,
+            ack.sequence,
+            status,
+            result,
+            action,
+            scrub_secrets({"sequence": ack.sequence, "outcome": ack.outcome}),
+        )
+        if row is None:
+            return None
+        if status is not None:
+            self._metrics.bus_messages.labels("device.command", status).inc()
+        return dict(row)
 
     def _replayed(self, row: dict, ack: CommandAck) -> None:
         """A repeated final ack with the same outcome is a no-op; anything else is stale."""

@@ -6,6 +6,10 @@ PATCH  /api/v1/tenants/{t}/pairings/{id}                 policy, allowlists, ena
 POST   /api/v1/tenants/{t}/pairings/{id}/revoke
 POST   /api/v1/tenants/{t}/pairings/{id}/commands        -> {commandId, sequence}
 GET    /api/v1/tenants/{t}/pairings/{id}/commands/{cid}  -> status and result
+
+Both take `?wait=<seconds>` (0..60; 0, the default, answers at once): the answer is then the command's status once it
+is final, or as it is when the wait ends (`state` says which). A final ack wakes
+the waiting request at once; there is nothing to poll.
 """
 
 from __future__ import annotations
@@ -240,11 +244,25 @@ async def submit_command(request: web.Request) -> web.Response:
     _check_allowlists(pairing, body)
     fields = body.model_dump(exclude_none=True)
     fields["kind"] = body.kind.value
+    wait = _wait(request)
     outcome = await hub.commands.submit(tenant, pairing_id, fields)
+    status = 201 if outcome["created"] else 200
+    if wait:
+        row = await hub.commands.wait_final(
+            tenant, pairing_id, outcome["command_id"], wait, known=outcome.get("row")
+        )
+        return web.json_response(command_json(row), status=status)
     return web.json_response(
-        {"commandId": outcome["command_id"], "sequence": outcome["sequence"]},
-        status=201 if outcome["created"] else 200,
+        {"commandId": outcome["command_id"], "sequence": outcome["sequence"]}, status=status
     )
+
+
+MAX_WAIT = 60
+
+
+def _wait(request: web.Request) -> int:
+    """`?wait=<seconds>`: how long to hold the answer for the command to be final."""
+    return int_query(request, "wait", 0, 0, MAX_WAIT)
 
 
 def _check_allowlists(pairing: dict, body: SubmitCommand) -> None:
@@ -273,9 +291,12 @@ def _first_error(exc: Exception) -> str:
 
 async def get_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
-    row = await hub.commands.get(
-        tenant_param(request), _pairing_id(request), _pairing_id(request, "command_id")
-    )
+    tenant, pairing_id = tenant_param(request), _pairing_id(request)
+    command_id, wait = _pairing_id(request, "command_id"), _wait(request)
+    if wait:
+        row = await hub.commands.wait_final(tenant, pairing_id, command_id, wait)
+    else:
+        row = await hub.commands.get(tenant, pairing_id, command_id)
     return web.json_response(command_json(row))
 
 

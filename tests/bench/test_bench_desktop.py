@@ -7,8 +7,10 @@ Results are printed as tables; see docs/performance.md for how to read them.
 Everything is real and in one process: operator-mode nats-server with JetStream,
 PostgreSQL, the hub, `opencode serve` (fake model) and the Desktop agent. Every
 baseline runs in the same pytest session against the same nats-server, so the
-ratios compare like with like. Assertions check completeness only (every command
-done, every event projected, every live event seen), never timing.
+ratios compare like with like. Assertions check completeness (every command
+done, every event projected, every live event seen); the one on timing is the
+command path overhead (issue 17: p50 <= 5 ms, p99 <= 15 ms), asserted only when
+the run found the machine quiet, or with BENCH_STRICT=1.
 
 Sizes can be changed through the environment:
     BENCH_COMMANDS (200), BENCH_COMMANDS_POLLED (50), BENCH_RR (1000),
@@ -25,10 +27,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from desktopkit import (
     TENANT,
-    command,
     eventually,
     pair_and_start,
     sse,
@@ -206,59 +208,103 @@ async def _raw_request_reply(hub, peer, n: int) -> list[float]:
         await sub.unsubscribe()
 
 
+def _timed_ack(record: dict[str, dict[str, float]], fn: Callable[..., Awaitable[Any]]):
+    """The Desktop's _send_ack: record[command id]["ack.<outcome>.start"/".end"]."""
+
+    async def wrapper(command, outcome, result):
+        start = time.perf_counter()
+        try:
+            return await fn(command, outcome, result)
+        finally:
+            marks = record.setdefault(command.id, {})
+            marks[f"ack.{outcome}.start"], marks[f"ack.{outcome}.end"] = (
+                start,
+                time.perf_counter(),
+            )
+
+    return wrapper
+
+
+# Command path overhead (round trip minus OpenCode's own time), issue 17: asserted
+# when the run's raw baselines say the machine was quiet (or with BENCH_STRICT=1).
+OVERHEAD_P50_MS, OVERHEAD_P99_MS = 5.0, 15.0
+# Quiet: the run's raw request/reply and commit are at their idle speed, and the
+# machine's 1-minute load (this bench alone makes about 1.5) leaves a core free.
+QUIET_RR_P50_MS, QUIET_PG_P50_MS = 0.6, 1.0
+QUIET_LOAD_PER_CPU = 1.25
+
+
+async def _commands(
+    http, pid: str, n: int, path: str
+) -> tuple[list[float], dict[str, tuple[float, float]]]:
+    """n sequential `status` commands; `path`: "wait" (POST ?wait), "get-wait" (POST,
+    then GET ?wait) or "poll" (POST, then GET without a pause until done)."""
+    base = f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands"
+    samples: list[float] = []
+    spans: dict[str, tuple[float, float]] = {}  # command id -> (sent, answered)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if path == "wait":
+            r = await http.post(base, params={"wait": 20}, json={"kind": "status"})
+            assert r.status_code == 201, r.text
+            view = r.json()
+        else:
+            cid = (await submit(http, pid, "status"))["commandId"]
+            while True:
+                params = {"wait": 20} if path == "get-wait" else {}
+                view = (await http.get(f"{base}/{cid}", params=params)).json()
+                if view["state"] == "done" or time.perf_counter() - t0 > 20:
+                    break
+        t1 = time.perf_counter()
+        assert view["state"] == "done" and view["status"] == "completed", view
+        samples.append(t1 - t0)
+        spans[view["commandId"]] = (t0, t1)
+    return samples, spans
+
+
 async def test_bench_command_round_trip(hub, http, desktop, peer):
     pid = desktop.pairing_id
     agent = desktop.agent
     marks: dict[str, dict[str, float]] = {}
-    done_at: dict[str, float] = {}
-    changed = asyncio.Event()
-
-    async def observe(tenant: str, row: dict) -> None:  # hub-side: the command is final
-        done_at[row["command_id"]] = time.perf_counter()
-        changed.set()
 
     # Probes on instances (the classes stay untouched), keyed by command id.
     agent._handle_command = _timed(marks, "desktop", agent._handle_command, _arg_id)
     agent.runner.run = _timed(marks, "execute", agent.runner.run, _arg_id)
+    agent._send_ack = _timed_ack(marks, agent._send_ack)
     hub.commands.submit = _timed(
         marks, "submit", hub.commands.submit, lambda args, result: result["command_id"]
     )
-    hub.commands.on_final.append(observe)
+    hub.commands._announce_final = _timed(
+        marks, "final", hub.commands._announce_final, lambda args, result: args[1]["command_id"]
+    )
+    hub.commands.record_ack = _timed(
+        marks,
+        "record",
+        hub.commands.record_ack,
+        lambda args, result: f"{args[2].command_id}.{args[2].outcome}",
+    )
     try:
-        for _ in range(10):  # warm-up: connections, prepared statements, OpenCode caches
-            await _run_observed(http, pid, done_at, changed)
-        posted: dict[str, float] = {}
-        returned: dict[str, float] = {}
-        finished: dict[str, float] = {}
-        t_all = time.perf_counter()
-        for _ in range(N_COMMANDS):
-            t0 = time.perf_counter()
-            cid, returned[cid], finished[cid] = await _run_observed(http, pid, done_at, changed)
-            posted[cid] = t0
-        wall = time.perf_counter() - t_all
+        await _commands(http, pid, 10, "wait")  # warm-up: connections, statements, caches
+        t_all, cpu_all = time.perf_counter(), time.process_time()
+        total, spans = await _commands(http, pid, N_COMMANDS, "wait")
+        wall, cpu = time.perf_counter() - t_all, time.process_time() - cpu_all
     finally:
-        hub.commands.on_final.remove(observe)
-        del agent._handle_command, agent.runner.run, hub.commands.submit
-
-    # Same flow, but "done" is what a client polling GET sees (no sleep between GETs).
-    polled = []
-    for _ in range(N_COMMANDS_POLLED):
-        t0 = time.perf_counter()
-        submitted = await submit(http, pid, "status")
-        while (await command(http, pid, submitted["commandId"]))["state"] != "done":
-            assert time.perf_counter() - t0 < 20, "command not done within 20 s"
-        polled.append(time.perf_counter() - t0)
+        del agent._handle_command, agent.runner.run, agent._send_ack
+        del hub.commands.submit, hub.commands._announce_final, hub.commands.record_ack
+    posted = {cid: span[0] for cid, span in spans.items()}
+    ends = {cid: span[1] for cid, span in spans.items()}
+    get_waited, _ = await _commands(http, pid, N_COMMANDS_POLLED, "get-wait")
+    polled, _ = await _commands(http, pid, N_COMMANDS_POLLED, "poll")
 
     rows = await hub.pool.fetch(
         "SELECT state, result_status FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2",
         TENANT,
         pid,
     )
-    assert len(rows) == 10 + N_COMMANDS + N_COMMANDS_POLLED
+    assert len(rows) == 10 + N_COMMANDS + 2 * N_COMMANDS_POLLED
     assert all(r["state"] == "done" and r["result_status"] == "completed" for r in rows)
-    assert all(
-        {"desktop.end", "execute.end", "submit.end"} <= marks[cid].keys() for cid in posted
-    ), "every measured command went through every probe"
+    probes = {"desktop.end", "execute.end", "submit.end", "final.end", "ack.accepted.end"}
+    assert all(probes <= marks[cid].keys() for cid in posted), "every probe saw every command"
 
     raw_rr = await _raw_request_reply(hub, peer, N_RR)
     raw_pg = await _raw_pg_commit(hub, N_COMMANDS)
@@ -287,27 +333,47 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
     def seg(start: Callable[[str], float], end: Callable[[str], float]) -> list[float]:
         return [end(cid) - start(cid) for cid in ids]
 
-    total = seg(posted.get, finished.get)
+    def at(key: str) -> Callable[[str], float]:
+        return lambda c: m[c][key]
+
+    execute = seg(at("execute.start"), at("execute.end"))
+    overhead = [t - e for t, e in zip(seg(posted.get, ends.get), execute)]
     segments = {
-        "POST accepted (HTTP + PG insert + push)": seg(posted.get, returned.get),
-        "  of which CommandService.submit (PG txn, lease UPDATE, push)": seg(
-            lambda c: m[c]["submit.start"], lambda c: m[c]["submit.end"]
+        "POST sent -> submit starts (HTTP, validation, pairing read)": seg(
+            posted.get, at("submit.start")
         ),
-        "POST sent -> Desktop handles it": seg(posted.get, lambda c: m[c]["desktop.start"]),
-        "handle -> execute (journal + 'accepted' ack)": seg(
-            lambda c: m[c]["desktop.start"], lambda c: m[c]["execute.start"]
+        "CommandService.submit (insert, lease, push)": seg(at("submit.start"), at("submit.end")),
+        "push -> Desktop handles it (NATS, decode, queue)": seg(
+            at("submit.end"), at("desktop.start")
         ),
-        "execute: status on OpenCode (3 HTTP calls)": seg(
-            lambda c: m[c]["execute.start"], lambda c: m[c]["execute.end"]
+        "handle -> execute (journal checks, journal 'started')": seg(
+            at("desktop.start"), at("execute.start")
         ),
-        "execute done -> hub has it final (ack)": seg(lambda c: m[c]["execute.end"], finished.get),
+        "execute: status on OpenCode (3 HTTP calls) [not overhead]": execute,
+        "execute done -> final ack sent (journal 'done', accept answered)": seg(
+            at("execute.end"), at("ack.completed.start")
+        ),
+        "final ack sent -> committed at the hub": seg(at("ack.completed.start"), at("final.start")),
+        "  of which on the bus (to the handler)": seg(
+            at("ack.completed.start"), lambda c: marks[f"{c}.completed"]["record.start"]
+        ),
+        "  of which record_ack (PostgreSQL)": seg(
+            lambda c: marks[f"{c}.completed"]["record.start"],
+            lambda c: marks[f"{c}.completed"]["record.end"],
+        ),
+        "committed at the hub -> client has the answer": seg(at("final.start"), ends.get),
+        "(beside the command) 'accepted' ack round trip": seg(
+            at("ack.accepted.start"), at("ack.accepted.end")
+        ),
     }
     table(
         f"1. Command round trip, kind=status, {N_COMMANDS} sequential commands",
         LATENCY_HEADER,
         [
-            latency_row("POST -> done (hub-side observer)", total),
-            latency_row("POST -> done seen by polling GET", polled),
+            latency_row("POST ?wait -> done (client)", total),
+            latency_row("OVERHEAD: round trip - OpenCode time", overhead),
+            latency_row("POST, then GET ?wait -> done", get_waited),
+            latency_row("POST, then polling GET -> done", polled),
         ]
         + [latency_row("  " + k, v) for k, v in segments.items()]
         + [
@@ -317,21 +383,41 @@ async def test_bench_command_round_trip(hub, http, desktop, peer):
             latency_row("baseline: raw HTTP GET /healthz on the hub", raw_http),
         ],
     )
-    p50 = pct(total, 50) / pct(raw_rr, 50)
-    p99 = pct(total, 99) / pct(raw_rr, 99)
     table(
         "1. Ratios",
         ["ratio", "p50", "p99"],
         [
-            ["command round trip / raw request-reply", f"{p50:.1f}x", f"{p99:.1f}x"],
             [
                 "command round trip / raw OpenCode status",
                 f"{pct(total, 50) / pct(raw_oc, 50):.1f}x",
                 f"{pct(total, 99) / pct(raw_oc, 99):.1f}x",
             ],
+            [
+                "overhead / raw request-reply",
+                f"{pct(overhead, 50) / pct(raw_rr, 50):.1f}x",
+                f"{pct(overhead, 99) / pct(raw_rr, 99):.1f}x",
+            ],
         ],
     )
-    print(f"throughput: {N_COMMANDS / wall:.0f} commands/s sequential (one Desktop)")
+    print(
+        f"throughput: {N_COMMANDS / wall:.0f} commands/s sequential (one Desktop); "
+        f"CPU of this process (hub, Desktop, client) {cpu / N_COMMANDS * 1e3:.2f} ms per command"
+    )
+    p50, p99 = pct(overhead, 50) * 1e3, pct(overhead, 99) * 1e3
+    rr50, pg50 = pct(raw_rr, 50) * 1e3, pct(raw_pg, 50) * 1e3
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    quiet = rr50 <= QUIET_RR_P50_MS and pg50 <= QUIET_PG_P50_MS and load <= QUIET_LOAD_PER_CPU
+    verdict = (
+        f"command overhead p50 {p50:.2f} ms (target {OVERHEAD_P50_MS}), p99 {p99:.2f} ms "
+        f"(target {OVERHEAD_P99_MS}); machine {'quiet' if quiet else 'busy'} "
+        f"(raw request/reply p50 {rr50:.2f} ms, raw commit p50 {pg50:.2f} ms, "
+        f"load {load:.2f} per CPU)"
+    )
+    print(verdict)
+    if quiet or os.environ.get("BENCH_STRICT") == "1":
+        assert p50 <= OVERHEAD_P50_MS and p99 <= OVERHEAD_P99_MS, verdict
+    else:
+        print("command overhead target NOT ASSERTED: the raw baselines say the machine was busy")
 
 
 async def _raw_pg_commit(hub, n: int) -> list[float]:
@@ -348,21 +434,6 @@ async def _raw_pg_commit(hub, n: int) -> list[float]:
     finally:
         await hub.pool.execute("DROP TABLE bench_commit")
     return samples
-
-
-async def _run_observed(
-    http, pid: str, done_at: dict[str, float], changed: asyncio.Event
-) -> tuple[str, float, float]:
-    submitted = await submit(http, pid, "status")
-    returned = time.perf_counter()
-    cid = submitted["commandId"]
-    deadline = time.monotonic() + 20
-    while cid not in done_at:
-        changed.clear()
-        if cid in done_at:
-            break
-        await asyncio.wait_for(changed.wait(), max(0.01, deadline - time.monotonic()))
-    return cid, returned, done_at.pop(cid)
 
 
 # --------------------------------------------------------------------------
@@ -526,10 +597,7 @@ async def test_bench_relay_throughput(hub, desktop, peer):
         pid,
         session,
     )
-    msg = await peer.jetstream().get_last_msg(
-        "CW_DEVICE_EVENTS", f"cw.{TENANT}.device.{pid}.evt.session"
-    )
-    size = len(msg.data)
+    size = await _stored_envelope_size(peer, f"cw.{TENANT}.device.{pid}.evt.session")
 
     # (b) Hub unreachable: the publisher is detached (as when NATS is away), so the
     # outbox grows; then reattached, the backlog drains and is projected.
@@ -585,6 +653,19 @@ async def test_bench_relay_throughput(hub, desktop, peer):
         f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
         f"({seconds / (projected_at - t0):.0%} of the end-to-end time)"
     )
+
+
+async def _stored_envelope_size(peer, subject: str) -> int:
+    """The size of the last envelope stored under `subject`. A partitioned stream
+    (event_partitions > 1) stores it with the partition number appended, so both
+    forms are asked for."""
+    js = peer.jetstream()
+    for stored in (f"{subject}.*", subject):
+        try:
+            return len((await js.get_last_msg("CW_DEVICE_EVENTS", stored)).data)
+        except nats.js.errors.NotFoundError:
+            continue
+    raise AssertionError(f"no envelope stored under {subject}")
 
 
 async def _count(hub, pid: str, session: str, want: int) -> int | None:

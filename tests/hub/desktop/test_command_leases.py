@@ -395,6 +395,73 @@ async def test_a_command_submitted_while_online_is_pushed_at_once(http, paired):
     assert (await paired.next_command()).id == second["commandId"]
 
 
+# --- waiting for the result ------------------------------------------------------------------
+async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired):
+    await _online(http, paired)
+    base = f"/api/v1/tenants/{TENANT}/pairings/{paired.pairing_id}/commands"
+    waiting = asyncio.create_task(http.post(base, params={"wait": 10}, json={"kind": "status"}))
+    cmd = await paired.next_command()
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # held until the command is final
+    t0 = time.monotonic()
+    assert (await paired.ack(cmd, "completed")).ok
+    response = await waiting
+    assert time.monotonic() - t0 < 0.4  # woken by the ack, not by a periodic read
+    assert response.status_code == 201
+    view = response.json()
+    assert view["commandId"] == cmd.id and view["sequence"] == cmd.sequence
+    assert view["state"] == "done" and view["status"] == "completed"
+
+
+async def test_get_with_wait_is_woken_by_the_final_ack_or_ends_with_the_wait(http, paired):
+    submitted = await submit(http, paired.pairing_id, "status")  # offline: queued
+    path = f"/api/v1/tenants/{TENANT}/pairings/{paired.pairing_id}/commands/"
+    path += submitted["commandId"]
+    t0 = time.monotonic()
+    unfinished = (await http.get(path, params={"wait": 1})).json()
+    assert 0.9 < time.monotonic() - t0 < 3.0
+    assert unfinished["state"] == "queued"  # the wait ran out: the command as it is
+    await _online(http, paired)
+    cmd = await paired.next_command()
+    waiting = asyncio.create_task(http.get(path, params={"wait": 10}))
+    await asyncio.sleep(0.2)
+    assert (await paired.ack(cmd, "failed")).ok
+    view = (await waiting).json()
+    assert view["commandId"] == submitted["commandId"]
+    assert view["state"] == "done" and view["status"] == "failed"
+    # Already final: answered at once, with or without a wait.
+    t0 = time.monotonic()
+    assert (await http.get(path, params={"wait": 10})).json()["state"] == "done"
+    assert time.monotonic() - t0 < 1.0
+    assert (await http.get(path, params={"wait": 61})).status_code == 400
+
+
+async def test_a_final_announced_by_another_replica_wakes_the_waiter(hub, http, paired):
+    """The final ack of a command may reach another hub replica: its notice on
+    FINAL_NOTICE wakes this one's waiter, which reads the row (not the notice)."""
+    from hub.desktop._commands import FINAL_NOTICE
+
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    waiting = asyncio.create_task(hub.commands.wait_final(TENANT, paired.pairing_id, cmd.id, 10))
+    await asyncio.sleep(0.1)
+    # As another replica would: commit the final, then announce it (never this
+    # replica's _announce_final, which would wake the waiter with the row itself).
+    await hub.pool.execute(
+        "UPDATE pairing_commands SET state = 'done', result_status = 'completed' "
+        "WHERE tenant = $1 AND command_id = $2",
+        TENANT,
+        cmd.id,
+    )
+    t0 = time.monotonic()
+    await hub.nc.publish(FINAL_NOTICE, f"{TENANT} {cmd.id}".encode())
+    row = await waiting
+    assert time.monotonic() - t0 < 0.3  # the notice, not the periodic read
+    assert row["command_id"] == submitted["commandId"] and row["state"] == "done"
+    assert not hub.commands._waiters  # nothing left registered
+
+
 # --- ack refusals ---------------------------------------------------------------------------
 async def test_a_made_up_token_is_refused_and_audited(hub, http, paired):
     await _online(http, paired)
