@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from typing import Any, cast
 
 import nats
@@ -36,6 +37,7 @@ from schemas import (
     subjects,
 )
 
+from ..common import attempt_timeouts
 from ._parts import AgentParts, M
 from ._work import TransientBusError
 
@@ -138,19 +140,38 @@ class GatewayConnection(AgentParts):
         self._tasks[name] = asyncio.create_task(coro, name=name)
 
     async def request(
-        self, subject: str, message: Message, reply_model: type[M], timeout: float = REQUEST_TIMEOUT
+        self,
+        subject: str,
+        message: Message,
+        reply_model: type[M],
+        timeout: float = REQUEST_TIMEOUT,
+        *,
+        again: bool = False,
     ) -> M:
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
-        there is no answer (or a refusal that is worth retrying)."""
+        there is no answer (or a refusal that is worth retrying). With `again` (a
+        request the hub takes as a no-op when repeated: renewals, outputs), an
+        attempt left unanswered is asked again after 1 s, then 2 s ... within
+        `timeout` in all: a hub replica that dies holding it costs a second, not the
+        whole timeout."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
-        env = Envelope.wrap(message, source=self._source(), tenant=self.tenant)
-        try:
-            msg = await nc.request(subject, env.encode(), timeout=timeout)
-        except (TimeoutError, nats.errors.Error) as exc:  # timeout, no responders,
-            raise TransientBusError(type(exc).__name__) from None  # disconnected, draining
-        return decode_reply(msg.data, reply_model)
+        data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
+        deadline = time.monotonic() + timeout
+        waits = attempt_timeouts(timeout) if again else iter([timeout])
+        for wait in waits:
+            wait = min(wait, deadline - time.monotonic())
+            try:
+                msg = await nc.request(subject, data, timeout=wait)
+            except TimeoutError as exc:  # (nats-py's timeout is one too)
+                if again and deadline - time.monotonic() > 0.05:
+                    continue
+                raise TransientBusError(type(exc).__name__) from None
+            except nats.errors.Error as exc:  # no responders, disconnected, draining
+                raise TransientBusError(type(exc).__name__) from None
+            return decode_reply(msg.data, reply_model)
+        raise TransientBusError("TimeoutError")
 
     def _source(self) -> Source:
         return Source(

@@ -138,7 +138,10 @@ class GatewayClaims(AgentParts):
         )
         try:
             reply = await self.request(
-                subject, WorkRenew(work_id=work_id, lease_token=lease_token), WorkRenewReply
+                subject,
+                WorkRenew(work_id=work_id, lease_token=lease_token),
+                WorkRenewReply,
+                again=True,
             )
         except Refused as exc:
             self._lease_refused(work_id, lease_token, exc, "renew")
@@ -181,7 +184,7 @@ class GatewayClaims(AgentParts):
         backoff = 0.1
         while not self._lease_gone(output.lease_token):
             try:
-                await self.request(subject, output, AckReply)
+                await self.request(subject, output, AckReply, again=True)
             except TransientBusError as exc:  # keep it; try again until the lease is gone
                 await asyncio.sleep(exc.retry_after or backoff)
                 backoff = min(backoff * 2, 2.0)

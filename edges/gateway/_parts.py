@@ -86,7 +86,13 @@ class AgentParts:
         def registration_id(self) -> str: ...
 
         async def request(
-            self, subject: str, message: Message, reply_model: type[M], timeout: float = ...
+            self,
+            subject: str,
+            message: Message,
+            reply_model: type[M],
+            timeout: float = ...,
+            *,
+            again: bool = ...,
         ) -> M: ...
 
         # GatewayStatus (_status.py)
