@@ -195,17 +195,20 @@ class DeadLetters:
         exc: BaseException,
         *,
         delay: float,
+        hold: bool = False,
     ) -> None:
         """A consumed message whose write failed: redelivered after `delay`, or
         dead-lettered with the error (then acked) when retrying cannot help: a data
         error at once; another non-transient error after GIVE_UP_AFTER deliveries;
         any error on the consumer's last delivery (`max_deliver`), so JetStream never
-        drops a message without a dead letter."""
+        drops a message without a dead letter. With `hold` (an ordered consumer,
+        which has held and retried it already) never redelivered: a nak would bring
+        it back behind newer messages."""
         attempts = deliveries(msg)
         last = 0 < max_deliver <= attempts
         if isinstance(exc, DATA_ERRORS):
             code = "storage.refused"
-        elif last or (not is_transient(exc) and attempts >= GIVE_UP_AFTER):
+        elif hold or last or (not is_transient(exc) and attempts >= GIVE_UP_AFTER):
             code = "storage.failed"
         else:
             await msg.nak(delay=delay)
@@ -246,7 +249,9 @@ class DeadLetters:
             raise StorageAway(str(failure)) from failure
         if len(items) == 1 or is_transient(failure):
             for msg, _ in items:
-                await self._retry_or_give_up(msg, family, max_deliver, failure, delay, hold)
+                await self.retry_or_reject(
+                    msg, family, max_deliver, failure, delay=delay, hold=hold
+                )
             return []
         done = []
         for msg, value in items:
@@ -257,7 +262,7 @@ class DeadLetters:
             except Exception as exc:  # noqa: BLE001 - this item alone
                 if hold and is_transient(exc):  # the database went away midway: hold
                     raise StorageAway(str(exc)) from exc
-                await self._retry_or_give_up(msg, family, max_deliver, exc, delay, hold)
+                await self.retry_or_reject(msg, family, max_deliver, exc, delay=delay, hold=hold)
         return done
 
     def _hold_again(self, items: list[tuple[Msg, T]], failure: BaseException) -> bool:
@@ -275,17 +280,3 @@ class DeadLetters:
             return True
         del self._holds[key]
         return False
-
-    async def _retry_or_give_up(
-        self,
-        msg: Msg,
-        family: subjects.SubjectFamily,
-        max_deliver: int,
-        exc: BaseException,
-        delay: float,
-        hold: bool,
-    ) -> None:
-        if hold and not isinstance(exc, DATA_ERRORS):  # ordered: set aside, never behind
-            await self.reject(msg, family, _failed(msg, exc))
-            return
-        await self.retry_or_reject(msg, family, max_deliver, exc, delay=delay)

@@ -331,9 +331,8 @@ def cursor_query(request: web.Request, parts: int) -> list[str] | None:
         values = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (ValueError, TypeError):
         values = None
-    if not (isinstance(values, list) and len(values) == parts):
-        raise web.HTTPBadRequest(text="query parameter 'cursor' is not a cursor this API gave")
-    if not all(isinstance(v, str) for v in values):
+    ours = isinstance(values, list) and len(values) == parts
+    if not ours or not all(isinstance(v, str) for v in values):
         raise web.HTTPBadRequest(text="query parameter 'cursor' is not a cursor this API gave")
     return values
 

@@ -49,19 +49,22 @@ _update_ids = itertools.count(700_000)
 
 
 # --- the platform ------------------------------------------------------------------------
-class ChaosTelegram(FakeTelegram):
-    """Telegram whose API calls wait while a fault strikes (`hold`) and are then
-    refused with a 429 (retry after 1 s), recorded nowhere (`refuse_held`).
+class HoldingTelegram(FakeTelegram):
+    """Telegram whose API calls wait while a fault strikes (`hold`); then they are
+    let through (`let_through`), or refused with a 429 (retry after `retry_after`
+    seconds) and recorded nowhere (`refuse_held`). A held call whose sender is gone
+    by then is not taken either (no message).
 
     A send the platform accepts in the instant a replica is killed -9 (or frozen),
     before that replica wrote its sent-ledger, goes out again from the replica that
     takes the instance over: the one duplicate no hub can rule out without the
-    platform's help (tests/hub/channels/test_channel_replicas.py drops such sends
-    the same way). Refusing what arrives at the instant of the strike keeps that
-    window shut, so every other duplicate counts."""
+    platform's help. Refusing what arrives at the instant of the strike keeps that
+    window shut, so every other duplicate counts (here and in
+    tests/hub/channels/test_channel_replicas.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, retry_after: int = 1) -> None:
         super().__init__()
+        self._retry_after = retry_after
         self._open = asyncio.Event()
         self._open.set()
         self._refuse = False
@@ -72,6 +75,10 @@ class ChaosTelegram(FakeTelegram):
     def hold(self) -> None:
         self._refuse = False
         self._open.clear()
+
+    def let_through(self) -> None:
+        self._refuse = False
+        self._open.set()
 
     def refuse_held(self) -> None:
         self._refuse = True
@@ -84,9 +91,12 @@ class ChaosTelegram(FakeTelegram):
                 await self._open.wait()
             finally:
                 self.waiting -= 1
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the sender died: nobody to answer
             if self._refuse:
                 self.refused += 1
-                return self._error(429, "Too Many Requests: retry after 1", 1)
+                wait = self._retry_after
+                return self._error(429, f"Too Many Requests: retry after {wait}", wait)
         return await super()._api(request)
 
     def _m_sendMessage(self, params) -> web.Response:
@@ -100,9 +110,9 @@ class ChaosTelegram(FakeTelegram):
         return [p.text for p in self.chats.get(chat, []) if p.thread_id == thread]
 
 
-async def hub_bus(urls: list[str], keys_dir: Path) -> nats.NATS:
+async def hub_bus(urls: str | list[str], keys_dir: Path) -> nats.NATS:
     """A connection with the hub's own permissions: it publishes deliveries as the
-    hub's outbox does (tests/hub/channels/test_channel_replicas.py)."""
+    hub's outbox does."""
     keys = BusKeys.load_or_create(keys_dir)
     seed = nats_jwt.new_seed("user")
     user_jwt, _ = keys.mint_user(
@@ -152,7 +162,7 @@ def _delivery(delivery_id: str, chat: str, thread: str | None, text: str) -> byt
 class ChaosChannel:
     """The channel instance, its platform, and what one fault's traffic did to it."""
 
-    def __init__(self, platform: ChaosTelegram, nc: nats.NATS, hub_urls: HubUrls, dsn: str):
+    def __init__(self, platform: HoldingTelegram, nc: nats.NATS, hub_urls: HubUrls, dsn: str):
         self.platform, self.nc, self.hub_urls, self.dsn = platform, nc, hub_urls, dsn
         self.js = nc.jetstream(timeout=2.0)
         self._turn = 0
@@ -160,7 +170,7 @@ class ChaosChannel:
     @classmethod
     @contextlib.asynccontextmanager
     async def running(cls, http: httpx.AsyncClient, urls: list[str], keys_dir: Path, **world):
-        platform = ChaosTelegram()
+        platform = HoldingTelegram()
         await platform.start()
         nc = await hub_bus(urls, keys_dir)
         try:

@@ -16,16 +16,12 @@ import asyncio
 import signal
 import time
 
-import nats
 import pytest
-from aiohttp import web
 from channelkit import create_instance, wait_ready
+from chaos_edges import HoldingTelegram, hub_bus
 from desktopkit import TENANT, eventually
-from fakeplatforms.telegram import FakeTelegram
 from replicakit import operator_bus, replicas
 
-from hub.auth import BusKeys, nats_jwt
-from hub.auth._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
 from schemas import ChannelOutbound, ChannelTarget, Envelope, Source, subjects
 
 LEASE = 2.0  # seconds (COWORK_PARTITION_LEASE_SECONDS); the fastest allowed
@@ -41,46 +37,6 @@ TAKEOVER_BOUND = LEASE * 5 / 3 + 1.0
 BOUND = {"kill": TAKEOVER_BOUND, "stop": LEASE + 3.0}
 
 
-class HoldingTelegram(FakeTelegram):
-    """A Telegram whose API calls wait while `hold()` is on, recording nothing until
-    let through; a call whose sender is gone by then is not taken (no message)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._open = asyncio.Event()
-        self._open.set()
-        self._refuse = False
-        self.waiting = 0
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def let_through(self) -> None:
-        self._refuse = False
-        self._open.set()
-
-    def refuse_held(self) -> None:
-        """Answer every held call 429 (retry at once), recording nothing."""
-        self._refuse = True
-        self._open.set()
-
-    async def _api(self, request: web.Request) -> web.Response:
-        if not self._open.is_set():
-            self.waiting += 1
-            try:
-                await self._open.wait()
-            finally:
-                self.waiting -= 1
-            if request.transport is None or request.transport.is_closing():
-                return web.Response(status=499)  # the sender died: nobody to answer
-            if self._refuse:
-                return self._error(429, "Too Many Requests: retry after 0", 0)
-        return await super()._api(request)
-
-    def lane(self, chat: str, thread: str | None) -> list[str]:
-        return [p.text for p in self.chats.get(chat, []) if p.thread_id == thread]
-
-
 @pytest.fixture(scope="module")
 async def bus(tmp_path_factory):
     async with operator_bus(tmp_path_factory) as running:
@@ -89,28 +45,11 @@ async def bus(tmp_path_factory):
 
 @pytest.fixture
 async def platform():  # one per test, and each test has a database of its own
-    fake = HoldingTelegram()
+    fake = HoldingTelegram(retry_after=0)  # retried at once: the hardest case
     await fake.start()
     yield fake
     fake.let_through()
     await fake.stop()
-
-
-async def _hub_bus(url: str, keys_dir) -> nats.NATS:
-    """A connection with the hub's own permissions: it publishes deliveries as the
-    hub's outbox does."""
-    keys = BusKeys.load_or_create(keys_dir)
-    seed = nats_jwt.new_seed("user")
-    user_jwt, _ = keys.mint_user(
-        nats_jwt.public_key(seed),
-        name="test-outbox",
-        pub_allow=list(HUB_PERMISSIONS.pub_allow),
-        sub_allow=list(HUB_PERMISSIONS.sub_allow),
-        ttl_seconds=300,
-    )
-    return await nats.connect(
-        url, inbox_prefix=HUB_INBOX_PREFIX, **nats_jwt.nats_auth_options(user_jwt, seed)
-    )
 
 
 def _delivery(delivery_id: str, chat: str, thread: str | None, text: str) -> bytes:
@@ -234,7 +173,7 @@ async def test_a_failing_replica_hands_its_lanes_over_in_order_and_sends_nothing
             else:
                 await victim.stop()  # SIGTERM: the lease is handed back
 
-        nc = await _hub_bus(url, keys_dir)
+        nc = await hub_bus(url, keys_dir)
         try:
             flow = _Flow(nc.jetstream(), platform, instance)
             took = await flow.strike(strike, survivor)
@@ -281,7 +220,7 @@ async def test_a_replica_waking_from_a_freeze_sends_nothing_its_successor_sent(
         survivor = b if victim is a else a
         async with survivor.client() as http:
             await wait_ready(http, instance)
-        nc = await _hub_bus(url, keys_dir)
+        nc = await hub_bus(url, keys_dir)
         try:
             flow = _Flow(nc.jetstream(), platform, instance)
             publishing = asyncio.create_task(
