@@ -48,6 +48,7 @@ from .core import (
     DeadLetters,
     HubMetrics,
     HubSettings,
+    LanePolicy,
     LogBudget,
     db,
     kv,
@@ -265,6 +266,9 @@ class Hub:
             hub_id=s.hub_id,
             partitions=s.event_partitions,
             replica=self.replica,
+            lanes=LanePolicy(
+                s.event_rate_per_desktop, s.event_burst_per_desktop, s.event_lanes_per_partition
+            ),
         )
         self.presence = DesktopPresence(
             self.pool, self.audit, self.metrics, on_online=self._desktop_online

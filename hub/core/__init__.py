@@ -23,6 +23,7 @@ from ._deadletter import (
 )
 from ._fences import check_fence, raise_fence
 from ._idempotency import body_hash
+from ._lanes import LanePolicy, Lanes
 from ._leases import PartitionLeases
 from ._logging import LogBudget, configure_logging, kv
 from ._metrics import HubMetrics
@@ -32,6 +33,8 @@ from ._settings import HubSettings, LogFormat, LogLevel
 from ._streams import hub_consumer
 
 __all__ = [
+    "LanePolicy",
+    "Lanes",
     "AuditIngest",
     "AuditLog",
     "BackgroundTask",

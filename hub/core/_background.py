@@ -78,6 +78,7 @@ async def pull_forever(
     fetch_seconds: float = 1.0,
     may_fetch: Callable[[], bool] | None = None,
     ordered: bool = False,
+    until_idle: Callable[[], bool] | None = None,
 ) -> None:
     """Fetch batches from the durable consumer `spec` and hand them to `handle`,
     rebinding after NATS or the consumer went away. With `may_fetch` (a partition
@@ -90,7 +91,10 @@ async def pull_forever(
     ones. The consumer numbers its deliveries, so a batch that does not start
     where the last one ended shows the loss: the consumer is rewound to its ack
     floor and everything from there comes again, in order (done events are
-    recognised and dropped by the handler)."""
+    recognised and dropped by the handler).
+
+    `until_idle`: asked whenever a fetch finds nothing; True ends the loop (a lane
+    that has caught up)."""
     sub = None
     expected: int | None = None  # the delivery number the next batch starts at
     while True:
@@ -108,6 +112,8 @@ async def pull_forever(
                 sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
             msgs = await sub.fetch(batch=batch, timeout=fetch_seconds)
         except (TimeoutError, NatsTimeout):
+            if until_idle is not None and until_idle():
+                return
             continue
         except asyncio.CancelledError:
             raise
@@ -117,6 +123,8 @@ async def pull_forever(
             await asyncio.sleep(retry_delay)
             continue
         if not msgs:  # (a fetch that ended without messages)
+            if until_idle is not None and until_idle():
+                return
             continue
         if ordered:
             first = _delivery(msgs[0])

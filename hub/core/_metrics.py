@@ -68,6 +68,19 @@ class HubMetrics:
             ["consumer"],
             registry=r,
         )
+        self.lanes_open = Gauge(
+            "cowork_consumer_lanes_open",
+            "Keys (Desktops) over their rate whose messages wait in a lane of their own "
+            "instead of the consumer's shared line",
+            ["consumer"],
+            registry=r,
+        )
+        self.lane_messages = Counter(
+            "cowork_consumer_lane_messages_total",
+            "Messages the shared line passed to a lane",
+            ["consumer"],
+            registry=r,
+        )
         self.db_pool_size = Gauge(
             "cowork_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r
         )

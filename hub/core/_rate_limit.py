@@ -26,8 +26,10 @@ class RateLimiter:
         self.rate, self.burst, self._max_keys = rate, burst, max_keys
         self._buckets: dict[object, _Bucket] = {}
 
-    def take(self, key: object, now: float | None = None) -> float:
-        """0.0 when allowed (one token spent), else the seconds until one is available."""
+    def take(self, key: object, now: float | None = None, *, cost: float = 1.0) -> float:
+        """0.0 when allowed (`cost` tokens spent, at most a burst), else the seconds
+        until they are available."""
+        cost = min(cost, self.burst)
         now = time.monotonic() if now is None else now
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -36,13 +38,13 @@ class RateLimiter:
             bucket = self._buckets[key] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return 0.0
         # Never 0.0 for a refusal (callers read 0.0 as "allowed"): a wait under
         # 0.5 ms must not round to it, or a flood is let through at several times
         # the rate, by the calls that land just before each token is due.
-        return max(round((1.0 - bucket.tokens) / self.rate, 3), 0.001)
+        return max(round((cost - bucket.tokens) / self.rate, 3), 0.001)
 
     def _evict_full(self, now: float) -> None:
         full = [

@@ -106,6 +106,25 @@ class HubSettings(BaseSettings):
         "consumer: a flood from one Desktop holds up only its partition (changing it: "
         "docs/operations.md)",
     )
+    event_rate_per_desktop: float = Field(
+        default=500.0,
+        ge=1.0,
+        description="Events a second each Desktop is projected at once over its burst: "
+        "beyond, its events wait in a lane of their own, at this rate, so its partition's "
+        "other Desktops never wait behind it",
+    )
+    event_burst_per_desktop: float = Field(
+        default=5000.0,
+        ge=100.0,
+        description="Events a Desktop may send at once before its rate applies",
+    )
+    event_lanes_per_partition: int = Field(
+        default=16,
+        ge=0,
+        le=1000,
+        description="Desktops over their rate that may have a lane at once in one "
+        "partition (each is a JetStream consumer); beyond, they wait in line",
+    )
     partition_lease_seconds: float = Field(
         default=6.0,
         ge=2.0,

@@ -110,6 +110,9 @@ class ConsumerSpec:
     ack_wait_seconds: float = 30.0
     max_deliver: int = 10
     max_ack_pending: int = 1000
+    # Where the consumer starts (a lane, hub/core/_lanes.py); None: the stream's start.
+    start_seq: int | None = None
+    description: str | None = None
 
 
 HUB_CONSUMERS: tuple[ConsumerSpec, ...] = (
@@ -243,9 +246,13 @@ def _bucket_config(
 def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=spec.durable,
+        description=spec.description,
         filter_subject=spec.filter_subject,
         ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.ALL
+        if spec.start_seq is None
+        else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=spec.start_seq,
         ack_wait=spec.ack_wait_seconds,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
@@ -294,7 +301,7 @@ async def rewind_unacked(js: JetStreamContext, spec: ConsumerSpec) -> int | None
     info = await js.consumer_info(spec.stream, spec.durable)
     if not info.num_ack_pending and not info.num_redelivered:
         return None
-    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+    start = max((info.ack_floor.stream_seq if info.ack_floor else 0) + 1, spec.start_seq or 1)
     config = consumer_config(spec)  # (all worked out before the consumer goes)
     policy = POLICIES.get(spec.stream)
     if policy is None or policy.retention is not RetentionPolicy.WORK_QUEUE:

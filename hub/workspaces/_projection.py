@@ -45,6 +45,8 @@ from ..core import (
     DeadLetters,
     Fenced,
     HubMetrics,
+    LanePolicy,
+    Lanes,
     PartitionLeases,
     Rejected,
     StorageAway,
@@ -69,6 +71,7 @@ _PAIRING_FIELDS = ("status", "enabled", "allowed_workspace_ids", "allowed_sessio
 # the released worker's last pull has expired (hub/core/_leases.py).
 FETCH_SECONDS = 1.0
 R = TypeVar("R")
+DEFAULT_LANES = LanePolicy(rate=500.0, burst=5000.0)
 # What a write hands back: the messages it settled and the events it appended.
 Written = list[tuple[list[Msg], list[tuple[NewEvent, int]]]]
 
@@ -86,6 +89,7 @@ class EventProjector:
         batch: int = 256,
         partitions: int = 1,
         replica: str | None = None,
+        lanes: LanePolicy = DEFAULT_LANES,
     ) -> None:
         self._js, self._nc, self._pool = js, nc, pool
         self._dead, self._metrics = dead_letters, metrics
@@ -102,6 +106,10 @@ class EventProjector:
             if spec.stream == SPEC.stream
         }
         self._workers: dict[str, BackgroundTask] = {}
+        # A Desktop over its event rate is projected in a lane of its own at that
+        # rate, so it holds up nobody in its partition (hub/core/_lanes.py).
+        self._lane_policy = lanes
+        self._lanes: dict[str, Lanes] = {}
         self._leases = PartitionLeases(
             js,
             "events",
@@ -128,6 +136,18 @@ class EventProjector:
         await raise_fence(self._pool, *fence)
         # What the last holder fetched and never acked comes next, in order.
         await streams.rewind_unacked(self._js, spec)
+        lanes = self._lanes[durable] = Lanes(
+            self._js,
+            spec,
+            self._lane_policy,
+            key_of=_desktop_of,
+            filter_of=partial(_lane_filter, spec.filter_subject),
+            handle=partial(self._handle, fence),
+            may_fetch=partial(self._leases.sure, durable),
+            log=log,
+            on_change=partial(self._lanes_changed, durable),
+        )
+        await lanes.restore()
         worker = BackgroundTask(
             f"event-projector:{durable}",
             partial(
@@ -135,7 +155,7 @@ class EventProjector:
                 self._js,
                 spec,
                 self._batch,
-                partial(self._handle, fence),
+                lanes.handle,
                 log,
                 "projection.fetch_failed",
                 fetch_seconds=FETCH_SECONDS,
@@ -151,7 +171,15 @@ class EventProjector:
         worker = self._workers.pop(durable, None)
         if worker is not None:
             await worker.stop()
+        lanes = self._lanes.pop(durable, None)
+        if lanes is not None:
+            await lanes.stop()
         self._metrics.partition_leases.labels(durable).set(0)
+
+    def _lanes_changed(self, durable: str, open_lanes: int, moved: int) -> None:
+        self._metrics.lanes_open.labels(durable).set(open_lanes)
+        if moved:
+            self._metrics.lane_messages.labels(durable).inc(moved)
 
     async def _handle(self, fence: tuple[str, int], msgs: list[Msg]) -> None:
         items: list[tuple[Msg, NewEvent]] = []
@@ -350,6 +378,22 @@ class EventProjector:
         self, tenant: str, workspace: str, events: list[WorkspaceEvent]
     ) -> None:
         await publish_live(self._nc, self._source, tenant, workspace, events)
+
+
+def _desktop_of(msg: Msg) -> tuple[str, ...] | None:
+    """Whose event this is by its subject (a lane's key); None: not an event subject
+    (dead-lettered in line)."""
+    try:
+        where = FAMILY.parse(msg.subject)
+    except subjects.SubjectError:
+        return None
+    return (where["tenant"], where["device_id"])
+
+
+def _lane_filter(line_filter: str, key: tuple[str, ...]) -> str:
+    """One Desktop's stored subjects within the line's (its partition token kept)."""
+    tenant, device = key
+    return FAMILY.filter(tenant=tenant, device_id=device) + line_filter[len(FAMILY.filter()) :]
 
 
 def _new_event(tenant: str, env: Envelope) -> NewEvent:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 
 from edges.desktop._agent import DesktopAgent, pair
 from edges.desktop._store import DesktopStore
-from schemas import DeviceEvent, Envelope, Source
+from schemas import DeviceEvent, Envelope, Source, subjects
 
 TENANT = "acme"
 COWORK = str(Path(sys.executable).parent / "cowork")
@@ -336,3 +337,16 @@ async def all_pages(
         cursor = body["nextCursor"]
         if cursor is None:
             return items, pages
+
+
+async def raw_desktop(http: httpx.AsyncClient, url: str, state_dir: Path) -> tuple[str, Any]:
+    """A paired Desktop's own NATS connection without the agent (to publish events
+    as the relay does): (pairing id, connection)."""
+    _, store = await redeem(http, url, state_dir, allowedWorkspaceIds=["ws1"])
+    pid = store.load_pairing().pairing_id
+    nc = await nats.connect(
+        url,
+        user_credentials=str(store.creds_path),
+        inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", pid),
+    )
+    return pid, nc

@@ -7,23 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
-from desktopkit import TENANT, desktop_event, events, eventually, redeem
+from desktopkit import TENANT, desktop_event, events, eventually, raw_desktop
 
 from schemas import WorkspaceEvent, decode, subjects
 
 FLOOD = 5000
-
-
-async def _desktop(http, url, state_dir):
-    _, store = await redeem(http, url, state_dir, allowedWorkspaceIds=["ws1"])
-    pid = store.load_pairing().pairing_id
-    nc = await nats.connect(
-        url,
-        user_credentials=str(store.creds_path),
-        inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", pid),
-    )
-    return pid, nc
 
 
 def _event(pid: str, text: str) -> bytes:
@@ -43,11 +31,11 @@ async def test_a_desktops_backlog_does_not_hold_up_another_partition(
     hub, http, operator_nats_url, tmp_path
 ):
     assert hub.settings.event_partitions > 1
-    flooder, flood_nc = await _desktop(http, operator_nats_url, tmp_path / "a")
+    flooder, flood_nc = await raw_desktop(http, operator_nats_url, tmp_path / "a")
     flood_partition = await _partition(hub, flood_nc, flooder)
     assert flood_partition == await _partition(hub, flood_nc, flooder)  # always the same one
     for attempt in range(10):  # a Desktop whose events land in another partition
-        other, other_nc = await _desktop(http, operator_nats_url, tmp_path / f"b{attempt}")
+        other, other_nc = await raw_desktop(http, operator_nats_url, tmp_path / f"b{attempt}")
         if await _partition(hub, other_nc, other) != flood_partition:
             break
         await other_nc.close()
