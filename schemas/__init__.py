@@ -8,6 +8,17 @@ from __future__ import annotations
 
 from . import _versions as versions
 from . import subjects
+from ._admin_api import (
+    ChannelKinds,
+    ChannelKindView,
+    DeadLetterPage,
+    DeadLetterReplayed,
+    DeadLetterView,
+    ErrorBody,
+    HealthComponent,
+    HealthReport,
+    PairingCreated,
+)
 from ._base import Message, WireModel
 from ._bootstrap import (
     BOOTSTRAP_ACCOUNT_PUBLIC,
@@ -116,6 +127,15 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "ChannelKinds",
+    "ChannelKindView",
+    "DeadLetterPage",
+    "DeadLetterReplayed",
+    "DeadLetterView",
+    "ErrorBody",
+    "HealthComponent",
+    "HealthReport",
+    "PairingCreated",
     "AckReply",
     "AllowList",
     "Attachment",

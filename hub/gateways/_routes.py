@@ -24,6 +24,7 @@ from ..http import (
     HUB_KEY,
     add_route_table,
     after_query,
+    documented,
     int_query,
     iso,
     json_body,
@@ -139,6 +140,7 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
     return await _view(request, row)
 
 
+@documented("Register a Gateway; the credential is shown once", body=CreateRegistration, status=201)
 async def create_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -217,6 +219,7 @@ async def get_sync(request: web.Request) -> web.Response:
     )
 
 
+@documented("Rotate a Gateway's credential; the new one is shown once", body=RotateRegistration)
 async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RotateRegistration, optional=True)
@@ -234,6 +237,7 @@ async def rotate_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("Revoke a Gateway", body=RevokeRegistration)
 async def revoke_registration(request: web.Request) -> web.Response:
     body = await json_body(request, RevokeRegistration, optional=True)
     return await _registration_response(
@@ -244,6 +248,7 @@ async def revoke_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("Drain a Gateway (no new work until the deadline)", body=DrainRegistration)
 async def drain_registration(request: web.Request) -> web.Response:
     body = await json_body(request, DrainRegistration)
     return await _registration_response(
@@ -254,6 +259,7 @@ async def drain_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("Resume a drained Gateway", body=Empty)
 async def resume_registration(request: web.Request) -> web.Response:
     await json_body(request, Empty, optional=True)
     return await _registration_response(

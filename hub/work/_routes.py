@@ -23,6 +23,7 @@ from schemas import WireModel, WorkState, check_token
 from ..http import (
     HUB_KEY,
     after_query,
+    documented,
     int_query,
     iso,
     json_body,
@@ -87,6 +88,7 @@ def work_json(row: dict) -> dict[str, Any]:
     return out
 
 
+@documented("Enqueue Cloud-owned edge work", body=EnqueueWork, status=201)
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, EnqueueWork)
@@ -124,6 +126,7 @@ class CancelWork(WireModel):
     reason: str = Field(default="cancelled by an administrator", min_length=1, max_length=500)
 
 
+@documented("Cancel edge work", body=CancelWork)
 async def cancel_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:

@@ -1,0 +1,83 @@
+"""Bodies of the admin HTTP API that the OpenAPI document (`schemas.docs`) describes
+and the hub's routes answer with: the health center, dead letters, pairing
+creation, the console's sign-in."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ._base import WireModel
+
+HealthState = Literal["ready", "action_required", "degraded", "offline", "unknown"]
+
+
+class HealthComponent(WireModel):
+    name: str = Field(description="e.g. nats, postgres, stream.CW_AUDIT, loop.presence.sweep")
+    group: str = Field(description="nats, postgres, jetstream, streams, consumers, ...")
+    state: HealthState
+    reason: str = Field(description="What is wrong (or that nothing is)")
+    fix: str = Field(default="", description="What to do about it")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class HealthReport(WireModel):
+    state: HealthState = Field(description="The worst state of any component")
+    checked_at: str
+    components: list[HealthComponent]
+
+
+class DeadLetterView(WireModel):
+    sequence: int = Field(description="Its sequence in CW_DEADLETTER: how to name it")
+    subject: str
+    origin: str = Field(description="The subject family it was set aside from")
+    stored_at: str | None = None
+    code: str
+    reason: str
+    original_subject: str | None = None
+    original_payload: str | None = Field(
+        default=None, description="The message as it came, UTF-8 or base64 (payloadEncoding)"
+    )
+    payload_encoding: Literal["utf-8", "base64"] | None = None
+    attempts: int | None = None
+    replayable: bool | None = None
+
+
+class DeadLetterPage(WireModel):
+    items: list[DeadLetterView]
+    next_after: int | None = Field(description="Pass as `after` for the next page; null: last")
+
+
+class DeadLetterReplayed(WireModel):
+    sequence: int
+    original_subject: str
+    replayed: bool = True
+
+
+class PairingCreated(WireModel):
+    pairing_id: str
+    code: str = Field(description="The one-time code; shown once")
+    expires_at: str
+    hub: list[str] = Field(description="The NATS URL(s) the Desktop dials")
+    pairing_link: str = Field(
+        description="The code and the hub as one link `cowork desktop pair` accepts; "
+        "single use (it carries the one-time code) and expiring with it"
+    )
+    pairing_qr_svg: str = Field(description="A QR code of pairingLink: an SVG data URI")
+    command: str = Field(description="The exact command to run on the Desktop")
+
+
+class ChannelKindView(WireModel):
+    kind: str
+    inbound: str
+    settings_schema: dict[str, Any]
+    secrets_schema: dict[str, Any]
+
+
+class ChannelKinds(WireModel):
+    items: list[ChannelKindView]
+
+
+class ErrorBody(WireModel):
+    error: dict[str, str] = Field(description="{code, message}")

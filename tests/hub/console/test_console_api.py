@@ -1,0 +1,211 @@
+"""The console's sign-in, sessions, CSRF, viewer and security headers; the health
+center's JSON; dead letters replayed and discarded; the OpenAPI document; the
+pairing link. Against a real hub (operator-mode NATS, PostgreSQL), over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from desktopkit import eventually
+from openapi_spec_validator import validate
+
+from edges.desktop._cli import parse_pairing_link
+from hub.cli._schema_export import admin_openapi
+from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
+
+VIEWER = "viewer-token-for-tests-0123456789"
+TENANT = "consoletest"
+
+
+@pytest.fixture(scope="module")
+def hub_options() -> dict:
+    return {"viewer_token": VIEWER}
+
+
+@contextlib.asynccontextmanager
+async def sign_in(hub, token: str) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A client holding a console session, and the CSRF token its pages carry."""
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=10) as http:
+        answer = await http.post("/console/login", data={"token": token})
+        assert answer.status_code == 303, answer.text
+        page = await http.get("/console/desktops")
+        assert page.status_code == 200
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert csrf is not None
+        yield http, csrf.group(1)
+
+
+async def test_sign_in_sets_a_strict_http_only_cookie_and_pages_carry_a_strict_csp(hub):
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=10) as http:
+        assert (await http.get("/console/")).headers["Location"] == "/console/login"
+        wrong = await http.post("/console/login", data={"token": "nope"})
+        assert wrong.status_code == 401 and "not valid" in wrong.text
+        answer = await http.post("/console/login", data={"token": hub.test_admin_token})
+        assert answer.status_code == 303
+        cookie = answer.headers["Set-Cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "secure" not in cookie  # plain HTTP here; Secure over TLS
+        page = await http.get("/console/health")
+        csp = page.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp
+        assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert '<script src="/console/static/console.js?v=' in page.text
+        script = await http.get(re.search(r'src="(/console/static/console.js[^"]*)"', page.text)[1])
+        assert script.status_code == 200 and "textContent" in script.text
+
+
+async def test_a_session_changes_only_with_its_csrf_token_and_not_after_sign_out(hub):
+    async with sign_in(hub, hub.test_admin_token) as (http, csrf):
+        path = f"/api/v1/tenants/{TENANT}/pairings"
+        assert (await http.get(path)).status_code == 200
+        refused = await http.post(path, json={"label": "no csrf"})
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "csrf_failed"
+        forged = await http.post(path, json={"label": "x"}, headers={"X-CSRF-Token": "0" * 43})
+        assert forged.status_code == 403
+        made = await http.post(path, json={"label": "with csrf"}, headers={"X-CSRF-Token": csrf})
+        assert made.status_code == 201, made.text
+        assert made.json()["pairingLink"].startswith(f"{hub.http_url}/console/pair#code=")
+        out = await http.post("/console/logout", data={"csrf": csrf})
+        assert out.status_code == 303
+        assert (await http.get(path)).status_code == 401
+
+
+async def test_a_kept_cookie_is_refused_after_sign_out(hub):
+    async with sign_in(hub, hub.test_admin_token) as (http, csrf):
+        saved = dict(http.cookies)
+        await http.post("/console/logout", data={"csrf": csrf})
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=10, cookies=saved) as again:
+        answer = await again.get(f"/api/v1/tenants/{TENANT}/pairings")
+        assert answer.status_code == 401
+
+
+async def test_a_viewer_reads_but_changes_nothing(hub):
+    async with sign_in(hub, VIEWER) as (http, csrf):
+        page = await http.get("/console/desktops")
+        assert 'data-role="viewer"' in page.text and 'id="pair-form"' not in page.text
+        assert (await http.get(f"/api/v1/tenants/{TENANT}/pairings")).status_code == 200
+        refused = await http.post(
+            f"/api/v1/tenants/{TENANT}/pairings",
+            json={"label": "viewer"},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "read_only"
+    bearer = {"Authorization": f"Bearer {VIEWER}"}
+    async with httpx.AsyncClient(base_url=hub.http_url, headers=bearer, timeout=10) as http:
+        assert (await http.get("/api/v1/admin/health")).status_code == 200
+        answer = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json={"label": "v"})
+        assert answer.status_code == 403
+
+
+async def test_health_center_json_names_every_component_with_state_and_fix(http):
+    answer = await http.get("/api/v1/admin/health")
+    assert answer.status_code == 200
+    report = answer.json()
+    by_name = {c["name"]: c for c in report["components"]}
+    for name in ("nats", "postgres", "migrations", "streams", "jetstream"):
+        assert by_name[name]["state"] == "ready", by_name[name]
+    assert "stream.CW_DEADLETTER" in by_name
+    audit = by_name["consumer.hub-audit"]
+    assert {"pending", "ackPending", "redelivered", "lastActive"} <= set(audit["details"])
+    assert any(n.startswith("nats.server.") for n in by_name)
+    assert any(n.startswith("loop.") for n in by_name)
+    states = {"ready", "action_required", "degraded", "offline", "unknown"}
+    assert report["state"] in states and all(c["state"] in states for c in report["components"])
+
+
+async def _dead_letter(hub, tenant: str, record: AuditRecord) -> None:
+    envelope = Envelope.wrap(
+        record, source=Source(principal_kind=PrincipalKind.HUB, principal_id="hub"), tenant=tenant
+    )
+    subject = subjects.AUDIT.build(tenant=tenant, principal_kind="hub", principal_id="hub")
+    await hub.dead_letters.put(
+        tenant=tenant,
+        family=subjects.AUDIT,
+        subject=subject,
+        payload=envelope.encode(),
+        code="test.set_aside",
+        reason="set aside by the test <script>alert(1)</script>",
+    )
+
+
+async def test_dead_letters_are_listed_replayed_into_their_consumer_and_discarded(hub, http):
+    record = AuditRecord(action="console.replayed_record", actor_kind="hub", actor_id="hub")
+    await _dead_letter(hub, TENANT, record)
+    await _dead_letter(
+        hub, TENANT, AuditRecord(action="console.dropped", actor_kind="hub", actor_id="hub")
+    )
+    await _dead_letter(hub, "othertenant", record)
+    page = (await http.get(f"/api/v1/tenants/{TENANT}/dead-letters")).json()
+    assert len(page["items"]) == 2 and page["nextAfter"] is None
+    first, second = page["items"]
+    assert first["code"] == "test.set_aside" and first["replayable"] is True
+    assert "console.replayed_record" in first["originalPayload"]
+    # another tenant's letter cannot be named through this tenant
+    other = (await http.get("/api/v1/tenants/othertenant/dead-letters")).json()["items"][0]
+    wrong = await http.post(f"/api/v1/tenants/{TENANT}/dead-letters/{other['sequence']}/replay")
+    assert wrong.status_code == 404
+    replayed = await http.post(f"/api/v1/tenants/{TENANT}/dead-letters/{first['sequence']}/replay")
+    assert replayed.status_code == 200, replayed.text
+
+    async def in_audit_log():
+        rows = (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
+        return [r for r in rows if r["action"] == "console.replayed_record"]
+
+    await eventually(in_audit_log, 10, what="the replayed record in the audit log")
+    discarded = await http.post(
+        f"/api/v1/tenants/{TENANT}/dead-letters/{second['sequence']}/discard"
+    )
+    assert discarded.status_code == 204
+    assert (await http.get(f"/api/v1/tenants/{TENANT}/dead-letters")).json()["items"] == []
+    again = await http.post(f"/api/v1/tenants/{TENANT}/dead-letters/{second['sequence']}/discard")
+    assert again.status_code == 404
+    bad = await http.post(f"/api/v1/tenants/{TENANT}/dead-letters/abc/replay")
+    assert bad.status_code == 400
+    actions = {
+        r["action"] for r in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
+    }
+    assert {"deadletter.replayed", "deadletter.discarded"} <= actions
+
+
+def test_the_openapi_document_is_valid_and_documents_the_console_endpoints():
+    document = admin_openapi()
+    validate(document)
+    paths = document["paths"]
+    assert document["openapi"].startswith("3.1")
+    create = paths["/api/v1/tenants/{tenant}/pairings"]["post"]
+    assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/CreatePairing"
+    )
+    assert create["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/PairingCreated"
+    )
+    assert "/api/v1/admin/health" in paths
+    assert "post" in paths["/api/v1/tenants/{tenant}/dead-letters/{sequence}/replay"]
+    # every API path the console's script calls is documented
+    from importlib import resources
+
+    script = (resources.files("hub.console") / "static" / "console.js").read_text()
+    templates = "".join(
+        p.read_text() for p in (resources.files("hub.console") / "templates").iterdir()
+    )
+    called = set(re.findall(r"(/api/v1/[A-Za-z0-9_{}/-]+)", script + templates))
+    documented = {re.sub(r"{\w+}", "{}", p) for p in paths}
+    for path in called:
+        assert re.sub(r"{\w+}", "{}", path.rstrip("/")) in documented, path
+    json.dumps(document)
+
+
+def test_a_pairing_link_gives_the_code_and_the_hub():
+    link = "https://hub.example/console/pair#code=7KQ2-M9XD-4F&hub=nats%3A%2F%2Fhub.example%3A4222"
+    assert parse_pairing_link(link) == ("7KQ2-M9XD-4F", ["nats://hub.example:4222"])
+    with pytest.raises(ValueError, match="no code"):
+        parse_pairing_link("https://hub.example/console/pair")
+    with pytest.raises(ValueError, match="NATS URL"):
+        parse_pairing_link("https://h/console/pair#code=A&hub=http%3A%2F%2Fx")
