@@ -327,6 +327,16 @@
     }
     select.addEventListener("change", build);
     build();
+    const paired = await api("GET", fill("/api/v1/tenants/{tenant}/pairings?limit=200"));
+    if (paired.ok) {
+      const list = document.getElementById("ch-pairings");
+      paired.data.items.filter(function (p) { return p.status !== "revoked"; }).forEach(function (p) {
+        const option = document.createElement("option");
+        option.value = p.id;
+        option.label = p.label;
+        list.appendChild(option);
+      });
+    }
     form._extend = function (payload) {
       payload.settings = payload.settings || {};
       payload.secrets = payload.secrets || {};
