@@ -97,8 +97,8 @@
       heads.forEach(function (th) {
         const td = tr.insertCell();
         if (th.dataset.actions) {
-          if (readOnly) return;
           actionSpecs(th.dataset.actions).forEach(function (spec) {
+            if (readOnly && spec.method !== "GET") return;
             const button = document.createElement("button");
             button.type = "button";
             button.textContent = spec.label;
@@ -108,7 +108,7 @@
               const out = document.getElementById("action-output");
               if (out) out.textContent = result.data ? JSON.stringify(result.data, null, 2) : "";
               say(result.ok ? spec.label + ": done" : spec.label + " failed: " + problem(result), !result.ok);
-              refreshTable(table);
+              if (spec.method !== "GET") refreshTable(table);
             });
             td.appendChild(button);
           });
@@ -346,6 +346,43 @@
       document.getElementById("channel-result").hidden = false;
       show("ch-webhook", window.location.origin + event.detail.webhookPath);
     });
+    const instances = document.getElementById("channels-table");
+    instances.addEventListener("cowork:loaded", function (event) {
+      const list = document.getElementById("ch-instances");
+      list.replaceChildren();
+      event.detail.items.forEach(function (i) {
+        const option = document.createElement("option");
+        option.value = i.instanceId;
+        option.label = i.displayName || i.kind;
+        list.appendChild(option);
+      });
+    });
+    const test = document.getElementById("test-form");
+    test.addEventListener("cowork:done", function (event) {
+      const instance = test.elements.instanceId.value.trim();
+      const path = fill("/api/v1/tenants/{tenant}/channel-instances/{i}/deliveries/{d}", { i: instance, d: event.detail.deliveryId });
+      show("test-status", "queued");
+      const timer = setInterval(async function () {
+        const result = await api("GET", path);
+        if (!result.ok) return;
+        show("test-status", result.data.status + (result.data.error ? ": " + result.data.error : ""));
+        if (result.data.status !== "queued" && result.data.status !== "retrying") clearInterval(timer);
+      }, 1000);
+    });
+    document.getElementById("claim-form").addEventListener("cowork:done", function (event) {
+      show("claim-code", "/claim " + event.detail.code);
+    });
+  }
+
+  function pageChannelUsers() {
+    const form = document.getElementById("users-form");
+    const table = document.getElementById("users-table");
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      const instance = form.elements.instanceId.value.trim();
+      table.dataset.source = fill("/api/v1/tenants/{tenant}/channel-instances/{i}/users", { i: instance });
+      refreshTable(table);
+    });
   }
 
   function pageHealth() {
@@ -408,7 +445,7 @@
   const pages = {
     desktops: pageDesktops,
     gateways: pageGateways,
-    channels: pageChannels,
+    channels: function () { pageChannelUsers(); pageChannels(); },
     health: pageHealth,
     home: pageHome,
     events: pageEvents,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from desktopkit import cowork, start_desktop
+from fakeplatforms.telegram import FakeTelegram
 from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -144,24 +145,39 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
         await desktop.stop()
 
 
-async def test_a_telegram_instance_shows_its_webhook_url(page, console_hub):
-    await page.goto(f"/console/channels?tenant={TENANT}")
-    await page.select_option("#ch-kind", "telegram")
-    await page.fill("#ch-id", "tg-console")
-    await page.fill("#ch-name", "Support bot")
-    await page.select_option("#ch-authority", "cloud_worker")
-    await page.fill("#ch-workspace", "support")
-    await page.fill("#ch-secrets-botToken", "123456:test-token")
-    await page.fill("#ch-secrets-webhookSecret", "a-webhook-secret-0123456789")
-    await page.click("#channel-form button[type=submit]")
-    await expect(page.locator("#status")).to_have_text("Done.")
-    await expect(page.locator("#ch-webhook")).to_have_text(
-        f"{console_hub.http_url}/webhooks/tg-console"
-    )
-    await expect(page.locator('#channels-table tr[data-key="tg-console"]')).to_contain_text(
-        "telegram"
-    )
-    await shot(page, "channels")
+async def test_a_telegram_instance_shows_its_webhook_url_and_sends_a_test_message(
+    page, console_hub
+):
+    telegram = FakeTelegram()  # the platform: Telegram's Bot API, as documented
+    await telegram.start()
+    try:
+        await page.goto(f"/console/channels?tenant={TENANT}")
+        await page.select_option("#ch-kind", "telegram")
+        await page.fill("#ch-id", "tg-console")
+        await page.fill("#ch-name", "Support bot")
+        await page.select_option("#ch-authority", "cloud_worker")
+        await page.fill("#ch-workspace", "support")
+        await page.fill("#ch-settings-apiBase", telegram.base_url)
+        await page.check("#ch-settings-allowLoopbackHttp")
+        await page.fill("#ch-secrets-botToken", telegram.bot_token)
+        await page.fill("#ch-secrets-webhookSecret", telegram.webhook_secret)
+        await page.click("#channel-form button[type=submit]")
+        await expect(page.locator("#status")).to_have_text("Done.")
+        await expect(page.locator("#ch-webhook")).to_have_text(
+            f"{console_hub.http_url}/webhooks/tg-console"
+        )
+        row = page.locator('#channels-table tr[data-key="tg-console"]')
+        await expect(row).to_contain_text("telegram")
+        await page.fill("#test-instance", "tg-console")
+        await page.fill("#test-chat", "4242")
+        await page.click("#test-form button[type=submit]")
+        await expect(page.locator("#test-status")).to_have_text("sent", timeout=15_000)
+        assert [p.text for p in telegram.chats["4242"]] == [
+            "A test message from the cowork console."
+        ]
+        await shot(page, "channels")
+    finally:
+        await telegram.stop()
 
 
 async def test_the_health_center_shows_nats_offline_and_recovering(page, console_nats):
