@@ -327,16 +327,7 @@
     }
     select.addEventListener("change", build);
     build();
-    const paired = await api("GET", fill("/api/v1/tenants/{tenant}/pairings?limit=200"));
-    if (paired.ok) {
-      const list = document.getElementById("ch-pairings");
-      paired.data.items.filter(function (p) { return p.status !== "revoked"; }).forEach(function (p) {
-        const option = document.createElement("option");
-        option.value = p.id;
-        option.label = p.label;
-        list.appendChild(option);
-      });
-    }
+    await pairingOptions("ch-pairings");
     form._extend = function (payload) {
       payload.settings = payload.settings || {};
       payload.secrets = payload.secrets || {};
@@ -411,10 +402,23 @@
     if (channels.ok) mark("channel", channels.data.items.length > 0, channels.data.items.length ? "connected" : "not yet");
   }
 
+  async function pairingOptions(listId) {
+    const paired = await api("GET", fill("/api/v1/tenants/{tenant}/pairings?limit=200"));
+    if (!paired.ok) return;
+    const list = document.getElementById(listId);
+    paired.data.items.filter(function (p) { return p.status !== "revoked"; }).forEach(function (p) {
+      const option = document.createElement("option");
+      option.value = p.id;
+      option.label = p.label;
+      list.appendChild(option);
+    });
+  }
+
   function pageEvents() {
     const form = document.getElementById("events-form");
     const list = document.getElementById("events-list");
     let source = null;
+    pairingOptions("events-pairings");
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       if (source) source.close();
@@ -423,8 +427,16 @@
       source = new EventSource(fill("/api/v1/tenants/{tenant}/workspaces/{w}/events", { w: workspace }));
       source.onmessage = function (message) {
         const li = document.createElement("li");
+        const head = document.createElement("p");
         const pre = document.createElement("pre");
-        pre.textContent = message.data;
+        try {
+          const event = JSON.parse(message.data);
+          head.textContent = "#" + event.sequence + " " + event.type + (event.sessionId ? " in " + event.sessionId : "") + " at " + formatted(event.occurredAt, "time");
+          pre.textContent = JSON.stringify(event.payload, null, 2);
+        } catch (e) {
+          pre.textContent = message.data;
+        }
+        li.appendChild(head);
         li.appendChild(pre);
         list.prepend(li);
         while (list.children.length > 200) list.lastChild.remove();

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from edges.local import NatsServer, free_port
-from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
+from schemas import AuditRecord, DeviceEvent, Envelope, PrincipalKind, Source, subjects
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
@@ -138,11 +140,46 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
         row = page.locator(f'#pairings-table tr[data-key="{pairing_id}"]')
         await expect(row).to_contain_text("paired_online", timeout=10_000)
         await shot(page, "desktops-online")
+        await _watch_a_hostile_event(page, console_hub, pairing_id)
         await row.get_by_role("button", name=f"Revoke {pairing_id}").click()
         await expect(row).to_contain_text("revoked", timeout=10_000)
         await expect(page.locator("#pair-status")).to_have_text("revoked", timeout=10_000)
     finally:
         await desktop.stop()
+
+
+async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
+    """An event whose payload is markup, published as the Desktop would, shows in the
+    live view (a second tab, over SSE) as text."""
+    event = DeviceEvent(
+        id=f"ev{uuid.uuid4().hex[:20]}",
+        pairing_id=pairing_id,
+        type="session.event",
+        workspace_id="local",
+        session_id="ses1",
+        occurred_at=datetime.now(UTC),
+        payload={"type": "text", "text": HOSTILE},
+    )
+    envelope = Envelope.wrap(
+        event, source=Source(principal_kind="desktop", principal_id=pairing_id), tenant=TENANT
+    )
+    subject = subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pairing_id, event_kind="session")
+    await hub.js.publish(subject, envelope.encode())
+    live = await page.context.new_page()
+    try:
+        await live.goto(f"/console/events?tenant={TENANT}")
+        await live.fill("#events-workspace", pairing_id)  # a Desktop's workspace: its pairing
+        await live.click("#events-form button[type=submit]")
+        # the payload as JSON text: the markup is there, as characters
+        await expect(live.locator("#events-list")).to_contain_text(
+            "<script>window.__xss=2</script>&amp;", timeout=15_000
+        )
+        await expect(live.locator("#events-list")).to_contain_text("<img src=x onerror=")
+        assert await live.locator("#events-list img, #events-list script").count() == 0
+        assert await live.evaluate("window.__xss") is None
+        await shot(live, "events-live")
+    finally:
+        await live.close()
 
 
 async def test_a_telegram_instance_shows_its_webhook_url_and_sends_a_test_message(
@@ -324,3 +361,9 @@ async def test_every_page_is_keyboard_usable_with_labelled_controls(page):
     await expect(page).to_have_url(page.url.split("/console")[0] + "/console/login")
     await page.goto("/console/health")
     assert page.url.endswith("/console/login")
+    # where a pairing link lands (no session needed): the command, from the fragment, as text
+    await page.goto("/console/pair#code=AB12-CD34&hub=nats%3A%2F%2Fhub.example%3A4222")
+    await expect(page.locator("#pair-command")).to_contain_text(
+        "cowork desktop pair AB12-CD34 --hub nats://hub.example:4222"
+    )
+    await shot(page, "pair-link")
