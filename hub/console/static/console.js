@@ -261,9 +261,9 @@
       document.getElementById("gateway-result").hidden = false;
       show("gw-credential", created.credential);
       show("gw-commands", [
-        "umask 077; cat > gateway.credential   # paste the credential above",
-        "cowork gateway register --hub " + (body.dataset.natsUrl || "nats://HUB:4222") + " --credential-file gateway.credential",
-        "cowork gateway up",
+        "umask 077; cat > gateway.credential   # paste the credential above, then Ctrl-D",
+        "cowork gateway register --hub " + (body.dataset.natsUrl || "nats://HUB:4222") + " --credential-file gateway.credential --opencode http://127.0.0.1:4096",
+        "cowork gateway run --opencode http://127.0.0.1:4096",
       ].join("\n"));
       const timer = setInterval(async function () {
         const result = await api("GET", fill("/api/v1/tenants/{tenant}/gateway-registrations/{id}", { id: created.registrationId }));

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from desktopkit import cowork, start_desktop
 from fakeplatforms.telegram import FakeTelegram
+from gateway_agent_kit import start_gateway
 from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -146,6 +147,44 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
         await expect(page.locator("#pair-status")).to_have_text("revoked", timeout=10_000)
     finally:
         await desktop.stop()
+
+
+async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hub, tmp_path):
+    await page.goto(f"/console/gateways?tenant={TENANT}")
+    await page.fill("#gw-name", "rack gateway")
+    await page.select_option("#gw-kind", "edge_worker")
+    await page.click("#gateway-form button[type=submit]")
+    await expect(page.locator("#gateway-result")).to_be_visible()
+    credential = (await page.text_content("#gw-credential")) or ""
+    commands = ((await page.text_content("#gw-commands")) or "").splitlines()
+    register = commands[1].split()
+    assert register[:3] == ["cowork", "gateway", "register"]
+    assert register[register.index("--hub") + 1] == console_hub.settings.edge_nats_urls[0]
+    secret = tmp_path / "gateway.credential"
+    secret.write_text(credential)
+    state = tmp_path / "gateway"
+    status, out, err = await cowork(
+        *register[1 : register.index("--credential-file")],
+        "--credential-file",
+        str(secret),
+        "--opencode",
+        "http://127.0.0.1:9",
+        "--state-dir",
+        str(state),
+    )
+    assert status == 0, err
+    await shot(page, "gateways-registered")
+    gateway = await start_gateway(state, "http://127.0.0.1:9", heartbeat=0.5)
+    try:
+        await expect(page.locator("#gw-status")).to_contain_text(
+            "first heartbeat at", timeout=15_000
+        )
+        registration = out.split("Registered ")[1].split()[0]
+        row = page.locator(f'#gateways-table tr[data-key="{registration}"]')
+        await expect(row).to_contain_text("rack gateway")
+        await shot(page, "gateways-heartbeat")
+    finally:
+        await gateway.stop()
 
 
 async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
