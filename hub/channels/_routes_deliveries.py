@@ -79,16 +79,9 @@ async def get_delivery(request: web.Request) -> web.Response:
     row = await hub.channel_outbox.status(tenant, path_token(request, "delivery_id"))
     if row is None or row["instance_id"] != instance_id:
         return json_error(404, "channel.unknown_delivery", "no such delivery of this instance")
-    view = DeliveryView(
-        delivery_id=row["delivery_id"],
-        instance_id=row["instance_id"],
-        chat_id=row["chat_id"],
-        status=row["status"],
-        attempts=row["attempts"],
-        provider_message_id=row["provider_message_id"],
-        error=row["error"],
-        created_at=iso(row["created_at"]),
-        updated_at=iso(row["updated_at"]),
+    stamps = {"created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+    view = DeliveryView.model_validate(
+        {**{name: row[name] for name in DeliveryView.model_fields if name in row}, **stamps}
     )
     return web.json_response(view.model_dump(mode="json", by_alias=True))
 

@@ -56,18 +56,12 @@ def _operation(handler: Any) -> Operation:
 
 
 class _Schemas:
-    """Components collected from the models the operations name."""
+    """Components collected from the models the operations name (each model once,
+    its nested models as components of their own)."""
 
     def __init__(self) -> None:
-        self.components: dict[str, Any] = {"ErrorBody": self._schema(ErrorBody)}
-
-    def _schema(self, model: type[BaseModel]) -> dict[str, Any]:
-        schema = model.model_json_schema(
-            by_alias=True, ref_template="#/components/schemas/{model}", mode="serialization"
-        )
-        for name, sub in schema.pop("$defs", {}).items():
-            self.components.setdefault(name, sub)
-        return schema
+        self.components: dict[str, Any] = {}
+        self.ref(ErrorBody)
 
     def ref(self, model: type[BaseModel], *, request: bool = False) -> dict[str, Any]:
         if model.__name__ not in self.components:

@@ -135,6 +135,10 @@ async def _dead_letter(hub, tenant: str, record: AuditRecord) -> None:
     )
 
 
+def first_seq(page: dict) -> int:
+    return page["items"][0]["sequence"]
+
+
 async def test_dead_letters_are_listed_replayed_into_their_consumer_and_discarded(hub, http):
     record = AuditRecord(action="console.replayed_record", actor_kind="hub", actor_id="hub")
     await _dead_letter(hub, TENANT, record)
@@ -144,6 +148,15 @@ async def test_dead_letters_are_listed_replayed_into_their_consumer_and_discarde
     await _dead_letter(hub, "othertenant", record)
     page = (await http.get(f"/api/v1/tenants/{TENANT}/dead-letters")).json()
     assert len(page["items"]) == 2 and page["nextAfter"] is None
+    # the health center asks for action, with what to do
+    report = (await http.get("/api/v1/admin/health")).json()
+    waiting = {c["name"]: c for c in report["components"]}["deadletters.audit"]
+    assert waiting["state"] == "action_required" and waiting["details"]["count"] == 3
+    assert "replay or discard" in waiting["fix"]
+    one = (await http.get(f"/api/v1/tenants/{TENANT}/dead-letters?limit=1")).json()
+    assert len(one["items"]) == 1 and one["nextAfter"] == first_seq(page)
+    rest = await http.get(f"/api/v1/tenants/{TENANT}/dead-letters?after={one['nextAfter']}")
+    assert [i["sequence"] for i in rest.json()["items"]] == [page["items"][1]["sequence"]]
     first, second = page["items"]
     assert first["code"] == "test.set_aside" and first["replayable"] is True
     assert "console.replayed_record" in first["originalPayload"]

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from desktopkit import cowork, start_desktop
+from desktopkit import cowork, desktop_event, start_desktop
 from fakeplatforms.telegram import FakeTelegram
 from gateway_agent_kit import start_gateway
 from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from edges.local import NatsServer, free_port
-from schemas import AuditRecord, DeviceEvent, Envelope, PrincipalKind, Source, subjects
+from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "console"
@@ -190,20 +188,11 @@ async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hu
 async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
     """An event whose payload is markup, published as the Desktop would, shows in the
     live view (a second tab, over SSE) as text."""
-    event = DeviceEvent(
-        id=f"ev{uuid.uuid4().hex[:20]}",
-        pairing_id=pairing_id,
-        type="session.event",
-        workspace_id="local",
-        session_id="ses1",
-        occurred_at=datetime.now(UTC),
-        payload={"type": "text", "text": HOSTILE},
-    )
-    envelope = Envelope.wrap(
-        event, source=Source(principal_kind="desktop", principal_id=pairing_id), tenant=TENANT
+    _, data = desktop_event(
+        pairing_id, {"type": "text", "text": HOSTILE}, tenant=TENANT, workspace="local"
     )
     subject = subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pairing_id, event_kind="session")
-    await hub.js.publish(subject, envelope.encode())
+    await hub.js.publish(subject, data)
     live = await page.context.new_page()
     try:
         await live.goto(f"/console/events?tenant={TENANT}")
