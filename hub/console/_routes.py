@@ -13,6 +13,7 @@ from here, no inline code, nothing framed), and no page is cached.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -38,8 +39,30 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 ASSETS = {"console.js": "text/javascript", "console.css": "text/css"}
-# Sign-in attempts per source address: a few at once, then one every 5 s.
-SIGN_IN_LIMIT = RateLimiter(rate=0.2, burst=10)
+
+
+class SignInGuard:
+    """Failed sign-ins per source address: 10 at once, then one every 5 s; an address
+    over its share is refused before its token is even looked at."""
+
+    def __init__(self) -> None:
+        self._failures = RateLimiter(rate=0.2, burst=10)
+        self._locked: dict[str, float] = {}
+
+    def wait(self, address: str) -> float:
+        """Seconds until `address` may try again (0: now)."""
+        return max(0.0, self._locked.get(address, 0.0) - time.monotonic())
+
+    def failed(self, address: str) -> None:
+        wait = self._failures.take(address)
+        if wait:
+            if len(self._locked) > 10_000:  # forget lockouts that are over
+                now = time.monotonic()
+                self._locked = {a: t for a, t in self._locked.items() if t > now}
+            self._locked[address] = time.monotonic() + wait
+
+
+GUARD_KEY: web.AppKey[SignInGuard] = web.AppKey("console_sign_in", SignInGuard)
 
 
 @dataclass(frozen=True)
@@ -121,14 +144,18 @@ async def login(request: web.Request) -> web.Response:
     auth: ApiAuth = request.app[AUTH_KEY]
     if not auth.enabled:
         return _render("login.html", 503, error="No admin token is configured on this hub.")
-    hub = request.app[HUB_KEY]
-    wait = SIGN_IN_LIMIT.take(client_address(request, hub.settings.trusted_proxy_networks))
+    hub, guard = request.app[HUB_KEY], request.app[GUARD_KEY]
+    address = client_address(request, hub.settings.trusted_proxy_networks)
+    wait = guard.wait(address)
     if wait:
-        return _render("login.html", 429, error=f"Too many attempts; try again in {wait:.0f} s.")
+        return _render(
+            "login.html", 429, error=f"Too many attempts; try again in {math.ceil(wait)} s."
+        )
     form = await request.post()
     token = form.get("token")
     role = auth.token_role(token) if isinstance(token, str) and token else None
     if role is None:
+        guard.failed(address)
         return _render("login.html", 401, error="That token is not valid.")
     cookie, caller = auth.new_session(role)
     response = _redirect("/console/")
@@ -194,6 +221,7 @@ async def to_console(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[GUARD_KEY] = SignInGuard()
     app.router.add_get("/console", to_console)
     app.router.add_get("/console/login", login_page)
     app.router.add_post("/console/login", login)

@@ -222,3 +222,16 @@ def test_a_pairing_link_gives_the_code_and_the_hub():
         parse_pairing_link("https://hub.example/console/pair")
     with pytest.raises(ValueError, match="NATS URL"):
         parse_pairing_link("https://h/console/pair#code=A&hub=http%3A%2F%2Fx")
+
+
+async def test_sign_in_failures_from_one_address_are_limited(hub):
+    """(Last: it locks this module's hub out for 127.0.0.1 for a few seconds.)"""
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=10) as http:
+        answers = [
+            (await http.post("/console/login", data={"token": f"guess-{n}"})).status_code
+            for n in range(12)
+        ]
+        assert answers[:10] == [401] * 10 and answers[-1] == 429
+        # refused before the token is looked at: the right one waits too
+        locked = await http.post("/console/login", data={"token": hub.test_admin_token})
+        assert locked.status_code == 429 and "try again in" in locked.text
