@@ -196,8 +196,13 @@ async def _servers(src: HealthSources, nats_ok: bool) -> list[Component]:
                 details={"cluster": info.get("cluster"), "connectUrls": info.get("connect_urls")},
             )
         ]
-    statsz = await _ping(src.system_nc, "$SYS.REQ.SERVER.PING.STATSZ", src.timeout)
-    leafz = await _ping(src.system_nc, "$SYS.REQ.SERVER.PING.LEAFZ", src.timeout)
+    try:
+        statsz, leafz = await asyncio.gather(
+            _ping(src.system_nc, "$SYS.REQ.SERVER.PING.STATSZ", src.timeout),
+            _ping(src.system_nc, "$SYS.REQ.SERVER.PING.LEAFZ", src.timeout),
+        )
+    except Exception as exc:  # the system connection went away mid-question
+        return [Component("nats.servers", "nats", "unknown", _one_line(exc))]
     out = []
     for reply in statsz:
         server = reply.get("server", {})
