@@ -9,15 +9,21 @@ from __future__ import annotations
 from . import _versions as versions
 from . import subjects
 from ._admin_api import (
+    ChannelInstanceList,
+    ChannelInstanceView,
     ChannelKinds,
     ChannelKindView,
     DeadLetterPage,
     DeadLetterReplayed,
     DeadLetterView,
     ErrorBody,
+    GatewayRegistrationPage,
+    GatewayRegistrationView,
     HealthComponent,
     HealthReport,
     PairingCreated,
+    PairingPage,
+    PairingView,
 )
 from ._base import Message, WireModel
 from ._bootstrap import (
@@ -127,6 +133,12 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "ChannelInstanceList",
+    "ChannelInstanceView",
+    "GatewayRegistrationPage",
+    "GatewayRegistrationView",
+    "PairingPage",
+    "PairingView",
     "ChannelKinds",
     "ChannelKindView",
     "DeadLetterPage",

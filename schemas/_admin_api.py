@@ -81,3 +81,106 @@ class ChannelKinds(WireModel):
 
 class ErrorBody(WireModel):
     error: dict[str, str] = Field(description="{code, message}")
+
+
+# --- views the admin API answers with (tests/hub/console/test_console_api.py checks
+# each against real answers: a field the route adds or drops fails there) -------------
+Stamp = str | None  # an ISO 8601 time, or null
+
+
+class PairingView(WireModel):
+    id: str
+    label: str
+    device_name: str | None
+    status: str = Field(
+        description="pending, paired_online, paired_offline, disabled, revoked, error"
+    )
+    enabled: bool
+    online: bool
+    allowed_workspace_ids: list[str]
+    allowed_session_ids: list[str] | None
+    policy: dict[str, Any]
+    revision: int
+    redeemed: bool
+    code_expires_at: Stamp
+    heartbeat_interval_seconds: float | None
+    last_connected_at: Stamp
+    last_heartbeat_at: Stamp
+    last_command_sequence: int | None
+    error: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    revoked_at: Stamp
+    revoke_reason: str | None
+
+
+class PairingPage(WireModel):
+    items: list[PairingView]
+    next_cursor: str | None
+
+
+class GatewayRegistrationView(WireModel):
+    registration_id: str
+    display_name: str
+    kind: str
+    trust_model: str
+    scopes: list[str]
+    sync_scopes: list[str]
+    approved_credentials: list[str]
+    status: str
+    status_reason: str | None
+    credential_expires_at: Stamp
+    credential_version: int
+    public_key: str | None
+    versions: dict[str, Any] | None = Field(description="What the Gateway runs, by component")
+    capabilities: dict[str, Any] | None
+    work_kinds: list[str]
+    max_concurrent_work: int
+    health: str | None
+    liveness: str | None
+    mode: str | None
+    current_load: int
+    active_work_ids: list[str]
+    heartbeat_sequence: int | None
+    heartbeats_accepted: int
+    heartbeat_interval_seconds: float | None
+    last_heartbeat_at: Stamp
+    last_error: str | None
+    drain_deadline: Stamp
+    registered_at: Stamp
+    visible: bool
+    sync: dict[str, Any]
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    revoked_at: Stamp
+    revoke_reason: str | None
+
+
+class GatewayRegistrationPage(WireModel):
+    items: list[GatewayRegistrationView]
+    next_cursor: str | None
+
+
+class ChannelInstanceView(WireModel):
+    instance_id: str
+    tenant: str
+    kind: str
+    display_name: str
+    workspace_id: str
+    authority: str
+    default_agent: str | None
+    settings: dict[str, Any]
+    secret_names: list[str] = Field(description="Secrets are write-only: names, never values")
+    enabled: bool
+    revision: int
+    webhook_path: str
+    capabilities: dict[str, Any] | None
+    health: dict[str, Any]
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+
+
+class ChannelInstanceList(WireModel):
+    items: list[ChannelInstanceView]

@@ -24,7 +24,16 @@ from aiohttp import web
 from pydantic import Field
 
 from channels import PROVIDERS, UnknownProvider, provider_class
-from schemas import ChannelKinds, Label, NkeyPublic, TokenId, WireModel, subjects
+from schemas import (
+    ChannelInstanceList,
+    ChannelInstanceView,
+    ChannelKinds,
+    Label,
+    NkeyPublic,
+    TokenId,
+    WireModel,
+    subjects,
+)
 
 from ..http import (
     HUB_KEY,
@@ -132,7 +141,9 @@ def _instance_id(request: web.Request) -> str:
     return value
 
 
-@documented("Create a channel instance", body=CreateInstance, status=201)
+@documented(
+    "Create a channel instance", body=CreateInstance, response=ChannelInstanceView, status=201
+)
 async def create_instance(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateInstance)
@@ -140,12 +151,17 @@ async def create_instance(request: web.Request) -> web.Response:
     return web.json_response(instance_json(request, row), status=201)
 
 
+@documented("The tenant's channel instances", response=ChannelInstanceList)
 async def list_instances(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     rows = await request.app[HUB_KEY].channels.list(tenant)
     return web.json_response({"items": [instance_json(request, r) for r in rows]})
 
 
+@documented(
+    "A channel instance with health and capabilities (secret names, never values)",
+    response=ChannelInstanceView,
+)
 async def get_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     hub = request.app[HUB_KEY]
@@ -158,7 +174,7 @@ async def get_instance(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
-@documented("Change a channel instance", body=UpdateInstance)
+@documented("Change a channel instance", body=UpdateInstance, response=ChannelInstanceView)
 async def update_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     body = await json_body(request, UpdateInstance)

@@ -27,7 +27,9 @@ from schemas import (
     CommandKind,
     Label,
     PairingCreated,
+    PairingPage,
     PairingPolicy,
+    PairingView,
     TokenId,
     WireModel,
     command_payload,
@@ -194,6 +196,17 @@ def pairing_link(base: str, code: str, hub_urls: list[str]) -> str:
 STATUSES = ("pending", "paired_online", "paired_offline", "disabled", "revoked", "error")
 
 
+@documented(
+    "A page of the tenant's pairings, newest first",
+    response=PairingPage,
+    query={
+        "status": "only this status",
+        "online": "true or false",
+        "label": "a part of the label",
+        "limit": "1..1000, default 100",
+        "cursor": "nextCursor of the page before",
+    },
+)
 async def list_pairings(request: web.Request) -> web.Response:
     """A page of a tenant's pairings, newest first; `nextCursor` fetches the next
     (null on the last). Filters: `status`, `online`, `label` (a part of it)."""
@@ -220,13 +233,18 @@ def _status_filter(request: web.Request) -> str | None:
     return status
 
 
+@documented("A pairing: status, presence, policy (never a secret)", response=PairingView)
 async def get_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
     return web.json_response(pairing_json(row))
 
 
-@documented("Change a pairing's label, policy, allowlists or enabled", body=UpdatePairing)
+@documented(
+    "Change a pairing's label, policy, allowlists or enabled",
+    body=UpdatePairing,
+    response=PairingView,
+)
 async def update_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, UpdatePairing)
@@ -246,7 +264,7 @@ async def update_pairing(request: web.Request) -> web.Response:
     return web.json_response(pairing_json(row))
 
 
-@documented("Revoke a pairing", body=RevokePairing)
+@documented("Revoke a pairing", body=RevokePairing, response=PairingView)
 async def revoke_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RevokePairing, optional=True)

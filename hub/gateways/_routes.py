@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Annotated
 from aiohttp import web
 from pydantic import Field
 
-from schemas import GatewayKind, Label, TokenId, TrustModel, WireModel, check_token
+from schemas import (
+    GatewayKind,
+    GatewayRegistrationPage,
+    GatewayRegistrationView,
+    Label,
+    TokenId,
+    TrustModel,
+    WireModel,
+    check_token,
+)
 
 from ..http import (
     HUB_KEY,
@@ -178,6 +187,11 @@ async def create_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "A page of the tenant's Gateway registrations",
+    response=GatewayRegistrationPage,
+    query={"status": "only this status", "limit": "1..1000", "cursor": "nextCursor"},
+)
 async def list_registrations(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -194,6 +208,10 @@ async def list_registrations(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "nextCursor": cursor})
 
 
+@documented(
+    "A Gateway: status, versions, health, load, heartbeat (never a secret)",
+    response=GatewayRegistrationView,
+)
 async def get_registration(request: web.Request) -> web.Response:
     return await _registration_response(
         request, lambda registry, tenant, reg_id: registry.get(tenant, reg_id)
@@ -237,7 +255,7 @@ async def rotate_registration(request: web.Request) -> web.Response:
     )
 
 
-@documented("Revoke a Gateway", body=RevokeRegistration)
+@documented("Revoke a Gateway", body=RevokeRegistration, response=GatewayRegistrationView)
 async def revoke_registration(request: web.Request) -> web.Response:
     body = await json_body(request, RevokeRegistration, optional=True)
     return await _registration_response(
@@ -248,7 +266,11 @@ async def revoke_registration(request: web.Request) -> web.Response:
     )
 
 
-@documented("Drain a Gateway (no new work until the deadline)", body=DrainRegistration)
+@documented(
+    "Drain a Gateway (no new work until the deadline)",
+    body=DrainRegistration,
+    response=GatewayRegistrationView,
+)
 async def drain_registration(request: web.Request) -> web.Response:
     body = await json_body(request, DrainRegistration)
     return await _registration_response(
@@ -259,7 +281,7 @@ async def drain_registration(request: web.Request) -> web.Response:
     )
 
 
-@documented("Resume a drained Gateway", body=Empty)
+@documented("Resume a drained Gateway", body=Empty, response=GatewayRegistrationView)
 async def resume_registration(request: web.Request) -> web.Response:
     await json_body(request, Empty, optional=True)
     return await _registration_response(

@@ -16,7 +16,23 @@ from openapi_spec_validator import validate
 
 from edges.desktop._cli import parse_pairing_link
 from hub.cli._schema_export import admin_openapi
-from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
+from schemas import (
+    AuditRecord,
+    ChannelInstanceList,
+    ChannelInstanceView,
+    ChannelKinds,
+    DeadLetterPage,
+    Envelope,
+    GatewayRegistrationPage,
+    GatewayRegistrationView,
+    HealthReport,
+    PairingCreated,
+    PairingPage,
+    PairingView,
+    PrincipalKind,
+    Source,
+    subjects,
+)
 
 VIEWER = "viewer-token-for-tests-0123456789"
 TENANT = "consoletest"
@@ -222,6 +238,44 @@ def test_a_pairing_link_gives_the_code_and_the_hub():
         parse_pairing_link("https://hub.example/console/pair")
     with pytest.raises(ValueError, match="NATS URL"):
         parse_pairing_link("https://h/console/pair#code=A&hub=http%3A%2F%2Fx")
+
+
+async def test_answers_match_the_response_models_the_openapi_document_names(hub, http):
+    """Each documented response model against a real answer: a field a route adds,
+    drops or retypes fails here (the models forbid unknown fields)."""
+    base = f"/api/v1/tenants/{TENANT}"
+    created = await http.post(f"{base}/pairings", json={"label": "model check"})
+    PairingCreated.model_validate(created.json())
+    pid = created.json()["pairingId"]
+    PairingView.model_validate((await http.get(f"{base}/pairings/{pid}")).json())
+    PairingPage.model_validate((await http.get(f"{base}/pairings")).json())
+    PairingView.model_validate((await http.post(f"{base}/pairings/{pid}/revoke")).json())
+    gateway = await http.post(
+        f"{base}/gateway-registrations",
+        json={"displayName": "g", "kind": "edge_worker", "trustModel": "self_hosted_same_operator"},
+    )
+    gid = gateway.json()["registrationId"]
+    GatewayRegistrationView.model_validate(
+        (await http.get(f"{base}/gateway-registrations/{gid}")).json()
+    )
+    GatewayRegistrationPage.model_validate((await http.get(f"{base}/gateway-registrations")).json())
+    instance = await http.post(
+        f"{base}/channel-instances",
+        json={
+            "instanceId": "model-check",
+            "kind": "telegram",
+            "workspaceId": "w1",
+            "authority": "cloud_worker",
+            "settings": {"apiBase": "http://127.0.0.1:9", "allowLoopbackHttp": True},
+            "secrets": {"botToken": "1:x", "webhookSecret": "a-webhook-secret-0123456789"},
+        },
+    )
+    assert instance.status_code == 201, instance.text
+    ChannelInstanceView.model_validate(instance.json())
+    ChannelInstanceList.model_validate((await http.get(f"{base}/channel-instances")).json())
+    ChannelKinds.model_validate((await http.get("/api/v1/channel-kinds")).json())
+    HealthReport.model_validate((await http.get("/api/v1/admin/health")).json())
+    DeadLetterPage.model_validate((await http.get(f"{base}/dead-letters")).json())
 
 
 async def test_sign_in_failures_from_one_address_are_limited(hub):
