@@ -151,6 +151,24 @@ async def _dead_letter(hub, tenant: str, record: AuditRecord) -> None:
     )
 
 
+def test_sessions_expire_and_signed_out_ones_stay_out(monkeypatch):
+    from hub.http import ApiAuth, _session
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(_session.time, "time", lambda: now[0])
+    auth = ApiAuth("admin-token", "viewer-token", session_seconds=60)
+    cookie, caller = auth.new_session("viewer")
+    assert auth.session(cookie) == caller and caller.role == "viewer"
+    assert auth.session(cookie[:-2] + "xx") is None  # forged
+    assert ApiAuth("another-token", None, 60).session(cookie) is None  # token changed
+    now[0] += 61
+    assert auth.session(cookie) is None  # expired
+    now[0] -= 61
+    auth.sign_out(caller)
+    assert auth.session(cookie) is None
+    assert auth.csrf_ok(caller, auth.csrf_token(caller)) and not auth.csrf_ok(caller, "x")
+
+
 def first_seq(page: dict) -> int:
     return page["items"][0]["sequence"]
 
