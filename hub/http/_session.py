@@ -59,11 +59,9 @@ class ApiAuth:
         self.admin = _digest(admin_token) if admin_token else None
         self.viewer = _digest(viewer_token) if viewer_token else None
         self.session_seconds = session_seconds
-        self._key = (
-            hmac.new(self.admin, b"console-session", hashlib.sha256).digest()
-            if (self.admin)
-            else os.urandom(32)
-        )
+        # No admin token: no session can be made (sign-in refuses), so any key will do.
+        admin_key = self.admin or os.urandom(32)
+        self._key = hmac.new(admin_key, b"console-session", hashlib.sha256).digest()
         self._signed_out: dict[str, float] = {}
 
     @property
