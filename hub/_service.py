@@ -545,7 +545,7 @@ class Hub:
         self.metrics.ready.set(1 if ready else 0)
         return ready, {c.name: {"ok": c.state == "ready", "detail": c.reason} for c in checks}
 
-    async def health(self) -> list[health.Component]:
+    async def health_report(self) -> list[health.Component]:
         """The health center: every component with its state, reason and fix."""
         return await health.full_report(self._health_sources())
 

@@ -27,7 +27,7 @@ from ._openapi import documented
 
 @documented("The health center: every component's state, reason and fix", response=HealthReport)
 async def get_health(request: web.Request) -> web.Response:
-    components = await request.app[HUB_KEY].health()
+    components = await request.app[HUB_KEY].health_report()
     report = HealthReport(
         state=health.overall(components),
         checked_at=datetime.now(UTC).isoformat(),
