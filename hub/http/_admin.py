@@ -21,7 +21,7 @@ from schemas import (
 )
 
 from ..core import dead_letter_admin, health
-from ._app import HUB_KEY, int_query, tenant_param
+from ._app import HUB_KEY, int_query, request_caller, tenant_param
 from ._openapi import documented
 
 
@@ -68,6 +68,7 @@ async def _audit(request: web.Request, action: str, tenant: str, seq: int, reaso
             target_kind="dead_letter",
             target_id=str(seq),
             reason=reason,
+            metadata={"via": request_caller(request).via},  # the console or a token
         ),
         tenant=tenant,
     )
