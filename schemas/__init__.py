@@ -9,6 +9,8 @@ from __future__ import annotations
 from . import _versions as versions
 from . import subjects
 from ._admin_api import (
+    AuditEntry,
+    AuditPage,
     ChannelInstanceList,
     ChannelInstanceView,
     ChannelKinds,
@@ -24,6 +26,8 @@ from ._admin_api import (
     PairingCreated,
     PairingPage,
     PairingView,
+    WorkPage,
+    WorkView,
 )
 from ._base import Message, WireModel
 from ._bootstrap import (
@@ -133,6 +137,10 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "AuditEntry",
+    "AuditPage",
+    "WorkPage",
+    "WorkView",
     "ChannelInstanceList",
     "ChannelInstanceView",
     "GatewayRegistrationPage",

@@ -184,3 +184,73 @@ class ChannelInstanceView(WireModel):
 
 class ChannelInstanceList(WireModel):
     items: list[ChannelInstanceView]
+
+
+class AuditEntry(WireModel):
+    id: int
+    occurred_at: str
+    tenant: str | None = None
+    action: str
+    actor_kind: str
+    actor_id: str
+    actor_label: str | None = None
+    target_kind: str | None = None
+    target_id: str | None = None
+    workspace_id: str | None = None
+    session_id: str | None = None
+    command_id: str | None = None
+    reason: str | None = None
+    metadata: dict[str, Any]
+
+
+class AuditPage(WireModel):
+    items: list[AuditEntry]
+
+
+class WorkLease(WireModel):
+    attempt: int
+    registration_id: str
+    claimed_at: Stamp
+    ended_at: Stamp
+    outcome: str | None
+
+
+class WorkOutput(WireModel):
+    sequence: int
+    kind: str
+    body: Any
+    attempt: int
+    registration_id: str | None
+    recorded_at: Stamp
+
+
+class WorkView(WireModel):
+    work_id: str
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    owner: str | None = Field(description="The Gateway holding its lease")
+    lease_expires_at: Stamp
+    session_ref: Any
+    requirements: Any
+    status: Any = Field(description="The latest status the Gateway reported")
+    result: Any
+    error: Any
+    last_sequence: int | None
+    output_count: int
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    completed_at: Stamp
+    waiting: str | None = Field(default=None, description="Why nobody can take it, if so")
+    leases: list[WorkLease] | None = Field(default=None, description="One work item's view only")
+    events: list[WorkOutput] | None = Field(
+        default=None, description="Its fenced outputs (one work item's view only)"
+    )
+
+
+class WorkPage(WireModel):
+    items: list[WorkView]
+    next_cursor: str | None
+    waiting: str | None = None

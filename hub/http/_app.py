@@ -20,9 +20,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
+from schemas import (
+    AuditPage,
+    InvalidTokenError,
+    WireModel,
+    check_tenant,
+    check_token,
+    unstorable_json,
+)
 
 from ..core import LogBudget, Refusal, is_transient, kv
+from ._openapi import documented
 from ._server import HttpServer
 from ._session import ApiAuth, Caller, Denied, api_caller
 
@@ -376,6 +384,7 @@ def bool_query(request: web.Request, name: str) -> bool | None:
     raise web.HTTPBadRequest(text=f"query parameter {name!r} must be true or false")
 
 
+@documented("The tenant's audit log, newest first", response=AuditPage, query={"limit": "1..1000"})
 async def list_audit(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)

@@ -17,6 +17,7 @@ from openapi_spec_validator import validate
 from edges.desktop._cli import parse_pairing_link
 from hub.cli._schema_export import admin_openapi
 from schemas import (
+    AuditPage,
     AuditRecord,
     ChannelInstanceList,
     ChannelInstanceView,
@@ -31,6 +32,8 @@ from schemas import (
     PairingView,
     PrincipalKind,
     Source,
+    WorkPage,
+    WorkView,
     subjects,
 )
 
@@ -294,6 +297,16 @@ async def test_answers_match_the_response_models_the_openapi_document_names(hub,
     ChannelKinds.model_validate((await http.get("/api/v1/channel-kinds")).json())
     HealthReport.model_validate((await http.get("/api/v1/admin/health")).json())
     DeadLetterPage.model_validate((await http.get(f"{base}/dead-letters")).json())
+    work = await http.post(
+        f"{base}/work",
+        json={"kind": "prompt", "sessionRef": {"workspaceId": "w1"}, "payload": {"text": "hi"}},
+    )
+    assert work.status_code == 201, work.text
+    wid = work.json()["workId"]
+    WorkView.model_validate((await http.get(f"{base}/work/{wid}")).json())
+    WorkPage.model_validate((await http.get(f"{base}/work")).json())
+    WorkView.model_validate((await http.post(f"{base}/work/{wid}/cancel")).json())
+    AuditPage.model_validate((await http.get(f"{base}/audit")).json())
 
 
 async def test_sign_in_failures_from_one_address_are_limited(hub):
