@@ -384,12 +384,38 @@ def bool_query(request: web.Request, name: str) -> bool | None:
     raise web.HTTPBadRequest(text=f"query parameter {name!r} must be true or false")
 
 
-@documented("The tenant's audit log, newest first", response=AuditPage, query={"limit": "1..1000"})
+AUDIT_FILTERS = {
+    "action": "action",
+    "actorKind": "actor_kind",
+    "actorId": "actor_id",
+    "targetKind": "target_kind",
+    "targetId": "target_id",
+    "workspaceId": "workspace_id",
+}
+
+
+@documented(
+    "The tenant's audit log, newest first, filtered by equal values",
+    response=AuditPage,
+    query={
+        "limit": "1..1000, default 100",
+        "before": "only rows older than this id (the last id of the page before)",
+        **{name: f"only rows with this {name}" for name in AUDIT_FILTERS},
+    },
+)
 async def list_audit(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
-    rows = await hub.audit.recent(tenant, limit)
+    before = int_query(request, "before", 0, 0, 2**62) or None
+    equal = {}
+    for name, column in AUDIT_FILTERS.items():
+        value = request.query.get(name)
+        if value is not None:
+            if not 0 < len(value) <= 512:
+                raise web.HTTPBadRequest(text=f"query parameter {name!r} must be 1-512 characters")
+            equal[column] = value
+    rows = await hub.audit.recent(tenant, limit, before=before, **equal)
     return web.json_response({"items": [_audit_json(r) for r in rows]})
 
 

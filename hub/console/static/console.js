@@ -131,21 +131,6 @@
     });
   }
 
-  function filtered(table, rows) {
-    const form = table.dataset.filter && document.getElementById(table.dataset.filter);
-    if (!form) return rows;
-    const want = {
-      action: form.elements.action.value.toLowerCase(),
-      actor: form.elements.actor.value.toLowerCase(),
-      target: form.elements.target.value.toLowerCase(),
-    };
-    return rows.filter(function (r) {
-      return String(r.action || "").toLowerCase().includes(want.action) &&
-        (String(r.actorKind || "") + " " + String(r.actorId || "")).toLowerCase().includes(want.actor) &&
-        (String(r.targetKind || "") + " " + String(r.targetId || "")).toLowerCase().includes(want.target);
-    });
-  }
-
   async function refreshTable(table) {
     const result = await api("GET", fill(table.dataset.source, {}));
     if (!result.ok) {
@@ -153,8 +138,7 @@
       return null;
     }
     const rows = result.data[table.dataset.items || "items"] || [];
-    table._rows = rows;
-    renderRows(table, filtered(table, rows));
+    renderRows(table, rows);
     table.dispatchEvent(new CustomEvent("cowork:loaded", { detail: result.data }));
     return result.data;
   }
@@ -164,11 +148,21 @@
       refreshTable(table);
       const every = Number(table.dataset.refresh || 0);
       if (every) setInterval(function () { refreshTable(table); }, every * 1000);
-      const filter = table.dataset.filter && document.getElementById(table.dataset.filter);
-      if (filter) {
-        filter.addEventListener("input", function () { renderRows(table, filtered(table, table._rows || [])); });
-        filter.addEventListener("submit", function (e) { e.preventDefault(); });
-      }
+    });
+    // <form data-query-for="table-id">: its non-empty fields become the table's query
+    document.querySelectorAll("form[data-query-for]").forEach(function (form) {
+      const table = document.getElementById(form.dataset.queryFor);
+      const base = table.dataset.source;
+      form.addEventListener("submit", function (event) {
+        event.preventDefault();
+        const query = new URLSearchParams();
+        Array.from(form.elements).forEach(function (el) {
+          if (el.name && el.value.trim()) query.set(el.name, el.value.trim());
+        });
+        const extra = query.toString();
+        table.dataset.source = base + (extra ? (base.includes("?") ? "&" : "?") + extra : "");
+        refreshTable(table);
+      });
     });
   }
 

@@ -222,6 +222,16 @@ async def test_dead_letters_are_listed_replayed_into_their_consumer_and_discarde
         r["action"] for r in (await http.get(f"/api/v1/tenants/{TENANT}/audit")).json()["items"]
     }
     assert {"deadletter.replayed", "deadletter.discarded"} <= actions
+    only = (await http.get(f"/api/v1/tenants/{TENANT}/audit?action=deadletter.replayed")).json()
+    assert [(r["action"], r["targetId"]) for r in only["items"]] == [
+        ("deadletter.replayed", str(first["sequence"]))
+    ]
+    assert only["items"][0]["metadata"] == {"via": "bearer"}
+    older = await http.get(
+        f"/api/v1/tenants/{TENANT}/audit?targetKind=dead_letter&before={only['items'][0]['id']}"
+    )
+    assert [r["action"] for r in older.json()["items"]] == []
+    assert (await http.get(f"/api/v1/tenants/{TENANT}/audit?actorId=")).status_code == 400
 
 
 def test_the_openapi_document_is_valid_and_documents_the_console_endpoints():

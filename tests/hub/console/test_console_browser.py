@@ -287,7 +287,9 @@ async def test_replay_a_dead_letter_from_the_console(page, console_hub):
     await row.get_by_role("button", name="Replay").click()
     await expect(row).to_have_count(0, timeout=10_000)
     await page.goto(f"/console/audit?tenant={TENANT}")
-    await page.fill("#audit-action", "browser_replayed")
+    await page.fill("#audit-action", "console.browser_replayed")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#audit-table tbody tr")).to_have_count(1, timeout=15_000)
     await expect(page.locator("#audit-table tbody")).to_contain_text(
         "console.browser_replayed", timeout=15_000
     )
