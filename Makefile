@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
-	@echo "make test   - install with dev extras and run the whole test suite against real servers"
+	@echo "make test   - install with dev extras (and Debian's chromium) and run the whole test suite"
 	@echo "make bench  - install the dev and bench extras, run the benchmarks (results in docs/performance.md)"
 	@echo "make chaos  - the whole chaos suite: NATS cluster, hub replicas, faults mid-flight (~5 min)"
 	@echo "make lint   - ruff (lint + format check), mypy, and the import-linter room contracts"
@@ -35,7 +35,14 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/cowork up
 
-test: $(VENV)/.installed-dev
+# The console's browser tests drive Debian's chromium (never a downloaded browser);
+# installed once if missing (needs root and the Debian archive).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(VENV)/.installed-dev | $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Exit 5 is pytest's "no test selected": say so rather than fail obscurely.

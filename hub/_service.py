@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from schemas import AuditRecord, PrincipalKind, Source, subjects
 
-from . import auth, channels, desktop, gateways, work, workspaces
+from . import auth, channels, console, desktop, gateways, http, work, workspaces
 from .auth import (
     HUB_INBOX_PREFIX,
     HUB_PERMISSIONS,
@@ -51,6 +51,7 @@ from .core import (
     LanePolicy,
     LogBudget,
     db,
+    health,
     kv,
     streams,
 )
@@ -63,12 +64,14 @@ from .workspaces import EventProjector
 log = logging.getLogger("cowork.hub")
 # Each room adds its own HTTP routes through its public face.
 ROUTE_TABLES = (
+    http.add_routes,
     auth.add_routes,
     desktop.add_routes,
     workspaces.add_routes,
     work.add_routes,
     gateways.add_routes,
     channels.add_routes,
+    console.add_routes,
 )
 
 
@@ -528,55 +531,32 @@ class Hub:
             ) from None
         self.http_port = self._http.port
 
-    # --- readiness ---------------------------------------------------------------------
-    async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:
-        timeout = self.settings.ready_timeout_seconds
-        nats_ok = bool(self.nc and self.nc.is_connected)
-        checks = {"nats": _check(nats_ok, "connected" if nats_ok else "disconnected")}
-        db_check, stream_check = await asyncio.gather(
-            self._check_db(timeout), self._check_streams(timeout, nats_ok)
+    # --- readiness and health ----------------------------------------------------------
+    def _health_sources(self) -> health.HealthSources:
+        return health.HealthSources(
+            nc=self.nc,
+            js=getattr(self, "js", None),
+            pool=self.pool,
+            timeout=self.settings.ready_timeout_seconds,
+            partitions=self.settings.event_partitions,
+            system_nc=self.system_nc,
         )
-        checks.update(db_check)
-        checks["streams"] = stream_check
-        ready = all(c["ok"] for c in checks.values())
+
+    async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """`/readyz`: the health center's first checks, each ready or not."""
+        checks = await health.readiness(self._health_sources())
+        ready = all(c.state == "ready" for c in checks)
         self.metrics.ready.set(1 if ready else 0)
-        return ready, checks
+        return ready, {c.name: {"ok": c.state == "ready", "detail": c.reason} for c in checks}
 
-    async def _check_db(self, timeout: float) -> dict[str, dict[str, Any]]:
-        try:
-            async with asyncio.timeout(timeout):
-                async with self.started_pool().acquire() as conn:
-                    version = await db.current_version(conn)
-        except Exception as exc:
-            detail = f"unreachable: {_one_line(exc)}"
-            return {
-                "postgres": _check(False, detail),
-                "migrations": _check(False, "unknown (database unreachable)"),
-            }
-        head = db.head_version()
-        return {
-            "postgres": _check(True, "reachable"),
-            "migrations": _check(version == head, f"at {version}, head is {head}"),
-        }
-
-    async def _check_streams(self, timeout: float, nats_ok: bool) -> dict[str, Any]:
-        if not nats_ok:
-            return _check(False, "unknown (NATS disconnected)")
-        try:
-            async with asyncio.timeout(timeout):
-                missing = await streams.missing_streams(self.js)
-        except Exception as exc:
-            return _check(False, f"cannot query JetStream: {_one_line(exc)}")
-        return _check(not missing, f"missing {', '.join(missing)}" if missing else "present")
+    async def health_report(self) -> list[health.Component]:
+        """The health center: every component with its state, reason and fix."""
+        return await health.full_report(self._health_sources())
 
     def refresh_gauges(self) -> None:
         if self.pool is not None:
             self.metrics.db_pool_size.labels("total").set(self.pool.get_size())
             self.metrics.db_pool_size.labels("idle").set(self.pool.get_idle_size())
-
-
-def _check(ok: bool, detail: str) -> dict[str, Any]:
-    return {"ok": ok, "detail": detail}
 
 
 def _family_name(subject: str) -> str:

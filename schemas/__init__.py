@@ -8,6 +8,27 @@ from __future__ import annotations
 
 from . import _versions as versions
 from . import subjects
+from ._admin_api import (
+    AuditEntry,
+    AuditPage,
+    ChannelInstanceList,
+    ChannelInstanceView,
+    ChannelKinds,
+    ChannelKindView,
+    DeadLetterPage,
+    DeadLetterReplayed,
+    DeadLetterView,
+    ErrorBody,
+    GatewayRegistrationPage,
+    GatewayRegistrationView,
+    HealthComponent,
+    HealthReport,
+    PairingCreated,
+    PairingPage,
+    PairingView,
+    WorkPage,
+    WorkView,
+)
 from ._base import Message, WireModel
 from ._bootstrap import (
     BOOTSTRAP_ACCOUNT_PUBLIC,
@@ -116,6 +137,25 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "AuditEntry",
+    "AuditPage",
+    "WorkPage",
+    "WorkView",
+    "ChannelInstanceList",
+    "ChannelInstanceView",
+    "GatewayRegistrationPage",
+    "GatewayRegistrationView",
+    "PairingPage",
+    "PairingView",
+    "ChannelKinds",
+    "ChannelKindView",
+    "DeadLetterPage",
+    "DeadLetterReplayed",
+    "DeadLetterView",
+    "ErrorBody",
+    "HealthComponent",
+    "HealthReport",
+    "PairingCreated",
     "AckReply",
     "AllowList",
     "Attachment",

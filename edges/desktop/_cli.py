@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from ..common import (
     add_opencode_server,
@@ -63,7 +64,12 @@ def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
         "directory.",
         epilog=ENV_HELP,
     )
-    p.add_argument("code", metavar="CODE", help="the pairing code, e.g. 7KQ2-M9XD-4F")
+    p.add_argument(
+        "code",
+        metavar="CODE",
+        help="the pairing code, e.g. 7KQ2-M9XD-4F, or the pairing link the console shows "
+        "(it names the hub too)",
+    )
     p.add_argument(
         "--hub",
         type=hub_urls,
@@ -121,6 +127,12 @@ def run_desktop(args: argparse.Namespace) -> int:
 
 
 def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
+    if "://" in args.code:
+        try:
+            args.code, linked_hub = parse_pairing_link(args.code)
+        except ValueError as exc:
+            return fail(f"not a pairing link: {exc}", 2)
+        args.hub = args.hub or linked_hub
     if not args.hub:
         return fail("no hub given: pass --hub nats://HOST:PORT or set COWORK_HUB_URL", 2)
     print(f"Redeeming the code at {', '.join(args.hub)} ...", file=sys.stderr)
@@ -205,3 +217,18 @@ def _revoke(args: argparse.Namespace, store: DesktopStore) -> int:
         "admin can revoke it there too."
     )
     return 0
+
+
+def parse_pairing_link(link: str) -> tuple[str, list[str]]:
+    """The code and the hub's NATS URL(s) from a pairing link
+    (`https://HUB/console/pair#code=...&hub=...`; the fragment, or the query)."""
+    parts = urlsplit(link.strip())
+    fields = parse_qs(parts.fragment or parts.query)
+    code = (fields.get("code") or [""])[0].strip()
+    if not code:
+        raise ValueError("it carries no code (copy the whole link)")
+    hubs = [u.strip() for u in (fields.get("hub") or [""])[0].split(",") if u.strip()]
+    try:
+        return code, hub_urls(",".join(hubs)) if hubs else []
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None

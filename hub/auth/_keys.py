@@ -63,6 +63,10 @@ SYSTEM_USER_PUB_ALLOW = (
     # close those of an address over its share (hub/auth/_bootstrap_guard.py).
     "$SYS.REQ.ACCOUNT.*.CONNZ",
     "$SYS.REQ.SERVER.*.KICK",
+    # The health center: every server's statistics and leaf node connections
+    # (read-only answers; hub/core/_health.py).
+    "$SYS.REQ.SERVER.PING.STATSZ",
+    "$SYS.REQ.SERVER.PING.LEAFZ",
 )
 
 _STORE_FILE = "keys.json"

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
 
-from ..http import HUB_KEY, json_body, json_error, tenant_param
+from ..http import HUB_KEY, documented, json_body, json_error, tenant_param
 from ._permissions import Principal
 
 ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN}
@@ -52,6 +52,9 @@ def _service(request: web.Request):
     return service
 
 
+@documented(
+    "Issue a bus credential for a principal's own public key", body=IssueRequest, status=201
+)
 async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, IssueRequest)
@@ -77,6 +80,7 @@ async def issue(request: web.Request) -> web.Response:
     )
 
 
+@documented("Revoke a principal's bus credentials", body=RevokeRequest)
 async def revoke(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:

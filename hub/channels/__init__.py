@@ -14,6 +14,7 @@ from ._receipts import ReceiptIngest
 from ._renderer import ChannelRenderer
 from ._router import ChannelRouter
 from ._routes import add_routes as _add_instance_routes
+from ._routes_deliveries import add_routes as _add_delivery_routes
 from ._routes_users import add_routes as _add_user_routes
 
 __all__ = [
@@ -32,3 +33,4 @@ def add_routes(app: web.Application) -> None:
     """Instances, credentials, webhooks, claim codes and chat users."""
     _add_instance_routes(app)
     _add_user_routes(app)
+    _add_delivery_routes(app)

@@ -67,6 +67,15 @@ class ChannelOutbox:
         await self._js.publish(subject, env.encode(), headers={"Nats-Msg-Id": delivery.delivery_id})
         self._metrics.bus_messages.labels(subjects.CHANNEL_OUTBOUND.name, "queued").inc()
 
+    async def status(self, tenant: str, delivery: str) -> dict | None:
+        """One delivery's row (status, attempts, error), or None."""
+        row = await self._pool.fetchrow(
+            "SELECT * FROM channel_deliveries WHERE tenant = $1 AND delivery_id = $2",
+            tenant,
+            delivery,
+        )
+        return dict(row) if row is not None else None
+
     async def _record(
         self,
         tenant: str,

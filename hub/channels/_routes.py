@@ -8,6 +8,7 @@
     POST   /api/v1/tenants/{t}/channel-instances/{instanceId}/credentials {publicKey}
            -> 201 {userJwt, expiresAt, inboxPrefix, consumer}: for a process that holds
            its own key (`cowork channel cli --creds`), bound to the instance's workspace
+    GET    /api/v1/channel-kinds   -> each kind's settings and secrets (JSON Schema)
     GET|POST /webhooks/{instanceId}      (no admin bearer: the provider verifies)
 
 Secrets are write-only: a view lists secret names, never values.
@@ -22,12 +23,22 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from channels import UnknownProvider, provider_class
-from schemas import Label, NkeyPublic, TokenId, WireModel, subjects
+from channels import PROVIDERS, UnknownProvider, provider_class
+from schemas import (
+    ChannelInstanceList,
+    ChannelInstanceView,
+    ChannelKinds,
+    Label,
+    NkeyPublic,
+    TokenId,
+    WireModel,
+    subjects,
+)
 
 from ..http import (
     HUB_KEY,
     add_route_table,
+    documented,
     iso,
     json_body,
     json_error,
@@ -130,6 +141,9 @@ def _instance_id(request: web.Request) -> str:
     return value
 
 
+@documented(
+    "Create a channel instance", body=CreateInstance, response=ChannelInstanceView, status=201
+)
 async def create_instance(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateInstance)
@@ -137,12 +151,17 @@ async def create_instance(request: web.Request) -> web.Response:
     return web.json_response(instance_json(request, row), status=201)
 
 
+@documented("The tenant's channel instances", response=ChannelInstanceList)
 async def list_instances(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     rows = await request.app[HUB_KEY].channels.list(tenant)
     return web.json_response({"items": [instance_json(request, r) for r in rows]})
 
 
+@documented(
+    "A channel instance with health and capabilities (secret names, never values)",
+    response=ChannelInstanceView,
+)
 async def get_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     hub = request.app[HUB_KEY]
@@ -155,6 +174,7 @@ async def get_instance(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
+@documented("Change a channel instance", body=UpdateInstance, response=ChannelInstanceView)
 async def update_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     body = await json_body(request, UpdateInstance)
@@ -199,6 +219,11 @@ async def webhook(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@documented(
+    "Issue a bus credential for a channel process holding its own key",
+    body=IssueCredential,
+    status=201,
+)
 async def issue_credential(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     body = await json_body(request, IssueCredential)
@@ -226,7 +251,24 @@ def issued_workspace(request: web.Request, instance_id: str) -> str | None:
     return entry["workspace_id"] if entry else None
 
 
+@documented(
+    "Every channel kind with the JSON Schema of its settings and secrets", response=ChannelKinds
+)
+async def list_kinds(request: web.Request) -> web.Response:
+    items = [
+        {
+            "kind": kind,
+            "inbound": provider.capabilities.inbound,
+            "settingsSchema": provider.settings_model.model_json_schema(by_alias=True),
+            "secretsSchema": provider.secrets_model.model_json_schema(by_alias=True),
+        }
+        for kind, provider in sorted(PROVIDERS.items())
+    ]
+    return web.json_response({"items": items})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/channel-kinds", list_kinds)
     add_route_table(
         app,
         BASE,

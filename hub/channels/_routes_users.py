@@ -9,7 +9,16 @@ from aiohttp import web
 
 from schemas import ChannelRole, TokenId, WireModel
 
-from ..http import HUB_KEY, add_route_table, iso, json_body, json_error, path_token, tenant_param
+from ..http import (
+    HUB_KEY,
+    add_route_table,
+    documented,
+    iso,
+    json_body,
+    json_error,
+    path_token,
+    tenant_param,
+)
 
 
 class CreateClaimCode(WireModel):
@@ -53,6 +62,7 @@ def _instance(request: web.Request, tenant: str, instance_id: str) -> web.Respon
     return None
 
 
+@documented("Create a claim code a chat user redeems", body=CreateClaimCode, status=201)
 async def create_claim_code(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateClaimCode)
@@ -82,6 +92,7 @@ async def list_users(request: web.Request) -> web.Response:
     return web.json_response({"users": [_user_json(r) for r in rows]})
 
 
+@documented("Set a chat user's role", body=SetRole)
 async def set_role(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), path_token(request, "instance_id")
     user_id = request.match_info["provider_user_id"]

@@ -21,6 +21,7 @@ def documents() -> dict[str, str]:
 
     docs = {
         "asyncapi.json": render(asyncapi()),
+        "openapi.json": render(admin_openapi()),
         "subjects.md": subject_table(),
         "permissions.md": permission_table_markdown(),
         "channel-capabilities.md": capability_table_markdown(),
@@ -28,6 +29,25 @@ def documents() -> dict[str, str]:
     for name, schema in json_schemas().items():
         docs[f"schemas/{name}.json"] = render(schema)
     return docs
+
+
+def admin_openapi() -> dict:
+    """The admin API's OpenAPI 3.1 document, from the routes every room adds (an app
+    built without a running hub: only its router is read)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from .._service import ROUTE_TABLES
+    from ..core import HubSettings
+    from ..http import build_app, openapi_document
+
+    try:
+        release = version("cowork-hub")
+    except PackageNotFoundError:  # a source tree that was never installed
+        release = "0.0.0"
+    hub = SimpleNamespace(settings=HubSettings())
+    return openapi_document(build_app(cast(Any, hub), "export", ROUTE_TABLES), release)
 
 
 def subject_table() -> str:

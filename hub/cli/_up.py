@@ -140,6 +140,7 @@ class Stack:
         say("")
         say("cowork is up")
         say(f"  Hub HTTP     {url}")
+        say(f"  Console      {url}/console   (sign in with the admin token)")
         say(f"  Health       {url}/readyz")
         say(f"  Metrics      {url}/metrics")
         say(
@@ -148,6 +149,7 @@ class Stack:
         say(f"  PostgreSQL   {db}")
         say(f"  Admin token  {token_origin}")  # where it is, never the token itself
         say(f"  Data dir     {self.opts.data_dir}")
+        say(f"Pair a Desktop, register a Gateway, connect a chat: {url}/console, or the API:")
         say('Pair a Desktop: POST /api/v1/tenants/<tenant>/pairings {"label": ...} for a code,')
         say(f"  then on the Desktop: cowork desktop pair CODE --hub {self.nats.url}")
         if self.opts.leaf_port:

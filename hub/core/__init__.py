@@ -7,6 +7,8 @@ each ordered partition one worker among the hub's replicas.
 from __future__ import annotations
 
 from . import _db as db
+from . import _deadletter_admin as dead_letter_admin
+from . import _health as health
 from . import _streams as streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
@@ -57,8 +59,10 @@ __all__ = [
     "check_fence",
     "configure_logging",
     "db",
+    "dead_letter_admin",
     "deliveries",
     "every",
+    "health",
     "hub_consumer",
     "is_transient",
     "kv",

@@ -42,14 +42,31 @@ class AuditLog:
             return await conn.fetchval(sql, *args)
         return await self._pool.fetchval(sql, *args)
 
-    async def recent(self, tenant: str | None, limit: int = 100) -> list[dict[str, Any]]:
+    async def recent(
+        self, tenant: str | None, limit: int = 100, *, before: int | None = None, **equal: str
+    ) -> list[dict[str, Any]]:
+        """The newest rows first (older than id `before`), where each column named in
+        `equal` (action, actor_kind, actor_id, target_kind, target_id) has that value."""
+        where: list[str] = ["tenant IS NOT DISTINCT FROM $1"]
+        args: list[object] = [tenant]
+        for column, value in equal.items():
+            if column not in FILTERABLE:
+                raise ValueError(f"the audit log is not filtered by {column!r}")
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+        if before is not None:
+            args.append(before)
+            where.append(f"id < ${len(args)}")
+        args.append(limit)
         rows = await self._pool.fetch(
-            "SELECT * FROM audit_log WHERE tenant IS NOT DISTINCT FROM $1 "
-            "ORDER BY id DESC LIMIT $2",
-            tenant,
-            limit,
+            f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ${len(args)}",
+            *args,
         )
         return [dict(r) for r in rows]
+
+
+# The audit log's columns one may filter by (each has a value in every query).
+FILTERABLE = ("action", "actor_kind", "actor_id", "target_kind", "target_id", "workspace_id")
 
 
 def _text(value: str | None) -> str | None:

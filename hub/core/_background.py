@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -18,6 +20,34 @@ from ._logging import LogBudget, kv
 from ._streams import rewind_unacked
 
 log = logging.getLogger("cowork.hub.background")
+
+
+@dataclass
+class LoopStatus:
+    """What the health center shows of one loop: when it last worked, and its last
+    failure (wall-clock seconds; None: not yet)."""
+
+    name: str
+    last_run: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failing: int = 0  # failures since it last worked
+
+    def ran(self) -> None:
+        self.last_run, self.failing = time.time(), 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.last_error, self.last_error_at = f"{type(exc).__name__}: {exc}"[:500], time.time()
+        self.failing += 1
+
+
+# This process's loops by name (a loop started again, or by a second hub in the same
+# process, shares its entry: the entry says how the loop of that name is doing here).
+LOOPS: dict[str, LoopStatus] = {}
+
+
+def loop_status(name: str) -> LoopStatus:
+    return LOOPS.setdefault(name, LoopStatus(name))
 
 
 class BackgroundTask:
@@ -49,6 +79,7 @@ async def every(
     it keeps failing (the database away) one line every 10 s says so, with how many
     failures it stands for, and one line says when it works again."""
     budget = LogBudget(rate=0.1, burst=1)
+    status = loop_status(failure.rsplit("_", 1)[0])
     failing = 0
     while True:
         await asyncio.sleep(interval)
@@ -57,11 +88,13 @@ async def every(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            status.failed(exc)
             failing += 1
             suppressed = budget.allow(failure)
             if suppressed is not None:
                 log.warning(failure, **kv(error=str(exc), suppressed=suppressed))
             continue
+        status.ran()
         if failing:
             log.info(failure.rsplit("_", 1)[0] + "_recovered", **kv(failures=failing))
             failing = 0
@@ -97,6 +130,7 @@ async def pull_forever(
     that has caught up)."""
     sub = None
     expected: int | None = None  # the delivery number the next batch starts at
+    status = loop_status(f"consumer.{spec.durable}")
     while True:
         if may_fetch is not None and not may_fetch():
             await asyncio.sleep(0.1)
@@ -112,18 +146,23 @@ async def pull_forever(
                 sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
             msgs = await sub.fetch(batch=batch, timeout=fetch_seconds)
         except (TimeoutError, NatsTimeout):
+            status.ran()  # asked, and nothing was waiting
             if until_idle is not None and until_idle():
+                LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
                 return
             continue
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # NATS away or consumer missing: retry, never die
+            status.failed(exc)
             log.warning(failure, **kv(error=str(exc)))
             sub = None
             await asyncio.sleep(retry_delay)
             continue
+        status.ran()
         if not msgs:  # (a fetch that ended without messages)
             if until_idle is not None and until_idle():
+                LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
                 return
             continue
         if ordered:

@@ -179,6 +179,23 @@ class HubSettings(BaseSettings):
     )
     database_url: SecretStr | None = Field(default=None, description="PostgreSQL DSN")
     admin_token: SecretStr | None = Field(default=None, description="Bearer token for /api/ routes")
+    viewer_token: SecretStr | None = Field(
+        default=None,
+        description="Read-only token: GET on /api/ routes, and a viewer's console session",
+    )
+    console_session_minutes: float = Field(
+        default=480.0, gt=0, le=7 * 24 * 60, description="How long a console sign-in lasts"
+    )
+    public_nats_url: str | None = Field(
+        default=None,
+        description="The NATS URL(s) Desktops and Gateways dial, as shown by the console "
+        "(default: COWORK_NATS_URL)",
+    )
+    public_http_url: str | None = Field(
+        default=None,
+        description="The hub's public HTTP base (webhook URLs, pairing links); default: "
+        "the address the console was reached at",
+    )
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: LogLevel = "info"
@@ -244,3 +261,9 @@ class HubSettings(BaseSettings):
     @property
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def edge_nats_urls(self) -> list[str]:
+        """What edges dial: COWORK_PUBLIC_NATS_URL, else the hub's own NATS URL(s)."""
+        value = self.public_nats_url or self.nats_url
+        return [u.strip() for u in value.split(",") if u.strip()]

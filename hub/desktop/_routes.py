@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
+import segno
 from aiohttp import web
 from pydantic import Field, ValidationError
 
@@ -24,7 +26,10 @@ from schemas import (
     AllowList,
     CommandKind,
     Label,
+    PairingCreated,
+    PairingPage,
     PairingPolicy,
+    PairingView,
     TokenId,
     WireModel,
     command_payload,
@@ -35,6 +40,7 @@ from ..http import (
     add_route_table,
     after_query,
     bool_query,
+    documented,
     int_query,
     invalid,
     iso,
@@ -42,6 +48,7 @@ from ..http import (
     json_error,
     next_page,
     path_token,
+    public_base,
     tenant_param,
 )
 from ._pairing import PairingError
@@ -140,6 +147,12 @@ def command_json(row: dict) -> dict:
     }
 
 
+@documented(
+    "Create a pairing: its one-time code, pairing link and QR code",
+    body=CreatePairing,
+    response=PairingCreated,
+    status=201,
+)
 async def create_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -159,19 +172,41 @@ async def create_pairing(request: web.Request) -> web.Response:
         actor="admin",
         code_ttl=timedelta(seconds=body.code_ttl_seconds),
     )
-    return web.json_response(
-        {
-            "pairingId": row["pairing_id"],
-            "code": code,
-            "expiresAt": row["code_expires_at"].isoformat(),
-        },
-        status=201,
+    hub_urls = hub.settings.edge_nats_urls
+    link = pairing_link(public_base(request), code, hub_urls)
+    created = PairingCreated(
+        pairing_id=row["pairing_id"],
+        code=code,
+        expires_at=row["code_expires_at"].isoformat(),
+        hub=hub_urls,
+        pairing_link=link,
+        pairing_qr_svg=segno.make(link, error="m").svg_data_uri(scale=4, border=2),
+        command=f"cowork desktop pair {code} --hub {','.join(hub_urls)}",
     )
+    return web.json_response(created.model_dump(mode="json", by_alias=True), status=201)
+
+
+def pairing_link(base: str, code: str, hub_urls: list[str]) -> str:
+    """The code and the hub as one link (`cowork desktop pair LINK` reads it). They
+    ride in the fragment, which a browser never sends: opening the link shows the
+    console's page with the command, and no server log ever holds the code."""
+    return f"{base}/console/pair#" + urlencode({"code": code, "hub": ",".join(hub_urls)})
 
 
 STATUSES = ("pending", "paired_online", "paired_offline", "disabled", "revoked", "error")
 
 
+@documented(
+    "A page of the tenant's pairings, newest first",
+    response=PairingPage,
+    query={
+        "status": "only this status",
+        "online": "true or false",
+        "label": "a part of the label",
+        "limit": "1..1000, default 100",
+        "cursor": "nextCursor of the page before",
+    },
+)
 async def list_pairings(request: web.Request) -> web.Response:
     """A page of a tenant's pairings, newest first; `nextCursor` fetches the next
     (null on the last). Filters: `status`, `online`, `label` (a part of it)."""
@@ -198,12 +233,18 @@ def _status_filter(request: web.Request) -> str | None:
     return status
 
 
+@documented("A pairing: status, presence, policy (never a secret)", response=PairingView)
 async def get_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     row = await hub.pairings.get(tenant_param(request), _pairing_id(request))
     return web.json_response(pairing_json(row))
 
 
+@documented(
+    "Change a pairing's label, policy, allowlists or enabled",
+    body=UpdatePairing,
+    response=PairingView,
+)
 async def update_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, UpdatePairing)
@@ -223,6 +264,7 @@ async def update_pairing(request: web.Request) -> web.Response:
     return web.json_response(pairing_json(row))
 
 
+@documented("Revoke a pairing", body=RevokePairing, response=PairingView)
 async def revoke_pairing(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RevokePairing, optional=True)
@@ -232,6 +274,7 @@ async def revoke_pairing(request: web.Request) -> web.Response:
     return web.json_response(pairing_json(row))
 
 
+@documented("Submit a command to a paired Desktop", body=SubmitCommand)
 async def submit_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)

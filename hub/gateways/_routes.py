@@ -18,12 +18,22 @@ from typing import TYPE_CHECKING, Annotated
 from aiohttp import web
 from pydantic import Field
 
-from schemas import GatewayKind, Label, TokenId, TrustModel, WireModel, check_token
+from schemas import (
+    GatewayKind,
+    GatewayRegistrationPage,
+    GatewayRegistrationView,
+    Label,
+    TokenId,
+    TrustModel,
+    WireModel,
+    check_token,
+)
 
 from ..http import (
     HUB_KEY,
     add_route_table,
     after_query,
+    documented,
     int_query,
     iso,
     json_body,
@@ -139,6 +149,7 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
     return await _view(request, row)
 
 
+@documented("Register a Gateway; the credential is shown once", body=CreateRegistration, status=201)
 async def create_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -176,6 +187,11 @@ async def create_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "A page of the tenant's Gateway registrations",
+    response=GatewayRegistrationPage,
+    query={"status": "only this status", "limit": "1..1000", "cursor": "nextCursor"},
+)
 async def list_registrations(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -192,6 +208,10 @@ async def list_registrations(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "nextCursor": cursor})
 
 
+@documented(
+    "A Gateway: status, versions, health, load, heartbeat (never a secret)",
+    response=GatewayRegistrationView,
+)
 async def get_registration(request: web.Request) -> web.Response:
     return await _registration_response(
         request, lambda registry, tenant, reg_id: registry.get(tenant, reg_id)
@@ -217,6 +237,7 @@ async def get_sync(request: web.Request) -> web.Response:
     )
 
 
+@documented("Rotate a Gateway's credential; the new one is shown once", body=RotateRegistration)
 async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RotateRegistration, optional=True)
@@ -234,6 +255,7 @@ async def rotate_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("Revoke a Gateway", body=RevokeRegistration, response=GatewayRegistrationView)
 async def revoke_registration(request: web.Request) -> web.Response:
     body = await json_body(request, RevokeRegistration, optional=True)
     return await _registration_response(
@@ -244,6 +266,11 @@ async def revoke_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "Drain a Gateway (no new work until the deadline)",
+    body=DrainRegistration,
+    response=GatewayRegistrationView,
+)
 async def drain_registration(request: web.Request) -> web.Response:
     body = await json_body(request, DrainRegistration)
     return await _registration_response(
@@ -254,6 +281,7 @@ async def drain_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("Resume a drained Gateway", body=Empty, response=GatewayRegistrationView)
 async def resume_registration(request: web.Request) -> web.Response:
     await json_body(request, Empty, optional=True)
     return await _registration_response(

@@ -1,10 +1,13 @@
-"""The HTTP application: middleware (admin bearer, errors, metrics), health,
-readiness, metrics and audit, and the helpers rooms use to add their routes.
+"""The HTTP application: middleware (admin and viewer bearer, console sessions,
+errors, metrics), health, readiness, metrics, audit, the health center and dead
+letters, the OpenAPI document, and the helpers rooms use to add their routes.
 """
 
 from __future__ import annotations
 
+from ._admin import add_admin_routes as add_routes
 from ._app import (
+    AUTH_KEY,
     HUB_KEY,
     add_route_table,
     after_query,
@@ -20,14 +23,27 @@ from ._app import (
     next_page,
     page_cursor,
     path_token,
+    public_base,
     refusal_response,
+    request_caller,
     serve_app,
     tenant_param,
 )
+from ._openapi import documented, openapi_document
 from ._server import HttpServer
+from ._session import COOKIE, CSRF_HEADER, ApiAuth, Caller
 
 __all__ = [
+    "AUTH_KEY",
+    "COOKIE",
+    "CSRF_HEADER",
+    "ApiAuth",
+    "Caller",
     "HUB_KEY",
+    "add_routes",
+    "documented",
+    "openapi_document",
+    "request_caller",
     "HttpServer",
     "add_route_table",
     "after_query",
@@ -43,6 +59,7 @@ __all__ = [
     "next_page",
     "page_cursor",
     "path_token",
+    "public_base",
     "refusal_response",
     "serve_app",
     "tenant_param",

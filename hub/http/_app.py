@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -22,16 +20,28 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from schemas import InvalidTokenError, WireModel, check_tenant, check_token, unstorable_json
+from schemas import (
+    AuditPage,
+    InvalidTokenError,
+    WireModel,
+    check_tenant,
+    check_token,
+    unstorable_json,
+)
 
 from ..core import LogBudget, Refusal, is_transient, kv
+from ._openapi import documented
 from ._server import HttpServer
+from ._session import ApiAuth, Caller, Denied, api_caller
 
 if TYPE_CHECKING:
     from .._service import Hub
 
 log = logging.getLogger("cowork.hub.http")
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub")
+AUTH_KEY: web.AppKey[ApiAuth] = web.AppKey("api_auth", ApiAuth)
+# The request's Caller, set by the middleware on /api/ routes.
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("cowork_caller", Caller)
 LOG_BUDGET_KEY: web.AppKey[LogBudget] = web.AppKey("log_budget", LogBudget)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=WireModel)
@@ -110,6 +120,15 @@ def _in(address: str, networks: list | None) -> bool:
     return networks is None or any(ip in net for net in networks)
 
 
+def public_base(request: web.Request) -> str:
+    """The hub's public HTTP base: COWORK_PUBLIC_HTTP_URL, else where this request
+    reached it (its scheme and Host, behind a trusted proxy as forwarded)."""
+    configured = request.app[HUB_KEY].settings.public_http_url
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -166,17 +185,18 @@ def _cut_slow_body(request: web.Request, budget: LogBudget, cut: list[bool]) -> 
 
 
 def hub_middleware(
-    token_digest: bytes | None,
+    auth: ApiAuth,
     *,
     metrics_need_token: bool = False,
     body_timeout: float | None = None,
     budget: LogBudget | None = None,
 ) -> Callable:
     """The one middleware of the hub's app (one layer per request, not two: every
-    webhook request pays for each layer): `/api/` routes need the admin bearer (and
-    `/metrics` with COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances);
-    a body must arrive within `body_timeout` of the head, else the connection is
-    closed; every error becomes the JSON body; every answer is counted and timed."""
+    webhook request pays for each layer): `/api/` routes need the admin bearer, the
+    viewer's (to read) or a console session (`_session`; and `/metrics` with
+    COWORK_METRICS_REQUIRE_TOKEN: its labels name channel instances); a body must
+    arrive within `body_timeout` of the head, else the connection is closed; every
+    error becomes the JSON body; every answer is counted and timed."""
     budget = budget or LogBudget()
 
     @web.middleware
@@ -190,7 +210,7 @@ def hub_middleware(
             )
         try:
             refusal = (
-                admin_refusal(request, token_digest)
+                _api_refusal(request, auth)
                 if request.path.startswith("/api/")
                 or (metrics_need_token and request.path == "/metrics")
                 else None
@@ -241,27 +261,20 @@ def _http_exception_json(exc: web.HTTPException) -> web.Response:
     )
 
 
-def admin_refusal(request: web.Request, token_digest: bytes | None) -> web.Response | None:
-    """None if the request carries the admin token; else the 401/503 answer."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'}
-    if token_digest is None:
-        return json_error(
-            503, "admin_api_disabled", "no admin token is configured (COWORK_ADMIN_TOKEN)"
-        )
-    if scheme.lower() != "bearer" or not presented:
-        return json_error(
-            401,
-            "unauthenticated",
-            "send the admin token as 'Authorization: Bearer <token>'",
-            **challenge,
-        )
-    # Compare digests so the comparison time depends on neither length nor content.
-    digest = hashlib.sha256(presented.strip().encode()).digest()
-    if not hmac.compare_digest(digest, token_digest):
-        return json_error(401, "invalid_token", "the admin token is not valid", **challenge)
+def _api_refusal(request: web.Request, auth: ApiAuth) -> web.Response | None:
+    """None (and the caller noted on the request) if the request may go on; else the
+    401/403/503 answer."""
+    caller = api_caller(request, auth)
+    if isinstance(caller, Denied):
+        headers = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'} if caller.challenge else {}
+        return json_error(caller.status, caller.code, caller.message, **headers)
+    request[CALLER_KEY] = caller
     return None
+
+
+def request_caller(request: web.Request) -> Caller:
+    """Who made this admin API request (the middleware checked it)."""
+    return request[CALLER_KEY]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -371,11 +384,38 @@ def bool_query(request: web.Request, name: str) -> bool | None:
     raise web.HTTPBadRequest(text=f"query parameter {name!r} must be true or false")
 
 
+AUDIT_FILTERS = {
+    "action": "action",
+    "actorKind": "actor_kind",
+    "actorId": "actor_id",
+    "targetKind": "target_kind",
+    "targetId": "target_id",
+    "workspaceId": "workspace_id",
+}
+
+
+@documented(
+    "The tenant's audit log, newest first, filtered by equal values",
+    response=AuditPage,
+    query={
+        "limit": "1..1000, default 100",
+        "before": "only rows older than this id (the last id of the page before)",
+        **{name: f"only rows with this {name}" for name in AUDIT_FILTERS},
+    },
+)
 async def list_audit(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
-    rows = await hub.audit.recent(tenant, limit)
+    before = int_query(request, "before", 0, 0, 2**62) or None
+    equal = {}
+    for name, column in AUDIT_FILTERS.items():
+        value = request.query.get(name)
+        if value is not None:
+            if not 0 < len(value) <= 512:
+                raise web.HTTPBadRequest(text=f"query parameter {name!r} must be 1-512 characters")
+            equal[column] = value
+    rows = await hub.audit.recent(tenant, limit, before=before, **equal)
     return web.json_response({"items": [_audit_json(r) for r in rows]})
 
 
@@ -397,12 +437,14 @@ def build_app(
 ) -> web.Application:
     """The HTTP application: health, readiness, metrics and audit here; each room adds
     its own routes through the `add_routes` of its public face."""
-    digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+    settings = hub.settings
+    viewer = settings.viewer_token.get_secret_value() if settings.viewer_token else None
+    auth = ApiAuth(admin_token, viewer, settings.console_session_minutes * 60)
     budget = LogBudget()  # shared with the server's accept-error log (serve_app)
     app = web.Application(
         middlewares=[
             hub_middleware(
-                digest,
+                auth,
                 metrics_need_token=hub.settings.metrics_require_token,
                 body_timeout=hub.settings.http_body_timeout_seconds,
                 budget=budget,
@@ -411,6 +453,7 @@ def build_app(
         client_max_size=1024 * 1024,
     )
     app[HUB_KEY] = hub
+    app[AUTH_KEY] = auth
     app[LOG_BUDGET_KEY] = budget
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

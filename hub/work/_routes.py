@@ -18,11 +18,12 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field
 
-from schemas import WireModel, WorkState, check_token
+from schemas import WireModel, WorkPage, WorkState, WorkView, check_token
 
 from ..http import (
     HUB_KEY,
     after_query,
+    documented,
     int_query,
     iso,
     json_body,
@@ -87,6 +88,7 @@ def work_json(row: dict) -> dict[str, Any]:
     return out
 
 
+@documented("Enqueue Cloud-owned edge work", body=EnqueueWork, status=201)
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, EnqueueWork)
@@ -108,6 +110,11 @@ async def enqueue(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "One work item: state, attempts, lease holder, result, leases and fenced outputs",
+    response=WorkView,
+    query={"afterSequence": "outputs after this sequence", "limit": "1..5000 outputs"},
+)
 async def get_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:
@@ -124,6 +131,7 @@ class CancelWork(WireModel):
     reason: str = Field(default="cancelled by an administrator", min_length=1, max_length=500)
 
 
+@documented("Cancel edge work", body=CancelWork, response=WorkView)
 async def cancel_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:
@@ -135,6 +143,11 @@ async def cancel_work(request: web.Request) -> web.Response:
     return web.json_response(work_json(row))
 
 
+@documented(
+    "A page of the tenant's edge work, newest first",
+    response=WorkPage,
+    query={"state": "only this state", "limit": "1..1000", "cursor": "nextCursor"},
+)
 async def list_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     state = request.query.get("state")

@@ -307,20 +307,22 @@ async def wait_online(
     return await eventually(check, timeout, 0.05, f"pairing online={online}")
 
 
-def desktop_event(pid: str, payload: dict) -> tuple[str, bytes]:
+def desktop_event(
+    pid: str, payload: dict, *, tenant: str = TENANT, workspace: str = "ws1"
+) -> tuple[str, bytes]:
     """A contract-valid Desktop event of pairing `pid` (workspace ws1, session
     ses1), sealed in its envelope as the Desktop would publish it: (id, bytes)."""
     event = DeviceEvent(
         id=f"ev{uuid.uuid4().hex[:20]}",
         pairing_id=pid,
         type="session.event",
-        workspace_id="ws1",
+        workspace_id=workspace,
         session_id="ses1",
         occurred_at=datetime.now(UTC),
         payload=payload,
     )
     source = Source(principal_kind="desktop", principal_id=pid)
-    return event.id, Envelope.wrap(event, source=source, tenant=TENANT).encode()
+    return event.id, Envelope.wrap(event, source=source, tenant=tenant).encode()
 
 
 async def all_pages(

@@ -115,8 +115,20 @@ async def test_create_returns_a_typeable_one_time_code(hub, http):
     response = await http.post(BASE, json={"label": "Ada's laptop"})
     assert response.status_code == 201, response.text
     body = response.json()
-    assert set(body) == {"pairingId", "code", "expiresAt"}
+    assert set(body) == {
+        "pairingId",
+        "code",
+        "expiresAt",
+        "hub",
+        "pairingLink",
+        "pairingQrSvg",
+        "command",
+    }
     assert CODE_RE.fullmatch(body["code"]), body["code"]
+    assert body["hub"] == hub.settings.edge_nats_urls
+    assert body["command"] == f"cowork desktop pair {body['code']} --hub {body['hub'][0]}"
+    assert body["pairingLink"].startswith(f"{hub.http_url}/console/pair#code={body['code']}&")
+    assert body["pairingQrSvg"].startswith("data:image/svg+xml")
     expires = datetime.fromisoformat(body["expiresAt"])
     assert expires.tzinfo is not None
     assert timedelta(seconds=570) <= expires - before <= timedelta(seconds=630), expires

@@ -1,0 +1,171 @@
+"""Who is calling the admin API: the admin or viewer bearer token, or a console
+session (a signed cookie the console's sign-in exchanges a token for).
+
+A session cookie is `<payload>.<mac>`: the payload names the role, the expiry and
+a random nonce; the MAC is HMAC-SHA256 under a key derived from the admin token,
+so changing the token ends every session. The CSRF token is a second MAC of the
+nonce: a page carries it, and every change (any method but GET/HEAD) must send
+it back in `X-CSRF-Token`. Signed out nonces are remembered until they expire.
+A viewer (by token or session) may only read.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import web
+
+Role = Literal["admin", "viewer"]
+COOKIE = "cw_console"
+CSRF_HEADER = "X-CSRF-Token"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who an admin API request comes from, and what the session allows."""
+
+    role: Role
+    via: Literal["bearer", "session"]
+    nonce: str = ""
+    expires: float = 0.0
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class ApiAuth:
+    """The admin API's credentials: the tokens' digests and the session signer."""
+
+    def __init__(
+        self, admin_token: str | None, viewer_token: str | None, session_seconds: float
+    ) -> None:
+        self.admin = _digest(admin_token) if admin_token else None
+        self.viewer = _digest(viewer_token) if viewer_token else None
+        self.session_seconds = session_seconds
+        # No admin token: no session can be made (sign-in refuses), so any key will do.
+        admin_key = self.admin or os.urandom(32)
+        self._key = hmac.new(admin_key, b"console-session", hashlib.sha256).digest()
+        self._signed_out: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.admin is not None
+
+    def token_role(self, presented: str) -> Role | None:
+        """The role a token grants (compared as digests, in constant time), or None."""
+        digest = _digest(presented.strip())
+        admin = self.admin is not None and hmac.compare_digest(digest, self.admin)
+        viewer = self.viewer is not None and hmac.compare_digest(digest, self.viewer)
+        return "admin" if admin else "viewer" if viewer else None
+
+    def new_session(self, role: Role) -> tuple[str, Caller]:
+        """A fresh session cookie value for `role`, and the caller it stands for."""
+        caller = Caller(role, "session", _b64(os.urandom(16)), time.time() + self.session_seconds)
+        payload = _b64(
+            json.dumps({"r": role, "e": int(caller.expires), "n": caller.nonce}).encode()
+        )
+        return f"{payload}.{self._mac(payload)}", caller
+
+    def session(self, cookie: str | None) -> Caller | None:
+        """The caller a cookie stands for, or None (forged, expired, signed out)."""
+        if not cookie or "." not in cookie:
+            return None
+        payload, mac = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            return None
+        try:
+            data = json.loads(_unb64(payload))
+            role, expires, nonce = data["r"], float(data["e"]), str(data["n"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if role not in ("admin", "viewer") or expires < time.time():
+            return None
+        if nonce in self._signed_out:
+            return None
+        return Caller(role, "session", nonce, expires)
+
+    def csrf_token(self, caller: Caller) -> str:
+        return self._mac(f"csrf:{caller.nonce}")
+
+    def csrf_ok(self, caller: Caller, presented: str | None) -> bool:
+        return bool(presented) and hmac.compare_digest(
+            (presented or "").encode(), self.csrf_token(caller).encode()
+        )
+
+    def sign_out(self, caller: Caller) -> None:
+        now = time.time()
+        for nonce in [n for n, until in self._signed_out.items() if until < now]:
+            del self._signed_out[nonce]
+        self._signed_out[caller.nonce] = caller.expires
+
+    def _mac(self, text: str) -> str:
+        return _b64(hmac.new(self._key, text.encode(), hashlib.sha256).digest())
+
+
+@dataclass(frozen=True)
+class Denied:
+    """Why an admin API request is refused: its status, code and message."""
+
+    status: int
+    code: str
+    message: str
+    challenge: bool = False
+
+
+def api_caller(request: web.Request, auth: ApiAuth) -> Caller | Denied:
+    """The caller of an admin API request, or why it is refused. A bearer token wins
+    over a cookie; a session's change needs its CSRF token; a viewer reads only."""
+    if not auth.enabled:
+        return Denied(
+            503, "admin_api_disabled", "no admin token is configured (COWORK_ADMIN_TOKEN)"
+        )
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    caller: Caller | None
+    if header:
+        if scheme.lower() != "bearer" or not presented:
+            return Denied(
+                401,
+                "unauthenticated",
+                "send the admin token as 'Authorization: Bearer <token>'",
+                True,
+            )
+        role = auth.token_role(presented)
+        if role is None:
+            return Denied(401, "invalid_token", "the admin token is not valid", True)
+        caller = Caller(role, "bearer")
+    else:
+        caller = auth.session(request.cookies.get(COOKIE))
+        if caller is None:
+            return Denied(
+                401,
+                "unauthenticated",
+                "send the admin token as 'Authorization: Bearer <token>' (or sign in at /console)",
+                True,
+            )
+        if request.method not in READ_METHODS and not auth.csrf_ok(
+            caller, request.headers.get(CSRF_HEADER)
+        ):
+            return Denied(
+                403, "csrf_failed", "a change from a console session needs its CSRF token"
+            )
+    if caller.role == "viewer" and request.method not in READ_METHODS:
+        return Denied(403, "read_only", "a viewer may read but not change anything")
+    return caller

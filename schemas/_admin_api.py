@@ -1,0 +1,256 @@
+"""Bodies of the admin HTTP API that the OpenAPI document (`schemas.docs`) describes
+and the hub's routes answer with: the health center, dead letters, pairing
+creation, the console's sign-in."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ._base import WireModel
+
+HealthState = Literal["ready", "action_required", "degraded", "offline", "unknown"]
+
+
+class HealthComponent(WireModel):
+    name: str = Field(description="e.g. nats, postgres, stream.CW_AUDIT, loop.presence.sweep")
+    group: str = Field(description="nats, postgres, jetstream, streams, consumers, ...")
+    state: HealthState
+    reason: str = Field(description="What is wrong (or that nothing is)")
+    fix: str = Field(default="", description="What to do about it")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class HealthReport(WireModel):
+    state: HealthState = Field(description="The worst state of any component")
+    checked_at: str
+    components: list[HealthComponent]
+
+
+class DeadLetterView(WireModel):
+    sequence: int = Field(description="Its sequence in CW_DEADLETTER: how to name it")
+    subject: str
+    origin: str = Field(description="The subject family it was set aside from")
+    stored_at: str | None = None
+    code: str
+    reason: str
+    original_subject: str | None = None
+    original_payload: str | None = Field(
+        default=None, description="The message as it came, UTF-8 or base64 (payloadEncoding)"
+    )
+    payload_encoding: Literal["utf-8", "base64"] | None = None
+    attempts: int | None = None
+    replayable: bool | None = None
+
+
+class DeadLetterPage(WireModel):
+    items: list[DeadLetterView]
+    next_after: int | None = Field(description="Pass as `after` for the next page; null: last")
+
+
+class DeadLetterReplayed(WireModel):
+    sequence: int
+    original_subject: str
+    replayed: bool = True
+
+
+class PairingCreated(WireModel):
+    pairing_id: str
+    code: str = Field(description="The one-time code; shown once")
+    expires_at: str
+    hub: list[str] = Field(description="The NATS URL(s) the Desktop dials")
+    pairing_link: str = Field(
+        description="The code and the hub as one link `cowork desktop pair` accepts; "
+        "single use (it carries the one-time code) and expiring with it"
+    )
+    pairing_qr_svg: str = Field(description="A QR code of pairingLink: an SVG data URI")
+    command: str = Field(description="The exact command to run on the Desktop")
+
+
+class ChannelKindView(WireModel):
+    kind: str
+    inbound: str
+    settings_schema: dict[str, Any]
+    secrets_schema: dict[str, Any]
+
+
+class ChannelKinds(WireModel):
+    items: list[ChannelKindView]
+
+
+class ErrorBody(WireModel):
+    error: dict[str, str] = Field(description="{code, message}")
+
+
+# --- views the admin API answers with (tests/hub/console/test_console_api.py checks
+# each against real answers: a field the route adds or drops fails there) -------------
+Stamp = str | None  # an ISO 8601 time, or null
+
+
+class PairingView(WireModel):
+    id: str
+    label: str
+    device_name: str | None
+    status: str = Field(
+        description="pending, paired_online, paired_offline, disabled, revoked, error"
+    )
+    enabled: bool
+    online: bool
+    allowed_workspace_ids: list[str]
+    allowed_session_ids: list[str] | None
+    policy: dict[str, Any]
+    revision: int
+    redeemed: bool
+    code_expires_at: Stamp
+    heartbeat_interval_seconds: float | None
+    last_connected_at: Stamp
+    last_heartbeat_at: Stamp
+    last_command_sequence: int | None
+    error: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    revoked_at: Stamp
+    revoke_reason: str | None
+
+
+class PairingPage(WireModel):
+    items: list[PairingView]
+    next_cursor: str | None
+
+
+class GatewayRegistrationView(WireModel):
+    registration_id: str
+    display_name: str
+    kind: str
+    trust_model: str
+    scopes: list[str]
+    sync_scopes: list[str]
+    approved_credentials: list[str]
+    status: str
+    status_reason: str | None
+    credential_expires_at: Stamp
+    credential_version: int
+    public_key: str | None
+    versions: dict[str, Any] | None = Field(description="What the Gateway runs, by component")
+    capabilities: dict[str, Any] | None
+    work_kinds: list[str]
+    max_concurrent_work: int
+    health: str | None
+    liveness: str | None
+    mode: str | None
+    current_load: int
+    active_work_ids: list[str]
+    heartbeat_sequence: int | None
+    heartbeats_accepted: int
+    heartbeat_interval_seconds: float | None
+    last_heartbeat_at: Stamp
+    last_error: str | None
+    drain_deadline: Stamp
+    registered_at: Stamp
+    visible: bool
+    sync: dict[str, Any]
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    revoked_at: Stamp
+    revoke_reason: str | None
+
+
+class GatewayRegistrationPage(WireModel):
+    items: list[GatewayRegistrationView]
+    next_cursor: str | None
+
+
+class ChannelInstanceView(WireModel):
+    instance_id: str
+    tenant: str
+    kind: str
+    display_name: str
+    workspace_id: str
+    authority: str
+    default_agent: str | None
+    settings: dict[str, Any]
+    secret_names: list[str] = Field(description="Secrets are write-only: names, never values")
+    enabled: bool
+    revision: int
+    webhook_path: str
+    capabilities: dict[str, Any] | None
+    health: dict[str, Any]
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+
+
+class ChannelInstanceList(WireModel):
+    items: list[ChannelInstanceView]
+
+
+class AuditEntry(WireModel):
+    id: int
+    occurred_at: str
+    tenant: str | None = None
+    action: str
+    actor_kind: str
+    actor_id: str
+    actor_label: str | None = None
+    target_kind: str | None = None
+    target_id: str | None = None
+    workspace_id: str | None = None
+    session_id: str | None = None
+    command_id: str | None = None
+    reason: str | None = None
+    metadata: dict[str, Any]
+
+
+class AuditPage(WireModel):
+    items: list[AuditEntry]
+
+
+class WorkLease(WireModel):
+    attempt: int
+    registration_id: str
+    claimed_at: Stamp
+    ended_at: Stamp
+    outcome: str | None
+
+
+class WorkOutput(WireModel):
+    sequence: int
+    kind: str
+    body: Any
+    attempt: int
+    registration_id: str | None
+    recorded_at: Stamp
+
+
+class WorkView(WireModel):
+    work_id: str
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    owner: str | None = Field(description="The Gateway holding its lease")
+    lease_expires_at: Stamp
+    session_ref: Any
+    requirements: Any
+    status: Any = Field(description="The latest status the Gateway reported")
+    result: Any
+    error: Any
+    last_sequence: int | None
+    output_count: int
+    created_by: str | None
+    created_at: Stamp
+    updated_at: Stamp
+    completed_at: Stamp
+    waiting: str | None = Field(default=None, description="Why nobody can take it, if so")
+    leases: list[WorkLease] | None = Field(default=None, description="One work item's view only")
+    events: list[WorkOutput] | None = Field(
+        default=None, description="Its fenced outputs (one work item's view only)"
+    )
+
+
+class WorkPage(WireModel):
+    items: list[WorkView]
+    next_cursor: str | None
+    waiting: str | None = None
