@@ -17,6 +17,7 @@ from ._bootstrap import (
     ReplyKey,
     SealError,
     bootstrap_creds,
+    open_sealed,
     seal,
 )
 from ._catalog import MESSAGES, message_model
@@ -78,6 +79,20 @@ from ._messages import (
     WorkspaceEvent,
     command_payload,
 )
+from ._sealed import (
+    SEAL_INFO_PAYLOAD,
+    SEAL_INFO_WRAP,
+    CommandClaims,
+    ControllerEnrolPayload,
+    SealedContent,
+    SignedCommand,
+    WrappedKey,
+    claims_bytes,
+    content_aad,
+    payload_aad,
+    payload_hash,
+    wrap_aad,
+)
 from ._secrets import SECRET_KEY, SECRET_REDACTED, is_secret_key, scrub_secrets, scrub_text
 from ._storable import UNSTORABLE_CODE, storable_text, unstorable, unstorable_json
 from ._tokens import InvalidTokenError, TenantId, TokenId, check_tenant, check_token
@@ -116,6 +131,19 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "SEAL_INFO_PAYLOAD",
+    "SEAL_INFO_WRAP",
+    "CommandClaims",
+    "ControllerEnrolPayload",
+    "SealedContent",
+    "SignedCommand",
+    "WrappedKey",
+    "claims_bytes",
+    "content_aad",
+    "payload_aad",
+    "payload_hash",
+    "wrap_aad",
+    "open_sealed",
     "AckReply",
     "AllowList",
     "Attachment",

@@ -26,6 +26,7 @@ from ..common import (
     serve,
 )
 from ._agent import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
+from ._cli_sealed import add_sealed_commands, run_controllers, run_trust
 from ._store import DesktopStore, StoreError, default_state_dir
 
 ENV_HELP = """\
@@ -103,7 +104,7 @@ def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
     v = sub.add_parser("revoke", help="revoke this pairing (local first; tells the hub if it can)")
     v.add_argument("--reason", default="revoked on the Desktop", help="recorded in both audits")
     _state_dir(v)
-    return {"pair": p, "run": r, "status": s, "revoke": v}
+    return {"pair": p, "run": r, "status": s, "revoke": v, **add_sealed_commands(sub, _state_dir)}
 
 
 def _state_dir(p: argparse.ArgumentParser) -> None:
@@ -115,7 +116,14 @@ def run_desktop(args: argparse.Namespace) -> int:
         args,
         args.desktop_command,
         DesktopStore(args.state_dir),
-        {"pair": _pair, "run": _run, "status": _status, "revoke": _revoke},
+        {
+            "pair": _pair,
+            "run": _run,
+            "status": _status,
+            "revoke": _revoke,
+            "controllers": run_controllers,
+            "trust": run_trust,
+        },
         StoreError,
     )
 

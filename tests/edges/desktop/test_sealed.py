@@ -1,0 +1,245 @@
+"""Sealed pairings against real parts: operator-mode NATS, PostgreSQL, the hub, a real
+`opencode serve` (fake model) and the Desktop agent. The attacker holds what the hub
+holds: its NATS connection and credentials, and its write path into PostgreSQL
+(`hub.commands.submit` writes any row it is given; PATCH writes any policy)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from desktopkit import TENANT, eventually, pair_and_start
+from sealedkit import enrolled_controller, seal
+
+from edges.common import ControllerKeys
+from edges.desktop._store import DesktopStore
+from schemas import DeviceCommand, Envelope, Lease, PrincipalKind, Source, subjects
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def hub_options():
+    return {"command_lease_seconds": 10}
+
+
+@pytest.fixture
+async def desktop(hub, http, opencode, operator_nats_url, tmp_path):
+    running = await pair_and_start(
+        http,
+        operator_nats_url,
+        tmp_path / "desktop",
+        opencode.url,
+        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"},
+    )
+    yield running
+    if not running.task.done():
+        await running.stop()
+
+
+async def _forge(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
+    """Write a command row as the hub's own code does (no HTTP checks), push it, and
+    return the row once the Desktop's answer made it final."""
+    fields = {
+        "id": body.get("id"),
+        "kind": body["kind"],
+        "workspace_id": body.get("workspaceId", "local"),
+        "session_id": body.get("sessionId"),
+        "payload": body.get("payload"),
+        "signed": body.get("signed"),
+    }
+    outcome = await hub.commands.submit(TENANT, pid, {k: v for k, v in fields.items() if v})
+    row = await hub.commands.wait_final(TENANT, pid, outcome["command_id"], wait)
+    assert row["state"] == "done", row
+    return row
+
+
+def _refusal(row: dict) -> str:
+    result = row["result"]
+    assert result["ok"] is False and result["status"] == "blocked_by_policy", result
+    return result["code"]
+
+
+async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, desktop, tmp_path):
+    pid = desktop.pairing_id
+    controller = await enrolled_controller(hub, desktop, tmp_path / "controller")
+    seal(desktop)
+    created = await controller.send("create_session", payload={"title": "sealed"})
+    assert (created["result"] or {}).get("status") == "completed", created
+    session = created["result"]["session"]["id"]
+    other = (await controller.send("create_session", payload={"title": "other"}))["result"]
+    other_session = other["session"]["id"]
+    forged_text = "FORGED-PROMPT-never-run"
+
+    # Unsigned, whatever the kind: prompt, permission, question, abort, revoke.
+    unsigned = [
+        ("prompt", {"text": forged_text}),
+        ("permission.respond", {"permissionId": "per_x", "allowed": True}),
+        ("question.reply", {"requestId": "que_x", "answers": [["yes"]]}),
+        ("question.reject", {"requestId": "que_x"}),
+        ("abort", None),
+    ]
+    for kind, payload in unsigned:
+        row = await _forge(hub, pid, {"kind": kind, "sessionId": session, "payload": payload})
+        assert _refusal(row) == "sealed.unsigned", kind
+
+    # Signed by the attacker's own key: unknown; under the controller's id: bad signature.
+    attacker = ControllerKeys.generate("attacker")
+    desktop_key = controller.link.desktop_key
+    assert desktop_key is not None
+
+    def attacker_signed(controller_id: str | None = None) -> dict:
+        signed = attacker.sign(
+            tenant=TENANT,
+            pairing_id=pid,
+            command_id="cmdforged" + str(time.time_ns()),
+            sequence=10_000,
+            kind="prompt",
+            workspace_id="local",
+            session_id=session,
+            payload={"text": forged_text},
+            desktop_key=desktop_key,
+        )
+        if controller_id:
+            signed = signed.model_copy(
+                update={"claims": signed.claims.model_copy(update={"controller_id": controller_id})}
+            )
+        body = signed.model_dump(mode="json", by_alias=True)
+        return {
+            "id": signed.claims.command_id,
+            "kind": "prompt",
+            "sessionId": session,
+            "signed": body,
+        }
+
+    assert _refusal(await _forge(hub, pid, attacker_signed())) == "sealed.unknown_controller"
+    impersonated = attacker_signed(controller.keys.controller_id)
+    assert _refusal(await _forge(hub, pid, impersonated)) == "sealed.bad_signature"
+
+    # Expired: signed long ago (held back by the hub until it lapsed).
+    stale = controller.signed_body(
+        "prompt", session, {"text": forged_text}, issued_at=time.time() - 1000, lifetime=300
+    )
+    assert _refusal(await _forge(hub, pid, stale)) == "sealed.expired"
+
+    # Replayed: a command that ran, sent again under a new id.
+    ran = controller.signed_body("prompt", session, {"text": "a real prompt"})
+    done = await controller.submit_body(ran)
+    assert done["result"]["status"] == "queued", done
+    again = {**ran, "id": "cmdreplay" + str(time.time_ns())}
+    assert _refusal(await _forge(hub, pid, again)) == "sealed.replayed"
+
+    # Reordered: the later sequence first; the earlier one is then refused.
+    first = controller.signed_body("status", None, None)
+    second = controller.signed_body("status", None, None)
+    assert (await controller.submit_body(second))["result"]["status"] == "completed"
+    assert _refusal(await _forge(hub, pid, first)) == "sealed.replayed"
+
+    # Wrongly bound: a real signed command delivered for another session or kind.
+    for change in ({"sessionId": other_session}, {"kind": "abort"}):
+        held = controller.signed_body("prompt", session, {"text": forged_text})
+        assert _refusal(await _forge(hub, pid, {**held, **change})) == "sealed.wrong_binding"
+
+    # Another payload under a real signature (anyone can seal to the Desktop's key).
+    held = controller.signed_body("prompt", session, {"text": "what the controller said"})
+    swapped = attacker_signed()["signed"]["sealedPayload"]
+    held["signed"] = {**held["signed"], "sealedPayload": swapped}
+    assert _refusal(await _forge(hub, pid, held)) == "sealed.payload_mismatch"
+
+    # Straight onto the Desktop's command subject with the hub's own connection.
+    pushed = DeviceCommand(
+        id="cmdpushed" + str(time.time_ns()),
+        kind="prompt",
+        pairing_id=pid,
+        workspace_id="local",
+        session_id=session,
+        payload={"text": forged_text},
+        sequence=100_000,
+        created_at=datetime.now(UTC),
+        lease=Lease(
+            leased_by="attacker",
+            lease_token="x" * 32,
+            lease_expires_at=datetime.now(UTC) + timedelta(seconds=30),
+        ),
+    )
+    source = Source(principal_kind=PrincipalKind.HUB, principal_id="hub")
+    await hub.started_nc().publish(
+        subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=pid),
+        Envelope.wrap(pushed, source=source, tenant=TENANT).encode(),
+    )
+    local = DesktopStore(desktop.agent.store.directory)
+
+    def refused_locally() -> set[str]:
+        return {
+            line.get("code")
+            for line in local.read_audit()
+            if line["action"] == "command.refused" and line.get("commandId") == pushed.id
+        }
+
+    assert await eventually(refused_locally, 10) == {"sealed.unsigned"}
+
+    # Policy: the hub may not loosen it (nor tighten it: it is the Desktop's).
+    before = desktop.agent.state.policy
+    response = await http.patch(
+        f"/api/v1/tenants/{TENANT}/pairings/{pid}",
+        json={"policy": {"exposeLocalPaths": True, "allowRemoteAttachments": True}},
+    )
+    assert response.status_code == 200, response.text
+    revision = response.json()["revision"]
+    await eventually(lambda: desktop.agent.state.revision >= revision, 10)
+    assert desktop.agent.state.policy == before
+    assert "pairing.update_refused" in {line["action"] for line in local.read_audit()}
+
+    # Every refusal is audited on the Desktop with its code, and nothing forged ran.
+    codes = {line.get("code") for line in local.read_audit() if line["action"] == "command.refused"}
+    assert codes >= {
+        "sealed.unsigned",
+        "sealed.unknown_controller",
+        "sealed.bad_signature",
+        "sealed.expired",
+        "sealed.replayed",
+        "sealed.wrong_binding",
+        "sealed.payload_mismatch",
+    }
+    messages = json.dumps(await desktop.agent.opencode.messages(session))
+    assert "a real prompt" in messages and forged_text not in messages
+    assert "what the controller said" not in messages
+
+
+async def test_a_removed_controller_cannot_open_what_follows(hub, desktop, tmp_path):
+    kept = await enrolled_controller(hub, desktop, tmp_path / "kept", "kept")
+    removed = await enrolled_controller(hub, desktop, tmp_path / "removed", "removed")
+    seal(desktop)
+    session = (await kept.send("create_session", payload={"title": "t"}))["result"]["session"]
+
+    async def of_session() -> list[dict]:
+        raw = await kept._http.get(kept._events, params={"after": 0, "limit": 500})
+        return [i for i in raw.json()["items"] if i["sessionId"] == session["id"]]
+
+    # What the hub holds of the session is ciphertext; both controllers open it.
+    ours = await eventually(of_session, 10, 0.1, "the session's events")
+    assert all("sealed" in item["payload"] for item in ours)
+    before = await kept.events()
+    assert all(e["payload"] is not None for e in await removed.events()), "both open these"
+
+    from edges.desktop._sealed import remove
+
+    remove(DesktopStore(desktop.agent.store.directory), removed.keys.controller_id)
+    last = before[-1]["sequence"]
+    done = await kept.send("prompt", session["id"], {"text": "after the removal"})
+    assert done["result"]["status"] == "queued", done
+
+    async def replied() -> list[dict]:
+        after = await kept.events(last)
+        return after if any("reply to: after the removal" in json.dumps(e) for e in after) else []
+
+    after = await eventually(replied, 20, 0.1, "the reply, readable by the kept controller")
+    assert all(e["payload"] is not None for e in after)
+    for item in await removed.events(last):
+        assert item["payload"] is None and "no content key" in item["sealedError"]
+    # What it could read before, it still can (it held those keys then).
+    assert all(e["payload"] is not None for e in await removed.events(0) if e["sequence"] <= last)
+    with pytest.raises(Exception, match="no content key"):
+        removed.open_view(await kept._submit(kept.signed_body("status", None, None)))
