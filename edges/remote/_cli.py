@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+import httpx
+
 from ..common import add_state_dir, documented_command, fail, http_url
 from ._client import WAIT_SECONDS, RemoteClient, RemoteError
 from ._store import ControllerStore, PairingLink, RemoteStoreError, default_state_dir
@@ -104,7 +106,7 @@ def run_remote(args: argparse.Namespace) -> int:
         return asyncio.run(_online(args, store, token))
     except (RemoteStoreError, RemoteError) as exc:
         return fail(f"[{getattr(exc, 'code', 'remote.state')}] {exc}")
-    except OSError as exc:
+    except (OSError, httpx.HTTPError) as exc:
         return fail(f"cannot reach the hub: {exc}")
     finally:
         store.close()
@@ -115,13 +117,14 @@ async def _online(args: argparse.Namespace, store: ControllerStore, token: str) 
         if not args.hub:
             return fail("no hub given: pass --hub https://HOST or set COWORK_HUB_HTTP", 2)
         link = PairingLink(args.pairing, args.tenant, args.hub, None, None)
-        async with RemoteClient(store, link, token) as client:
+        async with RemoteClient(store, link, token, keys=store.load_keys()) as client:
             shown = await client.request_enrolment(args.expect_desktop)
         print("Asked. On the Desktop, compare and approve this controller's fingerprint:")
         print(f"  cowork desktop controllers add {shown['controllerFingerprint']}")
         print(f"The Desktop's fingerprint (compare it there): {shown['desktopFingerprint']}")
         return 0
-    async with RemoteClient(store, store.link(args.pairing), token) as client:
+    keys = store.load_keys()
+    async with RemoteClient(store, store.link(args.pairing), token, keys=keys) as client:
         if args.remote_command == "send":
             view = await client.send(args.kind, args.session, args.payload, wait=args.wait)
             print(json.dumps(view, indent=2))

@@ -94,11 +94,12 @@ class ControllerStore(StateDirectory):
                 "FROM pairings WHERE ? IS NULL OR pairing_id = ?",
                 (pairing_id, pairing_id),
             ).fetchall()
-        if len(rows) != 1:
+        if not rows:
+            which = f"pairing {pairing_id}" if pairing_id else "any pairing"
+            raise RemoteStoreError(f"not enrolled on {which}; run `cowork remote enrol` first")
+        if len(rows) > 1:
             raise RemoteStoreError(
-                f"no enrolment for pairing {pairing_id}; run `cowork remote enrol` first"
-                if pairing_id or not rows
-                else "this controller is enrolled on several pairings: pass --pairing"
+                "this controller is enrolled on several pairings: pass --pairing"
             )
         return PairingLink(*rows[0])
 

@@ -186,3 +186,20 @@ async def test_cowork_remote_drives_a_sealed_desktop_and_the_hub_keeps_no_plaint
     assert await _rows_holding(database_url_module, marker) == []
     assert session in caplog.text or "cowork" in caplog.text
     assert marker not in caplog.text
+
+
+async def test_sealed_clis_fail_in_one_line(tmp_path):
+    env = {"COWORK_REMOTE_STATE_DIR": str(tmp_path / "r"), "COWORK_ADMIN_TOKEN": "t"}
+    failures = [
+        (("remote", "send", "status"), env, "run `cowork remote init` first"),
+        (("remote", "send", "status"), {**env, "COWORK_ADMIN_TOKEN": ""}, "COWORK_ADMIN_TOKEN"),
+        (
+            ("desktop", "controllers", "add", "abcd efgh", "--state-dir", str(tmp_path / "d")),
+            {},
+            "no pending enrolment request with fingerprint ABCD-EFGH",
+        ),
+    ]
+    for args, extra, message in failures:
+        code, out, err = await cowork(*args, env=extra)
+        assert code != 0 and message in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
