@@ -46,7 +46,9 @@ class RemoteClient:
             timeout=timeout,
         )
         self._base = f"/api/v1/tenants/{link.tenant}/pairings/{link.pairing_id}"
-        self._events = f"/api/v1/tenants/{link.tenant}/workspaces/{link.pairing_id}/events"
+        self._events = "/".join(
+            ("/api/v1/tenants", link.tenant, "workspaces", link.pairing_id, "events")
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
