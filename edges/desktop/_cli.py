@@ -27,6 +27,7 @@ from ..common import (
 )
 from ._agent import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
 from ._cli_sealed import add_sealed_commands, run_controllers, run_trust
+from ._sealed import load_trust
 from ._store import DesktopStore, StoreError, default_state_dir
 
 ENV_HELP = """\
@@ -185,6 +186,8 @@ def _status(args: argparse.Namespace, store: DesktopStore) -> int:
         "policy": state.get("policy"),
         "allowedWorkspaceIds": state.get("allowedWorkspaceIds"),
         "allowedSessionIds": state.get("allowedSessionIds"),
+        "trust": load_trust(store).trust,
+        "controllers": len(load_trust(store).controllers),
         "outboxEvents": store.outbox_size(),
         "lastCommandSequence": store.last_command_sequence(),
     }

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from schemas import (
+    CommandKind,
     CommandResult,
     CommandStatus,
     ControllerEnrolPayload,
@@ -203,7 +204,8 @@ class SealedGuard:
         trust = self._refresh()
         signed = command.signed
         if signed is None:
-            if trust.trust == "sealed":
+            # An enrolment request only waits here for a person: it needs no signature.
+            if trust.trust == "sealed" and command.kind != CommandKind.CONTROLLER_ENROL:
                 raise SealedRefusal(
                     "sealed.unsigned", "this Desktop is sealed: commands must be signed"
                 )
