@@ -232,15 +232,22 @@ class ContentKey:
             for cid, pub in sorted(self.recipients.items())
         ]
 
-    def seal(self, plaintext: bytes, aad: bytes) -> SealedContent:
+        self._wraps_json = [w.model_dump(mode="json", by_alias=True) for w in self.wraps]
+
+    def seal_json(self, plaintext: bytes, aad: bytes) -> dict[str, Any]:
+        """`SealedContent` as its JSON object, built directly: the relay seals every
+        event, and a model's validation and dump would cost more than the cipher."""
         nonce = os.urandom(12)
-        return SealedContent(
-            v=1,
-            key_id=self.key_id,
-            nonce=b64(nonce),
-            ciphertext=b64(self._aead.encrypt(nonce, plaintext, aad)),
-            keys=self.wraps,
-        )
+        return {
+            "v": 1,
+            "keyId": self.key_id,
+            "nonce": b64(nonce),
+            "ciphertext": b64(self._aead.encrypt(nonce, plaintext, aad)),
+            "keys": self._wraps_json,
+        }
+
+    def seal(self, plaintext: bytes, aad: bytes) -> SealedContent:
+        return SealedContent.model_validate(self.seal_json(plaintext, aad))
 
 
 class DesktopSealingKey:

@@ -140,8 +140,8 @@ class EventRelay:
         self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
     ) -> None:
         event_id = new_id()
-        if self._guard is not None and self._guard.sealed:
-            payload = self._guard.seal_payload("event", event_id, payload)
+        if self._guard is not None:
+            payload = self._guard.seal_event(event_id, payload)
         event = DeviceEvent(
             id=event_id,
             pairing_id=self.pairing.pairing_id,

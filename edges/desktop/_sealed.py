@@ -179,6 +179,7 @@ class SealedGuard:
         self.key = sealing_key(store)
         self._seen: tuple[int, int, int] | None = None
         self._trust = TrustFile()
+        self._recipients: dict[str, str] = {}  # controller id -> X25519 key, as enrolled now
         self._content: ContentKey | None = None
         self._refresh()
 
@@ -191,6 +192,9 @@ class SealedGuard:
             seen = (0, 0, 0)
         if seen != self._seen:
             self._trust, self._seen = load_trust(self.store), seen
+            self._recipients = {
+                cid: entry["encryptionKey"] for cid, entry in self._trust.controllers.items()
+            }
         return self._trust
 
     @property
@@ -308,9 +312,8 @@ class SealedGuard:
 
     # --- content ----------------------------------------------------------------------
     def _content_key(self) -> ContentKey:
-        recipients = {
-            cid: entry["encryptionKey"] for cid, entry in self._refresh().controllers.items()
-        }
+        """The current content key (call `_refresh` first)."""
+        recipients = self._recipients
         key = self._content
         if (
             key is None
@@ -320,15 +323,20 @@ class SealedGuard:
             key = self._content = ContentKey(recipients)
         return key
 
+    def seal_event(self, event_id: str, payload: dict) -> dict:
+        """An event's payload as it leaves the Desktop: sealed on a sealed pairing."""
+        if self._refresh().trust != "sealed":
+            return payload
+        return self.seal_payload("event", event_id, payload)
+
     def seal_payload(self, purpose: Literal["event", "result"], id: str, value: Any) -> dict:
         plain = json.dumps(value, separators=(",", ":")).encode()
         aad = content_aad(self.tenant, self.pairing_id, purpose, id)
-        return {
-            "sealed": self._content_key().seal(plain, aad).model_dump(mode="json", by_alias=True)
-        }
+        return {"sealed": self._content_key().seal_json(plain, aad)}
 
     def seal_result(self, command_id: str, result: CommandResult) -> CommandResult:
         """What leaves the Desktop: ok, status and refusal code in clear, the rest sealed."""
+        self._refresh()
         body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         aad = content_aad(self.tenant, self.pairing_id, "result", command_id)
         sealed = self._content_key().seal(json.dumps(body).encode(), aad)
