@@ -16,9 +16,11 @@ from ._bootstrap import (
     BOOTSTRAP_USER_SEED,
     ReplyKey,
     SealError,
+    b64url,
     bootstrap_creds,
     open_sealed,
     seal,
+    unb64url,
 )
 from ._catalog import MESSAGES, message_model
 from ._creds import nats_conf_string, parse_creds, render_creds
@@ -144,6 +146,8 @@ __all__ = [
     "payload_hash",
     "wrap_aad",
     "open_sealed",
+    "b64url",
+    "unb64url",
     "AckReply",
     "AllowList",
     "Attachment",

@@ -38,6 +38,8 @@ __all__ = [
     "BOOTSTRAP_SUBJECTS",
     "bootstrap_creds",
     "ReplyKey",
+    "b64url",
+    "unb64url",
     "open_sealed",
     "seal",
     "SealError",
@@ -72,11 +74,12 @@ class SealError(ValueError):
     """A sealed reply that cannot be opened (wrong key, tampered, malformed)."""
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as every key and sealed box of the contract is written."""
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _unb64(text: str) -> bytes:
+def unb64url(text: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
@@ -104,14 +107,16 @@ def seal(
     the ciphertext to what it travels with (opening fails if that differs).
     """
     try:
-        recipient = X25519PublicKey.from_public_bytes(_unb64(recipient_public))
+        recipient = X25519PublicKey.from_public_bytes(unb64url(recipient_public))
     except ValueError as exc:
         raise SealError("reply key is not an X25519 public key") from exc
     ephemeral = X25519PrivateKey.generate()
     eph_raw = _raw(ephemeral.public_key())
     key = _derive(ephemeral.exchange(recipient), eph_raw, _raw(recipient), info)
     nonce = os.urandom(_NONCE_BYTES)
-    return f"{_b64(eph_raw)}.{_b64(nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad))}"
+    return (
+        f"{b64url(eph_raw)}.{b64url(nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad))}"
+    )
 
 
 def open_sealed(
@@ -120,7 +125,7 @@ def open_sealed(
     """The plaintext of what `seal` made for `private`'s public key, or SealError."""
     try:
         eph_text, body_text = sealed.split(".", 1)
-        eph_raw, body = _unb64(eph_text), _unb64(body_text)
+        eph_raw, body = unb64url(eph_text), unb64url(body_text)
         ephemeral = X25519PublicKey.from_public_bytes(eph_raw)
     except ValueError as exc:
         raise SealError("malformed sealed box") from exc
@@ -139,7 +144,7 @@ class ReplyKey:
 
     def __init__(self) -> None:
         self._private = X25519PrivateKey.generate()
-        self.public = _b64(_raw(self._private.public_key()))
+        self.public = b64url(_raw(self._private.public_key()))
 
     def open(self, sealed: str) -> bytes:
         return open_sealed(self._private, sealed)

@@ -10,7 +10,6 @@ sends back. The hub imports none of this: it holds no key and checks nothing.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -36,12 +35,14 @@ from schemas import (
     SealError,
     SignedCommand,
     WrappedKey,
+    b64url,
     claims_bytes,
     new_id,
     open_sealed,
     payload_aad,
     payload_hash,
     seal,
+    unb64url,
     wrap_aad,
 )
 
@@ -56,15 +57,7 @@ _RAW_PRIVATE = (
 FINGERPRINT_SYMBOLS = 16
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def unb64(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise SealError("not base64url") from exc
+b64, unb64 = b64url, unb64url
 
 
 def fingerprint(kind: str, *public_keys: str) -> str:

@@ -50,21 +50,18 @@ def add_sealed_commands(sub: Any, state_dir: Any) -> dict[str, argparse.Argument
 
 
 def run_controllers(args: argparse.Namespace, store: DesktopStore) -> int:
-    if args.controllers_command == "add":
-        try:
+    try:
+        if args.controllers_command == "add":
             controller = enrol(store, args.fingerprint)
-        except KeyError as exc:
-            return fail(str(exc.args[0]))
-        print(f"Enrolled {controller.label!r} as {controller.controller_id}.")
-        print(f"This Desktop's fingerprint: {trust_summary(store)['desktopFingerprint']}")
-        return 0
-    if args.controllers_command == "remove":
-        try:
+            print(f"Enrolled {controller.label!r} as {controller.controller_id}.")
+            print(f"This Desktop's fingerprint: {trust_summary(store)['desktopFingerprint']}")
+            return 0
+        if args.controllers_command == "remove":
             removed = remove(store, args.controller)
-        except KeyError as exc:
-            return fail(str(exc.args[0]))
-        print(f"Removed {removed}: what this Desktop sends from now on is sealed without it.")
-        return 0
+            print(f"Removed {removed}: what this Desktop sends from now on is sealed without it.")
+            return 0
+    except KeyError as exc:
+        return fail(str(exc.args[0]))
     summary = trust_summary(store)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import ValidationError
 
 from schemas import SealedContent, SealError, content_aad, new_id
 
@@ -177,15 +178,23 @@ class RemoteClient:
             raise RemoteError(f"hub.{response.status_code}", _error_text(response))
         return self.open_view(response.json())
 
+    def _open(self, sealed: Any, purpose: Literal["event", "result"], id: str) -> Any:
+        """The JSON inside a SealedContent object, or SealError (malformed too: it came
+        through the hub)."""
+        try:
+            content = SealedContent.model_validate(sealed)
+            aad = content_aad(self.link.tenant, self.link.pairing_id, purpose, id)
+            return json.loads(self.keys.open(content, aad))
+        except (ValidationError, ValueError) as exc:  # SealError is a ValueError
+            raise SealError(str(exc).splitlines()[0]) from None
+
     def open_view(self, view: dict[str, Any]) -> dict[str, Any]:
         """A command's view with its sealed result opened (a refusal is in clear)."""
         result = view.get("result")
         if not result or not result.get("sealed"):
             return view
-        content = SealedContent.model_validate(result["sealed"])
-        aad = content_aad(self.link.tenant, self.link.pairing_id, "result", view["commandId"])
         try:
-            opened = json.loads(self.keys.open(content, aad))
+            opened = self._open(result["sealed"], "result", view["commandId"])
         except SealError as exc:
             raise RemoteError("sealed.unreadable", f"the result does not open: {exc}") from None
         return {**view, "result": opened}
@@ -198,13 +207,10 @@ class RemoteClient:
         payload = item.get("payload") or {}
         if "sealed" not in payload:
             return item
-        content = SealedContent.model_validate(payload["sealed"])
-        aad = content_aad(self.link.tenant, self.link.pairing_id, "event", item["id"])
         try:
-            opened = json.loads(self.keys.open(content, aad))
+            return {**item, "payload": self._open(payload["sealed"], "event", item["id"])}
         except SealError as exc:
             return {**item, "payload": None, "sealedError": str(exc)}
-        return {**item, "payload": opened}
 
     async def events(self, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """Every event after `after`, opened, page by page."""

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from desktopkit import TENANT, eventually, pair_and_start
+from desktopkit import TENANT, eventually
 from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys
@@ -23,20 +23,6 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def hub_options():
     return {"command_lease_seconds": 10}
-
-
-@pytest.fixture
-async def desktop(hub, http, opencode, operator_nats_url, tmp_path):
-    running = await pair_and_start(
-        http,
-        operator_nats_url,
-        tmp_path / "desktop",
-        opencode.url,
-        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"},
-    )
-    yield running
-    if not running.task.done():
-        await running.stop()
 
 
 async def _forge(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
