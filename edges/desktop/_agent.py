@@ -542,6 +542,15 @@ class DesktopAgent:
         if command.kind == CommandKind.CONTROLLER_ENROL:
             # Public keys and fingerprints only, for a controller not enrolled yet: clear.
             result = self.guard.enrolment_request(command)
+            if result.data:  # tell the person at this machine what to compare
+                log.warning(
+                    "desktop.controller_requested: %r asks to be enrolled, fingerprint %s; "
+                    "compare it with the controller's, then run "
+                    "`cowork desktop controllers add %s`",
+                    command.payload and command.payload.get("label"),
+                    result.data["controllerFingerprint"],
+                    result.data["controllerFingerprint"],
+                )
         else:
             result = await self.runner.run(command)
             if self.guard.sealed:  # what leaves the machine: only the controllers open it

@@ -361,6 +361,7 @@ def trust_summary(store: DesktopStore) -> dict[str, Any]:
                 "label": r["label"],
                 "requestedAt": datetime.fromtimestamp(float(r["requestedAt"]), UTC).isoformat(),
             }
-            for r in load_requests(store).values()
+            for cid, r in load_requests(store).items()
+            if cid not in trust.controllers
         ],
     }

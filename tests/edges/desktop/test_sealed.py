@@ -178,6 +178,17 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     assert desktop.agent.state.policy == before
     assert "pairing.update_refused" in {line["action"] for line in local.read_audit()}
 
+    # An honest client's mistakes are a 422 at the hub (not a security check).
+    base = f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands"
+    good = controller.signed_body("prompt", session, {"text": "x"})
+    for wrong, message in (
+        ({**good, "payload": {"text": "x"}}, "carries its payload sealed"),
+        ({**good, "id": "cmdother"}, "is the one it is signed for"),
+        ({**good, "sessionId": other_session}, "must be the ones signed"),
+    ):
+        response = await http.post(base, json=wrong)
+        assert response.status_code == 422 and message in response.text, response.text
+
     # Every refusal is audited on the Desktop with its code, and nothing forged ran.
     codes = {line.get("code") for line in local.read_audit() if line["action"] == "command.refused"}
     assert codes >= {
