@@ -189,28 +189,33 @@ class RemoteClient:
             raise SealError(str(exc).splitlines()[0]) from None
 
     def open_view(self, view: dict[str, Any]) -> dict[str, Any]:
-        """A command's view with its sealed result opened (a refusal is in clear)."""
+        """A command's view with its sealed result opened. `sealed` says whether the
+        result came sealed (from the Desktop, unforgeable) or in clear (a refusal, an
+        enrolment answer, a hub-trust pairing: only as good as the hub's word)."""
         result = view.get("result")
         if not result or not result.get("sealed"):
-            return view
+            return {**view, "sealed": False}
         try:
             opened = self._open(result["sealed"], "result", view["commandId"])
         except SealError as exc:
             raise RemoteError("sealed.unreadable", f"the result does not open: {exc}") from None
-        return {**view, "result": opened}
+        return {**view, "result": opened, "sealed": True}
 
     # --- events -----------------------------------------------------------------------
     def open_event(self, item: dict[str, Any]) -> dict[str, Any]:
-        """An event of the hub's log with its payload opened. One this controller
-        holds no key for (made before it was enrolled or after it was removed) or that
-        fails authentication comes back with `payload: null` and `sealedError`."""
+        """An event of the hub's log with its payload opened, and `sealed: true`. One
+        this controller holds no key for (made before it was enrolled or after it was
+        removed) or that fails authentication comes back with `payload: null` and
+        `sealedError`. One in clear comes back as it is with `sealed: false`: from a
+        sealed pairing that is the hub's word, not the Desktop's."""
         payload = item.get("payload") or {}
         if "sealed" not in payload:
-            return item
+            return {**item, "sealed": False}
         try:
-            return {**item, "payload": self._open(payload["sealed"], "event", item["id"])}
+            opened = self._open(payload["sealed"], "event", item["id"])
         except SealError as exc:
-            return {**item, "payload": None, "sealedError": str(exc)}
+            return {**item, "payload": None, "sealed": True, "sealedError": str(exc)}
+        return {**item, "payload": opened, "sealed": True}
 
     async def events(self, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """Every event after `after`, opened, page by page."""

@@ -15,7 +15,7 @@ from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys
 from edges.desktop._store import DesktopStore
-from schemas import DeviceCommand, Envelope, Lease, PrincipalKind, Source, subjects
+from schemas import DeviceCommand, DeviceEvent, Envelope, Lease, PrincipalKind, Source, subjects
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -177,6 +177,36 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     await eventually(lambda: desktop.agent.state.revision >= revision, 10)
     assert desktop.agent.state.policy == before
     assert "pairing.update_refused" in {line["action"] for line in local.read_audit()}
+
+    # An event written into JetStream by the hub comes out in clear, so it says so.
+    forged_id = "evforged" + str(time.time_ns())
+    event = DeviceEvent(
+        id=forged_id,
+        pairing_id=pid,
+        type="session.event",
+        workspace_id="local",
+        session_id=session,
+        occurred_at=datetime.now(UTC),
+        payload={"type": "session.idle", "properties": {"sessionID": session}},
+    )
+    as_desktop = Source(principal_kind=PrincipalKind.DESKTOP, principal_id=pid)
+    await (
+        hub.started_nc()
+        .jetstream()
+        .publish(
+            subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pid, event_kind="session"),
+            Envelope.wrap(event, source=as_desktop, tenant=TENANT).encode(),
+            headers={"Nats-Msg-Id": forged_id},
+        )
+    )
+
+    async def forged_event_seen() -> dict | None:
+        return next((e for e in await controller.events() if e["id"] == forged_id), None)
+
+    seen = await eventually(forged_event_seen, 10, 0.1, "the forged event in the log")
+    assert seen["sealed"] is False
+    session_events = [e for e in await controller.events() if e["sessionId"] == session]
+    assert [e for e in session_events if e["id"] != forged_id and not e["sealed"]] == []
 
     # An honest client's mistakes are a 422 at the hub (not a security check).
     base = f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands"
