@@ -17,6 +17,7 @@ the hub sends changes any of it: a relayed enrolment request only waits here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ from ..common import (
     now_iso,
     write_private,
 )
-from ._store import DesktopStore
+from ._store import DesktopStore, StoreError
+
+log = logging.getLogger("cowork.edge.desktop")
 
 Trust = Literal["hub", "sealed"]
 TRUST_FILE, REQUESTS_FILE, KEY_FILE = "sealed.json", "controller-requests.json", "desktop-seal.key"
@@ -85,12 +88,27 @@ def _path(store: DesktopStore, name: str) -> Path:
     return store.directory / name
 
 
-def load_trust(store: DesktopStore) -> TrustFile:
+def _read_json(store: DesktopStore, name: str) -> dict[str, Any] | None:
+    path = _path(store, name)
     try:
-        raw = json.loads(_path(store, TRUST_FILE).read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} is damaged: {exc}") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged: not a JSON object")
+    return value
+
+
+def load_trust(store: DesktopStore) -> TrustFile:
+    raw = _read_json(store, TRUST_FILE)
+    if raw is None:
         return TrustFile()
-    return TrustFile(trust=raw.get("trust", "hub"), controllers=dict(raw.get("controllers", {})))
+    trust, controllers = raw.get("trust"), raw.get("controllers", {})
+    if trust not in ("hub", "sealed") or not isinstance(controllers, dict):
+        raise StoreError(f"{_path(store, TRUST_FILE)} is damaged: no trust mode or controllers")
+    return TrustFile(trust=trust, controllers=dict(controllers))
 
 
 def save_trust(store: DesktopStore, trust: TrustFile) -> None:
@@ -101,8 +119,8 @@ def save_trust(store: DesktopStore, trust: TrustFile) -> None:
 
 def load_requests(store: DesktopStore) -> dict[str, dict[str, str]]:
     try:
-        requests = json.loads(_path(store, REQUESTS_FILE).read_text())
-    except FileNotFoundError:
+        requests = _read_json(store, REQUESTS_FILE) or {}
+    except StoreError:  # only waiting requests: a damaged file is an empty list
         return {}
     cutoff = time.time() - PENDING_SECONDS
     return {k: v for k, v in requests.items() if float(v.get("requestedAt", 0)) > cutoff}
@@ -191,7 +209,12 @@ class SealedGuard:
         except FileNotFoundError:
             seen = (0, 0, 0)
         if seen != self._seen:
-            self._trust, self._seen = load_trust(self.store), seen
+            try:
+                self._trust = load_trust(self.store)
+            except StoreError as exc:  # fail closed: sealed, to nobody, until it is repaired
+                log.error("desktop.trust_file_damaged: %s; sealed to no controller", exc)
+                self._trust = TrustFile(trust="sealed")
+            self._seen = seen
             self._recipients = {
                 cid: entry["encryptionKey"] for cid, entry in self._trust.controllers.items()
             }

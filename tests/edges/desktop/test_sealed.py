@@ -276,3 +276,10 @@ async def test_a_removed_controller_cannot_open_what_follows(hub, desktop, tmp_p
     )
     with pytest.raises(Exception, match="no content key"):
         removed.open_view(await kept._submit(kept.signed_body("status", None, None)))
+
+    # A damaged trust file fails closed: sealed, to no controller.
+    (desktop.agent.store.directory / "sealed.json").write_text("{not json")
+    row = await _forge(hub, desktop.pairing_id, {"kind": "status"})
+    assert _refusal(row) == "sealed.unsigned"
+    refused = await kept.send("status")
+    assert refused["result"]["code"] == "sealed.unknown_controller", refused

@@ -165,6 +165,24 @@ async def test_cowork_remote_drives_a_sealed_desktop_and_the_hub_keeps_no_plaint
             await asyncio.gather(tail, return_exceptions=True)
             await client.aclose()
         assert all(f["payload"] is not None for f in frames), "every frame opens"
+        # The same, as a user reads it: every event of the session opened, the reply in it.
+        printed = [
+            json.loads(line)
+            for line in (await _cli("remote", "events", env=env)).split("\n")
+            if line
+        ]
+        ours = [e for e in printed if e["sessionId"] == session]
+        assert ours and all(e["sealed"] and e["payload"] is not None for e in ours)
+        assert f"reply to: say {marker}" in json.dumps(ours)
+        # Keys and local state are the owner's only, on both ends.
+        for private in (
+            remote_dir / "controller.json",
+            desktop_dir / "sealed.json",
+            desktop_dir / "desktop-seal.key",
+            desktop_dir / "controller-requests.json",
+        ):
+            assert private.stat().st_mode & 0o077 == 0, private
+        assert remote_dir.stat().st_mode & 0o077 == 0
     finally:
         await desktop.stop()
 
