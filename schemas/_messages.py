@@ -272,6 +272,9 @@ class PresenceHeartbeat(Message):
     interval_seconds: float = Field(gt=0, le=3600)
     status: Literal["online", "offline"] = "online"
     version: str | None = Field(default=None, max_length=64)
+    trust: Literal["hub", "sealed"] | None = Field(
+        default=None, description="A Desktop's trust mode, as it reports it (docs/sealed.md)"
+    )
 
 
 # --- gateway registration -----------------------------------------------------------------

@@ -351,6 +351,7 @@ class DesktopAgent:
             interval_seconds=self.heartbeat_interval,
             status=status,
             version=CLIENT_VERSION,
+            trust="sealed" if self.guard.sealed else "hub",
         )
         env = Envelope.wrap(beat, source=_source(self.pairing), tenant=self.tenant)
         await self.nc.publish(

@@ -121,6 +121,8 @@ def pairing_json(row: dict) -> dict:
         "lastConnectedAt": iso(row["last_connected_at"]),
         "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
         "lastCommandSequence": row["last_command_sequence"],
+        # As the Desktop last reported it: informational, the Desktop enforces it.
+        "trust": row.get("reported_trust"),
         "error": row["error"],
         "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]),

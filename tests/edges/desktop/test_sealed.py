@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from desktopkit import TENANT, eventually
+from desktopkit import TENANT, eventually, get_pairing
 from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys
@@ -235,9 +235,15 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     assert "what the controller said" not in messages
 
 
-async def test_a_removed_controller_cannot_open_what_follows(hub, desktop, tmp_path):
+async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop, tmp_path):
     kept = await enrolled_controller(hub, desktop, tmp_path / "kept", "kept")
+    assert (await get_pairing(http, desktop.pairing_id))["trust"] == "hub"
     seal(desktop)
+
+    async def reported_sealed() -> bool:  # in the next heartbeat, for admins and channels
+        return (await get_pairing(http, desktop.pairing_id))["trust"] == "sealed"
+
+    await eventually(reported_sealed, 10, 0.1, "the pairing to show trust sealed")
     # Enrolment asks through the hub unsigned, also once sealed; a person approves.
     removed = await enrolled_controller(hub, desktop, tmp_path / "removed", "removed")
     session = (await kept.send("create_session", payload={"title": "t"}))["result"]["session"]
