@@ -15,6 +15,7 @@ from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys
 from edges.desktop._store import DesktopStore
+from edges.remote import ControllerStore, PairingLink, RemoteClient, RemoteError
 from schemas import DeviceCommand, DeviceEvent, Envelope, Lease, PrincipalKind, Source, subjects
 
 pytestmark = pytest.mark.timeout(240)
@@ -233,6 +234,7 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     messages = json.dumps(await desktop.agent.opencode.messages(session))
     assert "a real prompt" in messages and forged_text not in messages
     assert "what the controller said" not in messages
+    await controller.aclose()
 
 
 async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop, tmp_path):
@@ -246,6 +248,18 @@ async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop,
     await eventually(reported_sealed, 10, 0.1, "the pairing to show trust sealed")
     # Enrolment asks through the hub unsigned, also once sealed; a person approves.
     removed = await enrolled_controller(hub, desktop, tmp_path / "removed", "removed")
+    # A controller that pinned another Desktop fingerprint refuses the answer (the hub
+    # could have put its own key there).
+    store = ControllerStore(tmp_path / "wary")
+    wary = RemoteClient(
+        store,
+        PairingLink(desktop.pairing_id, TENANT, hub.http_url, None, None),
+        hub.test_admin_token,
+        keys=store.create_keys("wary"),
+    )
+    with pytest.raises(RemoteError, match="do not use this pairing"):
+        await wary.request_enrolment(expect_desktop="AAAA-BBBB-CCCC-DDDD")
+    await wary.aclose()
     session = (await kept.send("create_session", payload={"title": "t"}))["result"]["session"]
 
     async def of_session() -> list[dict]:
@@ -289,3 +303,5 @@ async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop,
     assert _refusal(row) == "sealed.unsigned"
     refused = await kept.send("status")
     assert refused["result"]["code"] == "sealed.unknown_controller", refused
+    await kept.aclose()
+    await removed.aclose()
