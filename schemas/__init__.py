@@ -37,8 +37,11 @@ from ._bootstrap import (
     BOOTSTRAP_USER_SEED,
     ReplyKey,
     SealError,
+    b64url,
     bootstrap_creds,
+    open_sealed,
     seal,
+    unb64url,
 )
 from ._catalog import MESSAGES, message_model
 from ._creds import nats_conf_string, parse_creds, render_creds
@@ -99,6 +102,20 @@ from ._messages import (
     WorkspaceEvent,
     command_payload,
 )
+from ._sealed import (
+    SEAL_INFO_PAYLOAD,
+    SEAL_INFO_WRAP,
+    CommandClaims,
+    ControllerEnrolPayload,
+    SealedContent,
+    SignedCommand,
+    WrappedKey,
+    claims_bytes,
+    content_aad,
+    payload_aad,
+    payload_hash,
+    wrap_aad,
+)
 from ._secrets import SECRET_KEY, SECRET_REDACTED, is_secret_key, scrub_secrets, scrub_text
 from ._storable import UNSTORABLE_CODE, storable_text, unstorable, unstorable_json
 from ._tokens import InvalidTokenError, TenantId, TokenId, check_tenant, check_token
@@ -156,6 +173,21 @@ __all__ = [
     "HealthComponent",
     "HealthReport",
     "PairingCreated",
+    "SEAL_INFO_PAYLOAD",
+    "SEAL_INFO_WRAP",
+    "CommandClaims",
+    "ControllerEnrolPayload",
+    "SealedContent",
+    "SignedCommand",
+    "WrappedKey",
+    "claims_bytes",
+    "content_aad",
+    "payload_aad",
+    "payload_hash",
+    "wrap_aad",
+    "open_sealed",
+    "b64url",
+    "unb64url",
     "AckReply",
     "AllowList",
     "Attachment",

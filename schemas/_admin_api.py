@@ -107,6 +107,11 @@ class PairingView(WireModel):
     last_connected_at: Stamp
     last_heartbeat_at: Stamp
     last_command_sequence: int | None
+    trust: str | None = Field(
+        default=None,
+        description="hub or sealed, as the Desktop last reported it (docs/sealed.md); "
+        "informational: the Desktop enforces it",
+    )
     error: str | None
     created_at: Stamp
     updated_at: Stamp

@@ -38,6 +38,9 @@ __all__ = [
     "BOOTSTRAP_SUBJECTS",
     "bootstrap_creds",
     "ReplyKey",
+    "b64url",
+    "unb64url",
+    "open_sealed",
     "seal",
     "SealError",
 ]
@@ -71,40 +74,68 @@ class SealError(ValueError):
     """A sealed reply that cannot be opened (wrong key, tampered, malformed)."""
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as every key and sealed box of the contract is written."""
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _unb64(text: str) -> bytes:
+def unb64url(text: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise SealError("not base64url") from exc
 
 
-def _derive(shared: bytes, ephemeral_public: bytes, recipient_public: bytes) -> bytes:
+def _derive(
+    shared: bytes, ephemeral_public: bytes, recipient_public: bytes, info: bytes = _INFO
+) -> bytes:
     salt = ephemeral_public + recipient_public  # binds the key to both public keys
-    return HKDF(hashes.SHA256(), 32, salt, _INFO).derive(shared)
+    return HKDF(hashes.SHA256(), 32, salt, info).derive(shared)
 
 
 def _raw(public: X25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def seal(plaintext: bytes, recipient_public: str) -> str:
+def seal(
+    plaintext: bytes, recipient_public: str, *, info: bytes = _INFO, aad: bytes | None = None
+) -> str:
     """Encrypt `plaintext` for the holder of `recipient_public` (base64url X25519).
 
-    Returns `<ephemeral public>.<nonce + ciphertext>`, both base64url.
+    Returns `<ephemeral public>.<nonce + ciphertext>`, both base64url. `info` separates
+    uses (bootstrap replies, sealed command payloads, wrapped content keys); `aad` binds
+    the ciphertext to what it travels with (opening fails if that differs).
     """
     try:
-        recipient = X25519PublicKey.from_public_bytes(_unb64(recipient_public))
+        recipient = X25519PublicKey.from_public_bytes(unb64url(recipient_public))
     except ValueError as exc:
         raise SealError("reply key is not an X25519 public key") from exc
     ephemeral = X25519PrivateKey.generate()
     eph_raw = _raw(ephemeral.public_key())
-    key = _derive(ephemeral.exchange(recipient), eph_raw, _raw(recipient))
+    key = _derive(ephemeral.exchange(recipient), eph_raw, _raw(recipient), info)
     nonce = os.urandom(_NONCE_BYTES)
-    return f"{_b64(eph_raw)}.{_b64(nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, None))}"
+    return (
+        f"{b64url(eph_raw)}.{b64url(nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad))}"
+    )
+
+
+def open_sealed(
+    private: X25519PrivateKey, sealed: str, *, info: bytes = _INFO, aad: bytes | None = None
+) -> bytes:
+    """The plaintext of what `seal` made for `private`'s public key, or SealError."""
+    try:
+        eph_text, body_text = sealed.split(".", 1)
+        eph_raw, body = unb64url(eph_text), unb64url(body_text)
+        ephemeral = X25519PublicKey.from_public_bytes(eph_raw)
+    except ValueError as exc:
+        raise SealError("malformed sealed box") from exc
+    if len(body) <= _NONCE_BYTES:
+        raise SealError("malformed sealed box")
+    key = _derive(private.exchange(ephemeral), eph_raw, _raw(private.public_key()), info)
+    try:
+        return ChaCha20Poly1305(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], aad)
+    except InvalidTag as exc:
+        raise SealError("sealed box failed authentication") from exc
 
 
 class ReplyKey:
@@ -113,19 +144,7 @@ class ReplyKey:
 
     def __init__(self) -> None:
         self._private = X25519PrivateKey.generate()
-        self.public = _b64(_raw(self._private.public_key()))
+        self.public = b64url(_raw(self._private.public_key()))
 
     def open(self, sealed: str) -> bytes:
-        try:
-            eph_text, body_text = sealed.split(".", 1)
-            eph_raw, body = _unb64(eph_text), _unb64(body_text)
-            ephemeral = X25519PublicKey.from_public_bytes(eph_raw)
-        except ValueError as exc:
-            raise SealError("malformed sealed reply") from exc
-        if len(body) <= _NONCE_BYTES:
-            raise SealError("malformed sealed reply")
-        key = _derive(self._private.exchange(ephemeral), eph_raw, _raw(self._private.public_key()))
-        try:
-            return ChaCha20Poly1305(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], None)
-        except InvalidTag as exc:
-            raise SealError("sealed reply failed authentication") from exc
+        return open_sealed(self._private, sealed)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, StrictBool, model_validator
 
 from ._base import Message, WireModel
+from ._sealed import ControllerEnrolPayload, SealedContent, SignedCommand
 from ._tokens import TenantId, TokenId
 from ._vocabulary import (
     CapabilityStatus,
@@ -153,6 +154,9 @@ class DeviceCommand(Message):
     sequence: int = Field(ge=1)
     created_at: datetime
     lease: Lease
+    signed: SignedCommand | None = Field(
+        default=None, description="A controller's signed command (sealed pairings)"
+    )
 
 
 # Command payloads, one model per kind (kinds absent here take no payload).
@@ -195,6 +199,7 @@ COMMAND_PAYLOADS: dict[str, type[WireModel]] = {
     "permission.respond": PermissionRespondPayload,
     "question.reply": QuestionReplyPayload,
     "question.reject": QuestionRejectPayload,
+    "controller.enrol": ControllerEnrolPayload,
 }
 NEEDS_SESSION = frozenset(
     {"prompt", "abort", "permission.respond", "question.reply", "question.reject"}
@@ -218,6 +223,12 @@ def command_payload(kind: str, session_id: str | None, payload: Json | None) -> 
 class CommandResult(WireModel):
     ok: bool
     status: CommandStatus
+    code: str | None = Field(
+        default=None, max_length=128, description="Why the Desktop refused it, e.g. sealed.replayed"
+    )
+    sealed: SealedContent | None = Field(
+        default=None, description="On a sealed pairing: the result's content, encrypted"
+    )
     session: Json | None = None
     sessions: list[Json] | None = None
     message: Text | None = None
@@ -261,6 +272,9 @@ class PresenceHeartbeat(Message):
     interval_seconds: float = Field(gt=0, le=3600)
     status: Literal["online", "offline"] = "online"
     version: str | None = Field(default=None, max_length=64)
+    trust: Literal["hub", "sealed"] | None = Field(
+        default=None, description="A Desktop's trust mode, as it reports it (docs/sealed.md)"
+    )
 
 
 # --- gateway registration -----------------------------------------------------------------

@@ -90,6 +90,7 @@ class CommandKind(_Str):
     QUESTION_REJECT = "question.reject"
     STATUS = "status"
     REVOKE_PAIRING = "revoke_pairing"
+    CONTROLLER_ENROL = "controller.enrol"
 
 
 class CommandStatus(_Str):

@@ -107,8 +107,14 @@ def test_only_one_module_talks_to_opencode():
     http_users = {
         f for f, m in imports_of("edges") if any(m == c or m.startswith(c + ".") for c in clients)
     }
-    # The leaf node module asks its own nats-server's monitoring port (/leafz).
-    assert http_users <= {"edges/common/_opencode.py", "edges/gateway/_leaf.py"}
+    # The leaf node module asks its own nats-server's monitoring port (/leafz); the
+    # controller client (edges/remote) speaks the hub's HTTP API, never OpenCode.
+    assert http_users <= {
+        "edges/common/_opencode.py",
+        "edges/gateway/_leaf.py",
+        "edges/remote/_client.py",
+        "edges/remote/_cli.py",
+    }
     assert "edges/common/_opencode.py" in http_users, "the scanner must see the client's own import"
     spelled = set()
     for package in ("edges", "channels", "hub", "schemas"):

@@ -1,5 +1,6 @@
 """What both edge agents share: the OpenCode client, redaction, edge credentials
-and their refresh, the bootstrap exchange, state directories and CLI helpers.
+and their refresh, the bootstrap exchange, state directories and CLI helpers,
+and the cryptography of sealed pairings (the Desktop's and its controllers').
 """
 
 from __future__ import annotations
@@ -31,9 +32,23 @@ from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
 from ._retry import attempt_timeouts
+from ._sealed import (
+    ContentKey,
+    ControllerKeys,
+    ControllerPublic,
+    DesktopSealingKey,
+    controller_id_of,
+    normalise_fingerprint,
+)
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 __all__ = [
+    "ContentKey",
+    "ControllerKeys",
+    "ControllerPublic",
+    "DesktopSealingKey",
+    "controller_id_of",
+    "normalise_fingerprint",
     "BootstrapFailed",
     "CredentialRefreshError",
     "DEFAULT_OPENCODE_URL",

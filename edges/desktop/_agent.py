@@ -33,6 +33,7 @@ from nats.aio.client import Client as NATS
 from schemas import (
     AckReply,
     CommandAck,
+    CommandKind,
     CommandResult,
     CommandStatus,
     ContractError,
@@ -65,6 +66,7 @@ from ..common import (
 )
 from ._commands import CommandRunner
 from ._relay import EventRelay
+from ._sealed import SealedGuard, SealedRefusal
 from ._store import DesktopStore, PairingFile, StoreError
 
 log = logging.getLogger("cowork.edge.desktop")
@@ -227,7 +229,10 @@ class DesktopAgent:
         self.runner = CommandRunner(self.opencode, self.state)
         self.heartbeat_interval = heartbeat_interval
         self.nc: NATS | None = None
-        self.relay = EventRelay(store, self.pairing, self.opencode, lambda: self.state)
+        self.guard = SealedGuard(store, self.pairing.tenant, self.pairing.pairing_id)
+        self.relay = EventRelay(
+            store, self.pairing, self.opencode, lambda: self.state, guard=self.guard
+        )
         self._commands: asyncio.Queue[Pushed] = asyncio.Queue()
         self._in_hand: set[tuple[str, str]] = set()  # (command id, lease token) queued or running
         self._stopped = asyncio.Event()
@@ -346,6 +351,7 @@ class DesktopAgent:
             interval_seconds=self.heartbeat_interval,
             status=status,
             version=CLIENT_VERSION,
+            trust="sealed" if self.guard.sealed else "hub",
         )
         env = Envelope.wrap(beat, source=_source(self.pairing), tenant=self.tenant)
         await self.nc.publish(
@@ -404,6 +410,8 @@ class DesktopAgent:
     def _apply_state(self, state: PairingState) -> None:
         if state.pairing_id != self.pairing_id or state.revision <= self.state.revision:
             return
+        if self.guard.sealed:
+            state = self._hub_may_only_stop(state)
         self.state = state
         self.runner.state = state
         self.pairing.state = state.model_dump(mode="json", by_alias=True)
@@ -417,6 +425,26 @@ class DesktopAgent:
         )
         if state.revoked:
             self._revoke("revoked by the hub")
+
+    def _hub_may_only_stop(self, state: PairingState) -> PairingState:
+        """On a sealed pairing the hub may disable or revoke it (it can always stop
+        relaying anyway), never change what the Desktop allows: policy and allowlists
+        stay as they are here."""
+        kept = state.model_copy(
+            update={
+                "policy": self.state.policy,
+                "allowed_workspace_ids": self.state.allowed_workspace_ids,
+                "allowed_session_ids": self.state.allowed_session_ids,
+            }
+        )
+        if kept != state:
+            self.store.audit(
+                "pairing.update_refused",
+                code="sealed.policy_is_local",
+                revision=state.revision,
+                reason="a sealed pairing's policy and allowlists change only on the Desktop",
+            )
+        return kept
 
     def _revoke(self, reason: str) -> None:
         self.pairing = revoke_locally(self.store, reason)
@@ -452,12 +480,25 @@ class DesktopAgent:
                     reason="stale sequence",
                 )
                 return
-            accepted = self._accept(command)
             try:
-                result = await self._execute(command)
-            except BaseException:
-                accepted.cancel()
-                raise
+                command = self.guard.check(command)
+            except SealedRefusal as refusal:
+                self.store.audit(
+                    "command.refused",
+                    commandId=command.id,
+                    sequence=command.sequence,
+                    code=refusal.code,
+                    reason=str(refusal),
+                )
+                accepted = self._accept(command)
+                result = refusal.result()
+            else:
+                accepted = self._accept(command)
+                try:
+                    result = await self._execute(command)
+                except BaseException:
+                    accepted.cancel()
+                    raise
         self.store.command_done(command.id, result.model_dump(mode="json", by_alias=True))
         self.store.audit(
             "command." + ("completed" if result.ok else "failed"),
@@ -471,7 +512,7 @@ class DesktopAgent:
             # round trip runs beside the command instead of before it.
             await accepted
         await self._ack(command, result)
-        if command.kind.value == "revoke_pairing":
+        if command.kind.value == "revoke_pairing" and result.ok:
             self._revoke("revoked by a revoke_pairing command")
 
     def _refusal_reason(self, command: DeviceCommand) -> str | None:
@@ -499,7 +540,22 @@ class DesktopAgent:
 
     async def _execute(self, command: DeviceCommand) -> CommandResult:
         self.relay.command_event(command, DeviceEventType.COMMAND_ACCEPTED, None)
-        result = await self.runner.run(command)
+        if command.kind == CommandKind.CONTROLLER_ENROL:
+            # Public keys and fingerprints only, for a controller not enrolled yet: clear.
+            result = self.guard.enrolment_request(command)
+            if result.data:  # tell the person at this machine what to compare
+                log.warning(
+                    "desktop.controller_requested: %r asks to be enrolled, fingerprint %s; "
+                    "compare it with the controller's, then run "
+                    "`cowork desktop controllers add %s`",
+                    command.payload and command.payload.get("label"),
+                    result.data["controllerFingerprint"],
+                    result.data["controllerFingerprint"],
+                )
+        else:
+            result = await self.runner.run(command)
+            if self.guard.sealed:  # what leaves the machine: only the controllers open it
+                result = self.guard.seal_result(command.id, result)
         self.relay.command_event(
             command,
             DeviceEventType.COMMAND_COMPLETED if result.ok else DeviceEventType.COMMAND_FAILED,

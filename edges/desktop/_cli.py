@@ -27,6 +27,8 @@ from ..common import (
     serve,
 )
 from ._agent import DesktopAgent, PairingFailed, notify_hub_of_revocation, pair, revoke_locally
+from ._cli_sealed import add_sealed_commands, run_controllers, run_trust
+from ._sealed import load_trust
 from ._store import DesktopStore, StoreError, default_state_dir
 
 ENV_HELP = """\
@@ -109,7 +111,7 @@ def add_desktop_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
     v = sub.add_parser("revoke", help="revoke this pairing (local first; tells the hub if it can)")
     v.add_argument("--reason", default="revoked on the Desktop", help="recorded in both audits")
     _state_dir(v)
-    return {"pair": p, "run": r, "status": s, "revoke": v}
+    return {"pair": p, "run": r, "status": s, "revoke": v, **add_sealed_commands(sub, _state_dir)}
 
 
 def _state_dir(p: argparse.ArgumentParser) -> None:
@@ -121,7 +123,14 @@ def run_desktop(args: argparse.Namespace) -> int:
         args,
         args.desktop_command,
         DesktopStore(args.state_dir),
-        {"pair": _pair, "run": _run, "status": _status, "revoke": _revoke},
+        {
+            "pair": _pair,
+            "run": _run,
+            "status": _status,
+            "revoke": _revoke,
+            "controllers": run_controllers,
+            "trust": run_trust,
+        },
         StoreError,
     )
 
@@ -189,6 +198,8 @@ def _status(args: argparse.Namespace, store: DesktopStore) -> int:
         "policy": state.get("policy"),
         "allowedWorkspaceIds": state.get("allowedWorkspaceIds"),
         "allowedSessionIds": state.get("allowedSessionIds"),
+        "trust": load_trust(store).trust,
+        "controllers": len(load_trust(store).controllers),
         "outboxEvents": store.outbox_size(),
         "lastCommandSequence": store.last_command_sequence(),
     }

@@ -8,7 +8,9 @@ stream's duplicate window plus the hub's event-id check drop the repeats. So
 a NATS or hub outage loses nothing and duplicates nothing downstream.
 
 Only enabled pairings relay, and only events of allowlisted sessions when the
-pairing has a session allowlist.
+pairing has a session allowlist. On a sealed pairing each payload is encrypted
+(after redaction) to the enrolled controllers before it is written (_sealed.py):
+type, session, command id and time stay in clear for routing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..common import (
     redaction_policy,
     session_of,
 )
+from ._sealed import SealedGuard
 from ._store import DesktopStore, PairingFile
 
 log = logging.getLogger("cowork.edge.relay")
@@ -61,7 +64,9 @@ class EventRelay:
         state: Callable[[], PairingState],
         *,
         workspace_id: str = "local",
+        guard: SealedGuard | None = None,
     ) -> None:
+        self._guard = guard
         self.store, self.pairing, self._opencode = store, pairing, opencode
         self._state = state
         self.workspace_id = workspace_id
@@ -134,8 +139,11 @@ class EventRelay:
     def _append(
         self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
     ) -> None:
+        event_id = new_id()
+        if self._guard is not None:
+            payload = self._guard.seal_event(event_id, payload)
         event = DeviceEvent(
-            id=new_id(),
+            id=event_id,
             pairing_id=self.pairing.pairing_id,
             type=kind,
             workspace_id=self.workspace_id,

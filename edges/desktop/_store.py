@@ -3,7 +3,8 @@
     desktop.creds   its NATS credential, a standard .creds file (0600)
     pairing.json    tenant, pairing id, hub URLs, the last pairing state, revoked flag (0600)
     audit.jsonl     local append-only audit log: every command and pairing change
-    desktop.db      SQLite: the event outbox and the journal of handled commands
+    desktop.db      SQLite: the event outbox, the journal of handled commands and
+                    each controller's last sequence (sealed pairings, see _sealed.py)
 
 The journal is what makes a command run at most once: a command is recorded
 as started before it runs and as done (with its result) after, so a Desktop
@@ -59,6 +60,9 @@ class DesktopStore(StateDirectory):
             phase TEXT NOT NULL, result TEXT, updated_at TEXT NOT NULL);
         -- last_command_sequence() reads max(sequence) before every command
         CREATE INDEX IF NOT EXISTS commands_sequence ON commands (sequence);
+        -- sealed pairings: the replay window, the last sequence taken from each controller
+        CREATE TABLE IF NOT EXISTS controller_sequences (
+            controller_id TEXT PRIMARY KEY, last INTEGER NOT NULL);
     """
 
     def __init__(self, directory: Path, *, max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
@@ -159,3 +163,22 @@ class DesktopStore(StateDirectory):
         with self._lock:
             value = self.db.execute("SELECT max(sequence) FROM commands").fetchone()[0]
         return int(value or 0)
+
+    # --- controllers' replay window (sealed pairings) ------------------------------------------
+    def controller_sequence(self, controller_id: str) -> int:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT last FROM controller_sequences WHERE controller_id = ?", (controller_id,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def advance_controller(self, controller_id: str, sequence: int) -> bool:
+        """Take `sequence` if it is above the last one taken from this controller."""
+        with self._lock:
+            cursor = self.db.execute(
+                "INSERT INTO controller_sequences (controller_id, last) VALUES (?, ?) "
+                "ON CONFLICT (controller_id) DO UPDATE SET last = excluded.last "
+                "WHERE controller_sequences.last < excluded.last",
+                (controller_id, sequence),
+            )
+            return cursor.rowcount > 0

@@ -243,6 +243,8 @@ class ChannelSessions:
         pairing_id = turn.workspace_id
         try:
             pairing = await self._pairings.get(turn.tenant, pairing_id)
+            if pairing.get("reported_trust") == "sealed":  # it would refuse it anyway
+                raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
             allowed = pairing["allowed_session_ids"]
             if session_id and allowed is not None and session_id not in allowed:
                 raise SubmitRefused(
@@ -462,6 +464,9 @@ REFUSALS = {
     "pairing.disabled": "the Desktop's pairing is disabled",
     "pairing.not_redeemed": "no Desktop has redeemed this workspace's pairing code yet",
     "pairing.not_found": "this workspace's Desktop pairing does not exist",
+    # docs/sealed.md, "Channels"
+    "pairing.sealed": "the Desktop is sealed: only controllers enrolled on it can drive it, "
+    "and a chat channel is not one",
 }
 
 

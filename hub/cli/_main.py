@@ -30,6 +30,10 @@ Pair this machine's OpenCode with a hub (outbound only), then serve it:
 Register a Standalone Team Gateway with Cloud (outbound only), then run it:
   COWORK_GATEWAY_CREDENTIAL=cwgr_... cowork gateway register --hub nats://HOST:4222
   cowork gateway run --opencode http://127.0.0.1:4096
+
+Drive a sealed Desktop as one of its controllers (docs/sealed.md):
+  cowork remote init --label "my laptop"
+  cowork remote enrol --hub https://HUB --tenant T --pairing P
 """
 
 ENV_HELP = """\
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent"
     )
     _add_logging(add_gateway_up_arguments(up_parser), "text")
+    from edges.remote import add_remote_commands
+
+    add_remote_commands(commands)
     from channels import add_channel_commands
 
     add_channel_commands(commands)
@@ -223,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_desktop(args)
         if args.command == "gateway":
             return _cmd_gateway(args)
+        if args.command == "remote":
+            from edges.remote import run_remote
+
+            return run_remote(args)
         if args.command == "channel":
             return args.channel_handler(args)
     except KeyboardInterrupt:

@@ -95,8 +95,8 @@ SUBMIT = """
               SELECT 1 FROM pairing_commands WHERE tenant = $1 AND command_id = $3)
         RETURNING next_command_sequence)
     INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
-        workspace_id, session_id, actor_id, actor_label, payload, body_hash)
-    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10 FROM seq
+        workspace_id, session_id, actor_id, actor_label, payload, body_hash, signed)
+    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10, $11 FROM seq
     RETURNING *"""
 # An ack in one statement (one round trip, atomic), for the common case: the ack
 # applies. It locks the command and its pairing (as the step-by-step path does),
@@ -176,7 +176,8 @@ class CommandService:
     # --- submit ---------------------------------------------------------------------------
     async def submit(self, tenant: str, pairing_id: str, fields: dict[str, Any]) -> dict:
         """Accept a validated command (fields: id?, kind, workspace_id, session_id,
-        payload, actor_id, actor_label); idempotent by id."""
+        payload, actor_id, actor_label, signed); idempotent by id. `signed` (a
+        controller's signed command, camelCase JSON) is stored and pushed as it came."""
         command_id = fields.pop("id", None) or new_id()
         digest = body_hash(fields)
         args = (
@@ -190,6 +191,7 @@ class CommandService:
             fields.get("actor_label"),
             fields.get("payload"),
             digest,
+            fields.get("signed"),
         )
         async with self._pool.acquire() as conn:
             try:
@@ -351,6 +353,7 @@ class CommandService:
             actor_id=row["actor_id"],
             actor_label=row["actor_label"],
             payload=row["payload"],
+            signed=row["signed"],
             sequence=row["sequence"],
             created_at=row["created_at"],
             lease=Lease(

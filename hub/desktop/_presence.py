@@ -56,6 +56,8 @@ class DesktopPresence:
         )
         # (tenant, pairing) -> (interval, monotonic time noted): the latest only.
         self._noted: dict[tuple[str, str], tuple[float, float]] = {}
+        # The trust mode each Desktop last reported (docs/sealed.md): shown, never enforced.
+        self._trusts: dict[tuple[str, str], str] = {}
         self._wake = asyncio.Event()
         self._writer = BackgroundTask("presence-writer", self._write_forever)
         self._log_budget = LogBudget(rate=0.1, burst=1)
@@ -84,6 +86,8 @@ class DesktopPresence:
             await self._mark_offline(tenant, pairing_id, reason="desktop said goodbye")
             return
         self._noted[(tenant, pairing_id)] = (beat.interval_seconds, time.monotonic())
+        if beat.trust is not None:
+            self._trusts[(tenant, pairing_id)] = beat.trust
         if len(self._noted) >= FLUSH_SIZE:
             self._wake.set()
 
@@ -109,9 +113,10 @@ class DesktopPresence:
     async def flush(self) -> int:
         """Stamp every heartbeat noted since the last flush; returns how many."""
         noted, self._noted = self._noted, {}
+        trusts, self._trusts = self._trusts, {}
         now = time.monotonic()
         fresh = [
-            (tenant, pid, interval)
+            (tenant, pid, interval, trusts.get((tenant, pid)))
             for (tenant, pid), (interval, at) in sorted(noted.items())
             if now - at <= 2 * interval  # else it is too late to prove anything
         ]
@@ -128,25 +133,26 @@ class DesktopPresence:
             await self._came_online([dict(r) for r in rows if r["came_online"]])
         return len(fresh)
 
-    def _keep(self, noted: dict, chunk: list[tuple[str, str, float]]) -> None:
+    def _keep(self, noted: dict, chunk: list[tuple[str, str, float, str | None]]) -> None:
         """Beats a failed write did not stamp wait for the next flush (unless a
         newer one from the same Desktop has been noted since)."""
-        for tenant, pid, _ in chunk:
+        for tenant, pid, *_ in chunk:
             self._noted.setdefault((tenant, pid), noted[(tenant, pid)])
 
-    async def _stamp(self, chunk: list[tuple[str, str, float]]) -> list[asyncpg.Record]:
+    async def _stamp(self, chunk: list[tuple[str, str, float, str | None]]) -> list[asyncpg.Record]:
         # Rows locked in key order: two replicas' flushes never deadlock each other.
         return await self._pool.fetch(
             """WITH beat AS (
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::real[])
-                       AS b(tenant, pairing_id, interval)),
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::real[], $4::text[])
+                       AS b(tenant, pairing_id, interval, trust)),
                target AS (
-                   SELECT p.tenant, p.pairing_id, beat.interval FROM pairings p
+                   SELECT p.tenant, p.pairing_id, beat.interval, beat.trust FROM pairings p
                    JOIN beat USING (tenant, pairing_id)
                    WHERE p.enabled AND p.status IN ('paired_online', 'paired_offline', 'error')
                    ORDER BY p.tenant, p.pairing_id FOR UPDATE OF p)
                UPDATE pairings p SET last_heartbeat_at = now(),
                    heartbeat_interval = target.interval, status = 'paired_online',
+                   reported_trust = coalesce(target.trust, p.reported_trust),
                    last_connected_at = CASE WHEN p.status = 'paired_online'
                                             THEN p.last_connected_at ELSE now() END
                FROM target
@@ -155,6 +161,7 @@ class DesktopPresence:
             [c[0] for c in chunk],
             [c[1] for c in chunk],
             [c[2] for c in chunk],
+            [c[3] for c in chunk],
         )
 
     async def _came_online(self, rows: list[dict]) -> None:

@@ -30,6 +30,7 @@ from schemas import (
     PairingPage,
     PairingPolicy,
     PairingView,
+    SignedCommand,
     TokenId,
     WireModel,
     command_payload,
@@ -91,6 +92,11 @@ class SubmitCommand(WireModel):
     payload: dict[str, Any] | None = None
     actor_id: Annotated[str, Field(max_length=512)] | None = None
     actor_label: Label | None = None
+    signed: SignedCommand | None = Field(
+        default=None,
+        description="A controller's signed command (sealed pairings): its payload is "
+        "inside, sealed to the Desktop; the hub stores and pushes it, the Desktop checks it",
+    )
 
 
 class RevokePairing(WireModel):
@@ -122,6 +128,8 @@ def pairing_json(row: dict) -> dict:
         "lastConnectedAt": iso(row["last_connected_at"]),
         "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
         "lastCommandSequence": row["last_command_sequence"],
+        # As the Desktop last reported it: informational, the Desktop enforces it.
+        "trust": row.get("reported_trust"),
         "error": row["error"],
         "createdAt": iso(row["created_at"]),
         "updatedAt": iso(row["updated_at"]),
@@ -279,14 +287,19 @@ async def submit_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)
     body = await json_body(request, SubmitCommand)
-    try:
-        command_payload(body.kind.value, body.session_id, body.payload)
-    except (ValueError, ValidationError) as exc:
-        raise invalid(_first_error(exc)) from None
+    if body.signed is not None:
+        _check_signed_shape(body, body.signed)
+    else:
+        try:
+            command_payload(body.kind.value, body.session_id, body.payload)
+        except (ValueError, ValidationError) as exc:
+            raise invalid(_first_error(exc)) from None
     pairing = await hub.pairings.get(tenant, pairing_id)
     _check_allowlists(pairing, body)
-    fields = body.model_dump(exclude_none=True)
+    fields = body.model_dump(exclude_none=True, exclude={"signed"})
     fields["kind"] = body.kind.value
+    if body.signed is not None:
+        fields["signed"] = body.signed.model_dump(mode="json", by_alias=True)
     wait = _wait(request)
     outcome = await hub.commands.submit(tenant, pairing_id, fields)
     status = 201 if outcome["created"] else 200
@@ -322,6 +335,23 @@ def _check_allowlists(pairing: dict, body: SubmitCommand) -> None:
             f"session {body.session_id!r} is not allowlisted",
             status=403,
         )
+
+
+def _check_signed_shape(body: SubmitCommand, signed: SignedCommand) -> None:
+    """Mistakes an honest controller can make, answered with a 422 at once. Not a
+    security check: the hub verifies no signature (it holds no key to trust); the
+    Desktop checks all of it and refuses what does not hold, with a code."""
+    claims = signed.claims
+    if body.payload is not None:
+        raise invalid("a signed command carries its payload sealed (signed.sealedPayload)")
+    if body.id is None or body.id != claims.command_id:
+        raise invalid("a signed command's id is the one it is signed for (signed.claims.commandId)")
+    if (body.kind, body.workspace_id, body.session_id) != (
+        claims.kind,
+        claims.workspace_id,
+        claims.session_id,
+    ):
+        raise invalid("kind, workspaceId and sessionId must be the ones signed")
 
 
 def _first_error(exc: Exception) -> str:

@@ -36,21 +36,6 @@ def hub_options():
     return {"command_lease_seconds": 10}
 
 
-@pytest.fixture
-async def desktop(hub, http, opencode, operator_nats_url, tmp_path):
-    """A paired, running Desktop that may answer approvals and questions remotely."""
-    running = await pair_and_start(
-        http,
-        operator_nats_url,
-        tmp_path / "desktop",
-        opencode.url,
-        policy={"remoteApprovals": "remote_allowed", "remoteQuestions": "remote_allowed"},
-    )
-    yield running
-    if not running.task.done():
-        await running.stop()
-
-
 async def _session(http, pairing_id: str, title: str = "remote") -> str:
     done = await run_command(http, pairing_id, "create_session", payload={"title": title})
     assert done["status"] == "completed", done

@@ -212,6 +212,24 @@ async def test_revoked_pairing_is_a_clear_reply(kit, http):
     assert await kit.commands(inst) == []
 
 
+async def test_a_sealed_desktop_is_a_clear_reply(kit, http, hub):
+    """A Desktop that reports itself sealed (docs/sealed.md) takes no chat commands."""
+    inst = await kit.instance(http)
+    await kit.role(inst, "u1", "member")
+    await hub.pool.execute(
+        "UPDATE pairings SET reported_trust = 'sealed' WHERE tenant = $1 AND pairing_id = $2",
+        TENANT,
+        inst["workspace_id"],
+    )
+    inbound = await kit.send(inst, "anyone there?")
+    assert await kit.reply(inst) == (
+        "Could not start a session: the Desktop is sealed: only controllers enrolled on it "
+        "can drive it, and a chat channel is not one."
+    )
+    assert (await kit.claim(inst, inbound))["status"] == "done"
+    assert await kit.commands(inst) == []
+
+
 # --- prompts to cloud workers ---------------------------------------------------------------
 async def test_cloud_worker_prompt_becomes_edge_work(kit, http):
     inst = await kit.instance(http, authority="cloud_worker")

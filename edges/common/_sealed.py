@@ -1,0 +1,281 @@
+"""The cryptography of sealed pairings, for both ends: the Desktop and its controllers.
+
+Wire format and byte rules: `schemas._sealed` and docs/sealed.md. Ed25519 signs
+commands; X25519 sealed boxes (`schemas.seal`: ephemeral ECDH + HKDF-SHA256 +
+ChaCha20-Poly1305) carry command payloads to the Desktop and content keys to the
+controllers; ChaCha20-Poly1305 under a content key encrypts what the Desktop
+sends back. The hub imports none of this: it holds no key and checks nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from schemas import (
+    SEAL_INFO_PAYLOAD,
+    SEAL_INFO_WRAP,
+    CommandClaims,
+    SealedContent,
+    SealError,
+    SignedCommand,
+    WrappedKey,
+    b64url,
+    claims_bytes,
+    new_id,
+    open_sealed,
+    payload_aad,
+    payload_hash,
+    seal,
+    unb64url,
+    wrap_aad,
+)
+
+_RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+_RAW_PRIVATE = (
+    serialization.Encoding.Raw,
+    serialization.PrivateFormat.Raw,
+    serialization.NoEncryption(),
+)
+# 16 base32 symbols: 80 bits. A hub that wanted to slip its own key under a
+# fingerprint a person approves would need a second preimage of that size.
+FINGERPRINT_SYMBOLS = 16
+
+
+b64, unb64 = b64url, unb64url
+
+
+def fingerprint(kind: str, *public_keys: str) -> str:
+    """A short, typeable digest of public keys, e.g. `K7QD-2MXA-PL4F-9RTB`."""
+    digest = hashlib.sha256(f"cowork-{kind}-v1".encode() + b"".join(map(unb64, public_keys)))
+    text = base64.b32encode(digest.digest()).decode()[:FINGERPRINT_SYMBOLS]
+    return "-".join(text[i : i + 4] for i in range(0, FINGERPRINT_SYMBOLS, 4))
+
+
+def normalise_fingerprint(text: str) -> str:
+    """What a person typed, as `fingerprint` writes it (case, spaces, dashes ignored)."""
+    bare = "".join(c for c in text.upper() if c.isalnum())
+    return "-".join(bare[i : i + 4] for i in range(0, len(bare), 4))
+
+
+def controller_id_of(fingerprint_text: str) -> str:
+    return "ctl-" + fingerprint_text.replace("-", "").lower()
+
+
+@dataclass(frozen=True)
+class ControllerPublic:
+    """An enrolled (or asking) controller as the Desktop knows it."""
+
+    label: str
+    signing_key: str  # Ed25519, base64url
+    encryption_key: str  # X25519, base64url
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint("controller", self.signing_key, self.encryption_key)
+
+    @property
+    def controller_id(self) -> str:
+        return controller_id_of(self.fingerprint)
+
+    def verify(self, signed: SignedCommand) -> bool:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(unb64(self.signing_key))
+            key.verify(unb64(signed.signature), claims_bytes(signed.claims))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+class ControllerKeys:
+    """A controller's own keys, made where it runs; the private halves never leave it."""
+
+    def __init__(self, signing: Ed25519PrivateKey, encryption: X25519PrivateKey, label: str):
+        self.signing, self.encryption, self.label = signing, encryption, label
+        self.public = ControllerPublic(
+            label,
+            b64(signing.public_key().public_bytes(*_RAW)),
+            b64(encryption.public_key().public_bytes(*_RAW)),
+        )
+        self.controller_id = self.public.controller_id
+        self._content_keys: dict[str, bytes] = {}  # key id -> content key, once unwrapped
+
+    @classmethod
+    def generate(cls, label: str) -> ControllerKeys:
+        return cls(Ed25519PrivateKey.generate(), X25519PrivateKey.generate(), label)
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "label": self.label,
+            "signingSeed": b64(self.signing.private_bytes(*_RAW_PRIVATE)),
+            "encryptionSeed": b64(self.encryption.private_bytes(*_RAW_PRIVATE)),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ControllerKeys:
+        try:
+            return cls(
+                Ed25519PrivateKey.from_private_bytes(unb64(data["signingSeed"])),
+                X25519PrivateKey.from_private_bytes(unb64(data["encryptionSeed"])),
+                str(data["label"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SealError(f"controller keys are damaged: {exc}") from exc
+
+    def sign(
+        self,
+        *,
+        tenant: str,
+        pairing_id: str,
+        command_id: str,
+        sequence: int,
+        kind: str,
+        workspace_id: str,
+        session_id: str | None,
+        payload: dict | None,
+        desktop_key: str,
+        lifetime: float = 300.0,
+        issued_at: float | None = None,
+    ) -> SignedCommand:
+        """A signed command whose payload only the Desktop holding `desktop_key` reads."""
+        sealed = None
+        if payload is not None:
+            sealed = seal(
+                json.dumps(payload).encode(),
+                desktop_key,
+                info=SEAL_INFO_PAYLOAD,
+                aad=payload_aad(tenant, pairing_id, command_id),
+            )
+        now = int(time.time() if issued_at is None else issued_at)
+        claims = CommandClaims(
+            v=1,
+            tenant=tenant,
+            pairing_id=pairing_id,
+            command_id=command_id,
+            controller_id=self.controller_id,
+            controller_sequence=sequence,
+            kind=kind,  # type: ignore[arg-type]  # validated into CommandKind
+            workspace_id=workspace_id,
+            session_id=session_id,
+            payload_hash=payload_hash(sealed),
+            issued_at=now,
+            expires_at=int(now + lifetime),
+        )
+        signature = b64(self.signing.sign(claims_bytes(claims)))
+        return SignedCommand(claims=claims, signature=signature, sealed_payload=sealed)
+
+    def open(self, content: SealedContent, aad: bytes) -> bytes:
+        """Decrypt content the Desktop sealed; SealError if this controller holds no
+        key for it (not enrolled when it was made) or it was tampered with."""
+        key = self._content_keys.get(content.key_id)
+        if key is None:
+            wrapped = next((w for w in content.keys if w.controller_id == self.controller_id), None)
+            if wrapped is None:
+                raise SealError(f"no content key {content.key_id} for this controller")
+            key = open_sealed(
+                self.encryption,
+                wrapped.wrapped,
+                info=SEAL_INFO_WRAP,
+                aad=wrap_aad(content.key_id, self.controller_id),
+            )
+            self._content_keys[content.key_id] = key
+        return decrypt_content(key, content, aad)
+
+
+def decrypt_content(key: bytes, content: SealedContent, aad: bytes) -> bytes:
+    try:
+        return ChaCha20Poly1305(key).decrypt(unb64(content.nonce), unb64(content.ciphertext), aad)
+    except (InvalidTag, ValueError) as exc:
+        raise SealError("sealed content failed authentication") from exc
+
+
+@dataclass
+class ContentKey:
+    """One content key of the Desktop, wrapped to the controllers enrolled when it was
+    made. Replaced (never extended) when that set changes or its window ends."""
+
+    recipients: dict[str, str]  # controller id -> X25519 public key
+    key_id: str = field(default_factory=lambda: "ck" + new_id())
+    key: bytes = field(default_factory=lambda: os.urandom(32))
+    made_at: float = field(default_factory=time.monotonic)
+    wraps: list[WrappedKey] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._aead = ChaCha20Poly1305(self.key)
+        self.wraps = [
+            WrappedKey(
+                controller_id=cid,
+                wrapped=seal(self.key, pub, info=SEAL_INFO_WRAP, aad=wrap_aad(self.key_id, cid)),
+            )
+            for cid, pub in sorted(self.recipients.items())
+        ]
+
+        self._wraps_json = [w.model_dump(mode="json", by_alias=True) for w in self.wraps]
+
+    def seal_json(self, plaintext: bytes, aad: bytes) -> dict[str, Any]:
+        """`SealedContent` as its JSON object, built directly: the relay seals every
+        event, and a model's validation and dump would cost more than the cipher."""
+        nonce = os.urandom(12)
+        return {
+            "v": 1,
+            "keyId": self.key_id,
+            "nonce": b64(nonce),
+            "ciphertext": b64(self._aead.encrypt(nonce, plaintext, aad)),
+            "keys": self._wraps_json,
+        }
+
+    def seal(self, plaintext: bytes, aad: bytes) -> SealedContent:
+        return SealedContent.model_validate(self.seal_json(plaintext, aad))
+
+
+class DesktopSealingKey:
+    """The Desktop's X25519 key: controllers seal command payloads to it."""
+
+    def __init__(self, private: X25519PrivateKey) -> None:
+        self._private = private
+        self.public = b64(private.public_key().public_bytes(*_RAW))
+        self.fingerprint = fingerprint("desktop", self.public)
+
+    @classmethod
+    def generate(cls) -> DesktopSealingKey:
+        return cls(X25519PrivateKey.generate())
+
+    def to_text(self) -> str:
+        return b64(self._private.private_bytes(*_RAW_PRIVATE))
+
+    @classmethod
+    def from_text(cls, text: str) -> DesktopSealingKey:
+        try:
+            return cls(X25519PrivateKey.from_private_bytes(unb64(text.strip())))
+        except ValueError as exc:
+            raise SealError(f"the Desktop's sealing key is damaged: {exc}") from exc
+
+    def open_payload(self, signed: SignedCommand) -> dict | None:
+        if signed.sealed_payload is None:
+            return None
+        claims = signed.claims
+        plain = open_sealed(
+            self._private,
+            signed.sealed_payload,
+            info=SEAL_INFO_PAYLOAD,
+            aad=payload_aad(claims.tenant, claims.pairing_id, claims.command_id),
+        )
+        value = json.loads(plain)
+        if not isinstance(value, dict):
+            raise SealError("a sealed payload is a JSON object")
+        return value

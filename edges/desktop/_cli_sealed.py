@@ -1,0 +1,83 @@
+"""`cowork desktop controllers add|list|remove` and `cowork desktop trust sealed|hub`.
+
+Local only, by design: they change files in the state directory and nothing else,
+with no network at all. The running agent picks the change up at its next command
+or event. This is where a person consents to a controller, and where a pairing
+becomes sealed or goes back to trusting the hub: the hub can do neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..common import fail
+from ._sealed import enrol, remove, set_trust, trust_summary
+from ._store import DesktopStore
+
+
+def add_sealed_commands(sub: Any, state_dir: Any) -> dict[str, argparse.ArgumentParser]:
+    c = sub.add_parser(
+        "controllers",
+        help="enrol, list and remove the controllers that may drive a sealed pairing",
+        description="A controller (cowork remote, a web or phone client) asks to be enrolled "
+        "through the hub; it shows a fingerprint. Compare it with the one listed here and "
+        "approve it with `add`. Nothing the hub sends enrols a controller.",
+    )
+    ops = c.add_subparsers(dest="controllers_command", metavar="OPERATION", required=True)
+    add = ops.add_parser("add", help="approve a pending request by its fingerprint")
+    add.add_argument("fingerprint", help="as the controller shows it, e.g. K7QD-2MXA-PL4F-9RTB")
+    remove_parser = ops.add_parser(
+        "remove", help="remove a controller: it cannot open what this Desktop sends from now on"
+    )
+    remove_parser.add_argument("controller", help="its id, fingerprint or label")
+    listing = ops.add_parser("list", help="enrolled controllers and pending requests")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for p in (add, remove_parser, listing):
+        state_dir(p)
+
+    t = sub.add_parser(
+        "trust",
+        help="seal this pairing to its controllers, or let the hub drive it again",
+        description="sealed: only signed commands of enrolled controllers run, and what "
+        "this Desktop sends is encrypted to them. hub: today's behaviour (chat channels and "
+        "Cloud renderers need it). Only this machine can switch.",
+    )
+    t.add_argument("mode", choices=("sealed", "hub"))
+    state_dir(t)
+    return {"controllers": c, "trust": t}
+
+
+def run_controllers(args: argparse.Namespace, store: DesktopStore) -> int:
+    try:
+        if args.controllers_command == "add":
+            controller = enrol(store, args.fingerprint)
+            print(f"Enrolled {controller.label!r} as {controller.controller_id}.")
+            print(f"This Desktop's fingerprint: {trust_summary(store)['desktopFingerprint']}")
+            return 0
+        if args.controllers_command == "remove":
+            removed = remove(store, args.controller)
+            print(f"Removed {removed}: what this Desktop sends from now on is sealed without it.")
+            return 0
+    except KeyError as exc:
+        return fail(str(exc.args[0]))
+    summary = trust_summary(store)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"trust: {summary['trust']}   Desktop fingerprint: {summary['desktopFingerprint']}")
+    for item in summary["controllers"]:
+        print(f"enrolled  {item['fingerprint']}  {item['id']}  {item['label']!r}")
+    for item in summary["pending"]:
+        print(f"pending   {item['fingerprint']}  {item['label']!r}  since {item['requestedAt']}")
+    return 0
+
+
+def run_trust(args: argparse.Namespace, store: DesktopStore) -> int:
+    trust = set_trust(store, args.mode)
+    if args.mode == "sealed" and not trust.controllers:
+        print("Sealed, with no controller enrolled yet: nothing can drive this Desktop remotely.")
+    else:
+        print(f"This pairing now trusts: {args.mode}.")
+    return 0

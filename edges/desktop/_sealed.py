@@ -1,0 +1,390 @@
+"""The Desktop's side of a sealed pairing: its trust mode, its controllers, the checks
+every controller command passes, and the content keys that seal what it sends.
+
+Local state, in the state directory (owner-only, like the rest):
+
+    sealed.json               trust mode (`hub` | `sealed`) and the enrolled controllers;
+                              written only by `cowork desktop trust|controllers` on this machine
+    controller-requests.json  enrolment requests relayed by the hub, waiting for a person
+    desktop-seal.key          the Desktop's X25519 key (controllers seal payloads to it)
+    desktop.db                the replay window: the last sequence of each controller
+
+The running agent reads `sealed.json` again whenever it changes, so a switch of
+trust or a removed controller applies to the very next command and event. Nothing
+the hub sends changes any of it: a relayed enrolment request only waits here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from schemas import (
+    CommandKind,
+    CommandResult,
+    CommandStatus,
+    ControllerEnrolPayload,
+    DeviceCommand,
+    SealError,
+    content_aad,
+    payload_hash,
+)
+
+from ..common import (
+    ContentKey,
+    ControllerPublic,
+    DesktopSealingKey,
+    normalise_fingerprint,
+    now_iso,
+    write_private,
+)
+from ._store import DesktopStore, StoreError
+
+log = logging.getLogger("cowork.edge.desktop")
+
+Trust = Literal["hub", "sealed"]
+TRUST_FILE, REQUESTS_FILE, KEY_FILE = "sealed.json", "controller-requests.json", "desktop-seal.key"
+MAX_CLOCK_SKEW = 60  # seconds a controller's clock may run ahead of the Desktop's
+MAX_LIFETIME = 900  # a command may be valid this long at most
+KEY_WINDOW = 3600.0  # a content key seals at most this long
+MAX_PENDING = 16
+PENDING_SECONDS = 600
+
+
+class SealedRefusal(Exception):
+    """A controller command this Desktop refuses; `code` goes into the result."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def result(self) -> CommandResult:
+        return CommandResult(
+            ok=False, status=CommandStatus.BLOCKED_BY_POLICY, code=self.code, message=str(self)
+        )
+
+
+@dataclass
+class TrustFile:
+    trust: Trust = "hub"
+    controllers: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> fields
+
+    def controller(self, controller_id: str) -> ControllerPublic | None:
+        entry = self.controllers.get(controller_id)
+        if entry is None:
+            return None
+        return ControllerPublic(entry["label"], entry["signingKey"], entry["encryptionKey"])
+
+
+def _path(store: DesktopStore, name: str) -> Path:
+    return store.directory / name
+
+
+def _read_json(store: DesktopStore, name: str) -> dict[str, Any] | None:
+    path = _path(store, name)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} is damaged: {exc}") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged: not a JSON object")
+    return value
+
+
+def load_trust(store: DesktopStore) -> TrustFile:
+    raw = _read_json(store, TRUST_FILE)
+    if raw is None:
+        return TrustFile()
+    trust, controllers = raw.get("trust"), raw.get("controllers", {})
+    if trust not in ("hub", "sealed") or not isinstance(controllers, dict):
+        raise StoreError(f"{_path(store, TRUST_FILE)} is damaged: no trust mode or controllers")
+    return TrustFile(trust=trust, controllers=dict(controllers))
+
+
+def save_trust(store: DesktopStore, trust: TrustFile) -> None:
+    store.ensure_dir()
+    body = {"trust": trust.trust, "controllers": trust.controllers}
+    write_private(_path(store, TRUST_FILE), json.dumps(body, indent=2))
+
+
+def load_requests(store: DesktopStore) -> dict[str, dict[str, str]]:
+    try:
+        requests = _read_json(store, REQUESTS_FILE) or {}
+    except StoreError:  # only waiting requests: a damaged file is an empty list
+        return {}
+    cutoff = time.time() - PENDING_SECONDS
+    return {k: v for k, v in requests.items() if float(v.get("requestedAt", 0)) > cutoff}
+
+
+def sealing_key(store: DesktopStore) -> DesktopSealingKey:
+    """The Desktop's X25519 key, made on first use."""
+    path = _path(store, KEY_FILE)
+    try:
+        return DesktopSealingKey.from_text(path.read_text())
+    except FileNotFoundError:
+        store.ensure_dir()
+        key = DesktopSealingKey.generate()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made meanwhile by another process: use that one
+            return DesktopSealingKey.from_text(path.read_text())
+        with os.fdopen(fd, "w") as f:
+            f.write(key.to_text())
+        return key
+
+
+def enrol(store: DesktopStore, fingerprint_text: str) -> ControllerPublic:
+    """A person on this machine approves a pending request by its fingerprint."""
+    wanted = normalise_fingerprint(fingerprint_text)
+    for request in load_requests(store).values():
+        controller = ControllerPublic(
+            request["label"], request["signingKey"], request["encryptionKey"]
+        )
+        if controller.fingerprint == wanted:
+            trust = load_trust(store)
+            trust.controllers[controller.controller_id] = {
+                "label": controller.label,
+                "signingKey": controller.signing_key,
+                "encryptionKey": controller.encryption_key,
+                "fingerprint": controller.fingerprint,
+                "addedAt": now_iso(),
+            }
+            save_trust(store, trust)
+            store.audit(
+                "controller.added", controllerId=controller.controller_id, fingerprint=wanted
+            )
+            return controller
+    raise KeyError(f"no pending enrolment request with fingerprint {wanted}")
+
+
+def remove(store: DesktopStore, which: str) -> str:
+    trust = load_trust(store)
+    wanted = normalise_fingerprint(which)
+    for cid, entry in list(trust.controllers.items()):
+        if which in (cid, entry.get("label")) or entry.get("fingerprint") == wanted:
+            del trust.controllers[cid]
+            save_trust(store, trust)
+            store.audit("controller.removed", controllerId=cid)
+            return cid
+    raise KeyError(f"no enrolled controller {which!r}")
+
+
+def set_trust(store: DesktopStore, mode: Trust) -> TrustFile:
+    trust = load_trust(store)
+    if trust.trust != mode:
+        trust.trust = mode
+        save_trust(store, trust)
+        store.audit("pairing.trust_changed", trust=mode)
+    return trust
+
+
+class SealedGuard:
+    """What the agent asks: is this pairing sealed, may this command run (and with
+    what payload), and what does sealed content look like."""
+
+    def __init__(self, store: DesktopStore, tenant: str, pairing_id: str) -> None:
+        self.store, self.tenant, self.pairing_id = store, tenant, pairing_id
+        self.key = sealing_key(store)
+        self._seen: tuple[int, int, int] | None = None
+        self._trust = TrustFile()
+        self._recipients: dict[str, str] = {}  # controller id -> X25519 key, as enrolled now
+        self._content: ContentKey | None = None
+        self._refresh()
+
+    def _refresh(self) -> TrustFile:
+        """The trust file as it is now (a stat per call; read again only if it changed)."""
+        try:
+            st = os.stat(_path(self.store, TRUST_FILE))
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            seen = (0, 0, 0)
+        if seen != self._seen:
+            try:
+                self._trust = load_trust(self.store)
+            except StoreError as exc:  # fail closed: sealed, to nobody, until it is repaired
+                log.error("desktop.trust_file_damaged: %s; sealed to no controller", exc)
+                self._trust = TrustFile(trust="sealed")
+            self._seen = seen
+            self._recipients = {
+                cid: entry["encryptionKey"] for cid, entry in self._trust.controllers.items()
+            }
+        return self._trust
+
+    @property
+    def sealed(self) -> bool:
+        return self._refresh().trust == "sealed"
+
+    # --- commands ---------------------------------------------------------------------
+    def check(self, command: DeviceCommand) -> DeviceCommand:
+        """The command with its payload opened, or SealedRefusal with a code. Order:
+        key, signature, freshness, replay, binding, payload."""
+        trust = self._refresh()
+        signed = command.signed
+        if signed is None:
+            # An enrolment request only waits here for a person: it needs no signature.
+            if trust.trust == "sealed" and command.kind != CommandKind.CONTROLLER_ENROL:
+                raise SealedRefusal(
+                    "sealed.unsigned", "this Desktop is sealed: commands must be signed"
+                )
+            return command
+        claims = signed.claims
+        controller = trust.controller(claims.controller_id)
+        if controller is None:
+            raise SealedRefusal(
+                "sealed.unknown_controller", f"{claims.controller_id} is not an enrolled controller"
+            )
+        if not controller.verify(signed):
+            raise SealedRefusal("sealed.bad_signature", "the signature does not verify")
+        now = time.time()
+        if claims.issued_at > now + MAX_CLOCK_SKEW:
+            raise SealedRefusal("sealed.not_yet_valid", "issued in the future")
+        if claims.expires_at <= now or claims.expires_at - claims.issued_at > MAX_LIFETIME:
+            raise SealedRefusal("sealed.expired", "the command has expired")
+        if claims.controller_sequence <= self.store.controller_sequence(claims.controller_id):
+            raise SealedRefusal(
+                "sealed.replayed",
+                f"sequence {claims.controller_sequence} of {claims.controller_id} was used "
+                "or passed already",
+            )
+        bound = {
+            "tenant": (claims.tenant, self.tenant),
+            "pairing": (claims.pairing_id, command.pairing_id),
+            "command": (claims.command_id, command.id),
+            "kind": (claims.kind, command.kind),
+            "workspace": (claims.workspace_id, command.workspace_id),
+            "session": (claims.session_id, command.session_id),
+        }
+        wrong = [name for name, (signed_for, got) in bound.items() if signed_for != got]
+        if claims.pairing_id != self.pairing_id:
+            wrong.append("pairing")
+        if wrong:
+            raise SealedRefusal(
+                "sealed.wrong_binding", f"signed for another {', '.join(sorted(set(wrong)))}"
+            )
+        if (
+            command.payload is not None
+            or payload_hash(signed.sealed_payload) != claims.payload_hash
+        ):
+            raise SealedRefusal("sealed.payload_mismatch", "the payload is not the one signed")
+        try:
+            payload = self.key.open_payload(signed)
+        except (SealError, ValueError) as exc:
+            raise SealedRefusal(
+                "sealed.undecryptable", f"the payload does not open: {exc}"
+            ) from None
+        if not self.store.advance_controller(claims.controller_id, claims.controller_sequence):
+            raise SealedRefusal("sealed.replayed", "the sequence was used meanwhile")
+        return command.model_copy(update={"payload": payload})
+
+    def enrolment_request(self, command: DeviceCommand) -> CommandResult:
+        """Record a relayed enrolment request; a person approves it here, or not."""
+        try:
+            request = ControllerEnrolPayload.model_validate(command.payload or {})
+        except ValidationError as exc:
+            return CommandResult(
+                ok=False,
+                status=CommandStatus.FAILED,
+                code="controller.invalid",
+                message=f"invalid enrolment request: {exc.errors()[0]['msg']}",
+            )
+        controller = ControllerPublic(request.label, request.signing_key, request.encryption_key)
+        requests = load_requests(self.store)
+        if len(requests) >= MAX_PENDING and controller.controller_id not in requests:
+            return CommandResult(
+                ok=False,
+                status=CommandStatus.BLOCKED_BY_POLICY,
+                code="controller.too_many_requests",
+                message=f"{MAX_PENDING} enrolment requests are waiting already",
+            )
+        requests[controller.controller_id] = {
+            **request.model_dump(by_alias=True),
+            "requestedAt": str(time.time()),
+            "commandId": command.id,
+        }
+        write_private(_path(self.store, REQUESTS_FILE), json.dumps(requests, indent=2))
+        self.store.audit(
+            "controller.requested",
+            controllerId=controller.controller_id,
+            fingerprint=controller.fingerprint,
+            label=controller.label,
+        )
+        return CommandResult(
+            ok=True,
+            status=CommandStatus.REQUIRES_LOCAL_CONFIRMATION,
+            code="controller.pending_approval",
+            message=(
+                f"approve on the Desktop: cowork desktop controllers add {controller.fingerprint}"
+            ),
+            data={
+                "controllerId": controller.controller_id,
+                "controllerFingerprint": controller.fingerprint,
+                "desktopKey": self.key.public,
+                "desktopFingerprint": self.key.fingerprint,
+            },
+        )
+
+    # --- content ----------------------------------------------------------------------
+    def _content_key(self) -> ContentKey:
+        """The current content key (call `_refresh` first)."""
+        recipients = self._recipients
+        key = self._content
+        if (
+            key is None
+            or key.recipients != recipients
+            or time.monotonic() - key.made_at > KEY_WINDOW
+        ):
+            key = self._content = ContentKey(recipients)
+        return key
+
+    def seal_event(self, event_id: str, payload: dict) -> dict:
+        """An event's payload as it leaves the Desktop: sealed on a sealed pairing."""
+        if self._refresh().trust != "sealed":
+            return payload
+        return self.seal_payload("event", event_id, payload)
+
+    def seal_payload(self, purpose: Literal["event", "result"], id: str, value: Any) -> dict:
+        plain = json.dumps(value, separators=(",", ":")).encode()
+        aad = content_aad(self.tenant, self.pairing_id, purpose, id)
+        return {"sealed": self._content_key().seal_json(plain, aad)}
+
+    def seal_result(self, command_id: str, result: CommandResult) -> CommandResult:
+        """What leaves the Desktop: ok, status and refusal code in clear, the rest sealed."""
+        self._refresh()
+        body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        aad = content_aad(self.tenant, self.pairing_id, "result", command_id)
+        sealed = self._content_key().seal(json.dumps(body).encode(), aad)
+        return CommandResult(ok=result.ok, status=result.status, code=result.code, sealed=sealed)
+
+
+def trust_summary(store: DesktopStore) -> dict[str, Any]:
+    trust = load_trust(store)
+    key = sealing_key(store)
+    return {
+        "trust": trust.trust,
+        "desktopFingerprint": key.fingerprint,
+        "controllers": [
+            {"id": cid, **{k: v for k, v in e.items() if k in ("label", "fingerprint", "addedAt")}}
+            for cid, e in trust.controllers.items()
+        ],
+        "pending": [
+            {
+                "fingerprint": ControllerPublic(
+                    r["label"], r["signingKey"], r["encryptionKey"]
+                ).fingerprint,
+                "label": r["label"],
+                "requestedAt": datetime.fromtimestamp(float(r["requestedAt"]), UTC).isoformat(),
+            }
+            for cid, r in load_requests(store).items()
+            if cid not in trust.controllers
+        ],
+    }

@@ -1,0 +1,307 @@
+"""Sealed pairings against real parts: operator-mode NATS, PostgreSQL, the hub, a real
+`opencode serve` (fake model) and the Desktop agent. The attacker holds what the hub
+holds: its NATS connection and credentials, and its write path into PostgreSQL
+(`hub.commands.submit` writes any row it is given; PATCH writes any policy)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from desktopkit import TENANT, eventually, get_pairing
+from sealedkit import enrolled_controller, seal
+
+from edges.common import ControllerKeys
+from edges.desktop._store import DesktopStore
+from edges.remote import ControllerStore, PairingLink, RemoteClient, RemoteError
+from schemas import DeviceCommand, DeviceEvent, Envelope, Lease, PrincipalKind, Source, subjects
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def hub_options():
+    return {"command_lease_seconds": 10}
+
+
+async def _forge(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
+    """Write a command row as the hub's own code does (no HTTP checks), push it, and
+    return the row once the Desktop's answer made it final."""
+    fields = {
+        "id": body.get("id"),
+        "kind": body["kind"],
+        "workspace_id": body.get("workspaceId", "local"),
+        "session_id": body.get("sessionId"),
+        "payload": body.get("payload"),
+        "signed": body.get("signed"),
+    }
+    outcome = await hub.commands.submit(TENANT, pid, {k: v for k, v in fields.items() if v})
+    row = await hub.commands.wait_final(TENANT, pid, outcome["command_id"], wait)
+    assert row["state"] == "done", row
+    return row
+
+
+def _refusal(row: dict) -> str:
+    result = row["result"]
+    assert result["ok"] is False and result["status"] == "blocked_by_policy", result
+    return result["code"]
+
+
+async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, desktop, tmp_path):
+    pid = desktop.pairing_id
+    controller = await enrolled_controller(hub, desktop, tmp_path / "controller")
+    seal(desktop)
+    created = await controller.send("create_session", payload={"title": "sealed"})
+    assert (created["result"] or {}).get("status") == "completed", created
+    session = created["result"]["session"]["id"]
+    other = (await controller.send("create_session", payload={"title": "other"}))["result"]
+    other_session = other["session"]["id"]
+    forged_text = "FORGED-PROMPT-never-run"
+
+    # Unsigned, whatever the kind: prompt, permission, question, abort, revoke.
+    unsigned = [
+        ("prompt", {"text": forged_text}),
+        ("permission.respond", {"permissionId": "per_x", "allowed": True}),
+        ("question.reply", {"requestId": "que_x", "answers": [["yes"]]}),
+        ("question.reject", {"requestId": "que_x"}),
+        ("abort", None),
+    ]
+    for kind, payload in unsigned:
+        row = await _forge(hub, pid, {"kind": kind, "sessionId": session, "payload": payload})
+        assert _refusal(row) == "sealed.unsigned", kind
+
+    # Signed by the attacker's own key: unknown; under the controller's id: bad signature.
+    attacker = ControllerKeys.generate("attacker")
+    desktop_key = controller.link.desktop_key
+    assert desktop_key is not None
+
+    def attacker_signed(controller_id: str | None = None) -> dict:
+        signed = attacker.sign(
+            tenant=TENANT,
+            pairing_id=pid,
+            command_id="cmdforged" + str(time.time_ns()),
+            sequence=10_000,
+            kind="prompt",
+            workspace_id="local",
+            session_id=session,
+            payload={"text": forged_text},
+            desktop_key=desktop_key,
+        )
+        if controller_id:
+            signed = signed.model_copy(
+                update={"claims": signed.claims.model_copy(update={"controller_id": controller_id})}
+            )
+        body = signed.model_dump(mode="json", by_alias=True)
+        return {
+            "id": signed.claims.command_id,
+            "kind": "prompt",
+            "sessionId": session,
+            "signed": body,
+        }
+
+    assert _refusal(await _forge(hub, pid, attacker_signed())) == "sealed.unknown_controller"
+    impersonated = attacker_signed(controller.keys.controller_id)
+    assert _refusal(await _forge(hub, pid, impersonated)) == "sealed.bad_signature"
+
+    # Expired: signed long ago (held back by the hub until it lapsed).
+    stale = controller.signed_body(
+        "prompt", session, {"text": forged_text}, issued_at=time.time() - 1000, lifetime=300
+    )
+    assert _refusal(await _forge(hub, pid, stale)) == "sealed.expired"
+
+    # Replayed: a command that ran, sent again under a new id.
+    ran = controller.signed_body("prompt", session, {"text": "a real prompt"})
+    done = await controller.submit_body(ran)
+    assert done["result"]["status"] == "queued", done
+    again = {**ran, "id": "cmdreplay" + str(time.time_ns())}
+    assert _refusal(await _forge(hub, pid, again)) == "sealed.replayed"
+
+    # Reordered: the later sequence first; the earlier one is then refused.
+    first = controller.signed_body("status", None, None)
+    second = controller.signed_body("status", None, None)
+    assert (await controller.submit_body(second))["result"]["status"] == "completed"
+    assert _refusal(await _forge(hub, pid, first)) == "sealed.replayed"
+
+    # Wrongly bound: a real signed command delivered for another session or kind.
+    for change in ({"sessionId": other_session}, {"kind": "abort"}):
+        held = controller.signed_body("prompt", session, {"text": forged_text})
+        assert _refusal(await _forge(hub, pid, {**held, **change})) == "sealed.wrong_binding"
+
+    # Another payload under a real signature (anyone can seal to the Desktop's key).
+    held = controller.signed_body("prompt", session, {"text": "what the controller said"})
+    swapped = attacker_signed()["signed"]["sealedPayload"]
+    held["signed"] = {**held["signed"], "sealedPayload": swapped}
+    assert _refusal(await _forge(hub, pid, held)) == "sealed.payload_mismatch"
+
+    # Straight onto the Desktop's command subject with the hub's own connection.
+    pushed = DeviceCommand(
+        id="cmdpushed" + str(time.time_ns()),
+        kind="prompt",
+        pairing_id=pid,
+        workspace_id="local",
+        session_id=session,
+        payload={"text": forged_text},
+        sequence=100_000,
+        created_at=datetime.now(UTC),
+        lease=Lease(
+            leased_by="attacker",
+            lease_token="x" * 32,
+            lease_expires_at=datetime.now(UTC) + timedelta(seconds=30),
+        ),
+    )
+    source = Source(principal_kind=PrincipalKind.HUB, principal_id="hub")
+    await hub.started_nc().publish(
+        subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=pid),
+        Envelope.wrap(pushed, source=source, tenant=TENANT).encode(),
+    )
+    local = DesktopStore(desktop.agent.store.directory)
+
+    def refused_locally() -> set[str]:
+        return {
+            line.get("code")
+            for line in local.read_audit()
+            if line["action"] == "command.refused" and line.get("commandId") == pushed.id
+        }
+
+    assert await eventually(refused_locally, 10) == {"sealed.unsigned"}
+
+    # Policy: the hub may not loosen it (nor tighten it: it is the Desktop's).
+    before = desktop.agent.state.policy
+    response = await http.patch(
+        f"/api/v1/tenants/{TENANT}/pairings/{pid}",
+        json={"policy": {"exposeLocalPaths": True, "allowRemoteAttachments": True}},
+    )
+    assert response.status_code == 200, response.text
+    revision = response.json()["revision"]
+    await eventually(lambda: desktop.agent.state.revision >= revision, 10)
+    assert desktop.agent.state.policy == before
+    assert "pairing.update_refused" in {line["action"] for line in local.read_audit()}
+
+    # An event written into JetStream by the hub comes out in clear, so it says so.
+    forged_id = "evforged" + str(time.time_ns())
+    event = DeviceEvent(
+        id=forged_id,
+        pairing_id=pid,
+        type="session.event",
+        workspace_id="local",
+        session_id=session,
+        occurred_at=datetime.now(UTC),
+        payload={"type": "session.idle", "properties": {"sessionID": session}},
+    )
+    as_desktop = Source(principal_kind=PrincipalKind.DESKTOP, principal_id=pid)
+    await (
+        hub.started_nc()
+        .jetstream()
+        .publish(
+            subjects.DEVICE_EVENT.build(tenant=TENANT, device_id=pid, event_kind="session"),
+            Envelope.wrap(event, source=as_desktop, tenant=TENANT).encode(),
+            headers={"Nats-Msg-Id": forged_id},
+        )
+    )
+
+    async def forged_event_seen() -> dict | None:
+        return next((e for e in await controller.events() if e["id"] == forged_id), None)
+
+    seen = await eventually(forged_event_seen, 10, 0.1, "the forged event in the log")
+    assert seen["sealed"] is False
+    session_events = [e for e in await controller.events() if e["sessionId"] == session]
+    assert [e for e in session_events if e["id"] != forged_id and not e["sealed"]] == []
+
+    # An honest client's mistakes are a 422 at the hub (not a security check).
+    base = f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands"
+    good = controller.signed_body("prompt", session, {"text": "x"})
+    for wrong, message in (
+        ({**good, "payload": {"text": "x"}}, "carries its payload sealed"),
+        ({**good, "id": "cmdother"}, "is the one it is signed for"),
+        ({**good, "sessionId": other_session}, "must be the ones signed"),
+    ):
+        response = await http.post(base, json=wrong)
+        assert response.status_code == 422 and message in response.text, response.text
+
+    # Every refusal is audited on the Desktop with its code, and nothing forged ran.
+    codes = {line.get("code") for line in local.read_audit() if line["action"] == "command.refused"}
+    assert codes >= {
+        "sealed.unsigned",
+        "sealed.unknown_controller",
+        "sealed.bad_signature",
+        "sealed.expired",
+        "sealed.replayed",
+        "sealed.wrong_binding",
+        "sealed.payload_mismatch",
+    }
+    messages = json.dumps(await desktop.agent.opencode.messages(session))
+    assert "a real prompt" in messages and forged_text not in messages
+    assert "what the controller said" not in messages
+    await controller.aclose()
+
+
+async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop, tmp_path):
+    kept = await enrolled_controller(hub, desktop, tmp_path / "kept", "kept")
+    assert (await get_pairing(http, desktop.pairing_id))["trust"] == "hub"
+    seal(desktop)
+
+    async def reported_sealed() -> bool:  # in the next heartbeat, for admins and channels
+        return (await get_pairing(http, desktop.pairing_id))["trust"] == "sealed"
+
+    await eventually(reported_sealed, 10, 0.1, "the pairing to show trust sealed")
+    # Enrolment asks through the hub unsigned, also once sealed; a person approves.
+    removed = await enrolled_controller(hub, desktop, tmp_path / "removed", "removed")
+    # A controller that pinned another Desktop fingerprint refuses the answer (the hub
+    # could have put its own key there).
+    store = ControllerStore(tmp_path / "wary")
+    wary = RemoteClient(
+        store,
+        PairingLink(desktop.pairing_id, TENANT, hub.http_url, None, None),
+        hub.test_admin_token,
+        keys=store.create_keys("wary"),
+    )
+    with pytest.raises(RemoteError, match="do not use this pairing"):
+        await wary.request_enrolment(expect_desktop="AAAA-BBBB-CCCC-DDDD")
+    await wary.aclose()
+    session = (await kept.send("create_session", payload={"title": "t"}))["result"]["session"]
+
+    async def of_session() -> list[dict]:
+        raw = await kept._http.get(kept._events, params={"after": 0, "limit": 500})
+        return [i for i in raw.json()["items"] if i["sessionId"] == session["id"]]
+
+    # What the hub holds of the session is ciphertext; both controllers open it.
+    ours = await eventually(of_session, 10, 0.1, "the session's events")
+    assert all("sealed" in item["payload"] for item in ours)
+    before = await kept.events()
+    seen_by_removed = {e["id"]: e for e in await removed.events()}
+    assert all(seen_by_removed[i["id"]]["payload"] is not None for i in ours), "both open these"
+
+    from edges.desktop._sealed import remove
+
+    remove(DesktopStore(desktop.agent.store.directory), removed.keys.controller_id)
+    last = before[-1]["sequence"]
+    done = await kept.send("prompt", session["id"], {"text": "after the removal"})
+    assert done["result"]["status"] == "queued", done
+
+    async def replied() -> list[dict]:
+        after = await kept.events(last)
+        return after if any("reply to: after the removal" in json.dumps(e) for e in after) else []
+
+    after = await eventually(replied, 20, 0.1, "the reply, readable by the kept controller")
+    assert all(e["payload"] is not None for e in after)
+    for item in await removed.events(last):
+        assert item["payload"] is None and "no content key" in item["sealedError"]
+    # What it could read before, it still can (it held that key then).
+    assert all(
+        e["payload"] is not None
+        for e in await removed.events(0)
+        if e["id"] in {i["id"] for i in ours}
+    )
+    with pytest.raises(Exception, match="no content key"):
+        removed.open_view(await kept._submit(kept.signed_body("status", None, None)))
+
+    # A damaged trust file fails closed: sealed, to no controller.
+    (desktop.agent.store.directory / "sealed.json").write_text("{not json")
+    row = await _forge(hub, desktop.pairing_id, {"kind": "status"})
+    assert _refusal(row) == "sealed.unsigned"
+    refused = await kept.send("status")
+    assert refused["result"]["code"] == "sealed.unknown_controller", refused
+    await kept.aclose()
+    await removed.aclose()
