@@ -107,14 +107,14 @@ class HubSettings(BaseSettings):
         "docs/operations.md)",
     )
     event_rate_per_desktop: float = Field(
-        default=500.0,
+        default=1000.0,
         ge=1.0,
         description="Events a second each Desktop is projected at once over its burst: "
         "beyond, its events wait in a lane of their own, at this rate, so its partition's "
         "other Desktops never wait behind it",
     )
     event_burst_per_desktop: float = Field(
-        default=5000.0,
+        default=2000.0,
         ge=100.0,
         description="Events a Desktop may send at once before its rate applies",
     )
