@@ -24,12 +24,14 @@ from ._provider import (
 )
 from ._registry import (
     PROVIDERS,
+    TRANSPORTS,
     UnknownProvider,
     capability_matrix,
     capability_rows,
     capability_table_markdown,
     provider_class,
 )
+from ._transport import InboundTransport, TransportSettings, TransportSink
 from .cli import add_channel_commands
 from .runtime import ChannelRuntime, RuntimeOptions
 
@@ -49,6 +51,10 @@ __all__ = [
     "destination_changed",
     "message_id",
     "PROVIDERS",
+    "TRANSPORTS",
+    "InboundTransport",
+    "TransportSettings",
+    "TransportSink",
     "UnknownProvider",
     "capability_matrix",
     "capability_rows",

@@ -7,11 +7,13 @@ from typing import Any
 from schemas import ChannelKind
 
 from ._provider import Capabilities, Provider
+from ._transport import InboundTransport
 from .providers import (
     CliProvider,
     DiscordProvider,
     EmailProvider,
     SlackProvider,
+    TelegramPolling,
     TelegramProvider,
     WebhookProvider,
     WhatsAppProvider,
@@ -25,6 +27,12 @@ PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.EMAIL.value: EmailProvider,
     ChannelKind.WEBHOOK.value: WebhookProvider,
     ChannelKind.CLI.value: CliProvider,
+}
+
+
+# The outbound transport of each kind that has one (`transport: outbound`).
+TRANSPORTS: dict[str, type[InboundTransport]] = {
+    ChannelKind.TELEGRAM.value: TelegramPolling,
 }
 
 
@@ -69,6 +77,7 @@ def capability_rows() -> list[dict[str, Any]]:
                 "rateLimit": caps.rate_limit,
                 "ephemeral": caps.ephemeral,
                 "inbound": caps.inbound,
+                "transports": _transports(kind, caps),
                 "verification": caps.verification,
             }
         )
@@ -77,7 +86,7 @@ def capability_rows() -> list[dict[str, Any]]:
 
 _COLUMNS = (
     ("kind", "kind"),
-    ("inbound", "inbound"),
+    ("transports", "inbound transports"),
     ("verification", "verification"),
     ("maxTextLength", "text limit"),
     ("threads", "threads"),
@@ -93,6 +102,12 @@ _COLUMNS = (
     ("rateLimit", "rate limit"),
     ("ephemeral", "ephemeral"),
 )
+
+
+def _transports(kind: str, caps: Capabilities) -> list[str]:
+    """How its traffic may arrive: `webhook`, `stdin`, and its outbound transport."""
+    outbound = TRANSPORTS.get(kind)
+    return [caps.inbound] + ([f"outbound ({outbound.name})"] if outbound else [])
 
 
 def capability_table_markdown() -> str:

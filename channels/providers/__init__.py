@@ -9,6 +9,7 @@ from ._discord import DiscordProvider
 from ._email import EmailProvider
 from ._slack import SlackProvider
 from ._telegram import TelegramProvider
+from ._telegram_polling import TelegramPolling
 from ._webhook import WebhookProvider
 from ._whatsapp import WhatsAppProvider
 
@@ -20,6 +21,7 @@ __all__ = [
     "EmailProvider",
     "STDIN_METHOD",
     "SlackProvider",
+    "TelegramPolling",
     "TelegramProvider",
     "WebhookProvider",
     "WhatsAppProvider",

@@ -87,6 +87,11 @@ class ChannelService:
                 body_limit_bytes=settings.channel_body_limit_bytes,
                 source_rate=settings.channel_source_rate,
                 msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest(),
+                # Outbound transports of `transportHost: any` instances: one process
+                # holds each (hub replica or `cowork channel run`), by a lease in
+                # CW_CHANNEL_LEASES whose max_age is the partition lease TTL.
+                transport_holder=f"hub replica {replica or hub_id}",
+                transport_lease_seconds=settings.partition_lease_seconds,
             ),
             source_of=lambda request: client_address(request, trusted),
             deliver_all=False,  # where the lease is: self._delivery
@@ -368,13 +373,20 @@ class ChannelService:
                 status=503,
             )
         row = await self.get(tenant, instance_id)
-        if provider_for(row["kind"]).capabilities.inbound != "stdin":
+        outbound = validate_settings(row["kind"], row["settings"])[0]
+        if (
+            provider_for(row["kind"]).capabilities.inbound != "stdin"
+            and getattr(outbound, "transport", "webhook") != "outbound"
+        ):
             # A hosted kind's bus identity belongs to the hub's runtime alone: a key
             # held elsewhere could speak as its chat users and take its deliveries.
+            # An outbound transport may run elsewhere (`cowork channel run`), whose
+            # operator holds the platform's token already.
             raise ChannelInstanceError(
                 "channel_instance.hosted_kind",
-                f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
-                f"{row['kind']} instance, served by the hub itself",
+                f"credentials are issued only for kind 'cli' instances and instances with "
+                f"transport 'outbound'; {instance_id!r} is a {row['kind']} instance "
+                f"receiving webhooks, served by the hub itself",
                 status=409,
             )
         principal = Principal(

@@ -198,5 +198,24 @@ class FakePlatform:
                 return posted
         return None
 
+    # --- outbound transports (a fake of a kind in channels TRANSPORTS) -------------------
+    # The platform's side of the connection the instance dials: what a signed
+    # webhook request would carry, sent over it instead; a cut mid-stream; and
+    # `conflicts`, the times two connections of one bot were live at once.
+    conflicts: int = 0
+
+    def transport_settings(self) -> dict[str, Any]:
+        """Settings of an instance receiving over its outbound transport (short
+        long polls, so tests stop quickly)."""
+        return {**self.instance_settings(), "transport": "outbound", "pollTimeoutSeconds": 1}
+
+    async def emit(self, request: WebhookRequest) -> None:
+        """Send what `request` carries over the outbound connection."""
+        raise NotImplementedError(f"{self.kind} has no outbound transport fake")
+
+    def drop_next(self) -> None:
+        """Cut the connection right as it carries the next traffic (unconfirmed)."""
+        raise NotImplementedError(f"{self.kind} has no outbound transport fake")
+
     def texts(self, chat_id: str) -> list[str]:
         return [p.text for p in self.chats.get(chat_id, [])]

@@ -1,0 +1,212 @@
+"""The outbound transports (channels TRANSPORTS), each against its fake platform
+speaking the documented protocol, through the real runtime and a real NATS:
+what arrives is stored once and in order across cuts, resumes and restarts;
+429 and 5xx are waited out; one connection per instance among processes; the
+state shows in the instance's health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import nats
+import pytest
+from fakeplatforms import FAKES, FakePlatform
+
+import channels
+from channels import ChannelRuntime, InstanceConfig, RuntimeOptions
+from hub.core import _streams
+from schemas import ChannelInbound, decode, subjects
+
+KINDS = sorted(channels.TRANSPORTS)
+TENANT = "acme"
+WORKSPACE = "ws1"
+
+
+def options(holder: str, **extra: Any) -> RuntimeOptions:
+    return RuntimeOptions(
+        backoff_base_seconds=0.05,
+        backoff_cap_seconds=0.5,
+        transport_holder=holder,
+        msg_id_key=b"k" * 32,  # one key for every process: as hub replicas share theirs
+        **extra,
+    )
+
+
+class Rig:
+    def __init__(self, kind: str, fake: FakePlatform, nc: Any, nats_url: str) -> None:
+        self.kind, self.fake, self.nc, self.nats_url = kind, fake, nc, nats_url
+        self.instance_id = f"{kind}-{uuid.uuid4().hex[:8]}"
+        self.runtimes: list[ChannelRuntime] = []
+        self.stored: list[ChannelInbound] = []
+        self.event = 100
+
+    def config(self, **settings: Any) -> InstanceConfig:
+        cls = channels.PROVIDERS[self.kind]
+        return InstanceConfig(
+            tenant=TENANT,
+            instance_id=self.instance_id,
+            kind=self.kind,
+            workspace_id=WORKSPACE,
+            settings=cls.settings_model.model_validate(
+                {**self.fake.transport_settings(), **settings}
+            ),
+            secrets=cls.secrets_model.model_validate(self.fake.instance_secrets()),
+        )
+
+    async def runtime(self, holder: str = "test-a", **settings: Any) -> ChannelRuntime:
+        async def connect(cfg: InstanceConfig):
+            return await nats.connect(self.nats_url)
+
+        runtime = ChannelRuntime(connect=connect, options=options(holder), deliver_all=False)
+        self.runtimes.append(runtime)
+        await runtime.start()
+        await runtime.apply(self.config(**settings))
+        return runtime
+
+    async def watch(self) -> None:
+        """Everything the instance stored, from the stream (duplicates dropped there)."""
+        subject = subjects.CHANNEL_INBOUND.build(
+            tenant=TENANT, instance_id=self.instance_id, workspace_id=WORKSPACE
+        )
+
+        async def on(msg):
+            self.stored.append(decode(msg.data, ChannelInbound).data)
+
+        await self.nc.jetstream().subscribe(subject, cb=on, ordered_consumer=True)
+
+    async def say(self, text: str, chat: str = "100") -> None:
+        self.event += 1
+        await self.fake.emit(self.fake.signed_message(text, chat_id=chat, event_id=str(self.event)))
+
+    def texts(self) -> list[str]:
+        return [m.text for m in self.stored]
+
+    async def until(self, predicate, what: str, timeout: float = 8.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; stored {self.texts()}")
+            await asyncio.sleep(0.02)
+
+    def transport(self, runtime: ChannelRuntime) -> dict[str, Any]:
+        return runtime.health(self.instance_id)["transport"]
+
+
+@pytest.fixture(params=KINDS)
+async def rig(request, nats_url):
+    fake = FAKES[request.param]()
+    await fake.start()
+    nc = await nats.connect(nats_url)
+    await _streams.declare(nc.jetstream())
+    rig = Rig(request.param, fake, nc, nats_url)
+    await rig.watch()
+    try:
+        yield rig
+    finally:
+        for runtime in rig.runtimes:
+            await runtime.stop()
+        await nc.close()
+        await fake.stop()
+
+
+async def test_a_message_arrives_once_and_health_says_connected(rig: Rig) -> None:
+    runtime = await rig.runtime()
+    await rig.say("hello")
+    await rig.until(lambda: rig.texts() == ["hello"], "the message")
+    health = runtime.health(rig.instance_id)
+    assert health["transport"]["state"] == "connected", health
+    assert health["transport"]["name"] == channels.TRANSPORTS[rig.kind].name
+    assert health["transport"]["accepted"] == 1
+    assert health["inboundAccepted"] == 1
+    stored = rig.stored[0]
+    assert stored.provider == rig.instance_id and stored.workspace_id == WORKSPACE
+    assert stored.sender.provider_user_id == rig.fake.user_ref("7")
+
+
+async def test_a_cut_mid_stream_loses_and_duplicates_nothing(rig: Rig) -> None:
+    runtime = await rig.runtime()
+    await rig.say("one")
+    await rig.until(lambda: rig.texts() == ["one"], "the first message")
+    rig.fake.drop_next()
+    for n in range(2, 7):
+        await rig.say(f"m{n}")
+    await rig.until(lambda: len(rig.stored) >= 6, "the messages after the cut")
+    await asyncio.sleep(0.3)  # nothing more comes
+    assert rig.texts() == ["one", "m2", "m3", "m4", "m5", "m6"]  # once each, in order
+    assert rig.transport(runtime)["reconnects"] >= 1
+
+
+async def test_order_per_conversation_holds(rig: Rig) -> None:
+    await rig.runtime()
+    for n in range(20):
+        await rig.say(f"a{n}", chat="100")
+        await rig.say(f"b{n}", chat="200")
+    await rig.until(lambda: len(rig.stored) >= 40, "40 messages")
+    by_chat: dict[str, list[str]] = {}
+    for msg in rig.stored:
+        by_chat.setdefault(msg.target.chat_id, []).append(msg.text)
+    assert by_chat[rig.fake.chat_ref("100")] == [f"a{n}" for n in range(20)]
+    assert by_chat[rig.fake.chat_ref("200")] == [f"b{n}" for n in range(20)]
+
+
+@pytest.mark.parametrize("status", [429, 502])
+async def test_rate_limits_and_platform_errors_are_waited_out(rig: Rig, status: int) -> None:
+    runtime = await rig.runtime()
+    await rig.say("before")
+    await rig.until(lambda: rig.texts() == ["before"], "the first message")
+    rig.fake.fail_next(status, retry_after=1.0 if status == 429 else None)
+    rig.fake.drop_next()  # the connection ends; reconnecting meets the failure
+    failed_at = time.monotonic()
+    await rig.say("after")
+    await rig.until(lambda: rig.texts() == ["before", "after"], "the message after the error")
+    transport = rig.transport(runtime)
+    assert transport["lastError"] and str(status) in transport["lastError"], transport
+    if status == 429:  # retry_after honoured: not before the second is up
+        assert time.monotonic() - failed_at >= 0.9
+
+
+async def test_a_new_process_resumes_from_the_durable_cursor(rig: Rig) -> None:
+    first = await rig.runtime("test-a")
+    await rig.say("one")
+    await rig.until(lambda: rig.texts() == ["one"], "the first message")
+    await first.stop()
+    await rig.say("while nobody listens")
+    await rig.runtime("test-b")
+    await rig.until(lambda: len(rig.stored) >= 2, "the message sent meanwhile")
+    await asyncio.sleep(0.3)
+    assert rig.texts() == ["one", "while nobody listens"]
+
+
+async def test_one_connection_per_instance_among_processes(rig: Rig) -> None:
+    a = await rig.runtime("edge gw1")
+    await rig.until(lambda: rig.transport(a)["state"] == "connected", "a connected")
+    b = await rig.runtime("hub replica r2")
+    await rig.until(lambda: rig.transport(b)["state"] == "standby", "b in standby")
+    assert rig.transport(b)["holder"] == "edge gw1"
+    await rig.say("to whoever holds it")
+    await rig.until(lambda: len(rig.stored) == 1, "the message")
+    await a.stop()  # hands the lease back: b takes over within a third of a TTL
+    await rig.until(lambda: rig.transport(b)["state"] == "connected", "b took over", 6.0)
+    await rig.say("after the handover")
+    await rig.until(lambda: len(rig.stored) == 2, "the message after the handover")
+    assert rig.fake.conflicts == 0
+    assert rig.texts() == ["to whoever holds it", "after the handover"]
+
+
+async def test_a_button_press_arrives_as_an_interaction(rig: Rig) -> None:
+    press = rig.fake.signed_button_press("ca-token-1", event_id="77")
+    if press is None:
+        pytest.skip(f"{rig.kind} has no buttons")
+    await rig.runtime()
+    await rig.fake.emit(press)
+    await rig.until(lambda: len(rig.stored) == 1, "the press")
+    assert rig.stored[0].interaction is not None
+    assert rig.stored[0].interaction.token == "ca-token-1"
+
+
+async def test_webhooks_are_refused_for_an_outbound_instance(rig: Rig) -> None:
+    runtime = await rig.runtime()
+    assert runtime._webhook_instance(rig.instance_id) is None
