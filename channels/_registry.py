@@ -10,6 +10,7 @@ from ._provider import Capabilities, Provider
 from ._transport import InboundTransport
 from .providers import (
     CliProvider,
+    DiscordGateway,
     DiscordProvider,
     EmailProvider,
     SlackProvider,
@@ -33,6 +34,7 @@ PROVIDERS: dict[str, type[Provider]] = {
 # The outbound transport of each kind that has one (`transport: outbound`).
 TRANSPORTS: dict[str, type[InboundTransport]] = {
     ChannelKind.TELEGRAM.value: TelegramPolling,
+    ChannelKind.DISCORD.value: DiscordGateway,
 }
 
 

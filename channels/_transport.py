@@ -77,8 +77,9 @@ class TransportSink(Protocol):
     def refused(self, reason: str) -> None:
         """A payload that was not accepted (too large, malformed): counted, skipped."""
 
-    def report(self, detail: str) -> None:
-        """The connection's state in words (health `transport.detail`)."""
+    def report(self, detail: str, *, connected: bool = False) -> None:
+        """The connection's state in words (health `transport.detail`); `connected`
+        once the platform accepted the connection (a session ready, a poll answered)."""
 
 
 class InboundTransport(Protocol):

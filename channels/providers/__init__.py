@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ._cli import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
 from ._discord import DiscordProvider
+from ._discord_gateway import DiscordGateway
 from ._email import EmailProvider
 from ._slack import SlackProvider
 from ._telegram import TelegramProvider
@@ -17,6 +18,7 @@ __all__ = [
     "CliProvider",
     "CliSecrets",
     "CliSettings",
+    "DiscordGateway",
     "DiscordProvider",
     "EmailProvider",
     "STDIN_METHOD",

@@ -33,7 +33,7 @@ class TelegramPolling:
             await provider.stop_webhook()
             self._webhook_cleared = True
         offset = int(sink.cursor) if sink.cursor and sink.cursor.isdigit() else None
-        sink.report("long polling getUpdates")
+        sink.report("long polling getUpdates", connected=True)
         while True:
             updates = await provider.poll(offset, provider.settings.poll_timeout_seconds)
             result, offset = self._batch(sink, updates, offset)

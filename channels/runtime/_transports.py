@@ -88,8 +88,11 @@ class _Sink:
             **kv(instance=runner.instance.instance_id, reason=reason[:200]),
         )
 
-    def report(self, detail: str) -> None:
-        self._runner.set("connected" if self._runner.state == "connected" else "connecting", detail)
+    def report(self, detail: str, *, connected: bool = False) -> None:
+        runner = self._runner
+        if connected:
+            runner.connected()
+        runner.set("connected" if runner.state == "connected" else "connecting", detail)
 
 
 class TransportRunner:
@@ -205,6 +208,12 @@ class TransportRunner:
                 delay = self._delay(error, attempt)
                 if error is not None:
                     self.last_error = _describe(error)
+                    if not isinstance(error, DeliveryFailed):  # not the platform's: ours
+                        log.warning(
+                            "channel.transport.error",
+                            exc_info=error,
+                            **kv(instance=self.instance.instance_id, error=self.last_error),
+                        )
                     self._maybe_degrade(error)
                 self.set(
                     "backoff",

@@ -88,7 +88,10 @@ class Rig:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; stored {self.texts()}")
+                health = [r.health(self.instance_id) for r in self.runtimes]
+                raise AssertionError(
+                    f"timed out waiting for {what}; stored {self.texts()}; health {health}"
+                )
             await asyncio.sleep(0.02)
 
     def transport(self, runtime: ChannelRuntime) -> dict[str, Any]:
@@ -210,3 +213,82 @@ async def test_a_button_press_arrives_as_an_interaction(rig: Rig) -> None:
 async def test_webhooks_are_refused_for_an_outbound_instance(rig: Rig) -> None:
     runtime = await rig.runtime()
     assert runtime._webhook_instance(rig.instance_id) is None
+
+
+# --- Discord's Gateway: its own session rules --------------------------------------------
+@pytest.fixture
+async def gateway(nats_url):
+    fake = FAKES["discord"]()
+    await fake.start()
+    nc = await nats.connect(nats_url)
+    await _streams.declare(nc.jetstream())
+    rig = Rig("discord", fake, nc, nats_url)
+    await rig.watch()
+    try:
+        yield rig
+    finally:
+        for runtime in rig.runtimes:
+            await runtime.stop()
+        await nc.close()
+        await fake.stop()
+
+
+async def test_gateway_identifies_with_the_message_content_intent(gateway: Rig) -> None:
+    runtime = await gateway.runtime()
+    await gateway.until(lambda: gateway.transport(runtime)["state"] == "connected", "ready")
+    intents = gateway.fake.identified_intents[0]
+    assert intents & (1 << 15) and intents & (1 << 9) and intents & (1 << 12)
+
+
+async def test_gateway_reconnect_request_resumes_and_replays(gateway: Rig) -> None:
+    runtime = await gateway.runtime()
+    await gateway.say("one")
+    await gateway.until(lambda: gateway.texts() == ["one"], "the first message")
+    await gateway.fake.send_op(7)  # RECONNECT
+    await gateway.say("two")
+    await gateway.until(lambda: gateway.texts() == ["one", "two"], "the message after it")
+    assert gateway.fake.identifies == 1 and gateway.fake.resumes >= 1
+    assert gateway.transport(runtime)["state"] == "connected"
+
+
+async def test_gateway_invalid_session_identifies_anew(gateway: Rig) -> None:
+    await gateway.runtime()
+    await gateway.say("one")
+    await gateway.until(lambda: gateway.texts() == ["one"], "the first message")
+    gateway.fake.invalidate_session()
+    await gateway.fake.send_op(7)  # the resume that follows is refused: op 9, d=false
+    await gateway.until(lambda: gateway.fake.identifies == 2, "a new session", 10.0)
+    await gateway.say("two")
+    await gateway.until(lambda: gateway.texts() == ["one", "two"], "the message after it")
+
+
+async def test_gateway_without_heartbeat_acks_is_a_zombie_and_resumes(gateway: Rig) -> None:
+    await gateway.runtime()
+    await gateway.until(lambda: gateway.fake.heartbeats >= 1, "a heartbeat")
+    gateway.fake.ack_heartbeats = False
+    await gateway.until(lambda: gateway.fake.resumes >= 1, "a resume after missed acks")
+    gateway.fake.ack_heartbeats = True
+    await gateway.say("still here")
+    await gateway.until(lambda: gateway.texts() == ["still here"], "the message")
+
+
+async def test_gateway_bad_token_is_permanent_and_shown(gateway: Rig) -> None:
+    gateway.fake.gateway_token = "a-token-the-instance-does-not-have"
+    runtime = await gateway.runtime()
+    await gateway.until(
+        lambda: "4004" in (gateway.transport(runtime)["lastError"] or ""),
+        "the refusal in health",
+    )
+    await asyncio.sleep(0.3)
+    # Permanent: retried after the backoff cap (0.5 s here), not at once.
+    assert gateway.fake.refused_logins <= 2
+    assert runtime.health(gateway.instance_id)["state"] == "degraded"
+
+
+async def test_gateway_interaction_is_stored_then_acknowledged(gateway: Rig) -> None:
+    await gateway.runtime()
+    await gateway.fake.emit(gateway.fake.signed_button_press("ca-tok", event_id="555"))
+    await gateway.until(lambda: "555" in gateway.fake.answered, "the callback")
+    assert [m.interaction.token for m in gateway.stored if m.interaction] == ["ca-tok"]
+    callback = [body for op, body in gateway.fake.calls if op == "interaction callback"]
+    assert callback == [{"type": 6}]  # deferred update, as the webhook answers
