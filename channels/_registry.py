@@ -14,6 +14,7 @@ from .providers import (
     DiscordProvider,
     EmailProvider,
     SlackProvider,
+    SlackSocketMode,
     TelegramPolling,
     TelegramProvider,
     WebhookProvider,
@@ -35,6 +36,7 @@ PROVIDERS: dict[str, type[Provider]] = {
 TRANSPORTS: dict[str, type[InboundTransport]] = {
     ChannelKind.TELEGRAM.value: TelegramPolling,
     ChannelKind.DISCORD.value: DiscordGateway,
+    ChannelKind.SLACK.value: SlackSocketMode,
 }
 
 

@@ -9,6 +9,7 @@ from ._discord import DiscordProvider
 from ._discord_gateway import DiscordGateway
 from ._email import EmailProvider
 from ._slack import SlackProvider
+from ._slack_socket import SlackSocketMode
 from ._telegram import TelegramProvider
 from ._telegram_polling import TelegramPolling
 from ._webhook import WebhookProvider
@@ -23,6 +24,7 @@ __all__ = [
     "EmailProvider",
     "STDIN_METHOD",
     "SlackProvider",
+    "SlackSocketMode",
     "TelegramPolling",
     "TelegramProvider",
     "WebhookProvider",

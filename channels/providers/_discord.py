@@ -41,6 +41,7 @@ from . import _payload as p
 from ._platform_http import (
     call_json,
     check_buttons,
+    checked_socket_url,
     file_bytes,
     invalid,
     require_object,
@@ -357,29 +358,12 @@ class DiscordProvider:
         answer = require_object(
             "discord get gateway", await self._call("GET", "/gateway/bot", "get gateway")
         )
-        url = answer.get("url")
-        if not isinstance(url, str) or not url.startswith(("wss://", "ws://")):
-            raise DeliveryFailed(
-                "discord get gateway: no websocket URL", code="platform.bad_response"
-            )
-        return self.checked_gateway_url(url)
+        return self.checked_gateway_url(answer.get("url"))
 
-    def checked_gateway_url(self, url: str) -> str:
-        """A Gateway URL (from the API or a READY's resume URL) under the instance's
-        SSRF rules when the operator chose the API base: its bot token goes there."""
-        policy = self.settings.api_policy
-        if policy is not None:
-            try:
-                _ssrf.check_url("http" + url[2:], policy)
-            except _ssrf.UnsafeUrl as exc:
-                raise DeliveryFailed(
-                    f"discord gateway: {exc}", code=exc.code, permanent=True
-                ) from None
-        elif not url.startswith("wss://"):
-            raise DeliveryFailed(
-                "discord gateway: only wss URLs", code="ssrf.scheme", permanent=True
-            )
-        return url
+    def checked_gateway_url(self, url: Any) -> str:
+        """A Gateway URL (from the API or a READY's resume URL), which the bot token
+        goes to: checked (channels/providers/_platform_http.py checked_socket_url)."""
+        return checked_socket_url(url, self.settings.api_policy, "discord gateway")
 
     def gateway_message(self, data: dict[str, Any]) -> WebhookResult:
         """A MESSAGE_CREATE dispatch as a message (nothing for bots' and webhooks'

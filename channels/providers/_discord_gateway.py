@@ -25,13 +25,12 @@ import json
 import random
 from typing import Any, ClassVar
 
-import aiohttp
 import httpx
 
 from .._provider import ChannelError, DeliveryFailed
 from .._transport import TransportSink, transport_request
 from ._discord import DiscordProvider
-from ._platform_http import failure_for_status
+from ._websocket import receive_json, websocket
 
 DISPATCH, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, INVALID_SESSION, HELLO, HEARTBEAT_ACK = (
     0,
@@ -81,20 +80,8 @@ class DiscordGateway:
         else:
             url = await self.provider.gateway_url()
         sink.report(f"connecting to the gateway ({'resume' if resuming else 'identify'})")
-        async with aiohttp.ClientSession() as session:
-            try:
-                ws = await session.ws_connect(url + QUERY, heartbeat=None, max_msg_size=4 << 20)
-            except aiohttp.WSServerHandshakeError as exc:
-                raise failure_for_status(
-                    "discord gateway", exc.status, exc.headers or {}, None
-                ) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise DeliveryFailed(
-                    f"discord gateway: cannot connect ({type(exc).__name__})",
-                    code="transport.error",
-                ) from None
-            async with ws:
-                await self._serve(ws, sink, resuming)
+        async with websocket(url + QUERY, "discord gateway") as ws:
+            await self._serve(ws, sink, resuming)
 
     async def _serve(self, ws: Any, sink: TransportSink, resuming: bool) -> None:
         hello = await self._receive(ws, timeout=HELLO_TIMEOUT)
@@ -178,18 +165,11 @@ class DiscordGateway:
             await asyncio.sleep(interval)
 
     async def _receive(self, ws: Any, *, timeout: float | None) -> dict[str, Any] | None:
-        """The next JSON event, or None when the connection closed (resumable).
-        Raises DeliveryFailed for the close codes that no retry can fix."""
-        try:
-            msg = await ws.receive(timeout=timeout)
-        except TimeoutError:
-            return None
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            try:
-                event = json.loads(msg.data)
-            except ValueError:
-                return {}
-            return event if isinstance(event, dict) else {}
+        """The next event, or None when the connection closed (resumable). Raises
+        DeliveryFailed for the close codes that no retry can fix."""
+        event = await receive_json(ws, timeout)
+        if event is not None:
+            return event
         code = ws.close_code
         if code in PERMANENT_CODES:
             raise DeliveryFailed(

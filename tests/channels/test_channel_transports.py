@@ -292,3 +292,44 @@ async def test_gateway_interaction_is_stored_then_acknowledged(gateway: Rig) -> 
     assert [m.interaction.token for m in gateway.stored if m.interaction] == ["ca-tok"]
     callback = [body for op, body in gateway.fake.calls if op == "interaction callback"]
     assert callback == [{"type": 6}]  # deferred update, as the webhook answers
+
+
+# --- Slack's Socket Mode -------------------------------------------------------------------
+@pytest.fixture
+async def socket_mode(nats_url):
+    fake = FAKES["slack"]()
+    await fake.start()
+    nc = await nats.connect(nats_url)
+    await _streams.declare(nc.jetstream())
+    rig = Rig("slack", fake, nc, nats_url)
+    await rig.watch()
+    try:
+        yield rig
+    finally:
+        for runtime in rig.runtimes:
+            await runtime.stop()
+        await nc.close()
+        await fake.stop()
+
+
+async def test_socket_mode_acknowledges_stored_envelopes_and_refreshes(socket_mode: Rig) -> None:
+    rig = socket_mode
+    await rig.runtime()
+    await rig.say("one")
+    await rig.until(lambda: rig.texts() == ["one"] and not rig.fake.unacked, "one, acked")
+    await rig.fake.request_refresh()  # `disconnect`: a new connection, a new URL
+    await rig.until(lambda: rig.fake.connections == 2, "the new connection")
+    await rig.say("two")
+    await rig.until(lambda: rig.texts() == ["one", "two"], "the message after the refresh")
+    await rig.until(lambda: not rig.fake.unacked, "every envelope acknowledged")
+    assert len(rig.fake.acked) == 2 and rig.fake.conflicts == 0
+
+
+async def test_socket_mode_without_an_app_token_is_permanent(socket_mode: Rig) -> None:
+    rig = socket_mode
+    secrets = rig.fake.instance_secrets()
+    rig.fake.instance_secrets = lambda: {k: v for k, v in secrets.items() if k != "appToken"}
+    runtime = await rig.runtime()
+    await rig.until(
+        lambda: "appToken" in (rig.transport(runtime)["lastError"] or ""), "the refusal"
+    )
