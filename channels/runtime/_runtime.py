@@ -77,6 +77,9 @@ class RuntimeOptions:
     transport_holder: str = field(default_factory=lambda: f"process {os.getpid()}")
     transport_hosts: frozenset[str] = frozenset({"any"})
     transport_lease_seconds: float = 6.0
+    # Deliver for an instance exactly while holding its transport lease (a
+    # `cowork channel run` process serving a `transportHost: edge` instance).
+    deliver_with_transport: bool = False
     ledger_retry_seconds: float = 30.0  # after it failed, memory only for this long
     # Keys the Nats-Msg-Id of each accepted webhook message (HMAC of its message id):
     # JetStream's duplicate window is per stream, and message ids are made of public
@@ -440,8 +443,22 @@ class ChannelRuntime:
             or getattr(settings, "transport_host", "any") not in self.options.transport_hosts
         ):
             return
+        instance_id = instance.instance_id
+
+        async def hold(sure: Callable[[], bool]) -> None:
+            await self.start_delivery(instance_id, sure=sure)
+
+        async def release() -> None:
+            await self.stop_delivery(instance_id, grace=self.options.transport_lease_seconds / 6)
+
+        delivers = self.options.deliver_with_transport
         runner = TransportRunner(
-            instance, cls(instance.provider, self._client()), self._ingress, self.options
+            instance,
+            cls(instance.provider, self._client()),
+            self._ingress,
+            self.options,
+            on_hold=hold if delivers else None,
+            on_release=release if delivers else None,
         )
         instance.transport = runner
         instance.transport_task = asyncio.create_task(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from schemas import ChannelInstanceState
@@ -102,7 +103,14 @@ class TransportRunner:
         transport: InboundTransport,
         ingress: Ingress,
         options: RuntimeOptions,
+        *,
+        on_hold: Callable[[Callable[[], bool]], Awaitable[None]] | None = None,
+        on_release: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_hold(sure)` runs when the lease is taken (`sure()`: still held),
+        `on_release()` when it is given up or lost: a process that delivers for
+        the instance only while it holds the connection (`cowork channel run`)."""
+        self._on_hold, self._on_release = on_hold, on_release
         self.instance, self.transport, self.ingress, self.options = (
             instance,
             transport,
@@ -183,6 +191,8 @@ class TransportRunner:
         connection: asyncio.Task | None = None
         attempt = 0
         try:
+            if self._on_hold is not None:
+                await self._on_hold(lease.sure)
             while True:
                 self.set("connecting", f"{self.transport.name}: connecting")
                 started = time.monotonic()
@@ -234,6 +244,8 @@ class TransportRunner:
             await asyncio.gather(
                 *(t for t in (connection, keeper) if t is not None), return_exceptions=True
             )
+            if self._on_release is not None:
+                await self._on_release()
 
     def _delay(self, error: BaseException | None, attempt: int) -> float:
         options = self.options

@@ -167,11 +167,13 @@ class ChannelService:
 
     def _hosted(self) -> dict[str, str]:
         """Instances whose deliveries this hub sends (id -> tenant): a `cli` one's go
-        out from its own process."""
+        out from its own process, and so do those of an instance whose transport
+        runs on an edge only (`transportHost: edge`: `cowork channel run`)."""
         return {
             instance_id: config.tenant
             for instance_id, config in self._configs.items()
             if provider_for(config.kind).capabilities.inbound != "stdin"
+            and getattr(config.settings, "transport_host", "any") != "edge"
         }
 
     async def _apply(self, row: dict[str, Any]) -> None:
