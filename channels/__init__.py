@@ -31,7 +31,12 @@ from ._registry import (
     capability_table_markdown,
     provider_class,
 )
-from ._transport import InboundTransport, TransportSettings, TransportSink
+from ._transport import (
+    InboundTransport,
+    TransportSettings,
+    TransportSink,
+    webhook_secrets_missing,
+)
 from .cli import add_channel_commands
 from .runtime import ChannelRuntime, RuntimeOptions
 
@@ -55,6 +60,7 @@ __all__ = [
     "InboundTransport",
     "TransportSettings",
     "TransportSink",
+    "webhook_secrets_missing",
     "UnknownProvider",
     "capability_matrix",
     "capability_rows",

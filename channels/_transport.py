@@ -108,3 +108,17 @@ def transport_request(body: bytes, content_type: str = "application/json") -> We
         received_at=datetime.now(UTC),
         now=time.time(),
     )
+
+
+def webhook_secrets_missing(settings: Any, secrets: Any) -> list[str]:
+    """The secrets a webhook instance needs that `secrets` lacks (their wire names):
+    a provider's secrets model names them in WEBHOOK_SECRETS, optional only because
+    an instance receiving over its outbound transport has no webhook to verify."""
+    if getattr(settings, "transport", "webhook") != "webhook":
+        return []
+    model = type(secrets)
+    return [
+        (model.model_fields[name].alias or name)
+        for name in getattr(model, "WEBHOOK_SECRETS", ())
+        if getattr(secrets, name, None) is None
+    ]

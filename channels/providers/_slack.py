@@ -82,6 +82,7 @@ class SlackSettings(ApiBaseSettings, TransportSettings):  # apiBase None: the re
 
 
 class SlackSecrets(ProviderSettings):
+    WEBHOOK_SECRETS: ClassVar[tuple[str, ...]] = ("signing_secret",)
     bot_token: str = Field(min_length=1, max_length=512, repr=False)
     # Slack's: 32 hex. None: the instance uses Socket Mode and refuses every webhook.
     signing_secret: str | None = Field(default=None, min_length=16, max_length=256, repr=False)

@@ -64,6 +64,7 @@ class TelegramSettings(ApiBaseSettings, TransportSettings):  # apiBase None: the
 
 
 class TelegramSecrets(ProviderSettings):
+    WEBHOOK_SECRETS: ClassVar[tuple[str, ...]] = ("webhook_secret",)
     bot_token: str = Field(min_length=1, max_length=256, repr=False)
     # setWebhook's secret_token: 1-256 characters of A-Z a-z 0-9 _ -, chosen by the
     # operator: at least 16 (MIN_CHOSEN_SECRET), so it cannot be guessed. None: the
