@@ -13,6 +13,8 @@ from .providers import (
     DiscordGateway,
     DiscordProvider,
     EmailProvider,
+    MatrixProvider,
+    MatrixSync,
     SlackProvider,
     SlackSocketMode,
     TelegramPolling,
@@ -29,6 +31,7 @@ PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.EMAIL.value: EmailProvider,
     ChannelKind.WEBHOOK.value: WebhookProvider,
     ChannelKind.CLI.value: CliProvider,
+    ChannelKind.MATRIX.value: MatrixProvider,
 }
 
 
@@ -37,6 +40,7 @@ TRANSPORTS: dict[str, type[InboundTransport]] = {
     ChannelKind.TELEGRAM.value: TelegramPolling,
     ChannelKind.DISCORD.value: DiscordGateway,
     ChannelKind.SLACK.value: SlackSocketMode,
+    ChannelKind.MATRIX.value: MatrixSync,
 }
 
 
@@ -111,7 +115,8 @@ _COLUMNS = (
 def _transports(kind: str, caps: Capabilities) -> list[str]:
     """How its traffic may arrive: `webhook`, `stdin`, and its outbound transport."""
     outbound = TRANSPORTS.get(kind)
-    return [caps.inbound] + ([f"outbound ({outbound.name})"] if outbound else [])
+    webhook = [] if caps.inbound == "outbound" else [caps.inbound]
+    return webhook + ([f"outbound ({outbound.name})"] if outbound else [])
 
 
 def capability_table_markdown() -> str:

@@ -197,6 +197,7 @@ class ChannelKind(_Str):
     EMAIL = "email"
     WEBHOOK = "webhook"
     CLI = "cli"
+    MATRIX = "matrix"
 
 
 class ChannelEventType(_Str):

@@ -8,6 +8,8 @@ from ._cli import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
 from ._discord import DiscordProvider
 from ._discord_gateway import DiscordGateway
 from ._email import EmailProvider
+from ._matrix import MatrixProvider
+from ._matrix_sync import MatrixSync
 from ._slack import SlackProvider
 from ._slack_socket import SlackSocketMode
 from ._telegram import TelegramProvider
@@ -22,6 +24,8 @@ __all__ = [
     "DiscordGateway",
     "DiscordProvider",
     "EmailProvider",
+    "MatrixProvider",
+    "MatrixSync",
     "STDIN_METHOD",
     "SlackProvider",
     "SlackSocketMode",

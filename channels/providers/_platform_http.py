@@ -72,7 +72,11 @@ def retry_after_of(headers: Mapping[str, str], body: Any) -> float | None:
             seconds = _number(params.get("retry_after"))
             if seconds is not None:
                 return seconds
-        return _number(body.get("retry_after"))
+        seconds = _number(body.get("retry_after"))
+        if seconds is not None:
+            return seconds
+        millis = _number(body.get("retry_after_ms"))  # Matrix M_LIMIT_EXCEEDED
+        return None if millis is None else millis / 1000
     return None
 
 

@@ -97,7 +97,8 @@ def outbound(rig: Rig, **fields: Any) -> ChannelOutbound:
 
 
 def accepted(rig: Rig, request) -> WebhookResult:
-    rig.provider.verify(request)
+    if rig.caps.inbound != "outbound":  # an outbound transport's connection is the proof
+        rig.provider.verify(request)
     return rig.provider.parse(request)
 
 
@@ -117,6 +118,10 @@ async def refused_permanently(rig: Rig, delivery: ChannelOutbound) -> DeliveryFa
 def needs_http_inbound(rig: Rig) -> None:
     if rig.caps.inbound == "stdin":
         pytest.skip(f"{rig.kind} reads a local stdin stream: no HTTP signature to check")
+    if rig.caps.inbound == "outbound":
+        with pytest.raises(VerificationFailed):  # it takes no webhook at all
+            rig.provider.verify(rig.fake.signed_message("hello"))
+        pytest.skip(f"{rig.kind} receives over its outbound transport only: no webhook")
 
 
 # --- declarations --------------------------------------------------------------------------
@@ -132,7 +137,9 @@ def test_capabilities_are_sane(rig: Rig) -> None:
     assert "plain" in caps.parse_modes and caps.parse_modes <= {"plain", "markdown", "html"}
     assert caps.interaction_ack in ("none", "optional", "required")
     assert caps.rate_limit in ("none", "retry_after", "fixed_backoff")
-    assert caps.inbound in ("webhook", "stdin")
+    assert caps.inbound in ("webhook", "stdin", "outbound")
+    if caps.inbound == "outbound":
+        assert rig.kind in channels.TRANSPORTS, "an outbound-only kind needs its transport"
     if caps.buttons is not None:
         assert caps.buttons.max_count >= 1 and caps.buttons.max_rows >= 1
         assert caps.buttons.max_token_bytes >= 1
@@ -145,7 +152,7 @@ def test_capabilities_are_sane(rig: Rig) -> None:
     api_base = cls.settings_model.model_fields.get("api_base")
     if rig.fake.authenticates_api:
         assert api_base is not None, "settings need an api_base"
-    if api_base is not None:
+    if api_base is not None and not api_base.is_required():  # required: a homeserver
         assert api_base.default is None or str(api_base.default).startswith("https://")
 
 

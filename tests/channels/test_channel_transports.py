@@ -7,6 +7,7 @@ state shows in the instance's health."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -56,7 +57,12 @@ class Rig:
             secrets=cls.secrets_model.model_validate(self.fake.instance_secrets()),
         )
 
-    async def runtime(self, holder: str = "test-a", **settings: Any) -> ChannelRuntime:
+    async def runtime(
+        self, holder: str = "test-a", *, settle: bool = True, **settings: Any
+    ) -> ChannelRuntime:
+        """A process running the instance; `settle`: once its transport is connected
+        or in standby (a first Matrix sync starts from "now": later is new)."""
+
         async def connect(cfg: InstanceConfig):
             return await nats.connect(self.nats_url)
 
@@ -64,6 +70,11 @@ class Rig:
         self.runtimes.append(runtime)
         await runtime.start()
         await runtime.apply(self.config(**settings))
+        if settle:
+            await self.until(
+                lambda: self.transport(runtime)["state"] in ("connected", "standby"),
+                "the transport to settle",
+            )
         return runtime
 
     async def watch(self) -> None:
@@ -274,7 +285,7 @@ async def test_gateway_without_heartbeat_acks_is_a_zombie_and_resumes(gateway: R
 
 async def test_gateway_bad_token_is_permanent_and_shown(gateway: Rig) -> None:
     gateway.fake.gateway_token = "a-token-the-instance-does-not-have"
-    runtime = await gateway.runtime()
+    runtime = await gateway.runtime(settle=False)
     await gateway.until(
         lambda: "4004" in (gateway.transport(runtime)["lastError"] or ""),
         "the refusal in health",
@@ -329,7 +340,43 @@ async def test_socket_mode_without_an_app_token_is_permanent(socket_mode: Rig) -
     rig = socket_mode
     secrets = rig.fake.instance_secrets()
     rig.fake.instance_secrets = lambda: {k: v for k, v in secrets.items() if k != "appToken"}
-    runtime = await rig.runtime()
+    runtime = await rig.runtime(settle=False)
     await rig.until(
         lambda: "appToken" in (rig.transport(runtime)["lastError"] or ""), "the refusal"
     )
+
+
+# --- Matrix's /sync -----------------------------------------------------------------------
+@pytest.fixture
+async def homeserver(nats_url):
+    fake = FAKES["matrix"]()
+    await fake.start()
+    nc = await nats.connect(nats_url)
+    await _streams.declare(nc.jetstream())
+    rig = Rig("matrix", fake, nc, nats_url)
+    await rig.watch()
+    try:
+        yield rig
+    finally:
+        for runtime in rig.runtimes:
+            await runtime.stop()
+        await nc.close()
+        await fake.stop()
+
+
+async def test_matrix_starts_from_now_joins_invites_and_skips_its_own_echo(
+    homeserver: Rig,
+) -> None:
+    rig, fake = homeserver, homeserver.fake
+    await fake.emit(fake.signed_message("history before the bot", event_id="1"))
+    await rig.runtime()
+    assert fake.syncs[0] is None  # the first sync only finds where "now" is
+    fake.invite("!new:fake.test")
+    await rig.until(lambda: fake.joined == ["!new:fake.test"], "the invitation joined")
+    own = json.loads(fake.signed_message("my own reply", event_id="2").body)
+    own["event"]["sender"] = fake.user_id
+    fake.log.append(own)
+    await rig.say("a new message")
+    await rig.until(lambda: rig.texts() == ["a new message"], "only the new message")
+    await asyncio.sleep(0.2)
+    assert rig.texts() == ["a new message"]

@@ -10,6 +10,7 @@ from ._base import FakePlatform, Posted, webhook_request
 from .cli import FakeCli
 from .discord import FakeDiscord
 from .email import FakeEmail
+from .matrix import FakeMatrix
 from .slack import FakeSlack
 from .telegram import FakeTelegram
 from .webhook import FakeWebhook
@@ -23,6 +24,7 @@ FAKES: dict[str, type[FakePlatform]] = {
     "email": FakeEmail,
     "webhook": FakeWebhook,
     "cli": FakeCli,
+    "matrix": FakeMatrix,
 }
 
 __all__ = ["FAKES", "FakePlatform", "Posted", "webhook_request"]
