@@ -15,6 +15,8 @@ from .providers import (
     EmailProvider,
     MatrixProvider,
     MatrixSync,
+    SignalProvider,
+    SignalReceive,
     SlackProvider,
     SlackSocketMode,
     TelegramPolling,
@@ -32,6 +34,7 @@ PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.WEBHOOK.value: WebhookProvider,
     ChannelKind.CLI.value: CliProvider,
     ChannelKind.MATRIX.value: MatrixProvider,
+    ChannelKind.SIGNAL.value: SignalProvider,
 }
 
 
@@ -41,6 +44,7 @@ TRANSPORTS: dict[str, type[InboundTransport]] = {
     ChannelKind.DISCORD.value: DiscordGateway,
     ChannelKind.SLACK.value: SlackSocketMode,
     ChannelKind.MATRIX.value: MatrixSync,
+    ChannelKind.SIGNAL.value: SignalReceive,
 }
 
 

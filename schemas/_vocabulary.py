@@ -198,6 +198,7 @@ class ChannelKind(_Str):
     WEBHOOK = "webhook"
     CLI = "cli"
     MATRIX = "matrix"
+    SIGNAL = "signal"
 
 
 class ChannelEventType(_Str):

@@ -10,6 +10,8 @@ from ._discord_gateway import DiscordGateway
 from ._email import EmailProvider
 from ._matrix import MatrixProvider
 from ._matrix_sync import MatrixSync
+from ._signal import SignalProvider
+from ._signal_rpc import SignalReceive
 from ._slack import SlackProvider
 from ._slack_socket import SlackSocketMode
 from ._telegram import TelegramProvider
@@ -27,6 +29,8 @@ __all__ = [
     "MatrixProvider",
     "MatrixSync",
     "STDIN_METHOD",
+    "SignalProvider",
+    "SignalReceive",
     "SlackProvider",
     "SlackSocketMode",
     "TelegramPolling",

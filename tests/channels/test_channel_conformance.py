@@ -9,6 +9,7 @@ half-done. A kind in channels.PROVIDERS without a fake in FAKES fails here.
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -475,3 +476,31 @@ async def test_reaction_emoji_a_platform_cannot_show_is_refused_before_calling_i
                 assert fake.calls == [] and fake.reactions == []
         finally:
             await fake.stop()
+
+
+def test_signal_envelopes_carry_groups_attachments_and_skip_receipts() -> None:
+    """signal-cli's envelopes: a group message with an attachment, a direct one, and
+    the receipts and the bot's own sync messages that are nothing for a workspace."""
+    fake = FAKES["signal"]()
+    fake.base_url = "http://127.0.0.1:9"
+    provider = channels.PROVIDERS["signal"](make_config("signal", fake, "signal-unit"), None)
+    group = json.loads(fake.signed_message("see the file", event_id="5").body)
+    group["envelope"]["dataMessage"]["attachments"] = [
+        {"id": "att1", "contentType": "image/png", "filename": "shot.png", "size": 2048}
+    ]
+    [message] = provider.parse(webhook_request(json.dumps(group).encode(), {})).messages
+    assert message.target.chat_id == "group.g100" and not message.target.is_direct
+    [attachment] = message.attachments
+    assert (attachment.provider_file_id, attachment.filename, attachment.size_bytes) == (
+        "att1",
+        "shot.png",
+        2048,
+    )
+    direct = fake.signed_message("hi", chat_id="7", user_id="7", event_id="6")
+    [dm] = provider.parse(direct).messages
+    assert dm.target.is_direct and dm.target.chat_id == fake.user_ref("7")
+    receipt = {"envelope": {"source": "+15550000007", "receiptMessage": {"isRead": True}}}
+    assert provider.parse(webhook_request(json.dumps(receipt).encode(), {})).messages == []
+    own = json.loads(fake.signed_message("echo", event_id="8").body)
+    own["envelope"]["sourceNumber"] = own["envelope"]["source"] = "+15550000000"
+    assert provider.parse(webhook_request(json.dumps(own).encode(), {})).messages == []

@@ -11,6 +11,7 @@ from .cli import FakeCli
 from .discord import FakeDiscord
 from .email import FakeEmail
 from .matrix import FakeMatrix
+from .signal import FakeSignal
 from .slack import FakeSlack
 from .telegram import FakeTelegram
 from .webhook import FakeWebhook
@@ -25,6 +26,7 @@ FAKES: dict[str, type[FakePlatform]] = {
     "webhook": FakeWebhook,
     "cli": FakeCli,
     "matrix": FakeMatrix,
+    "signal": FakeSignal,
 }
 
 __all__ = ["FAKES", "FakePlatform", "Posted", "webhook_request"]
