@@ -19,6 +19,7 @@ from .providers import (
     SignalReceive,
     SlackProvider,
     SlackSocketMode,
+    TeamsProvider,
     TelegramPolling,
     TelegramProvider,
     WebhookProvider,
@@ -35,6 +36,7 @@ PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.CLI.value: CliProvider,
     ChannelKind.MATRIX.value: MatrixProvider,
     ChannelKind.SIGNAL.value: SignalProvider,
+    ChannelKind.TEAMS.value: TeamsProvider,
 }
 
 

@@ -199,6 +199,7 @@ class ChannelKind(_Str):
     CLI = "cli"
     MATRIX = "matrix"
     SIGNAL = "signal"
+    TEAMS = "teams"
 
 
 class ChannelEventType(_Str):

@@ -14,6 +14,7 @@ from ._signal import SignalProvider
 from ._signal_rpc import SignalReceive
 from ._slack import SlackProvider
 from ._slack_socket import SlackSocketMode
+from ._teams import TeamsProvider
 from ._telegram import TelegramProvider
 from ._telegram_polling import TelegramPolling
 from ._webhook import WebhookProvider
@@ -33,6 +34,7 @@ __all__ = [
     "SignalReceive",
     "SlackProvider",
     "SlackSocketMode",
+    "TeamsProvider",
     "TelegramPolling",
     "TelegramProvider",
     "WebhookProvider",

@@ -85,7 +85,10 @@ async def rig(request: pytest.FixtureRequest):
     try:
         async with httpx.AsyncClient() as http:
             config = make_config(kind, fake, f"{kind}-test")
-            yield Rig(kind, fake, config, channels.PROVIDERS[kind](config, http), http)
+            provider = channels.PROVIDERS[kind](config, http)
+            if hasattr(provider, "refresh_keys"):  # the runtime's probe fetches them
+                await provider.refresh_keys()
+            yield Rig(kind, fake, config, provider, http)
     finally:
         await fake.stop()
 
@@ -237,6 +240,8 @@ async def test_instances_do_not_accept_each_others_requests(rig: Rig) -> None:
         other = channels.PROVIDERS[rig.kind](
             make_config(rig.kind, other_fake, f"{rig.kind}-other"), rig.http
         )
+        if hasattr(other, "refresh_keys"):
+            await other.refresh_keys()
         with pytest.raises(VerificationFailed):
             other.verify(rig.fake.signed_message("for the first instance"))
         with pytest.raises(VerificationFailed):

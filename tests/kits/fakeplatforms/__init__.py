@@ -13,6 +13,7 @@ from .email import FakeEmail
 from .matrix import FakeMatrix
 from .signal import FakeSignal
 from .slack import FakeSlack
+from .teams import FakeTeams
 from .telegram import FakeTelegram
 from .webhook import FakeWebhook
 from .whatsapp import FakeWhatsApp
@@ -27,6 +28,7 @@ FAKES: dict[str, type[FakePlatform]] = {
     "cli": FakeCli,
     "matrix": FakeMatrix,
     "signal": FakeSignal,
+    "teams": FakeTeams,
 }
 
 __all__ = ["FAKES", "FakePlatform", "Posted", "webhook_request"]
