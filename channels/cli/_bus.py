@@ -38,6 +38,23 @@ def token_type(kind: str):
     return check
 
 
+def add_instance_command(
+    sub: Any, name: str, *, help: str, description: str, instance_help: str
+) -> argparse.ArgumentParser:
+    """A `cowork channel NAME INSTANCE` subcommand with the bus arguments."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "instance", metavar="INSTANCE", type=token_type("instance_id"), help=instance_help
+    )
+    add_bus_arguments(parser)
+    return parser
+
+
 def add_bus_arguments(parser: argparse.ArgumentParser) -> None:
     """--nats, --creds, --tenant and --workspace."""
     parser.add_argument(

@@ -41,7 +41,7 @@ from ..providers import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
 from ._bus import (
     EXIT_QUEUE,
     CommandFailed,
-    add_bus_arguments,
+    add_instance_command,
     check_creds,
     connect_bus,
     credential_workspace,
@@ -67,19 +67,13 @@ def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
     (args.channel_handler runs it)."""
     channel = commands.add_parser("channel", help="channel instances run from this machine")
     sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND", required=True)
-    cli = sub.add_parser(
+    cli = add_instance_command(
+        sub,
         "cli",
         help="chat with a workspace from this terminal",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        instance_help="the channel instance id (kind cli), e.g. cli-ada",
     )
-    cli.add_argument(
-        "instance",
-        metavar="INSTANCE",
-        type=token_type("instance_id"),
-        help="the channel instance id (kind cli), e.g. cli-ada",
-    )
-    add_bus_arguments(cli)
     cli.add_argument("--user", help="who you are in the chat (default: your login name)")
     cli.add_argument(
         "--format",

@@ -35,11 +35,10 @@ from ..runtime import ChannelRuntime, RuntimeOptions
 from ._bus import (
     EXIT_USAGE,
     CommandFailed,
-    add_bus_arguments,
+    add_instance_command,
     check_creds,
     connect_bus,
     credential_workspace,
-    token_type,
 )
 
 EXIT_CONFIG = 7
@@ -47,19 +46,13 @@ STATUS_SECONDS = 0.5
 
 
 def add_run_command(sub: Any) -> None:
-    run = sub.add_parser(
+    run = add_instance_command(
+        sub,
         "run",
         help="serve an instance's outbound transport (polling, websocket) from here",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ or "",
+        instance_help="the channel instance id (its settings say transport: outbound)",
     )
-    run.add_argument(
-        "instance",
-        metavar="INSTANCE",
-        type=token_type("instance_id"),
-        help="the channel instance id (its settings say transport: outbound)",
-    )
-    add_bus_arguments(run)
     run.add_argument(
         "--config",
         required=True,

@@ -152,23 +152,13 @@ class TransportRunner:
 
     async def run(self) -> None:
         """Until cancelled: take the lease (standby meanwhile), then hold the connection."""
-        config = self.instance.config
-        js = self.instance.js
+        config, options = self.instance.config, self.options
+        where = (self.instance.js, config.tenant, config.instance_id)
+        timeout = options.publish_timeout_seconds
         lease = TransportLease(
-            js,
-            config.tenant,
-            config.instance_id,
-            self.options.transport_holder,
-            ttl=self.options.transport_lease_seconds,
-            timeout=self.options.publish_timeout_seconds,
+            *where, options.transport_holder, ttl=options.transport_lease_seconds, timeout=timeout
         )
-        store = CursorStore(
-            js,
-            config.tenant,
-            config.instance_id,
-            self.transport.name,
-            timeout=self.options.publish_timeout_seconds,
-        )
+        store = CursorStore(*where, self.transport.name, timeout=timeout)
         try:
             while True:
                 try:

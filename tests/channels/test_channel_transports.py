@@ -7,9 +7,11 @@ state shows in the instance's health."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -109,13 +111,15 @@ class Rig:
         return runtime.health(self.instance_id)["transport"]
 
 
-@pytest.fixture(params=KINDS)
-async def rig(request, nats_url):
-    fake = FAKES[request.param]()
+@contextlib.asynccontextmanager
+async def rig_for(kind: str, nats_url: str) -> AsyncIterator[Rig]:
+    """A started fake of `kind`, the streams, and a watch on the instance's stream;
+    every runtime the test made is stopped after."""
+    fake = FAKES[kind]()
     await fake.start()
     nc = await nats.connect(nats_url)
     await _streams.declare(nc.jetstream())
-    rig = Rig(request.param, fake, nc, nats_url)
+    rig = Rig(kind, fake, nc, nats_url)
     await rig.watch()
     try:
         yield rig
@@ -124,6 +128,12 @@ async def rig(request, nats_url):
             await runtime.stop()
         await nc.close()
         await fake.stop()
+
+
+@pytest.fixture(params=KINDS)
+async def rig(request, nats_url):
+    async with rig_for(request.param, nats_url) as made:
+        yield made
 
 
 async def test_a_message_arrives_once_and_health_says_connected(rig: Rig) -> None:
@@ -229,19 +239,8 @@ async def test_webhooks_are_refused_for_an_outbound_instance(rig: Rig) -> None:
 # --- Discord's Gateway: its own session rules --------------------------------------------
 @pytest.fixture
 async def gateway(nats_url):
-    fake = FAKES["discord"]()
-    await fake.start()
-    nc = await nats.connect(nats_url)
-    await _streams.declare(nc.jetstream())
-    rig = Rig("discord", fake, nc, nats_url)
-    await rig.watch()
-    try:
-        yield rig
-    finally:
-        for runtime in rig.runtimes:
-            await runtime.stop()
-        await nc.close()
-        await fake.stop()
+    async with rig_for("discord", nats_url) as made:
+        yield made
 
 
 async def test_gateway_identifies_with_the_message_content_intent(gateway: Rig) -> None:
@@ -308,19 +307,8 @@ async def test_gateway_interaction_is_stored_then_acknowledged(gateway: Rig) -> 
 # --- Slack's Socket Mode -------------------------------------------------------------------
 @pytest.fixture
 async def socket_mode(nats_url):
-    fake = FAKES["slack"]()
-    await fake.start()
-    nc = await nats.connect(nats_url)
-    await _streams.declare(nc.jetstream())
-    rig = Rig("slack", fake, nc, nats_url)
-    await rig.watch()
-    try:
-        yield rig
-    finally:
-        for runtime in rig.runtimes:
-            await runtime.stop()
-        await nc.close()
-        await fake.stop()
+    async with rig_for("slack", nats_url) as made:
+        yield made
 
 
 async def test_socket_mode_acknowledges_stored_envelopes_and_refreshes(socket_mode: Rig) -> None:
@@ -349,19 +337,8 @@ async def test_socket_mode_without_an_app_token_is_permanent(socket_mode: Rig) -
 # --- Matrix's /sync -----------------------------------------------------------------------
 @pytest.fixture
 async def homeserver(nats_url):
-    fake = FAKES["matrix"]()
-    await fake.start()
-    nc = await nats.connect(nats_url)
-    await _streams.declare(nc.jetstream())
-    rig = Rig("matrix", fake, nc, nats_url)
-    await rig.watch()
-    try:
-        yield rig
-    finally:
-        for runtime in rig.runtimes:
-            await runtime.stop()
-        await nc.close()
-        await fake.stop()
+    async with rig_for("matrix", nats_url) as made:
+        yield made
 
 
 async def test_matrix_starts_from_now_joins_invites_and_skips_its_own_echo(
