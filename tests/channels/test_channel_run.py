@@ -125,3 +125,33 @@ async def test_the_command_refuses_a_bad_settings_file_in_one_line(hub, telegram
     os.chmod(email, 0o600)
     code, _, err = await cowork(*base, str(email))
     assert code == 7 and "no outbound transport" in err
+
+
+async def test_webhook_secrets_are_needed_unless_the_transport_is_outbound(hub, http, telegram):
+    instance = f"tg-sec-{secrets.token_hex(3)}"
+    base = f"/api/v1/tenants/acme/channel-instances/{instance}"
+    body = {
+        "instanceId": instance,
+        "kind": "telegram",
+        "workspaceId": "ws-sec",
+        "authority": "cloud_worker",
+        "settings": telegram.transport_settings(),
+        "secrets": {"botToken": telegram.bot_token},
+    }
+    refused = await http.post(
+        "/api/v1/tenants/acme/channel-instances",
+        json={**body, "settings": telegram.instance_settings()},  # a webhook instance
+    )
+    assert refused.status_code == 422, refused.text
+    assert "missing secret 'webhookSecret'" in refused.json()["error"]["message"]
+    assert (await http.post("/api/v1/tenants/acme/channel-instances", json=body)).status_code == 201
+    back = await http.patch(base, json={"settings": telegram.instance_settings()})
+    assert back.status_code == 422 and "webhookSecret" in back.json()["error"]["message"]
+    with_secret = await http.patch(
+        base,
+        json={
+            "settings": telegram.instance_settings(),
+            "secrets": {"botToken": telegram.bot_token, "webhookSecret": telegram.webhook_secret},
+        },
+    )
+    assert with_secret.status_code == 200, with_secret.text
