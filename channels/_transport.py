@@ -29,7 +29,7 @@ import httpx
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import Field, model_validator
 
-from ._provider import ProviderSettings, WebhookRequest, WebhookResult
+from ._provider import ProviderSettings, VerificationFailed, WebhookRequest, WebhookResult
 
 TransportMode = Literal["webhook", "outbound"]
 TransportHost = Literal["any", "edge"]
@@ -122,3 +122,18 @@ def webhook_secrets_missing(settings: Any, secrets: Any) -> list[str]:
         for name in getattr(model, "WEBHOOK_SECRETS", ())
         if getattr(secrets, name, None) is None
     ]
+
+
+class OutboundOnly:
+    """The webhook half of a provider whose traffic only arrives over its outbound
+    transport (Matrix, Signal): no handshake, and every webhook refused."""
+
+    kind: ClassVar[str]
+
+    def handshake(self, request: WebhookRequest) -> WebhookResult | None:
+        return None
+
+    def verify(self, request: WebhookRequest) -> None:
+        raise VerificationFailed(
+            "signature.invalid", f"a {self.kind} instance receives no webhooks"
+        )

@@ -31,11 +31,10 @@ from .._provider import (
     InstanceConfig,
     ProviderSettings,
     SendResult,
-    VerificationFailed,
     WebhookRequest,
     WebhookResult,
 )
-from .._transport import TransportSettings
+from .._transport import OutboundOnly, TransportSettings
 from . import _payload as p
 from ._platform_http import (
     call_json,
@@ -62,7 +61,7 @@ class MatrixSecrets(ProviderSettings):
     access_token: str = Field(min_length=1, max_length=1024, repr=False)
 
 
-class MatrixProvider:
+class MatrixProvider(OutboundOnly):
     kind: ClassVar[str] = "matrix"
     capabilities: ClassVar[Capabilities] = Capabilities(
         threads=False,
@@ -93,12 +92,6 @@ class MatrixProvider:
         self._api = (self.settings.api_base or "").rstrip("/") + CLIENT
 
     # --- inbound (from /sync, one room event at a time) --------------------------------------
-    def handshake(self, request: WebhookRequest) -> WebhookResult | None:
-        return None
-
-    def verify(self, request: WebhookRequest) -> None:
-        raise VerificationFailed("signature.invalid", "a Matrix instance receives no webhooks")
-
     @p.contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
         """`{"room_id", "event"}`: one timeline event of a sync response."""

@@ -30,11 +30,10 @@ from .._provider import (
     InstanceConfig,
     ProviderSettings,
     SendResult,
-    VerificationFailed,
     WebhookRequest,
     WebhookResult,
 )
-from .._transport import TransportSettings
+from .._transport import OutboundOnly, TransportSettings
 from . import _payload as p
 from ._platform_http import (
     call_json,
@@ -60,7 +59,7 @@ class SignalSecrets(ProviderSettings):
     """signal-cli's HTTP daemon has no credential: keep it on loopback."""
 
 
-class SignalProvider:
+class SignalProvider(OutboundOnly):
     kind: ClassVar[str] = "signal"
     capabilities: ClassVar[Capabilities] = Capabilities(
         threads=False,
@@ -90,12 +89,6 @@ class SignalProvider:
         self._url = (self.settings.api_base or "").rstrip("/") + "/api/v1/rpc"
 
     # --- inbound: one envelope of `receive` ---------------------------------------------------
-    def handshake(self, request: WebhookRequest) -> WebhookResult | None:
-        return None
-
-    def verify(self, request: WebhookRequest) -> None:
-        raise VerificationFailed("signature.invalid", "a Signal instance receives no webhooks")
-
     @p.contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
         data = p.json_object(request.body, "envelope")
