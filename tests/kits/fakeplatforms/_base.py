@@ -88,7 +88,9 @@ class FakePlatform:
     async def start(self) -> None:
         app = web.Application()
         app.add_routes(self.routes())
-        self._runner = web.AppRunner(app, access_log=None)
+        # A long poll still open at stop (getUpdates, /sync, receive) is cut, not
+        # waited for: tests stop their fakes right after their runtimes.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
