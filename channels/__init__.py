@@ -24,11 +24,18 @@ from ._provider import (
 )
 from ._registry import (
     PROVIDERS,
+    TRANSPORTS,
     UnknownProvider,
     capability_matrix,
     capability_rows,
     capability_table_markdown,
     provider_class,
+)
+from ._transport import (
+    InboundTransport,
+    TransportSettings,
+    TransportSink,
+    webhook_secrets_missing,
 )
 from .cli import add_channel_commands
 from .runtime import ChannelRuntime, RuntimeOptions
@@ -49,6 +56,11 @@ __all__ = [
     "destination_changed",
     "message_id",
     "PROVIDERS",
+    "TRANSPORTS",
+    "InboundTransport",
+    "TransportSettings",
+    "TransportSink",
+    "webhook_secrets_missing",
     "UnknownProvider",
     "capability_matrix",
     "capability_rows",

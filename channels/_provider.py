@@ -54,7 +54,9 @@ class Capabilities:
     interaction_ack: InteractionAck
     rate_limit: RateLimitStrategy
     ephemeral: bool
-    inbound: Literal["webhook", "stdin"] = "webhook"
+    # How traffic arrives: webhooks (an outbound transport may be chosen per instance),
+    # a local stdin, or only an outbound transport (Matrix: no webhook for bots).
+    inbound: Literal["webhook", "stdin", "outbound"] = "webhook"
     verification: str = ""  # one line: how inbound requests are authenticated
 
 

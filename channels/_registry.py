@@ -7,11 +7,20 @@ from typing import Any
 from schemas import ChannelKind
 
 from ._provider import Capabilities, Provider
+from ._transport import InboundTransport
 from .providers import (
     CliProvider,
+    DiscordGateway,
     DiscordProvider,
     EmailProvider,
+    MatrixProvider,
+    MatrixSync,
+    SignalProvider,
+    SignalReceive,
     SlackProvider,
+    SlackSocketMode,
+    TeamsProvider,
+    TelegramPolling,
     TelegramProvider,
     WebhookProvider,
     WhatsAppProvider,
@@ -25,6 +34,19 @@ PROVIDERS: dict[str, type[Provider]] = {
     ChannelKind.EMAIL.value: EmailProvider,
     ChannelKind.WEBHOOK.value: WebhookProvider,
     ChannelKind.CLI.value: CliProvider,
+    ChannelKind.MATRIX.value: MatrixProvider,
+    ChannelKind.SIGNAL.value: SignalProvider,
+    ChannelKind.TEAMS.value: TeamsProvider,
+}
+
+
+# The outbound transport of each kind that has one (`transport: outbound`).
+TRANSPORTS: dict[str, type[InboundTransport]] = {
+    ChannelKind.TELEGRAM.value: TelegramPolling,
+    ChannelKind.DISCORD.value: DiscordGateway,
+    ChannelKind.SLACK.value: SlackSocketMode,
+    ChannelKind.MATRIX.value: MatrixSync,
+    ChannelKind.SIGNAL.value: SignalReceive,
 }
 
 
@@ -69,6 +91,7 @@ def capability_rows() -> list[dict[str, Any]]:
                 "rateLimit": caps.rate_limit,
                 "ephemeral": caps.ephemeral,
                 "inbound": caps.inbound,
+                "transports": _transports(kind, caps),
                 "verification": caps.verification,
             }
         )
@@ -77,7 +100,7 @@ def capability_rows() -> list[dict[str, Any]]:
 
 _COLUMNS = (
     ("kind", "kind"),
-    ("inbound", "inbound"),
+    ("transports", "inbound transports"),
     ("verification", "verification"),
     ("maxTextLength", "text limit"),
     ("threads", "threads"),
@@ -93,6 +116,13 @@ _COLUMNS = (
     ("rateLimit", "rate limit"),
     ("ephemeral", "ephemeral"),
 )
+
+
+def _transports(kind: str, caps: Capabilities) -> list[str]:
+    """How its traffic may arrive: `webhook`, `stdin`, and its outbound transport."""
+    outbound = TRANSPORTS.get(kind)
+    webhook = [] if caps.inbound == "outbound" else [caps.inbound]
+    return webhook + ([f"outbound ({outbound.name})"] if outbound else [])
 
 
 def capability_table_markdown() -> str:

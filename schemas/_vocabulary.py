@@ -198,6 +198,9 @@ class ChannelKind(_Str):
     EMAIL = "email"
     WEBHOOK = "webhook"
     CLI = "cli"
+    MATRIX = "matrix"
+    SIGNAL = "signal"
+    TEAMS = "teams"
 
 
 class ChannelEventType(_Str):

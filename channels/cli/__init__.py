@@ -1,4 +1,4 @@
-"""`cowork channel login` and `cowork channel cli`."""
+"""`cowork channel login`, `cowork channel cli` and `cowork channel run`."""
 
 from __future__ import annotations
 

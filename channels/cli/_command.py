@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -31,23 +30,27 @@ from schemas import (
     ContractError,
     DeliveryStatus,
     Envelope,
-    InvalidTokenError,
     PrincipalKind,
     Source,
-    check_tenant,
-    check_token,
     decode,
-    parse_creds,
     subjects,
 )
 
 from .._provider import ChannelError, DeliveryFailed, InstanceConfig, WebhookRequest
 from ..providers import STDIN_METHOD, CliProvider, CliSecrets, CliSettings
+from ._bus import (
+    EXIT_QUEUE,
+    CommandFailed,
+    add_instance_command,
+    check_creds,
+    connect_bus,
+    credential_workspace,
+    token_type,
+)
 from ._login import add_login_command
+from ._run import add_run_command
 
-EXIT_USAGE, EXIT_CREDS, EXIT_CONNECT, EXIT_QUEUE = 2, 3, 4, 5
 MAX_ATTEMPTS = 5
-CONNECT_SECONDS = 10.0
 DESCRIPTION = """\
 Use this terminal as a channel instance: every line you type becomes a message
 to the instance's workspace (plain text, a /command, or a JSON object
@@ -59,52 +62,17 @@ The instance (kind "cli") and its credential file come from the hub's admin API.
 """
 
 
-class CommandFailed(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _token(kind: str):
-    def check(text: str) -> str:
-        try:
-            return check_tenant(text) if kind == "tenant" else check_token(text, kind)
-        except InvalidTokenError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return check
-
-
 def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
-    """Add `channel cli` and `channel login` to the `cowork` parser (args.channel_handler runs it)."""
+    """Add `channel cli`, `channel login` and `channel run` to the `cowork` parser
+    (args.channel_handler runs it)."""
     channel = commands.add_parser("channel", help="channel instances run from this machine")
     sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND", required=True)
-    cli = sub.add_parser(
+    cli = add_instance_command(
+        sub,
         "cli",
         help="chat with a workspace from this terminal",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_argument(
-        "instance",
-        metavar="INSTANCE",
-        type=_token("instance_id"),
-        help="the channel instance id (kind cli), e.g. cli-ada",
-    )
-    cli.add_argument(
-        "--nats",
-        required=True,
-        metavar="URL",
-        help="the hub's NATS URL(s), comma separated, e.g. nats://hub:4222",
-    )
-    cli.add_argument(
-        "--creds", required=True, type=Path, metavar="FILE", help="the instance's NATS .creds file"
-    )
-    cli.add_argument("--tenant", required=True, type=_token("tenant"), help="the tenant id")
-    cli.add_argument(
-        "--workspace",
-        type=_token("workspace_id"),
-        help="the workspace the instance is bound to (default: the one the credential is bound to)",
+        instance_help="the channel instance id (kind cli), e.g. cli-ada",
     )
     cli.add_argument("--user", help="who you are in the chat (default: your login name)")
     cli.add_argument(
@@ -121,7 +89,8 @@ def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
         help="after stdin ends, keep printing answers this long (default: 0)",
     )
     cli.set_defaults(channel_handler=run_channel_command)
-    add_login_command(sub, _token)
+    add_login_command(sub, token_type)
+    add_run_command(sub)
     return channel
 
 
@@ -133,23 +102,6 @@ def run_channel_command(args: argparse.Namespace) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def bound_workspace(user_jwt: str, tenant: str, instance: str) -> str | None:
-    """The workspace a channel credential may send into: the last token of its one
-    `cw.<tenant>.chan.<instance>.in.<workspace>` publish permission."""
-    import base64
-    import json
-
-    try:
-        claims_b64 = user_jwt.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
-        allowed = claims["nats"]["pub"]["allow"]
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-    prefix = f"cw.{tenant}.chan.{instance}.in."
-    found = {s[len(prefix) :] for s in allowed if isinstance(s, str) and s.startswith(prefix)}
-    return found.pop() if len(found) == 1 else None
 
 
 class ChannelCli:
@@ -230,72 +182,13 @@ class ChannelCli:
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
     def _workspace(self, args: argparse.Namespace) -> str:
-        """--workspace, checked against the credential's; or the credential's."""
-        self._check_creds()
-        user_jwt, _ = parse_creds(args.creds.read_text())
-        bound = bound_workspace(user_jwt, args.tenant, args.instance)
-        if args.workspace and bound and args.workspace != bound:
-            raise CommandFailed(
-                f"this credential is bound to workspace {bound!r}, not "
-                f"{args.workspace!r}; leave --workspace out",
-                EXIT_CREDS,
-            )
-        workspace: str | None = args.workspace or bound
-        if workspace:
-            return workspace
-        raise CommandFailed(
-            f"cannot tell the workspace from {args.creds} (is it for instance "
-            f"{args.instance!r} of tenant {args.tenant!r}?); give --workspace",
-            EXIT_CREDS,
-        )
+        return credential_workspace(args)
 
     def _check_creds(self) -> None:
-        try:
-            parse_creds(self.args.creds.read_text())
-        except OSError as exc:
-            raise CommandFailed(
-                f"cannot read {self.args.creds}: {exc.strerror}", EXIT_CREDS
-            ) from None
-        except (ValueError, UnicodeDecodeError):
-            raise CommandFailed(
-                f"{self.args.creds} is not a NATS .creds file", EXIT_CREDS
-            ) from None
+        check_creds(self.args.creds)
 
     async def _connect(self) -> Any:
-        servers = [s.strip() for s in self.args.nats.split(",") if s.strip()]
-        failed = asyncio.Event()
-
-        async def on_error(exc: Exception) -> None:
-            self.errors.append(str(exc) or type(exc).__name__)
-            # nats-py keeps retrying a first connect; give up once every server failed.
-            if len(self.errors) >= len(servers):
-                failed.set()
-
-        connect = asyncio.ensure_future(
-            nats.connect(
-                servers,
-                user_credentials=str(self.args.creds),
-                error_cb=on_error,
-                inbox_prefix=subjects.inbox_prefix(self.tenant, "channel", self.instance),
-                connect_timeout=5,
-                allow_reconnect=False,
-                name=f"cowork-channel-{self.instance}",
-            )
-        )
-        gave_up = asyncio.ensure_future(failed.wait())
-        await asyncio.wait(
-            {connect, gave_up}, timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED
-        )
-        gave_up.cancel()
-        if connect.done() and connect.exception() is None:
-            return connect.result()
-        connect.cancel()
-        with contextlib.suppress(BaseException):
-            await connect
-        detail = self.errors[-1] if self.errors else "no answer"
-        raise CommandFailed(
-            f"cannot connect to NATS at {', '.join(servers)}: {detail}", EXIT_CONNECT
-        )
+        return await connect_bus(self.args, self.errors, reconnect=False)
 
     # --- stdin -> inbound ----------------------------------------------------------------
     async def _read(self, js: Any) -> None:

@@ -31,7 +31,7 @@ class LoginFailed(Exception):
 def add_login_command(sub: Any, token_type: Any) -> None:
     login = sub.add_parser(
         "login",
-        help="get a credential file for a CLI channel instance",
+        help="get a credential file for a CLI or outbound-transport channel instance",
         description="Make a key pair here, have the hub sign a credential for its public key "
         "(admin API), and write a .creds file (0600) for `cowork channel cli`.",
     )
@@ -85,6 +85,11 @@ def run_login(args: argparse.Namespace) -> int:
     print(
         f"Next: cowork channel cli {args.instance} --tenant {args.tenant} "
         f"--creds {args.creds_out} --nats {nats_url or 'nats://HOST:4222'}"
+    )
+    print(
+        f"  (an instance with transport 'outbound': cowork channel run {args.instance} "
+        f"--tenant {args.tenant} --creds {args.creds_out} "
+        f"--nats {nats_url or 'nats://HOST:4222'} --config SETTINGS.json)"
     )
     if answer.get("workspaceId"):
         print(

@@ -36,10 +36,12 @@ from .._provider import (
     WebhookResult,
     check_timestamp,
 )
+from .._transport import TransportSettings, transport_request
 from . import _payload as p
 from ._platform_http import (
     call_json,
     check_buttons,
+    checked_socket_url,
     file_bytes,
     invalid,
     require_object,
@@ -58,7 +60,7 @@ _SUPPRESS_NOTIFICATIONS = 1 << 12
 _EPHEMERAL = 1 << 6
 
 
-class DiscordSettings(ApiBaseSettings):  # apiBase None: the real API
+class DiscordSettings(ApiBaseSettings, TransportSettings):  # apiBase None: the real API
     DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     application_id: str = Field(pattern=r"^[0-9]{1,20}$")
     public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$")  # public: not a secret
@@ -348,6 +350,84 @@ class DiscordProvider:
                 json={"content": text, "allowed_mentions": {"parse": []}},
             )
         return SendResult()
+
+    # --- the Gateway (channels/providers/_discord_gateway.py) ------------------------------
+    async def gateway_url(self) -> str:
+        """Where to connect: `GET /gateway/bot` (https://discord.com/developers/docs/
+        events/gateway#get-gateway-bot), checked as the API base is when it is ours."""
+        answer = require_object(
+            "discord get gateway", await self._call("GET", "/gateway/bot", "get gateway")
+        )
+        return self.checked_gateway_url(answer.get("url"))
+
+    def checked_gateway_url(self, url: Any) -> str:
+        """A Gateway URL (from the API or a READY's resume URL), which the bot token
+        goes to: checked (channels/providers/_platform_http.py checked_socket_url)."""
+        return checked_socket_url(url, self.settings.api_policy, "discord gateway")
+
+    def gateway_message(self, data: dict[str, Any]) -> WebhookResult:
+        """A MESSAGE_CREATE dispatch as a message (nothing for bots' and webhooks'
+        own messages, or one without text: MESSAGE_CONTENT not granted)."""
+        return self._gateway_message(transport_request(json.dumps(data).encode()))
+
+    @p.contract_errors
+    def _gateway_message(self, request: WebhookRequest) -> WebhookResult:
+        data = p.json_object(request.body, "message")
+        author = p.obj(data, "author", required=True)
+        if p.flag(author, "bot") or data.get("webhook_id") is not None:
+            return WebhookResult()
+        raw = p.text(data, "content", max_length=4000) or ""
+        if not raw.strip():
+            return WebhookResult()
+        message_id = p.ident(data, "id", required=True)
+        channel_id = p.ident(data, "channel_id", required=True)
+        user_id = p.ident(author, "id", required=True)
+        message = p.inbound(
+            self.config,
+            request,
+            event_type="message",
+            provider_event_id=message_id,
+            provider_message_id=message_id,
+            target={
+                "chat_id": channel_id,
+                "is_direct": data.get("guild_id") is None,
+                "user_id": user_id,
+                "message_id": message_id,
+            },
+            sender={
+                "provider_user_id": user_id,
+                "username": p.text(author, "username", max_length=256),
+                "display_name": p.text(author, "global_name", max_length=512),
+                "is_bot": False,
+            },
+            attachments=[
+                {
+                    "provider_file_id": p.ident(item, "id", required=True),
+                    "download_url": p.text(item, "url", max_length=2048),
+                    "filename": p.text(item, "filename", max_length=512),
+                    "mime_type": p.text(item, "content_type", max_length=128),
+                    "size_bytes": p.integer(item, "size"),
+                }
+                for item in p.items(data, "attachments")[:10]
+                if isinstance(item, dict)
+            ],
+            text=raw,
+            raw_text=raw,
+            **p.command_fields(raw),
+        )
+        return WebhookResult(messages=[message])
+
+    async def acknowledge(self, interaction: dict[str, Any], answer: bytes) -> None:
+        """An INTERACTION_CREATE from the Gateway is answered by the callback endpoint
+        with what the webhook would have answered in its body (deferred)."""
+        interaction_id = quote(str(interaction.get("id", "")), safe="")
+        token = quote(str(interaction.get("token", "")), safe="")
+        await self._call(
+            "POST",
+            f"/interactions/{interaction_id}/{token}/callback",
+            "interaction callback",
+            json=json.loads(answer),
+        )
 
     async def probe(self) -> str:
         me = require_object(

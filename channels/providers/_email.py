@@ -16,7 +16,9 @@ import hashlib
 import hmac
 import re
 from collections import OrderedDict
+from email import policy
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import formatdate
 from typing import ClassVar
 
@@ -39,11 +41,13 @@ from .._provider import (
     WebhookResult,
 )
 from ._payload import body_invalid, command_fields, contract_errors, inbound
+from ._platform_http import file_bytes
 
 ADDRESS = r"^[^@\s<>]{1,64}@[^@\s<>]{1,255}$"
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}>")
 _QUOTE_HEADER = re.compile(r"^\s*On .{1,300}wrote:\s*$", re.S)
 MAX_TEXT = 16_000  # platforms say 20000; a delivery carries at most 16384
+MAX_FILE_BYTES = 1024 * 1024  # what one delivery carries (ChannelFile, ~1 MiB)
 _SUBJECT_MEMORY = 1024  # thread subjects remembered for "Re:" lines
 
 
@@ -66,9 +70,10 @@ class _Body(BaseModel):
 
 
 class _RelayAttachment(_Body):
-    filename: str = Field(max_length=512)
+    filename: str = Field(default="", max_length=512)
     content_type: str = Field(default="application/octet-stream", max_length=128)
     size: int = Field(default=0, ge=0)
+    content_id: str | None = Field(default=None, max_length=256)  # an inline image's cid
 
 
 class _RelayMail(_Body):
@@ -81,6 +86,9 @@ class _RelayMail(_Body):
     in_reply_to: str | None = Field(default=None, max_length=256)
     references: str | list[str] | None = Field(default=None, max_length=8192)
     attachments: list[_RelayAttachment] = Field(default_factory=list, max_length=50)
+    # The mail's MIME source, for relays that pass it whole: its text part and its
+    # attachments and inline images are read from it (within the body limit).
+    raw: str | None = Field(default=None, max_length=2_000_000)
 
 
 def strip_quoted(text: str) -> str:
@@ -126,13 +134,13 @@ class EmailProvider:
         threads=True,
         edit=False,
         buttons=None,
-        file_upload=False,
+        file_upload=True,
         file_download=False,
         typing=False,
         reactions=False,
         max_text_length=MAX_TEXT,
         parse_modes=frozenset({"plain"}),
-        max_file_bytes=0,
+        max_file_bytes=MAX_FILE_BYTES,
         interaction_ack="none",
         rate_limit="fixed_backoff",
         ephemeral=False,
@@ -173,12 +181,14 @@ class EmailProvider:
         sender = _address(mail.from_)
         thread = (_ids(mail.references) or _ids(mail.in_reply_to) or [mid])[0]
         self._remember_subject(thread, mail.subject)
+        if mail.raw:
+            mail = _from_mime(mail)
         raw_text = mail.text[:16_384]
         text = strip_quoted(raw_text)
         attachments = [
             ChannelAttachment(
-                provider_file_id=f"{mid}/{i}",
-                filename=a.filename,
+                provider_file_id=f"{mid}/cid:{a.content_id}" if a.content_id else f"{mid}/{i}",
+                filename=a.filename or None,
                 mime_type=a.content_type,
                 size_bytes=a.size,
             )
@@ -228,6 +238,8 @@ class EmailProvider:
         if references:
             message["References"] = " ".join(dict.fromkeys(references))
         message.set_content(delivery.text or "")
+        if delivery.type == DeliveryType.FILE:
+            _attach(message, delivery)
         return message
 
     def message_id_for(self, delivery: ChannelOutbound) -> str:
@@ -237,10 +249,12 @@ class EmailProvider:
 
     async def send(self, delivery: ChannelOutbound) -> SendResult:
         # Buttons are the renderer's to turn into text fallbacks (/approve <t>, ...).
-        if delivery.type != DeliveryType.TEXT:
+        if delivery.type not in (DeliveryType.TEXT, DeliveryType.FILE):
             raise DeliveryFailed(
                 f"email cannot {delivery.type.value}", code="delivery.unsupported", permanent=True
             )
+        if delivery.type == DeliveryType.FILE and not delivery.text:
+            delivery = delivery.model_copy(update={"text": "A file from your workspace."})
         if not (delivery.text or "").strip() or len(delivery.text or "") > MAX_TEXT:
             raise DeliveryFailed(
                 f"email: the text is empty or longer than {MAX_TEXT}",
@@ -322,3 +336,55 @@ def _failure(operation: str, exc: BaseException) -> DeliveryFailed:
 def _display_name(value: str) -> str | None:
     name = value.split("<", 1)[0].strip().strip('"') if "<" in value else ""
     return name[:512] or None
+
+
+def _from_mime(mail: _RelayMail) -> _RelayMail:
+    """The relay's fields completed from the MIME source: the plain text part (when
+    the relay gave none) and every attachment and inline image part."""
+    try:
+        parsed = BytesParser(policy=policy.default).parsebytes((mail.raw or "").encode())
+    except Exception:  # the stdlib parser is lenient; anything it raises is a bad body
+        raise BadRequest("email.body_invalid", "raw is not a MIME message") from None
+    assert isinstance(parsed, EmailMessage)
+    text = mail.text
+    if not text:
+        body = parsed.get_body(preferencelist=("plain",))
+        text = str(body.get_content()) if body is not None else ""
+    found = list(mail.attachments)
+    for part in parsed.walk():
+        if part.is_multipart() or len(found) >= 50:
+            continue
+        disposition = part.get_content_disposition()
+        content_id = (part.get("Content-ID") or "").strip("<> ") or None
+        if disposition != "attachment" and not (
+            content_id and part.get_content_maintype() == "image"
+        ):
+            continue  # a body part, not an attachment or an inline image
+        payload = part.get_payload(decode=True) or b""
+        found.append(
+            _RelayAttachment(
+                filename=(part.get_filename() or "")[:512],
+                content_type=part.get_content_type()[:128],
+                size=len(payload),
+                content_id=content_id[:256] if content_id else None,
+            )
+        )
+    return mail.model_copy(update={"text": text, "attachments": found})
+
+
+def _attach(message: EmailMessage, delivery: ChannelOutbound) -> None:
+    """A file delivery's file as a MIME part: an image inline (shown in the mail,
+    with a Content-ID), anything else as an attachment."""
+    file, content = file_bytes(delivery, MAX_FILE_BYTES)
+    maintype, _, subtype = file.mime_type.partition("/")
+    if not subtype:
+        maintype, subtype = "application", "octet-stream"
+    inline = maintype == "image"
+    message.add_attachment(
+        content,
+        maintype=maintype,
+        subtype=subtype,
+        filename=file.filename,
+        disposition="inline" if inline else "attachment",
+        cid=f"<{hashlib.sha256(content).hexdigest()[:24]}@cowork>" if inline else None,
+    )

@@ -72,7 +72,11 @@ def retry_after_of(headers: Mapping[str, str], body: Any) -> float | None:
             seconds = _number(params.get("retry_after"))
             if seconds is not None:
                 return seconds
-        return _number(body.get("retry_after"))
+        seconds = _number(body.get("retry_after"))
+        if seconds is not None:
+            return seconds
+        millis = _number(body.get("retry_after_ms"))  # Matrix M_LIMIT_EXCEEDED
+        return None if millis is None else millis / 1000
     return None
 
 
@@ -286,3 +290,20 @@ def file_bytes(delivery: Any, max_bytes: int) -> tuple[ChannelFile, bytes]:
     if len(content) > max_bytes:
         raise invalid(f"the file is {len(content)} bytes; the limit is {max_bytes}")
     return file, content
+
+
+def checked_socket_url(url: Any, policy: _ssrf.UrlPolicy | None, operation: str) -> str:
+    """A websocket URL a platform handed us (Discord's Gateway, Slack's Socket Mode),
+    which the bot's credential goes to: wss only, or under the instance's SSRF
+    rules when the operator chose the API base (a local fake may then be ws on
+    loopback). A refusal is a permanent DeliveryFailed."""
+    if not isinstance(url, str) or not url.startswith(("wss://", "ws://")):
+        raise DeliveryFailed(f"{operation}: no websocket URL", code="platform.bad_response")
+    try:
+        if policy is not None:
+            _ssrf.check_url("http" + url[2:], policy)  # ws -> http, wss -> https
+        elif not url.startswith("wss://"):
+            raise _ssrf.UnsafeUrl("ssrf.scheme", "only wss URLs are allowed")
+    except _ssrf.UnsafeUrl as exc:
+        raise DeliveryFailed(f"{operation}: {exc}", code=exc.code, permanent=True) from None
+    return url

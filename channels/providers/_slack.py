@@ -28,13 +28,16 @@ from .._provider import (
     InstanceConfig,
     ProviderSettings,
     SendResult,
+    VerificationFailed,
     WebhookRequest,
     WebhookResult,
 )
+from .._transport import TransportSettings
 from . import _payload as p
 from ._platform_http import (
     call_json,
     check_buttons,
+    checked_socket_url,
     file_bytes,
     invalid,
     require_object,
@@ -73,14 +76,18 @@ REACTION_NAMES = {
 }
 
 
-class SlackSettings(ApiBaseSettings):  # apiBase None: the real API
+class SlackSettings(ApiBaseSettings, TransportSettings):  # apiBase None: the real API
     DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     prompt_command: str = Field(default="ask", pattern=r"^[a-z0-9_-]{1,32}$")
 
 
 class SlackSecrets(ProviderSettings):
+    WEBHOOK_SECRETS: ClassVar[tuple[str, ...]] = ("signing_secret",)
     bot_token: str = Field(min_length=1, max_length=512, repr=False)
-    signing_secret: str = Field(min_length=16, max_length=256, repr=False)  # Slack's: 32 hex
+    # Slack's: 32 hex. None: the instance uses Socket Mode and refuses every webhook.
+    signing_secret: str | None = Field(default=None, min_length=16, max_length=256, repr=False)
+    # The app-level token (`xapp-`, scope connections:write) Socket Mode connects with.
+    app_token: str | None = Field(default=None, min_length=1, max_length=512, repr=False)
 
 
 class SlackProvider:
@@ -123,16 +130,34 @@ class SlackProvider:
         return None
 
     def verify(self, request: WebhookRequest) -> None:
+        if self.secrets.signing_secret is None:
+            raise VerificationFailed(
+                "signature.invalid", "this Slack instance has no signing secret"
+            )
         verify(request, self.secrets.signing_secret)
+
+    async def open_socket(self) -> str:
+        """A Socket Mode URL: `apps.connections.open` with the app-level token
+        (https://api.slack.com/apis/socket-mode)."""
+        if not self.secrets.app_token:
+            raise DeliveryFailed(
+                "slack socket mode needs the app-level token (secret appToken)",
+                code="slack.no_app_token",
+                permanent=True,
+            )
+        answer = await self._call("apps.connections.open", {}, token=self.secrets.app_token)
+        return checked_socket_url(answer.get("url"), self.settings.api_policy, "slack socket mode")
 
     @p.contract_errors
     def parse(self, request: WebhookRequest) -> WebhookResult:
         return self._inbound.parse(request)
 
     # --- outbound ----------------------------------------------------------------------
-    async def _call(self, method: str, payload: dict[str, Any], *, form: bool = False) -> dict:
+    async def _call(
+        self, method: str, payload: dict[str, Any], *, form: bool = False, token: str | None = None
+    ) -> dict:
         operation = f"slack {method}"
-        headers = {"Authorization": f"Bearer {self.secrets.bot_token}"}
+        headers = {"Authorization": f"Bearer {token or self.secrets.bot_token}"}
         _, body = await call_json(
             self.http,
             "POST",

@@ -28,6 +28,7 @@ from .._provider import (
     WebhookRequest,
     WebhookResult,
 )
+from .._transport import TransportSettings
 from . import _payload as p
 from ._platform_http import (
     call_json,
@@ -45,6 +46,7 @@ DEFAULT_API_BASE = "https://api.telegram.org"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 _PARSE_MODES = {"markdown": "Markdown", "html": "HTML"}
 _CAPTION_LIMIT = 1024
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 _ATTACHMENT_KEYS = frozenset({"photo", "document", "audio", "video", "voice"})
 # setMessageReaction accepts only these emoji (Bot API ReactionTypeEmoji); anything
 # else is refused up front rather than by a 400 from Telegram.
@@ -55,17 +57,19 @@ REACTION_EMOJI = frozenset(
 )
 
 
-class TelegramSettings(ApiBaseSettings):  # apiBase None: the real API
+class TelegramSettings(ApiBaseSettings, TransportSettings):  # apiBase None: the real API
     DEFAULT_API_BASE: ClassVar[str | None] = DEFAULT_API_BASE
     # The bot's @username: `/cmd@otherbot` in a group is for another bot.
     bot_username: str | None = Field(default=None, max_length=64)
 
 
 class TelegramSecrets(ProviderSettings):
+    WEBHOOK_SECRETS: ClassVar[tuple[str, ...]] = ("webhook_secret",)
     bot_token: str = Field(min_length=1, max_length=256, repr=False)
     # setWebhook's secret_token: 1-256 characters of A-Z a-z 0-9 _ -, chosen by the
-    # operator: at least 16 (MIN_CHOSEN_SECRET), so it cannot be guessed
-    webhook_secret: str = Field(pattern=r"^[A-Za-z0-9_-]{16,256}$", repr=False)
+    # operator: at least 16 (MIN_CHOSEN_SECRET), so it cannot be guessed. None: the
+    # instance polls (`transport: outbound`) and refuses every webhook.
+    webhook_secret: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{16,256}$", repr=False)
 
 
 class TelegramProvider:
@@ -105,7 +109,12 @@ class TelegramProvider:
 
     def verify(self, request: WebhookRequest) -> None:
         given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.secrets.webhook_secret.encode()):
+        expected = self.secrets.webhook_secret
+        if expected is None:
+            raise VerificationFailed(
+                "signature.invalid", "this Telegram instance has no webhook secret"
+            )
+        if not hmac.compare_digest(given.encode(), expected.encode()):
             raise VerificationFailed(
                 "signature.invalid", "the Telegram secret token header is missing or wrong"
             )
@@ -250,6 +259,7 @@ class TelegramProvider:
         json: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
         files: Any = None,
+        timeout: float = 30.0,
     ) -> Any:
         operation = f"telegram {method}"
         _, body = await call_json(
@@ -260,6 +270,7 @@ class TelegramProvider:
             json=json,
             data=data,
             files=files,
+            timeout=timeout,
             pin=self.settings.api_policy,
             resolve=type(self).resolve,
         )
@@ -350,6 +361,23 @@ class TelegramProvider:
                 )
             )
         raise unsupported("telegram", f"{kind} deliveries")
+
+    async def poll(self, offset: int | None, timeout: int) -> list[Any]:
+        """One long poll of `getUpdates` (channels/providers/_telegram_polling.py)."""
+        params: dict[str, Any] = {"timeout": timeout, "allowed_updates": ALLOWED_UPDATES}
+        if offset is not None:
+            params["offset"] = offset
+        updates = await self._call("getUpdates", json=params, timeout=timeout + 10.0)
+        if not isinstance(updates, list):
+            raise DeliveryFailed(
+                "telegram getUpdates: unexpected answer", code="platform.bad_response"
+            )
+        return updates
+
+    async def stop_webhook(self) -> None:
+        """Telegram refuses getUpdates while a webhook is set (409): unset it, keeping
+        the updates it holds (they come by polling instead)."""
+        await self._call("deleteWebhook", json={"drop_pending_updates": False})
 
     def _markup(self, delivery: ChannelOutbound) -> dict[str, Any]:
         rows = check_buttons(delivery, self.capabilities.buttons)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from schemas import (
 from .._provider import DeliveryFailed
 from ._ingress import kv
 from ._ledger import Ledger, perform
-from ._limits import Breaker
+from ._limits import Breaker, backoff_delay
 from ._outcomes import delivery_id_of, quietly, receipt_for, settle
 from ._sent_store import SentStore
 
@@ -329,12 +328,8 @@ class DeliveryWorker:
             if failure.retry_after is not None:
                 delay = failure.retry_after
             else:
-                delay = random.uniform(
-                    0,
-                    min(
-                        options.backoff_cap_seconds,
-                        options.backoff_base_seconds * 2 ** (attempts - 1),
-                    ),
+                delay = backoff_delay(
+                    attempts, options.backoff_base_seconds, options.backoff_cap_seconds
                 )
             if not await self._pause(delay, msg):
                 return False

@@ -270,28 +270,34 @@ class Ingress:
             if route.publisher is publisher:
                 del self._routes[instance_id]
 
+    async def publish(self, instance: Instance, messages: list[ChannelInbound]) -> None:
+        """Store `messages` in JetStream (acknowledged by the stream), each with its
+        keyed dedupe id; raises when they could not be. Outbound transports hand
+        their traffic here too, so both ways in dedupe alike."""
+        route = self._routes.get(instance.instance_id)
+        if (
+            route is None
+            or route.instance is not instance
+            or route.nc is not instance.nc
+            or route.publisher.closed
+        ):
+            route = await self._route(instance)
+        publisher, subject = route.publisher, instance.inbound_subject
+        key = self._options.msg_id_key
+        if len(messages) == 1:
+            msg = messages[0]
+            await publisher.publish(subject, route.encode(msg), dedupe_id(key, msg.id))
+        else:
+            await asyncio.gather(
+                *(
+                    publisher.publish(subject, route.encode(msg), dedupe_id(key, msg.id))
+                    for msg in messages
+                )
+            )
+
     async def _publish(self, instance: Instance, result: WebhookResult) -> web.Response | None:
         try:
-            route = self._routes.get(instance.instance_id)
-            if (
-                route is None
-                or route.instance is not instance
-                or route.nc is not instance.nc
-                or route.publisher.closed
-            ):
-                route = await self._route(instance)
-            publisher, subject = route.publisher, instance.inbound_subject
-            key = self._options.msg_id_key
-            if len(result.messages) == 1:
-                msg = result.messages[0]
-                await publisher.publish(subject, route.encode(msg), dedupe_id(key, msg.id))
-            else:
-                await asyncio.gather(
-                    *(
-                        publisher.publish(subject, route.encode(msg), dedupe_id(key, msg.id))
-                        for msg in result.messages
-                    )
-                )
+            await self.publish(instance, result.messages)
         except Exception as exc:  # no stream, no connection, timeout: the platform retries
             log.warning(
                 "channel.webhook.publish_failed",

@@ -1,6 +1,7 @@
 """Limits. Ingress, per (instance, source): a token-bucket request rate and an
 auth-failure lockout, both answering "how long to wait" so the webhook can say
-429 with Retry-After. Delivery, per instance: the circuit breaker.
+429 with Retry-After. Delivery, per instance: the circuit breaker. Both delivery
+retries and outbound transports' reconnects wait `backoff_delay`.
 
 Channel code may not import the hub, so this is its own small implementation.
 State is per process and bounded: under a flood of distinct sources the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -111,6 +113,12 @@ class Lockout:
             del self._recent[key]
         if len(self._recent) >= self._max_keys:
             del self._recent[min(self._recent, key=lambda k: self._recent[k][-1])]
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """The wait before retry number `attempt` (1, 2, ...): full jitter over
+    base * 2^(attempt-1), at most `cap` (the one backoff of channel code)."""
+    return random.uniform(0, min(cap, base * 2 ** (max(1, attempt) - 1)))
 
 
 def retry_after_header(seconds: float) -> str:

@@ -36,10 +36,11 @@ from aiohttp import web
 from schemas import ChannelInstanceState, PrincipalKind, Source, subjects
 
 from .._provider import DeliveryFailed, InstanceConfig
-from .._registry import provider_class
+from .._registry import TRANSPORTS, provider_class
 from ._delivery import DeliveryWorker
 from ._ingress import Ingress, SourceResolver, kv
 from ._ledger import Ledger
+from ._transports import TransportRunner
 
 log = logging.getLogger("cowork.channels")
 
@@ -69,6 +70,16 @@ class RuntimeOptions:
     ledger_size: int = 10_000  # sent deliveries remembered per instance
     watch_interval_seconds: float = 0.5  # how often a closed connection is looked for
     ledger_timeout_seconds: float = 2.0  # one read or write of the durable sent-ledger
+    # Outbound transports (channels/runtime/_transports.py): the name this process
+    # writes into an instance's transport lease, which `transportHost` values it
+    # serves ("any": hub and edge; "edge": `cowork channel run` only; empty: none),
+    # and the lease TTL (the CW_CHANNEL_LEASES bucket's max_age).
+    transport_holder: str = field(default_factory=lambda: f"process {os.getpid()}")
+    transport_hosts: frozenset[str] = frozenset({"any"})
+    transport_lease_seconds: float = 6.0
+    # Deliver for an instance exactly while holding its transport lease (a
+    # `cowork channel run` process serving a `transportHost: edge` instance).
+    deliver_with_transport: bool = False
     ledger_retry_seconds: float = 30.0  # after it failed, memory only for this long
     # Keys the Nats-Msg-Id of each accepted webhook message (HMAC of its message id):
     # JetStream's duplicate window is per stream, and message ids are made of public
@@ -90,6 +101,8 @@ class Instance:
         self.worker: DeliveryWorker | None = None
         self.worker_lock = asyncio.Lock()  # the worker starts and stops one at a time
         self.supervisor: asyncio.Task | None = None
+        self.transport: TransportRunner | None = None  # its outbound transport, if hosted
+        self.transport_task: asyncio.Task | None = None
         self.state = State.STARTING
         self.detail = "starting"
         self.consecutive_failures = 0
@@ -107,11 +120,18 @@ class Instance:
         self.source = Source(principal_kind=PrincipalKind.CHANNEL, principal_id=config.instance_id)
 
     @property
+    def outbound(self) -> bool:
+        """Whether its traffic arrives over an outbound transport, not webhooks."""
+        return getattr(self.config.settings, "transport", "webhook") == "outbound"
+
+    @property
     def webhooks(self) -> bool:
-        """Whether this instance answers webhooks now (CLI instances never do)."""
+        """Whether this instance answers webhooks now (CLI instances never do, nor
+        instances receiving over an outbound transport)."""
         return (
             self.state not in (State.STOPPING, State.STOPPED)
             and self.provider.capabilities.inbound == "webhook"
+            and not self.outbound
         )
 
     def mark(self, state: State, detail: str) -> None:
@@ -123,6 +143,16 @@ class Instance:
         self.state, self.detail = state, detail
 
     def health(self) -> dict[str, Any]:
+        health = self._health()
+        if self.outbound:
+            health["transport"] = (
+                self.transport.health()
+                if self.transport is not None
+                else {"state": "stopped", "detail": "not hosted by this process"}
+            )
+        return health
+
+    def _health(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
             "detail": self.detail,
@@ -349,12 +379,16 @@ class ChannelRuntime:
             worker = instance.worker  # read each time: a lease may start or stop it
             if worker is not None and worker.crashed:
                 return "the delivery worker stopped unexpectedly"
+            transport = instance.transport_task
+            if transport is not None and transport.done():
+                return "the outbound transport stopped unexpectedly"
             await asyncio.sleep(self.options.watch_interval_seconds)
 
     async def _bring_up(self, instance: Instance) -> None:
         instance.nc = await self._connect(instance.config)
         instance.js = instance.nc.jetstream()  # ingress may publish from now on
         await self._start_worker(instance)
+        self._start_transport(instance)
         try:
             detail = await asyncio.wait_for(
                 instance.provider.probe(), self.options.probe_timeout_seconds
@@ -398,9 +432,49 @@ class ChannelRuntime:
                     **kv(instance=instance.instance_id, error=type(exc).__name__),
                 )
 
+    def _start_transport(self, instance: Instance) -> None:
+        """Run its outbound transport (under its lease) when it has one this
+        runtime hosts."""
+        settings = instance.config.settings
+        cls = TRANSPORTS.get(instance.config.kind)
+        if (
+            cls is None
+            or not instance.outbound
+            or getattr(settings, "transport_host", "any") not in self.options.transport_hosts
+        ):
+            return
+        instance_id = instance.instance_id
+
+        async def hold(sure: Callable[[], bool]) -> None:
+            await self.start_delivery(instance_id, sure=sure)
+
+        async def release() -> None:
+            await self.stop_delivery(instance_id, grace=self.options.transport_lease_seconds / 6)
+
+        delivers = self.options.deliver_with_transport
+        runner = TransportRunner(
+            instance,
+            cls(instance.provider, self._client()),
+            self._ingress,
+            self.options,
+            on_hold=hold if delivers else None,
+            on_release=release if delivers else None,
+        )
+        instance.transport = runner
+        instance.transport_task = asyncio.create_task(
+            runner.run(), name=f"channel-transport-{instance.instance_id}"
+        )
+
+    async def _stop_transport(self, instance: Instance) -> None:
+        task, instance.transport_task = instance.transport_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _take_down(self, instance: Instance) -> None:
-        """Stop the worker and close the connection; webhooks answer 503 from the
-        first line."""
+        """Stop the transport and the worker and close the connection; webhooks
+        answer 503 from the first line."""
+        await self._stop_transport(instance)
         instance.js = None
         await self._stop_worker(instance, self.options.stop_grace_seconds)
         await self._close_connection(instance)

@@ -133,9 +133,9 @@ HUB_INBOX_PREFIX = "_INBOX.hub"
 # read its own keys, `<tenant>.<own id>.*`, and nothing else: not list, watch,
 # delete, nor look at the bucket's stream.
 OWN_KV_KEYS: dict[PrincipalKind, tuple[str, ...]] = {
-    PrincipalKind.CHANNEL: (
-        "CW_CHANNEL_SENT",
-    ),  # the sent-ledger (channels/runtime/_sent_store.py)
+    # the sent-ledger (channels/runtime/_sent_store.py), the outbound transport's
+    # lease and cursor (channels/runtime/_transport_state.py)
+    PrincipalKind.CHANNEL: ("CW_CHANNEL_SENT", "CW_CHANNEL_LEASES", "CW_CHANNEL_CURSORS"),
 }
 
 

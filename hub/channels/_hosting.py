@@ -20,8 +20,15 @@ from typing import Any
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from pydantic import BaseModel
 
-from channels import ChannelRuntime, InstanceConfig, RuntimeOptions, destination_changed
+from channels import (
+    ChannelRuntime,
+    InstanceConfig,
+    RuntimeOptions,
+    destination_changed,
+    webhook_secrets_missing,
+)
 from schemas import AuditRecord, PrincipalKind
 
 from ..auth import CredentialError, CredentialService, IssuedCredential, Principal
@@ -87,6 +94,11 @@ class ChannelService:
                 body_limit_bytes=settings.channel_body_limit_bytes,
                 source_rate=settings.channel_source_rate,
                 msg_id_key=hmac.new(secret_key, b"inbound-msg-id", hashlib.sha256).digest(),
+                # Outbound transports of `transportHost: any` instances: one process
+                # holds each (hub replica or `cowork channel run`), by a lease in
+                # CW_CHANNEL_LEASES whose max_age is the partition lease TTL.
+                transport_holder=f"hub replica {replica or hub_id}",
+                transport_lease_seconds=settings.partition_lease_seconds,
             ),
             source_of=lambda request: client_address(request, trusted),
             deliver_all=False,  # where the lease is: self._delivery
@@ -162,11 +174,13 @@ class ChannelService:
 
     def _hosted(self) -> dict[str, str]:
         """Instances whose deliveries this hub sends (id -> tenant): a `cli` one's go
-        out from its own process."""
+        out from its own process, and so do those of an instance whose transport
+        runs on an edge only (`transportHost: edge`: `cowork channel run`)."""
         return {
             instance_id: config.tenant
             for instance_id, config in self._configs.items()
             if provider_for(config.kind).capabilities.inbound != "stdin"
+            and getattr(config.settings, "transport_host", "any") != "edge"
         }
 
     async def _apply(self, row: dict[str, Any]) -> None:
@@ -256,8 +270,9 @@ class ChannelService:
     async def create(self, tenant: str, body: dict[str, Any], *, actor: str) -> dict[str, Any]:
         kind = body["kind"]
         provider_for(kind)
-        _, settings = validate_settings(kind, body.get("settings") or {})
-        _, secrets = validate_secrets(kind, body.get("secrets") or {})
+        settings_value, settings = validate_settings(kind, body.get("settings") or {})
+        secrets_value, secrets = validate_secrets(kind, body.get("secrets") or {})
+        _check_webhook_secrets(settings_value, secrets_value)
         _check_authority(body.get("authority", "desktop_paired"))
         new = NewInstance(
             instance_id=body["instance_id"],
@@ -298,6 +313,7 @@ class ChannelService:
             if current is None:
                 raise not_found(instance_id)
             changes: dict[str, Any] = {}
+            secrets_value: BaseModel | None = None  # the merged secrets, when patched
             for field in ("display_name", "workspace_id", "default_agent", "enabled"):
                 if field in patch:
                     changes[field] = patch[field]
@@ -324,9 +340,11 @@ class ChannelService:
                 except ChannelInstanceError:  # unreadable (key changed): set them all again
                     stored = {}
                 merged = merge_secrets(current["kind"], stored, patch["secrets"] or {})
-                _, plain = validate_secrets(current["kind"], merged)
+                secrets_value, plain = validate_secrets(current["kind"], merged)
                 changes["secrets_enc"] = self._box.seal(plain)
                 changes["secret_names"] = secret_names(plain)
+            if "settings" in patch or "secrets" in patch:
+                self._check_patched_secrets(current, changes.get("settings"), secrets_value)
             row = await self._store.update(conn, tenant, instance_id, changes)
             assert row is not None  # locked above
             # Field names only: which secrets changed is not recorded, let alone values.
@@ -339,6 +357,19 @@ class ChannelService:
                 await self._record(action, row, actor, conn)
         await self.reload()
         return row
+
+    def _check_patched_secrets(
+        self, current: dict[str, Any], settings: dict[str, Any] | None, secrets: BaseModel | None
+    ) -> None:
+        """A webhook instance after the change still has its webhook secrets."""
+        kind = current["kind"]
+        if secrets is None:
+            try:
+                secrets = validate_secrets(kind, self._box.open(current["secrets_enc"]))[0]
+            except ChannelInstanceError:  # unreadable: the secrets are being set again
+                return
+        after = validate_settings(kind, settings if settings is not None else current["settings"])
+        _check_webhook_secrets(after[0], secrets)
 
     async def delete(self, tenant: str, instance_id: str, *, actor: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -368,13 +399,20 @@ class ChannelService:
                 status=503,
             )
         row = await self.get(tenant, instance_id)
-        if provider_for(row["kind"]).capabilities.inbound != "stdin":
+        outbound = validate_settings(row["kind"], row["settings"])[0]
+        if (
+            provider_for(row["kind"]).capabilities.inbound != "stdin"
+            and getattr(outbound, "transport", "webhook") != "outbound"
+        ):
             # A hosted kind's bus identity belongs to the hub's runtime alone: a key
             # held elsewhere could speak as its chat users and take its deliveries.
+            # An outbound transport may run elsewhere (`cowork channel run`), whose
+            # operator holds the platform's token already.
             raise ChannelInstanceError(
                 "channel_instance.hosted_kind",
-                f"credentials are issued only for kind 'cli' instances; {instance_id!r} is a "
-                f"{row['kind']} instance, served by the hub itself",
+                f"credentials are issued only for kind 'cli' instances and instances with "
+                f"transport 'outbound'; {instance_id!r} is a {row['kind']} instance "
+                f"receiving webhooks, served by the hub itself",
                 status=409,
             )
         principal = Principal(
@@ -474,5 +512,16 @@ def _check_secrets_reentered(
             "channel_instance.secrets_required",
             "changing apiBase, allowLoopbackHttp or allowPrivateNetworks sends the "
             f"instance's secrets elsewhere: send them again ({', '.join(missing)})",
+            status=422,
+        )
+
+
+def _check_webhook_secrets(settings: BaseModel, secrets: BaseModel) -> None:
+    missing = webhook_secrets_missing(settings, secrets)
+    if missing:
+        raise ChannelInstanceError(
+            "channel_instance.invalid_secrets",
+            "; ".join(f"missing secret {name!r}" for name in missing)
+            + " (needed unless transport is 'outbound')",
             status=422,
         )

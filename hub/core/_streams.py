@@ -92,6 +92,11 @@ class BucketPolicy:
 # comes later than the outbound stream keeps a delivery (2 days).
 KV_BUCKETS: dict[str, BucketPolicy] = {
     "CW_CHANNEL_SENT": BucketPolicy(2 * DAY),
+    # CW_CHANNEL_LEASES: which process holds each instance's outbound transport
+    # (channels/runtime/_transport_state.py); a key lives one lease TTL after its
+    # last renewal. CW_CHANNEL_CURSORS: where each transport resumes.
+    "CW_CHANNEL_LEASES": BucketPolicy(None, max_bytes=8 * MIB),
+    "CW_CHANNEL_CURSORS": BucketPolicy(30 * DAY, max_bytes=64 * MIB),
     # CW_HUB_LEASES: which replica works which partition (hub/core/_leases.py); a
     # key lives one lease TTL after its last renewal.
     "CW_HUB_LEASES": BucketPolicy(None, hub_only=True, max_bytes=8 * MIB),

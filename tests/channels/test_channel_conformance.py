@@ -9,6 +9,7 @@ half-done. A kind in channels.PROVIDERS without a fake in FAKES fails here.
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,10 @@ async def rig(request: pytest.FixtureRequest):
     try:
         async with httpx.AsyncClient() as http:
             config = make_config(kind, fake, f"{kind}-test")
-            yield Rig(kind, fake, config, channels.PROVIDERS[kind](config, http), http)
+            provider = channels.PROVIDERS[kind](config, http)
+            if hasattr(provider, "refresh_keys"):  # the runtime's probe fetches them
+                await provider.refresh_keys()
+            yield Rig(kind, fake, config, provider, http)
     finally:
         await fake.stop()
 
@@ -97,7 +101,8 @@ def outbound(rig: Rig, **fields: Any) -> ChannelOutbound:
 
 
 def accepted(rig: Rig, request) -> WebhookResult:
-    rig.provider.verify(request)
+    if rig.caps.inbound != "outbound":  # an outbound transport's connection is the proof
+        rig.provider.verify(request)
     return rig.provider.parse(request)
 
 
@@ -117,6 +122,10 @@ async def refused_permanently(rig: Rig, delivery: ChannelOutbound) -> DeliveryFa
 def needs_http_inbound(rig: Rig) -> None:
     if rig.caps.inbound == "stdin":
         pytest.skip(f"{rig.kind} reads a local stdin stream: no HTTP signature to check")
+    if rig.caps.inbound == "outbound":
+        with pytest.raises(VerificationFailed):  # it takes no webhook at all
+            rig.provider.verify(rig.fake.signed_message("hello"))
+        pytest.skip(f"{rig.kind} receives over its outbound transport only: no webhook")
 
 
 # --- declarations --------------------------------------------------------------------------
@@ -132,7 +141,9 @@ def test_capabilities_are_sane(rig: Rig) -> None:
     assert "plain" in caps.parse_modes and caps.parse_modes <= {"plain", "markdown", "html"}
     assert caps.interaction_ack in ("none", "optional", "required")
     assert caps.rate_limit in ("none", "retry_after", "fixed_backoff")
-    assert caps.inbound in ("webhook", "stdin")
+    assert caps.inbound in ("webhook", "stdin", "outbound")
+    if caps.inbound == "outbound":
+        assert rig.kind in channels.TRANSPORTS, "an outbound-only kind needs its transport"
     if caps.buttons is not None:
         assert caps.buttons.max_count >= 1 and caps.buttons.max_rows >= 1
         assert caps.buttons.max_token_bytes >= 1
@@ -145,7 +156,7 @@ def test_capabilities_are_sane(rig: Rig) -> None:
     api_base = cls.settings_model.model_fields.get("api_base")
     if rig.fake.authenticates_api:
         assert api_base is not None, "settings need an api_base"
-    if api_base is not None:
+    if api_base is not None and not api_base.is_required():  # required: a homeserver
         assert api_base.default is None or str(api_base.default).startswith("https://")
 
 
@@ -229,6 +240,8 @@ async def test_instances_do_not_accept_each_others_requests(rig: Rig) -> None:
         other = channels.PROVIDERS[rig.kind](
             make_config(rig.kind, other_fake, f"{rig.kind}-other"), rig.http
         )
+        if hasattr(other, "refresh_keys"):
+            await other.refresh_keys()
         with pytest.raises(VerificationFailed):
             other.verify(rig.fake.signed_message("for the first instance"))
         with pytest.raises(VerificationFailed):
@@ -468,3 +481,31 @@ async def test_reaction_emoji_a_platform_cannot_show_is_refused_before_calling_i
                 assert fake.calls == [] and fake.reactions == []
         finally:
             await fake.stop()
+
+
+def test_signal_envelopes_carry_groups_attachments_and_skip_receipts() -> None:
+    """signal-cli's envelopes: a group message with an attachment, a direct one, and
+    the receipts and the bot's own sync messages that are nothing for a workspace."""
+    fake = FAKES["signal"]()
+    fake.base_url = "http://127.0.0.1:9"
+    provider = channels.PROVIDERS["signal"](make_config("signal", fake, "signal-unit"), None)
+    group = json.loads(fake.signed_message("see the file", event_id="5").body)
+    group["envelope"]["dataMessage"]["attachments"] = [
+        {"id": "att1", "contentType": "image/png", "filename": "shot.png", "size": 2048}
+    ]
+    [message] = provider.parse(webhook_request(json.dumps(group).encode(), {})).messages
+    assert message.target.chat_id == "group.g100" and not message.target.is_direct
+    [attachment] = message.attachments
+    assert (attachment.provider_file_id, attachment.filename, attachment.size_bytes) == (
+        "att1",
+        "shot.png",
+        2048,
+    )
+    direct = fake.signed_message("hi", chat_id="7", user_id="7", event_id="6")
+    [dm] = provider.parse(direct).messages
+    assert dm.target.is_direct and dm.target.chat_id == fake.user_ref("7")
+    receipt = {"envelope": {"source": "+15550000007", "receiptMessage": {"isRead": True}}}
+    assert provider.parse(webhook_request(json.dumps(receipt).encode(), {})).messages == []
+    own = json.loads(fake.signed_message("echo", event_id="8").body)
+    own["envelope"]["sourceNumber"] = own["envelope"]["source"] = "+15550000000"
+    assert provider.parse(webhook_request(json.dumps(own).encode(), {})).messages == []

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import base64
+from email.message import EmailMessage
+
 import httpx
 import pytest
 from fakeplatforms.email import FakeEmail
@@ -112,6 +115,57 @@ async def test_email_reply_threads_and_a_resend_keeps_its_message_id(http):
         other = await provider.send(delivery(2, "ada@example.com", text="New topic"))
         assert other.provider_message_id != first.provider_message_id
         assert fake.messages[-1]["In-Reply-To"] is None
+    finally:
+        await fake.stop()
+
+
+async def test_email_attachments_and_inline_images_both_ways(http):
+    """A relay passing the MIME source: its text part, its attachment and its inline
+    image become the message's text and attachments; a file delivery goes out as
+    a MIME part, an image inline with a Content-ID."""
+    fake = FakeEmail()
+    provider = await rig("email", fake, http)
+    try:
+        source = EmailMessage()
+        source["From"], source["To"] = "ada@example.com", "bot@cowork.test"
+        source["Message-ID"], source["Subject"] = "<mime1@mail.example.com>", "Logs"
+        source.set_content("the logs are attached")
+        source.add_related(b"\x89PNG fake", maintype="image", subtype="png", cid="<shot1@x>")
+        source.add_attachment(b"line 1\nline 2\n", maintype="text", subtype="plain",
+                              filename="build.log")  # fmt: skip
+        request = fake.relay_request(
+            {"messageId": "<mime1@mail.example.com>", "from": "ada@example.com",
+             "raw": source.as_string()}
+        )  # fmt: skip
+        provider.verify(request)
+        [inbound] = provider.parse(request).messages
+        assert inbound.text == "the logs are attached"
+        files = {(a.filename, a.mime_type, a.size_bytes) for a in inbound.attachments}
+        assert files == {(None, "image/png", 9), ("build.log", "text/plain", 14)}
+        assert any(a.provider_file_id.endswith("/cid:shot1@x") for a in inbound.attachments)
+
+        png = base64.b64encode(b"\x89PNG image bytes").decode()
+        pdf = base64.b64encode(b"%PDF-1.4 fake").decode()
+        for n, (name, mime, content) in enumerate(
+            [("chart.png", "image/png", png), ("report.pdf", "application/pdf", pdf)]
+        ):
+            await provider.send(
+                delivery(10 + n, "ada@example.com", type="file", text="Here it is",
+                         file={"filename": name, "mimeType": mime, "contentBase64": content})
+            )  # fmt: skip
+        image, document = fake.messages[-2], fake.messages[-1]
+        [part] = list(image.iter_attachments())
+        assert part.get_content_disposition() == "inline" and part["Content-ID"]
+        assert part.get_content() == b"\x89PNG image bytes"
+        [part] = list(document.iter_attachments())
+        assert part.get_content_disposition() == "attachment"
+        assert part.get_filename() == "report.pdf" and part.get_content() == b"%PDF-1.4 fake"
+        too_big = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
+        with pytest.raises(DeliveryFailed):  # over a delivery's file limit: refused before SMTP
+            await provider.send(
+                delivery(20, "ada@example.com", type="file",
+                         file={"filename": "big.bin", "contentBase64": too_big})
+            )  # fmt: skip
     finally:
         await fake.stop()
 

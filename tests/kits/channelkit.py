@@ -101,6 +101,18 @@ async def send_text(
     return response
 
 
+async def emit_text(
+    fake: Any, text: str, *, chat_id: str, user_id: str, event_id: str | None = None
+) -> None:
+    """What `send_text` posts as a webhook, sent over the instance's outbound
+    transport instead (a long poll's answer, a Gateway dispatch)."""
+    await fake.emit(
+        fake.signed_message(
+            text, chat_id=chat_id, user_id=user_id, event_id=event_id or next_event_id()
+        )
+    )
+
+
 async def users(http: httpx.AsyncClient, instance_id: str) -> list[dict]:
     page = await api(http, "GET", f"/api/v1/tenants/{TENANT}/channel-instances/{instance_id}/users")
     return page["users"]
@@ -119,9 +131,11 @@ async def claim_role(
     chat_id: str,
     user_id: str,
     role: str,
+    outbound: bool = False,
 ) -> None:
     """Promote a chat user the way a user is promoted: an admin creates a claim code,
-    the user sends `/claim CODE` from the chat. Waits until the hub shows the role."""
+    the user sends `/claim CODE` from the chat (over the outbound transport when
+    `outbound`). Waits until the hub shows the role."""
     created = await api(
         http,
         "POST",
@@ -129,9 +143,11 @@ async def claim_role(
         json={"role": role, "instanceId": instance_id},
         expect=(201,),
     )
-    await send_text(
-        hub_url, fake, instance_id, f"/claim {created['code']}", chat_id=chat_id, user_id=user_id
-    )
+    claim = f"/claim {created['code']}"
+    if outbound:
+        await emit_text(fake, claim, chat_id=chat_id, user_id=user_id)
+    else:
+        await send_text(hub_url, fake, instance_id, claim, chat_id=chat_id, user_id=user_id)
 
     async def promoted() -> bool:
         return any(

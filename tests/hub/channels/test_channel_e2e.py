@@ -18,6 +18,8 @@ from channelkit import (
     chat_dump,
     claim_role,
     create_instance,
+    emit_text,
+    instance_view,
     next_event_id,
     post_webhook,
     send_text,
@@ -34,6 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 USER = "7"  # the chat user, on both platforms
 TELEGRAM, SLACK = "telegram-e2e", "slack-e2e"
+# Instances receiving over the hub's outbound transports: no webhook at all.
+POLLING, GATEWAY = "telegram-poll-e2e", "discord-gw-e2e"
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +66,15 @@ async def desktop(hub, admin, opencode, operator_nats_url, tmp_path_factory):
         await running.stop()
 
 
-async def _platform(kind: str, instance_id: str, hub, admin, desktop, role: str):
+async def _platform(
+    kind: str, instance_id: str, hub, admin, desktop, role: str, outbound: bool = False
+):
     fake = FAKES[kind]()
     await fake.start()
-    await create_instance(admin, fake, instance_id=instance_id, workspace_id=desktop.pairing_id)
+    extra = {"settings": fake.transport_settings()} if outbound else {}
+    await create_instance(
+        admin, fake, instance_id=instance_id, workspace_id=desktop.pairing_id, **extra
+    )
     await wait_ready(admin, instance_id)
     await claim_role(
         admin,
@@ -75,6 +84,7 @@ async def _platform(kind: str, instance_id: str, hub, admin, desktop, role: str)
         chat_id=_chat(kind, "claim"),
         user_id=USER,
         role=role,
+        outbound=outbound,
     )
     return fake
 
@@ -90,6 +100,20 @@ async def telegram(hub, admin, desktop):
 @pytest.fixture(scope="module")
 async def slack(hub, admin, desktop):
     fake = await _platform("slack", SLACK, hub, admin, desktop, "member")
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
+async def polling(hub, admin, desktop):
+    fake = await _platform("telegram", POLLING, hub, admin, desktop, "member", outbound=True)
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
+async def gateway(hub, admin, desktop):
+    fake = await _platform("discord", GATEWAY, hub, admin, desktop, "member", outbound=True)
     yield fake
     await fake.stop()
 
@@ -227,3 +251,33 @@ async def test_duplicate_webhook_delivery_makes_one_prompt(hub, telegram, deskto
 
 def _update_id(request) -> int:
     return json.loads(request.body)["update_id"]
+
+
+async def _outbound_reply(hub, admin, desktop, opencode, fake, instance: str) -> None:
+    """A message over the hub's outbound transport gets its streamed reply; nothing
+    posts to the hub's webhook route."""
+    chat = _chat(fake.kind, "stream")
+    text = f"{SLOW} hello over {instance}"
+    await emit_text(fake, text, chat_id=chat, user_id=USER)
+    reply = opencode.model.reply_for(text).ljust(opencode.model.slow_chunks, ".")
+    await _streamed_reply(fake, chat, reply)
+    assert len(await _prompt_commands(hub, desktop.pairing_id, text)) == 1
+    view = await instance_view(admin, instance)
+    transport = view["health"]["transport"]
+    assert transport["state"] == "connected", transport
+    assert transport["holder"].startswith("hub replica"), transport
+    assert fake.conflicts == 0
+
+
+async def test_telegram_by_long_polling_gets_its_streamed_reply(
+    hub, admin, polling, desktop, opencode
+):
+    await _outbound_reply(hub, admin, desktop, opencode, polling, POLLING)
+    assert polling.webhook_deleted >= 1  # getUpdates needs the webhook unset
+
+
+async def test_discord_channel_message_over_the_gateway_gets_its_streamed_reply(
+    hub, admin, gateway, desktop, opencode
+):
+    await _outbound_reply(hub, admin, desktop, opencode, gateway, GATEWAY)
+    assert gateway.identifies == 1  # one session, held by one replica

@@ -10,7 +10,10 @@ from ._base import FakePlatform, Posted, webhook_request
 from .cli import FakeCli
 from .discord import FakeDiscord
 from .email import FakeEmail
+from .matrix import FakeMatrix
+from .signal import FakeSignal
 from .slack import FakeSlack
+from .teams import FakeTeams
 from .telegram import FakeTelegram
 from .webhook import FakeWebhook
 from .whatsapp import FakeWhatsApp
@@ -23,6 +26,9 @@ FAKES: dict[str, type[FakePlatform]] = {
     "email": FakeEmail,
     "webhook": FakeWebhook,
     "cli": FakeCli,
+    "matrix": FakeMatrix,
+    "signal": FakeSignal,
+    "teams": FakeTeams,
 }
 
 __all__ = ["FAKES", "FakePlatform", "Posted", "webhook_request"]

@@ -88,7 +88,9 @@ class FakePlatform:
     async def start(self) -> None:
         app = web.Application()
         app.add_routes(self.routes())
-        self._runner = web.AppRunner(app, access_log=None)
+        # A long poll still open at stop (getUpdates, /sync, receive) is cut, not
+        # waited for: tests stop their fakes right after their runtimes.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -197,6 +199,25 @@ class FakePlatform:
                 posted.text, posted.edits = text, posted.edits + 1
                 return posted
         return None
+
+    # --- outbound transports (a fake of a kind in channels TRANSPORTS) -------------------
+    # The platform's side of the connection the instance dials: what a signed
+    # webhook request would carry, sent over it instead; a cut mid-stream; and
+    # `conflicts`, the times two connections of one bot were live at once.
+    conflicts: int = 0
+
+    def transport_settings(self) -> dict[str, Any]:
+        """Settings of an instance receiving over its outbound transport (short
+        long polls, so tests stop quickly)."""
+        return {**self.instance_settings(), "transport": "outbound", "pollTimeoutSeconds": 1}
+
+    async def emit(self, request: WebhookRequest) -> None:
+        """Send what `request` carries over the outbound connection."""
+        raise NotImplementedError(f"{self.kind} has no outbound transport fake")
+
+    def drop_next(self) -> None:
+        """Cut the connection right as it carries the next traffic (unconfirmed)."""
+        raise NotImplementedError(f"{self.kind} has no outbound transport fake")
 
     def texts(self, chat_id: str) -> list[str]:
         return [p.text for p in self.chats.get(chat_id, [])]

@@ -3,10 +3,12 @@ application's Ed25519 key pair and signs interactions as Discord does."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +18,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from channels import WebhookRequest
 
 from ._base import FakePlatform, webhook_request
+
+
+@dataclass
+class GatewaySession:
+    """One Gateway session: its dispatches by sequence, and the socket serving it."""
+
+    session_id: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    request: web.Request | None = None
+    ws: web.WebSocketResponse | None = None
 
 
 class FakeDiscord(FakePlatform):
@@ -31,6 +43,17 @@ class FakeDiscord(FakePlatform):
         self.nonces: dict[str, str] = {}  # nonce -> message id (enforce_nonce dedupe)
         self.deferred: set[str] = set()  # interaction ids already answered by the webhook
         self.original_edits: list[tuple[str, str]] = []  # (interaction token, content)
+        # The Gateway (https://discord.com/developers/docs/events/gateway)
+        self.heartbeat_ms = 300
+        self.ack_heartbeats = True
+        self.sessions: dict[str, GatewaySession] = {}
+        self.current: GatewaySession | None = None  # where the bot's events go
+        self.identifies = self.resumes = self.heartbeats = 0
+        self.identified_intents: list[int] = []
+        self._drop_next = 0
+        self._invalidate_next = False
+        self.gateway_token: str | None = None  # set: the Gateway accepts only this token
+        self.refused_logins = 0
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -41,6 +64,8 @@ class FakeDiscord(FakePlatform):
             web.post("/interactions/{id}/{token}/callback", self._callback),
             web.patch("/webhooks/{app}/{token}/messages/@original", self._original),
             web.get("/users/@me", self._me),
+            web.get("/gateway/bot", self._gateway_bot),
+            web.get("/gateway", self._gateway),
         ]
 
     def instance_settings(self) -> dict[str, Any]:
@@ -189,6 +214,159 @@ class FakeDiscord(FakePlatform):
         if refused:
             return refused
         return web.json_response({"id": self.application_id, "username": "cowork", "bot": True})
+
+    # --- the Gateway ----------------------------------------------------------------------
+    async def _gateway_bot(self, request: web.Request) -> web.Response:
+        _, refused = await self._guard(request, "get gateway")
+        if refused:
+            return refused
+        return web.json_response(
+            {
+                "url": self.base_url.replace("http", "ws", 1) + "/gateway",
+                "shards": 1,
+                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0},
+            }
+        )
+
+    def _live(self) -> list[GatewaySession]:
+        return [s for s in self.sessions.values() if s.ws is not None and not s.ws.closed]
+
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        failure = self.injected()  # the handshake fails as Discord's edge would answer
+        if failure is not None:
+            headers = (
+                {"Retry-After": str(failure.retry_after or 1)} if failure.status == 429 else {}
+            )
+            return web.json_response(
+                {"message": "injected", "retry_after": failure.retry_after},
+                status=failure.status,
+                headers=headers,
+            )
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"op": 10, "d": {"heartbeat_interval": self.heartbeat_ms}})
+        session: GatewaySession | None = None
+        try:
+            async for msg in ws:
+                event = json.loads(msg.data)
+                op, data = event.get("op"), event.get("d") or {}
+                if op == 1:
+                    self.heartbeats += 1
+                    if self.ack_heartbeats:
+                        await ws.send_json({"op": 11})
+                elif op in (2, 6) and not hmac.compare_digest(
+                    str(data.get("token", "")), self.gateway_token or self.bot_token
+                ):
+                    self.refused_logins += 1
+                    await ws.close(code=4004, message=b"Authentication failed.")
+                elif op == 2:
+                    session = await self._identify(request, ws, data)
+                elif op == 6:
+                    session = await self._resume(request, ws, data)
+        finally:
+            if session is not None and session.ws is ws:
+                session.ws = session.request = None
+        return ws
+
+    async def _identify(self, request, ws, data) -> GatewaySession:
+        self.identifies += 1
+        self.identified_intents.append(int(data.get("intents", 0)))
+        if self._live():
+            self.conflicts += 1
+        session = GatewaySession(secrets.token_hex(8), request=request, ws=ws)
+        self.sessions[session.session_id] = session
+        self.current = session
+        resume_url = self.base_url.replace("http", "ws", 1) + "/gateway"
+        ready = {
+            "v": 10,
+            "session_id": session.session_id,
+            "resume_gateway_url": resume_url,
+            "user": {"id": self.application_id, "username": "cowork", "bot": True},
+            "application": {"id": self.application_id},
+        }
+        await self._dispatch_to(session, "READY", ready)
+        return session
+
+    async def _resume(self, request, ws, data) -> GatewaySession | None:
+        session = self.sessions.get(str(data.get("session_id")))
+        if session is None or self._invalidate_next:
+            self._invalidate_next = False
+            await ws.send_json({"op": 9, "d": False})
+            return None
+        self.resumes += 1
+        if self._live():
+            self.conflicts += 1
+        session.request, session.ws = request, ws
+        after = int(data.get("seq") or 0)
+        for event in session.events:
+            if event["s"] > after:
+                await ws.send_json(event)
+        await self._dispatch_to(session, "RESUMED", {})
+        return session
+
+    async def _dispatch_to(self, session: GatewaySession, kind: str, data: dict[str, Any]) -> None:
+        event = {"op": 0, "t": kind, "s": len(session.events) + 1, "d": data}
+        session.events.append(event)
+        ws = session.ws
+        if ws is None or ws.closed:
+            return  # kept: a resume replays it
+        if self._drop_next and kind not in ("READY", "RESUMED"):
+            self._drop_next -= 1
+            assert session.request is not None and session.request.transport is not None
+            session.request.transport.close()  # cut before it is sent
+            session.ws = session.request = None
+            return
+        try:
+            await ws.send_json(event)
+        except ConnectionError:  # the client went away: a resume replays it
+            session.ws = session.request = None
+
+    async def dispatch(self, kind: str, data: dict[str, Any]) -> None:
+        """An event for the bot; kept in the current session (replayed on resume)."""
+        for _ in range(100):  # the first connection may still be identifying
+            if self.current is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert self.current is not None, "no gateway session was ever identified"
+        await self._dispatch_to(self.current, kind, data)
+
+    async def emit(self, request: WebhookRequest) -> None:
+        """A slash command becomes the plain message a user would type in the channel
+        (MESSAGE_CREATE); a button press stays an interaction (INTERACTION_CREATE)."""
+        interaction = json.loads(request.body)
+        if interaction["type"] == 3:
+            await self.dispatch("INTERACTION_CREATE", interaction)
+            return
+        data = interaction["data"]
+        values = [o["value"] for o in data.get("options", [])]
+        text = (
+            " ".join(values) if data["name"] == "ask" else " ".join([f"/{data['name']}", *values])
+        )
+        user = interaction["member"]["user"]
+        await self.dispatch(
+            "MESSAGE_CREATE",
+            {
+                "id": interaction["id"],
+                "channel_id": interaction["channel_id"],
+                "guild_id": interaction["guild_id"],
+                "author": {k: user[k] for k in ("id", "username", "global_name")},
+                "content": text,
+                "attachments": [],
+                "type": 0,
+            },
+        )
+
+    def drop_next(self) -> None:
+        self._drop_next += 1
+
+    def invalidate_session(self) -> None:
+        """The next RESUME is answered INVALID_SESSION (not resumable)."""
+        self._invalidate_next = True
+
+    async def send_op(self, op: int, data: Any = None) -> None:
+        """Send an opcode (7 RECONNECT, 9 INVALID_SESSION) on the live connection."""
+        assert self.current is not None and self.current.ws is not None
+        await self.current.ws.send_json({"op": op, "d": data})
 
     # --- interactions Discord would send us -------------------------------------------------
     def sign(self, body: bytes, *, timestamp: float | None = None) -> WebhookRequest:

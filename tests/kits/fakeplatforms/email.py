@@ -38,7 +38,10 @@ class _Recorder:
         raw = envelope.original_content or envelope.content
         message = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
         assert isinstance(message, EmailMessage)
+        files = [part.get_filename() for part in message.iter_attachments()]
         self.fake.calls.append(("data", message))
+        if files:
+            self.fake.calls.append(("attachments", files))
         reply = self.fake.next_reply()
         if reply is not None:
             return reply

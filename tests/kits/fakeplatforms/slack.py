@@ -3,13 +3,14 @@ also signs Events API, interactivity and slash-command requests as Slack does.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import secrets
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
@@ -30,9 +31,23 @@ class FakeSlack(FakePlatform):
         self.signing_secret = secrets.token_hex(16)
         self.uploads: dict[str, dict[str, Any]] = {}
         self.button_values: list[list[str]] = []  # tokens of the last message with buttons
+        # Socket Mode (https://api.slack.com/apis/socket-mode)
+        self.app_token = "xapp-1-" + secrets.token_hex(12)
+        self._tickets: set[str] = set()  # one-use connection URLs handed out
+        self.sockets: list[tuple[web.Request, web.WebSocketResponse]] = []  # live
+        self.unacked: dict[str, dict[str, Any]] = {}  # envelope id -> envelope, in order
+        self._sent_on: dict[str, web.WebSocketResponse] = {}
+        self.acked: list[str] = []
+        self.connections = 0
+        self._drop_next = 0
+        self._sending = asyncio.Lock()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/api/{method}", self._api), web.post("/upload/{file_id}", self._upload)]
+        return [
+            web.post("/api/{method}", self._api),
+            web.post("/upload/{file_id}", self._upload),
+            web.get("/socket-mode", self._socket),
+        ]
 
     def instance_settings(self) -> dict[str, Any]:
         return (
@@ -40,7 +55,11 @@ class FakeSlack(FakePlatform):
         )  # not started: no API to point at
 
     def instance_secrets(self) -> dict[str, str]:
-        return {"botToken": self.bot_token, "signingSecret": self.signing_secret}
+        return {
+            "botToken": self.bot_token,
+            "signingSecret": self.signing_secret,
+            "appToken": self.app_token,
+        }
 
     # --- the Web API -----------------------------------------------------------------------
     @staticmethod
@@ -53,9 +72,10 @@ class FakeSlack(FakePlatform):
 
     async def _api(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(auth, f"Bearer {self.bot_token}"):
-            return self._err("invalid_auth")
         method = request.match_info["method"]
+        token = self.app_token if method == "apps.connections.open" else self.bot_token
+        if not hmac.compare_digest(auth, f"Bearer {token}"):
+            return self._err("invalid_auth")
         params = (
             await request.json()
             if request.content_type == "application/json"
@@ -82,6 +102,89 @@ class FakeSlack(FakePlatform):
         rows = [b["elements"] for b in blocks or [] if b.get("type") == "actions"]
         self.button_values = [[e["value"] for e in row] for row in rows]
         return [[e["text"]["text"] for e in row] for row in rows]
+
+    # --- Socket Mode ----------------------------------------------------------------------
+    def _m_apps_connections_open(self, params) -> web.Response:
+        ticket = secrets.token_hex(8)
+        self._tickets.add(ticket)
+        url = self.base_url.replace("http", "ws", 1) + f"/socket-mode?ticket={ticket}"
+        return self._ok(url=url)
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            return web.Response(status=401, text="invalid ticket")
+        self._tickets.discard(ticket)  # one use
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        if self.sockets:
+            self.conflicts += 1
+        self.connections += 1
+        self.sockets.append((request, ws))
+        await ws.send_json({"type": "hello", "num_connections": len(self.sockets)})
+        await self._send_pending()
+        try:
+            async for msg in ws:
+                envelope_id = json.loads(msg.data).get("envelope_id")
+                if self.unacked.pop(envelope_id, None) is not None:
+                    self.acked.append(envelope_id)
+        finally:
+            self.sockets = [(r, w) for r, w in self.sockets if w is not ws]
+        return ws
+
+    async def _send_pending(self) -> None:
+        """Every unacknowledged envelope not yet sent on the live socket, in order
+        (again, with retry_attempt + 1, when an earlier socket had it)."""
+        async with self._sending:
+            if not self.sockets:
+                return
+            request, ws = self.sockets[0]
+            for envelope_id, envelope in list(self.unacked.items()):
+                if self._sent_on.get(envelope_id) is ws:
+                    continue
+                if envelope_id in self._sent_on:
+                    envelope["retry_attempt"] += 1
+                    envelope["retry_reason"] = "timeout"
+                self._sent_on[envelope_id] = ws
+                if self._drop_next:
+                    self._drop_next -= 1
+                    assert request.transport is not None
+                    request.transport.close()  # cut before it is sent
+                    self.sockets = [(r, w) for r, w in self.sockets if w is not ws]
+                    return
+                try:
+                    await ws.send_json(envelope)
+                except ConnectionError:
+                    return
+
+    async def emit(self, request: WebhookRequest) -> None:
+        """The webhook's body as the Socket Mode envelope Slack would send instead."""
+        if request.headers.get("Content-Type", "").startswith("application/json"):
+            kind, payload = "events_api", json.loads(request.body)
+        else:
+            form = dict(parse_qsl(request.body.decode()))
+            if "payload" in form:
+                kind, payload = "interactive", json.loads(form["payload"])
+            else:
+                kind, payload = "slash_commands", form
+        envelope_id = secrets.token_hex(8)
+        self.unacked[envelope_id] = {
+            "envelope_id": envelope_id,
+            "type": kind,
+            "payload": payload,
+            "accepts_response_payload": kind != "events_api",
+            "retry_attempt": 0,
+            "retry_reason": "",
+        }
+        await self._send_pending()
+
+    def drop_next(self) -> None:
+        self._drop_next += 1
+
+    async def request_refresh(self) -> None:
+        """Slack's `disconnect` (refresh_requested) on the live socket."""
+        for _, ws in self.sockets:
+            await ws.send_json({"type": "disconnect", "reason": "refresh_requested"})
 
     def _m_auth_test(self, params) -> web.Response:
         return self._ok(

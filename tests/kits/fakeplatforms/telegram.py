@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import json
 import secrets
 from typing import Any
@@ -27,6 +29,14 @@ class FakeTelegram(FakePlatform):
         self.bot_token = f"{secrets.randbelow(10**9)}:{secrets.token_urlsafe(24)}"
         self.webhook_secret = secrets.token_urlsafe(24)
         self.bot_username = "cowork_test_bot"
+        # getUpdates (long polling): updates not yet confirmed by an offset past them
+        self.pending: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
+        self.polls: list[dict[str, Any]] = []  # getUpdates parameters, in order
+        self._poller: tuple[web.Request, asyncio.Event] | None = None  # the poll in flight
+        self.conflicts = 0  # a second concurrent getUpdates (Telegram answers 409)
+        self.webhook_deleted = 0
+        self._drop_next = 0  # batches cut off (connection closed) before their answer
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/bot{token}/{method}", self._api)]
@@ -83,10 +93,71 @@ class FakeTelegram(FakePlatform):
                 if failure.status < 500
                 else "Internal Server Error",
             )
+        if method == "getUpdates":
+            return await self._get_updates(request, params)
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return self._error(404, "Not Found: method not found")
-        return handler(params)
+        answer = handler(params)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    # --- long polling (https://core.telegram.org/bots/api#getupdates) --------------------
+    def queue_update(self, request: WebhookRequest) -> None:
+        """What the webhook request would carry, delivered by getUpdates instead."""
+        self.pending.append(json.loads(request.body))
+        self._arrived.set()
+
+    async def emit(self, request: WebhookRequest) -> None:
+        self.queue_update(request)
+
+    def drop_next(self) -> None:
+        """The next getUpdates with updates closes the connection unanswered."""
+        self._drop_next += 1
+
+    async def _get_updates(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        """Long poll. As Telegram does, a second getUpdates ends the one in flight with
+        409; counted as a conflict when that one's client was still listening (two
+        live pollers: what the transport lease must prevent)."""
+        self.polls.append(params)
+        previous = self._poller
+        if previous is not None:
+            old_request, terminated = previous
+            transport = old_request.transport
+            if transport is not None and not transport.is_closing():
+                self.conflicts += 1
+            terminated.set()
+        terminated = asyncio.Event()
+        self._poller = (request, terminated)
+        offset = params.get("offset")
+        if isinstance(offset, int):  # confirms every update below it
+            self.pending = [u for u in self.pending if u["update_id"] >= offset]
+        try:
+            if not self.pending:
+                self._arrived.clear()
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._arrived, terminated)]
+                await asyncio.wait(
+                    waits,
+                    timeout=float(params.get("timeout") or 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for waiting in waits:
+                    waiting.cancel()
+            if terminated.is_set():
+                return self._error(409, "Conflict: terminated by other getUpdates request")
+            batch = list(self.pending[:100])
+        finally:
+            if self._poller is not None and self._poller[1] is terminated:
+                self._poller = None
+        if batch and self._drop_next:
+            self._drop_next -= 1
+            assert request.transport is not None
+            request.transport.close()  # mid-stream: the client never sees this batch
+            return web.Response(status=500)
+        return self._ok(batch)
+
+    def _m_deleteWebhook(self, params) -> web.Response:
+        self.webhook_deleted += 1
+        return self._ok(True)
 
     @staticmethod
     def _ok(result: Any) -> web.Response:
