@@ -203,7 +203,8 @@ class Fleet:
         ended = sum(t.done() for t in self.tasks)
         for agent in self.agents:
             agent.stop()
-        await asyncio.wait(self.tasks, timeout=30)
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=30)
         for task in self.tasks:
             task.cancel()
         return {"cpuSeconds": time.process_time(), "failed": ended}
@@ -213,7 +214,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     _share_tls_context()
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=2**26)  # the spec is one line
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
     runner, opencode_url = await fake_opencode()

@@ -318,7 +318,7 @@ async def test_fleet(bus, database_url_module, tmp_path):
                     await load.ask("stop", 60)
                 await load.kill()
             await pool.close()
-    _print(report)
+            _print(report)
 
 
 async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
@@ -388,18 +388,15 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
         k: v - late_before.get(k, 0.0) for k, v in _late((await http.get("/metrics")).text).items()
     }
     report["flaps"] = await _flaps(pool, mark)
-    assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
-    assert min(s["online"] for s in samples) == DESKTOPS, "a Desktop was not shown online"
-    assert min(s["active"] for s in samples) == GATEWAYS, "a Gateway was not shown active"
-    assert report["flaps"] == 0, f"{report['flaps']} flaps in the steady window"
+    # (asserted at the end: a failed window still gets its restart measured and printed)
     # --- nats-server restarted under the fleet -----------------------------------------------
+    restart_mark = await _audit_mark(pool)
     await server.stop()
     restarted_at = time.time()
     await server.start()
     report["restart"] = await _reconnect_timeline(hub, pool, loads, restarted_at)
-    report["reconnect_s"] = report["restart"]["heard"][-1]
     await _until(lambda: _all_online(pool), 120, "the fleet online after the restart")
-    report["restart_flaps"] = await _flaps(pool, mark)
+    report["restart_flaps"] = await _flaps(pool, restart_mark)
     # --- the soak ----------------------------------------------------------------------------
     if SOAK_MINUTES > 0:
         await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))
@@ -414,6 +411,10 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
         report["soak"] = {"minutes": SOAK_MINUTES, "flaps": await _flaps(pool, mark)}
         report["soak"]["lowest_online"] = lowest
         assert report["soak"]["flaps"] == 0, report["soak"]
+    assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
+    assert min(s["online"] for s in samples) == DESKTOPS, "a Desktop was not shown online"
+    assert min(s["active"] for s in samples) == GATEWAYS, "a Gateway was not shown active"
+    assert report["flaps"] == 0, f"{report['flaps']} flaps in the steady window"
     if STRICT:
         assert report["cpu_pct"]["hub"] < 50 and report["cpu_pct"]["pg"] < 50, report["cpu_pct"]
 
@@ -429,7 +430,8 @@ async def _reconnect_timeline(
     async with httpx.AsyncClient(base_url=hub.url, timeout=2) as probe:
         while len(marks["heard"]) < 3:
             now = time.monotonic() - started
-            assert now < 300, f"not every edge heard from in 300 s: {marks}"
+            if now > 120:  # printed as it is; the wait for all online below fails
+                break
             if hub_ready is None:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await probe.get("/readyz")).status_code == 200:
@@ -484,6 +486,7 @@ def _ms(samples: list[float]) -> str:
 
 def _print(r: dict) -> None:
     if "cpu_pct" not in r:
+        print(f"\nFleet: stopped before the steady window: {r}")
         return
     ages = [s["age_p99"] or 0.0 for s in r["presence"]]
     cpu, rss = r["cpu_pct"], r["rss_mib"]
@@ -516,14 +519,14 @@ def _print(r: dict) -> None:
             f"  listing the fleet: {listing['pairings']} pairings + {listing['gateways']} "
             f"Gateways in {listing['pages']} pages, {listing['seconds']:.2f} s"
         )
-    restart = r["restart"]
+    restart = r.get("restart", {"hub_ready": None, "connected": [], "heard": []})
     print(
         f"  nats-server restart: hub ready in {restart['hub_ready'] or float('nan'):.1f} s; "
         f"edges connected 50/90/100% in "
         + "/".join(f"{t:.1f}" for t in restart["connected"])
         + " s; heard from at the hub 50/90/100% in "
         + "/".join(f"{t:.1f}" for t in restart["heard"])
-        + f" s; flaps (marked offline/unhealthy meanwhile) {r['restart_flaps']}"
+        + f" s; flaps (marked offline/unhealthy meanwhile) {r.get('restart_flaps')}"
     )
     if "soak" in r:
         print(f"  soak: {r['soak']}")
