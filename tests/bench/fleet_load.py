@@ -114,33 +114,33 @@ class Fleet:
         pairing_ids: list[str] = []
         registration_ids: list[str] = []
 
-        async def desktop(i: int, item: dict) -> None:
-            store = DesktopStore(self.root / f"d{i}")
+        async def enrol(label: str, store: Any, exchange: Any) -> Any:
+            """Pair or register one edge into `store`; None (and a failure noted) if refused."""
             async with gate:
                 try:
-                    paired = await pair(item["code"], [url], store, device_name=f"fleet-{i}")
+                    return await exchange
                 except Exception as exc:
-                    failures.append(f"desktop {i}: {exc}"[:300])
-                    return
+                    failures.append(f"{label}: {exc}"[:300])
+                    return None
                 finally:
                     store.close()
-            pairing_ids.append(paired.pairing_id)
-            self.desktop_dirs.append((store.directory, bool(item.get("relay"))))
+
+        async def desktop(i: int, item: dict) -> None:
+            store = DesktopStore(self.root / f"d{i}")
+            paired = await enrol(
+                f"desktop {i}", store, pair(item["code"], [url], store, device_name=f"fleet-{i}")
+            )
+            if paired is not None:
+                pairing_ids.append(paired.pairing_id)
+                self.desktop_dirs.append((store.directory, bool(item.get("relay"))))
 
         async def gateway(i: int, item: dict) -> None:
             store = GatewayStore(self.root / f"g{i}")
-            async with gate:
-                try:
-                    registered = await register(
-                        item["credential"], [url], store, version_set(OPENCODE_VERSION)
-                    )
-                except Exception as exc:
-                    failures.append(f"gateway {i}: {exc}"[:300])
-                    return
-                finally:
-                    store.close()
-            registration_ids.append(registered.registration_id)
-            self.gateway_dirs.append(store.directory)
+            exchange = register(item["credential"], [url], store, version_set(OPENCODE_VERSION))
+            registered = await enrol(f"gateway {i}", store, exchange)
+            if registered is not None:
+                registration_ids.append(registered.registration_id)
+                self.gateway_dirs.append(store.directory)
 
         started = time.monotonic()
         await asyncio.gather(

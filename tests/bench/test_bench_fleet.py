@@ -47,6 +47,8 @@ import pytest
 from desktopkit import TENANT, all_pages
 from hubkit import operator_nats
 from replicakit import free_port, replicas
+from test_bench_floods import Load
+from test_bench_replicas import _cpu, _postmaster, _tree_cpu
 
 from hub.auth import BusKeys
 from hub.bus._bootstrap_limits import SOURCE_PENDING
@@ -68,22 +70,20 @@ FLAPS = ("pairing.offline", "gateway.registration.unhealthy")
 _LATE = re.compile(r'^cowork_presence_heartbeats_late_total\{principal="(\w+)"\} ([\d.e+]+)$', re.M)
 
 
-class FleetLoad:
+class FleetLoad(Load):
     """tests/bench/fleet_load.py as a child process of this test (ours to stop)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
     @classmethod
-    async def start(cls, spec: dict) -> FleetLoad:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_LOAD),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=2**24,
+    async def start(cls, spec: dict) -> FleetLoad:  # type: ignore[override]
+        load = cls(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(FLEET_LOAD),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=2**24,  # a pairing answer lists thousands of ids
+            )
         )
-        load = cls(process)
         assert (await load.ask(json.dumps(spec), 60)).get("ready")
         return load
 
@@ -94,11 +94,6 @@ class FleetLoad:
         answer = await asyncio.wait_for(self.process.stdout.readline(), timeout)
         assert answer, f"the fleet load process ended (exit {self.process.returncode})"
         return json.loads(answer)
-
-    async def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()  # this process only, by its own handle
-            await self.process.wait()
 
 
 class Usage:
@@ -121,24 +116,10 @@ class Usage:
         }
 
 
-def _cpu(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
-
-
 def _rss(p: psutil.Process) -> int:
     with contextlib.suppress(psutil.Error):
         return p.memory_info().rss
     return 0
-
-
-def _tree_cpu(parent: psutil.Process) -> float:
-    t = parent.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in parent.children():
-        with contextlib.suppress(psutil.Error):
-            total += _cpu(child)
-    return total
 
 
 def _pct(q: float, values: list[float]) -> float:
@@ -468,13 +449,6 @@ async def _all_online(pool: asyncpg.Pool) -> bool:
 async def _heard_since(pool: asyncpg.Pool, since: float) -> bool:
     now = await _presence(pool, since)
     return now["desktops_heard"] == DESKTOPS and now["gateways_heard"] == GATEWAYS
-
-
-async def _postmaster(pool: asyncpg.Pool) -> psutil.Process:
-    backend = psutil.Process(await pool.fetchval("SELECT pg_backend_pid()"))
-    parent = backend.parent()
-    assert parent is not None
-    return parent
 
 
 def _ms(samples: list[float]) -> str:

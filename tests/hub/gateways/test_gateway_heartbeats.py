@@ -11,11 +11,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gatewaykit import TENANT, good_versions
+from gatewaykit import TENANT, healthy_beat
 
 from hub.core._beats import CLOCK_SKEW
 from hub.gateways._service import GatewayError
-from schemas import GatewayHeartbeat
 
 FLEET = 300
 pytestmark = pytest.mark.timeout(120)
@@ -39,17 +38,7 @@ async def _fleet(hub, count: int, status: str = "active") -> list[str]:
     return ids
 
 
-def _beat(sequence: int, interval: float = 5.0) -> GatewayHeartbeat:
-    return GatewayHeartbeat(
-        liveness="alive",
-        mode="active",
-        health="healthy",
-        current_load=0,
-        active_work_ids=[],
-        heartbeat_sequence=sequence,
-        interval_seconds=interval,
-        versions=good_versions(),
-    )
+_beat = healthy_beat
 
 
 async def _commits(hub) -> int:

@@ -26,6 +26,7 @@ from gatewaykit import (
     create_registration,
     get_registration,
     good_versions,
+    healthy_beat,
     register,
     registered_gateway,
 )
@@ -35,7 +36,7 @@ from hub.bus._bootstrap_limits import FIRST_DELAY, LOCKOUT, MAX_FAILURES
 from hub.core import _db
 from hub.core._audit import AuditLog
 from hub.gateways._service import GatewayError, GatewayRegistry
-from schemas import AckReply, GatewayHeartbeat, GatewayHeartbeatReply
+from schemas import AckReply, GatewayHeartbeatReply
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -763,16 +764,7 @@ RACERS = 32
 ROUNDS = 6
 
 
-def _beat(sequence: int) -> GatewayHeartbeat:
-    return GatewayHeartbeat(
-        liveness="alive",
-        mode="active",
-        health="healthy",
-        current_load=0,
-        active_work_ids=[],
-        heartbeat_sequence=sequence,
-        versions=good_versions(),
-    )
+_beat = healthy_beat
 
 
 async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
