@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench chaos schema lint clean help
+.PHONY: run test bench bench-fleet chaos schema lint clean help
 
 help:
 	@echo "make run    - install into $(VENV) and start NATS + Postgres + hub (cowork up)"
 	@echo "make test   - install with dev extras (and Debian's chromium) and run the whole test suite"
 	@echo "make bench  - install the dev and bench extras, run the benchmarks (results in docs/performance.md)"
+	@echo "make bench-fleet DESKTOPS=N GATEWAYS=M [SOAK_MINUTES=60] - the fleet benchmark (docs/scale.md)"
 	@echo "make chaos  - the whole chaos suite: NATS cluster, hub replicas, faults mid-flight (~5 min)"
 	@echo "make lint   - ruff (lint + format check), mypy, and the import-linter room contracts"
 	@echo "make schema - regenerate docs/schemas and docs/asyncapi.json from schemas/"
@@ -50,6 +51,16 @@ bench: $(VENV)/.installed-bench
 	@$(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
 	status=$$?; if [ $$status -eq 5 ]; then \
 	  echo "make bench: no test marked 'bench' was selected"; exit 1; fi; exit $$status
+
+# The fleet on one hub (tests/bench/test_bench_fleet.py); ends with
+# `fleet: desktops=N gateways=M hub_cpu_pct=X pg_cpu_pct=Y cmd_p99_ms=Z online=K/N`.
+DESKTOPS ?= 2000
+GATEWAYS ?= 200
+SOAK_MINUTES ?= 0
+bench-fleet: $(VENV)/.installed-bench
+	FLEET_DESKTOPS=$(DESKTOPS) FLEET_GATEWAYS=$(GATEWAYS) SOAK_MINUTES=$(SOAK_MINUTES) \
+	  $(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s \
+	  tests/bench/test_bench_fleet.py $(PYTEST_ARGS)
 
 # Every fault, one after another; ends with `chaos: faults=N lost=0 ...`.
 chaos: $(VENV)/.installed-dev

@@ -230,7 +230,9 @@ class Hub:
         await self.credentials.push_account()
         await self.credentials.push_bootstrap_account()
         await self.bus.serve(self.credentials.routes(), queue="hub-auth")
-        self.bootstrap_lockout = BootstrapLockout(self.pool)
+        self.bootstrap_lockout = BootstrapLockout(
+            self.pool, source_rate=self.settings.bootstrap_source_rate
+        )
         guard = BootstrapConnectionGuard(
             self.system_nc,
             per_source=self.settings.bootstrap_connections_per_source,
@@ -308,6 +310,7 @@ class Hub:
             self.audit,
             credential_key=key,
             credentials=self.credentials,
+            metrics=self.metrics,
             heartbeat_rate=s.gateway_heartbeat_rate,
             credential_ttl_days=s.gateway_credential_ttl_days,
         )

@@ -7,6 +7,7 @@ a major bump is a breaking change of that contract.
 
 from __future__ import annotations
 
+from functools import cache
 from importlib import metadata
 
 BUS_PROTOCOL = "1.0"  # subjects, envelope, request/reply shapes
@@ -15,6 +16,7 @@ PROJECTION_CONTRACT = "1.0"  # workspace projection rows and their sequences
 CHECKPOINT_SCHEMA = "1.0"  # checkpoint metadata of Cloud-owned work
 
 
+@cache  # read from the installed metadata once: the hub checks it on every Gateway heartbeat
 def product_version() -> str:
     try:
         return metadata.version("cowork-hub")

@@ -34,7 +34,8 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -71,6 +72,7 @@ class Caller:
     id: str
     where: dict[str, str]
     family: str  # the route's family name, e.g. "gateway.heartbeat"
+    sent_at: datetime | None = None  # the envelope's time: when the caller sent it
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class Route:
     # Run once every answer of this route has left, refused or not (e.g. push the key
     # revocations a registration made: the push would cut the reply's route).
     after_answer: Callable[[], Awaitable[None]] | None = None
+    # A route whose handler mostly waits (for a batched write) gets its own bound on
+    # requests in flight, so that its waiting never holds the slots other routes need.
+    max_in_flight: int | None = None
 
     @property
     def name(self) -> str:
@@ -148,17 +153,21 @@ class BusResponder:
         await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     def _dispatcher(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
+        slots = (
+            self._slots if route.max_in_flight is None else asyncio.Semaphore(route.max_in_flight)
+        )
+
+        def done(task: asyncio.Task) -> None:
+            self._in_flight.discard(task)
+            slots.release()
+
         async def dispatch(msg: Msg) -> None:
-            await self._slots.acquire()  # back-pressure: stop reading when saturated
+            await slots.acquire()  # back-pressure: stop reading when saturated
             task = asyncio.create_task(self.handle(route, msg))
             self._in_flight.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(done)
 
         return dispatch
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._in_flight.discard(task)
-        self._slots.release()
 
     async def handle(self, route: Route, msg: Msg) -> None:
         """Run one request through the pipeline and answer it."""
@@ -214,7 +223,8 @@ class BusResponder:
     async def _run(self, route: Route, caller: Caller, msg: Msg) -> _Outcome:
         request: Any = None
         try:
-            request = self._decode(route, caller, msg)
+            env = self._decode(route, caller, msg)
+            request, caller = env.data, replace(caller, sent_at=env.time)
             self._take(route, caller)
             result = await route.handle(caller, request)
         except Refusal as exc:
@@ -241,7 +251,7 @@ class BusResponder:
         except SealError as exc:
             return _Outcome(ack_refusal(exc), label="refused")
 
-    def _decode(self, route: Route, caller: Caller, msg: Msg) -> Any:
+    def _decode(self, route: Route, caller: Caller, msg: Msg) -> Envelope:
         env = decode(msg.data, route.request)
         if not route.bootstrap and (
             env.tenant not in (None, caller.tenant)
@@ -251,7 +261,7 @@ class BusResponder:
                 "contract.principal_mismatch",
                 "the envelope's tenant or source differs from the subject",
             )
-        return env.data
+        return env
 
     @staticmethod
     def _take(route: Route, caller: Caller) -> None:

@@ -1,6 +1,7 @@
 """Foundation every room stands on: the database and its migrations, streams and
 consumers, background loops, dead letters, the audit log, metrics, logging,
-settings, the refusal type, the rate limiter and the partition leases that give
+settings, the refusal type, the rate limiter, the batching heartbeat writer
+(Desktop presence and Gateway heartbeats) and the partition leases that give
 each ordered partition one worker among the hub's replicas.
 """
 
@@ -13,6 +14,7 @@ from . import _streams as streams
 from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
+from ._beats import BeatWriter, LateBeat, Superseded
 from ._deadletter import (
     TRANSIENT,
     DeadLetters,
@@ -40,10 +42,12 @@ __all__ = [
     "AuditIngest",
     "AuditLog",
     "BackgroundTask",
+    "BeatWriter",
     "DeadLetters",
     "Fenced",
     "HubMetrics",
     "HubSettings",
+    "LateBeat",
     "LogBudget",
     "LogFormat",
     "LogLevel",
@@ -52,6 +56,7 @@ __all__ = [
     "PartitionLeases",
     "Rejected",
     "StorageAway",
+    "Superseded",
     "is_transient",
     "TRANSIENT",
     "ack_refusal",

@@ -57,8 +57,10 @@ class HubMetrics:
         )
         self.presence_late = Counter(
             "cowork_presence_heartbeats_late_total",
-            "Desktop heartbeats dropped because the hub wrote them more than two of their "
-            "intervals after they arrived (they prove nothing any more)",
+            "Heartbeats dropped because the hub would have written them more than two of "
+            "their intervals after they were sent or arrived (they prove nothing any "
+            "more), by sender kind (desktop, gateway)",
+            ["principal"],
             registry=r,
         )
         self.partition_leases = Gauge(

@@ -66,6 +66,13 @@ class HubSettings(BaseSettings):
         description="Connections one address may hold in the public bootstrap account "
         "(the newest beyond it are closed)",
     )
+    bootstrap_source_rate: float = Field(
+        default=20.0,
+        gt=0,
+        le=10_000,
+        description="Bootstrap requests (pairing, registration) per second one address may "
+        "make after a burst of 100: raise it for a site that pairs a fleet behind one NAT",
+    )
     bootstrap_connection_max_seconds: float = Field(
         default=30.0,
         gt=0,

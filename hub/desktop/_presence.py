@@ -1,12 +1,12 @@
 """Desktop presence: heartbeats in, online/offline transitions out.
 
 A Desktop heartbeats on `cw.<t>.presence.desktop.<id>` (core NATS). A heartbeat
-costs no database round trip of its own: the handler notes it (the latest per
-pairing) and returns, and a writer stamps every noted heartbeat in one
-statement per flush (every FLUSH_SECONDS, or at once past FLUSH_SIZE), so
-thousands of Desktops cost a few statements a second. A heartbeat noted more
-than two of its intervals before its flush is dropped: a late heartbeat never
-revives a Desktop that has gone (the hub fell behind, it did not hear it).
+costs no database round trip of its own: the hub's one batching heartbeat
+writer (`hub.core.BeatWriter`) keeps the latest per pairing and stamps every
+noted heartbeat in one statement per flush, so thousands of Desktops cost a few
+statements a second. A heartbeat written more than two of its intervals after
+it was sent or taken is dropped and counted: a late heartbeat never revives a
+Desktop that has gone (the hub fell behind, it did not hear it).
 
 The first heartbeat after an absence marks the pairing `paired_online`, audits
 `pairing.connected`, pushes it its pairing state and then its queued commands.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -30,12 +30,12 @@ import asyncpg
 from schemas import AckReply, AuditRecord, PresenceHeartbeat, PrincipalKind, subjects
 
 from ..bus import Caller, Route
-from ..core import AuditLog, BackgroundTask, HubMetrics, LogBudget, every, kv
+from ..core import AuditLog, BackgroundTask, BeatWriter, HubMetrics, every, kv
 
 log = logging.getLogger("cowork.hub.presence")
-FLUSH_SECONDS = 0.1  # how stale a heartbeat's stamp may be: well under any interval
-FLUSH_SIZE = 1000  # heartbeats in one statement
 ONLINE_AT_ONCE = 8  # Desktops greeted at once when they come back (each a few round trips)
+
+PairingKey = tuple[str, str]  # (tenant, pairing id)
 
 
 class DesktopPresence:
@@ -54,20 +54,20 @@ class DesktopPresence:
             "presence-sweep",
             lambda: every(sweep_interval, self.sweep_once, log, "presence.sweep_failed"),
         )
-        # (tenant, pairing) -> (interval, monotonic time noted): the latest only.
-        self._noted: dict[tuple[str, str], tuple[float, float]] = {}
-        # The trust mode each Desktop last reported (docs/sealed.md): shown, never enforced.
-        self._trusts: dict[tuple[str, str], str] = {}
-        self._wake = asyncio.Event()
-        self._writer = BackgroundTask("presence-writer", self._write_forever)
-        self._log_budget = LogBudget(rate=0.1, burst=1)
+        # The latest beat per Desktop: (interval, the trust mode it reported, shown and
+        # never enforced: docs/sealed.md).
+        self.beats: BeatWriter[PairingKey, tuple[float, str | None]] = BeatWriter(
+            "presence-writer",
+            self._write,
+            on_late=metrics.presence_late.labels("desktop").inc,
+        )
 
     def start(self) -> None:
         self._sweeper.start()
-        self._writer.start()
+        self.beats.start()
 
     async def stop(self) -> None:
-        await self._writer.stop()
+        await self.beats.stop()
         await self._sweeper.stop()
 
     def routes(self) -> list[Route]:
@@ -77,67 +77,36 @@ class DesktopPresence:
     async def _heartbeat(self, caller: Caller, beat: PresenceHeartbeat) -> AckReply:
         # Gateways and channels have their own presence (their heartbeats and sessions).
         if caller.kind == "desktop" and beat.principal_id == caller.id:
-            await self.beat(caller.tenant, caller.id, beat)
+            await self.beat(caller.tenant, caller.id, beat, sent_at=caller.sent_at)
         return AckReply(ok=True)
 
-    async def beat(self, tenant: str, pairing_id: str, beat: PresenceHeartbeat) -> None:
+    async def beat(
+        self,
+        tenant: str,
+        pairing_id: str,
+        beat: PresenceHeartbeat,
+        *,
+        sent_at: datetime | None = None,
+    ) -> None:
         if beat.status == "offline":
-            self._noted.pop((tenant, pairing_id), None)
+            self.beats.forget((tenant, pairing_id))
             await self._mark_offline(tenant, pairing_id, reason="desktop said goodbye")
             return
-        self._noted[(tenant, pairing_id)] = (beat.interval_seconds, time.monotonic())
-        if beat.trust is not None:
-            self._trusts[(tenant, pairing_id)] = beat.trust
-        if len(self._noted) >= FLUSH_SIZE:
-            self._wake.set()
-
-    async def _write_forever(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(FLUSH_SECONDS):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database away: the beats wait for the next flush
-                suppressed = self._log_budget.allow("presence.write_failed")
-                if suppressed is not None:  # (a flush every 0.1 s: one line in 10 s)
-                    log.warning(
-                        "presence.write_failed", **kv(error=str(exc), suppressed=suppressed)
-                    )
+        interval = beat.interval_seconds
+        self.beats.note(
+            (tenant, pairing_id), (interval, beat.trust), interval=interval, sent_at=sent_at
+        )
 
     async def flush(self) -> int:
         """Stamp every heartbeat noted since the last flush; returns how many."""
-        noted, self._noted = self._noted, {}
-        trusts, self._trusts = self._trusts, {}
-        now = time.monotonic()
-        fresh = [
-            (tenant, pid, interval, trusts.get((tenant, pid)))
-            for (tenant, pid), (interval, at) in sorted(noted.items())
-            if now - at <= 2 * interval  # else it is too late to prove anything
-        ]
-        dropped = len(noted) - len(fresh)
-        if dropped:
-            self._metrics.presence_late.inc(dropped)
-        for start in range(0, len(fresh), FLUSH_SIZE):
-            chunk = fresh[start : start + FLUSH_SIZE]
-            try:
-                rows = await self._stamp(chunk)
-            except Exception:
-                self._keep(noted, chunk)
-                raise
-            await self._came_online([dict(r) for r in rows if r["came_online"]])
-        return len(fresh)
+        return await self.beats.flush()
 
-    def _keep(self, noted: dict, chunk: list[tuple[str, str, float, str | None]]) -> None:
-        """Beats a failed write did not stamp wait for the next flush (unless a
-        newer one from the same Desktop has been noted since)."""
-        for tenant, pid, *_ in chunk:
-            self._noted.setdefault((tenant, pid), noted[(tenant, pid)])
+    async def _write(self, chunk: list[tuple[PairingKey, tuple[float, str | None]]]) -> dict:
+        rows = await self._stamp(
+            [(tenant, pid, interval, trust) for (tenant, pid), (interval, trust) in chunk]
+        )
+        await self._came_online([dict(r) for r in rows if r["came_online"]])
+        return {}
 
     async def _stamp(self, chunk: list[tuple[str, str, float, str | None]]) -> list[asyncpg.Record]:
         # Rows locked in key order: two replicas' flushes never deadlock each other.

@@ -25,6 +25,8 @@ from ._common import GatewayAudit
 from ._heartbeat import GatewayHeartbeats
 from ._reports import GatewayReports
 
+HEARTBEATS_IN_FLIGHT = 2048  # beats waiting for their flush (memory only: no connection each)
+
 
 class GatewayRoutes:
     def __init__(
@@ -50,6 +52,8 @@ class GatewayRoutes:
                 GatewayHeartbeat,
                 self._heartbeat,
                 rate=self._beats,
+                # a beat waits for its batch's write (about 0.1 s), not for a connection
+                max_in_flight=HEARTBEATS_IN_FLIGHT,
                 **common,
             ),
             Route(subjects.GATEWAY_CAPABILITIES, GatewayCapabilities, self._capabilities, **common),
@@ -57,7 +61,9 @@ class GatewayRoutes:
         ]
 
     async def _heartbeat(self, caller: Caller, beat: GatewayHeartbeat) -> GatewayHeartbeatReply:
-        return await self._heartbeats.heartbeat(caller.tenant, caller.id, beat)
+        return await self._heartbeats.heartbeat(
+            caller.tenant, caller.id, beat, sent_at=caller.sent_at
+        )
 
     async def _capabilities(self, caller: Caller, caps: GatewayCapabilities) -> AckReply:
         await self._reports.capabilities(caller.tenant, caller.id, caps)

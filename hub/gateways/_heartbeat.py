@@ -1,5 +1,22 @@
-"""A Gateway's heartbeat: one conditional UPDATE that records its liveness, load and
-versions and moves the registration between active, unhealthy and paused.
+"""A Gateway's heartbeat: it records the Gateway's liveness, load and versions and
+moves the registration between active, unhealthy and paused.
+
+Heartbeats run on the hub's one batching heartbeat writer (`hub.core.BeatWriter`),
+as Desktop presence does: the handler notes the beat and waits for its flush,
+which applies every Gateway's latest beat in one conditional UPDATE (rows locked
+in key order), audits the transitions in the same transaction and answers each
+beat with its registration's state. A thousand Gateways cost a few statements a
+second, not one awaited round trip each. Two beats from one Gateway inside one
+flush are coalesced: the later one is written; the earlier one is answered with
+the later one's refusal, or else as stale (as is, at once, a beat whose sequence
+is not after the one noted), so `heartbeatsAccepted` counts exactly the beats
+answered with a state.
+A beat the hub would write more than two of its intervals after the Gateway sent
+it (its envelope time) or after the hub took it is dropped, counted
+(`cowork_presence_heartbeats_late_total{principal="gateway"}`) and refused as
+`gateway.late_heartbeat`: a late beat never revives a Gateway the sweep marked
+unhealthy. Transitions are bounded by the per-Gateway heartbeat rate limit and
+coalesced per flush, so a flapping Gateway cannot turn into an audit flood.
 
 The UPDATE's WHERE excludes revoked rows, so a heartbeat racing a revoke either
 commits first or is refused (see `_gateways_admin`).
@@ -7,14 +24,18 @@ commits first or is refused (see `_gateways_admin`).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from schemas import GatewayHeartbeat, GatewayHeartbeatReply, PrincipalKind, scrub_text
 
+from ..core import BeatWriter, HubMetrics, LateBeat, Superseded
 from . import _versions as _gateway_versions
 from ._common import GatewayAudit, GatewayError, missing_or_ended
+
+RegistrationKey = tuple[str, str]  # (tenant, registration id)
 
 
 def desired_status(beat: GatewayHeartbeat) -> tuple[str, str | None]:
@@ -32,76 +53,114 @@ def _versions_doc(beat_versions: Any) -> dict | None:
     return beat_versions.model_dump(mode="json", by_alias=True) if beat_versions else None
 
 
+def _row_of(key: RegistrationKey, beat: GatewayHeartbeat) -> dict:
+    """One beat as a row of the batched UPDATE's input."""
+    status, reason = desired_status(beat)
+    return {
+        "tenant": key[0],
+        "registration_id": key[1],
+        "liveness": beat.liveness,
+        "mode": str(beat.mode),
+        "health": beat.health,
+        "current_load": beat.current_load,
+        "active_work_ids": list(beat.active_work_ids),
+        "heartbeat_sequence": beat.heartbeat_sequence,
+        "heartbeat_interval": beat.interval_seconds,
+        "last_error": scrub_text(beat.last_error)[:4096] if beat.last_error else None,
+        "versions": _versions_doc(beat.versions),
+        "status": status,
+        "status_reason": reason,
+    }
+
+
 class GatewayHeartbeats:
-    def __init__(self, pool: asyncpg.Pool, audit: GatewayAudit) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, audit: GatewayAudit, metrics: HubMetrics | None = None
+    ) -> None:
         self._pool, self._audit = pool, audit
+        late = metrics.presence_late.labels("gateway").inc if metrics else (lambda n: None)
+        self.beats: BeatWriter[RegistrationKey, GatewayHeartbeat] = BeatWriter(
+            "gateway-heartbeat-writer", self._write, on_late=late
+        )
+
+    def start(self) -> None:
+        self.beats.start()
+
+    async def stop(self) -> None:
+        await self.beats.stop()
 
     async def heartbeat(
-        self, tenant: str, reg_id: str, beat: GatewayHeartbeat
+        self,
+        tenant: str,
+        reg_id: str,
+        beat: GatewayHeartbeat,
+        *,
+        sent_at: datetime | None = None,
     ) -> GatewayHeartbeatReply:
-        """Apply one heartbeat (no rate limit here: the bus handler applies it) or raise
-        GatewayError: revoked/retired/pending registrations and stale sequences."""
-        status, reason = desired_status(beat)
-        versions = _versions_doc(beat.versions)
-        last_error = scrub_text(beat.last_error)[:4096] if beat.last_error else None
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                _HEARTBEAT,
-                tenant,
-                reg_id,
-                beat.liveness,
-                str(beat.mode),
-                beat.health,
-                beat.current_load,
-                list(beat.active_work_ids),
-                beat.heartbeat_sequence,
-                beat.interval_seconds,
-                last_error,
-                versions,
-                status,
-                reason,
-            )
-            if row is None:
-                raise await self._refusal(conn, tenant, reg_id, beat)
-            await self._audit_changes(conn, tenant, reg_id, dict(row), versions)
-        return GatewayHeartbeatReply(
-            state=row["status"], reason=row["status_reason"], drain_deadline=row["drain_deadline"]
-        )
-
-    async def _refusal(
-        self, conn: asyncpg.Connection, tenant: str, reg_id: str, beat: GatewayHeartbeat
-    ) -> GatewayError:
-        """Why the heartbeat UPDATE matched no row."""
-        row = await conn.fetchrow(
-            "SELECT status, heartbeat_sequence, public_key FROM gateway_registrations "
-            "WHERE tenant = $1 AND registration_id = $2",
-            tenant,
-            reg_id,
-        )
-        refusal = missing_or_ended(
-            row, reg_id, "the registration is {status}: heartbeats are refused"
-        )
-        if refusal is not None:
-            return refusal
-        if row["status"] == "pending":
-            return GatewayError.pending()
-        if row["public_key"] is None:
-            return GatewayError(
-                "gateway.not_registered",
-                "the credential was rotated or expired: register again",
+        """Apply one heartbeat with the next flush (no rate limit here: the bus handler
+        applies it) or raise GatewayError: revoked/retired/pending registrations, stale
+        sequences and late beats."""
+        key = (tenant, reg_id)
+        noted = self.beats.pending(key)
+        if noted is not None and noted.heartbeat_sequence >= beat.heartbeat_sequence:
+            raise _stale(beat, noted.heartbeat_sequence)
+        try:
+            return await self.beats.beat(key, beat, interval=beat.interval_seconds, sent_at=sent_at)
+        except Superseded:
+            raise GatewayError(
+                "gateway.stale_heartbeat",
+                f"heartbeatSequence {beat.heartbeat_sequence} was replaced by a later "
+                "heartbeat from this Gateway before it was written",
                 status=409,
-            )
-        return GatewayError(
-            "gateway.stale_heartbeat",
-            f"heartbeatSequence {beat.heartbeat_sequence} is not after the last "
-            f"accepted one ({row['heartbeat_sequence']})",
-            status=409,
+            ) from None
+        except LateBeat:
+            raise GatewayError(
+                "gateway.late_heartbeat",
+                "the heartbeat reached the hub too late to count (more than two intervals "
+                "after it was sent, or the Gateway's clock is far off): the next one will",
+                status=409,
+                retry_after=beat.interval_seconds,
+            ) from None
+
+    async def _write(
+        self, chunk: list[tuple[RegistrationKey, GatewayHeartbeat]]
+    ) -> dict[RegistrationKey, GatewayHeartbeatReply | GatewayError]:
+        """Every beat of one flush in one UPDATE; the transitions audited with it."""
+        rows = [_row_of(key, beat) for key, beat in chunk]
+        results: dict[RegistrationKey, GatewayHeartbeatReply | GatewayError] = {}
+        async with self._pool.acquire() as conn, conn.transaction():
+            for row in await conn.fetch(_HEARTBEATS, rows):
+                key = (row["tenant"], row["registration_id"])
+                await self._audit_changes(conn, key, dict(row))
+                results[key] = GatewayHeartbeatReply(
+                    state=row["status"],
+                    reason=row["status_reason"],
+                    drain_deadline=row["drain_deadline"],
+                )
+        missed = [(key, beat) for key, beat in chunk if key not in results]
+        if missed:
+            results.update(await self._refusals(missed))
+        return results
+
+    async def _refusals(
+        self, missed: list[tuple[RegistrationKey, GatewayHeartbeat]]
+    ) -> dict[RegistrationKey, GatewayError]:
+        """Why the heartbeat UPDATE matched no row, for each beat it missed."""
+        found = await self._pool.fetch(
+            "SELECT tenant, registration_id, status, heartbeat_sequence, public_key "
+            "FROM gateway_registrations g JOIN unnest($1::text[], $2::text[]) "
+            "AS m(tenant, registration_id) USING (tenant, registration_id)",
+            [key[0] for key, _ in missed],
+            [key[1] for key, _ in missed],
         )
+        by_key = {(r["tenant"], r["registration_id"]): r for r in found}
+        return {key: _refusal(by_key.get(key), key[1], beat) for key, beat in missed}
 
     async def _audit_changes(
-        self, conn: asyncpg.Connection, tenant: str, reg_id: str, row: dict, versions: dict | None
+        self, conn: asyncpg.Connection, key: RegistrationKey, row: dict
     ) -> None:
         """Audit a heartbeat only when it changed the state, health or versions."""
+        versions = row["versions"]
         changed = (
             row["old_status"] != row["status"]
             or row["old_health"] != row["health"]
@@ -114,6 +173,7 @@ class GatewayHeartbeats:
             if row["status"] == "paused" and row["old_status"] != "paused"
             else "gateway.registration.heartbeat"
         )
+        tenant, reg_id = key
         await self._audit.record(
             conn,
             tenant,
@@ -131,20 +191,58 @@ class GatewayHeartbeats:
         )
 
 
-_HEARTBEAT = """
-    WITH old AS (
-        SELECT status, health, versions FROM gateway_registrations
-        WHERE tenant = $1 AND registration_id = $2 FOR UPDATE)
+def _stale(beat: GatewayHeartbeat, accepted: int) -> GatewayError:
+    return GatewayError(
+        "gateway.stale_heartbeat",
+        f"heartbeatSequence {beat.heartbeat_sequence} is not after the last "
+        f"accepted one ({accepted})",
+        status=409,
+    )
+
+
+def _refusal(row: Any, reg_id: str, beat: GatewayHeartbeat) -> GatewayError:
+    refusal = missing_or_ended(row, reg_id, "the registration is {status}: heartbeats are refused")
+    if refusal is not None:
+        return refusal
+    if row["status"] == "pending":
+        return GatewayError.pending()
+    if row["public_key"] is None:
+        return GatewayError(
+            "gateway.not_registered",
+            "the credential was rotated or expired: register again",
+            status=409,
+        )
+    return _stale(beat, row["heartbeat_sequence"])
+
+
+# Rows locked in key order (the beats come sorted): two replicas' flushes never
+# deadlock each other. clock_timestamp(): after the row lock (see _gateways_admin).
+_HEARTBEATS = """
+    WITH beat AS (
+        SELECT * FROM jsonb_to_recordset($1::jsonb) AS b(
+            tenant text, registration_id text, liveness text, mode text, health text,
+            current_load integer, active_work_ids text[], heartbeat_sequence bigint,
+            heartbeat_interval real, last_error text, versions jsonb, status text,
+            status_reason text)),
+    old AS (
+        SELECT g.tenant, g.registration_id, g.status, g.health, g.versions
+        FROM gateway_registrations g JOIN beat USING (tenant, registration_id)
+        ORDER BY g.tenant, g.registration_id FOR UPDATE OF g)
     UPDATE gateway_registrations g SET
-        liveness = $3, mode = $4, health = $5, current_load = $6, active_work_ids = $7,
-        heartbeat_sequence = $8, heartbeat_interval = $9, last_error = $10, versions = $11,
+        liveness = b.liveness, mode = b.mode, health = b.health,
+        current_load = b.current_load, active_work_ids = b.active_work_ids,
+        heartbeat_sequence = b.heartbeat_sequence, heartbeat_interval = b.heartbeat_interval,
+        last_error = b.last_error, versions = b.versions,
         heartbeats_accepted = g.heartbeats_accepted + 1, last_heartbeat_at = clock_timestamp(),
-        status = CASE WHEN g.status = 'draining' THEN 'draining' ELSE $12 END,
-        status_reason = CASE WHEN g.status = 'draining' THEN g.status_reason ELSE $13 END,
+        status = CASE WHEN g.status = 'draining' THEN 'draining' ELSE b.status END,
+        status_reason = CASE WHEN g.status = 'draining' THEN g.status_reason
+                             ELSE b.status_reason END,
         updated_at = now()
-    FROM old
-    WHERE g.tenant = $1 AND g.registration_id = $2
-      AND g.status NOT IN ('revoked', 'retired', 'pending') AND g.heartbeat_sequence < $8
-      AND g.public_key IS NOT NULL
-    RETURNING g.status, g.status_reason, g.drain_deadline, g.health,
-              old.status AS old_status, old.health AS old_health, old.versions AS old_versions"""
+    FROM beat b, old
+    WHERE g.tenant = b.tenant AND g.registration_id = b.registration_id
+      AND old.tenant = g.tenant AND old.registration_id = g.registration_id
+      AND g.status NOT IN ('revoked', 'retired', 'pending')
+      AND g.heartbeat_sequence < b.heartbeat_sequence AND g.public_key IS NOT NULL
+    RETURNING g.tenant, g.registration_id, g.status, g.status_reason, g.drain_deadline,
+              g.health, g.versions, old.status AS old_status, old.health AS old_health,
+              old.versions AS old_versions"""

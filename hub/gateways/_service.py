@@ -12,7 +12,7 @@ capabilities and syncs external-workspace metadata on its own subjects.
 - `_gateways_queries`    what the admin API reads
 - `_gateways_enrolment`  the registration credential and the exchange's database side
 - `_gateways_bus`        the Gateway-facing responders (rate limit, refusals answered)
-- `_gateways_heartbeat`  applying a heartbeat
+- `_gateways_heartbeat`  applying heartbeats, in batches
 - `_gateways_reports`    capabilities and metadata sync
 - `_gateways_sweeps`     unhealthy and credential-expiry sweeps
 - `_gateways_scopes`     which scopes a new registration may hold
@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from ..bus import Route
-from ..core import AuditLog
+from ..core import AuditLog, HubMetrics
 from ._admin import GatewayAdmin
 from ._bus import GatewayRoutes
 from ._common import GatewayAudit, GatewayError
@@ -50,6 +50,7 @@ class GatewayRegistry:
         *,
         credential_key: bytes,
         credentials: Any | None = None,
+        metrics: HubMetrics | None = None,
         heartbeat_rate: float = 2.0,
         credential_ttl_days: float = 30.0,
     ) -> None:
@@ -63,7 +64,9 @@ class GatewayRegistry:
             credential_ttl=timedelta(days=credential_ttl_days),
         )
         queries, enrolment = GatewayQueries(pool), GatewayEnrolment(pool, records, credential_key)
-        heartbeats, reports = GatewayHeartbeats(pool, records), GatewayReports(pool, records)
+        heartbeats = GatewayHeartbeats(pool, records, metrics)
+        reports = GatewayReports(pool, records)
+        self._heartbeats = heartbeats
         self._sweeps = GatewaySweeps(pool, records, credentials)
         self._routes = GatewayRoutes(heartbeats, reports, records, heartbeat_rate=heartbeat_rate)
 
@@ -85,10 +88,12 @@ class GatewayRegistry:
         self.sweep_unhealthy = self._sweeps.sweep_unhealthy
 
     def start(self) -> None:
+        self._heartbeats.start()
         self._sweeps.start()
 
     async def stop(self) -> None:
         await self._sweeps.stop()
+        await self._heartbeats.stop()
 
     def routes(self) -> list[Route]:
         """Heartbeat, capabilities and sync, for the hub's bus responder."""

@@ -44,6 +44,20 @@ def base(tenant: str = TENANT) -> str:
     return f"/api/v1/tenants/{tenant}/gateway-registrations"
 
 
+def healthy_beat(sequence: int, interval: float = 5.0) -> GatewayHeartbeat:
+    """A heartbeat of a healthy, compatible, idle Gateway."""
+    return GatewayHeartbeat(
+        liveness="alive",
+        mode="active",
+        health="healthy",
+        current_load=0,
+        active_work_ids=[],
+        heartbeat_sequence=sequence,
+        interval_seconds=interval,
+        versions=good_versions(),
+    )
+
+
 def good_versions(**overrides: str) -> VersionSet:
     """The versions of a compatible Gateway (this code's own), with `overrides`."""
     values = dict(

@@ -6,11 +6,12 @@ heartbeat the hub could not write in time never revives a Desktop that has gone.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from desktopkit import TENANT, eventually
 
+from hub.core._beats import CLOCK_SKEW
 from schemas import PresenceHeartbeat, PrincipalKind
 
 FLEET = 500
@@ -92,12 +93,22 @@ async def test_noting_a_heartbeat_needs_no_database_connection(hub):
 
 async def test_a_late_heartbeat_does_not_revive_a_desktop_that_has_gone(hub):
     (pid,) = await _fleet(hub, 1)
-    # The hub noted this heartbeat three intervals ago and fell behind writing it.
-    hub.presence._noted[(TENANT, pid)] = (1.0, time.monotonic() - 3.0)
-    late_before = hub.metrics.presence_late._value.get()
+    # The hub took this heartbeat three intervals ago and fell behind writing it.
+    hub.presence.beats.note((TENANT, pid), 1.0, interval=1.0).taken_at -= 3.0
+    late = hub.metrics.presence_late.labels("desktop")
+    late_before = late._value.get()
     await hub.presence.flush()
     assert (await _row(hub, pid))["status"] == "paired_offline"
-    assert hub.metrics.presence_late._value.get() == late_before + 1
+    assert late._value.get() == late_before + 1
+
+
+async def test_a_heartbeat_sent_long_ago_does_not_revive_a_desktop(hub):
+    """Taken just now, but sent three intervals ago (it sat in a queue on the way)."""
+    (pid,) = await _fleet(hub, 1)
+    sent = datetime.now(UTC) - timedelta(seconds=3 * 5.0 + CLOCK_SKEW)
+    hub.presence.beats.note((TENANT, pid), 5.0, interval=5.0, sent_at=sent)
+    await hub.presence.flush()
+    assert (await _row(hub, pid))["status"] == "paired_offline"
 
 
 async def _row(hub, pid: str) -> dict:

@@ -26,6 +26,7 @@ from gatewaykit import (
     create_registration,
     get_registration,
     good_versions,
+    healthy_beat,
     register,
     registered_gateway,
 )
@@ -35,7 +36,7 @@ from hub.bus._bootstrap_limits import FIRST_DELAY, LOCKOUT, MAX_FAILURES
 from hub.core import _db
 from hub.core._audit import AuditLog
 from hub.gateways._service import GatewayError, GatewayRegistry
-from schemas import AckReply, GatewayHeartbeat, GatewayHeartbeatReply
+from schemas import AckReply, GatewayHeartbeatReply
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -763,16 +764,7 @@ RACERS = 32
 ROUNDS = 6
 
 
-def _beat(sequence: int) -> GatewayHeartbeat:
-    return GatewayHeartbeat(
-        liveness="alive",
-        mode="active",
-        health="healthy",
-        current_load=0,
-        active_work_ids=[],
-        heartbeat_sequence=sequence,
-        versions=good_versions(),
-    )
+_beat = healthy_beat
 
 
 async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
@@ -788,6 +780,7 @@ async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
         credential_key=hub.keys.derive_key("gateway-credential"),
         credentials=hub.credentials,
     )
+    registry.start()  # its heartbeat writer
     totals = {"ok": 0, "revoked": 0, "stale": 0}
     try:
         for round_ in range(ROUNDS):
@@ -798,6 +791,7 @@ async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
             for key in totals:
                 totals[key] += outcome[key]
     finally:
+        await registry.stop()
         await pool.close()
     # The rounds really raced: beats landed on both sides of the revoke.
     assert totals["ok"] > 0 and totals["revoked"] > 0, totals
@@ -805,7 +799,9 @@ async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
 
 async def _race(registry: GatewayRegistry, reg_id: str, round_: int) -> dict[str, int]:
     loop = asyncio.get_running_loop()
-    revoke_delay = 0.002 + 0.004 * round_
+    # Beats are written a flush (0.1 s) at a time: the revoke lands before, inside
+    # and after the flush that carries them, round by round.
+    revoke_delay = 0.002 + 0.05 * round_
     sequences = itertools.count(1)
 
     async def beat() -> tuple[str, float]:

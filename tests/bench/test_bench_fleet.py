@@ -1,0 +1,525 @@
+"""The fleet benchmark (issue 17): thousands of Desktops and Gateways on one hub.
+
+Run with `make bench-fleet DESKTOPS=N GATEWAYS=M` (SOAK_MINUTES=60 adds the soak),
+or `FLEET_DESKTOPS=N FLEET_GATEWAYS=M .venv/bin/python -m pytest -m bench
+-o addopts="-p no:cacheprovider" -s tests/bench/test_bench_fleet.py`.
+docs/performance.md ("Fleet") and docs/scale.md record the results.
+
+Everything is real: an operator-mode nats-server (on a fixed port, so it can be
+restarted under the fleet), PostgreSQL, one `cowork hub serve` process, and
+FLEET_LOADS load processes (tests/bench/fleet_load.py) running the product's own
+Desktop and Gateway agents, each with its own NATS connection and credential. A
+sample of the Desktops (FLEET_RELAY_SAMPLE) relays OpenCode's event stream from a
+minimal fake OpenCode and takes the commands; the rest have the relay idle.
+
+In order: pairing codes and registrations through the admin API, redeemed and
+registered over the bootstrap bus (the pairing rate); the sample alone, and its
+command round trip (idle); the whole fleet started and the time until the hub
+shows it online; a steady window (FLEET_HOLD_SECONDS) in which the fleet is
+listed through the paginated API, commands are sent (round trip under load) and
+presence is sampled (online counts, the age of the newest heartbeat stamp), with
+the CPU and memory of the hub, NATS and PostgreSQL; the nats-server restarted
+(the time until every edge is heard from again); the soak (SOAK_MINUTES), which
+asserts that no Desktop went offline and no Gateway unhealthy while connected.
+
+Asserted: every Desktop paired and online, every Gateway active, every command
+completed, no flap in the steady window or the soak. CPU is printed, not
+asserted (the machine is shared), except with BENCH_STRICT=1: hub and
+PostgreSQL each under 50% of one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import psutil
+import pytest
+from desktopkit import TENANT, all_pages
+from hubkit import operator_nats
+from replicakit import free_port, replicas
+from test_bench_floods import Load
+from test_bench_replicas import _cpu, _postmaster, _tree_cpu
+
+from hub.auth import BusKeys
+from hub.bus._bootstrap_limits import SOURCE_PENDING
+
+DESKTOPS = int(os.environ.get("FLEET_DESKTOPS", "2000"))
+GATEWAYS = int(os.environ.get("FLEET_GATEWAYS", "200"))
+LOADS = int(os.environ.get("FLEET_LOADS", "4"))  # load processes besides the sample's
+RELAY_SAMPLE = int(os.environ.get("FLEET_RELAY_SAMPLE", "20"))
+HOLD_SECONDS = float(os.environ.get("FLEET_HOLD_SECONDS", "60"))
+SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "0"))
+COMMANDS = int(os.environ.get("FLEET_COMMANDS", "50"))
+# 0 skips the nats-server restart (on 2 vCPUs the load processes cannot reconnect
+# 11,000 agents in time: docs/performance.md, "Fleet")
+RESTART = os.environ.get("FLEET_RESTART", "1") != "0"
+DESKTOP_HEARTBEAT = float(os.environ.get("FLEET_DESKTOP_HEARTBEAT", "5"))  # the agent's default
+GATEWAY_HEARTBEAT = float(os.environ.get("FLEET_GATEWAY_HEARTBEAT", "5"))  # the hub's default
+STRICT = os.environ.get("BENCH_STRICT") == "1"
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(int(1800 + 60 * SOAK_MINUTES))]
+FLEET_LOAD = Path(__file__).with_name("fleet_load.py")
+BASE = f"/api/v1/tenants/{TENANT}"
+FLAPS = ("pairing.offline", "gateway.registration.unhealthy")
+_LATE = re.compile(r'^cowork_presence_heartbeats_late_total\{principal="(\w+)"\} ([\d.e+]+)$', re.M)
+
+
+class FleetLoad(Load):
+    """tests/bench/fleet_load.py as a child process of this test (ours to stop)."""
+
+    @classmethod
+    async def start(cls, spec: dict) -> FleetLoad:  # type: ignore[override]
+        load = cls(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(FLEET_LOAD),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=2**24,  # a pairing answer lists thousands of ids
+            )
+        )
+        assert (await load.ask(json.dumps(spec), 60)).get("ready")
+        return load
+
+    async def ask(self, line: str, timeout: float = 600) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+        answer = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        assert answer, f"the fleet load process ended (exit {self.process.returncode})"
+        return json.loads(answer)
+
+
+class Usage:
+    """CPU seconds and memory of the hub, NATS and PostgreSQL (its server processes)."""
+
+    def __init__(self, hub_pid: int, nats_pid: int, postmaster: psutil.Process) -> None:
+        self.hub, self.nats = psutil.Process(hub_pid), psutil.Process(nats_pid)
+        self.postmaster = postmaster
+
+    def cpu(self) -> dict[str, float]:
+        return {"hub": _cpu(self.hub), "nats": _cpu(self.nats), "pg": _tree_cpu(self.postmaster)}
+
+    def rss_mib(self) -> dict[str, float]:
+        pg = [self.postmaster, *self.postmaster.children()]
+        return {
+            "hub": self.hub.memory_info().rss / 2**20,
+            "nats": self.nats.memory_info().rss / 2**20,
+            # summed RSS counts shared buffers once per backend: an upper bound
+            "pg": sum(_rss(p) for p in pg) / 2**20,
+        }
+
+
+def _rss(p: psutil.Process) -> int:
+    with contextlib.suppress(psutil.Error):
+        return p.memory_info().rss
+    return 0
+
+
+def _pct(q: float, values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+async def _gather_limited(n: int, coros) -> list:
+    gate = asyncio.Semaphore(n)
+
+    async def one(coro):
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def _codes(http: httpx.AsyncClient, count: int) -> list[str]:
+    async def one(i: int) -> str:
+        r = await http.post(f"{BASE}/pairings", json={"label": f"fleet {i}"})
+        assert r.status_code == 201, r.text
+        return r.json()["code"]
+
+    return await _gather_limited(8, (one(i) for i in range(count)))
+
+
+async def _credentials(http: httpx.AsyncClient, count: int) -> list[str]:
+    async def one(i: int) -> str:
+        r = await http.post(
+            f"{BASE}/gateway-registrations",
+            json={
+                "displayName": f"fleet {i}",
+                "kind": "edge_worker",
+                "trustModel": "self_hosted_same_operator",
+            },
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["credential"]
+
+    return await _gather_limited(8, (one(i) for i in range(count)))
+
+
+async def _presence(pool: asyncpg.Pool, since: float | None = None) -> dict:
+    """Desktops online and Gateways active now; with `since` (epoch), how many have
+    been heard from since; the age of the Desktops' newest stamps."""
+    row = await pool.fetchrow(
+        """SELECT
+             (SELECT count(*) FROM pairings WHERE status = 'paired_online') AS online,
+             (SELECT count(*) FROM pairings WHERE last_heartbeat_at >= to_timestamp($1))
+                 AS desktops_heard,
+             (SELECT count(*) FROM gateway_registrations WHERE status = 'active') AS active,
+             (SELECT count(*) FROM gateway_registrations
+               WHERE last_heartbeat_at >= to_timestamp($1)) AS gateways_heard,
+             (SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY
+                 extract(epoch FROM now() - last_heartbeat_at))
+               FROM pairings WHERE status = 'paired_online') AS age_p99""",
+        since or 0.0,
+    )
+    return dict(row)
+
+
+async def _flaps(pool: asyncpg.Pool, since_id: int) -> int:
+    return await pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE id > $1 AND action = ANY($2)", since_id, list(FLAPS)
+    )
+
+
+async def _audit_mark(pool: asyncpg.Pool) -> int:
+    return await pool.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
+
+
+async def _commands(http: httpx.AsyncClient, pids: list[str], n: int) -> list[float]:
+    """n sequential `status` commands, round robin over `pids`, each POST ?wait until done."""
+    samples = []
+    for i in range(n):
+        pid = pids[i % len(pids)]
+        started = time.perf_counter()
+        r = await http.post(
+            f"{BASE}/pairings/{pid}/commands", params={"wait": 20}, json={"kind": "status"}
+        )
+        assert r.status_code == 201, r.text
+        view = r.json()
+        assert view["state"] == "done" and view["status"] == "completed", view
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def _until(check, timeout: float, what: str, every: float = 0.5) -> float:
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(every)
+    return time.monotonic() - started
+
+
+def _late(metrics_text: str) -> dict[str, float]:
+    return {kind: float(value) for kind, value in _LATE.findall(metrics_text)}
+
+
+async def _list_fleet(http: httpx.AsyncClient) -> dict:
+    started = time.perf_counter()
+    pairings, pages = await all_pages(http, f"{BASE}/pairings", 500)
+    gateways, gpages = await all_pages(http, f"{BASE}/gateway-registrations", 500)
+    return {
+        "pairings": len(pairings),
+        "gateways": len(gateways),
+        "pages": pages + gpages,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+@pytest.fixture
+async def bus(tmp_path_factory):
+    keys_dir = tmp_path_factory.mktemp("fleet-keys")
+    keys = BusKeys.load_or_create(keys_dir)
+    async with operator_nats(
+        tmp_path_factory.mktemp("fleet-nats"), keys, port=free_port()
+    ) as server:
+        yield server, keys_dir
+
+
+def _specs(url: str, root: Path, codes: list[str], credentials: list[str]) -> list[dict]:
+    """The sample's load (relay on, takes the commands), then LOADS shares of the rest."""
+    common = {
+        "natsUrl": url,
+        "desktopHeartbeat": DESKTOP_HEARTBEAT,
+        "gatewayHeartbeat": GATEWAY_HEARTBEAT,
+    }
+    # The hub lets one address hold SOURCE_PENDING bootstrap requests in flight: the
+    # sample's load takes one, the others share the rest.
+    at_once = max(1, (SOURCE_PENDING - 1) // LOADS)
+    sample, rest = codes[:RELAY_SAMPLE], codes[RELAY_SAMPLE:]
+    specs = [
+        {
+            **common,
+            "stateDir": str(root / "sample"),
+            "desktops": [{"code": c, "relay": True} for c in sample],
+            "gateways": [],
+            "pairAtOnce": 1,
+        }
+    ]
+    for n in range(LOADS):
+        specs.append(
+            {
+                **common,
+                "stateDir": str(root / f"load{n}"),
+                "desktops": [{"code": c, "relay": False} for c in rest[n::LOADS]],
+                "gateways": [{"credential": c} for c in credentials[n::LOADS]],
+                "pairAtOnce": at_once,
+            }
+        )
+    return specs
+
+
+async def test_fleet(bus, database_url_module, tmp_path):
+    server, keys_dir = bus
+    loads: list[FleetLoad] = []
+    report: dict = {"desktops": DESKTOPS, "gateways": GATEWAYS}
+    async with replicas(
+        1,
+        tmp_path / "hub",
+        nats_url=server.url,
+        database_url=database_url_module,
+        keys_dir=keys_dir,
+        log_level="warning",
+        bootstrap_source_rate="10000",
+        bootstrap_connections_per_source="1024",
+    ) as (hub,):
+        pool = await asyncpg.create_pool(database_url_module, min_size=1, max_size=3)
+        try:
+            async with hub.client() as http:
+                http.timeout = httpx.Timeout(30)
+                await _run(hub, http, pool, server, loads, report, tmp_path)
+        finally:
+            for load in loads:
+                with contextlib.suppress(Exception):
+                    await load.ask("stop", 60)
+                await load.kill()
+            await pool.close()
+            _print(report)
+
+
+async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
+    # --- pairing ---------------------------------------------------------------------
+    started = time.monotonic()
+    codes = await _codes(http, DESKTOPS)
+    credentials = await _credentials(http, GATEWAYS)
+    report["create_s"] = time.monotonic() - started
+    for spec in _specs(server.url, tmp_path / "edges", codes, credentials):
+        loads.append(await FleetLoad.start(spec))
+    started = time.monotonic()
+    paired = await asyncio.gather(*(load.ask("pair") for load in loads))
+    report["redeem_s"] = time.monotonic() - started
+    failed = sum(p["failed"] for p in paired)
+    assert failed == 0, [p["failures"] for p in paired]
+    sample = paired[0]["desktops"]
+    report["pairing_rate"] = (DESKTOPS + GATEWAYS) / (report["create_s"] + report["redeem_s"])
+    # --- the sample alone: the command round trip with the hub idle ---------------------
+    assert (await loads[0].ask("run"))["connected"] == len(sample)
+    online_sample = (
+        "SELECT count(*) FROM pairings WHERE status = 'paired_online' AND pairing_id = ANY($1)"
+    )
+    await _until(
+        lambda: _eq(pool.fetchval(online_sample, sample), len(sample)), 60, "the sample online"
+    )
+    await _commands(http, sample, 5)  # warm-up
+    report["cmd_idle"] = await _commands(http, sample, COMMANDS)
+    # --- the whole fleet -------------------------------------------------------------------
+    started = time.monotonic()
+    ran = await asyncio.gather(*(load.ask("run") for load in loads[1:]))
+    report["connect_s"] = time.monotonic() - started
+    assert sum(r["connected"] for r in ran) == DESKTOPS - len(sample) + GATEWAYS, ran
+    await _until(lambda: _all_online(pool), 300, "the fleet online")
+    report["online_s"] = time.monotonic() - started
+    await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))  # settle
+    # --- the steady window -----------------------------------------------------------------
+    usage = Usage(hub.proc.pid, server.pid, await _postmaster(pool))
+    mark, late_before = await _audit_mark(pool), _late((await http.get("/metrics")).text)
+    cpu_before, wall_before = usage.cpu(), time.monotonic()
+    loads_cpu_before = await _loads_cpu(loads)
+    samples: list[dict] = []
+
+    async def sample_presence() -> None:
+        while True:
+            samples.append(await _presence(pool))
+            await asyncio.sleep(2)
+
+    sampler = asyncio.create_task(sample_presence())
+    try:
+        listing = await _list_fleet(http)
+        report["cmd_load"] = await _commands(http, sample, COMMANDS)
+        listing_again = await _list_fleet(http)
+        remaining = HOLD_SECONDS - (time.monotonic() - wall_before)
+        await asyncio.sleep(max(remaining, 0))
+    finally:
+        sampler.cancel()
+    wall = time.monotonic() - wall_before
+    cpu_after = usage.cpu()
+    report["cpu_pct"] = {k: 100 * (cpu_after[k] - cpu_before[k]) / wall for k in cpu_after}
+    loads_cpu = await _loads_cpu(loads)
+    report["loads_cpu_pct"] = 100 * (loads_cpu - loads_cpu_before) / wall
+    report["rss_mib"] = usage.rss_mib()
+    report["window_s"] = wall
+    report["listing"] = [listing, listing_again]
+    report["presence"] = samples
+    report["late"] = {
+        k: v - late_before.get(k, 0.0) for k, v in _late((await http.get("/metrics")).text).items()
+    }
+    report["flaps"] = await _flaps(pool, mark)
+    # (asserted at the end: a failed window still gets its restart measured and printed)
+    # --- nats-server restarted under the fleet -----------------------------------------------
+    if RESTART:
+        restart_mark = await _audit_mark(pool)
+        await server.stop()
+        restarted_at = time.time()
+        await server.start()
+        report["restart"] = await _reconnect_timeline(hub, pool, loads, restarted_at)
+        await _until(lambda: _all_online(pool), 120, "the fleet online after the restart")
+        report["restart_flaps"] = await _flaps(pool, restart_mark)
+    # --- the soak ----------------------------------------------------------------------------
+    if SOAK_MINUTES > 0:
+        await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))
+        mark = await _audit_mark(pool)
+        soak_end = time.monotonic() + 60 * SOAK_MINUTES
+        lowest = DESKTOPS
+        while time.monotonic() < soak_end:
+            lowest = min(lowest, (await _presence(pool))["online"])
+            status = await asyncio.gather(*(load.ask("status") for load in loads))
+            assert sum(s["ended"] for s in status) == 0, "an agent ended during the soak"
+            await asyncio.sleep(10)
+        report["soak"] = {"minutes": SOAK_MINUTES, "flaps": await _flaps(pool, mark)}
+        report["soak"]["lowest_online"] = lowest
+        assert report["soak"]["flaps"] == 0, report["soak"]
+    assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
+    assert min(s["online"] for s in samples) == DESKTOPS, "a Desktop was not shown online"
+    assert min(s["active"] for s in samples) == GATEWAYS, "a Gateway was not shown active"
+    assert report["flaps"] == 0, f"{report['flaps']} flaps in the steady window"
+    if STRICT:
+        assert report["cpu_pct"]["hub"] < 50 and report["cpu_pct"]["pg"] < 50, report["cpu_pct"]
+
+
+async def _reconnect_timeline(
+    hub, pool: asyncpg.Pool, loads: list[FleetLoad], since: float
+) -> dict:
+    """After the nats-server restart: when the hub was ready again, and when 50%, 90%
+    and 100% of the edges were connected (their side) and heard from (the hub's)."""
+    started, total = time.monotonic(), DESKTOPS + GATEWAYS
+    marks: dict[str, list[float]] = {"connected": [], "heard": []}
+    hub_ready = None
+    async with httpx.AsyncClient(base_url=hub.url, timeout=2) as probe:
+        while len(marks["heard"]) < 3:
+            now = time.monotonic() - started
+            if now > 120:  # printed as it is; the wait for all online below fails
+                break
+            if hub_ready is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await probe.get("/readyz")).status_code == 200:
+                        hub_ready = now
+            heard = await _presence(pool, since)
+            counts = {
+                "connected": sum(s["connected"] for s in await _statuses(loads)),
+                "heard": heard["desktops_heard"] + heard["gateways_heard"],
+            }
+            for what, count in counts.items():
+                while len(marks[what]) < 3 and count >= (0.5, 0.9, 1.0)[len(marks[what])] * total:
+                    marks[what].append(now)
+            await asyncio.sleep(0.25)
+    return {"hub_ready": hub_ready, **marks}
+
+
+async def _statuses(loads: list[FleetLoad]) -> list[dict]:
+    return await asyncio.gather(*(x.ask("status") for x in loads))
+
+
+async def _loads_cpu(loads: list[FleetLoad]) -> float:
+    return sum(s["cpuSeconds"] for s in await asyncio.gather(*(x.ask("status") for x in loads)))
+
+
+async def _eq(value, expected) -> bool:
+    return await value == expected
+
+
+async def _all_online(pool: asyncpg.Pool) -> bool:
+    now = await _presence(pool)
+    return now["online"] == DESKTOPS and now["active"] == GATEWAYS
+
+
+async def _heard_since(pool: asyncpg.Pool, since: float) -> bool:
+    now = await _presence(pool, since)
+    return now["desktops_heard"] == DESKTOPS and now["gateways_heard"] == GATEWAYS
+
+
+def _ms(samples: list[float]) -> str:
+    return (
+        f"p50 {1000 * statistics.median(samples):.1f} ms, "
+        f"p99 {1000 * _pct(0.99, samples):.1f} ms, max {1000 * max(samples):.1f} ms"
+    )
+
+
+def _print_restart(restart: dict, flaps: int | None) -> None:
+    def marks(times: list[float]) -> str:
+        reached = "/".join(f"{t:.1f}" for t in times)
+        return f"{reached} s" if len(times) == 3 else f"{reached or 'none'} (not all in 120 s)"
+
+    ready = restart["hub_ready"]
+    print(
+        f"  nats-server restart: hub ready in {ready if ready is not None else float('nan'):.1f} s;"
+        f" edges connected 50/90/100% at {marks(restart['connected'])}; heard from at the hub"
+        f" 50/90/100% at {marks(restart['heard'])}; flaps meanwhile {flaps}"
+    )
+
+
+def _print(r: dict) -> None:
+    if "cpu_pct" not in r:
+        print(f"\nFleet: stopped before the steady window: {r}")
+        return
+    ages = [s["age_p99"] or 0.0 for s in r["presence"]]
+    cpu, rss = r["cpu_pct"], r["rss_mib"]
+    print(
+        f"\nFleet: {r['desktops']} Desktops + {r['gateways']} Gateways, {psutil.cpu_count()} CPUs"
+    )
+    print(
+        f"  pairing: {r['create_s']:.1f} s creating codes/registrations, {r['redeem_s']:.1f} s "
+        f"redeeming/registering: {r['pairing_rate']:.0f} edges per second end to end"
+    )
+    print(
+        f"  fleet connected in {r['connect_s']:.1f} s, all online at the hub in {r['online_s']:.1f} s"
+    )
+    print(
+        f"  steady window {r['window_s']:.0f} s: CPU (% of one core) hub {cpu['hub']:.1f}, "
+        f"PostgreSQL {cpu['pg']:.1f}, NATS {cpu['nats']:.1f}, load processes "
+        f"{r['loads_cpu_pct']:.1f}; RSS MiB hub {rss['hub']:.0f}, NATS {rss['nats']:.0f}, "
+        f"PostgreSQL {rss['pg']:.0f} (summed over backends)"
+    )
+    print(
+        f"  presence: online min {min(s['online'] for s in r['presence'])}/{r['desktops']}, "
+        f"Gateways active min {min(s['active'] for s in r['presence'])}/{r['gateways']}, "
+        f"newest-stamp age p99 {max(ages):.2f} s (interval {DESKTOP_HEARTBEAT:g} s), "
+        f"late beats {r['late']}, flaps {r['flaps']}"
+    )
+    print(f"  command round trip idle: {_ms(r['cmd_idle'])}")
+    print(f"  command round trip under the fleet: {_ms(r['cmd_load'])}")
+    for listing in r["listing"]:
+        print(
+            f"  listing the fleet: {listing['pairings']} pairings + {listing['gateways']} "
+            f"Gateways in {listing['pages']} pages, {listing['seconds']:.2f} s"
+        )
+    restart = r.get("restart")
+    if restart is None:
+        print("  nats-server restart: not run")
+    else:
+        _print_restart(restart, r.get("restart_flaps"))
+    if "soak" in r:
+        print(f"  soak: {r['soak']}")
+    online = min(s["online"] for s in r["presence"])
+    print(
+        f"fleet: desktops={r['desktops']} gateways={r['gateways']} "
+        f"hub_cpu_pct={cpu['hub']:.1f} pg_cpu_pct={cpu['pg']:.1f} "
+        f"cmd_p99_ms={1000 * _pct(0.99, r['cmd_load']):.1f} online={online}/{r['desktops']}"
+    )

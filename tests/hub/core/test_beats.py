@@ -1,0 +1,95 @@
+"""The batching heartbeat writer's own rules, without a database (the rooms' tests,
+tests/hub/desktop/test_presence.py and tests/hub/gateways/test_gateway_heartbeats.py,
+run it against PostgreSQL): one write per flush with the latest beat per sender,
+a failed write keeps its beats, a late beat is dropped and counted, and a
+superseded beat's waiter learns the later beat's refusal."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from hub.core import BeatWriter, LateBeat, Superseded
+from hub.core._beats import CLOCK_SKEW
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[list[tuple[str, int]]] = []
+        self.fail = False
+        self.refuse: set[str] = set()
+        self.late = 0
+
+    async def write(self, chunk: list[tuple[str, int]]) -> dict:
+        if self.fail:
+            raise ConnectionError("the database is away")
+        self.writes.append(chunk)
+        return {k: (ValueError(f"refused {k}") if k in self.refuse else b) for k, b in chunk}
+
+    def on_late(self, n: int) -> None:
+        self.late += n
+
+
+def _writer(rec: Recorder) -> BeatWriter[str, int]:
+    return BeatWriter("test", rec.write, on_late=rec.on_late)
+
+
+async def test_one_write_per_flush_with_the_latest_beat_of_each_sender():
+    rec = Recorder()
+    beats = _writer(rec)
+    for n in range(3):
+        for key in ("b", "a"):
+            beats.note(key, n, interval=5.0)
+    assert await beats.flush() == 2
+    assert rec.writes == [[("a", 2), ("b", 2)]]  # key order, the latest of each
+
+
+async def test_a_failed_write_keeps_its_beats_unless_a_newer_one_came():
+    rec = Recorder()
+    beats = _writer(rec)
+    beats.note("a", 1, interval=5.0)
+    beats.note("b", 1, interval=5.0)
+    rec.fail = True
+    with pytest.raises(ConnectionError):
+        await beats.flush()
+    beats.note("b", 2, interval=5.0)
+    rec.fail = False
+    await beats.flush()
+    assert rec.writes == [[("a", 1), ("b", 2)]]
+
+
+async def test_late_beats_are_dropped_counted_and_their_waiters_told():
+    rec = Recorder()
+    beats = _writer(rec)
+    beats.note("taken-long-ago", 1, interval=1.0).taken_at -= 3.0
+    sent = datetime.now(UTC) - timedelta(seconds=2 * 1.0 + CLOCK_SKEW + 1)
+    waiter = asyncio.create_task(beats.beat("sent-long-ago", 1, interval=1.0, sent_at=sent))
+    await asyncio.sleep(0)
+    assert await beats.flush() == 0
+    assert rec.late == 2 and rec.writes == []
+    with pytest.raises(LateBeat):
+        await waiter
+
+
+async def test_a_superseded_beat_learns_the_later_ones_refusal_or_that_it_was_replaced():
+    rec = Recorder()
+    beats = _writer(rec)
+    first = asyncio.create_task(beats.beat("a", 1, interval=5.0))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(beats.beat("a", 2, interval=5.0))
+    await asyncio.sleep(0)
+    await beats.flush()
+    assert await second == 2
+    with pytest.raises(Superseded):
+        await first
+    rec.refuse.add("a")
+    first = asyncio.create_task(beats.beat("a", 3, interval=5.0))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(beats.beat("a", 4, interval=5.0))
+    await asyncio.sleep(0)
+    await beats.flush()
+    for task in (first, second):
+        with pytest.raises(ValueError, match="refused a"):
+            await task
