@@ -211,14 +211,31 @@ class Kit:
     async def no_reply(self, inst: dict) -> None:
         assert await self.replies(inst, 1, timeout=1.0) == []
 
-    async def commands(self, inst: dict) -> list[dict]:
-        rows = await self.hub.pool.fetch(
-            "SELECT * FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
-            "ORDER BY sequence",
-            TENANT,
-            inst["workspace_id"],
-        )
-        return [dict(r) for r in rows]
+    async def commands(self, inst: dict, at_least: int = 0) -> list[dict]:
+        """The pairing's commands; with `at_least`, waits until that many exist (the
+        router may submit after it has marked the message)."""
+
+        async def fetch() -> list[dict] | None:
+            rows = await self.hub.pool.fetch(
+                "SELECT * FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
+                "ORDER BY sequence",
+                TENANT,
+                inst["workspace_id"],
+            )
+            return [dict(r) for r in rows] if len(rows) >= at_least else None
+
+        if at_least == 0:
+            return await fetch() or []
+        return await eventually(fetch, timeout=10)
+
+    async def claim_status(self, inst: dict, inbound: ChannelInbound, status: str) -> dict:
+        """The message's claim row once it has `status`."""
+
+        async def check() -> dict | None:
+            row = await self.claim(inst, inbound)
+            return row if row and row["status"] == status else None
+
+        return await eventually(check, timeout=10)
 
     async def complete(self, command: dict, result: dict, status: str = "completed") -> None:
         """What CommandService._finish hands to on_final, as the Desktop would make it."""

@@ -176,18 +176,18 @@ async def test_failed_create_session_and_failed_prompt_are_answered_in_chat(kit,
     await kit.role(inst, "u1", "member")
     waiting = await kit.send(inst, "hello")
     await kit.complete(
-        (await kit.commands(inst))[0],
+        (await kit.commands(inst, at_least=1))[0],
         {"ok": False, "status": "failed", "message": "opencode is down"},
         status="failed",
     )
     reply = await kit.replies(inst, 1)
     assert reply[0].text == "Could not start a session: opencode is down."
     assert reply[0].reply_to_message_id == waiting.provider_message_id
-    assert (await kit.claim(inst, waiting))["outcome"] == "session_failed"
+    assert (await kit.claim_status(inst, waiting, "done"))["outcome"] == "session_failed"
 
     # The next message asks for a session again; then a prompt is refused by policy.
     await kit.send(inst, "again")
-    create = [c for c in await kit.commands(inst) if c["kind"] == "create_session"]
+    create = [c for c in await kit.commands(inst, at_least=2) if c["kind"] == "create_session"]
     assert len(create) == 2
     await kit.complete(create[1], {"ok": True, "status": "completed", "session": {"id": "s2"}})
     await kit.replies(inst, 1)  # the "Desktop is offline" notice for the waited prompt
@@ -208,7 +208,7 @@ async def test_revoked_pairing_is_a_clear_reply(kit, http):
     assert r.status_code in (200, 204), r.text
     inbound = await kit.send(inst, "anyone there?")
     assert await kit.reply(inst) == "Could not start a session: the Desktop's pairing is revoked."
-    assert (await kit.claim(inst, inbound))["status"] == "done"
+    await kit.claim_status(inst, inbound, "done")
     assert await kit.commands(inst) == []
 
 
@@ -226,7 +226,7 @@ async def test_a_sealed_desktop_is_a_clear_reply(kit, http, hub):
         "Could not start a session: the Desktop is sealed: only controllers enrolled on it "
         "can drive it, and a chat channel is not one."
     )
-    assert (await kit.claim(inst, inbound))["status"] == "done"
+    await kit.claim_status(inst, inbound, "done")
     assert await kit.commands(inst) == []
 
 
