@@ -196,8 +196,9 @@ class QuestionRejectPayload(WireModel):
 class PolicySetPayload(WireModel):
     """A sealed Desktop's policy and allowlists, changed by an enrolled controller: a
     `policy.set` command is run only when it is signed (on a sealed pairing the hub's
-    PATCH no longer changes them). A field left out stays as it is; `allowedSessionIds`
-    given as null lifts the session allowlist."""
+    PATCH no longer changes them). A field left out stays as it is, in `policy` too
+    (only the policy fields given change); `allowedSessionIds` given as null lifts
+    the session allowlist."""
 
     policy: PairingPolicy | None = None
     allowed_workspace_ids: AllowList | None = None

@@ -470,8 +470,11 @@ class DesktopAgent:
                 message=f"invalid policy change: {exc.errors()[0]['msg']}",
             )
         update: dict[str, Any] = {}
-        if change.policy is not None:
-            update["policy"] = change.policy
+        if change.policy is not None:  # the fields given; the others stay as they are
+            given = change.policy.model_fields_set
+            update["policy"] = self.state.policy.model_copy(
+                update={name: getattr(change.policy, name) for name in given}
+            )
         if change.allowed_workspace_ids is not None:
             update["allowed_workspace_ids"] = change.allowed_workspace_ids
         if "allowed_session_ids" in change.model_fields_set:

@@ -339,10 +339,9 @@ async def test_a_one_time_invite_enrols_once_and_only_with_its_secret(hub, deskt
     assert invite.invite_id in stored and invite.secret not in stored, "only a hash is kept"
 
     first, second = tmp_path / "first", tmp_path / "second"
-    for directory_, label in ((first, "phone"), (second, "x")):  # as `cowork remote init`
-        made = ControllerStore(directory_)
-        made.create_keys(label)
-        made.close()
+    made = ControllerStore(first)  # as `cowork remote init` would
+    made.create_keys("phone")
+    made.close()
     code, out, err = await cowork("remote", "enrol", link_text, "--state-dir", str(first), env=env)
     assert code == 0, err
     assert desktop.agent.guard.key.fingerprint in out
@@ -352,9 +351,15 @@ async def test_a_one_time_invite_enrols_once_and_only_with_its_secret(hub, deskt
     assert status["sealed"] is True and status["result"]["status"] == "completed", status
     await client.aclose()
 
-    # The same link again, from another controller: used (and one line from the CLI).
-    code, out, err = await cowork("remote", "enrol", link_text, "--state-dir", str(second), env=env)
-    assert code == 1 and "invite.used" in err and len(err.strip().splitlines()) == 1, err
+    # The same link again, from another controller: used.
+    other = ControllerStore(second)
+    other.create_keys("x")
+    async with RemoteClient(
+        other, PairingLink(pid, TENANT, hub.http_url, None, None), env["COWORK_ADMIN_TOKEN"]
+    ) as reuse:
+        with pytest.raises(RemoteError) as refused_reuse:
+            await reuse.enrol_with_invite(invite)
+    assert refused_reuse.value.code == "invite.used"
 
     local = DesktopStore(directory)
 
@@ -461,7 +466,9 @@ async def test_policy_changes_only_by_a_signed_controller_command(hub, http, des
     done = await controller.send("policy.set", payload={"policy": {"allowRemotePrompts": False}})
     assert done["sealed"] is True and done["result"]["status"] == "completed", done
     assert done["result"]["data"]["policy"]["allowRemotePrompts"] is False
-    assert desktop.agent.state.policy.allow_remote_prompts is False
+    assert desktop.agent.state.policy == before.policy.model_copy(
+        update={"allow_remote_prompts": False}
+    ), "only the field given changed"
     assert local.load_pairing().state["policy"]["allowRemotePrompts"] is False
     blocked = await controller.send("create_session", payload={"title": "no"})
     assert blocked["result"]["status"] == "blocked_by_policy", blocked
