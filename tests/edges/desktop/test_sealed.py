@@ -5,6 +5,7 @@ holds: its NATS connection and credentials, and its write path into PostgreSQL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import pytest
 from desktopkit import TENANT, cowork, eventually, get_pairing
 from sealedkit import enrolled_controller, seal
 
-from edges.common import ControllerKeys, InviteLink
+from edges.common import ControllerKeys, DesktopSealingKey, InviteLink
 from edges.desktop._sealed import create_invite, load_trust, set_trust
 from edges.desktop._store import DesktopStore
 from edges.remote import ControllerStore, PairingLink, RemoteClient, RemoteError
@@ -123,6 +124,19 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
         "prompt", session, {"text": forged_text}, issued_at=time.time() - 1000, lifetime=300
     )
     assert _refusal(await _forge(hub, pid, stale)) == "sealed.expired"
+    # Issued ahead of the Desktop's clock (a controller's clock, not the hub's doing).
+    early = controller.signed_body(
+        "prompt", session, {"text": forged_text}, issued_at=time.time() + 600
+    )
+    assert _refusal(await _forge(hub, pid, early)) == "sealed.not_yet_valid"
+    # Signed for a payload sealed to another key (a Desktop key the hub slipped in).
+    real_link = controller.link
+    controller.link = dataclasses.replace(
+        real_link, desktop_key=DesktopSealingKey.generate().public
+    )
+    misdirected = controller.signed_body("prompt", session, {"text": forged_text})
+    controller.link = real_link
+    assert _refusal(await _forge(hub, pid, misdirected)) == "sealed.undecryptable"
 
     # Replayed: a command that ran, sent again under a new id.
     ran = controller.signed_body("prompt", session, {"text": "a real prompt"})
@@ -243,6 +257,8 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
         "sealed.replayed",
         "sealed.wrong_binding",
         "sealed.payload_mismatch",
+        "sealed.not_yet_valid",
+        "sealed.undecryptable",
     }
     messages = json.dumps(await desktop.agent.opencode.messages(session))
     assert "a real prompt" in messages and forged_text not in messages
