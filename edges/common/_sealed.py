@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
@@ -97,10 +98,19 @@ class ControllerPublic:
     def controller_id(self) -> str:
         return controller_id_of(self.fingerprint)
 
-    def verify(self, signed: SignedCommand) -> bool:
+    @cached_property
+    def _verifier(self) -> Ed25519PublicKey | None:
+        """The signing key, parsed once (the Desktop keeps its controllers)."""
         try:
-            key = Ed25519PublicKey.from_public_bytes(unb64(self.signing_key))
-            key.verify(unb64(signed.signature), claims_bytes(signed.claims))
+            return Ed25519PublicKey.from_public_bytes(unb64(self.signing_key))
+        except ValueError:
+            return None
+
+    def verify(self, signed: SignedCommand) -> bool:
+        if self._verifier is None:
+            return False
+        try:
+            self._verifier.verify(unb64(signed.signature), claims_bytes(signed.claims))
         except (InvalidSignature, ValueError):
             return False
         return True

@@ -92,11 +92,19 @@ class TrustFile:
     trust: Trust = "hub"
     controllers: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> fields
 
+    _parsed: dict[str, ControllerPublic] = field(default_factory=dict, repr=False)
+
     def controller(self, controller_id: str) -> ControllerPublic | None:
+        """The enrolled controller, parsed once per reading of the file."""
+        known = self._parsed.get(controller_id)
+        if known is not None:
+            return known
         entry = self.controllers.get(controller_id)
         if entry is None:
             return None
-        return ControllerPublic(entry["label"], entry["signingKey"], entry["encryptionKey"])
+        known = ControllerPublic(entry["label"], entry["signingKey"], entry["encryptionKey"])
+        self._parsed[controller_id] = known
+        return known
 
 
 def _path(store: DesktopStore, name: str) -> Path:
@@ -270,7 +278,11 @@ class SealedGuard:
     def __init__(self, store: DesktopStore, tenant: str, pairing_id: str) -> None:
         self.store, self.tenant, self.pairing_id = store, tenant, pairing_id
         self.key = sealing_key(store)
+        self._trust_path = str(_path(store, TRUST_FILE))
         self._seen: tuple[int, int, int] | None = None
+        # The replay window as this process took it (it is desktop.db's only writer):
+        # the check reads memory, the take still writes through to SQLite.
+        self._last_sequence: dict[str, int] = {}
         self._trust = TrustFile()
         self._recipients: dict[str, str] = {}  # controller id -> X25519 key, as enrolled now
         self._content: ContentKey | None = None
@@ -279,7 +291,7 @@ class SealedGuard:
     def _refresh(self) -> TrustFile:
         """The trust file as it is now (a stat per call; read again only if it changed)."""
         try:
-            st = os.stat(_path(self.store, TRUST_FILE))
+            st = os.stat(self._trust_path)
             seen = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             seen = (0, 0, 0)
@@ -330,7 +342,12 @@ class SealedGuard:
             raise SealedRefusal("sealed.not_yet_valid", "issued in the future")
         if claims.expires_at <= now or claims.expires_at - claims.issued_at > MAX_LIFETIME:
             raise SealedRefusal("sealed.expired", "the command has expired")
-        if claims.controller_sequence <= self.store.controller_sequence(claims.controller_id):
+        last = self._last_sequence.get(claims.controller_id)
+        if last is None:
+            last = self._last_sequence[claims.controller_id] = self.store.controller_sequence(
+                claims.controller_id
+            )
+        if claims.controller_sequence <= last:
             raise SealedRefusal(
                 "sealed.replayed",
                 f"sequence {claims.controller_sequence} of {claims.controller_id} was used "
@@ -363,7 +380,9 @@ class SealedGuard:
                 "sealed.undecryptable", f"the payload does not open: {exc}"
             ) from None
         if not self.store.advance_controller(claims.controller_id, claims.controller_sequence):
+            self._last_sequence.pop(claims.controller_id, None)  # read it again next time
             raise SealedRefusal("sealed.replayed", "the sequence was used meanwhile")
+        self._last_sequence[claims.controller_id] = claims.controller_sequence
         return command.model_copy(update={"payload": payload})
 
     def enrolment_request(self, command: DeviceCommand) -> CommandResult:
