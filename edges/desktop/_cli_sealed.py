@@ -119,6 +119,8 @@ def run_controllers(args: argparse.Namespace, store: DesktopStore) -> int:
         print(f"enrolled  {item['fingerprint']}  {item['id']}  {item['label']!r}")
     for item in summary["pending"]:
         print(f"pending   {item['fingerprint']}  {item['label']!r}  since {item['requestedAt']}")
+    for item in summary["invites"]:
+        print(f"invite    {item['id']}  {item['state']}  until {item['expiresAt']}")
     return 0
 
 

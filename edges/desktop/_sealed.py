@@ -548,4 +548,15 @@ def trust_summary(store: DesktopStore) -> dict[str, Any]:
             for cid, r in load_requests(store).items()
             if cid not in trust.controllers
         ],
+        "invites": [
+            {
+                "id": iid,
+                "expiresAt": datetime.fromtimestamp(float(i["expiresAt"]), UTC).isoformat(),
+                "state": "used"
+                if i.get("usedAt")
+                else ("expired" if float(i["expiresAt"]) <= time.time() else "open"),
+                **({"controllerId": i["controllerId"]} if i.get("controllerId") else {}),
+            }
+            for iid, i in load_invites(store).items()
+        ],
     }

@@ -16,7 +16,7 @@ from desktopkit import TENANT, cowork, eventually, get_pairing
 from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys, DesktopSealingKey, InviteLink
-from edges.desktop._sealed import create_invite, load_trust, set_trust
+from edges.desktop._sealed import create_invite, load_trust, set_trust, trust_summary
 from edges.desktop._store import DesktopStore
 from edges.remote import ControllerStore, PairingLink, RemoteClient, RemoteError
 from schemas import (
@@ -417,6 +417,13 @@ async def test_a_one_time_invite_enrols_once_and_only_with_its_secret(hub, deskt
     async with RemoteClient(late, link, hub.test_admin_token, keys=late.create_keys("late")) as c:
         await c.enrol_with_invite(fresh)
         assert (await c.send("status"))["sealed"] is True
+    # `cowork desktop controllers list` shows each invite's state.
+    states = {i["id"]: i["state"] for i in trust_summary(local)["invites"]}
+    assert states == {
+        invite.invite_id: "used",
+        expired.invite_id: "expired",
+        fresh.invite_id: "used",
+    }
 
 
 async def test_policy_changes_only_by_a_signed_controller_command(hub, http, desktop, tmp_path):
