@@ -29,7 +29,6 @@ from typing import Any, Literal
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
-from pydantic import ValidationError
 
 from schemas import (
     AckReply,
@@ -68,7 +67,7 @@ from ..common import (
 )
 from ._commands import CommandRunner
 from ._relay import EventRelay
-from ._sealed import SealedGuard, SealedRefusal
+from ._sealed import SealedGuard, SealedRefusal, typed_payload
 from ._store import DesktopStore, PairingFile, StoreError
 
 log = logging.getLogger("cowork.edge.desktop")
@@ -460,15 +459,9 @@ class DesktopAgent:
                 code="policy.not_sealed",
                 message="this pairing trusts the hub: its policy changes by PATCH at the hub",
             )
-        try:
-            change = PolicySetPayload.model_validate(command.payload or {})
-        except ValidationError as exc:
-            return CommandResult(
-                ok=False,
-                status=CommandStatus.FAILED,
-                code="policy.invalid",
-                message=f"invalid policy change: {exc.errors()[0]['msg']}",
-            )
+        change = typed_payload(PolicySetPayload, command, "policy", "policy change")
+        if isinstance(change, CommandResult):
+            return change
         update: dict[str, Any] = {}
         if change.policy is not None:  # the fields given; the others stay as they are
             given = change.policy.model_fields_set

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import (
     CommandKind,
@@ -72,6 +72,24 @@ PENDING_SECONDS = 600
 MAX_INVITE_TTL = 86400.0  # an invite lives a day at most
 MAX_INVITES = 16  # open (unused, unexpired) invites at a time
 INVITE_MEMORY = 86400.0  # a used or expired invite is remembered this long past its expiry
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def typed_payload(
+    model: type[M], command: DeviceCommand, area: str, what: str
+) -> M | CommandResult:
+    """A command's payload as `model`, or the failed result (`<area>.invalid`) to answer."""
+    try:
+        return model.model_validate(command.payload or {})
+    except ValidationError as exc:
+        return CommandResult(
+            ok=False,
+            status=CommandStatus.FAILED,
+            code=f"{area}.invalid",
+            message=f"invalid {what}: {exc.errors()[0]['msg']}",
+        )
 
 
 class SealedRefusal(Exception):
@@ -387,15 +405,9 @@ class SealedGuard:
 
     def enrolment_request(self, command: DeviceCommand) -> CommandResult:
         """Record a relayed enrolment request; a person approves it here, or not."""
-        try:
-            request = ControllerEnrolPayload.model_validate(command.payload or {})
-        except ValidationError as exc:
-            return CommandResult(
-                ok=False,
-                status=CommandStatus.FAILED,
-                code="controller.invalid",
-                message=f"invalid enrolment request: {exc.errors()[0]['msg']}",
-            )
+        request = typed_payload(ControllerEnrolPayload, command, "controller", "enrolment request")
+        if isinstance(request, CommandResult):
+            return request
         controller = ControllerPublic(request.label, request.signing_key, request.encryption_key)
         if request.invite is not None:
             return self._enrol_by_invite(request, controller)

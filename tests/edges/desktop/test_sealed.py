@@ -57,6 +57,38 @@ async def _forge(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
     return row
 
 
+def _signed_by(
+    keys: ControllerKeys,
+    pid: str,
+    desktop_key: str,
+    kind: str,
+    session: str | None,
+    payload: dict | None,
+    controller_id: str | None = None,
+) -> dict:
+    """The body of a command signed by `keys` (under another controller's id if given)."""
+    signed = keys.sign(
+        tenant=TENANT,
+        pairing_id=pid,
+        command_id="cmdforged" + str(time.time_ns()),
+        sequence=10_000,
+        kind=kind,
+        workspace_id="local",
+        session_id=session,
+        payload=payload,
+        desktop_key=desktop_key,
+    )
+    if controller_id:
+        claims = signed.claims.model_copy(update={"controller_id": controller_id})
+        signed = signed.model_copy(update={"claims": claims})
+    body = {
+        "id": signed.claims.command_id,
+        "kind": kind,
+        "signed": signed.model_dump(mode="json", by_alias=True),
+    }
+    return {**body, "sessionId": session} if session else body
+
+
 def _refusal(row: dict) -> str:
     result = row["result"]
     assert result["ok"] is False and result["status"] == "blocked_by_policy", result
@@ -92,28 +124,8 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     assert desktop_key is not None
 
     def attacker_signed(controller_id: str | None = None) -> dict:
-        signed = attacker.sign(
-            tenant=TENANT,
-            pairing_id=pid,
-            command_id="cmdforged" + str(time.time_ns()),
-            sequence=10_000,
-            kind="prompt",
-            workspace_id="local",
-            session_id=session,
-            payload={"text": forged_text},
-            desktop_key=desktop_key,
-        )
-        if controller_id:
-            signed = signed.model_copy(
-                update={"claims": signed.claims.model_copy(update={"controller_id": controller_id})}
-            )
-        body = signed.model_dump(mode="json", by_alias=True)
-        return {
-            "id": signed.claims.command_id,
-            "kind": "prompt",
-            "sessionId": session,
-            "signed": body,
-        }
+        prompt = {"text": forged_text}
+        return _signed_by(attacker, pid, desktop_key, "prompt", session, prompt, controller_id)
 
     assert _refusal(await _forge(hub, pid, attacker_signed())) == "sealed.unknown_controller"
     impersonated = attacker_signed(controller.keys.controller_id)
@@ -439,22 +451,8 @@ async def test_policy_changes_only_by_a_signed_controller_command(hub, http, des
         "sealed.unsigned"
     )
     attacker = ControllerKeys.generate("attacker")
-    signed = attacker.sign(
-        tenant=TENANT,
-        pairing_id=pid,
-        command_id="cmdpolicy" + str(time.time_ns()),
-        sequence=1,
-        kind="policy.set",
-        workspace_id="local",
-        session_id=None,
-        payload=loosen,
-        desktop_key=desktop.agent.guard.key.public,
-    )
-    body = {
-        "id": signed.claims.command_id,
-        "kind": "policy.set",
-        "signed": signed.model_dump(mode="json", by_alias=True),
-    }
+    key = desktop.agent.guard.key.public
+    body = _signed_by(attacker, pid, key, "policy.set", None, loosen)
     assert _refusal(await _forge(hub, pid, body)) == "sealed.unknown_controller"
     # An honest client is told at once that policy.set is a signed command.
     response = await http.post(
