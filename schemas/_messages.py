@@ -193,6 +193,18 @@ class QuestionRejectPayload(WireModel):
     request_id: str = Field(min_length=1, max_length=256)
 
 
+class PolicySetPayload(WireModel):
+    """A sealed Desktop's policy and allowlists, changed by an enrolled controller: a
+    `policy.set` command is run only when it is signed (on a sealed pairing the hub's
+    PATCH no longer changes them). A field left out stays as it is, in `policy` too
+    (only the policy fields given change); `allowedSessionIds` given as null lifts
+    the session allowlist."""
+
+    policy: PairingPolicy | None = None
+    allowed_workspace_ids: AllowList | None = None
+    allowed_session_ids: AllowList | None = None
+
+
 COMMAND_PAYLOADS: dict[str, type[WireModel]] = {
     "create_session": CreateSessionPayload,
     "prompt": PromptPayload,
@@ -200,6 +212,7 @@ COMMAND_PAYLOADS: dict[str, type[WireModel]] = {
     "question.reply": QuestionReplyPayload,
     "question.reject": QuestionRejectPayload,
     "controller.enrol": ControllerEnrolPayload,
+    "policy.set": PolicySetPayload,
 }
 NEEDS_SESSION = frozenset(
     {"prompt", "abort", "permission.respond", "question.reply", "question.reject"}

@@ -38,6 +38,8 @@ __all__ = [
     "CLAIMS_PREFIX",
     "CommandClaims",
     "ControllerEnrolPayload",
+    "EnrolInvite",
+    "SEAL_INFO_INVITE",
     "SEAL_INFO_PAYLOAD",
     "SEAL_INFO_WRAP",
     "SealedContent",
@@ -45,6 +47,7 @@ __all__ = [
     "WrappedKey",
     "claims_bytes",
     "content_aad",
+    "invite_aad",
     "payload_aad",
     "payload_hash",
     "wrap_aad",
@@ -53,6 +56,7 @@ __all__ = [
 CLAIMS_PREFIX = b"cowork.command.v1\n"
 SEAL_INFO_PAYLOAD = b"cowork-sealed-payload-v1"
 SEAL_INFO_WRAP = b"cowork-sealed-wrap-v1"
+SEAL_INFO_INVITE = b"cowork-sealed-invite-v1"
 B64 = r"^[A-Za-z0-9_-]*$"
 Key32 = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 bytes, base64url
 SealedBox = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]+$")]
@@ -108,13 +112,28 @@ class SealedContent(WireModel):
     keys: list[WrappedKey] = Field(max_length=64)
 
 
+class EnrolInvite(WireModel):
+    """A one-time invite the Desktop made (`cowork desktop controllers invite`), as
+    the controller presents it: the invite's id, and its secret sealed to the
+    Desktop's X25519 key with associated data `invite_aad(...)`, which names this
+    controller's keys and label. The hub sees neither the secret nor a value it
+    could bind to keys of its own."""
+
+    id: TokenId
+    sealed_secret: SealedBox = Field(max_length=256)
+
+
 class ControllerEnrolPayload(WireModel):
-    """A controller asking to be enrolled. The Desktop only records it; a person
-    on the Desktop approves it (`cowork desktop controllers add FINGERPRINT`)."""
+    """A controller asking to be enrolled. Without `invite` the Desktop only records
+    it and a person there approves it (`cowork desktop controllers add FINGERPRINT`).
+    With a valid, unexpired, unused invite the Desktop enrols it at once; otherwise
+    it refuses with `invite.unknown`, `invite.invalid`, `invite.used` or
+    `invite.expired`."""
 
     label: str = Field(min_length=1, max_length=128)
     signing_key: Key32 = Field(description="Ed25519 public key, base64url")
     encryption_key: Key32 = Field(description="X25519 public key, base64url")
+    invite: EnrolInvite | None = None
 
 
 def _canonical(value: object) -> bytes:
@@ -132,6 +151,23 @@ def payload_hash(sealed_payload: str | None) -> str:
 
 def payload_aad(tenant: str, pairing_id: str, command_id: str) -> bytes:
     return _canonical({"command": command_id, "pairing": pairing_id, "tenant": tenant})
+
+
+def invite_aad(
+    tenant: str, pairing_id: str, invite_id: str, label: str, signing_key: str, encryption_key: str
+) -> bytes:
+    """Binds an invite's sealed secret to the controller presenting it: another
+    label or key (the hub's own) and the secret does not open."""
+    return _canonical(
+        {
+            "encryptionKey": encryption_key,
+            "invite": invite_id,
+            "label": label,
+            "pairing": pairing_id,
+            "signingKey": signing_key,
+            "tenant": tenant,
+        }
+    )
 
 
 def wrap_aad(key_id: str, controller_id: str) -> bytes:

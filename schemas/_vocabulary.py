@@ -91,6 +91,7 @@ class CommandKind(_Str):
     STATUS = "status"
     REVOKE_PAIRING = "revoke_pairing"
     CONTROLLER_ENROL = "controller.enrol"
+    POLICY_SET = "policy.set"
 
 
 class CommandStatus(_Str):

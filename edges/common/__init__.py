@@ -37,6 +37,7 @@ from ._sealed import (
     ControllerKeys,
     ControllerPublic,
     DesktopSealingKey,
+    InviteLink,
     controller_id_of,
     normalise_fingerprint,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ControllerKeys",
     "ControllerPublic",
     "DesktopSealingKey",
+    "InviteLink",
     "controller_id_of",
     "normalise_fingerprint",
     "BootstrapFailed",

@@ -16,7 +16,9 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -28,15 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from schemas import (
+    SEAL_INFO_INVITE,
     SEAL_INFO_PAYLOAD,
     SEAL_INFO_WRAP,
     CommandClaims,
+    EnrolInvite,
     SealedContent,
     SealError,
     SignedCommand,
     WrappedKey,
     b64url,
     claims_bytes,
+    invite_aad,
     new_id,
     open_sealed,
     payload_aad,
@@ -93,10 +98,19 @@ class ControllerPublic:
     def controller_id(self) -> str:
         return controller_id_of(self.fingerprint)
 
-    def verify(self, signed: SignedCommand) -> bool:
+    @cached_property
+    def _verifier(self) -> Ed25519PublicKey | None:
+        """The signing key, parsed once (the Desktop keeps its controllers)."""
         try:
-            key = Ed25519PublicKey.from_public_bytes(unb64(self.signing_key))
-            key.verify(unb64(signed.signature), claims_bytes(signed.claims))
+            return Ed25519PublicKey.from_public_bytes(unb64(self.signing_key))
+        except ValueError:
+            return None
+
+    def verify(self, signed: SignedCommand) -> bool:
+        if self._verifier is None:
+            return False
+        try:
+            self._verifier.verify(unb64(signed.signature), claims_bytes(signed.claims))
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -243,6 +257,83 @@ class ContentKey:
         return SealedContent.model_validate(self.seal_json(plaintext, aad))
 
 
+INVITE_SCHEME = "cowork+enrol"
+
+
+@dataclass(frozen=True)
+class InviteLink:
+    """A one-time enrolment invite as the Desktop shows it (a link and its QR code):
+    where to ask (hub, tenant, pairing), which invite, its secret, and the Desktop's
+    X25519 key. The link is read off the Desktop's screen, not from the hub, so the
+    Desktop key in it is the real one. It holds a secret: whoever has the link may
+    enrol once, until it expires."""
+
+    tenant: str
+    pairing_id: str
+    invite_id: str
+    secret: str  # 32 random bytes, base64url
+    desktop_key: str  # X25519, base64url
+    hub_url: str | None = None
+
+    @property
+    def desktop_fingerprint(self) -> str:
+        return fingerprint("desktop", self.desktop_key)
+
+    def to_text(self) -> str:
+        query = {
+            "v": "1",
+            "tenant": self.tenant,
+            "pairing": self.pairing_id,
+            "invite": self.invite_id,
+            "secret": self.secret,
+            "desktop": self.desktop_key,
+        }
+        if self.hub_url:
+            query["hub"] = self.hub_url
+        return f"{INVITE_SCHEME}://enrol?{urlencode(query)}"
+
+    @classmethod
+    def parse(cls, text: str) -> InviteLink:
+        """The link `to_text` wrote, or SealError saying what is wrong with it."""
+        parsed = urlparse(text.strip())
+        if parsed.scheme != INVITE_SCHEME:
+            raise SealError(f"not an enrolment link (it starts with {INVITE_SCHEME}://)")
+        query = {k: v[0] for k, v in parse_qs(parsed.query).items() if v}
+        missing = [
+            k for k in ("tenant", "pairing", "invite", "secret", "desktop") if k not in query
+        ]
+        if missing or query.get("v") != "1":
+            raise SealError(f"the enrolment link is incomplete (missing {', '.join(missing)})")
+        try:
+            if len(unb64(query["secret"])) != 32 or len(unb64(query["desktop"])) != 32:
+                raise ValueError
+        except ValueError:
+            raise SealError("the enrolment link is damaged (secret or Desktop key)") from None
+        return cls(
+            query["tenant"],
+            query["pairing"],
+            query["invite"],
+            query["secret"],
+            query["desktop"],
+            query.get("hub"),
+        )
+
+    def present(self, controller: ControllerPublic) -> EnrolInvite:
+        """The invite as the controller sends it: its secret sealed to the Desktop's key,
+        bound to this controller's keys and label (the hub can neither read it nor move
+        it to keys of its own)."""
+        aad = invite_aad(
+            self.tenant,
+            self.pairing_id,
+            self.invite_id,
+            controller.label,
+            controller.signing_key,
+            controller.encryption_key,
+        )
+        sealed = seal(unb64(self.secret), self.desktop_key, info=SEAL_INFO_INVITE, aad=aad)
+        return EnrolInvite(id=self.invite_id, sealed_secret=sealed)
+
+
 class DesktopSealingKey:
     """The Desktop's X25519 key: controllers seal command payloads to it."""
 
@@ -264,6 +355,10 @@ class DesktopSealingKey:
             return cls(X25519PrivateKey.from_private_bytes(unb64(text.strip())))
         except ValueError as exc:
             raise SealError(f"the Desktop's sealing key is damaged: {exc}") from exc
+
+    def open_invite(self, invite: EnrolInvite, aad: bytes) -> bytes:
+        """An invite's secret as a controller sealed it, or SealError."""
+        return open_sealed(self._private, invite.sealed_secret, info=SEAL_INFO_INVITE, aad=aad)
 
     def open_payload(self, signed: SignedCommand) -> dict | None:
         if signed.sealed_payload is None:

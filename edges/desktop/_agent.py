@@ -45,6 +45,7 @@ from schemas import (
     PairingRedeemRequest,
     PairingRevokeNotice,
     PairingState,
+    PolicySetPayload,
     PresenceHeartbeat,
     PrincipalKind,
     ReplyKey,
@@ -66,7 +67,7 @@ from ..common import (
 )
 from ._commands import CommandRunner
 from ._relay import EventRelay
-from ._sealed import SealedGuard, SealedRefusal
+from ._sealed import SealedGuard, SealedRefusal, typed_payload
 from ._store import DesktopStore, PairingFile, StoreError
 
 log = logging.getLogger("cowork.edge.desktop")
@@ -446,6 +447,53 @@ class DesktopAgent:
             )
         return kept
 
+    def _set_policy(self, command: DeviceCommand) -> CommandResult:
+        """A signed `policy.set` (the guard refused it unsigned): on a sealed pairing,
+        the one way to change the Desktop's policy and allowlists remotely. On a
+        hub-trust pairing the hub's PATCH owns them, and would overwrite the change."""
+        signed = command.signed
+        if signed is None or not self.guard.sealed:
+            return CommandResult(
+                ok=False,
+                status=CommandStatus.BLOCKED_BY_POLICY,
+                code="policy.not_sealed",
+                message="this pairing trusts the hub: its policy changes by PATCH at the hub",
+            )
+        change = typed_payload(PolicySetPayload, command, "policy", "policy change")
+        if isinstance(change, CommandResult):
+            return change
+        update: dict[str, Any] = {}
+        if change.policy is not None:  # the fields given; the others stay as they are
+            given = change.policy.model_fields_set
+            update["policy"] = self.state.policy.model_copy(
+                update={name: getattr(change.policy, name) for name in given}
+            )
+        if change.allowed_workspace_ids is not None:
+            update["allowed_workspace_ids"] = change.allowed_workspace_ids
+        if "allowed_session_ids" in change.model_fields_set:
+            update["allowed_session_ids"] = change.allowed_session_ids
+        state = self.state.model_copy(update=update)
+        self.state = self.runner.state = state
+        self.pairing.state = state.model_dump(mode="json", by_alias=True)
+        self.store.save_pairing(self.pairing)
+        self.store.audit(
+            "pairing.policy_set",
+            commandId=command.id,
+            controllerId=signed.claims.controller_id,
+            policy=state.policy.model_dump(mode="json", by_alias=True),
+            allowedWorkspaceIds=state.allowed_workspace_ids,
+            allowedSessionIds=state.allowed_session_ids,
+        )
+        return CommandResult(
+            ok=True,
+            status=CommandStatus.COMPLETED,
+            data={
+                "policy": state.policy.model_dump(mode="json", by_alias=True),
+                "allowedWorkspaceIds": state.allowed_workspace_ids,
+                "allowedSessionIds": state.allowed_session_ids,
+            },
+        )
+
     def _revoke(self, reason: str) -> None:
         self.pairing = revoke_locally(self.store, reason)
         self.stop()
@@ -543,7 +591,8 @@ class DesktopAgent:
         if command.kind == CommandKind.CONTROLLER_ENROL:
             # Public keys and fingerprints only, for a controller not enrolled yet: clear.
             result = self.guard.enrolment_request(command)
-            if result.data:  # tell the person at this machine what to compare
+            if result.code == "controller.pending_approval" and result.data:
+                # tell the person at this machine what to compare
                 log.warning(
                     "desktop.controller_requested: %r asks to be enrolled, fingerprint %s; "
                     "compare it with the controller's, then run "
@@ -553,7 +602,10 @@ class DesktopAgent:
                     result.data["controllerFingerprint"],
                 )
         else:
-            result = await self.runner.run(command)
+            if command.kind == CommandKind.POLICY_SET:
+                result = self._set_policy(command)
+            else:
+                result = await self.runner.run(command)
             if self.guard.sealed:  # what leaves the machine: only the controllers open it
                 result = self.guard.seal_result(command.id, result)
         self.relay.command_event(

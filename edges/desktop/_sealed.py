@@ -4,18 +4,26 @@ every controller command passes, and the content keys that seal what it sends.
 Local state, in the state directory (owner-only, like the rest):
 
     sealed.json               trust mode (`hub` | `sealed`) and the enrolled controllers;
-                              written only by `cowork desktop trust|controllers` on this machine
+                              written by `cowork desktop trust|controllers` on this machine,
+                              and by the agent when a controller presents a valid invite
     controller-requests.json  enrolment requests relayed by the hub, waiting for a person
+    controller-invites.json   one-time invites made here (`controllers invite`): the
+                              SHA-256 of each secret, its expiry, and when it was used
     desktop-seal.key          the Desktop's X25519 key (controllers seal payloads to it)
     desktop.db                the replay window: the last sequence of each controller
 
 The running agent reads `sealed.json` again whenever it changes, so a switch of
 trust or a removed controller applies to the very next command and event. Nothing
-the hub sends changes any of it: a relayed enrolment request only waits here.
+the hub sends changes any of it: a relayed enrolment request only waits here, and
+one that presents an invite enrols only if it holds the invite's secret, which the
+hub never sees (the controller seals it to this Desktop's key, bound to its own).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -23,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import (
     CommandKind,
@@ -35,6 +43,8 @@ from schemas import (
     DeviceCommand,
     SealError,
     content_aad,
+    invite_aad,
+    new_id,
     payload_hash,
 )
 
@@ -42,6 +52,7 @@ from ..common import (
     ContentKey,
     ControllerPublic,
     DesktopSealingKey,
+    InviteLink,
     normalise_fingerprint,
     now_iso,
     write_private,
@@ -52,11 +63,33 @@ log = logging.getLogger("cowork.edge.desktop")
 
 Trust = Literal["hub", "sealed"]
 TRUST_FILE, REQUESTS_FILE, KEY_FILE = "sealed.json", "controller-requests.json", "desktop-seal.key"
+INVITES_FILE = "controller-invites.json"
 MAX_CLOCK_SKEW = 60  # seconds a controller's clock may run ahead of the Desktop's
 MAX_LIFETIME = 900  # a command may be valid this long at most
 KEY_WINDOW = 3600.0  # a content key seals at most this long
 MAX_PENDING = 16
 PENDING_SECONDS = 600
+MAX_INVITE_TTL = 86400.0  # an invite lives a day at most
+MAX_INVITES = 16  # open (unused, unexpired) invites at a time
+INVITE_MEMORY = 86400.0  # a used or expired invite is remembered this long past its expiry
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def typed_payload(
+    model: type[M], command: DeviceCommand, area: str, what: str
+) -> M | CommandResult:
+    """A command's payload as `model`, or the failed result (`<area>.invalid`) to answer."""
+    try:
+        return model.model_validate(command.payload or {})
+    except ValidationError as exc:
+        return CommandResult(
+            ok=False,
+            status=CommandStatus.FAILED,
+            code=f"{area}.invalid",
+            message=f"invalid {what}: {exc.errors()[0]['msg']}",
+        )
 
 
 class SealedRefusal(Exception):
@@ -77,11 +110,19 @@ class TrustFile:
     trust: Trust = "hub"
     controllers: dict[str, dict[str, str]] = field(default_factory=dict)  # id -> fields
 
+    _parsed: dict[str, ControllerPublic] = field(default_factory=dict, repr=False)
+
     def controller(self, controller_id: str) -> ControllerPublic | None:
+        """The enrolled controller, parsed once per reading of the file."""
+        known = self._parsed.get(controller_id)
+        if known is not None:
+            return known
         entry = self.controllers.get(controller_id)
         if entry is None:
             return None
-        return ControllerPublic(entry["label"], entry["signingKey"], entry["encryptionKey"])
+        known = ControllerPublic(entry["label"], entry["signingKey"], entry["encryptionKey"])
+        self._parsed[controller_id] = known
+        return known
 
 
 def _path(store: DesktopStore, name: str) -> Path:
@@ -143,6 +184,24 @@ def sealing_key(store: DesktopStore) -> DesktopSealingKey:
         return key
 
 
+def _add_controller(store: DesktopStore, controller: ControllerPublic, **audit: Any) -> None:
+    trust = load_trust(store)
+    trust.controllers[controller.controller_id] = {
+        "label": controller.label,
+        "signingKey": controller.signing_key,
+        "encryptionKey": controller.encryption_key,
+        "fingerprint": controller.fingerprint,
+        "addedAt": now_iso(),
+    }
+    save_trust(store, trust)
+    store.audit(
+        "controller.added",
+        controllerId=controller.controller_id,
+        fingerprint=controller.fingerprint,
+        **audit,
+    )
+
+
 def enrol(store: DesktopStore, fingerprint_text: str) -> ControllerPublic:
     """A person on this machine approves a pending request by its fingerprint."""
     wanted = normalise_fingerprint(fingerprint_text)
@@ -151,20 +210,62 @@ def enrol(store: DesktopStore, fingerprint_text: str) -> ControllerPublic:
             request["label"], request["signingKey"], request["encryptionKey"]
         )
         if controller.fingerprint == wanted:
-            trust = load_trust(store)
-            trust.controllers[controller.controller_id] = {
-                "label": controller.label,
-                "signingKey": controller.signing_key,
-                "encryptionKey": controller.encryption_key,
-                "fingerprint": controller.fingerprint,
-                "addedAt": now_iso(),
-            }
-            save_trust(store, trust)
-            store.audit(
-                "controller.added", controllerId=controller.controller_id, fingerprint=wanted
-            )
+            _add_controller(store, controller)
             return controller
     raise KeyError(f"no pending enrolment request with fingerprint {wanted}")
+
+
+def _secret_hash(secret: bytes) -> str:
+    return hashlib.sha256(b"cowork-invite-v1" + secret).hexdigest()
+
+
+def load_invites(store: DesktopStore) -> dict[str, dict[str, Any]]:
+    """The invites still remembered (a used or expired one for a day, so that it is
+    refused as used or expired rather than unknown)."""
+    try:
+        invites = _read_json(store, INVITES_FILE) or {}
+    except StoreError:  # fail closed: no invite is valid until it is made again
+        return {}
+    cutoff = time.time() - INVITE_MEMORY
+    return {k: v for k, v in invites.items() if float(v.get("expiresAt", 0)) > cutoff}
+
+
+def _save_invites(store: DesktopStore, invites: dict[str, dict[str, Any]]) -> None:
+    store.ensure_dir()
+    write_private(_path(store, INVITES_FILE), json.dumps(invites, indent=2))
+
+
+def create_invite(
+    store: DesktopStore, ttl: float, hub_url: str | None = None, *, now: float | None = None
+) -> InviteLink:
+    """A one-time invite: a random secret of which only a hash is kept here. Whoever
+    holds the link may enrol one controller, once, within `ttl` seconds."""
+    if not 0 < ttl <= MAX_INVITE_TTL:
+        raise ValueError(f"an invite lives between 1 second and {MAX_INVITE_TTL:g} seconds")
+    pairing = store.load_pairing()
+    now = time.time() if now is None else now
+    invites = load_invites(store)
+    open_ = [v for v in invites.values() if not v.get("usedAt") and v["expiresAt"] > now]
+    if len(open_) >= MAX_INVITES:
+        raise ValueError(f"{MAX_INVITES} invites are open already; let some expire first")
+    secret = os.urandom(32)
+    invite_id = "inv" + new_id()
+    invites[invite_id] = {
+        "secretHash": _secret_hash(secret),
+        "createdAt": now,
+        "expiresAt": now + ttl,
+    }
+    _save_invites(store, invites)
+    store.audit("controller.invite_created", inviteId=invite_id, expiresAt=now + ttl)
+    secret_text = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    return InviteLink(
+        pairing.tenant,
+        pairing.pairing_id,
+        invite_id,
+        secret_text,
+        sealing_key(store).public,
+        hub_url,
+    )
 
 
 def remove(store: DesktopStore, which: str) -> str:
@@ -195,7 +296,11 @@ class SealedGuard:
     def __init__(self, store: DesktopStore, tenant: str, pairing_id: str) -> None:
         self.store, self.tenant, self.pairing_id = store, tenant, pairing_id
         self.key = sealing_key(store)
+        self._trust_path = str(_path(store, TRUST_FILE))
         self._seen: tuple[int, int, int] | None = None
+        # The replay window as this process took it (it is desktop.db's only writer):
+        # the check reads memory, the take still writes through to SQLite.
+        self._last_sequence: dict[str, int] = {}
         self._trust = TrustFile()
         self._recipients: dict[str, str] = {}  # controller id -> X25519 key, as enrolled now
         self._content: ContentKey | None = None
@@ -204,7 +309,7 @@ class SealedGuard:
     def _refresh(self) -> TrustFile:
         """The trust file as it is now (a stat per call; read again only if it changed)."""
         try:
-            st = os.stat(_path(self.store, TRUST_FILE))
+            st = os.stat(self._trust_path)
             seen = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             seen = (0, 0, 0)
@@ -231,7 +336,12 @@ class SealedGuard:
         trust = self._refresh()
         signed = command.signed
         if signed is None:
-            # An enrolment request only waits here for a person: it needs no signature.
+            # An enrolment request only waits here for a person (or presents an
+            # invite made here): it needs no signature.
+            if command.kind == CommandKind.POLICY_SET:
+                raise SealedRefusal(
+                    "sealed.unsigned", "a policy change must be signed by an enrolled controller"
+                )
             if trust.trust == "sealed" and command.kind != CommandKind.CONTROLLER_ENROL:
                 raise SealedRefusal(
                     "sealed.unsigned", "this Desktop is sealed: commands must be signed"
@@ -250,7 +360,12 @@ class SealedGuard:
             raise SealedRefusal("sealed.not_yet_valid", "issued in the future")
         if claims.expires_at <= now or claims.expires_at - claims.issued_at > MAX_LIFETIME:
             raise SealedRefusal("sealed.expired", "the command has expired")
-        if claims.controller_sequence <= self.store.controller_sequence(claims.controller_id):
+        last = self._last_sequence.get(claims.controller_id)
+        if last is None:
+            last = self._last_sequence[claims.controller_id] = self.store.controller_sequence(
+                claims.controller_id
+            )
+        if claims.controller_sequence <= last:
             raise SealedRefusal(
                 "sealed.replayed",
                 f"sequence {claims.controller_sequence} of {claims.controller_id} was used "
@@ -283,21 +398,19 @@ class SealedGuard:
                 "sealed.undecryptable", f"the payload does not open: {exc}"
             ) from None
         if not self.store.advance_controller(claims.controller_id, claims.controller_sequence):
+            self._last_sequence.pop(claims.controller_id, None)  # read it again next time
             raise SealedRefusal("sealed.replayed", "the sequence was used meanwhile")
+        self._last_sequence[claims.controller_id] = claims.controller_sequence
         return command.model_copy(update={"payload": payload})
 
     def enrolment_request(self, command: DeviceCommand) -> CommandResult:
         """Record a relayed enrolment request; a person approves it here, or not."""
-        try:
-            request = ControllerEnrolPayload.model_validate(command.payload or {})
-        except ValidationError as exc:
-            return CommandResult(
-                ok=False,
-                status=CommandStatus.FAILED,
-                code="controller.invalid",
-                message=f"invalid enrolment request: {exc.errors()[0]['msg']}",
-            )
+        request = typed_payload(ControllerEnrolPayload, command, "controller", "enrolment request")
+        if isinstance(request, CommandResult):
+            return request
         controller = ControllerPublic(request.label, request.signing_key, request.encryption_key)
+        if request.invite is not None:
+            return self._enrol_by_invite(request, controller)
         requests = load_requests(self.store)
         if len(requests) >= MAX_PENDING and controller.controller_id not in requests:
             return CommandResult(
@@ -325,6 +438,66 @@ class SealedGuard:
             message=(
                 f"approve on the Desktop: cowork desktop controllers add {controller.fingerprint}"
             ),
+            data={
+                "controllerId": controller.controller_id,
+                "controllerFingerprint": controller.fingerprint,
+                "desktopKey": self.key.public,
+                "desktopFingerprint": self.key.fingerprint,
+            },
+        )
+
+    def _enrol_by_invite(
+        self, request: ControllerEnrolPayload, controller: ControllerPublic
+    ) -> CommandResult:
+        """Enrol at once a controller that holds a valid invite's secret; refuse with
+        `invite.unknown|invalid|used|expired` otherwise. The secret comes sealed to this
+        Desktop's key, bound to the controller's keys and label: the hub cannot read
+        it, nor present it with keys of its own."""
+        assert request.invite is not None
+        invite_id = request.invite.id
+        invites = load_invites(self.store)
+        entry = invites.get(invite_id)
+        code: str | None = None
+        if entry is None:
+            code, message = "invite.unknown", "no such invite on this Desktop"
+        else:
+            aad = invite_aad(
+                self.tenant,
+                self.pairing_id,
+                invite_id,
+                controller.label,
+                controller.signing_key,
+                controller.encryption_key,
+            )
+            try:
+                secret = self.key.open_invite(request.invite, aad)
+            except SealError:
+                secret = b""
+            if not hmac.compare_digest(_secret_hash(secret), str(entry.get("secretHash"))):
+                code, message = "invite.invalid", "the invite's secret does not match"
+            elif entry.get("usedAt"):
+                code, message = "invite.used", "this invite was used already"
+            elif float(entry["expiresAt"]) <= time.time():
+                code, message = "invite.expired", "this invite has expired"
+        if code is not None:
+            self.store.audit(
+                "controller.invite_refused",
+                code=code,
+                inviteId=invite_id,
+                controllerId=controller.controller_id,
+            )
+            return CommandResult(
+                ok=False, status=CommandStatus.BLOCKED_BY_POLICY, code=code, message=message
+            )
+        assert entry is not None
+        entry.update(usedAt=time.time(), controllerId=controller.controller_id)
+        _save_invites(self.store, invites)  # used before the controller counts
+        _add_controller(self.store, controller, inviteId=invite_id)
+        return CommandResult(
+            ok=True,
+            status=CommandStatus.COMPLETED,
+            code="controller.enrolled",
+            message=f"enrolled {controller.label!r} with an invite made on this Desktop",
             data={
                 "controllerId": controller.controller_id,
                 "controllerFingerprint": controller.fingerprint,
@@ -386,5 +559,16 @@ def trust_summary(store: DesktopStore) -> dict[str, Any]:
             }
             for cid, r in load_requests(store).items()
             if cid not in trust.controllers
+        ],
+        "invites": [
+            {
+                "id": iid,
+                "expiresAt": datetime.fromtimestamp(float(i["expiresAt"]), UTC).isoformat(),
+                "state": "used"
+                if i.get("usedAt")
+                else ("expired" if float(i["expiresAt"]) <= time.time() else "open"),
+                **({"controllerId": i["controllerId"]} if i.get("controllerId") else {}),
+            }
+            for iid, i in load_invites(store).items()
         ],
     }

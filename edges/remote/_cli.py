@@ -1,6 +1,7 @@
 """`cowork remote ...`: drive a sealed Desktop as one of its controllers.
 
     cowork remote init --label "my laptop"
+    cowork remote enrol 'cowork+enrol://...'      (a one-time link the Desktop made)
     cowork remote enrol --hub https://HUB --tenant T --pairing P [--expect-desktop FP]
     cowork remote send prompt --session S --payload '{"text": "hi"}'
     cowork remote events [--after N] [--follow]
@@ -19,7 +20,9 @@ from typing import Any
 
 import httpx
 
-from ..common import add_state_dir, documented_command, fail, http_url
+from schemas import SealError
+
+from ..common import InviteLink, add_state_dir, documented_command, fail, http_url
 from ._client import WAIT_SECONDS, RemoteClient, RemoteError
 from ._store import ControllerStore, PairingLink, RemoteStoreError, default_state_dir
 
@@ -38,6 +41,7 @@ KINDS = (
     "question.reply",
     "question.reject",
     "status",
+    "policy.set",
 )
 
 
@@ -55,12 +59,19 @@ def add_remote_commands(commands: Any) -> dict[str, argparse.ArgumentParser]:
     init = sub.add_parser("init", help="make this controller's keys and show its fingerprint")
     init.add_argument("--label", required=True, help="how the Desktop lists this controller")
 
-    enrol = sub.add_parser("enrol", help="ask a Desktop (through the hub) to enrol this controller")
+    enrol = sub.add_parser(
+        "enrol",
+        help="ask a Desktop (through the hub) to enrol this controller",
+        description="With a one-time link from `cowork desktop controllers invite`, the "
+        "Desktop enrols this controller at once. Without one, it asks, and a person on the "
+        "Desktop approves the fingerprint this prints.",
+    )
+    enrol.add_argument("link", nargs="?", help="a cowork+enrol:// link (it names the pairing)")
     enrol.add_argument(
         "--hub", type=http_url, default=os.environ.get("COWORK_HUB_HTTP"), help="hub HTTP URL"
     )
-    enrol.add_argument("--tenant", required=True)
-    enrol.add_argument("--pairing", required=True)
+    enrol.add_argument("--tenant")
+    enrol.add_argument("--pairing")
     enrol.add_argument(
         "--expect-desktop",
         help="the Desktop's fingerprint as `cowork desktop controllers list` shows it there",
@@ -106,6 +117,8 @@ def run_remote(args: argparse.Namespace) -> int:
         return asyncio.run(_online(args, store, token))
     except (RemoteStoreError, RemoteError) as exc:
         return fail(f"[{getattr(exc, 'code', 'remote.state')}] {exc}")
+    except SealError as exc:  # a damaged or foreign link
+        return fail(f"[controller.bad_link] {exc}", 2)
     except (OSError, httpx.HTTPError) as exc:
         return fail(f"cannot reach the hub: {exc}")
     finally:
@@ -114,9 +127,20 @@ def run_remote(args: argparse.Namespace) -> int:
 
 async def _online(args: argparse.Namespace, store: ControllerStore, token: str) -> int:
     if args.remote_command == "enrol":
-        if not args.hub:
+        invite = InviteLink.parse(args.link) if args.link else None
+        hub = args.hub or (invite.hub_url if invite else None)
+        if not hub:
             return fail("no hub given: pass --hub https://HOST or set COWORK_HUB_HTTP", 2)
-        link = PairingLink(args.pairing, args.tenant, args.hub, None, None)
+        if invite is not None:
+            link = PairingLink(invite.pairing_id, invite.tenant, hub, None, None)
+            async with RemoteClient(store, link, token, keys=store.load_keys()) as client:
+                shown = await client.enrol_with_invite(invite)
+            print(f"Enrolled on pairing {invite.pairing_id} with the invite.")
+            print(f"The Desktop's fingerprint: {shown['desktopFingerprint']}")
+            return 0
+        if not (args.tenant and args.pairing):
+            return fail("pass an enrolment link, or --tenant and --pairing", 2)
+        link = PairingLink(args.pairing, args.tenant, hub, None, None)
         async with RemoteClient(store, link, token, keys=store.load_keys()) as client:
             shown = await client.request_enrolment(args.expect_desktop)
         print("Asked. On the Desktop, compare and approve this controller's fingerprint:")

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas import SealedContent, SealError, content_aad, new_id
 
-from ..common import ControllerKeys
+from ..common import ControllerKeys, InviteLink
 from ._store import ControllerStore, PairingLink
 
 WAIT_SECONDS = 30
@@ -68,17 +68,7 @@ class RemoteClient:
         list` shows it there). With `expect_desktop`, a different Desktop key is refused:
         the hub could have put its own in the answer."""
         public = self.keys.public
-        view = await self._submit(
-            {
-                "id": new_id(),
-                "kind": "controller.enrol",
-                "payload": {
-                    "label": public.label,
-                    "signingKey": public.signing_key,
-                    "encryptionKey": public.encryption_key,
-                },
-            }
-        )
+        view = await self._submit(self._enrol_body())
         result = view.get("result") or {}
         data = result.get("data") or {}
         if result.get("code") != "controller.pending_approval" or "desktopKey" not in data:
@@ -106,6 +96,57 @@ class RemoteClient:
         return {
             "controllerFingerprint": public.fingerprint,
             "desktopFingerprint": data["desktopFingerprint"],
+        }
+
+    def _enrol_body(self, invite: InviteLink | None = None) -> dict[str, Any]:
+        """A `controller.enrol` command: this controller's public keys, and the invite
+        (its secret sealed to the Desktop, bound to these keys) when there is one."""
+        public = self.keys.public
+        payload: dict[str, Any] = {
+            "label": public.label,
+            "signingKey": public.signing_key,
+            "encryptionKey": public.encryption_key,
+        }
+        if invite is not None:
+            payload["invite"] = invite.present(public).model_dump(mode="json", by_alias=True)
+        return {"id": new_id(), "kind": "controller.enrol", "payload": payload}
+
+    async def enrol_with_invite(self, invite: InviteLink) -> dict[str, Any]:
+        """Present a one-time invite made on the Desktop (`cowork desktop controllers
+        invite`): enrolled at once, with no fingerprint to compare. The Desktop key
+        comes from the link (read off the Desktop's screen), never from the hub's
+        answer. RemoteError with the Desktop's code if it refuses (`invite.used`,
+        `invite.expired`, `invite.unknown`, `invite.invalid`)."""
+        if (invite.tenant, invite.pairing_id) != (self.link.tenant, self.link.pairing_id):
+            raise RemoteError("controller.wrong_pairing", "the invite is for another pairing")
+        public = self.keys.public
+        view = await self._submit(self._enrol_body(invite))
+        result = view.get("result") or {}
+        if result.get("code") != "controller.enrolled":
+            raise RemoteError(
+                result.get("code") or "controller.no_answer",
+                result.get("message") or f"the Desktop did not take the invite ({view['state']})",
+            )
+        data = result.get("data") or {}
+        if data.get("controllerFingerprint") != public.fingerprint:
+            raise RemoteError("controller.fingerprint_mismatch", "the request was altered")
+        if data.get("desktopKey") != invite.desktop_key:
+            raise RemoteError(
+                "controller.desktop_mismatch",
+                "the answer names another Desktop key than the invite: do not use this pairing",
+            )
+        self.link = PairingLink(
+            self.link.pairing_id,
+            self.link.tenant,
+            self.link.hub_url,
+            invite.desktop_key,
+            invite.desktop_fingerprint,
+        )
+        self.store.save_link(self.link)
+        self.store.audit("controller.enrolled_by_invite", pairingId=self.link.pairing_id)
+        return {
+            "controllerFingerprint": public.fingerprint,
+            "desktopFingerprint": invite.desktop_fingerprint,
         }
 
     # --- commands ---------------------------------------------------------------------

@@ -289,6 +289,11 @@ async def submit_command(request: web.Request) -> web.Response:
     body = await json_body(request, SubmitCommand)
     if body.signed is not None:
         _check_signed_shape(body, body.signed)
+    elif body.kind == CommandKind.POLICY_SET:
+        raise invalid(
+            "policy.set is a controller's signed command (a sealed Desktop's policy is its "
+            "own); PATCH the pairing to change a hub-trust pairing's policy"
+        )
     else:
         try:
             command_payload(body.kind.value, body.session_id, body.payload)

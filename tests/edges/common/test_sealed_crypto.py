@@ -7,9 +7,15 @@ import json
 
 import pytest
 
-from edges.common import ContentKey, ControllerKeys, DesktopSealingKey, normalise_fingerprint
-from edges.common._sealed import unb64
-from schemas import CommandKind, SealError, claims_bytes, content_aad, payload_hash
+from edges.common import (
+    ContentKey,
+    ControllerKeys,
+    DesktopSealingKey,
+    InviteLink,
+    normalise_fingerprint,
+)
+from edges.common._sealed import b64, unb64
+from schemas import CommandKind, SealError, claims_bytes, content_aad, invite_aad, payload_hash
 
 
 def _signed(keys: ControllerKeys, desktop: DesktopSealingKey, **over):
@@ -98,3 +104,34 @@ def test_fingerprints_are_typed_loosely_and_keys_survive_a_round_trip():
     assert ControllerKeys.from_json(keys.to_json()).controller_id == keys.controller_id
     with pytest.raises(SealError):
         ControllerKeys.from_json({"label": "x", "signingSeed": "AA"})
+
+
+def test_an_invite_link_round_trips_and_its_secret_opens_only_for_its_controller():
+    desktop = DesktopSealingKey.generate()
+    link = InviteLink("acme", "pair1", "inv1", b64(b"s" * 32), desktop.public, "https://hub:8080")
+    text = link.to_text()
+    assert text.startswith("cowork+enrol://") and InviteLink.parse(text) == link
+    assert link.desktop_fingerprint == desktop.fingerprint
+    for bad in ("https://x", text.replace("secret=", "secrets="), text.replace("v=1", "v=2")):
+        with pytest.raises(SealError):
+            InviteLink.parse(bad)
+
+    honest = ControllerKeys.generate("phone").public
+    presented = link.present(honest)
+
+    def aad(label: str, signing: str, encryption: str, pairing: str = "pair1") -> bytes:
+        return invite_aad("acme", pairing, "inv1", label, signing, encryption)
+
+    keys = (honest.signing_key, honest.encryption_key)
+    assert desktop.open_invite(presented, aad(honest.label, *keys)) == b"s" * 32
+    hub = ControllerKeys.generate("hub").public
+    for wrong in (
+        aad("renamed", *keys),
+        aad(honest.label, hub.signing_key, honest.encryption_key),
+        aad(honest.label, honest.signing_key, hub.encryption_key),
+        aad(honest.label, *keys, pairing="pair2"),
+    ):
+        with pytest.raises(SealError):
+            desktop.open_invite(presented, wrong)
+    with pytest.raises(SealError):  # only the Desktop's key opens it
+        DesktopSealingKey.generate().open_invite(presented, aad(honest.label, *keys))

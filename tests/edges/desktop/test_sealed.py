@@ -5,18 +5,32 @@ holds: its NATS connection and credentials, and its write path into PostgreSQL
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from desktopkit import TENANT, eventually, get_pairing
+from desktopkit import TENANT, cowork, eventually, get_pairing
 from sealedkit import enrolled_controller, seal
 
-from edges.common import ControllerKeys
+from edges.common import ControllerKeys, DesktopSealingKey, InviteLink
+from edges.desktop._sealed import create_invite, load_trust, set_trust, trust_summary
 from edges.desktop._store import DesktopStore
 from edges.remote import ControllerStore, PairingLink, RemoteClient, RemoteError
-from schemas import DeviceCommand, DeviceEvent, Envelope, Lease, PrincipalKind, Source, subjects
+from schemas import (
+    DeviceCommand,
+    DeviceEvent,
+    Envelope,
+    Lease,
+    PairingPolicy,
+    PairingState,
+    PrincipalKind,
+    Source,
+    b64url,
+    subjects,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,6 +55,38 @@ async def _forge(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
     row = await hub.commands.wait_final(TENANT, pid, outcome["command_id"], wait)
     assert row["state"] == "done", row
     return row
+
+
+def _signed_by(
+    keys: ControllerKeys,
+    pid: str,
+    desktop_key: str,
+    kind: str,
+    session: str | None,
+    payload: dict | None,
+    controller_id: str | None = None,
+) -> dict:
+    """The body of a command signed by `keys` (under another controller's id if given)."""
+    signed = keys.sign(
+        tenant=TENANT,
+        pairing_id=pid,
+        command_id="cmdforged" + str(time.time_ns()),
+        sequence=10_000,
+        kind=kind,
+        workspace_id="local",
+        session_id=session,
+        payload=payload,
+        desktop_key=desktop_key,
+    )
+    if controller_id:
+        claims = signed.claims.model_copy(update={"controller_id": controller_id})
+        signed = signed.model_copy(update={"claims": claims})
+    body = {
+        "id": signed.claims.command_id,
+        "kind": kind,
+        "signed": signed.model_dump(mode="json", by_alias=True),
+    }
+    return {**body, "sessionId": session} if session else body
 
 
 def _refusal(row: dict) -> str:
@@ -78,28 +124,8 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     assert desktop_key is not None
 
     def attacker_signed(controller_id: str | None = None) -> dict:
-        signed = attacker.sign(
-            tenant=TENANT,
-            pairing_id=pid,
-            command_id="cmdforged" + str(time.time_ns()),
-            sequence=10_000,
-            kind="prompt",
-            workspace_id="local",
-            session_id=session,
-            payload={"text": forged_text},
-            desktop_key=desktop_key,
-        )
-        if controller_id:
-            signed = signed.model_copy(
-                update={"claims": signed.claims.model_copy(update={"controller_id": controller_id})}
-            )
-        body = signed.model_dump(mode="json", by_alias=True)
-        return {
-            "id": signed.claims.command_id,
-            "kind": "prompt",
-            "sessionId": session,
-            "signed": body,
-        }
+        prompt = {"text": forged_text}
+        return _signed_by(attacker, pid, desktop_key, "prompt", session, prompt, controller_id)
 
     assert _refusal(await _forge(hub, pid, attacker_signed())) == "sealed.unknown_controller"
     impersonated = attacker_signed(controller.keys.controller_id)
@@ -110,6 +136,19 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
         "prompt", session, {"text": forged_text}, issued_at=time.time() - 1000, lifetime=300
     )
     assert _refusal(await _forge(hub, pid, stale)) == "sealed.expired"
+    # Issued ahead of the Desktop's clock (a controller's clock, not the hub's doing).
+    early = controller.signed_body(
+        "prompt", session, {"text": forged_text}, issued_at=time.time() + 600
+    )
+    assert _refusal(await _forge(hub, pid, early)) == "sealed.not_yet_valid"
+    # Signed for a payload sealed to another key (a Desktop key the hub slipped in).
+    real_link = controller.link
+    controller.link = dataclasses.replace(
+        real_link, desktop_key=DesktopSealingKey.generate().public
+    )
+    misdirected = controller.signed_body("prompt", session, {"text": forged_text})
+    controller.link = real_link
+    assert _refusal(await _forge(hub, pid, misdirected)) == "sealed.undecryptable"
 
     # Replayed: a command that ran, sent again under a new id.
     ran = controller.signed_body("prompt", session, {"text": "a real prompt"})
@@ -230,6 +269,8 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
         "sealed.replayed",
         "sealed.wrong_binding",
         "sealed.payload_mismatch",
+        "sealed.not_yet_valid",
+        "sealed.undecryptable",
     }
     messages = json.dumps(await desktop.agent.opencode.messages(session))
     assert "a real prompt" in messages and forged_text not in messages
@@ -305,3 +346,160 @@ async def test_a_removed_controller_cannot_open_what_follows(hub, http, desktop,
     assert refused["result"]["code"] == "sealed.unknown_controller", refused
     await kept.aclose()
     await removed.aclose()
+
+
+async def test_a_one_time_invite_enrols_once_and_only_with_its_secret(hub, desktop, tmp_path):
+    """`cowork desktop controllers invite` makes a link; `cowork remote enrol LINK`
+    enrols at once, once. Reuse, expiry, a guessed secret, an unknown invite, and the
+    hub moving a real invite to keys of its own are refused with their codes."""
+    pid, directory = desktop.pairing_id, desktop.agent.store.directory
+    seal(desktop)  # enrolment needs no signature, sealed or not
+    env = {"COWORK_ADMIN_TOKEN": hub.test_admin_token, "COWORK_HUB_HTTP": hub.http_url}
+    code, out, err = await cowork(
+        "desktop", "controllers", "invite", "--ttl", "10m", "--state-dir", str(directory), env=env
+    )
+    assert code == 0, err
+    link_text = next(line for line in out.splitlines() if line.startswith("cowork+enrol://"))
+    assert "\u2580" in out or "\u2584" in out or "\u2588" in out, "a terminal QR code"
+    invite = InviteLink.parse(link_text)
+    assert invite.hub_url == hub.http_url and invite.pairing_id == pid
+    stored = (directory / "controller-invites.json").read_text()
+    assert invite.invite_id in stored and invite.secret not in stored, "only a hash is kept"
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    made = ControllerStore(first)  # as `cowork remote init` would
+    made.create_keys("phone")
+    made.close()
+    code, out, err = await cowork("remote", "enrol", link_text, "--state-dir", str(first), env=env)
+    assert code == 0, err
+    assert desktop.agent.guard.key.fingerprint in out
+    store = ControllerStore(first)
+    client = RemoteClient(store, store.link(pid), hub.test_admin_token)
+    status = await client.send("status")  # enrolled for real: its signed command runs
+    assert status["sealed"] is True and status["result"]["status"] == "completed", status
+    await client.aclose()
+
+    # The same link again, from another controller: used.
+    other = ControllerStore(second)
+    other.create_keys("x")
+    async with RemoteClient(
+        other, PairingLink(pid, TENANT, hub.http_url, None, None), env["COWORK_ADMIN_TOKEN"]
+    ) as reuse:
+        with pytest.raises(RemoteError) as refused_reuse:
+            await reuse.enrol_with_invite(invite)
+    assert refused_reuse.value.code == "invite.used"
+
+    local = DesktopStore(directory)
+
+    async def presented(link: InviteLink, keys: ControllerKeys, sealed_secret=None) -> str:
+        public = keys.public
+        proof = link.present(public).model_dump(mode="json", by_alias=True)
+        if sealed_secret is not None:
+            proof["sealedSecret"] = sealed_secret
+        payload = {
+            "label": public.label,
+            "signingKey": public.signing_key,
+            "encryptionKey": public.encryption_key,
+            "invite": proof,
+        }
+        row = await _forge(hub, pid, {"kind": "controller.enrol", "payload": payload})
+        return _refusal(row)
+
+    attacker = ControllerKeys.generate("attacker")
+    expired = create_invite(local, 60, hub.http_url, now=time.time() - 120)
+    assert await presented(expired, ControllerKeys.generate("late")) == "invite.expired"
+    fresh = create_invite(local, 600, hub.http_url)
+    guessed = InviteLink(TENANT, pid, fresh.invite_id, b64url(os.urandom(32)), fresh.desktop_key)
+    assert await presented(guessed, attacker) == "invite.invalid"
+    # The hub saw a real controller present `fresh`: it cannot bind that to its keys.
+    honest = fresh.present(ControllerKeys.generate("honest").public).sealed_secret
+    assert await presented(fresh, attacker, sealed_secret=honest) == "invite.invalid"
+    unknown = InviteLink(TENANT, pid, "invnothere", fresh.secret, fresh.desktop_key)
+    assert await presented(unknown, attacker) == "invite.unknown"
+
+    enrolled = set(load_trust(local).controllers)
+    assert attacker.controller_id not in enrolled and len(enrolled) == 1
+    refused = {
+        line["code"] for line in local.read_audit() if line["action"] == "controller.invite_refused"
+    }
+    assert refused == {"invite.used", "invite.expired", "invite.invalid", "invite.unknown"}
+    # The refusals did not spend `fresh`: its rightful holder enrols with it.
+    late = ControllerStore(tmp_path / "late")
+    link = PairingLink(pid, TENANT, hub.http_url, None, None)
+    async with RemoteClient(late, link, hub.test_admin_token, keys=late.create_keys("late")) as c:
+        await c.enrol_with_invite(fresh)
+        assert (await c.send("status"))["sealed"] is True
+    # `cowork desktop controllers list` shows each invite's state.
+    states = {i["id"]: i["state"] for i in trust_summary(local)["invites"]}
+    assert states == {
+        invite.invite_id: "used",
+        expired.invite_id: "expired",
+        fresh.invite_id: "used",
+    }
+
+
+async def test_policy_changes_only_by_a_signed_controller_command(hub, http, desktop, tmp_path):
+    pid = desktop.pairing_id
+    controller = await enrolled_controller(hub, desktop, tmp_path / "controller")
+    seal(desktop)
+    local = DesktopStore(desktop.agent.store.directory)
+    before = desktop.agent.state
+    loosen = {"policy": {"exposeLocalPaths": True, "allowRemoteAttachments": True}}
+
+    # Unsigned (the hub writing the row itself), or signed by a key that is not enrolled.
+    assert _refusal(await _forge(hub, pid, {"kind": "policy.set", "payload": loosen})) == (
+        "sealed.unsigned"
+    )
+    attacker = ControllerKeys.generate("attacker")
+    key = desktop.agent.guard.key.public
+    body = _signed_by(attacker, pid, key, "policy.set", None, loosen)
+    assert _refusal(await _forge(hub, pid, body)) == "sealed.unknown_controller"
+    # An honest client is told at once that policy.set is a signed command.
+    response = await http.post(
+        f"/api/v1/tenants/{TENANT}/pairings/{pid}/commands",
+        json={"kind": "policy.set", "payload": loosen},
+    )
+    assert response.status_code == 422 and "signed command" in response.text, response.text
+
+    # A pairing.state pushed straight onto the Desktop's subject with the hub's connection.
+    forged = PairingState(
+        pairing_id=pid,
+        revision=before.revision + 100,
+        enabled=True,
+        allowed_workspace_ids=["local", "elsewhere"],
+        allowed_session_ids=None,
+        policy=PairingPolicy(expose_local_paths=True, allow_remote_attachments=True),
+    )
+    source = Source(principal_kind=PrincipalKind.HUB, principal_id="hub")
+    await hub.started_nc().publish(
+        subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=pid),
+        Envelope.wrap(forged, source=source, tenant=TENANT).encode(),
+    )
+    await eventually(lambda: desktop.agent.state.revision == forged.revision, 10)
+    assert desktop.agent.state.policy == before.policy
+    assert desktop.agent.state.allowed_workspace_ids == before.allowed_workspace_ids
+    assert any(
+        line["action"] == "pairing.update_refused" and line.get("revision") == forged.revision
+        for line in local.read_audit()
+    )
+
+    # The enrolled controller's signed policy.set applies, persists, and is enforced.
+    done = await controller.send("policy.set", payload={"policy": {"allowRemotePrompts": False}})
+    assert done["sealed"] is True and done["result"]["status"] == "completed", done
+    assert done["result"]["data"]["policy"]["allowRemotePrompts"] is False
+    assert desktop.agent.state.policy == before.policy.model_copy(
+        update={"allow_remote_prompts": False}
+    ), "only the field given changed"
+    assert local.load_pairing().state["policy"]["allowRemotePrompts"] is False
+    blocked = await controller.send("create_session", payload={"title": "no"})
+    assert blocked["result"]["status"] == "blocked_by_policy", blocked
+    assert "remote prompts are disabled" in blocked["result"]["message"]
+    audited = [line for line in local.read_audit() if line["action"] == "pairing.policy_set"]
+    assert audited and audited[-1]["controllerId"] == controller.keys.controller_id
+
+    # On a hub-trust pairing the hub's PATCH owns the policy: a signed policy.set is refused.
+    set_trust(local, "hub")
+    refused = await controller.send("policy.set", payload={"policy": {"allowRemotePrompts": True}})
+    assert refused["result"]["code"] == "policy.not_sealed", refused
+    assert desktop.agent.state.policy.allow_remote_prompts is False
+    await controller.aclose()

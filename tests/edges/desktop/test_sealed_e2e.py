@@ -216,6 +216,12 @@ async def test_sealed_clis_fail_in_one_line(tmp_path):
             {},
             "no pending enrolment request with fingerprint ABCD-EFGH",
         ),
+        (("remote", "enrol", "cowork+enrol://enrol?v=1&tenant=t"), env, "[controller.bad_link]"),
+        (
+            ("desktop", "controllers", "invite", "--state-dir", str(tmp_path / "d")),
+            {},
+            "this Desktop is not paired",
+        ),
     ]
     for args, extra, message in failures:
         code, out, err = await cowork(*args, env=extra)
