@@ -22,12 +22,15 @@ hub never sees (the controller seals it to this Desktop's key, bound to its own)
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -230,6 +233,20 @@ def load_invites(store: DesktopStore) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in invites.items() if float(v.get("expiresAt", 0)) > cutoff}
 
 
+@contextlib.contextmanager
+def _invites_locked(store: DesktopStore) -> Iterator[None]:
+    """Held around each read-modify-write of the invites file: the CLI (`controllers
+    invite`) and the running agent (an enrolment) write it from two processes, and an
+    invite must never be used twice nor a new one lost to an interleaved write."""
+    store.ensure_dir()
+    with open(_path(store, INVITES_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def _save_invites(store: DesktopStore, invites: dict[str, dict[str, Any]]) -> None:
     store.ensure_dir()
     write_private(_path(store, INVITES_FILE), json.dumps(invites, indent=2))
@@ -244,6 +261,21 @@ def create_invite(
         raise ValueError(f"an invite lives between 1 second and {MAX_INVITE_TTL:g} seconds")
     pairing = store.load_pairing()
     now = time.time() if now is None else now
+    with _invites_locked(store):
+        invite_id, secret = _add_invite(store, ttl, now)
+    store.audit("controller.invite_created", inviteId=invite_id, expiresAt=now + ttl)
+    secret_text = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    return InviteLink(
+        pairing.tenant,
+        pairing.pairing_id,
+        invite_id,
+        secret_text,
+        sealing_key(store).public,
+        hub_url,
+    )
+
+
+def _add_invite(store: DesktopStore, ttl: float, now: float) -> tuple[str, bytes]:
     invites = load_invites(store)
     open_ = [v for v in invites.values() if not v.get("usedAt") and v["expiresAt"] > now]
     if len(open_) >= MAX_INVITES:
@@ -256,16 +288,7 @@ def create_invite(
         "expiresAt": now + ttl,
     }
     _save_invites(store, invites)
-    store.audit("controller.invite_created", inviteId=invite_id, expiresAt=now + ttl)
-    secret_text = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-    return InviteLink(
-        pairing.tenant,
-        pairing.pairing_id,
-        invite_id,
-        secret_text,
-        sealing_key(store).public,
-        hub_url,
-    )
+    return invite_id, secret
 
 
 def remove(store: DesktopStore, which: str) -> str:
@@ -453,6 +476,12 @@ class SealedGuard:
         `invite.unknown|invalid|used|expired` otherwise. The secret comes sealed to this
         Desktop's key, bound to the controller's keys and label: the hub cannot read
         it, nor present it with keys of its own."""
+        with _invites_locked(self.store):  # checked and spent in one step
+            return self._use_invite(request, controller)
+
+    def _use_invite(
+        self, request: ControllerEnrolPayload, controller: ControllerPublic
+    ) -> CommandResult:
         assert request.invite is not None
         invite_id = request.invite.id
         invites = load_invites(self.store)

@@ -503,3 +503,31 @@ async def test_policy_changes_only_by_a_signed_controller_command(hub, http, des
     assert refused["result"]["code"] == "policy.not_sealed", refused
     assert desktop.agent.state.policy.allow_remote_prompts is False
     await controller.aclose()
+
+
+def test_invites_made_at_once_by_several_processes_are_all_kept(tmp_path):
+    """`controllers invite` (the CLI) and an enrolment (the agent) rewrite the invites
+    file from separate processes: interleaved, one must never erase the other's."""
+    import threading
+
+    from edges.desktop._sealed import load_invites, sealing_key
+    from edges.desktop._store import PairingFile
+
+    store = DesktopStore(tmp_path / "desk")
+    store.save_pairing(
+        PairingFile(TENANT, "pairing-1", "desk", ["nats://127.0.0.1:4222"], "desk", "now")
+    )
+    sealing_key(store)  # made once, as the agent does at its start
+    start = threading.Barrier(12)
+    made: list[str] = []
+
+    def make() -> None:
+        start.wait()
+        made.append(create_invite(DesktopStore(tmp_path / "desk"), 600).invite_id)
+
+    threads = [threading.Thread(target=make) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(load_invites(store)) == sorted(made) and len(made) == 12
