@@ -12,7 +12,16 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import Field
 
-from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
+from schemas import (
+    CredentialIssued,
+    NkeyPublic,
+    PrincipalKind,
+    PrincipalList,
+    PrincipalRevoked,
+    TokenId,
+    WireModel,
+    check_token,
+)
 
 from ..http import HUB_KEY, documented, json_body, json_error, tenant_param
 from ._permissions import Principal
@@ -53,7 +62,10 @@ def _service(request: web.Request):
 
 
 @documented(
-    "Issue a bus credential for a principal's own public key", body=IssueRequest, status=201
+    "Issue a bus credential for a principal's own public key",
+    body=IssueRequest,
+    response=CredentialIssued,
+    status=201,
 )
 async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
@@ -80,7 +92,7 @@ async def issue(request: web.Request) -> web.Response:
     )
 
 
-@documented("Revoke a principal's bus credentials", body=RevokeRequest)
+@documented("Revoke a principal's bus credentials", body=RevokeRequest, response=PrincipalRevoked)
 async def revoke(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:
@@ -97,6 +109,7 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response({"revokedKeys": count, "status": "revoked"})
 
 
+@documented("The tenant's bus principals and their credentials", response=PrincipalList)
 async def list_principals(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     rows = (

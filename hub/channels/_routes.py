@@ -25,9 +25,11 @@ from pydantic import Field
 
 from channels import PROVIDERS, UnknownProvider, provider_class
 from schemas import (
+    ChannelCredentialIssued,
     ChannelInstanceList,
     ChannelInstanceView,
     ChannelKinds,
+    FreeObject,
     Label,
     NkeyPublic,
     TokenId,
@@ -62,8 +64,12 @@ class CreateInstance(WireModel):
     authority: Literal["desktop_paired", "cloud_worker"] = "desktop_paired"
     display_name: Label = ""
     default_agent: Agent | None = None
-    settings: dict[str, Any] = Field(default_factory=dict)
-    secrets: dict[str, Any] = Field(default_factory=dict)
+    settings: FreeObject = Field(
+        default_factory=dict, description="As the kind's settingsSchema says (GET …/channel-kinds)"
+    )
+    secrets: FreeObject = Field(
+        default_factory=dict, description="As the kind's secretsSchema says; write-only"
+    )
     enabled: bool = True
 
 
@@ -75,8 +81,10 @@ class UpdateInstance(WireModel):
     workspace_id: TokenId | None = None
     authority: Literal["desktop_paired", "cloud_worker"] | None = None
     default_agent: Agent | None = None
-    settings: dict[str, Any] | None = None
-    secrets: dict[str, Any | None] | None = None
+    settings: FreeObject | None = Field(default=None, description="Replaces the settings whole")
+    secrets: FreeObject | None = Field(
+        default=None, description="Changed key by key; a null value removes an optional secret"
+    )
     enabled: bool | None = None
 
 
@@ -186,6 +194,7 @@ async def update_instance(request: web.Request) -> web.Response:
     return web.json_response(instance_json(request, row))
 
 
+@documented("Delete a channel instance", status=204)
 async def delete_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     await request.app[HUB_KEY].channels.delete(tenant, instance_id, actor=ACTOR)
@@ -222,6 +231,7 @@ async def webhook(request: web.Request) -> web.StreamResponse:
 @documented(
     "Issue a bus credential for a channel process holding its own key",
     body=IssueCredential,
+    response=ChannelCredentialIssued,
     status=201,
 )
 async def issue_credential(request: web.Request) -> web.Response:

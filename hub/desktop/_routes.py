@@ -15,7 +15,7 @@ the waiting request at once; there is nothing to poll.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlencode
 
 import segno
@@ -25,6 +25,9 @@ from pydantic import Field, ValidationError
 from schemas import (
     AllowList,
     CommandKind,
+    CommandSubmitted,
+    CommandView,
+    FreeObject,
     Label,
     PairingCreated,
     PairingPage,
@@ -89,7 +92,9 @@ class SubmitCommand(WireModel):
     kind: CommandKind
     workspace_id: TokenId = "local"
     session_id: TokenId | None = None
-    payload: dict[str, Any] | None = None
+    payload: FreeObject | None = Field(
+        default=None, description="As the command kind needs (schemas: the command payloads)"
+    )
     actor_id: Annotated[str, Field(max_length=512)] | None = None
     actor_label: Label | None = None
     signed: SignedCommand | None = Field(
@@ -282,7 +287,14 @@ async def revoke_pairing(request: web.Request) -> web.Response:
     return web.json_response(pairing_json(row))
 
 
-@documented("Submit a command to a paired Desktop", body=SubmitCommand)
+@documented(
+    "Submit a command to a paired Desktop (200: the same command id again)",
+    body=SubmitCommand,
+    response=CommandSubmitted,
+    status=201,
+    also=(200,),
+    query={"wait": "0..60 s to hold the answer for the command to be final"},
+)
 async def submit_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)
@@ -362,6 +374,11 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
+@documented(
+    "A command to a Desktop: its state and result",
+    response=CommandView,
+    query={"wait": "0..60 s to hold the answer for the command to be final"},
+)
 async def get_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)

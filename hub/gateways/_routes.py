@@ -19,9 +19,12 @@ from aiohttp import web
 from pydantic import Field
 
 from schemas import (
+    GatewayCredentialRotated,
     GatewayKind,
+    GatewayRegistered,
     GatewayRegistrationPage,
     GatewayRegistrationView,
+    GatewaySyncView,
     Label,
     TokenId,
     TrustModel,
@@ -149,7 +152,12 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
     return await _view(request, row)
 
 
-@documented("Register a Gateway; the credential is shown once", body=CreateRegistration, status=201)
+@documented(
+    "Register a Gateway; the credential is shown once",
+    body=CreateRegistration,
+    response=GatewayRegistered,
+    status=201,
+)
 async def create_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -218,6 +226,7 @@ async def get_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("What a Gateway last reported of one sync scope", response=GatewaySyncView)
 async def get_sync(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     try:
@@ -237,7 +246,11 @@ async def get_sync(request: web.Request) -> web.Response:
     )
 
 
-@documented("Rotate a Gateway's credential; the new one is shown once", body=RotateRegistration)
+@documented(
+    "Rotate a Gateway's credential; the new one is shown once",
+    body=RotateRegistration,
+    response=GatewayCredentialRotated,
+)
 async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RotateRegistration, optional=True)

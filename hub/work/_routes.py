@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field
 
-from schemas import WireModel, WorkPage, WorkState, WorkView, check_token
+from schemas import WireModel, WorkEnqueued, WorkPage, WorkState, WorkView, check_token
 
 from ..http import (
     HUB_KEY,
@@ -88,7 +88,13 @@ def work_json(row: dict) -> dict[str, Any]:
     return out
 
 
-@documented("Enqueue Cloud-owned edge work", body=EnqueueWork, status=201)
+@documented(
+    "Enqueue Cloud-owned edge work (200: its idempotency key named work already there)",
+    body=EnqueueWork,
+    response=WorkEnqueued,
+    status=201,
+    also=(200,),
+)
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, EnqueueWork)

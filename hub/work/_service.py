@@ -30,6 +30,7 @@ from schemas import (
     AckReply,
     AuditRecord,
     Envelope,
+    FreeObject,
     PrincipalKind,
     PromptPayload,
     SessionRef,
@@ -73,7 +74,7 @@ WORK_COLUMNS = (
 class EnqueueWork(WireModel):
     kind: TokenId
     session_ref: SessionRef
-    payload: dict[str, Any]
+    payload: FreeObject = Field(description="The work's input, as its kind needs")
     requirements: WorkRequirements = Field(default_factory=WorkRequirements)
     idempotency_key: TokenId | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=100)

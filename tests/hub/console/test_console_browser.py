@@ -140,6 +140,13 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
         await expect(row).to_contain_text("paired_online", timeout=10_000)
         await shot(page, "desktops-online")
         await _watch_a_hostile_event(page, console_hub, pairing_id)
+        # edit its allowlist and policy from the console
+        await page.fill("#edit-id", pairing_id)
+        await page.fill("#edit-workspaces", "local, projects")
+        await page.select_option("#edit-prompts", "false")
+        await page.click("#edit-form button[type=submit]")
+        await expect(row).to_contain_text("projects", timeout=10_000)
+        await expect(row).to_contain_text('"allowRemotePrompts":false')
         await row.get_by_role("button", name=f"Revoke {pairing_id}").click()
         await expect(row).to_contain_text("revoked", timeout=10_000)
         await expect(page.locator("#pair-status")).to_have_text("revoked", timeout=10_000)
@@ -181,8 +188,32 @@ async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hu
         row = page.locator(f'#gateways-table tr[data-key="{registration}"]')
         await expect(row).to_contain_text("rack gateway")
         await shot(page, "gateways-heartbeat")
+        await row.get_by_role("button", name=f"Drain {registration}").click()
+        await expect(row.locator(".state")).to_have_text("draining", timeout=10_000)
+        await row.get_by_role("button", name=f"Resume {registration}").click()
+        await expect(row.locator(".state")).to_have_text("active", timeout=10_000)
+        await row.get_by_role("button", name=f"Rotate {registration}").click()
+        output = page.locator("#action-output")
+        await expect(output).to_contain_text('"credentialVersion": 2', timeout=10_000)
+        assert credential.strip() not in ((await output.text_content()) or "")  # a new one
     finally:
         await gateway.stop()
+    # edge work: the queue, its state and attempts; a work item's details
+    async with client(console_hub, admin=True) as http:
+        work = await http.post(
+            f"/api/v1/tenants/{TENANT}/work",
+            json={"kind": "prompt", "sessionRef": {"workspaceId": "w1"}, "payload": {"text": "x"}},
+        )
+        assert work.status_code == 201, work.text
+    work_id = work.json()["workId"]
+    await page.goto(f"/console/work?tenant={TENANT}")
+    work_row = page.locator(f'#work-table tr[data-key="{work_id}"]')
+    await expect(work_row).to_contain_text("prompt", timeout=10_000)
+    await work_row.get_by_role("button", name=f"Details {work_id}").click()
+    await expect(page.locator("#action-output")).to_contain_text('"leases"')
+    await work_row.get_by_role("button", name=f"Cancel {work_id}").click()
+    await expect(work_row.locator(".state")).to_have_text("cancelled", timeout=10_000)
+    await shot(page, "work")
 
 
 async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
@@ -195,6 +226,10 @@ async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
     await hub.js.publish(subject, data)
     live = await page.context.new_page()
     try:
+        await live.goto(f"/console/?tenant={TENANT}")  # the first-run checklist
+        await expect(live.locator('[data-check="desktop"] .check-state')).to_have_text(
+            "a Desktop is online", timeout=10_000
+        )
         await live.goto(f"/console/events?tenant={TENANT}")
         await live.fill("#events-workspace", pairing_id)  # a Desktop's workspace: its pairing
         await live.click("#events-form button[type=submit]")
@@ -240,7 +275,28 @@ async def test_a_telegram_instance_shows_its_webhook_url_and_sends_a_test_messag
         assert [p.text for p in telegram.chats["4242"]] == [
             "A test message from the cowork console."
         ]
+        await page.select_option("#claim-role", "approver")
+        await page.fill("#claim-instance", "tg-console")
+        await page.click("#claim-form button[type=submit]")
+        await expect(page.locator("#claim-code")).not_to_have_text("-", timeout=10_000)
+        await console_hub.pool.execute(  # a chat user who wrote to the bot
+            "INSERT INTO channel_users (tenant, instance_id, provider_user_id, display_name) "
+            "VALUES ($1, 'tg-console', '777', $2)",
+            TENANT,
+            HOSTILE,
+        )
+        await page.fill("#users-instance", "tg-console")
+        await page.click("#users-form button[type=submit]")
+        user = page.locator('#users-table tr[data-key="777"]')
+        await expect(user).to_contain_text(HOSTILE)
+        await expect(user.locator(".state")).to_have_text("pending")
+        await user.get_by_role("button", name="Make member 777").click()
+        await expect(user.locator(".state")).to_have_text("member", timeout=10_000)
+        assert await page.locator("#users-table img, #users-table script").count() == 0
         await shot(page, "channels")
+        await page.goto(f"/console/?tenant={TENANT}")  # the first-run checklist
+        await expect(page.locator('[data-check="gateway"] .check-state')).to_have_text("registered")
+        await expect(page.locator('[data-check="channel"] .check-state')).to_have_text("connected")
     finally:
         await telegram.stop()
 
