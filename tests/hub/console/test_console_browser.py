@@ -12,6 +12,7 @@ A missing browser is a failure, not a skip: the console is only tested here.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -188,16 +189,22 @@ async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hu
         row = page.locator(f'#gateways-table tr[data-key="{registration}"]')
         await expect(row).to_contain_text("rack gateway")
         await shot(page, "gateways-heartbeat")
-        await row.get_by_role("button", name=f"Drain {registration}").click()
-        await expect(row.locator(".state")).to_have_text("draining", timeout=10_000)
-        await row.get_by_role("button", name=f"Resume {registration}").click()
-        await expect(row.locator(".state")).to_have_text("active", timeout=10_000)
-        await row.get_by_role("button", name=f"Rotate {registration}").click()
-        output = page.locator("#action-output")
-        await expect(output).to_contain_text('"credentialVersion": 2', timeout=10_000)
-        assert credential.strip() not in ((await output.text_content()) or "")  # a new one
     finally:
         await gateway.stop()
+    # (the agent stopped first: stopping it while it drains can take seconds)
+    await row.get_by_role("button", name=f"Drain {registration}").click()
+    await expect(row.locator(".state")).to_have_text("draining", timeout=10_000)
+    await row.get_by_role("button", name=f"Resume {registration}").click()
+    # back in service (or unhealthy, as it last said: no OpenCode answers at its address)
+    await expect(row.locator(".state")).to_have_text(
+        re.compile(r"^(active|unhealthy)$"), timeout=10_000
+    )
+    await row.get_by_role("button", name=f"Rotate {registration}").click()
+    output = page.locator("#action-output")
+    await expect(output).to_contain_text('"credentialVersion": 2', timeout=10_000)
+    assert credential.strip() not in ((await output.text_content()) or "")  # a new one
+    await row.get_by_role("button", name=f"Revoke {registration}").click()
+    await expect(row.locator(".state")).to_have_text("revoked", timeout=10_000)
     # edge work: the queue, its state and attempts; a work item's details
     async with client(console_hub, admin=True) as http:
         work = await http.post(
@@ -363,6 +370,10 @@ async def test_hostile_names_and_payloads_are_shown_as_text(page, console_hub):
     await _dead_letter(console_hub, "console.hostile", HOSTILE)
     await page.reload()
     await expect(page.locator("#deadletters-table tbody")).to_contain_text(HOSTILE)
+    letter = page.locator("#deadletters-table tbody tr").filter(has_text="console.hostile")
+    await expect(letter.locator("pre")).to_contain_text('"action":"console.hostile"')  # the message
+    await letter.get_by_role("button", name="Discard").click()  # and it is gone for good
+    await expect(letter).to_have_count(0, timeout=10_000)
     assert await page.evaluate("window.__xss") is None
     assert page.dialogs == []  # type: ignore[attr-defined]
     # a tenant parameter full of markup is not reflected as markup either
