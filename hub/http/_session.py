@@ -16,6 +16,7 @@ read (the health center says what is wrong) but not change anything.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -36,6 +37,7 @@ Role = Literal["admin", "viewer"]
 COOKIE = "cw_console"
 CSRF_HEADER = "X-CSRF-Token"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+STORE_TIMEOUT = 3.0  # seconds to ask the session store before taking it for away
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class ApiAuth:
         if caller is None:
             return None
         try:
-            live = await self.store.live(caller.nonce, caller.role)
+            async with asyncio.timeout(STORE_TIMEOUT):  # a database that hangs is away too
+                live = await self.store.live(caller.nonce, caller.role)
         except Exception as exc:
             if not is_transient(exc):
                 raise
