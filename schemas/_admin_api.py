@@ -1,5 +1,5 @@
-"""Bodies of the admin HTTP API that the OpenAPI document (`hub.http`) describes
-and the hub's routes answer with: the health center, dead letters, pairings and
+"""Answers of the admin HTTP API that the OpenAPI document (`hub.http`) describes
+(the requests are in `_admin_requests`), as the hub's routes give them: the health center, dead letters, pairings and
 their commands, Gateways, channels, bus credentials, edge work, workspace events.
 
 Every answer is a model here; a value the hub does not shape (an event's payload,

@@ -7,19 +7,16 @@ registration, a `cli` channel instance through its own route
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field
 
 from schemas import (
     CredentialIssued,
-    NkeyPublic,
+    IssueRequest,
     PrincipalKind,
     PrincipalList,
     PrincipalRevoked,
-    TokenId,
-    WireModel,
+    RevokeRequest,
     check_token,
 )
 
@@ -38,18 +35,6 @@ REVOCABLE = {
     PrincipalKind.VIEWER,
     PrincipalKind.ADMIN,
 }
-
-
-class IssueRequest(WireModel):
-    kind: PrincipalKind
-    principal_id: TokenId
-    public_key: NkeyPublic
-    workspaces: list[TokenId] = Field(default_factory=list, max_length=128)
-    ttl_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] | None = None
-
-
-class RevokeRequest(WireModel):
-    reason: str = Field(min_length=1, max_length=512)
 
 
 def _service(request: web.Request):

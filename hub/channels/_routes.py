@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import Field
 
 from channels import PROVIDERS, UnknownProvider, provider_class
 from schemas import (
@@ -29,11 +28,9 @@ from schemas import (
     ChannelInstanceList,
     ChannelInstanceView,
     ChannelKinds,
-    FreeObject,
-    Label,
-    NkeyPublic,
-    TokenId,
-    WireModel,
+    CreateInstance,
+    IssueCredential,
+    UpdateInstance,
     subjects,
 )
 
@@ -50,47 +47,6 @@ from ._store import INSTANCE_ID
 
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
-
-# An OpenCode agent name (`build`, `plan`, a custom agent's file name). Whether the
-# workspace's OpenCode has it is known only there: an unknown one fails the first
-# prompt with OpenCode's own words ("Agent not found ... Available agents: ...").
-Agent = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-
-
-class CreateInstance(WireModel):
-    instance_id: str = Field(pattern=INSTANCE_ID.pattern)
-    kind: str = Field(min_length=1, max_length=64)
-    workspace_id: TokenId
-    authority: Literal["desktop_paired", "cloud_worker"] = "desktop_paired"
-    display_name: Label = ""
-    default_agent: Agent | None = None
-    settings: FreeObject = Field(
-        default_factory=dict, description="As the kind's settingsSchema says (GET …/channel-kinds)"
-    )
-    secrets: FreeObject = Field(
-        default_factory=dict, description="As the kind's secretsSchema says; write-only"
-    )
-    enabled: bool = True
-
-
-class UpdateInstance(WireModel):
-    """Only the fields sent change; `settings` is replaced whole, `secrets` key by key
-    (a null value removes an optional secret)."""
-
-    display_name: Label | None = None
-    workspace_id: TokenId | None = None
-    authority: Literal["desktop_paired", "cloud_worker"] | None = None
-    default_agent: Agent | None = None
-    settings: FreeObject | None = Field(default=None, description="Replaces the settings whole")
-    secrets: FreeObject | None = Field(
-        default=None, description="Changed key by key; a null value removes an optional secret"
-    )
-    enabled: bool | None = None
-
-
-class IssueCredential(WireModel):
-    public_key: NkeyPublic
-    ttl_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] | None = None
 
 
 NOT_NULL = ("workspace_id", "authority", "enabled")

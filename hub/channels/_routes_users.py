@@ -12,8 +12,8 @@ from schemas import (
     ChannelRole,
     ChannelUserList,
     ChannelUserView,
-    TokenId,
-    WireModel,
+    CreateClaimCode,
+    SetRole,
 )
 
 from ..http import (
@@ -26,15 +26,6 @@ from ..http import (
     path_token,
     tenant_param,
 )
-
-
-class CreateClaimCode(WireModel):
-    role: ChannelRole
-    instance_id: TokenId | None = None
-
-
-class SetRole(WireModel):
-    role: ChannelRole
 
 
 def _user_json(row: dict) -> dict:

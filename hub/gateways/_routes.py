@@ -13,22 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from pydantic import Field
 
 from schemas import (
+    CreateRegistration,
+    DrainRegistration,
+    Empty,
     GatewayCredentialRotated,
-    GatewayKind,
     GatewayRegistered,
     GatewayRegistrationPage,
     GatewayRegistrationView,
     GatewaySyncView,
-    Label,
-    TokenId,
-    TrustModel,
-    WireModel,
+    RevokeRegistration,
+    RotateRegistration,
     check_token,
 )
 
@@ -61,35 +60,6 @@ REGISTRATION_STATUSES = (
 
 # (registry, tenant, registration id) -> the registration, as read or changed
 RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
-
-Name = Annotated[Label, Field(min_length=1)]
-ScopeName = Annotated[str, Field(min_length=1, max_length=128)]
-
-
-class CreateRegistration(WireModel):
-    display_name: Name
-    kind: GatewayKind
-    trust_model: TrustModel
-    scopes: list[ScopeName] | None = Field(default=None, max_length=16)
-    sync_scopes: list[ScopeName] | None = Field(default=None, max_length=32)
-    approved_credentials: list[TokenId] = Field(default_factory=list, max_length=64)
-    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
-
-
-class RotateRegistration(WireModel):
-    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
-
-
-class RevokeRegistration(WireModel):
-    reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
-
-
-class DrainRegistration(WireModel):
-    deadline_seconds: int = Field(ge=1, le=86_400)
-
-
-class Empty(WireModel):
-    pass
 
 
 def registration_json(row: dict, sync: dict | None = None) -> dict:

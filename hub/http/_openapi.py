@@ -1,6 +1,6 @@
 """The admin API described as OpenAPI 3.1, from the routes themselves: each `/api/`
 handler is `documented` with its summary and its request and response models
-(pydantic, from `schemas` or the room), and `openapi_document` walks the app's
+(pydantic, from `schemas`: the contract), and `openapi_document` walks the app's
 router. An `/api/` route that is not documented, or that answers a body without a
 response model, is an error here (no route is described as a bare object).
 `cowork schema export` writes it to docs/openapi.json; a test fails on drift.
