@@ -1,14 +1,28 @@
-"""Bodies of the admin HTTP API that the OpenAPI document (`schemas.docs`) describes
-and the hub's routes answer with: the health center, dead letters, pairing
-creation, the console's sign-in."""
+"""Answers of the admin HTTP API that the OpenAPI document (`hub.http`) describes
+(the requests are in `_admin_requests`), as the hub's routes give them: the health center, dead letters, pairings and
+their commands, Gateways, channels, bus credentials, edge work, workspace events.
+
+Every answer is a model here; a value the hub does not shape (an event's payload,
+a platform's settings) is declared free-form on purpose, with `FreeObject` or
+`FreeValue` (`x-free-form` in the JSON Schema): a test fails on any other untyped
+object in docs/openapi.json."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, RootModel, WithJsonSchema
 
 from ._base import WireModel
+
+FREE_FORM = "x-free-form"
+# A JSON object whose keys and values the hub does not shape (settings, details).
+FreeObject = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "additionalProperties": True, FREE_FORM: True}),
+]
+# Any JSON value the hub passes through as it came (a payload, a result).
+FreeValue = Annotated[Any, WithJsonSchema({FREE_FORM: True})]
 
 HealthState = Literal["ready", "action_required", "degraded", "offline", "unknown"]
 
@@ -19,7 +33,7 @@ class HealthComponent(WireModel):
     state: HealthState
     reason: str = Field(description="What is wrong (or that nothing is)")
     fix: str = Field(default="", description="What to do about it")
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: FreeObject = Field(default_factory=dict)
 
 
 class HealthReport(WireModel):
@@ -71,8 +85,8 @@ class PairingCreated(WireModel):
 class ChannelKindView(WireModel):
     kind: str
     inbound: str
-    settings_schema: dict[str, Any]
-    secrets_schema: dict[str, Any]
+    settings_schema: FreeObject = Field(description="A JSON Schema")
+    secrets_schema: FreeObject = Field(description="A JSON Schema")
 
 
 class ChannelKinds(WireModel):
@@ -99,7 +113,7 @@ class PairingView(WireModel):
     online: bool
     allowed_workspace_ids: list[str]
     allowed_session_ids: list[str] | None
-    policy: dict[str, Any]
+    policy: FreeObject
     revision: int
     redeemed: bool
     code_expires_at: Stamp
@@ -137,8 +151,8 @@ class GatewayRegistrationView(WireModel):
     credential_expires_at: Stamp
     credential_version: int
     public_key: str | None
-    versions: dict[str, Any] | None = Field(description="What the Gateway runs, by component")
-    capabilities: dict[str, Any] | None
+    versions: FreeObject | None = Field(description="What the Gateway runs, by component")
+    capabilities: FreeObject | None
     work_kinds: list[str]
     max_concurrent_work: int
     health: str | None
@@ -154,7 +168,7 @@ class GatewayRegistrationView(WireModel):
     drain_deadline: Stamp
     registered_at: Stamp
     visible: bool
-    sync: dict[str, Any]
+    sync: FreeObject
     created_by: str | None
     created_at: Stamp
     updated_at: Stamp
@@ -175,13 +189,13 @@ class ChannelInstanceView(WireModel):
     workspace_id: str
     authority: str
     default_agent: str | None
-    settings: dict[str, Any]
+    settings: FreeObject
     secret_names: list[str] = Field(description="Secrets are write-only: names, never values")
     enabled: bool
     revision: int
     webhook_path: str
-    capabilities: dict[str, Any] | None
-    health: dict[str, Any]
+    capabilities: FreeObject | None
+    health: FreeObject
     created_by: str | None
     created_at: Stamp
     updated_at: Stamp
@@ -205,7 +219,7 @@ class AuditEntry(WireModel):
     session_id: str | None = None
     command_id: str | None = None
     reason: str | None = None
-    metadata: dict[str, Any]
+    metadata: FreeObject
 
 
 class AuditPage(WireModel):
@@ -223,7 +237,7 @@ class WorkLease(WireModel):
 class WorkOutput(WireModel):
     sequence: int
     kind: str
-    body: Any
+    body: FreeValue
     attempt: int
     registration_id: str | None
     recorded_at: Stamp
@@ -237,11 +251,11 @@ class WorkView(WireModel):
     max_attempts: int
     owner: str | None = Field(description="The Gateway holding its lease")
     lease_expires_at: Stamp
-    session_ref: Any
-    requirements: Any
-    status: Any = Field(description="The latest status the Gateway reported")
-    result: Any
-    error: Any
+    session_ref: FreeValue
+    requirements: FreeValue
+    status: FreeValue = Field(description="The latest status the Gateway reported")
+    result: FreeValue
+    error: FreeValue
     last_sequence: int | None
     output_count: int
     created_by: str | None
@@ -259,3 +273,156 @@ class WorkPage(WireModel):
     items: list[WorkView]
     next_cursor: str | None
     waiting: str | None = None
+
+
+class WorkEnqueued(WireModel):
+    work_id: str
+    state: str
+    created: bool = Field(description="False: the idempotency key named work already enqueued")
+
+
+# --- pairings' commands --------------------------------------------------------------
+class CommandView(WireModel):
+    command_id: str
+    pairing_id: str
+    sequence: int
+    kind: str
+    workspace_id: str
+    session_id: str | None
+    state: str
+    status: str = Field(description="queued, delivered, or the Desktop's result status")
+    result: FreeValue = Field(description="The Desktop's result, as it reported it")
+    attempts: int
+    created_at: Stamp
+    completed_at: Stamp
+
+
+class CommandQueued(WireModel):
+    command_id: str
+    sequence: int
+
+
+class CommandSubmitted(RootModel[CommandView | CommandQueued]):
+    """The command queued (its id and sequence), or with `?wait=`, its view once it
+    is final or the wait is over."""
+
+
+# --- Gateways ----------------------------------------------------------------------
+class GatewayRegistered(WireModel):
+    registration_id: str
+    credential: str = Field(description="The Gateway's bootstrap credential; shown once")
+    credential_expires_at: str
+    kind: str
+    trust_model: str
+    scopes: list[str]
+    sync_scopes: list[str]
+    status: str
+
+
+class GatewayCredentialRotated(WireModel):
+    registration_id: str
+    credential: str = Field(description="The new credential; shown once")
+    credential_expires_at: str
+    credential_version: int
+
+
+class GatewaySyncView(WireModel):
+    registration_id: str
+    scope: str
+    items: FreeValue = Field(description="The items as the Gateway last reported them")
+    item_count: int
+    cursor: str | None
+    updated_at: Stamp
+
+
+# --- chat channels -------------------------------------------------------------------
+class ChannelClaimCode(WireModel):
+    code: str = Field(description="The code a chat user sends to claim the role; shown once")
+    expires_at: Stamp
+    role: str
+    instance_id: str | None
+
+
+class DeliveryView(WireModel):
+    delivery_id: str
+    instance_id: str
+    chat_id: str
+    status: str = Field(description="queued, sent, retrying, dead_lettered, duplicate")
+    attempts: int
+    provider_message_id: str | None = None
+    error: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class TestMessageQueued(WireModel):
+    delivery_id: str
+
+
+class ChannelUserView(WireModel):
+    instance_id: str
+    provider_user_id: str
+    username: str | None
+    display_name: str | None
+    role: str
+    promoted_by: str | None
+    first_seen_at: Stamp
+    updated_at: Stamp
+
+
+class ChannelUserList(WireModel):
+    users: list[ChannelUserView]
+
+
+class ChannelCredentialIssued(WireModel):
+    user_jwt: str
+    expires_at: Stamp
+    inbox_prefix: str
+    consumer: str
+    workspace_id: str | None
+    nats_url: str = Field(description="The NATS URL as this hub dials it")
+
+
+# --- bus credentials -----------------------------------------------------------------
+class CredentialIssued(WireModel):
+    user_jwt: str
+    expires_at: Stamp
+
+
+class PrincipalView(WireModel):
+    kind: str
+    principal_id: str
+    status: str
+    workspaces: list[str]
+    scopes: list[str]
+    keys: int = Field(description="How many public keys it holds credentials for")
+    created_at: str
+    revoked_at: Stamp
+    expires_at: Stamp
+
+
+class PrincipalList(WireModel):
+    items: list[PrincipalView]
+
+
+class PrincipalRevoked(WireModel):
+    revoked_keys: int
+    status: Literal["revoked"]
+
+
+# --- workspace events ----------------------------------------------------------------
+class WorkspaceEventView(WireModel):
+    sequence: int = Field(description="Its place in the workspace's log (the SSE event id)")
+    id: str
+    type: str
+    session_id: str | None
+    command_id: str | None
+    occurred_at: str
+    payload: FreeValue = Field(
+        description="The event as the Desktop relayed it (redacted; opaque to the hub)"
+    )
+
+
+class WorkspaceEventPage(WireModel):
+    items: list[WorkspaceEventView]
+    last_sequence: int = Field(description="Pass as `after` for the next page")

@@ -7,9 +7,13 @@ Scans README.md, docs/*.md and deploy/README.md for
   `schemas.Envelope`): every module part must be a file or package, and the
   first part after the last module must be a name that module defines,
 - relative Markdown link targets (`[x](pairing.md)`), resolved from the doc.
+
+A path that git ignores (`tests/artifacts/`, `.venv/`) is flagged even when it is
+there: it exists only after a run, not in a fresh clone.
 """
 
 import ast
+import fnmatch
 import re
 from pathlib import Path
 
@@ -60,7 +64,32 @@ def defined_names(module: Path) -> set[str]:
     return names
 
 
+def _ignore_patterns() -> list[str]:
+    lines = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "!"))]
+
+
+IGNORED = _ignore_patterns()
+
+
+def ignored(ref: str) -> bool:
+    """Whether git ignores `ref` or a folder above it (.gitignore's patterns: one
+    with a slash inside is anchored at the root, one without matches any part)."""
+    parts = ref.strip("/").split("/")
+    for pattern in IGNORED:
+        bare = pattern.strip("/")
+        if "/" in bare:
+            depth = bare.count("/") + 1
+            if fnmatch.fnmatch("/".join(parts[:depth]), bare):
+                return True
+        elif any(fnmatch.fnmatch(part, bare) for part in parts):
+            return True
+    return False
+
+
 def path_problem(ref: str) -> str | None:
+    if ignored(ref):
+        return "git-ignored: it exists only after a run, not in a fresh clone"
     if "*" in ref:
         return None if any(ROOT.glob(ref)) else "matches no file"
     return None if (ROOT / ref).exists() else "no such file or folder"
@@ -125,6 +154,7 @@ def test_the_scanner_flags_missing_names_and_ignores_lookalikes():
             "docs/schemas/*.json, tests/hub/, [pairing](pairing.md), [x](https://example.com).",
             "Not ours: /etc/cowork/hub.env, hub.creds, channels.md, `hub.verify_token`,",
             "https://hub.example.com/webhooks, `$JS.hub.API`, ../hub/whatever.",
+            "Made by a run: tests/artifacts/console/ and hub/core/__pycache__/.",
         ]
     )
     refs = [p.split(": ")[1] for p in problems(doc, text)]
@@ -135,4 +165,6 @@ def test_the_scanner_flags_missing_names_and_ignores_lookalikes():
         "schemas.Nope",
         "tests/test_nothing_*.py",
         "nowhere.md",
+        "tests/artifacts/console/",
+        "hub/core/__pycache__/",
     ]

@@ -7,12 +7,18 @@ registration, a `cli` channel instance through its own route
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field
 
-from schemas import NkeyPublic, PrincipalKind, TokenId, WireModel, check_token
+from schemas import (
+    CredentialIssued,
+    IssueRequest,
+    PrincipalKind,
+    PrincipalList,
+    PrincipalRevoked,
+    RevokeRequest,
+    check_token,
+)
 
 from ..http import HUB_KEY, documented, json_body, json_error, tenant_param
 from ._permissions import Principal
@@ -31,18 +37,6 @@ REVOCABLE = {
 }
 
 
-class IssueRequest(WireModel):
-    kind: PrincipalKind
-    principal_id: TokenId
-    public_key: NkeyPublic
-    workspaces: list[TokenId] = Field(default_factory=list, max_length=128)
-    ttl_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] | None = None
-
-
-class RevokeRequest(WireModel):
-    reason: str = Field(min_length=1, max_length=512)
-
-
 def _service(request: web.Request):
     service = request.app[HUB_KEY].credentials
     if service is None:
@@ -53,7 +47,10 @@ def _service(request: web.Request):
 
 
 @documented(
-    "Issue a bus credential for a principal's own public key", body=IssueRequest, status=201
+    "Issue a bus credential for a principal's own public key",
+    body=IssueRequest,
+    response=CredentialIssued,
+    status=201,
 )
 async def issue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
@@ -80,7 +77,7 @@ async def issue(request: web.Request) -> web.Response:
     )
 
 
-@documented("Revoke a principal's bus credentials", body=RevokeRequest)
+@documented("Revoke a principal's bus credentials", body=RevokeRequest, response=PrincipalRevoked)
 async def revoke(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     try:
@@ -97,6 +94,7 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response({"revokedKeys": count, "status": "revoked"})
 
 
+@documented("The tenant's bus principals and their credentials", response=PrincipalList)
 async def list_principals(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     rows = (

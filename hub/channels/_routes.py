@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import Field
 
 from channels import PROVIDERS, UnknownProvider, provider_class
 from schemas import (
+    ChannelCredentialIssued,
     ChannelInstanceList,
     ChannelInstanceView,
     ChannelKinds,
-    Label,
-    NkeyPublic,
-    TokenId,
-    WireModel,
+    CreateInstance,
+    IssueCredential,
+    UpdateInstance,
     subjects,
 )
 
@@ -48,41 +47,6 @@ from ._store import INSTANCE_ID
 
 BASE = "/api/v1/tenants/{tenant}/channel-instances"
 ACTOR = "admin"
-
-# An OpenCode agent name (`build`, `plan`, a custom agent's file name). Whether the
-# workspace's OpenCode has it is known only there: an unknown one fails the first
-# prompt with OpenCode's own words ("Agent not found ... Available agents: ...").
-Agent = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-
-
-class CreateInstance(WireModel):
-    instance_id: str = Field(pattern=INSTANCE_ID.pattern)
-    kind: str = Field(min_length=1, max_length=64)
-    workspace_id: TokenId
-    authority: Literal["desktop_paired", "cloud_worker"] = "desktop_paired"
-    display_name: Label = ""
-    default_agent: Agent | None = None
-    settings: dict[str, Any] = Field(default_factory=dict)
-    secrets: dict[str, Any] = Field(default_factory=dict)
-    enabled: bool = True
-
-
-class UpdateInstance(WireModel):
-    """Only the fields sent change; `settings` is replaced whole, `secrets` key by key
-    (a null value removes an optional secret)."""
-
-    display_name: Label | None = None
-    workspace_id: TokenId | None = None
-    authority: Literal["desktop_paired", "cloud_worker"] | None = None
-    default_agent: Agent | None = None
-    settings: dict[str, Any] | None = None
-    secrets: dict[str, Any | None] | None = None
-    enabled: bool | None = None
-
-
-class IssueCredential(WireModel):
-    public_key: NkeyPublic
-    ttl_seconds: Annotated[int, Field(ge=60, le=30 * 24 * 3600)] | None = None
 
 
 NOT_NULL = ("workspace_id", "authority", "enabled")
@@ -186,6 +150,7 @@ async def update_instance(request: web.Request) -> web.Response:
     return web.json_response(instance_json(request, row))
 
 
+@documented("Delete a channel instance", status=204)
 async def delete_instance(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), _instance_id(request)
     await request.app[HUB_KEY].channels.delete(tenant, instance_id, actor=ACTOR)
@@ -222,6 +187,7 @@ async def webhook(request: web.Request) -> web.StreamResponse:
 @documented(
     "Issue a bus credential for a channel process holding its own key",
     body=IssueCredential,
+    response=ChannelCredentialIssued,
     status=201,
 )
 async def issue_credential(request: web.Request) -> web.Response:

@@ -11,38 +11,20 @@ from __future__ import annotations
 import os
 
 from aiohttp import web
-from pydantic import Field
 
-from schemas import ChannelOutbound, ChannelTarget, DeliveryType, WireModel
+from schemas import (
+    ChannelOutbound,
+    ChannelTarget,
+    DeliveryType,
+    DeliveryView,
+    TestMessage,
+    TestMessageQueued,
+)
 
 from ..http import HUB_KEY, documented, iso, json_body, json_error, path_token, tenant_param
 from ._outbox import delivery_id
 
 BASE = "/api/v1/tenants/{tenant}/channel-instances/{instance_id}"
-
-
-class TestMessage(WireModel):
-    chat_id: str = Field(min_length=1, max_length=256, description="The platform's chat id")
-    thread_id: str | None = Field(default=None, max_length=256)
-    text: str = Field(
-        default="A test message from the cowork console.", min_length=1, max_length=4000
-    )
-
-
-class DeliveryView(WireModel):
-    delivery_id: str
-    instance_id: str
-    chat_id: str
-    status: str
-    attempts: int
-    provider_message_id: str | None = None
-    error: str | None = None
-    created_at: str | None = None
-    updated_at: str | None = None
-
-
-class TestMessageQueued(WireModel):
-    delivery_id: str
 
 
 @documented(

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from schemas import ChannelRole, TokenId, WireModel
+from schemas import (
+    ChannelClaimCode,
+    ChannelRole,
+    ChannelUserList,
+    ChannelUserView,
+    CreateClaimCode,
+    SetRole,
+)
 
 from ..http import (
     HUB_KEY,
@@ -19,15 +26,6 @@ from ..http import (
     path_token,
     tenant_param,
 )
-
-
-class CreateClaimCode(WireModel):
-    role: ChannelRole
-    instance_id: TokenId | None = None
-
-
-class SetRole(WireModel):
-    role: ChannelRole
 
 
 def _user_json(row: dict) -> dict:
@@ -62,7 +60,12 @@ def _instance(request: web.Request, tenant: str, instance_id: str) -> web.Respon
     return None
 
 
-@documented("Create a claim code a chat user redeems", body=CreateClaimCode, status=201)
+@documented(
+    "Create a claim code a chat user redeems",
+    body=CreateClaimCode,
+    response=ChannelClaimCode,
+    status=201,
+)
 async def create_claim_code(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, CreateClaimCode)
@@ -84,6 +87,7 @@ async def create_claim_code(request: web.Request) -> web.Response:
     )
 
 
+@documented("A channel instance's chat users and their roles", response=ChannelUserList)
 async def list_users(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), path_token(request, "instance_id")
     if missing := _instance(request, tenant, instance_id):
@@ -92,7 +96,7 @@ async def list_users(request: web.Request) -> web.Response:
     return web.json_response({"users": [_user_json(r) for r in rows]})
 
 
-@documented("Set a chat user's role", body=SetRole)
+@documented("Set a chat user's role", body=SetRole, response=ChannelUserView)
 async def set_role(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), path_token(request, "instance_id")
     user_id = request.match_info["provider_user_id"]

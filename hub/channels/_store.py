@@ -22,10 +22,11 @@ from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from channels import UnknownProvider, provider_class
+from schemas import CHANNEL_INSTANCE_ID
 
 from ..core import Refusal
 
-INSTANCE_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+INSTANCE_ID = re.compile(CHANNEL_INSTANCE_ID)
 AUTHORITIES = ("desktop_paired", "cloud_worker")
 
 

@@ -132,8 +132,8 @@ def _tenant(request: web.Request) -> str:
         return "default"
 
 
-def _session(request: web.Request) -> Caller | None:
-    return request.app[AUTH_KEY].session(request.cookies.get(COOKIE))
+async def _session(request: web.Request) -> Caller | None:
+    return await request.app[AUTH_KEY].session(request.cookies.get(COOKIE))
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -157,7 +157,7 @@ async def login(request: web.Request) -> web.Response:
     if role is None:
         guard.failed(address)
         return _render("login.html", 401, error="That token is not valid.")
-    cookie, caller = auth.new_session(role)
+    cookie, caller = await auth.sign_in(role)
     response = _redirect("/console/")
     response.set_cookie(
         COOKIE,
@@ -173,13 +173,13 @@ async def login(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     auth: ApiAuth = request.app[AUTH_KEY]
-    caller = _session(request)
+    caller = await _session(request)
     form = await request.post()
     token = form.get("csrf")
     if caller is not None:
         if not auth.csrf_ok(caller, token if isinstance(token, str) else None):
             return _render("login.html", 403, error="Sign-out needs the page's CSRF token.")
-        auth.sign_out(caller)
+        await auth.sign_out(caller)  # on every replica: the shared store forgets it
     response = _redirect("/console/login")
     response.del_cookie(COOKIE, path="/")
     return response
@@ -187,7 +187,7 @@ async def logout(request: web.Request) -> web.Response:
 
 def _page_handler(page: Page):
     async def handler(request: web.Request) -> web.Response:
-        caller = _session(request)
+        caller = await _session(request)
         if caller is None:
             return _redirect("/console/login")
         auth: ApiAuth = request.app[AUTH_KEY]

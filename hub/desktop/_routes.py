@@ -15,24 +15,24 @@ the waiting request at once; there is nothing to poll.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import segno
 from aiohttp import web
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from schemas import (
-    AllowList,
-    CommandKind,
-    Label,
+    CommandSubmitted,
+    CommandView,
+    CreatePairing,
     PairingCreated,
     PairingPage,
     PairingPolicy,
     PairingView,
+    RevokePairing,
     SignedCommand,
-    TokenId,
-    WireModel,
+    SubmitCommand,
+    UpdatePairing,
     command_payload,
 )
 
@@ -53,54 +53,6 @@ from ..http import (
     tenant_param,
 )
 from ._pairing import PairingError
-
-Name = Annotated[Label, Field(min_length=1)]
-
-
-class CreatePairing(WireModel):
-    label: Name
-    allowed_workspace_ids: list[TokenId] = Field(default_factory=list, max_length=127)
-    allowed_session_ids: AllowList | None = None
-    policy: PairingPolicy = Field(default_factory=PairingPolicy)
-    code_ttl_seconds: int = Field(default=600, ge=60, le=3600)
-
-
-class PolicyPatch(WireModel):
-    allow_remote_prompts: bool | None = None
-    allow_remote_abort: bool | None = None
-    remote_approvals: str | None = None
-    remote_questions: str | None = None
-    expose_artifact_bodies: bool | None = None
-    expose_local_paths: bool | None = None
-    expose_local_mcp_details: bool | None = None
-    allow_remote_attachments: bool | None = None
-
-
-class UpdatePairing(WireModel):
-    label: Name | None = None
-    enabled: bool | None = None
-    allowed_workspace_ids: list[TokenId] | None = Field(default=None, max_length=127)
-    allowed_session_ids: AllowList | None = None
-    policy: PolicyPatch | None = None
-
-
-class SubmitCommand(WireModel):
-    id: TokenId | None = Field(default=None, description="Idempotency: resubmitting is a no-op")
-    kind: CommandKind
-    workspace_id: TokenId = "local"
-    session_id: TokenId | None = None
-    payload: dict[str, Any] | None = None
-    actor_id: Annotated[str, Field(max_length=512)] | None = None
-    actor_label: Label | None = None
-    signed: SignedCommand | None = Field(
-        default=None,
-        description="A controller's signed command (sealed pairings): its payload is "
-        "inside, sealed to the Desktop; the hub stores and pushes it, the Desktop checks it",
-    )
-
-
-class RevokePairing(WireModel):
-    reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
 
 
 def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
@@ -282,7 +234,14 @@ async def revoke_pairing(request: web.Request) -> web.Response:
     return web.json_response(pairing_json(row))
 
 
-@documented("Submit a command to a paired Desktop", body=SubmitCommand)
+@documented(
+    "Submit a command to a paired Desktop (200: the same command id again)",
+    body=SubmitCommand,
+    response=CommandSubmitted,
+    status=201,
+    also=(200,),
+    query={"wait": "0..60 s to hold the answer for the command to be final"},
+)
 async def submit_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)
@@ -367,6 +326,11 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
+@documented(
+    "A command to a Desktop: its state and result",
+    response=CommandView,
+    query={"wait": "0..60 s to hold the answer for the command to be final"},
+)
 async def get_command(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant, pairing_id = tenant_param(request), _pairing_id(request)

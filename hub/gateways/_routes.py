@@ -13,19 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from pydantic import Field
 
 from schemas import (
-    GatewayKind,
+    CreateRegistration,
+    DrainRegistration,
+    Empty,
+    GatewayCredentialRotated,
+    GatewayRegistered,
     GatewayRegistrationPage,
     GatewayRegistrationView,
-    Label,
-    TokenId,
-    TrustModel,
-    WireModel,
+    GatewaySyncView,
+    RevokeRegistration,
+    RotateRegistration,
     check_token,
 )
 
@@ -58,35 +60,6 @@ REGISTRATION_STATUSES = (
 
 # (registry, tenant, registration id) -> the registration, as read or changed
 RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
-
-Name = Annotated[Label, Field(min_length=1)]
-ScopeName = Annotated[str, Field(min_length=1, max_length=128)]
-
-
-class CreateRegistration(WireModel):
-    display_name: Name
-    kind: GatewayKind
-    trust_model: TrustModel
-    scopes: list[ScopeName] | None = Field(default=None, max_length=16)
-    sync_scopes: list[ScopeName] | None = Field(default=None, max_length=32)
-    approved_credentials: list[TokenId] = Field(default_factory=list, max_length=64)
-    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
-
-
-class RotateRegistration(WireModel):
-    credential_ttl_days: float | None = Field(default=None, gt=0, le=365)
-
-
-class RevokeRegistration(WireModel):
-    reason: str = Field(default="revoked by an administrator", min_length=1, max_length=512)
-
-
-class DrainRegistration(WireModel):
-    deadline_seconds: int = Field(ge=1, le=86_400)
-
-
-class Empty(WireModel):
-    pass
 
 
 def registration_json(row: dict, sync: dict | None = None) -> dict:
@@ -149,7 +122,12 @@ async def _registration_response(request: web.Request, call: RegistrationCall) -
     return await _view(request, row)
 
 
-@documented("Register a Gateway; the credential is shown once", body=CreateRegistration, status=201)
+@documented(
+    "Register a Gateway; the credential is shown once",
+    body=CreateRegistration,
+    response=GatewayRegistered,
+    status=201,
+)
 async def create_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
@@ -218,6 +196,7 @@ async def get_registration(request: web.Request) -> web.Response:
     )
 
 
+@documented("What a Gateway last reported of one sync scope", response=GatewaySyncView)
 async def get_sync(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     try:
@@ -237,7 +216,11 @@ async def get_sync(request: web.Request) -> web.Response:
     )
 
 
-@documented("Rotate a Gateway's credential; the new one is shown once", body=RotateRegistration)
+@documented(
+    "Rotate a Gateway's credential; the new one is shown once",
+    body=RotateRegistration,
+    response=GatewayCredentialRotated,
+)
 async def rotate_registration(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     body = await json_body(request, RotateRegistration, optional=True)

@@ -32,7 +32,7 @@ from schemas import (
 from ..core import LogBudget, Refusal, is_transient, kv
 from ._openapi import documented
 from ._server import HttpServer
-from ._session import ApiAuth, Caller, Denied, api_caller
+from ._session import ApiAuth, Caller, Denied, SessionStore, api_caller
 
 if TYPE_CHECKING:
     from .._service import Hub
@@ -210,7 +210,7 @@ def hub_middleware(
             )
         try:
             refusal = (
-                _api_refusal(request, auth)
+                await _api_refusal(request, auth)
                 if request.path.startswith("/api/")
                 or (metrics_need_token and request.path == "/metrics")
                 else None
@@ -261,10 +261,10 @@ def _http_exception_json(exc: web.HTTPException) -> web.Response:
     )
 
 
-def _api_refusal(request: web.Request, auth: ApiAuth) -> web.Response | None:
+async def _api_refusal(request: web.Request, auth: ApiAuth) -> web.Response | None:
     """None (and the caller noted on the request) if the request may go on; else the
     401/403/503 answer."""
-    caller = api_caller(request, auth)
+    caller = await api_caller(request, auth)
     if isinstance(caller, Denied):
         headers = {"WWW-Authenticate": 'Bearer realm="cowork-hub"'} if caller.challenge else {}
         return json_error(caller.status, caller.code, caller.message, **headers)
@@ -439,7 +439,12 @@ def build_app(
     its own routes through the `add_routes` of its public face."""
     settings = hub.settings
     viewer = settings.viewer_token.get_secret_value() if settings.viewer_token else None
-    auth = ApiAuth(admin_token, viewer, settings.console_session_minutes * 60)
+    auth = ApiAuth(
+        admin_token,
+        viewer,
+        settings.console_session_minutes * 60,
+        SessionStore(lambda: hub.started_pool()),  # asked when a session is
+    )
     budget = LogBudget()  # shared with the server's accept-error log (serve_app)
     app = web.Application(
         middlewares=[

@@ -1,7 +1,9 @@
 """The admin API described as OpenAPI 3.1, from the routes themselves: each `/api/`
 handler is `documented` with its summary and its request and response models
-(pydantic, from `schemas` or the room), and `openapi_document` walks the app's
-router. `cowork schema export` writes it to docs/openapi.json; a test fails on drift.
+(pydantic, from `schemas`: the contract), and `openapi_document` walks the app's
+router. An `/api/` route that is not documented, or that answers a body without a
+response model, is an error here (no route is described as a bare object).
+`cowork schema export` writes it to docs/openapi.json; a test fails on drift.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Operation:
     status: int = 200
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     viewer: bool = False  # readable with the viewer token (every GET is)
+    also: tuple[int, ...] = ()  # other success statuses with the same body
+    events: type[BaseModel] | None = None  # with Accept: text/event-stream, SSE of these
 
 
 def documented(
@@ -37,22 +41,27 @@ def documented(
     response: type[BaseModel] | None = None,
     status: int = 200,
     query: dict[str, str] | None = None,
+    also: tuple[int, ...] = (),
+    events: type[BaseModel] | None = None,
 ) -> Callable[[H], H]:
-    """Mark an admin API handler with what the OpenAPI document says of it."""
+    """Mark an admin API handler with what the OpenAPI document says of it: every
+    answer but a 204 names its `response` model."""
+    if response is None and status != 204:
+        raise TypeError(f"{summary!r}: a {status} answer needs its response model")
 
     def mark(handler: H) -> H:
-        setattr(handler, ATTRIBUTE, Operation(summary, body, response, status, query or {}))
+        op = Operation(summary, body, response, status, query or {}, also=also, events=events)
+        setattr(handler, ATTRIBUTE, op)
         return handler
 
     return mark
 
 
-def _operation(handler: Any) -> Operation:
+def _operation(handler: Any, method: str, path: str) -> Operation:
     op = getattr(handler, ATTRIBUTE, None)
-    if op is not None:
-        return op
-    doc = (handler.__doc__ or "").strip().splitlines()
-    return Operation(doc[0] if doc else handler.__name__.replace("_", " "))
+    if op is None:
+        raise TypeError(f"{method} {path} is not documented (hub.http.documented)")
+    return op
 
 
 class _Schemas:
@@ -91,7 +100,7 @@ def openapi_document(app: web.Application, version: str) -> dict[str, Any]:
         info = route.resource.canonical if route.resource is not None else ""
         if not info.startswith("/api/") or route.method in ("HEAD", "*"):
             continue
-        op = _operation(route.handler)
+        op = _operation(route.handler, route.method, info)
         paths.setdefault(info, {})[route.method.lower()] = _describe(
             info, route.method, op, schemas
         )
@@ -142,10 +151,17 @@ def _describe(path: str, method: str, op: Operation, schemas: _Schemas) -> dict[
     ok: dict[str, Any] = {"description": "OK"}
     if op.response is not None:
         ok["content"] = {"application/json": {"schema": schemas.ref(op.response)}}
-    elif op.status != 204:
-        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    if op.events is not None:
+        ok.setdefault("content", {})["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "Server-Sent Events: each `data:` line one of "
+                f"#/components/schemas/{op.events.__name__} as JSON, its `id:` the sequence",
+            },
+            "x-item-schema": schemas.ref(op.events),
+        }
     out["responses"] = {
-        str(op.status): ok,
+        **{str(status): ok for status in sorted((op.status, *op.also))},
         "400": _error("A bad path or query parameter"),
         "401": _error("No valid token or session"),
         "403": _error("A viewer's change, or a session's change without its CSRF token"),

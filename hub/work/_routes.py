@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pydantic import Field
 
-from schemas import WireModel, WorkPage, WorkState, WorkView, check_token
+from schemas import CancelWork, WorkEnqueued, WorkPage, WorkState, WorkView, check_token
 
 from ..http import (
     HUB_KEY,
@@ -88,7 +87,13 @@ def work_json(row: dict) -> dict[str, Any]:
     return out
 
 
-@documented("Enqueue Cloud-owned edge work", body=EnqueueWork, status=201)
+@documented(
+    "Enqueue Cloud-owned edge work (200: its idempotency key named work already there)",
+    body=EnqueueWork,
+    response=WorkEnqueued,
+    status=201,
+    also=(200,),
+)
 async def enqueue(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     body = await json_body(request, EnqueueWork)
@@ -125,10 +130,6 @@ async def get_work(request: web.Request) -> web.Response:
     limit = int_query(request, "limit", 500, 1, 5000)
     row = await _service(request).get(tenant, work_id, after_sequence=after, limit=limit)
     return web.json_response(work_json(row))
-
-
-class CancelWork(WireModel):
-    reason: str = Field(default="cancelled by an administrator", min_length=1, max_length=500)
 
 
 @documented("Cancel edge work", body=CancelWork, response=WorkView)

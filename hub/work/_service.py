@@ -24,17 +24,16 @@ from typing import Any, TypeVar
 
 import asyncpg
 from nats.aio.client import Client as NATS
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from schemas import (
     AckReply,
     AuditRecord,
+    EnqueueWork,
     Envelope,
     PrincipalKind,
     PromptPayload,
-    SessionRef,
     Source,
-    TokenId,
     WireModel,
     WorkClaimReply,
     WorkClaimRequest,
@@ -68,15 +67,6 @@ WORK_COLUMNS = (
     "session_ref, requirements, status, result, error, last_sequence, "
     "output_count, created_by, created_at, updated_at, completed_at"
 )
-
-
-class EnqueueWork(WireModel):
-    kind: TokenId
-    session_ref: SessionRef
-    payload: dict[str, Any]
-    requirements: WorkRequirements = Field(default_factory=WorkRequirements)
-    idempotency_key: TokenId | None = None
-    max_attempts: int | None = Field(default=None, ge=1, le=100)
 
 
 class EdgeWorkService:

@@ -19,9 +19,17 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from schemas import ContractError, WorkspaceEvent, check_token, decode, subjects
+from schemas import (
+    ContractError,
+    WorkspaceEvent,
+    WorkspaceEventPage,
+    WorkspaceEventView,
+    check_token,
+    decode,
+    subjects,
+)
 
-from ..http import HUB_KEY, int_query, tenant_param
+from ..http import HUB_KEY, documented, int_query, tenant_param
 
 KEEPALIVE_SECONDS = 15.0
 # Live tails never end by themselves: shutdown ends them, or it would wait them out.
@@ -73,6 +81,15 @@ def _start(request: web.Request) -> int:
     return int_query(request, "after", 0, 0, 2**62)
 
 
+@documented(
+    "A workspace's events in order: a page, or (Accept: text/event-stream) a live tail",
+    response=WorkspaceEventPage,
+    events=WorkspaceEventView,
+    query={
+        "after": "only events after this sequence (or the Last-Event-ID header)",
+        "limit": "1..1000, default 100 (a page only)",
+    },
+)
 async def workspace_events(request: web.Request) -> web.StreamResponse:
     tenant, workspace = tenant_param(request), _workspace(request)
     after = _start(request)

@@ -1,6 +1,7 @@
 """`cowork up` and `cowork hub serve` as a user runs them: real subprocesses."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -168,6 +169,7 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert len(_audit_rows(up, token)) == 1
         assert len(up.descendants) >= 2  # nats-server and postgres at least
         assert _leaf_listener_greets(up.leaf_port)  # Team Gateway appliances dial here
+        _pair_from_the_console(up, token)
         # A second `cowork up` on the same data dir (other ports) stops before any server.
         second = _run(
             [
@@ -193,6 +195,7 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
             f"nats://127.0.0.1:{up.nats_port}",
             str(data / "admin-token"),
             f"{up.url}/readyz",
+            f"{up.url}/console",
             "cowork gateway register",
             "Stopped.",
             f"cowork gateway up --cloud-leaf-port {up.leaf_port}",
@@ -216,6 +219,24 @@ async def test_up_ready_interrupt_and_restart_keep_data(up_dir):
         assert again.leftovers() == []
     finally:
         again.output()
+
+
+def _pair_from_the_console(up: Up, token: str) -> None:
+    """The first thing a new operator does: sign in to the console with the token
+    `cowork up` wrote, and create a pairing from its page (its session, its CSRF)."""
+    with httpx.Client(base_url=up.url, timeout=10) as browser:
+        assert browser.post("/console/login", data={"token": token}).status_code == 303
+        page = browser.get("/console/desktops?tenant=firstrun")
+        assert page.status_code == 200 and 'id="pair-form"' in page.text
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert csrf is not None
+        made = browser.post(
+            "/api/v1/tenants/firstrun/pairings",
+            json={"label": "first Desktop"},
+            headers={"X-CSRF-Token": csrf[1]},
+        )
+        assert made.status_code == 201, made.text
+        assert made.json()["command"].startswith(f"cowork desktop pair {made.json()['code']}")
 
 
 def _run(args, **env) -> subprocess.CompletedProcess:

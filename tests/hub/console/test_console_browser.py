@@ -12,6 +12,7 @@ A missing browser is a failure, not a skip: the console is only tested here.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -140,6 +141,13 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
         await expect(row).to_contain_text("paired_online", timeout=10_000)
         await shot(page, "desktops-online")
         await _watch_a_hostile_event(page, console_hub, pairing_id)
+        # edit its allowlist and policy from the console
+        await page.fill("#edit-id", pairing_id)
+        await page.fill("#edit-workspaces", "local, projects")
+        await page.select_option("#edit-prompts", "false")
+        await page.click("#edit-form button[type=submit]")
+        await expect(row).to_contain_text("projects", timeout=10_000)
+        await expect(row).to_contain_text('"allowRemotePrompts":false')
         await row.get_by_role("button", name=f"Revoke {pairing_id}").click()
         await expect(row).to_contain_text("revoked", timeout=10_000)
         await expect(page.locator("#pair-status")).to_have_text("revoked", timeout=10_000)
@@ -183,6 +191,36 @@ async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hu
         await shot(page, "gateways-heartbeat")
     finally:
         await gateway.stop()
+    # (the agent stopped first: stopping it while it drains can take seconds)
+    await row.get_by_role("button", name=f"Drain {registration}").click()
+    await expect(row.locator(".state")).to_have_text("draining", timeout=10_000)
+    await row.get_by_role("button", name=f"Resume {registration}").click()
+    # back in service (or unhealthy, as it last said: no OpenCode answers at its address)
+    await expect(row.locator(".state")).to_have_text(
+        re.compile(r"^(active|unhealthy)$"), timeout=10_000
+    )
+    await row.get_by_role("button", name=f"Rotate {registration}").click()
+    output = page.locator("#action-output")
+    await expect(output).to_contain_text('"credentialVersion": 2', timeout=10_000)
+    assert credential.strip() not in ((await output.text_content()) or "")  # a new one
+    await row.get_by_role("button", name=f"Revoke {registration}").click()
+    await expect(row.locator(".state")).to_have_text("revoked", timeout=10_000)
+    # edge work: the queue, its state and attempts; a work item's details
+    async with client(console_hub, admin=True) as http:
+        work = await http.post(
+            f"/api/v1/tenants/{TENANT}/work",
+            json={"kind": "prompt", "sessionRef": {"workspaceId": "w1"}, "payload": {"text": "x"}},
+        )
+        assert work.status_code == 201, work.text
+    work_id = work.json()["workId"]
+    await page.goto(f"/console/work?tenant={TENANT}")
+    work_row = page.locator(f'#work-table tr[data-key="{work_id}"]')
+    await expect(work_row).to_contain_text("prompt", timeout=10_000)
+    await work_row.get_by_role("button", name=f"Details {work_id}").click()
+    await expect(page.locator("#action-output")).to_contain_text('"leases"')
+    await work_row.get_by_role("button", name=f"Cancel {work_id}").click()
+    await expect(work_row.locator(".state")).to_have_text("cancelled", timeout=10_000)
+    await shot(page, "work")
 
 
 async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
@@ -195,6 +233,10 @@ async def _watch_a_hostile_event(page: Page, hub, pairing_id: str) -> None:
     await hub.js.publish(subject, data)
     live = await page.context.new_page()
     try:
+        await live.goto(f"/console/?tenant={TENANT}")  # the first-run checklist
+        await expect(live.locator('[data-check="desktop"] .check-state')).to_have_text(
+            "a Desktop is online", timeout=10_000
+        )
         await live.goto(f"/console/events?tenant={TENANT}")
         await live.fill("#events-workspace", pairing_id)  # a Desktop's workspace: its pairing
         await live.click("#events-form button[type=submit]")
@@ -240,7 +282,28 @@ async def test_a_telegram_instance_shows_its_webhook_url_and_sends_a_test_messag
         assert [p.text for p in telegram.chats["4242"]] == [
             "A test message from the cowork console."
         ]
+        await page.select_option("#claim-role", "approver")
+        await page.fill("#claim-instance", "tg-console")
+        await page.click("#claim-form button[type=submit]")
+        await expect(page.locator("#claim-code")).not_to_have_text("-", timeout=10_000)
+        await console_hub.pool.execute(  # a chat user who wrote to the bot
+            "INSERT INTO channel_users (tenant, instance_id, provider_user_id, display_name) "
+            "VALUES ($1, 'tg-console', '777', $2)",
+            TENANT,
+            HOSTILE,
+        )
+        await page.fill("#users-instance", "tg-console")
+        await page.click("#users-form button[type=submit]")
+        user = page.locator('#users-table tr[data-key="777"]')
+        await expect(user).to_contain_text(HOSTILE)
+        await expect(user.locator(".state")).to_have_text("pending")
+        await user.get_by_role("button", name="Make member 777").click()
+        await expect(user.locator(".state")).to_have_text("member", timeout=10_000)
+        assert await page.locator("#users-table img, #users-table script").count() == 0
         await shot(page, "channels")
+        await page.goto(f"/console/?tenant={TENANT}")  # the first-run checklist
+        await expect(page.locator('[data-check="gateway"] .check-state')).to_have_text("registered")
+        await expect(page.locator('[data-check="channel"] .check-state')).to_have_text("connected")
     finally:
         await telegram.stop()
 
@@ -307,6 +370,10 @@ async def test_hostile_names_and_payloads_are_shown_as_text(page, console_hub):
     await _dead_letter(console_hub, "console.hostile", HOSTILE)
     await page.reload()
     await expect(page.locator("#deadletters-table tbody")).to_contain_text(HOSTILE)
+    letter = page.locator("#deadletters-table tbody tr").filter(has_text="console.hostile")
+    await expect(letter.locator("pre")).to_contain_text('"action":"console.hostile"')  # the message
+    await letter.get_by_role("button", name="Discard").click()  # and it is gone for good
+    await expect(letter).to_have_count(0, timeout=10_000)
     assert await page.evaluate("window.__xss") is None
     assert page.dialogs == []  # type: ignore[attr-defined]
     # a tenant parameter full of markup is not reflected as markup either
