@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from schemas import (
+    CommandKind,
     CommandSubmitted,
     CommandView,
     CreatePairing,
