@@ -221,10 +221,18 @@ async def test_one_connection_per_instance_among_processes(rig: Rig) -> None:
 
 
 async def test_a_button_press_arrives_as_an_interaction(rig: Rig) -> None:
+    """Where the platform has no buttons (declared: `buttons` none), approvals
+    carry text fallbacks, and the typed `/approve <token>` arrives as that command."""
     press = rig.fake.signed_button_press("ca-token-1", event_id="77")
-    if press is None:
-        pytest.skip(f"{rig.kind} has no buttons")
     await rig.runtime()
+    if press is None:
+        assert channels.PROVIDERS[rig.kind].capabilities.buttons is None
+        await rig.say("/approve ca-token-1")
+        await rig.until(lambda: len(rig.stored) == 1, "the typed approval")
+        typed = rig.stored[0]
+        assert typed.interaction is None and typed.is_command
+        assert (typed.command, typed.command_args) == ("approve", ["ca-token-1"])
+        return
     await rig.fake.emit(press)
     await rig.until(lambda: len(rig.stored) == 1, "the press")
     assert rig.stored[0].interaction is not None
