@@ -195,8 +195,7 @@ class TransportRunner:
                     connection = asyncio.create_task(self.transport.run(sink))
                     await asyncio.wait({connection, keeper}, return_when=asyncio.FIRST_COMPLETED)
                     if keeper.done():
-                        connection.cancel()
-                        await asyncio.gather(connection, return_exceptions=True)
+                        await stop_tasks(connection)
                         self.set("standby", "the lease was lost; the connection stopped")
                         return
                     error = connection.exception()
@@ -231,12 +230,7 @@ class TransportRunner:
                 except TimeoutError:
                     pass
         finally:  # stopped or lost: no connection outlives the lease
-            for task in (connection, keeper):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(
-                *(t for t in (connection, keeper) if t is not None), return_exceptions=True
-            )
+            await stop_tasks(connection, keeper)
             if self._on_release is not None:
                 await self._on_release()
 
@@ -258,6 +252,19 @@ class TransportRunner:
                     ChannelInstanceState.DEGRADED, f"{self.transport.name}: {self.last_error}"
                 )
                 self._degraded = True
+
+
+async def stop_tasks(*tasks: asyncio.Task | None, every: float = 1.0) -> None:
+    """Cancel the tasks and wait until they have ended, cancelling again every
+    `every` seconds while one runs on: a `Task.cancel()` that lands while httpx
+    (through anyio) opens a connection can be swallowed (agronholm/anyio#1214),
+    and a transport's loop would then poll on, its runtime never stopping."""
+    pending = {task for task in tasks if task is not None}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
 
 
 async def _release(lease: KvLease) -> None:

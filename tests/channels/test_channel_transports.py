@@ -365,3 +365,39 @@ async def test_matrix_starts_from_now_joins_invites_and_skips_its_own_echo(
     await rig.until(lambda: rig.texts() == ["a new message"], "only the new message")
     await asyncio.sleep(0.2)
     assert rig.texts() == ["a new message"]
+
+
+# --- stopping: a swallowed cancel ------------------------------------------------------------
+class _SwallowsOneCancel:
+    """A transport whose first cancel is lost, as httpx's is when it lands while anyio
+    opens a connection (agronholm/anyio#1214): its loop would poll on."""
+
+    name = "swallows-one-cancel"
+    swallowed = 0
+
+    def __init__(self, provider: Any, http: Any) -> None:
+        pass
+
+    async def run(self, sink: Any) -> None:
+        sink.report("polling", connected=True)
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if _SwallowsOneCancel.swallowed:
+                    raise
+                _SwallowsOneCancel.swallowed += 1
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+
+
+async def test_a_transport_that_loses_a_cancel_is_still_stopped(nats_url, monkeypatch) -> None:
+    monkeypatch.setitem(channels.TRANSPORTS, "telegram", _SwallowsOneCancel)
+    async with rig_for("telegram", nats_url) as rig:
+        runtime = await rig.runtime()
+        assert rig.transport(runtime)["name"] == "swallows-one-cancel"
+        started = time.monotonic()
+        await asyncio.wait_for(runtime.stop(), 10)
+        assert _SwallowsOneCancel.swallowed == 1
+        assert time.monotonic() - started < 3, "the cancel was not repeated soon"
