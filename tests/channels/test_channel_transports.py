@@ -181,8 +181,8 @@ async def test_rate_limits_and_platform_errors_are_waited_out(rig: Rig, status: 
     runtime = await rig.runtime()
     await rig.say("before")
     await rig.until(lambda: rig.texts() == ["before"], "the first message")
-    rig.fake.fail_next(status, retry_after=1.0 if status == 429 else None)
     rig.fake.drop_next()  # the connection ends; reconnecting meets the failure
+    rig.fake.fail_after_drop(status, retry_after=1.0 if status == 429 else None)
     failed_at = time.monotonic()
     await rig.say("after")
     await rig.until(lambda: rig.texts() == ["before", "after"], "the message after the error")
