@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"schemas", "hub", "edges", "channels"}
+OURS = {"schemas", "primitives", "hub", "edges", "channels"}
 IO_LIBRARIES = {
     "nats",
     "asyncpg",
@@ -48,6 +48,18 @@ def test_schemas_imports_nothing_of_ours_and_does_no_io():
         (f, m)
         for f, m in imports_of("schemas")
         if (top(m) in OURS and top(m) != "schemas") or top(m) in IO_LIBRARIES
+    ]
+    assert bad == []
+
+
+def test_primitives_import_nothing_of_ours_nor_the_database():
+    """The NATS mechanisms the hub and the channels share know neither of them."""
+    found = imports_of("primitives")
+    assert any(top(m) == "nats" for _, m in found), "the scanner must see the KV import"
+    bad = [
+        (f, m)
+        for f, m in found
+        if (top(m) in OURS and top(m) != "primitives") or top(m) in {"asyncpg", "psycopg"}
     ]
     assert bad == []
 

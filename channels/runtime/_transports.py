@@ -25,13 +25,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from primitives import KvLease
 from schemas import ChannelInstanceState
 
 from .._provider import DeliveryFailed, WebhookResult
 from .._transport import InboundTransport
 from ._ingress import kv
 from ._limits import backoff_delay
-from ._transport_state import CursorStore, TransportLease
+from ._transport_state import CursorStore, transport_lease
 
 if TYPE_CHECKING:
     from ._ingress import Ingress
@@ -155,14 +156,16 @@ class TransportRunner:
         config, options = self.instance.config, self.options
         where = (self.instance.js, config.tenant, config.instance_id)
         timeout = options.publish_timeout_seconds
-        lease = TransportLease(
+        lease = transport_lease(
             *where, options.transport_holder, ttl=options.transport_lease_seconds, timeout=timeout
         )
         store = CursorStore(*where, self.transport.name, timeout=timeout)
         try:
             while True:
                 try:
-                    other = await lease.try_take()
+                    other = None
+                    if not await lease.try_take():
+                        other = await lease.holder_now() or "another process (just released)"
                 except Exception as exc:
                     other = f"unknown (the lease could not be read: {type(exc).__name__})"
                 if other is not None:
@@ -174,9 +177,9 @@ class TransportRunner:
                 await self._hold(lease, store)
         finally:
             self.set("stopped", "stopped")
-            await asyncio.shield(lease.release())
+            await asyncio.shield(_release(lease))
 
-    async def _hold(self, lease: TransportLease, store: CursorStore) -> None:
+    async def _hold(self, lease: KvLease, store: CursorStore) -> None:
         keeper = asyncio.create_task(lease.keep(), name="transport-lease")
         connection: asyncio.Task | None = None
         attempt = 0
@@ -192,8 +195,7 @@ class TransportRunner:
                     connection = asyncio.create_task(self.transport.run(sink))
                     await asyncio.wait({connection, keeper}, return_when=asyncio.FIRST_COMPLETED)
                     if keeper.done():
-                        connection.cancel()
-                        await asyncio.gather(connection, return_exceptions=True)
+                        await stop_tasks(connection)
                         self.set("standby", "the lease was lost; the connection stopped")
                         return
                     error = connection.exception()
@@ -228,12 +230,7 @@ class TransportRunner:
                 except TimeoutError:
                     pass
         finally:  # stopped or lost: no connection outlives the lease
-            for task in (connection, keeper):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(
-                *(t for t in (connection, keeper) if t is not None), return_exceptions=True
-            )
+            await stop_tasks(connection, keeper)
             if self._on_release is not None:
                 await self._on_release()
 
@@ -255,6 +252,27 @@ class TransportRunner:
                     ChannelInstanceState.DEGRADED, f"{self.transport.name}: {self.last_error}"
                 )
                 self._degraded = True
+
+
+async def stop_tasks(*tasks: asyncio.Task | None, every: float = 1.0) -> None:
+    """Cancel the tasks and wait until they have ended, cancelling again every
+    `every` seconds while one runs on: a `Task.cancel()` that lands while httpx
+    (through anyio) opens a connection can be swallowed (agronholm/anyio#1214),
+    and a transport's loop would then poll on, its runtime never stopping."""
+    pending = {task for task in tasks if task is not None}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+
+
+async def _release(lease: KvLease) -> None:
+    """Hand the lease back; best effort (otherwise it ages out)."""
+    try:
+        await lease.release()
+    except Exception:
+        pass
 
 
 def _describe(error: BaseException) -> str:

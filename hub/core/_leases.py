@@ -7,9 +7,10 @@ delivery workers of the channel instances), each replica announces itself (key
 `member.<group>.<replica>`) and owns at most its fair share,
 ceil(partitions / replicas), of the lease keys (`lease.<group>.<name>`):
 
-* it takes a free one with `create`, which succeeds only where no live key is;
-* it keeps one with `update` at the revision it last wrote, which fails as soon as
-  anybody else holds it;
+* it takes a free one, keeps it and hands it back as a `primitives.KvLease` (the
+  project's one lease, which the channel transports' single-connection lease
+  uses too: `create`, `update` at the revision last written, a delete at that
+  revision, the KV revision taken at as the fencing token);
 * it hands its extra ones back when a replica joins, and all of them when it stops
   (so a rolling restart moves partitions at once, not after a TTL).
 
@@ -22,11 +23,11 @@ replica's partitions are free one TTL after its last renewal and taken at the
 next tick. No consensus of our own: JetStream's per-subject compare-and-set
 decides every race.
 
-A holder works a partition only while its lease is sure: it stops at the renew
-deadline (the last renewal sent + TTL - margin) even when it cannot reach NATS
-to learn that it lost, and the key outlives that deadline by the margin, so an
-old and a new owner never work a partition at once as long as a step of work
-(one fetched batch) ends within the margin.
+A holder works a partition only while its lease is sure (`KvLease.sure`): it
+stops at the renew deadline (the last renewal sent + two thirds of the TTL) even
+when it cannot reach NATS to learn that it lost, and the key outlives that
+deadline by a third of the TTL, so an old and a new owner never work a partition
+at once as long as a step of work (one fetched batch) ends within that margin.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
+
+from primitives import KvLease, LeaseLost
 
 from ._logging import kv
 
@@ -49,13 +50,6 @@ BUCKET = "CW_HUB_LEASES"
 DEFAULT_TTL = 6.0
 Hook = Callable[[str], Awaitable[None]]
 NO_MESSAGE = 10057  # JetStream's "no message found" (deleting one already gone)
-
-
-@dataclass
-class _Held:
-    revision: int
-    renewed_at: float  # monotonic time the last successful renewal was sent
-    token: int  # the revision it was taken at: its fencing token (larger for later holders)
 
 
 class PartitionLeases:
@@ -87,7 +81,7 @@ class PartitionLeases:
         # expiry): the key is handed back only after, so the next owner sees
         # everything that worker left unacked.
         self._handover_delay = handover_delay
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, KvLease] = {}
         self._handing_back: set[asyncio.Task] = set()
         self._member_revision = 0
         self._kv: KeyValue | None = None
@@ -105,14 +99,15 @@ class PartitionLeases:
         return self._held[name].token
 
     def sure(self, name: str) -> bool:
-        """Whether this replica's lease on `name` is sure now: renewed (or taken)
-        less than two thirds of a TTL ago, by this process's monotonic clock (which
-        runs on while the process is frozen). What works a partition by side effects
-        nobody can fence (a delivery worker's sends) asks before each one: a replica
-        waking from a freeze must not act in the moment before its loop has learnt
-        that it lost the lease (`_drop_unsure` stops its workers at the same bound)."""
+        """Whether this replica's lease on `name` is sure now (`KvLease.sure`: renewed
+        or taken less than two thirds of a TTL ago, by this process's monotonic
+        clock, which runs on while the process is frozen). What works a partition by
+        side effects nobody can fence (a delivery worker's sends) asks before each
+        one: a replica waking from a freeze must not act in the moment before its
+        loop has learnt that it lost the lease (`_drop_unsure` stops its workers at
+        the same bound)."""
         held = self._held.get(name)
-        return held is not None and time.monotonic() - held.renewed_at < self._ttl * 2 / 3
+        return held is not None and held.sure()
 
     @property
     def ttl(self) -> float:
@@ -152,11 +147,13 @@ class PartitionLeases:
         before = set(self._held)
         self._member_revision = await bucket.put(self._member, b"")
         members = await self._members()
+        for lease in self._held.values():  # the TTL read from the bucket just now
+            lease.ttl = self._ttl
         fair = math.ceil(len(self._names) / max(1, members))
         names = set(self._names)
         await self._release([name for name in self.held if name not in names])
         for name in list(self._held):
-            await self._renew(bucket, name)
+            await self._renew(name)
         await self._release(self.held[fair:])
         for name in self._rotated():
             if len(self._held) >= fair:
@@ -185,24 +182,17 @@ class PartitionLeases:
             except Exception as exc:  # NATS away: the key ages out instead
                 self._log.warning("leases.release_failed", **kv(error=str(exc)))
 
-    async def _renew(self, bucket: KeyValue, name: str) -> None:
-        sent = time.monotonic()
+    async def _renew(self, name: str) -> None:
         try:
-            revision = await bucket.update(
-                self._lease + name, self._replica.encode(), last=self._held[name].revision
-            )
-        except KeyWrongLastSequenceError:  # it aged out and another replica took it
+            await self._held[name].renew()
+        except LeaseLost:  # it aged out and another replica took it
             await self._lose(name, "taken over")
-            return
-        self._held[name] = _Held(revision, sent, self._held[name].token)
 
     async def _try_take(self, bucket: KeyValue, name: str) -> None:
-        sent = time.monotonic()
-        try:
-            revision = await bucket.create(self._lease + name, self._replica.encode())
-        except KeyWrongLastSequenceError:  # held by a live replica
+        lease = KvLease(bucket, self._lease + name, self._replica, ttl=self._ttl)
+        if not await lease.try_take():  # held by a live replica
             return
-        self._held[name] = _Held(revision, sent, revision)
+        self._held[name] = lease
         # Routine (every start, every rebalance): debug. Losing a lease one did not
         # hand back is worth a warning: it means NATS was out of reach.
         self._log.debug("leases.gained", **kv(lease=name, replica=self._replica))
@@ -218,26 +208,25 @@ class PartitionLeases:
         pulls can no longer deliver: in the background, so the step goes on
         renewing the rest (a step held up past two thirds of a TTL would drop
         them all, and its member key would age out)."""
-        revisions = [self._held[name].revision for name in names if name in self._held]
+        leases = [self._held[name] for name in names if name in self._held]
         await self._lose_all(names, "handed back")
-        if revisions:
-            task = asyncio.create_task(self._hand_back(revisions))
+        if leases:
+            task = asyncio.create_task(self._hand_back(leases))
             self._handing_back.add(task)
             task.add_done_callback(self._handing_back.discard)
 
-    async def _hand_back(self, revisions: list[int]) -> None:
+    async def _hand_back(self, leases: list[KvLease]) -> None:
         await asyncio.sleep(self._handover_delay)
         try:
-            for revision in revisions:
-                await self._erase(revision)
+            for lease in leases:
+                await lease.release()
         except Exception as exc:  # NATS away: the keys age out instead
             self._log.warning("leases.release_failed", **kv(error=str(exc)))
 
     async def _erase(self, revision: int) -> None:
-        """Take our last write of a key out of the bucket: the key is then free at
-        once, and no delete marker is left to count as a member. Only that very
-        message: if the key was written since (another replica took an aged-out
-        lease), the newer value stays."""
+        """Take our member key's last write out of the bucket: no delete marker is
+        left to count as a member. Only that very message: if the key was written
+        since, the newer value stays."""
         try:
             await self._js.delete_msg(f"KV_{self._bucket_name}", revision)
         except NotFoundError:
@@ -265,8 +254,7 @@ class PartitionLeases:
 
     async def _drop_unsure(self) -> None:
         """Stop the workers whose lease could have aged out without our knowing."""
-        deadline = time.monotonic() - self._ttl * 2 / 3  # a third of the TTL to spare
-        unsure = [name for name, held in self._held.items() if held.renewed_at < deadline]
+        unsure = [name for name, lease in self._held.items() if not lease.sure()]
         await self._lose_all(unsure, "not renewed in time")
 
     async def _members(self) -> int:

@@ -9,6 +9,7 @@ half-done. A kind in channels.PROVIDERS without a fake in FAKES fails here.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import uuid
 from dataclasses import dataclass
@@ -119,13 +120,23 @@ async def refused_permanently(rig: Rig, delivery: ChannelOutbound) -> DeliveryFa
     return caught.value
 
 
-def needs_http_inbound(rig: Rig) -> None:
-    if rig.caps.inbound == "stdin":
-        pytest.skip(f"{rig.kind} reads a local stdin stream: no HTTP signature to check")
-    if rig.caps.inbound == "outbound":
-        with pytest.raises(VerificationFailed):  # it takes no webhook at all
-            rig.provider.verify(rig.fake.signed_message("hello"))
-        pytest.skip(f"{rig.kind} receives over its outbound transport only: no webhook")
+def takes_webhooks(rig: Rig) -> bool:
+    """Whether the kind receives HTTP requests; if not, its declared refusal of every
+    one is asserted here (the caller then has no signature to check)."""
+    request = rig.fake.signed_message("hello")
+    if rig.caps.inbound == "stdin":  # a local process's stdin: every HTTP request refused
+        rig.provider.verify(request)  # the stdin line itself
+        as_http = webhook_request(request.body, {"Content-Type": "application/json"})
+        with pytest.raises(VerificationFailed) as caught:
+            rig.provider.verify(as_http)
+        assert caught.value.code == "cli.no_webhook", caught.value
+        return False
+    if rig.caps.inbound == "outbound":  # its outbound transport's connection is the proof
+        with pytest.raises(VerificationFailed) as caught:
+            rig.provider.verify(request)
+        assert "receives no webhooks" in caught.value.message, caught.value
+        return False
+    return True
 
 
 # --- declarations --------------------------------------------------------------------------
@@ -208,9 +219,11 @@ def test_signed_message_parses(rig: Rig) -> None:
 
 
 def test_thread_is_parsed_when_declared(rig: Rig) -> None:
-    if not rig.caps.threads:
-        pytest.skip(f"{rig.kind} declares no threads")
     message = only_message(accepted(rig, rig.fake.signed_message("in a thread", thread_id="55")))
+    if not rig.caps.threads:  # no threads: the message lands in its chat, unthreaded
+        assert message.target.thread_id is None
+        assert message.target.chat_id == rig.chat and message.text == "in a thread"
+        return
     assert message.target.thread_id == rig.fake.thread_ref("55")
 
 
@@ -222,7 +235,8 @@ def test_status_parses_as_a_command(rig: Rig) -> None:
 
 
 def test_tampered_or_unsigned_requests_are_refused(rig: Rig) -> None:
-    needs_http_inbound(rig)
+    if not takes_webhooks(rig):
+        return
     request = rig.fake.signed_message("hello")
     rig.provider.verify(request)
     if rig.fake.signs_body:
@@ -234,7 +248,8 @@ def test_tampered_or_unsigned_requests_are_refused(rig: Rig) -> None:
 
 
 async def test_instances_do_not_accept_each_others_requests(rig: Rig) -> None:
-    needs_http_inbound(rig)
+    if not takes_webhooks(rig):
+        return
     other_fake = await started_fake(rig.kind)
     try:
         other = channels.PROVIDERS[rig.kind](
@@ -406,8 +421,12 @@ async def test_file_upload_when_declared(rig: Rig) -> None:
 
 async def test_rate_limit_carries_retry_after(rig: Rig) -> None:
     if rig.caps.rate_limit == "none":
-        pytest.skip(f"{rig.kind} declares no rate limiting")
-    needs_failure_injection(rig)
+        # Declared: no platform limit to honour. A burst goes out at once, whole
+        # and in order, with nothing asking to wait.
+        for n in range(50):
+            await rig.provider.send(outbound(rig, text=f"burst {n}"))
+        assert rig.fake.texts(rig.chat) == [f"burst {n}" for n in range(50)]
+        return
     rig.fake.fail_next(429, retry_after=7)
     with pytest.raises(DeliveryFailed) as caught:
         await rig.provider.send(outbound(rig, text="hi"))
@@ -418,13 +437,10 @@ async def test_rate_limit_carries_retry_after(rig: Rig) -> None:
     assert rig.fake.texts(rig.chat) == ["hi again"]
 
 
-def needs_failure_injection(rig: Rig) -> None:
-    if not rig.fake.injects_failures:
-        pytest.skip(f"the {rig.kind} fake has no platform API to fail")
-
-
 async def test_server_error_is_retryable(rig: Rig) -> None:
-    needs_failure_injection(rig)
+    if not rig.fake.injects_failures:  # a terminal: its output failing is the outage
+        await output_fails_retryably(rig)
+        return
     rig.fake.fail_next(500)
     with pytest.raises(DeliveryFailed) as caught:
         await rig.provider.send(outbound(rig, text="hi"))
@@ -432,11 +448,31 @@ async def test_server_error_is_retryable(rig: Rig) -> None:
 
 
 async def test_client_error_is_permanent(rig: Rig) -> None:
-    needs_failure_injection(rig)
-    rig.fake.fail_next(400)
-    failure = await refused_permanently(rig, outbound(rig, text="hi"))
+    if not rig.fake.injects_failures:
+        # A terminal answers no 4xx: what it cannot show (here a reaction) is the
+        # refusal, permanent, and nothing is written.
+        target = ChannelTarget(chat_id=rig.chat, message_id="m1")
+        delivery = outbound(rig, type="reaction", reaction="👀", target=target)
+        failure = await refused_permanently(rig, delivery)
+        assert rig.fake.texts(rig.chat) == []
+    else:
+        rig.fake.fail_next(400)
+        failure = await refused_permanently(rig, outbound(rig, text="hi"))
     for value in rig.fake.instance_secrets().values():
         assert value not in str(failure), "a secret leaked into an error message"
+
+
+async def output_fails_retryably(rig: Rig) -> None:
+    """The CLI's documented outage: its output closed or unwritable is a retryable
+    failure (`transport.error`), and the next send to a working output goes out."""
+    closed = io.StringIO()
+    closed.close()
+    broken = channels.PROVIDERS[rig.kind](rig.config, rig.http, output=closed)
+    with pytest.raises(DeliveryFailed) as caught:
+        await broken.send(outbound(rig, text="hi"))
+    assert not caught.value.permanent and caught.value.code == "transport.error"
+    await rig.provider.send(outbound(rig, text="hi again"))
+    assert rig.fake.texts(rig.chat) == ["hi again"]
 
 
 async def test_probe(rig: Rig) -> None:

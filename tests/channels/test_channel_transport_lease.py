@@ -1,8 +1,10 @@
 """The single-connection lease of an outbound transport (CW_CHANNEL_LEASES
-semantics, on a bucket of its own with a 1 s TTL so the test is quick): one
-holder at a time; a crashed holder's lease ages out and is taken over, and the
-old holder can neither renew it nor think itself sure past two thirds of a TTL;
-a handed-back lease is free at once; one instance's lease is not another's."""
+semantics, on a bucket of its own with a 1 s TTL so the test is quick; the lease
+is `primitives.KvLease`, the hub's partition leases' too): one holder at a time;
+a crashed holder's lease ages out and is taken over, and the old holder can
+neither renew it nor think itself sure past two thirds of a TTL; a later holder's
+fencing token is larger; a handed-back lease is free at once; one instance's
+lease is not another's."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from channels.runtime import _transport_state as state
+from primitives import KvLease, LeaseLost
 
 TTL = 1.0
 
@@ -42,34 +45,39 @@ async def js(nats_url, monkeypatch):
     await nc.close()
 
 
-def lease(js, holder: str, instance: str = "tg-1") -> state.TransportLease:
-    return state.TransportLease(js, "acme", instance, holder, ttl=TTL, timeout=2.0)
+def lease(js, holder: str, instance: str = "tg-1") -> KvLease:
+    return state.transport_lease(js, "acme", instance, holder, ttl=TTL, timeout=2.0)
 
 
 async def test_one_holder_and_a_crashed_one_is_taken_over(js) -> None:
     a, b = lease(js, "edge gw1"), lease(js, "hub replica r1")
-    assert await a.try_take() is None and a.sure()
-    assert await b.try_take() == "edge gw1"  # held: b learns by whom
+    assert await a.try_take() and a.sure()
+    assert not await b.try_take()
+    assert await b.holder_now() == "edge gw1"  # held: b learns by whom
     crashed_at = time.monotonic()  # a stops renewing (a kill -9)
-    while (other := await b.try_take()) is not None:
-        assert other == "edge gw1"
+    while not await b.try_take():
+        assert await b.holder_now() in ("edge gw1", None)
         assert time.monotonic() - crashed_at < TTL + 3, "the lease never aged out"
         await asyncio.sleep(0.1)
     took = time.monotonic() - crashed_at
     assert took >= TTL * 2 / 3, took  # not before the old holder stopped being sure
     assert not a.sure()  # two thirds of a TTL have passed: a has stopped working
-    with pytest.raises(state.LeaseLost):
+    assert b.token > a.token > 0  # b's writes fence a's
+    with pytest.raises(LeaseLost):
         await a.renew()  # and cannot take it back
+    assert not a.held and a.token == 0
     await b.renew()
     assert b.sure()
 
 
 async def test_a_handed_back_lease_is_free_at_once_and_leases_are_per_instance(js) -> None:
     a, b = lease(js, "a"), lease(js, "b")
-    assert await a.try_take() is None
-    assert await lease(js, "c", instance="tg-2").try_take() is None  # another instance
+    assert await a.try_take()
+    assert await lease(js, "c", instance="tg-2").try_take()  # another instance
     await a.release()
     assert not a.held
-    assert await b.try_take() is None  # at once, not after a TTL
+    assert await b.holder_now() is None
+    assert await b.try_take()  # at once, not after a TTL
     await a.release()  # releasing again (nothing held) changes nothing
-    assert await lease(js, "d").try_take() == "b"
+    d = lease(js, "d")
+    assert not await d.try_take() and await d.holder_now() == "b"

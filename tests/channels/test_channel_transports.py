@@ -181,8 +181,8 @@ async def test_rate_limits_and_platform_errors_are_waited_out(rig: Rig, status: 
     runtime = await rig.runtime()
     await rig.say("before")
     await rig.until(lambda: rig.texts() == ["before"], "the first message")
-    rig.fake.fail_next(status, retry_after=1.0 if status == 429 else None)
     rig.fake.drop_next()  # the connection ends; reconnecting meets the failure
+    rig.fake.fail_after_drop(status, retry_after=1.0 if status == 429 else None)
     failed_at = time.monotonic()
     await rig.say("after")
     await rig.until(lambda: rig.texts() == ["before", "after"], "the message after the error")
@@ -221,10 +221,18 @@ async def test_one_connection_per_instance_among_processes(rig: Rig) -> None:
 
 
 async def test_a_button_press_arrives_as_an_interaction(rig: Rig) -> None:
+    """Where the platform has no buttons (declared: `buttons` none), approvals
+    carry text fallbacks, and the typed `/approve <token>` arrives as that command."""
     press = rig.fake.signed_button_press("ca-token-1", event_id="77")
-    if press is None:
-        pytest.skip(f"{rig.kind} has no buttons")
     await rig.runtime()
+    if press is None:
+        assert channels.PROVIDERS[rig.kind].capabilities.buttons is None
+        await rig.say("/approve ca-token-1")
+        await rig.until(lambda: len(rig.stored) == 1, "the typed approval")
+        typed = rig.stored[0]
+        assert typed.interaction is None and typed.is_command
+        assert (typed.command, typed.command_args) == ("approve", ["ca-token-1"])
+        return
     await rig.fake.emit(press)
     await rig.until(lambda: len(rig.stored) == 1, "the press")
     assert rig.stored[0].interaction is not None
@@ -357,3 +365,39 @@ async def test_matrix_starts_from_now_joins_invites_and_skips_its_own_echo(
     await rig.until(lambda: rig.texts() == ["a new message"], "only the new message")
     await asyncio.sleep(0.2)
     assert rig.texts() == ["a new message"]
+
+
+# --- stopping: a swallowed cancel ------------------------------------------------------------
+class _SwallowsOneCancel:
+    """A transport whose first cancel is lost, as httpx's is when it lands while anyio
+    opens a connection (agronholm/anyio#1214): its loop would poll on."""
+
+    name = "swallows-one-cancel"
+    swallowed = 0
+
+    def __init__(self, provider: Any, http: Any) -> None:
+        pass
+
+    async def run(self, sink: Any) -> None:
+        sink.report("polling", connected=True)
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if _SwallowsOneCancel.swallowed:
+                    raise
+                _SwallowsOneCancel.swallowed += 1
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+
+
+async def test_a_transport_that_loses_a_cancel_is_still_stopped(nats_url, monkeypatch) -> None:
+    monkeypatch.setitem(channels.TRANSPORTS, "telegram", _SwallowsOneCancel)
+    async with rig_for("telegram", nats_url) as rig:
+        runtime = await rig.runtime()
+        assert rig.transport(runtime)["name"] == "swallows-one-cancel"
+        started = time.monotonic()
+        await asyncio.wait_for(runtime.stop(), 10)
+        assert _SwallowsOneCancel.swallowed == 1
+        assert time.monotonic() - started < 3, "the cancel was not repeated soon"

@@ -149,9 +149,11 @@ async def claim_role(
     else:
         await send_text(hub_url, fake, instance_id, claim, chat_id=chat_id, user_id=user_id)
 
+    platform_user = fake.user_ref(user_id)  # as the platform names the user
+
     async def promoted() -> bool:
         return any(
-            _user_id_of(u) == user_id and u.get("role") == role
+            _user_id_of(u) == platform_user and u.get("role") == role
             for u in await users(http, instance_id)
         )
 

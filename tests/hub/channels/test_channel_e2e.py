@@ -38,6 +38,7 @@ USER = "7"  # the chat user, on both platforms
 TELEGRAM, SLACK = "telegram-e2e", "slack-e2e"
 # Instances receiving over the hub's outbound transports: no webhook at all.
 POLLING, GATEWAY = "telegram-poll-e2e", "discord-gw-e2e"
+TEAMS = "teams-e2e"  # Bot Framework activities on the webhook route, JWT-verified
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,13 @@ async def slack(hub, admin, desktop):
 
 
 @pytest.fixture(scope="module")
+async def teams(hub, admin, desktop):
+    fake = await _platform("teams", TEAMS, hub, admin, desktop, "member")
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="module")
 async def polling(hub, admin, desktop):
     fake = await _platform("telegram", POLLING, hub, admin, desktop, "member", outbound=True)
     yield fake
@@ -120,7 +128,7 @@ async def gateway(hub, admin, desktop):
 
 def _chat(kind: str, name: str) -> str:
     """One chat per test (one session binding each), in the platform's id style."""
-    number = {"claim": 100, "stream": 101, "approve": 103, "dup": 104}[name]
+    number = {"claim": 100, "stream": 101, "approve": 103, "dup": 104, "refused": 105}[name]
     return f"C{number:07d}" if kind == "slack" else str(number)
 
 
@@ -247,6 +255,64 @@ async def test_duplicate_webhook_delivery_makes_one_prompt(hub, telegram, deskto
     )
     assert len(claims) == 1
     assert sum(1 for p in telegram.chats[chat] if reply in p.text) == 1, chat_dump(telegram, chat)
+
+
+async def test_teams_activity_with_a_published_key_reaches_the_workspace_and_is_answered(
+    hub, teams, desktop, opencode
+):
+    """The Bot Framework's signed activity on the hub's real webhook route: the
+    token checked against the keys the (fake) Bot Framework publishes, the prompt
+    in the workspace, the streamed reply out through the connector API."""
+    chat = _chat("teams", "stream")
+    text = f"{SLOW} hello from teams"
+    await send_text(hub.http_url, teams, TEAMS, text, chat_id=chat, user_id=USER)
+    reply = opencode.model.reply_for(text).ljust(opencode.model.slow_chunks, ".")
+    await _streamed_reply(teams, teams.chat_ref(chat), reply)
+    operations = [op for op, _ in teams.calls]
+    assert "send" in operations and "update" in operations  # POST, then PUT edits
+    assert len(await _prompt_commands(hub, desktop.pairing_id, text)) == 1
+
+
+async def test_teams_tokens_not_from_the_bot_framework_are_refused_at_the_route(
+    hub, teams, desktop, opencode
+):
+    """A token signed by a key the Bot Framework does not publish, for another
+    bot (audience), or expired: each refused at the route with a 4xx and its
+    reason, and nothing reaches the workspace."""
+    chat = _chat("teams", "refused")
+    bad = {
+        "unpublished-key": ({"key": teams.unpublished}, "signature.unknown_key"),
+        "wrong-audience": (
+            {"audience": "00000000-0000-0000-0000-000000000000"},
+            "signature.invalid",
+        ),
+        "expired": ({"expires_in": -400}, "signature.stale"),
+    }
+    refused = {}
+    for case, (token, code) in bad.items():
+        text = f"never prompted: {case}"
+        message = teams.signed_message(text, chat_id=chat, user_id=USER, event_id=next_event_id())
+        published = teams.kid
+        if case == "unpublished-key":  # its own key, under a kid never published
+            teams.kid = "kid-never-published"
+        try:
+            request = teams.signed_activity(json.loads(message.body), **token)
+        finally:
+            teams.kid = published
+        response = await post_webhook(hub.http_url, TEAMS, request)
+        assert 400 <= response.status_code < 500, (case, response.text)
+        refused[case] = response.json()["error"]
+        assert refused[case]["code"] == code and refused[case]["message"], (case, refused)
+    # A good activity after them, in the same chat, is answered: the router takes
+    # a chat's messages in order, so a refused one that got through would have
+    # been prompted first.
+    after = "hello after the refused ones"
+    await send_text(hub.http_url, teams, TEAMS, after, chat_id=chat, user_id=USER)
+    reply = opencode.model.reply_for(after)
+    await wait_posted(teams, teams.chat_ref(chat), lambda p: reply in p.text, what="the reply")
+    for case in bad:
+        assert await _prompt_commands(hub, desktop.pairing_id, f"never prompted: {case}") == []
+    assert [p.text for p in teams.chats[teams.chat_ref(chat)] if "never prompted" in p.text] == []
 
 
 def _update_id(request) -> int:

@@ -80,6 +80,7 @@ class FakePlatform:
         self.reactions: list[tuple[str, str, str]] = []  # (chat, message id, emoji)
         self.answered: list[str] = []  # interaction ids answered
         self._failures: list[Failure] = []
+        self._after_drop: list[Failure] = []  # due once the connection is next dropped
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self._next_id = 1000
@@ -166,6 +167,16 @@ class FakePlatform:
     def fail_next(self, status: int, retry_after: float | None = None, count: int = 1) -> None:
         """The next `count` API calls answer `status` in the platform's own error format."""
         self._failures.append(Failure(status, retry_after, count))
+
+    def fail_after_drop(self, status: int, retry_after: float | None = None) -> None:
+        """The first API call after the next dropped connection (`drop_next`) answers
+        `status`: the reconnect meets it, whatever polls end before the drop."""
+        self._after_drop.append(Failure(status, retry_after, 1))
+
+    def dropped(self) -> None:
+        """A fake calls this as it drops a connection (`drop_next`)."""
+        self._failures.extend(self._after_drop)
+        self._after_drop.clear()
 
     def injected(self) -> Failure | None:
         """Handlers call this first; a non-None result must be answered as that error."""

@@ -312,6 +312,7 @@ class FakeDiscord(FakePlatform):
             return  # kept: a resume replays it
         if self._drop_next and kind not in ("READY", "RESUMED"):
             self._drop_next -= 1
+            self.dropped()
             assert session.request is not None and session.request.transport is not None
             session.request.transport.close()  # cut before it is sent
             session.ws = session.request = None

@@ -162,6 +162,7 @@ class FakeMatrix(FakePlatform):
         batch = self.log[start:]
         if batch and self._drop_next and since is not None:
             self._drop_next -= 1
+            self.dropped()
             assert request.transport is not None
             request.transport.close()  # mid-stream: the client never sees this batch
             return web.Response(status=500)

@@ -140,6 +140,7 @@ class FakeSignal(FakePlatform):
             self._receiving.remove(request)
         if self.queue and self._drop_next:
             self._drop_next -= 1
+            self.dropped()
             assert request.transport is not None
             request.transport.close()  # the poll dies before signal-cli hands anything over
             return web.Response(status=500)

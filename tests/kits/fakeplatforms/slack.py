@@ -148,6 +148,7 @@ class FakeSlack(FakePlatform):
                 self._sent_on[envelope_id] = ws
                 if self._drop_next:
                     self._drop_next -= 1
+                    self.dropped()
                     assert request.transport is not None
                     request.transport.close()  # cut before it is sent
                     self.sockets = [(r, w) for r, w in self.sockets if w is not ws]

@@ -150,6 +150,7 @@ class FakeTelegram(FakePlatform):
                 self._poller = None
         if batch and self._drop_next:
             self._drop_next -= 1
+            self.dropped()
             assert request.transport is not None
             request.transport.close()  # mid-stream: the client never sees this batch
             return web.Response(status=500)
