@@ -6,6 +6,7 @@ hosts the runtime (it owns instance configuration and secrets) through the names
 exported here, and nothing else.
 """
 
+from ._kv_lease import KvLease, LeaseLost, direct_kv
 from ._provider import (
     BadRequest,
     ButtonLimits,
@@ -41,6 +42,9 @@ from .cli import add_channel_commands
 from .runtime import ChannelRuntime, RuntimeOptions
 
 __all__ = [
+    "KvLease",
+    "LeaseLost",
+    "direct_kv",
     "BadRequest",
     "ButtonLimits",
     "Capabilities",

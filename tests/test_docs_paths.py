@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "README.md"]
-PACKAGES = ("schemas", "primitives", "hub", "edges", "channels")
+PACKAGES = ("schemas", "hub", "edges", "channels")
 FOLDERS = (*PACKAGES, "tests", "deploy", "docs")
 
 # Not preceded by a path, URL or name character, so `/etc/cowork/hub.env`,

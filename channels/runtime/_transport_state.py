@@ -3,7 +3,7 @@ so the hub's replicas and `cowork channel run` processes share it alike:
 
 - its **lease** (KV bucket CW_CHANNEL_LEASES, key `<tenant>.<instance>.transport`):
   exactly one connection per instance. It is the project's one lease
-  (`primitives.KvLease`, which the hub's partition leases use too): taken with
+  (`channels.KvLease`, which the hub's partition leases use too): taken with
   `create`, kept with `update` at the revision last written, handed back with a
   delete at that revision, aged out by the bucket's max_age (the hub's partition
   lease TTL) one TTL after the last renewal. The holder stops its connection
@@ -27,7 +27,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
-from primitives import KvLease, direct_kv
+from .._kv_lease import KvLease, direct_kv
 
 LEASE_BUCKET = "CW_CHANNEL_LEASES"
 CURSOR_BUCKET = "CW_CHANNEL_CURSORS"

@@ -25,9 +25,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from primitives import KvLease
 from schemas import ChannelInstanceState
 
+from .._kv_lease import KvLease
 from .._provider import DeliveryFailed, WebhookResult
 from .._transport import InboundTransport
 from ._ingress import kv

@@ -7,7 +7,7 @@ delivery workers of the channel instances), each replica announces itself (key
 `member.<group>.<replica>`) and owns at most its fair share,
 ceil(partitions / replicas), of the lease keys (`lease.<group>.<name>`):
 
-* it takes a free one, keeps it and hands it back as a `primitives.KvLease` (the
+* it takes a free one, keeps it and hands it back as a `channels.KvLease` (the
   project's one lease, which the channel transports' single-connection lease
   uses too: `create`, `update` at the revision last written, a delete at that
   revision, the KV revision taken at as the fencing token);
@@ -42,7 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
-from primitives import KvLease, LeaseLost
+from channels import KvLease, LeaseLost
 
 from ._logging import kv
 

@@ -1,6 +1,6 @@
 """The single-connection lease of an outbound transport (CW_CHANNEL_LEASES
 semantics, on a bucket of its own with a 1 s TTL so the test is quick; the lease
-is `primitives.KvLease`, the hub's partition leases' too): one holder at a time;
+is `channels.KvLease`, the hub's partition leases' too): one holder at a time;
 a crashed holder's lease ages out and is taken over, and the old holder can
 neither renew it nor think itself sure past two thirds of a TTL; a later holder's
 fencing token is larger; a handed-back lease is free at once; one instance's
@@ -16,8 +16,8 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
+from channels import KvLease, LeaseLost
 from channels.runtime import _transport_state as state
-from primitives import KvLease, LeaseLost
 
 TTL = 1.0
 
