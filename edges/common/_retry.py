@@ -1,17 +1,36 @@
-"""How long to wait for each attempt of a request the hub answers in milliseconds.
+"""Requests the hub answers in milliseconds, to a queue group of hub replicas.
 
-A request that reached a hub replica which then died is never answered, and
-nothing tells the edge: a single long timeout makes every such request wait it
-out in full (the failure Happy's relay postmortem lists first). Short first
-attempts that grow find a live replica within about a second, while a hub that
-is merely slow still gets the full timeout on later attempts. Only for requests
-that are safe to repeat (the hub dedupes them)."""
+A request that reached a hub replica which then died, or froze (SIGSTOP, a VM
+paused, a GC stall), is never answered, and nothing tells the edge: NATS keeps
+handing a frozen member its share of the queue group until the server drops its
+connection, and a single long timeout makes every such request wait it out in
+full (the failure Happy's relay postmortem lists first).
+
+`attempt_timeouts` is the schedule: short first attempts that grow, so a live
+replica is found quickly while a hub that is merely slow still gets the full
+timeout on later attempts. `ask` sends a request again on that schedule (0.25 s,
+0.5 s, then every second), every copy to the same reply inbox, so an answer to
+any copy counts: a slow replica's late answer is not thrown away (each copy has
+the whole timeout to be answered), and a copy NATS gave a dead or frozen replica
+costs `HEDGE_SECONDS`, not the timeout. Only for requests that are safe to repeat (the
+hub takes a repeat as a no-op, or answers it as it answered the first)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 FIRST_ATTEMPT_SECONDS = 1.0
+# `ask` sends the same request again after this long without an answer, then after
+# twice that, ... at most every HEDGE_MAX_SECONDS.
+HEDGE_SECONDS = 0.25
+HEDGE_MAX_SECONDS = 1.0
+_NO_RESPONDERS = "503"
 
 
 def attempt_timeouts(longest: float, first: float = FIRST_ATTEMPT_SECONDS) -> Iterator[float]:
@@ -20,3 +39,32 @@ def attempt_timeouts(longest: float, first: float = FIRST_ATTEMPT_SECONDS) -> It
     while True:
         yield timeout
         timeout = min(timeout * 2, longest)
+
+
+async def ask(
+    nc: NATS, subject: str, data: bytes, timeout: float, first: float = HEDGE_SECONDS
+) -> Msg:
+    """The first answer to `data` on `subject`, sent again after `first` s, 2*first
+    ... (at most HEDGE_MAX_SECONDS apart) without one, within `timeout` in all. Raises nats.errors.TimeoutError (no
+    answer in time), NoRespondersError (nobody subscribed), or what publishing raises
+    (disconnected, closed)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    deadline = time.monotonic() + timeout
+    try:
+        for wait in attempt_timeouts(min(timeout, HEDGE_MAX_SECONDS), first):
+            left = deadline - time.monotonic()
+            if left <= 0.01:
+                break
+            await nc.publish(subject, data, reply=inbox)
+            try:
+                msg = await sub.next_msg(timeout=min(wait, left))
+            except nats.errors.TimeoutError:
+                continue
+            if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+                raise nats.errors.NoRespondersError
+            return msg
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    raise nats.errors.TimeoutError

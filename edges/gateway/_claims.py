@@ -12,7 +12,7 @@ until the hub answers; a refused renewal or write ends that lease here.
 
 It relies on the agent for `store`, `opencode`, `events`, `outbox`, `nc`,
 `state`, `runners`, `max_concurrent_work`, `max_run_seconds`, `_tasks`,
-`_stopping`, `_health`, `_claim_wanted`, `_offered`, `_gone`, `_unsent`, and for
+`_stopping`, `_health`, `_claim_wanted`, `_claim`, `_offered`, `_gone`, `_unsent`, and for
 `request()`, `can_claim` and `_terminal()` (declared on `AgentParts`,
 edges/gateway/_parts.py).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,13 +96,26 @@ class GatewayClaims(AgentParts):
                     break
 
     async def _claim_one(self) -> bool:
-        preferred = self._offered.pop() if self._offered else None
-        request = WorkClaimRequest(work_kinds=list(WORK_KINDS), work_id=preferred)
-        reply = await self.request(
-            subjects.WORK_CLAIM.build(tenant=self.tenant, registration_id=self.registration_id),
-            request,
-            WorkClaimReply,
-        )
+        """One claim attempt. Its claim id stays until the hub answers it: a claim
+        whose reply was lost (or whose replica died or froze holding it) is sent again,
+        through whichever replica answers, and gets the lease the hub granted for it,
+        never a second one, and without waiting for that lease to expire."""
+        if self._claim is None:
+            preferred = self._offered.pop() if self._offered else None
+            self._claim = WorkClaimRequest(
+                work_kinds=list(WORK_KINDS), work_id=preferred, claim_id=uuid.uuid4()
+            )
+        try:
+            reply = await self.request(
+                subjects.WORK_CLAIM.build(tenant=self.tenant, registration_id=self.registration_id),
+                self._claim,
+                WorkClaimReply,
+                again=True,
+            )
+        except Refused:
+            self._claim = None
+            raise
+        self._claim = None
         if reply.work_id is None or not reply.lease_token:
             return False
         self._start(reply)

@@ -15,7 +15,7 @@ import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from schemas import Message
+from schemas import Message, WorkClaimRequest
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -59,6 +59,7 @@ class AgentParts:
     _stopping: bool
     _claim_wanted: asyncio.Event
     _offered: list[str]
+    _claim: WorkClaimRequest | None  # the claim attempt not yet answered (GatewayClaims)
     _gone: set[str]
     _unsent: int
     _auth_failures: int

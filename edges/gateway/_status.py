@@ -85,8 +85,12 @@ class GatewayStatus(AgentParts):
             tenant=self.tenant, registration_id=self.registration_id
         )
         try:
-            reply = await self.request(subject, beat, GatewayHeartbeatReply)
+            # Sent again on no answer (a replica that froze holding it): the hub writes
+            # one of the copies; another may be answered as stale meanwhile.
+            reply = await self.request(subject, beat, GatewayHeartbeatReply, again=True)
         except Refused as exc:
+            if exc.code == "gateway.stale_heartbeat":
+                return  # a copy of this beat was taken; the next reply brings the state
             if exc.code in TERMINAL_CODES:
                 self._terminal(exc)
             raise
