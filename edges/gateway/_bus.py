@@ -150,17 +150,18 @@ class GatewayConnection(AgentParts):
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
         there is no answer (or a refusal that is worth retrying). With `again` (a
         request the hub answers alike when repeated: claims under their claim id,
-        renewals, outputs, heartbeats), a copy left unanswered for 0.25 s is sent
-        again, then after 0.5 s, 1 s ... within `timeout` in all, and the first answer
-        to any copy counts (`edges.common.ask`): a hub replica that dies or freezes
-        holding it costs a fraction of a second, not the whole timeout."""
+        renewals, outputs, heartbeats), a copy left unanswered for twice the hub's
+        usual answer time (at least 0.5 s) is sent again, then every second within
+        `timeout` in all, and the first answer to any copy counts (`edges.common.ask`):
+        a hub replica that dies or freezes holding it costs about half a second, not
+        the whole timeout."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
         data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
         try:
             if again:
-                msg = await ask(nc, subject, data, timeout)
+                msg = await ask(nc, subject, data, timeout, self._answer_times)
             else:
                 msg = await nc.request(subject, data, timeout=timeout)
         except TimeoutError as exc:  # (nats-py's timeout is one too)

@@ -58,7 +58,8 @@ class GatewayClaims(AgentParts):
         req = offer.requirements
         if req.host_paths or req.local_stdio_mcps or offer.kind not in WORK_KINDS:
             return  # the hub would refuse the claim anyway
-        self._offered = (self._offered + [offer.work_id])[-16:]
+        if offer.work_id not in self._offered:
+            self._offered = (self._offered + [offer.work_id])[-16:]
         self._want_claim()
 
     def _want_claim(self) -> None:
@@ -101,7 +102,11 @@ class GatewayClaims(AgentParts):
         through whichever replica answers, and gets the lease the hub granted for it,
         never a second one, and without waiting for that lease to expire."""
         if self._claim is None:
-            preferred = self._offered.pop() if self._offered else None
+            # The oldest item offered (work ids are time-ordered): under a backlog the
+            # newest offer must not win every time, or the oldest work starves.
+            preferred = min(self._offered) if self._offered else None
+            if preferred:
+                self._offered.remove(preferred)
             self._claim = WorkClaimRequest(
                 work_kinds=list(WORK_KINDS), work_id=preferred, claim_id=uuid.uuid4()
             )

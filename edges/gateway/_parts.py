@@ -20,7 +20,7 @@ from schemas import Message, WorkClaimRequest
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-    from ..common import EdgeCredentials, OpenCodeClient, Repeats
+    from ..common import AnswerTimes, EdgeCredentials, OpenCodeClient, Repeats
     from ._bus import Refused
     from ._outbox import Outbox
     from ._store import GatewayFile, GatewayStore
@@ -60,6 +60,7 @@ class AgentParts:
     _claim_wanted: asyncio.Event
     _offered: list[str]
     _claim: WorkClaimRequest | None  # the claim attempt not yet answered (GatewayClaims)
+    _answer_times: AnswerTimes  # how long the hub usually takes (GatewayConnection.request)
     _gone: set[str]
     _unsent: int
     _auth_failures: int

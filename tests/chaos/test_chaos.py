@@ -516,7 +516,7 @@ SHORT = [
 FULL = SHORT + [
     Fault("restart PostgreSQL", restart_postgres),
     # NATS keeps handing the frozen replica its share of the Gateway's requests: each
-    # is sent again after 0.25 s (claims under their claim id), so none waits for it.
+    # is sent again after about 0.5 s (claims under their claim id): none waits for it.
     Fault("freeze a replica", freeze_replica, work_bound=FROZEN_WORK_BOUND),
     Fault("reconnect storm", reconnect_storm),
 ]

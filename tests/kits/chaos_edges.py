@@ -15,6 +15,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -494,4 +495,14 @@ class WorkTraffic:
                 "duplicated", sum(n - 1 for n in again.values()), f"results {what} twice {again}"
             )
         retried = sum(1 for v in views.values() if v["attempts"] > 1)
-        return f"{len(self.items)} work items ({retried} claimed again after a lost lease)"
+        took = [
+            (
+                datetime.fromisoformat(v["completedAt"]) - datetime.fromisoformat(v["createdAt"])
+            ).total_seconds()
+            for v in views.values()
+            if v.get("completedAt")
+        ]
+        return (
+            f"{len(self.items)} work items ({retried} claimed again after a lost lease, "
+            f"enqueued to done {min(took, default=0):.1f}-{max(took, default=0):.1f} s)"
+        )

@@ -1,6 +1,6 @@
 """A Gateway's requests when a hub replica dies holding one, against a real
 nats-server: a request the hub answers alike when repeated (a claim under its
-claim id, a renewal, an output, a heartbeat) is sent again after 0.25 s and
+claim id, a renewal, an output, a heartbeat) is sent again after 0.5 s and
 answered by another replica, instead of waiting out the whole timeout; one that
 is not (capabilities, syncs) still gets one attempt."""
 
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import nats
 import pytest
 
+from edges.common import AnswerTimes, ask
 from edges.gateway._bus import GatewayConnection
 from edges.gateway._work import TransientBusError
 from schemas import AckReply, Envelope, Source, WorkRenew, decode
@@ -25,6 +26,7 @@ def _gateway(nc) -> SimpleNamespace:
     return SimpleNamespace(
         nc=nc,
         tenant="acme",
+        _answer_times=AnswerTimes(),
         _source=lambda: Source(principal_kind="gateway", principal_id="gw1"),
     )
 
@@ -77,6 +79,42 @@ async def test_a_request_held_by_a_dying_replica(nats_url, again):
             with pytest.raises(TransientBusError):
                 await GatewayConnection.request(_gateway(client), SUBJECT, renew, AckReply, 1.5)
             assert len(arrived) == 1, "a request not safe to repeat was sent twice"
+    finally:
+        await client.close()
+        await responders.close()
+
+
+async def test_a_slow_hub_is_answered_from_any_copy_and_learnt(nats_url):
+    """A hub that answers in 0.8 s: the first copy's answer counts even after a copy
+    was sent (nothing is asked a third time); once the usual answer time is known,
+    no copy is sent before twice that."""
+    responders = await nats.connect(nats_url)
+    client = await nats.connect(nats_url)
+    arrived: list[float] = []
+
+    async def slow(msg) -> None:
+        arrived.append(time.monotonic())
+        await asyncio.sleep(0.8)
+        await msg.respond(b"ok")
+
+    try:
+        tasks: list[asyncio.Task] = []
+
+        async def each(msg) -> None:  # answered side by side, as two replicas would
+            tasks.append(asyncio.create_task(slow(msg)))
+
+        await responders.subscribe(SUBJECT, cb=each)
+        await responders.flush()
+        times = AnswerTimes()
+        started = time.monotonic()
+        assert (await ask(client, SUBJECT, b"x", 5.0, times)).data == b"ok"
+        took = time.monotonic() - started
+        assert len(arrived) == 2 and took < 1.2, (len(arrived), took)  # a copy at 0.5 s
+        times.observe(0.8)  # as answers to first copies teach it
+        arrived.clear()
+        assert (await ask(client, SUBJECT, b"x", 5.0, times)).data == b"ok"
+        assert len(arrived) == 1, "a copy was sent to a hub that is only slow"
+        assert 1.55 < times.first_wait() < 1.7  # twice ~0.8 s (both answers observed)
     finally:
         await client.close()
         await responders.close()
