@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -61,34 +61,48 @@ class AnswerTimes:
 
 
 async def ask(
-    nc: NATS, subject: str, data: bytes, timeout: float, times: AnswerTimes | None = None
+    nc: NATS,
+    subject: str,
+    data: bytes,
+    timeout: float,
+    times: AnswerTimes | None = None,
+    final: Callable[[Msg], bool] | None = None,
 ) -> Msg:
     """The first answer to `data` on `subject`, sent again after `times.first_wait()`
-    and then every second without one, within `timeout` in all. Raises
-    nats.errors.TimeoutError (no answer in time), NoRespondersError (nobody
-    subscribed), or what publishing raises (disconnected, closed)."""
+    and then every second without one, within `timeout` in all. An answer `final`
+    rejects (a copy answered as a repeat of another) is returned only if no other
+    comes by the deadline. Raises nats.errors.TimeoutError (no answer in time),
+    NoRespondersError (nobody subscribed), or what publishing raises
+    (disconnected, closed)."""
     times = times or AnswerTimes()
     first = min(times.first_wait(), timeout)
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     started = time.monotonic()
     deadline = started + timeout
+    kept: Msg | None = None
     try:
         for copy, wait in enumerate(attempt_timeouts(max(first, _EVERY_SECONDS), first)):
-            left = deadline - time.monotonic()
-            if left <= 0.01:
+            if deadline - time.monotonic() <= 0.01:
                 break
             await nc.publish(subject, data, reply=inbox)
-            try:
-                msg = await sub.next_msg(timeout=min(wait, left))
-            except nats.errors.TimeoutError:
-                continue
-            if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
-                raise nats.errors.NoRespondersError
-            if copy == 0:  # (an answer after a copy says nothing of the usual time)
-                times.observe(time.monotonic() - started)
-            return msg
+            until = min(time.monotonic() + wait, deadline)
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+                    raise nats.errors.NoRespondersError
+                if final is not None and copy > 0 and not final(msg):
+                    kept = msg  # another copy's answer may still come
+                    continue
+                if copy == 0:  # (an answer after a copy says nothing of the usual time)
+                    times.observe(time.monotonic() - started)
+                return msg
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+    if kept is not None:
+        return kept
     raise nats.errors.TimeoutError

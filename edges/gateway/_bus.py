@@ -18,11 +18,13 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any, cast
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
@@ -146,6 +148,7 @@ class GatewayConnection(AgentParts):
         timeout: float = REQUEST_TIMEOUT,
         *,
         again: bool = False,
+        repeat_code: str | None = None,
     ) -> M:
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
         there is no answer (or a refusal that is worth retrying). With `again` (a
@@ -154,14 +157,16 @@ class GatewayConnection(AgentParts):
         usual answer time (at least 0.5 s) is sent again, then every second within
         `timeout` in all, and the first answer to any copy counts (`edges.common.ask`):
         a hub replica that dies or freezes holding it costs about half a second, not
-        the whole timeout."""
+        the whole timeout. `repeat_code`: the refusal a copy gets when another copy
+        was taken (a heartbeat's stale sequence); the other copy's answer is awaited."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
         data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
         try:
             if again:
-                msg = await ask(nc, subject, data, timeout, self._answer_times)
+                final = _not_refused_as(repeat_code) if repeat_code else None
+                msg = await ask(nc, subject, data, timeout, self._answer_times, final)
             else:
                 msg = await nc.request(subject, data, timeout=timeout)
         except TimeoutError as exc:  # (nats-py's timeout is one too)
@@ -176,6 +181,19 @@ class GatewayConnection(AgentParts):
             principal_id=self.registration_id,
             authority=ExecutionAuthority.GATEWAY_STANDALONE,
         )
+
+
+def _not_refused_as(code: str) -> Callable[[Msg], bool]:
+    """Whether an answer is anything but a refusal with `code`."""
+
+    def final(msg: Msg) -> bool:
+        try:
+            ack = decode(msg.data, AckReply).data
+        except ContractError:
+            return True
+        return ack.ok or ack.code != code
+
+    return final
 
 
 def decode_reply(raw: bytes, model: type[M]) -> M:

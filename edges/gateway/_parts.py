@@ -95,6 +95,7 @@ class AgentParts:
             timeout: float = ...,
             *,
             again: bool = ...,
+            repeat_code: str | None = ...,
         ) -> M: ...
 
         # GatewayStatus (_status.py)

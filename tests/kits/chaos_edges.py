@@ -436,6 +436,8 @@ class ChaosGateway:
         """Seconds from `start` (the strike) until work enqueued now has completed."""
         view = await self.finished(await self.enqueue(f"probe-{label}", f"edge-{label}"))
         assert view["state"] == "completed", view
+        if view["attempts"] > 1:  # (a lease of it lost: say so beside its time)
+            print(f"\n{label}: probe work leased {view['attempts']} times: {view['leases']}")
         return time.monotonic() - start
 
 

@@ -118,3 +118,43 @@ async def test_a_slow_hub_is_answered_from_any_copy_and_learnt(nats_url):
     finally:
         await client.close()
         await responders.close()
+
+
+async def test_a_copy_answered_as_a_repeat_waits_for_the_real_answer(nats_url):
+    """A heartbeat's copy reaches the hub while the first is still being written: the
+    copy is refused at once as a stale repeat, and the Gateway takes the first one's
+    answer (the registration's state) that comes after it, not the refusal."""
+    responders = await nats.connect(nats_url)
+    client = await nats.connect(nats_url)
+    seen: list[int] = []
+    tasks: list[asyncio.Task] = []
+
+    async def answer(msg, reply: AckReply, after: float) -> None:
+        await asyncio.sleep(after)
+        await msg.respond(Envelope.wrap(reply, source=_hub(), tenant="acme").encode())
+
+    async def hub(msg) -> None:
+        seen.append(len(seen))
+        if len(seen) == 1:  # the beat itself, written with the next flush
+            tasks.append(asyncio.create_task(answer(msg, AckReply(ok=True), 0.9)))
+        else:
+            stale = AckReply(ok=False, code="gateway.stale_heartbeat", reason="repeat")
+            tasks.append(asyncio.create_task(answer(msg, stale, 0.0)))
+
+    try:
+        await responders.subscribe(SUBJECT, cb=hub)
+        await responders.flush()
+        renew = WorkRenew(work_id="w1", lease_token="t" * 32)
+        reply = await GatewayConnection.request(
+            _gateway(client),
+            SUBJECT,
+            renew,
+            AckReply,
+            5.0,
+            again=True,
+            repeat_code="gateway.stale_heartbeat",
+        )
+        assert reply.ok and len(seen) == 2
+    finally:
+        await client.close()
+        await responders.close()
