@@ -31,7 +31,7 @@ FIRST_ATTEMPT_SECONDS = 1.0
 # `ask` sends the same request again after twice the usual answer time, at least
 # HEDGE_SECONDS and at most HEDGE_MAX_SECONDS, then every HEDGE_MAX_SECONDS.
 HEDGE_SECONDS = 0.5
-HEDGE_MAX_SECONDS = 2.0
+HEDGE_MAX_SECONDS = 1.0
 _EVERY_SECONDS = 1.0
 _NO_RESPONDERS = "503"
 

@@ -114,7 +114,7 @@ async def test_a_slow_hub_is_answered_from_any_copy_and_learnt(nats_url):
         arrived.clear()
         assert (await ask(client, SUBJECT, b"x", 5.0, times)).data == b"ok"
         assert len(arrived) == 1, "a copy was sent to a hub that is only slow"
-        assert 1.55 < times.first_wait() < 1.7  # twice ~0.8 s (both answers observed)
+        assert times.first_wait() == 1.0  # twice ~0.8 s, capped at 1 s
     finally:
         await client.close()
         await responders.close()
