@@ -148,7 +148,7 @@ class GatewayConnection(AgentParts):
         timeout: float = REQUEST_TIMEOUT,
         *,
         again: bool = False,
-        repeat_code: str | None = None,
+        repeat_codes: frozenset[str] = frozenset(),
     ) -> M:
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
         there is no answer (or a refusal that is worth retrying). With `again` (a
@@ -157,15 +157,16 @@ class GatewayConnection(AgentParts):
         usual answer time (at least 0.5 s) is sent again, then every second within
         `timeout` in all, and the first answer to any copy counts (`edges.common.ask`):
         a hub replica that dies or freezes holding it costs about half a second, not
-        the whole timeout. `repeat_code`: the refusal a copy gets when another copy
-        was taken (a heartbeat's stale sequence); the other copy's answer is awaited."""
+        the whole timeout. `repeat_codes`: refusals a copy gets for being one (a
+        heartbeat's stale sequence, or one request too many for its rate): the other
+        copy's answer is awaited."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
         data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
         try:
             if again:
-                final = _not_refused_as(repeat_code) if repeat_code else None
+                final = _not_refused_as(repeat_codes) if repeat_codes else None
                 msg = await ask(nc, subject, data, timeout, self._answer_times, final)
             else:
                 msg = await nc.request(subject, data, timeout=timeout)
@@ -183,15 +184,15 @@ class GatewayConnection(AgentParts):
         )
 
 
-def _not_refused_as(code: str) -> Callable[[Msg], bool]:
-    """Whether an answer is anything but a refusal with `code`."""
+def _not_refused_as(codes: frozenset[str]) -> Callable[[Msg], bool]:
+    """Whether an answer is anything but a refusal with one of `codes`."""
 
     def final(msg: Msg) -> bool:
         try:
             ack = decode(msg.data, AckReply).data
         except ContractError:
             return True
-        return ack.ok or ack.code != code
+        return ack.ok or ack.code not in codes
 
     return final
 

@@ -95,7 +95,7 @@ class AgentParts:
             timeout: float = ...,
             *,
             again: bool = ...,
-            repeat_code: str | None = ...,
+            repeat_codes: frozenset[str] = ...,
         ) -> M: ...
 
         # GatewayStatus (_status.py)

@@ -49,6 +49,8 @@ log = logging.getLogger("cowork.edge.gateway")
 TERMINAL_STATES = ("revoked", "retired")
 # A heartbeat's answer when its sequence was taken already (a copy of it was).
 STALE_BEAT = "gateway.stale_heartbeat"
+# What a copy of a heartbeat may be refused for being one (see GatewayConnection.request).
+BEAT_REPEATS = frozenset({STALE_BEAT, "rate_limited"})
 # The modes a heartbeat may report; any other state is reported as "active".
 _WORKER_STATES = frozenset(
     {"pending", "active", "draining", "paused", "unhealthy", "retired", "revoked"}
@@ -93,7 +95,7 @@ class GatewayStatus(AgentParts):
             # Sent again on no answer (a replica that froze holding it): the hub writes
             # one of the copies; another may be answered as stale meanwhile.
             reply = await self.request(
-                subject, beat, GatewayHeartbeatReply, again=True, repeat_code=STALE_BEAT
+                subject, beat, GatewayHeartbeatReply, again=True, repeat_codes=BEAT_REPEATS
             )
         except Refused as exc:
             if exc.code == STALE_BEAT:

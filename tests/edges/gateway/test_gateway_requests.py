@@ -152,7 +152,7 @@ async def test_a_copy_answered_as_a_repeat_waits_for_the_real_answer(nats_url):
             AckReply,
             5.0,
             again=True,
-            repeat_code="gateway.stale_heartbeat",
+            repeat_codes=frozenset({"gateway.stale_heartbeat"}),
         )
         assert reply.ok and len(seen) == 2
     finally:
