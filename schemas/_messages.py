@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from pydantic import AfterValidator, Field, StrictBool, model_validator
 
@@ -392,6 +393,14 @@ class WorkClaimRequest(Message):
     message_type = "work.claim.request"
     work_kinds: list[TokenId] = Field(default_factory=lambda: ["prompt"], max_length=64)
     work_id: TokenId | None = Field(default=None, description="Prefer this offered item")
+    claim_id: UUID | None = Field(
+        default=None,
+        description=(
+            "New for each claim attempt and the same on its retries: the hub records the "
+            "lease it grants under it (for an hour), and a retry with the same claimId is "
+            "answered with that lease (or none if it has ended), never a second one"
+        ),
+    )
 
 
 class WorkClaimReply(Message):

@@ -31,7 +31,7 @@ from ._credentials import (
 from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
-from ._retry import attempt_timeouts
+from ._retry import AnswerTimes, ask, attempt_timeouts
 from ._sealed import (
     ContentKey,
     ControllerKeys,
@@ -65,6 +65,8 @@ __all__ = [
     "add_opencode_server",
     "add_state_dir",
     "add_status_command",
+    "AnswerTimes",
+    "ask",
     "attempt_timeouts",
     "bootstrap_exchange",
     "bootstrap_options",

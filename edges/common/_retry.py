@@ -1,17 +1,39 @@
-"""How long to wait for each attempt of a request the hub answers in milliseconds.
+"""Requests the hub answers in milliseconds, to a queue group of hub replicas.
 
-A request that reached a hub replica which then died is never answered, and
-nothing tells the edge: a single long timeout makes every such request wait it
-out in full (the failure Happy's relay postmortem lists first). Short first
-attempts that grow find a live replica within about a second, while a hub that
-is merely slow still gets the full timeout on later attempts. Only for requests
-that are safe to repeat (the hub dedupes them)."""
+A request that reached a hub replica which then died, or froze (SIGSTOP, a VM
+paused, a GC stall), is never answered, and nothing tells the edge: NATS keeps
+handing a frozen member its share of the queue group until the server drops its
+connection, and a single long timeout makes every such request wait it out in
+full (the failure Happy's relay postmortem lists first).
+
+`attempt_timeouts` is the schedule: short first attempts that grow, so a live
+replica is found quickly while a hub that is merely slow still gets the full
+timeout on later attempts. `ask` sends a request again when it is not answered
+in twice the hub's usual answer time (`AnswerTimes`, at least 0.5 s), then every
+second, every copy to the same reply inbox, so an answer to any copy counts: a
+slow replica's late answer is not thrown away (each copy has the whole timeout to
+be answered), a copy NATS gave a dead or frozen replica costs about half a
+second, not the timeout, and a hub slowed by load is not sent copies it would only
+have to answer again. Only for requests that are safe to repeat (the
+hub takes a repeat as a no-op, or answers it as it answered the first)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 FIRST_ATTEMPT_SECONDS = 1.0
+# `ask` sends the same request again after twice the usual answer time, at least
+# HEDGE_SECONDS and at most HEDGE_MAX_SECONDS, then every HEDGE_MAX_SECONDS.
+HEDGE_SECONDS = 0.5
+HEDGE_MAX_SECONDS = 1.0
+_EVERY_SECONDS = 1.0
+_NO_RESPONDERS = "503"
 
 
 def attempt_timeouts(longest: float, first: float = FIRST_ATTEMPT_SECONDS) -> Iterator[float]:
@@ -20,3 +42,67 @@ def attempt_timeouts(longest: float, first: float = FIRST_ATTEMPT_SECONDS) -> It
     while True:
         yield timeout
         timeout = min(timeout * 2, longest)
+
+
+class AnswerTimes:
+    """How long the hub usually takes to answer: a moving average of the answers to
+    a request's first copy (one per edge agent, shared by its requests)."""
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+
+    def first_wait(self) -> float:
+        """How long `ask` waits before it sends a copy."""
+        usual = 2 * self.mean if self.mean is not None else HEDGE_SECONDS
+        return min(HEDGE_MAX_SECONDS, max(HEDGE_SECONDS, usual))
+
+    def observe(self, seconds: float) -> None:
+        self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
+
+
+async def ask(
+    nc: NATS,
+    subject: str,
+    data: bytes,
+    timeout: float,
+    times: AnswerTimes | None = None,
+    final: Callable[[Msg], bool] | None = None,
+) -> Msg:
+    """The first answer to `data` on `subject`, sent again after `times.first_wait()`
+    and then every second without one, within `timeout` in all. An answer `final`
+    rejects (a copy answered as a repeat of another) is returned only if no other
+    comes by the deadline. Raises nats.errors.TimeoutError (no answer in time),
+    NoRespondersError (nobody subscribed), or what publishing raises
+    (disconnected, closed)."""
+    times = times or AnswerTimes()
+    first = min(times.first_wait(), timeout)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    started = time.monotonic()
+    deadline = started + timeout
+    kept: Msg | None = None
+    try:
+        for copy, wait in enumerate(attempt_timeouts(max(first, _EVERY_SECONDS), first)):
+            if deadline - time.monotonic() <= 0.01:
+                break
+            await nc.publish(subject, data, reply=inbox)
+            until = min(time.monotonic() + wait, deadline)
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+                    raise nats.errors.NoRespondersError
+                if final is not None and copy > 0 and not final(msg):
+                    kept = msg  # another copy's answer may still come
+                    continue
+                if copy == 0:  # (an answer after a copy says nothing of the usual time)
+                    times.observe(time.monotonic() - started)
+                return msg
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    if kept is not None:
+        return kept
+    raise nats.errors.TimeoutError

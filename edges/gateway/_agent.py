@@ -24,9 +24,16 @@ from datetime import datetime
 
 from nats.aio.client import Client as NATS
 
-from schemas import CredentialScope, subjects
+from schemas import CredentialScope, WorkClaimRequest, subjects
 
-from ..common import EdgeCredentials, OpenCodeClient, OpenCodeError, Repeats, refresh_forever
+from ..common import (
+    AnswerTimes,
+    EdgeCredentials,
+    OpenCodeClient,
+    OpenCodeError,
+    Repeats,
+    refresh_forever,
+)
 from ._bus import GatewayConnection, Refused
 from ._claims import WORK_KINDS, GatewayClaims
 from ._outbox import MemoryOutbox, Outbox
@@ -88,6 +95,8 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         self._stopping = False
         self._claim_wanted = asyncio.Event()
         self._offered: list[str] = []
+        self._claim: WorkClaimRequest | None = None
+        self._answer_times = AnswerTimes()
         self._gone: set[str] = set()  # lease tokens the hub refused
         self._unsent = 0
         self._auth_failures = 0

@@ -18,12 +18,13 @@ import asyncio
 import json
 import logging
 import random
-import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
@@ -37,7 +38,7 @@ from schemas import (
     subjects,
 )
 
-from ..common import attempt_timeouts
+from ..common import ask
 from ._parts import AgentParts, M
 from ._work import TransientBusError
 
@@ -147,31 +148,33 @@ class GatewayConnection(AgentParts):
         timeout: float = REQUEST_TIMEOUT,
         *,
         again: bool = False,
+        repeat_codes: frozenset[str] = frozenset(),
     ) -> M:
         """One request to the hub. Raises Refused for a refusal, TransientBusError when
         there is no answer (or a refusal that is worth retrying). With `again` (a
-        request the hub takes as a no-op when repeated: renewals, outputs), an
-        attempt left unanswered is asked again after 1 s, then 2 s ... within
-        `timeout` in all: a hub replica that dies holding it costs a second, not the
-        whole timeout."""
+        request the hub answers alike when repeated: claims under their claim id,
+        renewals, outputs, heartbeats), a copy left unanswered for twice the hub's
+        usual answer time (at least 0.5 s) is sent again, then every second within
+        `timeout` in all, and the first answer to any copy counts (`edges.common.ask`):
+        a hub replica that dies or freezes holding it costs about half a second, not
+        the whole timeout. `repeat_codes`: refusals a copy gets for being one (a
+        heartbeat's stale sequence, or one request too many for its rate): the other
+        copy's answer is awaited."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
         data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
-        deadline = time.monotonic() + timeout
-        waits = attempt_timeouts(timeout) if again else iter([timeout])
-        for wait in waits:
-            wait = min(wait, deadline - time.monotonic())
-            try:
-                msg = await nc.request(subject, data, timeout=wait)
-            except TimeoutError as exc:  # (nats-py's timeout is one too)
-                if again and deadline - time.monotonic() > 0.05:
-                    continue
-                raise TransientBusError(type(exc).__name__) from None
-            except nats.errors.Error as exc:  # no responders, disconnected, draining
-                raise TransientBusError(type(exc).__name__) from None
-            return decode_reply(msg.data, reply_model)
-        raise TransientBusError("TimeoutError")
+        try:
+            if again:
+                final = _not_refused_as(repeat_codes) if repeat_codes else None
+                msg = await ask(nc, subject, data, timeout, self._answer_times, final)
+            else:
+                msg = await nc.request(subject, data, timeout=timeout)
+        except TimeoutError as exc:  # (nats-py's timeout is one too)
+            raise TransientBusError(type(exc).__name__) from None
+        except nats.errors.Error as exc:  # no responders, disconnected, draining
+            raise TransientBusError(type(exc).__name__) from None
+        return decode_reply(msg.data, reply_model)
 
     def _source(self) -> Source:
         return Source(
@@ -179,6 +182,19 @@ class GatewayConnection(AgentParts):
             principal_id=self.registration_id,
             authority=ExecutionAuthority.GATEWAY_STANDALONE,
         )
+
+
+def _not_refused_as(codes: frozenset[str]) -> Callable[[Msg], bool]:
+    """Whether an answer is anything but a refusal with one of `codes`."""
+
+    def final(msg: Msg) -> bool:
+        try:
+            ack = decode(msg.data, AckReply).data
+        except ContractError:
+            return True
+        return ack.ok or ack.code not in codes
+
+    return final
 
 
 def decode_reply(raw: bytes, model: type[M]) -> M:

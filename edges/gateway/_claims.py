@@ -12,7 +12,7 @@ until the hub answers; a refused renewal or write ends that lease here.
 
 It relies on the agent for `store`, `opencode`, `events`, `outbox`, `nc`,
 `state`, `runners`, `max_concurrent_work`, `max_run_seconds`, `_tasks`,
-`_stopping`, `_health`, `_claim_wanted`, `_offered`, `_gone`, `_unsent`, and for
+`_stopping`, `_health`, `_claim_wanted`, `_claim`, `_offered`, `_gone`, `_unsent`, and for
 `request()`, `can_claim` and `_terminal()` (declared on `AgentParts`,
 edges/gateway/_parts.py).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,7 +58,8 @@ class GatewayClaims(AgentParts):
         req = offer.requirements
         if req.host_paths or req.local_stdio_mcps or offer.kind not in WORK_KINDS:
             return  # the hub would refuse the claim anyway
-        self._offered = (self._offered + [offer.work_id])[-16:]
+        if offer.work_id not in self._offered:
+            self._offered = (self._offered + [offer.work_id])[-16:]
         self._want_claim()
 
     def _want_claim(self) -> None:
@@ -95,13 +97,30 @@ class GatewayClaims(AgentParts):
                     break
 
     async def _claim_one(self) -> bool:
-        preferred = self._offered.pop() if self._offered else None
-        request = WorkClaimRequest(work_kinds=list(WORK_KINDS), work_id=preferred)
-        reply = await self.request(
-            subjects.WORK_CLAIM.build(tenant=self.tenant, registration_id=self.registration_id),
-            request,
-            WorkClaimReply,
-        )
+        """One claim attempt. Its claim id stays until the hub answers it: a claim
+        whose reply was lost (or whose replica died or froze holding it) is sent again,
+        through whichever replica answers, and gets the lease the hub granted for it,
+        never a second one, and without waiting for that lease to expire."""
+        if self._claim is None:
+            # The oldest item offered (work ids are time-ordered): under a backlog the
+            # newest offer must not win every time, or the oldest work starves.
+            preferred = min(self._offered) if self._offered else None
+            if preferred:
+                self._offered.remove(preferred)
+            self._claim = WorkClaimRequest(
+                work_kinds=list(WORK_KINDS), work_id=preferred, claim_id=uuid.uuid4()
+            )
+        try:
+            reply = await self.request(
+                subjects.WORK_CLAIM.build(tenant=self.tenant, registration_id=self.registration_id),
+                self._claim,
+                WorkClaimReply,
+                again=True,
+            )
+        except Refused:
+            self._claim = None
+            raise
+        self._claim = None
         if reply.work_id is None or not reply.lease_token:
             return False
         self._start(reply)

@@ -15,12 +15,12 @@ import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from schemas import Message
+from schemas import Message, WorkClaimRequest
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-    from ..common import EdgeCredentials, OpenCodeClient, Repeats
+    from ..common import AnswerTimes, EdgeCredentials, OpenCodeClient, Repeats
     from ._bus import Refused
     from ._outbox import Outbox
     from ._store import GatewayFile, GatewayStore
@@ -59,6 +59,8 @@ class AgentParts:
     _stopping: bool
     _claim_wanted: asyncio.Event
     _offered: list[str]
+    _claim: WorkClaimRequest | None  # the claim attempt not yet answered (GatewayClaims)
+    _answer_times: AnswerTimes  # how long the hub usually takes (GatewayConnection.request)
     _gone: set[str]
     _unsent: int
     _auth_failures: int
@@ -93,6 +95,7 @@ class AgentParts:
             timeout: float = ...,
             *,
             again: bool = ...,
+            repeat_codes: frozenset[str] = ...,
         ) -> M: ...
 
         # GatewayStatus (_status.py)

@@ -47,6 +47,10 @@ from ._work import TransientBusError
 log = logging.getLogger("cowork.edge.gateway")
 
 TERMINAL_STATES = ("revoked", "retired")
+# A heartbeat's answer when its sequence was taken already (a copy of it was).
+STALE_BEAT = "gateway.stale_heartbeat"
+# What a copy of a heartbeat may be refused for being one (see GatewayConnection.request).
+BEAT_REPEATS = frozenset({STALE_BEAT, "rate_limited"})
 # The modes a heartbeat may report; any other state is reported as "active".
 _WORKER_STATES = frozenset(
     {"pending", "active", "draining", "paused", "unhealthy", "retired", "revoked"}
@@ -57,7 +61,10 @@ MAX_SYNC_ITEMS = 1000
 class GatewayStatus(AgentParts):
     # --- heartbeats and capabilities ---------------------------------------------------------
     async def _heartbeats(self) -> None:
+        """One beat every interval, from when the last one was sent (not answered): a
+        hub slow to answer does not stretch the gaps the unhealthy sweep counts."""
         while True:
+            sent = time.monotonic()
             try:
                 await self._heartbeat()
                 self._repeats.ok("gateway.heartbeat")
@@ -65,7 +72,7 @@ class GatewayStatus(AgentParts):
                 self._repeats.failed("gateway.heartbeat", "gateway.heartbeat_failed: %s", exc)
             except Exception:  # a bug must not silence the heartbeat for good
                 log.exception("gateway.heartbeat_broke")
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(max(0.0, self.heartbeat_interval - (time.monotonic() - sent)))
 
     async def _heartbeat(self, liveness: Liveness = "alive") -> None:
         await self._check_opencode()
@@ -85,8 +92,14 @@ class GatewayStatus(AgentParts):
             tenant=self.tenant, registration_id=self.registration_id
         )
         try:
-            reply = await self.request(subject, beat, GatewayHeartbeatReply)
+            # Sent again on no answer (a replica that froze holding it): the hub writes
+            # one of the copies; another may be answered as stale meanwhile.
+            reply = await self.request(
+                subject, beat, GatewayHeartbeatReply, again=True, repeat_codes=BEAT_REPEATS
+            )
         except Refused as exc:
+            if exc.code == STALE_BEAT:
+                return  # only a copy was answered: another was taken, the next beat tells
             if exc.code in TERMINAL_CODES:
                 self._terminal(exc)
             raise

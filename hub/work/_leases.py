@@ -16,6 +16,13 @@ the claim falls back to the locking path: lock the registration row, decide
 eligibility in Python (each refusal keeps its code), then run the same
 statement in a new snapshot under that lock.
 
+A claim may carry a claim id (the Gateway's, new per claim attempt, repeated on
+that attempt's retries): the lease it grants is recorded with it in the same
+statement, and a claim whose id is recorded is answered with that lease while it
+holds (none once it ended), never a second one. So a claim whose reply was lost,
+or which a replica that died or froze was holding, is retried through any other
+replica without a second lease and without waiting for the first to expire.
+
 A renewal is one UPDATE that holds the registration FOR SHARE (a revoke waits
 for it or is seen by it) and renews only a live lease of the caller whose token
 matches (compared as SHA-256 digests, so the comparison time says nothing about
@@ -87,10 +94,13 @@ class Leases:
             _EDGE_KINDS,
             _REFUSED_TRUST,
             _CLAIM_SCOPE,
+            str(request.claim_id) if request.claim_id else None,
         )
         sql = _CLAIM_ONE_KIND if len(request.work_kinds) == 1 else _CLAIM_KINDS
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(sql, *args)
+            if row is not None and row["replayed"]:
+                return self._grant(row)
             if row is None or not row["locked"]:
                 # Contended, refused or unknown: decide under the row lock.
                 async with conn.transaction():
@@ -99,6 +109,8 @@ class Leases:
                     # A new statement, so a new snapshot: a lease committed by a claim
                     # we waited for is counted, keeping the quota exact.
                     row = await conn.fetchrow(sql, *args)
+                    if row is not None and row["replayed"]:
+                        return self._grant(row)
                     if row is None or not row["locked"]:  # eligible by Python, not by SQL
                         raise EdgeWorkError("hub.error", "the claim could not be decided")
         if row["work_id"] is None:
@@ -108,6 +120,13 @@ class Leases:
                     f"{row['leased']} leases held, max_concurrent_work is "
                     f"{row['max_concurrent_work']}",
                 )
+            return WorkClaimReply()
+        return self._grant(row)
+
+    def _grant(self, row: asyncpg.Record) -> WorkClaimReply:
+        """The lease in `row`; none (`work_id: None`) for a replayed claim whose lease
+        has ended since."""
+        if row["work_id"] is None:
             return WorkClaimReply()
         return WorkClaimReply(
             work_id=row["work_id"],
@@ -223,7 +242,7 @@ _MATCHES = """
 
 # The whole claim in one statement. Parameters: $1 tenant, $2 registration, $3
 # requested kinds, $4 preferred work id (or NULL), $5 new token, $6 lease seconds,
-# $7 edge kinds, $8 refused trust models, $9 the claim scope.
+# $7 edge kinds, $8 refused trust models, $9 the claim scope, $10 the claim id (or NULL).
 # - reg: the registration's version (xmin) and live lease count, in this snapshot.
 # - bumped: a no-op UPDATE of the registration, only if it is still that version
 #   and eligible; it takes the row lock. Every claim bumps in its own transaction,
@@ -234,9 +253,15 @@ _MATCHES = """
 # - leased / recorded / audited: lease it, one edge_work_leases row, the audit row
 #   (gateway.edge.lease_claimed, as AuditLog.record writes it: the metadata is an
 #   attempt number and a registered work kind, nothing for the scrubber to find).
-# Always one row while the registration exists: `locked` false means contended,
-# refused or not eligible (the caller takes the locking path), else the lease or,
-# without one, the count and quota that explain it.
+# - granted / prior (with a claim id, $10): the lease an earlier claim with this id
+#   granted, and whether it still holds; a claim id seen before opens no gate, so a
+#   retried claim never leases a second item. Exact for the same reason as the
+#   quota: the earlier claim bumped the registration, so a snapshot that cannot see
+#   its lease record cannot bump, and the locking path reruns in a new snapshot.
+# Always one row while the registration exists: `replayed` true means the claim id
+# was seen (the lease is its earlier grant, or none if that ended); `locked` false
+# means contended, refused or not eligible (the caller takes the locking path), else
+# the lease or, without one, the count and quota that explain it.
 _CLAIM = """
     WITH reg AS (
         SELECT r.xmin AS version, r.max_concurrent_work,
@@ -254,8 +279,19 @@ _CLAIM = """
             CASE WHEN jsonb_typeof(r.capabilities -> 'capabilities') = 'object'
                  THEN r.capabilities -> 'capabilities'  -- a stored GatewayCapabilities
                  ELSE coalesce(r.capabilities, '{{}}'::jsonb) END AS capabilities),
+    granted AS (
+        SELECT l.work_id, l.attempt FROM edge_work_leases l
+        WHERE $10::text IS NOT NULL AND l.tenant = $1 AND l.registration_id = $2
+          AND l.claim_id = $10::text),
+    prior AS (
+        SELECT w.work_id, w.kind, w.session_ref, w.payload, w.attempts, w.last_sequence,
+               w.lease_token, w.lease_expires_at
+        FROM granted g JOIN edge_work w ON w.tenant = $1 AND w.work_id = g.work_id
+        WHERE w.attempts = g.attempt AND w.state = 'leased' AND w.owner = $2
+          AND w.lease_expires_at > now()),
     gate AS (
-        SELECT b.* FROM bumped b, reg WHERE reg.leased < reg.max_concurrent_work),
+        SELECT b.* FROM bumped b, reg
+        WHERE reg.leased < reg.max_concurrent_work AND NOT EXISTS (SELECT 1 FROM granted)),
     preferred AS (
         SELECT w.work_id FROM edge_work w
         WHERE w.tenant = $1 AND w.work_id = $4::text AND {matches}
@@ -275,8 +311,8 @@ _CLAIM = """
         RETURNING w.work_id, w.kind, w.session_ref, w.payload, w.attempts, w.last_sequence,
                   w.lease_token, w.lease_expires_at),
     recorded AS (
-        INSERT INTO edge_work_leases (tenant, work_id, attempt, registration_id)
-        SELECT $1, work_id, attempts, $2 FROM leased),
+        INSERT INTO edge_work_leases (tenant, work_id, attempt, registration_id, claim_id)
+        SELECT $1, work_id, attempts, $2, $10::text FROM leased),
     audited AS (
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
                                workspace_id, session_id, metadata)
@@ -284,10 +320,11 @@ _CLAIM = """
                session_ref ->> 'workspaceId', session_ref ->> 'sessionId',
                jsonb_build_object('attempt', attempts, 'kind', kind)
         FROM leased)
-    SELECT EXISTS (SELECT 1 FROM bumped) AS locked, reg.leased, reg.max_concurrent_work,
+    SELECT EXISTS (SELECT 1 FROM bumped) AS locked, EXISTS (SELECT 1 FROM granted) AS replayed,
+           reg.leased, reg.max_concurrent_work,
            l.work_id, l.kind, l.session_ref, l.payload, l.attempts, l.last_sequence,
            l.lease_token, l.lease_expires_at
-    FROM reg LEFT JOIN leased l ON true"""
+    FROM reg LEFT JOIN (SELECT * FROM leased UNION ALL SELECT * FROM prior) l ON true"""
 # One requested kind (the usual case): an equality, so the pick walks the queued
 # index (tenant, kind, created_at) in order and stops at the first claimable row.
 # `kind = ANY(...)` cannot use that order: it filters and sorts every queued row.

@@ -5,7 +5,9 @@ conditional UPDATE, so several hub replicas reap side by side without touching
 the same row twice, and a write or renewal holding the row is simply left for
 the next tick (its own check decides against the DB clock). Requeued work is
 offered again after the commit; so is, every few seconds, the oldest still
-queued work, which covers offers lost on core NATS.
+queued work, which covers offers lost on core NATS. Once a minute it forgets
+claim ids older than an hour (`forget_claims`): a Gateway retries a claim for
+seconds, not hours, and the lease history stays.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ._writes import project_outcome
 log = logging.getLogger("cowork.hub.edge_work.reaper")
 BATCH = 200
 REOFFER_PER_KIND = 8
+CLAIM_ID_SECONDS = 3600.0  # how long a claim id is answered with its grant
+FORGET_EVERY = 60.0
 
 
 class Reaper(BackgroundTask):
@@ -47,7 +51,7 @@ class Reaper(BackgroundTask):
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._dead, self._offer = dead_letters, offer
         self._reoffer_interval = reoffer_interval
-        self._last_reoffer = time.monotonic()
+        self._last_reoffer = self._last_forget = time.monotonic()
         self.items = Gauge(
             "cowork_edge_work_items",
             "Edge work items queued or leased",
@@ -65,6 +69,9 @@ class Reaper(BackgroundTask):
         if time.monotonic() - self._last_reoffer >= self._reoffer_interval:
             self._last_reoffer = time.monotonic()
             await self.reoffer()
+        if time.monotonic() - self._last_forget >= FORGET_EVERY:
+            self._last_forget = time.monotonic()
+            await self.forget_claims()
 
     async def reap(self) -> int:
         """Requeue or dead-letter up to BATCH expired leases; returns how many."""
@@ -154,6 +161,16 @@ class Reaper(BackgroundTask):
                 "edge_work.dead_letter_publish_failed",
                 **kv(tenant=tenant, work=work_id, error=str(exc)),
             )
+
+    async def forget_claims(self, older_than: float = CLAIM_ID_SECONDS) -> int:
+        """Forget the claim ids of leases claimed more than `older_than` seconds ago
+        (a retry with one of them then claims afresh); returns how many."""
+        done = await self._pool.execute(
+            "UPDATE edge_work_leases SET claim_id = NULL WHERE claim_id IS NOT NULL "
+            "AND claimed_at < now() - make_interval(secs => $1)",
+            older_than,
+        )
+        return int(done.split()[-1])
 
     async def reoffer(self) -> int:
         """Offer the oldest queued items of each tenant and kind again; refresh the gauge."""

@@ -15,6 +15,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ INSTANCE = "tg-chaos"
 CHAT_WORKSPACE = "chat-ws"
 LANES = [("100", None), ("200", None), ("300", "55")]  # (chat, thread)
 INBOUND_CHAT, INBOUND_USER = "900", "9"
-WORK_EVERY = 5.0  # seconds between work items enqueued during a fault
+# Seconds between work items enqueued during a fault: the Gateway forwards its runs'
+# outputs one at a time, in order (~0.4 s each with this suite's load on 2 cores), so
+# faster work traffic builds a backlog the probe waits behind, which is no fault's.
+WORK_EVERY = 8.0
 FINAL = ("completed", "failed", "dead_lettered", "cancelled")
 _update_ids = itertools.count(700_000)
 
@@ -431,11 +435,16 @@ class ChaosGateway:
     def traffic(self, label: str) -> WorkTraffic:
         return WorkTraffic(self, label)
 
-    async def probe(self, label: str, start: float) -> float:
-        """Seconds from `start` (the strike) until work enqueued now has completed."""
+    async def probe(self, label: str, start: float) -> tuple[float, float, int]:
+        """Work enqueued now: seconds from `start` (the strike) until it has completed,
+        seconds from its enqueueing until it was first claimed, and how many times it
+        was leased."""
         view = await self.finished(await self.enqueue(f"probe-{label}", f"edge-{label}"))
         assert view["state"] == "completed", view
-        return time.monotonic() - start
+        took = time.monotonic() - start
+        claimed = datetime.fromisoformat(view["leases"][0]["claimedAt"])
+        waited = (claimed - datetime.fromisoformat(view["createdAt"])).total_seconds()
+        return took, waited, view["attempts"]
 
 
 class WorkTraffic:
@@ -494,4 +503,14 @@ class WorkTraffic:
                 "duplicated", sum(n - 1 for n in again.values()), f"results {what} twice {again}"
             )
         retried = sum(1 for v in views.values() if v["attempts"] > 1)
-        return f"{len(self.items)} work items ({retried} claimed again after a lost lease)"
+        took = [
+            (
+                datetime.fromisoformat(v["completedAt"]) - datetime.fromisoformat(v["createdAt"])
+            ).total_seconds()
+            for v in views.values()
+            if v.get("completedAt")
+        ]
+        return (
+            f"{len(self.items)} work items ({retried} claimed again after a lost lease, "
+            f"enqueued to done {min(took, default=0):.1f}-{max(took, default=0):.1f} s)"
+        )

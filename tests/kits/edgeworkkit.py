@@ -9,6 +9,7 @@ import json
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from schemas import (
     AckReply,
@@ -123,11 +124,15 @@ class GatewayBus:
         return decode(raw, reply_model).data
 
     async def claim(
-        self, work_id: str | None = None, kinds: tuple[str, ...] = ("prompt",)
+        self,
+        work_id: str | None = None,
+        kinds: tuple[str, ...] = ("prompt",),
+        *,
+        claim_id: UUID | None = None,
     ) -> WorkClaimReply | AckReply:
         return await self._request(
             subjects.WORK_CLAIM,
-            WorkClaimRequest(work_kinds=list(kinds), work_id=work_id),
+            WorkClaimRequest(work_kinds=list(kinds), work_id=work_id, claim_id=claim_id),
             WorkClaimReply,
         )
 

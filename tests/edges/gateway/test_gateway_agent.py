@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import stat
+from datetime import datetime
 
 import pytest
 from desktopkit import TENANT, cowork, eventually
@@ -29,7 +30,7 @@ from edges.common._opencode import OpenCodeClient
 from edges.gateway._registration import RegistrationFailed, register, version_set
 from edges.gateway._store import GatewayStore
 from edges.local import free_port
-from schemas import parse_creds
+from schemas import Envelope, Source, WorkClaimRequest, decode, parse_creds, subjects
 
 pytestmark = pytest.mark.timeout(180)
 FINAL = ("completed", "failed", "dead_lettered")
@@ -255,6 +256,77 @@ async def test_drain_stops_claims_and_revoke_stops_the_agent(
     if done.load().revoked:  # told by a heartbeat reply before the disconnect
         assert done.load().state == "revoked"
     await work_state(http, work_id, FINAL + ("queued", "leased"))
+
+
+async def test_a_claim_held_by_a_frozen_replica_is_granted_once_through_another(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
+    """Two more members of the hub's claim queue group freeze with the first copy of
+    each claim NATS hands them (and answer any later copy as the hub does). The
+    Gateway sends the same claim (same claimId) again within a fraction of a second,
+    another member grants it, and when a frozen one wakes and runs the claim it held,
+    the hub answers it with that same lease: one lease per item, no waiting for a
+    request timeout or a lease expiry, the work done once."""
+    # Work earlier tests left queued would be claimed first (a claim takes the oldest).
+    for row in await hub.pool.fetch(
+        "SELECT work_id FROM edge_work WHERE tenant = $1 AND state IN ('queued', 'leased')",
+        TENANT,
+    ):
+        await hub.edge_work.cancel(TENANT, row["work_id"], reason="left by an earlier test")
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    reg = created["registrationId"]
+    held: list[WorkClaimRequest] = []
+    source = Source(principal_kind="hub", principal_id="frozen")
+
+    async def frozen(msg) -> None:
+        claim = decode(msg.data, WorkClaimRequest).data
+        if claim.claim_id not in {c.claim_id for c in held}:
+            held.append(claim)  # froze with it: never answered
+            return
+        reply = await hub.edge_work.claim(TENANT, reg, claim)
+        await msg.respond(Envelope.wrap(reply, source=source, tenant=TENANT).encode())
+
+    frozen_subs = [
+        await hub.nc.subscribe(subjects.WORK_CLAIM.filter(), queue="hub-edge-work", cb=frozen)
+        for _ in range(2)
+    ]
+    await hub.nc.flush()
+    gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
+    try:
+        await wait_status(http, reg, "active")
+        for attempt in range(6):  # until a frozen member held a claim that leased an item
+            work_id = await enqueue(http, f"{SLOW} frozen {attempt}", title=f"frozen {attempt}")
+            run = await eventually(
+                lambda work_id=work_id: gateway.agent.runners.get(work_id), 10, 0.02, "the run"
+            )
+            mine = [c for c in held if c.claim_id and c.work_id in (work_id, None)]
+            granted = await hub.pool.fetchval(
+                "SELECT claim_id FROM edge_work_leases WHERE tenant = $1 AND work_id = $2",
+                TENANT,
+                work_id,
+            )
+            woken = [c for c in mine if str(c.claim_id) == granted]
+            if woken:
+                break
+            await work_state(http, work_id, FINAL)
+        assert woken, "no claim of the Gateway went to a frozen member in 6 items"
+        # The frozen replica wakes and runs the claim it held: the same lease, not a second.
+        again = await hub.edge_work.claim(TENANT, reg, woken[0])
+        assert (again.work_id, again.lease_token) == (work_id, run.lease_token)
+        view = await work_state(http, work_id, FINAL)
+    finally:
+        for sub in frozen_subs:
+            await sub.unsubscribe()
+        await gateway.stop()
+    assert view["state"] == "completed" and view["attempts"] == 1
+    assert [lease["attempt"] for lease in view["leases"]] == [1]
+    # Claimed within a second or two of being offered, not after a 5 s request timeout
+    # (nor a 6 s lease expiry).
+    waited = (
+        datetime.fromisoformat(view["leases"][0]["claimedAt"])
+        - datetime.fromisoformat(view["createdAt"])
+    ).total_seconds()
+    assert waited < 2.5, f"claimed {waited:.2f} s after it was enqueued"
 
 
 # --- the CLI ------------------------------------------------------------------------------------

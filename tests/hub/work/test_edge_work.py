@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import uuid
 
 import pytest
 from desktopkit import all_pages
@@ -60,8 +61,10 @@ async def enqueue(http, tenant: str, **body) -> str:
     return response.json()["workId"]
 
 
-async def claimed(bus: GatewayBus, work_id: str | None = None) -> WorkClaimReply:
-    reply = await bus.claim(work_id)
+async def claimed(
+    bus: GatewayBus, work_id: str | None = None, *, claim_id: uuid.UUID | None = None
+) -> WorkClaimReply:
+    reply = await bus.claim(work_id, claim_id=claim_id)
     assert isinstance(reply, WorkClaimReply), reply
     assert reply.work_id is not None
     return reply
@@ -235,6 +238,47 @@ async def test_offer_claim_renew_and_fenced_outputs(hub, http, gateways, tenant)
     metrics = (await http.get("/metrics")).text
     assert 'cowork_bus_messages_total{family="work.claim",outcome="accepted"}' in metrics
     assert 'family="work.output",outcome="accepted"' in metrics
+
+
+async def test_a_claim_sent_again_gets_the_same_lease_once(hub, http, gateways, tenant):
+    """A claim's reply lost (or the replica holding it dead or frozen): the Gateway
+    sends the same request again, same claimId, and gets the lease it was granted,
+    not a second lease on the next item, and no waiting for the first to expire."""
+    gw = await gateways(tenant)
+    first = await enqueue(http, tenant, text="one")
+    second = await enqueue(http, tenant, text="two")
+    claim_id = uuid.uuid4()
+    lease = await claimed(gw, claim_id=claim_id)
+    again = await claimed(gw, claim_id=claim_id)
+    assert lease.work_id == first and again.work_id == first
+    assert (again.lease_token, again.attempt, again.next_sequence, again.payload) == (
+        lease.lease_token,
+        1,
+        1,
+        {"text": "one"},
+    )
+    leases = await hub.pool.fetch(
+        "SELECT work_id, attempt, claim_id FROM edge_work_leases WHERE tenant = $1", tenant
+    )
+    assert [tuple(r) for r in leases] == [(first, 1, str(claim_id))]
+    assert await _state(hub, tenant, second) == "queued"
+    actions = [r["action"] for r in await audit_actions(hub, tenant)]
+    assert actions.count("gateway.edge.lease_claimed") == 1
+
+    # The renewed lease is what a later retry gets; another claim id claims afresh.
+    renewed = await gw.renew(first, lease.lease_token)
+    assert (await claimed(gw, claim_id=claim_id)).lease_expires_at == renewed.lease_expires_at
+    assert (await claimed(gw, claim_id=uuid.uuid4())).work_id == second
+
+    # The lease ended: its claim id gets nothing now, still not a new lease.
+    assert (await gw.output(first, lease.lease_token, 1, "result", {"text": "done"})).ok
+    third = await enqueue(http, tenant, text="three")
+    assert (await gw.claim(claim_id=claim_id)).work_id is None
+    assert await _state(hub, tenant, third) == "queued"
+
+    # The reaper forgets claim ids after an hour (here: at once); then it claims afresh.
+    assert await hub.edge_work.reaper.forget_claims(older_than=0) >= 2
+    assert (await claimed(gw, claim_id=claim_id)).work_id == third
 
 
 async def test_replay_is_a_noop_and_conflicts_are_refused(hub, http, gateways, tenant):

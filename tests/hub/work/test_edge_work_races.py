@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import uuid
 
 import pytest
 from edgeworkkit import add_registration
@@ -113,6 +114,24 @@ async def test_32_workers_race_for_one_item(service, round_):
         "SELECT registration_id FROM edge_work_leases WHERE tenant = $1", tenant
     )
     assert [r["registration_id"] for r in leases] == [winners[0][0]]
+
+
+@pytest.mark.parametrize("round_", range(ROUNDS))
+async def test_one_claim_sent_32_times_at_once_leases_once(service, round_):
+    """One claim id in 32 concurrent transactions (a Gateway's retries landing on
+    every replica at once): one lease, and every caller is answered with it."""
+    tenant = _tenant()
+    [reg] = await _registrations(service, tenant, 1)
+    works = [await _enqueue(service, tenant, f"item {i}") for i in range(3)]
+    request = WorkClaimRequest(claim_id=uuid.uuid4())
+    replies = await asyncio.gather(*(service.claim(tenant, reg, request) for _ in range(N)))
+    assert {(r.work_id, r.lease_token) for r in replies} == {
+        (works[0]["work_id"], replies[0].lease_token)
+    }
+    leased = await service._pool.fetchval(
+        "SELECT count(*) FROM edge_work WHERE tenant = $1 AND state = 'leased'", tenant
+    )
+    assert leased == 1
 
 
 @pytest.mark.parametrize("round_", range(ROUNDS))
