@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from desktopkit import TENANT, cowork, eventually, get_pairing
+from nats.js.errors import NotFoundError
 from sealedkit import enrolled_controller, seal
 
 from edges.common import ControllerKeys, DesktopSealingKey, InviteLink
@@ -275,6 +276,182 @@ async def test_what_holds_the_hub_cannot_drive_a_sealed_desktop(hub, http, deskt
     messages = json.dumps(await desktop.agent.opencode.messages(session))
     assert "a real prompt" in messages and forged_text not in messages
     assert "what the controller said" not in messages
+    await controller.aclose()
+
+
+# A command written straight into the hub's table, around its API and its code: the
+# next sequence taken by hand, leased already and lapsed, so the hub's own reaper
+# pushes it to the Desktop as it would any command it had accepted.
+WRITE_COMMAND_ROW = """
+    WITH seq AS (
+        UPDATE pairings SET next_command_sequence = next_command_sequence + 1
+        WHERE tenant = $1 AND pairing_id = $2 RETURNING next_command_sequence)
+    INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
+        workspace_id, session_id, payload, body_hash, signed, state, lease_token,
+        lease_expires_at, pushed_at)
+    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, '\\x00'::bytea, $8, 'leased',
+        'forged-lease-token', now() - interval '1 second', now() - interval '1 second'
+    FROM seq"""
+
+
+async def _written_into_postgres(hub, pid: str, body: dict, wait: float = 20.0) -> dict:
+    """Write `body` as a row of `pairing_commands` with SQL (not `submit`, not HTTP)
+    and return the row once the Desktop's answer made it final."""
+    command_id = body.get("id") or "cmdsql" + str(time.time_ns())
+    await hub.pool.execute(
+        WRITE_COMMAND_ROW,
+        TENANT,
+        pid,
+        command_id,
+        body["kind"],
+        body.get("workspaceId", "local"),
+        body.get("sessionId"),
+        body.get("payload"),
+        body.get("signed"),
+    )
+    row = await hub.commands.wait_final(TENANT, pid, command_id, wait)
+    assert row["state"] == "done", row
+    return row
+
+
+async def test_commands_bound_elsewhere_or_written_around_the_hub_are_refused(
+    hub, desktop, tmp_path
+):
+    """Validly signed by the enrolled controller, but for another tenant, pairing,
+    workspace or session: `sealed.wrong_binding`, naming what. And commands the
+    attacker writes itself, as rows of the hub's PostgreSQL table (pushed by the hub's
+    own reaper) or published on the Desktop's command subject with the hub's own
+    connection, are refused with their codes and never run."""
+    pid = desktop.pairing_id
+    controller = await enrolled_controller(hub, desktop, tmp_path / "controller")
+    seal(desktop)
+    created = await controller.send("create_session", payload={"title": "bound"})
+    session = created["result"]["session"]["id"]
+    other_session = (await controller.send("create_session", payload={"title": "o"}))["result"][
+        "session"
+    ]["id"]
+    marker = "WRONGLY-BOUND-never-run"
+    desktop_key = controller.link.desktop_key
+    assert desktop_key is not None
+
+    def signed_for(**claims) -> dict:
+        """Signed by the enrolled controller for `claims`, delivered to this pairing's
+        `local` workspace and `session`."""
+        bound = {
+            "tenant": TENANT,
+            "pairing_id": pid,
+            "workspace_id": "local",
+            "session_id": session,
+            **claims,
+        }
+        signed = controller.keys.sign(
+            command_id="cmdbound" + str(time.time_ns()),
+            sequence=controller.store.take_sequence(pid),
+            kind="prompt",
+            payload={"text": marker},
+            desktop_key=desktop_key,
+            **bound,
+        )
+        return {
+            "id": signed.claims.command_id,
+            "kind": "prompt",
+            "sessionId": session,
+            "signed": signed.model_dump(mode="json", by_alias=True),
+        }
+
+    for claims, named in (
+        ({"tenant": "other-tenant"}, "tenant"),
+        ({"pairing_id": "other-pairing"}, "pairing"),
+        ({"workspace_id": "other-workspace"}, "workspace"),
+        ({"session_id": other_session}, "session"),
+    ):
+        row = await _forge(hub, pid, signed_for(**claims))
+        assert _refusal(row) == "sealed.wrong_binding", claims
+        assert row["result"]["message"] == f"signed for another {named}", row["result"]
+
+    # Rows written into PostgreSQL by hand: unsigned, signed by the attacker under the
+    # controller's id, and a real signed command that ran, copied under a new id.
+    attacker = ControllerKeys.generate("attacker")
+    impersonated = _signed_by(
+        attacker,
+        pid,
+        desktop_key,
+        "prompt",
+        session,
+        {"text": marker},
+        controller.keys.controller_id,
+    )
+    ran = controller.signed_body("prompt", session, {"text": "the real prompt"})
+    assert (await controller.submit_body(ran))["result"]["status"] == "queued"
+    for body, code in (
+        ({"kind": "prompt", "sessionId": session, "payload": {"text": marker}}, "sealed.unsigned"),
+        (
+            {"kind": "permission.respond", "payload": {"permissionId": "per_x", "allowed": True}},
+            "sealed.unsigned",
+        ),
+        (
+            {"kind": "policy.set", "payload": {"policy": {"exposeLocalPaths": True}}},
+            "sealed.unsigned",
+        ),
+        (impersonated, "sealed.bad_signature"),
+        ({**ran, "id": "cmdsqlreplay" + str(time.time_ns())}, "sealed.replayed"),
+    ):
+        row = await _written_into_postgres(hub, pid, body)
+        assert _refusal(row) == code, (body["kind"], row["result"])
+
+    # Published on the Desktop's command subject with the hub's own connection: signed
+    # by the attacker, and a real signed command re-addressed to another session.
+    nc = hub.started_nc()
+    source = Source(principal_kind=PrincipalKind.HUB, principal_id="hub")
+    held = signed_for()
+    pushes = {
+        "sealed.unknown_controller": _signed_by(
+            attacker, pid, desktop_key, "prompt", session, {"text": marker}
+        ),
+        "sealed.wrong_binding": {**held, "sessionId": other_session},
+    }
+    ids = {}
+    for code, body in pushes.items():
+        pushed = DeviceCommand(
+            id=body["id"],
+            kind="prompt",
+            pairing_id=pid,
+            workspace_id="local",
+            session_id=body["sessionId"],
+            signed=body["signed"],
+            sequence=200_000 + len(ids),
+            created_at=datetime.now(UTC),
+            lease=Lease(
+                leased_by="attacker",
+                lease_token="y" * 32,
+                lease_expires_at=datetime.now(UTC) + timedelta(seconds=30),
+            ),
+        )
+        ids[pushed.id] = code
+        await nc.publish(
+            subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=pid),
+            Envelope.wrap(pushed, source=source, tenant=TENANT).encode(),
+        )
+    local = DesktopStore(desktop.agent.store.directory)
+
+    def refused_pushes() -> dict[str, str]:
+        return {
+            line["commandId"]: line.get("code")
+            for line in local.read_audit()
+            if line["action"] == "command.refused" and line.get("commandId") in ids
+        }
+
+    assert await eventually(lambda: refused_pushes() == ids and ids, 10) == ids
+    # No stream holds the command subject: JetStream is no way in either.
+    with pytest.raises(NotFoundError):
+        await nc.jetstream().find_stream_name_by_subject(
+            subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=pid)
+        )
+
+    messages = json.dumps(await desktop.agent.opencode.messages(session))
+    assert "the real prompt" in messages and marker not in messages
+    assert marker not in json.dumps(await desktop.agent.opencode.messages(other_session))
+    assert desktop.agent.state.policy.expose_local_paths is False
     await controller.aclose()
 
 
