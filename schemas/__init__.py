@@ -13,6 +13,7 @@ from ._admin_api import (
     AuditEntry,
     AuditPage,
     ChannelClaimCode,
+    ChannelControllerView,
     ChannelCredentialIssued,
     ChannelInstanceList,
     ChannelInstanceView,
@@ -54,6 +55,7 @@ from ._admin_api import (
 from ._admin_requests import (
     CHANNEL_INSTANCE_ID,
     CancelWork,
+    ChannelControllerKeys,
     CreateClaimCode,
     CreateInstance,
     CreatePairing,
@@ -68,6 +70,7 @@ from ._admin_requests import (
     RevokeRegistration,
     RevokeRequest,
     RotateRegistration,
+    SetChannelController,
     SetRole,
     SubmitCommand,
     TestMessage,
@@ -89,6 +92,13 @@ from ._bootstrap import (
     unb64url,
 )
 from ._catalog import MESSAGES, message_model
+from ._controller_keys import (
+    ControllerKeys,
+    ControllerPublic,
+    controller_id_of,
+    decrypt_content,
+    fingerprint,
+)
 from ._creds import nats_conf_string, parse_creds, render_creds
 from ._envelope import ContractError, Envelope, EnvelopeTemplate, Source, decode, new_id, utc_now
 from ._messages import (
@@ -224,7 +234,10 @@ __all__ = [
     "PairingCreated",
     "SEAL_INFO_INVITE",
     "ChannelClaimCode",
+    "ChannelControllerKeys",
+    "ChannelControllerView",
     "ChannelCredentialIssued",
+    "SetChannelController",
     "ChannelUserList",
     "ChannelUserView",
     "CommandQueued",
@@ -281,6 +294,11 @@ __all__ = [
     "payload_hash",
     "wrap_aad",
     "open_sealed",
+    "ControllerKeys",
+    "ControllerPublic",
+    "controller_id_of",
+    "decrypt_content",
+    "fingerprint",
     "b64url",
     "unb64url",
     "AckReply",

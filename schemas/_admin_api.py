@@ -426,3 +426,12 @@ class WorkspaceEventView(WireModel):
 class WorkspaceEventPage(WireModel):
     items: list[WorkspaceEventView]
     last_sequence: int = Field(description="Pass as `after` for the next page")
+
+
+class ChannelControllerView(WireModel):
+    """A channel instance's controller: public facts only, never its keys."""
+
+    instance_id: str
+    pairing_id: str
+    controller_id: str
+    fingerprint: str = Field(description="As `cowork desktop controllers list` shows it")

@@ -182,3 +182,29 @@ class EnqueueWork(WireModel):
 
 class CancelWork(WireModel):
     reason: str = Field(default="cancelled by an administrator", min_length=1, max_length=500)
+
+
+# --- a channel instance enrolled as a controller of its sealed Desktop ---------------
+Seed = Annotated[str, Field(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class ChannelControllerKeys(WireModel):
+    """A controller's private keys (`ControllerKeys.to_json`): 32-byte seeds, base64url."""
+
+    label: Name
+    signing_seed: Seed = Field(description="Ed25519 private seed, base64url")
+    encryption_seed: Seed = Field(description="X25519 private key, base64url")
+
+
+class SetChannelController(WireModel):
+    """Keys a chat channel instance signs and opens with, as a controller enrolled on
+    its sealed Desktop (`cowork channel enrol INSTANCE LINK` enrols them first). The hub
+    keeps them encrypted and never returns them: it holds them, so it can act as this
+    controller (docs/sealed.md, "Channels")."""
+
+    pairing_id: TokenId = Field(description="The instance's workspace: the pairing it drives")
+    keys: ChannelControllerKeys
+    desktop_key: Seed = Field(
+        description="The Desktop's X25519 public key, from the invite link (not the hub)"
+    )
+    next_sequence: int = Field(default=1, ge=1, description="The next controller sequence")

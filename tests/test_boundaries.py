@@ -137,6 +137,7 @@ def test_only_one_module_talks_to_opencode():
         "edges/gateway/_leaf.py",
         "edges/remote/_client.py",
         "edges/remote/_cli.py",
+        "edges/remote/_channel.py",
     }
     assert "edges/common/_opencode.py" in http_users, "the scanner must see the client's own import"
     spelled = set()

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,9 +63,12 @@ The instance (kind "cli") and its credential file come from the hub's admin API.
 """
 
 
-def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
+def add_channel_commands(
+    commands: Any, more: Callable[[Any], None] | None = None
+) -> argparse.ArgumentParser:
     """Add `channel cli`, `channel login` and `channel run` to the `cowork` parser
-    (args.channel_handler runs it)."""
+    (args.channel_handler runs it); `more` adds subcommands made elsewhere (`channel
+    enrol`, which needs the controller library that channel code may not import)."""
     channel = commands.add_parser("channel", help="channel instances run from this machine")
     sub = channel.add_subparsers(dest="channel_command", metavar="CHANNEL_COMMAND", required=True)
     cli = add_instance_command(
@@ -91,6 +95,8 @@ def add_channel_commands(commands: Any) -> argparse.ArgumentParser:
     cli.set_defaults(channel_handler=run_channel_command)
     add_login_command(sub, token_type)
     add_run_command(sub)
+    if more is not None:
+        more(sub)
     return channel
 
 

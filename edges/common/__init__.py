@@ -5,6 +5,8 @@ and the cryptography of sealed pairings (the Desktop's and its controllers').
 
 from __future__ import annotations
 
+from schemas import ControllerKeys, ControllerPublic, controller_id_of
+
 from ._bootstrap import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
 from ._cli import (
     DEFAULT_OPENCODE_URL,
@@ -32,15 +34,7 @@ from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
 from ._retry import AnswerTimes, ask, attempt_timeouts
-from ._sealed import (
-    ContentKey,
-    ControllerKeys,
-    ControllerPublic,
-    DesktopSealingKey,
-    InviteLink,
-    controller_id_of,
-    normalise_fingerprint,
-)
+from ._sealed import ContentKey, DesktopSealingKey, InviteLink, normalise_fingerprint
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 __all__ = [

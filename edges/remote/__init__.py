@@ -6,6 +6,7 @@ comes through the hub's events page and SSE tail (docs/sealed.md).
 
 from __future__ import annotations
 
+from ._channel import add_channel_enrol_command, enrol_channel
 from ._cli import add_remote_commands, run_remote
 from ._client import RemoteClient, RemoteError
 from ._store import ControllerStore, PairingLink
@@ -15,6 +16,8 @@ __all__ = [
     "PairingLink",
     "RemoteClient",
     "RemoteError",
+    "add_channel_enrol_command",
+    "enrol_channel",
     "add_remote_commands",
     "run_remote",
 ]

@@ -29,12 +29,19 @@ from channels import (
     destination_changed,
     webhook_secrets_missing,
 )
-from schemas import AuditRecord, PrincipalKind
+from schemas import (
+    AuditRecord,
+    ControllerKeys,
+    PrincipalKind,
+    SealError,
+    SetChannelController,
+)
 
 from ..auth import CredentialError, CredentialService, IssuedCredential, Principal
 from ..core import AuditLog, HubMetrics, HubSettings, kv
 from ..http import client_address
 from ._bus_access import InstanceConnections, delete_consumer, ensure_consumer
+from ._controllers import ChannelControllers
 from ._delivery_leases import DeliveryLeases
 from ._store import (
     AUTHORITIES,
@@ -86,6 +93,7 @@ class ChannelService:
         self._credentials = credentials
         self._box = SecretBox(secret_key)
         self._store = InstanceStore(pool)
+        self.controllers = ChannelControllers(pool, self._box)
         self.connections = InstanceConnections(settings, credentials)
         trusted = settings.trusted_proxy_networks
         self.runtime = ChannelRuntime(
@@ -423,6 +431,73 @@ class ChannelService:
         except CredentialError as exc:
             raise ChannelInstanceError(exc.code, str(exc), status=409) from None
 
+    # --- the instance as a controller of its sealed Desktop (docs/sealed.md) ---------------
+    async def set_controller(
+        self, tenant: str, instance_id: str, body: SetChannelController, *, actor: str
+    ) -> dict[str, Any]:
+        """Keep the controller keys `cowork channel enrol` enrolled on the instance's
+        Desktop. The instance must drive that pairing (`desktop_paired`, its workspace)."""
+        try:
+            keys = ControllerKeys.from_json(body.keys.model_dump(by_alias=True))
+        except SealError as exc:
+            raise ChannelInstanceError(
+                "channel_controller.bad_keys", str(exc), status=422
+            ) from None
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._store.get(tenant, instance_id, conn=conn)
+            if row is None:
+                raise not_found(instance_id)
+            if row["authority"] != "desktop_paired" or row["workspace_id"] != body.pairing_id:
+                raise ChannelInstanceError(
+                    "channel_controller.wrong_pairing",
+                    f"instance {instance_id!r} drives no pairing {body.pairing_id!r} "
+                    "(a controller belongs to the paired Desktop the instance drives)",
+                    status=422,
+                )
+            await self.controllers.save(
+                conn,
+                tenant,
+                instance_id,
+                body.pairing_id,
+                keys,
+                body.desktop_key,
+                body.next_sequence,
+            )
+            await self._record(
+                "channel.controller_set",
+                row,
+                actor,
+                conn,
+                controllerId=keys.controller_id,
+                pairingId=body.pairing_id,
+            )
+        return self._controller_view(instance_id, body.pairing_id, keys)
+
+    async def get_controller(self, tenant: str, instance_id: str) -> dict[str, Any]:
+        controller = await self.controllers.get(tenant, instance_id)
+        if controller is None:
+            raise _no_controller(instance_id)
+        return self._controller_view(instance_id, controller.pairing_id, controller.keys)
+
+    async def remove_controller(self, tenant: str, instance_id: str, *, actor: str) -> None:
+        """Forget the keys here (the Desktop owner removes the controller there)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._store.get(tenant, instance_id, conn=conn)
+            if row is None:
+                raise not_found(instance_id)
+            if not await self.controllers.remove(conn, tenant, instance_id):
+                raise _no_controller(instance_id)
+            await self._record("channel.controller_removed", row, actor, conn)
+
+    @staticmethod
+    def _controller_view(instance_id: str, pairing_id: str, keys: ControllerKeys) -> dict:
+        return {
+            "instanceId": instance_id,
+            "pairingId": pairing_id,
+            "controllerId": keys.controller_id,
+            "fingerprint": keys.public.fingerprint,
+        }
+
     async def _record(
         self,
         action: str,
@@ -452,6 +527,14 @@ class ChannelService:
             tenant=row["tenant"],
             conn=conn,
         )
+
+
+def _no_controller(instance_id: str) -> ChannelInstanceError:
+    return ChannelInstanceError(
+        "channel_controller.none",
+        f"instance {instance_id!r} is enrolled as no controller",
+        status=404,
+    )
 
 
 _WIRE = {

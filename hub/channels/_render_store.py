@@ -81,7 +81,7 @@ async def next_events(
     if upto <= after:
         return after, []
     rows = await conn.fetch(
-        "SELECT sequence, type, session_id, command_id, payload FROM workspace_events "
+        "SELECT sequence, event_id, type, session_id, command_id, payload FROM workspace_events "
         "WHERE tenant = $1 AND workspace_id = $2 AND sequence > $3 AND sequence <= $4 "
         "AND (session_id = ANY($5::text[]) OR command_id IS NOT NULL OR type LIKE 'work.%') "
         "ORDER BY sequence",

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from schemas import ChannelButton, ChannelOutbound, ChannelTarget, subjects
+from schemas import ChannelButton, ChannelOutbound, ChannelTarget, SealError, subjects
 
 from ..core import HubMetrics, kv
 from . import _render_store as store
@@ -217,7 +218,16 @@ class ChannelRenderer:
             if b.session_id:
                 by_session.setdefault(b.session_id, []).append(b)
         routed = []
+        opener = _Opener(self._instances, tenant)
         for row in rows:
+            if _is_sealed(row):  # a sealed Desktop's: opened per instance, if it can
+                owner = submitted.get(row["command_id"] or "")
+                targets = [owner] if owner is not None else by_session.get(row["session_id"], [])
+                for b in targets:
+                    opened = await opener.event(b.instance_id, row)
+                    if opened is not None and (event := _renderable(opened)) is not None:
+                        routed.append((b, row["sequence"], event))
+                continue
             event = _renderable(row)
             if event is None:
                 continue
@@ -332,7 +342,47 @@ def _ids(tenant: str, binding_id: str):
     return lambda *parts: delivery_id(tenant, binding_id, *parts)
 
 
-def _renderable(row: asyncpg.Record) -> dict | None:
+def _is_sealed(row: Mapping[str, Any]) -> bool:
+    payload = row["payload"]
+    return isinstance(payload, dict) and bool(payload.get("sealed"))
+
+
+class _Opener:
+    """Opens a sealed Desktop's events with a channel instance's controller keys
+    (docs/sealed.md, "Channels"): only for an instance enrolled on that Desktop. What
+    does not open (no keys, made before the enrolment or after a removal) is not
+    rendered; each is logged (its id and why, never content)."""
+
+    def __init__(self, instances: Any, tenant: str) -> None:
+        self._instances, self._tenant = instances, tenant
+        self._held: dict[str, Any] = {}
+
+    @property
+    def _controllers(self) -> Any:
+        return self._instances.controllers
+
+    async def event(self, instance_id: str, row: Mapping[str, Any]) -> dict | None:
+        if instance_id not in self._held:
+            self._held[instance_id] = await self._controllers.get(self._tenant, instance_id)
+        controller = self._held[instance_id]
+        if controller is None:
+            return None
+        try:
+            opened = self._controllers.open(
+                controller, row["payload"]["sealed"], "event", row["event_id"]
+            )
+        except SealError as exc:
+            log.warning(
+                "channel.sealed_unreadable",
+                **kv(instance=instance_id, event=row["event_id"], reason=str(exc)),
+            )
+            return None
+        if not isinstance(opened, dict):
+            return None
+        return {"type": row["type"], "payload": opened}
+
+
+def _renderable(row: Mapping[str, Any]) -> dict | None:
     """An OpenCode event, or one of the hub's own (`cw.*`) for command/work outcomes."""
     kind, payload = row["type"], row["payload"]
     event = opencode_event(kind, payload)

@@ -35,6 +35,7 @@ from schemas import (
     ChannelTarget,
     DeliveryType,
     PrincipalKind,
+    SealError,
     subjects,
 )
 
@@ -86,7 +87,7 @@ class ChannelRouter:
         self._pool, self._audit, self._metrics = pool, audit, metrics
         self._dead, self.instances, self._outbox = dead_letters, instances, outbox
         self.identity = ChannelIdentity(pool, audit)
-        self.sessions = ChannelSessions(pool, commands, edge_work, pairings)
+        self.sessions = ChannelSessions(pool, commands, edge_work, pairings, instances.controllers)
         self.approvals = ApprovalOutcomes(pool, outbox, lambda iid: self.instances.instance(iid))
         self.chat = ChatCommands(
             pool,
@@ -402,7 +403,7 @@ class ChannelRouter:
         if sub is None:
             return  # not a chat's command
         status = command.get("result_status") or "failed"
-        result = command.get("result") or {}
+        result = await self._opened_result(tenant, sub["instance_id"], command)
         if sub["kind"] == "create_session":
             session = (result.get("session") or {}).get("id") if status == "completed" else None
             if session:
@@ -416,6 +417,22 @@ class ChannelRouter:
                 f"The Desktop did not run that ({sub['kind']}): {_why(result, status)}.",
                 command["command_id"],
             )
+
+    async def _opened_result(self, tenant: str, instance_id: str, command: dict) -> dict:
+        """The command's result, opened with the instance's controller keys when the
+        Desktop sealed it (docs/sealed.md, "Channels")."""
+        result = command.get("result") or {}
+        if not isinstance(result, dict) or not result.get("sealed"):
+            return result  # in clear: a refusal, or a hub-trust pairing
+        controllers = self.instances.controllers
+        controller = await controllers.get(tenant, instance_id)
+        try:
+            if controller is None:
+                raise SealError("this channel holds no controller keys")
+            opened = controllers.open(controller, result["sealed"], "result", command["command_id"])
+        except SealError as exc:
+            return {"message": f"the Desktop's sealed result does not open here: {exc}"}
+        return opened if isinstance(opened, dict) else {}
 
     async def _session_ready(self, tenant: str, binding_id: str, session_id: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -8,6 +8,10 @@
     POST   /api/v1/tenants/{t}/channel-instances/{instanceId}/credentials {publicKey}
            -> 201 {userJwt, expiresAt, inboxPrefix, consumer}: for a process that holds
            its own key (`cowork channel cli --creds`), bound to the instance's workspace
+    PUT    /api/v1/tenants/{t}/channel-instances/{instanceId}/controller {pairingId, keys,
+           desktopKey, nextSequence} -> controller view: keys `cowork channel enrol`
+           enrolled on the instance's sealed Desktop (docs/sealed.md, "Channels");
+           GET -> the view (never the keys), DELETE -> 204
     GET    /api/v1/channel-kinds   -> each kind's settings and secrets (JSON Schema)
     GET|POST /webhooks/{instanceId}      (no admin bearer: the provider verifies)
 
@@ -24,12 +28,14 @@ from aiohttp import web
 
 from channels import PROVIDERS, UnknownProvider, provider_class
 from schemas import (
+    ChannelControllerView,
     ChannelCredentialIssued,
     ChannelInstanceList,
     ChannelInstanceView,
     ChannelKinds,
     CreateInstance,
     IssueCredential,
+    SetChannelController,
     UpdateInstance,
     subjects,
 )
@@ -212,6 +218,36 @@ async def issue_credential(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "Keep the controller keys a chat channel instance was enrolled with on its sealed "
+    "Desktop (the hub then holds them: docs/sealed.md, Channels)",
+    body=SetChannelController,
+    response=ChannelControllerView,
+)
+async def set_controller(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    body = await json_body(request, SetChannelController)
+    view = await request.app[HUB_KEY].channels.set_controller(
+        tenant, instance_id, body, actor=ACTOR
+    )
+    return web.json_response(view)
+
+
+@documented("The instance's controller on its sealed Desktop", response=ChannelControllerView)
+async def get_controller(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    return web.json_response(
+        await request.app[HUB_KEY].channels.get_controller(tenant, instance_id)
+    )
+
+
+@documented("Forget the instance's controller keys", status=204)
+async def delete_controller(request: web.Request) -> web.Response:
+    tenant, instance_id = tenant_param(request), _instance_id(request)
+    await request.app[HUB_KEY].channels.remove_controller(tenant, instance_id, actor=ACTOR)
+    return web.Response(status=204)
+
+
 def issued_workspace(request: web.Request, instance_id: str) -> str | None:
     entry = request.app[HUB_KEY].channels.instance(instance_id)
     return entry["workspace_id"] if entry else None
@@ -245,6 +281,9 @@ def add_routes(app: web.Application) -> None:
             ("PATCH", "/{instance_id}", update_instance),
             ("DELETE", "/{instance_id}", delete_instance),
             ("POST", "/{instance_id}/credentials", issue_credential),
+            ("PUT", "/{instance_id}/controller", set_controller),
+            ("GET", "/{instance_id}/controller", get_controller),
+            ("DELETE", "/{instance_id}/controller", delete_controller),
         ],
     )
     app.router.add_route("GET", "/webhooks/{instance_id}", webhook)

@@ -38,6 +38,7 @@ from schemas import (
 from ..core import Refusal
 from ..desktop import PairingError
 from ..work import EdgeWorkError, EnqueueWork
+from ._controllers import ChannelControllers
 from ._outbox import delivery_id
 from ._session_link import learn_session
 
@@ -95,9 +96,16 @@ class SubmitRefused(Refusal):
 
 
 class ChannelSessions:
-    def __init__(self, pool: asyncpg.Pool, commands: Any, edge_work: Any, pairings: Any) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        commands: Any,
+        edge_work: Any,
+        pairings: Any,
+        controllers: ChannelControllers,
+    ) -> None:
         self._pool, self._commands, self._edge_work = pool, commands, edge_work
-        self._pairings = pairings
+        self._pairings, self._controllers = pairings, controllers
 
     # --- bindings ----------------------------------------------------------------------
     @staticmethod
@@ -241,22 +249,36 @@ class ChannelSessions:
                 "channel.invalid_command", f"that is not a valid {kind}: {exc}"
             ) from None
         pairing_id = turn.workspace_id
+        signed: dict | None = None
         try:
             pairing = await self._pairings.get(turn.tenant, pairing_id)
-            if pairing.get("reported_trust") == "sealed":  # it would refuse it anyway
-                raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
             allowed = pairing["allowed_session_ids"]
             if session_id and allowed is not None and session_id not in allowed:
                 raise SubmitRefused(
                     "pairing.session_not_allowed",
                     f"the pairing does not allow session {session_id}",
                 )
+            # An instance enrolled as a controller of its Desktop signs every command
+            # (docs/sealed.md, "Channels"); the payload then travels sealed only.
+            signed = await self._controllers.sign(
+                turn.tenant,
+                turn.instance_id,
+                pairing_id,
+                command_id=command_id,
+                kind=kind,
+                workspace_id=DESKTOP_WORKSPACE,
+                session_id=session_id,
+                payload=payload,
+            )
+            if signed is None and pairing.get("reported_trust") == "sealed":
+                raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
             fields = {
                 "id": command_id,
                 "kind": kind,
                 "workspace_id": DESKTOP_WORKSPACE,
                 "session_id": session_id,
-                "payload": payload,
+                "payload": None if signed else payload,
+                "signed": signed,
                 "actor_id": turn.actor_id,
                 "actor_label": turn.actor_label,
             }
@@ -264,7 +286,10 @@ class ChannelSessions:
                 turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
             )
         except PairingError as exc:
-            raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
+            # A message processed again signs anew (another sequence), so the body
+            # differs from the command already submitted under this id: that one stands.
+            if not (exc.code == "command.conflict" and signed is not None):
+                raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
         if binding_id is not None:
             await record_submission(
                 conn or self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
@@ -466,7 +491,7 @@ REFUSALS = {
     "pairing.not_found": "this workspace's Desktop pairing does not exist",
     # docs/sealed.md, "Channels"
     "pairing.sealed": "the Desktop is sealed: only controllers enrolled on it can drive it, "
-    "and a chat channel is not one",
+    "and this chat channel is not one (its owner can enrol it: cowork channel enrol)",
 }
 
 

@@ -197,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the Gateway appliance: leaf NATS, PostgreSQL and the agent"
     )
     _add_logging(add_gateway_up_arguments(up_parser), "text")
-    from edges.remote import add_remote_commands
+    from edges.remote import add_channel_enrol_command, add_remote_commands
 
     add_remote_commands(commands)
     from channels import add_channel_commands
 
-    add_channel_commands(commands)
+    add_channel_commands(commands, more=add_channel_enrol_command)
     return parser
 
 

@@ -224,7 +224,8 @@ async def test_a_sealed_desktop_is_a_clear_reply(kit, http, hub):
     inbound = await kit.send(inst, "anyone there?")
     assert await kit.reply(inst) == (
         "Could not start a session: the Desktop is sealed: only controllers enrolled on it "
-        "can drive it, and a chat channel is not one."
+        "can drive it, and this chat channel is not one (its owner can enrol it: "
+        "cowork channel enrol)."
     )
     await kit.claim_status(inst, inbound, "done")
     assert await kit.commands(inst) == []
