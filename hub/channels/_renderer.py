@@ -343,8 +343,12 @@ def _ids(tenant: str, binding_id: str):
 
 
 def _is_sealed(row: Mapping[str, Any]) -> bool:
+    """A sealed Desktop's event payload, or its sealed command result (command.failed)."""
     payload = row["payload"]
-    return isinstance(payload, dict) and bool(payload.get("sealed"))
+    if not isinstance(payload, dict):
+        return False
+    result = payload.get("result")
+    return bool(payload.get("sealed")) or (isinstance(result, dict) and bool(result.get("sealed")))
 
 
 class _Opener:
@@ -367,10 +371,17 @@ class _Opener:
         controller = self._held[instance_id]
         if controller is None:
             return None
+        payload = row["payload"]
         try:
-            opened = self._controllers.open(
-                controller, row["payload"]["sealed"], "event", row["event_id"]
-            )
+            if payload.get("sealed"):
+                opened = self._controllers.open(
+                    controller, payload["sealed"], "event", row["event_id"]
+                )
+            else:  # a command's outcome: its result is sealed, under the command's id
+                result = self._controllers.open(
+                    controller, payload["result"]["sealed"], "result", row["command_id"]
+                )
+                opened = {**payload, "result": result}
         except SealError as exc:
             log.warning(
                 "channel.sealed_unreadable",

@@ -11,10 +11,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from channelkit import claim_role, create_instance, send_text, wait_posted, wait_ready
+from channelkit import (
+    claim_role,
+    create_instance,
+    next_event_id,
+    post_webhook,
+    send_text,
+    telegram_button_data,
+    wait_posted,
+    wait_ready,
+)
 from desktopkit import TENANT, cowork, eventually, get_pairing, pair_and_start
 from fakeplatforms import FAKES
 from hubkit import client
+from opencode_env import RUN_BASH
 from sealedkit import seal
 
 from edges.desktop._sealed import create_invite, load_trust, remove
@@ -35,7 +45,13 @@ async def test_an_enrolled_channel_drives_a_sealed_desktop_and_others_are_refuse
     hub, opencode, operator_nats_url, tmp_path
 ):
     async with client(hub, admin=True) as admin:
-        desktop = await pair_and_start(admin, operator_nats_url, tmp_path / "desktop", opencode.url)
+        desktop = await pair_and_start(
+            admin,
+            operator_nats_url,
+            tmp_path / "desktop",
+            opencode.url,
+            policy={"remoteApprovals": "remote_allowed"},
+        )
         fakes = {ENROLLED: FAKES["telegram"](), STRANGER: FAKES["telegram"]()}
         try:
             for instance, fake in fakes.items():
@@ -47,16 +63,24 @@ async def test_an_enrolled_channel_drives_a_sealed_desktop_and_others_are_refuse
                 await claim_role(
                     admin, hub.http_url, fake, instance, chat_id="100", user_id=USER, role="admin"
                 )
-            await _drive(hub, admin, desktop, fakes)
+            await _drive(hub, admin, desktop, fakes, opencode)
         finally:
             for fake in fakes.values():
                 await fake.stop()
             await desktop.stop()
 
 
-async def _drive(hub, admin, desktop, fakes) -> None:
+async def _drive(hub, admin, desktop, fakes, opencode) -> None:
     pid, directory = desktop.pairing_id, desktop.agent.store.directory
     local = DesktopStore(directory)
+    # The pairing's policy (remote approvals allowed) reaches the Desktop before it is
+    # sealed: once sealed, the policy is the Desktop's own.
+    await eventually(
+        lambda: desktop.agent.state.policy.remote_approvals == "remote_allowed",
+        10,
+        0.1,
+        "the pairing's policy on the Desktop",
+    )
     seal(desktop)
 
     async def reported_sealed() -> bool:  # the hub refuses un-enrolled channels by it
@@ -115,6 +139,48 @@ async def _drive(hub, admin, desktop, fakes) -> None:
     assert stored and not any(marker in r["p"] for r in stored), "the hub's log is ciphertext"
     refused_so_far = [line for line in local.read_audit() if line["action"] == "command.refused"]
     assert refused_so_far == [], "the Desktop verified the channel's signatures"
+
+    # A tool permission, asked in a sealed event, becomes buttons; the press is a
+    # signed permission.respond, and the model's answer after the tool reaches the chat.
+    fake = fakes[ENROLLED]
+    await send_text(hub.http_url, fake, ENROLLED, f"please {RUN_BASH}", chat_id="103", user_id=USER)
+    await wait_posted(
+        fake,
+        "103",
+        lambda p: any("allow" in label.lower() for row in p.buttons for label in row),
+        what="the permission request with buttons",
+    )
+    press = fake.signed_button_press(
+        telegram_button_data(fake, "103", "allow"),
+        chat_id="103",
+        user_id=USER,
+        event_id=next_event_id(),
+    )
+    assert (await post_webhook(hub.http_url, ENROLLED, press)).status_code == 200
+    await wait_posted(
+        fake,
+        "103",
+        lambda p: opencode.model.after_tool_text in p.text,
+        what="the model's answer after the approved tool",
+    )
+    responded = await hub.pool.fetchrow(
+        "SELECT payload, signed->'claims'->>'controllerId' AS signer, result_status "
+        "FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2 "
+        "AND kind = 'permission.respond'",
+        TENANT,
+        pid,
+    )
+    assert responded["payload"] is None and responded["signer"] == controller_id, responded
+
+    # A failure comes back sealed too: opened, the chat is told OpenCode's words.
+    patched = await admin.patch(
+        f"/api/v1/tenants/{TENANT}/channel-instances/{ENROLLED}",
+        json={"defaultAgent": "nosuchagent"},
+    )
+    assert patched.status_code == 200, patched.text
+    await send_text(hub.http_url, fake, ENROLLED, "use no agent", chat_id="104", user_id=USER)
+    await wait_posted(fake, "104", lambda p: "Agent not found" in p.text, what="the opened failure")
+    assert not any("projection_fence" in p.text for p in fake.chats["104"])
 
     # A channel the Desktop did not enrol is refused at once, in its chat.
     await send_text(
