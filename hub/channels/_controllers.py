@@ -13,6 +13,7 @@ Desktop owner removes it like any other (`cowork desktop controllers remove`).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,44 +89,55 @@ class ChannelControllers:
             row["tenant"], row["instance_id"], row["pairing_id"], row["desktop_key"], keys
         )
 
-    async def sign(
+    async def submit_signed(
         self,
         tenant: str,
         instance_id: str,
         pairing_id: str,
+        submit: Callable[[dict], Awaitable[None]],
         *,
         command_id: str,
         kind: str,
         workspace_id: str,
         session_id: str | None,
         payload: dict | None,
-    ) -> dict | None:
-        """The command's `signed` body (camelCase JSON), or None when the instance has
-        no controller on this pairing. The sequence is taken in one statement, so no
-        two replicas sign with the same one."""
-        row = await self._pool.fetchrow(
-            "UPDATE channel_controllers SET next_sequence = next_sequence + 1 "
-            "WHERE tenant = $1 AND instance_id = $2 AND pairing_id = $3 "
-            "RETURNING *, next_sequence - 1 AS taken",
-            tenant,
-            instance_id,
-            pairing_id,
-        )
-        if row is None:
-            return None
-        controller = self._controller(row)
-        signed = controller.keys.sign(
-            tenant=tenant,
-            pairing_id=pairing_id,
-            command_id=command_id,
-            sequence=int(row["taken"]),
-            kind=kind,
-            workspace_id=workspace_id,
-            session_id=session_id,
-            payload=payload,
-            desktop_key=controller.desktop_key,
-        )
-        return signed.model_dump(mode="json", by_alias=True)
+    ) -> bool:
+        """Sign the command with the instance's keys and `submit` its `signed` body
+        (camelCase JSON); False when the instance has no controller on this pairing.
+
+        The controller's row stays locked from taking the sequence until the command
+        is queued, so commands are queued (and so run) in the order of their
+        sequences, across chats and hub replicas: the Desktop refuses a sequence
+        that is not above the last it took. A submit that fails takes no sequence."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM channel_controllers WHERE tenant = $1 AND instance_id = $2 "
+                "AND pairing_id = $3 FOR UPDATE",
+                tenant,
+                instance_id,
+                pairing_id,
+            )
+            if row is None:
+                return False
+            controller = self._controller(row)
+            signed = controller.keys.sign(
+                tenant=tenant,
+                pairing_id=pairing_id,
+                command_id=command_id,
+                sequence=int(row["next_sequence"]),
+                kind=kind,
+                workspace_id=workspace_id,
+                session_id=session_id,
+                payload=payload,
+                desktop_key=controller.desktop_key,
+            )
+            await submit(signed.model_dump(mode="json", by_alias=True))
+            await conn.execute(
+                "UPDATE channel_controllers SET next_sequence = next_sequence + 1 "
+                "WHERE instance_id = $1",
+                instance_id,
+            )
+        return True
 
     @staticmethod
     def open(

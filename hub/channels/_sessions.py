@@ -249,7 +249,25 @@ class ChannelSessions:
                 "channel.invalid_command", f"that is not a valid {kind}: {exc}"
             ) from None
         pairing_id = turn.workspace_id
-        signed: dict | None = None
+        signed_by_us = False
+
+        async def submit(signed: dict | None) -> None:
+            nonlocal signed_by_us
+            signed_by_us = signed is not None
+            fields = {
+                "id": command_id,
+                "kind": kind,
+                "workspace_id": DESKTOP_WORKSPACE,
+                "session_id": session_id,
+                "payload": None if signed else payload,  # signed: it travels sealed only
+                "signed": signed,
+                "actor_id": turn.actor_id,
+                "actor_label": turn.actor_label,
+            }
+            await self._commands.submit(
+                turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
+            )
+
         try:
             pairing = await self._pairings.get(turn.tenant, pairing_id)
             allowed = pairing["allowed_session_ids"]
@@ -259,36 +277,26 @@ class ChannelSessions:
                     f"the pairing does not allow session {session_id}",
                 )
             # An instance enrolled as a controller of its Desktop signs every command
-            # (docs/sealed.md, "Channels"); the payload then travels sealed only.
-            signed = await self._controllers.sign(
+            # (docs/sealed.md, "Channels").
+            enrolled = await self._controllers.submit_signed(
                 turn.tenant,
                 turn.instance_id,
                 pairing_id,
+                submit,
                 command_id=command_id,
                 kind=kind,
                 workspace_id=DESKTOP_WORKSPACE,
                 session_id=session_id,
                 payload=payload,
             )
-            if signed is None and pairing.get("reported_trust") == "sealed":
-                raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
-            fields = {
-                "id": command_id,
-                "kind": kind,
-                "workspace_id": DESKTOP_WORKSPACE,
-                "session_id": session_id,
-                "payload": None if signed else payload,
-                "signed": signed,
-                "actor_id": turn.actor_id,
-                "actor_label": turn.actor_label,
-            }
-            await self._commands.submit(
-                turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
-            )
+            if not enrolled:
+                if pairing.get("reported_trust") == "sealed":
+                    raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
+                await submit(None)
         except PairingError as exc:
-            # A message processed again signs anew (another sequence), so the body
-            # differs from the command already submitted under this id: that one stands.
-            if not (exc.code == "command.conflict" and signed is not None):
+            # A message processed again signs anew, so its body differs from the
+            # command already submitted under this id: that one stands.
+            if not (exc.code == "command.conflict" and signed_by_us):
                 raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
         if binding_id is not None:
             await record_submission(

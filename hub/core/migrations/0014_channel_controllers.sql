@@ -4,7 +4,8 @@
 -- (keys_enc) and never returned, logged or audited; the hub holds them, so it can
 -- act as this controller (and only this one). next_sequence is the controller
 -- sequence the next signed command takes (the Desktop refuses one not above the
--- last it took); taken in one UPDATE, so two replicas never sign with the same.
+-- last it took); the row stays locked from signing until the command is queued,
+-- so commands queue in the order of their sequences, across replicas too.
 CREATE TABLE channel_controllers (
     instance_id     text PRIMARY KEY REFERENCES channel_instances ON DELETE CASCADE,
     tenant          text NOT NULL,
