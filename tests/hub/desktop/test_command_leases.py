@@ -595,6 +595,60 @@ async def test_a_replayed_identical_final_ack_is_a_no_op(hub, http, paired):
     assert not late.ok and late.code == "command.already_final", late
 
 
+async def test_copies_of_an_ack_at_two_replicas_apply_once(
+    hub, http, paired, operator_nats_url, database_url_module, bus_keys
+):
+    """The Desktop sends an unanswered ack again (`edges.common.ask`), and the two
+    copies may reach two replicas at once: each copy is answered ok, one applies it
+    (one audit row, one replica runs what follows a final), the other is a no-op."""
+    from hub.bus import Caller
+
+    pid = paired.pairing_id
+    await _online(http, paired)
+    submitted = await submit(http, pid, "status")
+    cmd = await paired.next_command()
+    caller = Caller(TENANT, "desktop", pid, {}, "device.command.ack")
+
+    def ack(outcome: str) -> CommandAck:
+        result = None
+        if outcome == "completed":
+            result = CommandResult(ok=True, status="completed", message="done once")
+        return CommandAck(
+            command_id=cmd.id,
+            pairing_id=pid,
+            sequence=cmd.sequence,
+            lease_token=cmd.lease.lease_token,
+            outcome=outcome,
+            result=result,
+        )
+
+    async with running_hub(
+        operator_nats_url, database_url_module, keys=bus_keys, command_lease_seconds=LEASE
+    ) as other:
+        for outcome in ("accepted", "completed"):
+            copy = ack(outcome)
+            answers = await asyncio.gather(
+                hub.commands._ack(caller, copy), other.commands._ack(caller, copy)
+            )
+            assert all(a.reply.ok for a in answers), answers
+            applied = [a for a in answers if a.after is not None]
+            if outcome == "completed":
+                assert len(applied) == 1, "one replica finishes it, the other's copy is a no-op"
+                await applied[0].after()
+    view = await command(http, pid, cmd.id)
+    assert view["state"] == "done" and view["status"] == "completed"
+    assert view["attempts"] == 1
+    actions = await hub.pool.fetch(
+        "SELECT action, count(*) AS n FROM audit_log WHERE tenant = $1 AND command_id = $2 "
+        "GROUP BY action",
+        TENANT,
+        submitted["commandId"],
+    )
+    counted = {r["action"]: r["n"] for r in actions}
+    assert counted.get("command.accepted") == 1 and counted.get("command.completed") == 1, counted
+    assert await _rejections(hub, submitted["commandId"]) == []
+
+
 async def test_unknown_command_and_missing_result(hub, http, paired):
     await _online(http, paired)
     submitted = await submit(http, paired.pairing_id, "status")
