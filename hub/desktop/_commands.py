@@ -442,6 +442,13 @@ class CommandService:
             if final is not None:
                 await self.finish(caller.tenant, caller.id, final)
 
+        async def next_one() -> None:
+            # A copy of a final ack already applied: the replica that applied it may
+            # have died or frozen before pushing the next command; push it if so.
+            await self.dispatch(caller.tenant, caller.id)
+
+        if final is None and ack.outcome != "accepted":
+            return Answer(AckReply(ok=True), after=next_one)
         return Answer(AckReply(ok=True), after=finish if final is not None else None)
 
     async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
