@@ -60,8 +60,10 @@ FROZEN_CLAIM_BOUND = 3.0
 # The probe work's whole time: a run behind the Gateway's other runs, plus a lease TTL.
 WORK_BOUND = 2 * WORK_LEASE
 # The probe command, submitted at the fault, is done within this (well under the 30 s
-# command lease: none of the commands ahead of it is left to its lease).
-PROBE_COMMAND_BOUND = 15.0
+# command lease: none of the commands ahead of it is left to its lease). Measured
+# 2.3-8.6 s under the five faults (it was 25-31 s under the freeze and the
+# PostgreSQL restart before the Desktop's acks went on `ask`).
+PROBE_COMMAND_BOUND = 12.0
 
 
 # --- the world ---------------------------------------------------------------------------
@@ -396,8 +398,11 @@ async def _recovery(world: World, name: str, struck: float, tally: Tally) -> flo
     async def command() -> None:
         cid = await submit(world, f"probe-{name}")
         await eventually(lambda: _done(world, cid), 60, 0.05, f"the {name} probe command")
-        if time.monotonic() - struck > PROBE_COMMAND_BOUND / 2:
-            print(await _command_timeline(world, cid))
+        if time.monotonic() - struck > PROBE_COMMAND_BOUND / 3:
+            try:  # (a diagnosis: it never fails the run)
+                print(await _command_timeline(world, cid))
+            except Exception as exc:
+                print(f"no command timeline: {exc!r}")
 
     async def event() -> None:
         await _publish_until_acked(nc, pid, text)
@@ -434,9 +439,9 @@ async def _command_timeline(world: World, probe_id: str) -> str:
             "SELECT created_at FROM pairing_commands WHERE command_id = $1", probe_id
         )
         rows = await conn.fetch(
-            "SELECT command_id, attempts, created_at, completed_at FROM pairing_commands "
-            "WHERE pairing_id = $1 AND completed_at >= $2 - interval '40 seconds' "
-            "AND created_at <= $2 ORDER BY completed_at - created_at DESC LIMIT 3",
+            "SELECT command_id, attempts, created_at, pushed_at, completed_at FROM pairing_commands "
+            "WHERE pairing_id = $1 AND completed_at >= $2::timestamptz - interval '40 seconds' "
+            "AND created_at <= $2::timestamptz ORDER BY completed_at - created_at DESC LIMIT 3",
             world.desktop.pairing_id,
             start,
         )
@@ -453,7 +458,12 @@ async def _command_timeline(world: World, probe_id: str) -> str:
                 for a in audit
             )
             took = (r["completed_at"] - r["created_at"]).total_seconds()
-            lines.append(f"  {r['command_id']} attempts={r['attempts']} took {took:.2f} s: {steps}")
+            created = (r["created_at"] - start).total_seconds()
+            pushed = (r["pushed_at"] - start).total_seconds() if r["pushed_at"] else None
+            lines.append(
+                f"  {r['command_id']} attempts={r['attempts']} created@{created:+.2f} "
+                f"last pushed@{pushed} took {took:.2f} s: {steps}"
+            )
         return "slow probe command, the slowest commands around it:\n" + "\n".join(lines)
     finally:
         await conn.close()
