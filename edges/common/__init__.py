@@ -33,7 +33,7 @@ from ._credentials import (
 from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
-from ._retry import AnswerTimes, ask, attempt_timeouts
+from ._retry import AnswerTimes, ask, attempt_timeouts, not_refused_as
 from ._sealed import ContentKey, DesktopSealingKey, InviteLink, normalise_fingerprint
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
@@ -61,6 +61,7 @@ __all__ = [
     "add_status_command",
     "AnswerTimes",
     "ask",
+    "not_refused_as",
     "attempt_timeouts",
     "bootstrap_exchange",
     "bootstrap_options",

@@ -27,6 +27,8 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from schemas import AckReply, ContractError, decode
+
 FIRST_ATTEMPT_SECONDS = 1.0
 # `ask` sends the same request again after twice the usual answer time, at least
 # HEDGE_SECONDS and at most HEDGE_MAX_SECONDS, then every HEDGE_MAX_SECONDS.
@@ -106,3 +108,18 @@ async def ask(
     if kept is not None:
         return kept
     raise nats.errors.TimeoutError
+
+
+def not_refused_as(codes: frozenset[str]) -> Callable[[Msg], bool]:
+    """For `ask`'s `final`: whether an answer is anything but a refusal with one of
+    `codes` (refusals a copy gets for being one, or from a replica that cannot
+    answer now, while another copy may yet be answered)."""
+
+    def final(msg: Msg) -> bool:
+        try:
+            ack = decode(msg.data, AckReply).data
+        except ContractError:
+            return True
+        return ack.ok or ack.code not in codes
+
+    return final

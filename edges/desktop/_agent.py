@@ -55,14 +55,16 @@ from schemas import (
 )
 
 from ..common import (
+    AnswerTimes,
     BootstrapFailed,
     EdgeCredentials,
     OpenCodeClient,
-    attempt_timeouts,
+    ask,
     bootstrap_exchange,
     bootstrap_options,
     dial_once,
     new_user_seed,
+    not_refused_as,
     refresh_forever,
 )
 from ._commands import CommandRunner
@@ -75,6 +77,10 @@ log = logging.getLogger("cowork.edge.desktop")
 AckOutcome = Literal["accepted", "completed", "failed"]
 CLIENT_VERSION = "cowork-desktop/0.1"
 ACK_TIMEOUT = 5.0
+# Answers to an ack that say the hub cannot apply it now (its database away, say),
+# not that it never will: the ack is sent again while its lease is live.
+ACK_UNAVAILABLE = frozenset({"hub.unavailable", "hub.error", "rate_limited"})
+ACK_AGAIN_SECONDS = 0.5
 # What the hub pushes on the command subject.
 Pushed = PairingState | DeviceCommand
 
@@ -238,6 +244,7 @@ class DesktopAgent:
         self._in_hand: set[tuple[str, str]] = set()  # (command id, lease token) queued or running
         self._stopped = asyncio.Event()
         self._beat = 0
+        self._answer_times = AnswerTimes()  # how long the hub usually takes to answer an ack
         self.connected = asyncio.Event()
 
     @property
@@ -632,18 +639,26 @@ class DesktopAgent:
         )
         data = Envelope.wrap(ack, source=_source(self.pairing), tenant=self.tenant).encode()
         subject = subjects.DEVICE_COMMAND_ACK.build(tenant=self.tenant, device_id=self.pairing_id)
-        timeouts = attempt_timeouts(ACK_TIMEOUT)  # a replica dying with it in hand: ask again
-        while _utcnow() < command.lease.lease_expires_at and self.nc is not None:
+        # `ask`, as the Gateway's requests: a copy left unanswered (a replica that died
+        # or froze holding it) is sent again after twice the usual answer time, to any
+        # replica, and the first answer to any copy counts; the hub takes a copy of an
+        # ack it has applied as a no-op. An answer that the hub cannot apply it now
+        # (PostgreSQL away) is asked again while the lease is live, never left to it.
+        settled = not_refused_as(ACK_UNAVAILABLE)
+        while self.nc is not None:
+            left = (command.lease.lease_expires_at - _utcnow()).total_seconds()
+            if left <= 0:
+                break
             try:
-                reply = decode(
-                    (await self.nc.request(subject, data, timeout=next(timeouts))).data, AckReply
-                ).data
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.errors.ConnectionClosedError,
-            ):
+                msg = await ask(
+                    self.nc, subject, data, min(ACK_TIMEOUT, left), self._answer_times, settled
+                )
+            except nats.errors.Error:  # no answer in time, nobody subscribed, disconnected
                 await asyncio.sleep(0.2)
+                continue
+            reply = decode(msg.data, AckReply).data
+            if not reply.ok and reply.code in ACK_UNAVAILABLE:
+                await asyncio.sleep(min(reply.retry_after_seconds or 0, 1.0) or ACK_AGAIN_SECONDS)
                 continue
             if not reply.ok:
                 self.store.audit(

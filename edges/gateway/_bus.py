@@ -18,13 +18,11 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable
 from typing import Any, cast
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from schemas import (
     AckReply,
@@ -38,7 +36,7 @@ from schemas import (
     subjects,
 )
 
-from ..common import ask
+from ..common import ask, not_refused_as
 from ._parts import AgentParts, M
 from ._work import TransientBusError
 
@@ -166,7 +164,7 @@ class GatewayConnection(AgentParts):
         data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
         try:
             if again:
-                final = _not_refused_as(repeat_codes) if repeat_codes else None
+                final = not_refused_as(repeat_codes) if repeat_codes else None
                 msg = await ask(nc, subject, data, timeout, self._answer_times, final)
             else:
                 msg = await nc.request(subject, data, timeout=timeout)
@@ -182,19 +180,6 @@ class GatewayConnection(AgentParts):
             principal_id=self.registration_id,
             authority=ExecutionAuthority.GATEWAY_STANDALONE,
         )
-
-
-def _not_refused_as(codes: frozenset[str]) -> Callable[[Msg], bool]:
-    """Whether an answer is anything but a refusal with one of `codes`."""
-
-    def final(msg: Msg) -> bool:
-        try:
-            ack = decode(msg.data, AckReply).data
-        except ContractError:
-            return True
-        return ack.ok or ack.code not in codes
-
-    return final
 
 
 def decode_reply(raw: bytes, model: type[M]) -> M:

@@ -13,7 +13,10 @@ node or the hub's connection away) is lost; a lease its Desktop has not
 accepted is pushed again, the same lease, once the Desktop shows it is back on
 the bus or the hub's own connection comes back (`repush_lost`), not only when
 the lease runs out. Which replica pushes is decided by a conditional UPDATE,
-so replicas agree.
+so replicas agree. The Desktop sends an unanswered ack again, to any replica
+(`edges.common.ask`): a copy of an ack already applied is answered ok and
+changes nothing (no second audit row, no second finish), even when two copies
+reach two replicas at once.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ SUBMIT = """
 # waited for is read as it is after that wait (READ COMMITTED re-checks a locked
 # row), and the UPDATEs follow that same version. No row: the ack does not apply
 # as sent (refused, a replay, unknown): the step-by-step path decides and names it.
+# An accept applies only to a lease not accepted yet: a copy of it (the Desktop
+# sends a request again when unanswered, to any replica) is a replay.
 # $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
 # (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
 ACK = """
@@ -117,6 +122,7 @@ ACK = """
               = sha256(convert_to($4::text, 'UTF8'))
           AND c.lease_expires_at > now() AND c.sequence = $5
           AND ($6::text IS NULL OR $5 > p.last_command_sequence)
+          AND ($6::text IS NOT NULL OR c.state = 'leased')
         FOR UPDATE OF c, p),
     cmd AS (
         UPDATE pairing_commands c SET
@@ -436,6 +442,13 @@ class CommandService:
             if final is not None:
                 await self.finish(caller.tenant, caller.id, final)
 
+        async def next_one() -> None:
+            # A copy of a final ack already applied: the replica that applied it may
+            # have died or frozen before pushing the next command; push it if so.
+            await self.dispatch(caller.tenant, caller.id)
+
+        if final is None and ack.outcome != "accepted":
+            return Answer(AckReply(ok=True), after=next_one)
         return Answer(AckReply(ok=True), after=finish if final is not None else None)
 
     async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
@@ -475,6 +488,8 @@ class CommandService:
                 self._replayed(dict(row), ack)
                 return None
             _check_lease(dict(row), ack)
+            if ack.outcome == "accepted" and row["state"] == "accepted":
+                return None  # a copy of an accept already applied: a no-op
             if ack.outcome == "accepted":
                 await conn.execute(
                     "UPDATE pairing_commands SET state = 'accepted', "

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import asyncpg
 import httpx
 import nats
 import pytest
@@ -58,6 +59,11 @@ WORK_LEASE = 30.0
 FROZEN_CLAIM_BOUND = 3.0
 # The probe work's whole time: a run behind the Gateway's other runs, plus a lease TTL.
 WORK_BOUND = 2 * WORK_LEASE
+# The probe command, submitted at the fault, is done within this (well under the 30 s
+# command lease: none of the commands ahead of it is left to its lease). Measured
+# 2.3-8.6 s under the five faults (it was 25-31 s under the freeze and the
+# PostgreSQL restart before the Desktop's acks went on `ask`).
+PROBE_COMMAND_BOUND = 12.0
 
 
 # --- the world ---------------------------------------------------------------------------
@@ -95,6 +101,7 @@ class Tally:
     reordered: int = 0
     recoveries: list[float] = field(default_factory=list)
     breaches: list[str] = field(default_factory=list)
+    probe_commands: dict[str, float] = field(default_factory=dict)  # fault -> seconds
 
     def count(self, kind: str, n: int, what: str) -> None:
         if n:
@@ -382,7 +389,7 @@ async def _online_within(world: World, seconds: float) -> float:
 
 
 # --- recovery probe -----------------------------------------------------------------------
-async def _recovery(world: World, name: str, struck: float) -> float:
+async def _recovery(world: World, name: str, struck: float, tally: Tally) -> float:
     """Seconds from the fault until a command and an event submitted at that moment
     have both gone through (the command done, the event projected)."""
     pid, nc = world.probe
@@ -391,6 +398,11 @@ async def _recovery(world: World, name: str, struck: float) -> float:
     async def command() -> None:
         cid = await submit(world, f"probe-{name}")
         await eventually(lambda: _done(world, cid), 60, 0.05, f"the {name} probe command")
+        if time.monotonic() - struck > PROBE_COMMAND_BOUND / 3:
+            try:  # (a diagnosis: it never fails the run)
+                print(await _command_timeline(world, cid))
+            except Exception as exc:
+                print(f"no command timeline: {exc!r}")
 
     async def event() -> None:
         await _publish_until_acked(nc, pid, text)
@@ -411,9 +423,50 @@ async def _recovery(world: World, name: str, struck: float) -> float:
     print(
         f"\n{name}: probe command done {took[0]:.2f} s, probe event projected {took[1]:.2f} s, "
         f"probe delivery on the platform {sent:.2f} s, probe webhook update answered "
-        f"{answered:.2f} s"
+        f"{answered:.2f} s (probe command bound {PROBE_COMMAND_BOUND:.0f} s)"
     )
+    tally.probe_commands[name] = took[0]
     return max(*took, sent, answered)
+
+
+async def _command_timeline(world: World, probe_id: str) -> str:
+    """Where a slow probe command's time went: the commands done in the same window
+    (a Desktop's commands go one at a time, in order), the slowest first, with the
+    times of their pushes, acks and refusals (seconds after the probe's submit)."""
+    conn = await asyncpg.connect(world.postgres.dsn)
+    try:
+        start = await conn.fetchval(
+            "SELECT created_at FROM pairing_commands WHERE command_id = $1", probe_id
+        )
+        rows = await conn.fetch(
+            "SELECT command_id, attempts, created_at, pushed_at, completed_at FROM pairing_commands "
+            "WHERE pairing_id = $1 AND completed_at >= $2::timestamptz - interval '40 seconds' "
+            "AND created_at <= $2::timestamptz ORDER BY completed_at - created_at DESC LIMIT 3",
+            world.desktop.pairing_id,
+            start,
+        )
+        lines = []
+        for r in rows:
+            audit = await conn.fetch(
+                "SELECT action, reason, occurred_at FROM audit_log WHERE command_id = $1 "
+                "ORDER BY occurred_at",
+                r["command_id"],
+            )
+            steps = ", ".join(
+                f"{a['action']}{'(' + (a['reason'] or '')[:40] + ')' if a['reason'] else ''}"
+                f"@{(a['occurred_at'] - start).total_seconds():+.2f}"
+                for a in audit
+            )
+            took = (r["completed_at"] - r["created_at"]).total_seconds()
+            created = (r["created_at"] - start).total_seconds()
+            pushed = (r["pushed_at"] - start).total_seconds() if r["pushed_at"] else None
+            lines.append(
+                f"  {r['command_id']} attempts={r['attempts']} created@{created:+.2f} "
+                f"last pushed@{pushed} took {took:.2f} s: {steps}"
+            )
+        return "slow probe command, the slowest commands around it:\n" + "\n".join(lines)
+    finally:
+        await conn.close()
 
 
 async def _work_recovery(world: World, name: str, struck: float, fault: Fault) -> float:
@@ -552,7 +605,7 @@ async def _one_fault(world: World, fault: Fault, tally: Tally, index: int) -> No
     work = (
         asyncio.create_task(_work_recovery(world, label, struck, fault)) if traffic.work else None
     )
-    recovery = await _recovery(world, label, struck)
+    recovery = await _recovery(world, label, struck, tally)
     await released
     await heal()
     if work:
@@ -700,6 +753,8 @@ def _assert_clean(tally: Tally, faults: list[Fault]) -> None:
     assert tally.faults == len(faults)
     clean = (tally.lost, tally.duplicated, tally.reordered) == (0, 0, 0)
     assert clean, tally.line() + "\n" + "\n".join(tally.breaches)
+    slow = {f: t for f, t in tally.probe_commands.items() if t >= PROBE_COMMAND_BOUND}
+    assert not slow, f"probe commands over {PROBE_COMMAND_BOUND:.0f} s: {slow}"
 
 
 @pytest.mark.timeout(300)

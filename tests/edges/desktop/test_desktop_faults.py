@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 from desktopkit import (
     TENANT,
+    command,
     events,
     eventually,
     finished,
@@ -286,6 +287,54 @@ async def test_a_push_of_the_command_running_now_is_ignored(
             assert await _hub_audits(hub, submitted["commandId"], "command.completed") == 1
         finally:
             await running.stop()
+
+
+async def test_an_ack_the_hub_cannot_apply_now_is_sent_again_not_left_to_the_lease(
+    operator_nats_url, database_url, bus_keys, opencode, tmp_path
+):
+    """The final ack reaches the hub while its database cannot take it (the chaos
+    suite's PostgreSQL restart: the answer is `hub.unavailable`). The Desktop asks
+    again while the lease is live, so the command is done within a second or two of
+    the database being back, not when its 30 s lease runs out; reported once."""
+    async with (
+        running_hub(
+            operator_nats_url, database_url, keys=bus_keys, command_lease_seconds=30
+        ) as hub,
+        client(hub, admin=True) as http,
+    ):
+        pid, running, blocking, submitted = await _blocked_command(
+            http, operator_nats_url, opencode, tmp_path
+        )
+        acks = _final_acks(running)
+        try:
+            accepted = await eventually(
+                lambda: _accepted(http, pid, submitted["commandId"]), 10, what="the accept"
+            )
+            assert accepted
+            await hub.pool.execute("ALTER TABLE pairing_commands RENAME TO pairing_commands_away")
+            try:
+                blocking.release.set()
+                await eventually(lambda: acks, 5, what="the final ack")
+                await asyncio.sleep(1.5)  # answered hub.unavailable meanwhile
+            finally:
+                await hub.pool.execute(
+                    "ALTER TABLE pairing_commands_away RENAME TO pairing_commands"
+                )
+            back = time.monotonic()
+            done = await finished(http, pid, submitted["commandId"], timeout=10)
+            took = time.monotonic() - back
+            assert took < 3.0, f"done {took:.2f} s after the database was back"
+            assert done["status"] == "completed" and done["attempts"] == 1, done
+            assert acks == ["completed"], "one final ack (its copies are one request)"
+            assert blocking.calls == [submitted["commandId"]], "run exactly once"
+            assert await _hub_audits(hub, submitted["commandId"], "command.completed") == 1
+            assert await _hub_audits(hub, submitted["commandId"], "command.accepted") == 1
+        finally:
+            await running.stop()
+
+
+async def _accepted(http, pairing_id: str, command_id: str) -> bool:
+    return (await command(http, pairing_id, command_id))["state"] == "accepted"
 
 
 async def test_hub_restarted_mid_lease_completes_the_command_once(

@@ -595,6 +595,73 @@ async def test_a_replayed_identical_final_ack_is_a_no_op(hub, http, paired):
     assert not late.ok and late.code == "command.already_final", late
 
 
+async def test_copies_of_an_ack_at_two_replicas_apply_once(
+    hub, http, paired, operator_nats_url, database_url_module, bus_keys
+):
+    """The Desktop sends an unanswered ack again (`edges.common.ask`), to any replica.
+    Two copies at two replicas at once: both answered ok, one applies each ack (one
+    audit row), the next command is pushed once. A replica that applies a final ack
+    and freezes before pushing the next command: the copy the other replica gets is
+    a no-op that pushes it."""
+    from hub.bus import Caller
+
+    pid = paired.pairing_id
+    await _online(http, paired)
+    ids = [(await submit(http, pid, "status"))["commandId"] for _ in range(3)]
+    caller = Caller(TENANT, "desktop", pid, {}, "device.command.ack")
+
+    def ack(cmd: DeviceCommand, outcome: str) -> CommandAck:
+        result = None
+        if outcome == "completed":
+            result = CommandResult(ok=True, status="completed", message=f"done {cmd.id}")
+        return CommandAck(
+            command_id=cmd.id,
+            pairing_id=pid,
+            sequence=cmd.sequence,
+            lease_token=cmd.lease.lease_token,
+            outcome=outcome,
+            result=result,
+        )
+
+    async with running_hub(
+        operator_nats_url, database_url_module, keys=bus_keys, command_lease_seconds=LEASE
+    ) as other:
+        first = await paired.next_command()
+        for outcome in ("accepted", "completed"):
+            answers = await asyncio.gather(
+                hub.commands._ack(caller, ack(first, outcome)),
+                other.commands._ack(caller, ack(first, outcome)),
+            )
+            assert all(a.reply.ok for a in answers), answers
+            for answer in answers:
+                if answer.after is not None:
+                    await answer.after()
+        second = await paired.next_command()
+        await paired.nothing_pushed()  # once
+        assert second.id == ids[1]
+
+        applied = await hub.commands._ack(caller, ack(second, "completed"))
+        assert applied.reply.ok  # and this replica freezes: its `after` never runs
+        again = await other.commands._ack(caller, ack(second, "completed"))
+        assert again.reply.ok and again.after is not None
+        await again.after()
+        third = await paired.next_command()
+        assert third.id == ids[2]
+        await paired.nothing_pushed()
+
+    for cid, expected in ((ids[0], {"command.accepted": 1}), (ids[1], {})):
+        view = await command(http, pid, cid)
+        assert view["state"] == "done" and view["attempts"] == 1, view
+        rows = await hub.pool.fetch(
+            "SELECT action, count(*) AS n FROM audit_log WHERE tenant = $1 AND command_id = $2 "
+            "AND action LIKE 'command.%' AND action <> 'command.queued' GROUP BY action",
+            TENANT,
+            cid,
+        )
+        assert {r["action"]: r["n"] for r in rows} == {**expected, "command.completed": 1}
+        assert await _rejections(hub, cid) == []
+
+
 async def test_unknown_command_and_missing_result(hub, http, paired):
     await _online(http, paired)
     submitted = await submit(http, paired.pairing_id, "status")
