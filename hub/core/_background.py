@@ -5,15 +5,19 @@ away is expected and temporary); only cancellation ends them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.errors import APIError
 
 from ._deadletter import Fenced, is_transient
 from ._logging import LogBudget, kv
@@ -131,55 +135,153 @@ async def pull_forever(
     sub = None
     expected: int | None = None  # the delivery number the next batch starts at
     status = loop_status(f"consumer.{spec.durable}")
-    while True:
-        if may_fetch is not None and not may_fetch():
-            await asyncio.sleep(0.1)
-            continue
-        # Python 3.11's wait_for (inside nats-py's fetch) drops a cancellation that
-        # arrives as a message does; the request stays on the task, so honour it here
-        # or a stop waits forever while a backlog keeps messages coming.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
-        try:
-            if sub is None:
-                sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
-            msgs = await sub.fetch(batch=batch, timeout=fetch_seconds)
-        except (TimeoutError, NatsTimeout):
-            status.ran()  # asked, and nothing was waiting
-            if until_idle is not None and until_idle():
-                LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
-                return
-            continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # NATS away or consumer missing: retry, never die
-            status.failed(exc)
-            log.warning(failure, **kv(error=str(exc)))
-            sub = None
-            await asyncio.sleep(retry_delay)
-            continue
-        status.ran()
-        if not msgs:  # (a fetch that ended without messages)
-            if until_idle is not None and until_idle():
-                LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
-                return
-            continue
-        if ordered:
-            first = _delivery(msgs[0])
-            if expected is not None and first > expected:
-                log.warning(
-                    "consumer.gap", **kv(consumer=spec.durable, expected=expected, got=first)
-                )
-                expected = None
-                await _rewind(js, spec, log)
+    try:
+        while True:
+            if may_fetch is not None and not may_fetch():
+                await asyncio.sleep(0.1)
                 continue
-            expected = _delivery(msgs[-1]) + 1
-        try:
-            await _handle_holding(handle, msgs, log, spec.durable)
-        except Fenced:  # another replica works this partition now
-            log.info("consumer.fenced", **kv(consumer=spec.durable))
-            return
+            # Python 3.11's wait_for (inside the fetch) drops a cancellation that
+            # arrives as a message does; the request stays on the task, so honour it here
+            # or a stop waits forever while a backlog keeps messages coming.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            try:
+                if sub is None:
+                    sub = await _Puller.open(js, spec.stream, spec.durable)
+                msgs = await sub.fetch(batch, fetch_seconds)
+            except (TimeoutError, NatsTimeout):
+                status.ran()  # asked, and nothing was waiting
+                if until_idle is not None and until_idle():
+                    LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
+                    return
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away or consumer missing: retry, never die
+                status.failed(exc)
+                log.warning(failure, **kv(error=str(exc)))
+                if sub is not None:
+                    await sub.close()
+                sub = None
+                await asyncio.sleep(retry_delay)
+                continue
+            status.ran()
+            if not msgs:  # (a fetch that ended without messages)
+                if until_idle is not None and until_idle():
+                    LOOPS.pop(status.name, None)  # ended of itself: no loop to show any more
+                    return
+                continue
+            if ordered:
+                first = _delivery(msgs[0])
+                if expected is not None and first > expected:
+                    log.warning(
+                        "consumer.gap", **kv(consumer=spec.durable, expected=expected, got=first)
+                    )
+                    expected = None
+                    await _rewind(js, spec, log)
+                    # What it asked the old consumer for comes again, from the new one.
+                    await sub.close()
+                    sub = None
+                    continue
+                expected = _delivery(msgs[-1]) + 1
+            try:
+                await _handle_holding(handle, msgs, log, spec.durable)
+            except Fenced:  # another replica works this partition now
+                log.info("consumer.fenced", **kv(consumer=spec.durable))
+                return
+    finally:
+        if sub is not None:
+            await sub.close()
+
+
+class _Puller:
+    """Pull requests for one durable consumer, answered on an inbox of its own.
+
+    nats-py's `fetch` awaits each message of a batch on its own (a task and a
+    timer per message): a line passing over a flood spent most of its time there
+    (docs/performance.md, "Same partition: lanes"). Here a subscription callback
+    queues what arrives, so a socket read's worth of messages costs one wake-up.
+
+    A fetch asks for what is there (`no_wait`: the server sends up to `batch`
+    messages, then says it has no more), and when nothing is, waits for one
+    message: a request of one that expires on the server within the fetch's
+    `timeout`, as nats-py's did (a released worker's last pull ends within it,
+    hub/core/_leases.py). So no request stays open to deliver more than its one
+    message after the fetch; one that arrives after the fetch gave up is kept for
+    the next."""
+
+    def __init__(self, nc: Any, subject: str, inbox: str) -> None:
+        self._nc, self._subject, self._inbox = nc, subject, inbox
+        self._queue: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._request = 0  # the latest request's number (its reply is inbox.<n>)
+        self._open = False  # the latest request may still bring messages
+        self._error: Msg | None = None
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, stream: str, durable: str) -> _Puller:
+        nc = js._nc  # (nats-py keeps the connection there; there is no public getter)
+        puller = cls(nc, f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}", nc.new_inbox())
+        puller._sub = await nc.subscribe(
+            f"{puller._inbox}.*", cb=puller._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        return puller
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection went with it
+                pass
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = JetStreamContext.is_status_msg(msg)
+        if status is None:
+            self._queue.append(msg)
+        elif msg.subject == f"{self._inbox}.{self._request}":
+            self._open = False  # no more (404, 408 expired, 409 ...)
+            if status not in ("100", "404", "408", "409"):
+                self._error = msg  # (503: no consumer of that name)
+        else:
+            return  # a status of an earlier request
+        self._arrived.set()
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to `batch` messages, as soon as there are any; TimeoutError after
+        `timeout` seconds without one."""
+        deadline = time.monotonic() + timeout
+        if not self._queue:
+            await self._ask({"batch": batch, "no_wait": True}, batch, deadline)
+        if not self._queue and self._error is None:
+            expires = int(max(deadline - time.monotonic() - 0.01, 0.001) * 1e9)
+            await self._ask({"batch": 1, "expires": expires}, 1, deadline)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise APIError.from_msg(error)
+        if not self._queue:
+            raise NatsTimeout
+        return [self._queue.popleft() for _ in range(min(batch, len(self._queue)))]
+
+    async def _ask(self, request: dict, want: int, deadline: float) -> None:
+        """Send a pull request; back when `want` messages are queued, the request
+        has ended, or at `deadline`."""
+        self._request += 1
+        self._open = True
+        await self._nc.publish(
+            self._subject, json.dumps(request).encode(), reply=f"{self._inbox}.{self._request}"
+        )
+        while self._open and len(self._queue) < want and self._error is None:
+            self._arrived.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
 
 
 def _delivery(msg: Msg) -> int:

@@ -40,6 +40,7 @@ from ._streams import ConsumerSpec, consumer_config, rewind_unacked
 
 Key = tuple[str, ...]
 LANE_BATCH = 100
+LANE_GIVE_WAY = 1.0  # seconds a lane batch waits at most for its line's backlog
 
 
 @dataclass
@@ -84,10 +85,18 @@ class Lanes:
         self._js, self._line, self._policy = js, line, policy
         self._key_of, self._filter_of, self._handle = key_of, filter_of, handle
         self._may_fetch, self._log, self._on_change = may_fetch, log, on_change
+        # Whether a key is over its rate is judged by when its messages were stored
+        # (their JetStream timestamps), not by how fast the line gets to them: a line
+        # slower than the rate (a flood of dead letters) would otherwise never find
+        # the flooder over it, and everyone would wait behind its backlog in line.
+        self._arrivals = RateLimiter(policy.rate, policy.burst)
+        # A lane's pace, in real time (emptied when the lane opens: the key has
+        # spent its burst).
         self._limiter = RateLimiter(policy.rate, policy.burst)
         self._lanes: dict[Key, _Lane] = {}
         self._closed: dict[Key, int] = {}  # a closed lane's last done sequence
         self._settled = 0  # the line has settled every sequence up to this one
+        self._line_behind = False  # the line's last batch left more to fetch
 
     @property
     def open(self) -> int:
@@ -139,7 +148,7 @@ class Lanes:
             elif lane is not None and seq >= lane.start:
                 lane.passed = max(lane.passed, seq)  # (before any await: see _caught_up)
                 passed.append(msg)
-            elif lane is None and self._over_rate(key):
+            elif lane is None and self._over_rate(key, msg):
                 lane = self._lanes[key] = _Lane(key, self._spec(key, seq), passed=seq)
                 opened.append(lane)
                 passed.append(msg)
@@ -155,6 +164,7 @@ class Lanes:
         if direct:
             await self._handle(direct)
         self._settled = max(self._settled, msgs[-1].metadata.sequence.stream)
+        self._line_behind = msgs[-1].metadata.num_pending > 0
         self._start_ready()
 
     async def stop(self) -> None:
@@ -165,11 +175,14 @@ class Lanes:
         await asyncio.gather(*(lane.task.stop() for lane in lanes if lane.task))
         self._on_change(0, 0)
 
-    def _over_rate(self, key: Key) -> bool:
-        if self._limiter.take(key) == 0.0:
+    def _over_rate(self, key: Key, msg: Msg) -> bool:
+        if self._arrivals.take(key, msg.metadata.timestamp.timestamp()) == 0.0:
             self._closed.pop(key, None)
             return False
-        return len(self._lanes) < self._policy.max_lanes
+        if len(self._lanes) >= self._policy.max_lanes:
+            return False
+        self._limiter.take(key, cost=self._policy.burst)
+        return True
 
     def _spec(self, key: Key, start: int) -> ConsumerSpec:
         return replace(
@@ -241,9 +254,17 @@ class Lanes:
             self._log.warning("lane.delete_failed", **kv(lane=lane.spec.durable, error=str(exc)))
 
     async def _paced(self, lane: _Lane, msgs: list[Msg]) -> None:
-        """A lane goes at its key's rate: the same bucket the line spends."""
+        """A lane goes at its key's rate, and gives way to its line: while the line
+        has a backlog (a flood it passes over), a lane batch waits for it up to
+        LANE_GIVE_WAY seconds. Every batch of the lane costs the process's one
+        thread (a dead letter is about 0.5 ms), and the line waits for its turns
+        (docs/performance.md, "Same partition: lanes")."""
         while (wait := self._limiter.take(lane.key, cost=len(msgs))) > 0:
             await asyncio.sleep(wait)
+        waited = 0.0
+        while self._line_behind and waited < LANE_GIVE_WAY:
+            await asyncio.sleep(0.02)
+            waited += 0.02
         await self._handle(msgs)
         lane.done = max(lane.done, msgs[-1].metadata.sequence.stream)
 

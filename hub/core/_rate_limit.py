@@ -36,8 +36,9 @@ class RateLimiter:
             if len(self._buckets) >= self._max_keys:
                 self._evict_full(now)
             bucket = self._buckets[key] = _Bucket(self.burst, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
-        bucket.updated = now
+        # (`now` may be a message's own time: one older than the last never refills)
+        bucket.tokens = min(self.burst, bucket.tokens + max(0.0, now - bucket.updated) * self.rate)
+        bucket.updated = max(bucket.updated, now)
         if bucket.tokens >= cost:
             bucket.tokens -= cost
             return 0.0

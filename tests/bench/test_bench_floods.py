@@ -78,8 +78,12 @@ def hub_options() -> dict:
     """BENCH_PARTITIONS=1 puts tenant B in the flooding Desktop's line, the worst case
     (with the default 8 partitions B shares it with odds of one in eight). The rate,
     burst and lanes are the defaults an operator runs with."""
-    partitions = os.environ.get("BENCH_PARTITIONS")
-    return {"event_partitions": int(partitions)} if partitions else {}
+    options: dict = {}
+    if partitions := os.environ.get("BENCH_PARTITIONS"):
+        options["event_partitions"] = int(partitions)
+    if burst := os.environ.get("BENCH_EVENT_BURST"):  # (the Desktop's burst; default 2,000)
+        options["event_burst_per_desktop"] = float(burst)
+    return options
 
 
 N_POISON = int(os.environ.get("BENCH_POISON_EVENTS", "5000"))
