@@ -279,7 +279,8 @@ class _Puller:
             if left <= 0:
                 return
             try:
-                await asyncio.wait_for(self._arrived.wait(), left)
+                async with asyncio.timeout(left):  # wait_for may eat a cancel (3.11)
+                    await self._arrived.wait()
             except TimeoutError:
                 return
 
