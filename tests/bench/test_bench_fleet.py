@@ -20,7 +20,9 @@ listed through the paginated API, commands are sent (round trip under load) and
 presence is sampled (online counts, the age of the newest heartbeat stamp), with
 the CPU and memory of the hub, NATS and PostgreSQL; the nats-server restarted
 (the time until every edge is heard from again); the soak (SOAK_MINUTES), which
-asserts that no Desktop went offline and no Gateway unhealthy while connected.
+lists the whole fleet and sends commands every FLEET_SOAK_EVERY seconds and asserts
+that no Desktop went offline and no Gateway unhealthy while connected, that no
+heartbeat arrived late and that the hub's NATS client dropped nothing.
 
 Asserted: every Desktop paired and online, every Gateway active, every command
 completed, no flap in the steady window or the soak. CPU is printed, not
@@ -60,6 +62,7 @@ RELAY_SAMPLE = int(os.environ.get("FLEET_RELAY_SAMPLE", "20"))
 HOLD_SECONDS = float(os.environ.get("FLEET_HOLD_SECONDS", "60"))
 SOAK_MINUTES = float(os.environ.get("SOAK_MINUTES", "0"))
 COMMANDS = int(os.environ.get("FLEET_COMMANDS", "50"))
+SOAK_EVERY = float(os.environ.get("FLEET_SOAK_EVERY", "300"))  # seconds between soak rounds
 # 0 skips the nats-server restart (on 2 vCPUs the load processes cannot reconnect
 # 11,000 agents in time: docs/performance.md, "Fleet")
 RESTART = os.environ.get("FLEET_RESTART", "1") != "0"
@@ -70,6 +73,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(int(1800 + 60 * SOAK_MINUTE
 FLEET_LOAD = Path(__file__).with_name("fleet_load.py")
 BASE = f"/api/v1/tenants/{TENANT}"
 FLAPS = ("pairing.offline", "gateway.registration.unhealthy")
+_DROPS = re.compile(r"^cowork_nats_slow_consumer_drops_total\{[^}]*\} ([\d.e+]+)$", re.M)
 _LATE = re.compile(r'^cowork_presence_heartbeats_late_total\{principal="(\w+)"\} ([\d.e+]+)$', re.M)
 
 
@@ -220,6 +224,11 @@ async def _until(check, timeout: float, what: str, every: float = 0.5) -> float:
 
 def _late(metrics_text: str) -> dict[str, float]:
     return {kind: float(value) for kind, value in _LATE.findall(metrics_text)}
+
+
+def _drops(metrics_text: str) -> float:
+    """Messages the hub's NATS client dropped as a slow consumer, all subscriptions."""
+    return sum(float(v) for v in _DROPS.findall(metrics_text))
 
 
 async def _list_fleet(http: httpx.AsyncClient) -> dict:
@@ -384,24 +393,49 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
         report["restart_flaps"] = await _flaps(pool, restart_mark)
     # --- the soak ----------------------------------------------------------------------------
     if SOAK_MINUTES > 0:
-        await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))
-        mark = await _audit_mark(pool)
-        soak_end = time.monotonic() + 60 * SOAK_MINUTES
-        lowest = DESKTOPS
-        while time.monotonic() < soak_end:
-            lowest = min(lowest, (await _presence(pool))["online"])
-            status = await asyncio.gather(*(load.ask("status") for load in loads))
-            assert sum(s["ended"] for s in status) == 0, "an agent ended during the soak"
-            await asyncio.sleep(10)
-        report["soak"] = {"minutes": SOAK_MINUTES, "flaps": await _flaps(pool, mark)}
-        report["soak"]["lowest_online"] = lowest
+        report["soak"] = await _soak(http, pool, loads, sample)
         assert report["soak"]["flaps"] == 0, report["soak"]
+        assert not any(report["soak"]["late"].values()), report["soak"]
+        assert report["soak"]["drops"] == 0, report["soak"]
     assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
     assert min(s["online"] for s in samples) == DESKTOPS, "a Desktop was not shown online"
     assert min(s["active"] for s in samples) == GATEWAYS, "a Gateway was not shown active"
     assert report["flaps"] == 0, f"{report['flaps']} flaps in the steady window"
     if STRICT:
         assert report["cpu_pct"]["hub"] < 50 and report["cpu_pct"]["pg"] < 50, report["cpu_pct"]
+
+
+async def _soak(http, pool: asyncpg.Pool, loads: list[FleetLoad], sample: list[str]) -> dict:
+    """SOAK_MINUTES of the fleet: presence checked every 10 s; every SOAK_EVERY seconds the
+    whole fleet is listed through the API and commands are sent. Counts the flaps, the
+    late beats and the slow-consumer drops of the whole soak."""
+    await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))
+    mark, metrics = await _audit_mark(pool), (await http.get("/metrics")).text
+    late_before, drops_before = _late(metrics), _drops(metrics)
+    soak_end = time.monotonic() + 60 * SOAK_MINUTES
+    lowest, listed, commands, next_round = DESKTOPS, 0, [], 0.0
+    while time.monotonic() < soak_end:
+        lowest = min(lowest, (await _presence(pool))["online"])
+        status = await asyncio.gather(*(load.ask("status") for load in loads))
+        assert sum(s["ended"] for s in status) == 0, "an agent ended during the soak"
+        if time.monotonic() >= next_round:
+            listing = await _list_fleet(http)
+            assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
+            listed += 1
+            commands += await _commands(http, sample, 10)
+            next_round = time.monotonic() + SOAK_EVERY
+        await asyncio.sleep(10)
+    metrics = (await http.get("/metrics")).text
+    return {
+        "minutes": SOAK_MINUTES,
+        "flaps": await _flaps(pool, mark),
+        "lowest_online": lowest,
+        "listings": listed,
+        "commands": len(commands),
+        "cmd_p99_ms": round(1000 * _pct(0.99, commands), 1),
+        "late": {k: v - late_before.get(k, 0.0) for k, v in _late(metrics).items()},
+        "drops": _drops(metrics) - drops_before,
+    }
 
 
 async def _reconnect_timeline(
