@@ -4,13 +4,17 @@ Run with `make bench` or `.venv/bin/pytest -m bench -s tests/bench/test_bench_de
 (the default test run deselects the `bench` marker, see pyproject addopts).
 Results are printed as tables; see docs/performance.md for how to read them.
 
-Everything is real and in one process: operator-mode nats-server with JetStream,
-PostgreSQL, the hub, `opencode serve` (fake model) and the Desktop agent. Every
-baseline runs in the same pytest session against the same nats-server, so the
-ratios compare like with like. Assertions check completeness (every command
-done, every event projected, every live event seen); the one on timing is the
-command path overhead (issue 17: p50 <= 5 ms, p99 <= 15 ms), asserted only when
-the run found the machine quiet, or with BENCH_STRICT=1.
+Everything is real: operator-mode nats-server with JetStream, PostgreSQL, the hub,
+`opencode serve` (fake model) and the Desktop agent, in one process, except for
+the relay throughput bench, whose Desktop runs in a process of its own
+(tests/bench/relay_load.py) so that its redaction and outbox do not share the
+hub projector's event loop. Every baseline runs in the same pytest session
+against the same nats-server, so the ratios compare like with like. Assertions
+check completeness (every command done, every event projected once and in order,
+every live event seen); the ones on timing are the command path overhead (issue
+17: p50 <= 5 ms, p99 <= 15 ms) and the relay end to end (at least 0.3x raw
+JetStream publishing), asserted only when the run found the machine quiet, or
+with BENCH_STRICT=1.
 
 Sizes can be changed through the environment:
     BENCH_COMMANDS (200), BENCH_COMMANDS_POLLED (50), BENCH_RR (1000),
@@ -20,10 +24,12 @@ Sizes can be changed through the environment:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -33,11 +39,15 @@ from desktopkit import (
     TENANT,
     eventually,
     pair_and_start,
+    redeem,
     sse,
     submit,
+    wait_online,
 )
 from hubkit import client
 from nats.js.api import StorageType, StreamConfig
+from relay_load import delta_event
+from test_bench_fleet import FleetLoad
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -56,9 +66,9 @@ N_RELAY = int(os.environ.get("BENCH_RELAY_EVENTS", "20000"))
 N_LIVE = int(os.environ.get("BENCH_LIVE_EVENTS", "300"))
 N_BACKLOG = int(os.environ.get("BENCH_BACKLOG_EVENTS", "5000"))
 RELAY_CHUNK = 100  # events queued per loop turn, as a busy OpenCode stream would
-DELTA = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 2  # ~110 chars
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "cw.bench.raw.{}"  # 4 tokens: overlaps none of the hub's stream subjects
+RELAY_LOAD = Path(__file__).with_name("relay_load.py")
 
 
 # --------------------------------------------------------------------------
@@ -449,19 +459,6 @@ async def _raw_pg_commit(hub, n: int) -> list[float]:
 # --------------------------------------------------------------------------
 
 
-def _delta_event(session: str, i: int, text: str = DELTA) -> dict[str, Any]:
-    return {
-        "type": "message.part.delta",
-        "properties": {
-            "sessionID": session,
-            "messageID": "msg_bench0000000000000001",
-            "partID": f"prt_bench{i:016d}",
-            "field": "text",
-            "delta": text,
-        },
-    }
-
-
 async def _cursor(hub, pid: str) -> int:
     return (
         await hub.pool.fetchval(
@@ -532,72 +529,66 @@ class _ProjectorProbe:
         del self.projector._project
 
 
-async def _watch(
-    hub,
-    relay,
-    store,
-    pid: str,
-    n: int,
-    base_published: int,
-    base_cursor: int,
-    appended: Callable[[], bool],
-) -> tuple[float, float]:
-    """perf_counter() when n more rows left the outbox (JetStream acked) and when the
-    workspace cursor moved n further (committed in PostgreSQL)."""
-    published_at = projected_at = None
-    while projected_at is None:
-        now = time.perf_counter()
-        if (
-            published_at is None
-            and appended()
-            and relay.published - base_published >= n
-            and store.outbox_size() == 0
-        ):
-            published_at = now
-        if await _cursor(hub, pid) - base_cursor >= n:
-            projected_at = time.perf_counter()
+async def _projected(hub, pid: str, n: int, base_cursor: int) -> float:
+    """perf_counter() when the workspace cursor has moved n further (committed in
+    PostgreSQL); polled every 5 ms."""
+    while await _cursor(hub, pid) - base_cursor < n:
         await asyncio.sleep(0.005)
-    return published_at or projected_at, projected_at
+    return time.perf_counter()
 
 
-async def test_bench_relay_throughput(hub, desktop, peer):
-    pid = desktop.pairing_id
-    relay = desktop.agent.relay
-    store = desktop.agent.store
+class RelayLoad(FleetLoad):
+    """tests/bench/relay_load.py: the product's Desktop agent in a process of its own."""
+
+    script = RELAY_LOAD
+
+    async def command(self, op: str, timeout: float = 300, **args: Any) -> dict:
+        return await self.ask(json.dumps({"op": op, **args}), timeout)
+
+
+# Relay end to end vs raw JetStream publishing (issue 17): asserted when the run's
+# raw baseline and the load average say the machine was quiet (or BENCH_STRICT=1).
+RELAY_RATIO = 0.3
+QUIET_RAW_JS_RATE = 15_000  # msgs/s; about 24,000 on the quiet 2-vCPU VM, 6,000 when busy
+
+
+async def test_bench_relay_throughput(hub, http, opencode, operator_nats_url, peer, tmp_path):
+    state = tmp_path / "relay-desktop"
+    created, _ = await redeem(http, operator_nats_url, state)
+    pid = created["pairingId"]
+    load = await RelayLoad.start({"stateDir": str(state), "opencodeUrl": opencode.url})
+    try:
+        await wait_online(http, pid)
+        await _relay_throughput(hub, pid, load, peer)
+        await load.command("stop", 30)
+    finally:
+        await load.kill()
+
+
+async def _relay_throughput(hub, pid: str, load: RelayLoad, peer) -> None:
     session = "ses_benchrelay0000000001"
-    await eventually(lambda: store.outbox_size() == 0, 10, what="an empty outbox")
 
-    # (a) Live relay: events are queued while the publisher drains and the hub projects.
+    # (a) Live relay: the Desktop (its own process) queues events while its publisher
+    # drains and the hub projects.
     probe = _ProjectorProbe(hub.projector)
     try:
-        base_published, base_cursor = relay.published, await _cursor(hub, pid)
-        appended_at: float | None = None
-        t0 = time.perf_counter()
-        watcher = asyncio.create_task(
-            _watch(
-                hub,
-                relay,
-                store,
-                pid,
-                N_RELAY,
-                base_published,
-                base_cursor,
-                lambda: appended_at is not None,
-            )
-        )
-        for start in range(0, N_RELAY, RELAY_CHUNK):
-            for i in range(start, min(N_RELAY, start + RELAY_CHUNK)):
-                assert relay.relay(_delta_event(session, i))
-            await asyncio.sleep(0)  # let the publisher and the hub run, as a live stream would
-        appended_at = time.perf_counter()
-        published_at, projected_at = await asyncio.wait_for(watcher, 120)
+        await load.command("live", n=1000, session="ses_benchwarmup000000001", chunk=RELAY_CHUNK)
+        await _projected(hub, pid, 1000, 0)  # warm-up: connections, statements, caches
+        base_cursor = await _cursor(hub, pid)
+        probe.calls = probe.events = 0
+        probe.seconds = 0.0
+        watcher = asyncio.create_task(_projected(hub, pid, N_RELAY, base_cursor))
+        live = await load.command("live", n=N_RELAY, session=session, chunk=RELAY_CHUNK)
+        projected_at = await asyncio.wait_for(watcher, 120)
         live_probe = (probe.calls, probe.events, probe.seconds)
     finally:
         probe.close()
+    t0 = live["t0"]
     count = await eventually(
         lambda: _count(hub, pid, session, N_RELAY), 30, what="every relayed event in PostgreSQL"
     )
     assert count == N_RELAY
+    await _assert_in_order(hub, pid, session, N_RELAY)
     stored = await hub.pool.fetchval(
         "SELECT octet_length(payload::text) FROM workspace_events WHERE tenant = $1 AND "
         "workspace_id = $2 AND session_id = $3 LIMIT 1",
@@ -611,38 +602,30 @@ async def test_bench_relay_throughput(hub, desktop, peer):
     # outbox grows; then reattached, the backlog drains and is projected.
     backlog = N_BACKLOG
     backlog_session = "ses_benchbacklog00000001"
-    chunk_rates = []
-    relay_nc, relay._nc = relay._nc, None  # the publisher skips its drain while detached
-    try:
-        for start in range(0, backlog, 1000):
-            c0 = time.perf_counter()
-            for i in range(start, min(backlog, start + 1000)):
-                assert relay.relay(_delta_event(backlog_session, i))
-            chunk_rates.append(1000 / (time.perf_counter() - c0))
-            await asyncio.sleep(0)
-        assert store.outbox_size() == backlog
-        base_published, base_cursor = relay.published, await _cursor(hub, pid)
-    finally:
-        relay.attach(relay_nc)
-    d0 = time.perf_counter()
-    drained_at, caught_up_at = await asyncio.wait_for(
-        _watch(hub, relay, store, pid, backlog, base_published, base_cursor, lambda: True), 120
-    )
+    outage = await load.command("outage", n=backlog, session=backlog_session)
+    assert outage["outbox"] == backlog
+    chunk_rates = outage["chunkRates"]
+    base_cursor = await _cursor(hub, pid)
+    watcher = asyncio.create_task(_projected(hub, pid, backlog, base_cursor))
+    catch_up = await load.command("reattach", n=backlog)
+    caught_up_at = await asyncio.wait_for(watcher, 120)
+    d0 = catch_up["t0"]
     assert await eventually(lambda: _count(hub, pid, backlog_session, backlog), 30) == backlog
 
     raw_elapsed = await _raw_jetstream(peer, size, N_RELAY, 1000)
     raw_rate = N_RELAY / raw_elapsed
+    load_avg = os.getloadavg()[0]
 
     def row(stage: str, n: int, seconds: float) -> list[Any]:
         return [stage, n / seconds, seconds, f"{n / seconds / raw_rate:.2f}x"]
 
     table(
         f"2. Relay throughput, {N_RELAY:,} events, {size} B envelopes ({stored} B payload "
-        f"as stored)",
+        f"as stored); the Desktop in its own process",
         ["stage", "events/s", "seconds", "vs raw JetStream"],
         [
-            row("live: queued (redact + envelope + SQLite outbox)", N_RELAY, appended_at - t0),
-            row("live: relayed (outbox -> JetStream acked)", N_RELAY, published_at - t0),
+            row("live: queued (redact + envelope + SQLite outbox)", N_RELAY, live["queued"] - t0),
+            row("live: relayed (outbox -> JetStream acked)", N_RELAY, live["relayed"] - t0),
             row("live: end to end (projected into PostgreSQL)", N_RELAY, projected_at - t0),
             row("outage: queued, outbox 0 -> 1,000", 1000, 1000 / chunk_rates[0]),
             row(
@@ -650,7 +633,11 @@ async def test_bench_relay_throughput(hub, desktop, peer):
                 1000,
                 1000 / chunk_rates[-1],
             ),
-            row(f"catch-up: {backlog:,} backlog -> JetStream acked", backlog, drained_at - d0),
+            row(
+                f"catch-up: {backlog:,} backlog -> JetStream acked",
+                backlog,
+                catch_up["relayed"] - d0,
+            ),
             row(f"catch-up: {backlog:,} backlog -> projected", backlog, caught_up_at - d0),
             row("baseline: raw js.publish_async, batches of 1000", N_RELAY, raw_elapsed),
         ],
@@ -659,8 +646,34 @@ async def test_bench_relay_throughput(hub, desktop, peer):
     print(
         f"hub projector during the live run: {calls} PostgreSQL transactions, "
         f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
-        f"({seconds / (projected_at - t0):.0%} of the end-to-end time)"
+        f"({seconds / (projected_at - t0):.0%} of the end-to-end time); Desktop process CPU "
+        f"{live['cpuSeconds'] / N_RELAY * 1e6:.0f} us per event"
     )
+    ratio = N_RELAY / (projected_at - t0) / raw_rate
+    per_cpu = load_avg / (os.cpu_count() or 1)
+    quiet = raw_rate >= QUIET_RAW_JS_RATE and per_cpu <= QUIET_LOAD_PER_CPU
+    verdict = (
+        f"relay end to end {ratio:.2f}x raw JetStream (target {RELAY_RATIO}x); machine "
+        f"{'quiet' if quiet else 'busy'} (raw JetStream {raw_rate:,.0f} msgs/s, "
+        f"1-minute load {load_avg:.2f}, {per_cpu:.2f} per CPU)"
+    )
+    print(verdict)
+    if quiet or os.environ.get("BENCH_STRICT") == "1":
+        assert ratio >= RELAY_RATIO, verdict
+    else:
+        print("relay ratio target NOT ASSERTED: the raw baseline says the machine was busy")
+
+
+async def _assert_in_order(hub, pid: str, session: str, n: int) -> None:
+    """The session's events are stored once each, numbered in the order relayed."""
+    parts = await hub.pool.fetch(
+        "SELECT payload->'properties'->>'partID' AS part FROM workspace_events "
+        "WHERE tenant = $1 AND workspace_id = $2 AND session_id = $3 ORDER BY sequence",
+        TENANT,
+        pid,
+        session,
+    )
+    assert [r["part"] for r in parts] == [f"prt_bench{i:016d}" for i in range(n)]
 
 
 async def _stored_envelope_size(peer, subject: str) -> int:
@@ -756,7 +769,7 @@ async def test_bench_live_latency(hub, http, desktop, peer):
                 marker = f"live-{i:06d}"
                 seen, commits = len(tail.frames), len(probe.ends)
                 t0 = time.monotonic()
-                assert relay.relay(_delta_event(session, i, marker))
+                assert relay.relay(delta_event(session, i, marker))
                 index = await _wait_frame(tail, seen, marker)
                 if i < 10:  # warm-up
                     continue

@@ -78,14 +78,17 @@ _LATE = re.compile(r'^cowork_presence_heartbeats_late_total\{principal="(\w+)"\}
 
 
 class FleetLoad(Load):
-    """tests/bench/fleet_load.py as a child process of this test (ours to stop)."""
+    """tests/bench/fleet_load.py (`script`) as a child process of this test (ours to
+    stop), spoken to in JSON lines: a spec first, answered once it is ready."""
+
+    script = FLEET_LOAD
 
     @classmethod
     async def start(cls, spec: dict) -> FleetLoad:  # type: ignore[override]
         load = cls(
             await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(FLEET_LOAD),
+                str(cls.script),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=2**24,  # a pairing answer lists thousands of ids
