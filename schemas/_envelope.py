@@ -186,6 +186,16 @@ class EnvelopeTemplate:
             raise TypeError(
                 f"this template encodes {self.message.__name__} messages, not {type(data).__name__}"
             )
+        return self.encode_json(
+            data.model_dump_json(by_alias=True, exclude_none=True).encode(), id=id, time=time
+        )
+
+    def encode_json(
+        self, data: bytes, *, id: str | None = None, time: datetime | None = None
+    ) -> bytes:
+        """The same from the message's JSON (`model_dump_json(by_alias=True,
+        exclude_none=True)` of a valid message, or the same bytes built by its
+        sender from already validated fields, without building the model)."""
         return b"".join(
             (
                 b'{"id":"',
@@ -193,7 +203,7 @@ class EnvelopeTemplate:
                 self._head,
                 _TIME.dump_json(time if time is not None else utc_now()),
                 self._tail,
-                data.model_dump_json(by_alias=True, exclude_none=True).encode(),
+                data,
                 b"}",
             )
         )

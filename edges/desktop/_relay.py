@@ -2,7 +2,10 @@
 
 Every event is redacted under the pairing's policy before it is written
 anywhere, then appended to the outbox (SQLite) and published from there with
-its event id as the JetStream message id. Rows leave the outbox only once
+its event id as the JetStream message id. The events `relay()` takes within one
+turn of the event loop (a burst of streamed deltas) are appended together, in
+one transaction, at the end of that turn and before anything is published;
+command events are written at once (with whatever is pending before them). Rows leave the outbox only once
 JetStream acknowledged them; a failed batch is published again, and the
 stream's duplicate window plus the hub's event-id check drop the repeats. So
 a NATS or hub outage loses nothing and duplicates nothing downstream.
@@ -28,7 +31,7 @@ from schemas import (
     DeviceCommand,
     DeviceEvent,
     DeviceEventType,
-    Envelope,
+    EnvelopeTemplate,
     ExecutionAuthority,
     PairingState,
     PrincipalKind,
@@ -75,6 +78,10 @@ class EventRelay:
             principal_id=pairing.pairing_id,
             authority=ExecutionAuthority.DESKTOP_LOCAL,
         )
+        # Every envelope from this Desktop has the same source and tenant: encoded once.
+        self._template = EnvelopeTemplate(DeviceEvent, source=self._source, tenant=pairing.tenant)
+        self._subjects: dict[str, str] = {}  # event kind -> its subject
+        self._pending: list[tuple[str, str, bytes]] = []  # taken this turn, not written yet
         self._nc: NATS | None = None
         self._wakeup = asyncio.Event()
         self.published = 0
@@ -90,6 +97,7 @@ class EventRelay:
             async for event in self.events:
                 self.relay(event)
         finally:
+            self.persist()
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
             await self.events.aclose()
@@ -135,10 +143,12 @@ class EventRelay:
         if result is not None:
             body["result"] = result.model_dump(mode="json", by_alias=True)
         self._append(kind, command.session_id, command.id, body)
+        self.persist()  # on disk before the command's ack goes out
 
     def _append(
         self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
     ) -> None:
+        """Queue the event for the outbox, written at the end of this loop turn."""
         event_id = new_id()
         if self._guard is not None:
             payload = self._guard.seal_event(event_id, payload)
@@ -152,13 +162,26 @@ class EventRelay:
             occurred_at=datetime.now(UTC),
             payload=payload,
         )
-        env = Envelope.wrap(event, source=self._source, tenant=self.pairing.tenant)
-        subject = subjects.DEVICE_EVENT.build(
-            tenant=self.pairing.tenant,
-            device_id=self.pairing.pairing_id,
-            event_kind=kind.split(".")[0],
-        )
-        dropped = self.store.outbox_append([(subject, event.id, env.encode())])
+        subject = self._subjects.get(kind)
+        if subject is None:
+            subject = self._subjects[kind] = subjects.DEVICE_EVENT.build(
+                tenant=self.pairing.tenant,
+                device_id=self.pairing.pairing_id,
+                event_kind=kind.split(".")[0],
+            )
+        self._pending.append((subject, event.id, self._template.encode(event)))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.persist)
+            except RuntimeError:  # no event loop: nothing would come back for them
+                self.persist()
+
+    def persist(self) -> None:
+        """Write the events taken so far to the outbox (one transaction), in order."""
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        dropped = self.store.outbox_append(items)
         if dropped:  # the hub has been away for a long time: say what is lost
             log.warning(
                 "relay.outbox_full: dropped the %d oldest events (bound %d)",
@@ -200,6 +223,7 @@ class EventRelay:
 
     async def _drain(self, nc: NATS) -> None:
         js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        self.persist()
         while rows := self.store.outbox_peek(BATCH):
             futures = [
                 await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})

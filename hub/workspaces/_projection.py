@@ -36,7 +36,6 @@ from schemas import (
     Envelope,
     PrincipalKind,
     Source,
-    WorkspaceEvent,
     subjects,
 )
 
@@ -59,7 +58,7 @@ from ..core import (
     raise_fence,
     streams,
 )
-from ._log import RACE_RETRIES, NewEvent, append_new, is_event_id_race, publish_live
+from ._log import RACE_RETRIES, NewEvent, append_new, is_event_id_race, publish_live_json
 
 log = logging.getLogger("cowork.hub.projection")
 FAMILY = subjects.DEVICE_EVENT
@@ -256,13 +255,13 @@ class EventProjector:
     async def _settle(self, written: Written) -> None:
         """Ack what was written (or already stored), then publish the new events live,
         per workspace in sequence order."""
-        live: dict[tuple[str, str], list[WorkspaceEvent]] = defaultdict(list)
+        live: dict[tuple[str, str], list[bytes]] = defaultdict(list)
         for done, appended in written:
             for msg in done:
                 await msg.ack()
             self._metrics.bus_messages.labels(FAMILY.name, "accepted").inc(len(done))
             for new, sequence in appended:
-                live[(new.tenant, new.workspace)].append(new.numbered(sequence))
+                live[(new.tenant, new.workspace)].append(new.live_json(sequence))
         for (tenant, workspace), events in live.items():
             await self._publish_live(tenant, workspace, events)
 
@@ -376,10 +375,8 @@ class EventProjector:
                     raise
         raise AssertionError("unreachable")
 
-    async def _publish_live(
-        self, tenant: str, workspace: str, events: list[WorkspaceEvent]
-    ) -> None:
-        await publish_live(self._nc, self._source, tenant, workspace, events)
+    async def _publish_live(self, tenant: str, workspace: str, events: list[bytes]) -> None:
+        await publish_live_json(self._nc, self._source, tenant, workspace, events)
 
 
 def _desktop_of(msg: Msg) -> tuple[str, ...] | None:

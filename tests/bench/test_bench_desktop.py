@@ -34,6 +34,7 @@ from typing import Any
 
 import nats
 import nats.js.errors
+import psutil
 import pytest
 from desktopkit import (
     TENANT,
@@ -48,6 +49,7 @@ from hubkit import client
 from nats.js.api import StorageType, StreamConfig
 from relay_load import delta_event
 from test_bench_fleet import FleetLoad
+from test_bench_replicas import _cpu, _listener, _postmaster, _tree_cpu
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -565,8 +567,33 @@ async def test_bench_relay_throughput(hub, http, opencode, operator_nats_url, pe
         await load.kill()
 
 
+class _Cpu:
+    """CPU seconds of the Desktop's process, this one (the hub), nats-server and
+    PostgreSQL (server and backends): what a stage costs whatever the machine's load."""
+
+    def __init__(self, desktop: int, nats_pid: int, postmaster: psutil.Process) -> None:
+        self.desktop, self.nats = psutil.Process(desktop), psutil.Process(nats_pid)
+        self.hub, self.postmaster = psutil.Process(), postmaster
+
+    def sample(self) -> dict[str, float]:
+        return {
+            "desktop": _cpu(self.desktop),
+            "hub": _cpu(self.hub),
+            "nats": _cpu(self.nats),
+            "pg": _tree_cpu(self.postmaster),
+        }
+
+    @staticmethod
+    def per_event(before: dict, after: dict, n: int) -> dict[str, float]:
+        """Microseconds of CPU per event, by process."""
+        return {k: (after[k] - before[k]) / n * 1e6 for k in before}
+
+
 async def _relay_throughput(hub, pid: str, load: RelayLoad, peer) -> None:
     session = "ses_benchrelay0000000001"
+    cpu = _Cpu(
+        load.process.pid, _listener(hub.settings.nats_servers[0]), await _postmaster(hub.pool)
+    )
 
     # (a) Live relay: the Desktop (its own process) queues events while its publisher
     # drains and the hub projects.
@@ -578,8 +605,10 @@ async def _relay_throughput(hub, pid: str, load: RelayLoad, peer) -> None:
         probe.calls = probe.events = 0
         probe.seconds = 0.0
         watcher = asyncio.create_task(_projected(hub, pid, N_RELAY, base_cursor))
+        cpu_before = cpu.sample()
         live = await load.command("live", n=N_RELAY, session=session, chunk=RELAY_CHUNK)
         projected_at = await asyncio.wait_for(watcher, 120)
+        live_cpu = _Cpu.per_event(cpu_before, cpu.sample(), N_RELAY)
         live_probe = (probe.calls, probe.events, probe.seconds)
     finally:
         probe.close()
@@ -612,7 +641,9 @@ async def _relay_throughput(hub, pid: str, load: RelayLoad, peer) -> None:
     d0 = catch_up["t0"]
     assert await eventually(lambda: _count(hub, pid, backlog_session, backlog), 30) == backlog
 
+    cpu_before = cpu.sample()
     raw_elapsed = await _raw_jetstream(peer, size, N_RELAY, 1000)
+    raw_cpu = _Cpu.per_event(cpu_before, cpu.sample(), N_RELAY)
     raw_rate = N_RELAY / raw_elapsed
     load_avg = os.getloadavg()[0]
 
@@ -646,8 +677,19 @@ async def _relay_throughput(hub, pid: str, load: RelayLoad, peer) -> None:
     print(
         f"hub projector during the live run: {calls} PostgreSQL transactions, "
         f"{events / max(calls, 1):.0f} events each on average, {seconds:.2f} s inside them "
-        f"({seconds / (projected_at - t0):.0%} of the end-to-end time); Desktop process CPU "
-        f"{live['cpuSeconds'] / N_RELAY * 1e6:.0f} us per event"
+        f"({seconds / (projected_at - t0):.0%} of the end-to-end time)"
+    )
+    table(
+        "2. CPU per event (microseconds; the pipeline's processes share the machine's cores)",
+        ["", "Desktop", "hub (this process)", "nats-server", "PostgreSQL", "total"],
+        [
+            ["live relay, end to end"]
+            + [round(live_cpu[k], 1) for k in ("desktop", "hub", "nats", "pg")]
+            + [round(sum(live_cpu.values()), 1)],
+            ["raw js.publish_async"]
+            + [round(raw_cpu[k], 1) for k in ("desktop", "hub", "nats", "pg")]
+            + [round(sum(raw_cpu.values()), 1)],
+        ],
     )
     ratio = N_RELAY / (projected_at - t0) / raw_rate
     per_cpu = load_avg / (os.cpu_count() or 1)

@@ -6,7 +6,7 @@ also when another writer of the same workspace commits the same ids meanwhile.""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from hub.core._db import create_pool, migrate
 from hub.workspaces import append_events, lock_cursor
 from hub.workspaces._log import NewEvent, append_new
-from schemas import WorkspaceEvent
+from schemas import Envelope, EnvelopeTemplate, Source, WorkspaceEvent, decode
 
 T = "acme"
 
@@ -152,3 +152,46 @@ async def test_an_event_the_database_refuses_fails_the_statement_and_keeps_nothi
             await append_new(conn, "desktop", [new("a1"), new("a2", text="bin\u0000ary")])
     assert await stored(pool, "ws1") == []
     assert await cursor(pool, "ws1") is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        None,
+        {},
+        {"a": None, "b": [1, None, 2.5, 1e20, -0.0], "c": {"d": None, "é": "ü\u2028"}},
+        {"big": 10**30, "ok": True},
+    ],
+)
+@pytest.mark.parametrize("ids", [(None, None), ("ses1", "cmd1")])
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, 2, 3, 4000, tzinfo=timezone(timedelta(hours=2))),
+    ],
+)
+def test_live_bytes_are_the_models(payload, ids, when):
+    """The projector builds a live event's JSON without the model: a tail must get
+    the very bytes `Envelope.wrap(WorkspaceEvent(...)).encode()` gives, and decode them."""
+    new = NewEvent(
+        tenant="acme",
+        workspace="ws1",
+        source_id="pair1",
+        event_id="ev1",
+        type="session.event",
+        session_id=ids[0],
+        command_id=ids[1],
+        occurred_at=when,
+        payload=payload,
+    )
+    event = new.numbered(7)
+    source = Source(principal_kind="hub", principal_id="hub-1")
+    template = EnvelopeTemplate(WorkspaceEvent, source=source, tenant="acme", workspace="ws1")
+    fast = template.encode_json(new.live_json(7), id="m1", time=when)
+    model = Envelope.wrap(
+        event, source=source, tenant="acme", workspace="ws1", id="m1", time=when
+    ).encode()
+    assert fast == model
+    decoded = decode(fast, WorkspaceEvent).data
+    assert decoded.sequence == 7 and decoded.payload == event.payload
