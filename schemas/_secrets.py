@@ -204,10 +204,14 @@ def is_secret_key(key: str) -> bool:
 def scrub_text(text: str) -> str:
     """Replace every token-shaped substring and secret assignment value in `text`."""
     lowered = text.lower()
-    if not (_HINT.search(lowered) or _LONG_RUN.search(text)):
+    hint = _HINT.search(lowered)
+    if not (hint or _LONG_RUN.search(text)):
         return text
     text = TOKEN_SHAPE.sub(SECRET_REDACTED, text)
-    text = ASSIGNMENT.sub(_REPLACE_VALUE, text)
+    # Every ASSIGNMENT match holds a secret word, and each is a hint: without one (an
+    # id-like run of characters alone, as in every streamed part's id) it cannot match.
+    if hint or _HINT.search(text.lower()):
+        text = ASSIGNMENT.sub(_REPLACE_VALUE, text)
     if "cookie" in lowered:
         text = _COOKIE.sub(_REPLACE_COOKIE, text)
     return text
