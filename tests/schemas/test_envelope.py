@@ -51,6 +51,41 @@ def test_ids_are_unique_time_ordered_and_subject_safe():
     assert ids[0][:9] <= ids[-1][:9]
 
 
+def test_ids_stay_unique_across_threads_and_forks():
+    """The random bits are read ahead in chunks: two threads must never take the same
+    bytes, and a forked child must not reuse the parent's (same ids in one millisecond)."""
+    import os
+    import threading
+
+    schemas.new_id()  # the parent has read bytes ahead
+    taken: list[list[str]] = [[] for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda mine=mine: mine.extend(schemas.new_id() for _ in range(3000))
+        )
+        for mine in taken
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [i for mine in taken for i in mine]
+    assert len(set(ids)) == len(ids) == 12000
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then gone
+        os.close(read)
+        os.write(write, " ".join(schemas.new_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    parent = {schemas.new_id()[10:] for _ in range(100)}
+    with os.fdopen(read) as pipe:
+        child = {i[10:] for i in pipe.read().split()}
+    os.waitpid(pid, 0)
+    assert len(child) == 100 and not parent & child
+
+
 def _raw(**over):
     env = Envelope.wrap(AckReply(ok=True), source=SOURCE, tenant="acme")
     wire = json.loads(env.encode())
