@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from desktopkit import TENANT, eventually, pair_and_start
 from hubkit import client
+from relay_load import delta_event
 from sealedkit import enrolled_controller, seal
 from test_bench_desktop import (
     LATENCY_HEADER,
     RELAY_CHUNK,
     _count,
     _cursor,
-    _delta_event,
     latency_row,
     pct,
     table,
@@ -154,7 +154,7 @@ async def _relay_rate(hub, running, session: str, n: int) -> tuple[float, float]
     t0 = time.perf_counter()
     for start in range(0, n, RELAY_CHUNK):
         for i in range(start, min(n, start + RELAY_CHUNK)):
-            assert relay.relay(_delta_event(session, i))
+            assert relay.relay(delta_event(session, i))
         await asyncio.sleep(0)
     queued = time.perf_counter() - t0
     while await _cursor(hub, running.pairing_id) - base < n:
