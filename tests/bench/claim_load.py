@@ -89,6 +89,7 @@ class BenchGateway(GatewayConnection, GatewayClaims):
         self._offered = []
         self._claim = None
         self._answer_times = AnswerTimes()
+        self._envelopes = {}
         self._gone = set()
         self._auth_failures = 0
         self._repeats = Repeats(log)
