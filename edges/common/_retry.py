@@ -15,12 +15,19 @@ slow replica's late answer is not thrown away (each copy has the whole timeout t
 be answered), a copy NATS gave a dead or frozen replica costs about half a
 second, not the timeout, and a hub slowed by load is not sent copies it would only
 have to answer again. Only for requests that are safe to repeat (the
-hub takes a repeat as a no-op, or answers it as it answered the first)."""
+hub takes a repeat as a no-op, or answers it as it answered the first).
+
+Every `ask` on one connection shares one reply subscription (`_Replies`: a
+wildcard under one inbox, each request its own token under it), as nats-py's own
+`request` does: a request costs one publish, not a subscribe and an unsubscribe
+the server must apply (and check against the credential's permissions) each time."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import itertools
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import nats.errors
@@ -62,6 +69,60 @@ class AnswerTimes:
         self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
 
 
+class _Replies:
+    """The one reply subscription of a connection's `ask`s: `<inbox>.*`, each request
+    waiting on its own token's queue (every copy of a request is answered there)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+        self._tokens = itertools.count()
+        self._subscribed: asyncio.Task[object] | None = None
+        self._nc = weakref.ref(nc)
+
+    async def ready(self) -> None:
+        """Subscribed (once per connection; nats-py subscribes again on reconnect)."""
+        if self._subscribed is None:
+            nc = self._nc()
+            assert nc is not None
+            self._subscribed = asyncio.ensure_future(
+                nc.subscribe(self.prefix + "*", cb=self._on_reply)
+            )
+        try:
+            await asyncio.shield(self._subscribed)
+        except BaseException:
+            if self._subscribed.done() and (
+                self._subscribed.cancelled() or self._subscribed.exception() is not None
+            ):
+                self._subscribed = None  # try again next time
+            raise
+
+    def open(self) -> tuple[str, asyncio.Queue[Msg]]:
+        token = str(next(self._tokens))
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._waiting[token] = queue
+        return self.prefix + token, queue
+
+    def close(self, subject: str) -> None:
+        self._waiting.pop(subject[len(self.prefix) :], None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        queue = self._waiting.get(msg.subject[len(self.prefix) :])
+        if queue is not None:  # (an answer after its request gave up is dropped)
+            queue.put_nowait(msg)
+
+
+_REPLIES: weakref.WeakKeyDictionary[NATS, _Replies] = weakref.WeakKeyDictionary()
+
+
+async def _replies(nc: NATS) -> _Replies:
+    replies = _REPLIES.get(nc)
+    if replies is None:
+        replies = _REPLIES[nc] = _Replies(nc)
+    await replies.ready()
+    return replies
+
+
 async def ask(
     nc: NATS,
     subject: str,
@@ -78,8 +139,8 @@ async def ask(
     (disconnected, closed)."""
     times = times or AnswerTimes()
     first = min(times.first_wait(), timeout)
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    replies = await _replies(nc)
+    inbox, answers = replies.open()
     started = time.monotonic()
     deadline = started + timeout
     kept: Msg | None = None
@@ -91,8 +152,9 @@ async def ask(
             until = min(time.monotonic() + wait, deadline)
             while (left := until - time.monotonic()) > 0:
                 try:
-                    msg = await sub.next_msg(timeout=left)
-                except nats.errors.TimeoutError:
+                    async with asyncio.timeout(left):
+                        msg = await answers.get()
+                except TimeoutError:
                     break
                 if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
                     raise nats.errors.NoRespondersError
@@ -103,8 +165,7 @@ async def ask(
                     times.observe(time.monotonic() - started)
                 return msg
     finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+        replies.close(inbox)
     if kept is not None:
         return kept
     raise nats.errors.TimeoutError

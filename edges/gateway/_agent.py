@@ -97,6 +97,7 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         self._offered: list[str] = []
         self._claim: WorkClaimRequest | None = None
         self._answer_times = AnswerTimes()
+        self._envelopes = {}
         self._gone: set[str] = set()  # lease tokens the hub refused
         self._unsent = 0
         self._auth_failures = 0

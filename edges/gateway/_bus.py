@@ -27,7 +27,7 @@ from nats.aio.client import Client as NATS
 from schemas import (
     AckReply,
     ContractError,
-    Envelope,
+    EnvelopeTemplate,
     ExecutionAuthority,
     Message,
     PrincipalKind,
@@ -161,7 +161,7 @@ class GatewayConnection(AgentParts):
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise TransientBusError("not connected to the hub")
-        data = Envelope.wrap(message, source=self._source(), tenant=self.tenant).encode()
+        data = self._envelope(type(message)).encode(message)
         try:
             if again:
                 final = not_refused_as(repeat_codes) if repeat_codes else None
@@ -173,6 +173,15 @@ class GatewayConnection(AgentParts):
         except nats.errors.Error as exc:  # no responders, disconnected, draining
             raise TransientBusError(type(exc).__name__) from None
         return decode_reply(msg.data, reply_model)
+
+    def _envelope(self, message: type[Message]) -> EnvelopeTemplate:
+        """The envelope of this Gateway's requests of one type (built once: the source
+        and tenant never change for an agent)."""
+        template = self._envelopes.get(message)
+        if template is None:
+            template = EnvelopeTemplate(message, source=self._source(), tenant=self.tenant)
+            self._envelopes[message] = template
+        return template
 
     def _source(self) -> Source:
         return Source(

@@ -15,7 +15,7 @@ import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from schemas import Message, WorkClaimRequest
+from schemas import EnvelopeTemplate, Message, WorkClaimRequest
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -61,6 +61,7 @@ class AgentParts:
     _offered: list[str]
     _claim: WorkClaimRequest | None  # the claim attempt not yet answered (GatewayClaims)
     _answer_times: AnswerTimes  # how long the hub usually takes (GatewayConnection.request)
+    _envelopes: dict[type[Message], EnvelopeTemplate]  # per request type (GatewayConnection)
     _gone: set[str]
     _unsent: int
     _auth_failures: int

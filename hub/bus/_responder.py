@@ -23,6 +23,13 @@ otherwise queue every other caller behind it. Each message is counted once in
 `cowork_hub_bus_messages_total{family, outcome}`, outcome one of
 `accepted | refused | failed | dropped`.
 
+What repeats per caller is worked out once, not per request (a Gateway claims or
+renews on the same subject all day): the parsed subject and the caller's inbox
+prefix (kept per subject, a bounded cache), the counters' label children, and
+each answer's envelope: everything but its id, time and data is spliced from an
+`EnvelopeTemplate` per (message type, tenant), so an answer is one serialisation
+of the reply, not an envelope model built and validated around it.
+
 Bootstrap routes (`Route.bootstrap`) serve the public bootstrap identity: the
 caller holds no credential yet, so there is no principal to check; the reply of a
 success is sealed to the requester's `reply_key` and a refusal is a plain ack.
@@ -31,6 +38,7 @@ success is sealed to the requester's `reply_key` and a refusal is a plain ack.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -45,6 +53,7 @@ from schemas import (
     AckReply,
     ContractError,
     Envelope,
+    EnvelopeTemplate,
     Message,
     SealedReply,
     SealError,
@@ -60,6 +69,10 @@ log = logging.getLogger("cowork.hub.bus")
 
 MAX_IN_FLIGHT = 64  # requests served at once; the pool bounds the real DB concurrency
 UNAVAILABLE = "the hub could not handle the request; try again shortly"
+# Subjects (callers) and answer templates kept per responder: a fleet's worth of
+# callers; beyond it the least recently seen are worked out again.
+CALLERS_CACHED = 65_536
+TEMPLATES_CACHED = 4_096
 
 
 @dataclass(frozen=True)
@@ -135,9 +148,15 @@ class BusResponder:
     _drop_audits: RateLimiter = field(init=False, default_factory=lambda: RateLimiter(1.0, 5))
     routes: dict[str, Route] = field(init=False, default_factory=dict)
     _in_flight: set[asyncio.Task] = field(init=False, default_factory=set)
+    # (route name, subject) -> (Caller, its own inbox prefix), or the SubjectError.
+    _callers: Any = field(init=False)
+    _templates: Any = field(init=False)
+    _counters: dict[tuple[str, str], Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._callers = functools.lru_cache(CALLERS_CACHED)(self._parse_caller)
+        self._templates = functools.lru_cache(TEMPLATES_CACHED)(self._template)
 
     async def serve(self, routes: Iterable[Route], *, queue: str) -> None:
         """Subscribe each route; a family is served by exactly one route."""
@@ -171,14 +190,19 @@ class BusResponder:
 
     async def handle(self, route: Route, msg: Msg) -> None:
         """Run one request through the pipeline and answer it."""
-        try:
-            caller = self._caller(route, msg)
-        except subjects.SubjectError as exc:
+        if route.bootstrap:
+            try:
+                caller, inbox = self._caller(route, msg), None
+            except subjects.SubjectError as exc:
+                caller, inbox = exc, None  # type: ignore[assignment]
+        else:
+            caller, inbox = self._callers(route.name, msg.subject)
+        if isinstance(caller, subjects.SubjectError):
             await self._answer(
-                route, msg, _Outcome(_refused("subject.invalid", str(exc)), label="refused")
+                route, msg, _Outcome(_refused("subject.invalid", str(caller)), label="refused")
             )
             return
-        if route.expects_reply and not route.bootstrap and not self._own_inbox(caller, msg):
+        if route.expects_reply and inbox is not None and not _own_inbox(inbox, msg):
             await self._drop(route, caller, msg)
             return
         outcome = await self._run(route, caller, msg)
@@ -198,15 +222,34 @@ class BusResponder:
         kind = route.kind or where["principal_kind"]
         return Caller(where["tenant"], kind, where[route.id_field], where, route.name)
 
-    @staticmethod
-    def _own_inbox(caller: Caller, msg: Msg) -> bool:
-        if not msg.reply:
-            return True  # nothing will be published: nothing to misdirect
-        prefix = subjects.inbox_prefix(caller.tenant, caller.kind, caller.id)
-        return msg.reply.startswith(prefix + ".")
+    def _parse_caller(
+        self, name: str, subject: str
+    ) -> tuple[Caller | subjects.SubjectError, str | None]:
+        """The caller a (non-bootstrap) route's subject names and the prefix its reply
+        inbox must have; a subject that is not the route's gives its SubjectError."""
+        route = self.routes[name]
+        try:
+            where = route.family.parse(subject)
+            kind = route.kind or where["principal_kind"]
+            caller = Caller(where["tenant"], kind, where[route.id_field], where, route.name)
+            inbox = subjects.inbox_prefix(caller.tenant, caller.kind, caller.id) + "."
+        except subjects.SubjectError as exc:
+            return exc, None
+        return caller, inbox
+
+    def _template(self, message: type[Message], tenant: str | None) -> EnvelopeTemplate:
+        return EnvelopeTemplate(message, source=self.source, tenant=tenant)
+
+    def _count(self, family: str, outcome: str) -> None:
+        counter = self._counters.get((family, outcome))
+        if counter is None:
+            counter = self._counters[family, outcome] = self.metrics.bus_messages.labels(
+                family, outcome
+            )
+        counter.inc()
 
     async def _drop(self, route: Route, caller: Caller, msg: Msg) -> None:
-        self.metrics.bus_messages.labels(route.name, "dropped").inc()
+        self._count(route.name, "dropped")
         log.warning(
             "bus.reply_subject_refused",
             **kv(
@@ -284,17 +327,22 @@ class BusResponder:
             log.warning("bus.audit_failed", **kv(family=route.name, error=str(err)))
 
     async def _answer(self, route: Route, msg: Msg, outcome: _Outcome) -> None:
-        self.metrics.bus_messages.labels(route.name, outcome.label).inc()
+        self._count(route.name, outcome.label)
         if not msg.reply or not route.expects_reply:
             return
         try:
-            await msg.respond(
-                Envelope.wrap(outcome.reply, source=self.source, tenant=outcome.tenant).encode()
-            )
+            template = self._templates(type(outcome.reply), outcome.tenant)
+            await msg.respond(template.encode(outcome.reply))
             if outcome.after is not None or route.after_answer is not None:
                 await self.nc.flush(timeout=5)  # the answer is out before what follows
         except Exception as exc:  # the caller asks again; state is in PostgreSQL
             log.warning("bus.reply_failed", **kv(family=route.name, error=str(exc)))
+
+
+def _own_inbox(prefix: str, msg: Msg) -> bool:
+    """Whether the reply subject is under the caller's own inbox `prefix` (with its
+    dot); no reply subject: nothing will be published, nothing to misdirect."""
+    return not msg.reply or msg.reply.startswith(prefix)
 
 
 def request_source(msg: Msg) -> str:

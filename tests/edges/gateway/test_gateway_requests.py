@@ -16,18 +16,20 @@ import pytest
 from edges.common import AnswerTimes, ask
 from edges.gateway._bus import GatewayConnection
 from edges.gateway._work import TransientBusError
-from schemas import AckReply, Envelope, Source, WorkRenew, decode
+from schemas import AckReply, Envelope, EnvelopeTemplate, Source, WorkRenew, decode
 
 SUBJECT = "test.gateway.renew"
 
 
 def _gateway(nc) -> SimpleNamespace:
     """What `request` reads of the agent: its connection and who it is."""
+    source = Source(principal_kind="gateway", principal_id="gw1")
     return SimpleNamespace(
         nc=nc,
         tenant="acme",
         _answer_times=AnswerTimes(),
-        _source=lambda: Source(principal_kind="gateway", principal_id="gw1"),
+        _source=lambda: source,
+        _envelope=lambda message: EnvelopeTemplate(message, source=source, tenant="acme"),
     )
 
 
