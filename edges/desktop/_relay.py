@@ -131,13 +131,23 @@ class EventRelay:
     def command_event(
         self, command: DeviceCommand, kind: DeviceEventType, result: CommandResult | None
     ) -> None:
+        """Queue a command's own event, durably, without waking the publisher: the agent
+        wakes it once the command's final ack is answered, so publishing (and the hub
+        projecting) it does not compete with the command's round trip. (Anything else
+        that wakes the publisher meanwhile, or its one-second tick, takes it along.)"""
         body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
         if result is not None:
             body["result"] = result.model_dump(mode="json", by_alias=True)
-        self._append(kind, command.session_id, command.id, body)
+        self._append(kind, command.session_id, command.id, body, wake=False)
 
     def _append(
-        self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
+        self,
+        kind: DeviceEventType,
+        session: str | None,
+        command_id: str | None,
+        payload: dict,
+        *,
+        wake: bool = True,
     ) -> None:
         event_id = new_id()
         if self._guard is not None:
@@ -165,7 +175,8 @@ class EventRelay:
                 dropped,
                 self.store.max_outbox,
             )
-        self._wakeup.set()
+        if wake:
+            self._wakeup.set()
 
     # --- out -----------------------------------------------------------------------------
     def attach(self, nc: NATS) -> None:
