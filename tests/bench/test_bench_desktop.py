@@ -398,10 +398,10 @@ async def test_bench_command_round_trip(hub, http, desktop_process, peer, openco
     execute = seg(at("execute.start"), at("execute.end"))
     overhead = [t - e for t, e in zip(seg(posted.get, ends.get), execute)]
     segments = {
-        "POST sent -> submit starts (HTTP, validation, pairing read)": seg(
-            posted.get, at("submit.start")
+        "POST sent -> submit starts (HTTP, validation)": seg(posted.get, at("submit.start")),
+        "CommandService.submit (allowlists, insert, lease, push)": seg(
+            at("submit.start"), at("submit.end")
         ),
-        "CommandService.submit (insert, lease, push)": seg(at("submit.start"), at("submit.end")),
         "push -> Desktop handles it (NATS, decode, queue)": seg(
             at("submit.end"), at("desktop.start")
         ),
