@@ -567,6 +567,7 @@ class DesktopAgent:
             # round trip runs beside the command instead of before it.
             await accepted
         await self._ack(command, result)
+        self.relay.wake()  # the command's own events (queued by _execute) go out now
         if command.kind.value == "revoke_pairing" and result.ok:
             self._revoke("revoked by a revoke_pairing command")
 

@@ -82,6 +82,7 @@ class EventRelay:
         self._template = EnvelopeTemplate(DeviceEvent, source=self._source, tenant=pairing.tenant)
         self._subjects: dict[str, str] = {}  # event kind -> its subject
         self._pending: list[tuple[str, str, bytes]] = []  # taken this turn, not written yet
+        self._wake_on_persist = False  # something taken this turn wakes the publisher
         self._nc: NATS | None = None
         self._wakeup = asyncio.Event()
         self.published = 0
@@ -139,14 +140,24 @@ class EventRelay:
     def command_event(
         self, command: DeviceCommand, kind: DeviceEventType, result: CommandResult | None
     ) -> None:
+        """Queue a command's own event, durably, without waking the publisher: the agent
+        wakes it once the command's final ack is answered, so publishing (and the hub
+        projecting) it does not compete with the command's round trip. (Anything else
+        that wakes the publisher meanwhile, or its one-second tick, takes it along.)"""
         body: dict[str, Any] = {"kind": command.kind.value, "sequence": command.sequence}
         if result is not None:
             body["result"] = result.model_dump(mode="json", by_alias=True)
-        self._append(kind, command.session_id, command.id, body)
+        self._append(kind, command.session_id, command.id, body, wake=False)
         self.persist()  # on disk before the command's ack goes out
 
     def _append(
-        self, kind: DeviceEventType, session: str | None, command_id: str | None, payload: dict
+        self,
+        kind: DeviceEventType,
+        session: str | None,
+        command_id: str | None,
+        payload: dict,
+        *,
+        wake: bool = True,
     ) -> None:
         """Queue the event for the outbox, written at the end of this loop turn."""
         event_id = new_id()
@@ -170,6 +181,7 @@ class EventRelay:
                 event_kind=kind.split(".")[0],
             )
         self._pending.append((subject, event.id, self._template.encode(event)))
+        self._wake_on_persist |= wake
         if len(self._pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.persist)
@@ -179,6 +191,7 @@ class EventRelay:
     def persist(self) -> None:
         """Write the events taken so far to the outbox (one transaction), in order."""
         items, self._pending = self._pending, []
+        wake, self._wake_on_persist = self._wake_on_persist, False
         if not items:
             return
         dropped = self.store.outbox_append(items)
@@ -188,7 +201,8 @@ class EventRelay:
                 dropped,
                 self.store.max_outbox,
             )
-        self._wakeup.set()
+        if wake:
+            self._wakeup.set()
 
     # --- out -----------------------------------------------------------------------------
     def attach(self, nc: NATS) -> None:

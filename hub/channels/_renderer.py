@@ -11,7 +11,10 @@ commit re-renders the batch from the same state with the same delivery ids,
 which JetStream and the instance drop as duplicates.
 
 Live workspace events (core NATS, queue group) only nudge a workspace; a sweep
-every second is the safety net and also sends throttled edits that came due.
+every second is the safety net and also sends throttled edits that came due. A
+nudge of a workspace that had no active binding at the last sweep is left to the
+next sweep (which finds a binding made since): most workspaces have no chat, and
+their events cost no transaction here.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class ChannelRenderer:
         self._hub_id, self._sweep_interval, self._batch = hub_id, sweep_interval, batch
         self._memory = RenderMemory()
         self._nudged: set[tuple[str, str]] = set()
+        self._bound: set[tuple[str, str]] = set()  # with active bindings at the last sweep
         self._wake = asyncio.Event()
         self._sub: Any = None
         self._task: asyncio.Task | None = None
@@ -114,7 +118,10 @@ class ChannelRenderer:
             try:
                 if time.monotonic() - last_sweep >= self._sweep_interval:
                     last_sweep = time.monotonic()
-                    due |= set(await store.bound_workspaces(self._pool))
+                    self._bound = set(await store.bound_workspaces(self._pool))
+                    due = set(self._bound)  # a sweep renders every bound workspace
+                else:
+                    due &= self._bound
                 for tenant, workspace in sorted(due):
                     while await self._render_guarded(tenant, workspace):
                         pass

@@ -85,21 +85,43 @@ REPUSH = """
     WHERE c.tenant = lost.tenant AND c.command_id = lost.command_id
     RETURNING c.*"""
 # Accept a command in one statement (one round trip, atomic): take the pairing's
-# next sequence, only if it is commandable and no command has this id yet, and
-# insert the command with it. NULL when nothing was inserted (a repeated id, or a
-# pairing that takes no commands: the caller looks at which). Two submits of one
-# new id at once: the second waits on the pairing row, then its INSERT fails on
-# the primary key and the whole statement (its sequence too) is undone.
+# next sequence, only if it is commandable, the command's workspace and session are
+# allowlisted ($12: the admin API's check; a channel checks its own) and no command
+# has this id yet, and insert the command with it. NULL when nothing was inserted (a
+# repeated id, or a pairing that takes no commands or not this one: the caller looks
+# at which). Two submits of one new id at once: the second waits on the pairing row,
+# then its INSERT fails on the primary key and the whole statement (its sequence
+# too) is undone.
+# The command is leased at once (state 'leased', a lease $13 for $14) when the
+# Desktop is online and every command before it was finally acknowledged: the
+# pairing's last acknowledged sequence is the last one assigned before this. That
+# is read from the pairing row this statement updates (and locks): a submit, an ack
+# or a revocation that got there first is seen as committed (READ COMMITTED re-reads
+# a row it waited for), so two submits at once never both lease, and an open
+# command (queued, leased, accepted) always keeps the one after it queued for
+# `dispatch`. Final acks go strictly in sequence (ACK), and a revocation, the one
+# other way a command ends, leaves a pairing that takes no commands.
 SUBMIT = """
     WITH seq AS (
         UPDATE pairings SET next_command_sequence = next_command_sequence + 1
         WHERE tenant = $1 AND pairing_id = $2 AND status NOT IN ('revoked', 'pending')
           AND enabled AND NOT EXISTS (
               SELECT 1 FROM pairing_commands WHERE tenant = $1 AND command_id = $3)
-        RETURNING next_command_sequence)
+          AND (NOT $12::boolean OR ($5::text = ANY(allowed_workspace_ids)
+               AND (allowed_session_ids IS NULL OR coalesce($6::text, '') = ''
+                    OR $6::text = ANY(allowed_session_ids))))
+        RETURNING next_command_sequence, status = 'paired_online'
+            AND last_command_sequence = next_command_sequence - 1 AS lease_now)
     INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
-        workspace_id, session_id, actor_id, actor_label, payload, body_hash, signed)
-    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10, $11 FROM seq
+        workspace_id, session_id, actor_id, actor_label, payload, body_hash, signed,
+        state, lease_token, lease_expires_at, attempts, pushed_at)
+    SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10, $11,
+        CASE WHEN lease_now THEN 'leased' ELSE 'queued' END,
+        CASE WHEN lease_now THEN $13::text END,
+        CASE WHEN lease_now THEN now() + $14::interval END,
+        CASE WHEN lease_now THEN 1 ELSE 0 END,
+        CASE WHEN lease_now THEN now() END
+    FROM seq
     RETURNING *"""
 # An ack in one statement (one round trip, atomic), for the common case: the ack
 # applies. It locks the command and its pairing (as the step-by-step path does),
@@ -180,10 +202,20 @@ class CommandService:
         self._notices: Any = None  # the FINAL_NOTICE subscription
 
     # --- submit ---------------------------------------------------------------------------
-    async def submit(self, tenant: str, pairing_id: str, fields: dict[str, Any]) -> dict:
+    async def submit(
+        self,
+        tenant: str,
+        pairing_id: str,
+        fields: dict[str, Any],
+        *,
+        allowlists: bool = False,
+    ) -> dict:
         """Accept a validated command (fields: id?, kind, workspace_id, session_id,
         payload, actor_id, actor_label, signed); idempotent by id. `signed` (a
-        controller's signed command, camelCase JSON) is stored and pushed as it came."""
+        controller's signed command, camelCase JSON) is stored and pushed as it came.
+        `allowlists`: refuse a workspace or session the pairing does not allowlist
+        (checked before the id: a repeat of a command no longer allowed is refused).
+        Pushed at once when it is the Desktop's only open command (SUBMIT)."""
         command_id = fields.pop("id", None) or new_id()
         digest = body_hash(fields)
         args = (
@@ -198,6 +230,9 @@ class CommandService:
             fields.get("payload"),
             digest,
             fields.get("signed"),
+            allowlists,
+            secrets.token_urlsafe(24),
+            self.lease,
         )
         async with self._pool.acquire() as conn:
             try:
@@ -205,21 +240,46 @@ class CommandService:
             except asyncpg.UniqueViolationError:  # the same id, submitted meanwhile
                 row = None
             if row is None:  # a repeat, or not commandable: say which
-                return await self._submitted_before(conn, tenant, pairing_id, command_id, digest)
+                return await self._submitted_before(
+                    conn, tenant, pairing_id, command_id, digest, fields if allowlists else None
+                )
         self._metrics.bus_messages.labels("device.command", "queued").inc()
-        await self.dispatch(tenant, pairing_id)
+        inserted = dict(row)
+        if inserted["state"] == "leased":  # its own lease: nothing else is open
+            await self._push(inserted)
+        else:
+            await self.dispatch(tenant, pairing_id)
         return {
             "command_id": command_id,
             "sequence": row["sequence"],
             "created": True,
-            "row": dict(row),  # as inserted (queued)
+            "row": inserted,  # as inserted (queued or leased)
         }
 
     async def _submitted_before(
-        self, conn: asyncpg.Connection, tenant: str, pairing_id: str, command_id: str, digest: bytes
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        pairing_id: str,
+        command_id: str,
+        digest: bytes,
+        allowlisted: dict[str, Any] | None,
     ) -> dict:
         """The answer to a submit that inserted nothing: the command as it was accepted
-        before (the same id and body: idempotent), or why this one is refused."""
+        before (the same id and body: idempotent), or why this one is refused.
+        `allowlisted`: the fields whose workspace and session must be allowlisted."""
+        pairing = await conn.fetchrow(
+            "SELECT status, enabled, allowed_workspace_ids, allowed_session_ids FROM pairings "
+            "WHERE tenant = $1 AND pairing_id = $2",
+            tenant,
+            pairing_id,
+        )
+        if pairing is None:
+            raise PairingError.not_found(pairing_id)
+        if allowlisted is not None:
+            check_allowlists(
+                dict(pairing), allowlisted["workspace_id"], allowlisted.get("session_id")
+            )
         existing = await conn.fetchrow(
             "SELECT pairing_id, sequence, body_hash FROM pairing_commands "
             "WHERE tenant = $1 AND command_id = $2",
@@ -227,7 +287,7 @@ class CommandService:
             command_id,
         )
         if existing is None:
-            raise await self._not_commandable(conn, tenant, pairing_id)
+            raise _not_commandable(dict(pairing))
         if existing["pairing_id"] != pairing_id or existing["body_hash"] != digest:
             raise PairingError(
                 "command.conflict",
@@ -235,24 +295,6 @@ class CommandService:
                 status=409,
             )
         return {"command_id": command_id, "sequence": existing["sequence"], "created": False}
-
-    async def _not_commandable(
-        self, conn: asyncpg.Connection, tenant: str, pairing_id: str
-    ) -> PairingError:
-        row = await conn.fetchrow(
-            "SELECT status, enabled FROM pairings WHERE tenant = $1 AND pairing_id = $2",
-            tenant,
-            pairing_id,
-        )
-        if row is None:
-            return PairingError.not_found(pairing_id)
-        if row["status"] == "revoked":
-            return PairingError("pairing.revoked", "the pairing is revoked", status=409)
-        if row["status"] == "pending":
-            return PairingError(
-                "pairing.not_redeemed", "the pairing code is not redeemed", status=409
-            )
-        return PairingError("pairing.disabled", "the pairing is disabled", status=409)
 
     async def get(self, tenant: str, pairing_id: str, command_id: str) -> dict:
         row = await self._pool.fetchrow(
@@ -616,6 +658,32 @@ class CommandService:
             ),
             tenant=tenant,
         )
+
+
+def check_allowlists(pairing: dict, workspace_id: str, session_id: str | None) -> None:
+    """Refuse a command for a workspace or session the pairing does not allowlist."""
+    if workspace_id not in pairing["allowed_workspace_ids"]:
+        raise PairingError(
+            "pairing.workspace_not_allowed",
+            f"workspace {workspace_id!r} is not allowlisted",
+            status=403,
+        )
+    sessions = pairing["allowed_session_ids"]
+    if sessions is not None and session_id and session_id not in sessions:
+        raise PairingError(
+            "pairing.session_not_allowed",
+            f"session {session_id!r} is not allowlisted",
+            status=403,
+        )
+
+
+def _not_commandable(pairing: dict) -> PairingError:
+    """Why a pairing that exists takes no commands."""
+    if pairing["status"] == "revoked":
+        return PairingError("pairing.revoked", "the pairing is revoked", status=409)
+    if pairing["status"] == "pending":
+        return PairingError("pairing.not_redeemed", "the pairing code is not redeemed", status=409)
+    return PairingError("pairing.disabled", "the pairing is disabled", status=409)
 
 
 def _check_lease(row: dict, ack: CommandAck) -> None:

@@ -289,6 +289,39 @@ async def test_an_unredeemed_pairing_takes_no_commands(http):
     assert response.json()["error"]["code"] == "pairing.not_redeemed"
 
 
+async def test_a_workspace_or_session_off_the_allowlists_is_refused(
+    hub, http, operator_nats_url, tmp_path
+):
+    created, _ = await redeem(http, operator_nats_url, tmp_path / "d", allowedSessionIds=["ses_a"])
+    url = _commands_url(created["pairingId"])
+
+    async def refused(body: dict) -> str:
+        response = await http.post(url, json=body)
+        assert response.status_code == 403, response.text
+        return response.json()["error"]["code"]
+
+    assert await refused({"kind": "status", "workspaceId": "elsewhere"}) == (
+        "pairing.workspace_not_allowed"
+    )
+    assert await refused({"kind": "status", "sessionId": "ses_b"}) == "pairing.session_not_allowed"
+    allowed = {"id": "cmd-allowed", "kind": "status", "sessionId": "ses_a"}
+    assert (await http.post(url, json=allowed)).status_code == 201
+    assert (await http.post(url, json={"kind": "status"})).status_code == 201  # no session
+    # The allowlists are checked before the id: a repeat no longer allowed is refused.
+    patched = await http.patch(
+        f"/api/v1/tenants/{TENANT}/pairings/{created['pairingId']}",
+        json={"allowedSessionIds": ["ses_c"]},
+    )
+    assert patched.status_code == 200, patched.text
+    assert await refused(allowed) == "pairing.session_not_allowed"
+    rows = await hub.pool.fetch(
+        "SELECT sequence FROM pairing_commands WHERE tenant = $1 AND pairing_id = $2",
+        TENANT,
+        created["pairingId"],
+    )
+    assert sorted(r["sequence"] for r in rows) == [1, 2], "a refusal takes no sequence"
+
+
 # --- idempotency --------------------------------------------------------------------------
 async def test_submit_is_idempotent_by_id(hub, http, paired):
     url = _commands_url(paired.pairing_id)
@@ -393,6 +426,34 @@ async def test_a_command_submitted_while_online_is_pushed_at_once(http, paired):
     # A failed command is final too: the next one is pushed.
     second = await submit(http, paired.pairing_id, "status")
     assert (await paired.next_command()).id == second["commandId"]
+
+
+async def test_submits_at_once_lease_only_the_first_and_the_rest_go_in_order(hub, http, paired):
+    """A submit to an online Desktop with nothing open leases and pushes its command in
+    the same statement; submits racing it see that command open and stay queued."""
+    await _online(http, paired)
+    pid = paired.pairing_id
+    submitted = await asyncio.gather(*(submit(http, pid, "status") for _ in range(8)))
+    by_sequence = sorted(submitted, key=lambda s: s["sequence"])
+    assert [s["sequence"] for s in by_sequence] == list(range(1, 9))
+    first = await paired.next_command()
+    assert first.id == by_sequence[0]["commandId"]
+    await paired.nothing_pushed()
+    states = await hub.pool.fetch(
+        "SELECT sequence, state, attempts FROM pairing_commands WHERE tenant = $1 "
+        "AND pairing_id = $2 ORDER BY sequence",
+        TENANT,
+        pid,
+    )
+    assert [(r["state"], r["attempts"]) for r in states] == [("leased", 1)] + [("queued", 0)] * 7
+    cmd = first
+    for expected in by_sequence[1:]:
+        assert (await paired.ack(cmd, "completed")).ok
+        cmd = await paired.next_command()
+        assert (cmd.id, cmd.sequence) == (expected["commandId"], expected["sequence"])
+    assert (await paired.ack(cmd, "completed")).ok
+    await paired.nothing_pushed()
+    assert (await get_pairing(http, pid))["lastCommandSequence"] == 8
 
 
 # --- waiting for the result ------------------------------------------------------------------
