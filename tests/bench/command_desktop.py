@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from relay_load import desktop_from_stdin
+
 from edges.desktop._agent import DesktopAgent
-from edges.desktop._store import DesktopStore
 
 
 def probe(agent: DesktopAgent, marks: dict[str, dict[str, float]]) -> None:
@@ -67,16 +66,7 @@ def probe(agent: DesktopAgent, marks: dict[str, dict[str, float]]) -> None:
 
 
 async def main() -> None:
-    logging.basicConfig(level=logging.ERROR)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    spec = json.loads(await reader.readline())
-    agent = DesktopAgent(
-        DesktopStore(Path(spec["stateDir"])),
-        spec["opencodeUrl"],
-        heartbeat_interval=float(spec.get("heartbeat", 5.0)),
-    )
+    reader, agent = await desktop_from_stdin()
     marks: dict[str, dict[str, float]] = {}
     probe(agent, marks)
     task = asyncio.create_task(agent.run())

@@ -101,15 +101,24 @@ class Driver:
         return {"t0": t0, "relayed": await self._relayed(base, n)}
 
 
-async def main() -> None:
+async def desktop_from_stdin() -> tuple[asyncio.StreamReader, DesktopAgent]:
+    """The JSON spec on the first line of stdin (stateDir, opencodeUrl, heartbeat), the
+    paired Desktop's agent built from it, and stdin for the commands that follow."""
     logging.basicConfig(level=logging.ERROR)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
     agent = DesktopAgent(
-        DesktopStore(Path(spec["stateDir"])), spec["opencodeUrl"], heartbeat_interval=5.0
+        DesktopStore(Path(spec["stateDir"])),
+        spec["opencodeUrl"],
+        heartbeat_interval=float(spec.get("heartbeat", 5.0)),
     )
+    return reader, agent
+
+
+async def main() -> None:
+    reader, agent = await desktop_from_stdin()
     task = asyncio.create_task(agent.run())
     connected = asyncio.create_task(agent.connected.wait())
     await asyncio.wait([task, connected], timeout=30, return_when=asyncio.FIRST_COMPLETED)

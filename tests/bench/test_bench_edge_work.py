@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pytest
 from edgeworkkit import EDGE_SCOPES, add_registration
+from gatewaykit import issue_gateway_credential
 
 from hub.work._service import EnqueueWork
 from schemas import WorkClaimReply, WorkClaimRequest, new_id
@@ -137,22 +138,12 @@ async def _load(spec: dict, timeout: float = 300) -> dict:
 
 async def _gateway_spec(hub, tenant: str) -> list[dict]:
     """N_GATEWAYS edge registrations, each with its own credential."""
-    from hub.auth import _jwt
-    from hub.auth._permissions import Principal
-    from schemas._vocabulary import CredentialScope, PrincipalKind
 
     out = []
     for _ in range(N_GATEWAYS):
         reg = await add_registration(hub.pool, tenant, max_concurrent_work=N_ITEMS)
-        seed = _jwt.new_seed("user")
-        principal = Principal(
-            PrincipalKind.GATEWAY,
-            tenant,
-            reg,
-            scopes=frozenset(CredentialScope(s) for s in EDGE_SCOPES),
-        )
-        issued = await hub.credentials.issue(principal, _jwt.public_key(seed))
-        out.append({"registrationId": reg, "jwt": issued.user_jwt, "seed": seed.decode()})
+        jwt, seed = await issue_gateway_credential(hub, tenant, reg, EDGE_SCOPES)
+        out.append({"registrationId": reg, "jwt": jwt, "seed": seed.decode()})
     return out
 
 

@@ -254,3 +254,21 @@ async def registered_gateway(
     created = await create_registration(http, kind, **body)
     registration = await register(nats_url, created["credential"], version_set=version_set)
     return created, await GatewayClient.connect(nats_url, registration)
+
+
+async def issue_gateway_credential(
+    hub: Any, tenant: str, registration_id: str, scopes: list[str]
+) -> tuple[str, bytes]:
+    """A Gateway's NATS credential issued by the hub itself: (user JWT, its seed)."""
+    from hub.auth._permissions import Principal
+    from schemas._vocabulary import CredentialScope, PrincipalKind
+
+    seed = _jwt.new_seed("user")
+    principal = Principal(
+        PrincipalKind.GATEWAY,
+        tenant,
+        registration_id,
+        scopes=frozenset(CredentialScope(s) for s in scopes),
+    )
+    issued = await hub.credentials.issue(principal, _jwt.public_key(seed))
+    return issued.user_jwt, seed

@@ -24,6 +24,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from gatewaykit import issue_gateway_credential
 
 from edges import EdgeCredentials
 from edges.gateway._leaf import GatewayLeafServer, cloud_leaf_urls, gateway_domain
@@ -235,16 +236,9 @@ async def issued_gateway_creds(
     hub, directory: Path, registration_id: str, scopes: list[str]
 ) -> Path:
     """The Gateway's NATS credential issued by the hub, written as a .creds file."""
-    seed = _jwt.new_seed("user")
-    principal = Principal(
-        PrincipalKind.GATEWAY,
-        TENANT,
-        registration_id,
-        scopes=frozenset(CredentialScope(s) for s in scopes),
-    )
-    issued = await hub.credentials.issue(principal, _jwt.public_key(seed))
+    jwt, seed = await issue_gateway_credential(hub, TENANT, registration_id, scopes)
     path = directory / "gateway.creds"
-    EdgeCredentials(issued.user_jwt, seed).write_creds_file(path)
+    EdgeCredentials(jwt, seed).write_creds_file(path)
     return path
 
 
