@@ -644,7 +644,6 @@ async def _world(tmp_path: Path, opencode_url: str, *, gateway: bool):
                 nats_url=cluster.urls,
                 database_url=postgres.dsn,
                 keys_dir=keys_dir,
-                together=True,
                 stream_replicas="3",
                 event_partitions=str(PARTITIONS),
                 partition_lease_seconds=str(LEASE),
