@@ -43,8 +43,18 @@ $(CHROMIUM):
 	command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (most tests wait on real
+# servers, not the CPU), a module's tests on one worker (--dist loadfile: module
+# fixtures are built once); each worker starts its own nats-server and PostgreSQL
+# on ephemeral ports. TEST_WORKERS=0 runs it in one process. The session's temp
+# root is its own (--basetemp): another pytest run resetting /tmp/pytest-of-<user>
+# to 0700 would lock out the postgres OS user mid-test. Kept when a test failed.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev | $(CHROMIUM)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@tmp=$$(mktemp -d /tmp/cowork-test-XXXXXX); \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --basetemp=$$tmp $(PYTEST_ARGS); \
+	status=$$?; if [ $$status -eq 0 ]; then rm -rf $$tmp; else echo "make test: temp files in $$tmp"; fi; \
+	exit $$status
 
 # Exit 5 is pytest's "no test selected": say so rather than fail obscurely.
 bench: $(VENV)/.installed-bench

@@ -237,8 +237,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session if child processes of this pytest are still alive.
 
     Session fixtures are torn down before this hook runs. Leaks are reported,
-    then killed (they are ours) so they do not outlive the run.
+    then killed (they are ours) so they do not outlive the run. Under pytest-xdist
+    (`make test`) every worker checks its own children; the controller's children
+    are the workers themselves.
     """
+    if _is_xdist_controller(session.config):
+        return
     children = psutil.Process().children(recursive=True)
     _, alive = psutil.wait_procs(children, timeout=2.0)  # grace for exits in flight
     alive = [proc for proc in alive if _is_alive(proc)]
@@ -252,6 +256,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except psutil.NoSuchProcess:
             pass
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def _is_alive(proc: psutil.Process) -> bool:

@@ -116,10 +116,21 @@ async def operator_bus(tmp_path_factory) -> AsyncIterator[tuple[str, Path]]:
 
 @contextlib.asynccontextmanager
 async def replicas(
-    count: int, workdir: Path, *, nats_url: str, database_url: str, keys_dir: Path, **settings: str
+    count: int,
+    workdir: Path,
+    *,
+    nats_url: str,
+    database_url: str,
+    keys_dir: Path,
+    together: bool = False,
+    **settings: str,
 ) -> AsyncIterator[list[HubReplica]]:
-    """`count` started replicas (one after another: the first creates the schema);
-    every one still running is stopped on exit."""
+    """`count` started replicas; every one still running is stopped on exit.
+
+    One after another by default (the first creates the schema and the streams);
+    `together` starts them at once, as an operator's orchestrator would (the
+    migrations take an advisory lock, and a stream another hub created first is
+    updated, not refused), which saves a replica's start-up time."""
     env = {
         "COWORK_NATS_URL": nats_url,
         "COWORK_DATABASE_URL": database_url,
@@ -132,8 +143,11 @@ async def replicas(
     workdir.mkdir(parents=True, exist_ok=True)
     started = [HubReplica(f"replica-{i}", env, workdir) for i in range(count)]
     try:
-        for replica in started:
-            await replica.start()
+        if together:
+            await asyncio.gather(*(replica.start() for replica in started))
+        else:
+            for replica in started:
+                await replica.start()
         yield started
     finally:
         for replica in started:

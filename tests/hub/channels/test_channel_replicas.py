@@ -153,6 +153,7 @@ async def test_a_failing_replica_hands_its_lanes_over_in_order_and_sends_nothing
         nats_url=url,
         database_url=database_url,
         keys_dir=keys_dir,
+        together=True,
         partition_lease_seconds=str(LEASE),
     ) as (a, b):
         async with a.client() as http:
@@ -207,6 +208,7 @@ async def test_a_replica_waking_from_a_freeze_sends_nothing_its_successor_sent(
         nats_url=url,
         database_url=database_url,
         keys_dir=keys_dir,
+        together=True,
         partition_lease_seconds=str(LEASE),
     ) as (a, b):
         async with a.client() as http:

@@ -42,6 +42,7 @@ def _replicas(bus, database_url, tmp_path, count=2):
         nats_url=url,
         database_url=database_url,
         keys_dir=keys_dir,
+        together=True,
         event_partitions=str(PARTITIONS),
         partition_lease_seconds=str(LEASE),
     )
