@@ -281,7 +281,7 @@ def _alphabet_loop(value: int) -> str:
 def test_new_id_digits_are_unchanged(ms, rand):
     with (
         mock.patch.object(envelope_module.time, "time_ns", return_value=ms * 1_000_000 + 7),
-        mock.patch.object(envelope_module.secrets, "randbits", return_value=rand),
+        mock.patch.object(envelope_module, "_random_bits80", return_value=rand),
     ):
         assert envelope_id() == _alphabet_loop(ms << 80 | rand)
 
