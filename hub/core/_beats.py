@@ -98,6 +98,7 @@ class BeatWriter(Generic[K, B]):
         self._name, self._write, self._on_late = name, write, on_late
         self._flush_seconds, self._flush_size = flush_seconds, flush_size
         self._noted: dict[K, _Noted[B]] = {}
+        self._writing: dict[K, asyncio.Event] = {}  # keys whose write is in flight
         self._wake = asyncio.Event()
         self._task = BackgroundTask(name, self._write_forever)
         self._log_budget = LogBudget(rate=0.1, burst=1)
@@ -137,11 +138,16 @@ class BeatWriter(Generic[K, B]):
         entry = self._noted.get(key)
         return entry.beat if entry is not None else None
 
-    def forget(self, key: K) -> None:
-        """Drop `key`'s unwritten beat (its sender said goodbye); its waiters get LateBeat."""
+    async def forget(self, key: K) -> None:
+        """Drop `key`'s unwritten beat (its sender said goodbye); its waiters get LateBeat.
+        Returns once a write of an earlier beat of `key` already in flight is done, so
+        the goodbye's own write comes after it and a beat never outlives its goodbye."""
         entry = self._noted.pop(key, None)
         if entry is not None:
             entry.settle(error=LateBeat("superseded by a goodbye"))
+        writing = self._writing.get(key)
+        if writing is not None:
+            await writing.wait()
 
     async def _write_forever(self) -> None:
         while True:
@@ -177,11 +183,18 @@ class BeatWriter(Generic[K, B]):
             self._on_late(dropped)
         for start in range(0, len(fresh), self._flush_size):
             chunk = fresh[start : start + self._flush_size]
+            written = asyncio.Event()
+            self._writing.update((key, written) for key, _ in chunk)
             try:
                 results = await self._write([(key, entry.beat) for key, entry in chunk])
             except Exception:
                 self._keep(chunk)
                 raise
+            finally:
+                written.set()
+                for key, _ in chunk:
+                    if self._writing.get(key) is written:
+                        del self._writing[key]
             for key, entry in chunk:
                 result = results.get(key)
                 if isinstance(result, BaseException):

@@ -89,7 +89,7 @@ class DesktopPresence:
         sent_at: datetime | None = None,
     ) -> None:
         if beat.status == "offline":
-            self.beats.forget((tenant, pairing_id))
+            await self.beats.forget((tenant, pairing_id))
             await self._mark_offline(tenant, pairing_id, reason="desktop said goodbye")
             return
         interval = beat.interval_seconds

@@ -93,3 +93,34 @@ async def test_a_superseded_beat_learns_the_later_ones_refusal_or_that_it_was_re
     for task in (first, second):
         with pytest.raises(ValueError, match="refused a"):
             await task
+
+
+async def test_a_goodbye_waits_for_the_write_of_its_earlier_beat_already_in_flight():
+    """A goodbye handled while the sender's last beat is being written must not be
+    overtaken by that write (it would mark the sender online again after it left)."""
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def slow_write(chunk: list[tuple[str, int]]) -> dict:
+        order.append("write started")
+        await release.wait()
+        order.append("beat written")
+        return {}
+
+    beats: BeatWriter[str, int] = BeatWriter("test", slow_write, on_late=lambda n: None)
+    beats.note("d1", 1, interval=5.0)
+    flushing = asyncio.create_task(beats.flush())
+    await asyncio.sleep(0)
+    assert order == ["write started"]
+
+    async def goodbye() -> None:
+        await beats.forget("d1")
+        order.append("goodbye written")
+
+    leaving = asyncio.create_task(goodbye())
+    await asyncio.sleep(0.05)
+    assert order == ["write started"], "the goodbye must wait for the beat in flight"
+    release.set()
+    await asyncio.gather(flushing, leaving)
+    assert order == ["write started", "beat written", "goodbye written"]
+    await beats.forget("d2")  # nothing noted, nothing in flight: returns at once
