@@ -22,6 +22,7 @@ from enum import Enum
 from ._tokens import RESERVED_TENANTS, InvalidTokenError, check_tenant, check_token
 
 ROOT = "cw"
+PARSED_KEPT = 8192  # parsed subjects kept per family (SubjectFamily.parse)
 
 
 class Delivery(str, Enum):
@@ -55,6 +56,11 @@ class SubjectFamily:
     partition_by: tuple[str, ...] = ()
     tokens: tuple[str, ...] = field(init=False)
     params: tuple[str, ...] = field(init=False)
+    # Subjects parsed before (a consumer or responder sees the same few all day: a
+    # Desktop's events come on one, a Gateway claims on one); bounded, see `parse`.
+    _parsed: dict[str, dict[str, str]] = field(
+        init=False, default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         tokens = tuple(self.template.split("."))
@@ -77,7 +83,18 @@ class SubjectFamily:
     def parse(self, subject: str) -> dict[str, str]:
         """The parameters of a concrete subject of this family, or SubjectError. A
         stored subject of a partitioned family (one more token, the partition
-        number) parses as the published one."""
+        number) parses as the published one. Each valid subject is parsed once (up
+        to PARSED_KEPT of them are kept; an invalid one is never kept); the caller
+        gets its own copy."""
+        parsed = self._parsed.get(subject)
+        if parsed is None:
+            parsed = self._parse(subject)
+            if len(self._parsed) >= PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[subject] = parsed
+        return dict(parsed)
+
+    def _parse(self, subject: str) -> dict[str, str]:
         parts = subject.split(".")
         if self.partition_by and len(parts) == len(self.tokens) + 1 and parts[-1].isdigit():
             parts = parts[:-1]

@@ -241,6 +241,12 @@ class JetStreamOutbox:
         sub = await self.js.pull_subscribe_bind(self.durable, self.stream)
         try:
             while True:
+                # Python 3.11's wait_for (inside nats-py's fetch) drops a cancellation
+                # that lands as a message does; the request stays on the task, so honour
+                # it here or the forwarder's stop waits forever (as in hub.core's pull loop).
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 msg = await self._next(sub)
                 if msg is None:
                     continue

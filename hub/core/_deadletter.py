@@ -97,28 +97,11 @@ def parse_and_decode(
 ) -> tuple[dict[str, str], Envelope[M]]:
     """The subject's parameters and the decoded envelope, or Rejected with why."""
     try:
-        return _parsed_subject(family, msg.subject), decode(msg.data, model)
+        return family.parse(msg.subject), decode(msg.data, model)
     except subjects.SubjectError as exc:
         raise Rejected("subject.invalid", str(exc)) from None
     except ContractError as exc:
         raise Rejected(exc.code, exc.reason) from None
-
-
-# A consumer sees the same few subjects over and over (a Desktop's events all come on
-# one): each is parsed and validated once, then read from here (a copy: callers own it).
-_SUBJECTS: dict[tuple[str, str], dict[str, str]] = {}
-_SUBJECTS_MAX = 8192
-
-
-def _parsed_subject(family: subjects.SubjectFamily, subject: str) -> dict[str, str]:
-    key = (family.name, subject)
-    parsed = _SUBJECTS.get(key)
-    if parsed is None:
-        parsed = family.parse(subject)  # SubjectError: not kept
-        if len(_SUBJECTS) >= _SUBJECTS_MAX:
-            _SUBJECTS.clear()
-        _SUBJECTS[key] = parsed
-    return dict(parsed)
 
 
 _MAX = 16 * 1024

@@ -277,7 +277,7 @@ class CommandService:
         if pairing is None:
             raise PairingError.not_found(pairing_id)
         if allowlisted is not None:
-            check_allowlists(
+            _check_allowlists(
                 dict(pairing), allowlisted["workspace_id"], allowlisted.get("session_id")
             )
         existing = await conn.fetchrow(
@@ -660,7 +660,7 @@ class CommandService:
         )
 
 
-def check_allowlists(pairing: dict, workspace_id: str, session_id: str | None) -> None:
+def _check_allowlists(pairing: dict, workspace_id: str, session_id: str | None) -> None:
     """Refuse a command for a workspace or session the pairing does not allowlist."""
     if workspace_id not in pairing["allowed_workspace_ids"]:
         raise PairingError(
