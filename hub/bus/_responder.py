@@ -42,7 +42,7 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -86,6 +86,11 @@ class Caller:
     where: dict[str, str]
     family: str  # the route's family name, e.g. "gateway.heartbeat"
     sent_at: datetime | None = None  # the envelope's time: when the caller sent it
+
+    def sent(self, at: datetime) -> Caller:
+        """This caller with the time its request was sent (`dataclasses.replace`
+        inspects the fields on every call: a few microseconds a request)."""
+        return Caller(self.tenant, self.kind, self.id, self.where, self.family, at)
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,7 @@ class BusResponder:
         request: Any = None
         try:
             env = self._decode(route, caller, msg)
-            request, caller = env.data, replace(caller, sent_at=env.time)
+            request, caller = env.data, caller.sent(env.time)
             self._take(route, caller)
             result = await route.handle(caller, request)
         except Refusal as exc:

@@ -17,12 +17,15 @@ import pytest
 from desktopkit import all_pages
 from edgeworkkit import EDGE_SCOPES, GatewayBus, add_registration, collect, enqueue_body
 
+from hub.work._leases import _CLAIM_ONE_KIND, _CLAIM_SCOPE, _EDGE_KINDS, _REFUSED_TRUST
 from schemas import (
     AckReply,
     WorkClaimReply,
+    WorkClaimRequest,
     WorkOffer,
     WorkspaceEvent,
     decode,
+    new_id,
     subjects,
 )
 
@@ -581,3 +584,58 @@ async def test_work_is_listed_page_by_page(http, tenant):
     assert sorted(w["workId"] for w in items) == sorted(made) and pages == 3
     queued, _ = await all_pages(http, f"/api/v1/tenants/{tenant}/work", 2, state="queued")
     assert {w["workId"] for w in queued} == made
+
+
+async def test_a_claim_reads_few_queued_rows(hub, tenant):
+    """A claim walks the tenant's queued items in order and stops at the first claimable
+    one, however many are queued, also once the table's statistics are fresh (the
+    planner used to fetch and sort every queued row then: 4.5 ms a claim at 880)."""
+    queued = 600
+    await hub.pool.executemany(
+        """INSERT INTO edge_work (tenant, work_id, kind, session_ref, payload, requirements,
+               body_hash, max_attempts, created_by, created_at)
+           VALUES ($1, $2, 'prompt', '{"workspaceId": "w"}', '{"text": "x"}', $3,
+                   '\\x00', 3, 'test', now() + make_interval(secs => $4))""",
+        [
+            (tenant, new_id(), {"credentials": ["github"]} if i % 2 else {}, i * 1e-3)
+            for i in range(queued)
+        ],
+    )
+    reg = await add_registration(hub.pool, tenant, max_concurrent_work=queued)
+    for _ in range(20):
+        assert (await hub.edge_work.claim(tenant, reg, WorkClaimRequest())).work_id
+    args = (
+        tenant,
+        reg,
+        ["prompt"],
+        None,
+        "t" * 32,
+        30.0,
+        _EDGE_KINDS,
+        _REFUSED_TRUST,
+        _CLAIM_SCOPE,
+        None,
+    )
+    async with hub.pool.acquire() as conn:
+        await conn.execute("ANALYZE edge_work")
+        tx = conn.transaction()
+        await tx.start()
+        try:  # EXPLAIN ANALYZE runs the claim: rolled back
+            [plan] = json.loads(
+                await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + _CLAIM_ONE_KIND, *args)
+            )
+        finally:
+            await tx.rollback()
+
+    def scans(node: dict, in_pick: bool = False):
+        in_pick = in_pick or node.get("Subplan Name") == "CTE oldest"
+        if in_pick and node.get("Relation Name") == "edge_work":
+            yield node
+        for child in node.get("Plans", []):
+            yield from scans(child, in_pick)
+
+    [scan] = scans(plan["Plan"])
+    # The first claimable item is next in the index; an incremental sort by work_id
+    # within equal times reads a batch of 32 at most.
+    assert scan["Node Type"] == "Index Scan", scan["Node Type"]
+    assert scan["Actual Rows"] <= 64, scan["Actual Rows"]
