@@ -222,7 +222,10 @@ class OpenCodeClient:
             "GET", "/event", timeout=timeout, headers={"Accept": "text/event-stream"}
         )
         try:
-            response = await asyncio.wait_for(self._http.send(request, stream=True), open_timeout)
+            # Not wait_for: 3.11's drops a cancellation that lands as the headers do, and
+            # the caller (a stop) would then wait on an event stream that never ends.
+            async with asyncio.timeout(open_timeout):
+                response = await self._http.send(request, stream=True)
         except (TimeoutError, httpx.TransportError) as exc:
             raise OpenCodeError(None, "Unreachable", f"GET /event: {exc!r}") from exc
         try:

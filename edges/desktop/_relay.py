@@ -244,7 +244,10 @@ class EventRelay:
                 for _, subject, msg_id, data in rows
             ]
             try:
-                await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT)
+                # Not wait_for: 3.11's drops a cancellation that lands as the acks do,
+                # and _publish_forever would then outlive its stop.
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await asyncio.gather(*futures)
             finally:
                 for future in futures:
                     if not future.done():

@@ -63,7 +63,7 @@ from schemas import (
     subjects,
 )
 
-from ..core import HubMetrics, RateLimiter, Refusal, ack_refusal, kv
+from ..core import HubMetrics, RateLimiter, Refusal, ack_refusal, flushed, kv
 
 log = logging.getLogger("cowork.hub.bus")
 
@@ -339,7 +339,9 @@ class BusResponder:
             template = self._templates(type(outcome.reply), outcome.tenant)
             await msg.respond(template.encode(outcome.reply))
             if outcome.after is not None or route.after_answer is not None:
-                await self.nc.flush(timeout=5)  # the answer is out before what follows
+                # The server has the answer before what follows (e.g. a revocation
+                # pushed on another connection); flush()'s PONG alone does not prove it.
+                await flushed(self.nc, timeout=5)
         except Exception as exc:  # the caller asks again; state is in PostgreSQL
             log.warning("bus.reply_failed", **kv(family=route.name, error=str(exc)))
 

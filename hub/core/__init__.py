@@ -26,6 +26,7 @@ from ._deadletter import (
     parse_and_decode,
 )
 from ._fences import check_fence, raise_fence
+from ._flush import flushed
 from ._idempotency import body_hash
 from ._lanes import LanePolicy, Lanes
 from ._leases import PartitionLeases
@@ -67,6 +68,7 @@ __all__ = [
     "dead_letter_admin",
     "deliveries",
     "every",
+    "flushed",
     "health",
     "hub_consumer",
     "is_transient",

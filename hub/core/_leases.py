@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -155,8 +156,17 @@ class PartitionLeases:
         for name in list(self._held):
             await self._renew(name)
         await self._release(self.held[fair:])
+        # Starting a worker can be slow (a loaded machine, a consumer to create): a
+        # step that took every lease at once could outlive the renewal of the first
+        # ones, which _drop_unsure then stopped, to be taken again, over and over.
+        # Takes get half the TTL (a sixth is left for the one that overruns it); the
+        # next step, at once, renews them and goes on.
+        taking_until = time.monotonic() + self._ttl / 2
         for name in self._rotated():
             if len(self._held) >= fair:
+                break
+            if time.monotonic() > taking_until:
+                self._changed.set()
                 break
             if name not in self._held:
                 await self._try_take(bucket, name)

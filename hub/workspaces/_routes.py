@@ -29,6 +29,7 @@ from schemas import (
     subjects,
 )
 
+from ..core import flushed
 from ..http import HUB_KEY, documented, int_query, tenant_param
 
 KEEPALIVE_SECONDS = 15.0
@@ -156,10 +157,18 @@ async def _tail(
     if task is None:  # aiohttp runs every handler in a task
         raise RuntimeError("an SSE tail must run in a task")
     request.app[TAILS_KEY].add(task)
-    sub = await hub.started_nc().subscribe(
+    nc = hub.started_nc()
+    sub = await nc.subscribe(
         subjects.WORKSPACE_EVENT.build(tenant=tenant, workspace_id=workspace), cb=tail.on_live
     )
     try:
+        # The interest is at the server before the catch-up reads: an event committed
+        # after that read is published to us live (another replica's included), not
+        # held back until a later one shows the gap (flush() alone does not ensure it).
+        try:
+            await flushed(nc, timeout=2)
+        except Exception:  # NATS away: the catch-up still serves, a gap is caught up later
+            pass
         await response.write(b": cowork workspace events\n\n")
         await _catch_up(hub.pool, tenant, workspace, tail)
         await _stream_live(hub.pool, tenant, workspace, tail)

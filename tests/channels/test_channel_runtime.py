@@ -30,7 +30,7 @@ from channels import (
     message_id,
 )
 from channels._registry import PROVIDERS
-from hub.core import _streams
+from hub.core import _streams, flushed
 from schemas import (
     ChannelInbound,
     ChannelOutbound,
@@ -226,7 +226,7 @@ async def watch_receipts(nc, instance_id: str) -> list[ChannelReceipt]:
     await nc.subscribe(
         subjects.CHANNEL_RECEIPT.build(tenant=TENANT, instance_id=instance_id), cb=on
     )
-    await nc.flush()
+    await flushed(nc)
     return got
 
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from hub.core import flushed
 from schemas import (
     AckReply,
     Envelope,
@@ -162,5 +163,5 @@ async def collect(nc, subject: str, model) -> asyncio.Queue:
         queue.put_nowait(decode(msg.data, model).data)
 
     await nc.subscribe(subject, cb=on_message)
-    await nc.flush()
+    await flushed(nc)  # not flush(): its PING can overtake the SUB (hub.core._flush)
     return queue

@@ -168,6 +168,11 @@ class FakeModelServer:
         self.after_tool_text = after_tool_text
         self.slow_chunks = slow_chunks
         self.slow_delay = slow_delay
+        # When set to an Event, a SLOW reply stops after its first `slow_gate_after`
+        # deltas until the Event is set: a test can act while the reply is surely
+        # still streaming, however loaded the machine.
+        self.slow_gate: asyncio.Event | None = None
+        self.slow_gate_after = 5
         self.requests: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -220,7 +225,9 @@ class FakeModelServer:
         )
         await response.prepare(request)
         try:
-            for piece in chunks:
+            for i, piece in enumerate(chunks):
+                if delay and i == self.slow_gate_after and self.slow_gate is not None:
+                    await self.slow_gate.wait()
                 await _send(response, _chunk({"content": piece}))
                 if delay:
                     await asyncio.sleep(delay)

@@ -113,6 +113,9 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
             return original(items)
 
         running.agent.store.outbox_append = recording  # type: ignore[method-assign]
+        # The reply stops after its first deltas until NATS is down: under load the
+        # projection can lag the whole 2 s stream, which then ends before the kill.
+        gate = opencode.model.slow_gate = asyncio.Event()
         try:
             await wait_online(http, pid)
             session = (
@@ -137,8 +140,10 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
 
             await eventually(streaming, 20, 0.05, "the first deltas")
             await own_nats.kill()  # mid-stream: OpenCode keeps emitting, the outbox keeps them
-            await asyncio.sleep(1.0)
-            buffered = running.agent.store.outbox_size()
+            gate.set()
+            buffered = await eventually(
+                running.agent.store.outbox_size, 20, 0.05, "events buffered while NATS is down"
+            )
             await own_nats.start()
 
             async def all_projected():
@@ -163,6 +168,8 @@ async def test_nats_killed_mid_stream_loses_and_duplicates_nothing(
             )
             assert text.startswith(opencode.model.reply_for(f"{SLOW} stream")[:10])
         finally:
+            gate.set()
+            opencode.model.slow_gate = None
             await running.stop()
 
 

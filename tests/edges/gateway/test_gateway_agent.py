@@ -30,6 +30,7 @@ from edges.common._opencode import OpenCodeClient
 from edges.gateway._registration import RegistrationFailed, register, version_set
 from edges.gateway._store import GatewayStore
 from edges.local import free_port
+from hub.core import flushed
 from schemas import Envelope, Source, WorkClaimRequest, decode, parse_creds, subjects
 
 pytestmark = pytest.mark.timeout(180)
@@ -290,7 +291,7 @@ async def test_a_claim_held_by_a_frozen_replica_is_granted_once_through_another(
         await hub.nc.subscribe(subjects.WORK_CLAIM.filter(), queue="hub-edge-work", cb=frozen)
         for _ in range(2)
     ]
-    await hub.nc.flush()
+    await flushed(hub.nc)
     gateway = await start_gateway(tmp_path / "gw", opencode.url, max_concurrent_work=1)
     try:
         await wait_status(http, reg, "active")

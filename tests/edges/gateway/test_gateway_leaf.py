@@ -38,6 +38,7 @@ from edges.gateway._outbox import (
 from edges.local import EmbeddedError, NatsServer, free_port, nats_server_binary
 from hub.auth import _jwt
 from hub.auth._permissions import HUB_PERMISSIONS, Principal, permissions_for
+from hub.core import flushed
 from schemas import (
     AckReply,
     CredentialScope,
@@ -359,7 +360,7 @@ async def test_offers_reach_the_leaf(appliance, cloud, bus_keys):
             offers.append(msg.data)
 
         await nc.subscribe(subjects.WORK_OFFER.filter(tenant=TENANT), cb=on_offer)
-        await nc.flush()
+        await flushed(nc)
         offer = subjects.WORK_OFFER.build(tenant=TENANT, work_kind="prompt")
         async with cloud_client(cloud, bus_keys) as hub_side:
 
@@ -390,7 +391,7 @@ async def test_leaf_forwards_only_what_the_gateway_may_send(appliance, cloud, bu
 
         for subject in (f"{LOCAL_PREFIX}.>", "cw.>"):
             await spy.subscribe(subject, cb=record)
-        await spy.flush()
+        await flushed(spy)
         nc = await appliance.connect()
         try:
 
@@ -773,7 +774,7 @@ async def test_deploy_template_runs_as_a_leaf(cloud, bus_keys, tmp_path):
                 await msg.respond(b"ok")
 
             await hub_side.subscribe(subject, cb=ok)
-            await hub_side.flush()
+            await flushed(hub_side)
             nc = await _connect_eventually(
                 f"nats://127.0.0.1:{port}", subjects.inbox_prefix(TENANT, "gateway", reg)
             )
@@ -877,7 +878,7 @@ async def test_gateway_up_runs_the_appliance_and_stops_cleanly(cloud, bus_keys, 
             beats.append(msg.data)
 
         await hub_side.subscribe(heartbeat, cb=on_beat)
-        await hub_side.flush()
+        await flushed(hub_side)
         proc = subprocess.Popen(
             GATEWAY_UP
             + [

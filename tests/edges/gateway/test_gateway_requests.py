@@ -16,6 +16,7 @@ import pytest
 from edges.common import AnswerTimes, ask
 from edges.gateway._bus import GatewayConnection
 from edges.gateway._work import TransientBusError
+from hub.core import flushed
 from schemas import AckReply, Envelope, EnvelopeTemplate, Source, WorkRenew, decode
 
 SUBJECT = "test.gateway.renew"
@@ -47,14 +48,14 @@ async def _dying_then_live_replica(nc) -> list[float]:
     async def die() -> None:  # (not inside the callback: unsubscribing ends its task)
         await dying_sub.unsubscribe()
         await nc.subscribe(SUBJECT, queue="hub", cb=live)
-        await nc.flush()
+        await flushed(nc)
 
     async def dying(msg) -> None:
         arrived.append(time.monotonic())
         tasks.append(asyncio.create_task(die()))
 
     dying_sub = await nc.subscribe(SUBJECT, queue="hub", cb=dying)
-    await nc.flush()
+    await flushed(nc)
     return arrived
 
 
@@ -106,7 +107,7 @@ async def test_a_slow_hub_is_answered_from_any_copy_and_learnt(nats_url):
             tasks.append(asyncio.create_task(slow(msg)))
 
         await responders.subscribe(SUBJECT, cb=each)
-        await responders.flush()
+        await flushed(responders)
         times = AnswerTimes()
         started = time.monotonic()
         assert (await ask(client, SUBJECT, b"x", 5.0, times)).data == b"ok"
@@ -145,7 +146,7 @@ async def test_a_copy_answered_as_a_repeat_waits_for_the_real_answer(nats_url):
 
     try:
         await responders.subscribe(SUBJECT, cb=hub)
-        await responders.flush()
+        await flushed(responders)
         renew = WorkRenew(work_id="w1", lease_token="t" * 32)
         reply = await GatewayConnection.request(
             _gateway(client),

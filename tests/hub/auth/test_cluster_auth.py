@@ -12,6 +12,7 @@ from hubkit import running_hub
 
 from hub.auth._keys import BusKeys
 from hub.auth._permissions import Principal
+from hub.core import flushed
 from schemas import PrincipalKind, subjects
 
 
@@ -58,8 +59,7 @@ async def test_cluster_enforces_auth_isolation_and_revocation(operator_cluster, 
                 tenant="globex", principal_kind="desktop", principal_id="desk-c"
             )
             await edge.nc.publish(foreign, b"x")
-            await edge.nc.flush()
-            await asyncio.sleep(0.3)
+            await flushed(edge.nc)  # its -ERR comes before the last PONG (hub.core._flush)
             assert edge.publish_denied(foreign)
             # Revoke through the hub's system connection on node 1.
             started = time.monotonic()

@@ -15,6 +15,7 @@ from edges import CredentialRefreshError, EdgeCredentials, refresh_forever, refr
 from edges.local import free_port
 from hub.auth import _jwt
 from hub.auth._permissions import Principal
+from hub.core import flushed
 from schemas import PrincipalKind, subjects
 
 TENANT = "acme"
@@ -133,7 +134,7 @@ async def test_refresh_before_expiry_keeps_traffic_flowing(
             received.append(int(msg.data))
 
         await hub.nc.subscribe(subject, cb=collect)
-        await hub.nc.flush()
+        await flushed(hub.nc)
         loop = asyncio.create_task(
             refresh_forever(
                 nc, creds, tenant=TENANT, kind="desktop", principal_id="desk-r", fraction=0.5

@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from edges.local import NatsServer, free_port
 from hub.auth import _jwt
 from hub.auth._keys import BusKeys, KeyStoreError
+from hub.core import flushed
 
 WAIT = 5.0  # upper bound for any single wait in this file
 
@@ -277,20 +278,13 @@ async def test_user_connects_in_memory_and_replies(url: str, keys: BusKeys):
             await msg.respond(b"re:" + msg.data)
 
         await service.subscribe("t.mem.svc", cb=echo)
-        await service.flush()
-        # Interest can lag briefly behind flush() while the server applies an account
-        # update pushed by a neighbouring test: retry "no responders", bounded.
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                reply = await client.request("t.mem.svc", b"ping", timeout=WAIT)
-                break
-            except nats.errors.NoRespondersError:
-                assert time.monotonic() < deadline, "the service never became reachable"
-                await asyncio.sleep(0.05)
+        # Not flush(): nats-py writes its PING ahead of the pending SUB, so its PONG
+        # does not prove the interest is registered (hub.core._flush).
+        await flushed(service)
+        reply = await client.request("t.mem.svc", b"ping", timeout=WAIT)
         assert reply.data == b"re:ping"  # allow_responses, though pub_allow is empty
         sub = await client.subscribe("t.mem.>")
-        await client.flush()
+        await flushed(client)
         await service.publish("t.mem.other", b"not allowed")
         await service.flush()
         await nothing_arrives(sub)
@@ -321,13 +315,18 @@ async def test_denied_publish_is_reported_and_not_delivered(url: str, keys: BusK
     receiver = await connect(url, **in_memory_auth(rtoken, rseed))
     try:
         sub = await receiver.subscribe("t.pub.>")
-        await receiver.flush()
+        await flushed(receiver)  # the interest is registered (hub.core._flush)
+        await sender.publish("t.pub.ok", b"probe")
+        probe = await sub.next_msg(timeout=WAIT)  # the path works before the violation
+        assert (probe.subject, probe.data) == ("t.pub.ok", b"probe")
         await sender.publish("t.pub.secret", b"must not arrive")
         await sender.publish("t.pub.ok", b"fine")
-        await sender.flush()
+        await flushed(sender)
         exc = await watch.wait_error("permissions violation for publish")
         assert "t.pub.secret" in str(exc)
-        msg = await sub.next_msg(timeout=WAIT)  # the allowed one, proving the path works
+        # One publisher's messages arrive in order: had the denied one been delivered,
+        # it would come before the allowed one sent after it.
+        msg = await sub.next_msg(timeout=WAIT)
         assert (msg.subject, msg.data) == ("t.pub.ok", b"fine")
         await nothing_arrives(sub)
         assert sender.is_connected  # a violation is reported, not fatal
@@ -344,10 +343,10 @@ async def test_denied_subscribe_receives_nothing(url: str, keys: BusKeys):
     publisher = await connect(url, **in_memory_auth(ptoken, pseed))
     try:
         denied = await listener.subscribe("t.sub.other")
-        await listener.flush()
+        await flushed(listener)
         await watch.wait_error("permissions violation for subscription")
         await publisher.publish("t.sub.other", b"not for you")
-        await publisher.flush()
+        await flushed(publisher)
         await nothing_arrives(denied)
     finally:
         await listener.close()

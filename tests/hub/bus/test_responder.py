@@ -14,7 +14,7 @@ import pytest
 from desktopkit import TENANT, eventually, redeem
 
 from hub.bus import BootstrapLockout
-from hub.core import Refusal, db, streams
+from hub.core import Refusal, db, flushed, streams
 from schemas import AckReply, CommandAck, Envelope, Source, decode, subjects
 
 OTHER_TENANT = "globex"
@@ -78,6 +78,7 @@ async def test_an_answer_goes_only_to_the_requesters_own_inbox(
     pid, nc = await _desktop(http, operator_nats_url, tmp_path)
     victim = subjects.DEVICE_COMMAND.build(tenant=OTHER_TENANT, device_id="victim")
     watch = await hub.nc.subscribe(victim)
+    await flushed(hub.nc)  # a misdirected answer would reach it (hub.core._flush)
     dropped = hub.metrics.bus_messages.labels("device.command_ack", "dropped")
     before = dropped._value.get()
     try:

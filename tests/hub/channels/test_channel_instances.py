@@ -16,6 +16,7 @@ from nats.js.errors import NotFoundError
 
 from channels import provider_class
 from hub.channels._bus_access import STREAM
+from hub.core import flushed
 from schemas import subjects
 
 TENANT = "acme"
@@ -466,7 +467,7 @@ async def test_instance_connection_publishes_only_its_own_inbound_subject(hub, h
         received.append(msg.subject)
 
     sub = await hub.nc.subscribe("cw.*.chan.>", cb=collect)
-    await hub.nc.flush()
+    await flushed(hub.nc)  # the interest is registered (hub.core._flush)
     own = subjects.CHANNEL_INBOUND.build(
         tenant=TENANT, instance_id="tg-perm", workspace_id="ws-perm"
     )
@@ -482,13 +483,20 @@ async def test_instance_connection_publishes_only_its_own_inbound_subject(hub, h
     ]
     try:
         assert nc.is_connected
-        for subject in [own, *denied]:
+        await nc.publish(own, b"{}")
+        await eventually(lambda: received == [own], what="its own inbound subject")
+        for subject in denied:
             await nc.publish(subject, b"{}")
-            await nc.flush()
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
-        assert received == [own]
-        assert "permissions violation" in connections.last_errors.get("tg-perm", "").lower()
+        await nc.publish(own, b"{}")  # after the denied ones, on the same connection
+        await flushed(nc)
+        # One publisher's messages arrive in order: a denied one that got through
+        # would be seen before this second own message.
+        await eventually(lambda: len(received) >= 2, what="the second own message")
+        assert received == [own, own]
+        await eventually(
+            lambda: "permissions violation" in connections.last_errors.get("tg-perm", "").lower(),
+            what="the violation reported",
+        )
     finally:
         await sub.unsubscribe()
         await nc.close()

@@ -95,7 +95,9 @@ async def test_same_event_twice_is_processed_once(kit, http, hub):
         return now > before or None
 
     await eventually(counted)
-    assert len(await kit.replies(inst, 2, timeout=1.5)) == 1
+    got = await kit.replies(inst, 1, timeout=10.0)  # the one reply, on a loaded machine
+    got += await kit.replies(inst, 1, timeout=1.5)  # and no second one
+    assert len(got) == 1
     assert (await kit.claim(inst, inbound))["status"] == "done"
 
 

@@ -24,6 +24,7 @@ from hubkit import client, operator_nats, running_hub
 
 from edges.common._credentials import EdgeCredentials
 from hub.auth import _jwt
+from hub.core import flushed
 from hub.desktop._commands import REPUSH_AFTER
 from schemas import (
     AckReply,
@@ -77,7 +78,7 @@ class FakeDesktop:
             subjects.DEVICE_COMMAND.build(tenant=TENANT, device_id=self.pairing_id),
             cb=self._on_push,
         )
-        await self.nc.flush()
+        await flushed(self.nc)
 
     async def _on_push(self, msg) -> None:
         if json.loads(msg.data)["type"] == PairingState.message_type:

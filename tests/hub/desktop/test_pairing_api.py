@@ -25,7 +25,7 @@ from edges.common._credentials import EdgeCredentials, new_user_seed
 from edges.desktop._agent import PairingFailed, pair
 from edges.desktop._store import DesktopStore
 from hub.bus import LOCKOUT, MAX_FAILURES, BootstrapLockout, request_source
-from hub.core import Refusal
+from hub.core import Refusal, flushed
 from hub.desktop import PairingRedemption
 from hub.desktop._pairing import new_code, normalize_code
 from schemas import PairingRedeemRequest, subjects
@@ -647,7 +647,7 @@ async def test_the_redeem_reply_is_sealed_on_the_wire(http, operator_nats_url, t
 
     try:
         await spy.subscribe("_INBOX.>", cb=listen)
-        await spy.flush()
+        await flushed(spy)
         _, store = await redeem(http, operator_nats_url, tmp_path / "d")
         await eventually(lambda: seen, 5, what="the spy to see the reply")
     finally:
