@@ -94,6 +94,10 @@ class Answer:
 
     reply: Message
     after: Callable[[], Awaitable[None]] | None = None
+    # Wait, before `after`, until the server has the answer (a PING round trip): for
+    # a step that may cut the caller's route (revoke its credential). Without it the
+    # answer still leaves before anything `after` publishes on this connection.
+    flush: bool = True
 
 
 Handler = Callable[[Caller, Any], Awaitable["Message | Answer"]]
@@ -132,6 +136,7 @@ class _Outcome:
     tenant: str | None = None
     after: Callable[[], Awaitable[None]] | None = None
     label: str = "accepted"
+    flush: bool = True
 
 
 @dataclass
@@ -285,7 +290,7 @@ class BusResponder:
             )
         answer = result if isinstance(result, Answer) else Answer(result)
         if not route.bootstrap:
-            return _Outcome(answer.reply, caller.tenant, answer.after)
+            return _Outcome(answer.reply, caller.tenant, answer.after, flush=answer.flush)
         try:  # only the requester can open it: the bootstrap identity is shared
             body = Envelope.wrap(
                 answer.reply, source=self.source, tenant=getattr(answer.reply, "tenant", None)
@@ -333,7 +338,7 @@ class BusResponder:
         try:
             template = self._templates(type(outcome.reply), outcome.tenant)
             await msg.respond(template.encode(outcome.reply))
-            if outcome.after is not None or route.after_answer is not None:
+            if (outcome.after is not None and outcome.flush) or route.after_answer is not None:
                 await self.nc.flush(timeout=5)  # the answer is out before what follows
         except Exception as exc:  # the caller asks again; state is in PostgreSQL
             log.warning("bus.reply_failed", **kv(family=route.name, error=str(exc)))

@@ -134,11 +134,18 @@ SUBMIT = """
 # as sent (refused, a replay, unknown): the step-by-step path decides and names it.
 # An accept applies only to a lease not accepted yet: a copy of it (the Desktop
 # sends a request again when unanswered, to any replica) is a replay.
+# `later_command`: whether the pairing had assigned a sequence above this command's
+# when the statement locked its row, i.e. whether a later command may be waiting
+# for `dispatch`. A submit that assigns one after this statement waited for the
+# same row lock and then sees this final committed (last acknowledged = its
+# sequence - 1): it leases and pushes its command itself (SUBMIT). So when this is
+# false, the `dispatch` after a final ack would find nothing, and is skipped.
 # $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
 # (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
 ACK = """
     WITH cur AS (
-        SELECT c.command_id FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
+        SELECT c.command_id, p.next_command_sequence > c.sequence AS later
+        FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
         WHERE c.tenant = $1 AND c.command_id = $2 AND c.pairing_id = $3 AND c.state <> 'done'
           AND sha256(convert_to(coalesce(c.lease_token, ''), 'UTF8'))
               = sha256(convert_to($4::text, 'UTF8'))
@@ -162,7 +169,7 @@ ACK = """
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
             command_id, metadata)
         SELECT $1, $8, 'desktop', $3, 'command', $2, $2, $9::jsonb FROM cmd)
-    SELECT * FROM cmd"""
+    SELECT cmd.*, cur.later AS later_command FROM cmd, cur"""
 FINAL_AUDIT = {
     "completed": "command.completed",
     "failed": "command.failed",
@@ -477,12 +484,15 @@ class CommandService:
 
     async def _ack(self, caller: Caller, ack: CommandAck) -> Answer:
         final = await self.record_ack(caller.tenant, caller.id, ack)
+        # Whether a later command may wait for `dispatch` (ACK's `later_command`; the
+        # step-by-step path does not say: then it may).
+        later = final.pop("later_command", True) if final is not None else True
         if final is not None:  # committed: whoever waits for the result may have it now
             await self._announce_final(caller.tenant, final)
 
         async def finish() -> None:  # after the answer: a final step may disconnect it
             if final is not None:
-                await self.finish(caller.tenant, caller.id, final)
+                await self.finish(caller.tenant, caller.id, final, dispatch=bool(later))
 
         async def next_one() -> None:
             # A copy of a final ack already applied: the replica that applied it may
@@ -491,7 +501,12 @@ class CommandService:
 
         if final is None and ack.outcome != "accepted":
             return Answer(AckReply(ok=True), after=next_one)
-        return Answer(AckReply(ok=True), after=finish if final is not None else None)
+        if final is None:
+            return Answer(AckReply(ok=True))
+        # The answer and a next push leave on this one connection, in that order, and
+        # reach the Desktop in it: only a revocation (which cuts the Desktop's route)
+        # must wait until the answer has reached the server.
+        return Answer(AckReply(ok=True), after=finish, flush=final["kind"] == "revoke_pairing")
 
     async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         """Apply an ack durably; returns the command row if this ack finished it."""
@@ -502,10 +517,15 @@ class CommandService:
             raise
         return row if row is not None and row["state"] == "done" else None
 
-    async def finish(self, tenant: str, device_id: str, row: dict) -> None:
+    async def finish(
+        self, tenant: str, device_id: str, row: dict, *, dispatch: bool = True
+    ) -> None:
+        """After a final ack: the `on_final` callbacks, then the next command's push
+        (`dispatch=False`: the final's own statement found no later command, ACK)."""
         for callback in self.on_final:
             await callback(tenant, row)
-        await self.dispatch(tenant, device_id)
+        if dispatch:
+            await self.dispatch(tenant, device_id)
 
     async def _apply_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         if ack.pairing_id != device_id:
