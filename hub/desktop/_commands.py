@@ -140,11 +140,16 @@ SUBMIT = """
 # same row lock and then sees this final committed (last acknowledged = its
 # sequence - 1): it leases and pushes its command itself (SUBMIT). So when this is
 # false, the `dispatch` after a final ack would find nothing, and is skipped.
+# A final ack to a lease never accepted (a Desktop accepts only a command still
+# running after ACCEPT_AFTER, edges/desktop/_agent.py) implies the accept: the
+# statement audits `command.accepted` ($10: its metadata) before the final, as two
+# acks would have.
 # $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
-# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
+# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata, $10 the
+# implied accept's audit metadata.
 ACK = """
     WITH cur AS (
-        SELECT c.command_id, p.next_command_sequence > c.sequence AS later
+        SELECT c.command_id, c.state AS was, p.next_command_sequence > c.sequence AS later
         FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
         WHERE c.tenant = $1 AND c.command_id = $2 AND c.pairing_id = $3 AND c.state <> 'done'
           AND sha256(convert_to(coalesce(c.lease_token, ''), 'UTF8'))
@@ -168,7 +173,11 @@ ACK = """
     audited AS (
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
             command_id, metadata)
-        SELECT $1, $8, 'desktop', $3, 'command', $2, $2, $9::jsonb FROM cmd)
+        SELECT $1, a.action, 'desktop', $3, 'command', $2, $2, a.metadata
+        FROM cmd, cur, (VALUES (1, 'command.accepted', $10::jsonb), (2, $8, $9::jsonb))
+            AS a (n, action, metadata)
+        WHERE a.n = 2 OR ($6::text IS NOT NULL AND cur.was = 'leased')
+        ORDER BY a.n)
     SELECT cmd.*, cur.later AS later_command FROM cmd, cur"""
 FINAL_AUDIT = {
     "completed": "command.completed",
@@ -176,6 +185,11 @@ FINAL_AUDIT = {
     "blocked_by_policy": "command.blocked",
     "requires_local_confirmation": "command.blocked",
 }
+
+
+# The audit metadata of an accept a final ack implies (ACK): the lease was never
+# accepted on its own.
+_IMPLIED_ACCEPT = {"outcome": "accepted", "impliedBy": "final"}
 
 
 class AckRefused(Refusal):
@@ -585,6 +599,7 @@ class CommandService:
             result,
             action,
             scrub_secrets({"sequence": ack.sequence, "outcome": ack.outcome}),
+            scrub_secrets(_IMPLIED_ACCEPT | {"sequence": ack.sequence}),
         )
         if row is None:
             return None
@@ -631,6 +646,8 @@ class CommandService:
             device_id,
             ack.sequence,
         )
+        if row["state"] == "leased":  # never accepted: the final implies it (as ACK)
+            await self._audit_ack(conn, tenant, device_id, ack, "command.accepted", _IMPLIED_ACCEPT)
         await self._audit_ack(
             conn, tenant, device_id, ack, FINAL_AUDIT.get(status, "command.completed")
         )
@@ -638,7 +655,13 @@ class CommandService:
         return dict(done)
 
     async def _audit_ack(
-        self, conn: asyncpg.Connection, tenant: str, device_id: str, ack: CommandAck, action: str
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        device_id: str,
+        ack: CommandAck,
+        action: str,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         await self._audit.record(
             AuditRecord(
@@ -648,7 +671,9 @@ class CommandService:
                 target_kind="command",
                 target_id=ack.command_id,
                 command_id=ack.command_id,
-                metadata={"sequence": ack.sequence, "outcome": ack.outcome},
+                metadata={"sequence": ack.sequence, "outcome": ack.outcome}
+                if metadata is None
+                else metadata | {"sequence": ack.sequence},
             ),
             tenant=tenant,
             conn=conn,

@@ -536,6 +536,38 @@ async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_on
     assert (await get_pairing(http, pid))["lastCommandSequence"] == nxt.sequence
 
 
+async def test_a_final_ack_to_a_lease_never_accepted_is_audited_as_the_accept_too(
+    hub, http, paired
+):
+    """A Desktop sends no accept for a command it finished at once: its final ack is
+    audited as `command.accepted` then the final, in that order. One accepted on its
+    own is audited once, not again by its final."""
+    await _online(http, paired)
+
+    async def actions(command_id: str) -> list[tuple[str, Any]]:
+        rows = await hub.pool.fetch(
+            "SELECT action, metadata FROM audit_log WHERE tenant = $1 AND command_id = $2 "
+            "ORDER BY id",
+            TENANT,
+            command_id,
+        )
+        return [(r["action"], r["metadata"]) for r in rows]
+
+    await submit(http, paired.pairing_id, "status")
+    at_once = await paired.next_command()
+    assert (await paired.ack(at_once, "failed")).ok
+    audited = await actions(at_once.id)
+    assert [a for a, _ in audited] == ["command.accepted", "command.failed"]
+    implied = audited[0][1] if isinstance(audited[0][1], dict) else json.loads(audited[0][1])
+    assert implied == {"outcome": "accepted", "impliedBy": "final", "sequence": at_once.sequence}
+    await submit(http, paired.pairing_id, "status")
+    accepted = await paired.next_command()
+    assert (await paired.ack(accepted, "accepted")).ok
+    assert (await paired.ack(accepted, "completed")).ok
+    assert [a for a, _ in await actions(accepted.id)] == ["command.accepted", "command.completed"]
+    assert (await command(http, paired.pairing_id, at_once.id))["status"] == "failed"
+
+
 # --- waiting for the result ------------------------------------------------------------------
 async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired):
     await _online(http, paired)
@@ -790,7 +822,8 @@ async def test_copies_of_an_ack_at_two_replicas_apply_once(
         assert third.id == ids[2]
         await paired.nothing_pushed()
 
-    for cid, expected in ((ids[0], {"command.accepted": 1}), (ids[1], {})):
+    # ids[1] was never accepted on its own: its final implies the accept (audited once).
+    for cid, expected in ((ids[0], {"command.accepted": 1}), (ids[1], {"command.accepted": 1})):
         view = await command(http, pid, cid)
         assert view["state"] == "done" and view["attempts"] == 1, view
         rows = await hub.pool.fetch(
