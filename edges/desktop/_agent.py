@@ -81,6 +81,13 @@ ACK_TIMEOUT = 5.0
 # not that it never will: the ack is sent again while its lease is live.
 ACK_UNAVAILABLE = frozenset({"hub.unavailable", "hub.error", "rate_limited"})
 ACK_AGAIN_SECONDS = 0.5
+# A command still running this long after it started is reported `accepted` (the hub
+# then stops pushing its lease again: it does so for one unaccepted after a second,
+# hub/desktop/_commands.py REPUSH_AFTER). One done sooner sends its final ack alone,
+# which the hub takes as the accept too (audited as both): one bus request and one
+# commit per command fewer. What keeps a command from running twice is the journal's
+# `started` row, written before it runs, not the accept.
+ACCEPT_AFTER = 0.25
 # What the hub pushes on the command subject.
 Pushed = PairingState | DeviceCommand
 
@@ -93,6 +100,29 @@ class PairingFailed(BootstrapFailed):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class _Accept:
+    """A running command's `accepted` ack: sent once it has run ACCEPT_AFTER."""
+
+    def __init__(self, agent: DesktopAgent, command: DeviceCommand) -> None:
+        self.sending = False
+        self.task = asyncio.create_task(
+            self._later(agent, command), name=f"desktop-accept-{command.id}"
+        )
+
+    async def _later(self, agent: DesktopAgent, command: DeviceCommand) -> bool:
+        await asyncio.sleep(ACCEPT_AFTER)
+        self.sending = True  # from here on the accept may be on its way to the hub
+        return await agent._send_ack(command, "accepted", None)
+
+    async def settle(self) -> None:
+        """Before the final ack: an accept on its way is answered first; one not sent
+        yet is dropped (cancelled in its wait, it never sends), the final implies it."""
+        if self.sending:
+            await self.task
+        else:
+            self.task.cancel()
 
 
 # Kept under their old names: tests and callers import them from here.
@@ -519,7 +549,7 @@ class DesktopAgent:
         # Started and not done: a crash (or an error) broke its run off, since a push
         # of a command this process still holds never gets here (_on_command).
         # Never run twice.
-        accepted: asyncio.Task[bool] | None = None
+        accepted: _Accept | None = None
         if record is not None:
             result = CommandResult(
                 ok=False,
@@ -552,7 +582,7 @@ class DesktopAgent:
                 try:
                     result = await self._execute(command)
                 except BaseException:
-                    accepted.cancel()
+                    accepted.task.cancel()
                     raise
         self.store.command_done(command.id, result.model_dump(mode="json", by_alias=True))
         self.store.audit(
@@ -562,10 +592,10 @@ class DesktopAgent:
             status=result.status.value,
         )
         if accepted is not None:
-            # The final ack goes once the hub has answered the accept, so it applies
-            # (and audits) them in that order. By now it mostly has: the accept's
-            # round trip runs beside the command instead of before it.
-            await accepted
+            # An accept not sent yet never will be: the final ack implies it. One
+            # sent already is answered before the final ack goes, so the hub applies
+            # (and audits) them in that order.
+            await accepted.settle()
         await self._ack(command, result)
         self.relay.wake()  # the command's own events (queued by _execute) go out now
         if command.kind.value == "revoke_pairing" and result.ok:
@@ -578,10 +608,11 @@ class DesktopAgent:
             return "lease already expired"
         return None
 
-    def _accept(self, command: DeviceCommand) -> asyncio.Task[bool]:
+    def _accept(self, command: DeviceCommand) -> _Accept:
         """Journal the command as started (what keeps it from ever running twice),
-        then tell the hub it is accepted: the ack is sent, and its answer awaited,
-        while the command runs (`_handle_command` awaits it before the final ack)."""
+        then tell the hub it is accepted if it still runs after ACCEPT_AFTER: the ack
+        is sent, and its answer awaited, while the command runs (`_handle_command`
+        settles it before the final ack)."""
         self.store.command_started(command.id, command.sequence, command.kind.value)
         self.store.audit(
             "command.accepted",
@@ -590,9 +621,7 @@ class DesktopAgent:
             sequence=command.sequence,
             actorId=command.actor_id,
         )
-        return asyncio.create_task(
-            self._send_ack(command, "accepted", None), name=f"desktop-accept-{command.id}"
-        )
+        return _Accept(self, command)
 
     async def _execute(self, command: DeviceCommand) -> CommandResult:
         self.relay.command_event(command, DeviceEventType.COMMAND_ACCEPTED, None)

@@ -99,6 +99,10 @@ class Answer:
 
     reply: Message
     after: Callable[[], Awaitable[None]] | None = None
+    # Wait, before `after`, until the server has the answer (a PING round trip): for
+    # a step that may cut the caller's route (revoke its credential). Without it the
+    # answer still leaves before anything `after` publishes on this connection.
+    flush: bool = True
 
 
 Handler = Callable[[Caller, Any], Awaitable["Message | Answer"]]
@@ -137,6 +141,7 @@ class _Outcome:
     tenant: str | None = None
     after: Callable[[], Awaitable[None]] | None = None
     label: str = "accepted"
+    flush: bool = True
 
 
 @dataclass
@@ -290,7 +295,7 @@ class BusResponder:
             )
         answer = result if isinstance(result, Answer) else Answer(result)
         if not route.bootstrap:
-            return _Outcome(answer.reply, caller.tenant, answer.after)
+            return _Outcome(answer.reply, caller.tenant, answer.after, flush=answer.flush)
         try:  # only the requester can open it: the bootstrap identity is shared
             body = Envelope.wrap(
                 answer.reply, source=self.source, tenant=getattr(answer.reply, "tenant", None)
@@ -338,7 +343,7 @@ class BusResponder:
         try:
             template = self._templates(type(outcome.reply), outcome.tenant)
             await msg.respond(template.encode(outcome.reply))
-            if outcome.after is not None or route.after_answer is not None:
+            if (outcome.after is not None and outcome.flush) or route.after_answer is not None:
                 # The server has the answer before what follows (e.g. a revocation
                 # pushed on another connection); flush()'s PONG alone does not prove it.
                 await flushed(self.nc, timeout=5)

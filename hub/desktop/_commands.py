@@ -134,11 +134,23 @@ SUBMIT = """
 # as sent (refused, a replay, unknown): the step-by-step path decides and names it.
 # An accept applies only to a lease not accepted yet: a copy of it (the Desktop
 # sends a request again when unanswered, to any replica) is a replay.
+# `later_command`: whether the pairing had assigned a sequence above this command's
+# when the statement locked its row, i.e. whether a later command may be waiting
+# for `dispatch`. A submit that assigns one after this statement waited for the
+# same row lock and then sees this final committed (last acknowledged = its
+# sequence - 1): it leases and pushes its command itself (SUBMIT). So when this is
+# false, the `dispatch` after a final ack would find nothing, and is skipped.
+# A final ack to a lease never accepted (a Desktop accepts only a command still
+# running after ACCEPT_AFTER, edges/desktop/_agent.py) implies the accept: the
+# statement audits `command.accepted` ($10: its metadata) before the final, as two
+# acks would have.
 # $1 tenant, $2 command, $3 pairing, $4 lease token, $5 sequence, $6 final status
-# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata.
+# (NULL for accepted), $7 result, $8 audit action, $9 audit metadata, $10 the
+# implied accept's audit metadata.
 ACK = """
     WITH cur AS (
-        SELECT c.command_id FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
+        SELECT c.command_id, c.state AS was, p.next_command_sequence > c.sequence AS later
+        FROM pairing_commands c JOIN pairings p USING (tenant, pairing_id)
         WHERE c.tenant = $1 AND c.command_id = $2 AND c.pairing_id = $3 AND c.state <> 'done'
           AND sha256(convert_to(coalesce(c.lease_token, ''), 'UTF8'))
               = sha256(convert_to($4::text, 'UTF8'))
@@ -161,14 +173,23 @@ ACK = """
     audited AS (
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
             command_id, metadata)
-        SELECT $1, $8, 'desktop', $3, 'command', $2, $2, $9::jsonb FROM cmd)
-    SELECT * FROM cmd"""
+        SELECT $1, a.action, 'desktop', $3, 'command', $2, $2, a.metadata
+        FROM cmd, cur, (VALUES (1, 'command.accepted', $10::jsonb), (2, $8, $9::jsonb))
+            AS a (n, action, metadata)
+        WHERE a.n = 2 OR ($6::text IS NOT NULL AND cur.was = 'leased')
+        ORDER BY a.n)
+    SELECT cmd.*, cur.later AS later_command FROM cmd, cur"""
 FINAL_AUDIT = {
     "completed": "command.completed",
     "failed": "command.failed",
     "blocked_by_policy": "command.blocked",
     "requires_local_confirmation": "command.blocked",
 }
+
+
+# The audit metadata of an accept a final ack implies (ACK): the lease was never
+# accepted on its own.
+_IMPLIED_ACCEPT = {"outcome": "accepted", "impliedBy": "final"}
 
 
 class AckRefused(Refusal):
@@ -477,12 +498,15 @@ class CommandService:
 
     async def _ack(self, caller: Caller, ack: CommandAck) -> Answer:
         final = await self.record_ack(caller.tenant, caller.id, ack)
+        # Whether a later command may wait for `dispatch` (ACK's `later_command`; the
+        # step-by-step path does not say: then it may).
+        later = final.pop("later_command", True) if final is not None else True
         if final is not None:  # committed: whoever waits for the result may have it now
             await self._announce_final(caller.tenant, final)
 
         async def finish() -> None:  # after the answer: a final step may disconnect it
             if final is not None:
-                await self.finish(caller.tenant, caller.id, final)
+                await self.finish(caller.tenant, caller.id, final, dispatch=bool(later))
 
         async def next_one() -> None:
             # A copy of a final ack already applied: the replica that applied it may
@@ -491,7 +515,12 @@ class CommandService:
 
         if final is None and ack.outcome != "accepted":
             return Answer(AckReply(ok=True), after=next_one)
-        return Answer(AckReply(ok=True), after=finish if final is not None else None)
+        if final is None:
+            return Answer(AckReply(ok=True))
+        # The answer and a next push leave on this one connection, in that order, and
+        # reach the Desktop in it: only a revocation (which cuts the Desktop's route)
+        # must wait until the answer has reached the server.
+        return Answer(AckReply(ok=True), after=finish, flush=final["kind"] == "revoke_pairing")
 
     async def record_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         """Apply an ack durably; returns the command row if this ack finished it."""
@@ -502,10 +531,15 @@ class CommandService:
             raise
         return row if row is not None and row["state"] == "done" else None
 
-    async def finish(self, tenant: str, device_id: str, row: dict) -> None:
+    async def finish(
+        self, tenant: str, device_id: str, row: dict, *, dispatch: bool = True
+    ) -> None:
+        """After a final ack: the `on_final` callbacks, then the next command's push
+        (`dispatch=False`: the final's own statement found no later command, ACK)."""
         for callback in self.on_final:
             await callback(tenant, row)
-        await self.dispatch(tenant, device_id)
+        if dispatch:
+            await self.dispatch(tenant, device_id)
 
     async def _apply_ack(self, tenant: str, device_id: str, ack: CommandAck) -> dict | None:
         if ack.pairing_id != device_id:
@@ -565,6 +599,7 @@ class CommandService:
             result,
             action,
             scrub_secrets({"sequence": ack.sequence, "outcome": ack.outcome}),
+            scrub_secrets(_IMPLIED_ACCEPT | {"sequence": ack.sequence}),
         )
         if row is None:
             return None
@@ -611,6 +646,8 @@ class CommandService:
             device_id,
             ack.sequence,
         )
+        if row["state"] == "leased":  # never accepted: the final implies it (as ACK)
+            await self._audit_ack(conn, tenant, device_id, ack, "command.accepted", _IMPLIED_ACCEPT)
         await self._audit_ack(
             conn, tenant, device_id, ack, FINAL_AUDIT.get(status, "command.completed")
         )
@@ -618,7 +655,13 @@ class CommandService:
         return dict(done)
 
     async def _audit_ack(
-        self, conn: asyncpg.Connection, tenant: str, device_id: str, ack: CommandAck, action: str
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        device_id: str,
+        ack: CommandAck,
+        action: str,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         await self._audit.record(
             AuditRecord(
@@ -628,7 +671,9 @@ class CommandService:
                 target_kind="command",
                 target_id=ack.command_id,
                 command_id=ack.command_id,
-                metadata={"sequence": ack.sequence, "outcome": ack.outcome},
+                metadata={"sequence": ack.sequence, "outcome": ack.outcome}
+                if metadata is None
+                else metadata | {"sequence": ack.sequence},
             ),
             tenant=tenant,
             conn=conn,

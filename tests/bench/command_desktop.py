@@ -13,7 +13,8 @@ on the machine, so the bench can line them up with the hub's):
 - `desktop.start/.end`: `_handle_command` (checks, journal, run, final ack);
 - `execute.start/.end`: `runner.run`, OpenCode's own time for the command (what
   the bench subtracts from the round trip, per command);
-- `ack.<outcome>.start/.end`: each ack's round trip to the hub.
+- `ack.<outcome>.start/.end`: each ack's round trip to the hub (a command done
+  within the agent's ACCEPT_AFTER sends no `accepted` ack: its final implies it).
 
 Commands: `marks` answers {command id: {stage: time}} (and forgets them);
 `cpu` answers {cpuSeconds}; `stop` stops the agent and answers {stopped}.

@@ -194,6 +194,44 @@ async def test_abort_a_slow_prompt_and_status(http, desktop):
     assert session in {s["id"] for s in status["result"]["sessions"]}
 
 
+async def test_a_command_done_at_once_sends_one_ack_and_both_are_audited(
+    hub, http, desktop, monkeypatch
+):
+    """A command done within ACCEPT_AFTER sends its final ack alone: the hub takes it
+    as the accept too, and audits `command.accepted` then `command.completed`, once
+    each, as for a command that ran long enough to be accepted on its own (that one:
+    tests/edges/desktop/test_desktop_faults.py, a runner held inside its command)."""
+    from edges.desktop import _agent
+
+    monkeypatch.setattr(_agent, "ACCEPT_AFTER", 5.0)  # "at once", however busy the machine
+    sent: list[str] = []
+    send = desktop.agent._send_ack
+
+    async def recording(command, outcome, result):
+        sent.append(outcome)
+        return await send(command, outcome, result)
+
+    desktop.agent._send_ack = recording
+    try:
+        done = await run_command(http, desktop.pairing_id, "status")
+    finally:
+        del desktop.agent._send_ack
+    assert done["status"] == "completed" and done["attempts"] == 1, done
+    assert sent == ["completed"]
+    audit = await hub.pool.fetch(
+        "SELECT action, metadata FROM audit_log WHERE tenant = $1 AND command_id = $2 ORDER BY id",
+        TENANT,
+        done["commandId"],
+    )
+    assert [r["action"] for r in audit] == ["command.accepted", "command.completed"]
+    local = [
+        line["action"]
+        for line in desktop.agent.store.read_audit()
+        if line.get("commandId") == done["commandId"]
+    ]
+    assert local == ["command.accepted", "command.completed"]  # the journal as before
+
+
 async def test_outside_the_allowlist_is_refused_at_the_hub(http, desktop):
     response = await http.post(
         f"/api/v1/tenants/{TENANT}/pairings/{desktop.pairing_id}/commands",

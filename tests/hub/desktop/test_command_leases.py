@@ -457,6 +457,118 @@ async def test_submits_at_once_lease_only_the_first_and_the_rest_go_in_order(hub
     assert (await get_pairing(http, pid))["lastCommandSequence"] == 8
 
 
+async def _waiting_on_the_lock(hub, statement: str, n: int = 1) -> None:
+    """Wait until n sessions run `statement` (a marker in its text) blocked on a lock."""
+
+    async def check() -> bool:
+        waiting = await hub.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND position($1 in query) > 0",
+            statement,
+        )
+        return bool(waiting >= n)
+
+    await eventually(check, 5, 0.02, f"{statement!r} waiting on the pairing's row lock")
+
+
+@pytest.mark.parametrize("first", ["final ack", "submit"])
+async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_once(
+    hub, http, paired, first
+):
+    """A final ack says, from the pairing row it locks, whether a later command exists;
+    when none does, it skips the `dispatch` after it. A submit racing it on that row
+    either commits first (the ack then sees the later command and dispatches it) or
+    waits for the ack (then it sees every command before its own final and leases and
+    pushes its own). Either way the next command is pushed exactly once, in order."""
+    await _online(http, paired)
+    pid = paired.pairing_id
+    one = await submit(http, pid, "status")
+    cmd = await paired.next_command()
+    assert cmd.id == one["commandId"]
+    dispatched: list[bool] = []  # per final ack: whether its finish ran `dispatch`
+    finish = hub.commands.finish
+
+    async def counted(tenant: str, pairing_id: str, row: dict, *, dispatch: bool = True) -> None:
+        dispatched.append(dispatch)
+        await finish(tenant, pairing_id, row, dispatch=dispatch)
+
+    hub.commands.finish = counted
+    lock = await hub.pool.acquire()
+    try:
+        held = lock.transaction()
+        await held.start()
+        await lock.execute(  # both statements below now wait for this row lock, in turn
+            "SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2 FOR UPDATE",
+            TENANT,
+            pid,
+        )
+        acked: asyncio.Task | None = None
+        if first == "final ack":
+            acked = asyncio.create_task(paired.ack(cmd, "completed"))
+            await _waiting_on_the_lock(hub, "WITH cur AS")
+        submitted = asyncio.create_task(submit(http, pid, "status"))
+        await _waiting_on_the_lock(hub, "WITH seq AS")
+        if acked is None:
+            acked = asyncio.create_task(paired.ack(cmd, "completed"))
+            await _waiting_on_the_lock(hub, "WITH cur AS")
+        await held.rollback()
+    finally:
+        await hub.pool.release(lock)
+    try:
+        assert (await acked).ok
+        two = await submitted
+        nxt = await paired.next_command()
+        assert (nxt.id, nxt.sequence) == (two["commandId"], one["sequence"] + 1)
+        await paired.nothing_pushed()  # once
+        row = await hub.pool.fetchrow(
+            "SELECT state, attempts FROM pairing_commands WHERE tenant = $1 AND command_id = $2",
+            TENANT,
+            nxt.id,
+        )
+        assert (row["state"], row["attempts"]) == ("leased", 1)
+        # The submit that came second leased its own command; the ack that came
+        # second found it queued and dispatched it.
+        assert dispatched == [first == "submit"]
+        assert (await paired.ack(nxt, "completed")).ok
+        await paired.nothing_pushed()
+        assert dispatched == [first == "submit", False]  # nothing later: no dispatch
+    finally:
+        del hub.commands.finish
+    assert (await get_pairing(http, pid))["lastCommandSequence"] == nxt.sequence
+
+
+async def test_a_final_ack_to_a_lease_never_accepted_is_audited_as_the_accept_too(
+    hub, http, paired
+):
+    """A Desktop sends no accept for a command it finished at once: its final ack is
+    audited as `command.accepted` then the final, in that order. One accepted on its
+    own is audited once, not again by its final."""
+    await _online(http, paired)
+
+    async def actions(command_id: str) -> list[tuple[str, Any]]:
+        rows = await hub.pool.fetch(
+            "SELECT action, metadata FROM audit_log WHERE tenant = $1 AND command_id = $2 "
+            "ORDER BY id",
+            TENANT,
+            command_id,
+        )
+        return [(r["action"], r["metadata"]) for r in rows]
+
+    await submit(http, paired.pairing_id, "status")
+    at_once = await paired.next_command()
+    assert (await paired.ack(at_once, "failed")).ok
+    audited = await actions(at_once.id)
+    assert [a for a, _ in audited] == ["command.accepted", "command.failed"]
+    implied = audited[0][1] if isinstance(audited[0][1], dict) else json.loads(audited[0][1])
+    assert implied == {"outcome": "accepted", "impliedBy": "final", "sequence": at_once.sequence}
+    await submit(http, paired.pairing_id, "status")
+    accepted = await paired.next_command()
+    assert (await paired.ack(accepted, "accepted")).ok
+    assert (await paired.ack(accepted, "completed")).ok
+    assert [a for a, _ in await actions(accepted.id)] == ["command.accepted", "command.completed"]
+    assert (await command(http, paired.pairing_id, at_once.id))["status"] == "failed"
+
+
 # --- waiting for the result ------------------------------------------------------------------
 async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired):
     await _online(http, paired)
@@ -711,7 +823,8 @@ async def test_copies_of_an_ack_at_two_replicas_apply_once(
         assert third.id == ids[2]
         await paired.nothing_pushed()
 
-    for cid, expected in ((ids[0], {"command.accepted": 1}), (ids[1], {})):
+    # ids[1] was never accepted on its own: its final implies the accept (audited once).
+    for cid, expected in ((ids[0], {"command.accepted": 1}), (ids[1], {"command.accepted": 1})):
         view = await command(http, pid, cid)
         assert view["state"] == "done" and view["attempts"] == 1, view
         rows = await hub.pool.fetch(
