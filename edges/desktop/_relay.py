@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from pydantic import TypeAdapter
+from pydantic_core import to_json
 
 from schemas import (
     CommandResult,
@@ -58,7 +58,6 @@ from ._store import DesktopStore, PairingFile
 log = logging.getLogger("cowork.edge.relay")
 BATCH = 1000
 PUBLISH_TIMEOUT = 5.0
-_JSON = TypeAdapter(dict[str, Any])  # serialises as a model's fields do (datetimes alike)
 
 
 def device_event_json(
@@ -72,13 +71,15 @@ def device_event_json(
     payload: dict[str, Any] | None,
 ) -> bytes:
     """`DeviceEvent(...).model_dump_json(by_alias=True, exclude_none=True)`, the same
-    bytes, without building and validating the model (about 12% of the relay's
+    bytes (pydantic-core serialises both: datetimes alike, NaN and infinities as
+    null), without building and validating the model (about 12% of the relay's
     time): for fields valid as made. The relay's are: a fresh id, the pairing and
     workspace ids checked once, a session id checked when it changes (OpenCode's,
     already matched to the token pattern by session_of), a command's id from its
     validated command, and a payload with string keys (redacted JSON, or the
     relay's own)."""
-    body: dict[str, Any] = {"id": event_id, "pairingId": pairing_id, "type": kind}
+    # The kind as its plain value: an enum costs pydantic-core a Python call.
+    body: dict[str, Any] = {"id": event_id, "pairingId": pairing_id, "type": kind.value}
     if workspace_id is not None:
         body["workspaceId"] = workspace_id
     if session_id is not None:
@@ -88,7 +89,7 @@ def device_event_json(
     body["occurredAt"] = occurred_at
     if payload is not None:
         body["payload"] = payload
-    return _JSON.dump_json(body, exclude_none=True)
+    return to_json(body, inf_nan_mode="null")
 
 
 class EventRelay:
