@@ -13,7 +13,9 @@ Local state, in the state directory (owner-only, like the rest):
     desktop.db                the replay window: the last sequence of each controller
 
 The running agent reads `sealed.json` again whenever it changes, so a switch of
-trust or a removed controller applies to the very next command and event. Nothing
+trust or a removed controller applies to the very next command, and to every event
+that reaches the relay after it (events check the file once per event-loop turn:
+`SealedGuard._event_trust`). Nothing
 the hub sends changes any of it: a relayed enrolment request only waits here, and
 one that presents an invite enrols only if it holds the invite's secret, which the
 hub never sees (the controller seals it to this Desktop's key, bound to its own).
