@@ -13,7 +13,9 @@ Local state, in the state directory (owner-only, like the rest):
     desktop.db                the replay window: the last sequence of each controller
 
 The running agent reads `sealed.json` again whenever it changes, so a switch of
-trust or a removed controller applies to the very next command and event. Nothing
+trust or a removed controller applies to the very next command, and to every event
+that reaches the relay after it (events check the file once per event-loop turn:
+`SealedGuard._event_trust`). Nothing
 the hub sends changes any of it: a relayed enrolment request only waits here, and
 one that presents an invite enrols only if it holds the invite's secret, which the
 hub never sees (the controller seals it to this Desktop's key, bound to its own).
@@ -21,6 +23,7 @@ hub never sees (the controller seals it to this Desktop's key, bound to its own)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import fcntl
@@ -327,6 +330,7 @@ class SealedGuard:
         self._trust = TrustFile()
         self._recipients: dict[str, str] = {}  # controller id -> X25519 key, as enrolled now
         self._content: ContentKey | None = None
+        self._turn_trust: Trust | None = None  # the events' answer for this loop turn
         self._refresh()
 
     def _refresh(self) -> TrustFile:
@@ -337,6 +341,7 @@ class SealedGuard:
         except FileNotFoundError:
             seen = (0, 0, 0)
         if seen != self._seen:
+            self._turn_trust = None  # a newer reading: the turn's answer is stale
             try:
                 self._trust = load_trust(self.store)
             except StoreError as exc:  # fail closed: sealed, to nobody, until it is repaired
@@ -550,9 +555,37 @@ class SealedGuard:
 
     def seal_event(self, event_id: str, payload: dict) -> dict:
         """An event's payload as it leaves the Desktop: sealed on a sealed pairing."""
-        if self._refresh().trust != "sealed":
+        if self._event_trust() != "sealed":
             return payload
         return self.seal_payload("event", event_id, payload)
+
+    def _event_trust(self) -> Trust:
+        """The trust mode for events, from one `stat` of sealed.json per event-loop turn
+        (a streamed burst is up to hundreds of events a turn; a stat each was about
+        8% of the relay's time).
+
+        What it keeps: an event that reaches this process after sealed.json was
+        replaced is sealed. The answer is taken at the turn's first event and
+        forgotten by a callback queued right then, which runs first thing in the
+        next turn: before the task that reads OpenCode's stream (relay.run) can be
+        woken by data received after the stat (asyncio runs a wake-up queued in one
+        turn in the next, behind the callbacks already queued). So every event
+        decided by an answer had reached the relay before the stat that gave it,
+        as when each event made its own stat. A reading that sees the file change
+        (a command's check) forgets the answer at once; without a running loop
+        every event stats."""
+        trust = self._turn_trust
+        if trust is None:
+            trust = self._refresh().trust
+            try:
+                asyncio.get_running_loop().call_soon(self._end_turn)
+            except RuntimeError:
+                return trust
+            self._turn_trust = trust
+        return trust
+
+    def _end_turn(self) -> None:
+        self._turn_trust = None
 
     def seal_payload(self, purpose: Literal["event", "result"], id: str, value: Any) -> dict:
         plain = json.dumps(value, separators=(",", ":")).encode()

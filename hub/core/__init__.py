@@ -15,6 +15,7 @@ from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
 from ._beats import BeatWriter, LateBeat, Superseded
+from ._db import JsonbText
 from ._deadletter import (
     TRANSIENT,
     DeadLetters,
@@ -48,6 +49,7 @@ __all__ = [
     "Fenced",
     "HubMetrics",
     "HubSettings",
+    "JsonbText",
     "LateBeat",
     "LogBudget",
     "LogFormat",

@@ -154,6 +154,35 @@ async def test_an_event_the_database_refuses_fails_the_statement_and_keeps_nothi
     assert await cursor(pool, "ws1") is None
 
 
+ROUND_TRIP = [
+    None,
+    {},
+    {"a": None, "b": [1, None, 2.5, 1e20, -0.0, 1e-7], "c": {"d": None, "é": "ü\u2028\U0001f600"}},
+    {"big": 10**30, "neg": -(2**63), "ok": True, "s": 'q"uote\\ back\nline'},
+]
+
+
+@pytest.mark.parametrize("payload", ROUND_TRIP)
+async def test_a_payload_is_stored_as_given(pool, payload):
+    """The projector's payloads go to jsonb pre-encoded (pydantic-core, not json.dumps):
+    what is read back is what was given."""
+    event = new(f"rt{ROUND_TRIP.index(payload)}")
+    event.payload = payload
+    async with pool.acquire() as conn:
+        assert [seq for _, seq in await append_new(conn, "desktop", [event])] == [1]
+    got = await pool.fetchval(
+        "SELECT payload FROM workspace_events WHERE event_id = $1", event.event_id
+    )
+    assert got == payload
+    if payload is not None:  # the same jsonb value as json.dumps's encoding of it
+        same = await pool.fetchval(
+            "SELECT payload = $1::jsonb FROM workspace_events WHERE event_id = $2",
+            payload,
+            event.event_id,
+        )
+        assert same is True
+
+
 @pytest.mark.parametrize(
     "payload",
     [
