@@ -135,6 +135,9 @@ async def dial(
             **options,
         )
     except BaseException:
+        # An attempt that failed is not a connection that closed: the caller's
+        # callbacks (a Gateway connects again from scratch on close) must not run.
+        nc._disconnected_cb = nc._closed_cb = None
         with contextlib.suppress(Exception):
             await nc.close()
         raise

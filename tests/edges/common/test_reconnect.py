@@ -165,11 +165,21 @@ async def test_the_first_connect_is_one_attempt_whose_timeout_grows_with_failure
                 await dial([url], policy, failures=failures)
             took = time.monotonic() - started
             assert timeout * 0.9 <= took < timeout + 1.5, (failures, took)
-        # Nobody listening: refused at once, not retried on nats-py's own schedule.
+        # Nobody listening: refused at once, not retried on nats-py's own schedule,
+        # and a failed attempt is not a closed connection (a Gateway would start over).
+        closed: list[bool] = []
+
+        async def on_closed() -> None:
+            closed.append(True)
+
         started = time.monotonic()
         with pytest.raises((nats.errors.Error, OSError)):
-            await dial([f"nats://127.0.0.1:{free_port()}"], policy)
+            await dial([f"nats://127.0.0.1:{free_port()}"], policy, closed_cb=on_closed)
         assert time.monotonic() - started < 1.5
+        with pytest.raises((asyncio.TimeoutError, nats.errors.Error, OSError)):
+            await dial([url], policy, closed_cb=on_closed, disconnected_cb=on_closed)
+        await asyncio.sleep(0.1)
+        assert closed == [], "no close callback for an attempt that failed"
     finally:
         silent.close()
         await silent.wait_closed()
