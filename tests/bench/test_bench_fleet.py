@@ -469,7 +469,13 @@ async def _reconnect_timeline(
                 while len(marks[what]) < 3 and count >= (0.5, 0.9, 1.0)[len(marks[what])] * total:
                     marks[what].append(now)
             await asyncio.sleep(0.25)
-    return {"hub_ready": hub_ready, **marks}
+    heard = await _presence(pool, since)
+    return {
+        "hub_ready": hub_ready,
+        **marks,
+        "heard_at_end": f"{heard['desktops_heard']}/{DESKTOPS} Desktops, "
+        f"{heard['gateways_heard']}/{GATEWAYS} Gateways",
+    }
 
 
 async def _statuses(loads: list[FleetLoad]) -> list[dict]:
@@ -511,7 +517,8 @@ def _print_restart(restart: dict, flaps: int | None) -> None:
         f"  nats-server restart: hub ready in {ready if ready is not None else float('nan'):.1f} s;"
         f" edges connected 50/90/100% at {marks(restart['connected'])}; heard from at the hub"
         f" 50/90/100% at {marks(restart['heard'])}; flaps meanwhile {flaps}; 1-minute load"
-        f" average {restart.get('load_avg', float('nan')):.1f}"
+        f" average {restart.get('load_avg', float('nan')):.1f}; heard at the end of the timeline"
+        f" {restart.get('heard_at_end')}"
     )
 
 
