@@ -86,7 +86,9 @@ class GatewayConnection(AgentParts):
                     **self.creds.connect_options(),
                 )
             except Exception as exc:  # hub away at start: outputs wait in the outbox
-                if self._credential_refused(exc):
+                # (nats-py handed the failure to _on_error, which counts a refused
+                # credential and gives up for good after a few in a row)
+                if self.fatal is not None:
                     return None
                 log.info("gateway.connect_retry: %s", exc)
                 await asyncio.sleep(self.reconnect.wait_before(failures))
