@@ -32,8 +32,9 @@ from ._credentials import (
 )
 from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
+from ._reconnect import ReconnectPolicy, dial
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
-from ._retry import AnswerTimes, ask, attempt_timeouts, not_refused_as
+from ._retry import AnswerTimes, ask, attempt_timeouts, jittered_backoff, not_refused_as
 from ._sealed import ContentKey, DesktopSealingKey, InviteLink, normalise_fingerprint
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
@@ -53,6 +54,7 @@ __all__ = [
     "OpenCodeError",
     "OpenCodeEvents",
     "RESYNC",
+    "ReconnectPolicy",
     "RedactionPolicy",
     "Repeats",
     "StateDirectory",
@@ -65,12 +67,14 @@ __all__ = [
     "attempt_timeouts",
     "bootstrap_exchange",
     "bootstrap_options",
+    "dial",
     "dial_once",
     "documented_command",
     "fail",
     "http_url",
     "hub_urls",
     "interval_seconds",
+    "jittered_backoff",
     "new_user_seed",
     "now_iso",
     "number_between",

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -32,6 +31,8 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
+
+from ._retry import jittered_backoff
 
 log = logging.getLogger("cowork.edge.opencode")
 
@@ -461,8 +462,7 @@ class OpenCodeEvents:
 
     def _backoff(self, failures: int) -> float:
         """Full-jitter exponential backoff; `failures` restarts at 1 after a good connection."""
-        ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures - 1, 30))
-        return random.uniform(self._min_backoff / 2, max(ceiling, self._min_backoff / 2))
+        return jittered_backoff(failures, self._min_backoff, self._max_backoff)
 
 
 _SESSION_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,6 +44,15 @@ HEDGE_SECONDS = 0.5
 HEDGE_MAX_SECONDS = 1.0
 _EVERY_SECONDS = 1.0
 _NO_RESPONDERS = "503"
+
+
+def jittered_backoff(failures: int, first: float, longest: float) -> float:
+    """How long to wait after `failures` failures in a row (1 for the first): full
+    jitter under a ceiling that doubles from `first` up to `longest`, never under
+    half of `first`. Random, so that many clients that failed together (a server
+    restart under thousands of edges) do not come back together."""
+    ceiling = min(longest, first * 2 ** min(max(failures, 1) - 1, 30))
+    return random.uniform(first / 2, max(ceiling, first / 2))
 
 
 def attempt_timeouts(longest: float, first: float = FIRST_ATTEMPT_SECONDS) -> Iterator[float]:

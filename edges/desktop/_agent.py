@@ -22,11 +22,9 @@ import asyncio
 import json
 import logging
 import platform
-import random
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
@@ -59,9 +57,11 @@ from ..common import (
     BootstrapFailed,
     EdgeCredentials,
     OpenCodeClient,
+    ReconnectPolicy,
     ask,
     bootstrap_exchange,
     bootstrap_options,
+    dial,
     dial_once,
     new_user_seed,
     not_refused_as,
@@ -255,8 +255,11 @@ class DesktopAgent:
         *,
         opencode_password: str | None = None,
         heartbeat_interval: float = 5.0,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         self.store = store
+        # When to dial the hub's NATS again (COWORK_EDGE_RECONNECT_*, edges/common/_reconnect.py)
+        self.reconnect = reconnect or ReconnectPolicy.from_env()
         self.pairing = store.load_pairing()
         if self.pairing.revoked:
             raise StoreError("this pairing is revoked; pair again with a new code")
@@ -339,17 +342,15 @@ class DesktopAgent:
         )
 
     async def _connect(self) -> NATS:
-        backoff = 0.2
+        failures = 0
         while True:
             try:
-                return await nats.connect(
+                return await dial(
                     self.pairing.hub_urls,
+                    self.reconnect,
+                    failures=failures,
                     name=f"cowork-desktop-{self.pairing_id}",
                     inbox_prefix=subjects.inbox_prefix(self.tenant, "desktop", self.pairing_id),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
                     error_cb=self._on_error,
                     reconnected_cb=self._on_reconnect,
                     **self.creds.connect_options(),
@@ -358,8 +359,8 @@ class DesktopAgent:
                 if "authorization" in str(exc).lower():
                     log.error("desktop.credential_refused: %s", exc)
                 log.info("desktop.connect_retry: %s", exc)
-                await asyncio.sleep(backoff + random.random() * backoff)
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(self.reconnect.wait_before(failures))
+                failures += 1
 
     async def _on_error(self, exc: Exception) -> None:
         log.info("desktop.nats_error: %s", exc)

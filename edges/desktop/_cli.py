@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..common import (
+    ReconnectPolicy,
     add_opencode_server,
     add_state_dir,
     add_status_command,
@@ -39,6 +40,10 @@ environment (flags win over variables):
   COWORK_OPENCODE_URL       the local OpenCode server (run; default http://127.0.0.1:4096)
   COWORK_OPENCODE_PASSWORD  OpenCode's server password, if it has one (run; also read
                             from OPENCODE_SERVER_PASSWORD)
+  COWORK_EDGE_RECONNECT_WAIT, COWORK_EDGE_RECONNECT_MAX_WAIT, COWORK_EDGE_CONNECT_TIMEOUT,
+  COWORK_EDGE_CONNECT_TIMEOUT_MAX
+                            how the agent dials the hub's NATS again (run; seconds:
+                            0.5, 10, 5, 30; docs/operations.md)
 """
 
 EXIT_REVOKED = 3
@@ -159,11 +164,16 @@ def _pair(args: argparse.Namespace, store: DesktopStore) -> int:
 
 
 def _run(args: argparse.Namespace, store: DesktopStore) -> int:
+    try:
+        reconnect = ReconnectPolicy.from_env()
+    except ValueError as exc:
+        return fail(str(exc), 2)
     agent = DesktopAgent(
         store,
         args.opencode,
         opencode_password=args.opencode_password,
         heartbeat_interval=args.heartbeat_interval,
+        reconnect=reconnect,
     )
     print(
         f"Serving pairing {agent.pairing_id} (tenant {agent.tenant}) for OpenCode at "

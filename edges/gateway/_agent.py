@@ -31,13 +31,14 @@ from ..common import (
     EdgeCredentials,
     OpenCodeClient,
     OpenCodeError,
+    ReconnectPolicy,
     Repeats,
     refresh_forever,
 )
 from ._bus import GatewayConnection, Refused
 from ._claims import WORK_KINDS, GatewayClaims
 from ._outbox import MemoryOutbox, Outbox
-from ._status import GatewayStatus
+from ._status import OPENCODE_CHECK_SECONDS, GatewayStatus
 from ._store import GatewayStore, GatewayStoreError
 from ._work import SessionEvents, TransientBusError, WorkRunner
 
@@ -60,8 +61,12 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         nats_url: str | list[str] | None = None,
         outbox: Outbox | None = None,
         max_run_seconds: float = 3600.0,
+        reconnect: ReconnectPolicy | None = None,
+        opencode_check_interval: float = OPENCODE_CHECK_SECONDS,
     ) -> None:
         self.store = store
+        # When to dial the hub's NATS again (COWORK_EDGE_RECONNECT_*, edges/common/_reconnect.py)
+        self.reconnect = reconnect or ReconnectPolicy.from_env()
         self.gateway = store.load()
         if self.gateway.revoked:
             raise GatewayStoreError(
@@ -104,6 +109,8 @@ class GatewayAgent(GatewayConnection, GatewayStatus, GatewayClaims):
         self._repeats = Repeats(log)  # say a failure that repeats once (edges/_log_once.py)
         self._health = "healthy"
         self._opencode_version: str | None = None
+        self._opencode_checked_at = float("-inf")
+        self.opencode_check_interval = opencode_check_interval
         self._last_error: str | None = None
 
     @property

@@ -320,7 +320,7 @@ class Appliance:
                 nats_url=self.leaf.url,
                 outbox=self.outbox,
             )
-        except GatewayStoreError as exc:
+        except (GatewayStoreError, ValueError) as exc:  # (ValueError: a COWORK_EDGE_* setting)
             raise GatewayUpError(str(exc)) from None
         self.agent_task = asyncio.create_task(self.agent.run(), name="gateway-agent")
 

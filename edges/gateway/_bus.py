@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from typing import Any, cast
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
@@ -36,7 +34,7 @@ from schemas import (
     subjects,
 )
 
-from ..common import ask, not_refused_as
+from ..common import ask, dial, not_refused_as
 from ._parts import AgentParts, M
 from ._work import TransientBusError
 
@@ -71,30 +69,30 @@ class GatewayConnection(AgentParts):
         return self.gateway.registration_id
 
     async def _connect(self) -> NATS | None:
-        backoff = 0.2
+        failures = 0
         while not self._stopped.is_set():
             try:
-                return await nats.connect(
+                return await dial(
                     self.nats_urls,
+                    self.reconnect,
+                    failures=failures,
                     name=f"cowork-gateway-{self.registration_id}",
                     inbox_prefix=subjects.inbox_prefix(
                         self.tenant, "gateway", self.registration_id
                     ),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
                     error_cb=self._on_error,
                     closed_cb=self._on_closed,
                     reconnected_cb=self._on_reconnect,
                     **self.creds.connect_options(),
                 )
             except Exception as exc:  # hub away at start: outputs wait in the outbox
-                if self._credential_refused(exc):
+                # (nats-py handed the failure to _on_error, which counts a refused
+                # credential and gives up for good after a few in a row)
+                if self.fatal is not None:
                     return None
                 log.info("gateway.connect_retry: %s", exc)
-                await asyncio.sleep(backoff + random.random() * backoff)
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(self.reconnect.wait_before(failures))
+                failures += 1
         return None
 
     def _credential_refused(self, exc: BaseException | None, *, at_once: bool = False) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 
 from ..common import (
     DEFAULT_OPENCODE_URL,
+    ReconnectPolicy,
     add_opencode_server,
     add_state_dir,
     add_status_command,
@@ -45,6 +46,10 @@ environment (flags win over variables):
   COWORK_OPENCODE_URL         the Gateway's private OpenCode (default http://127.0.0.1:4096)
   COWORK_OPENCODE_PASSWORD    OpenCode's server password, if it has one (also read from
                               OPENCODE_SERVER_PASSWORD)
+  COWORK_EDGE_RECONNECT_WAIT, COWORK_EDGE_RECONNECT_MAX_WAIT, COWORK_EDGE_CONNECT_TIMEOUT,
+  COWORK_EDGE_CONNECT_TIMEOUT_MAX
+                              how the agent dials the hub's NATS again (run; seconds:
+                              0.5, 10, 5, 30; docs/operations.md)
 """
 
 EXIT_REVOKED = 3
@@ -236,6 +241,10 @@ def _register(args: argparse.Namespace, store: GatewayStore) -> int:
 def _run(args: argparse.Namespace, store: GatewayStore) -> int:
     gateway = store.load()
     interval = args.heartbeat_interval or gateway.heartbeat_interval_seconds or 5.0
+    try:
+        reconnect = ReconnectPolicy.from_env()
+    except ValueError as exc:
+        return fail(str(exc), 2)
     agent = GatewayAgent(
         store,
         args.opencode,
@@ -244,6 +253,7 @@ def _run(args: argparse.Namespace, store: GatewayStore) -> int:
         heartbeat_interval=interval,
         sync_interval=args.sync_interval,
         nats_url=args.nats,
+        reconnect=reconnect,
     )
     print(
         f"Gateway {agent.registration_id} ({gateway.kind}, tenant {agent.tenant}) running "

@@ -20,7 +20,7 @@ from schemas import EnvelopeTemplate, Message, WorkClaimRequest
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-    from ..common import AnswerTimes, EdgeCredentials, OpenCodeClient, Repeats
+    from ..common import AnswerTimes, EdgeCredentials, OpenCodeClient, ReconnectPolicy, Repeats
     from ._bus import Refused
     from ._outbox import Outbox
     from ._store import GatewayFile, GatewayStore
@@ -48,6 +48,7 @@ class AgentParts:
     sync_interval: float
     max_run_seconds: float
     nats_urls: list[str]
+    reconnect: ReconnectPolicy
     nc: NATS | None
     state: str  # the registration's state, as the hub last reported it (wire value)
     drain_deadline: datetime | None
@@ -68,6 +69,8 @@ class AgentParts:
     _repeats: Repeats
     _health: Health
     _opencode_version: str | None
+    _opencode_checked_at: float  # (time.monotonic() of the last health check)
+    opencode_check_interval: float
     _last_error: str | None
 
     if TYPE_CHECKING:

@@ -56,6 +56,11 @@ _WORKER_STATES = frozenset(
     {"pending", "active", "draining", "paused", "unhealthy", "retired", "revoked"}
 )
 MAX_SYNC_ITEMS = 1000
+# While OpenCode's event stream stays connected and its last check was healthy, its
+# health (`GET /global/health`) is asked again after this long, not at every beat: the
+# live stream is itself a sign of life (and drops within 35 s of a hung server), and a
+# dropped stream or a check that was not healthy makes the next beat ask at once.
+OPENCODE_CHECK_SECONDS = 30.0
 
 
 class GatewayStatus(AgentParts):
@@ -106,6 +111,14 @@ class GatewayStatus(AgentParts):
         self._apply_state(reply)
 
     async def _check_opencode(self) -> None:
+        now = time.monotonic()
+        if (
+            self._health == "healthy"
+            and self.events.connected
+            and now - self._opencode_checked_at < self.opencode_check_interval
+        ):
+            return  # healthy a moment ago, and its event stream is still live
+        self._opencode_checked_at = now
         try:
             health = await self.opencode.health()
         except OpenCodeError as exc:

@@ -99,11 +99,19 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+# Heartbeat sequences reserved on disk at a time: a minute of the wall-clock floor's
+# milliseconds (see GatewayStore.next_heartbeat_sequence).
+HEARTBEAT_BLOCK = 60_000
+
+
 class GatewayStore(StateDirectory):
     db_name = "gateway.db"
     # FULL: a journalled lease must survive power loss, or it could run twice.
     db_synchronous = "FULL"
     db_schema = _SCHEMA
+    # The last heartbeat sequence handed out, and the last one reserved on disk.
+    _beat_last = 0
+    _beat_reserved = 0
 
     # --- files --------------------------------------------------------------------------
     @property
@@ -210,16 +218,29 @@ class GatewayStore(StateDirectory):
     # --- heartbeat sequence -------------------------------------------------------------------
     def next_heartbeat_sequence(self, floor: int) -> int:
         """Strictly increasing across restarts (the hub refuses a sequence it has seen);
-        `floor` (wall-clock milliseconds) keeps it ahead after a fresh state directory."""
+        `floor` (wall-clock milliseconds) keeps it ahead after a fresh state directory.
+
+        Sequences are reserved on disk in blocks of HEARTBEAT_BLOCK before any of a
+        block is handed out, and a restart starts after the last reserved one: a
+        Gateway writes (and syncs) its sequence about once a minute, not once a beat,
+        and never sends a number it may have sent before a crash. The price: after a
+        restart its sequences may run up to a block ahead of the wall clock, as
+        consecutive numbers until the clock catches up. One agent per state
+        directory (as for the credential and the journal)."""
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT value FROM counters WHERE name = 'heartbeat'").fetchone()
-            value = max((row[0] if row else 0) + 1, floor)
-            db.execute(
-                "INSERT INTO counters (name, value) VALUES ('heartbeat', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (value,),
-            )
-            db.execute("COMMIT")
+            value = max(self._beat_last + 1, floor)
+            if value > self._beat_reserved:
+                db = self.db
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute("SELECT value FROM counters WHERE name = 'heartbeat'").fetchone()
+                value = max(value, (row[0] if row else 0) + 1)
+                reserved = value + HEARTBEAT_BLOCK - 1
+                db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('heartbeat', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (reserved,),
+                )
+                db.execute("COMMIT")
+                self._beat_reserved = reserved
+            self._beat_last = value
         return value

@@ -378,6 +378,7 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
     report["loads_cpu_pct"] = 100 * (loads_cpu - loads_cpu_before) / wall
     report["rss_mib"] = usage.rss_mib()
     report["window_s"] = wall
+    report["load_avg_window"] = os.getloadavg()[0]  # the machine is shared: say how busy
     report["listing"] = [listing, listing_again]
     report["presence"] = samples
     report["late"] = {
@@ -392,6 +393,7 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
         restarted_at = time.time()
         await server.start()
         report["restart"] = await _reconnect_timeline(hub, pool, loads, restarted_at)
+        report["restart"]["load_avg"] = os.getloadavg()[0]
         await _until(lambda: _all_online(pool), 120, "the fleet online after the restart")
         report["restart_flaps"] = await _flaps(pool, restart_mark)
     # --- the soak ----------------------------------------------------------------------------
@@ -467,7 +469,13 @@ async def _reconnect_timeline(
                 while len(marks[what]) < 3 and count >= (0.5, 0.9, 1.0)[len(marks[what])] * total:
                     marks[what].append(now)
             await asyncio.sleep(0.25)
-    return {"hub_ready": hub_ready, **marks}
+    heard = await _presence(pool, since)
+    return {
+        "hub_ready": hub_ready,
+        **marks,
+        "heard_at_end": f"{heard['desktops_heard']}/{DESKTOPS} Desktops, "
+        f"{heard['gateways_heard']}/{GATEWAYS} Gateways",
+    }
 
 
 async def _statuses(loads: list[FleetLoad]) -> list[dict]:
@@ -508,7 +516,9 @@ def _print_restart(restart: dict, flaps: int | None) -> None:
     print(
         f"  nats-server restart: hub ready in {ready if ready is not None else float('nan'):.1f} s;"
         f" edges connected 50/90/100% at {marks(restart['connected'])}; heard from at the hub"
-        f" 50/90/100% at {marks(restart['heard'])}; flaps meanwhile {flaps}"
+        f" 50/90/100% at {marks(restart['heard'])}; flaps meanwhile {flaps}; 1-minute load"
+        f" average {restart.get('load_avg', float('nan')):.1f}; heard at the end of the timeline"
+        f" {restart.get('heard_at_end')}"
     )
 
 
@@ -532,7 +542,9 @@ def _print(r: dict) -> None:
         f"  steady window {r['window_s']:.0f} s: CPU (% of one core) hub {cpu['hub']:.1f}, "
         f"PostgreSQL {cpu['pg']:.1f}, NATS {cpu['nats']:.1f}, load processes "
         f"{r['loads_cpu_pct']:.1f}; RSS MiB hub {rss['hub']:.0f}, NATS {rss['nats']:.0f}, "
-        f"PostgreSQL {rss['pg']:.0f} (summed over backends)"
+        f"PostgreSQL {rss['pg']:.0f} (summed over backends); load processes per 1,000 agents "
+        f"{1000 * r['loads_cpu_pct'] / (r['desktops'] + r['gateways']):.2f}% of a core; "
+        f"1-minute load average {r['load_avg_window']:.1f}"
     )
     print(
         f"  presence: online min {min(s['online'] for s in r['presence'])}/{r['desktops']}, "

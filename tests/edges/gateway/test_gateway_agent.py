@@ -9,7 +9,9 @@ import asyncio
 import json
 import os
 import stat
+import time
 from datetime import datetime
+from typing import Any
 
 import pytest
 from desktopkit import TENANT, cowork, eventually
@@ -127,6 +129,55 @@ async def test_heartbeats_report_versions_capabilities_and_load(
         await gateway.stop()
     view = await get_registration(http, created["registrationId"])
     assert view["liveness"] == "stopping"
+
+
+async def test_a_healthy_opencode_is_asked_now_and_then_not_at_every_beat(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
+    """Its live event stream vouches for OpenCode between checks; once the stream is
+    down, every beat asks again and reports what it found (degraded here)."""
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(
+        tmp_path / "gw", opencode.url, heartbeat=0.2, opencode_check_interval=1.5
+    )
+    agent = gateway.agent
+    asked: list[float] = []
+    beats: list[float] = []
+    ask_health, beat = agent.opencode.health, agent._heartbeat
+
+    async def counted_health() -> dict:
+        asked.append(time.monotonic())
+        return await ask_health()
+
+    async def counted_beat(*args: Any) -> None:
+        beats.append(time.monotonic())
+        await beat(*args)
+
+    agent.opencode.health = counted_health  # type: ignore[method-assign]
+    agent._heartbeat = counted_beat  # type: ignore[method-assign]
+    try:
+
+        async def healthy() -> dict | None:
+            v = await get_registration(http, created["registrationId"])
+            return v if v.get("health") == "healthy" and agent.events.connected else None
+
+        await eventually(healthy, 15, 0.1, "a healthy heartbeat with the event stream live")
+        asked.clear(), beats.clear()
+        await asyncio.sleep(2.5)
+        assert len(beats) >= 6, beats
+        assert 1 <= len(asked) <= 3, f"{len(asked)} health checks in {len(beats)} beats"
+        agent.events.stream.connected = False  # as when OpenCode's stream drops
+        asked.clear(), beats.clear()
+
+        async def degraded() -> dict | None:
+            v = await get_registration(http, created["registrationId"])
+            return v if v.get("health") == "degraded" else None
+
+        await eventually(degraded, 10, 0.1, "the beat after the stream dropped says so")
+        await asyncio.sleep(0.5)
+        assert len(asked) >= len(beats) - 1 >= 2, "every beat asks while the stream is down"
+    finally:
+        await gateway.stop()
 
 
 async def test_claims_one_at_a_time_when_told_and_never_polls(
