@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
+from ._cancel import honour_dropped_cancel
 from ._deadletter import Fenced, is_transient
 from ._logging import LogBudget, kv
 from ._streams import rewind_unacked
@@ -140,12 +141,8 @@ async def pull_forever(
             if may_fetch is not None and not may_fetch():
                 await asyncio.sleep(0.1)
                 continue
-            # Python 3.11's wait_for (inside the fetch) drops a cancellation that
-            # arrives as a message does; the request stays on the task, so honour it here
-            # or a stop waits forever while a backlog keeps messages coming.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            # (a stop must not wait forever while a backlog keeps messages coming)
+            honour_dropped_cancel()
             try:
                 if sub is None:
                     sub = await _Puller.open(js, spec.stream, spec.durable)

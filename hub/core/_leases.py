@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 
 from channels import KvLease, LeaseLost
 
+from ._cancel import honour_dropped_cancel
 from ._logging import kv
 
 BUCKET = "CW_HUB_LEASES"
@@ -125,6 +126,7 @@ class PartitionLeases:
     async def run(self) -> None:
         """Take, keep and hand back leases every third of the TTL, until cancelled."""
         while True:
+            honour_dropped_cancel()  # a KV request's wait_for may have lost our stop
             try:
                 async with self._lock:
                     await self.step()

@@ -37,6 +37,9 @@ COWORK = str(Path(sys.executable).parent / "cowork")
 # loaded machine (pytest-xdist workers, other sessions) slows its imports; the
 # tests assert what it says and its exit code, not how fast it starts.
 CLI_BUDGET = 60
+# The test's ephemeral consumers outlive their idle spells: the server's default (5 s)
+# is less than a CLI start on a loaded machine, and a fetch then gets 503.
+IDLE_KEPT = 600.0
 
 
 def cli_provider(output, **settings) -> CliProvider:
@@ -216,7 +219,7 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
     inbound = await hub.js.pull_subscribe(
         subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance, workspace_id=workspace),
         stream="CW_CHANNEL_INBOUND",
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=IDLE_KEPT),
     )
     proc = await start_cli(hub, instance, workspace, creds, "--user", "ada")
     try:
@@ -255,7 +258,7 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
         receipts = await hub.js.pull_subscribe(
             subjects.CHANNEL_RECEIPT.build(tenant="acme", instance_id=instance),
             stream="CW_CHANNEL_RECEIPTS",
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=IDLE_KEPT),
         )
         seen = []
         async with asyncio.timeout(CLI_BUDGET):
@@ -400,7 +403,7 @@ async def test_login_writes_a_working_credential_for_a_cli_instance(hub, http, t
     inbound = await hub.js.pull_subscribe(
         subjects.CHANNEL_INBOUND.build(tenant="acme", instance_id=instance, workspace_id=workspace),
         stream="CW_CHANNEL_INBOUND",
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=IDLE_KEPT),
     )
     wrong = await start_cli(hub, instance, "ws-elsewhere", creds)
     _, err = await asyncio.wait_for(wrong.communicate(b""), CLI_BUDGET)

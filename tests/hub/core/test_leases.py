@@ -25,6 +25,8 @@ class _Cuttable:
 
     def __init__(self, inner) -> None:
         self._inner, self.cut = inner, False
+        # Set: the next KV call loses a cancel, as 3.11's wait_for can (then `inside` is set)
+        self.lose_a_cancel: asyncio.Event | None = None
 
     def __getattr__(self, name):
         attribute = getattr(self._inner, name)
@@ -52,7 +54,15 @@ class _KvProxy:
         async def call(*args, **kwargs):
             if self._switch.cut:
                 raise ConnectionError("nats: connection closed")
-            return await attribute(*args, **kwargs)
+            result = await attribute(*args, **kwargs)
+            inside, self._switch.lose_a_cancel = self._switch.lose_a_cancel, None
+            if inside is not None:
+                inside.set()
+                try:
+                    await asyncio.sleep(1)
+                except asyncio.CancelledError:
+                    pass  # what wait_for does when the result and the cancel meet
+            return result
 
         return call
 
@@ -185,5 +195,21 @@ async def test_slow_worker_starts_lose_no_lease(js):
         await asyncio.sleep(TTL)  # a TTL more of renewals
         assert x.working == set(NAMES)
         assert [name for _, what, name in x.timeline if what == "lose"] == []
+    finally:
+        await x.close()
+
+
+async def test_a_stop_lost_inside_a_kv_request_still_ends_the_loop(js):
+    """nats-py's requests await through 3.11's wait_for, which can lose a cancel that
+    arrives with the answer; the lease loop must still end, or a replica's stop hangs
+    (seen as a 300 s timeout of the test above on a loaded machine)."""
+    x = _Replica(js, "replica-x")
+    try:
+        await eventually(lambda: x.working == set(NAMES), timeout=TTL * 3, what="x works all")
+        inside = x.js.lose_a_cancel = asyncio.Event()
+        await asyncio.wait_for(inside.wait(), TTL * 2)
+        x.task.cancel()
+        done, _ = await asyncio.wait([x.task], timeout=TTL * 2)
+        assert done and x.task.cancelled(), "the lease loop went on after its stop was lost"
     finally:
         await x.close()
