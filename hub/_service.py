@@ -134,7 +134,9 @@ class Hub:
         await self._start_edge_work()
         await self._start_channels()
         await self._start_http()
-        log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers))
+        # uvloop or asyncio (COWORK_EVENT_LOOP): which one shows in profiles and bug reports.
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        log.info("hub.started", **kv(http=self.http_url, nats=s.nats_servers, loop=loop))
 
     async def stop(self) -> None:
         if self._http:

@@ -17,6 +17,7 @@ from ._servers import (
     ChildProcess,
     EmbeddedError,
     _connect_host,
+    _uid_gid,
     deadline_passed,
     ensure_port_free,
     ensure_writable_dir,
@@ -286,13 +287,6 @@ def _alive(proc) -> bool:
 def _pg_bin(name: str) -> Path:
     commands, _ = _wheel()
     return commands.POSTGRES_BIN_PATH / name
-
-
-def _uid_gid(os_user: str) -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam(os_user)
-    return entry.pw_uid, entry.pw_gid
 
 
 def _prepare_os_user(pgdata: Path) -> str | None:

@@ -143,28 +143,51 @@ _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_LINES = 12
 
 
-def _death_signal_preexec(sig: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel send `sig` to the child when we die.
+def _child_preexec(sig: int, user: str | None) -> Callable[[], None] | None:
+    """A preexec_fn: become `user` (if given), then have the kernel send `sig`
+    to the child when we die.
 
-    CPython changes credentials (the `user=` argument, setreuid) *before* it
-    calls preexec_fn, which matters: Linux clears the parent-death signal on
-    any credential change, so it must be set afterwards, i.e. here (verified on
-    this machine). The setting survives execve of a non-setuid binary.
-    Caveat: "parent" means the forking *thread*; we fork from the event loop
-    thread, which lives as long as the process.
+    The credential change is done here rather than by the `user=` argument of
+    subprocess, because uvloop (the `cowork` command's event loop) does not take
+    that argument. It drops root's groups too (`user=` alone kept gid 0). Order
+    matters: Linux clears the parent-death signal on any credential change, so
+    prctl comes after it (verified on this machine). The setting survives execve
+    of a non-setuid binary. Caveat: "parent" means the forking *thread*; we fork
+    from the event loop thread, which lives as long as the process.
     """
+    ids = _uid_gid(user) if user is not None else None  # looked up before fork
     if not sys.platform.startswith("linux"):
-        return None
+        return _become(ids) if ids is not None else None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
     parent = os.getpid()
 
     def preexec() -> None:
+        if ids is not None:
+            _become(ids)()
         prctl(_PR_SET_PDEATHSIG, sig)
         # If we died between fork and prctl, no signal will ever come.
         if os.getppid() != parent:
             os._exit(1)
 
     return preexec
+
+
+def _become(ids: tuple[int, int]) -> Callable[[], None]:
+    uid, gid = ids
+
+    def change() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    return change
+
+
+def _uid_gid(os_user: str) -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam(os_user)
+    return entry.pw_uid, entry.pw_gid
 
 
 def _log_tail(path: Path, offset: int, lines: int = _LOG_TAIL_LINES) -> str:
@@ -242,8 +265,10 @@ class ChildProcess:
         self._proc.kill()
         await self._proc.wait()
 
-    async def _spawn(self, argv: Sequence[str | Path], **kwargs) -> asyncio.subprocess.Process:
-        """Start argv with its output appended to our log; return the process."""
+    async def _spawn(
+        self, argv: Sequence[str | Path], *, user: str | None = None, **kwargs
+    ) -> asyncio.subprocess.Process:
+        """Start argv (as OS `user` if given) with its output appended to our log."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -255,7 +280,7 @@ class ChildProcess:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=_death_signal_preexec(self.stop_signal),
+                preexec_fn=_child_preexec(self.stop_signal, user),
                 **kwargs,
             )
 

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 
 from edges.common import port_number
 
+from ._loop import EVENT_LOOP_ENV, use_event_loop
+
 DESCRIPTION = """\
 cowork: the NATS-centred hub for Cloud, Team Gateways and paired Desktops.
 
@@ -45,6 +47,7 @@ environment (flags win over variables):
   COWORK_KEYS_DIR        bus key hierarchy; the hub then mints and revokes credentials (hub serve)
   COWORK_SECRET_KEY      Fernet key that encrypts the signing keys at rest
   COWORK_HTTP_HOST, COWORK_HTTP_PORT, COWORK_LOG_LEVEL, COWORK_LOG_FORMAT
+  COWORK_EVENT_LOOP      auto (uvloop where installed), uvloop or asyncio
 """
 
 
@@ -217,6 +220,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        use_event_loop(os.environ.get(EVENT_LOOP_ENV, "auto"))
+    except ValueError as exc:
+        return fail(str(exc))
     try:
         if args.command == "up":
             return _cmd_up(args)

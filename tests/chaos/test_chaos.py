@@ -40,6 +40,7 @@ import pytest
 from chaos_edges import ChannelTraffic, ChaosChannel, ChaosGateway, WorkTraffic
 from chaoskit import NatsCluster, nats_cluster
 from desktopkit import TENANT, RunningDesktop, desktop_event, eventually, redeem, start_desktop
+from opencode_env import OpenCodeServer
 from replicakit import HubReplica, free_port, replicas
 
 from edges.local import EmbeddedPostgres
@@ -64,6 +65,16 @@ WORK_BOUND = 2 * WORK_LEASE
 # 2.3-8.6 s under the five faults (it was 25-31 s under the freeze and the
 # PostgreSQL restart before the Desktop's acks went on `ask`).
 PROBE_COMMAND_BOUND = 12.0
+
+
+@pytest.fixture
+async def opencode():
+    """An OpenCode of this run's own (conftest's is one per module). "Run twice" is
+    counted as two OpenCode sessions of one title, and every run titles its commands
+    f0-0, f0-1, ...: on an OpenCode an earlier run of this module used (the short
+    run, then the full one), its sessions counted as this run's commands run twice."""
+    async with OpenCodeServer() as server:
+        yield server
 
 
 # --- the world ---------------------------------------------------------------------------
@@ -741,6 +752,10 @@ async def run_chaos(
     tmp_path: Path, opencode_url: str, faults: list[Fault], *, gateway: bool = True
 ) -> Tally:
     tally = Tally()
+    async with httpx.AsyncClient(base_url=opencode_url, timeout=10) as oc:
+        earlier = (await oc.get("/session")).json()
+    # Sessions are counted by title (one command, one session): none may be there yet.
+    assert earlier == [], f"the chaos run's OpenCode already holds {len(earlier)} sessions"
     async with _world(tmp_path, opencode_url, gateway=gateway) as world:
         await world.cluster.wait_current(EVENTS_STREAM)
         for index, fault in enumerate(faults):

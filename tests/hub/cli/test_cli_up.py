@@ -318,18 +318,27 @@ def test_hub_serve_without_admin_token_refuses_to_start(database_url):
 
 
 async def test_hub_serve_runs_against_external_servers(nats_url, database_url):
-    _serve_until_ready(nats_url, database_url, {})
+    started = _serve_until_ready(nats_url, database_url, {})
+    assert started["loop"] == "uvloop"  # the default wherever uvloop is installed
 
 
 async def test_hub_serve_in_operator_mode_takes_keys_from_env(
     operator_nats_url, database_url, bus_keys
 ):
-    _serve_until_ready(
-        operator_nats_url, database_url, {"COWORK_KEYS_DIR": str(bus_keys.directory)}
+    started = _serve_until_ready(
+        operator_nats_url,
+        database_url,
+        {"COWORK_KEYS_DIR": str(bus_keys.directory), "COWORK_EVENT_LOOP": "asyncio"},
     )
+    assert started["loop"] == "asyncio"  # the opt-out
 
 
-def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> None:
+def test_an_unknown_event_loop_is_a_one_line_error():
+    result = _run(["hub", "serve"], COWORK_EVENT_LOOP="twisted")
+    _one_line_error(result, "COWORK_EVENT_LOOP='twisted': choose one of auto, uvloop, asyncio")
+
+
+def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> dict:
     """The production shape: `cowork hub serve` against external servers, then SIGTERM."""
     port = free_port()
     proc = subprocess.Popen(
@@ -359,9 +368,11 @@ def _serve_until_ready(nats_url: str, database_url: str, extra: dict) -> None:
         logs = proc.stderr.read()
         import json
 
-        events = [json.loads(line)["event"] for line in logs.splitlines() if line.startswith("{")]
+        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+        events = {line["event"]: line for line in lines}
         assert "hub.started" in events and "hub.stopped" in events
         assert "t" * 32 not in logs and database_url not in logs
+        return events["hub.started"]
     finally:
         if proc.poll() is None:
             proc.kill()

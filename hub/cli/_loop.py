@@ -1,0 +1,38 @@
+"""The event loop every `cowork` command runs on.
+
+uvloop (libuv's loop) where it is installed, which is everywhere but Windows: the
+hub's bus paths spend about a quarter of their CPU in the event loop itself,
+and uvloop cuts that (docs/performance.md, "Edge work claims").
+`COWORK_EVENT_LOOP=asyncio` keeps the standard loop, e.g. to rule uvloop out
+while debugging; `uvloop` insists on it. The choice is made once, here, for the
+whole process, so every room's `asyncio.run` gets the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+EVENT_LOOP_ENV = "COWORK_EVENT_LOOP"
+CHOICES = ("auto", "uvloop", "asyncio")
+
+
+def use_event_loop(choice: str) -> str:
+    """Make `choice` this process's event loop; return the loop it got.
+
+    Raises ValueError with a one-line reason for a choice it cannot honour.
+    """
+    choice = choice.strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{EVENT_LOOP_ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError(f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed") from None
+        return "asyncio"
+    # A policy (deprecated from Python 3.14, still honoured to 3.16) rather than a
+    # loop factory per call: asyncio.run is called by each room's own command.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
