@@ -58,7 +58,7 @@ test: $(VENV)/.installed-dev | $(CHROMIUM)
 
 # Exit 5 is pytest's "no test selected": say so rather than fail obscurely.
 bench: $(VENV)/.installed-bench
-	@$(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
+	@COWORK_TEST_EVENT_LOOP=$${COWORK_TEST_EVENT_LOOP:-uvloop} $(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s $(PYTEST_ARGS); \
 	status=$$?; if [ $$status -eq 5 ]; then \
 	  echo "make bench: no test marked 'bench' was selected"; exit 1; fi; exit $$status
 
@@ -68,6 +68,7 @@ DESKTOPS ?= 2000
 GATEWAYS ?= 200
 SOAK_MINUTES ?= 0
 bench-fleet: $(VENV)/.installed-bench
+	COWORK_TEST_EVENT_LOOP=$${COWORK_TEST_EVENT_LOOP:-uvloop} \
 	FLEET_DESKTOPS=$(DESKTOPS) FLEET_GATEWAYS=$(GATEWAYS) SOAK_MINUTES=$(SOAK_MINUTES) \
 	  $(BIN)/python -m pytest -m bench -o addopts="-p no:cacheprovider" -s \
 	  tests/bench/test_bench_fleet.py $(PYTEST_ARGS)

@@ -233,6 +233,17 @@ async def opencode():
 
 
 @pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """`make bench` runs the in-process hub on the loop `cowork hub serve` runs on
+    (uvloop, hub/cli/_loop.py); the suite keeps the standard loop unless
+    COWORK_TEST_EVENT_LOOP names another (`auto`, `uvloop`, `asyncio`)."""
+    choice = os.environ.get("COWORK_TEST_EVENT_LOOP")
+    if choice:
+        from hub.cli._loop import use_event_loop
+
+        use_event_loop(choice)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session if child processes of this pytest are still alive.
 

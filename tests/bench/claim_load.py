@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from edges.common import AnswerTimes, EdgeCredentials, Repeats
+from edges.common import AnswerTimes, EdgeCredentials, ReconnectPolicy, Repeats
 from edges.gateway._bus import GatewayConnection, Refused
 from edges.gateway._claims import GatewayClaims
 from edges.gateway._store import GatewayFile
@@ -75,6 +75,9 @@ class BenchGateway(GatewayConnection, GatewayClaims):
             registered_at="",
         )
         self.creds = EdgeCredentials(jwt, seed.encode())
+        self.reconnect = ReconnectPolicy()
+        self.fatal = None
+        self._unsent = 0
         self.store = _Journal()  # type: ignore[assignment]
         self.nats_urls = [nats_url]
         self.nc = None
