@@ -64,8 +64,11 @@ _SOURCE = str(Path(__file__).resolve().parents[2])  # the checkout under test
 TARGET_RATIO = 0.5
 # Quiet: the raw baseline claims at its idle speed (p50 of one SELECT + UPDATE
 # transaction) and the 1-minute load (this bench alone makes about 1.5) leaves a
-# core free.
-QUIET_RAW_P50_MS = 2.5
+# core free. With 8 claimers in flight at the idle rate (1,800-2,000 a second on
+# the 2-vCPU VM, load under 1) a transaction's p50 is about 4 ms (Little's law:
+# 8 / 1,900 s); the earlier 2.5 ms bar was never met on a quiet machine, so the
+# target was never asserted.
+QUIET_RAW_P50_MS = 5.0
 QUIET_LOAD_PER_CPU = 1.25
 
 
