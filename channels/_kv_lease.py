@@ -88,14 +88,21 @@ class KvLease:
 
     async def try_take(self) -> bool:
         """Take it if nobody holds it; False when a live key is somebody's."""
-        sent = time.monotonic()
-        try:
-            revision = await self._call(self._kv.create(self.key, self.holder.encode()))
-        except KeyWrongLastSequenceError:
-            return False
-        self._revision = self._token = revision
-        self._renewed_at = sent
-        return True
+        for _ in range(2):
+            sent = time.monotonic()
+            try:
+                revision = await self._call(self._kv.create(self.key, self.holder.encode()))
+            except KeyWrongLastSequenceError:
+                return False
+            except KeyNotFoundError:
+                # nats-py's create, refused because a key was there, reads it to see
+                # whether it is a delete marker; when the key aged out between the
+                # two, that read finds nothing. The key is free now: try once more.
+                continue
+            self._revision = self._token = revision
+            self._renewed_at = sent
+            return True
+        return False
 
     async def holder_now(self) -> str | None:
         """Who holds the key now (its value), None when nobody does."""

@@ -81,3 +81,28 @@ async def test_a_handed_back_lease_is_free_at_once_and_leases_are_per_instance(j
     await a.release()  # releasing again (nothing held) changes nothing
     d = lease(js, "d")
     assert not await d.try_take() and await d.holder_now() == "b"
+
+
+async def test_a_key_aging_out_inside_a_take_is_taken_not_raised(js) -> None:
+    """nats-py's create, refused because a key is there, reads the key to see
+    whether it is a delete marker. When the key ages out between the two, that
+    read finds nothing and raises KeyNotFoundError (seen in CI). The take must
+    treat the key as free, not fail. The race is forced on the real server: the
+    read waits until the key has really aged out."""
+    a, b = lease(js, "edge gw1"), lease(js, "hub replica r1")
+    assert await a.try_take()
+    real_get, forced = b._kv._get, []
+
+    async def get_after_the_key_aged_out(key, revision=None):
+        if not forced:
+            forced.append(key)
+            deadline = time.monotonic() + TTL + 5
+            while await a.holder_now() is not None:
+                assert time.monotonic() < deadline, "the key never aged out"
+                await asyncio.sleep(0.05)
+        return await real_get(key, revision)
+
+    b._kv._get = get_after_the_key_aged_out
+    assert await b.try_take()  # not KeyNotFoundError
+    assert forced and b.held and b.token > a.token
+    assert await b.holder_now() == "hub replica r1"
