@@ -4,6 +4,8 @@ every Gateway request starts with (read under a row lock by the caller)."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
+from typing import Any
 
 import asyncpg
 
@@ -20,7 +22,7 @@ class EdgeWorkError(Refusal):
 
 
 def registration_refusal(
-    reg: asyncpg.Record | None, scope: CredentialScope, operation: str
+    reg: Mapping[str, Any] | None, scope: CredentialScope, operation: str
 ) -> EdgeWorkError | None:
     """Why this registration may not `operation` at all, whatever its state (None: it may)."""
     if reg is None:
@@ -63,7 +65,7 @@ def usable_registration(
     return reg
 
 
-def check_holder(work: asyncpg.Record | None, reg_id: str, token: str, work_id: str) -> None:
+def check_holder(work: Mapping[str, Any] | None, reg_id: str, token: str, work_id: str) -> None:
     """The caller must hold the current lease: same owner and, in constant time, token."""
     if work is None:
         raise EdgeWorkError("work.not_found", f"no work {work_id!r}")

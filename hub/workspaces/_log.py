@@ -223,22 +223,19 @@ _INSERT_EVENTS = """
 
 _EVENT_ID_KEY = "workspace_events_tenant_event_id_key"  # UNIQUE (tenant, event_id)
 
-# Lock, deduplicate, number, insert and move the cursors in one statement.
-# `fresh`: the first copy of each (tenant, event_id) not stored yet. `cursors`:
-# one upsert per workspace, in key order (two writers never wait on each other
-# crosswise), adding its count of fresh events; ON CONFLICT DO UPDATE locks and
-# reads the cursor's latest committed version (not the snapshot's), so the
-# numbering continues after whatever a writer that held the lock committed.
-# Each cursor row is modified once, as a statement must.
-_APPEND_NEW = """
-    WITH input AS (
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[], $8::timestamptz[], $9::jsonb[])
-             WITH ORDINALITY AS e(tenant, workspace_id, event_id, source_id, type, session_id,
-                                  command_id, occurred_at, payload, ord)
-    ), fresh AS (
+# Lock, deduplicate, number and insert the rows of CTE `{input}` (columns tenant,
+# workspace_id, event_id, source_id, type, session_id, command_id, occurred_at,
+# payload, ord), and move the cursors, as CTEs of one statement; `numbered` has
+# each appended row with its sequence. `fresh`: the first copy of each (tenant,
+# event_id) not stored yet. `cursors`: one upsert per workspace, in key order (two
+# writers never wait on each other crosswise), adding its count of fresh events;
+# ON CONFLICT DO UPDATE locks and reads the cursor's latest committed version (not
+# the snapshot's), so the numbering continues after whatever a writer that held
+# the lock committed. Each cursor row is modified once, as a statement must.
+_APPEND_STEPS = """
+    fresh AS (
         SELECT DISTINCT ON (i.tenant, i.event_id) i.*
-        FROM input i
+        FROM {input} i
         WHERE NOT EXISTS (SELECT 1 FROM workspace_events w
                           WHERE w.tenant = i.tenant AND w.event_id = i.event_id)
         ORDER BY i.tenant, i.event_id, i.ord
@@ -261,9 +258,32 @@ _APPEND_NEW = """
         INSERT INTO workspace_events (tenant, workspace_id, sequence, event_id, source_kind,
                                       source_id, type, session_id, command_id, occurred_at,
                                       payload)
-        SELECT tenant, workspace_id, sequence, event_id, $10, source_id, type, session_id,
-               command_id, occurred_at, payload
+        SELECT tenant, workspace_id, sequence, event_id, {source_kind}, source_id, type,
+               session_id, command_id, occurred_at, payload
         FROM numbered
-    )
+    )"""
+
+
+def append_steps(input_cte: str, source_kind: str) -> str:
+    """`append_new`'s steps as CTEs (`fresh`, `counts`, `cursors`, `numbered`,
+    `stored`) for a statement of the caller's own that makes the events in CTE
+    `input_cte` (see `_APPEND_STEPS`) and reads their sequences from `numbered`:
+    a writer that must store other rows in the same statement (fenced edge-work
+    outputs) appends to the log without a second statement, so no transaction of
+    it is ever left open between statements by a client that stalls."""
+    return _APPEND_STEPS.format(input=input_cte, source_kind=source_kind)
+
+
+_APPEND_NEW = (
+    """
+    WITH input AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::timestamptz[], $9::jsonb[])
+             WITH ORDINALITY AS e(tenant, workspace_id, event_id, source_id, type, session_id,
+                                  command_id, occurred_at, payload, ord)
+    ),"""
+    + append_steps("input", "$10")
+    + """
     SELECT ord, sequence FROM numbered ORDER BY ord
 """
+)
