@@ -4,13 +4,14 @@ moves the registration between active, unhealthy and paused.
 Heartbeats run on the hub's one batching heartbeat writer (`hub.core.BeatWriter`),
 as Desktop presence does: the handler notes the beat and waits for its flush,
 which applies every Gateway's latest beat in one conditional UPDATE (rows locked
-in key order), audits the transitions in the same transaction and answers each
-beat with its registration's state. A thousand Gateways cost a few statements a
-second, not one awaited round trip each. Two beats from one Gateway inside one
-flush are coalesced: the later one is written; the earlier one is answered with
-the later one's refusal, or else as stale (as is, at once, a beat whose sequence
-is not after the one noted), so `heartbeatsAccepted` counts exactly the beats
-answered with a state.
+in key order), audits the transitions in the same statement (no transaction open
+between statements for a frozen replica to hold registration rows in) and
+answers each beat with its registration's state. A thousand Gateways cost a few
+statements a second, not one awaited round trip each. Two beats from one Gateway
+inside one flush are coalesced: the later one is written; the earlier one is
+answered with the later one's refusal, or else as stale (as is, at once, a beat
+whose sequence is not after the one noted), so `heartbeatsAccepted` counts
+exactly the beats answered with a state.
 A beat the hub would write more than two of its intervals after the Gateway sent
 it (its envelope time) or after the hub took it is dropped, counted
 (`cowork_presence_heartbeats_late_total{principal="gateway"}`) and refused as
@@ -29,11 +30,11 @@ from typing import Any
 
 import asyncpg
 
-from schemas import GatewayHeartbeat, GatewayHeartbeatReply, PrincipalKind, scrub_text
+from schemas import GatewayHeartbeat, GatewayHeartbeatReply, scrub_secrets, scrub_text
 
 from ..core import BeatWriter, HubMetrics, LateBeat, Superseded
 from . import _versions as _gateway_versions
-from ._common import GatewayAudit, GatewayError, missing_or_ended
+from ._common import GatewayError, missing_or_ended
 
 RegistrationKey = tuple[str, str]  # (tenant, registration id)
 
@@ -70,14 +71,16 @@ def _row_of(key: RegistrationKey, beat: GatewayHeartbeat) -> dict:
         "versions": _versions_doc(beat.versions),
         "status": status,
         "status_reason": reason,
+        # What a transition's audit row says, scrubbed here as AuditLog.record
+        # scrubs a reason and metadata (the statement writes the row itself).
+        "audit_reason": scrub_text(reason) if reason else reason,
+        "audit_versions": scrub_secrets(_versions_doc(beat.versions)),
     }
 
 
 class GatewayHeartbeats:
-    def __init__(
-        self, pool: asyncpg.Pool, audit: GatewayAudit, metrics: HubMetrics | None = None
-    ) -> None:
-        self._pool, self._audit = pool, audit
+    def __init__(self, pool: asyncpg.Pool, metrics: HubMetrics | None = None) -> None:
+        self._pool = pool
         late = metrics.presence_late.labels("gateway").inc if metrics else (lambda n: None)
         self.beats: BeatWriter[RegistrationKey, GatewayHeartbeat] = BeatWriter(
             "gateway-heartbeat-writer", self._write, on_late=late
@@ -125,18 +128,18 @@ class GatewayHeartbeats:
     async def _write(
         self, chunk: list[tuple[RegistrationKey, GatewayHeartbeat]]
     ) -> dict[RegistrationKey, GatewayHeartbeatReply | GatewayError]:
-        """Every beat of one flush in one UPDATE; the transitions audited with it."""
+        """Every beat of one flush in one statement, the transitions audited in it: no
+        transaction is left open between statements, so a replica frozen mid-flush
+        (SIGSTOP) holds no registration row that claims and renewals need."""
         rows = [_row_of(key, beat) for key, beat in chunk]
         results: dict[RegistrationKey, GatewayHeartbeatReply | GatewayError] = {}
-        async with self._pool.acquire() as conn, conn.transaction():
-            for row in await conn.fetch(_HEARTBEATS, rows):
-                key = (row["tenant"], row["registration_id"])
-                await self._audit_changes(conn, key, dict(row))
-                results[key] = GatewayHeartbeatReply(
-                    state=row["status"],
-                    reason=row["status_reason"],
-                    drain_deadline=row["drain_deadline"],
-                )
+        for row in await self._pool.fetch(_HEARTBEATS, rows):
+            key = (row["tenant"], row["registration_id"])
+            results[key] = GatewayHeartbeatReply(
+                state=row["status"],
+                reason=row["status_reason"],
+                drain_deadline=row["drain_deadline"],
+            )
         missed = [(key, beat) for key, beat in chunk if key not in results]
         if missed:
             results.update(await self._refusals(missed))
@@ -155,40 +158,6 @@ class GatewayHeartbeats:
         )
         by_key = {(r["tenant"], r["registration_id"]): r for r in found}
         return {key: _refusal(by_key.get(key), key[1], beat) for key, beat in missed}
-
-    async def _audit_changes(
-        self, conn: asyncpg.Connection, key: RegistrationKey, row: dict
-    ) -> None:
-        """Audit a heartbeat only when it changed the state, health or versions."""
-        versions = row["versions"]
-        changed = (
-            row["old_status"] != row["status"]
-            or row["old_health"] != row["health"]
-            or row["old_versions"] != versions
-        )
-        if not changed:
-            return
-        action = (
-            "gateway.registration.paused"
-            if row["status"] == "paused" and row["old_status"] != "paused"
-            else "gateway.registration.heartbeat"
-        )
-        tenant, reg_id = key
-        await self._audit.record(
-            conn,
-            tenant,
-            action,
-            reg_id,
-            reg_id,
-            actor_kind=PrincipalKind.GATEWAY,
-            reason=row["status_reason"],
-            metadata={
-                "from": row["old_status"],
-                "to": row["status"],
-                "health": row["health"],
-                "versions": versions,
-            },
-        )
 
 
 def _stale(beat: GatewayHeartbeat, accepted: int) -> GatewayError:
@@ -217,32 +186,51 @@ def _refusal(row: Any, reg_id: str, beat: GatewayHeartbeat) -> GatewayError:
 
 # Rows locked in key order (the beats come sorted): two replicas' flushes never
 # deadlock each other. clock_timestamp(): after the row lock (see _gateways_admin).
+# `audited`: a beat that changed the state, health or versions is audited as
+# GatewayAudit.record writes it (actor the Gateway; paused when it moved to paused).
 _HEARTBEATS = """
     WITH beat AS (
         SELECT * FROM jsonb_to_recordset($1::jsonb) AS b(
             tenant text, registration_id text, liveness text, mode text, health text,
             current_load integer, active_work_ids text[], heartbeat_sequence bigint,
             heartbeat_interval real, last_error text, versions jsonb, status text,
-            status_reason text)),
+            status_reason text, audit_reason text, audit_versions jsonb)),
     old AS (
         SELECT g.tenant, g.registration_id, g.status, g.health, g.versions
         FROM gateway_registrations g JOIN beat USING (tenant, registration_id)
-        ORDER BY g.tenant, g.registration_id FOR UPDATE OF g)
-    UPDATE gateway_registrations g SET
-        liveness = b.liveness, mode = b.mode, health = b.health,
-        current_load = b.current_load, active_work_ids = b.active_work_ids,
-        heartbeat_sequence = b.heartbeat_sequence, heartbeat_interval = b.heartbeat_interval,
-        last_error = b.last_error, versions = b.versions,
-        heartbeats_accepted = g.heartbeats_accepted + 1, last_heartbeat_at = clock_timestamp(),
-        status = CASE WHEN g.status = 'draining' THEN 'draining' ELSE b.status END,
-        status_reason = CASE WHEN g.status = 'draining' THEN g.status_reason
-                             ELSE b.status_reason END,
-        updated_at = now()
-    FROM beat b, old
-    WHERE g.tenant = b.tenant AND g.registration_id = b.registration_id
-      AND old.tenant = g.tenant AND old.registration_id = g.registration_id
-      AND g.status NOT IN ('revoked', 'retired', 'pending')
-      AND g.heartbeat_sequence < b.heartbeat_sequence AND g.public_key IS NOT NULL
-    RETURNING g.tenant, g.registration_id, g.status, g.status_reason, g.drain_deadline,
-              g.health, g.versions, old.status AS old_status, old.health AS old_health,
-              old.versions AS old_versions"""
+        ORDER BY g.tenant, g.registration_id FOR UPDATE OF g),
+    moved AS (
+        UPDATE gateway_registrations g SET
+            liveness = b.liveness, mode = b.mode, health = b.health,
+            current_load = b.current_load, active_work_ids = b.active_work_ids,
+            heartbeat_sequence = b.heartbeat_sequence, heartbeat_interval = b.heartbeat_interval,
+            last_error = b.last_error, versions = b.versions,
+            heartbeats_accepted = g.heartbeats_accepted + 1, last_heartbeat_at = clock_timestamp(),
+            status = CASE WHEN g.status = 'draining' THEN 'draining' ELSE b.status END,
+            status_reason = CASE WHEN g.status = 'draining' THEN g.status_reason
+                                 ELSE b.status_reason END,
+            updated_at = now()
+        FROM beat b, old
+        WHERE g.tenant = b.tenant AND g.registration_id = b.registration_id
+          AND old.tenant = g.tenant AND old.registration_id = g.registration_id
+          AND g.status NOT IN ('revoked', 'retired', 'pending')
+          AND g.heartbeat_sequence < b.heartbeat_sequence AND g.public_key IS NOT NULL
+        RETURNING g.tenant, g.registration_id, g.status, g.status_reason, g.drain_deadline,
+                  g.health, g.versions, old.status AS old_status, old.health AS old_health,
+                  old.versions AS old_versions),
+    audited AS (
+        INSERT INTO audit_log (tenant, action, actor_kind, actor_id, target_kind, target_id,
+                               reason, metadata)
+        SELECT m.tenant,
+               CASE WHEN m.status = 'paused' AND m.old_status <> 'paused'
+                    THEN 'gateway.registration.paused'
+                    ELSE 'gateway.registration.heartbeat' END,
+               'gateway', m.registration_id, 'gateway_registration', m.registration_id,
+               -- draining keeps the hub's own drain text ("drained by <actor>: ...")
+               CASE WHEN m.status = 'draining' THEN m.status_reason ELSE b.audit_reason END,
+               jsonb_build_object('from', m.old_status, 'to', m.status, 'health', m.health,
+                                  'versions', b.audit_versions)
+        FROM moved m JOIN beat b USING (tenant, registration_id)
+        WHERE m.old_status IS DISTINCT FROM m.status OR m.old_health IS DISTINCT FROM m.health
+           OR m.old_versions IS DISTINCT FROM m.versions)
+    SELECT * FROM moved"""

@@ -1,12 +1,13 @@
-"""A hub replica frozen (SIGSTOP) in the middle of a fenced output write must not
-hold rows other replicas need: the Gateway's next claim, served by another
-replica, goes through at once, not after PostgreSQL's idle-in-transaction
-timeout (5 s) has ended the frozen replica's session; and the write the frozen
-replica had sent is stored, not rolled back with that session.
+"""A hub replica frozen (SIGSTOP) in the middle of a write must not hold rows other
+replicas need: the Gateway's next claim, served by another replica, goes through
+at once, not after PostgreSQL's idle-in-transaction timeout (5 s) has ended the
+frozen replica's session; and the write the frozen replica had sent is kept,
+not rolled back with that session. Both writes that lock a Gateway's
+registration row on the hot path: a fenced output, and a heartbeat flush.
 
-Deterministic: the test holds the workspace cursor row (the last row an output
-write locks), so the writer's process is known to be inside the write, waiting
-on PostgreSQL, when it is frozen; the cursor is released only once it is."""
+Deterministic: the test holds what the write locks last (the workspace cursor
+row; the audit log), so the writer's process is known to be inside the write,
+waiting on PostgreSQL, when it is frozen; that is released only once it is."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 from desktopkit import eventually
 from edgeworkkit import add_registration
+from gatewaykit import healthy_beat
 
 from hub.core._audit import AuditLog
 from hub.core._db import IDLE_IN_TRANSACTION_MS, create_pool
@@ -35,7 +38,7 @@ WORKSPACE = "wsfrozen"
 # Well under the idle-in-transaction timeout a frozen transaction would hold the
 # registration for; a claim takes milliseconds, the rest is a loaded machine's slack.
 CLAIM_BOUND = 2.0
-WRITER = Path(__file__).parents[2] / "kits" / "fenced_writer_proc.py"
+WRITER = Path(__file__).parents[2] / "kits" / "frozen_writer_proc.py"
 
 
 @pytest.fixture
@@ -65,48 +68,87 @@ async def _enqueue(svc: EdgeWorkService, text: str) -> str:
     return row["work_id"]
 
 
-async def _hold_cursor(dsn: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
-    """The workspace's cursor row, locked by an open transaction of the test's."""
-    conn = await asyncpg.connect(dsn)
-    await conn.execute(
-        "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
-        "ON CONFLICT DO NOTHING",
-        TENANT,
-        WORKSPACE,
-    )
-    tx = conn.transaction()
-    await tx.start()
-    await conn.execute(
-        "SELECT 1 FROM workspace_cursors WHERE tenant = $1 AND workspace_id = $2 FOR UPDATE",
-        TENANT,
-        WORKSPACE,
-    )
-    return conn, tx
+async def _claim(svc: EdgeWorkService, reg: str) -> tuple[str | None, float]:
+    started = time.monotonic()
+    lease = await svc.leases.claim(TENANT, reg, WorkClaimRequest(work_kinds=["prompt"]))
+    return lease.work_id, time.monotonic() - started
 
 
-async def _blocked_by(conn: asyncpg.Connection) -> int | None:
-    """The backend waiting for a lock `conn` holds (the writer's), if any."""
+async def _blocked_by(conn: asyncpg.Connection, backend: int) -> bool:
+    """Whether `backend` (the writer's) waits for a lock `conn` holds."""
     return await conn.fetchval(
-        "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-        conn.get_server_pid(),
+        "SELECT $1 = ANY(pg_blocking_pids($2))", conn.get_server_pid(), backend
     )
 
 
-async def _stored(conn: asyncpg.Connection, work_id: str) -> tuple[int, int]:
-    outputs = await conn.fetchval(
+async def _frozen_mid_write(
+    dsn: str, lock: str, argv: list[str], meanwhile: Callable[[asyncpg.Connection], Awaitable]
+) -> str:
+    """Start the writer process; once it is ready, take `lock` (a statement run in an
+    open transaction) and let it write; when it waits on the lock, freeze it,
+    release the lock, await `meanwhile`, thaw it. What the writer printed last."""
+    holder = await asyncpg.connect(dsn)
+    writer = subprocess.Popen(
+        [sys.executable, str(WRITER), *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdin and writer.stdout
+        ready, backend = (await asyncio.to_thread(writer.stdout.readline)).split()
+        assert ready == "ready"
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(lock)
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        await eventually(
+            lambda: _blocked_by(holder, int(backend)), 10, 0.05, "the write waiting on the test"
+        )
+        os.kill(writer.pid, signal.SIGSTOP)  # frozen inside the write
+        await tx.commit()
+        await meanwhile(holder)
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+        await holder.close()
+    out, _ = await asyncio.to_thread(writer.communicate, timeout=30)
+    assert writer.returncode == 0, out
+    return out.strip()
+
+
+def _prompt_claimed_at_once(work_id: str, took: float) -> None:
+    assert took < CLAIM_BOUND, (
+        f"the claim of {work_id} waited {took:.2f} s for the frozen replica (its session is "
+        f"ended after {IDLE_IN_TRANSACTION_MS / 1000:.0f} s idle in a transaction)"
+    )
+
+
+async def _output_kept(db: asyncpg.Connection, work_id: str) -> bool:
+    stored = await db.fetchval(
         "SELECT count(*) FROM edge_work_outputs WHERE tenant = $1 AND work_id = $2",
         TENANT,
         work_id,
     )
-    events = await conn.fetchval(
+    projected = await db.fetchval(
         "SELECT count(*) FROM workspace_events WHERE tenant = $1 AND event_id = $2",
         TENANT,
         f"{work_id}-1",
     )
-    return outputs, events
+    return (stored, projected) == (1, 1)
 
 
-async def test_a_replica_frozen_mid_write_holds_no_row_a_claim_needs(
+async def _beat_audited(db: asyncpg.Connection, reg: str) -> bool:
+    audited = await db.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant = $1 AND target_id = $2 "
+        "AND action = 'gateway.registration.heartbeat'",
+        TENANT,
+        reg,
+    )
+    return audited == 2  # the kit's first beat's, and the frozen one's
+
+
+async def test_a_replica_frozen_mid_output_holds_no_row_a_claim_needs(
     service, database_url_module, nats_url
 ):
     reg = await add_registration(service._pool, TENANT)
@@ -117,31 +159,54 @@ async def test_a_replica_frozen_mid_write_holds_no_row_a_claim_needs(
     output = WorkOutput(
         work_id=first, lease_token=lease.lease_token, kind="event", sequence=1, body={"n": 1}
     )
-    holder, tx = await _hold_cursor(database_url_module)
-    writer = subprocess.Popen(
-        [sys.executable, str(WRITER), database_url_module, nats_url, TENANT, reg]
-        + [output.model_dump_json(by_alias=True)],
-        stdout=subprocess.PIPE,
-        text=True,
+    await service._pool.execute(
+        "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
+        "ON CONFLICT DO NOTHING",
+        TENANT,
+        WORKSPACE,
     )
-    try:
-        assert writer.stdout and writer.stdout.readline().strip() == "ready"
-        await eventually(lambda: _blocked_by(holder), 10, 0.05, "the write waiting on the cursor")
-        os.kill(writer.pid, signal.SIGSTOP)  # frozen inside the write
-        await tx.commit()
 
-        started = time.monotonic()
-        claimed = await service.leases.claim(TENANT, reg, WorkClaimRequest(work_kinds=["prompt"]))
-        took = time.monotonic() - started
-        assert claimed.work_id == second
-        assert took < CLAIM_BOUND, (
-            f"the claim waited {took:.2f} s for the frozen replica (its session is ended "
-            f"after {IDLE_IN_TRANSACTION_MS / 1000:.0f} s idle in a transaction)"
-        )
-        # The frozen replica's write was whole on the server: stored and projected.
-        assert await _stored(holder, first) == (1, 1)
-    finally:
-        os.kill(writer.pid, signal.SIGCONT)
-        await holder.close()
-    out, _ = await asyncio.to_thread(writer.communicate, timeout=30)
-    assert writer.returncode == 0 and out.strip() == "written", out
+    async def meanwhile(db: asyncpg.Connection) -> None:
+        claimed, took = await _claim(service, reg)
+        assert claimed == second
+        _prompt_claimed_at_once(second, took)
+        # The frozen replica's write completes on the server: stored and projected.
+        await eventually(lambda: _output_kept(db, first), 10, 0.05, "the output stored")
+
+    said = await _frozen_mid_write(
+        database_url_module,
+        f"SELECT 1 FROM workspace_cursors WHERE tenant = '{TENANT}' "
+        f"AND workspace_id = '{WORKSPACE}' FOR UPDATE",
+        ["output", database_url_module, nats_url, TENANT, reg, output.model_dump_json()],
+        meanwhile,
+    )
+    assert said == "written"
+
+
+async def test_a_replica_frozen_mid_heartbeat_flush_holds_no_row_a_claim_needs(
+    service, database_url_module, nats_url
+):
+    reg = await add_registration(service._pool, TENANT)
+    await service._pool.execute(  # registered: it has a key, so its heartbeats count
+        "UPDATE gateway_registrations SET public_key = 'UKEY' WHERE tenant = $1 "
+        "AND registration_id = $2",
+        TENANT,
+        reg,
+    )
+    queued = await _enqueue(service, "claimed while the heartbeat's replica is frozen")
+    beat = healthy_beat(1)  # then the kit's frozen one: the Gateway degraded
+
+    async def meanwhile(db: asyncpg.Connection) -> None:
+        claimed, took = await _claim(service, reg)
+        assert claimed == queued
+        _prompt_claimed_at_once(queued, took)
+        # The frozen replica's flush completes on the server, its audit row with it.
+        await eventually(lambda: _beat_audited(db, reg), 10, 0.05, "the beat's audit row")
+
+    said = await _frozen_mid_write(
+        database_url_module,
+        "LOCK TABLE audit_log IN SHARE MODE",  # (an audit row is the flush's last write)
+        ["heartbeat", database_url_module, nats_url, TENANT, reg, beat.model_dump_json()],
+        meanwhile,
+    )
+    assert said == "active"  # (degraded is still active: only unhealthy is not)
