@@ -5,8 +5,10 @@ claim/renew/output requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -36,6 +38,35 @@ EDGE_SCOPES = sorted(
         CredentialScope.EDGE_WRITE_FENCED_OUTPUT,
     )
 )
+
+
+@contextlib.asynccontextmanager
+async def edge_work_service(
+    hub, dsn: str, *, hub_id: str, min_size: int = 1, max_size: int = 4
+) -> AsyncIterator[Any]:
+    """An EdgeWorkService of its own (another replica's, to the hub's) on a pool of its
+    own; offers and live events go out on the hub's NATS connection."""
+    from hub.core._audit import AuditLog
+    from hub.core._db import create_pool
+    from hub.core._metrics import HubMetrics
+    from hub.work._service import EdgeWorkService
+
+    pool = await create_pool(dsn, min_size=min_size, max_size=max_size)
+    svc = EdgeWorkService(
+        pool,
+        AuditLog(pool),
+        hub.nc,
+        HubMetrics(),
+        hub.dead_letters,
+        hub_id=hub_id,
+        lease_seconds=30.0,
+        write_rate=100_000,
+    )
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await pool.close()
 
 
 async def add_registration(

@@ -12,11 +12,8 @@ import secrets
 import uuid
 
 import pytest
-from edgeworkkit import add_registration
+from edgeworkkit import add_registration, edge_work_service
 
-from hub.core._audit import AuditLog
-from hub.core._db import create_pool
-from hub.core._metrics import HubMetrics
 from hub.work._common import EdgeWorkError
 from hub.work._service import EdgeWorkService, EnqueueWork
 from schemas import WorkClaimRequest, WorkOutput
@@ -30,22 +27,10 @@ ROUNDS = 3
 async def service(hub, database_url_module):
     """A second EdgeWorkService on its own 40-connection pool (the hub's own is
     small); offers and live events go out on the hub's NATS connection."""
-    pool = await create_pool(database_url_module, min_size=N + 1, max_size=40)
-    svc = EdgeWorkService(
-        pool,
-        AuditLog(pool),
-        hub.nc,
-        HubMetrics(),
-        hub.dead_letters,
-        hub_id="race",
-        lease_seconds=30.0,
-        write_rate=100_000,
-    )
-    try:
+    async with edge_work_service(
+        hub, database_url_module, hub_id="race", min_size=N + 1, max_size=40
+    ) as svc:
         yield svc
-    finally:
-        await svc.stop()
-        await pool.close()
 
 
 def _tenant() -> str:

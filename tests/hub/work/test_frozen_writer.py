@@ -18,17 +18,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 from desktopkit import eventually
-from edgeworkkit import add_registration
+from edgeworkkit import add_registration, edge_work_service
 from gatewaykit import healthy_beat
 
-from hub.core._audit import AuditLog
-from hub.core._db import IDLE_IN_TRANSACTION_MS, create_pool
-from hub.core._metrics import HubMetrics
+from hub.core._db import IDLE_IN_TRANSACTION_MS
 from hub.work._service import EdgeWorkService, EnqueueWork
 from schemas import WorkClaimRequest, WorkOutput
 
@@ -41,25 +40,19 @@ CLAIM_BOUND = 2.0
 WRITER = Path(__file__).parents[2] / "kits" / "frozen_writer_proc.py"
 
 
+@dataclass
+class Other:
+    """The other replica (its edge work service), and where the writer process connects."""
+
+    service: EdgeWorkService
+    dsn: str
+    nats_url: str
+
+
 @pytest.fixture
-async def service(hub, database_url_module):
-    """The other replica: an EdgeWorkService of its own, on its own pool."""
-    pool = await create_pool(database_url_module, min_size=1, max_size=4)
-    svc = EdgeWorkService(
-        pool,
-        AuditLog(pool),
-        hub.nc,
-        HubMetrics(),
-        hub.dead_letters,
-        hub_id="other",
-        lease_seconds=30.0,
-        write_rate=100_000,
-    )
-    try:
-        yield svc
-    finally:
-        await svc.stop()
-        await pool.close()
+async def other(hub, database_url_module, nats_url):
+    async with edge_work_service(hub, database_url_module, hub_id="other") as svc:
+        yield Other(svc, database_url_module, nats_url)
 
 
 async def _enqueue(svc: EdgeWorkService, text: str) -> str:
@@ -82,14 +75,21 @@ async def _blocked_by(conn: asyncpg.Connection, backend: int) -> bool:
 
 
 async def _frozen_mid_write(
-    dsn: str, lock: str, argv: list[str], meanwhile: Callable[[asyncpg.Connection], Awaitable]
+    other: Other,
+    lock: str,
+    write: list[str],
+    queued: str,
+    kept: Callable[[asyncpg.Connection], Awaitable[bool]],
 ) -> str:
-    """Start the writer process; once it is ready, take `lock` (a statement run in an
-    open transaction) and let it write; when it waits on the lock, freeze it,
-    release the lock, await `meanwhile`, thaw it. What the writer printed last."""
-    holder = await asyncpg.connect(dsn)
+    """Start the writer process (`write`: mode, registration, data); once it is
+    ready, take `lock` (a statement run in an open transaction) and let it write;
+    when it waits on the lock, freeze it and release the lock. Then the Gateway's
+    next claim, through this other replica, must get `queued` at once, and the
+    frozen write must be `kept`. Thawed, the writer's last answer."""
+    mode, reg, data = write
+    holder = await asyncpg.connect(other.dsn)
     writer = subprocess.Popen(
-        [sys.executable, str(WRITER), *argv],
+        [sys.executable, str(WRITER), mode, other.dsn, other.nats_url, TENANT, reg, data],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -108,20 +108,20 @@ async def _frozen_mid_write(
         )
         os.kill(writer.pid, signal.SIGSTOP)  # frozen inside the write
         await tx.commit()
-        await meanwhile(holder)
+        claimed, took = await _claim(other.service, reg)
+        assert claimed == queued
+        assert took < CLAIM_BOUND, (
+            f"the claim waited {took:.2f} s for the frozen replica (its session is ended "
+            f"after {IDLE_IN_TRANSACTION_MS / 1000:.0f} s idle in a transaction)"
+        )
+        # The frozen replica's statement completes on the server: its write is kept.
+        await eventually(lambda: kept(holder), 10, 0.05, "the frozen replica's write")
     finally:
         os.kill(writer.pid, signal.SIGCONT)
         await holder.close()
     out, _ = await asyncio.to_thread(writer.communicate, timeout=30)
     assert writer.returncode == 0, out
     return out.strip()
-
-
-def _prompt_claimed_at_once(work_id: str, took: float) -> None:
-    assert took < CLAIM_BOUND, (
-        f"the claim of {work_id} waited {took:.2f} s for the frozen replica (its session is "
-        f"ended after {IDLE_IN_TRANSACTION_MS / 1000:.0f} s idle in a transaction)"
-    )
 
 
 async def _output_kept(db: asyncpg.Connection, work_id: str) -> bool:
@@ -148,65 +148,47 @@ async def _beat_audited(db: asyncpg.Connection, reg: str) -> bool:
     return audited == 2  # the kit's first beat's, and the frozen one's
 
 
-async def test_a_replica_frozen_mid_output_holds_no_row_a_claim_needs(
-    service, database_url_module, nats_url
-):
-    reg = await add_registration(service._pool, TENANT)
-    first = await _enqueue(service, "written by the replica that freezes")
-    second = await _enqueue(service, "claimed meanwhile through the other replica")
-    lease = await service.leases.claim(TENANT, reg, WorkClaimRequest(work_kinds=["prompt"]))
+async def test_a_replica_frozen_mid_output_holds_no_row_a_claim_needs(other):
+    reg = await add_registration(other.service._pool, TENANT)
+    first = await _enqueue(other.service, "written by the replica that freezes")
+    second = await _enqueue(other.service, "claimed meanwhile through the other replica")
+    lease = await other.service.leases.claim(TENANT, reg, WorkClaimRequest(work_kinds=["prompt"]))
     assert lease.work_id == first and lease.lease_token
     output = WorkOutput(
         work_id=first, lease_token=lease.lease_token, kind="event", sequence=1, body={"n": 1}
     )
-    await service._pool.execute(
+    await other.service._pool.execute(
         "INSERT INTO workspace_cursors (tenant, workspace_id) VALUES ($1, $2) "
         "ON CONFLICT DO NOTHING",
         TENANT,
         WORKSPACE,
     )
-
-    async def meanwhile(db: asyncpg.Connection) -> None:
-        claimed, took = await _claim(service, reg)
-        assert claimed == second
-        _prompt_claimed_at_once(second, took)
-        # The frozen replica's write completes on the server: stored and projected.
-        await eventually(lambda: _output_kept(db, first), 10, 0.05, "the output stored")
-
     said = await _frozen_mid_write(
-        database_url_module,
+        other,
         f"SELECT 1 FROM workspace_cursors WHERE tenant = '{TENANT}' "
         f"AND workspace_id = '{WORKSPACE}' FOR UPDATE",
-        ["output", database_url_module, nats_url, TENANT, reg, output.model_dump_json()],
-        meanwhile,
+        ["output", reg, output.model_dump_json()],
+        second,
+        lambda db: _output_kept(db, first),  # stored and projected
     )
     assert said == "written"
 
 
-async def test_a_replica_frozen_mid_heartbeat_flush_holds_no_row_a_claim_needs(
-    service, database_url_module, nats_url
-):
-    reg = await add_registration(service._pool, TENANT)
-    await service._pool.execute(  # registered: it has a key, so its heartbeats count
+async def test_a_replica_frozen_mid_heartbeat_flush_holds_no_row_a_claim_needs(other):
+    reg = await add_registration(other.service._pool, TENANT)
+    await other.service._pool.execute(  # registered: it has a key, so its heartbeats count
         "UPDATE gateway_registrations SET public_key = 'UKEY' WHERE tenant = $1 "
         "AND registration_id = $2",
         TENANT,
         reg,
     )
-    queued = await _enqueue(service, "claimed while the heartbeat's replica is frozen")
+    queued = await _enqueue(other.service, "claimed while the heartbeat's replica is frozen")
     beat = healthy_beat(1)  # then the kit's frozen one: the Gateway degraded
-
-    async def meanwhile(db: asyncpg.Connection) -> None:
-        claimed, took = await _claim(service, reg)
-        assert claimed == queued
-        _prompt_claimed_at_once(queued, took)
-        # The frozen replica's flush completes on the server, its audit row with it.
-        await eventually(lambda: _beat_audited(db, reg), 10, 0.05, "the beat's audit row")
-
     said = await _frozen_mid_write(
-        database_url_module,
+        other,
         "LOCK TABLE audit_log IN SHARE MODE",  # (an audit row is the flush's last write)
-        ["heartbeat", database_url_module, nats_url, TENANT, reg, beat.model_dump_json()],
-        meanwhile,
+        ["heartbeat", reg, beat.model_dump_json()],
+        queued,
+        lambda db: _beat_audited(db, reg),  # the beat and its audit row
     )
     assert said == "active"  # (degraded is still active: only unhealthy is not)
