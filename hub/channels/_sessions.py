@@ -238,10 +238,32 @@ class ChannelSessions:
         command_id: str,
         *,
         binding_id: str | None = None,
-        conn: asyncpg.Connection | None = None,
     ) -> None:
         """Submit one command to the paired Desktop (idempotent by `command_id`) and
-        remember which binding it serves; SubmitRefused when the hub refuses it."""
+        remember which binding it serves; SubmitRefused when the hub refuses it.
+
+        The binding is recorded before the command exists: the command is pushed as it
+        is submitted, and the Desktop may answer at once (a refusal takes it no time);
+        the router finds the chat to tell of a failed final only through this record,
+        so one written after the final left the chat without an answer."""
+        recorded = binding_id is not None and await record_submission(
+            self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
+        )
+        try:
+            await self._submit_command(turn, kind, session_id, payload, command_id)
+        except SubmitRefused:
+            if recorded:  # no command came of it: nothing for the record to route
+                await forget_submission(self._pool, turn.tenant, command_id)
+            raise
+
+    async def _submit_command(
+        self,
+        turn: Turn,
+        kind: str,
+        session_id: str | None,
+        payload: dict | None,
+        command_id: str,
+    ) -> None:
         try:
             command_payload(kind, session_id, payload)
         except (ValueError, ValidationError) as exc:
@@ -298,10 +320,6 @@ class ChannelSessions:
             # command already submitted under this id: that one stands.
             if not (exc.code == "command.conflict" and signed_by_us):
                 raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
-        if binding_id is not None:
-            await record_submission(
-                conn or self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
-            )
 
     async def desktop_online(self, tenant: str, pairing_id: str) -> str:
         try:
@@ -474,8 +492,10 @@ def received_reaction(turn: Turn) -> ChannelOutbound | None:
 
 async def record_submission(
     conn: Any, tenant: str, command_id: str, binding_id: str, kind: str, message_id: str
-) -> None:
-    await conn.execute(
+) -> bool:
+    """Remember which binding a command (or edge work) serves; True if this call wrote
+    the record (False: it was there already, from an earlier try of the message)."""
+    status = await conn.execute(
         "INSERT INTO channel_submissions (tenant, command_id, binding_id, kind, message_id) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, command_id) DO NOTHING",
         tenant,
@@ -483,6 +503,15 @@ async def record_submission(
         binding_id,
         kind,
         message_id,
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def forget_submission(conn: Any, tenant: str, command_id: str) -> None:
+    await conn.execute(
+        "DELETE FROM channel_submissions WHERE tenant = $1 AND command_id = $2",
+        tenant,
+        command_id,
     )
 
 

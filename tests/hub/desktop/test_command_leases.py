@@ -20,7 +20,7 @@ import nats
 import nats.errors
 import pytest
 from desktopkit import TENANT, command, eventually, get_pairing, redeem, submit
-from hubkit import client, operator_nats, running_hub
+from hubkit import client, operator_nats, running_hub, waiting_on_a_lock
 
 from edges.common._credentials import EdgeCredentials
 from hub.auth import _jwt
@@ -458,20 +458,6 @@ async def test_submits_at_once_lease_only_the_first_and_the_rest_go_in_order(hub
     assert (await get_pairing(http, pid))["lastCommandSequence"] == 8
 
 
-async def _waiting_on_the_lock(hub, statement: str, n: int = 1) -> None:
-    """Wait until n sessions run `statement` (a marker in its text) blocked on a lock."""
-
-    async def check() -> bool:
-        waiting = await hub.pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND position($1 in query) > 0",
-            statement,
-        )
-        return bool(waiting >= n)
-
-    await eventually(check, 5, 0.02, f"{statement!r} waiting on the pairing's row lock")
-
-
 @pytest.mark.parametrize("first", ["final ack", "submit"])
 async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_once(
     hub, http, paired, first
@@ -506,12 +492,12 @@ async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_on
         acked: asyncio.Task | None = None
         if first == "final ack":
             acked = asyncio.create_task(paired.ack(cmd, "completed"))
-            await _waiting_on_the_lock(hub, "WITH cur AS")
+            await waiting_on_a_lock(hub.pool, "WITH cur AS")
         submitted = asyncio.create_task(submit(http, pid, "status"))
-        await _waiting_on_the_lock(hub, "WITH seq AS")
+        await waiting_on_a_lock(hub.pool, "WITH seq AS")
         if acked is None:
             acked = asyncio.create_task(paired.ack(cmd, "completed"))
-            await _waiting_on_the_lock(hub, "WITH cur AS")
+            await waiting_on_a_lock(hub.pool, "WITH cur AS")
         await held.rollback()
     finally:
         await hub.pool.release(lock)
