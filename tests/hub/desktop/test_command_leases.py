@@ -564,9 +564,7 @@ def slow_recheck(monkeypatch):
     monkeypatch.setattr(commands_module, "WAIT_RECHECK", 30.0)
 
 
-async def test_post_with_wait_answers_with_the_result_once_it_is_final(
-    http, paired, slow_recheck
-):
+async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired, slow_recheck):
     await _online(http, paired)
     base = f"/api/v1/tenants/{TENANT}/pairings/{paired.pairing_id}/commands"
     waiting = asyncio.create_task(http.post(base, params={"wait": 10}, json={"kind": "status"}))
