@@ -19,7 +19,9 @@ nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,70 +240,85 @@ class ChannelSessions:
         command_id: str,
         *,
         binding_id: str | None = None,
-        conn: asyncpg.Connection | None = None,
     ) -> None:
         """Submit one command to the paired Desktop (idempotent by `command_id`) and
         remember which binding it serves; SubmitRefused when the hub refuses it."""
-        try:
-            command_payload(kind, session_id, payload)
-        except (ValueError, ValidationError) as exc:
-            raise SubmitRefused(
-                "channel.invalid_command", f"that is not a valid {kind}: {exc}"
-            ) from None
-        pairing_id = turn.workspace_id
-        signed_by_us = False
-
-        async def submit(signed: dict | None) -> None:
-            nonlocal signed_by_us
-            signed_by_us = signed is not None
-            fields = {
-                "id": command_id,
-                "kind": kind,
-                "workspace_id": DESKTOP_WORKSPACE,
-                "session_id": session_id,
-                "payload": None if signed else payload,  # signed: it travels sealed only
-                "signed": signed,
-                "actor_id": turn.actor_id,
-                "actor_label": turn.actor_label,
-            }
-            await self._commands.submit(
-                turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
-            )
-
-        try:
-            pairing = await self._pairings.get(turn.tenant, pairing_id)
-            allowed = pairing["allowed_session_ids"]
-            if session_id and allowed is not None and session_id not in allowed:
+        async with self._recorded(turn, command_id, binding_id, kind):
+            try:
+                command_payload(kind, session_id, payload)
+            except (ValueError, ValidationError) as exc:
                 raise SubmitRefused(
-                    "pairing.session_not_allowed",
-                    f"the pairing does not allow session {session_id}",
+                    "channel.invalid_command", f"that is not a valid {kind}: {exc}"
+                ) from None
+            pairing_id = turn.workspace_id
+            signed_by_us = False
+
+            async def submit(signed: dict | None) -> None:
+                nonlocal signed_by_us
+                signed_by_us = signed is not None
+                fields = {
+                    "id": command_id,
+                    "kind": kind,
+                    "workspace_id": DESKTOP_WORKSPACE,
+                    "session_id": session_id,
+                    "payload": None if signed else payload,  # signed: it travels sealed only
+                    "signed": signed,
+                    "actor_id": turn.actor_id,
+                    "actor_label": turn.actor_label,
+                }
+                await self._commands.submit(
+                    turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
                 )
-            # An instance enrolled as a controller of its Desktop signs every command
-            # (docs/sealed.md, "Channels").
-            enrolled = await self._controllers.submit_signed(
-                turn.tenant,
-                turn.instance_id,
-                pairing_id,
-                submit,
-                command_id=command_id,
-                kind=kind,
-                workspace_id=DESKTOP_WORKSPACE,
-                session_id=session_id,
-                payload=payload,
-            )
-            if not enrolled:
-                if pairing.get("reported_trust") == "sealed":
-                    raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
-                await submit(None)
-        except PairingError as exc:
-            # A message processed again signs anew, so its body differs from the
-            # command already submitted under this id: that one stands.
-            if not (exc.code == "command.conflict" and signed_by_us):
-                raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
-        if binding_id is not None:
-            await record_submission(
-                conn or self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
-            )
+
+            try:
+                pairing = await self._pairings.get(turn.tenant, pairing_id)
+                allowed = pairing["allowed_session_ids"]
+                if session_id and allowed is not None and session_id not in allowed:
+                    raise SubmitRefused(
+                        "pairing.session_not_allowed",
+                        f"the pairing does not allow session {session_id}",
+                    )
+                # An instance enrolled as a controller of its Desktop signs every command
+                # (docs/sealed.md, "Channels").
+                enrolled = await self._controllers.submit_signed(
+                    turn.tenant,
+                    turn.instance_id,
+                    pairing_id,
+                    submit,
+                    command_id=command_id,
+                    kind=kind,
+                    workspace_id=DESKTOP_WORKSPACE,
+                    session_id=session_id,
+                    payload=payload,
+                )
+                if not enrolled:
+                    if pairing.get("reported_trust") == "sealed":
+                        raise SubmitRefused("pairing.sealed", REFUSALS["pairing.sealed"])
+                    await submit(None)
+            except PairingError as exc:
+                # A message processed again signs anew, so its body differs from the
+                # command already submitted under this id: that one stands.
+                if not (exc.code == "command.conflict" and signed_by_us):
+                    raise SubmitRefused(exc.code, refusal_text(exc.code, str(exc))) from None
+
+    @contextlib.asynccontextmanager
+    async def _recorded(
+        self, turn: Turn, command_id: str, binding_id: str | None, kind: str
+    ) -> AsyncIterator[None]:
+        """The command's binding, recorded before the command exists: the command is
+        pushed as it is submitted, and the Desktop may answer at once (a refusal takes
+        it no time); the router finds the chat to tell of a failed final only through
+        this record, so one written after the final left the chat without an answer.
+        A submit the hub refuses forgets the record it wrote (no command came of it)."""
+        recorded = binding_id is not None and await record_submission(
+            self._pool, turn.tenant, command_id, binding_id, kind, turn.msg.id
+        )
+        try:
+            yield
+        except SubmitRefused:
+            if recorded:
+                await forget_submission(self._pool, turn.tenant, command_id)
+            raise
 
     async def desktop_online(self, tenant: str, pairing_id: str) -> str:
         try:
@@ -474,8 +491,10 @@ def received_reaction(turn: Turn) -> ChannelOutbound | None:
 
 async def record_submission(
     conn: Any, tenant: str, command_id: str, binding_id: str, kind: str, message_id: str
-) -> None:
-    await conn.execute(
+) -> bool:
+    """Remember which binding a command (or edge work) serves; True if this call wrote
+    the record (False: it was there already, from an earlier try of the message)."""
+    status = await conn.execute(
         "INSERT INTO channel_submissions (tenant, command_id, binding_id, kind, message_id) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, command_id) DO NOTHING",
         tenant,
@@ -483,6 +502,15 @@ async def record_submission(
         binding_id,
         kind,
         message_id,
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def forget_submission(conn: Any, tenant: str, command_id: str) -> None:
+    await conn.execute(
+        "DELETE FROM channel_submissions WHERE tenant = $1 AND command_id = $2",
+        tenant,
+        command_id,
     )
 
 

@@ -356,7 +356,11 @@ class CommandService:
                 if row["state"] == "done" or left <= 0:
                     return row
                 try:
-                    final = await asyncio.wait_for(future, min(left, WAIT_RECHECK))
+                    # Not wait_for: 3.11's returns the result of a final that lands with
+                    # a cancellation (the client gone, the hub stopping) and drops the
+                    # cancellation, and this loop then read on until the deadline.
+                    async with asyncio.timeout(min(left, WAIT_RECHECK)):
+                        final = await future
                 except TimeoutError:
                     final = None
                 if final is not None and final["pairing_id"] == pairing_id:

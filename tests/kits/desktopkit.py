@@ -267,6 +267,19 @@ class RunningDesktop(RunningAgent):
         super().__init__(agent)
         self.pairing_id = agent.pairing_id
 
+    async def listening(self, timeout: float = 30.0) -> None:
+        """Until the relay reads OpenCode's event stream. The agent takes commands as
+        soon as NATS is up, and events of a command run before the stream opens are
+        never relayed (only the resync's state is): at load 19 the stream opened 2 s
+        after the hub showed the Desktop online, time enough for a warm OpenCode to
+        answer a prompt a test sent meanwhile."""
+
+        def reading() -> bool:
+            events = self.agent.relay.events
+            return events is not None and events.connected
+
+        await eventually(reading, timeout, what="the Desktop's relay to read OpenCode's events")
+
     async def kill(self) -> None:
         """A crash: no goodbye, nothing flushed."""
         self.task.cancel()
@@ -289,11 +302,13 @@ async def pair_and_start(
     heartbeat: float = 0.5,
     **pairing: Any,
 ) -> RunningDesktop:
-    """Redeem a new pairing, run its Desktop, and wait until the hub shows it online."""
+    """Redeem a new pairing, run its Desktop, and wait until the hub shows it online
+    and its relay reads OpenCode's events."""
     created, _ = await redeem(http, nats_url, state_dir, **pairing)
     running = await start_desktop(state_dir, opencode_url, heartbeat=heartbeat)
     running.pairing_id = created["pairingId"]
     await wait_online(http, running.pairing_id)
+    await running.listening()
     return running
 
 

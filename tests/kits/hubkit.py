@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import nats
+from desktopkit import eventually
 
 from hub import Hub, HubSettings
 
@@ -124,3 +125,17 @@ async def connect_principal(hub: Hub, principal, ttl=None, **options) -> EdgeCon
     issued = await hub.credentials.issue(principal, _jwt.public_key(seed), ttl=ttl)
     inbox = subjects.inbox_prefix(principal.tenant, str(principal.kind), principal.id)
     return await connect_with(hub.settings.nats_servers[0], issued.user_jwt, seed, inbox, **options)
+
+
+async def waiting_on_a_lock(pool, statement: str, n: int = 1, timeout: float = 10.0) -> None:
+    """Wait until n sessions run `statement` (a marker in its text) blocked on a lock."""
+
+    async def check() -> bool:
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND position($1 in query) > 0",
+            statement,
+        )
+        return bool(waiting >= n)
+
+    await eventually(check, timeout, 0.02, f"{statement!r} waiting on a lock")

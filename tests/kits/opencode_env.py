@@ -58,6 +58,14 @@ QUESTION = {
     "options": [{"label": "Blue", "description": "cool"}, {"label": "Red", "description": "warm"}],
 }
 TITLE = "Fake title"
+# How long a test waits for what OpenCode produces (a reply, a permission, a tool's
+# output) before failing. A fresh `opencode serve` loads its plugins, catalog and the
+# model provider on its first prompt, and the bash tool on its first use: at load 13-18
+# on the 2-core machine its first permission.asked came 28.9 s after the session was
+# made, the same ask in a second session 4.3 s after (one OpenCodeServer, same run).
+# A test that is the first of its OpenCode (a single test run, a module's first) pays
+# that; the waits return as soon as the thing comes.
+OPENCODE_OUTPUT_TIMEOUT = 60.0
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from edges.common import ReconnectPolicy, dial
 from edges.local import NatsServer, free_port
+from hub.core import flushed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +127,9 @@ async def test_a_herd_of_edges_comes_back_after_a_restart_spread_out(tmp_path):
             got.append(msg.data)
 
         sub = await edges[0].subscribe("herd.check", cb=note)
-        await edges[0].flush()
+        # The other edges publish next: the SUB must be at the server first (nats-py's
+        # flush() may PING ahead of it; hub.core._flush).
+        await flushed(edges[0])
         for i, nc in enumerate(edges):
             await nc.publish("herd.check", str(i).encode())
             await nc.flush(timeout=5)

@@ -23,7 +23,7 @@ from desktopkit import (
     wait_online,
 )
 from hubkit import client, running_hub
-from opencode_env import ASK_QUESTION, BASH_OUTPUT, RUN_BASH, SLOW
+from opencode_env import ASK_QUESTION, BASH_OUTPUT, OPENCODE_OUTPUT_TIMEOUT, RUN_BASH, SLOW
 
 from edges.desktop._agent import notify_hub_of_revocation, revoke_locally
 from edges.desktop._store import DesktopStore
@@ -42,7 +42,9 @@ async def _session(http, pairing_id: str, title: str = "remote") -> str:
     return done["result"]["session"]["id"]
 
 
-async def _relayed(http, pairing_id: str, kind: str, session_id: str, timeout: float = 20.0):
+async def _relayed(
+    http, pairing_id: str, kind: str, session_id: str, timeout: float = OPENCODE_OUTPUT_TIMEOUT
+):
     async def found():
         return opencode_events(await events(http, pairing_id), kind, session_id)
 
@@ -70,7 +72,7 @@ async def test_pairing_prompt_and_live_stream(http, desktop, opencode):
 
         await eventually(
             lambda: "reply to: hello there" in streamed_text(),
-            20,
+            OPENCODE_OUTPUT_TIMEOUT,
             what="the streamed reply on the hub's SSE",
         )
         await eventually(
@@ -145,7 +147,7 @@ async def test_permission_under_local_confirmation_then_remote_allowed(
                 BASH_OUTPUT in json.dumps(p) and '"completed"' in json.dumps(p) for p in parts
             )
 
-        await eventually(tool_ran, 20, 0.1, "the bash tool to complete")
+        await eventually(tool_ran, OPENCODE_OUTPUT_TIMEOUT, 0.1, "the bash tool to complete")
         local = [line["action"] for line in DesktopStore(tmp_path / "d").read_audit()]
         assert "command.accepted" in local and "pairing.updated" in local
     finally:
@@ -170,7 +172,7 @@ async def test_question_reply_and_reject(http, desktop):
         asks = opencode_events(await events(http, pid), "question.asked", session)
         return asks[1]["properties"] if len(asks) > 1 else None
 
-    second = await eventually(second_question, 20, 0.1, "a second question")
+    second = await eventually(second_question, OPENCODE_OUTPUT_TIMEOUT, 0.1, "a second question")
     rejected = await run_command(http, pid, "question.reject", session, {"requestId": second["id"]})
     assert rejected["status"] == "completed", rejected
     await _relayed(http, pid, "question.rejected", session)

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from desktopkit import eventually
 from opencode_env import CAPTURES_DIR
 
 from channels import ButtonLimits, Capabilities
@@ -225,17 +226,17 @@ async def test_streamed_text_is_sent_then_edited_with_the_full_text(world):
     assert {d.edit_of_delivery_id for d in edits} == {original.delivery_id}
     assert {d.edit_message_id for d in edits} == {"777"}
     assert len(chat.shown()) == 3  # throttled: no edit per delta, none repeated
-    await asyncio.sleep(0.3)  # the batch commits after its publishes
-    row = await chat.hub.pool.fetchrow(
-        "SELECT delivery_id, text, finished FROM channel_render_messages WHERE tenant = 'acme' "
-        "AND binding_id = $1 AND message_key LIKE 'prt_%#0'",
-        chat.binding,
-    )
-    assert (row["delivery_id"], row["text"], row["finished"]) == (
-        original.delivery_id,
-        "Hello from the fake model.",
-        True,
-    )
+
+    async def stored() -> bool:  # the batch commits after its publishes: up to 10 s
+        row = await chat.hub.pool.fetchrow(
+            "SELECT delivery_id, text, finished FROM channel_render_messages "
+            "WHERE tenant = 'acme' AND binding_id = $1 AND message_key LIKE 'prt_%#0'",
+            chat.binding,
+        )
+        final = (original.delivery_id, "Hello from the fake model.", True)
+        return row is not None and (row["delivery_id"], row["text"], row["finished"]) == final
+
+    await eventually(stored, 10, 0.05, "the message's final render state committed")
     # the deliveries are on the instance's outbound subject, in order
     sub = await chat.hub.js.pull_subscribe(
         f"cw.acme.chan.{chat.instance}.out",

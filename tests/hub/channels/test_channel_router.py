@@ -12,6 +12,7 @@ import json
 
 import pytest
 from desktopkit import eventually
+from hubkit import waiting_on_a_lock
 from routerkit import TENANT, Kit
 
 from schemas import subjects
@@ -201,6 +202,46 @@ async def test_failed_create_session_and_failed_prompt_are_answered_in_chat(kit,
     )
     text = await kit.reply(inst)
     assert "did not run that (prompt): prompts need local confirmation" in text
+
+
+async def test_a_command_refused_before_the_router_is_done_is_still_answered_in_chat(kit, http):
+    """The Desktop may answer a command at once (a refusal takes it no time), while the
+    router that submitted it is still busy with the message: the chat must still hear.
+    (CI: a sealed Desktop's refusal never reached the chat; the router recorded which
+    chat the command serves only after submitting it, and the final found no record.)
+    The router's record is held on a table lock; meanwhile the Desktop answers the
+    message's command if it exists."""
+    inst = await kit.instance(http)
+    await kit.role(inst, "u1", "member")
+    await kit.send(inst, "hello")
+    create = (await kit.commands(inst, at_least=1))[0]
+    await kit.complete(create, {"ok": True, "status": "completed", "session": {"id": "s1"}})
+    hello = (await kit.commands(inst, at_least=2))[1]
+    await kit.complete(hello, {"ok": True, "status": "queued"}, status="queued")
+    await kit.replies(inst, 1)  # the "Desktop is offline" notice for the waited prompt
+    inbound = kit.inbound(inst, "after removal")
+
+    async def refuse_it() -> None:
+        for command in await kit.commands(inst):
+            if command["command_id"] == f"{inbound.id}-prompt" and command["state"] != "done":
+                refused = {"ok": False, "status": "blocked_by_policy", "message": "not enrolled"}
+                await kit.complete(command, refused, status="blocked_by_policy")
+
+    async with kit.hub.pool.acquire() as conn:
+        held = conn.transaction()
+        await held.start()
+        await conn.execute("LOCK TABLE channel_submissions IN SHARE ROW EXCLUSIVE MODE")
+        try:
+            await kit.publish(inst, inbound)
+            await waiting_on_a_lock(kit.hub.pool, "INSERT INTO channel_submissions")
+            await refuse_it()
+        finally:
+            await held.rollback()
+    await kit.commands(inst, at_least=3)
+    await refuse_it()
+    await kit.claim_status(inst, inbound, "done")
+    texts = [r.text or "" for r in await kit.replies(inst, 2, timeout=10)]
+    assert "The Desktop did not run that (prompt): not enrolled." in texts, texts
 
 
 async def test_revoked_pairing_is_a_clear_reply(kit, http):

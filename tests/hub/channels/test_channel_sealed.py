@@ -24,13 +24,16 @@ from channelkit import (
 from desktopkit import TENANT, cowork, eventually, get_pairing, pair_and_start
 from fakeplatforms import FAKES
 from hubkit import client
-from opencode_env import RUN_BASH
+from opencode_env import OPENCODE_OUTPUT_TIMEOUT, RUN_BASH
 from sealedkit import seal
 
 from edges.desktop._sealed import create_invite, load_trust, remove
 from edges.desktop._store import DesktopStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+# The timeout covers the module's servers starting too: at load 19 one run took 50 s to
+# start them and 33 s in `cowork channel enrol`, and hit 120 s before its first prompt;
+# and this one test is the first of its OpenCode (opencode_env.OPENCODE_OUTPUT_TIMEOUT).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 USER = "7"
 ENROLLED, STRANGER = "tg-sealed", "tg-unenrolled"
@@ -118,6 +121,7 @@ async def _drive(hub, admin, desktop, fakes, opencode) -> None:
         fakes[ENROLLED],
         "101",
         lambda p: f"reply to: {marker}" in p.text,
+        timeout=OPENCODE_OUTPUT_TIMEOUT,
         what="the opened reply",
     )
     rows = await hub.pool.fetch(
@@ -148,6 +152,7 @@ async def _drive(hub, admin, desktop, fakes, opencode) -> None:
         fake,
         "103",
         lambda p: any("allow" in label.lower() for row in p.buttons for label in row),
+        timeout=OPENCODE_OUTPUT_TIMEOUT,  # the bash tool's first use
         what="the permission request with buttons",
     )
     press = fake.signed_button_press(

@@ -20,11 +20,12 @@ import nats
 import nats.errors
 import pytest
 from desktopkit import TENANT, command, eventually, get_pairing, redeem, submit
-from hubkit import client, operator_nats, running_hub
+from hubkit import client, operator_nats, running_hub, waiting_on_a_lock
 
 from edges.common._credentials import EdgeCredentials
 from hub.auth import _jwt
 from hub.core import flushed
+from hub.desktop import _commands as commands_module
 from hub.desktop._commands import REPUSH_AFTER
 from schemas import (
     AckReply,
@@ -457,20 +458,6 @@ async def test_submits_at_once_lease_only_the_first_and_the_rest_go_in_order(hub
     assert (await get_pairing(http, pid))["lastCommandSequence"] == 8
 
 
-async def _waiting_on_the_lock(hub, statement: str, n: int = 1) -> None:
-    """Wait until n sessions run `statement` (a marker in its text) blocked on a lock."""
-
-    async def check() -> bool:
-        waiting = await hub.pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND position($1 in query) > 0",
-            statement,
-        )
-        return bool(waiting >= n)
-
-    await eventually(check, 5, 0.02, f"{statement!r} waiting on the pairing's row lock")
-
-
 @pytest.mark.parametrize("first", ["final ack", "submit"])
 async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_once(
     hub, http, paired, first
@@ -505,12 +492,12 @@ async def test_a_final_ack_racing_a_submit_still_gets_the_next_command_pushed_on
         acked: asyncio.Task | None = None
         if first == "final ack":
             acked = asyncio.create_task(paired.ack(cmd, "completed"))
-            await _waiting_on_the_lock(hub, "WITH cur AS")
+            await waiting_on_a_lock(hub.pool, "WITH cur AS")
         submitted = asyncio.create_task(submit(http, pid, "status"))
-        await _waiting_on_the_lock(hub, "WITH seq AS")
+        await waiting_on_a_lock(hub.pool, "WITH seq AS")
         if acked is None:
             acked = asyncio.create_task(paired.ack(cmd, "completed"))
-            await _waiting_on_the_lock(hub, "WITH cur AS")
+            await waiting_on_a_lock(hub.pool, "WITH cur AS")
         await held.rollback()
     finally:
         await hub.pool.release(lock)
@@ -570,7 +557,14 @@ async def test_a_final_ack_to_a_lease_never_accepted_is_audited_as_the_accept_to
 
 
 # --- waiting for the result ------------------------------------------------------------------
-async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired):
+@pytest.fixture
+def slow_recheck(monkeypatch):
+    """A waiter's periodic read of the row every 30 s instead of 0.5 s: a waiter that
+    answers within a few seconds was woken by the final, however loaded the machine."""
+    monkeypatch.setattr(commands_module, "WAIT_RECHECK", 30.0)
+
+
+async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, paired, slow_recheck):
     await _online(http, paired)
     base = f"/api/v1/tenants/{TENANT}/pairings/{paired.pairing_id}/commands"
     waiting = asyncio.create_task(http.post(base, params={"wait": 10}, json={"kind": "status"}))
@@ -580,7 +574,7 @@ async def test_post_with_wait_answers_with_the_result_once_it_is_final(http, pai
     t0 = time.monotonic()
     assert (await paired.ack(cmd, "completed")).ok
     response = await waiting
-    assert time.monotonic() - t0 < 0.4  # woken by the ack, not by a periodic read
+    assert time.monotonic() - t0 < 5.0  # woken by the ack, not by a periodic read
     assert response.status_code == 201
     view = response.json()
     assert view["commandId"] == cmd.id and view["sequence"] == cmd.sequence
@@ -610,7 +604,9 @@ async def test_get_with_wait_is_woken_by_the_final_ack_or_ends_with_the_wait(htt
     assert (await http.get(path, params={"wait": 61})).status_code == 400
 
 
-async def test_a_final_announced_by_another_replica_wakes_the_waiter(hub, http, paired):
+async def test_a_final_announced_by_another_replica_wakes_the_waiter(
+    hub, http, paired, slow_recheck
+):
     """The final ack of a command may reach another hub replica: its notice on
     FINAL_NOTICE wakes this one's waiter, which reads the row (not the notice)."""
     from hub.desktop._commands import FINAL_NOTICE
@@ -631,9 +627,35 @@ async def test_a_final_announced_by_another_replica_wakes_the_waiter(hub, http, 
     t0 = time.monotonic()
     await hub.nc.publish(FINAL_NOTICE, f"{TENANT} {cmd.id}".encode())
     row = await waiting
-    assert time.monotonic() - t0 < 0.3  # the notice, not the periodic read
+    assert time.monotonic() - t0 < 5.0  # the notice, not the periodic read
     assert row["command_id"] == submitted["commandId"] and row["state"] == "done"
     assert not hub.commands._waiters  # nothing left registered
+
+
+async def test_a_waiter_cancelled_as_its_final_lands_ends_at_once(hub, http, paired):
+    """A request waiting for a command is cancelled (its client left, the hub stops) in
+    the very turn a final wakes it: it must end then, not read on until its deadline
+    (3.11's wait_for returned the final and dropped the cancellation)."""
+    await _online(http, paired)
+    submitted = await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    known = await hub.commands.get(TENANT, paired.pairing_id, cmd.id)
+    # With the row known there is no first read: one turn parks it on its future.
+    waiting = asyncio.create_task(
+        hub.commands.wait_final(TENANT, paired.pairing_id, cmd.id, 30, known=known)
+    )
+    await asyncio.sleep(0)
+    assert hub.commands._waiters.get((TENANT, cmd.id)), "parked on its future"
+    hub.commands._wake(TENANT, cmd.id, None)  # another replica's notice: read the row
+    waiting.cancel()  # in the same turn
+    try:
+        await asyncio.wait({waiting}, timeout=5)
+        assert waiting.cancelled(), "the cancellation was dropped: still waiting"
+        assert not hub.commands._waiters
+        assert submitted["commandId"] == cmd.id
+    finally:  # a waiter that dropped it must not outlive the test
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
 
 
 # --- ack refusals ---------------------------------------------------------------------------
