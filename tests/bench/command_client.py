@@ -14,7 +14,15 @@ pairing's commands path) and talks to it in JSON lines:
   machine, so the bench lines the spans up with the hub's and the Desktop's
   stages) when the request was sent and when its answer, `state: done`, was
   parsed, and this process's CPU for the whole run;
+- `{"raw": N}`: N `GET /healthz` one after another on the same connection, the
+  bare HTTP round trip of this client to the hub; answer {"samples": [seconds, ...],
+  "cpuSeconds"};
 - `stop`: answers {stopped} and ends.
+
+The client is aiohttp's (C-accelerated parser, the hub's own HTTP library): until
+2026-12-07 it was httpx, whose pure-Python HTTP/1.1 (h11) cost this process about
+2.6 ms of CPU per command, on the path of every command, and the bench counted it
+as the hub's overhead (docs/performance.md, "Fourth round").
 """
 
 from __future__ import annotations
@@ -24,7 +32,32 @@ import json
 import sys
 import time
 
-import httpx
+import aiohttp
+
+
+async def commands(http: aiohttp.ClientSession, path: str, n: int) -> dict:
+    spans, cpu = [], time.process_time()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        async with http.post(path, params={"wait": "20"}, json={"kind": "status"}) as r:
+            view = await r.json()
+            t1 = time.perf_counter()
+            if r.status != 201 or view.get("state") != "done":
+                return {"error": f"{r.status}: {json.dumps(view)[:500]}"}
+        spans.append([view["commandId"], t0, t1, view.get("status")])
+    return {"spans": spans, "cpuSeconds": time.process_time() - cpu}
+
+
+async def raw(http: aiohttp.ClientSession, n: int) -> dict:
+    samples, cpu = [], time.process_time()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        async with http.get("/healthz") as r:
+            await r.read()
+            if r.status != 200:
+                return {"error": f"/healthz answered {r.status}"}
+        samples.append(time.perf_counter() - t0)
+    return {"samples": samples, "cpuSeconds": time.process_time() - cpu}
 
 
 async def main() -> None:
@@ -38,24 +71,17 @@ async def main() -> None:
         sys.stdout.flush()
 
     headers = {"Authorization": f"Bearer {spec['token']}"}
-    async with httpx.AsyncClient(base_url=spec["url"], headers=headers, timeout=30) as http:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(spec["url"], headers=headers, timeout=timeout) as http:
         answer({"ready": True})
         while line := (await reader.readline()).decode().strip():
             if line == "stop":
                 break
-            n = int(json.loads(line)["n"])
-            spans, cpu = [], time.process_time()
-            for _ in range(n):
-                t0 = time.perf_counter()
-                r = await http.post(spec["path"], params={"wait": 20}, json={"kind": "status"})
-                view = r.json()
-                t1 = time.perf_counter()
-                if r.status_code != 201 or view.get("state") != "done":
-                    answer({"error": f"{r.status_code}: {r.text[:500]}"})
-                    break
-                spans.append([view["commandId"], t0, t1, view.get("status")])
+            asked = json.loads(line)
+            if "raw" in asked:
+                answer(await raw(http, int(asked["raw"])))
             else:
-                answer({"spans": spans, "cpuSeconds": time.process_time() - cpu})
+                answer(await commands(http, spec["path"], int(asked["n"])))
     answer({"stopped": True})
 
 

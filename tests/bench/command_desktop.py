@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from relay_load import desktop_from_stdin
 
 from edges.desktop._agent import DesktopAgent
+from hub.cli._loop import EVENT_LOOP_ENV, use_event_loop
 
 
 def probe(agent: DesktopAgent, marks: dict[str, dict[str, float]]) -> None:
@@ -78,7 +80,8 @@ async def main() -> None:
 
     while not agent.connected.is_set() and not task.done():
         await asyncio.sleep(0.02)
-    answer({"ready": agent.connected.is_set()})
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+    answer({"ready": agent.connected.is_set(), "loop": loop})
     try:
         while line := (await reader.readline()).decode().strip():
             if line == "marks":
@@ -95,4 +98,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # The loop `cowork desktop run` gets (hub/cli/_loop.py: uvloop where installed),
+    # so that the bench's Desktop is the product's, event loop included.
+    use_event_loop(os.environ.get(EVENT_LOOP_ENV, "auto"))
     asyncio.run(main())
