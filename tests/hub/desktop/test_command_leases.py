@@ -658,6 +658,30 @@ async def test_a_waiter_cancelled_as_its_final_lands_ends_at_once(hub, http, pai
         await asyncio.gather(waiting, return_exceptions=True)
 
 
+async def test_a_final_resumes_its_waiting_request_in_the_next_loop_turn(hub, http, paired):
+    """The replica that commits a final wakes its own waiters with the row, and the
+    waiting request runs in the very next event-loop turn: nothing between the wake
+    and the request (as `asyncio.wait_for`'s own callback was) puts it another turn
+    back, behind whatever else became ready meanwhile (the ack's answer, the next
+    push, the command's events)."""
+    await _online(http, paired)
+    await submit(http, paired.pairing_id, "status")
+    cmd = await paired.next_command()
+    row = dict(
+        await hub.pool.fetchrow("SELECT * FROM pairing_commands WHERE command_id = $1", cmd.id)
+    )
+    waiting = asyncio.create_task(
+        hub.commands.wait_final(TENANT, paired.pairing_id, cmd.id, 10, known=row)
+    )
+    await asyncio.sleep(0)  # it registers and waits (the row is known: no read)
+    assert not waiting.done()
+    hub.commands._wake(TENANT, cmd.id, row | {"state": "done"})  # as _announce_final does
+    await asyncio.sleep(0)  # one turn
+    assert waiting.done(), "the woken request did not run in the next loop turn"
+    assert (await waiting)["state"] == "done"
+    assert not hub.commands._waiters  # nothing left registered
+
+
 # --- ack refusals ---------------------------------------------------------------------------
 async def test_a_made_up_token_is_refused_and_audited(hub, http, paired):
     await _online(http, paired)
