@@ -392,7 +392,11 @@ class ChannelRouter:
 
     async def on_command_final(self, tenant: str, command: dict) -> None:
         """A Desktop command finished: a binding's session now exists (or could not be
-        made), or a chat's command failed and the chat should hear why."""
+        made), or a chat's command failed and the chat should hear why. A command no
+        channel submitted (`from_channel` false; NULL: accepted before the column
+        existed) is none of the router's business: no read, off every command's path."""
+        if command.get("from_channel") is False:
+            return
         sub = await self._pool.fetchrow(
             "SELECT s.*, b.instance_id, b.chat_id, b.thread_key, b.is_direct "
             "FROM channel_submissions s JOIN channel_bindings b USING (tenant, binding_id) "

@@ -267,7 +267,10 @@ class ChannelSessions:
                     "actor_label": turn.actor_label,
                 }
                 await self._commands.submit(
-                    turn.tenant, pairing_id, {k: v for k, v in fields.items() if v is not None}
+                    turn.tenant,
+                    pairing_id,
+                    {k: v for k, v in fields.items() if v is not None},
+                    channel=True,
                 )
 
             try:

@@ -101,6 +101,8 @@ REPUSH = """
 # command (queued, leased, accepted) always keeps the one after it queued for
 # `dispatch`. Final acks go strictly in sequence (ACK), and a revocation, the one
 # other way a command ends, leaves a pairing that takes no commands.
+# $15: whether a channel submits it (`from_channel`: its final is the channel
+# router's business only then).
 SUBMIT = """
     WITH seq AS (
         UPDATE pairings SET next_command_sequence = next_command_sequence + 1
@@ -114,13 +116,14 @@ SUBMIT = """
             AND last_command_sequence = next_command_sequence - 1 AS lease_now)
     INSERT INTO pairing_commands (tenant, command_id, pairing_id, sequence, kind,
         workspace_id, session_id, actor_id, actor_label, payload, body_hash, signed,
-        state, lease_token, lease_expires_at, attempts, pushed_at)
+        state, lease_token, lease_expires_at, attempts, pushed_at, from_channel)
     SELECT $1, $3, $2, next_command_sequence, $4, $5, $6, $7, $8, $9, $10, $11,
         CASE WHEN lease_now THEN 'leased' ELSE 'queued' END,
         CASE WHEN lease_now THEN $13::text END,
         CASE WHEN lease_now THEN now() + $14::interval END,
         CASE WHEN lease_now THEN 1 ELSE 0 END,
-        CASE WHEN lease_now THEN now() END
+        CASE WHEN lease_now THEN now() END,
+        $15
     FROM seq
     RETURNING *"""
 # An ack in one statement (one round trip, atomic), for the common case: the ack
@@ -230,12 +233,14 @@ class CommandService:
         fields: dict[str, Any],
         *,
         allowlists: bool = False,
+        channel: bool = False,
     ) -> dict:
         """Accept a validated command (fields: id?, kind, workspace_id, session_id,
         payload, actor_id, actor_label, signed); idempotent by id. `signed` (a
         controller's signed command, camelCase JSON) is stored and pushed as it came.
         `allowlists`: refuse a workspace or session the pairing does not allowlist
         (checked before the id: a repeat of a command no longer allowed is refused).
+        `channel`: a channel submits it (the row's `from_channel`).
         Pushed at once when it is the Desktop's only open command (SUBMIT)."""
         command_id = fields.pop("id", None) or new_id()
         digest = body_hash(fields)
@@ -254,6 +259,7 @@ class CommandService:
             allowlists,
             secrets.token_urlsafe(24),
             self.lease,
+            channel,
         )
         async with self._pool.acquire() as conn:
             try:

@@ -244,6 +244,34 @@ async def test_a_command_refused_before_the_router_is_done_is_still_answered_in_
     assert "The Desktop did not run that (prompt): not enrolled." in texts, texts
 
 
+async def test_the_router_reads_after_a_final_only_for_a_channels_command(kit, http, hub):
+    """A command's row says whether a channel submitted it (`from_channel`), and the
+    router looks for its chat after the final only then: a command another client
+    sent (the admin API) costs no read after its final ack, and no chat hears of it,
+    even with a channel submission under its id (written here by hand: only a
+    channel's own submit writes one)."""
+    inst = await kit.instance(http)
+    await kit.role(inst, "u1", "member")
+    await kit.send(inst, "hello")
+    create = (await kit.commands(inst, at_least=1))[0]
+    assert create["from_channel"] is True
+    sent = await hub.commands.submit(  # as the admin API submits
+        TENANT, inst["workspace_id"], {"kind": "status", "workspace_id": "local"}
+    )
+    other = next(c for c in await kit.commands(inst, 2) if c["command_id"] == sent["command_id"])
+    assert other["from_channel"] is False
+    await hub.pool.execute(
+        "INSERT INTO channel_submissions (tenant, command_id, binding_id, kind, message_id) "
+        "SELECT tenant, $2, binding_id, 'prompt', 'by-hand' FROM channel_submissions "
+        "WHERE tenant = $1 AND command_id = $3",
+        TENANT,
+        other["command_id"],
+        create["command_id"],
+    )
+    await kit.complete(other, {"ok": False, "status": "failed", "message": "no"}, "failed")
+    await kit.no_reply(inst)
+
+
 async def test_revoked_pairing_is_a_clear_reply(kit, http):
     inst = await kit.instance(http)
     await kit.role(inst, "u1", "member")
