@@ -537,15 +537,21 @@ IDLE_WINDOW = 5.0  # seconds the hub is watched with no command, for its idle ra
 
 
 async def _work_counts(hub) -> dict[str, float]:
-    """Counters of the work on the command path: PostgreSQL commits (the whole
+    """Counters of the work on the command path: PostgreSQL commits and the time its
+    sessions spent running statements, commits' WAL flushes included (the whole
     database, as pg_stat_database counts them; its statistics lag by up to a
-    second) and the NATS messages the hub's connection sent and received."""
-    commits = await hub.pool.fetchval(
-        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    second), the scans of channel_submissions (the channel router's read after a
+    final), and the NATS messages the hub's connection sent and received."""
+    db = await hub.pool.fetchrow(
+        "SELECT xact_commit, active_time, (SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) "
+        "FROM pg_stat_user_tables WHERE relname = 'channel_submissions') AS router_reads "
+        "FROM pg_stat_database WHERE datname = current_database()"
     )
     stats = hub.nc.stats
     return {
-        "PostgreSQL commits": float(commits),
+        "PostgreSQL commits": float(db["xact_commit"]),
+        "PostgreSQL active ms": float(db["active_time"]),
+        "channel_submissions reads": float(db["router_reads"]),
         "hub NATS messages out": float(stats["out_msgs"]),
         "hub NATS messages in": float(stats["in_msgs"]),
     }
