@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js.client import JetStreamContext
 from pydantic_core import to_json
 
 from schemas import (
@@ -121,6 +122,7 @@ class EventRelay:
         self._pending: list[tuple[str, str, bytes]] = []  # taken this turn, not written yet
         self._wake_on_persist = False  # something taken this turn wakes the publisher
         self._nc: NATS | None = None
+        self._js: tuple[NATS, JetStreamContext] | None = None  # see _jetstream
         self._wakeup = asyncio.Event()
         self.published = 0
         self.events: OpenCodeEvents | None = None
@@ -277,8 +279,17 @@ class EventRelay:
                 backoff = min(backoff * 2, 5.0)
                 self._wakeup.set()
 
+    def _jetstream(self, nc: NATS) -> JetStreamContext:
+        """One JetStream context per connection: a context subscribes its own reply
+        inbox at its first `publish_async` and never unsubscribes it, so a context
+        per drain left one more subscription on the connection (and the server) at
+        every drain, without bound."""
+        if self._js is None or self._js[0] is not nc:
+            self._js = (nc, nc.jetstream(timeout=PUBLISH_TIMEOUT))
+        return self._js[1]
+
     async def _drain(self, nc: NATS) -> None:
-        js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        js = self._jetstream(nc)
         self.persist()
         while rows := self.store.outbox_peek(BATCH):
             futures = [

@@ -110,6 +110,34 @@ async def test_sse_resumes_from_last_event_id(http, desktop):
     assert got == list(range(middle + 1, got[-1] + 1)), "resumed after the id, no gap, no dup"
 
 
+async def test_relaying_turn_after_turn_adds_no_subscription(http, desktop):
+    """Each publish of the relay's outbox (a drain) used a JetStream context of its
+    own, whose first async publish subscribes a reply inbox that is never removed:
+    one more subscription on the Desktop's connection, and on the server, at every
+    drain of a Desktop's life. The count now stays what it was after the first turn."""
+    pid = desktop.pairing_id
+    session = await _session(http, pid)
+    await run_command(http, pid, "prompt", session, {"text": "warm up"})
+    await _relayed(http, pid, "session.idle", session)
+    nc = desktop.agent.nc
+    assert nc is not None
+    subscriptions, published = len(nc._subs), desktop.agent.relay.published
+    for turn in range(3):
+        await run_command(http, pid, "prompt", session, {"text": f"turn {turn}"})
+        await _idles(http, pid, session, turn + 2)
+    assert desktop.agent.relay.published > published + 3, "several drains happened"
+    assert desktop.agent.nc is nc, "one connection throughout"
+    assert len(nc._subs) == subscriptions
+
+
+async def _idles(http, pairing_id: str, session_id: str, count: int) -> None:
+    async def enough():
+        found = opencode_events(await events(http, pairing_id), "session.idle", session_id)
+        return len(found) >= count
+
+    await eventually(enough, OPENCODE_OUTPUT_TIMEOUT, 0.1, f"{count} session.idle events")
+
+
 async def test_permission_under_local_confirmation_then_remote_allowed(
     hub, http, opencode, operator_nats_url, tmp_path
 ):
