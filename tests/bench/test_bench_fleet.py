@@ -555,9 +555,9 @@ def _print(r: dict) -> None:
         f" (1-minute load average {r['load_avg_connect']:.1f})"
     )
     for n, ran in enumerate(r["connect_loads"], 1):
-        ages = "/".join(f"{t:.1f}" for t in ran["agentSeconds"])
+        timings = "/".join(f"{t:.1f}" for t in ran["agentSeconds"])
         print(
-            f"    load {n}: {ran['connected']} agents, each connected at p50/p90/max {ages} s,"
+            f"    load {n}: {ran['connected']} agents, each connected at p50/p90/max {timings} s,"
             f" failed first-connect attempts {ran['retries'] or 0}, CPU {ran['cpuSeconds']:.0f} s"
         )
     print(
