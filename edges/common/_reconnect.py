@@ -22,12 +22,19 @@ and for every reconnection, for the Desktop and the Gateway:
   that timed out only because the client was busy gets longer next time
   instead of being repeated as it was;
 - with several servers (a NATS cluster), the one with the fewest failures in a
-  row is tried next, so a dead node is left for a live one at the first wait.
+  row is tried next, so a dead node is left for a live one at the first wait;
+- the first connections of one process go `at_once` at a time (`dial`): every
+  attempt in flight shares one event loop, so a process starting thousands of
+  agents at once (a fleet host, the fleet benchmark's load processes) made every
+  attempt as slow as all of them together: on a starved machine none finished
+  within its timeout, each was given up and tried again, and a fleet that should
+  have taken a minute took ten. An attempt's timeout runs from when it goes, not
+  from when it queued.
 
 Read from the environment by `ReconnectPolicy.from_env()` (documented in
 docs/operations.md): `COWORK_EDGE_RECONNECT_WAIT` (0.5 s),
 `COWORK_EDGE_RECONNECT_MAX_WAIT` (10 s), `COWORK_EDGE_CONNECT_TIMEOUT` (5 s),
-`COWORK_EDGE_CONNECT_TIMEOUT_MAX` (30 s).
+`COWORK_EDGE_CONNECT_TIMEOUT_MAX` (30 s), `COWORK_EDGE_CONNECTS_AT_ONCE` (16).
 
 `dial()` makes one connection attempt with the policy's timeout (nats-py's first
 connect would otherwise retry on its own fixed schedule); once connected, nats-py
@@ -36,8 +43,10 @@ reconnects forever on the policy's schedule (its `reconnect_to_server_handler`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +61,7 @@ ENV = {
     "max_wait": "COWORK_EDGE_RECONNECT_MAX_WAIT",
     "connect_timeout": "COWORK_EDGE_CONNECT_TIMEOUT",
     "max_connect_timeout": "COWORK_EDGE_CONNECT_TIMEOUT_MAX",
+    "at_once": "COWORK_EDGE_CONNECTS_AT_ONCE",
 }
 
 
@@ -63,12 +73,15 @@ class ReconnectPolicy:
     max_wait: float = 10.0
     connect_timeout: float = 5.0
     max_connect_timeout: float = 30.0
+    at_once: int = 16  # first-connect attempts in flight in one process (and event loop)
 
     def __post_init__(self) -> None:
         for name in ENV:
             value = getattr(self, name)
             if not 0 < value <= 3600:
-                raise ValueError(f"{ENV[name]} must be between 0 and 3600 seconds, not {value}")
+                raise ValueError(f"{ENV[name]} must be between 0 and 3600, not {value}")
+        if self.at_once != int(self.at_once):
+            raise ValueError(f"{ENV['at_once']} must be a whole number, not {self.at_once}")
         if self.max_wait < self.wait:
             raise ValueError(
                 f"{ENV['max_wait']} ({self.max_wait}) is shorter than {ENV['wait']} ({self.wait})"
@@ -83,15 +96,16 @@ class ReconnectPolicy:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ReconnectPolicy:
         """The policy the COWORK_EDGE_* variables set; ValueError names a bad one."""
         env = os.environ if environ is None else environ
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}
         for name, var in ENV.items():
             text = env.get(var, "").strip()
             if not text:
                 continue
             try:
-                values[name] = float(text)
+                values[name] = int(text) if name == "at_once" else float(text)
             except ValueError:
-                raise ValueError(f"{var} must be a number of seconds, not {text!r}") from None
+                what = "a whole number" if name == "at_once" else "a number of seconds"
+                raise ValueError(f"{var} must be {what}, not {text!r}") from None
         return cls(**values)
 
     def wait_before(self, failures: int, first: float | None = None) -> float:
@@ -106,12 +120,24 @@ class ReconnectPolicy:
         return min(self.max_connect_timeout, self.connect_timeout * 2 ** min(failures, 30))
 
 
+# One gate per event loop and limit: the attempts that share a loop share its time.
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gate(at_once: int) -> asyncio.Semaphore:
+    by_limit = _gates.setdefault(asyncio.get_running_loop(), {})
+    return by_limit.setdefault(at_once, asyncio.Semaphore(at_once))
+
+
 async def dial(
     servers: list[str], policy: ReconnectPolicy, *, failures: int = 0, **options: Any
 ) -> NATS:
     """One attempt to connect (each server at most twice, with the timeout for an
-    attempt after `failures` failures); raises what nats-py raised. The connection
-    it returns reconnects forever on `policy`'s schedule."""
+    attempt after `failures` failures), once fewer than `policy.at_once` other
+    attempts of this event loop are in flight; raises what nats-py raised. The
+    connection it returns reconnects forever on `policy`'s schedule."""
     nc = NATS()
 
     def choose(pool: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
@@ -123,17 +149,18 @@ async def dial(
         return server, policy.wait_before(server.reconnects, first)
 
     try:
-        await nc.connect(
-            servers,
-            # The first connect: nats-py would retry on its own (fixed) schedule,
-            # with reconnects allowed; one attempt here, the caller waits by the policy.
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0,
-            connect_timeout=policy.timeout_for(failures),  # type: ignore[arg-type]  # (a float works)
-            reconnect_to_server_handler=choose,
-            **options,
-        )
+        async with _gate(policy.at_once):
+            await nc.connect(
+                servers,
+                # The first connect: nats-py would retry on its own (fixed) schedule,
+                # with reconnects allowed; one attempt here, the caller waits by the policy.
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=policy.timeout_for(failures),  # type: ignore[arg-type]  # (a float works)
+                reconnect_to_server_handler=choose,
+                **options,
+            )
     except BaseException:
         # An attempt that failed is not a connection that closed: the caller's
         # callbacks (a Gateway connects again from scratch on close) must not run.

@@ -99,6 +99,27 @@ async def fake_opencode() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+class Retries(logging.Handler):
+    """Counts the agents' failed first-connect attempts (their `*.connect_retry` log
+    lines) by what failed, so a slow start says whether connections were given up."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.endswith("connect_retry: %s"):
+            reason = type(record.args[0]).__name__ if record.args else "?"  # type: ignore[index]
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def install(self) -> None:
+        for name in ("cowork.edge.desktop", "cowork.edge.gateway"):
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False  # (the rest of their INFO lines: not printed)
+            logger.addHandler(self)
+
+
 class Fleet:
     def __init__(self, spec: dict, opencode_url: str) -> None:
         self.spec, self.opencode_url = spec, opencode_url
@@ -107,6 +128,9 @@ class Fleet:
         self.gateway_dirs: list[Path] = []
         self.agents: list[Any] = []
         self.tasks: list[asyncio.Task] = []
+        self.retries = Retries()
+        self.connect_times: list[float] = []
+        self._timers: list[asyncio.Task] = []  # (not agents: kept out of `tasks`)
 
     async def pair(self) -> dict:
         url, gate = self.spec["natsUrl"], asyncio.Semaphore(int(self.spec["pairAtOnce"]))
@@ -177,11 +201,26 @@ class Fleet:
             if all(t.done() for t in self.tasks):
                 break
             await asyncio.sleep(0.2)
-        return {"seconds": time.monotonic() - started, "connected": self.connected()}
+        times = sorted(self.connect_times)
+        return {
+            "seconds": time.monotonic() - started,
+            "connected": self.connected(),
+            # per agent, from the start of `run` to its bus connected: p50/p90/max
+            "agentSeconds": [times[int(q * (len(times) - 1))] for q in (0.5, 0.9, 1.0)]
+            if times
+            else [],
+            "retries": dict(self.retries.counts),
+            "cpuSeconds": time.process_time(),
+        }
 
     def _start(self, agent: Any) -> None:
         self.agents.append(agent)
         self.tasks.append(asyncio.create_task(agent.run()))
+        self._timers.append(asyncio.create_task(self._timed(agent, time.monotonic())))
+
+    async def _timed(self, agent: Any, started: float) -> None:
+        await agent.connected.wait()
+        self.connect_times.append(time.monotonic() - started)
 
     def connected(self) -> int:
         return sum(
@@ -205,7 +244,7 @@ class Fleet:
             agent.stop()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=30)
-        for task in self.tasks:
+        for task in (*self.tasks, *self._timers):
             task.cancel()
         return {"cpuSeconds": time.process_time(), "failed": ended}
 
@@ -219,6 +258,7 @@ async def main() -> None:
     spec = json.loads(await reader.readline())
     runner, opencode_url = await fake_opencode()
     fleet = Fleet(spec, opencode_url)
+    fleet.retries.install()
     handlers = {"pair": fleet.pair, "run": fleet.run, "stop": fleet.stop}
 
     def answer(body: dict) -> None:

@@ -319,12 +319,14 @@ async def test_fleet(bus, database_url_module, tmp_path):
 
 async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
     # --- pairing ---------------------------------------------------------------------
+    _phase("creating pairing codes and registrations")
     started = time.monotonic()
     codes = await _codes(http, DESKTOPS)
     credentials = await _credentials(http, GATEWAYS)
     report["create_s"] = time.monotonic() - started
     for spec in _specs(server.url, tmp_path / "edges", codes, credentials):
         loads.append(await FleetLoad.start(spec))
+    _phase("redeeming and registering")
     started = time.monotonic()
     paired = await asyncio.gather(*(load.ask("pair") for load in loads))
     report["redeem_s"] = time.monotonic() - started
@@ -343,14 +345,18 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
     await _commands(http, sample, 5)  # warm-up
     report["cmd_idle"] = await _commands(http, sample, COMMANDS)
     # --- the whole fleet -------------------------------------------------------------------
+    _phase(f"starting the fleet in {len(loads) - 1} load processes")
     started = time.monotonic()
     ran = await asyncio.gather(*(load.ask("run") for load in loads[1:]))
     report["connect_s"] = time.monotonic() - started
+    report["connect_loads"] = ran
+    report["load_avg_connect"] = os.getloadavg()[0]
     assert sum(r["connected"] for r in ran) == DESKTOPS - len(sample) + GATEWAYS, ran
     await _until(lambda: _all_online(pool), 300, "the fleet online")
     report["online_s"] = time.monotonic() - started
     await asyncio.sleep(2 * max(DESKTOP_HEARTBEAT, GATEWAY_HEARTBEAT))  # settle
     # --- the steady window -----------------------------------------------------------------
+    _phase("steady window")
     usage = Usage(hub.proc.pid, server.pid, await _postmaster(pool))
     mark, late_before = await _audit_mark(pool), _late((await http.get("/metrics")).text)
     cpu_before, wall_before = usage.cpu(), time.monotonic()
@@ -500,6 +506,15 @@ async def _heard_since(pool: asyncpg.Pool, since: float) -> bool:
     return now["desktops_heard"] == DESKTOPS and now["gateways_heard"] == GATEWAYS
 
 
+def _phase(what: str) -> None:
+    """A progress line as each phase starts (a 10,000-edge run takes minutes per phase),
+    with the machine's load then."""
+    print(
+        f"\n[{time.strftime('%H:%M:%S')}] {what}; 1-minute load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
 def _ms(samples: list[float]) -> str:
     return (
         f"p50 {1000 * statistics.median(samples):.1f} ms, "
@@ -537,7 +552,14 @@ def _print(r: dict) -> None:
     )
     print(
         f"  fleet connected in {r['connect_s']:.1f} s, all online at the hub in {r['online_s']:.1f} s"
+        f" (1-minute load average {r['load_avg_connect']:.1f})"
     )
+    for n, ran in enumerate(r["connect_loads"], 1):
+        timings = "/".join(f"{t:.1f}" for t in ran["agentSeconds"])
+        print(
+            f"    load {n}: {ran['connected']} agents, each connected at p50/p90/max {timings} s,"
+            f" failed first-connect attempts {ran['retries'] or 0}, CPU {ran['cpuSeconds']:.0f} s"
+        )
     print(
         f"  steady window {r['window_s']:.0f} s: CPU (% of one core) hub {cpu['hub']:.1f}, "
         f"PostgreSQL {cpu['pg']:.1f}, NATS {cpu['nats']:.1f}, load processes "

@@ -17,8 +17,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edges.common import ReconnectPolicy, dial
+from edges.common import EdgeCredentials, ReconnectPolicy, dial, new_user_seed
 from edges.local import NatsServer, free_port
+from hub.auth import _jwt
 from hub.core import flushed
 
 pytestmark = pytest.mark.timeout(60)
@@ -188,6 +189,68 @@ async def test_the_first_connect_is_one_attempt_whose_timeout_grows_with_failure
         await silent.wait_closed()
 
 
+@pytest.mark.timeout(180)
+async def test_hundreds_of_edges_started_at_once_in_one_process_each_connect_at_the_first_try(
+    operator_nats_url, bus_keys
+):
+    """A process that starts hundreds of edges at once (a fleet host; the fleet
+    benchmark's load processes, 2,750 each). nats-server gives a client 2 s from its
+    greeting to authenticate, then hangs up. With every attempt in flight at once,
+    each one's CONNECT waited behind all the others' work on the one event loop,
+    came too late, and was reset: 23 attempts per edge, 10 minutes for 2,200 edges
+    on a loaded machine (docs/performance.md, "Fleet"). Here each CONNECT's signing
+    costs 10 ms of the loop (standing for the rest of a busy process's work: 300
+    of them are 3 s, over the server's 2 s); `at_once` at a time, every edge is
+    connected by its first attempt."""
+    seed = new_user_seed()
+    token, _ = bus_keys.mint_user(
+        _jwt.public_key(seed),
+        name="herd",
+        pub_allow=["_INBOX.>"],
+        sub_allow=["_INBOX.>"],
+        ttl_seconds=600,
+    )
+    options = EdgeCredentials(token, seed).connect_options()
+    sign = options["signature_cb"]
+
+    def busy_sign(nonce: str) -> bytes:
+        until = time.perf_counter() + 0.010
+        while time.perf_counter() < until:
+            pass
+        return sign(nonce)
+
+    failed: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        failed.append(exc)
+
+    policy = ReconnectPolicy(at_once=4)
+    edges = await asyncio.gather(
+        *(
+            dial(
+                [operator_nats_url],
+                policy,
+                name=f"herd-{i}",
+                error_cb=on_error,
+                user_jwt_cb=options["user_jwt_cb"],
+                signature_cb=busy_sign,
+            )
+            for i in range(300)
+        ),
+        return_exceptions=True,
+    )
+    try:
+        refused = [e for e in edges if not isinstance(e, NATS)]
+        assert not refused and not failed, (
+            f"{len(refused)} of 300 edges not connected by their first attempt; "
+            f"{len(failed)} attempts failed: {sorted({repr(e)[:80] for e in failed})[:3]}"
+        )
+    finally:
+        for nc in edges:
+            if isinstance(nc, NATS):
+                await nc.close()
+
+
 def test_the_schedule_spreads_grows_and_is_capped():
     policy = ReconnectPolicy(wait=0.5, max_wait=4.0, connect_timeout=5.0, max_connect_timeout=30)
     first = [policy.wait_before(0) for _ in range(200)]
@@ -208,12 +271,15 @@ def test_settings_from_the_environment_and_their_errors():
             "COWORK_EDGE_RECONNECT_MAX_WAIT": "60",
             "COWORK_EDGE_CONNECT_TIMEOUT": "8",
             "COWORK_EDGE_CONNECT_TIMEOUT_MAX": "40",
+            "COWORK_EDGE_CONNECTS_AT_ONCE": "64",
         }
     )
-    assert policy == ReconnectPolicy(1, 60, 8, 40)
+    assert policy == ReconnectPolicy(1, 60, 8, 40, 64)
     for env, message in (
         ({"COWORK_EDGE_RECONNECT_WAIT": "soon"}, "must be a number of seconds, not 'soon'"),
         ({"COWORK_EDGE_CONNECT_TIMEOUT": "0"}, "COWORK_EDGE_CONNECT_TIMEOUT must be between"),
+        ({"COWORK_EDGE_CONNECTS_AT_ONCE": "2.5"}, "must be a whole number, not '2.5'"),
+        ({"COWORK_EDGE_CONNECTS_AT_ONCE": "0"}, "COWORK_EDGE_CONNECTS_AT_ONCE must be between"),
         (
             {"COWORK_EDGE_RECONNECT_WAIT": "5", "COWORK_EDGE_RECONNECT_MAX_WAIT": "1"},
             "COWORK_EDGE_RECONNECT_MAX_WAIT (1.0) is shorter than COWORK_EDGE_RECONNECT_WAIT",

@@ -12,6 +12,8 @@ import json
 import re
 import secrets
 import stat
+import statistics
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -110,6 +112,36 @@ def _wrong_code(right: str) -> str:
 
 
 # --- create / read ------------------------------------------------------------------------
+async def test_creating_a_pairing_costs_about_what_registering_a_gateway_does(hub, http):
+    """A fleet is paired through this API by the thousand, and each answer carries a
+    QR code of its pairing link. segno drew and scored all 8 of its mask patterns,
+    about 11 ms of CPU, more than the rest of the request: 10,000 pairings blocked
+    the hub's event loop for about 2 minutes (docs/performance.md, "Fleet"). The
+    hub and this client share this process, so the CPU measured is both; the same
+    kind of request without a QR code, registering a Gateway (a row, an audit
+    record, a secret in the answer), is the same-run baseline. Measured on the
+    2-vCPU VM at load average 15: 1.8-2.1x with one mask, 2.9-3.5x with the 8."""
+    base = f"/api/v1/tenants/{TENANT}"
+    gateway = {"displayName": "g", "kind": "edge_worker", "trustModel": "self_hosted_same_operator"}
+
+    async def cpu_ms(path: str, body: dict, count: int = 30) -> float:
+        started = time.process_time()
+        for _ in range(count):
+            response = await http.post(path, json=body)
+            assert response.status_code == 201, response.text
+        return 1000 * (time.process_time() - started) / count
+
+    await cpu_ms(BASE, {"label": "warm-up"}, 2)  # first-use imports, prepared statements
+    await cpu_ms(f"{base}/gateway-registrations", gateway, 2)
+    ratios = []
+    for _ in range(3):
+        pairing = await cpu_ms(BASE, {"label": "fleet"})
+        registration = await cpu_ms(f"{base}/gateway-registrations", gateway)
+        ratios.append(pairing / registration)
+        print(f"CPU a request: pairing {pairing:.2f} ms, Gateway {registration:.2f} ms")
+    assert statistics.median(ratios) < 2.5, ratios
+
+
 async def test_create_returns_a_typeable_one_time_code(hub, http):
     before = datetime.now(UTC)
     response = await http.post(BASE, json={"label": "Ada's laptop"})
