@@ -112,6 +112,8 @@ def _wrong_code(right: str) -> str:
 
 
 # --- create / read ------------------------------------------------------------------------
+@pytest.mark.bench  # a CPU ratio: `make bench`, not the timing-free `make test`
+@pytest.mark.bench  # a CPU ratio: `make bench`, not the timing-free `make test`
 async def test_creating_a_pairing_costs_about_what_registering_a_gateway_does(hub, http):
     """A fleet is paired through this API by the thousand, and each answer carries a
     QR code of its pairing link. segno drew and scored all 8 of its mask patterns,
