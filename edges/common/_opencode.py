@@ -7,9 +7,15 @@ the rest of the edge sees plain dicts and one error type.
 Two things the relay would otherwise get wrong are handled here:
 
 - OpenCode's `GET /event` SSE stream has no event ids, so a reconnect cannot
-  resume. After every (re)connect `OpenCodeEvents` first yields a synthetic
+  resume, and OpenCode sends an event only to the streams open when it happens.
+  After every (re)connect `OpenCodeEvents` first yields a synthetic
   `cowork.resync` event holding the busy sessions, pending permissions and
-  pending questions, so the consumer can rebuild its state.
+  pending questions, so the consumer can rebuild its state; then, for each
+  session the consumer follows (`follow()`: a Desktop's commanded sessions) and
+  has not seen go idle, the messages changed while no stream was open, re-read
+  and yielded as `message.updated` / `message.part.updated` events marked
+  `"replayed": true` (a turn that ran in the gap would otherwise never reach
+  the consumer at all).
 - An abort (and a non-retryable model error) makes OpenCode emit `session.idle`
   twice; the second one is dropped. Heartbeats are dropped too. Every other
   event, known or not, passes through untouched.
@@ -25,6 +31,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, Literal
@@ -42,6 +49,12 @@ HEARTBEAT = "server.heartbeat"
 STREAM_READ_TIMEOUT = 35.0
 # Headers of a healthy server come at once; see OpenCodeClient._event_lines.
 STREAM_OPEN_TIMEOUT = 5.0
+# How many of a followed session's latest messages a reconnect re-reads (a turn is
+# one user and one assistant message; a few turns may fit in a gap).
+REPLAY_MESSAGES = 20
+# Messages that changed this long before the stream was last seen live are re-read
+# too: OpenCode stamps them when they start, which may be just before an event.
+REPLAY_SLACK_MS = 2000
 
 
 class OpenCodeError(Exception):
@@ -352,7 +365,8 @@ class OpenCodeEvents:
     """Async iterator over OpenCode's `GET /event`, reconnecting forever.
 
     After every successful (re)connect the first event is `cowork.resync` with
-    `properties = {"status", "permissions", "questions"}`. Reading runs in a
+    `properties = {"status", "permissions", "questions"}`, then the replayed
+    messages of the followed sessions (`follow()`). Reading runs in a
     background task feeding a queue, so cancelling a pending `__anext__` (for
     example with `asyncio.wait_for`) loses nothing. `reconnects` counts the
     successful connections after the first.
@@ -375,8 +389,35 @@ class OpenCodeEvents:
         self._filter = EventFilter()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self.connected = False
+        self._live = asyncio.Event()  # set while a stream is open and read
+        # Sessions followed and not seen idle since, and since when (epoch ms) no
+        # stream may have seen their events: from here, until the first connect.
+        self._followed: OrderedDict[str, None] = OrderedDict()
+        self._unseen_since_ms = _now_ms()
         self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._live.is_set()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once a stream is open (at once if one is), False after `timeout`."""
+        try:
+            # Not wait_for: 3.11's swallows a cancel that lands as the event is set.
+            async with asyncio.timeout(timeout):
+                await self._live.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def follow(self, session_id: str) -> None:
+        """Re-read this session's messages after a (re)connect until it is seen idle:
+        its turn's events are then relayed even if they happened while no stream
+        was open (the first one not open yet, or one dropped mid-turn)."""
+        self._followed[session_id] = None
+        self._followed.move_to_end(session_id)
+        if len(self._followed) > EventFilter.MAX_TRACKED:
+            self._followed.popitem(last=False)
 
     def __aiter__(self) -> OpenCodeEvents:
         return self
@@ -398,7 +439,7 @@ class OpenCodeEvents:
 
     async def aclose(self) -> None:
         self._closed = True
-        self.connected = False
+        self._live.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -432,7 +473,9 @@ class OpenCodeEvents:
             except Exception:  # a bug must not end the stream for good: log, back off, retry
                 log.exception("opencode event stream broke")
             finally:
-                self.connected = False
+                if self._live.is_set():  # from now on events may pass unseen
+                    self._unseen_since_ms = _now_ms()
+                self._live.clear()
             failures += 1
             await asyncio.sleep(self._backoff(failures))
 
@@ -441,7 +484,6 @@ class OpenCodeEvents:
         permissions = await self._client.list_permissions()
         questions = await self._client.list_questions()
         self._filter.resync(status or {})
-        self.connected = True
         await self._queue.put(
             {
                 "type": RESYNC,
@@ -452,17 +494,84 @@ class OpenCodeEvents:
                 },
             }
         )
+        await self._replay(status or {})
+        self._live.set()
+
+    async def _replay(self, status: dict[str, Any]) -> None:
+        """The followed sessions' messages changed since events may have passed
+        unseen, as the events that would have carried them. A session the snapshot
+        does not show busy has finished its turn: it is followed no longer."""
+        since = self._unseen_since_ms - REPLAY_SLACK_MS
+        for session in list(self._followed):
+            try:
+                messages = await self._client.messages(session, limit=REPLAY_MESSAGES)
+            except OpenCodeError as exc:
+                if not exc.is_not_found:
+                    raise  # OpenCode away again: this connection fails, the next replays
+                messages = None  # deleted meanwhile: nothing to replay, ever
+            for event in replayed_events(session, messages or [], since):
+                await self._queue.put(event)
+            if messages is None or not _is_active(status.get(session)):
+                self._followed.pop(session, None)
 
     async def _pump(self, lines: AsyncIterator[str]) -> None:
         decoder = SseDecoder()
         async for line in lines:
             event = decoder.feed(line)
             if event is not None and self._filter.accept(event):
+                if _is_idle(event):
+                    self._followed.pop(session_of(event) or "", None)
                 await self._queue.put(event)
 
     def _backoff(self, failures: int) -> float:
         """Full-jitter exponential backoff; `failures` restarts at 1 after a good connection."""
         return jittered_backoff(failures, self._min_backoff, self._max_backoff)
+
+
+def _now_ms() -> int:
+    """Epoch milliseconds, as OpenCode stamps messages (same machine, same clock)."""
+    return int(time.time() * 1000)
+
+
+def _is_idle(event: dict[str, Any]) -> bool:
+    kind = event.get("type")
+    if kind == "session.idle":
+        return True
+    props = event.get("properties")
+    status = props.get("status") if isinstance(props, dict) else None
+    return kind == "session.status" and isinstance(status, dict) and status.get("type") == "idle"
+
+
+def replayed_events(
+    session: str, messages: list[dict[str, Any]], since_ms: int
+) -> Iterator[dict[str, Any]]:
+    """`message.updated` and `message.part.updated` events for the messages (as
+    `GET /session/{id}/message` returns them: {"info", "parts"}) that started or
+    completed at or after `since_ms`, or have not completed yet."""
+    for message in messages:
+        info = message.get("info")
+        if not isinstance(info, dict) or not _changed_since(info, since_ms):
+            continue
+        yield {
+            "type": "message.updated",
+            "replayed": True,
+            "properties": {"sessionID": session, "info": info},
+        }
+        for part in message.get("parts") or []:
+            yield {
+                "type": "message.part.updated",
+                "replayed": True,
+                "properties": {"sessionID": session, "part": part},
+            }
+
+
+def _changed_since(info: dict[str, Any], since_ms: int) -> bool:
+    raw = info.get("time")
+    times = raw if isinstance(raw, dict) else {}
+    created, completed = times.get("created"), times.get("completed")
+    if info.get("role") == "assistant" and completed is None:
+        return True  # still being written
+    return any(isinstance(t, int | float) and t >= since_ms for t in (created, completed))
 
 
 _SESSION_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

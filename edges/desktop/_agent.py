@@ -88,6 +88,11 @@ ACK_AGAIN_SECONDS = 0.5
 # commit per command fewer. What keeps a command from running twice is the journal's
 # `started` row, written before it runs, not the accept.
 ACCEPT_AFTER = 0.25
+# How long a command waits for OpenCode's event stream to be open before it runs
+# anyway (at most half its lease's time left): run while the stream is open, its
+# events stream live; run before, its session's messages are re-read and relayed
+# once the stream opens (OpenCodeEvents.follow), not streamed as they come.
+STREAM_WAIT = 5.0
 # What the hub pushes on the command subject.
 Pushed = PairingState | DeviceCommand
 
@@ -643,6 +648,7 @@ class DesktopAgent:
             if command.kind == CommandKind.POLICY_SET:
                 result = self._set_policy(command)
             else:
+                await self._stream_open_for(command)
                 result = await self.runner.run(command)
             if self.guard.sealed:  # what leaves the machine: only the controllers open it
                 result = self.guard.seal_result(command.id, result)
@@ -652,6 +658,22 @@ class DesktopAgent:
             result,
         )
         return result
+
+    async def _stream_open_for(self, command: DeviceCommand) -> None:
+        """Before a command acts on OpenCode: follow its session (its messages are
+        relayed even if no stream sees its events), and wait, bounded, for the event
+        stream to be open, so they stream live."""
+        events = self.relay.events
+        if command.session_id:
+            events.follow(command.session_id)
+        left = (command.lease.lease_expires_at - _utcnow()).total_seconds()
+        if not await events.wait_connected(min(STREAM_WAIT, max(left / 2, 0.0))):
+            log.info(
+                "desktop.stream_not_open: running %s %s without OpenCode's event stream; "
+                "its session's messages are relayed once the stream opens",
+                command.kind.value,
+                command.id,
+            )
 
     async def _ack(self, command: DeviceCommand, result: CommandResult) -> None:
         outcome: AckOutcome = "failed" if result.status.value == "failed" else "completed"

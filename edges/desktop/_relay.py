@@ -10,6 +10,11 @@ JetStream acknowledged them; a failed batch is published again, and the
 stream's duplicate window plus the hub's event-id check drop the repeats. So
 a NATS or hub outage loses nothing and duplicates nothing downstream.
 
+OpenCode sends an event only to the streams open when it happens: a command's
+session is followed (`OpenCodeEvents.follow`), so its messages changed while no
+stream was open (before the first opens, or after one drops) are re-read and
+relayed once one is.
+
 Only enabled pairings relay, and only events of allowlisted sessions when the
 pairing has a session allowlist. On a sealed pairing each payload is encrypted
 (after redaction) to the enrolled controllers before it is written (_sealed.py):
@@ -125,13 +130,14 @@ class EventRelay:
         self._js: tuple[NATS, JetStreamContext] | None = None  # see _jetstream
         self._wakeup = asyncio.Event()
         self.published = 0
-        self.events: OpenCodeEvents | None = None
+        # Made here, not in run(): a command may follow its session before the relay
+        # reads (the stream opens late under load), and that must not be lost.
+        self.events = OpenCodeEvents(opencode)
         self._policy_of: PairingState | None = None
         self._redaction = RedactionPolicy()
 
     # --- in ------------------------------------------------------------------------------
     async def run(self) -> None:
-        self.events = OpenCodeEvents(self._opencode)
         publisher = asyncio.create_task(self._publish_forever(), name="desktop-publisher")
         try:
             async for event in self.events:

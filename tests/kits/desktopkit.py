@@ -269,14 +269,13 @@ class RunningDesktop(RunningAgent):
 
     async def listening(self, timeout: float = 30.0) -> None:
         """Until the relay reads OpenCode's event stream. The agent takes commands as
-        soon as NATS is up, and events of a command run before the stream opens are
-        never relayed (only the resync's state is): at load 19 the stream opened 2 s
-        after the hub showed the Desktop online, time enough for a warm OpenCode to
-        answer a prompt a test sent meanwhile."""
+        soon as NATS is up: one run before the stream opens (at load 19 it opened 2 s
+        after the hub showed the Desktop online) waits for it up to 5 s, then runs,
+        and its messages are relayed once the stream opens, but not its streamed
+        deltas, which tests of live streaming look for."""
 
         def reading() -> bool:
-            events = self.agent.relay.events
-            return events is not None and events.connected
+            return self.agent.relay.events.connected
 
         await eventually(reading, timeout, what="the Desktop's relay to read OpenCode's events")
 

@@ -500,3 +500,83 @@ def _signal_group(pid: int, sig: int) -> None:
     """Signal the process group `pid` leads (started with start_new_session)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+
+
+class EventStreamGate:
+    """A proxy in front of OpenCode that can keep its event stream (`GET /event`)
+    closed: while held, a new `/event` request waits unanswered and open ones are
+    cut; everything else passes at once. So a test can run a command while the
+    Desktop's relay has no stream, as a late stream (under load) or a dropped one
+    would leave it, whatever the machine's speed."""
+
+    _HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+    def __init__(self, upstream: str, *, held: bool = False) -> None:
+        self.upstream = upstream
+        self._open = asyncio.Event()
+        if not held:
+            self._open.set()
+        self._streams: list[tuple[web.Request, httpx.Response]] = []
+        self._client = httpx.AsyncClient(base_url=upstream, timeout=None)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> EventStreamGate:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.hold()
+        self._open.set()  # no request left waiting
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self._client.aclose()
+
+    async def hold(self) -> None:
+        """Cut the open event streams and keep new ones waiting until `release()`."""
+        self._open.clear()
+        streams, self._streams = self._streams, []
+        for request, upstream in streams:
+            if request.transport is not None:
+                request.transport.close()
+            await upstream.aclose()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        is_stream = request.path == "/event"
+        if is_stream:
+            await self._open.wait()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._HOP_HEADERS}
+        sent = self._client.build_request(
+            request.method, request.path_qs, headers=headers, content=await request.read()
+        )
+        upstream = await self._client.send(sent, stream=True)
+        if is_stream:
+            self._streams.append((request, upstream))
+        response = web.StreamResponse(
+            status=upstream.status_code,
+            headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in self._HOP_HEADERS
+            },
+        )
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.aiter_raw():
+                await response.write(chunk)
+        except (ConnectionResetError, httpx.HTTPError):
+            pass  # cut by hold(), or the client went away
+        finally:
+            await upstream.aclose()
+        return response

@@ -34,6 +34,7 @@ from edges.common._opencode import (
     OpenCodeEvents,
     SseDecoder,
     parse_events,
+    replayed_events,
 )
 
 CAPTURES = CAPTURES_DIR
@@ -194,6 +195,37 @@ def test_a_busy_status_or_a_busy_snapshot_makes_the_next_idle_count():
     assert f.accept(idle) is False
     f.resync({"ses_a": {"type": "busy"}})
     assert f.accept(idle) is True
+
+
+def test_a_replay_holds_the_messages_changed_since_the_stream_was_last_live():
+    """What a reconnect re-reads of a followed session: messages started or finished
+    at or after the time, and an answer still being written; not older ones."""
+
+    def message(mid: str, role: str, **time: int) -> dict:
+        part = {"id": f"prt_{mid}", "messageID": mid, "type": "text", "text": mid}
+        return {"info": {"id": mid, "role": role, "time": time}, "parts": [part]}
+
+    messages = [
+        message("old_q", "user", created=100),
+        message("old_a", "assistant", created=101, completed=150),
+        message("q", "user", created=190),
+        message("a", "assistant", created=195, completed=250),
+        message("q2", "user", created=260),
+        message("a2", "assistant", created=261),
+    ]
+    replayed = list(replayed_events("ses_a", messages, since_ms=200))
+    assert [
+        (e["type"], e["properties"].get("info", e["properties"].get("part"))["id"])
+        for e in replayed
+    ] == [
+        ("message.updated", "a"),
+        ("message.part.updated", "prt_a"),
+        ("message.updated", "q2"),
+        ("message.part.updated", "prt_q2"),
+        ("message.updated", "a2"),
+        ("message.part.updated", "prt_a2"),
+    ]
+    assert all(e["replayed"] is True and e["properties"]["sessionID"] == "ses_a" for e in replayed)
 
 
 # --------------------------------------------------------------------------

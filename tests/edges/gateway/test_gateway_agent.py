@@ -166,7 +166,7 @@ async def test_a_healthy_opencode_is_asked_now_and_then_not_at_every_beat(
         await asyncio.sleep(2.5)
         assert len(beats) >= 6, beats
         assert 1 <= len(asked) <= 3, f"{len(asked)} health checks in {len(beats)} beats"
-        agent.events.stream.connected = False  # as when OpenCode's stream drops
+        agent.events.stream._live.clear()  # as when OpenCode's stream drops
         asked.clear(), beats.clear()
 
         async def degraded() -> dict | None:
