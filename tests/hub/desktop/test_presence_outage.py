@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from desktopkit import TENANT, eventually
+from desktopkit import TENANT, eventually, offline_pairings
 from gatewaykit import healthy_beat
 from hubkit import operator_nats, running_hub
 
@@ -33,19 +33,6 @@ async def restartable(database_url, bus_keys, tmp_path):
         running_hub(server.url, database_url, keys=bus_keys, presence_grace_seconds=GRACE) as hub,
     ):
         yield server, hub
-
-
-async def _desktops(hub, count: int) -> list[str]:
-    ids = [f"out{uuid.uuid4().hex[:8]}{i}" for i in range(count)]
-    await hub.pool.execute(
-        """INSERT INTO pairings (tenant, pairing_id, label, code_expires_at, redeemed_at,
-               status, allowed_workspace_ids, policy, created_by)
-           SELECT $1, id, 'outage', now(), now(), 'paired_offline', '{}', '{}'::jsonb, 'test'
-           FROM unnest($2::text[]) AS id""",
-        TENANT,
-        ids,
-    )
-    return ids
 
 
 async def _gateways(hub, count: int) -> list[str]:
@@ -116,20 +103,19 @@ async def _statuses(hub, pids: list[str], regs: list[str]) -> dict[str, str]:
 
 
 async def _flaps(hub, ids: list[str]) -> list[tuple[str, str]]:
-    rows = await hub.pool.fetch(
+    """The edges audited as gone (offline or unhealthy), by id, sorted."""
+    query = (
         "SELECT target_id, action FROM audit_log WHERE tenant = $1 AND target_id = ANY($2) "
-        "AND action IN ('pairing.offline', 'gateway.registration.unhealthy')",
-        TENANT,
-        ids,
+        "AND action IN ('pairing.offline', 'gateway.registration.unhealthy')"
     )
-    return [(r["target_id"], r["action"]) for r in rows]
+    return sorted(tuple(row) for row in await hub.pool.fetch(query, TENANT, ids))
 
 
 async def test_edges_are_not_marked_gone_for_the_hubs_own_outage_only_for_their_own(
     restartable,
 ):
     server, hub = restartable
-    back_pid, gone_pid = await _desktops(hub, 2)
+    back_pid, gone_pid = await offline_pairings(hub, 2, "outage")
     back_reg, gone_reg = await _gateways(hub, 2)
     back, gone = Beating(hub, back_pid, back_reg), Beating(hub, gone_pid, gone_reg)
     for edge in (back, gone):
