@@ -45,6 +45,7 @@ from .channels import (
 from .core import (
     AuditIngest,
     AuditLog,
+    BusUptime,
     DeadLetters,
     HubMetrics,
     HubSettings,
@@ -92,6 +93,9 @@ class Hub:
         self.system_nc: NATS | None = None
         self.metrics = HubMetrics()
         self._nats_log_budget = LogBudget(rate=1.0, burst=1)
+        # Whether the main connection has been up long enough for silence to mean
+        # something: the presence and Gateway sweeps ask it (it follows the callbacks).
+        self.bus_uptime = BusUptime(settings.presence_grace_seconds, self.metrics)
         self.stream_replicas = stream_replicas
         # This process among the hub's replicas (hub_id may be shared by all of them):
         # the owner named on the partition leases it holds.
@@ -278,7 +282,11 @@ class Hub:
             ),
         )
         self.presence = DesktopPresence(
-            self.pool, self.audit, self.metrics, on_online=self._desktop_online
+            self.pool,
+            self.audit,
+            self.metrics,
+            on_online=self._desktop_online,
+            bus=self.bus_uptime,
         )
         self.pairings.on_revoked.append(self._pairing_revoked)
         self.commands.on_final.append(self._command_final)
@@ -311,6 +319,7 @@ class Hub:
             self.pool,
             self.audit,
             credential_key=key,
+            bus=self.bus_uptime,
             credentials=self.credentials,
             metrics=self.metrics,
             heartbeat_rate=s.gateway_heartbeat_rate,
@@ -510,11 +519,13 @@ class Hub:
 
     async def _on_disconnect(self) -> None:
         self.metrics.nats_connected.set(0)
+        self.bus_uptime.lost()
         log.warning("nats.disconnected")
 
     async def _on_reconnect(self) -> None:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
+        self.bus_uptime.restored()
         log.info("nats.reconnected")
         for hook in self._on_reconnected:
             hook()

@@ -1,7 +1,8 @@
 """Foundation every room stands on: the database and its migrations, streams and
 consumers, background loops, dead letters, the audit log, metrics, logging,
 settings, the refusal type, the rate limiter, the batching heartbeat writer
-(Desktop presence and Gateway heartbeats) and the partition leases that give
+(Desktop presence and Gateway heartbeats), the bus uptime their sweeps ask
+before they conclude from silence, and the partition leases that give
 each ordered partition one worker among the hub's replicas.
 """
 
@@ -15,6 +16,7 @@ from ._audit import AuditLog
 from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
 from ._beats import BeatWriter, LateBeat, Superseded
+from ._bus_uptime import BusUptime
 from ._db import JsonbText
 from ._deadletter import (
     TRANSIENT,
@@ -45,6 +47,7 @@ __all__ = [
     "AuditLog",
     "BackgroundTask",
     "BeatWriter",
+    "BusUptime",
     "DeadLetters",
     "Fenced",
     "HubMetrics",

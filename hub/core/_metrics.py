@@ -63,6 +63,13 @@ class HubMetrics:
             ["principal"],
             registry=r,
         )
+        self.presence_sweep_paused = Counter(
+            "cowork_presence_sweep_paused_total",
+            "Outages of this replica's NATS connection during which the sweeps marking "
+            "edges offline or unhealthy for missing heartbeats paused (until the "
+            "connection had been back for COWORK_PRESENCE_GRACE_SECONDS)",
+            registry=r,
+        )
         self.partition_leases = Gauge(
             "cowork_partition_lease_held",
             "1 while this replica holds the lease of a partition (its consumer's name) "

@@ -56,6 +56,14 @@ class HubSettings(BaseSettings):
     gateway_heartbeat_rate: float = Field(
         default=2.0, gt=0, description="Heartbeats per second a Gateway may send (burst 10)"
     )
+    presence_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="After this replica's NATS connection comes back, how long it waits "
+        "before marking edges offline or unhealthy for missing heartbeats (they are "
+        "reconnecting too)",
+    )
     work_write_rate: float = Field(
         default=500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"
     )

@@ -14,7 +14,9 @@ Every heartbeat stamps `last_heartbeat_at`: proof the Desktop hears its command
 subject again, on which the command reaper re-pushes a push it lost.
 A sweep marks pairings `paired_offline` once two heartbeat intervals pass
 without one (or at once on a heartbeat saying `offline`), audited
-`pairing.offline`. Transitions are conditional UPDATEs, so replicas agree on
+`pairing.offline`; it pauses while this replica's NATS connection is down and
+for `COWORK_PRESENCE_GRACE_SECONDS` after it is back (`hub.core.BusUptime`):
+silence the hub could not hear is no evidence. Transitions are conditional UPDATEs, so replicas agree on
 who audits them.
 """
 
@@ -30,7 +32,7 @@ import asyncpg
 from schemas import AckReply, AuditRecord, PresenceHeartbeat, PrincipalKind, subjects
 
 from ..bus import Caller, Route
-from ..core import AuditLog, BackgroundTask, BeatWriter, HubMetrics, every, kv
+from ..core import AuditLog, BackgroundTask, BeatWriter, BusUptime, HubMetrics, every, kv
 
 log = logging.getLogger("cowork.hub.presence")
 ONLINE_AT_ONCE = 8  # Desktops greeted at once when they come back (each a few round trips)
@@ -46,9 +48,11 @@ class DesktopPresence:
         metrics: HubMetrics,
         *,
         on_online: Any,
+        bus: BusUptime,
         sweep_interval: float = 0.5,
     ) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
+        self._bus = bus  # silence is evidence only while this replica hears the bus
         self._on_online = on_online  # async (tenant, pairing row) -> None
         self._sweeper = BackgroundTask(
             "presence-sweep",
@@ -158,6 +162,8 @@ class DesktopPresence:
             await self._record(tenant, pairing_id, "pairing.offline", reason=reason)
 
     async def sweep_once(self) -> int:
+        if not self._bus.heard():
+            return 0
         rows = await self._pool.fetch(
             """UPDATE pairings SET status = 'paired_offline'
                WHERE status = 'paired_online'

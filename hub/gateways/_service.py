@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from ..bus import Route
-from ..core import AuditLog, HubMetrics
+from ..core import AuditLog, BusUptime, HubMetrics
 from ._admin import GatewayAdmin
 from ._bus import GatewayRoutes
 from ._common import GatewayAudit, GatewayError
@@ -49,6 +49,7 @@ class GatewayRegistry:
         audit: AuditLog,
         *,
         credential_key: bytes,
+        bus: BusUptime,
         credentials: Any | None = None,
         metrics: HubMetrics | None = None,
         heartbeat_rate: float = 2.0,
@@ -67,7 +68,7 @@ class GatewayRegistry:
         heartbeats = GatewayHeartbeats(pool, metrics)
         reports = GatewayReports(pool, records)
         self._heartbeats = heartbeats
-        self._sweeps = GatewaySweeps(pool, records, credentials)
+        self._sweeps = GatewaySweeps(pool, records, credentials, bus)
         self._routes = GatewayRoutes(heartbeats, reports, records, heartbeat_rate=heartbeat_rate)
 
         # the admin API (_http_gateways)

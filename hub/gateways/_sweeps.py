@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from ..core import BackgroundTask, every, kv
+from ..core import BackgroundTask, BusUptime, every, kv
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayAudit
 
 log = logging.getLogger("cowork.hub.gateways")
@@ -20,8 +20,14 @@ SWEEP_INTERVAL = 2.0
 class GatewaySweeps(BackgroundTask):
     """Both sweeps every SWEEP_INTERVAL once started (`start()`; `stop()` cancels)."""
 
-    def __init__(self, pool: asyncpg.Pool, audit: GatewayAudit, credentials: Any | None) -> None:
-        self._pool, self._audit = pool, audit
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        audit: GatewayAudit,
+        credentials: Any | None,
+        bus: BusUptime,
+    ) -> None:
+        self._pool, self._audit, self._bus = pool, audit, bus
         self._credentials = credentials  # CredentialService (operator mode) or None
         super().__init__(
             "gateway-sweeper",
@@ -63,7 +69,10 @@ class GatewaySweeps(BackgroundTask):
                 )
 
     async def sweep_unhealthy(self) -> int:
-        """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy."""
+        """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy;
+        paused while this replica cannot hear the bus, and for its grace after."""
+        if not self._bus.heard():
+            return 0
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_SWEEP, MISSED_BEATS, DEFAULT_HEARTBEAT_INTERVAL)
             for row in rows:

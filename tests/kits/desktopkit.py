@@ -366,3 +366,19 @@ async def raw_desktop(http: httpx.AsyncClient, url: str, state_dir: Path) -> tup
         inbox_prefix=subjects.inbox_prefix(TENANT, "desktop", pid),
     )
     return pid, nc
+
+
+async def offline_pairings(hub, count: int, label: str = "fleet") -> list[str]:
+    """`count` paired Desktops on `hub`, offline (rows as redemption leaves them)."""
+    batch = uuid.uuid4().hex[:8]  # a module's tests share its hub (and its database)
+    ids = [f"{label}{batch}{i:04d}" for i in range(count)]
+    await hub.pool.execute(
+        """INSERT INTO pairings (tenant, pairing_id, label, code_expires_at, redeemed_at,
+               status, allowed_workspace_ids, policy, created_by)
+           SELECT $1, id, $3, now(), now(), 'paired_offline', '{}', '{}'::jsonb, 'test'
+           FROM unnest($2::text[]) AS id""",
+        TENANT,
+        ids,
+        label,
+    )
+    return ids

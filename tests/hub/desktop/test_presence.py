@@ -6,30 +6,14 @@ heartbeat the hub could not write in time never revives a Desktop that has gone.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 
-from desktopkit import TENANT, eventually
+from desktopkit import TENANT, eventually, offline_pairings
 
 from hub.core._beats import CLOCK_SKEW
 from schemas import PresenceHeartbeat, PrincipalKind
 
 FLEET = 500
-
-
-async def _fleet(hub, count: int) -> list[str]:
-    """`count` paired Desktops, offline (rows as redemption leaves them)."""
-    batch = uuid.uuid4().hex[:8]  # the hub (and its database) is the module's
-    ids = [f"fleet{batch}{i:04d}" for i in range(count)]
-    await hub.pool.execute(
-        """INSERT INTO pairings (tenant, pairing_id, label, code_expires_at, redeemed_at,
-               status, allowed_workspace_ids, policy, created_by)
-           SELECT $1, id, 'fleet', now(), now(), 'paired_offline', '{}', '{}'::jsonb, 'test'
-           FROM unnest($2::text[]) AS id""",
-        TENANT,
-        ids,
-    )
-    return ids
 
 
 def _beat(pid: str, interval: float = 5.0) -> PresenceHeartbeat:
@@ -51,7 +35,7 @@ async def _online(hub, ids: list[str]) -> int:
 
 
 async def test_a_fleets_heartbeats_are_stamped_together_and_each_greeted_once(hub):
-    ids = await _fleet(hub, FLEET)
+    ids = await offline_pairings(hub, FLEET)
     for _ in range(3):  # three beats each, before a write: one stamp each
         for pid in ids:
             await hub.presence.beat(TENANT, pid, _beat(pid))
@@ -78,7 +62,7 @@ async def _at_least(count, n: int) -> bool:
 async def test_noting_a_heartbeat_needs_no_database_connection(hub):
     """With every pooled connection busy (a slow database), heartbeats are still
     taken at once; they are stamped when a connection is free again."""
-    ids = await _fleet(hub, 50)
+    ids = await offline_pairings(hub, 50)
     held = [await hub.pool.acquire() for _ in range(hub.pool.get_max_size())]
     try:
         async with asyncio.timeout(2.0):
@@ -92,7 +76,7 @@ async def test_noting_a_heartbeat_needs_no_database_connection(hub):
 
 
 async def test_a_late_heartbeat_does_not_revive_a_desktop_that_has_gone(hub):
-    (pid,) = await _fleet(hub, 1)
+    (pid,) = await offline_pairings(hub, 1)
     # The hub took this heartbeat three intervals ago and fell behind writing it.
     hub.presence.beats.note((TENANT, pid), 1.0, interval=1.0).taken_at -= 3.0
     late = hub.metrics.presence_late.labels("desktop")
@@ -104,7 +88,7 @@ async def test_a_late_heartbeat_does_not_revive_a_desktop_that_has_gone(hub):
 
 async def test_a_heartbeat_sent_long_ago_does_not_revive_a_desktop(hub):
     """Taken just now, but sent three intervals ago (it sat in a queue on the way)."""
-    (pid,) = await _fleet(hub, 1)
+    (pid,) = await offline_pairings(hub, 1)
     sent = datetime.now(UTC) - timedelta(seconds=3 * 5.0 + CLOCK_SKEW)
     hub.presence.beats.note((TENANT, pid), 5.0, interval=5.0, sent_at=sent)
     await hub.presence.flush()

@@ -778,6 +778,7 @@ async def test_heartbeats_racing_a_revoke_are_never_accepted_after_it(
         pool,
         AuditLog(pool),
         credential_key=hub.keys.derive_key("gateway-credential"),
+        bus=hub.bus_uptime,
         credentials=hub.credentials,
     )
     registry.start()  # its heartbeat writer
