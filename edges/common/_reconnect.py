@@ -23,13 +23,18 @@ and for every reconnection, for the Desktop and the Gateway:
   instead of being repeated as it was;
 - with several servers (a NATS cluster), the one with the fewest failures in a
   row is tried next, so a dead node is left for a live one at the first wait;
-- the first connections of one process go `at_once` at a time (`dial`): every
-  attempt in flight shares one event loop, so a process starting thousands of
-  agents at once (a fleet host, the fleet benchmark's load processes) made every
-  attempt as slow as all of them together: on a starved machine none finished
-  within its timeout, each was given up and tried again, and a fleet that should
-  have taken a minute took ten. An attempt's timeout runs from when it goes, not
-  from when it queued.
+- the connection attempts of one event loop, first connects and reconnects
+  alike, go `at_once` at a time (`GatedClient`): every attempt in flight shares
+  the loop, so a process running thousands of agents (a fleet host, the fleet
+  benchmark's load processes) made every attempt as slow as all of them
+  together. nats-server gives a client 2 s from its greeting to authenticate;
+  on a starved machine no CONNECT came in time, each attempt was reset and
+  tried again, and the retries kept the loop as busy as before: a fleet that
+  should have taken a minute to start took ten, and after a nats-server restart
+  2,750 agents a process never came back (backoff spreads a herd over at most
+  `max_wait`, which is not enough when the loop can finish 30 attempts a second).
+  An attempt's timeout runs from when it goes, not from when it queued, and
+  the turn is held from the TCP connect to the server's answer to CONNECT.
 
 Read from the environment by `ReconnectPolicy.from_env()` (documented in
 docs/operations.md): `COWORK_EDGE_RECONNECT_WAIT` (0.5 s),
@@ -39,6 +44,9 @@ docs/operations.md): `COWORK_EDGE_RECONNECT_WAIT` (0.5 s),
 `dial()` makes one connection attempt with the policy's timeout (nats-py's first
 connect would otherwise retry on its own fixed schedule); once connected, nats-py
 reconnects forever on the policy's schedule (its `reconnect_to_server_handler`).
+nats-py has no hook around one attempt, so `GatedClient` takes its turn in the
+two private steps every attempt goes through (`_connect_to_server`, then
+`_process_connect_init`); tests/edges/common/test_reconnect.py holds it to them.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ class ReconnectPolicy:
     max_wait: float = 10.0
     connect_timeout: float = 5.0
     max_connect_timeout: float = 30.0
-    at_once: int = 16  # first-connect attempts in flight in one process (and event loop)
+    at_once: int = 16  # connection attempts in flight in one event loop (first and re-)
 
     def __post_init__(self) -> None:
         for name in ENV:
@@ -131,14 +139,52 @@ def _gate(at_once: int) -> asyncio.Semaphore:
     return by_limit.setdefault(at_once, asyncio.Semaphore(at_once))
 
 
+class GatedClient(NATS):
+    """nats-py's client, each of whose connection attempts (the first and every
+    reconnect) waits for one of its event loop's `at_once` turns, and holds it from
+    the TCP connect until the server has answered the CONNECT or the attempt failed."""
+
+    def __init__(self, at_once: int) -> None:
+        super().__init__()
+        self._at_once = at_once
+        self._turn: asyncio.Semaphore | None = None  # the gate whose turn this holds
+
+    async def _connect_to_server(self, s: Any) -> None:
+        if self._turn is None:
+            gate = _gate(self._at_once)
+            await gate.acquire()
+            self._turn = gate
+        try:
+            await super()._connect_to_server(s)
+        except BaseException:
+            self._end_turn()
+            raise
+
+    async def _process_connect_init(self) -> None:
+        try:
+            await super()._process_connect_init()
+        finally:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        if self._turn is not None:
+            self._turn.release()
+            self._turn = None
+
+    async def close(self) -> None:
+        self._end_turn()  # (closed between the two steps: never, but never a lost turn)
+        await super().close()
+
+
 async def dial(
     servers: list[str], policy: ReconnectPolicy, *, failures: int = 0, **options: Any
 ) -> NATS:
     """One attempt to connect (each server at most twice, with the timeout for an
-    attempt after `failures` failures), once fewer than `policy.at_once` other
+    attempt after `failures` failures), each once fewer than `policy.at_once` other
     attempts of this event loop are in flight; raises what nats-py raised. The
-    connection it returns reconnects forever on `policy`'s schedule."""
-    nc = NATS()
+    connection it returns reconnects forever on `policy`'s schedule, through the
+    same turns."""
+    nc = GatedClient(policy.at_once)
 
     def choose(pool: list[Server], _info: dict[str, Any]) -> tuple[Server, float]:
         server = min(pool, key=lambda s: s.reconnects)  # (nats-py shuffled the pool)
@@ -149,18 +195,17 @@ async def dial(
         return server, policy.wait_before(server.reconnects, first)
 
     try:
-        async with _gate(policy.at_once):
-            await nc.connect(
-                servers,
-                # The first connect: nats-py would retry on its own (fixed) schedule,
-                # with reconnects allowed; one attempt here, the caller waits by the policy.
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0,
-                connect_timeout=policy.timeout_for(failures),  # type: ignore[arg-type]  # (a float works)
-                reconnect_to_server_handler=choose,
-                **options,
-            )
+        await nc.connect(
+            servers,
+            # The first connect: nats-py would retry on its own (fixed) schedule,
+            # with reconnects allowed; one attempt here, the caller waits by the policy.
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            connect_timeout=policy.timeout_for(failures),  # type: ignore[arg-type]  # (a float works)
+            reconnect_to_server_handler=choose,
+            **options,
+        )
     except BaseException:
         # An attempt that failed is not a connection that closed: the caller's
         # callbacks (a Gateway connects again from scratch on close) must not run.
