@@ -92,10 +92,12 @@ class BeatWriter(Generic[K, B]):
         write: Write,
         *,
         on_late: Callable[[int], None],
+        on_note: Callable[[K], None] | None = None,
         flush_seconds: float = FLUSH_SECONDS,
         flush_size: int = FLUSH_SIZE,
     ) -> None:
         self._name, self._write, self._on_late = name, write, on_late
+        self._on_note = on_note  # told every key heard (the bus uptime counts returns)
         self._flush_seconds, self._flush_size = flush_seconds, flush_size
         self._noted: dict[K, _Noted[B]] = {}
         self._writing: dict[K, asyncio.Event] = {}  # keys whose write is in flight
@@ -121,6 +123,8 @@ class BeatWriter(Generic[K, B]):
         if earlier is not None:
             entry.supersede(earlier)
         self._noted[key] = entry
+        if self._on_note is not None:
+            self._on_note(key)
         if len(self._noted) >= self._flush_size:
             self._wake.set()
         return entry

@@ -2,44 +2,73 @@
 something from missing heartbeats asks before it concludes it.
 
 While the hub's own NATS connection is down it hears no heartbeat, and right after
-it is back the edges are still reconnecting (jittered waits of up to 10 s): their
-silence then says nothing about them. Marking them offline would be a flap caused
-by the hub's own outage, so those sweeps pause until the bus has been up for a
-grace period; an edge that stays silent past it is marked as before.
+it is back the edges are still reconnecting: their silence then says nothing about
+them. Marking them offline would be a flap caused by the hub's own outage, so those
+sweeps pause until the fleet has settled: the bus up for the grace period, and no
+edge heard for the first time since it came back for the grace period either.
+
+The second half is what makes the pause fit the fleet rather than a guess. A lone
+Desktop reconnects within its jittered wait (at most 10 s by default); a fleet host
+running thousands of agents in one process brings them back a few dozen a second
+(edges/common/_reconnect.py, one process's attempts go a few at a time), so 11,000
+edges on the fleet benchmark's 2-core machine took 81 s to come back, and a fixed
+30 s grace marked 5,959 of them offline on the way. Edges coming back is evidence
+that the others may still be on their way; once none has come back for the grace,
+an edge still silent is marked as before. The pause never outlasts `MAX_PAUSE_GRACES`
+graces, so a trickle of returns cannot keep a replica from concluding anything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 
 from ._logging import kv
 from ._metrics import HubMetrics
 
 log = logging.getLogger("cowork.hub.presence")
+MAX_PAUSE_GRACES = 10  # the longest pause after the bus is back, in grace periods
 
 
 class BusUptime:
     """The bus is taken as heard from the start (a replica that starts has no outage
-    of its own to forgive); `lost()` and `restored()` follow the connection."""
+    of its own to forgive); `lost()` and `restored()` follow the connection, and
+    `edge_heard()` is told of every heartbeat (cheap while nothing is settling)."""
 
     def __init__(self, grace: float, metrics: HubMetrics | None = None) -> None:
         self._grace, self._metrics = grace, metrics
         self._up_since: float | None = time.monotonic() - grace
+        self._back: set[Hashable] | None = None  # edges heard since the bus came back
+        self._last_back = 0.0  # when the latest of them was first heard
         self._paused = False  # a pause is logged and counted once per outage
 
     def lost(self) -> None:
         self._up_since = None
+        self._back = set()
 
     def restored(self) -> None:
-        self._up_since = time.monotonic()
+        self._up_since = self._last_back = time.monotonic()
+        if self._back is None:
+            self._back = set()
+
+    def edge_heard(self, edge: Hashable) -> None:
+        """An edge's heartbeat arrived; its first since the bus came back is a return."""
+        back = self._back
+        if back is not None and edge not in back:
+            back.add(edge)
+            self._last_back = time.monotonic()
 
     def heard(self) -> bool:
-        """True when silence is evidence: the bus up for at least the grace period."""
-        up = self._up_since is not None and time.monotonic() - self._up_since >= self._grace
+        """True when silence is evidence: the bus up, and no edge come back, for at
+        least the grace period (or the bus up for MAX_PAUSE_GRACES graces)."""
+        up = self._settled(time.monotonic())
         if up and self._paused:
             self._paused = False
-            log.info("presence.sweep_resumed", **kv(grace_seconds=self._grace))
+            log.info(
+                "presence.sweep_resumed",
+                **kv(grace_seconds=self._grace, edges_back=len(self._back or ())),
+            )
         elif not up and not self._paused:
             self._paused = True
             if self._metrics is not None:
@@ -48,4 +77,14 @@ class BusUptime:
                 "presence.sweep_paused",
                 **kv(grace_seconds=self._grace, reason="this replica could not hear the bus"),
             )
+        if up:
+            self._back = None  # settled: nothing to track until the next outage
         return up
+
+    def _settled(self, now: float) -> bool:
+        if self._up_since is None:
+            return False
+        up_for = now - self._up_since
+        if up_for >= self._grace * MAX_PAUSE_GRACES:
+            return True
+        return up_for >= self._grace and now - self._last_back >= self._grace

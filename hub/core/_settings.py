@@ -60,9 +60,9 @@ class HubSettings(BaseSettings):
         default=30.0,
         ge=0,
         le=3600,
-        description="After this replica's NATS connection comes back, how long it waits "
-        "before marking edges offline or unhealthy for missing heartbeats (they are "
-        "reconnecting too)",
+        description="After this replica's NATS connection comes back, how long it waits, "
+        "and how long after the last edge came back, before marking edges offline or "
+        "unhealthy for missing heartbeats (they are reconnecting too; at most ten times this)",
     )
     work_write_rate: float = Field(
         default=500.0, gt=0, description="Fenced writes per second a Gateway may send (burst 1000)"

@@ -15,8 +15,8 @@ subject again, on which the command reaper re-pushes a push it lost.
 A sweep marks pairings `paired_offline` once two heartbeat intervals pass
 without one (or at once on a heartbeat saying `offline`), audited
 `pairing.offline`; it pauses while this replica's NATS connection is down and
-for `COWORK_PRESENCE_GRACE_SECONDS` after it is back (`hub.core.BusUptime`):
-silence the hub could not hear is no evidence. Transitions are conditional UPDATEs, so replicas agree on
+after it is back until no Desktop has come back for `COWORK_PRESENCE_GRACE_SECONDS`
+(`hub.core.BusUptime`): silence the hub could not hear is no evidence. Transitions are conditional UPDATEs, so replicas agree on
 who audits them.
 """
 
@@ -64,6 +64,7 @@ class DesktopPresence:
             "presence-writer",
             self._write,
             on_late=metrics.presence_late.labels("desktop").inc,
+            on_note=lambda key: bus.edge_heard(("desktop", *key)),
         )
 
     def start(self) -> None:

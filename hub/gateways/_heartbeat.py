@@ -32,7 +32,7 @@ import asyncpg
 
 from schemas import GatewayHeartbeat, GatewayHeartbeatReply, scrub_secrets, scrub_text
 
-from ..core import BeatWriter, HubMetrics, LateBeat, Superseded
+from ..core import BeatWriter, BusUptime, HubMetrics, LateBeat, Superseded
 from . import _versions as _gateway_versions
 from ._common import GatewayError, missing_or_ended
 
@@ -79,11 +79,16 @@ def _row_of(key: RegistrationKey, beat: GatewayHeartbeat) -> dict:
 
 
 class GatewayHeartbeats:
-    def __init__(self, pool: asyncpg.Pool, metrics: HubMetrics | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, metrics: HubMetrics | None = None, bus: BusUptime | None = None
+    ) -> None:
         self._pool = pool
         late = metrics.presence_late.labels("gateway").inc if metrics else (lambda n: None)
         self.beats: BeatWriter[RegistrationKey, GatewayHeartbeat] = BeatWriter(
-            "gateway-heartbeat-writer", self._write, on_late=late
+            "gateway-heartbeat-writer",
+            self._write,
+            on_late=late,
+            on_note=(lambda key: bus.edge_heard(("gateway", *key))) if bus else None,
         )
 
     def start(self) -> None:

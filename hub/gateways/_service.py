@@ -65,7 +65,7 @@ class GatewayRegistry:
             credential_ttl=timedelta(days=credential_ttl_days),
         )
         queries, enrolment = GatewayQueries(pool), GatewayEnrolment(pool, records, credential_key)
-        heartbeats = GatewayHeartbeats(pool, metrics)
+        heartbeats = GatewayHeartbeats(pool, metrics, bus)
         reports = GatewayReports(pool, records)
         self._heartbeats = heartbeats
         self._sweeps = GatewaySweeps(pool, records, credentials, bus)

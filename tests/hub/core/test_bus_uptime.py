@@ -1,0 +1,87 @@
+"""When silence is evidence (hub/core/_bus_uptime.py), on a clock the test turns: the
+sweeps pause while the bus is down, then until both the bus has been up and no edge
+has come back for the grace, and never longer than MAX_PAUSE_GRACES graces."""
+
+from __future__ import annotations
+
+import pytest
+
+from hub.core import _bus_uptime
+from hub.core._bus_uptime import MAX_PAUSE_GRACES, BusUptime
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(_bus_uptime.time, "monotonic", clock)
+    return clock
+
+
+def test_a_starting_replica_hears_at_once_and_an_outage_pauses_it_for_the_grace(clock):
+    bus = BusUptime(grace=30)
+    assert bus.heard()
+    bus.edge_heard(("desktop", "t", "a"))  # nothing settling: no effect
+    assert bus.heard()
+    bus.lost()
+    clock.now += 600
+    assert not bus.heard(), "silence while the bus is down is no evidence"
+    bus.restored()
+    clock.now += 29.9
+    assert not bus.heard()
+    clock.now += 0.1
+    assert bus.heard(), "nobody came back and the grace passed: silence is evidence again"
+
+
+def test_edges_still_coming_back_keep_the_pause_until_none_has_for_the_grace(clock):
+    bus = BusUptime(grace=30)
+    bus.lost()
+    bus.restored()
+    for i in range(80):  # one edge back a second, for 80 s (the fleet bench's 11,000)
+        clock.now += 1
+        bus.edge_heard(("desktop", "t", str(i)))
+        bus.edge_heard(("desktop", "t", str(i // 2)))  # (beats of edges already back)
+        assert not bus.heard(), f"{i + 1} s after the bus came back, edges still arriving"
+    clock.now += 29.9
+    bus.edge_heard(("desktop", "t", "3"))  # one already back beats again: not a return
+    assert not bus.heard()
+    clock.now += 0.1
+    assert bus.heard()
+
+
+def test_a_trickle_of_returns_cannot_pause_the_sweeps_for_longer_than_the_bound(clock):
+    bus = BusUptime(grace=2)
+    bus.lost()
+    bus.restored()
+    for i in range(int(2 * MAX_PAUSE_GRACES) - 1):
+        clock.now += 1
+        bus.edge_heard(("gateway", "t", str(i)))
+        assert not bus.heard()
+    clock.now += 1
+    bus.edge_heard(("gateway", "t", "late"))
+    assert bus.heard(), "paused for MAX_PAUSE_GRACES graces at most"
+
+
+def test_a_second_outage_while_settling_starts_over(clock):
+    bus = BusUptime(grace=10)
+    bus.lost()
+    bus.restored()
+    clock.now += 5
+    bus.edge_heard(("desktop", "t", "a"))
+    bus.lost()
+    clock.now += 50
+    assert not bus.heard()
+    bus.restored()
+    clock.now += 9
+    bus.edge_heard(("desktop", "t", "a"))  # back again after the second outage: a return
+    clock.now += 9
+    assert not bus.heard()
+    clock.now += 1
+    assert bus.heard()
