@@ -21,7 +21,14 @@ Requests run concurrently, bounded (`max_in_flight`): nats-py runs one
 subscription's callbacks one after another, so a slow database round trip would
 otherwise queue every other caller behind it. Each message is counted once in
 `cowork_hub_bus_messages_total{family, outcome}`, outcome one of
-`accepted | refused | failed | dropped`.
+`accepted | refused | failed | dropped | copy`.
+
+An edge sends a request again, on the same reply inbox, when its answer is slow
+(`edges.common.ask`), so that another replica may answer it. A copy that reaches
+the replica still working on the first is set aside (`copy`): it could only
+repeat the work, and its answer could not be sent anyway (the server lets the
+hub answer a reply inbox once per request it delivered, and refused each second
+answer with a permissions violation: 799 warnings in ten minutes at 11,000 edges).
 
 What repeats per caller is worked out once, not per request (a Gateway claims or
 renews on the same subject all day): the parsed subject and the caller's inbox
@@ -158,6 +165,7 @@ class BusResponder:
     _drop_audits: RateLimiter = field(init=False, default_factory=lambda: RateLimiter(1.0, 5))
     routes: dict[str, Route] = field(init=False, default_factory=dict)
     _in_flight: set[asyncio.Task] = field(init=False, default_factory=set)
+    _answering: set[str] = field(init=False, default_factory=set)  # reply inboxes in flight
     # (route name, subject) -> (Caller, its own inbox prefix), or the SubjectError.
     _callers: Any = field(init=False)
     _templates: Any = field(init=False)
@@ -215,8 +223,17 @@ class BusResponder:
         if route.expects_reply and inbox is not None and not _own_inbox(inbox, msg):
             await self._drop(route, caller, msg)
             return
-        outcome = await self._run(route, caller, msg)
-        await self._answer(route, msg, outcome)
+        reply = msg.reply
+        if reply:
+            if reply in self._answering:  # a copy of a request this replica is on
+                self._count(route.name, "copy")
+                return
+            self._answering.add(reply)
+        try:
+            outcome = await self._run(route, caller, msg)
+            await self._answer(route, msg, outcome)
+        finally:
+            self._answering.discard(reply)
         for after in (outcome.after, route.after_answer):
             if after is None:
                 continue

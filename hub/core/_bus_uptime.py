@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from ._logging import kv
 from ._metrics import HubMetrics
@@ -31,33 +31,49 @@ log = logging.getLogger("cowork.hub.presence")
 MAX_PAUSE_GRACES = 10  # the longest pause after the bus is back, in grace periods
 
 
+class _Returns:
+    """One kind of edge's heartbeat hook: while the bus is settling, the keys heard
+    since it came back (a key's first beat is a return); otherwise one attribute test."""
+
+    def __init__(self, uptime: BusUptime) -> None:
+        self._uptime = uptime
+        self.back: set[Hashable] | None = None
+
+    def __call__(self, key: Hashable) -> None:
+        back = self.back
+        if back is not None and key not in back:
+            back.add(key)
+            self._uptime.last_back = time.monotonic()
+
+
 class BusUptime:
     """The bus is taken as heard from the start (a replica that starts has no outage
-    of its own to forgive); `lost()` and `restored()` follow the connection, and
-    `edge_heard()` is told of every heartbeat (cheap while nothing is settling)."""
+    of its own to forgive); `lost()` and `restored()` follow the connection, and each
+    kind of edge's heartbeats tell the hook `returns()` gave it."""
 
     def __init__(self, grace: float, metrics: HubMetrics | None = None) -> None:
         self._grace, self._metrics = grace, metrics
         self._up_since: float | None = time.monotonic() - grace
-        self._back: set[Hashable] | None = None  # edges heard since the bus came back
-        self._last_back = 0.0  # when the latest of them was first heard
+        self._kinds: list[_Returns] = []
+        self.last_back = 0.0  # when an edge was last heard for the first time since
         self._paused = False  # a pause is logged and counted once per outage
+
+    def returns(self) -> Callable[[Hashable], None]:
+        """The heartbeat hook of one kind of edge (its keys are counted apart)."""
+        kind = _Returns(self)
+        self._kinds.append(kind)
+        return kind
 
     def lost(self) -> None:
         self._up_since = None
-        self._back = set()
+        for kind in self._kinds:
+            kind.back = set()
 
     def restored(self) -> None:
-        self._up_since = self._last_back = time.monotonic()
-        if self._back is None:
-            self._back = set()
-
-    def edge_heard(self, edge: Hashable) -> None:
-        """An edge's heartbeat arrived; its first since the bus came back is a return."""
-        back = self._back
-        if back is not None and edge not in back:
-            back.add(edge)
-            self._last_back = time.monotonic()
+        self._up_since = self.last_back = time.monotonic()
+        for kind in self._kinds:
+            if kind.back is None:
+                kind.back = set()
 
     def heard(self) -> bool:
         """True when silence is evidence: the bus up, and no edge come back, for at
@@ -67,7 +83,10 @@ class BusUptime:
             self._paused = False
             log.info(
                 "presence.sweep_resumed",
-                **kv(grace_seconds=self._grace, edges_back=len(self._back or ())),
+                **kv(
+                    grace_seconds=self._grace,
+                    edges_back=sum(len(k.back or ()) for k in self._kinds),
+                ),
             )
         elif not up and not self._paused:
             self._paused = True
@@ -78,7 +97,8 @@ class BusUptime:
                 **kv(grace_seconds=self._grace, reason="this replica could not hear the bus"),
             )
         if up:
-            self._back = None  # settled: nothing to track until the next outage
+            for kind in self._kinds:  # settled: nothing to track until the next outage
+                kind.back = None
         return up
 
     def _settled(self, now: float) -> bool:
@@ -87,4 +107,4 @@ class BusUptime:
         up_for = now - self._up_since
         if up_for >= self._grace * MAX_PAUSE_GRACES:
             return True
-        return up_for >= self._grace and now - self._last_back >= self._grace
+        return up_for >= self._grace and now - self.last_back >= self._grace

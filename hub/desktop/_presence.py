@@ -64,7 +64,7 @@ class DesktopPresence:
             "presence-writer",
             self._write,
             on_late=metrics.presence_late.labels("desktop").inc,
-            on_note=lambda key: bus.edge_heard(("desktop", *key)),
+            on_note=bus.returns(),
         )
 
     def start(self) -> None:
@@ -110,10 +110,13 @@ class DesktopPresence:
         rows = await self._stamp(
             [(tenant, pid, interval, trust) for (tenant, pid), (interval, trust) in chunk]
         )
-        await self._came_online([dict(r) for r in rows if r["came_online"]])
+        await self._came_online([dict(r) for r in rows])
         return {}
 
     async def _stamp(self, chunk: list[tuple[str, str, float, str | None]]) -> list[asyncpg.Record]:
+        """Stamp every beat of a flush; returns the rows of the Desktops that came online
+        (only those: each row carries the pairing's policy, a JSON document the hub would
+        otherwise decode for every heartbeat)."""
         # Rows locked in key order: two replicas' flushes never deadlock each other.
         return await self._pool.fetch(
             """WITH beat AS (
@@ -123,15 +126,17 @@ class DesktopPresence:
                    SELECT p.tenant, p.pairing_id, beat.interval, beat.trust FROM pairings p
                    JOIN beat USING (tenant, pairing_id)
                    WHERE p.enabled AND p.status IN ('paired_online', 'paired_offline', 'error')
-                   ORDER BY p.tenant, p.pairing_id FOR UPDATE OF p)
-               UPDATE pairings p SET last_heartbeat_at = now(),
-                   heartbeat_interval = target.interval, status = 'paired_online',
-                   reported_trust = coalesce(target.trust, p.reported_trust),
-                   last_connected_at = CASE WHEN p.status = 'paired_online'
-                                            THEN p.last_connected_at ELSE now() END
-               FROM target
-               WHERE p.tenant = target.tenant AND p.pairing_id = target.pairing_id
-               RETURNING p.*, (p.last_connected_at = now()) AS came_online""",
+                   ORDER BY p.tenant, p.pairing_id FOR UPDATE OF p),
+               stamped AS (
+                   UPDATE pairings p SET last_heartbeat_at = now(),
+                       heartbeat_interval = target.interval, status = 'paired_online',
+                       reported_trust = coalesce(target.trust, p.reported_trust),
+                       last_connected_at = CASE WHEN p.status = 'paired_online'
+                                                THEN p.last_connected_at ELSE now() END
+                   FROM target
+                   WHERE p.tenant = target.tenant AND p.pairing_id = target.pairing_id
+                   RETURNING p.*, (p.last_connected_at = now()) AS came_online)
+               SELECT * FROM stamped WHERE came_online""",
             [c[0] for c in chunk],
             [c[1] for c in chunk],
             [c[2] for c in chunk],
@@ -165,12 +170,19 @@ class DesktopPresence:
     async def sweep_once(self) -> int:
         if not self._bus.heard():
             return 0
+        # Rows locked in key order, as the heartbeat writer locks them, and a row the
+        # writer holds is skipped (it is being stamped): an UPDATE in the table's own
+        # order deadlocked the writer, whose whole flush then failed (the 10,000-edge soak).
         rows = await self._pool.fetch(
-            """UPDATE pairings SET status = 'paired_offline'
-               WHERE status = 'paired_online'
-                 AND last_heartbeat_at < now() - make_interval(
-                       secs => 2 * coalesce(heartbeat_interval, 15))
-               RETURNING tenant, pairing_id"""
+            """WITH silent AS (
+                   SELECT tenant, pairing_id FROM pairings
+                   WHERE status = 'paired_online'
+                     AND last_heartbeat_at < now() - make_interval(
+                           secs => 2 * coalesce(heartbeat_interval, 15))
+                   ORDER BY tenant, pairing_id FOR UPDATE SKIP LOCKED)
+               UPDATE pairings p SET status = 'paired_offline' FROM silent
+               WHERE p.tenant = silent.tenant AND p.pairing_id = silent.pairing_id
+               RETURNING p.tenant, p.pairing_id"""
         )
         for r in rows:
             await self._record(

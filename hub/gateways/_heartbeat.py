@@ -88,7 +88,7 @@ class GatewayHeartbeats:
             "gateway-heartbeat-writer",
             self._write,
             on_late=late,
-            on_note=(lambda key: bus.edge_heard(("gateway", *key))) if bus else None,
+            on_note=bus.returns() if bus else None,
         )
 
     def start(self) -> None:
@@ -238,4 +238,5 @@ _HEARTBEATS = """
         FROM moved m JOIN beat b USING (tenant, registration_id)
         WHERE m.old_status IS DISTINCT FROM m.status OR m.old_health IS DISTINCT FROM m.health
            OR m.old_versions IS DISTINCT FROM m.versions)
-    SELECT * FROM moved"""
+    -- (not the versions: two JSON documents a beat the hub would decode for nothing)
+    SELECT tenant, registration_id, status, status_reason, drain_deadline FROM moved"""

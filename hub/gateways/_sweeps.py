@@ -101,11 +101,19 @@ _EXPIRE = f"""
       AND credential_expires_at <= now() AND status NOT IN ('revoked', 'retired')
     RETURNING registration_id"""
 
+# Rows locked in key order, as the heartbeat writer locks them; one it holds is
+# being written, so it is skipped (no deadlock with the writer's flush).
 _SWEEP = """
-    UPDATE gateway_registrations SET status = 'unhealthy', updated_at = now(),
+    WITH silent AS (
+        SELECT tenant, registration_id FROM gateway_registrations
+        WHERE status = 'active'
+          AND coalesce(last_heartbeat_at, registered_at)
+              < now() - make_interval(secs => $1::int * coalesce(heartbeat_interval, $2::real))
+        ORDER BY tenant, registration_id FOR UPDATE SKIP LOCKED)
+    UPDATE gateway_registrations g SET status = 'unhealthy', updated_at = now(),
         status_reason = 'no heartbeat for ' || $1::int || ' intervals of '
-                        || coalesce(heartbeat_interval, $2::real) || ' s'
-    WHERE status = 'active'
-      AND coalesce(last_heartbeat_at, registered_at)
-          < now() - make_interval(secs => $1::int * coalesce(heartbeat_interval, $2::real))
-    RETURNING tenant, registration_id, status_reason"""
+                        || coalesce(g.heartbeat_interval, $2::real) || ' s'
+    FROM silent
+    WHERE g.tenant = silent.tenant AND g.registration_id = silent.registration_id
+      AND g.status = 'active'
+    RETURNING g.tenant, g.registration_id, g.status_reason"""

@@ -169,3 +169,44 @@ async def test_requests_in_flight_per_source_are_bounded(hub):
     await asyncio.gather(*holders)
     async with gate.admit("198.51.100.9", "pairing code"):  # its slots are back
         pass
+
+
+async def test_a_copy_of_a_request_this_replica_is_still_on_is_set_aside(
+    hub, http, operator_nats_url, tmp_path
+):
+    """An edge whose answer is slow sends its request again on the same reply inbox
+    (edges.common.ask), for another replica to take. A copy that reaches the replica
+    still working on the first is handled once: the hub used to run it again and
+    answer twice, and the server refused the second answer (it lets the hub answer
+    a reply inbox once per request delivered): 799 permission-violation warnings in
+    ten minutes of the 11,000-edge fleet benchmark."""
+    pid, nc = await _desktop(http, operator_nats_url, tmp_path)
+    route = "device.command_ack"
+    refused = hub.metrics.bus_messages.labels(route, "refused")
+    copies = hub.metrics.bus_messages.labels(route, "copy")
+    refused_before, copies_before = refused._value.get(), copies._value.get()
+    inbox = subjects.inbox_prefix(TENANT, "desktop", pid) + ".copies"
+    answers = await nc.subscribe(inbox)
+    subject = subjects.DEVICE_COMMAND_ACK.build(tenant=TENANT, device_id=pid)
+    try:
+        async with hub.pool.acquire() as conn, conn.transaction():
+            # The first copy's handler waits on this lock, as on a slow database.
+            await conn.execute("LOCK TABLE pairing_commands IN ACCESS EXCLUSIVE MODE")
+            for _ in range(3):
+                await nc.publish(subject, _ack(pid, source_id=pid), reply=inbox)
+            await nc.flush()
+            await eventually(
+                lambda: copies._value.get() == copies_before + 2, 5, what="the copies set aside"
+            )
+        first = decode((await answers.next_msg(timeout=5)).data, AckReply).data
+        assert (first.ok, first.code) == (False, "command.unknown")
+        with pytest.raises(nats.errors.TimeoutError):
+            await answers.next_msg(timeout=0.5)
+        assert refused._value.get() == refused_before + 1, "the request was handled once"
+        # Once answered, the same inbox asks again and is answered again.
+        await nc.publish(subject, _ack(pid, source_id=pid), reply=inbox)
+        again = decode((await answers.next_msg(timeout=5)).data, AckReply).data
+        assert again.code == "command.unknown"
+    finally:
+        await answers.unsubscribe()
+        await nc.close()

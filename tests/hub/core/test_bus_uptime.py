@@ -27,8 +27,9 @@ def clock(monkeypatch) -> Clock:
 
 def test_a_starting_replica_hears_at_once_and_an_outage_pauses_it_for_the_grace(clock):
     bus = BusUptime(grace=30)
+    desktops = bus.returns()
     assert bus.heard()
-    bus.edge_heard(("desktop", "t", "a"))  # nothing settling: no effect
+    desktops(("t", "a"))  # nothing settling: no effect
     assert bus.heard()
     bus.lost()
     clock.now += 600
@@ -42,15 +43,16 @@ def test_a_starting_replica_hears_at_once_and_an_outage_pauses_it_for_the_grace(
 
 def test_edges_still_coming_back_keep_the_pause_until_none_has_for_the_grace(clock):
     bus = BusUptime(grace=30)
+    desktops = bus.returns()
     bus.lost()
     bus.restored()
     for i in range(80):  # one edge back a second, for 80 s (the fleet bench's 11,000)
         clock.now += 1
-        bus.edge_heard(("desktop", "t", str(i)))
-        bus.edge_heard(("desktop", "t", str(i // 2)))  # (beats of edges already back)
+        desktops(("t", str(i)))
+        desktops(("t", str(i // 2)))  # (beats of edges already back)
         assert not bus.heard(), f"{i + 1} s after the bus came back, edges still arriving"
     clock.now += 29.9
-    bus.edge_heard(("desktop", "t", "3"))  # one already back beats again: not a return
+    desktops(("t", "3"))  # one already back beats again: not a return
     assert not bus.heard()
     clock.now += 0.1
     assert bus.heard()
@@ -58,29 +60,46 @@ def test_edges_still_coming_back_keep_the_pause_until_none_has_for_the_grace(clo
 
 def test_a_trickle_of_returns_cannot_pause_the_sweeps_for_longer_than_the_bound(clock):
     bus = BusUptime(grace=2)
+    gateways = bus.returns()
     bus.lost()
     bus.restored()
     for i in range(int(2 * MAX_PAUSE_GRACES) - 1):
         clock.now += 1
-        bus.edge_heard(("gateway", "t", str(i)))
+        gateways(("t", str(i)))
         assert not bus.heard()
     clock.now += 1
-    bus.edge_heard(("gateway", "t", "late"))
+    gateways(("t", "late"))
     assert bus.heard(), "paused for MAX_PAUSE_GRACES graces at most"
 
 
 def test_a_second_outage_while_settling_starts_over(clock):
     bus = BusUptime(grace=10)
+    desktops = bus.returns()
     bus.lost()
     bus.restored()
     clock.now += 5
-    bus.edge_heard(("desktop", "t", "a"))
+    desktops(("t", "a"))
     bus.lost()
     clock.now += 50
     assert not bus.heard()
     bus.restored()
     clock.now += 9
-    bus.edge_heard(("desktop", "t", "a"))  # back again after the second outage: a return
+    desktops(("t", "a"))  # back again after the second outage: a return
+    clock.now += 9
+    assert not bus.heard()
+    clock.now += 1
+    assert bus.heard()
+
+
+def test_each_kind_of_edge_is_counted_apart(clock):
+    bus = BusUptime(grace=10)
+    desktops, gateways = bus.returns(), bus.returns()
+    bus.lost()
+    bus.restored()
+    clock.now += 8
+    desktops(("t", "same-id"))
+    clock.now += 8
+    gateways(("t", "same-id"))  # a Gateway with a Desktop's id: a return of its own
     clock.now += 9
     assert not bus.heard()
     clock.now += 1
