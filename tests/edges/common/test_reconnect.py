@@ -202,22 +202,7 @@ async def test_hundreds_of_edges_started_at_once_in_one_process_each_connect_at_
     costs 10 ms of the loop (standing for the rest of a busy process's work: 300
     of them are 3 s, over the server's 2 s); `at_once` at a time, every edge is
     connected by its first attempt."""
-    seed = new_user_seed()
-    token, _ = bus_keys.mint_user(
-        _jwt.public_key(seed),
-        name="herd",
-        pub_allow=["_INBOX.>"],
-        sub_allow=["_INBOX.>"],
-        ttl_seconds=600,
-    )
-    options = EdgeCredentials(token, seed).connect_options()
-    sign = options["signature_cb"]
-
-    def busy_sign(nonce: str) -> bytes:
-        until = time.perf_counter() + 0.010
-        while time.perf_counter() < until:
-            pass
-        return sign(nonce)
+    options = _busy_signer(bus_keys, "herd")
 
     failed: list[Exception] = []
 
@@ -232,8 +217,7 @@ async def test_hundreds_of_edges_started_at_once_in_one_process_each_connect_at_
                 policy,
                 name=f"herd-{i}",
                 error_cb=on_error,
-                user_jwt_cb=options["user_jwt_cb"],
-                signature_cb=busy_sign,
+                **options,
             )
             for i in range(300)
         ),
