@@ -21,6 +21,11 @@ counted), never correctness.
 A write that fails (the database away) keeps its beats for the next flush,
 unless a newer one from the same sender has been noted since; the late rule
 bounds how long they wait.
+
+While beats wait longer than BEHIND_SECONDS for a write (a slow statement, a
+failing database), the writer is `behind()`: the sweeps that mark senders gone
+for missing beats ask it first, since a sender whose beat the hub holds unwritten
+is not silent (the 10,000-edge soak flapped edges in bursts of hundreds).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ FLUSH_SECONDS = 0.1  # how stale a beat's write may be: well under any interval
 FLUSH_SIZE = 1000  # beats in one write
 CLOCK_SKEW = 10.0  # seconds a sender's clock may be ahead of or behind the hub's
 LATE_AFTER_INTERVALS = 2  # a beat older than this many of its intervals is late
+BEHIND_SECONDS = 1.0  # beats waiting longer than this for a write: the writer is behind
 
 K = TypeVar("K", bound=Hashable)
 B = TypeVar("B")
@@ -104,6 +110,7 @@ class BeatWriter(Generic[K, B]):
         self._wake = asyncio.Event()
         self._task = BackgroundTask(name, self._write_forever)
         self._log_budget = LogBudget(rate=0.1, burst=1)
+        self._caught_up = time.monotonic()  # when nothing noted last waited for a write
 
     def start(self) -> None:
         self._task.start()
@@ -136,6 +143,13 @@ class BeatWriter(Generic[K, B]):
         waiter = asyncio.get_running_loop().create_future()
         self.note(key, beat, interval=interval, sent_at=sent_at).waiters.append(waiter)
         return await waiter
+
+    def behind(self) -> bool:
+        """True while beats have waited more than BEHIND_SECONDS for a write."""
+        if not self._noted and not self._writing:
+            self._caught_up = time.monotonic()
+            return False
+        return time.monotonic() - self._caught_up > BEHIND_SECONDS
 
     def pending(self, key: K) -> B | None:
         """The beat noted for `key` and not yet written, if any."""
@@ -177,6 +191,7 @@ class BeatWriter(Generic[K, B]):
         """Write every beat noted since the last flush; returns how many were written."""
         noted, self._noted = self._noted, {}
         mono_now, wall_now = time.monotonic(), time.time()
+        started = mono_now
         fresh: list[tuple[K, _Noted[B]]] = []
         for key, entry in sorted(noted.items()):  # key order: replicas lock rows alike
             if entry.late(mono_now, wall_now):
@@ -205,6 +220,7 @@ class BeatWriter(Generic[K, B]):
                     entry.settle(error=result)
                 else:
                     entry.settle(value=result)
+        self._caught_up = started  # everything noted before this flush is written
         return len(fresh)
 
     def _keep(self, chunk: list[tuple[K, _Noted[B]]]) -> None:

@@ -168,7 +168,9 @@ class DesktopPresence:
             await self._record(tenant, pairing_id, "pairing.offline", reason=reason)
 
     async def sweep_once(self) -> int:
-        if not self._bus.heard():
+        # Silence is evidence only when this replica hears the bus and has written
+        # what it heard (a beat waiting for a slow write is not silence).
+        if not self._bus.heard() or self.beats.behind():
             return 0
         # Rows locked in key order, as the heartbeat writer locks them, and a row the
         # writer holds is skipped (it is being stamped): an UPDATE in the table's own

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from ..core import BackgroundTask, BusUptime, every, kv
+from ..core import BackgroundTask, BeatWriter, BusUptime, every, kv
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayAudit
 
 log = logging.getLogger("cowork.hub.gateways")
@@ -26,8 +26,10 @@ class GatewaySweeps(BackgroundTask):
         audit: GatewayAudit,
         credentials: Any | None,
         bus: BusUptime,
+        writer: BeatWriter | None = None,
     ) -> None:
         self._pool, self._audit, self._bus = pool, audit, bus
+        self._writer = writer  # the heartbeat writer: a beat it holds unwritten is not silence
         self._credentials = credentials  # CredentialService (operator mode) or None
         super().__init__(
             "gateway-sweeper",
@@ -70,8 +72,9 @@ class GatewaySweeps(BackgroundTask):
 
     async def sweep_unhealthy(self) -> int:
         """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy;
-        paused while this replica cannot hear the bus, and for its grace after."""
-        if not self._bus.heard():
+        paused while this replica cannot hear the bus, and for its grace after, and
+        while the heartbeat writer is behind."""
+        if not self._bus.heard() or (self._writer is not None and self._writer.behind()):
             return 0
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_SWEEP, MISSED_BEATS, DEFAULT_HEARTBEAT_INTERVAL)

@@ -124,3 +124,42 @@ async def test_a_goodbye_waits_for_the_write_of_its_earlier_beat_already_in_flig
     await asyncio.gather(flushing, leaving)
     assert order == ["write started", "beat written", "goodbye written"]
     await beats.forget("d2")  # nothing noted, nothing in flight: returns at once
+
+
+async def test_the_writer_is_behind_while_beats_wait_longer_than_a_second_for_a_write(
+    monkeypatch,
+):
+    """A slow write (or a failing one) leaves beats the hub took unwritten: the sweeps
+    ask `behind()` before reading silence into stale stamps."""
+    monkeypatch.setattr("hub.core._beats.BEHIND_SECONDS", 0.2)
+    rec, release = Recorder(), asyncio.Event()
+    slow_write = rec.write
+
+    async def stalled(chunk):
+        await release.wait()
+        return await slow_write(chunk)
+
+    writer = BeatWriter("test", stalled, on_late=rec.on_late)
+    assert not writer.behind(), "nothing noted: nothing to be behind on"
+    writer.note("a", 1, interval=5)
+    flushing = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0.05)
+    writer.note("b", 1, interval=5)  # waits behind the stalled write
+    assert not writer.behind()
+    await asyncio.sleep(0.25)
+    assert writer.behind(), "beats have waited longer than BEHIND_SECONDS"
+    release.set()
+    await flushing
+    assert writer.behind(), "b, noted after the flush began, is still unwritten"
+    await writer.flush()
+    assert not writer.behind()
+    # A failing write keeps its beats, and the writer behind, until one succeeds.
+    rec.fail = True
+    writer.note("c", 1, interval=5)
+    with pytest.raises(ConnectionError):
+        await writer.flush()
+    await asyncio.sleep(0.25)
+    assert writer.behind()
+    rec.fail = False
+    await writer.flush()
+    assert not writer.behind()

@@ -101,3 +101,42 @@ async def _row(hub, pid: str) -> dict:
             "SELECT * FROM pairings WHERE tenant = $1 AND pairing_id = $2", TENANT, pid
         )
     )
+
+
+async def test_a_desktop_whose_beat_waits_for_a_slow_write_is_not_marked_offline(hub):
+    """The sweep reads silence from stamps in PostgreSQL; a beat the hub has taken and
+    not yet written (its writer stalled behind a slow statement) is not silence. In
+    the 10,000-edge soak hundreds of edges flapped at once; here one Desktop's stamp
+    is stale while its beat waits behind a stalled write, and it is not marked."""
+    stalled, waiting = await offline_pairings(hub, 2, "behind")
+    for pid in (stalled, waiting):
+        await hub.presence.beat(TENANT, pid, _beat(pid))
+    await eventually(lambda: _online(hub, [stalled, waiting]), 10, what="both online")
+    async with hub.pool.acquire() as conn, conn.transaction():
+        await conn.execute(  # the writer's next statement waits on this row
+            "SELECT 1 FROM pairings WHERE tenant = $1 AND pairing_id = $2 FOR UPDATE",
+            TENANT,
+            stalled,
+        )
+        await hub.presence.beat(TENANT, stalled, _beat(stalled))
+        await eventually(hub.presence.beats.behind, 5, what="the writer behind")
+        await hub.presence.beat(TENANT, waiting, _beat(waiting))  # waits for the writer
+        await hub.pool.execute(  # its last stamp, as if the hub had not heard it for 60 s
+            "UPDATE pairings SET last_heartbeat_at = now() - interval '60 seconds' "
+            "WHERE tenant = $1 AND pairing_id = $2",
+            TENANT,
+            waiting,
+        )
+        await asyncio.sleep(1.5)  # three sweep ticks
+        assert (await _row(hub, waiting))["status"] == "paired_online"
+    await eventually(lambda: not hub.presence.beats.behind(), 10, what="the writer caught up")
+    row = await _row(hub, waiting)
+    assert row["status"] == "paired_online"
+    assert row["last_heartbeat_at"] > datetime.now(UTC) - timedelta(seconds=5), "stamped"
+    offline = await hub.pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant = $1 AND target_id = $2 "
+        "AND action = 'pairing.offline'",
+        TENANT,
+        waiting,
+    )
+    assert offline == 0
