@@ -26,7 +26,7 @@ class GatewaySweeps(BackgroundTask):
         audit: GatewayAudit,
         credentials: Any | None,
         bus: BusUptime,
-        writer: BeatWriter | None = None,
+        writer: BeatWriter,
     ) -> None:
         self._pool, self._audit, self._bus = pool, audit, bus
         self._writer = writer  # the heartbeat writer: a beat it holds unwritten is not silence
@@ -74,7 +74,7 @@ class GatewaySweeps(BackgroundTask):
         """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy;
         paused while this replica cannot hear the bus, and for its grace after, and
         while the heartbeat writer is behind."""
-        if not self._bus.heard() or (self._writer is not None and self._writer.behind()):
+        if not self._bus.heard() or self._writer.behind():
             return 0
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_SWEEP, MISSED_BEATS, DEFAULT_HEARTBEAT_INTERVAL)
