@@ -45,6 +45,7 @@ from .channels import (
 from .core import (
     AuditIngest,
     AuditLog,
+    BackgroundTask,
     BusUptime,
     DeadLetters,
     HubMetrics,
@@ -118,6 +119,9 @@ class Hub:
         log.info("hub.db_ready", **kv(migrations_applied=applied, head=db.head_version()))
         self.nc = await self._connect_nats(startup_timeout)
         self.js = self.nc.jetstream(timeout=5.0)
+        loop_watch = BackgroundTask("loop-watch", self.bus_uptime.watch_loop)
+        loop_watch.start()
+        self._workers.append(loop_watch)
         await self._declare_streams(startup_timeout)
         self.audit = AuditLog(self.pool)
         self.dead_letters = DeadLetters(self.js, self.metrics, s.hub_id)

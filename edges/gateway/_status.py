@@ -88,7 +88,7 @@ class GatewayStatus(AgentParts):
             health=self._health,
             current_load=len(self.runners),
             active_work_ids=sorted(self.runners)[:1024],
-            heartbeat_sequence=self.store.next_heartbeat_sequence(int(time.time() * 1000)),
+            heartbeat_sequence=await self._next_sequence(),
             interval_seconds=self.heartbeat_interval,
             last_error=self._last_error[:16_000] if self._last_error else None,
             versions=version_set(self._opencode_version) if self._opencode_version else None,
@@ -130,6 +130,13 @@ class GatewayStatus(AgentParts):
         self._health = "healthy" if healthy and self.events.connected else "degraded"
         if self._health == "healthy":
             self._last_error = None
+
+    async def _next_sequence(self) -> int:
+        """The beat's sequence, taken off the event loop: about once a minute it is a
+        synced SQLite write, and a disk busy syncing (a database's checkpoint beside
+        it) must not hold up everything else this agent does."""
+        floor = int(time.time() * 1000)
+        return await asyncio.to_thread(self.store.next_heartbeat_sequence, floor)
 
     def _apply_state(self, reply: GatewayHeartbeatReply) -> None:
         state, before = reply.state.value, self.state

@@ -16,19 +16,30 @@ edges on the fleet benchmark's 2-core machine took 81 s to come back, and a fixe
 that the others may still be on their way; once none has come back for the grace,
 an edge still silent is marked as before. The pause never outlasts `MAX_PAUSE_GRACES`
 graces, so a trickle of returns cannot keep a replica from concluding anything.
+
+A replica whose event loop stalls (a long GC pause, a starved CPU) is as deaf as one
+whose connection is down: what the edges sent meanwhile waits unread in its socket,
+and a sweep's timer, due during the stall, may be the first thing the loop runs
+after it. `watch_loop` measures how late the loop runs a timer
+(`cowork_event_loop_lag_seconds`); a stall longer than LOOP_STALL deafens the replica
+for as long again after it, time for the backlog to be read and handed to the
+heartbeat writer (whose own `behind()` then covers its writing).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable
 
-from ._logging import kv
+from ._logging import LogBudget, kv
 from ._metrics import HubMetrics
 
 log = logging.getLogger("cowork.hub.presence")
 MAX_PAUSE_GRACES = 10  # the longest pause after the bus is back, in grace periods
+LOOP_TICK = 0.25  # how often the loop watch asks the loop for a timer
+LOOP_STALL = 1.0  # a timer this many seconds late: the loop stalled
 
 
 class _Returns:
@@ -57,6 +68,10 @@ class BusUptime:
         self._kinds: list[_Returns] = []
         self.last_back = 0.0  # when an edge was last heard for the first time since
         self._paused = False  # a pause is logged and counted once per outage
+        self._why = "this replica could not hear the bus"
+        self._ticked: float | None = None  # the loop watch's last tick (None: not watching)
+        self._deaf_until = 0.0  # after a stall of the event loop
+        self._stall_log = LogBudget(rate=0.1, burst=1)
 
     def returns(self) -> Callable[[Hashable], None]:
         """The heartbeat hook of one kind of edge (its keys are counted apart)."""
@@ -66,6 +81,7 @@ class BusUptime:
 
     def lost(self) -> None:
         self._up_since = None
+        self._why = "this replica could not hear the bus"
         for kind in self._kinds:
             kind.back = set()
 
@@ -92,19 +108,42 @@ class BusUptime:
             self._paused = True
             if self._metrics is not None:
                 self._metrics.presence_sweep_paused.inc()
-            log.warning(
-                "presence.sweep_paused",
-                **kv(grace_seconds=self._grace, reason="this replica could not hear the bus"),
-            )
+            log.warning("presence.sweep_paused", **kv(grace_seconds=self._grace, reason=self._why))
         if up:
             for kind in self._kinds:  # settled: nothing to track until the next outage
                 kind.back = None
         return up
 
     def _settled(self, now: float) -> bool:
-        if self._up_since is None:
+        if self._up_since is None or now < self._deaf_until:
+            return False
+        if self._ticked is not None and now - self._ticked > LOOP_TICK + LOOP_STALL:
+            # the loop is only now back from a stall its watch has not yet measured
+            self._why = "this replica's event loop stalled"
             return False
         up_for = now - self._up_since
         if up_for >= self._grace * MAX_PAUSE_GRACES:
             return True
         return up_for >= self._grace and now - self.last_back >= self._grace
+
+    def stalled(self, seconds: float) -> None:
+        """The event loop ran nothing for `seconds`: deaf for as long again."""
+        now = time.monotonic()
+        self._deaf_until = max(self._deaf_until, now + seconds)
+        self._why = "this replica's event loop stalled"
+        suppressed = self._stall_log.allow("loop_stalled")
+        if suppressed is not None:
+            log.warning("hub.loop_stalled", **kv(seconds=round(seconds, 2), suppressed=suppressed))
+
+    async def watch_loop(self) -> None:
+        """For the replica's life: how late the loop runs a LOOP_TICK timer."""
+        lag_seconds = self._metrics.loop_lag if self._metrics is not None else None
+        while True:
+            asked = self._ticked = time.monotonic()
+            await asyncio.sleep(LOOP_TICK)
+            self._ticked = now = time.monotonic()
+            lag = max(0.0, now - asked - LOOP_TICK)
+            if lag_seconds is not None:
+                lag_seconds.observe(lag)
+            if lag > LOOP_STALL:
+                self.stalled(lag)

@@ -65,10 +65,18 @@ class HubMetrics:
         )
         self.presence_sweep_paused = Counter(
             "cowork_presence_sweep_paused_total",
-            "Outages of this replica's NATS connection during which the sweeps marking "
-            "edges offline or unhealthy for missing heartbeats paused (until the "
-            "connection had been back for COWORK_PRESENCE_GRACE_SECONDS)",
+            "Outages of this replica's NATS connection, and stalls of its event loop, "
+            "during which the sweeps marking edges offline or unhealthy for missing "
+            "heartbeats paused (until the fleet had settled for "
+            "COWORK_PRESENCE_GRACE_SECONDS, or for as long as the stall after it)",
             registry=r,
+        )
+        self.loop_lag = Histogram(
+            "cowork_event_loop_lag_seconds",
+            "How late this replica's event loop ran a timer due every 0.25 s (a stall "
+            "over 1 s pauses the presence sweeps and logs hub.loop_stalled)",
+            registry=r,
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.partition_leases = Gauge(
             "cowork_partition_lease_held",

@@ -24,7 +24,9 @@ Commands, each answered by one JSON line:
 - `pair`: redeem every code and register every Gateway; answers
   {desktops: [pairingId], gateways: [registrationId], seconds, failures}.
 - `run`: start every agent, answer once each is connected {seconds, connected}.
-- `status`: {connected: agents whose bus is up, desktops, gateways, cpuSeconds}.
+- `status`: {connected: agents whose bus is up, desktops, gateways, ended, cpuSeconds,
+  lagMax: the event loop's worst lateness since the last status, events: warnings
+  and failures the agents logged, by key, since the start}.
 - `stop`: stop every agent, answer {cpuSeconds, failed: agents that ended on their own}.
 """
 
@@ -99,18 +101,25 @@ async def fake_opencode() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-class Retries(logging.Handler):
-    """Counts the agents' failed first-connect attempts (their `*.connect_retry` log
-    lines) by what failed, so a slow start says whether connections were given up."""
+class EdgeLog(logging.Handler):
+    """Counts what the agents log that says something went wrong: failed first-connect
+    attempts (`*.connect_retry`) by what failed, so a slow start says whether
+    connections were given up; and every warning or `*_failed` line by its key, so a
+    soak that flaps says what the edges saw meanwhile."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.counts: dict[str, int] = {}
+        self.events: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg.endswith("connect_retry: %s"):
             reason = type(record.args[0]).__name__ if record.args else "?"  # type: ignore[index]
             self.counts[reason] = self.counts.get(reason, 0) + 1
+            return
+        key = str(record.msg).split(":", 1)[0].split(" ", 1)[0]
+        if record.levelno >= logging.WARNING or key.endswith(("_failed", "_broke")):
+            self.events[key] = self.events.get(key, 0) + 1
 
     def install(self) -> None:
         for name in ("cowork.edge.desktop", "cowork.edge.gateway"):
@@ -118,6 +127,25 @@ class Retries(logging.Handler):
             logger.setLevel(logging.INFO)
             logger.propagate = False  # (the rest of their INFO lines: not printed)
             logger.addHandler(self)
+
+
+class LoopLag:
+    """The longest this process's event loop ran a 0.1 s timer late since last asked: a
+    load process too starved to send its agents' beats on time shows here."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(0.1)
+            self.worst = max(self.worst, time.monotonic() - asked - 0.1)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return round(worst, 2)
 
 
 class Fleet:
@@ -128,7 +156,8 @@ class Fleet:
         self.gateway_dirs: list[Path] = []
         self.agents: list[Any] = []
         self.tasks: list[asyncio.Task] = []
-        self.retries = Retries()
+        self.edge_log = EdgeLog()
+        self.lag = LoopLag()
         self.connect_times: list[float] = []
         self._timers: list[asyncio.Task] = []  # (not agents: kept out of `tasks`)
 
@@ -209,7 +238,7 @@ class Fleet:
             "agentSeconds": [times[int(q * (len(times) - 1))] for q in (0.5, 0.9, 1.0)]
             if times
             else [],
-            "retries": dict(self.retries.counts),
+            "retries": dict(self.edge_log.counts),
             "cpuSeconds": time.process_time(),
         }
 
@@ -236,6 +265,8 @@ class Fleet:
             "gateways": len(self.gateway_dirs),
             "ended": sum(t.done() for t in self.tasks),
             "cpuSeconds": time.process_time(),
+            "lagMax": self.lag.take(),
+            "events": dict(self.edge_log.events),
         }
 
     async def stop(self) -> dict:
@@ -258,7 +289,7 @@ async def main() -> None:
     spec = json.loads(await reader.readline())
     runner, opencode_url = await fake_opencode()
     fleet = Fleet(spec, opencode_url)
-    fleet.retries.install()
+    fleet.edge_log.install()
     handlers = {"pair": fleet.pair, "run": fleet.run, "stop": fleet.stop}
 
     def answer(body: dict) -> None:

@@ -75,6 +75,8 @@ FLEET_LOAD = Path(__file__).with_name("fleet_load.py")
 BASE = f"/api/v1/tenants/{TENANT}"
 FLAPS = ("pairing.offline", "gateway.registration.unhealthy")
 _DROPS = re.compile(r"^cowork_nats_slow_consumer_drops_total\{[^}]*\} ([\d.e+]+)$", re.M)
+_LOOP_LAG_COUNT = re.compile(r"^cowork_event_loop_lag_seconds_count ([\d.e+]+)$", re.M)
+_LOOP_LAG_1S = re.compile(r'^cowork_event_loop_lag_seconds_bucket\{le="1.0"\} ([\d.e+]+)$', re.M)
 _LATE = re.compile(r'^cowork_presence_heartbeats_late_total\{principal="(\w+)"\} ([\d.e+]+)$', re.M)
 
 
@@ -430,10 +432,15 @@ async def _soak(http, pool: asyncpg.Pool, loads: list[FleetLoad], sample: list[s
     late_before, drops_before = _late(metrics), _drops(metrics)
     soak_end = time.monotonic() + 60 * SOAK_MINUTES
     lowest, listed, commands, next_round = DESKTOPS, 0, [], 0.0
+    timeline = SoakTimeline(_stalls(metrics))
     while time.monotonic() < soak_end:
-        lowest = min(lowest, (await _presence(pool))["online"])
+        presence = await _presence(pool)
+        lowest = min(lowest, presence["online"])
         status = await asyncio.gather(*(load.ask("status") for load in loads))
         assert sum(s["ended"] for s in status) == 0, "an agent ended during the soak"
+        timeline.look(
+            await _flaps(pool, mark), presence, status, _stalls((await http.get("/metrics")).text)
+        )
         if time.monotonic() >= next_round:
             listing = await _list_fleet(http)
             assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
@@ -451,7 +458,46 @@ async def _soak(http, pool: asyncpg.Pool, loads: list[FleetLoad], sample: list[s
         "cmd_p99_ms": round(1000 * _pct(0.99, commands), 1),
         "late": {k: v - late_before.get(k, 0.0) for k, v in _late(metrics).items()},
         "drops": _drops(metrics) - drops_before,
+        "worst_load_lag_s": timeline.worst_lag,
+        "hub_stalls": _stalls(metrics) - timeline.stalls_before,
     }
+
+
+class SoakTimeline:
+    """A line for every 10 s of the soak in which an edge flapped or a process stalled:
+    what the hub did (flaps, its loop stalls) beside what the load processes saw (their
+    loops' worst lateness, what their agents logged), so a failed soak says why."""
+
+    def __init__(self, stalls: float) -> None:
+        self.flaps, self.stalls_before, self._stalls = 0, stalls, stalls
+        self.worst_lag = 0.0
+        self._events: list[dict[str, int]] = []
+
+    def look(self, flaps: int, presence: dict, status: list[dict], stalls: float) -> None:
+        lags = [s["lagMax"] for s in status]
+        self.worst_lag = max(self.worst_lag, *lags)
+        events = [s["events"] for s in status]
+        new_events = [
+            {k: v - (self._events[i].get(k, 0) if self._events else 0) for k, v in e.items()}
+            for i, e in enumerate(events)
+        ]
+        new_events = [{k: v for k, v in e.items() if v} for e in new_events]
+        if flaps > self.flaps or stalls > self._stalls or max(lags) > 2 or any(new_events):
+            print(
+                f"  [{time.strftime('%H:%M:%S')}] flaps +{flaps - self.flaps} "
+                f"(online {presence['online']}, active {presence['active']}); hub loop "
+                f"stalls +{stalls - self._stalls:.0f}; load loops late at worst {lags} s; "
+                f"edges logged {new_events}",
+                flush=True,
+            )
+        self.flaps, self._stalls, self._events = flaps, stalls, events
+
+
+def _stalls(metrics_text: str) -> float:
+    """Ticks the hub's event loop ran more than a second late (cowork_event_loop_lag_seconds)."""
+    count = _LOOP_LAG_COUNT.search(metrics_text)
+    within = _LOOP_LAG_1S.search(metrics_text)
+    return float(count.group(1)) - float(within.group(1)) if count and within else 0.0
 
 
 async def _reconnect_timeline(

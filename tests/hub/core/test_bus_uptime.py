@@ -104,3 +104,49 @@ def test_each_kind_of_edge_is_counted_apart(clock):
     assert not bus.heard()
     clock.now += 1
     assert bus.heard()
+
+
+def test_a_stall_of_the_event_loop_deafens_the_replica_for_as_long_again(clock):
+    bus = BusUptime(grace=30)
+    bus.stalled(12.0)  # the beats sent meanwhile still wait unread in the socket
+    assert not bus.heard()
+    clock.now += 11.9
+    assert not bus.heard()
+    clock.now += 0.1
+    assert bus.heard(), "the loop has run for as long as it stalled: silence is evidence"
+
+
+def test_a_sweep_the_loop_runs_before_its_watch_after_a_stall_hears_nothing(clock):
+    bus = BusUptime(grace=30)
+    bus._ticked = clock.now  # the watch's last tick, just before the loop stalled
+    clock.now += _bus_uptime.LOOP_TICK + _bus_uptime.LOOP_STALL + 0.01
+    assert not bus.heard(), "the watch has not run since: the loop is only now back"
+    bus._ticked = clock.now
+    assert bus.heard()
+
+
+async def test_the_loop_watch_measures_a_real_stall_and_pauses_the_sweeps():
+    import asyncio
+    import time
+
+    from hub.core import HubMetrics
+
+    metrics = HubMetrics()
+    bus = BusUptime(grace=30, metrics=metrics)
+    watch = asyncio.create_task(bus.watch_loop())
+    try:
+        await asyncio.sleep(0.3)
+        assert bus.heard()
+        time.sleep(1.5)  # the whole loop blocked (a GC pause, a starved CPU)
+        assert not bus.heard(), "a sweep run straight after the stall concludes nothing"
+        await asyncio.sleep(0.3)  # the watch has measured it
+        assert not bus.heard()
+        stalls = metrics.registry.get_sample_value(
+            "cowork_event_loop_lag_seconds_bucket", {"le": "1.0"}
+        )
+        total = metrics.registry.get_sample_value("cowork_event_loop_lag_seconds_count")
+        assert total - stalls == 1, "one tick over a second late"
+        await asyncio.sleep(1.5)
+        assert bus.heard()
+    finally:
+        watch.cancel()
