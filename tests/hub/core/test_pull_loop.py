@@ -121,3 +121,36 @@ async def test_deliveries_lost_on_the_way_come_again_at_once_and_in_order(nats_u
     finally:
         await worker.stop()
         await nc.close()
+
+
+async def test_a_message_a_stale_pull_request_took_before_the_loop_opened_comes_first(nats_url):
+    """Partition handover: the previous holder's pull request, sent late after its
+    reconnect, reaches the server after the new holder took over and takes the next
+    message, which its old holder never acks. Without a look at the consumer when the
+    loop opens it, the new holder's deliveries show no hole (they go on from the
+    stolen one), so it would handle 1-14 and get 0 after the ack wait, behind them."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    spec = await _consumer(js, 15)
+    stale = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+    taken = await stale.fetch(1, timeout=5)  # delivered, never acked
+    assert [int(m.data) for m in taken] == [0]
+    seen: list[int] = []
+
+    async def handle(msgs) -> None:
+        for msg in msgs:
+            if int(msg.data) not in seen:
+                seen.append(int(msg.data))
+            await msg.ack()
+
+    log = logging.getLogger("test.pull")
+    worker = BackgroundTask(
+        "pull", lambda: pull_forever(js, spec, 5, handle, log, "fetch_failed", ordered=True)
+    )
+    worker.start()
+    try:
+        await eventually(lambda: len(seen) >= 15, 10, what="all, long before the ack wait")
+        assert seen == list(range(15)), "the stolen message came back out of order"
+    finally:
+        await worker.stop()
+        await nc.close()
