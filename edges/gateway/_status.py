@@ -61,6 +61,8 @@ MAX_SYNC_ITEMS = 1000
 # live stream is itself a sign of life (and drops within 35 s of a hung server), and a
 # dropped stream or a check that was not healthy makes the next beat ask at once.
 OPENCODE_CHECK_SECONDS = 30.0
+# How long a beat waits for OpenCode's health check (see GatewayStatus._check_opencode).
+OPENCODE_WAIT_SECONDS = 2.0
 
 
 class GatewayStatus(AgentParts):
@@ -111,14 +113,31 @@ class GatewayStatus(AgentParts):
         self._apply_state(reply)
 
     async def _check_opencode(self) -> None:
-        now = time.monotonic()
-        if (
-            self._health == "healthy"
-            and self.events.connected
-            and now - self._opencode_checked_at < self.opencode_check_interval
-        ):
-            return  # healthy a moment ago, and its event stream is still live
-        self._opencode_checked_at = now
+        """Ask OpenCode's health when it is due, waiting for the answer at most
+        OPENCODE_WAIT_SECONDS (half an interval if that is less): a check still
+        unanswered goes on by itself and this beat says OpenCode is degraded, so a
+        hung OpenCode never silences the heartbeat (the hub would mark the Gateway
+        unhealthy for missing beats, not hear why). The client's own timeout ends
+        such a check as a failure: unhealthy."""
+        check = self._tasks.get("opencode-health")
+        if check is None or check.done():
+            now = time.monotonic()
+            if (
+                self._health == "healthy"
+                and self.events.connected
+                and now - self._opencode_checked_at < self.opencode_check_interval
+            ):
+                return  # healthy a moment ago, and its event stream is still live
+            self._opencode_checked_at = now
+            check = self._tasks["opencode-health"] = asyncio.create_task(self._ask_opencode())
+        wait = min(OPENCODE_WAIT_SECONDS, self.heartbeat_interval / 2)
+        done, _ = await asyncio.wait({check}, timeout=wait)
+        if not done:
+            asked = time.monotonic() - self._opencode_checked_at
+            self._health = "degraded"
+            self._last_error = f"OpenCode has not answered its health check for {asked:.0f} s"
+
+    async def _ask_opencode(self) -> None:
         try:
             health = await self.opencode.health()
         except OpenCodeError as exc:

@@ -180,6 +180,58 @@ async def test_a_healthy_opencode_is_asked_now_and_then_not_at_every_beat(
         await gateway.stop()
 
 
+async def test_a_hung_opencode_makes_the_beats_say_so_and_never_silences_them(
+    hub, http, opencode, operator_nats_url, tmp_path
+):
+    """OpenCode that takes a connection and never answers its health check: the
+    Gateway goes on beating every interval, reporting OpenCode degraded and why, and
+    stays active at the hub (no unhealthy sweep for missing beats); healthy again
+    once OpenCode answers."""
+    created, _ = await registered(http, operator_nats_url, tmp_path / "gw", "edge_worker")
+    gateway = await start_gateway(
+        tmp_path / "gw", opencode.url, heartbeat=0.5, opencode_check_interval=0.0
+    )
+    agent = gateway.agent
+    reg = created["registrationId"]
+    answer, ask_health, beat = asyncio.Event(), agent.opencode.health, agent._heartbeat
+    beats: list[float] = []
+
+    async def hung_health() -> dict:
+        await answer.wait()
+        return await ask_health()
+
+    async def counted_beat(*args: Any) -> None:
+        beats.append(time.monotonic())
+        await beat(*args)
+
+    try:
+        await wait_status(http, reg, "active")
+        agent.opencode.health = hung_health  # type: ignore[method-assign]
+        agent._heartbeat = counted_beat  # type: ignore[method-assign]
+
+        async def degraded() -> dict | None:
+            v = await get_registration(http, reg)
+            return v if v.get("health") == "degraded" else None
+
+        view = await eventually(degraded, 10, 0.1, "a beat saying OpenCode does not answer")
+        assert "has not answered its health check" in view["lastError"], view
+        beats.clear()
+        await asyncio.sleep(4)
+        gaps = [b - a for a, b in zip(beats, beats[1:])]
+        assert len(beats) >= 6 and max(gaps) < 0.5 + 0.25 + 0.5, (len(beats), gaps)
+        assert (await get_registration(http, reg))["status"] == "active"
+        answer.set()
+
+        async def healthy() -> dict | None:
+            v = await get_registration(http, reg)
+            return v if v.get("health") == "healthy" else None
+
+        assert (await eventually(healthy, 10, 0.1, "healthy again"))["lastError"] is None
+    finally:
+        answer.set()
+        await gateway.stop()
+
+
 async def test_claims_one_at_a_time_when_told_and_never_polls(
     hub, http, opencode, operator_nats_url, tmp_path
 ):
