@@ -110,16 +110,9 @@ async def test_deliveries_lost_on_the_way_come_again_at_once_and_in_order(nats_u
             lost = await thief.fetch(5, timeout=5)  # deliveries 6-10 never arrive
             assert [int(m.data) for m in lost] == [5, 6, 7, 8, 9]
 
-    log = logging.getLogger("test.pull")
-    worker = BackgroundTask(
-        "pull", lambda: pull_forever(js, spec, 5, handle, log, "fetch_failed", ordered=True)
-    )
-    worker.start()
     try:
-        await eventually(lambda: len(seen) >= 15, 10, what="all, long before the ack wait")
-        assert seen == list(range(15)), "the lost batch came back out of order"
+        await _ordered_until_all(js, spec, handle, seen, "the lost batch came back out of order")
     finally:
-        await worker.stop()
         await nc.close()
 
 
@@ -143,6 +136,15 @@ async def test_a_message_a_stale_pull_request_took_before_the_loop_opened_comes_
                 seen.append(int(msg.data))
             await msg.ack()
 
+    try:
+        await _ordered_until_all(js, spec, handle, seen, "the stolen message came back late")
+    finally:
+        await nc.close()
+
+
+async def _ordered_until_all(js, spec: ConsumerSpec, handle, seen: list[int], why: str) -> None:
+    """The ordered loop over `spec` until its 15 messages are in `seen`, long before
+    the ack wait, in order."""
     log = logging.getLogger("test.pull")
     worker = BackgroundTask(
         "pull", lambda: pull_forever(js, spec, 5, handle, log, "fetch_failed", ordered=True)
@@ -150,7 +152,6 @@ async def test_a_message_a_stale_pull_request_took_before_the_loop_opened_comes_
     worker.start()
     try:
         await eventually(lambda: len(seen) >= 15, 10, what="all, long before the ack wait")
-        assert seen == list(range(15)), "the stolen message came back out of order"
+        assert seen == list(range(15)), why
     finally:
         await worker.stop()
-        await nc.close()
