@@ -133,7 +133,7 @@ class BusUptime:
         self._why = "this replica's event loop stalled"
         suppressed = self._stall_log.allow("loop_stalled")
         if suppressed is not None:
-            log.warning("hub.loop_stalled", **kv(seconds=round(seconds, 2), suppressed=suppressed))
+            log.warning("loop.stalled", **kv(seconds=round(seconds, 2), suppressed=suppressed))
 
     async def watch_loop(self) -> None:
         """For the replica's life: how late the loop runs a LOOP_TICK timer."""

@@ -74,7 +74,7 @@ class HubMetrics:
         self.loop_lag = Histogram(
             "cowork_event_loop_lag_seconds",
             "How late this replica's event loop ran a timer due every 0.25 s (a stall "
-            "over 1 s pauses the presence sweeps and logs hub.loop_stalled)",
+            "over 1 s pauses the presence sweeps and logs loop.stalled)",
             registry=r,
             buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
