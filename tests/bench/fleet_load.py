@@ -25,7 +25,8 @@ Commands, each answered by one JSON line:
   {desktops: [pairingId], gateways: [registrationId], seconds, failures}.
 - `run`: start every agent, answer once each is connected {seconds, connected}.
 - `status`: {connected: agents whose bus is up, desktops, gateways, ended, cpuSeconds,
-  lagMax: the event loop's worst lateness since the last status, events: warnings
+  lagMax: the event loop's worst lateness since the last status, gcMax: its longest
+  full garbage collection since the last status, events: warnings
   and failures the agents logged, by key, since the start}.
 - `stop`: stop every agent, answer {cpuSeconds, failed: agents that ended on their own}.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -129,6 +131,30 @@ class EdgeLog(logging.Handler):
             logger.addHandler(self)
 
 
+class GcPauses:
+    """The longest full (generation 2) garbage collection of this process since last
+    asked: with thousands of agents' objects alive, one can hold the event loop for
+    seconds, which `LoopLag` would show without saying why."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._started: float | None = None
+        gc.callbacks.append(self._phase)
+
+    def _phase(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.worst = max(self.worst, time.perf_counter() - self._started)
+            self._started = None
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return round(worst, 2)
+
+
 class LoopLag:
     """The longest this process's event loop ran a 0.1 s timer late since last asked: a
     load process too starved to send its agents' beats on time shows here."""
@@ -158,6 +184,7 @@ class Fleet:
         self.tasks: list[asyncio.Task] = []
         self.edge_log = EdgeLog()
         self.lag = LoopLag()
+        self.gc_pauses = GcPauses()
         self.connect_times: list[float] = []
         self._timers: list[asyncio.Task] = []  # (not agents: kept out of `tasks`)
 
@@ -266,6 +293,7 @@ class Fleet:
             "ended": sum(t.done() for t in self.tasks),
             "cpuSeconds": time.process_time(),
             "lagMax": self.lag.take(),
+            "gcMax": self.gc_pauses.take(),
             "events": dict(self.edge_log.events),
         }
 

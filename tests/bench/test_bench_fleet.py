@@ -459,6 +459,7 @@ async def _soak(http, pool: asyncpg.Pool, loads: list[FleetLoad], sample: list[s
         "late": {k: v - late_before.get(k, 0.0) for k, v in _late(metrics).items()},
         "drops": _drops(metrics) - drops_before,
         "worst_load_lag_s": timeline.worst_lag,
+        "worst_load_gc_s": timeline.worst_gc,
         "hub_stalls": _stalls(metrics) - timeline.stalls_before,
     }
 
@@ -470,11 +471,13 @@ class SoakTimeline:
 
     def __init__(self, stalls: float) -> None:
         self.flaps, self.stalls_before, self._stalls = 0, stalls, stalls
-        self.worst_lag = 0.0
+        self.worst_lag = self.worst_gc = 0.0
         self._events: list[dict[str, int]] = []
 
     def look(self, flaps: int, presence: dict, status: list[dict], stalls: float) -> None:
         lags = [s["lagMax"] for s in status]
+        gcs = [s["gcMax"] for s in status]
+        self.worst_gc = max(self.worst_gc, *gcs)
         self.worst_lag = max(self.worst_lag, *lags)
         events = [s["events"] for s in status]
         new_events = [
@@ -486,7 +489,8 @@ class SoakTimeline:
             print(
                 f"  [{time.strftime('%H:%M:%S')}] flaps +{flaps - self.flaps} "
                 f"(online {presence['online']}, active {presence['active']}); hub loop "
-                f"stalls +{stalls - self._stalls:.0f}; load loops late at worst {lags} s; "
+                f"stalls +{stalls - self._stalls:.0f}; load loops late at worst {lags} s "
+                f"(longest full GC {gcs} s); "
                 f"edges logged {new_events}",
                 flush=True,
             )
