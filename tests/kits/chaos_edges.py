@@ -41,6 +41,9 @@ Api = Callable[..., Awaitable[httpx.Response]]
 HubUrls = Callable[[], list[str]]
 
 INSTANCE = "tg-chaos"
+# The channel router's ack wait (its consumer's, hub/core/_streams.py): how long a message
+# a killed replica held waits before JetStream redelivers it to another.
+ROUTER_ACK_WAIT = 30.0
 CHAT_WORKSPACE = "chat-ws"
 LANES = [("100", None), ("200", None), ("300", "55")]  # (chat, thread)
 INBOUND_CHAT, INBOUND_USER = "900", "9"
@@ -334,11 +337,11 @@ class ChannelTraffic:
             )
         unanswered = [m for m in self.accepted if platform.replies[m] == 0]
         tally.count("lost", len(unanswered), f"accepted updates never answered {unanswered[:5]}")
+        await self._check_stored(tally)  # (a redelivery it waits for could answer again)
         twice = {m: platform.replies[m] for m in self.accepted if platform.replies[m] > 1}
         tally.count(
             "duplicated", sum(n - 1 for n in twice.values()), f"updates answered twice {twice}"
         )
-        await self._check_stored(tally)
         return (
             f"{sum(self.sent)} deliveries on {len(LANES)} lanes, {len(self.accepted)} webhook "
             f"updates, {platform.refused} sends refused at a strike"
@@ -346,10 +349,14 @@ class ChannelTraffic:
 
     async def _check_stored(self, tally: Any) -> None:
         """Each accepted update claimed once and handled (status done), its
-        `channel.message_accepted` audited once."""
+        `channel.message_accepted` audited once. A replica killed between an update's
+        reply and its claim's `done` leaves the message to JetStream, which redelivers
+        it to another replica after the router's ack wait: waited for, that long."""
         conn = await asyncpg.connect(self.channel.dsn)
-        try:
-            rows = await conn.fetch(
+        wanted = list(self.accepted.values())
+
+        async def claims() -> list:
+            return await conn.fetch(
                 "SELECT c.provider_event_id, c.status, count(a.*) AS audited "
                 "FROM channel_inbound_claims c LEFT JOIN audit_log a ON a.tenant = c.tenant "
                 "AND a.action = 'channel.message_accepted' AND a.target_id = c.message_id "
@@ -357,8 +364,18 @@ class ChannelTraffic:
                 "GROUP BY c.provider_event_id, c.status",
                 TENANT,
                 INSTANCE,
-                list(self.accepted.values()),
+                wanted,
             )
+
+        async def all_finished() -> bool:
+            rows = await claims()
+            finished = {r["provider_event_id"] for r in rows if r["status"] == "done"}
+            return finished >= set(wanted) and all(r["audited"] for r in rows)
+
+        try:
+            with contextlib.suppress(AssertionError):
+                await eventually(all_finished, ROUTER_ACK_WAIT + 15, 0.5, "every update routed")
+            rows = await claims()
         finally:
             await conn.close()
         done = {r["provider_event_id"] for r in rows if r["status"] == "done"}
