@@ -153,10 +153,13 @@ class GatewayStatus(AgentParts):
             self._last_error = None
 
     async def _next_sequence(self) -> int:
-        """The beat's sequence, taken off the event loop: about once a minute it is a
-        synced SQLite write, and a disk busy syncing (a database's checkpoint beside
-        it) must not hold up everything else this agent does."""
+        """The beat's sequence. About once a minute taking it reserves the next block
+        on disk, a synced SQLite write: that one is taken off the event loop, so a
+        disk busy syncing (a database's checkpoint beside it) does not hold up
+        everything else this agent does."""
         floor = int(time.time() * 1000)
+        if self.store.heartbeat_sequence_reserved(floor):
+            return self.store.next_heartbeat_sequence(floor)
         return await asyncio.to_thread(self.store.next_heartbeat_sequence, floor)
 
     def _apply_state(self, reply: GatewayHeartbeatReply) -> None:

@@ -216,6 +216,11 @@ class GatewayStore(StateDirectory):
         return dict(rows)
 
     # --- heartbeat sequence -------------------------------------------------------------------
+    def heartbeat_sequence_reserved(self, floor: int) -> bool:
+        """Whether the next sequence is already reserved on disk (taking it writes
+        nothing): callers on an event loop take the other ones off it."""
+        return max(self._beat_last + 1, floor) <= self._beat_reserved
+
     def next_heartbeat_sequence(self, floor: int) -> int:
         """Strictly increasing across restarts (the hub refuses a sequence it has seen);
         `floor` (wall-clock milliseconds) keeps it ahead after a fresh state directory.

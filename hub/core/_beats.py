@@ -23,9 +23,10 @@ unless a newer one from the same sender has been noted since; the late rule
 bounds how long they wait.
 
 While beats wait longer than BEHIND_SECONDS for a write (a slow statement, a
-failing database), the writer is `behind()`: the sweeps that mark senders gone
-for missing beats ask it first, since a sender whose beat the hub holds unwritten
-is not silent (the 10,000-edge soak flapped edges in bursts of hundreds).
+failing database), the writer is `behind()`: a sender whose beat the hub holds
+unwritten is not silent (the 10,000-edge soak flapped edges in bursts of
+hundreds). The sweeps that mark senders gone for missing beats ask the writer
+`silence_is_evidence()`: that, and whether this replica hears the bus at all.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from ._background import BackgroundTask
+from ._bus_uptime import BusUptime
 from ._logging import LogBudget, kv
 
 log = logging.getLogger("cowork.hub.presence")
@@ -98,12 +100,14 @@ class BeatWriter(Generic[K, B]):
         write: Write,
         *,
         on_late: Callable[[int], None],
-        on_note: Callable[[K], None] | None = None,
+        bus: BusUptime | None = None,
         flush_seconds: float = FLUSH_SECONDS,
         flush_size: int = FLUSH_SIZE,
     ) -> None:
         self._name, self._write, self._on_late = name, write, on_late
-        self._on_note = on_note  # told every key heard (the bus uptime counts returns)
+        self._bus = bus  # whether this replica hears the bus (see silence_is_evidence)
+        # told every key heard: the bus uptime counts edges coming back after an outage
+        self._on_note: Callable[[K], None] | None = bus.returns() if bus else None
         self._flush_seconds, self._flush_size = flush_seconds, flush_size
         self._noted: dict[K, _Noted[B]] = {}
         self._writing: dict[K, asyncio.Event] = {}  # keys whose write is in flight
@@ -150,6 +154,12 @@ class BeatWriter(Generic[K, B]):
             self._caught_up = time.monotonic()
             return False
         return time.monotonic() - self._caught_up > BEHIND_SECONDS
+
+    def silence_is_evidence(self) -> bool:
+        """The one question a sweep that marks senders gone for missing beats asks: a
+        sender not stamped lately is silent only if this replica hears the bus
+        (`BusUptime.heard`) and has written what it heard (not `behind()`)."""
+        return (self._bus is None or self._bus.heard()) and not self.behind()
 
     def pending(self, key: K) -> B | None:
         """The beat noted for `key` and not yet written, if any."""

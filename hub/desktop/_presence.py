@@ -52,7 +52,6 @@ class DesktopPresence:
         sweep_interval: float = 0.5,
     ) -> None:
         self._pool, self._audit, self._metrics = pool, audit, metrics
-        self._bus = bus  # silence is evidence only while this replica hears the bus
         self._on_online = on_online  # async (tenant, pairing row) -> None
         self._sweeper = BackgroundTask(
             "presence-sweep",
@@ -64,7 +63,7 @@ class DesktopPresence:
             "presence-writer",
             self._write,
             on_late=metrics.presence_late.labels("desktop").inc,
-            on_note=bus.returns(),
+            bus=bus,
         )
 
     def start(self) -> None:
@@ -168,9 +167,7 @@ class DesktopPresence:
             await self._record(tenant, pairing_id, "pairing.offline", reason=reason)
 
     async def sweep_once(self) -> int:
-        # Silence is evidence only when this replica hears the bus and has written
-        # what it heard (a beat waiting for a slow write is not silence).
-        if not self._bus.heard() or self.beats.behind():
+        if not self.beats.silence_is_evidence():
             return 0
         # Rows locked in key order, as the heartbeat writer locks them, and a row the
         # writer holds is skipped (it is being stamped): an UPDATE in the table's own

@@ -88,7 +88,7 @@ class GatewayHeartbeats:
             "gateway-heartbeat-writer",
             self._write,
             on_late=late,
-            on_note=bus.returns() if bus else None,
+            bus=bus,
         )
 
     def start(self) -> None:

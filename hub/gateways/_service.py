@@ -68,7 +68,7 @@ class GatewayRegistry:
         heartbeats = GatewayHeartbeats(pool, metrics, bus)
         reports = GatewayReports(pool, records)
         self._heartbeats = heartbeats
-        self._sweeps = GatewaySweeps(pool, records, credentials, bus, heartbeats.beats)
+        self._sweeps = GatewaySweeps(pool, records, credentials, heartbeats.beats)
         self._routes = GatewayRoutes(heartbeats, reports, records, heartbeat_rate=heartbeat_rate)
 
         # the admin API (_http_gateways)

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from ..core import BackgroundTask, BeatWriter, BusUptime, every, kv
+from ..core import BackgroundTask, BeatWriter, every, kv
 from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayAudit
 
 log = logging.getLogger("cowork.hub.gateways")
@@ -25,11 +25,10 @@ class GatewaySweeps(BackgroundTask):
         pool: asyncpg.Pool,
         audit: GatewayAudit,
         credentials: Any | None,
-        bus: BusUptime,
         writer: BeatWriter,
     ) -> None:
-        self._pool, self._audit, self._bus = pool, audit, bus
-        self._writer = writer  # the heartbeat writer: a beat it holds unwritten is not silence
+        self._pool, self._audit = pool, audit
+        self._writer = writer  # the heartbeat writer: it says whether silence is evidence
         self._credentials = credentials  # CredentialService (operator mode) or None
         super().__init__(
             "gateway-sweeper",
@@ -74,7 +73,7 @@ class GatewaySweeps(BackgroundTask):
         """Active registrations not heard from for MISSED_BEATS intervals -> unhealthy;
         paused while this replica cannot hear the bus, and for its grace after, and
         while the heartbeat writer is behind."""
-        if not self._bus.heard() or self._writer.behind():
+        if not self._writer.silence_is_evidence():
             return 0
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_SWEEP, MISSED_BEATS, DEFAULT_HEARTBEAT_INTERVAL)

@@ -17,7 +17,9 @@ def _stored(store: GatewayStore) -> int:
 
 def test_sequences_rise_across_crashes_with_one_write_a_block(tmp_path):
     store = GatewayStore(tmp_path / "gw")
+    assert not store.heartbeat_sequence_reserved(NOW), "nothing reserved yet: a write"
     first = store.next_heartbeat_sequence(NOW)
+    assert store.heartbeat_sequence_reserved(NOW + BEAT)
     assert first == NOW, "a fresh directory starts at the wall clock"
     writes = store.db.total_changes
     beats = HEARTBEAT_BLOCK // BEAT  # a block's worth of beats at the wall clock
@@ -25,6 +27,7 @@ def test_sequences_rise_across_crashes_with_one_write_a_block(tmp_path):
     assert handed == sorted(set(handed)), "strictly increasing"
     assert store.db.total_changes == writes, "no write within the reserved block"
     assert _stored(store) >= handed[-1]
+    assert not store.heartbeat_sequence_reserved(NOW + beats * BEAT), "the block is used up"
     store.next_heartbeat_sequence(NOW + beats * BEAT)
     assert store.db.total_changes == writes + 1, "one write for the next block"
     last = store.next_heartbeat_sequence(NOW + beats * BEAT + 1)
