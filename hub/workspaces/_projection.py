@@ -162,6 +162,7 @@ class EventProjector:
                 fetch_seconds=FETCH_SECONDS,
                 may_fetch=partial(self._leases.sure, durable),
                 ordered=True,
+                prefetch=True,
             ),
         )
         self._workers[durable] = worker

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 from edges.desktop._agent import DesktopAgent
 from edges.desktop._store import DesktopStore
+from hub.cli._loop import EVENT_LOOP_ENV, use_event_loop
 
 DELTA = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 2  # ~110 chars
 
@@ -143,4 +145,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # The loop `cowork desktop run` gets (hub/cli/_loop.py: uvloop where installed),
+    # as tests/bench/command_desktop.py does: the bench's Desktop is the product's.
+    use_event_loop(os.environ.get(EVENT_LOOP_ENV, "auto"))
     asyncio.run(main())

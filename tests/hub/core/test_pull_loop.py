@@ -16,11 +16,11 @@ from hub.core import BackgroundTask, pull_forever
 from hub.core._streams import ConsumerSpec
 
 
-async def _consumer(js, count: int) -> ConsumerSpec:
+async def _consumer(js, count: int, ack_wait: float = 30) -> ConsumerSpec:
     name = f"PULL_{uuid.uuid4().hex[:8].upper()}"
     subject = f"pull.{name.lower()}"
     await js.add_stream(name=name, subjects=[subject])
-    config = ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT, ack_wait=30)
+    config = ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait)
     await js.add_consumer(name, config)
     for i in range(count):
         await js.publish(subject, str(i).encode())
@@ -155,3 +155,86 @@ async def _ordered_until_all(js, spec: ConsumerSpec, handle, seen: list[int], wh
         assert seen == list(range(15)), why
     finally:
         await worker.stop()
+
+
+def _prefetching(js, spec: ConsumerSpec, handle, fetch_seconds: float = 1.0) -> BackgroundTask:
+    log = logging.getLogger("test.pull")
+    return BackgroundTask(
+        "pull",
+        lambda: pull_forever(
+            js,
+            spec,
+            5,
+            handle,
+            log,
+            "fetch_failed",
+            fetch_seconds=fetch_seconds,
+            ordered=True,
+            prefetch=True,
+        ),
+    )
+
+
+async def test_a_prefetching_loop_has_the_next_batch_on_its_way_while_it_handles_one(nats_url):
+    """The next batch is delivered while the handler still works on this one (two
+    batches unacked at once), and a request that brought all it asked for (it ends
+    without a status) is not waited on: 20 messages in batches of 5 take far less
+    than one fetch timeout (5 s) each."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    spec = await _consumer(js, 20)
+    seen: list[int] = []
+
+    async def handle(msgs) -> None:
+        if not seen:  # the first batch: the second is fetched meanwhile
+
+            async def both_out() -> bool:
+                info = await js.consumer_info(spec.stream, spec.durable)
+                return info.num_ack_pending == 10
+
+            await eventually(both_out, 5, what="the next batch delivered during this one")
+        for msg in msgs:
+            seen.append(int(msg.data))
+            await msg.ack()
+
+    worker = _prefetching(js, spec, handle, fetch_seconds=5.0)
+    worker.start()
+    try:
+        await eventually(lambda: len(seen) >= 20, 3, what="every batch, no fetch timeout waited")
+        assert seen == list(range(20)), "lost, doubled or reordered"
+    finally:
+        await worker.stop()
+        await nc.close()
+
+
+async def test_a_batch_fetched_ahead_of_a_held_one_comes_once_and_in_order(nats_url):
+    """The database away for 3.5 s, longer than the consumer's 3 s ack wait, while the
+    next batch was already fetched: the held batch is kept in progress, the one
+    fetched ahead waits in the loop (the server redelivers only to a pull request,
+    and none is sent during a hold), so nothing is redelivered behind newer
+    messages, lost or doubled."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    spec = await _consumer(js, 15, ack_wait=3)
+    seen: list[int] = []
+    outage = {"left": 3}  # holds of 0.5, 1 and 2 s
+
+    async def handle(msgs) -> None:
+        for msg in msgs:
+            if int(msg.data) == 2 and outage["left"]:
+                outage["left"] -= 1
+                raise ConnectionRefusedError(111, "the database is restarting")
+            if int(msg.data) not in seen:
+                seen.append(int(msg.data))
+            await msg.ack()
+
+    worker = _prefetching(js, spec, handle)
+    worker.start()
+    try:
+        await eventually(lambda: len(seen) >= 15, 20, what="every message handled")
+        assert seen == list(range(15)), "lost, doubled or reordered while held"
+        info = await js.consumer_info(spec.stream, spec.durable)
+        assert info.num_redelivered == 0, "a message fetched ahead was redelivered"
+    finally:
+        await worker.stop()
+        await nc.close()
