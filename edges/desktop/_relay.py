@@ -24,13 +24,14 @@ type, session, command id and time stay in clear for routing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
 from pydantic_core import to_json
 
 from schemas import (
@@ -98,6 +99,66 @@ def device_event_json(
     return to_json(body, inf_nan_mode="null")
 
 
+class StoredAcks:
+    """JetStream publishes of one connection, each acknowledged by the stream, awaited
+    a batch at a time: one reply subscription (`<inbox>.*`), a numbered reply subject
+    per message, and each answer read only as far as it must be (an error, or not).
+    nats-py's `publish_async` costs, per message, a future and its callback, a
+    semaphore, a NUID and an `os.urandom` call for its token, and a parsed PubAck:
+    about a quarter of the relay's time (docs/performance.md, relay round 5). An
+    answer to an earlier batch (one that timed out) counts for nothing."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._subscribed = False
+        self._batch = 0  # the batch awaited now; its replies are <prefix><batch>_<i>
+        self._left: set[int] = set()
+        self._error: Exception | None = None
+        self._done = asyncio.Event()
+
+    async def publish(self, rows: list[tuple[int, str, str, bytes]], timeout: float) -> None:
+        """Publish (seq, subject, message id, data) rows in order, the message id as
+        `Nats-Msg-Id`; back once the stream stored (or already had) every one. Raises
+        on a refusal or no stream, TimeoutError after `timeout` seconds."""
+        if not self._subscribed:
+            await self.nc.subscribe(self._prefix + "*", cb=self._on_answer)
+            self._subscribed = True
+        self._batch += 1
+        self._left, self._error = set(range(len(rows))), None
+        self._done.clear()
+        reply = f"{self._prefix}{self._batch}_"
+        publish = self.nc.publish
+        for i, (_, subject, msg_id, data) in enumerate(rows):
+            await publish(subject, data, reply=f"{reply}{i}", headers={"Nats-Msg-Id": msg_id})
+        # Not wait_for: 3.11's drops a cancellation that lands as the acks do, and
+        # _publish_forever would then outlive its stop.
+        async with asyncio.timeout(timeout):
+            await self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _on_answer(self, msg: Any) -> None:
+        batch, _, index = msg.subject[len(self._prefix) :].partition("_")
+        if batch != str(self._batch) or not index.isdigit():
+            return  # an earlier batch's, or not ours
+        if msg.headers and msg.headers.get("Status") == "503":
+            self._error = NoStreamResponseError()
+        elif b'"error"' in msg.data:  # a PubAck has none: {"stream":..,"seq":..}
+            try:
+                err = json.loads(msg.data)["error"]
+                self._error = APIError(
+                    code=err.get("code"),
+                    err_code=err.get("err_code"),
+                    description=err.get("description"),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self._error = APIError(description=msg.data[:200].decode(errors="replace"))
+        self._left.discard(int(index))
+        if self._error is not None or not self._left:
+            self._done.set()
+
+
 class EventRelay:
     def __init__(
         self,
@@ -127,7 +188,7 @@ class EventRelay:
         self._pending: list[tuple[str, str, bytes]] = []  # taken this turn, not written yet
         self._wake_on_persist = False  # something taken this turn wakes the publisher
         self._nc: NATS | None = None
-        self._js: tuple[NATS, JetStreamContext] | None = None  # see _jetstream
+        self._acks: StoredAcks | None = None  # see _stored
         self._wakeup = asyncio.Event()
         self.published = 0
         # Made here, not in run(): a command may follow its session before the relay
@@ -285,32 +346,18 @@ class EventRelay:
                 backoff = min(backoff * 2, 5.0)
                 self._wakeup.set()
 
-    def _jetstream(self, nc: NATS) -> JetStreamContext:
-        """One JetStream context per connection: a context subscribes its own reply
-        inbox at its first `publish_async` and never unsubscribes it, so a context
-        per drain left one more subscription on the connection (and the server) at
-        every drain, without bound."""
-        if self._js is None or self._js[0] is not nc:
-            self._js = (nc, nc.jetstream(timeout=PUBLISH_TIMEOUT))
-        return self._js[1]
+    def _stored(self, nc: NATS) -> StoredAcks:
+        """One ack inbox per connection: a subscription per drain would leave one
+        more on the connection (and the server) at every drain, without bound."""
+        if self._acks is None or self._acks.nc is not nc:
+            self._acks = StoredAcks(nc)
+        return self._acks
 
     async def _drain(self, nc: NATS) -> None:
-        js = self._jetstream(nc)
+        acks = self._stored(nc)
         self.persist()
         while rows := self.store.outbox_peek(BATCH):
-            futures = [
-                await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
-                for _, subject, msg_id, data in rows
-            ]
-            try:
-                # Not wait_for: 3.11's drops a cancellation that lands as the acks do,
-                # and _publish_forever would then outlive its stop.
-                async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    await asyncio.gather(*futures)
-            finally:
-                for future in futures:
-                    if not future.done():
-                        future.cancel()
+            await acks.publish(rows, PUBLISH_TIMEOUT)
             self.store.outbox_remove_through(rows[-1][0])
             self.published += len(rows)
 

@@ -28,7 +28,7 @@ from ._deadletter import (
     is_transient,
     parse_and_decode,
 )
-from ._fences import check_fence, raise_fence
+from ._fences import check_fence, fence_token_sql, raise_fence
 from ._flush import flushed
 from ._idempotency import body_hash
 from ._lanes import LanePolicy, Lanes
@@ -73,6 +73,7 @@ __all__ = [
     "dead_letter_admin",
     "deliveries",
     "every",
+    "fence_token_sql",
     "flushed",
     "health",
     "hub_consumer",

@@ -35,12 +35,19 @@ async def raise_fence(pool: asyncpg.Pool, consumer: str, token: int) -> None:
         raise Fenced(f"{consumer}: a later holder's token is in place")
 
 
+def fence_token_sql(consumer_param: str) -> str:
+    """The partition's token, its row locked FOR SHARE until the transaction ends, so
+    a new holder's raise_fence waits for the write rather than race it: for a
+    writer that checks the fence inside one statement of its own (a CTE; the
+    projector's `append_new(..., fence=...)`), as `check_fence` does in a
+    transaction. `consumer_param`: the statement's parameter naming the consumer."""
+    return f"SELECT token FROM partition_fences WHERE consumer = {consumer_param} FOR SHARE"
+
+
 async def check_fence(conn: asyncpg.Connection, consumer: str, token: int) -> None:
     """In the caller's transaction: Fenced unless `token` is still the partition's;
     the row stays locked FOR SHARE until the transaction ends, so a new holder's
     raise_fence waits for this write rather than race it."""
-    current = await conn.fetchval(
-        "SELECT token FROM partition_fences WHERE consumer = $1 FOR SHARE", consumer
-    )
+    current = await conn.fetchval(fence_token_sql("$1"), consumer)
     if current != token:
         raise Fenced(f"{consumer}: token {token} is not the partition's ({current})")

@@ -27,7 +27,7 @@ from pydantic_core import to_json
 
 from schemas import EnvelopeTemplate, Source, WorkspaceEvent, subjects
 
-from ..core import JsonbText, kv
+from ..core import Fenced, JsonbText, fence_token_sql, kv
 
 log = logging.getLogger("cowork.hub.workspaces")
 
@@ -127,7 +127,11 @@ RACE_RETRIES = 3
 
 
 async def append_new(
-    conn: asyncpg.Connection, source_kind: str, new: Sequence[NewEvent]
+    conn: asyncpg.Connection,
+    source_kind: str,
+    new: Sequence[NewEvent],
+    *,
+    fence: tuple[str, int] | None = None,
 ) -> list[tuple[NewEvent, int]]:
     """Append the events of `new` whose ids (per tenant) are not stored yet, each
     id once, in one statement (its own transaction, or the caller's: then a race
@@ -139,7 +143,12 @@ async def append_new(
     The statement decides which ids are new from its snapshot, taken before it
     waits for a cursor lock; so a writer that commits the same ids while this one
     waits makes the insert fail on (tenant, event_id), and nothing of it is kept.
-    Then the statement runs again with a fresh snapshot, which sees those ids."""
+    Then the statement runs again with a fresh snapshot, which sees those ids.
+
+    `fence` (consumer, token): only if the token is still the partition's, checked
+    by the same statement as `check_fence` would in a transaction (the fence row
+    FOR SHARE, before any cursor is locked, until the statement commits): one round
+    trip where a transaction took four. Fenced (nothing written) if it is not."""
     if not new:
         return []
     args = (
@@ -154,14 +163,23 @@ async def append_new(
         [None if e.payload is None else JsonbText(to_json(e.payload)) for e in new],
         source_kind,
     )
+    sql = _APPEND_NEW
+    if fence is not None:
+        sql, args = _APPEND_NEW_FENCED, (*args, *fence)
     for attempt in range(1, RACE_RETRIES + 1):
         try:
-            rows = await conn.fetch(_APPEND_NEW, *args)
+            rows = await conn.fetch(sql, *args)
             break
         except asyncpg.UniqueViolationError as exc:
             # In the caller's transaction the failure aborted it: the caller retries.
             if not is_event_id_race(exc) or attempt == RACE_RETRIES or conn.is_in_transaction():
                 raise
+    if fence is not None:
+        if rows[0]["fence"] != fence[1]:
+            raise Fenced(
+                f"{fence[0]}: token {fence[1]} is not the partition's ({rows[0]['fence']})"
+            )
+        rows = rows if rows[0]["ord"] is not None else []
     return [(new[row["ord"] - 1], row["sequence"]) for row in rows]
 
 
@@ -274,16 +292,34 @@ def append_steps(input_cte: str, source_kind: str) -> str:
     return _APPEND_STEPS.format(input=input_cte, source_kind=source_kind)
 
 
-_APPEND_NEW = (
-    """
-    WITH input AS (
+_UNNEST_INPUT = """
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::text[], $8::timestamptz[], $9::jsonb[])
              WITH ORDINALITY AS e(tenant, workspace_id, event_id, source_id, type, session_id,
-                                  command_id, occurred_at, payload, ord)
+                                  command_id, occurred_at, payload, ord)"""
+_APPEND_NEW = (
+    f"""
+    WITH input AS ({_UNNEST_INPUT}
     ),"""
     + append_steps("input", "$10")
     + """
     SELECT ord, sequence FROM numbered ORDER BY ord
+"""
+)
+# The same, fenced ($11 consumer, $12 token): the fence row is read FOR SHARE (a
+# new holder's raise_fence waits for this statement to commit), and the input is
+# empty unless its token is $12. Always at least one row: the token read (`fence`;
+# NULL, no row: no holder has raised it) and, when nothing was appended, NULL ord.
+_APPEND_NEW_FENCED = (
+    f"""
+    WITH fence AS ({fence_token_sql("$11")}
+    ), input AS ({_UNNEST_INPUT}
+        WHERE (SELECT token FROM fence) = $12
+    ),"""
+    + append_steps("input", "$10")
+    + """
+    SELECT (SELECT token FROM fence) AS fence, n.ord, n.sequence
+    FROM (VALUES (1)) AS one (x) LEFT JOIN numbered n ON true
+    ORDER BY n.ord
 """
 )

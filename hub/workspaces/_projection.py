@@ -49,7 +49,6 @@ from ..core import (
     PartitionLeases,
     Rejected,
     StorageAway,
-    check_fence,
     hub_consumer,
     is_transient,
     kv,
@@ -58,7 +57,7 @@ from ..core import (
     raise_fence,
     streams,
 )
-from ._log import RACE_RETRIES, NewEvent, append_new, is_event_id_race, publish_live_json
+from ._log import NewEvent, append_new, publish_live_json
 
 log = logging.getLogger("cowork.hub.projection")
 FAMILY = subjects.DEVICE_EVENT
@@ -363,18 +362,13 @@ class EventProjector:
         self, fence: tuple[str, int], new: list[NewEvent]
     ) -> list[tuple[NewEvent, int]]:
         """Append the events not stored yet, if this replica still holds the
-        partition (its fencing token, checked in the same transaction). A writer
-        that commits the same ids meanwhile fails the insert: the transaction runs
-        again and sees them (append_new)."""
-        for attempt in range(1, RACE_RETRIES + 1):
-            try:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    await check_fence(conn, *fence)
-                    return await append_new(conn, "desktop", new)
-            except asyncpg.UniqueViolationError as exc:
-                if not is_event_id_race(exc) or attempt == RACE_RETRIES:
-                    raise
-        raise AssertionError("unreachable")
+        partition (its fencing token, checked by the same statement: one round trip
+        where a transaction took four, each waiting its turn on a loop busy with the
+        next batch; docs/performance.md, relay round 5). A writer that commits the
+        same ids meanwhile fails the insert: the statement runs again and sees them
+        (append_new)."""
+        async with self._pool.acquire() as conn:
+            return await append_new(conn, "desktop", new, fence=fence)
 
     async def _publish_live(self, tenant: str, workspace: str, events: list[bytes]) -> None:
         await publish_live_json(self._nc, self._source, tenant, workspace, events)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import asyncpg
 import pytest
 
+from hub.core import Fenced, raise_fence
 from hub.core._db import create_pool, migrate
 from hub.workspaces import append_events, lock_cursor
 from hub.workspaces._log import NewEvent, append_new
@@ -144,6 +145,54 @@ async def test_a_writer_committing_the_same_ids_meanwhile_leaves_no_gap_or_dupli
     assert [(e.event_id, seq) for e, seq in appended] == [("a3", 3)]
     assert await stored(pool, "ws1") == [(1, "a1"), (2, "a2"), (3, "a3")]
     assert await cursor(pool, "ws1") == 3
+
+
+async def _fenced(pool, events: list[NewEvent], token: int) -> list[tuple[NewEvent, int]]:
+    async with pool.acquire() as conn:
+        return await append_new(conn, "desktop", events, fence=("p0", token))
+
+
+async def test_a_fenced_append_writes_only_under_the_partitions_token(pool):
+    """The projector's one-statement write: a holder whose lease moved on (a later
+    token raised) writes nothing, as a partition nobody fenced; the holder writes,
+    and a batch it already stored is no write and no refusal."""
+    with pytest.raises(Fenced):  # nobody raised the fence: nobody's write
+        await _fenced(pool, [new("a1")], 5)
+    await raise_fence(pool, "p0", 5)
+    assert [(e.event_id, seq) for e, seq in await _fenced(pool, [new("a1")], 5)] == [("a1", 1)]
+    assert await _fenced(pool, [new("a1")], 5) == []  # already stored
+    await raise_fence(pool, "p0", 9)  # another replica took the partition
+    with pytest.raises(Fenced):
+        await _fenced(pool, [new("a2"), new("a3")], 5)
+    assert await stored(pool, "ws1") == [(1, "a1")]
+    assert await cursor(pool, "ws1") == 1
+    appended = await _fenced(pool, [new("a2"), new("a3")], 9)
+    assert [(e.event_id, seq) for e, seq in appended] == [("a2", 2), ("a3", 3)]
+
+
+async def test_a_new_holder_waits_for_a_fenced_append_in_flight(pool):
+    """The statement holds the fence row FOR SHARE before it waits for a cursor, so
+    a new holder's raise_fence waits for it to commit: the old holder's write lands
+    first, never after the new holder's."""
+    await raise_fence(pool, "p0", 5)
+    holder = await pool.acquire()
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await lock_cursor(holder, T, "ws1")  # another writer of ws1, mid-transaction
+        writing = asyncio.create_task(_fenced(pool, [new("a1")], 5))
+        await asyncio.sleep(0.2)  # it has the fence and waits for the cursor
+        taking = asyncio.create_task(raise_fence(pool, "p0", 9))
+        await asyncio.sleep(0.2)
+        assert not writing.done() and not taking.done(), "the new holder went ahead"
+        await tx.commit()
+        assert [(e.event_id, seq) for e, seq in await asyncio.wait_for(writing, 10)] == [("a1", 1)]
+        await asyncio.wait_for(taking, 10)
+    finally:
+        await pool.release(holder)
+    with pytest.raises(Fenced):
+        await _fenced(pool, [new("a2")], 5)
+    assert await stored(pool, "ws1") == [(1, "a1")]
 
 
 async def test_an_event_the_database_refuses_fails_the_statement_and_keeps_nothing(pool):

@@ -1,0 +1,63 @@
+"""The relay's JetStream publishes (`StoredAcks`, edges/desktop/_relay.py) against a
+real nats-server: back only once the stream stored every message of the batch, in
+order; a message the stream already has (its id in the duplicate window) is
+stored, not refused; a refusal or a subject no stream takes raises, so the relay
+keeps the rows and publishes them again."""
+
+from __future__ import annotations
+
+import uuid
+
+import nats
+import pytest
+from nats.js.errors import APIError, NoStreamResponseError
+
+from edges.desktop._relay import StoredAcks
+
+
+async def _stream(js, **limits) -> str:
+    name = f"ACKS_{uuid.uuid4().hex[:8].upper()}"
+    await js.add_stream(name=name, subjects=[f"acks.{name.lower()}.>"], **limits)
+    return name
+
+
+def _rows(name: str, ids: list[str]) -> list[tuple[int, str, str, bytes]]:
+    return [(i, f"acks.{name.lower()}.e", msg_id, msg_id.encode()) for i, msg_id in enumerate(ids)]
+
+
+async def test_a_batch_is_back_once_every_message_is_stored_in_order(nats_url):
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        name = await _stream(js)
+        acks = StoredAcks(nc)
+        await acks.publish(_rows(name, [f"m{i}" for i in range(500)]), 5.0)
+        info = await js.stream_info(name)
+        assert info.state.messages == 500
+        first = await js.get_msg(name, 1)
+        last = await js.get_msg(name, 500)
+        assert (first.data, last.data) == (b"m0", b"m499")
+        # The same rows again (a drain that timed out and runs again): duplicates
+        # by their ids, acknowledged, not stored twice.
+        await acks.publish(_rows(name, [f"m{i}" for i in range(500)]), 5.0)
+        assert (await js.stream_info(name)).state.messages == 500
+    finally:
+        await nc.close()
+
+
+async def test_a_refused_message_or_no_stream_raises(nats_url):
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        name = await _stream(js, max_msg_size=64)
+        acks = StoredAcks(nc)
+        rows = _rows(name, ["small"]) + [(1, f"acks.{name.lower()}.e", "big", b"x" * 1000)]
+        with pytest.raises(APIError):
+            await acks.publish(rows, 5.0)
+        with pytest.raises(NoStreamResponseError):
+            await acks.publish([(0, "acks.nobody.e", "id", b"x")], 5.0)
+        # The connection's ack inbox still serves the next batch.
+        await acks.publish(_rows(name, ["after"]), 5.0)
+        assert (await js.get_msg(name, 2)).data == b"after"
+    finally:
+        await nc.close()
