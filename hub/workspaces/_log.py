@@ -151,7 +151,7 @@ async def append_new(
     trip where a transaction took four. Fenced (nothing written) if it is not."""
     if not new:
         return []
-    args = (
+    args: tuple[Any, ...] = (
         [e.tenant for e in new],
         [e.workspace for e in new],
         [e.event_id for e in new],
