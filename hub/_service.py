@@ -54,6 +54,7 @@ from .core import (
     LogBudget,
     db,
     health,
+    install_fast_nats_headers,
     kv,
     streams,
 )
@@ -492,6 +493,7 @@ class Hub:
         elif s.nats_creds:
             options["user_credentials"] = str(s.nats_creds)
             options["inbox_prefix"] = HUB_INBOX_PREFIX
+        install_fast_nats_headers()  # (hub/core/_nats_headers.py)
         deadline = time.monotonic() + timeout
         while True:
             try:

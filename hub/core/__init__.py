@@ -29,6 +29,7 @@ from ._deadletter import (
     parse_and_decode,
 )
 from ._fences import check_fence, fence_token_sql, raise_fence
+from ._nats_headers import install as install_fast_nats_headers
 from ._flush import flushed
 from ._idempotency import body_hash
 from ._lanes import LanePolicy, Lanes
@@ -76,6 +77,7 @@ __all__ = [
     "fence_token_sql",
     "flushed",
     "health",
+    "install_fast_nats_headers",
     "hub_consumer",
     "is_transient",
     "kv",
