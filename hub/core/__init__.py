@@ -29,13 +29,13 @@ from ._deadletter import (
     parse_and_decode,
 )
 from ._fences import check_fence, fence_token_sql, raise_fence
-from ._nats_headers import install as install_fast_nats_headers
 from ._flush import flushed
 from ._idempotency import body_hash
 from ._lanes import LanePolicy, Lanes
 from ._leases import PartitionLeases
 from ._logging import LogBudget, configure_logging, kv
 from ._metrics import HubMetrics
+from ._nats_headers import install as install_fast_nats_headers
 from ._rate_limit import RateLimiter
 from ._refusals import Refusal, ack_refusal
 from ._settings import HubSettings, LogFormat, LogLevel
