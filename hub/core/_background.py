@@ -145,7 +145,7 @@ async def pull_forever(
     `prefetch` (ordered loops only): ask for the next batch as soon as one is handed
     out, so that it crosses the network and is parsed while `handle` waits on the
     database, instead of after (the projector spent a quarter of each cycle in
-    `fetch`: docs/performance.md, "Relay: the projector's cycle"). What was fetched
+    `fetch`: docs/performance.md, relay round 4). What was fetched
     and not handed out when the loop ends or opens the consumer again is delivered
     to nobody: the next open rewinds it (`ordered`). While a batch is held past the
     ack wait, what was fetched ahead of it waits here: the server redelivers only
