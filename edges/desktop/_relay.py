@@ -116,11 +116,18 @@ class StoredAcks:
         self._left: set[int] = set()
         self._error: Exception | None = None
         self._done = asyncio.Event()
+        # One batch at a time (the publisher's drain and a stopping agent's flush
+        # may overlap): the next waits for the one in flight, then goes on.
+        self._one_at_a_time = asyncio.Lock()
 
     async def publish(self, rows: list[tuple[int, str, str, bytes]], timeout: float) -> None:
         """Publish (seq, subject, message id, data) rows in order, the message id as
         `Nats-Msg-Id`; back once the stream stored (or already had) every one. Raises
         on a refusal or no stream, TimeoutError after `timeout` seconds."""
+        async with self._one_at_a_time:
+            await self._publish(rows, timeout)
+
+    async def _publish(self, rows: list[tuple[int, str, str, bytes]], timeout: float) -> None:
         if not self._subscribed:
             await self.nc.subscribe(self._prefix + "*", cb=self._on_answer)
             self._subscribed = True

@@ -6,6 +6,7 @@ keeps the rows and publishes them again."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import nats
@@ -59,5 +60,30 @@ async def test_a_refused_message_or_no_stream_raises(nats_url):
         # The connection's ack inbox still serves the next batch.
         await acks.publish(_rows(name, ["after"]), 5.0)
         assert (await js.get_msg(name, 2)).data == b"after"
+    finally:
+        await nc.close()
+
+
+async def test_batches_published_at_once_are_acked_one_after_the_other(nats_url):
+    """A stopping agent's flush may overlap the publisher's drain: each batch still
+    waits for its own answers, and neither is taken for the other's (the first
+    batch's refusal is the first's, not lost under the second's success)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        name = await _stream(js, max_msg_size=64)
+        acks = StoredAcks(nc)
+        first = _rows(name, [f"a{i}" for i in range(300)])
+        first.append((300, f"acks.{name.lower()}.e", "too-big", b"x" * 1000))
+        second = _rows(name, [f"b{i}" for i in range(300)])
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                acks.publish(first, 5.0), acks.publish(second, 5.0), return_exceptions=True
+            ),
+            10,
+        )
+        assert isinstance(outcomes[0], APIError), outcomes[0]
+        assert outcomes[1] is None
+        assert (await js.stream_info(name)).state.messages == 600
     finally:
         await nc.close()
