@@ -128,6 +128,8 @@ class StoredAcks:
             await self._publish(rows, timeout)
 
     async def _publish(self, rows: list[tuple[int, str, str, bytes]], timeout: float) -> None:
+        if not rows:
+            return
         if not self._subscribed:
             await self.nc.subscribe(self._prefix + "*", cb=self._on_answer)
             self._subscribed = True
@@ -151,19 +153,28 @@ class StoredAcks:
             return  # an earlier batch's, or not ours
         if msg.headers and msg.headers.get("Status") == "503":
             self._error = NoStreamResponseError()
-        elif b'"error"' in msg.data:  # a PubAck has none: {"stream":..,"seq":..}
-            try:
-                err = json.loads(msg.data)["error"]
-                self._error = APIError(
-                    code=err.get("code"),
-                    err_code=err.get("err_code"),
-                    description=err.get("description"),
-                )
-            except (ValueError, KeyError, TypeError, AttributeError):
-                self._error = APIError(description=msg.data[:200].decode(errors="replace"))
+        elif b'"error"' in msg.data:  # (a PubAck, {"stream":..,"seq":..}, seldom has it)
+            self._error = _refusal(msg.data)
         self._left.discard(int(index))
         if self._error is not None or not self._left:
             self._done.set()
+
+
+def _refusal(data: bytes) -> APIError | None:
+    """The stream's refusal in an answer that names an error, None if it is a PubAck
+    after all (a stream or domain called "error")."""
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return APIError(description=data[:200].decode(errors="replace"))
+    err = answer.get("error") if isinstance(answer, dict) else None
+    if err is None:
+        return None
+    if not isinstance(err, dict):
+        return APIError(description=str(err)[:200])
+    return APIError(
+        code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+    )
 
 
 class EventRelay:

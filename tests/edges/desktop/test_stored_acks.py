@@ -87,3 +87,13 @@ async def test_batches_published_at_once_are_acked_one_after_the_other(nats_url)
         assert (await js.stream_info(name)).state.messages == 600
     finally:
         await nc.close()
+
+
+def test_an_answer_is_a_refusal_only_when_it_carries_an_error():
+    from edges.desktop._relay import _refusal
+
+    assert _refusal(b'{"stream":"error","seq":3}') is None
+    assert _refusal(b'{"stream":"S","seq":3,"domain":"error"}') is None
+    refused = _refusal(b'{"error":{"code":400,"err_code":10054,"description":"message size"}}')
+    assert refused is not None and refused.err_code == 10054
+    assert _refusal(b'"error" not json') is not None
