@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from edges.common import port_number
 
-from ._loop import EVENT_LOOP_ENV, use_event_loop
+from ._loop import EVENT_LOOP_ENV, settle_heap, use_event_loop
 
 DESCRIPTION = """\
 cowork: the NATS-centred hub for Cloud, Team Gateways and paired Desktops.
@@ -331,6 +331,7 @@ async def _serve(hub: object) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await hub.start()
+        settle_heap()
         await stop.wait()
     finally:
         await hub.stop()

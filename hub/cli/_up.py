@@ -31,6 +31,7 @@ from edges.local import (
 from .. import Hub, HubSettings, StartupError
 from ..auth import BusKeys
 from ..core import LogFormat, LogLevel
+from ._loop import settle_heap
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Stack:
         )
         self.hub = Hub(settings, keys=self.keys)
         await step("hub (migrations, streams, HTTP)", self.hub.start)
+        settle_heap()
         self._banner(token_origin)
 
     def _banner(self, token_origin: str) -> None:
