@@ -112,7 +112,8 @@ class StoredAcks:
         self.nc = nc
         self._prefix = nc.new_inbox() + "."
         self._subscribed = False
-        self._batch = 0  # the batch awaited now; its replies are <prefix><batch>_<i>
+        self._batch = ""  # the batch awaited now (a number); its replies: <prefix><batch>_<i>
+        self._batches = 0
         self._left: set[int] = set()
         self._error: Exception | None = None
         self._done = asyncio.Event()
@@ -133,7 +134,8 @@ class StoredAcks:
         if not self._subscribed:
             await self.nc.subscribe(self._prefix + "*", cb=self._on_answer)
             self._subscribed = True
-        self._batch += 1
+        self._batches += 1
+        self._batch = str(self._batches)
         self._left, self._error = set(range(len(rows))), None
         self._done.clear()
         reply = f"{self._prefix}{self._batch}_"
@@ -149,7 +151,7 @@ class StoredAcks:
 
     async def _on_answer(self, msg: Any) -> None:
         batch, _, index = msg.subject[len(self._prefix) :].partition("_")
-        if batch != str(self._batch) or not index.isdigit():
+        if batch != self._batch or not index.isdigit():
             return  # an earlier batch's, or not ours
         if msg.headers and msg.headers.get("Status") == "503":
             self._error = NoStreamResponseError()

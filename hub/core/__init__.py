@@ -28,7 +28,7 @@ from ._deadletter import (
     is_transient,
     parse_and_decode,
 )
-from ._fences import check_fence, fence_token_sql, raise_fence
+from ._fences import fence_token_sql, raise_fence
 from ._flush import flushed
 from ._idempotency import body_hash
 from ._lanes import LanePolicy, Lanes
@@ -68,7 +68,6 @@ __all__ = [
     "TRANSIENT",
     "ack_refusal",
     "body_hash",
-    "check_fence",
     "configure_logging",
     "db",
     "dead_letter_admin",

@@ -5,7 +5,8 @@ holder that lost it without knowing (a process frozen, cut off from NATS, or a
 write slower than the lease's margin) from writing late, behind the new holder's
 writes. The store refuses such a write instead: the new holder raises the
 partition's token (migration 0009) before it starts, and each write checks, in
-its own transaction, that the token is still its holder's."""
+the statement that writes (`fence_token_sql`), that the token is still its
+holder's."""
 
 from __future__ import annotations
 
@@ -37,17 +38,8 @@ async def raise_fence(pool: asyncpg.Pool, consumer: str, token: int) -> None:
 
 def fence_token_sql(consumer_param: str) -> str:
     """The partition's token, its row locked FOR SHARE until the transaction ends, so
-    a new holder's raise_fence waits for the write rather than race it: for a
-    writer that checks the fence inside one statement of its own (a CTE; the
-    projector's `append_new(..., fence=...)`), as `check_fence` does in a
-    transaction. `consumer_param`: the statement's parameter naming the consumer."""
+    a new holder's raise_fence waits for the write rather than race it: a writer
+    reads it in the statement (or transaction) that writes, and writes only if it
+    is its own token (the projector's `append_new(..., fence=...)`).
+    `consumer_param`: the statement's parameter naming the consumer."""
     return f"SELECT token FROM partition_fences WHERE consumer = {consumer_param} FOR SHARE"
-
-
-async def check_fence(conn: asyncpg.Connection, consumer: str, token: int) -> None:
-    """In the caller's transaction: Fenced unless `token` is still the partition's;
-    the row stays locked FOR SHARE until the transaction ends, so a new holder's
-    raise_fence waits for this write rather than race it."""
-    current = await conn.fetchval(fence_token_sql("$1"), consumer)
-    if current != token:
-        raise Fenced(f"{consumer}: token {token} is not the partition's ({current})")

@@ -8,8 +8,9 @@ its row locked until the transaction ends), numbers its events after it,
 serialises writers of one workspace across replicas, sequences never gap or repeat.
 
 A batch writer that also drops event ids already stored (the Desktop projector)
-uses `append_new`: one statement, its own transaction, for any number of events
-of any number of workspaces (one round trip instead of six per workspace).
+uses `append_new`: one statement, fenced by the writer's partition token, for any
+number of events of any number of workspaces (one round trip where a transaction
+took four).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ async def append_new(
     source_kind: str,
     new: Sequence[NewEvent],
     *,
-    fence: tuple[str, int] | None = None,
+    fence: tuple[str, int],
 ) -> list[tuple[NewEvent, int]]:
     """Append the events of `new` whose ids (per tenant) are not stored yet, each
     id once, in one statement (its own transaction, or the caller's: then a race
@@ -145,10 +146,12 @@ async def append_new(
     waits makes the insert fail on (tenant, event_id), and nothing of it is kept.
     Then the statement runs again with a fresh snapshot, which sees those ids.
 
-    `fence` (consumer, token): only if the token is still the partition's, checked
-    by the same statement as `check_fence` would in a transaction (the fence row
-    FOR SHARE, before any cursor is locked, until the statement commits): one round
-    trip where a transaction took four. Fenced (nothing written) if it is not."""
+    `fence` (consumer, token): only if the token is still the partition's (the
+    writer's partition lease, hub/core/_fences.py), checked by the same statement:
+    the fence row FOR SHARE, before any cursor is locked, until the statement's
+    transaction ends, so a new holder's `raise_fence` waits for this write. One
+    round trip where a transaction of its own took four. Fenced (nothing written)
+    if the token is not the partition's."""
     if not new:
         return []
     args: tuple[Any, ...] = (
@@ -162,24 +165,20 @@ async def append_new(
         [e.occurred_at for e in new],
         [None if e.payload is None else JsonbText(to_json(e.payload)) for e in new],
         source_kind,
+        *fence,
     )
-    sql = _APPEND_NEW
-    if fence is not None:
-        sql, args = _APPEND_NEW_FENCED, (*args, *fence)
     for attempt in range(1, RACE_RETRIES + 1):
         try:
-            rows = await conn.fetch(sql, *args)
+            rows = await conn.fetch(_APPEND_NEW, *args)
             break
         except asyncpg.UniqueViolationError as exc:
             # In the caller's transaction the failure aborted it: the caller retries.
             if not is_event_id_race(exc) or attempt == RACE_RETRIES or conn.is_in_transaction():
                 raise
-    if fence is not None:
-        if rows[0]["fence"] != fence[1]:
-            raise Fenced(
-                f"{fence[0]}: token {fence[1]} is not the partition's ({rows[0]['fence']})"
-            )
-        rows = rows if rows[0]["ord"] is not None else []
+    if rows[0]["fence"] != fence[1]:
+        raise Fenced(f"{fence[0]}: token {fence[1]} is not the partition's ({rows[0]['fence']})")
+    if rows[0]["ord"] is None:  # nothing appended: every id was stored already
+        return []
     return [(new[row["ord"] - 1], row["sequence"]) for row in rows]
 
 
@@ -292,28 +291,20 @@ def append_steps(input_cte: str, source_kind: str) -> str:
     return _APPEND_STEPS.format(input=input_cte, source_kind=source_kind)
 
 
-_UNNEST_INPUT = """
+# Lock, fence, deduplicate, number and insert ($1-$9 the events' columns, $10 the
+# source kind, $11 the fence's consumer, $12 its token). The fence row is read FOR
+# SHARE (a new holder's raise_fence waits for this statement's transaction), and
+# the input is empty unless its token is $12. Always at least one row: the token
+# read (`fence`; NULL when no holder has raised it) and, when nothing was appended,
+# a NULL ord.
+_APPEND_NEW = (
+    f"""
+    WITH fence AS ({fence_token_sql("$11")}
+    ), input AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::text[], $8::timestamptz[], $9::jsonb[])
              WITH ORDINALITY AS e(tenant, workspace_id, event_id, source_id, type, session_id,
-                                  command_id, occurred_at, payload, ord)"""
-_APPEND_NEW = (
-    f"""
-    WITH input AS ({_UNNEST_INPUT}
-    ),"""
-    + append_steps("input", "$10")
-    + """
-    SELECT ord, sequence FROM numbered ORDER BY ord
-"""
-)
-# The same, fenced ($11 consumer, $12 token): the fence row is read FOR SHARE (a
-# new holder's raise_fence waits for this statement to commit), and the input is
-# empty unless its token is $12. Always at least one row: the token read (`fence`;
-# NULL, no row: no holder has raised it) and, when nothing was appended, NULL ord.
-_APPEND_NEW_FENCED = (
-    f"""
-    WITH fence AS ({fence_token_sql("$11")}
-    ), input AS ({_UNNEST_INPUT}
+                                  command_id, occurred_at, payload, ord)
         WHERE (SELECT token FROM fence) = $12
     ),"""
     + append_steps("input", "$10")

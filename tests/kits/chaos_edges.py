@@ -33,6 +33,7 @@ from edges.gateway._registration import register, version_set
 from edges.gateway._store import GatewayStore
 from hub.auth import BusKeys, nats_jwt
 from hub.auth._permissions import HUB_INBOX_PREFIX, HUB_PERMISSIONS
+from hub.core import hub_consumer
 from schemas import ChannelOutbound, ChannelTarget, Envelope, Source, subjects
 
 # One admin API call through whichever replica answers (the suite's `_any_hub`).
@@ -41,9 +42,9 @@ Api = Callable[..., Awaitable[httpx.Response]]
 HubUrls = Callable[[], list[str]]
 
 INSTANCE = "tg-chaos"
-# The channel router's ack wait (its consumer's, hub/core/_streams.py): how long a message
-# a killed replica held waits before JetStream redelivers it to another.
-ROUTER_ACK_WAIT = 30.0
+# The channel router's ack wait: how long a message a killed replica held waits before
+# JetStream redelivers it to another.
+ROUTER_ACK_WAIT = hub_consumer("hub-channel-router").ack_wait_seconds
 CHAT_WORKSPACE = "chat-ws"
 LANES = [("100", None), ("200", None), ("300", "55")]  # (chat, thread)
 INBOUND_CHAT, INBOUND_USER = "900", "9"

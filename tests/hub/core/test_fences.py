@@ -10,7 +10,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from hub.core import Fenced, check_fence, db, raise_fence
+from hub.core import Fenced, db, fence_token_sql, raise_fence
 
 
 @pytest.fixture
@@ -22,6 +22,14 @@ async def pool(database_url):
         yield pool
     finally:
         await pool.close()
+
+
+async def check_fence(conn, consumer: str, token: int) -> None:
+    """A writer's check in its transaction, as the projector's statement makes it
+    (hub/workspaces/_log.py): the fence row FOR SHARE, Fenced unless it is `token`."""
+    current = await conn.fetchval(fence_token_sql("$1"), consumer)
+    if current != token:
+        raise Fenced(f"{consumer}: token {token} is not the partition's ({current})")
 
 
 async def _writes(pool, token: int) -> None:

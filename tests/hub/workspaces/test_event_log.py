@@ -18,6 +18,7 @@ from hub.workspaces._log import NewEvent, append_new
 from schemas import Envelope, EnvelopeTemplate, Source, WorkspaceEvent, decode
 
 T = "acme"
+FENCE = ("log", 1)  # the writer's partition token (raised by the pool fixture)
 
 
 @pytest.fixture
@@ -25,6 +26,7 @@ async def pool(database_url):
     pool = await create_pool(database_url, min_size=2, max_size=6)
     async with pool.acquire() as conn:
         await migrate(conn)
+    await raise_fence(pool, *FENCE)
     yield pool
     await pool.close()
 
@@ -84,7 +86,7 @@ async def test_each_workspace_is_numbered_in_order_after_its_cursor(pool):
             new("c1", "ws1", "other"),
             new("b2", "ws2"),
         ]
-        appended = await append_new(conn, "desktop", batch)
+        appended = await append_new(conn, "desktop", batch, fence=FENCE)
     assert [(e.event_id, seq) for e, seq in appended] == [
         ("a1", 3),
         ("b1", 1),
@@ -108,15 +110,18 @@ async def test_each_workspace_is_numbered_in_order_after_its_cursor(pool):
 
 async def test_ids_already_stored_or_repeated_in_the_batch_are_dropped_without_a_gap(pool):
     async with pool.acquire() as conn:
-        await append_new(conn, "desktop", [new("a1"), new("a2")])
+        await append_new(conn, "desktop", [new("a1"), new("a2")], fence=FENCE)
         appended = await append_new(
-            conn, "desktop", [new("a2"), new("a3"), new("a3", text="again"), new("a1"), new("a4")]
+            conn,
+            "desktop",
+            [new("a2"), new("a3"), new("a3", text="again"), new("a1"), new("a4")],
+            fence=FENCE,
         )
         assert [(e.event_id, e.payload, seq) for e, seq in appended] == [
             ("a3", {"type": "text", "text": "hi"}, 3),
             ("a4", {"type": "text", "text": "hi"}, 4),
         ]
-        assert await append_new(conn, "desktop", [new("a1"), new("a4")]) == []
+        assert await append_new(conn, "desktop", [new("a1"), new("a4")], fence=FENCE) == []
     assert await stored(pool, "ws1") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
     assert await cursor(pool, "ws1") == 4
 
@@ -129,11 +134,15 @@ async def test_a_writer_committing_the_same_ids_meanwhile_leaves_no_gap_or_dupli
     try:
         tx = holder.transaction()
         await tx.start()
-        await append_new(holder, "desktop", [new("a1"), new("a2")])  # locked, not committed
+        await append_new(
+            holder, "desktop", [new("a1"), new("a2")], fence=FENCE
+        )  # locked, not committed
 
         async def contender() -> list[tuple[NewEvent, int]]:
             async with pool.acquire() as conn:
-                return await append_new(conn, "desktop", [new("a1"), new("a2"), new("a3")])
+                return await append_new(
+                    conn, "desktop", [new("a1"), new("a2"), new("a3")], fence=FENCE
+                )
 
         waiting = asyncio.create_task(contender())
         await asyncio.sleep(0.5)  # its statement waits for the cursor lock
@@ -198,7 +207,9 @@ async def test_a_new_holder_waits_for_a_fenced_append_in_flight(pool):
 async def test_an_event_the_database_refuses_fails_the_statement_and_keeps_nothing(pool):
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.DataError):
-            await append_new(conn, "desktop", [new("a1"), new("a2", text="bin\u0000ary")])
+            await append_new(
+                conn, "desktop", [new("a1"), new("a2", text="bin\u0000ary")], fence=FENCE
+            )
     assert await stored(pool, "ws1") == []
     assert await cursor(pool, "ws1") is None
 
@@ -218,7 +229,7 @@ async def test_a_payload_is_stored_as_given(pool, payload):
     event = new(f"rt{ROUND_TRIP.index(payload)}")
     event.payload = payload
     async with pool.acquire() as conn:
-        assert [seq for _, seq in await append_new(conn, "desktop", [event])] == [1]
+        assert [seq for _, seq in await append_new(conn, "desktop", [event], fence=FENCE)] == [1]
     got = await pool.fetchval(
         "SELECT payload FROM workspace_events WHERE event_id = $1", event.event_id
     )
