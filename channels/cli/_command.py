@@ -52,6 +52,7 @@ from ._login import add_login_command
 from ._run import add_run_command
 
 MAX_ATTEMPTS = 5
+SHUTDOWN_STEP = 5.0  # seconds for each step of the way out
 DESCRIPTION = """\
 Use this terminal as a channel instance: every line you type becomes a message
 to the instance's workspace (plain text, a /command, or a JSON object
@@ -150,18 +151,27 @@ class ChannelCli:
             await self.stop.wait()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded like every step of the way out: Ctrl-D or Ctrl-C ends the command
+            # within seconds whatever the server (or a wedged library call) does.
+            done, _ = await asyncio.wait(tasks, timeout=SHUTDOWN_STEP)
+            for task in done:  # retrieved, so none is reported as never retrieved
+                if not task.cancelled():
+                    task.exception()
         except BaseException:
-            await nc.close()
+            await self._close(nc)
             raise
-        # A flush sends the last acks and receipts (bounded: a server may stop answering);
-        # not drain(), whose cancelled internals print a CancelledError traceback.
+        # A flush sends the last acks and receipts; not drain(), whose cancelled
+        # internals print a CancelledError traceback.
         with contextlib.suppress(Exception):
-            await nc.flush(timeout=5)
+            await nc.flush(timeout=SHUTDOWN_STEP)
+        await self._close(nc)
+        return 0
+
+    @staticmethod
+    async def _close(nc: Any) -> None:
         if not nc.is_closed:
             with contextlib.suppress(Exception):
-                await nc.close()
-        return 0
+                await asyncio.wait_for(nc.close(), SHUTDOWN_STEP)
 
     async def _open_queue(self, js: Any) -> Any:
         """Bind to the instance's durable consumer (the hub creates it with the instance)."""
@@ -257,7 +267,10 @@ class ChannelCli:
 
     # --- outbound -> stdout --------------------------------------------------------------
     async def _print(self, js: Any, pull: Any) -> None:
-        while True:
+        # The stop flag, not only the cancel, ends the loop: Python 3.11's wait_for
+        # (inside nats-py's fetch) can drop a cancel that lands as its wait ends, and
+        # a `while True` would then fetch forever while the exit waits on it.
+        while not self.stop.is_set():
             try:
                 batch = await pull.fetch(8, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -48,6 +50,9 @@ environment (flags win over variables):
   COWORK_SECRET_KEY      Fernet key that encrypts the signing keys at rest
   COWORK_HTTP_HOST, COWORK_HTTP_PORT, COWORK_LOG_LEVEL, COWORK_LOG_FORMAT
   COWORK_EVENT_LOOP      auto (uvloop where installed), uvloop or asyncio
+
+signals: SIGINT or SIGTERM stops a command cleanly; SIGUSR1 prints every thread's
+stack to stderr and the command goes on.
 """
 
 
@@ -220,6 +225,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr and the process goes
+    # on: how an operator (or a test) finds where a stuck command waits.
+    with contextlib.suppress(OSError, ValueError):  # a stderr without a file (embedded)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         use_event_loop(os.environ.get(EVENT_LOOP_ENV, "auto"))
     except ValueError as exc:

@@ -9,15 +9,18 @@ import asyncio
 import io
 import json
 import secrets
+import signal
 import sys
 from pathlib import Path
 
+import nats.errors
 import pytest
 from fakeplatforms import webhook_request
 from fakeplatforms.cli import FakeCli
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from channels import BadRequest, DeliveryFailed, InstanceConfig, VerificationFailed
+from channels.cli._command import ChannelCli
 from channels.providers._cli import CliProvider, CliSecrets, CliSettings
 from schemas import (
     ChannelInbound,
@@ -201,6 +204,23 @@ async def read_until(stream, needle: str, timeout: float = CLI_BUDGET) -> list[s
                 return lines
 
 
+async def exit_code(proc) -> int:
+    """The command's exit code. One that does not exit in time fails the test with
+    every thread's stack (`cowork` prints them on SIGUSR1): where it waits."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(proc.wait()), CLI_BUDGET)
+    except TimeoutError:
+        state = "running"
+        try:
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(2)
+            proc.kill()
+        except ProcessLookupError:  # gone, yet its pipes were not closed
+            state = "exited"
+        err = await asyncio.wait_for(proc.stderr.read(), CLI_BUDGET)
+        pytest.fail(f"the command did not end in {CLI_BUDGET} s ({state}); stderr:\n{err.decode()}")
+
+
 def outbound(delivery_id: str, text: str, **fields) -> bytes:
     delivery = ChannelOutbound(
         delivery_id=delivery_id,
@@ -275,7 +295,7 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
         assert info.num_ack_pending == 0 and info.num_pending == 0
     finally:
         proc.stdin.close()
-        code = await asyncio.wait_for(proc.wait(), CLI_BUDGET)
+        code = await exit_code(proc)
     assert code == 0
     err = (await proc.stderr.read()).decode()
     assert "Traceback" not in err and "CancelledError" not in err, err
@@ -284,16 +304,67 @@ async def test_the_command_publishes_lines_and_prints_deliveries(hub, cli_instan
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 async def test_quitting_with_a_signal_is_clean(hub, cli_instance, sig):
     """Ctrl-C (or SIGTERM) while waiting for input: exit 0, no traceback, no abort."""
-    import signal
-
     instance, workspace, creds = cli_instance
     proc = await start_cli(hub, instance, workspace, creds)
     await read_until(proc.stderr, "Ctrl-C quits")
     proc.send_signal(getattr(signal, sig))
-    code = await asyncio.wait_for(proc.wait(), CLI_BUDGET)
+    code = await exit_code(proc)
     err = (await proc.stderr.read()).decode()
     assert code == 0, err
     assert "Traceback" not in err and "Fatal Python error" not in err, err
+
+
+async def test_sigusr1_prints_every_stack_and_the_command_goes_on(hub, cli_instance):
+    instance, workspace, creds = cli_instance
+    proc = await start_cli(hub, instance, workspace, creds)
+    await read_until(proc.stderr, "Ctrl-C quits")
+    proc.send_signal(signal.SIGUSR1)
+    dump = await read_until(proc.stderr, "_command.py")  # the stdin thread's read
+    assert any("most recent call first" in line for line in dump), dump
+    proc.stdin.close()  # still running: Ctrl-D ends it as usual
+    assert await exit_code(proc) == 0
+
+
+class _NoCredsCli(ChannelCli):
+    def _workspace(self, args):
+        return "ws-1"
+
+
+class _CancelDroppingPull:
+    """A fetch whose wait, like asyncio.wait_for in Python 3.11, can end in a timeout
+    although the task was cancelled in it: the cancel is then never raised."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+        self.drop = True
+
+    async def fetch(self, batch: int, timeout: float):
+        self.fetches += 1
+        try:
+            await asyncio.sleep(timeout)
+        except asyncio.CancelledError:
+            if not self.drop:
+                raise
+        raise nats.errors.TimeoutError
+
+
+async def test_the_delivery_loop_ends_on_stop_even_when_a_fetch_drops_the_cancel():
+    import argparse
+
+    cli = _NoCredsCli(
+        argparse.Namespace(instance="cli-1", tenant="acme", user="ada", format="text")
+    )
+    pull = _CancelDroppingPull()
+    printing = asyncio.create_task(cli._print(None, pull))
+    await asyncio.sleep(0.05)
+    cli.stop.set()
+    printing.cancel()  # lands in the fetch, which drops it
+    done, _ = await asyncio.wait({printing}, timeout=5)
+    pull.drop = False
+    if not done:
+        printing.cancel()
+    assert done, f"the loop went on fetching after the stop ({pull.fetches} fetches)"
+    assert pull.fetches <= 2
 
 
 async def test_the_command_fails_clearly(hub, cli_instance, tmp_path):
