@@ -8,6 +8,7 @@ from __future__ import annotations
 from schemas import ControllerKeys, ControllerPublic, controller_id_of
 
 from ._bootstrap import BootstrapFailed, bootstrap_exchange, bootstrap_options, dial_once
+from ._cancel import honour_dropped_cancel
 from ._cli import (
     DEFAULT_OPENCODE_URL,
     add_opencode_server,
@@ -39,6 +40,7 @@ from ._sealed import ContentKey, DesktopSealingKey, InviteLink, normalise_finger
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 __all__ = [
+    "honour_dropped_cancel",
     "ContentKey",
     "ControllerKeys",
     "ControllerPublic",

@@ -35,6 +35,8 @@ from schemas import (
     subjects,
 )
 
+from ._cancel import honour_dropped_cancel
+
 log = logging.getLogger("cowork.edge.credentials")
 
 
@@ -161,6 +163,7 @@ async def refresh_forever(
     """
     backoff = 1.0
     while True:
+        honour_dropped_cancel()
         exp = creds.expires_at
         if exp is None:
             return

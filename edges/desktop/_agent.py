@@ -63,6 +63,7 @@ from ..common import (
     bootstrap_options,
     dial,
     dial_once,
+    honour_dropped_cancel,
     new_user_seed,
     not_refused_as,
     refresh_forever,
@@ -379,6 +380,7 @@ class DesktopAgent:
 
     async def _heartbeats(self) -> None:
         while True:
+            honour_dropped_cancel()
             try:
                 await self._heartbeat("online")
             except Exception as exc:
@@ -431,6 +433,7 @@ class DesktopAgent:
 
     async def _command_worker(self) -> None:
         while True:
+            honour_dropped_cancel()
             pushed = await self._commands.get()
             try:
                 await self._dispatch(pushed)

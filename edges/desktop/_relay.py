@@ -54,6 +54,7 @@ from ..common import (
     OpenCodeClient,
     OpenCodeEvents,
     RedactionPolicy,
+    honour_dropped_cancel,
     redact,
     redact_event,
     redaction_policy,
@@ -346,6 +347,7 @@ class EventRelay:
     async def _publish_forever(self) -> None:
         backoff = 0.2
         while True:
+            honour_dropped_cancel()
             try:
                 async with asyncio.timeout(1.0):  # not wait_for: 3.11's swallows a cancel
                     await self._wakeup.wait()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..common import EdgeCredentials, dial_once, port_number
+from ..common import EdgeCredentials, dial_once, honour_dropped_cancel, port_number
 from ..local import (
     EmbeddedError,
     EmbeddedPostgres,
@@ -360,6 +360,7 @@ class Appliance:
         reported = False
         probed = 0.0
         while True:
+            honour_dropped_cancel()
             await asyncio.sleep(LINK_CHECK_SECONDS)
             if await self.leaf.cloud_linked():
                 if reported:

@@ -39,6 +39,7 @@ from schemas import (
     subjects,
 )
 
+from ..common import honour_dropped_cancel
 from ._bus import TERMINAL_CODES, Refused
 from ._parts import AgentParts
 from ._work import LeaseLost, TransientBusError, WorkRunner
@@ -78,6 +79,7 @@ class GatewayClaims(AgentParts):
 
     async def _claimer(self) -> None:
         while True:
+            honour_dropped_cancel()
             await self._claim_wanted.wait()
             self._claim_wanted.clear()
             while self._may_claim():

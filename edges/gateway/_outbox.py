@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from schemas import WorkOutput
 
-from ..common import Repeats
+from ..common import Repeats, honour_dropped_cancel
 
 log = logging.getLogger("cowork.edges.gateway_outbox")
 
@@ -241,12 +241,7 @@ class JetStreamOutbox:
         sub = await self.js.pull_subscribe_bind(self.durable, self.stream)
         try:
             while True:
-                # Python 3.11's wait_for (inside nats-py's fetch) drops a cancellation
-                # that lands as a message does; the request stays on the task, so honour
-                # it here or the forwarder's stop waits forever (as in hub.core's pull loop).
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError
+                honour_dropped_cancel()  # a cancel nats-py's fetch dropped
                 msg = await self._next(sub)
                 if msg is None:
                     continue

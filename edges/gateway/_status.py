@@ -37,7 +37,7 @@ from schemas import (
     subjects,
 )
 
-from ..common import OpenCodeError, redact_text
+from ..common import OpenCodeError, honour_dropped_cancel, redact_text
 from ._bus import TERMINAL_CODES, Refused
 from ._claims import WORK_KINDS
 from ._parts import AgentParts, Liveness
@@ -71,6 +71,7 @@ class GatewayStatus(AgentParts):
         """One beat every interval, from when the last one was sent (not answered): a
         hub slow to answer does not stretch the gaps the unhealthy sweep counts."""
         while True:
+            honour_dropped_cancel()
             sent = time.monotonic()
             try:
                 await self._heartbeat()
@@ -220,6 +221,7 @@ class GatewayStatus(AgentParts):
         if not scopes:
             return
         while True:
+            honour_dropped_cancel()
             if self.state not in ("draining", *TERMINAL_STATES):  # drain stops syncs
                 for scope in scopes:
                     try:

@@ -43,6 +43,7 @@ from ..common import (
     OpenCodeClient,
     OpenCodeError,
     OpenCodeEvents,
+    honour_dropped_cancel,
     redact_event,
     redact_text,
     session_of,
@@ -418,6 +419,7 @@ class WorkRunner:
     async def _renew_forever(self) -> None:
         delay = self.renew_every
         while True:
+            honour_dropped_cancel()
             await asyncio.sleep(delay)
             started = time.monotonic()
             try:
