@@ -634,18 +634,23 @@ async def test_a_claim_reads_few_queued_rows(hub, tenant):
         # (its parameters unknown when planned): both are checked.
         await conn.execute("PREPARE claim_one AS " + _CLAIM_ONE_KIND)
         values = ", ".join(_literal(arg) for arg in args)
-        for mode in ("force_custom_plan", "force_generic_plan"):
-            tx = conn.transaction()
-            await tx.start()
-            try:  # EXPLAIN ANALYZE runs the claim: rolled back
-                await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
-                [plan] = json.loads(
-                    await conn.fetchval(
-                        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim_one({values})"
+        plans = {}
+        try:
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                tx = conn.transaction()
+                await tx.start()
+                try:  # EXPLAIN ANALYZE runs the claim: rolled back
+                    await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                    [plans[mode]] = json.loads(
+                        await conn.fetchval(
+                            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim_one({values})"
+                        )
                     )
-                )
-            finally:
-                await tx.rollback()
+                finally:
+                    await tx.rollback()
+        finally:
+            await conn.execute("DEALLOCATE claim_one")  # the pool's connection goes back
+        for mode, plan in plans.items():
             # The queued index is in the pick's order: the walk stops at the first
             # claimable item (the next in the index), nothing sorted.
             [scan] = _nodes(plan["Plan"], "CTE oldest", relation="edge_work")
@@ -656,14 +661,6 @@ async def test_a_claim_reads_few_queued_rows(hub, tenant):
             # No offered item ($4 NULL): the offered-item lookup reads nothing.
             offered = list(_nodes(plan["Plan"], "CTE preferred", relation="edge_work"))
             assert all(n["Actual Loops"] == 0 for n in offered), (mode, offered)
-            print(
-                "DBG",
-                mode,
-                [
-                    (n["Node Type"], n.get("Index Name"), n["Actual Loops"], n.get("Actual Rows"))
-                    for n in offered
-                ],
-            )
 
 
 def _literal(value) -> str:
