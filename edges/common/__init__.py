@@ -35,12 +35,22 @@ from ._log_once import Repeats
 from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
 from ._reconnect import ReconnectPolicy, dial
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
-from ._retry import AnswerTimes, ask, attempt_timeouts, jittered_backoff, not_refused_as
+from ._retry import (
+    AnswerTimes,
+    ReplyInbox,
+    ask,
+    attempt_timeouts,
+    jittered_backoff,
+    not_refused_as,
+    reply_inbox,
+)
 from ._sealed import ContentKey, DesktopSealingKey, InviteLink, normalise_fingerprint
 from ._state_dir import StateDirectory, now_iso, state_dir_from_env, write_private
 
 __all__ = [
     "honour_dropped_cancel",
+    "ReplyInbox",
+    "reply_inbox",
     "ContentKey",
     "ControllerKeys",
     "ControllerPublic",

@@ -17,7 +17,7 @@ second, not the timeout, and a hub slowed by load is not sent copies it would on
 have to answer again. Only for requests that are safe to repeat (the
 hub takes a repeat as a no-op, or answers it as it answered the first).
 
-Every `ask` on one connection shares one reply subscription (`_Replies`: a
+Every `ask` on one connection shares one reply subscription (`ReplyInbox`: a
 wildcard under one inbox, each request its own token under it), as nats-py's own
 `request` does: a request costs one publish, not a subscribe and an unsubscribe
 the server must apply (and check against the credential's permissions) each time."""
@@ -79,13 +79,15 @@ class AnswerTimes:
         self.mean = seconds if self.mean is None else 0.8 * self.mean + 0.2 * seconds
 
 
-class _Replies:
-    """The one reply subscription of a connection's `ask`s: `<inbox>.*`, each request
-    waiting on its own token's queue (every copy of a request is answered there)."""
+class ReplyInbox:
+    """The one reply subscription of a connection: `<inbox>.*`. Each `ask` waits on
+    its own token's queue (every copy of a request is answered there); a route
+    (`route`) hands every answer under `<inbox>.<key>_` to one callback, as the
+    Desktop relay's stored acks are numbered under one key a batch."""
 
     def __init__(self, nc: NATS) -> None:
         self.prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+        self._waiting: dict[str, Callable[[Msg], object]] = {}
         self._tokens = itertools.count()
         self._subscribed: asyncio.Task[object] | None = None
         self._nc = weakref.ref(nc)
@@ -108,27 +110,35 @@ class _Replies:
             raise
 
     def open(self) -> tuple[str, asyncio.Queue[Msg]]:
-        token = str(next(self._tokens))
+        """A reply subject of its own, and the queue its answers arrive on."""
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._waiting[token] = queue
-        return self.prefix + token, queue
+        return self.route(queue.put_nowait)[:-1], queue
+
+    def route(self, on_answer: Callable[[Msg], object]) -> str:
+        """A reply-subject prefix (`<inbox>.<key>_`): every answer to a subject that
+        starts with it goes to `on_answer`, called in the subscription's callback."""
+        token = str(next(self._tokens))
+        self._waiting[token] = on_answer
+        return f"{self.prefix}{token}_"
 
     def close(self, subject: str) -> None:
-        self._waiting.pop(subject[len(self.prefix) :], None)
+        """No more answers to `subject` (from `open`, or a `route` prefix)."""
+        self._waiting.pop(subject[len(self.prefix) :].partition("_")[0], None)
 
     async def _on_reply(self, msg: Msg) -> None:
-        queue = self._waiting.get(msg.subject[len(self.prefix) :])
-        if queue is not None:  # (an answer after its request gave up is dropped)
-            queue.put_nowait(msg)
+        on_answer = self._waiting.get(msg.subject[len(self.prefix) :].partition("_")[0])
+        if on_answer is not None:  # (an answer after its request gave up is dropped)
+            on_answer(msg)
 
 
-_REPLIES: weakref.WeakKeyDictionary[NATS, _Replies] = weakref.WeakKeyDictionary()
+_REPLIES: weakref.WeakKeyDictionary[NATS, ReplyInbox] = weakref.WeakKeyDictionary()
 
 
-async def _replies(nc: NATS) -> _Replies:
+async def reply_inbox(nc: NATS) -> ReplyInbox:
+    """The connection's one reply inbox, subscribed."""
     replies = _REPLIES.get(nc)
     if replies is None:
-        replies = _REPLIES[nc] = _Replies(nc)
+        replies = _REPLIES[nc] = ReplyInbox(nc)
     await replies.ready()
     return replies
 
@@ -149,7 +159,7 @@ async def ask(
     (disconnected, closed)."""
     times = times or AnswerTimes()
     first = min(times.first_wait(), timeout)
-    replies = await _replies(nc)
+    replies = await reply_inbox(nc)
     inbox, answers = replies.open()
     started = time.monotonic()
     deadline = started + timeout

@@ -58,6 +58,7 @@ from ..common import (
     redact,
     redact_event,
     redaction_policy,
+    reply_inbox,
     session_of,
 )
 from ._sealed import SealedGuard
@@ -102,19 +103,18 @@ def device_event_json(
 
 class StoredAcks:
     """JetStream publishes of one connection, each acknowledged by the stream, awaited
-    a batch at a time: one reply subscription (`<inbox>.*`), a numbered reply subject
-    per message, and each answer read only as far as it must be (an error, or not).
-    nats-py's `publish_async` costs, per message, a future and its callback, a
-    semaphore, a NUID and an `os.urandom` call for its token, and a parsed PubAck:
-    about a quarter of the relay's time (docs/performance.md, relay round 5). An
-    answer to an earlier batch (one that timed out) counts for nothing."""
+    a batch at a time. The answers come to the connection's one reply inbox (the
+    `ask`s' too: `reply_inbox`), a batch under a route of its own, a numbered reply
+    subject per message, and each answer is read only as far as it must be (an
+    error, or not). nats-py's `publish_async` costs, per message, a future and its
+    callback, a semaphore, a NUID and an `os.urandom` call for its token, and a
+    parsed PubAck: about a quarter of the relay's time (docs/performance.md, relay
+    round 5). An answer to an earlier batch (one that timed out) counts for nothing:
+    its route is closed."""
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._subscribed = False
-        self._batch = ""  # the batch awaited now (a number); its replies: <prefix><batch>_<i>
-        self._batches = 0
+        self._reply = ""  # the route of the batch awaited now: <inbox>.<key>_<i>
         self._left: set[int] = set()
         self._error: Exception | None = None
         self._done = asyncio.Event()
@@ -126,20 +126,21 @@ class StoredAcks:
         """Publish (seq, subject, message id, data) rows in order, the message id as
         `Nats-Msg-Id`; back once the stream stored (or already had) every one. Raises
         on a refusal or no stream, TimeoutError after `timeout` seconds."""
-        async with self._one_at_a_time:
-            await self._publish(rows, timeout)
-
-    async def _publish(self, rows: list[tuple[int, str, str, bytes]], timeout: float) -> None:
         if not rows:
             return
-        if not self._subscribed:
-            await self.nc.subscribe(self._prefix + "*", cb=self._on_answer)
-            self._subscribed = True
-        self._batches += 1
-        self._batch = str(self._batches)
+        async with self._one_at_a_time:
+            inbox = await reply_inbox(self.nc)
+            self._reply = reply = inbox.route(self._on_answer)
+            try:
+                await self._publish(rows, reply, timeout)
+            finally:
+                inbox.close(reply)
+
+    async def _publish(
+        self, rows: list[tuple[int, str, str, bytes]], reply: str, timeout: float
+    ) -> None:
         self._left, self._error = set(range(len(rows))), None
         self._done.clear()
-        reply = f"{self._prefix}{self._batch}_"
         publish = self.nc.publish
         for i, (_, subject, msg_id, data) in enumerate(rows):
             await publish(subject, data, reply=f"{reply}{i}", headers={"Nats-Msg-Id": msg_id})
@@ -150,10 +151,10 @@ class StoredAcks:
         if self._error is not None:
             raise self._error
 
-    async def _on_answer(self, msg: Any) -> None:
-        batch, _, index = msg.subject[len(self._prefix) :].partition("_")
-        if batch != self._batch or not index.isdigit():
-            return  # an earlier batch's, or not ours
+    def _on_answer(self, msg: Any) -> None:
+        index = msg.subject[len(self._reply) :]  # (the route is this batch's)
+        if not index.isdigit():
+            return
         if msg.headers and msg.headers.get("Status") == "503":
             self._error = NoStreamResponseError()
         elif b'"error"' in msg.data:  # (a PubAck, {"stream":..,"seq":..}, seldom has it)
