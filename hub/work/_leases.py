@@ -96,9 +96,8 @@ class Leases:
             _CLAIM_SCOPE,
             str(request.claim_id) if request.claim_id else None,
         )
-        sql = _CLAIM_ONE_KIND if len(request.work_kinds) == 1 else _CLAIM_KINDS
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(sql, *args)
+            row = await conn.fetchrow(_CLAIM, *args)
             if row is not None and row["replayed"]:
                 return self._grant(row)
             if row is None or not row["locked"]:
@@ -108,7 +107,7 @@ class Leases:
                     _claimable_kinds(reg, request)
                     # A new statement, so a new snapshot: a lease committed by a claim
                     # we waited for is counted, keeping the quota exact.
-                    row = await conn.fetchrow(sql, *args)
+                    row = await conn.fetchrow(_CLAIM, *args)
                     if row is not None and row["replayed"]:
                         return self._grant(row)
                     if row is None or not row["locked"]:  # eligible by Python, not by SQL
@@ -224,31 +223,6 @@ _LOCK_WORK = """
     SELECT state, owner, lease_token, attempts, coalesce(lease_expires_at > now(), false) AS live
     FROM edge_work WHERE tenant = $1 AND work_id = $2 FOR UPDATE"""
 
-# Whether queued item w may go to the registration that passed `gate`: one of the
-# requested and advertised kinds ({kind}, below), every needed capability advertised as
-# `supported`, every needed credential approved, nothing only a local machine has.
-# Every needed credential approved is written as "no needed credential that is not
-# approved" (NOT EXISTS), not as `ARRAY(needed) <@ approved`: the planner has no
-# statistics for an array built per row and takes `<@` to pass 0.5% of rows, so once
-# the table was analyzed it expected about one claimable row, and chose to fetch
-# every queued row of the tenant and sort them (4.5 ms a claim with 880 queued)
-# over walking the queued index in order and stopping at the first claimable one
-# (0.3 ms; tests/hub/work/test_edge_work.py::test_a_claim_reads_few_queued_rows).
-_MATCHES = """
-          w.state = 'queued' AND {kind}
-          AND EXISTS (SELECT 1 FROM gate)
-          AND NOT coalesce((w.requirements->>'hostPaths')::boolean, false)
-          AND NOT coalesce((w.requirements->>'localStdioMcps')::boolean, false)
-          AND NOT EXISTS (
-              SELECT 1 FROM jsonb_array_elements_text(
-                  coalesce(w.requirements->'capabilities', '[]'::jsonb)) AS c(name)
-              WHERE coalesce((SELECT capabilities FROM gate) ->> c.name, '') <> 'supported')
-          AND NOT EXISTS (
-              SELECT 1 FROM jsonb_array_elements_text(
-                  coalesce(w.requirements->'credentials', '[]'::jsonb)) AS k(name)
-              WHERE k.name IS NULL
-                 OR k.name <> ALL((SELECT approved_credentials FROM gate)::text[]))"""
-
 # The whole claim in one statement. Parameters: $1 tenant, $2 registration, $3
 # requested kinds, $4 preferred work id (or NULL), $5 new token, $6 lease seconds,
 # $7 edge kinds, $8 refused trust models, $9 the claim scope, $10 the claim id (or NULL).
@@ -257,11 +231,20 @@ _MATCHES = """
 #   and eligible; it takes the row lock. Every claim bumps in its own transaction,
 #   so "still that version" means no lease of this registration committed (or is
 #   in flight) unseen by the count: the quota check is exact.
-# - gate: bumped and under quota. Only then is an item picked (SKIP LOCKED): the
-#   offered one if still claimable, else the oldest claimable one. Without an
-#   offered id ($4 NULL) `preferred` reads nothing: the prepared statement's generic
-#   plan would otherwise walk the queued index filtering on a NULL id (0.1 ms, 30
+# - gate: bumped and under quota, with what the pick compares: the requested kinds
+#   the registration advertises, the capability names it supports and the
+#   credentials approved for it, as JSON arrays (edge_work_requirements_met, in
+#   migration 0017). Only then is an item picked (SKIP LOCKED): the offered one if
+#   still claimable, else the oldest claimable one (edge_work_first_claimable, whose
+#   plan is always the ordered walk of the queued index; inlined here, the
+#   prepared statement's generic plan sorted a tenant's whole backlog instead).
+#   Without an offered id ($4 NULL) `preferred` reads nothing: the generic plan
+#   would otherwise walk the queued index filtering on a NULL id (0.1 ms, 30
 #   buffers a claim with 600 queued).
+# - The pick runs in a snapshot of its own (a function's statement), newer than the
+#   claim's: an item committed in between can be picked and then not leased (the
+#   claim's UPDATE cannot see it), and the claim answers "none". That item's offer
+#   is published after its commit, so it brings another claim, which sees it.
 # - leased / recorded / audited: lease it, one edge_work_leases row, the audit row
 #   (gateway.edge.lease_claimed, as AuditLog.record writes it: the metadata is an
 #   attempt number and a registered work kind, nothing for the scrubber to find).
@@ -290,7 +273,8 @@ _CLAIM = """
         RETURNING r.work_kinds, r.approved_credentials,
             CASE WHEN jsonb_typeof(r.capabilities -> 'capabilities') = 'object'
                  THEN r.capabilities -> 'capabilities'  -- a stored GatewayCapabilities
-                 ELSE coalesce(r.capabilities, '{{}}'::jsonb) END AS capabilities),
+                 WHEN jsonb_typeof(r.capabilities) = 'object' THEN r.capabilities
+                 ELSE '{}'::jsonb END AS capabilities),
     granted AS (
         SELECT l.work_id, l.attempt FROM edge_work_leases l
         WHERE $10::text IS NOT NULL AND l.tenant = $1 AND l.registration_id = $2
@@ -302,19 +286,25 @@ _CLAIM = """
         WHERE w.attempts = g.attempt AND w.state = 'leased' AND w.owner = $2
           AND w.lease_expires_at > now()),
     gate AS (
-        SELECT b.* FROM bumped b, reg
+        SELECT ARRAY(SELECT k FROM unnest($3::text[]) AS k WHERE k = ANY(b.work_kinds))
+                   AS kinds,
+               coalesce((SELECT jsonb_agg(c.key) FROM jsonb_each_text(b.capabilities) AS c
+                         WHERE c.value = 'supported'), '[]'::jsonb) AS supported,
+               to_jsonb(coalesce(b.approved_credentials, '{}'::text[])) AS approved
+        FROM bumped b, reg
         WHERE reg.leased < reg.max_concurrent_work AND NOT EXISTS (SELECT 1 FROM granted)),
     preferred AS (
-        SELECT w.work_id FROM edge_work w
-        WHERE $4::text IS NOT NULL AND w.tenant = $1 AND w.work_id = $4::text AND {matches}
+        SELECT w.work_id FROM edge_work w, gate g
+        WHERE $4::text IS NOT NULL AND w.tenant = $1 AND w.work_id = $4::text
+          AND w.state = 'queued' AND w.kind = ANY(g.kinds)
+          AND edge_work_requirements_met(w.requirements, g.supported, g.approved)
         FOR UPDATE OF w SKIP LOCKED),
     oldest AS (
-        SELECT w.work_id FROM edge_work w
-        WHERE w.tenant = $1 AND NOT EXISTS (SELECT 1 FROM preferred) AND {matches}
-        ORDER BY w.created_at, w.work_id
-        LIMIT 1 FOR UPDATE OF w SKIP LOCKED),
+        SELECT edge_work_first_claimable($1, g.kinds, g.supported, g.approved) AS work_id
+        FROM gate g WHERE NOT EXISTS (SELECT 1 FROM preferred)),
     picked AS (
-        SELECT work_id FROM preferred UNION ALL SELECT work_id FROM oldest),
+        SELECT work_id FROM preferred UNION ALL
+        SELECT work_id FROM oldest WHERE work_id IS NOT NULL),
     leased AS (
         UPDATE edge_work w SET state = 'leased', owner = $2, lease_token = $5,
             lease_expires_at = now() + make_interval(secs => $6), attempts = w.attempts + 1,
@@ -337,19 +327,6 @@ _CLAIM = """
            l.work_id, l.kind, l.session_ref, l.payload, l.attempts, l.last_sequence,
            l.lease_token, l.lease_expires_at
     FROM reg LEFT JOIN (SELECT * FROM leased UNION ALL SELECT * FROM prior) l ON true"""
-# One requested kind (the usual case): an equality, so the pick walks the queued
-# index (tenant, kind, created_at, work_id) in order and stops at the first claimable row.
-# `kind = ANY(...)` cannot use that order: it filters and sorts every queued row.
-# The gate already proved that kind advertised (work_kinds && $3). With several,
-# each row's kind must be one the registration advertises, written so that the
-# planner cannot take it for an index condition (which costs it the ordered scan).
-_CLAIM_ONE_KIND = _CLAIM.format(matches=_MATCHES.format(kind="w.kind = ($3::text[])[1]"))
-_CLAIM_KINDS = _CLAIM.format(
-    matches=_MATCHES.format(
-        kind="w.kind = ANY($3::text[]) AND (SELECT work_kinds FROM gate) @> ARRAY[w.kind]"
-    )
-)
-
 # A renewal in one statement: the registration FOR SHARE, if it may renew at all
 # ($9 renewable statuses, $6 edge kinds, $7 refused trust, $8 the renew scope);
 # the caller's live lease with this token ($4, compared as SHA-256 digests), capped
