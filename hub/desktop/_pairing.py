@@ -149,13 +149,7 @@ class PairingService:
         """Newest first, keyset-paged: `after` is the (created_at, pairing_id) of the
         last row of the previous page. `label` matches a part of the label, any case."""
         rows = await self._pool.fetch(
-            """SELECT * FROM pairings
-               WHERE tenant = $1
-                 AND ($2::timestamptz IS NULL OR (created_at, pairing_id) < ($2, $3))
-                 AND ($4::text IS NULL OR status = $4)
-                 AND ($5::text IS NULL OR label ILIKE '%' || $5 || '%' ESCAPE '\\')
-                 AND ($7::bool IS NULL OR (status = 'paired_online') = $7)
-               ORDER BY created_at DESC, pairing_id DESC LIMIT $6""",
+            _LIST,
             tenant,
             after[0] if after else None,
             after[1] if after else None,
@@ -411,3 +405,18 @@ def _count(status: str) -> int:
 def _like_escaped(text: str) -> str:
     """`text` matched literally inside an ILIKE pattern."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# A page of the tenant's pairings newest first, after the (created_at, pairing_id)
+# of the previous page's last row ($2, $3; NULL: the first page). The keyset bound is
+# a range of pairings_listed whatever the plan (`$2 IS NULL OR ...` is one only in a
+# plan made for the values: a generic plan filtered every row before the page).
+_LIST = """
+    SELECT * FROM pairings
+    WHERE tenant = $1
+      AND (created_at, pairing_id) < (coalesce($2::timestamptz, 'infinity'),
+                                      coalesce($3::text, ''))
+      AND ($4::text IS NULL OR status = $4)
+      AND ($5::text IS NULL OR label ILIKE '%' || $5 || '%' ESCAPE '\\')
+      AND ($7::bool IS NULL OR (status = 'paired_online') = $7)
+    ORDER BY created_at DESC, pairing_id DESC LIMIT $6"""

@@ -35,10 +35,7 @@ class GatewayQueries:
     ) -> builtins.list[dict]:
         """Newest first, keyset-paged after (created_at, registration_id)."""
         rows = await self._pool.fetch(
-            """SELECT * FROM gateway_registrations WHERE tenant = $1
-                 AND ($2::timestamptz IS NULL OR (created_at, registration_id) < ($2, $3))
-                 AND ($4::text IS NULL OR status = $4)
-               ORDER BY created_at DESC, registration_id DESC LIMIT $5""",
+            _LIST,
             tenant,
             after[0] if after else None,
             after[1] if after else None,
@@ -81,3 +78,15 @@ class GatewayQueries:
                 status=404,
             )
         return dict(row)
+
+
+# A page of the tenant's registrations newest first, after the (created_at,
+# registration_id) of the previous page's last row ($2, $3; NULL: the first page): a
+# range of gateway_registrations_listed whatever the plan (pairings' _LIST says why).
+_LIST = """
+    SELECT * FROM gateway_registrations
+    WHERE tenant = $1
+      AND (created_at, registration_id) < (coalesce($2::timestamptz, 'infinity'),
+                                           coalesce($3::text, ''))
+      AND ($4::text IS NULL OR status = $4)
+    ORDER BY created_at DESC, registration_id DESC LIMIT $5"""

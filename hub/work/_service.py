@@ -67,6 +67,15 @@ WORK_COLUMNS = (
     "session_ref, requirements, status, result, error, last_sequence, "
     "output_count, created_by, created_at, updated_at, completed_at"
 )
+# A page of the tenant's work newest first ($2 a state or NULL), after the
+# (created_at, work_id) of the previous page's last row ($4, $5; NULL: the first
+# page): a range of edge_work_listed whatever the plan (a bound written `$4 IS NULL
+# OR ...` is one only in a plan made for the values).
+_LIST = f"""
+    SELECT {WORK_COLUMNS} FROM edge_work
+    WHERE tenant = $1 AND ($2::text IS NULL OR state = $2)
+      AND (created_at, work_id) < (coalesce($4::timestamptz, 'infinity'), coalesce($5::text, ''))
+    ORDER BY created_at DESC, work_id DESC LIMIT $3"""
 
 
 class EdgeWorkService:
@@ -318,10 +327,7 @@ class EdgeWorkService:
     ) -> list[dict]:
         """Newest first, keyset-paged after (created_at, work_id)."""
         rows = await self._pool.fetch(
-            f"SELECT {WORK_COLUMNS} FROM edge_work WHERE tenant = $1 "
-            "AND ($2::text IS NULL OR state = $2) "
-            "AND ($4::timestamptz IS NULL OR (created_at, work_id) < ($4, $5)) "
-            "ORDER BY created_at DESC, work_id DESC LIMIT $3",
+            _LIST,
             tenant,
             state,
             limit,

@@ -9,15 +9,14 @@ own tenant: a claim takes the oldest claimable item of the tenant.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import uuid
 
-import asyncpg
 import pytest
 from desktopkit import all_pages
 from edgeworkkit import EDGE_SCOPES, GatewayBus, add_registration, collect, enqueue_body
+from plankit import PLAN_MODES, plans_as_run, sorts, table_reads
 
 from hub.work._leases import _CLAIM, _CLAIM_SCOPE, _EDGE_KINDS, _REFUSED_TRUST
 from schemas import (
@@ -654,66 +653,18 @@ async def test_a_claim_reads_few_queued_rows(hub, tenant, database_url_module):
     for _ in range(20):
         assert (await hub.edge_work.claim(tenant, reg, WorkClaimRequest())).work_id
     await hub.pool.execute("ANALYZE edge_work")
-    picks = {
-        mode: await _pick_plans(database_url_module, mode, tenant, reg) for mode in _PLAN_MODES
-    }
-    for mode, plans in picks.items():
-        assert plans, f"{mode}: the claim ran no pick"
-        for plan in plans:
-            scans = list(_plan_nodes(plan, "Index Scan", "Seq Scan", "Bitmap Heap Scan"))
-            walked = [n.get("Index Name", n["Node Type"]) for n in scans]
-            assert walked == ["edge_work_queued_in_order"], (mode, walked)
-            # The first claimable item is at most the second queued one (every other
-            # item needs a credential the Gateway lacks).
-            assert scans[0]["Actual Rows"] <= 2, (mode, scans[0]["Actual Rows"])
-            assert not list(_plan_nodes(plan, "Sort", "Incremental Sort")), mode
-
-
-_PLAN_MODES = ("force_custom_plan", "force_generic_plan")
-
-
-async def _pick_plans(dsn: str, mode: str, tenant: str, reg: str) -> list[dict]:
-    """The plans of the claim's pick (the edge_work_first_claimable function's query),
-    as they ran, of eight claims in plan_cache_mode `mode`, each rolled back.
-    auto_explain sends the plan of every statement, nested ones included, to the
-    client as a notice. A connection of its own: the settings go with it."""
-    conn = await asyncpg.connect(dsn)
-    notices: list[str] = []
-    conn.add_log_listener(lambda _conn, message: notices.append(message.message))
-    await conn.execute("LOAD 'auto_explain'")
-    settings = {
-        "auto_explain.log_min_duration": "0",
-        "auto_explain.log_nested_statements": "on",
-        "auto_explain.log_analyze": "on",
-        "auto_explain.log_format": "json",
-        "auto_explain.log_level": "notice",
-        "plan_cache_mode": mode,
-    }
-    for name, value in settings.items():
-        await conn.execute("SELECT set_config($1, $2, false)", name, value)
     args = [tenant, reg, ["prompt"], None, "t" * 32, 30.0]
     args += [_EDGE_KINDS, _REFUSED_TRUST, _CLAIM_SCOPE, None]
-    try:
-        for _ in range(8):  # a prepared statement's first five plans are custom ones
-            with contextlib.suppress(_RolledBack):
-                async with conn.transaction():
-                    assert (await conn.fetchrow(_CLAIM, *args))["work_id"] is not None
-                    raise _RolledBack
-        await asyncio.sleep(0.1)  # notices are handed to listeners by the event loop
-    finally:
-        await conn.close()
-    plans = [json.loads(n[n.index("{") :]) for n in notices if "{" in n]
-    # The pick is the one statement that walks the queued items in the pick's order.
-    return [p["Plan"] for p in plans if "ORDER BY w.created_at" in p["Query Text"]]
-
-
-class _RolledBack(Exception):
-    """Ends a transaction block by rolling it back."""
-
-
-def _plan_nodes(node: dict, *node_types: str):
-    """The nodes of `node`'s tree of any of `node_types`."""
-    if node["Node Type"] in node_types:
-        yield node
-    for child in node.get("Plans", []):
-        yield from _plan_nodes(child, *node_types)
+    for mode in PLAN_MODES:
+        plans = await plans_as_run(database_url_module, _CLAIM, args, mode)
+        # The pick: the one statement that walks the queued items in the pick's order
+        # (edge_work_first_claimable's query, nested in the claim).
+        picks = [p["Plan"] for p in plans if "ORDER BY w.created_at" in p["Query Text"]]
+        assert len(picks) == 8, f"{mode}: {len(picks)} picks in 8 claims"
+        for plan in picks:
+            # The twenty claims took the first twenty items that need nothing; the
+            # walk passes the twenty that need a credential the Gateway lacks (every
+            # other item) and stops at the next: 21 rows of 580 queued.
+            reads = table_reads(plan, "edge_work")
+            assert reads == [("edge_work_queued_in_order", 21)], (mode, reads)
+            assert not sorts(plan), mode
