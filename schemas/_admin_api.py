@@ -203,6 +203,7 @@ class ChannelInstanceView(WireModel):
 
 class ChannelInstanceList(WireModel):
     items: list[ChannelInstanceView]
+    next_cursor: str | None
 
 
 class AuditEntry(WireModel):
@@ -372,6 +373,7 @@ class ChannelUserView(WireModel):
 
 class ChannelUserList(WireModel):
     users: list[ChannelUserView]
+    next_cursor: str | None
 
 
 class ChannelCredentialIssued(WireModel):
@@ -403,6 +405,7 @@ class PrincipalView(WireModel):
 
 class PrincipalList(WireModel):
     items: list[PrincipalView]
+    next_cursor: str | None
 
 
 class PrincipalRevoked(WireModel):

@@ -20,7 +20,16 @@ from schemas import (
     check_token,
 )
 
-from ..http import HUB_KEY, documented, json_body, json_error, tenant_param
+from ..http import (
+    HUB_KEY,
+    after_keys,
+    documented,
+    int_query,
+    json_body,
+    json_error,
+    next_page,
+    tenant_param,
+)
 from ._permissions import Principal
 
 ISSUABLE = {PrincipalKind.VIEWER, PrincipalKind.ADMIN}
@@ -94,39 +103,84 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response({"revokedKeys": count, "status": "revoked"})
 
 
-@documented("The tenant's bus principals and their credentials", response=PrincipalList)
+@documented(
+    "A page of the tenant's bus principals and their credentials, newest first",
+    response=PrincipalList,
+    query={
+        "kind": "only this kind (desktop, gateway, channel, viewer, admin, ...)",
+        "status": "active or revoked",
+        "limit": "1..1000, default 100",
+        "cursor": "nextCursor of the page before",
+    },
+)
 async def list_principals(request: web.Request) -> web.Response:
+    """One per paired Desktop and registered Gateway among others, so a page at a
+    time (`nextCursor`, null on the last)."""
     tenant = tenant_param(request)
+    limit = int_query(request, "limit", 100, 1, 1000)
+    after = after_keys(request, 2)
+    kind = _choice(request, "kind", {str(k) for k in PrincipalKind})
+    status = _choice(request, "status", {"active", "revoked"})
     rows = (
         await request.app[HUB_KEY]
         .started_pool()
         .fetch(
-            """SELECT p.kind, p.principal_id, p.status, p.workspaces, p.scopes, p.created_at,
-                  p.revoked_at, count(c.public_key) AS keys, max(c.expires_at) AS expires_at
-             FROM bus_principals p LEFT JOIN bus_credentials c USING (tenant, kind, principal_id)
-            WHERE p.tenant = $1 GROUP BY p.tenant, p.kind, p.principal_id
-            ORDER BY p.created_at""",
+            LIST_PRINCIPALS,
             tenant,
+            after[0] if after else None,
+            after[1][0] if after else None,
+            after[1][1] if after else None,
+            kind,
+            status,
+            limit + 1,
         )
     )
-    return web.json_response(
-        {
-            "items": [
-                {
-                    "kind": r["kind"],
-                    "principalId": r["principal_id"],
-                    "status": r["status"],
-                    "workspaces": r["workspaces"],
-                    "scopes": r["scopes"],
-                    "keys": r["keys"],
-                    "createdAt": r["created_at"].isoformat(),
-                    "revokedAt": r["revoked_at"].isoformat() if r["revoked_at"] else None,
-                    "expiresAt": r["expires_at"].isoformat() if r["expires_at"] else None,
-                }
-                for r in rows
-            ]
-        }
-    )
+    page, cursor = next_page([dict(r) for r in rows], limit, "kind", "principal_id")
+    return web.json_response({"items": [_principal_json(r) for r in page], "nextCursor": cursor})
+
+
+def _choice(request: web.Request, name: str, allowed: set[str]) -> str | None:
+    value = request.query.get(name)
+    if value is not None and value not in allowed:
+        raise web.HTTPBadRequest(
+            text=f"query parameter {name!r} must be one of {', '.join(sorted(allowed))}"
+        )
+    return value
+
+
+def _principal_json(r: dict) -> dict:
+    return {
+        "kind": r["kind"],
+        "principalId": r["principal_id"],
+        "status": r["status"],
+        "workspaces": r["workspaces"],
+        "scopes": r["scopes"],
+        "keys": r["keys"],
+        "createdAt": r["created_at"].isoformat(),
+        "revokedAt": r["revoked_at"].isoformat() if r["revoked_at"] else None,
+        "expiresAt": r["expires_at"].isoformat() if r["expires_at"] else None,
+    }
+
+
+# A page of the tenant's principals newest first, after the (created_at, kind,
+# principal_id) of the previous page's last row ($2-$4; NULL: the first page), a walk
+# of bus_principals_listed (a range in every plan: tests/hub/test_list_plans.py);
+# each with its credentials' count and latest expiry, looked up for the page alone.
+LIST_PRINCIPALS = """
+    SELECT p.kind, p.principal_id, p.status, p.workspaces, p.scopes, p.created_at,
+           p.revoked_at, c.keys, c.expires_at
+    FROM (SELECT * FROM bus_principals
+          WHERE tenant = $1
+            AND (created_at, kind, principal_id) < (coalesce($2::timestamptz, 'infinity'),
+                                                    coalesce($3::text, ''),
+                                                    coalesce($4::text, ''))
+            AND ($5::text IS NULL OR kind = $5) AND ($6::text IS NULL OR status = $6)
+          ORDER BY created_at DESC, kind DESC, principal_id DESC LIMIT $7) AS p
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS keys, max(c.expires_at) AS expires_at FROM bus_credentials c
+        WHERE c.tenant = p.tenant AND c.kind = p.kind AND c.principal_id = p.principal_id
+    ) AS c
+    ORDER BY p.created_at DESC, p.kind DESC, p.principal_id DESC"""
 
 
 def add_routes(app: web.Application) -> None:

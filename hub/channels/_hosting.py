@@ -272,8 +272,10 @@ class ChannelService:
             raise not_found(instance_id)
         return row
 
-    async def list(self, tenant: str) -> list[dict[str, Any]]:
-        return await self._store.list(tenant)
+    async def list(
+        self, tenant: str, limit: int, *, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._store.list(tenant, limit, after=after)
 
     async def create(self, tenant: str, body: dict[str, Any], *, actor: str) -> dict[str, Any]:
         kind = body["kind"]

@@ -122,12 +122,25 @@ class ChannelIdentity:
             is not None
         )
 
-    async def list_users(self, tenant: str, instance_id: str) -> list[dict]:
+    async def list_users(
+        self,
+        tenant: str,
+        instance_id: str,
+        limit: int,
+        *,
+        after: tuple[datetime, str] | None = None,
+        role: str | None = None,
+    ) -> list[dict]:
+        """Oldest first (as first seen), keyset-paged after the (first_seen_at,
+        provider_user_id) of the previous page's last row."""
         rows = await self._pool.fetch(
-            "SELECT * FROM channel_users WHERE tenant = $1 AND instance_id = $2 "
-            "ORDER BY first_seen_at, provider_user_id",
+            _LIST_USERS,
             tenant,
             instance_id,
+            after[0] if after else None,
+            after[1] if after else None,
+            role,
+            limit,
         )
         return [dict(r) for r in rows]
 
@@ -258,3 +271,15 @@ class ChannelIdentity:
             conn=conn,
         )
         return ClaimOutcome(True, role=role)
+
+
+# A page of an instance's chat users oldest first, after the (first_seen_at,
+# provider_user_id) of the previous page's last row ($3, $4; NULL: the first page):
+# a range of channel_users_listed in every plan (tests/hub/test_list_plans.py).
+_LIST_USERS = """
+    SELECT * FROM channel_users
+    WHERE tenant = $1 AND instance_id = $2
+      AND (first_seen_at, provider_user_id) > (coalesce($3::timestamptz, '-infinity'),
+                                               coalesce($4::text, ''))
+      AND ($5::text IS NULL OR role = $5)
+    ORDER BY first_seen_at, provider_user_id LIMIT $6"""

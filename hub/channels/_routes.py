@@ -43,10 +43,13 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     add_route_table,
+    cursor_query,
     documented,
+    int_query,
     iso,
     json_body,
     json_error,
+    page_cursor,
     tenant_param,
 )
 from ._store import INSTANCE_ID
@@ -121,11 +124,23 @@ async def create_instance(request: web.Request) -> web.Response:
     return web.json_response(instance_json(request, row), status=201)
 
 
-@documented("The tenant's channel instances", response=ChannelInstanceList)
+@documented(
+    "A page of the tenant's channel instances, by instance id",
+    response=ChannelInstanceList,
+    query={"limit": "1..1000, default 100", "cursor": "nextCursor of the page before"},
+)
 async def list_instances(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    rows = await request.app[HUB_KEY].channels.list(tenant)
-    return web.json_response({"items": [instance_json(request, r) for r in rows]})
+    limit = int_query(request, "limit", 100, 1, 1000)
+    after = cursor_query(request, 1)
+    rows = await request.app[HUB_KEY].channels.list(
+        tenant, limit + 1, after=after[0] if after else None
+    )
+    page = rows[:limit]
+    cursor = page_cursor(page[-1]["instance_id"]) if len(rows) > limit else None
+    return web.json_response(
+        {"items": [instance_json(request, r) for r in page], "nextCursor": cursor}
+    )
 
 
 @documented(

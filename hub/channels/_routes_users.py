@@ -19,10 +19,13 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     add_route_table,
+    after_query,
     documented,
+    int_query,
     iso,
     json_body,
     json_error,
+    next_page,
     path_token,
     tenant_param,
 )
@@ -87,13 +90,31 @@ async def create_claim_code(request: web.Request) -> web.Response:
     )
 
 
-@documented("A channel instance's chat users and their roles", response=ChannelUserList)
+@documented(
+    "A page of a channel instance's chat users and their roles, oldest first",
+    response=ChannelUserList,
+    query={
+        "role": "only this role",
+        "limit": "1..1000, default 100",
+        "cursor": "nextCursor of the page before",
+    },
+)
 async def list_users(request: web.Request) -> web.Response:
     tenant, instance_id = tenant_param(request), path_token(request, "instance_id")
     if missing := _instance(request, tenant, instance_id):
         return missing
-    rows = await _identity(request).list_users(tenant, instance_id)
-    return web.json_response({"users": [_user_json(r) for r in rows]})
+    limit = int_query(request, "limit", 100, 1, 1000)
+    role = request.query.get("role")
+    if role is not None and role not in _ROLES:
+        return json_error(400, "bad_request", f"role must be one of {', '.join(_ROLES)}")
+    rows = await _identity(request).list_users(
+        tenant, instance_id, limit + 1, after=after_query(request), role=role
+    )
+    page, cursor = next_page(rows, limit, "provider_user_id", time_key="first_seen_at")
+    return web.json_response({"users": [_user_json(r) for r in page], "nextCursor": cursor})
+
+
+_ROLES = ("owner", "admin", "member", "approver", "viewer", "pending")
 
 
 @documented("Set a chat user's role", body=SetRole, response=ChannelUserView)

@@ -267,10 +267,17 @@ class InstanceStore:
         )
         return _row(await (conn or self._pool).fetchrow(sql, tenant, instance_id))
 
-    async def list(self, tenant: str) -> list[dict[str, Any]]:
+    async def list(
+        self, tenant: str, limit: int, *, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """By instance id, keyset-paged after the previous page's last id (a walk of
+        channel_instances_tenant)."""
         rows = await self._pool.fetch(
-            f"SELECT {COLUMNS} FROM channel_instances WHERE tenant = $1 ORDER BY instance_id",
+            f"SELECT {COLUMNS} FROM channel_instances WHERE tenant = $1 "
+            "AND instance_id > coalesce($2::text, '') ORDER BY instance_id LIMIT $3",
             tenant,
+            after,
+            limit,
         )
         return [_row_of(r) for r in rows]
 

@@ -353,24 +353,33 @@ def cursor_query(request: web.Request, parts: int) -> list[str] | None:
 def after_query(request: web.Request) -> tuple[datetime, str] | None:
     """Where the page asked for starts: the (created_at, id) of the last row of the
     page before, from the `cursor` that `next_page` gave (400 if it is not one)."""
-    values = cursor_query(request, 2)
+    found = after_keys(request, 1)
+    return None if found is None else (found[0], found[1][0])
+
+
+def after_keys(request: web.Request, ids: int) -> tuple[datetime, list[str]] | None:
+    """`after_query` for a list ordered by a time and `ids` ids: (time, [id, ...])."""
+    values = cursor_query(request, 1 + ids)
     if values is None:
         return None
     try:
-        return datetime.fromisoformat(values[0]), values[1]
+        return datetime.fromisoformat(values[0]), values[1:]
     except ValueError:
         raise web.HTTPBadRequest(
             text="query parameter 'cursor' is not a cursor this API gave"
         ) from None
 
 
-def next_page(rows: list[dict], limit: int, id_key: str) -> tuple[list[dict], str | None]:
-    """The page out of `limit + 1` rows fetched newest first, and the cursor of the
-    next page (None when this one is the last)."""
+def next_page(
+    rows: list[dict], limit: int, *id_keys: str, time_key: str = "created_at"
+) -> tuple[list[dict], str | None]:
+    """The page out of `limit + 1` rows fetched in the list's order, and the cursor of
+    the next page (None when this one is the last): the last row's time and ids."""
     page = rows[:limit]
     if len(rows) <= limit:
         return page, None
-    return page, page_cursor(page[-1]["created_at"].isoformat(), page[-1][id_key])
+    last = page[-1]
+    return page, page_cursor(last[time_key].isoformat(), *(last[k] for k in id_keys))
 
 
 def bool_query(request: web.Request, name: str) -> bool | None:

@@ -15,6 +15,8 @@ import asyncpg
 import pytest
 from plankit import PLAN_MODES, plans_as_run, sorts, table_reads
 
+from hub.auth._routes import LIST_PRINCIPALS
+from hub.channels._identity import _LIST_USERS as LIST_CHAT_USERS
 from hub.core._audit import recent_query
 from hub.core._db import create_pool, migrate
 from hub.desktop._pairing import _LIST as LIST_PAIRINGS
@@ -46,6 +48,15 @@ _SEED = {
         SELECT t, t || '-' || g, 'prompt', '{}', '{}', '{}', '\\x00', 'test',
                now() - g * interval '1 second', (ARRAY['queued', 'completed'])[1 + g % 2]
         FROM unnest($1::text[], $2::int[]) AS s(t, n), generate_series(1, s.n) AS g""",
+    "bus_principals": """
+        INSERT INTO bus_principals (tenant, kind, principal_id, created_at)
+        SELECT t, (ARRAY['desktop', 'gateway'])[1 + g % 2], t || '-' || g,
+               now() - g * interval '1 second'
+        FROM unnest($1::text[], $2::int[]) AS s(t, n), generate_series(1, s.n) AS g""",
+    "channel_users": """
+        INSERT INTO channel_users (tenant, instance_id, provider_user_id, role, first_seen_at)
+        SELECT t, 'chat', t || '-' || g, 'member', now() - g * interval '1 second'
+        FROM unnest($1::text[], $2::int[]) AS s(t, n), generate_series(1, s.n) AS g""",
     "audit_log": """
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id)
         SELECT t, 'test.listed', 'test', 'x'
@@ -75,14 +86,15 @@ async def seeded(database_url_module):
     return database_url_module
 
 
-async def _middle(dsn: str, table: str, key: str) -> tuple:
-    """The order key of the big tenant's row in the middle of its list."""
+async def _middle(dsn: str, table: str, *keys: str, time: str = "created_at") -> tuple:
+    """The order key of the big tenant's row in the middle of its list (newest first)."""
+    order = ", ".join(f"{k} DESC" for k in (time, *keys))
     conn = await asyncpg.connect(dsn)
     try:
         return tuple(
             await conn.fetchrow(
-                f"SELECT created_at, {key} FROM {table} WHERE tenant = 'big' "
-                f"ORDER BY created_at DESC, {key} DESC OFFSET $1 LIMIT 1",
+                f"SELECT {time}, {', '.join(keys)} FROM {table} WHERE tenant = 'big' "
+                f"ORDER BY {order} OFFSET $1 LIMIT 1",
                 BIG // 2,
             )
         )
@@ -126,6 +138,33 @@ async def test_a_page_of_edge_work_reads_a_page(seeded, mode, first_page):
     args = ["big", None, PAGE, *after]
     plans = await plans_as_run(seeded, LIST_WORK, args, mode)
     _assert_reads_a_page(plans, "edge_work", mode)
+
+
+@pytest.mark.parametrize("mode", PLAN_MODES)
+@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
+async def test_a_page_of_principals_reads_a_page(seeded, mode, first_page):
+    after = (
+        (None,) * 3
+        if first_page
+        else await _middle(seeded, "bus_principals", "kind", "principal_id")
+    )
+    args = ["big", *after, None, None, PAGE + 1]
+    plans = await plans_as_run(seeded, LIST_PRINCIPALS, args, mode)
+    _assert_reads_a_page(plans, "bus_principals", mode)
+
+
+@pytest.mark.parametrize("mode", PLAN_MODES)
+@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
+async def test_a_page_of_chat_users_reads_a_page(seeded, mode, first_page):
+    """(Oldest first: the middle key read newest first is as good a place to start.)"""
+    after = (
+        (None, None)
+        if first_page
+        else await _middle(seeded, "channel_users", "provider_user_id", time="first_seen_at")
+    )
+    args = ["big", "chat", *after, None, PAGE + 1]
+    plans = await plans_as_run(seeded, LIST_CHAT_USERS, args, mode)
+    _assert_reads_a_page(plans, "channel_users", mode)
 
 
 @pytest.mark.parametrize("mode", PLAN_MODES)

@@ -340,15 +340,16 @@ def desktop_event(
 
 
 async def all_pages(
-    http: httpx.AsyncClient, path: str, limit: int, **params: Any
+    http: httpx.AsyncClient, path: str, limit: int, *, key: str = "items", **params: Any
 ) -> tuple[list[dict], int]:
-    """Every item of a cursor-paged list (`nextCursor`), and how many pages it took."""
+    """Every item of a cursor-paged list (`nextCursor`; the items under `key`), and
+    how many pages it took."""
     items: list[dict] = []
     cursor, pages = None, 0
     while True:
         query = {"limit": limit, **params, **({"cursor": cursor} if cursor else {})}
         body = await api(http, "GET", path, params=query)
-        items += body["items"]
+        items += body[key]
         pages += 1
         cursor = body["nextCursor"]
         if cursor is None:
