@@ -50,13 +50,20 @@ def event_json(row: dict) -> dict[str, Any]:
     }
 
 
+# A page of a workspace's events after sequence $3: a range of the primary key
+# (tests/hub/test_list_plans.py).
+EVENTS_AFTER = (
+    "SELECT sequence, event_id, type, session_id, command_id, occurred_at, payload "
+    "FROM workspace_events WHERE tenant = $1 AND workspace_id = $2 AND sequence > $3 "
+    "ORDER BY sequence LIMIT $4"
+)
+
+
 async def fetch_page(
     pool: asyncpg.Pool, tenant: str, workspace: str, after: int, limit: int
 ) -> list[dict]:
     rows = await pool.fetch(
-        "SELECT sequence, event_id, type, session_id, command_id, occurred_at, payload "
-        "FROM workspace_events WHERE tenant = $1 AND workspace_id = $2 AND sequence > $3 "
-        "ORDER BY sequence LIMIT $4",
+        EVENTS_AFTER,
         tenant,
         workspace,
         after,

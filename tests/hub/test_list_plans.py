@@ -22,6 +22,7 @@ from hub.core._db import create_pool, migrate
 from hub.desktop._pairing import _LIST as LIST_PAIRINGS
 from hub.gateways._queries import _LIST as LIST_REGISTRATIONS
 from hub.work._service import _LIST as LIST_WORK
+from hub.workspaces._routes import EVENTS_AFTER
 
 pytestmark = pytest.mark.timeout(120)
 BIG = 3000  # the listed tenant's rows
@@ -56,6 +57,11 @@ _SEED = {
     "channel_users": """
         INSERT INTO channel_users (tenant, instance_id, provider_user_id, role, first_seen_at)
         SELECT t, 'chat', t || '-' || g, 'member', now() - g * interval '1 second'
+        FROM unnest($1::text[], $2::int[]) AS s(t, n), generate_series(1, s.n) AS g""",
+    "workspace_events": """
+        INSERT INTO workspace_events (tenant, workspace_id, sequence, event_id, source_kind,
+                                      source_id, type, occurred_at, payload)
+        SELECT t, 'w', g, t || '-' || g, 'desktop', 'd', 'session.event', now(), '{}'
         FROM unnest($1::text[], $2::int[]) AS s(t, n), generate_series(1, s.n) AS g""",
     "audit_log": """
         INSERT INTO audit_log (tenant, action, actor_kind, actor_id)
@@ -165,6 +171,15 @@ async def test_a_page_of_chat_users_reads_a_page(seeded, mode, first_page):
     args = ["big", "chat", *after, None, PAGE + 1]
     plans = await plans_as_run(seeded, LIST_CHAT_USERS, args, mode)
     _assert_reads_a_page(plans, "channel_users", mode)
+
+
+@pytest.mark.parametrize("mode", PLAN_MODES)
+@pytest.mark.parametrize("after", [0, BIG // 2])
+async def test_a_page_of_a_workspaces_events_reads_a_page(seeded, mode, after):
+    """A viewer reading a long workspace from its start, or a live tail filling a gap."""
+    args = ["big", "w", after, PAGE]
+    plans = await plans_as_run(seeded, EVENTS_AFTER, args, mode)
+    _assert_reads_a_page(plans, "workspace_events", mode)
 
 
 @pytest.mark.parametrize("mode", PLAN_MODES)
