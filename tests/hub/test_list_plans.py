@@ -11,6 +11,9 @@ tenant's rows backwards by id until it had the tenant's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import asyncpg
 import pytest
 from plankit import PLAN_MODES, plans_as_run, sorts, table_reads
@@ -118,59 +121,56 @@ def _assert_reads_a_page(plans: list[dict], table: str, mode: str) -> None:
         assert not sorts(run["Plan"]), (mode, how, "sorted")
 
 
-@pytest.mark.parametrize("mode", PLAN_MODES)
-@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
-async def test_a_page_of_pairings_reads_a_page(seeded, mode, first_page):
-    after = (None, None) if first_page else await _middle(seeded, "pairings", "pairing_id")
-    args = ["big", *after, None, None, PAGE, None]
-    plans = await plans_as_run(seeded, LIST_PAIRINGS, args, mode)
-    _assert_reads_a_page(plans, "pairings", mode)
+@dataclass(frozen=True)
+class _Keyset:
+    """A list paged by a keyset: its statement, the table and order key it walks,
+    and its arguments for the big tenant from a page key (all None: the first page)."""
+
+    sql: str
+    table: str
+    keys: tuple[str, ...]
+    args: Callable[[tuple], list]
+    time: str = "created_at"
+
+
+_KEYSET_LISTS = {
+    "pairings": _Keyset(
+        LIST_PAIRINGS, "pairings", ("pairing_id",), lambda k: ["big", *k, None, None, PAGE, None]
+    ),
+    "registrations": _Keyset(
+        LIST_REGISTRATIONS,
+        "gateway_registrations",
+        ("registration_id",),
+        lambda k: ["big", *k, None, PAGE],
+    ),
+    "edge work": _Keyset(LIST_WORK, "edge_work", ("work_id",), lambda k: ["big", None, PAGE, *k]),
+    "principals": _Keyset(
+        LIST_PRINCIPALS,
+        "bus_principals",
+        ("kind", "principal_id"),
+        lambda k: ["big", *k, None, None, PAGE + 1],
+    ),
+    # Oldest first: the middle key read newest first is as good a place to start.
+    "chat users": _Keyset(
+        LIST_CHAT_USERS,
+        "channel_users",
+        ("provider_user_id",),
+        lambda k: ["big", "chat", *k, None, PAGE + 1],
+        time="first_seen_at",
+    ),
+}
 
 
 @pytest.mark.parametrize("mode", PLAN_MODES)
 @pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
-async def test_a_page_of_registrations_reads_a_page(seeded, mode, first_page):
-    table = "gateway_registrations"
-    after = (None, None) if first_page else await _middle(seeded, table, "registration_id")
-    args = ["big", *after, None, PAGE]
-    plans = await plans_as_run(seeded, LIST_REGISTRATIONS, args, mode)
-    _assert_reads_a_page(plans, table, mode)
-
-
-@pytest.mark.parametrize("mode", PLAN_MODES)
-@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
-async def test_a_page_of_edge_work_reads_a_page(seeded, mode, first_page):
-    after = (None, None) if first_page else await _middle(seeded, "edge_work", "work_id")
-    args = ["big", None, PAGE, *after]
-    plans = await plans_as_run(seeded, LIST_WORK, args, mode)
-    _assert_reads_a_page(plans, "edge_work", mode)
-
-
-@pytest.mark.parametrize("mode", PLAN_MODES)
-@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
-async def test_a_page_of_principals_reads_a_page(seeded, mode, first_page):
-    after = (
-        (None,) * 3
-        if first_page
-        else await _middle(seeded, "bus_principals", "kind", "principal_id")
-    )
-    args = ["big", *after, None, None, PAGE + 1]
-    plans = await plans_as_run(seeded, LIST_PRINCIPALS, args, mode)
-    _assert_reads_a_page(plans, "bus_principals", mode)
-
-
-@pytest.mark.parametrize("mode", PLAN_MODES)
-@pytest.mark.parametrize("first_page", [True, False], ids=["first page", "middle page"])
-async def test_a_page_of_chat_users_reads_a_page(seeded, mode, first_page):
-    """(Oldest first: the middle key read newest first is as good a place to start.)"""
-    after = (
-        (None, None)
-        if first_page
-        else await _middle(seeded, "channel_users", "provider_user_id", time="first_seen_at")
-    )
-    args = ["big", "chat", *after, None, PAGE + 1]
-    plans = await plans_as_run(seeded, LIST_CHAT_USERS, args, mode)
-    _assert_reads_a_page(plans, "channel_users", mode)
+@pytest.mark.parametrize("listed", list(_KEYSET_LISTS))
+async def test_a_page_of_a_list_reads_a_page(seeded, listed, first_page, mode):
+    case = _KEYSET_LISTS[listed]
+    key = (None,) * (1 + len(case.keys))
+    if not first_page:
+        key = await _middle(seeded, case.table, *case.keys, time=case.time)
+    plans = await plans_as_run(seeded, case.sql, case.args(key), mode)
+    _assert_reads_a_page(plans, case.table, mode)
 
 
 @pytest.mark.parametrize("mode", PLAN_MODES)
