@@ -32,7 +32,14 @@ from ._credentials import (
     refresh_once,
 )
 from ._log_once import Repeats
-from ._opencode import RESYNC, OpenCodeClient, OpenCodeError, OpenCodeEvents, session_of
+from ._opencode import (
+    RESYNC,
+    STREAM_OPEN_WAIT,
+    OpenCodeClient,
+    OpenCodeError,
+    OpenCodeEvents,
+    session_of,
+)
 from ._reconnect import ReconnectPolicy, dial
 from ._redaction import RedactionPolicy, redact, redact_event, redact_text, redaction_policy
 from ._retry import (
@@ -65,6 +72,7 @@ __all__ = [
     "OpenCodeClient",
     "OpenCodeError",
     "OpenCodeEvents",
+    "STREAM_OPEN_WAIT",
     "RESYNC",
     "ReconnectPolicy",
     "RedactionPolicy",

@@ -49,6 +49,10 @@ HEARTBEAT = "server.heartbeat"
 STREAM_READ_TIMEOUT = 35.0
 # Headers of a healthy server come at once; see OpenCodeClient._event_lines.
 STREAM_OPEN_TIMEOUT = 5.0
+# How long an agent waits for the event stream to be open before it prompts OpenCode
+# (the Desktop before a command, a Gateway before edge work): bounded, since the
+# session's messages are replayed once a stream opens anyway.
+STREAM_OPEN_WAIT = 5.0
 # How many of a followed session's latest messages a reconnect re-reads (a turn is
 # one user and one assistant message; a few turns may fit in a gap).
 REPLAY_MESSAGES = 20

@@ -40,6 +40,7 @@ from schemas import WorkClaimReply, WorkOutput, WorkOutputKind
 
 from ..common import (
     RESYNC,
+    STREAM_OPEN_WAIT,
     OpenCodeClient,
     OpenCodeError,
     OpenCodeEvents,
@@ -119,6 +120,13 @@ class SessionEvents:
     def unregister(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
 
+    async def open_for(self, session_id: str, timeout: float) -> bool:
+        """Before a prompt in `session_id`: follow it (its messages are relayed once a
+        stream opens, even if no stream saw its events), and wait at most `timeout`
+        for the stream to be open, so they stream live. False: it did not open."""
+        self.stream.follow(session_id)
+        return await self.stream.wait_connected(timeout)
+
     async def run(self) -> None:
         try:
             async for event in self.stream:
@@ -145,6 +153,7 @@ class WorkRunner:
         store: GatewayStore,
         max_run_seconds: float = DEFAULT_MAX_RUN_SECONDS,
         quiet_seconds: float = DEFAULT_QUIET_SECONDS,
+        stream_wait_seconds: float = STREAM_OPEN_WAIT,
     ) -> None:
         assert claim.work_id and claim.lease_token
         self.claim = claim
@@ -155,6 +164,7 @@ class WorkRunner:
         self._bus, self._store = bus, store
         self._max_run = max_run_seconds
         self._quiet = quiet_seconds
+        self._stream_wait = stream_wait_seconds
         self._next = claim.next_sequence or 1
         self._final: int | None = None
         self._acked = 0
@@ -256,6 +266,14 @@ class WorkRunner:
                 self.lease_token, state="running", session_id=self.session_id
             )
             queue = self._events.register(self.session_id)
+            # A Gateway just started may claim before its event stream is open: a
+            # prompt run then would lose the turn's live events.
+            if not await self._events.open_for(self.session_id, self._stream_wait):
+                log.info(
+                    "gateway.stream_not_open: running work %s without OpenCode's event "
+                    "stream; its session's messages are relayed once the stream opens",
+                    self.work_id,
+                )
             await self._opencode.prompt_async(
                 self.session_id,
                 [{"type": "text", "text": text}],

@@ -233,6 +233,7 @@ class FakeOpenCode:
 
     async def prompt_async(self, session_id: str, parts, **options) -> None:
         self.prompted.append(session_id)
+        self.stream_open_at_prompt = self.events.connected
         self.events.register(session_id).put_nowait(
             {"type": "session.idle", "properties": {"sessionID": session_id}}
         )
@@ -277,7 +278,10 @@ class Store:
 
 
 async def run_runner(
-    opencode: FakeOpenCode, events: SessionEvents, session_id: str | None
+    opencode: FakeOpenCode,
+    events: SessionEvents,
+    session_id: str | None,
+    stream_wait: float = 0.0,  # (these fakes stream nothing: no wait)
 ) -> tuple[str, dict]:
     claim = WorkClaimReply(
         work_id="w1",
@@ -291,7 +295,13 @@ async def run_runner(
     )
     sink = Sink()
     runner = WorkRunner(
-        claim, opencode=opencode, events=events, sink=sink, bus=Bus(), store=Store()
+        claim,
+        opencode=opencode,
+        events=events,
+        sink=sink,
+        bus=Bus(),
+        store=Store(),
+        stream_wait_seconds=stream_wait,
     )
     sink.runner = runner
     outcome = await runner.run()
@@ -319,3 +329,44 @@ async def test_gateway_opens_a_new_session_when_the_named_one_is_gone_or_busy():
     outcome, result = await run_runner(opencode, events, "ses_busy")
     assert result["sessionId"] == "ses_new2" and opencode.prompted[-1] == "ses_new2"
     assert "ses_gone" not in events._queues  # the failed reservation was released
+
+
+class LateStream:
+    """An OpenCode event stream that opens when the test says."""
+
+    def __init__(self) -> None:
+        self.live, self.followed = asyncio.Event(), []
+
+    @property
+    def connected(self) -> bool:
+        return self.live.is_set()
+
+    def follow(self, session_id: str) -> None:
+        self.followed.append(session_id)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.live.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+async def test_a_gateway_prompts_only_once_its_event_stream_is_open():
+    """A Gateway just started can claim before its OpenCode event stream is open; the
+    prompt then waits for it (bounded), so the turn's events stream live, and the
+    session is followed (its messages relayed if the stream opens later still)."""
+    events = SessionEvents(None)  # type: ignore[arg-type]
+    events.stream = LateStream()  # type: ignore[assignment]
+    opencode = FakeOpenCode(events, {"ses_known"})
+    asyncio.get_running_loop().call_later(0.3, events.stream.live.set)
+    outcome, _ = await run_runner(opencode, events, "ses_known", stream_wait=5.0)
+    assert outcome == "completed" and opencode.stream_open_at_prompt
+    assert events.stream.followed == ["ses_known"]
+    # A stream that does not open in time holds the work up no longer than that.
+    events.stream = LateStream()  # type: ignore[assignment]
+    started = asyncio.get_running_loop().time()
+    outcome, _ = await run_runner(opencode, events, "ses_known", stream_wait=0.3)
+    assert outcome == "completed" and not opencode.stream_open_at_prompt
+    assert asyncio.get_running_loop().time() - started < 3.0
