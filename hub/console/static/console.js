@@ -131,20 +131,53 @@
     });
   }
 
+  // A paged list (nextCursor) shows one page at a time; refreshes keep the page shown.
+  function pagedSource(table) {
+    const base = fill(table.dataset.source, {});
+    const cursor = table.dataset.cursor;
+    if (!cursor) return base;
+    return base + (base.includes("?") ? "&" : "?") + "cursor=" + encodeURIComponent(cursor);
+  }
+
+  function showPager(table, next) {
+    const pager = document.getElementById(table.id + "-pager");
+    if (!pager) return;
+    table.dataset.next = next || "";
+    pager.hidden = !next && !table.dataset.cursor;
+    pager.querySelector("[data-page=next]").disabled = !next;
+    pager.querySelector("[data-page=first]").disabled = !table.dataset.cursor;
+  }
+
+  function turnPage(table, cursor) {
+    if (cursor) table.dataset.cursor = cursor;
+    else delete table.dataset.cursor;
+    refreshTable(table);
+  }
+
   async function refreshTable(table) {
-    const result = await api("GET", fill(table.dataset.source, {}));
+    const result = await api("GET", pagedSource(table));
     if (!result.ok) {
       say("Could not load: " + problem(result), true);
       return null;
     }
     const rows = result.data[table.dataset.items || "items"] || [];
     renderRows(table, rows);
+    showPager(table, result.data.nextCursor);
     table.dispatchEvent(new CustomEvent("cowork:loaded", { detail: result.data }));
     return result.data;
   }
 
   function watchTables() {
     document.querySelectorAll("table[data-source]").forEach(function (table) {
+      const pager = document.getElementById(table.id + "-pager");
+      if (pager) {
+        pager.querySelector("[data-page=next]").addEventListener("click", function () {
+          turnPage(table, table.dataset.next);
+        });
+        pager.querySelector("[data-page=first]").addEventListener("click", function () {
+          turnPage(table, null);
+        });
+      }
       refreshTable(table);
       const every = Number(table.dataset.refresh || 0);
       if (every) setInterval(function () { refreshTable(table); }, every * 1000);
@@ -161,7 +194,7 @@
         });
         const extra = query.toString();
         table.dataset.source = base + (extra ? (base.includes("?") ? "&" : "?") + extra : "");
-        refreshTable(table);
+        turnPage(table, null); // new filters: from the first page
       });
     });
   }

@@ -381,6 +381,33 @@ async def test_hostile_names_and_payloads_are_shown_as_text(page, console_hub):
     assert await page.evaluate("window.__xss") is None
 
 
+async def test_a_long_list_is_shown_a_page_at_a_time(page, console_hub):
+    """A list longer than a page (the API's 100 by default) shows one page and a
+    pager; Next page shows the rest, First page comes back, and the page shown
+    stays across the table's refreshes."""
+    async with client(console_hub, admin=True) as http:
+        for i in range(101):
+            made = await http.post(f"/api/v1/tenants/{TENANT}/pairings", json={"label": f"p{i}"})
+            assert made.status_code == 201, made.text
+        listed = await http.get(f"/api/v1/tenants/{TENANT}/pairings", params={"limit": 1000})
+        total = len(listed.json()["items"])
+    assert total > 100
+    await page.goto(f"/console/desktops?tenant={TENANT}")
+    rows = page.locator("#pairings-table tbody tr")
+    pager = page.locator("#pairings-table-pager")
+    await expect(rows).to_have_count(100)
+    await expect(pager).to_be_visible()
+    await expect(pager.get_by_role("button", name="First page")).to_be_disabled()
+    await pager.get_by_role("button", name="Next page").click()
+    await expect(rows).to_have_count(total - 100)
+    await expect(pager.get_by_role("button", name="Next page")).to_be_disabled()
+    await page.wait_for_timeout(2500)  # a refresh (every 2 s) keeps the page shown
+    await expect(rows).to_have_count(total - 100)
+    await pager.get_by_role("button", name="First page").click()
+    await expect(rows).to_have_count(100)
+    await expect(page.locator("#pairings-table tbody")).to_contain_text("p100")
+
+
 async def test_a_change_without_the_csrf_token_is_refused(page):
     await page.goto(f"/console/desktops?tenant={TENANT}")
     status = await page.evaluate(
