@@ -17,7 +17,7 @@ from ._audit_ingest import AuditIngest
 from ._background import BackgroundTask, every, pull_forever
 from ._beats import BeatWriter, LateBeat, Superseded
 from ._bus_uptime import BusUptime
-from ._db import JsonbText
+from ._db import JsonbText, like_escaped
 from ._deadletter import (
     TRANSIENT,
     DeadLetters,
@@ -54,6 +54,7 @@ __all__ = [
     "HubMetrics",
     "HubSettings",
     "JsonbText",
+    "like_escaped",
     "LateBeat",
     "LogBudget",
     "LogFormat",

@@ -26,6 +26,12 @@ _MIGRATION_LOCK = 0x636F776F726B  # "cowork"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
+def like_escaped(text: str) -> str:
+    """`text` matched literally inside a LIKE/ILIKE pattern (`ESCAPE '\\'`): a list's
+    "a part of the label" filter."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 class JsonbText(bytes):
     """JSON text already encoded (e.g. by pydantic-core's `to_json`, about 4x faster
     than `json.dumps` for an event payload), written to a jsonb column as it is;

@@ -36,7 +36,7 @@ from schemas import (
 )
 
 from ..bus import Answer, Caller, Route
-from ..core import AuditLog, Refusal, kv
+from ..core import AuditLog, Refusal, kv, like_escaped
 
 log = logging.getLogger("cowork.hub.pairing")
 
@@ -154,7 +154,7 @@ class PairingService:
             after[0] if after else None,
             after[1] if after else None,
             status,
-            _like_escaped(label) if label is not None else None,
+            like_escaped(label) if label is not None else None,
             limit,
             online,
         )
@@ -400,11 +400,6 @@ def _count(status: str) -> int:
         return int(status.split()[-1])
     except (ValueError, IndexError):
         return 0
-
-
-def _like_escaped(text: str) -> str:
-    """`text` matched literally inside an ILIKE pattern."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # A page of the tenant's pairings newest first, after the (created_at, pairing_id)

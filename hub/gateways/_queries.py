@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from ..core import like_escaped
 from ._common import GatewayError
 
 
@@ -32,8 +33,10 @@ class GatewayQueries:
         *,
         after: tuple[datetime, str] | None = None,
         status: str | None = None,
+        label: str | None = None,
     ) -> builtins.list[dict]:
-        """Newest first, keyset-paged after (created_at, registration_id)."""
+        """Newest first, keyset-paged after (created_at, registration_id). `label`
+        matches a part of the display name, any case."""
         rows = await self._pool.fetch(
             _LIST,
             tenant,
@@ -41,6 +44,7 @@ class GatewayQueries:
             after[1] if after else None,
             status,
             limit,
+            like_escaped(label) if label is not None else None,
         )
         return [dict(r) for r in rows]
 
@@ -89,4 +93,5 @@ _LIST = """
       AND (created_at, registration_id) < (coalesce($2::timestamptz, 'infinity'),
                                            coalesce($3::text, ''))
       AND ($4::text IS NULL OR status = $4)
+      AND ($6::text IS NULL OR display_name ILIKE '%' || $6 || '%' ESCAPE '\\')
     ORDER BY created_at DESC, registration_id DESC LIMIT $5"""

@@ -168,7 +168,12 @@ async def create_registration(request: web.Request) -> web.Response:
 @documented(
     "A page of the tenant's Gateway registrations",
     response=GatewayRegistrationPage,
-    query={"status": "only this status", "limit": "1..1000", "cursor": "nextCursor"},
+    query={
+        "status": "only this status",
+        "label": "a part of the display name",
+        "limit": "1..1000",
+        "cursor": "nextCursor",
+    },
 )
 async def list_registrations(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
@@ -179,7 +184,10 @@ async def list_registrations(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(
             text=f"query parameter 'status' must be one of {', '.join(REGISTRATION_STATUSES)}"
         )
-    rows = await hub.gateways.list(tenant, limit + 1, after=after_query(request), status=status)
+    label = request.query.get("label")
+    rows = await hub.gateways.list(
+        tenant, limit + 1, after=after_query(request), status=status, label=label
+    )
     rows, cursor = next_page(rows, limit, "registration_id")
     sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])
     items = [registration_json(r, sync[r["registration_id"]]) for r in rows]

@@ -862,3 +862,14 @@ async def test_registrations_are_listed_page_by_page(http):
         f"/api/v1/tenants/{TENANT}/gateway-registrations", params={"status": "asleep"}
     )
     assert bad.status_code == 400
+    # a part of the display name, any case, taken literally (% and _ are no wildcards)
+    odd = (await create_registration(http, name="Rack 50%_b"))["registrationId"]
+    racks, _ = await all_pages(
+        http, f"/api/v1/tenants/{TENANT}/gateway-registrations", 2, label="RACK "
+    )
+    assert made | {odd} <= {r["registrationId"] for r in racks}
+    assert all("rack " in r["displayName"].lower() for r in racks)
+    literal, _ = await all_pages(
+        http, f"/api/v1/tenants/{TENANT}/gateway-registrations", 2, label="50%_"
+    )
+    assert [r["registrationId"] for r in literal] == [odd]
