@@ -26,6 +26,7 @@ from schemas import (
     WireModel,
     check_tenant,
     check_token,
+    unstorable,
     unstorable_json,
 )
 
@@ -214,7 +215,7 @@ def hub_middleware(
                 if request.path.startswith("/api/")
                 or (metrics_need_token and request.path == "/metrics")
                 else None
-            )
+            ) or _unstorable_params(request)
             response = refusal or await handler(request)
         except web.HTTPException as exc:
             response = _http_exception_json(exc)
@@ -243,6 +244,21 @@ def hub_middleware(
         return response
 
     return middleware
+
+
+def _unstorable_params(request: web.Request) -> web.Response | None:
+    """A 400 for a NUL character or a lone surrogate in the path or the query:
+    PostgreSQL text cannot hold either, so it would otherwise fail deep in a route
+    as a 500."""
+    if unstorable(request.path) is not None:
+        return json_error(400, "bad_request", "the path " + _CANNOT_HOLD)
+    for name, value in request.query.items():
+        if unstorable(name) is not None or unstorable(value) is not None:
+            return json_error(400, "bad_request", f"query parameter {name!r} {_CANNOT_HOLD}")
+    return None
+
+
+_CANNOT_HOLD = "holds a NUL character or a lone surrogate"
 
 
 def _http_exception_json(exc: web.HTTPException) -> web.Response:
@@ -345,7 +361,7 @@ def cursor_query(request: web.Request, parts: int) -> list[str] | None:
     except (ValueError, TypeError):
         values = None
     ours = isinstance(values, list) and len(values) == parts
-    if not ours or not all(isinstance(v, str) for v in values):
+    if not ours or not all(isinstance(v, str) and unstorable(v) is None for v in values):
         raise web.HTTPBadRequest(text="query parameter 'cursor' is not a cursor this API gave")
     return values
 

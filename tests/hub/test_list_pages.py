@@ -82,9 +82,26 @@ async def test_channel_instances_come_a_page_at_a_time_by_id(http):
 @pytest.mark.parametrize(
     "path", ["principals", "channel-instances", "channel-instances/cli-pager/users"]
 )
-@pytest.mark.parametrize("cursor", ["garbage", "WzFd", "W10"])
+# not base64 JSON; [1]; []; ["a\u0000b"] (a NUL no id of ours holds)
+@pytest.mark.parametrize("cursor", ["garbage", "WzFd", "W10", "WyJhXHUwMDAwYiJd"])
 async def test_a_cursor_the_api_did_not_give_is_a_400(http, path, cursor):
     await http.post(f"{BASE}/channel-instances", json=_cli("cli-pager"))  # (or 409: made)
     response = await http.get(f"{BASE}/{path}", params={"cursor": cursor})
     assert response.status_code == 400, response.text
     assert "cursor" in response.text
+
+
+@pytest.mark.parametrize(
+    "path, params",
+    [
+        ("pairings", {"label": "desk\x00"}),
+        ("gateway-registrations", {"label": "\x00"}),
+        ("audit", {"actorId": "admin\x00"}),
+        ("channel-instances/cli%00pager/users", {}),
+    ],
+)
+async def test_a_nul_in_the_path_or_query_is_a_400_not_a_500(http, path, params):
+    """PostgreSQL text holds no NUL: refused at the door with what is wrong."""
+    response = await http.get(f"{BASE}/{path}", params=params)
+    assert response.status_code == 400, response.text
+    assert "NUL" in response.json()["error"]["message"]
