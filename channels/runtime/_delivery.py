@@ -77,6 +77,9 @@ class DeliveryWorker:
         self._stopping: asyncio.Future | None = None
         self._store: SentStore | None = None
         self._psub: Any = None
+        # The consumer's number for the next delivery: a batch that starts past it
+        # shows deliveries lost on the way (None: not known, as after a rewind).
+        self._next_delivery: int | None = None
         # The connection this worker runs on, kept here: the runtime clears the
         # instance's own references the moment that connection is lost.
         self._nc, self._js = instance.nc, instance.js
@@ -188,8 +191,41 @@ class DeliveryWorker:
                 for msg in msgs:
                     await quietly(msg.nak())
                 return
+            if self._lost_before(msgs):
+                await self._rewind()  # this batch comes again too, after what was lost
+                continue
             for msg in msgs:
                 self._accept(msg)
+
+    def _lost_before(self, msgs: list[Any]) -> bool:
+        """Whether deliveries before this batch never arrived: a batch in flight when a
+        NATS node or the connection died. JetStream would send them again only after
+        the ack wait, behind newer deliveries of their lanes."""
+        if not msgs:  # (a fetch can end with none)
+            return False
+        expected = self._next_delivery
+        self._next_delivery = msgs[-1].metadata.sequence.consumer + 1
+        return expected is not None and msgs[0].metadata.sequence.consumer > expected
+
+    async def _rewind(self) -> None:
+        """The consumer recreated as it was: on the outbound work queue it starts at its
+        first unacknowledged delivery, so what was lost comes now and in order.
+        Deliveries this worker holds come again too; the ledger knows them sent
+        (a duplicate receipt, nothing sent twice). Not allowed or NATS away: they
+        come after the ack wait, as without this."""
+        durable = self._instance.consumer
+        self._next_delivery = None  # a new consumer numbers its deliveries from 1
+        try:
+            info = await self._js.consumer_info(OUTBOUND_STREAM, durable)
+            await self._js.delete_consumer(OUTBOUND_STREAM, durable)
+            await self._js.add_consumer(OUTBOUND_STREAM, info.config)
+        except Exception as exc:  # noqa: BLE001 - said, and the ack wait still holds
+            log.warning(
+                "channel.delivery.rewind_failed",
+                **kv(instance=self._instance.instance_id, error=type(exc).__name__),
+            )
+            return
+        log.warning("channel.delivery.rewound", **kv(instance=self._instance.instance_id))
 
     async def _pause_fetching(self, seconds: float) -> None:
         try:
