@@ -200,7 +200,9 @@ class DeliveryWorker:
     def _lost_before(self, msgs: list[Any]) -> bool:
         """Whether deliveries before this batch never arrived: a batch in flight when a
         NATS node or the connection died. JetStream would send them again only after
-        the ack wait, behind newer deliveries of their lanes."""
+        the ack wait, behind newer deliveries of their lanes. (The hub's ordered pull
+        loop, hub/core/_background.py, makes the same check; the import layers keep
+        the channel runtime from using it.)"""
         if not msgs:  # (a fetch can end with none)
             return False
         expected = self._next_delivery

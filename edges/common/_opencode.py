@@ -414,6 +414,15 @@ class OpenCodeEvents:
             return False
         return True
 
+    async def open_for(self, session_id: str | None, timeout: float) -> bool:
+        """Before a prompt (a Desktop's command, a Gateway's edge work): follow its
+        session, if any, and wait at most `timeout` for a stream to be open, so the
+        turn's events stream live. False: none opened in time; the session's messages
+        are then relayed once one does."""
+        if session_id:
+            self.follow(session_id)
+        return await self.wait_connected(timeout)
+
     def follow(self, session_id: str) -> None:
         """Re-read this session's messages after a (re)connect until it is seen idle:
         its turn's events are then relayed even if they happened while no stream

@@ -90,11 +90,6 @@ ACK_AGAIN_SECONDS = 0.5
 # commit per command fewer. What keeps a command from running twice is the journal's
 # `started` row, written before it runs, not the accept.
 ACCEPT_AFTER = 0.25
-# A command waits at most STREAM_OPEN_WAIT (edges.common; and at most half its
-# lease's time left) for OpenCode's event stream to be open before it runs anyway:
-# run while the stream is open, its events stream live; run before, its session's
-# messages are re-read and relayed once the stream opens (OpenCodeEvents.follow),
-# not streamed as they come.
 # What the hub pushes on the command subject.
 Pushed = PairingState | DeviceCommand
 
@@ -667,11 +662,9 @@ class DesktopAgent:
         """Before a command acts on OpenCode: follow its session (its messages are
         relayed even if no stream sees its events), and wait, bounded, for the event
         stream to be open, so they stream live."""
-        events = self.relay.events
-        if command.session_id:
-            events.follow(command.session_id)
         left = (command.lease.lease_expires_at - _utcnow()).total_seconds()
-        if not await events.wait_connected(min(STREAM_OPEN_WAIT, max(left / 2, 0.0))):
+        wait = min(STREAM_OPEN_WAIT, max(left / 2, 0.0))
+        if not await self.relay.events.open_for(command.session_id, wait):
             log.info(
                 "desktop.stream_not_open: running %s %s without OpenCode's event stream; "
                 "its session's messages are relayed once the stream opens",

@@ -120,13 +120,6 @@ class SessionEvents:
     def unregister(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
 
-    async def open_for(self, session_id: str, timeout: float) -> bool:
-        """Before a prompt in `session_id`: follow it (its messages are relayed once a
-        stream opens, even if no stream saw its events), and wait at most `timeout`
-        for the stream to be open, so they stream live. False: it did not open."""
-        self.stream.follow(session_id)
-        return await self.stream.wait_connected(timeout)
-
     async def run(self) -> None:
         try:
             async for event in self.stream:
@@ -268,7 +261,7 @@ class WorkRunner:
             queue = self._events.register(self.session_id)
             # A Gateway just started may claim before its event stream is open: a
             # prompt run then would lose the turn's live events.
-            if not await self._events.open_for(self.session_id, self._stream_wait):
+            if not await self._events.stream.open_for(self.session_id, self._stream_wait):
                 log.info(
                     "gateway.stream_not_open: running work %s without OpenCode's event "
                     "stream; its session's messages are relayed once the stream opens",

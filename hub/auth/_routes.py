@@ -23,6 +23,7 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     after_keys,
+    choice_query,
     documented,
     int_query,
     json_body,
@@ -119,8 +120,8 @@ async def list_principals(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
     after = after_keys(request, 2)
-    kind = _choice(request, "kind", {str(k) for k in PrincipalKind})
-    status = _choice(request, "status", {"active", "revoked"})
+    kind = choice_query(request, "kind", (str(k) for k in PrincipalKind))
+    status = choice_query(request, "status", ("active", "revoked"))
     rows = (
         await request.app[HUB_KEY]
         .started_pool()
@@ -137,15 +138,6 @@ async def list_principals(request: web.Request) -> web.Response:
     )
     page, cursor = next_page([dict(r) for r in rows], limit, "kind", "principal_id")
     return web.json_response({"items": [_principal_json(r) for r in page], "nextCursor": cursor})
-
-
-def _choice(request: web.Request, name: str, allowed: set[str]) -> str | None:
-    value = request.query.get(name)
-    if value is not None and value not in allowed:
-        raise web.HTTPBadRequest(
-            text=f"query parameter {name!r} must be one of {', '.join(sorted(allowed))}"
-        )
-    return value
 
 
 def _principal_json(r: dict) -> dict:

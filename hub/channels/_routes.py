@@ -49,7 +49,7 @@ from ..http import (
     iso,
     json_body,
     json_error,
-    page_cursor,
+    next_page,
     tenant_param,
 )
 from ._store import INSTANCE_ID
@@ -136,8 +136,7 @@ async def list_instances(request: web.Request) -> web.Response:
     rows = await request.app[HUB_KEY].channels.list(
         tenant, limit + 1, after=after[0] if after else None
     )
-    page = rows[:limit]
-    cursor = page_cursor(page[-1]["instance_id"]) if len(rows) > limit else None
+    page, cursor = next_page(rows, limit, "instance_id", time_key=None)
     return web.json_response(
         {"items": [instance_json(request, r) for r in page], "nextCursor": cursor}
     )

@@ -20,6 +20,7 @@ from ..http import (
     HUB_KEY,
     add_route_table,
     after_query,
+    choice_query,
     documented,
     int_query,
     iso,
@@ -104,9 +105,7 @@ async def list_users(request: web.Request) -> web.Response:
     if missing := _instance(request, tenant, instance_id):
         return missing
     limit = int_query(request, "limit", 100, 1, 1000)
-    role = request.query.get("role")
-    if role is not None and role not in _ROLES:
-        return json_error(400, "bad_request", f"role must be one of {', '.join(_ROLES)}")
+    role = choice_query(request, "role", _ROLES)
     rows = await _identity(request).list_users(
         tenant, instance_id, limit + 1, after=after_query(request), role=role
     )

@@ -42,6 +42,7 @@ from ..http import (
     add_route_table,
     after_query,
     bool_query,
+    choice_query,
     documented,
     int_query,
     invalid,
@@ -186,21 +187,12 @@ async def list_pairings(request: web.Request) -> web.Response:
         tenant_param(request),
         limit + 1,
         after=after_query(request),
-        status=_status_filter(request),
+        status=choice_query(request, "status", STATUSES),
         online=bool_query(request, "online"),
         label=request.query.get("label"),
     )
     page, cursor = next_page(rows, limit, "pairing_id")
     return web.json_response({"items": [pairing_json(r) for r in page], "nextCursor": cursor})
-
-
-def _status_filter(request: web.Request) -> str | None:
-    status = request.query.get("status")
-    if status is not None and status not in STATUSES:
-        raise web.HTTPBadRequest(
-            text=f"query parameter 'status' must be one of {', '.join(STATUSES)}"
-        )
-    return status
 
 
 @documented("A pairing: status, presence, policy (never a secret)", response=PairingView)

@@ -35,6 +35,7 @@ from ..http import (
     HUB_KEY,
     add_route_table,
     after_query,
+    choice_query,
     documented,
     int_query,
     iso,
@@ -179,11 +180,7 @@ async def list_registrations(request: web.Request) -> web.Response:
     hub = request.app[HUB_KEY]
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
-    status = request.query.get("status")
-    if status is not None and status not in REGISTRATION_STATUSES:
-        raise web.HTTPBadRequest(
-            text=f"query parameter 'status' must be one of {', '.join(REGISTRATION_STATUSES)}"
-        )
+    status = choice_query(request, "status", REGISTRATION_STATUSES)
     label = request.query.get("label")
     rows = await hub.gateways.list(
         tenant, limit + 1, after=after_query(request), status=status, label=label

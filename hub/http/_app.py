@@ -344,6 +344,17 @@ def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return value
 
 
+def choice_query(request: web.Request, name: str, allowed: Iterable[str]) -> str | None:
+    """A query parameter that must be one of `allowed` (400 otherwise), or None."""
+    value = request.query.get(name)
+    choices = sorted(allowed)
+    if value is not None and value not in choices:
+        raise web.HTTPBadRequest(
+            text=f"query parameter {name!r} must be one of {', '.join(choices)}"
+        )
+    return value
+
+
 def page_cursor(*values: str) -> str:
     """An opaque cursor for the next page of a list (keyset: the last row's sort key)."""
     raw = json.dumps(list(values), separators=(",", ":")).encode()
@@ -387,15 +398,17 @@ def after_keys(request: web.Request, ids: int) -> tuple[datetime, list[str]] | N
 
 
 def next_page(
-    rows: list[dict], limit: int, *id_keys: str, time_key: str = "created_at"
+    rows: list[dict], limit: int, *id_keys: str, time_key: str | None = "created_at"
 ) -> tuple[list[dict], str | None]:
     """The page out of `limit + 1` rows fetched in the list's order, and the cursor of
-    the next page (None when this one is the last): the last row's time and ids."""
+    the next page (None when this one is the last): the last row's time (none for a
+    list ordered by ids alone) and ids."""
     page = rows[:limit]
     if len(rows) <= limit:
         return page, None
     last = page[-1]
-    return page, page_cursor(last[time_key].isoformat(), *(last[k] for k in id_keys))
+    time = [] if time_key is None else [last[time_key].isoformat()]
+    return page, page_cursor(*time, *(last[k] for k in id_keys))
 
 
 def bool_query(request: web.Request, name: str) -> bool | None:

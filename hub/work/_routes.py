@@ -22,6 +22,7 @@ from schemas import CancelWork, WorkEnqueued, WorkPage, WorkState, WorkView, che
 from ..http import (
     HUB_KEY,
     after_query,
+    choice_query,
     documented,
     int_query,
     iso,
@@ -151,11 +152,7 @@ async def cancel_work(request: web.Request) -> web.Response:
 )
 async def list_work(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
-    state = request.query.get("state")
-    if state is not None and state not in STATES:
-        return json_error(
-            400, "invalid_request", f"state must be one of {', '.join(sorted(STATES))}"
-        )
+    state = choice_query(request, "state", STATES)
     limit = int_query(request, "limit", 100, 1, 1000)
     service = _service(request)
     rows = await service.list(tenant, state=state, limit=limit + 1, after=after_query(request))

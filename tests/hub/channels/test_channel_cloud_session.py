@@ -6,6 +6,7 @@ and the Gateway's runner continues a named session it has, or opens a new one.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from edgeworkkit import GatewayBus, add_registration
@@ -341,16 +342,12 @@ class LateStream:
     def connected(self) -> bool:
         return self.live.is_set()
 
-    def follow(self, session_id: str) -> None:
+    async def open_for(self, session_id: str | None, timeout: float) -> bool:
         self.followed.append(session_id)
-
-    async def wait_connected(self, timeout: float) -> bool:
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.live.wait()
-        except TimeoutError:
-            return False
-        return True
+        return self.live.is_set()
 
 
 async def test_a_gateway_prompts_only_once_its_event_stream_is_open():
