@@ -148,6 +148,9 @@ class GatewayRegistrationView(WireModel):
     approved_credentials: list[str]
     status: str
     status_reason: str | None
+    online: bool = Field(
+        description="Registered, not stopping, and heard from within three heartbeat intervals"
+    )
     credential_expires_at: Stamp
     credential_version: int
     public_key: str | None

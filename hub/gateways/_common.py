@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -16,13 +17,36 @@ from ..core import AuditLog, Refusal, kv
 log = logging.getLogger("cowork.hub.gateways")
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0  # told to the Gateway at registration
+MISSED_BEATS = 3  # no heartbeat for this many intervals: unhealthy, and not online
 TERMINAL = ("revoked", "retired")
+# A Gateway is online while it is registered (not pending, not ended), has not said
+# it is stopping, and was heard from within MISSED_BEATS of its heartbeat intervals:
+# the sweep's rule for silence, read at once rather than at the next sweep. `online`
+# says it for a row, ONLINE_SQL for the list's filter (tests hold them to each other).
+ONLINE_SQL = f"""(public_key IS NOT NULL AND status NOT IN ('pending', 'revoked', 'retired')
+    AND liveness IS DISTINCT FROM 'stopping' AND coalesce(last_heartbeat_at > now()
+        - make_interval(secs => {MISSED_BEATS} * coalesce(heartbeat_interval,
+                                                          {DEFAULT_HEARTBEAT_INTERVAL}::real)), false))"""
 EXTERNAL_KINDS = frozenset(
     {GatewayKind.EXTERNAL_WORKSPACE, GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER}
 )
 # A rate-limited Gateway is audited at most once per this many seconds: auditing
 # every refused beat would turn a flood into database writes, which the limit prevents.
 RATE_AUDIT_EVERY = 60.0
+
+
+def online(row: dict[str, Any], now: datetime) -> bool:
+    """Whether the registration `row` is online at `now` (ONLINE_SQL's rule)."""
+    beat = row["last_heartbeat_at"]
+    if (
+        beat is None
+        or row["public_key"] is None
+        or row["status"] in ("pending", *TERMINAL)
+        or row["liveness"] == "stopping"
+    ):
+        return False
+    interval = row["heartbeat_interval"] or DEFAULT_HEARTBEAT_INTERVAL
+    return beat > now - timedelta(seconds=MISSED_BEATS * interval)
 
 
 class GatewayError(Refusal):

@@ -9,7 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from ..core import like_escaped
-from ._common import GatewayError
+from ._common import ONLINE_SQL, GatewayError
 
 
 class GatewayQueries:
@@ -34,9 +34,10 @@ class GatewayQueries:
         after: tuple[datetime, str] | None = None,
         status: str | None = None,
         label: str | None = None,
+        online: bool | None = None,
     ) -> builtins.list[dict]:
         """Newest first, keyset-paged after (created_at, registration_id). `label`
-        matches a part of the display name, any case."""
+        matches a part of the display name, any case; `online` as `_common.online`."""
         rows = await self._pool.fetch(
             _LIST,
             tenant,
@@ -45,6 +46,7 @@ class GatewayQueries:
             status,
             limit,
             like_escaped(label) if label is not None else None,
+            online,
         )
         return [dict(r) for r in rows]
 
@@ -87,11 +89,12 @@ class GatewayQueries:
 # A page of the tenant's registrations newest first, after the (created_at,
 # registration_id) of the previous page's last row ($2, $3; NULL: the first page): a
 # range of gateway_registrations_listed whatever the plan (pairings' _LIST says why).
-_LIST = """
+_LIST = f"""
     SELECT * FROM gateway_registrations
     WHERE tenant = $1
       AND (created_at, registration_id) < (coalesce($2::timestamptz, 'infinity'),
                                            coalesce($3::text, ''))
       AND ($4::text IS NULL OR status = $4)
       AND ($6::text IS NULL OR display_name ILIKE '%' || $6 || '%' ESCAPE '\\')
+      AND ($7::bool IS NULL OR {ONLINE_SQL} = $7)
     ORDER BY created_at DESC, registration_id DESC LIMIT $5"""

@@ -12,7 +12,7 @@ POST /api/v1/tenants/{t}/gateway-registrations/{id}/resume
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -35,6 +35,7 @@ from ..http import (
     HUB_KEY,
     add_route_table,
     after_query,
+    bool_query,
     choice_query,
     documented,
     int_query,
@@ -45,6 +46,7 @@ from ..http import (
     path_token,
     tenant_param,
 )
+from ._common import online
 
 if TYPE_CHECKING:
     from ._service import GatewayRegistry
@@ -76,6 +78,7 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
         "approvedCredentials": list(row["approved_credentials"]),
         "status": row["status"],
         "statusReason": row["status_reason"],
+        "online": online(row, datetime.now(UTC)),
         "credentialExpiresAt": iso(row["credential_expires_at"]),
         "credentialVersion": row["credential_version"],
         "publicKey": row["public_key"],
@@ -171,6 +174,7 @@ async def create_registration(request: web.Request) -> web.Response:
     response=GatewayRegistrationPage,
     query={
         "status": "only this status",
+        "online": "true or false: heard from within three heartbeat intervals",
         "label": "a part of the display name",
         "limit": "1..1000",
         "cursor": "nextCursor",
@@ -181,9 +185,13 @@ async def list_registrations(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
     status = choice_query(request, "status", REGISTRATION_STATUSES)
-    label = request.query.get("label")
     rows = await hub.gateways.list(
-        tenant, limit + 1, after=after_query(request), status=status, label=label
+        tenant,
+        limit + 1,
+        after=after_query(request),
+        status=status,
+        label=request.query.get("label"),
+        online=bool_query(request, "online"),
     )
     rows, cursor = next_page(rows, limit, "registration_id")
     sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])

@@ -9,11 +9,10 @@ from typing import Any
 import asyncpg
 
 from ..core import BackgroundTask, BeatWriter, every, kv
-from ._common import DEFAULT_HEARTBEAT_INTERVAL, GatewayAudit
+from ._common import DEFAULT_HEARTBEAT_INTERVAL, MISSED_BEATS, GatewayAudit
 
 log = logging.getLogger("cowork.hub.gateways")
 
-MISSED_BEATS = 3  # no heartbeat for this many intervals: unhealthy
 SWEEP_INTERVAL = 2.0
 
 

@@ -60,6 +60,7 @@
       return isNaN(d.getTime()) ? String(value) : d.toLocaleString();
     }
     if (format === "url") return window.location.origin + String(value);
+    if (format === "yesno") return value ? "yes" : "no";
     if (typeof value === "object") return JSON.stringify(value);
     return String(value);
   }
@@ -87,7 +88,7 @@
       const tr = tbody.insertRow();
       const td = tr.insertCell();
       td.colSpan = heads.length;
-      td.textContent = "Nothing yet.";
+      td.textContent = table.dataset.filtered ? "Nothing matches the filters." : "Nothing yet.";
       return;
     }
     rows.forEach(function (row) {
@@ -194,6 +195,7 @@
         });
         const extra = query.toString();
         table.dataset.source = base + (extra ? (base.includes("?") ? "&" : "?") + extra : "");
+        table.dataset.filtered = extra ? "yes" : "";
         turnPage(table, null); // new filters: from the first page
       });
     });

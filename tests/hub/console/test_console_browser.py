@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from edges.local import NatsServer, free_port
+from hub.desktop._routes import STATUSES as PAIRING_STATUSES
+from hub.gateways._routes import REGISTRATION_STATUSES
 from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
 
 CHROMIUM = "/usr/bin/chromium"
@@ -406,6 +409,63 @@ async def test_a_long_list_is_shown_a_page_at_a_time(page, console_hub):
     await pager.get_by_role("button", name="First page").click()
     await expect(rows).to_have_count(100)
     await expect(page.locator("#pairings-table tbody")).to_contain_text("p100")
+
+
+async def test_the_fleet_lists_are_filtered_by_status_online_and_label(page, console_hub):
+    """The Desktops' and Gateways' tables take the API's filters from a form: a
+    status (the API's own choices), online or not, and a part of the name; a new
+    filter starts from the first page."""
+    tag = f"t{time.time_ns() % 10**9}"  # this test's own rows, among the module's
+    async with client(console_hub, admin=True) as http:
+        for name in ("north dock", "south dock", "north gate"):
+            made = await http.post(
+                f"/api/v1/tenants/{TENANT}/pairings", json={"label": f"{tag} {name}"}
+            )
+            assert made.status_code == 201, made.text
+        made = await http.post(
+            f"/api/v1/tenants/{TENANT}/gateway-registrations",
+            json={
+                "displayName": f"{tag} north rack",
+                "kind": "edge_worker",
+                "trustModel": "self_hosted_same_operator",
+            },
+        )
+        assert made.status_code == 201, made.text
+    await page.goto(f"/console/desktops?tenant={TENANT}")
+    rows = page.locator("#pairings-table tbody tr")
+    await expect(rows.first).to_be_visible()
+    form = page.locator("#pairings-table-filter")
+    options = await form.locator("select[name=status] option").evaluate_all(
+        "(os) => os.map((o) => o.value).filter(Boolean)"
+    )
+    assert tuple(options) == PAIRING_STATUSES
+    await form.get_by_label("Label contains").fill(f"{tag} NORTH")
+    await form.get_by_role("button", name="Filter").click()
+    await expect(rows).to_have_count(2)
+    await expect(page.locator("#pairings-table tbody")).to_contain_text("north gate")
+    await form.get_by_label("Status").select_option("revoked")
+    await form.get_by_role("button", name="Filter").click()
+    await expect(rows).to_have_text(["Nothing matches the filters."])
+    await form.get_by_label("Status").select_option("pending")
+    await form.get_by_label("Online").select_option("false")
+    await form.get_by_role("button", name="Filter").click()
+    await expect(rows).to_have_count(2)
+
+    await page.goto(f"/console/gateways?tenant={TENANT}")
+    form = page.locator("#gateways-table-filter")
+    options = await form.locator("select[name=status] option").evaluate_all(
+        "(os) => os.map((o) => o.value).filter(Boolean)"
+    )
+    assert tuple(options) == REGISTRATION_STATUSES
+    await form.get_by_label("Name contains").fill(f"{tag} north rack")
+    await form.get_by_label("Online").select_option("false")
+    await form.get_by_role("button", name="Filter").click()
+    gateways = page.locator("#gateways-table tbody tr")
+    await expect(gateways).to_have_count(1)
+    await expect(gateways.first.locator("td").nth(3)).to_have_text("no")  # Online
+    await form.get_by_label("Online").select_option("true")
+    await form.get_by_role("button", name="Filter").click()
+    await expect(gateways).to_have_text(["Nothing matches the filters."])
 
 
 async def test_a_change_without_the_csrf_token_is_refused(page):

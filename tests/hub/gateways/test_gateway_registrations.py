@@ -35,6 +35,7 @@ from hubkit import client, connect_with, running_hub
 from hub.bus._bootstrap_limits import FIRST_DELAY, LOCKOUT, MAX_FAILURES
 from hub.core import _db
 from hub.core._audit import AuditLog
+from hub.gateways._common import ONLINE_SQL, online
 from hub.gateways._service import GatewayError, GatewayRegistry
 from schemas import AckReply, GatewayHeartbeatReply
 
@@ -873,3 +874,70 @@ async def test_registrations_are_listed_page_by_page(http):
         http, f"/api/v1/tenants/{TENANT}/gateway-registrations", 2, label="50%_"
     )
     assert [r["registrationId"] for r in literal] == [odd]
+
+
+async def test_registrations_are_filtered_by_whether_they_are_online(hub, http, operator_nats_url):
+    """Online: registered, not stopping, heard from within three intervals. A list
+    filtered both ways splits the tenant's registrations exactly, as the view says."""
+    label = f"presence {random.randrange(10**9)}"
+    listed = f"/api/v1/tenants/{TENANT}/gateway-registrations"
+    pending = (await create_registration(http, name=f"{label} pending"))["registrationId"]
+    gateways = [
+        await registered_gateway(http, operator_nats_url, name=f"{label} {i}") for i in range(4)
+    ]
+    beating, silent, stopping, revoked = (created["registrationId"] for created, _ in gateways)
+    try:
+        for _, gateway in gateways:
+            assert isinstance(await gateway.heartbeat(interval_seconds=2.0), GatewayHeartbeatReply)
+        await gateways[2][1].heartbeat(liveness="stopping")
+        await hub.pool.execute(  # three intervals of 2 s and a little more ago
+            "UPDATE gateway_registrations SET last_heartbeat_at = now() - interval '6.5 s' "
+            "WHERE registration_id = $1",
+            silent,
+        )
+        assert (await admin_action(http, revoked, "revoke", reason="gone"))["status"] == "revoked"
+
+        online, _ = await all_pages(http, listed, 2, label=label, online="true")
+        offline, _ = await all_pages(http, listed, 2, label=label, online="false")
+        assert [r["registrationId"] for r in online] == [beating]
+        assert {r["registrationId"] for r in offline} == {pending, silent, stopping, revoked}
+        assert all(r["online"] for r in online) and not any(r["online"] for r in offline)
+        assert (await get_registration(http, beating))["online"] is True
+        assert (await get_registration(http, silent))["online"] is False
+
+        # a beat brings the silent one back at once, before any sweep
+        assert isinstance(await gateways[1][1].heartbeat(), GatewayHeartbeatReply)
+        online, _ = await all_pages(http, listed, 2, label=label, online="true")
+        assert {r["registrationId"] for r in online} == {beating, silent}
+        bad = await http.get(listed, params={"online": "maybe"})
+        _assert_json_error(bad, 400)
+    finally:
+        for _, gateway in gateways:
+            await gateway.close()
+
+
+async def test_the_views_online_is_the_filters_online(hub):
+    """`online()` (the view) and ONLINE_SQL (the list's filter) agree on every mix
+    of the fields they read, at the same instant."""
+    rows = list(
+        itertools.product(
+            ("k", None),  # public key
+            ("pending", "active", "unhealthy", "draining", "paused", "revoked", "retired"),
+            ("alive", "stopping", None),  # liveness
+            (None, 1.0, 2.0, 5.0),  # heartbeat interval (NULL: the default)
+            (None, 0.5, 2.9, 3.1, 8.0, 14.9, 15.1, 60.0),  # seconds since the last beat
+        )
+    )
+    got = await hub.pool.fetch(
+        f"""SELECT now() AS at, {ONLINE_SQL} AS online, public_key, status, liveness,
+                   heartbeat_interval, last_heartbeat_at
+            FROM (SELECT k AS public_key, s AS status, l AS liveness, i AS heartbeat_interval,
+                         now() - make_interval(secs => a) AS last_heartbeat_at
+                  FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[])
+                       AS t(k, s, l, i, a)) AS r""",
+        *(list(column) for column in zip(*rows, strict=True)),
+    )
+    assert len(got) == len(rows)
+    for row in got:
+        assert row["online"] is online(dict(row), row["at"]), dict(row)
+    assert sum(row["online"] for row in got) > 0 and not all(row["online"] for row in got)
