@@ -273,9 +273,20 @@ class ChannelService:
         return row
 
     async def list(
-        self, tenant: str, limit: int, *, after: str | None = None
+        self,
+        tenant: str,
+        limit: int,
+        *,
+        after: str | None = None,
+        kind: str | None = None,
+        workspace: str | None = None,
+        enabled: bool | None = None,
+        label: str | None = None,
     ) -> list[dict[str, Any]]:
-        return await self._store.list(tenant, limit, after=after)
+        """A page of the tenant's instances by id (the store's list says how)."""
+        return await self._store.list(
+            tenant, limit, after=after, kind=kind, workspace=workspace, enabled=enabled, label=label
+        )
 
     async def create(self, tenant: str, body: dict[str, Any], *, actor: str) -> dict[str, Any]:
         kind = body["kind"]

@@ -43,6 +43,8 @@ from schemas import (
 from ..http import (
     HUB_KEY,
     add_route_table,
+    bool_query,
+    choice_query,
     cursor_query,
     documented,
     int_query,
@@ -127,14 +129,27 @@ async def create_instance(request: web.Request) -> web.Response:
 @documented(
     "A page of the tenant's channel instances, by instance id",
     response=ChannelInstanceList,
-    query={"limit": "1..1000, default 100", "cursor": "nextCursor of the page before"},
+    query={
+        "kind": "only this kind (GET /api/v1/channel-kinds)",
+        "workspaceId": "only the instances of this workspace",
+        "enabled": "true or false",
+        "label": "a part of the display name",
+        "limit": "1..1000, default 100",
+        "cursor": "nextCursor of the page before",
+    },
 )
 async def list_instances(request: web.Request) -> web.Response:
     tenant = tenant_param(request)
     limit = int_query(request, "limit", 100, 1, 1000)
     after = cursor_query(request, 1)
     rows = await request.app[HUB_KEY].channels.list(
-        tenant, limit + 1, after=after[0] if after else None
+        tenant,
+        limit + 1,
+        after=after[0] if after else None,
+        kind=choice_query(request, "kind", PROVIDERS),
+        workspace=request.query.get("workspaceId"),
+        enabled=bool_query(request, "enabled"),
+        label=request.query.get("label"),
     )
     page, cursor = next_page(rows, limit, "instance_id", time_key=None)
     return web.json_response(

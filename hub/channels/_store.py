@@ -24,7 +24,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 from channels import UnknownProvider, provider_class
 from schemas import CHANNEL_INSTANCE_ID
 
-from ..core import Refusal
+from ..core import Refusal, like_escaped
 
 INSTANCE_ID = re.compile(CHANNEL_INSTANCE_ID)
 AUTHORITIES = ("desktop_paired", "cloud_worker")
@@ -268,16 +268,28 @@ class InstanceStore:
         return _row(await (conn or self._pool).fetchrow(sql, tenant, instance_id))
 
     async def list(
-        self, tenant: str, limit: int, *, after: str | None = None
+        self,
+        tenant: str,
+        limit: int,
+        *,
+        after: str | None = None,
+        kind: str | None = None,
+        workspace: str | None = None,
+        enabled: bool | None = None,
+        label: str | None = None,
     ) -> list[dict[str, Any]]:
         """By instance id, keyset-paged after the previous page's last id (a walk of
-        channel_instances_tenant)."""
+        channel_instances_tenant); filters: kind, workspace, enabled, and `label`, a
+        part of the display name (any case, taken literally)."""
         rows = await self._pool.fetch(
-            f"SELECT {COLUMNS} FROM channel_instances WHERE tenant = $1 "
-            "AND instance_id > coalesce($2::text, '') ORDER BY instance_id LIMIT $3",
+            _LIST,
             tenant,
             after,
             limit,
+            kind,
+            workspace,
+            enabled,
+            like_escaped(label) if label is not None else None,
         )
         return [_row_of(r) for r in rows]
 
@@ -325,3 +337,12 @@ class InstanceStore:
                 instance_id,
             )
         )
+
+
+_LIST = f"""
+    SELECT {COLUMNS} FROM channel_instances
+    WHERE tenant = $1 AND instance_id > coalesce($2::text, '')
+      AND ($4::text IS NULL OR kind = $4) AND ($5::text IS NULL OR workspace_id = $5)
+      AND ($6::bool IS NULL OR enabled = $6)
+      AND ($7::text IS NULL OR display_name ILIKE '%' || $7 || '%' ESCAPE '\\')
+    ORDER BY instance_id LIMIT $3"""

@@ -79,6 +79,45 @@ async def test_channel_instances_come_a_page_at_a_time_by_id(http):
     assert ChannelInstanceList.model_validate(whole).next_cursor is None
 
 
+async def test_channel_instances_are_filtered_across_pages(http):
+    """By kind, workspace, enabled and a part of the display name (any case, taken
+    literally), each across pages; an unknown kind is a 400 naming the kinds."""
+    made = {
+        "flt-a": {"displayName": "Support 50%_desk", "workspaceId": "ws-flt-1"},
+        "flt-b": {"displayName": "support line", "workspaceId": "ws-flt-1"},
+        "flt-c": {"displayName": "Sales", "workspaceId": "ws-flt-2"},
+        "flt-d": {"displayName": "SUPPORT night", "workspaceId": "ws-flt-2"},
+    }
+    for instance_id, fields in made.items():
+        response = await http.post(
+            f"{BASE}/channel-instances", json={**_cli(instance_id), **fields}
+        )
+        assert response.status_code == 201, response.text
+    off = await http.patch(f"{BASE}/channel-instances/flt-d", json={"enabled": False})
+    assert off.status_code == 200, off.text
+
+    async def ids(**params: str) -> list[str]:
+        items, _ = await all_pages(http, f"{BASE}/channel-instances", 1, **params)
+        return [i["instanceId"] for i in items if i["instanceId"].startswith("flt-")]
+
+    assert await ids(label="SUPPORT") == ["flt-a", "flt-b", "flt-d"]
+    assert await ids(label="50%_") == ["flt-a"]
+    assert await ids(label="50%x") == []
+    assert await ids(workspaceId="ws-flt-2") == ["flt-c", "flt-d"]
+    assert await ids(enabled="false") == ["flt-d"]
+    assert await ids(label="support", enabled="true", workspaceId="ws-flt-1") == [
+        "flt-a",
+        "flt-b",
+    ]
+    assert await ids(kind="cli") == list(made)
+    items, _ = await all_pages(http, f"{BASE}/channel-instances", 2, kind="telegram")
+    assert all(i["kind"] == "telegram" for i in items)
+    bad = await http.get(f"{BASE}/channel-instances", params={"kind": "pigeon"})
+    assert bad.status_code == 400 and "telegram" in bad.text
+    bad = await http.get(f"{BASE}/channel-instances", params={"enabled": "sometimes"})
+    assert bad.status_code == 400
+
+
 @pytest.mark.parametrize(
     "path", ["principals", "channel-instances", "channel-instances/cli-pager/users"]
 )
