@@ -115,6 +115,7 @@ class BeatWriter(Generic[K, B]):
         self._task = BackgroundTask(name, self._write_forever)
         self._log_budget = LogBudget(rate=0.1, burst=1)
         self._caught_up = time.monotonic()  # when nothing noted last waited for a write
+        self._evidence_at = time.monotonic()  # when silence was last found to be evidence
 
     def start(self) -> None:
         self._task.start()
@@ -159,7 +160,22 @@ class BeatWriter(Generic[K, B]):
         """The one question a sweep that marks senders gone for missing beats asks: a
         sender not stamped lately is silent only if this replica hears the bus
         (`BusUptime.heard`) and has written what it heard (not `behind()`)."""
+        if self._heard_and_written():
+            self._evidence_at = time.monotonic()
+            return True
+        return False
+
+    def _heard_and_written(self) -> bool:
         return (self._bus is None or self._bus.heard()) and not self.behind()
+
+    def deaf_seconds(self) -> float:
+        """0 while silence is evidence; else for how long it has not been (as far as
+        this writer was asked). A reader that judges a sender by the age of its last
+        stamp allows this much more, so that what it says stays what it said when
+        this replica last heard: staler while deaf, never wrong the other way."""
+        if self.silence_is_evidence():
+            return 0.0
+        return time.monotonic() - self._evidence_at
 
     def pending(self, key: K) -> B | None:
         """The beat noted for `key` and not yet written, if any."""

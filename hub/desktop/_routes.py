@@ -17,7 +17,6 @@ from __future__ import annotations
 from datetime import timedelta
 from urllib.parse import urlencode
 
-import segno
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -54,6 +53,7 @@ from ..http import (
     public_base,
     tenant_param,
 )
+from ._qr import pairing_qr
 
 
 def _pairing_id(request: web.Request, name: str = "pairing_id") -> str:
@@ -152,16 +152,6 @@ def pairing_link(base: str, code: str, hub_urls: list[str]) -> str:
     ride in the fragment, which a browser never sends: opening the link shows the
     console's page with the command, and no server log ever holds the code."""
     return f"{base}/console/pair#" + urlencode({"code": code, "hub": ",".join(hub_urls)})
-
-
-def pairing_qr(link: str) -> str:
-    """The link as a QR code, an SVG data URI. With one fixed mask pattern: segno would
-    otherwise draw the code with each of the 8 patterns and score them (about 12 ms
-    of the hub's CPU a pairing, 3.5x this; minutes of a blocked event loop when a
-    fleet is paired by the thousand). Every reader decodes every pattern; the score
-    only avoids look-alikes of the finder marks, which a phone's scanner copes with
-    at these sizes."""
-    return segno.make(link, error="m", mask=0).svg_data_uri(scale=4, border=2)
 
 
 STATUSES = ("pending", "paired_online", "paired_offline", "disabled", "revoked", "error")

@@ -21,12 +21,17 @@ MISSED_BEATS = 3  # no heartbeat for this many intervals: unhealthy, and not onl
 TERMINAL = ("revoked", "retired")
 # A Gateway is online while it is registered (not pending, not ended), has not said
 # it is stopping, and was heard from within MISSED_BEATS of its heartbeat intervals:
-# the sweep's rule for silence, read at once rather than at the next sweep. `online`
-# says it for a row, ONLINE_SQL for the list's filter (tests hold them to each other).
+# the sweep's rule for silence, read at once rather than at the next sweep. While
+# this replica's silence is no evidence (BeatWriter.deaf_seconds: the bus away or
+# settling, the heartbeat writer behind), the window grows by that long, so a
+# Gateway keeps the state it had when the replica last heard. `online` says it for
+# a row, ONLINE_SQL for the list's filter with the deaf seconds as `{deaf}` (tests
+# hold them to each other).
 ONLINE_SQL = f"""(public_key IS NOT NULL AND status NOT IN ('pending', 'revoked', 'retired')
     AND liveness IS DISTINCT FROM 'stopping' AND coalesce(last_heartbeat_at > now()
         - make_interval(secs => {MISSED_BEATS} * coalesce(heartbeat_interval,
-                                                          {DEFAULT_HEARTBEAT_INTERVAL}::real)), false))"""
+                                                          {DEFAULT_HEARTBEAT_INTERVAL}::real)
+                                + {{deaf}}), false))"""
 EXTERNAL_KINDS = frozenset(
     {GatewayKind.EXTERNAL_WORKSPACE, GatewayKind.EXTERNAL_WORKSPACE_EDGE_WORKER}
 )
@@ -35,8 +40,9 @@ EXTERNAL_KINDS = frozenset(
 RATE_AUDIT_EVERY = 60.0
 
 
-def online(row: dict[str, Any], now: datetime) -> bool:
-    """Whether the registration `row` is online at `now` (ONLINE_SQL's rule)."""
+def online(row: dict[str, Any], now: datetime, deaf: float = 0.0) -> bool:
+    """Whether the registration `row` is online at `now` (ONLINE_SQL's rule), this
+    replica deaf for `deaf` seconds."""
     beat = row["last_heartbeat_at"]
     if (
         beat is None
@@ -46,7 +52,7 @@ def online(row: dict[str, Any], now: datetime) -> bool:
     ):
         return False
     interval = row["heartbeat_interval"] or DEFAULT_HEARTBEAT_INTERVAL
-    return beat > now - timedelta(seconds=MISSED_BEATS * interval)
+    return beat > now - timedelta(seconds=MISSED_BEATS * interval + deaf)
 
 
 class GatewayError(Refusal):

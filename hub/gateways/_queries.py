@@ -4,6 +4,7 @@ through the API: `_http_gateways` picks the fields)."""
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from datetime import datetime
 
 import asyncpg
@@ -13,8 +14,9 @@ from ._common import ONLINE_SQL, GatewayError
 
 
 class GatewayQueries:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, deaf_seconds: Callable[[], float]) -> None:
         self._pool = pool
+        self._deaf_seconds = deaf_seconds  # the heartbeat writer's (see _common.online)
 
     async def get(self, tenant: str, registration_id: str) -> dict:
         row = await self._pool.fetchrow(
@@ -47,6 +49,7 @@ class GatewayQueries:
             limit,
             like_escaped(label) if label is not None else None,
             online,
+            self._deaf_seconds() if online is not None else 0.0,
         )
         return [dict(r) for r in rows]
 
@@ -96,5 +99,5 @@ _LIST = f"""
                                            coalesce($3::text, ''))
       AND ($4::text IS NULL OR status = $4)
       AND ($6::text IS NULL OR display_name ILIKE '%' || $6 || '%' ESCAPE '\\')
-      AND ($7::bool IS NULL OR {ONLINE_SQL} = $7)
+      AND ($7::bool IS NULL OR {ONLINE_SQL.format(deaf="$8::float8")} = $7)
     ORDER BY created_at DESC, registration_id DESC LIMIT $5"""

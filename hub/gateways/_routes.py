@@ -65,9 +65,10 @@ REGISTRATION_STATUSES = (
 RegistrationCall = Callable[["GatewayRegistry", str, str], Awaitable[dict]]
 
 
-def registration_json(row: dict, sync: dict | None = None) -> dict:
+def registration_json(row: dict, sync: dict | None = None, deaf: float = 0.0) -> dict:
     """A registration as the admin sees it: no credential, no hash, no key material
-    beyond the public key of its current bus credential."""
+    beyond the public key of its current bus credential. `deaf`: for how long this
+    replica's silence has been no evidence (`online` allows for it)."""
     return {
         "registrationId": row["registration_id"],
         "displayName": row["display_name"],
@@ -78,7 +79,7 @@ def registration_json(row: dict, sync: dict | None = None) -> dict:
         "approvedCredentials": list(row["approved_credentials"]),
         "status": row["status"],
         "statusReason": row["status_reason"],
-        "online": online(row, datetime.now(UTC)),
+        "online": online(row, datetime.now(UTC), deaf),
         "credentialExpiresAt": iso(row["credential_expires_at"]),
         "credentialVersion": row["credential_version"],
         "publicKey": row["public_key"],
@@ -115,7 +116,8 @@ def _registration_id(request: web.Request) -> str:
 async def _view(request: web.Request, row: dict) -> web.Response:
     hub = request.app[HUB_KEY]
     sync = await hub.gateways.sync_summary(row["tenant"], [row["registration_id"]])
-    return web.json_response(registration_json(row, sync[row["registration_id"]]))
+    view = registration_json(row, sync[row["registration_id"]], hub.gateways.deaf_seconds())
+    return web.json_response(view)
 
 
 async def _registration_response(request: web.Request, call: RegistrationCall) -> web.Response:
@@ -195,7 +197,8 @@ async def list_registrations(request: web.Request) -> web.Response:
     )
     rows, cursor = next_page(rows, limit, "registration_id")
     sync = await hub.gateways.sync_summary(tenant, [r["registration_id"] for r in rows])
-    items = [registration_json(r, sync[r["registration_id"]]) for r in rows]
+    deaf = hub.gateways.deaf_seconds()
+    items = [registration_json(r, sync[r["registration_id"]], deaf) for r in rows]
     return web.json_response({"items": items, "nextCursor": cursor})
 
 

@@ -64,8 +64,9 @@ class GatewayRegistry:
             credentials=credentials,
             credential_ttl=timedelta(days=credential_ttl_days),
         )
-        queries, enrolment = GatewayQueries(pool), GatewayEnrolment(pool, records, credential_key)
         heartbeats = GatewayHeartbeats(pool, metrics, bus)
+        queries = GatewayQueries(pool, deaf_seconds=heartbeats.beats.deaf_seconds)
+        enrolment = GatewayEnrolment(pool, records, credential_key)
         reports = GatewayReports(pool, records)
         self._heartbeats = heartbeats
         self._sweeps = GatewaySweeps(pool, records, credentials, heartbeats.beats)
@@ -75,6 +76,7 @@ class GatewayRegistry:
         self.create, self.rotate, self.revoke = admin.create, admin.rotate, admin.revoke
         self.drain, self.resume = admin.drain, admin.resume
         self.get, self.list = queries.get, queries.list
+        self.deaf_seconds = heartbeats.beats.deaf_seconds  # (what `online` allows for)
         self.sync_summary, self.sync_items = queries.sync_summary, queries.sync_items
         # the registration exchange (_gateway_bootstrap)
         self.by_credential, self.mark_registered = (

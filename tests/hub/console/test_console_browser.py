@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import segno
 from desktopkit import cowork, desktop_event, start_desktop
 from fakeplatforms.telegram import FakeTelegram
 from gateway_agent_kit import start_gateway
@@ -26,6 +27,8 @@ from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from edges.local import NatsServer, free_port
+from hub.desktop._qr import BORDER as QR_BORDER
+from hub.desktop._qr import SCALE as QR_SCALE
 from hub.desktop._routes import STATUSES as PAIRING_STATUSES
 from hub.gateways._routes import REGISTRATION_STATUSES
 from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
@@ -115,6 +118,39 @@ async def test_sign_in_rejects_a_wrong_token_and_accepts_the_admin_token(page, c
     await shot(page, "start")
 
 
+def _qr_rows(link: str) -> list[str]:
+    """The pairing link's QR code (as the hub encodes it), quiet zone included."""
+    code = segno.make(link, error="m", mask=0, micro=False, boost_error=False)
+    return ["".join("1" if v else "0" for v in row) for row in code.matrix_iter(border=QR_BORDER)]
+
+
+async def _rendered_qr(page: Page) -> list[str]:
+    """The #pair-qr image drawn on a canvas, each module's centre dark (1) or light."""
+    return await page.evaluate(
+        """async (scale) => {
+            const img = document.getElementById("pair-qr");
+            await img.decode();
+            const canvas = document.createElement("canvas");
+            canvas.width = img.naturalWidth;
+            canvas.height = img.naturalHeight;
+            const ctx = canvas.getContext("2d");
+            ctx.drawImage(img, 0, 0);
+            const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+            const rows = [];
+            for (let y = 0; y < canvas.height / scale; y++) {
+                let row = "";
+                for (let x = 0; x < canvas.width / scale; x++) {
+                    const at = ((y * scale + scale / 2) * canvas.width + x * scale + scale / 2) * 4;
+                    row += data[at] < 128 ? "1" : "0";
+                }
+                rows.push(row);
+            }
+            return rows;
+        }""",
+        QR_SCALE,
+    )
+
+
 async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_path):
     await page.goto(f"/console/desktops?tenant={TENANT}")
     await page.fill("#pair-label", "laptop from the console")
@@ -128,6 +164,8 @@ async def test_pair_a_desktop_end_to_end_then_revoke_it(page, console_hub, tmp_p
     link_command = (await page.text_content("#pair-link-command")) or ""
     link = link_command.split("'")[1]
     assert f"code={code}" in link
+    # The QR code as Chromium draws it, read back a module at a time: the link's code.
+    assert await _rendered_qr(page) == _qr_rows(link)
     await shot(page, "desktops-pairing")
     # The link, as the console shows it, redeemed by the real command.
     state = tmp_path / "desktop"

@@ -163,3 +163,28 @@ async def test_the_writer_is_behind_while_beats_wait_longer_than_a_second_for_a_
     rec.fail = False
     await writer.flush()
     assert not writer.behind()
+
+
+async def test_deaf_seconds_say_how_long_silence_has_been_no_evidence(monkeypatch):
+    """0 while the writer keeps up; while it is behind, the time since silence was
+    last evidence (so a reader judging stamps by their age allows for it); 0 again
+    once it has caught up."""
+    monkeypatch.setattr("hub.core._beats.BEHIND_SECONDS", 0.1)
+    rec, release = Recorder(), asyncio.Event()
+
+    async def stalled(chunk):
+        await release.wait()
+        return await rec.write(chunk)
+
+    writer = BeatWriter("test", stalled, on_late=rec.on_late)
+    assert writer.deaf_seconds() == 0.0
+    writer.note("a", 1, interval=5)
+    flushing = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0.3)
+    first = writer.deaf_seconds()
+    assert 0.25 <= first < 1.0, first
+    await asyncio.sleep(0.2)
+    assert writer.deaf_seconds() >= first + 0.15, "it grows while the writer is behind"
+    release.set()
+    await flushing
+    assert writer.deaf_seconds() == 0.0

@@ -15,6 +15,8 @@ import hmac
 import itertools
 import json
 import random
+import time
+from datetime import timedelta
 
 import pytest
 from desktopkit import all_pages, eventually
@@ -916,28 +918,70 @@ async def test_registrations_are_filtered_by_whether_they_are_online(hub, http, 
             await gateway.close()
 
 
-async def test_the_views_online_is_the_filters_online(hub):
+@pytest.mark.parametrize("deaf", [0.0, 4.0])
+async def test_the_views_online_is_the_filters_online(hub, deaf):
     """`online()` (the view) and ONLINE_SQL (the list's filter) agree on every mix
-    of the fields they read, at the same instant."""
+    of the fields they read, at the same instant, heard or deaf for a while."""
     rows = list(
         itertools.product(
             ("k", None),  # public key
             ("pending", "active", "unhealthy", "draining", "paused", "revoked", "retired"),
             ("alive", "stopping", None),  # liveness
             (None, 1.0, 2.0, 5.0),  # heartbeat interval (NULL: the default)
-            (None, 0.5, 2.9, 3.1, 8.0, 14.9, 15.1, 60.0),  # seconds since the last beat
+            (None, 0.5, 2.9, 3.1, 6.9, 8.0, 14.9, 15.1, 18.9, 60.0),  # since the last beat
         )
     )
     got = await hub.pool.fetch(
-        f"""SELECT now() AS at, {ONLINE_SQL} AS online, public_key, status, liveness,
-                   heartbeat_interval, last_heartbeat_at
+        f"""SELECT now() AS at, {ONLINE_SQL.format(deaf="$6::float8")} AS online,
+                   public_key, status, liveness, heartbeat_interval, last_heartbeat_at
             FROM (SELECT k AS public_key, s AS status, l AS liveness, i AS heartbeat_interval,
                          now() - make_interval(secs => a) AS last_heartbeat_at
                   FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[])
                        AS t(k, s, l, i, a)) AS r""",
         *(list(column) for column in zip(*rows, strict=True)),
+        deaf,
     )
     assert len(got) == len(rows)
     for row in got:
-        assert row["online"] is online(dict(row), row["at"]), dict(row)
+        assert row["online"] is online(dict(row), row["at"], deaf), dict(row)
     assert sum(row["online"] for row in got) > 0 and not all(row["online"] for row in got)
+
+
+async def test_a_deaf_replica_keeps_each_gateway_as_it_last_heard_it(
+    hub, http, operator_nats_url, monkeypatch
+):
+    """While this replica's silence is no evidence (here: its heartbeat writer is
+    behind), a Gateway that was online when it last heard stays online, one that
+    was already gone stays offline; once it hears again, the plain rule holds."""
+    label = f"deaf {random.randrange(10**9)}"
+    listed = f"/api/v1/tenants/{TENANT}/gateway-registrations"
+    gateways = [
+        await registered_gateway(http, operator_nats_url, name=f"{label} {i}") for i in range(2)
+    ]
+    quiet, gone = (created["registrationId"] for created, _ in gateways)
+    try:
+        for _, gateway in gateways:
+            assert isinstance(await gateway.heartbeat(interval_seconds=2.0), GatewayHeartbeatReply)
+        ago = (
+            "UPDATE gateway_registrations SET last_heartbeat_at = now() - $2::interval "
+            "WHERE registration_id = $1"
+        )
+        await hub.pool.execute(ago, quiet, timedelta(seconds=6.5))  # 0.5 s past 3 intervals
+        await hub.pool.execute(ago, gone, timedelta(seconds=40))  # long gone
+        writer, hearing = hub.gateways._heartbeats.beats, True
+        monkeypatch.setattr(writer, "_heard_and_written", lambda: hearing)
+        online_now, _ = await all_pages(http, listed, 5, label=label, online="true")
+        assert online_now == []
+
+        hearing = False  # from now on, 3 s after it last heard (after quiet's last beat)
+        writer._evidence_at = time.monotonic() - 3.0
+        online_now, _ = await all_pages(http, listed, 5, label=label, online="true")
+        assert [r["registrationId"] for r in online_now] == [quiet]
+        assert (await get_registration(http, quiet))["online"] is True
+        assert (await get_registration(http, gone))["online"] is False
+
+        hearing = True
+        assert (await get_registration(http, quiet))["online"] is False
+    finally:
+        for _, gateway in gateways:
+            await gateway.close()
