@@ -163,9 +163,15 @@ async def test_a_healthy_opencode_is_asked_now_and_then_not_at_every_beat(
 
         await eventually(healthy, 15, 0.1, "a healthy heartbeat with the event stream live")
         asked.clear(), beats.clear()
-        await asyncio.sleep(2.5)
-        assert len(beats) >= 6, beats
-        assert 1 <= len(asked) <= 3, f"{len(asked)} health checks in {len(beats)} beats"
+        # At least 2.5 s and 8 beats, however slowly a busy machine runs them: checks
+        # come once per check interval (1.5 s), not at every beat.
+        started = time.monotonic()
+        await eventually(
+            lambda: time.monotonic() - started >= 2.5 and len(beats) >= 8, 20, 0.1, "8 beats"
+        )
+        checks, elapsed = len(asked), time.monotonic() - started
+        assert 1 <= checks <= elapsed / 1.5 + 1, f"{checks} health checks in {elapsed:.1f} s"
+        assert checks < len(beats) / 2, f"{checks} health checks in {len(beats)} beats"
         agent.events.stream._live.clear()  # as when OpenCode's stream drops
         asked.clear(), beats.clear()
 
@@ -174,8 +180,8 @@ async def test_a_healthy_opencode_is_asked_now_and_then_not_at_every_beat(
             return v if v.get("health") == "degraded" else None
 
         await eventually(degraded, 10, 0.1, "the beat after the stream dropped says so")
-        await asyncio.sleep(0.5)
-        assert len(asked) >= len(beats) - 1 >= 2, "every beat asks while the stream is down"
+        await eventually(lambda: len(beats) >= 4, 10, 0.05, "4 beats with the stream down")
+        assert len(asked) >= len(beats) - 1, "every beat asks while the stream is down"
     finally:
         await gateway.stop()
 
