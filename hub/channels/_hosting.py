@@ -93,6 +93,7 @@ class ChannelService:
         self._credentials = credentials
         self._box = SecretBox(secret_key)
         self._store = InstanceStore(pool)
+        self.list = self._store.list  # a page of the tenant's instances, filtered
         self.controllers = ChannelControllers(pool, self._box)
         self.connections = InstanceConnections(settings, credentials)
         trusted = settings.trusted_proxy_networks
@@ -271,22 +272,6 @@ class ChannelService:
         if row is None:
             raise not_found(instance_id)
         return row
-
-    async def list(
-        self,
-        tenant: str,
-        limit: int,
-        *,
-        after: str | None = None,
-        kind: str | None = None,
-        workspace: str | None = None,
-        enabled: bool | None = None,
-        label: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """A page of the tenant's instances by id (the store's list says how)."""
-        return await self._store.list(
-            tenant, limit, after=after, kind=kind, workspace=workspace, enabled=enabled, label=label
-        )
 
     async def create(self, tenant: str, body: dict[str, Any], *, actor: str) -> dict[str, Any]:
         kind = body["kind"]

@@ -244,9 +244,19 @@ async def _list_fleet(http: httpx.AsyncClient) -> dict:
     return {
         "pairings": len(pairings),
         "gateways": len(gateways),
+        "pairings_online": sum(p["online"] for p in pairings),
+        "gateways_online": sum(g["online"] for g in gateways),
         "pages": pages + gpages,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _whole_and_online(listing: dict) -> bool:
+    """Every Desktop and Gateway listed, each shown online (the view's `online`)."""
+    return (
+        listing["pairings"] == listing["pairings_online"] == DESKTOPS
+        and listing["gateways"] == listing["gateways_online"] == GATEWAYS
+    )
 
 
 @pytest.fixture
@@ -412,7 +422,8 @@ async def _run(hub, http, pool, server, loads, report, tmp_path) -> None:
         assert report["soak"]["flaps"] == 0, report["soak"]
         assert not any(report["soak"]["late"].values()), report["soak"]
         assert report["soak"]["drops"] == 0, report["soak"]
-    assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
+    for listed in report["listing"]:
+        assert _whole_and_online(listed), listed
     assert min(s["online"] for s in samples) == DESKTOPS, "a Desktop was not shown online"
     assert min(s["active"] for s in samples) == GATEWAYS, "a Gateway was not shown active"
     assert report["flaps"] == 0, f"{report['flaps']} flaps in the steady window"
@@ -443,7 +454,7 @@ async def _soak(http, pool: asyncpg.Pool, loads: list[FleetLoad], sample: list[s
         )
         if time.monotonic() >= next_round:
             listing = await _list_fleet(http)
-            assert listing["pairings"] == DESKTOPS and listing["gateways"] == GATEWAYS, listing
+            assert _whole_and_online(listing), listing
             listed += 1
             commands += await _commands(http, sample, 10)
             next_round = time.monotonic() + SOAK_EVERY
@@ -634,7 +645,8 @@ def _print(r: dict) -> None:
     for listing in r["listing"]:
         print(
             f"  listing the fleet: {listing['pairings']} pairings + {listing['gateways']} "
-            f"Gateways in {listing['pages']} pages, {listing['seconds']:.2f} s"
+            f"Gateways in {listing['pages']} pages, {listing['seconds']:.2f} s; shown online "
+            f"{listing['pairings_online']} + {listing['gateways_online']}"
         )
     restart = r.get("restart")
     if restart is None:
