@@ -426,7 +426,12 @@
     const pairings = await api("GET", fill("/api/v1/tenants/{tenant}/pairings?online=true&limit=1"));
     if (pairings.ok) mark("desktop", pairings.data.items.length > 0, pairings.data.items.length ? "a Desktop is online" : "not yet");
     const gateways = await api("GET", fill("/api/v1/tenants/{tenant}/gateway-registrations?limit=1"));
-    if (gateways.ok) mark("gateway", gateways.data.items.length > 0, gateways.data.items.length ? "registered" : "not yet");
+    const online = await api("GET", fill("/api/v1/tenants/{tenant}/gateway-registrations?online=true&limit=1"));
+    if (gateways.ok && online.ok) {
+      const registered = gateways.data.items.length > 0;
+      mark("gateway", registered, online.data.items.length ? "a Gateway is online"
+        : registered ? "registered, none online" : "not yet");
+    }
     const channels = await api("GET", fill("/api/v1/tenants/{tenant}/channel-instances"));
     if (channels.ok) mark("channel", channels.data.items.length > 0, channels.data.items.length ? "connected" : "not yet");
   }

@@ -229,9 +229,12 @@ async def test_register_a_gateway_and_watch_its_first_heartbeat(page, console_hu
         registration = out.split("Registered ")[1].split()[0]
         row = page.locator(f'#gateways-table tr[data-key="{registration}"]')
         await expect(row).to_contain_text("rack gateway")
+        online = row.locator("td").nth(3)
+        await expect(online).to_have_text("yes", timeout=10_000)
         await shot(page, "gateways-heartbeat")
     finally:
         await gateway.stop()
+    await expect(online).to_have_text("no", timeout=10_000)  # its last beat said stopping
     # (the agent stopped first: stopping it while it drains can take seconds)
     await row.get_by_role("button", name=f"Drain {registration}").click()
     await expect(row.locator(".state")).to_have_text("draining", timeout=10_000)
@@ -343,7 +346,9 @@ async def test_a_telegram_instance_shows_its_webhook_url_and_sends_a_test_messag
         assert await page.locator("#users-table img, #users-table script").count() == 0
         await shot(page, "channels")
         await page.goto(f"/console/?tenant={TENANT}")  # the first-run checklist
-        await expect(page.locator('[data-check="gateway"] .check-state')).to_have_text("registered")
+        await expect(page.locator('[data-check="gateway"] .check-state')).to_have_text(
+            "registered, none online"
+        )
         await expect(page.locator('[data-check="channel"] .check-state')).to_have_text("connected")
     finally:
         await telegram.stop()
