@@ -35,6 +35,7 @@ from ._lanes import LanePolicy, Lanes
 from ._leases import PartitionLeases
 from ._logging import LogBudget, configure_logging, kv
 from ._metrics import HubMetrics
+from ._nats_batch import publish_all
 from ._nats_headers import install as install_fast_nats_headers
 from ._rate_limit import RateLimiter
 from ._refusals import Refusal, ack_refusal
@@ -78,6 +79,7 @@ __all__ = [
     "flushed",
     "health",
     "install_fast_nats_headers",
+    "publish_all",
     "hub_consumer",
     "is_transient",
     "kv",

@@ -28,7 +28,7 @@ from pydantic_core import to_json
 
 from schemas import EnvelopeTemplate, Source, WorkspaceEvent, subjects
 
-from ..core import Fenced, JsonbText, fence_token_sql, kv
+from ..core import Fenced, JsonbText, fence_token_sql, kv, publish_all
 
 log = logging.getLogger("cowork.hub.workspaces")
 
@@ -87,6 +87,13 @@ class NewEvent:
     command_id: str | None
     occurred_at: datetime
     payload: dict | None
+    _payload_json: bytes | None = None  # (payload_json's, made once)
+
+    def payload_json(self) -> bytes:
+        """The payload's JSON, made once for both the stored row and the live event."""
+        if self._payload_json is None:
+            self._payload_json = to_json(self.payload)
+        return self._payload_json
 
     def live_json(self, sequence: int) -> bytes:
         """`numbered(sequence).model_dump_json(by_alias=True, exclude_none=True)`,
@@ -102,9 +109,10 @@ class NewEvent:
         if self.command_id is not None:
             body["commandId"] = self.command_id
         body["occurredAt"] = self.occurred_at
-        if self.payload is not None:
-            body["payload"] = self.payload
-        return _JSON.dump_json(body, exclude_none=True)
+        head = _JSON.dump_json(body)
+        if self.payload is None:
+            return head
+        return head[:-1] + b',"payload":' + self.payload_json() + b"}"
 
     def numbered(self, sequence: int) -> WorkspaceEvent:
         """The stored event (its fields were validated on the way in, as a
@@ -163,7 +171,7 @@ async def append_new(
         [e.session_id for e in new],
         [e.command_id for e in new],
         [e.occurred_at for e in new],
-        [None if e.payload is None else JsonbText(to_json(e.payload)) for e in new],
+        [None if e.payload is None else JsonbText(e.payload_json()) for e in new],
         source_kind,
         *fence,
     )
@@ -211,8 +219,7 @@ async def publish_live_json(
         template = EnvelopeTemplate(
             WorkspaceEvent, source=source, tenant=tenant, workspace=workspace
         )
-        for event in events:
-            await nc.publish(subject, template.encode_json(event))
+        await publish_all(nc, subject, [template.encode_json(event) for event in events])
     except Exception as exc:
         log.warning("projection.live_publish_failed", **kv(error=str(exc)))
 
