@@ -141,7 +141,7 @@ _KEYSET_LISTS = {
         LIST_REGISTRATIONS,
         "gateway_registrations",
         ("registration_id",),
-        lambda k: ["big", *k, None, PAGE, None, None],
+        lambda k: ["big", *k, None, PAGE, None, None, 0.0],
     ),
     "edge work": _Keyset(LIST_WORK, "edge_work", ("work_id",), lambda k: ["big", None, PAGE, *k]),
     "principals": _Keyset(
