@@ -105,15 +105,12 @@ async def list_users(request: web.Request) -> web.Response:
     if missing := _instance(request, tenant, instance_id):
         return missing
     limit = int_query(request, "limit", 100, 1, 1000)
-    role = choice_query(request, "role", _ROLES)
+    role = choice_query(request, "role", (str(r) for r in ChannelRole))
     rows = await _identity(request).list_users(
         tenant, instance_id, limit + 1, after=after_query(request), role=role
     )
     page, cursor = next_page(rows, limit, "provider_user_id", time_key="first_seen_at")
     return web.json_response({"users": [_user_json(r) for r in page], "nextCursor": cursor})
-
-
-_ROLES = ("owner", "admin", "member", "approver", "viewer", "pending")
 
 
 @documented("Set a chat user's role", body=SetRole, response=ChannelUserView)

@@ -25,6 +25,8 @@ from aiohttp import web
 from schemas import InvalidTokenError, check_tenant
 
 from ..core import RateLimiter
+from ..desktop import PAIRING_STATUSES
+from ..gateways import REGISTRATION_STATUSES
 from ..http import AUTH_KEY, COOKIE, HUB_KEY, ApiAuth, Caller, client_address
 
 CSP = (
@@ -100,6 +102,10 @@ TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader(__package__, "templates"),
     autoescape=True,  # every value is escaped: names and labels are untrusted
     undefined=jinja2.StrictUndefined,
+)
+# The fleet lists' status filters offer the API's own choices (`fleet_filters`).
+TEMPLATES.globals.update(
+    pairing_statuses=PAIRING_STATUSES, registration_statuses=REGISTRATION_STATUSES
 )
 
 

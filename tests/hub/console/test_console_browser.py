@@ -27,10 +27,10 @@ from hubkit import client, running_hub
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from edges.local import NatsServer, free_port
+from hub.desktop import PAIRING_STATUSES
 from hub.desktop._qr import BORDER as QR_BORDER
 from hub.desktop._qr import SCALE as QR_SCALE
-from hub.desktop._routes import STATUSES as PAIRING_STATUSES
-from hub.gateways._routes import REGISTRATION_STATUSES
+from hub.gateways import REGISTRATION_STATUSES
 from schemas import AuditRecord, Envelope, PrincipalKind, Source, subjects
 
 CHROMIUM = "/usr/bin/chromium"
